@@ -1,0 +1,96 @@
+"""`global:` — settings shared by every stage: run id, storage, metrics, image registry."""
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from trajflow.config.base import Model
+
+_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+
+
+class FilesystemStorage(Model):
+    path: str = Field("/data", description="Mount path of the shared volume in pods; any directory for `trajflow run`.")
+
+
+class PvcStorage(Model):
+    create: bool = Field(True, description="Create a PersistentVolumeClaim (ignored when existingClaim is set).")
+    existing_claim: str = Field("", description="Use this existing PVC instead of creating one.")
+    storage_class: str = Field("", description="StorageClass of the created PVC; empty uses the cluster default.")
+    size: str = Field("100Gi", pattern=_QUANTITY, description="Requested size of the created PVC.")
+    access_modes: list[Literal["ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod", "ReadOnlyMany"]] = Field(
+        default_factory=lambda: ["ReadWriteMany"], min_length=1, description="Access modes of the created PVC."
+    )
+
+
+class S3Storage(Model):
+    endpoint: str = Field("", description="S3-compatible endpoint URL; empty means AWS.")
+    bucket: str = Field("", description="Bucket holding the run roots.")
+    prefix: str = Field("", description="Key prefix under the bucket.")
+    region: str = Field("us-east-1", description="Region of the bucket.")
+    addressing_style: Literal["path", "virtual", "auto"] = Field("path", description="S3 addressing style.")
+    existing_secret: str = Field(
+        "",
+        description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; empty uses workload identity or the default chain.",
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_is_url(cls, value: str) -> str:
+        if value and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"endpoint must be an http(s) URL, got {value!r}")
+        return value
+
+
+class Storage(Model):
+    type: Literal["filesystem", "s3"] = Field("filesystem", description="Where the run root lives.")
+    filesystem: FilesystemStorage = Field(default_factory=FilesystemStorage)
+    pvc: PvcStorage = Field(default_factory=PvcStorage)
+    s3: S3Storage = Field(default_factory=S3Storage)
+
+    @model_validator(mode="after")
+    def _s3_needs_bucket(self) -> "Storage":
+        if self.type == "s3" and not self.s3.bucket:
+            raise ValueError("storage.s3.bucket is required when storage.type is s3")
+        return self
+
+
+class Metrics(Model):
+    pushgateway_url: str = Field("", description="Pushgateway for batch stages; empty disables pushing.")
+
+    @field_validator("pushgateway_url")
+    @classmethod
+    def _is_url(cls, value: str) -> str:
+        if value and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"pushgatewayUrl must be an http(s) URL, got {value!r}")
+        return value
+
+
+class ImagePullSecret(Model):
+    name: str = Field(pattern=_DNS_LABEL)
+
+
+class ArgoCD(Model):
+    enabled: bool = Field(False, description="Rendered by ArgoCD: no ttlSecondsAfterFinished (it would fight sync).")
+
+
+class GlobalConfig(Model):
+    run_id: str = Field("default", pattern=_DNS_LABEL, max_length=40, description="Run directory under the storage root.")
+    image_registry: str = Field("", description="Registry prefixed to every image.")
+    image_pull_secrets: list[ImagePullSecret] = Field(default_factory=list)
+    argocd: ArgoCD = Field(default_factory=ArgoCD)
+    storage: Storage = Field(default_factory=Storage)
+    metrics: Metrics = Field(default_factory=Metrics)
+
+    def run_root(self) -> str:
+        """The URI every stage reads and writes: `file:///data/<run>` or `s3://bucket/prefix/<run>`."""
+        if self.storage.type == "s3":
+            prefix = self.storage.s3.prefix.strip("/")
+            key = f"{prefix}/{self.run_id}" if prefix else self.run_id
+            return f"s3://{self.storage.s3.bucket}/{key}"
+        from pathlib import Path
+
+        return Path(self.storage.filesystem.path).expanduser().resolve().joinpath(self.run_id).as_uri()

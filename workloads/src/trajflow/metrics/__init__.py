@@ -1,0 +1,192 @@
+"""Prometheus metrics for every stage, and how they leave the process.
+
+Batch stages (download, preprocess) push to a Pushgateway with grouping key
+{run, stage, shard}; training serves `/metrics` on each rank and pushes once at the end.
+A missing or dead Pushgateway logs a warning and never fails the work.
+
+Every metric the workloads export is declared in this module's catalogs, so the alert
+rules and the dashboard can be checked against the names the code really uses.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+log = logging.getLogger(__name__)
+
+# `_created` series only add noise to pushed groups and dashboards
+disable_created_metrics()
+
+PUSH_JOB = "trajflow"
+
+
+def _common(registry: CollectorRegistry) -> dict[str, Any]:
+    return {
+        "start_time": Gauge("trajflow_stage_start_time_seconds", "Unix time the stage started.", registry=registry),
+        "last_progress": Gauge(
+            "trajflow_stage_last_progress_time_seconds", "Unix time of the last completed unit of work.", registry=registry
+        ),
+        "end_time": Gauge("trajflow_stage_end_time_seconds", "Unix time the stage finished (0 while running).", registry=registry),
+        "success": Gauge("trajflow_stage_success", "1 when the stage finished successfully, 0 otherwise.", registry=registry),
+    }
+
+
+@dataclass
+class StageMetrics:
+    """A fresh registry with one stage's metrics; attribute access by short name."""
+
+    stage: str
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    m: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["m"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def names(self) -> set[str]:
+        """Every sample name this registry can export (with _total, _bucket... suffixes),
+        labelled metrics included before any label value is set."""
+        return set(self.registry._names_to_collectors)
+
+
+def download_metrics() -> StageMetrics:
+    sm = StageMetrics("download")
+    r = sm.registry
+    sm.m.update(_common(r))
+    sm.m.update(
+        bytes=Counter("trajflow_download_bytes", "Bytes downloaded and verified.", registry=r),
+        items=Counter("trajflow_download_items", "Items verified, by outcome (fetched or skipped).", ["outcome"], registry=r),
+        items_planned=Gauge("trajflow_download_items_planned", "Items assigned to this shard.", registry=r),
+        bytes_planned=Gauge("trajflow_download_bytes_planned", "Bytes assigned to this shard.", registry=r),
+        failures=Counter("trajflow_download_failures", "Failed attempts by reason.", ["reason"], registry=r),
+        retries=Counter("trajflow_download_retries", "Retried attempts.", registry=r),
+        inflight=Gauge("trajflow_download_inflight", "Requests in flight.", registry=r),
+        duration=Gauge("trajflow_download_duration_seconds", "Wall time of this shard so far.", registry=r),
+        throughput=Gauge("trajflow_download_throughput_bytes_per_second", "Mean throughput of this shard.", registry=r),
+    )
+    return sm
+
+
+def preprocess_metrics() -> StageMetrics:
+    sm = StageMetrics("preprocess")
+    r = sm.registry
+    sm.m.update(_common(r))
+    sm.m.update(
+        trajectories=Counter("trajflow_preprocess_trajectories", "Trajectories resampled and written.", registry=r),
+        quarantined=Counter("trajflow_preprocess_quarantined", "Trajectories quarantined, by reason.", ["reason"], registry=r),
+        bytes_in=Counter("trajflow_preprocess_bytes_in", "Raw bytes read.", registry=r),
+        bytes_out=Counter("trajflow_preprocess_bytes_out", "Shard bytes written.", registry=r),
+        resample_seconds=Histogram(
+            "trajflow_preprocess_resample_seconds",
+            "Time to resample one batch on the device.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        ),
+        bandwidth=Gauge(
+            "trajflow_preprocess_bandwidth_bytes_per_second", "Resampling bandwidth (bytes in+out per second).", registry=r
+        ),
+        throughput=Gauge(
+            "trajflow_preprocess_throughput_trajectories_per_second", "Trajectories per second, end to end.", registry=r
+        ),
+    )
+    return sm
+
+
+def train_metrics() -> StageMetrics:
+    sm = StageMetrics("train")
+    r = sm.registry
+    sm.m.update(_common(r))
+    sm.m.update(
+        loss=Gauge("trajflow_train_loss", "Mean loss of the last epoch, by split.", ["split"], registry=r),
+        best_val_loss=Gauge("trajflow_train_best_val_loss", "Best validation loss so far.", registry=r),
+        samples_per_second=Gauge("trajflow_train_samples_per_second", "Training samples per second (all ranks).", registry=r),
+        step_seconds=Histogram(
+            "trajflow_train_step_seconds",
+            "Time of one optimiser step.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        ),
+        steps=Counter("trajflow_train_steps", "Optimiser steps taken.", registry=r),
+        epoch=Gauge("trajflow_train_epoch", "Current epoch (0-based).", registry=r),
+        gpu_memory=Gauge("trajflow_train_gpu_memory_bytes", "Peak GPU memory allocated on this rank.", registry=r),
+        checkpoint_time=Gauge(
+            "trajflow_train_last_checkpoint_time_seconds", "Unix time of the newest checkpoint written.", registry=r
+        ),
+    )
+    return sm
+
+
+CATALOGS = {"download": download_metrics, "preprocess": preprocess_metrics, "train": train_metrics}
+
+
+def exported_names() -> set[str]:
+    """Every sample name any stage exports (for checking alert rules and dashboards)."""
+    out: set[str] = set()
+    for make in CATALOGS.values():
+        out |= make().names()
+    return out
+
+
+class Pusher:
+    """Push a stage's registry with grouping key {run, stage, shard}; never raises."""
+
+    def __init__(self, url: str, metrics: StageMetrics, run: str, shard: int | str, timeout: float = 5.0):
+        self.url, self.metrics, self.timeout = url, metrics, timeout
+        self.grouping = {"run": run, "stage": metrics.stage, "shard": str(shard)}
+        self._warned = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def push(self) -> bool:
+        if not self.url:
+            return False
+        from prometheus_client import pushadd_to_gateway
+
+        try:
+            pushadd_to_gateway(
+                self.url, job=PUSH_JOB, registry=self.metrics.registry, grouping_key=self.grouping, timeout=self.timeout
+            )
+            self._warned = False
+            return True
+        except Exception as exc:  # a metrics outage must never fail the data work
+            if not self._warned:
+                log.warning("could not push metrics to %s: %s (the work goes on)", self.url, exc)
+                self._warned = True
+            return False
+
+    def start(self, interval_s: float) -> "Pusher":
+        """Push every `interval_s` seconds in the background until `stop()`."""
+        if not self.url:
+            return self
+
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                self.push()
+
+        self._thread = threading.Thread(target=loop, name="metrics-push", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, success: bool) -> None:
+        """Final push with end time and success flag."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.timeout + 1)
+        self.metrics.end_time.set(time.time())
+        self.metrics.success.set(1 if success else 0)
+        self.push()
+
+
+def serve(metrics: StageMetrics, port: int, addr: str = "0.0.0.0") -> int:
+    """Serve `/metrics` for this registry; returns the bound port (0 picks a free one)."""
+    from prometheus_client import start_http_server
+
+    server, _ = start_http_server(port, addr=addr, registry=metrics.registry)
+    return int(server.server_port)

@@ -1,0 +1,120 @@
+"""Deterministic, byte-balanced partitioning of (key, size) items over N shards.
+
+The plan is a versioned JSON document stored with write-if-absent (see
+`load_or_create_plan`): the first pod to write it wins and every pod then reads the same
+plan, so all shards agree even if the source listing changes while they start.
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from trajflow.storage.base import Storage
+from trajflow.storage.manifest import PLAN_KEY
+
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Item:
+    key: str  # destination path under the shard (e.g. "<source>/<relative path>")
+    size: int
+    source: str = ""  # where to fetch it (URL or URI)
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)  # checksums, etag...
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"key": self.key, "size": self.size, "source": self.source}
+        if self.meta:
+            doc["meta"] = self.meta
+        return doc
+
+    @staticmethod
+    def from_json(doc: dict[str, Any]) -> "Item":
+        return Item(doc["key"], int(doc["size"]), doc.get("source", ""), dict(doc.get("meta") or {}))
+
+
+def partition(items: Iterable[Item], shards: int) -> list[list[Item]]:
+    """Largest-first greedy (LPT) onto the currently lightest shard.
+
+    Deterministic: items are ordered by (-size, key) and ties between equally loaded shards
+    go to the lowest shard number, so the same items always give the same plan whatever
+    order the listing returned them in. Each shard's bytes are within one largest item of
+    the ideal total/N.
+    """
+    if shards < 1:
+        raise ValueError(f"shard count must be at least 1, got {shards}")
+    ordered = sorted(items, key=lambda it: (-it.size, it.key))
+    keys = [it.key for it in ordered]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"duplicate item key {dup!r}: two sources would write the same path")
+    heap = [(0, s) for s in range(shards)]
+    out: list[list[Item]] = [[] for _ in range(shards)]
+    for it in ordered:
+        load, s = heapq.heappop(heap)
+        out[s].append(it)
+        heapq.heappush(heap, (load + it.size, s))
+    for bucket in out:
+        bucket.sort(key=lambda it: it.key)
+    return out
+
+
+def fingerprint(items: Iterable[Item]) -> str:
+    """Identity of an item set, to tell whether a stored plan covers the same listing."""
+    h = hashlib.sha256()
+    for it in sorted(items, key=lambda i: i.key):
+        h.update(f"{it.key}\0{it.size}\0{it.source}\n".encode())
+    return h.hexdigest()
+
+
+def plan_document(items: list[Item], shards: int, generation: str = "") -> dict[str, Any]:
+    parts = partition(items, shards)
+    return {
+        "version": PLAN_VERSION,
+        "shards": shards,
+        "generation": generation,
+        "fingerprint": fingerprint(items),
+        "total_bytes": sum(it.size for it in items),
+        "assignments": [[it.to_json() for it in part] for part in parts],
+    }
+
+
+def _encode(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def load_or_create_plan(
+    storage: Storage, shards: int, generation: str, list_items: Callable[[], list[Item]], key: str = PLAN_KEY
+) -> dict[str, Any]:
+    """The plan every pod of this shard count and source configuration uses.
+
+    The authoritative copy is `plan/download-<shards>-<generation>.json`, created first-writer-
+    wins: pods that start while the source listing changes still all follow the first
+    listing. Only when no plan exists does a pod list the sources. A new shard count or new
+    sources (another `generation`) make a new plan; the items already verified are reused by
+    the downloader, not by the plan. `plan/download.json` is a copy of the plan in use.
+    """
+    stem = key.rsplit(".", 1)[0]
+    authoritative = f"{stem}-{shards}-{generation}.json" if generation else f"{stem}-{shards}.json"
+    if not storage.exists(authoritative):
+        storage.write_if_absent(authoritative, _encode(plan_document(list_items(), shards, generation)))
+    raw = storage.read_bytes(authoritative)
+    try:
+        stored = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"{storage.uri}/{authoritative}: corrupt plan: {exc}") from None
+    if stored.get("version") != PLAN_VERSION or stored.get("shards") != shards:
+        raise ValueError(f"{storage.uri}/{authoritative}: unsupported plan (version {stored.get('version')!r})")
+    current = storage.read_bytes(key) if storage.exists(key) else b""
+    if current != raw:
+        storage.write_bytes(key, raw)
+    return stored
+
+
+def shard_items(plan: dict[str, Any], shard: int) -> list[Item]:
+    if not 0 <= shard < plan["shards"]:
+        raise ValueError(f"shard {shard} is outside the plan's 0..{plan['shards'] - 1}")
+    return [Item.from_json(d) for d in plan["assignments"][shard]]

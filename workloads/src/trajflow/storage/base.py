@@ -1,0 +1,100 @@
+"""The storage interface every stage uses: one run root, keys relative to it."""
+from __future__ import annotations
+
+import abc
+import contextlib
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+CHUNK = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str  # relative to the root, "/"-separated
+    size: int
+    etag: str = ""  # S3 ETag without quotes; empty on the filesystem
+
+
+def sha256_stream(stream: BinaryIO, chunk: int = CHUNK) -> tuple[str, int]:
+    """(hex sha256, bytes) of a stream, read in chunks."""
+    digest, total = hashlib.sha256(), 0
+    while True:
+        block = stream.read(chunk)
+        if not block:
+            return digest.hexdigest(), total
+        digest.update(block)
+        total += len(block)
+
+
+def check_key(key: str) -> str:
+    """Keys are relative, "/"-separated, and never climb out of the root."""
+    if not key or key.startswith("/") or "\\" in key:
+        raise ValueError(f"invalid storage key {key!r}: keys are relative and use '/'")
+    parts = key.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"invalid storage key {key!r}: empty, '.' or '..' segment")
+    return key
+
+
+class Storage(abc.ABC):
+    """A run root (`file:///...` or `s3://bucket/prefix`).
+
+    Writers are atomic: readers see either nothing or the whole object, never a part.
+    """
+
+    uri: str
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object under `prefix` (recursive), sorted by key; temporaries excluded."""
+
+    @abc.abstractmethod
+    def stat(self, key: str) -> ObjectInfo | None:
+        """Size (and ETag) of one object, or None when absent."""
+
+    def exists(self, key: str) -> bool:
+        return self.stat(key) is not None
+
+    @abc.abstractmethod
+    def open_read(self, key: str, start: int = 0, end: int | None = None) -> BinaryIO:
+        """A stream of bytes [start, end) of `key` (end None: to the end). FileNotFoundError if absent."""
+
+    def read_bytes(self, key: str) -> bytes:
+        with self.open_read(key) as fh:
+            return fh.read()
+
+    @abc.abstractmethod
+    @contextlib.contextmanager
+    def writer(self, key: str) -> Iterator[BinaryIO]:
+        """Write `key` atomically: visible under its name only when the block exits cleanly."""
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        with self.writer(key) as fh:
+            fh.write(data)
+
+    @abc.abstractmethod
+    def write_if_absent(self, key: str, data: bytes) -> bool:
+        """Create `key` unless it exists; True when this call's data won. Exactly one
+        concurrent writer wins."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove `key`; absent keys are not an error."""
+
+    def sha256(self, key: str) -> tuple[str, int]:
+        with self.open_read(key) as fh:
+            return sha256_stream(fh)
+
+    def local_path(self, key: str) -> Path | None:
+        """A filesystem path for `key` when the backend has one (for memory-mapping)."""
+        return None
+
+    def child(self, prefix: str) -> "Storage":
+        """A storage rooted at `prefix` below this root."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri!r})"

@@ -1,0 +1,183 @@
+"""`file://` backend: temp file in the same directory + fsync + rename."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import uuid
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from trajflow.storage.base import ObjectInfo, Storage, check_key
+
+# Temporaries are hidden and carry this marker; listings never show them.
+TMP_MARKER = ".tmp-"
+
+
+def is_temporary(name: str) -> bool:
+    return name.startswith(".") and TMP_MARKER in name
+
+
+class _RangeReader:
+    """A file object limited to [start, end)."""
+
+    def __init__(self, fh: BinaryIO, remaining: int | None):
+        self._fh, self._remaining = fh, remaining
+
+    def read(self, n: int = -1) -> bytes:
+        if self._remaining is not None:
+            if self._remaining <= 0:
+                return b""
+            n = self._remaining if n is None or n < 0 else min(n, self._remaining)
+        data = self._fh.read(n)
+        if self._remaining is not None:
+            self._remaining -= len(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> "_RangeReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class LocalStorage(Storage):
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.uri = self.root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        base = self.root / prefix if prefix else self.root
+        if not base.is_dir():
+            # a prefix may also be a partial file name, as in S3
+            parent = base.parent
+            if not parent.is_dir():
+                return
+            entries = [(p, p.stat().st_size) for p in parent.iterdir() if p.is_file() and p.name.startswith(base.name)]
+        else:
+            entries = []
+            for dirpath, dirnames, filenames in os.walk(base):
+                dirnames[:] = [d for d in dirnames if not is_temporary(d)]
+                for name in filenames:
+                    if is_temporary(name):
+                        continue
+                    p = Path(dirpath) / name
+                    try:
+                        entries.append((p, p.stat().st_size))
+                    except FileNotFoundError:
+                        continue  # removed while listing
+        infos = [ObjectInfo(p.relative_to(self.root).as_posix(), size) for p, size in entries if not is_temporary(p.name)]
+        yield from sorted(infos, key=lambda i: i.key)
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        try:
+            st = self._path(key).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return ObjectInfo(key, st.st_size) if not os.path.isdir(self._path(key)) else None
+
+    def open_read(self, key: str, start: int = 0, end: int | None = None) -> BinaryIO:
+        fh = open(self._path(key), "rb")
+        if start:
+            fh.seek(start)
+        if end is None:
+            return fh
+        return _RangeReader(fh, max(end - start, 0))  # type: ignore[return-value]
+
+    def _temp_path(self, final: Path) -> Path:
+        return final.with_name(f".{final.name}{TMP_MARKER}{uuid.uuid4().hex}")
+
+    @contextlib.contextmanager
+    def writer(self, key: str) -> Iterator[BinaryIO]:
+        final = self._path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._temp_path(final)
+        try:
+            with open(tmp, "wb") as fh:
+                yield fh
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    def write_if_absent(self, key: str, data: bytes) -> bool:
+        final = self._path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._temp_path(final)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, final)  # fails if final exists: exactly one creator wins
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV):
+                    raise
+                # filesystems without hard links: O_EXCL creation of the final name
+                try:
+                    fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                except FileExistsError:
+                    return False
+                with os.fdopen(fd, "wb") as out:
+                    out.write(data)
+                    out.flush()
+                    os.fsync(out.fileno())
+            _fsync_dir(final.parent)
+            return True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(key).unlink()
+
+    def local_path(self, key: str) -> Path:
+        return self._path(key)
+
+    def child(self, prefix: str) -> "LocalStorage":
+        return LocalStorage(self._path(prefix))
+
+    def remove_stale_temporaries(self, prefix: str = "", older_than_s: float = 3600.0) -> int:
+        """Delete temporaries left by killed writers; returns how many."""
+        import time
+
+        base = self.root / prefix if prefix else self.root
+        removed, cutoff = 0, time.time() - older_than_s
+        for dirpath, _, filenames in os.walk(base):
+            for name in filenames:
+                if is_temporary(name):
+                    p = Path(dirpath) / name
+                    with contextlib.suppress(FileNotFoundError):
+                        if p.stat().st_mtime < cutoff:
+                            p.unlink()
+                            removed += 1
+        return removed

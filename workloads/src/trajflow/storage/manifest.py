@@ -1,0 +1,75 @@
+"""The data-plane contract between stages: where things live and when a shard is done.
+
+    <root>/plan/download.json          partition plan (first writer wins, then reused)
+    <root>/raw/<shard>/...             downloaded items
+    <root>/raw/_done/<shard>.json      shard manifest — written last
+    <root>/resampled/<shard>.*         fixed-rate shards + resampled/_done/<shard>.json
+    <root>/train/checkpoints/, train/artifacts/
+
+A shard is done iff its manifest exists.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+from trajflow.storage.base import Storage
+
+MANIFEST_VERSION = 1
+# `trajflow wait --stage` name -> directory of that stage's output
+STAGE_DIRS = {"download": "raw", "preprocess": "resampled"}
+PLAN_KEY = "plan/download.json"
+TRAIN_DIR = "train"
+
+
+def shard_name(shard: int) -> str:
+    """Zero-padded so shards sort by number in listings."""
+    return f"{shard:05d}"
+
+
+def manifest_key(stage: str, shard: int) -> str:
+    return f"{STAGE_DIRS[stage]}/_done/{shard_name(shard)}.json"
+
+
+def write_manifest(storage: Storage, stage: str, shard: int, shards: int, items: list[dict[str, Any]],
+                   **extra: Any) -> dict[str, Any]:
+    """Mark a shard done. Call last, after every item it lists is in place."""
+    doc = {
+        "version": MANIFEST_VERSION,
+        "stage": stage,
+        "shard": shard,
+        "shards": shards,
+        "completed_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "items": items,
+        **extra,
+    }
+    storage.write_bytes(manifest_key(stage, shard), json.dumps(doc, indent=1, sort_keys=True).encode())
+    return doc
+
+
+def read_manifest(storage: Storage, stage: str, shard: int) -> dict[str, Any] | None:
+    """The shard's manifest, or None when the shard is not done."""
+    key = manifest_key(stage, shard)
+    try:
+        raw = storage.read_bytes(key)
+    except FileNotFoundError:
+        return None
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"{storage.uri}/{key}: corrupt manifest: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("version") != MANIFEST_VERSION:
+        raise ValueError(f"{storage.uri}/{key}: unsupported manifest (version {doc.get('version') if isinstance(doc, dict) else '?'})")
+    return doc
+
+
+def done_shards(storage: Storage, stage: str) -> set[int]:
+    """Numbers of the shards whose manifests exist."""
+    prefix = f"{STAGE_DIRS[stage]}/_done/"
+    out = set()
+    for info in storage.list(prefix):
+        name = info.key.rsplit("/", 1)[-1]
+        if name.endswith(".json") and name[:-5].isdigit():
+            out.add(int(name[:-5]))
+    return out
