@@ -53,7 +53,7 @@ class StageMetrics:
     def names(self) -> set[str]:
         """Every sample name this registry can export (with _total, _bucket... suffixes),
         labelled metrics included before any label value is set."""
-        return set(self.registry._names_to_collectors)
+        return {n for n in self.registry._names_to_collectors if not n.endswith("_created")}
 
 
 def download_metrics() -> StageMetrics:
