@@ -7,10 +7,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from trajflow import __version__, log
-from trajflow.errors import TrajflowError
+from trajflow.errors import ExitCode, TrajflowError
+
+# Libraries of the `ml` extra: the downloader image does not carry them.
+OPTIONAL_DEPENDENCIES = {
+    "torch", "triton", "numpy", "pyarrow", "h5py", "safetensors", "matplotlib", "torchinterp1d", "scipy",
+}
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -52,9 +58,24 @@ def main(argv: list[str] | None = None) -> int:
     except TrajflowError as exc:
         print(f"trajflow {args.command}: error: {exc}", file=sys.stderr)
         return int(exc.exit_code)
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if missing not in OPTIONAL_DEPENDENCIES:
+            logging.getLogger("trajflow").exception("trajflow %s failed unexpectedly", args.command)
+            return int(ExitCode.ERROR)
+        # an image without the ml extra: retrying the pod cannot help
+        print(
+            f"trajflow {args.command}: error: this install lacks {missing!r}, which `{args.command}` needs "
+            "(install the ml extra: pip install 'trajflow[ml]')",
+            file=sys.stderr,
+        )
+        return int(ExitCode.CONFIG)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception:  # logged (as JSON in pods) so the failure is searchable; the pod is retried
+        logging.getLogger("trajflow").exception("trajflow %s failed unexpectedly", args.command)
+        return int(ExitCode.ERROR)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,11 @@ class ConfigError(TrajflowError):
     exit_code = ExitCode.CONFIG
 
 
+class InvalidURI(ConfigError, ValueError):
+    """A storage or endpoint URI that cannot be used (also a ValueError for callers that
+    validate input generically)."""
+
+
 class PermanentError(TrajflowError):
     exit_code = ExitCode.PERMANENT
 

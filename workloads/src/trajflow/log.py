@@ -1,4 +1,14 @@
-"""Logging: JSON lines when stderr is not a terminal (pods), readable lines on a terminal."""
+"""Logging: JSON lines when stderr is not a terminal (pods), readable lines and progress
+bars on a terminal.
+
+    log.setup()                                   # once, in main
+    logger = logging.getLogger(__name__)
+    logger.info("fetched %s", key, extra={"shard": 3, "bytes": n})   # extras become JSON fields
+    with log.progress("download", total=n_items, unit="items") as bar:
+        bar.advance()
+
+TRAJFLOW_LOG_FORMAT=json|text overrides the terminal detection; TRAJFLOW_LOG_LEVEL sets the level.
+"""
 from __future__ import annotations
 
 import json
@@ -6,45 +16,126 @@ import logging
 import os
 import sys
 import time
+from typing import Any
 
-_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+_NOISY = ("botocore", "boto3", "urllib3", "s3transfer", "filelock", "fsspec")
+
+# the console the log handler and progress bars share on a terminal, so bars stay below the log lines
+_console: Any = None
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, then any `extra=` fields."""
+
     def format(self, record: logging.LogRecord) -> str:
-        doc = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+        doc: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
         for key, value in vars(record).items():
-            if key not in _RESERVED and not key.startswith("_"):
+            if key not in _RESERVED and not key.startswith("_") and key not in doc:
                 doc[key] = value
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str)
+        if record.stack_info:
+            doc["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(doc, default=str, ensure_ascii=False)
 
 
 def is_terminal() -> bool:
-    return sys.stderr.isatty() and os.environ.get("TRAJFLOW_LOG_FORMAT") != "json"
+    forced = os.environ.get("TRAJFLOW_LOG_FORMAT", "").lower()
+    if forced in ("json", "text"):
+        return forced == "text"
+    return sys.stderr.isatty()
 
 
 def setup(level: str | None = None) -> None:
-    """Configure the root logger once per process."""
+    """Configure the root logger (again, replacing earlier handlers)."""
+    global _console
     level = (level or os.environ.get("TRAJFLOW_LOG_LEVEL") or "INFO").upper()
     root = logging.getLogger()
     root.handlers.clear()
     if is_terminal():
+        from rich.console import Console
         from rich.logging import RichHandler
 
-        handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=True, markup=False)
+        _console = Console(stderr=True)
+        handler: logging.Handler = RichHandler(
+            console=_console, show_path=False, rich_tracebacks=True, markup=False, log_time_format="%H:%M:%S"
+        )
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
+        _console = None
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(JsonFormatter())
     root.addHandler(handler)
-    root.setLevel(level)
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+    try:
+        root.setLevel(level)
+    except ValueError:
+        root.setLevel(logging.INFO)
+        logging.getLogger(__name__).warning("unknown log level %r; using INFO", level)
+    for noisy in _NOISY:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.captureWarnings(True)
+
+
+class Progress:
+    """Progress of one piece of work: a bar on a terminal, a log line every `interval_s`
+    elsewhere (JSON fields `progress_done`, `progress_total`, `progress_rate`), and a
+    final line either way."""
+
+    def __init__(self, description: str, total: float | None = None, unit: str = "items",
+                 interval_s: float = 10.0, logger: logging.Logger | None = None):
+        self.description, self.total, self.unit, self.interval_s = description, total, unit, interval_s
+        self.logger = logger or logging.getLogger("trajflow.progress")
+        self.done = 0.0
+        self._started = self._last_log = time.monotonic()
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> "Progress":
+        if _console is not None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+
+            self._bar = RichProgress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn(self.unit), TimeRemainingColumn(), console=_console, transient=False,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(self.description, total=self.total)
+        return self
+
+    def advance(self, amount: float = 1) -> None:
+        self.done += amount
+        if self._bar is not None:
+            self._bar.update(self._task, advance=amount)
+            return
+        now = time.monotonic()
+        if now - self._last_log >= self.interval_s:
+            self._last_log = now
+            self._log(now)
+
+    def _log(self, now: float, final: bool = False) -> None:
+        elapsed = max(now - self._started, 1e-9)
+        rate = self.done / elapsed
+        of_total = f"/{self.total:g}" if self.total is not None else ""
+        self.logger.info(
+            "%s: %g%s %s (%.1f %s/s)%s", self.description, self.done, of_total, self.unit, rate, self.unit,
+            ", done" if final else "",
+            extra={"progress_done": self.done, "progress_total": self.total, "progress_rate": round(rate, 3)},
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+        elif exc[0] is None:
+            self._log(time.monotonic(), final=True)
+
+
+def progress(description: str, total: float | None = None, unit: str = "items", interval_s: float = 10.0,
+             logger: logging.Logger | None = None) -> Progress:
+    return Progress(description, total, unit, interval_s, logger)

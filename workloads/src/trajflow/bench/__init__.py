@@ -15,6 +15,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from trajflow.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 # name -> module under trajflow.bench
@@ -53,6 +55,11 @@ def machine() -> dict[str, Any]:
         "gpu": None,
     }
     try:
+        # other work on the machine shifts every figure; keep the load next to them
+        desc["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    try:
         import torch
 
         desc["torch"] = torch.__version__
@@ -78,7 +85,9 @@ def write_result(out_dir: str | Path, name: str, result: dict[str, Any], summary
     header = (
         f"# Benchmark: {name}\n\n"
         f"- date: {doc['date']}\n- machine: {m['cpu']}, {m['cores']} cores, "
-        f"{m['memory_gib']} GiB, GPU: {m['gpu'] or 'none'}\n\n"
+        f"{m['memory_gib']} GiB, GPU: {m['gpu'] or 'none'}"
+        + (f", load average {' / '.join(map(str, m['load_average']))} (1/5/15 min)" if m.get("load_average") else "")
+        + "\n\n"
     )
     path = out / f"{name}.md"
     path.write_text(header + summary_md.rstrip() + "\n")
@@ -89,7 +98,7 @@ def run(names: list[str] | None, out_dir: str | Path, quick: bool = False) -> in
     selected = names or list(BENCHMARKS)
     unknown = [n for n in selected if n not in BENCHMARKS]
     if unknown:
-        raise SystemExit(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+        raise ConfigError(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
     failed = 0
     for name in selected:
         try:
@@ -104,6 +113,6 @@ def run(names: list[str] | None, out_dir: str | Path, quick: bool = False) -> in
             log.exception("benchmark %s failed", name)
             failed += 1
             continue
-        path = write_result(out_dir, name, result, summary)
+        path = write_result(out_dir, name, {**result, "quick": quick}, summary)
         log.info("benchmark %s written to %s", name, path)
     return 1 if failed else 0

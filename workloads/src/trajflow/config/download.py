@@ -1,80 +1,222 @@
-"""`downloader.config` — what to fetch and how hard to try."""
+"""`downloader.config` — what to fetch and how hard to try.
+
+Every source names a directory: its items land under `raw/<shard>/<name>/...`, so two
+sources (or two cohorts of one catalog) can never overwrite each other. Secrets never sit
+in these values: S3 sources read keys from environment variables with a prefix
+(`credentialsEnvPrefix`, filled by an `envFrom` Secret with that prefix), HTTP sources read a
+bearer token from a named environment variable (`authTokenEnv`).
+"""
 from __future__ import annotations
 
+import re
+import string
 from typing import Annotated, Literal, Union
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from trajflow.config.base import Model
 
 _SOURCE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+_PATH_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_ENV_NAME = r"^([A-Za-z_][A-Za-z0-9_]*)?$"
+_HEX_DIGEST = re.compile(r"^([0-9a-f]{32}|[0-9a-f]{64})$")
 
 
-class S3Source(Model):
+def _check_relative_path(value: str, what: str) -> str:
+    """A destination path below the source directory: relative, '/'-separated, no '..'."""
+    if value.startswith("/") or "\\" in value or "\0" in value:
+        raise ValueError(f"{what} {value!r} must be a relative path using '/'")
+    if any(part in ("", ".", "..") or part.startswith(".trajflow-") for part in value.split("/")):
+        raise ValueError(f"{what} {value!r} has an empty, '.', '..' or reserved segment")
+    return value
+
+
+class _Source(Model):
+    name: str = Field(pattern=_SOURCE_NAME, description="Items land under raw/<shard>/<name>/; unique per run.")
+    required: bool = Field(
+        True,
+        description="When false, items the source says do not exist (HTTP 403/404/410) are reported as missing "
+        "instead of failing the shard (hubs where not every cohort has every category).",
+    )
+
+
+class S3Source(_Source):
     type: Literal["s3"]
-    name: str = Field(pattern=_SOURCE_NAME, description="Items land under raw/<shard>/<name>/.")
-    url: str = Field(pattern=r"^s3://[^/]+(/.*)?$", description="s3://bucket/prefix to list.")
+    url: str = Field(
+        pattern=r"^s3://[^/]+(/.*)?$",
+        description="s3://bucket/prefix to list (a prefix naming one object fetches that object).",
+    )
     endpoint: str = Field("", description="S3-compatible endpoint URL; empty means AWS.")
-    region: str = "us-east-1"
-    addressing_style: Literal["path", "virtual", "auto"] = "path"
+    region: str = Field("us-east-1", description="Region of the bucket.")
+    addressing_style: Literal["path", "virtual", "auto"] = Field("path", description="S3 addressing style.")
     anonymous: bool = Field(False, description="Unsigned requests (public buckets).")
-    include: list[str] = Field(default_factory=lambda: ["**"], description="Glob patterns of keys to fetch.")
-    exclude: list[str] = Field(default_factory=list, description="Glob patterns of keys to skip.")
+    credentials_env_prefix: str = Field(
+        "",
+        pattern=_ENV_NAME,
+        description="Read <prefix>AWS_ACCESS_KEY_ID, <prefix>AWS_SECRET_ACCESS_KEY and optionally "
+        "<prefix>AWS_SESSION_TOKEN (e.g. from an envFrom Secret with this prefix); empty: the default AWS chain.",
+    )
+    verify_etag: bool = Field(
+        True,
+        description="Check single-part ETags as the MD5 of the content; turn off for stores whose ETags are not "
+        "MD5s (SSE-KMS and SSE-C objects are recognised and skipped automatically).",
+    )
+    ca_bundle: str = Field("", description="PEM file of CAs to trust for the endpoint (mounted into the pod).")
+    include: list[str] = Field(
+        default_factory=lambda: ["**"], description="Glob patterns of keys (relative to the prefix) to fetch."
+    )
+    exclude: list[str] = Field(default_factory=list, description="Glob patterns of keys (relative to the prefix) to skip.")
 
 
 class UrlItem(Model):
-    url: str = Field(pattern=r"^https?://")
+    url: str = Field(pattern=r"^https?://", description="URL to fetch.")
     path: str = Field("", description="Destination path under the source; default: the URL's file name.")
-    sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$")
-    md5: str = Field("", pattern=r"^([0-9a-f]{32})?$")
-    size: int | None = Field(None, ge=0)
+    sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$", description="Expected SHA-256 (lowercase hex).")
+    md5: str = Field("", pattern=r"^([0-9a-f]{32})?$", description="Expected MD5 (lowercase hex).")
+    size: int | None = Field(None, ge=0, description="Expected size in bytes; saves a HEAD request when planning.")
+
+    @field_validator("path")
+    @classmethod
+    def _path_is_relative(cls, value: str) -> str:
+        return _check_relative_path(value, "path") if value else value
 
 
-class HttpsSource(Model):
+class HttpsSource(_Source):
     type: Literal["https"]
-    name: str = Field(pattern=_SOURCE_NAME)
-    urls: list[Union[str, UrlItem]] = Field(min_length=1)
+    urls: list[Union[str, UrlItem]] = Field(min_length=1, description="URLs (or {url, path, sha256, md5, size}) to fetch.")
+    ca_bundle: str = Field("", description="PEM file of CAs to trust (mounted into the pod); empty: the system CAs.")
+    auth_token_env: str = Field(
+        "", pattern=_ENV_NAME, description="Environment variable holding a bearer token sent to the URLs' host."
+    )
+
+    @field_validator("urls")
+    @classmethod
+    def _urls_are_http(cls, value: list[Union[str, UrlItem]]) -> list[Union[str, UrlItem]]:
+        for entry in value:
+            if isinstance(entry, str) and not re.match(r"^https?://[^/\s]+", entry):
+                raise ValueError(f"not an http(s) URL: {entry!r}")
+        return value
 
 
-class CatalogSource(Model):
-    """A hub such as UCSC Xena: cohorts x categories expanded through a URL template."""
+class CatalogSource(_Source):
+    """A hub such as UCSC Xena: cohorts x categories expanded through a URL template.
+
+    `urlTemplate: https://hub.example/download/TCGA.{cohort}.sampleMap/{file}.gz` with
+    `categories: {mrna_seq: HiSeqV2, clinical: "{cohort}_clinicalMatrix"}` gives one item per
+    cohort and category, stored as `<name>/<cohort>/<file name of the URL>`.
+    """
 
     type: Literal["catalog"]
-    name: str = Field(pattern=_SOURCE_NAME)
     url_template: str = Field(
         pattern=r"^https?://",
-        description="URL with {cohort} and {category} (and optionally {file}) placeholders.",
+        description="URL with {cohort} and {file} (or {category}) placeholders.",
     )
-    cohorts: list[str] = Field(min_length=1)
+    cohorts: list[str] = Field(min_length=1, description="Cohorts (e.g. BRCA, LUAD); each gets its own directory.")
     categories: dict[str, str] = Field(
-        min_length=1, description="category -> file name part substituted as {file} (or {category})."
+        min_length=1,
+        description="category -> file name part substituted as {file}; it may itself use {cohort} and {category}.",
     )
-    checksums: dict[str, str] = Field(default_factory=dict, description="relative path -> sha256, when the hub lists them.")
+    checksums: dict[str, str] = Field(
+        default_factory=dict,
+        description="<cohort>/<file name> -> expected checksum (64 hex: SHA-256, 32 hex: MD5), when the hub lists them.",
+    )
+    ca_bundle: str = Field("", description="PEM file of CAs to trust (mounted into the pod); empty: the system CAs.")
+    auth_token_env: str = Field("", pattern=_ENV_NAME, description="Environment variable holding a bearer token sent to the hub.")
+
+    @field_validator("url_template")
+    @classmethod
+    def _template_fields(cls, value: str) -> str:
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
+        except ValueError as exc:
+            raise ValueError(f"malformed template {value!r}: {exc}") from None
+        unknown = fields - {"cohort", "category", "file"}
+        if unknown:
+            raise ValueError(f"unknown placeholder(s) {sorted(unknown)} in {value!r}: use {{cohort}}, {{category}}, {{file}}")
+        if "cohort" not in fields or not fields & {"category", "file"}:
+            raise ValueError(f"template {value!r} needs {{cohort}} and {{file}} or {{category}}")
+        return value
+
+    @field_validator("cohorts")
+    @classmethod
+    def _cohorts_are_names(cls, value: list[str]) -> list[str]:
+        for cohort in value:
+            if not _PATH_PART.match(cohort):
+                raise ValueError(f"cohort {cohort!r} must be a plain name (letters, digits, '.', '_', '-')")
+        if len(set(value)) != len(value):
+            raise ValueError("cohorts must be unique")
+        return value
+
+    @field_validator("categories")
+    @classmethod
+    def _categories_format(cls, value: dict[str, str]) -> dict[str, str]:
+        for category, part in value.items():
+            try:
+                fields = {f for _, f, _, _ in string.Formatter().parse(part) if f is not None}
+            except ValueError as exc:
+                raise ValueError(f"category {category!r}: malformed file part {part!r}: {exc}") from None
+            if fields - {"cohort", "category"}:
+                raise ValueError(f"category {category!r}: file part {part!r} may only use {{cohort}} and {{category}}")
+            if not part:
+                raise ValueError(f"category {category!r}: empty file part")
+        return value
+
+    @field_validator("checksums")
+    @classmethod
+    def _checksums_are_hex(cls, value: dict[str, str]) -> dict[str, str]:
+        for path, digest in value.items():
+            _check_relative_path(path, "checksum path")
+            if not _HEX_DIGEST.match(digest):
+                raise ValueError(f"checksum of {path!r} must be 64 (SHA-256) or 32 (MD5) lowercase hex digits")
+        return value
 
 
-class FileSource(Model):
+class FileSource(_Source):
     type: Literal["file"]
-    name: str = Field(pattern=_SOURCE_NAME)
-    path: str = Field(min_length=1, description="A local directory (or file:// URI) to copy from.")
-    include: list[str] = Field(default_factory=lambda: ["**"])
-    exclude: list[str] = Field(default_factory=list)
+    path: str = Field(min_length=1, description="A local directory or file (or file:// URI) to copy from.")
+    include: list[str] = Field(default_factory=lambda: ["**"], description="Glob patterns of relative paths to copy.")
+    exclude: list[str] = Field(default_factory=list, description="Glob patterns of relative paths to skip.")
 
 
 Source = Annotated[Union[S3Source, HttpsSource, CatalogSource, FileSource], Field(discriminator="type")]
 
 
 class Retries(Model):
-    attempts: int = Field(6, ge=1, le=100, description="Tries per item, the first included.")
-    backoff_seconds: float = Field(1.0, gt=0, description="First retry delay; doubles with full jitter.")
-    max_backoff_seconds: float = Field(60.0, gt=0)
+    attempts: int = Field(
+        6, ge=1, le=100,
+        description="Tries per request without progress (the first included); also tries per item when its "
+        "checksum does not match.",
+    )
+    backoff_seconds: float = Field(1.0, gt=0, description="First retry delay; doubles each retry, with full jitter.")
+    max_backoff_seconds: float = Field(60.0, gt=0, description="Cap of one retry delay (Retry-After is honoured up to this).")
 
 
 class DownloadConfig(Model):
     sources: list[Source] = Field(default_factory=list, description="Datasets to fetch; several per run.")
-    concurrency: int = Field(8, ge=1, le=256, description="Items (or parts) in flight per pod.")
-    part_size_mib: int = Field(64, ge=5, le=5120, description="Size of ranged parts for large objects.")
-    multipart_threshold_mib: int = Field(128, ge=5, description="Objects larger than this download in parallel parts.")
+    concurrency: int = Field(8, ge=1, le=256, description="Requests (whole items or ranged parts) in flight per pod.")
+    part_size_mib: int = Field(16, ge=5, le=5120, description="Size of the ranged parts of large objects.")
+    multipart_threshold_mib: int = Field(64, ge=5, description="Objects larger than this download in parallel parts.")
     timeout_seconds: float = Field(60.0, gt=0, description="Connect/read timeout per request.")
     retries: Retries = Field(default_factory=Retries)
-    gunzip: bool = Field(False, description="Decompress .gz items after verification.")
+    gunzip: bool = Field(
+        False,
+        description="Decompress .gz items after verification; they are stored without the .gz suffix.",
+    )
     push_interval_seconds: float = Field(15.0, gt=0, description="How often progress metrics are pushed.")
+    progress_interval_seconds: float = Field(10.0, gt=0, description="How often a progress line is logged (pods).")
+    plan_generation: str = Field(
+        "",
+        pattern=r"^[A-Za-z0-9._-]*$",
+        max_length=64,
+        description="Change to list the sources again and make a new plan (e.g. when the source gained objects); "
+        "verified items are reused, never fetched again.",
+    )
+
+    @model_validator(mode="after")
+    def _unique_source_names(self) -> "DownloadConfig":
+        seen: set[str] = set()
+        for source in self.sources:
+            if source.name in seen:
+                raise ValueError(f"two sources are named {source.name!r}: each source needs its own directory")
+            seen.add(source.name)
+        return self

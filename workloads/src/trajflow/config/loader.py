@@ -10,6 +10,8 @@ Errors name the file and the key path, one line each.
 from __future__ import annotations
 
 import os
+import re
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -19,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from trajflow.config.download import DownloadConfig
 from trajflow.config.global_ import GlobalConfig
-from trajflow.config.merge import coalesce, merge_maps, parse_set
+from trajflow.config.merge import GLOBAL_KEY, ChartValues, coalesce_chart, merge_maps, parse_set
 from trajflow.config.preprocess import PreprocessConfig
 from trajflow.config.train import TrainConfig
 from trajflow.errors import ConfigError
@@ -34,23 +36,96 @@ CONFIG_PATH_ENV = "TRAJFLOW_CONFIG"
 DEFAULT_CONFIG_PATH = "/etc/trajflow/config.yaml"
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+class HelmYamlLoader(yaml.SafeLoader):
+    """PyYAML read the way Helm reads values (Go yaml.v2 through sigs.k8s.io/yaml), so a
+    file means the same here as in `helm install`: y/n/on/off are booleans, `1e-3` and
+    `0o17` are numbers, dates and `12:30` stay strings, mapping keys become strings."""
+
+
+HelmYamlLoader.yaml_implicit_resolvers = {}
+_RESOLVERS = [
+    ("tag:yaml.org,2002:bool",
+     r"^(?:y|Y|yes|Yes|YES|n|N|no|No|NO|true|True|TRUE|false|False|FALSE|on|On|ON|off|Off|OFF)$", "yYnNtTfFoO"),
+    ("tag:yaml.org,2002:int",
+     r"^(?:[-+]?0b[0-1_]+|[-+]?0o?[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$", "-+0123456789"),
+    ("tag:yaml.org,2002:float",
+     r"^(?:[-+]?(?:\.[0-9][0-9_]*|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
+     r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$", "-+0123456789."),
+    ("tag:yaml.org,2002:null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+    ("tag:yaml.org,2002:merge", r"^(?:<<)$", "<"),
+]
+for _tag, _pattern, _first in _RESOLVERS:
+    HelmYamlLoader.add_implicit_resolver(_tag, re.compile(_pattern), list(_first))
+
+
+def _construct_bool(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> bool:
+    return str(loader.construct_scalar(node)).lower() in ("y", "yes", "true", "on")
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    sign = -1 if text.startswith("-") else 1
+    digits = text.lstrip("+-")
+    if digits.startswith(("0b", "0x", "0o")):
+        return sign * int(digits, 0)
+    if len(digits) > 1 and digits.startswith("0"):
+        return sign * int(digits, 8)
+    return sign * int(digits)
+
+
+HelmYamlLoader.add_constructor("tag:yaml.org,2002:bool", _construct_bool)
+HelmYamlLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def _construct_mapping(loader: HelmYamlLoader, node: yaml.MappingNode, deep: bool = False) -> dict[str, Any]:
+    # Keys become strings as Helm's YAML-to-JSON step makes them (and `y: 1` next to
+    # `1: 2` stays two keys: as Python objects True and 1 would collide).
+    loader.flatten_mapping(node)
+    mapping: dict[str, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if isinstance(key, bool):
+            text = "true" if key else "false"
+        elif isinstance(key, (str, int, float)):
+            text = str(key)
+        else:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a map key must be a string or number, got {key!r}", key_node.start_mark
+            )
+        mapping[text] = loader.construct_object(value_node, deep=deep)
+    return mapping
+
+
+HelmYamlLoader.construct_mapping = _construct_mapping  # type: ignore[method-assign,assignment]
+
+
+def parse_yaml(text: str, origin: str = "<values>") -> Any:
+    """One YAML document read as Helm reads values files; errors name `origin` and the line."""
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such values file") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=HelmYamlLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)
         if mark is not None:
             where = f" (line {mark.line + 1}, column {mark.column + 1})"
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+        raise ConfigError(f"{origin}: not valid YAML{where}: {problem}") from None
+    return doc
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such values file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a values file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (UTF-8)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    doc = parse_yaml(text, str(path))
     if doc is None:
         return {}
     if not isinstance(doc, dict):
@@ -72,18 +147,76 @@ def find_chart_dir() -> Path | None:
     return None
 
 
+def _chart_name(meta: dict[str, Any], fallback: str) -> str:
+    name = meta.get("name")
+    return name if isinstance(name, str) and name else fallback
+
+
+def _load_archived_chart(archive: Path) -> ChartValues | None:
+    """A packaged subchart (`charts/<name>-<version>.tgz`, from `helm dependency build`)."""
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = {m.name: m for m in tar.getmembers() if m.isfile()}
+            top = sorted({name.split("/", 1)[0] for name in members})
+            if len(top) != 1 or f"{top[0]}/Chart.yaml" not in members:
+                return None
+            def member_yaml(name: str) -> dict[str, Any]:
+                member = members.get(f"{top[0]}/{name}")
+                if member is None:
+                    return {}
+                fh = tar.extractfile(member)
+                doc = parse_yaml(fh.read().decode() if fh else "", f"{archive}:{name}")
+                return doc if isinstance(doc, dict) else {}
+
+            meta = member_yaml("Chart.yaml")
+            # a packaged chart's own subcharts are further archives inside it; the
+            # workloads never need their values, so they are not unpacked here
+            return ChartValues(_chart_name(meta, top[0]), member_yaml("values.yaml"), [], f"{archive}:values.yaml")
+    except (tarfile.TarError, OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{archive}: unreadable chart archive: {exc}") from None
+
+
+def load_chart(chart_dir: Path) -> ChartValues:
+    """A chart's defaults and, recursively, its subcharts' (charts/<dir> or charts/*.tgz)."""
+    chart_dir = Path(chart_dir)
+    meta_path = chart_dir / "Chart.yaml"
+    meta = read_yaml(meta_path) if meta_path.is_file() else {}
+    values_path = chart_dir / "values.yaml"
+    values = read_yaml(values_path) if values_path.is_file() else {}
+    dependencies: list[ChartValues] = []
+    sub_root = chart_dir / "charts"
+    if sub_root.is_dir():
+        archives = []
+        for entry in sorted(sub_root.iterdir()):
+            if entry.is_dir() and (entry / "Chart.yaml").is_file():
+                dependencies.append(load_chart(entry))
+            elif entry.is_file() and entry.name.endswith(".tgz"):
+                archives.append(entry)
+        loaded = {d.name for d in dependencies}
+        for archive in archives:  # an unpacked copy of the same chart takes precedence
+            chart = _load_archived_chart(archive)
+            if chart is not None and chart.name not in loaded:
+                dependencies.append(chart)
+                loaded.add(chart.name)
+    return ChartValues(_chart_name(meta, chart_dir.name), values, dependencies, str(values_path))
+
+
 def chart_defaults(chart_dir: Path) -> dict[str, Any]:
-    """Umbrella values.yaml over each subchart's values.yaml, as Helm composes them."""
-    values = read_yaml(chart_dir / "values.yaml") if (chart_dir / "values.yaml").is_file() else {}
-    subcharts = chart_dir / "charts"
-    if subcharts.is_dir():
-        for sub in sorted(subcharts.iterdir()):
-            sub_values = sub / "values.yaml"
-            if sub.is_dir() and sub_values.is_file() and sub.name != "common":
-                defaults = read_yaml(sub_values)
-                defaults.pop("global", None)
-                values[sub.name] = coalesce(defaults, values.get(sub.name) or {})
-    return values
+    """The values a release renders with when the user gives none."""
+    return coalesce_chart(load_chart(chart_dir), {})
+
+
+def _default_layers(chart: ChartValues, path: tuple[str, ...] = ()) -> list[tuple[str, dict[str, Any]]]:
+    """(file, values nested at the chart's place) for every chart, subcharts first (they
+    have the lowest priority), for naming the file a value came from."""
+    layers: list[tuple[str, dict[str, Any]]] = []
+    for sub in chart.dependencies:
+        layers.extend(_default_layers(sub, (*path, sub.name)))
+    nested: dict[str, Any] = chart.values
+    for key in reversed(path):
+        nested = {key: nested}
+    layers.append((chart.source or chart.name, nested))
+    return layers
 
 
 @dataclass(frozen=True)
@@ -109,7 +242,10 @@ class Values:
         return self.layers[-1][0] if self.layers else "values"
 
     def stage(self, stage: str) -> dict[str, Any]:
-        return self.merged.get(stage) or {}
+        block = self.merged.get(stage) or {}
+        if not isinstance(block, dict):
+            raise ConfigError(f"{self.origin([stage])}: {stage}: must be a map of settings, got {type(block).__name__}")
+        return block
 
     def enabled(self, stage: str) -> bool:
         return bool(self.stage(stage).get("enabled", False))
@@ -121,59 +257,96 @@ def load_values(
     chart_dir: Path | None = None,
     use_chart_defaults: bool = True,
 ) -> Values:
-    """Chart defaults, then each `-f` file (later wins), then `--set`; nulls delete defaults."""
+    """`helm install -f ... --set ...` without Helm: each `-f` file merged over the previous
+    ones, each `--set` parsed into the result, then coalesced with the chart's defaults
+    (a user null deletes a default, subcharts get their defaults and the globals)."""
     layers: list[tuple[str, dict[str, Any]]] = []
-    defaults: dict[str, Any] = {}
+    chart: ChartValues | None = None
     if use_chart_defaults:
         chart_dir = chart_dir or find_chart_dir()
-        if chart_dir is not None:
-            defaults = chart_defaults(chart_dir)
-            layers.append((str(chart_dir / "values.yaml"), defaults))
+        if chart_dir is not None and (chart_dir / "Chart.yaml").is_file():
+            chart = load_chart(chart_dir)
+            layers.extend(_default_layers(chart))
     user: dict[str, Any] = {}
     for f in files:
         doc = read_yaml(f)
         layers.append((str(f), doc))
         user = merge_maps(user, doc)
     for expression in sets:
-        layer = parse_set(expression)
-        layers.append((f"--set {expression}", layer))
+        layers.append((f"--set {expression}", parse_set(expression)))
         parse_set(expression, into=user)
-    merged = coalesce(defaults, user)
-    if defaults:
-        unknown = sorted(set(merged) - set(defaults))
-        if unknown:
-            key = unknown[0]
-            raise ConfigError(
-                f"{Values(merged, tuple(layers)).origin([key])}: unknown top-level key {key!r} "
-                f"(known: {', '.join(sorted(defaults))})"
-            )
+    if chart is None:
+        return Values(coalesce_chart(ChartValues("values", {}), user), tuple(layers))
+    merged = coalesce_chart(chart, user)
+    known = set(chart.values) | {d.name for d in chart.dependencies} | {GLOBAL_KEY}
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        key = unknown[0]
+        raise ConfigError(
+            f"{Values(merged, tuple(layers)).origin([key])}: unknown top-level key {key!r} "
+            f"(known: {', '.join(sorted(known))})"
+        )
     return Values(merged, tuple(layers))
 
 
-def _format_errors(exc: ValidationError, origin: str | None, prefix: list[str | int], values: Values | None) -> str:
-    lines = []
+def _user_loc(raw: Any, loc: tuple[Any, ...]) -> list[str | int]:
+    """The part of a pydantic error location that names keys the user wrote: pydantic adds
+    union members and validator names (`str`, `function-after[...]`, a tag) that are no
+    keys, so keep a step only where the input has that key or index, or where it is the
+    last step naming a required key that is absent."""
+    out: list[str | int] = []
+    node = raw
+    for i, step in enumerate(loc):
+        if isinstance(node, dict) and isinstance(step, str) and step in node:
+            node = node[step]
+            out.append(step)
+        elif isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
+            node = node[step]
+            out.append(step)
+        elif (
+            i == len(loc) - 1
+            and isinstance(node, dict)
+            and isinstance(step, str)
+            and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", step)
+            and step not in _PYDANTIC_STEPS
+        ):
+            out.append(step)
+    return out
+
+
+# location steps pydantic invents for union members
+_PYDANTIC_STEPS = {"str", "int", "float", "bool", "list", "dict", "none", "literal"}
+
+
+def _dotted(loc: list[str | int]) -> str:
+    return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+
+
+def _format_errors(exc: ValidationError, raw: Any, origin: str | None, prefix: list[str | int], values: Values | None) -> str:
+    lines: list[str] = []
     for err in exc.errors():
-        loc = [*prefix, *[p for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS)]]
-        dotted = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+        loc = [*prefix, *_user_loc(raw, tuple(err["loc"]))]
         where = values.origin(loc) if values is not None else origin
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif err["type"] == "value_error":
+            msg = str(err.get("ctx", {}).get("error", msg))  # our validators name the value
+        elif "input" in err and not isinstance(err["input"], (dict, list)):
             msg = f"{msg} (got {err['input']!r})"
-        lines.append(f"{where}: {dotted}: {msg}")
+        line = f"{where}: {_dotted(loc)}: {msg}"
+        if line not in lines:  # union members can repeat one problem
+            lines.append(line)
     return "\n".join(lines)
-
-
-# pydantic puts the chosen union member's tag or class in error locations; users never wrote it
-_UNION_TAGS = {"s3", "https", "catalog", "file", "str", "UrlItem"}
 
 
 def validate_global(raw: dict[str, Any], origin: str = "values", values: Values | None = None) -> GlobalConfig:
     try:
         return GlobalConfig.model_validate(raw or {})
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, origin, ["global"], values)) from None
+        raise ConfigError(_format_errors(exc, raw or {}, origin, ["global"], values)) from None
 
 
 def validate_stage(stage: str, raw: dict[str, Any], origin: str = "values", values: Values | None = None) -> BaseModel:
@@ -182,7 +355,7 @@ def validate_stage(stage: str, raw: dict[str, Any], origin: str = "values", valu
     try:
         return STAGE_MODELS[stage].model_validate(raw or {})
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, origin, [stage, "config"], values)) from None
+        raise ConfigError(_format_errors(exc, raw or {}, origin, [stage, "config"], values)) from None
 
 
 @dataclass(frozen=True)
@@ -215,17 +388,24 @@ def shard_from_env(env: dict[str, str] | None = None) -> tuple[int, int]:
     return index, count
 
 
-def load_config_file(path: str | Path, stage: str) -> tuple[GlobalConfig, Any]:
-    """Read the rendered ConfigMap: `{global: ..., config: ...}`."""
+def _read_config_doc(path: str | Path) -> dict[str, Any]:
     doc = read_yaml(path)
     unknown = sorted(set(doc) - {"global", "config"})
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key {unknown[0]!r} (expected global and config)")
+    return doc
+
+
+def load_config_file(path: str | Path, stage: str) -> tuple[GlobalConfig, Any]:
+    """Read the rendered ConfigMap: `{global: ..., config: ...}`."""
+    if stage not in STAGE_MODELS:
+        raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGE_MODELS)}")
+    doc = _read_config_doc(path)
     glob = validate_global(doc.get("global") or {}, origin=str(path))
     try:
         config = STAGE_MODELS[stage].model_validate(doc.get("config") or {})
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, str(path), ["config"], None)) from None
+        raise ConfigError(_format_errors(exc, doc.get("config") or {}, str(path), ["config"], None)) from None
     return glob, config
 
 
@@ -240,7 +420,7 @@ def global_settings(
         values = load_values(values_files, sets)
         return validate_global(values.merged.get("global") or {}, values=values)
     path = config_file or os.environ.get(CONFIG_PATH_ENV) or DEFAULT_CONFIG_PATH
-    return validate_global(read_yaml(path).get("global") or {}, origin=str(path))
+    return validate_global(_read_config_doc(path).get("global") or {}, origin=str(path))
 
 
 def stage_settings(

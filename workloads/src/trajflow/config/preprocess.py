@@ -1,24 +1,94 @@
 """`preprocessing.config` — how raw trajectories become fixed-rate training shards."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from trajflow.config.base import Model
 
+Format = Literal["auto", "lerobot", "robomimic", "npz"]
+
+
+class SourceOverrides(Model):
+    """Settings for the items of one downloader source (``raw/<shard>/<source>/...``);
+    anything left unset falls back to the top-level value."""
+
+    format: Optional[Format] = Field(None, description="Raw file format of this source.")
+    streams: Optional[list[str]] = Field(None, min_length=1, description="Raw stream names to read from this source.")
+    renames: Optional[dict[str, str]] = Field(None, description="Raw stream name -> output stream name, for this source.")
+    time_key: Optional[str] = Field(None, description="Timestamp column/dataset of this source.")
+    rate_hz: Optional[float] = Field(None, gt=0, description="Recorded rate when files carry no timestamps.")
+    robot: Optional[str] = Field(None, description="Robot label for this source's episodes.")
+
 
 class PreprocessConfig(Model):
-    format: Literal["auto", "lerobot", "robomimic", "npz"] = Field("auto", description="Raw file format; auto detects by extension.")
+    format: Format = Field(
+        "auto",
+        description="Raw file format: lerobot (.parquet), robomimic (.hdf5/.h5), npz; auto picks by extension. "
+        "Other files (metadata, videos) are not trajectories and are ignored.",
+    )
     streams: list[str] = Field(
-        default_factory=lambda: ["observation.state", "action"], min_length=1, description="Vector streams to resample."
+        default_factory=lambda: ["observation.state", "action"],
+        min_length=1,
+        description="Raw vector streams to resample: parquet columns, HDF5 datasets under the demo group "
+        "(e.g. obs/eef_pos, actions) or npz keys. An episode without one of them is quarantined.",
     )
     renames: dict[str, str] = Field(default_factory=dict, description="Raw stream name -> name in the output shards.")
+    time_key: str = Field(
+        "",
+        description="Timestamp column/dataset (seconds); empty tries timestamp, timestamps, time, t.",
+    )
+    rate_hz: Optional[float] = Field(
+        None, gt=0, description="Recorded rate for files with neither timestamps nor a rate attribute."
+    )
+    robot: str = Field("", description="Robot label when the data names none.")
+    sources: dict[str, SourceOverrides] = Field(
+        default_factory=dict, description="Per-source overrides, keyed by the downloader source name."
+    )
     target_rate_hz: float = Field(50.0, gt=0, le=10000, description="The uniform output rate.")
-    min_length: int = Field(2, ge=2, description="Trajectories with fewer valid samples are quarantined.")
-    batch_size: int = Field(256, ge=1, description="Trajectories per resampling batch.")
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    backend: Literal["auto", "triton", "torch"] = "auto"
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype of the written shards.")
-    max_bad_fraction: float = Field(0.05, ge=0, le=1, description="Fail the shard when more trajectories than this are quarantined.")
-    prefetch: int = Field(2, ge=0, description="Batches read ahead of the GPU.")
+    min_length: int = Field(2, ge=2, description="Trajectories with fewer raw samples are quarantined.")
+    batch_size: int = Field(256, ge=1, description="Trajectories per resampling batch (at most).")
+    max_padding_fraction: float = Field(
+        0.25, ge=0, le=10, description="A batch is cut when padding would exceed this fraction of its real samples."
+    )
+    sort_window_batches: int = Field(
+        4, ge=1, description="Trajectories are grouped by length within windows of at most this many batches..."
+    )
+    sort_window_mib: int = Field(
+        16, ge=1, description="...and at most this much decoded raw data, so the device starts before the reading ends."
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: cuda when a GPU is visible.")
+    backend: Literal["auto", "triton", "torch"] = Field("auto", description="Resampling kernel; auto: triton on cuda.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype of the written shards; bf16/fp16 also halve host-device traffic."
+    )
+    time_dtype: Literal["float64", "float32"] = Field(
+        "float64", description="Precision of the timestamps handed to the kernel (relative to each episode's start)."
+    )
+    max_bad_fraction: float = Field(
+        0.05, ge=0, le=1, description="Fail the shard when more than this fraction of trajectories is quarantined."
+    )
+    prefetch: int = Field(2, ge=0, description="Batches read ahead of the device and waiting for the writer.")
+    read_workers: int = Field(4, ge=1, le=64, description="Threads reading and decoding raw files.")
+    cpu_threads: int = Field(
+        1, ge=0, le=256, description="Torch threads resampling on the CPU (0: torch's default). Reading and writing "
+        "have threads of their own; more intra-op threads mostly contend with them for cores."
+    )
+    pin_memory: bool = Field(True, description="Stage batches in pinned host memory (cuda only).")
+    spool_memory_mib: int = Field(
+        256, ge=1, description="Output held in memory before spilling to $TMPDIR while a shard is assembled."
+    )
+    push_interval_seconds: float = Field(15.0, gt=0, description="How often progress metrics are pushed.")
+
+    @model_validator(mode="after")
+    def _renames_are_unique(self) -> "PreprocessConfig":
+        for where, streams, renames in [("", self.streams, self.renames)] + [
+            (f"sources.{name}.", src.streams or self.streams, src.renames if src.renames is not None else self.renames)
+            for name, src in self.sources.items()
+        ]:
+            outputs = [renames.get(s, s) for s in streams]
+            dup = sorted({o for o in outputs if outputs.count(o) > 1})
+            if dup:
+                raise ValueError(f"{where}streams/renames map several raw streams onto {dup[0]!r}")
+        return self

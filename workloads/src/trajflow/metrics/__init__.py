@@ -61,8 +61,20 @@ def download_metrics() -> StageMetrics:
     r = sm.registry
     sm.m.update(_common(r))
     sm.m.update(
-        bytes=Counter("trajflow_download_bytes", "Bytes downloaded and verified.", registry=r),
-        items=Counter("trajflow_download_items", "Items verified, by outcome (fetched or skipped).", ["outcome"], registry=r),
+        bytes=Counter(
+            "trajflow_download_bytes", "Bytes received from the sources (retried bytes included).", registry=r
+        ),
+        bytes_completed=Gauge(
+            "trajflow_download_bytes_completed",
+            "Planned bytes of this shard's items that are verified in place (fetched, skipped or reused).",
+            registry=r,
+        ),
+        items=Counter(
+            "trajflow_download_items",
+            "Items finished, by outcome: fetched, skipped, reused, adopted (verified); missing (optional source); failed.",
+            ["outcome"],
+            registry=r,
+        ),
         items_planned=Gauge("trajflow_download_items_planned", "Items assigned to this shard.", registry=r),
         bytes_planned=Gauge("trajflow_download_bytes_planned", "Bytes assigned to this shard.", registry=r),
         failures=Counter("trajflow_download_failures", "Failed attempts by reason.", ["reason"], registry=r),
@@ -118,6 +130,10 @@ def train_metrics() -> StageMetrics:
         gpu_memory=Gauge("trajflow_train_gpu_memory_bytes", "Peak GPU memory allocated on this rank.", registry=r),
         checkpoint_time=Gauge(
             "trajflow_train_last_checkpoint_time_seconds", "Unix time of the newest checkpoint written.", registry=r
+        ),
+        learning_rate=Gauge("trajflow_train_learning_rate", "Learning rate of the last optimiser step.", registry=r),
+        restarts=Gauge(
+            "trajflow_train_restarts", "Times torchrun restarted the worker group (TORCHELASTIC_RESTART_COUNT).", registry=r
         ),
     )
     return sm

@@ -44,13 +44,16 @@ def partition(items: Iterable[Item], shards: int) -> list[list[Item]]:
     order the listing returned them in. Each shard's bytes are within one largest item of
     the ideal total/N.
     """
-    if shards < 1:
-        raise ValueError(f"shard count must be at least 1, got {shards}")
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise ValueError(f"shard count must be an integer of at least 1, got {shards!r}")
     ordered = sorted(items, key=lambda it: (-it.size, it.key))
-    keys = [it.key for it in ordered]
-    if len(set(keys)) != len(keys):
-        dup = next(k for k in keys if keys.count(k) > 1)
-        raise ValueError(f"duplicate item key {dup!r}: two sources would write the same path")
+    seen: set[str] = set()
+    for it in ordered:
+        if it.size < 0:
+            raise ValueError(f"item {it.key!r} has a negative size {it.size}")
+        if it.key in seen:
+            raise ValueError(f"duplicate item key {it.key!r}: two sources would write the same path")
+        seen.add(it.key)
     heap = [(0, s) for s in range(shards)]
     out: list[list[Item]] = [[] for _ in range(shards)]
     for it in ordered:

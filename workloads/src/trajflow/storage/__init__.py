@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
+from trajflow.errors import InvalidURI
 from trajflow.storage.base import CHUNK, ObjectInfo, Storage, sha256_stream
 from trajflow.storage.local import LocalStorage
 from trajflow.storage.manifest import (
@@ -21,26 +22,39 @@ if TYPE_CHECKING:
     from trajflow.config.global_ import GlobalConfig
 
 
-def open_storage(uri: str, **s3_options: object) -> Storage:
-    """`file:///abs/path`, a plain path, or `s3://bucket/prefix` (options go to the boto3 client)."""
+def open_storage(uri: str | Path, **s3_options: object) -> Storage:
+    """`file:///abs/path`, a plain path, or `s3://bucket/prefix`.
+
+    For S3, `s3_options` are `endpoint`, `region`, `addressing_style` (boto3 client
+    settings; credentials come from the standard AWS chain), or a ready `client`.
+    Raises InvalidURI (a ConfigError and a ValueError) naming what is wrong.
+    """
+    if isinstance(uri, Path):
+        return LocalStorage(uri)
+    if not isinstance(uri, str) or not uri.strip():
+        raise InvalidURI(f"empty storage URI {uri!r}: use file:///path, a path, or s3://bucket/prefix")
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
         from trajflow.storage.s3 import S3Storage
 
         return S3Storage(uri, **s3_options)  # type: ignore[arg-type]
+    if s3_options:
+        raise InvalidURI(f"S3 options {sorted(s3_options)} given for a non-S3 URI {uri!r}")
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
-            raise ValueError(f"file URI with a host is not supported: {uri!r}")
+            raise InvalidURI(f"file URI with a host is not supported: {uri!r} (use file:///absolute/path)")
+        if not parsed.path.startswith("/"):
+            raise InvalidURI(f"file URI must hold an absolute path: {uri!r}")
         return LocalStorage(unquote(parsed.path))
     if parsed.scheme == "":
         return LocalStorage(Path(uri))
-    raise ValueError(f"unsupported storage URI {uri!r}: use file://, a path, or s3://")
+    raise InvalidURI(f"unsupported storage URI {uri!r}: use file:///path, a plain path, or s3://bucket/prefix")
 
 
 def open_run_root(glob: "GlobalConfig") -> Storage:
     """The run root named by `global.storage` and `global.runId`."""
     s3 = glob.storage.s3
-    options = {}
+    options: dict[str, object] = {}
     if glob.storage.type == "s3":
         options = {"endpoint": s3.endpoint, "region": s3.region, "addressing_style": s3.addressing_style}
     return open_storage(glob.run_root(), **options)

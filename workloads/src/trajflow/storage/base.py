@@ -29,14 +29,41 @@ def sha256_stream(stream: BinaryIO, chunk: int = CHUNK) -> tuple[str, int]:
         total += len(block)
 
 
+# Names the backends use for their own bookkeeping (temporaries, election claims, probes).
+# Any key with a segment starting like this is hidden from listings.
+INTERNAL_PREFIX = ".trajflow-"
+
+
 def check_key(key: str) -> str:
     """Keys are relative, "/"-separated, and never climb out of the root."""
-    if not key or key.startswith("/") or "\\" in key:
+    if not isinstance(key, str) or not key or key.startswith("/") or "\\" in key or "\0" in key:
         raise ValueError(f"invalid storage key {key!r}: keys are relative and use '/'")
     parts = key.split("/")
     if any(p in ("", ".", "..") for p in parts):
         raise ValueError(f"invalid storage key {key!r}: empty, '.' or '..' segment")
     return key
+
+
+def check_prefix(prefix: str) -> str:
+    """A listing prefix: like a key, but may end in "/" or stop in the middle of a name."""
+    if prefix == "":
+        return prefix
+    body = prefix[:-1] if prefix.endswith("/") else prefix
+    try:
+        check_key(body)
+    except ValueError:
+        raise ValueError(f"invalid storage prefix {prefix!r}: prefixes are relative and use '/'") from None
+    return prefix
+
+
+def check_range(start: int, end: int | None) -> None:
+    if start < 0 or (end is not None and end < 0):
+        raise ValueError(f"invalid byte range [{start}, {end}): offsets are non-negative")
+
+
+def is_internal(key: str) -> bool:
+    """True for the backends' own objects (temporaries, claims), never listed."""
+    return any(part.startswith(INTERNAL_PREFIX) for part in key.split("/"))
 
 
 class Storage(abc.ABC):
@@ -49,7 +76,11 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Every object under `prefix` (recursive), sorted by key; temporaries excluded."""
+        """Every object whose key starts with `prefix`, sorted by key, temporaries excluded.
+
+        The prefix is a plain string prefix, as in S3: "raw/" lists everything under the
+        raw directory, "raw/0001" also matches "raw/00012/x" and "raw/0001.json".
+        """
 
     @abc.abstractmethod
     def stat(self, key: str) -> ObjectInfo | None:
@@ -60,7 +91,8 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def open_read(self, key: str, start: int = 0, end: int | None = None) -> BinaryIO:
-        """A stream of bytes [start, end) of `key` (end None: to the end). FileNotFoundError if absent."""
+        """A stream of bytes [start, end) of `key` (end None: to the end), clipped to the
+        object's size like a Python slice. FileNotFoundError if absent."""
 
     def read_bytes(self, key: str) -> bytes:
         with self.open_read(key) as fh:
@@ -79,6 +111,10 @@ class Storage(abc.ABC):
     def write_if_absent(self, key: str, data: bytes) -> bool:
         """Create `key` unless it exists; True when this call's data won. Exactly one
         concurrent writer wins."""
+
+    def read_range(self, key: str, start: int, end: int | None = None) -> bytes:
+        with self.open_read(key, start, end) as fh:
+            return fh.read()
 
     @abc.abstractmethod
     def delete(self, key: str) -> None:

@@ -8,14 +8,16 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from trajflow.storage.base import ObjectInfo, Storage, check_key
+from trajflow.storage.base import INTERNAL_PREFIX, ObjectInfo, Storage, check_key, check_prefix, check_range, is_internal
 
-# Temporaries are hidden and carry this marker; listings never show them.
-TMP_MARKER = ".tmp-"
+# Temporaries sit next to their final name, hidden behind the internal prefix that
+# listings skip on every backend.
+TMP_PREFIX = f"{INTERNAL_PREFIX}tmp-"
 
 
 def is_temporary(name: str) -> bool:
-    return name.startswith(".") and TMP_MARKER in name
+    """A writer's temporary file name, or any other backend-internal name."""
+    return name.startswith(INTERNAL_PREFIX)
 
 
 class _RangeReader:
@@ -69,26 +71,30 @@ class LocalStorage(Storage):
         return self.root / check_key(key)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        base = self.root / prefix if prefix else self.root
+        check_prefix(prefix)
+        directory, _, partial = prefix.rpartition("/")
+        base = self.root / directory if directory else self.root
         if not base.is_dir():
-            # a prefix may also be a partial file name, as in S3
-            parent = base.parent
-            if not parent.is_dir():
-                return
-            entries = [(p, p.stat().st_size) for p in parent.iterdir() if p.is_file() and p.name.startswith(base.name)]
-        else:
-            entries = []
-            for dirpath, dirnames, filenames in os.walk(base):
-                dirnames[:] = [d for d in dirnames if not is_temporary(d)]
-                for name in filenames:
-                    if is_temporary(name):
-                        continue
-                    p = Path(dirpath) / name
-                    try:
-                        entries.append((p, p.stat().st_size))
-                    except FileNotFoundError:
-                        continue  # removed while listing
-        infos = [ObjectInfo(p.relative_to(self.root).as_posix(), size) for p, size in entries if not is_temporary(p.name)]
+            return
+        infos = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            here = Path(dirpath)
+            at_base = here == base
+            # below the prefix's directory only names starting with its last part can match
+            dirnames[:] = sorted(
+                d for d in dirnames if not is_temporary(d) and (not at_base or d.startswith(partial))
+            )
+            for name in filenames:
+                if is_temporary(name) or (at_base and not name.startswith(partial)):
+                    continue
+                path = here / name
+                try:
+                    size = path.stat().st_size
+                except FileNotFoundError:
+                    continue  # removed while listing
+                key = path.relative_to(self.root).as_posix()
+                if key.startswith(prefix) and not is_internal(key):
+                    infos.append(ObjectInfo(key, size))
         yield from sorted(infos, key=lambda i: i.key)
 
     def stat(self, key: str) -> ObjectInfo | None:
@@ -99,7 +105,14 @@ class LocalStorage(Storage):
         return ObjectInfo(key, st.st_size) if not os.path.isdir(self._path(key)) else None
 
     def open_read(self, key: str, start: int = 0, end: int | None = None) -> BinaryIO:
-        fh = open(self._path(key), "rb")
+        check_range(start, end)
+        path = self._path(key)
+        try:
+            fh = open(path, "rb")
+        except IsADirectoryError:
+            raise FileNotFoundError(f"{self.uri}/{key}: no such object (a directory)") from None
+        except NotADirectoryError:
+            raise FileNotFoundError(f"{self.uri}/{key}: no such object") from None
         if start:
             fh.seek(start)
         if end is None:
@@ -107,7 +120,7 @@ class LocalStorage(Storage):
         return _RangeReader(fh, max(end - start, 0))  # type: ignore[return-value]
 
     def _temp_path(self, final: Path) -> Path:
-        return final.with_name(f".{final.name}{TMP_MARKER}{uuid.uuid4().hex}")
+        return final.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:16]}-{final.name}")
 
     @contextlib.contextmanager
     def writer(self, key: str) -> Iterator[BinaryIO]:
@@ -157,7 +170,8 @@ class LocalStorage(Storage):
                 tmp.unlink()
 
     def delete(self, key: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        # a directory or a path through a file is no object, and absent objects are no error
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError, NotADirectoryError):
             self._path(key).unlink()
 
     def local_path(self, key: str) -> Path:
@@ -174,7 +188,7 @@ class LocalStorage(Storage):
         removed, cutoff = 0, time.time() - older_than_s
         for dirpath, _, filenames in os.walk(base):
             for name in filenames:
-                if is_temporary(name):
+                if name.startswith(TMP_PREFIX):
                     p = Path(dirpath) / name
                     with contextlib.suppress(FileNotFoundError):
                         if p.stat().st_mtime < cutoff:

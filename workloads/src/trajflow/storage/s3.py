@@ -10,19 +10,26 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import threading
 import time
 import uuid
 from typing import Any, BinaryIO, Iterator
 from urllib.parse import urlparse
 
-from trajflow.storage.base import ObjectInfo, Storage, check_key
+from trajflow.errors import InvalidURI
+from trajflow.storage.base import INTERNAL_PREFIX, ObjectInfo, Storage, check_key, check_prefix, check_range, is_internal
 
 log = logging.getLogger(__name__)
 
 PART_SIZE = 16 * 1024 * 1024  # also the threshold between a single PUT and multipart
-_conditional_support: dict[str, bool] = {}
+# (endpoint, bucket) -> whether `If-None-Match: *` is enforced there
+_conditional_support: dict[tuple[str, str], bool] = {}
 _conditional_lock = threading.Lock()
+# Fallback election without conditional writes: how long a contender waits after its claim
+# before reading the claims. It must exceed the store's LastModified resolution (1 s on
+# many servers) plus the time a claim takes to become visible.
+ELECT_SETTLE_S = 2.5
 
 
 def make_client(endpoint: str = "", region: str = "us-east-1", addressing_style: str = "path",
@@ -47,26 +54,56 @@ def make_client(endpoint: str = "", region: str = "us-east-1", addressing_style:
     return boto3.session.Session().client("s3", endpoint_url=endpoint or None, config=cfg)
 
 
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+
+
 def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """(bucket, prefix) of `s3://bucket/prefix`; InvalidURI (a ConfigError) when malformed."""
     parsed = urlparse(uri)
     if parsed.scheme != "s3" or not parsed.netloc:
-        raise ValueError(f"not an s3:// URI: {uri!r}")
-    return parsed.netloc, parsed.path.strip("/")
+        raise InvalidURI(f"not an s3:// URI: {uri!r} (expected s3://bucket/prefix)")
+    if not _BUCKET.match(parsed.netloc):
+        raise InvalidURI(f"invalid bucket name {parsed.netloc!r} in {uri!r}: 3-63 lowercase letters, digits, '.', '-'")
+    if parsed.query or parsed.fragment or parsed.params:
+        raise InvalidURI(f"unexpected query or fragment in {uri!r}")
+    prefix = parsed.path.strip("/")
+    if prefix:
+        try:
+            check_key(prefix)
+        except ValueError:
+            raise InvalidURI(f"invalid key prefix {prefix!r} in {uri!r}: empty, '.' or '..' segment") from None
+    return parsed.netloc, prefix
+
+
+def _error_code(exc: Exception) -> str:
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
+def _status(exc: Exception) -> int | None:
+    return getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
 
 
 def _is_not_found(exc: Exception) -> bool:
-    code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
-    return code in ("404", "NoSuchKey", "NotFound")
+    return _error_code(exc) in ("404", "NoSuchKey", "NotFound")
 
 
 class _MultipartWriter(io.RawIOBase):
-    """Buffers one part at a time; a single PUT when the object fits in one part."""
+    """Streams an object as a multipart upload that becomes visible only when completed,
+    or as one PUT when it fits in a single part.
 
-    def __init__(self, client: Any, bucket: str, key: str, part_size: int):
+    Up to `concurrency` parts upload in the background while the caller produces the
+    next one; memory stays within (concurrency + 1) parts.
+    """
+
+    def __init__(self, client: Any, bucket: str, key: str, part_size: int, concurrency: int = 4):
         self._client, self._bucket, self._key, self._part_size = client, bucket, key, part_size
+        self._concurrency = max(1, concurrency)
         self._buf = bytearray()
         self._upload_id: str | None = None
-        self._parts: list[dict[str, Any]] = []
+        self._next_part = 1
+        self._pool: Any = None
+        self._inflight: list[Any] = []  # futures of (part number, ETag), in part order
+        self._done: list[dict[str, Any]] = []
 
     def writable(self) -> bool:
         return True
@@ -75,60 +112,87 @@ class _MultipartWriter(io.RawIOBase):
         view = memoryview(data).cast("B")
         self._buf += view
         while len(self._buf) >= self._part_size:
-            self._flush_part(bytes(self._buf[: self._part_size]))
+            self._send_part(bytes(self._buf[: self._part_size]))
             del self._buf[: self._part_size]
         return len(view)
 
-    def _flush_part(self, body: bytes) -> None:
-        if self._upload_id is None:
-            self._upload_id = self._client.create_multipart_upload(Bucket=self._bucket, Key=self._key)["UploadId"]
-        number = len(self._parts) + 1
+    def _upload(self, number: int, body: bytes) -> dict[str, Any]:
         resp = self._client.upload_part(
             Bucket=self._bucket, Key=self._key, UploadId=self._upload_id, PartNumber=number, Body=body
         )
-        self._parts.append({"PartNumber": number, "ETag": resp["ETag"]})
+        return {"PartNumber": number, "ETag": resp["ETag"]}
+
+    def _send_part(self, body: bytes) -> None:
+        if self._upload_id is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._upload_id = self._client.create_multipart_upload(Bucket=self._bucket, Key=self._key)["UploadId"]
+            self._pool = ThreadPoolExecutor(max_workers=self._concurrency, thread_name_prefix="s3-part")
+        # bounded: wait for the oldest part before queueing more than `concurrency`
+        while len(self._inflight) >= self._concurrency:
+            self._done.append(self._inflight.pop(0).result())
+        self._inflight.append(self._pool.submit(self._upload, self._next_part, body))
+        self._next_part += 1
 
     def commit(self) -> None:
         if self._upload_id is None:
             self._client.put_object(Bucket=self._bucket, Key=self._key, Body=bytes(self._buf))
             return
         if self._buf:
-            self._flush_part(bytes(self._buf))
+            self._send_part(bytes(self._buf))
             self._buf.clear()
+        try:
+            while self._inflight:
+                self._done.append(self._inflight.pop(0).result())
+        finally:
+            self._pool.shutdown(wait=True)
         self._client.complete_multipart_upload(
-            Bucket=self._bucket, Key=self._key, UploadId=self._upload_id, MultipartUpload={"Parts": self._parts}
+            Bucket=self._bucket, Key=self._key, UploadId=self._upload_id, MultipartUpload={"Parts": self._done}
         )
 
     def abort(self) -> None:
+        if self._pool is not None:
+            for future in self._inflight:
+                future.cancel()
+            self._pool.shutdown(wait=True)
         if self._upload_id is not None:
             with contextlib.suppress(Exception):
                 self._client.abort_multipart_upload(Bucket=self._bucket, Key=self._key, UploadId=self._upload_id)
 
 
 class S3Storage(Storage):
-    def __init__(self, uri: str, client: Any = None, part_size: int = PART_SIZE, **client_kwargs: Any):
+    def __init__(self, uri: str, client: Any = None, part_size: int = PART_SIZE,
+                 elect_settle_s: float = ELECT_SETTLE_S, upload_concurrency: int = 4, **client_kwargs: Any):
         self.bucket, self.prefix = parse_s3_uri(uri)
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self.client = client or make_client(**client_kwargs)
+        if part_size < 5 * 1024 * 1024:
+            raise ValueError(f"part_size {part_size} is below S3's 5 MiB minimum for multipart parts")
         self.part_size = part_size
-        self._client_kwargs = client_kwargs
+        self.elect_settle_s = elect_settle_s
+        self.upload_concurrency = upload_concurrency
 
     def _key(self, key: str) -> str:
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def _rel(self, full: str) -> str:
-        return full[len(self.prefix) + 1 :] if self.prefix else full
-
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        if prefix:
-            full = self._key(prefix.rstrip("/")) + ("/" if prefix.endswith("/") else "")
-        else:
-            full = self.prefix + "/" if self.prefix else ""
+        # S3 promises UTF-8 binary order but S3-compatible servers differ (SeaweedFS lists
+        # directory by directory), so sort here: code point order equals UTF-8 byte order.
+        infos = [info for info, _ in self._list_raw(check_prefix(prefix)) if not is_internal(info.key)]
+        yield from sorted(infos, key=lambda i: i.key)
+
+    def _list_raw(self, prefix: str) -> Iterator[tuple[ObjectInfo, Any]]:
+        """(info, LastModified) of every object under the string prefix, hidden ones included."""
+        root = f"{self.prefix}/" if self.prefix else ""
         paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=root + prefix):
             for obj in page.get("Contents", []):
-                yield ObjectInfo(self._rel(obj["Key"]), int(obj["Size"]), obj.get("ETag", "").strip('"'))
+                full = obj["Key"]
+                if full.endswith("/"):
+                    continue  # a "directory" marker some tools create, not an object
+                info = ObjectInfo(full[len(root):], int(obj["Size"]), obj.get("ETag", "").strip('"'))
+                yield info, obj.get("LastModified")
 
     def stat(self, key: str) -> ObjectInfo | None:
         try:
@@ -136,13 +200,22 @@ class S3Storage(Storage):
         except Exception as exc:  # botocore ClientError
             if _is_not_found(exc):
                 return None
+            if _status(exc) == 403:
+                # S3 answers 403 instead of 404 for a missing key when ListBucket is not granted
+                raise PermissionError(
+                    f"{self.uri}/{key}: access denied; the credentials need s3:GetObject and "
+                    f"s3:ListBucket on bucket {self.bucket!r}"
+                ) from exc
             raise
         return ObjectInfo(key, int(resp["ContentLength"]), resp.get("ETag", "").strip('"'))
 
     def open_read(self, key: str, start: int = 0, end: int | None = None) -> BinaryIO:
+        check_range(start, end)
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key)}
         if start or end is not None:
             if end is not None and end <= start:
+                if not self.exists(key):
+                    raise FileNotFoundError(f"{self.uri}/{key}")
                 return io.BytesIO(b"")  # type: ignore[return-value]
             kwargs["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
         try:
@@ -150,12 +223,14 @@ class S3Storage(Storage):
         except Exception as exc:
             if _is_not_found(exc):
                 raise FileNotFoundError(f"{self.uri}/{key}") from None
+            if _error_code(exc) == "InvalidRange" or _status(exc) == 416:
+                return io.BytesIO(b"")  # type: ignore[return-value]  # start at or past the end, as a slice
             raise
         return resp["Body"]  # type: ignore[no-any-return]
 
     @contextlib.contextmanager
     def writer(self, key: str) -> Iterator[BinaryIO]:
-        w = _MultipartWriter(self.client, self.bucket, self._key(key), self.part_size)
+        w = _MultipartWriter(self.client, self.bucket, self._key(key), self.part_size, self.upload_concurrency)
         try:
             yield w  # type: ignore[misc]
             w.commit()
@@ -164,61 +239,95 @@ class S3Storage(Storage):
             raise
 
     def _supports_conditional_put(self) -> bool:
-        """Probe once per endpoint whether `If-None-Match: *` is honoured (not just ignored)."""
-        endpoint = self.client.meta.endpoint_url
+        """Probe once per endpoint and bucket whether `If-None-Match: *` is enforced (some
+        servers accept the header and overwrite anyway, which would elect two winners)."""
+        cache_key = (str(self.client.meta.endpoint_url), self.bucket)
         with _conditional_lock:
-            if endpoint in _conditional_support:
-                return _conditional_support[endpoint]
-            probe = self._key(f".trajflow-probe-{uuid.uuid4().hex}")
-            supported = False
+            if cache_key in _conditional_support:
+                return _conditional_support[cache_key]
+            probe = self._key(f"{INTERNAL_PREFIX}probe-{uuid.uuid4().hex}")
+            supported: bool | None = None
             try:
                 self.client.put_object(Bucket=self.bucket, Key=probe, Body=b"1", IfNoneMatch="*")
+            except Exception as exc:
+                if _status(exc) in (400, 501) or _error_code(exc) in ("NotImplemented", "InvalidArgument"):
+                    supported = False  # the header itself is refused
+                else:
+                    raise
+            else:
                 try:
                     self.client.put_object(Bucket=self.bucket, Key=probe, Body=b"2", IfNoneMatch="*")
+                    supported = False  # silently overwritten
                 except Exception as exc:
-                    status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
-                    supported = status in (409, 412)
-            except Exception as exc:
-                log.debug("conditional PUT probe failed: %s", exc)
+                    if _status(exc) in (409, 412):
+                        supported = True
+                    else:
+                        raise
             finally:
                 with contextlib.suppress(Exception):
                     self.client.delete_object(Bucket=self.bucket, Key=probe)
             if not supported:
-                log.warning("%s ignores conditional writes; using claim-and-elect for first-writer-wins", endpoint)
-            _conditional_support[endpoint] = supported
-            return supported
+                log.warning(
+                    "%s (bucket %s) does not enforce conditional writes; first-writer-wins uses claims instead",
+                    cache_key[0], self.bucket,
+                )
+            _conditional_support[cache_key] = bool(supported)
+            return bool(supported)
 
     def write_if_absent(self, key: str, data: bytes) -> bool:
-        if self._supports_conditional_put():
+        if not self._supports_conditional_put():
+            return self._elect(key, data)
+        full = self._key(key)
+        for attempt in range(8):
             try:
-                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+                self.client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*")
                 return True
             except Exception as exc:
-                status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
-                if status in (409, 412):
+                status = _status(exc)
+                if status == 412:
                     return False
-                raise
-        return self._elect(key, data)
-
-    def _elect(self, key: str, data: bytes) -> bool:
-        """Fallback for servers without conditional PUT: every contender writes a claim; the
-        earliest claim (by name: time, then random) wins and is copied to `key`. All
-        contenders agree because they copy the same winner."""
+                if status != 409:
+                    raise
+                # 409: another conditional write to this key is in flight; its outcome decides
+                time.sleep(min(0.05 * 2**attempt, 2.0))
         if self.exists(key):
             return False
-        claims = f"{key}.claims"
-        mine = f"{claims}/{time.time_ns():020d}-{uuid.uuid4().hex}"
-        self.write_bytes(mine, data)
-        winner = min(info.key for info in self.list(claims + "/"))
+        raise RuntimeError(f"{self.uri}/{key}: conditional write kept conflicting and nothing was written")
+
+    def _elect(self, key: str, data: bytes) -> bool:
+        """First-writer-wins without conditional writes.
+
+        Each contender stores its data, then a small claim marker, waits `elect_settle_s`,
+        and lists the claims. The winner is the claim with the earliest LastModified (ties:
+        the smallest name). Contenders agree: a claim missing from another contender's
+        listing was made after that listing, so at least one settle period after that
+        contender's own claim, hence with a strictly later LastModified. Every contender
+        then writes the winner's data to `key` (the same bytes), so `key` holds the winner
+        whoever returns first. Claims are kept (hidden from listings): removing one could
+        change a late contender's view. This relies on the store's clock being monotonic.
+        """
+        if self.exists(key):
+            return False
+        directory, _, name = key.rpartition("/")
+        claims = f"{directory + '/' if directory else ''}{INTERNAL_PREFIX}claims-{name}/"
+        token = uuid.uuid4().hex
+        self.write_bytes(f"{claims}{token}.data", data)
+        self.write_bytes(f"{claims}{token}", b"")
+        time.sleep(self.elect_settle_s)
+        markers = [(modified, info.key) for info, modified in self._list_raw(claims) if not info.key.endswith(".data")]
+        winner = min(markers)[1]
         if not self.exists(key):
-            self.write_bytes(key, self.read_bytes(winner))
-        return winner == mine
+            self.write_bytes(key, self.read_bytes(f"{winner}.data"))
+        return winner == f"{claims}{token}"
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     def child(self, prefix: str) -> "S3Storage":
-        return S3Storage(f"s3://{self.bucket}/{self._key(prefix)}", client=self.client, part_size=self.part_size)
+        return S3Storage(
+            f"s3://{self.bucket}/{self._key(prefix)}", client=self.client, part_size=self.part_size,
+            elect_settle_s=self.elect_settle_s, upload_concurrency=self.upload_concurrency,
+        )
 
     def abort_stale_uploads(self, older_than_s: float = 86400.0) -> int:
         """Abort incomplete multipart uploads under this root left by killed writers."""

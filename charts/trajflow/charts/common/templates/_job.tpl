@@ -1,0 +1,110 @@
+{{/*
+Indexed Jobs. A stage chart builds its pod template with trajflow.podTemplate and hands
+it here with its completions and parallelism.
+*/}}
+
+{{/*
+ArgoCD annotations of a stage's workload (only under global.argocd.enabled). Takes the
+root context; the wave comes from the stage's syncWave value.
+*/}}
+{{- define "trajflow.argocdAnnotations" -}}
+{{- $global := include "trajflow.global" . | fromYaml -}}
+{{- if $global.argocd.enabled -}}
+argocd.argoproj.io/sync-wave: {{ .Values.syncWave | default 0 | toString | quote }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Scanner annotations of a workload: an image without a digest is pinned by its tag, and
+checkov's skip of CKV_K8S_43 says so on the object itself. Takes the root context of a
+stage chart (its .Values.image), or (dict "context" $ "image" <image values> "valuesKey"
+"monitoring.pushgateway.image") for another image.
+*/}}
+{{- define "trajflow.scanAnnotations" -}}
+{{- $ctx := . -}}
+{{- $image := dict -}}
+{{- $key := "" -}}
+{{- if hasKey . "context" -}}
+{{- $ctx = .context -}}
+{{- $image = .image -}}
+{{- $key = .valuesKey -}}
+{{- else -}}
+{{- $image = .Values.image | default dict -}}
+{{- $key = printf "%s.image" .Chart.Name -}}
+{{- end -}}
+{{- if not $image.digest -}}
+{{- $ref := include "trajflow.image" (dict "context" $ctx "image" $image) -}}
+checkov.io/skip1: {{ printf "CKV_K8S_43=Pinned by its release tag (%s); set %s.digest to pin the exact build" ($ref | splitList ":" | last) $key | quote }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The Job spec fields a stage controls besides the pod template, in Kubernetes shape.
+Takes the root context.
+*/}}
+{{- define "trajflow.jobPolicy" -}}
+{{- $v := .Values -}}
+{{- $policy := dict -}}
+{{- $_ := set $policy "backoffLimitPerIndex" (int $v.backoffLimitPerIndex) -}}
+{{- if not (kindIs "invalid" $v.maxFailedIndexes) }}{{ $_ := set $policy "maxFailedIndexes" (int $v.maxFailedIndexes) }}{{ end -}}
+{{- with $v.podFailurePolicy }}{{ $_ := set $policy "podFailurePolicy" . }}{{ end -}}
+{{- with $v.activeDeadlineSeconds }}{{ $_ := set $policy "activeDeadlineSeconds" (int .) }}{{ end -}}
+{{- toYaml $policy -}}
+{{- end -}}
+
+{{/*
+An Indexed Job. Takes (dict "context" $ "completions" N "parallelism" P "podTemplate"
+<dict> "annotations" <dict>). The name's hash covers every spec field but the two
+Kubernetes lets an upgrade patch in place (parallelism, ttlSecondsAfterFinished).
+*/}}
+{{- define "trajflow.indexedJob" -}}
+{{- $ctx := .context -}}
+{{- $global := include "trajflow.global" $ctx | fromYaml -}}
+{{- $immutable := include "trajflow.jobPolicy" $ctx | fromYaml -}}
+{{- $_ := set $immutable "completionMode" "Indexed" -}}
+{{- $_ := set $immutable "completions" (int .completions) -}}
+{{- if and (hasKey $immutable "maxFailedIndexes") (gt (int $immutable.maxFailedIndexes) (int .completions)) -}}
+{{- fail (printf "%s.maxFailedIndexes (%d) cannot exceed the Job's %d completions" $ctx.Chart.Name (int $immutable.maxFailedIndexes) (int .completions)) -}}
+{{- end -}}
+{{- $_ := set $immutable "template" .podTemplate -}}
+{{- $name := include "trajflow.jobName" (dict "context" $ctx "spec" $immutable) -}}
+{{- $spec := deepCopy $immutable -}}
+{{- $_ := set $spec "parallelism" (int .parallelism) -}}
+{{- if and (not $global.argocd.enabled) (not (kindIs "invalid" $ctx.Values.ttlSecondsAfterFinished)) -}}
+{{- $_ := set $spec "ttlSecondsAfterFinished" (int $ctx.Values.ttlSecondsAfterFinished) -}}
+{{- end -}}
+{{- $annotations := mustMergeOverwrite (include "trajflow.argocdAnnotations" $ctx | fromYaml) (include "trajflow.scanAnnotations" $ctx | fromYaml) (.annotations | default dict) -}}
+apiVersion: batch/v1
+kind: Job
+metadata:
+  {{- include "trajflow.metadata" (dict "context" $ctx "name" $name "annotations" $annotations) | nindent 2 }}
+spec:
+  {{- toYaml $spec | nindent 2 }}
+{{- end -}}
+
+{{/* A stage's ServiceAccount: no API token is mounted; annotations carry workload identity. */}}
+{{- define "trajflow.serviceAccount" -}}
+{{- if (.Values.serviceAccount | default dict).create -}}
+apiVersion: v1
+kind: ServiceAccount
+metadata:
+  {{- include "trajflow.metadata" (dict "context" . "name" (include "trajflow.serviceAccountName" .) "annotations" .Values.serviceAccount.annotations) | nindent 2 }}
+automountServiceAccountToken: false
+{{- end -}}
+{{- end -}}
+
+{{/* Storage settings a render cannot go on without; the values schema says the same earlier. */}}
+{{- define "trajflow.validateStorage" -}}
+{{- $storage := (include "trajflow.global" . | fromYaml).storage -}}
+{{- if eq $storage.type "s3" -}}
+{{- if not $storage.s3.bucket -}}
+{{- fail "global.storage.s3.bucket is required when global.storage.type is s3" -}}
+{{- end -}}
+{{- else if eq $storage.type "filesystem" -}}
+{{- if and (not $storage.pvc.create) (not $storage.pvc.existingClaim) -}}
+{{- fail "global.storage.pvc.existingClaim is required when global.storage.pvc.create is false (the stages need a shared volume)" -}}
+{{- end -}}
+{{- else -}}
+{{- fail (printf "global.storage.type must be filesystem or s3, got %q" $storage.type) -}}
+{{- end -}}
+{{- end -}}

@@ -1,0 +1,241 @@
+{{/*
+The pod block every stage shares. Stage charts describe only their containers'
+commands; image, environment, mounts, security and scheduling come from here.
+*/}}
+
+{{- define "trajflow.configDir" -}}/etc/trajflow{{- end -}}
+{{- define "trajflow.configPath" -}}{{ include "trajflow.configDir" . }}/config.yaml{{- end -}}
+
+{{/*
+Where the shared volume is mounted: global.storage.filesystem.path. A relative path (as
+`trajflow run` uses) is relative to the working directory, which is then / in the pods.
+*/}}
+{{- define "trajflow.dataMountPath" -}}
+{{- $path := (include "trajflow.global" . | fromYaml).storage.filesystem.path -}}
+{{- if hasPrefix "/" $path -}}
+{{- clean $path -}}
+{{- else -}}
+{{- clean (printf "/%s" $path) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The stage's config file: exactly `global` (effective) and `config`. */}}
+{{- define "trajflow.configFile" -}}
+{{- $global := include "trajflow.global" . | fromYaml -}}
+{{- $_ := set $global.metrics "pushgatewayUrl" (include "trajflow.pushgatewayUrl" .) -}}
+{{- toYaml (dict "global" $global "config" (.Values.config | default dict)) -}}
+{{- end -}}
+
+{{/* The stage's ConfigMap. */}}
+{{- define "trajflow.configMap" -}}
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  {{- include "trajflow.metadata" (dict "context" . "name" (include "trajflow.configMapName" .)) | nindent 2 }}
+data:
+  config.yaml: |
+    {{- include "trajflow.configFile" . | nindent 4 }}
+{{- end -}}
+
+{{/*
+Environment of every container of a stage. Takes (dict "context" $ "shards" N "env" list).
+*/}}
+{{- define "trajflow.env" -}}
+{{- $ctx := .context -}}
+{{- $global := include "trajflow.global" $ctx | fromYaml -}}
+- name: HOME
+  value: /tmp
+- name: TMPDIR
+  value: /tmp
+- name: TRAJFLOW_CONFIG
+  value: {{ include "trajflow.configPath" $ctx }}
+- name: TRAJFLOW_SHARDS
+  value: {{ .shards | toString | quote }}
+- name: PYTHONUNBUFFERED
+  value: "1"
+{{- with .env }}
+{{ toYaml . }}
+{{- end }}
+{{- with $ctx.Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "trajflow.envFrom" -}}
+{{- $global := include "trajflow.global" . | fromYaml -}}
+{{- if and (eq $global.storage.type "s3") $global.storage.s3.existingSecret }}
+- secretRef:
+    name: {{ $global.storage.s3.existingSecret }}
+{{- end }}
+{{- with .Values.extraEnvFrom }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "trajflow.volumeMounts" -}}
+{{- $global := include "trajflow.global" . | fromYaml -}}
+- name: config
+  mountPath: {{ include "trajflow.configDir" . }}
+  readOnly: true
+- name: tmp
+  mountPath: /tmp
+{{- if (.Values.shm | default dict).enabled }}
+- name: shm
+  mountPath: /dev/shm
+{{- end }}
+{{- if eq $global.storage.type "filesystem" }}
+- name: data
+  mountPath: {{ include "trajflow.dataMountPath" . }}
+{{- end }}
+{{- with .Values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "trajflow.volumes" -}}
+{{- $global := include "trajflow.global" . | fromYaml -}}
+- name: config
+  configMap:
+    name: {{ include "trajflow.configMapName" . }}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ (.Values.tmp | default dict).sizeLimit | default "1Gi" }}
+{{- if (.Values.shm | default dict).enabled }}
+- name: shm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .Values.shm.sizeLimit }}
+{{- end }}
+{{- if eq $global.storage.type "filesystem" }}
+- name: data
+  persistentVolumeClaim:
+    claimName: {{ include "trajflow.claimName" . }}
+{{- end }}
+{{- with .Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/*
+One container. Takes (dict "context" $ "shards" N "container" (dict "name" "args"
+"command" "resources" "ports" "env")); command defaults to `trajflow`.
+*/}}
+{{- define "trajflow.container" -}}
+{{- $ctx := .context -}}
+{{- $c := .container -}}
+name: {{ $c.name }}
+image: {{ include "trajflow.image" (dict "context" $ctx "image" $ctx.Values.image) | quote }}
+imagePullPolicy: {{ $ctx.Values.image.pullPolicy | default "IfNotPresent" }}
+command:
+  {{- toYaml ($c.command | default (list "trajflow")) | nindent 2 }}
+{{- $global := include "trajflow.global" $ctx | fromYaml }}
+{{- if and (eq $global.storage.type "filesystem") (not (hasPrefix "/" $global.storage.filesystem.path)) }}
+workingDir: /
+{{- end }}
+{{- with $c.args }}
+args:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $c.ports }}
+ports:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+env:
+  {{- include "trajflow.env" (dict "context" $ctx "shards" .shards "env" $c.env) | nindent 2 }}
+{{- with (include "trajflow.envFrom" $ctx) }}
+envFrom:
+  {{- . | nindent 2 }}
+{{- end }}
+resources:
+  {{- toYaml ($c.resources | default dict) | nindent 2 }}
+securityContext:
+  {{- include "trajflow.containerSecurityContext" $ctx | nindent 2 }}
+volumeMounts:
+  {{- include "trajflow.volumeMounts" $ctx | nindent 2 }}
+{{- end -}}
+
+{{/*
+A pod template (YAML). Takes (dict "context" $ "shards" N "containers" list
+"initContainers" list "spec" dict): `spec` adds pod-spec fields of the stage
+(subdomain for training). The config checksum annotation makes a config change a
+change of the pod template, hence of the Job's hash.
+*/}}
+{{- define "trajflow.podTemplate" -}}
+{{- $ctx := .context -}}
+{{- $v := $ctx.Values -}}
+{{- $selector := include "trajflow.selectorLabels" $ctx | fromYaml -}}
+metadata:
+  labels:
+    {{- include "trajflow.podLabels" $ctx | nindent 4 }}
+    {{- with $v.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  annotations:
+    checksum/config: {{ include "trajflow.configFile" $ctx | sha256sum }}
+    {{- with $v.podAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  restartPolicy: Never
+  serviceAccountName: {{ include "trajflow.serviceAccountName" $ctx }}
+  automountServiceAccountToken: false
+  enableServiceLinks: false
+  {{- with (include "trajflow.imagePullSecrets" $ctx) }}
+  imagePullSecrets:
+    {{- . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    {{- include "trajflow.podSecurityContext" $ctx | nindent 4 }}
+  {{- with $v.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  {{- with $v.runtimeClassName }}
+  runtimeClassName: {{ . }}
+  {{- end }}
+  {{- with $v.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.topologySpreadConstraints }}
+  topologySpreadConstraints:
+    {{- range . }}
+    {{- $constraint := deepCopy . }}
+    {{- if not (hasKey $constraint "labelSelector") }}
+    {{- $_ := set $constraint "labelSelector" (dict "matchLabels" $selector) }}
+    {{- end }}
+    - {{- toYaml $constraint | nindent 6 }}
+    {{- end }}
+  {{- end }}
+  {{- with .spec }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+  {{- with .initContainers }}
+  initContainers:
+    {{- range . }}
+    - {{- include "trajflow.container" (dict "context" $ctx "shards" $.shards "container" .) | nindent 6 }}
+    {{- end }}
+  {{- end }}
+  containers:
+    {{- range .containers }}
+    - {{- include "trajflow.container" (dict "context" $ctx "shards" $.shards "container" .) | nindent 6 }}
+    {{- end }}
+  volumes:
+    {{- include "trajflow.volumes" $ctx | nindent 4 }}
+{{- end -}}
+
+{{/* trajflow.podTemplate parsed into a dict; a template bug fails loudly here. */}}
+{{- define "trajflow.podTemplateJson" -}}
+{{- $pod := include "trajflow.podTemplate" . | fromYaml -}}
+{{- if hasKey $pod "Error" -}}
+{{- fail (printf "internal error rendering the pod template of %s: %s" .context.Chart.Name (get $pod "Error")) -}}
+{{- end -}}
+{{- toJson $pod -}}
+{{- end -}}

@@ -1,0 +1,29 @@
+{{/*
+Security contexts. The secure defaults below apply to every pod; a stage's
+podSecurityContext / containerSecurityContext values are merged over them (the values
+schema forbids turning off non-root, read-only root filesystem or privilege limits).
+The image runs as UID/GID 65532.
+*/}}
+{{- define "trajflow.podSecurityContext" -}}
+{{- $defaults := dict
+  "runAsNonRoot" true
+  "runAsUser" 65532
+  "runAsGroup" 65532
+  "fsGroup" 65532
+  "fsGroupChangePolicy" "OnRootMismatch"
+  "seccompProfile" (dict "type" "RuntimeDefault") -}}
+{{- toYaml (mustMergeOverwrite $defaults (deepCopy (.Values.podSecurityContext | default dict))) -}}
+{{- end -}}
+
+{{- define "trajflow.containerSecurityContext" -}}
+{{- $defaults := dict
+  "runAsNonRoot" true
+  "runAsUser" 65532
+  "runAsGroup" 65532
+  "allowPrivilegeEscalation" false
+  "privileged" false
+  "readOnlyRootFilesystem" true
+  "capabilities" (dict "drop" (list "ALL"))
+  "seccompProfile" (dict "type" "RuntimeDefault") -}}
+{{- toYaml (mustMergeOverwrite $defaults (deepCopy (.Values.containerSecurityContext | default dict))) -}}
+{{- end -}}

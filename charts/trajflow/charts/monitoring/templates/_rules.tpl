@@ -1,0 +1,265 @@
+{{/*
+The alert rules, as the `groups:` list of a Prometheus rule file. The PrometheusRule
+wraps them; the tests run them through `promtool check rules` and `promtool test rules`.
+
+Series they use: trajflow's own (trajflow.metrics; pushed with job="trajflow" and labels
+run/stage/shard, or scraped from training ranks with the same labels set by the
+PodMonitor), and these external ones: kube-state-metrics `kube_job_failed`, DCGM
+exporter `DCGM_FI_DEV_GPU_UTIL` / `DCGM_FI_DEV_FB_USED` / `DCGM_FI_DEV_FB_FREE`,
+Prometheus' `up`, the Pushgateway's `push_time_seconds` / `push_failure_time_seconds`.
+*/}}
+
+{{/* Labels of one alert: severity, the release, then the user's additional labels. Takes (dict "context" $ "alert" $a). */}}
+{{- define "monitoring.alertLabels" -}}
+{{- $labels := dict "severity" .alert.severity "release" .context.Release.Name -}}
+{{- toYaml (mustMergeOverwrite $labels (deepCopy (.context.Values.prometheusRule.additionalAlertLabels | default dict))) -}}
+{{- end -}}
+
+{{/*
+The DCGM series of the watched pods, with the pod and namespace under the labels
+`pod` and `namespace` whatever the exporter calls them. Takes (list $ "METRIC") or
+(list $ "METRIC" "range_function" "window") for `range_function(METRIC{...}[window])`.
+*/}}
+{{- define "monitoring.dcgm" -}}
+{{- $ctx := index . 0 -}}
+{{- $metric := index . 1 -}}
+{{- $podLabel := $ctx.Values.gpu.podLabel -}}
+{{- $nsLabel := $ctx.Values.gpu.namespaceLabel -}}
+{{- $expr := printf "%s{%s=%q, %s=~\"%s\"}" $metric $nsLabel $ctx.Release.Namespace $podLabel (include "monitoring.promqlRegex" (include "monitoring.gpuPodRegex" $ctx)) -}}
+{{- if gt (len .) 2 -}}
+{{- $expr = printf "%s(%s[%s])" (index . 2) $expr (index . 3) -}}
+{{- end -}}
+{{- if ne $nsLabel "namespace" -}}
+{{- $expr = printf "label_replace(%s, \"namespace\", \"$1\", %q, \"(.+)\")" $expr $nsLabel -}}
+{{- end -}}
+{{- if ne $podLabel "pod" -}}
+{{- $expr = printf "label_replace(%s, \"pod\", \"$1\", %q, \"(.+)\")" $expr $podLabel -}}
+{{- end -}}
+{{- $expr -}}
+{{- end -}}
+
+{{- define "monitoring.rules.pipeline" -}}
+{{- $ctx := . -}}
+{{- $rule := .Values.prometheusRule -}}
+{{- $a := $rule.alerts -}}
+{{- $byShard := "run, stage, shard" -}}
+{{- $push := include "monitoring.sel" (list $ `job="trajflow"`) -}}
+{{- $running := $rule.runningPushMaxAge -}}
+{{- /* training ranks are scraped while they run; their pushed series (job="trajflow") are final values */ -}}
+{{- $liveTrain := include "monitoring.sel" (list $ `stage="train"` `job!="trajflow"`) -}}
+{{- $jobRe := include "monitoring.promqlRegex" (include "monitoring.jobNameRegex" .) -}}
+{{- with $a.jobFailed }}{{ if .enabled }}
+- alert: TrajflowJobFailed
+  expr: |
+    max by (namespace, job_name) (
+      kube_job_failed{namespace="{{ $ctx.Release.Namespace }}", job_name=~"{{ $jobRe }}", condition="true"}
+    ) == 1
+  for: {{ .for }}
+  labels:
+    {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
+  annotations:
+    summary: {{ `Job {{ $labels.namespace }}/{{ $labels.job_name }} failed` | quote }}
+    description: {{ `The Job has the Failed condition: a shard ran out of retries, a config error (exit 2) or divergence (exit 5) failed it, or its deadline passed. Look at its pods' exit codes with kubectl describe job {{ $labels.job_name }} -n {{ $labels.namespace }}.` | quote }}
+{{- end }}{{ end }}
+{{- with $a.progressStalled }}{{ if .enabled }}
+- alert: TrajflowProgressStalled
+  expr: |
+    (
+        (
+            sum by ({{ $byShard }}) (increase(trajflow_download_bytes_total{{ include "monitoring.sel" (list $ctx) }}[{{ .window }}]))
+          or
+            sum by ({{ $byShard }}) (increase(trajflow_preprocess_trajectories_total{{ include "monitoring.sel" (list $ctx) }}[{{ .window }}]))
+        ) == 0
+      and on ({{ $byShard }})
+        max by ({{ $byShard }}) (trajflow_stage_end_time_seconds{{ include "monitoring.sel" (list $ctx) }}) == 0
+      and on ({{ $byShard }})
+        max by ({{ $byShard }}) (changes(push_time_seconds{{ $push }}[{{ $running }}])) > 0
+      and on ({{ $byShard }})
+        min by ({{ $byShard }}) (time() - trajflow_stage_start_time_seconds{{ include "monitoring.sel" (list $ctx) }}) > {{ include "monitoring.seconds" .window }}
+    )
+    or
+    (
+        sum by ({{ $byShard }}) (increase(trajflow_train_steps_total{{ $liveTrain }}[{{ .window }}])) == 0
+      and on ({{ $byShard }})
+        max by ({{ $byShard }}) (trajflow_stage_end_time_seconds{{ $liveTrain }}) == 0
+      and on ({{ $byShard }})
+        min by ({{ $byShard }}) (time() - trajflow_stage_start_time_seconds{{ $liveTrain }}) > {{ include "monitoring.seconds" .window }}
+    )
+  for: {{ .for }}
+  labels:
+    {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
+  annotations:
+    summary: {{ printf "Stage {{ $labels.stage }} shard {{ $labels.shard }} of run {{ $labels.run }} made no progress for %s" .window | quote }}
+    description: {{ printf "The shard is still running (it keeps pushing metrics and has not finished) but added no bytes, trajectories or training steps in %s. Look for a hung source, a stuck storage mount or a deadlocked process in its pod's log." .window | quote }}
+{{- end }}{{ end }}
+{{- with $a.downloadErrorRatio }}{{ if .enabled }}
+- alert: TrajflowDownloadErrorRatioHigh
+  expr: |
+    (
+        sum by (run) (rate(trajflow_download_failures_total{{ include "monitoring.sel" (list $ctx) }}[{{ .window }}]))
+      /
+        (
+            sum by (run) (rate(trajflow_download_failures_total{{ include "monitoring.sel" (list $ctx) }}[{{ .window }}]))
+          +
+            (
+                sum by (run) (rate(trajflow_download_items_total{{ include "monitoring.sel" (list $ctx `outcome="fetched"`) }}[{{ .window }}]))
+              or
+                0 * sum by (run) (rate(trajflow_download_failures_total{{ include "monitoring.sel" (list $ctx) }}[{{ .window }}]))
+            )
+        )
+    ) > {{ .threshold }}
+  for: {{ .for }}
+  labels:
+    {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
+  annotations:
+    summary: {{ printf "{{ $value | humanizePercentage }} of the download attempts of run {{ $labels.run }} fail (threshold %v)" .threshold | quote }}
+    description: {{ printf "Failed attempts / (failed attempts + fetched items) over %s. trajflow_download_failures_total by reason tells which source or error; a source that rate-limits or an expired credential is the usual cause." .window | quote }}
+{{- end }}{{ end }}
+{{- with $a.preprocessThroughputDrop }}{{ if .enabled }}
+- alert: TrajflowPreprocessThroughputDropped
+  expr: |
+    (
+        sum by ({{ $byShard }}) (rate(trajflow_preprocess_trajectories_total{{ include "monitoring.sel" (list $ctx) }}[{{ .window }}]))
+      < {{ .ratio }} *
+        sum by ({{ $byShard }}) (rate(trajflow_preprocess_trajectories_total{{ include "monitoring.sel" (list $ctx) }}[{{ .baseline }}] offset {{ .window }}))
+    ) > 0
+    and on ({{ $byShard }})
+      max by ({{ $byShard }}) (trajflow_stage_end_time_seconds{{ include "monitoring.sel" (list $ctx `stage="preprocess"`) }}) == 0
+  for: {{ .for }}
+  labels:
+    {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
+  annotations:
+    summary: {{ `Preprocessing shard {{ $labels.shard }} of run {{ $labels.run }} slowed to {{ $value | humanize }} trajectories/s` | quote }}
+    description: {{ printf "The shard's rate over %s fell below %v of its rate in the %s before. A throttled GPU, a slower storage path or much longer trajectories are the usual causes; the dashboard's resample latency panel tells the device from the I/O." .window .ratio .baseline | quote }}
+{{- end }}{{ end }}
+{{- with $a.pushgatewayDown }}{{ if and .enabled $ctx.Values.pushgateway.enabled }}
+{{- $up := printf "up{job=%q, namespace=%q}" (include "monitoring.pushgatewayName" $ctx) $ctx.Release.Namespace }}
+- alert: TrajflowPushgatewayDown
+  expr: |
+    {{ $up }} == 0 or absent({{ $up }})
+  for: {{ .for }}
+  labels:
+    {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
+  annotations:
+    summary: {{ `Prometheus cannot scrape the trajflow Pushgateway in {{ $labels.namespace }}` | quote }}
+    description: {{ `The batch stages' metrics do not reach Prometheus, so the progress alerts are blind. The stages keep working (a failed push only logs a warning). Check the Pushgateway pod and the ServiceMonitor.` | quote }}
+{{- end }}{{ end }}
+{{- with $a.pushRejected }}{{ if .enabled }}
+- alert: TrajflowMetricsPushRejected
+  expr: |
+    push_failure_time_seconds{{ $push }} > push_time_seconds{{ $push }}
+  for: {{ .for }}
+  labels:
+    {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
+  annotations:
+    summary: {{ `The Pushgateway rejected the latest push of {{ $labels.stage }} shard {{ $labels.shard }} (run {{ $labels.run }})` | quote }}
+    description: {{ `The group keeps its older values, so the progress alerts see a frozen shard. The Pushgateway's log names the cause (usually a metric pushed with another type or help text by a different trajflow version).` | quote }}
+{{- end }}{{ end }}
+{{- end -}}
+
+{{- define "monitoring.rules.gpu" -}}
+{{- $ctx := . -}}
+{{- $a := .Values.prometheusRule.alerts -}}
+{{- with $a.gpuUnderused }}{{ if .enabled }}
+- alert: TrajflowGpuUnderused
+  expr: |
+    avg by (namespace, pod) (
+      {{ include "monitoring.dcgm" (list $ctx "DCGM_FI_DEV_GPU_UTIL" "avg_over_time" .window) }}
+    ) < {{ .utilisationPercent }}
+  for: {{ .for }}
+  labels:
+    {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
+  annotations:
+    summary: {{ `GPUs of pod {{ $labels.namespace }}/{{ $labels.pod }} are {{ $value | humanize }}% busy` | quote }}
+    description: {{ printf "Mean GPU utilisation stayed below %v%% (averaged over %s). The pod holds a GPU it barely uses: input starved (more loader workers, bigger batches), waiting for upstream shards, or over-provisioned." .utilisationPercent .window | quote }}
+{{- end }}{{ end }}
+{{- with $a.gpuMemoryNearFull }}{{ if .enabled }}
+- alert: TrajflowGpuMemoryNearFull
+  expr: |
+    max by (namespace, pod) (
+        {{ include "monitoring.dcgm" (list $ctx "DCGM_FI_DEV_FB_USED") }}
+      /
+        ({{ include "monitoring.dcgm" (list $ctx "DCGM_FI_DEV_FB_USED") }} + {{ include "monitoring.dcgm" (list $ctx "DCGM_FI_DEV_FB_FREE") }})
+    ) > {{ .ratio }}
+  for: {{ .for }}
+  labels:
+    {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
+  annotations:
+    summary: {{ `GPU memory of pod {{ $labels.namespace }}/{{ $labels.pod }} is {{ $value | humanizePercentage }} full` | quote }}
+    description: {{ printf "Framebuffer use stayed above %v of the total. The next larger batch or sequence risks an out-of-memory crash; lower the batch size or the preprocessing batch bytes." .ratio | quote }}
+{{- end }}{{ end }}
+{{- end -}}
+
+{{- define "monitoring.rules.training" -}}
+{{- $ctx := . -}}
+{{- $a := .Values.prometheusRule.alerts -}}
+{{- $byShard := "run, stage, shard" -}}
+{{- /* series scraped from running ranks; pushed ones (job="trajflow") are final values */ -}}
+{{- $live := include "monitoring.sel" (list $ `stage="train"` `job!="trajflow"`) -}}
+{{- $pushed := include "monitoring.sel" (list $ `stage="train"` `job="trajflow"`) -}}
+{{- with $a.trainingLossNaN }}{{ if .enabled }}
+{{- $loss := printf "trajflow_train_loss%s" (include "monitoring.sel" (list $ctx `stage="train"`)) }}
+- alert: TrajflowTrainingLossNotFinite
+  expr: |
+    max by ({{ $byShard }}, split) (
+        (({{ $loss }} != {{ $loss }}) or (abs({{ $loss }}) == Inf))
+      unless on ({{ $byShard }}, job)
+        (time() - push_time_seconds{{ $pushed }}) > {{ include "monitoring.seconds" .quietAfter }}
+    )
+  for: {{ .for }}
+  labels:
+    {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
+  annotations:
+    summary: {{ `Training loss ({{ $labels.split }}) of run {{ $labels.run }} is {{ $value }} on rank {{ $labels.shard }}` | quote }}
+    description: {{ printf "The model diverged. Lower the learning rate, tighten gradient clipping or check the resampled data for non-finite values, then resume from the last finite checkpoint. A rank's final pushed value stops alerting %s after the push." .quietAfter | quote }}
+{{- end }}{{ end }}
+{{- with $a.trainingLossPlateau }}{{ if .enabled }}
+- alert: TrajflowTrainingLossNotImproving
+  expr: |
+    max by (run) (
+        max_over_time(trajflow_train_epoch{{ $live }}[{{ .window }}])
+      - min_over_time(trajflow_train_epoch{{ $live }}[{{ .window }}])
+    ) >= {{ .minEpochs }}
+    and on (run)
+      max by (run) (changes(trajflow_train_best_val_loss{{ $live }}[{{ .window }}])) == 0
+  for: {{ .for }}
+  labels:
+    {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
+  annotations:
+    summary: {{ `Validation loss of run {{ $labels.run }} stopped improving` | quote }}
+    description: {{ printf "At least %v epochs finished in the last %s without a new best validation loss. Early stopping ends the run once its patience runs out; with it off, the GPUs are spent for nothing." (toString .minEpochs) .window | quote }}
+{{- end }}{{ end }}
+{{- with $a.checkpointTooOld }}{{ if .enabled }}
+- alert: TrajflowCheckpointTooOld
+  expr: |
+    (
+        time()
+      - (
+            max by (run) (trajflow_train_last_checkpoint_time_seconds{{ $live }}) > 0
+          or
+            max by (run) (trajflow_stage_start_time_seconds{{ $live }}) > 0
+        )
+    ) > {{ include "monitoring.seconds" .maxAge }}
+    and on (run)
+      max by (run) (trajflow_stage_end_time_seconds{{ $live }}) == 0
+  for: {{ .for }}
+  labels:
+    {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
+  annotations:
+    summary: {{ `The newest checkpoint of run {{ $labels.run }} is {{ $value | humanizeDuration }} old` | quote }}
+    description: {{ printf "Training is running but has written no checkpoint for more than %s (counted from the start before the first one). A crash now loses that much work: check that rank 0 can write to the run root, or checkpoint more often (training.config.checkpoints.everySteps)." .maxAge | quote }}
+{{- end }}{{ end }}
+{{- end -}}
+
+{{/* The rule groups; a group whose alerts are all disabled is left out. */}}
+{{- define "monitoring.ruleGroups" -}}
+{{- $ctx := . -}}
+{{- range $group := list (list "trajflow-pipeline" "monitoring.rules.pipeline") (list "trajflow-gpu" "monitoring.rules.gpu") (list "trajflow-training" "monitoring.rules.training") }}
+{{- $rules := include (index $group 1) $ctx | trim }}
+{{- if $rules }}
+- name: {{ index $group 0 }}
+  rules:
+    {{- $rules | nindent 4 }}
+{{- end }}
+{{- end }}
+{{- end -}}

@@ -1,0 +1,324 @@
+"""The monitoring chart's objects: Pushgateway, operator objects gated on the CRDs,
+the dashboard ConfigMap, and the values schema."""
+from __future__ import annotations
+
+import json
+import re
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+from helmrender import CHART, NAMESPACE, PROMETHEUS_OPERATOR_APIS, SUBCHARTS, one, render, select
+from monitoring_helpers import MONITORING_CHART, alert_rules, dashboard_of, render_monitoring
+
+helm = pytest.importorskip("helm_python")
+kv = pytest.importorskip("kubernetes_validate.utils", reason="kubernetes-validate is not installed")
+
+OPERATOR_KINDS = ("ServiceMonitor", "PodMonitor", "PrometheusRule")
+
+
+def kinds(objs):
+    return sorted(o["kind"] for o in objs)
+
+
+def test_without_the_operator_only_core_objects_render():
+    objs = render_monitoring(operator=False)
+    assert kinds(objs) == ["ConfigMap", "Deployment", "Service", "ServiceAccount"]
+
+
+def test_with_the_operator_every_object_renders():
+    objs = render_monitoring()
+    for kind in OPERATOR_KINDS:
+        assert len(select(objs, kind)) == 1, kind
+
+
+@pytest.mark.parametrize("key, kind", [("serviceMonitor", "ServiceMonitor"), ("podMonitor", "PodMonitor"),
+                                       ("prometheusRule", "PrometheusRule")])
+def test_explicitly_enabled_without_the_operator_fails_naming_the_way_out(key, kind):
+    with pytest.raises(helm.HelmError) as err:
+        render_monitoring({key: {"enabled": True}}, operator=False)
+    message = str(err.value)
+    assert f"{key}.enabled is true" in message and "monitoring.coreos.com/v1" in message, message
+    assert "--api-versions" in message
+
+
+@pytest.mark.parametrize("key, kind", [("serviceMonitor", "ServiceMonitor"), ("podMonitor", "PodMonitor"),
+                                       ("prometheusRule", "PrometheusRule")])
+def test_operator_objects_can_be_forced_on_or_off(key, kind):
+    assert len(select(render_monitoring({key: {"enabled": True}}), kind)) == 1
+    assert select(render_monitoring({key: {"enabled": False}}), kind) == []
+
+
+def test_pushgateway_service_is_where_the_stages_push_by_default():
+    """The stages' in-release URL (common's helper) must resolve to this Service and port."""
+    values = {"global": {"metrics": {"pushgatewayUrl": '{{ include "trajflow.inReleasePushgatewayUrl" . }}'}},
+              "monitoring": {"enabled": True}}
+    objs = render(values=values, api_versions=PROMETHEUS_OPERATOR_APIS)
+    service = one(objs, "Service", component="pushgateway")
+    downloader_config = one(objs, "ConfigMap", component="downloader")
+    url = yaml.safe_load(downloader_config["data"]["config.yaml"])["global"]["metrics"]["pushgatewayUrl"]
+    parsed = urlparse(url)
+    assert parsed.hostname == f"{service['metadata']['name']}.{NAMESPACE}.svc", url
+    assert parsed.port == service["spec"]["ports"][0]["port"] == 9091
+
+
+def test_service_and_service_monitor_select_the_pushgateway():
+    objs = render_monitoring()
+    deployment, service = one(objs, "Deployment"), one(objs, "Service")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    monitor = one(objs, "ServiceMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["namespaceSelector"]["matchNames"] == [NAMESPACE]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["honorLabels"] is True, "pushed job/run/stage/shard labels must survive the scrape"
+    assert endpoint["port"] == service["spec"]["ports"][0]["name"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert service["spec"]["ports"][0]["targetPort"] in {p["name"] for p in container["ports"]}
+
+
+def test_pod_monitor_scrapes_every_local_rank_of_the_training_pods():
+    objs = render(values={"monitoring": {"enabled": True}, "global": {"runId": "exp-7"},
+                          "training": {"resources": {"limits": {"nvidia.com/gpu": 2}}}},
+                  api_versions=PROMETHEUS_OPERATOR_APIS)
+    monitor = one(objs, "PodMonitor")
+    training = next(o for o in objs if o["kind"] in ("Job", "PyTorchJob")
+                    and o["metadata"]["labels"]["app.kubernetes.io/component"] == "training")
+    template = training["spec"]["template"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    relabel = endpoint["relabelings"]
+    keep = next(r for r in relabel if r.get("action") == "keep")
+    port_names = {p["name"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
+    metrics_ports = {n for n in port_names if re.fullmatch(keep["regex"], n)}
+    assert metrics_ports == {"metrics", "metrics-1"}, port_names
+    static = {r["targetLabel"]: r["replacement"] for r in relabel if "sourceLabels" not in r}
+    assert static["run"] == "exp-7" and static["stage"] == "train"
+    shard = next(r for r in relabel if r.get("targetLabel") == "shard")
+    assert shard["sourceLabels"] == ["__meta_kubernetes_pod_annotation_batch_kubernetes_io_job_completion_index"]
+
+
+def test_pushgateway_pod_is_locked_down():
+    objs = render_monitoring()
+    deployment = one(objs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    (container,) = pod["containers"]
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"] and sc["seccompProfile"]["type"] == "RuntimeDefault"
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/-/healthy"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/-/ready"
+    assert container["image"].startswith("quay.io/prometheus/pushgateway:v")
+    sa = one(objs, "ServiceAccount")
+    assert sa["automountServiceAccountToken"] is False and pod["serviceAccountName"] == sa["metadata"]["name"]
+
+
+def test_global_registry_and_pull_secrets_apply_to_the_pushgateway():
+    objs = render_monitoring({"global": {"imageRegistry": "mirror.example:5000", "imagePullSecrets": [{"name": "mirror"}]},
+                              "pushgateway": {"imagePullSecrets": [{"name": "own"}]}})
+    pod = one(objs, "Deployment")["spec"]["template"]["spec"]
+    assert pod["containers"][0]["image"].startswith("mirror.example:5000/prometheus/pushgateway:")
+    assert [s["name"] for s in pod["imagePullSecrets"]] == ["own", "mirror"]
+
+
+def test_persistence_creates_a_claim_and_recreates_the_pod():
+    objs = render_monitoring({"pushgateway": {"persistence": {"enabled": True, "size": "2Gi", "storageClass": "fast"}}})
+    pvc = one(objs, "PersistentVolumeClaim")
+    deployment = one(objs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["volumes"] == [{"name": "data", "persistentVolumeClaim": {"claimName": pvc["metadata"]["name"]}}]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "2Gi" and pvc["spec"]["storageClassName"] == "fast"
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    args = pod["containers"][0]["args"]
+    assert "--persistence.file=/data/pushgateway.db" in args and "--persistence.interval=5m" in args
+
+    objs = render_monitoring({"pushgateway": {"persistence": {"enabled": True, "existingClaim": "kept"}}})
+    assert select(objs, "PersistentVolumeClaim") == []
+    volumes = one(objs, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    assert volumes[0]["persistentVolumeClaim"]["claimName"] == "kept"
+
+
+def test_disabling_the_pushgateway_drops_its_objects_and_its_alert():
+    objs = render_monitoring({"pushgateway": {"enabled": False}})
+    assert kinds(objs) == ["ConfigMap", "PodMonitor", "PrometheusRule"]
+    assert "TrajflowPushgatewayDown" not in alert_rules(objs)
+
+
+@pytest.mark.parametrize("kube", ["1.31.0", "1.37.0"])
+def test_core_objects_validate_strictly(kube):
+    values = {"pushgateway": {"persistence": {"enabled": True}}}
+    for obj in render_monitoring(values, kube_version=kube):
+        if obj["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue
+        try:
+            kv.validate(obj, kube, strict=True)
+        except kv.ValidationError as exc:
+            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']}: {'.'.join(map(str, exc.path))}: {exc.message}")
+
+
+def test_operator_objects_carry_selector_labels_and_standard_labels():
+    labels = {"release": "kube-prometheus-stack"}
+    objs = render_monitoring({"serviceMonitor": {"labels": labels}, "podMonitor": {"labels": labels},
+                              "prometheusRule": {"labels": labels}})
+    for kind in OPERATOR_KINDS:
+        meta = one(objs, kind)["metadata"]
+        assert meta["labels"]["release"] == "kube-prometheus-stack", kind
+        assert meta["labels"]["app.kubernetes.io/instance"] == "trajflow" and meta["namespace"] == NAMESPACE
+
+
+def test_alert_thresholds_come_from_values():
+    values = {"prometheusRule": {"additionalAlertLabels": {"team": "robotics"}, "alerts": {
+        "downloadErrorRatio": {"threshold": 0.25, "window": "30m", "for": "2m", "severity": "critical"},
+        "checkpointTooOld": {"maxAge": "2h30m"},
+        "gpuUnderused": {"utilisationPercent": 35},
+        "trainingLossNaN": {"enabled": False},
+    }}}
+    rules = alert_rules(render_monitoring(values))
+    ratio = rules["TrajflowDownloadErrorRatioHigh"]
+    assert ratio["expr"].rstrip().endswith("> 0.25") and "[30m]" in ratio["expr"]
+    assert ratio["for"] == "2m" and ratio["labels"] == {"severity": "critical", "release": "trajflow", "team": "robotics"}
+    assert "> 9000" in rules["TrajflowCheckpointTooOld"]["expr"]
+    assert rules["TrajflowGpuUnderused"]["expr"].rstrip().endswith("< 35")
+    assert "TrajflowTrainingLossNotFinite" not in rules
+
+
+def test_a_group_with_every_alert_disabled_is_left_out():
+    off = {"enabled": False}
+    objs = render_monitoring({"prometheusRule": {"alerts": {"gpuUnderused": off, "gpuMemoryNearFull": off}}})
+    groups = one(objs, "PrometheusRule")["spec"]["groups"]
+    assert [g["name"] for g in groups] == ["trajflow-pipeline", "trajflow-training"]
+
+
+def test_a_bad_duration_fails_the_render_naming_it():
+    chart_values = {"prometheusRule": {"alerts": {"checkpointTooOld": {"maxAge": "1 hour"}}}}
+    with pytest.raises(helm.HelmError, match="maxAge|Prometheus duration|pattern"):
+        render_monitoring(chart_values)
+
+
+def test_rules_only_watch_this_release():
+    rules = alert_rules(render_monitoring(release="fleet", namespace="ml"))
+    assert 'job_name=~"(fleet-trajflow-downloader|fleet-trajflow-preprocessing|fleet-trajflow-training)-[0-9a-f]{8}"' \
+        in rules["TrajflowJobFailed"]["expr"]
+    assert 'pod=~"(fleet-trajflow-preprocessing|fleet-trajflow-training)-.+"' in rules["TrajflowGpuUnderused"]["expr"]
+    assert 'up{job="fleet-trajflow-pushgateway", namespace="ml"}' in rules["TrajflowPushgatewayDown"]["expr"]
+    for name, rule in rules.items():
+        if "trajflow_" in rule["expr"] or "push_" in rule["expr"]:
+            assert 'namespace="ml"' in rule["expr"], name
+
+
+def test_the_job_name_pattern_matches_the_stage_jobs_the_chart_renders():
+    objs = render(values={"monitoring": {"enabled": True}}, api_versions=PROMETHEUS_OPERATOR_APIS)
+    expr = alert_rules(objs)["TrajflowJobFailed"]["expr"]
+    pattern = re.search(r'job_name=~"([^"]+)"', expr).group(1)
+    jobs = [o["metadata"]["name"] for o in objs if o["kind"] == "Job"]
+    assert len(jobs) == 3
+    for job in jobs:
+        assert re.fullmatch(pattern, job), (pattern, job)
+    gpu = re.search(r'pod=~"([^"]+)"', alert_rules(objs)["TrajflowGpuUnderused"]["expr"]).group(1)
+    gpu_jobs = [j for j in jobs if "downloader" not in j]
+    assert all(re.fullmatch(gpu, f"{j}-0-abcde") for j in gpu_jobs)
+    assert not any(re.fullmatch(gpu, f"{j}-0-abcde") for j in jobs if j not in gpu_jobs)
+
+
+def test_dcgm_label_names_are_configurable():
+    rules = alert_rules(render_monitoring({"gpu": {"podLabel": "exported_pod", "namespaceLabel": "exported_namespace"}}))
+    expr = rules["TrajflowGpuUnderused"]["expr"]
+    assert 'exported_pod=~"' in expr and 'exported_namespace="trajflow"' in expr
+    assert 'label_replace(' in expr and '"pod", "$1", "exported_pod"' in expr
+
+
+def test_dashboard_config_map_is_found_by_the_grafana_sidecar():
+    objs = render_monitoring()
+    cm = one(objs, "ConfigMap", component="monitoring")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    (key,) = cm["data"]
+    assert key.endswith(".json")
+    dashboard = dashboard_of(objs)
+    names = {v["name"] for v in dashboard["templating"]["list"]}
+    assert {"datasource", "job", "run", "shard"} <= names
+    for panel in dashboard["panels"]:
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+
+
+def test_dashboard_uid_differs_per_release_and_can_be_set():
+    one_uid = dashboard_of(render_monitoring(release="a"))["uid"]
+    other_uid = dashboard_of(render_monitoring(release="b"))["uid"]
+    assert one_uid != other_uid and len(one_uid) <= 40
+    assert dashboard_of(render_monitoring(release="a"))["uid"] == one_uid, "the uid must be stable across renders"
+    custom = dashboard_of(render_monitoring({"dashboard": {"uid": "fleet", "title": "Fleet"}}))
+    assert (custom["uid"], custom["title"]) == ("fleet", "Fleet")
+
+
+def test_dashboard_gpu_filter_follows_the_release():
+    dashboard = dashboard_of(render_monitoring(release="fleet", namespace="ml",
+                                               values={"gpu": {"podLabel": "exported_pod"}}))
+    constants = {v["name"]: v for v in dashboard["templating"]["list"] if v["type"] == "constant"}
+    assert constants["gpu_pods"]["query"] == "(fleet-trajflow-preprocessing|fleet-trajflow-training)-.+"
+    assert constants["gpu_pod_label"]["current"]["value"] == "exported_pod"
+
+
+def test_dashboard_may_live_in_the_sidecar_namespace():
+    objs = render_monitoring({"dashboard": {"namespace": "grafana", "annotations": {"grafana_folder": "ML"}}})
+    cm = one(objs, "ConfigMap", component="monitoring")
+    assert cm["metadata"]["namespace"] == "grafana" and cm["metadata"]["annotations"] == {"grafana_folder": "ML"}
+
+
+BAD_VALUES = [
+    ({"serviceMonitor": {"enabled": "yes"}}, "/serviceMonitor/enabled"),
+    ({"pushgateway": {"replicas": 2}}, "replicas"),
+    ({"prometheusRule": {"alerts": {"downloadErrorRatio": {"threshold": 1.5}}}}, "/prometheusRule/alerts/downloadErrorRatio/threshold"),
+    ({"prometheusRule": {"alerts": {"progressStalled": {"window": "15 minutes"}}}}, "/prometheusRule/alerts/progressStalled/window"),
+    ({"prometheusRule": {"alerts": {"unknownAlert": {"enabled": True}}}}, "unknownAlert"),
+    ({"pushgateway": {"containerSecurityContext": {"readOnlyRootFilesystem": False}}}, "readOnlyRootFilesystem"),
+    ({"gpu": {"podLabel": "pod-name"}}, "/gpu/podLabel"),
+    ({"dashboard": {"uid": "x" * 41}}, "/dashboard/uid"),
+]
+
+
+@pytest.mark.parametrize("values, where", BAD_VALUES, ids=[w for _, w in BAD_VALUES])
+def test_schema_rejects_bad_values_naming_the_key(values, where):
+    chart = helm.Chart.load(MONITORING_CHART)
+    try:
+        with pytest.raises(helm.HelmValuesError) as err:
+            chart.validate_schema(values)
+    finally:
+        chart.close()
+    assert where in str(err.value), str(err.value)
+
+
+def test_default_values_pass_the_schema_through_the_umbrella():
+    chart = helm.Chart.load(CHART)
+    try:
+        chart.validate_schema({"monitoring": {"enabled": True}})
+    finally:
+        chart.close()
+
+
+def test_values_schema_is_closed():
+    schema = json.loads((SUBCHARTS / "monitoring" / "values.schema.json").read_text())
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            if node.get("type") == "object" and "properties" in node:
+                assert node.get("additionalProperties") is False, "/".join(path)
+            for key, child in node.items():
+                walk(child, [*path, key])
+        elif isinstance(node, list):
+            for i, child in enumerate(node):
+                walk(child, [*path, str(i)])
+
+    walk(schema, [])
+    values = yaml.safe_load((SUBCHARTS / "monitoring" / "values.yaml").read_text())
+    assert set(values) <= set(schema["properties"]) and set(schema["required"]) <= set(values)
+
+
+def test_chart_lints_clean_on_its_own():
+    report = helm.lint(MONITORING_CHART, strict=True, namespace="trajflow", kube_version="v1.31.0")
+    problems = [f"{m['path']}: {m['error']}" for m in report["messages"] if m["severity"] >= 2] + list(report["errors"])
+    assert not problems

@@ -1,0 +1,186 @@
+"""Every values file renders, every object is valid Kubernetes, and every pod keeps the
+chart's contract with the workloads and its security rules."""
+from __future__ import annotations
+
+import posixpath
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from helmrender import (
+    ENVIRONMENTS,
+    KUBEFLOW_APIS,
+    OLDEST_KUBE,
+    PROMETHEUS_OPERATOR_APIS,
+    RELEASE,
+    STAGE_CHARTS,
+    SUPPORTED_KUBE,
+    env_file,
+    pod_spec,
+    render,
+    select,
+)
+
+kv = pytest.importorskip("kubernetes_validate.utils", reason="kubernetes-validate is not installed")
+
+# Custom resources kubernetes-validate has no schema for; their shape is tested elsewhere.
+CUSTOM_RESOURCE_GROUPS = {"monitoring.coreos.com", "kubeflow.org"}
+STANDARD_LABELS = (
+    "app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
+    "app.kubernetes.io/component", "app.kubernetes.io/part-of", "app.kubernetes.io/managed-by", "helm.sh/chart",
+)
+WORKLOAD_KINDS = ("Job", "PyTorchJob", "Deployment")
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def render_env(env: str, kube: str = SUPPORTED_KUBE[-1], **kwargs):
+    # Clusters with the Prometheus operator and the training operator: every object renders.
+    return render([env_file(env)], api_versions=[*PROMETHEUS_OPERATOR_APIS, *KUBEFLOW_APIS], kube_version=kube, **kwargs)
+
+
+@pytest.fixture(scope="module", params=ENVIRONMENTS)
+def env_objects(request):
+    return request.param, render_env(request.param)
+
+
+def test_the_supported_kubernetes_versions_are_known_to_the_validator():
+    known = kv.all_versions()
+    assert OLDEST_KUBE in known and SUPPORTED_KUBE[-1] in known, known
+    assert tuple(int(p) for p in OLDEST_KUBE.split(".")[:2]) >= (1, 31), "Elastic Indexed Jobs need 1.31"
+    # The chart says the same to Helm (kubeVersion) as the tests do.
+    chart = yaml.safe_load((Path(__file__).resolve().parents[2] / "charts/trajflow/Chart.yaml").read_text())
+    assert chart["kubeVersion"] == f">={OLDEST_KUBE}-0"
+
+
+@pytest.mark.parametrize("kube", SUPPORTED_KUBE)
+@pytest.mark.parametrize("env", ENVIRONMENTS)
+def test_every_object_validates_strictly(env, kube):
+    objs = render_env(env, kube=kube)
+    assert objs, f"{env}: nothing rendered"
+    checked = 0
+    for obj in objs:
+        group = obj["apiVersion"].split("/")[0] if "/" in obj["apiVersion"] else ""
+        if group in CUSTOM_RESOURCE_GROUPS:
+            continue
+        try:
+            kv.validate(obj, kube, strict=True)
+        except kv.ValidationError as exc:
+            where = ".".join(str(p) for p in exc.path)
+            pytest.fail(f"{env} on {kube}: {obj['kind']}/{obj['metadata']['name']}: {where}: {exc.message}")
+        checked += 1
+    assert checked >= 10, f"{env}: only {checked} objects validated"
+
+
+def test_every_environment_runs_every_stage(env_objects):
+    env, objs = env_objects
+    kinds = {(o["kind"], o["metadata"]["labels"]["app.kubernetes.io/component"]) for o in objs}
+    for stage in STAGE_CHARTS:
+        assert ("Job", stage) in kinds or ("PyTorchJob", stage) in kinds, f"{env}: no {stage} workload"
+        assert ("ConfigMap", stage) in kinds and ("ServiceAccount", stage) in kinds
+
+
+def test_standard_labels_and_names(env_objects):
+    env, objs = env_objects
+    names = set()
+    for obj in objs:
+        meta = obj["metadata"]
+        key = (obj["kind"], meta["name"])
+        assert key not in names, f"{env}: {key} rendered twice"
+        names.add(key)
+        assert len(meta["name"]) <= 63 and DNS_LABEL.match(meta["name"]), f"{env}: bad name {meta['name']}"
+        assert meta.get("namespace") == "trajflow", f"{env}: {key} has no namespace"
+        labels = meta.get("labels") or {}
+        missing = [label for label in STANDARD_LABELS if label not in labels]
+        assert not missing, f"{env}: {key} lacks {missing}"
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+        assert labels["app.kubernetes.io/part-of"] == "trajflow"
+        assert all(LABEL_VALUE.match(str(v)) and len(str(v)) <= 63 for v in labels.values()), labels
+
+
+def test_pods_are_locked_down(env_objects):
+    env, objs = env_objects
+    workloads = [o for o in objs if o["kind"] in WORKLOAD_KINDS]
+    assert workloads
+    for obj in workloads:
+        spec = pod_spec(obj) if obj["kind"] != "Deployment" else obj["spec"]["template"]["spec"]
+        where = f"{env}: {obj['kind']}/{obj['metadata']['name']}"
+        assert spec["automountServiceAccountToken"] is False, where
+        pod_sc = spec["securityContext"]
+        assert pod_sc["runAsNonRoot"] is True and pod_sc["seccompProfile"]["type"] == "RuntimeDefault", where
+        for c in [*spec.get("initContainers", []), *spec["containers"]]:
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True, f"{where}/{c['name']}"
+            assert sc["allowPrivilegeEscalation"] is False, f"{where}/{c['name']}"
+            assert sc["capabilities"]["drop"] == ["ALL"], f"{where}/{c['name']}"
+            assert sc.get("privileged", False) is False
+            assert sc.get("runAsUser", pod_sc.get("runAsUser", 1)) != 0
+            limits, requests = c["resources"].get("limits", {}), c["resources"].get("requests", {})
+            assert {"cpu", "memory"} <= set(limits) and {"cpu", "memory"} <= set(requests), f"{where}/{c['name']}"
+
+
+def test_stage_pods_follow_the_workload_contract(env_objects):
+    _, objs = env_objects
+    for stage in STAGE_CHARTS:
+        for workload in [*select(objs, "Job", stage), *select(objs, "PyTorchJob", stage)]:
+            spec = pod_spec(workload)
+            config_map = select(objs, "ConfigMap", stage)[0]
+            volumes = {v["name"]: v for v in spec["volumes"]}
+            assert volumes["config"]["configMap"]["name"] == config_map["metadata"]["name"]
+            assert "emptyDir" in volumes["tmp"]
+            for c in [*spec.get("initContainers", []), *spec["containers"]]:
+                env_vars = {e["name"]: e.get("value") for e in c["env"]}
+                assert env_vars["TRAJFLOW_CONFIG"] == "/etc/trajflow/config.yaml"
+                assert env_vars["HOME"] == "/tmp" and env_vars["TMPDIR"] == "/tmp"
+                completions = workload["spec"].get("completions") or spec_nodes(workload)
+                assert env_vars["TRAJFLOW_SHARDS"] == str(completions)
+                mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+                assert mounts["/etc/trajflow"] == "config" and mounts["/tmp"] == "tmp"
+                assert "--config" in c["args"] and "/etc/trajflow/config.yaml" in c["args"]
+
+
+def spec_nodes(workload):
+    replicas = workload["spec"]["pytorchReplicaSpecs"]
+    return sum(r["replicas"] for r in replicas.values())
+
+
+@pytest.mark.parametrize("env", [e for e in ENVIRONMENTS])
+def test_rendered_config_files_load_in_the_workloads(env, tmp_path):
+    """The ConfigMap is exactly what `trajflow <stage> --config` reads: global + config."""
+    loader = pytest.importorskip("trajflow.config.loader")
+    objs = render_env(env)
+    for stage in STAGE_CHARTS:
+        data = select(objs, "ConfigMap", stage)[0]["data"]
+        assert list(data) == ["config.yaml"]
+        doc = yaml.safe_load(data["config.yaml"])
+        assert sorted(doc) == ["config", "global"]
+        path = tmp_path / f"{stage}.yaml"
+        path.write_text(data["config.yaml"])
+        glob, config = loader.load_config_file(path, stage)
+        assert glob.run_id == yaml.safe_load(env_file(env).read_text())["global"]["runId"]
+        assert config is not None
+
+
+def test_the_shared_volume_is_mounted_where_global_says(env_objects):
+    env, objs = env_objects
+    values = yaml.safe_load(env_file(env).read_text())
+    storage = values["global"]["storage"]
+    for stage in STAGE_CHARTS:
+        workload = select(objs, "Job", stage)[0]
+        spec = pod_spec(workload)
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        if storage["type"] == "s3":
+            assert "data" not in volumes
+            continue
+        claim = volumes["data"]["persistentVolumeClaim"]["claimName"]
+        assert select(objs, "PersistentVolumeClaim")[0]["metadata"]["name"] == claim
+        path = storage.get("filesystem", {}).get("path", "/data")
+        main = spec["containers"][0]
+        mounts = {m["name"]: m["mountPath"] for m in main["volumeMounts"]}
+        if path.startswith("/"):
+            assert mounts["data"] == path
+        else:
+            # trajflow run's relative path: relative to the working directory, / in pods
+            assert mounts["data"] == posixpath.normpath("/" + path)
+            assert main["workingDir"] == "/"

@@ -1,0 +1,131 @@
+"""Job names carry a hash of the immutable spec: scaling patches a Job, anything else
+makes a new one. Names never depend on the revision or on optional cluster APIs."""
+from __future__ import annotations
+
+import pytest
+from helmrender import PROMETHEUS_OPERATOR_APIS, env_file, one, render, select
+
+STAGES = ("downloader", "preprocessing", "training")
+
+
+def job_names(objs):
+    return {stage: one(objs, "Job", stage)["metadata"]["name"] for stage in STAGES}
+
+
+@pytest.fixture(scope="module")
+def production():
+    return render([env_file("production")], api_versions=PROMETHEUS_OPERATOR_APIS)
+
+
+@pytest.mark.parametrize("stage", ["downloader", "preprocessing"])
+def test_parallelism_keeps_the_job_name(stage):
+    four = render([env_file("production")], {f"{stage}.parallelism": 4}, api_versions=PROMETHEUS_OPERATOR_APIS)
+    eight = render([env_file("production")], {f"{stage}.parallelism": 8}, api_versions=PROMETHEUS_OPERATOR_APIS)
+    assert job_names(four) == job_names(eight)
+    assert one(four, "Job", stage)["spec"]["parallelism"] == 4
+    assert one(eight, "Job", stage)["spec"]["parallelism"] == 8
+    # Everything else about the Job is the same: only the mutable field moved.
+    spec4, spec8 = one(four, "Job", stage)["spec"], one(eight, "Job", stage)["spec"]
+    spec4.pop("parallelism"), spec8.pop("parallelism")
+    assert spec4 == spec8
+
+
+@pytest.mark.parametrize("change", [
+    {"downloader.image.tag": "0.2.0"},
+    {"downloader.image.digest": "sha256:" + "a" * 64},
+    {"global.imageRegistry": "registry.internal:5000"},
+])
+def test_a_new_image_makes_a_new_downloader_job(production, change):
+    changed = render([env_file("production")], change, api_versions=PROMETHEUS_OPERATOR_APIS)
+    before, after = job_names(production), job_names(changed)
+    assert after["downloader"] != before["downloader"]
+    image = one(changed, "Job", "downloader")["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image.startswith("registry.internal:5000/") or "0.2.0" in image or "@sha256:" in image
+
+
+def test_a_new_shard_count_makes_new_jobs_downstream_too(production):
+    changed = render([env_file("production")],
+                     {"downloader.shards": 32, "preprocessing.shards": 32, "training.inputShards": 32},
+                     api_versions=PROMETHEUS_OPERATOR_APIS)
+    before, after = job_names(production), job_names(changed)
+    assert after["downloader"] != before["downloader"]
+    assert after["preprocessing"] != before["preprocessing"]
+    # training waits for 0-31 now: its pod template changed
+    assert after["training"] != before["training"]
+    assert one(changed, "Job", "downloader")["spec"]["completions"] == 32
+
+
+def test_a_config_change_makes_a_new_job_of_that_stage_only(production):
+    changed = render([env_file("production")], {"preprocessing.config.targetRateHz": 100},
+                     api_versions=PROMETHEUS_OPERATOR_APIS)
+    before, after = job_names(production), job_names(changed)
+    assert after["preprocessing"] != before["preprocessing"]
+    assert after["downloader"] == before["downloader"] and after["training"] == before["training"]
+
+
+def test_a_new_run_id_makes_new_jobs(production):
+    changed = render([env_file("production")], {"global.runId": "fleet-2026-q4"},
+                     api_versions=PROMETHEUS_OPERATOR_APIS)
+    before, after = job_names(production), job_names(changed)
+    assert all(after[s] != before[s] for s in STAGES)
+
+
+def test_mutable_fields_do_not_change_the_name(production):
+    changed = render([env_file("production")], {
+        "downloader.ttlSecondsAfterFinished": 60,
+        "downloader.podAnnotations": {},  # unchanged
+    }, api_versions=PROMETHEUS_OPERATOR_APIS)
+    assert job_names(changed)["downloader"] == job_names(production)["downloader"]
+
+
+def test_names_do_not_depend_on_the_prometheus_operator():
+    """With and without monitoring.coreos.com/v1: the stage Jobs are the same; only the
+    monitoring chart's custom resources come and go."""
+    with_operator = render([env_file("staging")], api_versions=PROMETHEUS_OPERATOR_APIS)
+    without_operator = render([env_file("staging")])
+    monitoring_off = render([env_file("staging")], {"monitoring.enabled": False})
+    assert job_names(with_operator) == job_names(without_operator) == job_names(monitoring_off)
+    crs = [o for o in with_operator if o["apiVersion"].startswith("monitoring.coreos.com/")]
+    assert crs, "the Prometheus operator's objects should render where the API exists"
+    for objs in (without_operator, monitoring_off):
+        assert not [o for o in objs if o["apiVersion"].startswith("monitoring.coreos.com/")]
+
+
+def test_names_are_stable_across_renders_and_releases_differ():
+    first = job_names(render([env_file("dev")]))
+    assert first == job_names(render([env_file("dev")]))
+    other = job_names(render([env_file("dev")], release="dev"))
+    assert all(name.startswith("dev-trajflow-") for name in other.values())
+    assert all(name.startswith("trajflow-") for name in first.values())
+
+
+def test_long_release_names_keep_job_names_short_enough_for_pod_hostnames():
+    release = "a-very-long-release-name-for-the-fleet-pipeline-x"
+    objs = render([env_file("dev")], release=release)
+    for job in select(objs, "Job"):
+        # Indexed Job pods are named <job>-<index>: that must stay a DNS label.
+        assert len(job["metadata"]["name"]) <= 52, job["metadata"]["name"]
+    for obj in objs:
+        assert len(obj["metadata"]["name"]) <= 63, obj["metadata"]["name"]
+
+
+def test_argocd_mode_keeps_finished_jobs_and_orders_the_stages():
+    plain = render([env_file("production")], api_versions=PROMETHEUS_OPERATOR_APIS)
+    argo = render([env_file("production")], {"global.argocd.enabled": True}, api_versions=PROMETHEUS_OPERATOR_APIS)
+    waves = {}
+    for stage in STAGES:
+        assert "ttlSecondsAfterFinished" in one(plain, "Job", stage)["spec"]
+        assert "argocd.argoproj.io/sync-wave" not in (one(plain, "Job", stage)["metadata"].get("annotations") or {})
+        job = one(argo, "Job", stage)
+        assert "ttlSecondsAfterFinished" not in job["spec"]
+        waves[stage] = int(job["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"])
+    assert waves["downloader"] < waves["preprocessing"] < waves["training"]
+
+
+def test_argocd_mode_puts_the_pvc_in_the_first_stage_wave():
+    objs = render([env_file("dev")], {"global.argocd.enabled": True})
+    pvc = one(objs, "PersistentVolumeClaim", "storage")
+    assert pvc["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"] == "1"
+    objs = render([env_file("dev")], {"global.argocd.enabled": True, "downloader.enabled": False})
+    pvc = one(objs, "PersistentVolumeClaim", "storage")
+    assert pvc["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"] == "2"

@@ -1,0 +1,211 @@
+"""values.schema.json: generated parts match the models, good values pass, bad values are
+rejected with a message that names the key at fault."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from helmrender import (
+    CHART,
+    ENVIRONMENTS,
+    KUBEFLOW_APIS,
+    PROMETHEUS_OPERATOR_APIS,
+    ROOT,
+    STAGE_CHARTS,
+    SUBCHARTS,
+    env_file,
+    helm,
+    one,
+    render,
+)
+
+SYNC = ROOT / "ci" / "scripts" / "sync_config_schema.py"
+
+
+def test_checked_in_schemas_match_trajflow_schema():
+    """Fails when a model in trajflow.config changed and `make schema` was not run."""
+    pytest.importorskip("trajflow.config.cli")
+    proc = subprocess.run([sys.executable, str(SYNC), "--check"], check=False, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_schema_config_parts_are_what_trajflow_schema_prints():
+    """The drift check compares like with like: the embedded blocks are the CLI's output."""
+    pytest.importorskip("trajflow.config.cli")
+    trajflow = Path(sys.executable).with_name("trajflow")
+    cmd = [str(trajflow)] if trajflow.exists() else [sys.executable, "-m", "trajflow.cli"]
+    printed = json.loads(subprocess.run([*cmd, "schema"], capture_output=True, text=True, check=True).stdout)
+
+    def strip(node):
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k not in ("title", "discriminator", "description")}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+
+    for stage in STAGE_CHARTS:
+        schema = json.loads((SUBCHARTS / stage / "values.schema.json").read_text())
+        assert strip(schema["properties"]["config"]) == strip(printed[stage]), stage
+    umbrella = json.loads((CHART / "values.schema.json").read_text())
+    embedded = strip(umbrella["properties"]["global"])
+    embedded.pop("allOf")  # the chart's own constraints on top of the model
+    assert embedded == strip(printed["global"])
+
+
+def test_schemas_are_closed_where_the_chart_owns_the_shape():
+    def walk(node, path):
+        if isinstance(node, dict):
+            if node.get("type") == "object" and "properties" in node and path[-1:] != ["if"]:
+                where = "/".join(path)
+                assert node.get("additionalProperties") is False or any(where.endswith(o) for o in OPEN_OBJECTS), where
+            for key, child in node.items():
+                walk(child, [*path, key])
+        elif isinstance(node, list):
+            for i, child in enumerate(node):
+                walk(child, [*path, str(i)])
+
+    # Kubernetes volumes (any volume source) and the umbrella's view of a subchart's values.
+    OPEN_OBJECTS = ("properties/extraVolumes/items", *(f"trajflow/properties/{s}" for s in
+                                                         (*STAGE_CHARTS, "monitoring")))
+    for path in [CHART / "values.schema.json", *(SUBCHARTS / s / "values.schema.json" for s in STAGE_CHARTS)]:
+        schema = json.loads(path.read_text())
+        assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+        assert schema["additionalProperties"] is False
+        walk(schema, [path.parent.name])
+
+
+def test_global_defaults_agree_everywhere():
+    """The model, the umbrella's values.yaml and the library's fallback for a stage chart
+    rendered on its own all say the same `global`."""
+    global_ = pytest.importorskip("trajflow.config.global_")
+    model = global_.GlobalConfig().model_dump(by_alias=True, mode="json")
+    umbrella = yaml.safe_load((CHART / "values.yaml").read_text())["global"]
+    assert umbrella == model
+    standalone = render(chart=SUBCHARTS / "downloader")
+    config_map = one(standalone, "ConfigMap", "downloader")
+    assert yaml.safe_load(config_map["data"]["config.yaml"])["global"] == model
+
+
+def test_stage_config_defaults_are_the_models_defaults():
+    loader = pytest.importorskip("trajflow.config.loader")
+    for stage in STAGE_CHARTS:
+        values = yaml.safe_load((SUBCHARTS / stage / "values.yaml").read_text())
+        assert values["config"] == loader.STAGE_MODELS[stage]().model_dump(by_alias=True, mode="json"), stage
+
+
+@pytest.mark.parametrize("env", ENVIRONMENTS)
+def test_environment_values_pass_the_schema_and_the_models(env):
+    """Beyond the JSON Schema: the pydantic models (discriminated unions, cross-field rules)
+    accept every environment's global and config blocks as merged by Helm."""
+    loader = pytest.importorskip("trajflow.config.loader")
+    values = loader.load_values([env_file(env)], chart_dir=CHART)
+    glob = json.loads(json.dumps(values.merged["global"]))
+    if "{{" in glob["metrics"]["pushgatewayUrl"]:
+        # Helm renders this one with tpl; the pods see the in-release Service's URL.
+        glob["metrics"]["pushgatewayUrl"] = "http://trajflow-pushgateway.trajflow.svc:9091"
+    loader.validate_global(glob, values=values)
+    for stage in STAGE_CHARTS:
+        loader.validate_stage(stage, values.stage(stage).get("config") or {}, values=values)
+
+
+# (values given with --set-json semantics, fragments the error must contain)
+BAD_VALUES = {
+    "negative parallelism": ({"downloader.parallelism": -1}, ["downloader", "/parallelism", "minimum"]),
+    "zero shards": ({"downloader.shards": 0}, ["downloader", "/shards", "minimum"]),
+    "shards of the wrong type": ({"downloader.shards": "eight"}, ["downloader", "/shards", "want integer"]),
+    "unknown stage key": ({"downloader.paralelism": 8}, ["downloader", "'paralelism' not allowed"]),
+    "unknown top-level key": ({"trainng": {"nodes": 2}}, ["trajflow", "'trainng' not allowed"]),
+    "unknown global key": ({"global.runID": "x"}, ["trajflow", "'runID' not allowed"]),
+    "plain-text S3 secret": ({"global.storage.s3.secretAccessKey": "wJalrXUtnFEMI"},
+                             ["'secretAccessKey' not allowed"]),
+    "plain-text secret env": ({"downloader.extraEnv": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "abc"}]},
+                              ["downloader", "/extraEnv/0", "valueFrom"]),
+    "plain-text token env": ({"training.extraEnv": [{"name": "HF_TOKEN", "value": "hf_abc"}]},
+                             ["training", "/extraEnv/0", "valueFrom"]),
+    "s3 without a bucket": ({"global.storage.type": "s3"}, ["/global/storage/s3/bucket"]),
+    "no PVC and no existing claim": ({"global.storage.pvc.create": False}, ["/global/storage/pvc/existingClaim"]),
+    "unknown storage type": ({"global.storage.type": "nfs"}, ["/global/storage/type"]),
+    "bad memory quantity": ({"preprocessing.resources.limits.memory": "lots"},
+                            ["preprocessing", "/resources/limits/memory"]),
+    "bad PVC size": ({"global.storage.pvc.size": "100 GB"}, ["/global/storage/pvc/size"]),
+    "bad shm size": ({"training.shm.sizeLimit": "1XB"}, ["training", "/shm/sizeLimit"]),
+    "zero training nodes": ({"training.nodes": 0}, ["training", "/nodes"]),
+    "unknown launcher": ({"training.launcher": "mpi"}, ["training", "/launcher"]),
+    "rendezvous port out of range": ({"training.rendezvous.port": 70000}, ["training", "/rendezvous/port"]),
+    "zero processes per node": ({"training.nprocPerNode": 0}, ["training", "/nprocPerNode"]),
+    "bad wait timeout": ({"preprocessing.waitTimeout": "soon"}, ["preprocessing", "/waitTimeout"]),
+    "root user": ({"downloader.containerSecurityContext.runAsUser": 0},
+                  ["downloader", "/containerSecurityContext/runAsUser"]),
+    "writable root filesystem": ({"preprocessing.containerSecurityContext.readOnlyRootFilesystem": False},
+                                 ["preprocessing", "/containerSecurityContext/readOnlyRootFilesystem"]),
+    "privileged container": ({"training.containerSecurityContext.privileged": True},
+                             ["training", "/containerSecurityContext/privileged"]),
+    "pod as root": ({"training.podSecurityContext.runAsNonRoot": False},
+                    ["training", "/podSecurityContext/runAsNonRoot"]),
+    "bad image digest": ({"downloader.image.digest": "latest"}, ["downloader", "/image/digest"]),
+    "bad pull policy": ({"downloader.image.pullPolicy": "Sometimes"}, ["downloader", "/image/pullPolicy"]),
+    "bad toleration operator": ({"preprocessing.tolerations": [{"key": "gpu", "operator": "Maybe"}]},
+                                ["preprocessing", "/tolerations/0/operator"]),
+    "bad failure policy action": (
+        {"downloader.podFailurePolicy": {"rules": [{"action": "Retry", "onExitCodes": {"operator": "In",
+                                                                                      "values": [2]}}]}},
+        ["downloader", "/podFailurePolicy/rules/0/action"]),
+    "pull secret as a string": ({"global.imagePullSecrets": ["regcred"]}, ["/global/imagePullSecrets/0"]),
+    "run id not a DNS label": ({"global.runId": "Run_1"}, ["/global/runId"]),
+    "config out of range": ({"downloader.config.concurrency": 0}, ["downloader", "/config/concurrency"]),
+    "unknown config key": ({"preprocessing.config.targetRate": 50}, ["preprocessing", "'targetRate' not allowed"]),
+    "unknown source type": ({"downloader.config.sources": [{"type": "ftp", "name": "x", "url": "ftp://h/x"}]},
+                            ["downloader", "/config/sources/0"]),
+    "unknown model type": ({"training.config.model.type": "mamba"}, ["training", "/config/model/type"]),
+    "network policy switch of the wrong type": ({"networkPolicy.enabled": "yes"}, ["/networkPolicy/enabled"]),
+    "missing required stage key": ({"downloader.image": None}, ["downloader", "missing property 'image'"]),
+    "per-index retries removed": ({"downloader.backoffLimitPerIndex": None},
+                                  ["downloader", "missing property 'backoffLimitPerIndex'"]),
+}
+
+# Checks across stages happen while rendering; the message names both keys.
+BAD_COMBINATIONS = {
+    "preprocessing shards differ": ({"preprocessing.shards": 4},
+                                    ["preprocessing.shards (4) must equal downloader.shards (8)"]),
+    "training input shards differ": ({"training.inputShards": 3},
+                                     ["training.inputShards (3) must equal preprocessing.shards (8)"]),
+    "more failed indexes than shards": ({"downloader.maxFailedIndexes": 9},
+                                        ["downloader.maxFailedIndexes (9) cannot exceed the Job's 8 completions"]),
+    "PyTorchJob without its API": ({"training.launcher": "pytorchjob"}, ["training.launcher", "kubeflow.org/v1"]),
+}
+
+
+def test_the_corpus_is_large_enough():
+    assert len(BAD_VALUES) + len(BAD_COMBINATIONS) >= 20
+
+
+@pytest.mark.parametrize("case", sorted(BAD_VALUES))
+def test_bad_values_are_rejected_naming_the_key(case):
+    set_values, fragments = BAD_VALUES[case]
+    with pytest.raises(helm.HelmValuesError) as info:
+        render(set_values=set_values)
+    message = str(info.value)
+    missing = [f for f in fragments if f not in message]
+    assert not missing, f"{case}: {missing} not in:\n{message}"
+
+
+@pytest.mark.parametrize("case", sorted(BAD_COMBINATIONS))
+def test_bad_combinations_fail_the_render_naming_the_keys(case):
+    set_values, fragments = BAD_COMBINATIONS[case]
+    with pytest.raises(helm.HelmError) as info:
+        render(set_values=set_values)
+    message = str(info.value)
+    missing = [f for f in fragments if f not in message]
+    assert not missing, f"{case}: {missing} not in:\n{message}"
+
+
+def test_a_disabled_stage_is_not_checked_against_its_siblings():
+    objs = render(set_values={"downloader.enabled": False, "preprocessing.shards": 4, "training.inputShards": 4},
+                  api_versions=[*PROMETHEUS_OPERATOR_APIS, *KUBEFLOW_APIS])
+    assert {o["metadata"]["labels"]["app.kubernetes.io/component"] for o in objs if o["kind"] == "Job"} == {
+        "preprocessing", "training"}

@@ -1,0 +1,192 @@
+"""Download and preprocessing Jobs, storage, network policies and the install notes."""
+from __future__ import annotations
+
+import yaml
+from helmrender import (
+    PROMETHEUS_OPERATOR_APIS,
+    SUBCHARTS,
+    container,
+    env_file,
+    env_of,
+    notes,
+    one,
+    pod_spec,
+    render,
+    select,
+)
+
+
+def test_download_job_is_indexed_over_the_shards():
+    objs = render([env_file("production")], api_versions=PROMETHEUS_OPERATOR_APIS)
+    job = one(objs, "Job", "downloader")
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert (spec["completions"], spec["parallelism"], spec["backoffLimitPerIndex"]) == (64, 16, 5)
+    assert spec["activeDeadlineSeconds"] == 86400 and spec["ttlSecondsAfterFinished"] == 86400
+    download = container(job, "download")
+    assert download["command"] == ["trajflow"]
+    assert download["args"] == ["download", "--config", "/etc/trajflow/config.yaml"]
+    assert download["image"] == "ghcr.io/trajflow/trajflow-downloader:0.1.0"
+    assert env_of(download)["TRAJFLOW_SHARDS"] == "64"
+    assert "initContainers" not in pod_spec(job)
+
+
+def test_default_failure_policy_follows_the_exit_codes():
+    job = one(render(), "Job", "downloader")
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules == [
+        {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [2]}},
+        {"action": "FailIndex", "onExitCodes": {"operator": "In", "values": [3]}},
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    ]
+
+
+def test_preprocessing_shard_waits_for_its_download_shard():
+    objs = render([env_file("production")], api_versions=PROMETHEUS_OPERATOR_APIS)
+    job = one(objs, "Job", "preprocessing")
+    wait = container(job, "wait-download")
+    assert wait["args"] == ["wait", "--stage", "download", "--shards", "$(JOB_COMPLETION_INDEX)", "--timeout", "12h",
+                            "--config", "/etc/trajflow/config.yaml"]
+    spec = pod_spec(job)
+    assert [c["name"] for c in spec["initContainers"]] == ["wait-download"]
+    main = container(job, "preprocess")
+    assert main["args"] == ["preprocess", "--config", "/etc/trajflow/config.yaml"]
+    assert main["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert spec["runtimeClassName"] == "nvidia"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    assert job["spec"]["completions"] == one(objs, "Job", "downloader")["spec"]["completions"]
+    assert job["spec"]["parallelism"] == 8
+
+
+def test_image_reference_rules():
+    base = render(set_values={"global.imageRegistry": "mirror.example.com/"})
+    assert container(one(base, "Job", "downloader"), "download")["image"] == \
+        "mirror.example.com/trajflow/trajflow-downloader:0.1.0"
+    digest = "sha256:" + "b" * 64
+    pinned = render(set_values={"downloader.image.digest": digest, "downloader.image.registry": ""})
+    job = one(pinned, "Job", "downloader")
+    assert container(job, "download")["image"] == f"trajflow/trajflow-downloader@{digest}"
+    # pinned: no scanner skip is needed any more
+    assert "checkov.io/skip1" not in (job["metadata"].get("annotations") or {})
+    tagged = one(render(), "Job", "downloader")
+    assert tagged["metadata"]["annotations"]["checkov.io/skip1"].startswith("CKV_K8S_43=")
+
+
+def test_pull_secrets_merge_without_repeats():
+    objs = render(set_values={"global.imagePullSecrets": [{"name": "shared"}],
+                              "training.imagePullSecrets": [{"name": "gpu"}, {"name": "shared"}]})
+    assert pod_spec(one(objs, "Job", "training"))["imagePullSecrets"] == [{"name": "gpu"}, {"name": "shared"}]
+    assert pod_spec(one(objs, "Job", "downloader"))["imagePullSecrets"] == [{"name": "shared"}]
+
+
+def test_service_accounts_carry_workload_identity_and_no_token():
+    objs = render([env_file("production")], api_versions=PROMETHEUS_OPERATOR_APIS)
+    for stage in ("downloader", "preprocessing", "training"):
+        sa = one(objs, "ServiceAccount", stage)
+        assert sa["automountServiceAccountToken"] is False
+        assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
+        assert pod_spec(one(objs, "Job", stage))["serviceAccountName"] == sa["metadata"]["name"]
+    objs = render(set_values={"downloader.serviceAccount.create": False, "downloader.serviceAccount.name": "ops"})
+    assert not select(objs, "ServiceAccount", "downloader")
+    assert pod_spec(one(objs, "Job", "downloader"))["serviceAccountName"] == "ops"
+
+
+def test_s3_credentials_come_from_an_existing_secret():
+    objs = render([env_file("staging")], api_versions=PROMETHEUS_OPERATOR_APIS)
+    assert not select(objs, "PersistentVolumeClaim")
+    for stage in ("downloader", "preprocessing", "training"):
+        job = one(objs, "Job", stage)
+        for c in [*pod_spec(job).get("initContainers", []), *pod_spec(job)["containers"]]:
+            assert c["envFrom"] == [{"secretRef": {"name": "trajflow-s3-credentials"}}]
+            assert not any("data" == m["name"] for m in c["volumeMounts"])
+    config = yaml.safe_load(one(objs, "ConfigMap", "downloader")["data"]["config.yaml"])
+    assert config["global"]["storage"]["s3"]["existingSecret"] == "trajflow-s3-credentials"
+    # the tpl'd URL reaches the pods rendered
+    assert config["global"]["metrics"]["pushgatewayUrl"] == "http://trajflow-pushgateway.trajflow.svc:9091"
+
+
+def test_existing_claim_is_used_and_not_created():
+    objs = render(set_values={"global.storage.pvc.create": False, "global.storage.pvc.existingClaim": "fleet-data"})
+    assert not select(objs, "PersistentVolumeClaim")
+    for stage in ("downloader", "preprocessing", "training"):
+        volumes = {v["name"]: v for v in pod_spec(one(objs, "Job", stage))["volumes"]}
+        assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "fleet-data"
+
+
+def test_created_claim_is_kept_on_uninstall():
+    pvc = one(render([env_file("dev")]), "PersistentVolumeClaim", "storage")
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    assert "storageClassName" not in pvc["spec"]  # the cluster default
+
+
+def policy(objs, stage):
+    return next(iter(select(objs, "NetworkPolicy", stage)))["spec"]
+
+
+def test_network_policies_deny_by_default_and_allow_what_each_stage_needs():
+    objs = render([env_file("dev")])
+    deny = next(p for p in select(objs, "NetworkPolicy") if p["metadata"]["name"].endswith("-default-deny"))["spec"]
+    assert deny["policyTypes"] == ["Ingress", "Egress"] and "ingress" not in deny and "egress" not in deny
+    assert deny["podSelector"]["matchExpressions"][0]["values"] == ["downloader", "preprocessing", "training"]
+    down = policy(objs, "downloader")
+    assert down["ingress"] == []
+    ports = [sorted(p["port"] for p in rule["ports"]) for rule in down["egress"]]
+    assert [53, 53] in ports  # DNS, UDP and TCP
+    assert [80] in ports  # the robomimic catalog is served over http
+    pre = policy(objs, "preprocessing")
+    assert [sorted(p["port"] for p in rule.get("ports", [])) for rule in pre["egress"]] == [[53, 53]]
+    train = policy(objs, "training")
+    peers = {"podSelector": {"matchLabels": {"app.kubernetes.io/component": "training",
+                                             "app.kubernetes.io/instance": "trajflow",
+                                             "app.kubernetes.io/name": "trajflow"}}}
+    assert {"from": [peers]} in train["ingress"] and {"to": [peers]} in train["egress"]
+    assert {"from": [{"namespaceSelector": {}}], "ports": [{"port": 9400, "protocol": "TCP"}]} in train["ingress"]
+
+
+def test_network_policies_follow_storage_and_pushgateway():
+    objs = render([env_file("staging")], api_versions=PROMETHEUS_OPERATOR_APIS)
+    egress = policy(objs, "preprocessing")["egress"]
+    minio = [r for r in egress if r.get("ports") == [{"port": 9000, "protocol": "TCP"}]]
+    assert minio and "to" not in minio[0]  # any address unless networkPolicy.storageTo narrows it
+    pushgateway = [r for r in egress if r.get("ports") == [{"port": 9091, "protocol": "TCP"}]]
+    assert pushgateway[0]["to"] == [{"podSelector": {"matchLabels": {
+        "app.kubernetes.io/component": "pushgateway", "app.kubernetes.io/instance": "trajflow",
+        "app.kubernetes.io/name": "trajflow"}}}]
+    narrowed = render([env_file("staging")], {"networkPolicy.storageTo": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]},
+                      api_versions=PROMETHEUS_OPERATOR_APIS)
+    egress = policy(narrowed, "downloader")["egress"]
+    assert {"ports": [{"port": 9000, "protocol": "TCP"}], "to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]} in egress
+    assert not select(render(set_values={"networkPolicy.enabled": False}), "NetworkPolicy")
+
+
+def test_stage_charts_render_on_their_own():
+    for stage in ("downloader", "preprocessing"):
+        objs = render(chart=SUBCHARTS / stage)
+        job = one(objs, "Job", stage)
+        assert job["metadata"]["name"].startswith(f"trajflow-{stage}-")
+        assert one(objs, "ConfigMap", stage) and one(objs, "ServiceAccount", stage)
+
+
+def test_notes_say_how_to_watch_and_where_data_lands():
+    text = notes([env_file("dev")])
+    assert "kubectl -n trajflow get jobs -l app.kubernetes.io/instance=trajflow" in text
+    assert "completedIndexes" in text
+    assert "file:///data/dev" in text and 'PersistentVolumeClaim "trajflow-data"' in text
+    assert "--set downloader.parallelism=16" in text
+    s3 = notes([env_file("production")], api_versions=PROMETHEUS_OPERATOR_APIS)
+    assert "s3://trajflow-production/runs/fleet-2026-q3" in s3
+    assert "http://trajflow-pushgateway.trajflow.svc:9091" in s3
+    hint = notes(set_values={"monitoring.enabled": True}, api_versions=PROMETHEUS_OPERATOR_APIS)
+    assert "global.metrics.pushgatewayUrl is empty" in hint and "trajflow.inReleasePushgatewayUrl" in hint
+
+
+def test_release_names_that_say_trajflow_are_not_repeated():
+    objs = render([env_file("dev")], release="trajflow-fleet")
+    assert one(objs, "PersistentVolumeClaim", "storage")["metadata"]["name"] == "trajflow-fleet-data"
+    assert one(objs, "ServiceAccount", "downloader")["metadata"]["name"] == "trajflow-fleet-downloader"
+    assert one(objs, "Job", "training")["metadata"]["name"].startswith("trajflow-fleet-training-")
+    objs = render([env_file("dev")], release="fleet")
+    assert one(objs, "PersistentVolumeClaim", "storage")["metadata"]["name"] == "fleet-trajflow-data"
+    assert one(objs, "ConfigMap", "preprocessing")["metadata"]["name"] == "fleet-trajflow-preprocessing-config"

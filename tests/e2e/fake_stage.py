@@ -1,0 +1,76 @@
+"""A stand-in for `trajflow download|preprocess|train` that keeps the stage contract
+(config file, shard env, manifests written last, JSON logs, exit codes) but does no real
+work, so the runner's scheduling, skipping, retries and signal handling can be tested
+in seconds. Behaviour is steered by environment variables:
+
+    FAKE_SECONDS=0.3              time each shard "works"
+    FAKE_SECONDS_preprocess_2=3   ... or this one shard
+    FAKE_FAIL=preprocess:1:3      stage:shard:exit code (stage may be *)
+    FAKE_FAIL_TIMES=1             fail only the first N attempts (counted in FAKE_STATE_DIR)
+    FAKE_STATE_DIR=DIR            where attempts and starts are recorded (required)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from trajflow import log as tlog
+from trajflow.config import load_config_file
+from trajflow.storage import open_run_root, write_manifest
+
+STAGE_NAMES = {"download": "downloader", "preprocess": "preprocessing", "train": "training"}
+
+
+def main(argv: list[str]) -> int:
+    tlog.setup()
+    logger = logging.getLogger("fake")
+    command = argv[0]
+    config_path = argv[argv.index("--config") + 1]
+    if Path(config_path).resolve() != Path(os.environ["TRAJFLOW_CONFIG"]).resolve():
+        logger.error("TRAJFLOW_CONFIG and --config disagree")
+        return 2
+    glob, _config = load_config_file(config_path, STAGE_NAMES[command])
+    shard = int(os.environ.get("RANK", os.environ["JOB_COMPLETION_INDEX"])) if command == "train" else int(os.environ["JOB_COMPLETION_INDEX"])
+    shards = int(os.environ["TRAJFLOW_SHARDS"])
+    state = Path(os.environ["FAKE_STATE_DIR"])
+    state.mkdir(parents=True, exist_ok=True)
+    with (state / "starts.jsonl").open("a") as fh:
+        fh.write(json.dumps({"stage": command, "shard": shard, "shards": shards, "t": time.time(), "pid": os.getpid()}) + "\n")
+    attempts_file = state / f"attempts-{command}-{shard}"
+    attempts = int(attempts_file.read_text()) + 1 if attempts_file.exists() else 1
+    attempts_file.write_text(str(attempts))
+    logger.info("%s shard %d of %d started", command, shard, shards, extra={"attempt": attempts})
+    time.sleep(float(os.environ.get(f"FAKE_SECONDS_{command}_{shard}", os.environ.get("FAKE_SECONDS", "0.3"))))
+    fail = os.environ.get("FAKE_FAIL", "")
+    if fail:
+        stage, fail_shard, code = fail.split(":")
+        if stage in (command, "*") and int(fail_shard) == shard and attempts <= int(os.environ.get("FAKE_FAIL_TIMES", "1000")):
+            logger.error("failing on purpose with exit code %s", code)
+            return int(code)
+    storage = open_run_root(glob)
+    if command == "train":
+        if shard == 0:
+            history = []
+            for epoch in range(3):
+                row = {"epoch": epoch, "train_loss": 1.0 / (epoch + 1), "val_loss": 1.2 / (epoch + 1)}
+                history.append(row)
+                logger.info("epoch done", extra=row)
+            # the shape of trajflow.train.artifacts' metrics.json
+            doc = {"status": "completed", "initial_val_loss": 1.5, "final_val_loss": 0.4, "history": history}
+            storage.write_bytes("train/artifacts/metrics.json", json.dumps(doc).encode())
+        return 0
+    stage_key = {"download": "download", "preprocess": "preprocess"}[command]
+    storage.write_bytes(f"{'raw' if command == 'download' else 'resampled'}/{shard:05d}/item.bin", b"x" * (100 + shard))
+    write_manifest(storage, stage_key, shard, shards, [{"key": f"item-{shard}", "size": 100 + shard}], trajectories=2, num_frames=10)
+    logger.info("%s shard %d done", command, shard)
+    with (state / "ends.jsonl").open("a") as fh:
+        fh.write(json.dumps({"stage": command, "shard": shard, "t": time.time()}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

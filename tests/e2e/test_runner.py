@@ -1,0 +1,321 @@
+"""The local runner's scheduling, skipping, retries and signal handling, against a fake
+stage program (tests/e2e/fake_stage.py) that keeps the stage contract without real work."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from trajflow.config import load_values
+from trajflow.errors import ConfigError
+from trajflow.local import procs
+from trajflow.local.pipeline import build_plan, missing_stage_modules
+from trajflow.local.progress import PlainView
+from trajflow.local.report import write_report
+from trajflow.local.runner import DONE, SKIPPED, STOPPED, Runner, RunResult
+from trajflow.storage import done_shards, open_storage
+
+FAKE = Path(__file__).with_name("fake_stage.py")
+
+
+def write_values(tmp_path: Path, shards: int = 3, name: str = "values.yaml", **extra: Any) -> Path:
+    doc: dict[str, Any] = {
+        "global": {"runId": "fake", "storage": {"type": "filesystem", "filesystem": {"path": str(tmp_path / "data")}}},
+        "downloader": {"shards": shards, "parallelism": 2, "backoffLimitPerIndex": 0, "config": {"concurrency": 3}},
+        "preprocessing": {"shards": shards, "parallelism": 1, "backoffLimitPerIndex": 0, "config": {"targetRateHz": 25}},
+        "training": {"inputShards": shards, "nprocPerNode": 1, "maxRestarts": 0, "backoffLimitPerIndex": 0},
+    }
+    for dotted, value in extra.items():
+        node = doc
+        *parents, last = dotted.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+class Fake:
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+        self.tmp_path = tmp_path
+        self.state = tmp_path / "fake-state"
+        monkeypatch.setenv("FAKE_STATE_DIR", str(self.state))
+        monkeypatch.setenv("FAKE_SECONDS", "0.2")
+        self.out = io.StringIO()
+
+    def run(self, values: Path, sets: tuple[str, ...] = (), force: bool = False) -> tuple[Runner, RunResult]:
+        plan = build_plan([values], sets)
+        runner = Runner(plan, self.tmp_path / "work", PlainView(stream=self.out), force=force, command=[sys.executable, str(FAKE)])
+        return runner, runner.run()
+
+    def records(self, name: str) -> list[dict[str, Any]]:
+        path = self.state / name
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def starts(self, stage: str | None = None) -> list[dict[str, Any]]:
+        return [r for r in self.records("starts.jsonl") if stage is None or r["stage"] == stage]
+
+
+@pytest.fixture
+def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Fake:
+    return Fake(tmp_path, monkeypatch)
+
+
+def storage_of(tmp_path: Path, run_id: str = "fake"):  # type: ignore[no-untyped-def]
+    return open_storage(str(tmp_path / "data" / run_id))
+
+
+def test_runs_every_stage_pipelined_with_the_chart_config(fake: Fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_SECONDS_download_2", "2.5")  # a slow last download shard
+    runner, result = fake.run(write_values(tmp_path))
+    assert result.exit_code == 0, fake.out.getvalue()
+    assert all(t.state == DONE for t in result.tasks)
+    storage = storage_of(tmp_path)
+    assert done_shards(storage, "download") == {0, 1, 2}
+    assert done_shards(storage, "preprocess") == {0, 1, 2}
+
+    # each stage got exactly the chart's ConfigMap document and its shard count
+    rendered = yaml.safe_load((tmp_path / "work" / "config" / "preprocessing.yaml").read_text())
+    assert set(rendered) == {"global", "config"}
+    merged = load_values([tmp_path / "values.yaml"]).merged
+    assert rendered == {"global": merged["global"], "config": merged["preprocessing"]["config"]}
+    assert rendered["config"]["targetRateHz"] == 25 and rendered["global"]["runId"] == "fake"
+    assert {(s["shard"], s["shards"]) for s in fake.starts("download")} == {(0, 3), (1, 3), (2, 3)}
+
+    starts = {(s["stage"], s["shard"]): s["t"] for s in fake.starts()}
+    ends = {(s["stage"], s["shard"]): s["t"] for s in fake.records("ends.jsonl")}
+    # pipelined: preprocessing shard 0 ran while download shard 2 was still busy
+    assert starts[("preprocess", 0)] < ends[("download", 2)]
+    # and shard i never before its download shard i finished
+    for i in range(3):
+        assert starts[("preprocess", i)] >= ends[("download", i)]
+    # parallelism: never more than 2 downloads at once, preprocessing one at a time
+    pre = sorted((starts[("preprocess", i)], ends[("preprocess", i)]) for i in range(3))
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(pre, pre[1:]))
+    downloads = [(starts[("download", i)], ends[("download", i)]) for i in range(3)]
+    assert max(sum(1 for s, e in downloads if s <= t < e) for t, _ in downloads) <= 2
+    # training waited for every preprocessed shard
+    assert fake.starts("train")[0]["t"] >= max(ends[("preprocess", i)] for i in range(3))
+
+    doc, _ = write_report(runner, result)
+    assert doc["stages"]["train"]["final_val_loss"] == pytest.approx(0.4)
+    assert doc["stages"]["train"]["initial_val_loss"] == pytest.approx(1.5)
+    assert doc["stages"]["download"]["bytes"] == 100 + 101 + 102
+    assert Path(doc["report"]).is_file() and Path(doc["report"]).with_suffix(".png").stat().st_size > 10_000
+
+
+def test_live_view_draws_every_stage(fake: Fake, tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from trajflow.local.progress import LiveView
+
+    screen = io.StringIO()
+    plan = build_plan([write_values(tmp_path, shards=2)], ["training.enabled=false"])
+    view = LiveView(Console(file=screen, force_terminal=True, width=120, color_system=None))
+    result = Runner(plan, tmp_path / "work", view, command=[sys.executable, str(FAKE)]).run()
+    assert result.exit_code == 0
+    final = screen.getvalue().rsplit("stage", 1)[-1]  # the last frame drawn
+    assert re.search(r"✓\s+download\s+━+\s+2/2", final), final
+    assert re.search(r"✓\s+preprocess\s+━+\s+2/2", final), final
+    assert "preprocess[1]: done" in screen.getvalue()
+
+
+def test_a_second_run_starts_nothing(fake: Fake, tmp_path: Path) -> None:
+    values = write_values(tmp_path, shards=2)
+    assert fake.run(values)[1].exit_code == 0
+    before = len(fake.starts())
+    runner, result = fake.run(values)
+    assert result.exit_code == 0
+    assert [t.state for t in result.tasks] == [SKIPPED] * 5
+    assert len(fake.starts()) == before
+    # the report still shows what the earlier run learned
+    doc, _ = write_report(runner, result)
+    assert doc["stages"]["train"]["final_val_loss"] == pytest.approx(0.4) and len(doc["history"]) == 3
+
+    # training runs again when its result is gone, and only training
+    (tmp_path / "data" / "fake" / "train" / "artifacts" / "metrics.json").unlink()
+    _, result = fake.run(values)
+    assert result.exit_code == 0
+    assert [t.state for t in result.tasks] == [SKIPPED] * 4 + [DONE]
+
+    # --force starts the processes again (the stages themselves skip verified work)
+    _, forced = fake.run(values, ("training.enabled=false",), force=True)
+    assert forced.exit_code == 0 and len(fake.starts()) == before + 1 + 4
+
+
+def test_an_s3_run_root_works_the_same(fake: Fake, tmp_path: Path, s3_server: Any) -> None:
+    bucket = s3_server.make_bucket()
+    s3 = {"type": "s3", "s3": {"endpoint": s3_server.endpoint, "bucket": bucket, "prefix": "runs", "region": s3_server.region}}
+    values = write_values(tmp_path, shards=2, global__storage=s3)
+    sets = ("training.enabled=false",)
+    runner, result = fake.run(values, sets)
+    assert result.exit_code == 0, fake.out.getvalue()
+    assert runner.plan.root == f"s3://{bucket}/runs/fake"
+    assert done_shards(runner.storage, "preprocess") == {0, 1}
+    before = len(fake.starts())
+    _, again = fake.run(values, sets)
+    assert again.exit_code == 0 and len(fake.starts()) == before
+
+
+def test_changed_stage_config_reruns_that_stage_and_what_follows(fake: Fake, tmp_path: Path) -> None:
+    values = write_values(tmp_path, shards=2)
+    sets = ("training.enabled=false",)
+    assert fake.run(values, sets)[1].exit_code == 0
+    counted = {stage: len(fake.starts(stage)) for stage in ("download", "preprocess")}
+    _, result = fake.run(values, (*sets, "preprocessing.config.targetRateHz=40"))
+    assert result.exit_code == 0
+    assert len(fake.starts("download")) == counted["download"]  # untouched
+    assert len(fake.starts("preprocess")) == counted["preprocess"] + 2
+
+    # training's inputs are every preprocessed manifest: a rewritten one changes them
+    runner = Runner(build_plan([values]), tmp_path / "work", PlainView(stream=io.StringIO()), command=[sys.executable, str(FAKE)])
+    train = next(t for t in runner.tasks if t.stage.stage == "training")
+    before = runner._fingerprint(train)
+    assert runner._fingerprint(train) == before
+    manifest = tmp_path / "data" / "fake" / "resampled" / "_done" / "00001.json"
+    manifest.write_text(manifest.read_text().replace('"trajectories": 2', '"trajectories": 3'))
+    assert runner._fingerprint(train) != before
+
+
+def test_a_retryable_failure_is_retried(fake: Fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_FAIL", "download:1:4")  # TRANSIENT, first attempt only
+    monkeypatch.setenv("FAKE_FAIL_TIMES", "1")
+    values = write_values(tmp_path, shards=2, downloader__backoffLimitPerIndex=1)
+    _, result = fake.run(values, ("training.enabled=false",))
+    assert result.exit_code == 0, fake.out.getvalue()
+    shard1 = next(t for t in result.tasks if t.key == "download/00001")
+    assert shard1.attempts == 2 and shard1.state == DONE
+    assert "retrying" in fake.out.getvalue()
+
+
+@pytest.mark.parametrize("code", [2, 3])
+def test_a_fatal_exit_code_stops_the_run_without_retrying(fake: Fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    monkeypatch.setenv("FAKE_FAIL", f"preprocess:0:{code}")
+    values = write_values(tmp_path, shards=2, preprocessing__backoffLimitPerIndex=3)
+    _, result = fake.run(values)
+    assert result.exit_code == code
+    assert [s["shard"] for s in fake.starts("preprocess")].count(0) == 1  # no retry
+    assert fake.starts("train") == []
+    # the failure names the shard, its log, and shows the log's last lines
+    assert "preprocess[0] failed" in result.failure and "preprocess-00000.log" in result.failure
+    assert "failing on purpose" in result.failure
+
+
+def test_retries_run_out(fake: Fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_FAIL", "download:0:1")
+    values = write_values(tmp_path, shards=1, downloader__backoffLimitPerIndex=1)
+    _, result = fake.run(values, ("training.enabled=false",))
+    assert result.exit_code == 1
+    assert len(fake.starts("download")) == 2
+    assert "after 2 attempts" in result.failure
+
+
+def test_interrupt_stops_children_and_a_rerun_resumes(fake: Fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_SECONDS_preprocess_1", "30")  # would outlast the test
+    values = write_values(tmp_path, shards=3)
+    sets = ("training.enabled=false",)
+
+    def interrupt_when_preprocess_1_runs() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if any(s["shard"] == 1 for s in fake.starts("preprocess")):
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=interrupt_when_preprocess_1_runs, daemon=True)
+    watcher.start()
+    runner, result = fake.run(values, sets)
+    watcher.join()
+    assert result.exit_code == 130 and result.interrupted_by == signal.SIGINT
+    # the 30 s shard was stopped, not waited for
+    assert ("preprocess", 1) not in {(e["stage"], e["shard"]) for e in fake.records("ends.jsonl")}
+    states = {t.key: t.state for t in result.tasks}
+    assert states["preprocess/00001"] == STOPPED and states["preprocess/00002"] == STOPPED
+    assert states["preprocess/00000"] == DONE
+    for start in fake.starts():
+        assert not procs.alive(start["pid"]), f"{start} still runs"
+    assert done_shards(storage_of(tmp_path), "preprocess") == {0}
+
+    monkeypatch.setenv("FAKE_SECONDS_preprocess_1", "0.2")
+    before = {stage: len(fake.starts(stage)) for stage in ("download", "preprocess")}
+    _, again = fake.run(values, sets)
+    assert again.exit_code == 0
+    assert len(fake.starts("download")) == before["download"]  # all three were done
+    assert len(fake.starts("preprocess")) == before["preprocess"] + 2  # shards 1 and 2 only
+    assert done_shards(storage_of(tmp_path), "preprocess") == {0, 1, 2}
+
+
+def test_disabled_upstream_without_its_output_is_a_config_error(fake: Fake, tmp_path: Path) -> None:
+    values = write_values(tmp_path, shards=2)
+    _, result = fake.run(values, ("downloader.enabled=false",))
+    assert result.exit_code == 2
+    assert "downloader is disabled" in result.failure and "0-1" in result.failure
+    assert fake.starts() == []
+
+
+def test_values_errors_name_the_file_and_key(tmp_path: Path) -> None:
+    values = write_values(tmp_path, shards=2)
+    with pytest.raises(ConfigError, match=r"preprocessing\.shards \(3\) must equal downloader\.shards \(2\)"):
+        build_plan([values], ["preprocessing.shards=3"])
+    with pytest.raises(ConfigError, match=r"bad\.yaml: downloader\.parallelism: expected an integer >= 1"):
+        bad = write_values(tmp_path, name="bad.yaml", downloader__parallelism="four")
+        build_plan([bad])
+    with pytest.raises(ConfigError, match=r"preprocessing\.config\.targetRateHz"):
+        build_plan([values], ["preprocessing.config.targetRateHz=-1"])
+    with pytest.raises(ConfigError, match="every stage is disabled"):
+        build_plan([values], ["downloader.enabled=false,preprocessing.enabled=false,training.enabled=false"])
+
+
+def test_a_stage_missing_from_the_install_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trajflow.local import pipeline
+
+    monkeypatch.setitem(pipeline.STAGES, "preprocessing", ("preprocess", "trajflow.no_such_stage.cli", "resampled"))
+    plan = build_plan([write_values(tmp_path)])
+    problems = [p for p in missing_stage_modules(plan) if p.startswith("preprocessing")]
+    assert len(problems) == 1
+    assert "trajflow preprocess" in problems[0] and "preprocessing.enabled=false" in problems[0]
+
+
+@pytest.mark.parametrize("env", ["dev", "staging", "production", "kind", "local"])
+def test_every_environment_values_file_plans_locally(env: str) -> None:
+    """A platform engineer can try any environment's values with `trajflow run` first."""
+    repo = Path(__file__).resolve().parents[2]
+    plan = build_plan([repo / "values" / f"{env}.yaml"])
+    assert [s.stage for s in plan.stages] == ["downloader", "preprocessing", "training"]
+    # the in-release Pushgateway is a Helm template: locally nothing is pushed
+    assert "{{" not in plan.global_.metrics.pushgateway_url
+    for stage in plan.stages:
+        assert "{{" not in yaml.safe_dump(stage.rendered)
+
+
+def test_a_template_other_than_the_pushgateway_is_named(tmp_path: Path) -> None:
+    values = write_values(tmp_path, global__storage__s3__endpoint="{{ .Values.minio }}")
+    with pytest.raises(ConfigError, match=r"global\.storage\.s3\.endpoint is a Helm template .*--set global\.storage\.s3\.endpoint="):
+        build_plan([values])
+
+
+def test_dry_run_prints_the_commands_and_writes_the_configs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from trajflow.cli import main
+
+    values = write_values(tmp_path, shards=2)
+    work = tmp_path / "work"
+    assert main(["run", "-f", str(values), "--dry-run", "--work-dir", str(work)]) == 0
+    out = capsys.readouterr().out
+    config = work / "config"
+    assert f"download --config {config / 'downloader.yaml'}" in out
+    assert "JOB_COMPLETION_INDEX=0 TRAJFLOW_SHARDS=2" in out
+    assert re.search(r"torch\.distributed\.run .*--rdzv-endpoint=127\.0\.0\.1:\d+ .*train --config", out)
+    assert sorted(p.name for p in config.iterdir()) == ["downloader.yaml", "preprocessing.yaml", "training.yaml"]
+    assert not (tmp_path / "data").exists()  # nothing ran

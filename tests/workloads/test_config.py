@@ -1,0 +1,271 @@
+"""Configuration: typed models, the values loader, and one clear error line per problem."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trajflow import cli
+from trajflow.config import (
+    DownloadConfig,
+    GlobalConfig,
+    load_config_file,
+    load_values,
+    shard_from_env,
+    stage_settings,
+    validate_global,
+    validate_stage,
+)
+from trajflow.config.cli import schemas
+from trajflow.errors import ConfigError, ExitCode
+
+
+@pytest.fixture
+def chart(tmp_path: Path) -> Path:
+    """A minimal umbrella chart: global defaults plus a downloader subchart with `config`."""
+    root = tmp_path / "chart"
+    (root / "charts" / "downloader").mkdir(parents=True)
+    (root / "Chart.yaml").write_text("apiVersion: v2\nname: trajflow\nversion: 0.1.0\n")
+    (root / "values.yaml").write_text(
+        "global:\n  runId: default\n  storage:\n    type: filesystem\n    filesystem: {path: /data}\n"
+        "downloader:\n  enabled: true\n"
+    )
+    (root / "charts" / "downloader" / "Chart.yaml").write_text("apiVersion: v2\nname: downloader\nversion: 0.1.0\n")
+    (root / "charts" / "downloader" / "values.yaml").write_text("shards: 2\nconfig:\n  concurrency: 4\n")
+    return root
+
+
+def _values_file(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _one_line(exc: pytest.ExceptionInfo[ConfigError]) -> str:
+    message = str(exc.value)
+    assert message and "\n" not in message, message
+    return message
+
+
+# ---- models ---------------------------------------------------------------------------
+
+
+def test_defaults_validate_and_give_a_run_root(tmp_path):
+    glob = GlobalConfig()
+    assert glob.run_id == "default" and glob.storage.type == "filesystem"
+    assert glob.run_root() == "file:///data/default"
+    s3 = GlobalConfig.model_validate(
+        {"runId": "r7", "storage": {"type": "s3", "s3": {"bucket": "b", "prefix": "/team/runs/"}}}
+    )
+    assert s3.run_root() == "s3://b/team/runs/r7"
+    assert GlobalConfig.model_validate({"storage": {"type": "s3", "s3": {"bucket": "b"}}}).run_root() == "s3://b/default"
+
+
+def test_models_are_camel_case_and_frozen():
+    glob = GlobalConfig.model_validate({"runId": "abc", "metrics": {"pushgatewayUrl": "http://pg:9091"}})
+    assert glob.metrics.pushgateway_url == "http://pg:9091"
+    with pytest.raises(Exception):
+        glob.run_id = "other"  # type: ignore[misc]
+
+
+def test_schema_rejects_unknown_keys_everywhere():
+    doc = schemas()
+    assert set(doc) == {"global", "downloader", "preprocessing", "training"}
+
+    def closed(node, path="$"):
+        if isinstance(node, dict):
+            if node.get("type") == "object" and "properties" in node:
+                assert node.get("additionalProperties") is False, path
+            assert "$ref" not in node, f"{path}: unresolved $ref (the charts embed these blocks)"
+            for key, value in node.items():
+                closed(value, f"{path}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                closed(value, f"{path}[{i}]")
+
+    for block in doc.values():
+        closed(block)
+    assert "runId" in doc["global"]["properties"]
+
+
+def test_schema_command_prints_json(capsys):
+    assert cli.main(["schema", "--block", "global"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == schemas()["global"]
+
+
+def test_schema_accepts_what_the_models_accept_and_rejects_the_rest():
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = schemas()["global"]
+    good = {"runId": "r1", "storage": {"type": "s3", "s3": {"bucket": "b", "addressingStyle": "virtual"}}}
+    jsonschema.validate(good, schema)
+    GlobalConfig.model_validate(good)
+    for bad in ({"runID": "r1"}, {"storage": {"type": "nfs"}}, {"storage": {"s3": {"addressingStyle": "dns"}}}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+        with pytest.raises(ConfigError):
+            validate_global(bad)
+
+
+# ---- bad configuration: one clear line each --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw,expected",
+    [
+        ({"storage": {"tipe": "s3"}}, "values.yaml: global.storage.tipe: unknown key"),
+        ({"storage": {"type": "nfs"}}, "values.yaml: global.storage.type: Input should be 'filesystem' or 's3' (got 'nfs')"),
+        ({"runId": "Bad_Run"}, "values.yaml: global.runId: String should match pattern"),
+        ({"storage": {"s3": {"endpoint": "ftp://minio:9000"}}}, "values.yaml: global.storage.s3.endpoint: endpoint must be an http(s) URL, got 'ftp://minio:9000'"),
+        ({"metrics": {"pushgatewayUrl": "pushgateway:9091"}}, "values.yaml: global.metrics.pushgatewayUrl: pushgatewayUrl must be an http(s) URL"),
+        ({"storage": {"type": "s3"}}, "values.yaml: global.storage: storage.s3.bucket is required when storage.type is s3"),
+        ({"storage": 5}, "values.yaml: global.storage: Input should be a valid dictionary"),
+        ({"imagePullSecrets": [{"name": "ok"}, {"name": "Not OK"}]}, "values.yaml: global.imagePullSecrets[1].name: String should match pattern"),
+    ],
+)
+def test_bad_global_values_give_one_clear_line(raw, expected):
+    with pytest.raises(ConfigError) as info:
+        validate_global(raw, origin="values.yaml")
+    assert _one_line(info).startswith(expected)
+
+
+def test_each_problem_gets_its_own_line():
+    with pytest.raises(ConfigError) as info:
+        validate_global({"runId": "UPPER", "storage": {"tipe": 1}}, origin="v.yaml")
+    lines = str(info.value).splitlines()
+    assert lines == [
+        "v.yaml: global.runId: String should match pattern '^[a-z0-9]([-a-z0-9]*[a-z0-9])?$' (got 'UPPER')",
+        "v.yaml: global.storage.tipe: unknown key",
+    ]
+
+
+def test_bad_stage_config_names_the_stage_and_key():
+    with pytest.raises(ConfigError) as info:
+        validate_stage("downloader", {"concurrencyy": 3}, origin="dev.yaml")
+    assert _one_line(info) == "dev.yaml: downloader.config.concurrencyy: unknown key"
+    with pytest.raises(ConfigError) as info:
+        validate_stage("downloader", {"concurrency": "many"}, origin="dev.yaml")
+    assert _one_line(info).startswith("dev.yaml: downloader.config.concurrency: Input should be a valid integer")
+    with pytest.raises(ConfigError, match="unknown stage 'uploader'"):
+        validate_stage("uploader", {})
+
+
+def test_errors_name_the_file_the_bad_value_came_from(tmp_path, chart):
+    good = _values_file(tmp_path, "base.yaml", "global:\n  runId: run-1\n")
+    bad = _values_file(tmp_path, "override.yaml", "downloader:\n  config:\n    concurrency: lots\n")
+    with pytest.raises(ConfigError) as info:
+        stage_settings("downloader", values_files=[good, bad], env={})
+    assert _one_line(info).startswith(f"{bad}: downloader.config.concurrency: Input should be a valid integer")
+    with pytest.raises(ConfigError) as info:
+        stage_settings("downloader", values_files=[good], sets=["global.storage.type=nfs"], env={})
+    assert _one_line(info).startswith("--set global.storage.type=nfs: global.storage.type: Input should be")
+
+
+def test_unknown_top_level_key_is_named(tmp_path, chart):
+    bad = _values_file(tmp_path, "typo.yaml", "downloder:\n  enabled: true\n")
+    with pytest.raises(ConfigError) as info:
+        load_values([bad], chart_dir=chart)
+    assert _one_line(info).startswith(f"{bad}: unknown top-level key 'downloder'")
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("global: [unclosed\n", "not valid YAML (line 2, column 1)"),
+        ("- a\n- b\n", "top level must be a map of values, got list"),
+        ("global:\n  runId: a\n runId: b\n", "not valid YAML"),
+    ],
+)
+def test_unreadable_values_files_are_named(tmp_path, text, expected):
+    path = _values_file(tmp_path, "broken.yaml", text)
+    with pytest.raises(ConfigError) as info:
+        load_values([path], use_chart_defaults=False)
+    message = _one_line(info)
+    assert message.startswith(f"{path}: ") and expected in message
+
+
+def test_missing_values_file(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_values([tmp_path / "nope.yaml"], use_chart_defaults=False)
+    assert _one_line(info) == f"{tmp_path / 'nope.yaml'}: no such values file"
+
+
+def test_bad_set_expression_is_named():
+    with pytest.raises(ConfigError) as info:
+        load_values(sets=["a.b=1,a=x,a.c=2"], use_chart_defaults=False)
+    assert _one_line(info) == "--set 'a.b=1,a=x,a.c=2': 'a' is used as a map but already holds str"
+
+
+def test_cli_turns_config_errors_into_exit_code_2_and_one_line(tmp_path, capsys, chart, monkeypatch):
+    monkeypatch.setenv("TRAJFLOW_CHART", str(chart))
+    bad = _values_file(tmp_path, "bad.yaml", "global:\n  storage:\n    type: nfs\n")
+    code = cli.main(["wait", "--stage", "download", "--shards", "0", "--timeout", "1s", "-f", str(bad)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == ExitCode.CONFIG == 2
+    assert err == [f"trajflow wait: error: {bad}: global.storage.type: Input should be 'filesystem' or 's3' (got 'nfs')"]
+
+
+# ---- loading ---------------------------------------------------------------------------
+
+
+def test_stage_settings_from_values_files_and_sets(tmp_path, chart):
+    base = _values_file(tmp_path, "env.yaml", f"global:\n  runId: exp-1\n  storage:\n    filesystem: {{path: {tmp_path}}}\n")
+    settings = stage_settings(
+        "downloader", values_files=[base], sets=["downloader.config.concurrency=9"],
+        env={"JOB_COMPLETION_INDEX": "1", "TRAJFLOW_SHARDS": "2"},
+    )
+    assert isinstance(settings.config, DownloadConfig) and settings.config.concurrency == 9
+    assert (settings.shard, settings.shards) == (1, 2)
+    assert settings.root == (tmp_path / "exp-1").as_uri()
+
+
+def test_chart_default_is_used_and_null_deletes_it(tmp_path, chart):
+    values = load_values([], chart_dir=chart)
+    assert values.stage("downloader")["config"] == {"concurrency": 4}
+    assert values.origin(["downloader", "config", "concurrency"]).endswith("charts/downloader/values.yaml")
+    nulled = load_values([], ["downloader.config.concurrency=null"], chart_dir=chart)
+    assert nulled.stage("downloader")["config"] == {}
+    assert validate_stage("downloader", nulled.stage("downloader")["config"]).concurrency == DownloadConfig().concurrency
+
+
+def test_config_file_as_rendered_by_the_chart(tmp_path):
+    path = _values_file(
+        tmp_path, "config.yaml",
+        "global:\n  runId: r2\n  storage:\n    type: s3\n    s3: {bucket: data, endpoint: 'http://minio:9000'}\n"
+        "config:\n  concurrency: 3\n",
+    )
+    glob, config = load_config_file(path, "downloader")
+    assert glob.run_root() == "s3://data/r2" and config.concurrency == 3
+    settings = stage_settings("downloader", env={"TRAJFLOW_CONFIG": str(path), "JOB_COMPLETION_INDEX": "0"})
+    assert settings.global_.run_id == "r2"
+
+    extra = _values_file(tmp_path, "extra.yaml", "global: {}\nconfig: {}\nstage: x\n")
+    with pytest.raises(ConfigError) as info:
+        load_config_file(extra, "downloader")
+    assert _one_line(info) == f"{extra}: unknown top-level key 'stage' (expected global and config)"
+    bad = _values_file(tmp_path, "bad.yaml", "config:\n  concurrency: -1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config_file(bad, "downloader")
+    assert _one_line(info).startswith(f"{bad}: config.concurrency: ")
+
+
+@pytest.mark.parametrize(
+    "env,expected",
+    [({}, (0, 1)), ({"JOB_COMPLETION_INDEX": "3", "TRAJFLOW_SHARDS": "8"}, (3, 8))],
+)
+def test_shard_from_env(env, expected):
+    assert shard_from_env(env) == expected
+
+
+@pytest.mark.parametrize(
+    "env,match",
+    [
+        ({"JOB_COMPLETION_INDEX": "x"}, "must be integers"),
+        ({"JOB_COMPLETION_INDEX": "8", "TRAJFLOW_SHARDS": "8"}, "outside 0..7"),
+        ({"TRAJFLOW_SHARDS": "0"}, "outside"),
+    ],
+)
+def test_bad_shard_env_is_a_config_error(env, match):
+    with pytest.raises(ConfigError, match=match):
+        shard_from_env(env)

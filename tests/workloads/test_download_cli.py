@@ -1,0 +1,210 @@
+"""`trajflow download` as the pod runs it: the rendered config file, shard from the
+environment, exit codes for the podFailurePolicy, metrics pushed by shard, no stdin."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+from download_helpers import FaultyServer, payload, visible_files
+
+from trajflow.errors import ExitCode
+
+TRAJFLOW = [sys.executable, "-m", "trajflow.cli"]
+
+
+@pytest.fixture
+def server() -> Iterator[FaultyServer]:
+    srv = FaultyServer().start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+class PushCapture:
+    """A stand-in Pushgateway that records what is pushed where."""
+
+    def __init__(self) -> None:
+        self.pushes: list[tuple[str, str, str]] = []
+        capture = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _store(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
+                capture.pushes.append((self.command, self.path, body))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_POST = do_PUT = _store
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def write_config(tmp_path: Path, sources: list[dict[str, Any]], pushgateway: str = "", **config: Any) -> Path:
+    doc = {
+        "global": {
+            "runId": "clirun",
+            "storage": {"type": "filesystem", "filesystem": {"path": str(tmp_path / "root")}},
+            "metrics": {"pushgatewayUrl": pushgateway},
+        },
+        "config": {
+            "sources": sources,
+            "retries": {"attempts": 2, "backoffSeconds": 0.01, "maxBackoffSeconds": 0.02},
+            "timeoutSeconds": 2,
+            **config,
+        },
+    }
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def trajflow(args: list[str], shard: int = 0, shards: int = 1, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "JOB_COMPLETION_INDEX": str(shard), "TRAJFLOW_SHARDS": str(shards), "TRAJFLOW_LOG_FORMAT": "json"}
+    return subprocess.run([*TRAJFLOW, *args], env=env, capture_output=True, text=True, timeout=120, **kwargs)
+
+
+def test_shard_from_the_environment_and_stdin_is_never_read(server: FaultyServer, tmp_path: Path) -> None:
+    urls = [server.add(f"/{i}.bin", payload(1000 * (i + 1), seed=i)) for i in range(6)]
+    config = write_config(tmp_path, [{"type": "https", "name": "web", "urls": urls}])
+    for shard in range(2):
+        # stdin is an open pipe nobody writes to: a prompt would hang until the timeout
+        env = {**os.environ, "JOB_COMPLETION_INDEX": str(shard), "TRAJFLOW_SHARDS": "2"}
+        proc = subprocess.Popen([*TRAJFLOW, "download", "--config", str(config)], env=env, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            proc.wait(timeout=60)
+        finally:
+            proc.kill()
+            proc.communicate()
+        assert proc.returncode == 0
+    root = tmp_path / "root" / "clirun" / "raw"
+    together = {**visible_files(root / "00000"), **visible_files(root / "00001")}
+    assert len(together) == 6 and visible_files(root / "00000").keys().isdisjoint(visible_files(root / "00001"))
+    assert sorted(p.name for p in (root / "_done").iterdir()) == ["00000.json", "00001.json"]
+
+
+def test_exit_codes_follow_the_failure_kind(server: FaultyServer, tmp_path: Path) -> None:
+    ok = server.add("/ok.bin", payload(10))
+    server.add("/flaky.bin", payload(10))
+    server.script("/flaky.bin", *["503"] * 20)
+
+    permanent = trajflow(["download", "--config", str(write_config(tmp_path / "p", [
+        {"type": "https", "name": "web", "urls": [ok, server.url("/missing.bin")]}]))])
+    assert permanent.returncode == ExitCode.PERMANENT
+    assert "failed permanently" in permanent.stderr and "missing.bin" in permanent.stderr
+
+    transient = trajflow(["download", "--config", str(write_config(tmp_path / "t", [
+        {"type": "https", "name": "web", "urls": [{"url": server.url("/flaky.bin"), "size": 10}]}]))])
+    assert transient.returncode == ExitCode.TRANSIENT
+    assert "still failing" in transient.stderr
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"global": {}, "config": {"sources": [{"type": "https", "name": "web", "urls": [ok],
+                                                                         "retrys": 3}]}}))
+    config_error = trajflow(["download", "--config", str(bad)])
+    assert config_error.returncode == ExitCode.CONFIG
+    assert "retrys" in config_error.stderr and "unknown key" in config_error.stderr
+
+    empty = trajflow(["download", "--config", str(write_config(tmp_path / "e", []))])
+    assert empty.returncode == ExitCode.CONFIG and "sources is empty" in empty.stderr
+
+
+def test_plan_only_prints_this_shards_items(server: FaultyServer, tmp_path: Path) -> None:
+    urls = [server.add(f"/{i}.bin", payload(100 * (i + 1))) for i in range(5)]
+    config = write_config(tmp_path, [{"type": "https", "name": "web", "urls": urls}])
+    lines = []
+    for shard in range(3):
+        out = trajflow(["download", "--config", str(config), "--plan-only"], shard=shard, shards=3)
+        assert out.returncode == 0, out.stderr
+        lines += [json.loads(line)["key"] for line in out.stdout.splitlines()]
+    assert sorted(lines) == sorted(f"web/{i}.bin" for i in range(5))
+    assert server.requests() == []  # planning only sizes with HEAD
+    assert not (tmp_path / "root" / "clirun" / "raw").exists()
+
+
+def test_metrics_are_pushed_with_the_shard_in_the_grouping_key(server: FaultyServer, tmp_path: Path) -> None:
+    gateway = PushCapture()
+    try:
+        urls = [server.add(f"/{i}.bin", payload(2000, seed=i)) for i in range(3)]
+        config = write_config(tmp_path, [{"type": "https", "name": "web", "urls": urls}], pushgateway=gateway.url)
+        out = trajflow(["download", "--config", str(config)], shard=1, shards=2)
+        assert out.returncode == 0, out.stderr
+    finally:
+        gateway.stop()
+    assert gateway.pushes
+    method, path, body = gateway.pushes[-1]
+    segments = path.strip("/").split("/")
+    assert method == "POST" and segments[:3] == ["metrics", "job", "trajflow"]
+    assert dict(zip(segments[3::2], segments[4::2])) == {"run": "clirun", "stage": "download", "shard": "1"}
+    for series in ("trajflow_download_bytes_total", 'trajflow_download_items_total{outcome="fetched"}',
+                   "trajflow_download_bytes_planned", "trajflow_download_duration_seconds",
+                   "trajflow_download_throughput_bytes_per_second", "trajflow_stage_success 1.0"):
+        assert series in body, series
+
+
+def test_progress_lines_carry_rate_and_eta(server: FaultyServer, tmp_path: Path) -> None:
+    server.rate_bytes_per_s = 2 << 20
+    url = server.add("/slow.bin", payload(3 << 20))
+    config = write_config(tmp_path, [{"type": "https", "name": "web", "urls": [url]}], progressIntervalSeconds=0.3)
+    out = trajflow(["download", "--config", str(config)])
+    assert out.returncode == 0, out.stderr
+    progress = [json.loads(line) for line in out.stderr.splitlines() if '"progress"' in line]
+    assert progress, out.stderr[-2000:]
+    last = progress[-1]
+    assert "ETA" in last["msg"] and "/s" in last["msg"]
+    assert last["progress"]["bytes_total"] == 3 << 20 and "rate" in last["progress"]
+    summary = [json.loads(line) for line in out.stderr.splitlines() if '"summary"' in line]
+    assert summary and summary[-1]["summary"]["fetched"] == 1
+
+
+def test_sigterm_pushes_final_metrics_and_exits_for_a_retry(server: FaultyServer, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    server.rate_bytes_per_s = 1 << 20
+    url = server.add("/slow.bin", payload(20 << 20))
+    gateway = PushCapture()
+    try:
+        config = write_config(tmp_path, [{"type": "https", "name": "web", "urls": [url]}], pushgateway=gateway.url,
+                              multipartThresholdMib=5, partSizeMib=5)
+        env = {**os.environ, "JOB_COMPLETION_INDEX": "0", "TRAJFLOW_SHARDS": "1", "TRAJFLOW_LOG_FORMAT": "json"}
+        proc = subprocess.Popen([*TRAJFLOW, "download", "--config", str(config)], env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        gateway.stop()
+    assert proc.returncode == ExitCode.TRANSIENT, stderr[-2000:]
+    assert "stopped by signal" in stderr
+    assert gateway.pushes and "trajflow_stage_success 0.0" in gateway.pushes[-1][2]
+    # the bytes fetched so far are kept for the next run
+    journals = list((tmp_path / "root" / "clirun" / "raw" / "00000" / "web").glob(".trajflow-tmp-dl-*.journal"))
+    assert journals and len(journals[0].read_text().splitlines()) > 2

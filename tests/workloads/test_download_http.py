@@ -1,0 +1,377 @@
+"""The downloader against a local HTTP(S) server that injects faults: every required item
+ends verified, nothing partial or corrupt is ever visible, failures get the right exit code."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from download_helpers import FaultyServer, hidden_files, payload, visible_files
+
+from trajflow.config.download import DownloadConfig
+from trajflow.download.shard import ShardDownloader, ShardSummary
+from trajflow.errors import ExitCode
+from trajflow.storage import LocalStorage, read_manifest
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def server() -> Iterator[FaultyServer]:
+    srv = FaultyServer(stall_s=2.5).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def make_config(sources: list[dict[str, Any]], **overrides: Any) -> DownloadConfig:
+    doc: dict[str, Any] = {
+        "sources": sources,
+        "concurrency": 4,
+        "partSizeMib": 5,
+        "multipartThresholdMib": 5,
+        "timeoutSeconds": 1.0,
+        "retries": {"attempts": 4, "backoffSeconds": 0.01, "maxBackoffSeconds": 0.05},
+        "progressIntervalSeconds": 60,
+    }
+    doc.update(overrides)
+    return DownloadConfig.model_validate(doc)
+
+
+def run(root: Path, config: DownloadConfig, shard: int = 0, shards: int = 1) -> ShardSummary:
+    return ShardDownloader(LocalStorage(root), config, shard, shards).run()
+
+
+def raw_files(root: Path, shard: int = 0) -> dict[str, bytes]:
+    base = root / "raw" / f"{shard:05d}"
+    return visible_files(base) if base.exists() else {}
+
+
+def test_faults_are_retried_until_every_item_is_verified(server: FaultyServer, tmp_path: Path) -> None:
+    small = {f"/s{i}.bin": payload(50_000 + i, seed=i) for i in range(6)}
+    large = {"/large.bin": payload(12 * MiB + 123, seed=99)}
+    urls = [server.add(p, d, content_md5=True) for p, d in {**small, **large}.items()]
+    for path, fault in zip(small, ["500", "503", "429", "reset", "truncate", "corrupt"]):
+        server.script(path, fault)
+    # the large object's parts meet a stall (read timeout), a reset and a truncation
+    server.script("/large.bin", "stall", "reset", "truncate", "slow")
+    summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": urls}]))
+
+    assert summary.exit_code == ExitCode.OK, [r.error for r in summary.failed]
+    files = raw_files(tmp_path)
+    assert files == {f"web{p}": d for p, d in {**small, **large}.items()}
+    assert hidden_files(tmp_path / "raw") == []
+    assert summary.retries >= 9
+    for reason in ("server_error", "throttled", "connection", "truncated", "timeout", "checksum"):
+        assert summary.failures_by_reason.get(reason, 0) >= 1, (reason, summary.failures_by_reason)
+    manifest = read_manifest(LocalStorage(tmp_path), "download", 0)
+    assert manifest is not None
+    by_item = {e["item"]: e for e in manifest["items"]}
+    assert by_item["web/large.bin"]["sha256"] == hashlib.sha256(large["/large.bin"]).hexdigest()
+    # a whole-object response carried Content-MD5: it was checked
+    assert "md5:header:Content-MD5" in by_item["web/s0.bin"]["checks"]
+
+
+def test_not_found_is_permanent_and_others_still_complete(server: FaultyServer, tmp_path: Path) -> None:
+    good = server.add("/good.bin", payload(1000))
+    summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": [good, server.url("/nope.bin")]}]))
+    assert summary.exit_code == ExitCode.PERMANENT
+    (failed,) = summary.failed
+    assert failed.item.key == "web/nope.bin" and failed.reason == "not_found" and failed.kind == "permanent"
+    assert raw_files(tmp_path) == {"web/good.bin": payload(1000)}
+    # 404 is never retried; the manifest is not written while a required item is missing
+    assert len(server.requests("/nope.bin")) == 1
+    assert read_manifest(LocalStorage(tmp_path), "download", 0) is None
+
+
+def test_forbidden_is_permanent(server: FaultyServer, tmp_path: Path) -> None:
+    url = server.add("/secret.bin", payload(10))
+    server.script("/secret.bin", *["403"] * 10)
+    summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": [url]}]))
+    assert summary.exit_code == ExitCode.PERMANENT
+    assert summary.failed[0].reason == "forbidden"
+    assert len(server.requests("/secret.bin")) == 1
+
+
+def test_lasting_server_errors_exit_transient_and_leave_nothing_visible(server: FaultyServer, tmp_path: Path) -> None:
+    url = server.add("/flaky.bin", payload(2000))
+    server.script("/flaky.bin", *["503"] * 50)
+    summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": [url]}]))
+    assert summary.exit_code == ExitCode.TRANSIENT
+    assert summary.failed[0].kind == "transient"
+    assert len(server.requests("/flaky.bin")) == 4  # retries.attempts
+    assert raw_files(tmp_path) == {}
+    assert hidden_files(tmp_path / "raw") == []
+
+
+def test_checksum_that_never_matches_is_permanent_and_never_visible(server: FaultyServer, tmp_path: Path) -> None:
+    data = payload(300_000)
+    url = server.add("/bad.bin", data)
+    wrong = hashlib.sha256(b"something else").hexdigest()
+    source = {"type": "https", "name": "web", "urls": [{"url": url, "sha256": wrong}]}
+    summary = run(tmp_path, make_config([source]))
+    assert summary.exit_code == ExitCode.PERMANENT
+    (failed,) = summary.failed
+    assert failed.reason == "checksum" and wrong in failed.error
+    assert len(server.requests("/bad.bin")) == 4  # fetched again on each attempt, then reported
+    assert raw_files(tmp_path) == {}
+    assert hidden_files(tmp_path / "raw") == []
+
+
+def test_a_declared_checksum_is_verified(server: FaultyServer, tmp_path: Path) -> None:
+    data = payload(70_000, seed=5)
+    url = server.add("/ok.bin", data)
+    source = {"type": "https", "name": "web", "urls": [{"url": url, "sha256": hashlib.sha256(data).hexdigest(),
+                                                         "md5": hashlib.md5(data).hexdigest()}]}
+    summary = run(tmp_path, make_config([source]))
+    assert summary.exit_code == 0
+    checks = summary.results[0].record.checks  # type: ignore[union-attr]
+    assert "sha256:config" in checks and "md5:config" in checks
+
+
+def test_corrupt_part_of_a_large_object_is_caught_by_the_representation_digest(server: FaultyServer, tmp_path: Path) -> None:
+    data = payload(11 * MiB, seed=3)
+    url = server.add("/big.bin", data, repr_digest=True)
+    server.script("/big.bin", "ok", "corrupt")  # the second part request returns a flipped byte
+    summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": [url]}]))
+    assert summary.exit_code == 0
+    assert summary.failures_by_reason.get("checksum") == 1
+    assert raw_files(tmp_path) == {"web/big.bin": data}
+    assert "sha256:header:Repr-Digest" in summary.results[0].record.checks  # type: ignore[union-attr]
+
+
+def test_interrupted_large_object_resumes_from_the_bytes_on_disk(server: FaultyServer, tmp_path: Path) -> None:
+    data = payload(12 * MiB, seed=7)
+    url = server.add("/big.bin", data)
+    server.script("/big.bin", "truncate", "truncate", "truncate")  # each of the 3 parts gets half
+    config = make_config([{"type": "https", "name": "web", "urls": [url]}], retries={"attempts": 1, "backoffSeconds": 0.01})
+    first = run(tmp_path, config)
+    assert first.exit_code == ExitCode.TRANSIENT
+    assert raw_files(tmp_path) == {}
+    assert len(hidden_files(tmp_path / "raw")) == 2  # the temporary and its journal
+    kept = first.bytes_received  # every byte received was written and journaled
+    assert kept > 0
+    server.clear_log()
+
+    second = run(tmp_path, config)
+    assert second.exit_code == 0
+    assert raw_files(tmp_path) == {"web/big.bin": data}
+    assert server.bytes_sent("/big.bin") == len(data) - kept  # nothing on disk was fetched again
+    assert hidden_files(tmp_path / "raw") == []
+
+
+def test_resume_notices_a_changed_object_and_starts_over(server: FaultyServer, tmp_path: Path) -> None:
+    old = payload(12 * MiB, seed=1)
+    url = server.add("/big.bin", old)
+    server.script("/big.bin", "truncate", "truncate", "truncate")
+    config = make_config([{"type": "https", "name": "web", "urls": [{"url": url, "size": len(old)}]}],
+                         retries={"attempts": 1, "backoffSeconds": 0.01})
+    assert run(tmp_path, config).exit_code == ExitCode.TRANSIENT
+    new = payload(12 * MiB, seed=2)  # same size, new ETag
+    server.add("/big.bin", new)
+    config = make_config([{"type": "https", "name": "web", "urls": [{"url": url, "size": len(new)}]}],
+                         retries={"attempts": 3, "backoffSeconds": 0.01})
+    summary = run(tmp_path, config)
+    assert summary.exit_code == 0
+    assert raw_files(tmp_path) == {"web/big.bin": new}
+    assert any(r.status == 412 for r in server.requests("/big.bin"))
+
+
+def test_server_without_ranges_falls_back_to_one_stream(server: FaultyServer, tmp_path: Path) -> None:
+    data = payload(11 * MiB, seed=4)
+    url = server.add("/norange.bin", data, accept_ranges=False)
+    summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": [{"url": url, "size": len(data)}]}]))
+    assert summary.exit_code == 0
+    assert raw_files(tmp_path) == {"web/norange.bin": data}
+    assert summary.failures_by_reason.get("no_ranges", 0) >= 1
+    assert summary.retries == 1  # one restart as a single stream
+
+
+def test_head_refused_sizes_with_a_ranged_get(server: FaultyServer, tmp_path: Path) -> None:
+    data = payload(9000)
+    url = server.add("/nohead.bin", data, head_allowed=False)
+    storage = LocalStorage(tmp_path)
+    downloader = ShardDownloader(storage, make_config([{"type": "https", "name": "web", "urls": [url]}]), 0, 1)
+    plan = downloader.plan()
+    assert plan["assignments"][0][0]["size"] == len(data)
+
+
+def test_rerun_skips_verified_items_without_requests(server: FaultyServer, tmp_path: Path) -> None:
+    urls = [server.add(f"/f{i}.bin", payload(5000 * (i + 1), seed=i)) for i in range(5)]
+    config = make_config([{"type": "https", "name": "web", "urls": urls}])
+    assert run(tmp_path, config).exit_code == 0
+    # lose the manifest: the per-item records alone must let the rerun skip everything
+    (tmp_path / "raw" / "_done" / "00000.json").unlink()
+    server.clear_log()
+    summary = run(tmp_path, config)
+    assert summary.exit_code == 0 and summary.count("skipped") == 5
+    assert server.requests() == [] and server.requests(method="HEAD") == []
+
+
+def test_a_file_in_place_without_record_is_adopted_not_fetched(server: FaultyServer, tmp_path: Path) -> None:
+    data = payload(4000)
+    url = server.add("/a.bin", data)
+    config = make_config([{"type": "https", "name": "web", "urls": [{"url": url, "sha256": hashlib.sha256(data).hexdigest()}]}])
+    assert run(tmp_path, config).exit_code == 0
+    # as if killed between the rename and the record
+    (tmp_path / "raw" / ".trajflow-verified" / "web" / "a.bin.json").unlink()
+    (tmp_path / "raw" / "_done" / "00000.json").unlink()
+    server.clear_log()
+    summary = run(tmp_path, config)
+    assert summary.count("adopted") == 1 and server.requests() == []
+    # a file that does not match the declared checksum is fetched again instead
+    (tmp_path / "raw" / ".trajflow-verified" / "web" / "a.bin.json").unlink()
+    (tmp_path / "raw" / "_done" / "00000.json").unlink()
+    (tmp_path / "raw" / "00000" / "web" / "a.bin").write_bytes(b"x" * len(data))
+    summary = run(tmp_path, config)
+    assert summary.count("fetched") == 1
+    assert raw_files(tmp_path) == {"web/a.bin": data}
+
+
+def test_https_with_a_private_ca(tmp_path: Path) -> None:
+    server = FaultyServer().start(tls_dir=tmp_path / "tls")
+    try:
+        data = payload(20_000)
+        url = server.add("/tls.bin", data)
+        assert url.startswith("https://")
+        untrusted = run(tmp_path / "a", make_config([{"type": "https", "name": "web", "urls": [{"url": url, "size": len(data)}]}]))
+        assert untrusted.exit_code == ExitCode.PERMANENT and untrusted.failed[0].reason == "tls"
+        trusted = run(tmp_path / "b", make_config(
+            [{"type": "https", "name": "web", "urls": [url], "caBundle": str(server.cert_file)}]
+        ))
+        assert trusted.exit_code == 0
+        assert raw_files(tmp_path / "b") == {"web/tls.bin": data}
+    finally:
+        server.stop()
+
+
+def test_bearer_token_comes_from_the_named_environment_variable(server: FaultyServer, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    url = server.add("/t.bin", payload(100))
+    source = {"type": "https", "name": "web", "urls": [url], "authTokenEnv": "WEB_TOKEN"}
+    from trajflow.errors import ConfigError
+
+    monkeypatch.delenv("WEB_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="WEB_TOKEN"):
+        run(tmp_path, make_config([source]))
+    monkeypatch.setenv("WEB_TOKEN", "s3cr3t")
+    assert run(tmp_path, make_config([source])).exit_code == 0
+
+
+# ---- catalog (UCSC Xena-like) ---------------------------------------------------------
+
+XENA_CATEGORIES = {"mrna_seq": "HiSeqV2", "clinical": "{cohort}_clinicalMatrix", "mutation": "mutation_broad"}
+
+
+def _xena(server: FaultyServer, cohorts: list[str], skip: set[tuple[str, str]] = frozenset()) -> dict[str, bytes]:  # type: ignore[assignment]
+    """Serve gzipped matrices at /download/TCGA.<cohort>.sampleMap%2F<file>.gz; returns rel path -> plain bytes."""
+    plain = {}
+    for cohort in cohorts:
+        for category, part in XENA_CATEGORIES.items():
+            name = part.format(cohort=cohort)
+            text = f"sample\t{cohort}\t{category}\n".encode() + payload(3000, seed=hash((cohort, category)) & 0xFFFF).hex().encode()
+            if (cohort, category) not in skip:
+                server.add(f"/download/TCGA.{cohort}.sampleMap%2F{name}.gz", gzip.compress(text, mtime=0))
+            plain[f"{cohort}/{name}"] = text
+    return plain
+
+
+def _xena_source(server: FaultyServer, **extra: Any) -> dict[str, Any]:
+    return {
+        "type": "catalog",
+        "name": "xena",
+        "urlTemplate": server.url("/download/TCGA.{cohort}.sampleMap%2F{file}.gz"),
+        "cohorts": ["BRCA", "LUAD"],
+        "categories": XENA_CATEGORIES,
+        **extra,
+    }
+
+
+def test_catalog_two_cohorts_three_categories_land_in_distinct_paths(server: FaultyServer, tmp_path: Path) -> None:
+    plain = _xena(server, ["BRCA", "LUAD"])
+    checksum_rel = "BRCA/HiSeqV2.gz"
+    checksum = hashlib.sha256(gzip.compress(plain["BRCA/HiSeqV2"], mtime=0)).hexdigest()
+    summary = run(tmp_path, make_config([_xena_source(server, checksums={checksum_rel: checksum})]))
+    assert summary.exit_code == 0
+    files = raw_files(tmp_path)
+    assert sorted(files) == sorted(f"xena/{rel}.gz" for rel in plain)
+    assert len(files) == 6
+    for rel, text in plain.items():
+        assert gzip.decompress(files[f"xena/{rel}.gz"]) == text
+    record = next(r.record for r in summary.results if r.item.key == "xena/BRCA/HiSeqV2.gz")
+    assert record is not None and "sha256:catalog" in record.checks
+
+
+def test_catalog_gunzip_and_optional_missing_categories(server: FaultyServer, tmp_path: Path) -> None:
+    plain = _xena(server, ["BRCA", "LUAD"], skip={("LUAD", "mutation")})
+    summary = run(tmp_path, make_config([_xena_source(server, required=False)], gunzip=True))
+    assert summary.exit_code == 0, [r.error for r in summary.failed]
+    assert summary.count("missing") == 1
+    files = raw_files(tmp_path)
+    expected = {f"xena/{rel}": text for rel, text in plain.items() if rel != "LUAD/mutation_broad"}
+    assert files == expected
+    manifest = read_manifest(LocalStorage(tmp_path), "download", 0)
+    assert manifest is not None
+    assert [m["item"] for m in manifest["missing"]] == ["xena/LUAD/mutation_broad.gz"]
+    entry = next(e for e in manifest["items"] if e["item"] == "xena/BRCA/HiSeqV2.gz")
+    assert entry["key"] == "raw/00000/xena/BRCA/HiSeqV2" and entry["sha256"] == hashlib.sha256(plain["BRCA/HiSeqV2"]).hexdigest()
+    assert entry["source_sha256"] != entry["sha256"]
+
+
+def test_required_catalog_with_a_missing_category_fails_permanently(server: FaultyServer, tmp_path: Path) -> None:
+    _xena(server, ["BRCA", "LUAD"], skip={("BRCA", "clinical")})
+    summary = run(tmp_path, make_config([_xena_source(server)]))
+    assert summary.exit_code == ExitCode.PERMANENT
+    assert [r.item.key for r in summary.failed] == ["xena/BRCA/BRCA_clinicalMatrix.gz"]
+
+
+def test_corrupt_gzip_with_a_matching_checksum_fails_without_refetching(server: FaultyServer, tmp_path: Path) -> None:
+    bad = b"\x1f\x8b\x08\x00" + payload(500)  # a gzip header and garbage
+    url = server.add("/broken.gz", bad)
+    source = {"type": "https", "name": "web", "urls": [{"url": url, "sha256": hashlib.sha256(bad).hexdigest()}]}
+    summary = run(tmp_path, make_config([source], gunzip=True))
+    assert summary.exit_code == ExitCode.PERMANENT and summary.failed[0].reason == "gzip"
+    assert len(server.requests("/broken.gz")) == 1
+    assert raw_files(tmp_path) == {}
+    assert hidden_files(tmp_path / "raw") == []
+
+
+def test_summary_is_json_serialisable(server: FaultyServer, tmp_path: Path) -> None:
+    url = server.add("/x.bin", payload(10))
+    summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": [url]}]))
+    doc = json.loads(json.dumps(summary.as_dict()))
+    assert doc["fetched"] == 1 and doc["exit_code"] == 0 and doc["bytes_received"] == 10
+
+
+def test_environment_proxy_is_used_unless_bypassed(server: FaultyServer, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    data = payload(5000)
+    server.add("/via-proxy.bin", data)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.port}")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    # the host does not resolve: only the proxy can answer
+    url = "http://data.example.invalid/via-proxy.bin"
+    summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": [{"url": url, "size": len(data)}]}]))
+    assert summary.exit_code == 0, [r.error for r in summary.failed]
+    assert raw_files(tmp_path) == {"web/via-proxy.bin": data}
+    assert server.proxied == [url]
+    # NO_PROXY hosts are reached directly
+    direct = server.add("/direct.bin", data)
+    server.clear_log()
+    server.proxied.clear()
+    assert run(tmp_path / "d", make_config([{"type": "https", "name": "web", "urls": [direct]}])).exit_code == 0
+    assert server.proxied == [] and len(server.requests("/direct.bin")) == 1
+
+
+def test_etags_that_change_on_every_request_fall_back_to_one_stream(server: FaultyServer, tmp_path: Path) -> None:
+    data = payload(11 * MiB, seed=9)
+    url = server.add("/cdn.bin", data)
+    server.objects["/cdn.bin"].flapping_etag = True
+    summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": [{"url": url, "size": len(data)}]}]))
+    assert summary.exit_code == 0, [r.error for r in summary.failed]
+    assert raw_files(tmp_path) == {"web/cdn.bin": data}
+    assert summary.failures_by_reason.get("changed", 0) >= 2

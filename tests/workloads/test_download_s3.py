@@ -1,0 +1,185 @@
+"""The downloader with real S3 (SeaweedFS on 127.0.0.1): S3 sources, an S3 run root, ETag
+verification, per-source credentials, re-sharding with server-side copies."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from download_helpers import FaultyServer, payload, visible_files
+from test_download_http import make_config
+
+from trajflow.download.shard import ShardDownloader
+from trajflow.download.verify import read_record
+from trajflow.errors import ConfigError, ExitCode
+from trajflow.plan import shard_items
+from trajflow.storage import LocalStorage, read_manifest
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def server() -> Iterator[FaultyServer]:
+    srv = FaultyServer(stall_s=2.5).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def source_bucket(s3_server: Any) -> tuple[str, dict[str, bytes]]:
+    """A bucket with single-part and multipart objects under data/, and one outside it."""
+    from boto3.s3.transfer import TransferConfig
+
+    client = s3_server.client()
+    bucket = s3_server.make_bucket("src")
+    objects = {
+        "data/a.parquet": payload(200_000, seed=1),
+        "data/sub/b.parquet": payload(300_000, seed=2),
+        "data/sub/skip.tmp": payload(10, seed=3),
+        "data/empty.bin": b"",
+        "other/outside.bin": payload(10, seed=4),
+    }
+    for key, body in objects.items():
+        client.put_object(Bucket=bucket, Key=key, Body=body)
+    big = payload(12 * MiB + 7, seed=5)
+    client.upload_fileobj(io.BytesIO(big), bucket, "data/big.bin",
+                          Config=TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB))
+    objects["data/big.bin"] = big
+    return bucket, objects
+
+
+def s3_source(s3_server: Any, bucket: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "s3", "name": "lake", "url": f"s3://{bucket}/data", "endpoint": s3_server.endpoint, **extra}
+
+
+def test_s3_source_to_a_filesystem_root(s3_server: Any, source_bucket: tuple[str, dict[str, bytes]], tmp_path: Path) -> None:
+    bucket, objects = source_bucket
+    config = make_config([s3_source(s3_server, bucket, exclude=["*.tmp"])])
+    summary = ShardDownloader(LocalStorage(tmp_path), config, 0, 1).run()
+    assert summary.exit_code == 0, [r.error for r in summary.failed]
+    files = visible_files(tmp_path / "raw" / "00000")
+    expected = {f"lake/{k[len('data/'):]}": v for k, v in objects.items() if k.startswith("data/") and not k.endswith(".tmp")}
+    assert files == expected
+    checks = {r.item.key: r.record.checks for r in summary.results}  # type: ignore[union-attr]
+    assert "md5:s3-etag" in checks["lake/a.parquet"]  # single-part ETag = MD5 of the content
+    assert not any(c.startswith("md5") for c in checks["lake/big.bin"])  # a multipart ETag is not
+    # a rerun lists nothing and fetches nothing
+    again = ShardDownloader(LocalStorage(tmp_path), config, 0, 1).run()
+    assert again.already_done and again.bytes_received == 0
+
+
+def test_bytes_that_do_not_match_the_etag_are_fetched_again(s3_server: Any, source_bucket: tuple[str, dict[str, bytes]],
+                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bytes altered on the way (one flipped bit) fail the ETag's MD5 and never land."""
+    from trajflow.download import sources
+
+    bucket, objects = source_bucket
+    original = sources.S3SourceRuntime.open
+    opened = []
+
+    def corrupting_open(self: Any, item: Any, start: int, end: Any, validator: Any) -> Any:
+        body = original(self, item, start, end, validator)
+        opened.append(item.key)
+        if len(opened) == 1:
+            read, state = body.read, {"flipped": False}
+
+            def flipped(n: int) -> bytes:
+                data = read(n)
+                if data and not state["flipped"]:
+                    state["flipped"] = True
+                    return bytes([data[0] ^ 1]) + data[1:]
+                return data
+
+            body.read = flipped
+        return body
+
+    monkeypatch.setattr(sources.S3SourceRuntime, "open", corrupting_open)
+    config = make_config([s3_source(s3_server, bucket, include=["a.parquet"])])
+    summary = ShardDownloader(LocalStorage(tmp_path), config, 0, 1).run()
+    assert summary.exit_code == 0
+    assert summary.failures_by_reason == {"checksum": 1}
+    assert opened == ["lake/a.parquet", "lake/a.parquet"]
+    assert visible_files(tmp_path / "raw" / "00000") == {"lake/a.parquet": objects["data/a.parquet"]}
+
+
+def test_per_source_credentials_from_prefixed_environment(s3_server: Any, source_bucket: tuple[str, dict[str, bytes]],
+                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bucket, _ = source_bucket
+    # the default chain now holds wrong keys: only the prefixed ones can work
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "wrong")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    source = s3_source(s3_server, bucket, credentialsEnvPrefix="LAKE_", include=["a.parquet"])
+    with pytest.raises(ConfigError, match="LAKE_AWS_ACCESS_KEY_ID"):
+        ShardDownloader(LocalStorage(tmp_path), make_config([source]), 0, 1)
+    monkeypatch.setenv("LAKE_AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("LAKE_AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    summary = ShardDownloader(LocalStorage(tmp_path), make_config([source]), 0, 1).run()
+    assert summary.exit_code == 0 and summary.count("fetched") == 1
+    # without the prefix the wrong default keys are used and the listing is refused
+    with pytest.raises(ConfigError, match="listing"):
+        ShardDownloader(LocalStorage(tmp_path / "other"), make_config([s3_source(s3_server, bucket)]), 0, 1).run()
+
+
+def test_missing_bucket_is_a_configuration_error(s3_server: Any, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="NoSuchBucket|404"):
+        ShardDownloader(LocalStorage(tmp_path), make_config([s3_source(s3_server, "no-such-bucket-here")]), 0, 1).run()
+
+
+def test_s3_run_root_streams_verified_objects_and_reshards_with_server_side_copies(
+    s3_storage: Any, server: FaultyServer
+) -> None:
+    big = payload(12 * MiB + 5, seed=8)
+    text = b"gene\tvalue\n" * 5000
+    items = {"/big.bin": big, "/table.tsv.gz": gzip.compress(text, mtime=0)}
+    items.update({f"/f{i}.bin": payload(1000 * (i + 1), seed=20 + i) for i in range(6)})
+    urls = [server.add(path, data) for path, data in items.items()]
+    server.script("/big.bin", "ok", "reset", "truncate")  # faults in the middle of parts
+    server.script("/f0.bin", "503")
+    config = make_config([{"type": "https", "name": "web", "urls": urls}], gunzip=True)
+
+    summary = ShardDownloader(s3_storage, config, 0, 1).run()
+    assert summary.exit_code == 0, [r.error for r in summary.failed]
+    listed = {info.key: info.size for info in s3_storage.list("raw/")}
+    expected_keys = {f"raw/00000/web{p}" for p in items if not p.endswith(".gz")} | {"raw/00000/web/table.tsv"}
+    assert set(listed) == expected_keys | {"raw/_done/00000.json"}  # no temporaries, records hidden
+    assert s3_storage.read_bytes("raw/00000/web/big.bin") == big
+    assert s3_storage.read_bytes("raw/00000/web/table.tsv") == text
+    record = read_record(s3_storage, "web/table.tsv.gz")
+    assert record is not None and record.location == "raw/00000/web/table.tsv"
+    assert record.sha256 == hashlib.sha256(text).hexdigest()
+
+    # re-shard 1 -> 3: every item is reused by a server-side copy, none fetched again
+    server.clear_log()
+    for shard in range(3):
+        resharded = ShardDownloader(s3_storage, config, shard, 3).run()
+        assert resharded.exit_code == 0
+        assert resharded.count("fetched") == 0
+    assert server.requests() == []
+    plan = __import__("json").loads(s3_storage.read_bytes("plan/download.json"))
+    for shard in range(3):
+        manifest = read_manifest(s3_storage, "download", shard)
+        assert manifest is not None and manifest["shards"] == 3
+        assert {e["item"] for e in manifest["items"]} == {i.key for i in shard_items(plan, shard)}
+        for entry in manifest["items"]:
+            assert hashlib.sha256(s3_storage.read_bytes(entry["key"])).hexdigest() == entry["sha256"]
+    # moved, not copied: each item lies in exactly one shard directory
+    data_keys = sorted(i.key for i in s3_storage.list("raw/") if not i.key.startswith("raw/_done/"))
+    manifest_keys = sorted(e["key"] for s in range(3) for e in read_manifest(s3_storage, "download", s)["items"])  # type: ignore[index]
+    assert data_keys == manifest_keys
+
+
+def test_s3_run_root_never_shows_an_unverified_object(s3_storage: Any, server: FaultyServer) -> None:
+    data = payload(9 * MiB, seed=11)
+    url = server.add("/x.bin", data)
+    source = {"type": "https", "name": "web", "urls": [{"url": url, "sha256": "0" * 64}]}
+    summary = ShardDownloader(s3_storage, make_config([source], retries={"attempts": 2, "backoffSeconds": 0.01}), 0, 1).run()
+    assert summary.exit_code == ExitCode.PERMANENT
+    assert [i.key for i in s3_storage.list("raw/")] == []
+    client = s3_storage.client
+    uploads = client.list_multipart_uploads(Bucket=s3_storage.bucket).get("Uploads", [])
+    assert uploads == []  # the aborted upload leaves nothing behind

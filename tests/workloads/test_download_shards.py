@@ -1,0 +1,88 @@
+"""Sharding: 4 and 7 shards partition the same items exactly, and re-sharding reuses every
+verified item instead of downloading it again."""
+from __future__ import annotations
+
+import itertools
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from download_helpers import FaultyServer, hidden_files, payload, visible_files
+from test_download_http import make_config
+
+from trajflow.download.shard import ShardDownloader
+from trajflow.plan import shard_items
+from trajflow.storage import LocalStorage, read_manifest
+
+
+@pytest.fixture
+def server() -> Iterator[FaultyServer]:
+    srv = FaultyServer().start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _objects(server: FaultyServer) -> tuple[dict[str, bytes], list[str]]:
+    objects = {f"/d{i:02d}.bin": payload(1000 + (i * 7919) % 150_000, seed=i) for i in range(40)}
+    return objects, [server.add(path, data) for path, data in objects.items()]
+
+
+def _run_all(root: Path, config: object, shards: int) -> list[object]:
+    """Every shard at once, as the Job's pods would run them."""
+    with ThreadPoolExecutor(max_workers=shards) as pool:
+        return list(pool.map(lambda s: ShardDownloader(LocalStorage(root), config, s, shards).run(), range(shards)))  # type: ignore[arg-type]
+
+
+def test_four_and_seven_shards_cover_the_items_exactly_once(server: FaultyServer, tmp_path: Path) -> None:
+    objects, urls = _objects(server)
+    config = make_config([{"type": "https", "name": "web", "urls": urls}])
+    storage = LocalStorage(tmp_path)
+    all_keys = {f"web{p}" for p in objects}
+    for shards in (4, 7):
+        plan = ShardDownloader(storage, config, 0, shards).plan()
+        parts = [{i.key for i in shard_items(plan, s)} for s in range(shards)]
+        assert set().union(*parts) == all_keys
+        for a, b in itertools.combinations(parts, 2):
+            assert not a & b
+        loads = [sum(i.size for i in shard_items(plan, s)) for s in range(shards)]
+        assert max(loads) - min(loads) <= max(len(d) for d in objects.values())  # byte-balanced
+
+
+def test_resharding_reuses_every_verified_item(server: FaultyServer, tmp_path: Path) -> None:
+    objects, urls = _objects(server)
+    config = make_config([{"type": "https", "name": "web", "urls": urls}])
+    storage = LocalStorage(tmp_path)
+
+    first = _run_all(tmp_path, config, 4)
+    assert all(s.exit_code == 0 for s in first)  # type: ignore[attr-defined]
+    assert len(server.requests()) == len(objects)
+
+    server.clear_log()
+    second = _run_all(tmp_path, config, 7)
+    assert all(s.exit_code == 0 for s in second)  # type: ignore[attr-defined]
+    assert server.requests() == []  # nothing downloaded again (only HEADs to plan)
+    assert sum(s.count("fetched") for s in second) == 0  # type: ignore[attr-defined]
+    assert sum(s.count("reused") + s.count("skipped") for s in second) == len(objects)  # type: ignore[attr-defined]
+
+    plan = ShardDownloader(storage, config, 0, 7).plan()
+    for shard in range(7):
+        expected = {i.key: objects[i.key[len("web"):]] for i in shard_items(plan, shard)}
+        assert visible_files(tmp_path / "raw" / f"{shard:05d}") == expected
+        manifest = read_manifest(storage, "download", shard)
+        assert manifest is not None and manifest["shards"] == 7  # the 4-shard manifests were replaced
+        assert {e["item"] for e in manifest["items"]} == set(expected)
+    assert hidden_files(tmp_path / "raw") == []
+
+
+def test_rerun_with_a_new_plan_generation_lists_again_but_fetches_nothing(server: FaultyServer, tmp_path: Path) -> None:
+    objects, urls = _objects(server)
+    config = make_config([{"type": "https", "name": "web", "urls": urls}])
+    assert ShardDownloader(LocalStorage(tmp_path), config, 0, 1).run().exit_code == 0
+    server.clear_log()
+    bumped = make_config([{"type": "https", "name": "web", "urls": urls}], planGeneration="2")
+    summary = ShardDownloader(LocalStorage(tmp_path), bumped, 0, 1).run()
+    assert summary.exit_code == 0 and summary.count("skipped") == len(objects)
+    assert server.requests() == [] and len(server.requests(method="HEAD")) == len(objects)

@@ -1,0 +1,340 @@
+"""Downloader pieces on their own: config validation, globs, catalog expansion, plan
+generations, failure classification, backoff, checksum headers, gunzip, progress maths."""
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from trajflow.config.download import CatalogSource, DownloadConfig
+from trajflow.download.failures import Backoff, FetchError, Kind, call_with_retries, classify_status, parse_retry_after
+from trajflow.download.http import Validator, parse_content_range
+from trajflow.download.progress import RateMeter, eta_seconds, human_bytes, human_duration
+from trajflow.download.shard import check_destinations, dest_key, plan_generation
+from trajflow.download.sources import PathFilter, catalog_entries
+from trajflow.download.transfer import FileSink, Gunzip, _contiguous, boot_id
+from trajflow.download.verify import Digests, Expected, header_checksums, item_fingerprint, s3_etag_md5
+from trajflow.errors import ConfigError
+from trajflow.plan import Item
+
+
+def cfg(**doc: Any) -> DownloadConfig:
+    return DownloadConfig.model_validate(doc)
+
+
+HTTPS = {"type": "https", "name": "web", "urls": ["https://example.org/a.bin"]}
+
+
+# ---- configuration --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "doc, message",
+    [
+        ({"sources": [HTTPS, {**HTTPS, "urls": ["https://example.org/b"]}]}, "two sources are named 'web'"),
+        ({"sources": [{**HTTPS, "urls": ["ftp://example.org/a"]}]}, "not an http"),
+        ({"sources": [{**HTTPS, "urls": [{"url": "https://x.org/a", "path": "../escape"}]}]}, "'..'"),
+        ({"sources": [{**HTTPS, "urls": [{"url": "https://x.org/a", "sha256": "abc"}]}]}, "sha256"),
+        ({"sources": [{**HTTPS, "authTokenEnv": "not a name"}]}, "authTokenEnv"),
+        ({"sources": [{"type": "catalog", "name": "x", "urlTemplate": "https://h/{cohort}/{oops}", "cohorts": ["A"],
+                       "categories": {"c": "f"}}]}, "unknown placeholder"),
+        ({"sources": [{"type": "catalog", "name": "x", "urlTemplate": "https://h/{file}", "cohorts": ["A"],
+                       "categories": {"c": "f"}}]}, "needs {cohort}"),
+        ({"sources": [{"type": "catalog", "name": "x", "urlTemplate": "https://h/{cohort}/{file}", "cohorts": ["A/B"],
+                       "categories": {"c": "f"}}]}, "plain name"),
+        ({"sources": [{"type": "catalog", "name": "x", "urlTemplate": "https://h/{cohort}/{file}", "cohorts": ["A"],
+                       "categories": {"c": "{sample}"}}]}, "may only use"),
+        ({"sources": [{"type": "catalog", "name": "x", "urlTemplate": "https://h/{cohort}/{file}", "cohorts": ["A"],
+                       "categories": {"c": "f"}, "checksums": {"A/f": "xyz"}}]}, "lowercase hex"),
+        ({"sources": [{"type": "s3", "name": "s", "url": "s3://b/p", "credentialsEnvPrefix": "has space"}]}, "credentialsEnvPrefix"),
+        ({"sources": [HTTPS], "partSizeMib": 2}, "partSizeMib"),
+        ({"sources": [HTTPS], "planGeneration": "a/b"}, "planGeneration"),
+        ({"sources": [{**HTTPS, "name": "../x"}]}, "name"),
+    ],
+)
+def test_bad_configuration_is_rejected_with_the_key_named(doc: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        cfg(**doc)
+    assert message in str(info.value)
+
+
+def test_schema_documents_the_downloader_fields() -> None:
+    from trajflow.config.cli import model_schema
+
+    schema = model_schema(DownloadConfig)
+    props = schema["properties"]
+    for key in ("sources", "concurrency", "partSizeMib", "multipartThresholdMib", "gunzip", "planGeneration",
+                "progressIntervalSeconds"):
+        assert key in props and props[key].get("description"), key
+    text = str(schema)
+    assert "credentialsEnvPrefix" in text and "authTokenEnv" in text and "caBundle" in text and "required" in text
+
+
+# ---- globs ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "include, exclude, path, wanted",
+    [
+        (["**"], [], "a/b/c.parquet", True),
+        (["*.parquet"], [], "a/b/c.parquet", True),  # no slash: the file name at any depth
+        (["*.parquet"], [], "a/b/c.h5", False),
+        (["episodes/*.h5"], [], "episodes/x.h5", True),
+        (["episodes/*.h5"], [], "episodes/sub/x.h5", False),  # '*' stays in one segment
+        (["episodes/**/*.h5"], [], "episodes/sub/deeper/x.h5", True),
+        (["episodes/**/*.h5"], [], "episodes/x.h5", True),  # '**/' may match nothing
+        (["**"], ["*.tmp"], "a/x.tmp", False),
+        (["**"], ["cache/**"], "cache/a/b", False),
+        (["ep_00[0-4].bin"], [], "ep_003.bin", True),
+        (["ep_00[!0-4].bin"], [], "ep_003.bin", False),
+        (["?.bin"], [], "ab.bin", False),
+    ],
+)
+def test_globs(include: list[str], exclude: list[str], path: str, wanted: bool) -> None:
+    assert PathFilter(include, exclude)(path) is wanted
+
+
+# ---- catalog --------------------------------------------------------------------------
+
+
+def test_catalog_expands_cohorts_times_categories_into_cohort_directories() -> None:
+    source = CatalogSource.model_validate({
+        "type": "catalog", "name": "xena",
+        "urlTemplate": "https://hub.example/download/TCGA.{cohort}.sampleMap%2F{file}.gz",
+        "cohorts": ["BRCA", "LUAD"],
+        "categories": {"mrna_seq": "HiSeqV2", "clinical": "{cohort}_clinicalMatrix", "mutation": "mutation_broad"},
+        "checksums": {"LUAD/HiSeqV2.gz": "a" * 64, "BRCA/mutation_broad.gz": "b" * 32},
+    })
+    entries = catalog_entries(source)
+    assert len(entries) == 6
+    paths = sorted(e["path"] for e in entries)
+    assert paths == sorted(f"{c}/{f}.gz" for c in ("BRCA", "LUAD") for f in ("HiSeqV2", f"{c}_clinicalMatrix", "mutation_broad"))
+    by_path = {e["path"]: e for e in entries}
+    assert by_path["BRCA/BRCA_clinicalMatrix.gz"]["url"] == "https://hub.example/download/TCGA.BRCA.sampleMap%2FBRCA_clinicalMatrix.gz"
+    assert by_path["LUAD/HiSeqV2.gz"]["sha256"] == "a" * 64
+    assert by_path["BRCA/mutation_broad.gz"]["md5"] == "b" * 32
+
+
+def test_catalog_checksum_for_a_path_it_does_not_produce_is_an_error() -> None:
+    source = CatalogSource.model_validate({
+        "type": "catalog", "name": "xena", "urlTemplate": "https://h/{cohort}/{file}", "cohorts": ["A"],
+        "categories": {"c": "f.tsv"}, "checksums": {"A/typo.tsv": "c" * 64},
+    })
+    with pytest.raises(ConfigError, match="A/typo.tsv"):
+        catalog_entries(source)
+
+
+def test_catalog_collision_within_a_cohort_is_an_error(tmp_path: Path) -> None:
+    from trajflow.download.sources import HttpClients, catalog_source
+
+    source = CatalogSource.model_validate({
+        "type": "catalog", "name": "xena", "urlTemplate": "https://h/{category}/{cohort}/data.tsv",
+        "cohorts": ["A"], "categories": {"one": "x", "two": "y"},
+    })
+    with pytest.raises(ConfigError, match="both be stored as 'xena/A/data.tsv'"):
+        catalog_source(source, HttpClients(5, 4))
+
+
+# ---- plan generation and destinations -------------------------------------------------
+
+
+def test_plan_generation_follows_sources_not_tuning() -> None:
+    base = cfg(sources=[HTTPS])
+    assert plan_generation(base) == plan_generation(cfg(sources=[HTTPS], concurrency=32, partSizeMib=64))
+    assert plan_generation(base) != plan_generation(cfg(sources=[{**HTTPS, "urls": ["https://example.org/b"]}]))
+    assert plan_generation(base) != plan_generation(cfg(sources=[HTTPS], planGeneration="2"))
+
+
+def test_gunzip_must_not_make_two_items_share_a_path() -> None:
+    items = [Item("web/a.tsv.gz", 1, "https://x/a.tsv.gz"), Item("web/a.tsv", 1, "https://x/a.tsv")]
+    check_destinations(items, gunzip=False)
+    with pytest.raises(ConfigError, match="a.tsv"):
+        check_destinations(items, gunzip=True)
+    assert dest_key(3, "web/a.tsv.gz", gunzip=True) == "raw/00003/web/a.tsv"
+    assert dest_key(3, "web/a.tsv.gz", gunzip=False) == "raw/00003/web/a.tsv.gz"
+
+
+def test_fingerprint_changes_with_the_source_version() -> None:
+    item = Item("web/a", 10, "https://x/a", {"etag": '"1"'})
+    same = Item("web/a", 10, "https://x/a", {"etag": '"1"'})
+    assert item_fingerprint(item, False) == item_fingerprint(same, False)
+    assert item_fingerprint(item, False) != item_fingerprint(Item("web/a", 10, "https://x/a", {"etag": '"2"'}), False)
+    assert item_fingerprint(item, False) != item_fingerprint(Item("web/a", 11, "https://x/a", {"etag": '"1"'}), False)
+    gz = Item("web/a.gz", 10, "https://x/a.gz")
+    assert item_fingerprint(gz, True) != item_fingerprint(gz, False)
+
+
+# ---- failures and backoff -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "status, expected",
+    [
+        (200, None), (206, None),
+        (500, (Kind.TRANSIENT, "server_error")), (502, (Kind.TRANSIENT, "server_error")),
+        (503, (Kind.TRANSIENT, "throttled")), (429, (Kind.TRANSIENT, "throttled")), (408, (Kind.TRANSIENT, "timeout")),
+        (404, (Kind.PERMANENT, "not_found")), (410, (Kind.PERMANENT, "not_found")),
+        (403, (Kind.PERMANENT, "forbidden")), (401, (Kind.PERMANENT, "forbidden")),
+        (400, (Kind.PERMANENT, "client_error")), (412, (Kind.RESTART, "changed")), (416, (Kind.RESTART, "changed")),
+    ],
+)
+def test_status_classification(status: int, expected: Any) -> None:
+    assert classify_status(status) == expected
+
+
+def test_backoff_is_jittered_capped_and_honours_retry_after() -> None:
+    backoff = Backoff(1.0, 8.0, random.Random(0))
+    for retry in range(1, 10):
+        delays = [backoff.delay(retry) for _ in range(200)]
+        ceiling = min(8.0, 2 ** (retry - 1))
+        assert all(0 <= d <= ceiling for d in delays)
+        assert max(delays) > 0.5 * ceiling  # full jitter spreads over the whole range
+    assert backoff.delay(1, retry_after=5.0) >= 5.0
+    assert backoff.delay(1, retry_after=500.0) == 8.0  # capped
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == pytest.approx(10.0)
+    assert parse_retry_after("soon") is None
+
+
+def test_retries_stop_at_permanent_failures_and_after_the_attempts() -> None:
+    calls: list[int] = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise FetchError("boom", Kind.TRANSIENT, "server_error")
+        return "ok"
+
+    assert call_with_retries(flaky, 5, Backoff(0.001, 0.001), sleep=lambda s: None) == "ok" and len(calls) == 3
+    calls.clear()
+
+    def gone() -> None:
+        calls.append(1)
+        raise FetchError("404", Kind.PERMANENT, "not_found")
+
+    with pytest.raises(FetchError):
+        call_with_retries(gone, 5, Backoff(0.001, 0.001), sleep=lambda s: None)
+    assert len(calls) == 1
+
+
+def test_validators_pin_a_version() -> None:
+    assert Validator('"abc"', "Sun, 01 Nov 2026 00:00:00 GMT").headers() == {"If-Match": '"abc"'}
+    assert Validator('W/"abc"', "Sun, 01 Nov 2026 00:00:00 GMT").headers() == {
+        "If-Unmodified-Since": "Sun, 01 Nov 2026 00:00:00 GMT"}
+    assert Validator().headers() == {}
+    assert parse_content_range("bytes 0-9/100") == (0, 9, 100)
+    assert parse_content_range("bytes 5-9/*") == (5, 9, None)
+    assert parse_content_range("items 1-2/3") is None
+
+
+# ---- checksums ------------------------------------------------------------------------
+
+
+def test_checksum_headers() -> None:
+    data = b"trajectory bytes"
+    sha_b64 = base64.b64encode(hashlib.sha256(data).digest()).decode()
+    md5_b64 = base64.b64encode(hashlib.md5(data).digest()).decode()
+    found = header_checksums({"Repr-Digest": f"sha-512=:AAAA:, sha-256=:{sha_b64}:"}, whole_body=False)
+    assert found.sha256 == {"header:Repr-Digest": hashlib.sha256(data).hexdigest()}
+    found = header_checksums({"Digest": f"SHA-256={sha_b64},MD5={md5_b64}"}, whole_body=False)
+    assert found.md5 == {"header:Digest": hashlib.md5(data).hexdigest()} and found.sha256
+    found = header_checksums({"x-goog-hash": f"crc32c=AAAAAA==,md5={md5_b64}"}, whole_body=False)
+    assert found.md5 == {"header:x-goog-hash": hashlib.md5(data).hexdigest()}
+    # body digests apply only to whole-object responses
+    assert header_checksums({"Content-MD5": md5_b64}, whole_body=False).md5 == {}
+    assert header_checksums({"Content-MD5": md5_b64}, whole_body=True).md5
+    assert header_checksums({"x-amz-checksum-sha256": f"{sha_b64}-3"}, whole_body=True).sha256 == {}  # composite
+    assert header_checksums({"Content-MD5": "not base64!"}, whole_body=True).md5 == {}
+
+
+def test_s3_etags_count_as_md5_only_when_they_are_one() -> None:
+    md5 = "0123456789abcdef0123456789abcdef"
+    assert s3_etag_md5({"ETag": f'"{md5}"'}) == md5
+    assert s3_etag_md5({"ETag": f'"{md5}-3"'}) == ""  # multipart
+    assert s3_etag_md5({"ETag": f'"{md5}"', "x-amz-server-side-encryption": "aws:kms"}) == ""
+    assert s3_etag_md5({"ETag": f'"{md5}"', "x-amz-server-side-encryption-customer-algorithm": "AES256"}) == ""
+
+
+def test_expected_checksums_raise_a_restart_on_mismatch() -> None:
+    digests = Digests(md5=True)
+    digests.update(b"abc")
+    expected = Expected()
+    expected.add("sha256", hashlib.sha256(b"abc").hexdigest(), "catalog")
+    expected.add("md5", hashlib.md5(b"abc").hexdigest(), "s3-etag")
+    assert expected.check(digests, "x") == ["sha256:catalog", "md5:s3-etag"]
+    expected.add("md5", hashlib.md5(b"abd").hexdigest(), "header:Content-MD5")
+    with pytest.raises(FetchError) as info:
+        expected.check(digests, "x")
+    assert info.value.kind is Kind.RESTART and info.value.reason == "checksum"
+
+
+# ---- gunzip, resume extents, progress -------------------------------------------------
+
+
+def test_gunzip_streams_multi_member_files_and_rejects_truncation() -> None:
+    data = gzip.compress(b"first member\n" * 1000) + gzip.compress(b"second member\n" * 1000)
+    gz = Gunzip()
+    out = b"".join(piece for i in range(0, len(data), 7) for piece in gz.feed(data[i : i + 7]))
+    gz.finish()
+    assert out == b"first member\n" * 1000 + b"second member\n" * 1000
+    truncated = Gunzip()
+    list(truncated.feed(data[: len(data) // 3]))
+    with pytest.raises(ValueError, match="truncated"):
+        truncated.finish()
+    with pytest.raises(ValueError, match="gzip"):
+        list(Gunzip().feed(b"plain text, not gzip"))
+
+
+def test_resume_uses_only_contiguous_durable_bytes() -> None:
+    extents = [(0, 10), (10, 25), (40, 50)]
+    assert _contiguous(extents, 0, 100) == 25
+    assert _contiguous(extents, 40, 60) == 50
+    assert _contiguous(extents, 30, 60) == 30  # a gap at the start: nothing usable
+    assert _contiguous(extents, 0, 20) == 20
+
+
+def test_progress_maths() -> None:
+    meter = RateMeter(half_life_s=1.0)
+    assert meter.sample(0.0, 0) is None
+    assert meter.sample(1.0, 100) == pytest.approx(100.0)
+    rate = meter.sample(2.0, 300)
+    assert rate is not None and 100 < rate < 200
+    assert eta_seconds(1000, 100.0) == 10.0 and eta_seconds(0, None) == 0.0 and eta_seconds(5, None) is None
+    assert human_bytes(3 * 1024**3) == "3.0 GiB" and human_bytes(12) == "12 B"
+    assert human_duration(3725) == "1h02m05s" and human_duration(65) == "1m05s" and human_duration(None) == "?"
+
+
+def test_journal_trusts_unsynced_extents_only_from_this_boot(tmp_path: Path) -> None:
+    from trajflow.storage import LocalStorage
+
+    sink = FileSink(LocalStorage(tmp_path), "raw/00000/web/x.bin", resumable=True, gunzip=False)
+    sink.final.parent.mkdir(parents=True)
+    header = '{"v": 1, "size": 100, "etag": "", "last_modified": "", "source": "https://x/x.bin"}'
+    sink.journal.write_text("\n".join([
+        header,
+        "boot another-machine", "0 10", "10 20", "sync", "20 30",  # 20-30 never synced there: lost with that node
+        f"boot {boot_id()}", "30 40", "sync", "40 50", "50 60",  # ours: the page cache still has them
+        "70 6",  # nonsense
+    ]) + "\n60 7")  # a line cut short by a kill (of "60 70")
+    found, extents = sink.open()
+    try:
+        assert found is not None and found["size"] == 100
+        assert extents == [(0, 10), (10, 20), (30, 40), (40, 50), (50, 60)]
+        assert sink.journal.read_text().splitlines()[-1] == f"boot {boot_id()}"  # this process announces itself
+    finally:
+        sink.close()
+    # a second opener while the first holds the lock gets "busy"
+    first = FileSink(LocalStorage(tmp_path), "raw/00000/web/x.bin", resumable=True, gunzip=False)
+    first.open()
+    try:
+        with pytest.raises(FetchError) as info:
+            FileSink(LocalStorage(tmp_path), "raw/00000/web/x.bin", resumable=True, gunzip=False).open()
+        assert info.value.reason == "busy"
+    finally:
+        first.close()

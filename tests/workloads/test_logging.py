@@ -1,0 +1,106 @@
+"""Logging: JSON lines off a terminal (pods), readable lines and progress bars on one."""
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+
+SCRIPT = r"""
+import logging, sys
+from trajflow import log
+log.setup()
+logger = logging.getLogger("trajflow.demo")
+logger.debug("hidden at INFO")
+logger.info("fetched %s", "a.bin", extra={"shard": 3, "bytes": 1024, "path": __import__("pathlib").Path("/x")})
+try:
+    1 / 0
+except ZeroDivisionError:
+    logger.exception("item failed")
+with log.progress("download", total=3, unit="items", interval_s=0) as bar:
+    for _ in range(3):
+        bar.advance()
+logger.warning("done")
+"""
+
+
+def _run_piped(env_extra: dict[str, str] | None = None) -> list[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRAJFLOW_LOG_FORMAT", "TRAJFLOW_LOG_LEVEL")}
+    env.update(env_extra or {})
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stderr.splitlines()
+
+
+def _run_on_terminal(env_extra: dict[str, str] | None = None) -> str:
+    """Run with stderr on a pseudo-terminal and return what it showed."""
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k not in ("TRAJFLOW_LOG_FORMAT", "TRAJFLOW_LOG_LEVEL")}
+    env.update({"COLUMNS": "120", "TERM": "xterm", **(env_extra or {})})
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT], stdout=subprocess.DEVNULL, stderr=slave, env=env)
+    os.close(slave)
+    chunks = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.5)
+        if ready:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    proc.wait(timeout=10)
+    os.close(master)
+    assert proc.returncode == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_json_lines_when_not_on_a_terminal():
+    lines = _run_piped()
+    docs = [json.loads(line) for line in lines]  # every line is one JSON object
+    by_msg = {d["msg"]: d for d in docs}
+    fetched = by_msg["fetched a.bin"]
+    assert fetched["level"] == "info" and fetched["logger"] == "trajflow.demo"
+    assert fetched["shard"] == 3 and fetched["bytes"] == 1024 and fetched["path"] == "/x"
+    assert fetched["ts"].endswith("Z") and "T" in fetched["ts"]
+    failed = by_msg["item failed"]
+    assert failed["level"] == "error" and "ZeroDivisionError" in failed["exc"]
+    assert "hidden at INFO" not in by_msg
+    progress = [d for d in docs if "progress_done" in d]
+    assert [d["progress_done"] for d in progress][-1] == 3 and progress[-1]["progress_total"] == 3
+    assert progress[-1]["msg"].startswith("download: 3/3 items") and progress[-1]["msg"].endswith(", done")
+    assert docs[-1]["msg"] == "done" and docs[-1]["level"] == "warning"
+
+
+def test_log_level_from_the_environment():
+    docs = [json.loads(line) for line in _run_piped({"TRAJFLOW_LOG_LEVEL": "DEBUG"})]
+    assert "hidden at INFO" in {d["msg"] for d in docs}
+    docs = [json.loads(line) for line in _run_piped({"TRAJFLOW_LOG_LEVEL": "WARNING"})]
+    assert {d["level"] for d in docs} == {"warning", "error"}
+
+
+def test_readable_lines_and_a_progress_bar_on_a_terminal():
+    shown = _run_on_terminal()
+    assert "fetched a.bin" in shown and "item failed" in shown and "ZeroDivisionError" in shown
+    assert "━" in shown and "3/3" in shown  # rich's bar and count
+    for line in shown.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("{"):
+            try:
+                json.loads(stripped)
+            except ValueError:
+                continue
+            raise AssertionError(f"JSON on a terminal: {line}")
+
+
+def test_json_can_be_forced_on_a_terminal():
+    shown = _run_on_terminal({"TRAJFLOW_LOG_FORMAT": "json"})
+    docs = [json.loads(line) for line in shown.replace("\r\n", "\n").splitlines() if line.strip()]
+    assert "fetched a.bin" in {d["msg"] for d in docs}

@@ -1,0 +1,172 @@
+"""Metrics: pushes carry the {run, stage, shard} grouping key, and a missing Pushgateway
+never fails the work (it warns once)."""
+from __future__ import annotations
+
+import http.server
+import logging
+import threading
+import time
+import urllib.request
+from typing import Iterator
+
+import pytest
+
+from trajflow.metrics import PUSH_JOB, Pusher, download_metrics, exported_names, preprocess_metrics, serve, train_metrics
+from trajflow.testing import free_port
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """Records every request; answers with the status the test sets."""
+
+    requests: list[tuple[str, str, bytes]] = []
+    status = 200
+
+    def _handle(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length)
+        type(self).requests.append((self.command, self.path, body))
+        self.send_response(type(self).status)
+        self.end_headers()
+
+    do_POST = do_PUT = do_DELETE = _handle
+
+    def log_message(self, *args: object) -> None:  # keep test output clean
+        pass
+
+
+@pytest.fixture
+def recorder() -> Iterator[type[_Recorder]]:
+    handler = type("Recorder", (_Recorder,), {"requests": [], "status": 200})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    handler.url = f"http://127.0.0.1:{server.server_port}"  # type: ignore[attr-defined]
+    try:
+        yield handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of the sample `name` whose labels include `labels`, from exposition text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                return float(sample.value)
+    return None
+
+
+def test_push_uses_pushadd_with_the_grouping_key(recorder):
+    metrics = download_metrics()
+    metrics.bytes.inc(1234)
+    metrics.failures.labels(reason="http_404").inc()
+    assert Pusher(recorder.url, metrics, run="run-7", shard=3).push() is True
+    [(method, path, body)] = recorder.requests
+    assert method == "POST"  # pushadd: replaces only these metric names in the group
+    parts = path.split("/")
+    assert parts[:4] == ["", "metrics", "job", PUSH_JOB]
+    assert dict(zip(parts[4::2], parts[5::2])) == {"run": "run-7", "stage": "download", "shard": "3"}
+    text = body.decode()
+    assert "trajflow_download_bytes_total 1234.0" in text
+    assert 'trajflow_download_failures_total{reason="http_404"} 1.0' in text
+
+
+def test_dead_pushgateway_warns_once_and_never_raises(caplog):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    pusher = Pusher(url, preprocess_metrics(), run="r", shard=0, timeout=2)
+    with caplog.at_level(logging.WARNING, logger="trajflow.metrics"):
+        assert pusher.push() is False
+        assert pusher.push() is False
+        pusher.stop(success=True)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert url in warnings[0].getMessage() and "the work goes on" in warnings[0].getMessage()
+
+
+def test_server_errors_warn_and_a_recovery_rearms_the_warning(recorder, caplog):
+    pusher = Pusher(recorder.url, train_metrics(), run="r", shard="rank0")
+    with caplog.at_level(logging.WARNING, logger="trajflow.metrics"):
+        recorder.status = 503
+        assert pusher.push() is False
+        assert pusher.push() is False
+        recorder.status = 200
+        assert pusher.push() is True
+        recorder.status = 500
+        assert pusher.push() is False
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 2
+
+
+def test_no_url_means_no_pushing(recorder):
+    pusher = Pusher("", download_metrics(), run="r", shard=0).start(0.01)
+    assert pusher.push() is False
+    pusher.stop(success=True)
+    assert recorder.requests == []
+
+
+def test_background_pushes_and_final_push_with_outcome(recorder):
+    metrics = download_metrics()
+    pusher = Pusher(recorder.url, metrics, run="r", shard=1).start(0.05)
+    deadline = time.monotonic() + 10
+    while len(recorder.requests) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    pusher.stop(success=False)
+    assert len(recorder.requests) >= 3  # periodic pushes, then the final one
+    final = recorder.requests[-1][2].decode()
+    assert "trajflow_stage_success 0.0" in final
+    assert "trajflow_stage_end_time_seconds" in final and "trajflow_stage_end_time_seconds 0.0" not in final
+
+
+def test_real_pushgateway_keeps_one_group_per_shard(pushgateway):
+    for shard in (0, 1):
+        metrics = download_metrics()
+        metrics.bytes.inc(100 * (shard + 1))
+        pusher = Pusher(pushgateway.url, metrics, run="run-x", shard=shard)
+        assert pusher.push() is True
+        pusher.stop(success=True)
+    groups = pushgateway.groups()
+    labels = sorted((g["labels"]["run"], g["labels"]["stage"], g["labels"]["shard"], g["labels"]["job"]) for g in groups)
+    assert labels == [("run-x", "download", "0", PUSH_JOB), ("run-x", "download", "1", PUSH_JOB)]
+    text = pushgateway.metrics_text()
+    group = {"job": PUSH_JOB, "run": "run-x", "stage": "download"}
+    assert _sample(text, "trajflow_download_bytes_total", shard="1", **group) == 200
+    assert _sample(text, "trajflow_download_bytes_total", shard="0", **group) == 100
+    assert _sample(text, "trajflow_stage_success", shard="0", **group) == 1
+
+
+def test_pushadd_keeps_metrics_another_push_left_in_the_group(pushgateway):
+    first = download_metrics()
+    first.retries.inc(2)
+    Pusher(pushgateway.url, first, run="r", shard=0).push()
+    # a second process (a retried pod) pushes another registry into the same group
+    second = preprocess_metrics()
+    second.trajectories.inc(5)
+    second.stage = "download"  # same grouping key as the first push
+    Pusher(pushgateway.url, second, run="r", shard=0).push()
+    text = pushgateway.metrics_text()
+    group = {"job": PUSH_JOB, "run": "r", "shard": "0", "stage": "download"}
+    assert _sample(text, "trajflow_download_retries_total", **group) == 2
+    assert _sample(text, "trajflow_preprocess_trajectories_total", **group) == 5
+
+
+def test_serve_exposes_the_registry():
+    metrics = train_metrics()
+    metrics.steps.inc(7)
+    port = serve(metrics, 0, addr="127.0.0.1")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    assert "trajflow_train_steps_total 7.0" in text
+    assert "_created" not in text
+
+
+def test_catalogs_are_fresh_and_named():
+    a, b = download_metrics(), download_metrics()
+    a.bytes.inc(5)
+    assert b.bytes._value.get() == 0  # separate registries: two stages in one process never clash
+    names = exported_names()
+    for expected in ("trajflow_download_bytes_total", "trajflow_stage_success", "trajflow_train_loss",
+                     "trajflow_preprocess_resample_seconds_bucket"):
+        assert expected in names
+    assert not [n for n in names if n.endswith("_created")]

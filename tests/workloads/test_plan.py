@@ -1,0 +1,156 @@
+"""Partition plans: deterministic, every item exactly once, balanced by bytes, stored once."""
+from __future__ import annotations
+
+import json
+import random
+import threading
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trajflow.plan import PLAN_VERSION, Item, fingerprint, load_or_create_plan, partition, plan_document, shard_items
+from trajflow.storage import PLAN_KEY
+
+_items = st.lists(
+    st.builds(Item, key=st.text(alphabet="abcdef/._0123456789", min_size=1, max_size=12), size=st.integers(0, 10**9)),
+    max_size=80,
+    unique_by=lambda it: it.key,
+)
+_shards = st.integers(1, 17)
+
+
+@settings(max_examples=300, deadline=None)
+@given(items=_items, shards=_shards, seed=st.integers(0, 2**32 - 1))
+def test_partition_is_deterministic_whatever_the_listing_order(items, shards, seed):
+    shuffled = list(items)
+    random.Random(seed).shuffle(shuffled)
+    assert partition(items, shards) == partition(shuffled, shards)
+    assert plan_document(items, shards, "g") == plan_document(shuffled, shards, "g")
+
+
+@settings(max_examples=300, deadline=None)
+@given(items=_items, shards=_shards)
+def test_every_item_lands_in_exactly_one_shard(items, shards):
+    parts = partition(items, shards)
+    assert len(parts) == shards
+    placed = [it.key for part in parts for it in part]
+    assert sorted(placed) == sorted(it.key for it in items)
+    assert len(placed) == len(set(placed))
+    for part in parts:
+        assert [it.key for it in part] == sorted(it.key for it in part)  # stable order inside a shard
+
+
+@settings(max_examples=300, deadline=None)
+@given(items=_items, shards=_shards)
+def test_no_shard_exceeds_the_ideal_by_more_than_the_largest_item(items, shards):
+    parts = partition(items, shards)
+    loads = [sum(it.size for it in part) for part in parts]
+    total = sum(it.size for it in items)
+    largest = max((it.size for it in items), default=0)
+    assert sum(loads) == total
+    assert max(loads) <= total / shards + largest
+    # and no shard is lighter than the heaviest by more than the largest item
+    assert min(loads) >= max(loads) - largest
+
+
+def test_equal_items_spread_evenly():
+    items = [Item(f"k{i:03d}", 100) for i in range(40)]
+    assert [len(part) for part in partition(items, 8)] == [5] * 8
+
+
+def test_more_shards_than_items_leaves_empty_shards():
+    parts = partition([Item("a", 5), Item("b", 3)], 4)
+    assert [[it.key for it in p] for p in parts] == [["a"], ["b"], [], []]
+
+
+@pytest.mark.parametrize(
+    "items,shards,match",
+    [
+        ([Item("a", 1), Item("a", 2)], 2, "duplicate item key 'a'"),
+        ([Item("a", -1)], 1, "negative size"),
+        ([Item("a", 1)], 0, "at least 1"),
+        ([Item("a", 1)], True, "at least 1"),
+    ],
+)
+def test_bad_partition_input_is_refused(items, shards, match):
+    with pytest.raises(ValueError, match=match):
+        partition(items, shards)
+
+
+def test_duplicate_check_is_not_quadratic():
+    items = [Item(f"k{i:06d}", i % 997) for i in range(60_000)]
+    parts = partition(items, 16)  # a quadratic scan would take minutes here
+    assert sum(len(p) for p in parts) == 60_000
+
+
+def test_fingerprint_changes_with_the_listing():
+    a = [Item("x", 1, "s3://b/x"), Item("y", 2, "s3://b/y")]
+    assert fingerprint(a) == fingerprint(list(reversed(a)))
+    assert fingerprint(a) != fingerprint([Item("x", 1, "s3://b/x"), Item("y", 3, "s3://b/y")])
+    assert fingerprint(a) != fingerprint([Item("x", 1, "s3://b/x")])
+
+
+def test_item_json_round_trip():
+    item = Item("src/a.parquet", 10, "https://x/a.parquet", {"sha256": "ab"})
+    assert Item.from_json(json.loads(json.dumps(item.to_json()))) == item
+    assert Item.from_json(item.to_json()).meta == {"sha256": "ab"}
+
+
+# ---- the stored plan -------------------------------------------------------------------
+
+
+def test_plan_is_written_once_and_reused(storage):
+    listed = []
+
+    def first_listing():
+        listed.append(1)
+        return [Item(f"k{i}", i * 10) for i in range(10)]
+
+    plan = load_or_create_plan(storage, 3, "gen1", first_listing)
+    assert plan["version"] == PLAN_VERSION and plan["shards"] == 3 and plan["generation"] == "gen1"
+    assert storage.exists("plan/download-3-gen1.json") and storage.exists(PLAN_KEY)
+
+    # the source listing changes (a file appears): pods that start later still follow the plan
+    def changed_listing():
+        listed.append(2)
+        return [Item(f"k{i}", i * 10) for i in range(11)]
+
+    again = load_or_create_plan(storage, 3, "gen1", changed_listing)
+    assert again == plan and listed == [1]
+    assert sorted(it.key for s in range(3) for it in shard_items(again, s)) == sorted(f"k{i}" for i in range(10))
+    # another shard count makes a new plan and points plan/download.json at it
+    replanned = load_or_create_plan(storage, 4, "gen1", changed_listing)
+    assert replanned["shards"] == 4 and listed == [1, 2]
+    assert json.loads(storage.read_bytes(PLAN_KEY)) == replanned
+
+
+def test_concurrent_pods_agree_on_one_plan(storage):
+    plans: list[dict] = []
+    start = threading.Barrier(6)
+
+    def pod(i: int) -> None:
+        # each pod sees a different listing, as if the source changed while they started
+        items = [Item(f"k{j}", 1 + (j * (i + 1)) % 13) for j in range(20 + i)]
+        start.wait()
+        plans.append(load_or_create_plan(storage, 4, "g", lambda: items))
+
+    threads = [threading.Thread(target=pod, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(plans) == 6 and all(p == plans[0] for p in plans)
+
+
+def test_shard_items_range_is_checked():
+    plan = plan_document([Item("a", 1)], 2)
+    assert [it.key for it in shard_items(plan, 0)] == ["a"] and shard_items(plan, 1) == []
+    with pytest.raises(ValueError, match="outside the plan's 0..1"):
+        shard_items(plan, 2)
+
+
+def test_corrupt_stored_plan_is_named(local_storage):
+    local_storage.write_bytes("plan/download-2-g.json", b"{broken")
+    with pytest.raises(ValueError, match=r"plan/download-2-g\.json: corrupt plan"):
+        load_or_create_plan(local_storage, 2, "g", lambda: [])

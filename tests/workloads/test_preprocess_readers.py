@@ -1,0 +1,204 @@
+"""Readers, per-episode validation, length batching and the config model."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from preprocess_data import ACTION, STATE, make_episode, npz_bytes, stage_config, write_robomimic
+from trajflow.config.preprocess import PreprocessConfig
+from trajflow.errors import ConfigError
+from trajflow.preprocess import readers
+from trajflow.preprocess.batching import plan_batches
+from trajflow.preprocess.readers import Quarantined, RawEpisode, SourceSpec
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+
+def _spec(**overrides):
+    return SourceSpec.resolve(stage_config(**overrides), "src")
+
+
+def _parquet(table) -> io.BytesIO:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    buf.seek(0)
+    return buf
+
+
+def _outcomes(fmt, src, spec=None, hint=""):
+    return readers.READERS[fmt](src, spec or _spec(), "raw/00000/src/f", hint)
+
+
+# ------------------------------------------------------------------------- parquet
+
+
+def test_parquet_variable_lists_unsorted_rows_and_several_episodes():
+    rows = [(1, 1, 0.1), (0, 0, 0.0), (1, 0, 0.0), (0, 1, 0.05), (1, 2, 0.2), (0, 2, 0.1)]
+    ep, fr, ts = map(list, zip(*rows))
+    state = [[float(e), float(f), 1.0] for e, f, _ in rows]
+    action = [float(10 * e + f) for e, f, _ in rows]  # a scalar column is a 1-wide stream
+    table = pa.table({"episode_index": ep, "frame_index": fr, "timestamp": pa.array(ts, pa.float32()),
+                      STATE: pa.array(state, pa.list_(pa.float32())), ACTION: action})
+    out = _outcomes("lerobot", _parquet(table), hint="koch")
+    assert [o.episode for o in out] == ["0", "1"] and all(isinstance(o, RawEpisode) for o in out)
+    e1 = out[1]
+    assert e1.robot == "koch" and e1.dims == {STATE: 3, ACTION: 1}
+    np.testing.assert_allclose(e1.times, [0.0, 0.1, 0.2], rtol=1e-6)
+    np.testing.assert_array_equal(e1.frames[:, 1], [0, 1, 2])  # sorted by frame_index
+    np.testing.assert_array_equal(e1.frames[:, 3], [10, 11, 12])
+
+
+def test_parquet_nulls_and_ragged_rows_quarantine_only_their_episode():
+    table = pa.table({
+        "episode_index": [0, 0, 1, 1, 2, 2],
+        "timestamp": [0.0, 0.1] * 3,
+        STATE: pa.array([[1.0, 2.0], [1.0, 2.0], [1.0, 2.0], None, [1.0, 2.0], [1.0]], pa.list_(pa.float64())),
+        ACTION: pa.array([[0.0]] * 6, pa.list_(pa.float64(), 1)),
+    })
+    out = _outcomes("lerobot", _parquet(table))
+    assert isinstance(out[0], RawEpisode)
+    assert (out[1].reason, out[2].reason) == (readers.NON_FINITE, readers.SHAPE_MISMATCH)
+    assert "null at frame 1" in out[1].detail
+
+
+def test_parquet_without_timestamps_uses_frame_index_and_the_dataset_rate():
+    table = pa.table({"episode_index": [3, 3, 3], "frame_index": [0, 1, 2], STATE: [1.0, 2.0, 3.0],
+                      ACTION: [0.0, 0.0, 0.0]})
+    (ep,) = _outcomes("lerobot", _parquet(table), _spec(rate_hz=20.0))
+    np.testing.assert_allclose(ep.times, [0.0, 0.05, 0.1])
+    (q,) = _outcomes("lerobot", _parquet(table))
+    assert q.reason == readers.MISSING_TIME and "rateHz" in q.detail
+
+
+def test_parquet_missing_column_and_non_numeric_column():
+    table = pa.table({"episode_index": [0, 0], "timestamp": [0.0, 1.0], STATE: [1.0, 2.0]})
+    (q,) = _outcomes("lerobot", _parquet(table))
+    assert q.reason == readers.MISSING_STREAM and "'action'" in q.detail
+    table = pa.table({"timestamp": [0.0, 1.0], STATE: ["a", "b"], ACTION: [1.0, 2.0]})
+    (q,) = _outcomes("lerobot", _parquet(table))
+    assert q.reason == readers.SHAPE_MISMATCH and "observation.state" in q.detail
+
+
+# ---------------------------------------------------------------------- HDF5 / npz
+
+
+def test_hdf5_rate_from_env_args_and_missing_time(tmp_path):
+    import h5py
+
+    ep = make_episode(np.random.default_rng(0), "0", 20.0, 1.0)
+    path = tmp_path / "d.hdf5"
+    write_robomimic(path, [ep], state_key=STATE, action_key=ACTION, timestamps=False)
+    with h5py.File(path, "a") as f:
+        del f["data/demo_0"].attrs["rate_hz"]
+        f["data"].attrs["env_args"] = json.dumps({"env_kwargs": {"control_freq": 20, "robots": "UR5e"}})
+    (out,) = _outcomes("robomimic", str(path))
+    assert out.robot == "UR5e" and out.original_rate_hz == pytest.approx(20.0)
+    with h5py.File(path, "a") as f:
+        f["data"].attrs["env_args"] = "{}"
+    (q,) = _outcomes("robomimic", str(path))
+    assert q.reason == readers.MISSING_TIME and q.episode == "demo_0"
+    (out,) = _outcomes("robomimic", str(path), _spec(robot="override", rate_hz=10.0))
+    assert out.original_rate_hz == pytest.approx(10.0) and out.robot == "override"  # the data names none
+    (out,) = _outcomes("robomimic", str(path), _spec(rate_hz=10.0, sources={"src": {"robot": "forced"}}))
+    assert out.robot == "forced"  # a per-source robot wins over the data
+
+
+def test_hdf5_without_data_group_is_unreadable(tmp_path):
+    import h5py
+
+    path = tmp_path / "other.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=[1, 2])
+    with pytest.raises(readers.UnreadableFile, match="no 'data' group"):
+        _outcomes("robomimic", str(path))
+
+
+def test_npz_layouts_and_rate_scalar():
+    x = np.arange(8, dtype=np.float32).reshape(4, 2)
+    single = npz_bytes(fps=np.array(4.0), **{STATE: x, ACTION: x[:, :1]})
+    (ep,) = _outcomes("npz", io.BytesIO(single))
+    assert ep.episode == "f" and ep.original_rate_hz == pytest.approx(4.0)
+    multi = npz_bytes(**{"ep10/timestamps": np.arange(4.0), f"ep10/{STATE}": x, f"ep10/{ACTION}": x,
+                         "ep2/timestamps": np.arange(4.0), f"ep2/{STATE}": x})
+    out = _outcomes("npz", io.BytesIO(multi))
+    assert [o.episode for o in out] == ["ep2", "ep10"]  # natural order
+    assert isinstance(out[0], Quarantined) and out[0].reason == readers.MISSING_STREAM
+    with pytest.raises(readers.UnreadableFile, match="none of the streams"):
+        _outcomes("npz", io.BytesIO(npz_bytes(other=x)))
+
+
+@pytest.mark.parametrize(
+    "times,values,reason,detail",
+    [
+        ([0.0, 0.1, np.inf], [[1.0], [2.0], [3.0]], readers.NON_FINITE, "timestamp[2] is inf"),
+        ([0.0, 0.1, 0.1], [[1.0], [2.0], [3.0]], readers.NON_MONOTONIC, "timestamp[2] = 0.1 is not after"),
+        ([0.0, 0.1, 0.2], [[1.0], [np.nan], [3.0]], readers.NON_FINITE, "observation.state[1, 0] is nan"),
+        ([0.0, 0.1], [[1.0], [2.0], [3.0]], readers.SHAPE_MISMATCH, "2 timestamps for 3 samples"),
+        ([0.0], [[1.0]], readers.TOO_SHORT, "1 samples < minLength 2"),
+    ],
+)
+def test_validation_names_the_first_problem(times, values, reason, detail):
+    spec = _spec(streams=[STATE])
+    out = readers.make_episode(spec, "k", "e", "", np.array(times), None, {STATE: np.array(values)})
+    assert isinstance(out, Quarantined) and out.reason == reason and detail in out.detail
+
+
+def test_detect_format():
+    assert readers.detect_format("raw/0/s/a.PARQUET", "auto") == "lerobot"
+    assert readers.detect_format("raw/0/s/a.h5", "auto") == "robomimic"
+    assert readers.detect_format("raw/0/s/a.npz", "lerobot") is None
+    assert readers.detect_format("raw/0/s/meta/info.json", "auto") is None
+
+
+# ----------------------------------------------------------------------- batching
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lengths=st.lists(st.tuples(st.integers(2, 5000), st.integers(1, 3000)), min_size=0, max_size=60),
+    batch_size=st.integers(1, 16),
+    max_padding=st.sampled_from([0.0, 0.1, 0.25, 1.0]),
+)
+def test_plan_batches_bounds_padding(lengths, batch_size, max_padding):
+    S = [s for s, _ in lengths]
+    T = [t for _, t in lengths]
+    batches = plan_batches(S, T, batch_size, max_padding, in_cost=3.0, out_cost=2.0)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert 1 <= len(b) <= batch_size
+        real = sum(3.0 * S[i] + 2.0 * T[i] for i in b)
+        padded = len(b) * (3.0 * max(S[i] for i in b) + 2.0 * max(T[i] for i in b))
+        assert len(b) == 1 or padded <= (1 + max_padding) * real + 1e-6
+    assert plan_batches(S, T, batch_size, max_padding, 3.0, 2.0) == batches  # deterministic
+
+
+def test_plan_batches_groups_similar_lengths():
+    S = [10, 1000, 11, 1001, 12, 1002]
+    assert plan_batches(S, S, 8, 0.25) == [[0, 2, 4], [1, 3, 5]]
+
+
+# ------------------------------------------------------------------------- config
+
+
+def test_config_rejects_two_streams_renamed_to_one():
+    with pytest.raises(ValueError, match="several raw streams onto 'action'"):
+        PreprocessConfig.model_validate({"streams": ["a", "b"], "renames": {"a": "action", "b": "action"}})
+    with pytest.raises(ValueError, match="sources.x.streams"):
+        PreprocessConfig.model_validate({"sources": {"x": {"streams": ["action", "act"], "renames": {"act": "action"}}}})
+    cfg = PreprocessConfig.model_validate({"sources": {"x": {"rateHz": 15, "timeKey": "clock"}}, "maxBadFraction": 0.1})
+    assert cfg.sources["x"].rate_hz == 15 and cfg.max_bad_fraction == 0.1
+
+
+def test_stage_settings_name_the_bad_key(tmp_path):
+    from trajflow.config import stage_settings
+
+    path = tmp_path / "config.yaml"
+    path.write_text("global: {}\nconfig: {batchSize: 0}\n")
+    with pytest.raises(ConfigError, match=r"config.yaml: config.batchSize: .*greater than or equal to 1"):
+        stage_settings("preprocessing", path, env={})

@@ -1,0 +1,168 @@
+"""The resampled shard format: safetensors-compatible, memory-mapped, bf16-aware, atomic."""
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from trajflow.preprocess.dtypes import to_storage_dtype
+from trajflow.preprocess.shards import (
+    Episode,
+    ShardFormatError,
+    ShardWriter,
+    as_float32,
+    fetch_shard,
+    list_shards,
+    open_shard,
+    shard_key,
+    write_shard,
+)
+from trajflow.storage import write_manifest
+
+torch = pytest.importorskip("torch")
+
+
+def _episodes(rng: np.random.Generator, lengths=(3, 7, 1, 5), dims=None):
+    dims = dims or {"observation.state": 5, "action": 3}
+    return [
+        Episode({s: rng.normal(size=(n, d)) for s, d in dims.items()}, source=f"raw/00000/src/ep{i}.npz",
+                episode=str(i), robot="arm", original_rate_hz=100.0 + i, raw_length=2 * n, start_time=0.5 * i)
+        for i, n in enumerate(lengths)
+    ]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_shard_round_trips_and_is_a_plain_safetensors_file(local_storage, dtype):
+    from safetensors import safe_open
+
+    eps = _episodes(np.random.default_rng(0))
+    info = write_shard(local_storage, shard_key(0), eps, dtype, 50.0)
+    path = local_storage.local_path(info.key)
+    assert info.size == path.stat().st_size
+    reader = open_shard(path)
+    assert reader.rate_hz == 50.0 and reader.dtype == dtype
+    assert reader.streams == ["observation.state", "action"]  # the writer's order
+    assert reader.num_frames == sum(e.data["action"].shape[0] for e in eps) == 16
+    assert [(e.offset, e.length) for e in reader.episodes] == [(0, 3), (3, 7), (10, 1), (11, 5)]
+    assert reader.episodes[2].source == "raw/00000/src/ep2.npz" and reader.episodes[2].robot == "arm"
+    assert reader.episodes[3].original_rate_hz == 103.0 and reader.episodes[3].raw_length == 10
+    np.testing.assert_allclose(reader.times(1), 0.5 + np.arange(7) / 50.0)
+    with safe_open(str(path), "pt") as f:
+        assert json.loads(f.metadata()["trajflow.index"]) == reader.index
+        for s in reader.streams:
+            expected = torch.from_numpy(np.concatenate([e.data[s] for e in eps]).astype(np.float32))
+            expected = expected.to(getattr(torch, dtype))
+            assert torch.equal(f.get_tensor(s), expected)
+            assert torch.equal(reader.tensor(s), expected)
+            assert torch.equal(reader.episode_tensor(1, s), expected[3:10])
+    # numpy side: bf16 is exposed as its bit patterns, float32 values recover exactly
+    arr = reader.array("action")
+    assert isinstance(arr, np.memmap) and not arr.flags.writeable
+    assert arr.dtype == (np.uint16 if dtype == "bfloat16" else np.dtype(dtype))
+    np.testing.assert_array_equal(as_float32(reader, "action", 1), reader.episode_tensor(1, "action").float().numpy())
+
+
+def test_tensor_is_copy_on_write(local_storage):
+    info = write_shard(local_storage, shard_key(0), _episodes(np.random.default_rng(1)), "float32", 10.0)
+    path = local_storage.local_path(info.key)
+    before = path.read_bytes()
+    t = open_shard(path).tensor("action")
+    t.zero_()
+    assert path.read_bytes() == before
+    assert not torch.equal(open_shard(path).tensor("action"), t)
+
+
+def test_writes_are_deterministic_and_checksummed(local_storage):
+    import hashlib
+
+    a = write_shard(local_storage, "resampled/a.safetensors", _episodes(np.random.default_rng(2)), "bfloat16", 30.0)
+    b = write_shard(local_storage, "resampled/b.safetensors", _episodes(np.random.default_rng(2)), "bfloat16", 30.0)
+    data = local_storage.read_bytes(a.key)
+    assert data == local_storage.read_bytes(b.key)
+    assert a.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_empty_shard_opens(local_storage):
+    w = ShardWriter(local_storage, shard_key(3), {"observation.state": 4, "action": 2}, "float32", 50.0)
+    info = w.close()
+    reader = open_shard(local_storage.local_path(info.key))
+    assert len(reader) == 0 and reader.array("action").shape == (0, 2)
+
+
+def test_writer_rejects_wrong_shapes_and_writes_nothing(local_storage):
+    w = ShardWriter(local_storage, shard_key(0), {"action": 3}, "float32", 50.0)
+    with pytest.raises(ValueError, match="expected \\[length, 3\\]"):
+        w.add({"action": np.zeros((4, 2), np.float32)}, source="s", episode="e")
+    with pytest.raises(ValueError, match="missing stream"):
+        w.add({}, source="s", episode="e")
+    w.abort()
+    assert not local_storage.exists(shard_key(0))
+    with pytest.raises(ValueError, match="unsupported shard dtype"):
+        ShardWriter(local_storage, shard_key(0), {"action": 3}, "float64", 50.0)
+
+
+def test_truncated_and_foreign_files_are_named(local_storage, tmp_path):
+    info = write_shard(local_storage, shard_key(0), _episodes(np.random.default_rng(3)), "float32", 50.0)
+    data = local_storage.read_bytes(info.key)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[:-8])
+    with pytest.raises(ShardFormatError, match="cut.safetensors.*truncated"):
+        open_shard(cut)
+    from safetensors.numpy import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"x": np.zeros((2, 2), np.float32)}, str(foreign))
+    with pytest.raises(ShardFormatError, match="not a trajflow shard"):
+        open_shard(foreign)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(struct.pack("<Q", 4) + b"nope")
+    with pytest.raises(ShardFormatError, match="not JSON"):
+        open_shard(junk)
+
+
+def test_bf16_conversion_matches_torch():
+    x = np.array([0.0, 1.0, -2.5, 3.14159265, 1e-3, 65504.0, 1.00390625, 1.01171875, np.inf], np.float32)
+    bits = to_storage_dtype(x, "bfloat16")
+    expected = torch.from_numpy(x).bfloat16().view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(bits, expected)
+    assert np.isnan(to_storage_dtype(np.array([np.nan], np.float32), "bfloat16").view(np.uint16).astype(np.uint32)
+                    .__lshift__(16).view(np.float32)).all()
+
+
+def _publish(storage, shard, eps):
+    info = write_shard(storage, shard_key(shard), eps, "float32", 50.0)
+    write_manifest(storage, "preprocess", shard, 2, [info.item()], num_episodes=len(eps),
+                   num_frames=info.index["num_frames"])
+    return info
+
+
+def test_list_shards_only_lists_done_shards(storage, tmp_path):
+    rng = np.random.default_rng(4)
+    _publish(storage, 1, _episodes(rng))
+    write_shard(storage, shard_key(0), _episodes(rng), "float32", 50.0)  # written, manifest missing: not done
+    entries = list_shards(storage)
+    assert [e.shard for e in entries] == [1]
+    assert entries[0].key == "resampled/00001.safetensors" and entries[0].num_frames == 16
+    reader = open_shard(storage=storage, key=entries[0].key, cache_dir=tmp_path / "cache")
+    assert reader.num_frames == 16
+    if storage.local_path(entries[0].key) is None:  # S3: fetched, and reused when intact
+        local = fetch_shard(storage, entries[0], tmp_path / "cache")
+        assert local == tmp_path / "cache" / entries[0].key
+        mtime = local.stat().st_mtime_ns
+        assert fetch_shard(storage, entries[0], tmp_path / "cache") == local
+        assert local.stat().st_mtime_ns == mtime
+        local.chmod(0o644)
+        local.write_bytes(b"x" * entries[0].size)  # corrupted copy: fetched again
+        assert fetch_shard(storage, entries[0], tmp_path / "cache").read_bytes() == storage.read_bytes(entries[0].key)
+
+
+def test_fetch_rejects_a_checksum_mismatch(s3_storage, tmp_path):
+    _publish(s3_storage, 0, _episodes(np.random.default_rng(5)))
+    entry = list_shards(s3_storage)[0]
+    from dataclasses import replace
+
+    with pytest.raises(ShardFormatError, match="sha256"):
+        fetch_shard(s3_storage, replace(entry, sha256="0" * 64), tmp_path / "cache")
+    assert not any(p.name.startswith(".") for p in (tmp_path / "cache").rglob("*"))

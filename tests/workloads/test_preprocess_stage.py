@@ -1,0 +1,416 @@
+"""`trajflow preprocess` end to end: raw shard in every format -> fixed-rate shard."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from preprocess_data import (
+    ACTION,
+    STATE,
+    bad_corpus,
+    episodes_by_key,
+    expected_steps,
+    make_episode,
+    mixed_format_dataset,
+    npz_bytes,
+    publish_raw_shard,
+    reference_resample,
+    stage_config,
+    write_values,
+)
+from trajflow.errors import ExitCode, PermanentError, TransientError
+from trajflow.metrics import preprocess_metrics
+from trajflow.preprocess.shards import list_shards, open_shard, report_key, shard_key
+from trajflow.preprocess.stage import process_shard
+from trajflow.storage import LocalStorage, manifest_key, read_manifest
+
+torch = pytest.importorskip("torch")
+
+ROBOMIMIC = {"streams": ["obs/joint_pos", "actions"], "renames": {"obs/joint_pos": STATE, "actions": ACTION}}
+
+
+def _sample(metrics, name, labels=None):
+    return metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mixed")
+    files, episodes = mixed_format_dataset(tmp / "src", np.random.default_rng(0), per_format=6)
+    return files, episodes
+
+
+def _check_against_reference(reader, episodes, rate, atol, rtol=0.0):
+    by_key = episodes_by_key(episodes)
+    assert len(reader.episodes) == len(episodes)
+    for i, info in enumerate(reader.episodes):
+        gen = by_key[(info.source.split("/", 2)[2], info.episode)]
+        assert info.length == expected_steps(gen.times, rate)
+        assert info.raw_length == gen.length
+        assert info.start_time == pytest.approx(gen.times[0], abs=1e-9)
+        assert info.original_rate_hz == pytest.approx(gen.rate_hz, rel=0.05)  # jitter averages out
+        assert info.robot == gen.robot
+        for stream in (STATE, ACTION):
+            ref = reference_resample(gen.times, gen.streams[stream], rate)
+            got = reader.episode_tensor(i, stream).float().numpy()
+            assert got.shape == ref.shape
+            np.testing.assert_allclose(got, ref, atol=atol, rtol=rtol, err_msg=f"{info.source} {info.episode} {stream}")
+
+
+@pytest.mark.parametrize("rate", [50.0, 333.0])
+def test_every_format_resamples_to_the_target_rate(local_storage, mixed, rate):
+    files, episodes = mixed
+    publish_raw_shard(local_storage, 0, files)
+    metrics = preprocess_metrics()
+    cfg = stage_config(target_rate_hz=rate, sources={"robomimic": ROBOMIMIC})
+    summary = process_shard(local_storage, 0, 1, cfg, metrics)
+    assert summary.episodes == len(episodes) == 18 and summary.bad == 0
+    assert summary.ignored_files == 1  # lerobot/meta/info.json is not a trajectory
+    reader = open_shard(local_storage.local_path(shard_key(0)))
+    assert reader.rate_hz == rate and reader.dims == {STATE: 6, ACTION: 3}
+    # file order (manifest keys sorted), then episode order within a file
+    assert [e.source for e in reader.episodes] == sorted(e.source for e in reader.episodes)
+    _check_against_reference(reader, episodes, rate, atol=2e-5)
+
+    manifest = read_manifest(local_storage, "preprocess", 0)
+    shard_item = next(it for it in manifest["items"] if it["kind"] == "shard")
+    data = local_storage.read_bytes(shard_key(0))
+    assert shard_item == {"key": shard_key(0), "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                          "kind": "shard"}
+    assert manifest["episodes"] == reader.index["episodes"] and manifest["num_frames"] == reader.num_frames
+    report = json.loads(local_storage.read_bytes(report_key(0)))
+    assert report["quarantined"] == 0 and report["ignored_files"] == ["raw/00000/lerobot/meta/info.json"]
+
+    assert _sample(metrics, "trajflow_preprocess_trajectories_total") == 18
+    assert _sample(metrics, "trajflow_preprocess_bytes_in_total") == sum(len(b) for k, b in files.items()
+                                                                           if not k.endswith(".json"))
+    assert _sample(metrics, "trajflow_preprocess_bytes_out_total") == len(data)
+    assert _sample(metrics, "trajflow_preprocess_resample_seconds_count") == summary.batches >= 3
+    assert _sample(metrics, "trajflow_preprocess_bandwidth_bytes_per_second") > 0
+
+
+def test_output_round_trips_through_the_training_reader(local_storage, mixed):
+    data_mod = pytest.importorskip("trajflow.train.data")
+    files, episodes = mixed
+    publish_raw_shard(local_storage, 0, files, shards=2)
+    publish_raw_shard(local_storage, 1, {"npz/one.npz": npz_bytes(**_npz_episode(np.random.default_rng(9)))},
+                      shards=2)
+    for shard in (0, 1):
+        process_shard(local_storage, shard, 2, stage_config(sources={"robomimic": ROBOMIMIC}))
+    assert [e.shard for e in list_shards(local_storage)] == [0, 1]
+    shard_set = data_mod.open_shards(local_storage, [STATE, ACTION])
+    assert shard_set.rate_hz == 50.0 and shard_set.dims == {STATE: 6, ACTION: 3}
+    assert len(shard_set.episodes) == len(episodes) + 1
+    reader = shard_set.readers[0]
+    ref = shard_set.episodes[4]
+    np.testing.assert_array_equal(reader.array(ACTION)[ref.offset:ref.offset + ref.length], reader.episode(4, ACTION))
+
+
+def _npz_episode(rng):
+    ep = make_episode(rng, "one", 100.0, 1.0)
+    return {"timestamps": ep.times, STATE: ep.streams[STATE].astype(np.float32),
+            ACTION: ep.streams[ACTION].astype(np.float32)}
+
+
+def test_bf16_shards_stay_within_bf16_tolerance(local_storage, mixed):
+    files, episodes = mixed
+    publish_raw_shard(local_storage, 0, files)
+    process_shard(local_storage, 0, 1, stage_config(dtype="bfloat16", sources={"robomimic": ROBOMIMIC}))
+    reader = open_shard(local_storage.local_path(shard_key(0)))
+    assert reader.dtype == "bfloat16" and reader.tensor(ACTION).dtype == torch.bfloat16
+    assert reader.array(ACTION).dtype == np.uint16
+    # inputs and outputs both round to bf16 (8 significant bits): two half-ulps plus slack
+    _check_against_reference(reader, episodes, 50.0, atol=1e-2, rtol=1.6e-2)
+
+
+def test_bad_inputs_are_quarantined_and_the_rest_is_written(local_storage, tmp_path):
+    files, good, expected = bad_corpus(tmp_path / "src", np.random.default_rng(1))
+    publish_raw_shard(local_storage, 0, files)
+    metrics = preprocess_metrics()
+    summary = process_shard(local_storage, 0, 1, stage_config(max_bad_fraction=0.5), metrics)
+    report = json.loads(local_storage.read_bytes(report_key(0)))
+    got = {e["source"].split("/", 2)[2]: e["reason"] for e in report["entries"]}
+    assert got == expected
+    for entry in report["entries"]:
+        assert entry["detail"]  # each reason says what exactly was wrong
+    assert report["trajectories"] == len(good) + len(expected) and report["written"] == len(good)
+    assert summary.quarantined == report["reasons"]
+    for reason in set(expected.values()):
+        assert _sample(metrics, "trajflow_preprocess_quarantined_total", {"reason": reason}) == \
+            list(expected.values()).count(reason)
+    reader = open_shard(local_storage.local_path(shard_key(0)))
+    _check_against_reference(reader, good, 50.0, atol=2e-5)
+    assert read_manifest(local_storage, "preprocess", 0)["quarantined"] == len(expected)
+
+
+def test_too_many_bad_trajectories_fail_the_shard(local_storage, tmp_path):
+    files, _, _ = bad_corpus(tmp_path / "src", np.random.default_rng(2), good=4)
+    publish_raw_shard(local_storage, 0, files)
+    with pytest.raises(PermanentError, match=r"7 of 11 trajectories are bad .*maxBadFraction 5.0%.*report"):
+        process_shard(local_storage, 0, 1, stage_config())
+    assert read_manifest(local_storage, "preprocess", 0) is None
+    assert not local_storage.exists(shard_key(0))
+    report = json.loads(local_storage.read_bytes(report_key(0)))  # kept to debug the data
+    assert report["quarantined"] == 7 and report["bad_fraction"] == pytest.approx(7 / 11)
+
+
+def test_size_mismatch_and_missing_items_are_quarantined(local_storage):
+    rng = np.random.default_rng(3)
+    files = {f"npz/ep{i}.npz": npz_bytes(**_npz_episode(rng)) for i in range(3)}
+    items = publish_raw_shard(local_storage, 0, files, sizes={"npz/ep1.npz": len(files["npz/ep1.npz"]) + 100})
+    local_storage.delete(items[2]["key"])
+    summary = process_shard(local_storage, 0, 1, stage_config(max_bad_fraction=1.0))
+    assert summary.quarantined == {"missing_file": 1, "size_mismatch": 1} and summary.episodes == 1
+
+
+def test_per_source_settings_time_key_rate_and_renames(local_storage):
+    rng = np.random.default_rng(4)
+    ep = make_episode(rng, "a", 40.0, 2.0)
+    uniform = {"joints": ep.streams[STATE].astype(np.float32), "cmd": ep.streams[ACTION].astype(np.float32)}
+    stamped = dict(uniform, clock=ep.times)
+    publish_raw_shard(local_storage, 0, {"rated/x.npz": npz_bytes(**uniform), "stamped/y.npz": npz_bytes(**stamped)})
+    cfg = stage_config(
+        streams=["joints", "cmd"], renames={"joints": STATE, "cmd": ACTION},
+        sources={"rated": {"rateHz": 40.0, "robot": "arm-a"}, "stamped": {"timeKey": "clock"}}, robot="fallback",
+    )
+    process_shard(local_storage, 0, 1, cfg)
+    reader = open_shard(local_storage.local_path(shard_key(0)))
+    assert [(e.source, e.robot, e.raw_length) for e in reader.episodes] == [
+        ("raw/00000/rated/x.npz", "arm-a", ep.length), ("raw/00000/stamped/y.npz", "fallback", ep.length)]
+    uniform_times = np.arange(ep.length) / 40.0
+    np.testing.assert_allclose(reader.episode(0, STATE), reference_resample(uniform_times, uniform["joints"], 50.0),
+                               atol=2e-5)
+    np.testing.assert_allclose(reader.episode(1, ACTION), reference_resample(ep.times, stamped["cmd"], 50.0),
+                               atol=2e-5)
+
+
+def test_a_done_shard_is_skipped(local_storage, mixed):
+    files, _ = mixed
+    items = publish_raw_shard(local_storage, 0, files)
+    process_shard(local_storage, 0, 1, stage_config(sources={"robomimic": ROBOMIMIC}))
+    before = local_storage.read_bytes(shard_key(0))
+    for it in items:  # nothing may be read again
+        local_storage.delete(it["key"])
+    summary = process_shard(local_storage, 0, 1, stage_config(sources={"robomimic": ROBOMIMIC}))
+    assert summary.skipped and summary.episodes == 18
+    assert local_storage.read_bytes(shard_key(0)) == before
+
+
+def test_download_not_done_is_retryable(local_storage):
+    with pytest.raises(TransientError, match=r"download shard 00000 is not done .*raw/_done/00000.json"):
+        process_shard(local_storage, 0, 1, stage_config())
+    assert TransientError.exit_code == ExitCode.TRANSIENT
+
+
+def test_s3_root_gives_the_same_bytes_as_a_filesystem_root(s3_storage, local_storage, mixed, tmp_path):
+    files, episodes = mixed
+    cfg = stage_config(sources={"robomimic": ROBOMIMIC})
+    for st in (s3_storage, local_storage):
+        publish_raw_shard(st, 0, files)
+        process_shard(st, 0, 1, cfg)
+    assert s3_storage.read_bytes(shard_key(0)) == local_storage.read_bytes(shard_key(0))
+    reader = open_shard(storage=s3_storage, key=shard_key(0), cache_dir=tmp_path / "cache")
+    _check_against_reference(reader, episodes, 50.0, atol=2e-5)
+
+
+def test_triton_backend_in_the_stage(local_storage):
+    """The stage drives the Triton kernel the same way on CUDA; here through its interpreter."""
+    pytest.importorskip("triton")
+    rng = np.random.default_rng(6)
+    eps = [make_episode(rng, str(i), rate, 0.5) for i, rate in enumerate((30.0, 333.0, 125.0))]
+    files = {f"npz/e{i}.npz": npz_bytes(timestamps=e.times, **{STATE: e.streams[STATE].astype(np.float32),
+                                                                ACTION: e.streams[ACTION].astype(np.float32)})
+             for i, e in enumerate(eps)}
+    publish_raw_shard(local_storage, 0, files)
+    process_shard(local_storage, 0, 1, stage_config(backend="triton", batch_size=2))
+    reader = open_shard(local_storage.local_path(shard_key(0)))
+    for i, e in enumerate(eps):
+        ref = reference_resample(e.times, e.streams[ACTION].astype(np.float32), 50.0)
+        np.testing.assert_allclose(reader.episode(i, ACTION), ref, atol=2e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_the_cpu_result(tmp_path, mixed):
+    files, episodes = mixed
+    results = {}
+    for device in ("cpu", "cuda"):
+        st = LocalStorage(tmp_path / device)
+        publish_raw_shard(st, 0, files)
+        process_shard(st, 0, 1, stage_config(device=device, sources={"robomimic": ROBOMIMIC}))
+        results[device] = open_shard(st.local_path(shard_key(0)))
+    _check_against_reference(results["cuda"], episodes, 50.0, atol=2e-5)
+    assert results["cuda"].index["episodes"] == results["cpu"].index["episodes"]
+
+
+# ------------------------------------------------------------------- the command
+
+
+def _cli(values: Path, env_extra: dict[str, str] | None = None, **popen) -> subprocess.Popen:
+    env = dict(os.environ, JOB_COMPLETION_INDEX="0", TRAJFLOW_SHARDS="1", TRAJFLOW_LOG_FORMAT="json",
+               TRAJFLOW_LOG_LEVEL="DEBUG", **(env_extra or {}))
+    return subprocess.Popen([sys.executable, "-m", "trajflow.cli", "preprocess", "--config", str(values)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _many_small_episodes(count: int) -> dict[str, bytes]:
+    rng = np.random.default_rng(7)
+    return {f"npz/e{i:04d}.npz": npz_bytes(**_npz_episode(rng)) for i in range(count)}
+
+
+def test_killed_mid_shard_leaves_nothing_and_the_rerun_is_identical(tmp_path):
+    files = _many_small_episodes(240)
+    config = {"device": "cpu", "batchSize": 1, "readWorkers": 1, "sortWindowBatches": 1}
+    roots = {}
+    for name in ("killed", "clean"):
+        roots[name] = tmp_path / name
+        publish_raw_shard(LocalStorage(roots[name] / "test"), 0, files)
+    killed_values = write_values(tmp_path / "killed.yaml", roots["killed"], config)
+
+    proc = _cli(killed_values)
+    written = 0
+    deadline = time.monotonic() + 120
+    for line in proc.stderr:  # the writer logs each batch it has spooled
+        if '"batch ' in line and "written" in line:
+            written += 1
+            if written == 5:
+                proc.send_signal(signal.SIGKILL)
+                break
+        assert time.monotonic() < deadline, "the stage never reported a written batch"
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the stage finished before it could be killed mid-shard"
+    killed = LocalStorage(roots["killed"] / "test")
+    assert read_manifest(killed, "preprocess", 0) is None
+    assert not killed.exists(shard_key(0))  # no partial shard under its name
+    assert [i.key for i in killed.list("resampled")] == []
+
+    rerun = _cli(killed_values)
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err[-2000:]
+    # an uninterrupted run with other batching and threads, in this process
+    process_shard(LocalStorage(roots["clean"] / "test"), 0, 1,
+                  stage_config(batch_size=64, read_workers=3, sort_window_batches=2))
+    # same bytes, whatever the batching, threads, or the interruption
+    assert killed.read_bytes(shard_key(0)) == LocalStorage(roots["clean"] / "test").read_bytes(shard_key(0))
+    assert killed.read_bytes(report_key(0)) == LocalStorage(roots["clean"] / "test").read_bytes(report_key(0))
+
+
+def test_exit_codes_follow_the_pod_failure_policy(tmp_path):
+    root = tmp_path / "root"
+    storage = LocalStorage(root / "test")
+    missing = _cli(write_values(tmp_path / "a.yaml", root, {"device": "cpu"}))
+    _, err = missing.communicate(timeout=120)
+    assert missing.returncode == ExitCode.TRANSIENT and "download shard 00000 is not done" in err
+
+    files, _, _ = bad_corpus(tmp_path / "src", np.random.default_rng(8), good=2)
+    publish_raw_shard(storage, 0, files)
+    bad = _cli(write_values(tmp_path / "b.yaml", root, {"device": "cpu"}))
+    _, err = bad.communicate(timeout=120)
+    assert bad.returncode == ExitCode.PERMANENT and "trajectories are bad" in err
+
+    config_error = _cli(write_values(tmp_path / "c.yaml", root, {"targetRateHz": -1}))
+    _, err = config_error.communicate(timeout=120)
+    assert config_error.returncode == ExitCode.CONFIG and "targetRateHz" in err
+    assert read_manifest(storage, "preprocess", 0) is None
+    assert manifest_key("preprocess", 0) == "resampled/_done/00000.json"
+
+
+def test_metrics_are_pushed_per_shard(local_storage, mixed, pushgateway):
+    from trajflow.config import GlobalConfig, StageSettings
+    from trajflow.preprocess.stage import run_shard
+
+    files, _ = mixed
+    publish_raw_shard(local_storage, 0, files)
+    glob = GlobalConfig.model_validate({"runId": "pp", "metrics": {"pushgatewayUrl": pushgateway.url}})
+    settings = StageSettings(glob, stage_config(sources={"robomimic": ROBOMIMIC}), 0, 1)
+    summary = run_shard(settings, storage=local_storage)
+    from prometheus_client.parser import text_string_to_metric_families
+
+    pushed = {}
+    for family in text_string_to_metric_families(pushgateway.metrics_text()):
+        for sample in family.samples:
+            if sample.labels.get("stage") == "preprocess":
+                assert (sample.labels["run"], sample.labels["shard"]) == ("pp", "0")
+                pushed[(sample.name, sample.labels.get("reason", sample.labels.get("le", "")))] = sample.value
+    assert pushed[("trajflow_preprocess_trajectories_total", "")] == 18
+    assert pushed[("trajflow_preprocess_bytes_out_total", "")] == summary.bytes_out
+    assert pushed[("trajflow_preprocess_bytes_in_total", "")] == summary.bytes_in
+    assert pushed[("trajflow_preprocess_resample_seconds_count", "")] == summary.batches
+    assert pushed[("trajflow_stage_success", "")] == 1
+    assert pushed[("trajflow_preprocess_throughput_trajectories_per_second", "")] > 0
+
+
+def test_streams_are_aligned_across_sources_and_other_widths_quarantined(local_storage):
+    rng = np.random.default_rng(10)
+    a, b, c = (make_episode(rng, n, 60.0, 1.0, dims=d) for n, d in
+               (("a", None), ("b", None), ("c", {STATE: 7, ACTION: 3})))
+    files = {
+        "one/a.npz": npz_bytes(timestamps=a.times, **{STATE: a.streams[STATE], ACTION: a.streams[ACTION]}),
+        "two/b.npz": npz_bytes(t=b.times, act=b.streams[ACTION], obs=b.streams[STATE]),
+        "two/c.npz": npz_bytes(t=c.times, act=c.streams[ACTION], obs=c.streams[STATE]),
+    }
+    publish_raw_shard(local_storage, 0, files)
+    cfg = stage_config(max_bad_fraction=0.5,
+                       sources={"two": {"streams": ["act", "obs"], "renames": {"act": ACTION, "obs": STATE}}})
+    summary = process_shard(local_storage, 0, 1, cfg)
+    assert summary.quarantined == {"shape_mismatch": 1}
+    reader = open_shard(local_storage.local_path(shard_key(0)))
+    assert reader.dims == {STATE: 6, ACTION: 3} and [e.episode for e in reader.episodes] == ["a", "b"]
+    for i, ep in enumerate((a, b)):
+        for stream in (STATE, ACTION):
+            np.testing.assert_allclose(reader.episode(i, stream), reference_resample(ep.times, ep.streams[stream], 50.0),
+                                       atol=2e-5)
+
+
+def test_lerobot_info_in_another_shard_names_the_robot(local_storage, tmp_path):
+    from preprocess_data import read_tree, write_lerobot, write_lerobot_info
+
+    ep = make_episode(np.random.default_rng(11), "0", 30.0, 1.0)
+    write_lerobot(tmp_path / "src" / "lr" / "data" / "chunk-000" / "episode_000000.parquet", [ep], with_timestamps=False)
+    write_lerobot_info(tmp_path / "src" / "lr", 30.0, "koch")
+    files = read_tree(tmp_path / "src")
+    data_key, info_key = "lr/data/chunk-000/episode_000000.parquet", "lr/meta/info.json"
+    publish_raw_shard(local_storage, 0, {data_key: files[data_key]}, shards=2)
+    cfg = stage_config(robot="unknown", max_bad_fraction=1.0)
+    process_shard(local_storage, 0, 2, cfg)  # no plan, no info: no timestamps and no rate to use
+    assert json.loads(local_storage.read_bytes(report_key(0)))["reasons"] == {"missing_time": 1}
+    empty = open_shard(local_storage.local_path(shard_key(0)))  # every trajectory bad, but allowed: an empty shard
+    assert len(empty) == 0 and empty.dims == {STATE: 0, ACTION: 0}
+
+    local_storage.delete(manifest_key("preprocess", 0))
+    plan = {"version": 1, "shards": 2, "assignments": [[{"key": data_key, "size": 1}], [{"key": info_key, "size": 1}]]}
+    local_storage.write_bytes("plan/download.json", json.dumps(plan).encode())
+    publish_raw_shard(local_storage, 1, {info_key: files[info_key]}, shards=2)
+    process_shard(local_storage, 0, 2, cfg)
+    (info,) = open_shard(local_storage.local_path(shard_key(0))).episodes
+    assert info.robot == "koch" and info.original_rate_hz == pytest.approx(30.0)  # fps from info.json
+
+
+def test_run_shards_takes_each_shard_when_its_download_is_done(local_storage):
+    import threading
+
+    from trajflow.config import GlobalConfig, StageSettings
+    from trajflow.errors import WaitTimeout
+    from trajflow.preprocess.stage import run_shards
+
+    rng = np.random.default_rng(12)
+    publish_raw_shard(local_storage, 0, {"npz/a.npz": npz_bytes(**_npz_episode(rng))}, shards=2)
+    late = threading.Timer(0.5, publish_raw_shard, (local_storage, 1, {"npz/b.npz": npz_bytes(**_npz_episode(rng))}, 2))
+    late.start()
+    settings = StageSettings(GlobalConfig(), stage_config(), 0, 2)
+    try:
+        summaries = run_shards(settings, [0, 1], wait_timeout_s=60, storage=local_storage, poll_s=0.1)
+    finally:
+        late.cancel()
+    assert [(s.shard, s.episodes, s.skipped) for s in summaries] == [(0, 1, False), (1, 1, False)]
+    assert read_manifest(local_storage, "preprocess", 1)["shards"] == 2
+    with pytest.raises(WaitTimeout, match=r"download shard\(s\) \[2\]"):
+        run_shards(settings, [1, 2], wait_timeout_s=0.3, storage=local_storage, poll_s=0.1)

@@ -1,0 +1,350 @@
+"""The Triton resampling kernel, run by Triton's interpreter on the CPU, against the float64
+reference; its CUDA compilation (offline, no GPU needed); and, where a GPU exists, the
+compiled kernel against the torch path.
+
+How the interpreter is selected: ``TRITON_INTERPRET=1`` is read when ``@triton.jit``
+decorates a function, i.e. when the module defining the kernel is imported, so setting it
+later in a test process has no effect. `triton_impl.kernel(interpret=True)` therefore
+builds the interpreted kernel on demand (under ``triton.knobs.runtime.scope()``), and
+``backend="triton"`` with CPU tensors uses it: the tests do not depend on import order or
+on the environment. One test also runs a subprocess with ``TRITON_INTERPRET=1`` set before
+any import, the documented way.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+triton = pytest.importorskip("triton")
+
+from resample_cases import TOL, TOL_F32_TIMES, make_case, reference, rel_err  # noqa: E402
+from trajflow.preprocess.kernels import UniformGrid, resample, resample_streams, triton_impl  # noqa: E402
+from trajflow.preprocess.kernels.common import Problem, prepare  # noqa: E402
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Outputs start as NaN, so an element the kernel fails to write shows up."""
+    def new_outputs(self):
+        return [torch.full((self.B, self.T, x.shape[2]), float("nan"), dtype=x.dtype, device=self.device)
+                for x in self.streams]
+
+    monkeypatch.setattr(Problem, "new_outputs", new_outputs)
+
+
+def run_triton(*args, **kwargs):
+    return resample(*args, backend="triton", **kwargs)
+
+
+# Small B and T keep the interpreter fast: it executes each program in numpy.
+CASES = [
+    # (B, S, T, D)
+    (4, 2, 9, 3),
+    (5, 7, 1, 1),
+    (3, 7, 40, 14),  # two T blocks of 32
+    (3, 1025, 20, 5),
+    (2, 5000, 24, 2),
+    (2, 130, 33, 70),  # D beyond one 64-wide block
+]
+
+
+@pytest.mark.parametrize("B,S,T,D", CASES)
+@pytest.mark.parametrize("target", ["explicit", "grid"])
+@pytest.mark.parametrize("ragged", [True, False])
+def test_interpreter_matches_float64_reference(poisoned, B, S, T, D, target, ragged):
+    for time_dtype, tol in ((torch.float32, TOL_F32_TIMES), (torch.float64, TOL[torch.float32])):
+        data, times, lengths, tgt, ref_t = make_case(B * S + T + 1, B, S, T, D, ragged=ragged, target=target,
+                                                     time_dtype=time_dtype)
+        out = run_triton(data, times, tgt, lengths)
+        assert out.shape == (B, T, D) and out.dtype == data.dtype
+        assert not out.isnan().any(), "an output element was not written"
+        assert rel_err(out, reference(data, times, lengths, ref_t)) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("target", ["explicit", "grid"])
+def test_interpreter_half_precision(poisoned, dtype, target):
+    data, times, lengths, tgt, ref_t = make_case(21, 3, 90, 40, 10, dtype, target=target, time_dtype=torch.float64)
+    out = run_triton(data, times, tgt, lengths)
+    assert out.dtype == dtype and not out.isnan().any()
+    assert rel_err(out, reference(data, times, lengths, ref_t)) < TOL[dtype]
+
+
+def test_interpreter_epoch_timestamps(poisoned):
+    for target in ("explicit", "grid"):
+        data, times, lengths, tgt, ref_t = make_case(22, 3, 60, 30, 3, time_dtype=torch.float64, origin=1.7e9,
+                                                     target=target)
+        out = run_triton(data, times, tgt, lengths)
+        assert rel_err(out, reference(data, times, lengths, ref_t)) < TOL[torch.float32]
+
+
+def test_interpreter_agrees_with_torch_path(poisoned):
+    data, times, lengths, tgt, _ = make_case(23, 4, 50, 37, 6, target="grid", time_dtype=torch.float64)
+    a = run_triton(data, times, tgt, lengths)
+    b = resample(data, times, tgt, lengths, backend="torch")
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_interpreter_ends_hold_exactly_and_padding_is_ignored(poisoned):
+    data, times, lengths, _, _ = make_case(24, 4, 20, 1, 3)  # NaN / garbage padding
+    L = lengths
+    first = times[:, 0].double()
+    last = times.double().gather(1, (L - 1)[:, None])[:, 0]
+    tgt = torch.stack([first - 5, last + 5], 1).float()
+    out = run_triton(data, times, tgt, lengths)
+    for b in range(4):
+        assert torch.equal(out[b, 0], data[b, 0])
+        assert torch.equal(out[b, 1], data[b, L[b] - 1])
+
+
+def test_interpreter_strided_inputs(poisoned):
+    data, times, lengths, tgt, _ = make_case(25, 3, 30, 12, 5, time_dtype=torch.float64)
+    expect = run_triton(data, times, tgt, lengths)
+    wide = torch.randn(3, 30, 9)
+    wide[:, :, ::2] = data  # a non-unit stride along D, read as is by the kernel
+    t_wide = torch.randn(3, 60, dtype=times.dtype)
+    t_wide[:, 1::2] = times
+    out = run_triton(wide[:, :, ::2], t_wide[:, 1::2], tgt.t().contiguous().t(), lengths)
+    torch.testing.assert_close(out, expect, rtol=0, atol=0)
+    # one target row shared by every row (a stride-0 view)
+    shared = run_triton(data, times, tgt[0], lengths)
+    torch.testing.assert_close(shared, run_triton(data, times, tgt[0].expand(3, 12).contiguous(), lengths))
+
+
+def test_interpreter_fused_streams_in_one_launch(poisoned, monkeypatch):
+    data, times, lengths, tgt, ref_t = make_case(26, 3, 40, 35, 7, target="grid", time_dtype=torch.float64)
+    action = (torch.randn(3, 40, 3) * 2).to(torch.bfloat16)
+    gripper = torch.randn(3, 40).half()
+    launches = []
+    real = triton_impl.kernel
+
+    def counting(interpret):
+        fn = real(interpret)
+
+        class Counter:
+            def __getitem__(self, grid):
+                launches.append(grid)
+                return fn[grid]
+
+        return Counter()
+
+    monkeypatch.setattr(triton_impl, "kernel", counting)
+    out = resample_streams({"state": data, "action": action, "gripper": gripper}, times, tgt, lengths,
+                           backend="triton")
+    assert len(launches) == 1
+    assert out["gripper"].shape == (3, 35) and out["action"].dtype == torch.bfloat16
+    assert rel_err(out["state"], reference(data, times, lengths, ref_t)) < TOL[torch.float32]
+    assert rel_err(out["action"], reference(action, times, lengths, ref_t)) < TOL[torch.bfloat16]
+    assert rel_err(out["gripper"], reference(gripper, times, lengths, ref_t)) < TOL[torch.float16]
+
+
+def test_interpreter_empty_and_zero_width():
+    times = torch.arange(6, dtype=torch.float32).expand(2, 6).contiguous()
+    assert run_triton(torch.zeros(2, 6, 3), times, torch.zeros(2, 0)).shape == (2, 0, 3)
+    assert run_triton(torch.zeros(2, 6, 0), times, torch.zeros(2, 4)).shape == (2, 4, 0)
+    out = resample_streams([torch.zeros(2, 6, 0), torch.ones(2, 6, 2)], times, torch.zeros(2, 4), backend="triton")
+    assert out[0].shape == (2, 4, 0) and torch.equal(out[1], torch.ones(2, 4, 2))
+
+
+def test_interpreter_unchecked_bad_lengths_stay_in_bounds(poisoned):
+    data, times, _, tgt, _ = make_case(27, 4, 12, 8, 2, ragged=False)
+    out = run_triton(data, times, tgt, torch.tensor([0, 1, 12, 99]), check=False)
+    assert out.shape == (4, 8, 2)
+    assert torch.equal(out[1], data[1, :1].expand(8, 2))  # length 1: hold the only sample
+    torch.testing.assert_close(out[3], resample(data, times, tgt, backend="torch")[3])
+
+
+def test_env_variable_interpreter_in_a_fresh_process(tmp_path):
+    """TRITON_INTERPRET=1 set before importing anything also works (the documented way)."""
+    script = tmp_path / "interp.py"
+    script.write_text(
+        "import torch\n"
+        "from trajflow.preprocess.kernels import resample, UniformGrid\n"
+        "t = torch.cumsum(torch.rand(3, 50, dtype=torch.float64) + 0.1, 1)\n"
+        "x = torch.randn(3, 50, 4)\n"
+        "g = UniformGrid(t[:, 0], 2.0, 20)\n"
+        "a = resample(x, t, g, backend='triton')\n"
+        "b = resample(x, t, g, backend='torch')\n"
+        "assert (a - b).abs().max() < 1e-5, (a - b).abs().max()\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+# ---- the CUDA compilation, offline ----------------------------------------------------
+
+
+class _OfflineCudaDriver:
+    """Just enough of a Triton driver for `JITFunction.warmup` to compile for a CUDA
+    target without a GPU (triton ships ptxas)."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _offline_driver(arch: int):
+    pytest.importorskip("triton.backends.nvidia")
+    try:
+        from triton.runtime.driver import driver
+    except ImportError as exc:  # pragma: no cover - older triton
+        pytest.skip(f"this triton has no pluggable driver: {exc}")
+    # not reset_active(): that probes for a real GPU; put back exactly what was there
+    previous = driver.__dict__.get("_active")
+    driver.set_active(_OfflineCudaDriver(arch))
+    try:
+        yield
+    finally:
+        driver._active = previous
+
+
+def _offline_problems():
+    g = torch.Generator().manual_seed(0)
+    B, S, T = 4, 100, 50
+    times = torch.cumsum(torch.rand(B, S, generator=g) + 0.1, 1)
+    yield prepare([torch.randn(B, S, 14)], ["data"], times, UniformGrid(times[:, 0], 10.0, T), None)
+    yield prepare([torch.randn(B, S, 32).bfloat16()], ["data"], times.double(), torch.rand(B, T).double(),
+                  torch.full((B,), S))
+    yield prepare([torch.randn(B, S, 7), torch.randn(B, S, 3).half(), torch.randn(B, S, 130).bfloat16()],
+                  ["a", "b", "c"], times, UniformGrid(times[:, 0].double(), 10.0, T), torch.full((B,), S))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+def test_kernel_compiles_for_cuda_offline(arch):
+    """The JIT path (not the interpreter) compiles to PTX and a cubin for sm_80 and sm_90
+    with the argument sets `resample` builds, for every autotuning block shape."""
+    with triton_impl.jit_mode(False):  # compiled, even under a global TRITON_INTERPRET=1
+        jit = triton.jit(triton_impl._resample_kernel)
+    with _offline_driver(arch):
+        for p in _offline_problems():
+            args = triton_impl.kernel_args(p, p.new_outputs())
+            for block_t, num_warps in ((16, 1), (64, 4), (256, 8)):
+                compiled = jit.warmup(grid=(1,), BLOCK_T=block_t, num_warps=num_warps, enable_fp_fusion=True, **args)
+                assert "cubin" in compiled.asm and ".entry" in compiled.asm["ptx"]
+
+
+def test_contiguous_bf16_rows_get_vector_loads():
+    """With a unit D stride and 16-byte rows, the gathers and the store are vector accesses."""
+    with triton_impl.jit_mode(False):  # compiled, even under a global TRITON_INTERPRET=1
+        jit = triton.jit(triton_impl._resample_kernel)
+    B, S, T, D = 8, 100, 50, 32
+    times = torch.cumsum(torch.rand(B, S) + 0.1, 1)
+    p = prepare([torch.randn(B, S, D).bfloat16()], ["data"], times, UniformGrid(times[:, 0], 10.0, T), None)
+    with _offline_driver(90):
+        args = triton_impl.kernel_args(p, p.new_outputs())
+        ptx = jit.warmup(grid=(1,), BLOCK_T=64, num_warps=4, enable_fp_fusion=True, **args).asm["ptx"]
+    assert "ld.global.v4" in ptx and "st.global.v4" in ptx
+
+
+# ---- on a GPU ------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("target", ["explicit", "grid"])
+def test_gpu_kernel_matches_reference(dtype, target):
+    data, times, lengths, tgt, ref_t = make_case(31, 64, 1025, 300, 14, dtype, target=target, time_dtype=torch.float64)
+    dev = torch.device("cuda")
+    tgt_d = UniformGrid(tgt.start.to(dev), tgt.rate_hz, tgt.num) if target == "grid" else tgt.to(dev)
+    out = resample(data.to(dev), times.to(dev), tgt_d, lengths.to(dev), backend="triton")
+    assert out.is_cuda and out.dtype == dtype and not out.isnan().any()
+    assert rel_err(out.cpu(), reference(data, times, lengths, ref_t)) < TOL[dtype]
+    ref_torch = resample(data.to(dev), times.to(dev), tgt_d, lengths.to(dev), backend="torch")
+    torch.testing.assert_close(out, ref_torch, rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_batch_beyond_the_grid_y_limit():
+    B, S, T, D = 70_000, 8, 3, 2  # more rows than CUDA's 65535 y/z grid limit
+    dev = torch.device("cuda")
+    times = torch.cumsum(torch.rand(B, S, device=dev) + 0.1, 1)
+    data = torch.randn(B, S, D, device=dev)
+    grid = UniformGrid(times[:, 0], 1.0, T)
+    torch.testing.assert_close(resample(data, times, grid, backend="triton"),
+                               resample(data, times, grid, backend="torch"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_validation_synchronises_once():
+    dev = torch.device("cuda")
+    data, times, lengths, tgt, _ = make_case(32, 32, 100, 50, 8, target="grid")
+    args = (data.to(dev), times.to(dev), UniformGrid(tgt.start.to(dev), tgt.rate_hz, tgt.num), lengths.to(dev))
+    resample(*args, backend="triton", check=False)  # autotuning synchronises; do it first
+    torch.cuda.synchronize()
+    for check, allowed in ((False, 0), (True, 1)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                resample(*args, backend="triton", check=check)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+        assert len(syncs) <= allowed, [str(w.message) for w in syncs]
+
+
+def test_autotuned_launch_path_without_a_gpu(monkeypatch):
+    """Drive the real Autotuner (keys, pruning, the grid callable, launch options) with the
+    compiled kernel and its benchmark replaced by fakes."""
+    tuner = triton_impl.kernel(False)
+    launches = []
+
+    class FakeCompiled:
+        def run(self, *args, grid, warmup, **kwargs):
+            launches.append((grid({"BLOCK_T": kwargs["BLOCK_T"]}), kwargs))
+
+    benched = []
+
+    def fake_bench(*args, config, **kwargs):
+        benched.append(config.kwargs["BLOCK_T"])
+        return [abs(config.kwargs["BLOCK_T"] - 64) + config.num_warps / 100] * 3  # 64 x 2 warps "wins"
+
+    monkeypatch.setattr(tuner, "fn", FakeCompiled())
+    monkeypatch.setattr(tuner, "_bench", fake_bench)
+    monkeypatch.setattr(tuner, "cache", {})
+    times = torch.cumsum(torch.rand(5, 40) + 0.1, 1)
+    p = prepare([torch.randn(5, 40, 14)], ["data"], times, UniformGrid(times[:, 0], 10.0, 100), None)
+    triton_impl.resample(p, interpret=False)
+    triton_impl.resample(p, interpret=False)  # cached: no second round of benchmarks
+    assert sorted(set(benched)) == [16, 32, 64, 128] and len(benched) == 7  # 256 > T=100 pruned
+    assert len(launches) == 2
+    grid, kw = launches[-1]
+    assert kw["BLOCK_T"] == 64 and kw["num_warps"] == 2 and kw["enable_fp_fusion"] is True
+    assert grid == (5 * 2,)  # B * cdiv(T, BLOCK_T)
+    # a small T prunes to the blocks that fit it
+    benched.clear()
+    p = prepare([torch.randn(5, 40, 14)], ["data"], times, UniformGrid(times[:, 0], 10.0, 3), None)
+    triton_impl.resample(p, interpret=False)
+    assert set(benched) <= {16}
+
+
+def test_tall_batches_are_split_across_launches(poisoned, monkeypatch):
+    data, times, lengths, tgt, ref_t = make_case(28, 5, 30, 40, 3, time_dtype=torch.float64)
+    expect = run_triton(data, times, tgt, lengths)
+    monkeypatch.setattr(triton_impl, "MAX_PROGRAMS", 4)  # 2 rows of 2 T-blocks per launch
+    out = run_triton(data, times, tgt, lengths)
+    torch.testing.assert_close(out, expect, rtol=0, atol=0)
+    assert rel_err(out, reference(data, times, lengths, ref_t)) < TOL[torch.float32]

@@ -1,0 +1,455 @@
+"""Storage contract: both backends (file://, s3:// on a real SeaweedFS) behave the same."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+
+import pytest
+
+from trajflow.errors import ConfigError, InvalidURI
+from trajflow.storage import (
+    LocalStorage,
+    ObjectInfo,
+    done_shards,
+    manifest_key,
+    open_run_root,
+    open_storage,
+    read_manifest,
+    shard_name,
+    write_manifest,
+)
+from trajflow.storage.s3 import S3Storage, _conditional_support
+
+MiB = 1024 * 1024
+
+
+def _keys(storage, prefix: str = "") -> list[str]:
+    return [info.key for info in storage.list(prefix)]
+
+
+# ---- reading and writing ---------------------------------------------------------------
+
+
+def test_round_trip_overwrite_and_empty(storage):
+    storage.write_bytes("a/b/c.bin", b"first")
+    assert storage.read_bytes("a/b/c.bin") == b"first"
+    storage.write_bytes("a/b/c.bin", b"second, longer")
+    assert storage.read_bytes("a/b/c.bin") == b"second, longer"
+    storage.write_bytes("empty", b"")
+    assert storage.read_bytes("empty") == b""
+    assert storage.stat("empty") == ObjectInfo("empty", 0, storage.stat("empty").etag)
+
+
+def test_stat_exists_and_missing(storage):
+    storage.write_bytes("dir/obj", b"12345")
+    info = storage.stat("dir/obj")
+    assert info is not None and info.key == "dir/obj" and info.size == 5
+    assert storage.exists("dir/obj")
+    assert storage.stat("dir/missing") is None
+    assert not storage.exists("dir/missing")
+    # a "directory" is no object on either backend
+    assert storage.stat("dir") is None
+    assert not storage.exists("dir")
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes("dir/missing")
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes("dir")
+
+
+@pytest.mark.parametrize(
+    "start,end",
+    [(0, None), (0, 10), (3, 7), (7, 3), (5, 5), (9, None), (9, 10), (10, None), (10, 20), (25, None), (25, 30), (0, 1000)],
+)
+def test_ranged_reads_behave_like_slices(storage, start, end):
+    data = bytes(range(10))
+    storage.write_bytes("r", data)
+    with storage.open_read("r", start, end) as fh:
+        got = fh.read()
+    assert got == data[start:end]
+    assert storage.read_range("r", start, end) == data[start:end]
+
+
+def test_ranged_read_of_missing_object_raises(storage):
+    with pytest.raises(FileNotFoundError):
+        storage.read_range("nope", 2, 5)
+    with pytest.raises(FileNotFoundError):
+        storage.read_range("nope", 5, 2)
+
+
+def test_negative_range_is_rejected(storage):
+    storage.write_bytes("r", b"abc")
+    with pytest.raises(ValueError, match="non-negative"):
+        storage.open_read("r", -1, 2)
+
+
+def test_streaming_writer_accepts_bytes_like_chunks(storage):
+    chunks = [b"abc", bytearray(b"def"), memoryview(b"ghijkl")[1:4]]
+    with storage.writer("stream/out") as fh:
+        for chunk in chunks:
+            fh.write(chunk)
+    assert storage.read_bytes("stream/out") == b"abcdefhij"
+
+
+def test_writer_is_invisible_until_it_closes(storage):
+    storage.write_bytes("v/old", b"old")
+    with storage.writer("v/new") as fh:
+        fh.write(b"x" * 1000)
+        assert not storage.exists("v/new")
+        assert _keys(storage, "v/") == ["v/old"]
+    assert storage.read_bytes("v/new") == b"x" * 1000
+
+
+def test_failed_writer_leaves_nothing_and_keeps_the_old_version(storage):
+    storage.write_bytes("keep", b"old version")
+    with pytest.raises(RuntimeError, match="boom"):
+        with storage.writer("keep") as fh:
+            fh.write(b"half of the new vers")
+            raise RuntimeError("boom")
+    assert storage.read_bytes("keep") == b"old version"
+    with pytest.raises(RuntimeError):
+        with storage.writer("fresh") as fh:
+            fh.write(b"partial")
+            raise RuntimeError("boom")
+    assert not storage.exists("fresh")
+    assert _keys(storage) == ["keep"]
+
+
+def test_multipart_upload_streams_several_parts(s3_server):
+    bucket = s3_server.make_bucket()
+    store = S3Storage(f"s3://{bucket}/mp", client=s3_server.client(), part_size=5 * MiB)
+    block = os.urandom(MiB)
+    digest = hashlib.sha256()
+    with store.writer("big.bin") as fh:
+        for i in range(12):  # 12 MiB: two full parts and a tail
+            piece = bytes([i]) + block[1:]
+            fh.write(piece)
+            digest.update(piece)
+        assert not store.exists("big.bin")
+    assert store.stat("big.bin").size == 12 * MiB
+    assert store.stat("big.bin").etag.endswith("-3")  # a multipart ETag names its parts
+    assert store.sha256("big.bin") == (digest.hexdigest(), 12 * MiB)
+    assert store.read_range("big.bin", 5 * MiB - 2, 5 * MiB + 2) == block[-2:] + bytes([5]) + block[1:2]
+
+
+def test_small_part_size_is_rejected():
+    with pytest.raises(ValueError, match="5 MiB"):
+        S3Storage("s3://bucket/x", client=object(), part_size=1024)
+
+
+def test_sha256_streams_the_whole_object(storage):
+    data = os.urandom(3 * MiB + 17)
+    storage.write_bytes("h/blob", data)
+    assert storage.sha256("h/blob") == (hashlib.sha256(data).hexdigest(), len(data))
+
+
+def test_delete(storage):
+    storage.write_bytes("d/x", b"1")
+    storage.write_bytes("d/y", b"2")
+    storage.delete("d/x")
+    assert not storage.exists("d/x")
+    assert _keys(storage) == ["d/y"]
+    storage.delete("d/x")  # absent: no error
+    storage.delete("d")  # a "directory": no object, no error
+    assert _keys(storage) == ["d/y"]
+
+
+# ---- listing ---------------------------------------------------------------------------
+
+LAYOUT = {
+    "raw/00001/a.bin": 3,
+    "raw/00001/sub/b.bin": 4,
+    "raw/00012/c.bin": 5,
+    "raw/0001.json": 6,
+    "raw/_done/00001.json": 7,
+    "raw2/d": 8,
+    "rawfile": 9,
+    "resampled/00000.safetensors": 10,
+    "top": 11,
+}
+PREFIX_CASES = ["", "raw", "raw/", "raw/0001", "raw/00001", "raw/00001/", "raw/00001/sub/b.bin", "raw/_done/", "r", "x", "raw/00001/s", "top"]
+
+
+def _expected(prefix: str) -> list[ObjectInfo]:
+    return [(k, s) for k, s in sorted(LAYOUT.items()) if k.startswith(prefix)]
+
+
+@pytest.mark.parametrize("prefix", PREFIX_CASES)
+def test_list_is_a_sorted_string_prefix_match_with_sizes(storage, prefix):
+    for key, size in LAYOUT.items():
+        storage.write_bytes(key, b"x" * size)
+    assert [(i.key, i.size) for i in storage.list(prefix)] == _expected(prefix)
+
+
+def test_both_backends_list_the_same(local_storage, s3_storage):
+    for store in (local_storage, s3_storage):
+        for key, size in LAYOUT.items():
+            store.write_bytes(key, b"y" * size)
+    for prefix in PREFIX_CASES:
+        local = [(i.key, i.size) for i in local_storage.list(prefix)]
+        remote = [(i.key, i.size) for i in s3_storage.list(prefix)]
+        assert local == remote, prefix
+
+
+def test_list_sorts_by_key_not_by_directory(storage):
+    for key in ["a/b", "a-c", "a.d", "a/a/z", "b"]:
+        storage.write_bytes(key, b"")
+    assert _keys(storage) == sorted(["a/b", "a-c", "a.d", "a/a/z", "b"])
+
+
+def test_list_hides_backend_internals(storage):
+    storage.write_bytes("p/visible", b"1")
+    if isinstance(storage, LocalStorage):
+        hidden_dir = storage.root / "p"
+        (hidden_dir / ".trajflow-tmp-0123456789abcdef-visible").write_bytes(b"partial")
+    else:
+        storage.client.put_object(Bucket=storage.bucket, Key=f"{storage.prefix}/p/.trajflow-claims-x/abc", Body=b"")
+    assert _keys(storage) == ["p/visible"]
+    assert _keys(storage, "p/") == ["p/visible"]
+
+
+@pytest.mark.parametrize("bad", ["", "/abs", "a//b", "../x", "a/../b", "a/./b", "a\\b", "."])
+def test_invalid_keys_are_rejected(storage, bad):
+    with pytest.raises(ValueError, match="invalid storage key"):
+        storage.write_bytes(bad, b"1")
+    with pytest.raises(ValueError):
+        storage.exists(bad)
+
+
+@pytest.mark.parametrize("bad", ["/abs", "a//", "../", "a/../"])
+def test_invalid_prefixes_are_rejected(storage, bad):
+    with pytest.raises(ValueError, match="invalid storage prefix"):
+        list(storage.list(bad))
+
+
+def test_child_is_rooted_below_the_parent(storage):
+    child = storage.child("runs/r1")
+    child.write_bytes("raw/x", b"123")
+    assert storage.read_bytes("runs/r1/raw/x") == b"123"
+    assert _keys(child) == ["raw/x"]
+    assert _keys(storage) == ["runs/r1/raw/x"]
+    assert child.uri.endswith("/runs/r1")
+
+
+def test_local_path_only_on_the_filesystem(storage):
+    storage.write_bytes("m/file", b"abc")
+    path = storage.local_path("m/file")
+    if isinstance(storage, LocalStorage):
+        assert path is not None and path.read_bytes() == b"abc"
+    else:
+        assert path is None
+
+
+# ---- write-if-absent -------------------------------------------------------------------
+
+
+def test_write_if_absent_first_writer_wins(storage):
+    assert storage.write_if_absent("plan/p.json", b"first") is True
+    assert storage.write_if_absent("plan/p.json", b"second") is False
+    assert storage.read_bytes("plan/p.json") == b"first"
+    assert _keys(storage) == ["plan/p.json"]
+
+
+def test_write_if_absent_threads_have_one_winner(storage):
+    results: dict[int, bool] = {}
+    barrier = threading.Barrier(8)
+
+    def contend(i: int) -> None:
+        barrier.wait()
+        results[i] = storage.write_if_absent("race/key", f"writer-{i}".encode())
+
+    threads = [threading.Thread(target=contend, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i, won in results.items() if won]
+    assert len(results) == 8 and len(winners) == 1
+    assert storage.read_bytes("race/key") == f"writer-{winners[0]}".encode()
+
+
+def test_seaweedfs_enforces_conditional_writes(s3_storage):
+    assert s3_storage._supports_conditional_put() is True
+
+
+@pytest.fixture
+def s3_without_conditional_writes(s3_server, monkeypatch):
+    """An S3Storage that must use the claim election, as on servers that ignore If-None-Match."""
+    bucket = s3_server.make_bucket()
+    store = S3Storage(f"s3://{bucket}/root", client=s3_server.client(), elect_settle_s=1.5)
+    monkeypatch.setitem(_conditional_support, (str(store.client.meta.endpoint_url), bucket), False)
+    return store
+
+
+def test_claim_election_has_one_winner_whatever_the_timing(s3_without_conditional_writes):
+    store = s3_without_conditional_writes
+    results: dict[int, bool] = {}
+    start = threading.Barrier(6)
+
+    def contend(i: int) -> None:
+        start.wait()
+        # staggered starts: early contenders decide before late ones have claimed
+        import time
+
+        time.sleep(0.4 * (i % 3))
+        results[i] = store.write_if_absent("plan/download.json", f"plan-{i}".encode())
+
+    threads = [threading.Thread(target=contend, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i, won in results.items() if won]
+    assert len(winners) == 1, results
+    assert store.read_bytes("plan/download.json") == f"plan-{winners[0]}".encode()
+    # a contender arriving after the decision loses at once
+    assert store.write_if_absent("plan/download.json", b"late") is False
+    # the claims stay hidden
+    assert _keys(store) == ["plan/download.json"]
+
+
+def test_probe_detects_a_server_that_ignores_conditional_writes(s3_server, monkeypatch, caplog):
+    bucket = s3_server.make_bucket()
+    client = s3_server.client()
+
+    # a client that drops If-None-Match, as a server without support would ignore it
+    class IgnoringClient:
+        def __init__(self, inner):
+            self._inner = inner
+            self.meta = inner.meta
+
+        def put_object(self, **kwargs):
+            kwargs.pop("IfNoneMatch", None)
+            return self._inner.put_object(**kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+    store = S3Storage(f"s3://{bucket}/root", client=IgnoringClient(client), elect_settle_s=1.0)
+    monkeypatch.delitem(_conditional_support, (str(client.meta.endpoint_url), bucket), raising=False)
+    with caplog.at_level("WARNING"):
+        assert store._supports_conditional_put() is False
+    assert "does not enforce conditional writes" in caplog.text
+    assert store.write_if_absent("k", b"one") is True
+    assert store.write_if_absent("k", b"two") is False
+    assert store.read_bytes("k") == b"one"
+
+
+# ---- manifests -------------------------------------------------------------------------
+
+
+def test_manifests_mark_shards_done(storage):
+    assert done_shards(storage, "download") == set()
+    assert read_manifest(storage, "download", 3) is None
+    items = [{"key": "a", "size": 1, "sha256": "00"}]
+    doc = write_manifest(storage, "download", 3, 8, items, bytes=1)
+    assert manifest_key("download", 3) == "raw/_done/00003.json"
+    assert storage.exists("raw/_done/00003.json")
+    assert read_manifest(storage, "download", 3) == doc
+    assert doc["items"] == items and doc["shards"] == 8 and doc["bytes"] == 1
+    write_manifest(storage, "preprocess", 0, 1, [])
+    storage.write_bytes("raw/_done/notes.txt", b"ignored")
+    assert done_shards(storage, "download") == {3}
+    assert done_shards(storage, "preprocess") == {0}
+    assert shard_name(12) == "00012"
+
+
+def test_corrupt_manifest_is_named(storage):
+    storage.write_bytes(manifest_key("download", 1), b"{not json")
+    with pytest.raises(ValueError, match=r"raw/_done/00001\.json: corrupt manifest"):
+        read_manifest(storage, "download", 1)
+    storage.write_bytes(manifest_key("download", 2), json.dumps({"version": 99}).encode())
+    with pytest.raises(ValueError, match="unsupported manifest"):
+        read_manifest(storage, "download", 2)
+
+
+# ---- URIs and configuration ----------------------------------------------------------
+
+
+def test_open_storage_uris(tmp_path):
+    assert isinstance(open_storage(f"file://{tmp_path}"), LocalStorage)
+    assert open_storage(f"file://{tmp_path}").root == tmp_path.resolve()
+    assert open_storage(str(tmp_path / "x")).root == (tmp_path / "x").resolve()
+    assert open_storage(tmp_path).root == tmp_path.resolve()
+    s3 = open_storage("s3://my-bucket/some/prefix", endpoint="http://127.0.0.1:1", region="eu-west-1")
+    assert isinstance(s3, S3Storage) and (s3.bucket, s3.prefix) == ("my-bucket", "some/prefix")
+    assert s3.client.meta.region_name == "eu-west-1"
+
+
+@pytest.mark.parametrize(
+    "uri,match",
+    [
+        ("http://example.com/x", "unsupported storage URI"),
+        ("file://host/x", "with a host"),
+        ("s3://", "not an s3:// URI"),
+        ("s3://Bad_Bucket/x", "invalid bucket name"),
+        ("s3://ab/x", "invalid bucket name"),
+        ("s3://bucket/a//b", "invalid key prefix"),
+        ("s3://bucket/../b", "invalid key prefix"),
+        ("", "empty storage URI"),
+    ],
+)
+def test_bad_uris_give_one_clear_error(uri, match):
+    with pytest.raises(InvalidURI, match=match) as info:
+        open_storage(uri)
+    assert isinstance(info.value, ConfigError) and isinstance(info.value, ValueError)
+    assert "\n" not in str(info.value)
+
+
+def test_open_run_root_reaches_s3_through_the_default_credential_chain(s3_server):
+    from trajflow.config import GlobalConfig
+
+    bucket = s3_server.make_bucket()
+    glob = GlobalConfig.model_validate(
+        {
+            "runId": "r-1",
+            "storage": {"type": "s3", "s3": {"endpoint": s3_server.endpoint, "bucket": bucket, "prefix": "/runs/"}},
+        }
+    )
+    root = open_run_root(glob)
+    assert root.uri == f"s3://{bucket}/runs/r-1"
+    root.write_bytes("raw/x", b"via env credentials")
+    direct = s3_server.client().get_object(Bucket=bucket, Key="runs/r-1/raw/x")["Body"].read()
+    assert direct == b"via env credentials"
+
+
+def test_wrong_credentials_fail_loudly(s3_server, monkeypatch):
+    bucket = s3_server.make_bucket()
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    store = open_storage(f"s3://{bucket}/x", endpoint=s3_server.endpoint)
+    with pytest.raises(Exception, match="SignatureDoesNotMatch|AccessDenied|Forbidden|403"):
+        store.write_bytes("k", b"1")
+
+
+def test_open_run_root_on_the_filesystem(tmp_path):
+    from trajflow.config import GlobalConfig
+
+    glob = GlobalConfig.model_validate({"runId": "demo", "storage": {"filesystem": {"path": str(tmp_path)}}})
+    root = open_run_root(glob)
+    assert isinstance(root, LocalStorage) and root.root == tmp_path / "demo"
+
+
+def test_failed_part_upload_aborts_the_whole_upload(s3_server):
+    bucket = s3_server.make_bucket()
+    real = s3_server.client()
+
+    class FailingThirdPart:
+        def __init__(self, inner):
+            self._inner, self.meta = inner, inner.meta
+
+        def upload_part(self, **kwargs):
+            if kwargs["PartNumber"] == 3:
+                raise ConnectionError("network dropped")
+            return self._inner.upload_part(**kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+    store = S3Storage(f"s3://{bucket}/x", client=FailingThirdPart(real), part_size=5 * MiB, upload_concurrency=2)
+    with pytest.raises(ConnectionError, match="network dropped"):
+        with store.writer("obj") as fh:
+            for _ in range(6):
+                fh.write(b"z" * MiB * 3)
+    assert not store.exists("obj")
+    assert real.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []

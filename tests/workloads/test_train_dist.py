@@ -1,0 +1,232 @@
+"""Training under torch's elastic launcher (`trajflow train --nproc-per-node N`): gloo on
+127.0.0.1 with an explicit free port, 1 and 2 processes, a rank killed mid-epoch, and a
+diverged run's exit code.
+
+Tolerance for the killed run: the resumed run must reproduce the uninterrupted run's
+validation losses to a relative 1e-6 (on CPU with gloo and two ranks the arithmetic is in
+fact the same, so the parameters match bit for bit, which is asserted as well).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from trajflow.errors import ExitCode
+from trajflow.storage import LocalStorage
+from trajflow.train import artifacts
+from trajflow.train.checkpoint import CheckpointStore
+from trajflow.train.synthetic import (
+    local_settings,
+    write_config_file,
+    write_synthetic_shards,
+)
+
+pytestmark = pytest.mark.slow
+
+RUN_TIMEOUT_S = 180
+CONFIG = {
+    "window": 8,
+    "epochs": 4,
+    "batch_size": 32,
+    "learning_rate": 3e-3,
+    "log_every_steps": 5,
+    "model": {"type": "gru", "hidden_size": 32, "num_layers": 1},
+    "checkpoints": {"every_steps": 7, "keep_last": 3},
+}
+
+
+def free_port_pair() -> int:
+    """A port p with p and p+1 both free on 127.0.0.1 (local ranks 0 and 1 serve /metrics)."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            if port >= 65535:
+                continue
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+                return int(port)
+    raise RuntimeError("no two consecutive free ports")
+
+
+@dataclass
+class Run:
+    root: Path
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    metrics_port: int
+    nproc: int
+    scraped: dict[int, float] = field(default_factory=dict)  # port -> highest steps seen
+
+    @property
+    def storage(self) -> LocalStorage:
+        return LocalStorage(self.root)
+
+    def wait(self) -> int:
+        try:
+            return self.process.wait(timeout=RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            raise AssertionError(f"training did not finish in {RUN_TIMEOUT_S}s:\n{self.log()[-4000:]}") from None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def metrics(self) -> dict:
+        doc = artifacts.read_metrics(self.storage)
+        assert doc is not None, self.log()[-4000:]
+        return doc
+
+
+def start_run(tmp_path: Path, run_id: str, nproc: int, max_restarts: int = 0, **overrides: object) -> Run:
+    port = free_port_pair()
+    settings = local_settings(tmp_path, run_id, **{**CONFIG, "metrics_port": port, **overrides})
+    root = tmp_path / run_id
+    write_synthetic_shards(LocalStorage(root), shards=2, episodes_per_shard=6, length=120)
+    config_file = write_config_file(tmp_path / f"{run_id}.yaml", settings)
+    log_path = tmp_path / f"{run_id}.log"
+    env = {**os.environ, "TRAJFLOW_LOG_FORMAT": "json", "OMP_NUM_THREADS": "1"}
+    with open(log_path, "wb") as log_fh:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "trajflow.cli", "train", "--config", str(config_file),
+             "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts)],
+            stdout=log_fh, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+    return Run(root, process, log_path, port, nproc)
+
+
+def scrape_while_running(run: Run) -> threading.Thread:
+    """Poll every rank's /metrics until the launcher exits; keep the highest step count."""
+    pattern = re.compile(r"^trajflow_train_steps_total (\S+)$", re.MULTILINE)
+
+    def poll() -> None:
+        while run.process.poll() is None:
+            for port in range(run.metrics_port, run.metrics_port + run.nproc):
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as resp:
+                        match = pattern.search(resp.read().decode())
+                except OSError:
+                    continue
+                if match:
+                    run.scraped[port] = max(run.scraped.get(port, 0.0), float(match.group(1)))
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    return thread
+
+
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+def worker_pid(launcher: int, rank: int) -> int | None:
+    for pid in children(launcher):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return pid
+    return None
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """An uninterrupted 2-process run; the reference for the killed one."""
+    tmp = tmp_path_factory.mktemp("train-2proc")
+    run = start_run(tmp, "ref", nproc=2)
+    scraper = scrape_while_running(run)
+    assert run.wait() == 0, run.log()[-4000:]
+    scraper.join(timeout=5)
+    return run
+
+
+def check_converged_and_in_sync(run: Run, nproc: int) -> dict:
+    doc = run.metrics()
+    assert doc["status"] == "completed" and doc["world_size"] == nproc
+    assert doc["final_val_loss"] < 0.5 * doc["initial_val_loss"], doc["history"]
+    assert doc["ranks_in_sync"] is True
+    assert len(doc["parameter_digests"]) == nproc and len(set(doc["parameter_digests"])) == 1
+    for key in (artifacts.CURVE_KEY, artifacts.MODEL_KEY, artifacts.CONFIG_KEY):
+        assert run.storage.exists(key), key
+    return doc
+
+
+def test_one_process_run_converges(tmp_path: Path) -> None:
+    run = start_run(tmp_path, "one", nproc=1)
+    assert run.wait() == 0, run.log()[-4000:]
+    check_converged_and_in_sync(run, 1)
+    summary = [json.loads(line) for line in run.log().splitlines() if line.startswith('{"status"')]
+    assert summary and summary[-1]["world_size"] == 1
+
+
+def test_two_process_run_converges_with_equal_parameters_and_serves_metrics(two_process_run: Run) -> None:
+    doc = check_converged_and_in_sync(two_process_run, 2)
+    assert doc["restarts"] == 0 and doc["resumed_from"] == []
+    # both ranks served /metrics while training, each on metricsPort + LOCAL_RANK
+    ports = [two_process_run.metrics_port, two_process_run.metrics_port + 1]
+    assert all(two_process_run.scraped.get(p, 0) > 0 for p in ports), two_process_run.scraped
+
+
+def test_killed_rank_restarts_the_group_and_resumes_to_the_same_result(tmp_path: Path, two_process_run: Run) -> None:
+    run = start_run(tmp_path, "killed", nproc=2, max_restarts=1)
+    store = CheckpointStore(run.storage)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    killed_after = None
+    while killed_after is None:
+        assert run.process.poll() is None, f"the run ended before a rank could be killed:\n{run.log()[-4000:]}"
+        assert time.monotonic() < deadline, "no mid-epoch checkpoint in epoch 1 appeared"
+        mid = [c for c in store.list() if c.epoch >= 1 and c.batch_in_epoch > 0]
+        pid = worker_pid(run.process.pid, rank=1)
+        if mid and pid:
+            os.kill(pid, signal.SIGKILL)  # rank 1 dies mid-epoch, rank 0 is left waiting
+            killed_after = mid[-1]
+        else:
+            time.sleep(0.02)
+    assert run.wait() == 0, run.log()[-4000:]
+    doc = run.metrics()
+    reference = two_process_run.metrics()
+    assert doc["restarts"] == 1
+    assert len(doc["resumed_from"]) == 1
+    resumed = doc["resumed_from"][0]
+    assert resumed["restart"] == 1 and resumed["step"] >= killed_after.step
+    assert "failed (exitcode: -9) local_rank: 1" in run.log()  # the agent saw the kill
+    assert doc["steps"] == reference["steps"]
+    assert [h["epoch"] for h in doc["history"]] == [h["epoch"] for h in reference["history"]]
+    for got, want in zip(doc["history"], reference["history"]):
+        assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-6)
+        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-6)
+    assert doc["final_val_loss"] == pytest.approx(reference["final_val_loss"], rel=1e-6)
+    assert doc["parameter_digests"] == reference["parameter_digests"]
+
+
+def test_diverged_run_exits_with_the_diverged_code_after_restarts(tmp_path: Path) -> None:
+    run = start_run(tmp_path, "nan", nproc=1, max_restarts=1, learning_rate=1e30, grad_clip=0.0, metrics_port=0)
+    assert run.wait() == int(ExitCode.DIVERGED), run.log()[-4000:]
+    text = run.log()
+    assert "training diverged: the loss or gradient norm became NaN/Inf" in text
+    assert '"worker_exit_codes"' in text
+    doc = run.metrics()
+    assert doc["status"] == "diverged" and doc["restarts"] == 1
+    assert CheckpointStore(run.storage).list() == []

@@ -1,0 +1,462 @@
+"""Training pieces in one process: config, windows, split, statistics, models,
+checkpoints, artifacts, exit-code mapping, and short in-process training runs."""
+from __future__ import annotations
+
+import json
+import logging
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from trajflow.config.train import TrainConfig
+from trajflow.errors import ConfigError, ExitCode, PermanentError, TransientError
+from trajflow.preprocess.shards import Episode, list_shards, shard_key, write_shard
+from trajflow.storage import LocalStorage, write_manifest
+from trajflow.testing import free_port
+from trajflow.train import artifacts
+from trajflow.train.checkpoint import CheckpointStore
+from trajflow.train.data import EpochBatches, build_data, open_shards, split_episodes
+from trajflow.train.errors import TrainingDiverged
+from trajflow.train.launch import pod_exit_code
+from trajflow.train.loop import config_hash, train
+from trajflow.train.models import ModelSpec, TrajectoryModel
+from trajflow.train.synthetic import local_settings, write_synthetic_shards
+
+SMALL_MODEL = {"type": "gru", "hidden_size": 32, "num_layers": 1}
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """Tiny models on a shared 2-core machine: threads only add contention."""
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_run(tmp_path: Path, run_id: str = "run", shards: int = 2, episodes: int = 6, length: int = 120,
+              **config: object):
+    """Settings for a few-second CPU run and the run root with synthetic shards in it."""
+    defaults = {"window": 8, "epochs": 3, "batch_size": 64, "learning_rate": 3e-3, "metrics_port": 0,
+                "model": SMALL_MODEL, "log_every_steps": 1000}
+    settings = local_settings(tmp_path, run_id, **{**defaults, **config})
+    storage = LocalStorage(tmp_path / run_id)
+    if not list(storage.list("resampled/_done/")):
+        write_synthetic_shards(storage, shards=shards, episodes_per_shard=episodes, length=length)
+    return settings, storage
+
+
+# ---- config ----------------------------------------------------------------------------
+
+
+def test_config_rejects_transformer_width_not_divisible_by_heads() -> None:
+    with pytest.raises(ValueError, match=r"hiddenSize \(30\) must be a multiple of model.numHeads \(4\)"):
+        TrainConfig.model_validate({"model": {"type": "transformer", "hiddenSize": 30, "numHeads": 4}})
+    # the recurrent models do not use heads
+    TrainConfig.model_validate({"model": {"type": "gru", "hiddenSize": 30, "numHeads": 4}})
+
+
+def test_config_rejects_cloning_a_stream_onto_itself() -> None:
+    with pytest.raises(ValueError, match="behaviour cloning needs two streams"):
+        TrainConfig.model_validate({"observation": "action", "action": "action"})
+    TrainConfig.model_validate({"task": "forecast", "observation": "action", "action": "action"})
+
+
+def test_config_hash_ignores_optimisation_settings() -> None:
+    base = TrainConfig()
+    assert config_hash(base) == config_hash(TrainConfig(epochs=99, learning_rate=0.1))
+    assert config_hash(base) != config_hash(TrainConfig(window=16))
+    assert config_hash(base) != config_hash(TrainConfig.model_validate({"model": {"type": "lstm"}}))
+
+
+# ---- data ------------------------------------------------------------------------------
+
+
+def _hand_made_shard(storage: LocalStorage, dtype: str = "float32") -> dict[str, np.ndarray]:
+    """Two episodes whose frame values encode (episode, frame) so windows can be checked."""
+    episodes, arrays = [], {}
+    for e, n in enumerate((12, 9)):
+        t = np.arange(n, dtype=np.float64)
+        obs = np.stack([t + 100 * e, -t], axis=1)
+        act = (t + 50 * e)[:, None]  # small integers: exact in bf16 too
+        arrays[str(e)] = obs
+        episodes.append(Episode(data={"obs": obs, "act": act}, source="raw/00000/x.npz", episode=str(e)))
+    written = write_shard(storage, shard_key(0), episodes, dtype=dtype, rate_hz=10.0)
+    write_manifest(storage, "preprocess", 0, 1, [written.item()], num_episodes=2, num_frames=21)
+    return arrays
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_behaviour_cloning_windows_end_at_the_target_frame(tmp_path: Path, dtype: str) -> None:
+    storage = LocalStorage(tmp_path)
+    _hand_made_shard(storage, dtype)
+    cfg = TrainConfig(observation="obs", action="act", window=4, val_fraction=0.5)
+    data = build_data(open_shards(storage, ["obs", "act"]), cfg)
+    datasets = [data.train, data.val]
+    assert sorted(len(d) for d in datasets) == [9 - 4 + 1, 12 - 4 + 1]
+    for ds in datasets:
+        x, y = ds[list(range(len(ds)))]
+        assert x.dtype == torch.float32 and x.shape == (len(ds), 4, 2) and y.shape == (len(ds), 1)
+        episode = int(x[0, 0, 0].item()) // 100
+        for i in range(len(ds)):
+            assert x[i, :, 0].tolist() == [100 * episode + i + k for k in range(4)]
+            assert y[i, 0].item() == 50 * episode + i + 3  # the action at the window's last frame
+        single_x, single_y = ds[2]
+        assert torch.equal(single_x, x[2]) and torch.equal(single_y, y[2])
+
+
+def test_forecast_targets_the_frame_after_the_window_and_stride_skips(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    _hand_made_shard(storage)
+    cfg = TrainConfig(task="forecast", observation="obs", window=4, stride=2, val_fraction=0.5)
+    data = build_data(open_shards(storage, ["obs"]), cfg)
+    for ds in (data.train, data.val):
+        x, y = ds[list(range(len(ds)))]
+        assert torch.equal(y, x[:, -1] + torch.tensor([1.0, -1.0]))  # next frame: t+1 and -(t+1)
+        assert torch.all(x[1:, 0, 0] - x[:-1, 0, 0] == 2)  # windows start every 2 frames
+    assert sorted([len(data.train), len(data.val)]) == [len(range(0, 9 - 5 + 1, 2)), len(range(0, 12 - 5 + 1, 2))]
+
+
+def test_split_is_by_episode_deterministic_and_never_empty(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    write_synthetic_shards(storage, shards=2, episodes_per_shard=5, length=40)
+    shards = open_shards(storage, ["observation.state", "action"])
+    train_a, val_a = split_episodes(shards.episodes, 0.3, seed=1)
+    train_b, val_b = split_episodes(list(reversed(shards.episodes)), 0.3, seed=1)
+    assert (train_a, val_a) == (train_b, val_b)  # independent of listing order
+    assert len(val_a) == 3 and len(train_a) == 7
+    assert not {e.name for e in train_a} & {e.name for e in val_a}
+    _, val_other_seed = split_episodes(shards.episodes, 0.3, seed=2)
+    assert val_other_seed != val_a
+    _, tiny_val = split_episodes(shards.episodes[:3], 0.01, seed=0)
+    assert len(tiny_val) == 1
+    with pytest.raises(PermanentError, match="at least 2"):
+        split_episodes(shards.episodes[:1], 0.5, seed=0)
+
+
+def test_normalisation_statistics_come_from_the_training_split_only(tmp_path: Path) -> None:
+    settings, storage = small_run(tmp_path, epochs=1, val_fraction=0.3)
+    summary = train(settings)
+    model, _ = artifacts.load_model(storage)
+    shards = open_shards(storage, ["observation.state", "action"])
+    data = build_data(shards, settings.config)
+    train_obs = np.concatenate([shards.readers[e.shard].episode(e.index, "observation.state") for e in data.train_episodes])
+    all_obs = np.concatenate([shards.readers[e.shard].episode(e.index, "observation.state") for e in shards.episodes])
+    np.testing.assert_allclose(model.input_mean.numpy(), train_obs.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.input_std.numpy(), train_obs.std(0), rtol=1e-4)
+    assert not np.allclose(model.input_mean.numpy(), all_obs.mean(0), rtol=1e-5, atol=1e-6)
+    assert summary["data"]["val_episodes"] == len(data.val_episodes)
+
+
+def test_epoch_batches_cover_the_data_once_per_epoch_and_resume_mid_epoch(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    write_synthetic_shards(storage, shards=1, episodes_per_shard=4, length=60)
+    data = build_data(open_shards(storage, ["observation.state", "action"]), TrainConfig(window=8, val_fraction=0.25))
+    n = len(data.train)
+    ranks = [EpochBatches(data.train, 16, rank, 2, seed=3) for rank in range(2)]
+    for sampler in ranks:
+        sampler.set_epoch(0)
+    seen = [i for sampler in ranks for batch in sampler for i in batch]
+    assert set(seen) == set(range(n)) and len(seen) == n + (n % 2)  # DistributedSampler pads to even
+    epoch0 = [list(b) for b in ranks[0]]
+    ranks[0].set_epoch(1)
+    assert [list(b) for b in ranks[0]] != epoch0  # a new order each epoch
+    ranks[0].set_epoch(0, skip_batches=2)
+    assert [list(b) for b in ranks[0]] == epoch0[2:]
+    assert len(ranks[0]) == len(epoch0) - 2
+    capped = EpochBatches(data.train, 16, 0, 1, seed=3, max_batches=2)
+    capped.set_epoch(0)
+    assert len(list(capped)) == 2
+
+
+def test_data_errors_name_the_problem(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "empty")
+    with pytest.raises(TransientError, match="no done shards yet"):
+        open_shards(storage, ["observation.state"])
+    storage = LocalStorage(tmp_path / "r")
+    write_synthetic_shards(storage, shards=1, episodes_per_shard=2, length=30)
+    with pytest.raises(PermanentError, match=r"no stream 'joint.pos' \(it has observation.state, action\)"):
+        open_shards(storage, ["joint.pos"])
+    # a NaN frame in the training data is a data error, not a divergence
+    bad = LocalStorage(tmp_path / "nan")
+    obs = np.zeros((30, 2))
+    obs[5, 1] = np.nan
+    eps = [Episode(data={"o": obs if e == 0 else np.ones((30, 2)), "a": np.zeros((30, 1))}, source="raw/x", episode=str(e))
+           for e in range(4)]
+    written = write_shard(bad, shard_key(0), eps, dtype="float32", rate_hz=10.0)
+    write_manifest(bad, "preprocess", 0, 1, [written.item()], num_episodes=4, num_frames=120)
+    settings = local_settings(tmp_path, "nan", observation="o", action="a", window=4, val_fraction=0.25,
+                              metrics_port=0, model=SMALL_MODEL, epochs=1)
+    with pytest.raises(PermanentError, match="episode 'raw/x#0' has NaN/Inf values in stream 'o'"):
+        train(settings)
+
+
+# ---- models ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "transformer"])
+def test_models_predict_in_raw_units(kind: str) -> None:
+    spec = ModelSpec(kind, input_dim=5, output_dim=3, window=6, hidden_size=16, num_layers=2, num_heads=4,
+                     feedforward_size=32, dropout=0.0)
+    model = TrajectoryModel(spec).eval()
+    model.set_normalization(np.full(5, 2.0), np.full(5, 3.0), np.array([10.0, 20.0, 30.0]), np.array([1.0, 2.0, 4.0]))
+    x = torch.randn(4, 6, 5)
+    normalised = model(x)
+    assert normalised.shape == (4, 3)
+    raw = model.predict(x)
+    torch.testing.assert_close(raw, normalised * torch.tensor([1.0, 2.0, 4.0]) + torch.tensor([10.0, 20.0, 30.0]))
+    torch.testing.assert_close(model.normalize_target(raw), normalised)
+    # the input statistics are applied: shifting the raw input by the mean is not a no-op
+    assert not torch.allclose(model(x + 2.0), normalised)
+
+
+# ---- checkpoints -----------------------------------------------------------------------
+
+
+def _save(store: CheckpointStore, step: int, val: float | None, epoch: int = 0) -> None:
+    store.save({"model": {"w": torch.full((3,), float(step))}}, step=step, epoch=epoch, batch_in_epoch=0 if val else 5,
+               val_loss=val, config_hash="h")
+
+
+def test_checkpoints_keep_last_k_and_the_best(storage) -> None:  # type: ignore[no-untyped-def]
+    store = CheckpointStore(storage, keep_last=2)
+    for step, val in [(10, 0.5), (20, 0.1), (25, None), (30, 0.4), (40, 0.3)]:
+        _save(store, step, val)
+    assert [c.step for c in store.list()] == [20, 30, 40]  # last two + the best (step 20)
+    assert store.best().step == 20
+    info, payload, skipped = store.latest_valid()
+    assert info.step == 40 and skipped == [] and payload["model"]["w"][0].item() == 40.0
+    keys = {o.key for o in storage.list("train/checkpoints/")}
+    assert keys == {f"train/checkpoints/ckpt-{s:010d}.{ext}" for s in (20, 30, 40) for ext in ("pt", "json")}
+
+
+def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(storage, caplog) -> None:  # type: ignore[no-untyped-def]
+    store = CheckpointStore(storage, keep_last=5)
+    for step in (1, 2, 3):
+        _save(store, step, 1.0 / step)
+    payload_key = "train/checkpoints/ckpt-0000000003.pt"
+    data = bytearray(storage.read_bytes(payload_key))
+    data[len(data) // 2] ^= 0xFF
+    storage.write_bytes(payload_key, bytes(data))
+    storage.write_bytes("train/checkpoints/ckpt-0000000004.json", b"{not json")  # a torn marker
+    with caplog.at_level(logging.WARNING, logger="trajflow.train.checkpoint"):
+        info, payload, skipped = store.latest_valid()
+    assert info.step == 2 and payload["model"]["w"][0].item() == 2.0
+    assert [s.step for s in skipped] == [3]
+    text = caplog.text
+    assert "unreadable marker" in text and "ckpt-0000000003.pt: sha256" in text
+    store.discard(skipped)
+    assert [c.step for c in store.list()] == [1, 2]
+
+
+def test_orphan_payloads_are_pruned(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    store = CheckpointStore(storage, keep_last=1)
+    storage.write_bytes("train/checkpoints/ckpt-0000000005.pt", b"a writer died before its marker")
+    _save(store, 7, 0.2)
+    assert not storage.exists("train/checkpoints/ckpt-0000000005.pt")
+    assert [c.step for c in store.list()] == [7]
+
+
+# ---- artifacts and exit codes ---------------------------------------------------------
+
+
+def test_metrics_json_has_no_nan_and_curve_is_png(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    artifacts.write_metrics(storage, {"loss": float("nan"), "history": [{"val_loss": float("inf")}]})
+    assert artifacts.read_metrics(storage) == {"loss": None, "history": [{"val_loss": None}]}
+    png = artifacts.render_loss_curve([{"epoch": 0, "train_loss": 1.0, "val_loss": 0.5}], 2.0, "t")
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+
+
+@pytest.mark.parametrize(
+    ("codes", "expected"),
+    [([5, 1], ExitCode.DIVERGED), ([1, -9], ExitCode.ERROR), ([2, 5], ExitCode.CONFIG), ([4], ExitCode.TRANSIENT),
+     ([3, 4], ExitCode.PERMANENT), ([-15], ExitCode.ERROR)],
+)
+def test_pod_exit_code_prefers_the_decisive_worker_code(codes: list[int], expected: ExitCode) -> None:
+    assert pod_exit_code(codes) == int(expected)
+
+
+# ---- in-process training runs ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "task"), [("gru", "behavior_cloning"), ("lstm", "forecast"), ("transformer", "forecast")]
+)
+def test_validation_loss_halves_and_the_model_artifact_predicts(tmp_path: Path, kind: str, task: str) -> None:
+    model = {"type": kind, "hidden_size": 32, "num_layers": 1, "num_heads": 4}
+    epochs = 3 if kind != "transformer" else 2
+    settings, storage = small_run(tmp_path, task=task, model=model, epochs=epochs)
+    summary = train(settings)
+    assert summary["status"] == "completed" and summary["epochs_completed"] == epochs
+    assert summary["final_val_loss"] < 0.5 * summary["initial_val_loss"], summary["history"]
+    assert summary["ranks_in_sync"] and len(summary["parameter_digests"]) == 1
+    for key in (artifacts.METRICS_KEY, artifacts.CURVE_KEY, artifacts.CONFIG_KEY, artifacts.MODEL_KEY,
+                artifacts.MODEL_INFO_KEY):
+        assert storage.exists(key), key
+    written = artifacts.read_metrics(storage)
+    assert written["best_val_loss"] == pytest.approx(summary["best_val_loss"])
+    assert [h["epoch"] for h in written["history"]] == list(range(epochs))
+    # the exported model reproduces the validation loss in raw units
+    loaded, description = artifacts.load_model(storage)
+    assert description["task"] == task and description["spec"]["type"] == kind
+    data = build_data(open_shards(storage, [settings.config.observation, settings.config.action]), settings.config)
+    x, y = data.val[list(range(len(data.val)))]
+    err = ((loaded.predict(x) - y) / loaded.target_std).square().mean().item()
+    assert err == pytest.approx(summary["best_val_loss"], rel=1e-3)
+
+
+def test_a_finished_run_resumes_to_the_same_result_without_training(tmp_path: Path) -> None:
+    settings, storage = small_run(tmp_path, epochs=2)
+    first = train(settings)
+    checkpoints = CheckpointStore(storage).list()
+    again = train(settings)
+    assert again["steps"] == first["steps"] and again["history"] == first["history"]
+    assert CheckpointStore(storage).list() == checkpoints  # nothing trained, nothing written
+    assert again["resumed_from"][-1]["step"] == first["steps"]
+    # more epochs continue from the last checkpoint
+    longer = local_settings(tmp_path, "run", **{**settings.config.model_dump(), "epochs": 3})
+    third = train(longer)
+    assert third["epochs_completed"] == 3 and third["history"][:2] == first["history"]
+
+
+def test_mid_epoch_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    """Resume from a checkpoint taken inside an epoch: same batches, optimiser and RNG state."""
+    config = {"epochs": 2, "checkpoints": {"every_steps": 4, "keep_last": 50}, "model": {**SMALL_MODEL, "dropout": 0.0}}
+    settings, storage = small_run(tmp_path, "ref", **config)
+    reference = train(settings)
+    store = CheckpointStore(storage, keep_last=50)
+    infos = store.list()
+    mid = next(c for c in infos if c.epoch == 1 and c.batch_in_epoch > 0)
+    # as if the run had died just after `mid`: every later checkpoint is gone
+    store.discard([c for c in infos if c.step > mid.step])
+    resumed = train(settings)
+    assert resumed["resumed_from"][-1]["step"] == mid.step and resumed["resumed_from"][-1]["batch_in_epoch"] > 0
+    assert resumed["steps"] == reference["steps"]
+    for a, b in zip(resumed["history"], reference["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-9)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-9)
+    assert resumed["parameter_digests"] == reference["parameter_digests"]
+
+
+def test_corrupt_newest_checkpoint_is_skipped_on_resume(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    settings, storage = small_run(tmp_path, epochs=2)
+    train(settings)
+    newest = CheckpointStore(storage).list()[-1]
+    storage.write_bytes(newest.key, storage.read_bytes(newest.key)[:-100])  # truncated
+    longer = local_settings(tmp_path, "run", **{**settings.config.model_dump(), "epochs": 3})
+    with caplog.at_level(logging.WARNING):
+        summary = train(longer)
+    assert "skipping corrupt checkpoint" in caplog.text
+    resumed = summary["resumed_from"][-1]
+    assert resumed["step"] < newest.step and resumed["epoch"] == 1
+    assert summary["epochs_completed"] == 3 and [h["epoch"] for h in summary["history"]] == [0, 1, 2]
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path: Path) -> None:
+    settings, _ = small_run(tmp_path, epochs=1)
+    train(settings)
+    other = local_settings(tmp_path, "run", **{**settings.config.model_dump(), "window": 12})
+    with pytest.raises(ConfigError, match="was written for a different task/streams/window/model"):
+        train(other)
+
+
+def test_nan_loss_stops_with_the_diverged_exit_code(tmp_path: Path) -> None:
+    settings, storage = small_run(tmp_path, learning_rate=1e30, grad_clip=0.0)
+    with pytest.raises(TrainingDiverged, match=r"became NaN/Inf at epoch 0, step \d+") as err:
+        train(settings)
+    assert err.value.exit_code == ExitCode.DIVERGED == 5
+    assert artifacts.read_metrics(storage)["status"] == "diverged"
+    assert CheckpointStore(storage).list() == []  # nothing diverged was saved
+
+
+def test_metrics_endpoint_and_final_push(tmp_path: Path, pushgateway) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    settings, _ = small_run(tmp_path, epochs=1, metrics_port=port)
+    glob = settings.global_.model_copy(update={"metrics": settings.global_.metrics.model_copy(
+        update={"pushgateway_url": pushgateway.url})})
+    settings = type(settings)(glob, settings.config, 0, 1)
+    summary = train(settings)
+    with urllib.request.urlopen(f"{pushgateway.url}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    steps = [line for line in text.splitlines() if line.startswith("trajflow_train_steps_total{")]
+    assert steps and 'run="run"' in steps[0] and 'stage="train"' in steps[0] and 'shard="0"' in steps[0]
+    assert float(steps[0].rsplit(" ", 1)[1]) == summary["steps"]
+    success = [line for line in text.splitlines() if line.startswith("trajflow_stage_success{") and 'stage="train"' in line]
+    assert success and success[0].endswith(" 1")
+    # the endpoint is closed once training has returned
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+def test_shard_listing_used_by_training_is_the_preprocessing_one(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    keys = write_synthetic_shards(storage, shards=3, episodes_per_shard=2, length=30)
+    assert [e.key for e in list_shards(storage)] == keys
+    shards = open_shards(storage, ["observation.state", "action"])
+    assert shards.shard_ids == [0, 1, 2] and len(shards.episodes) == 6 and shards.rate_hz == 50.0
+    assert json.loads(json.dumps(shards.dims)) == {"observation.state": 6, "action": 3}
+
+
+def test_training_on_an_s3_run_root(s3_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Shards fetched into the cache and memory-mapped; checkpoints and artifacts through
+    the same storage interface as on a filesystem."""
+    from trajflow.config import GlobalConfig, StageSettings
+    from trajflow.storage import open_run_root
+
+    bucket = s3_server.make_bucket()
+    glob = GlobalConfig.model_validate({"runId": "s3run", "storage": {"type": "s3", "s3": {
+        "endpoint": s3_server.endpoint, "bucket": bucket, "region": s3_server.region}}})
+    storage = open_run_root(glob)
+    write_synthetic_shards(storage, shards=2, episodes_per_shard=6, length=120)
+    cache = tmp_path / "cache"
+    config = TrainConfig.model_validate({"window": 8, "epochs": 2, "learningRate": 3e-3, "metricsPort": 0,
+                                         "cacheDir": str(cache), "model": SMALL_MODEL})
+    summary = train(StageSettings(glob, config, 0, 1))
+    assert summary["final_val_loss"] < 0.5 * summary["initial_val_loss"]
+    assert sorted(p.name for p in (cache / "resampled").iterdir()) == ["00000.safetensors", "00001.safetensors"]
+    assert [c.epoch for c in CheckpointStore(storage).list()] == [1, 2]
+    model, description = artifacts.load_model(storage)
+    assert description["run_id"] == "s3run" and model.spec.window == 8
+    assert artifacts.read_metrics(storage)["status"] == "completed"
+
+
+def test_launcher_rejects_bad_config_before_starting_workers(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from trajflow.cli import main
+
+    bad = tmp_path / "config.yaml"
+    bad.write_text("global: {runId: r}\nconfig: {window: 1, modle: {}}\n")
+    assert main(["train", "--config", str(bad), "--nproc-per-node", "2"]) == int(ExitCode.CONFIG)
+    err = capsys.readouterr().err
+    assert "config.window" in err and "config.modle: unknown key" in err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["gru", "lstm", "transformer"])
+def test_gpu_training_with_bf16_autocast(tmp_path: Path, kind: str) -> None:
+    settings, storage = small_run(tmp_path, device="cuda", bf16=True, epochs=3,
+                                  model={"type": kind, "hidden_size": 64, "num_layers": 2, "num_heads": 4})
+    summary = train(settings)
+    assert summary["device"] == "cuda"
+    assert summary["final_val_loss"] < 0.5 * summary["initial_val_loss"], summary["history"]
+    model, _ = artifacts.load_model(storage)  # saved from the GPU, loads on the CPU
+    assert next(model.parameters()).device.type == "cpu"
+
+
+def test_cli_worker_ignores_the_job_completion_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys) -> None:  # type: ignore[no-untyped-def]
+    """Pod 2 of a 3-node training Job: the completion index numbers the node, not a shard."""
+    from trajflow.cli import main
+    from trajflow.train.synthetic import write_config_file
+
+    settings, _ = small_run(tmp_path, epochs=1)
+    config_file = write_config_file(tmp_path / "config.yaml", settings)
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "2")
+    monkeypatch.delenv("TRAJFLOW_SHARDS", raising=False)
+    assert main(["train", "--config", str(config_file)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["status"] == "completed" and result["world_size"] == 1 and result["steps"] > 0

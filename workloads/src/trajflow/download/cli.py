@@ -1,0 +1,94 @@
+"""`trajflow download`: fetch this shard's items to the run root.
+
+In a pod: `trajflow download --config /etc/trajflow/config.yaml` with JOB_COMPLETION_INDEX
+and TRAJFLOW_SHARDS set by the Indexed Job. Locally: `trajflow download -f values.yaml
+--shard 0 --shards 1`. Never reads stdin. Exit codes: 0 every required item verified;
+2 bad configuration; 3 permanent failures (403/404, checksums that never match);
+4 transient failures remain, or SIGTERM (a rerun resumes them); 1 the run root failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+log = logging.getLogger(__name__)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    from trajflow.config import add_config_arguments
+
+    add_config_arguments(parser)
+    parser.add_argument("--shard", type=int, default=None, help="shard index (default: $JOB_COMPLETION_INDEX, else 0)")
+    parser.add_argument("--shards", type=int, default=None, help="shard count (default: $TRAJFLOW_SHARDS, else 1)")
+    parser.add_argument("--plan-only", action="store_true", help="make (or read) the plan, print this shard's items, fetch nothing")
+    parser.add_argument("--summary-json", metavar="FILE", default=None, help="also write the final summary as JSON to FILE")
+
+
+def _terminated(signum: int, frame: object) -> None:
+    from trajflow.errors import TransientError
+
+    raise TransientError(f"stopped by signal {signum}; a rerun resumes where this one stopped")
+
+
+def run(args: argparse.Namespace) -> int:
+    from trajflow import log as trajflow_log
+    from trajflow.config import stage_settings
+    from trajflow.download.progress import ProgressReporter, human_bytes, human_duration
+    from trajflow.download.shard import ShardDownloader, raise_for
+    from trajflow.metrics import Pusher, download_metrics
+    from trajflow.storage import open_run_root
+
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (pod deletion, eviction): unwind so the final metrics push happens; the
+        # temporaries stay and the next run resumes them. Exit 4: retry the shard.
+        signal.signal(signal.SIGTERM, _terminated)
+    env = dict(os.environ)
+    if args.shard is not None:
+        env["JOB_COMPLETION_INDEX"] = str(args.shard)
+    if args.shards is not None:
+        env["TRAJFLOW_SHARDS"] = str(args.shards)
+    settings = stage_settings("downloader", args.config, args.values, args.set, env=env)
+    config = settings.config
+    root = open_run_root(settings.global_)
+    metrics = download_metrics()
+    metrics.start_time.set(time.time())
+    pusher = Pusher(settings.global_.metrics.pushgateway_url, metrics, settings.global_.run_id, settings.shard)
+    pusher.start(config.push_interval_seconds)
+    success = False
+    try:
+        downloader = ShardDownloader(
+            root, config, settings.shard, settings.shards, metrics,
+            progress=lambda d: ProgressReporter(d, config.progress_interval_seconds, trajflow_log.is_terminal(), metrics),
+        )
+        if args.plan_only:
+            from trajflow.plan import shard_items
+
+            plan = downloader.plan()
+            for item in shard_items(plan, settings.shard):
+                print(json.dumps(item.to_json(), sort_keys=True))
+            success = True
+            return 0
+        summary = downloader.run()
+        doc = summary.as_dict()
+        log.info(
+            "shard %d/%d finished: %d fetched, %d skipped, %d reused, %d adopted, %d missing, %d failed; "
+            "%s received in %s (%s/s), %d retries",
+            summary.shard, summary.shards, doc["fetched"], doc["skipped"], doc["reused"], doc["adopted"], doc["missing"],
+            doc["failed"], human_bytes(summary.bytes_received), human_duration(summary.elapsed_s),
+            human_bytes(doc["throughput_bytes_per_s"]), summary.retries, extra={"summary": doc},
+        )
+        if args.summary_json:
+            with open(args.summary_json, "w") as fh:
+                json.dump(doc, fh, indent=1, sort_keys=True)
+        success = summary.exit_code == 0
+        raise_for(summary)
+        return 0
+    finally:
+        pusher.stop(success)
+        sys.stdout.flush()

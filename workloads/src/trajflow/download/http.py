@@ -1,0 +1,296 @@
+"""HTTP(S) GETs with ranges, validators and error classification, on urllib3.
+
+Why urllib3 rather than `http.client` or `requests`: it is already in the downloader image
+(botocore depends on it), it pools keep-alive connections safely across threads, and it
+enforces Content-Length; `requests` would add a dependency for nothing we use. Its own
+retries and redirects are off: retry policy lives in `transfer` (one place, with metrics),
+and redirects are followed here so an Authorization header never leaks to another host.
+
+Requests ask for `Accept-Encoding: identity` and bodies are never decoded: the bytes stored
+are the bytes the source's checksums describe, and byte ranges stay meaningful.
+"""
+from __future__ import annotations
+
+import http.client
+import re
+import socket
+import ssl
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+from urllib.parse import urljoin, urlsplit
+
+from trajflow import __version__
+from trajflow.download.failures import FetchError, Kind, classify_status, parse_retry_after
+
+USER_AGENT = f"trajflow-downloader/{__version__}"
+MAX_REDIRECTS = 5
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Validator:
+    """Identifies one version of an object so every range of it comes from that version."""
+
+    etag: str = ""  # as sent by the server, quotes included
+    last_modified: str = ""
+
+    def headers(self) -> dict[str, str]:
+        if self.etag and not self.etag.startswith("W/"):
+            return {"If-Match": self.etag}  # strong comparison: weak ETags cannot be used
+        if self.last_modified:
+            return {"If-Unmodified-Since": self.last_modified}
+        return {}
+
+    @property
+    def tag(self) -> str:
+        return self.etag or self.last_modified
+
+
+@dataclass
+class Body:
+    """An open response body for bytes [start, start + length) of an object."""
+
+    start: int
+    length: int | None  # None: unknown until the end (chunked, whole object)
+    total: int | None  # size of the whole object when known
+    ranged: bool  # False: the server sent the whole object from byte 0
+    validator: Validator
+    headers: Mapping[str, str] = field(default_factory=dict)
+    _resp: Any = None
+    _fh: Any = None
+    _url: str = ""
+
+    def read(self, n: int) -> bytes:
+        try:
+            if self._resp is not None:
+                # read1: what has arrived, so bytes before a broken connection are never lost
+                return self._resp.read1(n, decode_content=False)  # type: ignore[no-any-return]
+            return self._fh.read(n)  # type: ignore[no-any-return]
+        except FetchError:
+            raise
+        except OSError as exc:
+            if self._resp is None:
+                raise FetchError(f"{self._url}: read failed: {exc}", Kind.TRANSIENT, "source_io") from None
+            raise network_error(exc, self._url) from None
+        except Exception as exc:  # urllib3's own exception types
+            raise network_error(exc, self._url) from None
+
+    def close(self, reusable: bool = False) -> None:
+        """Return the connection to the pool only after a body was read to its end."""
+        if self._resp is not None:
+            if reusable:
+                self._resp.drain_conn()
+                self._resp.release_conn()
+            else:
+                self._resp.close()
+                self._resp.release_conn()
+            self._resp = None
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def network_error(exc: BaseException, url: str) -> FetchError:
+    """Map a urllib3/socket/ssl exception to a FetchError."""
+    import urllib3.exceptions as ux
+
+    if isinstance(exc, ux.MaxRetryError) and exc.reason is not None:
+        exc = exc.reason
+    where = _redact(url)
+    text = str(exc)
+    if isinstance(exc, (ux.SSLError, ssl.SSLError)):
+        if "CERTIFICATE_VERIFY_FAILED" in text or "hostname" in text.lower() or isinstance(exc, ssl.SSLCertVerificationError):
+            return FetchError(f"{where}: TLS certificate not trusted: {text} (set caBundle for private CAs)", Kind.PERMANENT, "tls")
+        return FetchError(f"{where}: TLS error: {text}", Kind.TRANSIENT, "tls")
+    if isinstance(exc, ux.NewConnectionError):  # before the timeouts: it subclasses ConnectTimeoutError
+        return FetchError(f"{where}: cannot connect: {text}", Kind.TRANSIENT, "connection")
+    if isinstance(exc, (ux.TimeoutError, socket.timeout, TimeoutError)):
+        return FetchError(f"{where}: timed out: {text}", Kind.TRANSIENT, "timeout")
+    if isinstance(exc, ux.ProtocolError):
+        inner = exc.args[1] if len(exc.args) > 1 else None
+        if isinstance(inner, http.client.IncompleteRead) or "IncompleteRead" in text:
+            return FetchError(f"{where}: body ended early: {text}", Kind.TRANSIENT, "truncated")
+        return FetchError(f"{where}: connection broken: {text}", Kind.TRANSIENT, "connection")
+    if isinstance(exc, (ux.LocationValueError, ux.LocationParseError)):
+        return FetchError(f"{where}: unusable URL: {text}", Kind.PERMANENT, "client_error")
+    if isinstance(exc, http.client.IncompleteRead):
+        return FetchError(f"{where}: body ended early: {text}", Kind.TRANSIENT, "truncated")
+    if isinstance(exc, (ux.HTTPError, http.client.HTTPException, OSError)):
+        return FetchError(f"{where}: connection failed: {type(exc).__name__}: {text}", Kind.TRANSIENT, "connection")
+    return FetchError(f"{where}: unexpected error: {type(exc).__name__}: {text}", Kind.TRANSIENT, "connection")
+
+
+def _redact(url: str) -> str:
+    """A URL fit for logs: presigned query strings carry credentials."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}" + ("?…" if parts.query else "")
+
+
+def parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:
+    """(first, last, total) of `bytes first-last/total`; total None for `*`."""
+    if not value:
+        return None
+    m = _CONTENT_RANGE.match(value)
+    if not m:
+        return None
+    total = None if m.group(3) == "*" else int(m.group(3))
+    return int(m.group(1)), int(m.group(2)), total
+
+
+def _error_detail(resp: Any) -> str:
+    """A short hint from an error body (S3 XML <Code>, or the first line of text)."""
+    try:
+        raw = resp.read(4096, decode_content=False)
+    except Exception:
+        return ""
+    text = raw.decode("utf-8", "replace")
+    code = re.search(r"<Code>([^<]+)</Code>", text)
+    if code:
+        return code.group(1)
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return first[:120]
+
+
+class HttpClient:
+    """Thread-safe GET/HEAD with one pool of keep-alive connections per host.
+
+    HTTP_PROXY / HTTPS_PROXY / NO_PROXY from the environment are honoured, as boto3 does
+    for the listings, so clusters with an egress proxy need no extra settings.
+    """
+
+    def __init__(self, timeout_s: float = 60.0, max_connections: int = 16, ca_bundle: str = ""):
+        import urllib3
+        from urllib.request import getproxies
+
+        self._options: dict[str, Any] = {
+            "num_pools": 64,
+            "maxsize": max_connections,
+            "block": False,
+            "retries": False,
+            "timeout": urllib3.Timeout(connect=timeout_s, read=timeout_s),
+            "ssl_context": ssl.create_default_context(cafile=ca_bundle or None),
+        }
+        self._pool = urllib3.PoolManager(**self._options)
+        self._proxy_urls = {k: v for k, v in getproxies().items() if k in ("http", "https") and v}
+        self._proxies: dict[str, Any] = {}
+        self._bypass: dict[str, bool] = {}
+        self._lock = threading.Lock()
+
+    def _manager(self, url: str) -> Any:
+        """The pool for `url`: direct, or through the environment's proxy for its scheme."""
+        if not self._proxy_urls:
+            return self._pool
+        from urllib.request import proxy_bypass
+
+        parts = urlsplit(url)
+        proxy = self._proxy_urls.get(parts.scheme)
+        host = parts.hostname or ""
+        if not proxy:
+            return self._pool
+        with self._lock:
+            if host not in self._bypass:
+                self._bypass[host] = bool(proxy_bypass(host))
+            if self._bypass[host]:
+                return self._pool
+            if proxy not in self._proxies:
+                import urllib3
+
+                self._proxies[proxy] = urllib3.ProxyManager(proxy, **self._options)
+            return self._proxies[proxy]
+
+    def request(self, method: str, url: str, headers: Mapping[str, str] | None = None) -> Any:
+        """Send one request, following redirects; returns the urllib3 response (body unread).
+        Raises FetchError for network failures; HTTP error statuses are returned."""
+        headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **(headers or {})}
+        origin = urlsplit(url).netloc
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                resp = self._manager(url).request(
+                    method, url, headers=headers, preload_content=False, decode_content=False,
+                    redirect=False, retries=False,
+                )
+            except Exception as exc:
+                raise network_error(exc, url) from None
+            if resp.status in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
+                location = urljoin(url, resp.headers["Location"])
+                resp.drain_conn()
+                resp.release_conn()
+                if urlsplit(location).netloc != origin:
+                    headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+                url = location
+                continue
+            return resp
+        raise FetchError(f"{_redact(url)}: more than {MAX_REDIRECTS} redirects", Kind.PERMANENT, "client_error")
+
+    def head(self, url: str, headers: Mapping[str, str] | None = None) -> tuple[int, Mapping[str, str]]:
+        """(status, headers) of a HEAD request; servers that refuse HEAD get a 1-byte GET."""
+        from urllib3 import HTTPHeaderDict
+
+        resp = self.request("HEAD", url, headers)
+        try:
+            status, hdrs = resp.status, HTTPHeaderDict(resp.headers)
+            resp.drain_conn()  # the connection is reusable only once the response is closed
+        finally:
+            resp.release_conn()
+        if status in (405, 501):
+            resp = self.request("GET", url, {**(headers or {}), "Range": "bytes=0-0"})
+            try:
+                status, hdrs = resp.status, HTTPHeaderDict(resp.headers)
+                parsed = parse_content_range(hdrs.get("Content-Range"))
+                if status == 206 and parsed and parsed[2] is not None:
+                    hdrs["Content-Length"] = str(parsed[2])
+                    hdrs["Accept-Ranges"] = "bytes"
+                    status = 200
+            finally:
+                resp.close()
+                resp.release_conn()
+        return status, hdrs
+
+    def get(self, url: str, start: int = 0, end: int | None = None, validator: Validator | None = None,
+            headers: Mapping[str, str] | None = None) -> Body:
+        """Open bytes [start, end) (end None: to the end) of `url`.
+
+        A 200 to a request starting past byte 0 means the server ignores ranges (RESTART);
+        412/416 mean the object changed (RESTART); other error statuses are classified.
+        """
+        req = dict(headers or {})
+        if start > 0 or end is not None:
+            req["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        if validator is not None:
+            req.update(validator.headers())
+        resp = self.request("GET", url, req)
+        hdrs = resp.headers
+        where = _redact(url)
+        try:
+            status = resp.status
+            problem = classify_status(status)
+            if problem is not None:
+                kind, reason = problem
+                detail = _error_detail(resp)
+                retry_after = parse_retry_after(hdrs.get("Retry-After"))
+                raise FetchError(
+                    f"{where}: HTTP {status}{' ' + detail if detail else ''}", kind, reason, retry_after=retry_after, status=status
+                )
+            current = Validator(hdrs.get("ETag", ""), hdrs.get("Last-Modified", ""))
+            length_header = hdrs.get("Content-Length")
+            length = int(length_header) if length_header and length_header.isdigit() else None
+            if status == 206:
+                parsed = parse_content_range(hdrs.get("Content-Range"))
+                if parsed is None:
+                    raise FetchError(f"{where}: 206 without a usable Content-Range", Kind.TRANSIENT, "server_error", status=status)
+                first, last, total = parsed
+                if first != start or (end is not None and last > end - 1):
+                    raise FetchError(
+                        f"{where}: asked for bytes {start}-{'' if end is None else end - 1}, got {first}-{last}",
+                        Kind.TRANSIENT, "server_error", status=status,
+                    )
+                return Body(start, last - first + 1, total, True, current, hdrs, _resp=resp, _url=url)
+            if start > 0:
+                raise FetchError(f"{where}: the server ignores byte ranges", Kind.RESTART, "no_ranges", status=status)
+            # the whole object, from byte 0
+            return Body(0, length, length, False, current, hdrs, _resp=resp, _url=url)
+        except BaseException:
+            resp.close()
+            resp.release_conn()
+            raise

@@ -1,0 +1,531 @@
+"""One download shard from start to end: plan, skip or reuse, fetch, summarise, manifest.
+
+1. The plan (`plan/download-<shards>-<generation>.json`, first writer wins) assigns every
+   listed item to one shard, byte-balanced; the generation is a hash of the sources (and
+   `planGeneration`), so changing the sources makes a new plan and a rerun reuses the old.
+2. This shard's items are taken from the plan by JOB_COMPLETION_INDEX. A manifest of this
+   shard written for the same plan means the shard is done (its files are checked to be
+   there); a manifest written for another plan is removed first, so nothing downstream
+   mistakes it for this plan's.
+3. Per item, the verification record decides: skip (verified here), reuse (verified under
+   another shard's directory, from an earlier shard count: moved by a rename or a
+   server-side copy, never downloaded, so after a re-shard every item lies in exactly one
+   shard directory), adopt (a file at the final name without a current record: a kill
+   between the rename and the record; re-hashed once), or fetch. Shard 0 also removes
+   manifests of shard numbers beyond the new count that belong to another plan.
+4. A bounded pool of `concurrency` workers runs item preparation and ranged parts, largest
+   items first; parts of items already started go first, so few temporaries are open.
+5. Exit: 0 when every required item is verified (then, and only then, the manifest is
+   written); PERMANENT (3) when any item failed permanently (403/404, checksums that never
+   match); otherwise TRANSIENT (4) when retryable failures remain; ERROR (1) when the run root
+   itself failed. Optional sources' missing items are listed in the manifest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from trajflow.config.download import DownloadConfig
+from trajflow.download.failures import Backoff, FetchError, StorageFailure
+from trajflow.download.sources import HttpClients, SourceRuntime, build_sources, list_all
+from trajflow.download.transfer import (
+    ItemResult,
+    ItemTransfer,
+    Stats,
+    TransferSettings,
+    relocate,
+    sweep_abandoned_temporaries,
+)
+from trajflow.download.verify import Digests, Record, declared_checksums, item_fingerprint, read_record, write_record
+from trajflow.errors import ConfigError, PermanentError, TrajflowError, TransientError
+from trajflow.plan import Item, load_or_create_plan, shard_items
+from trajflow.storage import LocalStorage, Storage, done_shards, read_manifest, shard_name, write_manifest
+from trajflow.storage.manifest import manifest_key
+
+log = logging.getLogger(__name__)
+
+STAGE = "download"
+RAW = "raw"
+
+
+def plan_generation(config: DownloadConfig) -> str:
+    """Changes when the sources (or `planGeneration`) change, not with tuning knobs."""
+    doc = {"sources": [s.model_dump(mode="json", by_alias=True) for s in config.sources], "generation": config.plan_generation}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def dest_key(shard: int, item_key: str, gunzip: bool) -> str:
+    key = item_key[:-3] if gunzip and item_key.endswith(".gz") else item_key
+    return f"{RAW}/{shard_name(shard)}/{key}"
+
+
+def check_destinations(items: list[Item], gunzip: bool) -> None:
+    """Two items must never share a final path (`a.gz` gunzipped next to `a`)."""
+    seen: dict[str, str] = {}
+    for item in items:
+        final = item.key[:-3] if gunzip and item.key.endswith(".gz") else item.key
+        if final in seen:
+            raise ConfigError(f"{seen[final]} and {item.source} would both be stored as {final!r} (gunzip strips .gz)")
+        seen[final] = item.source
+
+
+class Scheduler:
+    """`workers` threads taking units: parts of started items first, then new items."""
+
+    def __init__(self, workers: int, items: list[Item], prepare: Callable[[Item], None]):
+        self.workers = workers
+        self._cond = threading.Condition()
+        self._queue: deque[Item] = deque(items)
+        self._active: list[ItemTransfer] = []
+        self._busy = 0
+        self._stopped = False
+        self._prepare = prepare
+
+    def add(self, transfer: ItemTransfer) -> None:
+        with self._cond:
+            if transfer not in self._active:
+                self._active.append(transfer)
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            for transfer in self._active:
+                transfer.cancelled = True
+            self._cond.notify_all()
+
+    def active(self) -> list[ItemTransfer]:
+        with self._cond:
+            return list(self._active)
+
+    def _next(self) -> tuple[str, Any, Any] | None:
+        with self._cond:
+            while True:
+                if self._stopped:
+                    return None
+                for transfer in list(self._active):
+                    part = transfer.take_part()
+                    if part is not None:
+                        self._busy += 1
+                        return "part", transfer, part
+                    if not transfer.has_todo():
+                        self._active.remove(transfer)
+                if self._queue:
+                    self._busy += 1
+                    return "prepare", self._queue.popleft(), None
+                if self._busy == 0 and not self._active:
+                    return None
+                self._cond.wait(timeout=1.0)
+
+    def _worker(self) -> None:
+        while True:
+            unit = self._next()
+            if unit is None:
+                return
+            kind, a, b = unit
+            try:
+                if kind == "part":
+                    a.run_part(b)
+                else:
+                    self._prepare(a)
+            finally:
+                with self._cond:
+                    self._busy -= 1
+                    self._cond.notify_all()
+
+    def run(self) -> None:
+        threads = [threading.Thread(target=self._worker, name=f"download-{i}", daemon=True) for i in range(self.workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+
+@dataclass
+class ShardSummary:
+    shard: int
+    shards: int
+    results: list[ItemResult] = field(default_factory=list)
+    planned_items: int = 0
+    planned_bytes: int = 0
+    bytes_received: int = 0
+    retries: int = 0
+    failures_by_reason: dict[str, int] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    already_done: bool = False
+    manifest_written: bool = False
+
+    def count(self, outcome: str) -> int:
+        return sum(1 for r in self.results if r.outcome == outcome)
+
+    @property
+    def failed(self) -> list[ItemResult]:
+        return [r for r in self.results if r.outcome == "failed"]
+
+    @property
+    def exit_code(self) -> int:
+        from trajflow.errors import ExitCode
+
+        failed = self.failed
+        if any(r.kind == "error" for r in failed):
+            return int(ExitCode.ERROR)
+        if any(r.kind == "permanent" for r in failed):
+            return int(ExitCode.PERMANENT)
+        if failed:
+            return int(ExitCode.TRANSIENT)
+        return int(ExitCode.OK)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "shard": self.shard,
+            "shards": self.shards,
+            "items_planned": self.planned_items,
+            "bytes_planned": self.planned_bytes,
+            "fetched": self.count("fetched"),
+            "skipped": self.count("skipped"),
+            "reused": self.count("reused"),
+            "adopted": self.count("adopted"),
+            "missing": self.count("missing"),
+            "failed": len(self.failed),
+            "bytes_received": self.bytes_received,
+            "retries": self.retries,
+            "failures_by_reason": dict(sorted(self.failures_by_reason.items())),
+            "elapsed_s": round(self.elapsed_s, 3),
+            "throughput_bytes_per_s": round(self.bytes_received / self.elapsed_s) if self.elapsed_s > 0 else 0,
+            "exit_code": self.exit_code,
+            "already_done": self.already_done,
+        }
+
+
+class ShardDownloader:
+    def __init__(self, root: Storage, config: DownloadConfig, shard: int, shards: int, metrics: Any = None,
+                 progress: Callable[["ShardDownloader"], Any] | None = None):
+        if not config.sources:
+            raise ConfigError("downloader.config.sources is empty: name at least one source to download")
+        self.root, self.config, self.shard, self.shards = root, config, shard, shards
+        self.metrics = metrics
+        self.stats = Stats(metrics)
+        self.settings = TransferSettings(
+            concurrency=config.concurrency,
+            part_size=config.part_size_mib << 20,
+            threshold=config.multipart_threshold_mib << 20,
+            attempts=config.retries.attempts,
+            backoff=Backoff(config.retries.backoff_seconds, config.retries.max_backoff_seconds),
+            gunzip=config.gunzip,
+        )
+        self.clients = HttpClients(config.timeout_seconds, config.concurrency + 4)
+        self.sources: dict[str, SourceRuntime] = build_sources(config, self.clients)
+        self.generation = plan_generation(config)
+        self._progress_factory = progress
+        self._lock = threading.Lock()
+        self.results: list[ItemResult] = []
+        self.items: list[Item] = []
+        self.scheduler: Scheduler | None = None
+        self.completed_bytes = 0
+        self.started = time.monotonic()
+
+    # -- plan ---------------------------------------------------------------------------
+
+    def plan(self) -> dict[str, Any]:
+        def list_items() -> list[Item]:
+            items = list_all(self.sources, self.settings.attempts, self.settings.backoff, self.config.concurrency)
+            check_destinations(items, self.config.gunzip)
+            return items
+
+        try:
+            return load_or_create_plan(self.root, self.shards, self.generation, list_items)
+        except TrajflowError:
+            raise
+        except ValueError as exc:  # a corrupt stored plan or duplicate keys
+            raise PermanentError(str(exc)) from None
+
+    # -- the run ------------------------------------------------------------------------
+
+    def run(self) -> ShardSummary:
+        self.started = time.monotonic()
+        plan = self.plan()
+        self.items = shard_items(plan, self.shard)
+        summary = ShardSummary(self.shard, self.shards, planned_items=len(self.items),
+                               planned_bytes=sum(i.size for i in self.items))
+        if self.metrics is not None:
+            self.metrics.items_planned.set(summary.planned_items)
+            self.metrics.bytes_planned.set(summary.planned_bytes)
+        log.info("shard %d/%d: %d item(s), %d bytes planned (plan %s, generation %s)", self.shard, self.shards,
+                 summary.planned_items, summary.planned_bytes, plan["fingerprint"][:12], self.generation)
+        if self._already_done(plan, summary):
+            return summary
+        if self.shard == 0:
+            self._remove_foreign_manifests()
+        try:
+            self.listing = {info.key: info for info in self.root.list(f"{RAW}/{shard_name(self.shard)}/")}
+        except Exception as exc:
+            raise TrajflowError(f"cannot list {self.root.uri}/{RAW}/{shard_name(self.shard)}/: {exc}") from None
+        # largest first: a big item started last would finish long after everything else
+        order = sorted(self.items, key=lambda i: (-i.size, i.key))
+        self.scheduler = Scheduler(self.settings.concurrency, order, self._prepare)
+        reporter = self._progress_factory(self) if self._progress_factory else None
+        try:
+            self.scheduler.run()
+        finally:
+            if reporter is not None:
+                reporter.stop()
+        summary.results = sorted(self.results, key=lambda r: r.item.key)
+        summary.bytes_received = self.stats.bytes_received
+        summary.retries = self.stats.retries
+        summary.failures_by_reason = dict(self.stats.failures)
+        summary.elapsed_s = time.monotonic() - self.started
+        if summary.exit_code == 0:
+            self._write_manifest(plan, summary)
+        return summary
+
+    def _already_done(self, plan: dict[str, Any], summary: ShardSummary) -> bool:
+        try:
+            doc = read_manifest(self.root, STAGE, self.shard)
+        except ValueError as exc:
+            log.warning("%s; it is replaced", exc)
+            doc = None
+            self.root.delete(manifest_key(STAGE, self.shard))
+        if doc is None:
+            return False
+        same_plan = (
+            doc.get("shards") == self.shards and doc.get("plan_fingerprint") == plan["fingerprint"]
+            and doc.get("generation") == self.generation
+        )
+        if same_plan:
+            present = {info.key: info.size for info in self.root.list(f"{RAW}/{shard_name(self.shard)}/")}
+            missing = [e["key"] for e in doc.get("items", []) if present.get(e["key"]) != e.get("size")]
+            if not missing:
+                log.info("shard %d is already done for this plan (%s); nothing to do", self.shard, manifest_key(STAGE, self.shard))
+                summary.already_done = True
+                summary.results = [
+                    ItemResult(Item(e["item"], int(e.get("source_size", e["size"])), e.get("source", "")), e["key"], "skipped")
+                    for e in doc.get("items", [])
+                ]
+                summary.elapsed_s = time.monotonic() - self.started
+                if self.metrics is not None:
+                    self.metrics.items.labels(outcome="skipped").inc(len(summary.results))
+                    self.metrics.bytes_completed.set(summary.planned_bytes)
+                return True
+            log.warning("shard %d's manifest lists %d file(s) that are gone (e.g. %s); checking every item again",
+                        self.shard, len(missing), missing[0])
+        else:
+            log.info("removing shard %d's manifest of another plan (%s shards, plan %s)", self.shard, doc.get("shards"),
+                     str(doc.get("plan_fingerprint", ""))[:12])
+        self.root.delete(manifest_key(STAGE, self.shard))
+        return False
+
+    def _remove_foreign_manifests(self) -> None:
+        """Manifests of shard numbers this shard count does not have, left by a larger one:
+        nothing waits for them, but they must not describe files that have since moved."""
+        for other in sorted(done_shards(self.root, STAGE)):
+            if other < self.shards:
+                continue
+            try:
+                doc = read_manifest(self.root, STAGE, other)
+            except ValueError:
+                doc = None
+            if doc is None or doc.get("shards") != self.shards:
+                log.info("removing %s (from a plan with %s shards)", manifest_key(STAGE, other),
+                         doc.get("shards") if doc else "?")
+                self.root.delete(manifest_key(STAGE, other))
+
+    # -- per item -----------------------------------------------------------------------
+
+    def _prepare(self, item: Item) -> None:
+        dest = dest_key(self.shard, item.key, self.config.gunzip)
+        try:
+            result = self._without_download(item, dest)
+        except Exception as exc:
+            result = ItemResult(item, dest, "failed", error=f"checking {dest}: {exc}", kind="error", reason="storage")
+        if result is not None:
+            self._done(result)
+            return
+        source = self.sources.get(item.key.split("/", 1)[0])
+        if source is None:  # the plan came from this generation's sources, so this is a bug
+            self._done(ItemResult(item, dest, "failed", error=f"no source for {item.key}", kind="error", reason="storage"))
+            return
+        assert self.scheduler is not None
+        transfer = ItemTransfer(item, source, self.root, dest, self.settings, self.stats, self._done,
+                                self.scheduler.add, self.scheduler.wake)
+        try:
+            transfer.begin()
+        except FetchError as exc:
+            self.stats.failure(exc.reason)
+            self._done(ItemResult(item, dest, "failed", error=str(exc), kind="transient", reason=exc.reason))
+            return
+        except StorageFailure as exc:
+            self._done(ItemResult(item, dest, "failed", error=str(exc), kind="error", reason="storage"))
+            return
+        transfer.launch()
+
+    def _without_download(self, item: Item, dest: str) -> ItemResult | None:
+        """Skip, reuse or adopt when a verified copy exists; None when the item must be fetched."""
+        fingerprint = item_fingerprint(item, self.config.gunzip)
+        record = read_record(self.root, item.key)
+        if record is not None and record.fingerprint == fingerprint:
+            here = self.listing.get(dest)
+            if record.location == dest:
+                if here is not None and here.size == record.size:
+                    return ItemResult(item, dest, "skipped", record=record)
+                return None
+            there = self.root.stat(record.location)
+            if there is not None and there.size == record.size:
+                try:
+                    relocate(self.root, record.location, dest, record)
+                except Exception as exc:
+                    log.warning("cannot move %s to %s (%s); fetching it", record.location, dest, exc)
+                    return None
+                moved = dataclasses.replace(record, location=dest, verified_at="")
+                write_record(self.root, moved)
+                return ItemResult(item, dest, "reused", record=moved)
+            if here is not None and here.size == record.size:
+                # moved here by a run killed before it updated the record
+                return self._adopt(item, dest, fingerprint, expected_sha256=record.sha256)
+            return None
+        if record is None and dest in self.listing:
+            return self._adopt(item, dest, fingerprint)
+        return None
+
+    def _adopt(self, item: Item, dest: str, fingerprint: str, expected_sha256: str = "") -> ItemResult | None:
+        """A file has the final name but no (current) record: it was verified when it got the
+        name (a kill came before the record). Re-hash it once, check what is known of it."""
+        gunzipped = self.config.gunzip and item.key.endswith(".gz")
+        info = self.listing[dest]
+        if not gunzipped and item.meta.get("size_known", True) and info.size != item.size:
+            return None
+        declared = declared_checksums(item)
+        digests = Digests(md5=declared.needs_md5 and not gunzipped)
+        with self.root.open_read(dest) as fh:
+            while block := fh.read(8 << 20):
+                digests.update(block)
+        if expected_sha256 and digests.sha256 != expected_sha256:
+            return None
+        checks = ["size"]
+        if not gunzipped:
+            try:
+                checks += declared.check(digests, dest)
+            except FetchError:
+                return None
+        record = Record(
+            item=item.key, fingerprint=fingerprint, location=dest, size=digests.size, sha256=digests.sha256,
+            source_size=0 if gunzipped else digests.size, source_sha256="" if gunzipped else digests.sha256,
+            source_md5=digests.md5, checks=checks,
+        )
+        write_record(self.root, record)
+        log.info("adopted %s (in place without a record; re-hashed)", dest)
+        return ItemResult(item, dest, "adopted", record=record)
+
+    def _done(self, result: ItemResult) -> None:
+        source = self.sources.get(result.item.key.split("/", 1)[0])
+        if (result.outcome == "failed" and result.kind == "permanent" and result.reason in ("not_found", "forbidden")
+                and source is not None and not source.required):
+            result = dataclasses.replace(result, outcome="missing")
+        with self._lock:
+            self.results.append(result)
+            if result.verified:
+                self.completed_bytes += result.item.size
+        if result.outcome == "failed":
+            log.warning("%s failed (%s, %s): %s", result.item.key, result.kind, result.reason, result.error)
+        elif result.outcome == "missing":
+            log.info("%s is missing at the source (optional): %s", result.item.key, result.error)
+        else:
+            log.debug("%s %s", result.item.key, result.outcome)
+        if self.metrics is not None:
+            self.metrics.items.labels(outcome=result.outcome).inc()
+            self.metrics.last_progress.set(time.time())
+            self.metrics.bytes_completed.set(self.completed_bytes)
+        if result.kind == "error" and self.scheduler is not None:
+            log.error("stopping shard %d: the run root failed: %s", self.shard, result.error)
+            self.scheduler.stop()
+
+    # -- progress -----------------------------------------------------------------------
+
+    def progress(self) -> dict[str, Any]:
+        """A snapshot for progress lines: items and bytes done, in flight, failures."""
+        active = self.scheduler.active() if self.scheduler else []
+        with self._lock:
+            done = len(self.results)
+            failed = sum(1 for r in self.results if r.outcome == "failed")
+            completed = self.completed_bytes
+        partial = sum(t.present_bytes() for t in active)
+        return {
+            "items_done": done,
+            "items_total": len(self.items),
+            "failed": failed,
+            "bytes_done": completed + partial,
+            "bytes_total": sum(i.size for i in self.items),
+            "bytes_received": self.stats.bytes_received,
+            "inflight": self.stats.inflight,
+            "retries": self.stats.retries,
+            "elapsed_s": time.monotonic() - self.started,
+        }
+
+    # -- the manifest -------------------------------------------------------------------
+
+    def _write_manifest(self, plan: dict[str, Any], summary: ShardSummary) -> None:
+        entries, missing = [], []
+        for result in summary.results:
+            if result.record is not None:
+                rec = result.record
+                entries.append({
+                    "key": result.dest_key,
+                    "path": result.dest_key[len(f"{RAW}/{shard_name(self.shard)}/"):],
+                    "item": result.item.key,
+                    "size": rec.size,
+                    "sha256": rec.sha256,
+                    "source": result.item.source,
+                    "source_size": rec.source_size,
+                    "source_sha256": rec.source_sha256,
+                    "checks": rec.checks,
+                })
+            elif result.outcome == "missing":
+                missing.append({"item": result.item.key, "source": result.item.source, "reason": result.reason})
+        write_manifest(
+            self.root, STAGE, self.shard, self.shards, entries,
+            plan_fingerprint=plan["fingerprint"], generation=self.generation, missing=missing,
+            bytes=sum(e["size"] for e in entries),
+        )
+        summary.manifest_written = True
+        self._remove_stale_temporaries()
+
+    def _remove_stale_temporaries(self) -> None:
+        """Temporaries left in this shard's directory by killed runs: download temporaries
+        nobody holds a lock on, and other writers' temporaries older than an hour."""
+        if not isinstance(self.root, LocalStorage):
+            return  # an object store keeps no temporaries (incomplete uploads expire by lifecycle rule)
+        directory = f"{RAW}/{shard_name(self.shard)}"
+        try:
+            removed = sweep_abandoned_temporaries(self.root.local_path(directory))
+            removed += self.root.remove_stale_temporaries(directory, older_than_s=3600.0)
+        except OSError as exc:
+            log.warning("could not clean temporaries: %s", exc)
+            return
+        if removed:
+            log.info("removed %d abandoned temporary file(s)", removed)
+
+
+def raise_for(summary: ShardSummary) -> None:
+    """Turn a failed summary into the error (and exit code) the chart's podFailurePolicy expects."""
+    code = summary.exit_code
+    if code == 0:
+        return
+    failed = summary.failed
+    sample = "; ".join(f"{r.item.key}: {r.error}" for r in failed[:3])
+    more = f" (and {len(failed) - 3} more)" if len(failed) > 3 else ""
+    if code == int(PermanentError.exit_code):
+        permanent = sum(1 for r in failed if r.kind == "permanent")
+        raise PermanentError(f"{permanent} item(s) failed permanently, {len(failed) - permanent} transiently: {sample}{more}")
+    if code == int(TransientError.exit_code):
+        raise TransientError(f"{len(failed)} item(s) still failing after retries (rerun resumes them): {sample}{more}")
+    raise TrajflowError(f"the run root failed: {sample}{more}")

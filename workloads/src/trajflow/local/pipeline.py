@@ -1,0 +1,214 @@
+"""What `trajflow run` will run, resolved from the same values files the chart uses.
+
+For each enabled stage this renders exactly what the chart puts in the stage's ConfigMap,
+`{global: <.Values.global>, config: <.Values.<stage>.config>}`, validated by the stage's
+model, and reads the Kubernetes knobs that have a local meaning: `shards` (the Job's
+completions), `parallelism`, `backoffLimitPerIndex`, and for training `nprocPerNode`,
+`maxRestarts` and `inputShards`.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from trajflow.config import GlobalConfig, Values, load_values, validate_global, validate_stage
+from trajflow.config.loader import find_chart_dir
+from trajflow.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# chart stage -> (CLI command, module that implements it, what it produces)
+STAGES: dict[str, tuple[str, str, str]] = {
+    "downloader": ("download", "trajflow.download.cli", "raw"),
+    "preprocessing": ("preprocess", "trajflow.preprocess.cli", "resampled"),
+    "training": ("train", "trajflow.train.cli", "train"),
+}
+
+# Used only when the chart's own defaults cannot be found (an installed wheel, no checkout).
+_FALLBACK_KNOBS: dict[str, Any] = {
+    "enabled": True,
+    "shards": 1,
+    "parallelism": 1,
+    "backoffLimitPerIndex": 0,
+    "nodes": 1,
+    "nprocPerNode": None,
+    "maxRestarts": 0,
+    "inputShards": 1,
+}
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    stage: str  # chart name: downloader, preprocessing, training
+    command: str  # CLI name: download, preprocess, train
+    module: str
+    shards: int  # processes (training: 1, the one local node)
+    parallelism: int
+    retries: int  # extra attempts of a shard after a retryable failure
+    rendered: dict[str, Any]  # the ConfigMap document
+    config: Any  # the validated stage model
+    nproc_per_node: int = 1  # training
+    max_restarts: int = 0  # training
+    input_shards: int = 0  # training: preprocessed shards it waits for
+
+    @property
+    def rendered_yaml(self) -> bytes:
+        return yaml.safe_dump(self.rendered, sort_keys=True).encode()
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes whenever the stage would be asked to do something different. `global`
+        only says where the run root is (the resume state is kept per root) and where
+        metrics go, so it is left out: pointing metrics elsewhere redoes nothing."""
+        digest = hashlib.sha256(yaml.safe_dump(self.rendered["config"], sort_keys=True).encode())
+        digest.update(f"shards={self.shards};nproc={self.nproc_per_node}".encode())
+        return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    values: Values
+    global_: GlobalConfig
+    stages: tuple[StagePlan, ...]  # enabled stages, in pipeline order
+    disabled: tuple[str, ...]
+
+    @property
+    def root(self) -> str:
+        return self.global_.run_root()
+
+    def stage(self, name: str) -> StagePlan | None:
+        return next((s for s in self.stages if s.stage == name), None)
+
+
+def _int_knob(values: Values, stage: str, key: str, minimum: int, block: dict[str, Any], use_fallback: bool) -> int:
+    raw = block.get(key, _FALLBACK_KNOBS[key] if use_fallback else None)
+    if raw is None:
+        raise ConfigError(f"values: {stage}.{key} is not set")
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < minimum:
+        raise ConfigError(f"{values.origin([stage, key])}: {stage}.{key}: expected an integer >= {minimum}, got {raw!r}")
+    return raw
+
+
+def build_plan(values_files: Iterable[str | Path], sets: Iterable[str] = ()) -> RunPlan:
+    """Merge values like `helm install -f ... --set ...` and validate every enabled stage."""
+    chart_dir = find_chart_dir()
+    chart_found = chart_dir is not None and (chart_dir / "values.yaml").is_file()
+    values = _untemplated(load_values(list(values_files), list(sets), chart_dir=chart_dir))
+    if not chart_found:
+        log.warning("chart defaults not found (set TRAJFLOW_CHART to charts/trajflow); using the values files alone")
+    glob = validate_global(values.merged.get("global") or {}, values=values)
+    plans: list[StagePlan] = []
+    disabled: list[str] = []
+    for stage, (command, module, _) in STAGES.items():
+        block = values.stage(stage)
+        enabled = block.get("enabled", _FALLBACK_KNOBS["enabled"] if not chart_found else False)
+        if not enabled:
+            disabled.append(stage)
+            continue
+        raw_config = block.get("config") or {}
+        config = validate_stage(stage, raw_config, values=values)
+        rendered = {"global": values.merged.get("global") or {}, "config": raw_config}
+        knob = lambda key, minimum=1: _int_knob(values, stage, key, minimum, block, not chart_found)  # noqa: E731
+        retries = knob("backoffLimitPerIndex", 0)
+        if stage == "training":
+            nodes = knob("nodes")
+            nproc = block.get("nprocPerNode")
+            if nproc is None:
+                nproc = 1  # locally: one process unless asked (the chart counts GPUs in its pod limits)
+            elif isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+                raise ConfigError(
+                    f"{values.origin([stage, 'nprocPerNode'])}: training.nprocPerNode: expected an integer >= 1 "
+                    f"or null, got {nproc!r}"
+                )
+            if nodes > 1:
+                log.info("training.nodes is %d; locally all %d process(es) run on this machine as one node", nodes, nproc)
+            plans.append(
+                StagePlan(
+                    stage, command, module, shards=1, parallelism=1, retries=retries, rendered=rendered, config=config,
+                    nproc_per_node=nproc, max_restarts=knob("maxRestarts", 0), input_shards=knob("inputShards"),
+                )
+            )
+        else:
+            shards = knob("shards")
+            parallelism = min(knob("parallelism"), shards)
+            plans.append(StagePlan(stage, command, module, shards, parallelism, retries, rendered, config))
+    if not plans:
+        raise ConfigError(
+            "values: every stage is disabled (downloader.enabled, preprocessing.enabled, training.enabled); nothing to run"
+        )
+    _check_shard_counts(values, plans)
+    return RunPlan(values, glob, tuple(plans), tuple(disabled))
+
+
+def _templates(node: Any, path: list[str]) -> Iterable[tuple[list[str], str]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _templates(value, [*path, str(key)])
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _templates(value, [*path, str(i)])
+    elif isinstance(node, str) and "{{" in node:
+        yield path, node
+
+
+def _untemplated(values: Values) -> Values:
+    """What the chart renders with `tpl` has no local meaning. The one such value the
+    charts document, `global.metrics.pushgatewayUrl` naming the release's own Pushgateway,
+    becomes empty (no pushing); any other template is an error naming its key."""
+    merged = copy.deepcopy(values.merged)
+    glob = merged.get("global") or {}
+    for path, text in list(_templates(glob, ["global"])):
+        key = ".".join(path)
+        if path == ["global", "metrics", "pushgatewayUrl"]:
+            log.info(
+                "%s is a Helm template (%s) naming the cluster's Pushgateway; this local run pushes no metrics "
+                "(--set global.metrics.pushgatewayUrl=http://127.0.0.1:9091 pushes to a local one)", key, text,
+            )
+            glob["metrics"]["pushgatewayUrl"] = ""
+        else:
+            raise ConfigError(
+                f"{values.origin(path)}: {key} is a Helm template ({text}); trajflow run cannot render it: "
+                f"override it with --set {key}=..."
+            )
+    return Values(merged, values.layers)
+
+
+def _check_shard_counts(values: Values, plans: list[StagePlan]) -> None:
+    """Preprocessing shard i consumes download shard i; training waits for every preprocessed shard."""
+    by_name = {p.stage: p for p in plans}
+    down, pre, train = by_name.get("downloader"), by_name.get("preprocessing"), by_name.get("training")
+    if down and pre and down.shards != pre.shards:
+        raise ConfigError(
+            f"{values.origin(['preprocessing', 'shards'])}: preprocessing.shards ({pre.shards}) must equal "
+            f"downloader.shards ({down.shards}): preprocessing shard i consumes download shard i"
+        )
+    if pre and train and train.input_shards != pre.shards:
+        raise ConfigError(
+            f"{values.origin(['training', 'inputShards'])}: training.inputShards ({train.input_shards}) must equal "
+            f"preprocessing.shards ({pre.shards}): training waits for every preprocessed shard"
+        )
+
+
+def missing_stage_modules(plan: RunPlan) -> list[str]:
+    """Enabled stages this install cannot run, each with the reason."""
+    problems = []
+    for stage in plan.stages:
+        try:
+            found = importlib.util.find_spec(stage.module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            problems.append(
+                f"{stage.stage} is enabled but this install has no `trajflow {stage.command}` ({stage.module} is missing); "
+                f"disable it with --set {stage.stage}.enabled=false or install the full package"
+            )
+        if stage.stage == "training" and importlib.util.find_spec("torch") is None:
+            problems.append("training is enabled but torch is not installed (pip install 'trajflow[ml]' torch==2.13.0)")
+    return problems

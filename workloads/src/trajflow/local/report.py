@@ -1,0 +1,353 @@
+"""The end of `trajflow run`: a summary on the terminal, `summary.json`, and a report
+(`report.png` with the loss curve and the stage timeline, `report.html` embedding it)."""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import json
+import logging
+import math
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trajflow.local.progress import STAGE_TITLES
+from trajflow.storage import Storage, read_manifest
+
+if TYPE_CHECKING:
+    from trajflow.local.runner import Runner, RunResult
+
+log = logging.getLogger(__name__)
+
+STAGE_COLOURS = {"downloader": "#4C78A8", "preprocessing": "#F58518", "training": "#54A24B"}
+
+
+@dataclass
+class StageSummary:
+    stage: str
+    title: str
+    shards: int
+    ran: int
+    skipped: int
+    failed: int
+    seconds: float | None  # wall time of this invocation's work on the stage
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    def shard_text(self) -> str:
+        text = f"{self.ran} ran" + (f", {self.skipped} skipped" if self.skipped else "")
+        return text + (f", {self.failed} failed" if self.failed else "") + f" of {self.shards}"
+
+    def time_text(self) -> str:
+        return "" if self.seconds is None else f"{self.seconds:.1f}s"
+
+    def throughput(self) -> str:
+        f = self.figures
+        if self.stage == "downloader" and f.get("bytes") is not None:
+            text = f"{_size(f['bytes'])} in {f.get('items', 0)} files"
+            if f.get("bytes_per_second"):
+                text += f", {_size(f['bytes_per_second'])}/s"
+            return text
+        if self.stage == "preprocessing" and f.get("trajectories") is not None:
+            text = f"{f['trajectories']} trajectories → {f.get('frames', 0):,} frames"
+            if f.get("rate_hz"):
+                text += f" at {f['rate_hz']:g} Hz"
+            if f.get("trajectories_per_second"):
+                text += f", {f['trajectories_per_second']:.1f} traj/s"
+            return text
+        if self.stage == "training" and f.get("final_val_loss") is not None:
+            text = f"val loss {f['initial_val_loss']:.4g} → {f['final_val_loss']:.4g}"
+            if f.get("initial_val_loss"):
+                text += f" ({f['final_val_loss'] / f['initial_val_loss']:.0%} of initial)"
+            text += f", {f.get('epochs', 0)} epochs"
+            if f.get("samples_per_second"):
+                text += f", {f['samples_per_second']:,.0f} samples/s"
+            return text
+        return ""
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _manifests(storage: Storage, stage: str, shards: int) -> list[dict[str, Any]]:
+    out = []
+    for shard in range(shards):
+        try:
+            doc = read_manifest(storage, stage, shard)
+        except (ValueError, OSError) as exc:
+            log.warning("cannot read %s manifest %d: %s", stage, shard, exc)
+            continue
+        if doc is not None:
+            out.append(doc)
+    return out
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(float(value)) else None
+
+
+def training_history(storage: Storage | None, logged: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Per-epoch metrics and the run's summary: the training's own metrics.json in the run
+    root when it wrote one (and `storage` is given), else what its log lines carried
+    during this run."""
+    from trajflow.local.runner import training_metrics
+
+    doc = training_metrics(storage) if storage is not None else None
+    if doc is not None and isinstance(doc.get("history"), list):
+        rows = [r for r in doc["history"] if isinstance(r, dict)]
+        return rows, doc
+    by_epoch: dict[Any, dict[str, Any]] = {}
+    for row in logged:
+        by_epoch.setdefault(row.get("epoch"), {}).update(row)
+    return [by_epoch[e] for e in sorted(by_epoch, key=lambda e: (e is None, e))], {}
+
+
+def summarize(runner: "Runner", result: "RunResult") -> tuple[list[StageSummary], list[dict[str, Any]]]:
+    from trajflow.local import runner as r
+
+    storage = runner.storage
+    stages, history = [], []
+    for plan in runner.plan.stages:
+        tasks = runner.stage_tasks(plan.stage)
+        ran = [t for t in tasks if t.state == r.DONE]
+        spans = [(t.started, t.ended) for t in tasks if t.started is not None and t.ended is not None]
+        seconds = (max(e for _, e in spans) - min(s for s, _ in spans)) if spans else None
+        summary = StageSummary(
+            plan.stage, STAGE_TITLES.get(plan.stage, plan.stage), len(tasks), len(ran),
+            sum(1 for t in tasks if t.state == r.SKIPPED), sum(1 for t in tasks if t.state == r.FAILED), seconds,
+        )
+        f = summary.figures
+        if plan.stage == "downloader":
+            docs = _manifests(storage, "download", plan.shards)
+            items = [i for d in docs for i in d.get("items", []) if isinstance(i, dict)]
+            f["items"] = len(items)
+            f["bytes"] = int(sum(_number(i.get("size")) or 0 for i in items))
+            if seconds and ran:
+                done_shards = {t.shard for t in ran}
+                moved = sum(
+                    _number(i.get("size")) or 0
+                    for d in docs if d.get("shard") in done_shards
+                    for i in d.get("items", []) if isinstance(i, dict)
+                )
+                f["bytes_per_second"] = moved / seconds
+        elif plan.stage == "preprocessing":
+            docs = _manifests(storage, "preprocess", plan.shards)
+            f["trajectories"] = int(sum(_number(d.get("trajectories")) or _number(d.get("num_episodes")) or 0 for d in docs))
+            f["frames"] = int(sum(_number(d.get("num_frames")) or 0 for d in docs))
+            f["quarantined"] = int(sum(_number(d.get("quarantined")) or 0 for d in docs))
+            rates = {d.get("rate_hz") for d in docs if _number(d.get("rate_hz"))}
+            f["rate_hz"] = float(rates.pop()) if len(rates) == 1 else 0.0
+            if seconds and ran:
+                done_shards = {t.shard for t in ran}
+                work = sum(_number(d.get("trajectories")) or 0 for d in docs if d.get("shard") in done_shards)
+                f["trajectories_per_second"] = work / seconds
+        else:
+            if tasks and tasks[0].state in r.FINISHED:
+                history, doc = training_history(storage, tasks[0].history)
+            else:  # metrics.json may be an earlier run's: show only what this run's training said
+                history, doc = training_history(None, tasks[0].history if tasks else [])
+            vals = [v for v in (_number(h.get("val_loss")) for h in history) if v is not None]
+            trains = [v for v in (_number(h.get("train_loss")) for h in history) if v is not None]
+            initial = _number(doc.get("initial_val_loss"))
+            if vals:
+                f.update(final_val_loss=vals[-1], best_val_loss=min(vals), epochs=len(history))
+                f["initial_val_loss"] = initial if initial is not None else vals[0]
+            if trains:
+                f["final_train_loss"] = trains[-1]
+            speed = _number(doc.get("samples_per_second"))
+            speeds = [v for v in (_number(h.get("samples_per_second")) for h in history) if v]
+            if speed or speeds:
+                f["samples_per_second"] = speed or sorted(speeds)[len(speeds) // 2]
+            for key in ("status", "world_size", "device"):
+                if doc.get(key) is not None:
+                    f[key] = doc[key]
+        stages.append(summary)
+    return stages, history
+
+
+def summary_document(runner: "Runner", result: "RunResult", stages: list[StageSummary], history: list[dict[str, Any]],
+                     report: Path | None) -> dict[str, Any]:
+    return {
+        "runId": runner.plan.global_.run_id,
+        "root": runner.plan.root,
+        "exitCode": result.exit_code,
+        "interruptedBy": result.interrupted_by,
+        "seconds": round(result.seconds, 3),
+        "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "stages": {
+            s.title: {"shards": s.shards, "ran": s.ran, "skipped": s.skipped, "failed": s.failed,
+                      "seconds": None if s.seconds is None else round(s.seconds, 3), **s.figures}
+            for s in stages
+        },
+        "tasks": [
+            {"task": t.key, "state": t.state, "attempts": t.attempts, "started": t.started, "ended": t.ended,
+             "exitCode": t.exit_code, "log": str(t.log_path.resolve())}
+            for t in result.tasks
+        ],
+        "history": history,
+        "report": str(report) if report else None,
+    }
+
+
+# ---- the picture ----------------------------------------------------------------------
+
+
+def render_png(path: Path, runner: "Runner", result: "RunResult", history: list[dict[str, Any]], initial: float | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (ax_loss, ax_time) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.3]})
+    epochs = [int(h["epoch"]) + 1 if _number(h.get("epoch")) is not None else i + 1 for i, h in enumerate(history)]
+    plotted = False
+    for key, label, style in (("train_loss", "training", "-o"), ("val_loss", "validation", "-s")):
+        points = [(e, _number(h.get(key))) for e, h in zip(epochs, history)]
+        points = [(e, v) for e, v in points if v is not None]
+        if key == "val_loss" and initial is not None:
+            points.insert(0, (0, initial))  # epoch 0: the untrained model
+        if points:
+            ax_loss.plot([e for e, _ in points], [v for _, v in points], style, markersize=3, label=label)
+            plotted = True
+    if plotted:
+        ax_loss.set_yscale("log")
+        ax_loss.legend()
+    else:
+        ax_loss.text(0.5, 0.5, "no training metrics in this run", ha="center", va="center", transform=ax_loss.transAxes)
+    ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_loss.set_title("Loss per epoch")
+    ax_loss.set_xlabel("epoch (0: before training)")
+    ax_loss.set_ylabel("loss (MSE)")
+    ax_loss.grid(True, alpha=0.3)
+
+    ran = [t for t in result.tasks if t.started is not None and t.ended is not None]
+    labels: list[str] = []
+    for row, task in enumerate(ran):
+        colour = STAGE_COLOURS.get(task.stage.stage, "grey")
+        hatch = "//" if task.state not in ("done",) else None
+        ax_time.barh(row, task.ended - task.started, left=task.started, color=colour, hatch=hatch, edgecolor="white")
+        labels.append(task.label)
+    if ran:
+        ax_time.set_yticks(range(len(ran)), labels)
+        ax_time.invert_yaxis()
+    else:
+        skipped = sum(1 for t in result.tasks if t.state == "skipped")
+        ax_time.text(0.5, 0.5, f"nothing to do: {skipped} task(s) were done earlier", ha="center", va="center",
+                     transform=ax_time.transAxes)
+        ax_time.set_yticks([])
+    ax_time.set_title(f"Stage timeline (this run, {result.seconds:.1f}s)")
+    ax_time.set_xlabel("seconds since start")
+    ax_time.grid(True, axis="x", alpha=0.3)
+    fig.suptitle(f"trajflow run {runner.plan.global_.run_id}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def render_html(path: Path, png: Path, doc: dict[str, Any], stages: list[StageSummary], runner: "Runner") -> None:
+    e = html.escape
+    image = base64.b64encode(png.read_bytes()).decode()
+    status = "succeeded" if doc["exitCode"] == 0 else f"ended with exit code {doc['exitCode']}"
+    rows = "".join(
+        f"<tr><td>{e(s.title)}</td><td>{e(s.shard_text())}</td><td>{e(s.time_text())}</td><td>{e(s.throughput())}</td></tr>"
+        for s in stages
+    )
+    def took(task: dict[str, Any]) -> str:
+        if task["started"] is None or task["ended"] is None:
+            return ""
+        return f"{task['ended'] - task['started']:.1f}s"
+
+    tasks = "".join(
+        f"<tr><td>{e(t['task'])}</td><td>{e(t['state'])}</td><td>{t['attempts']}</td>"
+        f"<td>{took(t)}</td><td><code>{e(t['log'])}</code></td></tr>"
+        for t in doc["tasks"]
+    )
+    train = next((s.figures for s in stages if s.stage == "training" and s.figures), None)
+    training = ""
+    if train:
+        labels = (("status", "status"), ("initial_val_loss", "validation loss before training"),
+                  ("best_val_loss", "best validation loss"), ("final_val_loss", "final validation loss"),
+                  ("final_train_loss", "final training loss"), ("epochs", "epochs"), ("world_size", "processes"),
+                  ("device", "device"), ("samples_per_second", "samples per second"))
+        cells = "".join(
+            f"<tr><td>{e(label)}</td><td>{e(f'{train[key]:.6g}' if isinstance(train[key], float) else str(train[key]))}</td></tr>"
+            for key, label in labels if train.get(key) is not None
+        )
+        training = (f"<h2>Training</h2><table>{cells}</table><p>Model, metrics and loss curve: "
+                    f"<code>{e(doc['root'])}/train/artifacts/</code></p>")
+    configs = "".join(f"<li>{e(stage)}: <code>{e(str(p))}</code></li>" for stage, p in runner.config_paths.items())
+    machine = f"{platform.node()} · {os.cpu_count()} cores · Python {platform.python_version()}"
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>trajflow run {e(doc['runId'])}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }} td, th {{ padding: .3em .8em; border-bottom: 1px solid #ddd; text-align: left; }}
+img {{ max-width: 100%; }} code {{ font-size: .9em; }} .muted {{ color: #666; }}
+</style></head><body>
+<h1>trajflow run <code>{e(doc['runId'])}</code></h1>
+<p>{e(status)} in {doc['seconds']:.1f}s · root <code>{e(doc['root'])}</code></p>
+<p class="muted">{e(doc['finished'])} · {e(machine)}</p>
+<table><tr><th>stage</th><th>shards</th><th>time</th><th>throughput / result</th></tr>{rows}</table>
+<img alt="loss per epoch and stage timeline" src="data:image/png;base64,{image}">
+{training}
+<h2>Tasks</h2>
+<table><tr><th>task</th><th>state</th><th>attempts</th><th>time</th><th>log</th></tr>{tasks}</table>
+<h2>Rendered stage configs</h2><ul>{configs}</ul>
+</body></html>
+"""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(page)
+    os.replace(tmp, path)
+
+
+def write_report(runner: "Runner", result: "RunResult", report_path: Path | None = None) -> tuple[dict[str, Any], list[StageSummary]]:
+    """Write summary.json, report.png and report.html under the work dir; return the summary."""
+    stages, history = summarize(runner, result)
+    html_path = (report_path or runner.work_dir / "report.html").resolve()
+    png_path = html_path.with_suffix(".png")
+    written: Path | None = None
+    try:
+        initial = next((s.figures.get("initial_val_loss") for s in stages if s.stage == "training"), None)
+        render_png(png_path, runner, result, history, initial)
+        doc = summary_document(runner, result, stages, history, html_path)
+        render_html(html_path, png_path, doc, stages, runner)
+        written = html_path
+    except Exception as exc:  # the run's outcome must not hinge on drawing a picture
+        log.warning("could not write the report: %s: %s", type(exc).__name__, exc)
+    doc = summary_document(runner, result, stages, history, written)
+    summary_path = runner.work_dir / "summary.json"
+    tmp = summary_path.with_name(f".{summary_path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=1, default=str))
+    os.replace(tmp, summary_path)
+    return doc, stages
+
+
+def print_summary(console: Any, doc: dict[str, Any], stages: list[StageSummary]) -> None:
+    """The last thing a user sees: per-stage times and results, and where the report is."""
+    from rich.table import Table
+
+    title = "done" if doc["exitCode"] == 0 else ("interrupted" if doc["interruptedBy"] else f"failed (exit code {doc['exitCode']})")
+    table = Table(title=f"trajflow run {doc['runId']}: {title} in {doc['seconds']:.1f}s", title_justify="left", box=None,
+                  header_style="bold", pad_edge=False)
+    for column in ("stage", "shards", "time", "throughput / result"):
+        table.add_column(column, justify="right" if column == "time" else "left")
+    for s in stages:
+        table.add_row(s.title, s.shard_text(), s.time_text(), s.throughput())
+    console.print(table)
+    if doc["exitCode"] != 0:
+        console.print("finished shards are kept: the same command, run again, resumes from them", style="yellow", highlight=False)
+    if doc.get("report"):
+        console.print(f"report: {doc['report']}", highlight=False, soft_wrap=True)

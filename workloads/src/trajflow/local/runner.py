@@ -1,0 +1,645 @@
+"""Run the enabled stages on this machine as child processes, the way the chart runs pods.
+
+- Every stage process runs `trajflow <stage> --config FILE` with JOB_COMPLETION_INDEX,
+  TRAJFLOW_SHARDS and TRAJFLOW_CONFIG, where FILE is what the chart's ConfigMap holds.
+- Download shards run `downloader.parallelism` at a time; preprocessing shard i starts as
+  soon as download shard i is done (`preprocessing.parallelism` at a time); training starts
+  when every preprocessed shard is done, through torchrun with c10d rendezvous on 127.0.0.1.
+- A shard that finished earlier with the same stage config and the same upstream
+  manifests, and whose own output is still there, is skipped (`--force` runs it anyway;
+  the stage itself still skips verified items).
+- Exit codes follow the chart's podFailurePolicy: 2 (config), 3 (permanent) and 5
+  (diverged) stop the run; others are retried `backoffLimitPerIndex` times.
+- SIGINT/SIGTERM are forwarded to every child's process group; after a grace period the
+  rest is killed. The run exits 128+signal (130 for Ctrl-C) and a rerun resumes.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from trajflow.errors import ExitCode
+from trajflow.local import procs
+from trajflow.local.pipeline import RunPlan, StagePlan
+from trajflow.storage import Storage, manifest_key, open_run_root, shard_name
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+FATAL_CODES = {int(ExitCode.CONFIG), int(ExitCode.PERMANENT), int(ExitCode.DIVERGED)}
+GRACE_SECONDS = 20.0
+TICK_SECONDS = 0.2
+MAX_RETRY_DELAY_SECONDS = 30.0
+# torchrun's failure report names each failed worker's exit code
+_TORCHRUN_EXITCODE = re.compile(r"exitcode\s*:\s*(-?\d+)")
+
+PENDING, WAITING, RUNNING, RETRY, DONE, SKIPPED, FAILED, STOPPED = (
+    "pending", "waiting", "running", "retry", "done", "skipped", "failed", "stopped",
+)
+FINISHED = {DONE, SKIPPED}
+
+
+class View(Protocol):
+    def start(self, runner: "Runner") -> None: ...
+    def event(self, text: str, level: int = logging.INFO) -> None: ...
+    def child_record(self, task: "Task", record: dict[str, Any]) -> None: ...
+    def refresh(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+@dataclass
+class Task:
+    stage: StagePlan
+    shard: int
+    log_path: Path
+    state: str = PENDING
+    attempts: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    reader: threading.Thread | None = None
+    started: float | None = None  # seconds since the run started
+    ended: float | None = None
+    exit_code: int | None = None
+    worker_exit_codes: list[int] = field(default_factory=list)  # training: what torchrun reported
+    retry_at: float = 0.0
+    last_message: str = ""
+    fields: dict[str, Any] = field(default_factory=dict)  # latest structured log fields
+    history: list[dict[str, Any]] = field(default_factory=list)  # records with epoch metrics
+    fingerprint: str = ""
+    note: str = ""  # why it is waiting, or how it ended
+
+    @property
+    def key(self) -> str:
+        return f"{self.stage.command}/{shard_name(self.shard)}"
+
+    @property
+    def label(self) -> str:
+        return self.stage.command if self.stage.command == "train" else f"{self.stage.command}[{self.shard}]"
+
+    @property
+    def seconds(self) -> float | None:
+        if self.started is None or self.ended is None:
+            return None
+        return self.ended - self.started
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    seconds: float
+    tasks: list[Task]
+    interrupted_by: int | None = None  # signal number
+    failure: str = ""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def trajflow_command() -> list[str]:
+    """How to start `trajflow`: the console script beside this interpreter, on PATH, or -m."""
+    beside = Path(sys.executable).with_name("trajflow")
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return [str(beside)]
+    found = shutil.which("trajflow")
+    if found:
+        return [found]
+    return [sys.executable, "-m", "trajflow.cli"]
+
+
+def _torchrun_program(command: list[str]) -> list[str]:
+    """The program part of a torchrun command line for `command`."""
+    if len(command) == 1:
+        return ["--no-python", command[0]]
+    if command[0] == sys.executable and len(command) >= 3 and command[1] == "-m":
+        return ["-m", *command[2:]]
+    if command[0] == sys.executable:
+        return command[1:]
+    raise ValueError(f"cannot launch {command!r} under torchrun")
+
+
+# what `trajflow train` writes on rank 0 (trajflow.train.artifacts.METRICS_KEY; not imported
+# here because that module needs torch)
+TRAIN_METRICS_KEY = "train/artifacts/metrics.json"
+TRAIN_FINISHED = ("completed", "early_stopped")
+
+
+def training_metrics(storage: Storage) -> dict[str, Any] | None:
+    """The training's metrics.json (history, initial/best/final losses, status), if any."""
+    try:
+        doc = json.loads(storage.read_bytes(TRAIN_METRICS_KEY))
+    except (FileNotFoundError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def training_finished(storage: Storage) -> bool:
+    doc = training_metrics(storage)
+    return doc is not None and doc.get("status") in TRAIN_FINISHED
+
+
+class StateFile:
+    """What finished, with which inputs: `<work>/state.json`, rewritten atomically."""
+
+    def __init__(self, path: Path, root: str):
+        self.path, self.root = path, root
+        self.completed: dict[str, dict[str, Any]] = {}
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable %s (%s): every shard will run again", path, exc)
+            return
+        if doc.get("version") == STATE_VERSION and doc.get("root") == root:
+            self.completed = dict(doc.get("completed") or {})
+
+    def matches(self, key: str, fingerprint: str) -> bool:
+        return self.completed.get(key, {}).get("fingerprint") == fingerprint
+
+    def record(self, key: str, fingerprint: str, seconds: float) -> None:
+        self.completed[key] = {
+            "fingerprint": fingerprint,
+            "seconds": round(seconds, 3),
+            "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        self.save()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        doc = {"version": STATE_VERSION, "root": self.root, "completed": self.completed}
+        tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)
+
+
+class Runner:
+    def __init__(
+        self,
+        plan: RunPlan,
+        work_dir: Path,
+        view: View,
+        force: bool = False,
+        command: list[str] | None = None,
+        storage: Storage | None = None,
+        grace_seconds: float = GRACE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.plan = plan
+        self.work_dir = Path(work_dir)
+        self.view = view
+        self.force = force
+        self.command = command or trajflow_command()
+        self.storage = storage or open_run_root(plan.global_)
+        self.grace_seconds = grace_seconds
+        self.clock = clock
+        self.t0 = clock()
+        self.state = StateFile(self.work_dir / "state.json", plan.root)
+        self.config_paths: dict[str, Path] = {}
+        self.tasks: list[Task] = []
+        for stage in plan.stages:
+            for shard in range(stage.shards):
+                log_path = self.work_dir / "logs" / f"{stage.command}-{shard_name(shard)}.log"
+                self.tasks.append(Task(stage, shard, log_path))
+        self._lines: queue.Queue[tuple[Task, bytes | None]] = queue.Queue()
+        self._signal: int | None = None
+        self._kill_now = False
+        self._failure: tuple[int, str] | None = None
+
+    # ---- public ------------------------------------------------------------------------
+
+    def now(self) -> float:
+        return self.clock() - self.t0
+
+    def stage_tasks(self, stage: str) -> list[Task]:
+        return [t for t in self.tasks if t.stage.stage == stage]
+
+    def run(self) -> RunResult:
+        self.write_configs()
+        previous = self._install_signal_handlers()
+        self.view.start(self)
+        try:
+            self._check_disabled_upstreams()
+            while not self._finished():
+                if self._signal is not None:
+                    self._stop_children(self._signal)
+                    break
+                self._drain_lines()
+                self._reap()
+                if self._failure is not None:
+                    self._stop_children(signal.SIGTERM)
+                    break
+                self._schedule()
+                self.view.refresh()
+                time.sleep(TICK_SECONDS)
+            self._drain_lines()
+        finally:
+            self._restore_signal_handlers(previous)
+            self._stop_children(signal.SIGTERM)  # no-op unless something went wrong above
+            self.view.refresh()
+            self.view.stop()
+        return self._result()
+
+    # ---- setup -------------------------------------------------------------------------
+
+    def write_configs(self) -> None:
+        config_dir = self.work_dir / "config"
+        config_dir.mkdir(parents=True, exist_ok=True)
+        for stage in self.plan.stages:
+            path = config_dir / f"{stage.stage}.yaml"
+            data = stage.rendered_yaml
+            if not path.is_file() or path.read_bytes() != data:
+                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+            self.config_paths[stage.stage] = path.resolve()
+
+    def _check_disabled_upstreams(self) -> None:
+        """A stage whose upstream is disabled reads what an earlier run left; say so if nothing is there."""
+        enabled = {s.stage for s in self.plan.stages}
+        pre = self.plan.stage("preprocessing")
+        if pre and "downloader" not in enabled:
+            missing = [i for i in range(pre.shards) if not self.storage.exists(manifest_key("download", i))]
+            if missing:
+                self._fail(
+                    int(ExitCode.CONFIG),
+                    f"preprocessing needs download shards {_ranges(missing)}, but the downloader is disabled and "
+                    f"{self.storage.uri}/raw/_done/ has no manifest for them; enable it (--set downloader.enabled=true)",
+                )
+        train = self.plan.stage("training")
+        if train and "preprocessing" not in enabled:
+            missing = [i for i in range(train.input_shards) if not self.storage.exists(manifest_key("preprocess", i))]
+            if missing:
+                self._fail(
+                    int(ExitCode.CONFIG),
+                    f"training needs preprocessed shards {_ranges(missing)}, but preprocessing is disabled and "
+                    f"{self.storage.uri}/resampled/_done/ has no manifest for them; enable it (--set preprocessing.enabled=true)",
+                )
+
+    # ---- signals -----------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if self._signal is not None:
+            self._kill_now = True  # a second Ctrl-C: stop waiting for children
+        self._signal = signum
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return previous
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, self._on_signal)
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    # ---- scheduling --------------------------------------------------------------------
+
+    def _finished(self) -> bool:
+        return self._failure is not None or all(t.state in FINISHED for t in self.tasks)
+
+    def _upstream_ready(self, task: Task) -> bool:
+        """Whether the inputs of `task` are complete, and note what it waits for if not."""
+        stage = task.stage.stage
+        if stage == "downloader":
+            return True
+        if stage == "preprocessing":
+            upstream = [t for t in self.stage_tasks("downloader") if t.shard == task.shard]
+            if upstream and upstream[0].state not in FINISHED:
+                task.note = f"waiting for download shard {task.shard}"
+                return False
+            return True
+        upstream = self.stage_tasks("preprocessing")
+        left = [t.shard for t in upstream if t.state not in FINISHED]
+        if left:
+            task.note = f"waiting for {len(left)} preprocessed shard(s)"
+            return False
+        return True
+
+    def _fingerprint(self, task: Task) -> str:
+        digest = hashlib.sha256(task.stage.fingerprint.encode())
+        stage = task.stage.stage
+        inputs: list[str] = []
+        if stage == "preprocessing":
+            inputs = [manifest_key("download", task.shard)]
+        elif stage == "training":
+            inputs = [manifest_key("preprocess", i) for i in range(task.stage.input_shards)]
+        for key in inputs:
+            try:
+                digest.update(self.storage.read_bytes(key))
+            except FileNotFoundError:
+                digest.update(b"missing:" + key.encode())
+        return digest.hexdigest()
+
+    def _output_present(self, task: Task) -> bool:
+        stage = task.stage.stage
+        if stage == "downloader":
+            return self.storage.exists(manifest_key("download", task.shard))
+        if stage == "preprocessing":
+            return self.storage.exists(manifest_key("preprocess", task.shard))
+        return training_finished(self.storage)
+
+    def _running(self, stage: str) -> int:
+        return sum(1 for t in self.stage_tasks(stage) if t.state == RUNNING)
+
+    def _schedule(self) -> None:
+        now = self.now()
+        for task in self.tasks:
+            if task.state in (PENDING, WAITING):
+                if not self._upstream_ready(task):
+                    task.state = WAITING
+                    continue
+                task.fingerprint = self._fingerprint(task)
+                if not self.force and self.state.matches(task.key, task.fingerprint) and self._output_present(task):
+                    task.state, task.note = SKIPPED, "done earlier with the same inputs"
+                    self.view.event(f"{task.label}: skipped, done earlier with the same config and inputs")
+                    continue
+                task.state, task.note = PENDING, ""
+            if task.state == PENDING or (task.state == RETRY and now >= task.retry_at):
+                if self._running(task.stage.stage) < task.stage.parallelism:
+                    self._launch(task)
+
+    # ---- processes ---------------------------------------------------------------------
+
+    def argv(self, task: Task) -> list[str]:
+        config = str(self.config_paths[task.stage.stage])
+        if task.stage.stage != "training":
+            return [*self.command, task.stage.command, "--config", config]
+        stage = task.stage
+        return [
+            sys.executable, "-m", "torch.distributed.run",
+            "--nnodes=1",
+            f"--nproc-per-node={stage.nproc_per_node}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{free_port()}",  # an explicit port: port 0 hangs the rendezvous
+            f"--rdzv-id=trajflow-{self.plan.global_.run_id}",
+            "--local-addr=127.0.0.1",
+            f"--max-restarts={stage.max_restarts}",
+            *_torchrun_program(self.command),
+            "train", "--config", config,
+        ]  # fmt: skip
+
+    def env(self, task: Task) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            JOB_COMPLETION_INDEX=str(task.shard),
+            TRAJFLOW_SHARDS=str(task.stage.shards),
+            TRAJFLOW_CONFIG=str(self.config_paths[task.stage.stage]),
+            TRAJFLOW_LOG_FORMAT="json",
+            PYTHONUNBUFFERED="1",
+        )
+        if "OMP_NUM_THREADS" not in os.environ:
+            # processes of one stage share the cores instead of each claiming all of them
+            busy = task.stage.nproc_per_node if task.stage.stage == "training" else task.stage.parallelism
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, busy)))
+        return env
+
+    def _launch(self, task: Task) -> None:
+        argv = self.argv(task)
+        task.attempts += 1
+        task.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with task.log_path.open("ab") as fh:
+            stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+            fh.write(f"=== {stamp} attempt {task.attempts}: {' '.join(argv)}\n".encode())
+        try:
+            task.proc = procs.spawn(argv, self.env(task))
+        except OSError as exc:
+            self._fail(int(ExitCode.ERROR), f"{task.label}: cannot start {argv[0]}: {exc}")
+            return
+        task.state, task.note, task.exit_code = RUNNING, "", None
+        task.worker_exit_codes = []
+        task.started = self.now() if task.started is None else task.started
+        task.ended = None
+        task.reader = threading.Thread(target=self._read_output, args=(task, task.proc), name=f"read-{task.key}", daemon=True)
+        task.reader.start()
+        attempt = f" (attempt {task.attempts} of {task.stage.retries + 1})" if task.attempts > 1 else ""
+        self.view.event(f"{task.label}: started{attempt}, pid {task.proc.pid}, log {task.log_path}")
+
+    def _read_output(self, task: Task, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        with task.log_path.open("ab") as sink:
+            for line in iter(proc.stdout.readline, b""):
+                sink.write(line)
+                sink.flush()
+                self._lines.put((task, line))
+        proc.stdout.close()
+        self._lines.put((task, None))
+
+    def _drain_lines(self) -> None:
+        while True:
+            try:
+                task, line = self._lines.get_nowait()
+            except queue.Empty:
+                return
+            if line is not None:
+                self._on_line(task, line.decode(errors="replace").rstrip("\n"))
+
+    def _on_line(self, task: Task, text: str) -> None:
+        record: dict[str, Any]
+        try:
+            parsed = json.loads(text) if text.startswith("{") else None
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict) and "msg" in parsed:
+            record = parsed
+        else:
+            record = {"level": "info", "msg": text, "raw": True}
+            for code in _TORCHRUN_EXITCODE.findall(text):
+                task.worker_exit_codes.append(int(code))
+        if not record.get("raw"):
+            task.last_message = str(record.get("msg", ""))
+        extras = {k: v for k, v in record.items() if k not in ("ts", "level", "logger", "msg", "exc", "raw")}
+        task.fields.update(extras)
+        if task.stage.stage == "training" and any(k in extras for k in ("val_loss", "train_loss")) and "epoch" in extras:
+            task.history.append(extras)
+        self.view.child_record(task, record)
+
+    def _reap(self) -> None:
+        for task in self.tasks:
+            if task.state != RUNNING or task.proc is None or task.proc.poll() is None:
+                continue
+            if task.reader is not None:
+                task.reader.join(timeout=5)
+            self._drain_lines()
+            self._on_exit(task, int(task.proc.returncode))
+
+    def _on_exit(self, task: Task, code: int) -> None:
+        task.ended = self.now()
+        task.exit_code = code
+        task.proc = None
+        if code == 0:
+            if task.stage.stage != "training" and not self._output_present(task):
+                kind = "download" if task.stage.stage == "downloader" else "preprocess"
+                self._finish_failed(task, int(ExitCode.ERROR), f"exited 0 but wrote no manifest {manifest_key(kind, task.shard)}")
+                return
+            task.state = DONE
+            elapsed = task.ended - (task.started or task.ended)
+            self.state.record(task.key, task.fingerprint, elapsed)
+            self.view.event(f"{task.label}: done in {elapsed:.1f}s")
+            return
+        # torchrun exits 1 whatever its workers did; their own codes decide
+        effective = code
+        fatal_workers = [c for c in task.worker_exit_codes if c in FATAL_CODES]
+        if task.stage.stage == "training" and fatal_workers:
+            effective = fatal_workers[0]
+        why = _describe_exit(code) + (f" (worker exit code {effective})" if effective != code else "")
+        if effective in FATAL_CODES:
+            self._finish_failed(task, effective, f"{why}: {_EXIT_MEANING.get(effective, '')}; not retried")
+        elif task.attempts <= task.stage.retries:
+            delay = min(2.0 ** (task.attempts - 1), MAX_RETRY_DELAY_SECONDS)
+            task.state, task.retry_at = RETRY, self.now() + delay
+            task.note = f"{why}; retrying in {delay:.0f}s"
+            attempt = f"attempt {task.attempts + 1} of {task.stage.retries + 1}"
+            self.view.event(f"{task.label}: {why}; retrying in {delay:.0f}s ({attempt})", logging.WARNING)
+        else:
+            retries = f" after {task.attempts} attempts" if task.attempts > 1 else ""
+            self._finish_failed(task, effective if effective > 0 else int(ExitCode.ERROR), f"{why}{retries}")
+
+    def _finish_failed(self, task: Task, code: int, why: str) -> None:
+        task.state, task.note = FAILED, why
+        tail = _tail(task.log_path, 15)
+        message = f"{task.label} failed: {why}; log {task.log_path}"
+        if tail:
+            message += "\n" + "\n".join(f"    {line}" for line in tail)
+        self._fail(code, message)
+
+    def _fail(self, code: int, message: str) -> None:
+        if self._failure is None:
+            self._failure = (code, message)
+            self.view.event(message, logging.ERROR)
+
+    def _stop_children(self, sig: int) -> None:
+        running = [t for t in self.tasks if t.state == RUNNING and t.proc is not None]
+        if not running:
+            return
+        name = signal.Signals(sig).name
+        self.view.event(f"stopping {len(running)} process(es) with {name}", logging.WARNING)
+        trees = {t.key: procs.descendants(t.proc.pid) for t in running if t.proc is not None}
+        for task in running:
+            assert task.proc is not None
+            procs.signal_group(task.proc.pid, sig)
+        deadline = self.clock() + self.grace_seconds
+        while self.clock() < deadline and not self._kill_now:
+            self._drain_lines()
+            if all(t.proc is None or t.proc.poll() is not None for t in running):
+                break
+            time.sleep(0.05)
+        for task in running:
+            proc = task.proc
+            if proc is None:
+                continue
+            if proc.poll() is None:
+                self.view.event(f"{task.label}: still running after {self.grace_seconds:.0f}s; killing it", logging.WARNING)
+                procs.signal_group(proc.pid, signal.SIGKILL)
+            # torchrun's workers live in their own sessions: make sure none outlives it
+            procs.kill_tree(trees.get(task.key, []))
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            if task.reader is not None:
+                task.reader.join(timeout=2)
+            task.ended = self.now()
+            task.exit_code = proc.returncode
+            task.state, task.note, task.proc = STOPPED, "stopped", None
+        self._drain_lines()
+
+    def _result(self) -> RunResult:
+        seconds = self.now()
+        if self._signal is not None:
+            for task in self.tasks:
+                if task.state in (PENDING, WAITING, RETRY):
+                    task.state, task.note = STOPPED, "not started"
+            return RunResult(128 + self._signal, seconds, self.tasks, interrupted_by=self._signal)
+        if self._failure is not None:
+            for task in self.tasks:
+                if task.state in (PENDING, WAITING, RETRY):
+                    task.state, task.note = STOPPED, "not started"
+            return RunResult(self._failure[0], seconds, self.tasks, failure=self._failure[1])
+        return RunResult(0, seconds, self.tasks)
+
+
+_EXIT_MEANING = {
+    int(ExitCode.CONFIG): "the configuration is invalid",
+    int(ExitCode.PERMANENT): "the input can never succeed",
+    int(ExitCode.DIVERGED): "training diverged (loss is NaN/Inf)",
+}
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    try:
+        return f"exit code {code} ({ExitCode(code).name})"
+    except ValueError:
+        return f"exit code {code}"
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out: list[str] = []
+    for n in sorted(numbers):
+        if out and out[-1].split("-")[-1] == str(n - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{n}"
+        else:
+            out.append(str(n))
+    return ", ".join(out)
+
+
+_CLI_ERROR = re.compile(r"^trajflow [\w-]+: error: ")
+
+
+def _tail(path: Path, lines: int) -> list[str]:
+    """What explains a failure, from the last attempt's part of a log: the stage's own
+    error lines when it wrote any (deduplicated: every rank may say the same), else the
+    last lines. JSON records are shown as their level and message."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 256 * 1024))
+            raw = fh.read().decode(errors="replace").splitlines()
+    except OSError:
+        return []
+    starts = [i for i, text in enumerate(raw) if text.startswith("=== ") and " attempt " in text]
+    raw = raw[starts[-1] + 1 :] if starts else raw
+    shown, errors = [], []
+    for text in raw:
+        try:
+            record = json.loads(text) if text.startswith("{") else None
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and "msg" in record:
+            level = str(record.get("level", "")).lower()
+            text = f"{level.upper()} {record['msg']}"
+            if record.get("exc"):
+                text += " | " + str(record["exc"]).strip().splitlines()[-1]
+            if level in ("error", "critical"):
+                errors.append(text)
+        elif _CLI_ERROR.match(text):
+            errors.append(text)
+        shown.append(text)
+    if errors:
+        return list(dict.fromkeys(errors))[-lines:]
+    return shown[-lines:]

@@ -1,0 +1,565 @@
+"""Readers for the raw formats robot-learning datasets ship, and per-episode validation.
+
+Every reader turns one raw file into a list of outcomes, one per episode found:
+`RawEpisode` (times and the selected streams, checked and ready to resample) or
+`Quarantined` (why the episode, or the whole file, cannot be used). A broken file never
+raises here: it becomes a quarantine entry. Only storage failures (the bytes could not be
+fetched) propagate, because retrying can fix those.
+
+Formats:
+
+- ``lerobot``: LeRobot-style parquet, one row per frame with ``episode_index``,
+  ``frame_index``, ``timestamp`` (seconds) and vector columns (fixed-size or variable
+  lists of floats, or scalars) such as ``observation.state`` and ``action``. A file may hold
+  one episode (LeRobot v2) or many (v3). Without a timestamp column, times are
+  ``frame_index / rate``.
+- ``robomimic``: robomimic-style HDF5, ``data/demo_N/obs/<key>``, ``data/demo_N/actions``
+  ...; times from a ``timestamps`` dataset (in the demo group or under ``obs/``) or a
+  recorded rate (``rate_hz``/``fps``/``control_freq`` attributes of the demo or of
+  ``data``, or ``env_args.env_kwargs.control_freq``). Stream names are paths relative to
+  the demo group (``obs/robot0_eef_pos``, ``actions``).
+- ``npz``: one episode per file (top-level keys: the time key and the streams) or several
+  (keys ``<episode>/<stream>``); a scalar ``rate_hz``/``fps`` stands in for timestamps.
+"""
+from __future__ import annotations
+
+import errno
+import io
+import json
+import logging
+import re
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from trajflow.config.preprocess import PreprocessConfig
+from trajflow.storage import Storage
+
+log = logging.getLogger(__name__)
+
+# quarantine reasons (the metric label values and the report's keys)
+UNREADABLE = "unreadable_file"  # truncated or corrupt: the parser gave up
+MISSING_FILE = "missing_file"  # listed in the raw manifest but not in storage
+SIZE_MISMATCH = "size_mismatch"  # size differs from the raw manifest (truncated download)
+MISSING_STREAM = "missing_stream"
+MISSING_TIME = "missing_time"  # neither timestamps nor a recorded rate
+TOO_SHORT = "too_short"
+NON_MONOTONIC = "non_monotonic_time"
+NON_FINITE = "non_finite"  # NaN/Inf (or null) in times or data
+SHAPE_MISMATCH = "shape_mismatch"  # ragged or wrong-width vectors
+REASONS = (UNREADABLE, MISSING_FILE, SIZE_MISMATCH, MISSING_STREAM, MISSING_TIME, TOO_SHORT, NON_MONOTONIC,
+           NON_FINITE, SHAPE_MISMATCH)
+
+FORMAT_EXTENSIONS = {
+    "lerobot": (".parquet",),
+    "robomimic": (".hdf5", ".h5", ".he5"),
+    "npz": (".npz",),
+}
+TIME_KEYS = ("timestamp", "timestamps", "time", "t")
+RATE_ATTRS = ("rate_hz", "fps", "control_freq", "frequency", "hz")
+
+
+@dataclass
+class SourceSpec:
+    """The reading settings of one source, with per-source overrides applied."""
+
+    name: str
+    format: str
+    streams: list[str]  # raw names, in output order
+    renames: dict[str, str]
+    time_key: str
+    rate_hz: float | None
+    robot: str  # set for the source: wins over what the data names
+    default_robot: str  # when neither the source settings nor the data name one
+    min_length: int
+
+    def robot_for(self, named_by_data: str = "") -> str:
+        return self.robot or named_by_data or self.default_robot
+
+    @property
+    def outputs(self) -> list[str]:
+        return [self.renames.get(s, s) for s in self.streams]
+
+    @staticmethod
+    def resolve(config: PreprocessConfig, source: str) -> "SourceSpec":
+        o = config.sources.get(source)
+
+        def pick(name: str) -> Any:
+            value = getattr(o, name) if o is not None else None
+            return getattr(config, name) if value is None else value
+
+        return SourceSpec(name=source, format=pick("format"), streams=list(pick("streams")),
+                          renames=dict(pick("renames")), time_key=pick("time_key"), rate_hz=pick("rate_hz"),
+                          robot=(o.robot or "") if o is not None else "", default_robot=config.robot,
+                          min_length=config.min_length)
+
+
+@dataclass
+class RawEpisode:
+    """One valid episode: float64 times relative to ``start_time`` and the streams packed
+    side by side in ``frames [S, sum(dims)]`` (float32), in the spec's output order."""
+
+    source: str
+    episode: str
+    robot: str
+    start_time: float
+    times: np.ndarray  # [S] float64, times[0] == 0, strictly increasing
+    frames: np.ndarray  # [S, Dsum] float32, C-contiguous
+    dims: dict[str, int]  # output stream -> D, in column order
+
+    @property
+    def length(self) -> int:
+        return int(self.times.shape[0])
+
+    @property
+    def original_rate_hz(self) -> float:
+        span = float(self.times[-1])
+        return (self.length - 1) / span if span > 0 else 0.0
+
+
+@dataclass
+class Quarantined:
+    source: str
+    episode: str  # "" when the whole file is affected
+    reason: str
+    detail: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"source": self.source, "episode": self.episode, "reason": self.reason, "detail": self.detail}
+
+
+Outcome = RawEpisode | Quarantined
+
+
+@dataclass
+class FileResult:
+    key: str
+    size: int  # bytes read
+    outcomes: list[Outcome] = field(default_factory=list)
+
+
+class UnreadableFile(Exception):
+    """The parser rejected the file (truncated, corrupt, not this format)."""
+
+
+def detect_format(key: str, configured: str) -> str | None:
+    """The reader for ``key``, or None when it is not a trajectory file of that format."""
+    lower = key.lower()
+    for fmt, extensions in FORMAT_EXTENSIONS.items():
+        if lower.endswith(extensions) and configured in ("auto", fmt):
+            return fmt
+    return None
+
+
+# ------------------------------------------------------------------------ validation
+
+
+def make_episode(spec: SourceSpec, source: str, episode: str, robot: str, times: np.ndarray | None,
+                 rate_hz: float | None, streams: Mapping[str, np.ndarray | None]) -> Outcome:
+    """Check one episode's raw arrays and pack them; ``streams`` maps raw name -> [S] or
+    [S, D] array (None: absent). Times come from ``times`` or else ``rate_hz``."""
+
+    def bad(reason: str, detail: str) -> Quarantined:
+        return Quarantined(source, episode, reason, detail)
+
+    missing = [name for name in spec.streams if streams.get(name) is None]
+    if missing:
+        return bad(MISSING_STREAM, f"no stream {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    arrays: list[np.ndarray] = []
+    length: int | None = None
+    for name in spec.streams:
+        x = np.asarray(streams[name])
+        if x.ndim == 1:
+            x = x[:, None]
+        if x.ndim != 2:
+            return bad(SHAPE_MISMATCH, f"stream {name!r} has shape {x.shape}; expected [samples] or [samples, D]")
+        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_):
+            return bad(SHAPE_MISMATCH, f"stream {name!r} has non-numeric dtype {x.dtype}")
+        if length is None:
+            length = x.shape[0]
+        elif x.shape[0] != length:
+            return bad(SHAPE_MISMATCH, f"stream {name!r} has {x.shape[0]} samples but {spec.streams[0]!r} has {length}")
+        arrays.append(x)
+    assert length is not None
+    if times is None:
+        if not rate_hz:
+            return bad(MISSING_TIME, "no timestamps and no recorded rate (set preprocessing.config.rateHz or timeKey)")
+        t = np.arange(length, dtype=np.float64) / float(rate_hz)
+    else:
+        t = np.asarray(times, dtype=np.float64).reshape(-1)
+        if t.shape[0] != length:
+            return bad(SHAPE_MISMATCH, f"{t.shape[0]} timestamps for {length} samples")
+    if length < spec.min_length:
+        return bad(TOO_SHORT, f"{length} samples < minLength {spec.min_length}")
+    finite = np.isfinite(t)
+    if not finite.all():
+        i = int(np.flatnonzero(~finite)[0])
+        return bad(NON_FINITE, f"timestamp[{i}] is {float(t[i])}")
+    step = np.diff(t)
+    if not (step > 0).all():
+        i = int(np.flatnonzero(step <= 0)[0])
+        return bad(NON_MONOTONIC, f"timestamp[{i + 1}] = {float(t[i + 1])!r} is not after timestamp[{i}] = {float(t[i])!r}")
+    dims = {out: a.shape[1] for out, a in zip(spec.outputs, arrays)}
+    frames = np.empty((length, sum(dims.values())), dtype=np.float32)
+    col = 0
+    for a in arrays:
+        frames[:, col:col + a.shape[1]] = a
+        col += a.shape[1]
+    if not np.isfinite(frames).all():
+        s, c = (int(v) for v in np.argwhere(~np.isfinite(frames))[0])
+        name, d = _column_owner(dims, c)
+        return bad(NON_FINITE, f"{name}[{s}, {d}] is {float(frames[s, c])}")
+    start = float(t[0])
+    return RawEpisode(source, episode, robot, start, t - start, frames, dims)
+
+
+def _column_owner(dims: Mapping[str, int], col: int) -> tuple[str, int]:
+    for name, d in dims.items():
+        if col < d:
+            return name, col
+        col -= d
+    raise IndexError(col)
+
+
+# ------------------------------------------------------------------------- parquet
+
+
+def _float_values(arr: Any) -> np.ndarray:
+    """Numbers of an arrow array as a numpy float array (float32 kept, others as float64)."""
+    x = arr.to_numpy(zero_copy_only=False)
+    return x if x.dtype in (np.float32, np.float64) else x.astype(np.float64)
+
+
+def _list_column(col: Any, name: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """A parquet column as a float matrix [rows, D] (float32 stays float32) and two masks
+    of bad rows, None when there are none: null (or holding nulls) and ragged (another
+    width than the other rows)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    n = len(arr)
+    t = arr.type
+    if pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t):
+        if not (pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type)):
+            raise TypeError(f"column {name!r} holds lists of {t.value_type}, not numbers")
+        null = arr.is_null().to_numpy(zero_copy_only=False) if arr.null_count else None
+        if pa.types.is_fixed_size_list(t):
+            d = t.list_size
+            values = arr.values.slice(arr.offset * d, n * d)
+            flat = _float_values(values)
+            if values.null_count:
+                inner = values.is_null().to_numpy(zero_copy_only=False)
+                flat = np.where(inner, np.nan, flat)
+                null = inner.reshape(n, d).any(1) | (null if null is not None else False)
+            return flat.reshape(n, d), null, None
+        widths = pc.list_value_length(arr).fill_null(-1).to_numpy()
+        valid = widths if null is None else widths[~null]
+        d = int(np.bincount(valid).argmax()) if valid.size else 0
+        ragged = (widths != d) if null is None else (~null) & (widths != d)
+        if not ragged.any():
+            ragged = None
+        if null is None and ragged is None and arr.values.null_count == 0:
+            return _float_values(pc.list_flatten(arr)).reshape(n, d), None, None
+        good = ~((null if null is not None else False) | (ragged if ragged is not None else False))
+        out = np.full((n, d), np.nan)
+        if np.any(good):
+            flat = pc.list_flatten(arr.filter(pa.array(np.broadcast_to(good, (n,)))))
+            vals = _float_values(flat).astype(np.float64)
+            if flat.null_count:
+                vals[flat.is_null().to_numpy(zero_copy_only=False)] = np.nan
+            out[good] = vals.reshape(-1, d)
+        return out, null, ragged
+    if pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_boolean(t):
+        vals = _float_values(arr)
+        null = None
+        if arr.null_count:
+            null = arr.is_null().to_numpy(zero_copy_only=False)
+            vals = np.where(null, np.nan, vals)
+        return vals[:, None], null, None
+    raise TypeError(f"column {name!r} has type {t}, not a number or a list of numbers")
+
+
+def read_lerobot(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Outcome]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        # the bytes are local (a path, mapped, or a buffer): coalescing reads ahead only costs here
+        pf = pq.ParquetFile(src, memory_map=isinstance(src, str), pre_buffer=False)
+        names = set(pf.schema_arrow.names)
+    except (pa.ArrowException, ValueError, OSError) as exc:
+        _reraise_io(exc)
+        raise UnreadableFile(f"not a readable parquet file: {exc}") from None
+    time_key = spec.time_key or next((k for k in TIME_KEYS if k in names), "")
+    wanted = [c for c in ("episode_index", "frame_index") if c in names]
+    if time_key in names:
+        wanted.append(time_key)
+    wanted += [s for s in spec.streams if s in names and s not in wanted]
+    try:
+        table = pf.read(columns=wanted, use_threads=False)
+    except (pa.ArrowException, ValueError, OSError) as exc:
+        _reraise_io(exc)
+        raise UnreadableFile(f"cannot read parquet columns: {exc}") from None
+    n = table.num_rows
+    if "episode_index" in names:
+        ep = table.column("episode_index").to_numpy()
+    else:
+        ep = np.zeros(n, dtype=np.int64)
+    if "frame_index" in names:
+        frame = table.column("frame_index").to_numpy().astype(np.int64)
+    else:
+        frame = np.arange(n, dtype=np.int64)
+    order = np.lexsort((frame, ep))  # stable: rows in file order within equal keys
+    if (order == np.arange(n)).all():
+        order = None
+    columns: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray] | None] = {}
+    for s in spec.streams:
+        if s not in names:
+            columns[s] = None
+            continue
+        try:
+            columns[s] = _list_column(table.column(s), s)
+        except TypeError as exc:
+            return [Quarantined(source, "", SHAPE_MISMATCH, str(exc))]
+    times_all = None
+    if time_key in names:
+        try:
+            tv, _, _ = _list_column(table.column(time_key), time_key)  # nulls are NaN: caught as non-finite
+        except TypeError as exc:
+            return [Quarantined(source, "", SHAPE_MISMATCH, str(exc))]
+        times_all = tv[:, 0]
+    if order is not None:
+        ep, frame = ep[order], frame[order]
+        times_all = times_all[order] if times_all is not None else None
+        columns = {s: (None if c is None else tuple(None if m is None else m[order] for m in c))
+                   for s, c in columns.items()}
+    rate = spec.rate_hz
+    bounds = np.flatnonzero(np.diff(ep)) + 1
+    starts = np.concatenate([[0], bounds]).astype(np.int64) if n else np.array([], dtype=np.int64)
+    ends = np.concatenate([bounds, [n]]).astype(np.int64) if n else np.array([], dtype=np.int64)
+    if "frame_index" not in names:  # rows in file order are the frames
+        frame = np.arange(n, dtype=np.int64) - np.repeat(starts, ends - starts)
+    out: list[Outcome] = []
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        episode = str(int(ep[a]))
+        streams: dict[str, np.ndarray | None] = {}
+        problem = None
+        for s in spec.streams:
+            c = columns[s]
+            if c is None:
+                streams[s] = None
+                continue
+            vals, null, ragged = c
+            if ragged is not None and ragged[a:b].any():
+                i = int(np.flatnonzero(ragged[a:b])[0])
+                problem = Quarantined(source, episode, SHAPE_MISMATCH,
+                                      f"{s!r} at frame {int(frame[a + i])} has a different width than the other rows")
+                break
+            if null is not None and null[a:b].any():
+                i = int(np.flatnonzero(null[a:b])[0])
+                problem = Quarantined(source, episode, NON_FINITE, f"{s!r} is null at frame {int(frame[a + i])}")
+                break
+            streams[s] = vals[a:b]
+        if problem is not None:
+            out.append(problem)
+            continue
+        if times_all is not None:
+            times = times_all[a:b]
+        else:
+            times = frame[a:b].astype(np.float64) / rate if rate else None
+        out.append(make_episode(spec, source, episode, spec.robot_for(robot), times, None, streams))
+    return out
+
+
+# --------------------------------------------------------------------------- HDF5
+
+
+def _attr_rate(attrs: Any) -> float | None:
+    for key in RATE_ATTRS:
+        if key in attrs:
+            try:
+                value = float(np.asarray(attrs[key]).reshape(-1)[0])
+            except (TypeError, ValueError, IndexError):
+                continue
+            if np.isfinite(value) and value > 0:
+                return value
+    return None
+
+
+def _env_args(attrs: Any) -> dict[str, Any]:
+    raw = attrs.get("env_args")
+    if raw is None:
+        return {}
+    try:
+        doc = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _natural_key(name: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+
+
+def _dataset_paths(group: Any) -> set[str]:
+    """Paths of the datasets in ``group`` and in its direct subgroups (``obs/...``)."""
+    import h5py
+
+    out = set()
+    for name in group:
+        kind = group.get(name, getclass=True)
+        if kind is h5py.Dataset:
+            out.add(name)
+        elif kind is h5py.Group:
+            sub = group[name]
+            out.update(f"{name}/{child}" for child in sub if sub.get(child, getclass=True) is h5py.Dataset)
+    return out
+
+
+def read_robomimic(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Outcome]:
+    import h5py
+
+    try:
+        fh = h5py.File(src, "r")
+    except (OSError, ValueError) as exc:
+        _reraise_io(exc)
+        raise UnreadableFile(f"not a readable HDF5 file: {exc}") from None
+    with fh:
+        data = fh.get("data")
+        if not isinstance(data, h5py.Group):
+            raise UnreadableFile("no 'data' group (expected robomimic layout data/demo_N/...)")
+        env_args = _env_args(data.attrs)
+        kwargs = env_args.get("env_kwargs") if isinstance(env_args.get("env_kwargs"), dict) else {}
+        file_rate = _attr_rate(data.attrs) or _attr_rate(kwargs)
+        file_robot = robot
+        attr = data.attrs.get("robot")
+        if attr is not None:
+            file_robot = attr.decode() if isinstance(attr, bytes) else str(attr)
+        elif isinstance(kwargs.get("robots"), list) and kwargs["robots"]:
+            file_robot = str(kwargs["robots"][0])
+        elif isinstance(kwargs.get("robots"), str):
+            file_robot = kwargs["robots"]
+        file_robot = spec.robot_for(file_robot)
+        out: list[Outcome] = []
+        for name in sorted(data.keys(), key=_natural_key):
+            try:
+                demo = data[name]
+                if not isinstance(demo, h5py.Group):
+                    continue
+                # h5py calls are slow (~0.1 ms each, under one global lock): list the
+                # demo's names once instead of probing for each candidate path
+                present = _dataset_paths(demo)
+                streams = {s: (demo[s][()] if s in present else None) for s in spec.streams}
+                times = None
+                keys = [spec.time_key] if spec.time_key else [*TIME_KEYS, *(f"obs/{k}" for k in TIME_KEYS)]
+                for k in keys:
+                    if k in present:
+                        times = demo[k][()]
+                        break
+                rate = _attr_rate(demo.attrs) or file_rate or spec.rate_hz
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                _reraise_io(exc)
+                out.append(Quarantined(source, name, UNREADABLE, f"cannot read {name}: {exc}"))
+                continue
+            out.append(make_episode(spec, source, name, file_robot, times, rate, streams))
+        return out
+
+
+# ---------------------------------------------------------------------------- npz
+
+
+def _scalar_rate(arrays: Mapping[str, Any]) -> float | None:
+    for key in RATE_ATTRS:
+        if key in arrays:
+            try:
+                value = float(np.asarray(arrays[key]).reshape(-1)[0])
+            except (TypeError, ValueError, IndexError):
+                continue
+            if np.isfinite(value) and value > 0:
+                return value
+    return None
+
+
+def read_npz(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Outcome]:
+    try:
+        with np.load(src, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, EOFError, ValueError, zlib.error, KeyError, OSError) as exc:
+        _reraise_io(exc)
+        raise UnreadableFile(f"not a readable npz file: {type(exc).__name__}: {exc}") from None
+    time_keys = [spec.time_key] if spec.time_key else list(TIME_KEYS)
+    top_level = any(k in arrays for k in time_keys) or _scalar_rate(arrays) is not None or any(
+        s in arrays for s in spec.streams)
+    if top_level:
+        groups = {Path(source).stem: arrays}
+    else:
+        groups = {}
+        for k, v in arrays.items():
+            if "/" in k:
+                ep, rest = k.split("/", 1)
+                groups.setdefault(ep, {})[rest] = v
+        if not groups:
+            raise UnreadableFile(f"none of the streams {spec.streams} nor timestamps found; keys: {sorted(arrays)[:10]}")
+    out: list[Outcome] = []
+    for episode in sorted(groups, key=_natural_key):
+        g = groups[episode]
+        times = next((g[k] for k in time_keys if k in g), None)
+        ep_robot = robot
+        if "robot" in g and g["robot"].dtype.kind in "US" and g["robot"].size:
+            ep_robot = str(g["robot"].reshape(-1)[0])
+        ep_robot = spec.robot_for(ep_robot)
+        rate = _scalar_rate(g) or spec.rate_hz
+        out.append(make_episode(spec, source, episode, ep_robot, times, rate, {s: g.get(s) for s in spec.streams}))
+    return out
+
+
+# --------------------------------------------------------------------------- dispatch
+
+READERS: dict[str, Callable[[Any, SourceSpec, str, str], list[Outcome]]] = {
+    "lerobot": read_lerobot,
+    "robomimic": read_robomimic,
+    "npz": read_npz,
+}
+
+
+def _reraise_io(exc: BaseException) -> None:
+    """A real I/O error (EIO, ESTALE...) is the storage failing, not the file: retryable."""
+    if isinstance(exc, OSError) and exc.errno in (errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.ECONNRESET,
+                                                  errno.ENOSPC, errno.EACCES):
+        raise exc
+
+
+def read_item(storage: Storage, key: str, expected_size: int | None, fmt: str, spec: SourceSpec,
+              robot_hint: str = "") -> FileResult:
+    """Read one raw file into episodes and quarantine entries. Raises only on storage
+    failures. ``robot_hint``: the robot a dataset's metadata names (LeRobot meta/info.json),
+    used when the file names none."""
+    local = storage.local_path(key)
+    if local is not None:
+        try:
+            size = local.stat().st_size
+        except FileNotFoundError:
+            return FileResult(key, 0, [Quarantined(key, "", MISSING_FILE, "listed in the raw manifest but absent")])
+        src: Any = str(local)
+    else:
+        try:
+            blob = storage.read_bytes(key)
+        except FileNotFoundError:
+            return FileResult(key, 0, [Quarantined(key, "", MISSING_FILE, "listed in the raw manifest but absent")])
+        size = len(blob)
+        src = io.BytesIO(blob)
+    result = FileResult(key, size)
+    if expected_size is not None and expected_size >= 0 and size != expected_size:
+        result.outcomes.append(Quarantined(key, "", SIZE_MISMATCH,
+                                           f"{size} bytes, the raw manifest says {expected_size} (truncated?)"))
+        return result
+    try:
+        result.outcomes = READERS[fmt](src, spec, key, robot_hint)
+    except UnreadableFile as exc:
+        result.outcomes = [Quarantined(key, "", UNREADABLE, str(exc))]
+    return result

@@ -1,0 +1,552 @@
+"""The resampled shard format: what preprocessing writes and training memory-maps.
+
+One shard is one file, ``<root>/resampled/<shard>.safetensors``, plus its manifest
+``<root>/resampled/_done/<shard>.json`` (written last; a shard is done iff it exists).
+
+The file is a plain safetensors file (https://github.com/huggingface/safetensors), so any
+safetensors reader can open it:
+
+- one tensor per stream, named by its output stream name (``observation.state``,
+  ``action`` ...), shape ``[N_total, D]``: every episode's frames concatenated in episode
+  order, all at one uniform rate, all in one dtype (float32, bfloat16 or float16);
+- ``__metadata__["trajflow.index"]``: a JSON index, the same one the manifest carries::
+
+      {"format": "trajflow.shard", "version": 1, "rate_hz": 50.0, "dtype": "float32",
+       "streams": {"observation.state": 14, "action": 7}, "num_frames": N_total,
+       "episodes": [{"offset": 0, "length": 120, "source": "raw/00003/demo/ep1.parquet",
+                     "episode": "1", "robot": "so100", "original_rate_hz": 29.97,
+                     "raw_length": 73, "start_time": 0.0}, ...]}
+
+  Episode ``i`` of stream ``s`` is rows ``[offset, offset + length)`` of tensor ``s``;
+  frame ``j`` of it is at time ``start_time + j / rate_hz`` (seconds, in the raw
+  recording's clock).
+
+The tensors are stored back to back (in the writer's stream order, which
+`ShardReader.streams` gives) with no padding, and the header is padded to 8 bytes, so with
+one dtype per shard every tensor is aligned to its element size.
+Writing is deterministic: the same episodes give the same bytes.
+
+Reading (`open_shard`) memory-maps the file; nothing is copied until it is touched.
+numpy has no bfloat16: for bf16 shards `ShardReader.array` returns the raw bit patterns as
+``uint16`` (``x.astype(np.uint32) << 16`` viewed as float32 gives the values) and
+`ShardReader.tensor` returns a real ``torch.bfloat16`` view of the same memory. float32
+and float16 shards are native numpy dtypes.
+
+For an S3 run root, `fetch_shard` downloads the file to local disk (checking the
+manifest's sha256) so it can be memory-mapped; `open_shard(storage=..., key=...)` does it
+for you when the storage has no local path.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, BinaryIO, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from trajflow.storage import STAGE_DIRS, Storage, done_shards, read_manifest, shard_name
+
+log = logging.getLogger(__name__)
+
+FORMAT = "trajflow.shard"
+FORMAT_VERSION = 1
+INDEX_KEY = "trajflow.index"
+SHARD_SUFFIX = ".safetensors"
+REPORT_SUFFIX = ".report.json"
+RESAMPLED_DIR = STAGE_DIRS["preprocess"]
+
+# output dtype name -> (safetensors dtype code, numpy dtype used to hold it)
+DTYPES: dict[str, tuple[str, np.dtype]] = {
+    "float32": ("F32", np.dtype("<f4")),
+    "float16": ("F16", np.dtype("<f2")),
+    "bfloat16": ("BF16", np.dtype("<u2")),  # numpy has no bfloat16: raw bits
+}
+_CODE_TO_NAME = {code: name for name, (code, _) in DTYPES.items()}
+_COPY_CHUNK = 8 << 20
+
+
+class ShardFormatError(ValueError):
+    """A file that is not a readable trajflow shard; the message names the file."""
+
+
+def shard_key(shard: int) -> str:
+    """``resampled/00003.safetensors``."""
+    return f"{RESAMPLED_DIR}/{shard_name(shard)}{SHARD_SUFFIX}"
+
+
+def report_key(shard: int) -> str:
+    """``resampled/00003.report.json``: what was quarantined, and why."""
+    return f"{RESAMPLED_DIR}/{shard_name(shard)}{REPORT_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class EpisodeInfo:
+    """One resampled episode of a shard."""
+
+    offset: int  # first row in every stream's [N_total, D] tensor
+    length: int  # rows (frames at the shard's rate)
+    source: str  # raw item key the episode came from (e.g. raw/00003/demo/ep1.parquet)
+    episode: str  # the episode's id within that file (episode_index, demo_N, ...)
+    robot: str = ""
+    original_rate_hz: float = 0.0  # mean raw rate: (raw_length - 1) / raw span
+    raw_length: int = 0  # raw samples
+    start_time: float = 0.0  # time of frame 0, seconds in the raw clock
+
+    def to_json(self) -> dict[str, Any]:
+        return {"offset": self.offset, "length": self.length, "source": self.source, "episode": self.episode,
+                "robot": self.robot, "original_rate_hz": self.original_rate_hz, "raw_length": self.raw_length,
+                "start_time": self.start_time}
+
+    @staticmethod
+    def from_json(doc: Mapping[str, Any]) -> "EpisodeInfo":
+        return EpisodeInfo(
+            offset=int(doc["offset"]),
+            length=int(doc["length"]),
+            source=str(doc.get("source", "")),
+            episode=str(doc.get("episode", "")),
+            robot=str(doc.get("robot", "")),
+            original_rate_hz=float(doc.get("original_rate_hz", 0.0)),
+            raw_length=int(doc.get("raw_length", 0)),
+            start_time=float(doc.get("start_time", 0.0)),
+        )
+
+
+@dataclass
+class Episode:
+    """An episode to write: per-stream arrays ``[length, D]`` at the shard's rate."""
+
+    data: dict[str, np.ndarray]
+    source: str
+    episode: str
+    robot: str = ""
+    original_rate_hz: float = 0.0
+    raw_length: int = 0
+    start_time: float = 0.0
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    """What `ShardWriter.close` wrote: the manifest's item plus the index."""
+
+    key: str
+    size: int
+    sha256: str
+    index: dict[str, Any] = field(repr=False)
+
+    def item(self) -> dict[str, Any]:
+        return {"key": self.key, "size": self.size, "sha256": self.sha256, "kind": "shard"}
+
+
+def _dtype_info(dtype: str) -> tuple[str, np.dtype]:
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unsupported shard dtype {dtype!r}; supported: {', '.join(DTYPES)}") from None
+
+
+def _header_bytes(index: dict[str, Any], streams: Sequence[str], dims: Mapping[str, int], code: str,
+                  itemsize: int, num_frames: int) -> bytes:
+    header: dict[str, Any] = {
+        "__metadata__": {INDEX_KEY: json.dumps(index, sort_keys=True, separators=(",", ":"))},
+    }
+    begin = 0
+    for name in streams:
+        nbytes = num_frames * dims[name] * itemsize
+        header[name] = {"dtype": code, "shape": [num_frames, dims[name]], "data_offsets": [begin, begin + nbytes]}
+        begin += nbytes
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data buffer starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardWriter:
+    """Append episodes (in their final order), then `close` to write the shard atomically.
+
+    Frames are spooled per stream (in memory up to ``spool_bytes``, then in an unlinked
+    temporary file under ``spool_dir``/$TMPDIR, which vanishes with a killed process); the
+    shard file is written in one pass at `close` through the storage's atomic writer, so
+    no reader ever sees a partial shard.
+    """
+
+    def __init__(self, storage: Storage, key: str, dims: Mapping[str, int], dtype: str, rate_hz: float,
+                 spool_bytes: int = 256 << 20, spool_dir: str | None = None):
+        if not dims:
+            raise ValueError("a shard needs at least one stream")
+        if not rate_hz > 0:
+            raise ValueError(f"rate_hz must be > 0, got {rate_hz!r}")
+        self.storage, self.key = storage, key
+        self.streams = list(dims)
+        self.dims = {s: int(d) for s, d in dims.items()}
+        self.dtype = dtype
+        self.code, self.np_dtype = _dtype_info(dtype)
+        self.rate_hz = float(rate_hz)
+        per_stream = max(spool_bytes // len(self.streams), 1 << 20)
+        self._spools: dict[str, IO[bytes]] = {
+            s: tempfile.SpooledTemporaryFile(max_size=per_stream, dir=spool_dir) for s in self.streams
+        }
+        self.episodes: list[EpisodeInfo] = []
+        self.num_frames = 0
+        self._closed = False
+
+    def add(self, data: Mapping[str, np.ndarray], *, source: str, episode: str, robot: str = "",
+            original_rate_hz: float = 0.0, raw_length: int = 0, start_time: float = 0.0) -> EpisodeInfo:
+        """Append one episode: ``data[stream]`` is ``[length, D]`` in the shard dtype (bf16 as
+        uint16 bits), C-contiguous or not."""
+        if self._closed:
+            raise RuntimeError("ShardWriter is closed")
+        missing = [s for s in self.streams if s not in data]
+        if missing:
+            raise ValueError(f"episode {episode!r} of {source}: missing stream(s) {missing}")
+        length = None
+        for s in self.streams:
+            x = data[s]
+            if x.ndim != 2 or x.shape[1] != self.dims[s]:
+                raise ValueError(f"episode {episode!r} of {source}: stream {s!r} has shape {x.shape}, "
+                                 f"expected [length, {self.dims[s]}]")
+            if x.dtype != self.np_dtype:
+                raise ValueError(f"episode {episode!r} of {source}: stream {s!r} has dtype {x.dtype}, "
+                                 f"expected {self.np_dtype} for a {self.dtype} shard")
+            if length is None:
+                length = x.shape[0]
+            elif x.shape[0] != length:
+                raise ValueError(f"episode {episode!r} of {source}: streams have different lengths")
+        for s in self.streams:
+            self._spools[s].write(np.ascontiguousarray(data[s]).data)
+        info = EpisodeInfo(offset=self.num_frames, length=int(length or 0), source=source, episode=str(episode),
+                           robot=robot, original_rate_hz=float(original_rate_hz), raw_length=int(raw_length),
+                           start_time=float(start_time))
+        self.episodes.append(info)
+        self.num_frames += info.length
+        return info
+
+    def index(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "rate_hz": self.rate_hz,
+            "dtype": self.dtype,
+            "streams": dict(self.dims),
+            "num_frames": self.num_frames,
+            "episodes": [e.to_json() for e in self.episodes],
+        }
+
+    def close(self) -> ShardFile:
+        """Write the shard file atomically and return its key, size, sha256 and index."""
+        if self._closed:
+            raise RuntimeError("ShardWriter is closed")
+        index = self.index()
+        header = _header_bytes(index, self.streams, self.dims, self.code, self.np_dtype.itemsize, self.num_frames)
+        digest, size = hashlib.sha256(), 0
+        try:
+            with self.storage.writer(self.key) as out:
+                digest.update(header)
+                out.write(header)
+                size += len(header)
+                for s in self.streams:
+                    spool = self._spools[s]
+                    spool.seek(0)
+                    while True:
+                        block = spool.read(_COPY_CHUNK)
+                        if not block:
+                            break
+                        digest.update(block)
+                        out.write(block)
+                        size += len(block)
+        finally:
+            self.abort()
+        return ShardFile(self.key, size, digest.hexdigest(), index)
+
+    def abort(self) -> None:
+        """Drop the spooled frames; nothing is written."""
+        self._closed = True
+        for spool in self._spools.values():
+            spool.close()
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if not self._closed:
+            self.abort()
+
+
+def write_shard(storage: Storage, key: str, episodes: Iterable[Episode], dtype: str, rate_hz: float,
+                dims: Mapping[str, int] | None = None) -> ShardFile:
+    """Write ``episodes`` (float arrays, cast to ``dtype``) as one shard at ``key``.
+
+    ``dims`` fixes the streams and their order; default: the first episode's streams.
+    """
+    from trajflow.preprocess.dtypes import to_storage_dtype
+
+    episodes = list(episodes)
+    if dims is None:
+        if not episodes:
+            raise ValueError("cannot infer the streams of a shard with no episodes: pass dims")
+        dims = {s: int(np.asarray(x).shape[1]) for s, x in episodes[0].data.items()}
+    writer = ShardWriter(storage, key, dims, dtype, rate_hz)
+    with writer:
+        for ep in episodes:
+            writer.add({s: to_storage_dtype(np.asarray(ep.data[s]), dtype) for s in dims}, source=ep.source,
+                       episode=ep.episode, robot=ep.robot, original_rate_hz=ep.original_rate_hz,
+                       raw_length=ep.raw_length, start_time=ep.start_time)
+        return writer.close()
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def read_header(fh: BinaryIO, name: str = "shard") -> tuple[dict[str, Any], int]:
+    """(header JSON, offset of the data buffer) of a safetensors file."""
+    head = fh.read(8)
+    if len(head) != 8:
+        raise ShardFormatError(f"{name}: too short to be a safetensors file ({len(head)} bytes)")
+    (n,) = struct.unpack("<Q", head)
+    if n > 256 << 20:
+        raise ShardFormatError(f"{name}: header length {n} is implausible; not a safetensors file")
+    raw = fh.read(n)
+    if len(raw) != n:
+        raise ShardFormatError(f"{name}: truncated header ({len(raw)} of {n} bytes)")
+    try:
+        header = json.loads(raw)
+    except ValueError as exc:
+        raise ShardFormatError(f"{name}: header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ShardFormatError(f"{name}: header is not a JSON object")
+    return header, 8 + n
+
+
+def _parse_index(header: Mapping[str, Any], name: str) -> dict[str, Any]:
+    meta = header.get("__metadata__") or {}
+    if INDEX_KEY not in meta:
+        raise ShardFormatError(f"{name}: not a trajflow shard (no {INDEX_KEY!r} in the safetensors metadata)")
+    try:
+        index = json.loads(meta[INDEX_KEY])
+    except ValueError as exc:
+        raise ShardFormatError(f"{name}: corrupt shard index: {exc}") from None
+    if index.get("format") != FORMAT or index.get("version") != FORMAT_VERSION:
+        raise ShardFormatError(
+            f"{name}: unsupported shard format {index.get('format')!r} version {index.get('version')!r} "
+            f"(this reader handles {FORMAT} version {FORMAT_VERSION})"
+        )
+    return index
+
+
+class ShardReader:
+    """A memory-mapped shard. Arrays are views of the file: opening is O(header), and
+    pages are read only when touched.
+
+    - ``rate_hz``, ``dtype`` (``"float32"|"bfloat16"|"float16"``), ``streams`` (names in
+      file order), ``dims`` (name -> D), ``num_frames``, ``episodes`` (`EpisodeInfo` list);
+    - ``array(stream)``: read-only numpy memmap ``[num_frames, D]`` (bf16: uint16 bits);
+    - ``tensor(stream)``: a torch tensor over the same pages (bf16 as ``torch.bfloat16``),
+      copy-on-write: writing to it never changes the file;
+    - ``episode(i, stream)``: rows of episode ``i`` (a view of ``array``);
+    - ``episode_tensor(i, stream)``: the same as a torch view.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        name = str(self.path)
+        with open(self.path, "rb") as fh:
+            header, self._data_start = read_header(fh, name)
+            size = os.fstat(fh.fileno()).st_size
+        self.index = _parse_index(header, name)
+        self.rate_hz = float(self.index["rate_hz"])
+        self.dtype = str(self.index["dtype"])
+        code, self.np_dtype = _dtype_info(self.dtype)
+        self.dims: dict[str, int] = {s: int(d) for s, d in self.index["streams"].items()}
+        self.num_frames = int(self.index["num_frames"])
+        self.episodes = [EpisodeInfo.from_json(e) for e in self.index["episodes"]]
+        self._layout: dict[str, tuple[int, int]] = {}
+        for s, d in self.dims.items():
+            entry = header.get(s)
+            if not isinstance(entry, dict):
+                raise ShardFormatError(f"{name}: stream {s!r} is in the index but has no tensor")
+            begin, end = entry["data_offsets"]
+            if entry["dtype"] != code or list(entry["shape"]) != [self.num_frames, d]:
+                raise ShardFormatError(f"{name}: tensor {s!r} is {entry['dtype']}{entry['shape']}, "
+                                       f"the index says {code}[{self.num_frames}, {d}]")
+            if end - begin != self.num_frames * d * self.np_dtype.itemsize or self._data_start + end > size:
+                raise ShardFormatError(f"{name}: tensor {s!r} lies outside the file (truncated?)")
+            self._layout[s] = (self._data_start + begin, d)
+        self.streams = [s for s, _ in sorted(self._layout.items(), key=lambda kv: kv[1][0])]
+        self._arrays: dict[tuple[str, str], np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def _map(self, stream: str, mode: str) -> np.ndarray:
+        cached = self._arrays.get((stream, mode))
+        if cached is not None:
+            return cached
+        try:
+            offset, d = self._layout[stream]
+        except KeyError:
+            raise KeyError(f"{self.path}: no stream {stream!r}; streams: {', '.join(self.streams)}") from None
+        if self.num_frames == 0:
+            arr = np.zeros((0, d), dtype=self.np_dtype)  # mmap cannot map zero bytes
+        else:
+            arr = np.memmap(self.path, dtype=self.np_dtype, mode=mode, offset=offset, shape=(self.num_frames, d))
+        self._arrays[(stream, mode)] = arr
+        return arr
+
+    def array(self, stream: str) -> np.ndarray:
+        """``[num_frames, D]`` read-only memmap of one stream (bf16: uint16 bit patterns)."""
+        return self._map(stream, "r")
+
+    def tensor(self, stream: str) -> Any:
+        """``[num_frames, D]`` torch tensor over the file's pages (no copy)."""
+        import torch
+
+        t = torch.from_numpy(self._map(stream, "c"))  # copy-on-write map: writable, file untouched
+        return t.view(torch.bfloat16) if self.dtype == "bfloat16" else t
+
+    def _rows(self, i: int) -> slice:
+        e = self.episodes[i]
+        return slice(e.offset, e.offset + e.length)
+
+    def episode(self, i: int, stream: str) -> np.ndarray:
+        return self.array(stream)[self._rows(i)]
+
+    def episode_tensor(self, i: int, stream: str) -> Any:
+        return self.tensor(stream)[self._rows(i)]
+
+    def times(self, i: int) -> np.ndarray:
+        """Frame times of episode ``i`` (float64 seconds in the raw clock)."""
+        e = self.episodes[i]
+        return e.start_time + np.arange(e.length, dtype=np.float64) / self.rate_hz
+
+    def close(self) -> None:
+        """Drop this reader's maps (arrays already handed out stay valid)."""
+        self._arrays.clear()
+
+    def __enter__(self) -> "ShardReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"ShardReader({str(self.path)!r}, episodes={len(self.episodes)}, frames={self.num_frames}, "
+                f"rate_hz={self.rate_hz}, dtype={self.dtype}, streams={self.dims})")
+
+
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """Values of a bf16 array held as uint16 bit patterns (numpy has no bfloat16)."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def as_float32(reader: ShardReader, stream: str, i: int | None = None) -> np.ndarray:
+    """A float32 copy of a stream (or of episode ``i``), whatever the shard dtype."""
+    x = reader.array(stream) if i is None else reader.episode(i, stream)
+    if reader.dtype == "bfloat16":
+        return bf16_bits_to_float32(x)
+    return np.asarray(x, dtype=np.float32)
+
+
+# ------------------------------------------------------------------ listing and fetching
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """A done shard as its manifest describes it."""
+
+    shard: int
+    key: str  # the .safetensors key under the run root
+    size: int
+    sha256: str
+    num_episodes: int
+    num_frames: int
+    manifest: dict[str, Any] = field(repr=False)
+
+
+def _entry(shard: int, manifest: dict[str, Any], where: str) -> ShardEntry:
+    items = [it for it in manifest.get("items", []) if it.get("kind") == "shard"]
+    if len(items) != 1:
+        raise ShardFormatError(f"{where}: manifest lists {len(items)} shard files, expected 1")
+    it = items[0]
+    return ShardEntry(shard=shard, key=it["key"], size=int(it["size"]), sha256=it["sha256"],
+                      num_episodes=int(manifest.get("num_episodes", 0)), num_frames=int(manifest.get("num_frames", 0)),
+                      manifest=manifest)
+
+
+def list_shards(storage: Storage) -> list[ShardEntry]:
+    """The done shards (their ``resampled/_done/<shard>.json`` exists), by shard number."""
+    out = []
+    for shard in sorted(done_shards(storage, "preprocess")):
+        manifest = read_manifest(storage, "preprocess", shard)
+        if manifest is None:  # removed between listing and reading
+            continue
+        out.append(_entry(shard, manifest, f"{storage.uri}/{RESAMPLED_DIR}/_done/{shard_name(shard)}.json"))
+    return out
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(_COPY_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_shard(storage: Storage, entry: ShardEntry, cache_dir: str | Path, verify: bool = True) -> Path:
+    """A local path holding ``entry``'s file: the file itself on a filesystem root, else a
+    copy under ``cache_dir`` (reused when its size and sha256 match the manifest)."""
+    local = storage.local_path(entry.key)
+    if local is not None:
+        return local
+    dest = Path(cache_dir) / entry.key
+    if dest.is_file() and dest.stat().st_size == entry.size and (not verify or _file_sha256(dest) == entry.sha256):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
+    digest = hashlib.sha256()
+    try:
+        with storage.open_read(entry.key) as src, open(tmp, "wb") as out:
+            for block in iter(lambda: src.read(_COPY_CHUNK), b""):
+                digest.update(block)
+                out.write(block)
+        if verify and digest.hexdigest() != entry.sha256:
+            raise ShardFormatError(f"{storage.uri}/{entry.key}: sha256 {digest.hexdigest()} does not match the "
+                                   f"manifest's {entry.sha256}")
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return dest
+
+
+def open_shard(path: str | Path | None = None, *, storage: Storage | None = None, key: str | None = None,
+               cache_dir: str | Path | None = None) -> ShardReader:
+    """Open a shard by local path, or by ``storage`` + ``key`` (fetched into ``cache_dir``,
+    default a per-user temp directory, when the storage is not a filesystem)."""
+    if path is not None:
+        return ShardReader(path)
+    if storage is None or key is None:
+        raise ValueError("open_shard needs a path, or storage and key")
+    local = storage.local_path(key)
+    if local is not None:
+        return ShardReader(local)
+    stat = storage.stat(key)
+    if stat is None:
+        raise FileNotFoundError(f"{storage.uri}/{key}: no such shard")
+    shard = int(Path(key).name.split(".")[0]) if Path(key).name.split(".")[0].isdigit() else -1
+    manifest = read_manifest(storage, "preprocess", shard) if shard >= 0 else None
+    if manifest is not None:
+        entry = _entry(shard, manifest, key)
+    else:
+        entry = ShardEntry(shard, key, stat.size, "", 0, 0, {})
+    cache = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / f"trajflow-shards-{os.getuid()}"
+    return ShardReader(fetch_shard(storage, entry, cache, verify=bool(entry.sha256)))
+
+
+def iter_readers(storage: Storage, cache_dir: str | Path | None = None) -> Iterator[tuple[ShardEntry, ShardReader]]:
+    """Every done shard, opened (fetched first on S3)."""
+    for entry in list_shards(storage):
+        yield entry, open_shard(storage=storage, key=entry.key, cache_dir=cache_dir)

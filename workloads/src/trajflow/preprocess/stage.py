@@ -1,0 +1,695 @@
+"""The preprocessing stage: one raw shard in, one fixed-rate shard out.
+
+    raw/_done/<shard>.json  ->  read + decode + validate (thread pool, in file order)
+                            ->  group by length, pack (pinned), copy to the device, resample
+                            ->  copy back, reorder, spool (writer thread)
+                            ->  resampled/<shard>.safetensors, <shard>.report.json,
+                                resampled/_done/<shard>.json (last)
+
+Reading, device work and writing overlap: the pool reads ahead of the device, and the
+writer drains finished batches while the next ones compute. Output order is the raw
+manifest's item order and, within a file, the episode order, whatever the batching, so a
+shard's bytes depend only on its inputs and settings.
+
+Bad trajectories never fail a shard by themselves: they are listed with a reason in the
+report. Only when more than ``maxBadFraction`` of them are bad does the shard fail, with
+PermanentError (exit 3, the chart fails that index). Storage failures are TransientError
+(exit 4, retried).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import queue
+import threading
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+
+import numpy as np
+
+from trajflow.config.preprocess import PreprocessConfig
+from trajflow.errors import PermanentError, TrajflowError, TransientError
+from trajflow.metrics import Pusher, StageMetrics, preprocess_metrics
+from trajflow.preprocess import readers
+from trajflow.preprocess.readers import FileResult, Quarantined, RawEpisode, SourceSpec
+from trajflow.preprocess.shards import ShardWriter, report_key, shard_key
+from trajflow.storage import PLAN_KEY, Storage, manifest_key, read_manifest, shard_name, write_manifest
+
+log = logging.getLogger(__name__)
+
+RAW_DIR = "raw"
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+@dataclass
+class ShardSummary:
+    shard: int
+    skipped: bool = False
+    key: str = ""
+    episodes: int = 0
+    frames: int = 0
+    trajectories: int = 0  # episodes seen, good and bad (an unreadable file counts once)
+    quarantined: dict[str, int] = field(default_factory=dict)
+    ignored_files: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    seconds: float = 0.0
+    resample_seconds: float = 0.0
+    batches: int = 0
+    device: str = ""
+    backend: str = ""
+
+    @property
+    def bad(self) -> int:
+        return sum(self.quarantined.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], workers: int, lookahead: int) -> Iterator[_R]:
+    """``map(fn, items)`` on a thread pool, results in input order, at most ``lookahead``
+    calls ahead of the consumer."""
+    it = iter(items)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read")
+    pending: deque = deque()
+    try:
+        for x in itertools.islice(it, max(lookahead, 1)):
+            pending.append(pool.submit(fn, x))
+        while pending:
+            result = pending.popleft().result()
+            for x in itertools.islice(it, 1):
+                pending.append(pool.submit(fn, x))
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def source_of(key: str) -> str:
+    """``raw/<shard>/<source>/...`` -> ``<source>``."""
+    parts = key.split("/")
+    return parts[2] if len(parts) > 3 and parts[0] == RAW_DIR else ""
+
+
+def raw_items(manifest: dict[str, Any], shard: int) -> list[tuple[str, int | None]]:
+    """(key relative to the run root, expected size) of every item of a raw manifest."""
+    prefix = f"{RAW_DIR}/{shard_name(shard)}/"
+    out = []
+    for entry in manifest.get("items", []):
+        key = entry["key"] if isinstance(entry, dict) else str(entry)
+        if not key.startswith(prefix):
+            key = prefix + key.lstrip("/")  # a key relative to the shard's directory
+        size = entry.get("size") if isinstance(entry, dict) else None
+        out.append((key, int(size) if size is not None else None))
+    return sorted(set(out))
+
+
+def _read_info(storage: Storage, key: str) -> tuple[str, float | None] | None:
+    try:
+        doc = json.loads(storage.read_bytes(key))
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:
+        log.warning("ignoring %s: not JSON: %s", key, exc)
+        return None
+    if not isinstance(doc, dict):
+        return None
+    fps = doc.get("fps")
+    return str(doc.get("robot_type") or ""), float(fps) if isinstance(fps, (int, float)) and fps > 0 else None
+
+
+def dataset_hints(storage: Storage, keys: Sequence[str], shard: int) -> dict[str, tuple[str, float | None]]:
+    """LeRobot datasets of this shard: dataset directory -> (robot_type, fps) from its
+    ``meta/info.json``. The plan spreads a dataset's files over shards, so the info file
+    may sit in another shard's directory: the download plan says which (files are written
+    atomically, so one that exists is whole). A dataset whose info is not downloaded yet
+    gets no hint; pin ``sources.<name>.robot`` where labels must not depend on timing."""
+    here = {k[: -len("meta/info.json")]: k for k in keys if k.endswith("/meta/info.json")}
+    datasets = {k.split("/data/", 1)[0] + "/" for k in keys if k.endswith(".parquet") and "/data/" in k}
+    prefix = f"{RAW_DIR}/{shard_name(shard)}/"
+    elsewhere: dict[str, str] = {}
+    missing = sorted(d for d in datasets if d not in here and d.startswith(prefix))
+    if missing:
+        try:
+            plan = json.loads(storage.read_bytes(PLAN_KEY))
+            assignments = plan.get("assignments") or []
+        except (FileNotFoundError, ValueError, AttributeError):
+            assignments = []
+        wanted = {d[len(prefix):] + "meta/info.json": d for d in missing}
+        for j, items in enumerate(assignments):
+            for it in items:
+                rel = it.get("key") if isinstance(it, dict) else None
+                if rel in wanted:
+                    elsewhere[wanted[rel]] = f"{RAW_DIR}/{shard_name(j)}/{rel}"
+    hints = {}
+    for directory in sorted(set(here) | datasets):
+        key = here.get(directory) or elsewhere.get(directory)
+        info = _read_info(storage, key) if key else None
+        if info is not None:
+            hints[directory] = info
+        elif directory in datasets:
+            log.info("no meta/info.json for %s yet: its episodes get the configured robot label", directory)
+    return hints
+
+
+def _hint_for(key: str, hints: dict[str, tuple[str, float | None]]) -> tuple[str, float | None]:
+    best = ""
+    for prefix in hints:
+        if key.startswith(prefix) and len(prefix) > len(best):
+            best = prefix
+    return hints[best] if best else ("", None)
+
+
+def select_device(config: PreprocessConfig) -> Any:
+    import torch
+
+    if config.device == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if config.device == "cuda":
+        # a GPU node without a usable GPU: another pod (node) may do better, so retry
+        raise TrajflowError(
+            "preprocessing.config.device is cuda but no CUDA device is visible (check the pod's "
+            "nvidia.com/gpu limit, runtimeClassName and the node's driver), or set device: auto/cpu"
+        )
+    return torch.device("cpu")
+
+
+def _is_storage_error(exc: BaseException) -> bool:
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(exc, (OSError, ConnectionError, TimeoutError)):
+        return True
+    return type(exc).__module__.split(".")[0] in ("botocore", "boto3", "s3transfer", "urllib3")
+
+
+# ---------------------------------------------------------------- quarantine report
+
+
+class QuarantineReport:
+    """Every trajectory that did not make it into the shard, and why."""
+
+    def __init__(self, shard: int):
+        self.shard = shard
+        self.entries: list[Quarantined] = []
+        self.ignored: list[str] = []
+
+    def add(self, q: Quarantined) -> None:
+        self.entries.append(q)
+        log.info("quarantined %s%s: %s: %s", q.source, f" episode {q.episode}" if q.episode else "", q.reason, q.detail)
+
+    def counts(self) -> dict[str, int]:
+        return dict(sorted(Counter(q.reason for q in self.entries).items()))
+
+    def document(self, trajectories: int, written: int, max_bad_fraction: float) -> dict[str, Any]:
+        bad = len(self.entries)
+        return {
+            "shard": self.shard,
+            "raw_manifest": manifest_key("download", self.shard),
+            "trajectories": trajectories,
+            "written": written,
+            "quarantined": bad,
+            "bad_fraction": bad / trajectories if trajectories else 0.0,
+            "max_bad_fraction": max_bad_fraction,
+            "reasons": self.counts(),
+            "entries": [q.to_json() for q in self.entries],
+            "ignored_files": self.ignored,
+        }
+
+
+# ---------------------------------------------------------------- device + writer
+
+
+@dataclass
+class _Pending:
+    """A launched batch: output on the host once ``done`` has fired."""
+
+    episodes: list[RawEpisode]
+    seqs: list[int]
+    steps: list[int]
+    out: Any  # [B, T_max, Dsum] host tensor
+    done: Any = None  # torch.cuda.Event, None on the CPU
+    timing: Any = None  # (start, end) cuda events, or seconds on the CPU
+    work_bytes: int = 0
+
+
+_END = object()
+
+
+class _OrderedWriter(threading.Thread):
+    """Drains finished batches into the ShardWriter in sequence order."""
+
+    def __init__(self, writer: ShardWriter, metrics: StageMetrics, dims: dict[str, int], dtype: str, depth: int):
+        super().__init__(name="shard-writer", daemon=True)
+        self.writer, self.metrics, self.dims, self.dtype = writer, metrics, dims, dtype
+        self.queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self.error: BaseException | None = None
+        self.stopped = threading.Event()
+        self.next_seq = 0
+        self.ready: dict[int, tuple[RawEpisode, np.ndarray]] = {}
+        self.resample_seconds = 0.0
+        self.work_bytes = 0
+        self.batches = 0
+        self.started = time.perf_counter()
+
+    def put(self, item: Any) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def run(self) -> None:
+        try:
+            while not self.stopped.is_set():
+                try:
+                    item = self.queue.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if item is _END:
+                    return
+                self._drain(item)
+        except BaseException as exc:  # handed to the main thread
+            self.error = exc
+
+    def _as_numpy(self, out: Any) -> np.ndarray:
+        import torch
+
+        if out.dtype == torch.bfloat16:
+            return out.view(torch.int16).numpy().view(np.uint16)
+        return out.numpy()
+
+    def _drain(self, p: _Pending) -> None:
+        if p.done is not None:
+            p.done.synchronize()
+            seconds = p.timing[0].elapsed_time(p.timing[1]) / 1000.0
+        else:
+            seconds = float(p.timing)
+        self.metrics.resample_seconds.observe(seconds)
+        self.resample_seconds += seconds
+        self.work_bytes += p.work_bytes
+        self.batches += 1
+        if self.resample_seconds > 0:
+            self.metrics.bandwidth.set(self.work_bytes / self.resample_seconds)
+        out = self._as_numpy(p.out)
+        for b, (ep, seq) in enumerate(zip(p.episodes, p.seqs)):
+            self.ready[seq] = (ep, out[b, : p.steps[b]])
+        while self.next_seq in self.ready:
+            ep, frames = self.ready.pop(self.next_seq)
+            cols, c = {}, 0
+            for name, d in self.dims.items():
+                cols[name] = frames[:, c:c + d]
+                c += d
+            self.writer.add(cols, source=ep.source, episode=ep.episode, robot=ep.robot,
+                            original_rate_hz=ep.original_rate_hz, raw_length=ep.length, start_time=ep.start_time)
+            self.next_seq += 1
+            self.metrics.trajectories.inc()
+        self.metrics.last_progress.set(time.time())
+        self.metrics.throughput.set(self.next_seq / max(time.perf_counter() - self.started, 1e-9))
+        log.debug("batch %d written (%d episodes, %d frames in the shard)", self.batches, len(p.episodes),
+                  self.writer.num_frames)
+
+
+class _Resampler:
+    """Packs batches, moves them to the device and launches the kernel."""
+
+    def __init__(self, config: PreprocessConfig, device: Any):
+        import torch
+
+        from trajflow.preprocess.kernels import resolve_backend
+
+        self.torch = torch
+        self.config, self.device = config, device
+        self.cuda = device.type == "cuda"
+        self.backend = resolve_backend(config.backend, device)
+        if self.backend == "triton" and not self.cuda:
+            log.warning("backend triton on the CPU runs Triton's interpreter: correct but very slow")
+        self.data_dtype = getattr(torch, config.dtype)
+        self.time_dtype = getattr(torch, config.time_dtype)
+        self.pin = self.cuda and config.pin_memory
+
+    def costs(self, columns: int) -> tuple[int, int]:
+        """Bytes moved per input sample (data and time) and per output frame, to weigh input
+        padding against output padding."""
+        data = self.torch.empty((), dtype=self.data_dtype).element_size() * columns
+        return data + self.torch.empty((), dtype=self.time_dtype).element_size(), data
+
+    def steps(self, episodes: Sequence[RawEpisode]) -> list[int]:
+        """Output frames per episode, as the kernels define them (`uniform_grid_steps`)."""
+        from trajflow.preprocess.kernels import uniform_grid_steps
+
+        spans = np.array([[0.0, ep.times[-1]] for ep in episodes], dtype=np.float64).reshape(-1, 2)
+        return uniform_grid_steps(self.torch.from_numpy(spans), self.config.target_rate_hz).tolist()
+
+    def launch(self, episodes: list[RawEpisode], seqs: list[int], steps: list[int]) -> _Pending:
+        from trajflow.preprocess.batching import pack
+        from trajflow.preprocess.kernels import UniformGrid, resample
+
+        torch = self.torch
+        hb = pack([ep.frames for ep in episodes], [ep.times for ep in episodes], steps, self.data_dtype,
+                   self.time_dtype, self.pin)
+        grid = UniformGrid(start=0.0, rate_hz=self.config.target_rate_hz, num=max(steps))
+        if not self.cuda:
+            t0 = time.perf_counter()
+            out = resample(hb.data, hb.times, grid, hb.lengths, backend=self.backend, check=False)
+            seconds = time.perf_counter() - t0
+            return _Pending(episodes, seqs, steps, out, None, seconds, hb.input_bytes + out.element_size() * out.numel())
+        # all on the current stream: copies from pinned memory are asynchronous and the
+        # pinned blocks are not reused before the copies that read them have finished
+        data = hb.data.to(self.device, non_blocking=self.pin)
+        times = hb.times.to(self.device, non_blocking=self.pin)
+        lengths = hb.lengths.to(self.device, non_blocking=self.pin)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = resample(data, times, grid, lengths, backend=self.backend, check=False)
+        end.record()
+        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=self.pin)
+        host.copy_(out, non_blocking=self.pin)
+        done = torch.cuda.Event()
+        done.record()
+        return _Pending(episodes, seqs, steps, host, done, (start, end), hb.input_bytes + out.element_size() * out.numel())
+
+
+# ------------------------------------------------------------------------ the shard
+
+
+def _reorder_columns(ep: RawEpisode, dims: dict[str, int]) -> RawEpisode | None:
+    """``ep`` with its columns in the shard's stream order, or None when the streams or
+    their widths differ."""
+    if ep.dims == dims:
+        if list(ep.dims) != list(dims):
+            offsets, c = {}, 0
+            for name, d in ep.dims.items():
+                offsets[name] = c
+                c += d
+            cols = np.concatenate([np.arange(offsets[n], offsets[n] + d) for n, d in dims.items()])
+            ep.frames = np.ascontiguousarray(ep.frames[:, cols])
+            ep.dims = dict(dims)
+        return ep
+    return None
+
+
+@dataclass
+class _Work:
+    """One raw file to read."""
+
+    key: str
+    size: int | None
+    format: str
+    spec: SourceSpec
+    robot_hint: str
+
+
+class ShardProcessor:
+    """Preprocesses one shard; `run` is the whole stage for that shard."""
+
+    def __init__(self, storage: Storage, shard: int, shards: int, config: PreprocessConfig,
+                 metrics: StageMetrics | None = None, device: Any = None):
+        self.storage, self.shard, self.shards, self.config = storage, shard, shards, config
+        self.metrics = metrics or preprocess_metrics()
+        for reason in readers.REASONS:  # every reason exported, at 0 until it happens
+            self.metrics.quarantined.labels(reason=reason)
+        self._device = device
+        self.report = QuarantineReport(shard)
+        self.summary = ShardSummary(shard=shard, key=shard_key(shard))
+
+    def run(self) -> ShardSummary:
+        started = time.perf_counter()
+        shard, summary = self.shard, self.summary
+        existing = read_manifest(self.storage, "preprocess", shard)
+        if existing is not None:
+            self._warn_if_stale(existing)
+            log.info("shard %s is already done (%s exists): skipping", shard_name(shard), manifest_key("preprocess", shard))
+            summary.skipped = True
+            summary.episodes = int(existing.get("num_episodes", 0))
+            summary.frames = int(existing.get("num_frames", 0))
+            return summary
+        raw_manifest = read_manifest(self.storage, "download", shard)
+        if raw_manifest is None:
+            raise TransientError(
+                f"download shard {shard_name(shard)} is not done ({self.storage.uri}/{manifest_key('download', shard)} "
+                "does not exist): run `trajflow wait --stage download` first"
+            )
+        remove = getattr(self.storage, "remove_stale_temporaries", None)
+        if remove is not None:  # left by a killed run of this or another shard
+            remove("resampled", older_than_s=3600.0)
+
+        import torch
+
+        resampler = _Resampler(self.config, torch.device(self._device or select_device(self.config)))
+        summary.device, summary.backend = str(resampler.device), resampler.backend
+        work = self._plan_work(raw_manifest)
+        log.info("shard %s: %d trajectory file(s), %d other file(s) ignored; device %s, backend %s, dtype %s, %.6g Hz",
+                 shard_name(shard), len(work), summary.ignored_files, resampler.device, resampler.backend,
+                 self.config.dtype, self.config.target_rate_hz)
+        self.metrics.start_time.set(time.time())
+        threads = torch.get_num_threads()
+        if not resampler.cuda and self.config.cpu_threads:
+            torch.set_num_threads(self.config.cpu_threads)
+        try:
+            shard_file = self._pipeline(work, resampler)
+        except TrajflowError:
+            raise
+        except BaseException as exc:
+            if not _is_storage_error(exc):
+                raise
+            raise TransientError(f"shard {shard_name(shard)}: storage error: {type(exc).__name__}: {exc}") from exc
+        finally:
+            torch.set_num_threads(threads)
+        self._publish(shard_file, int(raw_manifest.get("shards") or self.shards))
+        summary.seconds = time.perf_counter() - started
+        if summary.seconds > 0:
+            self.metrics.throughput.set(summary.trajectories / summary.seconds)
+        self.metrics.last_progress.set(time.time())
+        log.info("shard %s done: %d episodes, %d frames, %d quarantined %s, %.1f MB in, %.1f MB out, %.2fs "
+                 "(%.2fs resampling in %d batches)", shard_name(shard), summary.episodes, summary.frames, summary.bad,
+                 summary.quarantined or "", summary.bytes_in / 1e6, summary.bytes_out / 1e6, summary.seconds,
+                 summary.resample_seconds, summary.batches)
+        return summary
+
+    def _plan_work(self, raw_manifest: dict[str, Any]) -> list[_Work]:
+        """The trajectory files of the shard, in key order, with their reading settings."""
+        items = raw_items(raw_manifest, self.shard)
+        hints = dataset_hints(self.storage, [k for k, _ in items], self.shard)
+        specs: dict[str, SourceSpec] = {}
+        work = []
+        for key, size in items:
+            source = source_of(key)
+            spec = specs.get(source) or specs.setdefault(source, SourceSpec.resolve(self.config, source))
+            fmt = readers.detect_format(key, spec.format)
+            if fmt is None:
+                self.report.ignored.append(key)
+                continue
+            robot, fps = _hint_for(key, hints)
+            if fps and spec.rate_hz is None:
+                spec = SourceSpec(**{**spec.__dict__, "rate_hz": fps})
+            work.append(_Work(key, size, fmt, spec, robot))
+        self.summary.ignored_files = len(self.report.ignored)
+        return work
+
+    def _quarantine(self, q: Quarantined) -> None:
+        self.report.add(q)
+        self.metrics.quarantined.labels(reason=q.reason).inc()
+
+    def _pipeline(self, work: list[_Work], resampler: "_Resampler") -> Any:
+        """Read -> batch -> resample -> write; returns the written `ShardFile`."""
+        cfg, summary = self.config, self.summary
+        dims: dict[str, int] | None = None
+        writer: ShardWriter | None = None
+        drain: _OrderedWriter | None = None
+        window: list[tuple[int, RawEpisode]] = []  # (sequence number in the shard, episode)
+        window_bytes = 0
+        seq = 0
+        window_size, window_limit = cfg.batch_size * cfg.sort_window_batches, cfg.sort_window_mib << 20
+
+        def flush() -> None:
+            from trajflow.preprocess.batching import plan_batches
+
+            nonlocal window_bytes
+            window_bytes = 0
+            if not window:
+                return
+            eps = [ep for _, ep in window]
+            steps = resampler.steps(eps)
+            in_cost, out_cost = resampler.costs(eps[0].frames.shape[1])
+            for batch in plan_batches([ep.length for ep in eps], steps, cfg.batch_size, cfg.max_padding_fraction,
+                                      in_cost=in_cost, out_cost=out_cost):
+                assert drain is not None
+                drain.put(resampler.launch([eps[i] for i in batch], [window[i][0] for i in batch],
+                                           [steps[i] for i in batch]))
+                summary.batches += 1
+            window.clear()
+
+        def read(w: _Work) -> FileResult:
+            return readers.read_item(self.storage, w.key, w.size, w.format, w.spec, robot_hint=w.robot_hint)
+
+        try:
+            for result in ordered_map(read, work, cfg.read_workers, cfg.read_workers * 2 + cfg.prefetch):
+                summary.bytes_in += result.size
+                self.metrics.bytes_in.inc(result.size)
+                for outcome in result.outcomes:
+                    summary.trajectories += 1
+                    if isinstance(outcome, Quarantined):
+                        self._quarantine(outcome)
+                        continue
+                    if dims is None:  # the first good episode fixes the shard's streams
+                        dims = dict(outcome.dims)
+                        writer = ShardWriter(self.storage, shard_key(self.shard), dims, cfg.dtype, cfg.target_rate_hz,
+                                             spool_bytes=cfg.spool_memory_mib << 20)
+                        drain = _OrderedWriter(writer, self.metrics, dims, cfg.dtype, cfg.prefetch + 1)
+                        drain.start()
+                    ep = _reorder_columns(outcome, dims)
+                    if ep is None:
+                        self._quarantine(Quarantined(outcome.source, outcome.episode, readers.SHAPE_MISMATCH,
+                                                     f"stream widths {outcome.dims} differ from the shard's {dims}"))
+                        continue
+                    window.append((seq, ep))
+                    window_bytes += ep.frames.nbytes
+                    seq += 1
+                    if len(window) >= window_size or window_bytes >= window_limit:
+                        flush()
+            flush()
+            if drain is not None:
+                drain.put(_END)
+                drain.join()
+                if drain.error is not None:
+                    raise drain.error
+                summary.resample_seconds = drain.resample_seconds
+            summary.quarantined = self.report.counts()
+            summary.episodes = seq
+            self._check_bad_fraction()
+            if writer is None:  # not one good episode: an empty shard keeps the set of shards complete
+                names = [cfg.renames.get(s, s) for s in cfg.streams]
+                writer = ShardWriter(self.storage, shard_key(self.shard), {n: 0 for n in names}, cfg.dtype,
+                                     cfg.target_rate_hz)
+            return writer.close()
+        except BaseException:
+            if drain is not None:
+                drain.stopped.set()
+                drain.join(timeout=60)
+            if writer is not None:
+                writer.abort()
+            raise
+
+    def _report_bytes(self) -> bytes:
+        s = self.summary
+        doc = self.report.document(s.trajectories, s.episodes, self.config.max_bad_fraction)
+        return json.dumps(doc, indent=1, sort_keys=True).encode()
+
+    def _publish(self, shard_file: Any, shards: int) -> None:
+        """The report, then the manifest: the shard is done."""
+        summary, index = self.summary, shard_file.index
+        report_raw = self._report_bytes()
+        self.storage.write_bytes(report_key(self.shard), report_raw)
+        summary.frames = index["num_frames"]
+        summary.bytes_out = shard_file.size
+        self.metrics.bytes_out.inc(shard_file.size)
+        write_manifest(
+            self.storage, "preprocess", self.shard, shards,
+            [shard_file.item(),
+             {"key": report_key(self.shard), "size": len(report_raw), "sha256": _sha256(report_raw), "kind": "report"}],
+            rate_hz=index["rate_hz"], dtype=index["dtype"], streams=index["streams"],
+            num_episodes=len(index["episodes"]), num_frames=index["num_frames"], episodes=index["episodes"],
+            trajectories=summary.trajectories, quarantined=summary.bad, reasons=summary.quarantined,
+            raw_manifest=manifest_key("download", self.shard), bytes_in=summary.bytes_in,
+        )
+
+    def _check_bad_fraction(self) -> None:
+        total, bad, limit = self.summary.trajectories, self.summary.bad, self.config.max_bad_fraction
+        if total and bad / total > limit:
+            self.storage.write_bytes(report_key(self.shard), self._report_bytes())  # kept to debug the data
+            top = ", ".join(f"{r}: {n}" for r, n in sorted(self.summary.quarantined.items(), key=lambda kv: -kv[1]))
+            hint = ""
+            if set(self.summary.quarantined) == {readers.MISSING_STREAM} and not self.summary.episodes:
+                hint = " (no trajectory has the configured streams: check preprocessing.config.streams, renames, sources)"
+            raise PermanentError(
+                f"shard {shard_name(self.shard)}: {bad} of {total} trajectories are bad ({bad / total:.1%} > "
+                f"maxBadFraction {limit:.1%}; {top}){hint}; see {self.storage.uri}/{report_key(self.shard)}"
+            )
+
+    def _warn_if_stale(self, manifest: dict[str, Any]) -> None:
+        cfg = self.config
+        if manifest.get("rate_hz") != cfg.target_rate_hz or manifest.get("dtype") != cfg.dtype:
+            log.warning(
+                "shard %s was written at %s Hz %s but the config asks for %s Hz %s; it is kept (a done shard "
+                "is never redone: use a new runId or delete resampled/ to recompute)", shard_name(self.shard),
+                manifest.get("rate_hz"), manifest.get("dtype"), cfg.target_rate_hz, cfg.dtype)
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+# ------------------------------------------------------------------- entry points
+
+
+def process_shard(storage: Storage, shard: int, shards: int, config: PreprocessConfig,
+                  metrics: StageMetrics | None = None, device: Any = None) -> ShardSummary:
+    """Preprocess one shard of ``storage`` (skipped when its manifest exists)."""
+    return ShardProcessor(storage, shard, shards, config, metrics, device).run()
+
+
+def run_shard(settings: Any, storage: Storage | None = None, shard: int | None = None) -> ShardSummary:
+    """Preprocess one shard from `StageSettings` (``settings.shard`` unless ``shard`` is
+    given), pushing metrics to ``global.metrics.pushgatewayUrl`` when set. The local
+    runner's entry point."""
+    from trajflow.storage import open_run_root
+
+    storage = storage or open_run_root(settings.global_)
+    shard = settings.shard if shard is None else shard
+    metrics = preprocess_metrics()
+    pusher = Pusher(settings.global_.metrics.pushgateway_url, metrics, settings.global_.run_id, shard)
+    pusher.start(settings.config.push_interval_seconds)
+    ok = False
+    try:
+        summary = process_shard(storage, shard, settings.shards, settings.config, metrics)
+        ok = True
+        return summary
+    finally:
+        pusher.stop(ok)
+
+
+def run_shards(settings: Any, shards: Sequence[int], wait_timeout_s: float = 0.0, storage: Storage | None = None,
+               poll_s: float = 2.0) -> list[ShardSummary]:
+    """Preprocess several shards, each as soon as its download shard is done (pipelined);
+    gives up with WaitTimeout after ``wait_timeout_s`` without progress (0: no waiting)."""
+    from trajflow.errors import WaitTimeout
+    from trajflow.storage import done_shards, open_run_root
+
+    storage = storage or open_run_root(settings.global_)
+    pending = sorted(set(shards))
+    out = []
+    deadline = time.monotonic() + wait_timeout_s
+    while pending:
+        ready = done_shards(storage, "download")
+        runnable = [s for s in pending if s in ready]
+        if not runnable:
+            if time.monotonic() >= deadline:
+                if not wait_timeout_s:
+                    # let process_shard name the missing manifest
+                    runnable = pending[:1]
+                else:
+                    raise WaitTimeout(f"timed out after {wait_timeout_s:.0f}s waiting for download shard(s) "
+                                      f"{pending[:10]} under {storage.uri}/raw/_done")
+            else:
+                time.sleep(poll_s)
+                continue
+        shard = runnable[0]
+        out.append(run_shard(settings, storage, shard))
+        pending.remove(shard)
+        deadline = time.monotonic() + wait_timeout_s
+    return out

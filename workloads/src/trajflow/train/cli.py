@@ -1,0 +1,92 @@
+"""`trajflow train`: a training worker, or, with `--nproc-per-node`, the launcher of them.
+
+    # one process (or one worker under torchrun: RANK, WORLD_SIZE, LOCAL_RANK... from it)
+    trajflow train --config /etc/trajflow/config.yaml
+    # launcher: the elastic agent starts N workers per node, restarts the group up to
+    # --max-restarts times, and exits with the workers' decisive exit code
+    trajflow train --config /etc/trajflow/config.yaml --nproc-per-node 8 --nnodes 4 \\
+        --rdzv-endpoint trainer-0.trainer:29400 --max-restarts 3
+    # on this machine, from values files
+    trajflow train -f values/local.yaml --nproc-per-node 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from trajflow.config import add_config_arguments, stage_settings
+
+STAGE = "training"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    group = parser.add_argument_group(
+        "launcher", "with --nproc-per-node this command is torch's elastic agent (torchrun) and starts the workers"
+    )
+    group.add_argument("--nproc-per-node", default=None, metavar="N",
+                       help="workers on this node: an integer, or gpu/cpu/auto as torchrun takes it")
+    group.add_argument("--nnodes", default="1", metavar="N|MIN:MAX", help="nodes (pods) in the group (default 1)")
+    group.add_argument("--rdzv-endpoint", default="", metavar="HOST:PORT",
+                       help="c10d rendezvous store, normally pod 0 of the Job (default 127.0.0.1 and a free port for one node)")
+    group.add_argument("--rdzv-backend", default="c10d", choices=["c10d"],
+                       help="rendezvous backend (c10d only; accepted so torchrun's arguments carry over)")
+    group.add_argument("--rdzv-id", default="", help="rendezvous id, the same on every node (default: global.runId)")
+    group.add_argument("--rdzv-conf", default="", metavar="K=V,...", help="rendezvous options, e.g. join_timeout=900")
+    group.add_argument("--max-restarts", type=int, default=0, help="restarts of the worker group after a failure")
+    group.add_argument("--monitor-interval", type=float, default=0.5, help="seconds between worker health checks")
+    group.add_argument("--local-addr", default="", help="this node's address as the other nodes reach it")
+
+
+def _config_args(args: argparse.Namespace) -> list[str]:
+    out: list[str] = []
+    if args.config:
+        out += ["--config", args.config]
+    for f in args.values:
+        out += ["-f", f]
+    for expression in args.set:
+        out += ["--set", expression]
+    return out
+
+
+def _inside_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    # In the training Job the completion index numbers the pod (node), not a data shard:
+    # every rank reads every shard, so the shard variables do not apply.
+    env = {k: v for k, v in os.environ.items() if k not in ("JOB_COMPLETION_INDEX", "TRAJFLOW_SHARDS")}
+    return stage_settings(STAGE, args.config, args.values, args.set, env=env)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = _settings(args)  # config errors surface here, before any worker starts
+    if args.nproc_per_node and not _inside_torchrun():
+        from trajflow.train.launch import LaunchOptions, launch, launch_local
+
+        if not args.rdzv_endpoint and args.nnodes == "1":
+            return launch_local(args.nproc_per_node, _config_args(args), max_restarts=args.max_restarts,
+                                log_level=args.log_level, rdzv_id=args.rdzv_id or settings.global_.run_id)
+        options = LaunchOptions(
+            nproc_per_node=str(args.nproc_per_node),
+            nnodes=args.nnodes,
+            rdzv_endpoint=args.rdzv_endpoint,
+            rdzv_id=args.rdzv_id or settings.global_.run_id,
+            rdzv_conf=args.rdzv_conf,
+            max_restarts=args.max_restarts,
+            monitor_interval=args.monitor_interval,
+            local_addr=args.local_addr,
+        )
+        return launch(options, _config_args(args), args.log_level)
+
+    from trajflow.train.loop import train
+
+    summary = train(settings)
+    if os.environ.get("RANK", "0") == "0":  # one result line per run, for people and the local runner
+        brief = {k: summary.get(k) for k in ("status", "epochs_completed", "steps", "initial_val_loss",
+                                             "best_val_loss", "final_val_loss", "world_size")}
+        print(json.dumps(brief), file=sys.stdout, flush=True)
+    return 0

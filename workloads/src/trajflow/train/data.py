@@ -1,0 +1,328 @@
+"""Windows over the memory-mapped resampled shards.
+
+A sample is `window` consecutive frames of the observation stream of one episode, and a
+target at the window's last step:
+
+- `behavior_cloning`: the action at the last frame of the window;
+- `forecast`: the observation one frame after the window.
+
+Episodes (not windows) are split into training and validation, so no validation window
+shares frames with a training window. Batches are gathered with one fancy-indexing call
+per shard over the memory map, so a batch costs a few numpy calls, not one per sample.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, DistributedSampler, Sampler
+
+from trajflow.config.train import TrainConfig
+from trajflow.errors import PermanentError, TransientError
+from trajflow.preprocess.shards import (
+    ShardFormatError,
+    ShardReader,
+    bf16_bits_to_float32,
+    list_shards,
+    open_shard,
+)
+from trajflow.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EpisodeRef:
+    shard: int  # position in the reader list
+    index: int  # episode number within the shard
+    offset: int  # first row in the shard's stream arrays
+    length: int
+    name: str  # "<source>#<episode>", stable across re-preprocessing
+
+
+@dataclass
+class ShardSet:
+    """The opened done shards and every episode in them."""
+
+    readers: list[ShardReader]
+    shard_ids: list[int]
+    episodes: list[EpisodeRef]
+    rate_hz: float
+    dims: dict[str, int]
+
+
+def open_shards(storage: Storage, streams: Sequence[str], cache_dir: str | Path | None = None) -> ShardSet:
+    """Open every done shard under `<root>/resampled/` and check they agree on rate and streams."""
+    try:
+        entries = list_shards(storage)
+    except (ValueError, ShardFormatError) as exc:
+        raise PermanentError(str(exc)) from None
+    if not entries:
+        raise TransientError(
+            f"{storage.uri}/resampled/_done/: no done shards yet; training starts after preprocessing has finished"
+        )
+    readers: list[ShardReader] = []
+    episodes: list[EpisodeRef] = []
+    rate: float | None = None
+    dims: dict[str, int] = {}
+    for entry in entries:
+        try:
+            reader = open_shard(storage=storage, key=entry.key, cache_dir=cache_dir)
+        except FileNotFoundError as exc:
+            raise PermanentError(f"shard {entry.shard} is marked done but its file is missing: {exc}") from None
+        except (ShardFormatError, ValueError) as exc:
+            raise PermanentError(f"shard {entry.shard}: {exc}") from None
+        missing = [s for s in streams if s not in reader.dims]
+        if missing:
+            raise PermanentError(
+                f"{storage.uri}/{entry.key}: no stream {missing[0]!r} (it has {', '.join(reader.streams)}); "
+                "set training.config.observation/action to streams the preprocessing wrote"
+            )
+        if rate is None:
+            rate = reader.rate_hz
+            dims = {s: reader.dims[s] for s in streams}
+        elif not np.isclose(reader.rate_hz, rate):
+            raise PermanentError(
+                f"{storage.uri}/{entry.key}: rate {reader.rate_hz} Hz differs from the other shards' {rate} Hz"
+            )
+        for s in streams:
+            if reader.dims[s] != dims[s]:
+                raise PermanentError(
+                    f"{storage.uri}/{entry.key}: stream {s!r} has {reader.dims[s]} dims, other shards have {dims[s]}"
+                )
+        pos = len(readers)
+        readers.append(reader)
+        for i, ep in enumerate(reader.episodes):
+            episodes.append(EpisodeRef(pos, i, ep.offset, ep.length, f"{ep.source}#{ep.episode}"))
+    return ShardSet(readers, [e.shard for e in entries], episodes, float(rate or 0.0), dims)
+
+
+def _as_float32(reader: ShardReader, rows: np.ndarray | slice, stream: str) -> np.ndarray:
+    x = reader.array(stream)[rows]
+    if reader.dtype == "bfloat16":
+        return bf16_bits_to_float32(x)
+    return np.asarray(x, dtype=np.float32)
+
+
+def frames_needed(config: TrainConfig) -> int:
+    """Frames of an episode one sample spans (forecast also needs the frame after the window)."""
+    return config.window + (1 if config.task == "forecast" else 0)
+
+
+def split_episodes(episodes: Sequence[EpisodeRef], val_fraction: float, seed: int) -> tuple[list[EpisodeRef], list[EpisodeRef]]:
+    """Hold out round(val_fraction * n) episodes (at least one), chosen by a seeded hash of
+    their names: the same episodes on every rank, and independent of shard order."""
+    if len(episodes) < 2:
+        raise PermanentError(
+            f"{len(episodes)} episode(s) long enough for a sample; training needs at least 2 "
+            "(one for training, one for validation)"
+        )
+
+    def score(ep: EpisodeRef) -> bytes:
+        return hashlib.sha256(f"{seed}:{ep.name}:{ep.shard}:{ep.index}".encode()).digest()
+
+    ranked = sorted(episodes, key=score)
+    n_val = min(max(1, round(val_fraction * len(ranked))), len(ranked) - 1)
+    val = sorted(ranked[:n_val], key=lambda e: (e.shard, e.index))
+    train = sorted(ranked[n_val:], key=lambda e: (e.shard, e.index))
+    return train, val
+
+
+@dataclass
+class NormStats:
+    """Per-dimension mean and standard deviation of the input and target streams."""
+
+    input_mean: np.ndarray
+    input_std: np.ndarray
+    target_mean: np.ndarray
+    target_std: np.ndarray
+
+
+class _Moments:
+    def __init__(self, dim: int):
+        self.count = 0
+        self.total = np.zeros(dim, np.float64)
+        self.squares = np.zeros(dim, np.float64)
+
+    def add(self, x: np.ndarray) -> None:
+        x64 = x.astype(np.float64, copy=False)
+        self.count += x64.shape[0]
+        self.total += x64.sum(axis=0)
+        self.squares += np.square(x64).sum(axis=0)
+
+
+def check_finite(shards: ShardSet, episodes: Sequence[EpisodeRef], streams: Sequence[str]) -> None:
+    """A NaN/Inf frame is a data error (PermanentError naming the episode), not a divergence."""
+    for stream in streams:
+        for ep in episodes:
+            reader = shards.readers[ep.shard]
+            if not np.isfinite(_as_float32(reader, slice(ep.offset, ep.offset + ep.length), stream)).all():
+                raise PermanentError(
+                    f"{reader.path}: episode {ep.name!r} has NaN/Inf values in stream {stream!r}; "
+                    "preprocessing should have quarantined it"
+                )
+
+
+def local_moments(shards: ShardSet, episodes: Sequence[EpisodeRef], streams: Sequence[str]) -> np.ndarray:
+    """[count, sum..., sum of squares...] per stream for `episodes`, as one float64 vector
+    (so ranks can add theirs with one all-reduce). Non-finite values are a data error."""
+    parts = []
+    for stream in streams:
+        moments = _Moments(shards.dims[stream])
+        for ep in episodes:
+            reader = shards.readers[ep.shard]
+            x = _as_float32(reader, slice(ep.offset, ep.offset + ep.length), stream)
+            if not np.isfinite(x).all():
+                raise PermanentError(
+                    f"{reader.path}: episode {ep.name!r} has NaN/Inf values in stream {stream!r}; "
+                    "preprocessing should have quarantined it"
+                )
+            moments.add(x)
+        parts.append(np.concatenate([[moments.count], moments.total, moments.squares]))
+    return np.concatenate(parts)
+
+
+def stats_from_moments(vector: np.ndarray, dims: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(mean, std) per stream from summed `local_moments` vectors; a constant dimension gets std 1."""
+    out, pos = [], 0
+    for d in dims:
+        count = vector[pos]
+        total = vector[pos + 1 : pos + 1 + d]
+        squares = vector[pos + 1 + d : pos + 1 + 2 * d]
+        pos += 1 + 2 * d
+        if count <= 0:
+            raise PermanentError("the training split has no frames to compute normalisation statistics from")
+        mean = total / count
+        var = np.maximum(squares / count - mean**2, 0.0)
+        std = np.sqrt(var)
+        std = np.where(std < 1e-6 * np.maximum(np.abs(mean), 1.0), 1.0, std)
+        out.append((mean.astype(np.float32), std.astype(np.float32)))
+    return out
+
+
+class WindowDataset(Dataset):
+    """Map-style dataset of windows; `dataset[list_of_indices]` returns a whole batch."""
+
+    def __init__(self, shards: ShardSet, episodes: Sequence[EpisodeRef], config: TrainConfig):
+        self.shards = shards
+        self.window = config.window
+        self.task = config.task
+        self.input_stream = config.observation
+        self.target_stream = config.observation if config.task == "forecast" else config.action
+        # the target's row relative to the window start
+        self.target_lag = config.window if config.task == "forecast" else config.window - 1
+        need = frames_needed(config)
+        shard_of, start_of = [], []
+        self.skipped_episodes = 0
+        for ep in episodes:
+            if ep.length < need:
+                self.skipped_episodes += 1
+                continue
+            starts = np.arange(ep.offset, ep.offset + ep.length - need + 1, config.stride, dtype=np.int64)
+            start_of.append(starts)
+            shard_of.append(np.full(len(starts), ep.shard, dtype=np.int32))
+        self.starts = np.concatenate(start_of) if start_of else np.zeros(0, np.int64)
+        self.shard_index = np.concatenate(shard_of) if shard_of else np.zeros(0, np.int32)
+        self.num_episodes = len(episodes) - self.skipped_episodes
+        self._offsets = np.arange(self.window, dtype=np.int64)
+
+    @property
+    def input_dim(self) -> int:
+        return self.shards.dims[self.input_stream]
+
+    @property
+    def target_dim(self) -> int:
+        return self.shards.dims[self.target_stream]
+
+    def __len__(self) -> int:
+        return int(self.starts.shape[0])
+
+    def __getitem__(self, index: int | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        single = np.isscalar(index)
+        idx = np.atleast_1d(np.asarray(index, dtype=np.int64))
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"window index out of range 0..{len(self) - 1}")
+        x = np.empty((idx.size, self.window, self.input_dim), np.float32)
+        y = np.empty((idx.size, self.target_dim), np.float32)
+        shard_of = self.shard_index[idx]
+        for shard in np.unique(shard_of):
+            where = np.nonzero(shard_of == shard)[0]
+            reader = self.shards.readers[int(shard)]
+            starts = self.starts[idx[where]]
+            x[where] = _as_float32(reader, starts[:, None] + self._offsets, self.input_stream)
+            y[where] = _as_float32(reader, starts + self.target_lag, self.target_stream)
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+        return (xt[0], yt[0]) if single else (xt, yt)
+
+
+class EpochBatches(Sampler[list[int]]):
+    """Batches of this rank's share of an epoch (DistributedSampler, seeded per epoch),
+    optionally starting after the batches a mid-epoch checkpoint already covered."""
+
+    def __init__(self, dataset: WindowDataset, batch_size: int, rank: int, world_size: int, seed: int,
+                 shuffle: bool = True, max_batches: int = 0):
+        self.sampler = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
+        )
+        self.batch_size = batch_size
+        self.max_batches = max_batches
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.sampler.set_epoch(epoch)
+        self.skip = skip_batches
+
+    def batches_per_epoch(self) -> int:
+        n = -(-len(self.sampler) // self.batch_size)
+        return min(n, self.max_batches) if self.max_batches else n
+
+    def __len__(self) -> int:
+        return max(self.batches_per_epoch() - self.skip, 0)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        indices = list(self.sampler)
+        for b in range(self.skip, self.batches_per_epoch()):
+            yield indices[b * self.batch_size : (b + 1) * self.batch_size]
+
+
+def rank_share(n: int, rank: int, world_size: int) -> list[int]:
+    """Indices rank::world_size of n items: every item exactly once over all ranks (no
+    padding), for evaluation and for statistics."""
+    return list(range(rank, n, world_size))
+
+
+@dataclass
+class TrainData:
+    shards: ShardSet
+    train: WindowDataset
+    val: WindowDataset
+    train_episodes: list[EpisodeRef] = field(repr=False)
+    val_episodes: list[EpisodeRef] = field(repr=False)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "shards": len(self.shards.readers),
+            "rate_hz": self.shards.rate_hz,
+            "train_episodes": self.train.num_episodes,
+            "val_episodes": self.val.num_episodes,
+            "train_windows": len(self.train),
+            "val_windows": len(self.val),
+            "dims": dict(self.shards.dims),
+        }
+
+
+def build_data(shards: ShardSet, config: TrainConfig) -> TrainData:
+    need = frames_needed(config)
+    usable = [ep for ep in shards.episodes if ep.length >= need]
+    short = len(shards.episodes) - len(usable)
+    if short:
+        log.info("%d of %d episodes are shorter than a sample (%d frames) and are not used",
+                 short, len(shards.episodes), need)
+    train_eps, val_eps = split_episodes(usable, config.val_fraction, config.seed)
+    return TrainData(shards, WindowDataset(shards, train_eps, config), WindowDataset(shards, val_eps, config),
+                     train_eps, val_eps)

@@ -1,0 +1,135 @@
+"""Start the training workers through torch's elastic launcher (what `torchrun` runs) and
+turn the workers' exit codes into the pod's.
+
+Plain `torchrun` exits 1 whatever its workers exited with, so the chart's podFailurePolicy
+could not tell a diverged run (fail the Job) from a crash (retry). This launcher runs the
+same elastic agent in-process (c10d rendezvous, `--max-restarts`) and, when the workers
+still fail after the restarts, exits with the most decisive worker exit code: CONFIG,
+then DIVERGED, PERMANENT, TRANSIENT, TIMEOUT; anything else (a crash, a signal) is ERROR.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from trajflow.errors import ExitCode
+
+log = logging.getLogger(__name__)
+
+# the order in which a worker exit code decides the pod's
+_DECISIVE = (ExitCode.CONFIG, ExitCode.DIVERGED, ExitCode.PERMANENT, ExitCode.TRANSIENT, ExitCode.TIMEOUT)
+
+
+def pod_exit_code(worker_codes: Iterable[int]) -> int:
+    """The pod's exit code from the failed workers' codes."""
+    codes = set(worker_codes)
+    for code in _DECISIVE:
+        if int(code) in codes:
+            return int(code)
+    return int(ExitCode.ERROR)
+
+
+@dataclass
+class LaunchOptions:
+    """The torchrun options the launcher takes (names as torchrun spells them)."""
+
+    nproc_per_node: str = "1"  # an integer, or torchrun's "gpu"/"cpu"/"auto"
+    nnodes: str = "1"  # "N" or "MIN:MAX"
+    rdzv_endpoint: str = ""  # host:port of the c10d store (pod 0 of the Job)
+    rdzv_id: str = ""  # same on every node of one run
+    rdzv_conf: str = ""  # e.g. "join_timeout=900"
+    max_restarts: int = 0
+    monitor_interval: float = 0.5
+    local_addr: str = ""  # this node's address as the others reach it
+    extra: list[str] = field(default_factory=list)  # more torchrun options, passed as they are
+
+    def torchrun_args(self) -> list[str]:
+        args = [
+            f"--nnodes={self.nnodes}",
+            f"--nproc-per-node={self.nproc_per_node}",
+            "--rdzv-backend=c10d",
+            f"--max-restarts={self.max_restarts}",
+            f"--monitor-interval={self.monitor_interval}",
+        ]
+        if self.rdzv_endpoint:
+            args.append(f"--rdzv-endpoint={self.rdzv_endpoint}")
+        if self.rdzv_id:
+            args.append(f"--rdzv-id={self.rdzv_id}")
+        if self.rdzv_conf:
+            args.append(f"--rdzv-conf={self.rdzv_conf}")
+        if self.local_addr:
+            args.append(f"--local-addr={self.local_addr}")
+        return [*args, *self.extra]
+
+
+def worker_command(train_args: Sequence[str], log_level: str | None = None) -> list[str]:
+    """`python -m trajflow.cli [--log-level L] train ARGS`: the interpreter running this
+    launcher, so a virtual environment needs no `trajflow` on PATH."""
+    head = [sys.executable, "-m", "trajflow.cli"]
+    if log_level:
+        head += ["--log-level", log_level]
+    return [*head, "train", *train_args]
+
+
+def launch(options: LaunchOptions, train_args: Sequence[str], log_level: str | None = None) -> int:
+    """Run the elastic agent until the workers finish; returns the pod's exit code."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import (
+        RendezvousError,
+        RendezvousTimeoutError,
+    )
+    from torch.distributed.run import parse_args, run
+
+    # With the agent's TCPStore shared (torch's default), a restarted group reads the keys
+    # its dead predecessor left (gloo/NCCL addresses) and fails to connect
+    # (pytorch/pytorch#135712, #167288); a store per attempt avoids that.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    command = worker_command(train_args, log_level)
+    argv = [*options.torchrun_args(), "--no-python", command[0], *command[1:]]
+    log.info("starting training workers", extra={"torchrun": argv})
+    try:
+        run(parse_args(argv))
+    except ChildFailedError as exc:
+        codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
+        code = pod_exit_code(codes.values())
+        log.error("training workers failed after %d restart(s)", options.max_restarts,
+                  extra={"worker_exit_codes": codes, "exit_code": code})
+        return code
+    except RendezvousTimeoutError as exc:
+        log.error("rendezvous timed out: %s", exc)
+        return int(ExitCode.TIMEOUT)
+    except RendezvousError as exc:
+        log.error("rendezvous failed: %s", exc)
+        return int(ExitCode.ERROR)
+    except SignalException as exc:
+        log.warning("launcher stopped by signal %s", exc.sigval)
+        return 128 + int(exc.sigval)
+    return int(ExitCode.OK)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def launch_local(nproc: int | str, train_args: Sequence[str], *, port: int | None = None, max_restarts: int = 0,
+                 log_level: str | None = None, rdzv_id: str = "trajflow-local") -> int:
+    """`nproc` workers on this machine, rendezvous on 127.0.0.1 and a free port (the local
+    runner's entry point)."""
+    if port is None:
+        port = _free_port()
+    options = LaunchOptions(
+        nproc_per_node=str(nproc),
+        nnodes="1",
+        rdzv_endpoint=f"127.0.0.1:{port}",
+        rdzv_id=rdzv_id,
+        max_restarts=max_restarts,
+        local_addr="127.0.0.1",
+    )
+    return launch(options, train_args, log_level)

@@ -1,0 +1,558 @@
+"""The training loop: one process per rank, as torchrun starts them (or one process alone).
+
+Every start resumes from the newest valid checkpoint, so a group that torchrun brings back
+after a failure (`--max-restarts`) continues where the last checkpoint left it: same
+epoch, same position in the epoch, same optimiser and RNG states. Decisions that must be
+identical on every rank (divergence, early stopping, the end of an epoch) are taken on
+all-reduced values, so no rank ever waits alone in a collective.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from trajflow.config import StageSettings
+from trajflow.config.train import TrainConfig
+from trajflow.errors import ConfigError, PermanentError
+from trajflow.metrics import Pusher, StageMetrics, train_metrics
+from trajflow.storage import LocalStorage, Storage, open_run_root
+from trajflow.train import artifacts
+from trajflow.train.checkpoint import CHECKPOINT_DIR, CheckpointInfo, CheckpointStore
+from trajflow.train.data import (
+    EpochBatches,
+    TrainData,
+    WindowDataset,
+    build_data,
+    check_finite,
+    local_moments,
+    open_shards,
+    rank_share,
+    stats_from_moments,
+)
+from trajflow.train.dist import DistContext
+from trajflow.train.errors import TrainingDiverged
+from trajflow.train.models import (
+    ModelSpec,
+    TrajectoryModel,
+    build_model,
+    parameter_count,
+)
+
+log = logging.getLogger(__name__)
+
+
+def config_hash(config: TrainConfig) -> str:
+    """Hash of what a checkpoint's weights depend on (task, streams, window, architecture).
+    Optimisation settings (epochs, learning rate...) may change between restarts."""
+    part = config.model_dump(mode="json", include={"task", "observation", "action", "window", "model"})
+    return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrainerState:
+    """Progress that checkpoints carry besides the model and optimiser."""
+
+    epoch: int = 0  # the epoch in progress (or next to start)
+    batch_in_epoch: int = 0  # batches of `epoch` already done
+    step: int = 0  # optimiser steps over the whole run
+    initial_val_loss: float | None = None
+    best_val_loss: float | None = None
+    best_epoch: int | None = None
+    epochs_without_improvement: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    # running sums of the epoch in progress, so a mid-epoch resume reports the same epoch loss
+    epoch_loss_sum: float = 0.0
+    epoch_samples: float = 0.0
+    epoch_train_seconds: float = 0.0
+    resumed_from: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(doc: dict[str, Any]) -> "TrainerState":
+        known = TrainerState.__dataclass_fields__
+        return TrainerState(**{k: v for k, v in doc.items() if k in known})
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state(legacy=True)
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)), *map(float, np_state[2:])],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def parameter_digest(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _lr_factor(config: TrainConfig, total_steps: int) -> Any:
+    warmup = config.warmup_steps
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if config.lr_schedule == "constant":
+            return 1.0
+        progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class Trainer:
+    def __init__(self, settings: StageSettings, dist: DistContext, storage: Storage, metrics: StageMetrics):
+        self.settings = settings
+        self.config: TrainConfig = settings.config
+        self.dist = dist
+        self.storage = storage
+        self.metrics = metrics
+        self.store = CheckpointStore(storage, keep_last=self.config.checkpoints.keep_last)
+        self.hash = config_hash(self.config)
+        self.state = TrainerState()
+        self.last_checkpoint: CheckpointInfo | None = None
+        self.status = "running"
+        self.device = dist.device
+        self.autocast = self.config.bf16 and self.device.type == "cuda"
+        if self.autocast and not torch.cuda.is_bf16_supported():
+            log.warning("this GPU has no bf16 support: training in fp32 (set training.config.bf16: false to silence)")
+            self.autocast = False
+        self.spec: ModelSpec | None = None
+
+    # ---- setup --------------------------------------------------------------------------
+
+    def _log(self, msg: str, *args: Any, **extra: Any) -> None:
+        if self.dist.is_main:
+            log.info(msg, *args, extra=extra or None)
+
+    def load_data(self) -> TrainData:
+        cfg = self.config
+        streams = [cfg.observation] if cfg.task == "forecast" else [cfg.observation, cfg.action]
+        cache = cfg.cache_dir or None
+        # on S3 the first rank of each node fetches the shards; the others then find them cached
+        on_filesystem = isinstance(self.storage, LocalStorage)
+        if on_filesystem or self.dist.local_rank == 0:
+            shards = open_shards(self.storage, streams, cache)
+            self.dist.barrier()
+        else:
+            self.dist.barrier()
+            shards = open_shards(self.storage, streams, cache)
+        data = build_data(shards, cfg)
+        if len(data.train) == 0 or len(data.val) == 0:
+            raise PermanentError(f"no samples in the {'training' if not len(data.train) else 'validation'} split "
+                                 f"(window {cfg.window}, {data.describe()})")
+        self._log("data ready", **data.describe())
+        return data
+
+    def scan_data(self, data: TrainData) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One pass over the data, shared out over the ranks: rejects NaN/Inf frames in
+        either split, and returns the (mean, std) of the input and target streams over the
+        training split only (one all-reduce adds up the ranks' moments)."""
+        streams = [data.train.input_stream, data.train.target_stream]
+        rank, world = self.dist.rank, self.dist.world_size
+        check_finite(data.shards, [data.val_episodes[i] for i in rank_share(len(data.val_episodes), rank, world)], streams)
+        mine = [data.train_episodes[i] for i in rank_share(len(data.train_episodes), rank, world)]
+        vector = torch.from_numpy(local_moments(data.shards, mine, streams)).to(self.device)
+        total = self.dist.all_reduce_sum(vector).cpu().numpy()
+        return stats_from_moments(total, [data.shards.dims[s] for s in streams])
+
+    # ---- checkpoints --------------------------------------------------------------------
+
+    def resume(self, model: TrajectoryModel, optimizer: torch.optim.Optimizer, scheduler: Any) -> bool:
+        """Load the newest valid checkpoint (chosen on rank 0, loaded by every rank)."""
+        choice: dict[str, Any] | None = None
+        if self.dist.is_main:
+            if isinstance(self.storage, LocalStorage):
+                self.storage.remove_stale_temporaries(CHECKPOINT_DIR, older_than_s=0)
+            info, _, skipped = self.store.latest_valid()
+            if skipped:
+                self.store.discard(skipped)
+            choice = None if info is None else asdict(info)
+        choice = self.dist.broadcast_object(choice)
+        if choice is None:
+            return False
+        info = CheckpointInfo(**choice)
+        payload = self.store.load(info)  # on the CPU: load_state_dict copies onto the device
+        if payload.get("config_hash") != self.hash:
+            raise ConfigError(
+                f"{self.storage.uri}/{info.key} was written for a different task/streams/window/model "
+                f"(config hash {payload.get('config_hash')} != {self.hash}); use a new global.runId or remove "
+                f"{self.storage.uri}/{CHECKPOINT_DIR}/"
+            )
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        self.state = TrainerState.from_dict(payload["trainer"])
+        same_world = payload.get("world_size") == self.dist.world_size
+        if same_world:
+            _set_rng_state(payload["rng"][self.dist.rank])
+        elif self.state.batch_in_epoch:
+            log.warning(
+                "checkpoint %s was written by %s processes, this run has %s: epoch %d restarts from its beginning",
+                info.key, payload.get("world_size"), self.dist.world_size, self.state.epoch,
+            )
+            self.state.batch_in_epoch = 0
+            self.state.epoch_loss_sum = self.state.epoch_samples = self.state.epoch_train_seconds = 0.0
+        self.state.resumed_from.append(
+            {"key": info.key, "step": info.step, "epoch": info.epoch, "batch_in_epoch": info.batch_in_epoch,
+             "restart": self.dist.restart_count, "world_size": self.dist.world_size}
+        )
+        self.last_checkpoint = info
+        self._log("resumed from checkpoint", key=info.key, step=info.step, epoch=info.epoch,
+                  batch_in_epoch=info.batch_in_epoch)
+        return True
+
+    def checkpoint(self, model: TrajectoryModel, optimizer: torch.optim.Optimizer, scheduler: Any,
+                   val_loss: float | None) -> None:
+        rngs = self.dist.gather_objects(_rng_state())  # every rank's, so each resumes its own stream
+        if self.dist.is_main:
+            payload = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "trainer": self.state.to_dict(),
+                "rng": rngs,
+                "world_size": self.dist.world_size,
+                "config_hash": self.hash,
+                "config": self.config.model_dump(mode="json", by_alias=True),
+                "spec": model.spec.to_json(),
+            }
+            self.last_checkpoint = self.store.save(
+                payload, step=self.state.step, epoch=self.state.epoch, batch_in_epoch=self.state.batch_in_epoch,
+                val_loss=val_loss, config_hash=self.hash,
+            )
+            self.metrics.checkpoint_time.set(time.time())
+            log.debug("checkpoint written", extra={"key": self.last_checkpoint.key})
+
+    # ---- steps --------------------------------------------------------------------------
+
+    def _batches(self, loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        non_blocking = self.device.type == "cuda"
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
+
+    def _autocast(self) -> Any:
+        if self.autocast:
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def evaluate(self, model: TrajectoryModel, dataset: WindowDataset) -> float:
+        """Mean validation loss over every window exactly once, whatever the world size."""
+        was_training = model.training
+        model.eval()
+        indices = rank_share(len(dataset), self.dist.rank, self.dist.world_size)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        bs = self.config.batch_size
+        for start in range(0, len(indices), bs):
+            x, y = dataset[indices[start : start + bs]]
+            x, y = x.to(self.device), y.to(self.device)
+            with self._autocast():
+                pred = model(x)
+            err = (pred.float() - model.normalize_target(y)).square().mean(dim=1)
+            sums[0] += err.sum(dtype=torch.float64)
+            sums[1] += err.shape[0]
+        self.dist.all_reduce_sum(sums)
+        model.train(was_training)
+        return float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
+
+    def _diverged(self, loss: float, epoch: int) -> TrainingDiverged:
+        where = self.last_checkpoint.key if self.last_checkpoint else "none yet"
+        return TrainingDiverged(
+            f"training diverged: the loss or gradient norm became NaN/Inf at epoch {epoch}, step {self.state.step + 1} "
+            f"(mean loss {loss}); last good checkpoint: {where}. Lower training.config.learningRate, "
+            "set gradClip, or check the data"
+        )
+
+    # ---- the run ------------------------------------------------------------------------
+
+    def finished(self) -> bool:
+        cfg = self.config
+        if self.state.epoch >= cfg.epochs:
+            return True
+        es = cfg.early_stopping
+        return es.enabled and self.state.best_val_loss is not None and self.state.epochs_without_improvement >= es.patience
+
+    def run(self) -> dict[str, Any]:
+        cfg, dist = self.config, self.dist
+        data = self.load_data()
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        spec = self.spec = ModelSpec.from_config(cfg.model, data.train.input_dim, data.train.target_dim, cfg.window)
+        model = build_model(spec).to(self.device)
+        lr = cfg.learning_rate * (dist.world_size if cfg.scale_lr_with_world_size else 1)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+        batches = EpochBatches(data.train, cfg.batch_size, dist.rank, dist.world_size, cfg.seed,
+                               max_batches=cfg.max_steps_per_epoch)
+        per_epoch = batches.batches_per_epoch()
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg, per_epoch * cfg.epochs))
+
+        (in_mean, in_std), (out_mean, out_std) = self.scan_data(data)
+        resumed = self.resume(model, optimizer, scheduler)
+        st = self.state
+        # the configured learning rate applies from here on, also when it changed since the checkpoint
+        scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+        if not resumed:
+            model.set_normalization(in_mean, in_std, out_mean, out_std)
+            torch.manual_seed(cfg.seed + 1000 * dist.rank + 1)  # dropout differs per rank
+        if dist.is_main:
+            artifacts.write_config(self.storage, self.resolved_config())
+        self._log("model ready", type=spec.type, parameters=parameter_count(model), world_size=dist.world_size,
+                  device=str(self.device), steps_per_epoch=per_epoch, learning_rate=lr)
+
+        ddp: nn.Module = model
+        if dist.distributed:
+            ddp = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        loader = DataLoader(data.train, batch_size=None, sampler=batches, num_workers=cfg.num_workers,
+                            pin_memory=self.device.type == "cuda")
+        if st.initial_val_loss is None:
+            st.initial_val_loss = self.evaluate(model, data.val)
+            self._log("initial validation loss", val_loss=st.initial_val_loss)
+        m = self.metrics
+        m.restarts.set(dist.restart_count)
+
+        while not self.finished():
+            epoch = st.epoch
+            m.epoch.set(epoch)
+            batches.set_epoch(epoch, skip_batches=st.batch_in_epoch)
+            model.train()
+            window_start, window_samples = time.perf_counter(), 0
+            fetch_start = time.perf_counter()
+            for x, y in self._batches(loader):
+                step_start = time.perf_counter()
+                with self._autocast():
+                    pred = ddp(x)
+                loss = nn.functional.mse_loss(pred.float(), model.normalize_target(y))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                else:
+                    norm = nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+                n = x.shape[0]
+                bad = (~torch.isfinite(loss.detach())) | (~torch.isfinite(norm))
+                # one small all-reduce per step: the loss for the logs and a divergence flag
+                # every rank sees at the same step
+                reduced = torch.stack([loss.detach().double() * n, torch.tensor(float(n), dtype=torch.float64,
+                                       device=self.device), bad.double()])
+                loss_sum, samples, bad_ranks = self.dist.all_reduce_sum(reduced).tolist()
+                if bad_ranks > 0:
+                    raise self._diverged(loss_sum / max(samples, 1), epoch)
+                optimizer.step()
+                scheduler.step()
+                now = time.perf_counter()
+                st.step += 1
+                st.batch_in_epoch += 1
+                st.epoch_loss_sum += loss_sum
+                st.epoch_samples += samples
+                st.epoch_train_seconds += now - fetch_start
+                window_samples += samples
+                m.step_seconds.observe(now - step_start)
+                m.steps.inc()
+                m.last_progress.set(time.time())
+                if st.step % cfg.log_every_steps == 0:
+                    rate = window_samples / max(now - window_start, 1e-9)
+                    m.samples_per_second.set(rate)
+                    m.learning_rate.set(scheduler.get_last_lr()[0])
+                    if self.device.type == "cuda":
+                        m.gpu_memory.set(torch.cuda.max_memory_allocated(self.device))
+                    self._log("training", epoch=epoch, step=st.step, loss=loss_sum / max(samples, 1),
+                              samples_per_second=round(rate, 1))
+                    window_start, window_samples = time.perf_counter(), 0
+                every = cfg.checkpoints.every_steps
+                if every and st.step % every == 0 and st.batch_in_epoch < per_epoch:
+                    self.checkpoint(model, optimizer, scheduler, val_loss=None)
+                fetch_start = time.perf_counter()
+            self.end_epoch(model, optimizer, scheduler, data)
+        return self.finish(model, data)
+
+    def end_epoch(self, model: TrajectoryModel, optimizer: torch.optim.Optimizer, scheduler: Any, data: TrainData) -> None:
+        cfg, st, m = self.config, self.state, self.metrics
+        val_loss = self.evaluate(model, data.val)
+        train_loss = st.epoch_loss_sum / max(st.epoch_samples, 1)
+        rate = st.epoch_samples / max(st.epoch_train_seconds, 1e-9)
+        if not math.isfinite(val_loss):
+            raise self._diverged(val_loss, st.epoch)
+        improved = st.best_val_loss is None or val_loss < st.best_val_loss - cfg.early_stopping.min_delta
+        if improved:
+            st.best_val_loss, st.best_epoch, st.epochs_without_improvement = val_loss, st.epoch, 0
+        else:
+            st.epochs_without_improvement += 1
+        st.history.append({
+            "epoch": st.epoch,
+            "step": st.step,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "learning_rate": scheduler.get_last_lr()[0],
+            "samples_per_second": rate,
+            "train_seconds": st.epoch_train_seconds,
+        })
+        m.loss.labels(split="train").set(train_loss)
+        m.loss.labels(split="val").set(val_loss)
+        m.best_val_loss.set(st.best_val_loss)
+        m.samples_per_second.set(rate)
+        m.learning_rate.set(scheduler.get_last_lr()[0])
+        if self.device.type == "cuda":
+            m.gpu_memory.set(torch.cuda.max_memory_allocated(self.device))
+        self._log("epoch done", epoch=st.epoch, train_loss=train_loss, val_loss=val_loss,
+                  best_val_loss=st.best_val_loss, samples_per_second=round(rate, 1))
+        st.epoch += 1
+        st.batch_in_epoch = 0
+        st.epoch_loss_sum = st.epoch_samples = st.epoch_train_seconds = 0.0
+        self.checkpoint(model, optimizer, scheduler, val_loss=val_loss)
+        if self.dist.is_main:
+            self.write_progress(model.spec)
+
+    # ---- artifacts ----------------------------------------------------------------------
+
+    def resolved_config(self) -> dict[str, Any]:
+        return {
+            "global": self.settings.global_.model_dump(mode="json", by_alias=True),
+            "config": self.config.model_dump(mode="json", by_alias=True),
+        }
+
+    def summary(self, spec: ModelSpec) -> dict[str, Any]:
+        st = self.state
+        last = st.history[-1] if st.history else {}
+        rates = [h["samples_per_second"] for h in st.history if h.get("samples_per_second")]
+        return {
+            "status": self.status,
+            "run_id": self.settings.global_.run_id,
+            "task": self.config.task,
+            "model": spec.to_json(),
+            "config_hash": self.hash,
+            "world_size": self.dist.world_size,
+            "device": self.device.type,
+            "epochs_completed": st.epoch,
+            "steps": st.step,
+            "initial_val_loss": st.initial_val_loss,
+            "best_val_loss": st.best_val_loss,
+            "best_epoch": st.best_epoch,
+            "final_train_loss": last.get("train_loss"),
+            "final_val_loss": last.get("val_loss"),
+            "samples_per_second": float(np.median(rates)) if rates else None,
+            "history": st.history,
+            "resumed_from": st.resumed_from,
+            "restarts": self.dist.restart_count,
+        }
+
+    def write_progress(self, spec: ModelSpec, extra: dict[str, Any] | None = None, curve: bool = False) -> None:
+        """metrics.json after every epoch; the loss curve (a second of matplotlib) at the end."""
+        doc = {**self.summary(spec), **(extra or {})}
+        artifacts.write_metrics(self.storage, doc)
+        if curve:
+            title = f"{self.settings.global_.run_id}: {self.config.task}, {spec.type}"
+            artifacts.write_loss_curve(self.storage, self.state.history, self.state.initial_val_loss, title)
+
+    def finish(self, model: TrajectoryModel, data: TrainData) -> dict[str, Any]:
+        st = self.state
+        self.status = "completed" if st.epoch >= self.config.epochs else "early_stopped"
+        digests = self.dist.gather_objects(parameter_digest(model))
+        in_sync = len(set(digests)) == 1
+        if not in_sync:
+            log.error("model parameters differ between ranks after training", extra={"digests": digests})
+        extra = {"parameter_digests": digests, "ranks_in_sync": in_sync, "data": data.describe()}
+        summary = {**self.summary(model.spec), **extra}
+        if self.dist.is_main:
+            best = self.store.best()
+            weights, epoch = model.state_dict(), st.epoch - 1
+            if best is not None:
+                weights, epoch = self.store.load(best)["model"], best.epoch - 1
+            description = artifacts.model_description(
+                model.spec,
+                task=self.config.task,
+                input_stream=data.train.input_stream,
+                target_stream=data.train.target_stream,
+                rate_hz=data.shards.rate_hz,
+                epoch=epoch,
+                val_loss=st.best_val_loss,
+                config_hash=self.hash,
+                run_id=self.settings.global_.run_id,
+            )
+            artifacts.write_model(self.storage, weights, description)
+            self.write_progress(model.spec, extra, curve=True)
+            self._log("training finished", status=self.status, best_val_loss=st.best_val_loss,
+                      epochs=st.epoch, steps=st.step)
+        self.metrics.success.set(1)
+        return summary
+
+
+class MetricsEndpoint:
+    """`/metrics` of this rank on `metricsPort + LOCAL_RANK`, stopped when training ends."""
+
+    def __init__(self, metrics: StageMetrics, config: TrainConfig, dist: DistContext, addr: str = "0.0.0.0"):
+        self.port = config.metrics_port + dist.local_rank if config.metrics_port else 0
+        self._server: Any = None
+        if not self.port:
+            return
+        from prometheus_client import start_http_server
+
+        try:
+            self._server, _ = start_http_server(self.port, addr=addr, registry=metrics.registry)
+            log.debug("serving /metrics", extra={"port": self.port, "rank": dist.rank})
+        except OSError as exc:  # metrics must never stop training
+            log.warning("cannot serve /metrics on port %d: %s (training goes on)", self.port, exc)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def train(settings: StageSettings, dist: DistContext | None = None) -> dict[str, Any]:
+    """Run training for this rank; returns the run summary (the same on every rank)."""
+    config: TrainConfig = settings.config
+    dist = dist or DistContext.from_env()
+    metrics = train_metrics()
+    metrics.start_time.set(time.time())
+    endpoint = MetricsEndpoint(metrics, config, dist)
+    pusher = Pusher(settings.global_.metrics.pushgateway_url, metrics, run=settings.global_.run_id, shard=dist.rank)
+    success = False
+    trainer: Trainer | None = None
+    try:
+        dist.setup(config.device)
+        storage = open_run_root(settings.global_)
+        trainer = Trainer(settings, dist, storage, metrics)
+        summary = trainer.run()
+        success = True
+        return summary
+    except TrainingDiverged:
+        if trainer is not None and trainer.spec is not None and dist.is_main:
+            trainer.status = "diverged"
+            with contextlib.suppress(Exception):  # the divergence is the error to report
+                trainer.write_progress(trainer.spec, curve=True)
+        raise
+    finally:
+        pusher.stop(success)
+        endpoint.close()
+        dist.close()
