@@ -26,6 +26,7 @@ BENCHMARKS = {
     "download": "trajflow.bench.download",
     "preprocess": "trajflow.bench.preprocess",
     "train": "trajflow.bench.train",
+    "demo": "trajflow.local.bench",
 }
 
 
