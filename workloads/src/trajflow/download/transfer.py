@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from trajflow.storage.local import fsync_dir
 from trajflow.download.failures import Backoff, FetchError, Kind, StorageFailure
 from trajflow.download.http import Body, Validator
 from trajflow.download.verify import Digests, Expected, Record, item_fingerprint, write_record
@@ -426,19 +427,6 @@ def sweep_abandoned_temporaries(directory: Path) -> int:
             if fd is not None:
                 os.close(fd)
     return removed
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class StreamSink:
@@ -1024,7 +1012,7 @@ def relocate(root: Storage, src_key: str, dest_key: str, record: Record) -> None
                 raise
             _copy_verified(root, src_key, dest_key, record)  # another mount below the root
             src.unlink()
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         return
     from trajflow.storage.s3 import S3Storage
 

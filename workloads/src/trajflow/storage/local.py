@@ -49,7 +49,7 @@ class _RangeReader:
         self.close()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -133,7 +133,7 @@ class LocalStorage(Storage):
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
@@ -163,7 +163,7 @@ class LocalStorage(Storage):
                     out.write(data)
                     out.flush()
                     os.fsync(out.fileno())
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             return True
         finally:
             with contextlib.suppress(FileNotFoundError):
