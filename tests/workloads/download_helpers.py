@@ -140,6 +140,12 @@ class FaultyServer:
             self._thread.join(timeout=5)
             self._httpd = None
 
+    def __enter__(self) -> "FaultyServer":
+        return self if self._httpd is not None else self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 class _QuietServer(ThreadingHTTPServer):
     daemon_threads = True

@@ -22,11 +22,8 @@ TRAJFLOW = [sys.executable, "-m", "trajflow.cli"]
 
 @pytest.fixture
 def server() -> Iterator[FaultyServer]:
-    srv = FaultyServer().start()
-    try:
+    with FaultyServer() as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 class PushCapture:

@@ -26,11 +26,8 @@ TRAJFLOW = [sys.executable, "-m", "trajflow.cli"]
 @pytest.fixture
 def server() -> Iterator[FaultyServer]:
     # slow enough (about 8 MiB/s in all) that kills land in the middle of transfers
-    srv = FaultyServer(rate_bytes_per_s=2.0 * MiB).start()
-    try:
+    with FaultyServer(rate_bytes_per_s=2.0 * MiB) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def _config_file(tmp_path: Path, urls: list[str]) -> Path:

@@ -23,11 +23,8 @@ MiB = 1 << 20
 
 @pytest.fixture
 def server() -> Iterator[FaultyServer]:
-    srv = FaultyServer(stall_s=2.5).start()
-    try:
+    with FaultyServer(stall_s=2.5) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture

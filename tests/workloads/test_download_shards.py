@@ -18,11 +18,8 @@ from trajflow.storage import LocalStorage, read_manifest
 
 @pytest.fixture
 def server() -> Iterator[FaultyServer]:
-    srv = FaultyServer().start()
-    try:
+    with FaultyServer() as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def _objects(server: FaultyServer) -> tuple[dict[str, bytes], list[str]]:

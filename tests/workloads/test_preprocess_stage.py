@@ -205,6 +205,29 @@ def test_a_done_shard_is_skipped(local_storage, mixed):
     assert local_storage.read_bytes(shard_key(0)) == before
 
 
+def test_read_workers_follow_the_cpu_budget_and_never_change_the_bytes(tmp_path, mixed, monkeypatch):
+    from trajflow.preprocess import stage
+
+    files, _ = mixed
+    used = []
+    ordered_map = stage.ordered_map
+
+    def recording(fn, items, workers, lookahead):
+        used.append(workers)
+        return ordered_map(fn, items, workers, lookahead)
+
+    monkeypatch.setattr(stage, "ordered_map", recording)
+    monkeypatch.setattr(stage, "cpu_budget", lambda: 6)  # a pod limited to 6 CPUs
+    shards = []
+    for read_workers in (0, 1):
+        storage = LocalStorage(tmp_path / f"workers-{read_workers}")
+        publish_raw_shard(storage, 0, files)
+        process_shard(storage, 0, 1, stage_config(read_workers=read_workers, sources={"robomimic": ROBOMIMIC}))
+        shards.append(storage.read_bytes(shard_key(0)))
+    assert used == [3, 1]  # 0 means half the budget
+    assert shards[0] == shards[1]
+
+
 def test_download_not_done_is_retryable(local_storage):
     with pytest.raises(TransientError, match=r"download shard 00000 is not done .*raw/_done/00000.json"):
         process_shard(local_storage, 0, 1, stage_config())

@@ -70,7 +70,10 @@ class PreprocessConfig(Model):
         0.05, ge=0, le=1, description="Fail the shard when more than this fraction of trajectories is quarantined."
     )
     prefetch: int = Field(2, ge=0, description="Batches read ahead of the device and waiting for the writer.")
-    read_workers: int = Field(4, ge=1, le=64, description="Threads reading and decoding raw files.")
+    read_workers: int = Field(
+        0, ge=0, le=64, description="Threads reading and decoding raw files; 0: half the CPUs the pod may use, at "
+        "least 1 (decoders hold Python's GIL much of the time, so more threads than that contend rather than help)."
+    )
     cpu_threads: int = Field(
         1, ge=0, le=256, description="Torch threads resampling on the CPU (0: torch's default). Reading and writing "
         "have threads of their own; more intra-op threads mostly contend with them for cores."

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 import numpy as np
 
 from trajflow.config.preprocess import PreprocessConfig
+from trajflow.cpus import cpu_budget
 from trajflow.errors import PermanentError, TrajflowError, TransientError
 from trajflow.metrics import Pusher, StageMetrics, preprocess_metrics
 from trajflow.preprocess import readers
@@ -536,7 +537,8 @@ class ShardProcessor:
             return readers.read_item(self.storage, w.key, w.size, w.format, w.spec, robot_hint=w.robot_hint)
 
         try:
-            for result in ordered_map(read, work, cfg.read_workers, cfg.read_workers * 2 + cfg.prefetch):
+            workers = cfg.read_workers or max(1, cpu_budget() // 2)
+            for result in ordered_map(read, work, workers, workers * 2 + cfg.prefetch):
                 summary.bytes_in += result.size
                 self.metrics.bytes_in.inc(result.size)
                 for outcome in result.outcomes:
