@@ -1,5 +1,7 @@
 # Build every image: `docker buildx bake -f images/docker-bake.hcl`.
-# VERSION defaults to the chart's appVersion (the CI passes it in from Chart.yaml).
+# VERSION defaults to the chart's appVersion (the images workflow passes it in from
+# Chart.yaml); the e2e workflow builds VERSION=ci, the tag values/kind.yaml asks for.
+# The default REGISTRY with the target names gives the chart's default repositories.
 variable "REGISTRY" {
   default = "ghcr.io/trajflow"
 }

@@ -352,9 +352,9 @@ def wait_vocabulary(default_description: str) -> dict[str, Any]:
 
 def training_vocabulary() -> dict[str, Any]:
     return {
-        "nodes": integer("Training pods (torchrun nodes)", minimum=1, maximum=10000),
-        "nprocPerNode": integer("torchrun processes per pod; null: the GPU limit", minimum=1, maximum=64, nullable=True),
-        "maxRestarts": integer("torchrun --max-restarts", minimum=0, maximum=1000),
+        "nodes": integer("Training pods (rendezvous nodes)", minimum=1, maximum=10000),
+        "nprocPerNode": integer("Worker processes per pod; null: the GPU limit", minimum=1, maximum=64, nullable=True),
+        "maxRestarts": integer("Restarts of the worker group (the launcher's --max-restarts)", minimum=0, maximum=1000),
         "launcher": {"type": "string", "enum": ["job", "pytorchjob"]},
         "rendezvous": closed(
             {

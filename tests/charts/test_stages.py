@@ -45,7 +45,8 @@ def test_preprocessing_shard_waits_for_its_download_shard():
     objs = render([env_file("production")], api_versions=PROMETHEUS_OPERATOR_APIS)
     job = one(objs, "Job", "preprocessing")
     wait = container(job, "wait-download")
-    assert wait["args"] == ["wait", "--stage", "download", "--shards", "$(JOB_COMPLETION_INDEX)", "--timeout", "12h",
+    assert wait["args"] == ["wait", "--stage", "download", "--shards", "$(JOB_COMPLETION_INDEX)",
+                            "--expect-shards", "64", "--timeout", "12h",
                             "--config", "/etc/trajflow/config.yaml"]
     spec = pod_spec(job)
     assert [c["name"] for c in spec["initContainers"]] == ["wait-download"]

@@ -1,7 +1,11 @@
-"""The training chart: torchrun over an Indexed Job with a headless Service, or a PyTorchJob."""
+"""The training chart: `trajflow train` as the elastic launcher over an Indexed Job with a headless
+Service, or a PyTorchJob."""
 from __future__ import annotations
 
+import re
+
 import pytest
+import yaml
 from helmrender import (
     KUBEFLOW_APIS,
     PROMETHEUS_OPERATOR_APIS,
@@ -46,7 +50,22 @@ def test_headless_service_names_the_pods():
     assert {"name": "rdzv", "containerPort": 29400, "protocol": "TCP"} in container(job, "train")["ports"]
 
 
-def test_rank_zero_is_master_addr_and_torchrun_uses_c10d():
+# What the pods run in production (2 nodes, 8 H100 each): `trajflow train` itself is the
+# elastic agent, so the pod exits with its workers' code (plain torchrun always exits 1).
+LAUNCHER_ARGS = [
+    "train", "--config", "/etc/trajflow/config.yaml",
+    "--nnodes=2",
+    "--nproc-per-node=8",
+    "--rdzv-backend=c10d",
+    "--rdzv-endpoint=$(MASTER_ADDR):$(MASTER_PORT)",
+    "--rdzv-id=$(JOB_NAME)",
+    "--rdzv-conf=join_timeout=1800",
+    "--max-restarts=3",
+    "--local-addr=$(POD_IP)",
+]
+
+
+def test_rank_zero_is_master_addr_and_the_launcher_uses_c10d():
     objs, job = training()
     train = container(job, "train")
     env = env_of(train)
@@ -55,21 +74,13 @@ def test_rank_zero_is_master_addr_and_torchrun_uses_c10d():
     # this very template, so it cannot be written into it.
     assert env["JOB_NAME"] == {"fieldRef": {"fieldPath": "metadata.labels['batch.kubernetes.io/job-name']"}}
     assert env["POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert env["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     assert env["MASTER_ADDR"] == f"$(JOB_NAME)-0.{service}.$(POD_NAMESPACE).svc.cluster.local"
     names = [e["name"] for e in train["env"]]
     assert names.index("JOB_NAME") < names.index("MASTER_ADDR") and names.index("POD_NAMESPACE") < names.index(
         "MASTER_ADDR"), "dependent variables must come after the ones they expand"
-    assert train["command"] == ["torchrun"]
-    assert train["args"] == [
-        "--nnodes=2",
-        "--nproc-per-node=8",  # production: 8 H100 per pod
-        "--rdzv-backend=c10d",
-        "--rdzv-endpoint=$(MASTER_ADDR):$(MASTER_PORT)",
-        "--rdzv-id=$(JOB_NAME)",
-        "--rdzv-conf=join_timeout=1800",
-        "--max-restarts=3",
-        "--no-python", "trajflow", "train", "--config", "/etc/trajflow/config.yaml",
-    ]
+    assert train["command"] == ["trajflow"]
+    assert train["args"] == LAUNCHER_ARGS
     assert env["MASTER_PORT"] == "29400"
 
 
@@ -87,7 +98,7 @@ def test_processes_per_node(gpus, nproc, expected):
 def test_every_pod_waits_for_all_preprocessed_shards():
     _, job = training()
     wait = container(job, "wait-preprocess")
-    assert wait["args"] == ["wait", "--stage", "preprocess", "--shards", "0-63", "--timeout", "48h",
+    assert wait["args"] == ["wait", "--stage", "preprocess", "--shards", "0-63", "--expect-shards", "64", "--timeout", "48h",
                             "--config", "/etc/trajflow/config.yaml"]
     assert wait["command"] == ["trajflow"]
     assert wait["resources"]["limits"]["memory"]
@@ -118,14 +129,21 @@ def test_pytorchjob_renders_where_the_api_exists():
     assert job["apiVersion"] == "kubeflow.org/v1"
     replicas = job["spec"]["pytorchReplicaSpecs"]
     assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 1
-    assert job["spec"]["nprocPerNode"] == "8"
+    # the operator's PET_NPROC_PER_NODE (from spec.nprocPerNode) agrees with the launcher's flag
+    assert job["spec"]["nprocPerNode"] == "8" and "--nproc-per-node=8" in LAUNCHER_ARGS
     assert job["spec"]["runPolicy"]["backoffLimit"] == 3
     for role in ("Master", "Worker"):
         spec = replicas[role]["template"]["spec"]
         main = [c for c in spec["containers"] if c["name"] == "pytorch"]
         assert main, "the training operator requires the container to be named pytorch"
         assert {"name": "pytorchjob-port", "containerPort": 29400, "protocol": "TCP"} in main[0]["ports"]
-        assert "--rdzv-endpoint=$(MASTER_ADDR):$(MASTER_PORT)" in main[0]["args"]
+        # the same launcher; MASTER_ADDR/MASTER_PORT are the operator's (the Master pod and
+        # its pytorchjob-port), so the chart must not set them
+        assert main[0]["command"] == ["trajflow"] and main[0]["args"] == LAUNCHER_ARGS
+        assert not {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"} & env_of(main[0]).keys()
+        assert env_of(main[0])["JOB_NAME"] == {
+            "fieldRef": {"fieldPath": "metadata.labels['training.kubeflow.org/job-name']"}}
+        assert env_of(main[0])["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
         assert spec["initContainers"][0]["name"] == "wait-preprocess"
         assert spec["restartPolicy"] == replicas[role]["restartPolicy"] == "OnFailure"
         # the pod template is still a valid Kubernetes pod template
@@ -156,3 +174,124 @@ def test_the_training_chart_renders_on_its_own():
     job = one(objs, "Job", "training")
     assert job["spec"]["completions"] == 1
     assert one(objs, "Service", "training")
+
+
+def both_launchers(launcher):
+    """The rendered training workload and its training container under `launcher`."""
+    objs = render([env_file("production")], {"training.launcher": launcher},
+                  api_versions=[*PROMETHEUS_OPERATOR_APIS, *KUBEFLOW_APIS])
+    if launcher == "job":
+        workload = one(objs, "Job", "training")
+        return objs, workload, container(workload, "train")
+    workload = one(objs, "PyTorchJob", "training")
+    return objs, workload, container(workload, "pytorch")
+
+
+def expand(value, env):
+    """Kubernetes' `$(VAR)` expansion in args and env values; unknown references stay."""
+    return re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), value)
+
+
+def kubelet_environment(train, downward, added):
+    """The container's variables as the kubelet sets them: `downward` stands for the
+    fieldRefs, `added` for what an operator appends; a value expands the ones before it."""
+    env = {}
+    for var in [*train["env"], *({"name": k, "value": v} for k, v in added.items())]:
+        env[var["name"]] = expand(var["value"], env) if "value" in var else downward[var["name"]]
+    return env
+
+
+@pytest.mark.parametrize("launcher", ["job", "pytorchjob"])
+@pytest.mark.parametrize("worker_codes, pod_code, fails_job", [
+    ([5, 1], 5, True),  # one rank diverged, another crashed on the broken collective
+    ([3], 3, True),
+    ([1, 2], 2, True),
+    ([4], 4, False),  # transient: retried
+    ([-9], 1, False),  # a worker killed by a signal: an error, retried
+])
+def test_the_pod_exits_with_its_workers_code(launcher, worker_codes, pod_code, fails_job, tmp_path, monkeypatch):
+    """The rendered command, run through the real `trajflow` parser, the config loader and
+    torch's launcher argument parsing up to where torch would start the workers: a worker's
+    exit code becomes the pod's, which podFailurePolicy's exit-code rule can match."""
+    torch_run = pytest.importorskip("torch.distributed.run")
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+    from trajflow.cli import build_parser
+
+    objs, workload, train = both_launchers(launcher)
+    assert train["command"] == ["trajflow"]
+    job_name = "trajflow-training-5f6d7c"
+    downward = {"JOB_NAME": job_name, "POD_NAMESPACE": "trajflow", "POD_IP": "10.4.0.17"}
+    if launcher == "job":
+        added, store = {}, f"{job_name}-0.trajflow-training.trajflow.svc.cluster.local:29400"
+    else:  # what the training operator adds to Worker 0 (rank 1)
+        port = next(p["containerPort"] for p in train["ports"] if p["name"] == "pytorchjob-port")
+        added = {"PYTHONUNBUFFERED": "0", "MASTER_PORT": str(port), "MASTER_ADDR": f"{job_name}-master-0",
+                 "WORLD_SIZE": "16", "RANK": "1", "PET_NPROC_PER_NODE": workload["spec"]["nprocPerNode"],
+                 "PET_NODE_RANK": "1", "PET_NNODES": "2"}
+        store = f"{job_name}-master-0:{port}"
+    env = kubelet_environment(train, downward, added)
+    config = tmp_path / "config.yaml"
+    config.write_text(one(objs, "ConfigMap", "training")["data"]["config.yaml"])
+    argv = [str(config) if a == "/etc/trajflow/config.yaml" else expand(a, env) for a in train["args"]]
+
+    for name in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID"):  # the launcher, not a worker under torchrun
+        monkeypatch.delenv(name, raising=False)
+    for name, value in added.items():  # torch's option parser reads PET_* from the environment
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")  # the launcher's setdefault leaves it as is
+    launched = []
+
+    def workers_fail(options):
+        launched.append(options)
+        no_file = str(tmp_path / "no-error-file")
+        raise ChildFailedError("trajflow", {rank: ProcessFailure(rank, 4000 + rank, code, no_file)
+                                            for rank, code in enumerate(worker_codes)})
+
+    monkeypatch.setattr(torch_run, "run", workers_fail)
+    args = build_parser().parse_args(argv)
+    assert args._run(args) == pod_code
+
+    (options,) = launched
+    assert (options.nnodes, options.nproc_per_node, options.max_restarts) == ("2", "8", 3)
+    assert (options.rdzv_backend, options.rdzv_endpoint, options.rdzv_id) == ("c10d", store, job_name)
+    assert options.rdzv_conf == "join_timeout=1800" and options.local_addr == "10.4.0.17"
+    assert options.training_script_args[-3:] == ["train", "--config", str(config)]
+    if launcher == "job":
+        rule = next(r for r in workload["spec"]["podFailurePolicy"]["rules"] if r["action"] == "FailJob")
+        assert (pod_code in rule["onExitCodes"]["values"]) is fails_job
+
+
+@pytest.mark.parametrize("launcher", ["job", "pytorchjob"])
+def test_metrics_ports_pod_monitor_and_network_policy_agree(launcher):
+    objs, workload, train = both_launchers(launcher)
+    template = workload["spec"]["pytorchReplicaSpecs"]["Worker"]["template"] if launcher == "pytorchjob" \
+        else workload["spec"]["template"]
+    labels = template["metadata"]["labels"]
+    base = yaml.safe_load(one(objs, "ConfigMap", "training")["data"]["config.yaml"])["config"]["metricsPort"]
+    (endpoint,) = one(objs, "PodMonitor", "training")["spec"]["podMetricsEndpoints"]
+    keep = next(r["regex"] for r in endpoint["relabelings"] if r.get("action") == "keep")
+    rank_of = next(r["regex"] for r in endpoint["relabelings"] if r.get("targetLabel") == "local_rank" and "regex" in r)
+    scraped = [p for p in train["ports"] if re.fullmatch(keep, p["name"])]
+    assert len(scraped) == 8  # one /metrics per local rank
+    for port in scraped:
+        match = re.fullmatch(rank_of, port["name"])
+        local_rank = int(match.group(1)) if match else 0
+        # trajflow.train.loop.MetricsEndpoint: local rank i serves metricsPort + i
+        assert port["containerPort"] == base + local_rank
+
+    policy = next(p for p in select(objs, "NetworkPolicy", "training") if p["spec"]["podSelector"]["matchLabels"]
+                  .items() <= labels.items())["spec"]
+    # c10d store, gloo and NCCL listen on ports of their choosing: everything between training pods
+    peers = [rule for rule in policy["ingress"] if "ports" not in rule]
+    assert peers and all(peer["podSelector"]["matchLabels"].items() <= labels.items()
+                         for rule in peers for peer in rule["from"])
+    assert any("ports" not in rule and rule["to"] == peers[0]["from"] for rule in policy["egress"])
+    scrape = [port for rule in policy["ingress"] for port in rule.get("ports", [])]
+    assert scrape == [{"protocol": "TCP", "port": base, "endPort": base + 7}]
+
+
+def test_metrics_ports_may_not_take_the_rendezvous_port():
+    with pytest.raises(helm.HelmRenderError, match="rendezvous.port 9403 is one of the /metrics ports 9400-9407"):
+        render([env_file("production")], {"training.rendezvous.port": 9403}, api_versions=PROMETHEUS_OPERATOR_APIS)
+    with pytest.raises(helm.HelmRenderError, match="over 65535"):
+        render([env_file("production")], {"training.config.metricsPort": 65530}, api_versions=PROMETHEUS_OPERATOR_APIS)

@@ -2,7 +2,10 @@
 
 They need KUBECONFIG pointing at a cluster, the `helm` and `kubectl` binaries, and the
 images loaded into the cluster (see .github/workflows/e2e.yaml). Without them every test
-here skips with the reason.
+here skips with the reason, unless TRAJFLOW_E2E_REQUIRE_CLUSTER=1 (set by the e2e
+workflow) turns the skip into a failure: a CI run that tested nothing must not pass.
+TRAJFLOW_E2E_KEEP_RELEASE=1 leaves the release and its namespace in place for inspection
+(the workflow's diagnostics step reads them; the kind cluster is thrown away anyway).
 """
 from __future__ import annotations
 
@@ -29,10 +32,16 @@ def _missing_prerequisite() -> str | None:
     return None
 
 
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
 # module scope: it must run before the module-scoped `release` fixture asks for a cluster
 @pytest.fixture(scope="module", autouse=True)
 def _requires_cluster() -> None:
     reason = _missing_prerequisite()
+    if reason and _flag("TRAJFLOW_E2E_REQUIRE_CLUSTER"):
+        pytest.fail(f"TRAJFLOW_E2E_REQUIRE_CLUSTER is set but {reason}", pytrace=False)
     if reason:
         pytest.skip(reason)
 
@@ -47,5 +56,6 @@ def release(kube_cluster: Any) -> Any:
         run("helm", "install", name, str(CHART), "-n", namespace, *helm_values_args(), "--wait=false")
         yield name, namespace
     finally:
-        run("helm", "uninstall", name, "-n", namespace, "--wait", check=False)
-        run("kubectl", "delete", "namespace", namespace, "--wait=false", check=False)
+        if not _flag("TRAJFLOW_E2E_KEEP_RELEASE"):
+            run("helm", "uninstall", name, "-n", namespace, "--wait", check=False)
+            run("kubectl", "delete", "namespace", namespace, "--wait=false", check=False)

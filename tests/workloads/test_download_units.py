@@ -188,6 +188,27 @@ def test_status_classification(status: int, expected: Any) -> None:
     assert classify_status(status) == expected
 
 
+def test_failure_counters_start_at_zero_and_count_every_classified_reason() -> None:
+    from trajflow.download.failures import REASONS
+    from trajflow.download.transfer import Stats
+    from trajflow.metrics import download_metrics
+
+    metrics = download_metrics()
+    stats = Stats(metrics)
+
+    def counted(reason: str) -> float | None:
+        return metrics.registry.get_sample_value("trajflow_download_failures_total", {"reason": reason})
+
+    assert {reason: counted(reason) for reason in REASONS} == dict.fromkeys(REASONS, 0.0)
+    # every reason an HTTP status maps to is one of the series exported from the start
+    classified = {c[1] for c in map(classify_status, range(100, 600)) if c is not None}
+    assert classified <= set(REASONS)
+    stats.failure("throttled")
+    stats.failure("throttled")
+    assert counted("throttled") == 2 and stats.failures == {"throttled": 2}
+    assert all(counted(reason) == 0 for reason in REASONS if reason != "throttled")
+
+
 def test_backoff_is_jittered_capped_and_honours_retry_after() -> None:
     backoff = Backoff(1.0, 8.0, random.Random(0))
     for retry in range(1, 10):

@@ -170,3 +170,51 @@ def test_catalogs_are_fresh_and_named():
                      "trajflow_preprocess_resample_seconds_bucket"):
         assert expected in names
     assert not [n for n in names if n.endswith("_created")]
+
+
+# ---- label values exported at 0 from the start -----------------------------------------
+
+
+def _registry_sample(metrics, name: str, **labels: str) -> float | None:  # type: ignore[no-untyped-def]
+    return metrics.registry.get_sample_value(name, labels)
+
+
+def test_download_failure_reasons_and_outcomes_start_at_zero():
+    from trajflow.download.failures import REASONS
+    from trajflow.metrics import DOWNLOAD_OUTCOMES
+
+    metrics = download_metrics()
+    for reason in REASONS:
+        assert _registry_sample(metrics, "trajflow_download_failures_total", reason=reason) == 0
+    for outcome in DOWNLOAD_OUTCOMES:
+        assert _registry_sample(metrics, "trajflow_download_items_total", outcome=outcome) == 0
+
+
+def test_first_push_carries_the_zero_counters_before_any_failure(pushgateway):
+    from trajflow.download.failures import REASONS
+
+    metrics = download_metrics()
+    # a long interval: only the push at start can put the group there before stop()
+    pusher = Pusher(pushgateway.url, metrics, run="run-z", shard=3).start(3600)
+    try:
+        deadline = time.monotonic() + 10
+        while not pushgateway.groups() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        text = pushgateway.metrics_text()
+    finally:
+        pusher.stop(success=True)
+    group = {"job": PUSH_JOB, "run": "run-z", "stage": "download", "shard": "3"}
+    for reason in REASONS:
+        assert _sample(text, "trajflow_download_failures_total", reason=reason, **group) == 0, reason
+    assert _sample(text, "trajflow_download_items_total", outcome="failed", **group) == 0
+    assert _sample(text, "trajflow_stage_success", **group) == 0  # still running: stop() had not pushed yet
+
+
+def test_preprocess_quarantine_reasons_start_at_zero(local_storage):
+    from trajflow.config.preprocess import PreprocessConfig
+    from trajflow.preprocess import readers
+    from trajflow.preprocess.stage import ShardProcessor
+
+    processor = ShardProcessor(local_storage, 0, 1, PreprocessConfig())
+    for reason in readers.REASONS:
+        assert _registry_sample(processor.metrics, "trajflow_preprocess_quarantined_total", reason=reason) == 0

@@ -228,6 +228,33 @@ def test_read_workers_follow_the_cpu_budget_and_never_change_the_bytes(tmp_path,
     assert shards[0] == shards[1]
 
 
+def test_a_smaller_shard_count_redoes_the_shards_and_drops_the_others(local_storage, mixed):
+    files, episodes = mixed
+    names = sorted(files)
+    halves = [{k: files[k] for k in names[::2]}, {k: files[k] for k in names[1::2]}]
+    cfg = stage_config(sources={"robomimic": ROBOMIMIC})
+    for shard, part in enumerate(halves):
+        publish_raw_shard(local_storage, shard, part, shards=2)
+        process_shard(local_storage, shard, 2, cfg)
+    assert [e.shard for e in list_shards(local_storage)] == [0, 1]
+
+    # the downloader re-shards everything into one shard: shard 1's output must not be read again
+    local_storage.delete(manifest_key("download", 1))
+    publish_raw_shard(local_storage, 0, files, shards=1)
+    summary = process_shard(local_storage, 0, 1, cfg)
+    assert not summary.skipped and summary.episodes == len(episodes)
+    assert [(e.shard, read_manifest(local_storage, "preprocess", e.shard)["shards"])
+            for e in list_shards(local_storage)] == [(0, 1)]
+
+
+def test_a_download_shard_of_another_shard_count_is_waited_for(local_storage, mixed):
+    files, _ = mixed
+    publish_raw_shard(local_storage, 0, files, shards=4)
+    with pytest.raises(TransientError, match=r"download shard 00000 was written for 4 shards, this run has 2"):
+        process_shard(local_storage, 0, 2, stage_config(sources={"robomimic": ROBOMIMIC}))
+    assert read_manifest(local_storage, "preprocess", 0) is None
+
+
 def test_download_not_done_is_retryable(local_storage):
     with pytest.raises(TransientError, match=r"download shard 00000 is not done .*raw/_done/00000.json"):
         process_shard(local_storage, 0, 1, stage_config())

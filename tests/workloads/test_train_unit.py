@@ -374,6 +374,48 @@ def test_nan_loss_stops_with_the_diverged_exit_code(tmp_path: Path) -> None:
     assert CheckpointStore(storage).list() == []  # nothing diverged was saved
 
 
+def test_diverged_run_pushes_a_non_finite_loss(tmp_path: Path, pushgateway) -> None:  # type: ignore[no-untyped-def]
+    """The final push carries the loss that diverged, so the NaN-loss alert (which matches
+    `loss != loss or abs(loss) == Inf` on the pushed series) fires."""
+    import math
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    settings, _ = small_run(tmp_path, learning_rate=1e30, grad_clip=0.0)
+    glob = settings.global_.model_copy(update={"metrics": settings.global_.metrics.model_copy(
+        update={"pushgateway_url": pushgateway.url})})
+    with pytest.raises(TrainingDiverged):
+        train(type(settings)(glob, settings.config, 0, 1))
+    samples = {(s.name, s.labels.get("split")): s for family in text_string_to_metric_families(pushgateway.metrics_text())
+               for s in family.samples if s.labels.get("job") == "trajflow"}
+    loss = samples[("trajflow_train_loss", "train")]
+    assert loss.labels["run"] == "run" and loss.labels["stage"] == "train" and loss.labels["shard"] == "0"
+    assert not math.isfinite(loss.value)
+    assert samples[("trajflow_stage_success", None)].value == 0
+
+
+@pytest.mark.parametrize("loss", [float("nan"), float("inf"), float("-inf"), 0.25])
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_divergence_sets_the_loss_gauge_non_finite(tmp_path: Path, loss: float, split: str) -> None:
+    import math
+
+    from trajflow.metrics import train_metrics
+    from trajflow.train.dist import DistContext
+    from trajflow.train.loop import Trainer
+
+    settings, storage = small_run(tmp_path)
+    metrics = train_metrics()
+    metrics.loss.labels(split=split).set(0.5)  # the last finite epoch
+    error = Trainer(settings, DistContext(), storage, metrics)._diverged(loss, 0, split)
+    assert error.exit_code == ExitCode.DIVERGED
+    value = metrics.registry.get_sample_value("trajflow_train_loss", {"split": split})
+    assert value is not None
+    if math.isinf(loss):
+        assert value == loss
+    else:  # NaN, or finite because the gradient norm diverged: the next loss would be NaN
+        assert math.isnan(value)
+
+
 def test_metrics_endpoint_and_final_push(tmp_path: Path, pushgateway) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
     settings, _ = small_run(tmp_path, epochs=1, metrics_port=port)

@@ -1,6 +1,7 @@
 """`trajflow wait`: backoff until upstream manifests exist, exit 6 with a clear line on timeout."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -130,3 +131,184 @@ def test_cli_rejects_an_unknown_stage(tmp_path, capsys):
         cli.main(["wait", "--stage", "train", "--shards", "0", "--config", _config(tmp_path)])
     assert info.value.code == 2
     assert "invalid choice: 'train'" in capsys.readouterr().err
+
+
+# ---- manifests of another run ----------------------------------------------------------
+
+
+def test_manifest_of_another_shard_count_keeps_the_gate_closed_until_rewritten(local_storage, caplog):
+    fake = FakeClock()
+    write_manifest(local_storage, "download", 0, 4, [])
+    write_manifest(local_storage, "download", 1, 8, [])  # left by an earlier 8-shard run
+
+    def upstream_rerun() -> None:
+        if len(fake.sleeps) == 3:
+            write_manifest(local_storage, "download", 1, 4, [])
+
+    fake.on_sleep = upstream_rerun
+    with caplog.at_level("WARNING", logger="trajflow.storage.wait"):
+        wait_for_shards(local_storage, "download", {0, 1}, timeout_s=3600, clock=fake.clock, sleep=fake.sleep,
+                        expect_shards=4)
+    assert len(fake.sleeps) == 3  # the stale manifest held the gate until shard 1 was rewritten
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"{local_storage.uri}/raw/_done/00001.json records shards=8 (expected 4): "
+                        "waiting for upstream shard 1 to rewrite it"]  # once, not once per poll
+
+
+def test_without_an_expected_count_any_manifest_counts(local_storage):
+    write_manifest(local_storage, "download", 0, 8, [])
+    fake = FakeClock()
+    wait_for_shards(local_storage, "download", {0}, timeout_s=0, clock=fake.clock, sleep=fake.sleep)
+    assert fake.sleeps == []
+
+
+def test_timeout_names_the_stale_manifests_and_why(storage):
+    fake = FakeClock()
+    write_manifest(storage, "download", 0, 2, [], generation="g-new")
+    write_manifest(storage, "download", 1, 3, [], generation="g-new")
+    storage.write_bytes("raw/_done/00002.json", b"{not json")
+    with pytest.raises(WaitTimeout) as info:
+        wait_for_shards(storage, "download", {0, 1}, timeout_s=10, clock=fake.clock, sleep=fake.sleep,
+                        expect_shards=2, expect_generation="g-old")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message == (
+        f"timed out after 10s waiting for 2 download shard(s) under {storage.uri}/raw/_done: 0, 1; "
+        "2 of them have a manifest that does not count: shard 0 records generation='g-new' (expected 'g-old'); "
+        "shard 1 records shards=3 (expected 2) and generation='g-new' (expected 'g-old')"
+    )
+    assert info.value.exit_code == ExitCode.TIMEOUT
+
+
+def test_an_unreadable_manifest_does_not_count(local_storage):
+    fake = FakeClock()
+    local_storage.write_bytes("resampled/_done/00000.json", b"{not json")
+    with pytest.raises(WaitTimeout, match=r": 0; 1 of them have a manifest that does not count: shard 0 is unreadable: "
+                                          r"corrupt manifest: Expecting property name"):
+        wait_for_shards(local_storage, "preprocess", {0}, timeout_s=5, clock=fake.clock, sleep=fake.sleep)
+
+
+def test_matching_generation_counts(local_storage):
+    write_manifest(local_storage, "download", 0, 1, [], generation="abc123")
+    fake = FakeClock()
+    wait_for_shards(local_storage, "download", {0}, timeout_s=0, clock=fake.clock, sleep=fake.sleep,
+                    expect_shards=1, expect_generation="abc123")
+    assert fake.sleeps == []
+
+
+@pytest.mark.parametrize(
+    "expect,match", [(0, "at least 1"), (2, r"shard 2 does not exist when there are 2 shard\(s\) \(0-1\)")]
+)
+def test_impossible_expectations_are_config_errors(local_storage, expect, match):
+    with pytest.raises(ConfigError, match=match):
+        wait_for_shards(local_storage, "download", {0, 2}, timeout_s=1, expect_shards=expect)
+
+
+def test_a_failed_poll_is_retried_until_the_deadline(local_storage, caplog):
+    class Flaky(LocalStorage):
+        calls = 0
+
+        def list(self, prefix=""):  # type: ignore[no-untyped-def]
+            type(self).calls += 1
+            if type(self).calls <= 2:
+                raise OSError("Stale file handle")
+            return super().list(prefix)
+
+    root = Flaky(local_storage.root)
+    write_manifest(root, "download", 0, 1, [])
+    fake = FakeClock()
+    with caplog.at_level("WARNING", logger="trajflow.storage.wait"):
+        wait_for_shards(root, "download", {0}, timeout_s=60, clock=fake.clock, sleep=fake.sleep)
+    assert len(fake.sleeps) == 2
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"cannot read {root.uri}/raw/_done (Stale file handle); trying again"]
+
+
+def test_a_poll_failing_until_the_deadline_is_named_in_the_timeout(local_storage):
+    class Down(LocalStorage):
+        def list(self, prefix=""):  # type: ignore[no-untyped-def]
+            raise OSError("Transport endpoint is not connected")
+
+    fake = FakeClock()
+    with pytest.raises(WaitTimeout, match=r"under .*/raw/_done: 0; the last poll failed: Transport endpoint is not "
+                                          r"connected$"):
+        wait_for_shards(Down(local_storage.root), "download", {0}, timeout_s=30, clock=fake.clock, sleep=fake.sleep)
+
+
+def test_cli_expect_shards_rejects_a_stale_manifest(tmp_path, capsys):
+    root = LocalStorage(tmp_path / "run-a")
+    write_manifest(root, "preprocess", 0, 2, [])
+    write_manifest(root, "preprocess", 1, 2, [])
+    args = ["wait", "--stage", "preprocess", "--shards", "0-1", "--timeout", "1s", "--config", _config(tmp_path)]
+    assert cli.main(args) == 0  # no expectation: any manifest counts
+    code = cli.main(args + ["--expect-shards", "3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == ExitCode.TIMEOUT
+    assert err[-1].startswith("trajflow wait: error: timed out after 1s waiting for 2 preprocess shard(s)")
+    assert err[-1].endswith("shard 0 records shards=2 (expected 3); shard 1 records shards=2 (expected 3)")
+
+
+def test_cli_expect_generation_is_for_downloads_only(tmp_path, capsys):
+    code = cli.main(["wait", "--stage", "preprocess", "--shards", "0", "--expect-generation", "abc",
+                     "--config", _config(tmp_path)])
+    assert code == ExitCode.CONFIG
+    assert "--expect-generation applies to --stage download only" in capsys.readouterr().err
+
+
+# ---- an object store that refuses us ---------------------------------------------------
+
+
+def _s3_config(tmp_path, endpoint: str, bucket: str = "no-such-run") -> str:
+    path = tmp_path / "s3-config.yaml"
+    path.write_text(f"global:\n  runId: run-a\n  storage:\n    type: s3\n"
+                    f"    s3: {{bucket: {bucket}, endpoint: '{endpoint}'}}\nconfig: {{}}\n")
+    return str(path)
+
+
+def test_cli_without_s3_credentials_is_one_config_error_line(tmp_path, capsys, monkeypatch):
+    from trajflow.testing import free_port
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    # nothing listens there: the credential check comes before any connection
+    config = _s3_config(tmp_path, f"http://127.0.0.1:{free_port()}")
+    code = cli.main(["wait", "--stage", "download", "--shards", "0", "--timeout", "1m", "--config", config])
+    err = capsys.readouterr().err
+    assert code == ExitCode.CONFIG == 2
+    assert "Traceback" not in err
+    assert err.strip().splitlines() == [
+        "trajflow wait: error: cannot read s3://no-such-run/run-a/raw/_done: no usable S3 credentials (Unable to "
+        "locate credentials); give the pod credentials through global.storage.s3.existingSecret (AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY) or workload identity"
+    ]
+
+
+def test_cli_with_credentials_the_store_refuses_is_one_config_error_line(s3_server, s3_shared_bucket, tmp_path, capsys,
+                                                                          monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "not-a-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-secret")
+    config = _s3_config(tmp_path, s3_server.endpoint, s3_shared_bucket)
+    code = cli.main(["wait", "--stage", "download", "--shards", "0", "--timeout", "1m", "--config", config])
+    err = capsys.readouterr().err
+    assert code == ExitCode.CONFIG
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and len(lines) == 1
+    assert lines[0].startswith(f"trajflow wait: error: cannot read s3://{s3_shared_bucket}/run-a/raw/_done: ")
+    assert lines[0].endswith("the store does not accept these credentials: check global.storage.s3.existingSecret "
+                             "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or workload identity")
+
+
+def test_cli_on_a_missing_bucket_is_one_config_error_line(s3_server, tmp_path, capsys):
+    config = _s3_config(tmp_path, s3_server.endpoint, "trajflow-missing-bucket")
+    code = cli.main(["wait", "--stage", "download", "--shards", "0", "--timeout", "1m", "--config", config])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == ExitCode.CONFIG
+    assert len(lines) == 1
+    assert lines[0].startswith(
+        "trajflow wait: error: cannot read s3://trajflow-missing-bucket/run-a/raw/_done: NoSuchBucket (")
+    assert lines[0].endswith("the bucket does not exist: check global.storage.s3.bucket and endpoint")

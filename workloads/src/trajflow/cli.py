@@ -22,7 +22,7 @@ OPTIONAL_DEPENDENCIES = {
 COMMANDS: dict[str, tuple[str, str]] = {
     "download": ("trajflow.download.cli", "fetch this shard's items of the dataset to the run root"),
     "preprocess": ("trajflow.preprocess.cli", "resample this shard's raw trajectories to a uniform rate"),
-    "train": ("trajflow.train.cli", "train a model on the resampled shards (launched by torchrun)"),
+    "train": ("trajflow.train.cli", "train a model on the resampled shards (DDP; --nproc-per-node launches the workers)"),
     "wait": ("trajflow.storage.wait", "wait until upstream shard manifests exist"),
     "run": ("trajflow.local.cli", "run the enabled stages on this machine from values files"),
     "schema": ("trajflow.config.cli", "print the JSON Schema of the values' config blocks"),

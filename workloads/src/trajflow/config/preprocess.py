@@ -71,8 +71,8 @@ class PreprocessConfig(Model):
     )
     prefetch: int = Field(2, ge=0, description="Batches read ahead of the device and waiting for the writer.")
     read_workers: int = Field(
-        0, ge=0, le=64, description="Threads reading and decoding raw files; 0: half the CPUs the pod may use, at "
-        "least 1 (decoders hold Python's GIL much of the time, so more threads than that contend rather than help)."
+        0, ge=0, le=64, description="Threads reading and decoding raw files; 0: half the pod's CPUs, at least 1 "
+        "(decoders hold the GIL much of the time: more threads contend)."
     )
     cpu_threads: int = Field(
         1, ge=0, le=256, description="Torch threads resampling on the CPU (0: torch's default). Reading and writing "

@@ -46,7 +46,14 @@ from trajflow.download.transfer import (
 from trajflow.download.verify import Digests, Record, declared_checksums, item_fingerprint, read_record, write_record
 from trajflow.errors import ConfigError, PermanentError, TrajflowError, TransientError
 from trajflow.plan import Item, load_or_create_plan, shard_items
-from trajflow.storage import LocalStorage, Storage, done_shards, read_manifest, shard_name, write_manifest
+from trajflow.storage import (
+    LocalStorage,
+    Storage,
+    read_manifest,
+    remove_foreign_manifests,
+    shard_name,
+    write_manifest,
+)
 from trajflow.storage.manifest import manifest_key
 
 log = logging.getLogger(__name__)
@@ -265,8 +272,8 @@ class ShardDownloader:
                  summary.planned_items, summary.planned_bytes, plan["fingerprint"][:12], self.generation)
         if self._already_done(plan, summary):
             return summary
-        if self.shard == 0:
-            self._remove_foreign_manifests()
+        if self.shard == 0:  # manifests of a larger shard count must not describe files that have since moved
+            remove_foreign_manifests(self.root, STAGE, self.shards)
         try:
             self.listing = {info.key: info for info in self.root.list(f"{RAW}/{shard_name(self.shard)}/")}
         except Exception as exc:
@@ -324,21 +331,6 @@ class ShardDownloader:
                      str(doc.get("plan_fingerprint", ""))[:12])
         self.root.delete(manifest_key(STAGE, self.shard))
         return False
-
-    def _remove_foreign_manifests(self) -> None:
-        """Manifests of shard numbers this shard count does not have, left by a larger one:
-        nothing waits for them, but they must not describe files that have since moved."""
-        for other in sorted(done_shards(self.root, STAGE)):
-            if other < self.shards:
-                continue
-            try:
-                doc = read_manifest(self.root, STAGE, other)
-            except ValueError:
-                doc = None
-            if doc is None or doc.get("shards") != self.shards:
-                log.info("removing %s (from a plan with %s shards)", manifest_key(STAGE, other),
-                         doc.get("shards") if doc else "?")
-                self.root.delete(manifest_key(STAGE, other))
 
     # -- per item -----------------------------------------------------------------------
 

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 disable_created_metrics()
 
 PUSH_JOB = "trajflow"
+# trajflow_download_items_total{outcome}
+DOWNLOAD_OUTCOMES = ("fetched", "skipped", "reused", "adopted", "missing", "failed")
 
 
 def _common(registry: CollectorRegistry) -> dict[str, Any]:
@@ -83,6 +85,14 @@ def download_metrics() -> StageMetrics:
         duration=Gauge("trajflow_download_duration_seconds", "Wall time of this shard so far.", registry=r),
         throughput=Gauge("trajflow_download_throughput_bytes_per_second", "Mean throughput of this shard.", registry=r),
     )
+    # Every label value exported at 0 from the start: rate()/increase() see nothing of a
+    # series whose first sample already holds the first failure.
+    from trajflow.download.failures import REASONS
+
+    for reason in REASONS:
+        sm.failures.labels(reason=reason)
+    for outcome in DOWNLOAD_OUTCOMES:
+        sm.items.labels(outcome=outcome)
     return sm
 
 
@@ -178,11 +188,13 @@ class Pusher:
             return False
 
     def start(self, interval_s: float) -> "Pusher":
-        """Push every `interval_s` seconds in the background until `stop()`."""
+        """Push now and then every `interval_s` seconds in the background until `stop()`.
+        The first push exports the counters at 0 before anything can increment them."""
         if not self.url:
             return self
 
         def loop() -> None:
+            self.push()
             while not self._stop.wait(interval_s):
                 self.push()
 

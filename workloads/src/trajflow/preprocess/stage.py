@@ -38,7 +38,15 @@ from trajflow.metrics import Pusher, StageMetrics, preprocess_metrics
 from trajflow.preprocess import readers
 from trajflow.preprocess.readers import FileResult, Quarantined, RawEpisode, SourceSpec
 from trajflow.preprocess.shards import ShardWriter, report_key, shard_key
-from trajflow.storage import PLAN_KEY, Storage, manifest_key, read_manifest, shard_name, write_manifest
+from trajflow.storage import (
+    PLAN_KEY,
+    Storage,
+    manifest_key,
+    read_manifest,
+    remove_foreign_manifests,
+    shard_name,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -429,7 +437,13 @@ class ShardProcessor:
     def run(self) -> ShardSummary:
         started = time.perf_counter()
         shard, summary = self.shard, self.summary
+        if shard == 0:  # a larger shard count's manifests would make training read their episodes twice
+            remove_foreign_manifests(self.storage, "preprocess", self.shards)
         existing = read_manifest(self.storage, "preprocess", shard)
+        if existing is not None and existing.get("shards") != self.shards:
+            log.warning("shard %s was written for %s shards, this run has %d: it is preprocessed again",
+                        shard_name(shard), existing.get("shards"), self.shards)
+            existing = None
         if existing is not None:
             self._warn_if_stale(existing)
             log.info("shard %s is already done (%s exists): skipping", shard_name(shard), manifest_key("preprocess", shard))
@@ -442,6 +456,11 @@ class ShardProcessor:
             raise TransientError(
                 f"download shard {shard_name(shard)} is not done ({self.storage.uri}/{manifest_key('download', shard)} "
                 "does not exist): run `trajflow wait --stage download` first"
+            )
+        if raw_manifest.get("shards") != self.shards:  # the downloader has yet to redo it for this shard count
+            raise TransientError(
+                f"download shard {shard_name(shard)} was written for {raw_manifest.get('shards')} shards, this run has "
+                f"{self.shards}: run `trajflow wait --stage download --expect-shards {self.shards}` first"
             )
         remove = getattr(self.storage, "remove_stale_temporaries", None)
         if remove is not None:  # left by a killed run of this or another shard
@@ -469,7 +488,7 @@ class ShardProcessor:
             raise TransientError(f"shard {shard_name(shard)}: storage error: {type(exc).__name__}: {exc}") from exc
         finally:
             torch.set_num_threads(threads)
-        self._publish(shard_file, int(raw_manifest.get("shards") or self.shards))
+        self._publish(shard_file, self.shards)
         summary.seconds = time.perf_counter() - started
         if summary.seconds > 0:
             self.metrics.throughput.set(summary.trajectories / summary.seconds)
@@ -672,13 +691,20 @@ def run_shards(settings: Any, shards: Sequence[int], wait_timeout_s: float = 0.0
     from trajflow.errors import WaitTimeout
     from trajflow.storage import done_shards, open_run_root
 
+    def downloaded(shard: int) -> bool:  # by a download of this run's shard count
+        try:
+            doc = read_manifest(storage, "download", shard)
+        except ValueError:
+            return False
+        return doc is not None and doc.get("shards") == settings.shards
+
     storage = storage or open_run_root(settings.global_)
     pending = sorted(set(shards))
     out = []
     deadline = time.monotonic() + wait_timeout_s
     while pending:
         ready = done_shards(storage, "download")
-        runnable = [s for s in pending if s in ready]
+        runnable = [s for s in pending if s in ready and downloaded(s)]
         if not runnable:
             if time.monotonic() >= deadline:
                 if not wait_timeout_s:

@@ -14,6 +14,7 @@ from trajflow.storage.manifest import (
     done_shards,
     manifest_key,
     read_manifest,
+    remove_foreign_manifests,
     shard_name,
     write_manifest,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "open_run_root",
     "open_storage",
     "read_manifest",
+    "remove_foreign_manifests",
     "sha256_stream",
     "shard_name",
     "write_manifest",

@@ -6,15 +6,19 @@
     <root>/resampled/<shard>.*         fixed-rate shards + resampled/_done/<shard>.json
     <root>/train/checkpoints/, train/artifacts/
 
-A shard is done iff its manifest exists.
+A shard is done iff its manifest exists and records the shard count the consumer expects
+(a manifest of another shard count belongs to an earlier sharding of the run).
 """
 from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 from typing import Any
 
 from trajflow.storage.base import Storage
+
+log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
 # `trajflow wait --stage` name -> directory of that stage's output
@@ -73,3 +77,23 @@ def done_shards(storage: Storage, stage: str) -> set[int]:
         if name.endswith(".json") and name[:-5].isdigit():
             out.add(int(name[:-5]))
     return out
+
+
+def remove_foreign_manifests(storage: Storage, stage: str, shards: int) -> list[int]:
+    """Remove the manifests of shard numbers that ``shards`` does not have, left by a run
+    with more shards: nothing waits for them, and a consumer listing the done shards (the
+    trainer) must not count data that the current shards hold again. Returns their numbers."""
+    removed = []
+    for other in sorted(done_shards(storage, stage)):
+        if other < shards:
+            continue
+        try:
+            doc = read_manifest(storage, stage, other)
+        except ValueError:
+            doc = None
+        if doc is None or doc.get("shards") != shards:
+            log.info("removing %s (from a run with %s shards)", manifest_key(stage, other),
+                     doc.get("shards") if doc else "?")
+            storage.delete(manifest_key(stage, other))
+            removed.append(other)
+    return removed

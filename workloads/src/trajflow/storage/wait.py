@@ -1,4 +1,11 @@
-"""`trajflow wait`: block until upstream shard manifests exist (init containers use it)."""
+"""`trajflow wait`: block until upstream shard manifests exist (init containers use it).
+
+A manifest counts only when it belongs to the run the waiter expects: with
+`--expect-shards N` its recorded shard count must be N, and with `--expect-generation G`
+(download manifests record the plan generation) its generation must be G. A manifest left
+by an earlier run with another shard count or plan keeps the gate closed until the
+upstream shard rewrites it; a timeout names those stale manifests and why.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,15 +13,18 @@ import logging
 import random
 import re
 import time
-from typing import Callable
+from typing import Any, Callable
 
-from trajflow.errors import ConfigError, WaitTimeout
+from trajflow.errors import ConfigError, TrajflowError, WaitTimeout
 from trajflow.storage.base import Storage
-from trajflow.storage.manifest import STAGE_DIRS, done_shards
+from trajflow.storage.manifest import STAGE_DIRS, done_shards, manifest_key, read_manifest
 
 log = logging.getLogger(__name__)
 
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
+# ClientError codes that no amount of waiting fixes, with what to check
+_BAD_IDENTITY = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
+_CREDENTIALS_HINT = "global.storage.s3.existingSecret (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or workload identity"
 
 
 def parse_duration(text: str) -> float:
@@ -41,6 +51,48 @@ def parse_shards(spec: str) -> set[int]:
     return out
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def stale_reason(doc: dict[str, Any], expected: dict[str, Any]) -> str | None:
+    """Why a manifest belongs to another run (None when it matches every expected field)."""
+    wrong = [f"{name}={doc.get(name)!r} (expected {value!r})" for name, value in expected.items()
+             if doc.get(name) != value]
+    return "records " + " and ".join(wrong) if wrong else None
+
+
+def _fatal(exc: Exception, where: str) -> TrajflowError | None:
+    """The error to stop with when polling cannot succeed by waiting longer; None when the
+    poll may just be retried (network trouble, a 5xx)."""
+    if isinstance(exc, TrajflowError):
+        return exc
+    from botocore import exceptions as boto_errors
+
+    if isinstance(exc, (boto_errors.NoCredentialsError, boto_errors.PartialCredentialsError,
+                        boto_errors.CredentialRetrievalError)):
+        return ConfigError(
+            f"cannot read {where}: no usable S3 credentials ({_one_line(exc)}); give the pod credentials through "
+            f"{_CREDENTIALS_HINT}"
+        )
+    if isinstance(exc, boto_errors.ClientError):
+        from trajflow.storage.s3 import _error_code, _status
+
+        code = _error_code(exc)
+        if code in _BAD_IDENTITY:
+            hint = f"the store does not accept these credentials: check {_CREDENTIALS_HINT}"
+        elif code == "NoSuchBucket":
+            hint = "the bucket does not exist: check global.storage.s3.bucket and endpoint"
+        elif code in ("AccessDenied", "AllAccessDisabled") or _status(exc) == 403:
+            hint = "the credentials need s3:ListBucket and s3:GetObject on the run root's bucket"
+        else:
+            return None
+        return ConfigError(f"cannot read {where}: {code or 'access denied'} ({_one_line(exc)}); {hint}")
+    if isinstance(exc, PermissionError):
+        return ConfigError(f"cannot read {where}: {_one_line(exc)}")
+    return None
+
+
 def wait_for_shards(
     storage: Storage,
     stage: str,
@@ -50,22 +102,82 @@ def wait_for_shards(
     max_delay_s: float = 30.0,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    *,
+    expect_shards: int | None = None,
+    expect_generation: str | None = None,
 ) -> None:
-    """Poll with capped exponential backoff until every shard's manifest exists."""
+    """Poll with capped exponential backoff until every shard's manifest exists and matches
+    `expect_shards` / `expect_generation` (when given).
+
+    Raises WaitTimeout (exit 6) naming the missing and stale shards, or ConfigError (exit 2)
+    when the run root cannot be read at all (no credentials, access denied); other storage
+    errors are logged and the poll is retried until the deadline.
+    """
+    expected: dict[str, Any] = {}
+    if expect_shards is not None:
+        if expect_shards < 1:
+            raise ConfigError(f"--expect-shards must be at least 1, got {expect_shards}")
+        beyond = sorted(s for s in shards if s >= expect_shards)
+        if beyond:
+            raise ConfigError(
+                f"shard {beyond[0]} does not exist when there are {expect_shards} shard(s) (0-{expect_shards - 1})"
+            )
+        expected["shards"] = expect_shards
+    if expect_generation is not None:
+        expected["generation"] = expect_generation
+    where = f"{storage.uri}/{STAGE_DIRS[stage]}/_done"
     deadline = clock() + timeout_s
     delay = initial_delay_s
+    accepted: set[int] = set()
+    stale: dict[int, str] = {}
+    warned: dict[int, str] = {}
+    last_error: Exception | None = None
     while True:
-        missing = sorted(shards - done_shards(storage, stage))
+        try:
+            listed = done_shards(storage, stage) & shards
+            accepted &= listed  # a manifest removed by a rerun upstream no longer counts
+            polled: dict[int, str] = {}
+            for shard in sorted(listed - accepted):
+                try:
+                    doc = read_manifest(storage, stage, shard)
+                except ValueError as exc:  # corrupt or of another format: the upstream rerun replaces it
+                    polled[shard] = "is unreadable: " + _one_line(exc).split(": ", 1)[-1]  # the key is said elsewhere
+                    continue
+                if doc is None:
+                    continue  # removed since the listing
+                reason = stale_reason(doc, expected)
+                if reason is None:
+                    accepted.add(shard)
+                else:
+                    polled[shard] = reason
+            stale, last_error = polled, None
+        except Exception as exc:
+            fatal = _fatal(exc, where)
+            if fatal is not None:
+                raise fatal from None
+            if last_error is None:
+                log.warning("cannot read %s (%s); trying again", where, _one_line(exc))
+            last_error = exc
+        for shard, reason in stale.items():
+            if warned.get(shard) != reason:
+                log.warning("%s/%s %s: waiting for upstream shard %d to rewrite it",
+                            storage.uri, manifest_key(stage, shard), reason, shard)
+                warned[shard] = reason
+        missing = sorted(shards - accepted)
         if not missing:
             log.info("all %d %s shard(s) are done", len(shards), stage)
             return
         remaining = deadline - clock()
         if remaining <= 0:
             shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
-            raise WaitTimeout(
-                f"timed out after {timeout_s:.0f}s waiting for {len(missing)} {stage} shard(s) "
-                f"under {storage.uri}/{STAGE_DIRS[stage]}/_done: {shown}"
-            )
+            message = f"timed out after {timeout_s:.0f}s waiting for {len(missing)} {stage} shard(s) under {where}: {shown}"
+            if stale:
+                shown_stale = "; ".join(f"shard {s} {stale[s]}" for s in sorted(stale)[:5])
+                more = "; ..." if len(stale) > 5 else ""
+                message += f"; {len(stale)} of them have a manifest that does not count: {shown_stale}{more}"
+            if last_error is not None:
+                message += f"; the last poll failed: {_one_line(last_error)}"
+            raise WaitTimeout(message)
         log.info("waiting for %d %s shard(s): %s", len(missing), stage, missing[:10])
         sleep(min(delay * random.uniform(0.8, 1.2), remaining))
         delay = min(delay * 2, max_delay_s)
@@ -77,6 +189,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", required=True, choices=sorted(STAGE_DIRS), help="upstream stage to wait for")
     parser.add_argument("--shards", required=True, help="shards to wait for: 3, 0-7, 0,2,5-6")
     parser.add_argument("--timeout", default="2h", help="give up after this long (exit 6), e.g. 30m, 2h")
+    parser.add_argument("--expect-shards", type=int, default=None, metavar="N",
+                        help="the upstream stage's shard count: a manifest recording another count is from an "
+                             "earlier run and does not count (default: any)")
+    parser.add_argument("--expect-generation", default=None, metavar="G",
+                        help="with --stage download: the plan generation the manifests must record (default: any)")
     add_config_arguments(parser)
 
 
@@ -86,6 +203,9 @@ def run(args: argparse.Namespace) -> int:
 
     shards = parse_shards(args.shards)
     timeout_s = parse_duration(args.timeout)
+    if args.expect_generation is not None and args.stage != "download":
+        raise ConfigError("--expect-generation applies to --stage download only (preprocess manifests record none)")
     glob = global_settings(args.config, args.values, args.set)
-    wait_for_shards(open_run_root(glob), args.stage, shards, timeout_s)
+    wait_for_shards(open_run_root(glob), args.stage, shards, timeout_s,
+                    expect_shards=args.expect_shards, expect_generation=args.expect_generation)
     return 0

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as tdist
 
+from trajflow.cpus import cpu_budget
 from trajflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -27,22 +28,6 @@ def _int_env(env: Mapping[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ConfigError(f"environment variable {name}={raw!r} must be an integer") from None
-
-
-def cpu_budget() -> int:
-    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU limit."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    try:
-        with open("/sys/fs/cgroup/cpu.max") as fh:
-            quota, period = fh.read().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(cpus, 1)
 
 
 @dataclass

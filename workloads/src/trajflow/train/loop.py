@@ -286,7 +286,11 @@ class Trainer:
         model.train(was_training)
         return float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
 
-    def _diverged(self, loss: float, epoch: int) -> TrainingDiverged:
+    def _diverged(self, loss: float, epoch: int, split: str) -> TrainingDiverged:
+        # The loss gauge carries the divergence to the NaN-loss alert (the final push sends
+        # it). A finite mean loss means the gradient norm diverged: the next loss would be
+        # NaN, so NaN is what the gauge says.
+        self.metrics.loss.labels(split=split).set(loss if not math.isfinite(loss) else math.nan)
         where = self.last_checkpoint.key if self.last_checkpoint else "none yet"
         return TrainingDiverged(
             f"training diverged: the loss or gradient norm became NaN/Inf at epoch {epoch}, step {self.state.step + 1} "
@@ -366,7 +370,7 @@ class Trainer:
                                        device=self.device), bad.double()])
                 loss_sum, samples, bad_ranks = self.dist.all_reduce_sum(reduced).tolist()
                 if bad_ranks > 0:
-                    raise self._diverged(loss_sum / max(samples, 1), epoch)
+                    raise self._diverged(loss_sum / max(samples, 1), epoch, "train")
                 optimizer.step()
                 scheduler.step()
                 now = time.perf_counter()
@@ -401,7 +405,7 @@ class Trainer:
         train_loss = st.epoch_loss_sum / max(st.epoch_samples, 1)
         rate = st.epoch_samples / max(st.epoch_train_seconds, 1e-9)
         if not math.isfinite(val_loss):
-            raise self._diverged(val_loss, st.epoch)
+            raise self._diverged(val_loss, st.epoch, "val")
         improved = st.best_val_loss is None or val_loss < st.best_val_loss - cfg.early_stopping.min_delta
         if improved:
             st.best_val_loss, st.best_epoch, st.epochs_without_improvement = val_loss, st.epoch, 0

@@ -1,4 +1,4 @@
-{{/* torchrun processes per pod: training.nprocPerNode, else the nvidia.com/gpu limit, else 1. */}}
+{{/* Training processes (local ranks) per pod: training.nprocPerNode, else the nvidia.com/gpu limit, else 1. */}}
 {{- define "trajflow.training.nprocPerNode" -}}
 {{- if not (kindIs "invalid" .Values.nprocPerNode) -}}
 {{- int .Values.nprocPerNode -}}
@@ -14,13 +14,20 @@
 {{- end -}}
 
 {{/*
-torchrun arguments. Takes (dict "context" $ "endpoint" "host:port" "runId" "rdzv id").
-c10d rendezvous: rank 0's pod hosts the store; a restarted pod rejoins under the same
-hostname; --max-restarts bounds worker-group restarts.
+Arguments of `trajflow train` as the elastic launcher (torchrun's agent run in-process).
+Plain torchrun exits 1 whatever its workers did; the launcher exits with the workers'
+decisive code (2 config, 3 permanent, 5 diverged...), so podFailurePolicy sees it. Takes
+(dict "context" $ "endpoint" "host:port" "rdzvId" "rendezvous id"). c10d rendezvous: the
+pod named by the endpoint hosts the store; --max-restarts bounds worker-group restarts;
+--local-addr is the pod IP (the container needs the `trajflow.training.podIpEnv`
+variable), so reaching the workers' store needs no DNS record of the pod.
 */}}
-{{- define "trajflow.training.torchrunArgs" -}}
+{{- define "trajflow.training.launcherArgs" -}}
 {{- $ctx := .context -}}
 {{- $v := $ctx.Values -}}
+- train
+- --config
+- {{ include "trajflow.configPath" $ctx }}
 - --nnodes={{ int $v.nodes }}
 - --nproc-per-node={{ include "trajflow.training.nprocPerNode" $ctx }}
 - --rdzv-backend=c10d
@@ -28,11 +35,12 @@ hostname; --max-restarts bounds worker-group restarts.
 - --rdzv-id={{ .rdzvId }}
 - --rdzv-conf=join_timeout={{ int $v.rendezvous.joinTimeoutSeconds }}
 - --max-restarts={{ int $v.maxRestarts }}
-- --no-python
-- trajflow
-- train
-- --config
-- {{ include "trajflow.configPath" $ctx }}
+- --local-addr=$(POD_IP)
+{{- end -}}
+
+{{/* The pod's IP (`POD_IP`), the address the launcher gives the other nodes. */}}
+{{- define "trajflow.training.podIpEnv" -}}
+{{- toJson (dict "name" "POD_IP" "valueFrom" (dict "fieldRef" (dict "fieldPath" "status.podIP"))) -}}
 {{- end -}}
 
 {{/*
@@ -60,7 +68,7 @@ local rank (`metrics` for local rank 0 at config.metricsPort, `metrics-<i>` at p
 {{- $shards := int $v.inputShards -}}
 {{- toJson (dict
   "name" "wait-preprocess"
-  "args" (list "wait" "--stage" "preprocess" "--shards" (printf "0-%d" (sub $shards 1)) "--timeout" ($v.waitTimeout | toString) "--config" (include "trajflow.configPath" .))
+  "args" (list "wait" "--stage" "preprocess" "--shards" (printf "0-%d" (sub $shards 1)) "--expect-shards" ($shards | toString) "--timeout" ($v.waitTimeout | toString) "--config" (include "trajflow.configPath" .))
   "resources" $v.waitResources) -}}
 {{- end -}}
 
@@ -71,5 +79,16 @@ local rank (`metrics` for local rank 0 at config.metricsPort, `metrics-<i>` at p
 {{- end -}}
 {{- if and (eq .Values.launcher "pytorchjob") (not (.Capabilities.APIVersions.Has "kubeflow.org/v1/PyTorchJob")) -}}
 {{- fail "training.launcher is pytorchjob, but this cluster does not serve kubeflow.org/v1 PyTorchJob: install the Kubeflow training operator, use training.launcher=job, or (helm template) pass --api-versions kubeflow.org/v1/PyTorchJob" -}}
+{{- end -}}
+{{- $metricsPort := int (dig "metricsPort" 0 (.Values.config | default dict)) -}}
+{{- if gt $metricsPort 0 -}}
+{{- $last := sub (add $metricsPort (int (include "trajflow.training.nprocPerNode" .))) 1 -}}
+{{- if gt $last 65535 -}}
+{{- fail (printf "training.config.metricsPort %d: local rank i serves port + i, and the last local rank's port %d is over 65535" $metricsPort $last) -}}
+{{- end -}}
+{{- $rdzv := int .Values.rendezvous.port -}}
+{{- if and (ge $rdzv $metricsPort) (le $rdzv $last) -}}
+{{- fail (printf "training.rendezvous.port %d is one of the /metrics ports %d-%d (training.config.metricsPort + local rank)" $rdzv $metricsPort $last) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
