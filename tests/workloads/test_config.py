@@ -220,6 +220,17 @@ def test_stage_settings_from_values_files_and_sets(tmp_path, chart):
     assert settings.root == (tmp_path / "exp-1").as_uri()
 
 
+def test_values_give_the_shard_count_outside_a_pod(tmp_path, chart):
+    base = _values_file(tmp_path, "env.yaml", f"global:\n  storage:\n    filesystem: {{path: {tmp_path}}}\n"
+                        "preprocessing:\n  shards: 8\n")
+    assert stage_settings("preprocessing", values_files=[base], env={}).shards == 8
+    # the pod's environment wins, as in the chart
+    assert stage_settings("preprocessing", values_files=[base], env={"TRAJFLOW_SHARDS": "4"}).shards == 4
+    with pytest.raises(ConfigError) as info:
+        stage_settings("preprocessing", values_files=[base], sets=["preprocessing.shards=0"], env={})
+    assert _one_line(info) == "--set preprocessing.shards=0: preprocessing.shards must be a positive integer, got 0"
+
+
 def test_chart_default_is_used_and_null_deletes_it(tmp_path, chart):
     values = load_values([], chart_dir=chart)
     assert values.stage("downloader")["config"] == {"concurrency": 4}

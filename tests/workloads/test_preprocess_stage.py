@@ -464,3 +464,16 @@ def test_run_shards_takes_each_shard_when_its_download_is_done(local_storage):
     assert read_manifest(local_storage, "preprocess", 1)["shards"] == 2
     with pytest.raises(WaitTimeout, match=r"download shard\(s\) \[2\]"):
         run_shards(settings, [1, 2], wait_timeout_s=0.3, storage=local_storage, poll_s=0.1)
+
+
+def test_run_shards_waits_for_a_download_of_its_own_shard_count(local_storage):
+    from trajflow.config import GlobalConfig, StageSettings
+    from trajflow.errors import WaitTimeout
+    from trajflow.preprocess.stage import run_shards
+
+    rng = np.random.default_rng(13)
+    publish_raw_shard(local_storage, 0, {"npz/a.npz": npz_bytes(**_npz_episode(rng))}, shards=4)  # an older plan
+    settings = StageSettings(GlobalConfig(), stage_config(), 0, 2)
+    with pytest.raises(WaitTimeout, match=r"download shard\(s\) \[0\]"):
+        run_shards(settings, [0], wait_timeout_s=0.3, storage=local_storage, poll_s=0.1)
+    assert read_manifest(local_storage, "preprocess", 0) is None

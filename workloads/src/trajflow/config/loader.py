@@ -372,12 +372,13 @@ class StageSettings:
         return self.global_.run_root()
 
 
-def shard_from_env(env: dict[str, str] | None = None) -> tuple[int, int]:
-    """(index, count) from JOB_COMPLETION_INDEX and TRAJFLOW_SHARDS (defaults: 0 of 1)."""
+def shard_from_env(env: dict[str, str] | None = None, default_count: int = 1) -> tuple[int, int]:
+    """(index, count) from JOB_COMPLETION_INDEX and TRAJFLOW_SHARDS (defaults: 0 of
+    ``default_count``)."""
     env = os.environ if env is None else env
     try:
         index = int(env.get("JOB_COMPLETION_INDEX", "0"))
-        count = int(env.get("TRAJFLOW_SHARDS", "1"))
+        count = int(env.get("TRAJFLOW_SHARDS", str(default_count)))
     except ValueError:
         raise ConfigError(
             f"JOB_COMPLETION_INDEX={env.get('JOB_COMPLETION_INDEX')!r} and TRAJFLOW_SHARDS="
@@ -432,15 +433,23 @@ def stage_settings(
 ) -> StageSettings:
     """Resolve a stage's settings from `--config FILE` (pods) or `-f/--set` (local use)."""
     values_files, sets = list(values_files), list(sets)
+    default_count = 1
     if values_files or sets:
         values = load_values(values_files, sets)
         glob = validate_global(values.merged.get("global") or {}, values=values)
         config = validate_stage(stage, values.stage(stage).get("config") or {}, values=values)
+        # outside a pod the values say how many shards the stage has, as they tell the chart
+        shards = values.stage(stage).get("shards")
+        if shards is not None:
+            if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+                raise ConfigError(f"{values.origin([stage, 'shards'])}: {stage}.shards must be a positive integer, "
+                                  f"got {shards!r}")
+            default_count = shards
     else:
         env_map = os.environ if env is None else env
         path = config_file or env_map.get(CONFIG_PATH_ENV) or DEFAULT_CONFIG_PATH
         glob, config = load_config_file(path, stage)
-    index, count = shard_from_env(env)
+    index, count = shard_from_env(env, default_count)
     return StageSettings(glob, config, index, count)
 
 

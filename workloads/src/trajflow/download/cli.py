@@ -25,7 +25,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     add_config_arguments(parser)
     parser.add_argument("--shard", type=int, default=None, help="shard index (default: $JOB_COMPLETION_INDEX, else 0)")
-    parser.add_argument("--shards", type=int, default=None, help="shard count (default: $TRAJFLOW_SHARDS, else 1)")
+    parser.add_argument("--shards", type=int, default=None, help="shard count (default: $TRAJFLOW_SHARDS, else downloader.shards of the -f/--set values, "
+                        "else 1)")
     parser.add_argument("--plan-only", action="store_true", help="make (or read) the plan, print this shard's items, fetch nothing")
     parser.add_argument("--summary-json", metavar="FILE", default=None, help="also write the final summary as JSON to FILE")
 

@@ -2,7 +2,8 @@
 
 In a pod the shard is JOB_COMPLETION_INDEX of TRAJFLOW_SHARDS and the init container has
 already waited for its download manifest. Locally, ``--shards 0-7 --wait 2h`` processes
-several shards, each as soon as its download is done.
+several shards, each as soon as its download (of ``preprocessing.shards`` shards in the
+values, or TRAJFLOW_SHARDS) is done.
 
 Exit codes (trajflow.errors.ExitCode, the chart's podFailurePolicy): 0 done or already
 done; 2 bad config (fail the Job); 3 too many bad trajectories (fail the index); 4 storage
