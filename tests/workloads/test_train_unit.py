@@ -13,7 +13,7 @@ import torch
 from trajflow.config.train import TrainConfig
 from trajflow.errors import ConfigError, ExitCode, PermanentError, TransientError
 from trajflow.preprocess.shards import Episode, list_shards, shard_key, write_shard
-from trajflow.storage import LocalStorage, write_manifest
+from trajflow.storage import LocalStorage, manifest_key, read_manifest, write_manifest
 from trajflow.testing import free_port
 from trajflow.train import artifacts
 from trajflow.train.checkpoint import CheckpointStore
@@ -502,3 +502,19 @@ def test_cli_worker_ignores_the_job_completion_index(tmp_path: Path, monkeypatch
     assert main(["train", "--config", str(config_file)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["status"] == "completed" and result["world_size"] == 1 and result["steps"] > 0
+
+
+def test_a_shard_without_episodes_is_passed_over(tmp_path: Path) -> None:
+    # more download shards than trajectory files: preprocessing writes an empty shard
+    from trajflow.config.preprocess import PreprocessConfig
+    from trajflow.preprocess.stage import process_shard
+
+    storage = LocalStorage(tmp_path / "r")
+    write_synthetic_shards(storage, shards=3, episodes_per_shard=2, length=30)
+    storage.delete(manifest_key("preprocess", 0))
+    write_manifest(storage, "download", 0, 3, [])
+    summary = process_shard(storage, 0, 3, PreprocessConfig(device="cpu"))
+    assert summary.episodes == 0 and read_manifest(storage, "preprocess", 0)["num_episodes"] == 0
+    shards = open_shards(storage, ["observation.state", "action"])
+    assert shards.shard_ids == [1, 2] and len(shards.episodes) == 4
+    assert shards.dims == {"observation.state": 6, "action": 3}  # the synthetic system's widths

@@ -67,10 +67,13 @@ def open_shards(storage: Storage, streams: Sequence[str], cache_dir: str | Path 
             f"{storage.uri}/resampled/_done/: no done shards yet; training starts after preprocessing has finished"
         )
     readers: list[ShardReader] = []
+    shard_ids: list[int] = []
     episodes: list[EpisodeRef] = []
     rate: float | None = None
     dims: dict[str, int] = {}
     for entry in entries:
+        if entry.num_episodes == 0:  # a shard without trajectories: nothing to read, its streams have no width
+            continue
         try:
             reader = open_shard(storage=storage, key=entry.key, cache_dir=cache_dir)
         except FileNotFoundError as exc:
@@ -97,9 +100,10 @@ def open_shards(storage: Storage, streams: Sequence[str], cache_dir: str | Path 
                 )
         pos = len(readers)
         readers.append(reader)
+        shard_ids.append(entry.shard)
         for i, ep in enumerate(reader.episodes):
             episodes.append(EpisodeRef(pos, i, ep.offset, ep.length, f"{ep.source}#{ep.episode}"))
-    return ShardSet(readers, [e.shard for e in entries], episodes, float(rate or 0.0), dims)
+    return ShardSet(readers, shard_ids, episodes, float(rate or 0.0), dims)
 
 
 def _as_float32(reader: ShardReader, rows: np.ndarray | slice, stream: str) -> np.ndarray:
