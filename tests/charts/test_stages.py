@@ -59,6 +59,16 @@ def test_preprocessing_shard_waits_for_its_download_shard():
     assert job["spec"]["parallelism"] == 8
 
 
+def test_workloads_are_told_the_size_limit_of_their_tmp():
+    objs = render([env_file("production")], {"preprocessing.tmp.sizeLimit": "20Gi"}, api_versions=PROMETHEUS_OPERATOR_APIS)
+    for stage in ("downloader", "preprocessing", "training"):
+        job = one(objs, "Job", stage)
+        tmp = next(v for v in pod_spec(job)["volumes"] if v["name"] == "tmp")
+        for c in pod_spec(job)["containers"] + pod_spec(job).get("initContainers", []):
+            assert env_of(c)["TRAJFLOW_TMP_SIZE_LIMIT"] == tmp["emptyDir"]["sizeLimit"], (stage, c["name"])
+    assert env_of(container(one(objs, "Job", "preprocessing"), "preprocess"))["TRAJFLOW_TMP_SIZE_LIMIT"] == "20Gi"
+
+
 def test_image_reference_rules():
     base = render(set_values={"global.imageRegistry": "mirror.example.com/"})
     assert container(one(base, "Job", "downloader"), "download")["image"] == \

@@ -166,3 +166,25 @@ def test_fetch_rejects_a_checksum_mismatch(s3_storage, tmp_path):
     with pytest.raises(ShardFormatError, match="sha256"):
         fetch_shard(s3_storage, replace(entry, sha256="0" * 64), tmp_path / "cache")
     assert not any(p.name.startswith(".") for p in (tmp_path / "cache").rglob("*"))
+
+
+def test_the_writer_stops_before_the_temporary_directory_limit(local_storage, tmp_path):
+    from trajflow.errors import ExitCode, PermanentError
+
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    # 1 MiB in memory per stream, then files: at most 3 MiB of them
+    writer = ShardWriter(local_storage, shard_key(0), {"a": 64, "b": 64}, "float32", 50.0, spool_bytes=2 << 20,
+                         spool_dir=str(spool_dir), spill_limit_bytes=3 << 20)
+    frames = np.zeros((2048, 64), dtype=np.float32)  # 0.5 MiB per stream and episode
+    added = 0
+    with pytest.raises(PermanentError, match=r"00000\.safetensors: this shard's frames would take 4 MiB of the "
+                                             r"temporary directory, more than the 3 MiB it may use: raise "
+                                             r"preprocessing\.tmp\.sizeLimit") as info:
+        for e in range(10):
+            writer.add({"a": frames, "b": frames}, source="raw/x", episode=str(e))
+            added += 1
+    assert added == 3  # two streams of 1.5 MiB: 3 MiB on disk; the fourth episode would make it 4
+    assert info.value.exit_code == ExitCode.PERMANENT
+    writer.abort()
+    assert not local_storage.exists(shard_key(0))

@@ -175,7 +175,7 @@ class ShardWriter:
     """
 
     def __init__(self, storage: Storage, key: str, dims: Mapping[str, int], dtype: str, rate_hz: float,
-                 spool_bytes: int = 256 << 20, spool_dir: str | None = None):
+                 spool_bytes: int = 256 << 20, spool_dir: str | None = None, spill_limit_bytes: int | None = None):
         if not dims:
             raise ValueError("a shard needs at least one stream")
         if not rate_hz > 0:
@@ -186,10 +186,12 @@ class ShardWriter:
         self.dtype = dtype
         self.code, self.np_dtype = _dtype_info(dtype)
         self.rate_hz = float(rate_hz)
-        per_stream = max(spool_bytes // len(self.streams), 1 << 20)
+        self._per_stream = max(spool_bytes // len(self.streams), 1 << 20)
         self._spools: dict[str, IO[bytes]] = {
-            s: tempfile.SpooledTemporaryFile(max_size=per_stream, dir=spool_dir) for s in self.streams
+            s: tempfile.SpooledTemporaryFile(max_size=self._per_stream, dir=spool_dir) for s in self.streams
         }
+        self._spooled = dict.fromkeys(self.streams, 0)
+        self.spill_limit_bytes = spill_limit_bytes
         self.episodes: list[EpisodeInfo] = []
         self.num_frames = 0
         self._closed = False
@@ -216,14 +218,31 @@ class ShardWriter:
                 length = x.shape[0]
             elif x.shape[0] != length:
                 raise ValueError(f"episode {episode!r} of {source}: streams have different lengths")
+        self._check_spill({s: self._spooled[s] + data[s].nbytes for s in self.streams})
         for s in self.streams:
             self._spools[s].write(np.ascontiguousarray(data[s]).data)
+            self._spooled[s] += data[s].nbytes
         info = EpisodeInfo(offset=self.num_frames, length=int(length or 0), source=source, episode=str(episode),
                            robot=robot, original_rate_hz=float(original_rate_hz), raw_length=int(raw_length),
                            start_time=float(start_time))
         self.episodes.append(info)
         self.num_frames += info.length
         return info
+
+    def _check_spill(self, sizes: Mapping[str, int]) -> None:
+        """Stop before the spooled frames outgrow the temporary directory's size limit: past
+        an emptyDir's sizeLimit the kubelet evicts the pod, which is retried forever."""
+        if self.spill_limit_bytes is None:
+            return
+        on_disk = sum(n for n in sizes.values() if n > self._per_stream)  # a spool past its memory share is a file
+        if on_disk > self.spill_limit_bytes:
+            from trajflow.errors import PermanentError
+
+            raise PermanentError(
+                f"{self.key}: this shard's frames would take {on_disk / 2**20:.0f} MiB of the temporary directory, "
+                f"more than the {self.spill_limit_bytes / 2**20:.0f} MiB it may use: raise preprocessing.tmp.sizeLimit "
+                "(or config.spoolMemoryMib with the memory limit), or use more shards so that each is smaller"
+            )
 
     def index(self) -> dict[str, Any]:
         return {

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 import numpy as np
 
 from trajflow.config.preprocess import PreprocessConfig
-from trajflow.cpus import cpu_budget
+from trajflow.resources import cpu_budget, tmp_size_limit
 from trajflow.errors import PermanentError, TrajflowError, TransientError
 from trajflow.metrics import Pusher, StageMetrics, preprocess_metrics
 from trajflow.preprocess import readers
@@ -533,6 +533,8 @@ class ShardProcessor:
         window_bytes = 0
         seq = 0
         window_size, window_limit = cfg.batch_size * cfg.sort_window_batches, cfg.sort_window_mib << 20
+        tmp_limit = tmp_size_limit()
+        spill_limit = None if tmp_limit is None else int(tmp_limit * 0.9)  # HOME shares the directory
 
         def flush() -> None:
             from trajflow.preprocess.batching import plan_batches
@@ -568,7 +570,7 @@ class ShardProcessor:
                     if dims is None:  # the first good episode fixes the shard's streams
                         dims = dict(outcome.dims)
                         writer = ShardWriter(self.storage, shard_key(self.shard), dims, cfg.dtype, cfg.target_rate_hz,
-                                             spool_bytes=cfg.spool_memory_mib << 20)
+                                             spool_bytes=cfg.spool_memory_mib << 20, spill_limit_bytes=spill_limit)
                         drain = _OrderedWriter(writer, self.metrics, dims, cfg.dtype, cfg.prefetch + 1)
                         drain.start()
                     ep = _reorder_columns(outcome, dims)

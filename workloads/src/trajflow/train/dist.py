@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as tdist
 
-from trajflow.cpus import cpu_budget
+from trajflow.resources import cpu_budget
 from trajflow.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -38,6 +38,14 @@ data:
 {{- end -}}
 
 {{/*
+The size limit of the writable /tmp (HOME and TMPDIR): the emptyDir's sizeLimit, also told
+to the workload so that it stops with a clear error before the kubelet evicts the pod.
+*/}}
+{{- define "trajflow.tmpSizeLimit" -}}
+{{- (.Values.tmp | default dict).sizeLimit | default "1Gi" | toString -}}
+{{- end -}}
+
+{{/*
 Environment of every container of a stage. Takes (dict "context" $ "shards" N "env" list).
 */}}
 {{- define "trajflow.env" -}}
@@ -47,6 +55,8 @@ Environment of every container of a stage. Takes (dict "context" $ "shards" N "e
   value: /tmp
 - name: TMPDIR
   value: /tmp
+- name: TRAJFLOW_TMP_SIZE_LIMIT
+  value: {{ include "trajflow.tmpSizeLimit" $ctx | quote }}
 - name: TRAJFLOW_CONFIG
   value: {{ include "trajflow.configPath" $ctx }}
 - name: TRAJFLOW_SHARDS
@@ -99,7 +109,7 @@ Environment of every container of a stage. Takes (dict "context" $ "shards" N "e
     name: {{ include "trajflow.configMapName" . }}
 - name: tmp
   emptyDir:
-    sizeLimit: {{ (.Values.tmp | default dict).sizeLimit | default "1Gi" }}
+    sizeLimit: {{ include "trajflow.tmpSizeLimit" . }}
 {{- if (.Values.shm | default dict).enabled }}
 - name: shm
   emptyDir:

@@ -1,0 +1,59 @@
+"""Pod budgets: the CPU budget follows the affinity mask and a cgroup v2 CPU limit (a pod's
+resources.limits.cpu); the size limit of TMPDIR comes from the chart as a Kubernetes quantity."""
+import io
+
+import pytest
+
+from trajflow import resources
+
+
+@pytest.mark.parametrize("cpu_max, affinity, expected", [
+    ("max 100000\n", 8, 8),            # no limit: every CPU of the mask
+    ("400000 100000\n", 8, 4),         # limits.cpu: 4
+    ("150000 100000\n", 8, 1),         # limits.cpu: 1500m rounds down
+    ("50000 100000\n", 8, 1),          # limits.cpu: 500m still gets one
+    ("800000 100000\n", 2, 2),         # a limit above the mask does not add CPUs
+    ("garbage\n", 3, 3),               # unreadable limit: the mask
+])
+def test_cpu_budget(monkeypatch, cpu_max, affinity, expected):
+    monkeypatch.setattr(resources.os, "sched_getaffinity", lambda pid: set(range(affinity)))
+
+    def fake_open(path, *args, **kwargs):
+        assert path == "/sys/fs/cgroup/cpu.max"
+        return io.StringIO(cpu_max)
+
+    monkeypatch.setattr(resources, "open", fake_open, raising=False)
+    assert resources.cpu_budget() == expected
+
+
+def test_cpu_budget_without_cgroup_v2(monkeypatch):
+    monkeypatch.setattr(resources.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+
+    def missing(path, *args, **kwargs):
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(resources, "open", missing, raising=False)
+    assert resources.cpu_budget() == 3
+
+
+@pytest.mark.parametrize("quantity, expected", [
+    ("2Gi", 2 * 2**30), ("512Mi", 512 * 2**20), ("1.5Gi", 3 * 2**29), ("500M", 500 * 10**6), ("4096", 4096),
+    ("1k", 1000), (" 3Ti ", 3 * 2**40),
+])
+def test_parse_bytes(quantity, expected):
+    assert resources.parse_bytes(quantity) == expected
+
+
+@pytest.mark.parametrize("quantity", ["", "Gi", "2GB", "-1Gi", "1e9", "two"])
+def test_parse_bytes_rejects_what_is_not_a_byte_quantity(quantity):
+    with pytest.raises(ValueError, match="is not a byte quantity"):
+        resources.parse_bytes(quantity)
+
+
+def test_tmp_size_limit_from_the_chart_env():
+    from trajflow.errors import ConfigError
+
+    assert resources.tmp_size_limit({}) is None
+    assert resources.tmp_size_limit({"TRAJFLOW_TMP_SIZE_LIMIT": "2Gi"}) == 2 * 2**30
+    with pytest.raises(ConfigError, match="TRAJFLOW_TMP_SIZE_LIMIT: '2 gigs' is not a byte quantity"):
+        resources.tmp_size_limit({"TRAJFLOW_TMP_SIZE_LIMIT": "2 gigs"})

@@ -1,0 +1,52 @@
+"""What this process may really use: a pod's limits, not the node's capacity."""
+from __future__ import annotations
+
+import os
+import re
+
+# TMPDIR's size limit as the chart sets it (preprocessing.tmp.sizeLimit, a Kubernetes quantity)
+TMP_SIZE_LIMIT_ENV = "TRAJFLOW_TMP_SIZE_LIMIT"
+
+_QUANTITY = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(Ki|Mi|Gi|Ti|Pi|Ei|k|K|M|G|T|P|E)?\s*$")
+_SUFFIX = {
+    None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+    "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+}
+
+
+def cpu_budget() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU limit."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as fh:
+            quota, period = fh.read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(cpus, 1)
+
+
+def parse_bytes(quantity: str) -> int:
+    """A Kubernetes byte quantity ("2Gi", "500M", "1e9" is not one) as a number of bytes."""
+    m = _QUANTITY.match(quantity)
+    if m is None:
+        raise ValueError(f"{quantity!r} is not a byte quantity such as 512Mi or 2Gi")
+    return int(float(m.group(1)) * _SUFFIX[m.group(2)])
+
+
+def tmp_size_limit(env: dict[str, str] | None = None) -> int | None:
+    """The size limit of TMPDIR in bytes where the chart set one (an emptyDir's sizeLimit:
+    the kubelet evicts the pod beyond it, so writers must stop short of it); None: unknown."""
+    raw = (os.environ if env is None else env).get(TMP_SIZE_LIMIT_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        return parse_bytes(raw)
+    except ValueError as exc:
+        from trajflow.errors import ConfigError
+
+        raise ConfigError(f"{TMP_SIZE_LIMIT_ENV}: {exc}") from None
