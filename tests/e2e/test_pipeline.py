@@ -199,13 +199,13 @@ def test_a_run_interrupted_during_preprocessing_resumes(workspace: Workspace) ->
     assert train["final_val_loss"] < 0.5 * train["initial_val_loss"]
 
 
-def test_a_worker_error_under_torchrun_keeps_its_exit_code(workspace: Workspace, first_run: Any) -> None:
-    """torchrun itself exits 1 whatever its workers did; the runner reports the worker's own
-    code (3: the input can never succeed), does not retry it, and shows the worker's error."""
+def test_a_worker_error_keeps_its_exit_code(workspace: Workspace, first_run: Any) -> None:
+    """The training launcher exits with its worker's own code (3: the input can never
+    succeed; plain torchrun would say 1); the runner does not retry it and shows the error."""
     assert first_run[0].returncode == 0
     proc = workspace.run("--set", "training.config.observation=no.such.stream")
     assert proc.returncode == 3, proc.stdout[-3000:]
-    assert "worker exit code 3" in proc.stdout and "not retried" in proc.stdout
+    assert "exit code 3 (PERMANENT)" in proc.stdout and "not retried" in proc.stdout
     assert "no stream 'no.such.stream'" in proc.stdout
     train = next(t for t in workspace.summary()["tasks"] if t["task"] == "train/00000")
     assert train["state"] == "failed" and train["attempts"] == 1

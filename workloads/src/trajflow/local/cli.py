@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = runner.run()
     finally:
-        # anything torchrun left behind was adopted by this process: stop and collect it
+        # any training worker the launcher left behind was adopted by this process: stop and collect it
         orphans = procs.adopted_orphans(known=set())
         procs.kill_tree(orphans)
         procs.reap(pid for pid, _ in orphans)
@@ -89,7 +89,7 @@ def _dry_run(runner: "Runner") -> int:
         keys = ("JOB_COMPLETION_INDEX", "TRAJFLOW_SHARDS", "TRAJFLOW_CONFIG")
         retries = f"{stage.retries} retr{'y' if stage.retries == 1 else 'ies'}"
         if stage.stage == "training":
-            print(f"\ntraining: torchrun with {stage.nproc_per_node} worker(s) on this machine, {retries}")
+            print(f"\ntraining: {stage.nproc_per_node} worker(s) on this machine, {retries}")
         else:
             print(f"\n{stage.stage}: {stage.shards} shard process(es), {stage.parallelism} at once, {retries} each")
         print("  " + " ".join(f"{k}={env[k]}" for k in keys) + (" ..." if stage.shards > 1 else ""))

@@ -3,8 +3,8 @@
 Each stage process gets its own session, so a Ctrl-C on the terminal reaches only the
 runner, which then decides how to stop everyone (forward the signal, wait, kill). On Linux
 children also get SIGTERM if the runner dies, and the runner becomes the subreaper of its
-descendants, so torchrun's workers (which torchrun puts in sessions of their own) can
-still be found and stopped if torchrun itself is killed.
+descendants, so the training workers (which torch's elastic agent puts in sessions of their
+own) can still be found and stopped if the agent itself is killed.
 """
 from __future__ import annotations
 

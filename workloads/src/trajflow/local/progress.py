@@ -118,7 +118,7 @@ def describe_plan(runner: "Runner") -> str:
     for stage in runner.plan.stages:
         title = STAGE_TITLES.get(stage.stage, stage.stage)
         if stage.stage == "training":
-            parts.append(f"{title} ({stage.nproc_per_node} process(es) under torchrun)")
+            parts.append(f"{title} ({stage.nproc_per_node} DDP process(es))")
         else:
             parts.append(f"{title} ({stage.shards} shard(s), {stage.parallelism} at once)")
     disabled = f"; disabled: {', '.join(runner.plan.disabled)}" if runner.plan.disabled else ""

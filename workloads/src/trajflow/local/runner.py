@@ -4,7 +4,8 @@
   TRAJFLOW_SHARDS and TRAJFLOW_CONFIG, where FILE is what the chart's ConfigMap holds.
 - Download shards run `downloader.parallelism` at a time; preprocessing shard i starts as
   soon as download shard i is done (`preprocessing.parallelism` at a time); training starts
-  when every preprocessed shard is done, through torchrun with c10d rendezvous on 127.0.0.1.
+  when every preprocessed shard is done, under `trajflow train --nproc-per-node` (torch's
+  elastic agent, rendezvous on 127.0.0.1), as in the chart.
 - A shard that finished earlier with the same stage config and the same upstream
   manifests, and whose own output is still there, is skipped (`--force` runs it anyway;
   the stage itself still skips verified items).
@@ -24,7 +25,6 @@ import queue
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -45,8 +45,6 @@ FATAL_CODES = {int(ExitCode.CONFIG), int(ExitCode.PERMANENT), int(ExitCode.DIVER
 GRACE_SECONDS = 20.0
 TICK_SECONDS = 0.2
 MAX_RETRY_DELAY_SECONDS = 30.0
-# torchrun's failure report names each failed worker's exit code
-_TORCHRUN_EXITCODE = re.compile(r"exitcode\s*:\s*(-?\d+)")
 
 PENDING, WAITING, RUNNING, RETRY, DONE, SKIPPED, FAILED, STOPPED = (
     "pending", "waiting", "running", "retry", "done", "skipped", "failed", "stopped",
@@ -74,7 +72,6 @@ class Task:
     started: float | None = None  # seconds since the run started
     ended: float | None = None
     exit_code: int | None = None
-    worker_exit_codes: list[int] = field(default_factory=list)  # training: what torchrun reported
     retry_at: float = 0.0
     last_message: str = ""
     fields: dict[str, Any] = field(default_factory=dict)  # latest structured log fields
@@ -106,12 +103,6 @@ class RunResult:
     failure: str = ""
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def trajflow_command() -> list[str]:
     """How to start `trajflow`: the console script beside this interpreter, on PATH, or -m."""
     beside = Path(sys.executable).with_name("trajflow")
@@ -121,17 +112,6 @@ def trajflow_command() -> list[str]:
     if found:
         return [found]
     return [sys.executable, "-m", "trajflow.cli"]
-
-
-def _torchrun_program(command: list[str]) -> list[str]:
-    """The program part of a torchrun command line for `command`."""
-    if len(command) == 1:
-        return ["--no-python", command[0]]
-    if command[0] == sys.executable and len(command) >= 3 and command[1] == "-m":
-        return ["-m", *command[2:]]
-    if command[0] == sys.executable:
-        return command[1:]
-    raise ValueError(f"cannot launch {command!r} under torchrun")
 
 
 # what `trajflow train` writes on rank 0 (trajflow.train.artifacts.METRICS_KEY; not imported
@@ -382,21 +362,11 @@ class Runner:
 
     def argv(self, task: Task) -> list[str]:
         config = str(self.config_paths[task.stage.stage])
-        if task.stage.stage != "training":
-            return [*self.command, task.stage.command, "--config", config]
-        stage = task.stage
-        return [
-            sys.executable, "-m", "torch.distributed.run",
-            "--nnodes=1",
-            f"--nproc-per-node={stage.nproc_per_node}",
-            "--rdzv-backend=c10d",
-            f"--rdzv-endpoint=127.0.0.1:{free_port()}",  # an explicit port: port 0 hangs the rendezvous
-            f"--rdzv-id=trajflow-{self.plan.global_.run_id}",
-            "--local-addr=127.0.0.1",
-            f"--max-restarts={stage.max_restarts}",
-            *_torchrun_program(self.command),
-            "train", "--config", config,
-        ]  # fmt: skip
+        argv = [*self.command, task.stage.command, "--config", config]
+        if task.stage.stage == "training":
+            # the launcher the chart runs too (rendezvous on 127.0.0.1): it exits with the workers' own code
+            argv += [f"--nproc-per-node={task.stage.nproc_per_node}", f"--max-restarts={task.stage.max_restarts}"]
+        return argv
 
     def env(self, task: Task) -> dict[str, str]:
         env = dict(os.environ)
@@ -426,7 +396,6 @@ class Runner:
             self._fail(int(ExitCode.ERROR), f"{task.label}: cannot start {argv[0]}: {exc}")
             return
         task.state, task.note, task.exit_code = RUNNING, "", None
-        task.worker_exit_codes = []
         task.started = self.now() if task.started is None else task.started
         task.ended = None
         task.reader = threading.Thread(target=self._read_output, args=(task, task.proc), name=f"read-{task.key}", daemon=True)
@@ -463,8 +432,6 @@ class Runner:
             record = parsed
         else:
             record = {"level": "info", "msg": text, "raw": True}
-            for code in _TORCHRUN_EXITCODE.findall(text):
-                task.worker_exit_codes.append(int(code))
         if not record.get("raw"):
             task.last_message = str(record.get("msg", ""))
         extras = {k: v for k, v in record.items() if k not in ("ts", "level", "logger", "msg", "exc", "raw")}
@@ -496,14 +463,9 @@ class Runner:
             self.state.record(task.key, task.fingerprint, elapsed)
             self.view.event(f"{task.label}: done in {elapsed:.1f}s")
             return
-        # torchrun exits 1 whatever its workers did; their own codes decide
-        effective = code
-        fatal_workers = [c for c in task.worker_exit_codes if c in FATAL_CODES]
-        if task.stage.stage == "training" and fatal_workers:
-            effective = fatal_workers[0]
-        why = _describe_exit(code) + (f" (worker exit code {effective})" if effective != code else "")
-        if effective in FATAL_CODES:
-            self._finish_failed(task, effective, f"{why}: {_EXIT_MEANING.get(effective, '')}; not retried")
+        why = _describe_exit(code)
+        if code in FATAL_CODES:
+            self._finish_failed(task, code, f"{why}: {_EXIT_MEANING.get(code, '')}; not retried")
         elif task.attempts <= task.stage.retries:
             delay = min(2.0 ** (task.attempts - 1), MAX_RETRY_DELAY_SECONDS)
             task.state, task.retry_at = RETRY, self.now() + delay
@@ -512,7 +474,7 @@ class Runner:
             self.view.event(f"{task.label}: {why}; retrying in {delay:.0f}s ({attempt})", logging.WARNING)
         else:
             retries = f" after {task.attempts} attempts" if task.attempts > 1 else ""
-            self._finish_failed(task, effective if effective > 0 else int(ExitCode.ERROR), f"{why}{retries}")
+            self._finish_failed(task, code if code > 0 else int(ExitCode.ERROR), f"{why}{retries}")
 
     def _finish_failed(self, task: Task, code: int, why: str) -> None:
         task.state, task.note = FAILED, why
@@ -550,7 +512,7 @@ class Runner:
             if proc.poll() is None:
                 self.view.event(f"{task.label}: still running after {self.grace_seconds:.0f}s; killing it", logging.WARNING)
                 procs.signal_group(proc.pid, signal.SIGKILL)
-            # torchrun's workers live in their own sessions: make sure none outlives it
+            # the training launcher's workers may live in their own sessions: make sure none outlives it
             procs.kill_tree(trees.get(task.key, []))
             try:
                 proc.wait(timeout=10)
