@@ -44,7 +44,7 @@ def with_static_targets(config: dict, targets: list[tuple[str, dict[str, str]]])
 
 @pytest.fixture
 def training_ranks():
-    """Two local ranks of training pod 0, each serving its own registry like `trajflow.metrics.serve`."""
+    """Two local ranks of training pod 0, each serving its own registry as training's per-rank /metrics endpoint does."""
     from prometheus_client import start_http_server
 
     from trajflow.metrics import train_metrics

@@ -6,12 +6,11 @@ import http.server
 import logging
 import threading
 import time
-import urllib.request
 from typing import Iterator
 
 import pytest
 
-from trajflow.metrics import PUSH_JOB, Pusher, download_metrics, exported_names, preprocess_metrics, serve, train_metrics
+from trajflow.metrics import PUSH_JOB, Pusher, download_metrics, exported_names, preprocess_metrics, train_metrics
 from trajflow.testing import free_port
 
 
@@ -149,16 +148,6 @@ def test_pushadd_keeps_metrics_another_push_left_in_the_group(pushgateway):
     group = {"job": PUSH_JOB, "run": "r", "shard": "0", "stage": "download"}
     assert _sample(text, "trajflow_download_retries_total", **group) == 2
     assert _sample(text, "trajflow_preprocess_trajectories_total", **group) == 5
-
-
-def test_serve_exposes_the_registry():
-    metrics = train_metrics()
-    metrics.steps.inc(7)
-    port = serve(metrics, 0, addr="127.0.0.1")
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    assert "trajflow_train_steps_total 7.0" in text
-    assert "_created" not in text
 
 
 def test_catalogs_are_fresh_and_named():

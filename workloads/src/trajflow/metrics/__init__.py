@@ -210,11 +210,3 @@ class Pusher:
         self.metrics.end_time.set(time.time())
         self.metrics.success.set(1 if success else 0)
         self.push()
-
-
-def serve(metrics: StageMetrics, port: int, addr: str = "0.0.0.0") -> int:
-    """Serve `/metrics` for this registry; returns the bound port (0 picks a free one)."""
-    from prometheus_client import start_http_server
-
-    server, _ = start_http_server(port, addr=addr, registry=metrics.registry)
-    return int(server.server_port)
