@@ -15,6 +15,8 @@ from helmrender import (
     select,
 )
 
+from trajflow.resources import parse_bytes
+
 
 def test_download_job_is_indexed_over_the_shards():
     objs = render([env_file("production")], api_versions=PROMETHEUS_OPERATOR_APIS)
@@ -67,6 +69,10 @@ def test_workloads_are_told_the_size_limit_of_their_tmp():
         for c in pod_spec(job)["containers"] + pod_spec(job).get("initContainers", []):
             assert env_of(c)["TRAJFLOW_TMP_SIZE_LIMIT"] == tmp["emptyDir"]["sizeLimit"], (stage, c["name"])
     assert env_of(container(one(objs, "Job", "preprocessing"), "preprocess"))["TRAJFLOW_TMP_SIZE_LIMIT"] == "20Gi"
+    # a plain number of bytes, as the schema allows: Helm prints it with an exponent
+    objs = render(values={"preprocessing": {"tmp": {"sizeLimit": 2**31}}})
+    env = env_of(container(one(objs, "Job", "preprocessing"), "preprocess"))
+    assert parse_bytes(env["TRAJFLOW_TMP_SIZE_LIMIT"]) == 2**31
 
 
 def test_image_reference_rules():

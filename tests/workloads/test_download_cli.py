@@ -205,3 +205,20 @@ def test_sigterm_pushes_final_metrics_and_exits_for_a_retry(server: FaultyServer
     # the bytes fetched so far are kept for the next run
     journals = list((tmp_path / "root" / "clirun" / "raw" / "00000" / "web").glob(".trajflow-tmp-dl-*.journal"))
     assert journals and len(journals[0].read_text().splitlines()) > 2
+
+
+def test_values_files_give_the_shard_count_and_say_so(server: FaultyServer, tmp_path: Path) -> None:
+    urls = [server.add(f"/{i}.bin", payload(1000 * (i + 1), seed=i)) for i in range(4)]
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({
+        "global": {"runId": "v", "storage": {"type": "filesystem", "filesystem": {"path": str(tmp_path / "root")}}},
+        "downloader": {"shards": 2, "config": {"sources": [{"type": "https", "name": "web", "urls": urls}]}},
+    }))
+    env = {k: v for k, v in os.environ.items() if k not in ("JOB_COMPLETION_INDEX", "TRAJFLOW_SHARDS")}
+    proc = subprocess.run([*TRAJFLOW, "download", "-f", str(values)], env=env, capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "fetching shard 0 of 2 only (downloader.shards)" in proc.stderr
+    done = tmp_path / "root" / "v" / "raw" / "_done"
+    assert sorted(p.name for p in done.iterdir()) == ["00000.json"]
+    assert json.loads((done / "00000.json").read_text())["shards"] == 2

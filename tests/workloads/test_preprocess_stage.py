@@ -247,12 +247,18 @@ def test_a_smaller_shard_count_redoes_the_shards_and_drops_the_others(local_stor
             for e in list_shards(local_storage)] == [(0, 1)]
 
 
-def test_a_download_shard_of_another_shard_count_is_waited_for(local_storage, mixed):
+def test_a_pod_of_another_shard_count_waits_and_touches_nothing(local_storage, mixed):
     files, _ = mixed
-    publish_raw_shard(local_storage, 0, files, shards=4)
+    names = sorted(files)
+    cfg = stage_config(sources={"robomimic": ROBOMIMIC})
+    for shard in range(4):
+        publish_raw_shard(local_storage, shard, {k: files[k] for k in names[shard::4]}, shards=4)
+        process_shard(local_storage, shard, 4, cfg)
+    before = {s: local_storage.read_bytes(manifest_key("preprocess", s)) for s in range(4)}
+    # a leftover pod (or a local run) that still believes in 2 shards
     with pytest.raises(TransientError, match=r"download shard 00000 was written for 4 shards, this run has 2"):
-        process_shard(local_storage, 0, 2, stage_config(sources={"robomimic": ROBOMIMIC}))
-    assert read_manifest(local_storage, "preprocess", 0) is None
+        process_shard(local_storage, 0, 2, cfg)
+    assert {s: local_storage.read_bytes(manifest_key("preprocess", s)) for s in range(4)} == before
 
 
 def test_download_not_done_is_retryable(local_storage):
@@ -474,6 +480,6 @@ def test_run_shards_waits_for_a_download_of_its_own_shard_count(local_storage):
     rng = np.random.default_rng(13)
     publish_raw_shard(local_storage, 0, {"npz/a.npz": npz_bytes(**_npz_episode(rng))}, shards=4)  # an older plan
     settings = StageSettings(GlobalConfig(), stage_config(), 0, 2)
-    with pytest.raises(WaitTimeout, match=r"download shard\(s\) \[0\]"):
+    with pytest.raises(WaitTimeout, match=r"download shard\(s\) \[0\] .*\(0: records shards=4 \(expected 2\)\)"):
         run_shards(settings, [0], wait_timeout_s=0.3, storage=local_storage, poll_s=0.1)
     assert read_manifest(local_storage, "preprocess", 0) is None

@@ -38,13 +38,14 @@ def test_cpu_budget_without_cgroup_v2(monkeypatch):
 
 @pytest.mark.parametrize("quantity, expected", [
     ("2Gi", 2 * 2**30), ("512Mi", 512 * 2**20), ("1.5Gi", 3 * 2**29), ("500M", 500 * 10**6), ("4096", 4096),
-    ("1k", 1000), (" 3Ti ", 3 * 2**40),
+    ("1k", 1000), (" 3Ti ", 3 * 2**40), ("1e9", 10**9), ("2.147483648e+09", 2**31), ("+1E3", 1000),
+    ("1E", 10**18), ("2000m", 2),
 ])
 def test_parse_bytes(quantity, expected):
     assert resources.parse_bytes(quantity) == expected
 
 
-@pytest.mark.parametrize("quantity", ["", "Gi", "2GB", "-1Gi", "1e9", "two"])
+@pytest.mark.parametrize("quantity", ["", "Gi", "2GB", "-1Gi", "1e", "1.5.0", "two"])
 def test_parse_bytes_rejects_what_is_not_a_byte_quantity(quantity):
     with pytest.raises(ValueError, match="is not a byte quantity"):
         resources.parse_bytes(quantity)

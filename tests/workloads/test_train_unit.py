@@ -518,3 +518,19 @@ def test_a_shard_without_episodes_is_passed_over(tmp_path: Path) -> None:
     shards = open_shards(storage, ["observation.state", "action"])
     assert shards.shard_ids == [1, 2] and len(shards.episodes) == 4
     assert shards.dims == {"observation.state": 6, "action": 3}  # the synthetic system's widths
+
+
+def test_only_one_sharding_of_the_data_is_read(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "r")
+    write_synthetic_shards(storage, shards=3, episodes_per_shard=2, length=30)
+    # shards 0 and 1 redone for a new count of 2; shard 2 of the old count not yet removed
+    for shard in (0, 1):
+        doc = read_manifest(storage, "preprocess", shard)
+        write_manifest(storage, "preprocess", shard, 2, doc["items"], num_episodes=2, num_frames=doc["num_frames"])
+    shards = open_shards(storage, ["observation.state", "action"])
+    assert shards.shard_ids == [0, 1] and len(shards.episodes) == 4
+    # only one shard of the new count done: no complete sharding to train on yet
+    storage.delete(manifest_key("preprocess", 1))
+    with pytest.raises(TransientError, match=r"different shard counts \(1 of 2, 1 of 3 done\) and no one sharding "
+                                             r"is complete"):
+        open_shards(storage, ["observation.state", "action"])

@@ -164,18 +164,18 @@ def test_without_an_expected_count_any_manifest_counts(local_storage):
 
 def test_timeout_names_the_stale_manifests_and_why(storage):
     fake = FakeClock()
-    write_manifest(storage, "download", 0, 2, [], generation="g-new")
-    write_manifest(storage, "download", 1, 3, [], generation="g-new")
+    write_manifest(storage, "download", 0, 4, [])
+    write_manifest(storage, "download", 1, 3, [])
     storage.write_bytes("raw/_done/00002.json", b"{not json")
     with pytest.raises(WaitTimeout) as info:
         wait_for_shards(storage, "download", {0, 1}, timeout_s=10, clock=fake.clock, sleep=fake.sleep,
-                        expect_shards=2, expect_generation="g-old")
+                        expect_shards=2)
     message = str(info.value)
     assert "\n" not in message
     assert message == (
         f"timed out after 10s waiting for 2 download shard(s) under {storage.uri}/raw/_done: 0, 1; "
-        "2 of them have a manifest that does not count: shard 0 records generation='g-new' (expected 'g-old'); "
-        "shard 1 records shards=3 (expected 2) and generation='g-new' (expected 'g-old')"
+        "2 of them have a manifest that does not count: shard 0 records shards=4 (expected 2); "
+        "shard 1 records shards=3 (expected 2)"
     )
     assert info.value.exit_code == ExitCode.TIMEOUT
 
@@ -186,14 +186,6 @@ def test_an_unreadable_manifest_does_not_count(local_storage):
     with pytest.raises(WaitTimeout, match=r": 0; 1 of them have a manifest that does not count: shard 0 is unreadable: "
                                           r"corrupt manifest: Expecting property name"):
         wait_for_shards(local_storage, "preprocess", {0}, timeout_s=5, clock=fake.clock, sleep=fake.sleep)
-
-
-def test_matching_generation_counts(local_storage):
-    write_manifest(local_storage, "download", 0, 1, [], generation="abc123")
-    fake = FakeClock()
-    wait_for_shards(local_storage, "download", {0}, timeout_s=0, clock=fake.clock, sleep=fake.sleep,
-                    expect_shards=1, expect_generation="abc123")
-    assert fake.sleeps == []
 
 
 @pytest.mark.parametrize(
@@ -246,13 +238,6 @@ def test_cli_expect_shards_rejects_a_stale_manifest(tmp_path, capsys):
     assert code == ExitCode.TIMEOUT
     assert err[-1].startswith("trajflow wait: error: timed out after 1s waiting for 2 preprocess shard(s)")
     assert err[-1].endswith("shard 0 records shards=2 (expected 3); shard 1 records shards=2 (expected 3)")
-
-
-def test_cli_expect_generation_is_for_downloads_only(tmp_path, capsys):
-    code = cli.main(["wait", "--stage", "preprocess", "--shards", "0", "--expect-generation", "abc",
-                     "--config", _config(tmp_path)])
-    assert code == ExitCode.CONFIG
-    assert "--expect-generation applies to --stage download only" in capsys.readouterr().err
 
 
 # ---- an object store that refuses us ---------------------------------------------------

@@ -7,10 +7,12 @@ import re
 # TMPDIR's size limit as the chart sets it (preprocessing.tmp.sizeLimit, a Kubernetes quantity)
 TMP_SIZE_LIMIT_ENV = "TRAJFLOW_TMP_SIZE_LIMIT"
 
-_QUANTITY = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(Ki|Mi|Gi|Ti|Pi|Ei|k|K|M|G|T|P|E)?\s*$")
+# Kubernetes' quantity grammar: a number, then a binary or decimal suffix or an exponent
+# ("2Gi", "500M", "1e9", "2.147483648e+09" as Helm prints a large number)
+_QUANTITY = re.compile(r"^\s*\+?([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:([eE][+-]?[0-9]+)|(Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E))?\s*$")
 _SUFFIX = {
     None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-    "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+    "m": 1e-3, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
 }
 
 
@@ -31,11 +33,14 @@ def cpu_budget() -> int:
 
 
 def parse_bytes(quantity: str) -> int:
-    """A Kubernetes byte quantity ("2Gi", "500M", "1e9" is not one) as a number of bytes."""
+    """A Kubernetes quantity of bytes ("2Gi", "500M", "1e9") as a whole number of bytes."""
     m = _QUANTITY.match(quantity)
     if m is None:
         raise ValueError(f"{quantity!r} is not a byte quantity such as 512Mi or 2Gi")
-    return int(float(m.group(1)) * _SUFFIX[m.group(2)])
+    number, exponent, suffix = m.groups()
+    if exponent:
+        return int(float(number + exponent))
+    return int(float(number) * _SUFFIX[suffix])
 
 
 def tmp_size_limit(env: dict[str, str] | None = None) -> int | None:

@@ -55,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
     if args.shards is not None:
         env["TRAJFLOW_SHARDS"] = str(args.shards)
     settings = stage_settings("downloader", args.config, args.values, args.set, env=env)
+    if settings.shards > 1 and "JOB_COMPLETION_INDEX" not in env:  # outside a pod, the values' shard count
+        log.warning("fetching shard %d of %d only (downloader.shards); --shard N takes another, --shards 1 everything "
+                    "at once, and `trajflow run` runs every shard", settings.shard, settings.shards)
     config = settings.config
     root = open_run_root(settings.global_)
     metrics = download_metrics()

@@ -45,6 +45,7 @@ from trajflow.download.transfer import (
 )
 from trajflow.download.verify import Digests, Record, declared_checksums, item_fingerprint, read_record, write_record
 from trajflow.errors import ConfigError, PermanentError, TrajflowError, TransientError
+from trajflow.metrics import DOWNLOAD_OUTCOMES
 from trajflow.plan import Item, load_or_create_plan, shard_items
 from trajflow.storage import (
     LocalStorage,
@@ -199,12 +200,7 @@ class ShardSummary:
             "shards": self.shards,
             "items_planned": self.planned_items,
             "bytes_planned": self.planned_bytes,
-            "fetched": self.count("fetched"),
-            "skipped": self.count("skipped"),
-            "reused": self.count("reused"),
-            "adopted": self.count("adopted"),
-            "missing": self.count("missing"),
-            "failed": len(self.failed),
+            **{outcome: self.count(outcome) for outcome in DOWNLOAD_OUTCOMES},
             "bytes_received": self.bytes_received,
             "retries": self.retries,
             "failures_by_reason": dict(sorted(self.failures_by_reason.items())),

@@ -143,7 +143,7 @@ def train_metrics() -> StageMetrics:
         ),
         learning_rate=Gauge("trajflow_train_learning_rate", "Learning rate of the last optimiser step.", registry=r),
         restarts=Gauge(
-            "trajflow_train_restarts", "Times torchrun restarted the worker group (TORCHELASTIC_RESTART_COUNT).", registry=r
+            "trajflow_train_restarts", "Times the elastic agent restarted the worker group (TORCHELASTIC_RESTART_COUNT).", registry=r
         ),
     )
     return sm

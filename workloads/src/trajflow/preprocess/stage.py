@@ -437,14 +437,10 @@ class ShardProcessor:
     def run(self) -> ShardSummary:
         started = time.perf_counter()
         shard, summary = self.shard, self.summary
-        if shard == 0:  # a larger shard count's manifests would make training read their episodes twice
-            remove_foreign_manifests(self.storage, "preprocess", self.shards)
         existing = read_manifest(self.storage, "preprocess", shard)
-        if existing is not None and existing.get("shards") != self.shards:
-            log.warning("shard %s was written for %s shards, this run has %d: it is preprocessed again",
-                        shard_name(shard), existing.get("shards"), self.shards)
-            existing = None
-        if existing is not None:
+        redo = existing is not None and existing.get("shards") != self.shards  # written by another sharding
+        if existing is not None and not redo:
+            self._remove_foreign_manifests()
             self._warn_if_stale(existing)
             log.info("shard %s is already done (%s exists): skipping", shard_name(shard), manifest_key("preprocess", shard))
             summary.skipped = True
@@ -462,6 +458,12 @@ class ShardProcessor:
                 f"download shard {shard_name(shard)} was written for {raw_manifest.get('shards')} shards, this run has "
                 f"{self.shards}: run `trajflow wait --stage download --expect-shards {self.shards}` first"
             )
+        # only now is this run's shard count confirmed (a leftover pod of another count stops above)
+        if redo:
+            log.warning("shard %s was written for %s shards, this run has %d: it is preprocessed again",
+                        shard_name(shard), existing.get("shards"), self.shards)
+            self.storage.delete(manifest_key("preprocess", shard))  # not done until redone
+        self._remove_foreign_manifests()
         remove = getattr(self.storage, "remove_stale_temporaries", None)
         if remove is not None:  # left by a killed run of this or another shard
             remove("resampled", older_than_s=3600.0)
@@ -642,12 +644,18 @@ class ShardProcessor:
                 f"maxBadFraction {limit:.1%}; {top}){hint}; see {self.storage.uri}/{report_key(self.shard)}"
             )
 
+    def _remove_foreign_manifests(self) -> None:
+        """Shard 0 drops the manifests of shard numbers this count does not have: training
+        would read their episodes a second time (their files stay until the run is removed)."""
+        if self.shard == 0:
+            remove_foreign_manifests(self.storage, "preprocess", self.shards)
+
     def _warn_if_stale(self, manifest: dict[str, Any]) -> None:
         cfg = self.config
         if manifest.get("rate_hz") != cfg.target_rate_hz or manifest.get("dtype") != cfg.dtype:
             log.warning(
                 "shard %s was written at %s Hz %s but the config asks for %s Hz %s; it is kept (a done shard "
-                "is never redone: use a new runId or delete resampled/ to recompute)", shard_name(self.shard),
+                "is redone only for another shard count: use a new runId or delete resampled/ to recompute)", shard_name(self.shard),
                 manifest.get("rate_hz"), manifest.get("dtype"), cfg.target_rate_hz, cfg.dtype)
 
 
@@ -692,29 +700,35 @@ def run_shards(settings: Any, shards: Sequence[int], wait_timeout_s: float = 0.0
     gives up with WaitTimeout after ``wait_timeout_s`` without progress (0: no waiting)."""
     from trajflow.errors import WaitTimeout
     from trajflow.storage import done_shards, open_run_root
+    from trajflow.storage.wait import stale_reason
 
-    def downloaded(shard: int) -> bool:  # by a download of this run's shard count
+    def not_downloaded(shard: int) -> str | None:
+        """Why download shard ``shard`` is not done for this run's shard count (None: it is)."""
         try:
             doc = read_manifest(storage, "download", shard)
-        except ValueError:
-            return False
-        return doc is not None and doc.get("shards") == settings.shards
+        except ValueError as exc:
+            return str(exc)
+        if doc is None:
+            return "not done"
+        return stale_reason(doc, {"shards": settings.shards})
 
     storage = storage or open_run_root(settings.global_)
     pending = sorted(set(shards))
     out = []
     deadline = time.monotonic() + wait_timeout_s
     while pending:
-        ready = done_shards(storage, "download")
-        runnable = [s for s in pending if s in ready and downloaded(s)]
+        listed = done_shards(storage, "download")  # one listing; only the listed manifests are read
+        waiting = {s: not_downloaded(s) if s in listed else "not done" for s in pending}
+        runnable = [s for s in pending if waiting[s] is None]
         if not runnable:
             if time.monotonic() >= deadline:
                 if not wait_timeout_s:
                     # let process_shard name the missing manifest
                     runnable = pending[:1]
                 else:
+                    why = "; ".join(f"{s}: {waiting[s]}" for s in pending[:10])
                     raise WaitTimeout(f"timed out after {wait_timeout_s:.0f}s waiting for download shard(s) "
-                                      f"{pending[:10]} under {storage.uri}/raw/_done")
+                                      f"{pending[:10]} under {storage.uri}/raw/_done ({why})")
             else:
                 time.sleep(poll_s)
                 continue

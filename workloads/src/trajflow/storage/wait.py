@@ -1,10 +1,9 @@
 """`trajflow wait`: block until upstream shard manifests exist (init containers use it).
 
-A manifest counts only when it belongs to the run the waiter expects: with
-`--expect-shards N` its recorded shard count must be N, and with `--expect-generation G`
-(download manifests record the plan generation) its generation must be G. A manifest left
-by an earlier run with another shard count or plan keeps the gate closed until the
-upstream shard rewrites it; a timeout names those stale manifests and why.
+A manifest counts only when it belongs to the sharding the waiter expects: with
+`--expect-shards N` its recorded shard count must be N. A manifest left by an earlier run
+with another shard count keeps the gate closed until the upstream shard rewrites it; a
+timeout names those stale manifests and why.
 """
 from __future__ import annotations
 
@@ -104,10 +103,9 @@ def wait_for_shards(
     sleep: Callable[[float], None] = time.sleep,
     *,
     expect_shards: int | None = None,
-    expect_generation: str | None = None,
 ) -> None:
     """Poll with capped exponential backoff until every shard's manifest exists and matches
-    `expect_shards` / `expect_generation` (when given).
+    `expect_shards` (when given).
 
     Raises WaitTimeout (exit 6) naming the missing and stale shards, or ConfigError (exit 2)
     when the run root cannot be read at all (no credentials, access denied); other storage
@@ -123,8 +121,6 @@ def wait_for_shards(
                 f"shard {beyond[0]} does not exist when there are {expect_shards} shard(s) (0-{expect_shards - 1})"
             )
         expected["shards"] = expect_shards
-    if expect_generation is not None:
-        expected["generation"] = expect_generation
     where = f"{storage.uri}/{STAGE_DIRS[stage]}/_done"
     deadline = clock() + timeout_s
     delay = initial_delay_s
@@ -192,8 +188,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expect-shards", type=int, default=None, metavar="N",
                         help="the upstream stage's shard count: a manifest recording another count is from an "
                              "earlier run and does not count (default: any)")
-    parser.add_argument("--expect-generation", default=None, metavar="G",
-                        help="with --stage download: the plan generation the manifests must record (default: any)")
     add_config_arguments(parser)
 
 
@@ -203,9 +197,7 @@ def run(args: argparse.Namespace) -> int:
 
     shards = parse_shards(args.shards)
     timeout_s = parse_duration(args.timeout)
-    if args.expect_generation is not None and args.stage != "download":
-        raise ConfigError("--expect-generation applies to --stage download only (preprocess manifests record none)")
     glob = global_settings(args.config, args.values, args.set)
     wait_for_shards(open_run_root(glob), args.stage, shards, timeout_s,
-                    expect_shards=args.expect_shards, expect_generation=args.expect_generation)
+                    expect_shards=args.expect_shards)
     return 0

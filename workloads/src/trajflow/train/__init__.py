@@ -1,9 +1,10 @@
-"""Training: PyTorch DDP over the resampled shards (`trajflow train`, launched by torchrun).
+"""Training: PyTorch DDP over the resampled shards (`trajflow train`; with
+`--nproc-per-node` it starts its workers through torch's elastic agent, as torchrun would).
 
 Modules (torch is imported by the modules, never by this package or `cli`):
     data        windows over the memory-mapped shards, episode split, normalisation stats
     models      LSTM / GRU / Transformer encoder with the statistics as buffers
-    dist        the process group from torchrun's environment (NCCL on GPU, gloo on CPU)
+    dist        the process group from the elastic agent's environment (NCCL on GPU, gloo on CPU)
     loop        the training loop: resume, steps, evaluation, early stopping, artifacts
     checkpoint  atomic checkpoints with markers, newest-valid resume, retention
     artifacts   metrics.json, loss curve, resolved config, the model for inference
@@ -12,7 +13,7 @@ Modules (torch is imported by the modules, never by this package or `cli`):
 
 What a worker reads:
     --config FILE (or $TRAJFLOW_CONFIG, default /etc/trajflow/config.yaml): {global, config}
-    RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT: set by torchrun
+    RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT: set by the agent
     TORCHELASTIC_RESTART_COUNT: how often the group was restarted (a metric and metrics.json)
     TRAJFLOW_LOG_LEVEL, TRAJFLOW_LOG_FORMAT: logging
     AWS_* / the default credential chain: for an S3 run root

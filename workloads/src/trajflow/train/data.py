@@ -16,7 +16,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 from trajflow.config.train import TrainConfig
 from trajflow.errors import PermanentError, TransientError
 from trajflow.preprocess.shards import (
+    ShardEntry,
     ShardFormatError,
     ShardReader,
     bf16_bits_to_float32,
@@ -66,6 +67,7 @@ def open_shards(storage: Storage, streams: Sequence[str], cache_dir: str | Path 
         raise TransientError(
             f"{storage.uri}/resampled/_done/: no done shards yet; training starts after preprocessing has finished"
         )
+    entries = _one_sharding(storage, entries)
     readers: list[ShardReader] = []
     shard_ids: list[int] = []
     episodes: list[EpisodeRef] = []
@@ -104,6 +106,28 @@ def open_shards(storage: Storage, streams: Sequence[str], cache_dir: str | Path 
         for i, ep in enumerate(reader.episodes):
             episodes.append(EpisodeRef(pos, i, ep.offset, ep.length, f"{ep.source}#{ep.episode}"))
     return ShardSet(readers, shard_ids, episodes, float(rate or 0.0), dims)
+
+
+def _one_sharding(storage: Storage, entries: list[ShardEntry]) -> list[ShardEntry]:
+    """The done shards of one sharding of the data. After a re-sharding, manifests of the
+    old count can outlive the new ones' writing for a while; reading both would count the
+    same episodes twice. The complete set (every shard of its count done) is taken."""
+    by_count: dict[Any, list[ShardEntry]] = {}
+    for e in entries:
+        by_count.setdefault(e.manifest.get("shards"), []).append(e)
+    if len(by_count) == 1:
+        return entries
+    complete = [n for n, group in by_count.items()
+                if isinstance(n, int) and sorted(e.shard for e in group) == list(range(n))]
+    summary = ", ".join(f"{len(g)} of {n}" for n, g in sorted(by_count.items(), key=lambda kv: str(kv[0])))
+    if len(complete) != 1:
+        raise TransientError(
+            f"{storage.uri}/resampled/_done/: the done shards belong to different shard counts ({summary} done) and "
+            "no one sharding is complete: preprocessing is being redone for a new count; train after it finishes"
+        )
+    log.warning("%s/resampled/_done/: shards of several shard counts (%s done); reading the complete %d-shard set",
+                storage.uri, summary, complete[0])
+    return by_count[complete[0]]
 
 
 def _as_float32(reader: ShardReader, rows: np.ndarray | slice, stream: str) -> np.ndarray:

@@ -71,7 +71,7 @@ class DistContext:
             if self.local_rank >= count:
                 raise ConfigError(
                     f"LOCAL_RANK {self.local_rank} has no GPU: this node has {count}; "
-                    "set torchrun --nproc-per-node to at most the GPUs per pod"
+                    "set training.nprocPerNode (trajflow train --nproc-per-node) to at most the GPUs per pod"
                 )
             self.device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(self.device)

@@ -16,7 +16,8 @@
 {{/*
 Arguments of `trajflow train` as the elastic launcher (torchrun's agent run in-process).
 Plain torchrun exits 1 whatever its workers did; the launcher exits with the workers'
-decisive code (2 config, 3 permanent, 5 diverged...), so podFailurePolicy sees it. Takes
+decisive code (2 config, 3 permanent, 5 diverged...), so the Job's podFailurePolicy sees it
+(a PyTorchJob's OnFailure policy retries every code up to runPolicy.backoffLimit). Takes
 (dict "context" $ "endpoint" "host:port" "rdzvId" "rendezvous id"). c10d rendezvous: the
 pod named by the endpoint hosts the store; --max-restarts bounds worker-group restarts;
 --local-addr is the pod IP (the container needs the `trajflow.training.podIpEnv`
