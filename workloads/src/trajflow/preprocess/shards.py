@@ -50,6 +50,7 @@ from typing import IO, Any, BinaryIO, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from trajflow.errors import PermanentError
 from trajflow.storage import STAGE_DIRS, Storage, done_shards, read_manifest, shard_name
 
 log = logging.getLogger(__name__)
@@ -236,8 +237,6 @@ class ShardWriter:
             return
         on_disk = sum(n for n in sizes.values() if n > self._per_stream)  # a spool past its memory share is a file
         if on_disk > self.spill_limit_bytes:
-            from trajflow.errors import PermanentError
-
             raise PermanentError(
                 f"{self.key}: this shard's frames would take {on_disk / 2**20:.0f} MiB of the temporary directory, "
                 f"more than the {self.spill_limit_bytes / 2**20:.0f} MiB it may use: raise preprocessing.tmp.sizeLimit "

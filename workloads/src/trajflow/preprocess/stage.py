@@ -32,12 +32,12 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 import numpy as np
 
 from trajflow.config.preprocess import PreprocessConfig
-from trajflow.resources import cpu_budget, tmp_size_limit
 from trajflow.errors import PermanentError, TrajflowError, TransientError
 from trajflow.metrics import Pusher, StageMetrics, preprocess_metrics
 from trajflow.preprocess import readers
 from trajflow.preprocess.readers import FileResult, Quarantined, RawEpisode, SourceSpec
 from trajflow.preprocess.shards import ShardWriter, report_key, shard_key
+from trajflow.resources import cpu_budget, tmp_size_limit
 from trajflow.storage import (
     PLAN_KEY,
     Storage,
@@ -655,8 +655,8 @@ class ShardProcessor:
         if manifest.get("rate_hz") != cfg.target_rate_hz or manifest.get("dtype") != cfg.dtype:
             log.warning(
                 "shard %s was written at %s Hz %s but the config asks for %s Hz %s; it is kept (a done shard "
-                "is redone only for another shard count: use a new runId or delete resampled/ to recompute)", shard_name(self.shard),
-                manifest.get("rate_hz"), manifest.get("dtype"), cfg.target_rate_hz, cfg.dtype)
+                "is redone only for another shard count: use a new runId or delete resampled/ to recompute)",
+                shard_name(self.shard), manifest.get("rate_hz"), manifest.get("dtype"), cfg.target_rate_hz, cfg.dtype)
 
 
 def _sha256(data: bytes) -> str:

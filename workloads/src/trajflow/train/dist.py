@@ -14,8 +14,8 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as tdist
 
-from trajflow.resources import cpu_budget
 from trajflow.errors import ConfigError
+from trajflow.resources import cpu_budget
 
 log = logging.getLogger(__name__)
 
