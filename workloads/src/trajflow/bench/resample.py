@@ -215,7 +215,7 @@ def _gpu(quick: bool) -> dict[str, Any]:
         return {"available": False, "reason": "torch is not installed"}
     if not torch.cuda.is_available():
         return {"available": False, "reason": "no GPU on this machine"}
-    from trajflow.preprocess.kernels import UniformGrid, resample, triton_available
+    from trajflow.preprocess.kernels import UniformGrid, resample, triton_available, triton_impl
 
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
@@ -255,6 +255,7 @@ def _gpu(quick: bool) -> dict[str, Any]:
         fig = {}
         if triton_available():
             fig["triton"] = _cuda_time(torch, lambda: resample(data, times, grid, backend="triton", check=False))
+            row["triton_config"] = str(triton_impl.kernel(False).best_config)
         fig["torch"] = _cuda_time(torch, lambda: resample(data, times, grid, backend="torch", check=False))
         fig["copy"] = _cuda_time(torch, lambda: dst.copy_(src))
         for k, v in fig.items():
@@ -361,7 +362,8 @@ def _summary(result: dict[str, Any]) -> str:
         for dt, row in g["throughput"].items():
             if "fraction_of_copy_bandwidth" in row:
                 lines.append(f"- {dt}: Triton reaches {row['fraction_of_copy_bandwidth']:.0%} of copy bandwidth "
-                             f"(goal >= 80%), {row['speedup_vs_torch_path']:.1f}x the torch path (goal >= 5x)")
+                             f"(goal >= 80%), {row['speedup_vs_torch_path']:.1f}x the torch path (goal >= 5x); "
+                             f"autotuned to {row.get('triton_config', 'n/a')}")
         lat = g["latency"]
         s = lat["shape"]
         lines += [
