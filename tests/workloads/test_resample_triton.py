@@ -310,6 +310,26 @@ def test_gpu_kernel_matches_reference(dtype, target):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("target", ["explicit", "grid"])
+def test_gpu_every_configuration_matches_reference(target):
+    """Whatever the autotuner picks is right: each search and block shape, launched
+    directly, against the float64 reference (ragged rows, downsampling)."""
+    data, times, lengths, tgt, ref_t = make_case(33, 16, 700, 150, 14, target=target, time_dtype=torch.float64)
+    ref = reference(data, times, lengths, ref_t)
+    dev = torch.device("cuda")
+    tgt_d = UniformGrid(tgt.start.to(dev), tgt.rate_hz, tgt.num) if target == "grid" else tgt.to(dev)
+    p = prepare([data.to(dev)], ["data"], times.to(dev), tgt_d, lengths.to(dev))
+    tried = 0
+    for config in triton_impl._configs():
+        if config.kwargs["WINDOW"] and not p.uniform:
+            continue
+        out = triton_impl.resample(p, config={**config.kwargs, "num_warps": config.num_warps})[0]
+        assert rel_err(out.cpu(), ref) < TOL[torch.float32], config
+        tried += 1
+    assert tried == (len(triton_impl._configs()) if target == "grid" else len(triton_impl._BINARY))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("target", ["explicit", "grid"])
 def test_gpu_fused_streams_with_a_one_wide_stream(target):
     """One launch for streams of several widths and dtypes, D = 1 included (Triton makes
     the int 1 a compile-time constant), against the float64 reference."""
