@@ -1,13 +1,23 @@
 """The Triton resampling kernel.
 
-One program handles one row ``b`` and a block of ``BLOCK_T`` targets:
+One program handles one row ``b`` and a segment of ``STEPS`` blocks of ``BLOCK_T``
+targets, one block after another:
 
 1. the block's target times are loaded (explicit targets) or generated from the uniform
    grid ``start[b] + j / rate_hz`` (no target array in memory);
-2. a vectorised binary search (``upper_bound``) over the row's ``lengths[b]`` valid
-   samples finds, per target, the number of samples ``<=`` the target. The loop runs
-   ``bit_length(S)`` times for every row, so any S works; loads are masked to the valid
-   range, so padding is never read;
+2. the search finds, per target, the number of valid samples ``<=`` the target, in one of
+   two ways that the autotuner chooses between:
+
+   - binary search (any targets): a vectorised ``upper_bound`` over the row's
+     ``lengths[b]`` valid samples, ``bit_length(S)`` steps, so any S works;
+   - windowed counting (uniform grids, whose targets ascend): a block's targets lie at or
+     after the previous block's, so their counts start from the previous block's last
+     count; the samples after it are compared with the block's targets in coalesced
+     chunks of ``BLOCK_S`` until a chunk ends beyond the block. One scalar binary search
+     places the segment's first target. This replaces a chain of dependent loads per
+     block (the binary search) by one chunk load, for any S and any rate ratio.
+
+   Loads are masked to the valid range, so padding is never read;
 3. the segment weight is computed in the time dtype (float64 when the times are float64:
    no precision is lost on absolute timestamps) and clamped to [0, 1], which holds the end
    values outside the row's span;
@@ -16,8 +26,8 @@ One program handles one row ``b`` and a block of ``BLOCK_T`` targets:
    contiguous D axis (coalesced; unit strides are specialised by Triton) and lerped in
    float32 with the same formula as ``torch.lerp``, then stored in the stream's dtype.
 
-The grid is 1-D (``B * cdiv(T, BLOCK_T)`` programs) so B is not limited by the 65535 cap
-on CUDA's y/z grid dimensions (batches beyond 2**31 - 1 programs are split across
+The grid is 1-D (``B * cdiv(T, BLOCK_T * STEPS)`` programs) so B is not limited by the
+65535 cap on CUDA's y/z grid dimensions (batches beyond 2**31 - 1 programs are split across
 launches); memory offsets are 64-bit.
 
 Interpreter mode: with CPU tensors (or ``interpret=True``) the same kernel source runs
