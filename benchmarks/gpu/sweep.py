@@ -5,30 +5,20 @@ machine; writes JSON to the path given and prints a short table."""
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import time
 
 import torch
 from triton.testing import do_bench
 
-from trajflow.bench.resample import _trajectories
+from trajflow.bench.resample import _host_time, _trajectories
 from trajflow.preprocess.kernels import UniformGrid, resample, triton_impl
 from trajflow.preprocess.kernels.common import prepare
 
 
-def host_us(fn, repeats: int = 400) -> float:
+def host_us(fn) -> float:
     """Median host microseconds of call + synchronise."""
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+    return _host_time(torch, fn, repeats=400, warmup=20)["median_s"] * 1e6
 
 
 def issue_us(fn, repeats: int = 400) -> float:
