@@ -19,6 +19,8 @@ import sys
 import warnings
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 triton = pytest.importorskip("triton")
@@ -174,6 +176,26 @@ def test_interpreter_windowed_count_equals_binary_search(poisoned, seed, rate_hz
         torch.testing.assert_close(window, binary, rtol=0, atol=0)
     ref = reference(data, times, lengths, start_shift + times[:, :1] + torch.arange(50, dtype=torch.float64) / rate_hz)
     assert rel_err(binary, ref) < TOL[torch.float32]
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), S=st.integers(2, 60), T=st.integers(1, 40),
+       rate_hz=st.sampled_from([3.0, 20.0, 50.0, 333.0]), shift=st.floats(-1.0, 3.0),
+       steps=st.integers(1, 4), block_s=st.sampled_from([8, 16, 32]), f64=st.booleans())
+def test_interpreter_windowed_count_property(seed, S, T, rate_hz, shift, steps, block_s, f64):
+    """On any uniform grid, windowed counting and binary search pick the same segments:
+    the outputs are identical."""
+    g = torch.Generator().manual_seed(seed)
+    times = torch.cumsum(torch.rand(2, S, generator=g, dtype=torch.float64) * 0.1 + 1e-3, 1)
+    times = times if f64 else times.float()
+    lengths = torch.tensor([S, int(torch.randint(2, S + 1, (1,), generator=g))])
+    p = prepare([torch.randn(2, S, 3, generator=g)], ["data"], times, UniformGrid(times[:, 0] + shift, rate_hz, T),
+                lengths)
+    binary = triton_impl.resample(p, config={"BLOCK_T": 16, "STEPS": 1, "WINDOW": False, "BLOCK_S": 16,
+                                             "num_warps": 1})[0]
+    window = triton_impl.resample(p, config={"BLOCK_T": 16, "STEPS": steps, "WINDOW": True, "BLOCK_S": block_s,
+                                             "num_warps": 1})[0]
+    torch.testing.assert_close(window, binary, rtol=0, atol=0)
 
 
 def test_interpreter_unchecked_bad_lengths_stay_in_bounds(poisoned):

@@ -145,7 +145,8 @@ def _resample_kernel(
     if WINDOW:
         # Uniform targets ascend, so the samples <= a block's targets are those <= the
         # previous block's last target plus a short run after them. `base` carries that
-        # count from block to block; one scalar search places the segment's first target.
+        # count from block to block (any base up to the true count gives exact counts,
+        # only more chunks); one scalar search places the segment's first target.
         first = seg * (BLOCK_T * STEPS)
         if TIME_F64:
             tq_first = t0 + first.to(tl.float64) * period
@@ -163,8 +164,10 @@ def _resample_kernel(
                 tm = tm.to(tl.float64)
             else:
                 tm = tm.to(tl.float32)
-            right = live & (tm <= tq_first)
-            top = tl.where(live & (tm > tq_first), mid, top)
+            # lower_bound (samples < tq_first): a count that is never too high, even if
+            # this scalar rounds differently from the block's first target
+            right = live & (tm < tq_first)
+            top = tl.where(live & (tm >= tq_first), mid, top)
             base = tl.where(right, mid + 1, base)
 
     for step in range(STEPS):
