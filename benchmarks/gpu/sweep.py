@@ -55,10 +55,10 @@ def sweep_blocks(dtype: torch.dtype, B: int, S: int = 120, T: int = 100, D: int 
         kw = config.all_kwargs()
         if triton_impl.segment(config) > 128:
             continue
-        grid = (B * triton_impl.triton.cdiv(T, triton_impl.segment(config)),)
+        programs = (B * triton_impl.triton.cdiv(T, triton_impl.segment(config)),)
 
-        def launch(kw=kw, grid=grid):
-            jit[grid](enable_fp_fusion=True, **kw, **args)
+        def launch(kw=kw, programs=programs):
+            jit[programs](enable_fp_fusion=True, **kw, **args)
 
         outs[0].fill_(float("nan"))
         launch()

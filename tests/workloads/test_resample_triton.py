@@ -26,7 +26,7 @@ torch = pytest.importorskip("torch")
 triton = pytest.importorskip("triton")
 
 from resample_cases import TOL, TOL_F32_TIMES, make_case, reference, rel_err  # noqa: E402
-from trajflow.preprocess.kernels import UniformGrid, resample, resample_streams, triton_impl  # noqa: E402
+from trajflow.preprocess.kernels import ResampleError, UniformGrid, api, resample, resample_streams, triton_impl  # noqa: E402
 from trajflow.preprocess.kernels.common import Problem, prepare  # noqa: E402
 
 
@@ -196,6 +196,24 @@ def test_interpreter_windowed_count_property(seed, S, T, rate_hz, shift, steps, 
     window = triton_impl.resample(p, config={"BLOCK_T": 16, "STEPS": steps, "WINDOW": True, "BLOCK_S": block_s,
                                              "num_warps": 1})[0]
     torch.testing.assert_close(window, binary, rtol=0, atol=0)
+
+
+def test_kernel_configs_and_row_lengths_it_cannot_take(monkeypatch):
+    times = torch.cumsum(torch.rand(2, 20) + 0.1, 1)
+    data = torch.randn(2, 20, 3)
+    explicit = prepare([data], ["data"], times, times[:, :5] + 0.05, None)
+    window = {"BLOCK_T": 16, "STEPS": 1, "WINDOW": True, "BLOCK_S": 16, "num_warps": 1}
+    with pytest.raises(ValueError, match="needs a UniformGrid"):
+        triton_impl.resample(explicit, config=window)
+    with pytest.raises(ValueError, match="lacks STEPS, BLOCK_S"):
+        triton_impl.resample(explicit, config={"BLOCK_T": 16, "WINDOW": False, "num_warps": 1})
+    monkeypatch.setattr(triton_impl, "MAX_ROW_SAMPLES", 10)
+    with pytest.raises(ResampleError, match=r"rows of at most 10 samples .* got S=20; use backend='torch'"):
+        run_triton(data, times, times[:, :5] + 0.05)
+    # "auto" takes the torch path for such rows instead (wherever it would pick Triton)
+    monkeypatch.setattr(api, "resolve_backend", lambda backend, device: "triton" if backend == "auto" else backend)
+    torch.testing.assert_close(resample(data, times, times[:, :5] + 0.05, backend="auto"),
+                               resample(data, times, times[:, :5] + 0.05, backend="torch"))
 
 
 def test_interpreter_unchecked_bad_lengths_stay_in_bounds(poisoned):

@@ -31,6 +31,8 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
 
 def _run(p: Problem, backend: str, check: bool) -> list[torch.Tensor]:
     which = resolve_backend(backend, p.device)
+    if which == "triton" and backend == "auto" and p.S > triton_impl.MAX_ROW_SAMPLES:
+        which = "torch"  # rows too long for the kernel's 32-bit sample positions
     if check:
         check_values(p)
     if which == "triton":

@@ -66,7 +66,7 @@ except ImportError as exc:  # pragma: no cover - depends on the platform
     tl = None  # type: ignore[assignment]
     _IMPORT_ERROR = exc
 
-from .common import Problem
+from .common import Problem, ResampleError
 
 if triton is not None:
     # The combine functions behind tl.sum and tl.max, called through tl.reduce: the
@@ -76,6 +76,8 @@ if triton is not None:
 
 MAX_BLOCK_D = 64
 MAX_PROGRAMS = 2**31 - 1  # CUDA's limit on the x dimension of a grid
+# sample positions are int32 and searches add two of them, chunks step past the end
+MAX_ROW_SAMPLES = 2**30 - 1024
 
 
 def available() -> bool:
@@ -109,6 +111,7 @@ def _resample_kernel(
     period_lo,
     T_KEY,  # autotuning keys only
     D_KEY,
+    ELEM_KEY: tl.constexpr,  # (Triton's own key leaves out the dtypes inside tuples)
     NUM_STREAMS: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     UNIFORM: tl.constexpr,
@@ -349,7 +352,7 @@ def kernel(interpret: bool) -> Any:
     # Compiled otherwise, unless TRITON_INTERPRET=1 asks for Triton's usual behaviour.
     return triton.autotune(
         configs=_configs(),
-        key=["T_KEY", "D_KEY", "NUM_STREAMS", "HAS_LENGTHS", "UNIFORM", "TIME_F64"],
+        key=["T_KEY", "D_KEY", "ELEM_KEY", "NUM_STREAMS", "HAS_LENGTHS", "UNIFORM", "TIME_F64"],
         prune_configs_by={"early_config_prune": _prune},
     )(triton.jit(_resample_kernel))
 
@@ -418,12 +421,21 @@ def kernel_args(p: Problem, outs: list[torch.Tensor]) -> dict[str, Any] | None:
         period_lo=period_lo,
         T_KEY=min(4096, max(16, _next_pow2(p.T))),
         D_KEY=max(block_ds),
+        ELEM_KEY=max(x.element_size() for x in xs),
         NUM_STREAMS=len(xs),
         HAS_LENGTHS=p.lengths is not None,
         UNIFORM=p.uniform,
         TIME_F64=p.time_dtype == torch.float64,
         BLOCK_DS=block_ds,
     )
+
+
+def _check_config(config: dict[str, Any], p: Problem) -> None:
+    missing = [k for k in ("BLOCK_T", "STEPS", "WINDOW", "BLOCK_S", "num_warps") if k not in config]
+    if missing:
+        raise ValueError(f"kernel config {config} lacks {', '.join(missing)}")
+    if config["WINDOW"] and not p.uniform:
+        raise ValueError("windowed counting (WINDOW=True) needs a UniformGrid: explicit targets need not ascend")
 
 
 def default_config(p: Problem) -> dict[str, Any]:
@@ -446,12 +458,17 @@ def resample(p: Problem, interpret: bool | None = None, config: dict[str, Any] |
         raise RuntimeError(unavailable_reason())
     if interpret is None:
         interpret = p.device.type != "cuda"
+    if p.S > MAX_ROW_SAMPLES:
+        raise ResampleError(f"the Triton kernel takes rows of at most {MAX_ROW_SAMPLES} samples (its positions are "
+                            f"32-bit), got S={p.S}; use backend='torch'")
     outs = p.new_outputs()
     if p.empty():
         return outs
     fn = kernel(interpret)
-    if interpret and config is None:
+    if config is None and interpret:
         config = default_config(p)
+    if config is not None:
+        _check_config(config, p)
     # The 1-D grid holds at most 2**31 - 1 programs: split taller batches into launches
     # (never at realistic sizes; there is no silent cap either way).
     shortest = segment(config) if config else _SHORTEST_SEGMENT
@@ -481,8 +498,8 @@ def _launch_tuned(fn: Any, p: Problem, args: dict[str, Any]) -> None:
     """Launch through the autotuner the first time a key is seen, then straight through
     the jitted kernel with the configuration it chose: that skips the autotuner's own
     per-call work, which costs about as much again as the launch itself."""
-    key = (args["T_KEY"], args["D_KEY"], args["NUM_STREAMS"], args["HAS_LENGTHS"], args["UNIFORM"],
-           args["TIME_F64"], p.device, *(x.dtype for x in args["data_ptrs"]))
+    key = (args["T_KEY"], args["D_KEY"], args["ELEM_KEY"], args["NUM_STREAMS"], args["HAS_LENGTHS"],
+           args["UNIFORM"], args["TIME_F64"], p.device, *(x.dtype for x in args["data_ptrs"]))
     config = _tuned.get(key)
     if config is None:
         # FMA contraction of the lerp is wanted; saying so also silences triton's warning
