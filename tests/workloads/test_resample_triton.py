@@ -216,6 +216,19 @@ def test_kernel_configs_and_row_lengths_it_cannot_take(monkeypatch):
                                resample(data, times, times[:, :5] + 0.05, backend="torch"))
 
 
+def test_interpreter_64_bit_row_offsets(poisoned, monkeypatch):
+    """Rows too long for 32-bit offsets take the 64-bit ones: same results."""
+    for target in ("explicit", "grid"):
+        data, times, lengths, tgt, ref_t = make_case(45, 3, 50, 30, 5, target=target, time_dtype=torch.float64)
+        narrow = run_triton(data, times, tgt, lengths)
+        with monkeypatch.context() as m:
+            m.setattr(triton_impl, "WIDE_REACH", 1)
+            p = prepare([data], ["data"], times, tgt, lengths)
+            assert triton_impl.kernel_args(p, p.new_outputs())["WIDE"]
+            torch.testing.assert_close(run_triton(data, times, tgt, lengths), narrow, rtol=0, atol=0)
+        assert rel_err(narrow, reference(data, times, lengths, ref_t)) < TOL[torch.float32]
+
+
 def test_interpreter_unchecked_bad_lengths_stay_in_bounds(poisoned):
     data, times, _, tgt, _ = make_case(27, 4, 12, 8, 2, ragged=False)
     out = run_triton(data, times, tgt, torch.tensor([0, 1, 12, 99]), check=False)
@@ -445,8 +458,8 @@ def test_autotuned_launch_path_without_a_gpu(monkeypatch):
     p = prepare([torch.randn(5, 40, 14)], ["data"], times, UniformGrid(times[:, 0], 10.0, 100), None)
     triton_impl.resample(p, interpret=False)
     triton_impl.resample(p, interpret=False)  # tuned: no second round of benchmarks, no autotuner
-    # segments beyond T=100 (rounded to 128) pruned: 7 binary-search and 5 windowed shapes
-    assert len(benched) == 12 and sum(w for _, _, w in benched) == 5
+    # segments beyond T=100 (rounded to 128) pruned: 8 binary-search and 5 windowed shapes
+    assert len(benched) == 13 and sum(w for _, _, w in benched) == 5
     assert max(bt * st for bt, st, _ in benched) == 128
     assert len(launches) == 2
     grid, kw = launches[-1]

@@ -78,6 +78,8 @@ MAX_BLOCK_D = 64
 MAX_PROGRAMS = 2**31 - 1  # CUDA's limit on the x dimension of a grid
 # sample positions are int32 and searches add two of them, chunks step past the end
 MAX_ROW_SAMPLES = 2**30 - 1024
+# rows reaching this many elements get 64-bit offsets; shorter ones 32-bit (fewer registers)
+WIDE_REACH = 2**30
 
 
 def available() -> bool:
@@ -112,6 +114,7 @@ def _resample_kernel(
     T_KEY,  # autotuning keys only
     D_KEY,
     ELEM_KEY: tl.constexpr,  # (Triton's own key leaves out the dtypes inside tuples)
+    WIDE: tl.constexpr,  # offsets within a row need 64 bits
     NUM_STREAMS: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     UNIFORM: tl.constexpr,
@@ -128,6 +131,11 @@ def _resample_kernel(
     row = pid // n_segs
     seg = pid - row * n_segs
     row64 = row.to(tl.int64)
+    # offsets within a row: 32-bit unless a row spans 2**30 elements (fewer registers)
+    if WIDE:
+        IDX = tl.int64
+    else:
+        IDX = tl.int32
 
     if HAS_LENGTHS:
         n_valid = tl.load(lengths_ptr + row64 * stride_lb).to(tl.int32)
@@ -162,7 +170,7 @@ def _resample_kernel(
             it += 1
             live = base < top
             mid = (base + top) >> 1
-            tm = tl.load(t_row + mid.to(tl.int64) * stride_ts, mask=live, other=0.0)
+            tm = tl.load(t_row + mid.to(IDX) * stride_ts, mask=live, other=0.0)
             if TIME_F64:
                 tm = tm.to(tl.float64)
             else:
@@ -182,7 +190,7 @@ def _resample_kernel(
             else:
                 tq = t0 + offs_t.to(tl.float32) * period
         else:
-            tq = tl.load(tgt_ptr + row64 * stride_gb + offs_t.to(tl.int64) * stride_gt, mask=mask_t, other=0.0)
+            tq = tl.load(tgt_ptr + row64 * stride_gb + offs_t.to(IDX) * stride_gt, mask=mask_t, other=0.0)
             if TIME_F64:
                 tq = tq.to(tl.float64)
             else:
@@ -197,7 +205,7 @@ def _resample_kernel(
             while more:
                 offs_s = s0 + tl.arange(0, BLOCK_S)
                 mask_s = offs_s < n_valid
-                ts = tl.load(t_row + offs_s.to(tl.int64) * stride_ts, mask=mask_s, other=0.0)
+                ts = tl.load(t_row + offs_s.to(IDX) * stride_ts, mask=mask_s, other=0.0)
                 if TIME_F64:
                     ts = ts.to(tl.float64)
                 else:
@@ -207,7 +215,7 @@ def _resample_kernel(
                 # a later chunk can still hold samples <= the block's last target only if
                 # this one is full and its last sample is
                 s0 += BLOCK_S
-                chunk_last = tl.load(t_row + (tl.minimum(s0, n_valid) - 1).to(tl.int64) * stride_ts)
+                chunk_last = tl.load(t_row + (tl.minimum(s0, n_valid) - 1).to(IDX) * stride_ts)
                 if TIME_F64:
                     chunk_last = chunk_last.to(tl.float64)
                 else:
@@ -223,7 +231,7 @@ def _resample_kernel(
                 it += 1
                 active = lo < hi
                 mid = (lo + hi) >> 1
-                tm = tl.load(t_row + mid.to(tl.int64) * stride_ts, mask=active & mask_t, other=0.0)
+                tm = tl.load(t_row + mid.to(IDX) * stride_ts, mask=active & mask_t, other=0.0)
                 if TIME_F64:
                     tm = tm.to(tl.float64)
                 else:
@@ -234,8 +242,8 @@ def _resample_kernel(
 
         i_hi = tl.minimum(tl.maximum(lo, 1), n_valid - 1)
         i_lo = tl.maximum(i_hi - 1, 0)
-        t_lo = tl.load(t_row + i_lo.to(tl.int64) * stride_ts, mask=mask_t, other=0.0)
-        t_hi = tl.load(t_row + i_hi.to(tl.int64) * stride_ts, mask=mask_t, other=1.0)
+        t_lo = tl.load(t_row + i_lo.to(IDX) * stride_ts, mask=mask_t, other=0.0)
+        t_hi = tl.load(t_row + i_hi.to(IDX) * stride_ts, mask=mask_t, other=1.0)
         if TIME_F64:
             t_lo = t_lo.to(tl.float64)
             t_hi = t_hi.to(tl.float64)
@@ -247,9 +255,9 @@ def _resample_kernel(
         w = tl.where(den > 0, (tq - t_lo) / safe_den, 0.0)
         w = tl.minimum(tl.maximum(w, 0.0), 1.0).to(tl.float32)
         w2 = w[:, None]
-        i_lo64 = i_lo.to(tl.int64)
-        i_hi64 = i_hi.to(tl.int64)
-        offs_t64 = offs_t.to(tl.int64)
+        i_lo_x = i_lo.to(IDX)
+        i_hi_x = i_hi.to(IDX)
+        offs_t_x = offs_t.to(IDX)
 
         for k in tl.static_range(NUM_STREAMS):
             D = Ds[k]
@@ -257,27 +265,28 @@ def _resample_kernel(
             os_ = out_strides[k]
             d_row = data_ptrs[k] + row64 * ds[0]
             o_row = out_ptrs[k] + row64 * os_[0]
-            a_off = (i_lo64 * ds[1])[:, None]
-            b_off = (i_hi64 * ds[1])[:, None]
-            o_off = (offs_t64 * os_[1])[:, None]
+            a_off = (i_lo_x * ds[1])[:, None]
+            b_off = (i_hi_x * ds[1])[:, None]
+            o_off = (offs_t_x * os_[1])[:, None]
             d0 = 0
             while d0 < D:
                 offs_d = d0 + tl.arange(0, BLOCK_DS[k])
                 m = mask_t[:, None] & (offs_d < D)[None, :]
-                offs_d64 = offs_d.to(tl.int64)
-                d_off = (offs_d64 * ds[2])[None, :]
+                offs_d_x = offs_d.to(IDX)
+                d_off = (offs_d_x * ds[2])[None, :]
                 a = tl.load(d_row + a_off + d_off, mask=m, other=0.0).to(tl.float32)
                 b = tl.load(d_row + b_off + d_off, mask=m, other=0.0).to(tl.float32)
                 diff = b - a
                 # torch.lerp's formula: exact at both ends
                 r = tl.where(w2 < 0.5, a + w2 * diff, b - diff * (1.0 - w2))
-                tl.store(o_row + o_off + (offs_d64 * os_[2])[None, :], r.to(out_ptrs[k].dtype.element_ty), mask=m)
+                tl.store(o_row + o_off + (offs_d_x * os_[2])[None, :], r.to(out_ptrs[k].dtype.element_ty), mask=m)
                 d0 += BLOCK_DS[k]
 
 
 # Search strategies and block shapes the autotuner chooses among, as Config kwargs:
 # per-target binary search, one block of targets per program ...
-_BINARY = [(16, 1), (32, 1), (32, 2), (64, 2), (64, 4), (128, 4), (128, 8), (256, 4), (256, 8)]
+# (chosen from a sweep of twenty shapes on an H200, benchmarks/gpu/NOTES.md)
+_BINARY = [(16, 1), (16, 2), (32, 2), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8)]
 # ... and, for uniform grids, windowed counting over STEPS blocks per program
 # (BLOCK_T, STEPS, BLOCK_S, num_warps)
 _WINDOW = [(16, 4, 32, 1), (16, 8, 32, 2), (32, 4, 64, 2), (32, 4, 64, 4), (32, 8, 64, 4), (64, 2, 128, 4),
@@ -398,6 +407,11 @@ def kernel_args(p: Problem, outs: list[torch.Tensor]) -> dict[str, Any] | None:
     # unused pointer arguments get a harmless valid tensor
     lengths = p.lengths if p.lengths is not None else times
     stride_lb = p.lengths.stride(0) if p.lengths is not None else 0
+    # the furthest element offset within one row of any input or output (half the int32
+    # range leaves room for the blocks that step past a row's end, masked)
+    reach = max([(p.S - 1) * abs(times.stride(1)), (p.T - 1) * abs(stride_gt)]
+                + [(p.S - 1) * abs(x.stride(1)) + (x.shape[2] - 1) * abs(x.stride(2)) for x in xs]
+                + [(p.T - 1) * abs(o.stride(1)) + (o.shape[2] - 1) * abs(o.stride(2)) for o in os_])
     return dict(
         data_ptrs=tuple(xs),
         out_ptrs=tuple(os_),
@@ -422,6 +436,7 @@ def kernel_args(p: Problem, outs: list[torch.Tensor]) -> dict[str, Any] | None:
         T_KEY=min(4096, max(16, _next_pow2(p.T))),
         D_KEY=max(block_ds),
         ELEM_KEY=max(x.element_size() for x in xs),
+        WIDE=reach >= WIDE_REACH,
         NUM_STREAMS=len(xs),
         HAS_LENGTHS=p.lengths is not None,
         UNIFORM=p.uniform,
