@@ -55,7 +55,7 @@ def sweep_blocks(dtype: torch.dtype, B: int, S: int = 120, T: int = 100, D: int 
         kw = config.all_kwargs()
         if triton_impl.segment(config) > 128:
             continue
-        programs = (B * triton_impl.triton.cdiv(T, triton_impl.segment(config)),)
+        programs = (B * triton_impl._cdiv(T, triton_impl.segment(config)),)
 
         def launch(kw=kw, programs=programs):
             jit[programs](enable_fp_fusion=True, **kw, **args)
@@ -83,9 +83,9 @@ def latency() -> dict:
     fn = triton_impl.kernel(False)
     call()  # autotune
     best = fn.best_config
-    g = (B * triton_impl.triton.cdiv(T, triton_impl.segment(best)),)
+    g = (B * triton_impl._cdiv(T, triton_impl.segment(best)),)
     raw = lambda: fn.fn[g](enable_fp_fusion=True, **best.all_kwargs(), **args)  # noqa: E731
-    tuned = lambda: fn[lambda meta: (B * triton_impl.triton.cdiv(T, triton_impl.segment(meta)),)](  # noqa: E731
+    tuned = lambda: fn[lambda meta: (B * triton_impl._cdiv(T, triton_impl.segment(meta)),)](  # noqa: E731
         enable_fp_fusion=True, **args)
     x = torch.empty(1, device="cuda")
     res = {

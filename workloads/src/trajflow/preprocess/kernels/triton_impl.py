@@ -366,6 +366,10 @@ def kernel(interpret: bool) -> Any:
     )(triton.jit(_resample_kernel))
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # not triton.cdiv: calling a jit function from the host costs microseconds
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -392,8 +396,12 @@ def kernel_args(p: Problem, outs: list[torch.Tensor]) -> dict[str, Any] | None:
     xs = [p.streams[k] for k in live]
     os_ = [outs[k] for k in live]
     block_ds = tuple(min(MAX_BLOCK_D, _next_pow2(x.shape[2])) for x in xs)
+    x_strides = tuple(x.stride() for x in xs)
+    o_strides = tuple(o.stride() for o in os_)
+    Ds = tuple(x.shape[2] for x in xs)
 
     times = p.times
+    stride_tb, stride_ts = times.stride()
     if p.uniform:
         tgt, st = times, p.start
         stride_gb = stride_gt = 0
@@ -409,15 +417,15 @@ def kernel_args(p: Problem, outs: list[torch.Tensor]) -> dict[str, Any] | None:
     stride_lb = p.lengths.stride(0) if p.lengths is not None else 0
     # the furthest element offset within one row of any input or output (half the int32
     # range leaves room for the blocks that step past a row's end, masked)
-    reach = max([(p.S - 1) * abs(times.stride(1)), (p.T - 1) * abs(stride_gt)]
-                + [(p.S - 1) * abs(x.stride(1)) + (x.shape[2] - 1) * abs(x.stride(2)) for x in xs]
-                + [(p.T - 1) * abs(o.stride(1)) + (o.shape[2] - 1) * abs(o.stride(2)) for o in os_])
+    reach = max((p.S - 1) * abs(stride_ts), (p.T - 1) * abs(stride_gt),
+                *((p.S - 1) * abs(xs_[1]) + (d - 1) * abs(xs_[2]) for xs_, d in zip(x_strides, Ds)),
+                *((p.T - 1) * abs(os_s[1]) + (d - 1) * abs(os_s[2]) for os_s, d in zip(o_strides, Ds)))
     return dict(
         data_ptrs=tuple(xs),
         out_ptrs=tuple(os_),
-        Ds=tuple(int(x.shape[2]) for x in xs),
-        data_strides=tuple(tuple(int(s) for s in x.stride()) for x in xs),
-        out_strides=tuple(tuple(int(s) for s in o.stride()) for o in os_),
+        Ds=Ds,
+        data_strides=x_strides,
+        out_strides=o_strides,
         times_ptr=times,
         lengths_ptr=lengths,
         tgt_ptr=tgt,
@@ -425,8 +433,8 @@ def kernel_args(p: Problem, outs: list[torch.Tensor]) -> dict[str, Any] | None:
         S=p.S,
         T=p.T,
         n_iter=int(p.S).bit_length(),
-        stride_tb=times.stride(0),
-        stride_ts=times.stride(1),
+        stride_tb=stride_tb,
+        stride_ts=stride_ts,
         stride_lb=stride_lb,
         stride_gb=stride_gb,
         stride_gt=stride_gt,
@@ -487,7 +495,7 @@ def resample(p: Problem, interpret: bool | None = None, config: dict[str, Any] |
     # The 1-D grid holds at most 2**31 - 1 programs: split taller batches into launches
     # (never at realistic sizes; there is no silent cap either way).
     shortest = segment(config) if config else _SHORTEST_SEGMENT
-    rows = max(1, MAX_PROGRAMS // triton.cdiv(p.T, shortest))
+    rows = max(1, MAX_PROGRAMS // _cdiv(p.T, shortest))
     for r0 in range(0, p.B, rows):
         sub = p if rows >= p.B else p.rows(r0, r0 + rows)
         args = kernel_args(sub, outs if sub is p else [o[r0:r0 + rows] for o in outs])
@@ -497,7 +505,7 @@ def resample(p: Problem, interpret: bool | None = None, config: dict[str, Any] |
             _launch_tuned(fn, sub, args)
             continue
         meta = {k: v for k, v in config.items() if k != "num_warps"}
-        grid = (sub.B * triton.cdiv(sub.T, segment(meta)),)
+        grid = (sub.B * _cdiv(sub.T, segment(meta)),)
         if interpret:
             fn[grid](**meta, **args)
         else:
@@ -518,7 +526,7 @@ def _launch_tuned(fn: Any, p: Problem, args: dict[str, Any]) -> None:
     config = _tuned.get(key)
     if config is None:
         # FMA contraction of the lerp is wanted; saying so also silences triton's warning
-        fn[lambda meta: (p.B * triton.cdiv(p.T, segment(meta)),)](enable_fp_fusion=True, **args)
+        fn[lambda meta: (p.B * _cdiv(p.T, segment(meta)),)](enable_fp_fusion=True, **args)
         _tuned[key] = fn.best_config
         return
-    fn.fn[(p.B * triton.cdiv(p.T, segment(config)),)](enable_fp_fusion=True, **config.all_kwargs(), **args)
+    fn.fn[(p.B * _cdiv(p.T, segment(config)),)](enable_fp_fusion=True, **config.all_kwargs(), **args)
