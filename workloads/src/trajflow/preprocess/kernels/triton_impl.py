@@ -350,6 +350,10 @@ def jit_mode(interpret: bool) -> Iterator[None]:
             os.environ["TRITON_INTERPRET"] = old
 
 
+# the kernel arguments the autotuner chooses a configuration by
+_TUNING_KEY = ("T_KEY", "D_KEY", "ELEM_KEY", "NUM_STREAMS", "HAS_LENGTHS", "UNIFORM", "TIME_F64")
+
+
 @functools.lru_cache(maxsize=None)
 def kernel(interpret: bool) -> Any:
     """The kernel, compiled for the GPU (autotuned) or for Triton's interpreter."""
@@ -361,7 +365,7 @@ def kernel(interpret: bool) -> Any:
     # Compiled otherwise, unless TRITON_INTERPRET=1 asks for Triton's usual behaviour.
     return triton.autotune(
         configs=_configs(),
-        key=["T_KEY", "D_KEY", "ELEM_KEY", "NUM_STREAMS", "HAS_LENGTHS", "UNIFORM", "TIME_F64"],
+        key=list(_TUNING_KEY),
         prune_configs_by={"early_config_prune": _prune},
     )(triton.jit(_resample_kernel))
 
@@ -513,7 +517,7 @@ def resample(p: Problem, interpret: bool | None = None, config: dict[str, Any] |
     return outs
 
 
-# autotuning key (plus the streams' dtypes and the device) -> the configuration chosen
+# autotuning key (and the device) -> the configuration chosen
 _tuned: dict[tuple[Any, ...], Any] = {}
 
 
@@ -521,8 +525,7 @@ def _launch_tuned(fn: Any, p: Problem, args: dict[str, Any]) -> None:
     """Launch through the autotuner the first time a key is seen, then straight through
     the jitted kernel with the configuration it chose: that skips the autotuner's own
     per-call work, which costs about as much again as the launch itself."""
-    key = (args["T_KEY"], args["D_KEY"], args["ELEM_KEY"], args["NUM_STREAMS"], args["HAS_LENGTHS"],
-           args["UNIFORM"], args["TIME_F64"], p.device, *(x.dtype for x in args["data_ptrs"]))
+    key = (*(args[k] for k in _TUNING_KEY), p.device)
     config = _tuned.get(key)
     if config is None:
         # FMA contraction of the lerp is wanted; saying so also silences triton's warning
