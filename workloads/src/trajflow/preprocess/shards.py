@@ -166,6 +166,43 @@ def _header_bytes(index: dict[str, Any], streams: Sequence[str], dims: Mapping[s
     return struct.pack("<Q", len(raw)) + raw
 
 
+class _Spool:
+    """One stream's frames: copies of the appended arrays in memory up to ``limit`` bytes,
+    after that all of them in an unlinked temporary file under ``directory``/$TMPDIR."""
+
+    def __init__(self, limit: int, directory: str | None):
+        self.limit, self.directory = limit, directory
+        self.parts: list[np.ndarray] = []
+        self.size = 0
+        self.file: IO[bytes] | None = None
+
+    def append(self, x: np.ndarray) -> None:
+        if self.file is None and self.size + x.nbytes > self.limit:
+            self.file = tempfile.TemporaryFile(dir=self.directory)
+            for part in self.parts:
+                self.file.write(part.data)
+            self.parts = []
+        if self.file is not None:
+            self.file.write(np.ascontiguousarray(x).data)
+        else:
+            self.parts.append(np.array(x, order="C"))  # a copy: the caller's batch buffer is not kept alive
+        self.size += x.nbytes
+
+    def chunks(self) -> Iterator[bytes | memoryview]:
+        if self.file is None:
+            for part in self.parts:
+                yield part.data.cast("B")
+            return
+        self.file.seek(0)
+        while block := self.file.read(_COPY_CHUNK):
+            yield block
+
+    def close(self) -> None:
+        self.parts = []
+        if self.file is not None:
+            self.file.close()
+
+
 class ShardWriter:
     """Append episodes (in their final order), then `close` to write the shard atomically.
 
@@ -188,10 +225,7 @@ class ShardWriter:
         self.code, self.np_dtype = _dtype_info(dtype)
         self.rate_hz = float(rate_hz)
         self._per_stream = max(spool_bytes // len(self.streams), 1 << 20)
-        self._spools: dict[str, IO[bytes]] = {
-            s: tempfile.SpooledTemporaryFile(max_size=self._per_stream, dir=spool_dir) for s in self.streams
-        }
-        self._spooled = dict.fromkeys(self.streams, 0)
+        self._spools = {s: _Spool(self._per_stream, spool_dir) for s in self.streams}
         self.spill_limit_bytes = spill_limit_bytes
         self.episodes: list[EpisodeInfo] = []
         self.num_frames = 0
@@ -219,10 +253,9 @@ class ShardWriter:
                 length = x.shape[0]
             elif x.shape[0] != length:
                 raise ValueError(f"episode {episode!r} of {source}: streams have different lengths")
-        self._check_spill({s: self._spooled[s] + data[s].nbytes for s in self.streams})
+        self._check_spill({s: self._spools[s].size + data[s].nbytes for s in self.streams})
         for s in self.streams:
-            self._spools[s].write(np.ascontiguousarray(data[s]).data)
-            self._spooled[s] += data[s].nbytes
+            self._spools[s].append(data[s])
         info = EpisodeInfo(offset=self.num_frames, length=int(length or 0), source=source, episode=str(episode),
                            robot=robot, original_rate_hz=float(original_rate_hz), raw_length=int(raw_length),
                            start_time=float(start_time))
@@ -267,12 +300,7 @@ class ShardWriter:
                 out.write(header)
                 size += len(header)
                 for s in self.streams:
-                    spool = self._spools[s]
-                    spool.seek(0)
-                    while True:
-                        block = spool.read(_COPY_CHUNK)
-                        if not block:
-                            break
+                    for block in self._spools[s].chunks():
                         digest.update(block)
                         out.write(block)
                         size += len(block)
