@@ -228,6 +228,43 @@ def test_read_workers_follow_the_cpu_budget_and_never_change_the_bytes(tmp_path,
     assert shards[0] == shards[1]
 
 
+def test_files_read_whole_are_prefetched_a_bounded_window_ahead(tmp_path, mixed, monkeypatch):
+    from trajflow.preprocess import readers, stage
+
+    files, _ = mixed
+    events: list[tuple[str, str]] = []
+
+    class Recording(LocalStorage):
+        def prefetch(self, key):
+            events.append(("prefetch", key))
+            super().prefetch(key)
+
+    read_item = readers.read_item
+
+    def recording_read(storage, key, *args, **kwargs):
+        events.append(("read", key))
+        return read_item(storage, key, *args, **kwargs)
+
+    window = 1  # one file beyond those the readers already hold
+    monkeypatch.setattr(stage, "_PREFETCH_BYTES", window)
+    monkeypatch.setattr(readers, "read_item", recording_read)
+    storage = Recording(tmp_path / "root")
+    items = publish_raw_shard(storage, 0, files)
+    config = stage_config(read_workers=1, sources={"robomimic": ROBOMIMIC})
+    process_shard(storage, 0, 1, config)
+    queued = 1 * 2 + config.prefetch  # files handed to the read pool ahead of the one being read
+    size = {it["key"]: it["size"] for it in items}
+    whole = [k for k in sorted(size) if k.endswith((".npz", ".parquet"))]
+    assert queued + 2 < len(whole) < len(size)  # the HDF5 files are read in part, never prefetched
+    assert [k for kind, k in events if kind == "prefetch"] == whole
+    hinted, read = set(), set()
+    for kind, key in events:
+        (hinted if kind == "prefetch" else read).add(key)
+        if kind == "read" and key in size and key in whole:
+            assert key in hinted  # asked for before it is read
+        assert len(hinted - read) <= queued + 2
+
+
 def test_a_smaller_shard_count_redoes_the_shards_and_drops_the_others(local_storage, mixed):
     files, episodes = mixed
     names = sorted(files)

@@ -453,3 +453,11 @@ def test_failed_part_upload_aborts_the_whole_upload(s3_server):
                 fh.write(b"z" * MiB * 3)
     assert not store.exists("obj")
     assert real.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def test_prefetch_is_a_hint_that_never_fails_or_changes_anything(storage):
+    storage.write_bytes("a/b", b"payload")
+    storage.prefetch("a/b")
+    storage.prefetch("a/missing")  # the read that follows reports a missing key, not the hint
+    assert storage.read_bytes("a/b") == b"payload"
+    assert [o.key for o in storage.list("a/")] == ["a/b"]

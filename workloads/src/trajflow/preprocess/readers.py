@@ -541,6 +541,11 @@ def _reraise_io(exc: BaseException) -> None:
 _READ_WHOLE = {"npz": None, "lerobot": 64 << 20}
 
 
+def reads_whole(fmt: str, size: int | None) -> bool:
+    """Whether `read_item` reads a file of ``fmt`` and ``size`` bytes whole."""
+    return fmt in _READ_WHOLE and (size is None or size <= (_READ_WHOLE[fmt] or size))
+
+
 def _contents(src: Any) -> bytes:
     """The bytes of a reader's source: a path, bytes, or a binary file object."""
     if isinstance(src, bytes):
@@ -571,7 +576,7 @@ def read_item(storage: Storage, key: str, expected_size: int | None, fmt: str, s
         result.outcomes.append(Quarantined(key, "", SIZE_MISMATCH,
                                            f"{size} bytes, the raw manifest says {expected_size} (truncated?)"))
         return result
-    if isinstance(src, str) and fmt in _READ_WHOLE and size <= (_READ_WHOLE[fmt] or size):
+    if isinstance(src, str) and reads_whole(fmt, size):
         try:
             src = _contents(src)
         except OSError as exc:

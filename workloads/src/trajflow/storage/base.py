@@ -124,6 +124,10 @@ class Storage(abc.ABC):
         with self.open_read(key) as fh:
             return sha256_stream(fh)
 
+    def prefetch(self, key: str) -> None:
+        """Hint that `key` is about to be read whole: a backend that can fetch it in the
+        background does; the others ignore it."""
+
     def local_path(self, key: str) -> Path | None:
         """A filesystem path for `key` when the backend has one (for memory-mapping)."""
         return None

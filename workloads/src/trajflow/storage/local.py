@@ -119,6 +119,19 @@ class LocalStorage(Storage):
             return fh
         return _RangeReader(fh, max(end - start, 0))  # type: ignore[return-value]
 
+    def prefetch(self, key: str) -> None:
+        # the kernel reads the file into the page cache while this process works on others
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY)
+        except OSError:
+            return  # the read itself reports what is wrong
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except (OSError, AttributeError):  # no posix_fadvise on macOS
+            pass
+        finally:
+            os.close(fd)
+
     def _temp_path(self, final: Path) -> Path:
         return final.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:16]}-{final.name}")
 
