@@ -11,6 +11,7 @@ from trajflow.preprocess.dtypes import to_storage_dtype
 from trajflow.preprocess.shards import (
     Episode,
     ShardFormatError,
+    ShardReader,
     ShardWriter,
     as_float32,
     fetch_shard,
@@ -188,3 +189,24 @@ def test_the_writer_stops_before_the_temporary_directory_limit(local_storage, tm
     assert info.value.exit_code == ExitCode.PERMANENT
     writer.abort()
     assert not local_storage.exists(shard_key(0))
+
+
+@pytest.mark.parametrize("spool_mib", [64, 2])  # every stream in memory; one spilled to a file, one not
+def test_shard_bytes_and_checksum_whether_spooled_in_memory_or_in_files(local_storage, tmp_path, spool_mib):
+    import hashlib
+
+    rng = np.random.default_rng(6)
+    wide = [rng.standard_normal((4096, 48)).astype(np.float32) for _ in range(4)]  # 0.75 MiB each
+    narrow = [rng.standard_normal((4096, 2)).astype(np.float32) for _ in range(4)]
+    writer = ShardWriter(local_storage, shard_key(0), {"wide": 48, "narrow": 2}, "float32", 50.0,
+                         spool_bytes=spool_mib << 20, spool_dir=str(tmp_path))
+    for i, (w, n) in enumerate(zip(wide, narrow)):
+        writer.add({"wide": w[:, ::-1][:, ::-1], "narrow": n}, source="raw/x", episode=str(i))  # strided input
+    spilled = [s for s, spool in writer._spools.items() if spool.file is not None]
+    shard = writer.close()
+    assert spilled == ([] if spool_mib == 64 else ["wide"])
+    data = local_storage.read_bytes(shard_key(0))
+    assert shard.size == len(data) and shard.sha256 == hashlib.sha256(data).hexdigest()
+    with ShardReader(local_storage.local_path(shard_key(0))) as reader:
+        np.testing.assert_array_equal(reader.array("wide"), np.concatenate(wide))
+        np.testing.assert_array_equal(reader.array("narrow"), np.concatenate(narrow))

@@ -44,6 +44,7 @@ import logging
 import os
 import struct
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Iterable, Iterator, Mapping, Sequence
@@ -294,17 +295,30 @@ class ShardWriter:
         index = self.index()
         header = _header_bytes(index, self.streams, self.dims, self.code, self.np_dtype.itemsize, self.num_frames)
         digest, size = hashlib.sha256(), 0
+
+        def blocks() -> Iterator[bytes | memoryview]:
+            yield header
+            for s in self.streams:
+                yield from self._spools[s].chunks()
+
+        # frames held in memory can be hashed on another core while they are written
+        # (both release the GIL); a spool in a file is read once, for both
+        hasher = None
+        if all(spool.file is None for spool in self._spools.values()):
+            hasher = threading.Thread(target=lambda: [digest.update(b) for b in blocks()], name="shard-sha256")
+            hasher.start()
         try:
             with self.storage.writer(self.key) as out:
-                digest.update(header)
-                out.write(header)
-                size += len(header)
-                for s in self.streams:
-                    for block in self._spools[s].chunks():
+                for block in blocks():
+                    if hasher is None:
                         digest.update(block)
-                        out.write(block)
-                        size += len(block)
+                    out.write(block)
+                    size += len(block)
+                if hasher is not None:
+                    hasher.join()
         finally:
+            if hasher is not None:
+                hasher.join()
             self.abort()
         return ShardFile(self.key, size, digest.hexdigest(), index)
 
