@@ -109,6 +109,33 @@ def test_hdf5_rate_from_env_args_and_missing_time(tmp_path):
     assert out.robot == "forced"  # a per-source robot wins over the data
 
 
+def test_hdf5_layouts_datasets_groups_and_nested_times(tmp_path):
+    import h5py
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((30, 4)).astype(np.float32)
+    t = np.cumsum(rng.uniform(0.01, 0.02, 30))
+    path = tmp_path / "d.hdf5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("data/mask", data=[1, 2])  # not a demo group: skipped
+        f.create_dataset(f"data/demo_0/{STATE}", data=x, chunks=(7, 4), compression="gzip")
+        f.create_dataset(f"data/demo_0/{ACTION}", data=x[:, :1].astype(">f8"))
+        f.create_dataset("data/demo_0/obs/timestamps", data=t)  # times below obs/
+        f.create_group(f"data/demo_1/{STATE}")  # a group where the stream should be
+        f.create_dataset(f"data/demo_1/{ACTION}", data=x[:, :1])
+        f.create_dataset("data/demo_1/timestamps", data=t)
+        f.create_dataset(f"data/demo_2/{STATE}", data=x)
+        f.create_dataset(f"data/demo_2/{ACTION}", data=x[:, :1])
+        f["data/demo_2"].attrs["fps"] = 25.0  # no timestamps: the demo's recorded rate
+        f["data"].attrs["rate_hz"] = 10.0
+    ep0, bad, ep2 = _outcomes("robomimic", str(path))
+    assert isinstance(ep0, RawEpisode) and ep0.episode == "demo_0"
+    np.testing.assert_array_equal(ep0.frames, np.concatenate([x, x[:, :1]], axis=1))
+    np.testing.assert_allclose(ep0.times, t - t[0])
+    assert isinstance(bad, Quarantined) and bad.reason == readers.MISSING_STREAM and STATE in bad.detail
+    assert ep2.original_rate_hz == pytest.approx(25.0)
+
+
 def test_hdf5_without_data_group_is_unreadable(tmp_path):
     import h5py
 

@@ -408,18 +408,21 @@ def _natural_key(name: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
 
 
-def _dataset_paths(group: Any) -> set[str]:
-    """Paths of the datasets in ``group`` and in its direct subgroups (``obs/...``)."""
+def _h5_dataset(group: Any, path: str) -> np.ndarray | None:
+    """The dataset at ``path`` below the low-level ``group`` id, read whole; None when
+    there is none (absent, or a group). h5py's high-level objects cost ~0.1 ms per call
+    under one global lock, which made them most of the work per demo."""
     import h5py
 
-    out = set()
-    for name in group:
-        kind = group.get(name, getclass=True)
-        if kind is h5py.Dataset:
-            out.add(name)
-        elif kind is h5py.Group:
-            sub = group[name]
-            out.update(f"{name}/{child}" for child in sub if sub.get(child, getclass=True) is h5py.Dataset)
+    name = path.encode()
+    if name not in group:
+        return None
+    obj = h5py.h5o.open(group, name)
+    if not isinstance(obj, h5py.h5d.DatasetID):
+        return None
+    out = np.empty(obj.shape, dtype=obj.dtype)
+    if out.size:
+        obj.read(h5py.h5s.ALL, h5py.h5s.ALL, out)
     return out
 
 
@@ -450,20 +453,18 @@ def read_robomimic(src: Any, spec: SourceSpec, source: str, robot: str) -> list[
         out: list[Outcome] = []
         for name in sorted(data.keys(), key=_natural_key):
             try:
-                demo = data[name]
-                if not isinstance(demo, h5py.Group):
+                demo = h5py.h5o.open(data.id, name.encode())
+                if not isinstance(demo, h5py.h5g.GroupID):
                     continue
-                # h5py calls are slow (~0.1 ms each, under one global lock): list the
-                # demo's names once instead of probing for each candidate path
-                present = _dataset_paths(demo)
-                streams = {s: (demo[s][()] if s in present else None) for s in spec.streams}
+                streams = {s: _h5_dataset(demo, s) for s in spec.streams}
                 times = None
-                keys = [spec.time_key] if spec.time_key else [*TIME_KEYS, *(f"obs/{k}" for k in TIME_KEYS)]
-                for k in keys:
-                    if k in present:
-                        times = demo[k][()]
+                for k in [spec.time_key] if spec.time_key else [*TIME_KEYS, *(f"obs/{k}" for k in TIME_KEYS)]:
+                    times = _h5_dataset(demo, k)
+                    if times is not None:
                         break
-                rate = _attr_rate(demo.attrs) or file_rate or spec.rate_hz
+                rate = None
+                if times is None:
+                    rate = _attr_rate(data[name].attrs) or file_rate or spec.rate_hz
             except (OSError, ValueError, KeyError, RuntimeError) as exc:
                 _reraise_io(exc)
                 out.append(Quarantined(source, name, UNREADABLE, f"cannot read {name}: {exc}"))
