@@ -226,6 +226,11 @@ def test_read_workers_follow_the_cpu_budget_and_never_change_the_bytes(tmp_path,
         shards.append(storage.read_bytes(shard_key(0)))
     assert used == [3, 1]  # 0 means half the budget
     assert shards[0] == shards[1]
+    parquet = {k: v for k, v in files.items() if k.endswith(".parquet")}
+    storage = LocalStorage(tmp_path / "parquet")
+    publish_raw_shard(storage, 0, parquet)
+    process_shard(storage, 0, 1, stage_config(read_workers=0))
+    assert used[-1] == 6  # parquet decodes with the GIL released: a thread per CPU
 
 
 def test_files_read_whole_are_prefetched_a_bounded_window_ahead(tmp_path, mixed, monkeypatch):

@@ -542,6 +542,8 @@ def _reraise_io(exc: BaseException) -> None:
 # first instead (None: any): from a cold disk one large read is several times faster.
 # HDF5 is left to h5py, which reads only the datasets asked for, and fastest from a path.
 _READ_WHOLE = {"npz": None, "lerobot": 64 << 20}
+# formats whose decoders release the GIL: reading threads run them on several cores at once
+PARALLEL_DECODERS = ("lerobot",)
 
 
 def reads_whole(fmt: str, size: int | None) -> bool:

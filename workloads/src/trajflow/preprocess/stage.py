@@ -102,6 +102,13 @@ def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], workers: int, looka
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _default_read_workers(work: Sequence["_Work"]) -> int:
+    cpus = cpu_budget()
+    if 2 * sum(w.format in readers.PARALLEL_DECODERS for w in work) > len(work):
+        return max(1, cpus)
+    return max(1, cpus // 2)
+
+
 def source_of(key: str) -> str:
     """``raw/<shard>/<source>/...`` -> ``<source>``."""
     parts = key.split("/")
@@ -562,7 +569,7 @@ class ShardProcessor:
             return readers.read_item(self.storage, w.key, w.size, w.format, w.spec, robot_hint=w.robot_hint)
 
         try:
-            workers = cfg.read_workers or max(1, cpu_budget() // 2)
+            workers = cfg.read_workers or _default_read_workers(work)
             for result in ordered_map(read, self._prefetching(work), workers, workers * 2 + cfg.prefetch):
                 summary.bytes_in += result.size
                 self.metrics.bytes_in.inc(result.size)
