@@ -61,6 +61,19 @@ def test_preprocessing_shard_waits_for_its_download_shard():
     assert job["spec"]["parallelism"] == 8
 
 
+def test_triton_cache_is_shared_on_a_shared_filesystem():
+    def cache_dir(objs):
+        return env_of(container(one(objs, "Job", "preprocessing"), "preprocess")).get("TRITON_CACHE_DIR")
+
+    assert cache_dir(render()) == "/data/.trajflow-cache/triton"  # on the data volume, hidden from listings
+    assert cache_dir(render(set_values={"global.storage.filesystem.path": "/mnt/lake/"})) == \
+        "/mnt/lake/.trajflow-cache/triton"
+    assert cache_dir(render([env_file("production")], api_versions=PROMETHEUS_OPERATOR_APIS)) is None  # S3: per pod
+    objs = render(values={"preprocessing": {"extraEnv": [{"name": "TRITON_CACHE_DIR", "value": "/cache"}]}})
+    env = container(one(objs, "Job", "preprocessing"), "preprocess")["env"]
+    assert [e for e in env if e["name"] == "TRITON_CACHE_DIR"] == [{"name": "TRITON_CACHE_DIR", "value": "/cache"}]
+
+
 def test_workloads_are_told_the_size_limit_of_their_tmp():
     objs = render([env_file("production")], {"preprocessing.tmp.sizeLimit": "20Gi"}, api_versions=PROMETHEUS_OPERATOR_APIS)
     for stage in ("downloader", "preprocessing", "training"):
