@@ -96,8 +96,10 @@ def test_pod_monitor_scrapes_every_local_rank_of_the_training_pods():
     assert metrics_ports == {"metrics", "metrics-1"}, port_names
     static = {r["targetLabel"]: r["replacement"] for r in relabel if "sourceLabels" not in r}
     assert static["run"] == "exp-7" and static["stage"] == "train"
-    shard = next(r for r in relabel if r.get("targetLabel") == "shard")
-    assert shard["sourceLabels"] == ["__meta_kubernetes_pod_annotation_batch_kubernetes_io_job_completion_index"]
+    shard = [r["sourceLabels"] for r in relabel if r.get("targetLabel") == "shard"]
+    assert shard == [["__meta_kubernetes_pod_label_training_kubeflow_org_replica_type",
+                      "__meta_kubernetes_pod_label_training_kubeflow_org_replica_index"],  # a PyTorchJob's pods
+                     ["__meta_kubernetes_pod_annotation_batch_kubernetes_io_job_completion_index"]]
 
 
 def test_pushgateway_pod_is_locked_down():

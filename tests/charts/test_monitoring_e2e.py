@@ -73,6 +73,10 @@ def prometheus(pushgateway, training_ranks):
            "__meta_kubernetes_pod_label_app_kubernetes_io_instance": RELEASE,
            "__meta_kubernetes_pod_label_app_kubernetes_io_component": "training",
            "__meta_kubernetes_pod_annotation_batch_kubernetes_io_job_completion_index": "0"}
+    kubeflow_pod = {**{k: v for k, v in pod.items() if "completion_index" not in k},
+                    "__meta_kubernetes_pod_name": "demo-trajflow-training-worker-0",
+                    "__meta_kubernetes_pod_label_training_kubeflow_org_replica_type": "worker",
+                    "__meta_kubernetes_pod_label_training_kubeflow_org_replica_index": "0"}
     scrape_configs = [
         with_static_targets(pushgateway_config, [
             (gateway, {"__meta_kubernetes_service_name": PUSHGATEWAY_JOB, "__meta_kubernetes_endpoint_port_name": "http",
@@ -87,6 +91,8 @@ def prometheus(pushgateway, training_ranks):
         ] + [
             # the same pod's rendezvous port: not a metrics endpoint
             (f"127.0.0.1:{training_ranks[0][1]}", {**pod, "__meta_kubernetes_pod_container_port_name": "c10d"}),
+            # a PyTorchJob's worker pod (no completion index): shard "worker-0"
+            (f"127.0.0.1:{training_ranks[0][1]}", {**kubeflow_pod, "__meta_kubernetes_pod_container_port_name": "metrics"}),
         ]),
     ]
     # Fast alerts, so one fires within the test: the ratio over a short window, no `for`.
@@ -139,14 +145,16 @@ def test_pushed_and_scraped_metrics_reach_prometheus_with_their_labels(prometheu
     assert len(ups) == 1 and ups[0]["value"][1] == "1" and ups[0]["metric"]["namespace"] == NAMESPACE
 
     # both local ranks of training pod 0, labelled like the pushed series
-    losses = prometheus.wait_for(f'trajflow_train_loss{{job="{TRAINING_JOB}"}}', lambda r: len(r) == 2)
-    by_rank = {s["metric"]["local_rank"]: s for s in losses}
+    losses = prometheus.wait_for(f'trajflow_train_loss{{job="{TRAINING_JOB}"}}', lambda r: len(r) == 3)
+    by_rank = {s["metric"]["local_rank"]: s for s in losses if s["metric"]["shard"] == "0"}
     assert set(by_rank) == {"0", "1"}
     for rank, s in by_rank.items():
         m = s["metric"]
         assert (m["run"], m["stage"], m["shard"], m["split"]) == (RUN, "train", "0", "train")
         assert float(s["value"][1]) == 0.5 + int(rank)
-    assert len(prometheus.query(f'up{{job="{TRAINING_JOB}"}}')) == 2, "the rendezvous port must not be scraped"
+    (worker,) = [s["metric"] for s in losses if s["metric"]["shard"] != "0"]
+    assert (worker["shard"], worker["local_rank"], worker["pod"]) == ("worker-0", "0", "demo-trajflow-training-worker-0")
+    assert len(prometheus.query(f'up{{job="{TRAINING_JOB}"}}')) == 3, "the rendezvous port must not be scraped"
 
     # the dashboard's resample latency: after a scrape of the empty histogram, 50
     # observations of 3 ms arrive, all in the (2.5 ms, 5 ms] bucket
@@ -173,7 +181,7 @@ def test_every_dashboard_query_runs_and_rules_evaluate_cleanly(prometheus, pushg
     download.bytes.inc(10)
     Pusher(pushgateway.url, download, run=RUN, shard=0).push()
     prometheus.wait_for("trajflow_download_bytes_total")
-    prometheus.wait_for(f'up{{job="{TRAINING_JOB}"}}', lambda r: len(r) == 2)
+    prometheus.wait_for(f'up{{job="{TRAINING_JOB}"}}', lambda r: len(r) == 3)
 
     for where, expr in dashboard_queries(dashboard_of(prometheus.objects)):
         prometheus.query(expr)  # a bad query raises with Prometheus' error and the panel's name in the message

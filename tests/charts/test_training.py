@@ -144,6 +144,13 @@ def test_pytorchjob_renders_where_the_api_exists():
         assert env_of(main[0])["JOB_NAME"] == {
             "fieldRef": {"fieldPath": "metadata.labels['training.kubeflow.org/job-name']"}}
         assert env_of(main[0])["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+        # pushed metrics get the shard label the PodMonitor gives this pod: <replica type>-<index>
+        env = [e["name"] for e in main[0]["env"]]
+        assert env.index("TRAJFLOW_REPLICA_TYPE") < env.index("TRAJFLOW_METRICS_SHARD")  # defined before use
+        assert env.index("TRAJFLOW_REPLICA_INDEX") < env.index("TRAJFLOW_METRICS_SHARD")
+        assert env_of(main[0])["TRAJFLOW_METRICS_SHARD"] == "$(TRAJFLOW_REPLICA_TYPE)-$(TRAJFLOW_REPLICA_INDEX)"
+        assert env_of(main[0])["TRAJFLOW_REPLICA_INDEX"] == {
+            "fieldRef": {"fieldPath": "metadata.labels['training.kubeflow.org/replica-index']"}}
         assert spec["initContainers"][0]["name"] == "wait-preprocess"
         assert spec["restartPolicy"] == replicas[role]["restartPolicy"] == "OnFailure"
         # the pod template is still a valid Kubernetes pod template
@@ -220,7 +227,8 @@ def test_the_pod_exits_with_its_workers_code(launcher, worker_codes, pod_code, f
     objs, workload, train = both_launchers(launcher)
     assert train["command"] == ["trajflow"]
     job_name = "trajflow-training-5f6d7c"
-    downward = {"JOB_NAME": job_name, "POD_NAMESPACE": "trajflow", "POD_IP": "10.4.0.17"}
+    downward = {"JOB_NAME": job_name, "POD_NAMESPACE": "trajflow", "POD_IP": "10.4.0.17",
+                "TRAJFLOW_REPLICA_TYPE": "worker", "TRAJFLOW_REPLICA_INDEX": "0"}
     if launcher == "job":
         added, store = {}, f"{job_name}-0.trajflow-training.trajflow.svc.cluster.local:29400"
     else:  # what the training operator adds to Worker 0 (rank 1)
@@ -230,6 +238,8 @@ def test_the_pod_exits_with_its_workers_code(launcher, worker_codes, pod_code, f
                  "PET_NODE_RANK": "1", "PET_NNODES": "2"}
         store = f"{job_name}-master-0:{port}"
     env = kubelet_environment(train, downward, added)
+    if launcher == "pytorchjob":
+        assert env["TRAJFLOW_METRICS_SHARD"] == "worker-0"  # the shard label the PodMonitor gives this pod
     config = tmp_path / "config.yaml"
     config.write_text(one(objs, "ConfigMap", "training")["data"]["config.yaml"])
     argv = [str(config) if a == "/etc/trajflow/config.yaml" else expand(a, env) for a in train["args"]]

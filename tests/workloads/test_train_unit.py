@@ -20,7 +20,7 @@ from trajflow.train.checkpoint import CheckpointStore
 from trajflow.train.data import EpochBatches, build_data, open_shards, split_episodes
 from trajflow.train.errors import TrainingDiverged
 from trajflow.train.launch import pod_exit_code
-from trajflow.train.loop import config_hash, train
+from trajflow.train.loop import config_hash, metrics_shard, train
 from trajflow.train.models import ModelSpec, TrajectoryModel
 from trajflow.train.synthetic import local_settings, write_synthetic_shards
 
@@ -427,12 +427,25 @@ def test_metrics_endpoint_and_final_push(tmp_path: Path, pushgateway) -> None:  
         text = resp.read().decode()
     steps = [line for line in text.splitlines() if line.startswith("trajflow_train_steps_total{")]
     assert steps and 'run="run"' in steps[0] and 'stage="train"' in steps[0] and 'shard="0"' in steps[0]
+    assert 'local_rank="0"' in steps[0]  # as the PodMonitor labels the scraped series
     assert float(steps[0].rsplit(" ", 1)[1]) == summary["steps"]
     success = [line for line in text.splitlines() if line.startswith("trajflow_stage_success{") and 'stage="train"' in line]
     assert success and success[0].endswith(" 1")
     # the endpoint is closed once training has returned
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+@pytest.mark.parametrize(("env", "shard"), [
+    ({"JOB_COMPLETION_INDEX": "3", "GROUP_RANK": "1"}, "3"),  # an Indexed Job pod: its completion index
+    ({"TRAJFLOW_METRICS_SHARD": "worker-2", "GROUP_RANK": "3"}, "worker-2"),  # a PyTorchJob pod
+    ({"GROUP_RANK": "1"}, "1"),  # torchrun outside a cluster: the node rank
+    ({}, "2"),  # no launcher: rank 5 of 2 per node
+])
+def test_pushed_training_metrics_carry_the_pods_shard_label(env, shard):
+    from trajflow.train.dist import DistContext
+
+    assert metrics_shard(DistContext(rank=5, world_size=8, local_rank=1, local_world_size=2), env) == shard
 
 
 def test_shard_listing_used_by_training_is_the_preprocessing_one(tmp_path: Path) -> None:

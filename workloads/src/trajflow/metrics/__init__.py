@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
@@ -161,11 +161,13 @@ def exported_names() -> set[str]:
 
 
 class Pusher:
-    """Push a stage's registry with grouping key {run, stage, shard}; never raises."""
+    """Push a stage's registry with grouping key {run, stage, shard} and any further
+    ``labels`` (training: local_rank); never raises."""
 
-    def __init__(self, url: str, metrics: StageMetrics, run: str, shard: int | str, timeout: float = 5.0):
+    def __init__(self, url: str, metrics: StageMetrics, run: str, shard: int | str, timeout: float = 5.0,
+                 labels: Mapping[str, str] | None = None):
         self.url, self.metrics, self.timeout = url, metrics, timeout
-        self.grouping = {"run": run, "stage": metrics.stage, "shard": str(shard)}
+        self.grouping = {"run": run, "stage": metrics.stage, "shard": str(shard), **(labels or {})}
         self._warned = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

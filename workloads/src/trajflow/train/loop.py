@@ -13,10 +13,11 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -533,6 +534,18 @@ class MetricsEndpoint:
             self._server = None
 
 
+def metrics_shard(dist: DistContext, env: Mapping[str, str] | None = None) -> str:
+    """The shard label of this rank's pushed series, the one the PodMonitor gives its
+    scraped series (with local_rank beside it): the pod's completion index in an Indexed
+    Job, ``<replica type>-<index>`` in a PyTorchJob (TRAJFLOW_METRICS_SHARD, set by the
+    chart); outside a cluster the node rank."""
+    env = os.environ if env is None else env
+    for name in ("TRAJFLOW_METRICS_SHARD", "JOB_COMPLETION_INDEX", "GROUP_RANK"):
+        if env.get(name):
+            return env[name]
+    return str(dist.rank // max(dist.local_world_size, 1))
+
+
 def train(settings: StageSettings, dist: DistContext | None = None) -> dict[str, Any]:
     """Run training for this rank; returns the run summary (the same on every rank)."""
     config: TrainConfig = settings.config
@@ -540,7 +553,8 @@ def train(settings: StageSettings, dist: DistContext | None = None) -> dict[str,
     metrics = train_metrics()
     metrics.start_time.set(time.time())
     endpoint = MetricsEndpoint(metrics, config, dist)
-    pusher = Pusher(settings.global_.metrics.pushgateway_url, metrics, run=settings.global_.run_id, shard=dist.rank)
+    pusher = Pusher(settings.global_.metrics.pushgateway_url, metrics, run=settings.global_.run_id,
+                    shard=metrics_shard(dist), labels={"local_rank": str(dist.local_rank)})
     success = False
     trainer: Trainer | None = None
     try:
