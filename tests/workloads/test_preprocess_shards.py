@@ -210,3 +210,19 @@ def test_shard_bytes_and_checksum_whether_spooled_in_memory_or_in_files(local_st
     with ShardReader(local_storage.local_path(shard_key(0))) as reader:
         np.testing.assert_array_equal(reader.array("wide"), np.concatenate(wide))
         np.testing.assert_array_equal(reader.array("narrow"), np.concatenate(narrow))
+
+
+def test_empty_episodes_and_streams_are_written(local_storage):
+    import hashlib
+
+    writer = ShardWriter(local_storage, shard_key(0), {"x": 3, "none": 0}, "float32", 50.0)
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    for i, n in enumerate((0, 4, 0)):
+        writer.add({"x": x[:n], "none": np.zeros((n, 0), np.float32)}, source="raw/x", episode=str(i))
+    shard = writer.close()
+    data = local_storage.read_bytes(shard_key(0))
+    assert shard.sha256 == hashlib.sha256(data).hexdigest()
+    with ShardReader(local_storage.local_path(shard_key(0))) as reader:
+        assert [e.length for e in reader.episodes] == [0, 4, 0]
+        np.testing.assert_array_equal(reader.array("x"), x)
+        assert reader.array("none").shape == (4, 0)

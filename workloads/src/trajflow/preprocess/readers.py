@@ -538,9 +538,9 @@ def _reraise_io(exc: BaseException) -> None:
         raise exc
 
 
-# Formats whose parsers read a file in many small pieces, and the largest file read whole
-# first instead (None: any): from a cold disk one large read is several times faster.
-# HDF5 is left to h5py, which reads only the datasets asked for, and fastest from a path.
+# Formats whose parsers would read a file in many small pieces, and the largest file read
+# whole first instead (None: any): from a cold disk one large read is faster, and it can be
+# prefetched. HDF5 is left to h5py, which reads only the datasets asked for.
 _READ_WHOLE = {"npz": None, "lerobot": 64 << 20}
 # formats whose decoders release the GIL: reading threads run them on several cores at once
 PARALLEL_DECODERS = ("lerobot",)

@@ -192,7 +192,7 @@ class _Spool:
     def chunks(self) -> Iterator[bytes | memoryview]:
         if self.file is None:
             for part in self.parts:
-                yield part.data.cast("B")
+                yield part.reshape(-1).view(np.uint8).data  # flat bytes, even of an empty array
             return
         self.file.seek(0)
         while block := self.file.read(_COPY_CHUNK):
