@@ -3,6 +3,7 @@ for broken ones."""
 from __future__ import annotations
 
 import io
+import struct
 import zipfile
 
 import numpy as np
@@ -84,3 +85,71 @@ def test_truncated_files_fail_as_numpy_fails(keep):
     blob = _npz(x=np.arange(100, dtype=np.float64), y=np.ones((4, 4)))
     with pytest.raises((zipfile.BadZipFile, EOFError, ValueError, OSError)):
         load_npz(blob[:keep])
+
+
+def _numpy_says(blob: bytes):
+    try:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as exc:  # noqa: BLE001 - whatever numpy raises is the expectation
+        return exc
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def _npy(header: str, data: bytes) -> bytes:
+    raw = header.encode("latin1")
+    raw += b" " * (-(10 + len(raw) + 1) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(raw)) + raw + data
+
+
+def _edit(blob: bytes, old: bytes, new: bytes, count: int = 1) -> bytes:
+    assert blob.count(old) >= count
+    return blob.replace(old, new, count)
+
+
+_HEADER = "{'descr': '<f8', 'fortran_order': False, 'shape': (3,), }"
+_THREE = np.arange(3.0).tobytes()
+_PLAIN = _npz(xx=np.arange(3.0), yy=np.arange(4.0))
+
+
+@pytest.mark.parametrize("blob", [
+    pytest.param(_edit(_PLAIN, b"xx.npy", b"zz.npy"), id="local-name-differs-from-directory"),
+    pytest.param(_zip({"x.npy": _npy(_HEADER.replace("(3,)", "(3)"), _THREE)}), id="shape-not-a-tuple"),
+    pytest.param(_zip({"x.npy": _npy(_HEADER.replace("(3,)", "(03,)"), _THREE)}), id="shape-leading-zero"),
+    pytest.param(_zip({"x.npy": _npy(_HEADER + "\xa0", _THREE)}), id="non-ascii-padding"),
+    pytest.param(_zip({"x.npy": _npy(_HEADER + " " * 20000, _THREE)}), id="header-over-numpy-limit"),
+    pytest.param(_npy("{'descr': '<i8', 'fortran_order': False, 'shape': (1,), }", bytes(8)), id="a-single-npy-file"),
+])
+def test_malformed_files_get_numpy_s_answer(blob):
+    expected = _numpy_says(blob)
+    if isinstance(expected, Exception):
+        with pytest.raises(Exception) as info:
+            load_npz(blob)
+        if isinstance(expected, TypeError):  # numpy.load gave an array, not an archive
+            assert isinstance(info.value, ValueError) and "not an npz archive" in str(info.value)
+        else:
+            assert type(info.value) is type(expected) and str(info.value) == str(expected)
+    else:
+        got = load_npz(blob)
+        assert sorted(got) == sorted(expected)
+
+
+def test_an_end_record_that_undercounts_is_not_trusted():
+    end = _PLAIN.rindex(b"PK\x05\x06")
+    wrong = bytearray(_PLAIN)
+    struct.pack_into("<HH", wrong, end + 8, 1, 1)  # says one entry; the directory holds two
+    assert sorted(load_npz(bytes(wrong))) == sorted(_numpy_says(bytes(wrong))) == ["xx", "yy"]
+
+
+def test_archives_with_zip64_entry_counts_keep_every_array():
+    member = io.BytesIO()
+    np.save(member, np.arange(2, dtype=np.int8))
+    blob = _zip({f"a{i}.npy": member.getvalue() for i in range(0x10000 + 5)})  # past the 16-bit count
+    assert len(load_npz(blob)) == 0x10000 + 5

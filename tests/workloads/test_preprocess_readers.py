@@ -128,12 +128,17 @@ def test_hdf5_layouts_datasets_groups_and_nested_times(tmp_path):
         f.create_dataset(f"data/demo_2/{ACTION}", data=x[:, :1])
         f["data/demo_2"].attrs["fps"] = 25.0  # no timestamps: the demo's recorded rate
         f["data"].attrs["rate_hz"] = 10.0
-    ep0, bad, ep2 = _outcomes("robomimic", str(path))
+        f.create_dataset(f"data/demo_3/{STATE}", data=h5py.Empty("f4"))  # a null dataspace: no values at all
+        f.create_dataset(f"data/demo_3/{ACTION}", data=x[:, :1])
+        f.create_dataset("data/demo_3/timestamps", data=t)
+    ep0, bad, ep2, empty = _outcomes("robomimic", str(path))
     assert isinstance(ep0, RawEpisode) and ep0.episode == "demo_0"
     np.testing.assert_array_equal(ep0.frames, np.concatenate([x, x[:, :1]], axis=1))
     np.testing.assert_allclose(ep0.times, t - t[0])
     assert isinstance(bad, Quarantined) and bad.reason == readers.MISSING_STREAM and STATE in bad.detail
     assert ep2.original_rate_hz == pytest.approx(25.0)
+    assert isinstance(empty, Quarantined) and empty.reason == readers.SHAPE_MISMATCH and STATE in empty.detail
+    assert readers._h5_dataset(h5py.File(path).id, "data//demo_0/obs//timestamps") is not None  # empty parts ignored
 
 
 def test_hdf5_without_data_group_is_unreadable(tmp_path):
@@ -144,6 +149,13 @@ def test_hdf5_without_data_group_is_unreadable(tmp_path):
         f.create_dataset("x", data=[1, 2])
     with pytest.raises(readers.UnreadableFile, match="no 'data' group"):
         _outcomes("robomimic", str(path))
+
+
+def test_an_npy_file_named_npz_is_unreadable_not_a_crash():
+    buf = io.BytesIO()
+    np.save(buf, np.arange(3))
+    with pytest.raises(readers.UnreadableFile, match="not an npz archive"):
+        _outcomes("npz", buf.getvalue())
 
 
 def test_npz_layouts_and_rate_scalar():

@@ -226,3 +226,21 @@ def test_empty_episodes_and_streams_are_written(local_storage):
         assert [e.length for e in reader.episodes] == [0, 4, 0]
         np.testing.assert_array_equal(reader.array("x"), x)
         assert reader.array("none").shape == (4, 0)
+
+
+def test_a_failed_checksum_publishes_nothing(local_storage, monkeypatch):
+    from trajflow.preprocess import shards
+
+    class Broken:
+        def update(self, data):
+            raise MemoryError("no memory for the digest")
+
+        def hexdigest(self):
+            return "0" * 64
+
+    monkeypatch.setattr(shards.hashlib, "sha256", Broken)
+    writer = ShardWriter(local_storage, shard_key(0), {"x": 2}, "float32", 50.0)
+    writer.add({"x": np.ones((3, 2), np.float32)}, source="raw/x", episode="0")
+    with pytest.raises(MemoryError, match="digest"):
+        writer.close()  # raised by the hashing thread, re-raised here
+    assert not local_storage.exists(shard_key(0))

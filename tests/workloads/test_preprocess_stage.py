@@ -231,6 +231,11 @@ def test_read_workers_follow_the_cpu_budget_and_never_change_the_bytes(tmp_path,
     publish_raw_shard(storage, 0, parquet)
     process_shard(storage, 0, 1, stage_config(read_workers=0))
     assert used[-1] == 6  # parquet decodes with the GIL released: a thread per CPU
+    monkeypatch.setattr(stage, "cpu_budget", lambda: 96)  # no CPU limit: the whole node
+    storage = LocalStorage(tmp_path / "parquet-96")
+    publish_raw_shard(storage, 0, parquet)
+    process_shard(storage, 0, 1, stage_config(read_workers=0))
+    assert used[-1] == 16
 
 
 def test_files_read_whole_are_prefetched_a_bounded_window_ahead(tmp_path, mixed, monkeypatch):
@@ -244,30 +249,34 @@ def test_files_read_whole_are_prefetched_a_bounded_window_ahead(tmp_path, mixed,
             events.append(("prefetch", key))
             super().prefetch(key)
 
-    read_item = readers.read_item
+    ordered_map = stage.ordered_map
 
-    def recording_read(storage, key, *args, **kwargs):
-        events.append(("read", key))
-        return read_item(storage, key, *args, **kwargs)
+    def recording_map(fn, items, workers, lookahead):
+        def pulled():
+            for w in items:
+                events.append(("handed", w.key))  # to the readers
+                yield w
+        return ordered_map(fn, pulled(), workers, lookahead)
 
-    window = 1  # one file beyond those the readers already hold
+    whole = sorted(k for k in files if k.endswith((".npz", ".parquet")))
+    big = max(whole, key=lambda k: len(files[k]))
+    window = max(len(files[k]) for k in whole if k != big)  # every file read whole fits, but the largest
     monkeypatch.setattr(stage, "_PREFETCH_BYTES", window)
-    monkeypatch.setattr(readers, "read_item", recording_read)
+    monkeypatch.setattr(stage, "ordered_map", recording_map)
     storage = Recording(tmp_path / "root")
     items = publish_raw_shard(storage, 0, files)
-    config = stage_config(read_workers=1, sources={"robomimic": ROBOMIMIC})
-    process_shard(storage, 0, 1, config)
-    queued = 1 * 2 + config.prefetch  # files handed to the read pool ahead of the one being read
+    process_shard(storage, 0, 1, stage_config(read_workers=1, sources={"robomimic": ROBOMIMIC}))
     size = {it["key"]: it["size"] for it in items}
-    whole = [k for k in sorted(size) if k.endswith((".npz", ".parquet"))]
-    assert queued + 2 < len(whole) < len(size)  # the HDF5 files are read in part, never prefetched
-    assert [k for kind, k in events if kind == "prefetch"] == whole
-    hinted, read = set(), set()
+    keys = {k: f"raw/00000/{k}" for k in files}
+    hinted_keys = [k for kind, k in events if kind == "prefetch"]
+    assert hinted_keys == [keys[k] for k in whole if k != big]  # not HDF5 (read in part), nor one past the window
+    assert sum(size[k] for k in hinted_keys) > 2 * window  # so that the bound below can fail
+    hinted, handed = set(), set()
     for kind, key in events:
-        (hinted if kind == "prefetch" else read).add(key)
-        if kind == "read" and key in size and key in whole:
-            assert key in hinted  # asked for before it is read
-        assert len(hinted - read) <= queued + 2
+        (hinted if kind == "prefetch" else handed).add(key)
+        if kind == "handed" and key in hinted_keys:
+            assert key in hinted  # asked for before the readers get it
+        assert sum(size[k] for k in hinted - handed) < 2 * window  # the window, plus the file that crossed it
 
 
 def test_a_smaller_shard_count_redoes_the_shards_and_drops_the_others(local_storage, mixed):

@@ -23,11 +23,17 @@ import numpy as np
 _END = struct.Struct("<4s4H2LH")  # end of central directory record
 _CENTRAL = struct.Struct("<4s6H3L5H2L")  # central directory file header
 _LOCAL = struct.Struct("<4s5H3L2H")  # local file header
+_ZIP64_LOCATOR = b"PK\x06\x07"
 _STORED, _DEFLATED = 0, 8
-_ZIP64 = 0xFFFFFFFF
+_PLAIN_FLAGS = 0x0808  # a data descriptor, UTF-8 names: anything else is left to zipfile
 _MAGIC = b"\x93NUMPY"
+_MAX_HEADER = 10000  # numpy.load's default max_header_size
+# numpy's own header, exactly as numpy.lib.format writes it: the keys in order, the shape
+# as Python's repr of a tuple of ints, padded with spaces and a newline
+_DIM = r"(?:0|[1-9][0-9]*)"
 _HEADER = re.compile(
-    r"\{'descr': '([<>|=]?[a-zA-Z]\d*)', 'fortran_order': (False|True), 'shape': \(((?:\d+, ?)*\d*)\), \}\s*\Z"
+    r"\{'descr': '([<>|=]?[a-zA-Z][0-9]*)', 'fortran_order': (False|True), "
+    rf"'shape': \((|{_DIM},|{_DIM}(?:, {_DIM})+)\), \}} *\n\Z"
 )
 
 
@@ -36,7 +42,7 @@ class _Unusual(Exception):
 
 
 def _array(member: bytes | memoryview) -> np.ndarray:
-    if bytes(member[:6]) != _MAGIC or len(member) < 10:
+    if len(member) < 10 or bytes(member[:6]) != _MAGIC:
         raise _Unusual
     major = member[6]
     if major == 1:
@@ -45,14 +51,15 @@ def _array(member: bytes | memoryview) -> np.ndarray:
         (header_len,), start = struct.unpack_from("<I", member, 8), 12
     else:
         raise _Unusual
-    header = bytes(member[start:start + header_len]).decode("latin1")
-    m = _HEADER.match(header)
+    if header_len > _MAX_HEADER:
+        raise _Unusual
+    m = _HEADER.match(bytes(member[start:start + header_len]).decode("latin1"))
     if m is None:
         raise _Unusual
     dtype = np.dtype(m.group(1))
     if dtype.hasobject:
         raise _Unusual
-    shape = tuple(int(x) for x in m.group(3).split(",") if x.strip())
+    shape = tuple(int(x) for x in m.group(3).split(",") if x)
     count = math.prod(shape)
     offset = start + header_len
     if offset + count * dtype.itemsize > len(member):
@@ -64,29 +71,35 @@ def _array(member: bytes | memoryview) -> np.ndarray:
 
 
 def _members(blob: bytes) -> dict[str, np.ndarray]:
-    if len(blob) < _END.size:
+    end = len(blob) - _END.size
+    if end < 0:
         raise _Unusual
-    sig, _, _, _, entries, dir_size, dir_offset, comment = _END.unpack_from(blob, len(blob) - _END.size)
-    if sig != b"PK\x05\x06" or comment or dir_offset == _ZIP64 or dir_offset + dir_size > len(blob):
+    sig, disk, dir_disk, entries_here, entries, dir_size, dir_offset, comment = _END.unpack_from(blob, end)
+    if (sig != b"PK\x05\x06" or comment or disk or dir_disk or entries_here != entries
+            or 0xFFFF == entries or 0xFFFFFFFF in (dir_size, dir_offset)  # zip64 markers
+            or blob[max(end - 20, 0):max(end - 16, 0)] == _ZIP64_LOCATOR
+            or dir_offset + dir_size != end):
         raise _Unusual
     view = memoryview(blob)
     out: dict[str, np.ndarray] = {}
     pos = dir_offset
     for _ in range(entries):
-        if pos + _CENTRAL.size > len(blob):
+        if pos + _CENTRAL.size > end:
             raise _Unusual
         (sig, _, _, flags, method, _, _, crc, packed_size, size, name_len, extra_len, comment_len, _, _, _,
          local) = _CENTRAL.unpack_from(blob, pos)
-        if sig != b"PK\x01\x02" or flags & 1 or method not in (_STORED, _DEFLATED) or _ZIP64 in (packed_size, size, local):
+        if sig != b"PK\x01\x02" or flags & ~_PLAIN_FLAGS or method not in (_STORED, _DEFLATED):
             raise _Unusual
-        name = bytes(view[pos + _CENTRAL.size:pos + _CENTRAL.size + name_len]).decode("utf-8")
+        raw_name = bytes(view[pos + _CENTRAL.size:pos + _CENTRAL.size + name_len])
+        name = raw_name.decode("utf-8" if flags & 0x800 else "cp437")  # as zipfile decodes names
         pos += _CENTRAL.size + name_len + extra_len + comment_len
-        if not name.endswith(".npy") or local + _LOCAL.size > len(blob):
+        if not name.endswith(".npy") or local + _LOCAL.size > dir_offset:
             raise _Unusual
         head = _LOCAL.unpack_from(blob, local)
         begin = local + _LOCAL.size + head[9] + head[10]
         member: bytes | memoryview = view[begin:begin + packed_size]
-        if head[0] != b"PK\x03\x04" or len(member) != packed_size:
+        if (head[0] != b"PK\x03\x04" or bytes(view[local + _LOCAL.size:local + _LOCAL.size + head[9]]) != raw_name
+                or begin + packed_size > dir_offset):
             raise _Unusual
         if method == _DEFLATED:
             try:
@@ -96,6 +109,8 @@ def _members(blob: bytes) -> dict[str, np.ndarray]:
         if len(member) != size or zlib.crc32(member) != crc:
             raise _Unusual
         out[name[:-4]] = _array(member)
+    if pos != end:  # the directory holds more (or less) than the entries counted
+        raise _Unusual
     return out
 
 
@@ -106,5 +121,8 @@ def load_npz(blob: bytes) -> dict[str, Any]:
         return _members(blob)
     except (_Unusual, struct.error, ValueError, TypeError):  # odd or broken: numpy decides
         pass
-    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+    loaded = np.load(io.BytesIO(blob), allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError(f"not an npz archive but a single {type(loaded).__name__} (an .npy file?)")
+    with loaded as z:
         return {k: z[k] for k in z.files}

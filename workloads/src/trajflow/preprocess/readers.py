@@ -416,12 +416,15 @@ def _h5_dataset(group: Any, path: str) -> np.ndarray | None:
     import h5py
 
     obj = group
-    for part in path.encode().strip(b"/").split(b"/"):
+    parts = [p for p in path.encode().split(b"/") if p]
+    for part in parts:
         if not isinstance(obj, h5py.h5g.GroupID) or not obj.links.exists(part):
             return None
         obj = h5py.h5o.open(obj, part)
-    if not isinstance(obj, h5py.h5d.DatasetID):
+    if not parts or not isinstance(obj, h5py.h5d.DatasetID):
         return None
+    if obj.shape is None:  # a null dataspace (h5py.Empty): no values, rejected as a shape mismatch
+        return np.empty((), dtype=obj.dtype)
     out = np.empty(obj.shape, dtype=obj.dtype)
     if out.size:
         obj.read(h5py.h5s.ALL, h5py.h5s.ALL, out)
@@ -493,7 +496,7 @@ def _scalar_rate(arrays: Mapping[str, Any]) -> float | None:
 def read_npz(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Outcome]:
     try:
         arrays = load_npz(_contents(src))
-    except (zipfile.BadZipFile, EOFError, ValueError, zlib.error, KeyError, OSError) as exc:
+    except (zipfile.BadZipFile, EOFError, ValueError, zlib.error, KeyError, OSError, NotImplementedError) as exc:
         _reraise_io(exc)
         raise UnreadableFile(f"not a readable npz file: {type(exc).__name__}: {exc}") from None
     time_keys = [spec.time_key] if spec.time_key else list(TIME_KEYS)

@@ -303,9 +303,17 @@ class ShardWriter:
 
         # frames held in memory can be hashed on another core while they are written
         # (both release the GIL); a spool in a file is read once, for both
-        hasher = None
+        hasher, hash_error = None, []
+
+        def hash_all() -> None:
+            try:
+                for block in blocks():
+                    digest.update(block)
+            except BaseException as exc:  # handed to the writing thread
+                hash_error.append(exc)
+
         if all(spool.file is None for spool in self._spools.values()):
-            hasher = threading.Thread(target=lambda: [digest.update(b) for b in blocks()], name="shard-sha256")
+            hasher = threading.Thread(target=hash_all, name="shard-sha256")
             hasher.start()
         try:
             with self.storage.writer(self.key) as out:
@@ -316,6 +324,8 @@ class ShardWriter:
                     size += len(block)
                 if hasher is not None:
                     hasher.join()
+                    if hash_error:
+                        raise hash_error[0]
         finally:
             if hasher is not None:
                 hasher.join()

@@ -102,11 +102,15 @@ def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], workers: int, looka
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+# without a CPU limit a pod sees the whole node: past this many threads reading only queues for the disk
+_MAX_DEFAULT_READERS = 16
+
+
 def _default_read_workers(work: Sequence["_Work"]) -> int:
     cpus = cpu_budget()
     if 2 * sum(w.format in readers.PARALLEL_DECODERS for w in work) > len(work):
-        return max(1, cpus)
-    return max(1, cpus // 2)
+        return max(1, min(cpus, _MAX_DEFAULT_READERS))
+    return max(1, min(cpus // 2, _MAX_DEFAULT_READERS))
 
 
 def source_of(key: str) -> str:
@@ -622,10 +626,9 @@ class ShardProcessor:
         `_PREFETCH_BYTES` ahead, so that the disk works while the CPU decodes. Files read
         in part (HDF5) are left alone: most of their bytes may never be needed."""
 
-        def whole_bytes(w: _Work) -> int:
-            if not readers.reads_whole(w.format, w.size):
-                return 0
-            return w.size if w.size is not None else 1 << 20
+        def whole_bytes(w: _Work) -> int:  # 0: not prefetched (read in part, or larger than the window)
+            size = w.size if w.size is not None else 1 << 20
+            return size if readers.reads_whole(w.format, w.size) and size <= _PREFETCH_BYTES else 0
 
         ahead, window = 0, 0
         for i, w in enumerate(work):

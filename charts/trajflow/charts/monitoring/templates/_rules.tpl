@@ -203,14 +203,14 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
   expr: |
     max by ({{ $byShard }}, split) (
         (({{ $loss }} != {{ $loss }}) or (abs({{ $loss }}) == Inf))
-      unless on ({{ $byShard }}, job)
+      unless on ({{ $byShard }}, local_rank, job)
         (time() - push_time_seconds{{ $pushed }}) > {{ include "monitoring.seconds" .quietAfter }}
     )
   for: {{ .for }}
   labels:
     {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
   annotations:
-    summary: {{ `Training loss ({{ $labels.split }}) of run {{ $labels.run }} is {{ $value }} on rank {{ $labels.shard }}` | quote }}
+    summary: {{ `Training loss ({{ $labels.split }}) of run {{ $labels.run }} is {{ $value }} on training pod {{ $labels.shard }}` | quote }}
     description: {{ printf "The model diverged. Lower the learning rate, tighten gradient clipping or check the resampled data for non-finite values, then resume from the last finite checkpoint. A rank's final pushed value stops alerting %s after the push." .quietAfter | quote }}
 {{- end }}{{ end }}
 {{- with $a.trainingLossPlateau }}{{ if .enabled }}
