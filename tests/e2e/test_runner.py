@@ -223,13 +223,21 @@ def test_retries_run_out(fake: Fake, tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_interrupt_stops_children_and_a_rerun_resumes(fake: Fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_SECONDS_preprocess_1", "30")  # would outlast the test
+    # downloads end in shard order with time to spare, so preprocessing (one shard at a
+    # time) takes them in order even on a loaded machine: shard 0 is done when shard 1
+    # starts, and shard 2 waits behind shard 1
+    monkeypatch.setenv("FAKE_SECONDS_download_1", "0.8")
+    monkeypatch.setenv("FAKE_SECONDS_download_2", "1.5")
     values = write_values(tmp_path, shards=3)
     sets = ("training.enabled=false",)
 
     def interrupt_when_preprocess_1_runs() -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if any(s["shard"] == 1 for s in fake.starts("preprocess")):
+            state = tmp_path / "work" / "state.json"  # what the runner has seen finish
+            done = json.loads(state.read_text())["completed"] if state.exists() else {}
+            downloaded = {k for k in done if k.startswith("download/")}
+            if any(s["shard"] == 1 for s in fake.starts("preprocess")) and len(downloaded) == 3:
                 os.kill(os.getpid(), signal.SIGINT)
                 return
             time.sleep(0.05)
