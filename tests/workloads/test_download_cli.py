@@ -191,10 +191,14 @@ def test_sigterm_pushes_final_metrics_and_exits_for_a_retry(server: FaultyServer
         env = {**os.environ, "JOB_COMPLETION_INDEX": "0", "TRAJFLOW_SHARDS": "1", "TRAJFLOW_LOG_FORMAT": "json"}
         proc = subprocess.Popen([*TRAJFLOW, "download", "--config", str(config)], env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        web = tmp_path / "root" / "clirun" / "raw" / "00000" / "web"
+
+        def journaled_lines() -> int:
+            return sum(len(j.read_text().splitlines()) for j in web.glob(".trajflow-tmp-dl-*.journal"))
+
         deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
+        while journaled_lines() <= 2 and time.monotonic() < deadline:  # past the header: some bytes are on disk
             time.sleep(0.05)
-        time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
     finally:
@@ -203,7 +207,7 @@ def test_sigterm_pushes_final_metrics_and_exits_for_a_retry(server: FaultyServer
     assert "stopped by signal" in stderr
     assert gateway.pushes and "trajflow_stage_success 0.0" in gateway.pushes[-1][2]
     # the bytes fetched so far are kept for the next run
-    journals = list((tmp_path / "root" / "clirun" / "raw" / "00000" / "web").glob(".trajflow-tmp-dl-*.journal"))
+    journals = list(web.glob(".trajflow-tmp-dl-*.journal"))
     assert journals and len(journals[0].read_text().splitlines()) > 2
 
 
