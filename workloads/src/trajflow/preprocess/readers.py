@@ -586,7 +586,7 @@ def read_item(storage: Storage, key: str, expected_size: int | None, fmt: str, s
         return result
     if isinstance(src, str) and reads_whole(fmt, size):
         try:
-            src = _contents(src)
+            src = storage.read_bytes(key)
         except OSError as exc:
             _reraise_io(exc)
             result.outcomes = [Quarantined(key, "", UNREADABLE, f"cannot read the file: {exc}")]
