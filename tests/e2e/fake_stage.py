@@ -8,12 +8,14 @@ in seconds. Behaviour is steered by environment variables:
     FAKE_FAIL=preprocess:1:3      stage:shard:exit code (stage may be *)
     FAKE_FAIL_TIMES=1             fail only the first N attempts (counted in FAKE_STATE_DIR)
     FAKE_STATE_DIR=DIR            where attempts and starts are recorded (required)
+    FAKE_IGNORE_SIGINT=1          ignore SIGINT, as a program that swallows KeyboardInterrupt does
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -26,6 +28,8 @@ STAGE_NAMES = {"download": "downloader", "preprocess": "preprocessing", "train":
 
 
 def main(argv: list[str]) -> int:
+    if os.environ.get("FAKE_IGNORE_SIGINT") == "1":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     tlog.setup()
     logger = logging.getLogger("fake")
     command = argv[0]

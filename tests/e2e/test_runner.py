@@ -223,6 +223,7 @@ def test_retries_run_out(fake: Fake, tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_interrupt_stops_children_and_a_rerun_resumes(fake: Fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_SECONDS_preprocess_1", "30")  # would outlast the test
+    monkeypatch.setenv("FAKE_IGNORE_SIGINT", "1")  # Ctrl-C reaches the children as SIGTERM
     # downloads end in shard order with time to spare, so preprocessing (one shard at a
     # time) takes them in order even on a loaded machine: shard 0 is done when shard 1
     # starts, and shard 2 waits behind shard 1
@@ -251,6 +252,8 @@ def test_interrupt_stops_children_and_a_rerun_resumes(fake: Fake, tmp_path: Path
     assert ("preprocess", 1) not in {(e["stage"], e["shard"]) for e in fake.records("ends.jsonl")}
     states = {t.key: t.state for t in result.tasks}
     assert states["preprocess/00001"] == STOPPED and states["preprocess/00002"] == STOPPED
+    stopped = next(t for t in result.tasks if t.key == "preprocess/00001")
+    assert stopped.exit_code == -signal.SIGTERM  # ended by the runner's signal, not killed after the grace period
     assert states["preprocess/00000"] == DONE
     for start in fake.starts():
         assert not procs.alive(start["pid"]), f"{start} still runs"

@@ -11,8 +11,8 @@
   the stage itself still skips verified items).
 - Exit codes follow the chart's podFailurePolicy: 2 (config), 3 (permanent) and 5
   (diverged) stop the run; others are retried `backoffLimitPerIndex` times.
-- SIGINT/SIGTERM are forwarded to every child's process group; after a grace period the
-  rest is killed. The run exits 128+signal (130 for Ctrl-C) and a rerun resumes.
+- SIGINT or SIGTERM sends SIGTERM to every child's process group, as the kubelet does to
+  pods; after a grace period the rest is killed. The run exits 128+signal (130 for Ctrl-C) and a rerun resumes.
 """
 from __future__ import annotations
 
@@ -218,7 +218,9 @@ class Runner:
             self._check_disabled_upstreams()
             while not self._finished():
                 if self._signal is not None:
-                    self._stop_children(self._signal)
+                    # SIGTERM whatever the runner got, as the kubelet sends: a KeyboardInterrupt
+                    # raised inside an import can surface as an ImportError that a fallback swallows
+                    self._stop_children(signal.SIGTERM)
                     break
                 self._drain_lines()
                 self._reap()
