@@ -570,17 +570,23 @@ def read_item(storage: Storage, key: str, expected_size: int | None, fmt: str, s
     failures. ``robot_hint``: the robot a dataset's metadata names (LeRobot meta/info.json),
     used when the file names none."""
     local = storage.local_path(key)
+    known_size = expected_size is not None and expected_size >= 0
     src: str | bytes
     try:
-        if local is not None:
-            src, size = str(local), local.stat().st_size
-        else:
-            src = storage.read_bytes(key)
+        if local is None or (known_size and reads_whole(fmt, expected_size)):
+            src = storage.read_bytes(key)  # local files too: no stat first (one call less per file)
             size = len(src)
+        else:
+            src, size = str(local), local.stat().st_size
     except FileNotFoundError:
         return FileResult(key, 0, [Quarantined(key, "", MISSING_FILE, "listed in the raw manifest but absent")])
+    except OSError as exc:
+        if local is None:
+            raise
+        _reraise_io(exc)
+        return FileResult(key, 0, [Quarantined(key, "", UNREADABLE, f"cannot read the file: {exc}")])
     result = FileResult(key, size)
-    if expected_size is not None and expected_size >= 0 and size != expected_size:
+    if known_size and size != expected_size:
         result.outcomes.append(Quarantined(key, "", SIZE_MISMATCH,
                                            f"{size} bytes, the raw manifest says {expected_size} (truncated?)"))
         return result
