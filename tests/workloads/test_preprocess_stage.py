@@ -218,14 +218,20 @@ def test_read_workers_follow_the_cpu_budget_and_never_change_the_bytes(tmp_path,
 
     monkeypatch.setattr(stage, "ordered_map", recording)
     monkeypatch.setattr(stage, "cpu_budget", lambda: 6)  # a pod limited to 6 CPUs
+    class OverTheNetwork(LocalStorage):  # what object storage looks like to the stage
+        def local_path(self, key):
+            return None
+
     shards = []
-    for read_workers in (0, 1):
-        storage = LocalStorage(tmp_path / f"workers-{read_workers}")
+    for read_workers, kind in ((0, LocalStorage), (1, LocalStorage), (0, OverTheNetwork)):
+        storage = kind(tmp_path / f"workers-{read_workers}-{kind.__name__}")
         publish_raw_shard(storage, 0, files)
         process_shard(storage, 0, 1, stage_config(read_workers=read_workers, sources={"robomimic": ROBOMIMIC}))
         shards.append(storage.read_bytes(shard_key(0)))
-    assert used == [3, 1]  # 0 means half the budget
-    assert shards[0] == shards[1]
+    # npz and HDF5 hold the GIL: local files are read on the main thread, remote ones by
+    # half the budget (their network waits overlap)
+    assert used == [0, 1, 3]
+    assert shards[0] == shards[1] == shards[2]
     parquet = {k: v for k, v in files.items() if k.endswith(".parquet")}
     storage = LocalStorage(tmp_path / "parquet")
     publish_raw_shard(storage, 0, parquet)
@@ -236,6 +242,47 @@ def test_read_workers_follow_the_cpu_budget_and_never_change_the_bytes(tmp_path,
     publish_raw_shard(storage, 0, parquet)
     process_shard(storage, 0, 1, stage_config(read_workers=0))
     assert used[-1] == 16
+
+
+def test_the_writer_thread_a_gpu_uses_writes_the_same_bytes_and_hands_back_its_errors(tmp_path, mixed, monkeypatch):
+    from trajflow.preprocess import stage
+    from trajflow.preprocess.shards import ShardWriter
+
+    files, _ = mixed
+    config = stage_config(sources={"robomimic": ROBOMIMIC})
+    inline = LocalStorage(tmp_path / "inline")
+    publish_raw_shard(inline, 0, files)
+    process_shard(inline, 0, 1, config)
+    threads = []
+    init = stage._OrderedWriter.__init__
+
+    def threaded(self, *args, threaded):  # on the CPU too, as on a GPU
+        init(self, *args, threaded=True)
+        threads.append(self.thread)
+
+    monkeypatch.setattr(stage._OrderedWriter, "__init__", threaded)
+    on_thread = LocalStorage(tmp_path / "thread")
+    publish_raw_shard(on_thread, 0, files)
+    process_shard(on_thread, 0, 1, config)
+    assert threads and threads[0] is not None and not threads[0].is_alive()
+    assert on_thread.read_bytes(shard_key(0)) == inline.read_bytes(shard_key(0))
+
+    add = ShardWriter.add
+    calls = []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(5, "Input/output error")  # the disk failing under the writer thread
+        return add(self, *args, **kwargs)
+
+    monkeypatch.setattr(ShardWriter, "add", failing)
+    broken = LocalStorage(tmp_path / "broken")
+    publish_raw_shard(broken, 0, files)
+    with pytest.raises(TransientError, match="storage error: OSError"):
+        process_shard(broken, 0, 1, config)
+    assert not threads[-1].is_alive()
+    assert read_manifest(broken, "preprocess", 0) is None and not broken.exists(shard_key(0))
 
 
 def test_files_read_whole_are_prefetched_a_bounded_window_ahead(tmp_path, mixed, monkeypatch):

@@ -71,8 +71,8 @@ class PreprocessConfig(Model):
     )
     prefetch: int = Field(2, ge=0, description="Batches read ahead of the device and waiting for the writer.")
     read_workers: int = Field(
-        0, ge=0, le=64, description="Threads reading raw files; 0: one per CPU when most files are parquet (decoded "
-        "without the GIL), else half the CPUs; 1 to 16 (npz and HDF5 decoders hold the GIL)."
+        0, ge=0, le=64, description="Threads reading raw files; 0: one per CPU for parquet (decoded without the GIL), none "
+        "for local npz and HDF5 (the page cache reads ahead), half the CPUs over the network."
     )
     cpu_threads: int = Field(
         1, ge=0, le=256, description="Torch threads resampling on the CPU (0: torch's default). Reading and writing "

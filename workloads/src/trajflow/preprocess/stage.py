@@ -1,13 +1,17 @@
 """The preprocessing stage: one raw shard in, one fixed-rate shard out.
 
-    raw/_done/<shard>.json  ->  read + decode + validate (thread pool, in file order)
+    raw/_done/<shard>.json  ->  read + decode + validate (in file order)
                             ->  group by length, pack (pinned), copy to the device, resample
-                            ->  copy back, reorder, spool (writer thread)
+                            ->  copy back, reorder, spool
                             ->  resampled/<shard>.safetensors, <shard>.report.json,
                                 resampled/_done/<shard>.json (last)
 
-Reading, device work and writing overlap: the pool reads ahead of the device, and the
-writer drains finished batches while the next ones compute. Output order is the raw
+Reading, device work and writing overlap where a second thread gains more than it costs
+in contention for the GIL: a thread pool reads ahead when files come over the network or
+decode without the GIL (parquet), and a writer thread drains finished batches while the
+GPU computes the next ones. Local npz and HDF5 files are read on the main thread, with
+the page cache asked to fetch them ahead, and on the CPU batches are written as soon as
+they are resampled. Output order is the raw
 manifest's item order and, within a file, the episode order, whatever the batching, so a
 shard's bytes depend only on its inputs and settings.
 
@@ -86,7 +90,10 @@ class ShardSummary:
 
 def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], workers: int, lookahead: int) -> Iterator[_R]:
     """``map(fn, items)`` on a thread pool, results in input order, at most ``lookahead``
-    calls ahead of the consumer."""
+    calls ahead of the consumer; with no workers, on the calling thread."""
+    if workers < 1:
+        yield from map(fn, items)
+        return
     it = iter(items)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read")
     pending: deque = deque()
@@ -106,11 +113,15 @@ def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], workers: int, looka
 _MAX_DEFAULT_READERS = 16
 
 
-def _default_read_workers(work: Sequence["_Work"]) -> int:
+def _default_read_workers(work: Sequence["_Work"], local: bool) -> int:
+    """Reading threads (0: read on the main thread). Decoders that hold the GIL gain
+    nothing from threads on local files (the page cache reads ahead) but contention."""
     cpus = cpu_budget()
     if 2 * sum(w.format in readers.PARALLEL_DECODERS for w in work) > len(work):
         return max(1, min(cpus, _MAX_DEFAULT_READERS))
-    return max(1, min(cpus // 2, _MAX_DEFAULT_READERS))
+    if local:
+        return 0
+    return max(1, min(cpus // 2, _MAX_DEFAULT_READERS))  # network waits overlap
 
 
 def source_of(key: str) -> str:
@@ -267,11 +278,13 @@ _END = object()
 _PREFETCH_BYTES = 64 << 20
 
 
-class _OrderedWriter(threading.Thread):
-    """Drains finished batches into the ShardWriter in sequence order."""
+class _OrderedWriter:
+    """Drains finished batches into the ShardWriter in sequence order: on a thread of its
+    own when they finish asynchronously on a GPU, else as they are put (on the CPU a batch
+    is done when it is put, and a second thread would only contend for the GIL)."""
 
-    def __init__(self, writer: ShardWriter, metrics: StageMetrics, dims: dict[str, int], dtype: str, depth: int):
-        super().__init__(name="shard-writer", daemon=True)
+    def __init__(self, writer: ShardWriter, metrics: StageMetrics, dims: dict[str, int], dtype: str, depth: int,
+                 threaded: bool):
         self.writer, self.metrics, self.dims, self.dtype = writer, metrics, dims, dtype
         self.queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self.error: BaseException | None = None
@@ -282,8 +295,15 @@ class _OrderedWriter(threading.Thread):
         self.work_bytes = 0
         self.batches = 0
         self.started = time.perf_counter()
+        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True) if threaded else None
+        if self.thread is not None:
+            self.thread.start()
 
     def put(self, item: Any) -> None:
+        if self.thread is None:
+            if item is not _END:
+                self._drain(item)
+            return
         while True:
             if self.error is not None:
                 raise self.error
@@ -293,7 +313,20 @@ class _OrderedWriter(threading.Thread):
             except queue.Full:
                 continue
 
-    def run(self) -> None:
+    def finish(self) -> None:
+        """Write every batch put so far; raises what the writer thread raised."""
+        self.put(_END)
+        if self.thread is not None:
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def abandon(self) -> None:
+        self.stopped.set()
+        if self.thread is not None:
+            self.thread.join(timeout=60)
+
+    def _run(self) -> None:
         try:
             while not self.stopped.is_set():
                 try:
@@ -573,7 +606,8 @@ class ShardProcessor:
             return readers.read_item(self.storage, w.key, w.size, w.format, w.spec, robot_hint=w.robot_hint)
 
         try:
-            workers = cfg.read_workers or _default_read_workers(work)
+            local = bool(work) and self.storage.local_path(work[0].key) is not None
+            workers = cfg.read_workers or _default_read_workers(work, local)
             for result in ordered_map(read, self._prefetching(work), workers, workers * 2 + cfg.prefetch):
                 summary.bytes_in += result.size
                 self.metrics.bytes_in.inc(result.size)
@@ -586,8 +620,8 @@ class ShardProcessor:
                         dims = dict(outcome.dims)
                         writer = ShardWriter(self.storage, shard_key(self.shard), dims, cfg.dtype, cfg.target_rate_hz,
                                              spool_bytes=cfg.spool_memory_mib << 20, spill_limit_bytes=spill_limit)
-                        drain = _OrderedWriter(writer, self.metrics, dims, cfg.dtype, cfg.prefetch + 1)
-                        drain.start()
+                        drain = _OrderedWriter(writer, self.metrics, dims, cfg.dtype, cfg.prefetch + 1,
+                                               threaded=resampler.cuda)
                     ep = _reorder_columns(outcome, dims)
                     if ep is None:
                         self._quarantine(Quarantined(outcome.source, outcome.episode, readers.SHAPE_MISMATCH,
@@ -600,10 +634,7 @@ class ShardProcessor:
                         flush()
             flush()
             if drain is not None:
-                drain.put(_END)
-                drain.join()
-                if drain.error is not None:
-                    raise drain.error
+                drain.finish()
                 summary.resample_seconds = drain.resample_seconds
             summary.quarantined = self.report.counts()
             summary.episodes = seq
@@ -615,8 +646,7 @@ class ShardProcessor:
             return writer.close()
         except BaseException:
             if drain is not None:
-                drain.stopped.set()
-                drain.join(timeout=60)
+                drain.abandon()
             if writer is not None:
                 writer.abort()
             raise
