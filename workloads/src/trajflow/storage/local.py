@@ -70,6 +70,10 @@ class LocalStorage(Storage):
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
+    def _os_path(self, key: str) -> str:
+        # for calls made once per raw file: joining strings is several times cheaper than Path
+        return f"{self.root}{os.sep}{check_key(key)}"
+
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         check_prefix(prefix)
         directory, _, partial = prefix.rpartition("/")
@@ -121,9 +125,8 @@ class LocalStorage(Storage):
 
     def read_bytes(self, key: str) -> bytes:
         # unbuffered: one fstat and one read, with no buffer layer copying in between
-        path = self._path(key)
         try:
-            with open(path, "rb", buffering=0) as fh:
+            with open(self._os_path(key), "rb", buffering=0) as fh:
                 return fh.read()
         except IsADirectoryError:
             raise FileNotFoundError(f"{self.uri}/{key}: no such object (a directory)") from None
@@ -133,7 +136,7 @@ class LocalStorage(Storage):
     def prefetch(self, key: str) -> None:
         # the kernel reads the file into the page cache while this process works on others
         try:
-            fd = os.open(self._path(key), os.O_RDONLY)
+            fd = os.open(self._os_path(key), os.O_RDONLY)
         except OSError:
             return  # the read itself reports what is wrong
         try:
