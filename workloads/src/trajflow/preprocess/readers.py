@@ -423,9 +423,10 @@ def _h5_dataset(group: Any, path: str) -> np.ndarray | None:
         obj = h5py.h5o.open(obj, part)
     if not parts or not isinstance(obj, h5py.h5d.DatasetID):
         return None
-    if obj.shape is None:  # a null dataspace (h5py.Empty): no values, rejected as a shape mismatch
+    shape = obj.shape  # each property call asks HDF5 again
+    if shape is None:  # a null dataspace (h5py.Empty): no values, rejected as a shape mismatch
         return np.empty((), dtype=obj.dtype)
-    out = np.empty(obj.shape, dtype=obj.dtype)
+    out = np.empty(shape, dtype=obj.dtype)
     if out.size:
         obj.read(h5py.h5s.ALL, h5py.h5s.ALL, out)
     return out
