@@ -75,8 +75,8 @@ class PreprocessConfig(Model):
         "for local npz and HDF5 (the page cache reads ahead), half the CPUs over the network."
     )
     cpu_threads: int = Field(
-        1, ge=0, le=256, description="Torch threads resampling on the CPU (0: torch's default). Reading and writing "
-        "have threads of their own; more intra-op threads mostly contend with them for cores."
+        1, ge=0, le=256, description="Torch threads resampling on the CPU (0: torch's default). Batches are small: "
+        "more intra-op threads mostly contend with reading and writing for the cores."
     )
     pin_memory: bool = Field(True, description="Stage batches in pinned host memory (cuda only).")
     spool_memory_mib: int = Field(
