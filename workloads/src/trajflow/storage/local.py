@@ -108,15 +108,17 @@ class LocalStorage(Storage):
             return None
         return ObjectInfo(key, st.st_size) if not os.path.isdir(self._path(key)) else None
 
-    def open_read(self, key: str, start: int = 0, end: int | None = None) -> BinaryIO:
-        check_range(start, end)
-        path = self._path(key)
+    def _open(self, key: str, buffering: int = -1) -> BinaryIO:
         try:
-            fh = open(path, "rb")
+            return open(self._os_path(key), "rb", buffering=buffering)
         except IsADirectoryError:
             raise FileNotFoundError(f"{self.uri}/{key}: no such object (a directory)") from None
         except NotADirectoryError:
             raise FileNotFoundError(f"{self.uri}/{key}: no such object") from None
+
+    def open_read(self, key: str, start: int = 0, end: int | None = None) -> BinaryIO:
+        check_range(start, end)
+        fh = self._open(key)
         if start:
             fh.seek(start)
         if end is None:
@@ -125,13 +127,8 @@ class LocalStorage(Storage):
 
     def read_bytes(self, key: str) -> bytes:
         # unbuffered: one fstat and one read, with no buffer layer copying in between
-        try:
-            with open(self._os_path(key), "rb", buffering=0) as fh:
-                return fh.read()
-        except IsADirectoryError:
-            raise FileNotFoundError(f"{self.uri}/{key}: no such object (a directory)") from None
-        except NotADirectoryError:
-            raise FileNotFoundError(f"{self.uri}/{key}: no such object") from None
+        with self._open(key, buffering=0) as fh:
+            return fh.read()
 
     def prefetch(self, key: str) -> None:
         # the kernel reads the file into the page cache while this process works on others
