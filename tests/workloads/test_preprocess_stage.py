@@ -244,6 +244,27 @@ def test_read_workers_follow_the_cpu_budget_and_never_change_the_bytes(tmp_path,
     assert used[-1] == 16
 
 
+def test_a_manifest_without_sizes_gives_the_same_shard(tmp_path, mixed, monkeypatch):
+    from trajflow.storage import manifest_key
+
+    files, _ = mixed
+    config = stage_config(sources={"robomimic": ROBOMIMIC})
+    sized = LocalStorage(tmp_path / "sized")
+    publish_raw_shard(sized, 0, files)
+    process_shard(sized, 0, 1, config)
+    unsized = LocalStorage(tmp_path / "unsized")
+    publish_raw_shard(unsized, 0, files)
+    doc = json.loads(unsized.read_bytes(manifest_key("download", 0)))
+    doc["items"] = [item["key"] for item in doc["items"]]  # bare keys: the size comes from the file
+    unsized.write_bytes(manifest_key("download", 0), json.dumps(doc).encode())
+    whole = []
+    read_bytes = LocalStorage.read_bytes
+    monkeypatch.setattr(LocalStorage, "read_bytes", lambda self, key: whole.append(key) or read_bytes(self, key))
+    process_shard(unsized, 0, 1, config)
+    assert unsized.read_bytes(shard_key(0)) == sized.read_bytes(shard_key(0))
+    assert any(k.endswith(".npz") for k in whole) and not any(k.endswith(".hdf5") for k in whole)
+
+
 def test_the_writer_thread_a_gpu_uses_writes_the_same_bytes_and_hands_back_its_errors(tmp_path, mixed, monkeypatch):
     from trajflow.preprocess import stage
     from trajflow.preprocess.shards import ShardWriter

@@ -572,13 +572,15 @@ def read_item(storage: Storage, key: str, expected_size: int | None, fmt: str, s
     used when the file names none."""
     local = storage.local_path(key)
     known_size = expected_size is not None and expected_size >= 0
+    whole = known_size and reads_whole(fmt, expected_size)  # then no stat: one call less per file
     src: str | bytes
     try:
-        if local is None or (known_size and reads_whole(fmt, expected_size)):
-            src = storage.read_bytes(key)  # local files too: no stat first (one call less per file)
-            size = len(src)
-        else:
+        if local is not None and not whole:  # read in part, or of a size the manifest does not give
             src, size = str(local), local.stat().st_size
+            whole = not known_size and reads_whole(fmt, size)
+        if local is None or whole:
+            src = storage.read_bytes(key)
+            size = len(src)
     except FileNotFoundError:
         return FileResult(key, 0, [Quarantined(key, "", MISSING_FILE, "listed in the raw manifest but absent")])
     except OSError as exc:
@@ -591,13 +593,6 @@ def read_item(storage: Storage, key: str, expected_size: int | None, fmt: str, s
         result.outcomes.append(Quarantined(key, "", SIZE_MISMATCH,
                                            f"{size} bytes, the raw manifest says {expected_size} (truncated?)"))
         return result
-    if isinstance(src, str) and reads_whole(fmt, size):
-        try:
-            src = storage.read_bytes(key)
-        except OSError as exc:
-            _reraise_io(exc)
-            result.outcomes = [Quarantined(key, "", UNREADABLE, f"cannot read the file: {exc}")]
-            return result
     try:
         result.outcomes = READERS[fmt](src, spec, key, robot_hint)
     except UnreadableFile as exc:

@@ -301,8 +301,7 @@ class _OrderedWriter:
 
     def put(self, item: Any) -> None:
         if self.thread is None:
-            if item is not _END:
-                self._drain(item)
+            self._drain(item)
             return
         while True:
             if self.error is not None:
@@ -315,8 +314,8 @@ class _OrderedWriter:
 
     def finish(self) -> None:
         """Write every batch put so far; raises what the writer thread raised."""
-        self.put(_END)
         if self.thread is not None:
+            self.put(_END)
             self.thread.join()
         if self.error is not None:
             raise self.error
