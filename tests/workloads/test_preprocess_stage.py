@@ -205,6 +205,14 @@ def test_a_done_shard_is_skipped(local_storage, mixed):
     assert local_storage.read_bytes(shard_key(0)) == before
 
 
+def _processed(root, files, config, kind=LocalStorage):
+    """A storage at ``root`` holding ``files`` as raw shard 0, processed with ``config``."""
+    storage = kind(root)
+    publish_raw_shard(storage, 0, files)
+    process_shard(storage, 0, 1, config)
+    return storage
+
+
 def test_read_workers_follow_the_cpu_budget_and_never_change_the_bytes(tmp_path, mixed, monkeypatch):
     from trajflow.preprocess import stage
 
@@ -224,9 +232,8 @@ def test_read_workers_follow_the_cpu_budget_and_never_change_the_bytes(tmp_path,
 
     shards = []
     for read_workers, kind in ((0, LocalStorage), (1, LocalStorage), (0, OverTheNetwork)):
-        storage = kind(tmp_path / f"workers-{read_workers}-{kind.__name__}")
-        publish_raw_shard(storage, 0, files)
-        process_shard(storage, 0, 1, stage_config(read_workers=read_workers, sources={"robomimic": ROBOMIMIC}))
+        storage = _processed(tmp_path / f"workers-{read_workers}-{kind.__name__}", files,
+                             stage_config(read_workers=read_workers, sources={"robomimic": ROBOMIMIC}), kind)
         shards.append(storage.read_bytes(shard_key(0)))
     # npz and HDF5 hold the GIL: local files are read on the main thread, remote ones by
     # half the budget (their network waits overlap)
@@ -249,9 +256,7 @@ def test_a_manifest_without_sizes_gives_the_same_shard(tmp_path, mixed, monkeypa
 
     files, _ = mixed
     config = stage_config(sources={"robomimic": ROBOMIMIC})
-    sized = LocalStorage(tmp_path / "sized")
-    publish_raw_shard(sized, 0, files)
-    process_shard(sized, 0, 1, config)
+    sized = _processed(tmp_path / "sized", files, config)
     unsized = LocalStorage(tmp_path / "unsized")
     publish_raw_shard(unsized, 0, files)
     doc = json.loads(unsized.read_bytes(manifest_key("download", 0)))
@@ -271,9 +276,7 @@ def test_the_writer_thread_a_gpu_uses_writes_the_same_bytes_and_hands_back_its_e
 
     files, _ = mixed
     config = stage_config(sources={"robomimic": ROBOMIMIC})
-    inline = LocalStorage(tmp_path / "inline")
-    publish_raw_shard(inline, 0, files)
-    process_shard(inline, 0, 1, config)
+    inline = _processed(tmp_path / "inline", files, config)
     threads = []
     init = stage._OrderedWriter.__init__
 
@@ -282,9 +285,7 @@ def test_the_writer_thread_a_gpu_uses_writes_the_same_bytes_and_hands_back_its_e
         threads.append(self.thread)
 
     monkeypatch.setattr(stage._OrderedWriter, "__init__", threaded)
-    on_thread = LocalStorage(tmp_path / "thread")
-    publish_raw_shard(on_thread, 0, files)
-    process_shard(on_thread, 0, 1, config)
+    on_thread = _processed(tmp_path / "thread", files, config)
     assert threads and threads[0] is not None and not threads[0].is_alive()
     assert on_thread.read_bytes(shard_key(0)) == inline.read_bytes(shard_key(0))
 
