@@ -2,6 +2,7 @@
 the dashboard ConfigMap, and the values schema."""
 from __future__ import annotations
 
+import copy
 import json
 import re
 from urllib.parse import urlparse
@@ -9,7 +10,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from helmrender import CHART, NAMESPACE, PROMETHEUS_OPERATOR_APIS, SUBCHARTS, one, render, select
+from helmrender import CHART, NAMESPACE, PROMETHEUS_OPERATOR_APIS, SUBCHARTS, env_file, one, render, select
 from monitoring_helpers import MONITORING_CHART, alert_rules, dashboard_of, render_monitoring
 
 helm = pytest.importorskip("helm_python")
@@ -77,6 +78,50 @@ def test_service_and_service_monitor_select_the_pushgateway():
     assert endpoint["port"] == service["spec"]["ports"][0]["name"]
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert service["spec"]["ports"][0]["targetPort"] in {p["name"] for p in container["ports"]}
+
+
+def argocd_label_tracking(objs, app_name):
+    """What ArgoCD's `label` tracking does: app.kubernetes.io/instance of every object it
+    applies (not of pod templates) becomes the Application's name."""
+    out = copy.deepcopy(objs)
+    for obj in out:
+        obj["metadata"].setdefault("labels", {})["app.kubernetes.io/instance"] = app_name
+    return out
+
+
+def matches(selector, labels):
+    return selector.items() <= labels.items()
+
+
+def test_selectors_survive_argocd_rewriting_the_instance_label():
+    """The shipped ApplicationSet names the Application trajflow-<env> but the release
+    trajflow: every selector must still find its objects after ArgoCD's label tracking."""
+    rendered = render([env_file("production")], {"global.argocd.enabled": True}, api_versions=PROMETHEUS_OPERATOR_APIS)
+    objs = argocd_label_tracking(rendered, "trajflow-production")
+    service = one(objs, "Service", component="pushgateway")
+    deployment = one(objs, "Deployment", component="pushgateway")
+    monitor = one(objs, "ServiceMonitor")
+    assert matches(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+    assert "app.kubernetes.io/instance" not in monitor["spec"]["selector"]["matchLabels"]
+    # Pod selectors keep app.kubernetes.io/instance (ArgoCD leaves pod templates alone) and
+    # the Deployment's immutable selector is what earlier releases of the chart rendered.
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "trajflow", "app.kubernetes.io/instance": "trajflow",
+        "app.kubernetes.io/component": "pushgateway"}
+    assert matches(service["spec"]["selector"], pod_labels)
+    pods = [pod_labels] + [o["spec"]["template"]["metadata"]["labels"] for o in select(objs, "Job")]
+    for policy in select(objs, "NetworkPolicy"):
+        selector = policy["spec"]["podSelector"]["matchLabels"]
+        assert any(matches(selector, labels) for labels in pods), policy["metadata"]["name"]
+    training_pods = one(objs, "Job", "training")["spec"]["template"]["metadata"]["labels"]
+    assert matches(one(objs, "PodMonitor")["spec"]["selector"]["matchLabels"], training_pods)
+    # Every object carries the chart's own release label; pod templates do not (it would
+    # change every Job's name hash, and re-run the stages, on upgrade).
+    for obj in rendered:
+        assert obj["metadata"]["labels"]["trajflow.io/release"] == "trajflow", obj["metadata"]["name"]
+    for job in select(rendered, "Job"):
+        assert "trajflow.io/release" not in job["spec"]["template"]["metadata"]["labels"]
 
 
 def test_pod_monitor_scrapes_every_local_rank_of_the_training_pods():
@@ -213,8 +258,9 @@ def test_rules_only_watch_this_release():
             assert 'namespace="ml"' in rule["expr"], name
 
 
-def test_the_job_name_pattern_matches_the_stage_jobs_the_chart_renders():
-    objs = render(values={"monitoring": {"enabled": True}}, api_versions=PROMETHEUS_OPERATOR_APIS)
+@pytest.mark.parametrize("release", ["trajflow", "a-very-long-release-name-for-the-fleet-pipeline-x", "f" * 53])
+def test_the_job_name_pattern_matches_the_stage_jobs_the_chart_renders(release):
+    objs = render(values={"monitoring": {"enabled": True}}, api_versions=PROMETHEUS_OPERATOR_APIS, release=release)
     expr = alert_rules(objs)["TrajflowJobFailed"]["expr"]
     pattern = re.search(r'job_name=~"([^"]+)"', expr).group(1)
     jobs = [o["metadata"]["name"] for o in objs if o["kind"] == "Job"]
@@ -222,7 +268,9 @@ def test_the_job_name_pattern_matches_the_stage_jobs_the_chart_renders():
     for job in jobs:
         assert re.fullmatch(pattern, job), (pattern, job)
     gpu = re.search(r'pod=~"([^"]+)"', alert_rules(objs)["TrajflowGpuUnderused"]["expr"]).group(1)
-    gpu_jobs = [j for j in jobs if "downloader" not in j]
+    gpu_jobs = [o["metadata"]["name"] for o in objs if o["kind"] == "Job"
+                and o["metadata"]["labels"]["app.kubernetes.io/component"] != "downloader"]
+    assert len(gpu_jobs) == 2
     assert all(re.fullmatch(gpu, f"{j}-0-abcde") for j in gpu_jobs)
     assert not any(re.fullmatch(gpu, f"{j}-0-abcde") for j in jobs if j not in gpu_jobs)
 

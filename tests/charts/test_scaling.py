@@ -2,8 +2,10 @@
 makes a new one. Names never depend on the revision or on optional cluster APIs."""
 from __future__ import annotations
 
+import re
+
 import pytest
-from helmrender import PROMETHEUS_OPERATOR_APIS, env_file, one, render, select
+from helmrender import KUBEFLOW_APIS, PROMETHEUS_OPERATOR_APIS, env_file, one, pod_spec, render, select
 
 STAGES = ("downloader", "preprocessing", "training")
 
@@ -78,6 +80,33 @@ def test_mutable_fields_do_not_change_the_name(production):
     assert job_names(changed)["downloader"] == job_names(production)["downloader"]
 
 
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("field, value", [("activeDeadlineSeconds", 1209600), ("maxFailedIndexes", 1)])
+def test_fields_kubernetes_lets_an_update_change_patch_the_running_job(production, stage, field, value):
+    """activeDeadlineSeconds and maxFailedIndexes are mutable (ValidateJobSpecUpdate):
+    extending a deadline must not replace the running Job and lose its pods' work."""
+    changed = render([env_file("production")], {f"{stage}.{field}": value}, api_versions=PROMETHEUS_OPERATOR_APIS)
+    assert job_names(changed) == job_names(production)
+    assert one(changed, "Job", stage)["spec"][field] == value
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_an_immutable_failure_setting_makes_a_new_job(production, stage):
+    changed = render([env_file("production")], {f"{stage}.backoffLimitPerIndex": 7},
+                     api_versions=PROMETHEUS_OPERATOR_APIS)
+    assert job_names(changed)[stage] != job_names(production)[stage]
+
+
+def test_finished_jobs_are_kept_by_default():
+    """A Job deleted by its TTL stays in the release manifest, and any later helm upgrade
+    would create it again and re-run the stage: no TTL unless asked for."""
+    for objs in (render([env_file(env)], api_versions=PROMETHEUS_OPERATOR_APIS) for env in ("dev", "staging", "production")):
+        for job in select(objs, "Job"):
+            assert "ttlSecondsAfterFinished" not in job["spec"], job["metadata"]["name"]
+    objs = render([env_file("production")], {"training.ttlSecondsAfterFinished": 3600}, api_versions=PROMETHEUS_OPERATOR_APIS)
+    assert one(objs, "Job", "training")["spec"]["ttlSecondsAfterFinished"] == 3600
+
+
 def test_names_do_not_depend_on_the_prometheus_operator():
     """With and without monitoring.coreos.com/v1: the stage Jobs are the same; only the
     monitoring chart's custom resources come and go."""
@@ -99,20 +128,50 @@ def test_names_are_stable_across_renders_and_releases_differ():
     assert all(name.startswith("trajflow-") for name in first.values())
 
 
-def test_long_release_names_keep_job_names_short_enough_for_pod_hostnames():
-    release = "a-very-long-release-name-for-the-fleet-pipeline-x"
-    objs = render([env_file("dev")], release=release)
-    for job in select(objs, "Job"):
-        # Indexed Job pods are named <job>-<index>: that must stay a DNS label.
-        assert len(job["metadata"]["name"]) <= 52, job["metadata"]["name"]
+DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+# Helm accepts release names up to 53 characters; from 46 on, `<release>-trajflow-<stage>`
+# no longer fits in 63. One that says trajflow is used as the fullname as it is.
+LONG_RELEASES = [("fleet-pipeline-release-" + "x" * 60)[:n] for n in range(46, 54)]
+LONG_RELEASES += [("trajflow-fleet-" + "y" * 60)[:53]]
+
+
+@pytest.mark.parametrize("launcher", ["job", "pytorchjob"])
+@pytest.mark.parametrize("release", LONG_RELEASES, ids=lambda r: f"{len(r)}-{r[:8]}")
+def test_long_release_names_keep_names_distinct_and_within_limits(release, launcher):
+    """Helm accepts release names up to 53 characters: every object keeps a distinct name
+    within the Kubernetes limits, and each stage uses its own ConfigMap and ServiceAccount."""
+    assert 46 <= len(release) <= 53
+    objs = render([env_file("production")], {"training.launcher": launcher}, release=release,
+                  api_versions=[*PROMETHEUS_OPERATOR_APIS, *KUBEFLOW_APIS])
+    seen = set()
     for obj in objs:
-        assert len(obj["metadata"]["name"]) <= 63, obj["metadata"]["name"]
+        name = obj["metadata"]["name"]
+        assert (obj["kind"], name) not in seen, f"{obj['kind']}/{name} rendered twice"
+        seen.add((obj["kind"], name))
+        assert len(name) <= 63, name
+        if obj["kind"] == "Service":
+            assert DNS_1035.match(name), name
+    workloads = [*select(objs, "Job"), *select(objs, "PyTorchJob")]
+    assert len(workloads) == 3
+    for workload in workloads:
+        stage = workload["metadata"]["labels"]["app.kubernetes.io/component"]
+        # Indexed Job pods are named <job>-<index>: that must stay a DNS label.
+        assert len(workload["metadata"]["name"]) <= 52, workload["metadata"]["name"]
+        assert f"-{stage}-" in workload["metadata"]["name"]
+        spec = pod_spec(workload)
+        config = next(v["configMap"]["name"] for v in spec["volumes"] if v["name"] == "config")
+        assert config == one(objs, "ConfigMap", stage)["metadata"]["name"]
+        assert spec["serviceAccountName"] == one(objs, "ServiceAccount", stage)["metadata"]["name"]
+    for kind in ("ConfigMap", "ServiceAccount"):
+        names = [one(objs, kind, stage)["metadata"]["name"] for stage in STAGES]
+        assert len(set(names)) == 3, names
 
 
 def test_argocd_mode_keeps_finished_jobs_and_orders_the_stages():
-    plain = render([env_file("production")], api_versions=PROMETHEUS_OPERATOR_APIS)
-    argo = render([env_file("production")], {"global.argocd.enabled": True}, api_versions=PROMETHEUS_OPERATOR_APIS)
     waves = {}
+    ttl = {f"{stage}.ttlSecondsAfterFinished": 3600 for stage in STAGES}
+    plain = render([env_file("production")], ttl, api_versions=PROMETHEUS_OPERATOR_APIS)
+    argo = render([env_file("production")], {"global.argocd.enabled": True, **ttl}, api_versions=PROMETHEUS_OPERATOR_APIS)
     for stage in STAGES:
         assert "ttlSecondsAfterFinished" in one(plain, "Job", stage)["spec"]
         assert "argocd.argoproj.io/sync-wave" not in (one(plain, "Job", stage)["metadata"].get("annotations") or {})

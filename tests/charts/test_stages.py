@@ -1,8 +1,12 @@
 """Download and preprocessing Jobs, storage, network policies and the install notes."""
 from __future__ import annotations
 
+import re
+
+import pytest
 import yaml
 from helmrender import (
+    KUBEFLOW_APIS,
     PROMETHEUS_OPERATOR_APIS,
     SUBCHARTS,
     container,
@@ -24,7 +28,7 @@ def test_download_job_is_indexed_over_the_shards():
     spec = job["spec"]
     assert spec["completionMode"] == "Indexed"
     assert (spec["completions"], spec["parallelism"], spec["backoffLimitPerIndex"]) == (64, 16, 5)
-    assert spec["activeDeadlineSeconds"] == 86400 and spec["ttlSecondsAfterFinished"] == 86400
+    assert spec["activeDeadlineSeconds"] == 86400 and "ttlSecondsAfterFinished" not in spec
     download = container(job, "download")
     assert download["command"] == ["trajflow"]
     assert download["args"] == ["download", "--config", "/etc/trajflow/config.yaml"]
@@ -201,7 +205,9 @@ def test_stage_charts_render_on_their_own():
 
 def test_notes_say_how_to_watch_and_where_data_lands():
     text = notes([env_file("dev")])
-    assert "kubectl -n trajflow get jobs -l app.kubernetes.io/instance=trajflow" in text
+    # Jobs by the chart's release label (ArgoCD may rewrite their instance label), pods by instance
+    assert "kubectl -n trajflow get jobs -l trajflow.io/release=trajflow" in text
+    assert "kubectl -n trajflow get pods -l app.kubernetes.io/instance=trajflow" in text
     assert "completedIndexes" in text
     assert "file:///data/dev" in text and 'PersistentVolumeClaim "trajflow-data"' in text
     assert "--set downloader.parallelism=16" in text
@@ -220,3 +226,55 @@ def test_release_names_that_say_trajflow_are_not_repeated():
     objs = render([env_file("dev")], release="fleet")
     assert one(objs, "PersistentVolumeClaim", "storage")["metadata"]["name"] == "fleet-trajflow-data"
     assert one(objs, "ConfigMap", "preprocessing")["metadata"]["name"] == "fleet-trajflow-preprocessing-config"
+
+
+def test_network_policy_allows_the_pushgateway_pod_port_not_the_service_port():
+    """Policies see the destination pod's port after the Service's translation: with the
+    Service on port 80 the pushes still go to the container's 9091."""
+    objs = render([env_file("staging")], values={
+        "monitoring": {"pushgateway": {"service": {"port": 80}}},
+        "global": {"metrics": {"pushgatewayUrl":
+                               'http://{{ include "trajflow.pushgatewayServiceName" . }}.{{ .Release.Namespace }}.svc:80'}},
+    }, api_versions=PROMETHEUS_OPERATOR_APIS)
+    service = one(objs, "Service", "pushgateway")
+    assert service["spec"]["ports"][0]["port"] == 80
+    container_ports = {p["name"]: p["containerPort"]
+                       for p in one(objs, "Deployment", "pushgateway")["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    pod_port = container_ports[service["spec"]["ports"][0]["targetPort"]]
+    for stage in ("downloader", "preprocessing", "training"):
+        rules = [r for r in policy(objs, stage)["egress"]
+                 if any("pushgateway" == ((t.get("podSelector") or {}).get("matchLabels") or {}).get("app.kubernetes.io/component")
+                        for t in r.get("to", []))]
+        assert [r["ports"] for r in rules] == [[{"port": pod_port, "protocol": "TCP"}]], stage
+
+
+def set_flags(text):
+    return dict(re.findall(r"--set (\S+?)=(\S+)", text))
+
+
+@pytest.mark.parametrize("case", [
+    {},
+    {"downloader.enabled": False},
+    {"downloader.enabled": False, "preprocessing.enabled": False},
+    {"downloader.enabled": False, "preprocessing.enabled": False, "training.launcher": "pytorchjob"},
+], ids=str)
+def test_notes_only_suggest_commands_that_work(case):
+    apis = [*PROMETHEUS_OPERATOR_APIS, *KUBEFLOW_APIS]
+    text = notes([env_file("production")], case, api_versions=apis)
+    # every `--set` the notes suggest passes the schema and renders
+    for key, value in set_flags(text).items():
+        render([env_file("production")], {**case, key: yaml.safe_load(value)}, api_versions=apis)
+    assert "training.parallelism" not in text
+    if "downloader.enabled" in case and "preprocessing.enabled" in case:
+        assert "parallelism=" not in text
+    if case.get("training.launcher") == "pytorchjob":
+        assert "wait --for=condition=Succeeded --timeout=48h pytorchjob -l" in text
+        assert " job -l" not in text.split("block until the last stage is done")[1].split("\n")[1]
+
+
+def test_notes_warn_that_waiting_training_pods_hold_their_gpus():
+    text = notes([env_file("production")], api_versions=PROMETHEUS_OPERATOR_APIS)
+    assert "--set training.enabled=false" in text and "hold their GPUs (8 each)" in text
+    assert "--set training.enabled=false" not in notes([env_file("production")], {"global.argocd.enabled": True},
+                                                        api_versions=PROMETHEUS_OPERATOR_APIS)
+    assert "--set training.enabled=false" not in notes([env_file("dev")])  # no GPUs

@@ -54,21 +54,28 @@ Takes the root context.
 
 {{/*
 An Indexed Job. Takes (dict "context" $ "completions" N "parallelism" P "podTemplate"
-<dict> "annotations" <dict>). The name's hash covers every spec field but the two
-Kubernetes lets an upgrade patch in place (parallelism, ttlSecondsAfterFinished).
+<dict> "annotations" <dict>). The name's hash covers the spec fields Kubernetes does not
+let an update change (template, completions, completionMode, backoffLimitPerIndex,
+podFailurePolicy); the ones it does (parallelism, activeDeadlineSeconds,
+maxFailedIndexes, ttlSecondsAfterFinished: see ValidateJobSpecUpdate) stay out of it, so
+an upgrade that changes only those patches the running Job instead of replacing it.
 */}}
 {{- define "trajflow.indexedJob" -}}
 {{- $ctx := .context -}}
 {{- $global := include "trajflow.global" $ctx | fromYaml -}}
 {{- $immutable := include "trajflow.jobPolicy" $ctx | fromYaml -}}
+{{- $mutable := dict -}}
+{{- range (list "activeDeadlineSeconds" "maxFailedIndexes") -}}
+{{- if hasKey $immutable . }}{{ $_ := set $mutable . (get $immutable .) }}{{ $_ := unset $immutable . }}{{ end -}}
+{{- end -}}
 {{- $_ := set $immutable "completionMode" "Indexed" -}}
 {{- $_ := set $immutable "completions" (int .completions) -}}
-{{- if and (hasKey $immutable "maxFailedIndexes") (gt (int $immutable.maxFailedIndexes) (int .completions)) -}}
-{{- fail (printf "%s.maxFailedIndexes (%d) cannot exceed the Job's %d completions" $ctx.Chart.Name (int $immutable.maxFailedIndexes) (int .completions)) -}}
+{{- if and (hasKey $mutable "maxFailedIndexes") (gt (int $mutable.maxFailedIndexes) (int .completions)) -}}
+{{- fail (printf "%s.maxFailedIndexes (%d) cannot exceed the Job's %d completions" $ctx.Chart.Name (int $mutable.maxFailedIndexes) (int .completions)) -}}
 {{- end -}}
 {{- $_ := set $immutable "template" .podTemplate -}}
 {{- $name := include "trajflow.jobName" (dict "context" $ctx "spec" $immutable) -}}
-{{- $spec := deepCopy $immutable -}}
+{{- $spec := mustMergeOverwrite (deepCopy $immutable) $mutable -}}
 {{- $_ := set $spec "parallelism" (int .parallelism) -}}
 {{- if and (not $global.argocd.enabled) (not (kindIs "invalid" $ctx.Values.ttlSecondsAfterFinished)) -}}
 {{- $_ := set $spec "ttlSecondsAfterFinished" (int $ctx.Values.ttlSecondsAfterFinished) -}}

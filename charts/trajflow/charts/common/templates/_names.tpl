@@ -28,13 +28,30 @@ pipeline
 {{- end -}}
 {{- end -}}
 
+{{/*
+A name that ends in what tells it apart: `<release fullname>[-<stage>][-<suffix>]`, at
+most `max` characters (63 unless given). Takes (dict "context" $ "suffix" "config" "max"
+43); both keys are optional. Only the release part is cut, never the stage or the suffix,
+so the objects of different stages keep different names however long the release name.
+*/}}
+{{- define "trajflow.suffixedName" -}}
+{{- $ctx := .context -}}
+{{- $parts := list -}}
+{{- if ne $ctx.Chart.Name (include "trajflow.partOf" $ctx) }}{{ $parts = append $parts $ctx.Chart.Name }}{{ end -}}
+{{- with .suffix }}{{ $parts = append $parts . }}{{ end -}}
+{{- $tail := join "-" $parts -}}
+{{- $max := int (.max | default 63) -}}
+{{- $release := include "trajflow.releaseFullname" $ctx -}}
+{{- if not $tail -}}
+{{- $release | trunc $max | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" ($release | trunc (int (sub (sub $max (len $tail)) 1)) | trimSuffix "-") $tail -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Base name of this chart's objects: the release fullname, plus the stage for stage charts. */}}
 {{- define "trajflow.fullname" -}}
-{{- if eq .Chart.Name (include "trajflow.partOf" .) -}}
-{{- include "trajflow.releaseFullname" . -}}
-{{- else -}}
-{{- printf "%s-%s" (include "trajflow.releaseFullname" .) .Chart.Name | trunc 63 | trimSuffix "-" -}}
-{{- end -}}
+{{- include "trajflow.suffixedName" (dict "context" .) -}}
 {{- end -}}
 
 {{/* `<name>-<version>` for the helm.sh/chart label. */}}
@@ -54,7 +71,7 @@ pipeline
 
 {{/* The ConfigMap holding a stage's /etc/trajflow/config.yaml. */}}
 {{- define "trajflow.configMapName" -}}
-{{- printf "%s-config" (include "trajflow.fullname" . | trunc 56 | trimSuffix "-") -}}
+{{- include "trajflow.suffixedName" (dict "context" . "suffix" "config") -}}
 {{- end -}}
 
 {{/*
@@ -62,10 +79,15 @@ The name of a Job (or PyTorchJob) whose spec is mostly immutable. Takes
 (dict "context" $ "spec" $immutableSpec): the name carries a short hash of the
 immutable part, so an upgrade that changes the image, the config or the shard count
 makes a new Job, while one that changes parallelism patches the running Job.
-The base is cut to 43 characters so `<job>-<index>` pod hostnames stay within 63.
+The base (`<release>-<stage>`, the release part cut) is at most 43 characters, so the
+name is at most 52 and `<job>-<index>` pod hostnames stay within 63.
 */}}
+{{- define "trajflow.jobBase" -}}
+{{- include "trajflow.suffixedName" (dict "context" . "max" 43) -}}
+{{- end -}}
+
 {{- define "trajflow.jobName" -}}
-{{- $base := include "trajflow.fullname" .context | trunc 43 | trimSuffix "-" -}}
+{{- $base := include "trajflow.jobBase" .context -}}
 {{- printf "%s-%s" $base (toJson .spec | sha256sum | trunc 8) -}}
 {{- end -}}
 
@@ -85,4 +107,13 @@ helper so that stage charts can point at it without seeing the monitoring values
 */}}
 {{- define "trajflow.pushgatewayServiceName" -}}
 {{- printf "%s-pushgateway" (include "trajflow.releaseFullname" . | trunc 51 | trimSuffix "-") -}}
+{{- end -}}
+
+{{/*
+The port the in-release Pushgateway's container listens on (its port `http`). Its Service
+may expose another port; a NetworkPolicy must allow this one, as policies see the
+destination pod's port after the Service's translation.
+*/}}
+{{- define "trajflow.pushgatewayPodPort" -}}
+9091
 {{- end -}}

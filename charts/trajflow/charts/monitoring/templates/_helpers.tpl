@@ -45,7 +45,7 @@ Takes (dict "context" $ "stage" "training").
 */}}
 {{- define "monitoring.stageJobBase" -}}
 {{- $stageCtx := dict "Chart" (dict "Name" .stage) "Release" .context.Release -}}
-{{- include "trajflow.fullname" $stageCtx | trunc 43 | trimSuffix "-" -}}
+{{- include "trajflow.jobBase" $stageCtx -}}
 {{- end -}}
 
 {{/* A Go regex, escaped for a double-quoted PromQL string. */}}
