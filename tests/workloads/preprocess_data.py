@@ -120,6 +120,20 @@ def write_lerobot_info(dataset_dir: Path, fps: float, robot_type: str) -> None:
                                                                 "robot_type": robot_type}))
 
 
+def write_lerobot_v3_meta(dataset_dir: Path, episodes: Sequence[GenEpisode]) -> None:
+    """LeRobot v3.0 metadata parquet files: ``meta/tasks.parquet`` and the episodes table
+    ``meta/episodes/chunk-000/file-000.parquet`` (one row per episode, no frames)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (dataset_dir / "meta" / "episodes" / "chunk-000").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"task_index": [0], "task": ["pick"]}), dataset_dir / "meta" / "tasks.parquet")
+    pq.write_table(pa.table({"episode_index": [int(ep.episode) for ep in episodes],
+                             "length": [ep.length for ep in episodes],
+                             "data/chunk_index": [0] * len(episodes)}),
+                   dataset_dir / "meta" / "episodes" / "chunk-000" / "file-000.parquet")
+
+
 def write_robomimic(path: Path, episodes: Sequence[GenEpisode], state_key: str = "obs/joint_pos",
                     action_key: str = "actions", timestamps: bool = True, robot: str = "") -> None:
     """robomimic-style HDF5: ``data/demo_N/obs/<state>``, ``data/demo_N/actions`` and,
@@ -197,7 +211,7 @@ def mixed_format_dataset(tmp: Path, rng: np.random.Generator, per_format: int = 
     returns the files (``<source>/<path>`` -> bytes) and the stored episodes, each with
     ``source_path`` set to ``<source>/<path>``."""
     episodes: list[GenEpisode] = []
-    # LeRobot: one file per episode (v2) plus one multi-episode file (v3)
+    # LeRobot: one file per episode (v2) plus one multi-episode file and the metadata tables (v3)
     lr = mixed_episodes(rng, per_format, dims)
     ds = tmp / "lerobot"
     half = per_format // 2
@@ -206,6 +220,7 @@ def mixed_format_dataset(tmp: Path, rng: np.random.Generator, per_format: int = 
     if lr[half:]:
         write_lerobot(ds / "data" / "chunk-001" / "file-000.parquet", lr[half:])
     write_lerobot_info(ds, 30.0, "so100")
+    write_lerobot_v3_meta(ds, lr)  # metadata, not trajectories
     for ep in lr:
         ep.robot = "so100"
         chunk = "chunk-000" if int(ep.episode) < half else "chunk-001"

@@ -151,6 +151,32 @@ def test_hdf5_without_data_group_is_unreadable(tmp_path):
         _outcomes("robomimic", str(path))
 
 
+def test_hdf5_member_name_that_is_not_utf8_is_read(tmp_path):
+    import h5py
+
+    path = tmp_path / "names.h5"
+    with h5py.File(path, "w") as f:
+        for name in (b"demo_\xff1", b"demo_0"):  # h5py lists the first as bytes
+            g = f.create_group(b"data/" + name)
+            g.create_dataset(STATE, data=np.ones((5, 2)))
+            g.create_dataset(ACTION, data=np.ones((5, 1)))
+            g.attrs["rate_hz"] = 10.0
+    out = _outcomes("robomimic", str(path))
+    assert [o.episode for o in out] == ["demo_0", "demo_\\xff1"] and all(isinstance(o, RawEpisode) for o in out)
+
+
+def test_integer_timestamps_are_refused_not_taken_as_seconds():
+    x = np.ones((20, 2), np.float32)
+    ms = np.arange(20, dtype=np.int64) * 20  # 50 Hz in milliseconds: 380 s if read as seconds
+    (ep,) = _outcomes("npz", io.BytesIO(npz_bytes(timestamps=ms, **{STATE: x, ACTION: x})))
+    assert isinstance(ep, Quarantined) and ep.reason == readers.MISSING_TIME
+    assert ep.detail.startswith("timestamps are integers (int64), not seconds")
+    table = pa.table({"episode_index": np.zeros(20, np.int64), "timestamp": ms * 1_000_000,  # nanoseconds
+                      STATE: pa.array(x.tolist()), ACTION: pa.array(x.tolist())})
+    (ep,) = _outcomes("lerobot", _parquet(table))
+    assert isinstance(ep, Quarantined) and ep.reason == readers.MISSING_TIME and "(int64)" in ep.detail
+
+
 def test_an_npy_file_named_npz_is_unreadable_not_a_crash():
     buf = io.BytesIO()
     np.save(buf, np.arange(3))
@@ -170,6 +196,12 @@ def test_npz_layouts_and_rate_scalar():
     assert isinstance(out[0], Quarantined) and out[0].reason == readers.MISSING_STREAM
     with pytest.raises(readers.UnreadableFile, match="none of the streams"):
         _outcomes("npz", io.BytesIO(npz_bytes(other=x)))
+    # a rate and robot shared by the episodes, at the top level
+    shared = npz_bytes(rate_hz=np.array(2.0), robot=np.array("ur5"), **{f"e{i}/{s}": x for i in (0, 1)
+                                                                        for s in (STATE, ACTION)})
+    out = _outcomes("npz", io.BytesIO(shared))
+    assert [o.episode for o in out] == ["e0", "e1"] and all(isinstance(o, RawEpisode) for o in out)
+    assert all(o.original_rate_hz == pytest.approx(2.0) and o.robot == "ur5" for o in out)
 
 
 @pytest.mark.parametrize(

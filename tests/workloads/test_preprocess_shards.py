@@ -123,6 +123,21 @@ def test_truncated_and_foreign_files_are_named(local_storage, tmp_path):
         open_shard(junk)
 
 
+@pytest.mark.parametrize("old, new, message", [
+    (b'"dtype"', b'"dtypX"', r"corrupt shard header: KeyError: 'dtype'"),  # a tensor entry
+    (b'\\"offset\\"', b'\\"offsex\\"', r"corrupt shard header: KeyError: 'offset'"),  # an episode of the index
+    (b'\\"num_frames\\":16', b'\\"num_frames\\":12', r"episode 3 \(frames 11\+5\) lies outside the shard's 12"),
+])
+def test_a_damaged_header_is_named_not_a_crash(local_storage, tmp_path, old, new, message):
+    info = write_shard(local_storage, shard_key(0), _episodes(np.random.default_rng(3)), "float32", 50.0)
+    data = local_storage.read_bytes(info.key)
+    assert data.count(old) >= 1
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(data.replace(old, new, 1))  # same size: the header length still matches
+    with pytest.raises(ShardFormatError, match=f"damaged.safetensors: {message}"):
+        open_shard(damaged)
+
+
 def test_bf16_conversion_matches_torch():
     x = np.array([0.0, 1.0, -2.5, 3.14159265, 1e-3, 65504.0, 1.00390625, 1.01171875, np.inf], np.float32)
     bits = to_storage_dtype(x, "bfloat16")

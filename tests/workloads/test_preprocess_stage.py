@@ -1,7 +1,9 @@
 """`trajflow preprocess` end to end: raw shard in every format -> fixed-rate shard."""
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import os
 import signal
@@ -74,7 +76,7 @@ def test_every_format_resamples_to_the_target_rate(local_storage, mixed, rate):
     cfg = stage_config(target_rate_hz=rate, sources={"robomimic": ROBOMIMIC})
     summary = process_shard(local_storage, 0, 1, cfg, metrics)
     assert summary.episodes == len(episodes) == 18 and summary.bad == 0
-    assert summary.ignored_files == 1  # lerobot/meta/info.json is not a trajectory
+    assert summary.ignored_files == 3  # lerobot/meta/ (info.json, v3 parquet tables) holds no trajectories
     reader = open_shard(local_storage.local_path(shard_key(0)))
     assert reader.rate_hz == rate and reader.dims == {STATE: 6, ACTION: 3}
     # file order (manifest keys sorted), then episode order within a file
@@ -88,11 +90,13 @@ def test_every_format_resamples_to_the_target_rate(local_storage, mixed, rate):
                           "kind": "shard"}
     assert manifest["episodes"] == reader.index["episodes"] and manifest["num_frames"] == reader.num_frames
     report = json.loads(local_storage.read_bytes(report_key(0)))
-    assert report["quarantined"] == 0 and report["ignored_files"] == ["raw/00000/lerobot/meta/info.json"]
+    assert report["quarantined"] == 0 and report["ignored_files"] == [
+        "raw/00000/lerobot/meta/episodes/chunk-000/file-000.parquet", "raw/00000/lerobot/meta/info.json",
+        "raw/00000/lerobot/meta/tasks.parquet"]
 
     assert _sample(metrics, "trajflow_preprocess_trajectories_total") == 18
     assert _sample(metrics, "trajflow_preprocess_bytes_in_total") == sum(len(b) for k, b in files.items()
-                                                                           if not k.endswith(".json"))
+                                                                           if "/meta/" not in k)
     assert _sample(metrics, "trajflow_preprocess_bytes_out_total") == len(data)
     assert _sample(metrics, "trajflow_preprocess_resample_seconds_count") == summary.batches >= 3
     assert _sample(metrics, "trajflow_preprocess_bandwidth_bytes_per_second") > 0
@@ -327,7 +331,7 @@ def test_files_read_whole_are_prefetched_a_bounded_window_ahead(tmp_path, mixed,
                 yield w
         return ordered_map(fn, pulled(), workers, lookahead)
 
-    whole = sorted(k for k in files if k.endswith((".npz", ".parquet")))
+    whole = sorted(k for k in files if k.endswith((".npz", ".parquet")) and "/meta/" not in k)  # trajectories
     big = max(whole, key=lambda k: len(files[k]))
     window = max(len(files[k]) for k in whole if k != big)  # every file read whole fits, but the largest
     monkeypatch.setattr(stage, "_PREFETCH_BYTES", window)
@@ -602,4 +606,142 @@ def test_run_shards_waits_for_a_download_of_its_own_shard_count(local_storage):
     settings = StageSettings(GlobalConfig(), stage_config(), 0, 2)
     with pytest.raises(WaitTimeout, match=r"download shard\(s\) \[0\] .*\(0: records shards=4 \(expected 2\)\)"):
         run_shards(settings, [0], wait_timeout_s=0.3, storage=local_storage, poll_s=0.1)
+    assert read_manifest(local_storage, "preprocess", 0) is None
+
+
+# ---- malformed files: quarantined with a reason, never a crash of the shard
+
+
+def _malformed(kind: str, tmp_path: Path) -> tuple[str, bytes]:
+    """One malformed trajectory file of ``kind``: (name, bytes)."""
+    import h5py
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = 20
+    t = np.arange(n) / 50.0
+    state, action = np.ones((n, 3), np.float32), np.ones((n, 2), np.float32)
+
+    def parquet(**cols: object) -> bytes:
+        base = {"episode_index": pa.array(np.zeros(n, np.int64)), "frame_index": pa.array(np.arange(n)),
+                "timestamp": pa.array(t.astype(np.float32)), STATE: pa.array(state.tolist()),
+                ACTION: pa.array(action.tolist())}
+        buf = io.BytesIO()
+        pq.write_table(pa.table({**base, **cols}), buf)
+        return buf.getvalue()
+
+    def hdf5(times: np.ndarray) -> bytes:
+        path = tmp_path / "bad.h5"
+        with h5py.File(path, "w") as f:
+            g = f.create_group("data/demo_0")
+            g.create_dataset(STATE, data=state)
+            g.create_dataset(ACTION, data=action)
+            g.create_dataset("timestamps", data=times)
+        return path.read_bytes()
+
+    inner_null = action.tolist()
+    inner_null[3][1] = None
+    return {
+        "npz_string_times": lambda: ("bad.npz", npz_bytes(timestamps=np.array(["n/a"] * n), **{STATE: state,
+                                                                                                ACTION: action})),
+        "hdf5_string_times": lambda: ("bad.h5", hdf5(np.array([b"x"] * n))),
+        "hdf5_compound_times": lambda: ("bad.h5", hdf5(np.zeros(n, dtype=[("sec", "i8"), ("nsec", "i8")]))),
+        "parquet_null_inside_a_list": lambda: ("bad.parquet", parquet(**{ACTION: pa.array(inner_null)})),
+        "parquet_null_episode_index": lambda: ("bad.parquet", parquet(
+            episode_index=pa.array([0] * 5 + [None] + [0] * 14, pa.int64()))),
+        "parquet_string_episode_index": lambda: ("bad.parquet", parquet(episode_index=pa.array(["a"] * n))),
+        "parquet_empty_time_lists": lambda: ("bad.parquet", parquet(
+            timestamp=pa.array([[]] * n, pa.list_(pa.float32())))),
+    }[kind]()
+
+
+@pytest.mark.parametrize("kind, reason, detail", [
+    ("npz_string_times", "shape_mismatch", "timestamps have non-numeric dtype <U3"),
+    ("hdf5_string_times", "shape_mismatch", "timestamps have non-numeric dtype |S1"),
+    ("hdf5_compound_times", "shape_mismatch", "timestamps have non-numeric dtype"),
+    ("parquet_null_inside_a_list", "non_finite", "action[3, 1] is nan"),
+    ("parquet_null_episode_index", "shape_mismatch", "'episode_index' must hold integers without nulls"),
+    ("parquet_string_episode_index", "shape_mismatch", "'episode_index' must hold integers without nulls"),
+    ("parquet_empty_time_lists", "shape_mismatch", "'timestamp' holds 0 values per row, not one"),
+])
+def test_malformed_files_are_quarantined_not_a_crash(local_storage, tmp_path, kind, reason, detail):
+    rng = np.random.default_rng(4)
+    files = {f"src/good_{i}.npz": npz_bytes(**_npz_episode(rng)) for i in range(9)}
+    name, data = _malformed(kind, tmp_path)
+    files[f"src/{name}"] = data
+    publish_raw_shard(local_storage, 0, files)
+    summary = process_shard(local_storage, 0, 1, stage_config(max_bad_fraction=0.2))
+    assert summary.episodes == 9 and summary.quarantined == {reason: 1}
+    (entry,) = json.loads(local_storage.read_bytes(report_key(0)))["entries"]
+    assert entry["source"].endswith(name) and detail in entry["detail"]
+
+
+@pytest.mark.parametrize("error, reason", [
+    (RuntimeError("Unable to get group info (wrong B-tree signature)"), "unreadable_file"),
+    (TypeError("cannot use a string pattern on a bytes-like object"), "unreadable_file"),
+    (OSError("Can't synchronously read data (address of object past end of allocation)"), "unreadable_file"),
+    (OSError(errno.EIO, "Input/output error"), None),  # the storage failing: retried
+])
+def test_a_reader_failing_unexpectedly_quarantines_the_file_but_io_errors_stay_storage_errors(
+        local_storage, monkeypatch, error, reason):
+    from trajflow.preprocess import readers
+
+    rng = np.random.default_rng(5)
+    files = {f"src/good_{i}.npz": npz_bytes(**_npz_episode(rng)) for i in range(9)}
+    files["src/bad.h5"] = b"not read"
+    publish_raw_shard(local_storage, 0, files)
+
+    def failing(*args):
+        raise error
+
+    monkeypatch.setitem(readers.READERS, "robomimic", failing)
+    config = stage_config(max_bad_fraction=0.2)
+    if reason is None:
+        with pytest.raises(TransientError, match="storage error: OSError: .*Input/output error"):
+            process_shard(local_storage, 0, 1, config)
+        return
+    summary = process_shard(local_storage, 0, 1, config)
+    assert summary.episodes == 9 and summary.quarantined == {reason: 1}
+    (entry,) = json.loads(local_storage.read_bytes(report_key(0)))["entries"]
+    assert entry["detail"] == f"cannot parse the file: {type(error).__name__}: {error}"
+
+
+def test_values_beyond_a_half_precision_dtype_are_quarantined_not_stored_as_inf(local_storage):
+    rng = np.random.default_rng(6)
+    files = {f"src/ep{i}.npz": npz_bytes(**_npz_episode(rng)) for i in range(5)}
+    big = _npz_episode(rng)
+    big[STATE][7, 2] = 70000.0  # encoder counts, say: beyond float16's 65504
+    files["src/big.npz"] = npz_bytes(**big)
+    publish_raw_shard(local_storage, 0, files)
+    summary = process_shard(local_storage, 0, 1, stage_config(dtype="float16", max_bad_fraction=0.5))
+    assert summary.episodes == 5 and summary.quarantined == {"non_finite": 1}
+    (entry,) = json.loads(local_storage.read_bytes(report_key(0)))["entries"]
+    assert entry["source"].endswith("big.npz")
+    assert entry["detail"].startswith(f"{STATE}[7, 2] = 70000 is beyond float16's range (+-65504)")
+    reader = open_shard(local_storage.local_path(shard_key(0)))
+    for i in range(len(reader.episodes)):
+        assert torch.isfinite(reader.episode_tensor(i, STATE).float()).all()
+
+
+def test_only_os_errors_with_an_errno_are_storage_errors():
+    from trajflow.preprocess.stage import _is_storage_error
+
+    assert _is_storage_error(OSError(errno.EIO, "Input/output error"))
+    assert _is_storage_error(ConnectionResetError()) and _is_storage_error(TimeoutError())
+    # h5py's complaint about the bytes of a file, not the storage failing
+    assert not _is_storage_error(OSError("Can't synchronously read data (address of object past end of allocation)"))
+    assert not _is_storage_error(FileNotFoundError(errno.ENOENT, "gone"))
+
+
+def test_a_lost_file_of_many_episodes_counts_by_its_bytes_against_max_bad_fraction(local_storage):
+    def multi(rng):
+        return npz_bytes(**{f"e{i}/{k}": v for i in range(20) for k, v in _npz_episode(rng).items()})
+
+    rng = np.random.default_rng(7)
+    whole = multi(rng)
+    # one unreadable file is 1 bad trajectory of 21 (4.8% <= 5%), but it held half the episodes
+    publish_raw_shard(local_storage, 0, {"src/a.npz": multi(rng), "src/b.npz": whole[: len(whole) - 100]})
+    with pytest.raises(PermanentError, match=r"files lost whole hold 50\.0% of the trajectory bytes > "
+                                             r"maxBadFraction 5\.0% \(unreadable_file: 1\)"):
+        process_shard(local_storage, 0, 1, stage_config())
     assert read_manifest(local_storage, "preprocess", 0) is None

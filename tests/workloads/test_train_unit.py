@@ -22,7 +22,7 @@ from trajflow.train.errors import TrainingDiverged
 from trajflow.train.launch import pod_exit_code
 from trajflow.train.loop import config_hash, metrics_shard, train
 from trajflow.train.models import ModelSpec, TrajectoryModel
-from trajflow.train.synthetic import local_settings, write_synthetic_shards
+from trajflow.train.synthetic import System, local_settings, write_synthetic_shards
 
 SMALL_MODEL = {"type": "gru", "hidden_size": 32, "num_layers": 1}
 
@@ -135,6 +135,22 @@ def test_split_is_by_episode_deterministic_and_never_empty(tmp_path: Path) -> No
     assert len(tiny_val) == 1
     with pytest.raises(PermanentError, match="at least 2"):
         split_episodes(shards.episodes[:1], 0.5, seed=0)
+
+
+def test_split_does_not_change_when_the_raw_files_are_sharded_otherwise() -> None:
+    from trajflow.train.data import EpisodeRef
+
+    def layout(shards: int) -> list[EpisodeRef]:
+        per_shard: dict[int, list[str]] = {}
+        for j in range(24):  # the plan spreads the same files over another number of shards
+            per_shard.setdefault(j % shards, []).append(f"src/ep{j:02d}.npz#ep{j:02d}")
+        return [EpisodeRef(s, i, 0, 10, f"raw/{s:05d}/{name}") for s, names in sorted(per_shard.items())
+                for i, name in enumerate(names)]
+
+    def val_names(shards: int) -> set[str]:
+        return {e.name.split("/", 2)[2] for e in split_episodes(layout(shards), 0.25, seed=3)[1]}
+
+    assert len(val_names(2)) == 6 and val_names(2) == val_names(3) == val_names(5)
 
 
 def test_normalisation_statistics_come_from_the_training_split_only(tmp_path: Path) -> None:
@@ -325,8 +341,10 @@ def test_a_finished_run_resumes_to_the_same_result_without_training(tmp_path: Pa
 
 
 def test_mid_epoch_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
-    """Resume from a checkpoint taken inside an epoch: same batches, optimiser and RNG state."""
-    config = {"epochs": 2, "checkpoints": {"every_steps": 4, "keep_last": 50}, "model": {**SMALL_MODEL, "dropout": 0.0}}
+    """Resume from a checkpoint taken inside an epoch: same batches, optimiser and RNG state
+    (dropout, between the two GRU layers, consumes the RNG)."""
+    config = {"epochs": 2, "checkpoints": {"every_steps": 4, "keep_last": 50},
+              "model": {**SMALL_MODEL, "num_layers": 2, "dropout": 0.3}}
     settings, storage = small_run(tmp_path, "ref", **config)
     reference = train(settings)
     store = CheckpointStore(storage, keep_last=50)
@@ -363,6 +381,39 @@ def test_checkpoint_of_another_model_is_refused(tmp_path: Path) -> None:
     other = local_settings(tmp_path, "run", **{**settings.config.model_dump(), "window": 12})
     with pytest.raises(ConfigError, match="was written for a different task/streams/window/model"):
         train(other)
+
+
+def test_checkpoint_of_other_stream_widths_is_refused(tmp_path: Path) -> None:
+    settings, storage = small_run(tmp_path, epochs=1)
+    train(settings)
+    # preprocessing redone with more joints, the run id and config kept
+    for obj in list(storage.list("resampled/")):
+        storage.delete(obj.key)
+    write_synthetic_shards(storage, shards=2, episodes_per_shard=6, length=120, system=System(joints=4))
+    longer = local_settings(tmp_path, "run", **{**settings.config.model_dump(), "epochs": 2})
+    with pytest.raises(ConfigError, match=r"ckpt-\d+\.pt was written for another model shape: input_dim 6 "
+                                          r"\(the current data and config give 8\)"):
+        train(longer)
+
+
+def test_corrupt_best_checkpoint_falls_back_to_the_next_best(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    settings, storage = small_run(tmp_path, epochs=2, checkpoints={"keep_last": 50})
+    train(settings)
+    store = CheckpointStore(storage, keep_last=50)
+    first, last = [c for c in store.list() if c.val_loss is not None]
+    # make the older epoch checkpoint the best one, then corrupt its payload
+    marker = json.loads(storage.read_bytes(first.marker))
+    storage.write_bytes(first.marker, json.dumps({**marker, "val_loss": 0.0}).encode())
+    payload = bytearray(storage.read_bytes(first.key))
+    payload[len(payload) // 2] ^= 0xFF
+    storage.write_bytes(first.key, bytes(payload))
+    storage.delete(artifacts.MODEL_KEY)  # as if the pod died in finish()
+    with caplog.at_level(logging.WARNING):
+        summary = train(settings)
+    assert summary["status"] == "completed" and "best checkpoint unusable" in caplog.text
+    assert first.step not in [c.step for c in store.list()]  # the corrupt one is removed
+    model, info = artifacts.load_model(storage)
+    assert info["epoch"] == last.epoch - 1 and info["val_loss"] == pytest.approx(last.val_loss)
 
 
 def test_nan_loss_stops_with_the_diverged_exit_code(tmp_path: Path) -> None:

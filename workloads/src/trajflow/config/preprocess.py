@@ -26,7 +26,7 @@ class PreprocessConfig(Model):
     format: Format = Field(
         "auto",
         description="Raw file format: lerobot (.parquet), robomimic (.hdf5/.h5), npz; auto picks by extension. "
-        "Other files (metadata, videos) are not trajectories and are ignored.",
+        "Other files (metadata, videos, LeRobot v3 meta/ tables) are ignored.",
     )
     streams: list[str] = Field(
         default_factory=lambda: ["observation.state", "action"],
@@ -37,7 +37,8 @@ class PreprocessConfig(Model):
     renames: dict[str, str] = Field(default_factory=dict, description="Raw stream name -> name in the output shards.")
     time_key: str = Field(
         "",
-        description="Timestamp column/dataset (seconds); empty tries timestamp, timestamps, time, t.",
+        description="Timestamp column/dataset in float seconds (integer counts are quarantined as missing_time: "
+        "convert them, or set rateHz); empty tries timestamp, timestamps, time, t.",
     )
     rate_hz: Optional[float] = Field(
         None, gt=0, description="Recorded rate for files with neither timestamps nor a rate attribute."
@@ -61,13 +62,15 @@ class PreprocessConfig(Model):
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: cuda when a GPU is visible.")
     backend: Literal["auto", "triton", "torch"] = Field("auto", description="Resampling kernel; auto: triton on cuda.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Dtype of the written shards; bf16/fp16 also halve host-device traffic."
+        "float32", description="Dtype of the written shards; bf16/fp16 also halve host-device traffic. Episodes with "
+        "values beyond the dtype's range are quarantined (non_finite)."
     )
     time_dtype: Literal["float64", "float32"] = Field(
         "float64", description="Precision of the timestamps handed to the kernel (relative to each episode's start)."
     )
     max_bad_fraction: float = Field(
-        0.05, ge=0, le=1, description="Fail the shard when more than this fraction of trajectories is quarantined."
+        0.05, ge=0, le=1, description="Fail the shard when more than this fraction of trajectories is quarantined, "
+        "or of its raw bytes is in files lost whole (unreadable, missing, cut)."
     )
     prefetch: int = Field(2, ge=0, description="Batches read ahead of the device and waiting for the writer.")
     read_workers: int = Field(

@@ -191,7 +191,12 @@ def make_episode(spec: SourceSpec, source: str, episode: str, robot: str, times:
             return bad(MISSING_TIME, "no timestamps and no recorded rate (set preprocessing.config.rateHz or timeKey)")
         t = np.arange(length, dtype=np.float64) / float(rate_hz)
     else:
-        t = np.asarray(times, dtype=np.float64).reshape(-1)
+        t = np.asarray(times)
+        if np.issubdtype(t.dtype, np.integer):
+            return bad(MISSING_TIME, integer_times_detail(t.dtype))
+        if not np.issubdtype(t.dtype, np.floating):
+            return bad(SHAPE_MISMATCH, f"timestamps have non-numeric dtype {t.dtype}")
+        t = t.astype(np.float64).reshape(-1)
         if t.shape[0] != length:
             return bad(SHAPE_MISMATCH, f"{t.shape[0]} timestamps for {length} samples")
     if length < spec.min_length:
@@ -212,13 +217,20 @@ def make_episode(spec: SourceSpec, source: str, episode: str, robot: str, times:
         col += a.shape[1]
     if not np.isfinite(frames).all():
         s, c = (int(v) for v in np.argwhere(~np.isfinite(frames))[0])
-        name, d = _column_owner(dims, c)
+        name, d = column_owner(dims, c)
         return bad(NON_FINITE, f"{name}[{s}, {d}] is {float(frames[s, c])}")
     start = float(t[0])
     return RawEpisode(source, episode, robot, start, t - start, frames, dims)
 
 
-def _column_owner(dims: Mapping[str, int], col: int) -> tuple[str, int]:
+def integer_times_detail(dtype: Any) -> str:
+    # integer seconds cannot be finer than 1 Hz: integers count ms/us/ns, taken as seconds they
+    # would stretch an episode 1000x or more (a multi-GB allocation)
+    return (f"timestamps are integers ({dtype}), not seconds: convert them to float seconds (ms, us or ns "
+            "counts?), or drop them and set rateHz")
+
+
+def column_owner(dims: Mapping[str, int], col: int) -> tuple[str, int]:
     for name, d in dims.items():
         if col < d:
             return name, col
@@ -266,7 +278,8 @@ def _list_column(col: Any, name: str) -> tuple[np.ndarray, np.ndarray | None, np
             ragged = None
         if null is None and ragged is None and arr.values.null_count == 0:
             return _float_values(pc.list_flatten(arr)).reshape(n, d), None, None
-        good = ~((null if null is not None else False) | (ragged if ragged is not None else False))
+        no_rows = np.zeros(n, dtype=bool)  # a boolean mask even when only the inner values are null
+        good = ~((null if null is not None else no_rows) | (ragged if ragged is not None else no_rows))
         out = np.full((n, d), np.nan)
         if np.any(good):
             flat = pc.list_flatten(arr.filter(pa.array(np.broadcast_to(good, (n,)))))
@@ -283,6 +296,15 @@ def _list_column(col: Any, name: str) -> tuple[np.ndarray, np.ndarray | None, np
             vals = np.where(null, np.nan, vals)
         return vals[:, None], null, None
     raise TypeError(f"column {name!r} has type {t}, not a number or a list of numbers")
+
+
+def _index_column(col: Any, name: str) -> np.ndarray:
+    """An ``episode_index``/``frame_index`` column as int64; TypeError unless integers without nulls."""
+    values = col.to_numpy()
+    if col.null_count or not np.issubdtype(values.dtype, np.integer):
+        raise TypeError(f"column {name!r} must hold integers without nulls; it has type {col.type} and "
+                        f"{col.null_count} null(s)")
+    return values.astype(np.int64)
 
 
 def read_lerobot(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Outcome]:
@@ -308,14 +330,13 @@ def read_lerobot(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Ou
         _reraise_io(exc)
         raise UnreadableFile(f"cannot read parquet columns: {exc}") from None
     n = table.num_rows
-    if "episode_index" in names:
-        ep = table.column("episode_index").to_numpy()
-    else:
-        ep = np.zeros(n, dtype=np.int64)
-    if "frame_index" in names:
-        frame = table.column("frame_index").to_numpy().astype(np.int64)
-    else:
-        frame = np.arange(n, dtype=np.int64)
+    try:
+        ep = _index_column(table.column("episode_index"), "episode_index") if "episode_index" in names else \
+            np.zeros(n, dtype=np.int64)
+        frame = _index_column(table.column("frame_index"), "frame_index") if "frame_index" in names else \
+            np.arange(n, dtype=np.int64)
+    except TypeError as exc:
+        return [Quarantined(source, "", SHAPE_MISMATCH, str(exc))]
     order = np.lexsort((frame, ep))  # stable: rows in file order within equal keys
     if (order == np.arange(n)).all():
         order = None
@@ -334,6 +355,12 @@ def read_lerobot(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Ou
             tv, _, _ = _list_column(table.column(time_key), time_key)  # nulls are NaN: caught as non-finite
         except TypeError as exc:
             return [Quarantined(source, "", SHAPE_MISMATCH, str(exc))]
+        if tv.shape[1] != 1:
+            return [Quarantined(source, "", SHAPE_MISMATCH,
+                                f"time column {time_key!r} holds {tv.shape[1]} values per row, not one")]
+        ttype = table.column(time_key).type
+        if pa.types.is_integer(getattr(ttype, "value_type", ttype)):
+            return [Quarantined(source, "", MISSING_TIME, integer_times_detail(ttype))]
         times_all = tv[:, 0]
     if order is not None:
         ep, frame = ep[order], frame[order]
@@ -457,9 +484,12 @@ def read_robomimic(src: Any, spec: SourceSpec, source: str, robot: str) -> list[
             file_robot = kwargs["robots"]
         file_robot = spec.robot_for(file_robot)
         out: list[Outcome] = []
-        for name in sorted(data.keys(), key=_natural_key):
+        # h5py hands a member name that is not valid UTF-8 over as bytes: labelled escaped, opened as is
+        members = [(n.decode("utf-8", "backslashreplace"), n) if isinstance(n, bytes) else (n, n.encode())
+                   for n in data.keys()]
+        for name, raw_name in sorted(members, key=lambda m: _natural_key(m[0])):
             try:
-                demo = h5py.h5o.open(data.id, name.encode())
+                demo = h5py.h5o.open(data.id, raw_name)
                 if not isinstance(demo, h5py.h5g.GroupID):
                     continue
                 streams = {s: _h5_dataset(demo, s) for s in spec.streams}
@@ -470,10 +500,12 @@ def read_robomimic(src: Any, spec: SourceSpec, source: str, robot: str) -> list[
                         break
                 rate = None
                 if times is None:
-                    rate = _attr_rate(data[name].attrs) or file_rate or spec.rate_hz
-            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                    rate = _attr_rate(data[raw_name].attrs) or file_rate or spec.rate_hz
+            except MemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001  h5py raises many types for corrupt bytes: that demo is lost
                 _reraise_io(exc)
-                out.append(Quarantined(source, name, UNREADABLE, f"cannot read {name}: {exc}"))
+                out.append(Quarantined(source, name, UNREADABLE, f"cannot read {name}: {type(exc).__name__}: {exc}"))
                 continue
             out.append(make_episode(spec, source, name, file_robot, times, rate, streams))
         return out
@@ -501,29 +533,34 @@ def read_npz(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Outcom
         _reraise_io(exc)
         raise UnreadableFile(f"not a readable npz file: {type(exc).__name__}: {exc}") from None
     time_keys = [spec.time_key] if spec.time_key else list(TIME_KEYS)
-    top_level = any(k in arrays for k in time_keys) or _scalar_rate(arrays) is not None or any(
-        s in arrays for s in spec.streams)
-    if top_level:
-        groups = {Path(source).stem: arrays}
-    else:
-        groups = {}
+    # one episode when the streams or times sit at the top level; a top-level rate or robot
+    # alone is the default of the ``<episode>/...`` groups beside it
+    top_level = any(k in arrays for k in time_keys) or any(s in arrays for s in spec.streams)
+    groups: dict[str, dict[str, Any]] = {}
+    if not top_level:
         for k, v in arrays.items():
             if "/" in k:
                 ep, rest = k.split("/", 1)
                 groups.setdefault(ep, {})[rest] = v
-        if not groups:
+    file_rate = _scalar_rate(arrays)
+    if not groups:
+        if not top_level and file_rate is None:
             raise UnreadableFile(f"none of the streams {spec.streams} nor timestamps found; keys: {sorted(arrays)[:10]}")
+        groups = {Path(source).stem: arrays}
+    file_robot = _npz_robot(arrays) or robot
     out: list[Outcome] = []
     for episode in sorted(groups, key=_natural_key):
         g = groups[episode]
         times = next((g[k] for k in time_keys if k in g), None)
-        ep_robot = robot
-        if "robot" in g and g["robot"].dtype.kind in "US" and g["robot"].size:
-            ep_robot = str(g["robot"].reshape(-1)[0])
-        ep_robot = spec.robot_for(ep_robot)
-        rate = _scalar_rate(g) or spec.rate_hz
+        ep_robot = spec.robot_for(_npz_robot(g) or file_robot)
+        rate = _scalar_rate(g) or file_rate or spec.rate_hz
         out.append(make_episode(spec, source, episode, ep_robot, times, rate, {s: g.get(s) for s in spec.streams}))
     return out
+
+
+def _npz_robot(arrays: Mapping[str, Any]) -> str:
+    r = arrays.get("robot")
+    return str(r.reshape(-1)[0]) if r is not None and r.dtype.kind in "US" and r.size else ""
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -597,4 +634,9 @@ def read_item(storage: Storage, key: str, expected_size: int | None, fmt: str, s
         result.outcomes = READERS[fmt](src, spec, key, robot_hint)
     except UnreadableFile as exc:
         result.outcomes = [Quarantined(key, "", UNREADABLE, str(exc))]
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001  a parser tripping over malformed bytes: the file's fault, not the shard's
+        _reraise_io(exc)
+        result.outcomes = [Quarantined(key, "", UNREADABLE, f"cannot parse the file: {type(exc).__name__}: {exc}")]
     return result

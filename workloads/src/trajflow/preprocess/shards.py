@@ -426,27 +426,40 @@ class ShardReader:
         with open(self.path, "rb") as fh:
             header, self._data_start = read_header(fh, name)
             size = os.fstat(fh.fileno()).st_size
-        self.index = _parse_index(header, name)
+        try:
+            self.index = _parse_index(header, name)
+            self._load_layout(header, name, size)
+        except ShardFormatError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a damaged header: name the file
+            raise ShardFormatError(f"{name}: corrupt shard header: {type(exc).__name__}: {exc}") from None
+        self.streams = [s for s, _ in sorted(self._layout.items(), key=lambda kv: kv[1][0])]
+        self._arrays: dict[tuple[str, str], np.ndarray] = {}
+
+    def _load_layout(self, header: dict[str, Any], name: str, size: int) -> None:
         self.rate_hz = float(self.index["rate_hz"])
         self.dtype = str(self.index["dtype"])
         code, self.np_dtype = _dtype_info(self.dtype)
         self.dims: dict[str, int] = {s: int(d) for s, d in self.index["streams"].items()}
         self.num_frames = int(self.index["num_frames"])
         self.episodes = [EpisodeInfo.from_json(e) for e in self.index["episodes"]]
+        for i, e in enumerate(self.episodes):
+            if e.offset < 0 or e.length < 0 or e.offset + e.length > self.num_frames:
+                raise ShardFormatError(f"{name}: episode {i} (frames {e.offset}+{e.length}) lies outside the "
+                                       f"shard's {self.num_frames} frames")
         self._layout: dict[str, tuple[int, int]] = {}
         for s, d in self.dims.items():
             entry = header.get(s)
             if not isinstance(entry, dict):
                 raise ShardFormatError(f"{name}: stream {s!r} is in the index but has no tensor")
-            begin, end = entry["data_offsets"]
+            begin, end = (int(v) for v in entry["data_offsets"])
             if entry["dtype"] != code or list(entry["shape"]) != [self.num_frames, d]:
                 raise ShardFormatError(f"{name}: tensor {s!r} is {entry['dtype']}{entry['shape']}, "
                                        f"the index says {code}[{self.num_frames}, {d}]")
-            if end - begin != self.num_frames * d * self.np_dtype.itemsize or self._data_start + end > size:
+            nbytes = self.num_frames * d * self.np_dtype.itemsize
+            if begin < 0 or end - begin != nbytes or self._data_start + end > size:
                 raise ShardFormatError(f"{name}: tensor {s!r} lies outside the file (truncated?)")
             self._layout[s] = (self._data_start + begin, d)
-        self.streams = [s for s, _ in sorted(self._layout.items(), key=lambda kv: kv[1][0])]
-        self._arrays: dict[tuple[str, str], np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.episodes)

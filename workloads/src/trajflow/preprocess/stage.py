@@ -191,6 +191,12 @@ def dataset_hints(storage: Storage, keys: Sequence[str], shard: int) -> dict[str
     return hints
 
 
+def _is_lerobot_metadata(key: str, fmt: str) -> bool:
+    """A LeRobot dataset's ``meta/`` parquet files (v3.0: ``meta/episodes/...``,
+    ``meta/tasks.parquet``) describe its episodes: they hold no frames."""
+    return fmt == "lerobot" and "meta" in key.split("/")[3:-1]
+
+
 def _hint_for(key: str, hints: dict[str, tuple[str, float | None]]) -> tuple[str, float | None]:
     best = ""
     for prefix in hints:
@@ -218,8 +224,10 @@ def select_device(config: PreprocessConfig) -> Any:
 def _is_storage_error(exc: BaseException) -> bool:
     if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
         return False
-    if isinstance(exc, (OSError, ConnectionError, TimeoutError)):
+    if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
+    if isinstance(exc, OSError):  # an errno-less OSError is a parser's (h5py's) complaint about the bytes
+        return exc.errno is not None
     return type(exc).__module__.split(".")[0] in ("botocore", "boto3", "s3transfer", "urllib3")
 
 
@@ -478,6 +486,9 @@ class ShardProcessor:
         self._device = device
         self.report = QuarantineReport(shard)
         self.summary = ShardSummary(shard=shard, key=shard_key(shard))
+        # bytes of the trajectory files, and of those lost whole: an unreadable file counts as one
+        # trajectory however many it held, so maxBadFraction also bounds the share of bytes lost
+        self.file_bytes = self.lost_file_bytes = 0
 
     def run(self) -> ShardSummary:
         started = time.perf_counter()
@@ -556,7 +567,7 @@ class ShardProcessor:
             source = source_of(key)
             spec = specs.get(source) or specs.setdefault(source, SourceSpec.resolve(self.config, source))
             fmt = readers.detect_format(key, spec.format)
-            if fmt is None:
+            if fmt is None or _is_lerobot_metadata(key, fmt):
                 self.report.ignored.append(key)
                 continue
             robot, fps = _hint_for(key, hints)
@@ -604,12 +615,18 @@ class ShardProcessor:
         def read(w: _Work) -> FileResult:
             return readers.read_item(self.storage, w.key, w.size, w.format, w.spec, robot_hint=w.robot_hint)
 
+        sizes = {w.key: w.size for w in work}
         try:
             local = bool(work) and self.storage.local_path(work[0].key) is not None
             workers = cfg.read_workers or _default_read_workers(work, local)
             for result in ordered_map(read, self._prefetching(work), workers, workers * 2 + cfg.prefetch):
                 summary.bytes_in += result.size
                 self.metrics.bytes_in.inc(result.size)
+                size = sizes.get(result.key)
+                size = result.size if size is None or size < 0 else size  # a missing or cut file: the size it has
+                self.file_bytes += size
+                if any(isinstance(o, Quarantined) and not o.episode for o in result.outcomes):
+                    self.lost_file_bytes += size
                 for outcome in result.outcomes:
                     summary.trajectories += 1
                     if isinstance(outcome, Quarantined):
@@ -625,6 +642,10 @@ class ShardProcessor:
                     if ep is None:
                         self._quarantine(Quarantined(outcome.source, outcome.episode, readers.SHAPE_MISMATCH,
                                                      f"stream widths {outcome.dims} differ from the shard's {dims}"))
+                        continue
+                    too_large = _beyond_dtype(ep, cfg.dtype)
+                    if too_large is not None:
+                        self._quarantine(too_large)
                         continue
                     window.append((seq, ep))
                     window_bytes += ep.frames.nbytes
@@ -694,15 +715,21 @@ class ShardProcessor:
 
     def _check_bad_fraction(self) -> None:
         total, bad, limit = self.summary.trajectories, self.summary.bad, self.config.max_bad_fraction
+        lost = self.lost_file_bytes / self.file_bytes if self.file_bytes else 0.0
+        over = []
         if total and bad / total > limit:
+            over.append(f"{bad} of {total} trajectories are bad ({bad / total:.1%})")
+        if lost > limit:
+            over.append(f"files lost whole hold {lost:.1%} of the trajectory bytes")
+        if over:
             self.storage.write_bytes(report_key(self.shard), self._report_bytes())  # kept to debug the data
             top = ", ".join(f"{r}: {n}" for r, n in sorted(self.summary.quarantined.items(), key=lambda kv: -kv[1]))
             hint = ""
             if set(self.summary.quarantined) == {readers.MISSING_STREAM} and not self.summary.episodes:
                 hint = " (no trajectory has the configured streams: check preprocessing.config.streams, renames, sources)"
             raise PermanentError(
-                f"shard {shard_name(self.shard)}: {bad} of {total} trajectories are bad ({bad / total:.1%} > "
-                f"maxBadFraction {limit:.1%}; {top}){hint}; see {self.storage.uri}/{report_key(self.shard)}"
+                f"shard {shard_name(self.shard)}: {' and '.join(over)} > maxBadFraction {limit:.1%} ({top}){hint}; "
+                f"see {self.storage.uri}/{report_key(self.shard)}"
             )
 
     def _remove_foreign_manifests(self) -> None:
@@ -718,6 +745,23 @@ class ShardProcessor:
                 "shard %s was written at %s Hz %s but the config asks for %s Hz %s; it is kept (a done shard "
                 "is redone only for another shard count: use a new runId or delete resampled/ to recompute)",
                 shard_name(self.shard), manifest.get("rate_hz"), manifest.get("dtype"), cfg.target_rate_hz, cfg.dtype)
+
+
+# the largest finite value of the half-precision shard dtypes: beyond it a value is stored as inf
+_FINITE_MAX = {"float16": float(np.finfo(np.float16).max), "bfloat16": 3.3895313892515355e38}
+
+
+def _beyond_dtype(ep: RawEpisode, dtype: str) -> Quarantined | None:
+    """The quarantine entry of an episode with a value the shard dtype cannot hold, else None.
+    Resampling interpolates, so it never leaves the range of the raw values."""
+    limit = _FINITE_MAX.get(dtype)
+    if limit is None or not ep.frames.size or float(np.abs(ep.frames).max()) <= limit:
+        return None
+    s, c = (int(v) for v in np.argwhere(np.abs(ep.frames) > limit)[0])
+    name, d = readers.column_owner(ep.dims, c)
+    return Quarantined(ep.source, ep.episode, readers.NON_FINITE,
+                       f"{name}[{s}, {d}] = {float(ep.frames[s, c]):g} is beyond {dtype}'s range (+-{limit:g}) and "
+                       f"would be stored as inf (set preprocessing.config.dtype: float32)")
 
 
 def _sha256(data: bytes) -> str:

@@ -31,7 +31,7 @@ from trajflow.errors import ConfigError, PermanentError
 from trajflow.metrics import Pusher, StageMetrics, train_metrics
 from trajflow.storage import LocalStorage, Storage, open_run_root
 from trajflow.train import artifacts
-from trajflow.train.checkpoint import CHECKPOINT_DIR, CheckpointInfo, CheckpointStore
+from trajflow.train.checkpoint import CHECKPOINT_DIR, CheckpointError, CheckpointInfo, CheckpointStore
 from trajflow.train.data import (
     EpochBatches,
     TrainData,
@@ -210,6 +210,15 @@ class Trainer:
                 f"(config hash {payload.get('config_hash')} != {self.hash}); use a new global.runId or remove "
                 f"{self.storage.uri}/{CHECKPOINT_DIR}/"
             )
+        # the hash covers the config only: the stream widths come from the shards, which may have been redone
+        saved = payload.get("spec") or {}
+        differ = [f"{k} {saved[k]!r} (the current data and config give {v!r})"
+                  for k, v in model.spec.to_json().items() if k in saved and saved[k] != v]
+        if differ:
+            raise ConfigError(
+                f"{self.storage.uri}/{info.key} was written for another model shape: {', '.join(differ)}; use a new "
+                f"global.runId or remove {self.storage.uri}/{CHECKPOINT_DIR}/"
+            )
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
@@ -337,8 +346,11 @@ class Trainer:
         ddp: nn.Module = model
         if dist.distributed:
             ddp = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        # iter(loader) draws a seed from this generator (the global RNG without one): reseeded per
+        # epoch, it keeps the dropout RNG stream of a mid-epoch resume identical to an uninterrupted run's
+        loader_rng = torch.Generator()
         loader = DataLoader(data.train, batch_size=None, sampler=batches, num_workers=cfg.num_workers,
-                            pin_memory=self.device.type == "cuda")
+                            pin_memory=self.device.type == "cuda", generator=loader_rng)
         if st.initial_val_loss is None:
             st.initial_val_loss = self.evaluate(model, data.val)
             self._log("initial validation loss", val_loss=st.initial_val_loss)
@@ -349,6 +361,7 @@ class Trainer:
             epoch = st.epoch
             m.epoch.set(epoch)
             batches.set_epoch(epoch, skip_batches=st.batch_in_epoch)
+            loader_rng.manual_seed(cfg.seed + epoch)
             model.train()
             window_start, window_samples = time.perf_counter(), 0
             fetch_start = time.perf_counter()
@@ -488,10 +501,17 @@ class Trainer:
         extra = {"parameter_digests": digests, "ranks_in_sync": in_sync, "data": data.describe()}
         summary = {**self.summary(model.spec), **extra}
         if self.dist.is_main:
-            best = self.store.best()
             weights, epoch = model.state_dict(), st.epoch - 1
-            if best is not None:
-                weights, epoch = self.store.load(best)["model"], best.epoch - 1
+            val_loss = st.history[-1]["val_loss"] if st.history else None  # the final weights' own loss
+            best = self.store.best()
+            while best is not None:  # resume verifies only the newest checkpoint: the best may be corrupt
+                try:
+                    weights, epoch, val_loss = self.store.load(best)["model"], best.epoch - 1, best.val_loss
+                    break
+                except CheckpointError as exc:
+                    log.warning("best checkpoint unusable, taking the next best: %s", exc)
+                    self.store.discard([best])
+                    best = self.store.best()
             description = artifacts.model_description(
                 model.spec,
                 task=self.config.task,
@@ -499,7 +519,7 @@ class Trainer:
                 target_stream=data.train.target_stream,
                 rate_hz=data.shards.rate_hz,
                 epoch=epoch,
-                val_loss=st.best_val_loss,
+                val_loss=val_loss,
                 config_hash=self.hash,
                 run_id=self.settings.global_.run_id,
             )
