@@ -11,8 +11,9 @@ from typing import Any
 
 DRAFT = "http://json-schema.org/draft-07/schema#"
 
-# Kubernetes resource.Quantity, as a string or a bare number.
-QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+# A non-negative Kubernetes resource.Quantity (the grammar of apimachinery's quantity.go), as a
+# string or a bare number.
+QUANTITY_PATTERN = r"^[+]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 # `90s`, `30m`, `6h`, `1h30m`, `90` (seconds), as `trajflow wait --timeout` reads them.
@@ -107,7 +108,7 @@ def service_account() -> dict[str, Any]:
 
 
 def resources() -> dict[str, Any]:
-    names = {"type": "object", "propertyNames": {"pattern": r"^([a-z0-9.-]+/)?[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$"},
+    names = {"type": "object", "propertyNames": {"pattern": r"^([a-z0-9.-]+/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"},
              "additionalProperties": quantity()}
     return closed(
         {

@@ -134,6 +134,9 @@ BAD_VALUES = {
                             ["preprocessing", "/resources/limits/memory"]),
     "bad PVC size": ({"global.storage.pvc.size": "100 GB"}, ["/global/storage/pvc/size"]),
     "bad shm size": ({"training.shm.sizeLimit": "1XB"}, ["training", "/shm/sizeLimit"]),
+    "doubled quantity suffix": ({"training.resources.limits.memory": "100Gii"}, ["training", "/resources/limits/memory"]),
+    "negative quantity": ({"downloader.resources.requests.cpu": "-1"}, ["downloader", "/resources/requests/cpu"]),
+    "quantity with two points": ({"global.storage.pvc.size": "1.2.3Gi"}, ["/global/storage/pvc/size"]),
     "zero training nodes": ({"training.nodes": 0}, ["training", "/nodes"]),
     "unknown launcher": ({"training.launcher": "mpi"}, ["training", "/launcher"]),
     "rendezvous port out of range": ({"training.rendezvous.port": 70000}, ["training", "/rendezvous/port"]),
@@ -192,6 +195,21 @@ def test_bad_values_are_rejected_naming_the_key(case):
     message = str(info.value)
     missing = [f for f in fragments if f not in message]
     assert not missing, f"{case}: {missing} not in:\n{message}"
+
+
+# values the API server accepts, so the schema must too
+GOOD_VALUES = {
+    "pull secret with dots": {"global.imagePullSecrets": [{"name": "ghcr.io-creds"}]},
+    "huge pages": {"training.resources.limits.hugepages-2Mi": "1Gi", "training.resources.requests.hugepages-2Mi": "1Gi"},
+    "quantities of every form": {"preprocessing.resources.requests.cpu": "500m",
+                                 "preprocessing.resources.requests.memory": "1.5Gi",
+                                 "preprocessing.resources.limits.memory": "2e9", "global.storage.pvc.size": ".5Ti"},
+}
+
+
+@pytest.mark.parametrize("case", sorted(GOOD_VALUES))
+def test_values_kubernetes_accepts_pass_the_schema(case):
+    assert render(set_values=GOOD_VALUES[case])
 
 
 @pytest.mark.parametrize("case", sorted(BAD_COMBINATIONS))

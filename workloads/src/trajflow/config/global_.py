@@ -9,7 +9,8 @@ from pydantic import Field, field_validator, model_validator
 from trajflow.config.base import Model
 
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-_QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+_QUANTITY = r"^[+]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"  # non-negative, as quantity.go parses it
+_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 
 class FilesystemStorage(Model):
@@ -70,7 +71,7 @@ class Metrics(Model):
 
 
 class ImagePullSecret(Model):
-    name: str = Field(pattern=_DNS_LABEL)
+    name: str = Field(pattern=_DNS_SUBDOMAIN, max_length=253)
 
 
 class ArgoCD(Model):
