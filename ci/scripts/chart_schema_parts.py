@@ -265,6 +265,9 @@ def pod_failure_policy() -> dict[str, Any]:
         },
         required=["operator", "values"],
     )
+    # the API server refuses exit code 0 under In (a success is never a failure to match)
+    exit_codes["if"] = {"properties": {"operator": {"const": "In"}}}
+    exit_codes["then"] = {"properties": {"values": {"items": {"minimum": 1}}}}
     condition = closed(
         {"type": string(minLength=1), "status": {"type": "string", "enum": ["True", "False", "Unknown"]}},
         required=["type"],
@@ -273,10 +276,11 @@ def pod_failure_policy() -> dict[str, Any]:
         {
             "action": {"type": "string", "enum": ["FailJob", "FailIndex", "Ignore", "Count"]},
             "onExitCodes": exit_codes,
-            "onPodConditions": {"type": "array", "items": condition},
+            "onPodConditions": {"type": "array", "minItems": 1, "items": condition},
         },
         required=["action"],
     )
+    rule["oneOf"] = [{"required": ["onExitCodes"]}, {"required": ["onPodConditions"]}]  # exactly one matcher
     return {
         "type": ["object", "null"],
         "additionalProperties": False,

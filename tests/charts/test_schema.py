@@ -158,6 +158,16 @@ BAD_VALUES = {
         {"downloader.podFailurePolicy": {"rules": [{"action": "Retry", "onExitCodes": {"operator": "In",
                                                                                       "values": [2]}}]}},
         ["downloader", "/podFailurePolicy/rules/0/action"]),
+    "exit code 0 under In": (
+        {"downloader.podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {"operator": "In",
+                                                                                        "values": [0, 2]}}]}},
+        ["downloader", "/podFailurePolicy/rules/0/onExitCodes/values/0", "minimum"]),
+    "failure rule without a matcher": ({"downloader.podFailurePolicy": {"rules": [{"action": "FailJob"}]}},
+                                       ["downloader", "/podFailurePolicy/rules/0"]),
+    "failure rule with both matchers": (
+        {"downloader.podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}],
+                                                    "onExitCodes": {"operator": "In", "values": [2]}}]}},
+        ["downloader", "/podFailurePolicy/rules/0"]),
     "pull secret as a string": ({"global.imagePullSecrets": ["regcred"]}, ["/global/imagePullSecrets/0"]),
     "run id not a DNS label": ({"global.runId": "Run_1"}, ["/global/runId"]),
     "config out of range": ({"downloader.config.concurrency": 0}, ["downloader", "/config/concurrency"]),
@@ -179,6 +189,14 @@ BAD_COMBINATIONS = {
                                      ["training.inputShards (3) must equal preprocessing.shards (8)"]),
     "more failed indexes than shards": ({"downloader.maxFailedIndexes": 9},
                                         ["downloader.maxFailedIndexes (9) cannot exceed the Job's 8 completions"]),
+    "exit codes out of order": (
+        {"downloader.podFailurePolicy": {"rules": [{"action": "FailIndex", "onExitCodes": {"operator": "In",
+                                                                                          "values": [5, 3]}}]}},
+        ["downloader.podFailurePolicy.rules[0].onExitCodes.values must be in increasing order"]),
+    "failure rule for a container the pod lacks": (
+        {"preprocessing.podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
+            "containerName": "nope", "operator": "In", "values": [2]}}]}},
+        ['preprocessing.podFailurePolicy.rules[0].onExitCodes.containerName "nope" is none of the pod\'s containers']),
     "PyTorchJob without its API": ({"training.launcher": "pytorchjob"}, ["training.launcher", "kubeflow.org/v1"]),
 }
 

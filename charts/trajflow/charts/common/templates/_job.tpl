@@ -53,6 +53,33 @@ Takes the root context.
 {{- end -}}
 
 {{/*
+Fails the render on podFailurePolicy rules the API server would refuse at install time and
+the schema cannot express: exit codes out of order, a container the pod does not have.
+Takes (dict "context" $ "spec" <the Job spec with its template>).
+*/}}
+{{- define "trajflow.checkPodFailurePolicy" -}}
+{{- $names := list -}}
+{{- range concat (.spec.template.spec.containers | default list) (.spec.template.spec.initContainers | default list) -}}
+{{- $names = append $names .name -}}
+{{- end -}}
+{{- $chart := .context.Chart.Name -}}
+{{- range $i, $rule := (.spec.podFailurePolicy | default dict).rules | default list -}}
+{{- with $rule.onExitCodes -}}
+{{- $last := -1 -}}
+{{- range .values -}}
+{{- if le (int .) $last -}}
+{{- fail (printf "%s.podFailurePolicy.rules[%d].onExitCodes.values must be in increasing order, without repeats" $chart $i) -}}
+{{- end -}}
+{{- $last = int . -}}
+{{- end -}}
+{{- if and .containerName (not (has .containerName $names)) -}}
+{{- fail (printf "%s.podFailurePolicy.rules[%d].onExitCodes.containerName %q is none of the pod's containers (%s)" $chart $i .containerName (join ", " $names)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
 An Indexed Job. Takes (dict "context" $ "completions" N "parallelism" P "podTemplate"
 <dict> "annotations" <dict>). The name's hash covers the spec fields Kubernetes does not
 let an update change (template, completions, completionMode, backoffLimitPerIndex,
@@ -74,6 +101,7 @@ an upgrade that changes only those patches the running Job instead of replacing 
 {{- fail (printf "%s.maxFailedIndexes (%d) cannot exceed the Job's %d completions" $ctx.Chart.Name (int $mutable.maxFailedIndexes) (int .completions)) -}}
 {{- end -}}
 {{- $_ := set $immutable "template" .podTemplate -}}
+{{- include "trajflow.checkPodFailurePolicy" (dict "context" $ctx "spec" $immutable) -}}
 {{- $name := include "trajflow.jobName" (dict "context" $ctx "spec" $immutable) -}}
 {{- $spec := mustMergeOverwrite (deepCopy $immutable) $mutable -}}
 {{- $_ := set $spec "parallelism" (int .parallelism) -}}
