@@ -99,3 +99,10 @@ def test_automated_sync_only_where_asked(appset):
     assert "automated" in patch and ".autoSync" in patch
     auto = {e["env"]: e["autoSync"] for e in appset["spec"]["generators"][0]["list"]["elements"]}
     assert auto == {"dev": "true", "staging": "true", "production": "false"}
+
+
+def test_a_replaced_job_is_not_pruned_last(appset):
+    """PruneLast would keep a superseded Job running until its replacement completes: two
+    training Jobs writing the same checkpoints."""
+    for _, app in applications(appset):
+        assert not any(o.startswith("PruneLast=true") for o in app["spec"]["syncPolicy"].get("syncOptions", []))
