@@ -12,6 +12,10 @@ If-Match, and a per-path script of faults consumed one per GET:
     "slow"          silence before the headers longer than the client's timeout
     "corrupt"       one byte of the body flipped
     "ignore-range"  a 200 with the whole body even when a range was asked for
+    "page"          a 200 with a short HTML page instead of the object (a hub's error page)
+
+An object added with `encoding="gzip"` is sent compressed with `Content-Encoding: gzip`
+whatever the client asks for (a misconfigured proxy); HEAD reports the identity length.
 
 Every request is logged (method, path, range, status, bytes sent) so tests can assert
 what was (not) fetched again.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import gzip
 import hashlib
 import ipaddress
 import random
@@ -43,6 +48,8 @@ class ServedObject:
     accept_ranges: bool = True
     head_allowed: bool = True
     flapping_etag: bool = False  # a new ETag on every request (CDN nodes that disagree)
+    encoding: str = ""  # Content-Encoding forced on every GET
+    last_modified: str = "Sun, 01 Nov 2026 00:00:00 GMT"
     served: int = 0
 
 
@@ -53,6 +60,7 @@ class LoggedRequest:
     range: str
     status: int
     bytes_sent: int
+    condition: str = ""  # the If-Match or If-Unmodified-Since sent
 
 
 @dataclass
@@ -72,14 +80,16 @@ class FaultyServer:
     # -- setup --------------------------------------------------------------------------
 
     def add(self, path: str, data: bytes, *, etag: bool = True, content_md5: bool | str = False,
-            repr_digest: bool | str = False, accept_ranges: bool = True, head_allowed: bool = True) -> str:
+            repr_digest: bool | str = False, accept_ranges: bool = True, head_allowed: bool = True,
+            encoding: str = "", last_modified: str = "") -> str:
         """Serve `data` at `path`; returns the URL. A str for a checksum sends that value."""
         md5 = base64.b64encode(hashlib.md5(data).digest()).decode() if content_md5 is True else (content_md5 or "")
         digest = (
             f"sha-256=:{base64.b64encode(hashlib.sha256(data).digest()).decode()}:" if repr_digest is True else (repr_digest or "")
         )
         self.objects[path] = ServedObject(
-            data, f'"{hashlib.md5(data).hexdigest()}"' if etag else "", md5, digest, accept_ranges, head_allowed
+            data, f'"{hashlib.md5(data).hexdigest()}"' if etag else "", md5, digest, accept_ranges, head_allowed,
+            encoding=encoding, **({"last_modified": last_modified} if last_modified else {}),
         )
         return self.url(path)
 
@@ -180,7 +190,11 @@ def _make_handler(server: FaultyServer) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body)
-            server._record(LoggedRequest(self.command, self.path, self.headers.get("Range", ""), status, 0))
+            server._record(LoggedRequest(self.command, self.path, self.headers.get("Range", ""), status, 0,
+                                         self._condition()))
+
+        def _condition(self) -> str:
+            return self.headers.get("If-Match") or self.headers.get("If-Unmodified-Since") or ""
 
         def do_HEAD(self) -> None:
             obj = server.objects.get(self.path)
@@ -200,7 +214,7 @@ def _make_handler(server: FaultyServer) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", "application/octet-stream")
             if obj.etag:
                 self.send_header("ETag", obj.etag)
-            self.send_header("Last-Modified", "Sun, 01 Nov 2026 00:00:00 GMT")
+            self.send_header("Last-Modified", obj.last_modified)
             self.send_header("Accept-Ranges", "bytes" if obj.accept_ranges else "none")
             if obj.repr_digest:
                 self.send_header("Repr-Digest", obj.repr_digest)
@@ -222,6 +236,16 @@ def _make_handler(server: FaultyServer) -> type[BaseHTTPRequestHandler]:
                 return
             if obj is None:
                 self._status_only(404)
+                return
+            if action == "page" or obj.encoding:
+                body = b"<html><body>Under maintenance</body></html>" if action == "page" else gzip.compress(obj.data)
+                self.send_response(200)
+                if obj.encoding:
+                    self.send_header("Content-Encoding", obj.encoding)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                server._record(LoggedRequest("GET", self.path, self.headers.get("Range", ""), 200, len(body)))
                 return
             if action == "slow":
                 time.sleep(server.stall_s)
@@ -275,7 +299,8 @@ def _make_handler(server: FaultyServer) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 sent = max(sent, getattr(self, "_sent", 0))
             finally:
-                server._record(LoggedRequest("GET", self.path, self.headers.get("Range", ""), status, sent))
+                server._record(LoggedRequest("GET", self.path, self.headers.get("Range", ""), status, sent,
+                                             self._condition()))
 
         def _send(self, body: bytes) -> None:
             if server.rate_bytes_per_s <= 0:

@@ -372,3 +372,122 @@ def test_etags_that_change_on_every_request_fall_back_to_one_stream(server: Faul
     assert summary.exit_code == 0, [r.error for r in summary.failed]
     assert raw_files(tmp_path) == {"web/cdn.bin": data}
     assert summary.failures_by_reason.get("changed", 0) >= 2
+
+
+# ---- the planned size and version are authoritative -----------------------------------
+
+
+def test_a_configured_size_the_source_does_not_serve_fails_permanently(server: FaultyServer, tmp_path: Path) -> None:
+    url = server.add("/cohort.tsv", payload(654_321))  # e.g. a copy the hub itself truncated
+    config = make_config([{"type": "https", "name": "web", "urls": [{"url": url, "size": 700_000}]}])
+    summary = run(tmp_path, config)
+    assert summary.exit_code == ExitCode.PERMANENT
+    failure = summary.failed[0]
+    assert failure.reason == "size" and "654321" in failure.error and "700000" in failure.error
+    assert raw_files(tmp_path) == {}
+    assert not (tmp_path / "raw" / ".trajflow-verified" / "web" / "cohort.tsv.json").exists()
+
+
+def test_an_error_page_instead_of_the_planned_size_is_never_stored(server: FaultyServer, tmp_path: Path) -> None:
+    data = payload(700_000)
+    url = server.add("/BRCA.tsv", data)  # HEAD learns 700000 bytes while planning
+    server.script("/BRCA.tsv", *["page"] * 4)  # then every attempt gets a short 200 page
+    config = make_config([{"type": "https", "name": "web", "urls": [url]}])
+    summary = run(tmp_path, config)
+    assert summary.exit_code == ExitCode.TRANSIENT
+    assert summary.failed[0].reason == "size" and "planGeneration" in summary.failed[0].error
+    assert raw_files(tmp_path) == {}
+    # the rerun (the hub is fine again) fetches it instead of skipping a bad copy
+    rerun = run(tmp_path, config)
+    assert rerun.exit_code == 0 and rerun.count("fetched") == 1
+    assert raw_files(tmp_path) == {"web/BRCA.tsv": data}
+
+
+def test_the_version_planning_saw_is_required_from_the_first_request(server: FaultyServer, tmp_path: Path) -> None:
+    old = payload(50_000, seed=1)
+    url = server.add("/v.bin", old)
+    config = make_config([{"type": "https", "name": "web", "urls": [url]}])
+    ShardDownloader(LocalStorage(tmp_path), config, 0, 1).plan()  # HEAD sees the old ETag
+    # a new version of the same size
+    server.add("/v.bin", payload(50_000, seed=2), last_modified="Mon, 02 Nov 2026 00:00:00 GMT")
+    summary = run(tmp_path, config)
+    assert summary.exit_code == ExitCode.TRANSIENT and summary.failed[0].reason == "changed"
+    assert "planGeneration" in summary.failed[0].error
+    assert raw_files(tmp_path) == {}
+    assert server.requests("/v.bin")[0].condition == "Sun, 01 Nov 2026 00:00:00 GMT"  # If-Unmodified-Since
+
+
+def test_etags_that_differ_between_nodes_do_not_stop_a_planned_item(server: FaultyServer, tmp_path: Path) -> None:
+    """Planning's HEAD and the GETs reach nodes that disagree on the ETag, not on Last-Modified."""
+    data = payload(11 * MiB, seed=9)
+    url = server.add("/cdn.bin", data)
+    server.objects["/cdn.bin"].flapping_etag = True
+    summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": [url]}]))
+    assert summary.exit_code == 0, [r.error for r in summary.failed]
+    assert raw_files(tmp_path) == {"web/cdn.bin": data}
+
+
+def test_a_content_encoded_response_is_an_error_naming_the_header(server: FaultyServer, tmp_path: Path) -> None:
+    data = b"sample\tvalue\n" * 50_000
+    url = server.add("/clinical.tsv", data, encoding="gzip")
+    summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": [url]}]))
+    assert summary.exit_code == ExitCode.PERMANENT
+    assert "Content-Encoding: gzip" in summary.failed[0].error
+    assert raw_files(tmp_path) == {}
+
+
+# ---- names a filesystem root cannot hold fail alone ----------------------------------
+
+
+def test_a_file_where_another_item_needs_a_directory_fails_alone(server: FaultyServer, tmp_path: Path) -> None:
+    urls = [{"url": server.add("/a", payload(10)), "path": "x"}, {"url": server.add("/b", payload(20)), "path": "x/y"},
+            {"url": server.add("/c", payload(30)), "path": "z.bin"}]
+    summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": urls}]))
+    assert summary.exit_code == ExitCode.PERMANENT
+    assert [(r.item.key, r.kind) for r in summary.failed] == [("web/x", "permanent")]
+    assert "web/x/y" in summary.failed[0].error
+    assert raw_files(tmp_path) == {"web/x/y": payload(20), "web/z.bin": payload(30)}
+
+
+def test_long_names_fit_despite_the_temporary_prefix_and_longer_ones_fail_alone(server: FaultyServer,
+                                                                              tmp_path: Path) -> None:
+    fits = "episode_" + "x" * 219 + ".h5"  # 230 bytes: the filesystem takes it
+    too_long = "episode_" + "y" * 241 + ".h5"  # 252 bytes: its record `<name>.json` would not fit
+    big = payload(20 * MiB, seed=3)  # resumable, so with a journal next to the temporary
+    urls = [server.add(f"/{fits}", payload(1000)), server.add(f"/{too_long}", payload(10)),
+            {"url": server.add("/big.bin", big), "path": "e" * 240 + ".bin"}]
+    summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": urls}]))
+    assert summary.exit_code == ExitCode.PERMANENT
+    assert [(r.item.key, r.kind) for r in summary.failed] == [(f"web/{too_long}", "permanent")]
+    assert "at most 250 bytes" in summary.failed[0].error
+    assert raw_files(tmp_path) == {f"web/{fits}": payload(1000), f"web/{'e' * 240}.bin": big}
+    assert hidden_files(tmp_path / "raw") == []
+
+
+def test_a_directory_in_the_way_of_a_file_fails_that_item_not_the_shard(server: FaultyServer, tmp_path: Path) -> None:
+    urls = [server.add("/a.bin", payload(10)), server.add("/b.bin", payload(20))]
+    (tmp_path / "raw" / "00000" / "web" / "a.bin" / "left-over").mkdir(parents=True)
+    summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": urls}]))
+    assert summary.exit_code == ExitCode.PERMANENT
+    assert [(r.item.key, r.kind, r.reason) for r in summary.failed] == [("web/a.bin", "permanent", "storage")]
+    assert raw_files(tmp_path) == {"web/b.bin": payload(20)}
+
+
+def test_a_file_another_item_left_at_the_gunzipped_name_is_not_adopted(server: FaultyServer, tmp_path: Path) -> None:
+    old = b"gene\tsample\nOLD release 1\n" * 100
+    new = b"gene\tsample\nNEW release 2 with corrections\n" * 100
+    v1 = server.add("/v1/matrix", old)
+    v2 = server.add("/v2/matrix.gz", gzip.compress(new))
+    assert run(tmp_path, make_config([{"type": "https", "name": "web", "urls": [v1]}], gunzip=True)).exit_code == 0
+    # the next release is compressed: `matrix.gz` lands where `matrix` lies
+    summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": [v2]}], gunzip=True))
+    assert summary.exit_code == 0 and summary.count("fetched") == 1
+    assert raw_files(tmp_path) == {"web/matrix": new}
+    # the other way: a plain `matrix` never fetched before is not adopted from what `matrix.gz`
+    # left, although of the same size
+    other = tmp_path / "other"
+    assert run(other, make_config([{"type": "https", "name": "web", "urls": [v2]}], gunzip=True)).exit_code == 0
+    v3 = server.add("/v3/matrix", b"x" * len(new))
+    summary = run(other, make_config([{"type": "https", "name": "web", "urls": [v3]}], gunzip=True))
+    assert summary.exit_code == 0 and summary.count("fetched") == 1
+    assert raw_files(other) == {"web/matrix": b"x" * len(new)}

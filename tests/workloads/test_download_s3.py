@@ -180,3 +180,18 @@ def test_s3_run_root_never_shows_an_unverified_object(s3_storage: Any, server: F
     client = s3_storage.client
     uploads = client.list_multipart_uploads(Bucket=s3_storage.bucket).get("Uploads", [])
     assert uploads == []  # the aborted upload leaves nothing behind
+
+
+def test_credentials_the_run_root_refuses_are_a_config_error(s3_server: Any, s3_shared_bucket: str,
+                                                             server: FaultyServer, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exit 2 (the Job fails) as in `trajflow wait`, not an unexpected error retried in vain."""
+    from trajflow.storage import open_storage
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    root = open_storage(f"s3://{s3_shared_bucket}/badcreds", endpoint=s3_server.endpoint, region=s3_server.region,
+                        addressing_style="path")
+    config = make_config([{"type": "https", "name": "web", "urls": [server.add("/x.bin", payload(10))]}])
+    with pytest.raises(ConfigError, match=f"cannot read s3://{s3_shared_bucket}/badcreds") as caught:
+        ShardDownloader(root, config, 0, 1).run()
+    assert caught.value.exit_code == ExitCode.CONFIG

@@ -83,3 +83,25 @@ def test_rerun_with_a_new_plan_generation_lists_again_but_fetches_nothing(server
     summary = ShardDownloader(LocalStorage(tmp_path), bumped, 0, 1).run()
     assert summary.exit_code == 0 and summary.count("skipped") == len(objects)
     assert server.requests() == [] and len(server.requests(method="HEAD")) == len(objects)
+
+
+def test_a_manifest_of_the_previous_plan_does_not_open_the_gate(server: FaultyServer, tmp_path: Path) -> None:
+    """Same shard count, new plan generation: shard 0 of the new plan moves items out of
+    shard 1's directory; shard 1's old manifest must not count until shard 1 reruns."""
+    from trajflow.errors import WaitTimeout
+    from trajflow.storage.wait import wait_for_shards
+
+    urls = [server.add(f"/f{i}.bin", payload(size, seed=i)) for i, size in enumerate([5000, 4000, 3000, 2000])]
+    for shard in range(2):
+        assert ShardDownloader(LocalStorage(tmp_path), make_config([{"type": "https", "name": "web", "urls": urls}]),
+                               shard, 2).run().exit_code == 0
+    urls.append(server.add("/f4.bin", payload(4500, seed=4)))
+    gen2 = make_config([{"type": "https", "name": "web", "urls": urls}], planGeneration="2")
+    assert ShardDownloader(LocalStorage(tmp_path), gen2, 0, 2).run().exit_code == 0
+    no_sleep: list[float] = []
+    with pytest.raises(WaitTimeout, match="shard 1 records generation="):
+        wait_for_shards(LocalStorage(tmp_path), "download", {0, 1}, 0, sleep=no_sleep.append, expect_shards=2)
+    assert ShardDownloader(LocalStorage(tmp_path), gen2, 1, 2).run().exit_code == 0
+    wait_for_shards(LocalStorage(tmp_path), "download", {0, 1}, 0, sleep=no_sleep.append, expect_shards=2)
+    manifest = read_manifest(LocalStorage(tmp_path), "download", 1)
+    assert manifest is not None and all((tmp_path / e["key"]).is_file() for e in manifest["items"])

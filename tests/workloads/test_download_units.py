@@ -359,3 +359,59 @@ def test_journal_trusts_unsynced_extents_only_from_this_boot(tmp_path: Path) -> 
         assert info.value.reason == "busy"
     finally:
         first.close()
+
+
+@pytest.mark.parametrize("location, kept", [
+    ("https://hub.example/b/data.tsv", True),  # same scheme and host
+    ("http://hub.example/b/data.tsv", False),  # https -> http: never in cleartext
+    ("https://other.example/b/data.tsv", False),  # another host
+])
+def test_redirects_keep_the_token_only_on_the_same_scheme_and_host(location: str, kept: bool) -> None:
+    from trajflow.download.http import HttpClient
+
+    class Response:
+        def __init__(self, status: int, headers: dict[str, str]):
+            self.status, self.headers = status, headers
+
+        def drain_conn(self) -> None:
+            pass
+
+        def release_conn(self) -> None:
+            pass
+
+    sent: list[tuple[str, str | None]] = []
+
+    class Recorder:  # stands in for the connection pool: no network
+        def request(self, method: str, url: str, headers: dict[str, str], **kw: Any) -> Response:
+            sent.append((url, headers.get("Authorization")))
+            return Response(302, {"Location": location}) if len(sent) == 1 else Response(200, {})
+
+    client = HttpClient()
+    client._manager = lambda url: Recorder()  # type: ignore[method-assign]
+    client.request("GET", "https://hub.example/a/data.tsv", {"Authorization": "Bearer SECRET"})
+    assert sent == [("https://hub.example/a/data.tsv", "Bearer SECRET"), (location, "Bearer SECRET" if kept else None)]
+
+
+def test_s3_keys_that_cannot_be_paths_are_named_not_dropped() -> None:
+    from trajflow.download.sources import HttpClients, S3SourceRuntime
+
+    keys = ["d/good.bin", "d/win\\path.bin", "d/a//b.bin", "d/./c.bin", "d/skip/x.tmp"]
+
+    class Paginator:  # a listing as S3 (which allows all of these keys) returns it
+        def paginate(self, **kw: Any) -> list[dict[str, Any]]:
+            return [{"Contents": [{"Key": k, "Size": 1, "ETag": '"e"'} for k in keys]}]
+
+    def source(**extra: Any) -> S3SourceRuntime:
+        config = cfg(sources=[{"type": "s3", "name": "lake", "url": "s3://src/d", "endpoint": "http://127.0.0.1:9", **extra}])
+        runtime = S3SourceRuntime(config.sources[0], HttpClients(1.0, 1), 1, 1.0)  # type: ignore[arg-type]
+        runtime.client = type("Client", (), {"get_paginator": lambda self, name: Paginator()})()
+        return runtime
+
+    with pytest.raises(ConfigError) as caught:
+        source(exclude=["*.tmp"]).list_items(lambda fn: fn(), 1)
+    message = str(caught.value)
+    assert "3 object(s)" in message and "exclude" in message
+    assert all(repr(k) in message for k in keys[1:4])
+    # excluded, they are no longer in the way
+    listed = source(exclude=["*.tmp", "*\\*", "a//b.bin", "./c.bin"]).list_items(lambda fn: fn(), 1)
+    assert [i.key for i in listed] == ["lake/good.bin"]

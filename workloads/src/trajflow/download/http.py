@@ -4,7 +4,8 @@ Why urllib3 rather than `http.client` or `requests`: it is already in the downlo
 (botocore depends on it), it pools keep-alive connections safely across threads, and it
 enforces Content-Length; `requests` would add a dependency for nothing we use. Its own
 retries and redirects are off: retry policy lives in `transfer` (one place, with metrics),
-and redirects are followed here so an Authorization header never leaks to another host.
+and redirects are followed here so an Authorization header never leaks to another host
+(or to plain http).
 
 Requests ask for `Accept-Encoding: identity` and bodies are never decoded: the bytes stored
 are the bytes the source's checksums describe, and byte ranges stay meaningful.
@@ -45,6 +46,15 @@ class Validator:
     @property
     def tag(self) -> str:
         return self.etag or self.last_modified
+
+    def same_version(self, other: "Validator") -> bool:
+        """Whether `other` (a response's) names this version, judged by what both carry;
+        True when they share nothing to compare."""
+        if self.last_modified and other.last_modified:
+            return self.last_modified == other.last_modified
+        if self.etag and other.etag:
+            return self.etag == other.etag
+        return True
 
 
 @dataclass
@@ -203,7 +213,7 @@ class HttpClient:
         """Send one request, following redirects; returns the urllib3 response (body unread).
         Raises FetchError for network failures; HTTP error statuses are returned."""
         headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **(headers or {})}
-        origin = urlsplit(url).netloc
+        origin = urlsplit(url)[:2]  # scheme and host:port
         for _ in range(MAX_REDIRECTS + 1):
             try:
                 resp = self._manager(url).request(
@@ -216,7 +226,8 @@ class HttpClient:
                 location = urljoin(url, resp.headers["Location"])
                 resp.drain_conn()
                 resp.release_conn()
-                if urlsplit(location).netloc != origin:
+                # another host, or https -> http (the token would travel in cleartext)
+                if urlsplit(location)[:2] != origin:
                     headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
                 url = location
                 continue

@@ -18,7 +18,9 @@
 5. Exit: 0 when every required item is verified (then, and only then, the manifest is
    written); PERMANENT (3) when any item failed permanently (403/404, checksums that never
    match); otherwise TRANSIENT (4) when retryable failures remain; ERROR (1) when the run root
-   itself failed. Optional sources' missing items are listed in the manifest.
+   itself failed; CONFIG (2) when the run root refuses the credentials. An item a filesystem
+   root cannot hold under its name (too long; `x` next to `x/y`) fails alone, permanently.
+   Optional sources' missing items are listed in the manifest.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from trajflow.config.download import DownloadConfig
-from trajflow.download.failures import Backoff, FetchError, StorageFailure
+from trajflow.download.failures import Backoff, FetchError, Kind, StorageFailure
 from trajflow.download.sources import HttpClients, SourceRuntime, build_sources, list_all
 from trajflow.download.transfer import (
     ItemResult,
@@ -43,7 +45,15 @@ from trajflow.download.transfer import (
     relocate,
     sweep_abandoned_temporaries,
 )
-from trajflow.download.verify import Digests, Record, declared_checksums, item_fingerprint, read_record, write_record
+from trajflow.download.verify import (
+    RECORD_SUFFIX,
+    Digests,
+    Record,
+    declared_checksums,
+    item_fingerprint,
+    read_record,
+    write_record,
+)
 from trajflow.errors import ConfigError, PermanentError, TrajflowError, TransientError
 from trajflow.metrics import DOWNLOAD_OUTCOMES
 from trajflow.plan import Item, load_or_create_plan, shard_items
@@ -55,7 +65,9 @@ from trajflow.storage import (
     shard_name,
     write_manifest,
 )
+from trajflow.storage.local import NAME_MAX
 from trajflow.storage.manifest import manifest_key
+from trajflow.storage.wait import fatal_storage_error
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +81,46 @@ def plan_generation(config: DownloadConfig) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def final_path(item_key: str, gunzip: bool) -> str:
+    """Where an item lands below its shard directory."""
+    return item_key[:-3] if gunzip and item_key.endswith(".gz") else item_key
+
+
 def dest_key(shard: int, item_key: str, gunzip: bool) -> str:
-    key = item_key[:-3] if gunzip and item_key.endswith(".gz") else item_key
-    return f"{RAW}/{shard_name(shard)}/{key}"
+    return f"{RAW}/{shard_name(shard)}/{final_path(item_key, gunzip)}"
 
 
 def check_destinations(items: list[Item], gunzip: bool) -> None:
     """Two items must never share a final path (`a.gz` gunzipped next to `a`)."""
     seen: dict[str, str] = {}
     for item in items:
-        final = item.key[:-3] if gunzip and item.key.endswith(".gz") else item.key
+        final = final_path(item.key, gunzip)
         if final in seen:
             raise ConfigError(f"{seen[final]} and {item.source} would both be stored as {final!r} (gunzip strips .gz)")
         seen[final] = item.source
+
+
+def unstorable_on_a_filesystem(items: list[Item], gunzip: bool) -> dict[str, str]:
+    """Items a filesystem root cannot hold, with why: an object `x` next to `x/y` (S3 has
+    both; a filesystem needs `x` as a file and a directory), or a name longer than
+    NAME_MAX less the `.json` its verification record adds. Computed over the whole plan,
+    so the same item fails whichever shard it is in; each fails alone (exit 3)."""
+    finals = {final_path(item.key, gunzip): item.key for item in items}
+    below: dict[str, str] = {}  # a directory -> an item under it
+    for final, key in finals.items():
+        parts = final.split("/")
+        for i in range(1, len(parts)):
+            below.setdefault("/".join(parts[:i]), key)
+    problems = {}
+    for final, key in finals.items():
+        longest = max(len(p.encode()) for p in key.split("/")[:-1] + [key.rsplit("/", 1)[-1] + RECORD_SUFFIX])
+        if final in below:
+            problems[key] = (f"{key} cannot be stored next to {below[final]}: a filesystem cannot hold {final!r} as a "
+                             f"file and a directory at once; exclude one of them")
+        elif longest > NAME_MAX:
+            problems[key] = (f"{key} cannot be stored: a file name has at most {NAME_MAX - len(RECORD_SUFFIX)} bytes "
+                             f"here (its verification record adds {RECORD_SUFFIX!r}), a directory name {NAME_MAX}")
+    return problems
 
 
 class Scheduler:
@@ -234,6 +273,7 @@ class ShardDownloader:
         self._lock = threading.Lock()
         self.results: list[ItemResult] = []
         self.items: list[Item] = []
+        self.unstorable: dict[str, str] = {}  # item key -> why a filesystem root cannot hold it
         self.scheduler: Scheduler | None = None
         self.completed_bytes = 0
         self.started = time.monotonic()
@@ -252,6 +292,16 @@ class ShardDownloader:
             raise
         except ValueError as exc:  # a corrupt stored plan or duplicate keys
             raise PermanentError(str(exc)) from None
+        except Exception as exc:
+            raise self._root_error(exc) from None
+
+    def _root_error(self, exc: Exception, doing: str = "") -> Exception:
+        """Credentials the run root refuses (or none) are a configuration error (exit 2:
+        the Job fails), as in `trajflow wait`, not an unexpected crash retried in vain."""
+        fatal = fatal_storage_error(exc, self.root.uri)
+        if fatal is not None:
+            return fatal
+        return TrajflowError(f"{doing}: {exc}") if doing else exc
 
     # -- the run ------------------------------------------------------------------------
 
@@ -259,6 +309,9 @@ class ShardDownloader:
         self.started = time.monotonic()
         plan = self.plan()
         self.items = shard_items(plan, self.shard)
+        if isinstance(self.root, LocalStorage):
+            every = [item for shard in range(self.shards) for item in shard_items(plan, shard)]
+            self.unstorable = unstorable_on_a_filesystem(every, self.config.gunzip)
         summary = ShardSummary(self.shard, self.shards, planned_items=len(self.items),
                                planned_bytes=sum(i.size for i in self.items))
         if self.metrics is not None:
@@ -266,14 +319,16 @@ class ShardDownloader:
             self.metrics.bytes_planned.set(summary.planned_bytes)
         log.info("shard %d/%d: %d item(s), %d bytes planned (plan %s, generation %s)", self.shard, self.shards,
                  summary.planned_items, summary.planned_bytes, plan["fingerprint"][:12], self.generation)
-        if self._already_done(plan, summary):
-            return summary
-        if self.shard == 0:  # manifests of a larger shard count must not describe files that have since moved
-            remove_foreign_manifests(self.root, STAGE, self.shards)
         try:
+            if self._already_done(plan, summary):
+                return summary
+            if self.shard == 0:  # manifests of a larger shard count must not describe files that have since moved
+                remove_foreign_manifests(self.root, STAGE, self.shards)
             self.listing = {info.key: info for info in self.root.list(f"{RAW}/{shard_name(self.shard)}/")}
+        except TrajflowError:
+            raise
         except Exception as exc:
-            raise TrajflowError(f"cannot list {self.root.uri}/{RAW}/{shard_name(self.shard)}/: {exc}") from None
+            raise self._root_error(exc, f"cannot read {self.root.uri}/{RAW}/") from None
         # largest first: a big item started last would finish long after everything else
         order = sorted(self.items, key=lambda i: (-i.size, i.key))
         self.scheduler = Scheduler(self.settings.concurrency, order, self._prepare)
@@ -332,6 +387,10 @@ class ShardDownloader:
 
     def _prepare(self, item: Item) -> None:
         dest = dest_key(self.shard, item.key, self.config.gunzip)
+        if item.key in self.unstorable:
+            self.stats.failure("storage")
+            self._done(ItemResult(item, dest, "failed", error=self.unstorable[item.key], kind="permanent", reason="storage"))
+            return
         try:
             result = self._without_download(item, dest)
         except Exception as exc:
@@ -350,7 +409,8 @@ class ShardDownloader:
             transfer.begin()
         except FetchError as exc:
             self.stats.failure(exc.reason)
-            self._done(ItemResult(item, dest, "failed", error=str(exc), kind="transient", reason=exc.reason))
+            kind = "permanent" if exc.kind is Kind.PERMANENT else "transient"
+            self._done(ItemResult(item, dest, "failed", error=str(exc), kind=kind, reason=exc.reason))
             return
         except StorageFailure as exc:
             self._done(ItemResult(item, dest, "failed", error=str(exc), kind="error", reason="storage"))
@@ -379,16 +439,21 @@ class ShardDownloader:
                 return ItemResult(item, dest, "reused", record=moved)
             if here is not None and here.size == record.size:
                 # moved here by a run killed before it updated the record
-                return self._adopt(item, dest, fingerprint, expected_sha256=record.sha256)
+                return self._adopt(item, dest, fingerprint, record)
             return None
         if record is None and dest in self.listing:
             return self._adopt(item, dest, fingerprint)
         return None
 
-    def _adopt(self, item: Item, dest: str, fingerprint: str, expected_sha256: str = "") -> ItemResult | None:
+    def _adopt(self, item: Item, dest: str, fingerprint: str, record: Record | None = None) -> ItemResult | None:
         """A file has the final name but no (current) record: it was verified when it got the
-        name (a kill came before the record). Re-hash it once, check what is known of it."""
+        name (a kill came before the record). Re-hash it once, check what is known of it:
+        the item's own record when there is one; else its size and declared checksums.
+        A decompressed file has no planned size or checksum to check, and `x` and `x.gz`
+        share a final name: without this item's record nothing ties the file to it."""
         gunzipped = self.config.gunzip and item.key.endswith(".gz")
+        if record is None and (gunzipped or self._stored_by_sibling(item, dest)):
+            return None
         info = self.listing[dest]
         if not gunzipped and item.meta.get("size_known", True) and info.size != item.size:
             return None
@@ -397,22 +462,30 @@ class ShardDownloader:
         with self.root.open_read(dest) as fh:
             while block := fh.read(8 << 20):
                 digests.update(block)
-        if expected_sha256 and digests.sha256 != expected_sha256:
+        if record is not None and digests.sha256 != record.sha256:
             return None
-        checks = ["size"]
-        if not gunzipped:
+        if gunzipped:
+            assert record is not None
+            checks, source_size, source_sha256 = list(record.checks), record.source_size, record.source_sha256
+        else:
             try:
-                checks += declared.check(digests, dest)
+                checks = ["size", *declared.check(digests, dest)]
             except FetchError:
                 return None
+            source_size, source_sha256 = digests.size, digests.sha256
         record = Record(
             item=item.key, fingerprint=fingerprint, location=dest, size=digests.size, sha256=digests.sha256,
-            source_size=0 if gunzipped else digests.size, source_sha256="" if gunzipped else digests.sha256,
-            source_md5=digests.md5, checks=checks,
+            source_size=source_size, source_sha256=source_sha256, source_md5=digests.md5, checks=checks,
         )
         write_record(self.root, record)
         log.info("adopted %s (in place without a record; re-hashed)", dest)
         return ItemResult(item, dest, "adopted", record=record)
+
+    def _stored_by_sibling(self, item: Item, dest: str) -> bool:
+        """Whether the file at `dest` is `x` fetched for `x.gz` (gunzipped), or the reverse."""
+        sibling = item.key[:-3] if item.key.endswith(".gz") else f"{item.key}.gz"
+        other = read_record(self.root, sibling)
+        return other is not None and other.location == dest
 
     def _done(self, result: ItemResult) -> None:
         source = self.sources.get(result.item.key.split("/", 1)[0])

@@ -3,13 +3,18 @@
 Every item's key is `<source name>/<relative path>`; it lands at `raw/<shard>/<key>`.
 
 - `s3`: list_objects_v2 under `s3://bucket/prefix/` (a prefix naming one object fetches
-  that object), include/exclude globs on the path below the prefix. Objects are fetched with
+  that object), include/exclude globs on the path below the prefix; a key that cannot be
+  a path (`a//b`, `./c`, a backslash) is a ConfigError naming it, until excluded. Objects are fetched with
   presigned GETs over the same HTTP client as every other source, so retries, ranges,
   validators and resume work the same everywhere; credentials come from the standard AWS
   chain, or from `<credentialsEnvPrefix>AWS_ACCESS_KEY_ID`/`..._SECRET_ACCESS_KEY`/
   `..._SESSION_TOKEN` so each source can have its own Secret.
 - `https`: an explicit URL list; a HEAD per URL (skipped when the size is configured)
-  learns the size for byte balancing, the ETag/Last-Modified and range support.
+  learns the size for byte balancing, the ETag/Last-Modified and range support. The
+  planned size and version are authoritative: a response of another size fails the item
+  (permanently when the size is configured); the first GET asks for the version planning
+  saw (If-Unmodified-Since, or If-Match without a Last-Modified) and its response must
+  name it. A response with a `Content-Encoding` fails.
 - `catalog`: a hub such as UCSC Xena: cohorts x categories through a URL template; each
   item lands at `<name>/<cohort>/<file name>` so cohorts never overwrite each other.
   Checksums the hub lists can be given per `<cohort>/<file name>`.
@@ -145,6 +150,10 @@ class SourceRuntime(abc.ABC):
     def supports_ranges(self, item: Item) -> bool | None:
         return True
 
+    def planned_validator(self, item: Item) -> Validator | None:
+        """The version of the item that planning saw (None: unknown)."""
+        return None
+
     def _key(self, rel: str, where: str) -> str:
         key = f"{self.name}/{rel}"
         try:
@@ -192,7 +201,8 @@ class HttpSource(SourceRuntime):
             meta["checksum_origin"] = entry["origin"]
         key = self._key(entry["path"], entry["url"])
         if entry.get("size") is not None:
-            return Item(key, int(entry["size"]), entry["url"], meta)
+            # a size the user declared is enforced as such (a mismatch is permanent)
+            return Item(key, int(entry["size"]), entry["url"], {**meta, "size_origin": "config"})
 
         def head() -> tuple[int, Any]:
             status, headers = self.client.head(entry["url"], self._headers)
@@ -230,11 +240,29 @@ class HttpSource(SourceRuntime):
             return list(pool.map(lambda e: self._probe(e, retry), self.entries))
 
     def open(self, item: Item, start: int, end: int | None, validator: Validator | None) -> Body:
-        return self.client.get(item.source, start, end, validator, self._headers)
+        body = self.client.get(item.source, start, end, validator, self._headers)
+        # identity was asked for: encoded bytes are not the file (nor what its checksums or
+        # ranges describe). S3 sources keep theirs: there the stored bytes are the object.
+        encoding = body.headers.get("Content-Encoding", "").strip().lower()
+        if encoding not in ("", "identity"):
+            body.close()
+            raise FetchError(
+                f"{item.source}: the server answered with Content-Encoding: {encoding} although identity was asked "
+                f"for (a proxy or CDN compressing on the fly?); link the compressed file itself instead",
+                Kind.PERMANENT, "gzip",
+            )
+        return body
 
     def supports_ranges(self, item: Item) -> bool | None:
         value = item.meta.get("ranges")
         return None if value is None else bool(value)
+
+    def planned_validator(self, item: Item) -> Validator | None:
+        # Last-Modified when known: nodes behind one load balancer can disagree on ETags
+        # (e.g. inode-based ones) while serving the same version
+        if item.meta.get("last_modified"):
+            return Validator(last_modified=str(item.meta["last_modified"]))
+        return Validator(etag=str(item.meta["etag"])) if item.meta.get("etag") else None
 
 
 def https_source(cfg: HttpsSource, clients: HttpClients) -> HttpSource:
@@ -337,7 +365,7 @@ class S3SourceRuntime(SourceRuntime):
     def list_items(self, retry: Callable[[Callable[[], Any]], Any], workers: int) -> list[Item]:
         items = []
         listing_prefix = f"{self.prefix}/" if self.prefix else ""
-        skipped = 0
+        unusable: list[str] = []
         try:
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=listing_prefix):
@@ -350,18 +378,25 @@ class S3SourceRuntime(SourceRuntime):
                         continue
                     try:
                         key = self._key(rel, f"s3://{self.bucket}/{full}")
-                    except ConfigError as exc:
-                        skipped += 1
-                        log.warning("skipping %s", exc)
+                    except ConfigError:
+                        unusable.append(full)
                         continue
                     meta = {"etag": obj.get("ETag", "").strip('"')}
                     items.append(Item(key, int(obj["Size"]), f"s3://{self.bucket}/{full}", meta))
-            if not items and self.prefix and not skipped:
+            if not items and self.prefix and not unusable:
                 items.extend(self._single_object())
         except (ConfigError, TransientError):
             raise
         except Exception as exc:
             raise self._list_error(exc) from None
+        if unusable:
+            # never dropped silently: the shard would claim to be complete without them
+            shown = ", ".join(repr(k) for k in unusable[:5]) + (f" and {len(unusable) - 5} more" if len(unusable) > 5 else "")
+            raise ConfigError(
+                f"source {self.name!r}: {len(unusable)} object(s) under {self.cfg.url} have keys that cannot be paths "
+                f"(an empty, '.' or '..' segment, a backslash, or a '.trajflow-' segment): {shown}; leave them out "
+                f"with `exclude` patterns"
+            )
         if not items:
             log.warning("source %r: nothing under %s matches include=%s exclude=%s", self.name, self.cfg.url,
                         self.cfg.include, self.cfg.exclude)
@@ -388,6 +423,10 @@ class S3SourceRuntime(SourceRuntime):
 
     def open(self, item: Item, start: int, end: int | None, validator: Validator | None) -> Body:
         return self.http.get(self.url_for(item), start, end, validator)
+
+    def planned_validator(self, item: Item) -> Validator | None:
+        etag = str(item.meta.get("etag", ""))
+        return Validator(f'"{etag}"') if etag else None  # listings strip the quotes a GET's ETag has
 
     def expected(self, item: Item, body: Body) -> Expected:
         found = super().expected(item, body)

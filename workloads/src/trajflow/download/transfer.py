@@ -9,7 +9,8 @@ back from the temporary file, or from memory for object-store roots).
 
 Where the bytes go (the sink):
 - filesystem root: a hidden temporary next to the final path, `.trajflow-tmp-dl-<name>`
-  (the storage's temporary prefix, which listings skip), with a journal
+  (the storage's temporary prefix, which listings skip; a digest of the name in place of a
+  name too long to take the prefix), with a journal
   `.trajflow-tmp-dl-<name>.journal`: the object's size and version, then the byte extents
   written (a line per MiB or so), with a `sync` line after each fdatasync (every 64 MiB or
   10 s) and a `boot <id>` line from each process that appends. A rerun resumes every part
@@ -51,7 +52,7 @@ from trajflow.download.http import Body, Validator
 from trajflow.download.verify import Digests, Expected, Record, item_fingerprint, write_record
 from trajflow.plan import Item
 from trajflow.storage import Storage
-from trajflow.storage.local import TMP_PREFIX, LocalStorage
+from trajflow.storage.local import TMP_PREFIX, LocalStorage, temp_name
 
 if TYPE_CHECKING:
     from trajflow.download.sources import SourceRuntime
@@ -100,6 +101,10 @@ def boot_id() -> str:
 RESUMABLE_MIN_BYTES = 16 << 20
 SINK_TAG = "dl"  # download temporaries: `.trajflow-tmp-dl-<name>` (resumable), `.trajflow-tmp-dl<hex>-<name>`
 GUNZIP_OUT_CHUNK = 8 << 20
+JOURNAL_SUFFIX = ".journal"
+# A name this root cannot hold (too long; a file where a directory is needed, or the
+# reverse): fetching again cannot help, and the run root itself is fine.
+NAME_ERRNOS = (errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR, errno.EEXIST)
 
 
 @dataclass(frozen=True)
@@ -192,8 +197,9 @@ class FileSink:
         self.final = root.local_path(dest_key)
         # a resumable temporary has a fixed name so the next run finds it
         tag = SINK_TAG if resumable else f"{SINK_TAG}{uuid.uuid4().hex[:12]}"
-        self.tmp = self.final.with_name(f"{TMP_PREFIX}{tag}-{self.final.name}")
-        self.journal = self.final.with_name(f"{TMP_PREFIX}{tag}-{self.final.name}.journal")
+        name = temp_name(tag, self.final.name, reserve=len(JOURNAL_SUFFIX))
+        self.tmp = self.final.with_name(name)
+        self.journal = self.final.with_name(name + JOURNAL_SUFFIX)
         self._fd: int | None = None
         self._jfd: int | None = None
         self._header_written = False
@@ -223,7 +229,15 @@ class FileSink:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # tells sweepers it is alive
             return header, extents
         except OSError as exc:
-            raise StorageFailure(f"{self.tmp}: {exc.strerror or exc}") from None
+            raise self._failure(self.tmp, exc) from None
+
+    def _failure(self, path: Path, exc: OSError) -> FetchError | StorageFailure:
+        if exc.errno in NAME_ERRNOS:
+            return FetchError(
+                f"{self.final}: cannot be stored under this name ({exc.strerror}): it is too long, or another item "
+                f"needs a path component as a file and a directory at once; exclude one of them", Kind.PERMANENT, "storage",
+            )
+        return StorageFailure(f"{path}: {exc.strerror or exc}")
 
     def _read_journal(self) -> tuple[dict[str, Any] | None, list[tuple[int, int]]]:
         assert self._jfd is not None
@@ -346,7 +360,7 @@ class FileSink:
                 os.replace(self.tmp, self.final)
                 size, sha = digests.size, digests.sha256
         except OSError as exc:
-            raise StorageFailure(f"{self.final}: {exc.strerror or exc}") from None
+            raise self._failure(self.final, exc) from None
         self._cleanup()
         return size, sha
 
@@ -407,7 +421,7 @@ def sweep_abandoned_temporaries(directory: Path) -> int:
         if not path.is_file():
             continue
         resumable = path.name.startswith(f"{prefix}-")
-        lock_path = path if not resumable or path.name.endswith(".journal") else path.with_name(path.name + ".journal")
+        lock_path = path if not resumable or path.name.endswith(JOURNAL_SUFFIX) else path.with_name(path.name + JOURNAL_SUFFIX)
         try:
             fd = os.open(lock_path, os.O_RDONLY)
         except FileNotFoundError:
@@ -584,7 +598,6 @@ class ItemTransfer:
         self.attempt = 1
         self.single_stream = False  # no parts: the server ignores ranges, or versions keep changing
         self.changes = 0
-        self.size_override: int | None = None
         self.received_total = 0
         self.sink: FileSink | StreamSink | None = None
         self.parts: list[Part] = []
@@ -594,8 +607,6 @@ class ItemTransfer:
 
     @property
     def planned_size(self) -> int | None:
-        if self.size_override is not None:
-            return self.size_override
         return self.item.size if self.item.meta.get("size_known", True) else None
 
     def begin(self) -> None:
@@ -603,11 +614,18 @@ class ItemTransfer:
         total = self.planned_size
         self.sink = make_sink(self.root, self.dest_key, total, self.gunzip, self.settings.threshold)
         header, extents = self.sink.open()
+        # the version planning saw: sent with the first request, and checked in its response
+        self.planned = self.source.planned_validator(self.item)
         self.validator: Validator | None = None
-        if header is not None and header.get("size") == total and header.get("source") == self.item.source:
+        resumable = header is not None and header.get("size") == total and header.get("source") == self.item.source
+        if resumable:
+            assert header is not None
             tag = Validator(str(header.get("etag") or ""), str(header.get("last_modified") or ""))
-            self.validator = tag if tag.tag else None
-        elif header is not None or extents:
+            if self.planned is None or self.planned.same_version(tag):
+                self.validator = tag if tag.tag else None
+            else:
+                resumable = False  # bytes of a version other than the planned one
+        if not resumable and (header is not None or extents):
             self.sink.reset()
             extents = []
         if header is None:
@@ -724,7 +742,7 @@ class ItemTransfer:
                 # a single stream asks for "the rest" (no end): from byte 0 that is a plain GET,
                 # whose whole-body checksum headers (Content-MD5) then apply
                 end = None if len(self.parts) == 1 else part.end
-                body = self.source.open(self.item, part.received, end, self.validator)
+                body = self.source.open(self.item, part.received, end, self.validator or self.planned)
                 self._accept(part, body)
                 expected_end = None if body.length is None else part.received + body.length
                 while True:
@@ -779,12 +797,16 @@ class ItemTransfer:
         where = self.item.source
         with self.lock:
             if body.total is not None and self.total is not None and body.total != self.total:
-                self.size_override = body.total
+                if self.planned_size is not None:
+                    raise self._not_planned_size(body.total)
+                # the size the first response fixed changed: another version
                 raise FetchError(f"{where}: size is now {body.total}, expected {self.total}", Kind.RESTART, "changed")
             if not body.ranged and self.multipart:
                 self.single_stream = True
                 raise FetchError(f"{where}: the server ignores byte ranges", Kind.RESTART, "no_ranges")
             if self.validator is None:
+                if self.planned is not None and not self.planned.same_version(body.validator):
+                    raise FetchError(f"{where}: not the version planning saw", Kind.RESTART, "changed")
                 if body.validator.tag:
                     self.validator = body.validator
             elif body.validator.tag and body.validator.tag != self.validator.tag:
@@ -805,6 +827,18 @@ class ItemTransfer:
                     self.hashing = True
         if first and kick:
             self._hash_loop(None)
+
+    def _not_planned_size(self, got: int) -> FetchError:
+        """The planned size is authoritative: bytes of another size are never stored under
+        this plan entry (its record would make every rerun skip them). A size from the
+        configuration cannot change by waiting; one that planning learnt may be a passing
+        error page, or a source that changed since planning."""
+        where = self.item.source
+        if self.item.meta.get("size_origin") == "config":
+            return FetchError(f"{where}: the source serves {got} bytes, but the configured size is {self.planned_size}; "
+                              f"correct or remove `size`", Kind.PERMANENT, "size")
+        return FetchError(f"{where}: the source serves {got} bytes, but planning found {self.planned_size}; if the "
+                          f"source changed since planning, bump planGeneration to plan again", Kind.TRANSIENT, "size")
 
     def _deliver(self, part: Part, data: bytes) -> None:
         assert self.sink is not None
@@ -929,13 +963,17 @@ class ItemTransfer:
             try:
                 self.begin()
             except (FetchError, StorageFailure) as exc:
-                self._on_done(self._failed(exc, getattr(exc, "reason", "storage"), "transient"))
+                kind = "permanent" if getattr(exc, "kind", None) is Kind.PERMANENT else "transient"
+                self._on_done(self._failed(exc, getattr(exc, "reason", "storage"), kind))
                 return
             self.launch()
             return
         if error.kind is Kind.RESTART:
             # a mismatch that survives every attempt is the source's problem, not the network's
             kind = "transient" if error.reason == "changed" else "permanent"
+            if error.reason == "changed":
+                error = FetchError(f"{error} (it is not the version planned; if the source was replaced, bump "
+                                   f"planGeneration to plan again)", error.kind, error.reason)
             self.sink.discard()
         else:
             kind = error.kind.value
@@ -989,7 +1027,7 @@ class ItemTransfer:
         start, end = (total - 1, total) if total > 0 else (0, None)
         self.stats.request(+1)
         try:
-            body = self.source.open(self.item, start, end, self.validator)
+            body = self.source.open(self.item, start, end, self.validator or self.planned)
             try:
                 self._accept(None, body)
             finally:

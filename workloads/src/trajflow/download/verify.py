@@ -41,11 +41,12 @@ from typing import Any, Mapping
 from trajflow.download.failures import FetchError, Kind
 from trajflow.plan import Item
 from trajflow.storage import LocalStorage, Storage
-from trajflow.storage.local import TMP_PREFIX
+from trajflow.storage.local import temp_name
 
 log = logging.getLogger(__name__)
 
 RECORD_PREFIX = "raw/.trajflow-verified/"
+RECORD_SUFFIX = ".json"
 RECORD_VERSION = 1
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -234,7 +235,7 @@ class Record:
 
 
 def record_key(item_key: str) -> str:
-    return f"{RECORD_PREFIX}{item_key}.json"
+    return f"{RECORD_PREFIX}{item_key}{RECORD_SUFFIX}"
 
 
 def read_record(storage: Storage, item_key: str) -> Record | None:
@@ -262,7 +263,7 @@ def write_record(storage: Storage, record: Record) -> None:
     if isinstance(storage, LocalStorage):
         final = storage.local_path(key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:16]}-{final.name}")
+        tmp = final.with_name(temp_name(uuid.uuid4().hex[:16], final.name))
         try:
             tmp.write_bytes(data)
             os.replace(tmp, final)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import uuid
 from pathlib import Path
@@ -13,6 +14,20 @@ from trajflow.storage.base import INTERNAL_PREFIX, ObjectInfo, Storage, check_ke
 # Temporaries sit next to their final name, hidden behind the internal prefix that
 # listings skip on every backend.
 TMP_PREFIX = f"{INTERNAL_PREFIX}tmp-"
+
+
+# The longest file name ext4, XFS and NFS accept, in bytes.
+NAME_MAX = 255
+
+
+def temp_name(tag: str, name: str, reserve: int = 0) -> str:
+    """`.trajflow-tmp-<tag>-<name>`, with a digest in place of `name` when that (plus
+    `reserve` bytes of suffix) would exceed NAME_MAX: a name the filesystem accepts must
+    never fail because of the prefix a temporary adds. Deterministic for a given name."""
+    full = f"{TMP_PREFIX}{tag}-{name}"
+    if len(full.encode()) + reserve <= NAME_MAX:
+        return full
+    return f"{TMP_PREFIX}{tag}-{hashlib.sha256(name.encode()).hexdigest()[:32]}"
 
 
 def is_temporary(name: str) -> bool:
@@ -144,7 +159,7 @@ class LocalStorage(Storage):
             os.close(fd)
 
     def _temp_path(self, final: Path) -> Path:
-        return final.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:16]}-{final.name}")
+        return final.with_name(temp_name(uuid.uuid4().hex[:16], final.name))
 
     @contextlib.contextmanager
     def writer(self, key: str) -> Iterator[BinaryIO]:

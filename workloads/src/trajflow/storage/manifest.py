@@ -7,7 +7,8 @@
     <root>/train/checkpoints/, train/artifacts/
 
 A shard is done iff its manifest exists and records the shard count the consumer expects
-(a manifest of another shard count belongs to an earlier sharding of the run).
+(a manifest of another shard count belongs to an earlier sharding of the run) and, for
+downloads, the plan in use (`trajflow wait` compares it with `plan/download.json`).
 """
 from __future__ import annotations
 

@@ -3,11 +3,15 @@
 A manifest counts only when it belongs to the sharding the waiter expects: with
 `--expect-shards N` its recorded shard count must be N. A manifest left by an earlier run
 with another shard count keeps the gate closed until the upstream shard rewrites it; a
-timeout names those stale manifests and why.
+timeout names those stale manifests and why. Download manifests must also record the plan
+in use (`plan/download.json`, written by every download pod when it plans): with the same
+shard count, a new plan moves items between shard directories, so a manifest of the
+earlier plan may list files that are gone.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import random
 import re
@@ -16,7 +20,7 @@ from typing import Any, Callable
 
 from trajflow.errors import ConfigError, TrajflowError, WaitTimeout
 from trajflow.storage.base import Storage
-from trajflow.storage.manifest import STAGE_DIRS, done_shards, manifest_key, read_manifest
+from trajflow.storage.manifest import PLAN_KEY, STAGE_DIRS, done_shards, manifest_key, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +65,10 @@ def stale_reason(doc: dict[str, Any], expected: dict[str, Any]) -> str | None:
     return "records " + " and ".join(wrong) if wrong else None
 
 
-def _fatal(exc: Exception, where: str) -> TrajflowError | None:
-    """The error to stop with when polling cannot succeed by waiting longer; None when the
-    poll may just be retried (network trouble, a 5xx)."""
+def fatal_storage_error(exc: Exception, where: str) -> TrajflowError | None:
+    """The error to stop with when reading the run root cannot succeed by trying again
+    (no or refused credentials, access denied: exit 2); None when it may just be retried
+    (network trouble, a 5xx). The downloader classifies its run-root errors with it too."""
     if isinstance(exc, TrajflowError):
         return exc
     from botocore import exceptions as boto_errors
@@ -90,6 +95,20 @@ def _fatal(exc: Exception, where: str) -> TrajflowError | None:
     if isinstance(exc, PermissionError):
         return ConfigError(f"cannot read {where}: {_one_line(exc)}")
     return None
+
+
+def plan_in_use(storage: Storage, stage: str, expect_shards: int | None) -> dict[str, Any]:
+    """What a download manifest must record to belong to the plan in use (nothing for a
+    stage without a plan, no plan yet, or a plan of another shard count than expected)."""
+    if stage != "download" or not storage.exists(PLAN_KEY):
+        return {}
+    try:
+        doc = json.loads(storage.read_bytes(PLAN_KEY))
+    except (ValueError, FileNotFoundError):
+        return {}  # being replaced, or unreadable: the shard count alone decides
+    if not isinstance(doc, dict) or (expect_shards is not None and doc.get("shards") != expect_shards):
+        return {}
+    return {"generation": doc.get("generation"), "plan_fingerprint": doc.get("fingerprint")}
 
 
 def wait_for_shards(
@@ -131,6 +150,7 @@ def wait_for_shards(
     while True:
         try:
             listed = done_shards(storage, stage) & shards
+            current = {**expected, **plan_in_use(storage, stage, expect_shards)}
             accepted &= listed  # a manifest removed by a rerun upstream no longer counts
             polled: dict[int, str] = {}
             for shard in sorted(listed - accepted):
@@ -141,14 +161,14 @@ def wait_for_shards(
                     continue
                 if doc is None:
                     continue  # removed since the listing
-                reason = stale_reason(doc, expected)
+                reason = stale_reason(doc, current)
                 if reason is None:
                     accepted.add(shard)
                 else:
                     polled[shard] = reason
             stale, last_error = polled, None
         except Exception as exc:
-            fatal = _fatal(exc, where)
+            fatal = fatal_storage_error(exc, where)
             if fatal is not None:
                 raise fatal from None
             if last_error is None:
