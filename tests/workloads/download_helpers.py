@@ -13,6 +13,7 @@ If-Match, and a per-path script of faults consumed one per GET:
     "corrupt"       one byte of the body flipped
     "ignore-range"  a 200 with the whole body even when a range was asked for
     "page"          a 200 with a short HTML page instead of the object (a hub's error page)
+    "<fault>+change"  that fault, then the object's data becomes its `changed_to` (a new version)
 
 An object added with `encoding="gzip"` is sent compressed with `Content-Encoding: gzip`
 whatever the client asks for (a misconfigured proxy); HEAD reports the identity length.
@@ -49,7 +50,8 @@ class ServedObject:
     head_allowed: bool = True
     flapping_etag: bool = False  # a new ETag on every request (CDN nodes that disagree)
     encoding: str = ""  # Content-Encoding forced on every GET
-    last_modified: str = "Sun, 01 Nov 2026 00:00:00 GMT"
+    last_modified: str = "Sun, 01 Nov 2026 00:00:00 GMT"  # "": no Last-Modified header
+    changed_to: bytes = b""  # the data after a "+change" fault
     served: int = 0
 
 
@@ -81,16 +83,20 @@ class FaultyServer:
 
     def add(self, path: str, data: bytes, *, etag: bool = True, content_md5: bool | str = False,
             repr_digest: bool | str = False, accept_ranges: bool = True, head_allowed: bool = True,
-            encoding: str = "", last_modified: str = "") -> str:
-        """Serve `data` at `path`; returns the URL. A str for a checksum sends that value."""
+            encoding: str = "", last_modified: str = "", validators: bool = True,
+            changed_to: bytes = b"") -> str:
+        """Serve `data` at `path`; returns the URL. A str for a checksum sends that value.
+        validators=False: neither ETag nor Last-Modified is sent."""
         md5 = base64.b64encode(hashlib.md5(data).digest()).decode() if content_md5 is True else (content_md5 or "")
         digest = (
             f"sha-256=:{base64.b64encode(hashlib.sha256(data).digest()).decode()}:" if repr_digest is True else (repr_digest or "")
         )
         self.objects[path] = ServedObject(
             data, f'"{hashlib.md5(data).hexdigest()}"' if etag else "", md5, digest, accept_ranges, head_allowed,
-            encoding=encoding, **({"last_modified": last_modified} if last_modified else {}),
+            encoding=encoding, **({"last_modified": last_modified} if last_modified else {}), changed_to=changed_to,
         )
+        if not validators:
+            self.objects[path].etag = self.objects[path].last_modified = ""
         return self.url(path)
 
     def script(self, path: str, *actions: str) -> None:
@@ -214,7 +220,8 @@ def _make_handler(server: FaultyServer) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", "application/octet-stream")
             if obj.etag:
                 self.send_header("ETag", obj.etag)
-            self.send_header("Last-Modified", obj.last_modified)
+            if obj.last_modified:
+                self.send_header("Last-Modified", obj.last_modified)
             self.send_header("Accept-Ranges", "bytes" if obj.accept_ranges else "none")
             if obj.repr_digest:
                 self.send_header("Repr-Digest", obj.repr_digest)
@@ -229,7 +236,7 @@ def _make_handler(server: FaultyServer) -> type[BaseHTTPRequestHandler]:
             with server._lock:
                 server.started.append(self.path)
             obj = server.objects.get(self.path)
-            action = server._next_action(self.path)
+            action, _, then = server._next_action(self.path).partition("+")
             if action in ("500", "503", "429", "404", "403"):
                 extra = {"Retry-After": "0"} if action in ("429", "503") else None
                 self._status_only(int(action), extra)
@@ -299,6 +306,8 @@ def _make_handler(server: FaultyServer) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 sent = max(sent, getattr(self, "_sent", 0))
             finally:
+                if then == "change":
+                    obj.data = obj.changed_to
                 server._record(LoggedRequest("GET", self.path, self.headers.get("Range", ""), status, sent,
                                              self._condition()))
 

@@ -491,3 +491,90 @@ def test_a_file_another_item_left_at_the_gunzipped_name_is_not_adopted(server: F
     summary = run(other, make_config([{"type": "https", "name": "web", "urls": [v3]}], gunzip=True))
     assert summary.exit_code == 0 and summary.count("fetched") == 1
     assert raw_files(other) == {"web/matrix": b"x" * len(new)}
+
+
+@pytest.mark.parametrize("planned", ["head_says_none", "unknown"])
+def test_a_broken_stream_without_ranges_starts_over_within_the_retries(server: FaultyServer, tmp_path: Path,
+                                                                        planned: str) -> None:
+    data = payload(1_000_000, seed=21)
+    url = server.add("/norange.tsv", data, accept_ranges=False)
+    # a configured size skips HEAD: nothing says the server ignores ranges until a 200 answers one
+    entry: Any = url if planned == "head_says_none" else {"url": url, "size": len(data)}
+    server.script("/norange.tsv", "truncate", "truncate")
+    summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": [entry]}]))
+    assert summary.exit_code == 0, [r.error for r in summary.failed]
+    assert raw_files(tmp_path) == {"web/norange.tsv": data}
+    ranged = [r.range for r in server.requests("/norange.tsv") if r.range]
+    assert ranged == ([] if planned == "head_says_none" else ["bytes=500000-"])  # asked once at most
+
+
+@pytest.mark.parametrize("planned", ["head_says_none", "unknown"])
+def test_a_flaky_source_without_ranges_fails_transiently_naming_the_network(server: FaultyServer, tmp_path: Path,
+                                                                             planned: str) -> None:
+    data = payload(1_000_000, seed=22)
+    url = server.add("/norange.tsv", data, accept_ranges=False)
+    entry: Any = url if planned == "head_says_none" else {"url": url, "size": len(data)}
+    server.script("/norange.tsv", *["truncate"] * 8)  # more breaks than attempts (4)
+    config = make_config([{"type": "https", "name": "web", "urls": [entry]}])
+    summary = run(tmp_path, config)
+    assert summary.exit_code == ExitCode.TRANSIENT  # a retried pod can succeed: not FailIndex
+    (failed,) = summary.failed
+    assert (failed.kind, failed.reason) == ("transient", "truncated")
+    assert "ended early" in failed.error and "ignores byte ranges" not in failed.error
+    # each break counts once, no restart rounds on top (plus the one range request a 200 answers)
+    assert len(server.requests("/norange.tsv")) == (4 if planned == "head_says_none" else 5)
+
+
+def test_without_validators_a_broken_stream_starts_over_rather_than_splice_versions(server: FaultyServer,
+                                                                                   tmp_path: Path) -> None:
+    old, new = b"A" * 2_000_000, b"B" * 2_000_000
+    url = server.add("/export.csv", old, validators=False, changed_to=new)
+    server.script("/export.csv", "truncate+change")  # breaks off, then the file is replaced (same size)
+    summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": [url]}]))
+    assert summary.exit_code == 0
+    assert raw_files(tmp_path) == {"web/export.csv": new}
+    assert [r.range for r in server.requests("/export.csv")] == ["", ""]
+
+
+def _interrupted_single_stream(server: FaultyServer, tmp_path: Path, source: dict[str, Any]) -> int:
+    """A first run that leaves a journaled temporary of /big.bin (fetched as one stream: under
+    the multipart threshold, over the size worth resuming); returns the bytes it kept."""
+    server.script("/big.bin", "truncate")
+    first = run(tmp_path, make_config([source], multipartThresholdMib=20, retries={"attempts": 1, "backoffSeconds": 0.01}))
+    assert first.exit_code == ExitCode.TRANSIENT
+    assert len(hidden_files(tmp_path / "raw")) == 2  # the temporary and its journal
+    server.clear_log()
+    return first.bytes_received
+
+
+def test_without_validators_a_rerun_does_not_resume_the_journaled_bytes(server: FaultyServer, tmp_path: Path) -> None:
+    old, new = payload(16 * MiB + 1, seed=31), payload(16 * MiB + 1, seed=32)
+    url = server.add("/big.bin", old, validators=False)
+    source = {"type": "https", "name": "web", "urls": [url]}
+    assert _interrupted_single_stream(server, tmp_path, source) > 0
+    server.add("/big.bin", new, validators=False)  # replaced between the runs, same size
+    summary = run(tmp_path, make_config([source], multipartThresholdMib=20))
+    assert summary.exit_code == 0
+    assert raw_files(tmp_path) == {"web/big.bin": new}
+    assert [r.range for r in server.requests("/big.bin")] == [""]
+
+
+def test_without_validators_a_declared_checksum_still_allows_resuming(server: FaultyServer, tmp_path: Path) -> None:
+    data = payload(16 * MiB + 1, seed=33)
+    url = server.add("/big.bin", data, validators=False)
+    source = {"type": "https", "name": "web", "urls": [{"url": url, "sha256": hashlib.sha256(data).hexdigest()}]}
+    kept = _interrupted_single_stream(server, tmp_path, source)
+    summary = run(tmp_path, make_config([source], multipartThresholdMib=20))
+    assert summary.exit_code == 0
+    assert raw_files(tmp_path) == {"web/big.bin": data}
+    assert server.bytes_sent("/big.bin") == len(data) - kept  # the checksum would catch a splice
+
+
+def test_without_validators_parts_are_not_combined(server: FaultyServer, tmp_path: Path) -> None:
+    data = payload(12 * MiB, seed=34)
+    url = server.add("/big.bin", data, validators=False)
+    summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": [url]}]))
+    assert summary.exit_code == 0
+    assert raw_files(tmp_path) == {"web/big.bin": data}
+    assert summary.failures_by_reason.get("no_validator", 0) >= 1  # the first responses, then one stream
+    assert server.requests("/big.bin")[-1].range == "" and server.requests("/big.bin")[-1].bytes_sent == len(data)

@@ -182,6 +182,18 @@ def test_s3_run_root_never_shows_an_unverified_object(s3_storage: Any, server: F
     assert uploads == []  # the aborted upload leaves nothing behind
 
 
+def test_s3_run_root_starts_a_broken_stream_over_when_the_source_ignores_ranges(s3_storage: Any,
+                                                                               server: FaultyServer) -> None:
+    data = payload(3 * MiB, seed=12)
+    url = server.add("/norange.bin", data, accept_ranges=False)
+    server.script("/norange.bin", "truncate")
+    summary = ShardDownloader(s3_storage, make_config([{"type": "https", "name": "web", "urls": [url]}]), 0, 1).run()
+    assert summary.exit_code == ExitCode.OK, [r.error for r in summary.failed]
+    with s3_storage.open_read("raw/00000/web/norange.bin") as fh:
+        assert fh.read() == data  # the aborted upload's half is not part of it
+    assert [r.range for r in server.requests("/norange.bin")] == ["", ""]
+
+
 def test_credentials_the_run_root_refuses_are_a_config_error(s3_server: Any, s3_shared_bucket: str,
                                                              server: FaultyServer, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:

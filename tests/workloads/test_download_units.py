@@ -312,6 +312,20 @@ def test_gunzip_streams_multi_member_files_and_rejects_truncation() -> None:
         list(Gunzip().feed(b"plain text, not gzip"))
 
 
+@pytest.mark.parametrize("step", [1, 7, 1 << 20])
+def test_gunzip_ignores_nul_padding_after_a_member_as_gzip_does(step: int) -> None:
+    one, two = gzip.compress(b"row\n" * 1000), gzip.compress(b"more\n" * 10)
+    data = one + b"\0" * 512 + two + b"\0" * 3  # block-padded, between members and at the end
+    assert gzip.decompress(data) == b"row\n" * 1000 + b"more\n" * 10
+    gz = Gunzip()
+    out = b"".join(piece for i in range(0, len(data), step) for piece in gz.feed(data[i : i + step]))
+    gz.finish()
+    assert out == b"row\n" * 1000 + b"more\n" * 10
+    for bad in (b"\0" + one, one + b"\0\0garbage"):  # NULs only count as padding, and only after a member
+        with pytest.raises(ValueError, match="gzip"):
+            list(Gunzip().feed(bad))
+
+
 def test_resume_uses_only_contiguous_durable_bytes() -> None:
     extents = [(0, 10), (10, 25), (40, 50)]
     assert _contiguous(extents, 0, 100) == 25

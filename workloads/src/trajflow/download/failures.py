@@ -5,8 +5,9 @@ Three kinds decide what happens next:
   exponential backoff and full jitter; whatever remains at the end makes the pod exit 4.
 - PERMANENT: 401/403/404/410, other 4xx, a checksum that still does not match after every
   attempt, an unusable URL or certificate: never retried within a request; the pod exits 3.
-- RESTART: the object changed under us (412 on If-Match, 416, another size) or the server
-  ignores ranges: the item starts over from byte 0, which counts as an item attempt.
+- RESTART: the object changed under us (412 on If-Match, 416, another size), or the server
+  ignores ranges or sends no validator so its parts cannot be combined: the item starts over
+  from byte 0 (as one stream), which counts as an item attempt.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ class Kind(str, enum.Enum):
 # metric label values of trajflow_download_failures_total{reason}
 REASONS = (
     "timeout", "connection", "truncated", "server_error", "throttled", "not_found", "forbidden",
-    "client_error", "tls", "checksum", "size", "changed", "no_ranges", "busy", "gzip", "source_io", "storage",
+    "client_error", "tls", "checksum", "size", "changed", "no_ranges", "no_validator", "busy", "gzip", "source_io",
+    "storage",
 )
 
 

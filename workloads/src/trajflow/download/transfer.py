@@ -2,10 +2,13 @@
 
 An item is fetched as one stream, or — when it is larger than `multipartThresholdMiB` and
 the source serves ranges — as parallel ranged parts, all pinned to one version of the
-object with `If-Match` (or `If-Unmodified-Since`). The digests are computed in byte order
-while the bytes arrive: the worker whose bytes sit at the hashing frontier hashes them as
-they come; bytes that arrive ahead of the frontier are hashed when it reaches them (read
-back from the temporary file, or from memory for object-store roots).
+object with `If-Match` (or `If-Unmodified-Since`; a source with neither validator is fetched
+as one stream unless a declared checksum covers the file). A broken stream continues from
+its last byte only when it is pinned that way and the source serves ranges; otherwise it
+starts over from byte 0. The digests are computed in byte order while the bytes arrive:
+the worker whose bytes sit at the hashing frontier hashes them as they come; bytes that
+arrive ahead of the frontier are hashed when it reaches them (read back from the temporary
+file, or from memory for object-store roots).
 
 Where the bytes go (the sink):
 - filesystem root: a hidden temporary next to the final path, `.trajflow-tmp-dl-<name>`
@@ -15,7 +18,8 @@ Where the bytes go (the sink):
   written (a line per MiB or so), with a `sync` line after each fdatasync (every 64 MiB or
   10 s) and a `boot <id>` line from each process that appends. A rerun resumes every part
   from the journaled extents, after checking with `If-Match` that the object is the same
-  version. Extents after the last `sync` are trusted only on the machine that wrote them
+  version (a journal naming no validator is trusted only when a declared checksum will
+  verify the file). Extents after the last `sync` are trusted only on the machine that wrote them
   since its last boot: a killed process leaves its writes in the page cache, a crashed
   node may not. The journal is flock()ed, so two processes never write one temporary.
   Items under 16 MiB (or the multipart threshold) use a throw-away temporary instead.
@@ -49,7 +53,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from trajflow.storage.local import fsync_dir
 from trajflow.download.failures import Backoff, FetchError, Kind, StorageFailure
 from trajflow.download.http import Body, Validator
-from trajflow.download.verify import Digests, Expected, Record, item_fingerprint, write_record
+from trajflow.download.verify import Digests, Expected, Record, declared_checksums, item_fingerprint, write_record
 from trajflow.plan import Item
 from trajflow.storage import Storage
 from trajflow.storage.local import TMP_PREFIX, LocalStorage, temp_name
@@ -162,9 +166,15 @@ class Gunzip:
     def __init__(self) -> None:
         self._d = zlib.decompressobj(wbits=31)
         self._mid_member = False
+        self._members = 0
 
     def feed(self, data: bytes) -> Iterator[bytes]:
         while data:
+            if self._members and not self._mid_member:
+                # NUL padding after a member (block-aligned exports): gzip(1) and CPython skip it
+                data = data.lstrip(b"\0")
+                if not data:
+                    break
             try:
                 out = self._d.decompress(data, GUNZIP_OUT_CHUNK)
             except zlib.error as exc:
@@ -176,6 +186,7 @@ class Gunzip:
                 data = self._d.unused_data
                 self._d = zlib.decompressobj(wbits=31)
                 self._mid_member = False
+                self._members += 1
             else:
                 data = self._d.unconsumed_tail
 
@@ -575,6 +586,10 @@ class ItemResult:
         return self.record is not None
 
 
+def _checks_whole_file(expected: Expected) -> bool:
+    return bool(expected.sha256 or expected.md5)
+
+
 def _contiguous(extents: list[tuple[int, int]], start: int, end: int | None) -> int:
     """How far from `start` the journaled extents cover without a gap (capped at `end`)."""
     pos = start
@@ -597,6 +612,8 @@ class ItemTransfer:
         self.lock = threading.Lock()
         self.attempt = 1
         self.single_stream = False  # no parts: the server ignores ranges, or versions keep changing
+        self.ranges_ignored = False  # a 200 answered a range request: a broken stream starts over
+        self.last_error: FetchError | None = None  # the last network failure, for the final message
         self.changes = 0
         self.received_total = 0
         self.sink: FileSink | StreamSink | None = None
@@ -621,10 +638,12 @@ class ItemTransfer:
         if resumable:
             assert header is not None
             tag = Validator(str(header.get("etag") or ""), str(header.get("last_modified") or ""))
-            if self.planned is None or self.planned.same_version(tag):
-                self.validator = tag if tag.tag else None
-            else:
+            if self.planned is not None and not self.planned.same_version(tag):
                 resumable = False  # bytes of a version other than the planned one
+            elif not tag.headers() and not _checks_whole_file(declared_checksums(self.item)):
+                resumable = False  # nothing proves the bytes on disk are of the version served now
+            else:
+                self.validator = tag if tag.tag else None
         if not resumable and (header is not None or extents):
             self.sink.reset()
             extents = []
@@ -640,7 +659,7 @@ class ItemTransfer:
         self.running = 0
         parallel = (
             total is not None and total > self.settings.threshold and not self.single_stream
-            and self.source.supports_ranges(self.item) is not False
+            and not self.ranges_ignored and self.source.supports_ranges(self.item) is not False
         )
         if parallel:
             assert total is not None
@@ -732,9 +751,12 @@ class ItemTransfer:
         attempts, backoff = self.settings.attempts, self.settings.backoff
         part.noted_at = time.monotonic()
         failures = 0
+        furthest = part.received  # a retry counts as progress only past this
         while not part.complete():
             if self.cancelled:
                 raise _Cancelled
+            if part.received > part.start and len(self.parts) == 1 and not self._can_resume():
+                self._start_over(part)
             progressed = False
             body: Body | None = None
             self.stats.request(+1)
@@ -755,7 +777,7 @@ class ItemTransfer:
                     if not data:
                         break
                     self._deliver(part, data)
-                    progressed = True
+                    progressed = part.received > furthest
                 if expected_end is not None and part.received < expected_end:
                     raise FetchError(
                         f"{self.item.source}: body ended at byte {part.received} of {expected_end}", Kind.TRANSIENT, "truncated"
@@ -771,9 +793,15 @@ class ItemTransfer:
                 body = None
             except FetchError as exc:
                 self.stats.failure(exc.reason)
+                if exc.reason == "no_ranges":
+                    self.ranges_ignored = self.single_stream = True
+                    if len(self.parts) == 1:
+                        continue  # the next request starts over from byte 0 (at most once: no Range then)
                 if not exc.transient:
                     raise
+                self.last_error = exc
                 failures = 0 if progressed else failures
+                furthest = max(furthest, part.received)
                 failures += 1
                 if failures >= attempts:
                     raise
@@ -785,6 +813,33 @@ class ItemTransfer:
                 self.stats.request(-1)
                 if body is not None:
                     body.close()
+
+    def _pinned(self, expected: Expected | None) -> bool:
+        """Whether bytes from separate requests provably belong to one version: a validator
+        for If-Match / If-Unmodified-Since, or a checksum of the whole file that would catch
+        two versions spliced together."""
+        validator = self.validator or self.planned
+        if validator is not None and validator.headers():
+            return True
+        return _checks_whole_file(expected if expected is not None else declared_checksums(self.item))
+
+    def _can_resume(self) -> bool:
+        """Whether the only stream may continue from the bytes it has (else it starts over)."""
+        if self.ranges_ignored or self.source.supports_ranges(self.item) is False:
+            return False
+        return self._pinned(self.expected)
+
+    def _start_over(self, part: Part) -> None:
+        """Drop the only stream's bytes and digests: the next request fetches from byte 0."""
+        assert self.sink is not None
+        self.sink.reset()
+        with self.lock:
+            part.received = part.noted = part.start
+            part.buffer.clear()
+            self.hashed = 0
+            # a fresh start may take whichever version is served now (planning's still applies)
+            self.validator = None
+            self.digests = self.expected = None  # set again by the next response
 
     def _note(self, part: Part) -> None:
         if self.sink is not None and not self.sink.buffered and part.received > part.noted:
@@ -802,7 +857,7 @@ class ItemTransfer:
                 # the size the first response fixed changed: another version
                 raise FetchError(f"{where}: size is now {body.total}, expected {self.total}", Kind.RESTART, "changed")
             if not body.ranged and self.multipart:
-                self.single_stream = True
+                self.single_stream = self.ranges_ignored = True
                 raise FetchError(f"{where}: the server ignores byte ranges", Kind.RESTART, "no_ranges")
             if self.validator is None:
                 if self.planned is not None and not self.planned.same_version(body.validator):
@@ -811,6 +866,13 @@ class ItemTransfer:
                     self.validator = body.validator
             elif body.validator.tag and body.validator.tag != self.validator.tag:
                 raise FetchError(f"{where}: changed while being fetched", Kind.RESTART, "changed")
+            first = self.expected is None
+            expected = self.source.expected(self.item, body) if first else self.expected
+            if first and self.multipart and not self._pinned(expected):
+                # parts fetched apart could come from two versions, and nothing would notice
+                self.single_stream = True
+                raise FetchError(f"{where}: sends neither ETag nor Last-Modified to tie its parts to one version",
+                                 Kind.RESTART, "no_validator")
             if self.total is None and body.total is not None:
                 self.total = body.total
                 if part is not None and part.end is None:
@@ -818,9 +880,8 @@ class ItemTransfer:
             assert self.sink is not None
             # the journal names the planned size, which is what a rerun compares it with
             self.sink.start(self.planned_size, self.validator or body.validator, self.item.source)
-            first = self.expected is None
             if first:
-                self.expected = self.source.expected(self.item, body)
+                self.expected = expected
                 self.digests = Digests(md5=self.expected.needs_md5)
                 kick = not self.hashing and self._available() is not None
                 if kick:
@@ -953,7 +1014,7 @@ class ItemTransfer:
                 if self.changes >= 2:
                     # e.g. a CDN whose nodes disagree on the ETag: one response is one version
                     self.single_stream = True
-            if error.reason in ("changed", "checksum", "size", "gzip", "no_ranges"):
+            if error.reason in ("changed", "checksum", "size", "gzip", "no_ranges", "no_validator"):
                 self.sink.discard()  # those bytes are wrong or of another version
             else:
                 self.sink.close()
@@ -969,9 +1030,13 @@ class ItemTransfer:
             self.launch()
             return
         if error.kind is Kind.RESTART:
-            # a mismatch that survives every attempt is the source's problem, not the network's
-            kind = "transient" if error.reason == "changed" else "permanent"
-            if error.reason == "changed":
+            # a mismatch that survives every attempt is the source's problem, not the network's;
+            # a fallback to one stream is not a mismatch: what failed after it was the network
+            kind = "transient" if error.reason in ("changed", "no_ranges", "no_validator") else "permanent"
+            if error.reason in ("no_ranges", "no_validator") and self.last_error is not None:
+                # falling back to one stream only costs a fresh start; what failed is the network
+                error = FetchError(f"{self.last_error} (then: {error})", Kind.TRANSIENT, self.last_error.reason)
+            elif error.reason == "changed":
                 error = FetchError(f"{error} (it is not the version planned; if the source was replaced, bump "
                                    f"planGeneration to plan again)", error.kind, error.reason)
             self.sink.discard()
