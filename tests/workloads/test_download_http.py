@@ -493,13 +493,18 @@ def test_a_file_another_item_left_at_the_gunzipped_name_is_not_adopted(server: F
     assert raw_files(other) == {"web/matrix": b"x" * len(new)}
 
 
+def _source_without_ranges(server: FaultyServer, planned: str, seed: int) -> tuple[bytes, Any]:
+    """A file on a server that ignores ranges, and its URL entry. A configured size skips
+    HEAD: then nothing says the server ignores ranges until a 200 answers one."""
+    data = payload(1_000_000, seed=seed)
+    url = server.add("/norange.tsv", data, accept_ranges=False)
+    return data, (url if planned == "head_says_none" else {"url": url, "size": len(data)})
+
+
 @pytest.mark.parametrize("planned", ["head_says_none", "unknown"])
 def test_a_broken_stream_without_ranges_starts_over_within_the_retries(server: FaultyServer, tmp_path: Path,
                                                                         planned: str) -> None:
-    data = payload(1_000_000, seed=21)
-    url = server.add("/norange.tsv", data, accept_ranges=False)
-    # a configured size skips HEAD: nothing says the server ignores ranges until a 200 answers one
-    entry: Any = url if planned == "head_says_none" else {"url": url, "size": len(data)}
+    data, entry = _source_without_ranges(server, planned, seed=21)
     server.script("/norange.tsv", "truncate", "truncate")
     summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": [entry]}]))
     assert summary.exit_code == 0, [r.error for r in summary.failed]
@@ -511,9 +516,7 @@ def test_a_broken_stream_without_ranges_starts_over_within_the_retries(server: F
 @pytest.mark.parametrize("planned", ["head_says_none", "unknown"])
 def test_a_flaky_source_without_ranges_fails_transiently_naming_the_network(server: FaultyServer, tmp_path: Path,
                                                                              planned: str) -> None:
-    data = payload(1_000_000, seed=22)
-    url = server.add("/norange.tsv", data, accept_ranges=False)
-    entry: Any = url if planned == "head_says_none" else {"url": url, "size": len(data)}
+    _, entry = _source_without_ranges(server, planned, seed=22)
     server.script("/norange.tsv", *["truncate"] * 8)  # more breaks than attempts (4)
     config = make_config([{"type": "https", "name": "web", "urls": [entry]}])
     summary = run(tmp_path, config)
