@@ -54,6 +54,17 @@ def test_parquet_variable_lists_unsorted_rows_and_several_episodes():
     np.testing.assert_array_equal(e1.frames[:, 3], [10, 11, 12])
 
 
+def test_parquet_index_columns_stored_as_whole_floats_are_read():
+    # pandas writes integer columns as floats at times; a fraction is not an index
+    table = pa.table({"episode_index": [0.0, 0.0, 1.0, 1.0], "frame_index": [0.0, 1.0, 0.0, 1.0],
+                      "timestamp": [0.0, 0.1, 0.0, 0.1], STATE: [1.0, 2.0, 3.0, 4.0], ACTION: [0.0] * 4})
+    out = _outcomes("lerobot", _parquet(table))
+    assert [o.episode for o in out] == ["0", "1"] and all(isinstance(o, RawEpisode) for o in out)
+    fractional = table.set_column(0, "episode_index", pa.array([0.0, 0.5, 1.0, 1.0]))
+    (bad,) = _outcomes("lerobot", _parquet(fractional))
+    assert bad.reason == readers.SHAPE_MISMATCH and "'episode_index' must hold whole numbers" in bad.detail
+
+
 def test_parquet_nulls_and_ragged_rows_quarantine_only_their_episode():
     table = pa.table({
         "episode_index": [0, 0, 1, 1, 2, 2],

@@ -660,8 +660,8 @@ def _malformed(kind: str, tmp_path: Path) -> tuple[str, bytes]:
     ("hdf5_string_times", "shape_mismatch", "timestamps have non-numeric dtype |S1"),
     ("hdf5_compound_times", "shape_mismatch", "timestamps have non-numeric dtype"),
     ("parquet_null_inside_a_list", "non_finite", "action[3, 1] is nan"),
-    ("parquet_null_episode_index", "shape_mismatch", "'episode_index' must hold integers without nulls"),
-    ("parquet_string_episode_index", "shape_mismatch", "'episode_index' must hold integers without nulls"),
+    ("parquet_null_episode_index", "shape_mismatch", "'episode_index' must hold whole numbers without nulls"),
+    ("parquet_string_episode_index", "shape_mismatch", "'episode_index' must hold whole numbers without nulls"),
     ("parquet_empty_time_lists", "shape_mismatch", "'timestamp' holds 0 values per row, not one"),
 ])
 def test_malformed_files_are_quarantined_not_a_crash(local_storage, tmp_path, kind, reason, detail):
@@ -708,19 +708,33 @@ def test_a_reader_failing_unexpectedly_quarantines_the_file_but_io_errors_stay_s
 
 def test_values_beyond_a_half_precision_dtype_are_quarantined_not_stored_as_inf(local_storage):
     rng = np.random.default_rng(6)
-    files = {f"src/ep{i}.npz": npz_bytes(**_npz_episode(rng)) for i in range(5)}
+    files = {f"src/ep{i}.npz": npz_bytes(**_npz_episode(rng)) for i in range(4)}
+    edge = _npz_episode(rng)
+    edge[STATE][:, 1] = 65510.0  # above float16's largest value, 65504, but it rounds down to it
+    files["src/edge.npz"] = npz_bytes(**edge)
     big = _npz_episode(rng)
-    big[STATE][7, 2] = 70000.0  # encoder counts, say: beyond float16's 65504
+    big[STATE][7, 2] = 70000.0  # encoder counts, say: rounds to inf in float16
     files["src/big.npz"] = npz_bytes(**big)
     publish_raw_shard(local_storage, 0, files)
     summary = process_shard(local_storage, 0, 1, stage_config(dtype="float16", max_bad_fraction=0.5))
     assert summary.episodes == 5 and summary.quarantined == {"non_finite": 1}
     (entry,) = json.loads(local_storage.read_bytes(report_key(0)))["entries"]
     assert entry["source"].endswith("big.npz")
-    assert entry["detail"].startswith(f"{STATE}[7, 2] = 70000 is beyond float16's range (+-65504)")
+    assert entry["detail"].startswith(f"{STATE}[7, 2] = 70000 rounds to inf in float16 (from +-65520 on)")
     reader = open_shard(local_storage.local_path(shard_key(0)))
     for i in range(len(reader.episodes)):
         assert torch.isfinite(reader.episode_tensor(i, STATE).float()).all()
+
+
+def test_lerobot_metadata_is_told_by_the_nearest_meta_or_data_directory():
+    from trajflow.preprocess.stage import _is_lerobot_metadata
+
+    assert _is_lerobot_metadata("raw/00000/lr/meta/tasks.parquet", "lerobot")
+    assert _is_lerobot_metadata("raw/00000/lr/pusht/meta/episodes/chunk-000/file-000.parquet", "lerobot")
+    # a dataset kept in a folder that happens to be called meta is data
+    assert not _is_lerobot_metadata("raw/00000/lr/meta/pusht/data/chunk-000/episode_000000.parquet", "lerobot")
+    assert not _is_lerobot_metadata("raw/00000/lr/episode_000000.parquet", "lerobot")
+    assert not _is_lerobot_metadata("raw/00000/src/meta/e0.npz", "npz")
 
 
 def test_only_os_errors_with_an_errno_are_storage_errors():
@@ -731,6 +745,11 @@ def test_only_os_errors_with_an_errno_are_storage_errors():
     # h5py's complaint about the bytes of a file, not the storage failing
     assert not _is_storage_error(OSError("Can't synchronously read data (address of object past end of allocation)"))
     assert not _is_storage_error(FileNotFoundError(errno.ENOENT, "gone"))
+    # botocore's timeouts are errno-less OSErrors, and storage errors all the same
+    from botocore.exceptions import ReadTimeoutError
+
+    timeout = ReadTimeoutError(endpoint_url="http://127.0.0.1:1/bucket")
+    assert isinstance(timeout, OSError) and timeout.errno is None and _is_storage_error(timeout)
 
 
 def test_a_lost_file_of_many_episodes_counts_by_its_bytes_against_max_bad_fraction(local_storage):

@@ -137,22 +137,6 @@ def test_split_is_by_episode_deterministic_and_never_empty(tmp_path: Path) -> No
         split_episodes(shards.episodes[:1], 0.5, seed=0)
 
 
-def test_split_does_not_change_when_the_raw_files_are_sharded_otherwise() -> None:
-    from trajflow.train.data import EpisodeRef
-
-    def layout(shards: int) -> list[EpisodeRef]:
-        per_shard: dict[int, list[str]] = {}
-        for j in range(24):  # the plan spreads the same files over another number of shards
-            per_shard.setdefault(j % shards, []).append(f"src/ep{j:02d}.npz#ep{j:02d}")
-        return [EpisodeRef(s, i, 0, 10, f"raw/{s:05d}/{name}") for s, names in sorted(per_shard.items())
-                for i, name in enumerate(names)]
-
-    def val_names(shards: int) -> set[str]:
-        return {e.name.split("/", 2)[2] for e in split_episodes(layout(shards), 0.25, seed=3)[1]}
-
-    assert len(val_names(2)) == 6 and val_names(2) == val_names(3) == val_names(5)
-
-
 def test_normalisation_statistics_come_from_the_training_split_only(tmp_path: Path) -> None:
     settings, storage = small_run(tmp_path, epochs=1, val_fraction=0.3)
     summary = train(settings)

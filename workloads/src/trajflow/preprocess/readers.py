@@ -299,10 +299,14 @@ def _list_column(col: Any, name: str) -> tuple[np.ndarray, np.ndarray | None, np
 
 
 def _index_column(col: Any, name: str) -> np.ndarray:
-    """An ``episode_index``/``frame_index`` column as int64; TypeError unless integers without nulls."""
+    """An ``episode_index``/``frame_index`` column as int64; TypeError unless whole numbers
+    without nulls (pandas writes integer columns as floats at times)."""
     values = col.to_numpy()
-    if col.null_count or not np.issubdtype(values.dtype, np.integer):
-        raise TypeError(f"column {name!r} must hold integers without nulls; it has type {col.type} and "
+    whole = np.issubdtype(values.dtype, np.integer) or (
+        np.issubdtype(values.dtype, np.floating) and bool(np.isfinite(values).all())
+        and bool((values == np.round(values)).all()))
+    if col.null_count or not whole:
+        raise TypeError(f"column {name!r} must hold whole numbers without nulls; it has type {col.type} and "
                         f"{col.null_count} null(s)")
     return values.astype(np.int64)
 

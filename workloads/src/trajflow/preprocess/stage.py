@@ -193,8 +193,13 @@ def dataset_hints(storage: Storage, keys: Sequence[str], shard: int) -> dict[str
 
 def _is_lerobot_metadata(key: str, fmt: str) -> bool:
     """A LeRobot dataset's ``meta/`` parquet files (v3.0: ``meta/episodes/...``,
-    ``meta/tasks.parquet``) describe its episodes: they hold no frames."""
-    return fmt == "lerobot" and "meta" in key.split("/")[3:-1]
+    ``meta/tasks.parquet``) describe its episodes: they hold no frames. The nearest
+    ``meta`` or ``data`` directory above the file decides, so a dataset that merely sits
+    in a folder called ``meta`` (``meta/pusht/data/...``) is still read."""
+    if fmt != "lerobot":
+        return False
+    nearest = [d for d in key.split("/")[3:-1] if d in ("meta", "data")]
+    return bool(nearest) and nearest[-1] == "meta"
 
 
 def _hint_for(key: str, hints: dict[str, tuple[str, float | None]]) -> tuple[str, float | None]:
@@ -226,9 +231,11 @@ def _is_storage_error(exc: BaseException) -> bool:
         return False
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
+    if type(exc).__module__.split(".")[0] in ("botocore", "boto3", "s3transfer", "urllib3"):
+        return True  # before the errno test: botocore's timeouts are errno-less OSErrors
     if isinstance(exc, OSError):  # an errno-less OSError is a parser's (h5py's) complaint about the bytes
         return exc.errno is not None
-    return type(exc).__module__.split(".")[0] in ("botocore", "boto3", "s3transfer", "urllib3")
+    return False
 
 
 # ---------------------------------------------------------------- quarantine report
@@ -747,21 +754,22 @@ class ShardProcessor:
                 shard_name(self.shard), manifest.get("rate_hz"), manifest.get("dtype"), cfg.target_rate_hz, cfg.dtype)
 
 
-# the largest finite value of the half-precision shard dtypes: beyond it a value is stored as inf
-_FINITE_MAX = {"float16": float(np.finfo(np.float16).max), "bfloat16": 3.3895313892515355e38}
+# from these magnitudes on, a value rounds to inf in the half-precision shard dtypes (half
+# way between the largest finite value and the next power of two: (2 - 2**-(mantissa+1)) * 2**emax)
+_INF_FROM = {"float16": (2 - 2**-11) * 2.0**15, "bfloat16": (2 - 2**-8) * 2.0**127}
 
 
 def _beyond_dtype(ep: RawEpisode, dtype: str) -> Quarantined | None:
     """The quarantine entry of an episode with a value the shard dtype cannot hold, else None.
     Resampling interpolates, so it never leaves the range of the raw values."""
-    limit = _FINITE_MAX.get(dtype)
-    if limit is None or not ep.frames.size or float(np.abs(ep.frames).max()) <= limit:
+    limit = _INF_FROM.get(dtype)
+    if limit is None or not ep.frames.size or float(np.abs(ep.frames).max()) < limit:
         return None
-    s, c = (int(v) for v in np.argwhere(np.abs(ep.frames) > limit)[0])
+    s, c = (int(v) for v in np.argwhere(np.abs(ep.frames) >= limit)[0])
     name, d = readers.column_owner(ep.dims, c)
     return Quarantined(ep.source, ep.episode, readers.NON_FINITE,
-                       f"{name}[{s}, {d}] = {float(ep.frames[s, c]):g} is beyond {dtype}'s range (+-{limit:g}) and "
-                       f"would be stored as inf (set preprocessing.config.dtype: float32)")
+                       f"{name}[{s}, {d}] = {float(ep.frames[s, c]):g} rounds to inf in {dtype} (from +-{limit:g} on); "
+                       f"set preprocessing.config.dtype: float32")
 
 
 def _sha256(data: bytes) -> str:

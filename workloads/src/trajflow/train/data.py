@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -44,7 +43,7 @@ class EpisodeRef:
     index: int  # episode number within the shard
     offset: int  # first row in the shard's stream arrays
     length: int
-    name: str  # "<source>#<episode>", the source being the raw key (under raw/<shard>/)
+    name: str  # "<source>#<episode>", stable across re-preprocessing
 
 
 @dataclass
@@ -145,22 +144,17 @@ def frames_needed(config: TrainConfig) -> int:
 
 def split_episodes(episodes: Sequence[EpisodeRef], val_fraction: float, seed: int) -> tuple[list[EpisodeRef], list[EpisodeRef]]:
     """Hold out round(val_fraction * n) episodes (at least one), chosen by a seeded hash of
-    their names: the same episodes on every rank, and independent of shard order and count."""
+    their names: the same episodes on every rank, and independent of shard order."""
     if len(episodes) < 2:
         raise PermanentError(
             f"{len(episodes)} episode(s) long enough for a sample; training needs at least 2 "
             "(one for training, one for validation)"
         )
 
-    # the identity of an episode is its raw file and episode id without the ``raw/<shard>/``
-    # directory, so the split survives a re-sharding; equal identities are numbered in order
-    seen: dict[str, int] = {}
-    scores: dict[tuple[int, int], bytes] = {}
-    for ep in sorted(episodes, key=lambda e: (e.shard, e.index)):
-        identity = re.sub(r"^raw/\d+/", "", ep.name)
-        n = seen[identity] = seen.get(identity, -1) + 1
-        scores[(ep.shard, ep.index)] = hashlib.sha256(f"{seed}:{identity}:{n}".encode()).digest()
-    ranked = sorted(episodes, key=lambda e: scores[(e.shard, e.index)])
+    def score(ep: EpisodeRef) -> bytes:
+        return hashlib.sha256(f"{seed}:{ep.name}:{ep.shard}:{ep.index}".encode()).digest()
+
+    ranked = sorted(episodes, key=score)
     n_val = min(max(1, round(val_fraction * len(ranked))), len(ranked) - 1)
     val = sorted(ranked[:n_val], key=lambda e: (e.shard, e.index))
     train = sorted(ranked[n_val:], key=lambda e: (e.shard, e.index))
