@@ -312,7 +312,7 @@ def test_the_writer_thread_a_gpu_uses_writes_the_same_bytes_and_hands_back_its_e
 
 
 def test_files_read_whole_are_prefetched_a_bounded_window_ahead(tmp_path, mixed, monkeypatch):
-    from trajflow.preprocess import readers, stage
+    from trajflow.preprocess import stage
 
     files, _ = mixed
     events: list[tuple[str, str]] = []
