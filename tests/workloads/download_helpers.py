@@ -50,6 +50,7 @@ class ServedObject:
     head_allowed: bool = True
     flapping_etag: bool = False  # a new ETag on every request (CDN nodes that disagree)
     encoding: str = ""  # Content-Encoding forced on every GET
+    stored_encoding: str = ""  # Content-Encoding of data stored compressed: on HEAD and GET, bytes as stored
     last_modified: str = "Sun, 01 Nov 2026 00:00:00 GMT"  # "": no Last-Modified header
     changed_to: bytes = b""  # the data after a "+change" fault
     served: int = 0
@@ -84,7 +85,7 @@ class FaultyServer:
     def add(self, path: str, data: bytes, *, etag: bool = True, content_md5: bool | str = False,
             repr_digest: bool | str = False, accept_ranges: bool = True, head_allowed: bool = True,
             encoding: str = "", last_modified: str = "", validators: bool = True,
-            changed_to: bytes = b"") -> str:
+            changed_to: bytes = b"", stored_encoding: str = "") -> str:
         """Serve `data` at `path`; returns the URL. A str for a checksum sends that value.
         validators=False: neither ETag nor Last-Modified is sent."""
         md5 = base64.b64encode(hashlib.md5(data).digest()).decode() if content_md5 is True else (content_md5 or "")
@@ -94,6 +95,7 @@ class FaultyServer:
         self.objects[path] = ServedObject(
             data, f'"{hashlib.md5(data).hexdigest()}"' if etag else "", md5, digest, accept_ranges, head_allowed,
             encoding=encoding, **({"last_modified": last_modified} if last_modified else {}), changed_to=changed_to,
+            stored_encoding=stored_encoding,
         )
         if not validators:
             self.objects[path].etag = self.objects[path].last_modified = ""
@@ -225,6 +227,8 @@ def _make_handler(server: FaultyServer) -> type[BaseHTTPRequestHandler]:
             self.send_header("Accept-Ranges", "bytes" if obj.accept_ranges else "none")
             if obj.repr_digest:
                 self.send_header("Repr-Digest", obj.repr_digest)
+            if obj.stored_encoding:
+                self.send_header("Content-Encoding", obj.stored_encoding)
             if whole and obj.content_md5:
                 self.send_header("Content-MD5", obj.content_md5)
 

@@ -297,3 +297,23 @@ def test_cli_on_a_missing_bucket_is_one_config_error_line(s3_server, tmp_path, c
     assert lines[0].startswith(
         "trajflow wait: error: cannot read s3://trajflow-missing-bucket/run-a/raw/_done: NoSuchBucket (")
     assert lines[0].endswith("the bucket does not exist: check global.storage.s3.bucket and endpoint")
+
+
+def test_the_plan_is_read_only_on_polls_with_new_manifests(local_storage, monkeypatch):
+    # the download plan can hold millions of items: not read on every poll of a long wait
+    local_storage.write_bytes("plan/download.json", b'{"shards": 4, "generation": 0, "fingerprint": "x"}')
+    reads: list[str] = []
+    read_bytes = local_storage.read_bytes
+    monkeypatch.setattr(local_storage, "read_bytes", lambda key: reads.append(key) or read_bytes(key))
+    fake = FakeClock()
+    write_manifest(local_storage, "download", 0, 3, [])
+
+    def upstream_progress() -> None:
+        if len(fake.sleeps) == 5:
+            write_manifest(local_storage, "download", 1, 3, [])
+
+    fake.on_sleep = upstream_progress
+    wait_for_shards(local_storage, "download", {0, 1}, timeout_s=3600, clock=fake.clock, sleep=fake.sleep,
+                    expect_shards=3)
+    assert len(fake.sleeps) == 5  # six polls
+    assert reads.count("plan/download.json") == 2  # the first poll and the one that saw shard 1

@@ -14,7 +14,8 @@ Every item's key is `<source name>/<relative path>`; it lands at `raw/<shard>/<k
   planned size and version are authoritative: a response of another size fails the item
   (permanently when the size is configured); the first GET asks for the version planning
   saw (If-Unmodified-Since, or If-Match without a Last-Modified) and its response must
-  name it. A response with a `Content-Encoding` fails.
+  name it. A `Content-Encoding` response of another size than planned (compressed on the
+  fly) fails.
 - `catalog`: a hub such as UCSC Xena: cohorts x categories through a URL template; each
   item lands at `<name>/<cohort>/<file name>` so cohorts never overwrite each other.
   Checksums the hub lists can be given per `<cohort>/<file name>`.
@@ -241,10 +242,13 @@ class HttpSource(SourceRuntime):
 
     def open(self, item: Item, start: int, end: int | None, validator: Validator | None) -> Body:
         body = self.client.get(item.source, start, end, validator, self._headers)
-        # identity was asked for: encoded bytes are not the file (nor what its checksums or
-        # ranges describe). S3 sources keep theirs: there the stored bytes are the object.
+        # identity was asked for: bytes a proxy compressed on the fly are not the file (nor what
+        # its checksums or ranges describe). A file stored compressed (an S3 object with
+        # Content-Encoding metadata, a static .gz) has that header whatever is asked, and keeps
+        # the size planning saw: those bytes are the file.
         encoding = body.headers.get("Content-Encoding", "").strip().lower()
-        if encoding not in ("", "identity"):
+        sized_as_planned = item.meta.get("size_known", True) and body.total == item.size
+        if encoding not in ("", "identity") and not sized_as_planned:
             body.close()
             raise FetchError(
                 f"{item.source}: the server answered with Content-Encoding: {encoding} although identity was asked "

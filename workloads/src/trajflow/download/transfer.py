@@ -615,6 +615,7 @@ class ItemTransfer:
         self.ranges_ignored = False  # a 200 answered a range request: a broken stream starts over
         self.last_error: FetchError | None = None  # the last network failure, for the final message
         self.changes = 0
+        self.fallbacks: set[str] = set()  # reasons this item already fell back to one stream for
         self.received_total = 0
         self.sink: FileSink | StreamSink | None = None
         self.parts: list[Part] = []
@@ -1007,8 +1008,13 @@ class ItemTransfer:
             self.sink.close()
             self._on_done(self._failed(error, "storage", "error"))
             return
-        if error.kind is Kind.RESTART and self.attempt < self.settings.attempts:
-            self.attempt += 1
+        # falling back from parts to one stream is a change of method, not a failed try: free, once per reason
+        fallback = error.reason in ("no_ranges", "no_validator") and error.reason not in self.fallbacks
+        if error.kind is Kind.RESTART and (fallback or self.attempt < self.settings.attempts):
+            if fallback:
+                self.fallbacks.add(error.reason)
+            else:
+                self.attempt += 1
             if error.reason == "changed":
                 self.changes += 1
                 if self.changes >= 2:
@@ -1020,7 +1026,8 @@ class ItemTransfer:
                 self.sink.close()
             log.warning("fetching %s again (attempt %d/%d): %s", self.item.key, self.attempt, self.settings.attempts, error)
             self.stats.retry()
-            time.sleep(self.settings.backoff.delay(self.attempt - 1))
+            if not fallback:
+                time.sleep(self.settings.backoff.delay(self.attempt - 1))
             try:
                 self.begin()
             except (FetchError, StorageFailure) as exc:

@@ -150,8 +150,9 @@ def wait_for_shards(
     while True:
         try:
             listed = done_shards(storage, stage) & shards
-            current = {**expected, **plan_in_use(storage, stage, expect_shards)}
             accepted &= listed  # a manifest removed by a rerun upstream no longer counts
+            # the plan can be large: read only on polls that have new manifests to judge
+            current = {**expected, **plan_in_use(storage, stage, expect_shards)} if listed - accepted else expected
             polled: dict[int, str] = {}
             for shard in sorted(listed - accepted):
                 try:
