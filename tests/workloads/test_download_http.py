@@ -597,3 +597,39 @@ def test_without_validators_parts_are_not_combined(server: FaultyServer, tmp_pat
     assert raw_files(tmp_path) == {"web/big.bin": data}
     assert summary.failures_by_reason.get("no_validator", 0) >= 1  # the first responses, then one stream
     assert server.requests("/big.bin")[-1].range == "" and server.requests("/big.bin")[-1].bytes_sent == len(data)
+
+
+def test_optional_missing_items_are_not_failed_attempts_but_required_ones_are(server: FaultyServer, tmp_path: Path) -> None:
+    """TrajflowDownloadErrorRatioHigh divides trajflow_download_failures_total by fetched items: an
+    optional source's 404/403 is the documented outcome "missing" and must not count as a failure
+    (a healthy run would read as a 50% error ratio); a required source's 404 still counts."""
+    from trajflow.download.failures import REASONS
+    from trajflow.metrics import download_metrics
+
+    def sample(m: Any, name: str, **labels: str) -> float:
+        value = m.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+    good = [server.add(f"/g{i}.bin", payload(2000 + i, seed=i)) for i in range(3)]
+    gone = server.add("/gone.bin", payload(500, seed=7))
+    server.script("/gone.bin", "403")  # HEAD answers while planning; every GET is refused
+    optional = {"type": "https", "name": "extra", "required": False,
+                "urls": [server.url("/nope0.bin"), server.url("/nope1.bin"), gone]}
+    config = make_config([{"type": "https", "name": "web", "urls": good}, optional])
+    metrics = download_metrics()
+    summary = ShardDownloader(LocalStorage(tmp_path / "a"), config, 0, 1, metrics).run()
+    assert summary.exit_code == ExitCode.OK, [r.error for r in summary.failed]
+    assert summary.count("missing") == 3 and summary.count("fetched") == 3
+    assert sample(metrics, "trajflow_download_items_total", outcome="missing") == 3
+    assert sample(metrics, "trajflow_download_items_total", outcome="fetched") == 3
+    assert sample(metrics, "trajflow_download_items_total", outcome="failed") == 0
+    assert {r: sample(metrics, "trajflow_download_failures_total", reason=r) for r in REASONS} == dict.fromkeys(REASONS, 0.0)
+    assert summary.failures_by_reason == {}
+
+    # the same 404 from a required source is a failed item and a failed attempt
+    required = {"type": "https", "name": "web", "urls": [good[0], server.url("/nope0.bin")]}
+    metrics = download_metrics()
+    summary = ShardDownloader(LocalStorage(tmp_path / "b"), make_config([required]), 0, 1, metrics).run()
+    assert summary.exit_code == ExitCode.PERMANENT
+    assert sample(metrics, "trajflow_download_items_total", outcome="failed") == 1
+    assert sample(metrics, "trajflow_download_failures_total", reason="not_found") == 1

@@ -31,6 +31,11 @@ REASONS = (
 )
 
 
+# an optional source's item that is not there (404/410) or not readable (401/403) is the
+# documented outcome "missing" (trajflow_download_items_total{outcome="missing"}), not a failure
+MISSING_REASONS = ("not_found", "forbidden")
+
+
 class FetchError(Exception):
     """One failed request or item, with what to do about it."""
 
@@ -43,6 +48,17 @@ class FetchError(Exception):
     @property
     def transient(self) -> bool:
         return self.kind is Kind.TRANSIENT
+
+
+def is_missing(kind: "Kind | str", reason: str, required: bool) -> bool:
+    """Whether a permanent error is an optional source's missing item rather than a failure."""
+    return not required and kind == Kind.PERMANENT and reason in MISSING_REASONS
+
+
+def counts_as_failure(exc: FetchError, required: bool) -> bool:
+    """Whether `exc` counts in trajflow_download_failures_total (failed attempts): every error but
+    an optional source's missing item, which counts once as items_total{outcome="missing"}."""
+    return not is_missing(exc.kind, exc.reason, required)
 
 
 class StorageFailure(Exception):

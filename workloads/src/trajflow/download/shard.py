@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from trajflow.config.download import DownloadConfig
-from trajflow.download.failures import Backoff, FetchError, Kind, StorageFailure
+from trajflow.download.failures import Backoff, FetchError, Kind, StorageFailure, counts_as_failure, is_missing
 from trajflow.download.sources import HttpClients, SourceRuntime, build_sources, list_all
 from trajflow.download.transfer import (
     ItemResult,
@@ -408,7 +408,8 @@ class ShardDownloader:
         try:
             transfer.begin()
         except FetchError as exc:
-            self.stats.failure(exc.reason)
+            if counts_as_failure(exc, source.required):
+                self.stats.failure(exc.reason)
             kind = "permanent" if exc.kind is Kind.PERMANENT else "transient"
             self._done(ItemResult(item, dest, "failed", error=str(exc), kind=kind, reason=exc.reason))
             return
@@ -489,8 +490,8 @@ class ShardDownloader:
 
     def _done(self, result: ItemResult) -> None:
         source = self.sources.get(result.item.key.split("/", 1)[0])
-        if (result.outcome == "failed" and result.kind == "permanent" and result.reason in ("not_found", "forbidden")
-                and source is not None and not source.required):
+        if (result.outcome == "failed" and source is not None
+                and is_missing(result.kind, result.reason, source.required)):
             result = dataclasses.replace(result, outcome="missing")
         with self._lock:
             self.results.append(result)

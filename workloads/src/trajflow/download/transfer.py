@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from trajflow.storage.local import fsync_dir
-from trajflow.download.failures import Backoff, FetchError, Kind, StorageFailure
+from trajflow.download.failures import Backoff, FetchError, Kind, StorageFailure, counts_as_failure
 from trajflow.download.http import Body, Validator
 from trajflow.download.verify import Digests, Expected, Record, declared_checksums, item_fingerprint, write_record
 from trajflow.plan import Item
@@ -793,7 +793,8 @@ class ItemTransfer:
                 body.close(reusable=True)
                 body = None
             except FetchError as exc:
-                self.stats.failure(exc.reason)
+                if counts_as_failure(exc, self.source.required):
+                    self.stats.failure(exc.reason)
                 if exc.reason == "no_ranges":
                     self.ranges_ignored = self.single_stream = True
                     if len(self.parts) == 1:
@@ -995,7 +996,7 @@ class ItemTransfer:
             try:
                 result = self._finalize()
             except (FetchError, StorageFailure) as exc:
-                if isinstance(exc, FetchError):
+                if isinstance(exc, FetchError) and counts_as_failure(exc, self.source.required):
                     self.stats.failure(exc.reason)
                 error = exc
             except _Cancelled:

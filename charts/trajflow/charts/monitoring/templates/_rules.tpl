@@ -215,13 +215,18 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
 {{- end }}{{ end }}
 {{- with $a.trainingLossPlateau }}{{ if .enabled }}
 - alert: TrajflowTrainingLossNotImproving
+  {{- /*
+  Epochs are counted as steps of the epoch gauge between non-zero values, so a resumed
+  process's jump from its unset 0 to the restored epoch is not a run of finished epochs;
+  a best validation loss of 0 is unset (before the first validation of a process), and
+  only a run still training (a live rank with end time 0) is judged.
+  */}}
   expr: |
-    max by (run) (
-        max_over_time(trajflow_train_epoch{{ $live }}[{{ .window }}])
-      - min_over_time(trajflow_train_epoch{{ $live }}[{{ .window }}])
-    ) >= {{ .minEpochs }}
+    max by (run) (changes((trajflow_train_epoch{{ $live }} > 0)[{{ .window }}:])) >= {{ .minEpochs }}
     and on (run)
-      max by (run) (changes(trajflow_train_best_val_loss{{ $live }}[{{ .window }}])) == 0
+      max by (run) (changes((trajflow_train_best_val_loss{{ $live }} > 0)[{{ .window }}:])) == 0
+    and on (run)
+      max by (run) (trajflow_stage_end_time_seconds{{ $live }}) == 0
   for: {{ .for }}
   labels:
     {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}

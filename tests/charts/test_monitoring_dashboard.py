@@ -1,0 +1,81 @@
+"""The dashboard's shard-state queries evaluated by `promtool test rules` on a crafted set of
+series (every variable at its default, All): a shard is one (run, stage, shard), so a finished
+earlier run does not hide the current run's shard, a retried training pod (the failed pod's
+pushed final values next to the new pod's scraped ranks) is running, not failed, and panels
+about running shards leave finished ones out."""
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from monitoring_helpers import dashboard_of, dashboard_queries, promtool, render_monitoring
+
+from trajflow.testing import requires_tool
+
+needs_promtool = requires_tool("promtool", why="it comes with the Debian package `prometheus` (ci/scripts/install-test-tools.sh)")
+
+PUSHED = 'namespace="trajflow", job="trajflow"'
+SCRAPED = 'namespace="trajflow", job="trajflow/trajflow-monitoring-training", pod="trajflow-training-0a1b2c3d-0-x2"'
+
+
+def _shard(labels: str, run: str, stage: str, shard: str, *, end: float, success: float, start: float,
+           progress: float, extra: str = "", **gauges: float) -> list[dict[str, str]]:
+    sel = f'{labels}, run="{run}", stage="{stage}", shard="{shard}"{extra}'
+    values = {"trajflow_stage_end_time_seconds": end, "trajflow_stage_success": success,
+              "trajflow_stage_start_time_seconds": start, "trajflow_stage_last_progress_time_seconds": progress, **gauges}
+    return [{"series": f"{name}{{{sel}}}", "values": f"{value:g}x10"} for name, value in values.items()]
+
+
+# evaluated at 5m: time() is 300
+SERIES: list[dict[str, str]] = [
+    # download: an earlier run's shard 0 finished well (still in the Pushgateway); the current
+    # run's shard 0 is running and its shard 1 failed
+    *_shard(PUSHED, "old", "download", "0", end=1000, success=1, start=5, progress=990),
+    *_shard(PUSHED, "new", "download", "0", end=0, success=0, start=100, progress=270),
+    *_shard(PUSHED, "new", "download", "1", end=200, success=0, start=100, progress=150),
+    # training: the first pod failed and pushed its final values; the retried pod is scraped
+    *_shard(PUSHED, "r1", "train", "0", end=100, success=0, start=10, progress=90, extra=', local_rank="0"'),
+    *_shard(SCRAPED, "r1", "train", "0", end=0, success=0, start=200, progress=280, extra=', local_rank="0"'),
+    # preprocessing: shards 0 and 1 finished (their last bandwidth stays pushed), shard 2 runs
+    *_shard(PUSHED, "r1", "preprocess", "0", end=250, success=1, start=20, progress=250,
+            trajflow_preprocess_bandwidth_bytes_per_second=1e9),
+    *_shard(PUSHED, "r1", "preprocess", "1", end=250, success=1, start=20, progress=250,
+            trajflow_preprocess_bandwidth_bytes_per_second=1e9),
+    *_shard(PUSHED, "r1", "preprocess", "2", end=0, success=0, start=60, progress=290,
+            trajflow_preprocess_bandwidth_bytes_per_second=1e9),
+]
+
+EXPECTED: dict[str, list[tuple[str, float]]] = {
+    "panel 'Shards running' A": [('{stage="download"}', 1), ('{stage="train"}', 1), ('{stage="preprocess"}', 1)],
+    "panel 'Shards succeeded' A": [('{stage="download"}', 1), ('{stage="preprocess"}', 2)],
+    "panel 'Shards failed' A": [('{stage="download"}', 1)],
+    "panel 'Time since last progress' A": [
+        ('{stage="download", shard="0"}', 30), ('{stage="train", shard="0"}', 20), ('{stage="preprocess", shard="2"}', 10)],
+    "panel 'Shard wall time' B": [
+        ('{stage="download", shard="0"}', 200), ('{stage="train", shard="0"}', 100), ('{stage="preprocess", shard="2"}', 240)],
+    "panel 'Preprocessing I/O' C": [("{}", 1e9)],
+}
+
+
+@needs_promtool
+def test_overview_and_running_shard_panels_count_each_run_stage_shard_once(tmp_path: Any) -> None:
+    queries = dict(dashboard_queries(dashboard_of(render_monitoring({}))))
+    assert set(EXPECTED) <= set(queries), set(EXPECTED) - set(queries)
+    spec = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "name": "dashboard shard states",
+            "interval": "1m",
+            "input_series": SERIES,
+            "promql_expr_test": [
+                {"expr": queries[where], "eval_time": "5m",
+                 "exp_samples": [{"labels": labels, "value": value} for labels, value in samples]}
+                for where, samples in EXPECTED.items()
+            ],
+        }],
+    }
+    (tmp_path / "dashboard_test.yaml").write_text(yaml.safe_dump(spec, sort_keys=False, width=1000))
+    result = promtool("test", "rules", "dashboard_test.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert "SUCCESS" in result.stdout
