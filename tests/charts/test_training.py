@@ -59,7 +59,7 @@ LAUNCHER_ARGS = [
     "--rdzv-backend=c10d",
     "--rdzv-endpoint=$(MASTER_ADDR):$(MASTER_PORT)",
     "--rdzv-id=$(JOB_NAME)",
-    "--rdzv-conf=join_timeout=1800",
+    "--rdzv-conf=join_timeout=1800,read_timeout=1800",
     "--max-restarts=3",
     "--local-addr=$(POD_IP)",
 ]
@@ -264,7 +264,7 @@ def test_the_pod_exits_with_its_workers_code(launcher, worker_codes, pod_code, f
     (options,) = launched
     assert (options.nnodes, options.nproc_per_node, options.max_restarts) == ("2", "8", 3)
     assert (options.rdzv_backend, options.rdzv_endpoint, options.rdzv_id) == ("c10d", store, job_name)
-    assert options.rdzv_conf == "join_timeout=1800" and options.local_addr == "10.4.0.17"
+    assert options.rdzv_conf == "join_timeout=1800,read_timeout=1800" and options.local_addr == "10.4.0.17"
     assert options.training_script_args[-3:] == ["train", "--config", str(config)]
     if launcher == "job":
         rule = next(r for r in workload["spec"]["podFailurePolicy"]["rules"] if r["action"] == "FailJob")
@@ -305,3 +305,22 @@ def test_metrics_ports_may_not_take_the_rendezvous_port():
         render([env_file("production")], {"training.rendezvous.port": 9403}, api_versions=PROMETHEUS_OPERATOR_APIS)
     with pytest.raises(helm.HelmRenderError, match="over 65535"):
         render([env_file("production")], {"training.config.metricsPort": 65530}, api_versions=PROMETHEUS_OPERATOR_APIS)
+
+
+@pytest.mark.parametrize("launcher", ["job", "pytorchjob"])
+def test_store_read_timeout_follows_the_join_timeout(launcher):
+    # c10d's store client times out after read_timeout (torch default 60 s): a worker pod
+    # whose store host (pod 0 / Master) is still Pending must wait as long as the join does,
+    # not exit 1 after a minute and burn a retry.
+    objs = render([env_file("production")], {"training.launcher": launcher,
+                                             "training.rendezvous.joinTimeoutSeconds": 900},
+                  api_versions=[*PROMETHEUS_OPERATOR_APIS, *KUBEFLOW_APIS])
+    if launcher == "job":
+        train = container(one(objs, "Job", "training"), "train")
+    else:
+        train = container(one(objs, "PyTorchJob", "training"), "pytorch")
+    (conf,) = [a for a in train["args"] if a.startswith("--rdzv-conf=")]
+    assert conf == "--rdzv-conf=join_timeout=900,read_timeout=900"
+    from torch.distributed.elastic.rendezvous.utils import _parse_rendezvous_config as parse_rendezvous_config
+    parsed = parse_rendezvous_config(conf.split("=", 1)[1])
+    assert parsed == {"join_timeout": "900", "read_timeout": "900"}

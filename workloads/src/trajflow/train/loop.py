@@ -335,6 +335,16 @@ class Trainer:
         st = self.state
         # the configured learning rate applies from here on, also when it changed since the checkpoint
         scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+        if resumed:
+            # The schedule's length is per_epoch * epochs of this world size; the restored
+            # last_epoch counts the checkpoint's steps, which differ when the world size (or the
+            # batches per epoch) changed. Put the schedule at the same point of the run and apply
+            # its learning rate now, not only from the next step.
+            scheduler.last_epoch = st.epoch * per_epoch + st.batch_in_epoch
+            lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+            for group, group_lr in zip(optimizer.param_groups, lrs):
+                group["lr"] = group_lr
+            scheduler._last_lr = lrs
         if not resumed:
             model.set_normalization(in_mean, in_std, out_mean, out_std)
             torch.manual_seed(cfg.seed + 1000 * dist.rank + 1)  # dropout differs per rank
@@ -500,33 +510,48 @@ class Trainer:
             log.error("model parameters differ between ranks after training", extra={"digests": digests})
         extra = {"parameter_digests": digests, "ranks_in_sync": in_sync, "data": data.describe()}
         summary = {**self.summary(model.spec), **extra}
+        # Rank 0 writes the model after the last training collective; the final all-reduce
+        # keeps every rank alive until it is written, so a failure there fails all ranks
+        # together (the launcher restarts the group, resume takes the final checkpoint)
+        # instead of leaving rank 0 alone with its peers gone and the Job without a model.
+        failure: BaseException | None = None
         if self.dist.is_main:
-            weights, epoch = model.state_dict(), st.epoch - 1
-            val_loss = st.history[-1]["val_loss"] if st.history else None  # the final weights' own loss
-            best = self.store.best()
-            while best is not None:  # resume verifies only the newest checkpoint: the best may be corrupt
-                try:
-                    weights, epoch, val_loss = self.store.load(best)["model"], best.epoch - 1, best.val_loss
-                    break
-                except CheckpointError as exc:
-                    log.warning("best checkpoint unusable, taking the next best: %s", exc)
-                    self.store.discard([best])
-                    best = self.store.best()
-            description = artifacts.model_description(
-                model.spec,
-                task=self.config.task,
-                input_stream=data.train.input_stream,
-                target_stream=data.train.target_stream,
-                rate_hz=data.shards.rate_hz,
-                epoch=epoch,
-                val_loss=val_loss,
-                config_hash=self.hash,
-                run_id=self.settings.global_.run_id,
-            )
-            artifacts.write_model(self.storage, weights, description)
-            self.write_progress(model.spec, extra, curve=True)
-            self._log("training finished", status=self.status, best_val_loss=st.best_val_loss,
-                      epochs=st.epoch, steps=st.step)
+            try:
+                weights, epoch = model.state_dict(), st.epoch - 1
+                val_loss = st.history[-1]["val_loss"] if st.history else None  # the final weights' own loss
+                best = self.store.best()
+                while best is not None:  # resume verifies only the newest checkpoint: the best may be corrupt
+                    try:
+                        weights, epoch, val_loss = self.store.load(best)["model"], best.epoch - 1, best.val_loss
+                        break
+                    except CheckpointError as exc:
+                        log.warning("best checkpoint unusable, taking the next best: %s", exc)
+                        self.store.discard([best])
+                        best = self.store.best()
+                description = artifacts.model_description(
+                    model.spec,
+                    task=self.config.task,
+                    input_stream=data.train.input_stream,
+                    target_stream=data.train.target_stream,
+                    rate_hz=data.shards.rate_hz,
+                    epoch=epoch,
+                    val_loss=val_loss,
+                    config_hash=self.hash,
+                    run_id=self.settings.global_.run_id,
+                )
+                artifacts.write_model(self.storage, weights, description)
+                self.write_progress(model.spec, extra, curve=True)
+                self._log("training finished", status=self.status, best_val_loss=st.best_val_loss,
+                          epochs=st.epoch, steps=st.step)
+            except BaseException as exc:  # re-raised below, after the peers know
+                failure = exc
+        failed = self.dist.all_reduce_max(
+            torch.tensor([1.0 if failure is not None else 0.0], device=self.dist.device))
+        if failure is not None:
+            raise failure
+        if failed.item() > 0:
+            raise RuntimeError("rank 0 failed writing the model artifacts after training "
+                               "(its log has the error); failing with it so the run is retried")
         self.metrics.success.set(1)
         return summary
 

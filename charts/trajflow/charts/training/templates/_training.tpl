@@ -34,7 +34,7 @@ variable), so reaching the workers' store needs no DNS record of the pod.
 - --rdzv-backend=c10d
 - --rdzv-endpoint={{ .endpoint }}
 - --rdzv-id={{ .rdzvId }}
-- --rdzv-conf=join_timeout={{ int $v.rendezvous.joinTimeoutSeconds }}
+- --rdzv-conf=join_timeout={{ int $v.rendezvous.joinTimeoutSeconds }},read_timeout={{ int $v.rendezvous.joinTimeoutSeconds }}
 - --max-restarts={{ int $v.maxRestarts }}
 - --local-addr=$(POD_IP)
 {{- end -}}
