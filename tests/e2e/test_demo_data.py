@@ -145,3 +145,59 @@ def test_cli(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "trajflow.cli", "demo-data", "--out", str(out), "--rates", "10,20"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "10 Hz is outside" in bad.stderr
+
+
+def test_an_interrupted_generation_is_redone(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run stopped part way (Ctrl-C during `make demo`) leaves its in-progress marker;
+    the next run removes what it wrote and produces the same bytes as a clean run."""
+    from trajflow.local import demo_data
+
+    out = tmp_path / "interrupted"
+    calls = {"n": 0}
+    real = demo_data.generate_robot
+
+    def stop_after_one(*args, **kwargs):
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(demo_data, "generate_robot", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        generate(out, SMALL)
+    monkeypatch.undo()
+    assert (out / demo_data.PARTIAL_MARKER).is_file() and not (out / MARKER).exists()
+    # a half-written episode of the next robot, and a marker temporary
+    partial_robot = out / "arm01-120hz" / "data" / "chunk-000"
+    partial_robot.mkdir(parents=True)
+    (partial_robot / ".episode_000003.parquet.tmp-1").write_bytes(b"half")
+    (out / f".{MARKER}.tmp-1").write_bytes(b"{")
+    generate(out, SMALL)
+    assert files(out) == files(dataset)
+
+
+def test_an_interrupted_replacement_is_redone(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trajflow.local import demo_data
+
+    out = tmp_path / "replaced"
+    generate(out, DemoSpec(episodes=2, seed=1, rates_hz=(60.0, 90.0), min_seconds=1.0, max_seconds=2.0))
+    monkeypatch.setattr(demo_data, "generate_robot", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        generate(out, SMALL)
+    monkeypatch.undo()
+    generate(out, SMALL)
+    assert files(out) == files(dataset)
+
+
+def test_an_in_progress_marker_never_removes_other_files(tmp_path: Path) -> None:
+    from trajflow.local import demo_data
+
+    out = tmp_path / "mixed"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    (out / "arm00-30hz").mkdir()
+    (out / demo_data.PARTIAL_MARKER).write_text(json.dumps({"spec": {}, "robots": [{"robot": "../x"}, {"robot": "arm00-30hz"}]}))
+    (tmp_path / "x").mkdir()
+    generate(out, SMALL)
+    assert (out / "notes.txt").read_text() == "keep me" and (tmp_path / "x").is_dir()
+    assert not (out / demo_data.PARTIAL_MARKER).exists() and (out / MARKER).is_file()

@@ -9,6 +9,7 @@ Errors name the file and the key path, one line each.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import tarfile
@@ -462,3 +463,95 @@ def add_config_arguments(parser: Any) -> None:
     )
     parser.add_argument("-f", "--values", action="append", default=[], metavar="FILE", help="values file (repeatable)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override values (repeatable)")
+
+
+_SCHEMA_TYPE_WORDS = {"integer": "an integer", "number": "a number", "boolean": "a boolean (true or false)",
+                      "string": "a string", "object": "a map", "array": "a list", "null": "null"}
+_JSON_TYPE_NAMES = {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean",
+                    "dict": "a map", "list": "a list", "NoneType": "null"}
+
+
+def _schema_expectation(schema: dict[str, Any]) -> str:
+    """`an integer >= 1 and <= 64 or null` from a schema's type and bounds."""
+    types = schema.get("type")
+    types = types if isinstance(types, list) else [types] if types else []
+    words = []
+    for t in types:
+        word = _SCHEMA_TYPE_WORDS.get(t, str(t))
+        if t in ("integer", "number"):
+            bounds = [f"{op} {schema[k]}" for k, op in (("minimum", ">="), ("maximum", "<=")) if k in schema]
+            word = " ".join([word, " and ".join(bounds)]) if bounds else word
+        words.append(word)
+    return " or ".join(words) or "another value"
+
+
+def _schema_error_lines(error: Any, prefix: list[str | int]) -> list[tuple[list[str | int], str]]:
+    """(key path, message) for one jsonschema error; an unknown key is named itself."""
+    path: list[str | int] = [*prefix, *error.absolute_path]
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        schema = error.schema if isinstance(error.schema, dict) else {}
+        known = set(schema.get("properties") or {})
+        patterns = list((schema.get("patternProperties") or {}).keys())
+        extra = [k for k in error.instance if k not in known and not any(re.search(p, k) for p in patterns)]
+        if extra:
+            return [([*path, key], "unknown key") for key in sorted(extra)]
+    if error.validator == "required":
+        missing = re.match(r"'([^']*)' is a required property", error.message)
+        if missing:
+            return [([*path, missing.group(1)], "required key is missing")]
+    if error.validator in ("type", "minimum", "maximum") and isinstance(error.schema, dict):
+        got = f"{error.instance!r}"
+        if error.validator == "type":
+            name = type(error.instance).__name__
+            got += f" ({_JSON_TYPE_NAMES.get(name, name)})"
+        return [(path, f"expected {_schema_expectation(error.schema)}, got {got}")]
+    message = error.message
+    if len(message) > 200:
+        message = message[:200] + "..."
+    return [(path, message)]
+
+
+def schema_errors(values: Values, chart_dir: Path | None, skip: Iterable[tuple[str, ...]] = ()) -> list[str]:
+    """What `helm install` would reject through the charts' values.schema.json files: the
+    umbrella's schema over all the values and each subchart's schema over its block (every
+    subchart, enabled or not: a typo in a disabled block is still a typo). One line per
+    problem, `<file or --set>: <key path>: <what is wrong>`. Key paths starting with an
+    entry of `skip` are left out (the stage models validate those with their own words).
+    Empty when the chart is not available."""
+    if chart_dir is None:
+        return []
+    from jsonschema import Draft7Validator  # here: the stage workloads never need it
+    checks: list[tuple[Path, Any, list[str | int]]] = [(Path(chart_dir) / "values.schema.json", values.merged, [])]
+    sub_root = Path(chart_dir) / "charts"
+    if sub_root.is_dir():
+        for entry in sorted(sub_root.iterdir()):
+            block = values.merged.get(entry.name)
+            if (entry / "values.schema.json").is_file() and isinstance(block, dict):
+                checks.append((entry / "values.schema.json", block, [entry.name]))
+    skipped = [tuple(s) for s in skip]
+    lines: list[str] = []
+    for schema_path, instance, prefix in checks:
+        if not schema_path.is_file():
+            continue
+        try:
+            schema = json.loads(schema_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{schema_path}: unreadable values schema: {exc}") from None
+        validator = Draft7Validator(schema)
+        for error in sorted(validator.iter_errors(instance), key=lambda e: [str(p) for p in e.absolute_path]):
+            for path, message in _schema_error_lines(error, prefix):
+                if any(tuple(path[: len(s)]) == s for s in skipped):
+                    continue
+                if prefix and path[1:2] == ["global"]:
+                    continue  # the umbrella's schema checks the globals
+                line = f"{values.origin(path)}: {_dotted(path)}: {message}"
+                if line not in lines:
+                    lines.append(line)
+    return lines
+
+
+def validate_schema(values: Values, chart_dir: Path | None, skip: Iterable[tuple[str, ...]] = ()) -> None:
+    """Raise ConfigError listing every problem `schema_errors` finds."""
+    lines = schema_errors(values, chart_dir, skip)
+    if lines:
+        raise ConfigError("\n".join(lines))

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MARKER = "trajflow-demo.json"
+# Written before anything else: a rerun that finds it knows an earlier run was interrupted
+# and which robot directories that run was writing.
+PARTIAL_MARKER = "trajflow-demo.partial.json"
 CHUNK_SIZE = 1000  # episodes per chunk directory, as LeRobot does
 MIN_RATE_HZ, MAX_RATE_HZ = 30.0, 333.0
 SIM_DT = 1e-3  # integration step; every recording rate is far below 1 kHz
@@ -284,23 +287,64 @@ def generate_robot(out: Path, robot_index: int, rate_hz: float, episodes: int, s
     return {"robot": name, "fps": rate_hz, "episodes": episodes, "frames": frames_total}
 
 
-def _read_marker(out: Path) -> dict[str, Any] | None:
+def _read_marker(out: Path, name: str = MARKER) -> dict[str, Any] | None:
     try:
-        return json.loads((out / MARKER).read_text())
+        doc = json.loads((out / name).read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{out / MARKER}: unreadable demo marker ({exc}); remove {out} and run again") from None
+        raise ConfigError(f"{out / name}: unreadable demo marker ({exc}); remove {out} and run again") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{out / name}: unreadable demo marker (not a JSON object); remove {out} and run again")
+    return doc
 
 
-def _prepare_out_dir(out: Path, spec: DemoSpec) -> dict[str, Any] | None:
+def _robot_dirs(*markers: dict[str, Any] | None) -> list[str]:
+    """The robot directory names the markers list (only plain names: never a path)."""
+    names: list[str] = []
+    for marker in markers:
+        for robot in (marker or {}).get("robots", []) or []:
+            name = str(robot.get("robot", "")) if isinstance(robot, dict) else ""
+            if name and "/" not in name and "\\" not in name and name not in (".", "..") and name not in names:
+                names.append(name)
+    return names
+
+
+def _write_partial(out: Path, spec: DemoSpec, names: list[str]) -> None:
+    doc = {"spec": spec.identity(), "state": "in-progress", "robots": [{"robot": n} for n in names]}
+    _atomic_write_bytes(out / PARTIAL_MARKER, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _remove_demo(out: Path, names: list[str]) -> None:
+    """Remove what a demo-data run wrote: its robot directories and marker temporaries.
+    The markers themselves are removed by the caller, the in-progress one last."""
+    for name in names:
+        shutil.rmtree(out / name, ignore_errors=True)
+    for tmp in out.glob(".trajflow-demo*.tmp-*"):
+        tmp.unlink(missing_ok=True)
+
+
+def _prepare_out_dir(out: Path, spec: DemoSpec, planned: list[str]) -> dict[str, Any] | None:
     """Return the existing marker when this exact dataset is already there; otherwise make
-    `out` ready for writing, removing only what an earlier demo-data run wrote."""
+    `out` ready for writing, removing only what an earlier demo-data run wrote (a
+    directory holding neither marker is never touched)."""
     if not out.exists():
         return None
     if not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a directory")
     marker = _read_marker(out)
+    partial = _read_marker(out, PARTIAL_MARKER)
+    if partial is not None:
+        if marker is not None and marker.get("spec") == partial.get("spec"):
+            # finished, stopped just before removing the in-progress marker
+            (out / PARTIAL_MARKER).unlink(missing_ok=True)
+        else:
+            log.info("%s holds a demo dataset an interrupted run left unfinished; removing it and starting over", out)
+            _remove_demo(out, _robot_dirs(partial, marker))
+            if marker is not None:
+                (out / MARKER).unlink(missing_ok=True)
+            (out / PARTIAL_MARKER).unlink(missing_ok=True)  # last: until here a rerun redoes this cleanup
+            return None
     if marker is None:
         if any(out.iterdir()):
             raise ConfigError(
@@ -311,11 +355,11 @@ def _prepare_out_dir(out: Path, spec: DemoSpec) -> dict[str, Any] | None:
     if marker.get("spec") == spec.identity():
         return marker
     log.info("replacing the demo dataset in %s (generated with other parameters)", out)
+    # the in-progress marker first, naming the old robots too: an interrupted replacement
+    # is cleaned up by the next run
+    _write_partial(out, spec, _robot_dirs(marker, {"robots": [{"robot": n} for n in planned]}))
     (out / MARKER).unlink()
-    for robot in marker.get("robots", []):
-        name = str(robot.get("robot", ""))
-        if name and "/" not in name and name not in (".", ".."):
-            shutil.rmtree(out / name, ignore_errors=True)
+    _remove_demo(out, _robot_dirs(marker))
     return None
 
 
@@ -336,12 +380,14 @@ def generate(out: str | Path, spec: DemoSpec) -> dict[str, Any]:
     if spec.max_seconds > 600:
         raise ConfigError(f"--max-seconds {spec.max_seconds:g}: episodes longer than 10 minutes are not supported")
     out = Path(out)
-    existing = _prepare_out_dir(out, spec)
+    planned = [robot_name(r, rate) for r, rate in enumerate(rates)]
+    existing = _prepare_out_dir(out, spec, planned)
     if existing is not None:
         log.info("demo dataset already in %s (%d episodes, seed %d); nothing to do", out, spec.episodes, spec.seed)
         return existing
     started = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
+    _write_partial(out, spec, planned)
     seeds = np.random.SeedSequence(spec.seed).spawn(len(rates))
     robots = []
     for r, rate in enumerate(rates):
@@ -352,6 +398,7 @@ def generate(out: str | Path, spec: DemoSpec) -> dict[str, Any]:
     marker = {"spec": spec.identity(), "robots": robots}
     # Written last: its presence means the whole dataset is in place.
     _atomic_write_bytes(out / MARKER, (json.dumps(marker, indent=2, sort_keys=True) + "\n").encode())
+    (out / PARTIAL_MARKER).unlink(missing_ok=True)
     size = sum(p.stat().st_size for p in out.rglob("*.parquet"))
     log.info(
         "demo dataset ready in %s: %d robots, %d episodes, %d frames, %.1f MiB in %.1fs",

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import yaml
 
 from trajflow.config import GlobalConfig, Values, load_values, validate_global, validate_stage
-from trajflow.config.loader import find_chart_dir
+from trajflow.config.loader import find_chart_dir, validate_schema
 from trajflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -104,12 +104,25 @@ def build_plan(values_files: Iterable[str | Path], sets: Iterable[str] = ()) -> 
     if not chart_found:
         log.warning("chart defaults not found (set TRAJFLOW_CHART to charts/trajflow); using the values files alone")
     glob = validate_global(values.merged.get("global") or {}, values=values)
+    enabled_stages: dict[str, bool] = {}
+    for stage in STAGES:
+        enabled = values.stage(stage).get("enabled", _FALLBACK_KNOBS["enabled"] if not chart_found else False)
+        if not isinstance(enabled, bool):
+            raise ConfigError(
+                f"{values.origin([stage, 'enabled'])}: {stage}.enabled: expected boolean (true or false), "
+                f"got {enabled!r} ({type(enabled).__name__})"
+            )
+        enabled_stages[stage] = enabled
+    # Everything else `helm install` would reject through the charts' values.schema.json
+    # (unknown keys, wrong types); the enabled stages' `config` is validated below by the
+    # stage models, whose messages name the setting the same way.
+    validate_schema(values, chart_dir if chart_found else None,
+                    skip=[(stage, "config") for stage, on in enabled_stages.items() if on])
     plans: list[StagePlan] = []
     disabled: list[str] = []
     for stage, (command, module, _) in STAGES.items():
         block = values.stage(stage)
-        enabled = block.get("enabled", _FALLBACK_KNOBS["enabled"] if not chart_found else False)
-        if not enabled:
+        if not enabled_stages[stage]:
             disabled.append(stage)
             continue
         raw_config = block.get("config") or {}

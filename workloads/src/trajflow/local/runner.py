@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from trajflow.errors import ExitCode
+from trajflow.errors import ConfigError, ExitCode
 from trajflow.local import procs
 from trajflow.local.pipeline import RunPlan, StagePlan
 from trajflow.storage import Storage, manifest_key, open_run_root, shard_name
@@ -169,6 +169,17 @@ class StateFile:
         os.replace(tmp, self.path)
 
 
+def _check_work_dir(work_dir: Path) -> None:
+    """--work-dir must be a directory or a path one can be made at: name a file in the way
+    in one line (a ConfigError), not as a traceback from mkdir."""
+    for path in [work_dir, *work_dir.parents]:
+        if path.is_dir():
+            return
+        if path.exists() or path.is_symlink():
+            what = "--work-dir" if path == work_dir else f"--work-dir {work_dir}:"
+            raise ConfigError(f"{what} {path} exists and is not a directory; choose a directory for the run's files")
+
+
 class Runner:
     def __init__(
         self,
@@ -183,6 +194,7 @@ class Runner:
     ):
         self.plan = plan
         self.work_dir = Path(work_dir)
+        _check_work_dir(self.work_dir)
         self.view = view
         self.force = force
         self.command = command or trajflow_command()
@@ -501,7 +513,8 @@ class Runner:
         for task in running:
             assert task.proc is not None
             procs.signal_group(task.proc.pid, sig)
-        deadline = self.clock() + self.grace_seconds
+        started = self.clock()
+        deadline = started + self.grace_seconds
         while self.clock() < deadline and not self._kill_now:
             self._drain_lines()
             if all(t.proc is None or t.proc.poll() is not None for t in running):
@@ -512,7 +525,12 @@ class Runner:
             if proc is None:
                 continue
             if proc.poll() is None:
-                self.view.event(f"{task.label}: still running after {self.grace_seconds:.0f}s; killing it", logging.WARNING)
+                waited = self.clock() - started
+                if self._kill_now:
+                    why = f"a second interrupt after {waited:.1f}s of the {self.grace_seconds:.0f}s grace period"
+                else:
+                    why = f"still running after {waited:.0f}s ({self.grace_seconds:.0f}s grace period)"
+                self.view.event(f"{task.label}: {why}; killing it", logging.WARNING)
                 procs.signal_group(proc.pid, signal.SIGKILL)
             # the training launcher's workers may live in their own sessions: make sure none outlives it
             procs.kill_tree(trees.get(task.key, []))

@@ -1,0 +1,77 @@
+"""`trajflow run` rejects what `helm install` rejects through the charts' values.schema.json:
+unknown keys and wrong types in a stage's block, naming the file or --set and the key."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+VALUES = sorted((ROOT / "values").glob("*.yaml"))
+
+
+def trajflow_cmd() -> list[str]:
+    exe = Path(sys.executable).with_name("trajflow")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "trajflow.cli"]
+
+
+def dry_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*trajflow_cmd(), "run", *args, "--dry-run", "--work-dir", str(tmp_path / "w")],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    "expression, key",
+    [
+        ("downloader.paralelism=3", "downloader.paralelism: unknown key"),
+        ("training.nprocPerNod=4", "training.nprocPerNod: unknown key"),
+        ("downloader.enable=false", "downloader.enable: unknown key"),
+        ("monitoring.enabld=true", "monitoring.enabld: unknown key"),
+        ("downloader.parallelism=four", "downloader.parallelism: expected an integer"),
+        ("training.nprocPerNode=100", "training.nprocPerNode: expected an integer >= 1 and <= 64 or null"),
+    ],
+)
+def test_set_typos_and_bad_types_are_rejected(tmp_path: Path, expression: str, key: str) -> None:
+    result = dry_run(tmp_path, "-f", "values/local.yaml", "--set", expression)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"--set {expression}: {key}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_quoted_boolean_is_not_enabled(tmp_path: Path) -> None:
+    bad = tmp_path / "enabled.yaml"
+    bad.write_text('training:\n  enabled: "false"\n')
+    result = dry_run(tmp_path, "-f", "values/local.yaml", "-f", str(bad))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"{bad}: training.enabled: expected boolean" in result.stderr
+
+
+def test_a_typo_in_a_file_names_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("downloader:\n  image:\n    tagg: x\n")
+    result = dry_run(tmp_path, "-f", "values/local.yaml", "-f", str(bad))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"{bad}: downloader.image.tagg: unknown key" in result.stderr
+
+
+@pytest.mark.parametrize("values", VALUES, ids=[v.name for v in VALUES])
+def test_shipped_values_pass(tmp_path: Path, values: Path) -> None:
+    result = dry_run(tmp_path, "-f", str(values.relative_to(ROOT)))
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_enabled_check_needs_no_chart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the chart (an installed wheel) `enabled` must still be a real boolean."""
+    from trajflow.errors import ConfigError
+    from trajflow.local import pipeline
+
+    monkeypatch.setattr(pipeline, "find_chart_dir", lambda: None)
+    values = tmp_path / "v.yaml"
+    values.write_text('global:\n  storage:\n    type: filesystem\n    filesystem:\n      path: /tmp\n'
+                      'training:\n  enabled: "false"\n')
+    with pytest.raises(ConfigError, match=r"v\.yaml: training\.enabled: expected boolean"):
+        pipeline.build_plan([values])
