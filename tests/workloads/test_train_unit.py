@@ -400,6 +400,72 @@ def test_corrupt_best_checkpoint_falls_back_to_the_next_best(tmp_path: Path, cap
     assert info["epoch"] == last.epoch - 1 and info["val_loss"] == pytest.approx(last.val_loss)
 
 
+def test_min_delta_early_stopping_exports_the_reported_best(tmp_path: Path) -> None:
+    """minDelta decides when to stop; the best loss reported and the model exported are the
+    lowest validation loss, the same checkpoint either way."""
+    settings, storage = small_run(tmp_path, epochs=6, early_stopping={"patience": 2, "min_delta": 1e6},
+                                  checkpoints={"keep_last": 1})
+    summary = train(settings)
+    losses = [h["val_loss"] for h in summary["history"]]
+    assert summary["status"] == "early_stopped" and len(losses) == 3  # no epoch beats the first by 1e6
+    assert summary["best_val_loss"] == min(losses) and summary["best_epoch"] == losses.index(min(losses))
+    assert summary["best_epoch"] > 0  # the losses fall: the best is not the epoch minDelta measures from
+    _, description = artifacts.load_model(storage)
+    assert description["epoch"] == summary["best_epoch"]
+    assert description["val_loss"] == pytest.approx(summary["best_val_loss"])
+    # a resume of the stopped run stays stopped
+    again = train(settings)
+    assert again["steps"] == summary["steps"] and again["status"] == "early_stopped"
+
+
+@pytest.mark.parametrize("change", [{"seed": 7}, {"val_fraction": 0.3}, {"stride": 2}])
+def test_resume_refuses_other_split_settings(tmp_path: Path, change: dict) -> None:  # type: ignore[type-arg]
+    settings, _ = small_run(tmp_path, epochs=1)
+    train(settings)
+    other = local_settings(tmp_path, "run", **{**settings.config.model_dump(), "epochs": 2, **change})
+    name = {"seed": "seed", "val_fraction": "valFraction", "stride": "stride"}[next(iter(change))]
+    with pytest.raises(ConfigError, match=rf"written with other training\.config {name} .* use a new global\.runId"):
+        train(other)
+
+
+def test_resume_with_another_batch_size_restarts_the_epoch(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    settings, storage = small_run(tmp_path, epochs=2, checkpoints={"every_steps": 3, "keep_last": 50})
+    first = train(settings)
+    store = CheckpointStore(storage, keep_last=50)
+    infos = store.list()
+    mid = next(c for c in infos if c.epoch == 1 and c.batch_in_epoch > 0)
+    store.discard([c for c in infos if c.step > mid.step])
+    halved = local_settings(tmp_path, "run", **{**settings.config.model_dump(), "batch_size": 32})
+    with caplog.at_level(logging.WARNING):
+        summary = train(halved)
+    assert "with batchSize 64, this run has 1 with 32: epoch 1 restarts from its beginning" in caplog.text
+    data = build_data(open_shards(storage, [halved.config.observation, halved.config.action]), halved.config)
+    per_epoch = EpochBatches(data.train, 32, 0, 1, halved.config.seed).batches_per_epoch()
+    assert summary["epochs_completed"] == 2 and per_epoch > first["history"][0]["step"]
+    # epoch 1 ran whole at the new size, none of the batches done before counted
+    assert summary["steps"] - mid.step == per_epoch
+
+
+def test_a_resumed_run_pushes_where_it_stands(tmp_path: Path, pushgateway) -> None:  # type: ignore[no-untyped-def]
+    """Resuming a finished run trains nothing; its push still carries the epoch and losses."""
+    settings, _ = small_run(tmp_path, epochs=2)
+    first = train(settings)
+    glob = settings.global_.model_copy(update={"metrics": settings.global_.metrics.model_copy(
+        update={"pushgateway_url": pushgateway.url})})
+    train(type(settings)(glob, settings.config, 0, 1))
+    with urllib.request.urlopen(f"{pushgateway.url}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+
+    def pushed(name: str, *labels: str) -> float:
+        line = next(ln for ln in text.splitlines()
+                    if ln.startswith(name + "{") and all(x in ln for x in ('stage="train"', *labels)))
+        return float(line.rsplit(" ", 1)[1])
+
+    assert pushed("trajflow_train_epoch") == 1
+    assert pushed("trajflow_train_best_val_loss") == pytest.approx(first["best_val_loss"])
+    assert pushed("trajflow_train_loss", 'split="val"') == pytest.approx(first["history"][-1]["val_loss"])
+
+
 def test_nan_loss_stops_with_the_diverged_exit_code(tmp_path: Path) -> None:
     settings, storage = small_run(tmp_path, learning_rate=1e30, grad_clip=0.0)
     with pytest.raises(TrainingDiverged, match=r"became NaN/Inf at epoch 0, step \d+") as err:

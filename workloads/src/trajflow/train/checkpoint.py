@@ -112,7 +112,8 @@ class CheckpointStore:
 
     def best(self, infos: list[CheckpointInfo] | None = None) -> CheckpointInfo | None:
         scored = [c for c in (self.list() if infos is None else infos) if c.val_loss is not None]
-        return min(scored, key=lambda c: (c.val_loss, -c.step)) if scored else None
+        # the earliest of equal losses, as the trainer's best_epoch
+        return min(scored, key=lambda c: (c.val_loss, c.step)) if scored else None
 
     # ---- reading ------------------------------------------------------------------------
 

@@ -62,6 +62,12 @@ def config_hash(config: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def split_settings(config: TrainConfig) -> dict[str, Any]:
+    """What decides which windows are validation and the order of the batches: a checkpoint's
+    best loss, early-stopping count and position in the epoch mean nothing under others."""
+    return {"seed": config.seed, "valFraction": config.val_fraction, "stride": config.stride}
+
+
 @dataclass
 class TrainerState:
     """Progress that checkpoints carry besides the model and optimiser."""
@@ -70,8 +76,11 @@ class TrainerState:
     batch_in_epoch: int = 0  # batches of `epoch` already done
     step: int = 0  # optimiser steps over the whole run
     initial_val_loss: float | None = None
-    best_val_loss: float | None = None
+    best_val_loss: float | None = None  # the lowest validation loss: the exported model's
     best_epoch: int | None = None
+    # early stopping counts epochs that fail to beat this by minDelta (it moves only when
+    # one does, so slow steady gains still end the run)
+    early_stopping_reference: float | None = None
     epochs_without_improvement: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     # running sums of the epoch in progress, so a mid-epoch resume reports the same epoch loss
@@ -219,17 +228,30 @@ class Trainer:
                 f"{self.storage.uri}/{info.key} was written for another model shape: {', '.join(differ)}; use a new "
                 f"global.runId or remove {self.storage.uri}/{CHECKPOINT_DIR}/"
             )
+        saved_split, split = payload.get("split", split_settings(self.config)), split_settings(self.config)
+        changed = [f"{k} {saved_split.get(k)!r} -> {v!r}" for k, v in split.items() if saved_split.get(k) != v]
+        if changed:
+            raise ConfigError(
+                f"{self.storage.uri}/{info.key} was written with other training.config {', '.join(changed)}: they "
+                "choose the validation episodes and the batches, so its best loss and position would not carry over; "
+                f"restore them, or use a new global.runId or remove {self.storage.uri}/{CHECKPOINT_DIR}/"
+            )
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
         self.state = TrainerState.from_dict(payload["trainer"])
+        if self.state.early_stopping_reference is None:  # a checkpoint from before the field
+            self.state.early_stopping_reference = self.state.best_val_loss
         same_world = payload.get("world_size") == self.dist.world_size
         if same_world:
             _set_rng_state(payload["rng"][self.dist.rank])
-        elif self.state.batch_in_epoch:
+        batch_size = payload.get("batch_size", self.config.batch_size)
+        if self.state.batch_in_epoch and (not same_world or batch_size != self.config.batch_size):
             log.warning(
-                "checkpoint %s was written by %s processes, this run has %s: epoch %d restarts from its beginning",
-                info.key, payload.get("world_size"), self.dist.world_size, self.state.epoch,
+                "checkpoint %s was written by %s processes with batchSize %s, this run has %s with %s: "
+                "epoch %d restarts from its beginning",
+                info.key, payload.get("world_size"), batch_size, self.dist.world_size, self.config.batch_size,
+                self.state.epoch,
             )
             self.state.batch_in_epoch = 0
             self.state.epoch_loss_sum = self.state.epoch_samples = self.state.epoch_train_seconds = 0.0
@@ -254,6 +276,8 @@ class Trainer:
                 "rng": rngs,
                 "world_size": self.dist.world_size,
                 "config_hash": self.hash,
+                "split": split_settings(self.config),
+                "batch_size": self.config.batch_size,
                 "config": self.config.model_dump(mode="json", by_alias=True),
                 "spec": model.spec.to_json(),
             }
@@ -315,7 +339,7 @@ class Trainer:
         if self.state.epoch >= cfg.epochs:
             return True
         es = cfg.early_stopping
-        return es.enabled and self.state.best_val_loss is not None and self.state.epochs_without_improvement >= es.patience
+        return es.enabled and self.state.epochs_without_improvement >= es.patience
 
     def run(self) -> dict[str, Any]:
         cfg, dist = self.config, self.dist
@@ -366,6 +390,8 @@ class Trainer:
             self._log("initial validation loss", val_loss=st.initial_val_loss)
         m = self.metrics
         m.restarts.set(dist.restart_count)
+        if resumed:
+            self._restore_gauges(scheduler)
 
         while not self.finished():
             epoch = st.epoch
@@ -423,6 +449,18 @@ class Trainer:
             self.end_epoch(model, optimizer, scheduler, data)
         return self.finish(model, data)
 
+    def _restore_gauges(self, scheduler: Any) -> None:
+        """A resumed run's gauges say where the run stands from its first push on, also when
+        the checkpoint is the final one and no epoch is left to set them."""
+        st, m = self.state, self.metrics
+        m.epoch.set(st.history[-1]["epoch"] if self.finished() and st.history else st.epoch)
+        m.learning_rate.set(scheduler.get_last_lr()[0])
+        if st.best_val_loss is not None:
+            m.best_val_loss.set(st.best_val_loss)
+        if st.history:
+            m.loss.labels(split="train").set(st.history[-1]["train_loss"])
+            m.loss.labels(split="val").set(st.history[-1]["val_loss"])
+
     def end_epoch(self, model: TrajectoryModel, optimizer: torch.optim.Optimizer, scheduler: Any, data: TrainData) -> None:
         cfg, st, m = self.config, self.state, self.metrics
         val_loss = self.evaluate(model, data.val)
@@ -430,9 +468,12 @@ class Trainer:
         rate = st.epoch_samples / max(st.epoch_train_seconds, 1e-9)
         if not math.isfinite(val_loss):
             raise self._diverged(val_loss, st.epoch, "val")
-        improved = st.best_val_loss is None or val_loss < st.best_val_loss - cfg.early_stopping.min_delta
-        if improved:
-            st.best_val_loss, st.best_epoch, st.epochs_without_improvement = val_loss, st.epoch, 0
+        # the same choice as CheckpointStore.best: the lowest loss, the earliest on a tie
+        if st.best_val_loss is None or val_loss < st.best_val_loss:
+            st.best_val_loss, st.best_epoch = val_loss, st.epoch
+        reference = st.early_stopping_reference
+        if reference is None or val_loss < reference - cfg.early_stopping.min_delta:
+            st.early_stopping_reference, st.epochs_without_improvement = val_loss, 0
         else:
             st.epochs_without_improvement += 1
         st.history.append({
