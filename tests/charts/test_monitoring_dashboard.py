@@ -54,6 +54,12 @@ EXPECTED: dict[str, list[tuple[str, float]]] = {
     "panel 'Shard wall time' B": [
         ('{stage="download", shard="0"}', 200), ('{stage="train", shard="0"}', 100), ('{stage="preprocess", shard="2"}', 240)],
     "panel 'Preprocessing I/O' C": [("{}", 1e9)],
+    # the old run's success does not hide the new run's running and failed download shard 0 and 1
+    "panel 'Stage outcome' A": [
+        ('{run="old", stage="download", shard="0"}', 1), ('{run="new", stage="download", shard="0"}', 0),
+        ('{run="new", stage="download", shard="1"}', 0), ('{run="r1", stage="train", shard="0"}', 0),
+        ('{run="r1", stage="preprocess", shard="0"}', 1), ('{run="r1", stage="preprocess", shard="1"}', 1),
+        ('{run="r1", stage="preprocess", shard="2"}', 0)],
 }
 
 
