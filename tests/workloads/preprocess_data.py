@@ -334,11 +334,12 @@ def stage_config(**overrides: Any) -> Any:
     return PreprocessConfig.model_validate(base)
 
 
-def write_values(path: Path, root: Path, config: dict[str, Any]) -> Path:
+def write_values(path: Path, root: Path, config: dict[str, Any], pushgateway_url: str = "") -> Path:
     """A rendered stage ConfigMap (``{global, config}``) for `trajflow preprocess --config`."""
     import yaml
 
-    doc = {"global": {"runId": "test", "storage": {"type": "filesystem", "filesystem": {"path": str(root)}}},
+    doc = {"global": {"runId": "test", "storage": {"type": "filesystem", "filesystem": {"path": str(root)}},
+                      "metrics": {"pushgatewayUrl": pushgateway_url}},
            "config": config}
     path.write_text(yaml.safe_dump(doc))
     return path

@@ -188,6 +188,26 @@ def test_integer_timestamps_are_refused_not_taken_as_seconds():
     assert isinstance(ep, Quarantined) and ep.reason == readers.MISSING_TIME and "(int64)" in ep.detail
 
 
+@pytest.mark.parametrize("scale, unit", [(1e3, "ms"), (1e6, "us"), (1e9, "ns")])
+def test_float_timestamps_in_ms_us_or_ns_are_refused(scale: float, unit: str):
+    """Taken as seconds they would stretch the episode `scale` times (ns: a 400 GB allocation)."""
+    x = np.ones((100, 2), np.float32)
+    times = np.arange(100) / 100.0 * scale + 1.7e9 * (scale if unit != "ms" else 1)
+    (ep,) = _outcomes("npz", io.BytesIO(npz_bytes(timestamps=times, **{STATE: x, ACTION: x})))
+    assert isinstance(ep, Quarantined) and ep.reason == readers.MISSING_TIME
+    assert "below 1 Hz" in ep.detail and "ms, us or ns rather than seconds" in ep.detail
+
+
+def test_a_timestamp_jump_is_refused_and_slow_real_rates_pass():
+    spec = _spec(streams=[STATE])
+    values = np.ones((10, 1))
+    jump = np.r_[np.arange(9) * 0.01, 1e6]  # one glitched clock reading
+    out = readers.make_episode(spec, "k", "e", "", jump, None, {STATE: values})
+    assert isinstance(out, Quarantined) and "widest gap is 1e+06 s after timestamp[8]" in out.detail
+    slow = readers.make_episode(spec, "k", "e", "", np.arange(10) * 0.5, None, {STATE: values})  # 2 Hz
+    assert isinstance(slow, RawEpisode)
+
+
 def test_an_npy_file_named_npz_is_unreadable_not_a_crash():
     buf = io.BytesIO()
     np.save(buf, np.arange(3))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from preprocess_data import (
     ACTION,
@@ -483,6 +484,28 @@ def test_killed_mid_shard_leaves_nothing_and_the_rerun_is_identical(tmp_path):
     assert killed.read_bytes(report_key(0)) == LocalStorage(roots["clean"] / "test").read_bytes(report_key(0))
 
 
+def test_sigterm_stops_the_shard_with_a_final_push(tmp_path, pushgateway):
+    """SIGTERM (the kubelet, `trajflow run`) unwinds like Ctrl-C: nothing is published and
+    the last push says the shard ended without success, so no panel shows it running."""
+    root = tmp_path / "root"
+    publish_raw_shard(LocalStorage(root / "test"), 0, _many_small_episodes(240))
+    values = write_values(tmp_path / "v.yaml", root, {"device": "cpu", "batchSize": 1, "readWorkers": 1,
+                                                      "sortWindowBatches": 1}, pushgateway_url=pushgateway.url)
+    proc = _cli(values)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if '"batch ' in line and "written" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by signal 15" in err and "Traceback" not in err
+    assert read_manifest(LocalStorage(root / "test"), "preprocess", 0) is None
+    pushed = {s.name: s.value for f in text_string_to_metric_families(pushgateway.metrics_text()) for s in f.samples
+              if s.labels.get("stage") == "preprocess"}
+    assert pushed["trajflow_stage_end_time_seconds"] > 0 and pushed["trajflow_stage_success"] == 0
+
+
 def test_exit_codes_follow_the_pod_failure_policy(tmp_path):
     root = tmp_path / "root"
     storage = LocalStorage(root / "test")
@@ -512,8 +535,6 @@ def test_metrics_are_pushed_per_shard(local_storage, mixed, pushgateway):
     glob = GlobalConfig.model_validate({"runId": "pp", "metrics": {"pushgatewayUrl": pushgateway.url}})
     settings = StageSettings(glob, stage_config(sources={"robomimic": ROBOMIMIC}), 0, 1)
     summary = run_shard(settings, storage=local_storage)
-    from prometheus_client.parser import text_string_to_metric_families
-
     pushed = {}
     for family in text_string_to_metric_families(pushgateway.metrics_text()):
         for sample in family.samples:

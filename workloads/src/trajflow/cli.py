@@ -11,7 +11,7 @@ import logging
 import sys
 
 from trajflow import __version__, log
-from trajflow.errors import ExitCode, TrajflowError
+from trajflow.errors import ExitCode, Terminated, TrajflowError
 
 # Libraries of the `ml` extra: the downloader image does not carry them.
 OPTIONAL_DEPENDENCIES = {
@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return int(ExitCode.CONFIG)
+    except Terminated as exc:
+        print(f"trajflow {args.command}: {exc}; a rerun redoes what was not finished", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -44,3 +44,16 @@ class TransientError(TrajflowError):
 
 class WaitTimeout(TrajflowError):
     exit_code = ExitCode.TIMEOUT
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM raised as an interrupt: like Ctrl-C it passes `except Exception` (a reader
+    must not take it for a broken file) and runs every finally block on its way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(signum)

@@ -8,13 +8,15 @@ values, or TRAJFLOW_SHARDS) is done.
 Exit codes (trajflow.errors.ExitCode, the chart's podFailurePolicy): 0 done or already
 done; 2 bad config (fail the Job); 3 too many bad trajectories, or a shard too large for
 /tmp (fail the index); 4 storage trouble or download not done yet (for this shard count),
-1 anything unexpected (retry).
+1 anything unexpected, 143 SIGTERM (retry).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +35,12 @@ def run(args: argparse.Namespace) -> int:
     from trajflow.preprocess.stage import run_shard, run_shards
     from trajflow.storage.wait import parse_duration, parse_shards
 
+    from trajflow.errors import raise_terminated
+
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (pod deletion, eviction, `trajflow run` stopping) unwinds, so the final
+        # metrics push says the shard stopped; a partial shard is never published
+        signal.signal(signal.SIGTERM, raise_terminated)
     settings = stage_settings("preprocessing", args.config, args.values, args.set)
     if args.shards is not None:
         shards = sorted(parse_shards(args.shards))

@@ -47,7 +47,10 @@ UNREADABLE = "unreadable_file"  # truncated or corrupt: the parser gave up
 MISSING_FILE = "missing_file"  # listed in the raw manifest but not in storage
 SIZE_MISMATCH = "size_mismatch"  # size differs from the raw manifest (truncated download)
 MISSING_STREAM = "missing_stream"
-MISSING_TIME = "missing_time"  # neither timestamps nor a recorded rate
+MISSING_TIME = "missing_time"  # neither timestamps nor a recorded rate, or times that are no seconds
+# Below this mean rate, timestamps are taken to count ms, us or ns rather than seconds (or to
+# jump): resampled as seconds, the episode would grow 1000x or more (a multi-GB allocation).
+MIN_MEAN_RATE_HZ = 1.0
 TOO_SHORT = "too_short"
 NON_MONOTONIC = "non_monotonic_time"
 NON_FINITE = "non_finite"  # NaN/Inf (or null) in times or data
@@ -209,6 +212,12 @@ def make_episode(spec: SourceSpec, source: str, episode: str, robot: str, times:
     if not (step > 0).all():
         i = int(np.flatnonzero(step <= 0)[0])
         return bad(NON_MONOTONIC, f"timestamp[{i + 1}] = {float(t[i + 1])!r} is not after timestamp[{i}] = {float(t[i])!r}")
+    span = float(t[-1] - t[0])
+    if length > 1 and (length - 1) / span < MIN_MEAN_RATE_HZ:
+        widest = int(np.argmax(step))
+        return bad(MISSING_TIME, f"{length} samples over {span:.6g} s ({(length - 1) / span:.3g} Hz, below "
+                                 f"{MIN_MEAN_RATE_HZ:g} Hz; the widest gap is {float(step[widest]):.6g} s after "
+                                 f"timestamp[{widest}]): timestamps in ms, us or ns rather than seconds?")
     dims = {out: a.shape[1] for out, a in zip(spec.outputs, arrays)}
     frames = np.empty((length, sum(dims.values())), dtype=np.float32)
     col = 0
