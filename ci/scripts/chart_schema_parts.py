@@ -335,7 +335,7 @@ def pod_vocabulary() -> dict[str, Any]:
 
 POD_REQUIRED = [
     "enabled", "image", "serviceAccount", "resources", "shm", "tmp",
-    "backoffLimitPerIndex", "podFailurePolicy", "syncWave", "config",
+    "backoffLimitPerIndex", "syncWave", "config",
 ]
 
 

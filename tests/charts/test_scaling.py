@@ -80,6 +80,17 @@ def test_mutable_fields_do_not_change_the_name(production):
     assert job_names(changed)["downloader"] == job_names(production)["downloader"]
 
 
+def test_growing_the_volume_keeps_every_job():
+    """Expanding a full PVC mid-run must not replace (and so kill) the running Jobs: the pods
+    never read the PVC settings, so they stay out of the config file and its checksum."""
+    before = render([env_file("dev")])
+    after = render([env_file("dev")], {"global.storage.pvc.size": "20Ti"})
+    assert one(after, "PersistentVolumeClaim", "storage")["spec"]["resources"]["requests"]["storage"] == "20Ti"
+    assert job_names(after) == job_names(before)
+    claim = render([env_file("dev")], {"global.storage.pvc.existingClaim": "shared-data"})
+    assert all(job_names(claim)[s] != job_names(before)[s] for s in STAGES)  # another volume: new pods
+
+
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("field, value", [("activeDeadlineSeconds", 1209600), ("maxFailedIndexes", 1)])
 def test_fields_kubernetes_lets_an_update_change_patch_the_running_job(production, stage, field, value):

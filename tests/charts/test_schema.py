@@ -88,7 +88,10 @@ def test_global_defaults_agree_everywhere():
     assert umbrella == model
     standalone = render(chart=SUBCHARTS / "downloader")
     config_map = one(standalone, "ConfigMap", "downloader")
-    assert yaml.safe_load(config_map["data"]["config.yaml"])["global"] == model
+    # the pods' file leaves out what only the chart reads
+    chart_only = {**model, "storage": {k: v for k, v in model["storage"].items() if k != "pvc"}}
+    del chart_only["argocd"]
+    assert yaml.safe_load(config_map["data"]["config.yaml"])["global"] == chart_only
 
 
 def test_stage_config_defaults_are_the_models_defaults():
@@ -130,6 +133,11 @@ BAD_VALUES = {
     "s3 without a bucket": ({"global.storage.type": "s3"}, ["/global/storage/s3/bucket"]),
     "no PVC and no existing claim": ({"global.storage.pvc.create": False}, ["/global/storage/pvc/existingClaim"]),
     "unknown storage type": ({"global.storage.type": "nfs"}, ["/global/storage/type"]),
+    # the pods refuse these (exit 2, failing the Job): helm must refuse them first
+    "pushgateway without a scheme": ({"global.metrics.pushgatewayUrl": "pushgateway.monitoring.svc:9091"},
+                                     ["/global/metrics/pushgatewayUrl"]),
+    "S3 endpoint without a scheme": ({"global.storage.s3.endpoint": "minio.minio.svc:9000"},
+                                     ["/global/storage/s3/endpoint"]),
     "bad memory quantity": ({"preprocessing.resources.limits.memory": "lots"},
                             ["preprocessing", "/resources/limits/memory"]),
     "bad PVC size": ({"global.storage.pvc.size": "100 GB"}, ["/global/storage/pvc/size"]),
@@ -222,12 +230,19 @@ GOOD_VALUES = {
     "quantities of every form": {"preprocessing.resources.requests.cpu": "500m",
                                  "preprocessing.resources.requests.memory": "1.5Gi",
                                  "preprocessing.resources.limits.memory": "2e9", "global.storage.pvc.size": ".5Ti"},
+    "no pod failure policy (the documented null)": {"downloader.podFailurePolicy": None},
 }
 
 
 @pytest.mark.parametrize("case", sorted(GOOD_VALUES))
 def test_values_kubernetes_accepts_pass_the_schema(case):
     assert render(set_values=GOOD_VALUES[case])
+
+
+def test_a_null_pod_failure_policy_renders_a_job_without_one():
+    jobs = {o["metadata"]["labels"]["app.kubernetes.io/component"]: o["spec"]
+            for o in render(set_values={"downloader.podFailurePolicy": None}) if o["kind"] == "Job"}
+    assert "podFailurePolicy" not in jobs["downloader"] and "podFailurePolicy" in jobs["preprocessing"]
 
 
 @pytest.mark.parametrize("case", sorted(BAD_COMBINATIONS))

@@ -10,6 +10,8 @@ from trajflow.config.base import Model
 
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 _QUANTITY = r"^[+]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"  # non-negative, as quantity.go parses it
+# empty or an http(s) URL with a host; in the schema too, so `helm install` refuses what the pods would
+_HTTP_URL_OR_EMPTY = {"pattern": r"^(https?://[^/\s]+.*)?$"}
 _DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 
@@ -28,7 +30,8 @@ class PvcStorage(Model):
 
 
 class S3Storage(Model):
-    endpoint: str = Field("", description="S3-compatible endpoint URL; empty means AWS.")
+    endpoint: str = Field("", description="S3-compatible endpoint URL; empty means AWS.",
+                          json_schema_extra=_HTTP_URL_OR_EMPTY)
     bucket: str = Field("", description="Bucket holding the run roots.")
     prefix: str = Field("", description="Key prefix under the bucket.")
     region: str = Field("us-east-1", description="Region of the bucket.")
@@ -60,7 +63,9 @@ class Storage(Model):
 
 
 class Metrics(Model):
-    pushgateway_url: str = Field("", description="Pushgateway for batch stages; empty disables pushing.")
+    # the chart renders it with `tpl`, so the schema also lets a template through
+    pushgateway_url: str = Field("", description="Pushgateway for batch stages; empty disables pushing.",
+                                 json_schema_extra={"pattern": r"^((https?://[^/\s]+|\{\{).*)?$"})
 
     @field_validator("pushgateway_url")
     @classmethod

@@ -19,10 +19,14 @@ Where the shared volume is mounted: global.storage.filesystem.path. A relative p
 {{- end -}}
 {{- end -}}
 
-{{/* The stage's config file: exactly `global` (effective) and `config`. */}}
+{{/* The stage's config file: `global` (effective) and `config`. Left out: what only the
+chart reads (the PVC, ArgoCD), so that resizing the volume does not rename, and so replace,
+every Job through checksum/config. */}}
 {{- define "trajflow.configFile" -}}
 {{- $global := include "trajflow.global" . | fromYaml -}}
 {{- $_ := set $global.metrics "pushgatewayUrl" (include "trajflow.pushgatewayUrl" .) -}}
+{{- $_ := unset $global.storage "pvc" -}}
+{{- $_ := unset $global "argocd" -}}
 {{- toYaml (dict "global" $global "config" (.Values.config | default dict)) -}}
 {{- end -}}
 
