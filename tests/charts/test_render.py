@@ -120,6 +120,21 @@ def test_pods_are_locked_down(env_objects):
             assert {"cpu", "memory"} <= set(limits) and {"cpu", "memory"} <= set(requests), f"{where}/{c['name']}"
 
 
+def test_a_pod_level_uid_reaches_every_container():
+    """OpenShift-style UID ranges: podSecurityContext.runAsUser must not be overridden by a
+    container-level default."""
+    uid = {"runAsUser": 1000680000, "runAsGroup": 1000680000}
+    objs = render(set_values={**{f"{s}.podSecurityContext": uid for s in STAGE_CHARTS},
+                              "monitoring.enabled": True, "monitoring.pushgateway.podSecurityContext": uid})
+    workloads = [o for o in objs if o["kind"] in WORKLOAD_KINDS]
+    assert {o["kind"] for o in workloads} >= {"Job", "Deployment"}
+    for obj in workloads:
+        spec = pod_spec(obj) if obj["kind"] != "Deployment" else obj["spec"]["template"]["spec"]
+        assert spec["securityContext"]["runAsUser"] == 1000680000
+        for c in [*spec.get("initContainers", []), *spec["containers"]]:
+            assert "runAsUser" not in c["securityContext"] and "runAsGroup" not in c["securityContext"], c["name"]
+
+
 def test_stage_pods_follow_the_workload_contract(env_objects):
     _, objs = env_objects
     for stage in STAGE_CHARTS:

@@ -15,11 +15,11 @@ The image runs as UID/GID 65532.
 {{- toYaml (mustMergeOverwrite $defaults (deepCopy (.Values.podSecurityContext | default dict))) -}}
 {{- end -}}
 
+{{/* The UID and GID come from the pod's context (set there only, so podSecurityContext.runAsUser
+applies to every container, as on OpenShift's assigned UID ranges). */}}
 {{- define "trajflow.containerSecurityContext" -}}
 {{- $defaults := dict
   "runAsNonRoot" true
-  "runAsUser" 65532
-  "runAsGroup" 65532
   "allowPrivilegeEscalation" false
   "privileged" false
   "readOnlyRootFilesystem" true
