@@ -5,6 +5,7 @@ import errno
 import hashlib
 import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -67,6 +68,18 @@ def _check_against_reference(reader, episodes, rate, atol, rtol=0.0):
             got = reader.episode_tensor(i, stream).float().numpy()
             assert got.shape == ref.shape
             np.testing.assert_allclose(got, ref, atol=atol, rtol=rtol, err_msg=f"{info.source} {info.episode} {stream}")
+
+
+def test_files_of_another_format_than_configured_are_named(local_storage, mixed, caplog):
+    files, _ = mixed
+    publish_raw_shard(local_storage, 0, files)
+    with caplog.at_level(logging.WARNING):
+        summary = process_shard(local_storage, 0, 1, stage_config(format="npz"))
+    assert summary.episodes > 0  # the npz part is read
+    warnings = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert any("lerobot file(s) of source 'lerobot' left out, its format being npz" in w for w in warnings), warnings
+    assert any("robomimic file(s) of source 'robomimic' left out" in w for w in warnings), warnings
+    assert not any("meta/" in w for w in warnings)  # LeRobot metadata is no trajectory file of any format
 
 
 @pytest.mark.parametrize("rate", [50.0, 333.0])

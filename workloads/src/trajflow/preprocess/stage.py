@@ -570,18 +570,27 @@ class ShardProcessor:
         hints = dataset_hints(self.storage, [k for k, _ in items], self.shard)
         specs: dict[str, SourceSpec] = {}
         work = []
+        other_format: dict[tuple[str, str, str], list[str]] = {}  # (source, configured, found) -> keys
         for key, size in items:
             source = source_of(key)
             spec = specs.get(source) or specs.setdefault(source, SourceSpec.resolve(self.config, source))
             fmt = readers.detect_format(key, spec.format)
             if fmt is None or _is_lerobot_metadata(key, fmt):
                 self.report.ignored.append(key)
+                other = readers.detect_format(key, "auto")
+                if fmt is None and other is not None and not _is_lerobot_metadata(key, other):
+                    other_format.setdefault((source, spec.format, other), []).append(key)
                 continue
             robot, fps = _hint_for(key, hints)
             if fps and spec.rate_hz is None:
                 spec = SourceSpec(**{**spec.__dict__, "rate_hz": fps})
             work.append(_Work(key, size, fmt, spec, robot))
         self.summary.ignored_files = len(self.report.ignored)
+        for (source, configured, found), keys in sorted(other_format.items()):
+            # not an error: a format setting may leave out part of a dataset on purpose
+            log.warning("shard %s: %d %s file(s) of source %r left out, its format being %s (e.g. %s); set "
+                        "preprocessing.config.format (or the source's format) to auto or %s to read them",
+                        shard_name(self.shard), len(keys), found, source or "(root)", configured, keys[0], found)
         return work
 
     def _quarantine(self, q: Quarantined) -> None:
