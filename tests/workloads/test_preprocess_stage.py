@@ -70,6 +70,29 @@ def _check_against_reference(reader, episodes, rate, atol, rtol=0.0):
             np.testing.assert_allclose(got, ref, atol=atol, rtol=rtol, err_msg=f"{info.source} {info.episode} {stream}")
 
 
+def test_a_lerobot_datasets_own_fps_wins_over_rate_hz(local_storage):
+    """rateHz is for files with neither timestamps nor a rate: LeRobot's info.json fps is
+    such a rate, as an npz or HDF5 rate attribute is."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    n = 90  # 3 s at 30 fps, no timestamp column
+    table = pa.table({"episode_index": np.zeros(n, np.int64), "frame_index": np.arange(n),
+                      STATE: pa.array(rng.normal(size=(n, 6)).astype(np.float32).tolist()),
+                      ACTION: pa.array(rng.normal(size=(n, 3)).astype(np.float32).tolist())})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    files = {"lr/data/chunk-000/episode_000000.parquet": buf.getvalue(),
+             "lr/meta/info.json": json.dumps({"fps": 30, "robot_type": "so100"}).encode(),
+             "np/e.npz": npz_bytes(rate_hz=np.array(30.0), **{STATE: np.zeros((n, 6), np.float32),
+                                                              ACTION: np.zeros((n, 3), np.float32)})}
+    publish_raw_shard(local_storage, 0, files)
+    process_shard(local_storage, 0, 1, stage_config(rate_hz=10.0, target_rate_hz=50.0))
+    episodes = open_shard(local_storage.local_path(shard_key(0))).episodes
+    assert [(e.original_rate_hz, e.length) for e in episodes] == [(30.0, 149), (30.0, 149)]  # 2.97 s at 50 Hz
+
+
 def test_files_of_another_format_than_configured_are_named(local_storage, mixed, caplog):
     files, _ = mixed
     publish_raw_shard(local_storage, 0, files)

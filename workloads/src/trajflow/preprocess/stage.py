@@ -582,7 +582,7 @@ class ShardProcessor:
                     other_format.setdefault((source, spec.format, other), []).append(key)
                 continue
             robot, fps = _hint_for(key, hints)
-            if fps and spec.rate_hz is None:
+            if fps:  # the dataset's own rate (info.json), ahead of rateHz as HDF5 and npz rate attributes are
                 spec = SourceSpec(**{**spec.__dict__, "rate_hz": fps})
             work.append(_Work(key, size, fmt, spec, robot))
         self.summary.ignored_files = len(self.report.ignored)
