@@ -93,6 +93,29 @@ def test_a_lerobot_datasets_own_fps_wins_over_rate_hz(local_storage):
     assert [(e.original_rate_hz, e.length) for e in episodes] == [(30.0, 149), (30.0, 149)]  # 2.97 s at 50 Hz
 
 
+def test_a_file_without_episodes_is_quarantined_not_lost(local_storage):
+    import h5py
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    empty = io.BytesIO()
+    pq.write_table(pa.table({"episode_index": pa.array([], pa.int64()), "timestamp": pa.array([], pa.float32()),
+                             STATE: pa.array([], pa.list_(pa.float32(), 6)),
+                             ACTION: pa.array([], pa.list_(pa.float32(), 3))}), empty)
+    flat = io.BytesIO()
+    with h5py.File(flat, "w") as f:
+        f.create_group("data").create_dataset("demo_0", data=np.zeros(3))  # a dataset where a demo group belongs
+    files = {"s/empty.parquet": empty.getvalue(), "s/flat.hdf5": flat.getvalue(),
+             "s/good.npz": npz_bytes(**_npz_episode(np.random.default_rng(3)))}
+    publish_raw_shard(local_storage, 0, files)
+    process_shard(local_storage, 0, 1, stage_config(max_bad_fraction=1.0))
+    report = json.loads(local_storage.read_bytes(report_key(0)))
+    entries = {e["source"]: e for e in report["entries"]}
+    assert report["written"] == 1 and set(entries) == {"raw/00000/s/empty.parquet", "raw/00000/s/flat.hdf5"}
+    assert entries["raw/00000/s/empty.parquet"]["detail"] == "no episodes in this lerobot file"
+    assert entries["raw/00000/s/flat.hdf5"]["reason"] == "unreadable_file"
+
+
 def test_files_of_another_format_than_configured_are_named(local_storage, mixed, caplog):
     files, _ = mixed
     publish_raw_shard(local_storage, 0, files)

@@ -652,4 +652,6 @@ def read_item(storage: Storage, key: str, expected_size: int | None, fmt: str, s
     except Exception as exc:  # noqa: BLE001  a parser tripping over malformed bytes: the file's fault, not the shard's
         _reraise_io(exc)
         result.outcomes = [Quarantined(key, "", UNREADABLE, f"cannot parse the file: {type(exc).__name__}: {exc}")]
+    if not result.outcomes:  # neither written nor quarantined, it would be missing from every count
+        result.outcomes = [Quarantined(key, "", UNREADABLE, f"no episodes in this {fmt} file")]
     return result
