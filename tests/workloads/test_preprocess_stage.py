@@ -93,6 +93,19 @@ def test_a_lerobot_datasets_own_fps_wins_over_rate_hz(local_storage):
     assert [(e.original_rate_hz, e.length) for e in episodes] == [(30.0, 149), (30.0, 149)]  # 2.97 s at 50 Hz
 
 
+def test_a_skipped_shard_reports_what_its_manifest_records(local_storage, mixed):
+    """Its push replaces the shard's series: a rerun must not show a done shard at zero."""
+    files, _ = mixed
+    publish_raw_shard(local_storage, 0, files)
+    first, again = preprocess_metrics(), preprocess_metrics()
+    process_shard(local_storage, 0, 1, stage_config(sources={"robomimic": ROBOMIMIC}), first)
+    assert process_shard(local_storage, 0, 1, stage_config(sources={"robomimic": ROBOMIMIC}), again).skipped
+    for name in ("trajflow_preprocess_trajectories_total", "trajflow_preprocess_bytes_in_total",
+                 "trajflow_preprocess_bytes_out_total"):
+        assert _sample(again, name) == _sample(first, name) > 0, name
+    assert _sample(again, "trajflow_stage_start_time_seconds") > 0
+
+
 def test_a_file_without_episodes_is_quarantined_not_lost(local_storage):
     import h5py
     import pyarrow as pa

@@ -509,6 +509,7 @@ class ShardProcessor:
             summary.skipped = True
             summary.episodes = int(existing.get("num_episodes", 0))
             summary.frames = int(existing.get("num_frames", 0))
+            self._restore_metrics(existing)
             return summary
         raw_manifest = read_manifest(self.storage, "download", shard)
         if raw_manifest is None:
@@ -728,6 +729,17 @@ class ShardProcessor:
             trajectories=summary.trajectories, quarantined=summary.bad, reasons=summary.quarantined,
             raw_manifest=manifest_key("download", self.shard), bytes_in=summary.bytes_in,
         )
+
+    def _restore_metrics(self, manifest: dict[str, Any]) -> None:
+        """A skipped shard pushes what its manifest records: its push replaces the shard's
+        series in the Pushgateway, which must not drop to zeros on a rerun."""
+        m = self.metrics
+        m.start_time.set(time.time())
+        m.trajectories.inc(int(manifest.get("num_episodes", 0)))
+        for reason, count in (manifest.get("reasons") or {}).items():
+            m.quarantined.labels(reason=reason).inc(int(count))
+        m.bytes_in.inc(int(manifest.get("bytes_in", 0)))
+        m.bytes_out.inc(sum(int(it.get("size", 0)) for it in manifest.get("items", []) if it.get("kind") == "shard"))
 
     def _check_bad_fraction(self) -> None:
         total, bad, limit = self.summary.trajectories, self.summary.bad, self.config.max_bad_fraction
