@@ -151,6 +151,15 @@ def test_bad_stage_config_names_the_stage_and_key():
         validate_stage("uploader", {})
 
 
+@pytest.mark.parametrize("stage, key", [("preprocessing", "rateHz"), ("preprocessing", "pushIntervalSeconds"),
+                                        ("training", "learningRate"), ("downloader", "pushIntervalSeconds")])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_non_finite_numbers_are_refused(stage, key, value):
+    with pytest.raises(ConfigError) as info:
+        validate_stage(stage, {key: value}, origin="dev.yaml")
+    assert _one_line(info) == f"dev.yaml: {stage}.config.{key}: Input should be a finite number (got {value})"
+
+
 def test_errors_name_the_file_the_bad_value_came_from(tmp_path, chart):
     good = _values_file(tmp_path, "base.yaml", "global:\n  runId: run-1\n")
     bad = _values_file(tmp_path, "override.yaml", "downloader:\n  config:\n    concurrency: lots\n")

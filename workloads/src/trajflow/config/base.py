@@ -1,4 +1,5 @@
-"""The base of every config model: camelCase keys in values files, unknown keys rejected."""
+"""The base of every config model: camelCase keys in values files, unknown keys and
+non-finite numbers rejected."""
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
@@ -12,4 +13,7 @@ class Model(BaseModel):
         populate_by_name=True,
         validate_default=True,
         frozen=True,
+        # YAML spells them .inf and .nan; no setting means either (an infinite interval
+        # kills a thread, an infinite rate turns every episode into one frame)
+        allow_inf_nan=False,
     )
