@@ -53,7 +53,7 @@ def test_preprocessing_shard_waits_for_its_download_shard():
     wait = container(job, "wait-download")
     assert wait["args"] == ["wait", "--stage", "download", "--shards", "$(JOB_COMPLETION_INDEX)",
                             "--expect-shards", "64", "--timeout", "12h",
-                            "--config", "/etc/trajflow/config.yaml"]
+                            "--config", "/etc/trajflow/config.yaml", "--check-config", "preprocessing"]
     spec = pod_spec(job)
     assert [c["name"] for c in spec["initContainers"]] == ["wait-download"]
     main = container(job, "preprocess")

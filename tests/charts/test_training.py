@@ -99,7 +99,7 @@ def test_every_pod_waits_for_all_preprocessed_shards():
     _, job = training()
     wait = container(job, "wait-preprocess")
     assert wait["args"] == ["wait", "--stage", "preprocess", "--shards", "0-63", "--expect-shards", "64", "--timeout", "48h",
-                            "--config", "/etc/trajflow/config.yaml"]
+                            "--config", "/etc/trajflow/config.yaml", "--check-config", "training"]
     assert wait["command"] == ["trajflow"]
     assert wait["resources"]["limits"]["memory"]
     # the wait runs without GPUs

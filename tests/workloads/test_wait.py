@@ -107,6 +107,21 @@ def test_cli_exits_6_with_one_line_on_timeout(tmp_path, capsys):
                        f"{(tmp_path / 'run-a').as_uri()}/raw/_done: 0, 1")
 
 
+def test_cli_checks_the_stage_config_before_waiting(tmp_path, capsys):
+    """The training init container fails at once on a config the workers would refuse, not
+    after every preprocessing shard is done while the GPUs are held."""
+    path = tmp_path / "config.yaml"
+    path.write_text(f"global:\n  runId: run-a\n  storage:\n    filesystem: {{path: {tmp_path}}}\n"
+                    "config: {model: {type: transformer, hiddenSize: 100, numHeads: 8}}\n")
+    code = cli.main(["wait", "--stage", "preprocess", "--shards", "0", "--timeout", "1h", "--config", str(path),
+                     "--check-config", "training"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == ExitCode.CONFIG and "hiddenSize" in err[-1] and "numHeads" in err[-1], err
+    # without the check the same file only needs a valid global
+    code = cli.main(["wait", "--stage", "preprocess", "--shards", "0", "--timeout", "1s", "--config", str(path)])
+    assert code == ExitCode.TIMEOUT
+
+
 def test_cli_returns_0_once_upstream_finishes(tmp_path):
     root = LocalStorage(tmp_path / "run-a")
 

@@ -209,15 +209,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expect-shards", type=int, default=None, metavar="N",
                         help="the upstream stage's shard count: a manifest recording another count is from an "
                              "earlier run and does not count (default: any)")
+    parser.add_argument("--check-config", default=None, metavar="STAGE",
+                        choices=["downloader", "preprocessing", "training"],
+                        help="first validate STAGE's whole config, so an init container fails at once (exit 2) "
+                             "on what the stage would refuse only after the wait")
     add_config_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from trajflow.config import global_settings
+    from trajflow.config import global_settings, stage_settings
     from trajflow.storage import open_run_root
 
     shards = parse_shards(args.shards)
     timeout_s = parse_duration(args.timeout)
+    if args.check_config:
+        stage_settings(args.check_config, args.config, args.values, args.set, env={})
     glob = global_settings(args.config, args.values, args.set)
     wait_for_shards(open_run_root(glob), args.stage, shards, timeout_s,
                     expect_shards=args.expect_shards)

@@ -63,13 +63,14 @@ local rank (`metrics` for local rank 0 at config.metricsPort, `metrics-<i>` at p
 {{- end }}
 {{- end -}}
 
-{{/* The init container that holds a pod until every preprocessed shard is done. */}}
+{{/* The init container: refuses a training config the workers would refuse (exit 2, before the
+wait), then holds the pod until every preprocessed shard is done. */}}
 {{- define "trajflow.training.waitContainer" -}}
 {{- $v := .Values -}}
 {{- $shards := int $v.inputShards -}}
 {{- toJson (dict
   "name" "wait-preprocess"
-  "args" (list "wait" "--stage" "preprocess" "--shards" (printf "0-%d" (sub $shards 1)) "--expect-shards" ($shards | toString) "--timeout" ($v.waitTimeout | toString) "--config" (include "trajflow.configPath" .))
+  "args" (list "wait" "--stage" "preprocess" "--shards" (printf "0-%d" (sub $shards 1)) "--expect-shards" ($shards | toString) "--timeout" ($v.waitTimeout | toString) "--config" (include "trajflow.configPath" .) "--check-config" "training")
   "resources" $v.waitResources) -}}
 {{- end -}}
 
