@@ -195,6 +195,14 @@ def test_network_policies_follow_storage_and_pushgateway():
     assert not select(render(set_values={"networkPolicy.enabled": False}), "NetworkPolicy")
 
 
+@pytest.mark.parametrize("endpoint, port", [("http://[fd00:10:96::a]", 80), ("https://[fd00::1]", 443),
+                                             ("http://[fd00::1]:9000", 9000), ("http://minio:9000", 9000)])
+def test_network_policy_ports_of_ipv6_and_ipv4_endpoints(endpoint, port):
+    objs = render([env_file("staging")], {"global.storage.s3.endpoint": endpoint}, api_versions=PROMETHEUS_OPERATOR_APIS)
+    egress = policy(objs, "downloader")["egress"]
+    assert {"ports": [{"port": port, "protocol": "TCP"}]} in egress
+
+
 def test_stage_charts_render_on_their_own():
     for stage in ("downloader", "preprocessing"):
         objs = render(chart=SUBCHARTS / stage)

@@ -9,12 +9,13 @@
 {{- toJson $stages -}}
 {{- end -}}
 
-{{/* The TCP port of an http(s) URL: explicit, else 443 for https and 80 for http. */}}
+{{/* The TCP port of an http(s) URL: explicit, else 443 for https and 80 for http. Only a
+trailing :<digits> is a port: an IPv6 host ([fd00::a]) holds colons of its own. */}}
 {{- define "trajflow.umbrella.urlPort" -}}
 {{- $url := urlParse . -}}
-{{- $hostPort := splitList ":" $url.host -}}
-{{- if gt (len $hostPort) 1 -}}
-{{- last $hostPort -}}
+{{- $port := regexFind ":[0-9]+$" $url.host | trimPrefix ":" -}}
+{{- if $port -}}
+{{- $port -}}
 {{- else if eq $url.scheme "http" -}}
 80
 {{- else -}}
@@ -24,7 +25,7 @@
 
 {{/* The host of an http(s) URL, without port. */}}
 {{- define "trajflow.umbrella.urlHost" -}}
-{{- first (splitList ":" (urlParse .).host) -}}
+{{- regexReplaceAll ":[0-9]+$" (urlParse .).host "" -}}
 {{- end -}}
 
 {{/* Ports the downloader fetches its sources on, from downloader.config.sources. */}}
