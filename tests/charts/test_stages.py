@@ -222,6 +222,9 @@ def test_notes_say_how_to_watch_and_where_data_lands():
     s3 = notes([env_file("production")], api_versions=PROMETHEUS_OPERATOR_APIS)
     assert "s3://trajflow-production/runs/fleet-2026-q3" in s3
     assert "http://trajflow-pushgateway.trajflow.svc:9091" in s3
+    off = notes([env_file("production")], {"monitoring.enabled": False})
+    assert "Warning: global.metrics.pushgatewayUrl points at this release's Pushgateway" in off
+    assert "push progress metrics to" not in off
     hint = notes(set_values={"monitoring.enabled": True}, api_versions=PROMETHEUS_OPERATOR_APIS)
     assert "global.metrics.pushgatewayUrl is empty" in hint and "trajflow.inReleasePushgatewayUrl" in hint
 
