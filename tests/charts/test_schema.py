@@ -206,6 +206,10 @@ BAD_COMBINATIONS = {
             "containerName": "nope", "operator": "In", "values": [2]}}]}},
         ['preprocessing.podFailurePolicy.rules[0].onExitCodes.containerName "nope" is none of the pod\'s containers']),
     "PyTorchJob without its API": ({"training.launcher": "pytorchjob"}, ["training.launcher", "kubeflow.org/v1"]),
+    "data volume over /tmp": ({"global.storage.filesystem.path": "/tmp"},
+                              ['global.storage.filesystem.path "/tmp" would mount the data volume on or over /tmp']),
+    "data volume over the config": ({"global.storage.filesystem.path": "/etc"},
+                                    ["over /etc/trajflow, which the pods use themselves"]),
 }
 
 

@@ -139,6 +139,14 @@ automountServiceAccountToken: false
 {{- if and (not $storage.pvc.create) (not $storage.pvc.existingClaim) -}}
 {{- fail "global.storage.pvc.existingClaim is required when global.storage.pvc.create is false (the stages need a shared volume)" -}}
 {{- end -}}
+{{- /* the data volume may not land on, or hide, a mount of the pod's own (two volumes at one
+path are refused; a parent such as /etc would hide the config and the image's files) */ -}}
+{{- $data := include "trajflow.dataMountPath" . -}}
+{{- range (list "/tmp" "/dev/shm" (include "trajflow.configDir" .)) -}}
+{{- if or (eq $data .) (eq $data "/") (hasPrefix (printf "%s/" $data) .) -}}
+{{- fail (printf "global.storage.filesystem.path %q would mount the data volume on or over %s, which the pods use themselves; choose another path such as /data" $data .) -}}
+{{- end -}}
+{{- end -}}
 {{- else -}}
 {{- fail (printf "global.storage.type must be filesystem or s3, got %q" $storage.type) -}}
 {{- end -}}
