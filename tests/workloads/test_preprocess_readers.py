@@ -198,6 +198,14 @@ def test_float_timestamps_in_ms_us_or_ns_are_refused(scale: float, unit: str):
     assert "below 1 Hz" in ep.detail and "ms, us or ns rather than seconds" in ep.detail
 
 
+def test_datetime_timestamps_are_refused_as_no_seconds():
+    spec = _spec(streams=[STATE])
+    times = np.datetime64("2026-01-01") + np.arange(10) * np.timedelta64(10, "ms")
+    out = readers.make_episode(spec, "k", "e", "", times, None, {STATE: np.ones((10, 1))})
+    assert isinstance(out, Quarantined) and out.reason == readers.MISSING_TIME
+    assert out.detail == "timestamps are datetime64[ms], not seconds: convert them to float seconds"
+
+
 def test_a_timestamp_jump_is_refused_and_slow_real_rates_pass():
     spec = _spec(streams=[STATE])
     values = np.ones((10, 1))

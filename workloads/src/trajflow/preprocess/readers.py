@@ -197,6 +197,8 @@ def make_episode(spec: SourceSpec, source: str, episode: str, robot: str, times:
         t = np.asarray(times)
         if np.issubdtype(t.dtype, np.integer):
             return bad(MISSING_TIME, integer_times_detail(t.dtype))
+        if t.dtype.kind in "mM":  # datetime64 / timedelta64
+            return bad(MISSING_TIME, f"timestamps are {t.dtype}, not seconds: convert them to float seconds")
         if not np.issubdtype(t.dtype, np.floating):
             return bad(SHAPE_MISMATCH, f"timestamps have non-numeric dtype {t.dtype}")
         t = t.astype(np.float64).reshape(-1)
