@@ -42,20 +42,16 @@ def test_set_typos_and_bad_types_are_rejected(tmp_path: Path, expression: str, k
     assert "Traceback" not in result.stderr
 
 
-def test_a_quoted_boolean_is_not_enabled(tmp_path: Path) -> None:
-    bad = tmp_path / "enabled.yaml"
-    bad.write_text('training:\n  enabled: "false"\n')
+@pytest.mark.parametrize("text, message", [
+    ('training:\n  enabled: "false"\n', "training.enabled: expected boolean"),  # a quoted boolean is not one
+    ("downloader:\n  image:\n    tagg: x\n", "downloader.image.tagg: unknown key"),
+])
+def test_a_bad_values_file_is_named(tmp_path: Path, text: str, message: str) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
     result = dry_run(tmp_path, "-f", "values/local.yaml", "-f", str(bad))
     assert result.returncode == 2, result.stdout + result.stderr
-    assert f"{bad}: training.enabled: expected boolean" in result.stderr
-
-
-def test_a_typo_in_a_file_names_the_file(tmp_path: Path) -> None:
-    bad = tmp_path / "typo.yaml"
-    bad.write_text("downloader:\n  image:\n    tagg: x\n")
-    result = dry_run(tmp_path, "-f", "values/local.yaml", "-f", str(bad))
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert f"{bad}: downloader.image.tagg: unknown key" in result.stderr
+    assert f"{bad}: {message}" in result.stderr
 
 
 @pytest.mark.parametrize("values", VALUES, ids=[v.name for v in VALUES])
