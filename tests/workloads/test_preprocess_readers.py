@@ -249,6 +249,7 @@ def test_npz_layouts_and_rate_scalar():
         ([0.0, 0.1, np.inf], [[1.0], [2.0], [3.0]], readers.NON_FINITE, "timestamp[2] is inf"),
         ([0.0, 0.1, 0.1], [[1.0], [2.0], [3.0]], readers.NON_MONOTONIC, "timestamp[2] = 0.1 is not after"),
         ([0.0, 0.1, 0.2], [[1.0], [np.nan], [3.0]], readers.NON_FINITE, "observation.state[1, 0] is nan"),
+        ([0.0, 0.1, 0.2], [[1.0], [1e39], [3.0]], readers.NON_FINITE, "observation.state[1, 0] is 1e+39 (beyond float32)"),
         ([0.0, 0.1], [[1.0], [2.0], [3.0]], readers.SHAPE_MISMATCH, "2 timestamps for 3 samples"),
         ([0.0], [[1.0]], readers.TOO_SHORT, "1 samples < minLength 2"),
     ],

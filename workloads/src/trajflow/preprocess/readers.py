@@ -27,6 +27,7 @@ import errno
 import io
 import json
 import logging
+import math
 import re
 import zipfile
 import zlib
@@ -223,13 +224,16 @@ def make_episode(spec: SourceSpec, source: str, episode: str, robot: str, times:
     dims = {out: a.shape[1] for out, a in zip(spec.outputs, arrays)}
     frames = np.empty((length, sum(dims.values())), dtype=np.float32)
     col = 0
-    for a in arrays:
-        frames[:, col:col + a.shape[1]] = a
-        col += a.shape[1]
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, reported below as such
+        for a in arrays:
+            frames[:, col:col + a.shape[1]] = a
+            col += a.shape[1]
     if not np.isfinite(frames).all():
         s, c = (int(v) for v in np.argwhere(~np.isfinite(frames))[0])
         name, d = column_owner(dims, c)
-        return bad(NON_FINITE, f"{name}[{s}, {d}] is {float(frames[s, c])}")
+        raw = float(arrays[spec.outputs.index(name)][s, d])
+        detail = f"{name}[{s}, {d}] is {raw}" + (" (beyond float32)" if math.isfinite(raw) else "")
+        return bad(NON_FINITE, detail)
     start = float(t[0])
     return RawEpisode(source, episode, robot, start, t - start, frames, dims)
 
