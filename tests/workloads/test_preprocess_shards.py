@@ -194,8 +194,8 @@ def test_the_writer_stops_before_the_temporary_directory_limit(local_storage, tm
                          spool_dir=str(spool_dir), spill_limit_bytes=3 << 20)
     frames = np.zeros((2048, 64), dtype=np.float32)  # 0.5 MiB per stream and episode
     added = 0
-    with pytest.raises(PermanentError, match=r"00000\.safetensors: this shard's frames would take 4 MiB of the "
-                                             r"temporary directory, more than the 3 MiB it may use: raise "
+    with pytest.raises(PermanentError, match=r"00000\.safetensors: this shard's frames would take 4\.0 MiB of the "
+                                             r"temporary directory, more than the 3\.0 MiB it may use: raise "
                                              r"preprocessing\.tmp\.sizeLimit") as info:
         for e in range(10):
             writer.add({"a": frames, "b": frames}, source="raw/x", episode=str(e))

@@ -272,8 +272,8 @@ class ShardWriter:
         on_disk = sum(n for n in sizes.values() if n > self._per_stream)  # a spool past its memory share is a file
         if on_disk > self.spill_limit_bytes:
             raise PermanentError(
-                f"{self.key}: this shard's frames would take {on_disk / 2**20:.0f} MiB of the temporary directory, "
-                f"more than the {self.spill_limit_bytes / 2**20:.0f} MiB it may use: raise preprocessing.tmp.sizeLimit "
+                f"{self.key}: this shard's frames would take {on_disk / 2**20:.1f} MiB of the temporary directory, "
+                f"more than the {self.spill_limit_bytes / 2**20:.1f} MiB it may use: raise preprocessing.tmp.sizeLimit "
                 "(or config.spoolMemoryMib with the memory limit), or use more shards so that each is smaller"
             )
 
