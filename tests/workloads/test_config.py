@@ -160,6 +160,21 @@ def test_non_finite_numbers_are_refused(stage, key, value):
     assert _one_line(info) == f"dev.yaml: {stage}.config.{key}: Input should be a finite number (got {value})"
 
 
+@pytest.mark.parametrize("key, value, expected", [
+    ("targetRateHz", True, "Input should be a valid number"),  # YAML `true` is no rate
+    ("maxBadFraction", "yes", "Input should be a valid number"),
+    ("targetRateHz", "25", "Input should be a valid number"),
+    ("batchSize", 8.0, "Input should be a valid integer"),
+])
+def test_values_of_another_type_are_refused_as_helm_refuses_them(key, value, expected):
+    """The models are as strict as the charts' values.schema.json: `trajflow preprocess -f`
+    refuses what `helm install` refuses, instead of reading `true` as 1 Hz."""
+    with pytest.raises(ConfigError) as info:
+        validate_stage("preprocessing", {key: value}, origin="dev.yaml")
+    assert _one_line(info).startswith(f"dev.yaml: preprocessing.config.{key}: {expected}")
+    assert validate_stage("preprocessing", {"targetRateHz": 25}).target_rate_hz == 25.0  # an integer is a number
+
+
 def test_errors_name_the_file_the_bad_value_came_from(tmp_path, chart):
     good = _values_file(tmp_path, "base.yaml", "global:\n  runId: run-1\n")
     bad = _values_file(tmp_path, "override.yaml", "downloader:\n  config:\n    concurrency: lots\n")
