@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -89,4 +90,12 @@ def run(args: argparse.Namespace) -> int:
         brief = {k: summary.get(k) for k in ("status", "epochs_completed", "steps", "initial_val_loss",
                                              "best_val_loss", "final_val_loss", "world_size")}
         print(json.dumps(brief), file=sys.stdout, flush=True)
+    if summary.get("world_size", 1) > 1:
+        # Everything is written and pushed. Gloo's threads can still abort the interpreter's
+        # teardown (SIGABRT, "terminate called without an active exception"), which would
+        # fail a finished run's pod: a worker leaves without that teardown.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0

@@ -6,6 +6,7 @@ no-op, so the same loop serves `trajflow train` on a laptop and a 64-GPU Job.
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import logging
 import os
 from dataclasses import dataclass, field
@@ -94,6 +95,7 @@ class DistContext:
 
     def close(self) -> None:
         if self.initialized and tdist.is_initialized():
+            gc.collect()  # DDP's reducer and pending gloo work hold the group: free them while Python runs
             tdist.destroy_process_group()
         self.initialized = False
 
