@@ -16,8 +16,9 @@ DRAFT = "http://json-schema.org/draft-07/schema#"
 QUANTITY_PATTERN = r"^[+]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-# `90s`, `30m`, `6h`, `1h30m`, `90` (seconds), as `trajflow wait --timeout` reads them.
-DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?h)?([0-9]+(\.[0-9]+)?m)?([0-9]+(\.[0-9]+)?s?)?$"
+# `90s`, `30m`, `6h`, `1h30m`, `90` (seconds), as `trajflow wait --timeout` reads them; a bare
+# number only alone (`1h30` is refused, not read as 1h 30s).
+DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?|([0-9]+(\.[0-9]+)?h)?([0-9]+(\.[0-9]+)?m)?([0-9]+(\.[0-9]+)?s)?)$"
 # Environment variable names that carry secrets: their value must come from valueFrom.
 SECRET_ENV_PATTERN = r"(?i)(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|PRIVATE_KEY|API_KEY|CREDENTIAL)"
 

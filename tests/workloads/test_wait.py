@@ -21,7 +21,7 @@ def test_parse_duration(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "h", "2d", "-5s", "1m2h", "abc", "5 minutes"])
+@pytest.mark.parametrize("text", ["", "h", "2d", "-5s", "1m2h", "abc", "5 minutes", "1h30", "2m15", "1.5h30"])
 def test_bad_duration_is_a_config_error(text):
     with pytest.raises(ConfigError, match="invalid duration"):
         parse_duration(text)

@@ -24,7 +24,8 @@ from trajflow.storage.manifest import PLAN_KEY, STAGE_DIRS, done_shards, manifes
 
 log = logging.getLogger(__name__)
 
-_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
+# A bare number is seconds only when it stands alone: in `1h30` the unit of 30 is a guess.
+_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)|(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?)\s*$")
 # ClientError codes that no amount of waiting fixes, with what to check
 _BAD_IDENTITY = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
 _CREDENTIALS_HINT = "global.storage.s3.existingSecret (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or workload identity"
@@ -34,9 +35,9 @@ def parse_duration(text: str) -> float:
     """Seconds from `90`, `90s`, `15m`, `2h`, `1h30m`."""
     m = _DURATION.match(text)
     if not text.strip() or not m or not any(m.groups()):
-        raise ConfigError(f"invalid duration {text!r}: use e.g. 90s, 15m, 2h, 1h30m")
-    h, mi, s = (float(g) if g else 0.0 for g in m.groups())
-    return h * 3600 + mi * 60 + s
+        raise ConfigError(f"invalid duration {text!r}: use e.g. 90 (seconds), 90s, 15m, 2h, 1h30m")
+    bare, h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+    return bare + h * 3600 + mi * 60 + s
 
 
 def parse_shards(spec: str) -> set[int]:
