@@ -59,6 +59,21 @@ def test_equal_items_spread_evenly():
     assert [len(part) for part in partition(items, 8)] == [5] * 8
 
 
+def test_zero_byte_items_spread_by_count():
+    items = [Item(f"empty{i}", 0) for i in range(8)]
+    assert [len(part) for part in partition(items, 4)] == [2] * 4
+
+
+def test_items_of_unknown_size_spread_like_items_of_the_median_size():
+    # presigned URLs refuse HEAD: their sizes are unknown and planned as 0
+    unknown = [Item(f"url{i}", 0, meta={"size_known": False}) for i in range(8)]
+    known = [Item(f"obj{i}", 100 * (i + 1)) for i in range(3)]  # median 200
+    parts = partition(unknown + known, 4)
+    counts = [sum(1 for it in part if not it.meta.get("size_known", True)) for part in parts]
+    assert sorted(counts) == [1, 2, 2, 3]  # each unknown item weighs 200 bytes
+    assert [len(part) for part in partition(unknown, 3)] == [3, 3, 2]
+
+
 def test_more_shards_than_items_leaves_empty_shards():
     parts = partition([Item("a", 5), Item("b", 3)], 4)
     assert [[it.key for it in p] for p in parts] == [["a"], ["b"], [], []]

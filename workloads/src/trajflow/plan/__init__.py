@@ -36,17 +36,28 @@ class Item:
         return Item(doc["key"], int(doc["size"]), doc.get("source", ""), dict(doc.get("meta") or {}))
 
 
+def planning_weight(items: list[Item]) -> Callable[[Item], int]:
+    """Bytes to balance: the size, or for an item whose size is unknown (planned as 0, e.g.
+    a presigned URL that refuses HEAD) the median known size (1 when none is known), so
+    that unknown items spread over the shards instead of all landing on one."""
+    known = sorted(it.size for it in items if it.meta.get("size_known", True))
+    guess = max(1, known[len(known) // 2]) if known else 1
+    return lambda it: it.size if it.meta.get("size_known", True) else guess
+
+
 def partition(items: Iterable[Item], shards: int) -> list[list[Item]]:
     """Largest-first greedy (LPT) onto the currently lightest shard.
 
-    Deterministic: items are ordered by (-size, key) and ties between equally loaded shards
-    go to the lowest shard number, so the same items always give the same plan whatever
-    order the listing returned them in. Each shard's bytes are within one largest item of
-    the ideal total/N.
+    Deterministic: items are ordered by (-weight, key) and ties between equally loaded
+    shards go to the one with fewer items, then to the lowest shard number, so the same
+    items always give the same plan whatever order the listing returned them in. Each
+    shard's bytes are within one largest item of the ideal total/N.
     """
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
         raise ValueError(f"shard count must be an integer of at least 1, got {shards!r}")
-    ordered = sorted(items, key=lambda it: (-it.size, it.key))
+    listed = list(items)
+    weight = planning_weight(listed)
+    ordered = sorted(listed, key=lambda it: (-weight(it), it.key))
     seen: set[str] = set()
     for it in ordered:
         if it.size < 0:
@@ -54,12 +65,12 @@ def partition(items: Iterable[Item], shards: int) -> list[list[Item]]:
         if it.key in seen:
             raise ValueError(f"duplicate item key {it.key!r}: two sources would write the same path")
         seen.add(it.key)
-    heap = [(0, s) for s in range(shards)]
+    heap = [(0, 0, s) for s in range(shards)]
     out: list[list[Item]] = [[] for _ in range(shards)]
     for it in ordered:
-        load, s = heapq.heappop(heap)
+        load, count, s = heapq.heappop(heap)
         out[s].append(it)
-        heapq.heappush(heap, (load + it.size, s))
+        heapq.heappush(heap, (load + weight(it), count + 1, s))
     for bucket in out:
         bucket.sort(key=lambda it: it.key)
     return out
