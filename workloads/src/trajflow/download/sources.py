@@ -474,14 +474,38 @@ class FileSourceRuntime(SourceRuntime):
             return [Item(self._key(self.root.name, str(self.root)), st.st_size, self.root.as_uri(), {"mtime_ns": st.st_mtime_ns})]
         if not self.root.is_dir():
             raise ConfigError(f"source {self.name!r}: {self.root} is neither a directory nor a file")
+        # Symlinked directories are followed, as a user reading the tree sees them; a link
+        # to a directory the walk is already inside would loop, and is skipped.
+        def ident(path: str) -> tuple[int, int]:
+            st = os.stat(path)
+            return st.st_dev, st.st_ino
+
         items = []
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            dirnames.sort()
+        ancestors = {str(self.root): frozenset([ident(str(self.root))])}
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
+            inside = ancestors.pop(dirpath)
+            kept = []
+            for name in sorted(dirnames):
+                sub = os.path.join(dirpath, name)
+                try:
+                    sub_id = ident(sub)
+                except FileNotFoundError:  # deleted while listing
+                    continue
+                if sub_id in inside:
+                    log.warning("source %r: not following %s: it links back to a directory that contains it",
+                                self.name, sub)
+                    continue
+                kept.append(name)
+                ancestors[sub] = inside | {sub_id}
+            dirnames[:] = kept
             for name in sorted(filenames):
                 path = Path(dirpath) / name
                 try:
                     st = path.stat()
                 except FileNotFoundError:
+                    # a dangling link, or a file deleted while listing
+                    log.warning("source %r: skipping %s: it does not exist (a symbolic link to nothing?)",
+                                self.name, path)
                     continue
                 if not stat_mod.S_ISREG(st.st_mode):
                     continue

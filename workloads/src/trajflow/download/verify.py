@@ -203,6 +203,9 @@ def item_fingerprint(item: Item, gunzip: bool) -> str:
         "md5": meta.get("md5", ""),
         "gunzip": bool(gunzip and item.key.endswith(".gz")),
     }
+    if "mtime_ns" in meta:
+        # a local file rewritten in place keeps its size: its mtime tells the versions apart
+        doc["mtime_ns"] = meta["mtime_ns"]
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
 
 
