@@ -207,3 +207,93 @@ def test_credentials_the_run_root_refuses_are_a_config_error(s3_server: Any, s3_
     with pytest.raises(ConfigError, match=f"cannot read s3://{s3_shared_bucket}/badcreds") as caught:
         ShardDownloader(root, config, 0, 1).run()
     assert caught.value.exit_code == ExitCode.CONFIG
+
+
+class _EtagRewritingProxy:
+    """A store whose GET and HEAD give an object another ETag than its listing does (and
+    judge If-Match by that one), as some S3-compatible gateways do: a proxy on 127.0.0.1 in
+    front of SeaweedFS."""
+
+    def __init__(self, upstream: str):
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        port = urlsplit(upstream).port
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                headers = dict(self.headers.items())
+                if_match = headers.pop("If-Match", None)
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                conn.close()
+                out = [(k, v) for k, v in resp.getheaders()
+                       if k.lower() not in ("transfer-encoding", "connection", "content-length")]
+                if self.command in ("GET", "HEAD") and "list-type" not in self.path and resp.status in (200, 206):
+                    etag = '"' + resp.getheader("ETag", "").strip('"')[::-1] + '"'
+                    out = [(k, etag if k.lower() == "etag" else v) for k, v in out]
+                    if if_match is not None and if_match != etag:
+                        self.send_response(412)
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                self.send_response(resp.status)
+                for k, v in out:
+                    self.send_header(k, v)
+                self.send_header("Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD"
+                                 else str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_store_whose_get_etag_differs_from_its_listing_is_pinned_by_last_modified(
+        s3_server: Any, tmp_path: Path) -> None:
+    client = s3_server.client()
+    bucket = s3_server.make_bucket("gateway")
+    body = payload(100_000, seed=7)
+    client.put_object(Bucket=bucket, Key="data/obj.bin", Body=body)
+    proxy = _EtagRewritingProxy(s3_server.endpoint)
+    try:
+        config = make_config([s3_source(s3_server, bucket, endpoint=proxy.endpoint, verifyEtag=False)])
+        summary = ShardDownloader(LocalStorage(tmp_path), config, 0, 1).run()
+        assert summary.exit_code == 0, [r.error for r in summary.failed]
+        assert visible_files(tmp_path / "raw" / "00000") == {"lake/obj.bin": body}
+
+        # an object really replaced after planning (same size, later mtime) still fails
+        import time
+
+        time.sleep(1.1)  # S3 modification times have one-second resolution
+        client.put_object(Bucket=bucket, Key="data/new.bin", Body=payload(1000, seed=8))
+        grown = make_config([s3_source(s3_server, bucket, endpoint=proxy.endpoint, verifyEtag=False)],
+                            planGeneration="2")
+        ShardDownloader(LocalStorage(tmp_path), grown, 0, 1).plan()
+        time.sleep(1.1)
+        client.put_object(Bucket=bucket, Key="data/new.bin", Body=payload(1000, seed=9))
+        replaced = ShardDownloader(LocalStorage(tmp_path), grown, 0, 1).run()
+        assert replaced.exit_code == ExitCode.TRANSIENT
+        (failed,) = replaced.failed
+        assert failed.item.key == "lake/new.bin" and failed.reason == "changed"
+    finally:
+        proxy.close()

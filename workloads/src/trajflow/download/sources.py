@@ -155,6 +155,12 @@ class SourceRuntime(abc.ABC):
         """The version of the item that planning saw (None: unknown)."""
         return None
 
+    def confirm_planned(self, item: Item) -> Validator | None:
+        """After the source refused the planned validator: another validator for the same
+        planned version, when the source's metadata proves the object unchanged (None: it
+        changed, or nothing can tell)."""
+        return None
+
     def _key(self, rel: str, where: str) -> str:
         key = f"{self.name}/{rel}"
         try:
@@ -385,7 +391,7 @@ class S3SourceRuntime(SourceRuntime):
                     except ConfigError:
                         unusable.append(full)
                         continue
-                    meta = {"etag": obj.get("ETag", "").strip('"')}
+                    meta = self._listed(obj.get("ETag", ""), obj.get("LastModified"))
                     items.append(Item(key, int(obj["Size"]), f"s3://{self.bucket}/{full}", meta))
             if not items and self.prefix and not unusable:
                 items.extend(self._single_object())
@@ -416,8 +422,17 @@ class S3SourceRuntime(SourceRuntime):
                 return []
             raise
         rel = self.prefix.rsplit("/", 1)[-1]
-        meta = {"etag": head.get("ETag", "").strip('"')}
+        meta = self._listed(head.get("ETag", ""), head.get("LastModified"))
         return [Item(self._key(rel, self.cfg.url), int(head["ContentLength"]), f"s3://{self.bucket}/{self.prefix}", meta)]
+
+    @staticmethod
+    def _listed(etag: str, last_modified: Any) -> dict[str, Any]:
+        # "listed_last_modified", not "last_modified": only `confirm_planned` reads it, and
+        # the item's fingerprint (which names its verified copy) stays as it was
+        meta: dict[str, Any] = {"etag": etag.strip('"')}
+        if last_modified is not None:
+            meta["listed_last_modified"] = last_modified.isoformat()
+        return meta
 
     def url_for(self, item: Item) -> str:
         key = item.source[len(f"s3://{self.bucket}/"):]
@@ -431,6 +446,29 @@ class S3SourceRuntime(SourceRuntime):
     def planned_validator(self, item: Item) -> Validator | None:
         etag = str(item.meta.get("etag", ""))
         return Validator(f'"{etag}"') if etag else None  # listings strip the quotes a GET's ETag has
+
+    def confirm_planned(self, item: Item) -> Validator | None:
+        """Some S3-compatible stores give an object one ETag in listings and another on GET,
+        so If-Match with the listed ETag always fails. When HEAD shows the listed size and
+        the listed ETag or modification time, the object is the planned version: it is then
+        pinned by its Last-Modified instead."""
+        listed = item.meta.get("listed_last_modified")
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=item.source[len(f"s3://{self.bucket}/"):])
+        except Exception as exc:
+            log.warning("source %r: cannot check %s after a refused If-Match: %s", self.name, item.source, exc)
+            return None
+        header = head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("last-modified", "")
+        same = int(head.get("ContentLength", -1)) == item.size and (
+            head.get("ETag", "").strip('"') == item.meta.get("etag")
+            or (listed is not None and head.get("LastModified") is not None
+                and head["LastModified"].isoformat() == listed))
+        if not same or not header:
+            return None
+        log.warning("source %r: %s refuses If-Match with its listed ETag, but is unchanged since planning (size "
+                    "and %s match); pinning it by Last-Modified", self.name, item.source,
+                    "ETag" if head.get("ETag", "").strip('"') == item.meta.get("etag") else "modification time")
+        return Validator(last_modified=header)
 
     def expected(self, item: Item, body: Body) -> Expected:
         found = super().expected(item, body)

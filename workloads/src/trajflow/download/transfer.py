@@ -8,7 +8,10 @@ its last byte only when it is pinned that way and the source serves ranges; othe
 starts over from byte 0. The digests are computed in byte order while the bytes arrive:
 the worker whose bytes sit at the hashing frontier hashes them as they come; bytes that
 arrive ahead of the frontier are hashed when it reaches them (read back from the temporary
-file, or from memory for object-store roots).
+file, or from memory for object-store roots). The first request pins the version planning
+saw; where a source refuses that pin although its metadata shows the object unchanged (a
+store whose listing and GET disagree on the ETag), the item is pinned once by another
+validator instead (`SourceRuntime.confirm_planned`).
 
 Where the bytes go (the sink):
 - filesystem root: a hidden temporary next to the final path, `.trajflow-tmp-dl-<name>`
@@ -616,6 +619,8 @@ class ItemTransfer:
         self.last_error: FetchError | None = None  # the last network failure, for the final message
         self.changes = 0
         self.fallbacks: set[str] = set()  # reasons this item already fell back to one stream for
+        self.planned_refused = False  # the source refused (or contradicted) the planned validator
+        self.repinned: Validator | None = None  # the planned version under another validator
         self.received_total = 0
         self.sink: FileSink | StreamSink | None = None
         self.parts: list[Part] = []
@@ -633,7 +638,7 @@ class ItemTransfer:
         self.sink = make_sink(self.root, self.dest_key, total, self.gunzip, self.settings.threshold)
         header, extents = self.sink.open()
         # the version planning saw: sent with the first request, and checked in its response
-        self.planned = self.source.planned_validator(self.item)
+        self.planned = self.repinned or self.source.planned_validator(self.item)
         self.validator: Validator | None = None
         resumable = header is not None and header.get("size") == total and header.get("source") == self.item.source
         if resumable:
@@ -795,6 +800,8 @@ class ItemTransfer:
             except FetchError as exc:
                 if counts_as_failure(exc, self.source.required):
                     self.stats.failure(exc.reason)
+                if exc.reason == "changed" and self.validator is None and self.planned is not None:
+                    self.planned_refused = True
                 if exc.reason == "no_ranges":
                     self.ranges_ignored = self.single_stream = True
                     if len(self.parts) == 1:
@@ -1011,6 +1018,13 @@ class ItemTransfer:
             return
         # falling back from parts to one stream is a change of method, not a failed try: free, once per reason
         fallback = error.reason in ("no_ranges", "no_validator") and error.reason not in self.fallbacks
+        if error.reason == "changed" and self.planned_refused and "repin" not in self.fallbacks:
+            # the planned version under another validator is a change of method, once
+            self.repinned = self.source.confirm_planned(self.item)
+            if self.repinned is not None:
+                self.fallbacks.add("repin")
+                fallback = True
+        self.planned_refused = False
         if error.kind is Kind.RESTART and (fallback or self.attempt < self.settings.attempts):
             if fallback:
                 self.fallbacks.add(error.reason)
