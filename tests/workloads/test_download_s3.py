@@ -10,6 +10,7 @@ from typing import Any, Iterator
 
 import pytest
 from download_helpers import FaultyServer, payload, visible_files
+from s3_proxy import Reply, S3Proxy
 from test_download_http import make_config
 
 from trajflow.download.shard import ShardDownloader
@@ -209,63 +210,21 @@ def test_credentials_the_run_root_refuses_are_a_config_error(s3_server: Any, s3_
     assert caught.value.exit_code == ExitCode.CONFIG
 
 
-class _EtagRewritingProxy:
+class _EtagRewritingProxy(S3Proxy):
     """A store whose GET and HEAD give an object another ETag than its listing does (and
-    judge If-Match by that one), as some S3-compatible gateways do: a proxy on 127.0.0.1 in
-    front of SeaweedFS."""
+    judge If-Match by that one), as some S3-compatible gateways do."""
 
-    def __init__(self, upstream: str):
-        import http.client
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-        from urllib.parse import urlsplit
+    def upstream_headers(self, headers: dict[str, str]) -> dict[str, str]:
+        return {k: v for k, v in headers.items() if k.lower() != "if-match"}
 
-        port = urlsplit(upstream).port
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _forward(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
-                headers = dict(self.headers.items())
-                if_match = headers.pop("If-Match", None)
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-                conn.request(self.command, self.path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                conn.close()
-                out = [(k, v) for k, v in resp.getheaders()
-                       if k.lower() not in ("transfer-encoding", "connection", "content-length")]
-                if self.command in ("GET", "HEAD") and "list-type" not in self.path and resp.status in (200, 206):
-                    etag = '"' + resp.getheader("ETag", "").strip('"')[::-1] + '"'
-                    out = [(k, etag if k.lower() == "etag" else v) for k, v in out]
-                    if if_match is not None and if_match != etag:
-                        self.send_response(412)
-                        self.send_header("Content-Length", "0")
-                        self.end_headers()
-                        return
-                self.send_response(resp.status)
-                for k, v in out:
-                    self.send_header(k, v)
-                self.send_header("Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD"
-                                 else str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def answer(self, method: str, path: str, request_headers: dict[str, str], reply: Reply) -> None:
+        if method not in ("GET", "HEAD") or "list-type" in path or reply.status not in (200, 206):
+            return
+        etag = '"' + dict((k.lower(), v) for k, v in reply.headers)["etag"].strip('"')[::-1] + '"'
+        reply.headers = [(k, etag if k.lower() == "etag" else v) for k, v in reply.headers]
+        if_match = request_headers.get("If-Match")
+        if if_match is not None and if_match != etag:
+            reply.status, reply.headers, reply.body = 412, [], b""
 
 
 def test_a_store_whose_get_etag_differs_from_its_listing_is_pinned_by_last_modified(
@@ -274,8 +233,7 @@ def test_a_store_whose_get_etag_differs_from_its_listing_is_pinned_by_last_modif
     bucket = s3_server.make_bucket("gateway")
     body = payload(100_000, seed=7)
     client.put_object(Bucket=bucket, Key="data/obj.bin", Body=body)
-    proxy = _EtagRewritingProxy(s3_server.endpoint)
-    try:
+    with _EtagRewritingProxy(s3_server.endpoint) as proxy:
         config = make_config([s3_source(s3_server, bucket, endpoint=proxy.endpoint, verifyEtag=False)])
         summary = ShardDownloader(LocalStorage(tmp_path), config, 0, 1).run()
         assert summary.exit_code == 0, [r.error for r in summary.failed]
@@ -295,5 +253,3 @@ def test_a_store_whose_get_etag_differs_from_its_listing_is_pinned_by_last_modif
         assert replaced.exit_code == ExitCode.TRANSIENT
         (failed,) = replaced.failed
         assert failed.item.key == "lake/new.bin" and failed.reason == "changed"
-    finally:
-        proxy.close()

@@ -7,8 +7,9 @@ import os
 import threading
 
 import pytest
+from s3_proxy import Reply, S3Proxy
 
-from trajflow.errors import ConfigError, InvalidURI
+from trajflow.errors import ConfigError, ExitCode, InvalidURI, TransientError
 from trajflow.storage import (
     LocalStorage,
     ObjectInfo,
@@ -461,3 +462,63 @@ def test_prefetch_is_a_hint_that_never_fails_or_changes_anything(storage):
     storage.prefetch("a/missing")  # the read that follows reports a missing key, not the hint
     assert storage.read_bytes("a/b") == b"payload"
     assert [o.key for o in storage.list("a/")] == ["a/b"]
+
+
+class _CuttingProxy(S3Proxy):
+    """Drops the connection halfway through the next `cuts` object bodies; `on_cut` runs
+    after each cut (to change the object before the reader comes back)."""
+
+    def __init__(self, upstream: str, cuts: int, on_cut=None):  # type: ignore[no-untyped-def]
+        super().__init__(upstream)
+        self.cuts, self.on_cut, self.ranges = cuts, on_cut, []
+
+    def answer(self, method: str, path: str, request_headers: dict[str, str], reply: Reply) -> None:
+        if method != "GET" or "list-type" in path or reply.status not in (200, 206):
+            return
+        self.ranges.append(request_headers.get("Range"))
+        if self.cuts > 0:
+            self.cuts -= 1
+            reply.cut_at = len(reply.body) // 2
+            if self.on_cut is not None:
+                self.on_cut()
+
+
+def _through(proxy: S3Proxy, bucket: str) -> S3Storage:
+    return open_storage(f"s3://{bucket}/cut", endpoint=proxy.endpoint, addressing_style="path")
+
+
+def test_a_body_cut_short_is_resumed_not_read_as_a_shorter_object(s3_server, s3_shared_bucket):
+    data = os.urandom(3 * MiB)
+    direct = open_storage(f"s3://{s3_shared_bucket}/cut", endpoint=s3_server.endpoint, addressing_style="path")
+    direct.write_bytes("obj.bin", data)
+    with _CuttingProxy(s3_server.endpoint, cuts=1) as proxy:
+        store = _through(proxy, s3_shared_bucket)
+        assert store.sha256("obj.bin") == (hashlib.sha256(data).hexdigest(), len(data))
+        assert proxy.ranges == [None, f"bytes={len(data) // 2}-{len(data) - 1}"]
+
+        proxy.cuts = 2
+        with store.open_read("obj.bin") as fh:  # the way callers stream: sized reads until b""
+            got = b"".join(iter(lambda: fh.read(MiB), b""))
+        assert got == data
+
+        proxy.cuts = 1
+        assert store.read_range("obj.bin", 1000, 2 * MiB) == data[1000:2 * MiB]
+
+
+def test_a_body_that_keeps_breaking_fails_as_transient(s3_server, s3_shared_bucket):
+    from trajflow.storage.s3 import _ObjectReader
+
+    direct = open_storage(f"s3://{s3_shared_bucket}/cut", endpoint=s3_server.endpoint, addressing_style="path")
+    direct.write_bytes("flaky.bin", os.urandom(MiB))
+    with _CuttingProxy(s3_server.endpoint, cuts=_ObjectReader.RESUMES + 1) as proxy:
+        with pytest.raises(TransientError, match=r"cut/flaky\.bin: the connection ended at byte \d+ of 1048576 4 times") as caught:
+            _through(proxy, s3_shared_bucket).read_bytes("flaky.bin")
+    assert caught.value.exit_code == ExitCode.TRANSIENT
+
+
+def test_an_object_replaced_before_the_resume_is_not_spliced(s3_server, s3_shared_bucket):
+    direct = open_storage(f"s3://{s3_shared_bucket}/cut", endpoint=s3_server.endpoint, addressing_style="path")
+    direct.write_bytes("moving.bin", b"a" * MiB)
+    with _CuttingProxy(s3_server.endpoint, cuts=1, on_cut=lambda: direct.write_bytes("moving.bin", b"b" * MiB)) as proxy:
+        with pytest.raises(TransientError, match=r"cut/moving\.bin: the object was replaced while it was being read"):
+            _through(proxy, s3_shared_bucket).read_bytes("moving.bin")

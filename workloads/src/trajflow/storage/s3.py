@@ -17,7 +17,7 @@ import uuid
 from typing import Any, BinaryIO, Iterator
 from urllib.parse import urlparse
 
-from trajflow.errors import InvalidURI
+from trajflow.errors import InvalidURI, TransientError
 from trajflow.storage.base import INTERNAL_PREFIX, ObjectInfo, Storage, check_key, check_prefix, check_range, is_internal
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,82 @@ class _MultipartWriter(io.RawIOBase):
                 self._client.abort_multipart_upload(Bucket=self._bucket, Key=self._key, UploadId=self._upload_id)
 
 
+class _ObjectReader(io.RawIOBase):
+    """The body of one GET, held to its Content-Length: a connection that ends or breaks
+    early is resumed from the byte where it stopped (pinned to the same object by ETag), a
+    few times, and then raises. A bare botocore body used as a context manager yields the
+    raw urllib3 stream, which reads an early end of the connection as the end of the object."""
+
+    RESUMES = 3
+
+    def __init__(self, storage: "S3Storage", key: str, start: int, resp: dict[str, Any]):
+        self._storage, self._key_name = storage, key
+        self._body = resp["Body"]
+        self._pos = start
+        self._end = start + int(resp["ContentLength"])
+        self._etag = resp.get("ETag")
+        self._resumes = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        want = self._end - self._pos if size is None or size < 0 else min(size, self._end - self._pos)
+        parts = []
+        while want > 0:
+            chunk = self._read_some(want)
+            parts.append(chunk)
+            want -= len(chunk)
+            if size is not None and size >= 0:
+                break  # like any stream, a sized read may return fewer bytes
+        return b"".join(parts)
+
+    def readinto(self, buffer: Any) -> int:
+        chunk = self.read(len(buffer))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+    def _read_some(self, want: int) -> bytes:
+        import botocore.exceptions
+        import urllib3.exceptions
+
+        while True:
+            try:
+                chunk = self._body.read(want)
+                cause: Exception | None = None
+            except (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
+                chunk, cause = b"", exc
+            if chunk:
+                self._pos += len(chunk)
+                return chunk  # type: ignore[no-any-return]
+            self._resume(cause)
+
+    def _resume(self, cause: Exception | None) -> None:
+        where = f"{self._storage.uri}/{self._key_name}"
+        self._body.close()
+        if self._resumes >= self.RESUMES:
+            raise TransientError(f"{where}: the connection ended at byte {self._pos} of {self._end} "
+                                 f"{self.RESUMES + 1} times ({cause or 'no more data'})")
+        self._resumes += 1
+        log.warning("%s: the connection ended at byte %d of %d (%s); resuming", where, self._pos, self._end,
+                    cause or "no more data")
+        kwargs: dict[str, Any] = {"Bucket": self._storage.bucket, "Key": self._storage._key(self._key_name),
+                                  "Range": f"bytes={self._pos}-{self._end - 1}"}
+        if self._etag:
+            kwargs["IfMatch"] = self._etag
+        try:
+            self._body = self._storage.client.get_object(**kwargs)["Body"]
+        except Exception as exc:
+            if _status(exc) == 412 or _error_code(exc) == "PreconditionFailed":
+                raise TransientError(f"{where}: the object was replaced while it was being read") from None
+            raise
+
+    def close(self) -> None:
+        if not self.closed:
+            self._body.close()
+        super().close()
+
+
 class S3Storage(Storage):
     def __init__(self, uri: str, client: Any = None, part_size: int = PART_SIZE,
                  elect_settle_s: float = ELECT_SETTLE_S, upload_concurrency: int = 4, **client_kwargs: Any):
@@ -226,7 +302,7 @@ class S3Storage(Storage):
             if _error_code(exc) == "InvalidRange" or _status(exc) == 416:
                 return io.BytesIO(b"")  # type: ignore[return-value]  # start at or past the end, as a slice
             raise
-        return resp["Body"]  # type: ignore[no-any-return]
+        return _ObjectReader(self, key, start, resp)  # type: ignore[return-value]
 
     @contextlib.contextmanager
     def writer(self, key: str) -> Iterator[BinaryIO]:
