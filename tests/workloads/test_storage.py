@@ -210,6 +210,23 @@ def test_list_hides_backend_internals(storage):
     assert _keys(storage, "p/") == ["p/visible"]
 
 
+def test_an_unreadable_directory_fails_the_listing_instead_of_looking_empty(local_storage, monkeypatch):
+    local_storage.write_bytes("raw/_done/00000.json", b"{}")
+    local_storage.write_bytes("raw/00000/item.bin", b"1")
+    denied = str(local_storage.root / "raw" / "_done")
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # tests run as root, which no mode bits keep out
+        if os.fspath(path) == denied:
+            raise PermissionError(13, "Permission denied", denied)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(PermissionError, match=f"cannot list {denied}: Permission denied"):
+        _keys(local_storage, "raw/")
+    assert _keys(local_storage, "raw/00000/") == ["raw/00000/item.bin"]
+
+
 @pytest.mark.parametrize("bad", ["", "/abs", "a//b", "../x", "a/../b", "a/./b", "a\\b", "."])
 def test_invalid_keys_are_rejected(storage, bad):
     with pytest.raises(ValueError, match="invalid storage key"):

@@ -96,7 +96,7 @@ class LocalStorage(Storage):
         if not base.is_dir():
             return
         infos = []
-        for dirpath, dirnames, filenames in os.walk(base):
+        for dirpath, dirnames, filenames in os.walk(base, onerror=self._unlistable):
             here = Path(dirpath)
             at_base = here == base
             # below the prefix's directory only names starting with its last part can match
@@ -115,6 +115,12 @@ class LocalStorage(Storage):
                 if key.startswith(prefix) and not is_internal(key):
                     infos.append(ObjectInfo(key, size))
         yield from sorted(infos, key=lambda i: i.key)
+
+    def _unlistable(self, exc: OSError) -> None:
+        # a directory removed while listing holds nothing; one that cannot be read (a PVC
+        # written under another uid) would otherwise look empty, and waiters wait forever
+        if not isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+            raise type(exc)(exc.errno, f"cannot list {exc.filename}: {exc.strerror}") from None
 
     def stat(self, key: str) -> ObjectInfo | None:
         try:
