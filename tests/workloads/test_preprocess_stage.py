@@ -282,6 +282,29 @@ def test_a_done_shard_is_skipped(local_storage, mixed):
     assert local_storage.read_bytes(shard_key(0)) == before
 
 
+def test_a_torn_manifest_is_replaced_by_making_the_shard_again(local_storage, mixed, caplog):
+    files, _ = mixed
+    publish_raw_shard(local_storage, 0, files)
+    config = stage_config(sources={"robomimic": ROBOMIMIC})
+    process_shard(local_storage, 0, 1, config)
+    before, key = local_storage.read_bytes(shard_key(0)), manifest_key("preprocess", 0)
+    manifest = local_storage.read_bytes(key)
+    local_storage.write_bytes(key, manifest[: len(manifest) // 2])
+    with caplog.at_level(logging.WARNING, logger="trajflow"):
+        summary = process_shard(local_storage, 0, 1, config)
+    assert not summary.skipped and summary.episodes == 18
+    assert "resampled/_done/00000.json: corrupt manifest" in caplog.text
+    assert local_storage.read_bytes(shard_key(0)) == before
+    assert read_manifest(local_storage, "preprocess", 0)["num_episodes"] == 18
+
+
+def test_a_torn_download_manifest_is_retryable_and_named(local_storage, mixed):
+    publish_raw_shard(local_storage, 0, mixed[0])
+    local_storage.write_bytes(manifest_key("download", 0), b'{"version": 1, "ite')
+    with pytest.raises(TransientError, match=r"raw/_done/00000.json: corrupt manifest: .*rerun download shard 00000"):
+        process_shard(local_storage, 0, 1, stage_config(sources={"robomimic": ROBOMIMIC}))
+
+
 def _processed(root, files, config, kind=LocalStorage):
     """A storage at ``root`` holding ``files`` as raw shard 0, processed with ``config``."""
     storage = kind(root)

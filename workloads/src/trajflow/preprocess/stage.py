@@ -500,7 +500,12 @@ class ShardProcessor:
     def run(self) -> ShardSummary:
         started = time.perf_counter()
         shard, summary = self.shard, self.summary
-        existing = read_manifest(self.storage, "preprocess", shard)
+        try:
+            existing = read_manifest(self.storage, "preprocess", shard)
+        except ValueError as exc:  # a torn write: the shard is made again, as if never done
+            log.warning("%s; shard %s is preprocessed again", exc, shard_name(shard))
+            self.storage.delete(manifest_key("preprocess", shard))
+            existing = None
         redo = existing is not None and existing.get("shards") != self.shards  # written by another sharding
         if existing is not None and not redo:
             self._remove_foreign_manifests()
@@ -511,7 +516,10 @@ class ShardProcessor:
             summary.frames = int(existing.get("num_frames", 0))
             self._restore_metrics(existing)
             return summary
-        raw_manifest = read_manifest(self.storage, "download", shard)
+        try:
+            raw_manifest = read_manifest(self.storage, "download", shard)
+        except ValueError as exc:
+            raise TransientError(f"{exc}: rerun download shard {shard_name(shard)}, which replaces it") from None
         if raw_manifest is None:
             raise TransientError(
                 f"download shard {shard_name(shard)} is not done ({self.storage.uri}/{manifest_key('download', shard)} "
