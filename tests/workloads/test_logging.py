@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 SCRIPT = r"""
 import logging, sys
 from trajflow import log
@@ -16,6 +18,7 @@ log.setup()
 logger = logging.getLogger("trajflow.demo")
 logger.debug("hidden at INFO")
 logger.info("fetched %s", "a.bin", extra={"shard": 3, "bytes": 1024, "path": __import__("pathlib").Path("/x")})
+logger.info("diverged", extra={"loss": float("nan"), "best": [float("-inf")], "by_rank": {(0, 1): float("inf")}})
 try:
     1 / 0
 except ZeroDivisionError:
@@ -64,12 +67,15 @@ def _run_on_terminal(env_extra: dict[str, str] | None = None) -> str:
 
 def test_json_lines_when_not_on_a_terminal():
     lines = _run_piped()
-    docs = [json.loads(line) for line in lines]  # every line is one JSON object
+    # every line is one strict JSON object (no bare NaN, which many log pipelines refuse)
+    docs = [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in {line}")) for line in lines]
     by_msg = {d["msg"]: d for d in docs}
     fetched = by_msg["fetched a.bin"]
     assert fetched["level"] == "info" and fetched["logger"] == "trajflow.demo"
     assert fetched["shard"] == 3 and fetched["bytes"] == 1024 and fetched["path"] == "/x"
     assert fetched["ts"].endswith("Z") and "T" in fetched["ts"]
+    diverged = by_msg["diverged"]
+    assert (diverged["loss"], diverged["best"], diverged["by_rank"]) == ("nan", ["-inf"], {"(0, 1)": "inf"})
     failed = by_msg["item failed"]
     assert failed["level"] == "error" and "ZeroDivisionError" in failed["exc"]
     assert "hidden at INFO" not in by_msg

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -37,12 +38,24 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in vars(record).items():
             if key not in _RESERVED and not key.startswith("_") and key not in doc:
-                doc[key] = value
+                doc[key] = _jsonable(value)
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         if record.stack_info:
             doc["stack"] = self.formatStack(record.stack_info)
         return json.dumps(doc, default=str, ensure_ascii=False)
+
+
+def _jsonable(value: Any) -> Any:
+    """`value` as strict JSON takes it: NaN and infinities (a diverged loss) as their names,
+    mapping keys as strings; json.dumps would write bare NaN or drop the whole record."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
 
 
 def is_terminal() -> bool:
