@@ -1,7 +1,9 @@
 """Storage contract: both backends (file://, s3:// on a real SeaweedFS) behave the same."""
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import os
 import threading
@@ -285,6 +287,36 @@ def test_write_if_absent_threads_have_one_winner(storage):
     winners = [i for i, won in results.items() if won]
     assert len(results) == 8 and len(winners) == 1
     assert storage.read_bytes("race/key") == f"writer-{winners[0]}".encode()
+
+
+def _no_hard_links(*args, **kwargs):
+    raise OSError(errno.EPERM, "Operation not permitted")  # as on vfat, exFAT and some FUSE mounts
+
+
+def test_write_if_absent_without_hard_links_has_one_winner(local_storage, monkeypatch):
+    monkeypatch.setattr(os, "link", _no_hard_links)
+    assert local_storage.write_if_absent("plan/p.json", b"first")
+    assert not local_storage.write_if_absent("plan/p.json", b"second")
+    assert local_storage.read_bytes("plan/p.json") == b"first"
+    assert [p.name for p in (local_storage.root / "plan").iterdir()] == ["p.json"]
+
+
+def test_write_if_absent_without_hard_links_leaves_no_part_behind(local_storage, monkeypatch):
+    monkeypatch.setattr(os, "link", _no_hard_links)
+    real_fdopen = os.fdopen
+
+    class DiskFull(io.BufferedWriter):
+        def write(self, data):
+            super().write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: DiskFull(io.FileIO(fd, "w")))
+    with pytest.raises(OSError, match="No space left"):
+        local_storage.write_if_absent("plan/p.json", b"x" * 1000)
+    assert not local_storage.exists("plan/p.json")
+    monkeypatch.setattr(os, "fdopen", real_fdopen)  # space freed, the pod retried
+    assert local_storage.write_if_absent("plan/p.json", b"x" * 1000)
+    assert local_storage.read_bytes("plan/p.json") == b"x" * 1000
 
 
 def test_seaweedfs_enforces_conditional_writes(s3_storage):

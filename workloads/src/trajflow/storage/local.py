@@ -204,10 +204,14 @@ class LocalStorage(Storage):
                     fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 except FileExistsError:
                     return False
-                with os.fdopen(fd, "wb") as out:
-                    out.write(data)
-                    out.flush()
-                    os.fsync(out.fileno())
+                try:
+                    with os.fdopen(fd, "wb") as out:
+                        out.write(data)
+                        out.flush()
+                        os.fsync(out.fileno())
+                except BaseException:
+                    final.unlink()  # a part must not win: the next caller writes it whole
+                    raise
             fsync_dir(final.parent)
             return True
         finally:
