@@ -168,6 +168,28 @@ def test_an_s3_run_root_works_the_same(fake: Fake, tmp_path: Path, s3_server: An
     assert again.exit_code == 0 and len(fake.starts()) == before
 
 
+def test_a_second_run_of_the_same_work_dir_is_refused_while_the_first_runs(
+        fake: Fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_SECONDS", "3")
+    values = write_values(tmp_path, shards=1)
+    first: list[RunResult] = []
+    thread = threading.Thread(target=lambda: first.append(fake.run(values)[1]))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not fake.starts() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert fake.starts(), fake.out.getvalue()
+        with pytest.raises(ConfigError, match=rf"another `trajflow run` \(pid {os.getpid()}\) is running in .*work"):
+            fake.run(values)
+    finally:
+        thread.join(timeout=60)
+    assert first[0].exit_code == 0, fake.out.getvalue()
+    assert len(fake.starts("download")) == 1
+    _, again = fake.run(values)  # the lock went with the first run
+    assert again.exit_code == 0
+
+
 def test_changed_stage_config_reruns_that_stage_and_what_follows(fake: Fake, tmp_path: Path) -> None:
     values = write_values(tmp_path, shards=2)
     sets = ("training.enabled=false",)

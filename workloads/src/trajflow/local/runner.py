@@ -223,6 +223,34 @@ class Runner:
         return [t for t in self.tasks if t.stage.stage == stage]
 
     def run(self) -> RunResult:
+        lock = self._lock_work_dir()
+        try:
+            return self._run()
+        finally:
+            lock.close()
+
+    def _lock_work_dir(self) -> Any:
+        """Hold `run.lock` in the work dir for the run: a second `trajflow run` of the same run
+        would start every shard's process a second time over the same files."""
+        import fcntl
+
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        fh = open(self.work_dir / "run.lock", "a+")  # not inherited: the children never hold it
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            fh.close()
+            raise ConfigError(f"another `trajflow run` (pid {holder}) is running in {self.work_dir}: "
+                              "wait for it to end or stop it first") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        return fh
+
+    def _run(self) -> RunResult:
         self.write_configs()
         previous = self._install_signal_handlers()
         self.view.start(self)
