@@ -9,18 +9,22 @@ from __future__ import annotations
 from copy import deepcopy
 from typing import Any
 
-DRAFT = "http://json-schema.org/draft-07/schema#"
+from trajflow.config.formats import (
+    ABSOLUTE_PATH,
+    CONTAINER_ENV_NAME,
+    DNS_LABEL,
+    DNS_SUBDOMAIN,
+    DURATION,
+    IMAGE_DIGEST,
+    IMAGE_TAG,
+    LABEL_VALUE,
+    OBJECT_NAME_OR_EMPTY,
+    QUALIFIED_NAME,
+    QUANTITY,
+    SECRET_ENV,
+)
 
-# A non-negative Kubernetes resource.Quantity (the grammar of apimachinery's quantity.go), as a
-# string or a bare number.
-QUANTITY_PATTERN = r"^[+]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
-DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-# `90s`, `30m`, `6h`, `1h30m`, `90` (seconds), as `trajflow wait --timeout` reads them; a bare
-# number only alone (`1h30` is refused, not read as 1h 30s).
-DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?|([0-9]+(\.[0-9]+)?h)?([0-9]+(\.[0-9]+)?m)?([0-9]+(\.[0-9]+)?s)?)$"
-# Environment variable names that carry secrets: their value must come from valueFrom.
-SECRET_ENV_PATTERN = r"(?i)(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|PRIVATE_KEY|API_KEY|CREDENTIAL)"
+DRAFT = "http://json-schema.org/draft-07/schema#"
 
 
 def closed(properties: dict[str, Any], required: list[str] | None = None, **extra: Any) -> dict[str, Any]:
@@ -64,7 +68,7 @@ def string_map(description: str = "", value: dict[str, Any] | None = None) -> di
 def quantity(description: str = "") -> dict[str, Any]:
     schema: dict[str, Any] = {
         "anyOf": [
-            {"type": "string", "pattern": QUANTITY_PATTERN},
+            {"type": "string", "pattern": QUANTITY},
             {"type": "number", "minimum": 0},
         ]
     }
@@ -82,8 +86,8 @@ def image() -> dict[str, Any]:
         {
             "registry": string("Image registry; global.imageRegistry replaces it when set"),
             "repository": string("Image repository", minLength=1),
-            "tag": string("Image tag; empty: the chart's appVersion", pattern=r"^([\w][\w.-]{0,127})?$"),
-            "digest": string("Image digest", pattern=r"^(sha256:[a-f0-9]{64})?$"),
+            "tag": string("Image tag; empty: the chart's appVersion", pattern=IMAGE_TAG),
+            "digest": string("Image digest", pattern=IMAGE_DIGEST),
             "pullPolicy": {"type": "string", "enum": ["Always", "IfNotPresent", "Never"]},
         },
         required=["repository"],
@@ -101,7 +105,7 @@ def service_account() -> dict[str, Any]:
     return closed(
         {
             "create": boolean("Create a ServiceAccount for the stage"),
-            "name": string("ServiceAccount name", pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$", maxLength=253),
+            "name": string("ServiceAccount name", pattern=OBJECT_NAME_OR_EMPTY, maxLength=253),
             "annotations": string_map("ServiceAccount annotations (workload identity)"),
         },
         required=["create"],
@@ -109,7 +113,7 @@ def service_account() -> dict[str, Any]:
 
 
 def resources() -> dict[str, Any]:
-    names = {"type": "object", "propertyNames": {"pattern": r"^([a-z0-9.-]+/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"},
+    names = {"type": "object", "propertyNames": {"pattern": QUALIFIED_NAME},
              "additionalProperties": quantity()}
     return closed(
         {
@@ -212,14 +216,14 @@ def container_security_context() -> dict[str, Any]:
 def env_var() -> dict[str, Any]:
     schema = closed(
         {
-            "name": string(pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"),
+            "name": string(pattern=CONTAINER_ENV_NAME),
             "value": string(),
             "valueFrom": any_object(),
         },
         required=["name"],
     )
     # A secret's value never sits in values: take it from a Secret (valueFrom.secretKeyRef).
-    schema["if"] = {"properties": {"name": {"pattern": SECRET_ENV_PATTERN}}, "required": ["name"]}
+    schema["if"] = {"properties": {"name": {"pattern": SECRET_ENV}}, "required": ["name"]}
     schema["then"] = {
         "required": ["valueFrom"],
         "properties": {
@@ -245,7 +249,7 @@ def volume_mount() -> dict[str, Any]:
     return closed(
         {
             "name": string(minLength=1),
-            "mountPath": string(pattern=r"^/"),
+            "mountPath": string(pattern=ABSOLUTE_PATH),
             "subPath": string(),
             "subPathExpr": string(),
             "readOnly": boolean(),
@@ -308,13 +312,13 @@ def pod_vocabulary() -> dict[str, Any]:
         "serviceAccount": service_account(),
         "podAnnotations": string_map(),
         "podLabels": string_map(value={"type": "string", "maxLength": 63,
-                                       "pattern": r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"}),
+                                       "pattern": LABEL_VALUE}),
         "nodeSelector": string_map(),
         "tolerations": {"type": "array", "items": toleration()},
         "affinity": affinity(),
         "topologySpreadConstraints": {"type": "array", "items": topology_spread_constraint()},
-        "priorityClassName": string(pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$"),
-        "runtimeClassName": string(pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$"),
+        "priorityClassName": string(pattern=OBJECT_NAME_OR_EMPTY),
+        "runtimeClassName": string(pattern=OBJECT_NAME_OR_EMPTY),
         "resources": resources(),
         "podSecurityContext": pod_security_context(),
         "containerSecurityContext": container_security_context(),
@@ -352,7 +356,7 @@ def batch_stage_vocabulary() -> dict[str, Any]:
 def wait_vocabulary(default_description: str) -> dict[str, Any]:
     return {
         "waitResources": resources(),
-        "waitTimeout": string(default_description, pattern=DURATION_PATTERN, minLength=1),
+        "waitTimeout": string(default_description, pattern=DURATION, minLength=1),
     }
 
 

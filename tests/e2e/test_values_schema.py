@@ -33,6 +33,14 @@ def dry_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
         ("monitoring.enabld=true", "monitoring.enabld: unknown key"),
         ("downloader.parallelism=four", "downloader.parallelism: expected an integer"),
         ("training.nprocPerNode=100", "training.nprocPerNode: expected an integer >= 1 and <= 64 or null"),
+        # a format is told in words, never as the regular expression behind it
+        ("downloader.resources.limits.memory=4gb", "downloader.resources.limits.memory: expected a Kubernetes "
+         "quantity (such as 500m, 2, 512Mi, 1.5Gi) or a number >= 0, got '4gb'"),
+        ("preprocessing.waitTimeout=1h30", "preprocessing.waitTimeout: expected a duration (such as 90s, 30m, 6h, "
+         "1h30m; a bare number is seconds), got '1h30'"),
+        ("downloader.resources.limits.Bad/gpu=1", "downloader.resources.limits: key 'Bad/gpu': expected a Kubernetes name"),
+        ("monitoring.prometheusRule.alerts.jobFailed.for=5 minutes", "monitoring.prometheusRule.alerts.jobFailed.for: "
+         "expected a Prometheus duration (such as 30s, 5m, 1h, 1h30m), got '5 minutes'"),
     ],
 )
 def test_set_typos_and_bad_types_are_rejected(tmp_path: Path, expression: str, key: str) -> None:
@@ -40,6 +48,25 @@ def test_set_typos_and_bad_types_are_rejected(tmp_path: Path, expression: str, k
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"--set {expression}: {key}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_every_format_in_the_schemas_is_told_in_words() -> None:
+    import json
+
+    from trajflow.config.formats import IN_WORDS
+
+    def patterns(node: object) -> list[str]:
+        if isinstance(node, dict):
+            own = [node["pattern"]] if isinstance(node.get("pattern"), str) and "if" not in node else []
+            # the secret-name pattern only selects, in an `if`: it never refuses a value
+            return own + [p for key, value in node.items() if key != "if" for p in patterns(value)]
+        if isinstance(node, list):
+            return [p for value in node for p in patterns(value)]
+        return []
+
+    schemas = sorted((ROOT / "charts").glob("**/values.schema.json"))
+    found = {p for schema in schemas for p in patterns(json.loads(schema.read_text()))}
+    assert found and not found - set(IN_WORDS), sorted(found - set(IN_WORDS))
 
 
 @pytest.mark.parametrize("text, message", [

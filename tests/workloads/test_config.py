@@ -116,12 +116,15 @@ def test_schema_accepts_what_the_models_accept_and_rejects_the_rest():
     [
         ({"storage": {"tipe": "s3"}}, "values.yaml: global.storage.tipe: unknown key"),
         ({"storage": {"type": "nfs"}}, "values.yaml: global.storage.type: Input should be 'filesystem' or 's3' (got 'nfs')"),
-        ({"runId": "Bad_Run"}, "values.yaml: global.runId: String should match pattern"),
+        ({"runId": "Bad_Run"}, "values.yaml: global.runId: expected a DNS label: lowercase letters, digits and '-', "
+                               "starting and ending with a letter or digit, got 'Bad_Run'"),
         ({"storage": {"s3": {"endpoint": "ftp://minio:9000"}}}, "values.yaml: global.storage.s3.endpoint: endpoint must be an http(s) URL, got 'ftp://minio:9000'"),
         ({"metrics": {"pushgatewayUrl": "pushgateway:9091"}}, "values.yaml: global.metrics.pushgatewayUrl: pushgatewayUrl must be an http(s) URL"),
         ({"storage": {"type": "s3"}}, "values.yaml: global.storage: storage.s3.bucket is required when storage.type is s3"),
         ({"storage": 5}, "values.yaml: global.storage: Input should be a valid dictionary"),
-        ({"imagePullSecrets": [{"name": "ok"}, {"name": "Not OK"}]}, "values.yaml: global.imagePullSecrets[1].name: String should match pattern"),
+        ({"imagePullSecrets": [{"name": "ok"}, {"name": "Not OK"}]},
+         "values.yaml: global.imagePullSecrets[1].name: expected a DNS name: DNS labels (lowercase letters, digits and "
+         "'-') joined by '.', got 'Not OK'"),
     ],
 )
 def test_bad_global_values_give_one_clear_line(raw, expected):
@@ -135,7 +138,8 @@ def test_each_problem_gets_its_own_line():
         validate_global({"runId": "UPPER", "storage": {"tipe": 1}}, origin="v.yaml")
     lines = str(info.value).splitlines()
     assert lines == [
-        "v.yaml: global.runId: String should match pattern '^[a-z0-9]([-a-z0-9]*[a-z0-9])?$' (got 'UPPER')",
+        "v.yaml: global.runId: expected a DNS label: lowercase letters, digits and '-', starting and ending with a "
+        "letter or digit, got 'UPPER'",
         "v.yaml: global.storage.tipe: unknown key",
     ]
 

@@ -14,11 +14,10 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
+from trajflow.config import formats
 from trajflow.config.base import Model
 
-_SOURCE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
-_PATH_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_ENV_NAME = r"^([A-Za-z_][A-Za-z0-9_]*)?$"
+_PATH_PART = re.compile(formats.SOURCE_NAME)
 _HEX_DIGEST = re.compile(r"^([0-9a-f]{32}|[0-9a-f]{64})$")
 
 
@@ -32,7 +31,7 @@ def _check_relative_path(value: str, what: str) -> str:
 
 
 class _Source(Model):
-    name: str = Field(pattern=_SOURCE_NAME, description="Items land under raw/<shard>/<name>/; unique per run.")
+    name: str = Field(pattern=formats.SOURCE_NAME, description="Items land under raw/<shard>/<name>/; unique per run.")
     required: bool = Field(
         True,
         description="When false, items the source says do not exist (HTTP 403/404/410) are reported as missing "
@@ -43,7 +42,7 @@ class _Source(Model):
 class S3Source(_Source):
     type: Literal["s3"]
     url: str = Field(
-        pattern=r"^s3://[^/]+(/.*)?$",
+        pattern=formats.S3_URI,
         description="s3://bucket/prefix to list (a prefix naming one object fetches that object).",
     )
     endpoint: str = Field("", description="S3-compatible endpoint URL; empty means AWS.")
@@ -52,7 +51,7 @@ class S3Source(_Source):
     anonymous: bool = Field(False, description="Unsigned requests (public buckets).")
     credentials_env_prefix: str = Field(
         "",
-        pattern=_ENV_NAME,
+        pattern=formats.ENV_NAME_OR_EMPTY,
         description="Read <prefix>AWS_ACCESS_KEY_ID, <prefix>AWS_SECRET_ACCESS_KEY and optionally "
         "<prefix>AWS_SESSION_TOKEN (e.g. from an envFrom Secret with this prefix); empty: the default AWS chain.",
     )
@@ -69,10 +68,10 @@ class S3Source(_Source):
 
 
 class UrlItem(Model):
-    url: str = Field(pattern=r"^https?://", description="URL to fetch.")
+    url: str = Field(pattern=formats.HTTP_URL, description="URL to fetch.")
     path: str = Field("", description="Destination path under the source; default: the URL's file name.")
-    sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$", description="Expected SHA-256 (lowercase hex).")
-    md5: str = Field("", pattern=r"^([0-9a-f]{32})?$", description="Expected MD5 (lowercase hex).")
+    sha256: str = Field("", pattern=formats.SHA256_HEX_OR_EMPTY, description="Expected SHA-256 (lowercase hex).")
+    md5: str = Field("", pattern=formats.MD5_HEX_OR_EMPTY, description="Expected MD5 (lowercase hex).")
     size: int | None = Field(None, ge=0, description="Expected size in bytes; saves a HEAD request when planning.")
 
     @field_validator("path")
@@ -86,7 +85,7 @@ class HttpsSource(_Source):
     urls: list[Union[str, UrlItem]] = Field(min_length=1, description="URLs (or {url, path, sha256, md5, size}) to fetch.")
     ca_bundle: str = Field("", description="PEM file of CAs to trust (mounted into the pod); empty: the system CAs.")
     auth_token_env: str = Field(
-        "", pattern=_ENV_NAME, description="Environment variable holding a bearer token sent to the URLs' host."
+        "", pattern=formats.ENV_NAME_OR_EMPTY, description="Environment variable holding a bearer token sent to the URLs' host."
     )
 
     @field_validator("urls")
@@ -108,7 +107,7 @@ class CatalogSource(_Source):
 
     type: Literal["catalog"]
     url_template: str = Field(
-        pattern=r"^https?://",
+        pattern=formats.HTTP_URL,
         description="URL with {cohort} and {file} (or {category}) placeholders.",
     )
     cohorts: list[str] = Field(min_length=1, description="Cohorts (e.g. BRCA, LUAD); each gets its own directory.")
@@ -121,7 +120,7 @@ class CatalogSource(_Source):
         description="<cohort>/<file name> -> expected checksum (64 hex: SHA-256, 32 hex: MD5), when the hub lists them.",
     )
     ca_bundle: str = Field("", description="PEM file of CAs to trust (mounted into the pod); empty: the system CAs.")
-    auth_token_env: str = Field("", pattern=_ENV_NAME, description="Environment variable holding a bearer token sent to the hub.")
+    auth_token_env: str = Field("", pattern=formats.ENV_NAME_OR_EMPTY, description="Environment variable holding a bearer token sent to the hub.")
 
     @field_validator("url_template")
     @classmethod
@@ -207,7 +206,7 @@ class DownloadConfig(Model):
     progress_interval_seconds: float = Field(10.0, gt=0, description="How often a progress line is logged (pods).")
     plan_generation: str = Field(
         "",
-        pattern=r"^[A-Za-z0-9._-]*$",
+        pattern=formats.PLAN_GENERATION,
         max_length=64,
         description="Change to list the sources again and make a new plan (e.g. when the source gained objects); "
         "verified items are reused, never fetched again.",

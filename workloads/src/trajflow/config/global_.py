@@ -6,13 +6,11 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from trajflow.config import formats
 from trajflow.config.base import Model
 
-_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-_QUANTITY = r"^[+]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"  # non-negative, as quantity.go parses it
 # empty or an http(s) URL with a host; in the schema too, so `helm install` refuses what the pods would
-_HTTP_URL_OR_EMPTY = {"pattern": r"^(https?://[^/\s]+.*)?$"}
-_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_HTTP_URL_OR_EMPTY = {"pattern": formats.HTTP_URL_OR_EMPTY}
 
 
 class FilesystemStorage(Model):
@@ -23,7 +21,7 @@ class PvcStorage(Model):
     create: bool = Field(True, description="Create a PersistentVolumeClaim (ignored when existingClaim is set).")
     existing_claim: str = Field("", description="Use this existing PVC instead of creating one.")
     storage_class: str = Field("", description="StorageClass of the created PVC; empty uses the cluster default.")
-    size: str = Field("100Gi", pattern=_QUANTITY, description="Requested size of the created PVC.")
+    size: str = Field("100Gi", pattern=formats.QUANTITY, description="Requested size of the created PVC.")
     access_modes: list[Literal["ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod", "ReadOnlyMany"]] = Field(
         default_factory=lambda: ["ReadWriteMany"], min_length=1, description="Access modes of the created PVC."
     )
@@ -65,7 +63,7 @@ class Storage(Model):
 class Metrics(Model):
     # the chart renders it with `tpl`, so the schema also lets a template through
     pushgateway_url: str = Field("", description="Pushgateway for batch stages; empty disables pushing.",
-                                 json_schema_extra={"pattern": r"^((https?://[^/\s]+|\{\{).*)?$"})
+                                 json_schema_extra={"pattern": formats.PUSHGATEWAY_URL})
 
     @field_validator("pushgateway_url")
     @classmethod
@@ -76,7 +74,7 @@ class Metrics(Model):
 
 
 class ImagePullSecret(Model):
-    name: str = Field(pattern=_DNS_SUBDOMAIN, max_length=253)
+    name: str = Field(pattern=formats.DNS_SUBDOMAIN, max_length=253)
 
 
 class ArgoCD(Model):
@@ -84,7 +82,7 @@ class ArgoCD(Model):
 
 
 class GlobalConfig(Model):
-    run_id: str = Field("default", pattern=_DNS_LABEL, max_length=40, description="Run directory under the storage root.")
+    run_id: str = Field("default", pattern=formats.DNS_LABEL, max_length=40, description="Run directory under the storage root.")
     image_registry: str = Field("", description="Registry prefixed to every image.")
     image_pull_secrets: list[ImagePullSecret] = Field(default_factory=list)
     argocd: ArgoCD = Field(default_factory=ArgoCD)

@@ -20,6 +20,7 @@ from typing import Any, Iterable
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from trajflow.config import formats
 from trajflow.config.download import DownloadConfig
 from trajflow.config.global_ import GlobalConfig
 from trajflow.config.merge import GLOBAL_KEY, ChartValues, coalesce_chart, merge_maps, parse_set
@@ -333,6 +334,8 @@ def _format_errors(exc: ValidationError, raw: Any, origin: str | None, prefix: l
             msg = "unknown key"
         elif err["type"] == "missing":
             msg = "required key is missing"
+        elif err["type"] == "string_pattern_mismatch":
+            msg = f"expected {formats.in_words(str(err['ctx']['pattern']))}, got {err['input']!r}"
         elif err["type"] == "value_error":
             msg = str(err.get("ctx", {}).get("error", msg))  # our validators name the value
         elif "input" in err and not isinstance(err["input"], (dict, list)):
@@ -499,6 +502,16 @@ def _schema_error_lines(error: Any, prefix: list[str | int]) -> list[tuple[list[
         missing = re.match(r"'([^']*)' is a required property", error.message)
         if missing:
             return [([*path, missing.group(1)], "required key is missing")]
+    if error.validator == "pattern":
+        expected = f"expected {formats.in_words(error.validator_value)}"
+        if "propertyNames" in error.schema_path:
+            return [(path, f"key {error.instance!r}: {expected}")]
+        return [(path, f"{expected}, got {error.instance!r}")]
+    alternatives = error.validator_value if error.validator in ("anyOf", "oneOf") else None
+    if alternatives and all(isinstance(a, dict) and "type" in a and not {"properties", "items"} & set(a)
+                            for a in alternatives):
+        words = [formats.in_words(a["pattern"]) if "pattern" in a else _schema_expectation(a) for a in alternatives]
+        return [(path, f"expected {' or '.join(words)}, got {error.instance!r}")]
     if error.validator in ("type", "minimum", "maximum") and isinstance(error.schema, dict):
         got = f"{error.instance!r}"
         if error.validator == "type":

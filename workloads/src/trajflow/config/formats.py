@@ -1,0 +1,73 @@
+"""The string formats of values: regular expressions for the config models and the charts'
+values schemas, and the same formats in words for the errors that refuse a value (nobody
+should have to read a regular expression to learn what a key takes)."""
+from __future__ import annotations
+
+# Kubernetes
+# a non-negative resource.Quantity, as apimachinery's quantity.go parses it
+QUANTITY = r"^[+]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+OBJECT_NAME_OR_EMPTY = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$"
+QUALIFIED_NAME = r"^([a-z0-9.-]+/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"  # label keys, resource names
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+CONTAINER_ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+ABSOLUTE_PATH = r"^/"
+IMAGE_TAG = r"^([\w][\w.-]{0,127})?$"
+IMAGE_DIGEST = r"^(sha256:[a-f0-9]{64})?$"
+# Environment variable names that carry secrets: their value must come from valueFrom.
+SECRET_ENV = r"(?i)(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|PRIVATE_KEY|API_KEY|CREDENTIAL)"
+
+# trajflow
+# `90s`, `30m`, `6h`, `1h30m`, `90` (seconds), as `trajflow wait --timeout` reads them; a bare
+# number only alone (`1h30` is refused, not read as 1h 30s)
+DURATION = r"^([0-9]+(\.[0-9]+)?|([0-9]+(\.[0-9]+)?h)?([0-9]+(\.[0-9]+)?m)?([0-9]+(\.[0-9]+)?s)?)$"
+SOURCE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+ENV_NAME_OR_EMPTY = r"^([A-Za-z_][A-Za-z0-9_]*)?$"
+PLAN_GENERATION = r"^[A-Za-z0-9._-]*$"
+S3_URI = r"^s3://[^/]+(/.*)?$"
+HTTP_URL = r"^https?://"
+HTTP_URL_OR_EMPTY = r"^(https?://[^/\s]+.*)?$"
+PUSHGATEWAY_URL = r"^((https?://[^/\s]+|\{\{).*)?$"
+SHA256_HEX_OR_EMPTY = r"^([0-9a-f]{64})?$"
+MD5_HEX_OR_EMPTY = r"^([0-9a-f]{32})?$"
+
+# Prometheus and Grafana (the monitoring chart)
+PROMETHEUS_DURATION = r"^([0-9]+(ms|s|m|h|d|w|y))+$"
+PROMETHEUS_LABEL_NAME = r"^[a-zA-Z_][a-zA-Z0-9_]*$"
+GRAFANA_UID = r"^[a-zA-Z0-9_-]{0,40}$"
+FLAG = r"^--"
+
+IN_WORDS = {
+    QUANTITY: "a Kubernetes quantity (such as 500m, 2, 512Mi, 1.5Gi)",
+    DNS_LABEL: "a DNS label: lowercase letters, digits and '-', starting and ending with a letter or digit",
+    DNS_SUBDOMAIN: "a DNS name: DNS labels (lowercase letters, digits and '-') joined by '.'",
+    OBJECT_NAME_OR_EMPTY: "empty or a Kubernetes object name: lowercase letters, digits, '-' and '.', "
+                          "starting and ending with a letter or digit",
+    QUALIFIED_NAME: "a Kubernetes name (such as app, cpu, example.com/gpu): letters, digits, '-', '_' and '.' "
+                    "after an optional DNS prefix and '/'",
+    LABEL_VALUE: "a label value: letters, digits, '-', '_' and '.', starting and ending with a letter or digit",
+    CONTAINER_ENV_NAME: "an environment variable name: letters, digits, '-', '_' and '.', not starting with a digit",
+    ABSOLUTE_PATH: "an absolute path (starting with '/')",
+    IMAGE_TAG: "empty or an image tag: up to 128 letters, digits, '_', '.' and '-', not starting with '.' or '-'",
+    IMAGE_DIGEST: "empty or an image digest: sha256: and 64 lowercase hex digits",
+    DURATION: "a duration (such as 90s, 30m, 6h, 1h30m; a bare number is seconds)",
+    SOURCE_NAME: "a name of letters, digits, '.', '_' and '-', starting with a letter or digit",
+    ENV_NAME_OR_EMPTY: "empty or an environment variable name: letters, digits and '_', not starting with a digit",
+    PLAN_GENERATION: "letters, digits, '.', '_' and '-' only",
+    S3_URI: "an s3://bucket or s3://bucket/prefix URI",
+    HTTP_URL: "an http:// or https:// URL",
+    HTTP_URL_OR_EMPTY: "empty or an http:// or https:// URL with a host",
+    PUSHGATEWAY_URL: "empty, an http:// or https:// URL with a host, or a Helm template starting with {{",
+    SHA256_HEX_OR_EMPTY: "empty or a SHA-256 of 64 lowercase hex digits",
+    MD5_HEX_OR_EMPTY: "empty or an MD5 of 32 lowercase hex digits",
+    PROMETHEUS_DURATION: "a Prometheus duration (such as 30s, 5m, 1h, 1h30m)",
+    PROMETHEUS_LABEL_NAME: "a Prometheus label name: letters, digits and '_', not starting with a digit",
+    GRAFANA_UID: "up to 40 letters, digits, '_' and '-'",
+    FLAG: "a command-line flag starting with --",
+}
+
+
+def in_words(pattern: str) -> str:
+    """What `pattern` accepts, in words (the pattern itself for one without words)."""
+    return IN_WORDS.get(pattern, f"a string matching {pattern}")
