@@ -69,6 +69,16 @@ def test_every_format_in_the_schemas_is_told_in_words() -> None:
     assert found and not found - set(IN_WORDS), sorted(found - set(IN_WORDS))
 
 
+def test_set_string_keeps_a_number_a_string(tmp_path: Path) -> None:
+    refused = dry_run(tmp_path, "-f", "values/local.yaml", "--set", "global.runId=2024")
+    assert refused.returncode == 2
+    assert "global.runId: expected a string, got 2024; --set-string keeps it a string" in refused.stderr
+    result = dry_run(tmp_path, "-f", "values/local.yaml", "--set-string", "global.runId=2024")
+    assert result.returncode == 0, result.stderr
+    rendered = (tmp_path / "w" / "config" / "downloader.yaml").read_text()
+    assert "runId: '2024'" in rendered
+
+
 @pytest.mark.parametrize("text, message", [
     ('training:\n  enabled: "false"\n', "training.enabled: expected boolean"),  # a quoted boolean is not one
     ("downloader:\n  image:\n    tagg: x\n", "downloader.image.tagg: unknown key"),

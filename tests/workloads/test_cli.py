@@ -134,3 +134,11 @@ def test_storage_benchmark_measures_both_backends():
         for name in ("large_write_MBps", "large_read_MBps", "small_write_per_s", "small_read_per_s"):
             assert figures[name] > 0
     assert "| file |" in summary and "| s3-seaweedfs |" in summary
+
+
+def test_the_training_launcher_hands_its_values_on_to_the_workers_as_given():
+    from trajflow.train.cli import _config_args
+
+    args = cli.build_parser().parse_args(
+        ["train", "-f", "v.yaml", "--set-string", "global.runId=2024", "--set", "training.config.epochs=3"])
+    assert _config_args(args) == ["-f", "v.yaml", "--set-string", "global.runId=2024", "--set", "training.config.epochs=3"]

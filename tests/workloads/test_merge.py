@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk (Helm's Go engine) is not installed")
 
 from trajflow.config.loader import load_chart, load_values, parse_yaml  # noqa: E402
-from trajflow.config.merge import ChartValues, coalesce, coalesce_chart, merge_maps, parse_set  # noqa: E402
+from trajflow.config.merge import ChartValues, SetString, coalesce, coalesce_chart, merge_maps, parse_set  # noqa: E402
 from trajflow.errors import ConfigError  # noqa: E402
 
 if hasattr(helm, "disable_logging"):
@@ -98,6 +98,38 @@ def _set_expressions(draw: Any) -> str:
 @given(_set_expressions())
 def test_set_parser_agrees_with_helm_on_structured_input(expression):
     assert _our_set(expression) == _helm_set(expression)
+
+
+def _helm_set_string(expression: str) -> tuple[str, Any]:
+    try:
+        return "ok", helm.parse_set_string_values(expression)
+    except helm.HelmError:
+        return "error", None
+
+
+def _our_set_string(expression: str) -> tuple[str, Any]:
+    try:
+        return "ok", parse_set(SetString(expression))
+    except ConfigError as exc:
+        assert str(exc).startswith(f"--set-string {expression!r}: ")
+        return "error", None
+
+
+@pytest.mark.parametrize("expression", NAMED_SET_CASES)
+def test_set_string_parser_agrees_with_helm(expression):
+    assert _our_set_string(expression) == _helm_set_string(expression)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_set_expressions())
+def test_set_string_parser_agrees_with_helm_on_structured_input(expression):
+    assert _our_set_string(expression) == _helm_set_string(expression)
+
+
+def test_set_string_applies_after_every_set_as_in_helm():
+    values = load_values([], [SetString("a.tag=2024,a.n={1,true}"), "a.tag=7,a.m=8"], use_chart_defaults=False)
+    assert values.merged["a"] == {"tag": "2024", "n": ["1", "true"], "m": 8}
+    assert values.origin(["a", "tag"]) == "--set-string a.tag=2024,a.n={1,true}"
 
 
 def test_set_parses_into_existing_values_like_helm_parse_into():

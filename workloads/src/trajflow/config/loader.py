@@ -23,7 +23,16 @@ from pydantic import BaseModel, ValidationError
 from trajflow.config import formats
 from trajflow.config.download import DownloadConfig
 from trajflow.config.global_ import GlobalConfig
-from trajflow.config.merge import GLOBAL_KEY, ChartValues, coalesce_chart, merge_maps, parse_set
+from trajflow.config.merge import (
+    GLOBAL_KEY,
+    ChartValues,
+    SetString,
+    apply_order,
+    coalesce_chart,
+    merge_maps,
+    parse_set,
+    set_option,
+)
 from trajflow.config.preprocess import PreprocessConfig
 from trajflow.config.train import TrainConfig
 from trajflow.errors import ConfigError
@@ -274,8 +283,8 @@ def load_values(
         doc = read_yaml(f)
         layers.append((str(f), doc))
         user = merge_maps(user, doc)
-    for expression in sets:
-        layers.append((f"--set {expression}", parse_set(expression)))
+    for expression in apply_order(sets):
+        layers.append((" ".join(set_option(expression)), parse_set(expression)))
         parse_set(expression, into=user)
     if chart is None:
         return Values(coalesce_chart(ChartValues("values", {}), user), tuple(layers))
@@ -334,6 +343,8 @@ def _format_errors(exc: ValidationError, raw: Any, origin: str | None, prefix: l
             msg = "unknown key"
         elif err["type"] == "missing":
             msg = "required key is missing"
+        elif err["type"] == "string_type" and not isinstance(err["input"], (dict, list)):
+            msg = f"expected a string, got {_shown(err['input'])}" + _set_string_hint(where)
         elif err["type"] == "string_pattern_mismatch":
             msg = f"expected {formats.in_words(str(err['ctx']['pattern']))}, got {err['input']!r}"
         elif err["type"] == "value_error":
@@ -465,7 +476,14 @@ def add_config_arguments(parser: Any) -> None:
         help=f"rendered stage config ({{global, config}}); default ${CONFIG_PATH_ENV} or {DEFAULT_CONFIG_PATH}",
     )
     parser.add_argument("-f", "--values", action="append", default=[], metavar="FILE", help="values file (repeatable)")
+    add_set_arguments(parser)
+
+
+def add_set_arguments(parser: Any) -> None:
+    """`--set` and `--set-string`, as Helm takes them (both into `args.set`)."""
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override values (repeatable)")
+    parser.add_argument("--set-string", action="append", dest="set", type=SetString, metavar="KEY=VALUE",
+                        help="override values, every value a string (repeatable; applied after --set, as by Helm)")
 
 
 _SCHEMA_TYPE_WORDS = {"integer": "an integer", "number": "a number", "boolean": "a boolean (true or false)",
@@ -488,7 +506,17 @@ def _schema_expectation(schema: dict[str, Any]) -> str:
     return " or ".join(words) or "another value"
 
 
-def _schema_error_lines(error: Any, prefix: list[str | int]) -> list[tuple[list[str | int], str]]:
+def _shown(value: Any) -> str:
+    """A scalar as the user wrote it in YAML (true, null), others as Python shows them."""
+    return json.dumps(value) if value is None or isinstance(value, bool) else repr(value)
+
+
+def _set_string_hint(origin: str | None) -> str:
+    """For a number or boolean given where a string belongs: the way to give it as a string."""
+    return "; --set-string keeps it a string" if (origin or "").startswith("--set ") else ""
+
+
+def _schema_error_lines(error: Any, prefix: list[str | int], origin: str) -> list[tuple[list[str | int], str]]:
     """(key path, message) for one jsonschema error; an unknown key is named itself."""
     path: list[str | int] = [*prefix, *error.absolute_path]
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
@@ -513,11 +541,12 @@ def _schema_error_lines(error: Any, prefix: list[str | int]) -> list[tuple[list[
         words = [formats.in_words(a["pattern"]) if "pattern" in a else _schema_expectation(a) for a in alternatives]
         return [(path, f"expected {' or '.join(words)}, got {error.instance!r}")]
     if error.validator in ("type", "minimum", "maximum") and isinstance(error.schema, dict):
-        got = f"{error.instance!r}"
+        got = _shown(error.instance)
         if error.validator == "type":
             name = type(error.instance).__name__
             got += f" ({_JSON_TYPE_NAMES.get(name, name)})"
-        return [(path, f"expected {_schema_expectation(error.schema)}, got {got}")]
+        hint = _set_string_hint(origin) if error.validator == "type" and "string" in error.validator_value else ""
+        return [(path, f"expected {_schema_expectation(error.schema)}, got {got}{hint}")]
     message = error.message
     if len(message) > 200:
         message = message[:200] + "..."
@@ -552,7 +581,7 @@ def schema_errors(values: Values, chart_dir: Path | None, skip: Iterable[tuple[s
             raise ConfigError(f"{schema_path}: unreadable values schema: {exc}") from None
         validator = Draft7Validator(schema)
         for error in sorted(validator.iter_errors(instance), key=lambda e: [str(p) for p in e.absolute_path]):
-            for path, message in _schema_error_lines(error, prefix):
+            for path, message in _schema_error_lines(error, prefix, values.origin([*prefix, *error.absolute_path])):
                 if any(tuple(path[: len(s)]) == s for s in skipped):
                     continue
                 if prefix and path[1:2] == ["global"]:

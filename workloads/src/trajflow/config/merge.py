@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 from trajflow.errors import ConfigError
 
@@ -175,14 +175,33 @@ class _End(Exception):
     """The expression is used up: parsing stops without error (as Helm's io.EOF)."""
 
 
+class SetString(str):
+    """A `--set-string` expression: parsed as `--set` is, but every value stays a string
+    (`--set-string downloader.image.tag=2024` keeps the tag from becoming a number)."""
+
+
+def set_option(expression: str) -> list[str]:
+    """The command-line arguments that give `expression`, for messages and child commands."""
+    return ["--set-string" if isinstance(expression, SetString) else "--set", str(expression)]
+
+
+def apply_order(sets: Iterable[str]) -> list[str]:
+    """The expressions in the order Helm applies them: every --set, then every --set-string."""
+    return sorted(sets, key=lambda e: isinstance(e, SetString))
+
+
 class _SetParser:
     """A port of Helm's strvals state machine: same results, same accepted inputs."""
 
     def __init__(self, expression: str, data: dict[str, Any]):
-        self.text, self.pos, self.data = expression, 0, data
+        self.text, self.pos, self.data = str(expression), 0, data
+        self.option = set_option(expression)[0]
 
     def fail(self, message: str) -> ConfigError:
-        return ConfigError(f"--set {self.text!r}: {message}")
+        return ConfigError(f"{self.option} {self.text!r}: {message}")
+
+    def _typed(self, raw: str) -> Any:
+        return raw if self.option == "--set-string" else typed_set_value(raw)
 
     def _read(self) -> str | None:
         if self.pos >= len(self.text):
@@ -246,7 +265,7 @@ class _SetParser:
                 raise
             if value is _NOT_LIST:
                 raw, _ = self._until(",")
-                value = typed_set_value(raw)
+                value = self._typed(raw)
             self._set(data, name, value)
         elif stop == ",":
             raise self.fail(f"key {name!r} has no value (an expression cannot end with ',')")
@@ -291,7 +310,7 @@ class _SetParser:
                 return self._set_index(items, index, "")
             if value is _NOT_LIST:
                 raw, _ = self._until(",")
-                value = typed_set_value(raw)
+                value = self._typed(raw)
             return self._set_index(items, index, value)
         if stop == "[":
             inner_index = self._index()
@@ -329,7 +348,7 @@ class _SetParser:
             raw, stop = self._until(",}")
             if stop is None:
                 raise self.fail("a list must end with '}'")
-            values.append(typed_set_value(raw))
+            values.append(self._typed(raw))
             if stop == "}":
                 if self.pos < len(self.text) and self.text[self.pos] == ",":
                     self.pos += 1

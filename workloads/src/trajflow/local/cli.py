@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from trajflow.config.loader import add_set_arguments
 from trajflow.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -23,8 +24,7 @@ log = logging.getLogger(__name__)
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-f", "--values", action="append", default=[], metavar="FILE",
                         help="values file, as for helm install (repeatable; later files win)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override values, as for helm install (repeatable)")
+    add_set_arguments(parser)
     parser.add_argument("--work-dir", default=None, metavar="DIR",
                         help="rendered configs, logs, resume state and report (default .trajflow/runs/<runId>)")
     parser.add_argument("--report", default=None, metavar="FILE.html",

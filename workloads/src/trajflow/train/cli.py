@@ -18,6 +18,7 @@ import os
 import sys
 
 from trajflow.config import add_config_arguments, stage_settings
+from trajflow.config.merge import set_option
 
 STAGE = "training"
 
@@ -48,7 +49,7 @@ def _config_args(args: argparse.Namespace) -> list[str]:
     for f in args.values:
         out += ["-f", f]
     for expression in args.set:
-        out += ["--set", expression]
+        out += set_option(expression)
     return out
 
 
