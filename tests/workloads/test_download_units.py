@@ -429,3 +429,13 @@ def test_s3_keys_that_cannot_be_paths_are_named_not_dropped() -> None:
     # excluded, they are no longer in the way
     listed = source(exclude=["*.tmp", "*\\*", "a//b.bin", "./c.bin"]).list_items(lambda fn: fn(), 1)
     assert [i.key for i in listed] == ["lake/good.bin"]
+
+
+def test_s3_sources_retry_throttling_without_client_side_rate_limiting() -> None:
+    from trajflow.download.sources import HttpClients, S3SourceRuntime
+
+    config = cfg(sources=[{"type": "s3", "name": "lake", "url": "s3://src/d", "endpoint": "http://127.0.0.1:9"}])
+    runtime = S3SourceRuntime(config.sources[0], HttpClients(1.0, 1), 1, 1.0)  # type: ignore[arg-type]
+    # adaptive mode slows every later request of the pod once a few were throttled; the
+    # downloader's own backoff (which honours Retry-After) paces retries instead
+    assert runtime.client.meta.config.retries["mode"] == "standard"

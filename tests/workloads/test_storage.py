@@ -571,3 +571,32 @@ def test_an_object_replaced_before_the_resume_is_not_spliced(s3_server, s3_share
     with _CuttingProxy(s3_server.endpoint, cuts=1, on_cut=lambda: direct.write_bytes("moving.bin", b"b" * MiB)) as proxy:
         with pytest.raises(TransientError, match=r"cut/moving\.bin: the object was replaced while it was being read"):
             _through(proxy, s3_shared_bucket).read_bytes("moving.bin")
+
+
+class _Throttling(S3Proxy):
+    """Answers every `every`-th PUT with 503 SlowDown, as S3 does under load."""
+
+    def __init__(self, upstream: str, every: int):
+        super().__init__(upstream)
+        self.every, self.puts, self.throttled = every, 0, 0
+
+    def answer(self, method: str, path: str, request_headers: dict[str, str], reply: Reply) -> None:
+        if method != "PUT":
+            return
+        self.puts += 1
+        if self.puts % self.every == 0:
+            self.throttled += 1
+            body = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+            reply.status, reply.headers, reply.body = 503, [("Content-Type", "application/xml")], body
+
+
+def test_throttled_writes_are_retried_without_client_side_rate_limiting(s3_server, s3_shared_bucket):
+    with _Throttling(s3_server.endpoint, every=5) as proxy:
+        store = _through(proxy, s3_shared_bucket)
+        for i in range(20):
+            store.write_bytes(f"t/{i:02d}", b"x")
+        assert proxy.throttled >= 4 and proxy.puts == 20 + proxy.throttled
+        assert [info.key for info in store.list("t/")] == [f"t/{i:02d}" for i in range(20)]
+    # botocore's adaptive mode, once throttled, slows every later request of the client
+    # (300 small PUTs took 20 s instead of 1 s with one request in 50 throttled)
+    assert store.client.meta.config.retries["mode"] == "standard"

@@ -350,7 +350,7 @@ class S3SourceRuntime(SourceRuntime):
         config = Config(
             region_name=self.cfg.region or "us-east-1",
             s3={"addressing_style": self.cfg.addressing_style},
-            retries={"max_attempts": 5, "mode": "adaptive"},
+            retries={"max_attempts": 5, "mode": "standard"},
             max_pool_connections=max_connections,
             connect_timeout=timeout_s,
             read_timeout=timeout_s,

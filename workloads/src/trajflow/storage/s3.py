@@ -42,7 +42,7 @@ def make_client(endpoint: str = "", region: str = "us-east-1", addressing_style:
     cfg = Config(
         region_name=region or "us-east-1",
         s3={"addressing_style": addressing_style},
-        retries={"max_attempts": 5, "mode": "adaptive"},
+        retries={"max_attempts": 8, "mode": "standard"},
         max_pool_connections=max_pool,
         connect_timeout=timeout,
         read_timeout=timeout,
