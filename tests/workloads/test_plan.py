@@ -165,7 +165,16 @@ def test_shard_items_range_is_checked():
         shard_items(plan, 2)
 
 
-def test_corrupt_stored_plan_is_named(local_storage):
-    local_storage.write_bytes("plan/download-2-g.json", b"{broken")
-    with pytest.raises(ValueError, match=r"plan/download-2-g\.json: corrupt plan"):
+@pytest.mark.parametrize("stored, problem", [
+    (b"{broken", r"corrupt plan \(Expecting"),
+    (b"", r"corrupt plan \(Expecting value"),
+    (b"[]", r"not a plan of version 1 \(version None\)"),
+    (b"null", r"not a plan of version 1 \(version None\)"),
+    (b'{"version": 1, "shards": 2, "assignments": [[]]}', r"corrupt plan \(not 2 shards of items\)"),
+    (b'{"version": 1, "shards": 2}', r"corrupt plan \(not 2 shards of items\)"),
+])
+def test_corrupt_stored_plan_is_named_with_the_remedy(local_storage, stored, problem):
+    local_storage.write_bytes("plan/download-2-g.json", stored)
+    with pytest.raises(ValueError, match=rf"plan/download-2-g\.json: {problem}.*: delete it \(or change "
+                                         r"downloader\.config\.planGeneration\) to plan again"):
         load_or_create_plan(local_storage, 2, "g", lambda: [])

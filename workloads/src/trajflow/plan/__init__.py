@@ -116,12 +116,19 @@ def load_or_create_plan(
     if not storage.exists(authoritative):
         storage.write_if_absent(authoritative, _encode(plan_document(list_items(), shards, generation)))
     raw = storage.read_bytes(authoritative)
+    where = f"{storage.uri}/{authoritative}"
+    remedy = "delete it (or change downloader.config.planGeneration) to plan again"
     try:
         stored = json.loads(raw)
     except ValueError as exc:
-        raise ValueError(f"{storage.uri}/{authoritative}: corrupt plan: {exc}") from None
-    if stored.get("version") != PLAN_VERSION or stored.get("shards") != shards:
-        raise ValueError(f"{storage.uri}/{authoritative}: unsupported plan (version {stored.get('version')!r})")
+        raise ValueError(f"{where}: corrupt plan ({exc}): {remedy}") from None
+    if not isinstance(stored, dict) or stored.get("version") != PLAN_VERSION:
+        version = stored.get("version") if isinstance(stored, dict) else None
+        raise ValueError(f"{where}: not a plan of version {PLAN_VERSION} (version {version!r}): {remedy}")
+    parts = stored.get("assignments")
+    if stored.get("shards") != shards or not isinstance(parts, list) or len(parts) != shards \
+            or not all(isinstance(part, list) for part in parts):
+        raise ValueError(f"{where}: corrupt plan (not {shards} shards of items): {remedy}")
     current = storage.read_bytes(key) if storage.exists(key) else b""
     if current != raw:
         storage.write_bytes(key, raw)
