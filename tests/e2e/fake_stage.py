@@ -9,6 +9,7 @@ in seconds. Behaviour is steered by environment variables:
     FAKE_FAIL_TIMES=1             fail only the first N attempts (counted in FAKE_STATE_DIR)
     FAKE_STATE_DIR=DIR            where attempts and starts are recorded (required)
     FAKE_IGNORE_SIGINT=1          ignore SIGINT, as a program that swallows KeyboardInterrupt does
+    FAKE_RECEIVED=0               bytes a download shard says it received (default: its item's size)
 """
 from __future__ import annotations
 
@@ -70,7 +71,9 @@ def main(argv: list[str]) -> int:
     stage_key = {"download": "download", "preprocess": "preprocess"}[command]
     storage.write_bytes(f"{'raw' if command == 'download' else 'resampled'}/{shard:05d}/item.bin", b"x" * (100 + shard))
     write_manifest(storage, stage_key, shard, shards, [{"key": f"item-{shard}", "size": 100 + shard}], trajectories=2, num_frames=10)
-    logger.info("%s shard %d done", command, shard)
+    # the downloader's final line carries its summary: what it received (nothing when every item was in place)
+    summary = {"bytes_received": int(os.environ.get("FAKE_RECEIVED", 100 + shard))} if command == "download" else {}
+    logger.info("%s shard %d done", command, shard, extra={"summary": summary})
     with (state / "ends.jsonl").open("a") as fh:
         fh.write(json.dumps({"stage": command, "shard": shard, "t": time.time()}) + "\n")
     return 0

@@ -112,6 +112,7 @@ def test_runs_every_stage_pipelined_with_the_chart_config(fake: Fake, tmp_path: 
     assert doc["stages"]["train"]["final_val_loss"] == pytest.approx(0.4)
     assert doc["stages"]["train"]["initial_val_loss"] == pytest.approx(1.5)
     assert doc["stages"]["download"]["bytes"] == 100 + 101 + 102
+    assert doc["stages"]["download"]["bytes_per_second"] > 0
     assert Path(doc["report"]).is_file() and Path(doc["report"]).with_suffix(".png").stat().st_size > 10_000
 
 
@@ -131,7 +132,7 @@ def test_live_view_draws_every_stage(fake: Fake, tmp_path: Path) -> None:
     assert "preprocess[1]: done" in screen.getvalue()
 
 
-def test_a_second_run_starts_nothing(fake: Fake, tmp_path: Path) -> None:
+def test_a_second_run_starts_nothing(fake: Fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     values = write_values(tmp_path, shards=2)
     assert fake.run(values)[1].exit_code == 0
     before = len(fake.starts())
@@ -150,8 +151,12 @@ def test_a_second_run_starts_nothing(fake: Fake, tmp_path: Path) -> None:
     assert [t.state for t in result.tasks] == [SKIPPED] * 4 + [DONE]
 
     # --force starts the processes again (the stages themselves skip verified work)
-    _, forced = fake.run(values, ("training.enabled=false",), force=True)
+    monkeypatch.setenv("FAKE_RECEIVED", "0")
+    runner, forced = fake.run(values, ("training.enabled=false",), force=True)
     assert forced.exit_code == 0 and len(fake.starts()) == before + 1 + 4
+    # the data was all there: the download moved nothing, however much the shards hold
+    doc, _ = write_report(runner, forced)
+    assert doc["stages"]["download"]["bytes"] == 100 + 101 and doc["stages"]["download"]["bytes_per_second"] == 0
 
 
 def test_an_s3_run_root_works_the_same(fake: Fake, tmp_path: Path, s3_server: Any) -> None:

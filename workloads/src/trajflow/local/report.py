@@ -131,14 +131,12 @@ def summarize(runner: "Runner", result: "RunResult") -> tuple[list[StageSummary]
             items = [i for d in docs for i in d.get("items", []) if isinstance(i, dict)]
             f["items"] = len(items)
             f["bytes"] = int(sum(_number(i.get("size")) or 0 for i in items))
-            if seconds and ran:
-                done_shards = {t.shard for t in ran}
-                moved = sum(
-                    _number(i.get("size")) or 0
-                    for d in docs if d.get("shard") in done_shards
-                    for i in d.get("items", []) if isinstance(i, dict)
-                )
-                f["bytes_per_second"] = moved / seconds
+            # what the shards received in this run, as their final log lines say: a resumed
+            # shard's items verified in place were not moved again
+            received = [_number(t.fields["summary"].get("bytes_received")) for t in ran
+                        if isinstance(t.fields.get("summary"), dict)]
+            if seconds and received:
+                f["bytes_per_second"] = sum(r or 0 for r in received) / seconds
         elif plan.stage == "preprocessing":
             docs = _manifests(storage, "preprocess", plan.shards)
             f["trajectories"] = int(sum(_number(d.get("trajectories")) or _number(d.get("num_episodes")) or 0 for d in docs))
