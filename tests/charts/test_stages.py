@@ -289,3 +289,28 @@ def test_notes_warn_that_waiting_training_pods_hold_their_gpus():
     assert "--set training.enabled=false" not in notes([env_file("production")], {"global.argocd.enabled": True},
                                                         api_versions=PROMETHEUS_OPERATOR_APIS)
     assert "--set training.enabled=false" not in notes([env_file("dev")])  # no GPUs
+
+
+def _without_nulls(node):
+    """Helm keeps a default's null in the rendered config; the stages read it as unset."""
+    if isinstance(node, dict):
+        return {k: _without_nulls(v) for k, v in node.items() if v is not None}
+    if isinstance(node, list):
+        return [_without_nulls(v) for v in node]
+    return node
+
+
+@pytest.mark.parametrize("env", ["local", "dev", "staging", "production"])
+def test_local_runs_give_each_stage_the_config_its_configmap_holds(env):
+    from trajflow.local.pipeline import build_plan
+
+    objs = render([env_file(env)])
+    plan = build_plan([env_file(env)])
+    assert plan.stages
+    for stage in plan.stages:
+        in_cluster = yaml.safe_load(one(objs, "ConfigMap", stage.stage)["data"]["config.yaml"])
+        local = stage.rendered
+        # the in-release Pushgateway a template names is the cluster's: a local run pushes nowhere
+        pushed_to = in_cluster["global"]["metrics"].pop("pushgatewayUrl")
+        assert local["global"]["metrics"].pop("pushgatewayUrl") in ("", pushed_to)
+        assert _without_nulls(local) == _without_nulls(in_cluster), stage.stage

@@ -89,7 +89,9 @@ def test_runs_every_stage_pipelined_with_the_chart_config(fake: Fake, tmp_path: 
     rendered = yaml.safe_load((tmp_path / "work" / "config" / "preprocessing.yaml").read_text())
     assert set(rendered) == {"global", "config"}
     merged = load_values([tmp_path / "values.yaml"]).merged
-    assert rendered == {"global": merged["global"], "config": merged["preprocessing"]["config"]}
+    in_configmap = {k: v for k, v in merged["global"].items() if k != "argocd"}
+    in_configmap["storage"] = {k: v for k, v in merged["global"]["storage"].items() if k != "pvc"}
+    assert rendered == {"global": in_configmap, "config": merged["preprocessing"]["config"]}
     assert rendered["config"]["targetRateHz"] == 25 and rendered["global"]["runId"] == "fake"
     assert {(s["shard"], s["shards"]) for s in fake.starts("download")} == {(0, 3), (1, 3), (2, 3)}
 

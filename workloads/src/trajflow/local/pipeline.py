@@ -127,7 +127,7 @@ def build_plan(values_files: Iterable[str | Path], sets: Iterable[str] = ()) -> 
             continue
         raw_config = block.get("config") or {}
         config = validate_stage(stage, raw_config, values=values)
-        rendered = {"global": values.merged.get("global") or {}, "config": raw_config}
+        rendered = {"global": _config_file_global(values.merged.get("global") or {}), "config": raw_config}
         knob = lambda key, minimum=1: _int_knob(values, stage, key, minimum, block, not chart_found)  # noqa: E731
         retries = knob("backoffLimitPerIndex", 0)
         if stage == "training":
@@ -158,6 +158,16 @@ def build_plan(values_files: Iterable[str | Path], sets: Iterable[str] = ()) -> 
         )
     _check_shard_counts(values, plans)
     return RunPlan(values, glob, tuple(plans), tuple(disabled))
+
+
+def _config_file_global(glob: dict[str, Any]) -> dict[str, Any]:
+    """`global` as the chart's ConfigMaps hold it (trajflow.configFile): without the PVC
+    and ArgoCD settings, which only shape Kubernetes objects."""
+    out = copy.deepcopy(glob)
+    out.pop("argocd", None)
+    if isinstance(out.get("storage"), dict):
+        out["storage"].pop("pvc", None)
+    return out
 
 
 def _templates(node: Any, path: list[str]) -> Iterable[tuple[list[str], str]]:
