@@ -219,6 +219,17 @@ def test_missing_values_file(tmp_path):
     assert _one_line(info) == f"{tmp_path / 'nope.yaml'}: no such values file"
 
 
+def test_a_missing_stage_config_says_how_to_give_one(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRAJFLOW_CONFIG", raising=False)
+    with pytest.raises(ConfigError) as info:
+        load_config_file(tmp_path / "nope.yaml", "downloader")
+    assert _one_line(info) == f"{tmp_path / 'nope.yaml'}: no such stage config"
+    assert cli.main(["download"]) == ExitCode.CONFIG  # neither --config nor -f, and no pod mount
+    assert capsys.readouterr().err.strip() == (
+        "trajflow download: error: no stage config at /etc/trajflow/config.yaml, where pods mount the chart's "
+        "ConfigMap: give --config FILE (or $TRAJFLOW_CONFIG), or -f VALUES.yaml to read values files")
+
+
 def test_bad_set_expression_is_named():
     with pytest.raises(ConfigError) as info:
         load_values(sets=["a.b=1,a=x,a.c=2"], use_chart_defaults=False)

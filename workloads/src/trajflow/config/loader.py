@@ -124,14 +124,14 @@ def parse_yaml(text: str, origin: str = "<values>") -> Any:
     return doc
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, kind: str = "values file") -> dict[str, Any]:
     path = Path(path)
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such values file") from None
+        raise ConfigError(f"{path}: no such {kind}") from None
     except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a values file") from None
+        raise ConfigError(f"{path}: is a directory, not a {kind}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file (UTF-8)") from None
     except OSError as exc:
@@ -405,7 +405,10 @@ def shard_from_env(env: dict[str, str] | None = None, default_count: int = 1) ->
 
 
 def _read_config_doc(path: str | Path) -> dict[str, Any]:
-    doc = read_yaml(path)
+    if str(path) == DEFAULT_CONFIG_PATH and not Path(path).exists():
+        raise ConfigError(f"no stage config at {DEFAULT_CONFIG_PATH}, where pods mount the chart's ConfigMap: "
+                          f"give --config FILE (or ${CONFIG_PATH_ENV}), or -f VALUES.yaml to read values files")
+    doc = read_yaml(path, "stage config")
     unknown = sorted(set(doc) - {"global", "config"})
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key {unknown[0]!r} (expected global and config)")
