@@ -282,6 +282,24 @@ def test_a_done_shard_is_skipped(local_storage, mixed):
     assert local_storage.read_bytes(shard_key(0)) == before
 
 
+def test_a_shard_whose_download_gained_items_is_made_again(local_storage, mixed, caplog):
+    files, _ = mixed
+    config = stage_config(sources={"robomimic": ROBOMIMIC})
+    first = {k: v for k, v in files.items() if not k.startswith("npz/")}
+    publish_raw_shard(local_storage, 0, first)
+    assert process_shard(local_storage, 0, 1, config).episodes == 12
+    # the same items under a new download manifest (a new plan of the same data): kept
+    publish_raw_shard(local_storage, 0, first)
+    assert process_shard(local_storage, 0, 1, config).skipped
+    # new sources (or a new plan that found more objects): the shard holds the new data
+    publish_raw_shard(local_storage, 0, files)
+    with caplog.at_level(logging.WARNING, logger="trajflow"):
+        summary = process_shard(local_storage, 0, 1, config)
+    assert not summary.skipped and summary.episodes == 18
+    assert "shard 00000 was made from other raw items than download shard 00000 holds now" in caplog.text
+    assert read_manifest(local_storage, "preprocess", 0)["num_episodes"] == 18
+
+
 def test_a_torn_manifest_is_replaced_by_making_the_shard_again(local_storage, mixed, caplog):
     files, _ = mixed
     publish_raw_shard(local_storage, 0, files)

@@ -22,6 +22,7 @@ PermanentError (exit 3, the chart fails that index). Storage failures are Transi
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -141,6 +142,16 @@ def raw_items(manifest: dict[str, Any], shard: int) -> list[tuple[str, int | Non
         size = entry.get("size") if isinstance(entry, dict) else None
         out.append((key, int(size) if size is not None else None))
     return sorted(set(out))
+
+
+def raw_items_digest(manifest: dict[str, Any]) -> str:
+    """Identity of the data a raw manifest lists: its items' keys, sizes and checksums (not
+    its plan or generation, which change without the data changing)."""
+    digest = hashlib.sha256()
+    entries = [e for e in manifest.get("items", []) if isinstance(e, dict)]
+    for entry in sorted(entries, key=lambda e: str(e.get("key"))):
+        digest.update(f"{entry.get('key')}\0{entry.get('size')}\0{entry.get('sha256')}\n".encode())
+    return digest.hexdigest()
 
 
 def _read_info(storage: Storage, key: str) -> tuple[str, float | None] | None:
@@ -496,6 +507,7 @@ class ShardProcessor:
         # bytes of the trajectory files, and of those lost whole: an unreadable file counts as one
         # trajectory however many it held, so maxBadFraction also bounds the share of bytes lost
         self.file_bytes = self.lost_file_bytes = 0
+        self.raw_digest = ""  # of the download manifest this shard is made from
 
     def run(self) -> ShardSummary:
         started = time.perf_counter()
@@ -506,7 +518,11 @@ class ShardProcessor:
             log.warning("%s; shard %s is preprocessed again", exc, shard_name(shard))
             self.storage.delete(manifest_key("preprocess", shard))
             existing = None
-        redo = existing is not None and existing.get("shards") != self.shards  # written by another sharding
+        redo = ""
+        if existing is not None and existing.get("shards") != self.shards:
+            redo = f"was written for {existing.get('shards')} shards, this run has {self.shards}"
+        elif existing is not None:
+            redo = self._upstream_change(existing)
         if existing is not None and not redo:
             self._remove_foreign_manifests()
             self._warn_if_stale(existing)
@@ -530,10 +546,10 @@ class ShardProcessor:
                 f"download shard {shard_name(shard)} was written for {raw_manifest.get('shards')} shards, this run has "
                 f"{self.shards}: run `trajflow wait --stage download --expect-shards {self.shards}` first"
             )
+        self.raw_digest = raw_items_digest(raw_manifest)
         # only now is this run's shard count confirmed (a leftover pod of another count stops above)
         if redo:
-            log.warning("shard %s was written for %s shards, this run has %d: it is preprocessed again",
-                        shard_name(shard), existing.get("shards"), self.shards)
+            log.warning("shard %s %s: it is preprocessed again", shard_name(shard), redo)
             self.storage.delete(manifest_key("preprocess", shard))  # not done until redone
         self._remove_foreign_manifests()
         remove = getattr(self.storage, "remove_stale_temporaries", None)
@@ -735,7 +751,8 @@ class ShardProcessor:
             rate_hz=index["rate_hz"], dtype=index["dtype"], streams=index["streams"],
             num_episodes=len(index["episodes"]), num_frames=index["num_frames"], episodes=index["episodes"],
             trajectories=summary.trajectories, quarantined=summary.bad, reasons=summary.quarantined,
-            raw_manifest=manifest_key("download", self.shard), bytes_in=summary.bytes_in,
+            raw_manifest=manifest_key("download", self.shard), raw_digest=self.raw_digest,
+            bytes_in=summary.bytes_in,
         )
 
     def _restore_metrics(self, manifest: dict[str, Any]) -> None:
@@ -773,6 +790,21 @@ class ShardProcessor:
         would read their episodes a second time (their files stay until the run is removed)."""
         if self.shard == 0:
             remove_foreign_manifests(self.storage, "preprocess", self.shards)
+
+    def _upstream_change(self, manifest: dict[str, Any]) -> str:
+        """Why a done shard no longer holds its download shard's data ("" while it does): the
+        downloader's items changed since (new sources, a new plan). A download shard not
+        done (being redone) or of another shard count keeps the shard until it is."""
+        recorded = manifest.get("raw_digest")
+        if recorded is None:
+            return ""  # written before the digest was recorded
+        try:
+            raw = read_manifest(self.storage, "download", self.shard)
+        except ValueError:
+            return ""  # torn: the downloader replaces it
+        if raw is None or raw.get("shards") != self.shards or raw_items_digest(raw) == recorded:
+            return ""
+        return f"was made from other raw items than download shard {shard_name(self.shard)} holds now"
 
     def _warn_if_stale(self, manifest: dict[str, Any]) -> None:
         cfg = self.config
