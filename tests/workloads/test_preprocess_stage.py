@@ -93,6 +93,31 @@ def test_a_lerobot_datasets_own_fps_wins_over_rate_hz(local_storage):
     assert [(e.original_rate_hz, e.length) for e in episodes] == [(30.0, 149), (30.0, 149)]  # 2.97 s at 50 Hz
 
 
+def test_float32_timestamps_at_the_datasets_own_fps_keep_every_frame(local_storage):
+    """LeRobot writes timestamp = frame_index / fps in float32, which can end just short of
+    k periods (99 / 30 -> 3.29999995): the last frame (often the goal state) must stay."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = {}
+    for e, n in enumerate(range(100, 250, 7)):
+        state = np.repeat(np.arange(n, dtype=np.float32)[:, None], 6, axis=1)
+        table = pa.table({"episode_index": np.full(n, e), "frame_index": np.arange(n),
+                          "timestamp": (np.arange(n) / 30).astype(np.float32),
+                          STATE: pa.array(state.tolist()), ACTION: pa.array(state[:, :3].tolist())})
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        files[f"lr/data/chunk-000/episode_{e:06d}.parquet"] = buf.getvalue()
+    publish_raw_shard(local_storage, 0, files)
+    process_shard(local_storage, 0, 1, stage_config(target_rate_hz=30.0))
+    reader = open_shard(local_storage.local_path(shard_key(0)))
+    assert len(reader.episodes) == len(files)
+    for i, info in enumerate(reader.episodes):
+        assert info.length == info.raw_length, info.source
+        got = reader.episode_tensor(i, STATE).float().numpy()
+        np.testing.assert_allclose(got[:, 0], np.arange(info.raw_length), atol=1e-3)
+
+
 def test_a_skipped_shard_reports_what_its_manifest_records(local_storage, mixed):
     """Its push replaces the shard's series: a rerun must not show a done shard at zero."""
     files, _ = mixed

@@ -3,6 +3,7 @@ independent float64 reference (per-row `np.interp`), against `torchinterp1d` ins
 span, and the input validation shared by every backend."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -208,6 +209,18 @@ def test_uniform_grid_steps_covers_each_span():
     # the last grid point of every row lies inside its span (within rounding)
     last = times[:, 0] + (st - 1).double() / 10.0
     assert (last <= torch.tensor([1.0, 2.3, 0.1], dtype=torch.float64) + 1e-9).all()
+
+
+def test_uniform_grid_steps_allow_for_how_the_times_were_rounded():
+    # LeRobot stores frame_index / fps as float32: 99 / 30 is stored as 3.29999995, so a span
+    # of exactly 99 periods reads as 98.9999986 of them
+    times = torch.from_numpy(np.stack([np.arange(100) / 30, np.arange(100) / 30 + 7]).astype(np.float32)).double()
+    assert uniform_grid_steps(times, 30.0).tolist() == [99, 100]
+    rounding = torch.tensor([np.finfo(np.float32).eps * 3.3, np.finfo(np.float32).eps * 10.3], dtype=torch.float64)
+    assert uniform_grid_steps(times, 30.0, time_rounding=rounding).tolist() == [100, 100]
+    assert uniform_grid_steps(times, 30.0, time_rounding=1e-6).tolist() == [100, 100]
+    # a span well short of the next period stays short whatever the rounding
+    assert uniform_grid_steps(times[:, :99] + 0.0, 30.0 * 0.999, time_rounding=rounding).tolist() == [98, 98]
 
 
 def test_uniform_grid_steps_rejects_bad_rates():

@@ -115,6 +115,9 @@ class RawEpisode:
     times: np.ndarray  # [S] float64, times[0] == 0, strictly increasing
     frames: np.ndarray  # [S, Dsum] float32, C-contiguous
     dims: dict[str, int]  # output stream -> D, in column order
+    # how far the stored times may be off by their dtype's rounding (s): float32 timestamps of
+    # k frames at fps can end just short of k/fps, which must not cost the last frame
+    time_rounding: float = 0.0
 
     @property
     def length(self) -> int:
@@ -202,6 +205,7 @@ def make_episode(spec: SourceSpec, source: str, episode: str, robot: str, times:
             return bad(MISSING_TIME, f"timestamps are {t.dtype}, not seconds: convert them to float seconds")
         if not np.issubdtype(t.dtype, np.floating):
             return bad(SHAPE_MISMATCH, f"timestamps have non-numeric dtype {t.dtype}")
+        source_eps = float(np.finfo(t.dtype).eps)
         t = t.astype(np.float64).reshape(-1)
         if t.shape[0] != length:
             return bad(SHAPE_MISMATCH, f"{t.shape[0]} timestamps for {length} samples")
@@ -235,7 +239,8 @@ def make_episode(spec: SourceSpec, source: str, episode: str, robot: str, times:
         detail = f"{name}[{s}, {d}] is {raw}" + (" (beyond float32)" if math.isfinite(raw) else "")
         return bad(NON_FINITE, detail)
     start = float(t[0])
-    return RawEpisode(source, episode, robot, start, t - start, frames, dims)
+    rounding = 0.0 if times is None else source_eps * max(abs(start), abs(float(t[-1])))
+    return RawEpisode(source, episode, robot, start, t - start, frames, dims, rounding)
 
 
 def integer_times_detail(dtype: Any) -> str:

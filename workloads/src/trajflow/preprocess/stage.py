@@ -431,7 +431,9 @@ class _Resampler:
         from trajflow.preprocess.kernels import uniform_grid_steps
 
         spans = np.array([[0.0, ep.times[-1]] for ep in episodes], dtype=np.float64).reshape(-1, 2)
-        return uniform_grid_steps(self.torch.from_numpy(spans), self.config.target_rate_hz).tolist()
+        rounding = self.torch.tensor([ep.time_rounding for ep in episodes], dtype=self.torch.float64)
+        return uniform_grid_steps(self.torch.from_numpy(spans), self.config.target_rate_hz,
+                                  time_rounding=rounding).tolist()
 
     def launch(self, episodes: list[RawEpisode], seqs: list[int], steps: list[int]) -> _Pending:
         from trajflow.preprocess.batching import pack

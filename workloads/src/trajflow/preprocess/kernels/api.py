@@ -132,12 +132,15 @@ _STEP_SLACK = 1e-6
 
 
 def uniform_grid_steps(
-    times: torch.Tensor, rate_hz: float, lengths: torch.Tensor | Sequence[int] | None = None
+    times: torch.Tensor, rate_hz: float, lengths: torch.Tensor | Sequence[int] | None = None,
+    time_rounding: torch.Tensor | float = 0.0,
 ) -> torch.Tensor:
     """Per-row number of uniform-grid points that cover each row's span, starting at its
     first sample: ``T_b = floor((t_last - t_first) * rate_hz) + 1`` (int64 ``[B]``),
-    computed in float64 with a 1e-6-step slack so that a span of exactly k periods gives
-    k + 1 points despite rounding. No synchronisation.
+    computed in float64 with a slack of 1e-6 steps, or of ``time_rounding`` seconds (per
+    row or for all: how far the times may be off by the rounding of how they were stored)
+    where that is more, so that a span of exactly k periods gives k + 1 points despite
+    rounding. No synchronisation.
     """
     if not isinstance(times, torch.Tensor) or times.dim() != 2 or not times.dtype.is_floating_point:
         raise ResampleError("times must be a floating [B, S] tensor")
@@ -152,7 +155,8 @@ def uniform_grid_steps(
     else:
         lengths = torch.as_tensor(lengths, device=times.device).to(torch.int64).clamp(1, S)
         last = t.gather(1, (lengths - 1)[:, None])[:, 0]
-    steps = torch.floor((last - t[:, 0]) * float(rate_hz) + _STEP_SLACK)
+    slack = torch.as_tensor(time_rounding, dtype=torch.float64, device=times.device) * float(rate_hz)
+    steps = torch.floor((last - t[:, 0]) * float(rate_hz) + slack.clamp(min=_STEP_SLACK))
     return steps.clamp(min=0).to(torch.int64) + 1
 
 
