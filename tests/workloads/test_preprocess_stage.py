@@ -709,14 +709,16 @@ def test_streams_are_aligned_across_sources_and_other_widths_quarantined(local_s
                                        atol=2e-5)
 
 
-def test_lerobot_info_in_another_shard_names_the_robot(local_storage, tmp_path):
+@pytest.mark.parametrize("dataset", ["lr", "data/pusht"])  # the second in a folder that is also called data
+def test_lerobot_info_in_another_shard_names_the_robot(local_storage, tmp_path, dataset):
     from preprocess_data import read_tree, write_lerobot, write_lerobot_info
 
     ep = make_episode(np.random.default_rng(11), "0", 30.0, 1.0)
-    write_lerobot(tmp_path / "src" / "lr" / "data" / "chunk-000" / "episode_000000.parquet", [ep], with_timestamps=False)
-    write_lerobot_info(tmp_path / "src" / "lr", 30.0, "koch")
+    write_lerobot(tmp_path / "src" / dataset / "data" / "chunk-000" / "episode_000000.parquet", [ep],
+                  with_timestamps=False)
+    write_lerobot_info(tmp_path / "src" / dataset, 30.0, "koch")
     files = read_tree(tmp_path / "src")
-    data_key, info_key = "lr/data/chunk-000/episode_000000.parquet", "lr/meta/info.json"
+    data_key, info_key = f"{dataset}/data/chunk-000/episode_000000.parquet", f"{dataset}/meta/info.json"
     publish_raw_shard(local_storage, 0, {data_key: files[data_key]}, shards=2)
     cfg = stage_config(robot="unknown", max_bad_fraction=1.0)
     process_shard(local_storage, 0, 2, cfg)  # no plan, no info: no timestamps and no rate to use

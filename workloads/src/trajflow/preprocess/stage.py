@@ -175,7 +175,8 @@ def dataset_hints(storage: Storage, keys: Sequence[str], shard: int) -> dict[str
     atomically, so one that exists is whole). A dataset whose info is not downloaded yet
     gets no hint; pin ``sources.<name>.robot`` where labels must not depend on timing."""
     here = {k[: -len("meta/info.json")]: k for k in keys if k.endswith("/meta/info.json")}
-    datasets = {k.split("/data/", 1)[0] + "/" for k in keys if k.endswith(".parquet") and "/data/" in k}
+    # the nearest `data` directory above a file is its dataset's (the dataset may sit in a folder named data)
+    datasets = {k.rsplit("/data/", 1)[0] + "/" for k in keys if k.endswith(".parquet") and "/data/" in k}
     prefix = f"{RAW_DIR}/{shard_name(shard)}/"
     elsewhere: dict[str, str] = {}
     missing = sorted(d for d in datasets if d not in here and d.startswith(prefix))
