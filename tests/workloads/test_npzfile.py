@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from trajflow.preprocess import npzfile
-from trajflow.preprocess.npzfile import load_npz
+from trajflow.preprocess.npzfile import PickledMember, load_npz
 
 
 def _npz(compressed: bool = False, **arrays) -> bytes:
@@ -67,10 +67,11 @@ def test_unusual_members_are_left_to_numpy():
     np.testing.assert_array_equal(out["x"], np.arange(3))
 
 
-def test_object_arrays_are_refused_as_numpy_refuses_them():
-    blob = _npz(x=np.array([{"a": 1}], dtype=object))
-    with pytest.raises(ValueError, match="allow_pickle"):
-        load_npz(blob)
+def test_object_arrays_are_never_unpickled_and_the_other_members_still_load():
+    blob = _npz(x=np.array([{"a": 1}], dtype=object), y=np.arange(3))
+    out = load_npz(blob)
+    assert out["x"] == PickledMember("x")
+    np.testing.assert_array_equal(out["y"], np.arange(3))
 
 
 def test_a_corrupt_member_fails_its_checksum():

@@ -243,6 +243,17 @@ def test_npz_layouts_and_rate_scalar():
     assert all(o.original_rate_hz == pytest.approx(2.0) and o.robot == "ur5" for o in out)
 
 
+def test_npz_members_of_python_objects_are_never_unpickled_and_cost_only_what_needs_them():
+    x = np.arange(8, dtype=np.float32).reshape(4, 2)
+    notes = np.array([{"task": "pick"}], dtype=object)  # e.g. metadata saved beside the arrays
+    (ep,) = _outcomes("npz", io.BytesIO(npz_bytes(fps=np.array(4.0), meta=notes, robot=notes,
+                                                  **{STATE: x, ACTION: x})))
+    assert isinstance(ep, RawEpisode) and ep.length == 4 and ep.robot == ""
+    (bad,) = _outcomes("npz", io.BytesIO(npz_bytes(fps=np.array(4.0), **{STATE: x, ACTION: notes})))
+    assert isinstance(bad, Quarantined) and bad.reason == readers.SHAPE_MISMATCH
+    assert bad.detail == f"{ACTION!r} holds Python objects, which are never unpickled"
+
+
 @pytest.mark.parametrize(
     "times,values,reason,detail",
     [

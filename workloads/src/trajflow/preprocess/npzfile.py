@@ -16,6 +16,7 @@ import math
 import re
 import struct
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -124,5 +125,21 @@ def load_npz(blob: bytes) -> dict[str, Any]:
     loaded = np.load(io.BytesIO(blob), allow_pickle=False)
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise ValueError(f"not an npz archive but a single {type(loaded).__name__} (an .npy file?)")
+    out: dict[str, Any] = {}
     with loaded as z:
-        return {k: z[k] for k in z.files}
+        for k in z.files:
+            try:
+                out[k] = z[k]
+            except ValueError as exc:
+                if "Object arrays cannot be loaded" not in str(exc):
+                    raise
+                out[k] = PickledMember(k)  # never unpickled: that would run the file's code
+    return out
+
+
+@dataclass(frozen=True)
+class PickledMember:
+    """A member holding Python objects (a dict, a list of strings). Unpickling runs code
+    from the file, so it is not loaded; the other members stay usable."""
+
+    name: str

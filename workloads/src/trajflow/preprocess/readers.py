@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from trajflow.config.preprocess import PreprocessConfig
-from trajflow.preprocess.npzfile import load_npz
+from trajflow.preprocess.npzfile import PickledMember, load_npz
 from trajflow.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -575,16 +575,23 @@ def read_npz(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Outcom
     out: list[Outcome] = []
     for episode in sorted(groups, key=_natural_key):
         g = groups[episode]
-        times = next((g[k] for k in time_keys if k in g), None)
+        time_key = next((k for k in time_keys if k in g), None)
+        needed = [k for k in (*spec.streams, time_key) if k is not None and k in g]
+        odd = next((k for k in needed if not isinstance(g[k], np.ndarray)), None)
+        if odd is not None:
+            what = "Python objects, which are never unpickled" if isinstance(g[odd], PickledMember) else "no array"
+            out.append(Quarantined(source, episode, SHAPE_MISMATCH, f"{odd!r} holds {what}"))
+            continue
         ep_robot = spec.robot_for(_npz_robot(g) or file_robot)
         rate = _scalar_rate(g) or file_rate or spec.rate_hz
+        times = g[time_key] if time_key is not None else None
         out.append(make_episode(spec, source, episode, ep_robot, times, rate, {s: g.get(s) for s in spec.streams}))
     return out
 
 
 def _npz_robot(arrays: Mapping[str, Any]) -> str:
     r = arrays.get("robot")
-    return str(r.reshape(-1)[0]) if r is not None and r.dtype.kind in "US" and r.size else ""
+    return str(r.reshape(-1)[0]) if isinstance(r, np.ndarray) and r.dtype.kind in "US" and r.size else ""
 
 
 # --------------------------------------------------------------------------- dispatch
