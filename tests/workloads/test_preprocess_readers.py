@@ -216,6 +216,30 @@ def test_a_timestamp_jump_is_refused_and_slow_real_rates_pass():
     assert isinstance(slow, RawEpisode)
 
 
+def test_a_stream_without_values_per_sample_is_quarantined():
+    # a zero-width first episode would otherwise fix the shard's widths and refuse every good one after it
+    out = readers.make_episode(_spec(streams=[STATE]), "k", "e", "", np.arange(10) * 0.1, None,
+                               {STATE: np.ones((10, 0))})
+    assert isinstance(out, Quarantined) and out.reason == readers.SHAPE_MISMATCH
+    assert out.detail == f"stream {STATE!r} has shape (10, 0): no values per sample"
+
+
+def test_parquet_columns_of_booleans_dates_and_empty_lists():
+    n = 6
+    base = {"episode_index": np.zeros(n, np.int64), "frame_index": np.arange(n)}
+    spec = _spec(streams=["grip"], rate_hz=30.0)
+    bools = pa.array([[True, False]] * n, pa.list_(pa.bool_(), 2))
+    (ep,) = _outcomes("lerobot", _parquet(pa.table({**base, "timestamp": np.arange(n) / 30, "grip": bools})), spec)
+    assert isinstance(ep, RawEpisode) and ep.frames.tolist() == [[1.0, 0.0]] * n  # read as 0 and 1, as in npz
+    dates = pa.array(np.datetime64("2026-01-01") + np.arange(n) * np.timedelta64(33, "ms"))
+    (bad,) = _outcomes("lerobot", _parquet(pa.table({**base, "timestamp": dates, "grip": bools})), spec)
+    assert isinstance(bad, Quarantined) and bad.reason == readers.MISSING_TIME
+    assert bad.detail == "column 'timestamp' has type timestamp[ms], not seconds: convert it to float seconds"
+    empty = pa.array([[]] * (n - 1) + [None], pa.list_(pa.float32()))  # no values, one row null
+    (bad,) = _outcomes("lerobot", _parquet(pa.table({**base, "grip": empty})), spec)
+    assert isinstance(bad, Quarantined) and bad.reason == readers.NON_FINITE
+
+
 def test_an_npy_file_named_npz_is_unreadable_not_a_crash():
     buf = io.BytesIO()
     np.save(buf, np.arange(3))

@@ -185,6 +185,8 @@ def make_episode(spec: SourceSpec, source: str, episode: str, robot: str, times:
             x = x[:, None]
         if x.ndim != 2:
             return bad(SHAPE_MISMATCH, f"stream {name!r} has shape {x.shape}; expected [samples] or [samples, D]")
+        if x.shape[1] == 0:
+            return bad(SHAPE_MISMATCH, f"stream {name!r} has shape {x.shape}: no values per sample")
         if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_):
             return bad(SHAPE_MISMATCH, f"stream {name!r} has non-numeric dtype {x.dtype}")
         if length is None:
@@ -263,6 +265,10 @@ def column_owner(dims: Mapping[str, int], col: int) -> tuple[str, int]:
 
 def _float_values(arr: Any) -> np.ndarray:
     """Numbers of an arrow array as a numpy float array (float32 kept, others as float64)."""
+    import pyarrow as pa
+
+    if arr.null_count and pa.types.is_boolean(arr.type):
+        arr = arr.fill_null(False)  # else numpy gets objects; the caller's null mask marks those rows
     x = arr.to_numpy(zero_copy_only=False)
     return x if x.dtype in (np.float32, np.float64) else x.astype(np.float64)
 
@@ -278,7 +284,8 @@ def _list_column(col: Any, name: str) -> tuple[np.ndarray, np.ndarray | None, np
     n = len(arr)
     t = arr.type
     if pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t):
-        if not (pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type)):
+        if not (pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type)
+                or pa.types.is_boolean(t.value_type)):  # booleans read as 0 and 1, as in npz and HDF5
             raise TypeError(f"column {name!r} holds lists of {t.value_type}, not numbers")
         null = arr.is_null().to_numpy(zero_copy_only=False) if arr.null_count else None
         if pa.types.is_fixed_size_list(t):
@@ -306,7 +313,7 @@ def _list_column(col: Any, name: str) -> tuple[np.ndarray, np.ndarray | None, np
             vals = _float_values(flat).astype(np.float64)
             if flat.null_count:
                 vals[flat.is_null().to_numpy(zero_copy_only=False)] = np.nan
-            out[good] = vals.reshape(-1, d)
+            out[good] = vals.reshape(int(np.count_nonzero(good)), d)
         return out, null, ragged
     if pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_boolean(t):
         vals = _float_values(arr)
@@ -375,6 +382,10 @@ def read_lerobot(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Ou
             return [Quarantined(source, "", SHAPE_MISMATCH, str(exc))]
     times_all = None
     if time_key in names:
+        ttype = table.column(time_key).type
+        if pa.types.is_temporal(getattr(ttype, "value_type", ttype)):
+            return [Quarantined(source, "", MISSING_TIME, f"column {time_key!r} has type {ttype}, not seconds: "
+                                                          "convert it to float seconds")]
         try:
             tv, _, _ = _list_column(table.column(time_key), time_key)  # nulls are NaN: caught as non-finite
         except TypeError as exc:
@@ -382,7 +393,6 @@ def read_lerobot(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Ou
         if tv.shape[1] != 1:
             return [Quarantined(source, "", SHAPE_MISMATCH,
                                 f"time column {time_key!r} holds {tv.shape[1]} values per row, not one")]
-        ttype = table.column(time_key).type
         if pa.types.is_integer(getattr(ttype, "value_type", ttype)):
             return [Quarantined(source, "", MISSING_TIME, integer_times_detail(ttype))]
         times_all = tv[:, 0]
