@@ -27,18 +27,20 @@ if hasattr(helm, "disable_logging"):
     helm.disable_logging()  # Helm's own warnings about tables vs scalars
 
 
-def _helm_set(expression: str) -> tuple[str, Any]:
+def _helm_set(expression: str, strings: bool = False) -> tuple[str, Any]:
+    """Helm's own answer to `--set expression` (`--set-string` with ``strings``)."""
     try:
-        return "ok", helm.parse_set_string(expression)
+        return "ok", (helm.parse_set_string_values if strings else helm.parse_set_string)(expression)
     except helm.HelmError:
         return "error", None
 
 
-def _our_set(expression: str) -> tuple[str, Any]:
+def _our_set(expression: str, strings: bool = False) -> tuple[str, Any]:
+    option = "--set-string" if strings else "--set"
     try:
-        return "ok", parse_set(expression)
+        return "ok", parse_set(SetString(expression) if strings else expression)
     except ConfigError as exc:
-        assert str(exc).startswith(f"--set {expression!r}: ") and "\n" not in str(exc)
+        assert str(exc).startswith(f"{option} {expression!r}: ") and "\n" not in str(exc)
         return "error", None
 
 
@@ -100,30 +102,15 @@ def test_set_parser_agrees_with_helm_on_structured_input(expression):
     assert _our_set(expression) == _helm_set(expression)
 
 
-def _helm_set_string(expression: str) -> tuple[str, Any]:
-    try:
-        return "ok", helm.parse_set_string_values(expression)
-    except helm.HelmError:
-        return "error", None
-
-
-def _our_set_string(expression: str) -> tuple[str, Any]:
-    try:
-        return "ok", parse_set(SetString(expression))
-    except ConfigError as exc:
-        assert str(exc).startswith(f"--set-string {expression!r}: ")
-        return "error", None
-
-
 @pytest.mark.parametrize("expression", NAMED_SET_CASES)
 def test_set_string_parser_agrees_with_helm(expression):
-    assert _our_set_string(expression) == _helm_set_string(expression)
+    assert _our_set(expression, strings=True) == _helm_set(expression, strings=True)
 
 
 @settings(max_examples=200, deadline=None)
 @given(_set_expressions())
 def test_set_string_parser_agrees_with_helm_on_structured_input(expression):
-    assert _our_set_string(expression) == _helm_set_string(expression)
+    assert _our_set(expression, strings=True) == _helm_set(expression, strings=True)
 
 
 def test_set_string_applies_after_every_set_as_in_helm():
