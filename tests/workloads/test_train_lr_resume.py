@@ -41,3 +41,20 @@ def test_resume_on_two_processes_follows_the_schedule_of_the_run(tmp_path: Path)
     resumed = [h["learning_rate"] for h in artifacts.read_metrics(storage)["history"]]
     # the schedule is a function of the fraction of the run done: the same on any world size
     assert resumed[2:] == pytest.approx(reference[2:], rel=1e-6, abs=1e-12)
+    # the 1-process checkpoint had no generator for rank 1: each rank got a stream of its own
+    # again (the same stream on every rank would give every rank the same dropout)
+    newest = store.load(store.list()[-1])
+    assert newest["world_size"] == 2
+    assert not torch.equal(newest["rng"][0]["torch"], newest["rng"][1]["torch"])
+
+
+def test_a_resume_applies_the_configured_weight_decay(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    settings = local_settings(tmp_path, "run", **{**CONFIG, "epochs": 1})
+    storage = LocalStorage(tmp_path / "run")
+    write_synthetic_shards(storage, shards=1, episodes_per_shard=6, length=60)
+    train(settings)
+    train(local_settings(tmp_path, "run", **{**CONFIG, "epochs": 2, "weight_decay": 0.5}))
+    store = CheckpointStore(storage, keep_last=50)
+    groups = store.load(store.list()[-1])["optimizer"]["param_groups"]
+    assert {g["weight_decay"] for g in groups} == {0.5}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -116,6 +117,15 @@ def _one_sharding(storage: Storage, entries: list[ShardEntry]) -> list[ShardEntr
     for e in entries:
         by_count.setdefault(e.manifest.get("shards"), []).append(e)
     if len(by_count) == 1:
+        (count,) = by_count
+        done = sorted(e.shard for e in entries)
+        if isinstance(count, int) and done != list(range(count)):
+            missing = sorted(set(range(count)) - set(done))
+            raise TransientError(
+                f"{storage.uri}/resampled/_done/: {len(done)} of {count} preprocessed shards are done (not "
+                f"{', '.join(str(m) for m in missing[:5])}{' ...' if len(missing) > 5 else ''}); "
+                "training starts when every shard is done"
+            )
         return entries
     complete = [n for n, group in by_count.items()
                 if isinstance(n, int) and sorted(e.shard for e in group) == list(range(n))]
@@ -143,19 +153,23 @@ def frames_needed(config: TrainConfig) -> int:
 
 
 def split_episodes(episodes: Sequence[EpisodeRef], val_fraction: float, seed: int) -> tuple[list[EpisodeRef], list[EpisodeRef]]:
-    """Hold out round(val_fraction * n) episodes (at least one), chosen by a seeded hash of
-    their names: the same episodes on every rank, and independent of shard order."""
+    """Hold out about val_fraction of the episodes: each one whose seeded hash of its name
+    (without the raw shard it was downloaded into) falls below val_fraction, so an episode
+    stays on its side when others are added, quarantined or re-sharded; the same on every
+    rank. At least one episode on each side."""
     if len(episodes) < 2:
         raise PermanentError(
             f"{len(episodes)} episode(s) long enough for a sample; training needs at least 2 "
             "(one for training, one for validation)"
         )
 
-    def score(ep: EpisodeRef) -> bytes:
-        return hashlib.sha256(f"{seed}:{ep.name}:{ep.shard}:{ep.index}".encode()).digest()
+    def score(ep: EpisodeRef) -> float:
+        name = re.sub(r"^raw/[0-9]+/", "", ep.name)
+        return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "big") / 2.0**64
 
-    ranked = sorted(episodes, key=score)
-    n_val = min(max(1, round(val_fraction * len(ranked))), len(ranked) - 1)
+    ranked = sorted(episodes, key=lambda ep: (score(ep), ep.name))
+    n_val = sum(1 for ep in ranked if score(ep) < val_fraction)
+    n_val = min(max(1, n_val), len(ranked) - 1)
     val = sorted(ranked[:n_val], key=lambda e: (e.shard, e.index))
     train = sorted(ranked[n_val:], key=lambda e: (e.shard, e.index))
     return train, val

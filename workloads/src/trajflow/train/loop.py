@@ -65,7 +65,12 @@ def config_hash(config: TrainConfig) -> str:
 def split_settings(config: TrainConfig) -> dict[str, Any]:
     """What decides which windows are validation and the order of the batches: a checkpoint's
     best loss, early-stopping count and position in the epoch mean nothing under others."""
-    return {"seed": config.seed, "valFraction": config.val_fraction, "stride": config.stride}
+    return {"seed": config.seed, "valFraction": config.val_fraction, "stride": config.stride,
+            "episodeSplit": SPLIT_SCHEME}
+
+
+# how split_episodes picks the validation episodes: a checkpoint of another scheme validated others
+SPLIT_SCHEME = "name-hash-threshold"
 
 
 @dataclass
@@ -229,6 +234,10 @@ class Trainer:
                 f"global.runId or remove {self.storage.uri}/{CHECKPOINT_DIR}/"
             )
         saved_split, split = payload.get("split", split_settings(self.config)), split_settings(self.config)
+        if "episodeSplit" not in saved_split:
+            log.warning("%s was written by a version that chose the validation episodes otherwise: its best loss "
+                        "was measured on another validation set", info.key)
+            saved_split = {**saved_split, "episodeSplit": SPLIT_SCHEME}
         changed = [f"{k} {saved_split.get(k)!r} -> {v!r}" for k, v in split.items() if saved_split.get(k) != v]
         if changed:
             raise ConfigError(
@@ -245,6 +254,8 @@ class Trainer:
         same_world = payload.get("world_size") == self.dist.world_size
         if same_world:
             _set_rng_state(payload["rng"][self.dist.rank])
+        else:  # the ranks' generators cannot be restored: give each its own stream again
+            torch.manual_seed(self.config.seed + 1000 * self.dist.rank + 1 + self.state.step)
         batch_size = payload.get("batch_size", self.config.batch_size)
         if self.state.batch_in_epoch and (not same_world or batch_size != self.config.batch_size):
             log.warning(
@@ -357,8 +368,11 @@ class Trainer:
         (in_mean, in_std), (out_mean, out_std) = self.scan_data(data)
         resumed = self.resume(model, optimizer, scheduler)
         st = self.state
-        # the configured learning rate applies from here on, also when it changed since the checkpoint
+        # the configured learning rate and weight decay apply from here on, also when they
+        # changed since the checkpoint (loading the optimiser restored the checkpoint's)
         scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["weight_decay"] = cfg.weight_decay
         if resumed:
             # The schedule's length is per_epoch * epochs of this world size; the restored
             # last_epoch counts the checkpoint's steps, which differ when the world size (or the
