@@ -144,6 +144,24 @@ def test_training_waits_for_every_shard_of_the_count(tmp_path: Path) -> None:
         open_shards(storage, ["observation.state", "action"])
 
 
+def test_a_shard_file_on_the_filesystem_is_checked_against_its_manifest(tmp_path: Path) -> None:
+    _, storage = small_run(tmp_path)
+    key = "resampled/00001.safetensors"
+    good = storage.read_bytes(key)
+    flipped = bytearray(good)
+    flipped[-5] ^= 0x40  # one value of the last episode, same size
+    storage.write_bytes(key, bytes(flipped))
+    streams = ["observation.state", "action"]
+    with pytest.raises(PermanentError, match=r"shard 1: .*00001\.safetensors: sha256 \w+ does not match the manifest's"):
+        open_shards(storage, streams)
+    storage.write_bytes(key, good[:-100])
+    with pytest.raises(PermanentError, match=rf"shard 1: .*00001\.safetensors: {len(good) - 100} bytes, the manifest "
+                                             rf"says {len(good)}"):
+        open_shards(storage, streams)
+    storage.write_bytes(key, good)
+    assert len(open_shards(storage, streams).readers) == 2
+
+
 def test_an_episode_keeps_its_side_of_the_split_whatever_happens_to_the_others() -> None:
     from trajflow.train.data import EpisodeRef
 

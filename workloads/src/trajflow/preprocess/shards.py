@@ -578,6 +578,16 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_shard_file(path: Path, entry: ShardEntry) -> None:
+    """That the file at ``path`` is the one ``entry``'s manifest describes (size, then sha256)."""
+    size = path.stat().st_size
+    if size != entry.size:
+        raise ShardFormatError(f"{path}: {size} bytes, the manifest says {entry.size}")
+    digest = _file_sha256(path)
+    if digest != entry.sha256:
+        raise ShardFormatError(f"{path}: sha256 {digest} does not match the manifest's {entry.sha256}")
+
+
 def fetch_shard(storage: Storage, entry: ShardEntry, cache_dir: str | Path, verify: bool = True) -> Path:
     """A local path holding ``entry``'s file: the file itself on a filesystem root, else a
     copy under ``cache_dir`` (reused when its size and sha256 match the manifest)."""
@@ -606,9 +616,10 @@ def fetch_shard(storage: Storage, entry: ShardEntry, cache_dir: str | Path, veri
 
 
 def open_shard(path: str | Path | None = None, *, storage: Storage | None = None, key: str | None = None,
-               cache_dir: str | Path | None = None) -> ShardReader:
+               cache_dir: str | Path | None = None, verify: bool = True) -> ShardReader:
     """Open a shard by local path, or by ``storage`` + ``key`` (fetched into ``cache_dir``,
-    default a per-user temp directory, when the storage is not a filesystem)."""
+    default a per-user temp directory, when the storage is not a filesystem, and checked
+    against its manifest's sha256 unless ``verify`` is off)."""
     if path is not None:
         return ShardReader(path)
     if storage is None or key is None:
@@ -626,7 +637,7 @@ def open_shard(path: str | Path | None = None, *, storage: Storage | None = None
     else:
         entry = ShardEntry(shard, key, stat.size, "", 0, 0, {})
     cache = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / f"trajflow-shards-{os.getuid()}"
-    return ShardReader(fetch_shard(storage, entry, cache, verify=bool(entry.sha256)))
+    return ShardReader(fetch_shard(storage, entry, cache, verify=verify and bool(entry.sha256)))
 
 
 def iter_readers(storage: Storage, cache_dir: str | Path | None = None) -> Iterator[tuple[ShardEntry, ShardReader]]:

@@ -30,6 +30,7 @@ from trajflow.preprocess.shards import (
     ShardFormatError,
     ShardReader,
     bf16_bits_to_float32,
+    check_shard_file,
     list_shards,
     open_shard,
 )
@@ -58,8 +59,11 @@ class ShardSet:
     dims: dict[str, int]
 
 
-def open_shards(storage: Storage, streams: Sequence[str], cache_dir: str | Path | None = None) -> ShardSet:
-    """Open every done shard under `<root>/resampled/` and check they agree on rate and streams."""
+def open_shards(storage: Storage, streams: Sequence[str], cache_dir: str | Path | None = None,
+                verify: bool = True) -> ShardSet:
+    """Open every done shard under `<root>/resampled/` and check they agree on rate and
+    streams; with ``verify``, that every file holds the bytes its manifest describes (a
+    fetched copy is checked as it arrives, a file on the filesystem here)."""
     try:
         entries = list_shards(storage)
     except (ValueError, ShardFormatError) as exc:
@@ -78,7 +82,10 @@ def open_shards(storage: Storage, streams: Sequence[str], cache_dir: str | Path 
         if entry.num_episodes == 0:  # a shard without trajectories: nothing to read, its streams have no width
             continue
         try:
-            reader = open_shard(storage=storage, key=entry.key, cache_dir=cache_dir)
+            local = storage.local_path(entry.key)
+            if verify and local is not None:
+                check_shard_file(local, entry)
+            reader = open_shard(storage=storage, key=entry.key, cache_dir=cache_dir, verify=verify)
         except FileNotFoundError as exc:
             raise PermanentError(f"shard {entry.shard} is marked done but its file is missing: {exc}") from None
         except (ShardFormatError, ValueError) as exc:

@@ -174,14 +174,14 @@ class Trainer:
         cfg = self.config
         streams = [cfg.observation] if cfg.task == "forecast" else [cfg.observation, cfg.action]
         cache = cfg.cache_dir or None
-        # on S3 the first rank of each node fetches the shards; the others then find them cached
-        on_filesystem = isinstance(self.storage, LocalStorage)
-        if on_filesystem or self.dist.local_rank == 0:
+        # the first rank of each node fetches (S3) or checks (filesystem) the shards against their
+        # manifests; the others then open what it found good
+        if self.dist.local_rank == 0:
             shards = open_shards(self.storage, streams, cache)
             self.dist.barrier()
         else:
             self.dist.barrier()
-            shards = open_shards(self.storage, streams, cache)
+            shards = open_shards(self.storage, streams, cache, verify=False)
         data = build_data(shards, cfg)
         if len(data.train) == 0 or len(data.val) == 0:
             raise PermanentError(f"no samples in the {'training' if not len(data.train) else 'validation'} split "
