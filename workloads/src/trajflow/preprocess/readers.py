@@ -334,7 +334,7 @@ def _index_column(col: Any, name: str) -> np.ndarray:
     """An ``episode_index``/``frame_index`` column as int64; TypeError unless whole numbers
     without nulls (pandas writes integer columns as floats at times)."""
     values = col.to_numpy()
-    whole = values.dtype.kind in "iu" or np.issubdtype(values.dtype, np.integer) or (
+    whole = values.dtype.kind in "iu" or (
         np.issubdtype(values.dtype, np.floating) and bool(np.isfinite(values).all())
         and bool((values == np.round(values)).all()))
     if col.null_count or not whole:
@@ -378,8 +378,6 @@ def read_lerobot(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Ou
     # so it would leave them where they are
     if not ((ep[1:] > ep[:-1]) | ((ep[1:] == ep[:-1]) & (frame[1:] >= frame[:-1]))).all():
         order = np.lexsort((frame, ep))  # stable: rows in file order within equal keys
-        if (order == np.arange(n)).all():
-            order = None
     columns: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray] | None] = {}
     for s in spec.streams:
         if s not in names:

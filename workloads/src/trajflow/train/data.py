@@ -174,8 +174,9 @@ def split_episodes(episodes: Sequence[EpisodeRef], val_fraction: float, seed: in
         name = re.sub(r"^raw/[0-9]+/", "", ep.name)
         return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "big") / 2.0**64
 
-    ranked = sorted(episodes, key=lambda ep: (score(ep), ep.name))
-    n_val = sum(1 for ep in ranked if score(ep) < val_fraction)
+    scores = {ep.name: score(ep) for ep in episodes}
+    ranked = sorted(episodes, key=lambda ep: (scores[ep.name], ep.name))
+    n_val = sum(1 for ep in ranked if scores[ep.name] < val_fraction)
     n_val = min(max(1, n_val), len(ranked) - 1)
     val = sorted(ranked[:n_val], key=lambda e: (e.shard, e.index))
     train = sorted(ranked[n_val:], key=lambda e: (e.shard, e.index))
