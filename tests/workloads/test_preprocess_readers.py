@@ -87,6 +87,28 @@ def test_parquet_without_timestamps_uses_frame_index_and_the_dataset_rate():
     assert q.reason == readers.MISSING_TIME and "rateHz" in q.detail
 
 
+def test_a_configured_time_key_missing_from_a_file_quarantines_instead_of_using_the_rate(tmp_path):
+    # every format: the file has timestamps under another name and rateHz is set as well
+    state, action = np.arange(6.0).reshape(3, 2), np.zeros((3, 1))
+    times = np.array([0.0, 0.05, 0.1])  # 20 Hz; the configured rateHz is 10
+    write_robomimic(tmp_path / "d.hdf5", [make_episode(np.random.default_rng(0), "0", 20.0, 1.0)],
+                    state_key=STATE, action_key=ACTION, timestamps=True)
+    files = {
+        "lerobot": _parquet(pa.table({"episode_index": [0] * 3, "timestamp": times, STATE: list(state),
+                                      ACTION: action[:, 0]})),
+        "robomimic": str(tmp_path / "d.hdf5"),
+        "npz": io.BytesIO(npz_bytes(timestamp=times, **{STATE: state, ACTION: action})),
+    }
+    for fmt, src in files.items():
+        (q,) = _outcomes(fmt, src, _spec(time_key="stamp", rate_hz=10.0))
+        assert isinstance(q, Quarantined), fmt
+        assert q.reason == readers.MISSING_TIME and "'stamp'" in q.detail and "timeKey" in q.detail, fmt
+        if not isinstance(src, str):
+            src.seek(0)
+        (ep,) = _outcomes(fmt, src, _spec(rate_hz=10.0))  # unset: the usual names are found
+        assert isinstance(ep, RawEpisode) and ep.original_rate_hz == pytest.approx(20.0, rel=0.3), fmt
+
+
 def test_parquet_missing_column_and_non_numeric_column():
     table = pa.table({"episode_index": [0, 0], "timestamp": [0.0, 1.0], STATE: [1.0, 2.0]})
     (q,) = _outcomes("lerobot", _parquet(table))

@@ -38,7 +38,8 @@ class PreprocessConfig(Model):
     time_key: str = Field(
         "",
         description="Timestamp column/dataset in float seconds (integer counts are quarantined as missing_time: "
-        "convert them, or set rateHz); empty tries timestamp, timestamps, time, t.",
+        "convert them, or set rateHz); an episode without it is quarantined as missing_time. Empty tries "
+        "timestamp, timestamps, time, t, then a recorded rate.",
     )
     rate_hz: Optional[float] = Field(
         None, gt=0, description="Recorded rate for files with neither timestamps nor a rate attribute."

@@ -198,6 +198,10 @@ def make_episode(spec: SourceSpec, source: str, episode: str, robot: str, times:
         arrays.append(x)
     assert length is not None
     if times is None:
+        if spec.time_key:
+            # a configured time column says the file has timestamps: a rate would be a guess
+            return bad(MISSING_TIME, f"no timestamps {spec.time_key!r} (the configured timeKey); "
+                       "leave timeKey empty to fall back to a recorded rate")
         if not rate_hz:
             return bad(MISSING_TIME, "no timestamps and no recorded rate (set preprocessing.config.rateHz or timeKey)")
         t = np.arange(length, dtype=np.float64) / float(rate_hz)
@@ -438,10 +442,11 @@ def read_lerobot(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Ou
         if problem is not None:
             out.append(problem)
             continue
+        times = None
         if times_all is not None:
             times = times_all[a:b]
-        else:
-            times = frame[a:b].astype(np.float64) / rate if rate else None
+        elif rate and not spec.time_key:  # a configured time column that is missing is quarantined
+            times = frame[a:b].astype(np.float64) / rate
         out.append(make_episode(spec, source, episode, spec.robot_for(robot), times, None, streams))
     return out
 
