@@ -6,6 +6,8 @@ import hashlib
 import io
 import json
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -311,12 +313,34 @@ def test_write_if_absent_without_hard_links_leaves_no_part_behind(local_storage,
             raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fdopen", lambda fd, mode: DiskFull(io.FileIO(fd, "w")))
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="No space left") as failed:
         local_storage.write_if_absent("plan/p.json", b"x" * 1000)
+    assert failed.value.filename == str(local_storage.root / "plan" / "p.json")
     assert not local_storage.exists("plan/p.json")
     monkeypatch.setattr(os, "fdopen", real_fdopen)  # space freed, the pod retried
     assert local_storage.write_if_absent("plan/p.json", b"x" * 1000)
     assert local_storage.read_bytes("plan/p.json") == b"x" * 1000
+
+
+def test_a_write_the_kernel_refuses_names_the_file(tmp_path):
+    # a file size limit makes the kernel fail write() with EFBIG, as a full disk fails it
+    # with ENOSPC: neither error carries a file name of its own
+    script = """
+import resource, signal, sys
+from trajflow.storage import LocalStorage
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+storage = LocalStorage(sys.argv[1])
+try:
+    with storage.writer("resampled/00001.safetensors") as out:
+        out.write(b"x" * 100_000)
+except OSError as exc:
+    print(exc)
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "File too large" in done.stdout and str(tmp_path / "resampled" / "00001.safetensors") in done.stdout
+    assert not list((tmp_path / "resampled").iterdir())  # no temporary left behind
 
 
 def test_seaweedfs_enforces_conditional_writes(s3_storage):

@@ -53,6 +53,7 @@ import numpy as np
 
 from trajflow.errors import PermanentError
 from trajflow.storage import STAGE_DIRS, Storage, done_shards, read_manifest, shard_name
+from trajflow.storage.local import naming_write_errors
 
 log = logging.getLogger(__name__)
 
@@ -178,15 +179,16 @@ class _Spool:
         self.file: IO[bytes] | None = None
 
     def append(self, x: np.ndarray) -> None:
-        if self.file is None and self.size + x.nbytes > self.limit:
-            self.file = tempfile.TemporaryFile(dir=self.directory)
-            for part in self.parts:
-                self.file.write(part.data)
-            self.parts = []
-        if self.file is not None:
-            self.file.write(np.ascontiguousarray(x).data)
-        else:
-            self.parts.append(np.array(x, order="C"))  # a copy: the caller's batch buffer is not kept alive
+        with naming_write_errors(self.directory or tempfile.gettempdir()):  # the spool file has no name
+            if self.file is None and self.size + x.nbytes > self.limit:
+                self.file = tempfile.TemporaryFile(dir=self.directory)
+                for part in self.parts:
+                    self.file.write(part.data)
+                self.parts = []
+            if self.file is not None:
+                self.file.write(np.ascontiguousarray(x).data)
+            else:
+                self.parts.append(np.array(x, order="C"))  # a copy: the caller's batch buffer is not kept alive
         self.size += x.nbytes
 
     def chunks(self) -> Iterator[bytes | memoryview]:
@@ -601,7 +603,7 @@ def fetch_shard(storage: Storage, entry: ShardEntry, cache_dir: str | Path, veri
     tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
     digest = hashlib.sha256()
     try:
-        with storage.open_read(entry.key) as src, open(tmp, "wb") as out:
+        with naming_write_errors(dest), storage.open_read(entry.key) as src, open(tmp, "wb") as out:
             for block in iter(lambda: src.read(_COPY_CHUNK), b""):
                 digest.update(block)
                 out.write(block)

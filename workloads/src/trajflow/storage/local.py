@@ -64,6 +64,21 @@ class _RangeReader:
         self.close()
 
 
+# Errors of a write that the OS reports without a file name (os.write, fsync): the path
+# is added so that "No space left on device" says which volume filled up.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
+
+
+@contextlib.contextmanager
+def naming_write_errors(path: str | Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno not in _WRITE_ERRNOS:
+            raise
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
+
+
 def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -173,7 +188,7 @@ class LocalStorage(Storage):
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._temp_path(final)
         try:
-            with open(tmp, "wb") as fh:
+            with naming_write_errors(final), open(tmp, "wb") as fh:
                 yield fh
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -188,7 +203,7 @@ class LocalStorage(Storage):
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._temp_path(final)
         try:
-            with open(tmp, "wb") as fh:
+            with naming_write_errors(final), open(tmp, "wb") as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -205,7 +220,7 @@ class LocalStorage(Storage):
                 except FileExistsError:
                     return False
                 try:
-                    with os.fdopen(fd, "wb") as out:
+                    with naming_write_errors(final), os.fdopen(fd, "wb") as out:
                         out.write(data)
                         out.flush()
                         os.fsync(out.fileno())
