@@ -12,6 +12,7 @@ If-Match, and a per-path script of faults consumed one per GET:
     "slow"          silence before the headers longer than the client's timeout
     "corrupt"       one byte of the body flipped
     "ignore-range"  a 200 with the whole body even when a range was asked for
+    "to-the-end"    a 206 from the start of the range asked for to the end of the object
     "page"          a 200 with a short HTML page instead of the object (a hub's error page)
     "<fault>+change"  that fault, then the object's data becomes its `changed_to` (a new version)
 
@@ -276,6 +277,8 @@ def _make_handler(server: FaultyServer) -> type[BaseHTTPRequestHandler]:
                 return
             if wanted is not None:
                 first, last = wanted
+                if action == "to-the-end":
+                    last = size - 1
                 body = data[first : last + 1]
                 self.send_response(206)
                 self.send_header("Content-Range", f"bytes {first}-{last}/{size}")

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from test_download_http import make_config, raw_files, run
 
+from trajflow.errors import ConfigError, TransientError
+
 
 def _file_source(path: Path, **overrides: object):
     return make_config([{"type": "file", "name": "ds", "path": str(path)}], **overrides)
@@ -49,3 +51,101 @@ def test_a_file_rewritten_with_the_same_size_is_copied_again_under_a_new_plan(tm
 
     assert summary.exit_code == 0 and summary.count("fetched") == 1
     assert raw_files(tmp_path / "root") == {"ds/episode.npy": b"B" * 4096}
+
+
+def test_turning_gunzip_on_plans_again_and_refuses_names_that_would_collide(tmp_path: Path) -> None:
+    import gzip
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "expr.tsv.gz").write_bytes(gzip.compress(b"gene\tvalue\n"))
+    (src / "sub").mkdir()
+    (src / "sub" / ".gz").write_bytes(b"a file named .gz alone")
+    assert run(tmp_path / "root", _file_source(src)).exit_code == 0
+    assert set(raw_files(tmp_path / "root")) == {"ds/expr.tsv.gz", "ds/sub/.gz"}
+
+    summary = run(tmp_path / "root", _file_source(src, gunzip=True))  # the old plan must not count as done
+    assert summary.exit_code == 0 and not summary.already_done
+    assert raw_files(tmp_path / "root")["ds/expr.tsv"] == b"gene\tvalue\n"
+    assert raw_files(tmp_path / "root")["ds/sub/.gz"] == b"a file named .gz alone"  # no name left to strip
+
+    (src / "expr.tsv").write_bytes(b"plain")  # would land where expr.tsv.gz is decompressed to
+    with pytest.raises(ConfigError, match="would both be stored as 'ds/expr.tsv'"):
+        run(tmp_path / "root", _file_source(src, gunzip=True, planGeneration="2"))
+
+
+def test_a_directory_that_cannot_be_listed_fails_the_plan_instead_of_being_left_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "src"
+    (src / "secret").mkdir(parents=True)
+    (src / "ok.csv").write_bytes(b"1")
+    (src / "secret" / "important.csv").write_bytes(b"2")
+    real_scandir = os.scandir
+
+    def scandir(path=".", errno_=13):  # as a pod's non-root user sees a directory of mode 700
+        if os.fspath(path).endswith("secret"):
+            raise OSError(errno_, os.strerror(errno_), os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(ConfigError, match=r"cannot list .*secret: Permission denied"):
+        run(tmp_path / "root", _file_source(src))
+    monkeypatch.setattr(os, "scandir", lambda path=".": scandir(path, errno_=5))  # EIO: worth a retry
+    with pytest.raises(TransientError, match=r"cannot list .*secret: Input/output error"):
+        run(tmp_path / "root", _file_source(src))
+
+
+def test_names_with_newlines_are_fetched_and_names_that_are_not_utf8_are_named(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "ok.csv").write_bytes(b"1")
+    (src / "a\nb.csv").write_bytes(b"2")
+    assert run(tmp_path / "root", _file_source(src)).exit_code == 0
+    assert raw_files(tmp_path / "root") == {"ds/ok.csv": b"1", "ds/a\nb.csv": b"2"}
+
+    with open(os.path.join(os.fsencode(src), b"caf\xe9.csv"), "wb") as fh:  # Latin-1 bytes in a name
+        fh.write(b"3")
+    with pytest.raises(ConfigError, match=r"1 file name\(s\) under .* are not valid UTF-8: 'caf\\udce9.csv'"):
+        run(tmp_path / "root", _file_source(src, planGeneration="2"))
+    excluded = make_config([{"type": "file", "name": "ds", "path": str(src), "exclude": ["caf*"]}], planGeneration="3")
+    assert run(tmp_path / "root", excluded).exit_code == 0
+
+
+def test_an_unexpected_error_for_one_item_fails_the_shard_instead_of_leaving_the_item_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trajflow.download.shard import ShardDownloader
+    from trajflow.download.transfer import ItemTransfer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a.bin", "b.bin"):
+        (src / name).write_bytes(name.encode())
+    real_begin = ItemTransfer.begin
+
+    def broken_begin(self):
+        if self.item.key.endswith("b.bin"):
+            raise RuntimeError("a bug")
+        return real_begin(self)
+
+    monkeypatch.setattr(ItemTransfer, "begin", broken_begin)
+    summary = run(tmp_path / "root", _file_source(src))
+    assert summary.exit_code == 1 and not summary.manifest_written
+    assert [(r.item.key, r.outcome) for r in summary.results if r.outcome == "failed"] == [("ds/b.bin", "failed")]
+    assert "unexpected RuntimeError: a bug" in summary.failed[0].error
+    monkeypatch.undo()
+
+    def broken_conclude(self):
+        raise RuntimeError("a bug at the end")
+
+    monkeypatch.setattr(ItemTransfer, "_conclude", broken_conclude)
+    summary = run(tmp_path / "root2", _file_source(src))
+    assert summary.exit_code == 1 and not summary.manifest_written
+    assert summary.failed and all("unexpected RuntimeError: a bug at the end" in r.error for r in summary.failed)
+    monkeypatch.undo()
+
+    real_prepare = ShardDownloader._prepare_item
+    monkeypatch.setattr(ShardDownloader, "_prepare_item",
+                        lambda self, item: None if item.key.endswith("b.bin") else real_prepare(self, item))
+    summary = run(tmp_path / "root3", _file_source(src))  # an item that silently got no outcome
+    assert summary.exit_code == 1 and not summary.manifest_written
+    assert [(r.item.key, r.error) for r in summary.failed] == [("ds/b.bin", "ds/b.bin: no outcome")]

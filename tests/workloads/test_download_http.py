@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -12,6 +13,7 @@ import pytest
 from download_helpers import FaultyServer, hidden_files, payload, visible_files
 
 from trajflow.config.download import DownloadConfig
+from trajflow.download.http import redact
 from trajflow.download.shard import ShardDownloader, ShardSummary
 from trajflow.errors import ExitCode
 from trajflow.storage import LocalStorage, read_manifest
@@ -186,6 +188,31 @@ def test_server_without_ranges_falls_back_to_one_stream(server: FaultyServer, tm
     assert raw_files(tmp_path) == {"web/norange.bin": data}
     assert summary.failures_by_reason.get("no_ranges", 0) >= 1
     assert summary.retries == 1  # one restart as a single stream
+
+
+def test_server_sending_past_the_end_of_ranges_falls_back_to_one_stream(server: FaultyServer, tmp_path: Path) -> None:
+    data = payload(11 * MiB, seed=5)
+    url = server.add("/to-the-end.bin", data)
+    server.script("/to-the-end.bin", *["to-the-end"] * 3)  # every part request of the first attempt
+    summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": [url]}]))
+    assert summary.exit_code == 0, [r.error for r in summary.failed]
+    assert raw_files(tmp_path) == {"web/to-the-end.bin": data}
+    assert summary.failures_by_reason.get("no_ranges", 0) >= 1
+
+
+def test_credentials_in_urls_are_refused_and_never_logged(server: FaultyServer, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(ValueError, match="without spaces or user:password@ .*authTokenEnv"):
+        make_config([{"type": "https", "name": "web", "urls": ["http://alice:s3cret@127.0.0.1/x.bin"]}])
+    assert redact("https://alice:s3cret@hub.example/x?X-Amz-Signature=abc") == "https://hub.example/x?…"
+    url = server.add("/signed.bin", payload(100)) + "?X-Amz-Signature=TOPSECRET"
+    server.script("/signed.bin", "500", "500", "500", "500", "500", "500", "500", "500")
+    with caplog.at_level(logging.INFO):
+        summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": [url]}],
+                                            retries={"attempts": 2, "backoffSeconds": 0.01}))
+    assert summary.exit_code != 0
+    assert "signed.bin" in caplog.text and "TOPSECRET" not in caplog.text
+    assert all("TOPSECRET" not in (r.error or "") for r in summary.results)
 
 
 def test_head_refused_sizes_with_a_ranged_get(server: FaultyServer, tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ SOURCE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 ENV_NAME_OR_EMPTY = r"^([A-Za-z_][A-Za-z0-9_]*)?$"
 PLAN_GENERATION = r"^[A-Za-z0-9._-]*$"
 S3_URI = r"^s3://[^/]+(/.*)?$"
-HTTP_URL = r"^https?://"
+HTTP_URL = r"^https?://[^/?#@\s]+([/?#]\S*)?$"  # a host, and no user:password@ (urllib3 would not send it)
 HTTP_URL_OR_EMPTY = r"^(https?://[^/\s]+.*)?$"
 PUSHGATEWAY_URL = r"^((https?://[^/\s]+|\{\{).*)?$"
 SHA256_HEX_OR_EMPTY = r"^([0-9a-f]{64})?$"
@@ -56,7 +56,8 @@ IN_WORDS = {
     ENV_NAME_OR_EMPTY: "empty or an environment variable name: letters, digits and '_', not starting with a digit",
     PLAN_GENERATION: "letters, digits, '.', '_' and '-' only",
     S3_URI: "an s3://bucket or s3://bucket/prefix URI",
-    HTTP_URL: "an http:// or https:// URL",
+    HTTP_URL: "an http:// or https:// URL with a host, without spaces or user:password@ (a token goes in "
+              "authTokenEnv)",
     HTTP_URL_OR_EMPTY: "empty or an http:// or https:// URL with a host",
     PUSHGATEWAY_URL: "empty, an http:// or https:// URL with a host, or a Helm template starting with {{",
     SHA256_HEX_OR_EMPTY: "empty or a SHA-256 of 64 lowercase hex digits",

@@ -107,7 +107,7 @@ def network_error(exc: BaseException, url: str) -> FetchError:
 
     if isinstance(exc, ux.MaxRetryError) and exc.reason is not None:
         exc = exc.reason
-    where = _redact(url)
+    where = redact(url)
     text = str(exc)
     if isinstance(exc, (ux.SSLError, ssl.SSLError)):
         if "CERTIFICATE_VERIFY_FAILED" in text or "hostname" in text.lower() or isinstance(exc, ssl.SSLCertVerificationError):
@@ -131,10 +131,12 @@ def network_error(exc: BaseException, url: str) -> FetchError:
     return FetchError(f"{where}: unexpected error: {type(exc).__name__}: {text}", Kind.TRANSIENT, "connection")
 
 
-def _redact(url: str) -> str:
-    """A URL fit for logs: presigned query strings carry credentials."""
+def redact(url: str) -> str:
+    """A URL fit for logs and errors: presigned query strings and user:password@ carry
+    credentials."""
     parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}" + ("?…" if parts.query else "")
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}{parts.path}" + ("?…" if parts.query else "")
 
 
 def parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:
@@ -232,7 +234,7 @@ class HttpClient:
                 url = location
                 continue
             return resp
-        raise FetchError(f"{_redact(url)}: more than {MAX_REDIRECTS} redirects", Kind.PERMANENT, "client_error")
+        raise FetchError(f"{redact(url)}: more than {MAX_REDIRECTS} redirects", Kind.PERMANENT, "client_error")
 
     def head(self, url: str, headers: Mapping[str, str] | None = None) -> tuple[int, Mapping[str, str]]:
         """(status, headers) of a HEAD request; servers that refuse HEAD get a 1-byte GET."""
@@ -262,7 +264,8 @@ class HttpClient:
             headers: Mapping[str, str] | None = None) -> Body:
         """Open bytes [start, end) (end None: to the end) of `url`.
 
-        A 200 to a request starting past byte 0 means the server ignores ranges (RESTART);
+        A 200 to a request starting past byte 0, or a 206 running past the range asked for,
+        means the server ignores ranges (RESTART);
         412/416 mean the object changed (RESTART); other error statuses are classified.
         """
         req = dict(headers or {})
@@ -272,7 +275,7 @@ class HttpClient:
             req.update(validator.headers())
         resp = self.request("GET", url, req)
         hdrs = resp.headers
-        where = _redact(url)
+        where = redact(url)
         try:
             status = resp.status
             problem = classify_status(status)
@@ -291,7 +294,11 @@ class HttpClient:
                 if parsed is None:
                     raise FetchError(f"{where}: 206 without a usable Content-Range", Kind.TRANSIENT, "server_error", status=status)
                 first, last, total = parsed
-                if first != start or (end is not None and last > end - 1):
+                if first == start and end is not None and last > end - 1:
+                    # the start honoured, the end not: parts would overlap, one stream does not
+                    raise FetchError(f"{where}: asked for bytes {start}-{end - 1}, got {first}-{last}: the server "
+                                     "ignores where byte ranges end", Kind.RESTART, "no_ranges", status=status)
+                if first != start:
                     raise FetchError(
                         f"{where}: asked for bytes {start}-{'' if end is None else end - 1}, got {first}-{last}",
                         Kind.TRANSIENT, "server_error", status=status,

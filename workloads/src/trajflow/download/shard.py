@@ -50,6 +50,7 @@ from trajflow.download.verify import (
     Digests,
     Record,
     declared_checksums,
+    gunzips,
     item_fingerprint,
     read_record,
     write_record,
@@ -76,14 +77,18 @@ RAW = "raw"
 
 
 def plan_generation(config: DownloadConfig) -> str:
-    """Changes when the sources (or `planGeneration`) change, not with tuning knobs."""
-    doc = {"sources": [s.model_dump(mode="json", by_alias=True) for s in config.sources], "generation": config.plan_generation}
+    """Changes when the sources, gunzip (where items land) or `planGeneration` change, not
+    with tuning knobs."""
+    doc: dict[str, Any] = {"sources": [s.model_dump(mode="json", by_alias=True) for s in config.sources],
+                           "generation": config.plan_generation}
+    if config.gunzip:  # only when set, so that the plans of runs without it keep their generation
+        doc["gunzip"] = True
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def final_path(item_key: str, gunzip: bool) -> str:
     """Where an item lands below its shard directory."""
-    return item_key[:-3] if gunzip and item_key.endswith(".gz") else item_key
+    return item_key[:-3] if gunzips(item_key, gunzip) else item_key
 
 
 def dest_key(shard: int, item_key: str, gunzip: bool) -> str:
@@ -339,6 +344,14 @@ class ShardDownloader:
             if reporter is not None:
                 reporter.stop()
         summary.results = sorted(self.results, key=lambda r: r.item.key)
+        if summary.exit_code == 0:
+            # the manifest vouches for the whole shard: an item without an outcome is a failure
+            concluded = {r.item.key for r in summary.results}
+            for item in self.items:
+                if item.key not in concluded:
+                    summary.results.append(ItemResult(item, dest_key(self.shard, item.key, self.config.gunzip),
+                                                      "failed", error=f"{item.key}: no outcome", kind="error",
+                                                      reason="storage"))
         summary.bytes_received = self.stats.bytes_received
         summary.retries = self.stats.retries
         summary.failures_by_reason = dict(self.stats.failures)
@@ -386,6 +399,15 @@ class ShardDownloader:
     # -- per item -----------------------------------------------------------------------
 
     def _prepare(self, item: Item) -> None:
+        try:
+            self._prepare_item(item)
+        except Exception as exc:  # a bug fails the item loudly: an item without a result would pass unnoticed
+            log.exception("unexpected error preparing %s", item.key)
+            self._done(ItemResult(item, dest_key(self.shard, item.key, self.config.gunzip), "failed",
+                                  error=f"{item.key}: unexpected {type(exc).__name__}: {exc}", kind="error",
+                                  reason="storage"))
+
+    def _prepare_item(self, item: Item) -> None:
         dest = dest_key(self.shard, item.key, self.config.gunzip)
         if item.key in self.unstorable:
             self.stats.failure("storage")
@@ -452,7 +474,7 @@ class ShardDownloader:
         the item's own record when there is one; else its size and declared checksums.
         A decompressed file has no planned size or checksum to check, and `x` and `x.gz`
         share a final name: without this item's record nothing ties the file to it."""
-        gunzipped = self.config.gunzip and item.key.endswith(".gz")
+        gunzipped = gunzips(item.key, self.config.gunzip)
         if record is None and (gunzipped or self._stored_by_sibling(item, dest)):
             return None
         info = self.listing[dest]

@@ -40,7 +40,7 @@ from urllib.parse import unquote, urlsplit
 
 from trajflow.config.download import CatalogSource, DownloadConfig, FileSource, HttpsSource, S3Source, UrlItem
 from trajflow.download.failures import Backoff, FetchError, Kind, call_with_retries
-from trajflow.download.http import Body, HttpClient, Validator
+from trajflow.download.http import Body, HttpClient, Validator, redact
 from trajflow.download.verify import Expected, declared_checksums, header_checksums, s3_etag_md5
 from trajflow.errors import ConfigError, TransientError
 from trajflow.plan import Item
@@ -86,7 +86,7 @@ def glob_regex(pattern: str) -> re.Pattern[str]:
             out.append(re.escape(c))
             i += 1
     try:
-        return re.compile("".join(out) + r"\Z")
+        return re.compile("".join(out) + r"\Z", re.DOTALL)  # a newline is a character of a name like any other
     except re.error as exc:
         raise ConfigError(f"invalid glob pattern {pattern!r}: {exc}") from None
 
@@ -194,7 +194,7 @@ class HttpSource(SourceRuntime):
             key = self._key(entry["path"], entry["url"])
             if key in seen:
                 raise ConfigError(
-                    f"source {name!r}: {seen[key]} and {entry['url']} would both be stored as {key!r}; give one a `path`"
+                    f"source {name!r}: {redact(seen[key])} and {redact(entry['url'])} would both be stored as {key!r}; give one a `path`"
                 )
             seen[key] = entry["url"]
 
@@ -214,17 +214,17 @@ class HttpSource(SourceRuntime):
         def head() -> tuple[int, Any]:
             status, headers = self.client.head(entry["url"], self._headers)
             if status >= 500 or status in (408, 425, 429):
-                raise FetchError(f"{entry['url']}: HTTP {status}", Kind.TRANSIENT, "server_error")
+                raise FetchError(f"{redact(entry['url'])}: HTTP {status}", Kind.TRANSIENT, "server_error")
             return status, headers
 
         try:
             status, headers = retry(head)
         except FetchError as exc:
-            log.warning("cannot size %s while planning (%s); it is planned with an unknown size", entry["url"], exc)
+            log.warning("cannot size %s while planning (%s); it is planned with an unknown size", redact(entry["url"]), exc)
             return Item(key, 0, entry["url"], {**meta, "size_known": False})
         if status >= 400:
             # planned anyway: the download reports it with the right outcome (missing/permanent)
-            log.warning("HEAD %s answered HTTP %d while planning", entry["url"], status)
+            log.warning("HEAD %s answered HTTP %d while planning", redact(entry["url"]), status)
             return Item(key, 0, entry["url"], {**meta, "size_known": False})
         length = headers.get("Content-Length")
         if length and length.isdigit():
@@ -518,9 +518,18 @@ class FileSourceRuntime(SourceRuntime):
             st = os.stat(path)
             return st.st_dev, st.st_ino
 
-        items = []
+        def unlistable(exc: OSError) -> None:
+            # a directory skipped would leave its files out of a shard that claims to be complete
+            if isinstance(exc, FileNotFoundError):  # deleted while listing
+                return
+            where = f"source {self.name!r}: cannot list {exc.filename}: {exc.strerror}"
+            if isinstance(exc, PermissionError):
+                raise ConfigError(f"{where} (run the pod as a user that can read it, or exclude it)")
+            raise TransientError(where)
+
+        items, not_utf8 = [], []
         ancestors = {str(self.root): frozenset([ident(str(self.root))])}
-        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
+        for dirpath, dirnames, filenames in os.walk(self.root, onerror=unlistable, followlinks=True):
             inside = ancestors.pop(dirpath)
             kept = []
             for name in sorted(dirnames):
@@ -548,8 +557,21 @@ class FileSourceRuntime(SourceRuntime):
                 if not stat_mod.S_ISREG(st.st_mode):
                     continue
                 rel = path.relative_to(self.root).as_posix()
-                if self.filter(rel):
-                    items.append(Item(self._key(rel, str(path)), st.st_size, path.as_uri(), {"mtime_ns": st.st_mtime_ns}))
+                if not self.filter(rel):
+                    continue
+                try:
+                    rel.encode()
+                except UnicodeEncodeError:  # undecodable bytes, which keys (and plans) cannot hold
+                    not_utf8.append(rel)
+                    continue
+                items.append(Item(self._key(rel, str(path)), st.st_size, path.as_uri(), {"mtime_ns": st.st_mtime_ns}))
+        if not_utf8:
+            shown = ", ".join(ascii(r) for r in not_utf8[:5]) + (f" and {len(not_utf8) - 5} more" if len(not_utf8) > 5 else "")
+            raise ConfigError(f"source {self.name!r}: {len(not_utf8)} file name(s) under {self.root} are not valid "
+                              f"UTF-8: {shown}; rename them, or leave them out with `exclude` patterns")
+        if not items:
+            log.warning("source %r: nothing under %s matches include=%s exclude=%s", self.name, self.root,
+                        self.cfg.include, self.cfg.exclude)
         return items
 
     def _path(self, item: Item) -> Path:

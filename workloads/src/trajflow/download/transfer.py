@@ -55,8 +55,16 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from trajflow.storage.local import fsync_dir
 from trajflow.download.failures import Backoff, FetchError, Kind, StorageFailure, counts_as_failure
-from trajflow.download.http import Body, Validator
-from trajflow.download.verify import Digests, Expected, Record, declared_checksums, item_fingerprint, write_record
+from trajflow.download.http import Body, Validator, redact
+from trajflow.download.verify import (
+    Digests,
+    Expected,
+    Record,
+    declared_checksums,
+    gunzips,
+    item_fingerprint,
+    write_record,
+)
 from trajflow.plan import Item
 from trajflow.storage import Storage
 from trajflow.storage.local import TMP_PREFIX, LocalStorage, temp_name
@@ -353,7 +361,10 @@ class FileSink:
         assert self._fd is not None
         pos = start
         while pos < end:
-            block = os.pread(self._fd, min(READ_CHUNK, end - pos), pos)
+            try:
+                block = os.pread(self._fd, min(READ_CHUNK, end - pos), pos)
+            except OSError as exc:
+                raise StorageFailure(f"{self.tmp}: {exc.strerror or exc}") from None
             if not block:
                 raise StorageFailure(f"{self.tmp}: shorter than the bytes written to it (at {pos})")
             yield block
@@ -611,7 +622,7 @@ class ItemTransfer:
         self.item, self.source, self.root, self.dest_key = item, source, root, dest_key
         self.settings, self.stats = settings, stats
         self._on_done, self._requeue, self._wake = on_done, requeue, wake
-        self.gunzip = settings.gunzip and item.key.endswith(".gz")
+        self.gunzip = gunzips(item.key, settings.gunzip)
         self.lock = threading.Lock()
         self.attempt = 1
         self.single_stream = False  # no parts: the server ignores ranges, or versions keep changing
@@ -737,7 +748,12 @@ class ItemTransfer:
             last = self.running == 0 and (self.cancelled or all(p.state == "done" for p in self.parts))
         self._wake()
         if last:
-            self._conclude()
+            try:
+                self._conclude()
+            except Exception as exc:  # as in _fetch: a bug fails the item, it must not vanish from the shard
+                log.exception("unexpected error finishing %s", self.item.key)
+                self._on_done(self._failed(StorageFailure(f"{self.item.key}: unexpected {type(exc).__name__}: {exc}"),
+                                           "storage", "error"))
 
     def _fail(self, exc: FetchError | StorageFailure) -> None:
         with self.lock:
@@ -786,14 +802,14 @@ class ItemTransfer:
                     progressed = part.received > furthest
                 if expected_end is not None and part.received < expected_end:
                     raise FetchError(
-                        f"{self.item.source}: body ended at byte {part.received} of {expected_end}", Kind.TRANSIENT, "truncated"
+                        f"{redact(self.item.source)}: body ended at byte {part.received} of {expected_end}", Kind.TRANSIENT, "truncated"
                     )
                 if part.end is None:  # an object of unknown size, read to its end
                     with self.lock:
                         part.end = self.total = part.received
                 elif part.received < part.end:
                     raise FetchError(
-                        f"{self.item.source}: body ended at byte {part.received} of {part.end}", Kind.TRANSIENT, "truncated"
+                        f"{redact(self.item.source)}: body ended at byte {part.received} of {part.end}", Kind.TRANSIENT, "truncated"
                     )
                 body.close(reusable=True)
                 body = None
@@ -858,7 +874,7 @@ class ItemTransfer:
 
     def _accept(self, part: Part | None, body: Body) -> None:
         """Check a response against the version being fetched; the first one fixes it."""
-        where = self.item.source
+        where = redact(self.item.source)
         with self.lock:
             if body.total is not None and self.total is not None and body.total != self.total:
                 if self.planned_size is not None:
@@ -903,7 +919,7 @@ class ItemTransfer:
         this plan entry (its record would make every rerun skip them). A size from the
         configuration cannot change by waiting; one that planning learnt may be a passing
         error page, or a source that changed since planning."""
-        where = self.item.source
+        where = redact(self.item.source)
         if self.item.meta.get("size_origin") == "config":
             return FetchError(f"{where}: the source serves {got} bytes, but the configured size is {self.planned_size}; "
                               f"correct or remove `size`", Kind.PERMANENT, "size")
@@ -1085,7 +1101,7 @@ class ItemTransfer:
         if hashing_needed:
             self._hash_loop(None)
         assert self.digests is not None and self.expected is not None
-        where = self.item.source
+        where = redact(self.item.source)
         if self.total is not None and (self.hashed != self.total or self.digests.size != self.total):
             raise FetchError(f"{where}: got {self.digests.size} bytes, expected {self.total}", Kind.RESTART, "size")
         checks = ["size", *self.expected.check(self.digests, where)]

@@ -189,6 +189,12 @@ def declared_checksums(item: Item) -> Expected:
     return found
 
 
+def gunzips(item_key: str, gunzip: bool) -> bool:
+    """Whether the item is stored decompressed: a ``.gz`` name, but not ``.gz`` alone (its
+    final name would be empty)."""
+    return gunzip and item_key.endswith(".gz") and not item_key.endswith("/.gz")
+
+
 def item_fingerprint(item: Item, gunzip: bool) -> str:
     """Identity of a plan entry: a record made for one fingerprint satisfies exactly the
     plan entries with that fingerprint, whatever shard count planned them."""
@@ -201,7 +207,7 @@ def item_fingerprint(item: Item, gunzip: bool) -> str:
         "last_modified": meta.get("last_modified", ""),
         "sha256": meta.get("sha256", ""),
         "md5": meta.get("md5", ""),
-        "gunzip": bool(gunzip and item.key.endswith(".gz")),
+        "gunzip": gunzips(item.key, gunzip),
     }
     if "mtime_ns" in meta:
         # a local file rewritten in place keeps its size: its mtime tells the versions apart
