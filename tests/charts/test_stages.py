@@ -57,7 +57,7 @@ def test_preprocessing_shard_waits_for_its_download_shard():
     spec = pod_spec(job)
     assert [c["name"] for c in spec["initContainers"]] == ["wait-download"]
     main = container(job, "preprocess")
-    assert main["args"] == ["preprocess", "--config", "/etc/trajflow/config.yaml"]
+    assert main["args"] == ["preprocess", "--config", "/etc/trajflow/config.yaml", "--wait", "12h"]  # for metadata elsewhere
     assert main["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert spec["runtimeClassName"] == "nvidia"
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]

@@ -357,5 +357,6 @@ def test_dry_run_prints_the_commands_and_writes_the_configs(tmp_path: Path, caps
     assert f"download --config {config / 'downloader.yaml'}" in out
     assert "JOB_COMPLETION_INDEX=0 TRAJFLOW_SHARDS=2" in out
     assert f"train --config {config / 'training.yaml'} --nproc-per-node=" in out
+    assert f"preprocess --config {config / 'preprocessing.yaml'} --wait 6h" in out  # the chart's waitTimeout
     assert sorted(p.name for p in config.iterdir()) == ["downloader.yaml", "preprocessing.yaml", "training.yaml"]
     assert not (tmp_path / "data").exists()  # nothing ran

@@ -396,6 +396,22 @@ def test_config_rejects_two_streams_renamed_to_one():
     assert cfg.sources["x"].rate_hz == 15 and cfg.max_bad_fraction == 0.1
 
 
+def test_config_requires_every_source_to_give_the_same_output_streams():
+    # the first good episode would pick the shard's streams, and the other source's episodes be quarantined
+    with pytest.raises(ValueError, match=r"sources.alpha.streams/renames give the output streams "
+                                         r"\['actions', 'observation.state'\], the top level gives \['action', "):
+        PreprocessConfig.model_validate({"sources": {"alpha": {"streams": ["obs/joint_pos", "actions"],
+                                                               "renames": {"obs/joint_pos": "observation.state"}}}})
+    cfg = PreprocessConfig.model_validate({"sources": {"alpha": {
+        "streams": ["actions", "obs/joint_pos"], "renames": {"obs/joint_pos": "observation.state", "actions": "action"}}}})
+    assert cfg.sources["alpha"].streams == ["actions", "obs/joint_pos"]  # another order is the same set
+    for name in ("__metadata__", ""):  # a shard with either would open as no trajflow shard (or not at all)
+        with pytest.raises(ValueError, match=f"{name!r} cannot name a stream"):
+            PreprocessConfig.model_validate({"renames": {"action": name}})
+    with pytest.raises(ValueError, match="'' cannot name a stream"):
+        PreprocessConfig.model_validate({"streams": ["", "action"]})
+
+
 def test_stage_settings_name_the_bad_key(tmp_path):
     from trajflow.config import stage_settings
 

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -729,10 +730,23 @@ def test_lerobot_info_in_another_shard_names_the_robot(local_storage, tmp_path, 
     local_storage.delete(manifest_key("preprocess", 0))
     plan = {"version": 1, "shards": 2, "assignments": [[{"key": data_key, "size": 1}], [{"key": info_key, "size": 1}]]}
     local_storage.write_bytes("plan/download.json", json.dumps(plan).encode())
-    publish_raw_shard(local_storage, 1, {info_key: files[info_key]}, shards=2)
-    process_shard(local_storage, 0, 2, cfg)
+    # the plan puts info.json in download shard 1, not done yet: no guessing the rate meanwhile
+    with pytest.raises(TransientError, match=r"meta/info.json is not downloaded yet.*download shard 00001"):
+        process_shard(local_storage, 0, 2, cfg)
+    assert not local_storage.exists(manifest_key("preprocess", 0))
+    later = threading.Timer(0.3, lambda: publish_raw_shard(local_storage, 1, {info_key: files[info_key]}, shards=2))
+    later.start()
+    try:
+        process_shard(local_storage, 0, 2, cfg, wait_s=60)  # waits for it
+    finally:
+        later.join()
     (info,) = open_shard(local_storage.local_path(shard_key(0))).episodes
     assert info.robot == "koch" and info.original_rate_hz == pytest.approx(30.0)  # fps from info.json
+
+    local_storage.delete(manifest_key("preprocess", 0))
+    local_storage.delete(f"raw/00001/{info_key}")  # shard 1 done without it: nothing to wait for
+    process_shard(local_storage, 0, 2, cfg)
+    assert json.loads(local_storage.read_bytes(report_key(0)))["reasons"] == {"missing_time": 1}
 
 
 def test_run_shards_takes_each_shard_when_its_download_is_done(local_storage):

@@ -8,6 +8,8 @@ from pydantic import Field, model_validator
 from trajflow.config.base import Model
 
 Format = Literal["auto", "lerobot", "robomimic", "npz"]
+# safetensors keeps this name for the file's metadata (the shard's index lives there)
+RESERVED_STREAM_NAME = "__metadata__"
 
 
 class SourceOverrides(Model):
@@ -89,7 +91,10 @@ class PreprocessConfig(Model):
     push_interval_seconds: float = Field(15.0, gt=0, description="How often progress metrics are pushed.")
 
     @model_validator(mode="after")
-    def _renames_are_unique(self) -> "PreprocessConfig":
+    def _outputs_are_one_set(self) -> "PreprocessConfig":
+        """Every source yields the same, distinct output streams: a shard (and training)
+        holds one set of streams, which the first good episode would otherwise pick."""
+        top: list[str] = []
         for where, streams, renames in [("", self.streams, self.renames)] + [
             (f"sources.{name}.", src.streams or self.streams, src.renames if src.renames is not None else self.renames)
             for name, src in self.sources.items()
@@ -98,4 +103,14 @@ class PreprocessConfig(Model):
             dup = sorted({o for o in outputs if outputs.count(o) > 1})
             if dup:
                 raise ValueError(f"{where}streams/renames map several raw streams onto {dup[0]!r}")
+            reserved = next((n for n in [*streams, *outputs] if n in ("", RESERVED_STREAM_NAME)), None)
+            if reserved is not None:
+                raise ValueError(f"{where}streams/renames: {reserved!r} cannot name a stream"
+                                 + (" (the shard format keeps it for its index)" if reserved else ""))
+            if not where:
+                top = outputs
+            elif sorted(outputs) != sorted(top):
+                raise ValueError(f"{where}streams/renames give the output streams {sorted(outputs)}, the top level "
+                                 f"gives {sorted(top)}: every source must give the same ones (rename its raw streams "
+                                 "onto them)")
         return self

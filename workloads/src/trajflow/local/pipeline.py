@@ -57,6 +57,7 @@ class StagePlan:
     nproc_per_node: int = 1  # training
     max_restarts: int = 0  # training
     input_shards: int = 0  # training: preprocessed shards it waits for
+    wait_timeout: str = ""  # preprocessing: how long a shard waits for metadata in another download shard
 
     @property
     def rendered_yaml(self) -> bytes:
@@ -151,7 +152,8 @@ def build_plan(values_files: Iterable[str | Path], sets: Iterable[str] = ()) -> 
         else:
             shards = knob("shards")
             parallelism = min(knob("parallelism"), shards)
-            plans.append(StagePlan(stage, command, module, shards, parallelism, retries, rendered, config))
+            plans.append(StagePlan(stage, command, module, shards, parallelism, retries, rendered, config,
+                                   wait_timeout=str(block.get("waitTimeout") or "")))
     if not plans:
         raise ConfigError(
             "values: every stage is disabled (downloader.enabled, preprocessing.enabled, training.enabled); nothing to run"

@@ -408,6 +408,8 @@ class Runner:
         if task.stage.stage == "training":
             # the launcher the chart runs too (rendezvous on 127.0.0.1): it exits with the workers' own code
             argv += [f"--nproc-per-node={task.stage.nproc_per_node}", f"--max-restarts={task.stage.max_restarts}"]
+        elif task.stage.wait_timeout:  # preprocessing, as the chart runs it
+            argv += ["--wait", task.stage.wait_timeout]
         return argv
 
     def env(self, task: Task) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """`trajflow preprocess`: resample this pod's raw shard to the uniform rate.
 
 In a pod the shard is JOB_COMPLETION_INDEX of TRAJFLOW_SHARDS and the init container has
-already waited for its download manifest. Locally, ``--shards 0-7 --wait 2h`` processes
+already waited for its download manifest; ``--wait`` (the chart's waitTimeout) bounds the
+wait for a LeRobot dataset's meta/info.json planned in another download shard. Locally, ``--shards 0-7 --wait 2h`` processes
 several shards, each as soon as its download (of ``preprocessing.shards`` shards in the
 values, or TRAJFLOW_SHARDS) is done.
 
@@ -26,7 +27,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", default=None,
                         help="shards to process (3, 0-7, 0,2,5-6); default: JOB_COMPLETION_INDEX")
     parser.add_argument("--wait", default="0s",
-                        help="with --shards: wait this long for each download shard (e.g. 30m); default: no waiting")
+                        help="wait this long for the download shards a shard needs (e.g. 30m): with --shards each "
+                        "one's own, and always one holding a dataset's meta/info.json; default: no waiting")
     parser.add_argument("--summary", action="store_true", help="print one JSON summary line per shard on stdout")
 
 
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         shards = sorted(parse_shards(args.shards))
         summaries = run_shards(settings, shards, wait_timeout_s=parse_duration(args.wait))
     else:
-        summaries = [run_shard(settings)]
+        summaries = [run_shard(settings, wait_s=parse_duration(args.wait))]
     if args.summary:
         for s in summaries:
             print(json.dumps(s.to_json(), sort_keys=True), file=sys.stdout)

@@ -168,12 +168,34 @@ def _read_info(storage: Storage, key: str) -> tuple[str, float | None] | None:
     return str(doc.get("robot_type") or ""), float(fps) if isinstance(fps, (int, float)) and fps > 0 else None
 
 
-def dataset_hints(storage: Storage, keys: Sequence[str], shard: int) -> dict[str, tuple[str, float | None]]:
+def _await_info(storage: Storage, key: str, shard: int, shards: int, wait_s: float) -> None:
+    """Wait until ``key``, planned in download shard ``shard``, is there or that shard is
+    done without it; TransientError (retried) after ``wait_s``."""
+    deadline, delay = time.monotonic() + wait_s, 1.0
+    while not storage.exists(key):
+        try:
+            done = read_manifest(storage, "download", shard)
+        except ValueError:
+            done = None
+        if done is not None and done.get("shards") == shards:
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TransientError(
+                f"{storage.uri}/{key} is not downloaded yet: its dataset's episodes take their rate and robot from "
+                f"it, and download shard {shard_name(shard)}, which holds it, is not done"
+                + (f" after waiting {wait_s:.0f}s" if wait_s else " (`trajflow preprocess --wait` waits for it)"))
+        time.sleep(min(delay, left))
+        delay = min(2 * delay, 30.0)
+
+
+def dataset_hints(storage: Storage, keys: Sequence[str], shard: int, shards: int,
+                  wait_s: float = 0.0) -> dict[str, tuple[str, float | None]]:
     """LeRobot datasets of this shard: dataset directory -> (robot_type, fps) from its
     ``meta/info.json``. The plan spreads a dataset's files over shards, so the info file
     may sit in another shard's directory: the download plan says which (files are written
-    atomically, so one that exists is whole). A dataset whose info is not downloaded yet
-    gets no hint; pin ``sources.<name>.robot`` where labels must not depend on timing."""
+    atomically, so one that exists is whole). Its episodes are read once it is there (up to
+    ``wait_s``): without it, their rate and robot label would depend on download timing."""
     here = {k[: -len("meta/info.json")]: k for k in keys if k.endswith("/meta/info.json")}
     # the nearest `data` directory above a file is its dataset's (the dataset may sit in a folder named data)
     datasets = {k.rsplit("/data/", 1)[0] + "/" for k in keys if k.endswith(".parquet") and "/data/" in k}
@@ -192,6 +214,7 @@ def dataset_hints(storage: Storage, keys: Sequence[str], shard: int) -> dict[str
                 rel = it.get("key") if isinstance(it, dict) else None
                 if rel in wanted:
                     elsewhere[wanted[rel]] = f"{RAW_DIR}/{shard_name(j)}/{rel}"
+                    _await_info(storage, elsewhere[wanted[rel]], j, shards, wait_s)
     hints = {}
     for directory in sorted(set(here) | datasets):
         key = here.get(directory) or elsewhere.get(directory)
@@ -199,7 +222,7 @@ def dataset_hints(storage: Storage, keys: Sequence[str], shard: int) -> dict[str
         if info is not None:
             hints[directory] = info
         elif directory in datasets:
-            log.info("no meta/info.json for %s yet: its episodes get the configured robot label", directory)
+            log.info("no meta/info.json for %s: its episodes get the configured robot label and rate", directory)
     return hints
 
 
@@ -499,8 +522,9 @@ class ShardProcessor:
     """Preprocesses one shard; `run` is the whole stage for that shard."""
 
     def __init__(self, storage: Storage, shard: int, shards: int, config: PreprocessConfig,
-                 metrics: StageMetrics | None = None, device: Any = None):
+                 metrics: StageMetrics | None = None, device: Any = None, wait_s: float = 0.0):
         self.storage, self.shard, self.shards, self.config = storage, shard, shards, config
+        self.wait_s = wait_s  # for download shards holding metadata this shard's datasets need
         self.metrics = metrics or preprocess_metrics()
         for reason in readers.REASONS:  # every reason exported, at 0 until it happens
             self.metrics.quarantined.labels(reason=reason)
@@ -595,7 +619,7 @@ class ShardProcessor:
     def _plan_work(self, raw_manifest: dict[str, Any]) -> list[_Work]:
         """The trajectory files of the shard, in key order, with their reading settings."""
         items = raw_items(raw_manifest, self.shard)
-        hints = dataset_hints(self.storage, [k for k, _ in items], self.shard)
+        hints = dataset_hints(self.storage, [k for k, _ in items], self.shard, self.shards, self.wait_s)
         specs: dict[str, SourceSpec] = {}
         work = []
         other_format: dict[tuple[str, str, str], list[str]] = {}  # (source, configured, found) -> keys
@@ -846,15 +870,16 @@ def _sha256(data: bytes) -> str:
 
 
 def process_shard(storage: Storage, shard: int, shards: int, config: PreprocessConfig,
-                  metrics: StageMetrics | None = None, device: Any = None) -> ShardSummary:
+                  metrics: StageMetrics | None = None, device: Any = None, wait_s: float = 0.0) -> ShardSummary:
     """Preprocess one shard of ``storage`` (skipped when its manifest exists)."""
-    return ShardProcessor(storage, shard, shards, config, metrics, device).run()
+    return ShardProcessor(storage, shard, shards, config, metrics, device, wait_s).run()
 
 
-def run_shard(settings: Any, storage: Storage | None = None, shard: int | None = None) -> ShardSummary:
+def run_shard(settings: Any, storage: Storage | None = None, shard: int | None = None,
+              wait_s: float = 0.0) -> ShardSummary:
     """Preprocess one shard from `StageSettings` (``settings.shard`` unless ``shard`` is
-    given), pushing metrics to ``global.metrics.pushgatewayUrl`` when set. The local
-    runner's entry point."""
+    given), pushing metrics to ``global.metrics.pushgatewayUrl`` when set; ``wait_s``: how
+    long to wait for another download shard holding a dataset's metadata."""
     from trajflow.storage import open_run_root
 
     storage = storage or open_run_root(settings.global_)
@@ -864,7 +889,7 @@ def run_shard(settings: Any, storage: Storage | None = None, shard: int | None =
     pusher.start(settings.config.push_interval_seconds)
     ok = False
     try:
-        summary = process_shard(storage, shard, settings.shards, settings.config, metrics)
+        summary = process_shard(storage, shard, settings.shards, settings.config, metrics, wait_s=wait_s)
         ok = True
         return summary
     finally:
@@ -910,7 +935,7 @@ def run_shards(settings: Any, shards: Sequence[int], wait_timeout_s: float = 0.0
                 time.sleep(poll_s)
                 continue
         shard = runnable[0]
-        out.append(run_shard(settings, storage, shard))
+        out.append(run_shard(settings, storage, shard, wait_s=wait_timeout_s))
         pending.remove(shard)
         deadline = time.monotonic() + wait_timeout_s
     return out
