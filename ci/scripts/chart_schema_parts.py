@@ -22,6 +22,7 @@ from trajflow.config.formats import (
     QUALIFIED_NAME,
     QUANTITY,
     SECRET_ENV,
+    SECRET_LOCATION_ENV,
 )
 
 DRAFT = "http://json-schema.org/draft-07/schema#"
@@ -223,7 +224,8 @@ def env_var() -> dict[str, Any]:
         required=["name"],
     )
     # A secret's value never sits in values: take it from a Secret (valueFrom.secretKeyRef).
-    schema["if"] = {"properties": {"name": {"pattern": SECRET_ENV}}, "required": ["name"]}
+    schema["if"] = {"properties": {"name": {"pattern": SECRET_ENV, "not": {"pattern": SECRET_LOCATION_ENV}}},
+                    "required": ["name"]}
     schema["then"] = {
         "required": ["valueFrom"],
         "properties": {

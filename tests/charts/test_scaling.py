@@ -144,14 +144,18 @@ DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 # no longer fits in 63. One that says trajflow is used as the fullname as it is.
 LONG_RELEASES = [("fleet-pipeline-release-" + "x" * 60)[:n] for n in range(46, 54)]
 LONG_RELEASES += [("trajflow-fleet-" + "y" * 60)[:53]]
+# names Helm accepts that Kubernetes refuses in some object names as they are
+ODD_RELEASES = ["my.release", "2026q3", ("9.fleet.trajflow." + "z" * 60)[:53]]
+DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
 @pytest.mark.parametrize("launcher", ["job", "pytorchjob"])
-@pytest.mark.parametrize("release", LONG_RELEASES, ids=lambda r: f"{len(r)}-{r[:8]}")
+@pytest.mark.parametrize("release", LONG_RELEASES + ODD_RELEASES, ids=lambda r: f"{len(r)}-{r[:8]}")
 def test_long_release_names_keep_names_distinct_and_within_limits(release, launcher):
-    """Helm accepts release names up to 53 characters: every object keeps a distinct name
-    within the Kubernetes limits, and each stage uses its own ConfigMap and ServiceAccount."""
-    assert 46 <= len(release) <= 53
+    """Helm accepts release names up to 53 characters, with dots and a leading digit: every
+    object keeps a distinct name within the Kubernetes limits, and each stage uses its own
+    ConfigMap and ServiceAccount."""
+    assert len(release) <= 53
     objs = render([env_file("production")], {"training.launcher": launcher}, release=release,
                   api_versions=[*PROMETHEUS_OPERATOR_APIS, *KUBEFLOW_APIS])
     seen = set()
@@ -168,6 +172,9 @@ def test_long_release_names_keep_names_distinct_and_within_limits(release, launc
         stage = workload["metadata"]["labels"]["app.kubernetes.io/component"]
         # Indexed Job pods are named <job>-<index>: that must stay a DNS label.
         assert len(workload["metadata"]["name"]) <= 52, workload["metadata"]["name"]
+        assert DNS_1123_LABEL.match(workload["metadata"]["name"]), workload["metadata"]["name"]
+        subdomain = pod_spec(workload).get("subdomain")
+        assert subdomain is None or DNS_1123_LABEL.match(subdomain), subdomain
         assert f"-{stage}-" in workload["metadata"]["name"]
         spec = pod_spec(workload)
         config = next(v["configMap"]["name"] for v in spec["volumes"] if v["name"] == "config")

@@ -130,6 +130,8 @@ BAD_VALUES = {
                               ["downloader", "/extraEnv/0", "valueFrom"]),
     "plain-text token env": ({"training.extraEnv": [{"name": "HF_TOKEN", "value": "hf_abc"}]},
                              ["training", "/extraEnv/0", "valueFrom"]),
+    "plain-text API key env": ({"preprocessing.extraEnv": [{"name": "WANDB_API_KEY", "value": "k"}]},
+                               ["preprocessing", "/extraEnv/0", "valueFrom"]),
     "s3 without a bucket": ({"global.storage.type": "s3"}, ["/global/storage/s3/bucket"]),
     "no PVC and no existing claim": ({"global.storage.pvc.create": False}, ["/global/storage/pvc/existingClaim"]),
     "unknown storage type": ({"global.storage.type": "nfs"}, ["/global/storage/type"]),
@@ -236,6 +238,11 @@ GOOD_VALUES = {
                                  "preprocessing.resources.requests.memory": "1.5Gi",
                                  "preprocessing.resources.limits.memory": "2e9", "global.storage.pvc.size": ".5Ti"},
     "no pod failure policy (the documented null)": {"downloader.podFailurePolicy": None},
+    "settings that only sound secret": {"training.extraEnv": [
+        {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
+        {"name": "AWS_WEB_IDENTITY_TOKEN_FILE", "value": "/var/run/secrets/token"},
+        {"name": "AWS_SHARED_CREDENTIALS_FILE", "value": "/etc/aws/credentials"},
+        {"name": "GOOGLE_APPLICATION_CREDENTIALS", "value": "/etc/gcp/key.json"}]},
 }
 
 

@@ -15,8 +15,11 @@ CONTAINER_ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 ABSOLUTE_PATH = r"^/"
 IMAGE_TAG = r"^([\w][\w.-]{0,127})?$"
 IMAGE_DIGEST = r"^(sha256:[a-f0-9]{64})?$"
-# Environment variable names that carry secrets: their value must come from valueFrom.
-SECRET_ENV = r"(?i)(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|PRIVATE_KEY|API_KEY|CREDENTIAL)"
+# Environment variable names that carry secrets, as whole words between underscores (so
+# not TOKENIZERS_PARALLELISM): their value must come from valueFrom...
+SECRET_ENV = r"(?i)(^|_)(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|PRIVATE_KEY|API_KEY|CREDENTIALS?)(_|$)"
+# ...unless they name where a secret lies (AWS_WEB_IDENTITY_TOKEN_FILE, GOOGLE_APPLICATION_CREDENTIALS)
+SECRET_LOCATION_ENV = r"(?i)(_FILE|_PATH|_DIR)$|^GOOGLE_APPLICATION_CREDENTIALS$"
 
 # trajflow
 # `90s`, `30m`, `6h`, `1h30m`, `90` (seconds), as `trajflow wait --timeout` reads them; a bare

@@ -9,13 +9,21 @@ share one prefix: the release fullname.
 trajflow
 {{- end -}}
 
-{{/* `<release>-trajflow`, or the release name alone when it already says trajflow. */}}
+{{/*
+`<release>-trajflow`, or the release name alone when it already says trajflow. Helm
+accepts release names that Kubernetes refuses in some names: dots become dashes (a Job's
+pod hostnames and a Service name are DNS labels) and a leading digit gets `trajflow-` in
+front (a Service name must start with a letter).
+*/}}
 {{- define "trajflow.releaseFullname" -}}
 {{- $partOf := include "trajflow.partOf" . -}}
-{{- if contains $partOf .Release.Name -}}
-{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- $release := .Release.Name | replace "." "-" -}}
+{{- if regexMatch "^[0-9]" $release -}}
+{{- printf "%s-%s" $partOf $release | trunc 63 | trimSuffix "-" -}}
+{{- else if contains $partOf $release -}}
+{{- $release | trunc 63 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name $partOf | trunc 63 | trimSuffix "-" -}}
+{{- printf "%s-%s" $release $partOf | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 {{- end -}}
 
