@@ -665,8 +665,9 @@ def test_exit_codes_follow_the_pod_failure_policy(tmp_path):
     assert manifest_key("preprocess", 0) == "resampled/_done/00000.json"
 
 
-def test_metrics_are_pushed_per_shard(local_storage, mixed, pushgateway):
+def test_metrics_are_pushed_per_shard(local_storage, mixed, pushgateway, monkeypatch):
     from trajflow.config import GlobalConfig, StageSettings
+    from trajflow.metrics import Pusher
     from trajflow.preprocess.stage import run_shard
 
     files, _ = mixed
@@ -686,6 +687,20 @@ def test_metrics_are_pushed_per_shard(local_storage, mixed, pushgateway):
     assert pushed[("trajflow_preprocess_resample_seconds_count", "")] == summary.batches
     assert pushed[("trajflow_stage_success", "")] == 1
     assert pushed[("trajflow_preprocess_throughput_trajectories_per_second", "")] > 0
+
+    # a rerun of the done shard: every push holds its figures and a start time, so its
+    # counters never drop to zero (a reset that rate() would count again)
+    snapshots = []
+    real_push = Pusher.push
+
+    def recording_push(self):
+        snapshots.append({s.name: s.value for f in self.metrics.registry.collect() for s in f.samples})
+        return real_push(self)
+
+    monkeypatch.setattr(Pusher, "push", recording_push)
+    assert run_shard(settings, storage=local_storage).skipped
+    assert snapshots and all(v["trajflow_preprocess_trajectories_total"] == 18 for v in snapshots)
+    assert all(v["trajflow_stage_start_time_seconds"] > 0 for v in snapshots)
 
 
 def test_streams_are_aligned_across_sources_and_other_widths_quarantined(local_storage):

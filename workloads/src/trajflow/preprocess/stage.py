@@ -522,9 +522,13 @@ class ShardProcessor:
     """Preprocesses one shard; `run` is the whole stage for that shard."""
 
     def __init__(self, storage: Storage, shard: int, shards: int, config: PreprocessConfig,
-                 metrics: StageMetrics | None = None, device: Any = None, wait_s: float = 0.0):
+                 metrics: StageMetrics | None = None, device: Any = None, wait_s: float = 0.0,
+                 started: Callable[[], Any] | None = None):
         self.storage, self.shard, self.shards, self.config = storage, shard, shards, config
         self.wait_s = wait_s  # for download shards holding metadata this shard's datasets need
+        # called once the metrics hold this run's start: a done shard's figures, or zeros and
+        # the start time of work that begins (pushing earlier would report a reset or no start)
+        self._started = started or (lambda: None)
         self.metrics = metrics or preprocess_metrics()
         for reason in readers.REASONS:  # every reason exported, at 0 until it happens
             self.metrics.quarantined.labels(reason=reason)
@@ -558,6 +562,7 @@ class ShardProcessor:
             summary.episodes = int(existing.get("num_episodes", 0))
             summary.frames = int(existing.get("num_frames", 0))
             self._restore_metrics(existing)
+            self._started()
             return summary
         try:
             raw_manifest = read_manifest(self.storage, "download", shard)
@@ -592,6 +597,7 @@ class ShardProcessor:
                  shard_name(shard), len(work), summary.ignored_files, resampler.device, resampler.backend,
                  self.config.dtype, self.config.target_rate_hz)
         self.metrics.start_time.set(time.time())
+        self._started()
         threads = torch.get_num_threads()
         if not resampler.cuda and self.config.cpu_threads:
             torch.set_num_threads(self.config.cpu_threads)
@@ -885,11 +891,12 @@ def run_shard(settings: Any, storage: Storage | None = None, shard: int | None =
     storage = storage or open_run_root(settings.global_)
     shard = settings.shard if shard is None else shard
     metrics = preprocess_metrics()
+    metrics.start_time.set(time.time())  # a push that fails early still says when the shard started
     pusher = Pusher(settings.global_.metrics.pushgateway_url, metrics, settings.global_.run_id, shard)
-    pusher.start(settings.config.push_interval_seconds)
     ok = False
     try:
-        summary = process_shard(storage, shard, settings.shards, settings.config, metrics, wait_s=wait_s)
+        summary = ShardProcessor(storage, shard, settings.shards, settings.config, metrics, wait_s=wait_s,
+                                 started=lambda: pusher.start(settings.config.push_interval_seconds)).run()
         ok = True
         return summary
     finally:

@@ -66,7 +66,10 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
   expr: |
     (
         (
-            sum by ({{ $byShard }}) (increase(trajflow_download_bytes_total{{ include "monitoring.sel" (list $ctx) }}[{{ .window }}]))
+            (
+                sum by ({{ $byShard }}) (increase(trajflow_download_bytes_total{{ include "monitoring.sel" (list $ctx) }}[{{ .window }}]))
+              + sum by ({{ $byShard }}) (increase(trajflow_download_items_total{{ include "monitoring.sel" (list $ctx) }}[{{ .window }}]))
+            )
           or
             sum by ({{ $byShard }}) (increase(trajflow_preprocess_trajectories_total{{ include "monitoring.sel" (list $ctx) }}[{{ .window }}]))
         ) == 0
@@ -90,7 +93,7 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
     {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
   annotations:
     summary: {{ printf "Stage {{ $labels.stage }} shard {{ $labels.shard }} of run {{ $labels.run }} made no progress for %s" .window | quote }}
-    description: {{ printf "The shard is still running (it keeps pushing metrics and has not finished) but added no bytes, trajectories or training steps in %s. Look for a hung source, a stuck storage mount or a deadlocked process in its pod's log." .window | quote }}
+    description: {{ printf "The shard is still running (it keeps pushing metrics and has not finished) but added no bytes, finished no items (moving already verified ones after a re-shard counts), added no trajectories and took no training steps in %s. Look for a hung source, a stuck storage mount or a deadlocked process in its pod's log." .window | quote }}
 {{- end }}{{ end }}
 {{- with $a.downloadErrorRatio }}{{ if .enabled }}
 - alert: TrajflowDownloadErrorRatioHigh
