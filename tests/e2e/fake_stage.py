@@ -23,7 +23,7 @@ from pathlib import Path
 
 from trajflow import log as tlog
 from trajflow.config import load_config_file
-from trajflow.storage import open_run_root, write_manifest
+from trajflow.storage import open_run_root, read_manifest, write_manifest
 
 STAGE_NAMES = {"download": "downloader", "preprocess": "preprocessing", "train": "training"}
 
@@ -69,10 +69,13 @@ def main(argv: list[str]) -> int:
             storage.write_bytes("train/artifacts/metrics.json", json.dumps(doc).encode())
         return 0
     stage_key = {"download": "download", "preprocess": "preprocess"}[command]
+    already_done = read_manifest(storage, stage_key, shard) is not None
     storage.write_bytes(f"{'raw' if command == 'download' else 'resampled'}/{shard:05d}/item.bin", b"x" * (100 + shard))
     write_manifest(storage, stage_key, shard, shards, [{"key": f"item-{shard}", "size": 100 + shard}], trajectories=2, num_frames=10)
     # the downloader's final line carries its summary: what it received (nothing when every item was in place)
-    summary = {"bytes_received": int(os.environ.get("FAKE_RECEIVED", 100 + shard))} if command == "download" else {}
+    # (preprocessing's, whether it found the shard done)
+    summary = ({"bytes_received": int(os.environ.get("FAKE_RECEIVED", 100 + shard))} if command == "download"
+               else {"skipped": already_done})
     logger.info("%s shard %d done", command, shard, extra={"summary": summary})
     with (state / "ends.jsonl").open("a") as fh:
         fh.write(json.dumps({"stage": command, "shard": shard, "t": time.time()}) + "\n")

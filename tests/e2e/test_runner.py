@@ -115,6 +115,7 @@ def test_runs_every_stage_pipelined_with_the_chart_config(fake: Fake, tmp_path: 
     assert doc["stages"]["train"]["initial_val_loss"] == pytest.approx(1.5)
     assert doc["stages"]["download"]["bytes"] == 100 + 101 + 102
     assert doc["stages"]["download"]["bytes_per_second"] > 0
+    assert doc["stages"]["preprocess"]["trajectories_per_second"] > 0
     assert Path(doc["report"]).is_file() and Path(doc["report"]).with_suffix(".png").stat().st_size > 10_000
 
 
@@ -159,6 +160,15 @@ def test_a_second_run_starts_nothing(fake: Fake, tmp_path: Path, monkeypatch: py
     # the data was all there: the download moved nothing, however much the shards hold
     doc, _ = write_report(runner, forced)
     assert doc["stages"]["download"]["bytes"] == 100 + 101 and doc["stages"]["download"]["bytes_per_second"] == 0
+    assert "trajectories_per_second" not in doc["stages"]["preprocess"]  # every shard found done: no rate to show
+
+
+def test_the_summary_counts_quarantined_trajectories_apart() -> None:
+    from trajflow.local.report import StageSummary
+
+    stage = StageSummary("preprocessing", "preprocess", 2, 2, 0, 0, 3.0,
+                         {"trajectories": 160, "quarantined": 12, "frames": 65170, "rate_hz": 50.0})
+    assert stage.throughput() == "148 trajectories (12 more quarantined) → 65,170 frames at 50 Hz"
 
 
 def test_an_s3_run_root_works_the_same(fake: Fake, tmp_path: Path, s3_server: Any) -> None:
@@ -303,6 +313,13 @@ def test_disabled_upstream_without_its_output_is_a_config_error(fake: Fake, tmp_
     assert result.exit_code == 2
     assert "downloader is disabled" in result.failure and "0-1" in result.failure
     assert fake.starts() == []
+
+    # raw data of another shard count: its manifests would never come, nothing may wait for them
+    assert fake.run(values, ("preprocessing.enabled=false", "training.enabled=false"))[1].exit_code == 0
+    _, result = fake.run(values, ("downloader.enabled=false", "preprocessing.shards=1", "training.enabled=false"))
+    assert result.exit_code == 2
+    assert "downloaded as 2 shards, but preprocessing.shards is 1 and the downloader is disabled" in result.failure
+    assert not fake.starts("preprocess")
 
 
 def test_values_errors_name_the_file_and_key(tmp_path: Path) -> None:

@@ -108,3 +108,11 @@ def test_the_enabled_check_needs_no_chart(tmp_path: Path, monkeypatch: pytest.Mo
                       'training:\n  enabled: "false"\n')
     with pytest.raises(ConfigError, match=r"v\.yaml: training\.enabled: expected boolean"):
         pipeline.build_plan([values])
+
+
+def test_a_fraction_given_by_set_says_why_it_is_a_string(tmp_path: Path) -> None:
+    # Helm's --set types only whole numbers: 0.5 arrives as "0.5" (helm install refuses it too)
+    refused = dry_run(tmp_path, "-f", "values/local.yaml", "--set", "preprocessing.config.maxBadFraction=0.5")
+    assert refused.returncode == 2
+    assert ("preprocessing.config.maxBadFraction: Input should be a valid number (got '0.5'); --set passes a "
+            "fraction as a string, as Helm does: give it in a values file (-f)") in refused.stderr

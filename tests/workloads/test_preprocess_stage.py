@@ -32,7 +32,7 @@ from preprocess_data import (
     stage_config,
     write_values,
 )
-from trajflow.errors import ExitCode, PermanentError, TransientError
+from trajflow.errors import ConfigError, ExitCode, PermanentError, TransientError
 from trajflow.metrics import preprocess_metrics
 from trajflow.preprocess.shards import list_shards, open_shard, report_key, shard_key
 from trajflow.preprocess.stage import process_shard
@@ -783,7 +783,10 @@ def test_run_shards_takes_each_shard_when_its_download_is_done(local_storage):
     assert [(s.shard, s.episodes, s.skipped) for s in summaries] == [(0, 1, False), (1, 1, False)]
     assert read_manifest(local_storage, "preprocess", 1)["shards"] == 2
     with pytest.raises(WaitTimeout, match=r"download shard\(s\) \[2\]"):
-        run_shards(settings, [1, 2], wait_timeout_s=0.3, storage=local_storage, poll_s=0.1)
+        run_shards(StageSettings(GlobalConfig(), stage_config(), 0, 3), [2], wait_timeout_s=0.3, storage=local_storage,
+                   poll_s=0.1)
+    with pytest.raises(ConfigError, match=r"shard 2 is not one of this run's 2 shards \(0-1\)"):
+        run_shards(settings, [1, 2], wait_timeout_s=60, storage=local_storage, poll_s=0.1)  # would wait forever
 
 
 def test_run_shards_waits_for_a_download_of_its_own_shard_count(local_storage):

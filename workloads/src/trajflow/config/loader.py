@@ -351,6 +351,8 @@ def _format_errors(exc: ValidationError, raw: Any, origin: str | None, prefix: l
             msg = str(err.get("ctx", {}).get("error", msg))  # our validators name the value
         elif "input" in err and not isinstance(err["input"], (dict, list)):
             msg = f"{msg} (got {err['input']!r})"
+            if err["type"] == "float_type":
+                msg += _set_number_hint(where, err["input"])
         line = f"{where}: {_dotted(loc)}: {msg}"
         if line not in lines:  # union members can repeat one problem
             lines.append(line)
@@ -509,6 +511,10 @@ def _schema_expectation(schema: dict[str, Any]) -> str:
     return " or ".join(words) or "another value"
 
 
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
 def _shown(value: Any) -> str:
     """A scalar as the user wrote it in YAML (true, null), others as Python shows them."""
     return json.dumps(value) if value is None or isinstance(value, bool) else repr(value)
@@ -517,6 +523,18 @@ def _shown(value: Any) -> str:
 def _set_string_hint(origin: str | None) -> str:
     """For a number or boolean given where a string belongs: the way to give it as a string."""
     return "; --set-string keeps it a string" if (origin or "").startswith("--set ") else ""
+
+
+def _set_number_hint(origin: str | None, value: Any) -> str:
+    """For a fraction given by --set where a number belongs: Helm's --set types only whole
+    numbers, so 0.5 arrives as the string "0.5" (in `helm install` as here)."""
+    if not (origin or "").startswith("--set ") or not isinstance(value, str):
+        return ""
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    return "; --set passes a fraction as a string, as Helm does: give it in a values file (-f)"
 
 
 def _schema_error_lines(error: Any, prefix: list[str | int], origin: str) -> list[tuple[list[str | int], str]]:
@@ -549,6 +567,8 @@ def _schema_error_lines(error: Any, prefix: list[str | int], origin: str) -> lis
             name = type(error.instance).__name__
             got += f" ({_JSON_TYPE_NAMES.get(name, name)})"
         hint = _set_string_hint(origin) if error.validator == "type" and "string" in error.validator_value else ""
+        if error.validator == "type" and "number" in _as_list(error.validator_value):
+            hint += _set_number_hint(origin, error.instance)
         return [(path, f"expected {_schema_expectation(error.schema)}, got {got}{hint}")]
     message = error.message
     if len(message) > 200:

@@ -51,7 +51,11 @@ class StageSummary:
                 text += f", {_size(f['bytes_per_second'])}/s"
             return text
         if self.stage == "preprocessing" and f.get("trajectories") is not None:
-            text = f"{f['trajectories']} trajectories → {f.get('frames', 0):,} frames"
+            quarantined = f.get("quarantined", 0)
+            text = f"{f['trajectories'] - quarantined} trajectories"
+            if quarantined:
+                text += f" ({quarantined} more quarantined)"
+            text += f" → {f.get('frames', 0):,} frames"
             if f.get("rate_hz"):
                 text += f" at {f['rate_hz']:g} Hz"
             if f.get("trajectories_per_second"):
@@ -144,9 +148,11 @@ def summarize(runner: "Runner", result: "RunResult") -> tuple[list[StageSummary]
             f["quarantined"] = int(sum(_number(d.get("quarantined")) or 0 for d in docs))
             rates = {d.get("rate_hz") for d in docs if _number(d.get("rate_hz"))}
             f["rate_hz"] = float(rates.pop()) if len(rates) == 1 else 0.0
-            if seconds and ran:
-                done_shards = {t.shard for t in ran}
-                work = sum(_number(d.get("trajectories")) or 0 for d in docs if d.get("shard") in done_shards)
+            # shards this run made, not those its processes found done (their summary says skipped)
+            made = {t.shard for t in ran
+                    if not (isinstance(t.fields.get("summary"), dict) and t.fields["summary"].get("skipped"))}
+            if seconds and made:
+                work = sum(_number(d.get("trajectories")) or 0 for d in docs if d.get("shard") in made)
                 f["trajectories_per_second"] = work / seconds
         else:
             if tasks and tasks[0].state in r.FINISHED:

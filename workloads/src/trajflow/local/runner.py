@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -36,7 +37,7 @@ from typing import Any, Callable, Protocol
 from trajflow.errors import ConfigError, ExitCode
 from trajflow.local import procs
 from trajflow.local.pipeline import RunPlan, StagePlan
-from trajflow.storage import Storage, manifest_key, open_run_root, shard_name
+from trajflow.storage import Storage, manifest_key, open_run_root, read_manifest, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +304,18 @@ class Runner:
                     int(ExitCode.CONFIG),
                     f"preprocessing needs download shards {_ranges(missing)}, but the downloader is disabled and "
                     f"{self.storage.uri}/raw/_done/ has no manifest for them; enable it (--set downloader.enabled=true)",
+                )
+            counts = set()
+            for i in range(pre.shards if not missing else 0):
+                with contextlib.suppress(ValueError):  # a torn manifest: preprocessing names it
+                    counts.add((read_manifest(self.storage, "download", i) or {}).get("shards", pre.shards))
+            if counts - {pre.shards}:
+                # nothing would ever write manifests of this shard count: waiting would be forever
+                self._fail(
+                    int(ExitCode.CONFIG),
+                    f"the raw data under {self.storage.uri}/raw/ was downloaded as {min(counts - {pre.shards})} shards, but "
+                    f"preprocessing.shards is {pre.shards} and the downloader is disabled; use that shard count or "
+                    "enable the downloader to re-shard it",
                 )
         train = self.plan.stage("training")
         if train and "preprocessing" not in enabled:

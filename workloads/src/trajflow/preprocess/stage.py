@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 import numpy as np
 
 from trajflow.config.preprocess import PreprocessConfig
-from trajflow.errors import PermanentError, TrajflowError, TransientError
+from trajflow.errors import ConfigError, PermanentError, TrajflowError, TransientError
 from trajflow.metrics import Pusher, StageMetrics, preprocess_metrics
 from trajflow.preprocess import readers
 from trajflow.preprocess.readers import FileResult, Quarantined, RawEpisode, SourceSpec
@@ -557,10 +557,11 @@ class ShardProcessor:
         if existing is not None and not redo:
             self._remove_foreign_manifests()
             self._warn_if_stale(existing)
-            log.info("shard %s is already done (%s exists): skipping", shard_name(shard), manifest_key("preprocess", shard))
             summary.skipped = True
             summary.episodes = int(existing.get("num_episodes", 0))
             summary.frames = int(existing.get("num_frames", 0))
+            log.info("shard %s is already done (%s exists): skipping", shard_name(shard), manifest_key("preprocess", shard),
+                     extra={"summary": summary.to_json()})
             self._restore_metrics(existing)
             self._started()
             return summary
@@ -619,7 +620,7 @@ class ShardProcessor:
         log.info("shard %s done: %d episodes, %d frames, %d quarantined %s, %.1f MB in, %.1f MB out, %.2fs "
                  "(%.2fs resampling in %d batches)", shard_name(shard), summary.episodes, summary.frames, summary.bad,
                  summary.quarantined or "", summary.bytes_in / 1e6, summary.bytes_out / 1e6, summary.seconds,
-                 summary.resample_seconds, summary.batches)
+                 summary.resample_seconds, summary.batches, extra={"summary": summary.to_json()})
         return summary
 
     def _plan_work(self, raw_manifest: dict[str, Any]) -> list[_Work]:
@@ -921,6 +922,10 @@ def run_shards(settings: Any, shards: Sequence[int], wait_timeout_s: float = 0.0
             return "not done"
         return stale_reason(doc, {"shards": settings.shards})
 
+    outside = sorted(s for s in set(shards) if not 0 <= s < settings.shards)
+    if outside:
+        raise ConfigError(f"shard {outside[0]} is not one of this run's {settings.shards} shards "
+                          f"(0-{settings.shards - 1}): check --shards against preprocessing.shards")
     storage = storage or open_run_root(settings.global_)
     pending = sorted(set(shards))
     out = []
