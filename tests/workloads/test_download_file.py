@@ -132,6 +132,7 @@ def test_an_unexpected_error_for_one_item_fails_the_shard_instead_of_leaving_the
     assert summary.exit_code == 1 and not summary.manifest_written
     assert [(r.item.key, r.outcome) for r in summary.results if r.outcome == "failed"] == [("ds/b.bin", "failed")]
     assert "unexpected RuntimeError: a bug" in summary.failed[0].error
+    assert summary.failures_by_reason == {"storage": 1}  # counted in trajflow_download_failures_total too
     monkeypatch.undo()
 
     def broken_conclude(self):

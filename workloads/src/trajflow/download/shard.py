@@ -515,6 +515,8 @@ class ShardDownloader:
         if (result.outcome == "failed" and source is not None
                 and is_missing(result.kind, result.reason, source.required)):
             result = dataclasses.replace(result, outcome="missing")
+        if result.outcome == "failed" and result.kind == "error":
+            self.stats.failure(result.reason)  # the run root failing, counted with the source failures
         with self._lock:
             self.results.append(result)
             if result.verified:
