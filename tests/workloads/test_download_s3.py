@@ -253,3 +253,17 @@ def test_a_store_whose_get_etag_differs_from_its_listing_is_pinned_by_last_modif
         assert replaced.exit_code == ExitCode.TRANSIENT
         (failed,) = replaced.failed
         assert failed.item.key == "lake/new.bin" and failed.reason == "changed"
+
+
+def test_keys_that_cannot_be_paths_are_named_not_dropped(s3_server: Any, tmp_path: Path) -> None:
+    client = s3_server.client()
+    bucket = s3_server.make_bucket("odd")
+    # (SeaweedFS itself folds backslashes and empty segments into '/'; a reserved segment it keeps)
+    for key in ("data/ok.bin", "data/.trajflow-tmp/part.bin", "data/line\nbreak.bin"):
+        client.put_object(Bucket=bucket, Key=key, Body=b"x")
+    with pytest.raises(ConfigError, match=r"1 object\(s\) .* cannot be paths .*'data/.trajflow-tmp/part.bin'.*`exclude`"):
+        ShardDownloader(LocalStorage(tmp_path), make_config([s3_source(s3_server, bucket)]), 0, 1).run()
+    summary = ShardDownloader(LocalStorage(tmp_path),
+                              make_config([s3_source(s3_server, bucket, exclude=[".trajflow-*/**"])]), 0, 1).run()
+    assert summary.exit_code == 0
+    assert sorted(r.item.key for r in summary.results) == ["lake/line\nbreak.bin", "lake/ok.bin"]  # a newline is kept

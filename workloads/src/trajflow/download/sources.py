@@ -91,6 +91,11 @@ def glob_regex(pattern: str) -> re.Pattern[str]:
         raise ConfigError(f"invalid glob pattern {pattern!r}: {exc}") from None
 
 
+def _first_few(names: list[str]) -> str:
+    """Names for an error message, escaped (names may hold newlines or undecodable bytes)."""
+    return ", ".join(ascii(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
 class PathFilter:
     """include/exclude globs over relative paths."""
 
@@ -401,7 +406,7 @@ class S3SourceRuntime(SourceRuntime):
             raise self._list_error(exc) from None
         if unusable:
             # never dropped silently: the shard would claim to be complete without them
-            shown = ", ".join(repr(k) for k in unusable[:5]) + (f" and {len(unusable) - 5} more" if len(unusable) > 5 else "")
+            shown = _first_few(unusable)
             raise ConfigError(
                 f"source {self.name!r}: {len(unusable)} object(s) under {self.cfg.url} have keys that cannot be paths "
                 f"(an empty, '.' or '..' segment, a backslash, or a '.trajflow-' segment): {shown}; leave them out "
@@ -566,7 +571,7 @@ class FileSourceRuntime(SourceRuntime):
                     continue
                 items.append(Item(self._key(rel, str(path)), st.st_size, path.as_uri(), {"mtime_ns": st.st_mtime_ns}))
         if not_utf8:
-            shown = ", ".join(ascii(r) for r in not_utf8[:5]) + (f" and {len(not_utf8) - 5} more" if len(not_utf8) > 5 else "")
+            shown = _first_few(not_utf8)
             raise ConfigError(f"source {self.name!r}: {len(not_utf8)} file name(s) under {self.root} are not valid "
                               f"UTF-8: {shown}; rename them, or leave them out with `exclude` patterns")
         if not items:
