@@ -20,7 +20,10 @@ An object added with `encoding="gzip"` is sent compressed with `Content-Encoding
 whatever the client asks for (a misconfigured proxy); HEAD reports the identity length.
 
 Every request is logged (method, path, range, status, bytes sent) so tests can assert
-what was (not) fetched again.
+what was (not) fetched again. A response is logged when it ends, which can be after the
+client has given up on it (a part cancelled mid-body, its bytes still in socket buffers):
+`clear_log` first waits for every response in progress to end, so none of them is counted
+against the next run.
 """
 from __future__ import annotations
 
@@ -78,6 +81,7 @@ class FaultyServer:
     proxied: list[str] = field(default_factory=list)  # absolute URLs of requests sent to it as a proxy
     cert_file: Path | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _active: int = 0  # requests being answered (not yet logged)
     _httpd: Any = None
     _thread: Any = None
 
@@ -102,9 +106,17 @@ class FaultyServer:
             self.objects[path].etag = self.objects[path].last_modified = ""
         return self.url(path)
 
+    def __post_init__(self) -> None:
+        self._idle = threading.Condition(self._lock)
+
     def script(self, path: str, *actions: str) -> None:
         with self._lock:
             self.scripts.setdefault(path, []).extend(actions)
+
+    def unscript(self, path: str) -> list[str]:
+        """Drop the faults left unused for `path` (requests a run never made); returns them."""
+        with self._lock:
+            return self.scripts.pop(path, [])
 
     def url(self, path: str) -> str:
         scheme = "https" if self.cert_file else "http"
@@ -121,10 +133,22 @@ class FaultyServer:
     def bytes_sent(self, path: str | None = None) -> int:
         return sum(r.bytes_sent for r in self.requests(path))
 
-    def clear_log(self) -> None:
+    def clear_log(self, timeout: float = 10.0) -> None:
+        """Forget the requests so far, once every response in progress has ended and is logged."""
         with self._lock:
+            if not self._idle.wait_for(lambda: self._active == 0, timeout):
+                raise AssertionError(f"{self._active} request(s) still being answered after {timeout} s")
             self.log.clear()
             self.started.clear()
+
+    def _begin(self) -> None:
+        with self._lock:
+            self._active += 1
+
+    def _end(self) -> None:
+        with self._lock:
+            self._active -= 1
+            self._idle.notify_all()
 
     def _next_action(self, path: str) -> str:
         with self._lock:
@@ -206,6 +230,20 @@ def _make_handler(server: FaultyServer) -> type[BaseHTTPRequestHandler]:
             return self.headers.get("If-Match") or self.headers.get("If-Unmodified-Since") or ""
 
         def do_HEAD(self) -> None:
+            server._begin()
+            try:
+                self._head()
+            finally:
+                server._end()
+
+        def do_GET(self) -> None:
+            server._begin()
+            try:
+                self._get()
+            finally:
+                server._end()
+
+        def _head(self) -> None:
             obj = server.objects.get(self.path)
             if obj is None:
                 self._status_only(404)
@@ -233,7 +271,7 @@ def _make_handler(server: FaultyServer) -> type[BaseHTTPRequestHandler]:
             if whole and obj.content_md5:
                 self.send_header("Content-MD5", obj.content_md5)
 
-        def do_GET(self) -> None:
+        def _get(self) -> None:
             if self.path.startswith(("http://", "https://")):  # asked as a forward proxy
                 with server._lock:
                     server.proxied.append(self.path)
