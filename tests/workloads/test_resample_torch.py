@@ -136,6 +136,36 @@ def test_strided_inputs_give_the_contiguous_result():
     )
 
 
+@pytest.mark.parametrize("target", ["explicit", "grid"])
+def test_column_major_times_and_targets(target):
+    # torch.from_numpy of a Fortran-order array, or x.T of an [S, B] tensor: strides (1, B)
+    data, times, lengths, tgt, _ = make_case(11, 6, 30, 12, 4)
+    column_major = lambda x: x.T.contiguous().T  # noqa: E731
+    assert column_major(times).stride() == (1, 6)
+    grid = UniformGrid(times[:, 0].contiguous(), 40.0, 12) if target == "grid" else None
+    expect = resample(data, times, grid or tgt, lengths, backend="torch")
+    out = resample(data, column_major(times), grid or column_major(tgt), lengths, backend="torch")
+    torch.testing.assert_close(out, expect, rtol=0, atol=0)
+
+
+def test_grid_coordinates_beyond_int64_hold_the_end_values():
+    data = torch.arange(4.0).reshape(1, 4, 1)
+    times = torch.arange(4.0).reshape(1, 4)
+    for grid in (UniformGrid(-1e19, 1.0, 3), UniformGrid(-0.5, 1e19, 3)):  # every target before the first sample
+        assert resample(data, times, grid, backend="torch").flatten().tolist() == [0.0, 0.0, 0.0]
+    assert resample(data, times, UniformGrid(1e19, 1.0, 3), backend="torch").flatten().tolist() == [3.0, 3.0, 3.0]
+
+
+def test_times_whose_steps_overflow_are_valid_input():
+    # validation compares neighbours instead of subtracting them (the step overflows to inf);
+    # the blend weight then rounds to an end of the segment
+    data = torch.tensor([[[0.0], [2.0]]])
+    for dtype, big in ((torch.float32, 3e38), (torch.float64, 1e308)):
+        times = torch.tensor([[-big, big]], dtype=dtype)
+        out = resample(data, times, torch.tensor([[0.0]], dtype=dtype), backend="torch", check=True)
+        assert 0.0 <= out.item() <= 2.0
+
+
 def test_two_dimensional_data_returns_two_dimensional_output():
     data, times, lengths, tgt, ref_t = make_case(12, 4, 30, 15, 1)
     out = resample(data[:, :, 0], times, tgt, lengths, backend="torch")
@@ -350,8 +380,9 @@ def test_bad_lengths_argument(lengths, match):
 
 
 @pytest.mark.parametrize("grid,match", [
-    (UniformGrid(0.0, 0.0, 5), r"rate_hz must be a finite number > 0"),
-    (UniformGrid(0.0, float("nan"), 5), r"rate_hz must be a finite number > 0"),
+    (UniformGrid(0.0, 0.0, 5), r"rate_hz must be a finite number >= 1e-38"),
+    (UniformGrid(0.0, float("nan"), 5), r"rate_hz must be a finite number >= 1e-38"),
+    (UniformGrid(0.0, 1e-39, 5), r"rate_hz must be a finite number >= 1e-38 \(a period float32 holds\)"),
     (UniformGrid(0.0, 10.0, -1), r"num must be an integer >= 0"),
     (UniformGrid(0.0, 10.0, 2.5), r"num must be an integer >= 0"),
     (UniformGrid(torch.zeros(3), 10.0, 5), r"start must be a number, a 0-d tensor or \[B=4\]"),

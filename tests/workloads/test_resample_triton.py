@@ -86,6 +86,20 @@ def test_interpreter_epoch_timestamps(poisoned):
         assert rel_err(out, reference(data, times, lengths, ref_t)) < TOL[torch.float32]
 
 
+def test_interpreter_float32_grid_far_from_zero(poisoned):
+    # targets start + j / rate in absolute float32 would round to ulp(1e4) / 2 (0.5 ms):
+    # the kernel compares times relative to the grid's start, as the torch path does
+    S, T, rate = 400, 300, 200.0
+    times = (1e4 + torch.arange(S, dtype=torch.float64) / 250.0).float()[None]
+    data = torch.sin(7 * (times.double() - 1e4)).float()[:, :, None]
+    grid = UniformGrid(times[:, 0].contiguous(), rate, T)
+    ref_t = times[:, :1].double() + torch.arange(T, dtype=torch.float64) / rate
+    ref = torch.from_numpy(reference(data, times, None, ref_t))
+    for backend in ("triton", "torch"):
+        out = resample(data, times, grid, backend=backend)
+        assert (out.double() - ref).abs().max() < 1e-5, backend
+
+
 def test_interpreter_agrees_with_torch_path(poisoned):
     data, times, lengths, tgt, _ = make_case(23, 4, 50, 37, 6, target="grid", time_dtype=torch.float64)
     a = run_triton(data, times, tgt, lengths)

@@ -23,6 +23,10 @@ class ResampleError(ValueError):
     bad values, with the first offending row named in the message."""
 
 
+# the slowest grid whose period (1 / rate) is a finite float32, as the Triton kernel takes it
+MIN_RATE_HZ = 1e-38
+
+
 @dataclass(frozen=True)
 class UniformGrid:
     """A uniform target grid generated inside the kernel: no target array is read.
@@ -31,7 +35,7 @@ class UniformGrid:
 
     - ``start``: a number (the same for every row) or a tensor ``[B]`` (or 0-d) of
       float32/float64 on the data's device.
-    - ``rate_hz``: the grid rate, a finite number > 0.
+    - ``rate_hz``: the grid rate, a finite number >= ``MIN_RATE_HZ`` (1e-38).
     - ``num``: the number of grid points T (>= 0).
 
     The grid is evaluated in the time dtype (see `resample`): float64 when the times or a
@@ -167,8 +171,9 @@ def prepare(
             raise ResampleError(f"UniformGrid.num must be an integer >= 0, got {num!r}")
         T = int(num)
         rate = target.rate_hz
-        if not _is_number(rate) or not math.isfinite(float(rate)) or float(rate) <= 0:
-            raise ResampleError(f"UniformGrid.rate_hz must be a finite number > 0, got {rate!r}")
+        if not _is_number(rate) or not math.isfinite(float(rate)) or float(rate) < MIN_RATE_HZ:
+            raise ResampleError(f"UniformGrid.rate_hz must be a finite number >= {MIN_RATE_HZ:g} (a period float32 "
+                                f"holds), got {rate!r}")
         rate_hz = float(rate)
         st = target.start
         if isinstance(st, torch.Tensor):

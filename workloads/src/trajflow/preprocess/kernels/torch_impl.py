@@ -41,7 +41,7 @@ def search(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
     """
     B, S, T = p.B, p.S, p.T
     dev, td = p.device, p.time_dtype
-    times = p.times.to(td)
+    times = p.times.to(td).contiguous()  # the pair gather views it flat (column-major input is not)
     valid = None
     if p.lengths is not None:
         # Clamped so that unchecked (check=False) lengths never index out of bounds; a
@@ -53,8 +53,9 @@ def search(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
         # grid units: target j sits exactly at query j
         coord = (times - p.start[:, None]).mul_(p.rate_hz)
         query = torch.arange(T, device=dev, dtype=td)
-        # NaN/inf (unchecked input) convert to out-of-range integers that the clamp catches
-        pos = torch.ceil(coord).to(torch.int64).clamp_(0, T)
+        # clamped before the cast, which cannot hold coordinates beyond int64; NaN (unchecked
+        # input) converts to an out-of-range integer that the second clamp catches
+        pos = torch.ceil(coord).clamp_(0, T).to(torch.int64).clamp_(0, T)
         if valid is not None:
             pos.masked_fill_(~valid, T)
         counts = torch.zeros((B, T + 1), dtype=torch.int32, device=dev)
@@ -81,7 +82,7 @@ def search(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
     c_lo = pairs[..., 0]
     # den > 0 for checked input; 0/0 and x/0 (unchecked duplicates) become a finite weight
     w = (query - c_lo).div_(pairs[..., 1] - c_lo).nan_to_num_(nan=0.0).clamp_(0.0, 1.0)
-    w = w.to(torch.float32).view(-1)
+    w = w.to(torch.float32).reshape(-1)  # a copy only when the targets were not row-major
     wts = torch.view_as_real(torch.complex(1.0 - w, w))
 
     if small and sys.byteorder == "little":

@@ -144,6 +144,9 @@ def _resample_kernel(
         n_valid = S
 
     t_row = times_ptr + row64 * stride_tb
+    # Times are compared relative to t0, a uniform grid's start: its targets j * period are
+    # then exact to the time dtype however far the grid lies from 0 (epoch seconds in
+    # float64, 1e4 s in float32), as the torch path's grid units are
     if UNIFORM:
         t0 = tl.load(start_ptr + row64 * stride_sb)
         if TIME_F64:
@@ -152,6 +155,8 @@ def _resample_kernel(
         else:
             t0 = t0.to(tl.float32)
             period = period_hi
+    else:
+        t0 = 0.0  # explicit targets are compared as given
 
     if WINDOW:
         # Uniform targets ascend, so the samples <= a block's targets are those <= the
@@ -160,9 +165,9 @@ def _resample_kernel(
         # only more chunks); one scalar search places the segment's first target.
         first = seg * (BLOCK_T * STEPS)
         if TIME_F64:
-            tq_first = t0 + first.to(tl.float64) * period
+            tq_first = first.to(tl.float64) * period
         else:
-            tq_first = t0 + first.to(tl.float32) * period
+            tq_first = first.to(tl.float32) * period
         base = first * 0
         top = base + n_valid
         it = 0
@@ -172,9 +177,9 @@ def _resample_kernel(
             mid = (base + top) >> 1
             tm = tl.load(t_row + mid.to(IDX) * stride_ts, mask=live, other=0.0)
             if TIME_F64:
-                tm = tm.to(tl.float64)
+                tm = tm.to(tl.float64) - t0
             else:
-                tm = tm.to(tl.float32)
+                tm = tm.to(tl.float32) - t0
             # lower_bound (samples < tq_first): a count that is never too high, even if
             # this scalar rounds differently from the block's first target
             right = live & (tm < tq_first)
@@ -186,9 +191,9 @@ def _resample_kernel(
         mask_t = offs_t < T
         if UNIFORM:
             if TIME_F64:
-                tq = t0 + offs_t.to(tl.float64) * period
+                tq = offs_t.to(tl.float64) * period
             else:
-                tq = t0 + offs_t.to(tl.float32) * period
+                tq = offs_t.to(tl.float32) * period
         else:
             tq = tl.load(tgt_ptr + row64 * stride_gb + offs_t.to(IDX) * stride_gt, mask=mask_t, other=0.0)
             if TIME_F64:
@@ -207,9 +212,9 @@ def _resample_kernel(
                 mask_s = offs_s < n_valid
                 ts = tl.load(t_row + offs_s.to(IDX) * stride_ts, mask=mask_s, other=0.0)
                 if TIME_F64:
-                    ts = ts.to(tl.float64)
+                    ts = ts.to(tl.float64) - t0
                 else:
-                    ts = ts.to(tl.float32)
+                    ts = ts.to(tl.float32) - t0
                 le = (ts[None, :] <= tq[:, None]) & mask_s[None, :]
                 lo += tl.reduce(le.to(tl.int32), 1, _sum)
                 # a later chunk can still hold samples <= the block's last target only if
@@ -217,9 +222,9 @@ def _resample_kernel(
                 s0 += BLOCK_S
                 chunk_last = tl.load(t_row + (tl.minimum(s0, n_valid) - 1).to(IDX) * stride_ts)
                 if TIME_F64:
-                    chunk_last = chunk_last.to(tl.float64)
+                    chunk_last = chunk_last.to(tl.float64) - t0
                 else:
-                    chunk_last = chunk_last.to(tl.float32)
+                    chunk_last = chunk_last.to(tl.float32) - t0
                 more = (s0 < n_valid) & (chunk_last <= tq_last)
             base = tl.reduce(tl.where(mask_t, lo, 0), 0, _max)
         else:
@@ -233,9 +238,9 @@ def _resample_kernel(
                 mid = (lo + hi) >> 1
                 tm = tl.load(t_row + mid.to(IDX) * stride_ts, mask=active & mask_t, other=0.0)
                 if TIME_F64:
-                    tm = tm.to(tl.float64)
+                    tm = tm.to(tl.float64) - t0
                 else:
-                    tm = tm.to(tl.float32)
+                    tm = tm.to(tl.float32) - t0
                 go_right = tm <= tq
                 lo = tl.where(active & go_right, mid + 1, lo)
                 hi = tl.where(active & (tm > tq), mid, hi)
@@ -245,11 +250,11 @@ def _resample_kernel(
         t_lo = tl.load(t_row + i_lo.to(IDX) * stride_ts, mask=mask_t, other=0.0)
         t_hi = tl.load(t_row + i_hi.to(IDX) * stride_ts, mask=mask_t, other=1.0)
         if TIME_F64:
-            t_lo = t_lo.to(tl.float64)
-            t_hi = t_hi.to(tl.float64)
+            t_lo = t_lo.to(tl.float64) - t0
+            t_hi = t_hi.to(tl.float64) - t0
         else:
-            t_lo = t_lo.to(tl.float32)
-            t_hi = t_hi.to(tl.float32)
+            t_lo = t_lo.to(tl.float32) - t0
+            t_hi = t_hi.to(tl.float32) - t0
         den = t_hi - t_lo
         safe_den = tl.where(den > 0, den, 1.0)
         w = tl.where(den > 0, (tq - t_lo) / safe_den, 0.0)

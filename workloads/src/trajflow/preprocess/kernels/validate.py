@@ -41,14 +41,14 @@ def check_values(p: Problem) -> None:
         rows.append((L < 2) | (L > S))
         valid = torch.arange(S, device=dev)[None, :] < L[:, None]
 
-    # Consecutive valid samples must step forward by a finite positive amount: that catches
-    # NaN (every comparison is false), +-inf (an infinite or NaN step) and disorder at once.
-    step = p.times[:, 1:] - p.times[:, :-1]
-    step_bad = ~((step > 0) & (step < float("inf")))
+    # Valid samples must be finite and each after the one before (NaN fails every
+    # comparison). Compared, not subtracted: the step between two finite times can overflow.
+    times_bad = _nonfinite(p.times)
+    times_bad[:, 1:] |= ~(p.times[:, 1:] > p.times[:, :-1])
     if valid is not None:
-        step_bad &= valid[:, 1:]
+        times_bad &= valid
     names.append("times")
-    rows.append(step_bad.any(1))
+    rows.append(times_bad.any(1))
 
     if p.targets is not None:
         names.append("targets")
