@@ -414,8 +414,21 @@ def test_checkpoint_of_other_stream_widths_is_refused(tmp_path: Path) -> None:
         storage.delete(obj.key)
     write_synthetic_shards(storage, shards=2, episodes_per_shard=6, length=120, system=System(joints=4))
     longer = local_settings(tmp_path, "run", **{**settings.config.model_dump(), "epochs": 2})
-    with pytest.raises(ConfigError, match=r"ckpt-\d+\.pt was written for another model shape: input_dim 6 "
+    with pytest.raises(ConfigError, match=r"ckpt-\d+\.pt was written for another model: input_dim 6 "
                                           r"\(the current data and config give 8\)"):
+        train(longer)
+
+
+def test_checkpoint_of_data_at_another_rate_is_refused(tmp_path: Path) -> None:
+    settings, storage = small_run(tmp_path, epochs=1)
+    train(settings)
+    # preprocessing redone at another targetRateHz: same widths, but the model learnt 50 Hz dynamics
+    for obj in list(storage.list("resampled/")):
+        storage.delete(obj.key)
+    write_synthetic_shards(storage, shards=2, episodes_per_shard=6, length=120, system=System(rate_hz=100.0))
+    longer = local_settings(tmp_path, "run", **{**settings.config.model_dump(), "epochs": 2})
+    with pytest.raises(ConfigError, match=r"ckpt-\d+\.pt was written for another model: data at 50 Hz "
+                                          r"\(the current shards are at 100 Hz\)"):
         train(longer)
 
 
@@ -687,3 +700,16 @@ def test_only_one_sharding_of_the_data_is_read(tmp_path: Path) -> None:
     with pytest.raises(TransientError, match=r"different shard counts \(1 of 2, 1 of 3 done\) and no one sharding "
                                              r"is complete"):
         open_shards(storage, ["observation.state", "action"])
+
+
+def test_a_metrics_port_beyond_65535_for_a_local_rank_warns_instead_of_failing(caplog) -> None:  # type: ignore[no-untyped-def]
+    from trajflow.config import TrainConfig
+    from trajflow.metrics import train_metrics
+    from trajflow.train.dist import DistContext
+    from trajflow.train.loop import MetricsEndpoint
+
+    config = TrainConfig.model_validate({"metricsPort": 65535})  # the highest port the schema takes
+    with caplog.at_level(logging.WARNING):
+        endpoint = MetricsEndpoint(train_metrics(), config, DistContext(rank=1, world_size=2, local_rank=1))
+    endpoint.close()
+    assert endpoint.port == 0 and "cannot serve /metrics on port 65536" in caplog.text

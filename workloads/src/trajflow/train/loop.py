@@ -163,6 +163,7 @@ class Trainer:
             log.warning("this GPU has no bf16 support: training in fp32 (set training.config.bf16: false to silence)")
             self.autocast = False
         self.spec: ModelSpec | None = None
+        self.rate_hz: float | None = None  # of the shards: a checkpoint holds a model of that rate
 
     # ---- setup --------------------------------------------------------------------------
 
@@ -228,9 +229,11 @@ class Trainer:
         saved = payload.get("spec") or {}
         differ = [f"{k} {saved[k]!r} (the current data and config give {v!r})"
                   for k, v in model.spec.to_json().items() if k in saved and saved[k] != v]
+        if payload.get("rate_hz") not in (None, self.rate_hz):  # shards redone at another targetRateHz
+            differ.append(f"data at {payload['rate_hz']:g} Hz (the current shards are at {self.rate_hz:g} Hz)")
         if differ:
             raise ConfigError(
-                f"{self.storage.uri}/{info.key} was written for another model shape: {', '.join(differ)}; use a new "
+                f"{self.storage.uri}/{info.key} was written for another model: {', '.join(differ)}; use a new "
                 f"global.runId or remove {self.storage.uri}/{CHECKPOINT_DIR}/"
             )
         saved_split, split = payload.get("split", split_settings(self.config)), split_settings(self.config)
@@ -291,6 +294,7 @@ class Trainer:
                 "batch_size": self.config.batch_size,
                 "config": self.config.model_dump(mode="json", by_alias=True),
                 "spec": model.spec.to_json(),
+                "rate_hz": self.rate_hz,
             }
             self.last_checkpoint = self.store.save(
                 payload, step=self.state.step, epoch=self.state.epoch, batch_in_epoch=self.state.batch_in_epoch,
@@ -357,6 +361,7 @@ class Trainer:
         data = self.load_data()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         spec = self.spec = ModelSpec.from_config(cfg.model, data.train.input_dim, data.train.target_dim, cfg.window)
+        self.rate_hz = data.shards.rate_hz
         model = build_model(spec).to(self.device)
         lr = cfg.learning_rate * (dist.world_size if cfg.scale_lr_with_world_size else 1)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
@@ -624,8 +629,9 @@ class MetricsEndpoint:
         try:
             self._server, _ = start_http_server(self.port, addr=addr, registry=metrics.registry)
             log.debug("serving /metrics", extra={"port": self.port, "rank": dist.rank})
-        except OSError as exc:  # metrics must never stop training
+        except (OSError, OverflowError) as exc:  # metrics must never stop training (a port past 65535 overflows)
             log.warning("cannot serve /metrics on port %d: %s (training goes on)", self.port, exc)
+            self.port = 0
 
     def close(self) -> None:
         if self._server is not None:
