@@ -165,7 +165,7 @@ def test_list_shards_only_lists_done_shards(storage, tmp_path):
     assert reader.num_frames == 16
     if storage.local_path(entries[0].key) is None:  # S3: fetched, and reused when intact
         local = fetch_shard(storage, entries[0], tmp_path / "cache")
-        assert local == tmp_path / "cache" / entries[0].key
+        assert local == tmp_path / "cache" / entries[0].sha256 / "00001.safetensors"  # by content: roots never meet
         mtime = local.stat().st_mtime_ns
         assert fetch_shard(storage, entries[0], tmp_path / "cache") == local
         assert local.stat().st_mtime_ns == mtime

@@ -592,11 +592,12 @@ def check_shard_file(path: Path, entry: ShardEntry) -> None:
 
 def fetch_shard(storage: Storage, entry: ShardEntry, cache_dir: str | Path, verify: bool = True) -> Path:
     """A local path holding ``entry``'s file: the file itself on a filesystem root, else a
-    copy under ``cache_dir`` (reused when its size and sha256 match the manifest)."""
+    copy under ``cache_dir`` (reused when its size and sha256 match the manifest). Copies
+    are filed by their sha256: runs of other roots sharing the cache never meet."""
     local = storage.local_path(entry.key)
     if local is not None:
         return local
-    dest = Path(cache_dir) / entry.key
+    dest = Path(cache_dir) / entry.sha256 / Path(entry.key).name
     if dest.is_file() and dest.stat().st_size == entry.size and (not verify or _file_sha256(dest) == entry.sha256):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
