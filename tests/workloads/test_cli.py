@@ -142,3 +142,16 @@ def test_the_training_launcher_hands_its_values_on_to_the_workers_as_given():
     args = cli.build_parser().parse_args(
         ["train", "-f", "v.yaml", "--set-string", "global.runId=2024", "--set", "training.config.epochs=3"])
     assert _config_args(args) == ["-f", "v.yaml", "--set-string", "global.runId=2024", "--set", "training.config.epochs=3"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nproc-per-node", "0"], "expected a positive integer, gpu, cpu or auto, got '0'"),
+    (["--nproc-per-node", "two"], "expected a positive integer, gpu, cpu or auto, got 'two'"),
+    (["--max-restarts", "-1"], "expected an integer >= 0, got '-1'"),
+])
+def test_launcher_arguments_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.build_parser().parse_args(["train", *argv])
+    assert info.value.code == ExitCode.CONFIG and message in capsys.readouterr().err
+    args = cli.build_parser().parse_args(["train", "--nproc-per-node", "gpu", "--max-restarts", "3"])
+    assert (args.nproc_per_node, args.max_restarts) == ("gpu", 3)

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+from typing import Callable
 
 from trajflow.config import add_config_arguments, stage_settings
 from trajflow.config.merge import set_option
@@ -28,7 +29,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "launcher", "with --nproc-per-node this command is torch's elastic agent (torchrun) and starts the workers"
     )
-    group.add_argument("--nproc-per-node", default=None, metavar="N",
+    group.add_argument("--nproc-per-node", default=None, metavar="N", type=_nproc,
                        help="workers on this node: an integer, or gpu/cpu/auto as torchrun takes it")
     group.add_argument("--nnodes", default="1", metavar="N|MIN:MAX", help="nodes (pods) in the group (default 1)")
     group.add_argument("--rdzv-endpoint", default="", metavar="HOST:PORT",
@@ -37,9 +38,30 @@ def configure(parser: argparse.ArgumentParser) -> None:
                        help="rendezvous backend (c10d only; accepted so torchrun's arguments carry over)")
     group.add_argument("--rdzv-id", default="", help="rendezvous id, the same on every node (default: global.runId)")
     group.add_argument("--rdzv-conf", default="", metavar="K=V,...", help="rendezvous options, e.g. join_timeout=900")
-    group.add_argument("--max-restarts", type=int, default=0, help="restarts of the worker group after a failure")
+    group.add_argument("--max-restarts", type=_at_least(0), default=0,
+                       help="restarts of the worker group after a failure")
     group.add_argument("--monitor-interval", type=float, default=0.5, help="seconds between worker health checks")
     group.add_argument("--local-addr", default="", help="this node's address as the other nodes reach it")
+
+
+def _nproc(value: str) -> str:
+    """torchrun's --nproc-per-node: a positive integer or gpu/cpu/auto (a usage error, exit 2, else)."""
+    if value in ("gpu", "cpu", "auto") or (value.isdigit() and int(value) >= 1):
+        return value
+    raise argparse.ArgumentTypeError(f"expected a positive integer, gpu, cpu or auto, got {value!r}")
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = minimum - 1
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value!r}")
+        return number
+
+    return parse
 
 
 def _config_args(args: argparse.Namespace) -> list[str]:
