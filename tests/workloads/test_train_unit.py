@@ -406,29 +406,20 @@ def test_checkpoint_of_another_model_is_refused(tmp_path: Path) -> None:
         train(other)
 
 
-def test_checkpoint_of_other_stream_widths_is_refused(tmp_path: Path) -> None:
+# preprocessing redone with more joints, or at another targetRateHz (same widths, but the
+# model learnt 50 Hz dynamics), the run id and training config kept
+@pytest.mark.parametrize("system, refusal", [
+    (System(joints=4), r"input_dim 6 \(the current data and config give 8\)"),
+    (System(rate_hz=100.0), r"data at 50 Hz \(the current shards are at 100 Hz\)"),
+], ids=["widths", "rate"])
+def test_checkpoint_of_other_data_is_refused(tmp_path: Path, system: System, refusal: str) -> None:
     settings, storage = small_run(tmp_path, epochs=1)
     train(settings)
-    # preprocessing redone with more joints, the run id and config kept
     for obj in list(storage.list("resampled/")):
         storage.delete(obj.key)
-    write_synthetic_shards(storage, shards=2, episodes_per_shard=6, length=120, system=System(joints=4))
+    write_synthetic_shards(storage, shards=2, episodes_per_shard=6, length=120, system=system)
     longer = local_settings(tmp_path, "run", **{**settings.config.model_dump(), "epochs": 2})
-    with pytest.raises(ConfigError, match=r"ckpt-\d+\.pt was written for another model: input_dim 6 "
-                                          r"\(the current data and config give 8\)"):
-        train(longer)
-
-
-def test_checkpoint_of_data_at_another_rate_is_refused(tmp_path: Path) -> None:
-    settings, storage = small_run(tmp_path, epochs=1)
-    train(settings)
-    # preprocessing redone at another targetRateHz: same widths, but the model learnt 50 Hz dynamics
-    for obj in list(storage.list("resampled/")):
-        storage.delete(obj.key)
-    write_synthetic_shards(storage, shards=2, episodes_per_shard=6, length=120, system=System(rate_hz=100.0))
-    longer = local_settings(tmp_path, "run", **{**settings.config.model_dump(), "epochs": 2})
-    with pytest.raises(ConfigError, match=r"ckpt-\d+\.pt was written for another model: data at 50 Hz "
-                                          r"\(the current shards are at 100 Hz\)"):
+    with pytest.raises(ConfigError, match=r"ckpt-\d+\.pt was written for another model: " + refusal):
         train(longer)
 
 
