@@ -332,3 +332,56 @@ def test_the_plan_is_read_only_on_polls_with_new_manifests(local_storage, monkey
                     expect_shards=3)
     assert len(fake.sleeps) == 5  # six polls
     assert reads.count("plan/download.json") == 2  # the first poll and the one that saw shard 1
+
+
+def test_on_s3_a_stale_manifest_and_the_plan_are_read_again_only_when_they_change(s3_storage, monkeypatch):
+    # thousands of pods polling for hours: an unchanged stale manifest (same ETag) is not
+    # fetched again, nor an unchanged plan
+    s3_storage.write_bytes("plan/download.json", b'{"shards": 3, "generation": "g2", "fingerprint": "f2"}')
+    write_manifest(s3_storage, "download", 0, 3, [], generation="g1", plan_fingerprint="f1")  # the earlier plan's
+    reads: list[str] = []
+    read_bytes = s3_storage.read_bytes
+    monkeypatch.setattr(s3_storage, "read_bytes", lambda key: reads.append(key) or read_bytes(key))
+    fake = FakeClock()
+
+    def upstream_progress() -> None:
+        if len(fake.sleeps) == 4:  # the download shard redone for the plan in use
+            write_manifest(s3_storage, "download", 0, 3, [], generation="g2", plan_fingerprint="f2")
+
+    fake.on_sleep = upstream_progress
+    wait_for_shards(s3_storage, "download", {0}, timeout_s=3600, clock=fake.clock, sleep=fake.sleep, expect_shards=3)
+    assert len(fake.sleeps) == 4  # five polls
+    assert reads.count("raw/_done/00000.json") == 2 and reads.count("plan/download.json") == 1
+
+
+def test_a_credential_endpoint_failing_is_retried_not_a_config_error():
+    from botocore.exceptions import CredentialRetrievalError, NoCredentialsError
+
+    from trajflow.storage.wait import fatal_storage_error
+
+    assert fatal_storage_error(CredentialRetrievalError(provider="container-role", error_msg="timed out"), "x") is None
+    assert isinstance(fatal_storage_error(NoCredentialsError(), "x"), ConfigError)
+
+
+def test_cli_on_an_endpoint_that_is_no_s3_store_is_one_config_error_line(tmp_path, capsys, monkeypatch):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_error(404)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    with ThreadingHTTPServer(("127.0.0.1", 0), NotFound) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        try:
+            config = _s3_config(tmp_path, f"http://127.0.0.1:{httpd.server_address[1]}")
+            code = cli.main(["wait", "--stage", "download", "--shards", "0", "--timeout", "1h", "--config", config])
+        finally:
+            httpd.shutdown()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == ExitCode.CONFIG and len(lines) == 1  # not an hour of retries
+    assert lines[0].endswith("the endpoint does not answer as an S3 store: check global.storage.s3.endpoint")

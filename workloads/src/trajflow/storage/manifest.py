@@ -17,7 +17,7 @@ import json
 import logging
 from typing import Any
 
-from trajflow.storage.base import Storage
+from trajflow.storage.base import ObjectInfo, Storage
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +69,20 @@ def read_manifest(storage: Storage, stage: str, shard: int) -> dict[str, Any] | 
     return doc
 
 
-def done_shards(storage: Storage, stage: str) -> set[int]:
-    """Numbers of the shards whose manifests exist."""
+def done_manifests(storage: Storage, stage: str) -> dict[int, ObjectInfo]:
+    """The manifests that exist, by shard number (one listing)."""
     prefix = f"{STAGE_DIRS[stage]}/_done/"
-    out = set()
+    out = {}
     for info in storage.list(prefix):
         name = info.key.rsplit("/", 1)[-1]
         if name.endswith(".json") and name[:-5].isdigit():
-            out.add(int(name[:-5]))
+            out[int(name[:-5])] = info
     return out
+
+
+def done_shards(storage: Storage, stage: str) -> set[int]:
+    """Numbers of the shards whose manifests exist."""
+    return set(done_manifests(storage, stage))
 
 
 def remove_foreign_manifests(storage: Storage, stage: str, shards: int) -> list[int]:

@@ -18,9 +18,9 @@ import re
 import time
 from typing import Any, Callable
 
-from trajflow.errors import ConfigError, TrajflowError, WaitTimeout
-from trajflow.storage.base import Storage
-from trajflow.storage.manifest import PLAN_KEY, STAGE_DIRS, done_shards, manifest_key, read_manifest
+from trajflow.errors import ConfigError, TrajflowError, TransientError, WaitTimeout
+from trajflow.storage.base import ObjectInfo, Storage
+from trajflow.storage.manifest import PLAN_KEY, STAGE_DIRS, done_manifests, manifest_key, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,8 @@ def fatal_storage_error(exc: Exception, where: str) -> TrajflowError | None:
         return exc
     from botocore import exceptions as boto_errors
 
-    if isinstance(exc, (boto_errors.NoCredentialsError, boto_errors.PartialCredentialsError,
-                        boto_errors.CredentialRetrievalError)):
+    # (CredentialRetrievalError is a credential endpoint failing, which trying again may cure)
+    if isinstance(exc, (boto_errors.NoCredentialsError, boto_errors.PartialCredentialsError)):
         return ConfigError(
             f"cannot read {where}: no usable S3 credentials ({_one_line(exc)}); give the pod credentials through "
             f"{_CREDENTIALS_HINT}"
@@ -90,6 +90,9 @@ def fatal_storage_error(exc: Exception, where: str) -> TrajflowError | None:
             hint = "the bucket does not exist: check global.storage.s3.bucket and endpoint"
         elif code in ("AccessDenied", "AllAccessDisabled") or _status(exc) == 403:
             hint = "the credentials need s3:ListBucket and s3:GetObject on the run root's bucket"
+        elif (not code or code.isdigit()) and 400 <= (_status(exc) or 0) < 500 and _status(exc) not in (408, 429):
+            # an HTTP error without an S3 error document: no S3 store answers there
+            hint = "the endpoint does not answer as an S3 store: check global.storage.s3.endpoint"
         else:
             return None
         return ConfigError(f"cannot read {where}: {code or 'access denied'} ({_one_line(exc)}); {hint}")
@@ -103,6 +106,10 @@ def plan_in_use(storage: Storage, stage: str, expect_shards: int | None) -> dict
     stage without a plan, no plan yet, or a plan of another shard count than expected)."""
     if stage != "download" or not storage.exists(PLAN_KEY):
         return {}
+    return _plan_fields(storage, expect_shards)
+
+
+def _plan_fields(storage: Storage, expect_shards: int | None) -> dict[str, Any]:
     try:
         doc = json.loads(storage.read_bytes(PLAN_KEY))
     except (ValueError, FileNotFoundError):
@@ -148,14 +155,28 @@ def wait_for_shards(
     stale: dict[int, str] = {}
     warned: dict[int, str] = {}
     last_error: Exception | None = None
+    # Polls can last hours over thousands of shards: a stale manifest is judged again only
+    # when it or the plan changed (S3 ETags tell), and the plan, which can be large, is read
+    # only when it changed
+    judged: dict[int, tuple[Any, str]] = {}
+    plan_seen: Any = None
+    plan_fields: dict[str, Any] = {}
     while True:
         try:
-            listed = done_shards(storage, stage) & shards
-            accepted &= listed  # a manifest removed by a rerun upstream no longer counts
-            # the plan can be large: read only on polls that have new manifests to judge
-            current = {**expected, **plan_in_use(storage, stage, expect_shards)} if listed - accepted else expected
+            listing = {s: info for s, info in done_manifests(storage, stage).items() if s in shards}
+            accepted &= set(listing)  # a manifest removed by a rerun upstream no longer counts
+            to_judge = sorted(set(listing) - accepted)
+            plan = _version(storage.stat(PLAN_KEY)) if stage == "download" and to_judge else None
+            if to_judge and (plan is None or plan != plan_seen):
+                plan_fields = plan_in_use(storage, stage, expect_shards)
+                plan_seen = plan
+            current = {**expected, **plan_fields}
             polled: dict[int, str] = {}
-            for shard in sorted(listed - accepted):
+            for shard in to_judge:
+                version = (_version(listing[shard]), plan) if _version(listing[shard]) is not None else None
+                if version is not None and shard in judged and judged[shard][0] == version:
+                    polled[shard] = judged[shard][1]
+                    continue
                 try:
                     doc = read_manifest(storage, stage, shard)
                 except ValueError as exc:  # corrupt or of another format: the upstream rerun replaces it
@@ -168,6 +189,7 @@ def wait_for_shards(
                     accepted.add(shard)
                 else:
                     polled[shard] = reason
+                    judged[shard] = (version, reason)
             stale, last_error = polled, None
         except Exception as exc:
             fatal = fatal_storage_error(exc, where)
@@ -201,6 +223,12 @@ def wait_for_shards(
         delay = min(delay * 2, max_delay_s)
 
 
+def _version(info: ObjectInfo | None) -> tuple[int, str] | None:
+    """What tells versions of an object apart: its S3 ETag and size (None on a filesystem,
+    whose reads cost nothing)."""
+    return (info.size, info.etag) if info is not None and info.etag else None
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     from trajflow.config import add_config_arguments
 
@@ -226,6 +254,12 @@ def run(args: argparse.Namespace) -> int:
     if args.check_config:
         stage_settings(args.check_config, args.config, args.values, args.set, env={})
     glob = global_settings(args.config, args.values, args.set)
-    wait_for_shards(open_run_root(glob), args.stage, shards, timeout_s,
-                    expect_shards=args.expect_shards)
+    try:
+        storage = open_run_root(glob)
+    except Exception as exc:
+        fatal = fatal_storage_error(exc, "the run root")
+        if fatal is not None:
+            raise fatal from None
+        raise TransientError(f"cannot open the run root: {_one_line(exc)}") from None
+    wait_for_shards(storage, args.stage, shards, timeout_s, expect_shards=args.expect_shards)
     return 0
