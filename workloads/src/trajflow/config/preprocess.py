@@ -39,9 +39,8 @@ class PreprocessConfig(Model):
     renames: dict[str, str] = Field(default_factory=dict, description="Raw stream name -> name in the output shards.")
     time_key: str = Field(
         "",
-        description="Timestamp column/dataset in float seconds (integer counts are quarantined as missing_time: "
-        "convert them, or set rateHz); an episode without it is quarantined as missing_time. Empty tries "
-        "timestamp, timestamps, time, t, then a recorded rate.",
+        description="Timestamp column/dataset in float seconds; without it (or with integer counts) an episode is "
+        "quarantined. Empty: timestamp, timestamps, time, t, else a rate.",
     )
     rate_hz: Optional[float] = Field(
         None, gt=0, description="Recorded rate for files with neither timestamps nor a rate attribute."
