@@ -251,6 +251,17 @@ def test_a_fatal_exit_code_stops_the_run_without_retrying(fake: Fake, tmp_path: 
     assert "failing on purpose" in result.failure
 
 
+def test_a_failed_training_reports_the_losses_its_log_gave(fake: Fake, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # no metrics.json: the report takes what this run's training logged, initial loss included
+    monkeypatch.setenv("FAKE_FAIL", "train:0:3")
+    runner, result = fake.run(write_values(tmp_path, shards=1))
+    assert result.exit_code == 3
+    doc, _ = write_report(runner, result)
+    train = doc["stages"]["train"]
+    assert train["initial_val_loss"] == pytest.approx(1.5) and train["final_val_loss"] == pytest.approx(0.4)
+
+
 def test_retries_run_out(fake: Fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_FAIL", "download:0:1")
     values = write_values(tmp_path, shards=1, downloader__backoffLimitPerIndex=1)

@@ -155,3 +155,16 @@ def test_launcher_arguments_are_usage_errors(argv, message, capsys):
     assert info.value.code == ExitCode.CONFIG and message in capsys.readouterr().err
     args = cli.build_parser().parse_args(["train", "--nproc-per-node", "gpu", "--max-restarts", "3"])
     assert (args.nproc_per_node, args.max_restarts) == ("gpu", 3)
+
+
+def test_a_local_launch_starts_one_gpu_worker_per_gpu_at_most(monkeypatch):
+    import torch
+
+    from trajflow.train.cli import _local_nproc
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # the demo's two workers on a one-GPU workstation
+    assert _local_nproc("2", "auto") == "1" and _local_nproc("2", "cuda") == "1"
+    assert _local_nproc("2", "cpu") == "2" and _local_nproc("gpu", "auto") == "gpu" and _local_nproc("1", "auto") == "1"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _local_nproc("2", "auto") == "2"  # gloo on the CPU

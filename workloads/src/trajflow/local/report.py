@@ -62,9 +62,10 @@ class StageSummary:
                 text += f", {f['trajectories_per_second']:.1f} traj/s"
             return text
         if self.stage == "training" and f.get("final_val_loss") is not None:
-            text = f"val loss {f['initial_val_loss']:.4g} → {f['final_val_loss']:.4g}"
+            text = f"val loss {f['final_val_loss']:.4g}"
             if f.get("initial_val_loss"):
-                text += f" ({f['final_val_loss'] / f['initial_val_loss']:.0%} of initial)"
+                text = (f"val loss {f['initial_val_loss']:.4g} → {f['final_val_loss']:.4g} "
+                        f"({f['final_val_loss'] / f['initial_val_loss']:.0%} of initial)")
             text += f", {f.get('epochs', 0)} epochs"
             if f.get("samples_per_second"):
                 text += f", {f['samples_per_second']:,.0f} samples/s"
@@ -162,9 +163,12 @@ def summarize(runner: "Runner", result: "RunResult") -> tuple[list[StageSummary]
             vals = [v for v in (_number(h.get("val_loss")) for h in history) if v is not None]
             trains = [v for v in (_number(h.get("train_loss")) for h in history) if v is not None]
             initial = _number(doc.get("initial_val_loss"))
+            if initial is None and tasks:  # an interrupted run: its log said it (a resumed one did not)
+                initial = _number(tasks[0].fields.get("initial_val_loss"))
             if vals:
                 f.update(final_val_loss=vals[-1], best_val_loss=min(vals), epochs=len(history))
-                f["initial_val_loss"] = initial if initial is not None else vals[0]
+            if vals and initial is not None:
+                f["initial_val_loss"] = initial
             if trains:
                 f["final_train_loss"] = trains[-1]
             speed = _number(doc.get("samples_per_second"))

@@ -22,6 +22,7 @@ from trajflow.config import add_config_arguments, stage_settings
 from trajflow.config.merge import set_option
 
 STAGE = "training"
+log = logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +65,21 @@ def _at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _local_nproc(nproc: str, device: str) -> str:
+    """Workers for one machine: each GPU worker needs a GPU of its own, so a count beyond
+    the GPUs here (the demo's two on a one-GPU workstation) becomes one per GPU."""
+    if not nproc.isdigit() or device == "cpu":
+        return nproc
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if 0 < gpus < int(nproc):
+        log.warning("--nproc-per-node %s on a machine with %d GPU(s): starting %d worker(s), one per GPU",
+                    nproc, gpus, gpus)
+        return str(gpus)
+    return nproc
+
+
 def _config_args(args: argparse.Namespace) -> list[str]:
     out: list[str] = []
     if args.config:
@@ -92,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
         from trajflow.train.launch import LaunchOptions, launch, launch_local
 
         if not args.rdzv_endpoint and args.nnodes == "1":
-            return launch_local(args.nproc_per_node, _config_args(args), max_restarts=args.max_restarts,
+            nproc = _local_nproc(args.nproc_per_node, settings.config.device)
+            return launch_local(nproc, _config_args(args), max_restarts=args.max_restarts,
                                 log_level=args.log_level, rdzv_id=args.rdzv_id or settings.global_.run_id)
         options = LaunchOptions(
             nproc_per_node=str(args.nproc_per_node),

@@ -406,7 +406,7 @@ class Trainer:
                             pin_memory=self.device.type == "cuda", generator=loader_rng)
         if st.initial_val_loss is None:
             st.initial_val_loss = self.evaluate(model, data.val)
-            self._log("initial validation loss", val_loss=st.initial_val_loss)
+            self._log("initial validation loss", initial_val_loss=st.initial_val_loss)
         m = self.metrics
         m.restarts.set(dist.restart_count)
         if resumed:
