@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import threading
 
@@ -115,7 +116,7 @@ def test_item_json_round_trip():
 # ---- the stored plan -------------------------------------------------------------------
 
 
-def test_plan_is_written_once_and_reused(storage):
+def test_plan_is_written_once_and_reused(storage, caplog):
     listed = []
 
     def first_listing():
@@ -138,6 +139,11 @@ def test_plan_is_written_once_and_reused(storage):
     replanned = load_or_create_plan(storage, 4, "gen1", changed_listing)
     assert replanned["shards"] == 4 and listed == [1, 2]
     assert json.loads(storage.read_bytes(PLAN_KEY)) == replanned
+    # back to 3 shards: the 3-shard plan is used as it was made, without k10, and says so
+    with caplog.at_level(logging.WARNING, logger="trajflow.plan"):
+        assert load_or_create_plan(storage, 3, "gen1", changed_listing) == plan and listed == [1, 2]
+    assert "made earlier for 3 shards, lists other items than the plan in use (4 shards)" in caplog.text
+    assert "planGeneration" in caplog.text
 
 
 def test_concurrent_pods_agree_on_one_plan(storage):

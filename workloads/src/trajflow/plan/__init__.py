@@ -9,11 +9,14 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from trajflow.storage.base import Storage
 from trajflow.storage.manifest import PLAN_KEY
+
+log = logging.getLogger(__name__)
 
 PLAN_VERSION = 1
 
@@ -113,7 +116,8 @@ def load_or_create_plan(
     """
     stem = key.rsplit(".", 1)[0]
     authoritative = f"{stem}-{shards}-{generation}.json" if generation else f"{stem}-{shards}.json"
-    if not storage.exists(authoritative):
+    earlier = storage.exists(authoritative)
+    if not earlier:
         storage.write_if_absent(authoritative, _encode(plan_document(list_items(), shards, generation)))
     raw = storage.read_bytes(authoritative)
     where = f"{storage.uri}/{authoritative}"
@@ -131,8 +135,23 @@ def load_or_create_plan(
         raise ValueError(f"{where}: corrupt plan (not {shards} shards of items): {remedy}")
     current = storage.read_bytes(key) if storage.exists(key) else b""
     if current != raw:
+        if earlier and current:
+            _warn_if_older_listing(stored, current, where)
         storage.write_bytes(key, raw)
     return stored
+
+
+def _warn_if_older_listing(stored: dict[str, Any], current: bytes, where: str) -> None:
+    """Going back to a shard count planned before reuses that plan's listing, which may miss
+    what the sources gained since (a plan of each count and generation is fixed)."""
+    try:
+        in_use = json.loads(current)
+    except ValueError:
+        return
+    if isinstance(in_use, dict) and in_use.get("fingerprint") != stored.get("fingerprint"):
+        log.warning("%s, made earlier for %s shards, lists other items than the plan in use (%s shards): it is "
+                    "used as it is; change downloader.config.planGeneration to list the sources again",
+                    where, stored.get("shards"), in_use.get("shards"))
 
 
 def shard_items(plan: dict[str, Any], shard: int) -> list[Item]:
