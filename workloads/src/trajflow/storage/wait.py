@@ -106,10 +106,6 @@ def plan_in_use(storage: Storage, stage: str, expect_shards: int | None) -> dict
     stage without a plan, no plan yet, or a plan of another shard count than expected)."""
     if stage != "download" or not storage.exists(PLAN_KEY):
         return {}
-    return _plan_fields(storage, expect_shards)
-
-
-def _plan_fields(storage: Storage, expect_shards: int | None) -> dict[str, Any]:
     try:
         doc = json.loads(storage.read_bytes(PLAN_KEY))
     except (ValueError, FileNotFoundError):
