@@ -293,6 +293,14 @@ class Runner:
                 os.replace(tmp, path)
             self.config_paths[stage.stage] = path.resolve()
 
+    def _download_shard_counts(self, shards: int) -> set[int]:
+        """The shard counts the download manifests 0..shards-1 record."""
+        counts = set()
+        for i in range(shards):
+            with contextlib.suppress(ValueError):  # a torn manifest: preprocessing names it
+                counts.add((read_manifest(self.storage, "download", i) or {}).get("shards", shards))
+        return counts
+
     def _check_disabled_upstreams(self) -> None:
         """A stage whose upstream is disabled reads what an earlier run left; say so if nothing is there."""
         enabled = {s.stage for s in self.plan.stages}
@@ -305,15 +313,11 @@ class Runner:
                     f"preprocessing needs download shards {_ranges(missing)}, but the downloader is disabled and "
                     f"{self.storage.uri}/raw/_done/ has no manifest for them; enable it (--set downloader.enabled=true)",
                 )
-            counts = set()
-            for i in range(pre.shards if not missing else 0):
-                with contextlib.suppress(ValueError):  # a torn manifest: preprocessing names it
-                    counts.add((read_manifest(self.storage, "download", i) or {}).get("shards", pre.shards))
-            if counts - {pre.shards}:
+            elif other_counts := self._download_shard_counts(pre.shards) - {pre.shards}:
                 # nothing would ever write manifests of this shard count: waiting would be forever
                 self._fail(
                     int(ExitCode.CONFIG),
-                    f"the raw data under {self.storage.uri}/raw/ was downloaded as {min(counts - {pre.shards})} shards, but "
+                    f"the raw data under {self.storage.uri}/raw/ was downloaded as {min(other_counts)} shards, but "
                     f"preprocessing.shards is {pre.shards} and the downloader is disabled; use that shard count or "
                     "enable the downloader to re-shard it",
                 )
