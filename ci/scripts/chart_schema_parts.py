@@ -358,7 +358,9 @@ def batch_stage_vocabulary() -> dict[str, Any]:
 def wait_vocabulary(default_description: str) -> dict[str, Any]:
     return {
         "waitResources": resources(),
-        "waitTimeout": string(default_description, pattern=DURATION, minLength=1),
+        # a bare number is seconds, as `trajflow wait --timeout` reads it
+        "waitTimeout": {"anyOf": [string(pattern=DURATION, minLength=1), integer(minimum=0)],
+                        "description": default_description},
     }
 
 

@@ -238,6 +238,7 @@ GOOD_VALUES = {
                                  "preprocessing.resources.requests.memory": "1.5Gi",
                                  "preprocessing.resources.limits.memory": "2e9", "global.storage.pvc.size": ".5Ti"},
     "no pod failure policy (the documented null)": {"downloader.podFailurePolicy": None},
+    "wait timeout in seconds": {"preprocessing.waitTimeout": 3600, "training.waitTimeout": 86400},
     "settings that only sound secret": {"training.extraEnv": [
         {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
         {"name": "AWS_WEB_IDENTITY_TOKEN_FILE", "value": "/var/run/secrets/token"},

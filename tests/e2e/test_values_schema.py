@@ -37,7 +37,7 @@ def dry_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
         ("downloader.resources.limits.memory=4gb", "downloader.resources.limits.memory: expected a Kubernetes "
          "quantity (such as 500m, 2, 512Mi, 1.5Gi) or a number >= 0, got '4gb'"),
         ("preprocessing.waitTimeout=1h30", "preprocessing.waitTimeout: expected a duration (such as 90s, 30m, 6h, "
-         "1h30m; a bare number is seconds), got '1h30'"),
+         "1h30m; a bare number is seconds) or an integer >= 0, got '1h30'"),
         ("downloader.resources.limits.Bad/gpu=1", "downloader.resources.limits: key 'Bad/gpu': expected a Kubernetes name"),
         ("monitoring.prometheusRule.alerts.jobFailed.for=5 minutes", "monitoring.prometheusRule.alerts.jobFailed.for: "
          "expected a Prometheus duration (such as 30s, 5m, 1h, 1h30m), got '5 minutes'"),
