@@ -65,7 +65,7 @@ class StageSummary:
             text = f"val loss {f['final_val_loss']:.4g}"
             if f.get("initial_val_loss"):
                 text = (f"val loss {f['initial_val_loss']:.4g} → {f['final_val_loss']:.4g} "
-                        f"({f['final_val_loss'] / f['initial_val_loss']:.0%} of initial)")
+                        f"({f['final_val_loss'] / f['initial_val_loss']:.1%} of initial)")
             text += f", {f.get('epochs', 0)} epochs"
             if f.get("samples_per_second"):
                 text += f", {f['samples_per_second']:,.0f} samples/s"
