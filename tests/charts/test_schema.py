@@ -132,6 +132,8 @@ BAD_VALUES = {
                              ["training", "/extraEnv/0", "valueFrom"]),
     "plain-text API key env": ({"preprocessing.extraEnv": [{"name": "WANDB_API_KEY", "value": "k"}]},
                                ["preprocessing", "/extraEnv/0", "valueFrom"]),
+    "plain-text password env, one word": ({"training.extraEnv": [{"name": "PGPASSWORD", "value": "pw"}]},
+                                          ["training", "/extraEnv/0", "valueFrom"]),
     "s3 without a bucket": ({"global.storage.type": "s3"}, ["/global/storage/s3/bucket"]),
     "no PVC and no existing claim": ({"global.storage.pvc.create": False}, ["/global/storage/pvc/existingClaim"]),
     "unknown storage type": ({"global.storage.type": "nfs"}, ["/global/storage/type"]),

@@ -47,6 +47,15 @@ def test_default_failure_policy_follows_the_exit_codes():
     ]
 
 
+def test_a_wait_timeout_in_seconds_reaches_the_commands_as_whole_seconds():
+    # values files give numbers as floats: 1000000 must not become 1e+06, which no duration parser takes
+    objs = render([env_file("dev")], {"preprocessing.waitTimeout": 1000000, "training.waitTimeout": 86400})
+    pre, train = one(objs, "Job", "preprocessing"), one(objs, "Job", "training")
+    assert container(pre, "wait-download")["args"][7:9] == ["--timeout", "1000000"]
+    assert container(pre, "preprocess")["args"][-2:] == ["--wait", "1000000"]
+    assert "86400" in pod_spec(train)["initContainers"][0]["args"]
+
+
 def test_preprocessing_shard_waits_for_its_download_shard():
     objs = render([env_file("production")], api_versions=PROMETHEUS_OPERATOR_APIS)
     job = one(objs, "Job", "preprocessing")

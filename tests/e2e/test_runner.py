@@ -251,6 +251,14 @@ def test_a_fatal_exit_code_stops_the_run_without_retrying(fake: Fake, tmp_path: 
     assert "failing on purpose" in result.failure
 
 
+def test_the_live_view_shows_the_initial_loss_then_the_epochs() -> None:
+    from trajflow.local.progress import training_detail
+
+    assert training_detail({"initial_val_loss": 1.07}, 3) == ("initial val loss 1.07", None)
+    assert training_detail({"initial_val_loss": 1.07, "epoch": 0, "train_loss": 0.5, "val_loss": 0.4}, 3) == (
+        "epoch 1/3 · train loss 0.5 · val loss 0.4", 1)
+
+
 def test_a_failed_training_reports_the_losses_its_log_gave(fake: Fake, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     # no metrics.json: the report takes what this run's training logged, initial loss included

@@ -60,14 +60,15 @@ def test_turning_gunzip_on_plans_again_and_refuses_names_that_would_collide(tmp_
     src.mkdir()
     (src / "expr.tsv.gz").write_bytes(gzip.compress(b"gene\tvalue\n"))
     (src / "sub").mkdir()
-    (src / "sub" / ".gz").write_bytes(b"a file named .gz alone")
+    for odd in (".gz", "..gz", "...gz"):  # nothing would be left of the name without .gz
+        (src / "sub" / odd).write_bytes(b"a file named " + odd.encode())
     assert run(tmp_path / "root", _file_source(src)).exit_code == 0
-    assert set(raw_files(tmp_path / "root")) == {"ds/expr.tsv.gz", "ds/sub/.gz"}
+    assert set(raw_files(tmp_path / "root")) == {"ds/expr.tsv.gz", "ds/sub/.gz", "ds/sub/..gz", "ds/sub/...gz"}
 
     summary = run(tmp_path / "root", _file_source(src, gunzip=True))  # the old plan must not count as done
     assert summary.exit_code == 0 and not summary.already_done
     assert raw_files(tmp_path / "root")["ds/expr.tsv"] == b"gene\tvalue\n"
-    assert raw_files(tmp_path / "root")["ds/sub/.gz"] == b"a file named .gz alone"  # no name left to strip
+    assert raw_files(tmp_path / "root")["ds/sub/..gz"] == b"a file named ..gz"  # kept as it is
 
     (src / "expr.tsv").write_bytes(b"plain")  # would land where expr.tsv.gz is decompressed to
     with pytest.raises(ConfigError, match="would both be stored as 'ds/expr.tsv'"):

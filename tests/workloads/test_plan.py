@@ -142,7 +142,7 @@ def test_plan_is_written_once_and_reused(storage, caplog):
     # back to 3 shards: the 3-shard plan is used as it was made, without k10, and says so
     with caplog.at_level(logging.WARNING, logger="trajflow.plan"):
         assert load_or_create_plan(storage, 3, "gen1", changed_listing) == plan and listed == [1, 2]
-    assert "made earlier for 3 shards, lists other items than the plan in use (4 shards)" in caplog.text
+    assert "(3 shards) lists other items than the plan in use (4 shards)" in caplog.text
     assert "planGeneration" in caplog.text
 
 

@@ -92,7 +92,7 @@ class HttpsSource(_Source):
     @classmethod
     def _urls_are_http(cls, value: list[Union[str, UrlItem]]) -> list[Union[str, UrlItem]]:
         for entry in value:
-            if isinstance(entry, str) and not re.match(formats.HTTP_URL, entry):
+            if isinstance(entry, str) and not re.fullmatch(formats.HTTP_URL, entry):
                 raise ValueError(f"{entry!r} is not {formats.in_words(formats.HTTP_URL)}")
         return value
 

@@ -15,11 +15,11 @@ CONTAINER_ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 ABSOLUTE_PATH = r"^/"
 IMAGE_TAG = r"^([\w][\w.-]{0,127})?$"
 IMAGE_DIGEST = r"^(sha256:[a-f0-9]{64})?$"
-# Environment variable names that carry secrets, as whole words between underscores (so
-# not TOKENIZERS_PARALLELISM): their value must come from valueFrom...
-SECRET_ENV = r"(?i)(^|_)(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|PRIVATE_KEY|API_KEY|CREDENTIALS?)(_|$)"
+# Environment variable names that carry secrets: their value must come from valueFrom...
+SECRET_ENV = r"(?i)(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|PRIVATE_KEY|API_KEY|CREDENTIAL)"
 # ...unless they name where a secret lies (AWS_WEB_IDENTITY_TOKEN_FILE, GOOGLE_APPLICATION_CREDENTIALS)
-SECRET_LOCATION_ENV = r"(?i)(_FILE|_PATH|_DIR)$|^GOOGLE_APPLICATION_CREDENTIALS$"
+# or only sound secret (TOKENIZERS_PARALLELISM)
+SECRET_LOCATION_ENV = r"(?i)(_FILE|_PATH|_DIR)$|^GOOGLE_APPLICATION_CREDENTIALS$|^TOKENIZERS_"
 
 # trajflow
 # `90s`, `30m`, `6h`, `1h30m`, `90` (seconds), as `trajflow wait --timeout` reads them; a bare
@@ -29,7 +29,7 @@ SOURCE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 ENV_NAME_OR_EMPTY = r"^([A-Za-z_][A-Za-z0-9_]*)?$"
 PLAN_GENERATION = r"^[A-Za-z0-9._-]*$"
 S3_URI = r"^s3://[^/]+(/.*)?$"
-HTTP_URL = r"^https?://[^/?#@\s]+([/?#]\S*)?$"  # a host, and no user:password@ (urllib3 would not send it)
+HTTP_URL = r"^https?://[^/?#@\s]+([/?#].*)?$"  # a host, and no user:password@ (urllib3 would not send it)
 HTTP_URL_OR_EMPTY = r"^(https?://[^/\s]+.*)?$"
 PUSHGATEWAY_URL = r"^((https?://[^/\s]+|\{\{).*)?$"
 SHA256_HEX_OR_EMPTY = r"^([0-9a-f]{64})?$"
@@ -59,8 +59,7 @@ IN_WORDS = {
     ENV_NAME_OR_EMPTY: "empty or an environment variable name: letters, digits and '_', not starting with a digit",
     PLAN_GENERATION: "letters, digits, '.', '_' and '-' only",
     S3_URI: "an s3://bucket or s3://bucket/prefix URI",
-    HTTP_URL: "an http:// or https:// URL with a host, without spaces or user:password@ (a token goes in "
-              "authTokenEnv)",
+    HTTP_URL: "an http:// or https:// URL with a host and no user:password@ (a token goes in authTokenEnv)",
     HTTP_URL_OR_EMPTY: "empty or an http:// or https:// URL with a host",
     PUSHGATEWAY_URL: "empty, an http:// or https:// URL with a host, or a Helm template starting with {{",
     SHA256_HEX_OR_EMPTY: "empty or a SHA-256 of 64 lowercase hex digits",

@@ -343,15 +343,14 @@ class ShardDownloader:
         finally:
             if reporter is not None:
                 reporter.stop()
-        summary.results = sorted(self.results, key=lambda r: r.item.key)
-        if summary.exit_code == 0:
+        if not any(r.outcome == "failed" for r in self.results):
             # the manifest vouches for the whole shard: an item without an outcome is a failure
-            concluded = {r.item.key for r in summary.results}
+            concluded = {r.item.key for r in self.results}
             for item in self.items:
                 if item.key not in concluded:
-                    summary.results.append(ItemResult(item, dest_key(self.shard, item.key, self.config.gunzip),
-                                                      "failed", error=f"{item.key}: no outcome", kind="error",
-                                                      reason="storage"))
+                    self._done(ItemResult(item, dest_key(self.shard, item.key, self.config.gunzip), "failed",
+                                          error=f"{item.key}: no outcome", kind="error", reason="storage"))
+        summary.results = sorted(self.results, key=lambda r: r.item.key)
         summary.bytes_received = self.stats.bytes_received
         summary.retries = self.stats.retries
         summary.failures_by_reason = dict(self.stats.failures)
@@ -532,7 +531,7 @@ class ShardDownloader:
             self.metrics.last_progress.set(time.time())
             self.metrics.bytes_completed.set(self.completed_bytes)
         if result.kind == "error" and self.scheduler is not None:
-            log.error("stopping shard %d: the run root failed: %s", self.shard, result.error)
+            log.error("stopping shard %d after an error: %s", self.shard, result.error)
             self.scheduler.stop()
 
     # -- progress -----------------------------------------------------------------------

@@ -190,9 +190,9 @@ def declared_checksums(item: Item) -> Expected:
 
 
 def gunzips(item_key: str, gunzip: bool) -> bool:
-    """Whether the item is stored decompressed: a ``.gz`` name, but not ``.gz`` alone (its
-    final name would be empty)."""
-    return gunzip and item_key.endswith(".gz") and not item_key.endswith("/.gz")
+    """Whether the item is stored decompressed: a ``.gz`` name, unless stripping it leaves
+    no name (``.gz``, ``..gz``, ``...gz``: empty, ``.`` or ``..``)."""
+    return gunzip and item_key.endswith(".gz") and item_key[:-3].rsplit("/", 1)[-1] not in ("", ".", "..")
 
 
 def item_fingerprint(item: Item, gunzip: bool) -> str:

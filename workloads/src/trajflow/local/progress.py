@@ -62,8 +62,8 @@ def training_detail(fields: dict[str, Any], epochs: int | None) -> tuple[str, in
             epoch = None
         if epoch is not None:
             parts.append(f"epoch {epoch}/{epochs}" if epochs else f"epoch {epoch}")
-    if epoch is None and "val_loss" in fields:
-        return f"initial val loss {_fmt_float(fields['val_loss'])}", None
+    if epoch is None and "initial_val_loss" in fields:
+        return f"initial val loss {_fmt_float(fields['initial_val_loss'])}", None
     for key, name in (("train_loss", "train loss"), ("val_loss", "val loss")):
         if key in fields:
             parts.append(f"{name} {_fmt_float(fields[key])}")

@@ -149,8 +149,9 @@ def _warn_if_older_listing(stored: dict[str, Any], current: bytes, where: str) -
     except ValueError:
         return
     if isinstance(in_use, dict) and in_use.get("fingerprint") != stored.get("fingerprint"):
-        log.warning("%s, made earlier for %s shards, lists other items than the plan in use (%s shards): it is "
-                    "used as it is; change downloader.config.planGeneration to list the sources again",
+        log.warning("%s (%s shards) lists other items than the plan in use (%s shards): every pod of this shard "
+                    "count follows it as it was made, however old its listing; change "
+                    "downloader.config.planGeneration to list the sources again",
                     where, stored.get("shards"), in_use.get("shards"))
 
 

@@ -597,7 +597,9 @@ def fetch_shard(storage: Storage, entry: ShardEntry, cache_dir: str | Path, veri
     local = storage.local_path(entry.key)
     if local is not None:
         return local
-    dest = Path(cache_dir) / entry.sha256 / Path(entry.key).name
+    # (a shard opened without its manifest has no sha256: filed by where it comes from)
+    folder = entry.sha256 or hashlib.sha256(f"{storage.uri}/{entry.key}".encode()).hexdigest()
+    dest = Path(cache_dir) / folder / Path(entry.key).name
     if dest.is_file() and dest.stat().st_size == entry.size and (not verify or _file_sha256(dest) == entry.sha256):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)

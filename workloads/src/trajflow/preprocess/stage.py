@@ -168,10 +168,10 @@ def _read_info(storage: Storage, key: str) -> tuple[str, float | None] | None:
     return str(doc.get("robot_type") or ""), float(fps) if isinstance(fps, (int, float)) and fps > 0 else None
 
 
-def _await_info(storage: Storage, key: str, shard: int, shards: int, wait_s: float) -> None:
+def _await_info(storage: Storage, key: str, shard: int, shards: int, wait_s: float, deadline: float) -> None:
     """Wait until ``key``, planned in download shard ``shard``, is there or that shard is
-    done without it; TransientError (retried) after ``wait_s``."""
-    deadline, delay = time.monotonic() + wait_s, 1.0
+    done without it; TransientError (retried) at ``deadline`` (monotonic)."""
+    delay = 1.0
     while not storage.exists(key):
         try:
             done = read_manifest(storage, "download", shard)
@@ -209,12 +209,13 @@ def dataset_hints(storage: Storage, keys: Sequence[str], shard: int, shards: int
         except (FileNotFoundError, ValueError, AttributeError):
             assignments = []
         wanted = {d[len(prefix):] + "meta/info.json": d for d in missing}
+        deadline = time.monotonic() + wait_s  # one wait for all of them
         for j, items in enumerate(assignments):
             for it in items:
                 rel = it.get("key") if isinstance(it, dict) else None
                 if rel in wanted:
                     elsewhere[wanted[rel]] = f"{RAW_DIR}/{shard_name(j)}/{rel}"
-                    _await_info(storage, elsewhere[wanted[rel]], j, shards, wait_s)
+                    _await_info(storage, elsewhere[wanted[rel]], j, shards, wait_s, deadline)
     hints = {}
     for directory in sorted(set(here) | datasets):
         key = here.get(directory) or elsewhere.get(directory)

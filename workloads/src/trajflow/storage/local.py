@@ -64,9 +64,9 @@ class _RangeReader:
         self.close()
 
 
-# Errors of a write that the OS reports without a file name (os.write, fsync): the path
-# is added so that "No space left on device" says which volume filled up.
-_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
+# Errors only a write gets, which the OS reports without a file name (os.write, fsync):
+# the path is added so that "No space left on device" says which volume filled up.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 
 @contextlib.contextmanager

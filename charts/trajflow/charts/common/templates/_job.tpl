@@ -4,6 +4,19 @@ it here with its completions and parallelism.
 */}}
 
 {{/*
+A stage's waitTimeout as `trajflow wait --timeout` reads it: a duration string as given,
+a number as whole seconds (values files give numbers as floats, and `toString` would
+write 1000000 as 1e+06).
+*/}}
+{{- define "trajflow.waitTimeout" -}}
+{{- if kindIs "string" . -}}
+{{- . -}}
+{{- else -}}
+{{- printf "%d" (int64 .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
 ArgoCD annotations of a stage's workload (only under global.argocd.enabled). Takes the
 root context; the wave comes from the stage's syncWave value.
 */}}

@@ -70,7 +70,7 @@ wait), then holds the pod until every preprocessed shard is done. */}}
 {{- $shards := int $v.inputShards -}}
 {{- toJson (dict
   "name" "wait-preprocess"
-  "args" (list "wait" "--stage" "preprocess" "--shards" (printf "0-%d" (sub $shards 1)) "--expect-shards" ($shards | toString) "--timeout" ($v.waitTimeout | toString) "--config" (include "trajflow.configPath" .) "--check-config" "training")
+  "args" (list "wait" "--stage" "preprocess" "--shards" (printf "0-%d" (sub $shards 1)) "--expect-shards" ($shards | toString) "--timeout" (include "trajflow.waitTimeout" $v.waitTimeout) "--config" (include "trajflow.configPath" .) "--check-config" "training")
   "resources" $v.waitResources) -}}
 {{- end -}}
 
