@@ -28,6 +28,7 @@ against the next run.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import gzip
 import hashlib
@@ -41,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 @dataclass
@@ -141,14 +142,17 @@ class FaultyServer:
             self.log.clear()
             self.started.clear()
 
-    def _begin(self) -> None:
+    @contextlib.contextmanager
+    def _answering(self) -> Iterator[None]:
+        """Counts a request from its start until it is logged (see `clear_log`)."""
         with self._lock:
             self._active += 1
-
-    def _end(self) -> None:
-        with self._lock:
-            self._active -= 1
-            self._idle.notify_all()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._active -= 1
+                self._idle.notify_all()
 
     def _next_action(self, path: str) -> str:
         with self._lock:
@@ -230,18 +234,12 @@ def _make_handler(server: FaultyServer) -> type[BaseHTTPRequestHandler]:
             return self.headers.get("If-Match") or self.headers.get("If-Unmodified-Since") or ""
 
         def do_HEAD(self) -> None:
-            server._begin()
-            try:
+            with server._answering():
                 self._head()
-            finally:
-                server._end()
 
         def do_GET(self) -> None:
-            server._begin()
-            try:
+            with server._answering():
                 self._get()
-            finally:
-                server._end()
 
         def _head(self) -> None:
             obj = server.objects.get(self.path)
