@@ -104,12 +104,12 @@ def fatal_storage_error(exc: Exception, where: str) -> TrajflowError | None:
 def plan_in_use(storage: Storage, stage: str, expect_shards: int | None) -> dict[str, Any]:
     """What a download manifest must record to belong to the plan in use (nothing for a
     stage without a plan, no plan yet, or a plan of another shard count than expected)."""
-    if stage != "download" or not storage.exists(PLAN_KEY):
+    if stage != "download":
         return {}
     try:
         doc = json.loads(storage.read_bytes(PLAN_KEY))
     except (ValueError, FileNotFoundError):
-        return {}  # being replaced, or unreadable: the shard count alone decides
+        return {}  # none yet, being replaced, or unreadable: the shard count alone decides
     if not isinstance(doc, dict) or (expect_shards is not None and doc.get("shards") != expect_shards):
         return {}
     return {"generation": doc.get("generation"), "plan_fingerprint": doc.get("fingerprint")}
