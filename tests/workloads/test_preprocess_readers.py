@@ -217,6 +217,48 @@ def test_hdf5_without_data_group_is_unreadable(tmp_path):
         _outcomes("robomimic", str(path))
 
 
+def test_hdf5_data_in_other_files_is_never_read(tmp_path):
+    """A downloaded file must not pull files of the machine that reads it into a shard:
+    external storage, virtual datasets and external links (also behind a soft link) are
+    quarantined, and the demos that keep their data in the file are read."""
+    import h5py
+
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(bytes(range(80)))
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f.create_dataset("state", data=np.full((10, 8), 7.0))
+        f.create_group("data/demo_9").create_dataset(STATE, data=np.full((10, 8), 7.0))
+    path = tmp_path / "demos.h5"
+    with h5py.File(path, "w") as f:
+        good = f.create_group("data/demo_0")
+        good.create_dataset(STATE, data=np.ones((10, 8)))
+        for name in ("demo_0", "demo_1", "demo_2", "demo_3", "demo_4"):
+            g = f.require_group(f"data/{name}")
+            g.attrs["rate_hz"] = 10.0
+            g.create_dataset(ACTION, data=np.ones((10, 1)))
+        f["data/demo_1"].create_dataset(STATE, shape=(10, 8), dtype="u1", external=[(str(secret), 0, 80)])
+        layout = h5py.VirtualLayout(shape=(10, 8), dtype="f8")
+        layout[:] = h5py.VirtualSource(str(tmp_path / "other.h5"), "state", shape=(10, 8))
+        f["data/demo_2"].create_virtual_dataset(STATE, layout)
+        f["data/demo_3"][STATE] = h5py.ExternalLink(str(tmp_path / "other.h5"), "state")
+        f["data/demo_4"]["elsewhere"] = h5py.ExternalLink(str(tmp_path / "other.h5"), "state")
+        f["data/demo_4"][STATE] = h5py.SoftLink("/data/demo_4/elsewhere")
+        f["data/demo_5"] = h5py.ExternalLink(str(tmp_path / "other.h5"), "data/demo_9")
+    out = {o.episode: o for o in _outcomes("robomimic", str(path))}
+    assert isinstance(out.pop("demo_0"), RawEpisode)
+    assert sorted(out) == ["demo_1", "demo_2", "demo_3", "demo_4", "demo_5"]
+    for name, q in out.items():
+        assert isinstance(q, Quarantined) and q.reason == readers.UNREADABLE, name
+    assert "external or virtual storage" in out["demo_1"].detail and "external or virtual" in out["demo_2"].detail
+    assert "links to another file" in out["demo_3"].detail and "links to another file" in out["demo_4"].detail
+    assert "links to another file" in out["demo_5"].detail
+
+    with h5py.File(tmp_path / "linked.h5", "w") as f:
+        f["data"] = h5py.ExternalLink(str(tmp_path / "other.h5"), "data")
+    with pytest.raises(readers.UnreadableFile, match="'data' links to another file"):
+        _outcomes("robomimic", str(tmp_path / "linked.h5"))
+
+
 def test_hdf5_member_name_that_is_not_utf8_is_read(tmp_path):
     import h5py
 

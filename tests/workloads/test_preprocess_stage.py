@@ -725,6 +725,22 @@ def test_streams_are_aligned_across_sources_and_other_widths_quarantined(local_s
                                        atol=2e-5)
 
 
+
+def test_one_odd_episode_read_first_is_the_one_set_aside(local_storage):
+    rng = np.random.default_rng(12)
+    odd = make_episode(rng, "odd", 60.0, 1.0, dims={STATE: 7, ACTION: 3})
+    good = [make_episode(rng, f"e{i}", 60.0, 1.0) for i in range(6)]
+    files = {f"s/{ep.episode}.npz": npz_bytes(timestamps=ep.times, **ep.streams) for ep in [odd, *good]}
+    files["s/0_odd.npz"] = files.pop("s/odd.npz")  # read first
+    publish_raw_shard(local_storage, 0, files)
+    # batches of two: the vote is not one batch's
+    summary = process_shard(local_storage, 0, 1, stage_config(max_bad_fraction=0.2, batch_size=2, sort_window_batches=1))
+    assert summary.quarantined == {"shape_mismatch": 1} and summary.episodes == 6
+    report = json.loads(local_storage.read_bytes(report_key(0)))
+    assert [e["episode"] for e in report["entries"]] == ["0_odd"]
+    reader = open_shard(local_storage.local_path(shard_key(0)))
+    assert reader.dims == {STATE: 6, ACTION: 3} and [e.episode for e in reader.episodes] == [f"e{i}" for i in range(6)]
+
 @pytest.mark.parametrize("dataset", ["lr", "data/pusht"])  # the second in a folder that is also called data
 def test_lerobot_info_in_another_shard_names_the_robot(local_storage, tmp_path, dataset):
     from preprocess_data import read_tree, write_lerobot, write_lerobot_info

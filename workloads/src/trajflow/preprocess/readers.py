@@ -523,6 +523,19 @@ def _raw_fd(src: Any) -> Iterator[int | None]:
             os.close(fd)
 
 
+def _h5_open(group: Any, name: bytes) -> Any:
+    """The object linked as ``name`` from the low-level ``group``, which must lie in the
+    same file: a downloaded file must not make the reader open other files of the machine
+    it runs on (an external link, also one reached through a soft link)."""
+    import h5py
+
+    obj = h5py.h5o.open(group, name)
+    if obj.fileno != group.fileno:
+        raise ValueError(f"{name.decode('utf-8', 'backslashreplace')!r} links to another file, which is not "
+                         "followed: copy its data into this file")
+    return obj
+
+
 def _h5_dataset(group: Any, path: str, fd: int | None = None) -> np.ndarray | None:
     """The dataset at ``path`` below the low-level ``group`` id, read whole; None when
     there is none (absent, or a group). h5py's high-level objects cost ~0.1 ms per call
@@ -540,7 +553,7 @@ def _h5_dataset(group: Any, path: str, fd: int | None = None) -> np.ndarray | No
     for part in parts:
         if not isinstance(obj, h5py.h5g.GroupID) or not obj.links.exists(part):
             return None
-        obj = h5py.h5o.open(obj, part)
+        obj = _h5_open(obj, part)
     if not parts or not isinstance(obj, h5py.h5d.DatasetID):
         return None
     shape = obj.shape  # each property call asks HDF5 again
@@ -556,6 +569,10 @@ def _h5_dataset(group: Any, path: str, fd: int | None = None) -> np.ndarray | No
             if (offset is not None and obj.get_storage_size() == out.nbytes
                     and os.preadv(fd, [out.reshape(-1).view(np.uint8)], offset) == out.nbytes):
                 return out
+        dcpl = obj.get_create_plist()
+        if dcpl.get_external_count() or dcpl.get_layout() == h5py.h5d.VIRTUAL:
+            raise ValueError(f"{path!r} keeps its values in other files (external or virtual storage), which "
+                             "are not read: store them in the file itself")
         obj.read(h5py.h5s.ALL, h5py.h5s.ALL, out)
     return out
 
@@ -569,9 +586,12 @@ def read_robomimic(src: Any, spec: SourceSpec, source: str, robot: str) -> list[
         _reraise_io(exc)
         raise UnreadableFile(f"not a readable HDF5 file: {exc}") from None
     with fh, _raw_fd(src) as fd:
-        data = fh.get("data")
-        if not isinstance(data, h5py.Group):
+        if not fh.id.links.exists(b"data"):
             raise UnreadableFile("no 'data' group (expected robomimic layout data/demo_N/...)")
+        try:
+            data = h5py.Group(_h5_open(fh.id, b"data"))
+        except (KeyError, ValueError) as exc:  # also a dangling link, or a dataset named data (not a group)
+            raise UnreadableFile(f"cannot open 'data': {exc}") from None
         env_args = _env_args(data.attrs)
         kwargs = env_args.get("env_kwargs") if isinstance(env_args.get("env_kwargs"), dict) else {}
         file_rate = _attr_rate(data.attrs) or _attr_rate(kwargs)
@@ -590,7 +610,7 @@ def read_robomimic(src: Any, spec: SourceSpec, source: str, robot: str) -> list[
                    for n in data.keys()]
         for name, raw_name in sorted(members, key=lambda m: _natural_key(m[0])):
             try:
-                demo = h5py.h5o.open(data.id, raw_name)
+                demo = _h5_open(data.id, raw_name)
                 if not isinstance(demo, h5py.h5g.GroupID):
                     continue
                 streams = {s: _h5_dataset(demo, s, fd) for s in spec.streams}
@@ -601,7 +621,7 @@ def read_robomimic(src: Any, spec: SourceSpec, source: str, robot: str) -> list[
                         break
                 rate = None
                 if times is None:
-                    rate = _attr_rate(data[raw_name].attrs) or file_rate or spec.rate_hz
+                    rate = _attr_rate(h5py.Group(demo).attrs) or file_rate or spec.rate_hz
             except MemoryError:
                 raise
             except Exception as exc:  # noqa: BLE001  h5py raises many types for corrupt bytes: that demo is lost

@@ -688,6 +688,44 @@ class ShardProcessor:
                 summary.batches += 1
             window.clear()
 
+        undecided: list[RawEpisode] = []  # the good episodes read before the shard's stream widths are known
+        undecided_bytes = 0
+
+        def open_writer() -> None:
+            """Fix the shard's streams: the widths most of the episodes read first (a sort
+            window's bytes) have, so that one odd episode read first is the one set aside."""
+            nonlocal dims, writer, drain
+            def widths(ep: RawEpisode) -> tuple:
+                return tuple(sorted(ep.dims.items()))
+
+            best = Counter(map(widths, undecided)).most_common(1)[0][0]  # equal counts: the first seen
+            dims = dict(next(ep.dims for ep in undecided if widths(ep) == best))
+            writer = ShardWriter(self.storage, shard_key(self.shard), dims, cfg.dtype, cfg.target_rate_hz,
+                                 spool_bytes=cfg.spool_memory_mib << 20, spill_limit_bytes=spill_limit)
+            drain = _OrderedWriter(writer, self.metrics, dims, cfg.dtype, cfg.prefetch + 1, threaded=resampler.cuda)
+            for ep in undecided:
+                admit(ep)
+            undecided.clear()
+
+        def admit(outcome: RawEpisode) -> None:
+            nonlocal seq, window_bytes
+            assert dims is not None
+            ep = _reorder_columns(outcome, dims)
+            if ep is None:
+                self._quarantine(Quarantined(outcome.source, outcome.episode, readers.SHAPE_MISMATCH,
+                                             f"stream widths {outcome.dims} differ from the shard's {dims}, which "
+                                             "most of its first episodes have"))
+                return
+            too_large = _beyond_dtype(ep, cfg.dtype)
+            if too_large is not None:
+                self._quarantine(too_large)
+                return
+            window.append((seq, ep))
+            window_bytes += ep.frames.nbytes
+            seq += 1
+            if len(window) >= window_size or window_bytes >= window_limit:
+                flush()
+
         def read(w: _Work) -> FileResult:
             return readers.read_item(self.storage, w.key, w.size, w.format, w.spec, robot_hint=w.robot_hint)
 
@@ -707,27 +745,15 @@ class ShardProcessor:
                     summary.trajectories += 1
                     if isinstance(outcome, Quarantined):
                         self._quarantine(outcome)
-                        continue
-                    if dims is None:  # the first good episode fixes the shard's streams
-                        dims = dict(outcome.dims)
-                        writer = ShardWriter(self.storage, shard_key(self.shard), dims, cfg.dtype, cfg.target_rate_hz,
-                                             spool_bytes=cfg.spool_memory_mib << 20, spill_limit_bytes=spill_limit)
-                        drain = _OrderedWriter(writer, self.metrics, dims, cfg.dtype, cfg.prefetch + 1,
-                                               threaded=resampler.cuda)
-                    ep = _reorder_columns(outcome, dims)
-                    if ep is None:
-                        self._quarantine(Quarantined(outcome.source, outcome.episode, readers.SHAPE_MISMATCH,
-                                                     f"stream widths {outcome.dims} differ from the shard's {dims}"))
-                        continue
-                    too_large = _beyond_dtype(ep, cfg.dtype)
-                    if too_large is not None:
-                        self._quarantine(too_large)
-                        continue
-                    window.append((seq, ep))
-                    window_bytes += ep.frames.nbytes
-                    seq += 1
-                    if len(window) >= window_size or window_bytes >= window_limit:
-                        flush()
+                    elif dims is not None:
+                        admit(outcome)
+                    else:
+                        undecided.append(outcome)
+                        undecided_bytes += outcome.frames.nbytes
+                        if undecided_bytes >= window_limit:  # a vote of memory's worth, not of one batch
+                            open_writer()
+            if dims is None and undecided:
+                open_writer()
             flush()
             if drain is not None:
                 drain.finish()
