@@ -317,6 +317,13 @@ def test_dashboard_may_live_in_the_sidecar_namespace():
     objs = render_monitoring({"dashboard": {"namespace": "grafana", "annotations": {"grafana_folder": "ML"}}})
     cm = one(objs, "ConfigMap", component="monitoring")
     assert cm["metadata"]["namespace"] == "grafana" and cm["metadata"]["annotations"] == {"grafana_folder": "ML"}
+    # one release name in two namespaces (an environment each) meets in Grafana's: two ConfigMaps
+    values = {"dashboard": {"namespace": "grafana"}}
+    dev, staging = (one(render_monitoring(values, namespace=ns), "ConfigMap", component="monitoring")["metadata"]["name"]
+                    for ns in ("trajflow-dev", "trajflow-staging"))
+    assert dev != staging and dev.startswith("trajflow-monitoring-dashboard-")
+    at_home = render_monitoring({"dashboard": {"namespace": "trajflow-dev"}}, namespace="trajflow-dev")
+    assert one(at_home, "ConfigMap", component="monitoring")["metadata"]["name"] == "trajflow-monitoring-dashboard"
 
 
 BAD_VALUES = [

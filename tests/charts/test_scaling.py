@@ -185,6 +185,15 @@ def test_long_release_names_keep_names_distinct_and_within_limits(release, launc
         assert len(set(names)) == 3, names
 
 
+def test_long_release_names_that_differ_only_past_the_cut_keep_their_objects_apart():
+    first, second = (("robot-fleet-lerobot-2026-q3-pick-and-place-sweep-v0" + n) for n in "12")
+    names = [{(o["kind"], o["metadata"]["name"]) for o in render([env_file("production")], release=release,
+                                                                   api_versions=PROMETHEUS_OPERATOR_APIS)}
+             for release in (first, second)]
+    assert not names[0] & names[1], sorted(names[0] & names[1])
+    assert all(len(name) <= 63 for _, name in names[0] | names[1])
+
+
 def test_argocd_mode_keeps_finished_jobs_and_orders_the_stages():
     waves = {}
     ttl = {f"{stage}.ttlSecondsAfterFinished": 3600 for stage in STAGES}

@@ -37,10 +37,24 @@ pipeline
 {{- end -}}
 
 {{/*
+`text` cut to at most `max` characters (dict "text" "max"). A cut name ends in a short
+hash of the whole text, so long names that differ only past the cut stay apart.
+*/}}
+{{- define "trajflow.cut" -}}
+{{- $max := int .max -}}
+{{- if le (len .text) $max -}}
+{{- .text -}}
+{{- else -}}
+{{- printf "%s-%s" (.text | trunc (int (sub $max 9)) | trimSuffix "-") (.text | sha256sum | trunc 8) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
 A name that ends in what tells it apart: `<release fullname>[-<stage>][-<suffix>]`, at
 most `max` characters (63 unless given). Takes (dict "context" $ "suffix" "config" "max"
-43); both keys are optional. Only the release part is cut, never the stage or the suffix,
-so the objects of different stages keep different names however long the release name.
+43); both keys are optional. Only the release part is cut (see trajflow.cut), never the
+stage or the suffix, so the objects of different stages keep different names however long
+the release name.
 */}}
 {{- define "trajflow.suffixedName" -}}
 {{- $ctx := .context -}}
@@ -51,9 +65,9 @@ so the objects of different stages keep different names however long the release
 {{- $max := int (.max | default 63) -}}
 {{- $release := include "trajflow.releaseFullname" $ctx -}}
 {{- if not $tail -}}
-{{- $release | trunc $max | trimSuffix "-" -}}
+{{- include "trajflow.cut" (dict "text" $release "max" $max) -}}
 {{- else -}}
-{{- printf "%s-%s" ($release | trunc (int (sub (sub $max (len $tail)) 1)) | trimSuffix "-") $tail -}}
+{{- printf "%s-%s" (include "trajflow.cut" (dict "text" $release "max" (sub (sub $max (len $tail)) 1))) $tail -}}
 {{- end -}}
 {{- end -}}
 
@@ -105,7 +119,7 @@ name is at most 52 and `<job>-<index>` pod hostnames stay within 63.
 {{- if $pvc.existingClaim -}}
 {{- $pvc.existingClaim -}}
 {{- else -}}
-{{- printf "%s-data" (include "trajflow.releaseFullname" . | trunc 58 | trimSuffix "-") -}}
+{{- printf "%s-data" (include "trajflow.cut" (dict "text" (include "trajflow.releaseFullname" .) "max" 58)) -}}
 {{- end -}}
 {{- end -}}
 
@@ -114,7 +128,7 @@ The in-release Pushgateway Service. The monitoring chart names its Service with 
 helper so that stage charts can point at it without seeing the monitoring values.
 */}}
 {{- define "trajflow.pushgatewayServiceName" -}}
-{{- printf "%s-pushgateway" (include "trajflow.releaseFullname" . | trunc 51 | trimSuffix "-") -}}
+{{- printf "%s-pushgateway" (include "trajflow.cut" (dict "text" (include "trajflow.releaseFullname" .) "max" 51)) -}}
 {{- end -}}
 
 {{/*
