@@ -82,6 +82,9 @@ def test_set_string_keeps_a_number_a_string(tmp_path: Path) -> None:
 @pytest.mark.parametrize("text, message", [
     ('training:\n  enabled: "false"\n', "training.enabled: expected boolean"),  # a quoted boolean is not one
     ("downloader:\n  image:\n    tagg: x\n", "downloader.image.tagg: unknown key"),
+    # every key under config commented out: not the defaults, as the chart's schema says
+    ("training:\n  config:\n", "training.config is null, which removes every setting of it"),
+    ("preprocessing:\n  config: []\n", "preprocessing.config must be a map of settings, got list"),
 ])
 def test_a_bad_values_file_is_named(tmp_path: Path, text: str, message: str) -> None:
     bad = tmp_path / "bad.yaml"
@@ -116,3 +119,13 @@ def test_a_fraction_given_by_set_says_why_it_is_a_string(tmp_path: Path) -> None
     assert refused.returncode == 2
     assert ("preprocessing.config.maxBadFraction: Input should be a valid number (got '0.5'); --set passes a "
             "fraction as a string, as Helm does: give it in a values file (-f)") in refused.stderr
+
+
+def test_a_work_dir_that_cannot_be_made_is_named(tmp_path: Path) -> None:
+    # as a read-only volume would (root writes through file modes): the OS refuses the mkdir
+    work_dir = tmp_path / ("x" * 300) / "w"
+    result = subprocess.run([*trajflow_cmd(), "run", "-f", "values/local.yaml", "--dry-run", "--work-dir",
+                             str(work_dir)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"work dir {work_dir}: cannot write" in result.stderr and "File name too long" in result.stderr
+    assert "Traceback" not in result.stderr

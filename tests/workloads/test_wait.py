@@ -1,6 +1,7 @@
 """`trajflow wait`: backoff until upstream manifests exist, exit 6 with a clear line on timeout."""
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -361,6 +362,15 @@ def test_a_credential_endpoint_failing_is_retried_not_a_config_error():
 
     assert fatal_storage_error(CredentialRetrievalError(provider="container-role", error_msg="timed out"), "x") is None
     assert isinstance(fatal_storage_error(NoCredentialsError(), "x"), ConfigError)
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.ENOTDIR])
+def test_a_run_root_no_retry_can_write_is_a_config_error(code):
+    from trajflow.storage.wait import fatal_storage_error
+
+    error = fatal_storage_error(OSError(code, os.strerror(code), "/data/run/plan"), "file:///data/run")
+    assert isinstance(error, ConfigError) and str(error).startswith("cannot use file:///data/run: ")
+    assert fatal_storage_error(OSError(errno.EIO, "I/O error"), "file:///data/run") is None  # retried
 
 
 def test_cli_on_an_endpoint_that_is_no_s3_store_is_one_config_error_line(tmp_path, capsys, monkeypatch):

@@ -261,6 +261,22 @@ class Values:
     def enabled(self, stage: str) -> bool:
         return bool(self.stage(stage).get("enabled", False))
 
+    def stage_config(self, stage: str) -> dict[str, Any]:
+        """A stage's `config` map; {} where no layer has one. Anything else is refused, as
+        the chart's schema refuses it: a null removes the chart's defaults (Helm then finds
+        no `config`), and a list or a scalar is no map of settings."""
+        block = self.stage(stage)
+        if "config" not in block:
+            if any(isinstance(layer.get(stage), dict) and "config" in layer[stage] for _, layer in self.layers):
+                raise ConfigError(f"{self.origin([stage, 'config'])}: {stage}.config is null, which removes every "
+                                  "setting of it; give a map of settings, or leave the key out")
+            return {}
+        config = block["config"]
+        if not isinstance(config, dict):
+            raise ConfigError(f"{self.origin([stage, 'config'])}: {stage}.config must be a map of settings, got "
+                              f"{type(config).__name__}")
+        return config
+
 
 def load_values(
     files: Iterable[str | Path] = (),
@@ -423,10 +439,13 @@ def load_config_file(path: str | Path, stage: str) -> tuple[GlobalConfig, Any]:
         raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGE_MODELS)}")
     doc = _read_config_doc(path)
     glob = validate_global(doc.get("global") or {}, origin=str(path))
+    raw = doc.get("config", {})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: config must be a map of settings, got {type(raw).__name__}")
     try:
-        config = STAGE_MODELS[stage].model_validate(doc.get("config") or {})
+        config = STAGE_MODELS[stage].model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, doc.get("config") or {}, str(path), ["config"], None)) from None
+        raise ConfigError(_format_errors(exc, raw, str(path), ["config"], None)) from None
     return glob, config
 
 
@@ -457,7 +476,7 @@ def stage_settings(
     if values_files or sets:
         values = load_values(values_files, sets)
         glob = validate_global(values.merged.get("global") or {}, values=values)
-        config = validate_stage(stage, values.stage(stage).get("config") or {}, values=values)
+        config = validate_stage(stage, values.stage_config(stage), values=values)
         # outside a pod the values say how many shards the stage has, as they tell the chart
         shards = values.stage(stage).get("shards")
         if shards is not None:

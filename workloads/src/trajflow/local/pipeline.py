@@ -126,7 +126,7 @@ def build_plan(values_files: Iterable[str | Path], sets: Iterable[str] = ()) -> 
         if not enabled_stages[stage]:
             disabled.append(stage)
             continue
-        raw_config = block.get("config") or {}
+        raw_config = values.stage_config(stage)
         config = validate_stage(stage, raw_config, values=values)
         rendered = {"global": _config_file_global(values.merged.get("global") or {}), "config": raw_config}
         knob = lambda key, minimum=1: _int_knob(values, stage, key, minimum, block, not chart_found)  # noqa: E731

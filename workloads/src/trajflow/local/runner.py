@@ -32,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from trajflow.errors import ConfigError, ExitCode
 from trajflow.local import procs
@@ -195,7 +195,8 @@ class Runner:
     ):
         self.plan = plan
         self.work_dir = Path(work_dir)
-        _check_work_dir(self.work_dir)
+        with self._naming_work_dir():
+            _check_work_dir(self.work_dir)
         self.view = view
         self.force = force
         self.command = command or trajflow_command()
@@ -235,8 +236,9 @@ class Runner:
         would start every shard's process a second time over the same files."""
         import fcntl
 
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        fh = open(self.work_dir / "run.lock", "a+")  # not inherited: the children never hold it
+        with self._naming_work_dir():
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            fh = open(self.work_dir / "run.lock", "a+")  # not inherited: the children never hold it
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -281,17 +283,29 @@ class Runner:
 
     # ---- setup -------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _naming_work_dir(self) -> Iterator[None]:
+        """An OS error in the work dir (read-only, no space, a file in the way) as a config
+        error that names it: the run cannot start there."""
+        try:
+            yield
+        except OSError as exc:
+            where = exc.filename or self.work_dir
+            raise ConfigError(f"work dir {self.work_dir}: cannot write {where}: {exc.strerror or exc}; "
+                              "choose another with --work-dir") from None
+
     def write_configs(self) -> None:
         config_dir = self.work_dir / "config"
-        config_dir.mkdir(parents=True, exist_ok=True)
-        for stage in self.plan.stages:
-            path = config_dir / f"{stage.stage}.yaml"
-            data = stage.rendered_yaml
-            if not path.is_file() or path.read_bytes() != data:
-                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-                tmp.write_bytes(data)
-                os.replace(tmp, path)
-            self.config_paths[stage.stage] = path.resolve()
+        with self._naming_work_dir():
+            config_dir.mkdir(parents=True, exist_ok=True)
+            for stage in self.plan.stages:
+                path = config_dir / f"{stage.stage}.yaml"
+                data = stage.rendered_yaml
+                if not path.is_file() or path.read_bytes() != data:
+                    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+                    tmp.write_bytes(data)
+                    os.replace(tmp, path)
+                self.config_paths[stage.stage] = path.resolve()
 
     def _download_shard_counts(self, shards: int) -> set[int]:
         """The shard counts the download manifests 0..shards-1 record."""

@@ -43,6 +43,7 @@ from trajflow.preprocess import readers
 from trajflow.preprocess.readers import FileResult, Quarantined, RawEpisode, SourceSpec
 from trajflow.preprocess.shards import ShardWriter, report_key, shard_key
 from trajflow.resources import cpu_budget, tmp_size_limit
+from trajflow.storage.wait import unusable_root_error
 from trajflow.storage import (
     PLAN_KEY,
     Storage,
@@ -610,6 +611,9 @@ class ShardProcessor:
         except BaseException as exc:
             if not _is_storage_error(exc):
                 raise
+            unusable = unusable_root_error(exc, self.storage.uri)
+            if unusable is not None:
+                raise unusable from None
             raise TransientError(f"shard {shard_name(shard)}: storage error: {type(exc).__name__}: {exc}") from exc
         finally:
             torch.set_num_threads(threads)

@@ -11,6 +11,7 @@ earlier plan may list files that are gone.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import random
@@ -98,7 +99,22 @@ def fatal_storage_error(exc: Exception, where: str) -> TrajflowError | None:
         return ConfigError(f"cannot read {where}: {code or 'access denied'} ({_one_line(exc)}); {hint}")
     if isinstance(exc, PermissionError):
         return ConfigError(f"cannot read {where}: {_one_line(exc)}")
+    return unusable_root_error(exc, where)
+
+
+def unusable_root_error(exc: BaseException, where: str) -> ConfigError | None:
+    """The error to stop with when a filesystem run root cannot be written, and no retry
+    can change that (exit 2); None for any other error."""
+    if isinstance(exc, OSError) and exc.errno in _UNUSABLE_ROOT:
+        return ConfigError(f"cannot use {where}: {_one_line(exc)} ({_UNUSABLE_ROOT[exc.errno]})")
     return None
+
+
+_UNUSABLE_ROOT = {
+    errno.EROFS: "the volume is mounted read-only: the stages write to the run root",
+    errno.ENOTDIR: "a file stands where the run root needs a directory",
+    errno.EEXIST: "a file stands where the run root needs a directory",
+}
 
 
 def plan_in_use(storage: Storage, stage: str, expect_shards: int | None) -> dict[str, Any]:
