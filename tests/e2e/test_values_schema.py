@@ -129,3 +129,12 @@ def test_a_work_dir_that_cannot_be_made_is_named(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"work dir {work_dir}: cannot write" in result.stderr and "File name too long" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_whole_numbers_written_as_floats_pass_as_helm_passes_them(tmp_path: Path) -> None:
+    values = tmp_path / "floats.yaml"
+    values.write_text("training:\n  config:\n    epochs: 3.0\n    window: 1.6e1\n")
+    result = dry_run(tmp_path, "-f", "values/local.yaml", "-f", str(values))
+    assert result.returncode == 0, result.stderr
+    rendered = (tmp_path / "w" / "config" / "training.yaml").read_text()
+    assert "epochs: 3\n" in rendered and "window: 16\n" in rendered

@@ -84,8 +84,16 @@ def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
     return sign * int(digits)
 
 
+def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float | int:
+    # Helm holds every number as a float64 and writes a whole one back as an integer (3.0
+    # reaches the pod as 3, and the schema's `integer` takes it): so does this
+    value = loader.construct_yaml_float(node)
+    return int(value) if value.is_integer() and abs(value) < 2**53 else value
+
+
 HelmYamlLoader.add_constructor("tag:yaml.org,2002:bool", _construct_bool)
 HelmYamlLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+HelmYamlLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 
 
 def _construct_mapping(loader: HelmYamlLoader, node: yaml.MappingNode, deep: bool = False) -> dict[str, Any]:
