@@ -323,3 +323,25 @@ def test_local_runs_give_each_stage_the_config_its_configmap_holds(env):
         pushed_to = in_cluster["global"]["metrics"].pop("pushgatewayUrl")
         assert local["global"]["metrics"].pop("pushgatewayUrl") in ("", pushed_to)
         assert _without_nulls(local) == _without_nulls(in_cluster), stage.stage
+
+
+# values the chart's templates refuse (a `fail`, beyond the schema): `trajflow run` refuses them too
+REFUSED_BY_BOTH = [
+    ({"downloader.maxFailedIndexes": 10}, "downloader.maxFailedIndexes (10) cannot exceed the Job's 4 completions"),
+    ({"preprocessing.enabled": False, "training.inputShards": 2}, "training.inputShards (2) must equal downloader.shards (4)"),
+    ({"training.config.metricsPort": 65535, "training.nprocPerNode": 2},
+     "training.config.metricsPort 65535: local rank i serves port + i, and the last local rank's port 65536 is over 65535"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", REFUSED_BY_BOTH, ids=[m.split(" ")[0] for _, m in REFUSED_BY_BOTH])
+def test_what_the_chart_refuses_a_local_run_refuses(overrides, message):
+    import helm_python as helm
+
+    from trajflow.errors import ConfigError
+    from trajflow.local.pipeline import build_plan
+
+    with pytest.raises(helm.HelmError, match=re.escape(message)):
+        render([env_file("local")], overrides)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_plan([env_file("local")], [f"{key}={str(value).lower()}" for key, value in overrides.items()])

@@ -143,6 +143,13 @@ def build_plan(values_files: Iterable[str | Path], sets: Iterable[str] = ()) -> 
                 )
             if nodes > 1:
                 log.info("training.nodes is %d; locally all %d process(es) run on this machine as one node", nodes, nproc)
+            _check_max_failed_indexes(values, stage, block, nodes)
+            port = getattr(config, "metrics_port", 0)
+            if port and port + nproc - 1 > 65535:
+                raise ConfigError(
+                    f"{values.origin([stage, 'config', 'metricsPort'])}: training.config.metricsPort {port}: local rank "
+                    f"i serves port + i, and the last local rank's port {port + nproc - 1} is over 65535"
+                )
             plans.append(
                 StagePlan(
                     stage, command, module, shards=1, parallelism=1, retries=retries, rendered=rendered, config=config,
@@ -151,7 +158,12 @@ def build_plan(values_files: Iterable[str | Path], sets: Iterable[str] = ()) -> 
             )
         else:
             shards = knob("shards")
-            parallelism = min(knob("parallelism"), shards)
+            parallelism = knob("parallelism", 0)
+            if parallelism == 0:
+                raise ConfigError(f"{values.origin([stage, 'parallelism'])}: {stage}.parallelism is 0: on a cluster "
+                                  "the Job runs no pod until it is raised; a local run needs at least 1")
+            parallelism = min(parallelism, shards)
+            _check_max_failed_indexes(values, stage, block, shards)
             plans.append(StagePlan(stage, command, module, shards, parallelism, retries, rendered, config,
                                    wait_timeout=str(block.get("waitTimeout") or "")))
     if not plans:
@@ -205,8 +217,17 @@ def _untemplated(values: Values) -> Values:
     return Values(merged, values.layers)
 
 
+def _check_max_failed_indexes(values: Values, stage: str, block: dict[str, Any], completions: int) -> None:
+    """As the chart refuses it: a Job cannot tolerate more failed indexes than it has."""
+    limit = block.get("maxFailedIndexes")
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit > completions:
+        raise ConfigError(f"{values.origin([stage, 'maxFailedIndexes'])}: {stage}.maxFailedIndexes ({limit}) cannot "
+                          f"exceed the Job's {completions} completions")
+
+
 def _check_shard_counts(values: Values, plans: list[StagePlan]) -> None:
-    """Preprocessing shard i consumes download shard i; training waits for every preprocessed shard."""
+    """Preprocessing shard i consumes download shard i; training waits for every preprocessed
+    shard (as many as download shards, also when preprocessing is off: the chart's rules)."""
     by_name = {p.stage: p for p in plans}
     down, pre, train = by_name.get("downloader"), by_name.get("preprocessing"), by_name.get("training")
     if down and pre and down.shards != pre.shards:
@@ -214,10 +235,11 @@ def _check_shard_counts(values: Values, plans: list[StagePlan]) -> None:
             f"{values.origin(['preprocessing', 'shards'])}: preprocessing.shards ({pre.shards}) must equal "
             f"downloader.shards ({down.shards}): preprocessing shard i consumes download shard i"
         )
-    if pre and train and train.input_shards != pre.shards:
+    upstream = ("preprocessing", pre) if pre else ("downloader", down)
+    if upstream[1] and train and train.input_shards != upstream[1].shards:
         raise ConfigError(
             f"{values.origin(['training', 'inputShards'])}: training.inputShards ({train.input_shards}) must equal "
-            f"preprocessing.shards ({pre.shards}): training waits for every preprocessed shard"
+            f"{upstream[0]}.shards ({upstream[1].shards}): training waits for every preprocessed shard"
         )
 
 
