@@ -128,6 +128,8 @@ def test_refuses_a_foreign_directory_and_bad_parameters(tmp_path: Path) -> None:
         generate(tmp_path / "a", DemoSpec(episodes=2, rates_hz=(500.0,)))
     with pytest.raises(ConfigError, match="at least one episode per robot"):
         generate(tmp_path / "b", DemoSpec(episodes=1, rates_hz=(30.0, 60.0)))
+    with pytest.raises(ConfigError, match="at most 10000 episodes"):  # not a MemoryError hours later
+        generate(tmp_path / "c", DemoSpec(episodes=10**9, rates_hz=(30.0,)))
     assert default_rates(4) == [30.0, 67.0, 149.0, 333.0]
     assert min(default_rates(7)) == 30.0 and max(default_rates(7)) == 333.0
 
@@ -145,6 +147,11 @@ def test_cli(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "trajflow.cli", "demo-data", "--out", str(out), "--rates", "10,20"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "10 Hz is outside" in bad.stderr
+    # a directory the OS refuses (root writes through file modes; a name too long is refused to all)
+    unwritable = tmp_path / ("x" * 300)
+    bad = subprocess.run([sys.executable, "-m", "trajflow.cli", "demo-data", "--out", str(unwritable), "--episodes", "1",
+                          "--robots", "1"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and f"--out {unwritable}: cannot write" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_an_interrupted_generation_is_redone(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -363,6 +363,9 @@ def _prepare_out_dir(out: Path, spec: DemoSpec, planned: list[str]) -> dict[str,
     return None
 
 
+MAX_EPISODES = 10000
+
+
 def generate(out: str | Path, spec: DemoSpec) -> dict[str, Any]:
     """Write the dataset (or find it already written); returns the marker document."""
     import numpy as np
@@ -375,6 +378,9 @@ def generate(out: str | Path, spec: DemoSpec) -> dict[str, Any]:
             raise ConfigError(f"--rates: {rate:g} Hz is outside {MIN_RATE_HZ:g}..{MAX_RATE_HZ:g} Hz")
     if spec.episodes < len(rates):
         raise ConfigError(f"--episodes {spec.episodes}: need at least one episode per robot ({len(rates)} robots)")
+    if spec.episodes > MAX_EPISODES:
+        # a robot's episodes are simulated together, in memory
+        raise ConfigError(f"--episodes {spec.episodes}: a demo dataset has at most {MAX_EPISODES} episodes")
     if not 0 < spec.min_seconds <= spec.max_seconds:
         raise ConfigError(f"episode length range {spec.min_seconds:g}..{spec.max_seconds:g} s is empty or not positive")
     if spec.max_seconds > 600:
@@ -416,7 +422,7 @@ def _rates(text: str) -> list[float]:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=".trajflow/demo-source", help="dataset directory (default .trajflow/demo-source)")
-    parser.add_argument("--episodes", type=int, default=96, help="episodes over all robots (default 96)")
+    parser.add_argument("--episodes", type=int, default=96, help="episodes over all robots (default 96, at most 10000)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
     parser.add_argument("--robots", type=int, default=4, help="robots, rates spread over 30..333 Hz (default 4)")
     parser.add_argument("--rates", type=_rates, default=None, metavar="HZ,HZ,...", help="explicit recording rates, one robot each")
@@ -433,5 +439,8 @@ def run(args: argparse.Namespace) -> int:
         min_seconds=args.min_seconds,
         max_seconds=args.max_seconds,
     )
-    generate(args.out, spec)
+    try:
+        generate(args.out, spec)
+    except OSError as exc:
+        raise ConfigError(f"--out {args.out}: cannot write {exc.filename or args.out}: {exc.strerror or exc}") from None
     return 0

@@ -41,6 +41,10 @@ def parse_duration(text: str) -> float:
     return bare + h * 3600 + mi * 60 + s
 
 
+# the charts' most shards (values.schema.json): a larger index names no shard
+MAX_SHARDS = 100000
+
+
 def parse_shards(spec: str) -> set[int]:
     """`3`, `0-7`, `0,2,5-6`."""
     out: set[int] = set()
@@ -52,6 +56,8 @@ def parse_shards(spec: str) -> set[int]:
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
             raise ConfigError(f"invalid shard range {part!r}: end before start")
+        if hi >= MAX_SHARDS:
+            raise ConfigError(f"invalid shard {hi} in {part!r}: shard indexes run from 0 to {MAX_SHARDS - 1}")
         out.update(range(lo, hi + 1))
     return out
 
