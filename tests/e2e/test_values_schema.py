@@ -39,6 +39,8 @@ def dry_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
         ("preprocessing.waitTimeout=1h30", "preprocessing.waitTimeout: expected a duration (such as 90s, 30m, 6h, "
          "1h30m; a bare number is seconds) or an integer >= 0, got '1h30'"),
         ("downloader.resources.limits.Bad/gpu=1", "downloader.resources.limits: key 'Bad/gpu': expected a Kubernetes name"),
+        # accepted by the chart, but a local run would never start the stage
+        ("downloader.parallelism=0", "downloader.parallelism is 0: on a cluster the Job runs no pod"),
         ("monitoring.prometheusRule.alerts.jobFailed.for=5 minutes", "monitoring.prometheusRule.alerts.jobFailed.for: "
          "expected a Prometheus duration (such as 30s, 5m, 1h, 1h30m), got '5 minutes'"),
     ],
@@ -138,3 +140,9 @@ def test_whole_numbers_written_as_floats_pass_as_helm_passes_them(tmp_path: Path
     assert result.returncode == 0, result.stderr
     rendered = (tmp_path / "w" / "config" / "training.yaml").read_text()
     assert "epochs: 3\n" in rendered and "window: 16\n" in rendered
+
+
+def test_a_list_padded_by_set_is_not_told_to_use_set_string(tmp_path: Path) -> None:
+    result = dry_run(tmp_path, "-f", "values/local.yaml", "--set", "preprocessing.config.streams[3]=x")
+    assert result.returncode == 2
+    assert "preprocessing.config.streams[2]: expected a string, got null\n" in result.stderr  # no --set-string hint

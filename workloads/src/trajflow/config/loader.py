@@ -368,7 +368,7 @@ def _format_errors(exc: ValidationError, raw: Any, origin: str | None, prefix: l
         elif err["type"] == "missing":
             msg = "required key is missing"
         elif err["type"] == "string_type" and not isinstance(err["input"], (dict, list)):
-            msg = f"expected a string, got {_shown(err['input'])}" + _set_string_hint(where)
+            msg = f"expected a string, got {_shown(err['input'])}" + _set_string_hint(where, err["input"])
         elif err["type"] == "string_pattern_mismatch":
             msg = f"expected {formats.in_words(str(err['ctx']['pattern']))}, got {err['input']!r}"
         elif err["type"] == "value_error":
@@ -547,9 +547,10 @@ def _shown(value: Any) -> str:
     return json.dumps(value) if value is None or isinstance(value, bool) else repr(value)
 
 
-def _set_string_hint(origin: str | None) -> str:
-    """For a number or boolean given where a string belongs: the way to give it as a string."""
-    return "; --set-string keeps it a string" if (origin or "").startswith("--set ") else ""
+def _set_string_hint(origin: str | None, value: Any) -> str:
+    """For a number or boolean given where a string belongs: the way to give it as a string
+    (a null is no such value: --set pads a list with nulls up to the index it sets)."""
+    return "; --set-string keeps it a string" if (origin or "").startswith("--set ") and value is not None else ""
 
 
 def _set_number_hint(origin: str | None, value: Any) -> str:
@@ -593,7 +594,7 @@ def _schema_error_lines(error: Any, prefix: list[str | int], origin: str) -> lis
         if error.validator == "type":
             name = type(error.instance).__name__
             got += f" ({_JSON_TYPE_NAMES.get(name, name)})"
-        hint = _set_string_hint(origin) if error.validator == "type" and "string" in error.validator_value else ""
+        hint = _set_string_hint(origin, error.instance) if error.validator == "type" and "string" in error.validator_value else ""
         if error.validator == "type" and "number" in _as_list(error.validator_value):
             hint += _set_number_hint(origin, error.instance)
         return [(path, f"expected {_schema_expectation(error.schema)}, got {got}{hint}")]
