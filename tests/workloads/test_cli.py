@@ -168,3 +168,17 @@ def test_a_local_launch_starts_one_gpu_worker_per_gpu_at_most(monkeypatch):
     assert _local_nproc("2", "cpu") == "2" and _local_nproc("gpu", "auto") == "gpu" and _local_nproc("1", "auto") == "1"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _local_nproc("2", "auto") == "2"  # gloo on the CPU
+
+
+def test_gpu_workers_are_counted_and_none_is_a_config_error(monkeypatch):
+    import torch
+
+    from trajflow.errors import ConfigError
+    from trajflow.train.cli import _gpu_count
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert _gpu_count("gpu") == "4" and _gpu_count("2") == "2" and _gpu_count("auto") == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="--nproc-per-node gpu: this machine has no CUDA GPU"):
+        _gpu_count("gpu")  # torch itself raises a bare ValueError deep in the agent

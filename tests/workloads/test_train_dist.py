@@ -92,11 +92,13 @@ class Run:
         return doc
 
 
-def start_run(tmp_path: Path, run_id: str, nproc: int, max_restarts: int = 0, **overrides: object) -> Run:
+def start_run(tmp_path: Path, run_id: str, nproc: int, max_restarts: int = 0, data: bool = True,
+              **overrides: object) -> Run:
     port = free_port_pair()
     settings = local_settings(tmp_path, run_id, **{**CONFIG, "metrics_port": port, **overrides})
     root = tmp_path / run_id
-    write_synthetic_shards(LocalStorage(root), shards=2, episodes_per_shard=6, length=120)
+    if data:
+        write_synthetic_shards(LocalStorage(root), shards=2, episodes_per_shard=6, length=120)
     config_file = write_config_file(tmp_path / f"{run_id}.yaml", settings)
     log_path = tmp_path / f"{run_id}.log"
     env = {**os.environ, "TRAJFLOW_LOG_FORMAT": "json", "OMP_NUM_THREADS": "1"}
@@ -221,12 +223,47 @@ def test_killed_rank_restarts_the_group_and_resumes_to_the_same_result(tmp_path:
     assert doc["parameter_digests"] == reference["parameter_digests"]
 
 
-def test_diverged_run_exits_with_the_diverged_code_after_restarts(tmp_path: Path) -> None:
-    run = start_run(tmp_path, "nan", nproc=1, max_restarts=1, learning_rate=1e30, grad_clip=0.0, metrics_port=0)
+def test_diverged_run_exits_with_the_diverged_code_and_restarts_do_not_retrain(tmp_path: Path) -> None:
+    run = start_run(tmp_path, "nan", nproc=1, max_restarts=2, learning_rate=1e30, grad_clip=0.0, metrics_port=0)
     assert run.wait() == int(ExitCode.DIVERGED), run.log()[-4000:]
     text = run.log()
-    assert "training diverged: the loss or gradient norm became NaN/Inf" in text
+    assert text.count("training diverged: the loss or gradient norm became NaN/Inf") == 3, text[-4000:]
+    # the agent restarted the group twice; each restarted worker stopped at once
+    assert text.count("not retried: an earlier attempt of this worker group failed") == 2
     assert '"worker_exit_codes"' in text
     doc = run.metrics()
-    assert doc["status"] == "diverged" and doc["restarts"] == 1
+    assert doc["status"] == "diverged" and doc["restarts"] == 0  # written by the one attempt that trained
     assert CheckpointStore(run.storage).list() == []
+
+
+def test_every_rank_stops_with_the_error_of_the_rank_that_reads_the_data(tmp_path: Path) -> None:
+    run = start_run(tmp_path, "nodata", nproc=2, data=False, metrics_port=0)
+    assert run.wait() == int(ExitCode.TRANSIENT), run.log()[-4000:]
+    text = run.log()
+    assert text.count("no done shards yet; training starts after preprocessing has finished") == 2
+    assert "failed unexpectedly" not in text and '"worker_exit_codes": {"0": 4, "1": 4}' in text
+
+
+def test_workers_die_with_a_killed_launcher(tmp_path: Path) -> None:
+    run = start_run(tmp_path, "orphans", nproc=2, epochs=100000, metrics_port=0, early_stopping={"enabled": False})
+    deadline = time.monotonic() + 120
+    while '"msg": "epoch done"' not in run.log() and run.process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # training, past the rendezvous: the workers no longer need the agent
+    workers = children(run.process.pid)
+    assert len(workers) == 2, run.log()[-4000:]
+    run.process.kill()  # SIGKILL to the launcher alone (an OOM kill): torch gave its workers sessions of their own
+    run.process.wait()
+    deadline = time.monotonic() + 20  # a worker left behind would train on for hours
+    while any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = [pid for pid in workers if Path(f"/proc/{pid}").exists() and _state(pid) != "Z"]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"

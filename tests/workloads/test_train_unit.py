@@ -704,3 +704,16 @@ def test_a_metrics_port_beyond_65535_for_a_local_rank_warns_instead_of_failing(c
         endpoint = MetricsEndpoint(train_metrics(), config, DistContext(rank=1, world_size=2, local_rank=1))
     endpoint.close()
     assert endpoint.port == 0 and "cannot serve /metrics on port 65536" in caplog.text
+
+
+def test_only_the_rank_that_writes_checkpoints_names_the_last_one(tmp_path: Path) -> None:
+    from trajflow.metrics import train_metrics
+    from trajflow.train.dist import DistContext
+    from trajflow.train.loop import Trainer
+
+    settings, storage = small_run(tmp_path)
+    main = Trainer(settings, DistContext(), storage, train_metrics())._diverged(float("nan"), 0, "train")
+    other = Trainer(settings, DistContext(rank=1, world_size=2), storage, train_metrics())._diverged(float("nan"), 0,
+                                                                                                   "train")
+    assert "last good checkpoint: none yet" in str(main)
+    assert "checkpoint" not in str(other)  # rank 1 never learns of rank 0's: it must not say there is none

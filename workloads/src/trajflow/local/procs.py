@@ -29,9 +29,10 @@ if sys.platform.startswith("linux"):
         _libc = None
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+def die_with_parent() -> bool:
+    """SIGTERM this process when its parent dies (Linux); True when it is set. Also run in
+    a child between fork and exec."""
+    return _libc is not None and _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0
 
 
 def become_subreaper() -> bool:
@@ -55,7 +56,7 @@ def spawn(argv: list[str], env: dict[str, str], cwd: str | Path | None = None) -
         cwd=cwd,
         start_new_session=True,
         # only a prctl call between fork and exec, made while this thread holds the GIL
-        preexec_fn=_die_with_parent if _libc is not None else None,
+        preexec_fn=die_with_parent if _libc is not None else None,
     )
 
 

@@ -20,6 +20,7 @@ from typing import Callable
 
 from trajflow.config import add_config_arguments, stage_settings
 from trajflow.config.merge import set_option
+from trajflow.errors import ConfigError, ExitCode, TrajflowError
 
 STAGE = "training"
 log = logging.getLogger(__name__)
@@ -102,11 +103,38 @@ def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return stage_settings(STAGE, args.config, args.values, args.set, env=env)
 
 
+def _gpu_count(nproc: str) -> str:
+    """torchrun's `gpu` as a count: torch's own answer on a machine without CUDA is a traceback."""
+    if nproc != "gpu":
+        return nproc
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not gpus:
+        raise ConfigError("--nproc-per-node gpu: this machine has no CUDA GPU; give a number of workers")
+    return str(gpus)
+
+
+def _tie_to_agent() -> None:
+    """A worker dies with the elastic agent that started it. Torch gives each worker a
+    session of its own, so a killed agent (OOM, SIGKILL) would leave them training on."""
+    from trajflow.local.procs import die_with_parent
+    from trajflow.train.launch import AGENT_PID_ENV
+
+    agent = os.environ.get(AGENT_PID_ENV, "")
+    if agent.isdigit() and die_with_parent() and os.getppid() != int(agent):
+        log.error("the launcher (pid %s) that started this worker is gone; stopping", agent)
+        sys.exit(int(ExitCode.ERROR))
+
+
 def run(args: argparse.Namespace) -> int:
+    if _inside_torchrun():
+        return _worker(args)
     settings = _settings(args)  # config errors surface here, before any worker starts
-    if args.nproc_per_node and not _inside_torchrun():
+    if args.nproc_per_node:
         from trajflow.train.launch import LaunchOptions, launch, launch_local
 
+        args.nproc_per_node = _gpu_count(args.nproc_per_node)
         if not args.rdzv_endpoint and args.nnodes == "1":
             nproc = _local_nproc(args.nproc_per_node, settings.config.device)
             return launch_local(nproc, _config_args(args), max_restarts=args.max_restarts,
@@ -122,7 +150,28 @@ def run(args: argparse.Namespace) -> int:
             local_addr=args.local_addr,
         )
         return launch(options, _config_args(args), args.log_level)
+    return _train(settings)
 
+
+def _worker(args: argparse.Namespace) -> int:
+    """One worker of the group torch's elastic agent started."""
+    from trajflow.train.launch import earlier_final_failure, record_final_failure
+
+    _tie_to_agent()
+    earlier = earlier_final_failure()
+    if earlier is not None:
+        code, message = earlier
+        log.error("not retried: an earlier attempt of this worker group failed in a way no restart changes "
+                  "(exit %d): %s", code, message)
+        return code
+    try:
+        return _train(_settings(args))
+    except TrajflowError as exc:
+        record_final_failure(exc)
+        raise
+
+
+def _train(settings) -> int:  # type: ignore[no-untyped-def]
     from trajflow.train.loop import train
 
     summary = train(settings)

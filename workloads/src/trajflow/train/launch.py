@@ -9,19 +9,56 @@ then DIVERGED, PERMANENT, TRANSIENT, TIMEOUT; anything else (a crash, a signal) 
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import shutil
 import socket
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from trajflow.errors import ExitCode
+from trajflow.errors import ExitCode, TrajflowError
 
 log = logging.getLogger(__name__)
 
 # the order in which a worker exit code decides the pod's
 _DECISIVE = (ExitCode.CONFIG, ExitCode.DIVERGED, ExitCode.PERMANENT, ExitCode.TRANSIENT, ExitCode.TIMEOUT)
+# worker exit codes no restart of the group changes (the chart fails the Job or the index on them)
+FINAL = (ExitCode.CONFIG, ExitCode.PERMANENT, ExitCode.DIVERGED)
+# set by the launcher for its workers: where a worker records a final failure, and the agent's pid
+FINAL_FAILURE_ENV = "TRAJFLOW_FINAL_FAILURE_FILE"
+AGENT_PID_ENV = "TRAJFLOW_AGENT_PID"
+
+
+def record_final_failure(exc: TrajflowError) -> None:
+    """Note a worker's final failure for the restarted group (see `earlier_final_failure`)."""
+    path = os.environ.get(FINAL_FAILURE_ENV)
+    if not path or exc.exit_code not in FINAL:
+        return
+    with contextlib.suppress(OSError):
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, "w") as fh:
+            json.dump({"exit_code": int(exc.exit_code), "message": str(exc)}, fh)
+        os.replace(tmp, path)
+
+
+def earlier_final_failure() -> tuple[int, str] | None:
+    """(exit code, message) of a final failure of an earlier attempt of this group: the
+    agent restarts the workers after any failure (--max-restarts), and a restarted worker
+    that would only fail the same way (a config error, a divergence) again exits at once,
+    with no data loaded or steps retrained."""
+    path = os.environ.get(FINAL_FAILURE_ENV)
+    if not path:
+        return None
+    try:
+        with open(path) as fh:
+            doc = json.load(fh)
+        return int(doc["exit_code"]), str(doc["message"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def pod_exit_code(worker_codes: Iterable[int]) -> int:
@@ -92,6 +129,9 @@ def launch(options: LaunchOptions, train_args: Sequence[str], log_level: str | N
     command = worker_command(train_args, log_level)
     argv = [*options.torchrun_args(), "--no-python", command[0], *command[1:]]
     log.info("starting training workers", extra={"torchrun": argv})
+    markers = tempfile.mkdtemp(prefix="trajflow-train-")
+    os.environ[FINAL_FAILURE_ENV] = os.path.join(markers, "final-failure.json")
+    os.environ[AGENT_PID_ENV] = str(os.getpid())
     try:
         run(parse_args(argv))
     except ChildFailedError as exc:
@@ -109,6 +149,10 @@ def launch(options: LaunchOptions, train_args: Sequence[str], log_level: str | N
     except SignalException as exc:
         log.warning("launcher stopped by signal %s", exc.sigval)
         return 128 + int(exc.sigval)
+    finally:
+        shutil.rmtree(markers, ignore_errors=True)
+        for name in (FINAL_FAILURE_ENV, AGENT_PID_ENV):
+            os.environ.pop(name, None)
     return int(ExitCode.OK)
 
 

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from trajflow.config import StageSettings
 from trajflow.config.train import TrainConfig
-from trajflow.errors import ConfigError, PermanentError
+from trajflow.errors import ConfigError, PermanentError, TrajflowError
 from trajflow.metrics import Pusher, StageMetrics, train_metrics
 from trajflow.storage import LocalStorage, Storage, open_run_root
 from trajflow.train import artifacts
@@ -177,11 +177,21 @@ class Trainer:
         cache = cfg.cache_dir or None
         # the first rank of each node fetches (S3) or checks (filesystem) the shards against their
         # manifests; the others then open what it found good
+        shards, failure = None, None
         if self.dist.local_rank == 0:
-            shards = open_shards(self.storage, streams, cache)
-            self.dist.barrier()
-        else:
-            self.dist.barrier()
+            try:
+                shards = open_shards(self.storage, streams, cache)
+            except TrajflowError as exc:
+                failure = exc
+        # in place of a barrier: every rank stops with the error (and exit code) that stopped a
+        # first rank, instead of losing that peer in the barrier
+        failures = [f for f in self.dist.gather_objects(failure and (type(failure), str(failure))) if f]
+        if failure is not None:
+            raise failure
+        if failures:
+            kind, message = failures[0]
+            raise kind(message)
+        if shards is None:
             shards = open_shards(self.storage, streams, cache, verify=False)
         data = build_data(shards, cfg)
         if len(data.train) == 0 or len(data.val) == 0:
@@ -340,11 +350,13 @@ class Trainer:
         # it). A finite mean loss means the gradient norm diverged: the next loss would be
         # NaN, so NaN is what the gauge says.
         self.metrics.loss.labels(split=split).set(loss if not math.isfinite(loss) else math.nan)
-        where = self.last_checkpoint.key if self.last_checkpoint else "none yet"
+        # rank 0 writes the checkpoints: only it can name the last one
+        where = ""
+        if self.dist.is_main:
+            where = f"; last good checkpoint: {self.last_checkpoint.key if self.last_checkpoint else 'none yet'}"
         return TrainingDiverged(
             f"training diverged: the loss or gradient norm became NaN/Inf at epoch {epoch}, step {self.state.step + 1} "
-            f"(mean loss {loss}); last good checkpoint: {where}. Lower training.config.learningRate, "
-            "set gradClip, or check the data"
+            f"(mean loss {loss}){where}. Lower training.config.learningRate, set gradClip, or check the data"
         )
 
     # ---- the run ------------------------------------------------------------------------
