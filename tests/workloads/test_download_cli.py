@@ -131,16 +131,21 @@ def test_exit_codes_follow_the_failure_kind(server: FaultyServer, tmp_path: Path
 
 
 def test_plan_only_prints_this_shards_items(server: FaultyServer, tmp_path: Path) -> None:
-    urls = [server.add(f"/{i}.bin", payload(100 * (i + 1))) for i in range(5)]
-    config = write_config(tmp_path, [{"type": "https", "name": "web", "urls": urls}])
-    lines = []
-    for shard in range(3):
-        out = trajflow(["download", "--config", str(config), "--plan-only"], shard=shard, shards=3)
-        assert out.returncode == 0, out.stderr
-        lines += [json.loads(line)["key"] for line in out.stdout.splitlines()]
+    gateway = PushCapture()
+    try:
+        urls = [server.add(f"/{i}.bin", payload(100 * (i + 1))) for i in range(5)]
+        config = write_config(tmp_path, [{"type": "https", "name": "web", "urls": urls}], pushgateway=gateway.url)
+        lines = []
+        for shard in range(3):
+            out = trajflow(["download", "--config", str(config), "--plan-only"], shard=shard, shards=3)
+            assert out.returncode == 0, out.stderr
+            lines += [json.loads(line)["key"] for line in out.stdout.splitlines()]
+    finally:
+        gateway.stop()
     assert sorted(lines) == sorted(f"web/{i}.bin" for i in range(5))
     assert server.requests() == []  # planning only sizes with HEAD
     assert not (tmp_path / "root" / "clirun" / "raw").exists()
+    assert gateway.pushes == []  # zeros would replace the figures of the shard's real download
 
 
 def test_metrics_are_pushed_with_the_shard_in_the_grouping_key(server: FaultyServer, tmp_path: Path) -> None:

@@ -62,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
     root = open_run_root(settings.global_)
     metrics = download_metrics()
     metrics.start_time.set(time.time())
-    pusher = Pusher(settings.global_.metrics.pushgateway_url, metrics, settings.global_.run_id, settings.shard)
+    # a plan alone fetches nothing: its push would replace the shard's real figures with zeros
+    url = "" if args.plan_only else settings.global_.metrics.pushgateway_url
+    pusher = Pusher(url, metrics, settings.global_.run_id, settings.shard)
     pusher.start(config.push_interval_seconds)
     success = False
     try:
