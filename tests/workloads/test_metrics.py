@@ -58,6 +58,16 @@ def _sample(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
+def test_pods_push_with_their_namespace_in_the_grouping_key(recorder, monkeypatch):
+    # one Pushgateway outside the releases: the same run id in two namespaces stays two groups
+    monkeypatch.setenv("TRAJFLOW_NAMESPACE", "trajflow-dev")
+    assert Pusher(recorder.url, download_metrics(), run="default", shard=0).push() is True
+    [(_, path, _)] = recorder.requests
+    parts = path.split("/")
+    assert dict(zip(parts[4::2], parts[5::2])) == {"run": "default", "stage": "download", "shard": "0",
+                                                   "namespace": "trajflow-dev"}
+
+
 def test_push_uses_pushadd_with_the_grouping_key(recorder):
     metrics = download_metrics()
     metrics.bytes.inc(1234)

@@ -10,6 +10,7 @@ rules and the dashboard can be checked against the names the code really uses.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 disable_created_metrics()
 
 PUSH_JOB = "trajflow"
+NAMESPACE_ENV = "TRAJFLOW_NAMESPACE"  # set by the chart: the pod's namespace
 # trajflow_download_items_total{outcome}
 DOWNLOAD_OUTCOMES = ("fetched", "skipped", "reused", "adopted", "missing", "failed")
 
@@ -161,13 +163,19 @@ def exported_names() -> set[str]:
 
 
 class Pusher:
-    """Push a stage's registry with grouping key {run, stage, shard} and any further
-    ``labels`` (training: local_rank); never raises."""
+    """Push a stage's registry with grouping key {run, stage, shard}, the pod's namespace
+    where the chart names it, and any further ``labels`` (training: local_rank); never raises.
+
+    The namespace keeps releases of several namespaces apart on one Pushgateway outside
+    the release, and (scraped with honor_labels) gives their series the namespace the
+    alert rules select, not the Pushgateway's."""
 
     def __init__(self, url: str, metrics: StageMetrics, run: str, shard: int | str, timeout: float = 5.0,
                  labels: Mapping[str, str] | None = None):
         self.url, self.metrics, self.timeout = url, metrics, timeout
-        self.grouping = {"run": run, "stage": metrics.stage, "shard": str(shard), **(labels or {})}
+        namespace = os.environ.get(NAMESPACE_ENV, "")
+        self.grouping = {"run": run, "stage": metrics.stage, "shard": str(shard),
+                         **({"namespace": namespace} if namespace else {}), **(labels or {})}
         self._warned = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -65,6 +65,8 @@ Environment of every container of a stage. Takes (dict "context" $ "shards" N "e
   value: {{ include "trajflow.configPath" $ctx }}
 - name: TRAJFLOW_SHARDS
   value: {{ .shards | toString | quote }}
+- name: TRAJFLOW_NAMESPACE
+  value: {{ $ctx.Release.Namespace | quote }}
 - name: PYTHONUNBUFFERED
   value: "1"
 {{- with .env }}
