@@ -66,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     url = "" if args.plan_only else settings.global_.metrics.pushgateway_url
     pusher = Pusher(url, metrics, settings.global_.run_id, settings.shard)
     pusher.start(config.push_interval_seconds)
+    if settings.shard == 0:
+        pusher.drop_shards_from(settings.shards)
     success = False
     try:
         downloader = ShardDownloader(

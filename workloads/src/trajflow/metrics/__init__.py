@@ -212,6 +212,35 @@ class Pusher:
         self._thread.start()
         return self
 
+    def drop_shards_from(self, count: int) -> None:
+        """Delete this run's groups of this stage whose shard number is ``count`` or more:
+        left by a run with more shards, they would add to the dashboard's totals (shard 0
+        does this, as it drops those shards' manifests). Never raises."""
+        if not self.url:
+            return
+        import json
+        import urllib.request
+
+        from prometheus_client import delete_from_gateway
+
+        base = (self.url if "://" in self.url else f"http://{self.url}").rstrip("/")
+        same = {k: v for k, v in self.grouping.items() if k != "shard"}
+        try:
+            with urllib.request.urlopen(f"{base}/api/v1/metrics", timeout=self.timeout) as resp:  # noqa: S310
+                groups = json.load(resp).get("data") or []
+            for group in groups:
+                labels = group.get("labels") or {}
+                shard = str(labels.get("shard", ""))
+                if (labels.get("job") != PUSH_JOB or not shard.isdigit() or int(shard) < count
+                        or any(labels.get(k) != v for k, v in same.items())):
+                    continue
+                delete_from_gateway(self.url, job=PUSH_JOB, timeout=self.timeout,
+                                    grouping_key={k: v for k, v in labels.items() if k != "job"})
+                log.info("deleted the Pushgateway group of %s shard %s (a run with more shards)", self.metrics.stage,
+                         shard)
+        except Exception as exc:  # noqa: BLE001  metrics never fail the data work
+            log.warning("could not remove the Pushgateway groups of shards >= %d at %s: %s", count, self.url, exc)
+
     def stop(self, success: bool) -> None:
         """Final push with end time and success flag."""
         self._stop.set()

@@ -925,10 +925,16 @@ def run_shard(settings: Any, storage: Storage | None = None, shard: int | None =
     metrics = preprocess_metrics()
     metrics.start_time.set(time.time())  # a push that fails early still says when the shard started
     pusher = Pusher(settings.global_.metrics.pushgateway_url, metrics, settings.global_.run_id, shard)
+
+    def started() -> None:
+        pusher.start(settings.config.push_interval_seconds)
+        if shard == 0:
+            pusher.drop_shards_from(settings.shards)
+
     ok = False
     try:
         summary = ShardProcessor(storage, shard, settings.shards, settings.config, metrics, wait_s=wait_s,
-                                 started=lambda: pusher.start(settings.config.push_interval_seconds)).run()
+                                 started=started).run()
         ok = True
         return summary
     finally:
