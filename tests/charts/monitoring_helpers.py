@@ -72,7 +72,7 @@ def _panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from panel.get("panels", [])  # collapsed rows nest their panels
 
 
-_VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)")
+_VARIABLE = re.compile(r"\$\{(\w+)(?::(\w+))?\}|\$(\w+)")
 # Grafana's own variables: ranges the dashboard's time picker sets
 _GRAFANA_BUILTINS = {"__rate_interval": "1m", "__interval": "1m", "__range": "1h"}
 
@@ -91,13 +91,16 @@ def dashboard_variables(dashboard: dict[str, Any]) -> dict[str, str]:
 
 
 def substitute(expr: str, variables: dict[str, str]) -> str:
+    """`expr` with the variables filled in as Grafana's Prometheus data source fills them:
+    a value without a format has its backslashes doubled (its prometheusRegularEscape, for
+    a value going into a PromQL string); `${name:raw}` is put in as it is."""
     def one_variable(match: re.Match[str]) -> str:
-        name = match.group(1) or match.group(2)
+        name, form = match.group(1) or match.group(3), match.group(2)
         if name.isdigit():  # $1 of label_replace
             return match.group(0)
         if name not in variables:
             raise KeyError(f"expression uses undefined dashboard variable ${name}: {expr}")
-        return variables[name]
+        return variables[name] if form == "raw" else variables[name].replace("\\", "\\\\")
 
     return _VARIABLE.sub(one_variable, expr)
 

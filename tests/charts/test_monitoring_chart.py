@@ -379,3 +379,20 @@ def test_chart_lints_clean_on_its_own():
     report = helm.lint(MONITORING_CHART, strict=True, namespace="trajflow", kube_version="v1.31.0")
     problems = [f"{m['path']}: {m['error']}" for m in report["messages"] if m["severity"] >= 2] + list(report["errors"])
     assert not problems
+
+
+def _pod_regexes(expr: str) -> list[str]:
+    """The regular expressions of `pod=~"..."` matchers in PromQL, string escapes undone."""
+    return [json.loads(f'"{literal}"') for literal in re.findall(r'\bpod=~"((?:[^"\\]|\\.)*)"', expr)]
+
+
+@pytest.mark.parametrize("values", [{}, {"gpu": {"podRegex": r"trajflow-training-[0-9a-f]{8}-\d+-.+"}}],
+                         ids=["default", "backslashes"])
+def test_dashboard_gpu_panels_select_the_pods_the_gpu_alerts_watch(values):
+    from monitoring_helpers import dashboard_queries
+
+    objs = render_monitoring(values)
+    alert = _pod_regexes(alert_rules(objs)["TrajflowGpuUnderused"]["expr"])
+    panels = [r for where, expr in dashboard_queries(dashboard_of(objs)) for r in _pod_regexes(expr)]
+    assert alert and panels and set(panels) == set(alert), (alert, panels)
+    assert re.fullmatch(alert[0], "trajflow-training-0a1b2c3d-0-x7k2p")
