@@ -138,6 +138,24 @@ def test_multipart_upload_streams_several_parts(s3_server):
     assert store.read_range("big.bin", 5 * MiB - 2, 5 * MiB + 2) == block[-2:] + bytes([5]) + block[1:2]
 
 
+def test_parts_grow_so_an_object_of_unknown_size_fits_in_s3s_part_limit(s3_server, monkeypatch):
+    from trajflow.storage import s3
+
+    monkeypatch.setattr(s3._MultipartWriter, "PARTS_PER_SIZE", 2)  # 1,000 parts of each size, in small
+    bucket = s3_server.make_bucket()
+    client = s3_server.client()
+    sizes: list[int] = []
+    upload_part = client.upload_part
+    monkeypatch.setattr(client, "upload_part", lambda **kw: sizes.append(len(kw["Body"])) or upload_part(**kw))
+    store = S3Storage(f"s3://{bucket}/grow", client=client, part_size=5 * MiB, upload_concurrency=1)
+    data = os.urandom(MiB) * 36
+    with store.writer("big.bin") as fh:
+        for i in range(0, len(data), MiB):
+            fh.write(data[i:i + MiB])
+    assert [size // MiB for size in sizes] == [5, 5, 10, 10, 6]  # two of each size, then the tail
+    assert store.read_bytes("big.bin") == data
+
+
 def test_small_part_size_is_rejected():
     with pytest.raises(ValueError, match="5 MiB"):
         S3Storage("s3://bucket/x", client=object(), part_size=1024)

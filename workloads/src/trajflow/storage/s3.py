@@ -93,7 +93,14 @@ class _MultipartWriter(io.RawIOBase):
 
     Up to `concurrency` parts upload in the background while the caller produces the
     next one; memory stays within (concurrency + 1) parts.
+
+    S3 takes at most 10,000 parts, and the size is not known up front: the part size
+    doubles every 1,000 parts (up to 5 GiB), so an object may grow to S3's 5 TiB while
+    objects under 1,000 parts (15.6 GiB at 16 MiB) keep the configured part size.
     """
+
+    PARTS_PER_SIZE = 1000
+    MAX_PART = 5 << 30
 
     def __init__(self, client: Any, bucket: str, key: str, part_size: int, concurrency: int = 4):
         self._client, self._bucket, self._key, self._part_size = client, bucket, key, part_size
@@ -108,12 +115,16 @@ class _MultipartWriter(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
+    def _current_part_size(self) -> int:
+        tier = (self._next_part - 1) // self.PARTS_PER_SIZE
+        return min(self._part_size << tier, max(self._part_size, self.MAX_PART))
+
     def write(self, data: Any) -> int:  # type: ignore[override]
         view = memoryview(data).cast("B")
         self._buf += view
-        while len(self._buf) >= self._part_size:
-            self._send_part(bytes(self._buf[: self._part_size]))
-            del self._buf[: self._part_size]
+        while len(self._buf) >= (size := self._current_part_size()):
+            self._send_part(bytes(self._buf[:size]))
+            del self._buf[:size]
         return len(view)
 
     def _upload(self, number: int, body: bytes) -> dict[str, Any]:
