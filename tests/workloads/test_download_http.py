@@ -490,6 +490,18 @@ def test_a_file_where_another_item_needs_a_directory_fails_alone(server: FaultyS
     assert raw_files(tmp_path) == {"web/x/y": payload(20), "web/z.bin": payload(30)}
 
 
+def test_an_item_whose_record_would_be_another_items_directory_fails_alone(server: FaultyServer,
+                                                                           tmp_path: Path) -> None:
+    # `a` keeps its record at `a.json`, where `a.json/b` needs a directory for its own
+    urls = [{"url": server.add("/a", payload(10)), "path": "a"}, {"url": server.add("/b", payload(20)), "path": "a.json/b"}]
+    summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": urls}]))
+    assert summary.exit_code == ExitCode.PERMANENT  # not a crash retried forever
+    assert [(r.item.key, r.kind) for r in summary.failed] == [("web/a", "permanent")]
+    assert "verification record 'web/a.json'" in summary.failed[0].error
+    assert raw_files(tmp_path) == {"web/a.json/b": payload(20)}
+    assert run(tmp_path, make_config([{"type": "https", "name": "web", "urls": urls}])).exit_code == ExitCode.PERMANENT
+
+
 def test_long_names_fit_despite_the_temporary_prefix_and_longer_ones_fail_alone(server: FaultyServer,
                                                                               tmp_path: Path) -> None:
     fits = "episode_" + "x" * 219 + ".h5"  # 230 bytes: the filesystem takes it

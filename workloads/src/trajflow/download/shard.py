@@ -111,21 +111,33 @@ def unstorable_on_a_filesystem(items: list[Item], gunzip: bool) -> dict[str, str
     NAME_MAX less the `.json` its verification record adds. Computed over the whole plan,
     so the same item fails whichever shard it is in; each fails alone (exit 3)."""
     finals = {final_path(item.key, gunzip): item.key for item in items}
-    below: dict[str, str] = {}  # a directory -> an item under it
-    for final, key in finals.items():
-        parts = final.split("/")
-        for i in range(1, len(parts)):
-            below.setdefault("/".join(parts[:i]), key)
+    below = _directories(finals)  # a directory -> an item under it
+    # the verification records mirror the item keys, each with RECORD_SUFFIX: `a` and `a.json/b` clash there
+    below_records = _directories({item.key: item.key for item in items})
     problems = {}
     for final, key in finals.items():
         longest = max(len(p.encode()) for p in key.split("/")[:-1] + [key.rsplit("/", 1)[-1] + RECORD_SUFFIX])
         if final in below:
             problems[key] = (f"{key} cannot be stored next to {below[final]}: a filesystem cannot hold {final!r} as a "
                              f"file and a directory at once; exclude one of them")
+        elif key + RECORD_SUFFIX in below_records:
+            problems[key] = (f"{key} cannot be stored next to {below_records[key + RECORD_SUFFIX]}: the verification "
+                             f"record {key + RECORD_SUFFIX!r} would be a file where that item needs a directory; "
+                             "exclude one of them")
         elif longest > NAME_MAX:
             problems[key] = (f"{key} cannot be stored: a file name has at most {NAME_MAX - len(RECORD_SUFFIX)} bytes "
                              f"here (its verification record adds {RECORD_SUFFIX!r}), a directory name {NAME_MAX}")
     return problems
+
+
+def _directories(paths: dict[str, str]) -> dict[str, str]:
+    """Every directory the paths need -> the item of one path below it."""
+    below: dict[str, str] = {}
+    for path, key in paths.items():
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            below.setdefault("/".join(parts[:i]), key)
+    return below
 
 
 class Scheduler:
