@@ -673,3 +673,44 @@ def test_optional_missing_items_are_not_failed_attempts_but_required_ones_are(se
     assert summary.exit_code == ExitCode.PERMANENT
     assert sample(metrics, "trajflow_download_items_total", outcome="failed") == 1
     assert sample(metrics, "trajflow_download_failures_total", reason="not_found") == 1
+
+
+def test_a_server_refusing_head_with_ranges_of_unknown_total_plans_an_unknown_size(tmp_path: Path) -> None:
+    """HEAD refused, so planning asks for byte 0: a `bytes 0-0/*` answer says nothing of the
+    size (its Content-Length of 1 is the range's), so the item is fetched in one stream."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    body = payload(300_000)
+
+    class Hub(BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            self.send_response(405)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            if self.headers.get("Range") == "bytes=0-0":
+                self.send_response(206)
+                self.send_header("Content-Range", "bytes 0-0/*")
+                self.send_header("Content-Length", "1")
+                self.end_headers()
+                self.wfile.write(body[:1])
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Hub) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        try:
+            url = f"http://127.0.0.1:{httpd.server_address[1]}/matrix.tsv"
+            summary = run(tmp_path, make_config([{"type": "https", "name": "hub", "urls": [url]}]))
+        finally:
+            httpd.shutdown()
+    assert summary.exit_code == 0, [r.error for r in summary.failed]
+    assert raw_files(tmp_path) == {"hub/matrix.tsv": body}

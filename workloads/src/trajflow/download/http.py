@@ -251,9 +251,13 @@ class HttpClient:
             try:
                 status, hdrs = resp.status, HTTPHeaderDict(resp.headers)
                 parsed = parse_content_range(hdrs.get("Content-Range"))
-                if status == 206 and parsed and parsed[2] is not None:
-                    hdrs["Content-Length"] = str(parsed[2])
-                    hdrs["Accept-Ranges"] = "bytes"
+                if status == 206:
+                    # the Content-Length is the one byte asked for: the size is the range's
+                    # total, or unknown (`bytes 0-0/*`)
+                    hdrs.pop("Content-Length", None)
+                    if parsed and parsed[2] is not None:
+                        hdrs["Content-Length"] = str(parsed[2])
+                        hdrs["Accept-Ranges"] = "bytes"
                     status = 200
             finally:
                 resp.close()
