@@ -179,6 +179,8 @@ def test_progress_lines_carry_rate_and_eta(server: FaultyServer, tmp_path: Path)
     last = progress[-1]
     assert "ETA" in last["msg"] and "/s" in last["msg"]
     assert last["progress"]["bytes_total"] == 3 << 20 and "rate" in last["progress"]
+    # the bytes of the item in flight count (its one part was taken at the start)
+    assert any(0 < p["progress"]["bytes_done"] < 3 << 20 for p in progress), progress
     summary = [json.loads(line) for line in out.stderr.splitlines() if '"summary"' in line]
     assert summary and summary[-1]["summary"]["fetched"] == 1
 

@@ -147,7 +147,8 @@ class Scheduler:
         self.workers = workers
         self._cond = threading.Condition()
         self._queue: deque[Item] = deque(items)
-        self._active: list[ItemTransfer] = []
+        self._active: list[ItemTransfer] = []  # with parts left to take
+        self._unfinished: dict[str, ItemTransfer] = {}  # item key -> transfer, until its item's outcome
         self._busy = 0
         self._stopped = False
         self._prepare = prepare
@@ -156,7 +157,13 @@ class Scheduler:
         with self._cond:
             if transfer not in self._active:
                 self._active.append(transfer)
+            self._unfinished[transfer.item.key] = transfer
             self._cond.notify_all()
+
+    def finished(self, key: str) -> None:
+        """The item has its outcome: its transfer no longer counts as in progress."""
+        with self._cond:
+            self._unfinished.pop(key, None)
 
     def wake(self) -> None:
         with self._cond:
@@ -165,13 +172,14 @@ class Scheduler:
     def stop(self) -> None:
         with self._cond:
             self._stopped = True
-            for transfer in self._active:
+            for transfer in self._unfinished.values():
                 transfer.cancelled = True
             self._cond.notify_all()
 
-    def active(self) -> list[ItemTransfer]:
+    def in_progress(self) -> list[ItemTransfer]:
+        """Transfers started and not finished, also those whose last parts are all taken."""
         with self._cond:
-            return list(self._active)
+            return list(self._unfinished.values())
 
     def _next(self) -> tuple[str, Any, Any] | None:
         with self._cond:
@@ -523,6 +531,8 @@ class ShardDownloader:
 
     def _done(self, result: ItemResult) -> None:
         source = self.sources.get(result.item.key.split("/", 1)[0])
+        if self.scheduler is not None:
+            self.scheduler.finished(result.item.key)
         if (result.outcome == "failed" and source is not None
                 and is_missing(result.kind, result.reason, source.required)):
             result = dataclasses.replace(result, outcome="missing")
@@ -550,7 +560,7 @@ class ShardDownloader:
 
     def progress(self) -> dict[str, Any]:
         """A snapshot for progress lines: items and bytes done, in flight, failures."""
-        active = self.scheduler.active() if self.scheduler else []
+        active = self.scheduler.in_progress() if self.scheduler else []
         with self._lock:
             done = len(self.results)
             failed = sum(1 for r in self.results if r.outcome == "failed")
