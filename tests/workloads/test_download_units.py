@@ -439,3 +439,21 @@ def test_s3_sources_retry_throttling_without_client_side_rate_limiting() -> None
     # adaptive mode slows every later request of the pod once a few were throttled; the
     # downloader's own backoff (which honours Retry-After) paces retries instead
     assert runtime.client.meta.config.retries["mode"] == "standard"
+
+
+def test_progress_of_items_of_unknown_size_counts_items(caplog: pytest.LogCaptureFixture) -> None:
+    from types import SimpleNamespace
+
+    from trajflow.download.progress import ProgressReporter
+
+    snapshot = {"items_done": 1, "items_total": 4, "failed": 0, "bytes_done": 5000, "bytes_total": 5000,
+                "sizes_known": False, "bytes_received": 5000, "inflight": 1, "retries": 0, "elapsed_s": 2.0}
+    downloader = SimpleNamespace(shard=0, progress=lambda: dict(snapshot))
+    reporter = ProgressReporter(downloader, interval_s=3600, terminal=False)  # its thread waits an hour
+    try:
+        with caplog.at_level("INFO", logger="trajflow.download.progress"):
+            snap = reporter.report()
+    finally:
+        reporter._stop.set()
+    assert "(25.0%)" in caplog.text and "ETA ?" in caplog.text  # not 100% from the start: 1 of 4 items
+    assert snap["eta_s"] is None

@@ -89,13 +89,16 @@ class ProgressReporter:
             self.metrics.duration.set(elapsed)
             self.metrics.throughput.set(snap["bytes_received"] / elapsed if elapsed > 0 else 0)
         remaining = max(snap["bytes_total"] - snap["bytes_done"], 0)
-        eta = eta_seconds(remaining, rate)
+        eta = eta_seconds(remaining, rate) if snap["sizes_known"] else None
         snap.update(rate=rate, eta_s=eta)
         items = f"{snap['items_done']}/{snap['items_total']} items" + (f", {snap['failed']} failed" if snap["failed"] else "")
         if self._bar is not None:
             self._bar.update(self._task, total=snap["bytes_total"] or None, completed=snap["bytes_done"], items=items)
         elif not final:
-            pct = 100.0 * snap["bytes_done"] / snap["bytes_total"] if snap["bytes_total"] else 100.0
+            if snap["sizes_known"]:
+                pct = 100.0 * snap["bytes_done"] / snap["bytes_total"] if snap["bytes_total"] else 100.0
+            else:  # items of unknown size: how many items are done says more than bytes
+                pct = 100.0 * snap["items_done"] / snap["items_total"] if snap["items_total"] else 100.0
             log.info(
                 "shard %d: %s, %s/%s (%.1f%%), %s/s, ETA %s, %d in flight, %d retries",
                 self.downloader.shard, items, human_bytes(snap["bytes_done"]), human_bytes(snap["bytes_total"]), pct,

@@ -571,7 +571,8 @@ class ShardDownloader:
             "items_total": len(self.items),
             "failed": failed,
             "bytes_done": completed + partial,
-            "bytes_total": sum(i.size for i in self.items),
+            "bytes_total": sum(max(i.size, 0) for i in self.items),  # unknown sizes (-1) count nothing
+            "sizes_known": all(i.size >= 0 for i in self.items),
             "bytes_received": self.stats.bytes_received,
             "inflight": self.stats.inflight,
             "retries": self.stats.retries,
