@@ -129,6 +129,10 @@ def test_exit_codes_follow_the_failure_kind(server: FaultyServer, tmp_path: Path
     empty = trajflow(["download", "--config", str(write_config(tmp_path / "e", []))])
     assert empty.returncode == ExitCode.CONFIG and "sources is empty" in empty.stderr
 
+    nowhere = trajflow(["download", "--config", str(bad), "--summary-json", str(tmp_path / "no" / "s.json")])
+    assert nowhere.returncode == ExitCode.CONFIG and "--summary-json" in nowhere.stderr  # before any download
+    assert "its directory does not exist" in nowhere.stderr and "Traceback" not in nowhere.stderr
+
 
 def test_plan_only_prints_this_shards_items(server: FaultyServer, tmp_path: Path) -> None:
     gateway = PushCapture()

@@ -714,3 +714,29 @@ def test_a_server_refusing_head_with_ranges_of_unknown_total_plans_an_unknown_si
             httpd.shutdown()
     assert summary.exit_code == 0, [r.error for r in summary.failed]
     assert raw_files(tmp_path) == {"hub/matrix.tsv": body}
+
+
+@pytest.mark.parametrize("failing, prefix", [("write_if_absent", "plan/"), ("write_bytes", "raw/_done/")],
+                         ids=["plan", "manifest"])
+def test_a_run_root_failing_to_store_the_plan_or_manifest_is_one_line(server: FaultyServer, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      failing: str, prefix: str) -> None:
+    import errno
+
+    from trajflow.errors import TrajflowError
+
+    url = server.add("/a.bin", payload(100))
+    storage = LocalStorage(tmp_path)
+    real = getattr(storage, failing)
+
+    def full(key: str, *args: Any, **kwargs: Any) -> Any:
+        if key.startswith(prefix):
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / key))
+        return real(key, *args, **kwargs)
+
+    monkeypatch.setattr(storage, failing, full)
+    with pytest.raises(TrajflowError) as err:  # not a bare OSError: the CLI prints one line, exit 1 (retried)
+        ShardDownloader(storage, make_config([{"type": "https", "name": "web", "urls": [url]}]), 0, 1).run()
+    assert err.value.exit_code == ExitCode.ERROR
+    assert "No space left on device" in str(err.value)
+    assert ("cannot read or write the plan" if failing == "write_if_absent" else "cannot write the manifest") in str(err.value)

@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from trajflow.config import stage_settings
     from trajflow.download.progress import ProgressReporter, human_bytes, human_duration
     from trajflow.download.shard import ShardDownloader, raise_for
+    from trajflow.errors import ConfigError
     from trajflow.metrics import Pusher, download_metrics
     from trajflow.storage import open_run_root
 
@@ -54,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
         env["JOB_COMPLETION_INDEX"] = str(args.shard)
     if args.shards is not None:
         env["TRAJFLOW_SHARDS"] = str(args.shards)
+    if args.summary_json and not os.path.isdir(os.path.dirname(os.path.abspath(args.summary_json))):
+        raise ConfigError(f"--summary-json {args.summary_json}: its directory does not exist")
     settings = stage_settings("downloader", args.config, args.values, args.set, env=env)
     if settings.shards > 1 and "JOB_COMPLETION_INDEX" not in env:  # outside a pod, the values' shard count
         log.warning("fetching shard %d of %d only (downloader.shards); --shard N takes another, --shards 1 everything "
@@ -92,8 +95,11 @@ def run(args: argparse.Namespace) -> int:
             human_bytes(doc["throughput_bytes_per_s"]), summary.retries, extra={"summary": doc},
         )
         if args.summary_json:
-            with open(args.summary_json, "w") as fh:
-                json.dump(doc, fh, indent=1, sort_keys=True)
+            try:
+                with open(args.summary_json, "w") as fh:
+                    json.dump(doc, fh, indent=1, sort_keys=True)
+            except OSError as exc:  # the shard itself is done: say so, and fail only the summary
+                log.warning("cannot write --summary-json %s: %s", args.summary_json, exc.strerror or exc)
         success = summary.exit_code == 0
         raise_for(summary)
         return 0

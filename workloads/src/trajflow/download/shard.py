@@ -318,7 +318,7 @@ class ShardDownloader:
         except ValueError as exc:  # a corrupt stored plan or duplicate keys
             raise PermanentError(str(exc)) from None
         except Exception as exc:
-            raise self._root_error(exc) from None
+            raise self._root_error(exc, f"cannot read or write the plan in {self.root.uri}/plan/") from None
 
     def _root_error(self, exc: Exception, doing: str = "") -> Exception:
         """Credentials the run root refuses (or none) are a configuration error (exit 2:
@@ -376,7 +376,12 @@ class ShardDownloader:
         summary.failures_by_reason = dict(self.stats.failures)
         summary.elapsed_s = time.monotonic() - self.started
         if summary.exit_code == 0:
-            self._write_manifest(plan, summary)
+            try:
+                self._write_manifest(plan, summary)
+            except TrajflowError:
+                raise
+            except Exception as exc:  # every item is in place: a rerun skips them and writes it
+                raise self._root_error(exc, f"cannot write the manifest of shard {self.shard}") from None
         return summary
 
     def _already_done(self, plan: dict[str, Any], summary: ShardSummary) -> bool:
