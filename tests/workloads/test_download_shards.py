@@ -105,3 +105,16 @@ def test_a_manifest_of_the_previous_plan_does_not_open_the_gate(server: FaultySe
     wait_for_shards(LocalStorage(tmp_path), "download", {0, 1}, 0, sleep=no_sleep.append, expect_shards=2)
     manifest = read_manifest(LocalStorage(tmp_path), "download", 1)
     assert manifest is not None and all((tmp_path / e["key"]).is_file() for e in manifest["items"])
+
+
+def test_shard_0_sweeps_partial_downloads_in_the_directories_of_dropped_shards(server: FaultyServer,
+                                                                               tmp_path: Path) -> None:
+    objects, urls = _objects(server)
+    config = make_config([{"type": "https", "name": "web", "urls": urls}])
+    assert all(s.exit_code == 0 for s in _run_all(tmp_path, config, 4))  # type: ignore[attr-defined]
+    # what a kill of the 4-shard run's shard 3 mid-download leaves (nobody holds its lock)
+    left = tmp_path / "raw" / "00003" / "web"
+    (left / ".trajflow-tmp-dl-huge.bin").write_bytes(b"x" * 1000)
+    (left / ".trajflow-tmp-dl-huge.bin.journal").write_text("{}\n")
+    assert all(s.exit_code == 0 for s in _run_all(tmp_path, config, 2))  # type: ignore[attr-defined]
+    assert hidden_files(tmp_path / "raw") == []  # no one resumes those: nothing stays behind

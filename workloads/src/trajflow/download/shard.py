@@ -24,6 +24,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -614,13 +615,22 @@ class ShardDownloader:
 
     def _remove_stale_temporaries(self) -> None:
         """Temporaries left in this shard's directory by killed runs: download temporaries
-        nobody holds a lock on, and other writers' temporaries older than an hour."""
+        nobody holds a lock on, and other writers' temporaries older than an hour. Shard 0
+        also sweeps the directories of shard numbers this count does not have: a partial
+        download there, from a run with more shards, is resumed by no one."""
         if not isinstance(self.root, LocalStorage):
             return  # an object store keeps no temporaries (incomplete uploads expire by lifecycle rule)
-        directory = f"{RAW}/{shard_name(self.shard)}"
+        directories = [f"{RAW}/{shard_name(self.shard)}"]
+        if self.shard == 0:
+            raw = self.root.local_path(RAW)
+            with contextlib.suppress(OSError):
+                directories += sorted(f"{RAW}/{d.name}" for d in raw.iterdir()
+                                      if d.name.isdigit() and int(d.name) >= self.shards and d.is_dir())
+        removed = 0
         try:
-            removed = sweep_abandoned_temporaries(self.root.local_path(directory))
-            removed += self.root.remove_stale_temporaries(directory, older_than_s=3600.0)
+            for directory in directories:
+                removed += sweep_abandoned_temporaries(self.root.local_path(directory))
+                removed += self.root.remove_stale_temporaries(directory, older_than_s=3600.0)
         except OSError as exc:
             log.warning("could not clean temporaries: %s", exc)
             return
