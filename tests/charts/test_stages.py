@@ -345,3 +345,11 @@ def test_what_the_chart_refuses_a_local_run_refuses(overrides, message):
         render([env_file("local")], overrides)
     with pytest.raises(ConfigError, match=re.escape(message)):
         build_plan([env_file("local")], [f"{key}={str(value).lower()}" for key, value in overrides.items()])
+
+
+def test_a_pytorchjobs_max_failed_indexes_is_not_a_jobs():
+    from trajflow.local.pipeline import build_plan
+
+    overrides = {"training.maxFailedIndexes": 2, "training.launcher": "pytorchjob"}
+    assert select(render([env_file("local")], overrides, api_versions=KUBEFLOW_APIS), "PyTorchJob")
+    assert build_plan([env_file("local")], [f"{k}={v}" for k, v in overrides.items()]).stage("training")

@@ -298,6 +298,12 @@ def test_config_file_as_rendered_by_the_chart(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config_file(bad, "downloader")
     assert _one_line(info).startswith(f"{bad}: config.concurrency: ")
+    # every setting commented out: the defaults; a list is no map of settings
+    empty = _values_file(tmp_path, "empty.yaml", "global: {runId: r3}\nconfig:\n")
+    assert load_config_file(empty, "downloader")[1].concurrency == DownloadConfig().concurrency
+    listed = _values_file(tmp_path, "listed.yaml", "config: [1]\n")
+    with pytest.raises(ConfigError, match="config must be a map of settings, got list"):
+        load_config_file(listed, "downloader")
 
 
 @pytest.mark.parametrize(

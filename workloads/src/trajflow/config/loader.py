@@ -447,7 +447,8 @@ def load_config_file(path: str | Path, stage: str) -> tuple[GlobalConfig, Any]:
         raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGE_MODELS)}")
     doc = _read_config_doc(path)
     glob = validate_global(doc.get("global") or {}, origin=str(path))
-    raw = doc.get("config", {})
+    raw = doc.get("config")
+    raw = {} if raw is None else raw  # a file whose settings are all commented out: the defaults
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: config must be a map of settings, got {type(raw).__name__}")
     try:

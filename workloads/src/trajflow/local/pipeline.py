@@ -143,7 +143,8 @@ def build_plan(values_files: Iterable[str | Path], sets: Iterable[str] = ()) -> 
                 )
             if nodes > 1:
                 log.info("training.nodes is %d; locally all %d process(es) run on this machine as one node", nodes, nproc)
-            _check_max_failed_indexes(values, stage, block, nodes)
+            if block.get("launcher", "job") == "job":  # a PyTorchJob has no maxFailedIndexes
+                _check_max_failed_indexes(values, stage, block, nodes)
             port = getattr(config, "metrics_port", 0)
             if port and port + nproc - 1 > 65535:
                 raise ConfigError(

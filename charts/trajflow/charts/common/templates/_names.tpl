@@ -119,7 +119,8 @@ name is at most 52 and `<job>-<index>` pod hostnames stay within 63.
 {{- if $pvc.existingClaim -}}
 {{- $pvc.existingClaim -}}
 {{- else -}}
-{{- printf "%s-data" (include "trajflow.cut" (dict "text" (include "trajflow.releaseFullname" .) "max" 58)) -}}
+{{- /* cut without a hash, as before trajflow.cut: a claim of another name would be a new, empty volume */ -}}
+{{- printf "%s-data" (include "trajflow.releaseFullname" . | trunc 58 | trimSuffix "-") -}}
 {{- end -}}
 {{- end -}}
 
