@@ -244,8 +244,13 @@ def test_hdf5_data_in_other_files_is_never_read(tmp_path):
         f["data/demo_4"]["elsewhere"] = h5py.ExternalLink(str(tmp_path / "other.h5"), "state")
         f["data/demo_4"][STATE] = h5py.SoftLink("/data/demo_4/elsewhere")
         f["data/demo_5"] = h5py.ExternalLink(str(tmp_path / "other.h5"), "data/demo_9")
+        shared = f.create_group("data/demo_6")  # a soft link within the file is followed
+        shared.attrs["rate_hz"] = 10.0
+        shared[STATE] = h5py.SoftLink(f"/data/demo_0/{STATE}")
+        shared.create_dataset("recorded/action", data=np.ones((10, 1)))
+        shared[ACTION] = h5py.SoftLink("recorded/action")  # relative to its group
     out = {o.episode: o for o in _outcomes("robomimic", str(path))}
-    assert isinstance(out.pop("demo_0"), RawEpisode)
+    assert isinstance(out.pop("demo_0"), RawEpisode) and isinstance(out.pop("demo_6"), RawEpisode)
     assert sorted(out) == ["demo_1", "demo_2", "demo_3", "demo_4", "demo_5"]
     for name, q in out.items():
         assert isinstance(q, Quarantined) and q.reason == readers.UNREADABLE, name
@@ -257,6 +262,30 @@ def test_hdf5_data_in_other_files_is_never_read(tmp_path):
         f["data"] = h5py.ExternalLink(str(tmp_path / "other.h5"), "data")
     with pytest.raises(readers.UnreadableFile, match="'data' links to another file"):
         _outcomes("robomimic", str(tmp_path / "linked.h5"))
+
+
+def test_hdf5_links_are_checked_before_they_are_followed(tmp_path):
+    """An external link is refused without opening its target: a named pipe there would
+    hang the reader in open() for good."""
+    import os
+    import subprocess
+    import sys
+
+    import h5py
+
+    os.mkfifo(tmp_path / "pipe.h5")
+    path = tmp_path / "demos.h5"
+    with h5py.File(path, "w") as f:
+        g = f.create_group("data/demo_0")
+        g.attrs["rate_hz"] = 10.0
+        g[STATE] = h5py.ExternalLink(str(tmp_path / "pipe.h5"), "/x")
+        g.create_dataset(ACTION, data=np.ones((10, 1)))
+    script = ("import sys; from test_preprocess_readers import _outcomes; "
+              "(q,) = _outcomes('robomimic', sys.argv[1]); print(q.reason, q.detail)")
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(__file__))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith(f"{readers.UNREADABLE} ") and "links to another file" in done.stdout
 
 
 def test_hdf5_member_name_that_is_not_utf8_is_read(tmp_path):

@@ -523,16 +523,35 @@ def _raw_fd(src: Any) -> Iterator[int | None]:
             os.close(fd)
 
 
-def _h5_open(group: Any, name: bytes) -> Any:
+_H5_SOFT_HOPS = 16  # as HDF5's own limit on nested soft links
+
+
+def _h5_open(group: Any, name: bytes, hops: int = 0) -> Any:
     """The object linked as ``name`` from the low-level ``group``, which must lie in the
     same file: a downloaded file must not make the reader open other files of the machine
-    it runs on (an external link, also one reached through a soft link)."""
+    it runs on (an external link, also one reached through a soft link; opening a named
+    pipe would even hang). Links are checked before they are followed: soft links are
+    resolved here, one component at a time."""
     import h5py
 
+    shown = name.decode("utf-8", "backslashreplace")
+    kind = group.links.get_info(name).type
+    if kind == h5py.h5l.TYPE_SOFT:
+        if hops >= _H5_SOFT_HOPS:
+            raise ValueError(f"{shown!r}: soft links nested more than {_H5_SOFT_HOPS} deep")
+        target = group.links.get_val(name)
+        obj = h5py.h5o.open(group, b"/") if target.startswith(b"/") else group
+        for part in (p for p in target.split(b"/") if p):
+            if not isinstance(obj, h5py.h5g.GroupID) or not obj.links.exists(part):
+                raise KeyError(f"{shown!r} is a soft link to {target.decode('utf-8', 'backslashreplace')!r}, "
+                               "which does not exist")
+            obj = _h5_open(obj, part, hops + 1)
+        return obj
+    if kind != h5py.h5l.TYPE_HARD:
+        raise ValueError(f"{shown!r} links to another file, which is not followed: copy its data into this file")
     obj = h5py.h5o.open(group, name)
-    if obj.fileno != group.fileno:
-        raise ValueError(f"{name.decode('utf-8', 'backslashreplace')!r} links to another file, which is not "
-                         "followed: copy its data into this file")
+    if obj.fileno != group.fileno:  # cannot happen through a hard link; never read another file regardless
+        raise ValueError(f"{shown!r} lies in another file, which is not read")
     return obj
 
 
