@@ -973,3 +973,18 @@ def test_a_lost_file_of_many_episodes_counts_by_its_bytes_against_max_bad_fracti
                                              r"maxBadFraction 5\.0% \(unreadable_file: 1\)"):
         process_shard(local_storage, 0, 1, stage_config())
     assert read_manifest(local_storage, "preprocess", 0) is None
+
+
+def test_a_run_root_on_a_read_only_volume_is_a_config_error(local_storage, monkeypatch):
+    import errno
+
+    rng = np.random.default_rng(3)
+    ep = make_episode(rng, "e0", 60.0, 1.0)
+    publish_raw_shard(local_storage, 0, {"s/e0.npz": npz_bytes(timestamps=ep.times, **ep.streams)})
+
+    def read_only(key: str):  # type: ignore[no-untyped-def]
+        raise OSError(errno.EROFS, "Read-only file system", str(local_storage.local_path(key)))
+
+    monkeypatch.setattr(local_storage, "writer", read_only)
+    with pytest.raises(ConfigError, match="the volume is mounted read-only"):  # exit 2: no retry helps
+        process_shard(local_storage, 0, 1, stage_config())

@@ -43,7 +43,6 @@ from trajflow.preprocess import readers
 from trajflow.preprocess.readers import FileResult, Quarantined, RawEpisode, SourceSpec
 from trajflow.preprocess.shards import ShardWriter, report_key, shard_key
 from trajflow.resources import cpu_budget, tmp_size_limit
-from trajflow.storage.wait import unusable_root_error
 from trajflow.storage import (
     PLAN_KEY,
     Storage,
@@ -53,6 +52,7 @@ from trajflow.storage import (
     shard_name,
     write_manifest,
 )
+from trajflow.storage.wait import unusable_root_error
 
 log = logging.getLogger(__name__)
 
@@ -493,6 +493,11 @@ class _Resampler:
 # ------------------------------------------------------------------------ the shard
 
 
+def _widths(ep: RawEpisode) -> tuple[tuple[str, int], ...]:
+    """An episode's stream widths, whatever the order of its streams."""
+    return tuple(sorted(ep.dims.items()))
+
+
 def _reorder_columns(ep: RawEpisode, dims: dict[str, int]) -> RawEpisode | None:
     """``ep`` with its columns in the shard's stream order, or None when the streams or
     their widths differ."""
@@ -699,11 +704,8 @@ class ShardProcessor:
             """Fix the shard's streams: the widths most of the episodes read first (a sort
             window's bytes) have, so that one odd episode read first is the one set aside."""
             nonlocal dims, writer, drain
-            def widths(ep: RawEpisode) -> tuple:
-                return tuple(sorted(ep.dims.items()))
-
-            best = Counter(map(widths, undecided)).most_common(1)[0][0]  # equal counts: the first seen
-            dims = dict(next(ep.dims for ep in undecided if widths(ep) == best))
+            best = Counter(map(_widths, undecided)).most_common(1)[0][0]  # equal counts: the first seen
+            dims = dict(next(ep.dims for ep in undecided if _widths(ep) == best))
             writer = ShardWriter(self.storage, shard_key(self.shard), dims, cfg.dtype, cfg.target_rate_hz,
                                  spool_bytes=cfg.spool_memory_mib << 20, spill_limit_bytes=spill_limit)
             drain = _OrderedWriter(writer, self.metrics, dims, cfg.dtype, cfg.prefetch + 1, threaded=resampler.cuda)
