@@ -131,7 +131,9 @@ def test_exit_codes_follow_the_failure_kind(server: FaultyServer, tmp_path: Path
 
     nowhere = trajflow(["download", "--config", str(bad), "--summary-json", str(tmp_path / "no" / "s.json")])
     assert nowhere.returncode == ExitCode.CONFIG and "--summary-json" in nowhere.stderr  # before any download
-    assert "its directory does not exist" in nowhere.stderr and "Traceback" not in nowhere.stderr
+    assert "not a file that can be written" in nowhere.stderr and "Traceback" not in nowhere.stderr
+    a_directory = trajflow(["download", "--config", str(bad), "--summary-json", str(tmp_path)])
+    assert a_directory.returncode == ExitCode.CONFIG and "not a file that can be written" in a_directory.stderr
 
 
 def test_plan_only_prints_this_shards_items(server: FaultyServer, tmp_path: Path) -> None:

@@ -709,11 +709,16 @@ def test_a_server_refusing_head_with_ranges_of_unknown_total_plans_an_unknown_si
         threading.Thread(target=httpd.serve_forever, daemon=True).start()
         try:
             url = f"http://127.0.0.1:{httpd.server_address[1]}/matrix.tsv"
-            summary = run(tmp_path, make_config([{"type": "https", "name": "hub", "urls": [url]}]))
+            downloader = ShardDownloader(LocalStorage(tmp_path), make_config([{"type": "https", "name": "hub",
+                                                                                "urls": [url]}]), 0, 1)
+            summary = downloader.run()
         finally:
             httpd.shutdown()
     assert summary.exit_code == 0, [r.error for r in summary.failed]
     assert raw_files(tmp_path) == {"hub/matrix.tsv": body}
+    # progress says the size was unknown, and counts the bytes the item turned out to have
+    progress = downloader.progress()
+    assert progress["sizes_known"] is False and progress["bytes_done"] == len(body)
 
 
 @pytest.mark.parametrize("failing, prefix", [("write_if_absent", "plan/"), ("write_bytes", "raw/_done/")],
@@ -740,3 +745,28 @@ def test_a_run_root_failing_to_store_the_plan_or_manifest_is_one_line(server: Fa
     assert err.value.exit_code == ExitCode.ERROR
     assert "No space left on device" in str(err.value)
     assert ("cannot read or write the plan" if failing == "write_if_absent" else "cannot write the manifest") in str(err.value)
+
+
+def test_an_item_in_flight_when_the_shard_stops_is_kept_to_resume_not_retried(server: FaultyServer, tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    server.rate_bytes_per_s = 4 << 20
+    slow = server.add("/a.bin", payload(17 << 20))  # one stream (under the multipart threshold), resumable
+    other = server.add("/b.bin", payload(100))
+    real = ShardDownloader._without_download
+
+    def run_root_fails_for_b(self, item, dest):  # type: ignore[no-untyped-def]
+        if item.key.endswith("b.bin"):
+            time.sleep(0.5)  # a.bin is streaming by now, its one part taken
+            raise OSError(5, "Input/output error")
+        return real(self, item, dest)
+
+    monkeypatch.setattr(ShardDownloader, "_without_download", run_root_fails_for_b)
+    summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": [slow, other]}], concurrency=2,
+                                        multipartThresholdMib=32))
+    stopped = [r for r in summary.failed if r.item.key == "web/a.bin"]
+    assert stopped and stopped[0].reason == "stopped" and stopped[0].kind == "transient", summary.failed
+    assert summary.retries == 0 and "size" not in summary.failures_by_reason  # not taken for a short body
+    kept = [p for p in (tmp_path / "raw" / "00000" / "web").glob(".trajflow-tmp-dl-a.bin") if p.stat().st_size > 0]
+    assert kept, "the bytes fetched so far stay for the next run to resume"

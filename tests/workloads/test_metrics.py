@@ -145,7 +145,7 @@ def test_real_pushgateway_keeps_one_group_per_shard(pushgateway):
     assert _sample(text, "trajflow_stage_success", shard="0", **group) == 1
 
 
-def test_shard_0_drops_the_groups_of_a_run_with_more_shards(pushgateway):
+def test_shard_0_drops_the_groups_of_a_run_with_more_shards(pushgateway, monkeypatch):
     def push(stage_metrics, run, shard):  # type: ignore[no-untyped-def]
         pusher = Pusher(pushgateway.url, stage_metrics, run=run, shard=shard)
         assert pusher.push() is True
@@ -155,10 +155,14 @@ def test_shard_0_drops_the_groups_of_a_run_with_more_shards(pushgateway):
         push(download_metrics(), "r", shard)
     push(preprocess_metrics(), "r", 3)  # another stage
     push(download_metrics(), "other", 3)  # another run
+    monkeypatch.setenv("TRAJFLOW_NAMESPACE", "prod")  # the same run id in another release's namespace
+    push(download_metrics(), "r", 3)
+    monkeypatch.delenv("TRAJFLOW_NAMESPACE")
     push(download_metrics(), "r", 0).drop_shards_from(2)
-    left = sorted((g["labels"]["run"], g["labels"]["stage"], g["labels"]["shard"]) for g in pushgateway.groups())
-    assert left == [("other", "download", "3"), ("r", "download", "0"), ("r", "download", "1"),
-                    ("r", "preprocess", "3")]
+    left = sorted((g["labels"].get("namespace", ""), g["labels"]["run"], g["labels"]["stage"], g["labels"]["shard"])
+                  for g in pushgateway.groups())
+    assert left == [("", "other", "download", "3"), ("", "r", "download", "0"), ("", "r", "download", "1"),
+                    ("", "r", "preprocess", "3"), ("prod", "r", "download", "3")]
 
 
 def test_pushadd_keeps_metrics_another_push_left_in_the_group(pushgateway):

@@ -248,7 +248,7 @@ def test_hdf5_data_in_other_files_is_never_read(tmp_path):
         shared.attrs["rate_hz"] = 10.0
         shared[STATE] = h5py.SoftLink(f"/data/demo_0/{STATE}")
         shared.create_dataset("recorded/action", data=np.ones((10, 1)))
-        shared[ACTION] = h5py.SoftLink("recorded/action")  # relative to its group
+        shared[ACTION] = h5py.SoftLink("./recorded/action")  # relative to its group
     out = {o.episode: o for o in _outcomes("robomimic", str(path))}
     assert isinstance(out.pop("demo_0"), RawEpisode) and isinstance(out.pop("demo_6"), RawEpisode)
     assert sorted(out) == ["demo_1", "demo_2", "demo_3", "demo_4", "demo_5"]
@@ -262,6 +262,26 @@ def test_hdf5_data_in_other_files_is_never_read(tmp_path):
         f["data"] = h5py.ExternalLink(str(tmp_path / "other.h5"), "data")
     with pytest.raises(readers.UnreadableFile, match="'data' links to another file"):
         _outcomes("robomimic", str(tmp_path / "linked.h5"))
+
+
+def test_hdf5_soft_links_to_soft_links_end_within_one_budget(tmp_path):
+    """Each link a path of links to links: resolved one by one, the work would double at
+    every level; one budget of 16 for the whole lookup stops it at once, as HDF5 does."""
+    import h5py
+
+    path = tmp_path / "links.h5"
+    with h5py.File(path, "w") as f:
+        g = f.create_group("data/demo_0")
+        g.attrs["rate_hz"] = 10.0
+        g.create_dataset(STATE, data=np.ones((10, 2)))
+        g.create_dataset(ACTION, data=np.ones((10, 1)))
+        for i in range(30):
+            f[f"L{i}"] = h5py.SoftLink("/" + "/".join([f"L{i + 1}"] * 4))
+        f["L30"] = h5py.SoftLink("/")
+        f["data/demo_1"] = h5py.SoftLink("/L0/data/demo_0")
+    out = {o.episode: o for o in _outcomes("robomimic", str(path))}
+    assert isinstance(out["demo_0"], RawEpisode)
+    assert out["demo_1"].reason == readers.UNREADABLE and "more than 16 soft links" in out["demo_1"].detail
 
 
 def test_hdf5_links_are_checked_before_they_are_followed(tmp_path):

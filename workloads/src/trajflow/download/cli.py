@@ -55,8 +55,11 @@ def run(args: argparse.Namespace) -> int:
         env["JOB_COMPLETION_INDEX"] = str(args.shard)
     if args.shards is not None:
         env["TRAJFLOW_SHARDS"] = str(args.shards)
-    if args.summary_json and not os.path.isdir(os.path.dirname(os.path.abspath(args.summary_json))):
-        raise ConfigError(f"--summary-json {args.summary_json}: its directory does not exist")
+    if args.summary_json:  # checked before any download: scripts read the file after exit 0
+        where = os.path.dirname(os.path.abspath(args.summary_json))
+        if os.path.isdir(args.summary_json) or not os.path.isdir(where) or not os.access(where, os.W_OK):
+            raise ConfigError(f"--summary-json {args.summary_json}: not a file that can be written (a directory, or "
+                              "in a directory that does not exist or is read-only)")
     settings = stage_settings("downloader", args.config, args.values, args.set, env=env)
     if settings.shards > 1 and "JOB_COMPLETION_INDEX" not in env:  # outside a pod, the values' shard count
         log.warning("fetching shard %d of %d only (downloader.shards); --shard N takes another, --shards 1 everything "
@@ -94,13 +97,14 @@ def run(args: argparse.Namespace) -> int:
             doc["failed"], human_bytes(summary.bytes_received), human_duration(summary.elapsed_s),
             human_bytes(doc["throughput_bytes_per_s"]), summary.retries, extra={"summary": doc},
         )
+        success = summary.exit_code == 0
         if args.summary_json:
             try:
                 with open(args.summary_json, "w") as fh:
                     json.dump(doc, fh, indent=1, sort_keys=True)
-            except OSError as exc:  # the shard itself is done: say so, and fail only the summary
-                log.warning("cannot write --summary-json %s: %s", args.summary_json, exc.strerror or exc)
-        success = summary.exit_code == 0
+            except OSError as exc:
+                raise ConfigError(f"--summary-json {args.summary_json}: cannot write it ({exc.strerror or exc}); the "
+                                  "shard itself is done") from None
         raise_for(summary)
         return 0
     finally:

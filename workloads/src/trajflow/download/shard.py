@@ -546,8 +546,9 @@ class ShardDownloader:
             self.stats.failure(result.reason)  # the run root failing, counted with the source failures
         with self._lock:
             self.results.append(result)
-            if result.verified:
-                self.completed_bytes += result.item.size
+            if result.verified:  # an item of unknown size counts the bytes it turned out to have
+                known = result.item.meta.get("size_known", True)
+                self.completed_bytes += result.item.size if known or result.record is None else result.record.source_size
         if result.outcome == "failed":
             log.warning("%s failed (%s, %s): %s", result.item.key, result.kind, result.reason, result.error)
         elif result.outcome == "missing":
@@ -577,8 +578,8 @@ class ShardDownloader:
             "items_total": len(self.items),
             "failed": failed,
             "bytes_done": completed + partial,
-            "bytes_total": sum(max(i.size, 0) for i in self.items),  # unknown sizes (-1) count nothing
-            "sizes_known": all(i.size >= 0 for i in self.items),
+            "bytes_total": sum(i.size for i in self.items),  # an item of unknown size counts 0
+            "sizes_known": all(i.meta.get("size_known", True) for i in self.items),
             "bytes_received": self.stats.bytes_received,
             "inflight": self.stats.inflight,
             "retries": self.stats.retries,

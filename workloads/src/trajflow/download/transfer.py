@@ -1014,6 +1014,14 @@ class ItemTransfer:
 
     def _conclude(self) -> None:
         error = self.error
+        if error is None and self.cancelled:
+            # stopped with the shard (another item failed it): nothing is wrong with this item,
+            # and its bytes stay resumable for the next run
+            if self.sink is not None:
+                self.sink.close()
+            stopped = Exception("stopped with the shard before it was complete; a rerun resumes it")
+            self._on_done(self._failed(stopped, "stopped", "transient"))  # no failure reason: nothing failed
+            return
         result: ItemResult | None = None
         if error is None:
             try:

@@ -224,7 +224,8 @@ class Pusher:
         from prometheus_client import delete_from_gateway
 
         base = (self.url if "://" in self.url else f"http://{self.url}").rstrip("/")
-        same = {k: v for k, v in self.grouping.items() if k != "shard"}
+        # the same labels but the shard; the namespace also when this pusher has none
+        same = {"namespace": None, **{k: v for k, v in self.grouping.items() if k != "shard"}}
         try:
             with urllib.request.urlopen(f"{base}/api/v1/metrics", timeout=self.timeout) as resp:  # noqa: S310
                 groups = json.load(resp).get("data") or []

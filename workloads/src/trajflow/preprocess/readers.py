@@ -523,29 +523,32 @@ def _raw_fd(src: Any) -> Iterator[int | None]:
             os.close(fd)
 
 
-_H5_SOFT_HOPS = 16  # as HDF5's own limit on nested soft links
+_H5_SOFT_LINKS = 16  # soft links followed in one lookup at most, as HDF5 itself allows
 
 
-def _h5_open(group: Any, name: bytes, hops: int = 0) -> Any:
+def _h5_open(group: Any, name: bytes, budget: list[int] | None = None) -> Any:
     """The object linked as ``name`` from the low-level ``group``, which must lie in the
     same file: a downloaded file must not make the reader open other files of the machine
     it runs on (an external link, also one reached through a soft link; opening a named
     pipe would even hang). Links are checked before they are followed: soft links are
-    resolved here, one component at a time."""
+    resolved here, one component at a time, with one budget for the whole lookup (links
+    to links would otherwise multiply the work)."""
     import h5py
 
+    budget = [_H5_SOFT_LINKS] if budget is None else budget
     shown = name.decode("utf-8", "backslashreplace")
     kind = group.links.get_info(name).type
     if kind == h5py.h5l.TYPE_SOFT:
-        if hops >= _H5_SOFT_HOPS:
-            raise ValueError(f"{shown!r}: soft links nested more than {_H5_SOFT_HOPS} deep")
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise ValueError(f"{shown!r}: more than {_H5_SOFT_LINKS} soft links to follow")
         target = group.links.get_val(name)
         obj = h5py.h5o.open(group, b"/") if target.startswith(b"/") else group
-        for part in (p for p in target.split(b"/") if p):
+        for part in (p for p in target.split(b"/") if p and p != b"."):
             if not isinstance(obj, h5py.h5g.GroupID) or not obj.links.exists(part):
                 raise KeyError(f"{shown!r} is a soft link to {target.decode('utf-8', 'backslashreplace')!r}, "
                                "which does not exist")
-            obj = _h5_open(obj, part, hops + 1)
+            obj = _h5_open(obj, part, budget)
         return obj
     if kind != h5py.h5l.TYPE_HARD:
         raise ValueError(f"{shown!r} links to another file, which is not followed: copy its data into this file")
