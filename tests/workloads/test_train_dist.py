@@ -240,8 +240,11 @@ def test_every_rank_stops_with_the_error_of_the_rank_that_reads_the_data(tmp_pat
     run = start_run(tmp_path, "nodata", nproc=2, data=False, metrics_port=0)
     assert run.wait() == int(ExitCode.TRANSIENT), run.log()[-4000:]
     text = run.log()
-    assert text.count("no done shards yet; training starts after preprocessing has finished") == 2
-    assert "failed unexpectedly" not in text and '"worker_exit_codes": {"0": 4, "1": 4}' in text
+    # each rank says why (the agent may stop the slower one once the first has exited)
+    assert text.count("no done shards yet; training starts after preprocessing has finished") >= 1
+    assert "failed unexpectedly" not in text and "Connection closed" not in text, text[-4000:]
+    codes = json.loads(re.search(r'"worker_exit_codes": (\{[^}]*\})', text).group(1))
+    assert 4 in codes.values() and set(codes.values()) <= {4, -15}
 
 
 def test_workers_die_with_a_killed_launcher(tmp_path: Path) -> None:

@@ -691,4 +691,11 @@ def train(settings: StageSettings, dist: DistContext | None = None) -> dict[str,
     finally:
         pusher.stop(success)
         endpoint.close()
-        dist.close()
+        try:
+            dist.close()
+        except Exception:
+            if success:
+                raise
+            # after a failure the peers may be gone already: their closed connections must
+            # not take the place of the error that stopped this rank
+            log.debug("process group teardown after a failure", exc_info=True)
