@@ -114,8 +114,9 @@ def test_names_with_newlines_are_fetched_and_names_that_are_not_utf8_are_named(t
 
 def test_an_unexpected_error_for_one_item_fails_the_shard_instead_of_leaving_the_item_out(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from trajflow.download.shard import ShardDownloader
+    from trajflow.download.shard import ShardDownloader, raise_for
     from trajflow.download.transfer import ItemTransfer
+    from trajflow.errors import TrajflowError
 
     src = tmp_path / "src"
     src.mkdir()
@@ -134,8 +135,11 @@ def test_an_unexpected_error_for_one_item_fails_the_shard_instead_of_leaving_the
     # a.bin, if still in flight when b.bin stopped the shard, is stopped with it (a rerun resumes it)
     assert [(r.item.key, r.outcome) for r in summary.failed if r.reason != "stopped"] == [("ds/b.bin", "failed")]
     assert all(r.kind == "transient" for r in summary.failed if r.reason == "stopped")
-    assert "unexpected RuntimeError: a bug" in summary.failed[0].error
+    (broken,) = [r for r in summary.failed if r.reason != "stopped"]
+    assert "unexpected RuntimeError: a bug" in broken.error
     assert summary.failures_by_reason == {"storage": 1}  # counted in trajflow_download_failures_total too
+    with pytest.raises(TrajflowError, match=r"^the run root failed: ds/b\.bin: ds/b\.bin: unexpected RuntimeError"):
+        raise_for(summary)  # the item that stopped the shard is named first
     monkeypatch.undo()
 
     def broken_conclude(self):

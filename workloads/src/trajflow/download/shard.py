@@ -644,7 +644,7 @@ def raise_for(summary: ShardSummary) -> None:
     code = summary.exit_code
     if code == 0:
         return
-    failed = summary.failed
+    failed = sorted(summary.failed, key=lambda r: r.reason == "stopped")  # what stopped the shard, first
     sample = "; ".join(f"{r.item.key}: {r.error}" for r in failed[:3])
     more = f" (and {len(failed) - 3} more)" if len(failed) > 3 else ""
     if code == int(PermanentError.exit_code):
