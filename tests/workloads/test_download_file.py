@@ -132,7 +132,7 @@ def test_an_unexpected_error_for_one_item_fails_the_shard_instead_of_leaving_the
     monkeypatch.setattr(ItemTransfer, "begin", broken_begin)
     summary = run(tmp_path / "root", _file_source(src))
     assert summary.exit_code == 1 and not summary.manifest_written
-    # a.bin, if still in flight when b.bin stopped the shard, is stopped with it (a rerun resumes it)
+    # a.bin, if still in flight when b.bin stopped the shard, is stopped with it (a rerun takes it up again)
     assert [(r.item.key, r.outcome) for r in summary.failed if r.reason != "stopped"] == [("ds/b.bin", "failed")]
     assert all(r.kind == "transient" for r in summary.failed if r.reason == "stopped")
     (broken,) = [r for r in summary.failed if r.reason != "stopped"]

@@ -1019,7 +1019,7 @@ class ItemTransfer:
             # and its bytes stay resumable for the next run
             if self.sink is not None:
                 self.sink.close()
-            stopped = Exception("stopped with the shard before it was complete; a rerun resumes it")
+            stopped = Exception("stopped with the shard before it was complete; a rerun takes it up again")
             self._on_done(self._failed(stopped, "stopped", "transient"))  # no failure reason: nothing failed
             return
         result: ItemResult | None = None
