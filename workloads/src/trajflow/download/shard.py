@@ -369,8 +369,7 @@ class ShardDownloader:
             concluded = {r.item.key for r in self.results}
             for item in self.items:
                 if item.key not in concluded:
-                    self._done(ItemResult(item, dest_key(self.shard, item.key, self.config.gunzip), "failed",
-                                          error=f"{item.key}: no outcome", kind="error", reason="storage"))
+                    self._fail_internally(item, f"{item.key}: no outcome")
         summary.results = sorted(self.results, key=lambda r: r.item.key)
         summary.bytes_received = self.stats.bytes_received
         summary.retries = self.stats.retries
@@ -428,9 +427,12 @@ class ShardDownloader:
             self._prepare_item(item)
         except Exception as exc:  # a bug fails the item loudly: an item without a result would pass unnoticed
             log.exception("unexpected error preparing %s", item.key)
-            self._done(ItemResult(item, dest_key(self.shard, item.key, self.config.gunzip), "failed",
-                                  error=f"{item.key}: unexpected {type(exc).__name__}: {exc}", kind="error",
-                                  reason="storage"))
+            self._fail_internally(item, f"{item.key}: unexpected {type(exc).__name__}: {exc}")
+
+    def _fail_internally(self, item: Item, error: str) -> None:
+        """A failure of the downloader itself (a bug): the item fails and stops the shard."""
+        self._done(ItemResult(item, dest_key(self.shard, item.key, self.config.gunzip), "failed", error=error,
+                              kind="error", reason="storage"))
 
     def _prepare_item(self, item: Item) -> None:
         dest = dest_key(self.shard, item.key, self.config.gunzip)
@@ -447,7 +449,7 @@ class ShardDownloader:
             return
         source = self.sources.get(item.key.split("/", 1)[0])
         if source is None:  # the plan came from this generation's sources, so this is a bug
-            self._done(ItemResult(item, dest, "failed", error=f"no source for {item.key}", kind="error", reason="storage"))
+            self._fail_internally(item, f"no source for {item.key}")
             return
         assert self.scheduler is not None
         transfer = ItemTransfer(item, source, self.root, dest, self.settings, self.stats, self._done,

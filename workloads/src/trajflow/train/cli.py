@@ -66,14 +66,18 @@ def _at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def _local_nproc(nproc: str, device: str) -> str:
     """Workers for one machine: each GPU worker needs a GPU of its own, so a count beyond
     the GPUs here (the demo's two on a one-GPU workstation) becomes one per GPU."""
     if not nproc.isdigit() or device == "cpu":
         return nproc
-    import torch
-
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = _visible_gpus()
     if 0 < gpus < int(nproc):
         log.warning("--nproc-per-node %s on a machine with %d GPU(s): starting %d worker(s), one per GPU",
                     nproc, gpus, gpus)
@@ -107,9 +111,7 @@ def _gpu_count(nproc: str) -> str:
     """torchrun's `gpu` as a count: torch's own answer on a machine without CUDA is a traceback."""
     if nproc != "gpu":
         return nproc
-    import torch
-
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = _visible_gpus()
     if not gpus:
         raise ConfigError("--nproc-per-node gpu: this machine has no CUDA GPU; give a number of workers")
     return str(gpus)
