@@ -37,6 +37,7 @@ from trajflow.metrics import preprocess_metrics
 from trajflow.preprocess.shards import list_shards, open_shard, report_key, shard_key
 from trajflow.preprocess.stage import process_shard
 from trajflow.storage import LocalStorage, manifest_key, read_manifest
+from trajflow.train.data import open_shards
 
 torch = pytest.importorskip("torch")
 
@@ -306,6 +307,23 @@ def test_a_done_shard_is_skipped(local_storage, mixed):
     summary = process_shard(local_storage, 0, 1, stage_config(sources={"robomimic": ROBOMIMIC}))
     assert summary.skipped and summary.episodes == 18
     assert local_storage.read_bytes(shard_key(0)) == before
+
+
+def test_shards_of_other_settings_are_kept_with_a_warning_and_never_trained_on_together(local_storage, mixed,
+                                                                                       caplog):
+    files, _ = mixed
+    for shard in (0, 1):
+        publish_raw_shard(local_storage, shard, files, shards=2)
+    process_shard(local_storage, 0, 2, stage_config(sources={"robomimic": ROBOMIMIC}))
+    # the run stopped after shard 0; the rerun changes a setting the shards' contents depend on
+    changed = stage_config(sources={"robomimic": ROBOMIMIC}, min_length=3)
+    with caplog.at_level(logging.WARNING, logger="trajflow"):
+        assert process_shard(local_storage, 0, 2, changed).skipped
+        process_shard(local_storage, 1, 2, changed)
+    assert "shard 00000 was made with other preprocessing.config (minLength 2 -> 3); it is kept" in caplog.text
+    with pytest.raises(PermanentError, match=r"resampled/_done/00001\.json: made with other preprocessing\.config "
+                                             r"than the other shards \(minLength 2 in shard 0, 3 here\)"):
+        open_shards(local_storage, ["observation.state"])
 
 
 def test_a_shard_whose_download_gained_items_is_made_again(local_storage, mixed, caplog):

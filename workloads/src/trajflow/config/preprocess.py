@@ -1,7 +1,7 @@
 """`preprocessing.config` — how raw trajectories become fixed-rate training shards."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import Field, model_validator
 
@@ -10,6 +10,10 @@ from trajflow.config.base import Model
 Format = Literal["auto", "lerobot", "robomimic", "npz"]
 # safetensors keeps this name for the file's metadata (the shard's index lives there)
 RESERVED_STREAM_NAME = "__metadata__"
+# the settings a shard's contents depend on (the others only change how fast it is made or
+# when it fails); a shard's manifest records them
+OUTPUT_SETTINGS = ("format", "streams", "renames", "time_key", "rate_hz", "robot", "sources", "target_rate_hz",
+                   "min_length", "dtype", "time_dtype")
 
 
 class SourceOverrides(Model):
@@ -88,6 +92,10 @@ class PreprocessConfig(Model):
         256, ge=1, description="Output held in memory before spilling to $TMPDIR while a shard is assembled."
     )
     push_interval_seconds: float = Field(15.0, gt=0, description="How often progress metrics are pushed.")
+
+    def output_settings(self) -> dict[str, Any]:
+        """The settings the shards' contents depend on, as the values file spells them."""
+        return self.model_dump(mode="json", include=set(OUTPUT_SETTINGS), by_alias=True)
 
     @model_validator(mode="after")
     def _outputs_are_one_set(self) -> "PreprocessConfig":

@@ -561,6 +561,15 @@ def _entry(shard: int, manifest: dict[str, Any], where: str) -> ShardEntry:
                       manifest=manifest)
 
 
+def settings_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The output settings a preprocess manifest records; an older manifest records only
+    its rate and dtype."""
+    recorded = manifest.get("settings")
+    if isinstance(recorded, dict):
+        return recorded
+    return {"targetRateHz": manifest.get("rate_hz"), "dtype": manifest.get("dtype")}
+
+
 def list_shards(storage: Storage) -> list[ShardEntry]:
     """The done shards (their ``resampled/_done/<shard>.json`` exists), by shard number."""
     out = []

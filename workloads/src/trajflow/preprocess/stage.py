@@ -41,7 +41,7 @@ from trajflow.errors import ConfigError, PermanentError, TrajflowError, Transien
 from trajflow.metrics import Pusher, StageMetrics, preprocess_metrics
 from trajflow.preprocess import readers
 from trajflow.preprocess.readers import FileResult, Quarantined, RawEpisode, SourceSpec
-from trajflow.preprocess.shards import ShardWriter, report_key, shard_key
+from trajflow.preprocess.shards import ShardWriter, report_key, settings_of, shard_key
 from trajflow.resources import cpu_budget, tmp_size_limit
 from trajflow.storage import (
     PLAN_KEY,
@@ -819,7 +819,7 @@ class ShardProcessor:
             num_episodes=len(index["episodes"]), num_frames=index["num_frames"], episodes=index["episodes"],
             trajectories=summary.trajectories, quarantined=summary.bad, reasons=summary.quarantined,
             raw_manifest=manifest_key("download", self.shard), raw_digest=self.raw_digest,
-            bytes_in=summary.bytes_in,
+            bytes_in=summary.bytes_in, settings=self.config.output_settings(),
         )
 
     def _restore_metrics(self, manifest: dict[str, Any]) -> None:
@@ -874,12 +874,13 @@ class ShardProcessor:
         return f"was made from other raw items than download shard {shard_name(self.shard)} holds now"
 
     def _warn_if_stale(self, manifest: dict[str, Any]) -> None:
-        cfg = self.config
-        if manifest.get("rate_hz") != cfg.target_rate_hz or manifest.get("dtype") != cfg.dtype:
+        made, wanted = settings_of(manifest), self.config.output_settings()
+        changed = [f"{k} {made[k]!r} -> {v!r}" for k, v in wanted.items() if k in made and made[k] != v]
+        if changed:
             log.warning(
-                "shard %s was written at %s Hz %s but the config asks for %s Hz %s; it is kept (a done shard "
-                "is redone only for another shard count: use a new runId or delete resampled/ to recompute)",
-                shard_name(self.shard), manifest.get("rate_hz"), manifest.get("dtype"), cfg.target_rate_hz, cfg.dtype)
+                "shard %s was made with other preprocessing.config (%s); it is kept (a done shard is redone only for "
+                "another shard count or other raw items: use a new runId or delete resampled/ to recompute)",
+                shard_name(self.shard), ", ".join(changed))
 
 
 # from these magnitudes on, a value rounds to inf in the half-precision shard dtypes (half

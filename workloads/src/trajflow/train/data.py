@@ -33,8 +33,9 @@ from trajflow.preprocess.shards import (
     check_shard_file,
     list_shards,
     open_shard,
+    settings_of,
 )
-from trajflow.storage import Storage
+from trajflow.storage import Storage, manifest_key
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,22 @@ def open_shards(storage: Storage, streams: Sequence[str], cache_dir: str | Path 
     episodes: list[EpisodeRef] = []
     rate: float | None = None
     dims: dict[str, int] = {}
+    settings: dict[str, Any] | None = None
     for entry in entries:
         if entry.num_episodes == 0:  # a shard without trajectories: nothing to read, its streams have no width
             continue
+        # shards kept from a run with other preprocessing settings would mix two datasets
+        made = settings_of(entry.manifest)
+        if settings is None:
+            settings, first = made, entry.shard
+        changed = [f"{k} {settings[k]!r} in shard {first}, {v!r} here" for k, v in made.items()
+                   if k in settings and settings[k] != v]
+        if changed:
+            raise PermanentError(
+                f"{storage.uri}/{manifest_key('preprocess', entry.shard)}: made with other preprocessing.config than "
+                f"the other shards ({'; '.join(changed)}); use a new global.runId or delete resampled/ so that every "
+                "shard is made again with one config"
+            )
         try:
             local = storage.local_path(entry.key)
             if verify and local is not None:
