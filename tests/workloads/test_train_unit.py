@@ -407,19 +407,21 @@ def test_checkpoint_of_another_model_is_refused(tmp_path: Path) -> None:
 
 
 # preprocessing redone with more joints, or at another targetRateHz (same widths, but the
-# model learnt 50 Hz dynamics), the run id and training config kept
-@pytest.mark.parametrize("system, refusal", [
-    (System(joints=4), r"input_dim 6 \(the current data and config give 8\)"),
-    (System(rate_hz=100.0), r"data at 50 Hz \(the current shards are at 100 Hz\)"),
-], ids=["widths", "rate"])
-def test_checkpoint_of_other_data_is_refused(tmp_path: Path, system: System, refusal: str) -> None:
+# model learnt 50 Hz dynamics), or from other recordings of the same shape, the run id and
+# training config kept
+@pytest.mark.parametrize("data, refusal", [
+    ({"system": System(joints=4)}, r"written for another model: input_dim 6 \(the current data and config give 8\)"),
+    ({"system": System(rate_hz=100.0)}, r"written for another model: data at 50 Hz \(the current shards are at 100 Hz\)"),
+    ({"seed": 7}, r"trained on other data: the training split's frames differ from the current shards'"),
+], ids=["widths", "rate", "recordings"])
+def test_checkpoint_of_other_data_is_refused(tmp_path: Path, data: dict, refusal: str) -> None:
     settings, storage = small_run(tmp_path, epochs=1)
     train(settings)
     for obj in list(storage.list("resampled/")):
         storage.delete(obj.key)
-    write_synthetic_shards(storage, shards=2, episodes_per_shard=6, length=120, system=system)
+    write_synthetic_shards(storage, shards=2, episodes_per_shard=6, length=120, **data)
     longer = local_settings(tmp_path, "run", **{**settings.config.model_dump(), "epochs": 2})
-    with pytest.raises(ConfigError, match=r"ckpt-\d+\.pt was written for another model: " + refusal):
+    with pytest.raises(ConfigError, match=r"ckpt-\d+\.pt was " + refusal):
         train(longer)
 
 

@@ -164,6 +164,8 @@ class Trainer:
             self.autocast = False
         self.spec: ModelSpec | None = None
         self.rate_hz: float | None = None  # of the shards: a checkpoint holds a model of that rate
+        # the training split's moments: a checkpoint holds a model of exactly that data
+        self.data_moments: np.ndarray | None = None
 
     # ---- setup --------------------------------------------------------------------------
 
@@ -209,7 +211,7 @@ class Trainer:
         check_finite(data.shards, [data.val_episodes[i] for i in rank_share(len(data.val_episodes), rank, world)], streams)
         mine = [data.train_episodes[i] for i in rank_share(len(data.train_episodes), rank, world)]
         vector = torch.from_numpy(local_moments(data.shards, mine, streams)).to(self.device)
-        total = self.dist.all_reduce_sum(vector).cpu().numpy()
+        total = self.data_moments = self.dist.all_reduce_sum(vector).cpu().numpy()
         return stats_from_moments(total, [data.shards.dims[s] for s in streams])
 
     # ---- checkpoints --------------------------------------------------------------------
@@ -258,6 +260,13 @@ class Trainer:
                 "choose the validation episodes and the batches, so its best loss and position would not carry over; "
                 f"restore them, or use a new global.runId or remove {self.storage.uri}/{CHECKPOINT_DIR}/"
             )
+        # with the split unchanged, other moments mean other frames: new sources, other preprocessing
+        if not same_data(payload.get("data_moments"), self.data_moments):
+            raise ConfigError(
+                f"{self.storage.uri}/{info.key} was trained on other data: the training split's frames differ from "
+                "the current shards' (the sources or the preprocessing changed since); use a new global.runId or "
+                f"remove {self.storage.uri}/{CHECKPOINT_DIR}/"
+            )
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
@@ -305,6 +314,7 @@ class Trainer:
                 "config": self.config.model_dump(mode="json", by_alias=True),
                 "spec": model.spec.to_json(),
                 "rate_hz": self.rate_hz,
+                "data_moments": None if self.data_moments is None else self.data_moments.tolist(),
             }
             self.last_checkpoint = self.store.save(
                 payload, step=self.state.step, epoch=self.state.epoch, batch_in_epoch=self.state.batch_in_epoch,
@@ -699,3 +709,16 @@ def train(settings: StageSettings, dist: DistContext | None = None) -> dict[str,
             # after a failure the peers may be gone already: their closed connections must
             # not take the place of the error that stopped this rank
             log.debug("process group teardown after a failure", exc_info=True)
+
+
+def same_data(saved: Any, current: np.ndarray | None) -> bool:
+    """Whether a checkpoint's training-split moments are the current data's. The ranks'
+    shares add up in another order under another world size, hence the tolerance, far
+    below what a changed episode shifts. Checkpoints written without them pass."""
+    if saved is None or current is None:
+        return True
+    saved = np.asarray(saved, dtype=np.float64)
+    if saved.shape != current.shape:
+        return False
+    scale = float(np.abs(current).max(initial=0.0))
+    return bool(np.allclose(saved, current, rtol=1e-9, atol=1e-12 * scale))
