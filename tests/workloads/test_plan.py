@@ -5,6 +5,7 @@ import json
 import logging
 import random
 import threading
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -116,7 +117,7 @@ def test_item_json_round_trip():
 # ---- the stored plan -------------------------------------------------------------------
 
 
-def test_plan_is_written_once_and_reused(storage, caplog):
+def test_plan_is_written_once_and_reused(storage, caplog, monkeypatch):
     listed = []
 
     def first_listing():
@@ -139,11 +140,26 @@ def test_plan_is_written_once_and_reused(storage, caplog):
     replanned = load_or_create_plan(storage, 4, "gen1", changed_listing)
     assert replanned["shards"] == 4 and listed == [1, 2]
     assert json.loads(storage.read_bytes(PLAN_KEY)) == replanned
-    # back to 3 shards: the 3-shard plan is used as it was made, without k10, and says so
+    # back to 3 shards, later: the 3-shard plan is used as it was made, without k10, and says so
+    later = time.time() + 3600
+    monkeypatch.setattr(time, "time", lambda: later)
     with caplog.at_level(logging.WARNING, logger="trajflow.plan"):
         assert load_or_create_plan(storage, 3, "gen1", changed_listing) == plan and listed == [1, 2]
     assert "(3 shards) lists other items than the plan in use (4 shards)" in caplog.text
     assert "planGeneration" in caplog.text
+
+
+def test_a_plan_made_moments_ago_by_another_pod_is_followed_without_a_warning(storage, caplog):
+    load_or_create_plan(storage, 4, "old-sources", lambda: [Item("a", 10)])  # the run before
+    in_use = storage.read_bytes(PLAN_KEY)
+    # pods starting together after the sources changed: pod A has made the new plan but not
+    # yet pointed plan/download.json at it when pod B reads it
+    load_or_create_plan(storage, 4, "new-sources", lambda: [Item("a", 12)])
+    storage.write_bytes(PLAN_KEY, in_use)
+    with caplog.at_level(logging.WARNING, logger="trajflow.plan"):
+        plan = load_or_create_plan(storage, 4, "new-sources", lambda: [Item("a", 13)])
+    assert plan["generation"] == "new-sources" and json.loads(storage.read_bytes(PLAN_KEY)) == plan
+    assert "lists other items" not in caplog.text
 
 
 def test_concurrent_pods_agree_on_one_plan(storage):

@@ -10,6 +10,7 @@ import hashlib
 import heapq
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -118,7 +119,8 @@ def load_or_create_plan(
     authoritative = f"{stem}-{shards}-{generation}.json" if generation else f"{stem}-{shards}.json"
     earlier = storage.exists(authoritative)
     if not earlier:
-        storage.write_if_absent(authoritative, _encode(plan_document(list_items(), shards, generation)))
+        made = {**plan_document(list_items(), shards, generation), "created_at": round(time.time(), 3)}
+        storage.write_if_absent(authoritative, _encode(made))
     raw = storage.read_bytes(authoritative)
     where = f"{storage.uri}/{authoritative}"
     remedy = "delete it (or change downloader.config.planGeneration) to plan again"
@@ -141,9 +143,17 @@ def load_or_create_plan(
     return stored
 
 
+# a plan younger than this was made by a pod of this run (pods that start together see it
+# before plan/download.json is pointed at it): its listing is current
+_FRESH_PLAN_S = 300.0
+
+
 def _warn_if_older_listing(stored: dict[str, Any], current: bytes, where: str) -> None:
     """Going back to a shard count planned before reuses that plan's listing, which may miss
     what the sources gained since (a plan of each count and generation is fixed)."""
+    created = stored.get("created_at")
+    if isinstance(created, (int, float)) and time.time() - created < _FRESH_PLAN_S:
+        return
     try:
         in_use = json.loads(current)
     except ValueError:
