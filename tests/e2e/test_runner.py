@@ -396,3 +396,22 @@ def test_dry_run_prints_the_commands_and_writes_the_configs(tmp_path: Path, caps
     assert f"preprocess --config {config / 'preprocessing.yaml'} --wait 6h" in out  # the chart's waitTimeout
     assert sorted(p.name for p in config.iterdir()) == ["downloader.yaml", "preprocessing.yaml", "training.yaml"]
     assert not (tmp_path / "data").exists()  # nothing ran
+
+
+@pytest.mark.parametrize("exit_code, hint", [
+    (4, "the same command, run again, resumes from them"),
+    (130, "the same command, run again, resumes from them"),
+    (2, "fix what the error above names, then the same command resumes from them"),
+    (3, "fix what the error above names"),
+    (5, "fix what the error above names"),
+])
+def test_the_last_hint_promises_a_resume_only_where_a_rerun_can_succeed(exit_code: int, hint: str) -> None:
+    from rich.console import Console
+
+    from trajflow.local.report import print_summary
+
+    console = Console(file=io.StringIO(), width=200)
+    doc = {"exitCode": exit_code, "interruptedBy": "SIGINT" if exit_code == 130 else None, "runId": "r", "seconds": 1.0}
+    print_summary(console, doc, [])
+    text = console.file.getvalue()
+    assert hint in text and text.count("finished shards are kept") == 1

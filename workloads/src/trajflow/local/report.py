@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from trajflow.errors import ExitCode
 from trajflow.local.progress import STAGE_TITLES
 from trajflow.storage import Storage, read_manifest
 
@@ -355,7 +356,10 @@ def print_summary(console: Any, doc: dict[str, Any], stages: list[StageSummary])
     for s in stages:
         table.add_row(s.title, s.shard_text(), s.time_text(), s.throughput())
     console.print(table)
-    if doc["exitCode"] != 0:
+    if doc["exitCode"] in (ExitCode.CONFIG, ExitCode.PERMANENT, ExitCode.DIVERGED):  # a rerun as it is fails again
+        console.print("finished shards are kept: fix what the error above names, then the same command resumes from "
+                      "them", style="yellow", highlight=False)
+    elif doc["exitCode"] != 0:
         console.print("finished shards are kept: the same command, run again, resumes from them", style="yellow", highlight=False)
     if doc.get("report"):
         console.print(f"report: {doc['report']}", highlight=False, soft_wrap=True)
