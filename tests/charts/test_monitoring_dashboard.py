@@ -1,8 +1,9 @@
 """The dashboard's shard-state queries evaluated by `promtool test rules` on a crafted set of
 series (every variable at its default, All): a shard is one (run, stage, shard), so a finished
 earlier run does not hide the current run's shard, a retried training pod (the failed pod's
-pushed final values next to the new pod's scraped ranks) is running, not failed, and panels
-about running shards leave finished ones out."""
+pushed final values next to the new pod's scraped ranks) is running, not failed, its live
+figures are shown rather than the failed pod's, and panels about running shards leave
+finished ones out."""
 from __future__ import annotations
 
 from typing import Any
@@ -26,6 +27,12 @@ def _shard(labels: str, run: str, stage: str, shard: str, *, end: float, success
     return [{"series": f"{name}{{{sel}}}", "values": f"{value:g}x10"} for name, value in values.items()]
 
 
+TRAIN_FIGURES = {
+    when: [("trajflow_train_loss", ', split="train"', loss), ("trajflow_train_best_val_loss", "", best),
+           ("trajflow_train_samples_per_second", "", rate), ("trajflow_train_learning_rate", "", lr)]
+    for when, loss, best, rate, lr in [("pushed", 0.5, 0.13, 100, 0.002), ("live", 0.3, 0.1, 200, 0.001)]
+}
+
 # evaluated at 5m: time() is 300
 SERIES: list[dict[str, str]] = [
     # download: an earlier run's shard 0 finished well (still in the Pushgateway); the current
@@ -36,6 +43,14 @@ SERIES: list[dict[str, str]] = [
     # training: the first pod failed and pushed its final values; the retried pod is scraped
     *_shard(PUSHED, "r1", "train", "0", end=100, success=0, start=10, progress=90, extra=', local_rank="0"'),
     *_shard(SCRAPED, "r1", "train", "0", end=0, success=0, start=200, progress=280, extra=', local_rank="0"'),
+    # the failed training pod's pushed final figures stay in the Pushgateway while the retried
+    # pod's two ranks are scraped live, each counting every optimiser step
+    *[{"series": f'{name}{{{PUSHED}, run="r1", shard="0", local_rank="0"{extra}}}', "values": f"{value:g}x10"}
+      for name, extra, value in TRAIN_FIGURES["pushed"]],
+    *[{"series": f'{name}{{{SCRAPED}, run="r1", shard="0", local_rank="{rank}"{extra}}}', "values": f"{value:g}x10"}
+      for rank in "01" for name, extra, value in TRAIN_FIGURES["live"]],
+    *[{"series": f'trajflow_train_steps_total{{{SCRAPED}, run="r1", shard="0", local_rank="{rank}"}}',
+       "values": "0+600x10"} for rank in "01"],
     # preprocessing: shards 0 and 1 finished (their last bandwidth stays pushed), shard 2 runs
     *_shard(PUSHED, "r1", "preprocess", "0", end=250, success=1, start=20, progress=250,
             trajflow_preprocess_bandwidth_bytes_per_second=1e9),
@@ -60,6 +75,12 @@ EXPECTED: dict[str, list[tuple[str, float]]] = {
         ('{run="new", stage="download", shard="1"}', 0), ('{run="r1", stage="train", shard="0"}', 0),
         ('{run="r1", stage="preprocess", shard="0"}', 1), ('{run="r1", stage="preprocess", shard="1"}', 1),
         ('{run="r1", stage="preprocess", shard="2"}', 0)],
+    # the live figures, not the failed attempt's; steps/s of the run, not summed over its ranks
+    "panel 'Training loss' A": [('{run="r1", split="train"}', 0.3)],
+    "panel 'Training loss' B": [('{run="r1"}', 0.1)],
+    "panel 'Training samples/s' A": [('{run="r1"}', 200)],
+    "panel 'Training samples/s' B": [('{run="r1"}', 10)],
+    "panel 'Learning rate' A": [('{run="r1"}', 0.001)],
 }
 
 

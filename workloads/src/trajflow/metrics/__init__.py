@@ -143,7 +143,7 @@ def train_metrics() -> StageMetrics:
         checkpoint_time=Gauge(
             "trajflow_train_last_checkpoint_time_seconds", "Unix time of the newest checkpoint written.", registry=r
         ),
-        learning_rate=Gauge("trajflow_train_learning_rate", "Learning rate of the last optimiser step.", registry=r),
+        learning_rate=Gauge("trajflow_train_learning_rate", "Learning rate the schedule gives the next optimiser step.", registry=r),
         restarts=Gauge(
             "trajflow_train_restarts", "Times the elastic agent restarted the worker group (TORCHELASTIC_RESTART_COUNT).", registry=r
         ),
