@@ -312,18 +312,45 @@ def test_a_done_shard_is_skipped(local_storage, mixed):
 def test_shards_of_other_settings_are_kept_with_a_warning_and_never_trained_on_together(local_storage, mixed,
                                                                                        caplog):
     files, _ = mixed
+    for shard in range(3):
+        publish_raw_shard(local_storage, shard, files, shards=3)
     for shard in (0, 1):
-        publish_raw_shard(local_storage, shard, files, shards=2)
-    process_shard(local_storage, 0, 2, stage_config(sources={"robomimic": ROBOMIMIC}))
-    # the run stopped after shard 0; the rerun changes a setting the shards' contents depend on
+        process_shard(local_storage, shard, 3, stage_config(sources={"robomimic": ROBOMIMIC}))
+    # the run stopped after shard 1; the rerun changes a setting the shards' contents depend on
     changed = stage_config(sources={"robomimic": ROBOMIMIC}, min_length=3)
     with caplog.at_level(logging.WARNING, logger="trajflow"):
-        assert process_shard(local_storage, 0, 2, changed).skipped
-        process_shard(local_storage, 1, 2, changed)
+        assert process_shard(local_storage, 0, 3, changed).skipped
+        process_shard(local_storage, 2, 3, changed)
     assert "shard 00000 was made with other preprocessing.config (minLength 2 -> 3); it is kept" in caplog.text
-    with pytest.raises(PermanentError, match=r"resampled/_done/00001\.json: made with other preprocessing\.config "
-                                             r"than the other shards \(minLength 2 in shard 0, 3 here\)"):
+    refusal = r"resampled/_done/00002\.json: made with other preprocessing\.config than the shards before it " \
+              r"\(minLength 2 -> 3\)"
+    with pytest.raises(PermanentError, match=refusal):
         open_shards(local_storage, ["observation.state"])
+    # a first manifest from before the settings were recorded hides nothing of the others
+    manifest = read_manifest(local_storage, "preprocess", 0)
+    local_storage.write_bytes(manifest_key("preprocess", 0),
+                              json.dumps({k: v for k, v in manifest.items() if k != "settings"}).encode())
+    with pytest.raises(PermanentError, match=refusal):
+        open_shards(local_storage, ["observation.state"])
+
+
+def test_overrides_of_a_source_a_shard_does_not_hold_leave_the_shard_alone(local_storage, mixed, caplog):
+    files, _ = mixed
+    publish_raw_shard(local_storage, 0, {k: v for k, v in files.items() if k.startswith("lerobot/")}, shards=2)
+    publish_raw_shard(local_storage, 1, {k: v for k, v in files.items() if not k.startswith("lerobot/")}, shards=2)
+    for shard in (0, 1):
+        process_shard(local_storage, shard, 2, stage_config(sources={"robomimic": ROBOMIMIC}))
+    # the npz source gets a robot label: shard 1, which holds npz items, is made again with it
+    labelled = stage_config(sources={"robomimic": ROBOMIMIC, "npz": {"robot": "arm"}})
+    local_storage.delete(manifest_key("preprocess", 1))
+    with caplog.at_level(logging.WARNING, logger="trajflow"):
+        assert process_shard(local_storage, 0, 2, labelled).skipped
+        process_shard(local_storage, 1, 2, labelled)
+    assert "was made with other preprocessing.config" not in caplog.text
+    assert len(open_shards(local_storage, ["observation.state"]).readers) == 2
+    # the label on the npz items of shard 1 is what the config asks for
+    robots = {(ep.source.split("/")[2], ep.robot) for ep in open_shard(storage=local_storage, key=shard_key(1)).episodes}
+    assert ("npz", "arm") in robots and all(robot == "arm" for source, robot in robots if source == "npz")
 
 
 def test_a_shard_whose_download_gained_items_is_made_again(local_storage, mixed, caplog):

@@ -20,7 +20,7 @@ from trajflow.train.checkpoint import CheckpointStore
 from trajflow.train.data import EpochBatches, build_data, open_shards, split_episodes
 from trajflow.train.errors import TrainingDiverged
 from trajflow.train.launch import pod_exit_code
-from trajflow.train.loop import config_hash, metrics_shard, train
+from trajflow.train.loop import config_hash, metrics_shard, same_data, train
 from trajflow.train.models import ModelSpec, TrajectoryModel
 from trajflow.train.synthetic import System, local_settings, write_synthetic_shards
 
@@ -423,6 +423,23 @@ def test_checkpoint_of_other_data_is_refused(tmp_path: Path, data: dict, refusal
     longer = local_settings(tmp_path, "run", **{**settings.config.model_dump(), "epochs": 2})
     with pytest.raises(ConfigError, match=r"ckpt-\d+\.pt was " + refusal):
         train(longer)
+
+
+def test_the_same_frames_resampled_again_are_the_same_data_other_frames_are_not() -> None:
+    rng = np.random.default_rng(0)
+    frames = rng.normal(0.0, 3.0, size=(50_000, 4)).astype(np.float32)
+
+    def moments(x: np.ndarray) -> np.ndarray:  # as local_moments lays them out: count, sums, squares
+        x = x.astype(np.float64)
+        return np.concatenate([[len(x)], x.sum(0), (x * x).sum(0)])
+
+    reference = moments(frames)
+    # another kernel's rounding (Triton against torch: float32 ulps) and another summation order
+    rounded = frames * (1 + 3e-7 * rng.standard_normal(frames.shape)).astype(np.float32)
+    assert same_data(reference.tolist(), moments(rounded[::-1]))
+    assert same_data(None, reference)  # a checkpoint written before the moments were recorded
+    assert not same_data(reference.tolist(), moments(frames[:-1]))  # one frame fewer
+    assert not same_data(reference.tolist(), moments(rng.normal(0.0, 3.0, size=frames.shape)))  # other recordings
 
 
 def test_corrupt_best_checkpoint_falls_back_to_the_next_best(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]

@@ -1,7 +1,7 @@
 """`preprocessing.config` — how raw trajectories become fixed-rate training shards."""
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Iterable, Literal, Optional
 
 from pydantic import Field, model_validator
 
@@ -12,8 +12,8 @@ Format = Literal["auto", "lerobot", "robomimic", "npz"]
 RESERVED_STREAM_NAME = "__metadata__"
 # the settings a shard's contents depend on (the others only change how fast it is made or
 # when it fails); a shard's manifest records them
-OUTPUT_SETTINGS = ("format", "streams", "renames", "time_key", "rate_hz", "robot", "sources", "target_rate_hz",
-                   "min_length", "dtype", "time_dtype")
+OUTPUT_SETTINGS = ("format", "streams", "renames", "time_key", "rate_hz", "robot", "target_rate_hz", "min_length",
+                   "dtype", "time_dtype")
 
 
 class SourceOverrides(Model):
@@ -93,9 +93,15 @@ class PreprocessConfig(Model):
     )
     push_interval_seconds: float = Field(15.0, gt=0, description="How often progress metrics are pushed.")
 
-    def output_settings(self) -> dict[str, Any]:
-        """The settings the shards' contents depend on, as the values file spells them."""
-        return self.model_dump(mode="json", include=set(OUTPUT_SETTINGS), by_alias=True)
+    def output_settings(self, sources: Iterable[str]) -> dict[str, Any]:
+        """The settings the contents of a shard holding items of ``sources`` depend on, as the
+        values file spells them, with the overrides of those sources ({} for none)."""
+        settings = self.model_dump(mode="json", include=set(OUTPUT_SETTINGS), by_alias=True)
+        settings["sources"] = {
+            name: self.sources[name].model_dump(mode="json", by_alias=True, exclude_none=True) if name in self.sources
+            else {} for name in sorted(sources)
+        }
+        return settings
 
     @model_validator(mode="after")
     def _outputs_are_one_set(self) -> "PreprocessConfig":

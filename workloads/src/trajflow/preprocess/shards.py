@@ -562,12 +562,22 @@ def _entry(shard: int, manifest: dict[str, Any], where: str) -> ShardEntry:
 
 
 def settings_of(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The output settings a preprocess manifest records; an older manifest records only
-    its rate and dtype."""
+    """The output settings a preprocess manifest records (`PreprocessConfig.output_settings`);
+    an older manifest records only its rate and dtype."""
     recorded = manifest.get("settings")
     if isinstance(recorded, dict):
         return recorded
     return {"targetRateHz": manifest.get("rate_hz"), "dtype": manifest.get("dtype")}
+
+
+def settings_differences(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """Where two shards' output settings differ, on what both record: the top-level settings
+    and the overrides of the sources both hold ("minLength 2 -> 3")."""
+    changed = [f"{k} {before[k]!r} -> {v!r}" for k, v in after.items()
+               if k != "sources" and k in before and before[k] != v]
+    old, new = before.get("sources") or {}, after.get("sources") or {}
+    changed += [f"sources.{name} {old[name]!r} -> {v!r}" for name, v in new.items() if name in old and old[name] != v]
+    return changed
 
 
 def list_shards(storage: Storage) -> list[ShardEntry]:

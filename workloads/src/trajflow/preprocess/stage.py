@@ -41,7 +41,7 @@ from trajflow.errors import ConfigError, PermanentError, TrajflowError, Transien
 from trajflow.metrics import Pusher, StageMetrics, preprocess_metrics
 from trajflow.preprocess import readers
 from trajflow.preprocess.readers import FileResult, Quarantined, RawEpisode, SourceSpec
-from trajflow.preprocess.shards import ShardWriter, report_key, settings_of, shard_key
+from trajflow.preprocess.shards import ShardWriter, report_key, settings_differences, settings_of, shard_key
 from trajflow.resources import cpu_budget, tmp_size_limit
 from trajflow.storage import (
     PLAN_KEY,
@@ -546,6 +546,7 @@ class ShardProcessor:
         # trajectory however many it held, so maxBadFraction also bounds the share of bytes lost
         self.file_bytes = self.lost_file_bytes = 0
         self.raw_digest = ""  # of the download manifest this shard is made from
+        self.raw_sources: set[str] = set()  # the downloader sources of its items
 
     def run(self) -> ShardSummary:
         started = time.perf_counter()
@@ -587,6 +588,7 @@ class ShardProcessor:
                 f"{self.shards}: run `trajflow wait --stage download --expect-shards {self.shards}` first"
             )
         self.raw_digest = raw_items_digest(raw_manifest)
+        self.raw_sources = {source_of(key) for key, _ in raw_items(raw_manifest, shard)}
         # only now is this run's shard count confirmed (a leftover pod of another count stops above)
         if redo:
             log.warning("shard %s %s: it is preprocessed again", shard_name(shard), redo)
@@ -819,7 +821,7 @@ class ShardProcessor:
             num_episodes=len(index["episodes"]), num_frames=index["num_frames"], episodes=index["episodes"],
             trajectories=summary.trajectories, quarantined=summary.bad, reasons=summary.quarantined,
             raw_manifest=manifest_key("download", self.shard), raw_digest=self.raw_digest,
-            bytes_in=summary.bytes_in, settings=self.config.output_settings(),
+            bytes_in=summary.bytes_in, settings=self.config.output_settings(self.raw_sources),
         )
 
     def _restore_metrics(self, manifest: dict[str, Any]) -> None:
@@ -874,8 +876,8 @@ class ShardProcessor:
         return f"was made from other raw items than download shard {shard_name(self.shard)} holds now"
 
     def _warn_if_stale(self, manifest: dict[str, Any]) -> None:
-        made, wanted = settings_of(manifest), self.config.output_settings()
-        changed = [f"{k} {made[k]!r} -> {v!r}" for k, v in wanted.items() if k in made and made[k] != v]
+        made = settings_of(manifest)
+        changed = settings_differences(made, self.config.output_settings(made.get("sources") or ()))
         if changed:
             log.warning(
                 "shard %s was made with other preprocessing.config (%s); it is kept (a done shard is redone only for "

@@ -33,6 +33,7 @@ from trajflow.preprocess.shards import (
     check_shard_file,
     list_shards,
     open_shard,
+    settings_differences,
     settings_of,
 )
 from trajflow.storage import Storage, manifest_key
@@ -79,22 +80,20 @@ def open_shards(storage: Storage, streams: Sequence[str], cache_dir: str | Path 
     episodes: list[EpisodeRef] = []
     rate: float | None = None
     dims: dict[str, int] = {}
-    settings: dict[str, Any] | None = None
+    settings: dict[str, Any] = {}  # every output setting the shards so far record
     for entry in entries:
         if entry.num_episodes == 0:  # a shard without trajectories: nothing to read, its streams have no width
             continue
         # shards kept from a run with other preprocessing settings would mix two datasets
         made = settings_of(entry.manifest)
-        if settings is None:
-            settings, first = made, entry.shard
-        changed = [f"{k} {settings[k]!r} in shard {first}, {v!r} here" for k, v in made.items()
-                   if k in settings and settings[k] != v]
+        changed = settings_differences(settings, made)
         if changed:
             raise PermanentError(
                 f"{storage.uri}/{manifest_key('preprocess', entry.shard)}: made with other preprocessing.config than "
-                f"the other shards ({'; '.join(changed)}); use a new global.runId or delete resampled/ so that every "
-                "shard is made again with one config"
+                f"the shards before it ({'; '.join(changed)}); use a new global.runId or delete resampled/ so that "
+                "every shard is made again with one config"
             )
+        settings = {**made, **settings, "sources": {**(made.get("sources") or {}), **(settings.get("sources") or {})}}
         try:
             local = storage.local_path(entry.key)
             if verify and local is not None:
