@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -160,6 +161,25 @@ def test_a_shard_file_on_the_filesystem_is_checked_against_its_manifest(tmp_path
         open_shards(storage, streams)
     storage.write_bytes(key, good)
     assert len(open_shards(storage, streams).readers) == 2
+
+
+def test_shards_on_s3_that_would_outgrow_the_tmp_limit_are_refused_before_the_copy(s3_storage, tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    write_synthetic_shards(s3_storage, shards=2, episodes_per_shard=6, length=120)
+    total = sum(obj.size for obj in s3_storage.list("resampled/") if obj.key.endswith(".safetensors"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+    streams = ["observation.state", "action"]
+    monkeypatch.setenv("TRAJFLOW_TMP_SIZE_LIMIT", str(total))  # no room left for HOME
+    with pytest.raises(ConfigError, match=r"the 2 preprocessed shards under s3://.* hold .* and training copies them "
+                                          r"into .*/tmp, limited to .*raise training\.tmp\.sizeLimit"):
+        open_shards(s3_storage, streams)
+    assert not any((tmp_path / "tmp").iterdir())  # nothing was copied
+    # a cache directory of its own is sized by whoever sets it; a roomy /tmp takes the copies
+    assert len(open_shards(s3_storage, streams, cache_dir=tmp_path / "cache").readers) == 2
+    monkeypatch.setenv("TRAJFLOW_TMP_SIZE_LIMIT", str(2 * total))
+    assert len(open_shards(s3_storage, streams).readers) == 2
 
 
 def test_an_episode_keeps_its_side_of_the_split_whatever_happens_to_the_others() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -24,7 +25,8 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from trajflow.config.train import TrainConfig
-from trajflow.errors import PermanentError, TransientError
+from trajflow.download.progress import human_bytes
+from trajflow.errors import ConfigError, PermanentError, TransientError
 from trajflow.preprocess.shards import (
     ShardEntry,
     ShardFormatError,
@@ -36,6 +38,7 @@ from trajflow.preprocess.shards import (
     settings_differences,
     settings_of,
 )
+from trajflow.resources import TMP_SIZE_LIMIT_ENV, tmp_size_limit
 from trajflow.storage import Storage, manifest_key
 
 log = logging.getLogger(__name__)
@@ -75,6 +78,7 @@ def open_shards(storage: Storage, streams: Sequence[str], cache_dir: str | Path 
             f"{storage.uri}/resampled/_done/: no done shards yet; training starts after preprocessing has finished"
         )
     entries = _one_sharding(storage, entries)
+    _check_cache_room(storage, entries, cache_dir)
     readers: list[ShardReader] = []
     shard_ids: list[int] = []
     episodes: list[EpisodeRef] = []
@@ -127,6 +131,22 @@ def open_shards(storage: Storage, streams: Sequence[str], cache_dir: str | Path 
         for i, ep in enumerate(reader.episodes):
             episodes.append(EpisodeRef(pos, i, ep.offset, ep.length, f"{ep.source}#{ep.episode}"))
     return ShardSet(readers, shard_ids, episodes, float(rate or 0.0), dims)
+
+
+def _check_cache_room(storage: Storage, entries: list[ShardEntry], cache_dir: str | Path | None) -> None:
+    """Shards on S3 are copied into the cache, by default in TMPDIR: an emptyDir whose size
+    limit gets the pod evicted, with no message, when the copies outgrow it."""
+    limit = tmp_size_limit()
+    if cache_dir or limit is None or storage.local_path(entries[0].key) is not None:
+        return
+    total = sum(e.size for e in entries)
+    if total > 0.9 * limit:  # HOME shares the directory
+        raise ConfigError(
+            f"the {len(entries)} preprocessed shards under {storage.uri}/resampled/ hold {human_bytes(total)} and "
+            f"training copies them into {tempfile.gettempdir()}, limited to {human_bytes(limit)} "
+            f"({TMP_SIZE_LIMIT_ENV}: the kubelet evicts the pod beyond it); raise training.tmp.sizeLimit to at "
+            f"least {human_bytes(total / 0.9)}, or set training.config.cacheDir to a volume that holds them"
+        )
 
 
 def _one_sharding(storage: Storage, entries: list[ShardEntry]) -> list[ShardEntry]:
