@@ -288,8 +288,16 @@ def test_notes_only_suggest_commands_that_work(case):
     if "downloader.enabled" in case and "preprocessing.enabled" in case:
         assert "parallelism=" not in text
     if case.get("training.launcher") == "pytorchjob":
-        assert "wait --for=condition=Succeeded --timeout=48h pytorchjob -l" in text
+        # production's training deadline is a week: waiting less would give up on a running Job
+        assert "wait --for=condition=Succeeded --timeout=604800s pytorchjob -l" in text
         assert " job -l" not in text.split("block until the last stage is done")[1].split("\n")[1]
+
+
+def test_notes_wait_as_long_as_the_last_stage_may_run():
+    assert "wait --for=condition=Complete --timeout=604800s job -l" in notes([env_file("production")])
+    assert "wait --for=condition=Complete --timeout=168h job -l" in notes([env_file("dev")])  # no deadline
+    assert "--timeout=3600s job -l" in notes([env_file("dev")], {"training.enabled": False,
+                                                                 "preprocessing.activeDeadlineSeconds": 3600})
 
 
 def test_notes_warn_that_waiting_training_pods_hold_their_gpus():
