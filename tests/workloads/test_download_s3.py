@@ -267,3 +267,16 @@ def test_keys_that_cannot_be_paths_are_named_not_dropped(s3_server: Any, tmp_pat
                               make_config([s3_source(s3_server, bucket, exclude=[".trajflow-*/**"])]), 0, 1).run()
     assert summary.exit_code == 0
     assert sorted(r.item.key for r in summary.results) == ["lake/line\nbreak.bin", "lake/ok.bin"]  # a newline is kept
+
+
+@pytest.mark.parametrize("prefix, as_a_url", [("ds#v2", "ds"), ("q?x=1", "q")])
+def test_a_source_prefix_with_hash_or_question_mark_is_taken_literally(s3_server: Any, tmp_path: Path,
+                                                                       prefix: str, as_a_url: str) -> None:
+    client = s3_server.client()
+    bucket = s3_server.make_bucket("lit")
+    client.put_object(Bucket=bucket, Key=f"{prefix}/wanted.bin", Body=b"wanted")
+    client.put_object(Bucket=bucket, Key=f"{as_a_url}/other.bin", Body=b"other")  # what a URL parser lists
+    source = {"type": "s3", "name": "lake", "url": f"s3://{bucket}/{prefix}/", "endpoint": s3_server.endpoint}
+    summary = ShardDownloader(LocalStorage(tmp_path), make_config([source]), 0, 1).run()
+    assert summary.exit_code == 0, [r.error for r in summary.failed]
+    assert visible_files(tmp_path / "raw" / "00000") == {"lake/wanted.bin": b"wanted"}

@@ -642,3 +642,15 @@ def test_throttled_writes_are_retried_without_client_side_rate_limiting(s3_serve
     # botocore's adaptive mode, once throttled, slows every later request of the client
     # (300 small PUTs took 20 s instead of 1 s with one request in 50 throttled)
     assert store.client.meta.config.retries["mode"] == "standard"
+
+
+def test_an_s3_timeout_or_dropped_connection_surfaces_as_itself(s3_storage, monkeypatch):
+    from botocore.exceptions import ConnectionClosedError, ReadTimeoutError
+
+    for error in (ReadTimeoutError(endpoint_url="http://127.0.0.1:9"),
+                  ConnectionClosedError(endpoint_url="http://127.0.0.1:9")):
+        def fail(**_):
+            raise error
+        monkeypatch.setattr(s3_storage.client, "head_object", fail)
+        with pytest.raises(type(error)):  # not AttributeError: these carry no response
+            s3_storage.stat("a")

@@ -324,8 +324,9 @@ class S3SourceRuntime(SourceRuntime):
     def __init__(self, cfg: S3Source, clients: HttpClients, max_connections: int, timeout_s: float):
         super().__init__(cfg.name, cfg.required)
         self.cfg = cfg
-        parts = urlsplit(cfg.url)
-        self.bucket, self.prefix = parts.netloc, parts.path.strip("/")
+        # taken literally: '#' and '?' are characters of S3 keys, not a fragment or a query
+        bucket, _, prefix = cfg.url[len("s3://"):].partition("/")
+        self.bucket, self.prefix = bucket, prefix.strip("/")
         self.filter = PathFilter(cfg.include, cfg.exclude)
         self.http = clients.get(cfg.ca_bundle, cfg.name)
         self.client = self._make_client(max_connections, timeout_s)

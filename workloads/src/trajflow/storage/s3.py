@@ -75,12 +75,17 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return parsed.netloc, prefix
 
 
+def _response(exc: Exception) -> dict[str, Any]:
+    # botocore's timeouts and dropped connections carry no response (None)
+    return getattr(exc, "response", None) or {}
+
+
 def _error_code(exc: Exception) -> str:
-    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+    return str(_response(exc).get("Error", {}).get("Code", ""))
 
 
 def _status(exc: Exception) -> int | None:
-    return getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return _response(exc).get("ResponseMetadata", {}).get("HTTPStatusCode")
 
 
 def _is_not_found(exc: Exception) -> bool:
