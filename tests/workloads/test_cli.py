@@ -87,6 +87,28 @@ def test_unexpected_errors_are_logged_and_retried(fake_command, capfd, monkeypat
     assert docs[-1]["msg"] == "trajflow fake failed unexpectedly" and "KeyError: 'surprise'" in docs[-1]["exc"]
 
 
+def test_s3_refusals_no_stage_handled_are_config_errors_in_one_line(fake_command, capsys):
+    from botocore.exceptions import ClientError, ReadTimeoutError
+
+    refused = ClientError({"Error": {"Code": "InvalidAccessKeyId", "Message": "no such key"},
+                           "ResponseMetadata": {"HTTPStatusCode": 403}}, "PutObject")
+
+    def fail():
+        raise refused
+
+    fake_command.behaviour = fail
+    assert cli.main(["fake"]) == ExitCode.CONFIG
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("trajflow fake: error: cannot read the run root: InvalidAccessKeyId") and "\n" not in err
+    assert "the store does not accept these credentials" in err
+
+    def time_out():
+        raise ReadTimeoutError(endpoint_url="http://127.0.0.1:9")
+
+    fake_command.behaviour = time_out  # the network: a retry may cure it
+    assert cli.main(["fake"]) == ExitCode.ERROR
+
+
 def test_unknown_benchmark_is_named(tmp_path, capsys):
     assert cli.main(["bench", "nope", "--out", str(tmp_path)]) == ExitCode.CONFIG
     assert "unknown benchmark(s): nope; known: storage" in capsys.readouterr().err

@@ -76,7 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception:  # logged (as JSON in pods) so the failure is searchable; the pod is retried
+    except Exception as exc:  # logged (as JSON in pods) so the failure is searchable; the pod is retried
+        from trajflow.storage.wait import s3_refusal_error
+
+        refusal = s3_refusal_error(exc)
+        if refusal is not None:  # bad credentials or a missing bucket: retrying cannot help
+            print(f"trajflow {args.command}: error: {refusal}", file=sys.stderr)
+            return int(refusal.exit_code)
         logging.getLogger("trajflow").exception("trajflow %s failed unexpectedly", args.command)
         return int(ExitCode.ERROR)
 

@@ -52,7 +52,7 @@ from trajflow.storage import (
     shard_name,
     write_manifest,
 )
-from trajflow.storage.wait import unusable_root_error
+from trajflow.storage.wait import fatal_storage_error
 
 log = logging.getLogger(__name__)
 
@@ -618,7 +618,7 @@ class ShardProcessor:
         except BaseException as exc:
             if not _is_storage_error(exc):
                 raise
-            unusable = unusable_root_error(exc, self.storage.uri)
+            unusable = fatal_storage_error(exc, self.storage.uri)
             if unusable is not None:
                 raise unusable from None
             raise TransientError(f"shard {shard_name(shard)}: storage error: {type(exc).__name__}: {exc}") from exc

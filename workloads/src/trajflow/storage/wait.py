@@ -16,6 +16,7 @@ import json
 import logging
 import random
 import re
+import sys
 import time
 from typing import Any, Callable
 
@@ -106,6 +107,15 @@ def fatal_storage_error(exc: Exception, where: str) -> TrajflowError | None:
     if isinstance(exc, PermissionError):
         return ConfigError(f"cannot read {where}: {_one_line(exc)}")
     return unusable_root_error(exc, where)
+
+
+def s3_refusal_error(exc: BaseException) -> TrajflowError | None:
+    """For an S3 error no stage handled: the config error it amounts to (credentials,
+    bucket, permissions: exit 2), else None."""
+    boto_errors = sys.modules.get("botocore.exceptions")
+    if boto_errors is None or not isinstance(exc, (boto_errors.BotoCoreError, boto_errors.ClientError)):
+        return None
+    return fatal_storage_error(exc, "the run root")
 
 
 def unusable_root_error(exc: BaseException, where: str) -> ConfigError | None:

@@ -171,6 +171,14 @@ def _worker(args: argparse.Namespace) -> int:
     except TrajflowError as exc:
         record_final_failure(exc)
         raise
+    except Exception as exc:
+        from trajflow.storage.wait import s3_refusal_error
+
+        refusal = s3_refusal_error(exc)
+        if refusal is None:
+            raise
+        record_final_failure(refusal)  # restarts of the group cannot help either
+        raise refusal from None
 
 
 def _train(settings) -> int:  # type: ignore[no-untyped-def]
