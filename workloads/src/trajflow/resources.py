@@ -43,6 +43,15 @@ def parse_bytes(quantity: str) -> int:
     return int(float(number) * _SUFFIX[suffix])
 
 
+def human_bytes(n: float) -> str:
+    """A byte count as people read it ("3.0 GiB", "12 B")."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
 def tmp_size_limit(env: dict[str, str] | None = None) -> int | None:
     """The size limit of TMPDIR in bytes where the chart set one (an emptyDir's sizeLimit:
     the kubelet evicts the pod beyond it, so writers must stop short of it); None: unknown."""

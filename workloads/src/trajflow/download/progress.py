@@ -7,15 +7,9 @@ import threading
 import time
 from typing import Any
 
+from trajflow.resources import human_bytes
+
 log = logging.getLogger(__name__)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
 
 
 def human_duration(seconds: float | None) -> str:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from trajflow.errors import ExitCode
 from trajflow.local.progress import STAGE_TITLES
+from trajflow.resources import human_bytes
 from trajflow.storage import Storage, read_manifest
 
 if TYPE_CHECKING:
@@ -47,9 +48,9 @@ class StageSummary:
     def throughput(self) -> str:
         f = self.figures
         if self.stage == "downloader" and f.get("bytes") is not None:
-            text = f"{_size(f['bytes'])} in {f.get('items', 0)} files"
+            text = f"{human_bytes(f['bytes'])} in {f.get('items', 0)} files"
             if f.get("bytes_per_second"):
-                text += f", {_size(f['bytes_per_second'])}/s"
+                text += f", {human_bytes(f['bytes_per_second'])}/s"
             return text
         if self.stage == "preprocessing" and f.get("trajectories") is not None:
             quarantined = f.get("quarantined", 0)
@@ -72,14 +73,6 @@ class StageSummary:
                 text += f", {f['samples_per_second']:,.0f} samples/s"
             return text
         return ""
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _manifests(storage: Storage, stage: str, shards: int) -> list[dict[str, Any]]:

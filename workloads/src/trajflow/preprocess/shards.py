@@ -580,6 +580,11 @@ def settings_differences(before: dict[str, Any], after: dict[str, Any]) -> list[
     return changed
 
 
+def merge_settings(seen: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """Every setting recorded in either, the ones in ``seen`` kept where both record one."""
+    return {**more, **seen, "sources": {**(more.get("sources") or {}), **(seen.get("sources") or {})}}
+
+
 def list_shards(storage: Storage) -> list[ShardEntry]:
     """The done shards (their ``resampled/_done/<shard>.json`` exists), by shard number."""
     out = []

@@ -25,7 +25,6 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from trajflow.config.train import TrainConfig
-from trajflow.download.progress import human_bytes
 from trajflow.errors import ConfigError, PermanentError, TransientError
 from trajflow.preprocess.shards import (
     ShardEntry,
@@ -35,10 +34,11 @@ from trajflow.preprocess.shards import (
     check_shard_file,
     list_shards,
     open_shard,
+    merge_settings,
     settings_differences,
     settings_of,
 )
-from trajflow.resources import TMP_SIZE_LIMIT_ENV, tmp_size_limit
+from trajflow.resources import TMP_SIZE_LIMIT_ENV, human_bytes, tmp_size_limit
 from trajflow.storage import Storage, manifest_key
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def open_shards(storage: Storage, streams: Sequence[str], cache_dir: str | Path 
                 f"the shards before it ({'; '.join(changed)}); use a new global.runId or delete resampled/ so that "
                 "every shard is made again with one config"
             )
-        settings = {**made, **settings, "sources": {**(made.get("sources") or {}), **(settings.get("sources") or {})}}
+        settings = merge_settings(settings, made)
         try:
             local = storage.local_path(entry.key)
             if verify and local is not None:
