@@ -99,7 +99,7 @@ def test_s3_refusals_no_stage_handled_are_config_errors_in_one_line(fake_command
     fake_command.behaviour = fail
     assert cli.main(["fake"]) == ExitCode.CONFIG
     err = capsys.readouterr().err.strip()
-    assert err.startswith("trajflow fake: error: cannot read the run root: InvalidAccessKeyId") and "\n" not in err
+    assert err.startswith("trajflow fake: error: cannot write the run root: InvalidAccessKeyId") and "\n" not in err
     assert "the store does not accept these credentials" in err
 
     def time_out():

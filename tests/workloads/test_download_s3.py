@@ -205,9 +205,27 @@ def test_credentials_the_run_root_refuses_are_a_config_error(s3_server: Any, s3_
     root = open_storage(f"s3://{s3_shared_bucket}/badcreds", endpoint=s3_server.endpoint, region=s3_server.region,
                         addressing_style="path")
     config = make_config([{"type": "https", "name": "web", "urls": [server.add("/x.bin", payload(10))]}])
-    with pytest.raises(ConfigError, match=f"cannot read s3://{s3_shared_bucket}/badcreds") as caught:
+    with pytest.raises(ConfigError, match=f"cannot read s3://{s3_shared_bucket}/badcreds: .*check the credentials") as caught:
         ShardDownloader(root, config, 0, 1).run()
     assert caught.value.exit_code == ExitCode.CONFIG
+
+
+def test_read_only_credentials_on_the_run_root_are_a_config_error_naming_the_write(
+        s3_server: Any, s3_shared_bucket: str, server: FaultyServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trajflow.storage import open_storage
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.reader_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.reader_secret)
+    root = open_storage(f"s3://{s3_shared_bucket}/readonly", endpoint=s3_server.endpoint, region=s3_server.region,
+                        addressing_style="path")
+    config = make_config([{"type": "https", "name": "web", "urls": [server.add("/x.bin", payload(10))]}])
+    with pytest.raises(ConfigError) as caught:
+        ShardDownloader(root, config, 0, 1).run()
+    assert caught.value.exit_code == ExitCode.CONFIG
+    message = str(caught.value)
+    assert message.startswith(f"cannot write s3://{s3_shared_bucket}/readonly: AccessDenied (")
+    assert "the credentials need s3:PutObject (refused here) among s3:ListBucket, s3:GetObject, s3:PutObject, " \
+        "s3:DeleteObject, s3:AbortMultipartUpload on the run root's bucket" in message
 
 
 class _EtagRewritingProxy(S3Proxy):

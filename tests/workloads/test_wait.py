@@ -5,6 +5,7 @@ import errno
 import os
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -259,9 +260,9 @@ def test_cli_expect_shards_rejects_a_stale_manifest(tmp_path, capsys):
 # ---- an object store that refuses us ---------------------------------------------------
 
 
-def _s3_config(tmp_path, endpoint: str, bucket: str = "no-such-run") -> str:
+def _s3_config(tmp_path, endpoint: str, bucket: str = "no-such-run", run_id: str = "run-a") -> str:
     path = tmp_path / "s3-config.yaml"
-    path.write_text(f"global:\n  runId: run-a\n  storage:\n    type: s3\n"
+    path.write_text(f"global:\n  runId: {run_id}\n  storage:\n    type: s3\n"
                     f"    s3: {{bucket: {bucket}, endpoint: '{endpoint}'}}\nconfig: {{}}\n")
     return str(path)
 
@@ -302,6 +303,18 @@ def test_cli_with_credentials_the_store_refuses_is_one_config_error_line(s3_serv
     assert lines[0].startswith(f"trajflow wait: error: cannot read s3://{s3_shared_bucket}/run-a/raw/_done: ")
     assert lines[0].endswith("the store does not accept these credentials: check global.storage.s3.existingSecret "
                              "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or workload identity")
+
+
+def test_read_only_credentials_are_enough_to_wait(s3_server, s3_shared_bucket, tmp_path, monkeypatch):
+    from trajflow.config import global_settings
+    from trajflow.storage import open_run_root
+
+    config = _s3_config(tmp_path, s3_server.endpoint, s3_shared_bucket, run_id=f"readonly-{uuid.uuid4().hex[:8]}")
+    write_manifest(open_run_root(global_settings(config, [], [])), "download", 0, 1, [])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.reader_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.reader_secret)
+    code = cli.main(["wait", "--stage", "download", "--shards", "0", "--timeout", "1m", "--config", config])
+    assert code == ExitCode.OK
 
 
 def test_cli_on_a_missing_bucket_is_one_config_error_line(s3_server, tmp_path, capsys):

@@ -295,8 +295,8 @@ class S3Storage(Storage):
             if _status(exc) == 403:
                 # S3 answers 403 instead of 404 for a missing key when ListBucket is not granted
                 raise PermissionError(
-                    f"{self.uri}/{key}: access denied; the credentials need s3:GetObject and "
-                    f"s3:ListBucket on bucket {self.bucket!r}"
+                    f"{self.uri}/{key}: access denied (a refused HEAD gives no reason): check the credentials, "
+                    f"which need s3:GetObject and s3:ListBucket on bucket {self.bucket!r}"
                 ) from exc
             raise
         return ObjectInfo(key, int(resp["ContentLength"]), resp.get("ETag", "").strip('"'))

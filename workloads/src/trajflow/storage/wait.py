@@ -74,10 +74,27 @@ def stale_reason(doc: dict[str, Any], expected: dict[str, Any]) -> str | None:
     return "records " + " and ".join(wrong) if wrong else None
 
 
-def fatal_storage_error(exc: Exception, where: str) -> TrajflowError | None:
-    """The error to stop with when reading the run root cannot succeed by trying again
-    (no or refused credentials, access denied: exit 2); None when it may just be retried
-    (network trouble, a 5xx). The downloader classifies its run-root errors with it too."""
+# The IAM action each S3 call on the run root needs, and whether the call writes. A stage
+# needs all of RUN_ROOT_ACTIONS on the run root's bucket; `trajflow wait` the first two.
+_S3_ACTIONS = {
+    "ListObjectsV2": ("s3:ListBucket", False),
+    "HeadObject": ("s3:GetObject", False),
+    "GetObject": ("s3:GetObject", False),
+    "PutObject": ("s3:PutObject", True),
+    "CreateMultipartUpload": ("s3:PutObject", True),
+    "UploadPart": ("s3:PutObject", True),
+    "CompleteMultipartUpload": ("s3:PutObject", True),
+    "AbortMultipartUpload": ("s3:AbortMultipartUpload", True),
+    "DeleteObject": ("s3:DeleteObject", True),
+}
+RUN_ROOT_ACTIONS = ("s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload")
+
+
+def fatal_storage_error(exc: Exception, where: str, doing: str = "use") -> TrajflowError | None:
+    """The error to stop with when the run root cannot be used by trying again (no or
+    refused credentials, access denied: exit 2); None when it may just be retried
+    (network trouble, a 5xx). The downloader classifies its run-root errors with it too.
+    `doing` ("read", "use") is said when the failed S3 call does not tell."""
     if isinstance(exc, TrajflowError):
         return exc
     from botocore import exceptions as boto_errors
@@ -85,28 +102,41 @@ def fatal_storage_error(exc: Exception, where: str) -> TrajflowError | None:
     # (CredentialRetrievalError is a credential endpoint failing, which trying again may cure)
     if isinstance(exc, (boto_errors.NoCredentialsError, boto_errors.PartialCredentialsError)):
         return ConfigError(
-            f"cannot read {where}: no usable S3 credentials ({_one_line(exc)}); give the pod credentials through "
+            f"cannot {doing} {where}: no usable S3 credentials ({_one_line(exc)}); give the pod credentials through "
             f"{_CREDENTIALS_HINT}"
         )
     if isinstance(exc, boto_errors.ClientError):
         from trajflow.storage.s3 import _error_code, _status
 
         code = _error_code(exc)
+        refused = _s3_action(exc)
+        if refused is not None:
+            doing = refused[1]
         if code in _BAD_IDENTITY:
             hint = f"the store does not accept these credentials: check {_CREDENTIALS_HINT}"
         elif code == "NoSuchBucket":
             hint = "the bucket does not exist: check global.storage.s3.bucket and endpoint"
         elif code in ("AccessDenied", "AllAccessDisabled") or _status(exc) == 403:
-            hint = "the credentials need s3:ListBucket and s3:GetObject on the run root's bucket"
+            needed = f"{refused[0]} (refused here) among " if refused else ""
+            hint = (f"the credentials need {needed}{', '.join(RUN_ROOT_ACTIONS)} on the run root's bucket "
+                    "(charts/trajflow/README.md, Storage)")
         elif (not code or code.isdigit()) and 400 <= (_status(exc) or 0) < 500 and _status(exc) not in (408, 429):
             # an HTTP error without an S3 error document: no S3 store answers there
             hint = "the endpoint does not answer as an S3 store: check global.storage.s3.endpoint"
         else:
             return None
-        return ConfigError(f"cannot read {where}: {code or 'access denied'} ({_one_line(exc)}); {hint}")
+        return ConfigError(f"cannot {doing} {where}: {code or 'access denied'} ({_one_line(exc)}); {hint}")
     if isinstance(exc, PermissionError):
-        return ConfigError(f"cannot read {where}: {_one_line(exc)}")
+        doing = (_s3_action(exc.__cause__) or ("", doing))[1]  # S3's HEAD refusals come as PermissionError
+        return ConfigError(f"cannot {doing} {where}: {_one_line(exc)}")
     return unusable_root_error(exc, where)
+
+
+def _s3_action(exc: BaseException | None) -> tuple[str, str] | None:
+    """The IAM action the failed S3 call needed and whether it read or wrote (None when
+    `exc` is no S3 call's error)."""
+    action = _S3_ACTIONS.get(getattr(exc, "operation_name", ""))
+    return (action[0], "write" if action[1] else "read") if action else None
 
 
 def s3_refusal_error(exc: BaseException) -> TrajflowError | None:
@@ -220,7 +250,7 @@ def wait_for_shards(
                     judged[shard] = (version, reason)
             stale, last_error = polled, None
         except Exception as exc:
-            fatal = fatal_storage_error(exc, where)
+            fatal = fatal_storage_error(exc, where, "read")
             if fatal is not None:
                 raise fatal from None
             if last_error is None:

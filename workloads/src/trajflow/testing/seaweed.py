@@ -6,13 +6,14 @@
 
 Every port is picked free on 127.0.0.1 and nothing listens elsewhere. The server gets
 its own data directory (removed on stop unless the caller supplied it) and runs in its own
-process group, so stopping it never leaves a `weed` child behind. Credentials: `weed mini`
-turns AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in its environment into an admin identity and
-then refuses anonymous and unknown keys, so clients must sign with the same pair.
+process group, so stopping it never leaves a `weed` child behind. Credentials: two
+identities, an admin (`access_key`/`secret_key`) and a reader that may only list and read
+(`reader_key`/`reader_secret`); anonymous and unknown keys are refused.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -84,6 +85,8 @@ class SeaweedS3:
     ports: dict[str, int]
     process: subprocess.Popen[bytes]
     log_path: Path
+    reader_key: str = "trajflow-reader"
+    reader_secret: str = "trajflow-reader-secret"
     _owns_dir: bool = True
     _buckets: list[str] = field(default_factory=list)
 
@@ -139,6 +142,13 @@ class SeaweedS3:
         data = root / "data"
         data.mkdir(exist_ok=True)
         log_path = root / "weed.log"
+        identities = root / "s3-identities.json"
+        identities.write_text(json.dumps({"identities": [
+            {"name": "admin", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+             "actions": ["Admin", "Read", "List", "Tagging", "Write"]},
+            {"name": "reader", "credentials": [{"accessKey": cls.reader_key, "secretKey": cls.reader_secret}],
+             "actions": ["Read", "List"]},
+        ]}))
         argv = [
             binary,
             "mini",
@@ -149,17 +159,13 @@ class SeaweedS3:
             "-master.telemetry=false",
             "-webdav=false",
             f"-master.volumeSizeLimitMB={volume_size_mb}",
+            f"-s3.config={identities}",
             *[f"-{name}={port}" for name, port in sorted(ports.items())],
         ]
-        env = {
-            **os.environ,
-            "AWS_ACCESS_KEY_ID": access_key,
-            "AWS_SECRET_ACCESS_KEY": secret_key,
-        }
         log_fh = open(log_path, "ab")
         try:
             process = subprocess.Popen(
-                argv, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=subprocess.STDOUT,
+                argv, cwd=root, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group, killed whole on stop
             )
         finally:
