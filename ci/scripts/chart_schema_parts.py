@@ -11,6 +11,7 @@ from typing import Any
 
 from trajflow.config.formats import (
     ABSOLUTE_PATH,
+    CHART_POD_LABEL,
     CONTAINER_ENV_NAME,
     DNS_LABEL,
     DNS_SUBDOMAIN,
@@ -64,6 +65,11 @@ def string_map(description: str = "", value: dict[str, Any] | None = None) -> di
     if description:
         schema["description"] = description
     return schema
+
+
+def pod_labels() -> dict[str, Any]:
+    return {**string_map(value={"type": "string", "maxLength": 63, "pattern": LABEL_VALUE}),
+            "propertyNames": {"pattern": QUALIFIED_NAME, "not": {"pattern": CHART_POD_LABEL}}}
 
 
 def quantity(description: str = "") -> dict[str, Any]:
@@ -313,8 +319,7 @@ def pod_vocabulary() -> dict[str, Any]:
         "imagePullSecrets": pull_secrets(),
         "serviceAccount": service_account(),
         "podAnnotations": string_map(),
-        "podLabels": string_map(value={"type": "string", "maxLength": 63,
-                                       "pattern": LABEL_VALUE}),
+        "podLabels": pod_labels(),
         "nodeSelector": string_map(),
         "tolerations": {"type": "array", "items": toleration()},
         "affinity": affinity(),

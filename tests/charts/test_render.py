@@ -17,6 +17,8 @@ from helmrender import (
     STAGE_CHARTS,
     SUPPORTED_KUBE,
     env_file,
+    helm,
+    one,
     pod_spec,
     render,
     select,
@@ -200,3 +202,59 @@ def test_the_shared_volume_is_mounted_where_global_says(env_objects):
             # trajflow run's relative path: relative to the working directory, / in pods
             assert mounts["data"] == posixpath.normpath("/" + path)
             assert main["workingDir"] == "/"
+
+
+def _strict_errors(objs) -> list[str]:
+    errors = []
+    for obj in objs:
+        if obj["apiVersion"].split("/")[0] in CUSTOM_RESOURCE_GROUPS:
+            continue
+        try:
+            kv.validate(obj, SUPPORTED_KUBE[-1], strict=True)
+        except kv.ValidationError as exc:
+            errors.append(f"{obj['kind']}/{obj['metadata']['name']}: {'.'.join(map(str, exc.path))}: {exc.message}")
+    return errors
+
+
+# valid object names that YAML reads as a number, a boolean or null unless quoted
+NUMBER_LIKE_NAMES = ("123", "1e3", "true", "null")
+
+
+@pytest.mark.parametrize("name", NUMBER_LIKE_NAMES)
+def test_names_that_read_as_numbers_stay_strings(name):
+    common = {f"{stage}.{key}": name for stage in STAGE_CHARTS
+              for key in ("priorityClassName", "runtimeClassName", "serviceAccount.name")}
+    common.update({"global.imagePullSecrets": [{"name": name}], "monitoring.enabled": True,
+                   "monitoring.pushgateway.priorityClassName": name,
+                   "monitoring.pushgateway.serviceAccount.name": name,
+                   "monitoring.pushgateway.persistence.enabled": True,
+                   "monitoring.pushgateway.persistence.existingClaim": name})
+    on_s3 = render([env_file("production")], set_values={**common, "global.storage.s3.existingSecret": name})
+    on_claim = render([env_file("dev")], set_values={**common, "global.storage.pvc.existingClaim": name,
+                                                     "global.storage.pvc.create": False})
+    assert not _strict_errors(on_s3) and not _strict_errors(on_claim)
+    for objs in (on_s3, on_claim):
+        for workload in [*(select(objs, "Job", stage)[0] for stage in STAGE_CHARTS),
+                         one(objs, "Deployment", "pushgateway")]:
+            spec = pod_spec(workload)
+            assert spec["serviceAccountName"] == name and spec["priorityClassName"] == name
+            assert spec["imagePullSecrets"] == [{"name": name}] or workload["kind"] == "Deployment"
+    pod = pod_spec(select(on_s3, "Job", "downloader")[0])
+    assert pod["runtimeClassName"] == name
+    assert {"secretRef": {"name": name}} in pod["containers"][0]["envFrom"]
+    claims = {v["persistentVolumeClaim"]["claimName"] for objs in (on_claim,) for w in select(objs, "Job")
+              for v in pod_spec(w)["volumes"] if "persistentVolumeClaim" in v}
+    assert claims == {name}
+
+
+def test_a_data_path_is_taken_whole():
+    objs = render([env_file("dev")], set_values={"global.storage.filesystem.path": "/data #1"})
+    mounts = {m["name"]: m["mountPath"] for m in pod_spec(select(objs, "Job", "preprocessing")[0])["containers"][0]["volumeMounts"]}
+    assert mounts["data"] == "/data #1"
+
+
+@pytest.mark.parametrize("key", ["global.storage.s3.existingSecret", "global.storage.pvc.existingClaim",
+                                 "monitoring.pushgateway.persistence.existingClaim"])
+def test_names_cannot_carry_yaml(key):
+    with pytest.raises(helm.HelmValuesError, match=key.split(".")[-1]):
+        render([env_file("dev")], set_values={key: "x\n  configMapRef:\n    name: other", "monitoring.enabled": True})

@@ -142,6 +142,21 @@ BAD_VALUES = {
                                      ["/global/metrics/pushgatewayUrl"]),
     "S3 endpoint without a scheme": ({"global.storage.s3.endpoint": "minio.minio.svc:9000"},
                                      ["/global/storage/s3/endpoint"]),
+    "S3 source endpoint without a scheme": (
+        {"downloader.config.sources": [{"type": "s3", "name": "x", "url": "s3://b/p", "endpoint": "minio:9000"}]},
+        ["downloader", "/config/sources/0"]),
+    "https source URL of another scheme": (
+        {"downloader.config.sources": [{"type": "https", "name": "x", "urls": ["ftp://host/file"]}]},
+        ["downloader", "/config/sources/0"]),
+    "pod label the chart sets": ({"training.podLabels": {"app.kubernetes.io/component": "x"}},
+                                 ["training", "invalid propertyName 'app.kubernetes.io/component'"]),
+    "Pushgateway pod label the chart sets": (
+        {"monitoring.enabled": True, "monitoring.pushgateway.podLabels": {"app.kubernetes.io/instance": "x"}},
+        ["monitoring", "invalid propertyName 'app.kubernetes.io/instance'"]),
+    "seed beyond 32 bits": ({"training.config.seed": 18446744073709551615}, ["training", "/config/seed"]),
+    "empty data path": ({"global.storage.filesystem.path": ""}, ["/global/storage/filesystem/path"]),
+    "pod label key with a space": ({"downloader.podLabels": {"Bad Key": "x"}},
+                                   ["downloader", "invalid propertyName 'Bad Key'"]),
     "bad memory quantity": ({"preprocessing.resources.limits.memory": "lots"},
                             ["preprocessing", "/resources/limits/memory"]),
     "bad PVC size": ({"global.storage.pvc.size": "100 GB"}, ["/global/storage/pvc/size"]),

@@ -203,6 +203,8 @@ def test_unknown_top_level_key_is_named(tmp_path, chart):
         ("global: [unclosed\n", "not valid YAML (line 2, column 1)"),
         ("- a\n- b\n", "top level must be a map of values, got list"),
         ("global:\n  runId: a\n runId: b\n", "not valid YAML"),
+        ("global:\n  runId: a\n---\nglobal:\n  runId: b\n", "holds more than one YAML document (after '---'): "
+                                                       "Helm reads only the first"),
     ],
 )
 def test_unreadable_values_files_are_named(tmp_path, text, expected):
@@ -211,6 +213,12 @@ def test_unreadable_values_files_are_named(tmp_path, text, expected):
         load_values([path], use_chart_defaults=False)
     message = _one_line(info)
     assert message.startswith(f"{path}: ") and expected in message
+
+
+@pytest.mark.parametrize("text", ["---\nglobal:\n  runId: docs\n---\n", "global:\n  runId: docs\n---\n---\n"])
+def test_empty_documents_around_the_values_are_allowed(tmp_path, text):
+    path = _values_file(tmp_path, "values.yaml", text)
+    assert load_values([path], use_chart_defaults=False).merged["global"]["runId"] == "docs"
 
 
 def test_missing_values_file(tmp_path):

@@ -15,7 +15,7 @@ from download_helpers import FaultyServer, hidden_files, payload, visible_files
 from trajflow.config.download import DownloadConfig
 from trajflow.download.http import redact
 from trajflow.download.shard import ShardDownloader, ShardSummary
-from trajflow.errors import ExitCode
+from trajflow.errors import ConfigError, ExitCode
 from trajflow.storage import LocalStorage, read_manifest
 
 MiB = 1 << 20
@@ -203,8 +203,12 @@ def test_server_sending_past_the_end_of_ranges_falls_back_to_one_stream(server: 
 
 def test_credentials_in_urls_are_refused_and_never_logged(server: FaultyServer, tmp_path: Path,
                                                           caplog: pytest.LogCaptureFixture) -> None:
-    with pytest.raises(ValueError, match="no user:password@ .*authTokenEnv"):
-        make_config([{"type": "https", "name": "web", "urls": ["http://alice:s3cret@127.0.0.1/x.bin"]}])
+    from trajflow.config import validate_stage
+
+    with pytest.raises(ConfigError, match=r"urls\[0\]: expected .*no user:password@ .*authTokenEnv") as refused:
+        validate_stage("downloader", {"sources": [{"type": "https", "name": "web",
+                                                   "urls": ["http://alice:s3cret@127.0.0.1/x.bin"]}]})
+    assert "s3cret" not in str(refused.value) and "got 'http://…@127.0.0.1/x.bin'" in str(refused.value)
     assert redact("https://alice:s3cret@hub.example/x?X-Amz-Signature=abc") == "https://hub.example/x?…"
     url = server.add("/signed.bin", payload(100)) + "?X-Amz-Signature=TOPSECRET"
     server.script("/signed.bin", "500", "500", "500", "500", "500", "500", "500", "500")
@@ -278,7 +282,6 @@ def test_bearer_token_comes_from_the_named_environment_variable(server: FaultySe
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     url = server.add("/t.bin", payload(100))
     source = {"type": "https", "name": "web", "urls": [url], "authTokenEnv": "WEB_TOKEN"}
-    from trajflow.errors import ConfigError
 
     monkeypatch.delenv("WEB_TOKEN", raising=False)
     with pytest.raises(ConfigError, match="WEB_TOKEN"):

@@ -38,7 +38,7 @@ HTTPS = {"type": "https", "name": "web", "urls": ["https://example.org/a.bin"]}
     "doc, message",
     [
         ({"sources": [HTTPS, {**HTTPS, "urls": ["https://example.org/b"]}]}, "two sources are named 'web'"),
-        ({"sources": [{**HTTPS, "urls": ["ftp://example.org/a"]}]}, "not an http"),
+        ({"sources": [{**HTTPS, "urls": ["ftp://example.org/a"]}]}, "String should match pattern"),
         ({"sources": [{**HTTPS, "urls": [{"url": "https://x.org/a", "path": "../escape"}]}]}, "'..'"),
         ({"sources": [{**HTTPS, "urls": [{"url": "https://x.org/a", "sha256": "abc"}]}]}, "sha256"),
         ({"sources": [{**HTTPS, "authTokenEnv": "not a name"}]}, "authTokenEnv"),

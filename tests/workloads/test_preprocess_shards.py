@@ -184,6 +184,17 @@ def test_fetch_rejects_a_checksum_mismatch(s3_storage, tmp_path):
     assert not any(p.name.startswith(".") for p in (tmp_path / "cache").rglob("*"))
 
 
+@pytest.mark.parametrize("sha256", ["/tmp/elsewhere", "../../elsewhere", "A" * 64, None])
+def test_a_manifest_whose_sha256_is_no_digest_is_refused_before_any_copy(local_storage, tmp_path, sha256):
+    _publish(local_storage, 0, _episodes(np.random.default_rng(5)))
+    key = "resampled/_done/00000.json"
+    doc = json.loads(local_storage.read_bytes(key))
+    next(it for it in doc["items"] if it["kind"] == "shard")["sha256"] = sha256
+    local_storage.write_bytes(key, json.dumps(doc).encode())
+    with pytest.raises(ShardFormatError, match=r"00000\.json: the shard file's sha256 .* is not 64 lowercase hex"):
+        list_shards(local_storage)
+
+
 def test_the_writer_stops_before_the_temporary_directory_limit(local_storage, tmp_path):
     from trajflow.errors import ExitCode, PermanentError
 

@@ -311,6 +311,24 @@ def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(storage, caplog) ->
     assert [c.step for c in store.list()] == [1, 2]
 
 
+@pytest.mark.parametrize("named", ["resampled/00000.safetensors", "train/checkpoints/ckpt-0000000001.pt"])
+def test_a_marker_naming_another_object_is_ignored_and_that_object_kept(tmp_path: Path, caplog, named) -> None:  # type: ignore[no-untyped-def]
+    storage = LocalStorage(tmp_path)
+    storage.write_bytes("resampled/00000.safetensors", b"a shard")
+    store = CheckpointStore(storage, keep_last=5)
+    _save(store, 1, 0.5)
+    marker = "train/checkpoints/ckpt-0000000005.json"
+    doc = json.loads(storage.read_bytes("train/checkpoints/ckpt-0000000001.json"))
+    storage.write_bytes(marker, json.dumps({**doc, "step": 5, "key": named, "size": 1}).encode())
+    with caplog.at_level(logging.WARNING, logger="trajflow.train.checkpoint"):
+        info, _, skipped = store.latest_valid()
+    assert info.step == 1 and skipped == []
+    assert f"ckpt-0000000005.json: a marker of step 5 naming {named!r}" in caplog.text
+    _save(store, 6, 0.4)  # pruning passes it by too
+    assert storage.read_bytes("resampled/00000.safetensors") == b"a shard"
+    assert storage.exists("train/checkpoints/ckpt-0000000001.pt")
+
+
 def test_orphan_payloads_are_pruned(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path)
     store = CheckpointStore(storage, keep_last=1)

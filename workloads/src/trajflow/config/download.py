@@ -12,7 +12,7 @@ import re
 import string
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from trajflow.config import formats
 from trajflow.config.base import Model
@@ -45,7 +45,7 @@ class S3Source(_Source):
         pattern=formats.S3_URI,
         description="s3://bucket/prefix to list (a prefix naming one object fetches that object).",
     )
-    endpoint: str = Field("", description="S3-compatible endpoint URL; empty means AWS.")
+    endpoint: str = Field("", pattern=formats.HTTP_URL_OR_EMPTY, description="S3-compatible endpoint URL; empty means AWS.")
     region: str = Field("us-east-1", description="Region of the bucket.")
     addressing_style: Literal["path", "virtual", "auto"] = Field("path", description="S3 addressing style.")
     anonymous: bool = Field(False, description="Unsigned requests (public buckets).")
@@ -80,21 +80,20 @@ class UrlItem(Model):
         return _check_relative_path(value, "path") if value else value
 
 
+# a URL or a mapping, told apart by type, so that a bad URL gets the URL's error alone
+_UrlEntry = Annotated[
+    Union[Annotated[str, Field(pattern=formats.HTTP_URL), Tag("url")], Annotated[UrlItem, Tag("item")]],
+    Discriminator(lambda v: "url" if isinstance(v, str) else "item"),
+]
+
+
 class HttpsSource(_Source):
     type: Literal["https"]
-    urls: list[Union[str, UrlItem]] = Field(min_length=1, description="URLs (or {url, path, sha256, md5, size}) to fetch.")
+    urls: list[_UrlEntry] = Field(min_length=1, description="URLs (or {url, path, sha256, md5, size}) to fetch.")
     ca_bundle: str = Field("", description="PEM file of CAs to trust (mounted into the pod); empty: the system CAs.")
     auth_token_env: str = Field(
         "", pattern=formats.ENV_NAME_OR_EMPTY, description="Environment variable holding a bearer token sent to the URLs' host."
     )
-
-    @field_validator("urls")
-    @classmethod
-    def _urls_are_http(cls, value: list[Union[str, UrlItem]]) -> list[Union[str, UrlItem]]:
-        for entry in value:
-            if isinstance(entry, str) and not re.fullmatch(formats.HTTP_URL, entry):
-                raise ValueError(f"{entry!r} is not {formats.in_words(formats.HTTP_URL)}")
-        return value
 
 
 class CatalogSource(_Source):

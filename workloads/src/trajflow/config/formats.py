@@ -11,6 +11,8 @@ DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?
 OBJECT_NAME_OR_EMPTY = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$"
 QUALIFIED_NAME = r"^([a-z0-9.-]+/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"  # label keys, resource names
 LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+# the chart's own pod labels, which Services and NetworkPolicies select on: podLabels may not set them
+CHART_POD_LABEL = r"^app\.kubernetes\.io/(name|instance|component|part-of)$"
 CONTAINER_ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 ABSOLUTE_PATH = r"^/"
 IMAGE_TAG = r"^([\w][\w.-]{0,127})?$"
@@ -50,6 +52,7 @@ IN_WORDS = {
     QUALIFIED_NAME: "a Kubernetes name (such as app, cpu, example.com/gpu): letters, digits, '-', '_' and '.' "
                     "after an optional DNS prefix and '/'",
     LABEL_VALUE: "a label value: letters, digits, '-', '_' and '.', starting and ending with a letter or digit",
+    CHART_POD_LABEL: "a label the chart sets itself (Services and NetworkPolicies select on it)",
     CONTAINER_ENV_NAME: "an environment variable name: letters, digits, '-', '_' and '.', not starting with a digit",
     ABSOLUTE_PATH: "an absolute path (starting with '/')",
     IMAGE_TAG: "empty or an image tag: up to 128 letters, digits, '_', '.' and '-', not starting with '.' or '-'",

@@ -14,12 +14,13 @@ _HTTP_URL_OR_EMPTY = {"pattern": formats.HTTP_URL_OR_EMPTY}
 
 
 class FilesystemStorage(Model):
-    path: str = Field("/data", description="Mount path of the shared volume in pods; any directory for `trajflow run`.")
+    path: str = Field("/data", min_length=1, description="Mount path of the shared volume in pods; any directory for `trajflow run`.")
 
 
 class PvcStorage(Model):
     create: bool = Field(True, description="Create a PersistentVolumeClaim (ignored when existingClaim is set).")
-    existing_claim: str = Field("", description="Use this existing PVC instead of creating one.")
+    existing_claim: str = Field("", pattern=formats.OBJECT_NAME_OR_EMPTY, max_length=253,
+                                description="Use this existing PVC instead of creating one.")
     storage_class: str = Field("", description="StorageClass of the created PVC; empty uses the cluster default.")
     size: str = Field("100Gi", pattern=formats.QUANTITY, description="Requested size of the created PVC.")
     access_modes: list[Literal["ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod", "ReadOnlyMany"]] = Field(
@@ -35,7 +36,7 @@ class S3Storage(Model):
     region: str = Field("us-east-1", description="Region of the bucket.")
     addressing_style: Literal["path", "virtual", "auto"] = Field("path", description="S3 addressing style.")
     existing_secret: str = Field(
-        "",
+        "", pattern=formats.OBJECT_NAME_OR_EMPTY, max_length=253,
         description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; empty uses workload identity or the default chain.",
     )
 

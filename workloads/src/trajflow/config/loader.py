@@ -119,9 +119,15 @@ HelmYamlLoader.construct_mapping = _construct_mapping  # type: ignore[method-ass
 
 
 def parse_yaml(text: str, origin: str = "<values>") -> Any:
-    """One YAML document read as Helm reads values files; errors name `origin` and the line."""
+    """One YAML document read as Helm reads values files; errors name `origin` and the line.
+    Empty documents after it (a trailing `---`) are allowed; Helm would silently drop a
+    second document with values in it, so that is refused."""
     try:
-        doc = yaml.load(text, Loader=HelmYamlLoader)  # noqa: S506 - a SafeLoader subclass
+        docs = list(yaml.load_all(text, Loader=HelmYamlLoader))  # noqa: S506 - a SafeLoader subclass
+        if any(doc is not None for doc in docs[1:]):
+            raise ConfigError(f"{origin}: holds more than one YAML document (after '---'): Helm reads only the "
+                              "first; give each set of values its own file")
+        return docs[0] if docs else None
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)
@@ -129,7 +135,6 @@ def parse_yaml(text: str, origin: str = "<values>") -> Any:
             where = f" (line {mark.line + 1}, column {mark.column + 1})"
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{origin}: not valid YAML{where}: {problem}") from None
-    return doc
 
 
 def read_yaml(path: str | Path, kind: str = "values file") -> dict[str, Any]:
@@ -370,7 +375,9 @@ def _format_errors(exc: ValidationError, raw: Any, origin: str | None, prefix: l
         elif err["type"] == "string_type" and not isinstance(err["input"], (dict, list)):
             msg = f"expected a string, got {_shown(err['input'])}" + _set_string_hint(where, err["input"])
         elif err["type"] == "string_pattern_mismatch":
-            msg = f"expected {formats.in_words(str(err['ctx']['pattern']))}, got {err['input']!r}"
+            # a refused URL may carry user:password@: never repeated into logs
+            shown = re.sub(r"//[^/@\s]*@", "//…@", err["input"])
+            msg = f"expected {formats.in_words(str(err['ctx']['pattern']))}, got {shown!r}"
         elif err["type"] == "value_error":
             msg = str(err.get("ctx", {}).get("error", msg))  # our validators name the value
         elif "input" in err and not isinstance(err["input"], (dict, list)):
@@ -585,6 +592,8 @@ def _schema_error_lines(error: Any, prefix: list[str | int], origin: str) -> lis
         if "propertyNames" in error.schema_path:
             return [(path, f"key {error.instance!r}: {expected}")]
         return [(path, f"{expected}, got {error.instance!r}")]
+    if error.validator == "not" and "propertyNames" in error.schema_path and "pattern" in error.validator_value:
+        return [(path, f"key {error.instance!r}: {formats.in_words(error.validator_value['pattern'])}")]
     alternatives = error.validator_value if error.validator in ("anyOf", "oneOf") else None
     if alternatives and all(isinstance(a, dict) and "type" in a and not {"properties", "items"} & set(a)
                             for a in alternatives):

@@ -57,7 +57,8 @@ class TrainConfig(Model):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="Max gradient norm; 0 disables clipping.")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Share of episodes held out for validation.")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1,
+                      description="Seed of the validation split, the initial weights and the shuffling.")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: the GPU of LOCAL_RANK when CUDA is available.")
     bf16: bool = Field(True, description="bf16 autocast on GPU.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank.")

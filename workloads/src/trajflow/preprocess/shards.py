@@ -42,6 +42,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import struct
 import tempfile
 import threading
@@ -556,9 +557,16 @@ def _entry(shard: int, manifest: dict[str, Any], where: str) -> ShardEntry:
     if len(items) != 1:
         raise ShardFormatError(f"{where}: manifest lists {len(items)} shard files, expected 1")
     it = items[0]
-    return ShardEntry(shard=shard, key=it["key"], size=int(it["size"]), sha256=it["sha256"],
-                      num_episodes=int(manifest.get("num_episodes", 0)), num_frames=int(manifest.get("num_frames", 0)),
-                      manifest=manifest)
+    sha256 = it.get("sha256")
+    # a training cache files its copy under this name: nothing else may become a path there
+    if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise ShardFormatError(f"{where}: the shard file's sha256 {sha256!r} is not 64 lowercase hex digits")
+    try:
+        return ShardEntry(shard=shard, key=str(it["key"]), size=int(it["size"]), sha256=sha256,
+                          num_episodes=int(manifest.get("num_episodes", 0)),
+                          num_frames=int(manifest.get("num_frames", 0)), manifest=manifest)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ShardFormatError(f"{where}: the shard file's entry is malformed ({type(exc).__name__}: {exc})") from None
 
 
 def settings_of(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -79,10 +79,15 @@ class CheckpointStore:
             if doc.get("format") != FORMAT or doc.get("version") != VERSION:
                 raise CheckpointError(f"{self._where(key)}: not a version-{VERSION} checkpoint marker")
             val = doc.get("val_loss")
+            step = int(doc["step"])
+            # a marker only ever names its own payload: pruning and discarding delete that key
+            if key != _marker_key(step) or doc["key"] != _payload_key(step):
+                raise CheckpointError(f"{self._where(key)}: a marker of step {step} naming {doc['key']!r}, "
+                                      f"not {_payload_key(step)!r}")
             return CheckpointInfo(
-                key=str(doc["key"]),
+                key=_payload_key(step),
                 marker=key,
-                step=int(doc["step"]),
+                step=step,
                 epoch=int(doc["epoch"]),
                 batch_in_epoch=int(doc.get("batch_in_epoch", 0)),
                 val_loss=None if val is None else float(val),

@@ -30,6 +30,6 @@ clusters); the tag defaults to the chart's appVersion; a digest pins the image.
 {{- if not (has .name $names) }}{{ $names = append $names .name }}{{ end -}}
 {{- end -}}
 {{- range $names }}
-- name: {{ . }}
+- name: {{ . | quote }}
 {{- end -}}
 {{- end -}}

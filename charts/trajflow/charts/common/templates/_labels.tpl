@@ -75,7 +75,7 @@ helm.sh/chart: {{ include "trajflow.chart" $ctx }}
 
 {{/* Metadata shared by every object: name, namespace, labels. Takes (dict "context" $ "name" "x"). */}}
 {{- define "trajflow.metadata" -}}
-name: {{ .name }}
+name: {{ .name | quote }}
 namespace: {{ .context.Release.Namespace | quote }}
 labels:
   {{- include "trajflow.labels" (dict "context" .context "component" (.component | default "")) | nindent 2 }}

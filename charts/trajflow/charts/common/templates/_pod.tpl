@@ -81,7 +81,7 @@ Environment of every container of a stage. Takes (dict "context" $ "shards" N "e
 {{- $global := include "trajflow.global" . | fromYaml -}}
 {{- if and (eq $global.storage.type "s3") $global.storage.s3.existingSecret }}
 - secretRef:
-    name: {{ $global.storage.s3.existingSecret }}
+    name: {{ $global.storage.s3.existingSecret | quote }}
 {{- end }}
 {{- with .Values.extraEnvFrom }}
 {{ toYaml . }}
@@ -101,7 +101,7 @@ Environment of every container of a stage. Takes (dict "context" $ "shards" N "e
 {{- end }}
 {{- if eq $global.storage.type "filesystem" }}
 - name: data
-  mountPath: {{ include "trajflow.dataMountPath" . }}
+  mountPath: {{ include "trajflow.dataMountPath" . | quote }}
 {{- end }}
 {{- with .Values.extraVolumeMounts }}
 {{ toYaml . }}
@@ -125,7 +125,7 @@ Environment of every container of a stage. Takes (dict "context" $ "shards" N "e
 {{- if eq $global.storage.type "filesystem" }}
 - name: data
   persistentVolumeClaim:
-    claimName: {{ include "trajflow.claimName" . }}
+    claimName: {{ include "trajflow.claimName" . | quote }}
 {{- end }}
 {{- with .Values.extraVolumes }}
 {{ toYaml . }}
@@ -193,7 +193,7 @@ metadata:
     {{- end }}
 spec:
   restartPolicy: Never
-  serviceAccountName: {{ include "trajflow.serviceAccountName" $ctx }}
+  serviceAccountName: {{ include "trajflow.serviceAccountName" $ctx | quote }}
   automountServiceAccountToken: false
   enableServiceLinks: false
   {{- with (include "trajflow.imagePullSecrets" $ctx) }}
@@ -203,10 +203,10 @@ spec:
   securityContext:
     {{- include "trajflow.podSecurityContext" $ctx | nindent 4 }}
   {{- with $v.priorityClassName }}
-  priorityClassName: {{ . }}
+  priorityClassName: {{ . | quote }}
   {{- end }}
   {{- with $v.runtimeClassName }}
-  runtimeClassName: {{ . }}
+  runtimeClassName: {{ . | quote }}
   {{- end }}
   {{- with $v.nodeSelector }}
   nodeSelector:
