@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from test_download_http import make_config, raw_files, run
 
-from trajflow.errors import ConfigError, TransientError
+from trajflow.errors import ConfigError, ExitCode, TransientError
 
 
 def _file_source(path: Path, **overrides: object):
@@ -110,6 +110,20 @@ def test_names_with_newlines_are_fetched_and_names_that_are_not_utf8_are_named(t
         run(tmp_path / "root", _file_source(src, planGeneration="2"))
     excluded = make_config([{"type": "file", "name": "ds", "path": str(src), "exclude": ["caf*"]}], planGeneration="3")
     assert run(tmp_path / "root", excluded).exit_code == 0
+
+
+def test_an_item_whose_path_in_the_run_root_would_exceed_path_max_fails_alone(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    deep = "/".join(["d" * 200] * 19) + "/x.bin"  # fits under src/, not under the longer run root below
+    (src / deep).parent.mkdir(parents=True)
+    (src / deep).write_bytes(b"deep")
+    (src / "ok.bin").write_bytes(b"ok")
+    root = tmp_path / ("r" * 250)
+    summary = run(root, _file_source(src))
+    assert summary.exit_code == ExitCode.PERMANENT  # that item alone, not the run root failing (exit 1) on every retry
+    assert [(r.item.key, r.kind) for r in summary.failed] == [(f"ds/{deep}", "permanent")]
+    assert "would exceed the 4096-byte PATH_MAX of the filesystem" in summary.failed[0].error
+    assert raw_files(root) == {"ds/ok.bin": b"ok"}
 
 
 def test_an_unexpected_error_for_one_item_fails_the_shard_instead_of_leaving_the_item_out(

@@ -225,8 +225,8 @@ def test_head_refused_sizes_with_a_ranged_get(server: FaultyServer, tmp_path: Pa
     url = server.add("/nohead.bin", data, head_allowed=False)
     storage = LocalStorage(tmp_path)
     downloader = ShardDownloader(storage, make_config([{"type": "https", "name": "web", "urls": [url]}]), 0, 1)
-    plan = downloader.plan()
-    assert plan["assignments"][0][0]["size"] == len(data)
+    _, items = downloader.plan()
+    assert items[0].size == len(data)
 
 
 def test_rerun_skips_verified_items_without_requests(server: FaultyServer, tmp_path: Path) -> None:

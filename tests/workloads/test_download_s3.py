@@ -162,7 +162,7 @@ def test_s3_run_root_streams_verified_objects_and_reshards_with_server_side_copi
     for shard in range(3):
         manifest = read_manifest(s3_storage, "download", shard)
         assert manifest is not None and manifest["shards"] == 3
-        assert {e["item"] for e in manifest["items"]} == {i.key for i in shard_items(plan, shard)}
+        assert {e["item"] for e in manifest["items"]} == {i.key for i in shard_items(s3_storage, plan, shard)}
         for entry in manifest["items"]:
             assert hashlib.sha256(s3_storage.read_bytes(entry["key"])).hexdigest() == entry["sha256"]
     # moved, not copied: each item lies in exactly one shard directory

@@ -39,12 +39,12 @@ def test_four_and_seven_shards_cover_the_items_exactly_once(server: FaultyServer
     storage = LocalStorage(tmp_path)
     all_keys = {f"web{p}" for p in objects}
     for shards in (4, 7):
-        plan = ShardDownloader(storage, config, 0, shards).plan()
-        parts = [{i.key for i in shard_items(plan, s)} for s in range(shards)]
+        plan, _ = ShardDownloader(storage, config, 0, shards).plan()
+        parts = [{i.key for i in shard_items(storage, plan, s)} for s in range(shards)]
         assert set().union(*parts) == all_keys
         for a, b in itertools.combinations(parts, 2):
             assert not a & b
-        loads = [sum(i.size for i in shard_items(plan, s)) for s in range(shards)]
+        loads = [sum(i.size for i in shard_items(storage, plan, s)) for s in range(shards)]
         assert max(loads) - min(loads) <= max(len(d) for d in objects.values())  # byte-balanced
 
 
@@ -64,9 +64,9 @@ def test_resharding_reuses_every_verified_item(server: FaultyServer, tmp_path: P
     assert sum(s.count("fetched") for s in second) == 0  # type: ignore[attr-defined]
     assert sum(s.count("reused") + s.count("skipped") for s in second) == len(objects)  # type: ignore[attr-defined]
 
-    plan = ShardDownloader(storage, config, 0, 7).plan()
+    plan, _ = ShardDownloader(storage, config, 0, 7).plan()
     for shard in range(7):
-        expected = {i.key: objects[i.key[len("web"):]] for i in shard_items(plan, shard)}
+        expected = {i.key: objects[i.key[len("web"):]] for i in shard_items(storage, plan, shard)}
         assert visible_files(tmp_path / "raw" / f"{shard:05d}") == expected
         manifest = read_manifest(storage, "download", shard)
         assert manifest is not None and manifest["shards"] == 7  # the 4-shard manifests were replaced

@@ -126,7 +126,11 @@ def test_plan_is_written_once_and_reused(storage, caplog, monkeypatch):
 
     plan = load_or_create_plan(storage, 3, "gen1", first_listing)
     assert plan["version"] == PLAN_VERSION and plan["shards"] == 3 and plan["generation"] == "gen1"
-    assert storage.exists("plan/download-3-gen1.json") and storage.exists(PLAN_KEY)
+    assert storage.exists("plan/download-3-gen1/plan.json") and storage.exists(PLAN_KEY)
+    # a pod reads the header and its own part: the header holds no items
+    assert "assignments" not in plan and plan["items"] == 10
+    assert sorted(i.key for i in storage.list("plan/download-3-gen1/")) == sorted([
+        "plan/download-3-gen1/plan.json", *(f"{plan['parts']}{s:05d}.json" for s in range(3))])
 
     # the source listing changes (a file appears): pods that start later still follow the plan
     def changed_listing():
@@ -135,7 +139,7 @@ def test_plan_is_written_once_and_reused(storage, caplog, monkeypatch):
 
     again = load_or_create_plan(storage, 3, "gen1", changed_listing)
     assert again == plan and listed == [1]
-    assert sorted(it.key for s in range(3) for it in shard_items(again, s)) == sorted(f"k{i}" for i in range(10))
+    assert sorted(it.key for s in range(3) for it in shard_items(storage, again, s)) == sorted(f"k{i}" for i in range(10))
     # another shard count makes a new plan and points plan/download.json at it
     replanned = load_or_create_plan(storage, 4, "gen1", changed_listing)
     assert replanned["shards"] == 4 and listed == [1, 2]
@@ -147,6 +151,18 @@ def test_plan_is_written_once_and_reused(storage, caplog, monkeypatch):
         assert load_or_create_plan(storage, 3, "gen1", changed_listing) == plan and listed == [1, 2]
     assert "(3 shards) lists other items than the plan in use (4 shards)" in caplog.text
     assert "planGeneration" in caplog.text
+
+
+def test_a_pod_reads_the_small_header_and_its_own_part_only(local_storage, monkeypatch):
+    items = [Item(f"k{i:05d}", 1 + i % 7) for i in range(10_000)]
+    load_or_create_plan(local_storage, 8, "g", lambda: items)
+    reads: list[str] = []
+    read_bytes = local_storage.read_bytes
+    monkeypatch.setattr(local_storage, "read_bytes", lambda key: reads.append(key) or read_bytes(key))
+    plan = load_or_create_plan(local_storage, 8, "g", lambda: pytest.fail("listed again"))
+    mine = shard_items(local_storage, plan, 5)
+    assert reads == ["plan/download-8-g/plan.json", PLAN_KEY, f"{plan['parts']}00005.json"]
+    assert len(mine) == 1250 and len(read_bytes(PLAN_KEY)) < 1024  # what `trajflow wait` reads on each poll
 
 
 def test_a_plan_made_moments_ago_by_another_pod_is_followed_without_a_warning(storage, caplog):
@@ -180,23 +196,50 @@ def test_concurrent_pods_agree_on_one_plan(storage):
     assert len(plans) == 6 and all(p == plans[0] for p in plans)
 
 
-def test_shard_items_range_is_checked():
-    plan = plan_document([Item("a", 1)], 2)
-    assert [it.key for it in shard_items(plan, 0)] == ["a"] and shard_items(plan, 1) == []
+def test_shard_items_range_is_checked(local_storage):
+    plan = load_or_create_plan(local_storage, 2, "g", lambda: [Item("a", 1)])
+    assert [it.key for it in shard_items(local_storage, plan, 0)] == ["a"] and shard_items(local_storage, plan, 1) == []
     with pytest.raises(ValueError, match="outside the plan's 0..1"):
-        shard_items(plan, 2)
+        shard_items(local_storage, plan, 2)
+
+
+def test_a_version_1_plan_in_use_still_names_each_shards_items(local_storage):
+    # plan/download.json of a run downloaded before the plan had parts
+    plan = {"version": 1, "shards": 2, "assignments": [[{"key": "a", "size": 1}], [{"key": "b", "size": 2}]]}
+    assert [it.key for it in shard_items(local_storage, plan, 1)] == ["b"]
+
+
+REMEDY = r"delete plan/download-2-g/ \(or change downloader\.config\.planGeneration\) to plan again"
 
 
 @pytest.mark.parametrize("stored, problem", [
     (b"{broken", r"corrupt plan \(Expecting"),
     (b"", r"corrupt plan \(Expecting value"),
-    (b"[]", r"not a plan of version 1 \(version None\)"),
-    (b"null", r"not a plan of version 1 \(version None\)"),
-    (b'{"version": 1, "shards": 2, "assignments": [[]]}', r"corrupt plan \(not 2 shards of items\)"),
-    (b'{"version": 1, "shards": 2}', r"corrupt plan \(not 2 shards of items\)"),
+    (b"[]", r"not a plan of version 2 \(version None\)"),
+    (b"null", r"not a plan of version 2 \(version None\)"),
+    (b'{"version": 1, "shards": 2, "assignments": [[]]}', r"not a plan of version 2 \(version 1\)"),
+    (b'{"version": 2, "shards": 2}', r"corrupt plan \(no 2-shard header\)"),
+    (b'{"version": 2, "shards": 3, "parts": "p/", "fingerprint": "f"}', r"corrupt plan \(no 2-shard header\)"),
 ])
 def test_corrupt_stored_plan_is_named_with_the_remedy(local_storage, stored, problem):
-    local_storage.write_bytes("plan/download-2-g.json", stored)
-    with pytest.raises(ValueError, match=rf"plan/download-2-g\.json: {problem}.*: delete it \(or change "
-                                         r"downloader\.config\.planGeneration\) to plan again"):
+    local_storage.write_bytes("plan/download-2-g/plan.json", stored)
+    with pytest.raises(ValueError, match=rf"plan/download-2-g/plan\.json: {problem}.*: {REMEDY}"):
         load_or_create_plan(local_storage, 2, "g", lambda: [])
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (None, "part of the plan is missing"),
+    (b"{broken", r"corrupt part of the plan \(Expecting"),
+    (b'{"fingerprint": "other", "shard": 1, "items": []}', "not shard 1's part of plan"),
+    (b'{"shard": 0, "items": []}', "not shard 1's part of plan"),
+])
+def test_a_damaged_part_of_the_plan_is_named_with_the_remedy(local_storage, damage, problem):
+    plan = load_or_create_plan(local_storage, 2, "g", lambda: [Item("a", 1), Item("b", 2)])
+    part = f"{plan['parts']}00001.json"
+    if damage is None:
+        local_storage.delete(part)
+    else:
+        local_storage.write_bytes(part, damage)
+    with pytest.raises(ValueError, match=rf"{part}: {problem}.*: {REMEDY}"):
+        shard_items(local_storage, plan, 1)
+    assert [it.key for it in shard_items(local_storage, plan, 0)] == ["b"]  # the other parts still serve

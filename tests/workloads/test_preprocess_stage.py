@@ -804,8 +804,10 @@ def test_lerobot_info_in_another_shard_names_the_robot(local_storage, tmp_path, 
     assert len(empty) == 0 and empty.dims == {STATE: 0, ACTION: 0}
 
     local_storage.delete(manifest_key("preprocess", 0))
-    plan = {"version": 1, "shards": 2, "assignments": [[{"key": data_key, "size": 1}], [{"key": info_key, "size": 1}]]}
-    local_storage.write_bytes("plan/download.json", json.dumps(plan).encode())
+    from trajflow.plan import Item, load_or_create_plan, shard_items
+
+    plan = load_or_create_plan(local_storage, 2, "g", lambda: [Item(data_key, 1), Item(info_key, 1)])
+    assert [[i.key for i in shard_items(local_storage, plan, j)] for j in (0, 1)] == [[data_key], [info_key]]
     # the plan puts info.json in download shard 1, not done yet: no guessing the rate meanwhile
     with pytest.raises(TransientError, match=r"meta/info.json is not downloaded yet.*download shard 00001"):
         process_shard(local_storage, 0, 2, cfg)
@@ -1033,3 +1035,13 @@ def test_a_run_root_on_a_read_only_volume_is_a_config_error(local_storage, monke
     monkeypatch.setattr(local_storage, "writer", read_only)
     with pytest.raises(ConfigError, match="the volume is mounted read-only"):  # exit 2: no retry helps
         process_shard(local_storage, 0, 1, stage_config())
+
+
+def test_a_file_takes_the_hint_of_the_deepest_dataset_holding_it():
+    from trajflow.preprocess.stage import _hint_for
+
+    hints = {"raw/00000/a/": ("outer", 30.0), "raw/00000/a/b/": ("inner", 50.0)}
+    assert _hint_for("raw/00000/a/b/data/chunk-000/e.parquet", hints) == ("inner", 50.0)
+    assert _hint_for("raw/00000/a/data/e.parquet", hints) == ("outer", 30.0)
+    assert _hint_for("raw/00000/ab/data/e.parquet", hints) == ("", None)  # a name starting like a dataset's
+    assert _hint_for("raw/00000/c/e.parquet", hints) == ("", None)

@@ -10,7 +10,8 @@
 
 Layout under the run root (DESIGN "Data plane contract"):
 
-    plan/download-<shards>-<generation>.json     who fetches what (first writer wins)
+    plan/download-<shards>-<generation>/         who fetches what: plan.json (first writer wins), a part per shard
+    plan/download.json                           a copy of the plan.json in use
     raw/<shard>/<source>/<path>                  verified items (only ever renamed into place)
     raw/_done/<shard>.json                       shard manifest, written last
     raw/.trajflow-verified/<source>/<path>.json  per-item verification records (hidden)

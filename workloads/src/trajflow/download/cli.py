@@ -81,10 +81,8 @@ def run(args: argparse.Namespace) -> int:
             progress=lambda d: ProgressReporter(d, config.progress_interval_seconds, trajflow_log.is_terminal(), metrics),
         )
         if args.plan_only:
-            from trajflow.plan import shard_items
-
-            plan = downloader.plan()
-            for item in shard_items(plan, settings.shard):
+            _, items = downloader.plan()
+            for item in items:
                 print(json.dumps(item.to_json(), sort_keys=True))
             success = True
             return 0

@@ -1,12 +1,12 @@
 """One download shard from start to end: plan, skip or reuse, fetch, summarise, manifest.
 
-1. The plan (`plan/download-<shards>-<generation>.json`, first writer wins) assigns every
+1. The plan (`plan/download-<shards>-<generation>/`, first writer wins) assigns every
    listed item to one shard, byte-balanced; the generation is a hash of the sources (and
    `planGeneration`), so changing the sources makes a new plan and a rerun reuses the old.
-2. This shard's items are taken from the plan by JOB_COMPLETION_INDEX. A manifest of this
-   shard written for the same plan means the shard is done (its files are checked to be
-   there); a manifest written for another plan is removed first, so nothing downstream
-   mistakes it for this plan's.
+2. This shard's items are read from its own part of the plan, by JOB_COMPLETION_INDEX. A
+   manifest of this shard written for the same plan means the shard is done (its files are
+   checked to be there); a manifest written for another plan is removed first, so nothing
+   downstream mistakes it for this plan's.
 3. Per item, the verification record decides: skip (verified here), reuse (verified under
    another shard's directory, from an earlier shard count: moved by a rename or a
    server-side copy, never downloaded, so after a re-shard every item lies in exactly one
@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -47,6 +48,7 @@ from trajflow.download.transfer import (
     sweep_abandoned_temporaries,
 )
 from trajflow.download.verify import (
+    RECORD_PREFIX,
     RECORD_SUFFIX,
     Digests,
     Record,
@@ -106,11 +108,19 @@ def check_destinations(items: list[Item], gunzip: bool) -> None:
         seen[final] = item.source
 
 
-def unstorable_on_a_filesystem(items: list[Item], gunzip: bool) -> dict[str, str]:
+# bytes a temporary's name may add to a final or record path (`.trajflow-tmp-<tag>-`)
+_TEMP_EXTRA = 48
+
+
+def unstorable_on_a_filesystem(items: list[Item], gunzip: bool, root_dir: str = "") -> dict[str, str]:
     """Items a filesystem root cannot hold, with why: an object `x` next to `x/y` (S3 has
-    both; a filesystem needs `x` as a file and a directory), or a name longer than
-    NAME_MAX less the `.json` its verification record adds. Computed over the whole plan,
-    so the same item fails whichever shard it is in; each fails alone (exit 3)."""
+    both; a filesystem needs `x` as a file and a directory), a name longer than NAME_MAX
+    less the `.json` its verification record adds, or a path under `root_dir` longer than
+    PATH_MAX. Computed over the whole listing when planning (the plan records it), so the
+    same item fails whichever shard it is in; each fails alone (exit 3)."""
+    path_max = (os.pathconf(root_dir, "PC_PATH_MAX") if root_dir and os.path.isdir(root_dir) else 4096) - 1
+    # the deepest paths of an item: its final path in a shard directory, its verification record
+    deepest = len(root_dir.encode()) + _TEMP_EXTRA + max(len(f"/{RAW}/{shard_name(0)}/"), len(f"/{RECORD_PREFIX}"))
     finals = {final_path(item.key, gunzip): item.key for item in items}
     below = _directories(finals)  # a directory -> an item under it
     # the verification records mirror the item keys, each with RECORD_SUFFIX: `a` and `a.json/b` clash there
@@ -128,6 +138,9 @@ def unstorable_on_a_filesystem(items: list[Item], gunzip: bool) -> dict[str, str
         elif longest > NAME_MAX:
             problems[key] = (f"{key} cannot be stored: a file name has at most {NAME_MAX - len(RECORD_SUFFIX)} bytes "
                              f"here (its verification record adds {RECORD_SUFFIX!r}), a directory name {NAME_MAX}")
+        elif deepest + len((key + RECORD_SUFFIX).encode()) > path_max or deepest + len(final.encode()) > path_max:
+            problems[key] = (f"{key} cannot be stored: its path under {root_dir} would exceed the {path_max + 1}-byte "
+                             f"PATH_MAX of the filesystem; shorten global.storage.filesystem.path or exclude it")
     return problems
 
 
@@ -306,14 +319,20 @@ class ShardDownloader:
 
     # -- plan ---------------------------------------------------------------------------
 
-    def plan(self) -> dict[str, Any]:
+    def plan(self) -> tuple[dict[str, Any], list[Item]]:
+        """The plan in use (its header) and this shard's items in it."""
         def list_items() -> list[Item]:
             items = list_all(self.sources, self.settings.attempts, self.settings.backoff, self.config.concurrency)
             check_destinations(items, self.config.gunzip)
             return items
 
+        def unstorable(items: list[Item]) -> dict[str, str]:
+            return unstorable_on_a_filesystem(items, self.config.gunzip, str(self.root.root))
+
         try:
-            return load_or_create_plan(self.root, self.shards, self.generation, list_items)
+            plan = load_or_create_plan(self.root, self.shards, self.generation, list_items,
+                                       unstorable=unstorable if isinstance(self.root, LocalStorage) else None)
+            return plan, shard_items(self.root, plan, self.shard)
         except TrajflowError:
             raise
         except ValueError as exc:  # a corrupt stored plan or duplicate keys
@@ -333,11 +352,8 @@ class ShardDownloader:
 
     def run(self) -> ShardSummary:
         self.started = time.monotonic()
-        plan = self.plan()
-        self.items = shard_items(plan, self.shard)
-        if isinstance(self.root, LocalStorage):
-            every = [item for shard in range(self.shards) for item in shard_items(plan, shard)]
-            self.unstorable = unstorable_on_a_filesystem(every, self.config.gunzip)
+        plan, self.items = self.plan()
+        self.unstorable = plan.get("unstorable") or {}
         summary = ShardSummary(self.shard, self.shards, planned_items=len(self.items),
                                planned_bytes=sum(i.size for i in self.items))
         if self.metrics is not None:

@@ -1,8 +1,9 @@
 """Deterministic, byte-balanced partitioning of (key, size) items over N shards.
 
-The plan is a versioned JSON document stored with write-if-absent (see
-`load_or_create_plan`): the first pod to write it wins and every pod then reads the same
-plan, so all shards agree even if the source listing changes while they start.
+The plan is stored as a versioned header written with write-if-absent plus one part per
+shard (see `load_or_create_plan`): the first pod to write the header wins and every pod
+then reads the same plan, so all shards agree even if the source listing changes while
+they start.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import heapq
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -19,7 +21,7 @@ from trajflow.storage.manifest import PLAN_KEY
 
 log = logging.getLogger(__name__)
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -88,16 +90,21 @@ def fingerprint(items: Iterable[Item]) -> str:
     return h.hexdigest()
 
 
-def plan_document(items: list[Item], shards: int, generation: str = "") -> dict[str, Any]:
+def plan_document(items: list[Item], shards: int, generation: str = "",
+                  unstorable: dict[str, str] | None = None) -> tuple[dict[str, Any], list[list[dict[str, Any]]]]:
+    """The plan's header and each shard's items (as stored)."""
     parts = partition(items, shards)
-    return {
+    header: dict[str, Any] = {
         "version": PLAN_VERSION,
         "shards": shards,
         "generation": generation,
         "fingerprint": fingerprint(items),
+        "items": len(items),
         "total_bytes": sum(it.size for it in items),
-        "assignments": [[it.to_json() for it in part] for part in parts],
     }
+    if unstorable:
+        header["unstorable"] = unstorable
+    return header, [[it.to_json() for it in part] for part in parts]
 
 
 def _encode(doc: dict[str, Any]) -> bytes:
@@ -105,42 +112,73 @@ def _encode(doc: dict[str, Any]) -> bytes:
 
 
 def load_or_create_plan(
-    storage: Storage, shards: int, generation: str, list_items: Callable[[], list[Item]], key: str = PLAN_KEY
+    storage: Storage, shards: int, generation: str, list_items: Callable[[], list[Item]], key: str = PLAN_KEY,
+    unstorable: Callable[[list[Item]], dict[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """The plan every pod of this shard count and source configuration uses.
+    """The header of the plan every pod of this shard count and source configuration uses.
 
-    The authoritative copy is `plan/download-<shards>-<generation>.json`, created first-writer-
-    wins: pods that start while the source listing changes still all follow the first
-    listing. Only when no plan exists does a pod list the sources. A new shard count or new
-    sources (another `generation`) make a new plan; the items already verified are reused by
-    the downloader, not by the plan. `plan/download.json` is a copy of the plan in use.
+    The plan lives in `plan/download-<shards>-<generation>/`: `plan.json`, the header,
+    created first-writer-wins, so that pods starting while the source listing changes all
+    follow the first listing; and each shard's items in `<fingerprint>/<shard>.json`, all
+    written before the header. A pod reads the header and its own shard's items
+    (`shard_items`), never the whole plan: a million-item plan is hundreds of MB. Only
+    when no plan exists does a pod list the sources. A new shard count or new sources
+    (another `generation`) make a new plan; the items already verified are reused by the
+    downloader, not by the plan. `plan/download.json` is a copy of the header in use.
+    `unstorable` names the items the run root cannot hold, once, over the whole listing.
     """
-    stem = key.rsplit(".", 1)[0]
-    authoritative = f"{stem}-{shards}-{generation}.json" if generation else f"{stem}-{shards}.json"
+    directory = _plan_directory(shards, generation, key)
+    authoritative = f"{directory}/plan.json"
     earlier = storage.exists(authoritative)
     if not earlier:
-        made = {**plan_document(list_items(), shards, generation), "created_at": round(time.time(), 3)}
-        storage.write_if_absent(authoritative, _encode(made))
+        items = list_items()
+        header, parts = plan_document(items, shards, generation, unstorable(items) if unstorable else None)
+        header["parts"] = f"{directory}/{header['fingerprint'][:16]}/"
+        header["created_at"] = round(time.time(), 3)
+        _write_parts(storage, header, parts)
+        storage.write_if_absent(authoritative, _encode(header))
     raw = storage.read_bytes(authoritative)
     where = f"{storage.uri}/{authoritative}"
-    remedy = "delete it (or change downloader.config.planGeneration) to plan again"
     try:
         stored = json.loads(raw)
     except ValueError as exc:
-        raise ValueError(f"{where}: corrupt plan ({exc}): {remedy}") from None
+        raise ValueError(f"{where}: corrupt plan ({exc}): {_remedy(directory)}") from None
     if not isinstance(stored, dict) or stored.get("version") != PLAN_VERSION:
         version = stored.get("version") if isinstance(stored, dict) else None
-        raise ValueError(f"{where}: not a plan of version {PLAN_VERSION} (version {version!r}): {remedy}")
-    parts = stored.get("assignments")
-    if stored.get("shards") != shards or not isinstance(parts, list) or len(parts) != shards \
-            or not all(isinstance(part, list) for part in parts):
-        raise ValueError(f"{where}: corrupt plan (not {shards} shards of items): {remedy}")
+        raise ValueError(f"{where}: not a plan of version {PLAN_VERSION} (version {version!r}): {_remedy(directory)}")
+    if stored.get("shards") != shards or not isinstance(stored.get("parts"), str) \
+            or not isinstance(stored.get("fingerprint"), str):
+        raise ValueError(f"{where}: corrupt plan (no {shards}-shard header): {_remedy(directory)}")
     current = storage.read_bytes(key) if storage.exists(key) else b""
     if current != raw:
         if earlier and current:
             _warn_if_older_listing(stored, current, where)
         storage.write_bytes(key, raw)
     return stored
+
+
+def _plan_directory(shards: int, generation: str, key: str = PLAN_KEY) -> str:
+    stem = key.rsplit(".", 1)[0]
+    return f"{stem}-{shards}-{generation}" if generation else f"{stem}-{shards}"
+
+
+def _remedy(directory: str) -> str:
+    return f"delete {directory}/ (or change downloader.config.planGeneration) to plan again"
+
+
+def _part_key(plan: dict[str, Any], shard: int) -> str:
+    return f"{plan['parts']}{shard:05d}.json"
+
+
+def _write_parts(storage: Storage, header: dict[str, Any], parts: list[list[dict[str, Any]]]) -> None:
+    """Every shard's items, before the header that makes them the plan (a pod that loses
+    the race to write the header leaves its parts unused, under its own fingerprint)."""
+    def write(shard: int) -> None:
+        doc = {"fingerprint": header["fingerprint"], "shard": shard, "items": parts[shard]}
+        storage.write_bytes(_part_key(header, shard), _encode(doc))
+
+    with ThreadPoolExecutor(max_workers=min(16, len(parts))) as pool:  # thousands of PUTs on S3
+        list(pool.map(write, range(len(parts))))
 
 
 # a plan younger than this was made by a pod of this run (pods that start together see it
@@ -165,7 +203,25 @@ def _warn_if_older_listing(stored: dict[str, Any], current: bytes, where: str) -
                     where, stored.get("shards"), in_use.get("shards"))
 
 
-def shard_items(plan: dict[str, Any], shard: int) -> list[Item]:
+def shard_item_docs(storage: Storage, plan: dict[str, Any], shard: int) -> list[dict[str, Any]]:
+    """Shard `shard`'s items as the plan stores them (JSON), from its own part of the plan."""
     if not 0 <= shard < plan["shards"]:
         raise ValueError(f"shard {shard} is outside the plan's 0..{plan['shards'] - 1}")
-    return [Item.from_json(d) for d in plan["assignments"][shard]]
+    if "assignments" in plan:  # a version-1 plan, made before the parts: every shard inline
+        return plan["assignments"][shard]
+    key = _part_key(plan, shard)
+    where, remedy = f"{storage.uri}/{key}", _remedy(plan["parts"].rstrip("/").rsplit("/", 1)[0])
+    try:
+        doc = json.loads(storage.read_bytes(key))
+    except FileNotFoundError:
+        raise ValueError(f"{where}: part of the plan is missing: {remedy}") from None
+    except ValueError as exc:
+        raise ValueError(f"{where}: corrupt part of the plan ({exc}): {remedy}") from None
+    if not isinstance(doc, dict) or doc.get("fingerprint") != plan["fingerprint"] or doc.get("shard") != shard \
+            or not isinstance(doc.get("items"), list):
+        raise ValueError(f"{where}: not shard {shard}'s part of plan {plan['fingerprint'][:12]}: {remedy}")
+    return doc["items"]
+
+
+def shard_items(storage: Storage, plan: dict[str, Any], shard: int) -> list[Item]:
+    return [Item.from_json(d) for d in shard_item_docs(storage, plan, shard)]

@@ -39,6 +39,7 @@ import numpy as np
 from trajflow.config.preprocess import PreprocessConfig
 from trajflow.errors import ConfigError, PermanentError, TrajflowError, TransientError
 from trajflow.metrics import Pusher, StageMetrics, preprocess_metrics
+from trajflow.plan import shard_item_docs
 from trajflow.preprocess import readers
 from trajflow.preprocess.readers import FileResult, Quarantined, RawEpisode, SourceSpec
 from trajflow.preprocess.shards import ShardWriter, report_key, settings_differences, settings_of, shard_key
@@ -169,6 +170,21 @@ def _read_info(storage: Storage, key: str) -> tuple[str, float | None] | None:
     return str(doc.get("robot_type") or ""), float(fps) if isinstance(fps, (int, float)) and fps > 0 else None
 
 
+def _plan_parts(storage: Storage) -> Iterator[tuple[int, list[Any]]]:
+    """Each shard's items in the download plan in use, one part at a time (nothing when
+    there is no readable plan: the datasets then go without their info file)."""
+    try:
+        plan = json.loads(storage.read_bytes(PLAN_KEY))
+        shards = int(plan["shards"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return
+    for j in range(shards):
+        try:
+            yield j, shard_item_docs(storage, plan, j)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("cannot read shard %d of the download plan (%s)", j, exc)
+
+
 def _await_info(storage: Storage, key: str, shard: int, shards: int, wait_s: float, deadline: float) -> None:
     """Wait until ``key``, planned in download shard ``shard``, is there or that shard is
     done without it; TransientError (retried) at ``deadline`` (monotonic)."""
@@ -204,19 +220,16 @@ def dataset_hints(storage: Storage, keys: Sequence[str], shard: int, shards: int
     elsewhere: dict[str, str] = {}
     missing = sorted(d for d in datasets if d not in here and d.startswith(prefix))
     if missing:
-        try:
-            plan = json.loads(storage.read_bytes(PLAN_KEY))
-            assignments = plan.get("assignments") or []
-        except (FileNotFoundError, ValueError, AttributeError):
-            assignments = []
         wanted = {d[len(prefix):] + "meta/info.json": d for d in missing}
         deadline = time.monotonic() + wait_s  # one wait for all of them
-        for j, items in enumerate(assignments):
+        for j, items in _plan_parts(storage):
             for it in items:
                 rel = it.get("key") if isinstance(it, dict) else None
                 if rel in wanted:
-                    elsewhere[wanted[rel]] = f"{RAW_DIR}/{shard_name(j)}/{rel}"
-                    _await_info(storage, elsewhere[wanted[rel]], j, shards, wait_s, deadline)
+                    elsewhere[wanted.pop(rel)] = key = f"{RAW_DIR}/{shard_name(j)}/{rel}"
+                    _await_info(storage, key, j, shards, wait_s, deadline)
+            if not wanted:
+                break
     hints = {}
     for directory in sorted(set(here) | datasets):
         key = here.get(directory) or elsewhere.get(directory)
@@ -240,11 +253,14 @@ def _is_lerobot_metadata(key: str, fmt: str) -> bool:
 
 
 def _hint_for(key: str, hints: dict[str, tuple[str, float | None]]) -> tuple[str, float | None]:
-    best = ""
-    for prefix in hints:
-        if key.startswith(prefix) and len(prefix) > len(best):
-            best = prefix
-    return hints[best] if best else ("", None)
+    """The hint of the deepest dataset directory (keys end in '/') holding `key`: one
+    lookup per directory level, not a scan of every dataset for every file."""
+    end = len(key)
+    while (end := key.rfind("/", 0, end)) > 0:
+        hint = hints.get(key[: end + 1])
+        if hint is not None:
+            return hint
+    return ("", None)
 
 
 def select_device(config: PreprocessConfig) -> Any:

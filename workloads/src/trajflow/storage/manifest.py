@@ -1,6 +1,6 @@
 """The data-plane contract between stages: where things live and when a shard is done.
 
-    <root>/plan/download.json          partition plan (first writer wins, then reused)
+    <root>/plan/download.json          header of the partition plan in use (the plan: plan/download-<n>-<gen>/)
     <root>/raw/<shard>/...             downloaded items
     <root>/raw/_done/<shard>.json      shard manifest — written last
     <root>/resampled/<shard>.*         fixed-rate shards + resampled/_done/<shard>.json
