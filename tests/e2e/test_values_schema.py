@@ -148,3 +148,9 @@ def test_a_list_padded_by_set_is_not_told_to_use_set_string(tmp_path: Path) -> N
     result = dry_run(tmp_path, "-f", "values/local.yaml", "--set", "preprocessing.config.streams[3]=x")
     assert result.returncode == 2
     assert "preprocessing.config.streams[2]: expected a string, got null\n" in result.stderr  # no --set-string hint
+
+
+def test_a_rule_between_keys_is_told_in_its_own_words(tmp_path: Path) -> None:
+    result = dry_run(tmp_path, "-f", "values/dev.yaml", "--set", "global.storage.pvc.create=false")
+    assert result.returncode == 2
+    assert "global.storage.pvc.existingClaim: required when pvc.create is false, got ''" in result.stderr

@@ -608,6 +608,9 @@ def _schema_error_lines(error: Any, prefix: list[str | int], origin: str) -> lis
         if error.validator == "type" and "number" in _as_list(error.validator_value):
             hint += _set_number_hint(origin, error.instance)
         return [(path, f"expected {_schema_expectation(error.schema)}, got {got}{hint}")]
+    if "then" in error.schema_path and isinstance(error.schema, dict) and error.schema.get("description"):
+        # a rule between keys (`if` one is set, `then` another must be): its own words
+        return [(path, f"{error.schema['description']}, got {error.instance!r}")]
     message = error.message
     if len(message) > 200:
         message = message[:200] + "..."
