@@ -408,3 +408,28 @@ def test_cli_on_an_endpoint_that_is_no_s3_store_is_one_config_error_line(tmp_pat
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == ExitCode.CONFIG and len(lines) == 1  # not an hour of retries
     assert lines[0].endswith("the endpoint does not answer as an S3 store: check global.storage.s3.endpoint")
+
+
+@pytest.mark.timeout(120)  # without a bound, one call would hang 8 x 60 s
+def test_a_store_that_never_answers_gives_up_near_the_deadline(tmp_path, capsys, monkeypatch):
+    import socket
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    accepted: list[socket.socket] = []
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, reads, never answers
+        def accept() -> None:
+            while True:
+                try:
+                    accepted.append(silent.accept()[0])
+                except OSError:
+                    return
+
+        threading.Thread(target=accept, daemon=True).start()
+        config = _s3_config(tmp_path, f"http://127.0.0.1:{silent.getsockname()[1]}")
+        code = cli.main(["wait", "--stage", "download", "--shards", "0", "--timeout", "2s", "--config", config])
+    for conn in accepted:
+        conn.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == ExitCode.TIMEOUT
+    assert "the last poll failed: Read timeout on endpoint URL" in err[-1]

@@ -52,12 +52,14 @@ def open_storage(uri: str | Path, **s3_options: object) -> Storage:
     raise InvalidURI(f"unsupported storage URI {uri!r}: use file:///path, a plain path, or s3://bucket/prefix")
 
 
-def open_run_root(glob: "GlobalConfig") -> Storage:
-    """The run root named by `global.storage` and `global.runId`."""
+def open_run_root(glob: "GlobalConfig", **client_options: object) -> Storage:
+    """The run root named by `global.storage` and `global.runId`; `client_options` go to
+    the S3 client (`timeout`, `attempts`: see `make_client`)."""
     s3 = glob.storage.s3
     options: dict[str, object] = {}
     if glob.storage.type == "s3":
-        options = {"endpoint": s3.endpoint, "region": s3.region, "addressing_style": s3.addressing_style}
+        options = {"endpoint": s3.endpoint, "region": s3.region, "addressing_style": s3.addressing_style,
+                   **client_options}
     return open_storage(glob.run_root(), **options)
 
 

@@ -33,8 +33,9 @@ ELECT_SETTLE_S = 2.5
 
 
 def make_client(endpoint: str = "", region: str = "us-east-1", addressing_style: str = "path",
-                anonymous: bool = False, max_pool: int = 32, timeout: float = 60.0) -> Any:
-    """A boto3 S3 client; credentials from the standard AWS chain (env, profile, IRSA...)."""
+                anonymous: bool = False, max_pool: int = 32, timeout: float = 60.0, attempts: int = 8) -> Any:
+    """A boto3 S3 client; credentials from the standard AWS chain (env, profile, IRSA...).
+    A call that gets no answer gives up after about `attempts` x `timeout` seconds."""
     import boto3
     import botocore
     from botocore.config import Config
@@ -42,7 +43,7 @@ def make_client(endpoint: str = "", region: str = "us-east-1", addressing_style:
     cfg = Config(
         region_name=region or "us-east-1",
         s3={"addressing_style": addressing_style},
-        retries={"max_attempts": 8, "mode": "standard"},
+        retries={"max_attempts": attempts, "mode": "standard"},
         max_pool_connections=max_pool,
         connect_timeout=timeout,
         read_timeout=timeout,

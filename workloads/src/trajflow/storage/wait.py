@@ -313,7 +313,9 @@ def run(args: argparse.Namespace) -> int:
         stage_settings(args.check_config, args.config, args.values, args.set, env={})
     glob = global_settings(args.config, args.values, args.set)
     try:
-        storage = open_run_root(glob)
+        # every poll tries again: a store that never answers must not hold one call for the
+        # client's usual 8 x 60 s, far past a short --timeout
+        storage = open_run_root(glob, timeout=min(60.0, max(5.0, timeout_s / 4)), attempts=2)
     except Exception as exc:
         fatal = fatal_storage_error(exc, "the run root")
         if fatal is not None:
