@@ -3,6 +3,7 @@ stage program (tests/e2e/fake_stage.py) that keeps the stage contract without re
 from __future__ import annotations
 
 import io
+from collections import Counter
 import json
 import os
 import re
@@ -415,3 +416,31 @@ def test_the_last_hint_promises_a_resume_only_where_a_rerun_can_succeed(exit_cod
     print_summary(console, doc, [])
     text = console.file.getvalue()
     assert hint in text and text.count("finished shards are kept") == 1
+
+
+def test_a_tick_checks_each_task_once_however_many_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trajflow.local.runner import PENDING, RUNNING, WAITING
+
+    runner = Runner(build_plan([write_values(tmp_path, shards=40)]), tmp_path / "work", PlainView(stream=io.StringIO()),
+                    command=[sys.executable, str(FAKE)])
+    reads: list[str] = []
+    read_bytes = runner.storage.read_bytes
+    monkeypatch.setattr(runner.storage, "read_bytes", lambda key: reads.append(key) or read_bytes(key))
+
+    def launch(task):  # type: ignore[no-untyped-def]
+        task.state = RUNNING
+
+    monkeypatch.setattr(runner, "_launch", launch)
+    runner._schedule()
+    states = Counter((t.stage.stage, t.state) for t in runner.tasks)
+    assert states[("downloader", RUNNING)] == 2 and states[("downloader", PENDING)] == 38  # parallelism 2
+    assert states[("preprocessing", WAITING)] == 40 and states[("training", WAITING)] == 1
+    for task in runner.stage_tasks("downloader")[:2]:
+        task.state = DONE
+    reads.clear()
+    runner._schedule()
+    # the two finished downloads make two preprocessing shards ready: their inputs are read once,
+    # and the 38 downloads still pending for parallelism are not checked again
+    assert sorted(reads) == ["raw/_done/00000.json", "raw/_done/00001.json"]
+    runner._schedule()
+    assert len(reads) == 2

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
@@ -370,21 +371,19 @@ class Runner:
     def _finished(self) -> bool:
         return self._failure is not None or all(t.state in FINISHED for t in self.tasks)
 
-    def _upstream_ready(self, task: Task) -> bool:
+    def _upstream_ready(self, task: Task, downloads: dict[int, Task], preprocessing_left: int) -> bool:
         """Whether the inputs of `task` are complete, and note what it waits for if not."""
         stage = task.stage.stage
         if stage == "downloader":
             return True
         if stage == "preprocessing":
-            upstream = [t for t in self.stage_tasks("downloader") if t.shard == task.shard]
-            if upstream and upstream[0].state not in FINISHED:
+            upstream = downloads.get(task.shard)
+            if upstream is not None and upstream.state not in FINISHED:
                 task.note = f"waiting for download shard {task.shard}"
                 return False
             return True
-        upstream = self.stage_tasks("preprocessing")
-        left = [t.shard for t in upstream if t.state not in FINISHED]
-        if left:
-            task.note = f"waiting for {len(left)} preprocessed shard(s)"
+        if preprocessing_left:
+            task.note = f"waiting for {preprocessing_left} preprocessed shard(s)"
             return False
         return True
 
@@ -411,14 +410,17 @@ class Runner:
             return self.storage.exists(manifest_key("preprocess", task.shard))
         return training_finished(self.storage)
 
-    def _running(self, stage: str) -> int:
-        return sum(1 for t in self.stage_tasks(stage) if t.state == RUNNING)
-
     def _schedule(self) -> None:
+        """One tick: check what became ready (once per task: its inputs are final then), launch
+        what the stages' parallelism allows. Linear in the tasks: runs with a thousand shards
+        tick five times a second."""
         now = self.now()
+        downloads = {t.shard: t for t in self.tasks if t.stage.stage == "downloader"}
+        preprocessing_left = sum(1 for t in self.tasks if t.stage.stage == "preprocessing" and t.state not in FINISHED)
+        running = Counter(t.stage.stage for t in self.tasks if t.state == RUNNING)
         for task in self.tasks:
-            if task.state in (PENDING, WAITING):
-                if not self._upstream_ready(task):
+            if task.state == WAITING or (task.state == PENDING and not task.fingerprint):
+                if not self._upstream_ready(task, downloads, preprocessing_left):
                     task.state = WAITING
                     continue
                 task.fingerprint = self._fingerprint(task)
@@ -428,8 +430,9 @@ class Runner:
                     continue
                 task.state, task.note = PENDING, ""
             if task.state == PENDING or (task.state == RETRY and now >= task.retry_at):
-                if self._running(task.stage.stage) < task.stage.parallelism:
+                if running[task.stage.stage] < task.stage.parallelism:
                     self._launch(task)
+                    running[task.stage.stage] += 1
 
     # ---- processes ---------------------------------------------------------------------
 
