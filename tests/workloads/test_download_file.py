@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -118,12 +119,16 @@ def test_an_item_whose_path_in_the_run_root_would_exceed_path_max_fails_alone(tm
     (src / deep).parent.mkdir(parents=True)
     (src / deep).write_bytes(b"deep")
     (src / "ok.bin").write_bytes(b"ok")
-    root = tmp_path / ("r" * 250)
-    summary = run(root, _file_source(src))
+    short, long = tmp_path / "r", tmp_path / ("r" * 250)
+    assert run(short, _file_source(src)).exit_code == ExitCode.OK
+    # the same volume mounted at a longer path, with the plan made at the short one: each pod
+    # checks the paths under its own mount
+    shutil.copytree(short / "plan", long / "plan")
+    summary = run(long, _file_source(src))
     assert summary.exit_code == ExitCode.PERMANENT  # that item alone, not the run root failing (exit 1) on every retry
     assert [(r.item.key, r.kind) for r in summary.failed] == [(f"ds/{deep}", "permanent")]
     assert "would exceed the 4096-byte PATH_MAX of the filesystem" in summary.failed[0].error
-    assert raw_files(root) == {"ds/ok.bin": b"ok"}
+    assert raw_files(long) == {"ds/ok.bin": b"ok"}
 
 
 def test_an_unexpected_error_for_one_item_fails_the_shard_instead_of_leaving_the_item_out(

@@ -209,6 +209,11 @@ def test_credentials_in_urls_are_refused_and_never_logged(server: FaultyServer, 
         validate_stage("downloader", {"sources": [{"type": "https", "name": "web",
                                                    "urls": ["http://alice:s3cret@127.0.0.1/x.bin"]}]})
     assert "s3cret" not in str(refused.value) and "got 'http://…@127.0.0.1/x.bin'" in str(refused.value)
+    with pytest.raises(ConfigError) as refused:  # a password holding '@' and a space
+        validate_stage("downloader", {"sources": [{"type": "https", "name": "web",
+                                                   "urls": ["https://alice:p@ss w0rd@hub.example/x.bin", 7]}]})
+    assert "ss w0rd" not in str(refused.value) and "got 'https://…@hub.example/x.bin'" in str(refused.value)
+    assert "urls[1]: expected a string, got 7" in str(refused.value)
     assert redact("https://alice:s3cret@hub.example/x?X-Amz-Signature=abc") == "https://hub.example/x?…"
     url = server.add("/signed.bin", payload(100)) + "?X-Amz-Signature=TOPSECRET"
     server.script("/signed.bin", "500", "500", "500", "500", "500", "500", "500", "500")

@@ -165,6 +165,26 @@ def test_a_pod_reads_the_small_header_and_its_own_part_only(local_storage, monke
     assert len(mine) == 1250 and len(read_bytes(PLAN_KEY)) < 1024  # what `trajflow wait` reads on each poll
 
 
+def test_pods_whose_listings_partition_differently_never_mix_their_parts(local_storage, monkeypatch):
+    # the same keys and sizes (one fingerprint), but one pod could not size `s/empty` (HEAD
+    # failed): weighted as a typical item, it lands on another shard than a known 0 bytes does
+    sizes = {"s/a": 300, "s/b": 200, "s/c": 100, "s/empty": 0}
+    known = [Item(k, n) for k, n in sizes.items()]
+    guessed = [Item(k, n, meta={"size_known": k != "s/empty"}) for k, n in sizes.items()]
+    assert fingerprint(known) == fingerprint(guessed) and partition(known, 2) != partition(guessed, 2)
+    plan = load_or_create_plan(local_storage, 2, "g", lambda: known)
+    in_use = [[it.key for it in shard_items(local_storage, plan, s)] for s in (0, 1)]
+    # a pod that found no plan when it looked, and lost the race to write its own
+    exists = local_storage.exists
+    monkeypatch.setattr(local_storage, "exists", lambda key: False if key.endswith("plan.json") else exists(key))
+    assert load_or_create_plan(local_storage, 2, "g", lambda: guessed) == plan
+    # the plan in use is untouched: a pod that already read shard 0 and one that reads shard 1
+    # now still see each item in exactly one shard
+    assert [[it.key for it in shard_items(local_storage, plan, s)] for s in (0, 1)] == in_use
+    parts = {i.key.rsplit("/", 2)[1] for i in local_storage.list("plan/download-2-g/") if i.key.endswith("0.json")}
+    assert parts == {plan["parts"].rsplit("/", 2)[1]}  # the losing pod's parts are gone
+
+
 def test_a_plan_made_moments_ago_by_another_pod_is_followed_without_a_warning(storage, caplog):
     load_or_create_plan(storage, 4, "old-sources", lambda: [Item("a", 10)])  # the run before
     in_use = storage.read_bytes(PLAN_KEY)

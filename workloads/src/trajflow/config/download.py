@@ -80,10 +80,11 @@ class UrlItem(Model):
         return _check_relative_path(value, "path") if value else value
 
 
-# a URL or a mapping, told apart by type, so that a bad URL gets the URL's error alone
+# a URL or a mapping, told apart by type, so that a bad entry gets one error: a mapping's,
+# else a URL string's
 _UrlEntry = Annotated[
     Union[Annotated[str, Field(pattern=formats.HTTP_URL), Tag("url")], Annotated[UrlItem, Tag("item")]],
-    Discriminator(lambda v: "url" if isinstance(v, str) else "item"),
+    Discriminator(lambda v: "item" if isinstance(v, (dict, UrlItem)) else "url"),
 ]
 
 

@@ -34,6 +34,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from trajflow.config.download import DownloadConfig
@@ -108,19 +109,12 @@ def check_destinations(items: list[Item], gunzip: bool) -> None:
         seen[final] = item.source
 
 
-# bytes a temporary's name may add to a final or record path (`.trajflow-tmp-<tag>-`)
-_TEMP_EXTRA = 48
-
-
-def unstorable_on_a_filesystem(items: list[Item], gunzip: bool, root_dir: str = "") -> dict[str, str]:
+def unstorable_on_a_filesystem(items: list[Item], gunzip: bool) -> dict[str, str]:
     """Items a filesystem root cannot hold, with why: an object `x` next to `x/y` (S3 has
-    both; a filesystem needs `x` as a file and a directory), a name longer than NAME_MAX
-    less the `.json` its verification record adds, or a path under `root_dir` longer than
-    PATH_MAX. Computed over the whole listing when planning (the plan records it), so the
-    same item fails whichever shard it is in; each fails alone (exit 3)."""
-    path_max = (os.pathconf(root_dir, "PC_PATH_MAX") if root_dir and os.path.isdir(root_dir) else 4096) - 1
-    # the deepest paths of an item: its final path in a shard directory, its verification record
-    deepest = len(root_dir.encode()) + _TEMP_EXTRA + max(len(f"/{RAW}/{shard_name(0)}/"), len(f"/{RECORD_PREFIX}"))
+    both; a filesystem needs `x` as a file and a directory), or a name longer than
+    NAME_MAX less the `.json` its verification record adds. Computed over the whole listing
+    when planning (the plan records it), so the same item fails whichever shard it is in;
+    each fails alone (exit 3)."""
     finals = {final_path(item.key, gunzip): item.key for item in items}
     below = _directories(finals)  # a directory -> an item under it
     # the verification records mirror the item keys, each with RECORD_SUFFIX: `a` and `a.json/b` clash there
@@ -138,10 +132,26 @@ def unstorable_on_a_filesystem(items: list[Item], gunzip: bool, root_dir: str = 
         elif longest > NAME_MAX:
             problems[key] = (f"{key} cannot be stored: a file name has at most {NAME_MAX - len(RECORD_SUFFIX)} bytes "
                              f"here (its verification record adds {RECORD_SUFFIX!r}), a directory name {NAME_MAX}")
-        elif deepest + len((key + RECORD_SUFFIX).encode()) > path_max or deepest + len(final.encode()) > path_max:
-            problems[key] = (f"{key} cannot be stored: its path under {root_dir} would exceed the {path_max + 1}-byte "
-                             f"PATH_MAX of the filesystem; shorten global.storage.filesystem.path or exclude it")
     return problems
+
+
+# bytes a temporary's name may add to a final or record path (`.trajflow-tmp-<tag>-`)
+_TEMP_EXTRA = 48
+
+
+def too_deep_for(root_dir: Path, items: list[Item], gunzip: bool) -> dict[str, str]:
+    """Items whose paths under `root_dir` (in its shard directory, or their verification
+    record) would exceed the filesystem's PATH_MAX, with why. Checked by each pod against
+    the root as it is mounted there, not in the plan: the same volume may be mounted
+    elsewhere by another pod."""
+    path_max = os.pathconf(root_dir, "PC_PATH_MAX") - 1 if root_dir.is_dir() else 4095
+    deepest = len(str(root_dir).encode()) + _TEMP_EXTRA + max(len(f"/{RAW}/{shard_name(0)}/"), len(f"/{RECORD_PREFIX}"))
+    return {
+        item.key: (f"{item.key} cannot be stored: its path under {root_dir} would exceed the {path_max + 1}-byte "
+                   f"PATH_MAX of the filesystem; shorten global.storage.filesystem.path or exclude it")
+        for item in items
+        if deepest + max(len((item.key + RECORD_SUFFIX).encode()), len(final_path(item.key, gunzip).encode())) > path_max
+    }
 
 
 def _directories(paths: dict[str, str]) -> dict[str, str]:
@@ -327,7 +337,7 @@ class ShardDownloader:
             return items
 
         def unstorable(items: list[Item]) -> dict[str, str]:
-            return unstorable_on_a_filesystem(items, self.config.gunzip, str(self.root.root))
+            return unstorable_on_a_filesystem(items, self.config.gunzip)
 
         try:
             plan = load_or_create_plan(self.root, self.shards, self.generation, list_items,
@@ -354,6 +364,8 @@ class ShardDownloader:
         self.started = time.monotonic()
         plan, self.items = self.plan()
         self.unstorable = plan.get("unstorable") or {}
+        if isinstance(self.root, LocalStorage):
+            self.unstorable = {**too_deep_for(self.root.root, self.items, self.config.gunzip), **self.unstorable}
         summary = ShardSummary(self.shard, self.shards, planned_items=len(self.items),
                                planned_bytes=sum(i.size for i in self.items))
         if self.metrics is not None:

@@ -119,7 +119,7 @@ def load_or_create_plan(
 
     The plan lives in `plan/download-<shards>-<generation>/`: `plan.json`, the header,
     created first-writer-wins, so that pods starting while the source listing changes all
-    follow the first listing; and each shard's items in `<fingerprint>/<shard>.json`, all
+    follow the first listing; and each shard's items in `<digest>/<shard>.json`, all
     written before the header. A pod reads the header and its own shard's items
     (`shard_items`), never the whole plan: a million-item plan is hundreds of MB. Only
     when no plan exists does a pod list the sources. A new shard count or new sources
@@ -130,13 +130,13 @@ def load_or_create_plan(
     directory = _plan_directory(shards, generation, key)
     authoritative = f"{directory}/plan.json"
     earlier = storage.exists(authoritative)
+    mine: dict[str, Any] = {}
     if not earlier:
         items = list_items()
-        header, parts = plan_document(items, shards, generation, unstorable(items) if unstorable else None)
-        header["parts"] = f"{directory}/{header['fingerprint'][:16]}/"
-        header["created_at"] = round(time.time(), 3)
-        _write_parts(storage, header, parts)
-        storage.write_if_absent(authoritative, _encode(header))
+        mine, parts = plan_document(items, shards, generation, unstorable(items) if unstorable else None)
+        _write_parts(storage, directory, mine, parts)
+        mine["created_at"] = round(time.time(), 3)
+        storage.write_if_absent(authoritative, _encode(mine))
     raw = storage.read_bytes(authoritative)
     where = f"{storage.uri}/{authoritative}"
     try:
@@ -149,6 +149,8 @@ def load_or_create_plan(
     if stored.get("shards") != shards or not isinstance(stored.get("parts"), str) \
             or not isinstance(stored.get("fingerprint"), str):
         raise ValueError(f"{where}: corrupt plan (no {shards}-shard header): {_remedy(directory)}")
+    if mine and mine["parts"] != stored["parts"]:
+        _delete_parts(storage, mine)  # another pod's plan won: ours is never read
     current = storage.read_bytes(key) if storage.exists(key) else b""
     if current != raw:
         if earlier and current:
@@ -170,15 +172,30 @@ def _part_key(plan: dict[str, Any], shard: int) -> str:
     return f"{plan['parts']}{shard:05d}.json"
 
 
-def _write_parts(storage: Storage, header: dict[str, Any], parts: list[list[dict[str, Any]]]) -> None:
-    """Every shard's items, before the header that makes them the plan (a pod that loses
-    the race to write the header leaves its parts unused, under its own fingerprint)."""
+def _write_parts(storage: Storage, directory: str, header: dict[str, Any], parts: list[list[dict[str, Any]]]) -> None:
+    """Every shard's items, before the header that makes them the plan. Their directory is
+    named by their content: pods that partition alike write the same bytes to the same
+    keys, pods that do not (a listing that changed between them) never mix their parts."""
+    encoded = [_encode({"fingerprint": header["fingerprint"], "shard": shard, "items": part})
+               for shard, part in enumerate(parts)]
+    digest = hashlib.sha256()
+    for data in encoded:
+        digest.update(hashlib.sha256(data).digest())
+    header["parts"] = f"{directory}/{digest.hexdigest()[:16]}/"
+
     def write(shard: int) -> None:
-        doc = {"fingerprint": header["fingerprint"], "shard": shard, "items": parts[shard]}
-        storage.write_bytes(_part_key(header, shard), _encode(doc))
+        storage.write_bytes(_part_key(header, shard), encoded[shard])
 
     with ThreadPoolExecutor(max_workers=min(16, len(parts))) as pool:  # thousands of PUTs on S3
         list(pool.map(write, range(len(parts))))
+
+
+def _delete_parts(storage: Storage, header: dict[str, Any]) -> None:
+    for info in storage.list(header["parts"]):
+        try:
+            storage.delete(info.key)
+        except Exception as exc:  # noqa: BLE001 - tidying only: the plan in use is elsewhere
+            log.warning("cannot delete the unused plan part %s: %s", info.key, exc)
 
 
 # a plan younger than this was made by a pod of this run (pods that start together see it
