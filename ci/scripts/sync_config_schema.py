@@ -220,7 +220,7 @@ README_GENERATOR = ROOT / "ci" / ".tools" / "node_modules" / ".bin" / "readme-ge
 def update_readmes() -> list[Path]:
     """Regenerate the parameter tables; returns the READMEs that changed."""
     changed = []
-    for chart in (UMBRELLA, *(stage_dir(s) for s in STAGES)):
+    for chart in (UMBRELLA, *(stage_dir(s) for s in STAGES), UMBRELLA / "charts" / "monitoring"):
         readme = chart / "README.md"
         before = readme.read_text()
         proc = subprocess.run([str(README_GENERATOR), "--values", str(chart / "values.yaml"), "--readme", str(readme)],

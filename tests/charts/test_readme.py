@@ -9,7 +9,7 @@ import pytest
 from helmrender import CHART, ROOT, STAGE_CHARTS, SUBCHARTS
 
 GENERATOR = ROOT / "ci" / ".tools" / "node_modules" / ".bin" / "readme-generator"
-CHARTS = [CHART, *(SUBCHARTS / s for s in STAGE_CHARTS)]
+CHARTS = [CHART, *(SUBCHARTS / s for s in (*STAGE_CHARTS, "monitoring"))]
 
 pytestmark = pytest.mark.skipif(
     not GENERATOR.exists() or shutil.which("node") is None,

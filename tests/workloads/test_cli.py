@@ -204,3 +204,17 @@ def test_gpu_workers_are_counted_and_none_is_a_config_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="--nproc-per-node gpu: this machine has no CUDA GPU"):
         _gpu_count("gpu")  # torch itself raises a bare ValueError deep in the agent
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(fake_command, capfd, monkeypatch):
+    import os
+
+    silenced: list[int] = []
+    monkeypatch.setattr(os, "dup2", lambda fd, fd2: silenced.append(fd2))  # keeps the test's own stdout
+
+    def write():
+        raise BrokenPipeError(32, "Broken pipe")  # `trajflow schema | head`: head has exited
+
+    fake_command.behaviour = write
+    assert cli.main(["fake"]) == 128 + 13  # as a shell reports SIGPIPE
+    assert len(silenced) == 1 and "Traceback" not in capfd.readouterr().err

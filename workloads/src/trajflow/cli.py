@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import signal
 import sys
 
 from trajflow import __version__, log
@@ -76,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`trajflow schema | head`): nothing more to say, as `cat` does;
+        # stdout is pointed at /dev/null so the interpreter's final flush does not fail too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except Exception as exc:  # logged (as JSON in pods) so the failure is searchable; the pod is retried
         from trajflow.storage.wait import s3_refusal_error
 

@@ -189,7 +189,7 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
     {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
   annotations:
     summary: {{ `GPU memory of pod {{ $labels.namespace }}/{{ $labels.pod }} is {{ $value | humanizePercentage }} full` | quote }}
-    description: {{ printf "Framebuffer use stayed above %v of the total. The next larger batch or sequence risks an out-of-memory crash; lower the batch size or the preprocessing batch bytes." .ratio | quote }}
+    description: {{ printf "Framebuffer use stayed above %v of the total. The next larger batch or sequence risks an out-of-memory crash; lower preprocessing.config.batchSize or training.config.batchSize." .ratio | quote }}
 {{- end }}{{ end }}
 {{- end -}}
 
