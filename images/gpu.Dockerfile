@@ -26,6 +26,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     TMPDIR=/tmp \
     TRITON_CACHE_DIR=/tmp/triton \
     MPLCONFIGDIR=/tmp/matplotlib
+# Triton builds its CUDA launcher with the host C compiler the first time a kernel runs;
+# the runtime base image has none. The compiler follows the base image's distribution.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=build /wheels/ /wheels/
 # The base image's torch satisfies the extra's torch requirement, so pip keeps it.
 # The wheel was built above from this commit; an extra cannot be named on a glob.
@@ -33,6 +39,7 @@ COPY --from=build /wheels/ /wheels/
 RUN WHEEL="$(ls /wheels/trajflow-*.whl)" \
     && pip install --no-cache-dir "${WHEEL}[ml]" && rm -rf /wheels \
     && python -c "import torch, triton; print(torch.__version__, triton.__version__)" \
+    && command -v gcc \
     && groupadd --gid 65532 trajflow \
     && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin trajflow
 USER 65532:65532

@@ -46,6 +46,14 @@ def test_image_contract(dockerfile: Path) -> None:
     assert text.count("FROM ") >= 2, "multi-stage: build the wheel, install only the wheel"
 
 
+def test_the_gpu_image_can_build_triton_launchers() -> None:
+    """Triton compiles a C launcher before its first kernel runs: without a compiler in the
+    image, every preprocessing pod on a GPU fails (runtime base images ship none)."""
+    text = (REPO / "images/gpu.Dockerfile").read_text()
+    final = text[text.rindex("\nFROM "):]
+    assert re.search(r"apt-get install [^\n]*\bgcc\b", final) and "command -v gcc" in final
+
+
 def test_bake_tags_follow_chart_app_version() -> None:
     import yaml
 
