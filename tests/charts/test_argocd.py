@@ -83,6 +83,29 @@ def test_the_applications_render_as_argocd_would(appset):
             assert "ttlSecondsAfterFinished" not in job["spec"]
 
 
+def test_environments_following_main_run_the_images_of_their_commit(appset):
+    """The images workflow publishes each push to main under its commit: dev and staging run
+    those, not the last release's images with a newer chart and config."""
+    import json
+
+    from helmrender import STAGE_CHARTS
+
+    workflow = yaml.safe_load((ROOT / ".github/workflows/images.yaml").read_text())
+    assert "main" in workflow[True]["push"]["branches"]  # PyYAML reads the key `on` as True
+    assert "${GITHUB_SHA}" in json.dumps(workflow)
+    for element, app in applications(appset):
+        parameters = app["spec"]["source"]["helm"]["parameters"]
+        assert all(p["forceString"] is True for p in parameters)
+        tags = {p["name"]: p["value"] for p in parameters}
+        assert tags == {f"{stage}.image.tag": element["imageTag"] for stage in STAGE_CHARTS}
+        following_main = element["revision"] == "main"
+        assert element["imageTag"] == ("$ARGOCD_APP_REVISION" if following_main else "")
+        sha = "0123456789abcdef0123456789abcdef01234567"
+        objs = render([env_file(element["env"])], {k: v.replace("$ARGOCD_APP_REVISION", sha) for k, v in tags.items()})
+        images = {c["image"] for o in objs if o["kind"] == "Job" for c in o["spec"]["template"]["spec"]["containers"]}
+        assert all(i.endswith(f":{sha}") for i in images) if following_main else all(i.endswith(":0.1.0") for i in images)
+
+
 def test_project_allows_every_kind_the_chart_renders(project):
     allowed = {(r["group"], r["kind"]) for r in project["spec"]["namespaceResourceWhitelist"]}
     for env in ("dev", "staging", "production"):
