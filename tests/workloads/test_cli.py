@@ -209,12 +209,27 @@ def test_gpu_workers_are_counted_and_none_is_a_config_error(monkeypatch):
 def test_a_reader_that_goes_away_ends_the_command_quietly(fake_command, capfd, monkeypatch):
     import os
 
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `trajflow schema | head`: head has exited
+    monkeypatch.setattr(sys, "stdout", types.SimpleNamespace(fileno=lambda: write_end))
     silenced: list[int] = []
     monkeypatch.setattr(os, "dup2", lambda fd, fd2: silenced.append(fd2))  # keeps the test's own stdout
 
     def write():
-        raise BrokenPipeError(32, "Broken pipe")  # `trajflow schema | head`: head has exited
+        os.write(sys.stdout.fileno(), b"x")
 
     fake_command.behaviour = write
-    assert cli.main(["fake"]) == 128 + 13  # as a shell reports SIGPIPE
-    assert len(silenced) == 1 and "Traceback" not in capfd.readouterr().err
+    try:
+        assert cli.main(["fake"]) == 128 + 13  # as a shell reports SIGPIPE
+    finally:
+        os.close(write_end)
+    assert silenced == [write_end] and "Traceback" not in capfd.readouterr().err
+
+
+def test_a_broken_pipe_elsewhere_is_an_error_with_its_traceback(fake_command, capfd):
+    def push():
+        raise BrokenPipeError(32, "Broken pipe")  # a socket to a server that went away
+
+    fake_command.behaviour = push
+    assert cli.main(["fake"]) == ExitCode.ERROR
+    assert "BrokenPipeError" in capfd.readouterr().err

@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
+        if not _stdout_reader_gone():  # a socket or a child's pipe: an error like any other
+            logging.getLogger("trajflow").exception("trajflow %s failed unexpectedly", args.command)
+            return int(ExitCode.ERROR)
         # the reader went away (`trajflow schema | head`): nothing more to say, as `cat` does;
         # stdout is pointed at /dev/null so the interpreter's final flush does not fail too
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -92,6 +95,18 @@ def main(argv: list[str] | None = None) -> int:
             return int(refusal.exit_code)
         logging.getLogger("trajflow").exception("trajflow %s failed unexpectedly", args.command)
         return int(ExitCode.ERROR)
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (its write end polls as an error)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLERR)
+        return bool(poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no real stdout (closed, replaced by a test)
+        return False
 
 
 if __name__ == "__main__":
