@@ -444,3 +444,15 @@ def test_a_tick_checks_each_task_once_however_many_wait(tmp_path: Path, monkeypa
     assert sorted(reads) == ["raw/_done/00000.json", "raw/_done/00001.json"]
     runner._schedule()
     assert len(reads) == 2
+
+
+def test_a_reader_that_goes_away_leaves_the_run_going(fake: Fake, tmp_path: Path) -> None:
+    class ClosedPipe(io.StringIO):  # `trajflow run ... | tee log` with tee killed
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    view = PlainView(stream=ClosedPipe())
+    result = Runner(build_plan([write_values(tmp_path)]), tmp_path / "work", view,
+                    command=[sys.executable, str(FAKE)]).run()
+    assert result.exit_code == 0 and all(t.state == DONE for t in result.tasks)
+    assert done_shards(storage_of(tmp_path), "preprocess") == {0, 1, 2}

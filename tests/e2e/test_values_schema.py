@@ -153,4 +153,9 @@ def test_a_list_padded_by_set_is_not_told_to_use_set_string(tmp_path: Path) -> N
 def test_a_rule_between_keys_is_told_in_its_own_words(tmp_path: Path) -> None:
     result = dry_run(tmp_path, "-f", "values/dev.yaml", "--set", "global.storage.pvc.create=false")
     assert result.returncode == 2
-    assert "global.storage.pvc.existingClaim: required when pvc.create is false, got ''" in result.stderr
+    assert "global.storage.pvc.existingClaim: required when pvc.create is false\n" in result.stderr
+    leaky = tmp_path / "leaky.yaml"
+    leaky.write_text("training:\n  extraEnv: [{name: WANDB_API_KEY, value: sk-secret-123}]\n")
+    secret = dry_run(tmp_path, "-f", "values/local.yaml", "-f", str(leaky))
+    assert secret.returncode == 2 and "training.extraEnv[0].value: plain-text secret" in secret.stderr
+    assert "sk-secret-123" not in secret.stderr  # an error naming the key must not print the secret

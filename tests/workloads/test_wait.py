@@ -433,3 +433,22 @@ def test_a_store_that_never_answers_gives_up_near_the_deadline(tmp_path, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert code == ExitCode.TIMEOUT
     assert "the last poll failed: Read timeout on endpoint URL" in err[-1]
+
+
+def test_a_store_that_answers_slowly_is_still_heard(s3_server, s3_shared_bucket, tmp_path):
+    from s3_proxy import Reply, S3Proxy
+
+    from trajflow.config import global_settings
+    from trajflow.storage import open_run_root
+
+    class Slow(S3Proxy):
+        def answer(self, method: str, path: str, request_headers: dict[str, str], reply: Reply) -> None:
+            time.sleep(6)  # a loaded store: every answer takes 6 s, more than a 20 s wait's quarter
+
+    run_id = f"slow-{uuid.uuid4().hex[:8]}"
+    direct = _s3_config(tmp_path, s3_server.endpoint, s3_shared_bucket, run_id=run_id)
+    write_manifest(open_run_root(global_settings(direct, [], [])), "preprocess", 0, 1, [])
+    with Slow(s3_server.endpoint) as proxy:
+        config = _s3_config(tmp_path, proxy.endpoint, s3_shared_bucket, run_id=run_id)
+        code = cli.main(["wait", "--stage", "preprocess", "--shards", "0", "--timeout", "20s", "--config", config])
+    assert code == ExitCode.OK

@@ -609,8 +609,9 @@ def _schema_error_lines(error: Any, prefix: list[str | int], origin: str) -> lis
             hint += _set_number_hint(origin, error.instance)
         return [(path, f"expected {_schema_expectation(error.schema)}, got {got}{hint}")]
     if "then" in error.schema_path and isinstance(error.schema, dict) and error.schema.get("description"):
-        # a rule between keys (`if` one is set, `then` another must be): its own words
-        return [(path, f"{error.schema['description']}, got {error.instance!r}")]
+        # a rule between keys (`if` one is set, `then` another must be): its own words, never
+        # the value (the rule that keeps secrets out of plain values is one of them)
+        return [(path, error.schema["description"])]
     message = error.message
     if len(message) > 200:
         message = message[:200] + "..."

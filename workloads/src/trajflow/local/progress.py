@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -140,10 +141,18 @@ class PlainView:
     def _print(self, text: str) -> None:
         elapsed = self.runner.now() if self.runner is not None else 0.0
         stamp = time.strftime("%H:%M:%S")
-        for i, line in enumerate(text.splitlines() or [""]):
-            prefix = f"{stamp} [{elapsed:7.1f}s] " if i == 0 else " " * 22
-            self.stream.write(prefix + line + "\n")
-        self.stream.flush()
+        try:
+            for i, line in enumerate(text.splitlines() or [""]):
+                prefix = f"{stamp} [{elapsed:7.1f}s] " if i == 0 else " " * 22
+                self.stream.write(prefix + line + "\n")
+            self.stream.flush()
+        except BrokenPipeError:
+            # the reader went away (`trajflow run ... | tee` killed): the run goes on, and its
+            # logs and report stay in the work dir; stdout goes to /dev/null from here
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            if self.stream is sys.stdout:
+                os.dup2(devnull, sys.stdout.fileno())
+            self.stream = os.fdopen(devnull, "w")
 
     def start(self, runner: "Runner") -> None:
         self.runner = runner

@@ -314,8 +314,9 @@ def run(args: argparse.Namespace) -> int:
     glob = global_settings(args.config, args.values, args.set)
     try:
         # every poll tries again: a store that never answers must not hold one call for the
-        # client's usual 8 x 60 s, far past a short --timeout
-        storage = open_run_root(glob, timeout=min(60.0, max(5.0, timeout_s / 4)), attempts=2)
+        # client's usual 8 x 60 s, far past a short --timeout; one that answers slowly (15 s)
+        # must still be heard
+        storage = open_run_root(glob, timeout=min(60.0, max(15.0, timeout_s / 4)), attempts=2)
     except Exception as exc:
         fatal = fatal_storage_error(exc, "the run root")
         if fatal is not None:
