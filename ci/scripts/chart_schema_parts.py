@@ -146,12 +146,12 @@ def toleration() -> dict[str, Any]:
 def topology_spread_constraint() -> dict[str, Any]:
     return closed(
         {
-            "maxSkew": integer(minimum=1),
+            "maxSkew": integer(minimum=1, maximum=INT32_MAX),
             "topologyKey": string(minLength=1),
             "whenUnsatisfiable": {"type": "string", "enum": ["DoNotSchedule", "ScheduleAnyway"]},
             "labelSelector": any_object(),
             "matchLabelKeys": {"type": "array", "items": string()},
-            "minDomains": integer(minimum=1),
+            "minDomains": integer(minimum=1, maximum=INT32_MAX),
             "nodeAffinityPolicy": {"type": "string", "enum": ["Honor", "Ignore"]},
             "nodeTaintsPolicy": {"type": "string", "enum": ["Honor", "Ignore"]},
         },
@@ -174,7 +174,9 @@ def seccomp_profile() -> dict[str, Any]:
     )
 
 
-NON_ROOT_UID = integer("Never 0: pods run as non-root", minimum=1)
+# Kubernetes keeps these fields as int32: a larger number passes helm and fails at the API server
+INT32_MAX = 2**31 - 1
+NON_ROOT_UID = integer("Never 0: pods run as non-root", minimum=1, maximum=INT32_MAX)
 
 
 def pod_security_context() -> dict[str, Any]:
@@ -183,10 +185,10 @@ def pod_security_context() -> dict[str, Any]:
         {
             "runAsNonRoot": {"const": True, "description": "Pods never run as root"},
             "runAsUser": NON_ROOT_UID,
-            "runAsGroup": integer(minimum=0),
-            "fsGroup": integer(minimum=0),
+            "runAsGroup": integer(minimum=0, maximum=INT32_MAX),
+            "fsGroup": integer(minimum=0, maximum=INT32_MAX),
             "fsGroupChangePolicy": {"type": "string", "enum": ["Always", "OnRootMismatch"]},
-            "supplementalGroups": {"type": "array", "items": integer(minimum=0)},
+            "supplementalGroups": {"type": "array", "items": integer(minimum=0, maximum=INT32_MAX)},
             "supplementalGroupsPolicy": {"type": "string", "enum": ["Merge", "Strict"]},
             "seccompProfile": seccomp_profile(),
             "appArmorProfile": any_object(),
@@ -202,7 +204,7 @@ def container_security_context() -> dict[str, Any]:
         {
             "runAsNonRoot": {"const": True, "description": "Containers never run as root"},
             "runAsUser": NON_ROOT_UID,
-            "runAsGroup": integer(minimum=0),
+            "runAsGroup": integer(minimum=0, maximum=INT32_MAX),
             "allowPrivilegeEscalation": {"const": False},
             "privileged": {"const": False},
             "readOnlyRootFilesystem": {"const": True, "description": "HOME and TMPDIR are a writable /tmp emptyDir"},
@@ -336,11 +338,11 @@ def pod_vocabulary() -> dict[str, Any]:
         "shm": shm(),
         "tmp": tmp(),
         # Always set: it is what lets a FailIndex rule fail one shard rather than the Job.
-        "backoffLimitPerIndex": integer("Retries of each index", minimum=0, maximum=2147483647),
+        "backoffLimitPerIndex": integer("Retries of each index", minimum=0, maximum=INT32_MAX),
         "maxFailedIndexes": integer("Failed indexes before the Job fails", minimum=0, maximum=100000, nullable=True),
         "podFailurePolicy": pod_failure_policy(),
         "activeDeadlineSeconds": integer(minimum=1, nullable=True),
-        "ttlSecondsAfterFinished": integer(minimum=0, nullable=True),
+        "ttlSecondsAfterFinished": integer(minimum=0, maximum=INT32_MAX, nullable=True),
         "syncWave": integer("ArgoCD sync wave", minimum=-100, maximum=100),
     }
 

@@ -153,6 +153,11 @@ BAD_VALUES = {
     "Pushgateway pod label the chart sets": (
         {"monitoring.enabled": True, "monitoring.pushgateway.podLabels": {"app.kubernetes.io/instance": "x"}},
         ["monitoring", "invalid propertyName 'app.kubernetes.io/instance'"]),
+    # int32 fields of the Kubernetes API: helm must refuse what the API server would
+    "TTL beyond int32": ({"downloader.ttlSecondsAfterFinished": 3000000000},
+                         ["downloader", "/ttlSecondsAfterFinished"]),
+    "UID beyond int32": ({"training.podSecurityContext.runAsUser": 3000000000},
+                         ["training", "/podSecurityContext/runAsUser"]),
     "seed beyond 32 bits": ({"training.config.seed": 18446744073709551615}, ["training", "/config/seed"]),
     "empty data path": ({"global.storage.filesystem.path": ""}, ["/global/storage/filesystem/path"]),
     "pod label key with a space": ({"downloader.podLabels": {"Bad Key": "x"}},
