@@ -251,15 +251,22 @@ def env_from() -> dict[str, Any]:
     return closed({"configMapRef": ref, "secretRef": deepcopy(ref), "prefix": string()})
 
 
+# what the chart's pods hold already: an extra volume or mount of the same name or path would
+# be a duplicate the API server refuses
+CHART_VOLUMES = ["config", "tmp", "shm", "data"]
+CHART_MOUNT_PATHS = ["/etc/trajflow", "/tmp", "/dev/shm"]
+
+
 def volume() -> dict[str, Any]:
-    return {"type": "object", "required": ["name"], "properties": {"name": string(pattern=DNS_LABEL)}}
+    return {"type": "object", "required": ["name"],
+            "properties": {"name": string(pattern=DNS_LABEL, **{"not": {"enum": CHART_VOLUMES}})}}
 
 
 def volume_mount() -> dict[str, Any]:
     return closed(
         {
             "name": string(minLength=1),
-            "mountPath": string(pattern=ABSOLUTE_PATH),
+            "mountPath": string(pattern=ABSOLUTE_PATH, **{"not": {"enum": CHART_MOUNT_PATHS}}),
             "subPath": string(),
             "subPathExpr": string(),
             "readOnly": boolean(),

@@ -39,6 +39,8 @@ def dry_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
         ("preprocessing.waitTimeout=1h30", "preprocessing.waitTimeout: expected a duration (such as 90s, 30m, 6h, "
          "1h30m; a bare number is seconds) or an integer >= 0, got '1h30'"),
         ("downloader.resources.limits.Bad/gpu=1", "downloader.resources.limits: key 'Bad/gpu': expected a Kubernetes name"),
+        ("training.extraVolumes[0].name=data", "training.extraVolumes[0].name: 'data' is one the chart's pods use "
+         "themselves (config, tmp, shm, data): choose another"),
         ("training.podLabels.app\\.kubernetes\\.io/component=x", "training.podLabels: key "
          "'app.kubernetes.io/component': a label the chart sets itself (Services and NetworkPolicies select on it)"),
         # accepted by the chart, but a local run would never start the stage

@@ -592,6 +592,9 @@ def _schema_error_lines(error: Any, prefix: list[str | int], origin: str) -> lis
         if "propertyNames" in error.schema_path:
             return [(path, f"key {error.instance!r}: {expected}")]
         return [(path, f"{expected}, got {error.instance!r}")]
+    if error.validator == "not" and "enum" in error.validator_value:
+        taken = ", ".join(map(str, error.validator_value["enum"]))
+        return [(path, f"{error.instance!r} is one the chart's pods use themselves ({taken}): choose another")]
     if error.validator == "not" and "propertyNames" in error.schema_path and "pattern" in error.validator_value:
         return [(path, f"key {error.instance!r}: {formats.in_words(error.validator_value['pattern'])}")]
     alternatives = error.validator_value if error.validator in ("anyOf", "oneOf") else None
