@@ -132,15 +132,20 @@ def resources() -> dict[str, Any]:
 
 
 def toleration() -> dict[str, Any]:
-    return closed(
-        {
-            "key": string(),
-            "operator": {"type": "string", "enum": ["Exists", "Equal"]},
-            "value": string(),
-            "effect": {"type": "string", "enum": ["", "NoSchedule", "PreferNoSchedule", "NoExecute"]},
-            "tolerationSeconds": integer(nullable=True),
-        }
-    )
+    return {
+        **closed(
+            {
+                "key": string(),
+                "operator": {"type": "string", "enum": ["Exists", "Equal"]},
+                "value": string(),
+                "effect": {"type": "string", "enum": ["", "NoSchedule", "PreferNoSchedule", "NoExecute"]},
+                "tolerationSeconds": integer(nullable=True),
+            }
+        ),
+        # as the API server has it: an Exists toleration matches any value, so it may not name one
+        "if": {"properties": {"operator": {"const": "Exists"}}, "required": ["operator"]},
+        "then": {"properties": {"value": {"maxLength": 0, "description": "empty when operator is Exists"}}},
+    }
 
 
 def topology_spread_constraint() -> dict[str, Any]:

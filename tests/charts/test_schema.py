@@ -162,6 +162,9 @@ BAD_VALUES = {
                                             ["training", "/extraVolumes/0/name"]),
     "extra mount over the config": ({"downloader.extraVolumeMounts": [{"name": "x", "mountPath": "/etc/trajflow"}]},
                                     ["downloader", "/extraVolumeMounts/0/mountPath"]),
+    "Exists toleration with a value": (
+        {"preprocessing.tolerations": [{"key": "gpu", "operator": "Exists", "value": "true"}]},
+        ["preprocessing", "/tolerations/0/value"]),
     "seed beyond 32 bits": ({"training.config.seed": 18446744073709551615}, ["training", "/config/seed"]),
     "empty data path": ({"global.storage.filesystem.path": ""}, ["/global/storage/filesystem/path"]),
     "pod label key with a space": ({"downloader.podLabels": {"Bad Key": "x"}},
