@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import signal
 import sys
 
@@ -83,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("trajflow").exception("trajflow %s failed unexpectedly", args.command)
             return int(ExitCode.ERROR)
         # the reader went away (`trajflow schema | head`): nothing more to say, as `cat` does;
-        # stdout is pointed at /dev/null so the interpreter's final flush does not fail too
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # the interpreter's final flush must not fail too
+        log.stdout_to_devnull()
         return 128 + signal.SIGPIPE
     except Exception as exc:  # logged (as JSON in pods) so the failure is searchable; the pod is retried
         from trajflow.storage.wait import s3_refusal_error

@@ -65,6 +65,12 @@ def is_terminal() -> bool:
     return sys.stderr.isatty()
 
 
+def stdout_to_devnull() -> None:
+    """Point stdout at /dev/null once its reader has gone (`trajflow ... | head`): what is
+    still buffered, and what is printed later, then goes nowhere instead of failing."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def setup(level: str | None = None) -> None:
     """Configure the root logger (again, replacing earlier handlers)."""
     global _console

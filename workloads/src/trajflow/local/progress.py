@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
+from trajflow.log import stdout_to_devnull
+
 if TYPE_CHECKING:
     from trajflow.local.runner import Runner, Task
 
@@ -148,11 +150,10 @@ class PlainView:
             self.stream.flush()
         except BrokenPipeError:
             # the reader went away (`trajflow run ... | tee` killed): the run goes on, and its
-            # logs and report stay in the work dir; stdout goes to /dev/null from here
-            devnull = os.open(os.devnull, os.O_WRONLY)
+            # logs and report stay in the work dir
             if self.stream is sys.stdout:
-                os.dup2(devnull, sys.stdout.fileno())
-            self.stream = os.fdopen(devnull, "w")
+                stdout_to_devnull()
+            self.stream = open(os.devnull, "w")
 
     def start(self, runner: "Runner") -> None:
         self.runner = runner

@@ -159,6 +159,16 @@ def load_or_create_plan(
     return stored
 
 
+def read_plan_in_use(storage: Storage) -> dict[str, Any] | None:
+    """The header of the plan in use (`plan/download.json`); None when there is none yet, it
+    is being replaced, or it is unreadable."""
+    try:
+        doc = json.loads(storage.read_bytes(PLAN_KEY))
+    except (ValueError, FileNotFoundError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
 def _plan_directory(shards: int, generation: str, key: str = PLAN_KEY) -> str:
     stem = key.rsplit(".", 1)[0]
     return f"{stem}-{shards}-{generation}" if generation else f"{stem}-{shards}"

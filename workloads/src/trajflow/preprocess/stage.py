@@ -39,13 +39,12 @@ import numpy as np
 from trajflow.config.preprocess import PreprocessConfig
 from trajflow.errors import ConfigError, PermanentError, TrajflowError, TransientError
 from trajflow.metrics import Pusher, StageMetrics, preprocess_metrics
-from trajflow.plan import shard_item_docs
+from trajflow.plan import read_plan_in_use, shard_item_docs
 from trajflow.preprocess import readers
 from trajflow.preprocess.readers import FileResult, Quarantined, RawEpisode, SourceSpec
 from trajflow.preprocess.shards import ShardWriter, report_key, settings_differences, settings_of, shard_key
 from trajflow.resources import cpu_budget, tmp_size_limit
 from trajflow.storage import (
-    PLAN_KEY,
     Storage,
     manifest_key,
     read_manifest,
@@ -173,10 +172,10 @@ def _read_info(storage: Storage, key: str) -> tuple[str, float | None] | None:
 def _plan_parts(storage: Storage) -> Iterator[tuple[int, list[Any]]]:
     """Each shard's items in the download plan in use, one part at a time (nothing when
     there is no readable plan: the datasets then go without their info file)."""
+    plan = read_plan_in_use(storage)
     try:
-        plan = json.loads(storage.read_bytes(PLAN_KEY))
-        shards = int(plan["shards"])
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        shards = int(plan["shards"]) if plan is not None else 0
+    except (KeyError, TypeError, ValueError):
         return
     for j in range(shards):
         try:

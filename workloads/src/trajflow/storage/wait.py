@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import logging
 import random
 import re
@@ -21,6 +20,7 @@ import time
 from typing import Any, Callable
 
 from trajflow.errors import ConfigError, TrajflowError, TransientError, WaitTimeout
+from trajflow.plan import read_plan_in_use
 from trajflow.storage.base import ObjectInfo, Storage
 from trajflow.storage.manifest import PLAN_KEY, STAGE_DIRS, done_manifests, manifest_key, read_manifest
 
@@ -168,12 +168,9 @@ def plan_in_use(storage: Storage, stage: str, expect_shards: int | None) -> dict
     stage without a plan, no plan yet, or a plan of another shard count than expected)."""
     if stage != "download":
         return {}
-    try:
-        doc = json.loads(storage.read_bytes(PLAN_KEY))
-    except (ValueError, FileNotFoundError):
-        return {}  # none yet, being replaced, or unreadable: the shard count alone decides
-    if not isinstance(doc, dict) or (expect_shards is not None and doc.get("shards") != expect_shards):
-        return {}
+    doc = read_plan_in_use(storage)
+    if doc is None or (expect_shards is not None and doc.get("shards") != expect_shards):
+        return {}  # none yet, being replaced, unreadable, or of another count: the shard count alone decides
     return {"generation": doc.get("generation"), "plan_fingerprint": doc.get("fingerprint")}
 
 
