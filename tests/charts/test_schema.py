@@ -209,6 +209,9 @@ BAD_VALUES = {
                                                     "onExitCodes": {"operator": "In", "values": [2]}}]}},
         ["downloader", "/podFailurePolicy/rules/0"]),
     "pull secret as a string": ({"global.imagePullSecrets": ["regcred"]}, ["/global/imagePullSecrets/0"]),
+    "empty volume": ({"global.storage.pvc.size": "0.0Gi"}, ["/global/storage/pvc/size"]),
+    "empty Pushgateway volume": ({"monitoring.enabled": True, "monitoring.pushgateway.persistence.size": 0},
+                                 ["monitoring", "/pushgateway/persistence/size"]),
     "run id not a DNS label": ({"global.runId": "Run_1"}, ["/global/runId"]),
     "config out of range": ({"downloader.config.concurrency": 0}, ["downloader", "/config/concurrency"]),
     "unknown config key": ({"preprocessing.config.targetRate": 50}, ["preprocessing", "'targetRate' not allowed"]),
@@ -242,6 +245,10 @@ BAD_COMBINATIONS = {
                               ['global.storage.filesystem.path "/tmp" would mount the data volume on or over /tmp']),
     "data volume over the config": ({"global.storage.filesystem.path": "/etc"},
                                     ["over /etc/trajflow, which the pods use themselves"]),
+    "extra mount at the data path": (
+        {"global.storage.filesystem.path": "/mnt/data/", "training.extraVolumes": [{"name": "x", "emptyDir": {}}],
+         "training.extraVolumeMounts": [{"name": "x", "mountPath": "/mnt//data"}]},
+        ['training.extraVolumeMounts[0].mountPath "/mnt//data" is where the data volume']),
 }
 
 
@@ -265,7 +272,10 @@ GOOD_VALUES = {
     "huge pages": {"training.resources.limits.hugepages-2Mi": "1Gi", "training.resources.requests.hugepages-2Mi": "1Gi"},
     "quantities of every form": {"preprocessing.resources.requests.cpu": "500m",
                                  "preprocessing.resources.requests.memory": "1.5Gi",
-                                 "preprocessing.resources.limits.memory": "2e9", "global.storage.pvc.size": ".5Ti"},
+                                 "preprocessing.resources.limits.memory": "2e9", "global.storage.pvc.size": ".5Ti",
+                                 "monitoring.pushgateway.persistence.size": "0.5Gi"},
+    "extra mount below the data path": {"training.extraVolumes": [{"name": "x", "emptyDir": {}}],
+                                        "training.extraVolumeMounts": [{"name": "x", "mountPath": "/data/x"}]},
     "no pod failure policy (the documented null)": {"downloader.podFailurePolicy": None},
     "wait timeout in seconds": {"preprocessing.waitTimeout": 3600, "training.waitTimeout": 86400},
     "settings that only sound secret": {"training.extraEnv": [

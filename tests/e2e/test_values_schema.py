@@ -38,6 +38,11 @@ def dry_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
          "quantity (such as 500m, 2, 512Mi, 1.5Gi) or a number >= 0, got '4gb'"),
         ("preprocessing.waitTimeout=1h30", "preprocessing.waitTimeout: expected a duration (such as 90s, 30m, 6h, "
          "1h30m; a bare number is seconds) or an integer >= 0, got '1h30'"),
+        # Kubernetes refuses a volume of size 0
+        ("global.storage.pvc.size=0Gi", "global.storage.pvc.size: expected a Kubernetes quantity above zero "
+         "(such as 100Gi, 1.5Ti), got '0Gi'"),
+        ("monitoring.pushgateway.persistence.size=0", "monitoring.pushgateway.persistence.size: expected a "
+         "Kubernetes quantity above zero (such as 100Gi, 1.5Ti) or a number > 0, got 0"),
         ("downloader.resources.limits.Bad/gpu=1", "downloader.resources.limits: key 'Bad/gpu': expected a Kubernetes name"),
         ("training.extraVolumes[0].name=data", "training.extraVolumes[0].name: 'data' is one the chart's pods use "
          "themselves (config, tmp, shm, data): choose another"),

@@ -6,6 +6,9 @@ from __future__ import annotations
 # Kubernetes
 # a non-negative resource.Quantity, as apimachinery's quantity.go parses it
 QUANTITY = r"^[+]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+# the same with a digit other than 0 in the number: a PVC's storage request must be above zero
+POSITIVE_QUANTITY = (r"^[+]?((0*[1-9][0-9]*(\.[0-9]*)?)|([0-9]*\.[0-9]*[1-9][0-9]*))"
+                     r"(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 OBJECT_NAME_OR_EMPTY = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$"
@@ -45,6 +48,7 @@ FLAG = r"^--"
 
 IN_WORDS = {
     QUANTITY: "a Kubernetes quantity (such as 500m, 2, 512Mi, 1.5Gi)",
+    POSITIVE_QUANTITY: "a Kubernetes quantity above zero (such as 100Gi, 1.5Ti)",
     DNS_LABEL: "a DNS label: lowercase letters, digits and '-', starting and ending with a letter or digit",
     DNS_SUBDOMAIN: "a DNS name: DNS labels (lowercase letters, digits and '-') joined by '.'",
     OBJECT_NAME_OR_EMPTY: "empty or a Kubernetes object name: lowercase letters, digits, '-' and '.', "

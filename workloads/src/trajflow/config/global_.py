@@ -22,7 +22,7 @@ class PvcStorage(Model):
     existing_claim: str = Field("", pattern=formats.OBJECT_NAME_OR_EMPTY, max_length=253,
                                 description="Use this existing PVC instead of creating one.")
     storage_class: str = Field("", description="StorageClass of the created PVC; empty uses the cluster default.")
-    size: str = Field("100Gi", pattern=formats.QUANTITY, description="Requested size of the created PVC.")
+    size: str = Field("100Gi", pattern=formats.POSITIVE_QUANTITY, description="Requested size of the created PVC.")
     access_modes: list[Literal["ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod", "ReadOnlyMany"]] = Field(
         default_factory=lambda: ["ReadWriteMany"], min_length=1, description="Access modes of the created PVC."
     )

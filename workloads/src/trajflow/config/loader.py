@@ -540,7 +540,8 @@ def _schema_expectation(schema: dict[str, Any]) -> str:
     for t in types:
         word = _SCHEMA_TYPE_WORDS.get(t, str(t))
         if t in ("integer", "number"):
-            bounds = [f"{op} {schema[k]}" for k, op in (("minimum", ">="), ("maximum", "<=")) if k in schema]
+            bounds = [f"{op} {schema[k]}" for k, op in (("minimum", ">="), ("exclusiveMinimum", ">"),
+                                                          ("maximum", "<=")) if k in schema]
             word = " ".join([word, " and ".join(bounds)]) if bounds else word
         words.append(word)
     return " or ".join(words) or "another value"
@@ -602,7 +603,7 @@ def _schema_error_lines(error: Any, prefix: list[str | int], origin: str) -> lis
                             for a in alternatives):
         words = [formats.in_words(a["pattern"]) if "pattern" in a else _schema_expectation(a) for a in alternatives]
         return [(path, f"expected {' or '.join(words)}, got {error.instance!r}")]
-    if error.validator in ("type", "minimum", "maximum") and isinstance(error.schema, dict):
+    if error.validator in ("type", "minimum", "exclusiveMinimum", "maximum") and isinstance(error.schema, dict):
         got = _shown(error.instance)
         if error.validator == "type":
             name = type(error.instance).__name__

@@ -100,8 +100,15 @@ Environment of every container of a stage. Takes (dict "context" $ "shards" N "e
   mountPath: /dev/shm
 {{- end }}
 {{- if eq $global.storage.type "filesystem" }}
+{{- $data := include "trajflow.dataMountPath" . }}
 - name: data
-  mountPath: {{ include "trajflow.dataMountPath" . | quote }}
+  mountPath: {{ $data | quote }}
+{{- /* the API server refuses two mounts at one path, after helm has said yes */}}
+{{- range $i, $m := .Values.extraVolumeMounts }}
+{{- if eq (clean (toString $m.mountPath)) $data }}
+{{- fail (printf "%s.extraVolumeMounts[%d].mountPath %q is where the data volume (global.storage.filesystem.path) is mounted; choose another path" $.Chart.Name $i (toString $m.mountPath)) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- with .Values.extraVolumeMounts }}
 {{ toYaml . }}
