@@ -355,6 +355,7 @@ def pod_vocabulary() -> dict[str, Any]:
         "podFailurePolicy": pod_failure_policy(),
         "activeDeadlineSeconds": integer(minimum=1, nullable=True),
         "ttlSecondsAfterFinished": integer(minimum=0, maximum=INT32_MAX, nullable=True),
+        "rerun": integer("Raise to run the stage's Job again under a new name", minimum=0, maximum=INT32_MAX),
         "syncWave": integer("ArgoCD sync wave", minimum=-100, maximum=100),
     }
 

@@ -180,6 +180,26 @@ def test_rendered_config_files_load_in_the_workloads(env, tmp_path):
         assert config is not None
 
 
+def test_each_job_keeps_the_config_it_was_made_with():
+    """An upgrade to a new runId replaces the Jobs; the old ones (alive until pruned) must
+    go on reading the old config, so each config has its own ConfigMap, named by content."""
+    def configs(run_id, size="100Gi"):
+        objs = render([env_file("dev")], values={"global": {"runId": run_id, "storage": {"pvc": {"size": size}}}})
+        maps = {c["metadata"]["name"]: c["data"]["config.yaml"] for c in select(objs, "ConfigMap")}
+        used = {}
+        for stage in STAGE_CHARTS:
+            volumes = {v["name"]: v for v in pod_spec(select(objs, "Job", stage)[0])["volumes"]}
+            name = volumes["config"]["configMap"]["name"]
+            used[stage] = (name, yaml.safe_load(maps[name])["global"]["runId"])
+        return used
+
+    old, new = configs("one"), configs("two")
+    for stage in STAGE_CHARTS:
+        assert old[stage][1] == "one" and new[stage][1] == "two"
+        assert old[stage][0] != new[stage][0]
+    assert configs("one", size="200Gi") == old  # the same config keeps its name (the PVC is not in it)
+
+
 def test_the_shared_volume_is_mounted_where_global_says(env_objects):
     env, objs = env_objects
     values = yaml.safe_load(env_file(env).read_text())

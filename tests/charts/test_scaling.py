@@ -45,6 +45,21 @@ def test_a_new_image_makes_a_new_downloader_job(production, change):
     assert image.startswith("registry.internal:5000/") or "0.2.0" in image or "@sha256:" in image
 
 
+@pytest.mark.parametrize("stage", STAGES)
+def test_rerun_renames_only_that_stages_job(production, stage):
+    """A failed Job never starts another pod: `rerun` makes a new one, with the same spec."""
+    again = render([env_file("production")], {f"{stage}.rerun": 1}, api_versions=PROMETHEUS_OPERATOR_APIS)
+    before, after = job_names(production), job_names(again)
+    assert after[stage] != before[stage]
+    assert {s: n for s, n in after.items() if s != stage} == {s: n for s, n in before.items() if s != stage}
+    assert one(again, "Job", stage)["spec"] == one(production, "Job", stage)["spec"]
+    twice = render([env_file("production")], {f"{stage}.rerun": 2}, api_versions=PROMETHEUS_OPERATOR_APIS)
+    assert job_names(twice)[stage] not in (before[stage], after[stage])
+    # 0, the default, is no rerun: the names of existing releases do not change
+    zero = render([env_file("production")], {f"{stage}.rerun": 0}, api_versions=PROMETHEUS_OPERATOR_APIS)
+    assert job_names(zero) == before
+
+
 def test_a_new_shard_count_makes_new_jobs_downstream_too(production):
     changed = render([env_file("production")],
                      {"downloader.shards": 32, "preprocessing.shards": 32, "training.inputShards": 32},

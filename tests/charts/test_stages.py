@@ -245,7 +245,7 @@ def test_release_names_that_say_trajflow_are_not_repeated():
     assert one(objs, "Job", "training")["metadata"]["name"].startswith("trajflow-fleet-training-")
     objs = render([env_file("dev")], release="fleet")
     assert one(objs, "PersistentVolumeClaim", "storage")["metadata"]["name"] == "fleet-trajflow-data"
-    assert one(objs, "ConfigMap", "preprocessing")["metadata"]["name"] == "fleet-trajflow-preprocessing-config"
+    assert one(objs, "ConfigMap", "preprocessing")["metadata"]["name"].startswith("fleet-trajflow-preprocessing-config-")
 
 
 def test_network_policy_allows_the_pushgateway_pod_port_not_the_service_port():

@@ -177,7 +177,9 @@ def test_pytorchjob_name_follows_the_same_hash_rules():
     d = one(render([env_file("production")], {**base, "training.activeDeadlineSeconds": 999999}, api_versions=apis),
             "PyTorchJob", "training")
     assert d["spec"]["runPolicy"]["activeDeadlineSeconds"] == 999999
+    e = one(render([env_file("production")], {**base, "training.rerun": 1}, api_versions=apis), "PyTorchJob", "training")
     assert a["metadata"]["name"] == b["metadata"]["name"] == d["metadata"]["name"] != c["metadata"]["name"]
+    assert e["metadata"]["name"] not in (a["metadata"]["name"], c["metadata"]["name"]) and e["spec"] == a["spec"]
 
 
 def test_the_training_chart_renders_on_its_own():

@@ -91,9 +91,14 @@ the release name.
 {{- end -}}
 {{- end -}}
 
-{{/* The ConfigMap holding a stage's /etc/trajflow/config.yaml. */}}
+{{/*
+The ConfigMap holding a stage's /etc/trajflow/config.yaml, named by a hash of its content:
+a Job replaced by an upgrade keeps reading the config it was made with for as long as it
+lives (under ArgoCD, old Jobs are pruned only at the end of a sync, possibly days later),
+instead of the new run's.
+*/}}
 {{- define "trajflow.configMapName" -}}
-{{- include "trajflow.suffixedName" (dict "context" . "suffix" "config") -}}
+{{- include "trajflow.suffixedName" (dict "context" . "suffix" (printf "config-%s" (include "trajflow.configFile" . | sha256sum | trunc 8))) -}}
 {{- end -}}
 
 {{/*
@@ -110,7 +115,11 @@ name is at most 52 and `<job>-<index>` pod hostnames stay within 63.
 
 {{- define "trajflow.jobName" -}}
 {{- $base := include "trajflow.jobBase" .context -}}
-{{- printf "%s-%s" $base (toJson .spec | sha256sum | trunc 8) -}}
+{{- $hashed := .spec -}}
+{{- /* `rerun` renames the Job, so that an upgrade makes a new one: a failed Job never starts
+pods again. 0 (the default) hashes the spec alone, so existing Jobs keep their names. */ -}}
+{{- with .context.Values.rerun }}{{ $hashed = dict "spec" $.spec "rerun" (int .) }}{{ end -}}
+{{- printf "%s-%s" $base (toJson $hashed | sha256sum | trunc 8) -}}
 {{- end -}}
 
 {{/* The shared data PVC: an existing claim, or the one the umbrella creates. */}}
