@@ -14,7 +14,12 @@ If-Match, and a per-path script of faults consumed one per GET:
     "ignore-range"  a 200 with the whole body even when a range was asked for
     "to-the-end"    a 206 from the start of the range asked for to the end of the object
     "page"          a 200 with a short HTML page instead of the object (a hub's error page)
+    "early-start"   a 206 starting 100 bytes before the range asked for
+    "chunked-longer"  a 200 without Content-Length (chunked) carrying 64 MiB more than the object
     "<fault>+change"  that fault, then the object's data becomes its `changed_to` (a new version)
+
+HEAD requests have their own script, under the key "HEAD <path>": "429" and "503" answer
+with Retry-After: 1.
 
 An object added with `encoding="gzip"` is sent compressed with `Content-Encoding: gzip`
 whatever the client asks for (a misconfigured proxy); HEAD reports the identity length.
@@ -249,6 +254,10 @@ def _make_handler(server: FaultyServer) -> type[BaseHTTPRequestHandler]:
             if not obj.head_allowed:
                 self._status_only(405)
                 return
+            action = server._next_action(f"HEAD {self.path}")
+            if action in ("429", "503"):
+                self._status_only(int(action), {"Retry-After": "1"})
+                return
             self.send_response(200)
             self._object_headers(obj, len(obj.data), whole=True)
             self.end_headers()
@@ -295,6 +304,9 @@ def _make_handler(server: FaultyServer) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(body)
                 server._record(LoggedRequest("GET", self.path, self.headers.get("Range", ""), 200, len(body)))
                 return
+            if action == "chunked-longer":
+                self._chunked_longer(obj.data)
+                return
             if action == "slow":
                 time.sleep(server.stall_s)
             if obj.flapping_etag:
@@ -315,6 +327,8 @@ def _make_handler(server: FaultyServer) -> type[BaseHTTPRequestHandler]:
                 first, last = wanted
                 if action == "to-the-end":
                     last = size - 1
+                elif action == "early-start" and first >= 100:
+                    first -= 100
                 body = data[first : last + 1]
                 self.send_response(206)
                 self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
@@ -353,6 +367,20 @@ def _make_handler(server: FaultyServer) -> type[BaseHTTPRequestHandler]:
                     obj.data = obj.changed_to
                 server._record(LoggedRequest("GET", self.path, self.headers.get("Range", ""), status, sent,
                                              self._condition()))
+
+        def _chunked_longer(self, data: bytes) -> None:
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            sent = 0
+            try:
+                for piece in [data, *[bytes(1 << 20)] * 64]:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    sent += len(piece)
+                self.wfile.write(b"0\r\n\r\n")
+            except OSError:
+                self.close_connection = True
+            server._record(LoggedRequest("GET", self.path, self.headers.get("Range", ""), 200, sent))
 
         def _send(self, body: bytes) -> None:
             if server.rate_bytes_per_s <= 0:

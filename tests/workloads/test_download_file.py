@@ -1,5 +1,6 @@
-"""file:// sources: the tree as a user reads it (symlinked directories included), and a
-file rewritten in place is copied again once a new plan lists it."""
+"""file:// sources: the tree as a user reads it (symlinked directories included); a file
+changed since planning, or while being copied, is never stored, and is copied again once a
+new plan lists it."""
 from __future__ import annotations
 
 import logging
@@ -52,6 +53,57 @@ def test_a_file_rewritten_with_the_same_size_is_copied_again_under_a_new_plan(tm
 
     assert summary.exit_code == 0 and summary.count("fetched") == 1
     assert raw_files(tmp_path / "root") == {"ds/episode.npy": b"B" * 4096}
+
+
+def test_a_file_rewritten_while_being_copied_is_never_stored_spliced(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from trajflow.download import sources
+
+    src = tmp_path / "src"
+    src.mkdir()
+    episode = src / "episode.npy"
+    episode.write_bytes(b"A" * (3 << 20))
+    os.utime(episode, ns=(10**18, 10**18))
+    real_read = sources._FileSlice.read
+
+    def read_then_rewrite(self, n):  # a writer rewrites the file in place after the first read
+        data = real_read(self, min(n, 1 << 20))
+        if data[:1] == b"A" and episode.read_bytes()[:1] == b"A":
+            with open(episode, "r+b") as fh:
+                fh.write(b"B" * (3 << 20))
+        return data
+
+    monkeypatch.setattr(sources._FileSlice, "read", read_then_rewrite)
+    summary = run(tmp_path / "root", _file_source(src))
+
+    # not the version planned any more: nothing is stored, and a new plan copies the new one
+    assert summary.exit_code == ExitCode.TRANSIENT
+    assert summary.failed[0].reason == "changed" and "episode.npy: modified" in summary.failed[0].error
+    assert "planGeneration" in summary.failed[0].error
+    assert raw_files(tmp_path / "root") == {}
+    monkeypatch.setattr(sources._FileSlice, "read", real_read)
+    rerun = run(tmp_path / "root", _file_source(src, planGeneration="2"))
+    assert rerun.exit_code == 0
+    assert raw_files(tmp_path / "root") == {"ds/episode.npy": b"B" * (3 << 20)}
+
+
+def test_a_file_that_grew_since_planning_is_not_cut_to_the_planned_size(tmp_path: Path) -> None:
+    from trajflow.download.shard import ShardDownloader
+    from trajflow.storage import LocalStorage
+
+    src = tmp_path / "src"
+    src.mkdir()
+    log_file = src / "log.bin"
+    log_file.write_bytes(b"x" * 1000)
+    config = _file_source(src)
+    ShardDownloader(LocalStorage(tmp_path / "root"), config, 0, 1).plan()
+    with open(log_file, "ab") as fh:
+        fh.write(b"y" * 500)
+
+    summary = run(tmp_path / "root", config)
+
+    assert summary.exit_code == ExitCode.TRANSIENT and summary.failed[0].reason == "changed"
+    assert raw_files(tmp_path / "root") == {}
 
 
 def test_turning_gunzip_on_plans_again_and_refuses_names_that_would_collide(tmp_path: Path) -> None:

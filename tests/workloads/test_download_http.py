@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -15,7 +16,7 @@ from download_helpers import FaultyServer, hidden_files, payload, visible_files
 from trajflow.config.download import DownloadConfig
 from trajflow.download.http import redact
 from trajflow.download.shard import ShardDownloader, ShardSummary
-from trajflow.errors import ConfigError, ExitCode
+from trajflow.errors import ConfigError, ExitCode, TransientError
 from trajflow.storage import LocalStorage, read_manifest
 
 MiB = 1 << 20
@@ -778,3 +779,56 @@ def test_an_item_in_flight_when_the_shard_stops_is_kept_to_resume_not_retried(se
     assert summary.retries == 0 and "size" not in summary.failures_by_reason  # not taken for a short body
     kept = [p for p in (tmp_path / "raw" / "00000" / "web").glob(".trajflow-tmp-dl-a.bin") if p.stat().st_size > 0]
     assert kept, "the bytes fetched so far stay for the next run to resume"
+
+
+def test_a_206_for_another_range_falls_back_to_one_stream(server: FaultyServer, tmp_path: Path) -> None:
+    """Asking again gets the same wrong range: one stream from byte 0 needs none."""
+    data = payload(11 * MiB, seed=6)
+    url = server.add("/early.bin", data)
+    server.script("/early.bin", *["early-start"] * 3)  # every part request of the first attempt
+    summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": [url]}]))
+    assert summary.exit_code == 0, [r.error for r in summary.failed]
+    assert raw_files(tmp_path) == {"web/early.bin": data}
+    assert summary.failures_by_reason.get("no_ranges", 0) >= 1
+
+
+def test_a_body_longer_than_planned_is_cut_off_and_never_stored(server: FaultyServer, tmp_path: Path) -> None:
+    data = payload(2 * MiB, seed=7)
+    url = server.add("/endless.bin", data)  # HEAD learns 2 MiB while planning
+    server.script("/endless.bin", *["chunked-longer"] * 4)  # then every GET runs 64 MiB past it
+    summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": [url]}]))
+    assert summary.exit_code == ExitCode.TRANSIENT
+    failure = summary.failed[0]
+    assert failure.reason == "size" and f"more than {len(data)} bytes" in failure.error
+    assert raw_files(tmp_path) == {}
+    # each response was abandoned one byte past the plan, not read to its end (socket
+    # buffers hold a few MiB of what the server wrote)
+    server.clear_log()
+    assert server.bytes_sent("/endless.bin") < 4 * (len(data) + 16 * MiB)
+
+
+def test_a_throttled_head_is_retried_as_the_server_asks(server: FaultyServer, tmp_path: Path) -> None:
+    data = payload(300_000, seed=8)
+    url = server.add("/busy.bin", data)
+    server.script("HEAD /busy.bin", "429", "503")
+    began = time.monotonic()
+    summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": [url]}],
+                                        retries={"attempts": 4, "backoffSeconds": 0.01, "maxBackoffSeconds": 5}))
+    assert summary.exit_code == 0
+    assert time.monotonic() - began >= 2.0  # each answer said Retry-After: 1 (the backoff is 0.01 s)
+    heads = server.requests("/busy.bin", method="HEAD")
+    assert [r.status for r in heads] == [429, 503, 200]
+    # planned with its size, not as an item of unknown size
+    items = json.loads((tmp_path / "plan" / "download.json").read_text())
+    assert items["total_bytes"] == len(data)
+
+
+def test_a_head_throttled_on_every_try_fails_planning_to_be_retried(server: FaultyServer, tmp_path: Path) -> None:
+    """An unknown size in the shared plan would outlive the rush: the pod exits 4 instead."""
+    url = server.add("/busy.bin", payload(1000))
+    server.script("HEAD /busy.bin", *["429"] * 2)
+    config = make_config([{"type": "https", "name": "web", "urls": [url]}],
+                         retries={"attempts": 2, "backoffSeconds": 0.01, "maxBackoffSeconds": 0.05})
+    with pytest.raises(TransientError, match=r"busy\.bin answered HEAD with HTTP 429 on every try while planning"):
+        run(tmp_path, config)
+    assert not (tmp_path / "plan" / "download.json").exists()

@@ -268,8 +268,8 @@ class HttpClient:
             headers: Mapping[str, str] | None = None) -> Body:
         """Open bytes [start, end) (end None: to the end) of `url`.
 
-        A 200 to a request starting past byte 0, or a 206 running past the range asked for,
-        means the server ignores ranges (RESTART);
+        A 200 to a request starting past byte 0, or a 206 for another range than the one
+        asked for, means the server ignores ranges (RESTART);
         412/416 mean the object changed (RESTART); other error statuses are classified.
         """
         req = dict(headers or {})
@@ -303,9 +303,11 @@ class HttpClient:
                     raise FetchError(f"{where}: asked for bytes {start}-{end - 1}, got {first}-{last}: the server "
                                      "ignores where byte ranges end", Kind.RESTART, "no_ranges", status=status)
                 if first != start:
+                    # as a server that ignores ranges: asking again gets the same answer, one
+                    # stream from byte 0 needs none
                     raise FetchError(
-                        f"{where}: asked for bytes {start}-{'' if end is None else end - 1}, got {first}-{last}",
-                        Kind.TRANSIENT, "server_error", status=status,
+                        f"{where}: asked for bytes {start}-{'' if end is None else end - 1}, got {first}-{last}: the "
+                        "server does not honour byte ranges", Kind.RESTART, "no_ranges", status=status,
                     )
                 return Body(start, last - first + 1, total, True, current, hdrs, _resp=resp, _url=url)
             if start > 0:

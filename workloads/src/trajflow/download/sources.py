@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable
 from urllib.parse import unquote, urlsplit
 
 from trajflow.config.download import CatalogSource, DownloadConfig, FileSource, HttpsSource, S3Source, UrlItem
-from trajflow.download.failures import Backoff, FetchError, Kind, call_with_retries
+from trajflow.download.failures import Backoff, FetchError, Kind, call_with_retries, parse_retry_after
 from trajflow.download.http import Body, HttpClient, Validator, redact
 from trajflow.download.verify import Expected, declared_checksums, header_checksums, s3_etag_md5
 from trajflow.errors import ConfigError, TransientError
@@ -219,12 +219,18 @@ class HttpSource(SourceRuntime):
         def head() -> tuple[int, Any]:
             status, headers = self.client.head(entry["url"], self._headers)
             if status >= 500 or status in (408, 425, 429):
-                raise FetchError(f"{redact(entry['url'])}: HTTP {status}", Kind.TRANSIENT, "server_error")
+                raise FetchError(f"{redact(entry['url'])}: HTTP {status}", Kind.TRANSIENT, "server_error",
+                                 retry_after=parse_retry_after(headers.get("Retry-After")), status=status)
             return status, headers
 
         try:
             status, headers = retry(head)
         except FetchError as exc:
+            if exc.status in (429, 503):
+                # busy, not broken: an unknown size in the plan would outlive the rush (no byte
+                # balancing, no parts, no pinning for as long as this plan is used)
+                raise TransientError(f"source {self.name!r}: {redact(entry['url'])} answered HEAD with HTTP "
+                                     f"{exc.status} on every try while planning; the pod plans again when retried") from None
             log.warning("cannot size %s while planning (%s); it is planned with an unknown size", redact(entry["url"]), exc)
             return Item(key, 0, entry["url"], {**meta, "size_known": False})
         if status >= 400:
@@ -485,15 +491,26 @@ class S3SourceRuntime(SourceRuntime):
         return found
 
 
+def _file_version(st: os.stat_result) -> Validator:
+    return Validator(last_modified=f"{st.st_mtime_ns}-{st.st_size}")
+
+
 class _FileSlice:
-    def __init__(self, fh: Any, remaining: int):
-        self._fh, self._remaining = fh, remaining
+    """Bytes [start, start + remaining) of an open file. Once they are read, the file must
+    still be the version it was when opened: bytes of a file rewritten in place while being
+    copied would splice two versions, which no size check notices."""
+
+    def __init__(self, fh: Any, remaining: int, path: Path, version: Validator):
+        self._fh, self._remaining, self._path, self._version = fh, remaining, path, version
 
     def read(self, n: int) -> bytes:
         if self._remaining <= 0:
             return b""
         data = self._fh.read(min(n, self._remaining))
         self._remaining -= len(data)
+        if self._remaining <= 0 or not data:
+            if _file_version(os.fstat(self._fh.fileno())).tag != self._version.tag:
+                raise FetchError(f"{self._path}: modified while being copied", Kind.RESTART, "changed")
         return data  # type: ignore[no-any-return]
 
     def close(self) -> None:
@@ -594,17 +611,24 @@ class FileSourceRuntime(SourceRuntime):
         except OSError as exc:
             raise FetchError(f"{path}: {exc.strerror}", Kind.TRANSIENT, "source_io") from None
         st = os.fstat(fh.fileno())
-        current = Validator(last_modified=f"{st.st_mtime_ns}-{st.st_size}")
+        current = _file_version(st)
         if validator is not None and validator.tag and validator.tag != current.tag:
             fh.close()
-            raise FetchError(f"{path}: changed while being copied", Kind.RESTART, "changed")
+            raise FetchError(f"{path}: modified since it was listed or since its copy began", Kind.RESTART, "changed")
         stop = st.st_size if end is None else min(end, st.st_size)
         if start > st.st_size or (end is not None and end > st.st_size):
             fh.close()
             raise FetchError(f"{path}: shorter than expected ({st.st_size} bytes)", Kind.RESTART, "changed")
         fh.seek(start)
         ranged = start > 0 or end is not None
-        return Body(start, stop - start, st.st_size, ranged, current, {}, _fh=_FileSlice(fh, stop - start), _url=str(path))
+        return Body(start, stop - start, st.st_size, ranged, current, {}, _fh=_FileSlice(fh, stop - start, path, current),
+                    _url=str(path))
+
+    def planned_validator(self, item: Item) -> Validator | None:
+        # the listing's modification time and size: a file changed since planning is not
+        # copied under this plan (nor cut to the planned size when it grew)
+        mtime = item.meta.get("mtime_ns")
+        return None if mtime is None else Validator(last_modified=f"{mtime}-{item.size}")
 
 
 def build_sources(config: DownloadConfig, clients: HttpClients) -> dict[str, SourceRuntime]:

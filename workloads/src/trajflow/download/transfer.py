@@ -789,15 +789,24 @@ class ItemTransfer:
                 body = self.source.open(self.item, part.received, end, self.validator or self.planned)
                 self._accept(part, body)
                 expected_end = None if body.length is None else part.received + body.length
+                # a body of unknown length (chunked) is read one byte past the part at most:
+                # more than planned is an error then, not a disk filled by an endless body
+                limit = expected_end if expected_end is not None else None if part.end is None else part.end + 1
                 while True:
                     if self.cancelled:
                         raise _Cancelled
-                    want = READ_CHUNK if expected_end is None else min(READ_CHUNK, expected_end - part.received)
+                    want = READ_CHUNK if limit is None else min(READ_CHUNK, limit - part.received)
                     if want <= 0:
                         break
                     data = body.read(want)
                     if not data:
                         break
+                    if part.end is not None and part.received + len(data) > part.end:
+                        overrun = self._overrun(part)
+                        if overrun.transient:  # the only stream: its bytes are not the planned item
+                            self._start_over(part)
+                            progressed = False
+                        raise overrun
                     self._deliver(part, data)
                     progressed = part.received > furthest
                 if expected_end is not None and part.received < expected_end:
@@ -914,7 +923,15 @@ class ItemTransfer:
         if first and kick:
             self._hash_loop(None)
 
-    def _not_planned_size(self, got: int) -> FetchError:
+    def _overrun(self, part: Part) -> FetchError:
+        """A body (of no declared length) that runs past the end of its part."""
+        if len(self.parts) == 1 and self.planned_size is not None:
+            return self._not_planned_size(f"more than {self.planned_size}")
+        where = redact(self.item.source)
+        return FetchError(f"{where}: the body for bytes {part.start}-{part.end - 1} runs past byte {part.end - 1}",
+                          Kind.RESTART, "no_ranges")
+
+    def _not_planned_size(self, got: int | str) -> FetchError:
         """The planned size is authoritative: bytes of another size are never stored under
         this plan entry (its record would make every rerun skip them). A size from the
         configuration cannot change by waiting; one that planning learnt may be a passing
