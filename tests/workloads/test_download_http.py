@@ -832,3 +832,28 @@ def test_a_head_throttled_on_every_try_fails_planning_to_be_retried(server: Faul
     with pytest.raises(TransientError, match=r"busy\.bin answered HEAD with HTTP 429 on every try while planning"):
         run(tmp_path, config)
     assert not (tmp_path / "plan" / "download.json").exists()
+
+
+def test_an_item_another_process_is_fetching_is_waited_for_not_failed(server: FaultyServer, tmp_path: Path) -> None:
+    """A duplicate pod of one shard (or a second run on the run root) waits for the item
+    the other one holds, then takes its verified copy instead of failing the shard."""
+    import threading
+
+    data = payload(8 * MiB, seed=11)
+    url = server.add("/held.bin", data)
+    server.rate_bytes_per_s = 8 * MiB  # about a second per copy
+    config = make_config([{"type": "https", "name": "web", "urls": [url]}])
+    first: list[ShardSummary] = []
+    holder = threading.Thread(target=lambda: first.append(run(tmp_path, config)))
+    holder.start()
+    deadline = time.monotonic() + 30
+    while not hidden_files(tmp_path / "raw") and time.monotonic() < deadline:  # its temporary and journal
+        time.sleep(0.01)
+
+    second = run(tmp_path, config)
+    holder.join(timeout=60)
+
+    assert first[0].exit_code == 0 and first[0].count("fetched") == 1
+    assert second.exit_code == 0, [r.error for r in second.failed]
+    assert second.count("skipped") == 1 and second.bytes_received == 0  # the holder's copy, not fetched twice
+    assert raw_files(tmp_path) == {"web/held.bin": data}

@@ -78,6 +78,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "download"
 RAW = "raw"
+BUSY_POLL_MAX_S = 15.0  # how often, at most, an item another process holds is looked at again
 
 
 def plan_generation(config: DownloadConfig) -> str:
@@ -192,6 +193,11 @@ class Scheduler:
     def wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
+
+    def pause(self, seconds: float) -> bool:
+        """Sleep up to `seconds`, less when the shard stops; returns whether it stopped."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._stopped, seconds)
 
     def stop(self) -> None:
         with self._cond:
@@ -463,37 +469,59 @@ class ShardDownloader:
                               kind="error", reason="storage"))
 
     def _prepare_item(self, item: Item) -> None:
+        """Start the item; while another process (a duplicate pod of this shard, another run
+        on this run root) is fetching it, wait for that one to let go, then take its result
+        or the item up."""
         dest = dest_key(self.shard, item.key, self.config.gunzip)
+        delay = 0.5
+        assert self.scheduler is not None
+        while (busy := self._start_item(item, dest)) is not None:
+            if delay == 0.5:
+                log.info("%s; waiting for it to finish", busy)
+            if self.scheduler.pause(delay):
+                self._done(ItemResult(item, dest, "failed", error=f"{busy}; stopped with the shard while waiting",
+                                      kind="transient", reason="stopped"))
+                return
+            delay = min(delay * 2, BUSY_POLL_MAX_S)
+            here = self.root.stat(dest)  # the other process may have finished it
+            if here is not None:
+                self.listing[dest] = here
+
+    def _start_item(self, item: Item, dest: str) -> str | None:
+        """Skip, fail or start fetching the item; the reason when another process holds it."""
         if item.key in self.unstorable:
             self.stats.failure("storage")
             self._done(ItemResult(item, dest, "failed", error=self.unstorable[item.key], kind="permanent", reason="storage"))
-            return
+            return None
         try:
             result = self._without_download(item, dest)
         except Exception as exc:
             result = ItemResult(item, dest, "failed", error=f"checking {dest}: {exc}", kind="error", reason="storage")
         if result is not None:
             self._done(result)
-            return
+            return None
         source = self.sources.get(item.key.split("/", 1)[0])
         if source is None:  # the plan came from this generation's sources, so this is a bug
             self._fail_internally(item, f"no source for {item.key}")
-            return
+            return None
         assert self.scheduler is not None
         transfer = ItemTransfer(item, source, self.root, dest, self.settings, self.stats, self._done,
                                 self.scheduler.add, self.scheduler.wake)
         try:
             transfer.begin()
         except FetchError as exc:
+            if exc.reason == "busy":
+                return str(exc)
             if counts_as_failure(exc, source.required):
                 self.stats.failure(exc.reason)
             kind = "permanent" if exc.kind is Kind.PERMANENT else "transient"
             self._done(ItemResult(item, dest, "failed", error=str(exc), kind=kind, reason=exc.reason))
-            return
+            return None
         except StorageFailure as exc:
             self._done(ItemResult(item, dest, "failed", error=str(exc), kind="error", reason="storage"))
-            return
+            return None
         transfer.launch()
+        return None
 
     def _without_download(self, item: Item, dest: str) -> ItemResult | None:
         """Skip, reuse or adopt when a verified copy exists; None when the item must be fetched."""
