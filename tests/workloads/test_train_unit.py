@@ -637,6 +637,35 @@ def test_metrics_endpoint_and_final_push(tmp_path: Path, pushgateway) -> None:  
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
 
 
+def test_a_run_with_fewer_processes_drops_the_groups_of_the_others(tmp_path: Path, pushgateway) -> None:  # type: ignore[no-untyped-def]
+    """After `helm upgrade` lowers nodes or nprocPerNode, the groups of the processes that
+    are gone (here a failed earlier try: success 0, loss +Inf) leave the Pushgateway."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from trajflow.metrics import Pusher, download_metrics, train_metrics
+
+    def push(run: str, shard: str, local_rank: str | None, stage=train_metrics) -> None:
+        metrics = stage()
+        if local_rank is not None:
+            metrics.loss.labels(split="train").set(float("inf"))
+        labels = {"local_rank": local_rank} if local_rank is not None else None
+        assert Pusher(pushgateway.url, metrics, run=run, shard=shard, labels=labels).push()
+
+    push("run", "1", "0")  # a second node
+    push("run", "0", "2")  # a third process on this node
+    push("other", "1", "0")  # another run's
+    push("run", "1", None, stage=download_metrics)  # another stage's
+    settings, _ = small_run(tmp_path, epochs=1)
+    glob = settings.global_.model_copy(update={"metrics": settings.global_.metrics.model_copy(
+        update={"pushgateway_url": pushgateway.url})})
+    train(type(settings)(glob, settings.config, 0, 1))
+
+    groups = {(s.labels.get("run"), s.labels.get("stage"), s.labels.get("shard"), s.labels.get("local_rank"))
+              for family in text_string_to_metric_families(pushgateway.metrics_text())
+              for s in family.samples if s.labels.get("job") == "trajflow"}
+    assert groups == {("run", "train", "0", "0"), ("other", "train", "1", "0"), ("run", "download", "1", None)}
+
+
 @pytest.mark.parametrize(("env", "shard"), [
     ({"JOB_COMPLETION_INDEX": "3", "GROUP_RANK": "1"}, "3"),  # an Indexed Job pod: its completion index
     ({"TRAJFLOW_METRICS_SHARD": "worker-2", "GROUP_RANK": "3"}, "worker-2"),  # a PyTorchJob pod

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
@@ -216,6 +216,18 @@ class Pusher:
         """Delete this run's groups of this stage whose shard number is ``count`` or more:
         left by a run with more shards, they would add to the dashboard's totals (shard 0
         does this, as it drops those shards' manifests). Never raises."""
+        self._drop(lambda labels: str(labels.get("shard", "")).isdigit() and int(labels["shard"]) >= count,
+                   f"shards >= {count}", "a run with more shards")
+
+    def drop_groups_but(self, keep: list[Mapping[str, str]]) -> None:
+        """Delete this run's groups of this stage other than ``keep`` (the grouping keys of
+        every process of the run: training's nodes and local ranks), which a run with more
+        of them left behind. Never raises."""
+        kept = [dict(k) for k in keep]
+        self._drop(lambda labels: labels not in kept, "other processes", "a run with more processes")
+
+    def _drop(self, stale: Callable[[dict[str, str]], bool], which: str, why: str) -> None:
+        """Delete this run's groups of this stage for which ``stale(grouping labels)``."""
         if not self.url:
             return
         import json
@@ -224,23 +236,22 @@ class Pusher:
         from prometheus_client import delete_from_gateway
 
         base = (self.url if "://" in self.url else f"http://{self.url}").rstrip("/")
-        # the same labels but the shard; the namespace also when this pusher has none
-        same = {"namespace": None, **{k: v for k, v in self.grouping.items() if k != "shard"}}
+        # this run's groups of this stage; the namespace also when this pusher has none
+        same = {"namespace": None, **{k: self.grouping[k] for k in ("run", "stage", "namespace") if k in self.grouping}}
         try:
             with urllib.request.urlopen(f"{base}/api/v1/metrics", timeout=self.timeout) as resp:  # noqa: S310
                 groups = json.load(resp).get("data") or []
             for group in groups:
                 labels = group.get("labels") or {}
-                shard = str(labels.get("shard", ""))
-                if (labels.get("job") != PUSH_JOB or not shard.isdigit() or int(shard) < count
-                        or any(labels.get(k) != v for k, v in same.items())):
+                if labels.get("job") != PUSH_JOB or any(labels.get(k) != v for k, v in same.items()):
                     continue
-                delete_from_gateway(self.url, job=PUSH_JOB, timeout=self.timeout,
-                                    grouping_key={k: v for k, v in labels.items() if k != "job"})
-                log.info("deleted the Pushgateway group of %s shard %s (a run with more shards)", self.metrics.stage,
-                         shard)
+                key = {k: str(v) for k, v in labels.items() if k != "job"}
+                if not stale(key):
+                    continue
+                delete_from_gateway(self.url, job=PUSH_JOB, timeout=self.timeout, grouping_key=key)
+                log.info("deleted the Pushgateway group %s (%s)", key, why)
         except Exception as exc:  # noqa: BLE001  metrics never fail the data work
-            log.warning("could not remove the Pushgateway groups of shards >= %d at %s: %s", count, self.url, exc)
+            log.warning("could not remove the Pushgateway groups of %s at %s: %s", which, self.url, exc)
 
     def stop(self, success: bool) -> None:
         """Final push with end time and success flag."""

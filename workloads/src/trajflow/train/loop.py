@@ -687,6 +687,12 @@ def train(settings: StageSettings, dist: DistContext | None = None) -> dict[str,
     trainer: Trainer | None = None
     try:
         dist.setup(config.device)
+        if pusher.url:
+            # the groups of a run with more nodes or processes per node would stay on the
+            # Pushgateway with their last values (a failed shard, an infinite loss)
+            groups = dist.gather_objects(pusher.grouping)
+            if dist.is_main:
+                pusher.drop_groups_but(groups)
         storage = open_run_root(settings.global_)
         trainer = Trainer(settings, dist, storage, metrics)
         summary = trainer.run()
