@@ -575,6 +575,50 @@ def test_nan_loss_stops_with_the_diverged_exit_code(tmp_path: Path) -> None:
     assert CheckpointStore(storage).list() == []  # nothing diverged was saved
 
 
+def test_a_divergence_is_recorded_before_rank_0_writes_its_report(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A launcher whose peers left (their workers diverged too) stops this worker at once:
+    the marker that tells it the run diverged must exist before the slow writes."""
+    from trajflow.train import loop
+    from trajflow.train.launch import FINAL_FAILURE_ENV, earlier_final_failure
+
+    monkeypatch.setenv(FINAL_FAILURE_ENV, str(tmp_path / "final-failure.json"))
+    seen = []
+    real = loop.Trainer.write_progress
+
+    def write_progress(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(earlier_final_failure())
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(loop.Trainer, "write_progress", write_progress)
+    settings, _ = small_run(tmp_path, learning_rate=1e30, grad_clip=0.0)
+    with pytest.raises(TrainingDiverged):
+        train(settings)
+    assert seen and seen[-1] is not None and seen[-1][0] == ExitCode.DIVERGED
+
+
+def test_a_lost_rendezvous_after_a_final_failure_exits_with_that_failure(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """On another node than the store's, the workers' divergence must not read as a crash
+    (exit 1, retried by the podFailurePolicy) when the store's node leaves first."""
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+
+    from trajflow.train import launch
+
+    def run(args):  # type: ignore[no-untyped-def]
+        launch.record_final_failure(TrainingDiverged("loss became NaN/Inf at epoch 0, step 3"))
+        raise RendezvousError("The connection to the C10d store has failed.")
+
+    monkeypatch.setattr(torchrun, "run", run)
+    options = launch.LaunchOptions(nproc_per_node="1", nnodes="2", rdzv_endpoint="127.0.0.1:1")
+    assert launch.launch(options, ["--config", "x"]) == ExitCode.DIVERGED
+
+    def lost(args):  # type: ignore[no-untyped-def]
+        raise RendezvousError("The connection to the C10d store has failed.")
+
+    monkeypatch.setattr(torchrun, "run", lost)
+    assert launch.launch(options, ["--config", "x"]) == ExitCode.ERROR
+
+
 def test_diverged_run_pushes_a_non_finite_loss(tmp_path: Path, pushgateway) -> None:  # type: ignore[no-untyped-def]
     """The final push carries the loss that diverged, so the NaN-loss alert (which matches
     `loss != loss or abs(loss) == Inf` on the pushed series) fires."""

@@ -144,6 +144,12 @@ def launch(options: LaunchOptions, train_args: Sequence[str], log_level: str | N
         log.error("rendezvous timed out: %s", exc)
         return int(ExitCode.TIMEOUT)
     except RendezvousError as exc:
+        earlier = earlier_final_failure()
+        if earlier is not None:
+            # the other nodes' agents left as their workers failed for good (a divergence):
+            # the same failure, not a crash to retry
+            log.error("rendezvous failed after a worker failed in a way no restart changes (exit %d): %s", *earlier)
+            return earlier[0]
         log.error("rendezvous failed: %s", exc)
         return int(ExitCode.ERROR)
     except SignalException as exc:

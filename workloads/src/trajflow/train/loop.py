@@ -45,6 +45,7 @@ from trajflow.train.data import (
 )
 from trajflow.train.dist import DistContext
 from trajflow.train.errors import TrainingDiverged
+from trajflow.train.launch import record_final_failure
 from trajflow.train.models import (
     ModelSpec,
     TrajectoryModel,
@@ -698,7 +699,9 @@ def train(settings: StageSettings, dist: DistContext | None = None) -> dict[str,
         summary = trainer.run()
         success = True
         return summary
-    except TrainingDiverged:
+    except TrainingDiverged as exc:
+        # first: once the peers have stopped, a launcher that loses them stops this worker too
+        record_final_failure(exc)
         if trainer is not None and trainer.spec is not None and dist.is_main:
             trainer.status = "diverged"
             with contextlib.suppress(Exception):  # the divergence is the error to report
