@@ -345,7 +345,8 @@ class WindowDataset(Dataset):
 
 class EpochBatches(Sampler[list[int]]):
     """Batches of this rank's share of an epoch (DistributedSampler, seeded per epoch),
-    optionally starting after the batches a mid-epoch checkpoint already covered."""
+    optionally starting after the batches a mid-epoch checkpoint already covered. Shares
+    are padded (up to world size - 1 windows twice) so that every rank steps alike."""
 
     def __init__(self, dataset: WindowDataset, batch_size: int, rank: int, world_size: int, seed: int,
                  shuffle: bool = True, max_batches: int = 0):
