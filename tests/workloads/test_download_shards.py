@@ -118,3 +118,27 @@ def test_shard_0_sweeps_partial_downloads_in_the_directories_of_dropped_shards(s
     (left / ".trajflow-tmp-dl-huge.bin.journal").write_text("{}\n")
     assert all(s.exit_code == 0 for s in _run_all(tmp_path, config, 2))  # type: ignore[attr-defined]
     assert hidden_files(tmp_path / "raw") == []  # no one resumes those: nothing stays behind
+
+
+def test_an_old_temporary_a_live_process_holds_is_not_swept(server: FaultyServer, tmp_path: Path) -> None:
+    """A stream stalled for over an hour is still its writer's: the sweep goes by the lock
+    for download temporaries, never by age alone."""
+    import fcntl
+    import os
+
+    objects, urls = _objects(server)
+    config = make_config([{"type": "https", "name": "web", "urls": urls}])
+    held = tmp_path / "raw" / "00000" / "web" / ".trajflow-tmp-dl-stalled.bin"
+    held.parent.mkdir(parents=True)
+    held.write_bytes(b"x" * 1000)
+    journal = held.with_name(held.name + ".journal")
+    journal.write_text("{}\n")
+    for path in (held, journal):
+        os.utime(path, (0, 0))  # written to long ago
+    fd = os.open(journal, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the live writer's lock
+        assert _run_all(tmp_path, config, 1)[0].exit_code == 0  # type: ignore[attr-defined]
+        assert held.exists() and journal.exists()
+    finally:
+        os.close(fd)

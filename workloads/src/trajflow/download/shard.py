@@ -41,6 +41,7 @@ from trajflow.config.download import DownloadConfig
 from trajflow.download.failures import Backoff, FetchError, Kind, StorageFailure, counts_as_failure, is_missing
 from trajflow.download.sources import HttpClients, SourceRuntime, build_sources, list_all
 from trajflow.download.transfer import (
+    DOWNLOAD_TMP_PREFIX,
     ItemResult,
     ItemTransfer,
     Stats,
@@ -689,7 +690,8 @@ class ShardDownloader:
         try:
             for directory in directories:
                 removed += sweep_abandoned_temporaries(self.root.local_path(directory))
-                removed += self.root.remove_stale_temporaries(directory, older_than_s=3600.0)
+                # a download temporary of a live process may be older (a stalled stream): by its lock only
+                removed += self.root.remove_stale_temporaries(directory, older_than_s=3600.0, keep=DOWNLOAD_TMP_PREFIX)
         except OSError as exc:
             log.warning("could not clean temporaries: %s", exc)
             return

@@ -115,6 +115,7 @@ def boot_id() -> str:
         return f"unknown-{uuid.uuid4().hex}"  # never matches: only synced extents are trusted
 RESUMABLE_MIN_BYTES = 16 << 20
 SINK_TAG = "dl"  # download temporaries: `.trajflow-tmp-dl-<name>` (resumable), `.trajflow-tmp-dl<hex>-<name>`
+DOWNLOAD_TMP_PREFIX = f"{TMP_PREFIX}{SINK_TAG}"
 GUNZIP_OUT_CHUNK = 8 << 20
 JOURNAL_SUFFIX = ".journal"
 # A name this root cannot hold (too long; a file where a directory is needed, or the
@@ -441,11 +442,10 @@ def sweep_abandoned_temporaries(directory: Path) -> int:
     removed = 0
     if not directory.is_dir():
         return 0
-    prefix = f"{TMP_PREFIX}{SINK_TAG}"
-    for path in sorted(directory.rglob(f"{prefix}*")):
+    for path in sorted(directory.rglob(f"{DOWNLOAD_TMP_PREFIX}*")):
         if not path.is_file():
             continue
-        resumable = path.name.startswith(f"{prefix}-")
+        resumable = path.name.startswith(f"{DOWNLOAD_TMP_PREFIX}-")
         lock_path = path if not resumable or path.name.endswith(JOURNAL_SUFFIX) else path.with_name(path.name + JOURNAL_SUFFIX)
         try:
             fd = os.open(lock_path, os.O_RDONLY)

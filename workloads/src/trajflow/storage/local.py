@@ -244,15 +244,16 @@ class LocalStorage(Storage):
     def child(self, prefix: str) -> "LocalStorage":
         return LocalStorage(self._path(prefix))
 
-    def remove_stale_temporaries(self, prefix: str = "", older_than_s: float = 3600.0) -> int:
-        """Delete temporaries left by killed writers; returns how many."""
+    def remove_stale_temporaries(self, prefix: str = "", older_than_s: float = 3600.0, keep: str = "") -> int:
+        """Delete temporaries left by killed writers, but those whose name starts with
+        `keep` (a writer that can tell its own abandoned ones apart); returns how many."""
         import time
 
         base = self.root / prefix if prefix else self.root
         removed, cutoff = 0, time.time() - older_than_s
         for dirpath, _, filenames in os.walk(base):
             for name in filenames:
-                if name.startswith(TMP_PREFIX):
+                if name.startswith(TMP_PREFIX) and not (keep and name.startswith(keep)):
                     p = Path(dirpath) / name
                     with contextlib.suppress(FileNotFoundError):
                         if p.stat().st_mtime < cutoff:
