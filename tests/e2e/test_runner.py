@@ -456,3 +456,27 @@ def test_a_reader_that_goes_away_leaves_the_run_going(fake: Fake, tmp_path: Path
                     command=[sys.executable, str(FAKE)]).run()
     assert result.exit_code == 0 and all(t.state == DONE for t in result.tasks)
     assert done_shards(storage_of(tmp_path), "preprocess") == {0, 1, 2}
+
+
+def test_a_log_the_work_dir_cannot_take_stops_the_run_naming_it(fake: Fake, tmp_path: Path) -> None:
+    """A full disk under the work dir (/dev/full answers every write with ENOSPC) ends the
+    run with one message, instead of a reader thread dying and the child blocking on its pipe."""
+    logs = tmp_path / "work" / "logs"
+    logs.mkdir(parents=True)
+    (logs / "download-00000.log").symlink_to("/dev/full")
+    _, result = fake.run(write_values(tmp_path, shards=1))
+    assert result.exit_code == 1
+    assert f"work dir {tmp_path / 'work'}: cannot write" in result.failure
+    assert "No space left on device" in result.failure and "download-00000.log" in result.failure
+    assert "Traceback" not in fake.out.getvalue()
+
+
+def test_a_state_file_the_work_dir_cannot_take_stops_the_run_naming_it(fake: Fake, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / f".state.json.tmp-{os.getpid()}").mkdir()  # where the state's temporary would be written
+    _, result = fake.run(write_values(tmp_path, shards=1))
+    assert result.exit_code == 1
+    assert f"work dir {work}: cannot write" in result.failure and "state.json" in result.failure
+    # the shard itself finished: its manifest is there for the next run
+    assert done_shards(storage_of(tmp_path), "download") == {0}

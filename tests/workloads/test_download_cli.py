@@ -136,6 +136,21 @@ def test_exit_codes_follow_the_failure_kind(server: FaultyServer, tmp_path: Path
     assert a_directory.returncode == ExitCode.CONFIG and "not a file that can be written" in a_directory.stderr
 
 
+def test_a_summary_the_disk_cannot_take_is_no_config_error_and_leaves_no_file(
+        server: FaultyServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from trajflow.cli import main
+
+    config = write_config(tmp_path, [{"type": "https", "name": "web", "urls": [server.add("/a.bin", payload(100))]}])
+    summary = tmp_path / "s.json"
+    (tmp_path / f".s.json.tmp-{os.getpid()}").symlink_to("/dev/full")  # its temporary lands on a full disk
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "0")
+    monkeypatch.setenv("TRAJFLOW_SHARDS", "1")
+    code = main(["download", "--config", str(config), "--summary-json", str(summary)])
+    assert code == ExitCode.ERROR  # retried, not the Job failed as a config error
+    assert "cannot write it (No space left on device); the shard itself is done" in capsys.readouterr().err
+    assert not summary.exists() and not (tmp_path / f".s.json.tmp-{os.getpid()}").exists()
+
+
 def test_plan_only_prints_this_shards_items(server: FaultyServer, tmp_path: Path) -> None:
     gateway = PushCapture()
     try:

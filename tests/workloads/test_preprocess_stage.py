@@ -496,6 +496,28 @@ def test_the_writer_thread_a_gpu_uses_writes_the_same_bytes_and_hands_back_its_e
     assert read_manifest(broken, "preprocess", 0) is None and not broken.exists(shard_key(0))
 
 
+@pytest.mark.parametrize("failing", ["report.json", "_done/"])
+def test_a_full_disk_at_the_report_or_manifest_is_a_storage_error_and_no_manifest(tmp_path, mixed, monkeypatch,
+                                                                                   failing):
+    import errno
+
+    files, _ = mixed
+    config = stage_config(sources={"robomimic": ROBOMIMIC})
+    storage = LocalStorage(tmp_path / "full")
+    publish_raw_shard(storage, 0, files)
+    write_bytes = LocalStorage.write_bytes
+
+    def full(self, key, data, *args, **kwargs):
+        if failing in key:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.root / key))
+        return write_bytes(self, key, data, *args, **kwargs)
+
+    monkeypatch.setattr(LocalStorage, "write_bytes", full)
+    with pytest.raises(TransientError, match="storage error: OSError: .*No space left on device"):
+        process_shard(storage, 0, 1, config)
+    assert read_manifest(storage, "preprocess", 0) is None
+
+
 def test_files_read_whole_are_prefetched_a_bounded_window_ahead(tmp_path, mixed, monkeypatch):
     from trajflow.preprocess import stage
 
@@ -994,18 +1016,18 @@ def test_lerobot_metadata_is_told_by_the_nearest_meta_or_data_directory():
 
 
 def test_only_os_errors_with_an_errno_are_storage_errors():
-    from trajflow.preprocess.stage import _is_storage_error
+    from trajflow.storage.wait import is_storage_error
 
-    assert _is_storage_error(OSError(errno.EIO, "Input/output error"))
-    assert _is_storage_error(ConnectionResetError()) and _is_storage_error(TimeoutError())
+    assert is_storage_error(OSError(errno.EIO, "Input/output error"))
+    assert is_storage_error(ConnectionResetError()) and is_storage_error(TimeoutError())
     # h5py's complaint about the bytes of a file, not the storage failing
-    assert not _is_storage_error(OSError("Can't synchronously read data (address of object past end of allocation)"))
-    assert not _is_storage_error(FileNotFoundError(errno.ENOENT, "gone"))
+    assert not is_storage_error(OSError("Can't synchronously read data (address of object past end of allocation)"))
+    assert not is_storage_error(FileNotFoundError(errno.ENOENT, "gone"))
     # botocore's timeouts are errno-less OSErrors, and storage errors all the same
     from botocore.exceptions import ReadTimeoutError
 
     timeout = ReadTimeoutError(endpoint_url="http://127.0.0.1:1/bucket")
-    assert isinstance(timeout, OSError) and timeout.errno is None and _is_storage_error(timeout)
+    assert isinstance(timeout, OSError) and timeout.errno is None and is_storage_error(timeout)
 
 
 def test_a_lost_file_of_many_episodes_counts_by_its_bytes_against_max_bad_fraction(local_storage):

@@ -2,8 +2,10 @@
 checkpoints, artifacts, exit-code mapping, and short in-process training runs."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import tempfile
 import urllib.request
 from pathlib import Path
@@ -789,6 +791,33 @@ def test_cli_worker_ignores_the_job_completion_index(tmp_path: Path, monkeypatch
     assert main(["train", "--config", str(config_file)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["status"] == "completed" and result["world_size"] == 1 and result["steps"] > 0
+
+
+@pytest.mark.parametrize("error, code, message", [
+    (errno.ENOSPC, ExitCode.TRANSIENT, "training: storage error: OSError: [Errno 28] No space left on device"),
+    (errno.EROFS, ExitCode.CONFIG, "cannot use the run root: [Errno 30] Read-only file system: "),
+])
+def test_a_run_root_that_cannot_take_a_checkpoint_is_named_in_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, error: int, code: ExitCode,  # type: ignore[no-untyped-def]
+        message: str) -> None:
+    """A full disk is retried (exit 4), a read-only volume fails the Job (exit 2), as in the
+    other stages: not a traceback and exit 1."""
+    from trajflow.cli import main
+    from trajflow.train.synthetic import write_config_file
+
+    settings, _ = small_run(tmp_path, epochs=1)
+    config_file = write_config_file(tmp_path / "config.yaml", settings)
+    write_bytes = LocalStorage.write_bytes
+
+    def failing(self, key, data, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if key.startswith("train/checkpoints/"):
+            raise OSError(error, os.strerror(error), str(self.root / key))
+        return write_bytes(self, key, data, *args, **kwargs)
+
+    monkeypatch.setattr(LocalStorage, "write_bytes", failing)
+    assert main(["train", "--config", str(config_file)]) == int(code)
+    err = capsys.readouterr().err
+    assert message in err and "train/checkpoints/ckpt-" in err and "Traceback" not in err
 
 
 def test_a_shard_without_episodes_is_passed_over(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ and TRAJFLOW_SHARDS set by the Indexed Job. Locally: `trajflow download -f value
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -16,8 +17,11 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 log = logging.getLogger(__name__)
+# --summary-json paths that cannot be written whatever the disk holds: the caller's mistake
+_BAD_PATH_ERRNOS = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     from trajflow.config import stage_settings
     from trajflow.download.progress import ProgressReporter, human_bytes, human_duration
     from trajflow.download.shard import ShardDownloader, raise_for
-    from trajflow.errors import ConfigError
+    from trajflow.errors import ConfigError, TrajflowError
+    from trajflow.files import replace_file
     from trajflow.metrics import Pusher, download_metrics
     from trajflow.storage import open_run_root
 
@@ -98,11 +103,12 @@ def run(args: argparse.Namespace) -> int:
         success = summary.exit_code == 0
         if args.summary_json:
             try:
-                with open(args.summary_json, "w") as fh:
-                    json.dump(doc, fh, indent=1, sort_keys=True)
+                replace_file(Path(args.summary_json), json.dumps(doc, indent=1, sort_keys=True))
             except OSError as exc:
-                raise ConfigError(f"--summary-json {args.summary_json}: cannot write it ({exc.strerror or exc}); the "
-                                  "shard itself is done") from None
+                # a path that cannot be (a missing directory, no permission) is the caller's; a full disk is not
+                error = ConfigError if exc.errno in _BAD_PATH_ERRNOS else TrajflowError
+                raise error(f"--summary-json {args.summary_json}: cannot write it ({exc.strerror or exc}); the "
+                            "shard itself is done") from None
         raise_for(summary)
         return 0
     finally:

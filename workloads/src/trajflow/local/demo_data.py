@@ -27,7 +27,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from trajflow.errors import ConfigError
+from trajflow.files import replace_file
 
 log = logging.getLogger(__name__)
 
@@ -188,9 +188,7 @@ def record_times(np: Any, rng: Any, duration: float, rate_hz: float, jitter: flo
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    replace_file(path, data)
 
 
 def _episode_table(pa: Any, np: Any, state: Any, action: Any, times: Any, episode: int, first_index: int) -> Any:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trajflow.errors import ExitCode
+from trajflow.files import replace_file, write_via_temporary
 from trajflow.local.progress import STAGE_TITLES
 from trajflow.resources import human_bytes
 from trajflow.storage import Storage, read_manifest
@@ -253,10 +254,10 @@ def render_png(path: Path, runner: "Runner", result: "RunResult", history: list[
     fig.suptitle(f"trajflow run {runner.plan.global_.run_id}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        write_via_temporary(path, lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")
+    finally:
+        plt.close(fig)
 
 
 def render_html(path: Path, png: Path, doc: dict[str, Any], stages: list[StageSummary], runner: "Runner") -> None:
@@ -310,9 +311,7 @@ img {{ max-width: 100%; }} code {{ font-size: .9em; }} .muted {{ color: #666; }}
 <h2>Rendered stage configs</h2><ul>{configs}</ul>
 </body></html>
 """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(page)
-    os.replace(tmp, path)
+    replace_file(path, page)
 
 
 def write_report(runner: "Runner", result: "RunResult", report_path: Path | None = None) -> tuple[dict[str, Any], list[StageSummary]]:
@@ -331,9 +330,10 @@ def write_report(runner: "Runner", result: "RunResult", report_path: Path | None
         log.warning("could not write the report: %s: %s", type(exc).__name__, exc)
     doc = summary_document(runner, result, stages, history, written)
     summary_path = runner.work_dir / "summary.json"
-    tmp = summary_path.with_name(f".{summary_path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=1, default=str))
-    os.replace(tmp, summary_path)
+    try:
+        replace_file(summary_path, json.dumps(doc, indent=1, default=str))
+    except OSError as exc:  # the summary is still printed
+        log.error("could not write %s: %s", summary_path, exc.strerror or exc)
     return doc, stages
 
 

@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 from trajflow.errors import ConfigError, ExitCode
 from trajflow.local import procs
+from trajflow.files import replace_file
 from trajflow.local.pipeline import RunPlan, StagePlan
 from trajflow.storage import Storage, manifest_key, open_run_root, read_manifest, shard_name
 
@@ -165,10 +166,8 @@ class StateFile:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         doc = {"version": STATE_VERSION, "root": self.root, "completed": self.completed}
-        tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        replace_file(self.path, json.dumps(doc, indent=1, sort_keys=True))
 
 
 def _check_work_dir(work_dir: Path) -> None:
@@ -212,7 +211,8 @@ class Runner:
             for shard in range(stage.shards):
                 log_path = self.work_dir / "logs" / f"{stage.command}-{shard_name(shard)}.log"
                 self.tasks.append(Task(stage, shard, log_path))
-        self._lines: queue.Queue[tuple[Task, bytes | None]] = queue.Queue()
+        # a child's output lines, OSError when its log cannot be written, None at its end
+        self._lines: queue.Queue[tuple[Task, bytes | OSError | None]] = queue.Queue()
         self._signal: int | None = None
         self._kill_now = False
         self._failure: tuple[int, str] | None = None
@@ -248,10 +248,15 @@ class Runner:
             fh.close()
             raise ConfigError(f"another `trajflow run` (pid {holder}) is running in {self.work_dir}: "
                               "wait for it to end or stop it first") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()}\n")
-        fh.flush()
+        try:
+            with self._naming_work_dir():
+                fh.seek(0)
+                fh.truncate()
+                fh.write(f"{os.getpid()}\n")
+                fh.flush()
+        except ConfigError:
+            fh.close()
+            raise
         return fh
 
     def _run(self) -> RunResult:
@@ -303,9 +308,7 @@ class Runner:
                 path = config_dir / f"{stage.stage}.yaml"
                 data = stage.rendered_yaml
                 if not path.is_file() or path.read_bytes() != data:
-                    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-                    tmp.write_bytes(data)
-                    os.replace(tmp, path)
+                    replace_file(path, data)
                 self.config_paths[stage.stage] = path.resolve()
 
     def _download_shard_counts(self, shards: int) -> set[int]:
@@ -463,11 +466,14 @@ class Runner:
 
     def _launch(self, task: Task) -> None:
         argv = self.argv(task)
+        try:
+            task.log_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            self._work_dir_failed(exc, task.log_path)
+            return
         task.attempts += 1
-        task.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with task.log_path.open("ab") as fh:
-            stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-            fh.write(f"=== {stamp} attempt {task.attempts}: {' '.join(argv)}\n".encode())
+        stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        header = f"=== {stamp} attempt {task.attempts}: {' '.join(argv)}\n".encode()
         try:
             task.proc = procs.spawn(argv, self.env(task))
         except OSError as exc:
@@ -476,18 +482,42 @@ class Runner:
         task.state, task.note, task.exit_code = RUNNING, "", None
         task.started = self.now() if task.started is None else task.started
         task.ended = None
-        task.reader = threading.Thread(target=self._read_output, args=(task, task.proc), name=f"read-{task.key}", daemon=True)
+        task.reader = threading.Thread(target=self._read_output, args=(task, task.proc, header), name=f"read-{task.key}",
+                                       daemon=True)
         task.reader.start()
         attempt = f" (attempt {task.attempts} of {task.stage.retries + 1})" if task.attempts > 1 else ""
         self.view.event(f"{task.label}: started{attempt}, pid {task.proc.pid}, log {task.log_path}")
 
-    def _read_output(self, task: Task, proc: subprocess.Popen[bytes]) -> None:
+    def _read_output(self, task: Task, proc: subprocess.Popen[bytes], header: bytes) -> None:
+        """Copy the child's output to its log (after `header`) and the view. Once the log
+        cannot be written (a full disk), the output is still read: a child whose pipe fills
+        up would block."""
         assert proc.stdout is not None
-        with task.log_path.open("ab") as sink:
-            for line in iter(proc.stdout.readline, b""):
-                sink.write(line)
-                sink.flush()
-                self._lines.put((task, line))
+        sink: Any = None
+        try:
+            sink = task.log_path.open("ab")
+            sink.write(header)
+            sink.flush()
+        except OSError as exc:
+            if sink is not None:
+                with contextlib.suppress(OSError):
+                    sink.close()
+            sink = None
+            self._lines.put((task, exc))
+        for line in iter(proc.stdout.readline, b""):
+            if sink is not None:
+                try:
+                    sink.write(line)
+                    sink.flush()
+                except OSError as exc:
+                    with contextlib.suppress(OSError):
+                        sink.close()
+                    sink = None
+                    self._lines.put((task, exc))
+            self._lines.put((task, line))
+        if sink is not None:
+            with contextlib.suppress(OSError):
+                sink.close()
         proc.stdout.close()
         self._lines.put((task, None))
 
@@ -497,7 +527,9 @@ class Runner:
                 task, line = self._lines.get_nowait()
             except queue.Empty:
                 return
-            if line is not None:
+            if isinstance(line, OSError):
+                self._work_dir_failed(line, task.log_path)
+            elif line is not None:
                 self._on_line(task, line.decode(errors="replace").rstrip("\n"))
 
     def _on_line(self, task: Task, text: str) -> None:
@@ -538,8 +570,11 @@ class Runner:
                 return
             task.state = DONE
             elapsed = task.ended - (task.started or task.ended)
-            self.state.record(task.key, task.fingerprint, elapsed)
             self.view.event(f"{task.label}: done in {elapsed:.1f}s")
+            try:
+                self.state.record(task.key, task.fingerprint, elapsed)
+            except OSError as exc:  # the shard is done all the same: a rerun checks its manifest
+                self._work_dir_failed(exc, self.state.path)
             return
         why = _describe_exit(code)
         if code in FATAL_CODES:
@@ -561,6 +596,11 @@ class Runner:
         if tail:
             message += "\n" + "\n".join(f"    {line}" for line in tail)
         self._fail(code, message)
+
+    def _work_dir_failed(self, exc: OSError, path: Path) -> None:
+        """A write in the work dir failed mid-run (a full disk): the run stops, naming it."""
+        self._fail(int(ExitCode.ERROR), f"work dir {self.work_dir}: cannot write {exc.filename or path}: "
+                                        f"{exc.strerror or exc}; the run stops (what finished is kept)")
 
     def _fail(self, code: int, message: str) -> None:
         if self._failure is None:

@@ -52,7 +52,7 @@ from trajflow.storage import (
     shard_name,
     write_manifest,
 )
-from trajflow.storage.wait import fatal_storage_error
+from trajflow.storage.wait import storage_failure
 
 log = logging.getLogger(__name__)
 
@@ -276,18 +276,6 @@ def select_device(config: PreprocessConfig) -> Any:
             "nvidia.com/gpu limit, runtimeClassName and the node's driver), or set device: auto/cpu"
         )
     return torch.device("cpu")
-
-
-def _is_storage_error(exc: BaseException) -> bool:
-    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
-        return False
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    if type(exc).__module__.split(".")[0] in ("botocore", "boto3", "s3transfer", "urllib3"):
-        return True  # before the errno test: botocore's timeouts are errno-less OSErrors
-    if isinstance(exc, OSError):  # an errno-less OSError is a parser's (h5py's) complaint about the bytes
-        return exc.errno is not None
-    return False
 
 
 # ---------------------------------------------------------------- quarantine report
@@ -628,18 +616,16 @@ class ShardProcessor:
             torch.set_num_threads(self.config.cpu_threads)
         try:
             shard_file = self._pipeline(work, resampler)
+            self._publish(shard_file, self.shards)
         except TrajflowError:
             raise
         except BaseException as exc:
-            if not _is_storage_error(exc):
+            failure = storage_failure(exc, self.storage.uri, f"shard {shard_name(shard)}")
+            if failure is None:
                 raise
-            unusable = fatal_storage_error(exc, self.storage.uri)
-            if unusable is not None:
-                raise unusable from None
-            raise TransientError(f"shard {shard_name(shard)}: storage error: {type(exc).__name__}: {exc}") from exc
+            raise failure from (None if isinstance(failure, ConfigError) else exc)
         finally:
             torch.set_num_threads(threads)
-        self._publish(shard_file, self.shards)
         summary.seconds = time.perf_counter() - started
         if summary.seconds > 0:
             self.metrics.throughput.set(summary.trajectories / summary.seconds)

@@ -148,6 +148,30 @@ def s3_refusal_error(exc: BaseException) -> TrajflowError | None:
     return fatal_storage_error(exc, "the run root")
 
 
+def is_storage_error(exc: BaseException) -> bool:
+    """Whether `exc` is the storage's (a disk, a volume, an object store, the network to it)
+    rather than the content's."""
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if type(exc).__module__.split(".")[0] in ("botocore", "boto3", "s3transfer", "urllib3"):
+        return True  # before the errno test: botocore's timeouts are errno-less OSErrors
+    if isinstance(exc, OSError):  # an errno-less OSError is a parser's (h5py's) complaint about the bytes
+        return exc.errno is not None
+    return False
+
+
+def storage_failure(exc: BaseException, where: str, what: str) -> TrajflowError | None:
+    """The error a stage stops with for a storage error while working on `what`: exit 2
+    when no retry can help (see `fatal_storage_error`), else transient (a full disk, a
+    failing volume, the network); None for an error that is not the storage's."""
+    if not is_storage_error(exc):
+        return None
+    assert isinstance(exc, Exception)
+    return fatal_storage_error(exc, where) or TransientError(f"{what}: storage error: {type(exc).__name__}: {exc}")
+
+
 def unusable_root_error(exc: BaseException, where: str) -> ConfigError | None:
     """The error to stop with when a filesystem run root cannot be written, and no retry
     can change that (exit 2); None for any other error."""

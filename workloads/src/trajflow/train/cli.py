@@ -169,22 +169,25 @@ def _worker(args: argparse.Namespace) -> int:
     try:
         return _train(_settings(args))
     except TrajflowError as exc:
-        record_final_failure(exc)
+        record_final_failure(exc)  # a config error: restarts of the group cannot help either
         raise
-    except Exception as exc:
-        from trajflow.storage.wait import s3_refusal_error
-
-        refusal = s3_refusal_error(exc)
-        if refusal is None:
-            raise
-        record_final_failure(refusal)  # restarts of the group cannot help either
-        raise refusal from None
 
 
 def _train(settings) -> int:  # type: ignore[no-untyped-def]
+    from trajflow.storage.wait import storage_failure
     from trajflow.train.loop import train
 
-    summary = train(settings)
+    try:
+        summary = train(settings)
+    except TrajflowError:
+        raise
+    except Exception as exc:
+        # credentials refused, a read-only volume (exit 2), a full disk (retried): one line
+        # that says so instead of a traceback
+        failure = storage_failure(exc, "the run root", "training")
+        if failure is None:
+            raise
+        raise failure from None
     if os.environ.get("RANK", "0") == "0":  # one result line per run, for people and the local runner
         brief = {k: summary.get(k) for k in ("status", "epochs_completed", "steps", "initial_val_loss",
                                              "best_val_loss", "final_val_loss", "world_size")}
