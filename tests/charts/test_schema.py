@@ -245,6 +245,9 @@ BAD_COMBINATIONS = {
                               ['global.storage.filesystem.path "/tmp" would mount the data volume on or over /tmp']),
     "data volume over the config": ({"global.storage.filesystem.path": "/etc"},
                                     ["over /etc/trajflow, which the pods use themselves"]),
+    "per-source settings of no source": (
+        {"preprocessing.config.sources": {"sims": {"rateHz": 20}}},
+        ["preprocessing.config.sources.sims names no source of downloader.config.sources ("]),
     "extra mount at the data path": (
         {"global.storage.filesystem.path": "/mnt/data/", "training.extraVolumes": [{"name": "x", "emptyDir": {}}],
          "training.extraVolumeMounts": [{"name": "x", "mountPath": "/mnt//data"}]},

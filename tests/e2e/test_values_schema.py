@@ -48,6 +48,9 @@ def dry_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
          "themselves (config, tmp, shm, data): choose another"),
         ("training.podLabels.app\\.kubernetes\\.io/component=x", "training.podLabels: key "
          "'app.kubernetes.io/component': a label the chart sets itself (Services and NetworkPolicies select on it)"),
+        # typos the chart's rules and the stage's config refuse
+        ("preprocessing.config.sources.sims.rateHz=20", "preprocessing.config.sources.sims names no source of "
+         "downloader.config.sources (demo): its settings would apply to nothing"),
         # accepted by the chart, but a local run would never start the stage
         ("downloader.parallelism=0", "downloader.parallelism is 0: on a cluster the Job runs no pod"),
         ("monitoring.prometheusRule.alerts.jobFailed.for=5 minutes", "monitoring.prometheusRule.alerts.jobFailed.for: "

@@ -341,7 +341,25 @@ def test_float_timestamps_in_ms_us_or_ns_are_refused(scale: float, unit: str):
     times = np.arange(100) / 100.0 * scale + 1.7e9 * (scale if unit != "ms" else 1)
     (ep,) = _outcomes("npz", io.BytesIO(npz_bytes(timestamps=times, **{STATE: x, ACTION: x})))
     assert isinstance(ep, Quarantined) and ep.reason == readers.MISSING_TIME
-    assert "below 1 Hz" in ep.detail and "ms, us or ns rather than seconds" in ep.detail
+    assert "ms, us or ns" in ep.detail and "seconds" in ep.detail
+    jittered = times + 0.37 * (np.arange(100) % 2)  # not whole numbers: told by the rate
+    (ep,) = _outcomes("npz", io.BytesIO(npz_bytes(timestamps=jittered, **{STATE: x, ACTION: x})))
+    assert isinstance(ep, Quarantined) and ep.reason == readers.MISSING_TIME
+    if unit == "ms":
+        assert "below 1 Hz" in ep.detail and "ms, us or ns rather than seconds" in ep.detail
+
+
+def test_whole_millisecond_floats_of_a_fast_recording_are_refused_not_taken_as_1_hz():
+    """libfranka's 1 kHz clock in ms as doubles: read as seconds it passes the 1 Hz check and
+    stretches a 2 s episode to 2000 s."""
+    x = np.ones((2001, 2), np.float32)
+    (ep,) = _outcomes("npz", io.BytesIO(npz_bytes(timestamps=np.arange(2001, dtype=np.float64), **{STATE: x, ACTION: x})))
+    assert isinstance(ep, Quarantined) and ep.reason == readers.MISSING_TIME
+    assert ep.detail.startswith("timestamps are whole numbers (0, 1, ...), not seconds")
+    # seconds that happen to be whole at the ends are fine
+    ok = np.arange(2001, dtype=np.float64) / 1000.0
+    (ep,) = _outcomes("npz", io.BytesIO(npz_bytes(timestamps=ok, **{STATE: x, ACTION: x})))
+    assert isinstance(ep, RawEpisode) and ep.original_rate_hz == pytest.approx(1000.0)
 
 
 def test_datetime_timestamps_are_refused_as_no_seconds():
@@ -485,6 +503,20 @@ def test_config_rejects_two_streams_renamed_to_one():
         PreprocessConfig.model_validate({"sources": {"x": {"streams": ["action", "act"], "renames": {"act": "action"}}}})
     cfg = PreprocessConfig.model_validate({"sources": {"x": {"rateHz": 15, "timeKey": "clock"}}, "maxBadFraction": 0.1})
     assert cfg.sources["x"].rate_hz == 15 and cfg.max_bad_fraction == 0.1
+
+
+def test_config_rejects_renames_of_streams_that_are_not_read():
+    # a typo: the raw name would reach the shards, and training refuse them once every shard is done
+    with pytest.raises(ValueError, match=r"renames: 'obs/eef_pos' is not one of the streams read \(actions, "
+                                         r"obs/robot0_eef_pos\)"):
+        PreprocessConfig.model_validate({"streams": ["obs/robot0_eef_pos", "actions"],
+                                         "renames": {"obs/eef_pos": "observation.state", "actions": "action"}})
+    with pytest.raises(ValueError, match=r"sources.sim.renames: 'joint' is not one of the streams read"):
+        PreprocessConfig.model_validate({"sources": {"sim": {"renames": {"joint": "observation.state"}}}})
+    # the top level's renames serve the sources that read other streams with them
+    cfg = PreprocessConfig.model_validate({"streams": ["observation.state", "action"], "renames": {"act": "action"},
+                                           "sources": {"sim": {"streams": ["observation.state", "act"]}}})
+    assert cfg.renames == {"act": "action"}
 
 
 def test_config_requires_every_source_to_give_the_same_output_streams():

@@ -107,6 +107,18 @@ class PreprocessConfig(Model):
     def _outputs_are_one_set(self) -> "PreprocessConfig":
         """Every source yields the same, distinct output streams: a shard (and training)
         holds one set of streams, which the first good episode would otherwise pick."""
+        # a renames key no stream it applies to has is a typo: the raw name would reach the
+        # shards, and training would refuse them only after every shard is done
+        read_with_top = [*self.streams, *(n for src in self.sources.values() if src.renames is None
+                                          for n in (src.streams or self.streams))]
+        for where, renames, streams in [("", self.renames, read_with_top)] + [
+            (f"sources.{name}.", src.renames, src.streams or self.streams)
+            for name, src in self.sources.items() if src.renames is not None
+        ]:
+            unread = sorted(set(renames) - set(streams))
+            if unread:
+                raise ValueError(f"{where}renames: {unread[0]!r} is not one of the streams read "
+                                 f"({', '.join(sorted(set(streams)))}): rename a stream listed in streams")
         top: list[str] = []
         for where, streams, renames in [("", self.streams, self.renames)] + [
             (f"sources.{name}.", src.streams or self.streams, src.renames if src.renames is not None else self.renames)

@@ -171,7 +171,7 @@ def build_plan(values_files: Iterable[str | Path], sets: Iterable[str] = ()) -> 
         raise ConfigError(
             "values: every stage is disabled (downloader.enabled, preprocessing.enabled, training.enabled); nothing to run"
         )
-    _check_shard_counts(values, plans)
+    _check_across_stages(values, plans)
     return RunPlan(values, glob, tuple(plans), tuple(disabled))
 
 
@@ -226,9 +226,10 @@ def _check_max_failed_indexes(values: Values, stage: str, block: dict[str, Any],
                           f"exceed the Job's {completions} completions")
 
 
-def _check_shard_counts(values: Values, plans: list[StagePlan]) -> None:
+def _check_across_stages(values: Values, plans: list[StagePlan]) -> None:
     """Preprocessing shard i consumes download shard i; training waits for every preprocessed
-    shard (as many as download shards, also when preprocessing is off: the chart's rules)."""
+    shard (as many as download shards, also when preprocessing is off: the chart's rules).
+    Per-source preprocessing settings name downloader sources."""
     by_name = {p.stage: p for p in plans}
     down, pre, train = by_name.get("downloader"), by_name.get("preprocessing"), by_name.get("training")
     if down and pre and down.shards != pre.shards:
@@ -236,6 +237,15 @@ def _check_shard_counts(values: Values, plans: list[StagePlan]) -> None:
             f"{values.origin(['preprocessing', 'shards'])}: preprocessing.shards ({pre.shards}) must equal "
             f"downloader.shards ({down.shards}): preprocessing shard i consumes download shard i"
         )
+    if down and pre:
+        names = [source.name for source in down.config.sources]
+        unknown = sorted(set(pre.config.sources) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"{values.origin(['preprocessing', 'config', 'sources', unknown[0]])}: preprocessing.config.sources."
+                f"{unknown[0]} names no source of downloader.config.sources ({', '.join(names)}): its settings would "
+                "apply to nothing"
+            )
     upstream = ("preprocessing", pre) if pre else ("downloader", down)
     if upstream[1] and train and train.input_shards != upstream[1].shards:
         raise ConfigError(

@@ -228,6 +228,11 @@ def make_episode(spec: SourceSpec, source: str, episode: str, robot: str, times:
         i = int(np.flatnonzero(step <= 0)[0])
         return bad(NON_MONOTONIC, f"timestamp[{i + 1}] = {float(t[i + 1])!r} is not after timestamp[{i}] = {float(t[i])!r}")
     span = float(t[-1] - t[0])
+    if times is not None and length > 2 and bool((t == np.round(t)).all()):
+        # counts stored as floats (libfranka's milliseconds): 1 kHz would pass for 1 Hz
+        return bad(MISSING_TIME, f"timestamps are whole numbers ({float(t[0]):.15g}, {float(t[1]):.15g}, ...), not "
+                                 "seconds: ms, us or ns counts stored as floats? convert them to float seconds, or "
+                                 "drop them and set rateHz")
     if length > 1 and (length - 1) / span < MIN_MEAN_RATE_HZ:
         widest = int(np.argmax(step))
         return bad(MISSING_TIME, f"{length} samples over {span:.6g} s ({(length - 1) / span:.3g} Hz, below "
