@@ -496,6 +496,22 @@ def test_the_writer_thread_a_gpu_uses_writes_the_same_bytes_and_hands_back_its_e
     assert read_manifest(broken, "preprocess", 0) is None and not broken.exists(shard_key(0))
 
 
+def test_a_shard_whose_index_outgrows_a_safetensors_header_is_refused_not_published(tmp_path, mixed, monkeypatch):
+    """Hundreds of thousands of tiny episodes: a shard over the header limit would be done,
+    and unreadable by training and by the safetensors library."""
+    from trajflow.preprocess import shards
+
+    files, _ = mixed
+    config = stage_config(sources={"robomimic": ROBOMIMIC})
+    storage = LocalStorage(tmp_path / "many")
+    publish_raw_shard(storage, 0, files)
+    monkeypatch.setattr(shards, "MAX_HEADER_BYTES", 2000)  # a few episodes' index
+    with pytest.raises(PermanentError, match=r"the index of this shard's \d+ episodes takes .* MB, more than the 0 MB "
+                                             r"a safetensors header may: use more shards"):
+        process_shard(storage, 0, 1, config)
+    assert read_manifest(storage, "preprocess", 0) is None and not storage.exists(shard_key(0))
+
+
 @pytest.mark.parametrize("failing", ["report.json", "_done/"])
 def test_a_full_disk_at_the_report_or_manifest_is_a_storage_error_and_no_manifest(tmp_path, mixed, monkeypatch,
                                                                                    failing):

@@ -233,6 +233,24 @@ def test_epoch_batches_cover_the_data_once_per_epoch_and_resume_mid_epoch(tmp_pa
     assert len(list(capped)) == 2
 
 
+@pytest.mark.parametrize("windows, world_size", [(10, 1), (11, 3), (2, 5), (1000, 8)])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_epoch_batches_deal_the_windows_as_distributed_sampler_does(windows: int, world_size: int,
+                                                                      shuffle: bool) -> None:
+    """Index for index: a checkpoint taken mid-epoch resumes on the same batches."""
+    from torch.utils.data import DistributedSampler
+
+    data = list(range(windows))
+    for epoch in (0, 3):
+        for rank in range(world_size):
+            ours = EpochBatches(data, 4, rank, world_size, seed=7, shuffle=shuffle)  # type: ignore[arg-type]
+            ours.set_epoch(epoch)
+            theirs = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=7)  # type: ignore[arg-type]
+            theirs.set_epoch(epoch)
+            assert [i for batch in ours for i in batch] == list(theirs)
+            assert ours.batches_per_epoch() == -(-len(theirs) // 4)
+
+
 def test_data_errors_name_the_problem(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "empty")
     with pytest.raises(TransientError, match="no done shards yet"):
@@ -253,6 +271,33 @@ def test_data_errors_name_the_problem(tmp_path: Path) -> None:
                               metrics_port=0, model=SMALL_MODEL, epochs=1)
     with pytest.raises(PermanentError, match="episode 'raw/x#0' has NaN/Inf values in stream 'o'"):
         train(settings)
+
+
+def test_the_passes_over_the_data_take_long_episodes_a_slice_at_a_time(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hours of frames of one episode are never all in memory at once (twice, as float32
+    and float64): the statistics and the NaN check go ROWS_PER_PASS rows at a time."""
+    from trajflow.train import data as train_data
+
+    storage = LocalStorage(tmp_path)
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(500, 3))
+    obs[403, 2] = np.inf
+    eps = [Episode(data={"o": rng.normal(size=(500, 3)), "a": np.zeros((500, 1))}, source="raw/x", episode="0"),
+           Episode(data={"o": obs, "a": np.zeros((500, 1))}, source="raw/x", episode="1")]
+    write_manifest(storage, "preprocess", 0, 1, [write_shard(storage, shard_key(0), eps, dtype="float32",
+                                                             rate_hz=10.0).item()], num_episodes=2, num_frames=1000)
+    shards = open_shards(storage, ["o", "a"])
+    refs = list(shards.episodes)
+    whole = train_data.local_moments(shards, refs[:1], ["o", "a"])
+    slices = []
+    real = train_data._as_float32
+    monkeypatch.setattr(train_data, "ROWS_PER_PASS", 64)
+    monkeypatch.setattr(train_data, "_as_float32", lambda reader, rows, stream: slices.append(rows) or real(reader, rows, stream))
+    np.testing.assert_allclose(train_data.local_moments(shards, refs[:1], ["o", "a"]), whole, rtol=1e-12)
+    assert max(r.stop - r.start for r in slices) == 64
+    with pytest.raises(PermanentError, match="episode 'raw/x#1' has NaN/Inf values in stream 'o'"):
+        train_data.check_finite(shards, refs, ["o"])
 
 
 # ---- models ----------------------------------------------------------------------------

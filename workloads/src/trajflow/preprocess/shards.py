@@ -75,6 +75,11 @@ _CODE_TO_NAME = {code: name for name, (code, _) in DTYPES.items()}
 _COPY_CHUNK = 8 << 20
 
 
+# the largest header the safetensors library opens (and so the largest this module writes):
+# the per-episode index lives in it, some 300 bytes an episode
+MAX_HEADER_BYTES = 100_000_000
+
+
 class ShardFormatError(ValueError):
     """A file that is not a readable trajflow shard; the message names the file."""
 
@@ -297,6 +302,13 @@ class ShardWriter:
             raise RuntimeError("ShardWriter is closed")
         index = self.index()
         header = _header_bytes(index, self.streams, self.dims, self.code, self.np_dtype.itemsize, self.num_frames)
+        if len(header) - 8 > MAX_HEADER_BYTES:
+            # published, it would be a done shard that no reader opens, training included
+            raise PermanentError(
+                f"{self.key}: the index of this shard's {len(self.episodes)} episodes takes {(len(header) - 8) / 1e6:.0f} "
+                f"MB, more than the {MAX_HEADER_BYTES / 1e6:.0f} MB a safetensors header may: use more shards "
+                "(downloader.shards, preprocessing.shards and training.inputShards) so that each holds fewer episodes"
+            )
         digest, size = hashlib.sha256(), 0
 
         def blocks() -> Iterator[bytes | memoryview]:
@@ -380,8 +392,9 @@ def read_header(fh: BinaryIO, name: str = "shard") -> tuple[dict[str, Any], int]
     if len(head) != 8:
         raise ShardFormatError(f"{name}: too short to be a safetensors file ({len(head)} bytes)")
     (n,) = struct.unpack("<Q", head)
-    if n > 256 << 20:
-        raise ShardFormatError(f"{name}: header length {n} is implausible; not a safetensors file")
+    if n > MAX_HEADER_BYTES:
+        raise ShardFormatError(f"{name}: header length {n} is over the {MAX_HEADER_BYTES} bytes safetensors allows; "
+                               "not a safetensors file")
     raw = fh.read(n)
     if len(raw) != n:
         raise ShardFormatError(f"{name}: truncated header ({len(raw)} of {n} bytes)")

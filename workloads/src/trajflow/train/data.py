@@ -22,7 +22,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler, Sampler
+from torch.utils.data import Dataset, Sampler
 
 from trajflow.config.train import TrainConfig
 from trajflow.errors import ConfigError, PermanentError, TransientError
@@ -239,16 +239,31 @@ class _Moments:
         self.squares += np.square(x64).sum(axis=0)
 
 
+# frames of one episode looked at at once by the passes over the whole data: memory follows
+# this, not the longest episode (hours of frames) times its width
+ROWS_PER_PASS = 1 << 16
+
+
+def _finite_chunks(shards: ShardSet, ep: EpisodeRef, stream: str) -> Iterator[np.ndarray]:
+    """The episode's frames of `stream` as float32, ROWS_PER_PASS rows at a time; a NaN/Inf
+    frame is a data error (PermanentError naming the episode), not a divergence."""
+    reader = shards.readers[ep.shard]
+    for start in range(ep.offset, ep.offset + ep.length, ROWS_PER_PASS):
+        x = _as_float32(reader, slice(start, min(start + ROWS_PER_PASS, ep.offset + ep.length)), stream)
+        if not np.isfinite(x).all():
+            raise PermanentError(
+                f"{reader.path}: episode {ep.name!r} has NaN/Inf values in stream {stream!r}; "
+                "preprocessing should have quarantined it"
+            )
+        yield x
+
+
 def check_finite(shards: ShardSet, episodes: Sequence[EpisodeRef], streams: Sequence[str]) -> None:
     """A NaN/Inf frame is a data error (PermanentError naming the episode), not a divergence."""
     for stream in streams:
         for ep in episodes:
-            reader = shards.readers[ep.shard]
-            if not np.isfinite(_as_float32(reader, slice(ep.offset, ep.offset + ep.length), stream)).all():
-                raise PermanentError(
-                    f"{reader.path}: episode {ep.name!r} has NaN/Inf values in stream {stream!r}; "
-                    "preprocessing should have quarantined it"
-                )
+            for _ in _finite_chunks(shards, ep, stream):
+                pass
 
 
 def local_moments(shards: ShardSet, episodes: Sequence[EpisodeRef], streams: Sequence[str]) -> np.ndarray:
@@ -258,14 +273,8 @@ def local_moments(shards: ShardSet, episodes: Sequence[EpisodeRef], streams: Seq
     for stream in streams:
         moments = _Moments(shards.dims[stream])
         for ep in episodes:
-            reader = shards.readers[ep.shard]
-            x = _as_float32(reader, slice(ep.offset, ep.offset + ep.length), stream)
-            if not np.isfinite(x).all():
-                raise PermanentError(
-                    f"{reader.path}: episode {ep.name!r} has NaN/Inf values in stream {stream!r}; "
-                    "preprocessing should have quarantined it"
-                )
-            moments.add(x)
+            for x in _finite_chunks(shards, ep, stream):
+                moments.add(x)
         parts.append(np.concatenate([[moments.count], moments.total, moments.squares]))
     return np.concatenate(parts)
 
@@ -344,34 +353,54 @@ class WindowDataset(Dataset):
 
 
 class EpochBatches(Sampler[list[int]]):
-    """Batches of this rank's share of an epoch (DistributedSampler, seeded per epoch),
-    optionally starting after the batches a mid-epoch checkpoint already covered. Shares
-    are padded (up to world size - 1 windows twice) so that every rank steps alike."""
+    """Batches of this rank's share of an epoch, optionally starting after the batches a
+    mid-epoch checkpoint already covered.
+
+    The share is DistributedSampler's, index for index (the permutation seeded with
+    seed + epoch, padded cyclically so that every rank takes as many steps, then every
+    world_size-th index from the rank's): checkpoints of either resume alike. Where
+    the windows do not divide by the world size, up to world size - 1 of them come twice.
+    It is kept as an int64 tensor, not a list of Python ints (46 bytes a window, on every
+    rank, for all the windows of the data)."""
 
     def __init__(self, dataset: WindowDataset, batch_size: int, rank: int, world_size: int, seed: int,
                  shuffle: bool = True, max_batches: int = 0):
-        self.sampler = DistributedSampler(
-            dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
-        )
+        self.windows = len(dataset)
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.per_rank = -(-self.windows // world_size)
         self.batch_size = batch_size
         self.max_batches = max_batches
+        self.epoch = 0
         self.skip = 0
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.sampler.set_epoch(epoch)
+        self.epoch = epoch
         self.skip = skip_batches
 
     def batches_per_epoch(self) -> int:
-        n = -(-len(self.sampler) // self.batch_size)
+        n = -(-self.per_rank // self.batch_size)
         return min(n, self.max_batches) if self.max_batches else n
 
     def __len__(self) -> int:
         return max(self.batches_per_epoch() - self.skip, 0)
 
+    def rank_indices(self) -> torch.Tensor:
+        """This rank's windows of the epoch, in order."""
+        if self.shuffle:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.windows, generator=generator)
+        else:
+            order = torch.arange(self.windows)
+        pad = self.per_rank * self.world_size - self.windows
+        if pad:
+            order = torch.cat([order, order[:pad] if pad <= self.windows else order.repeat(-(-pad // self.windows))[:pad]])
+        return order[self.rank::self.world_size]
+
     def __iter__(self) -> Iterator[list[int]]:
-        indices = list(self.sampler)
+        mine = self.rank_indices()
         for b in range(self.skip, self.batches_per_epoch()):
-            yield indices[b * self.batch_size : (b + 1) * self.batch_size]
+            yield mine[b * self.batch_size : (b + 1) * self.batch_size].tolist()
 
 
 def rank_share(n: int, rank: int, world_size: int) -> list[int]:
