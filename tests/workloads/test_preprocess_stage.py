@@ -625,6 +625,40 @@ def test_s3_root_gives_the_same_bytes_as_a_filesystem_root(s3_storage, local_sto
     _check_against_reference(reader, episodes, 50.0, atol=2e-5)
 
 
+def test_hdf5_on_s3_is_read_by_ranges_not_whole(s3_storage, tmp_path, monkeypatch):
+    """A robomimic file of images nobody selected costs its selected datasets, not its
+    size; a store failing under h5py is a storage error, not a bad file."""
+    import h5py
+
+    from preprocess_data import write_robomimic
+
+    rng = np.random.default_rng(8)
+    episodes = [make_episode(rng, str(i), rate, 2.0) for i, rate in enumerate((30.0, 100.0))]
+    path = tmp_path / "demos.hdf5"
+    write_robomimic(path, episodes)
+    with h5py.File(path, "a") as f:  # camera frames, which the config does not select
+        f["data/demo_0/obs"].create_dataset("agentview_image", data=rng.integers(0, 255, (200, 128, 128, 3), np.uint8))
+    raw = path.read_bytes()
+    assert len(raw) > 9_000_000
+    publish_raw_shard(s3_storage, 0, {"robomimic/demos.hdf5": raw})
+    fetched = []
+    read_range = type(s3_storage).read_range
+    monkeypatch.setattr(type(s3_storage), "read_range",
+                        lambda self, key, start, end=None: fetched.append(end - start) or read_range(self, key, start, end))
+    summary = process_shard(s3_storage, 0, 1, stage_config(sources={"robomimic": ROBOMIMIC}))
+    assert summary.episodes == 2
+    assert sum(fetched) < len(raw) / 10  # the image dataset was never read
+
+    s3_storage.delete(manifest_key("preprocess", 0))
+
+    def failing(self, key, start, end=None):
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(type(s3_storage), "read_range", failing)
+    with pytest.raises(TransientError, match="storage error: ConnectionResetError"):
+        process_shard(s3_storage, 0, 1, stage_config(sources={"robomimic": ROBOMIMIC}))
+
+
 def test_triton_backend_in_the_stage(local_storage):
     """The stage drives the Triton kernel the same way on CUDA; here through its interpreter."""
     pytest.importorskip("triton")

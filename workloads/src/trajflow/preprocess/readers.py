@@ -35,13 +35,14 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Iterator, Mapping
 
 import numpy as np
 
 from trajflow.config.preprocess import PreprocessConfig
 from trajflow.preprocess.npzfile import PickledMember, load_npz
 from trajflow.storage import Storage
+from trajflow.storage.base import RangedFile, open_ranged
 
 log = logging.getLogger(__name__)
 
@@ -736,7 +737,8 @@ def _reraise_io(exc: BaseException) -> None:
 
 # Formats whose parsers would read a file in many small pieces, and the largest file read
 # whole first instead (None: any): from a cold disk one large read is faster, and it can be
-# prefetched. HDF5 is left to h5py, which reads only the datasets asked for.
+# prefetched. Other files (HDF5, large parquet) go to their parser as a file, on a local
+# volume or read by ranges from an object store: it reads only the datasets asked for.
 _READ_WHOLE = {"npz": None, "lerobot": 64 << 20}
 # formats whose decoders release the GIL: reading threads run them on several cores at once
 PARALLEL_DECODERS = ("lerobot",)
@@ -765,12 +767,21 @@ def read_item(storage: Storage, key: str, expected_size: int | None, fmt: str, s
     local = storage.local_path(key)
     known_size = expected_size is not None and expected_size >= 0
     whole = known_size and reads_whole(fmt, expected_size)  # then no stat: one call less per file
-    src: str | bytes
+    src: str | bytes | BinaryIO
+    ranged: RangedFile | None = None
     try:
-        if local is not None and not whole:  # read in part, or of a size the manifest does not give
-            src, size = str(local), local.stat().st_size
+        if not whole:  # read in part, or of a size the manifest does not give
+            if local is not None:
+                src, size = str(local), local.stat().st_size
+            else:  # an object store: what the parser asks for, through ranged requests
+                info = storage.stat(key)
+                if info is None:
+                    raise FileNotFoundError(key)
+                size = info.size
+                src = open_ranged(storage, key, size)
+                ranged = src.raw  # type: ignore[assignment]
             whole = not known_size and reads_whole(fmt, size)
-        if local is None or whole:
+        if whole:
             src = storage.read_bytes(key)
             size = len(src)
     except FileNotFoundError:
@@ -794,6 +805,11 @@ def read_item(storage: Storage, key: str, expected_size: int | None, fmt: str, s
     except Exception as exc:  # noqa: BLE001  a parser tripping over malformed bytes: the file's fault, not the shard's
         _reraise_io(exc)
         result.outcomes = [Quarantined(key, "", UNREADABLE, f"cannot parse the file: {type(exc).__name__}: {exc}")]
+    finally:
+        if ranged is not None:
+            src.close()  # type: ignore[union-attr]
+    if ranged is not None and ranged.error is not None:
+        raise ranged.error  # the store failed under the parser, which may have called it a bad file
     if not result.outcomes:  # neither written nor quarantined, it would be missing from every count
         result.outcomes = [Quarantined(key, "", UNREADABLE, f"no episodes in this {fmt} file")]
     return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -138,3 +139,48 @@ class Storage(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"
+
+
+class RangedFile(io.RawIOBase):
+    """A read-only, seekable view of an object of known size through ranged reads, for
+    parsers that read only the parts they need (h5py, pyarrow): a file of gigabytes of
+    unselected images costs only its selected datasets. The first storage error it meets
+    is kept in `error`, as parsers may report it as a malformed file."""
+
+    def __init__(self, storage: Storage, key: str, size: int):
+        self.storage, self.key, self.size = storage, key, size
+        self.error: BaseException | None = None
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: "bytearray | memoryview") -> int:  # type: ignore[override]
+        n = min(len(buffer), self.size - self._pos)
+        if n <= 0:
+            return 0
+        try:
+            data = self.storage.read_range(self.key, self._pos, self._pos + n)
+        except BaseException as exc:
+            self.error = self.error or exc
+            raise
+        memoryview(buffer)[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+def open_ranged(storage: Storage, key: str, size: int, buffer_size: int = 256 << 10) -> io.BufferedReader:
+    """`key` as a buffered, seekable file read through ranged requests (see RangedFile):
+    small reads (a parser's metadata) come `buffer_size` bytes a request, large ones whole."""
+    return io.BufferedReader(RangedFile(storage, key, size), buffer_size)
