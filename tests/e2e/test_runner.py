@@ -480,3 +480,11 @@ def test_a_state_file_the_work_dir_cannot_take_stops_the_run_naming_it(fake: Fak
     assert f"work dir {work}: cannot write" in result.failure and "state.json" in result.failure
     # the shard itself finished: its manifest is there for the next run
     assert done_shards(storage_of(tmp_path), "download") == {0}
+
+
+def test_a_run_lock_the_work_dir_cannot_take_is_named(fake: Fake, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "run.lock").symlink_to("/dev/full")  # no write succeeds there
+    with pytest.raises(ConfigError, match=rf"work dir {work}: cannot write {work / 'run.lock'}: "):
+        fake.run(write_values(tmp_path, shards=1))

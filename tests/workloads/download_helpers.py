@@ -19,7 +19,7 @@ If-Match, and a per-path script of faults consumed one per GET:
     "<fault>+change"  that fault, then the object's data becomes its `changed_to` (a new version)
 
 HEAD requests have their own script, under the key "HEAD <path>": "429" and "503" answer
-with Retry-After: 1.
+with Retry-After: 1, "500" without.
 
 An object added with `encoding="gzip"` is sent compressed with `Content-Encoding: gzip`
 whatever the client asks for (a misconfigured proxy); HEAD reports the identity length.
@@ -255,8 +255,8 @@ def _make_handler(server: FaultyServer) -> type[BaseHTTPRequestHandler]:
                 self._status_only(405)
                 return
             action = server._next_action(f"HEAD {self.path}")
-            if action in ("429", "503"):
-                self._status_only(int(action), {"Retry-After": "1"})
+            if action in ("429", "503", "500"):
+                self._status_only(int(action), {"Retry-After": "1"} if action != "500" else None)
                 return
             self.send_response(200)
             self._object_headers(obj, len(obj.data), whole=True)

@@ -151,6 +151,20 @@ def test_a_summary_the_disk_cannot_take_is_no_config_error_and_leaves_no_file(
     assert not summary.exists() and not (tmp_path / f".s.json.tmp-{os.getpid()}").exists()
 
 
+def test_a_summary_through_a_link_is_written_to_its_target(server: FaultyServer, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from trajflow.cli import main
+
+    config = write_config(tmp_path, [{"type": "https", "name": "web", "urls": [server.add("/a.bin", payload(100))]}])
+    (tmp_path / "real.json").write_text("{}")
+    (tmp_path / "link.json").symlink_to(tmp_path / "real.json")
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "0")
+    monkeypatch.setenv("TRAJFLOW_SHARDS", "1")
+    assert main(["download", "--config", str(config), "--summary-json", str(tmp_path / "link.json")]) == 0
+    assert (tmp_path / "link.json").is_symlink()
+    assert json.loads((tmp_path / "real.json").read_text())["fetched"] == 1
+
+
 def test_plan_only_prints_this_shards_items(server: FaultyServer, tmp_path: Path) -> None:
     gateway = PushCapture()
     try:

@@ -76,9 +76,10 @@ def test_a_file_rewritten_while_being_copied_is_never_stored_spliced(tmp_path: P
     monkeypatch.setattr(sources._FileSlice, "read", read_then_rewrite)
     summary = run(tmp_path / "root", _file_source(src))
 
-    # not the version planned any more: nothing is stored, and a new plan copies the new one
-    assert summary.exit_code == ExitCode.TRANSIENT
-    assert summary.failed[0].reason == "changed" and "episode.npy: modified" in summary.failed[0].error
+    # not the version planned any more, which no retry changes: nothing is stored, and a new
+    # plan copies the new one
+    assert summary.exit_code == ExitCode.PERMANENT
+    assert summary.failed[0].reason == "changed" and "episode.npy: modified while being copied" in summary.failed[0].error
     assert "planGeneration" in summary.failed[0].error
     assert raw_files(tmp_path / "root") == {}
     monkeypatch.setattr(sources._FileSlice, "read", real_read)
@@ -102,7 +103,8 @@ def test_a_file_that_grew_since_planning_is_not_cut_to_the_planned_size(tmp_path
 
     summary = run(tmp_path / "root", config)
 
-    assert summary.exit_code == ExitCode.TRANSIENT and summary.failed[0].reason == "changed"
+    assert summary.exit_code == ExitCode.PERMANENT and summary.failed[0].reason == "changed"
+    assert "log.bin: modified since it was listed" in summary.failed[0].error
     assert raw_files(tmp_path / "root") == {}
 
 

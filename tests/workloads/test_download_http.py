@@ -816,6 +816,20 @@ def test_a_throttled_head_is_retried_as_the_server_asks(server: FaultyServer, tm
     assert items["total_bytes"] == len(data)
 
 
+def test_a_head_that_fails_otherwise_or_for_an_optional_source_plans_an_unknown_size(server: FaultyServer,
+                                                                                       tmp_path: Path) -> None:
+    """A server broken for HEAD only (GET works), or a throttled optional source, must not
+    stop the plan of every shard."""
+    data = payload(3000, seed=9)
+    broken, optional = server.add("/broken.bin", data), server.add("/optional.bin", data)
+    server.script("HEAD /broken.bin", *["500"] * 4)
+    server.script("HEAD /optional.bin", *["429"] * 4)
+    summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": [broken]},
+                                         {"type": "https", "name": "extra", "urls": [optional], "required": False}]))
+    assert summary.exit_code == 0 and summary.count("fetched") == 2
+    assert raw_files(tmp_path) == {"web/broken.bin": data, "extra/optional.bin": data}
+
+
 def test_a_head_throttled_on_every_try_fails_planning_to_be_retried(server: FaultyServer, tmp_path: Path) -> None:
     """An unknown size in the shared plan would outlive the rush: the pod exits 4 instead."""
     url = server.add("/busy.bin", payload(1000))

@@ -360,6 +360,10 @@ def test_whole_millisecond_floats_of_a_fast_recording_are_refused_not_taken_as_1
     ok = np.arange(2001, dtype=np.float64) / 1000.0
     (ep,) = _outcomes("npz", io.BytesIO(npz_bytes(timestamps=ok, **{STATE: x, ACTION: x})))
     assert isinstance(ep, RawEpisode) and ep.original_rate_hz == pytest.approx(1000.0)
+    # and so are whole seconds (1 Hz) in a column the config names
+    whole_seconds = npz_bytes(timestamps=np.arange(20, dtype=np.float64), **{STATE: x[:20], ACTION: x[:20]})
+    (ep,) = _outcomes("npz", io.BytesIO(whole_seconds), _spec(time_key="timestamps"))
+    assert isinstance(ep, RawEpisode) and ep.original_rate_hz == pytest.approx(1.0)
 
 
 def test_datetime_timestamps_are_refused_as_no_seconds():

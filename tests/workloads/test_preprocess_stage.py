@@ -659,6 +659,39 @@ def test_hdf5_on_s3_is_read_by_ranges_not_whole(s3_storage, tmp_path, monkeypatc
         process_shard(s3_storage, 0, 1, stage_config(sources={"robomimic": ROBOMIMIC}))
 
 
+def test_a_store_failing_under_h5py_exits_with_the_storage_error_code(tmp_path, mixed):
+    """The error kept from a ranged read under h5py must not live on in a reference cycle
+    until the interpreter's exit, which freed h5py objects after h5py (SIGSEGV, 139)."""
+    import subprocess
+    import sys
+
+    files, _ = mixed
+    publish_raw_shard(LocalStorage(tmp_path / "root"), 0, {k: v for k, v in files.items() if k.startswith("robomimic/")})
+    script = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from preprocess_data import stage_config
+from trajflow.errors import TrajflowError
+from trajflow.preprocess.stage import process_shard
+from trajflow.storage import LocalStorage
+
+class Remote(LocalStorage):  # an object store: no local paths, ranged reads that fail
+    def local_path(self, key):
+        return None
+    def read_range(self, key, start, end=None):
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+try:
+    process_shard(Remote({str(tmp_path / "root")!r}), 0, 1, stage_config(sources={{"robomimic": {ROBOMIMIC!r}}}))
+except TrajflowError as exc:
+    print(exc)
+    sys.exit(int(exc.exit_code))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == ExitCode.TRANSIENT, result.stdout + result.stderr
+    assert "storage error: ConnectionResetError" in result.stdout
+
+
 def test_triton_backend_in_the_stage(local_storage):
     """The stage drives the Triton kernel the same way on CUDA; here through its interpreter."""
     pytest.importorskip("triton")

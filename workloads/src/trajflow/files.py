@@ -16,9 +16,11 @@ def write_via_temporary(path: Path, write: Callable[[Path], object], suffix: str
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.filename in (None, str(tmp)):
+            exc.filename = str(path)  # errors name the file being written, not its temporary
         raise
 
 

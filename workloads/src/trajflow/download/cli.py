@@ -102,8 +102,13 @@ def run(args: argparse.Namespace) -> int:
         )
         success = summary.exit_code == 0
         if args.summary_json:
+            target = Path(args.summary_json).resolve()  # a link's target is the file to write
+            text = json.dumps(doc, indent=1, sort_keys=True)
             try:
-                replace_file(Path(args.summary_json), json.dumps(doc, indent=1, sort_keys=True))
+                if target.exists() and not target.is_file():
+                    target.write_text(text)  # a pipe or a device (/dev/stdout) is written to, not replaced
+                else:
+                    replace_file(target, text)
             except OSError as exc:
                 # a path that cannot be (a missing directory, no permission) is the caller's; a full disk is not
                 error = ConfigError if exc.errno in _BAD_PATH_ERRNOS else TrajflowError

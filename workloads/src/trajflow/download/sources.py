@@ -226,7 +226,8 @@ class HttpSource(SourceRuntime):
         try:
             status, headers = retry(head)
         except FetchError as exc:
-            if exc.status in (429, 503):
+            throttled = exc.status == 429 or (exc.status == 503 and exc.retry_after is not None)
+            if throttled and self.required:
                 # busy, not broken: an unknown size in the plan would outlive the rush (no byte
                 # balancing, no parts, no pinning for as long as this plan is used)
                 raise TransientError(f"source {self.name!r}: {redact(entry['url'])} answered HEAD with HTTP "
@@ -495,6 +496,13 @@ def _file_version(st: os.stat_result) -> Validator:
     return Validator(last_modified=f"{st.st_mtime_ns}-{st.st_size}")
 
 
+def _changed_since_planning(path: Path, when: str) -> FetchError:
+    """A local file is planned with its modification time and size: once either changed, no
+    retry under this plan can copy it (permanent)."""
+    return FetchError(f"{path}: modified {when} (the plan holds its modification time and size); a new "
+                      "downloader.config.planGeneration lists the source again", Kind.PERMANENT, "changed")
+
+
 class _FileSlice:
     """Bytes [start, start + remaining) of an open file. Once they are read, the file must
     still be the version it was when opened: bytes of a file rewritten in place while being
@@ -510,7 +518,7 @@ class _FileSlice:
         self._remaining -= len(data)
         if self._remaining <= 0 or not data:
             if _file_version(os.fstat(self._fh.fileno())).tag != self._version.tag:
-                raise FetchError(f"{self._path}: modified while being copied", Kind.RESTART, "changed")
+                raise _changed_since_planning(self._path, "while being copied")
         return data  # type: ignore[no-any-return]
 
     def close(self) -> None:
@@ -614,7 +622,7 @@ class FileSourceRuntime(SourceRuntime):
         current = _file_version(st)
         if validator is not None and validator.tag and validator.tag != current.tag:
             fh.close()
-            raise FetchError(f"{path}: modified since it was listed or since its copy began", Kind.RESTART, "changed")
+            raise _changed_since_planning(path, "since it was listed")
         stop = st.st_size if end is None else min(end, st.st_size)
         if start > st.st_size or (end is not None and end > st.st_size):
             fh.close()

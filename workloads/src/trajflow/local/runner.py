@@ -249,13 +249,14 @@ class Runner:
             raise ConfigError(f"another `trajflow run` (pid {holder}) is running in {self.work_dir}: "
                               "wait for it to end or stop it first") from None
         try:
-            with self._naming_work_dir():
+            with self._naming_work_dir(self.work_dir / "run.lock"):
                 fh.seek(0)
                 fh.truncate()
                 fh.write(f"{os.getpid()}\n")
                 fh.flush()
         except ConfigError:
-            fh.close()
+            with contextlib.suppress(OSError):  # closing flushes the same bytes again
+                fh.close()
             raise
         return fh
 
@@ -290,13 +291,13 @@ class Runner:
     # ---- setup -------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _naming_work_dir(self) -> Iterator[None]:
+    def _naming_work_dir(self, path: Path | None = None) -> Iterator[None]:
         """An OS error in the work dir (read-only, no space, a file in the way) as a config
-        error that names it: the run cannot start there."""
+        error that names it (or `path`, being written): the run cannot start there."""
         try:
             yield
         except OSError as exc:
-            where = exc.filename or self.work_dir
+            where = exc.filename or path or self.work_dir
             raise ConfigError(f"work dir {self.work_dir}: cannot write {where}: {exc.strerror or exc}; "
                               "choose another with --work-dir") from None
 

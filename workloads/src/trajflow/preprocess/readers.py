@@ -229,11 +229,12 @@ def make_episode(spec: SourceSpec, source: str, episode: str, robot: str, times:
         i = int(np.flatnonzero(step <= 0)[0])
         return bad(NON_MONOTONIC, f"timestamp[{i + 1}] = {float(t[i + 1])!r} is not after timestamp[{i}] = {float(t[i])!r}")
     span = float(t[-1] - t[0])
-    if times is not None and length > 2 and bool((t == np.round(t)).all()):
-        # counts stored as floats (libfranka's milliseconds): 1 kHz would pass for 1 Hz
+    if times is not None and not spec.time_key and length > 2 and bool((t == np.round(t)).all()):
+        # counts stored as floats (libfranka's milliseconds): 1 kHz would pass for 1 Hz; a
+        # configured timeKey says they are seconds
         return bad(MISSING_TIME, f"timestamps are whole numbers ({float(t[0]):.15g}, {float(t[1]):.15g}, ...), not "
-                                 "seconds: ms, us or ns counts stored as floats? convert them to float seconds, or "
-                                 "drop them and set rateHz")
+                                 "seconds: ms, us or ns counts stored as floats? convert them to float seconds (or, "
+                                 "for whole seconds, name their column in timeKey)")
     if length > 1 and (length - 1) / span < MIN_MEAN_RATE_HZ:
         widest = int(np.argmax(step))
         return bad(MISSING_TIME, f"{length} samples over {span:.6g} s ({(length - 1) / span:.3g} Hz, below "
@@ -809,7 +810,8 @@ def read_item(storage: Storage, key: str, expected_size: int | None, fmt: str, s
         if ranged is not None:
             src.close()  # type: ignore[union-attr]
     if ranged is not None and ranged.error is not None:
-        raise ranged.error  # the store failed under the parser, which may have called it a bad file
+        error, ranged.error = ranged.error, None
+        raise error  # the store failed under the parser, which may have called it a bad file
     if not result.outcomes:  # neither written nor quarantined, it would be missing from every count
         result.outcomes = [Quarantined(key, "", UNREADABLE, f"no episodes in this {fmt} file")]
     return result

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import copy
 import hashlib
 import io
 from dataclasses import dataclass
@@ -172,12 +173,24 @@ class RangedFile(io.RawIOBase):
             return 0
         try:
             data = self.storage.read_range(self.key, self._pos, self._pos + n)
-        except BaseException as exc:
-            self.error = self.error or exc
+        except Exception as exc:
+            self.error = self.error or _detached(exc)
             raise
         memoryview(buffer)[: len(data)] = data
         self._pos += len(data)
         return len(data)
+
+
+def _detached(exc: Exception) -> Exception:
+    """A copy of `exc` that shares nothing with the original: a parser (h5py) may keep the
+    original, and with it frames that hold its own objects, alive until the interpreter's
+    exit, which then frees them after the parser's library (a segfault)."""
+    try:
+        fresh = copy.copy(exc)
+    except Exception:  # noqa: BLE001  an exception that cannot be rebuilt from its arguments
+        fresh = OSError(getattr(exc, "errno", None), str(exc))
+    fresh.__traceback__ = fresh.__cause__ = fresh.__context__ = None
+    return fresh
 
 
 def open_ranged(storage: Storage, key: str, size: int, buffer_size: int = 256 << 10) -> io.BufferedReader:

@@ -359,7 +359,7 @@ class EpochBatches(Sampler[list[int]]):
     The share is DistributedSampler's, index for index (the permutation seeded with
     seed + epoch, padded cyclically so that every rank takes as many steps, then every
     world_size-th index from the rank's): checkpoints of either resume alike. Where
-    the windows do not divide by the world size, up to world size - 1 of them come twice.
+    the windows do not divide by the world size, the first few of the order come again.
     It is kept as an int64 tensor, not a list of Python ints (46 bytes a window, on every
     rank, for all the windows of the data)."""
 
