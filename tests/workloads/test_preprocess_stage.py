@@ -632,6 +632,8 @@ def test_hdf5_on_s3_is_read_by_ranges_not_whole(s3_storage, tmp_path, monkeypatc
 
     from preprocess_data import write_robomimic
 
+    from trajflow.preprocess import readers
+
     rng = np.random.default_rng(8)
     episodes = [make_episode(rng, str(i), rate, 2.0) for i, rate in enumerate((30.0, 100.0))]
     path = tmp_path / "demos.hdf5"
@@ -641,13 +643,17 @@ def test_hdf5_on_s3_is_read_by_ranges_not_whole(s3_storage, tmp_path, monkeypatc
     raw = path.read_bytes()
     assert len(raw) > 9_000_000
     publish_raw_shard(s3_storage, 0, {"robomimic/demos.hdf5": raw})
+    monkeypatch.setattr(readers, "RANGED_READ_ABOVE", 1 << 20)  # files above 1 MiB by ranges
+    read_bytes = type(s3_storage).read_bytes
+    monkeypatch.setattr(type(s3_storage), "read_bytes",
+                        lambda self, key: pytest.fail(f"{key} read whole") if key.endswith(".hdf5") else read_bytes(self, key))
     fetched = []
     read_range = type(s3_storage).read_range
     monkeypatch.setattr(type(s3_storage), "read_range",
                         lambda self, key, start, end=None: fetched.append(end - start) or read_range(self, key, start, end))
     summary = process_shard(s3_storage, 0, 1, stage_config(sources={"robomimic": ROBOMIMIC}))
     assert summary.episodes == 2
-    assert sum(fetched) < len(raw) / 10  # the image dataset was never read
+    assert sum(fetched) < len(raw) / 4  # the image dataset was never read
 
     s3_storage.delete(manifest_key("preprocess", 0))
 
@@ -672,8 +678,11 @@ import sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from preprocess_data import stage_config
 from trajflow.errors import TrajflowError
+from trajflow.preprocess import readers
 from trajflow.preprocess.stage import process_shard
 from trajflow.storage import LocalStorage
+
+readers.RANGED_READ_ABOVE = 0  # every file by ranges
 
 class Remote(LocalStorage):  # an object store: no local paths, ranged reads that fail
     def local_path(self, key):

@@ -76,6 +76,27 @@ def test_ranged_reads_behave_like_slices(storage, start, end):
     assert storage.read_range("r", start, end) == data[start:end]
 
 
+def test_a_ranged_file_reads_like_the_bytes_it_views(storage, monkeypatch):
+    """Seeks and reads of every size, through the block cache and around it, as io.BytesIO."""
+    import io
+    import random
+
+    from trajflow.storage.base import RangedFile
+
+    monkeypatch.setattr(RangedFile, "BLOCK", 64)
+    monkeypatch.setattr(RangedFile, "CACHED_BLOCKS", 3)
+    data = random.Random(1).randbytes(5000)
+    storage.write_bytes("f", data)
+    ours, ref = RangedFile(storage, "f", len(data)), io.BytesIO(data)
+    rng = random.Random(2)
+    for _ in range(300):
+        where = rng.choice([rng.randrange(0, 5100), None])
+        if where is not None:
+            assert ours.seek(where) == ref.seek(where)
+        n = rng.choice([0, 1, 7, 63, 64, 65, 200, 300, 6000, -1])
+        assert ours.read(n) == ref.read(n) and ours.tell() == ref.tell()
+
+
 def test_ranged_read_of_missing_object_raises(storage):
     with pytest.raises(FileNotFoundError):
         storage.read_range("nope", 2, 5)

@@ -42,7 +42,7 @@ import numpy as np
 from trajflow.config.preprocess import PreprocessConfig
 from trajflow.preprocess.npzfile import PickledMember, load_npz
 from trajflow.storage import Storage
-from trajflow.storage.base import RangedFile, open_ranged
+from trajflow.storage.base import RangedFile
 
 log = logging.getLogger(__name__)
 
@@ -741,6 +741,9 @@ def _reraise_io(exc: BaseException) -> None:
 # prefetched. Other files (HDF5, large parquet) go to their parser as a file, on a local
 # volume or read by ranges from an object store: it reads only the datasets asked for.
 _READ_WHOLE = {"npz": None, "lerobot": 64 << 20}
+# On an object store, files up to this size are read whole (one request); larger ones by
+# ranges, of which a parser of scattered metadata makes many
+RANGED_READ_ABOVE = 64 << 20
 # formats whose decoders release the GIL: reading threads run them on several cores at once
 PARALLEL_DECODERS = ("lerobot",)
 
@@ -774,14 +777,16 @@ def read_item(storage: Storage, key: str, expected_size: int | None, fmt: str, s
         if not whole:  # read in part, or of a size the manifest does not give
             if local is not None:
                 src, size = str(local), local.stat().st_size
-            else:  # an object store: what the parser asks for, through ranged requests
-                info = storage.stat(key)
-                if info is None:
-                    raise FileNotFoundError(key)
-                size = info.size
-                src = open_ranged(storage, key, size)
-                ranged = src.raw  # type: ignore[assignment]
-            whole = not known_size and reads_whole(fmt, size)
+            else:  # an object store: a large file by ranges, what the parser asks for
+                size = expected_size if known_size else -1
+                if not 0 <= size <= RANGED_READ_ABOVE:
+                    info = storage.stat(key)
+                    if info is None:
+                        raise FileNotFoundError(key)
+                    size = info.size
+                if size > RANGED_READ_ABOVE:
+                    src = ranged = RangedFile(storage, key, size)
+            whole = (not known_size and reads_whole(fmt, size)) or (local is None and size <= RANGED_READ_ABOVE)
         if whole:
             src = storage.read_bytes(key)
             size = len(src)
@@ -808,7 +813,7 @@ def read_item(storage: Storage, key: str, expected_size: int | None, fmt: str, s
         result.outcomes = [Quarantined(key, "", UNREADABLE, f"cannot parse the file: {type(exc).__name__}: {exc}")]
     finally:
         if ranged is not None:
-            src.close()  # type: ignore[union-attr]
+            ranged.close()
     if ranged is not None and ranged.error is not None:
         error, ranged.error = ranged.error, None
         raise error  # the store failed under the parser, which may have called it a bad file

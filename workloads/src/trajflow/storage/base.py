@@ -6,6 +6,7 @@ import contextlib
 import copy
 import hashlib
 import io
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -145,13 +146,19 @@ class Storage(abc.ABC):
 class RangedFile(io.RawIOBase):
     """A read-only, seekable view of an object of known size through ranged reads, for
     parsers that read only the parts they need (h5py, pyarrow): a file of gigabytes of
-    unselected images costs only its selected datasets. The first storage error it meets
-    is kept in `error`, as parsers may report it as a malformed file."""
+    unselected images costs only its selected datasets. Small reads (a parser's scattered
+    metadata, read again and again) are served from a few cached aligned blocks; large ones
+    go to the store whole. The first storage error it meets is kept in `error`, as parsers
+    may report it as a malformed file."""
+
+    BLOCK = 1 << 20
+    CACHED_BLOCKS = 16
 
     def __init__(self, storage: Storage, key: str, size: int):
         self.storage, self.key, self.size = storage, key, size
-        self.error: BaseException | None = None
+        self.error: Exception | None = None
         self._pos = 0
+        self._blocks: OrderedDict[int, bytes] = OrderedDict()
 
     def readable(self) -> bool:
         return True
@@ -167,16 +174,41 @@ class RangedFile(io.RawIOBase):
         self._pos = max(0, base + offset)
         return self._pos
 
+    def _range(self, start: int, end: int) -> bytes:
+        try:
+            return self.storage.read_range(self.key, start, end)
+        except Exception as exc:
+            self.error = self.error or _detached(exc)
+            raise
+
+    def _block(self, index: int) -> bytes:
+        data = self._blocks.pop(index, None)
+        if data is None:
+            data = self._range(index * self.BLOCK, min((index + 1) * self.BLOCK, self.size))
+            if len(self._blocks) >= self.CACHED_BLOCKS:
+                self._blocks.popitem(last=False)
+        self._blocks[index] = data
+        return data
+
     def readinto(self, buffer: "bytearray | memoryview") -> int:  # type: ignore[override]
         n = min(len(buffer), self.size - self._pos)
         if n <= 0:
             return 0
-        try:
-            data = self.storage.read_range(self.key, self._pos, self._pos + n)
-        except Exception as exc:
-            self.error = self.error or _detached(exc)
-            raise
-        memoryview(buffer)[: len(data)] = data
+        out = memoryview(buffer).cast("B")
+        if n >= 4 * self.BLOCK:
+            data = self._range(self._pos, self._pos + n)
+            out[: len(data)] = data
+        else:
+            done = 0
+            while done < n:
+                at = self._pos + done
+                block = self._block(at // self.BLOCK)
+                piece = block[at % self.BLOCK : at % self.BLOCK + n - done]
+                if not piece:
+                    break  # the object is shorter than its listed size
+                out[done : done + len(piece)] = piece
+                done += len(piece)
+            data = out[:done]
         self._pos += len(data)
         return len(data)
 
@@ -191,9 +223,3 @@ def _detached(exc: Exception) -> Exception:
         fresh = OSError(getattr(exc, "errno", None), str(exc))
     fresh.__traceback__ = fresh.__cause__ = fresh.__context__ = None
     return fresh
-
-
-def open_ranged(storage: Storage, key: str, size: int, buffer_size: int = 256 << 10) -> io.BufferedReader:
-    """`key` as a buffered, seekable file read through ranged requests (see RangedFile):
-    small reads (a parser's metadata) come `buffer_size` bytes a request, large ones whole."""
-    return io.BufferedReader(RangedFile(storage, key, size), buffer_size)
