@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 VALUES = sorted((ROOT / "values").glob("*.yaml"))
@@ -106,6 +107,25 @@ def test_a_bad_values_file_is_named(tmp_path: Path, text: str, message: str) -> 
     result = dry_run(tmp_path, "-f", "values/local.yaml", "-f", str(bad))
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"{bad}: {message}" in result.stderr
+
+
+def test_a_rename_another_values_file_made_is_dropped_with_null(tmp_path: Path) -> None:
+    """values/dev.yaml renames three robomimic streams; an environment that reads two of them
+    drops the third rename with null (Helm's delete), as helm does, instead of failing at start."""
+    fewer = tmp_path / "fewer.yaml"
+    fewer.write_text("preprocessing:\n  config:\n    streams: [obs/robot0_eef_pos, actions]\n"
+                     "    renames:\n      obs/robot0_gripper_qpos: null\n")
+    left = dry_run(tmp_path, "-f", "values/dev.yaml", "--set", "preprocessing.config.streams={obs/robot0_eef_pos,actions}")
+    assert left.returncode == 2
+    assert "renames: 'obs/robot0_gripper_qpos' is not one of the streams read" in left.stderr
+    assert "set it to null" in left.stderr
+    result = dry_run(tmp_path, "-f", "values/dev.yaml", "-f", str(fewer))
+    assert result.returncode == 0, result.stderr
+    rendered = yaml.safe_load((tmp_path / "w" / "config" / "preprocessing.yaml").read_text())
+    from trajflow.config.preprocess import PreprocessConfig
+
+    assert PreprocessConfig.model_validate(rendered["config"]).renames == {"obs/robot0_eef_pos": "eef_pos",
+                                                                           "actions": "action"}
 
 
 @pytest.mark.parametrize("values", VALUES, ids=[v.name for v in VALUES])

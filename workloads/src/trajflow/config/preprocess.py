@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from trajflow.config.base import Model
 
@@ -16,16 +16,25 @@ OUTPUT_SETTINGS = ("format", "streams", "renames", "time_key", "rate_hz", "robot
                    "dtype", "time_dtype")
 
 
+def _without_nulls(renames: Optional[dict[str, Optional[str]]]) -> Optional[dict[str, Optional[str]]]:
+    """A null entry is one a later values file dropped (Helm merges maps; null is its delete)."""
+    return None if renames is None else {k: v for k, v in renames.items() if v is not None}
+
+
 class SourceOverrides(Model):
     """Settings for the items of one downloader source (``raw/<shard>/<source>/...``);
     anything left unset falls back to the top-level value."""
 
     format: Optional[Format] = Field(None, description="Raw file format of this source.")
     streams: Optional[list[str]] = Field(None, min_length=1, description="Raw stream names to read from this source.")
-    renames: Optional[dict[str, str]] = Field(None, description="Raw stream name -> output stream name, for this source.")
+    renames: Optional[dict[str, Optional[str]]] = Field(
+        None, description="Raw stream name -> output stream name, for this source (null drops an inherited entry)."
+    )
     time_key: Optional[str] = Field(None, description="Timestamp column/dataset of this source.")
     rate_hz: Optional[float] = Field(None, gt=0, description="Recorded rate when files carry no timestamps.")
     robot: Optional[str] = Field(None, description="Robot label for this source's episodes.")
+
+    _renames = field_validator("renames")(_without_nulls)
 
 
 class PreprocessConfig(Model):
@@ -40,7 +49,10 @@ class PreprocessConfig(Model):
         description="Raw vector streams to resample: parquet columns, HDF5 datasets under the demo group "
         "(e.g. obs/eef_pos, actions) or npz keys. An episode without one of them is quarantined.",
     )
-    renames: dict[str, str] = Field(default_factory=dict, description="Raw stream name -> name in the output shards.")
+    renames: dict[str, Optional[str]] = Field(
+        default_factory=dict, description="Raw stream name -> name in the output shards (null drops an entry another "
+        "values file set)."
+    )
     time_key: str = Field(
         "",
         description="Timestamp column/dataset in float seconds; without it (or with integer counts) an episode is "
@@ -103,6 +115,8 @@ class PreprocessConfig(Model):
         }
         return settings
 
+    _renames = field_validator("renames")(_without_nulls)
+
     @model_validator(mode="after")
     def _outputs_are_one_set(self) -> "PreprocessConfig":
         """Every source yields the same, distinct output streams: a shard (and training)
@@ -118,7 +132,8 @@ class PreprocessConfig(Model):
             unread = sorted(set(renames) - set(streams))
             if unread:
                 raise ValueError(f"{where}renames: {unread[0]!r} is not one of the streams read "
-                                 f"({', '.join(sorted(set(streams)))}): rename a stream listed in streams")
+                                 f"({', '.join(sorted(set(streams)))}): rename a stream listed in streams (or set it "
+                                 "to null to drop a rename another values file made)")
         top: list[str] = []
         for where, streams, renames in [("", self.streams, self.renames)] + [
             (f"sources.{name}.", src.streams or self.streams, src.renames if src.renames is not None else self.renames)
