@@ -208,7 +208,7 @@ class DownloadConfig(Model):
         "",
         pattern=formats.PLAN_GENERATION,
         max_length=64,
-        description="Change to list the sources again and make a new plan (when the source gained objects or changed since planning: a local file planned is copied only as it was listed); "
+        description="Change to list the sources again and make a new plan (when the sources gained or changed files); "
         "verified items are reused, never fetched again.",
     )
 
