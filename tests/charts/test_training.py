@@ -139,7 +139,10 @@ def test_pytorchjob_renders_where_the_api_exists():
         assert {"name": "pytorchjob-port", "containerPort": 29400, "protocol": "TCP"} in main[0]["ports"]
         # the same launcher; MASTER_ADDR/MASTER_PORT are the operator's (the Master pod and
         # its pytorchjob-port), so the chart must not set them
-        assert main[0]["command"] == ["trajflow"] and main[0]["args"] == LAUNCHER_ARGS
+        # the launcher waits for preprocessing itself: a failing init container in a pod that
+        # restarts on failure would be restarted forever, never counted against backoffLimit
+        assert main[0]["command"] == ["trajflow"]
+        assert main[0]["args"] == [*LAUNCHER_ARGS, "--input-shards=64", "--wait=48h"]
         assert not {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"} & env_of(main[0]).keys()
         assert env_of(main[0])["JOB_NAME"] == {
             "fieldRef": {"fieldPath": "metadata.labels['training.kubeflow.org/job-name']"}}
@@ -151,7 +154,7 @@ def test_pytorchjob_renders_where_the_api_exists():
         assert env_of(main[0])["TRAJFLOW_METRICS_SHARD"] == "$(TRAJFLOW_REPLICA_TYPE)-$(TRAJFLOW_REPLICA_INDEX)"
         assert env_of(main[0])["TRAJFLOW_REPLICA_INDEX"] == {
             "fieldRef": {"fieldPath": "metadata.labels['training.kubeflow.org/replica-index']"}}
-        assert spec["initContainers"][0]["name"] == "wait-preprocess"
+        assert "initContainers" not in spec
         assert spec["restartPolicy"] == replicas[role]["restartPolicy"] == "OnFailure"
         # the pod template is still a valid Kubernetes pod template
         kv.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
@@ -264,8 +267,12 @@ def test_the_pod_exits_with_its_workers_code(launcher, worker_codes, pod_code, f
                                             for rank, code in enumerate(worker_codes)})
 
     monkeypatch.setattr(torch_run, "run", workers_fail)
+    waited = []  # a PyTorchJob's launcher waits for preprocessing (a Job's init container does)
+    monkeypatch.setattr("trajflow.storage.wait.wait_in_run_root",
+                        lambda glob, stage, shards, timeout_s, expect_shards: waited.append((stage, shards, timeout_s)))
     args = build_parser().parse_args(argv)
     assert args._run(args) == pod_code
+    assert waited == ([] if launcher == "job" else [("preprocess", set(range(64)), 48 * 3600.0)])
 
     (options,) = launched
     assert (options.nnodes, options.nproc_per_node, options.max_restarts) == ("2", "8", 3)

@@ -109,6 +109,18 @@ def test_s3_refusals_no_stage_handled_are_config_errors_in_one_line(fake_command
     assert cli.main(["fake"]) == ExitCode.ERROR
 
 
+@pytest.mark.parametrize("command", ["download", "preprocess", "train", "wait"])
+def test_a_rendered_config_and_values_are_not_combined(tmp_path, capsys, command):
+    """Either would be ignored without a word: --set on top of --config was dropped."""
+    from trajflow.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text("global: {runId: r}\nconfig: {}\n")
+    extra = ["--stage", "download", "--shards", "0"] if command == "wait" else []
+    assert main([command, "--config", str(config), "--set", "global.runId=other", *extra]) == 2
+    assert "give either the rendered stage config (--config) or values files and --set" in capsys.readouterr().err
+
+
 def test_unknown_benchmark_is_named(tmp_path, capsys):
     assert cli.main(["bench", "nope", "--out", str(tmp_path)]) == ExitCode.CONFIG
     assert "unknown benchmark(s): nope; known: storage" in capsys.readouterr().err

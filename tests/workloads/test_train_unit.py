@@ -593,6 +593,33 @@ def test_resume_with_another_batch_size_restarts_the_epoch(tmp_path: Path, caplo
     assert summary["steps"] - mid.step == per_epoch
 
 
+def test_a_terminated_training_pushes_where_it_stopped(tmp_path: Path, pushgateway) -> None:  # type: ignore[no-untyped-def]
+    """A pod deleted (SIGTERM from the launcher) mid-training: its one push still happens."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from trajflow.train.synthetic import write_config_file
+
+    settings, _ = small_run(tmp_path, epochs=10_000, log_every_steps=1)
+    glob = settings.global_.model_copy(update={"metrics": settings.global_.metrics.model_copy(
+        update={"pushgateway_url": pushgateway.url})})
+    config_file = write_config_file(tmp_path / "config.yaml", type(settings)(glob, settings.config, 0, 1))
+    proc = subprocess.Popen([sys.executable, "-m", "trajflow.cli", "train", "--config", str(config_file)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    for line in proc.stderr:  # type: ignore[union-attr]
+        if '"step"' in line or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    success = [ln for ln in pushgateway.metrics_text().splitlines()
+               if ln.startswith("trajflow_stage_success{") and 'stage="train"' in ln]
+    assert success and success[0].endswith(" 0")
+
+
 def test_a_resumed_run_pushes_where_it_stands(tmp_path: Path, pushgateway) -> None:  # type: ignore[no-untyped-def]
     """Resuming a finished run trains nothing; its push still carries the epoch and losses."""
     settings, _ = small_run(tmp_path, epochs=2)
@@ -863,6 +890,22 @@ def test_a_run_root_that_cannot_take_a_checkpoint_is_named_in_one_line(
     assert main(["train", "--config", str(config_file)]) == int(code)
     err = capsys.readouterr().err
     assert message in err and "train/checkpoints/ckpt-" in err and "Traceback" not in err
+
+
+def test_the_launcher_waits_for_preprocessing_when_asked(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """As a PyTorchJob's pods run it: --input-shards N --wait T, the config checked first."""
+    from trajflow.cli import main
+    from trajflow.train.synthetic import write_config_file
+
+    settings, storage = small_run(tmp_path, epochs=1, shards=2)
+    config_file = str(write_config_file(tmp_path / "config.yaml", settings))
+    assert main(["train", "--config", config_file, "--wait", "1s"]) == int(ExitCode.CONFIG)
+    assert "--wait and --input-shards go together" in capsys.readouterr().err
+    # preprocessing made 2 shards, not the 3 asked for: exit 6 once the wait is over, before any worker starts
+    assert main(["train", "--config", config_file, "--input-shards", "3", "--wait", "1s"]) == int(ExitCode.TIMEOUT)
+    assert "timed out after 1s waiting for 3 preprocess shard(s)" in capsys.readouterr().err
+    assert main(["train", "--config", config_file, "--input-shards", "2", "--wait", "1s"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["status"] == "completed"
 
 
 def test_a_shard_without_episodes_is_passed_over(tmp_path: Path) -> None:

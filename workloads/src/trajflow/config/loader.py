@@ -472,6 +472,7 @@ def global_settings(
 ) -> GlobalConfig:
     """Only `global` (storage, run id), from `--config FILE` or `-f/--set`; any stage's file will do."""
     values_files, sets = list(values_files), list(sets)
+    _one_source(config_file, values_files, sets)
     if values_files or sets:
         values = load_values(values_files, sets)
         return validate_global(values.merged.get("global") or {}, values=values)
@@ -488,6 +489,7 @@ def stage_settings(
 ) -> StageSettings:
     """Resolve a stage's settings from `--config FILE` (pods) or `-f/--set` (local use)."""
     values_files, sets = list(values_files), list(sets)
+    _one_source(config_file, values_files, sets)
     default_count = 1
     if values_files or sets:
         values = load_values(values_files, sets)
@@ -506,6 +508,14 @@ def stage_settings(
         glob, config = load_config_file(path, stage)
     index, count = shard_from_env(env, default_count)
     return StageSettings(glob, config, index, count)
+
+
+def _one_source(config_file: str | Path | None, values_files: list[Any], sets: list[str]) -> None:
+    """`--config` (a rendered stage config) and `-f/--set` (values) do not combine: one of
+    them would be ignored without a word."""
+    if config_file and (values_files or sets):
+        raise ConfigError(f"--config {config_file} and -f/--set: give either the rendered stage config (--config) or "
+                          "values files and --set (as for helm), not both")
 
 
 def add_config_arguments(parser: Any) -> None:

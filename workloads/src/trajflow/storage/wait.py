@@ -326,13 +326,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from trajflow.config import global_settings, stage_settings
-    from trajflow.storage import open_run_root
 
     shards = parse_shards(args.shards)
     timeout_s = parse_duration(args.timeout)
     if args.check_config:
         stage_settings(args.check_config, args.config, args.values, args.set, env={})
-    glob = global_settings(args.config, args.values, args.set)
+    wait_in_run_root(global_settings(args.config, args.values, args.set), args.stage, shards, timeout_s,
+                     expect_shards=args.expect_shards)
+    return 0
+
+
+def wait_in_run_root(glob: Any, stage: str, shards: set[int], timeout_s: float, expect_shards: int | None) -> None:
+    """`wait_for_shards` in the run root of `glob` (a GlobalConfig)."""
+    from trajflow.storage import open_run_root
+
     try:
         # every poll tries again: a store that never answers must not hold one call for the
         # client's usual 8 x 60 s, far past a short --timeout; one that answers slowly (15 s)
@@ -343,5 +350,4 @@ def run(args: argparse.Namespace) -> int:
         if fatal is not None:
             raise fatal from None
         raise TransientError(f"cannot open the run root: {_one_line(exc)}") from None
-    wait_for_shards(storage, args.stage, shards, timeout_s, expect_shards=args.expect_shards)
-    return 0
+    wait_for_shards(storage, stage, shards, timeout_s, expect_shards=expect_shards)

@@ -44,6 +44,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                        help="restarts of the worker group after a failure")
     group.add_argument("--monitor-interval", type=float, default=0.5, help="seconds between worker health checks")
     group.add_argument("--local-addr", default="", help="this node's address as the other nodes reach it")
+    waiting = parser.add_argument_group("waiting", "first wait for preprocessing, as an init container would")
+    waiting.add_argument("--input-shards", type=_at_least(1), default=None, metavar="N",
+                         help="the preprocessed shards 0..N-1 to wait for (training.inputShards)")
+    waiting.add_argument("--wait", default="", metavar="DURATION",
+                         help="wait this long for them (exit 6 past it), e.g. 48h; before, a config the workers "
+                              "would refuse fails at once (exit 2)")
 
 
 def _nproc(value: str) -> str:
@@ -133,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
     if _inside_torchrun():
         return _worker(args)
     settings = _settings(args)  # config errors surface here, before any worker starts
+    if args.wait or args.input_shards:
+        _wait_for_preprocessing(settings, args)
     if args.nproc_per_node:
         from trajflow.train.launch import LaunchOptions, launch, launch_local
 
@@ -152,7 +160,31 @@ def run(args: argparse.Namespace) -> int:
             local_addr=args.local_addr,
         )
         return launch(options, _config_args(args), args.log_level)
+    _unwind_on_sigterm()
     return _train(settings)
+
+
+def _wait_for_preprocessing(settings, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-def]
+    """Hold until preprocessed shards 0..N-1 are done. A PyTorchJob's pods wait here, not in
+    an init container: an init container failing in a pod that restarts on failure is
+    restarted in place forever, and the training operator never counts it against backoffLimit."""
+    from trajflow.storage.wait import parse_duration, wait_in_run_root
+
+    if not (args.wait and args.input_shards):
+        raise ConfigError("--wait and --input-shards go together: how long, and for which shards")
+    timeout_s = parse_duration(args.wait)
+    wait_in_run_root(settings.global_, "preprocess", set(range(args.input_shards)), timeout_s,
+                     expect_shards=args.input_shards)
+
+
+def _unwind_on_sigterm() -> None:
+    """SIGTERM (the launcher passing on a pod's deletion or deadline) unwinds the training,
+    so its final metrics push says where it stopped (the only push a training makes)."""
+    import signal
+
+    from trajflow.errors import raise_terminated
+
+    signal.signal(signal.SIGTERM, raise_terminated)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -160,6 +192,7 @@ def _worker(args: argparse.Namespace) -> int:
     from trajflow.train.launch import earlier_final_failure, record_final_failure
 
     _tie_to_agent()
+    _unwind_on_sigterm()
     earlier = earlier_final_failure()
     if earlier is not None:
         code, message = earlier
