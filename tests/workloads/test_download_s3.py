@@ -298,3 +298,42 @@ def test_a_source_prefix_with_hash_or_question_mark_is_taken_literally(s3_server
     summary = ShardDownloader(LocalStorage(tmp_path), make_config([source]), 0, 1).run()
     assert summary.exit_code == 0, [r.error for r in summary.failed]
     assert visible_files(tmp_path / "raw" / "00000") == {"lake/wanted.bin": b"wanted"}
+
+
+def test_a_source_store_that_drops_connections_or_refuses_anonymous_callers_is_named(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Listing errors without a response (a closed connection) are transient, not an
+    internal error blamed on the plan; no credentials at all is the config's (exit 2)."""
+    import socket
+    import threading
+
+    from trajflow.errors import TransientError
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+
+    def close_every_connection() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            conn.close()
+
+    threading.Thread(target=close_every_connection, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    source = {"type": "s3", "name": "remote", "url": "s3://bucket/prefix", "endpoint": endpoint}
+    try:
+        with pytest.raises(TransientError, match=r"source 'remote': listing s3://bucket/prefix failed: "):
+            ShardDownloader(LocalStorage(tmp_path / "a"), make_config([{**source, "anonymous": True}]), 0, 1).plan()
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        with pytest.raises(ConfigError, match=r"listing s3://bucket/prefix failed: no usable credentials"):
+            ShardDownloader(LocalStorage(tmp_path / "b"), make_config([source]), 0, 1).plan()
+    finally:
+        listener.close()

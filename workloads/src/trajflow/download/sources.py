@@ -377,11 +377,18 @@ class S3SourceRuntime(SourceRuntime):
         )
 
     def _list_error(self, exc: Exception) -> Exception:
-        code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
-        status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+        from botocore import exceptions as boto_errors
+
+        from trajflow.storage.s3 import _error_code, _status
+
+        code, status = _error_code(exc), _status(exc)  # timeouts and dropped connections carry no response
         what = f"source {self.name!r}: listing {self.cfg.url} failed"
+        if isinstance(exc, (boto_errors.NoCredentialsError, boto_errors.PartialCredentialsError)):
+            return ConfigError(f"{what}: no usable credentials ({exc}); give them through credentialsEnvPrefix or "
+                               "workload identity, or set anonymous: true for a public bucket")
         if code in ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
-                    "InvalidBucketName", "PermanentRedirect", "AuthorizationHeaderMalformed") or status in (400, 401, 403, 404):
+                    "InvalidBucketName", "PermanentRedirect", "AuthorizationHeaderMalformed", "ExpiredToken",
+                    "InvalidToken") or status in (400, 401, 403, 404):
             return ConfigError(f"{what}: {code or status}: {exc}")
         return TransientError(f"{what}: {exc}")
 
@@ -430,8 +437,9 @@ class S3SourceRuntime(SourceRuntime):
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self.prefix)
         except Exception as exc:
-            code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
-            if code in ("404", "NoSuchKey", "NotFound"):
+            from trajflow.storage.s3 import _is_not_found
+
+            if _is_not_found(exc):
                 return []
             raise
         rel = self.prefix.rsplit("/", 1)[-1]
