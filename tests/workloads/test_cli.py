@@ -11,7 +11,7 @@ import pytest
 from trajflow import __version__, bench, cli
 from trajflow.errors import ExitCode, PermanentError, TransientError
 
-ML_LIBRARIES = ["torch", "triton", "numpy", "pyarrow", "h5py", "safetensors", "matplotlib", "torchinterp1d", "scipy"]
+ML_LIBRARIES = ["torch", "triton", "numpy", "pyarrow", "h5py", "safetensors", "matplotlib"]
 
 
 def test_version(capsys):

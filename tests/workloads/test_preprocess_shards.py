@@ -62,7 +62,7 @@ def test_shard_round_trips_and_is_a_plain_safetensors_file(local_storage, dtype)
     arr = reader.array("action")
     assert isinstance(arr, np.memmap) and not arr.flags.writeable
     assert arr.dtype == (np.uint16 if dtype == "bfloat16" else np.dtype(dtype))
-    np.testing.assert_array_equal(as_float32(reader, "action", 1), reader.episode_tensor(1, "action").float().numpy())
+    np.testing.assert_array_equal(as_float32(reader, "action", slice(3, 10)), reader.episode_tensor(1, "action").float().numpy())
 
 
 def test_tensor_is_copy_on_write(local_storage):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from trajflow.errors import ExitCode
-from trajflow.storage import LocalStorage
+from trajflow.storage import LocalStorage, read_train_metrics
 from trajflow.train import artifacts
 from trajflow.train.checkpoint import CheckpointStore
 from trajflow.train.synthetic import (
@@ -87,7 +87,7 @@ class Run:
         return self.log_path.read_text(errors="replace")
 
     def metrics(self) -> dict:
-        doc = artifacts.read_metrics(self.storage)
+        doc = read_train_metrics(self.storage)
         assert doc is not None, self.log()[-4000:]
         return doc
 

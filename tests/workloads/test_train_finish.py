@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from trajflow.storage import LocalStorage
+from trajflow.storage import LocalStorage, read_train_metrics
 from trajflow.train import artifacts
 from trajflow.train.synthetic import local_settings, write_config_file, write_synthetic_shards
 
@@ -60,4 +60,4 @@ def test_rank0_failure_writing_the_model_fails_all_ranks_and_the_restart_writes_
     assert "rank 0 failed writing the model artifacts" in log, log[-4000:]  # rank 1 failed with it
     assert proc.returncode == 0, log[-4000:]
     assert storage.exists(artifacts.MODEL_KEY)
-    assert artifacts.read_metrics(storage)["restarts"] == 1
+    assert read_train_metrics(storage)["restarts"] == 1

@@ -16,7 +16,7 @@ import torch
 from trajflow.config.train import TrainConfig
 from trajflow.errors import ConfigError, ExitCode, PermanentError, TransientError
 from trajflow.preprocess.shards import Episode, list_shards, shard_key, write_shard
-from trajflow.storage import LocalStorage, manifest_key, read_manifest, write_manifest
+from trajflow.storage import LocalStorage, manifest_key, read_manifest, read_train_metrics, write_manifest
 from trajflow.testing import free_port
 from trajflow.train import artifacts
 from trajflow.train.checkpoint import CheckpointStore
@@ -291,9 +291,9 @@ def test_the_passes_over_the_data_take_long_episodes_a_slice_at_a_time(tmp_path:
     refs = list(shards.episodes)
     whole = train_data.local_moments(shards, refs[:1], ["o", "a"])
     slices = []
-    real = train_data._as_float32
+    real = train_data.as_float32
     monkeypatch.setattr(train_data, "ROWS_PER_PASS", 64)
-    monkeypatch.setattr(train_data, "_as_float32", lambda reader, rows, stream: slices.append(rows) or real(reader, rows, stream))
+    monkeypatch.setattr(train_data, "as_float32", lambda reader, stream, rows: slices.append(rows) or real(reader, stream, rows))
     np.testing.assert_allclose(train_data.local_moments(shards, refs[:1], ["o", "a"]), whole, rtol=1e-12)
     assert max(r.stop - r.start for r in slices) == 64
     with pytest.raises(PermanentError, match="episode 'raw/x#1' has NaN/Inf values in stream 'o'"):
@@ -391,7 +391,7 @@ def test_orphan_payloads_are_pruned(tmp_path: Path) -> None:
 def test_metrics_json_has_no_nan_and_curve_is_png(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path)
     artifacts.write_metrics(storage, {"loss": float("nan"), "history": [{"val_loss": float("inf")}]})
-    assert artifacts.read_metrics(storage) == {"loss": None, "history": [{"val_loss": None}]}
+    assert read_train_metrics(storage) == {"loss": None, "history": [{"val_loss": None}]}
     png = artifacts.render_loss_curve([{"epoch": 0, "train_loss": 1.0, "val_loss": 0.5}], 2.0, "t")
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
 
@@ -422,7 +422,7 @@ def test_validation_loss_halves_and_the_model_artifact_predicts(tmp_path: Path, 
     for key in (artifacts.METRICS_KEY, artifacts.CURVE_KEY, artifacts.CONFIG_KEY, artifacts.MODEL_KEY,
                 artifacts.MODEL_INFO_KEY):
         assert storage.exists(key), key
-    written = artifacts.read_metrics(storage)
+    written = read_train_metrics(storage)
     assert written["best_val_loss"] == pytest.approx(summary["best_val_loss"])
     assert [h["epoch"] for h in written["history"]] == list(range(epochs))
     # the exported model reproduces the validation loss in raw units
@@ -645,7 +645,7 @@ def test_nan_loss_stops_with_the_diverged_exit_code(tmp_path: Path) -> None:
     with pytest.raises(TrainingDiverged, match=r"became NaN/Inf at epoch 0, step \d+") as err:
         train(settings)
     assert err.value.exit_code == ExitCode.DIVERGED == 5
-    assert artifacts.read_metrics(storage)["status"] == "diverged"
+    assert read_train_metrics(storage)["status"] == "diverged"
     assert CheckpointStore(storage).list() == []  # nothing diverged was saved
 
 
@@ -825,7 +825,7 @@ def test_training_on_an_s3_run_root(s3_server, tmp_path: Path) -> None:  # type:
     assert [c.epoch for c in CheckpointStore(storage).list()] == [1, 2]
     model, description = artifacts.load_model(storage)
     assert description["run_id"] == "s3run" and model.spec.window == 8
-    assert artifacts.read_metrics(storage)["status"] == "completed"
+    assert read_train_metrics(storage)["status"] == "completed"
 
 
 def test_launcher_rejects_bad_config_before_starting_workers(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -16,7 +16,7 @@ from trajflow.errors import ExitCode, Terminated, TrajflowError
 
 # Libraries of the `ml` extra: the downloader image does not carry them.
 OPTIONAL_DEPENDENCIES = {
-    "torch", "triton", "numpy", "pyarrow", "h5py", "safetensors", "matplotlib", "torchinterp1d", "scipy",
+    "torch", "triton", "numpy", "pyarrow", "h5py", "safetensors", "matplotlib",
 }
 
 # subcommand -> (module, one-line help)

@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trajflow.storage import LocalStorage
-from trajflow.train import artifacts
+from trajflow.storage import LocalStorage, read_train_metrics
 from trajflow.train.synthetic import (
     local_settings,
     write_config_file,
@@ -42,7 +41,7 @@ def _run(tmp: Path, name: str, nproc: int, threads: int | None, config: dict[str
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark run {name} failed with exit code {proc.returncode}:\n{proc.stderr[-3000:]}")
-    doc = artifacts.read_metrics(LocalStorage(tmp / name)) or {}
+    doc = read_train_metrics(LocalStorage(tmp / name)) or {}
     rates = [h["samples_per_second"] for h in doc.get("history", [])[1:]] or [doc["samples_per_second"]]
     rate = statistics.median(rates)
     return {

@@ -225,11 +225,6 @@ def load_chart(chart_dir: Path) -> ChartValues:
     return ChartValues(_chart_name(meta, chart_dir.name), values, dependencies, str(values_path))
 
 
-def chart_defaults(chart_dir: Path) -> dict[str, Any]:
-    """The values a release renders with when the user gives none."""
-    return coalesce_chart(load_chart(chart_dir), {})
-
-
 def _default_layers(chart: ChartValues, path: tuple[str, ...] = ()) -> list[tuple[str, dict[str, Any]]]:
     """(file, values nested at the chart's place) for every chart, subcharts first (they
     have the lowest priority), for naming the file a value came from."""

@@ -1,6 +1,6 @@
 """Moving one item's bytes from a source to the run root, verified, resumable, atomic.
 
-An item is fetched as one stream, or — when it is larger than `multipartThresholdMiB` and
+An item is fetched as one stream, or — when it is larger than `multipartThresholdMib` and
 the source serves ranges — as parallel ranged parts, all pinned to one version of the
 object with `If-Match` (or `If-Unmodified-Since`; a source with neither validator is fetched
 as one stream unless a declared checksum covers the file). A broken stream continues from

@@ -144,13 +144,3 @@ def reap(pids: Iterable[int]) -> None:
             pass
 
 
-def wait_all(procs: Iterable[subprocess.Popen[bytes]], timeout_s: float) -> bool:
-    """Wait until every process exited or the timeout passed; True when all exited."""
-    deadline = time.monotonic() + timeout_s
-    procs = list(procs)
-    while True:
-        if all(p.poll() is not None for p in procs):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)

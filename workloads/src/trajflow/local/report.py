@@ -18,7 +18,7 @@ from trajflow.errors import ExitCode
 from trajflow.files import replace_file, write_via_temporary
 from trajflow.local.progress import STAGE_TITLES
 from trajflow.resources import human_bytes
-from trajflow.storage import Storage, read_manifest
+from trajflow.storage import Storage, read_manifest, read_train_metrics
 
 if TYPE_CHECKING:
     from trajflow.local.runner import Runner, RunResult
@@ -99,9 +99,8 @@ def training_history(storage: Storage | None, logged: list[dict[str, Any]]) -> t
     """Per-epoch metrics and the run's summary: the training's own metrics.json in the run
     root when it wrote one (and `storage` is given), else what its log lines carried
     during this run."""
-    from trajflow.local.runner import training_metrics
 
-    doc = training_metrics(storage) if storage is not None else None
+    doc = read_train_metrics(storage) if storage is not None else None
     if doc is not None and isinstance(doc.get("history"), list):
         rows = [r for r in doc["history"] if isinstance(r, dict)]
         return rows, doc
@@ -111,7 +110,7 @@ def training_history(storage: Storage | None, logged: list[dict[str, Any]]) -> t
     return [by_epoch[e] for e in sorted(by_epoch, key=lambda e: (e is None, e))], {}
 
 
-def summarize(runner: "Runner", result: "RunResult") -> tuple[list[StageSummary], list[dict[str, Any]]]:
+def summarize(runner: "Runner") -> tuple[list[StageSummary], list[dict[str, Any]]]:
     from trajflow.local import runner as r
 
     storage = runner.storage
@@ -316,7 +315,7 @@ img {{ max-width: 100%; }} code {{ font-size: .9em; }} .muted {{ color: #666; }}
 
 def write_report(runner: "Runner", result: "RunResult", report_path: Path | None = None) -> tuple[dict[str, Any], list[StageSummary]]:
     """Write summary.json, report.png and report.html under the work dir; return the summary."""
-    stages, history = summarize(runner, result)
+    stages, history = summarize(runner)
     html_path = (report_path or runner.work_dir / "report.html").resolve()
     png_path = html_path.with_suffix(".png")
     written: Path | None = None

@@ -39,7 +39,7 @@ from trajflow.errors import ConfigError, ExitCode
 from trajflow.local import procs
 from trajflow.files import replace_file
 from trajflow.local.pipeline import RunPlan, StagePlan
-from trajflow.storage import Storage, manifest_key, open_run_root, read_manifest, shard_name
+from trajflow.storage import Storage, manifest_key, open_run_root, read_manifest, read_train_metrics, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -117,23 +117,11 @@ def trajflow_command() -> list[str]:
     return [sys.executable, "-m", "trajflow.cli"]
 
 
-# what `trajflow train` writes on rank 0 (trajflow.train.artifacts.METRICS_KEY; not imported
-# here because that module needs torch)
-TRAIN_METRICS_KEY = "train/artifacts/metrics.json"
 TRAIN_FINISHED = ("completed", "early_stopped")
 
 
-def training_metrics(storage: Storage) -> dict[str, Any] | None:
-    """The training's metrics.json (history, initial/best/final losses, status), if any."""
-    try:
-        doc = json.loads(storage.read_bytes(TRAIN_METRICS_KEY))
-    except (FileNotFoundError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
 def training_finished(storage: Storage) -> bool:
-    doc = training_metrics(storage)
+    doc = read_train_metrics(storage)
     return doc is not None and doc.get("status") in TRAIN_FINISHED
 
 

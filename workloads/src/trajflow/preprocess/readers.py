@@ -736,14 +736,14 @@ def _reraise_io(exc: BaseException) -> None:
         raise exc
 
 
+# On an object store, files up to this size are read whole (one request); larger ones by
+# ranges, of which a parser of scattered metadata makes many
+RANGED_READ_ABOVE = 64 << 20
 # Formats whose parsers would read a file in many small pieces, and the largest file read
 # whole first instead (None: any): from a cold disk one large read is faster, and it can be
 # prefetched. Other files (HDF5, large parquet) go to their parser as a file, on a local
 # volume or read by ranges from an object store: it reads only the datasets asked for.
-_READ_WHOLE = {"npz": None, "lerobot": 64 << 20}
-# On an object store, files up to this size are read whole (one request); larger ones by
-# ranges, of which a parser of scattered metadata makes many
-RANGED_READ_ABOVE = 64 << 20
+_READ_WHOLE = {"npz": None, "lerobot": RANGED_READ_ABOVE}
 # formats whose decoders release the GIL: reading threads run them on several cores at once
 PARALLEL_DECODERS = ("lerobot",)
 

@@ -53,7 +53,8 @@ from typing import IO, Any, BinaryIO, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from trajflow.errors import PermanentError
-from trajflow.storage import STAGE_DIRS, Storage, done_shards, read_manifest, shard_name
+from trajflow.storage import STAGE_DIRS, Storage, done_shards, manifest_key, read_manifest, shard_name
+from trajflow.storage.base import sha256_stream
 from trajflow.storage.local import naming_write_errors
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,6 @@ DTYPES: dict[str, tuple[str, np.dtype]] = {
     "float16": ("F16", np.dtype("<f2")),
     "bfloat16": ("BF16", np.dtype("<u2")),  # numpy has no bfloat16: raw bits
 }
-_CODE_TO_NAME = {code: name for name, (code, _) in DTYPES.items()}
 _COPY_CHUNK = 8 << 20
 
 
@@ -540,9 +540,9 @@ def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
-def as_float32(reader: ShardReader, stream: str, i: int | None = None) -> np.ndarray:
-    """A float32 copy of a stream (or of episode ``i``), whatever the shard dtype."""
-    x = reader.array(stream) if i is None else reader.episode(i, stream)
+def as_float32(reader: ShardReader, stream: str, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+    """A float32 copy of rows (frames) of a stream, whatever the shard dtype."""
+    x = reader.array(stream)[rows]
     if reader.dtype == "bfloat16":
         return bf16_bits_to_float32(x)
     return np.asarray(x, dtype=np.float32)
@@ -612,16 +612,13 @@ def list_shards(storage: Storage) -> list[ShardEntry]:
         manifest = read_manifest(storage, "preprocess", shard)
         if manifest is None:  # removed between listing and reading
             continue
-        out.append(_entry(shard, manifest, f"{storage.uri}/{RESAMPLED_DIR}/_done/{shard_name(shard)}.json"))
+        out.append(_entry(shard, manifest, f"{storage.uri}/{manifest_key('preprocess', shard)}"))
     return out
 
 
 def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(_COPY_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return sha256_stream(fh, _COPY_CHUNK)[0]
 
 
 def check_shard_file(path: Path, entry: ShardEntry) -> None:
@@ -689,7 +686,3 @@ def open_shard(path: str | Path | None = None, *, storage: Storage | None = None
     return ShardReader(fetch_shard(storage, entry, cache, verify=verify and bool(entry.sha256)))
 
 
-def iter_readers(storage: Storage, cache_dir: str | Path | None = None) -> Iterator[tuple[ShardEntry, ShardReader]]:
-    """Every done shard, opened (fetched first on S3)."""
-    for entry in list_shards(storage):
-        yield entry, open_shard(storage=storage, key=entry.key, cache_dir=cache_dir)

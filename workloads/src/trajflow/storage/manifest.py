@@ -25,7 +25,19 @@ MANIFEST_VERSION = 1
 # `trajflow wait --stage` name -> directory of that stage's output
 STAGE_DIRS = {"download": "raw", "preprocess": "resampled"}
 PLAN_KEY = "plan/download.json"
-TRAIN_DIR = "train"
+# what training writes on rank 0: checkpoints, and the artifacts (metrics, model, curve)
+TRAIN_ARTIFACT_DIR = "train/artifacts"
+TRAIN_METRICS_KEY = f"{TRAIN_ARTIFACT_DIR}/metrics.json"
+
+
+def read_train_metrics(storage: Storage) -> dict[str, Any] | None:
+    """The training's metrics.json (history, initial/best/final losses, status); None when
+    there is none yet, or none readable. Here, not beside its writer: readers need no torch."""
+    try:
+        doc = json.loads(storage.read_bytes(TRAIN_METRICS_KEY))
+    except (FileNotFoundError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def shard_name(shard: int) -> str:

@@ -26,7 +26,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from trajflow.testing import free_port
 
@@ -255,10 +255,6 @@ class SeaweedS3:
             "AWS_ENDPOINT_URL_S3": self.endpoint,
         }
 
-    def storage_options(self) -> dict[str, Any]:
-        """Keyword arguments for `trajflow.storage.open_storage` reaching this server."""
-        return {"client": self.client()}
-
     def stop(self, grace_s: float = 10.0) -> None:
         """Stop the whole process group (SIGTERM, then SIGKILL) and remove the data dir."""
         if self.process.poll() is None:
@@ -281,12 +277,3 @@ class SeaweedS3:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-@contextlib.contextmanager
-def seaweed_s3(**kwargs: Any) -> Iterator[SeaweedS3]:
-    server = SeaweedS3.start(**kwargs)
-    try:
-        yield server
-    finally:
-        server.stop()

@@ -23,12 +23,13 @@ import torch
 import yaml
 
 from trajflow.storage import Storage, open_storage
+from trajflow.storage.manifest import TRAIN_ARTIFACT_DIR, TRAIN_METRICS_KEY
 from trajflow.train.models import ModelSpec, TrajectoryModel
 
 log = logging.getLogger(__name__)
 
-ARTIFACT_DIR = "train/artifacts"
-METRICS_KEY = f"{ARTIFACT_DIR}/metrics.json"
+ARTIFACT_DIR = TRAIN_ARTIFACT_DIR
+METRICS_KEY = TRAIN_METRICS_KEY
 CURVE_KEY = f"{ARTIFACT_DIR}/loss_curve.png"
 CONFIG_KEY = f"{ARTIFACT_DIR}/config.yaml"
 MODEL_KEY = f"{ARTIFACT_DIR}/model.safetensors"
@@ -50,13 +51,6 @@ def _finite_or_none(value: Any) -> Any:
 
 def write_metrics(storage: Storage, metrics: dict[str, Any]) -> None:
     storage.write_bytes(METRICS_KEY, (json.dumps(_finite_or_none(metrics), indent=1, sort_keys=True) + "\n").encode())
-
-
-def read_metrics(storage: Storage) -> dict[str, Any] | None:
-    try:
-        return json.loads(storage.read_bytes(METRICS_KEY))
-    except FileNotFoundError:
-        return None
 
 
 def write_config(storage: Storage, resolved: dict[str, Any]) -> None:

@@ -30,7 +30,7 @@ from trajflow.preprocess.shards import (
     ShardEntry,
     ShardFormatError,
     ShardReader,
-    bf16_bits_to_float32,
+    as_float32,
     check_shard_file,
     list_shards,
     open_shard,
@@ -180,13 +180,6 @@ def _one_sharding(storage: Storage, entries: list[ShardEntry]) -> list[ShardEntr
     return by_count[complete[0]]
 
 
-def _as_float32(reader: ShardReader, rows: np.ndarray | slice, stream: str) -> np.ndarray:
-    x = reader.array(stream)[rows]
-    if reader.dtype == "bfloat16":
-        return bf16_bits_to_float32(x)
-    return np.asarray(x, dtype=np.float32)
-
-
 def frames_needed(config: TrainConfig) -> int:
     """Frames of an episode one sample spans (forecast also needs the frame after the window)."""
     return config.window + (1 if config.task == "forecast" else 0)
@@ -216,16 +209,6 @@ def split_episodes(episodes: Sequence[EpisodeRef], val_fraction: float, seed: in
     return train, val
 
 
-@dataclass
-class NormStats:
-    """Per-dimension mean and standard deviation of the input and target streams."""
-
-    input_mean: np.ndarray
-    input_std: np.ndarray
-    target_mean: np.ndarray
-    target_std: np.ndarray
-
-
 class _Moments:
     def __init__(self, dim: int):
         self.count = 0
@@ -249,7 +232,7 @@ def _finite_chunks(shards: ShardSet, ep: EpisodeRef, stream: str) -> Iterator[np
     frame is a data error (PermanentError naming the episode), not a divergence."""
     reader = shards.readers[ep.shard]
     for start in range(ep.offset, ep.offset + ep.length, ROWS_PER_PASS):
-        x = _as_float32(reader, slice(start, min(start + ROWS_PER_PASS, ep.offset + ep.length)), stream)
+        x = as_float32(reader, stream, slice(start, min(start + ROWS_PER_PASS, ep.offset + ep.length)))
         if not np.isfinite(x).all():
             raise PermanentError(
                 f"{reader.path}: episode {ep.name!r} has NaN/Inf values in stream {stream!r}; "
@@ -346,8 +329,8 @@ class WindowDataset(Dataset):
             where = np.nonzero(shard_of == shard)[0]
             reader = self.shards.readers[int(shard)]
             starts = self.starts[idx[where]]
-            x[where] = _as_float32(reader, starts[:, None] + self._offsets, self.input_stream)
-            y[where] = _as_float32(reader, starts + self.target_lag, self.target_stream)
+            x[where] = as_float32(reader, self.input_stream, starts[:, None] + self._offsets)
+            y[where] = as_float32(reader, self.target_stream, starts + self.target_lag)
         xt, yt = torch.from_numpy(x), torch.from_numpy(y)
         return (xt[0], yt[0]) if single else (xt, yt)
 

@@ -18,9 +18,11 @@ import socket
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Sequence
 
 from trajflow.errors import ExitCode, TrajflowError
+from trajflow.files import replace_file
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +41,7 @@ def record_final_failure(exc: TrajflowError) -> None:
     if not path or exc.exit_code not in FINAL:
         return
     with contextlib.suppress(OSError):
-        tmp = f"{path}.{os.getpid()}"
-        with open(tmp, "w") as fh:
-            json.dump({"exit_code": int(exc.exit_code), "message": str(exc)}, fh)
-        os.replace(tmp, path)
+        replace_file(Path(path), json.dumps({"exit_code": int(exc.exit_code), "message": str(exc)}))
 
 
 def earlier_final_failure() -> tuple[int, str] | None:
