@@ -95,6 +95,12 @@ def test_a_ranged_file_reads_like_the_bytes_it_views(storage, monkeypatch):
             assert ours.seek(where) == ref.seek(where)
         n = rng.choice([0, 1, 7, 63, 64, 65, 200, 300, 6000, -1])
         assert ours.read(n) == ref.read(n) and ours.tell() == ref.tell()
+    # a typed buffer takes as many bytes as it holds, not as many items
+    import array
+
+    ours.seek(0)
+    doubles = array.array("d", bytes(64))
+    assert ours.readinto(doubles) == 64 and doubles.tobytes() == data[:64]
 
 
 def test_ranged_read_of_missing_object_raises(storage):

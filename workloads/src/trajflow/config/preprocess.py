@@ -28,7 +28,8 @@ class SourceOverrides(Model):
     format: Optional[Format] = Field(None, description="Raw file format of this source.")
     streams: Optional[list[str]] = Field(None, min_length=1, description="Raw stream names to read from this source.")
     renames: Optional[dict[str, Optional[str]]] = Field(
-        None, description="Raw stream name -> output stream name, for this source (null drops an inherited entry)."
+        None, description="Raw stream name -> output stream name, for this source, in place of the top level's "
+        "(null drops an entry another values file set)."
     )
     time_key: Optional[str] = Field(None, description="Timestamp column/dataset of this source.")
     rate_hz: Optional[float] = Field(None, gt=0, description="Recorded rate when files carry no timestamps.")

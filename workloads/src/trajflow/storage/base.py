@@ -191,10 +191,10 @@ class RangedFile(io.RawIOBase):
         return data
 
     def readinto(self, buffer: "bytearray | memoryview") -> int:  # type: ignore[override]
-        n = min(len(buffer), self.size - self._pos)
+        out = memoryview(buffer).cast("B")
+        n = min(out.nbytes, self.size - self._pos)
         if n <= 0:
             return 0
-        out = memoryview(buffer).cast("B")
         if n >= 4 * self.BLOCK:
             data = self._range(self._pos, self._pos + n)
             out[: len(data)] = data
