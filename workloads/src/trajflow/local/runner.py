@@ -482,31 +482,31 @@ class Runner:
         cannot be written (a full disk), the output is still read: a child whose pipe fills
         up would block."""
         assert proc.stdout is not None
+
+        def give_up(sink: Any, exc: OSError | None) -> None:
+            """Stop logging (the view still gets the lines); report `exc` if any."""
+            if sink is not None:
+                with contextlib.suppress(OSError):
+                    sink.close()
+            if exc is not None:
+                self._lines.put((task, exc))
+
         sink: Any = None
         try:
             sink = task.log_path.open("ab")
             sink.write(header)
             sink.flush()
         except OSError as exc:
-            if sink is not None:
-                with contextlib.suppress(OSError):
-                    sink.close()
-            sink = None
-            self._lines.put((task, exc))
+            sink = give_up(sink, exc)
         for line in iter(proc.stdout.readline, b""):
             if sink is not None:
                 try:
                     sink.write(line)
                     sink.flush()
                 except OSError as exc:
-                    with contextlib.suppress(OSError):
-                        sink.close()
-                    sink = None
-                    self._lines.put((task, exc))
+                    sink = give_up(sink, exc)
             self._lines.put((task, line))
-        if sink is not None:
-            with contextlib.suppress(OSError):
-                sink.close()
+        give_up(sink, None)
         proc.stdout.close()
         self._lines.put((task, None))
 
