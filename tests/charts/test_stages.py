@@ -228,6 +228,7 @@ def test_notes_say_how_to_watch_and_where_data_lands():
     assert "completedIndexes" in text
     assert "file:///data/dev" in text and 'PersistentVolumeClaim "trajflow-data"' in text
     assert "--set downloader.parallelism=16" in text
+    assert "A failed Job never starts another pod" in text and "--set downloader.rerun=1" in text
     s3 = notes([env_file("production")], api_versions=PROMETHEUS_OPERATOR_APIS)
     assert "s3://trajflow-production/runs/fleet-2026-q3" in s3
     assert "http://trajflow-pushgateway.trajflow.svc:9091" in s3
