@@ -10,6 +10,8 @@
 - `local_storage`: a LocalStorage in a temp dir.
 - `storage`: parametrised over both backends (`file`, `s3`) for contract tests.
 - `pushgateway` (session): a real Pushgateway on 127.0.0.1, skipped when not installed.
+- `terminal_output`: `trajflow` run in-process writes as on a terminal (its last word is a
+  plain line; where stderr is no terminal it is a JSON record, as in pods).
 - markers: `slow`, `gpu` (skipped without CUDA), `cluster` (skipped without KUBECONFIG).
 """
 from __future__ import annotations
@@ -28,6 +30,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture
+def terminal_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRAJFLOW_LOG_FORMAT", "text")
 
 
 # ---- object storage -------------------------------------------------------------------

@@ -12,6 +12,7 @@ from helmrender import (
     container,
     env_file,
     env_of,
+    helm,
     notes,
     one,
     pod_spec,
@@ -72,6 +73,28 @@ def test_preprocessing_shard_waits_for_its_download_shard():
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
     assert job["spec"]["completions"] == one(objs, "Job", "downloader")["spec"]["completions"]
     assert job["spec"]["parallelism"] == 8
+
+
+def test_the_commands_pods_run_report_their_last_word_as_a_log_record():
+    """The JSON logs of a pod end in a `"level": "error"` record that says why it stopped."""
+    from trajflow.cli import POD_COMMANDS
+
+    run = set()
+    for launcher in ("job", "pytorchjob"):
+        objs = render([env_file("production")], {"training.launcher": launcher},
+                      api_versions=[*PROMETHEUS_OPERATOR_APIS, *KUBEFLOW_APIS])
+        for workload in [*select(objs, "Job"), *select(objs, "PyTorchJob")]:
+            spec = pod_spec(workload)
+            run |= {c["args"][0] for c in [*spec.get("initContainers", []), *spec["containers"]]
+                    if c.get("command") == ["trajflow"]}
+    assert run == POD_COMMANDS
+
+
+def test_a_preprocessing_pod_takes_one_gpu():
+    # the stage drives one GPU; scaling out is parallelism's job
+    with pytest.raises(helm.HelmRenderError, match="nvidia.com/gpu is 2, but a preprocessing pod uses one GPU: 1 would sit idle"):
+        render([env_file("production")], {"preprocessing.resources.limits.nvidia\\.com/gpu": "2"},
+               api_versions=PROMETHEUS_OPERATOR_APIS)
 
 
 def test_triton_cache_is_shared_on_a_shared_filesystem():

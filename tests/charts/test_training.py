@@ -84,8 +84,8 @@ def test_rank_zero_is_master_addr_and_the_launcher_uses_c10d():
     assert env["MASTER_PORT"] == "29400"
 
 
-@pytest.mark.parametrize("gpus, nproc, expected", [(8, None, 8), (4, None, 4), (None, None, 1), (8, 2, 2),
-                                                   (None, 3, 3)])
+@pytest.mark.parametrize("gpus, nproc, expected", [(8, None, 8), (4, None, 4), (None, None, 1), (8, 8, 8),
+                                                   ("2", None, 2), (None, 3, 3)])
 def test_processes_per_node(gpus, nproc, expected):
     _, job = training({"training.resources.limits.nvidia\\.com/gpu": gpus, "training.nprocPerNode": nproc},
                          files=("dev",))
@@ -93,6 +93,19 @@ def test_processes_per_node(gpus, nproc, expected):
     metrics = [p for p in container(job, "train")["ports"] if p["name"].startswith("metrics")]
     # local rank i serves /metrics on metricsPort + i
     assert [p["containerPort"] for p in metrics] == [9400 + i for i in range(expected)]
+
+
+@pytest.mark.parametrize("nproc, words", [(4, r"2 local rank\(s\) would have no GPU\. Set nprocPerNode to 2"), (1, "1 would sit idle")])
+def test_processes_per_node_must_match_the_gpus(nproc, words):
+    # found at render, not by the workers after the wait for every preprocessed shard
+    with pytest.raises(helm.HelmRenderError, match=f"training.nprocPerNode is {nproc}, but each training pod has 2 GPU.*{words}"):
+        training({"training.resources.limits.nvidia\\.com/gpu": 2, "training.nprocPerNode": nproc}, files=("staging",))
+
+
+def test_processes_per_node_are_free_on_cpu():
+    _, job = training({"training.resources.limits.nvidia\\.com/gpu": 2, "training.nprocPerNode": 3,
+                       "training.config.device": "cpu"}, files=("dev",))
+    assert "--nproc-per-node=3" in container(job, "train")["args"]
 
 
 def test_every_pod_waits_for_all_preprocessed_shards():

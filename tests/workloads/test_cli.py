@@ -39,7 +39,7 @@ def test_base_install_needs_no_ml_libraries():
 
 
 @pytest.fixture
-def fake_command(monkeypatch):
+def fake_command(monkeypatch, terminal_output):
     """Register a `fake` subcommand whose run() does what the test puts in `behaviour`."""
     module = types.ModuleType("trajflow_test_fake_command")
     module.behaviour = lambda: 0
@@ -61,6 +61,23 @@ def test_errors_map_to_exit_codes(fake_command, capsys, error, code):
     fake_command.behaviour = fail
     assert cli.main(["fake"]) == code
     assert capsys.readouterr().err.strip() == f"trajflow fake: error: {error}"
+
+
+def test_in_pods_the_last_word_is_a_json_record(fake_command, capfd, monkeypatch):
+    """Log pipelines and the README's `"level": "error"` search find why the pod stopped;
+    commands for people (`trajflow run` in CI) keep the plain line."""
+    monkeypatch.setenv("TRAJFLOW_LOG_FORMAT", "json")
+
+    def fail():
+        raise PermanentError('source says "gone"')
+
+    fake_command.behaviour = fail
+    assert cli.main(["fake"]) == ExitCode.PERMANENT
+    assert capfd.readouterr().err.strip() == 'trajflow fake: error: source says "gone"'
+    monkeypatch.setattr(cli, "POD_COMMANDS", {"fake"})
+    assert cli.main(["fake"]) == ExitCode.PERMANENT
+    last = json.loads(capfd.readouterr().err.splitlines()[-1])
+    assert (last["level"], last["msg"], last["exit_code"]) == ("error", 'trajflow fake: error: source says "gone"', 3)
 
 
 def test_missing_ml_library_is_a_config_error(fake_command, capsys, monkeypatch):

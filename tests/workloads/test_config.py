@@ -19,6 +19,7 @@ from trajflow.config import (
 )
 from trajflow.config.cli import schemas
 from trajflow.errors import ConfigError, ExitCode
+from trajflow.storage.s3 import parse_s3_uri
 
 
 @pytest.fixture
@@ -56,10 +57,11 @@ def test_defaults_validate_and_give_a_run_root(tmp_path):
     assert glob.run_id == "default" and glob.storage.type == "filesystem"
     assert glob.run_root() == "file:///data/default"
     s3 = GlobalConfig.model_validate(
-        {"runId": "r7", "storage": {"type": "s3", "s3": {"bucket": "b", "prefix": "/team/runs/"}}}
+        {"runId": "r7", "storage": {"type": "s3", "s3": {"bucket": "runs", "prefix": "/team #1/runs/"}}}
     )
-    assert s3.run_root() == "s3://b/team/runs/r7"
-    assert GlobalConfig.model_validate({"storage": {"type": "s3", "s3": {"bucket": "b"}}}).run_root() == "s3://b/default"
+    assert s3.run_root() == "s3://runs/team #1/runs/r7"
+    assert parse_s3_uri(s3.run_root()) == ("runs", "team #1/runs/r7")  # keys are taken literally
+    assert GlobalConfig.model_validate({"storage": {"type": "s3", "s3": {"bucket": "runs"}}}).run_root() == "s3://runs/default"
 
 
 def test_models_are_camel_case_and_frozen():
@@ -98,10 +100,13 @@ def test_schema_command_prints_json(capsys):
 def test_schema_accepts_what_the_models_accept_and_rejects_the_rest():
     jsonschema = pytest.importorskip("jsonschema")
     schema = schemas()["global"]
-    good = {"runId": "r1", "storage": {"type": "s3", "s3": {"bucket": "b", "addressingStyle": "virtual"}}}
+    good = {"runId": "r1", "storage": {"type": "s3", "s3": {"bucket": "runs", "addressingStyle": "virtual"}}}
     jsonschema.validate(good, schema)
     GlobalConfig.model_validate(good)
-    for bad in ({"runID": "r1"}, {"storage": {"type": "nfs"}}, {"storage": {"s3": {"addressingStyle": "dns"}}}):
+    # (bucket names and prefixes every stage would refuse at start, after `helm install` took them)
+    for bad in ({"runID": "r1"}, {"storage": {"type": "nfs"}}, {"storage": {"s3": {"addressingStyle": "dns"}}},
+                {"storage": {"s3": {"bucket": "My_Bucket"}}}, {"storage": {"s3": {"prefix": "a//b"}}},
+                {"storage": {"s3": {"prefix": "team/../other"}}}):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
         with pytest.raises(ConfigError):
@@ -122,6 +127,9 @@ def test_schema_accepts_what_the_models_accept_and_rejects_the_rest():
         ({"metrics": {"pushgatewayUrl": "pushgateway:9091"}}, "values.yaml: global.metrics.pushgatewayUrl: pushgatewayUrl must be an http(s) URL"),
         ({"storage": {"type": "s3"}}, "values.yaml: global.storage: storage.s3.bucket is required when storage.type is s3"),
         ({"storage": 5}, "values.yaml: global.storage: Input should be a valid dictionary"),
+        ({"storage": {"s3": {"prefix": "runs/./x"}}}, "values.yaml: global.storage.s3.prefix: expected a key prefix: "
+                                                     "names joined by '/', none of them empty, '.' or '..', and no "
+                                                     "backslash, got 'runs/./x'"),
         ({"imagePullSecrets": [{"name": "ok"}, {"name": "Not OK"}]},
          "values.yaml: global.imagePullSecrets[1].name: expected a DNS name: DNS labels (lowercase letters, digits and "
          "'-') joined by '.', got 'Not OK'"),
@@ -227,7 +235,7 @@ def test_missing_values_file(tmp_path):
     assert _one_line(info) == f"{tmp_path / 'nope.yaml'}: no such values file"
 
 
-def test_a_missing_stage_config_says_how_to_give_one(tmp_path, capsys, monkeypatch):
+def test_a_missing_stage_config_says_how_to_give_one(terminal_output, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("TRAJFLOW_CONFIG", raising=False)
     with pytest.raises(ConfigError) as info:
         load_config_file(tmp_path / "nope.yaml", "downloader")
@@ -244,7 +252,7 @@ def test_bad_set_expression_is_named():
     assert _one_line(info) == "--set 'a.b=1,a=x,a.c=2': 'a' is used as a map but already holds str"
 
 
-def test_cli_turns_config_errors_into_exit_code_2_and_one_line(tmp_path, capsys, chart, monkeypatch):
+def test_cli_turns_config_errors_into_exit_code_2_and_one_line(terminal_output, tmp_path, capsys, chart, monkeypatch):
     monkeypatch.setenv("TRAJFLOW_CHART", str(chart))
     bad = _values_file(tmp_path, "bad.yaml", "global:\n  storage:\n    type: nfs\n")
     code = cli.main(["wait", "--stage", "download", "--shards", "0", "--timeout", "1s", "-f", str(bad)])

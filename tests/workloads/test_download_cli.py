@@ -236,7 +236,7 @@ def test_sigterm_pushes_final_metrics_and_exits_for_a_retry(server: FaultyServer
         web = tmp_path / "root" / "clirun" / "raw" / "00000" / "web"
 
         def journaled_lines() -> int:
-            return sum(len(j.read_text().splitlines()) for j in web.glob(".trajflow-tmp-dl-*.journal"))
+            return sum(len(j.read_text().splitlines()) for j in web.glob(".trajflow-tmp-dlj-*"))
 
         deadline = time.monotonic() + 30
         while journaled_lines() <= 2 and time.monotonic() < deadline:  # past the header: some bytes are on disk
@@ -249,7 +249,7 @@ def test_sigterm_pushes_final_metrics_and_exits_for_a_retry(server: FaultyServer
     assert "stopped by signal" in stderr
     assert gateway.pushes and "trajflow_stage_success 0.0" in gateway.pushes[-1][2]
     # the bytes fetched so far are kept for the next run
-    journals = list(web.glob(".trajflow-tmp-dl-*.journal"))
+    journals = list(web.glob(".trajflow-tmp-dlj-*"))
     assert journals and len(journals[0].read_text().splitlines()) > 2
 
 

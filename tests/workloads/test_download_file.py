@@ -29,6 +29,8 @@ def test_symlinked_directories_are_followed_and_loops_are_not(tmp_path: Path, ca
     (src / "episodes").symlink_to(elsewhere, target_is_directory=True)
     (elsewhere / "up").symlink_to(src, target_is_directory=True)  # back into the tree: a loop
     (src / "gone.bin").symlink_to(tmp_path / "missing.bin")
+    (src / "l1").symlink_to(src / "l2")  # links to each other: ELOOP
+    (src / "l2").symlink_to(src / "l1")
 
     with caplog.at_level(logging.WARNING, logger="trajflow.download.sources"):
         summary = run(tmp_path / "root", _file_source(src))
@@ -38,6 +40,30 @@ def test_symlinked_directories_are_followed_and_loops_are_not(tmp_path: Path, ca
                                             "ds/episodes/ep1.bin": b"one"}
     assert "episodes/up: it links back to a directory that contains it" in caplog.text
     assert "gone.bin: it does not exist" in caplog.text
+    assert "l1: a loop of symbolic links" in caplog.text and "l2: a loop of symbolic links" in caplog.text
+
+
+def test_a_source_path_that_is_a_loop_of_links_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(ConfigError, match=f"source 'ds': cannot resolve {tmp_path}/a: "):
+        run(tmp_path / "root", _file_source(tmp_path / "a"))
+
+
+@pytest.mark.parametrize("uri_tail", ["dir#1", "dir?x", "dir#"])
+def test_a_file_uri_with_a_fragment_or_query_is_refused_not_cut(tmp_path: Path, uri_tail: str) -> None:
+    """Cut at '#' or '?', the URI would name `dir`, another directory: it is refused."""
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "wrong.bin").write_bytes(b"not asked for")
+    literal = tmp_path / uri_tail
+    literal.mkdir()
+    (literal / "x.bin").write_bytes(b"x")
+    source = {"type": "file", "name": "ds", "path": f"file://{literal}"}
+    with pytest.raises(ConfigError, match=r"'\?' and '#' start a query or a fragment: percent-encode them"):
+        run(tmp_path / "root", make_config([source]))
+    encoded = {**source, "path": f"file://{tmp_path}/{uri_tail.replace('#', '%23').replace('?', '%3F')}"}
+    assert run(tmp_path / "root", make_config([encoded])).exit_code == 0
+    assert raw_files(tmp_path / "root") == {"ds/x.bin": b"x"}
 
 
 def test_a_file_rewritten_with_the_same_size_is_copied_again_under_a_new_plan(tmp_path: Path) -> None:

@@ -530,6 +530,18 @@ def test_long_names_fit_despite_the_temporary_prefix_and_longer_ones_fail_alone(
     assert hidden_files(tmp_path / "raw") == []
 
 
+def test_an_item_named_like_anothers_journal_keeps_its_own_temporary(server: FaultyServer, tmp_path: Path) -> None:
+    """`foo.db` and `foo.db.journal` (SQLite) fetched at once: neither writes into the
+    other's temporary or journal."""
+    server.rate_bytes_per_s = 16 * MiB  # both streams are in flight together
+    files = {"x": payload(12 * MiB, seed=1), "x.journal": payload(6 * MiB, seed=2)}
+    urls = [server.add(f"/{name}", data) for name, data in files.items()]  # both resumable, with journals
+    summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": urls}], timeoutSeconds=5.0))
+    assert summary.exit_code == 0, summary.failed
+    assert raw_files(tmp_path) == {f"web/{name}": data for name, data in files.items()}
+    assert hidden_files(tmp_path / "raw") == []
+
+
 def test_a_directory_in_the_way_of_a_file_fails_that_item_not_the_shard(server: FaultyServer, tmp_path: Path) -> None:
     urls = [server.add("/a.bin", payload(10)), server.add("/b.bin", payload(20))]
     (tmp_path / "raw" / "00000" / "web" / "a.bin" / "left-over").mkdir(parents=True)

@@ -287,6 +287,29 @@ def test_keys_that_cannot_be_paths_are_named_not_dropped(s3_server: Any, tmp_pat
     assert sorted(r.item.key for r in summary.results) == ["lake/line\nbreak.bin", "lake/ok.bin"]  # a newline is kept
 
 
+def test_filters_apply_to_a_url_naming_one_object_and_never_reach_its_neighbour(s3_server: Any, tmp_path: Path) -> None:
+    client = s3_server.client()
+    bucket = s3_server.make_bucket("single")
+    for key, body in {"data": b"the object next to the prefix", "data/x.bin": b"x", "solo.bin": b"solo"}.items():
+        client.put_object(Bucket=bucket, Key=key, Body=body)
+
+    def fetched(url: str, **filters: Any) -> dict[str, bytes]:
+        root = tmp_path / url.rsplit("/", 1)[-1] / str(len(filters))
+        source = {"type": "s3", "name": "lake", "url": f"s3://{bucket}/{url}", "endpoint": s3_server.endpoint, **filters}
+        try:
+            assert ShardDownloader(LocalStorage(root), make_config([source]), 0, 1).run().exit_code == 0
+        except ConfigError as exc:
+            assert "the sources list no items" in str(exc)
+            return {}
+        return visible_files(root / "raw" / "00000")
+
+    # objects under data/, none kept by the filter: not the object `data` instead
+    assert fetched("data", include=["*.parquet"]) == {}
+    assert fetched("data") == {"lake/x.bin": b"x"}
+    assert fetched("solo.bin") == {"lake/solo.bin": b"solo"}
+    assert fetched("solo.bin", exclude=["*.bin"]) == {}
+
+
 @pytest.mark.parametrize("prefix, as_a_url", [("ds#v2", "ds"), ("q?x=1", "q")])
 def test_a_source_prefix_with_hash_or_question_mark_is_taken_literally(s3_server: Any, tmp_path: Path,
                                                                        prefix: str, as_a_url: str) -> None:

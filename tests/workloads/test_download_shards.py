@@ -115,7 +115,7 @@ def test_shard_0_sweeps_partial_downloads_in_the_directories_of_dropped_shards(s
     # what a kill of the 4-shard run's shard 3 mid-download leaves (nobody holds its lock)
     left = tmp_path / "raw" / "00003" / "web"
     (left / ".trajflow-tmp-dl-huge.bin").write_bytes(b"x" * 1000)
-    (left / ".trajflow-tmp-dl-huge.bin.journal").write_text("{}\n")
+    (left / ".trajflow-tmp-dlj-huge.bin").write_text("{}\n")
     assert all(s.exit_code == 0 for s in _run_all(tmp_path, config, 2))  # type: ignore[attr-defined]
     assert hidden_files(tmp_path / "raw") == []  # no one resumes those: nothing stays behind
 
@@ -131,7 +131,7 @@ def test_an_old_temporary_a_live_process_holds_is_not_swept(server: FaultyServer
     held = tmp_path / "raw" / "00000" / "web" / ".trajflow-tmp-dl-stalled.bin"
     held.parent.mkdir(parents=True)
     held.write_bytes(b"x" * 1000)
-    journal = held.with_name(held.name + ".journal")
+    journal = held.with_name(".trajflow-tmp-dlj-stalled.bin")
     journal.write_text("{}\n")
     for path in (held, journal):
         os.utime(path, (0, 0))  # written to long ago

@@ -457,3 +457,40 @@ def test_progress_of_items_of_unknown_size_counts_items(caplog: pytest.LogCaptur
         reporter._stop.set()
     assert "(25.0%)" in caplog.text and "ETA ?" in caplog.text  # not 100% from the start: 1 of 4 items
     assert snap["eta_s"] is None
+
+
+def test_the_first_progress_line_has_a_rate(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not '0 B/s' at the first line, just when someone looks to see whether it hangs."""
+    from types import SimpleNamespace
+
+    from trajflow.download import progress
+
+    clock = iter([100.0, 110.0])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    snapshot = {"items_done": 0, "items_total": 1, "failed": 0, "bytes_done": 0, "bytes_total": 40 << 20,
+                "sizes_known": True, "bytes_received": 0, "inflight": 1, "retries": 0, "elapsed_s": 0.0}
+    downloader = SimpleNamespace(shard=0, progress=lambda: dict(snapshot))
+    reporter = progress.ProgressReporter(downloader, interval_s=3600, terminal=False)
+    try:
+        snapshot.update(bytes_done=15 << 20, bytes_received=15 << 20, elapsed_s=10.0)
+        with caplog.at_level("INFO", logger="trajflow.download.progress"):
+            snap = reporter.report()
+    finally:
+        reporter._stop.set()
+    assert snap["rate"] == pytest.approx(1.5 * 2**20)
+    assert "1.5 MiB/s" in caplog.text and "ETA 16s" in caplog.text
+
+
+def test_the_progress_bar_leaves_stdout_to_data(capfd: pytest.CaptureFixture[str]) -> None:
+    """`--summary-json /dev/stdout | jq` on a terminal: the bar goes to stderr with the logs."""
+    from types import SimpleNamespace
+
+    from trajflow.download.progress import ProgressReporter
+
+    snapshot = {"items_done": 1, "items_total": 2, "failed": 0, "bytes_done": 10, "bytes_total": 20,
+                "sizes_known": True, "bytes_received": 10, "inflight": 1, "retries": 0, "elapsed_s": 1.0}
+    downloader = SimpleNamespace(shard=7, progress=lambda: dict(snapshot))
+    reporter = ProgressReporter(downloader, interval_s=3600, terminal=True)
+    reporter.stop()
+    out, err = capfd.readouterr()
+    assert out == "" and "shard 7" in err

@@ -133,6 +133,21 @@ def test_a_skipped_shard_reports_what_its_manifest_records(local_storage, mixed)
     assert _sample(again, "trajflow_stage_start_time_seconds") > 0
 
 
+def test_a_shard_reports_progress_while_its_files_are_read(local_storage, mixed, caplog, monkeypatch):
+    """In pods, nothing between a big shard's first and last line looks like a hang."""
+    from trajflow.preprocess import stage
+
+    files, _ = mixed
+    publish_raw_shard(local_storage, 0, files)
+    monkeypatch.setattr(stage, "PROGRESS_INTERVAL_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="trajflow.preprocess"):
+        summary = process_shard(local_storage, 0, 1, stage_config(sources={"robomimic": ROBOMIMIC}), preprocess_metrics())
+    lines = [r for r in caplog.records if hasattr(r, "progress_done")]
+    total = len(files) - summary.ignored_files
+    assert [r.progress_done for r in lines] == [*range(1, total + 1), total]  # each file, then the final line
+    assert all(r.progress_total == total for r in lines) and lines[0].getMessage().startswith("shard 00000: 1/")
+
+
 def test_a_file_without_episodes_is_quarantined_not_lost(local_storage):
     import h5py
     import pyarrow as pa

@@ -101,7 +101,7 @@ def _config(tmp_path) -> str:
     return str(path)
 
 
-def test_cli_exits_6_with_one_line_on_timeout(tmp_path, capsys):
+def test_cli_exits_6_with_one_line_on_timeout(terminal_output, tmp_path, capsys):
     code = cli.main(["wait", "--stage", "download", "--shards", "0-1", "--timeout", "1s", "--config", _config(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == ExitCode.TIMEOUT == 6
@@ -109,7 +109,7 @@ def test_cli_exits_6_with_one_line_on_timeout(tmp_path, capsys):
                        f"{(tmp_path / 'run-a').as_uri()}/raw/_done: 0, 1")
 
 
-def test_cli_checks_the_stage_config_before_waiting(tmp_path, capsys):
+def test_cli_checks_the_stage_config_before_waiting(terminal_output, tmp_path, capsys):
     """The training init container fails at once on a config the workers would refuse, not
     after every preprocessing shard is done while the GPUs are held."""
     path = tmp_path / "config.yaml"
@@ -143,7 +143,7 @@ def test_cli_returns_0_once_upstream_finishes(tmp_path):
     assert time.monotonic() - started < 30
 
 
-def test_cli_rejects_an_unknown_stage(tmp_path, capsys):
+def test_cli_rejects_an_unknown_stage(terminal_output, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["wait", "--stage", "train", "--shards", "0", "--config", _config(tmp_path)])
     assert info.value.code == 2
@@ -244,7 +244,7 @@ def test_a_poll_failing_until_the_deadline_is_named_in_the_timeout(local_storage
         wait_for_shards(Down(local_storage.root), "download", {0}, timeout_s=30, clock=fake.clock, sleep=fake.sleep)
 
 
-def test_cli_expect_shards_rejects_a_stale_manifest(tmp_path, capsys):
+def test_cli_expect_shards_rejects_a_stale_manifest(terminal_output, tmp_path, capsys):
     root = LocalStorage(tmp_path / "run-a")
     write_manifest(root, "preprocess", 0, 2, [])
     write_manifest(root, "preprocess", 1, 2, [])
@@ -267,7 +267,7 @@ def _s3_config(tmp_path, endpoint: str, bucket: str = "no-such-run", run_id: str
     return str(path)
 
 
-def test_cli_without_s3_credentials_is_one_config_error_line(tmp_path, capsys, monkeypatch):
+def test_cli_without_s3_credentials_is_one_config_error_line(terminal_output, tmp_path, capsys, monkeypatch):
     from trajflow.testing import free_port
 
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
@@ -290,7 +290,7 @@ def test_cli_without_s3_credentials_is_one_config_error_line(tmp_path, capsys, m
     ]
 
 
-def test_cli_with_credentials_the_store_refuses_is_one_config_error_line(s3_server, s3_shared_bucket, tmp_path, capsys,
+def test_cli_with_credentials_the_store_refuses_is_one_config_error_line(terminal_output, s3_server, s3_shared_bucket, tmp_path, capsys,
                                                                           monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "not-a-key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-secret")
@@ -317,7 +317,7 @@ def test_read_only_credentials_are_enough_to_wait(s3_server, s3_shared_bucket, t
     assert code == ExitCode.OK
 
 
-def test_cli_on_a_missing_bucket_is_one_config_error_line(s3_server, tmp_path, capsys):
+def test_cli_on_a_missing_bucket_is_one_config_error_line(terminal_output, s3_server, tmp_path, capsys):
     config = _s3_config(tmp_path, s3_server.endpoint, "trajflow-missing-bucket")
     code = cli.main(["wait", "--stage", "download", "--shards", "0", "--timeout", "1m", "--config", config])
     lines = capsys.readouterr().err.strip().splitlines()
@@ -386,7 +386,7 @@ def test_a_run_root_no_retry_can_write_is_a_config_error(code):
     assert fatal_storage_error(OSError(errno.EIO, "I/O error"), "file:///data/run") is None  # retried
 
 
-def test_cli_on_an_endpoint_that_is_no_s3_store_is_one_config_error_line(tmp_path, capsys, monkeypatch):
+def test_cli_on_an_endpoint_that_is_no_s3_store_is_one_config_error_line(terminal_output, tmp_path, capsys, monkeypatch):
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class NotFound(BaseHTTPRequestHandler):

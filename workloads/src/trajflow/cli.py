@@ -32,6 +32,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# the commands the charts run in pods; the others are for people (`trajflow run` in CI too)
+POD_COMMANDS = {"download", "preprocess", "train", "wait"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trajflow", description="Download, resample and train on trajectories, on Kubernetes or one machine.")
     parser.add_argument("--version", action="version", version=f"trajflow {__version__}")
@@ -57,23 +61,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except TrajflowError as exc:
-        print(f"trajflow {args.command}: error: {exc}", file=sys.stderr)
-        return int(exc.exit_code)
+        return _last_word(args.command, f"error: {exc}", int(exc.exit_code))
     except ModuleNotFoundError as exc:
         missing = (exc.name or "").split(".")[0]
         if missing not in OPTIONAL_DEPENDENCIES:
             logging.getLogger("trajflow").exception("trajflow %s failed unexpectedly", args.command)
             return int(ExitCode.ERROR)
         # an image without the ml extra: retrying the pod cannot help
-        print(
-            f"trajflow {args.command}: error: this install lacks {missing!r}, which `{args.command}` needs "
-            "(install the ml extra: pip install 'trajflow[ml]')",
-            file=sys.stderr,
+        return _last_word(
+            args.command,
+            f"error: this install lacks {missing!r}, which `{args.command}` needs (install the ml extra: "
+            "pip install 'trajflow[ml]')",
+            int(ExitCode.CONFIG),
         )
-        return int(ExitCode.CONFIG)
     except Terminated as exc:
-        print(f"trajflow {args.command}: {exc}; a rerun redoes what was not finished", file=sys.stderr)
-        return 128 + exc.signum
+        return _last_word(args.command, f"{exc}; a rerun redoes what was not finished", 128 + exc.signum, logging.WARNING)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -90,10 +92,21 @@ def main(argv: list[str] | None = None) -> int:
 
         refusal = s3_refusal_error(exc)
         if refusal is not None:  # bad credentials or a missing bucket: retrying cannot help
-            print(f"trajflow {args.command}: error: {refusal}", file=sys.stderr)
-            return int(refusal.exit_code)
+            return _last_word(args.command, f"error: {refusal}", int(refusal.exit_code))
         logging.getLogger("trajflow").exception("trajflow %s failed unexpectedly", args.command)
         return int(ExitCode.ERROR)
+
+
+def _last_word(command: str, text: str, exit_code: int, level: int = logging.ERROR) -> int:
+    """Say why the command stops and return its exit code: a plain line, or for the stages
+    that run in pods a log record where logs are JSON, so that log pipelines and
+    `"level": "error"` searches find the decisive line too."""
+    line = f"trajflow {command}: {text}"
+    if command not in POD_COMMANDS or log.is_terminal():
+        print(line, file=sys.stderr)
+    else:
+        logging.getLogger("trajflow").log(level, "%s", line, extra={"exit_code": exit_code})
+    return exit_code
 
 
 def _stdout_reader_gone() -> bool:

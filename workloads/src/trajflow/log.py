@@ -23,7 +23,7 @@ _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 _NOISY = ("botocore", "boto3", "urllib3", "s3transfer", "filelock", "fsspec")
 
 # the console the log handler and progress bars share on a terminal, so bars stay below the log lines
-_console: Any = None
+console: Any = None
 
 
 class JsonFormatter(logging.Formatter):
@@ -73,7 +73,7 @@ def stdout_to_devnull() -> None:
 
 def setup(level: str | None = None) -> None:
     """Configure the root logger (again, replacing earlier handlers)."""
-    global _console
+    global console
     level = (level or os.environ.get("TRAJFLOW_LOG_LEVEL") or "INFO").upper()
     root = logging.getLogger()
     root.handlers.clear()
@@ -81,13 +81,13 @@ def setup(level: str | None = None) -> None:
         from rich.console import Console
         from rich.logging import RichHandler
 
-        _console = Console(stderr=True)
+        console = Console(stderr=True)
         handler: logging.Handler = RichHandler(
-            console=_console, show_path=False, rich_tracebacks=True, markup=False, log_time_format="%H:%M:%S"
+            console=console, show_path=False, rich_tracebacks=True, markup=False, log_time_format="%H:%M:%S"
         )
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
-        _console = None
+        console = None
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(JsonFormatter())
     root.addHandler(handler)
@@ -116,12 +116,12 @@ class Progress:
         self._task: Any = None
 
     def __enter__(self) -> "Progress":
-        if _console is not None:
+        if console is not None:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
 
             self._bar = RichProgress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn(self.unit), TimeRemainingColumn(), console=_console, transient=False,
+                TextColumn(self.unit), TimeRemainingColumn(), console=console, transient=False,
             )
             self._bar.start()
             self._task = self._bar.add_task(self.description, total=self.total)

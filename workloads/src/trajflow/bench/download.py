@@ -178,7 +178,7 @@ def _resume(server: Any, work: Path, size: int) -> dict[str, Any]:
             raise RuntimeError("the download finished before it could be killed at 50%")
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        journal = next((work / "root" / "resume" / "raw" / "00000" / "big").glob("*.journal"), None)
+        journal = next((work / "root" / "resume" / "raw" / "00000" / "big").glob(".trajflow-tmp-dlj-*"), None)
         durable = 0
         if journal is not None:
             for line in journal.read_text().splitlines()[1:]:

@@ -34,6 +34,10 @@ SOURCE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 ENV_NAME_OR_EMPTY = r"^([A-Za-z_][A-Za-z0-9_]*)?$"
 PLAN_GENERATION = r"^[A-Za-z0-9._-]*$"
 S3_URI = r"^s3://[^/]+(/.*)?$"
+S3_BUCKET_OR_EMPTY = r"^([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])?$"
+# '/'-separated names, none empty, '.' or '..' (RE2, as Helm's schema check runs it, has no lookahead)
+_KEY_SEGMENT = r"([^/\\.][^/\\]*|\.[^/\\.][^/\\]*|\.\.[^/\\]+)"
+S3_KEY_PREFIX = rf"^/?({_KEY_SEGMENT}(/{_KEY_SEGMENT})*)?/?$"
 HTTP_URL = r"^https?://[^/?#@\s]+([/?#].*)?$"  # a host, and no user:password@ (urllib3 would not send it)
 HTTP_URL_OR_EMPTY = r"^(https?://[^/\s]+.*)?$"
 PUSHGATEWAY_URL = r"^((https?://[^/\s]+|\{\{).*)?$"
@@ -66,6 +70,9 @@ IN_WORDS = {
     ENV_NAME_OR_EMPTY: "empty or an environment variable name: letters, digits and '_', not starting with a digit",
     PLAN_GENERATION: "letters, digits, '.', '_' and '-' only",
     S3_URI: "an s3://bucket or s3://bucket/prefix URI",
+    S3_BUCKET_OR_EMPTY: "empty or a bucket name: 3-63 lowercase letters, digits, '.' and '-', starting and ending with "
+                        "a letter or digit",
+    S3_KEY_PREFIX: "a key prefix: names joined by '/', none of them empty, '.' or '..', and no backslash",
     HTTP_URL: "an http:// or https:// URL with a host and no user:password@ (a token goes in authTokenEnv)",
     HTTP_URL_OR_EMPTY: "empty or an http:// or https:// URL with a host",
     PUSHGATEWAY_URL: "empty, an http:// or https:// URL with a host, or a Helm template starting with {{",

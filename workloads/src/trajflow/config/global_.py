@@ -31,8 +31,8 @@ class PvcStorage(Model):
 class S3Storage(Model):
     endpoint: str = Field("", description="S3-compatible endpoint URL; empty means AWS.",
                           json_schema_extra=_HTTP_URL_OR_EMPTY)
-    bucket: str = Field("", description="Bucket holding the run roots.")
-    prefix: str = Field("", description="Key prefix under the bucket.")
+    bucket: str = Field("", pattern=formats.S3_BUCKET_OR_EMPTY, description="Bucket holding the run roots.")
+    prefix: str = Field("", pattern=formats.S3_KEY_PREFIX, description="Key prefix under the bucket.")
     region: str = Field("us-east-1", description="Region of the bucket.")
     addressing_style: Literal["path", "virtual", "auto"] = Field("path", description="S3 addressing style.")
     existing_secret: str = Field(

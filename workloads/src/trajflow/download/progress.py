@@ -7,6 +7,7 @@ import threading
 import time
 from typing import Any
 
+from trajflow import log as trajflow_log
 from trajflow.resources import human_bytes
 
 log = logging.getLogger(__name__)
@@ -54,15 +55,20 @@ class ProgressReporter:
     def __init__(self, downloader: Any, interval_s: float, terminal: bool, metrics: Any = None):
         self.downloader, self.interval_s, self.terminal, self.metrics = downloader, interval_s, terminal, metrics
         self.meter = RateMeter()
+        # seeded now, so the first report already has a rate
+        self.meter.sample(time.monotonic(), downloader.progress()["bytes_received"])
         self._stop = threading.Event()
         self._bar: Any = None
         self._task: Any = None
         if terminal:
+            from rich.console import Console
             from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
+            # on stderr with the log lines: stdout may carry data (`--summary-json /dev/stdout`)
             self._bar = Progress(
                 TextColumn("[bold]shard {task.fields[shard]}"), BarColumn(), DownloadColumn(binary_units=True),
                 TransferSpeedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[items]}"), transient=False,
+                console=trajflow_log.console or Console(stderr=True),
             )
             self._task = self._bar.add_task("download", total=None, shard=downloader.shard, items="")
             self._bar.start()

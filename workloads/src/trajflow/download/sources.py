@@ -28,6 +28,7 @@ whole relative path (`episodes/**/*.h5`).
 from __future__ import annotations
 
 import abc
+import errno
 import logging
 import os
 import posixpath
@@ -396,6 +397,7 @@ class S3SourceRuntime(SourceRuntime):
         items = []
         listing_prefix = f"{self.prefix}/" if self.prefix else ""
         unusable: list[str] = []
+        under_prefix = False  # any object: the URL names a "directory" then, whatever the filters keep
         try:
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=listing_prefix):
@@ -404,6 +406,7 @@ class S3SourceRuntime(SourceRuntime):
                     rel = full[len(listing_prefix):]
                     if not rel or full.endswith("/"):
                         continue  # "directory" markers
+                    under_prefix = True
                     if not self.filter(rel):
                         continue
                     try:
@@ -413,7 +416,7 @@ class S3SourceRuntime(SourceRuntime):
                         continue
                     meta = self._listed(obj.get("ETag", ""), obj.get("LastModified"))
                     items.append(Item(key, int(obj["Size"]), f"s3://{self.bucket}/{full}", meta))
-            if not items and self.prefix and not unusable:
+            if not under_prefix and self.prefix:
                 items.extend(self._single_object())
         except (ConfigError, TransientError):
             raise
@@ -443,6 +446,8 @@ class S3SourceRuntime(SourceRuntime):
                 return []
             raise
         rel = self.prefix.rsplit("/", 1)[-1]
+        if not self.filter(rel):
+            return []
         meta = self._listed(head.get("ETag", ""), head.get("LastModified"))
         return [Item(self._key(rel, self.cfg.url), int(head["ContentLength"]), f"s3://{self.bucket}/{self.prefix}", meta)]
 
@@ -541,8 +546,15 @@ class FileSourceRuntime(SourceRuntime):
             parts = urlsplit(raw)
             if parts.netloc not in ("", "localhost"):
                 raise ConfigError(f"source {cfg.name!r}: file URI with a host is not supported: {raw!r}")
+            if parts.query or parts.fragment or raw.endswith(("?", "#")):
+                # read as a URI they would name another directory, without a word
+                raise ConfigError(f"source {cfg.name!r}: in the file URI {raw!r}, '?' and '#' start a query or a "
+                                  "fragment: percent-encode them (%3F, %23), or give a plain path")
             raw = unquote(parts.path)
-        self.root = Path(raw).expanduser().resolve()
+        try:
+            self.root = Path(raw).expanduser().resolve()
+        except (OSError, RuntimeError) as exc:  # a loop of symbolic links (RuntimeError before Python 3.13)
+            raise ConfigError(f"source {cfg.name!r}: cannot resolve {raw}: {exc}") from None
         self.filter = PathFilter(cfg.include, cfg.exclude)
 
     def list_items(self, retry: Callable[[Callable[[], Any]], Any], workers: int) -> list[Item]:
@@ -592,6 +604,12 @@ class FileSourceRuntime(SourceRuntime):
                     # a dangling link, or a file deleted while listing
                     log.warning("source %r: skipping %s: it does not exist (a symbolic link to nothing?)",
                                 self.name, path)
+                    continue
+                except OSError as exc:
+                    if exc.errno != errno.ELOOP:
+                        unlistable(exc)
+                        continue
+                    log.warning("source %r: skipping %s: a loop of symbolic links", self.name, path)
                     continue
                 if not stat_mod.S_ISREG(st.st_mode):
                     continue

@@ -17,7 +17,7 @@ Where the bytes go (the sink):
 - filesystem root: a hidden temporary next to the final path, `.trajflow-tmp-dl-<name>`
   (the storage's temporary prefix, which listings skip; a digest of the name in place of a
   name too long to take the prefix), with a journal
-  `.trajflow-tmp-dl-<name>.journal`: the object's size and version, then the byte extents
+  `.trajflow-tmp-dlj-<name>`: the object's size and version, then the byte extents
   written (a line per MiB or so), with a `sync` line after each fdatasync (every 64 MiB or
   10 s) and a `boot <id>` line from each process that appends. A rerun resumes every part
   from the journaled extents, after checking with `If-Match` that the object is the same
@@ -115,9 +115,11 @@ def boot_id() -> str:
         return f"unknown-{uuid.uuid4().hex}"  # never matches: only synced extents are trusted
 RESUMABLE_MIN_BYTES = 16 << 20
 SINK_TAG = "dl"  # download temporaries: `.trajflow-tmp-dl-<name>` (resumable), `.trajflow-tmp-dl<hex>-<name>`
+# Their journals, `.trajflow-tmp-dlj-<name>`: a tag, not a suffix, so that no item's
+# temporary is another's journal (`x.journal` next to `x`); 'j' is no hex digit.
+JOURNAL_TAG = f"{SINK_TAG}j"
 DOWNLOAD_TMP_PREFIX = f"{TMP_PREFIX}{SINK_TAG}"
 GUNZIP_OUT_CHUNK = 8 << 20
-JOURNAL_SUFFIX = ".journal"
 # A name this root cannot hold (too long; a file where a directory is needed, or the
 # reverse): fetching again cannot help, and the run root itself is fine.
 NAME_ERRNOS = (errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR, errno.EEXIST)
@@ -220,9 +222,9 @@ class FileSink:
         self.final = root.local_path(dest_key)
         # a resumable temporary has a fixed name so the next run finds it
         tag = SINK_TAG if resumable else f"{SINK_TAG}{uuid.uuid4().hex[:12]}"
-        name = temp_name(tag, self.final.name, reserve=len(JOURNAL_SUFFIX))
-        self.tmp = self.final.with_name(name)
-        self.journal = self.final.with_name(name + JOURNAL_SUFFIX)
+        # reserve: the journal's name is a byte longer, and both take a digest or neither
+        self.tmp = self.final.with_name(temp_name(tag, self.final.name, reserve=len(JOURNAL_TAG) - len(SINK_TAG)))
+        self.journal = self.final.with_name(temp_name(JOURNAL_TAG, self.final.name))
         self._fd: int | None = None
         self._jfd: int | None = None
         self._header_written = False
@@ -446,7 +448,8 @@ def sweep_abandoned_temporaries(directory: Path) -> int:
         if not path.is_file():
             continue
         resumable = path.name.startswith(f"{DOWNLOAD_TMP_PREFIX}-")
-        lock_path = path if not resumable or path.name.endswith(JOURNAL_SUFFIX) else path.with_name(path.name + JOURNAL_SUFFIX)
+        # a throw-away temporary and a journal are locked themselves, a resumable temporary by its journal
+        lock_path = path.with_name(f"{TMP_PREFIX}{JOURNAL_TAG}-" + path.name[len(DOWNLOAD_TMP_PREFIX) + 1:]) if resumable else path
         try:
             fd = os.open(lock_path, os.O_RDONLY)
         except FileNotFoundError:

@@ -250,7 +250,7 @@ class LiveView:
             if s.state == "waiting":
                 detail = Text(s.waiting_note or "waiting", style="dim")
             elif s.state == "failed":
-                detail = Text("failed (see below)", style="red")
+                detail = Text("failed (see above)", style="red")
             else:
                 detail = Text(s.detail, overflow="ellipsis", no_wrap=True)
             table.add_row(self._icon(s), s.title, bar, counts, seconds, detail)

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
+from trajflow import log as trajflow_log
 from trajflow.config.preprocess import PreprocessConfig
 from trajflow.errors import ConfigError, PermanentError, TrajflowError, TransientError
 from trajflow.metrics import Pusher, StageMetrics, preprocess_metrics
@@ -55,6 +56,9 @@ from trajflow.storage import (
 from trajflow.storage.wait import storage_failure
 
 log = logging.getLogger(__name__)
+
+# in pods, a line this often while a shard's files are read: a big shard takes minutes
+PROGRESS_INTERVAL_S = 10.0
 
 RAW_DIR = "raw"
 _T = TypeVar("_T")
@@ -742,25 +746,29 @@ class ShardProcessor:
         try:
             local = bool(work) and self.storage.local_path(work[0].key) is not None
             workers = cfg.read_workers or _default_read_workers(work, local)
-            for result in ordered_map(read, self._prefetching(work), workers, workers * 2 + cfg.prefetch):
-                summary.bytes_in += result.size
-                self.metrics.bytes_in.inc(result.size)
-                size = sizes.get(result.key)
-                size = result.size if size is None or size < 0 else size  # a missing or cut file: the size it has
-                self.file_bytes += size
-                if any(isinstance(o, Quarantined) and not o.episode for o in result.outcomes):
-                    self.lost_file_bytes += size
-                for outcome in result.outcomes:
-                    summary.trajectories += 1
-                    if isinstance(outcome, Quarantined):
-                        self._quarantine(outcome)
-                    elif dims is not None:
-                        admit(outcome)
-                    else:
-                        undecided.append(outcome)
-                        undecided_bytes += outcome.frames.nbytes
-                        if undecided_bytes >= window_limit:  # a vote of memory's worth, not of one batch
-                            open_writer()
+            files_read = trajflow_log.progress(f"shard {shard_name(self.shard)}", total=len(work), unit="files",
+                                               interval_s=PROGRESS_INTERVAL_S, logger=log)
+            with files_read:
+                for result in ordered_map(read, self._prefetching(work), workers, workers * 2 + cfg.prefetch):
+                    files_read.advance()
+                    summary.bytes_in += result.size
+                    self.metrics.bytes_in.inc(result.size)
+                    size = sizes.get(result.key)
+                    size = result.size if size is None or size < 0 else size  # a missing or cut file: the size it has
+                    self.file_bytes += size
+                    if any(isinstance(o, Quarantined) and not o.episode for o in result.outcomes):
+                        self.lost_file_bytes += size
+                    for outcome in result.outcomes:
+                        summary.trajectories += 1
+                        if isinstance(outcome, Quarantined):
+                            self._quarantine(outcome)
+                        elif dims is not None:
+                            admit(outcome)
+                        else:
+                            undecided.append(outcome)
+                            undecided_bytes += outcome.frames.nbytes
+                            if undecided_bytes >= window_limit:  # a vote of memory's worth, not of one batch
+                                open_writer()
             if dims is None and undecided:
                 open_writer()
             flush()

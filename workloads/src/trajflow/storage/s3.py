@@ -15,8 +15,8 @@ import threading
 import time
 import uuid
 from typing import Any, BinaryIO, Iterator
-from urllib.parse import urlparse
 
+from trajflow.config import formats
 from trajflow.errors import InvalidURI, TransientError
 from trajflow.storage.base import INTERNAL_PREFIX, ObjectInfo, Storage, check_key, check_prefix, check_range, is_internal
 
@@ -55,25 +55,26 @@ def make_client(endpoint: str = "", region: str = "us-east-1", addressing_style:
     return boto3.session.Session().client("s3", endpoint_url=endpoint or None, config=cfg)
 
 
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+_BUCKET = re.compile(formats.S3_BUCKET_OR_EMPTY)
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """(bucket, prefix) of `s3://bucket/prefix`; InvalidURI (a ConfigError) when malformed."""
-    parsed = urlparse(uri)
-    if parsed.scheme != "s3" or not parsed.netloc:
+    """(bucket, prefix) of `s3://bucket/prefix`; InvalidURI (a ConfigError) when malformed.
+    The prefix is taken literally, as keys are ('#' and '?' are characters of a key, as
+    in a source's URL)."""
+    bucket, _, prefix = uri[len("s3://"):].partition("/") if uri.startswith("s3://") else ("", "", "")
+    if not bucket:
         raise InvalidURI(f"not an s3:// URI: {uri!r} (expected s3://bucket/prefix)")
-    if not _BUCKET.match(parsed.netloc):
-        raise InvalidURI(f"invalid bucket name {parsed.netloc!r} in {uri!r}: 3-63 lowercase letters, digits, '.', '-'")
-    if parsed.query or parsed.fragment or parsed.params:
-        raise InvalidURI(f"unexpected query or fragment in {uri!r}")
-    prefix = parsed.path.strip("/")
+    if not _BUCKET.match(bucket):
+        raise InvalidURI(f"invalid bucket name {bucket!r} in {uri!r}: 3-63 lowercase letters, digits, '.' "
+                         "and '-', starting and ending with a letter or digit")
+    prefix = prefix.strip("/")
     if prefix:
         try:
             check_key(prefix)
         except ValueError:
             raise InvalidURI(f"invalid key prefix {prefix!r} in {uri!r}: empty, '.' or '..' segment") from None
-    return parsed.netloc, prefix
+    return bucket, prefix
 
 
 def _response(exc: Exception) -> dict[str, Any]:

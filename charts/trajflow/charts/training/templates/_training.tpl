@@ -82,6 +82,17 @@ wait), then holds the pod until every preprocessed shard is done. */}}
 {{- if and (eq .Values.launcher "pytorchjob") (not (.Capabilities.APIVersions.Has "kubeflow.org/v1/PyTorchJob")) -}}
 {{- fail "training.launcher is pytorchjob, but this cluster does not serve kubeflow.org/v1 PyTorchJob: install the Kubeflow training operator, use training.launcher=job, or (helm template) pass --api-versions kubeflow.org/v1/PyTorchJob" -}}
 {{- end -}}
+{{- /* each local rank drives the GPU of its LOCAL_RANK */ -}}
+{{- $gpus := int (dig "limits" "nvidia.com/gpu" 0 (.Values.resources | default dict)) -}}
+{{- $device := dig "device" "auto" (.Values.config | default dict) -}}
+{{- if and (gt $gpus 0) (not (kindIs "invalid" .Values.nprocPerNode)) (ne $device "cpu") -}}
+{{- $nproc := int .Values.nprocPerNode -}}
+{{- if gt $nproc $gpus -}}
+{{- fail (printf "training.nprocPerNode is %d, but each training pod has %d GPU(s) (resources.limits.nvidia.com/gpu): %d local rank(s) would have no GPU. Set nprocPerNode to %d or null (which follows the limit), or raise the limit" $nproc $gpus (sub $nproc $gpus) $gpus) -}}
+{{- else if lt $nproc $gpus -}}
+{{- fail (printf "training.nprocPerNode is %d, but each training pod has %d GPUs (resources.limits.nvidia.com/gpu): %d would sit idle. Set nprocPerNode to %d or null (which follows the limit), or lower the limit" $nproc $gpus (sub $gpus $nproc) $gpus) -}}
+{{- end -}}
+{{- end -}}
 {{- $metricsPort := int (dig "metricsPort" 0 (.Values.config | default dict)) -}}
 {{- if gt $metricsPort 0 -}}
 {{- $last := sub (add $metricsPort (int (include "trajflow.training.nprocPerNode" .))) 1 -}}
