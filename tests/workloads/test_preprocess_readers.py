@@ -366,6 +366,21 @@ def test_whole_millisecond_floats_of_a_fast_recording_are_refused_not_taken_as_1
     assert isinstance(ep, RawEpisode) and ep.original_rate_hz == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("step_ms", [0.5, 0.999])
+def test_epoch_milliseconds_of_a_fast_or_jittery_clock_are_refused(step_ms: float):
+    """Neither whole numbers nor below 1 Hz when read as seconds: 2 kHz in ms (or 1 kHz with
+    jitter) would stretch a 10 s episode 1000 times."""
+    rng = np.random.default_rng(0)
+    times = 1.7e12 + np.arange(2000) * step_ms + rng.normal(0, 0.02, 2000)
+    x = np.ones((2000, 2), np.float32)
+    (ep,) = _outcomes("npz", io.BytesIO(npz_bytes(timestamps=np.sort(times), **{STATE: x, ACTION: x})))
+    assert isinstance(ep, Quarantined) and ep.reason == readers.MISSING_TIME
+    assert "beyond 1e+11 s (past the year 5000 as epoch seconds): ms, us or ns counts" in ep.detail
+    # epoch seconds (and nanosecond-precise ones in float64) are seconds
+    (ep,) = _outcomes("npz", io.BytesIO(npz_bytes(timestamps=1.7e9 + np.arange(2000) / 500.0, **{STATE: x, ACTION: x})))
+    assert isinstance(ep, RawEpisode) and ep.original_rate_hz == pytest.approx(500.0)
+
+
 def test_datetime_timestamps_are_refused_as_no_seconds():
     spec = _spec(streams=[STATE])
     times = np.datetime64("2026-01-01") + np.arange(10) * np.timedelta64(10, "ms")

@@ -55,6 +55,7 @@ MISSING_TIME = "missing_time"  # neither timestamps nor a recorded rate, or time
 # Below this mean rate, timestamps are taken to count ms, us or ns rather than seconds (or to
 # jump): resampled as seconds, the episode would grow 1000x or more (a multi-GB allocation).
 MIN_MEAN_RATE_HZ = 1.0
+MAX_SECONDS = 1e11  # no clock counts this many seconds: a larger timestamp is a count of ms, us or ns
 TOO_SHORT = "too_short"
 NON_MONOTONIC = "non_monotonic_time"
 NON_FINITE = "non_finite"  # NaN/Inf (or null) in times or data
@@ -235,6 +236,12 @@ def make_episode(spec: SourceSpec, source: str, episode: str, robot: str, times:
         return bad(MISSING_TIME, f"timestamps are whole numbers ({float(t[0]):.15g}, {float(t[1]):.15g}, ...), not "
                                  "seconds: ms, us or ns counts stored as floats? convert them to float seconds (or, "
                                  "for whole seconds, name their column in timeKey)")
+    reach = max(abs(float(t[0])), abs(float(t[-1])))
+    if reach > MAX_SECONDS:
+        # epoch milliseconds of a fast or jittery clock pass both checks around this one
+        return bad(MISSING_TIME, f"timestamps reach {reach:.15g}, beyond {MAX_SECONDS:g} s (past the year "
+                                 "5000 as epoch seconds): ms, us or ns counts stored as floats? convert them to "
+                                 "float seconds")
     if length > 1 and (length - 1) / span < MIN_MEAN_RATE_HZ:
         widest = int(np.argmax(step))
         return bad(MISSING_TIME, f"{length} samples over {span:.6g} s ({(length - 1) / span:.3g} Hz, below "

@@ -50,8 +50,9 @@ from typing import Any, Iterator
 
 import torch
 
-# The kernel takes tuples of tensors (one per stream) as arguments: triton >= 3.2.
-MIN_TRITON = (3, 2)
+# The kernel takes tuples of tensors (one per stream) as arguments and indexes tuples of
+# constexprs (a block size per stream): triton >= 3.4 (3.2 and 3.3 fail to compile it).
+MIN_TRITON = (3, 4)
 
 try:  # triton is a Linux/x86-64 extra; the torch path works without it
     import triton
@@ -59,7 +60,7 @@ try:  # triton is a Linux/x86-64 extra; the torch path works without it
 
     _IMPORT_ERROR: Exception | None = None
     if tuple(int(p) for p in triton.__version__.split(".")[:2]) < MIN_TRITON:
-        _IMPORT_ERROR = ImportError(f"triton {triton.__version__} is too old (need >= 3.2)")
+        _IMPORT_ERROR = ImportError(f"triton {triton.__version__} is too old (need >= {'.'.join(map(str, MIN_TRITON))})")
         triton = None  # type: ignore[assignment]
 except ImportError as exc:  # pragma: no cover - depends on the platform
     triton = None  # type: ignore[assignment]
