@@ -75,9 +75,10 @@ def test_in_pods_the_last_word_is_a_json_record(fake_command, capfd, monkeypatch
     assert cli.main(["fake"]) == ExitCode.PERMANENT
     assert capfd.readouterr().err.strip() == 'trajflow fake: error: source says "gone"'
     monkeypatch.setattr(cli, "POD_COMMANDS", {"fake"})
-    assert cli.main(["fake"]) == ExitCode.PERMANENT
-    last = json.loads(capfd.readouterr().err.splitlines()[-1])
-    assert (last["level"], last["msg"], last["exit_code"]) == ("error", 'trajflow fake: error: source says "gone"', 3)
+    for level in ("INFO", "CRITICAL"):  # said whatever the level
+        assert cli.main(["--log-level", level, "fake"]) == ExitCode.PERMANENT
+        last = json.loads(capfd.readouterr().err.splitlines()[-1])
+        assert (last["level"], last["msg"], last["exit_code"]) == ("error", 'trajflow fake: error: source says "gone"', 3)
 
 
 def test_missing_ml_library_is_a_config_error(fake_command, capsys, monkeypatch):

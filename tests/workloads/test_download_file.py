@@ -43,6 +43,20 @@ def test_symlinked_directories_are_followed_and_loops_are_not(tmp_path: Path, ca
     assert "l1: a loop of symbolic links" in caplog.text and "l2: a loop of symbolic links" in caplog.text
 
 
+def test_filters_apply_to_a_path_naming_one_file_as_to_a_directory(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "solo.bin").write_bytes(b"solo")
+    with caplog.at_level(logging.WARNING, logger="trajflow.download.sources"):
+        for path, filters in [(tmp_path / "src" / "solo.bin", {"exclude": ["*.bin"]}),
+                              (tmp_path / "src", {"include": ["*.parquet"]})]:
+            source = {"type": "file", "name": "ds", "path": str(path), **filters}
+            with pytest.raises(ConfigError, match="the sources list no items"):
+                run(tmp_path / "root", make_config([source]))
+    assert f"{tmp_path}/src/solo.bin does not match include=['**'] exclude=['*.bin']" in caplog.text
+    assert f"nothing under {tmp_path}/src matches include=['*.parquet']" in caplog.text
+
+
 def test_a_source_path_that_is_a_loop_of_links_is_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "a").symlink_to(tmp_path / "b")
     (tmp_path / "b").symlink_to(tmp_path / "a")

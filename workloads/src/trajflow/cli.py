@@ -104,8 +104,11 @@ def _last_word(command: str, text: str, exit_code: int, level: int = logging.ERR
     line = f"trajflow {command}: {text}"
     if command not in POD_COMMANDS or log.is_terminal():
         print(line, file=sys.stderr)
-    else:
-        logging.getLogger("trajflow").log(level, "%s", line, extra={"exit_code": exit_code})
+    else:  # to the handlers whatever the log level: a pod quietened to ERROR still says why it stopped
+        record = logging.getLogger("trajflow").makeRecord("trajflow", level, __file__, 0, "%s", (line,), None,
+                                                          extra={"exit_code": exit_code})
+        for handler in logging.getLogger().handlers:
+            handler.handle(record)
     return exit_code
 
 

@@ -551,14 +551,22 @@ class FileSourceRuntime(SourceRuntime):
                 raise ConfigError(f"source {cfg.name!r}: in the file URI {raw!r}, '?' and '#' start a query or a "
                                   "fragment: percent-encode them (%3F, %23), or give a plain path")
             raw = unquote(parts.path)
+        path = Path(raw).expanduser()
         try:
-            self.root = Path(raw).expanduser().resolve()
+            self.root = path.resolve(strict=True)
+        except FileNotFoundError:
+            self.root = path.resolve()  # named by the listing: neither a directory nor a file
         except (OSError, RuntimeError) as exc:  # a loop of symbolic links (RuntimeError before Python 3.13)
             raise ConfigError(f"source {cfg.name!r}: cannot resolve {raw}: {exc}") from None
+        self.cfg = cfg
         self.filter = PathFilter(cfg.include, cfg.exclude)
 
     def list_items(self, retry: Callable[[Callable[[], Any]], Any], workers: int) -> list[Item]:
         if self.root.is_file():
+            if not self.filter(self.root.name):  # as for a directory's files
+                log.warning("source %r: %s does not match include=%s exclude=%s", self.name, self.root,
+                            self.cfg.include, self.cfg.exclude)
+                return []
             st = self.root.stat()
             return [Item(self._key(self.root.name, str(self.root)), st.st_size, self.root.as_uri(), {"mtime_ns": st.st_mtime_ns})]
         if not self.root.is_dir():
