@@ -381,6 +381,20 @@ def test_epoch_milliseconds_of_a_fast_or_jittery_clock_are_refused(step_ms: floa
     assert isinstance(ep, RawEpisode) and ep.original_rate_hz == pytest.approx(500.0)
 
 
+def test_a_gap_wider_than_max_gap_seconds_is_quarantined_not_interpolated():
+    """2 s at 100 Hz, a 100 s hole, 2 s more: 100 s of a straight line between two poses."""
+    times = np.concatenate([np.arange(200) / 100.0, 102.0 + np.arange(200) / 100.0])
+    x = np.ones((400, 2), np.float32)
+    blob = npz_bytes(timestamps=times, **{STATE: x, ACTION: x})
+    (ep,) = _outcomes("npz", io.BytesIO(blob), _spec(max_gap_seconds=0.5))
+    assert isinstance(ep, Quarantined) and ep.reason == readers.TIME_GAP
+    assert ep.detail == "100.01 s between timestamp[199] = 1.99 and the next, more than maxGapSeconds 0.5"
+    (ep,) = _outcomes("npz", io.BytesIO(blob), _spec(max_gap_seconds=200))
+    assert isinstance(ep, RawEpisode)
+    (ep,) = _outcomes("npz", io.BytesIO(blob))  # no limit unless asked
+    assert isinstance(ep, RawEpisode)
+
+
 def test_datetime_timestamps_are_refused_as_no_seconds():
     spec = _spec(streams=[STATE])
     times = np.datetime64("2026-01-01") + np.arange(10) * np.timedelta64(10, "ms")

@@ -13,7 +13,7 @@ RESERVED_STREAM_NAME = "__metadata__"
 # the settings a shard's contents depend on (the others only change how fast it is made or
 # when it fails); a shard's manifest records them
 OUTPUT_SETTINGS = ("format", "streams", "renames", "time_key", "rate_hz", "robot", "target_rate_hz", "min_length",
-                   "dtype", "time_dtype")
+                   "max_gap_seconds", "dtype", "time_dtype")
 
 
 def _without_nulls(renames: Optional[dict[str, Optional[str]]]) -> Optional[dict[str, Optional[str]]]:
@@ -68,6 +68,10 @@ class PreprocessConfig(Model):
     )
     target_rate_hz: float = Field(50.0, gt=0, le=10000, description="The uniform output rate.")
     min_length: int = Field(2, ge=2, description="Trajectories with fewer raw samples are quarantined.")
+    max_gap_seconds: Optional[float] = Field(
+        None, gt=0, description="Trajectories with two consecutive samples further apart are quarantined (time_gap): "
+                                "interpolation would invent the motion in between. Null: no limit.",
+    )
     batch_size: int = Field(256, ge=1, description="Trajectories per resampling batch (at most).")
     max_padding_fraction: float = Field(
         0.25, ge=0, le=10, description="A batch is cut when padding would exceed this fraction of its real samples."

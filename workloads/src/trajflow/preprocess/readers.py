@@ -58,10 +58,11 @@ MIN_MEAN_RATE_HZ = 1.0
 MAX_SECONDS = 1e11  # no clock counts this many seconds: a larger timestamp is a count of ms, us or ns
 TOO_SHORT = "too_short"
 NON_MONOTONIC = "non_monotonic_time"
+TIME_GAP = "time_gap"  # samples further apart than maxGapSeconds
 NON_FINITE = "non_finite"  # NaN/Inf (or null) in times or data
 SHAPE_MISMATCH = "shape_mismatch"  # ragged or wrong-width vectors
 REASONS = (UNREADABLE, MISSING_FILE, SIZE_MISMATCH, MISSING_STREAM, MISSING_TIME, TOO_SHORT, NON_MONOTONIC,
-           NON_FINITE, SHAPE_MISMATCH)
+           TIME_GAP, NON_FINITE, SHAPE_MISMATCH)
 
 FORMAT_EXTENSIONS = {
     "lerobot": (".parquet",),
@@ -85,6 +86,7 @@ class SourceSpec:
     robot: str  # set for the source: wins over what the data names
     default_robot: str  # when neither the source settings nor the data name one
     min_length: int
+    max_gap_s: float | None
 
     def robot_for(self, named_by_data: str = "") -> str:
         return self.robot or named_by_data or self.default_robot
@@ -104,7 +106,7 @@ class SourceSpec:
         return SourceSpec(name=source, format=pick("format"), streams=list(pick("streams")),
                           renames=dict(pick("renames")), time_key=pick("time_key"), rate_hz=pick("rate_hz"),
                           robot=(o.robot or "") if o is not None else "", default_robot=config.robot,
-                          min_length=config.min_length)
+                          min_length=config.min_length, max_gap_s=config.max_gap_seconds)
 
 
 @dataclass
@@ -247,6 +249,11 @@ def make_episode(spec: SourceSpec, source: str, episode: str, robot: str, times:
         return bad(MISSING_TIME, f"{length} samples over {span:.6g} s ({(length - 1) / span:.3g} Hz, below "
                                  f"{MIN_MEAN_RATE_HZ:g} Hz; the widest gap is {float(step[widest]):.6g} s after "
                                  f"timestamp[{widest}]): timestamps in ms, us or ns rather than seconds?")
+    if spec.max_gap_s is not None and length > 1:
+        widest = int(np.argmax(step))
+        if step[widest] > spec.max_gap_s:
+            return bad(TIME_GAP, f"{float(step[widest]):.6g} s between timestamp[{widest}] = {float(t[widest])!r} and "
+                                 f"the next, more than maxGapSeconds {spec.max_gap_s:g}")
     dims = {out: a.shape[1] for out, a in zip(spec.outputs, arrays)}
     frames = np.empty((length, sum(dims.values())), dtype=np.float32)
     col = 0
