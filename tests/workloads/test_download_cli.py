@@ -253,6 +253,31 @@ def test_sigterm_pushes_final_metrics_and_exits_for_a_retry(server: FaultyServer
     assert journals and len(journals[0].read_text().splitlines()) > 2
 
 
+def test_sigterm_while_planning_stops_instead_of_sleeping_out_the_retries(server: FaultyServer, tmp_path: Path) -> None:
+    """A throttled HEAD of each URL, many attempts with long backoffs: the pod's grace period
+    is 30 s, planning's retries would take many minutes."""
+    import signal
+    import time
+
+    urls = [server.add(f"/{i}.bin", payload(1000, seed=i)) for i in range(4)]
+    for i in range(4):
+        server.script(f"HEAD /{i}.bin", *["503"] * 50)
+    config = write_config(tmp_path, [{"type": "https", "name": "web", "urls": urls}],
+                          retries={"attempts": 50, "backoffSeconds": 60, "maxBackoffSeconds": 300})
+    env = {**os.environ, "JOB_COMPLETION_INDEX": "0", "TRAJFLOW_SHARDS": "1", "TRAJFLOW_LOG_FORMAT": "json"}
+    proc = subprocess.Popen([*TRAJFLOW, "download", "--config", str(config)], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while len([r for r in server.log if r.method == "HEAD"]) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)  # every URL has had its first HEAD refused: all are waiting to retry
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == ExitCode.TRANSIENT, stderr[-2000:]
+    assert "stopped by signal 15" in stderr
+    assert len([r for r in server.log if r.method == "HEAD"]) == 4  # none tried again after the signal
+    assert not (tmp_path / "root" / "clirun" / "plan").exists() or not any((tmp_path / "root" / "clirun" / "plan").iterdir())
+
+
 def test_values_files_give_the_shard_count_and_say_so(server: FaultyServer, tmp_path: Path) -> None:
     urls = [server.add(f"/{i}.bin", payload(1000 * (i + 1), seed=i)) for i in range(4)]
     values = tmp_path / "values.yaml"

@@ -232,7 +232,7 @@ def test_retries_stop_at_permanent_failures_and_after_the_attempts() -> None:
             raise FetchError("boom", Kind.TRANSIENT, "server_error")
         return "ok"
 
-    assert call_with_retries(flaky, 5, Backoff(0.001, 0.001), sleep=lambda s: None) == "ok" and len(calls) == 3
+    assert call_with_retries(flaky, 5, Backoff(0.001, 0.001)) == "ok" and len(calls) == 3
     calls.clear()
 
     def gone() -> None:
@@ -240,7 +240,27 @@ def test_retries_stop_at_permanent_failures_and_after_the_attempts() -> None:
         raise FetchError("404", Kind.PERMANENT, "not_found")
 
     with pytest.raises(FetchError):
-        call_with_retries(gone, 5, Backoff(0.001, 0.001), sleep=lambda s: None)
+        call_with_retries(gone, 5, Backoff(0.001, 0.001))
+    assert len(calls) == 1
+
+
+def test_retries_end_once_the_process_is_told_to_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from trajflow.download import failures
+    from trajflow.errors import TransientError
+
+    stopping = threading.Event()
+    monkeypatch.setattr(failures, "STOPPING", stopping)
+    calls: list[int] = []
+
+    def throttled() -> None:
+        calls.append(1)
+        stopping.set()  # SIGTERM arrives during the first try
+        raise FetchError("503", Kind.TRANSIENT, "throttled", retry_after=3600)
+
+    with pytest.raises(TransientError, match="stopped before planning ended"):
+        call_with_retries(throttled, 5, Backoff(3600, 3600))  # no hour-long wait either
     assert len(calls) == 1
 
 

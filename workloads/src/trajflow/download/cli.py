@@ -36,8 +36,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _terminated(signum: int, frame: object) -> None:
+    from trajflow.download.failures import STOPPING
     from trajflow.errors import TransientError
 
+    STOPPING.set()
     raise TransientError(f"stopped by signal {signum}; a rerun resumes where this one stopped")
 
 

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import enum
 import random
+import threading
 import time
 from email.utils import parsedate_to_datetime
+
+from trajflow.errors import TransientError
 
 
 class Kind(str, enum.Enum):
@@ -115,9 +118,17 @@ class Backoff:
         return delay
 
 
-def call_with_retries(fn, attempts: int, backoff: Backoff, on_retry=None, sleep=time.sleep):  # type: ignore[no-untyped-def]
+# Set when the process is told to stop (SIGTERM): planning's requests are no longer tried or
+# retried, so a pod stops within its grace period instead of sleeping out every backoff
+# (the HEADs of many URLs, each up to `attempts` times).
+STOPPING = threading.Event()
+
+
+def call_with_retries(fn, attempts: int, backoff: Backoff, on_retry=None):  # type: ignore[no-untyped-def]
     """`fn()` until it succeeds, a non-transient FetchError, or `attempts` tries."""
     for attempt in range(1, attempts + 1):
+        if STOPPING.is_set():
+            raise TransientError("stopped before planning ended")
         try:
             return fn()
         except FetchError as exc:
@@ -125,5 +136,5 @@ def call_with_retries(fn, attempts: int, backoff: Backoff, on_retry=None, sleep=
                 raise
             if on_retry is not None:
                 on_retry(exc)
-            sleep(backoff.delay(attempt, exc.retry_after))
+            STOPPING.wait(backoff.delay(attempt, exc.retry_after))
     raise AssertionError("unreachable")
