@@ -210,7 +210,7 @@ def test_launcher_arguments_are_usage_errors(argv, message, capsys):
 
 
 def test_a_local_launch_starts_one_gpu_worker_per_gpu_at_most(monkeypatch):
-    import torch
+    torch = pytest.importorskip("torch")
 
     from trajflow.train.cli import _local_nproc
 
@@ -223,7 +223,7 @@ def test_a_local_launch_starts_one_gpu_worker_per_gpu_at_most(monkeypatch):
 
 
 def test_gpu_workers_are_counted_and_none_is_a_config_error(monkeypatch):
-    import torch
+    torch = pytest.importorskip("torch")
 
     from trajflow.errors import ConfigError
     from trajflow.train.cli import _gpu_count

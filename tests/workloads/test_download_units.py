@@ -264,6 +264,26 @@ def test_retries_end_once_the_process_is_told_to_stop(monkeypatch: pytest.Monkey
     assert len(calls) == 1
 
 
+def test_https_sources_check_certificates_as_s3_sources_do_on_every_python(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python 3.13's default context adds VERIFY_X509_STRICT, which refuses many private CAs
+    (no keyUsage, basicConstraints not critical) that botocore, for S3 sources, accepts."""
+    import ssl
+
+    from trajflow.download import http
+
+    made = ssl.create_default_context
+
+    def as_on_python_3_13(*args: object, **kwargs: object) -> ssl.SSLContext:
+        context = made(*args, **kwargs)  # type: ignore[arg-type]
+        context.verify_flags |= ssl.VERIFY_X509_STRICT
+        return context
+
+    monkeypatch.setattr(http.ssl, "create_default_context", as_on_python_3_13)
+    context = http.HttpClient()._options["ssl_context"]
+    assert not context.verify_flags & ssl.VERIFY_X509_STRICT
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname  # still verified
+
+
 def test_validators_pin_a_version() -> None:
     assert Validator('"abc"', "Sun, 01 Nov 2026 00:00:00 GMT").headers() == {"If-Match": '"abc"'}
     assert Validator('W/"abc"', "Sun, 01 Nov 2026 00:00:00 GMT").headers() == {

@@ -101,6 +101,16 @@ class Body:
             self._fh = None
 
 
+def _tls_context(ca_bundle: str) -> ssl.SSLContext:
+    """The system's trust (or `caBundle`), checked as botocore checks an S3 source's: Python
+    3.13's default context also turns on VERIFY_X509_STRICT, which refuses many private CAs
+    (no keyUsage, a basicConstraints not marked critical) that S3 sources and older Pythons
+    accept."""
+    context = ssl.create_default_context(cafile=ca_bundle or None)
+    context.verify_flags &= ~ssl.VERIFY_X509_STRICT
+    return context
+
+
 def network_error(exc: BaseException, url: str) -> FetchError:
     """Map a urllib3/socket/ssl exception to a FetchError."""
     import urllib3.exceptions as ux
@@ -181,7 +191,7 @@ class HttpClient:
             "block": False,
             "retries": False,
             "timeout": urllib3.Timeout(connect=timeout_s, read=timeout_s),
-            "ssl_context": ssl.create_default_context(cafile=ca_bundle or None),
+            "ssl_context": _tls_context(ca_bundle),
         }
         self._pool = urllib3.PoolManager(**self._options)
         self._proxy_urls = {k: v for k, v in getproxies().items() if k in ("http", "https") and v}
