@@ -171,6 +171,43 @@ def test_s3_run_root_streams_verified_objects_and_reshards_with_server_side_copi
     assert data_keys == manifest_keys
 
 
+def test_early_bytes_of_all_items_together_stay_bounded_when_the_store_is_slower_than_the_source(
+        s3_storage: Any, server: FaultyServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parts ahead of each item's frontier wait in memory; with every item in flight doing so,
+    a pod with a fast source and a slow store ran past its memory limit."""
+    import threading
+    import time
+
+    from trajflow.download import transfer
+
+    files = {f"/f{i}.bin": payload(40 * MiB, seed=30 + i) for i in range(6)}  # 8 parts of 5 MiB each
+    urls = [server.add(path, data) for path, data in files.items()]
+    emit = transfer.StreamSink._emit
+
+    def slow_store(self: Any, data: bytes) -> None:
+        time.sleep(len(data) / (64 * MiB))  # the store takes 64 MiB/s; the source serves far faster
+        emit(self, data)
+
+    monkeypatch.setattr(transfer.StreamSink, "_emit", slow_store)
+    peak, lock, downloader = [0], threading.Lock(), None
+    deliver = transfer.ItemTransfer._deliver
+
+    def measured(self: Any, part: Any, data: bytes) -> None:
+        deliver(self, part, data)
+        with lock:
+            early = sum(len(block) for t in downloader.scheduler.in_progress() for p in t.parts for block in p.buffer)
+            peak[0] = max(peak[0], early)
+
+    monkeypatch.setattr(transfer.ItemTransfer, "_deliver", measured)
+    config = make_config([{"type": "https", "name": "web", "urls": urls}], concurrency=4, timeoutSeconds=30.0)
+    downloader = ShardDownloader(s3_storage, config, 0, 1)
+    summary = downloader.run()
+    assert summary.exit_code == 0, [r.error for r in summary.failed]
+    assert all(s3_storage.read_bytes(f"raw/00000/web{path}") == data for path, data in files.items())
+    # at most concurrency parts' worth, and the parts that were running when that was reached
+    assert 0 < peak[0] <= (4 + 3) * 5 * MiB, peak[0] / MiB
+
+
 def test_s3_run_root_never_shows_an_unverified_object(s3_storage: Any, server: FaultyServer) -> None:
     data = payload(9 * MiB, seed=11)
     url = server.add("/x.bin", data)

@@ -169,8 +169,9 @@ def _directories(paths: dict[str, str]) -> dict[str, str]:
 class Scheduler:
     """`workers` threads taking units: parts of started items first, then new items."""
 
-    def __init__(self, workers: int, items: list[Item], prepare: Callable[[Item], None]):
+    def __init__(self, workers: int, items: list[Item], prepare: Callable[[Item], None], memory_bytes: int):
         self.workers = workers
+        self.memory_bytes = memory_bytes  # early bytes all items together may hold in memory
         self._cond = threading.Condition()
         self._queue: deque[Item] = deque(items)
         self._active: list[ItemTransfer] = []  # with parts left to take
@@ -217,8 +218,9 @@ class Scheduler:
             while True:
                 if self._stopped:
                     return None
+                memory_left = sum(t.buffered for t in self._unfinished.values()) < self.memory_bytes
                 for transfer in list(self._active):
-                    part = transfer.take_part()
+                    part = transfer.take_part(memory_left)
                     if part is not None:
                         self._busy += 1
                         return "part", transfer, part
@@ -392,7 +394,8 @@ class ShardDownloader:
             raise self._root_error(exc, f"cannot read {self.root.uri}/{RAW}/") from None
         # largest first: a big item started last would finish long after everything else
         order = sorted(self.items, key=lambda i: (-i.size, i.key))
-        self.scheduler = Scheduler(self.settings.concurrency, order, self._prepare)
+        self.scheduler = Scheduler(self.settings.concurrency, order, self._prepare,
+                                   memory_bytes=self.settings.concurrency * self.settings.part_size)
         reporter = self._progress_factory(self) if self._progress_factory else None
         try:
             self.scheduler.run()

@@ -30,7 +30,10 @@ Where the bytes go (the sink):
   crash could lose; with gunzip it is decompressed into the storage's atomic writer.
 - object-store root: the storage's atomic writer (multipart upload completed only at the
   end), fed in byte order; parts that arrive early wait in memory, at most `concurrency`
-  parts ahead of the frontier. A failed verification aborts the upload: nothing appears.
+  parts ahead of an item's frontier, and no part ahead of a frontier starts while the
+  shard's items hold `concurrency` parts' worth of early bytes together (where the store
+  takes bytes slower than the source serves them, memory would otherwise grow with every
+  item in flight). A failed verification aborts the upload: nothing appears.
   There is no byte-level resume across pod restarts on this path.
 
 Nothing unverified ever has the final name, so any file there was verified when it got it.
@@ -636,6 +639,7 @@ class ItemTransfer:
         self.planned_refused = False  # the source refused (or contradicted) the planned validator
         self.repinned: Validator | None = None  # the planned version under another validator
         self.received_total = 0
+        self.buffered = 0  # bytes waiting in memory ahead of the frontier (buffered sinks)
         self.sink: FileSink | StreamSink | None = None
         self.parts: list[Part] = []
         self._starts: list[int] = []
@@ -688,6 +692,7 @@ class ItemTransfer:
         else:
             bounds = [(0, total)]
         self.parts = []
+        self.buffered = 0
         for i, (start, end) in enumerate(bounds):
             present = _contiguous(extents, start, end)
             self.parts.append(Part(i, start, end, present, present, "done" if end is not None and present >= end else "todo"))
@@ -707,8 +712,10 @@ class ItemTransfer:
     def present_bytes(self) -> int:
         return sum(p.received - p.start for p in self.parts)
 
-    def take_part(self) -> Part | None:
-        """The next part to fetch, or None (none left, or the memory window is full)."""
+    def take_part(self, memory_left: bool = True) -> Part | None:
+        """The next part to fetch, or None (none left, or the memory window is full).
+        `memory_left`: whether the shard's early bytes leave room for another part ahead
+        of a frontier; the frontier's own part is always taken, so every item progresses."""
         with self.lock:
             if self.cancelled:
                 return None
@@ -716,7 +723,8 @@ class ItemTransfer:
             for part in self.parts:
                 if part.state != "todo":
                     continue
-                if self.sink is not None and self.sink.buffered and part.index > frontier + self.settings.concurrency:
+                if self.sink is not None and self.sink.buffered and part.index > frontier and (
+                        not memory_left or part.index > frontier + self.settings.concurrency):
                     return None
                 part.state = "running"
                 self.running += 1
@@ -872,6 +880,7 @@ class ItemTransfer:
         self.sink.reset()
         with self.lock:
             part.received = part.noted = part.start
+            self.buffered -= sum(map(len, part.buffer))
             part.buffer.clear()
             self.hashed = 0
             # a fresh start may take whichever version is served now (planning's still applies)
@@ -960,6 +969,7 @@ class ItemTransfer:
             else:
                 if self.sink.buffered:
                     part.buffer.append(data)
+                    self.buffered += len(data)
                 if self.digests is not None and not self.hashing and self._available() is not None:
                     kick = self.hashing = True
         self.stats.received(len(data))
@@ -1027,6 +1037,8 @@ class ItemTransfer:
         need = end - start
         while need > 0:
             block = part.buffer.popleft()
+            with self.lock:
+                self.buffered -= len(block)
             need -= len(block)
             yield block
 
