@@ -80,6 +80,7 @@ class LoggedRequest:
 class FaultyServer:
     stall_s: float = 3.0
     rate_bytes_per_s: float = 0.0  # 0: unthrottled
+    get_retry_after: str = "0"  # the Retry-After of a GET's 429 or 503
     objects: dict[str, ServedObject] = field(default_factory=dict)
     scripts: dict[str, list[str]] = field(default_factory=dict)
     log: list[LoggedRequest] = field(default_factory=list)  # appended when a response ends
@@ -288,7 +289,7 @@ def _make_handler(server: FaultyServer) -> type[BaseHTTPRequestHandler]:
             obj = server.objects.get(self.path)
             action, _, then = server._next_action(self.path).partition("+")
             if action in ("500", "503", "429", "404", "403"):
-                extra = {"Retry-After": "0"} if action in ("429", "503") else None
+                extra = {"Retry-After": server.get_retry_after} if action in ("429", "503") else None
                 self._status_only(int(action), extra)
                 return
             if obj is None:

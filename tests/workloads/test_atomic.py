@@ -149,3 +149,33 @@ def test_write_if_absent_across_processes_has_exactly_one_winner(storage, tmp_pa
 def test_claim_election_across_processes_has_exactly_one_winner(s3_storage, tmp_path):
     """The fallback for S3 servers that ignore conditional writes, under the same race."""
     _race(s3_storage, tmp_path, contenders=5, extra={"no_conditional": True, "settle": 1.5})
+
+
+def test_bytes_reach_the_disk_before_their_final_name(tmp_path, monkeypatch):
+    """After a node crash a final name must never point at bytes the page cache lost: the
+    storage's writer and a download both sync the data before the rename."""
+    from test_download_http import make_config, run
+
+    from trajflow.download import transfer
+    from trajflow.storage import local
+
+    events: list[str] = []
+    for module, name in ((local.os, "fsync"), (transfer.os, "fdatasync"), (local.os, "replace")):
+        real = getattr(module, name)
+
+        def record(*args, _real=real, _name=name):
+            events.append(_name if _name != "replace" else f"replace {Path(args[1]).name}")
+            return _real(*args)
+
+        monkeypatch.setattr(module, name, record)  # (one os module: both patches see every call)
+    with LocalStorage(tmp_path / "s").writer("k.bin") as fh:
+        fh.write(b"data")
+    assert events.index("fsync") < events.index("replace k.bin")
+
+    events.clear()
+    big = tmp_path / "src" / "big.bin"
+    big.parent.mkdir()
+    big.write_bytes(os.urandom(6 << 20))  # over the 5 MiB threshold: a resumable temporary, renamed
+    config = make_config([{"type": "file", "name": "ds", "path": str(big.parent)}])
+    assert run(tmp_path / "root", config).exit_code == 0
+    assert events.index("fdatasync") < events.index("replace big.bin")

@@ -76,6 +76,21 @@ def test_faults_are_retried_until_every_item_is_verified(server: FaultyServer, t
     assert "md5:header:Content-MD5" in by_item["web/s0.bin"]["checks"]
 
 
+def test_a_throttled_get_is_retried_no_sooner_than_retry_after_says(server: FaultyServer, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from trajflow.download import transfer
+
+    waits: list[float] = []
+    monkeypatch.setattr(transfer.time, "sleep", waits.append)  # the waits asked for, without waiting
+    server.get_retry_after = "7"
+    url = server.add("/x.bin", payload(1000))
+    server.script("/x.bin", "429", "503")
+    summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": [url]}],
+                                        retries={"attempts": 4, "backoffSeconds": 0.01, "maxBackoffSeconds": 60}))
+    assert summary.exit_code == 0
+    assert waits == [7.0, 7.0]  # not the 10 ms backoff
+
+
 def test_not_found_is_permanent_and_others_still_complete(server: FaultyServer, tmp_path: Path) -> None:
     good = server.add("/good.bin", payload(1000))
     summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": [good, server.url("/nope.bin")]}]))
@@ -237,6 +252,20 @@ def test_head_refused_sizes_with_a_ranged_get(server: FaultyServer, tmp_path: Pa
     downloader = ShardDownloader(storage, make_config([{"type": "https", "name": "web", "urls": [url]}]), 0, 1)
     _, items = downloader.plan()
     assert items[0].size == len(data)
+
+
+def test_a_file_cut_short_after_its_shard_was_done_is_fetched_again(server: FaultyServer, tmp_path: Path) -> None:
+    """The manifest and the record name a size: a file of another size is not done, whatever
+    vouched for it before."""
+    data = {"/a.bin": payload(10_000, seed=1), "/b.bin": payload(20_000, seed=2)}
+    config = make_config([{"type": "https", "name": "web", "urls": [server.add(p, d) for p, d in data.items()]}])
+    assert run(tmp_path, config).exit_code == 0
+    (tmp_path / "raw" / "00000" / "web" / "a.bin").write_bytes(data["/a.bin"][:10])
+    server.clear_log()
+    again = run(tmp_path, config)
+    assert again.exit_code == 0 and again.count("fetched") == 1
+    assert raw_files(tmp_path) == {f"web{p}": d for p, d in data.items()}
+    assert [r.path for r in server.requests()] == ["/a.bin"]
 
 
 def test_rerun_skips_verified_items_without_requests(server: FaultyServer, tmp_path: Path) -> None:

@@ -113,9 +113,10 @@ def test_shard_0_sweeps_partial_downloads_in_the_directories_of_dropped_shards(s
     config = make_config([{"type": "https", "name": "web", "urls": urls}])
     assert all(s.exit_code == 0 for s in _run_all(tmp_path, config, 4))  # type: ignore[attr-defined]
     # what a kill of the 4-shard run's shard 3 mid-download leaves (nobody holds its lock)
-    left = tmp_path / "raw" / "00003" / "web"
-    (left / ".trajflow-tmp-dl-huge.bin").write_bytes(b"x" * 1000)
-    (left / ".trajflow-tmp-dlj-huge.bin").write_text("{}\n")
+    for dropped in ("00002", "00003"):  # the first directory beyond the new count too
+        left = tmp_path / "raw" / dropped / "web"
+        (left / ".trajflow-tmp-dl-huge.bin").write_bytes(b"x" * 1000)
+        (left / ".trajflow-tmp-dlj-huge.bin").write_text("{}\n")
     assert all(s.exit_code == 0 for s in _run_all(tmp_path, config, 2))  # type: ignore[attr-defined]
     assert hidden_files(tmp_path / "raw") == []  # no one resumes those: nothing stays behind
 

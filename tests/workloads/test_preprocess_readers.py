@@ -391,6 +391,9 @@ def test_a_gap_wider_than_max_gap_seconds_is_quarantined_not_interpolated():
     assert ep.detail == "100.01 s between timestamp[199] = 1.99 and the next, more than maxGapSeconds 0.5"
     (ep,) = _outcomes("npz", io.BytesIO(blob), _spec(max_gap_seconds=200))
     assert isinstance(ep, RawEpisode)
+    exact = npz_bytes(timestamps=np.array([0.0, 0.25, 0.75, 1.0]), **{STATE: x[:4], ACTION: x[:4]})
+    (ep,) = _outcomes("npz", io.BytesIO(exact), _spec(max_gap_seconds=0.5))  # not further apart than the limit
+    assert isinstance(ep, RawEpisode)
     (ep,) = _outcomes("npz", io.BytesIO(blob))  # no limit unless asked
     assert isinstance(ep, RawEpisode)
 

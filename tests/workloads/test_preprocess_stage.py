@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -324,21 +325,23 @@ def test_a_done_shard_is_skipped(local_storage, mixed):
     assert local_storage.read_bytes(shard_key(0)) == before
 
 
+@pytest.mark.parametrize("setting, change", [({"min_length": 3}, "minLength 2 -> 3"),
+                                             ({"max_gap_seconds": 30.0}, "maxGapSeconds None -> 30.0")])
 def test_shards_of_other_settings_are_kept_with_a_warning_and_never_trained_on_together(local_storage, mixed,
-                                                                                       caplog):
+                                                                                       caplog, setting, change):
     files, _ = mixed
     for shard in range(3):
         publish_raw_shard(local_storage, shard, files, shards=3)
     for shard in (0, 1):
         process_shard(local_storage, shard, 3, stage_config(sources={"robomimic": ROBOMIMIC}))
     # the run stopped after shard 1; the rerun changes a setting the shards' contents depend on
-    changed = stage_config(sources={"robomimic": ROBOMIMIC}, min_length=3)
+    changed = stage_config(sources={"robomimic": ROBOMIMIC}, **setting)
     with caplog.at_level(logging.WARNING, logger="trajflow"):
         assert process_shard(local_storage, 0, 3, changed).skipped
         process_shard(local_storage, 2, 3, changed)
-    assert "shard 00000 was made with other preprocessing.config (minLength 2 -> 3); it is kept" in caplog.text
+    assert f"shard 00000 was made with other preprocessing.config ({change}); it is kept" in caplog.text
     refusal = r"resampled/_done/00002\.json: made with other preprocessing\.config than the shards before it " \
-              r"\(minLength 2 -> 3\)"
+              rf"\({re.escape(change)}\)"
     with pytest.raises(PermanentError, match=refusal):
         open_shards(local_storage, ["observation.state"])
     # a first manifest from before the settings were recorded hides nothing of the others

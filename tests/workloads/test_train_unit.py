@@ -136,6 +136,8 @@ def test_split_is_by_episode_deterministic_and_never_empty(tmp_path: Path) -> No
     assert val_other_seed != val_a
     _, tiny_val = split_episodes(shards.episodes[:3], 0.01, seed=0)
     assert len(tiny_val) == 1
+    tiny_train, _ = split_episodes(shards.episodes[:3], 1.0, seed=0)  # every score is below 1: all would be held out
+    assert len(tiny_train) == 1
     with pytest.raises(PermanentError, match="at least 2"):
         split_episodes(shards.episodes[:1], 0.5, seed=0)
 
