@@ -278,6 +278,27 @@ def test_sigterm_while_planning_stops_instead_of_sleeping_out_the_retries(server
     assert not (tmp_path / "root" / "clirun" / "plan").exists() or not any((tmp_path / "root" / "clirun" / "plan").iterdir())
 
 
+def test_a_stop_that_ended_an_earlier_run_in_this_process_does_not_end_the_next(tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from trajflow.cli import main
+    from trajflow.download.failures import STOPPING
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.bin").write_bytes(b"a")
+    config = write_config(tmp_path, [{"type": "file", "name": "ds", "path": str(tmp_path / "src")}])
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "0")
+    monkeypatch.setenv("TRAJFLOW_SHARDS", "1")
+    import signal
+
+    handler = signal.getsignal(signal.SIGTERM)
+    STOPPING.set()  # as a SIGTERM left it
+    try:
+        assert main(["download", "--config", str(config)]) == 0
+    finally:
+        STOPPING.clear()
+    assert signal.getsignal(signal.SIGTERM) is handler  # the caller's handler is back
+
+
 def test_values_files_give_the_shard_count_and_say_so(server: FaultyServer, tmp_path: Path) -> None:
     urls = [server.add(f"/{i}.bin", payload(1000 * (i + 1), seed=i)) for i in range(4)]
     values = tmp_path / "values.yaml"

@@ -270,3 +270,16 @@ def test_a_failed_checksum_publishes_nothing(local_storage, monkeypatch):
     with pytest.raises(MemoryError, match="digest"):
         writer.close()  # raised by the hashing thread, re-raised here
     assert not local_storage.exists(shard_key(0))
+
+
+def test_a_manifest_from_before_a_setting_existed_was_made_with_its_default():
+    """Shards kept from an older version, whose manifests lack maxGapSeconds, were made without
+    a limit: a rerun that sets one names the difference (it does not hide it)."""
+    from trajflow.config.preprocess import PreprocessConfig
+    from trajflow.preprocess.shards import settings_differences, settings_of
+
+    now = PreprocessConfig().output_settings([])
+    older = {"settings": {k: v for k, v in now.items() if k != "maxGapSeconds"}}
+    assert settings_differences(settings_of(older), now) == []
+    limited = PreprocessConfig(max_gap_seconds=0.5).output_settings([])
+    assert settings_differences(settings_of(older), limited) == ["maxGapSeconds None -> 0.5"]

@@ -194,7 +194,11 @@ class Retries(Model):
 class DownloadConfig(Model):
     sources: list[Source] = Field(default_factory=list, description="Datasets to fetch; several per run.")
     concurrency: int = Field(8, ge=1, le=256, description="Requests (whole items or ranged parts) in flight per pod.")
-    part_size_mib: int = Field(16, ge=5, le=5120, description="Size of the ranged parts of large objects.")
+    part_size_mib: int = Field(
+        16, ge=5, le=5120,
+        description="Size of the ranged parts of large objects. With an S3 run root, early parts wait in memory: "
+                    "up to about 2 x concurrency x partSizeMib, plus 80 MiB per item in flight.",
+    )
     multipart_threshold_mib: int = Field(64, ge=5, description="Objects larger than this download in parallel parts.")
     timeout_seconds: float = Field(60.0, gt=0, description="Connect/read timeout per request.")
     retries: Retries = Field(default_factory=Retries)

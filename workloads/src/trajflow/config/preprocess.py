@@ -14,6 +14,9 @@ RESERVED_STREAM_NAME = "__metadata__"
 # when it fails); a shard's manifest records them
 OUTPUT_SETTINGS = ("format", "streams", "renames", "time_key", "rate_hz", "robot", "target_rate_hz", "min_length",
                    "max_gap_seconds", "dtype", "time_dtype")
+# output settings added after manifests began to record them, with the value that makes what
+# older versions made: what a manifest lacks, its shard was made with
+SETTINGS_ADDED_LATER = {"maxGapSeconds": None}
 
 
 def _without_nulls(renames: Optional[dict[str, Optional[str]]]) -> Optional[dict[str, Optional[str]]]:

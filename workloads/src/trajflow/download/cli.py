@@ -44,6 +44,21 @@ def _terminated(signum: int, frame: object) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from trajflow.download.failures import STOPPING
+
+    STOPPING.clear()  # a SIGTERM that stopped an earlier run in this process is not this run's
+    if threading.current_thread() is not threading.main_thread():
+        return _download(args)
+    # SIGTERM (pod deletion, eviction): unwind so the final metrics push happens; the
+    # temporaries stay and the next run resumes them. Exit 4: retry the shard.
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _download(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _download(args: argparse.Namespace) -> int:
     from trajflow import log as trajflow_log
     from trajflow.config import stage_settings
     from trajflow.download.progress import ProgressReporter, human_bytes, human_duration
@@ -53,10 +68,6 @@ def run(args: argparse.Namespace) -> int:
     from trajflow.metrics import Pusher, download_metrics
     from trajflow.storage import open_run_root
 
-    if threading.current_thread() is threading.main_thread():
-        # SIGTERM (pod deletion, eviction): unwind so the final metrics push happens; the
-        # temporaries stay and the next run resumes them. Exit 4: retry the shard.
-        signal.signal(signal.SIGTERM, _terminated)
     env = dict(os.environ)
     if args.shard is not None:
         env["JOB_COMPLETION_INDEX"] = str(args.shard)

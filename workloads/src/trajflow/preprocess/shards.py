@@ -52,6 +52,7 @@ from typing import IO, Any, BinaryIO, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from trajflow.config.preprocess import SETTINGS_ADDED_LATER
 from trajflow.errors import PermanentError
 from trajflow.storage import STAGE_DIRS, Storage, done_shards, manifest_key, read_manifest, shard_name
 from trajflow.storage.base import sha256_stream
@@ -586,7 +587,7 @@ def settings_of(manifest: dict[str, Any]) -> dict[str, Any]:
     an older manifest records only its rate and dtype."""
     recorded = manifest.get("settings")
     if isinstance(recorded, dict):
-        return recorded
+        return {**SETTINGS_ADDED_LATER, **recorded}
     return {"targetRateHz": manifest.get("rate_hz"), "dtype": manifest.get("dtype")}
 
 
