@@ -534,3 +534,38 @@ def test_the_progress_bar_leaves_stdout_to_data(capfd: pytest.CaptureFixture[str
     reporter.stop()
     out, err = capfd.readouterr()
     assert out == "" and "shard 7" in err
+
+
+@pytest.mark.parametrize("intact", [True, False])
+def test_a_move_across_mounts_copies_only_bytes_that_still_match_their_record(tmp_path: Path, intact: bool,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A re-shard renames verified files; where a directory is another mount (EXDEV) they are
+    copied, and a copy is checked against the record, not trusted."""
+    import errno
+    import hashlib
+
+    from trajflow.download import transfer
+    from trajflow.download.verify import Record
+    from trajflow.storage import LocalStorage
+
+    root = LocalStorage(tmp_path)
+    data = b"verified bytes"
+    root.write_bytes("raw/00001/ds/a.bin", data if intact else b"rotten bytes!!")
+    record = Record("ds/a.bin", "f", "raw/00001/ds/a.bin", len(data), hashlib.sha256(data).hexdigest(), len(data),
+                    hashlib.sha256(data).hexdigest())
+
+    rename = transfer.os.replace
+
+    def other_mount(src: object, dest: object) -> None:
+        if Path(str(src)) == tmp_path / "raw/00001/ds/a.bin":  # the move; the copy's own rename is local
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        rename(src, dest)
+
+    monkeypatch.setattr(transfer.os, "replace", other_mount)
+    if intact:
+        transfer.relocate(root, "raw/00001/ds/a.bin", "raw/00000/ds/a.bin", record)
+        assert root.read_bytes("raw/00000/ds/a.bin") == data and not root.exists("raw/00001/ds/a.bin")
+    else:
+        with pytest.raises(ValueError, match="raw/00001/ds/a.bin no longer matches its verification record"):
+            transfer.relocate(root, "raw/00001/ds/a.bin", "raw/00000/ds/a.bin", record)
+        assert not root.exists("raw/00000/ds/a.bin")  # nothing unverified gets the name
