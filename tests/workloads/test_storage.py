@@ -428,6 +428,36 @@ def test_claim_election_has_one_winner_whatever_the_timing(s3_without_conditiona
     assert _keys(store) == ["plan/download.json"]
 
 
+def test_a_claim_made_after_the_first_contender_decided_loses(s3_without_conditional_writes):
+    """The race the earliest-claim rule exists for: B found no key, but claims only after A
+    listed the claims (seeing A's alone) and decided. B must lose, though it sees both."""
+    store = s3_without_conditional_writes
+    a_listed = threading.Event()
+    list_raw, write_bytes = store._list_raw, store.write_bytes
+
+    def listing(prefix):
+        found = list_raw(prefix)
+        if threading.current_thread().name == "A":
+            a_listed.set()
+        return found
+
+    def writing(key, data):
+        if threading.current_thread().name == "B" and "claims-" in key and not key.endswith(".data"):
+            assert a_listed.wait(30)  # B's claim marker lands after A's decision
+        return write_bytes(key, data)
+
+    store._list_raw, store.write_bytes = listing, writing
+    results: dict[str, bool] = {}
+    threads = [threading.Thread(target=lambda n=n: results.__setitem__(n, store.write_if_absent("plan/p.json", n.encode())),
+                                name=n) for n in ("A", "B")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {"A": True, "B": False}
+    assert store.read_bytes("plan/p.json") == b"A"
+
+
 def test_probe_detects_a_server_that_ignores_conditional_writes(s3_server, monkeypatch, caplog):
     bucket = s3_server.make_bucket()
     client = s3_server.client()
