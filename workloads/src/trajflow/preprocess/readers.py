@@ -244,16 +244,14 @@ def make_episode(spec: SourceSpec, source: str, episode: str, robot: str, times:
         return bad(MISSING_TIME, f"timestamps reach {reach:.15g}, beyond {MAX_SECONDS:g} s (past the year "
                                  "5000 as epoch seconds): ms, us or ns counts stored as floats? convert them to "
                                  "float seconds")
+    widest = int(np.argmax(step)) if length > 1 else 0  # the widest gap between samples follows timestamp[widest]
     if length > 1 and (length - 1) / span < MIN_MEAN_RATE_HZ:
-        widest = int(np.argmax(step))
         return bad(MISSING_TIME, f"{length} samples over {span:.6g} s ({(length - 1) / span:.3g} Hz, below "
                                  f"{MIN_MEAN_RATE_HZ:g} Hz; the widest gap is {float(step[widest]):.6g} s after "
                                  f"timestamp[{widest}]): timestamps in ms, us or ns rather than seconds?")
-    if spec.max_gap_s is not None and length > 1:
-        widest = int(np.argmax(step))
-        if step[widest] > spec.max_gap_s:
-            return bad(TIME_GAP, f"{float(step[widest]):.6g} s between timestamp[{widest}] = {float(t[widest])!r} and "
-                                 f"the next, more than maxGapSeconds {spec.max_gap_s:g}")
+    if spec.max_gap_s is not None and length > 1 and step[widest] > spec.max_gap_s:
+        return bad(TIME_GAP, f"{float(step[widest]):.6g} s between timestamp[{widest}] = {float(t[widest])!r} and the "
+                             f"next, more than maxGapSeconds {spec.max_gap_s:g}")
     dims = {out: a.shape[1] for out, a in zip(spec.outputs, arrays)}
     frames = np.empty((length, sum(dims.values())), dtype=np.float32)
     col = 0
