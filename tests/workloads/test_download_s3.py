@@ -397,3 +397,17 @@ def test_a_source_store_that_drops_connections_or_refuses_anonymous_callers_is_n
             ShardDownloader(LocalStorage(tmp_path / "b"), make_config([source]), 0, 1).plan()
     finally:
         listener.close()
+
+
+def test_a_server_side_copy_of_another_size_than_recorded_is_refused(s3_storage: Any) -> None:
+    """A re-shard moves verified objects by server-side copy; a copy that does not come out
+    at the recorded size is not trusted (and the source object is kept)."""
+    from trajflow.download.transfer import relocate
+    from trajflow.download.verify import Record
+
+    s3_storage.write_bytes("raw/00001/ds/a.bin", b"ten bytes!")
+    record = Record("ds/a.bin", "f", "raw/00001/ds/a.bin", 20, "0" * 64, 20, "0" * 64)
+    with pytest.raises(ValueError, match="did not produce 20 bytes"):
+        relocate(s3_storage, "raw/00001/ds/a.bin", "raw/00000/ds/a.bin", record)
+    assert s3_storage.read_bytes("raw/00001/ds/a.bin") == b"ten bytes!"
+    assert not s3_storage.exists("raw/00000/ds/a.bin")

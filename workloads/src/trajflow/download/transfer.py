@@ -1204,6 +1204,7 @@ def relocate(root: Storage, src_key: str, dest_key: str, record: Record) -> None
         root.client.copy({"Bucket": root.bucket, "Key": full(src_key)}, root.bucket, full(dest_key))
         info = root.stat(dest_key)
         if info is None or info.size != record.size:
+            root.delete(dest_key)  # not the verified bytes: nothing unverified keeps the name
             raise ValueError(f"server-side copy of {src_key} to {dest_key} did not produce {record.size} bytes")
     else:
         _copy_verified(root, src_key, dest_key, record)
