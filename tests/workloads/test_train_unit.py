@@ -966,3 +966,28 @@ def test_only_the_rank_that_writes_checkpoints_names_the_last_one(tmp_path: Path
                                                                                                    "train")
     assert "last good checkpoint: none yet" in str(main)
     assert "checkpoint" not in str(other)  # rank 1 never learns of rank 0's: it must not say there is none
+
+
+@pytest.mark.parametrize("capability, native", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_bf16_autocast_only_where_the_gpu_computes_in_bf16(monkeypatch: pytest.MonkeyPatch, capability, native) -> None:
+    """V100 and T4 emulate bf16 (torch.cuda.is_bf16_supported() says yes): training stays in fp32."""
+    from trajflow.train import loop
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert loop.has_native_bf16(torch.device("cuda", 0)) is native
+
+
+def test_a_rank_resumes_its_own_gpus_random_stream_on_a_pod_of_another_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """8 pods x 1 GPU resumed as 1 pod x 8 GPUs: each rank restores its own GPU generator,
+    instead of skipping it and leaving every rank on the same seed."""
+    from trajflow.train import loop
+
+    own = torch.tensor([7, 7, 7], dtype=torch.uint8)
+    restored: list[torch.Tensor] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": own.clone())
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(state))
+    saved = loop._rng_state()  # on a pod with one GPU
+    loop._set_rng_state(saved)  # on a pod with eight
+    assert len(restored) == 1 and torch.equal(restored[0], own)

@@ -104,13 +104,21 @@ class TrainerState:
         return TrainerState(**{k: v for k, v in doc.items() if k in known})
 
 
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes in bf16 (Ampere and later). torch.cuda.is_bf16_supported()
+    also says yes where bf16 is only emulated (V100, T4), slower than float32."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state(legacy=True)
     return {
         "python": random.getstate(),
         "numpy": [np_state[0], torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)), *map(float, np_state[2:])],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # this rank's own GPU (set_device made it the current one): the next run may place the
+        # same rank on another pod with another number of GPUs
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else [],
     }
 
 
@@ -120,8 +128,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
     torch.set_rng_state(state["torch"].cpu())
-    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    cuda = state.get("cuda")
+    if not torch.cuda.is_available() or cuda is None or len(cuda) == 0:
+        return
+    if isinstance(cuda, torch.Tensor):
+        torch.cuda.set_rng_state(cuda.cpu())
+    elif len(cuda) == torch.cuda.device_count():  # a checkpoint that saved every visible GPU's
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
 
 
 def parameter_digest(model: nn.Module) -> str:
@@ -160,7 +173,7 @@ class Trainer:
         self.status = "running"
         self.device = dist.device
         self.autocast = self.config.bf16 and self.device.type == "cuda"
-        if self.autocast and not torch.cuda.is_bf16_supported():
+        if self.autocast and not has_native_bf16(self.device):
             log.warning("this GPU has no bf16 support: training in fp32 (set training.config.bf16: false to silence)")
             self.autocast = False
         self.spec: ModelSpec | None = None
