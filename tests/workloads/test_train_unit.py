@@ -989,5 +989,9 @@ def test_a_rank_resumes_its_own_gpus_random_stream_on_a_pod_of_another_shape(mon
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(state))
     saved = loop._rng_state()  # on a pod with one GPU
-    loop._set_rng_state(saved)  # on a pod with eight
+    assert loop._set_rng_state(saved)  # on a pod with eight
     assert len(restored) == 1 and torch.equal(restored[0], own)
+    # an older checkpoint saved every GPU of its pod: of another shape, it cannot be restored
+    # (the caller then gives the rank a stream of its own)
+    assert not loop._set_rng_state({**saved, "cuda": [own, own]})
+    assert not loop._set_rng_state({**saved, "cuda": []})  # a CPU run's

@@ -60,7 +60,8 @@ class TrainConfig(Model):
     seed: int = Field(0, ge=0, le=2**32 - 1,
                       description="Seed of the validation split, the initial weights and the shuffling.")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: the GPU of LOCAL_RANK when CUDA is available.")
-    bf16: bool = Field(True, description="bf16 autocast on GPU.")
+    bf16: bool = Field(True, description="bf16 autocast on GPUs that compute in bf16 (Ampere and later); float32 on "
+                                         "others, which only emulate it.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank.")
     log_every_steps: int = Field(50, ge=1, description="Progress log and samples/s update interval.")
     cache_dir: str = Field(

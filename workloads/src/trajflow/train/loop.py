@@ -122,19 +122,24 @@ def _rng_state() -> dict[str, Any]:
     }
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any]) -> bool:
+    """Restore a rank's generators; returns False where its GPU's could not be (a checkpoint
+    of a CPU run, or one that saved every GPU of a pod of another shape)."""
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
     torch.set_rng_state(state["torch"].cpu())
     cuda = state.get("cuda")
-    if not torch.cuda.is_available() or cuda is None or len(cuda) == 0:
-        return
+    if not torch.cuda.is_available():
+        return True
     if isinstance(cuda, torch.Tensor):
         torch.cuda.set_rng_state(cuda.cpu())
-    elif len(cuda) == torch.cuda.device_count():  # a checkpoint that saved every visible GPU's
+        return True
+    if cuda and len(cuda) == torch.cuda.device_count():  # a checkpoint that saved every visible GPU's
         torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+        return True
+    return False
 
 
 def parameter_digest(model: nn.Module) -> str:
@@ -174,7 +179,8 @@ class Trainer:
         self.device = dist.device
         self.autocast = self.config.bf16 and self.device.type == "cuda"
         if self.autocast and not has_native_bf16(self.device):
-            log.warning("this GPU has no bf16 support: training in fp32 (set training.config.bf16: false to silence)")
+            log.warning("this GPU only emulates bf16 (before Ampere): training in fp32 (set training.config.bf16: false "
+                        "to silence)")
             self.autocast = False
         self.spec: ModelSpec | None = None
         self.rate_hz: float | None = None  # of the shards: a checkpoint holds a model of that rate
@@ -288,10 +294,11 @@ class Trainer:
         if self.state.early_stopping_reference is None:  # a checkpoint from before the field
             self.state.early_stopping_reference = self.state.best_val_loss
         same_world = payload.get("world_size") == self.dist.world_size
-        if same_world:
-            _set_rng_state(payload["rng"][self.dist.rank])
-        else:  # the ranks' generators cannot be restored: give each its own stream again
-            torch.manual_seed(self.config.seed + 1000 * self.dist.rank + 1 + self.state.step)
+        own_stream = self.config.seed + 1000 * self.dist.rank + 1 + self.state.step
+        if not same_world:  # the ranks' generators cannot be restored: give each its own stream again
+            torch.manual_seed(own_stream)
+        elif not _set_rng_state(payload["rng"][self.dist.rank]):
+            torch.cuda.manual_seed(own_stream)  # not every rank on the seed all GPUs were given
         batch_size = payload.get("batch_size", self.config.batch_size)
         if self.state.batch_in_epoch and (not same_world or batch_size != self.config.batch_size):
             log.warning(
