@@ -363,6 +363,13 @@ REFUSED_BY_BOTH = [
     ({"preprocessing.enabled": False, "training.inputShards": 2}, "training.inputShards (2) must equal downloader.shards (4)"),
     ({"training.config.metricsPort": 65535, "training.nprocPerNode": 2},
      "training.config.metricsPort 65535: local rank i serves port + i, and the last local rank's port 65536 is over 65535"),
+    ({"preprocessing.resources.limits.nvidia\\.com/gpu": 2},
+     "preprocessing.resources.limits.nvidia.com/gpu is 2, but a preprocessing pod uses one GPU: 1 would sit idle"),
+    ({"training.resources.limits.nvidia\\.com/gpu": 1},
+     "training.nprocPerNode is 2, but each training pod has 1 GPU(s) (resources.limits.nvidia.com/gpu): 1 local rank(s) "
+     "would have no GPU"),
+    ({"training.resources.limits.nvidia\\.com/gpu": 4},
+     "training.nprocPerNode is 2, but each training pod has 4 GPUs (resources.limits.nvidia.com/gpu): 2 would sit idle"),
 ]
 
 

@@ -559,16 +559,56 @@ def test_long_names_fit_despite_the_temporary_prefix_and_longer_ones_fail_alone(
     assert hidden_files(tmp_path / "raw") == []
 
 
-def test_an_item_named_like_anothers_journal_keeps_its_own_temporary(server: FaultyServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sizes", [(12, 6), (6, 12)])  # the larger starts first
+def test_an_item_named_like_anothers_journal_keeps_its_own_temporary(server: FaultyServer, tmp_path: Path,
+                                                                     sizes: tuple[int, int]) -> None:
     """`foo.db` and `foo.db.journal` (SQLite) fetched at once: neither writes into the
-    other's temporary or journal."""
+    other's temporary or journal, nor takes one for an older version's journal."""
     server.rate_bytes_per_s = 16 * MiB  # both streams are in flight together
-    files = {"x": payload(12 * MiB, seed=1), "x.journal": payload(6 * MiB, seed=2)}
+    files = {"x": payload(sizes[0] * MiB, seed=1), "x.journal": payload(sizes[1] * MiB, seed=2)}
     urls = [server.add(f"/{name}", data) for name, data in files.items()]  # both resumable, with journals
     summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": urls}], timeoutSeconds=5.0))
     assert summary.exit_code == 0, summary.failed
     assert raw_files(tmp_path) == {f"web/{name}": data for name, data in files.items()}
     assert hidden_files(tmp_path / "raw") == []
+
+
+def test_bytes_no_journal_vouches_for_are_never_kept(server: FaultyServer, tmp_path: Path) -> None:
+    """A temporary longer than the object, without a journal (killed before its header, or
+    an older version's journal): a download over it must not keep its tail."""
+    data = payload(6 * MiB, seed=4)
+    url = server.add("/big.bin", data)
+    web = tmp_path / "raw" / "00000" / "web"
+    web.mkdir(parents=True)
+    (web / ".trajflow-tmp-dl-big.bin").write_bytes(b"\xff" * (9 * MiB))
+    (web / ".trajflow-tmp-dl-big.bin.journal").write_text('{"size": 9437184}\n0 9437184\n')  # abandoned
+    summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": [url]}]))
+    assert summary.exit_code == 0
+    assert raw_files(tmp_path) == {"web/big.bin": data}
+    assert hidden_files(tmp_path / "raw") == []
+
+
+def test_an_item_an_older_version_is_still_downloading_is_busy(server: FaultyServer, tmp_path: Path) -> None:
+    """During an upgrade the old Job's pod may still fetch the shard (its journal is
+    `<temporary>.journal`): the new one does not write into that temporary."""
+    import fcntl
+    import os
+
+    from trajflow.download.transfer import FileSink
+    from trajflow.download.failures import FetchError
+
+    web = tmp_path / "raw" / "00000" / "web"
+    web.mkdir(parents=True)
+    legacy = web / ".trajflow-tmp-dl-big.bin.journal"
+    legacy.write_text("{}\n")
+    fd = os.open(legacy, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the old process's lock
+        with pytest.raises(FetchError, match="another process .an older trajflow. is downloading this item") as info:
+            FileSink(LocalStorage(tmp_path), "raw/00000/web/big.bin", resumable=True, gunzip=False).open()
+        assert info.value.reason == "busy" and legacy.exists()
+    finally:
+        os.close(fd)
 
 
 def test_a_directory_in_the_way_of_a_file_fails_that_item_not_the_shard(server: FaultyServer, tmp_path: Path) -> None:

@@ -173,7 +173,8 @@ class CatalogSource(_Source):
 class FileSource(_Source):
     type: Literal["file"]
     path: str = Field(min_length=1, description=(
-        "A local directory or file (or file:// URI) to copy from; symbolic links to directories are followed."))
+        "A local directory or file (or file:// URI, with '#' and '?' percent-encoded) to copy from; symbolic links "
+        "to directories are followed."))
     include: list[str] = Field(default_factory=lambda: ["**"], description="Glob patterns of relative paths to copy.")
     exclude: list[str] = Field(default_factory=list, description="Glob patterns of relative paths to skip.")
 

@@ -19,7 +19,7 @@ Every item's key is `<source name>/<relative path>`; it lands at `raw/<shard>/<k
 - `catalog`: a hub such as UCSC Xena: cohorts x categories through a URL template; each
   item lands at `<name>/<cohort>/<file name>` so cohorts never overwrite each other.
   Checksums the hub lists can be given per `<cohort>/<file name>`.
-- `file`: a local directory or file (`/path` or `file:///path`).
+- `file`: a local directory or file (`/path` or `file:///path` (with `#` and `?` percent-encoded)).
 
 Glob patterns: `*` and `?` stay within one path segment, `**` spans segments; a pattern
 without `/` matches the file name at any depth (`*.parquet`), one with `/` matches the

@@ -241,6 +241,7 @@ class FileSink:
             self.final.parent.mkdir(parents=True, exist_ok=True)
             header, extents = None, []
             if self.resumable:
+                self._retire_legacy_journal()
                 self._jfd = os.open(self.journal, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
                 try:
                     fcntl.flock(self._jfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -255,9 +256,33 @@ class FileSink:
             self._fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT, 0o644)
             if not self.resumable:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # tells sweepers it is alive
+            if header is None:
+                # bytes no journal ties to a version (a kill before the header, an older
+                # version's journal): a shorter object written over them would keep their tail
+                os.ftruncate(self._fd, 0)
             return header, extents
         except OSError as exc:
             raise self._failure(self.tmp, exc) from None
+
+    def _retire_legacy_journal(self) -> None:
+        """Versions before the `dlj` tag kept the journal at `<temporary>.journal`. One that a
+        live process of such a version holds (a Job not yet replaced) makes this item busy;
+        an abandoned one is removed (its bytes are then fetched again, not resumed)."""
+        legacy = self.tmp.with_name(self.tmp.name + ".journal")
+        if self.final.with_name(temp_name(JOURNAL_TAG, f"{self.final.name}.journal")).exists():
+            return  # that name is the temporary of an item `<name>.journal`, whose journal is there
+        try:
+            fd = os.open(legacy, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            legacy.unlink()
+        except BlockingIOError:
+            raise FetchError(f"{self.tmp}: another process (an older trajflow) is downloading this item", Kind.TRANSIENT,
+                             "busy") from None
+        finally:
+            os.close(fd)
 
     def _failure(self, path: Path, exc: OSError) -> FetchError | StorageFailure:
         if exc.errno in NAME_ERRNOS:

@@ -145,6 +145,7 @@ def build_plan(values_files: Iterable[str | Path], sets: Iterable[str] = ()) -> 
                 log.info("training.nodes is %d; locally all %d process(es) run on this machine as one node", nodes, nproc)
             if block.get("launcher", "job") == "job":  # a PyTorchJob has no maxFailedIndexes
                 _check_max_failed_indexes(values, stage, block, nodes)
+            _check_gpu_counts(values, stage, block, config)
             port = getattr(config, "metrics_port", 0)
             if port and port + nproc - 1 > 65535:
                 raise ConfigError(
@@ -165,6 +166,7 @@ def build_plan(values_files: Iterable[str | Path], sets: Iterable[str] = ()) -> 
                                   "the Job runs no pod until it is raised; a local run needs at least 1")
             parallelism = min(parallelism, shards)
             _check_max_failed_indexes(values, stage, block, shards)
+            _check_gpu_counts(values, stage, block, config)
             plans.append(StagePlan(stage, command, module, shards, parallelism, retries, rendered, config,
                                    wait_timeout=str(block.get("waitTimeout") or "")))
     if not plans:
@@ -224,6 +226,31 @@ def _check_max_failed_indexes(values: Values, stage: str, block: dict[str, Any],
     if isinstance(limit, int) and not isinstance(limit, bool) and limit > completions:
         raise ConfigError(f"{values.origin([stage, 'maxFailedIndexes'])}: {stage}.maxFailedIndexes ({limit}) cannot "
                           f"exceed the Job's {completions} completions")
+
+
+def _check_gpu_counts(values: Values, stage: str, block: dict[str, Any], config: Any) -> None:
+    """As the chart refuses them, though a local run ignores pod resources: GPUs a pod would
+    leave idle, or ranks it would leave without one (a local run is how a values file is tried)."""
+    limits = (block.get("resources") or {}).get("limits") or {}
+    try:
+        gpus = int(str(limits.get("nvidia.com/gpu") or 0))
+    except ValueError:
+        return  # not a whole number: the schema names it
+    where = values.origin([stage, "resources", "limits", "nvidia.com/gpu"])
+    if stage == "preprocessing" and gpus > 1:
+        raise ConfigError(f"{where}: preprocessing.resources.limits.nvidia.com/gpu is {gpus}, but a preprocessing pod "
+                          f"uses one GPU: {gpus - 1} would sit idle. Set it to 1 and run more pods at once with "
+                          "preprocessing.parallelism")
+    nproc = block.get("nprocPerNode")
+    if stage != "training" or not gpus or nproc is None or nproc == gpus or getattr(config, "device", "") == "cpu":
+        return
+    if nproc > gpus:
+        raise ConfigError(f"{where}: training.nprocPerNode is {nproc}, but each training pod has {gpus} GPU(s) "
+                          f"(resources.limits.nvidia.com/gpu): {nproc - gpus} local rank(s) would have no GPU. Set "
+                          f"nprocPerNode to {gpus} or null (which follows the limit), or raise the limit")
+    raise ConfigError(f"{where}: training.nprocPerNode is {nproc}, but each training pod has {gpus} GPUs "
+                      f"(resources.limits.nvidia.com/gpu): {gpus - nproc} would sit idle. Set nprocPerNode to {gpus} "
+                      "or null (which follows the limit), or lower the limit")
 
 
 def _check_across_stages(values: Values, plans: list[StagePlan]) -> None:
