@@ -59,8 +59,8 @@ class PreprocessConfig(Model):
     )
     time_key: str = Field(
         "",
-        description="Timestamp column/dataset in float seconds; without it (or with integer counts, or values "
-        "beyond 1e11: ms, us or ns) an episode is quarantined. Empty: timestamp, timestamps, time, t, else a rate.",
+        description="Timestamp column/dataset in float seconds; none, integer counts or values beyond 1e11 (ms, us, "
+        "ns) quarantine an episode. Empty: timestamp, timestamps, time, t, else a rate.",
     )
     rate_hz: Optional[float] = Field(
         None, gt=0, description="Recorded rate for files with neither timestamps nor a rate attribute."
