@@ -124,7 +124,7 @@ class Backoff:
 STOPPING = threading.Event()
 
 
-def call_with_retries(fn, attempts: int, backoff: Backoff, on_retry=None):  # type: ignore[no-untyped-def]
+def call_with_retries(fn, attempts: int, backoff: Backoff):  # type: ignore[no-untyped-def]
     """`fn()` until it succeeds, a non-transient FetchError, or `attempts` tries."""
     for attempt in range(1, attempts + 1):
         if STOPPING.is_set():
@@ -134,7 +134,5 @@ def call_with_retries(fn, attempts: int, backoff: Backoff, on_retry=None):  # ty
         except FetchError as exc:
             if not exc.transient or attempt >= attempts:
                 raise
-            if on_retry is not None:
-                on_retry(exc)
             STOPPING.wait(backoff.delay(attempt, exc.retry_after))
     raise AssertionError("unreachable")
