@@ -223,6 +223,35 @@ def test_killed_rank_restarts_the_group_and_resumes_to_the_same_result(tmp_path:
     assert doc["parameter_digests"] == reference["parameter_digests"]
 
 
+def test_sigterm_to_one_rank_checkpoints_the_step_and_resumes_to_the_same_result(
+        tmp_path: Path, two_process_run: Run) -> None:
+    """A node drained under one worker: the group learns of its SIGTERM in the step's
+    all-reduce, checkpoints that step and stops; the restarted group resumes there."""
+    run = start_run(tmp_path, "drained", nproc=2, max_restarts=1, checkpoints={"every_steps": 0, "keep_last": 3})
+    store = CheckpointStore(run.storage)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while True:
+        assert run.process.poll() is None, f"the run ended before a rank could be stopped:\n{run.log()[-4000:]}"
+        assert time.monotonic() < deadline, "no checkpoint of epoch 0 appeared"
+        pid = worker_pid(run.process.pid, rank=1)
+        if pid and store.list():
+            os.kill(pid, signal.SIGTERM)  # rank 1 alone, as the agent of a drained pod passes it on
+            break
+        time.sleep(0.02)
+    assert run.wait() == 0, run.log()[-4000:]
+    text = run.log()
+    stopped_at = [int(s) for s in re.findall(r"1 rank\(s\) got SIGTERM; the group checkpointed step (\d+)", text)]
+    assert len(stopped_at) == 2 and len(set(stopped_at)) == 1, text[-4000:]  # each rank says why, at one step
+    doc = run.metrics()
+    reference = two_process_run.metrics()
+    assert doc["restarts"] == 1
+    assert [(r["restart"], r["step"]) for r in doc["resumed_from"]] == [(1, stopped_at[0])]
+    assert doc["steps"] == reference["steps"]
+    for got, want in zip(doc["history"], reference["history"], strict=True):
+        assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-6)
+    assert doc["parameter_digests"] == reference["parameter_digests"]
+
+
 def test_diverged_run_exits_with_the_diverged_code_and_restarts_do_not_retrain(tmp_path: Path) -> None:
     run = start_run(tmp_path, "nan", nproc=1, max_restarts=2, learning_rate=1e30, grad_clip=0.0, metrics_port=0)
     assert run.wait() == int(ExitCode.DIVERGED), run.log()[-4000:]

@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import os
+import re
 import tempfile
 import urllib.request
 from pathlib import Path
@@ -595,8 +596,10 @@ def test_resume_with_another_batch_size_restarts_the_epoch(tmp_path: Path, caplo
     assert summary["steps"] - mid.step == per_epoch
 
 
-def test_a_terminated_training_pushes_where_it_stopped(tmp_path: Path, pushgateway) -> None:  # type: ignore[no-untyped-def]
-    """A pod deleted (SIGTERM from the launcher) mid-training: its one push still happens."""
+def test_a_terminated_training_checkpoints_its_step_and_pushes_where_it_stopped(  # type: ignore[no-untyped-def]
+        tmp_path: Path, pushgateway) -> None:
+    """A pod deleted or preempted (SIGTERM from the launcher) mid-epoch: the step it is at
+    is checkpointed, so a rerun resumes there, and its one push still happens."""
     import signal
     import subprocess
     import sys
@@ -604,7 +607,8 @@ def test_a_terminated_training_pushes_where_it_stopped(tmp_path: Path, pushgatew
 
     from trajflow.train.synthetic import write_config_file
 
-    settings, _ = small_run(tmp_path, epochs=10_000, log_every_steps=1)
+    # long epochs (about 200 steps of 4): the epoch-end checkpoints cannot pass for the stop's
+    settings, storage = small_run(tmp_path, epochs=10_000, log_every_steps=1, batch_size=4)
     glob = settings.global_.model_copy(update={"metrics": settings.global_.metrics.model_copy(
         update={"pushgateway_url": pushgateway.url})})
     config_file = write_config_file(tmp_path / "config.yaml", type(settings)(glob, settings.config, 0, 1))
@@ -620,6 +624,68 @@ def test_a_terminated_training_pushes_where_it_stopped(tmp_path: Path, pushgatew
     success = [ln for ln in pushgateway.metrics_text().splitlines()
                if ln.startswith("trajflow_stage_success{") and 'stage="train"' in ln]
     assert success and success[0].endswith(" 0")
+    stopped_at = int(re.search(r"got SIGTERM; the group checkpointed step (\d+) \(epoch 0\)", err).group(1))
+    newest = CheckpointStore(storage).list()[-1]
+    assert (newest.step, newest.epoch, newest.batch_in_epoch) == (stopped_at, 0, stopped_at)
+    assert newest.val_loss is None and stopped_at >= 1
+    resumed = train(local_settings(tmp_path, "run", **{**settings.config.model_dump(), "epochs": 1}))
+    assert [r["step"] for r in resumed["resumed_from"]] == [stopped_at]
+    assert resumed["status"] == "completed" and resumed["steps"] > stopped_at
+
+
+def test_a_stop_at_an_epochs_last_step_resumes_into_its_end_as_an_uninterrupted_run(  # type: ignore[no-untyped-def]
+        tmp_path: Path, monkeypatch) -> None:
+    """The stop's checkpoint is the only one taken after an epoch's last step and before its
+    validation: the resumed run validates that epoch and goes on as if never stopped."""
+    import signal
+
+    from trajflow.errors import Terminated
+    from trajflow.train import loop
+
+    reference = train(small_run(tmp_path, "ref", epochs=2)[0])
+    settings, storage = small_run(tmp_path, "stopped", epochs=2)
+    batches = loop.Trainer._batches
+
+    def sigterm_before_the_last_step(self, loader):  # type: ignore[no-untyped-def]
+        epoch = list(batches(self, loader))
+        for i, batch in enumerate(epoch):
+            if i == len(epoch) - 1:
+                self._stop_signal = signal.SIGTERM  # as the handler notes it
+            yield batch
+
+    with monkeypatch.context() as m:
+        m.setattr(loop.Trainer, "_batches", sigterm_before_the_last_step)
+        with pytest.raises(Terminated):
+            train(settings)
+    per_epoch = reference["history"][0]["step"]
+    newest = CheckpointStore(storage).list()[-1]
+    assert (newest.epoch, newest.batch_in_epoch, newest.step, newest.val_loss) == (0, per_epoch, per_epoch, None)
+    resumed = train(settings)
+    assert [r["step"] for r in resumed["resumed_from"]] == [per_epoch]
+    assert [h["val_loss"] for h in resumed["history"]] == pytest.approx([h["val_loss"] for h in reference["history"]],
+                                                                         rel=1e-6)
+    assert resumed["steps"] == reference["steps"]
+
+
+def test_sigterm_while_the_epochs_run_is_noted_and_a_second_one_raises(tmp_path: Path) -> None:
+    import signal
+
+    from trajflow.errors import Terminated
+    from trajflow.metrics import train_metrics
+    from trajflow.train.dist import DistContext
+    from trajflow.train.loop import Trainer
+
+    settings, storage = small_run(tmp_path)
+    trainer = Trainer(settings, DistContext.from_env(), storage, train_metrics())
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated) as stopped:
+        with trainer._sigterm_stops_at_a_step():
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert trainer._stop_signal == signal.SIGTERM  # noted: the next step's all-reduce acts on it
+            os.kill(os.getpid(), signal.SIGTERM)
+            pytest.fail("a second SIGTERM must stop at once")
+    assert stopped.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_a_resumed_run_pushes_where_it_stands(tmp_path: Path, pushgateway) -> None:  # type: ignore[no-untyped-def]

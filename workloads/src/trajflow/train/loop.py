@@ -3,8 +3,8 @@
 Every start resumes from the newest valid checkpoint, so a group that torchrun brings back
 after a failure (`--max-restarts`) continues where the last checkpoint left it: same
 epoch, same position in the epoch, same optimiser and RNG states. Decisions that must be
-identical on every rank (divergence, early stopping, the end of an epoch) are taken on
-all-reduced values, so no rank ever waits alone in a collective.
+identical on every rank (divergence, early stopping, the end of an epoch, a stop on
+SIGTERM) are taken on all-reduced values, so no rank ever waits alone in a collective.
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Mapping
@@ -27,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from trajflow.config import StageSettings
 from trajflow.config.train import TrainConfig
-from trajflow.errors import ConfigError, PermanentError, TrajflowError
+from trajflow.errors import ConfigError, PermanentError, Terminated, TrajflowError
 from trajflow.metrics import Pusher, StageMetrics, train_metrics
 from trajflow.storage import LocalStorage, Storage, open_run_root
 from trajflow.train import artifacts
@@ -176,6 +178,7 @@ class Trainer:
         self.state = TrainerState()
         self.last_checkpoint: CheckpointInfo | None = None
         self.status = "running"
+        self._stop_signal: int | None = None  # a SIGTERM noted while the epochs run
         self.device = dist.device
         self.autocast = self.config.bf16 and self.device.type == "cuda"
         if self.autocast and not has_native_bf16(self.device):
@@ -455,61 +458,95 @@ class Trainer:
         if resumed:
             self._restore_gauges(scheduler)
 
-        while not self.finished():
-            epoch = st.epoch
-            m.epoch.set(epoch)
-            batches.set_epoch(epoch, skip_batches=st.batch_in_epoch)
-            loader_rng.manual_seed(cfg.seed + epoch)
-            model.train()
-            window_start, window_samples = time.perf_counter(), 0
-            fetch_start = time.perf_counter()
-            for x, y in self._batches(loader):
-                step_start = time.perf_counter()
-                with self._autocast():
-                    pred = ddp(x)
-                loss = nn.functional.mse_loss(pred.float(), model.normalize_target(y))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                else:
-                    norm = nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-                n = x.shape[0]
-                bad = (~torch.isfinite(loss.detach())) | (~torch.isfinite(norm))
-                # one small all-reduce per step: the loss for the logs and a divergence flag
-                # every rank sees at the same step
-                reduced = torch.stack([loss.detach().double() * n, torch.tensor(float(n), dtype=torch.float64,
-                                       device=self.device), bad.double()])
-                loss_sum, samples, bad_ranks = self.dist.all_reduce_sum(reduced).tolist()
-                if bad_ranks > 0:
-                    raise self._diverged(loss_sum / max(samples, 1), epoch, "train")
-                optimizer.step()
-                scheduler.step()
-                now = time.perf_counter()
-                st.step += 1
-                st.batch_in_epoch += 1
-                st.epoch_loss_sum += loss_sum
-                st.epoch_samples += samples
-                st.epoch_train_seconds += now - fetch_start
-                window_samples += samples
-                m.step_seconds.observe(now - step_start)
-                m.steps.inc()
-                m.last_progress.set(time.time())
-                if st.step % cfg.log_every_steps == 0:
-                    rate = window_samples / max(now - window_start, 1e-9)
-                    m.samples_per_second.set(rate)
-                    m.learning_rate.set(scheduler.get_last_lr()[0])
-                    if self.device.type == "cuda":
-                        m.gpu_memory.set(torch.cuda.max_memory_allocated(self.device))
-                    self._log("training", epoch=epoch, step=st.step, loss=loss_sum / max(samples, 1),
-                              samples_per_second=round(rate, 1))
-                    window_start, window_samples = time.perf_counter(), 0
-                every = cfg.checkpoints.every_steps
-                if every and st.step % every == 0 and st.batch_in_epoch < per_epoch:
-                    self.checkpoint(model, optimizer, scheduler, val_loss=None)
+        with self._sigterm_stops_at_a_step():
+            while not self.finished():
+                epoch = st.epoch
+                m.epoch.set(epoch)
+                batches.set_epoch(epoch, skip_batches=st.batch_in_epoch)
+                loader_rng.manual_seed(cfg.seed + epoch)
+                model.train()
+                window_start, window_samples = time.perf_counter(), 0
                 fetch_start = time.perf_counter()
-            self.end_epoch(model, optimizer, scheduler, data)
-        return self.finish(model, data)
+                for x, y in self._batches(loader):
+                    step_start = time.perf_counter()
+                    with self._autocast():
+                        pred = ddp(x)
+                    loss = nn.functional.mse_loss(pred.float(), model.normalize_target(y))
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.grad_clip > 0:
+                        norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    else:
+                        norm = nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+                    n = x.shape[0]
+                    bad = (~torch.isfinite(loss.detach())) | (~torch.isfinite(norm))
+                    # one small all-reduce per step: the loss for the logs, and a divergence flag
+                    # and a stop request every rank sees at the same step
+                    reduced = torch.cat([torch.stack([loss.detach().double() * n, bad.double()]),
+                                         torch.tensor([n, self._stop_signal is not None], dtype=torch.float64,
+                                                      device=self.device)])
+                    loss_sum, bad_ranks, samples, stopping_ranks = self.dist.all_reduce_sum(reduced).tolist()
+                    if bad_ranks > 0:
+                        raise self._diverged(loss_sum / max(samples, 1), epoch, "train")
+                    optimizer.step()
+                    scheduler.step()
+                    now = time.perf_counter()
+                    st.step += 1
+                    st.batch_in_epoch += 1
+                    st.epoch_loss_sum += loss_sum
+                    st.epoch_samples += samples
+                    st.epoch_train_seconds += now - fetch_start
+                    window_samples += samples
+                    m.step_seconds.observe(now - step_start)
+                    m.steps.inc()
+                    m.last_progress.set(time.time())
+                    if st.step % cfg.log_every_steps == 0:
+                        rate = window_samples / max(now - window_start, 1e-9)
+                        m.samples_per_second.set(rate)
+                        m.learning_rate.set(scheduler.get_last_lr()[0])
+                        if self.device.type == "cuda":
+                            m.gpu_memory.set(torch.cuda.max_memory_allocated(self.device))
+                        self._log("training", epoch=epoch, step=st.step, loss=loss_sum / max(samples, 1),
+                                  samples_per_second=round(rate, 1))
+                        window_start, window_samples = time.perf_counter(), 0
+                    if stopping_ranks > 0:
+                        self.stop_with_checkpoint(model, optimizer, scheduler, int(stopping_ranks))
+                    every = cfg.checkpoints.every_steps
+                    if every and st.step % every == 0 and st.batch_in_epoch < per_epoch:
+                        self.checkpoint(model, optimizer, scheduler, val_loss=None)
+                    fetch_start = time.perf_counter()
+                self.end_epoch(model, optimizer, scheduler, data)
+            return self.finish(model, data)
+
+    @contextlib.contextmanager
+    def _sigterm_stops_at_a_step(self) -> Iterator[None]:
+        """While the epochs run, SIGTERM (a pod deleted, drained or preempted) is noted, not
+        raised: the next step's all-reduce tells every rank, and the group checkpoints that
+        step and stops (`stop_with_checkpoint`), so a preemption loses no steps. A second
+        SIGTERM raises at once; a run that finishes first exits as finished."""
+        if threading.current_thread() is not threading.main_thread():  # only it may set handlers
+            yield
+            return
+
+        def note(signum: int, frame: object) -> None:
+            if self._stop_signal is not None:
+                raise Terminated(signum)
+            self._stop_signal = signum
+
+        previous = signal.signal(signal.SIGTERM, note)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def stop_with_checkpoint(self, model: TrajectoryModel, optimizer: torch.optim.Optimizer, scheduler: Any,
+                             signalled_ranks: int) -> None:
+        """Every rank, at the same step: checkpoint it, then stop as a terminated run (a rerun resumes here)."""
+        self.checkpoint(model, optimizer, scheduler, val_loss=None)
+        st = self.state
+        log.warning("stopping: %d rank(s) got SIGTERM; the group checkpointed step %d (epoch %d) and stops",
+                    signalled_ranks, st.step, st.epoch)
+        raise Terminated(self._stop_signal or signal.SIGTERM)
 
     def _restore_gauges(self, scheduler: Any) -> None:
         """A resumed run's gauges say where the run stands from its first push on, also when
