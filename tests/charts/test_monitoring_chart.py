@@ -251,7 +251,7 @@ def test_rules_only_watch_this_release():
     rules = alert_rules(render_monitoring(release="fleet", namespace="ml"))
     assert 'job_name=~"(fleet-trajflow-downloader|fleet-trajflow-preprocessing|fleet-trajflow-training)-[0-9a-f]{8}"' \
         in rules["TrajflowJobFailed"]["expr"]
-    assert 'pod=~"(fleet-trajflow-preprocessing|fleet-trajflow-training)-.+"' in rules["TrajflowGpuUnderused"]["expr"]
+    assert 'pod=~"(fleet-trajflow-preprocessing|fleet-trajflow-training)-[0-9a-f]{8}-.+"' in rules["TrajflowGpuUnderused"]["expr"]
     assert 'up{job="fleet-trajflow-pushgateway", namespace="ml"}' in rules["TrajflowPushgatewayDown"]["expr"]
     for name, rule in rules.items():
         if "trajflow_" in rule["expr"] or "push_" in rule["expr"]:
@@ -309,7 +309,7 @@ def test_dashboard_gpu_filter_follows_the_release():
     dashboard = dashboard_of(render_monitoring(release="fleet", namespace="ml",
                                                values={"gpu": {"podLabel": "exported_pod"}}))
     constants = {v["name"]: v for v in dashboard["templating"]["list"] if v["type"] == "constant"}
-    assert constants["gpu_pods"]["query"] == "(fleet-trajflow-preprocessing|fleet-trajflow-training)-.+"
+    assert constants["gpu_pods"]["query"] == "(fleet-trajflow-preprocessing|fleet-trajflow-training)-[0-9a-f]{8}-.+"
     assert constants["gpu_pod_label"]["current"]["value"] == "exported_pod"
 
 
@@ -319,9 +319,15 @@ def test_dashboard_may_live_in_the_sidecar_namespace():
     assert cm["metadata"]["namespace"] == "grafana" and cm["metadata"]["annotations"] == {"grafana_folder": "ML"}
     # one release name in two namespaces (an environment each) meets in Grafana's: two ConfigMaps
     values = {"dashboard": {"namespace": "grafana"}}
-    dev, staging = (one(render_monitoring(values, namespace=ns), "ConfigMap", component="monitoring")["metadata"]["name"]
+    dev, staging = (one(render_monitoring(values, namespace=ns), "ConfigMap", component="monitoring")
                     for ns in ("trajflow-dev", "trajflow-staging"))
-    assert dev != staging and dev.startswith("trajflow-monitoring-dashboard-")
+    assert dev["metadata"]["name"] != staging["metadata"]["name"]
+    assert dev["metadata"]["name"].startswith("trajflow-monitoring-dashboard-")
+    # Grafana's provisioning stops saving a folder's dashboards when two share a title
+    titles = [json.loads(next(iter(cm["data"].values())))["title"] for cm in (dev, staging)]
+    assert titles == ["trajflow pipeline (trajflow-dev/trajflow)", "trajflow pipeline (trajflow-staging/trajflow)"]
+    named = one(render_monitoring({"dashboard": {"title": "Robots"}}), "ConfigMap", component="monitoring")
+    assert json.loads(next(iter(named["data"].values())))["title"] == "Robots"
     at_home = render_monitoring({"dashboard": {"namespace": "trajflow-dev"}}, namespace="trajflow-dev")
     assert one(at_home, "ConfigMap", component="monitoring")["metadata"]["name"] == "trajflow-monitoring-dashboard"
 
@@ -396,3 +402,5 @@ def test_dashboard_gpu_panels_select_the_pods_the_gpu_alerts_watch(values):
     panels = [r for where, expr in dashboard_queries(dashboard_of(objs)) for r in _pod_regexes(expr)]
     assert alert and panels and set(panels) == set(alert), (alert, panels)
     assert re.fullmatch(alert[0], "trajflow-training-0a1b2c3d-0-x7k2p")
+    # not the pods of a release named after this one's stage (`trajflow-training`)
+    assert not re.fullmatch(alert[0], "trajflow-training-downloader-0a1b2c3d-0-x7k2p")

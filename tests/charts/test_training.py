@@ -50,6 +50,16 @@ def test_headless_service_names_the_pods():
     assert {"name": "rdzv", "containerPort": 29400, "protocol": "TCP"} in container(job, "train")["ports"]
 
 
+def test_production_spreads_the_training_pods_of_its_own_release_over_nodes():
+    _, job = training(release="team-a")
+    spread = pod_spec(job)["topologySpreadConstraints"]
+    assert spread == [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule",
+                       "labelSelector": {"matchLabels": {
+                           "app.kubernetes.io/name": "trajflow", "app.kubernetes.io/instance": "team-a",
+                           "app.kubernetes.io/component": "training"}}}]
+    assert spread[0]["labelSelector"]["matchLabels"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
+
+
 # What the pods run in production (2 nodes, 8 H100 each): `trajflow train` itself is the
 # elastic agent, so the pod exits with its workers' code (plain torchrun always exits 1).
 LAUNCHER_ARGS = [

@@ -168,6 +168,26 @@ def test_a_shard_file_on_the_filesystem_is_checked_against_its_manifest(tmp_path
     assert len(open_shards(storage, streams).readers) == 2
 
 
+@pytest.mark.parametrize("edit", ["no episodes", "fewer frames", "no count"])
+def test_a_manifest_whose_counts_are_not_its_shards_is_refused(tmp_path: Path, edit: str) -> None:
+    """A shard a manifest miscounts was read whole before (or, said to be empty, dropped)."""
+    _, storage = small_run(tmp_path)
+    doc = read_manifest(storage, "preprocess", 1)
+    streams = ["observation.state", "action"]
+    assert len(open_shards(storage, streams).episodes) == 12
+    if edit == "no episodes":
+        doc["num_episodes"] = 0
+    elif edit == "fewer frames":
+        doc["num_frames"] -= 1
+    else:
+        del doc["num_episodes"]
+    storage.write_bytes(manifest_key("preprocess", 1), json.dumps(doc).encode())
+    message = (r"the shard file's entry or the episode and frame counts are malformed \(KeyError: 'num_episodes'\)"
+               if edit == "no count" else r"00001\.safetensors: holds 6 episodes of \d+ frames, its manifest says")
+    with pytest.raises(PermanentError, match=message):
+        open_shards(storage, streams)
+
+
 def test_shards_on_s3_that_would_outgrow_the_tmp_limit_are_refused_before_the_copy(s3_storage, tmp_path: Path,
                                                                                   monkeypatch) -> None:
     write_synthetic_shards(s3_storage, shards=2, episodes_per_shard=6, length=120)

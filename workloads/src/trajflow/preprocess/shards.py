@@ -576,10 +576,11 @@ def _entry(shard: int, manifest: dict[str, Any], where: str) -> ShardEntry:
         raise ShardFormatError(f"{where}: the shard file's sha256 {sha256!r} is not 64 lowercase hex digits")
     try:
         return ShardEntry(shard=shard, key=str(it["key"]), size=int(it["size"]), sha256=sha256,
-                          num_episodes=int(manifest.get("num_episodes", 0)),
-                          num_frames=int(manifest.get("num_frames", 0)), manifest=manifest)
+                          num_episodes=int(manifest["num_episodes"]), num_frames=int(manifest["num_frames"]),
+                          manifest=manifest)
     except (KeyError, TypeError, ValueError) as exc:
-        raise ShardFormatError(f"{where}: the shard file's entry is malformed ({type(exc).__name__}: {exc})") from None
+        raise ShardFormatError(f"{where}: the shard file's entry or the episode and frame counts are malformed "
+                               f"({type(exc).__name__}: {exc})") from None
 
 
 def settings_of(manifest: dict[str, Any]) -> dict[str, Any]:

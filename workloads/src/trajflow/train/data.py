@@ -86,18 +86,15 @@ def open_shards(storage: Storage, streams: Sequence[str], cache_dir: str | Path 
     dims: dict[str, int] = {}
     settings: dict[str, Any] = {}  # every output setting the shards so far record
     for entry in entries:
-        if entry.num_episodes == 0:  # a shard without trajectories: nothing to read, its streams have no width
-            continue
         # shards kept from a run with other preprocessing settings would mix two datasets
         made = settings_of(entry.manifest)
-        changed = settings_differences(settings, made)
+        changed = settings_differences(settings, made) if entry.num_episodes else []
         if changed:
             raise PermanentError(
                 f"{storage.uri}/{manifest_key('preprocess', entry.shard)}: made with other preprocessing.config than "
                 f"the shards before it ({'; '.join(changed)}); use a new global.runId or delete resampled/ so that "
                 "every shard is made again with one config"
             )
-        settings = merge_settings(settings, made)
         try:
             local = storage.local_path(entry.key)
             if verify and local is not None:
@@ -107,6 +104,15 @@ def open_shards(storage: Storage, streams: Sequence[str], cache_dir: str | Path 
             raise PermanentError(f"shard {entry.shard} is marked done but its file is missing: {exc}") from None
         except (ShardFormatError, ValueError) as exc:
             raise PermanentError(f"shard {entry.shard}: {exc}") from None
+        if (len(reader.episodes), reader.num_frames) != (entry.num_episodes, entry.num_frames):
+            raise PermanentError(
+                f"{storage.uri}/{entry.key}: holds {len(reader.episodes)} episodes of {reader.num_frames} frames, its "
+                f"manifest says {entry.num_episodes} of {entry.num_frames}; delete resampled/ so that preprocessing "
+                "writes it again"
+            )
+        if not reader.episodes:  # a shard without trajectories: nothing to read, its streams have no width
+            continue
+        settings = merge_settings(settings, made)
         missing = [s for s in streams if s not in reader.dims]
         if missing:
             raise PermanentError(

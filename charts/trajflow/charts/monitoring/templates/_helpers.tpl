@@ -73,7 +73,8 @@ Takes (dict "context" $ "stage" "training").
 {{- range list "preprocessing" "training" -}}
 {{- $alternatives = append $alternatives (regexQuoteMeta (include "monitoring.stageJobBase" (dict "context" $ctx "stage" .))) -}}
 {{- end -}}
-{{- printf "(%s)-.+" (join "|" $alternatives) -}}
+{{- /* the Job's hash anchors it: release `x-training` has pods starting `x-training-` too */ -}}
+{{- printf "(%s)-[0-9a-f]{8}-.+" (join "|" $alternatives) -}}
 {{- end -}}
 {{- end -}}
 
