@@ -226,8 +226,10 @@ def test_killed_rank_restarts_the_group_and_resumes_to_the_same_result(tmp_path:
 def test_sigterm_to_one_rank_checkpoints_the_step_and_resumes_to_the_same_result(
         tmp_path: Path, two_process_run: Run) -> None:
     """A node drained under one worker: the group learns of its SIGTERM in the step's
-    all-reduce, checkpoints that step and stops; the restarted group resumes there."""
-    run = start_run(tmp_path, "drained", nproc=2, max_restarts=1, checkpoints={"every_steps": 0, "keep_last": 3})
+    all-reduce, checkpoints that step and stops; the restarted group resumes there. With
+    DataLoader workers, which the agent's signal to the worker's process group must spare."""
+    run = start_run(tmp_path, "drained", nproc=2, max_restarts=1, num_workers=2,
+                    checkpoints={"every_steps": 0, "keep_last": 3})
     store = CheckpointStore(run.storage)
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while True:
@@ -235,7 +237,7 @@ def test_sigterm_to_one_rank_checkpoints_the_step_and_resumes_to_the_same_result
         assert time.monotonic() < deadline, "no checkpoint of epoch 0 appeared"
         pid = worker_pid(run.process.pid, rank=1)
         if pid and store.list():
-            os.kill(pid, signal.SIGTERM)  # rank 1 alone, as the agent of a drained pod passes it on
+            os.killpg(pid, signal.SIGTERM)  # rank 1's group alone, as the agent of a drained pod passes it on
             break
         time.sleep(0.02)
     assert run.wait() == 0, run.log()[-4000:]

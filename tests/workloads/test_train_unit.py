@@ -653,10 +653,11 @@ def test_a_terminated_training_checkpoints_its_step_and_pushes_where_it_stopped(
     assert resumed["status"] == "completed" and resumed["steps"] > stopped_at
 
 
-def test_a_stop_at_an_epochs_last_step_resumes_into_its_end_as_an_uninterrupted_run(  # type: ignore[no-untyped-def]
+def test_a_stop_at_an_epochs_last_step_waits_for_the_epochs_end(  # type: ignore[no-untyped-def]
         tmp_path: Path, monkeypatch) -> None:
-    """The stop's checkpoint is the only one taken after an epoch's last step and before its
-    validation: the resumed run validates that epoch and goes on as if never stopped."""
+    """The epoch's end validates and checkpoints that step; the next step stops with a
+    checkpoint of its own (one step, one checkpoint), and the resumed run goes on as if never
+    stopped."""
     import signal
 
     from trajflow.errors import Terminated
@@ -678,10 +679,12 @@ def test_a_stop_at_an_epochs_last_step_resumes_into_its_end_as_an_uninterrupted_
         with pytest.raises(Terminated):
             train(settings)
     per_epoch = reference["history"][0]["step"]
-    newest = CheckpointStore(storage).list()[-1]
-    assert (newest.epoch, newest.batch_in_epoch, newest.step, newest.val_loss) == (0, per_epoch, per_epoch, None)
+    epoch_end, stop = CheckpointStore(storage).list()[-2:]
+    assert (epoch_end.step, epoch_end.epoch, epoch_end.batch_in_epoch) == (per_epoch, 1, 0)
+    assert epoch_end.val_loss == pytest.approx(reference["history"][0]["val_loss"], rel=1e-6)
+    assert (stop.step, stop.epoch, stop.batch_in_epoch, stop.val_loss) == (per_epoch + 1, 1, 1, None)
     resumed = train(settings)
-    assert [r["step"] for r in resumed["resumed_from"]] == [per_epoch]
+    assert [r["step"] for r in resumed["resumed_from"]] == [per_epoch + 1]
     assert [h["val_loss"] for h in resumed["history"]] == pytest.approx([h["val_loss"] for h in reference["history"]],
                                                                          rel=1e-6)
     assert resumed["steps"] == reference["steps"]

@@ -351,7 +351,15 @@ class Trainer:
 
     def _batches(self, loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         non_blocking = self.device.type == "cuda"
-        for x, y in loader:
+        # the loader workers start (fork) with SIGTERM blocked, until they leave this
+        # process group (`_leave_process_group`); here it waits until they have started
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}) if loader.num_workers else None
+        try:
+            batches = iter(loader)
+        finally:
+            if blocked is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        for x, y in batches:
             yield x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
 
     def _autocast(self) -> Any:
@@ -449,7 +457,8 @@ class Trainer:
         # epoch, it keeps the dropout RNG stream of a mid-epoch resume identical to an uninterrupted run's
         loader_rng = torch.Generator()
         loader = DataLoader(data.train, batch_size=None, sampler=batches, num_workers=cfg.num_workers,
-                            pin_memory=self.device.type == "cuda", generator=loader_rng)
+                            pin_memory=self.device.type == "cuda", generator=loader_rng,
+                            worker_init_fn=_leave_process_group if cfg.num_workers else None)
         if st.initial_val_loss is None:
             st.initial_val_loss = self.evaluate(model, data.val)
             self._log("initial validation loss", initial_val_loss=st.initial_val_loss)
@@ -509,7 +518,9 @@ class Trainer:
                         self._log("training", epoch=epoch, step=st.step, loss=loss_sum / max(samples, 1),
                                   samples_per_second=round(rate, 1))
                         window_start, window_samples = time.perf_counter(), 0
-                    if stopping_ranks > 0:
+                    # at an epoch's last batch, the epoch's end checkpoints (with its validation) and
+                    # the next step stops: two checkpoints of one step would share their file names
+                    if stopping_ranks > 0 and st.batch_in_epoch < per_epoch:
                         self.stop_with_checkpoint(model, optimizer, scheduler, int(stopping_ranks))
                     every = cfg.checkpoints.every_steps
                     if every and st.step % every == 0 and st.batch_in_epoch < per_epoch:
@@ -523,7 +534,9 @@ class Trainer:
         """While the epochs run, SIGTERM (a pod deleted, drained or preempted) is noted, not
         raised: the next step's all-reduce tells every rank, and the group checkpoints that
         step and stops (`stop_with_checkpoint`), so a preemption loses no steps. A second
-        SIGTERM raises at once; a run that finishes first exits as finished."""
+        SIGTERM raises at once; a run that finishes first exits as finished. (The agent
+        signals each worker's process group: DataLoader workers leave it, see
+        `_leave_process_group`.)"""
         if threading.current_thread() is not threading.main_thread():  # only it may set handlers
             yield
             return
@@ -718,6 +731,18 @@ class MetricsEndpoint:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def _leave_process_group(worker_id: int) -> None:
+    """DataLoader worker start: a session of its own. The elastic agent signals the rank's
+    whole process group, and a loader worker dies of a SIGTERM not sent by its parent: the
+    rank would fail on its next batch instead of checkpointing. A SIGTERM that reached the
+    group before this is pending (the worker starts with it blocked) and is dropped. The
+    parent still stops its workers as usual, and they exit when it dies."""
+    os.setsid()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # discards a pending one
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def metrics_shard(dist: DistContext, env: Mapping[str, str] | None = None) -> str:
