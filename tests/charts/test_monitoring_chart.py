@@ -141,6 +141,10 @@ def test_pod_monitor_scrapes_every_local_rank_of_the_training_pods():
     assert metrics_ports == {"metrics", "metrics-1"}, port_names
     static = {r["targetLabel"]: r["replacement"] for r in relabel if "sourceLabels" not in r}
     assert static["run"] == "exp-7" and static["stage"] == "train"
+    # local rank 0's port is plain `metrics`, which the metrics-N rule does not match: it is labeled "0" first
+    rank = [r for r in relabel if r.get("targetLabel") == "local_rank"]
+    assert rank[0] == {"targetLabel": "local_rank", "replacement": "0"}
+    assert rank[1]["sourceLabels"] == ["__meta_kubernetes_pod_container_port_name"] and rank[1]["replacement"] == "$1"
     shard = [r["sourceLabels"] for r in relabel if r.get("targetLabel") == "shard"]
     assert shard == [["__meta_kubernetes_pod_label_training_kubeflow_org_replica_type",
                       "__meta_kubernetes_pod_label_training_kubeflow_org_replica_index"],  # a PyTorchJob's pods

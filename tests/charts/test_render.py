@@ -111,6 +111,8 @@ def test_pods_are_locked_down(env_objects):
         assert spec["automountServiceAccountToken"] is False, where
         pod_sc = spec["securityContext"]
         assert pod_sc["runAsNonRoot"] is True and pod_sc["seccompProfile"]["type"] == "RuntimeDefault", where
+        # the volumes are the image's group's (65532), or the non-root process cannot write its data
+        assert (pod_sc["fsGroup"], pod_sc["fsGroupChangePolicy"]) == (65532, "OnRootMismatch"), where
         for c in [*spec.get("initContainers", []), *spec["containers"]]:
             sc = c["securityContext"]
             assert sc["readOnlyRootFilesystem"] is True, f"{where}/{c['name']}"

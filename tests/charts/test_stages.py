@@ -187,6 +187,25 @@ def test_created_claim_is_kept_on_uninstall():
     assert "storageClassName" not in pvc["spec"]  # the cluster default
 
 
+def test_created_claim_uses_the_configured_storage_class():
+    # ReadWriteMany data often needs a class other than the cluster default (NFS, EFS...)
+    pvc = one(render([env_file("dev")], {"global.storage.pvc.storageClass": "fast-rwx"}),
+              "PersistentVolumeClaim", "storage")
+    assert pvc["spec"]["storageClassName"] == "fast-rwx"
+
+
+def test_s3_credentials_are_only_mounted_on_s3():
+    """A Secret left in values after moving to a filesystem must not be required by the pods
+    (a missing Secret in envFrom keeps them from starting)."""
+    secret = {"global.storage.s3.existingSecret": "old-s3-credentials"}
+    on_fs = render([env_file("dev")], {**secret, "global.storage.type": "filesystem"})
+    on_s3 = render([env_file("staging")], secret, api_versions=PROMETHEUS_OPERATOR_APIS)
+    for stage in ("downloader", "preprocessing", "training"):
+        ref = {"secretRef": {"name": "old-s3-credentials"}}
+        assert ref not in pod_spec(one(on_fs, "Job", stage))["containers"][0].get("envFrom", []), stage
+        assert ref in pod_spec(one(on_s3, "Job", stage))["containers"][0]["envFrom"], stage
+
+
 def policy(objs, stage):
     return next(iter(select(objs, "NetworkPolicy", stage)))["spec"]
 
@@ -233,6 +252,37 @@ def test_network_policy_ports_of_ipv6_and_ipv4_endpoints(endpoint, port):
     objs = render([env_file("staging")], {"global.storage.s3.endpoint": endpoint}, api_versions=PROMETHEUS_OPERATOR_APIS)
     egress = policy(objs, "downloader")["egress"]
     assert {"ports": [{"port": port, "protocol": "TCP"}]} in egress
+
+
+def test_a_spread_constraint_keeps_its_own_label_selector():
+    """Only a constraint without a labelSelector gets this stage's pods; one that names its
+    own (spread against another workload) is kept as written."""
+    own = {"matchLabels": {"team": "robotics"}}
+    objs = render(values={"downloader": {"topologySpreadConstraints": [
+        {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway",
+         "labelSelector": own},
+        {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway"},
+    ]}})
+    job = one(objs, "Job", "downloader")
+    zone, host = pod_spec(job)["topologySpreadConstraints"]
+    assert zone["labelSelector"] == own
+    assert host["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "downloader"
+
+
+def test_the_rendezvous_port_may_not_be_the_last_ranks_metrics_port():
+    # production: metricsPort 9400, 8 local ranks, so 9400-9407 are taken and 9408 is free
+    with pytest.raises(helm.HelmRenderError, match="rendezvous.port 9407 is one of the /metrics ports 9400-9407"):
+        render([env_file("production")], {"training.rendezvous.port": 9407}, api_versions=PROMETHEUS_OPERATOR_APIS)
+    objs = render([env_file("production")], {"training.rendezvous.port": 9408}, api_versions=PROMETHEUS_OPERATOR_APIS)
+    assert env_of(container(one(objs, "Job", "training"), "train"))["MASTER_PORT"] == "9408"
+
+
+def test_max_failed_indexes_may_be_every_shard_but_no_more():
+    # downloader.shards is 8 by default: the Job's completions
+    job = one(render(set_values={"downloader.maxFailedIndexes": 8}), "Job", "downloader")
+    assert (job["spec"]["completions"], job["spec"]["maxFailedIndexes"]) == (8, 8)
+    with pytest.raises(helm.HelmRenderError, match=r"downloader.maxFailedIndexes \(9\) cannot exceed the Job's 8 completions"):
+        render(set_values={"downloader.maxFailedIndexes": 9})
 
 
 def test_stage_charts_render_on_their_own():

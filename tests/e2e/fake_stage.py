@@ -10,6 +10,8 @@ in seconds. Behaviour is steered by environment variables:
     FAKE_STATE_DIR=DIR            where attempts and starts are recorded (required)
     FAKE_IGNORE_SIGINT=1          ignore SIGINT, as a program that swallows KeyboardInterrupt does
     FAKE_RECEIVED=0               bytes a download shard says it received (default: its item's size)
+    FAKE_KILL=download:0          stage:shard that dies of SIGKILL (as an OOM kill)
+    FAKE_NO_MANIFEST=download:0   stage:shard that exits 0 without writing its manifest
 """
 from __future__ import annotations
 
@@ -63,6 +65,10 @@ def main(argv: list[str]) -> int:
         if stage in (command, "*") and int(fail_shard) == shard and attempts <= int(os.environ.get("FAKE_FAIL_TIMES", "1000")):
             logger.error("failing on purpose with exit code %s", code)
             return int(code)
+    if os.environ.get("FAKE_KILL") == f"{command}:{shard}":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("FAKE_NO_MANIFEST") == f"{command}:{shard}":
+        return 0
     storage = open_run_root(glob)
     if command == "train":
         if shard == 0:

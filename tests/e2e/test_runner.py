@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from trajflow.config import load_values
-from trajflow.errors import ConfigError
+from trajflow.errors import ConfigError, ExitCode
 from trajflow.local import procs
 from trajflow.local.pipeline import build_plan, missing_stage_modules
 from trajflow.local.progress import PlainView
@@ -236,7 +236,7 @@ def test_a_retryable_failure_is_retried(fake: Fake, tmp_path: Path, monkeypatch:
     assert result.exit_code == 0, fake.out.getvalue()
     shard1 = next(t for t in result.tasks if t.key == "download/00001")
     assert shard1.attempts == 2 and shard1.state == DONE
-    assert "retrying" in fake.out.getvalue()
+    assert "exit code 4 (TRANSIENT); retrying in 1s (attempt 2 of 2)" in fake.out.getvalue()
 
 
 @pytest.mark.parametrize("code", [2, 3])
@@ -278,6 +278,23 @@ def test_retries_run_out(fake: Fake, tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert result.exit_code == 1
     assert len(fake.starts("download")) == 2
     assert "after 2 attempts" in result.failure
+
+
+def test_a_shard_killed_by_a_signal_fails_the_run_with_the_error_code(fake: Fake, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_KILL", "download:0")  # an OOM kill: the exit status is -9
+    _, result = fake.run(write_values(tmp_path, shards=1), ("training.enabled=false",))
+    assert result.exit_code == int(ExitCode.ERROR)
+    assert "download[0] failed: killed by SIGKILL" in result.failure
+
+
+def test_a_shard_that_exits_0_without_its_manifest_fails(fake: Fake, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_NO_MANIFEST", "download:0")
+    _, result = fake.run(write_values(tmp_path, shards=1), ("training.enabled=false",))
+    assert result.exit_code == int(ExitCode.ERROR)
+    assert "download[0] failed: exited 0 but wrote no manifest raw/_done/00000.json" in result.failure
+    assert fake.starts("preprocess") == []
 
 
 def test_interrupt_stops_children_and_a_rerun_resumes(fake: Fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -100,7 +100,8 @@ def test_writer_killed_mid_write_leaves_no_partial_object(storage, had_old_versi
         with pytest.raises(FileNotFoundError):
             storage.read_bytes(key)
 
-    # what the killed writer left behind is hidden, and the cleanup helpers find it
+    # what the killed writer left behind is hidden: a temporary the cleanup finds, an
+    # incomplete upload for the bucket's lifecycle rule
     if isinstance(storage, LocalStorage):
         leftovers = [p for p in (storage.root / "raw/00000").iterdir() if p.name != "episode.bin"]
         assert len(leftovers) == 1 and leftovers[0].stat().st_size >= MiB
@@ -109,9 +110,6 @@ def test_writer_killed_mid_write_leaves_no_partial_object(storage, had_old_versi
     else:
         uploads = storage.client.list_multipart_uploads(Bucket=storage.bucket, Prefix=storage.prefix + "/").get("Uploads", [])
         assert [u["Key"] for u in uploads] == [f"{storage.prefix}/{key}"]
-        assert storage.abort_stale_uploads(older_than_s=0) == 1
-        remaining = storage.client.list_multipart_uploads(Bucket=storage.bucket, Prefix=storage.prefix + "/")
-        assert remaining.get("Uploads", []) == []
 
 
 def _race(storage, tmp_path: Path, contenders: int, extra: dict | None = None) -> list[int]:

@@ -21,7 +21,7 @@ from trajflow.storage import LocalStorage, manifest_key, read_manifest, read_tra
 from trajflow.testing import free_port
 from trajflow.train import artifacts
 from trajflow.train.checkpoint import CheckpointStore
-from trajflow.train.data import EpochBatches, build_data, open_shards, split_episodes
+from trajflow.train.data import EpochBatches, build_data, open_shards, split_episodes, stats_from_moments
 from trajflow.train.errors import TrainingDiverged
 from trajflow.train.launch import pod_exit_code
 from trajflow.train.loop import config_hash, metrics_shard, same_data, train
@@ -166,6 +166,38 @@ def test_a_shard_file_on_the_filesystem_is_checked_against_its_manifest(tmp_path
         open_shards(storage, streams)
     storage.write_bytes(key, good)
     assert len(open_shards(storage, streams).readers) == 2
+
+
+def test_a_constant_dimension_is_normalised_by_one() -> None:
+    """A gripper that never moves, a zero-padded dimension: dividing by its std of 0 would
+    turn every input into Inf."""
+    frames = np.array([[0.0, 5.0, 1.0], [0.0, 5.0, 3.0]])  # two constant columns, one that moves
+    vector = np.concatenate([[len(frames)], frames.sum(0), (frames**2).sum(0)])
+    [(mean, std)] = stats_from_moments(vector, [3])
+    np.testing.assert_allclose(mean, [0.0, 5.0, 2.0])
+    np.testing.assert_allclose(std, [1.0, 1.0, 1.0])
+    [(_, std)] = stats_from_moments(np.concatenate([[2], [0.0], [2.0]]), [1])  # values -1 and 1
+    np.testing.assert_allclose(std, [1.0])
+    [(_, std)] = stats_from_moments(np.concatenate([[2], [0.0], [8.0]]), [1])  # values -2 and 2
+    np.testing.assert_allclose(std, [2.0])
+
+
+@pytest.mark.parametrize("other", ["rate", "width"])
+def test_shards_of_another_rate_or_width_are_refused_by_name(tmp_path: Path, other: str) -> None:
+    _, storage = small_run(tmp_path)
+    streams = ["observation.state", "action"]
+    reader = open_shards(storage, streams).readers[0]
+    rate = reader.rate_hz * (2 if other == "rate" else 1)
+    dims = {s: reader.dims[s] + (1 if other == "width" and s == "action" else 0) for s in streams}
+    rng = np.random.default_rng(0)
+    episodes = [Episode(data={s: rng.standard_normal((40, d)) for s, d in dims.items()}, source="raw/00001/x.npz",
+                        episode="0")]
+    written = write_shard(storage, shard_key(1), episodes, dtype="float32", rate_hz=rate)
+    write_manifest(storage, "preprocess", 1, 2, [written.item()], num_episodes=1, num_frames=40)
+    message = (rf"00001\.safetensors: rate {rate} Hz differs from the other shards' {reader.rate_hz} Hz"
+               if other == "rate" else r"00001\.safetensors: stream 'action' has \d+ dims, other shards have \d+")
+    with pytest.raises(PermanentError, match=message):
+        open_shards(storage, streams)
 
 
 @pytest.mark.parametrize("edit", ["no episodes", "fewer frames", "no count"])
@@ -379,6 +411,16 @@ def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(storage, caplog) ->
     assert "unreadable marker" in text and "ckpt-0000000003.pt: sha256" in text
     store.discard(skipped)
     assert [c.step for c in store.list()] == [1, 2]
+    assert not storage.exists(payload_key)  # the corrupt payload goes with its marker
+
+
+def test_the_best_of_equal_losses_is_the_earliest(storage) -> None:  # type: ignore[no-untyped-def]
+    """As the trainer's best_epoch: the checkpoint kept as the best is the one exported."""
+    store = CheckpointStore(storage, keep_last=1)
+    for step in (10, 20, 30):
+        _save(store, step, 0.5)
+    assert store.best().step == 10
+    assert [c.step for c in store.list()] == [10, 30]
 
 
 @pytest.mark.parametrize("named", ["resampled/00000.safetensors", "train/checkpoints/ckpt-0000000001.pt"])

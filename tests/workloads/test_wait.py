@@ -11,7 +11,7 @@ import pytest
 
 from trajflow import cli
 from trajflow.errors import ConfigError, ExitCode, WaitTimeout
-from trajflow.storage import LocalStorage, write_manifest
+from trajflow.storage import LocalStorage, manifest_key, write_manifest
 from trajflow.storage.wait import parse_duration, parse_shards, wait_for_shards
 
 
@@ -375,6 +375,36 @@ def test_a_credential_endpoint_failing_is_retried_not_a_config_error():
 
     assert fatal_storage_error(CredentialRetrievalError(provider="container-role", error_msg="timed out"), "x") is None
     assert isinstance(fatal_storage_error(NoCredentialsError(), "x"), ConfigError)
+
+
+@pytest.mark.parametrize("code", ["InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"])
+def test_credentials_the_store_refuses_are_a_config_error_at_once(code):
+    """An expired STS or workload-identity token does not heal by waiting out --timeout."""
+    from botocore.exceptions import ClientError
+
+    from trajflow.storage.wait import fatal_storage_error
+
+    refused = ClientError({"Error": {"Code": code, "Message": "no"}, "ResponseMetadata": {"HTTPStatusCode": 400}},
+                          "ListObjectsV2")
+    error = fatal_storage_error(refused, "s3://bucket/run")
+    assert isinstance(error, ConfigError) and "the store does not accept these credentials" in str(error)
+
+
+def test_a_manifest_removed_after_it_counted_closes_the_gate_again(local_storage):
+    """An upstream rerun deleting a done shard's manifest: the shard is waited for again."""
+    fake = FakeClock()
+    write_manifest(local_storage, "preprocess", 0, 2, [])
+
+    def upstream() -> None:
+        if len(fake.sleeps) == 1:
+            local_storage.delete(manifest_key("preprocess", 0))  # shard 0 is redone
+            write_manifest(local_storage, "preprocess", 1, 2, [])
+        if len(fake.sleeps) == 3:
+            write_manifest(local_storage, "preprocess", 0, 2, [])
+
+    fake.on_sleep = upstream
+    wait_for_shards(local_storage, "preprocess", {0, 1}, timeout_s=3600, clock=fake.clock, sleep=fake.sleep)
+    assert len(fake.sleeps) == 3  # not 1: shard 0 counted only once its manifest was back
 
 
 @pytest.mark.parametrize("code", [errno.EROFS, errno.ENOTDIR])

@@ -2,8 +2,8 @@
 
 Writes stream through a multipart upload that becomes visible only when completed, or a
 single PUT for small objects, so readers never see a part. A killed writer leaves at most
-an incomplete multipart upload, which the bucket's lifecycle rule (or `abort_stale_uploads`)
-cleans up.
+an incomplete multipart upload, which the bucket's lifecycle rule
+(AbortIncompleteMultipartUpload) cleans up.
 """
 from __future__ import annotations
 
@@ -422,17 +422,3 @@ class S3Storage(Storage):
             f"s3://{self.bucket}/{self._key(prefix)}", client=self.client, part_size=self.part_size,
             elect_settle_s=self.elect_settle_s, upload_concurrency=self.upload_concurrency,
         )
-
-    def abort_stale_uploads(self, older_than_s: float = 86400.0) -> int:
-        """Abort incomplete multipart uploads under this root left by killed writers."""
-        import datetime as dt
-
-        cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=older_than_s)
-        aborted = 0
-        paginator = self.client.get_paginator("list_multipart_uploads")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
-            for up in page.get("Uploads", []):
-                if up["Initiated"] < cutoff:
-                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
-                    aborted += 1
-        return aborted
