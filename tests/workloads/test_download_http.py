@@ -2,11 +2,14 @@
 ends verified, nothing partial or corrupt is ever visible, failures get the right exit code."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
 import logging
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -945,3 +948,96 @@ def test_an_item_another_process_is_fetching_is_waited_for_not_failed(server: Fa
     assert second.exit_code == 0, [r.error for r in second.failed]
     assert second.count("skipped") == 1 and second.bytes_received == 0  # the holder's copy, not fetched twice
     assert raw_files(tmp_path) == {"web/held.bin": data}
+
+
+@contextlib.contextmanager
+def _hub(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """Serve `handler` on 127.0.0.1 (a free port); yields the base URL."""
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as httpd:
+        httpd.daemon_threads = True
+        threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        try:
+            yield f"http://127.0.0.1:{httpd.server_address[1]}"
+        finally:
+            httpd.shutdown()
+
+
+@pytest.mark.parametrize("refusal", [405, 501])
+def test_a_server_refusing_head_is_sized_by_a_ranged_get_which_proves_ranges(tmp_path: Path, refusal: int) -> None:
+    """405 (not allowed) and 501 (not implemented) both mean "no HEAD here", not a broken
+    server: planning asks for byte 0 instead. A 206 with a total gives the size and proves
+    ranges are served, even from a server that never sends the optional Accept-Ranges."""
+    body = payload(11 * MiB, seed=13)
+    asked: list[str] = []
+
+    class Hub(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_HEAD(self) -> None:
+            self.send_response(refusal)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            asked.append(self.headers.get("Range", ""))
+            first_s, _, last_s = self.headers.get("Range", "bytes=0-")[6:].partition("-")
+            first, last = int(first_s), min(int(last_s) if last_s else len(body) - 1, len(body) - 1)
+            self.send_response(206)  # no Accept-Ranges header
+            self.send_header("Content-Range", f"bytes {first}-{last}/{len(body)}")
+            self.send_header("Content-Length", str(last - first + 1))
+            self.send_header("ETag", '"v1"')
+            self.end_headers()
+            self.wfile.write(body[first : last + 1])
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with _hub(Hub) as base:
+        config = make_config([{"type": "https", "name": "hub", "urls": [f"{base}/matrix.bin"]}])
+        _, items = ShardDownloader(LocalStorage(tmp_path), config, 0, 1).plan()
+        assert items[0].size == len(body) and items[0].meta.get("size_known", True)
+        assert items[0].meta.get("ranges") is True  # planned as a source serving ranges
+        summary = run(tmp_path, config)
+    assert summary.exit_code == 0, [r.error for r in summary.failed]
+    assert raw_files(tmp_path) == {"hub/matrix.bin": body}
+    assert sorted(asked) == sorted(["bytes=0-0", "bytes=0-5242879", "bytes=5242880-10485759", "bytes=10485760-11534335"])
+
+
+def test_exactly_max_redirects_are_followed_and_one_more_is_refused() -> None:
+    """A hub or CDN chaining a few redirects (login, mirror, signed URL) works up to the
+    limit; a loop ends with a permanent error instead of spinning."""
+    from trajflow.download.failures import FetchError, Kind
+    from trajflow.download.http import MAX_REDIRECTS, HttpClient
+
+    paths: list[str] = []
+
+    class Hops(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # /hop/N redirects to /hop/N-1; /hop/0 is the file
+            paths.append(self.path)
+            left = int(self.path.rsplit("/", 1)[1])
+            self.send_response(302 if left else 200)
+            if left:
+                self.send_header("Location", f"/hop/{left - 1}")
+            self.send_header("Content-Length", "0" if left else "4")
+            self.end_headers()
+            if not left:
+                self.wfile.write(b"data")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    client = HttpClient(timeout_s=5.0)
+    with _hub(Hops) as base:
+        body = client.get(f"{base}/hop/{MAX_REDIRECTS}")
+        try:
+            assert body.read(100) == b"data"
+        finally:
+            body.close()
+        assert len(paths) == MAX_REDIRECTS + 1
+        paths.clear()
+        with pytest.raises(FetchError, match=rf"more than {MAX_REDIRECTS} redirects") as refused:
+            client.get(f"{base}/hop/{MAX_REDIRECTS + 1}")
+    assert refused.value.kind == Kind.PERMANENT
+    assert len(paths) == MAX_REDIRECTS + 1  # the last Location is never requested

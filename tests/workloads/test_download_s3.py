@@ -411,3 +411,20 @@ def test_a_server_side_copy_of_another_size_than_recorded_is_refused(s3_storage:
         relocate(s3_storage, "raw/00001/ds/a.bin", "raw/00000/ds/a.bin", record)
     assert s3_storage.read_bytes("raw/00001/ds/a.bin") == b"ten bytes!"
     assert not s3_storage.exists("raw/00000/ds/a.bin")
+
+
+def test_directory_markers_are_neither_source_items_nor_run_root_objects(s3_server: Any, s3_storage: Any,
+                                                                          tmp_path: Path) -> None:
+    """Consoles and some tools create `dir/` objects (zero bytes, key ending in '/') for
+    folders; S3 lists them. They are no file to fetch (nor keys that cannot be paths), and
+    no object of the run root."""
+    client = s3_server.client()
+    bucket = s3_server.make_bucket("markers")
+    for key, body in {"data/": b"", "data/sub/": b"", "data/sub/x.bin": b"x"}.items():
+        client.put_object(Bucket=bucket, Key=key, Body=body)
+    _, items = ShardDownloader(LocalStorage(tmp_path), make_config([s3_source(s3_server, bucket)]), 0, 1).plan()
+    assert [i.key for i in items] == ["lake/sub/x.bin"]
+
+    s3_storage.write_bytes("raw/y.bin", b"y")
+    s3_storage.client.put_object(Bucket=s3_storage.bucket, Key=f"{s3_storage.prefix}/raw/dir/", Body=b"")
+    assert [i.key for i in s3_storage.list("raw/")] == ["raw/y.bin"]

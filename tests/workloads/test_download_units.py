@@ -446,6 +446,66 @@ def test_redirects_keep_the_token_only_on_the_same_scheme_and_host(location: str
     assert sent == [("https://hub.example/a/data.tsv", "Bearer SECRET"), (location, "Bearer SECRET" if kept else None)]
 
 
+def test_every_request_asks_for_identity_encoding() -> None:
+    """Bytes compressed on the fly are not the file its size, ranges and checksums describe:
+    GETs (ranged or not) and HEADs ask for identity themselves, not through whatever default
+    the HTTP library happens to add."""
+    from trajflow.download.http import HttpClient
+
+    class Response:
+        def __init__(self, status: int):
+            self.status, self.headers = status, {"Content-Length": "1"}
+
+        def drain_conn(self) -> None:
+            pass
+
+        def release_conn(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    sent: list[tuple[str, str | None]] = []
+
+    class Recorder:  # stands in for the connection pool: no network
+        def request(self, method: str, url: str, headers: dict[str, str], **kw: Any) -> Response:
+            sent.append((method, headers.get("Accept-Encoding")))
+            return Response(405 if method == "HEAD" and url.endswith("/no-head.bin") else 200)
+
+    client = HttpClient()
+    client._manager = lambda url: Recorder()  # type: ignore[method-assign]
+    client.get("https://hub.example/a.bin").close()
+    client.head("https://hub.example/a.bin", {"Authorization": "Bearer T"})
+    client.head("https://hub.example/no-head.bin")  # refused (405): the 1-byte GET instead
+    assert sent == [("GET", "identity"), ("HEAD", "identity"), ("HEAD", "identity"), ("GET", "identity")]
+
+
+def test_a_refused_if_match_is_confirmed_unchanged_only_at_the_planned_size() -> None:
+    """confirm_planned pins an object by Last-Modified when HEAD shows the version planning
+    listed. The same ETag or modification time with another size is another object (mtimes
+    have one-second resolution; gateways rewrite ETags): never taken for the planned one."""
+    import datetime as dt
+
+    from trajflow.download.sources import HttpClients, S3SourceRuntime
+
+    listed = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    header = "Thu, 01 Jan 2026 00:00:00 GMT"
+    item = Item("lake/x.bin", 100, "s3://src/d/x.bin", {"etag": "e1", "listed_last_modified": listed.isoformat()})
+    config = cfg(sources=[{"type": "s3", "name": "lake", "url": "s3://src/d", "endpoint": "http://127.0.0.1:9"}])
+    runtime = S3SourceRuntime(config.sources[0], HttpClients(1.0, 1), 1, 1.0)  # type: ignore[arg-type]
+
+    def confirm(size: int, etag: str) -> Validator | None:
+        head = {"ContentLength": size, "ETag": f'"{etag}"', "LastModified": listed,
+                "ResponseMetadata": {"HTTPHeaders": {"last-modified": header}}}
+        runtime.client = type("Client", (), {"head_object": lambda self, **kw: head})()
+        return runtime.confirm_planned(item)
+
+    pinned = Validator(last_modified=header)
+    assert confirm(100, "e1") == pinned  # size and ETag as listed
+    assert confirm(100, "gateway-etag") == pinned  # size and modification time as listed
+    assert confirm(101, "e1") is None
+    assert confirm(101, "gateway-etag") is None
+
 def test_s3_keys_that_cannot_be_paths_are_named_not_dropped() -> None:
     from trajflow.download.sources import HttpClients, S3SourceRuntime
 
