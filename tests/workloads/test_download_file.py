@@ -95,6 +95,32 @@ def test_a_file_rewritten_with_the_same_size_is_copied_again_under_a_new_plan(tm
     assert raw_files(tmp_path / "root") == {"ds/episode.npy": b"B" * 4096}
 
 
+def test_a_stored_file_modified_since_its_verification_is_hashed_again(tmp_path: Path) -> None:
+    """A shard fetched again (its manifest gone) trusts a stored file's record without hashing
+    it, unless the file was modified since: one changed in place (same size) is fetched
+    again, one only touched is kept."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.npy").write_bytes(b"A" * 4096)
+    (src / "b.npy").write_bytes(b"B" * 4096)
+    root = tmp_path / "root"
+    assert run(root, _file_source(src)).exit_code == 0
+    stored = {p.name: p for p in (root / "raw").rglob("*.npy")}
+    stored["a.npy"].write_bytes(b"X" * 4096)  # bit rot, or a tool writing where it should not
+    for path in stored.values():
+        os.utime(path, ns=(10**18, 10**18))
+    done = root / "raw" / "_done" / "00000.json"
+    done.unlink()
+
+    summary = run(root, _file_source(src))
+
+    assert summary.exit_code == 0 and summary.count("fetched") == 1 and summary.count("adopted") == 1
+    assert raw_files(root) == {"ds/a.npy": b"A" * 4096, "ds/b.npy": b"B" * 4096}
+    done.unlink()
+    again = run(root, _file_source(src))  # both records now note the files' times: nothing is hashed
+    assert again.count("skipped") == 2
+
+
 def test_a_file_rewritten_while_being_copied_is_never_stored_spliced(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from trajflow.download import sources

@@ -57,6 +57,7 @@ from trajflow.download.verify import (
     declared_checksums,
     gunzips,
     item_fingerprint,
+    modified_since,
     read_record,
     write_record,
 )
@@ -535,10 +536,12 @@ class ShardDownloader:
             here = self.listing.get(dest)
             if record.location == dest:
                 if here is not None and here.size == record.size:
+                    if modified_since(record, here):
+                        return self._adopt(item, dest, fingerprint, record, why="modified since it was verified")
                     return ItemResult(item, dest, "skipped", record=record)
                 return None
             there = self.root.stat(record.location)
-            if there is not None and there.size == record.size:
+            if there is not None and there.size == record.size and not modified_since(record, there):
                 try:
                     relocate(self.root, record.location, dest, record)
                 except Exception as exc:
@@ -555,9 +558,11 @@ class ShardDownloader:
             return self._adopt(item, dest, fingerprint)
         return None
 
-    def _adopt(self, item: Item, dest: str, fingerprint: str, record: Record | None = None) -> ItemResult | None:
+    def _adopt(self, item: Item, dest: str, fingerprint: str, record: Record | None = None,
+               why: str = "in place without a record") -> ItemResult | None:
         """A file has the final name but no (current) record: it was verified when it got the
-        name (a kill came before the record). Re-hash it once, check what is known of it:
+        name (a kill came before the record); or it was modified since its record was
+        written. Re-hash it once, check what is known of it:
         the item's own record when there is one; else its size and declared checksums.
         A decompressed file has no planned size or checksum to check, and `x` and `x.gz`
         share a final name: without this item's record nothing ties the file to it."""
@@ -588,7 +593,7 @@ class ShardDownloader:
             source_size=source_size, source_sha256=source_sha256, source_md5=digests.md5, checks=checks,
         )
         write_record(self.root, record)
-        log.info("adopted %s (in place without a record; re-hashed)", dest)
+        log.info("adopted %s (%s; re-hashed)", dest, why)
         return ItemResult(item, dest, "adopted", record=record)
 
     def _stored_by_sibling(self, item: Item, dest: str) -> bool:

@@ -14,7 +14,9 @@ Verification records. After an item is in place, `raw/.trajflow-verified/<item>.
 written (atomically) with its size, sha256, where it lies, and a fingerprint of the plan
 entry it satisfies (source URL, size, ETag/Last-Modified, declared checksums, gunzip).
 A rerun — or a pod of another shard count — reads the record, checks that the file at
-`location` still has the recorded size, and skips or reuses it: nothing is re-hashed.
+`location` still has the recorded size (and, on a filesystem, modification time), and skips
+or reuses it: nothing is re-hashed. A file modified since it was verified is hashed again
+and fetched again unless its bytes are still the recorded ones.
 Per-item records rather than the shard manifest, because the manifest exists only once a
 whole shard is done: an interrupted shard's finished items must be skippable too, and a
 re-sharded item must be findable without knowing which old shard held it. The records
@@ -40,7 +42,7 @@ from typing import Any, Mapping
 
 from trajflow.download.failures import FetchError, Kind
 from trajflow.plan import Item
-from trajflow.storage import LocalStorage, Storage
+from trajflow.storage import LocalStorage, ObjectInfo, Storage
 from trajflow.storage.local import temp_name
 
 log = logging.getLogger(__name__)
@@ -227,6 +229,7 @@ class Record:
     source_md5: str = ""
     checks: list[str] = field(default_factory=list)
     verified_at: str = ""
+    modified_ns: int = 0  # of the file at location when the record was written (filesystem); 0: unknown
 
     def to_json(self) -> dict[str, Any]:
         return {"version": RECORD_VERSION, **asdict(self)}
@@ -240,11 +243,18 @@ class Record:
             size=int(doc["size"]), sha256=str(doc["sha256"]), source_size=int(doc["source_size"]),
             source_sha256=str(doc["source_sha256"]), source_md5=str(doc.get("source_md5", "")),
             checks=list(doc.get("checks") or []), verified_at=str(doc.get("verified_at", "")),
+            modified_ns=int(doc.get("modified_ns", 0)),
         )
 
 
 def record_key(item_key: str) -> str:
     return f"{RECORD_PREFIX}{item_key}{RECORD_SUFFIX}"
+
+
+def modified_since(record: Record, info: ObjectInfo) -> bool:
+    """Whether the file `info` describes was modified after `record` was written (known only
+    on a filesystem, and for records that noted the time)."""
+    return bool(record.modified_ns and info.modified_ns and info.modified_ns != record.modified_ns)
 
 
 def read_record(storage: Storage, item_key: str) -> Record | None:
@@ -267,6 +277,8 @@ def write_record(storage: Storage, record: Record) -> None:
     an fsync per item costs milliseconds on every item of every run."""
     if not record.verified_at:
         record.verified_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    stored = storage.stat(record.location) if isinstance(storage, LocalStorage) else None
+    record.modified_ns = stored.modified_ns if stored is not None else 0
     data = json.dumps(record.to_json(), sort_keys=True).encode()
     key = record_key(record.item)
     if isinstance(storage, LocalStorage):

@@ -19,6 +19,7 @@ class ObjectInfo:
     key: str  # relative to the root, "/"-separated
     size: int
     etag: str = ""  # S3 ETag without quotes; empty on the filesystem
+    modified_ns: int = 0  # modification time on the filesystem (st_mtime_ns); 0 on S3
 
 
 def sha256_stream(stream: BinaryIO, chunk: int = CHUNK) -> tuple[str, int]:

@@ -123,12 +123,12 @@ class LocalStorage(Storage):
                     continue
                 path = here / name
                 try:
-                    size = path.stat().st_size
+                    st = path.stat()
                 except FileNotFoundError:
                     continue  # removed while listing
                 key = path.relative_to(self.root).as_posix()
                 if key.startswith(prefix) and not is_internal(key):
-                    infos.append(ObjectInfo(key, size))
+                    infos.append(ObjectInfo(key, st.st_size, modified_ns=st.st_mtime_ns))
         yield from sorted(infos, key=lambda i: i.key)
 
     def _unlistable(self, exc: OSError) -> None:
@@ -142,7 +142,7 @@ class LocalStorage(Storage):
             st = self._path(key).stat()
         except (FileNotFoundError, NotADirectoryError):
             return None
-        return ObjectInfo(key, st.st_size) if not os.path.isdir(self._path(key)) else None
+        return ObjectInfo(key, st.st_size, modified_ns=st.st_mtime_ns) if not os.path.isdir(self._path(key)) else None
 
     def _open(self, key: str, buffering: int = -1) -> BinaryIO:
         try:
