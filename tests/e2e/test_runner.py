@@ -435,6 +435,22 @@ def test_the_last_hint_promises_a_resume_only_where_a_rerun_can_succeed(exit_cod
     assert hint in text and text.count("finished shards are kept") == 1
 
 
+def test_the_processes_of_a_stage_share_the_cpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four preprocessing processes on 8 CPUs get 2 threads each, not 8 each; a user's
+    OMP_NUM_THREADS is kept."""
+    from trajflow.local import runner as runner_module
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runner_module, "cpu_budget", lambda: 8)
+    runner = Runner(build_plan([write_values(tmp_path, shards=4, preprocessing__parallelism=4)]), tmp_path / "work",
+                    PlainView(stream=io.StringIO()), command=[sys.executable, str(FAKE)])
+    task = next(t for t in runner.tasks if t.stage.stage == "preprocessing")
+    runner.config_paths["preprocessing"] = tmp_path / "config.yaml"  # written when the run starts
+    assert runner.env(task)["OMP_NUM_THREADS"] == "2"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert runner.env(task)["OMP_NUM_THREADS"] == "3"
+
+
 def test_a_tick_checks_each_task_once_however_many_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from trajflow.local.runner import PENDING, RUNNING, WAITING
 

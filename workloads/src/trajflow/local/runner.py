@@ -39,6 +39,7 @@ from trajflow.errors import ConfigError, ExitCode
 from trajflow.local import procs
 from trajflow.files import replace_file
 from trajflow.local.pipeline import RunPlan, StagePlan
+from trajflow.resources import cpu_budget
 from trajflow.storage import Storage, manifest_key, open_run_root, read_manifest, read_train_metrics, shard_name
 
 log = logging.getLogger(__name__)
@@ -450,7 +451,7 @@ class Runner:
         if "OMP_NUM_THREADS" not in os.environ:
             # processes of one stage share the cores instead of each claiming all of them
             busy = task.stage.nproc_per_node if task.stage.stage == "training" else task.stage.parallelism
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, busy)))
+            env["OMP_NUM_THREADS"] = str(max(1, cpu_budget() // max(1, busy)))
         return env
 
     def _launch(self, task: Task) -> None:
