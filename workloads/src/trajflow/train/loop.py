@@ -57,6 +57,10 @@ from trajflow.train.models import (
 
 log = logging.getLogger(__name__)
 
+# A SIGTERM this long after the first stops a rank at once. Sooner it is the same request:
+# the parent-death signal of an agent killed with several threads comes once per thread.
+REPEATED_SIGTERM_S = 1.0
+
 
 def config_hash(config: TrainConfig) -> str:
     """Hash of what a checkpoint's weights depend on (task, streams, window, architecture).
@@ -533,7 +537,7 @@ class Trainer:
     def _sigterm_stops_at_a_step(self) -> Iterator[None]:
         """While the epochs run, SIGTERM (a pod deleted, drained or preempted) is noted, not
         raised: the next step's all-reduce tells every rank, and the group checkpoints that
-        step and stops (`stop_with_checkpoint`), so a preemption loses no steps. A second
+        step and stops (`stop_with_checkpoint`), so a preemption loses no steps. A later
         SIGTERM raises at once; a run that finishes first exits as finished. (The agent
         signals each worker's process group: DataLoader workers leave it, see
         `_leave_process_group`.)"""
@@ -541,10 +545,14 @@ class Trainer:
             yield
             return
 
+        noted_at = 0.0
+
         def note(signum: int, frame: object) -> None:
-            if self._stop_signal is not None:
+            nonlocal noted_at
+            if self._stop_signal is None:
+                self._stop_signal, noted_at = signum, time.monotonic()
+            elif time.monotonic() - noted_at >= REPEATED_SIGTERM_S:
                 raise Terminated(signum)
-            self._stop_signal = signum
 
         previous = signal.signal(signal.SIGTERM, note)
         try:
