@@ -43,7 +43,7 @@ EXTERNAL_METRICS: dict[str, str] = {
 # Labels a trajflow series may carry besides its own: the Pushgateway grouping key,
 # what Prometheus and the PodMonitor add, and histogram buckets.
 CONTEXT_LABELS = {"job", "instance", "namespace", "pod", "service", "container", "endpoint",
-                  "run", "stage", "shard", "local_rank", "le"}
+                  "run", "stage", "shard", "release", "local_rank", "le"}
 
 
 def render_monitoring(values: dict[str, Any] | None = None, *, operator: bool = True, **kwargs: Any) -> list[dict[str, Any]]:

@@ -155,6 +155,7 @@ def test_stage_pods_follow_the_workload_contract(env_objects):
                 completions = workload["spec"].get("completions") or spec_nodes(workload)
                 assert env_vars["TRAJFLOW_SHARDS"] == str(completions)
                 assert env_vars["TRAJFLOW_NAMESPACE"] == workload["metadata"]["namespace"]  # in the push grouping key
+                assert env_vars["TRAJFLOW_RELEASE"] == "trajflow"  # as well
                 mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
                 assert mounts["/etc/trajflow"] == "config" and mounts["/tmp"] == "tmp"
                 assert "--config" in c["args"] and "/etc/trajflow/config.yaml" in c["args"]

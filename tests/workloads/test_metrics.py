@@ -58,14 +58,29 @@ def _sample(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
-def test_pods_push_with_their_namespace_in_the_grouping_key(recorder, monkeypatch):
-    # one Pushgateway outside the releases: the same run id in two namespaces stays two groups
+def test_pods_push_with_their_namespace_and_release_in_the_grouping_key(recorder, monkeypatch):
+    # the same run id in two namespaces, or two releases of one, stays two groups
     monkeypatch.setenv("TRAJFLOW_NAMESPACE", "trajflow-dev")
+    monkeypatch.setenv("TRAJFLOW_RELEASE", "team-a")
     assert Pusher(recorder.url, download_metrics(), run="default", shard=0).push() is True
-    [(_, path, _)] = recorder.requests
+    (method, path, _), (legacy_method, legacy_path, _) = recorder.requests
     parts = path.split("/")
-    assert dict(zip(parts[4::2], parts[5::2])) == {"run": "default", "stage": "download", "shard": "0",
-                                                   "namespace": "trajflow-dev"}
+    assert method == "POST" and dict(zip(parts[4::2], parts[5::2])) == {
+        "run": "default", "stage": "download", "shard": "0", "namespace": "trajflow-dev", "release": "team-a"}
+    assert (legacy_method, legacy_path) == ("DELETE", path.replace("/release/team-a", ""))  # an older pod's group
+
+
+def test_a_pod_drops_the_group_an_earlier_version_pushed_without_the_release(pushgateway, monkeypatch):
+    monkeypatch.setenv("TRAJFLOW_NAMESPACE", "prod")
+    failed = download_metrics()
+    failed.success.set(0)
+    Pusher(pushgateway.url, failed, run="r", shard=1).push()  # before the upgrade: no release in the key
+    Pusher(pushgateway.url, download_metrics(), run="r", shard=0).push()
+    monkeypatch.setenv("TRAJFLOW_RELEASE", "team-a")
+    pusher = Pusher(pushgateway.url, download_metrics(), run="r", shard=1)
+    assert pusher.push() and pusher.push()
+    left = sorted((g["labels"]["shard"], g["labels"].get("release", "")) for g in pushgateway.groups())
+    assert left == [("0", ""), ("1", "team-a")]  # shard 1's old state is gone, shard 0's is another pod's
 
 
 def test_push_uses_pushadd_with_the_grouping_key(recorder):
@@ -157,12 +172,19 @@ def test_shard_0_drops_the_groups_of_a_run_with_more_shards(pushgateway, monkeyp
     push(download_metrics(), "other", 3)  # another run
     monkeypatch.setenv("TRAJFLOW_NAMESPACE", "prod")  # the same run id in another release's namespace
     push(download_metrics(), "r", 3)
+    monkeypatch.setenv("TRAJFLOW_RELEASE", "team-b")  # ... and in another release of that namespace
+    push(download_metrics(), "r", 3)
+    monkeypatch.setenv("TRAJFLOW_RELEASE", "team-a")
+    push(download_metrics(), "r", 3)
+    push(download_metrics(), "r", 0).drop_shards_from(2)  # team-a's re-shard leaves team-b's groups alone
     monkeypatch.delenv("TRAJFLOW_NAMESPACE")
+    monkeypatch.delenv("TRAJFLOW_RELEASE")
     push(download_metrics(), "r", 0).drop_shards_from(2)
-    left = sorted((g["labels"].get("namespace", ""), g["labels"]["run"], g["labels"]["stage"], g["labels"]["shard"])
-                  for g in pushgateway.groups())
-    assert left == [("", "other", "download", "3"), ("", "r", "download", "0"), ("", "r", "download", "1"),
-                    ("", "r", "preprocess", "3"), ("prod", "r", "download", "3")]
+    left = sorted((g["labels"].get("namespace", ""), g["labels"].get("release", ""), g["labels"]["run"],
+                   g["labels"]["stage"], g["labels"]["shard"]) for g in pushgateway.groups())
+    assert left == [("", "", "other", "download", "3"), ("", "", "r", "download", "0"), ("", "", "r", "download", "1"),
+                    ("", "", "r", "preprocess", "3"),  # prod's group without a release: taken over by team-b's
+                    ("prod", "team-a", "r", "download", "0"), ("prod", "team-b", "r", "download", "3")]
 
 
 def test_pushadd_keeps_metrics_another_push_left_in_the_group(pushgateway):

@@ -25,6 +25,7 @@ disable_created_metrics()
 
 PUSH_JOB = "trajflow"
 NAMESPACE_ENV = "TRAJFLOW_NAMESPACE"  # set by the chart: the pod's namespace
+RELEASE_ENV = "TRAJFLOW_RELEASE"  # set by the chart: the pod's Helm release
 # trajflow_download_items_total{outcome}
 DOWNLOAD_OUTCOMES = ("fetched", "skipped", "reused", "adopted", "missing", "failed")
 
@@ -164,18 +165,22 @@ def exported_names() -> set[str]:
 
 class Pusher:
     """Push a stage's registry with grouping key {run, stage, shard}, the pod's namespace
-    where the chart names it, and any further ``labels`` (training: local_rank); never raises.
+    and release where the chart names them, and any further ``labels`` (training:
+    local_rank); never raises.
 
-    The namespace keeps releases of several namespaces apart on one Pushgateway outside
-    the release, and (scraped with honor_labels) gives their series the namespace the
-    alert rules select, not the Pushgateway's."""
+    The namespace and release keep releases apart on one Pushgateway (in one namespace, or
+    outside them, shared), and the namespace (scraped with honor_labels) gives their series
+    the namespace the alert rules select, not the Pushgateway's."""
 
     def __init__(self, url: str, metrics: StageMetrics, run: str, shard: int | str, timeout: float = 5.0,
                  labels: Mapping[str, str] | None = None):
         self.url, self.metrics, self.timeout = url, metrics, timeout
-        namespace = os.environ.get(NAMESPACE_ENV, "")
+        pod = {"namespace": os.environ.get(NAMESPACE_ENV, ""), "release": os.environ.get(RELEASE_ENV, "")}
         self.grouping = {"run": run, "stage": metrics.stage, "shard": str(shard),
-                         **({"namespace": namespace} if namespace else {}), **(labels or {})}
+                         **{k: v for k, v in pod.items() if v}, **(labels or {})}
+        # the group an earlier version pushed without the release: left, it would keep the
+        # shard's last state from before an upgrade (a failure) beside this one's
+        self._legacy = {k: v for k, v in self.grouping.items() if k != "release"} if pod["release"] else None
         self._warned = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -183,12 +188,15 @@ class Pusher:
     def push(self) -> bool:
         if not self.url:
             return False
-        from prometheus_client import pushadd_to_gateway
+        from prometheus_client import delete_from_gateway, pushadd_to_gateway
 
         try:
             pushadd_to_gateway(
                 self.url, job=PUSH_JOB, registry=self.metrics.registry, grouping_key=self.grouping, timeout=self.timeout
             )
+            if self._legacy is not None:
+                delete_from_gateway(self.url, job=PUSH_JOB, grouping_key=self._legacy, timeout=self.timeout)
+                self._legacy = None
             self._warned = False
             return True
         except Exception as exc:  # a metrics outage must never fail the data work
@@ -236,8 +244,9 @@ class Pusher:
         from prometheus_client import delete_from_gateway
 
         base = (self.url if "://" in self.url else f"http://{self.url}").rstrip("/")
-        # this run's groups of this stage; the namespace also when this pusher has none
-        same = {"namespace": None, **{k: self.grouping[k] for k in ("run", "stage", "namespace") if k in self.grouping}}
+        # this run's groups of this stage; the namespace and release also when this pusher has none
+        same = {"namespace": None, "release": None,
+                **{k: self.grouping[k] for k in ("run", "stage", "namespace", "release") if k in self.grouping}}
         try:
             with urllib.request.urlopen(f"{base}/api/v1/metrics", timeout=self.timeout) as resp:  # noqa: S310
                 groups = json.load(resp).get("data") or []

@@ -67,6 +67,8 @@ Environment of every container of a stage. Takes (dict "context" $ "shards" N "e
   value: {{ .shards | toString | quote }}
 - name: TRAJFLOW_NAMESPACE
   value: {{ $ctx.Release.Namespace | quote }}
+- name: TRAJFLOW_RELEASE
+  value: {{ $ctx.Release.Name | quote }}
 - name: PYTHONUNBUFFERED
   value: "1"
 {{- with .env }}
