@@ -415,6 +415,22 @@ def test_journal_trusts_unsynced_extents_only_from_this_boot(tmp_path: Path) -> 
         first.close()
 
 
+class _PoolResponse:
+    """What a urllib3 pool returns, as far as HttpClient looks: a status and headers."""
+
+    def __init__(self, status: int, headers: dict[str, str]):
+        self.status, self.headers = status, headers
+
+    def drain_conn(self) -> None:
+        pass
+
+    def release_conn(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 @pytest.mark.parametrize("location, kept", [
     ("https://hub.example/b/data.tsv", True),  # same scheme and host
     ("http://hub.example/b/data.tsv", False),  # https -> http: never in cleartext
@@ -423,22 +439,12 @@ def test_journal_trusts_unsynced_extents_only_from_this_boot(tmp_path: Path) -> 
 def test_redirects_keep_the_token_only_on_the_same_scheme_and_host(location: str, kept: bool) -> None:
     from trajflow.download.http import HttpClient
 
-    class Response:
-        def __init__(self, status: int, headers: dict[str, str]):
-            self.status, self.headers = status, headers
-
-        def drain_conn(self) -> None:
-            pass
-
-        def release_conn(self) -> None:
-            pass
-
     sent: list[tuple[str, str | None]] = []
 
     class Recorder:  # stands in for the connection pool: no network
-        def request(self, method: str, url: str, headers: dict[str, str], **kw: Any) -> Response:
+        def request(self, method: str, url: str, headers: dict[str, str], **kw: Any) -> _PoolResponse:
             sent.append((url, headers.get("Authorization")))
-            return Response(302, {"Location": location}) if len(sent) == 1 else Response(200, {})
+            return _PoolResponse(302, {"Location": location}) if len(sent) == 1 else _PoolResponse(200, {})
 
     client = HttpClient()
     client._manager = lambda url: Recorder()  # type: ignore[method-assign]
@@ -452,25 +458,13 @@ def test_every_request_asks_for_identity_encoding() -> None:
     the HTTP library happens to add."""
     from trajflow.download.http import HttpClient
 
-    class Response:
-        def __init__(self, status: int):
-            self.status, self.headers = status, {"Content-Length": "1"}
-
-        def drain_conn(self) -> None:
-            pass
-
-        def release_conn(self) -> None:
-            pass
-
-        def close(self) -> None:
-            pass
-
     sent: list[tuple[str, str | None]] = []
 
     class Recorder:  # stands in for the connection pool: no network
-        def request(self, method: str, url: str, headers: dict[str, str], **kw: Any) -> Response:
+        def request(self, method: str, url: str, headers: dict[str, str], **kw: Any) -> _PoolResponse:
             sent.append((method, headers.get("Accept-Encoding")))
-            return Response(405 if method == "HEAD" and url.endswith("/no-head.bin") else 200)
+            refused = method == "HEAD" and url.endswith("/no-head.bin")
+            return _PoolResponse(405 if refused else 200, {"Content-Length": "1"})
 
     client = HttpClient()
     client._manager = lambda url: Recorder()  # type: ignore[method-assign]
