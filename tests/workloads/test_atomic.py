@@ -110,6 +110,8 @@ def test_writer_killed_mid_write_leaves_no_partial_object(storage, had_old_versi
     else:
         uploads = storage.client.list_multipart_uploads(Bucket=storage.bucket, Prefix=storage.prefix + "/").get("Uploads", [])
         assert [u["Key"] for u in uploads] == [f"{storage.prefix}/{key}"]
+        for upload in uploads:  # what the bucket's lifecycle rule would do
+            storage.client.abort_multipart_upload(Bucket=storage.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
 
 
 def _race(storage, tmp_path: Path, contenders: int, extra: dict | None = None) -> list[int]:

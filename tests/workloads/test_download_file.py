@@ -121,6 +121,60 @@ def test_a_stored_file_modified_since_its_verification_is_hashed_again(tmp_path:
     assert again.count("skipped") == 2
 
 
+def test_a_re_shard_moves_a_touched_file_and_fetches_a_changed_one_again(tmp_path: Path) -> None:
+    """A stored file modified since its record (a copy without times, a tool writing into the
+    run root) is hashed again before a re-shard moves it: touched, it is moved; changed, it is
+    removed and fetched again, so each item stays in one shard directory."""
+    from trajflow.download.shard import ShardDownloader
+    from trajflow.storage import LocalStorage
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6):
+        (src / f"ep{i}.npy").write_bytes(bytes([65 + i]) * 4096 * (i + 1))
+    root = tmp_path / "root"
+    config = _file_source(src)
+    for shard in (0, 1):
+        assert ShardDownloader(LocalStorage(root), config, shard, 2).run().exit_code == 0
+    moving = sorted((root / "raw" / "00001").rglob("*.npy"))
+    assert len(moving) >= 2
+    moving[0].write_bytes(b"X" * moving[0].stat().st_size)
+    for path in moving:
+        os.utime(path, ns=(10**18, 10**18))
+
+    summary = ShardDownloader(LocalStorage(root), config, 0, 1).run()
+
+    assert summary.exit_code == 0
+    outcomes = {r.item.key: r.outcome for r in summary.results}
+    assert outcomes.pop(f"ds/{moving[0].name}") == "fetched"
+    assert all(outcomes[f"ds/{p.name}"] == "reused" for p in moving[1:])
+    assert not list((root / "raw" / "00001").rglob("*.npy"))
+    assert raw_files(root) == {f"ds/ep{i}.npy": bytes([65 + i]) * 4096 * (i + 1) for i in range(6)}
+
+
+def test_a_record_from_before_modification_times_notes_one_on_its_next_skip(tmp_path: Path) -> None:
+    import json
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.npy").write_bytes(b"A" * 4096)
+    root = tmp_path / "root"
+    assert run(root, _file_source(src)).exit_code == 0
+    [record] = (root / "raw" / ".trajflow-verified").rglob("*.json")
+    doc = json.loads(record.read_text())
+    record.write_text(json.dumps({k: v for k, v in doc.items() if k != "modified_ns"}))  # an older version's
+    done = root / "raw" / "_done" / "00000.json"
+    done.unlink()
+    assert run(root, _file_source(src)).count("skipped") == 1
+    [stored] = (root / "raw").rglob("a.npy")
+    assert json.loads(record.read_text())["modified_ns"] == stored.stat().st_mtime_ns
+    stored.write_bytes(b"X" * 4096)
+    os.utime(stored, ns=(10**18, 10**18))
+    done.unlink()
+    assert run(root, _file_source(src)).count("fetched") == 1
+    assert raw_files(root) == {"ds/a.npy": b"A" * 4096}
+
+
 def test_a_file_rewritten_while_being_copied_is_never_stored_spliced(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from trajflow.download import sources

@@ -216,7 +216,7 @@ def test_s3_run_root_never_shows_an_unverified_object(s3_storage: Any, server: F
     assert summary.exit_code == ExitCode.PERMANENT
     assert [i.key for i in s3_storage.list("raw/")] == []
     client = s3_storage.client
-    uploads = client.list_multipart_uploads(Bucket=s3_storage.bucket).get("Uploads", [])
+    uploads = client.list_multipart_uploads(Bucket=s3_storage.bucket, Prefix=f"{s3_storage.prefix}/").get("Uploads", [])
     assert uploads == []  # the aborted upload leaves nothing behind
 
 

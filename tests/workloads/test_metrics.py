@@ -174,9 +174,12 @@ def test_shard_0_drops_the_groups_of_a_run_with_more_shards(pushgateway, monkeyp
     push(download_metrics(), "r", 3)
     monkeypatch.setenv("TRAJFLOW_RELEASE", "team-b")  # ... and in another release of that namespace
     push(download_metrics(), "r", 3)
+    monkeypatch.delenv("TRAJFLOW_RELEASE")
+    push(download_metrics(), "r", 2)  # an earlier version's pod: no release
     monkeypatch.setenv("TRAJFLOW_RELEASE", "team-a")
     push(download_metrics(), "r", 3)
-    push(download_metrics(), "r", 0).drop_shards_from(2)  # team-a's re-shard leaves team-b's groups alone
+    # team-a's re-shard drops its own groups and the earlier version's, not team-b's
+    push(download_metrics(), "r", 0).drop_shards_from(2)
     monkeypatch.delenv("TRAJFLOW_NAMESPACE")
     monkeypatch.delenv("TRAJFLOW_RELEASE")
     push(download_metrics(), "r", 0).drop_shards_from(2)

@@ -52,13 +52,13 @@ from trajflow.download.transfer import (
 from trajflow.download.verify import (
     RECORD_PREFIX,
     RECORD_SUFFIX,
-    Digests,
     Record,
     declared_checksums,
     gunzips,
     item_fingerprint,
     modified_since,
     read_record,
+    rehash,
     write_record,
 )
 from trajflow.errors import ConfigError, PermanentError, TrajflowError, TransientError
@@ -538,10 +538,17 @@ class ShardDownloader:
                 if here is not None and here.size == record.size:
                     if modified_since(record, here):
                         return self._adopt(item, dest, fingerprint, record, why="modified since it was verified")
+                    if not record.modified_ns and here.modified_ns:
+                        write_record(self.root, record)  # written before records noted times: from now on it does
                     return ItemResult(item, dest, "skipped", record=record)
                 return None
             there = self.root.stat(record.location)
-            if there is not None and there.size == record.size and not modified_since(record, there):
+            if there is not None and there.size == record.size:
+                if modified_since(record, there) and rehash(self.root, record.location).sha256 != record.sha256:
+                    log.warning("%s changed since it was verified: removed, and %s is fetched again",
+                                record.location, item.key)
+                    self.root.delete(record.location)
+                    return None
                 try:
                     relocate(self.root, record.location, dest, record)
                 except Exception as exc:
@@ -573,10 +580,7 @@ class ShardDownloader:
         if not gunzipped and item.meta.get("size_known", True) and info.size != item.size:
             return None
         declared = declared_checksums(item)
-        digests = Digests(md5=declared.needs_md5 and not gunzipped)
-        with self.root.open_read(dest) as fh:
-            while block := fh.read(8 << 20):
-                digests.update(block)
+        digests = rehash(self.root, dest, md5=declared.needs_md5 and not gunzipped)
         if record is not None and digests.sha256 != record.sha256:
             return None
         if gunzipped:

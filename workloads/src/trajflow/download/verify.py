@@ -251,6 +251,15 @@ def record_key(item_key: str) -> str:
     return f"{RECORD_PREFIX}{item_key}{RECORD_SUFFIX}"
 
 
+def rehash(storage: Storage, key: str, md5: bool = False) -> Digests:
+    """The digests of the object at `key`, read whole."""
+    digests = Digests(md5=md5)
+    with storage.open_read(key) as fh:
+        while block := fh.read(8 << 20):
+            digests.update(block)
+    return digests
+
+
 def modified_since(record: Record, info: ObjectInfo) -> bool:
     """Whether the file `info` describes was modified after `record` was written (known only
     on a filesystem, and for records that noted the time)."""

@@ -244,15 +244,17 @@ class Pusher:
         from prometheus_client import delete_from_gateway
 
         base = (self.url if "://" in self.url else f"http://{self.url}").rstrip("/")
-        # this run's groups of this stage; the namespace and release also when this pusher has none
-        same = {"namespace": None, "release": None,
-                **{k: self.grouping[k] for k in ("run", "stage", "namespace", "release") if k in self.grouping}}
+        # this run's groups of this stage; the namespace also when this pusher has none, and
+        # this release's or none (an earlier version pushed none; its pods are gone)
+        same = {"namespace": None, **{k: self.grouping[k] for k in ("run", "stage", "namespace") if k in self.grouping}}
+        releases = (None, self.grouping.get("release"))
         try:
             with urllib.request.urlopen(f"{base}/api/v1/metrics", timeout=self.timeout) as resp:  # noqa: S310
                 groups = json.load(resp).get("data") or []
             for group in groups:
                 labels = group.get("labels") or {}
-                if labels.get("job") != PUSH_JOB or any(labels.get(k) != v for k, v in same.items()):
+                if (labels.get("job") != PUSH_JOB or any(labels.get(k) != v for k, v in same.items())
+                        or labels.get("release") not in releases):
                     continue
                 key = {k: str(v) for k, v in labels.items() if k != "job"}
                 if not stale(key):
