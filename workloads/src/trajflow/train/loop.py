@@ -462,7 +462,7 @@ class Trainer:
         loader_rng = torch.Generator()
         loader = DataLoader(data.train, batch_size=None, sampler=batches, num_workers=cfg.num_workers,
                             pin_memory=self.device.type == "cuda", generator=loader_rng,
-                            worker_init_fn=_leave_process_group if cfg.num_workers else None)
+                            worker_init_fn=_leave_process_group)
         if st.initial_val_loss is None:
             st.initial_val_loss = self.evaluate(model, data.val)
             self._log("initial validation loss", initial_val_loss=st.initial_val_loss)
