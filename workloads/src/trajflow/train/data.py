@@ -86,15 +86,6 @@ def open_shards(storage: Storage, streams: Sequence[str], cache_dir: str | Path 
     dims: dict[str, int] = {}
     settings: dict[str, Any] = {}  # every output setting the shards so far record
     for entry in entries:
-        # shards kept from a run with other preprocessing settings would mix two datasets
-        made = settings_of(entry.manifest)
-        changed = settings_differences(settings, made) if entry.num_episodes else []
-        if changed:
-            raise PermanentError(
-                f"{storage.uri}/{manifest_key('preprocess', entry.shard)}: made with other preprocessing.config than "
-                f"the shards before it ({'; '.join(changed)}); use a new global.runId or delete resampled/ so that "
-                "every shard is made again with one config"
-            )
         try:
             local = storage.local_path(entry.key)
             if verify and local is not None:
@@ -112,6 +103,15 @@ def open_shards(storage: Storage, streams: Sequence[str], cache_dir: str | Path 
             )
         if not reader.episodes:  # a shard without trajectories: nothing to read, its streams have no width
             continue
+        # shards kept from a run with other preprocessing settings would mix two datasets
+        made = settings_of(entry.manifest)
+        changed = settings_differences(settings, made)
+        if changed:
+            raise PermanentError(
+                f"{storage.uri}/{manifest_key('preprocess', entry.shard)}: made with other preprocessing.config than "
+                f"the shards before it ({'; '.join(changed)}); use a new global.runId or delete resampled/ so that "
+                "every shard is made again with one config"
+            )
         settings = merge_settings(settings, made)
         missing = [s for s in streams if s not in reader.dims]
         if missing:
