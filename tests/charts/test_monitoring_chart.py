@@ -127,7 +127,7 @@ def test_selectors_survive_argocd_rewriting_the_instance_label():
 def test_pod_monitor_scrapes_every_local_rank_of_the_training_pods():
     objs = render(values={"monitoring": {"enabled": True}, "global": {"runId": "exp-7"},
                           "training": {"resources": {"limits": {"nvidia.com/gpu": 2}}}},
-                  api_versions=PROMETHEUS_OPERATOR_APIS)
+                  api_versions=PROMETHEUS_OPERATOR_APIS, release="fleet")
     monitor = one(objs, "PodMonitor")
     training = next(o for o in objs if o["kind"] in ("Job", "PyTorchJob")
                     and o["metadata"]["labels"]["app.kubernetes.io/component"] == "training")
@@ -140,7 +140,8 @@ def test_pod_monitor_scrapes_every_local_rank_of_the_training_pods():
     metrics_ports = {n for n in port_names if re.fullmatch(keep["regex"], n)}
     assert metrics_ports == {"metrics", "metrics-1"}, port_names
     static = {r["targetLabel"]: r["replacement"] for r in relabel if "sourceLabels" not in r}
-    assert static["run"] == "exp-7" and static["stage"] == "train"
+    # the release too, as pushed series carry it: the rules and the dashboard select by it
+    assert static["release"] == "fleet" and static["run"] == "exp-7" and static["stage"] == "train"
     # local rank 0's port is plain `metrics`, which the metrics-N rule does not match: it is labeled "0" first
     rank = [r for r in relabel if r.get("targetLabel") == "local_rank"]
     assert rank[0] == {"targetLabel": "local_rank", "replacement": "0"}
@@ -259,7 +260,7 @@ def test_rules_only_watch_this_release():
     assert 'up{job="fleet-trajflow-pushgateway", namespace="ml"}' in rules["TrajflowPushgatewayDown"]["expr"]
     for name, rule in rules.items():
         if "trajflow_" in rule["expr"] or "push_" in rule["expr"]:
-            assert 'namespace="ml"' in rule["expr"], name
+            assert 'namespace="ml", release="fleet"' in rule["expr"], name
 
 
 @pytest.mark.parametrize("release", ["trajflow", "a-very-long-release-name-for-the-fleet-pipeline-x", "f" * 53])
@@ -315,6 +316,18 @@ def test_dashboard_gpu_filter_follows_the_release():
     constants = {v["name"]: v for v in dashboard["templating"]["list"] if v["type"] == "constant"}
     assert constants["gpu_pods"]["query"] == "(fleet-trajflow-preprocessing|fleet-trajflow-training)-[0-9a-f]{8}-.+"
     assert constants["gpu_pod_label"]["current"]["value"] == "exported_pod"
+
+
+def test_dashboard_opens_on_its_release_and_every_query_selects_by_it():
+    dashboard = dashboard_of(render_monitoring(release="fleet", namespace="ml"))
+    pickers = {v["name"]: v for v in dashboard["templating"]["list"] if v["type"] == "query"}
+    assert pickers["namespace"]["current"]["value"] == ["ml"] and pickers["release"]["current"]["value"] == ["fleet"]
+    assert pickers["release"]["includeAll"], "All must stay selectable (series pushed without a release)"
+    exprs = [t["expr"] for row in dashboard["panels"] for panel in [row, *row.get("panels", [])]
+             for t in panel.get("targets", [])]
+    exprs += [v["query"]["query"] for v in pickers.values() if v["name"] not in ("namespace", "release")]
+    unscoped = [e for e in exprs if 'namespace=~"$namespace"' in e and 'release=~"$release"' not in e]
+    assert len(exprs) > 30 and not unscoped
 
 
 def test_dashboard_may_live_in_the_sidecar_namespace():

@@ -42,6 +42,15 @@ def with_static_targets(config: dict, targets: list[tuple[str, dict[str, str]]])
     return config
 
 
+@pytest.fixture(autouse=True)
+def in_a_release_pod(monkeypatch):
+    """The stages push with the release and namespace the chart gives their pods."""
+    from trajflow.metrics import NAMESPACE_ENV, RELEASE_ENV
+
+    monkeypatch.setenv(RELEASE_ENV, RELEASE)
+    monkeypatch.setenv(NAMESPACE_ENV, NAMESPACE)
+
+
 @pytest.fixture
 def training_ranks():
     """Two local ranks of training pod 0, each serving its own registry as training's per-rank /metrics endpoint does."""
@@ -136,7 +145,7 @@ def test_pushed_and_scraped_metrics_reach_prometheus_with_their_labels(prometheu
     (series,) = prometheus.wait_for(f'trajflow_download_bytes_total{{run="{RUN}"}}')
     labels = series["metric"]
     assert labels["job"] == "trajflow" and labels["stage"] == "download" and labels["shard"] == "0"
-    assert labels["namespace"] == NAMESPACE and float(series["value"][1]) == 1000
+    assert labels["namespace"] == NAMESPACE and labels["release"] == RELEASE and float(series["value"][1]) == 1000
     assert "instance" not in labels, "the Pushgateway's empty instance label must not be replaced by the target's"
     assert value(prometheus.query('sum(trajflow_download_bytes_total) / sum(trajflow_download_bytes_planned)')) == 0.25
     prometheus.wait_for('push_time_seconds{job="trajflow", stage="preprocess", shard="1"}')
@@ -150,7 +159,7 @@ def test_pushed_and_scraped_metrics_reach_prometheus_with_their_labels(prometheu
     assert set(by_rank) == {"0", "1"}
     for rank, s in by_rank.items():
         m = s["metric"]
-        assert (m["run"], m["stage"], m["shard"], m["split"]) == (RUN, "train", "0", "train")
+        assert (m["release"], m["run"], m["stage"], m["shard"], m["split"]) == (RELEASE, RUN, "train", "0", "train")
         assert float(s["value"][1]) == 0.5 + int(rank)
     (worker,) = [s["metric"] for s in losses if s["metric"]["shard"] != "0"]
     assert (worker["shard"], worker["local_rank"], worker["pod"]) == ("worker-0", "0", "demo-trajflow-training-worker-0")

@@ -93,9 +93,9 @@ def run_unit_tests(tmp_path: Path, values: dict, tests: list[dict]) -> str:
 
 ERROR_RATIO_SERIES = [
     # a third of the attempts fail
-    {"series": 'trajflow_download_failures_total{namespace="trajflow", job="trajflow", run="r1", stage="download", shard="0", reason="timeout"}',
+    {"series": 'trajflow_download_failures_total{namespace="trajflow", release="trajflow", job="trajflow", run="r1", stage="download", shard="0", reason="timeout"}',
      "values": "0+30x30"},
-    {"series": 'trajflow_download_items_total{namespace="trajflow", job="trajflow", run="r1", stage="download", shard="0", outcome="fetched"}',
+    {"series": 'trajflow_download_items_total{namespace="trajflow", release="trajflow", job="trajflow", run="r1", stage="download", shard="0", outcome="fetched"}',
      "values": "0+60x30"},
 ]
 

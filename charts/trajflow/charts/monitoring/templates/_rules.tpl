@@ -3,7 +3,7 @@ The alert rules, as the `groups:` list of a Prometheus rule file. The Prometheus
 wraps them; the tests run them through `promtool check rules` and `promtool test rules`.
 
 Series they use: trajflow's own (trajflow.metrics; pushed with job="trajflow" and labels
-run/stage/shard, or scraped from training ranks with the same labels set by the
+release/run/stage/shard, or scraped from training ranks with the same labels set by the
 PodMonitor), and these external ones: kube-state-metrics `kube_job_failed`, DCGM
 exporter `DCGM_FI_DEV_GPU_UTIL` / `DCGM_FI_DEV_FB_USED` / `DCGM_FI_DEV_FB_FREE`,
 Prometheus' `up`, the Pushgateway's `push_time_seconds` / `push_failure_time_seconds`.
