@@ -420,6 +420,59 @@ def _processed(root, files, config, kind=LocalStorage):
     return storage
 
 
+def test_read_ahead_is_bounded_by_the_files_bytes_one_file_at_least():
+    from trajflow.preprocess.stage import ordered_map
+
+    sizes = [30, 50, 10, 200, 20, 20, 20, 20, 60]
+    items = [(f"f{i}", size) for i, size in enumerate(sizes)]
+
+    def run(**bounds):
+        """The results, and at each hand-over the other files started and not yet handed over."""
+        lock, started, ahead = threading.Lock(), [], []
+
+        def read(item):
+            with lock:
+                started.append(item)
+            time.sleep(0.01)
+            return item
+
+        results = []
+        for item in ordered_map(read, items, workers=4, lookahead=8, **bounds):
+            with lock:
+                results.append(item)
+                ahead.append([it for it in started if it not in results])
+        return results, ahead
+
+    results, ahead = run(cost=lambda it: it[1], budget=100)
+    assert results == items
+    for others in ahead:  # within the budget, or one file alone that exceeds it (f3 is read too)
+        assert sum(size for _, size in others) <= 100 or len(others) == 1, others
+    # the count alone lets more bytes ahead: the bound above binds
+    results, ahead = run()
+    assert results == items and max(sum(size for _, size in others) for others in ahead) > 100
+
+
+def test_a_read_ahead_of_one_file_changes_no_byte(tmp_path, mixed, monkeypatch):
+    from trajflow.preprocess import stage
+
+    files, _ = mixed
+    bounds = []
+    ordered_map = stage.ordered_map
+
+    def recording(fn, items, workers, lookahead, **kw):
+        bounds.append(kw)
+        return ordered_map(fn, items, workers, lookahead, **kw)
+
+    monkeypatch.setattr(stage, "ordered_map", recording)
+    shards = []
+    for mib in (1024, 1):
+        cfg = stage_config(read_workers=2, read_ahead_mib=mib, sources={"robomimic": ROBOMIMIC})
+        storage = _processed(tmp_path / f"ahead-{mib}", files, cfg, LocalStorage)
+        shards.append(storage.read_bytes(shard_key(0)))
+    assert [b["budget"] for b in bounds] == [1024 << 20, 1 << 20]
+    assert shards[0] == shards[1]
+
+
 def test_read_workers_follow_the_cpu_budget_and_never_change_the_bytes(tmp_path, mixed, monkeypatch):
     from trajflow.preprocess import stage
 
@@ -427,9 +480,9 @@ def test_read_workers_follow_the_cpu_budget_and_never_change_the_bytes(tmp_path,
     used = []
     ordered_map = stage.ordered_map
 
-    def recording(fn, items, workers, lookahead):
+    def recording(fn, items, workers, lookahead, **bounds):
         used.append(workers)
-        return ordered_map(fn, items, workers, lookahead)
+        return ordered_map(fn, items, workers, lookahead, **bounds)
 
     monkeypatch.setattr(stage, "ordered_map", recording)
     monkeypatch.setattr(stage, "cpu_budget", lambda: 6)  # a pod limited to 6 CPUs
@@ -565,12 +618,12 @@ def test_files_read_whole_are_prefetched_a_bounded_window_ahead(tmp_path, mixed,
 
     ordered_map = stage.ordered_map
 
-    def recording_map(fn, items, workers, lookahead):
+    def recording_map(fn, items, workers, lookahead, **bounds):
         def pulled():
             for w in items:
                 events.append(("handed", w.key))  # to the readers
                 yield w
-        return ordered_map(fn, pulled(), workers, lookahead)
+        return ordered_map(fn, pulled(), workers, lookahead, **bounds)
 
     whole = sorted(k for k in files if k.endswith((".npz", ".parquet")) and "/meta/" not in k)  # trajectories
     big = max(whole, key=lambda k: len(files[k]))

@@ -103,6 +103,10 @@ class PreprocessConfig(Model):
         0, ge=0, le=64, description="Threads reading raw files; 0: one per CPU for parquet (decoded without the GIL), none "
         "for local npz and HDF5 (the page cache reads ahead), half the CPUs over the network."
     )
+    read_ahead_mib: int = Field(
+        1024, ge=1, description="Raw files read and decoded ahead of the batching, in MiB of file size (one file at "
+        "least): with readWorkers, bounds the memory the files waiting their turn hold."
+    )
     cpu_threads: int = Field(
         1, ge=0, le=256, description="Torch threads resampling on the CPU (0: torch's default). Batches are small: "
         "more intra-op threads mostly contend with reading and writing for the cores."

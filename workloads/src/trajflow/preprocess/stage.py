@@ -94,25 +94,48 @@ class ShardSummary:
 # ------------------------------------------------------------------------ helpers
 
 
-def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], workers: int, lookahead: int) -> Iterator[_R]:
+def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], workers: int, lookahead: int,
+                cost: Callable[[_T], int] | None = None, budget: int = 0) -> Iterator[_R]:
     """``map(fn, items)`` on a thread pool, results in input order, at most ``lookahead``
-    calls ahead of the consumer; with no workers, on the calling thread."""
+    calls ahead of the consumer and, with ``cost``, calls whose costs add up to at most
+    ``budget`` (one call at least, whatever its cost); with no workers, on the calling thread."""
     if workers < 1:
         yield from map(fn, items)
         return
     it = iter(items)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read")
-    pending: deque = deque()
+    pending: deque = deque()  # (future, cost)
+    ahead = 0  # the costs of the pending calls
+    held: tuple | None = None  # the next item and its cost, while it would cross the budget
+
+    def submit() -> None:
+        nonlocal ahead, held
+        while len(pending) < max(lookahead, 1):
+            if held is None:
+                x = next(it, _END)
+                if x is _END:
+                    return
+                held = (x, cost(x) if cost else 0)
+            x, c = held
+            if pending and cost and ahead + c > budget:
+                return
+            held = None
+            pending.append((pool.submit(fn, x), c))
+            ahead += c
+
     try:
-        for x in itertools.islice(it, max(lookahead, 1)):
-            pending.append(pool.submit(fn, x))
+        submit()
         while pending:
-            result = pending.popleft().result()
-            for x in itertools.islice(it, 1):
-                pending.append(pool.submit(fn, x))
+            future, c = pending.popleft()
+            result = future.result()
+            ahead -= c
+            submit()
             yield result
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+_END = object()
 
 
 # without a CPU limit a pod sees the whole node: past this many threads reading only queues for the disk
@@ -749,7 +772,8 @@ class ShardProcessor:
             files_read = trajflow_log.progress(f"shard {shard_name(self.shard)}", total=len(work), unit="files",
                                                interval_s=PROGRESS_INTERVAL_S, logger=log)
             with files_read:
-                for result in ordered_map(read, self._prefetching(work), workers, workers * 2 + cfg.prefetch):
+                for result in ordered_map(read, self._prefetching(work), workers, workers * 2 + cfg.prefetch,
+                                          cost=lambda w: max(w.size or 0, 0), budget=cfg.read_ahead_mib << 20):
                     files_read.advance()
                     summary.bytes_in += result.size
                     self.metrics.bytes_in.inc(result.size)
