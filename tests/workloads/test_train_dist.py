@@ -107,6 +107,8 @@ def start_run(tmp_path: Path, run_id: str, nproc: int, max_restarts: int = 0, da
             [sys.executable, "-m", "trajflow.cli", "train", "--config", str(config_file),
              "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts)],
             stdout=log_fh, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            # SIGINT as a terminal's Ctrl-C finds it (a shell running these tests in the background ignores it)
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     return Run(root, process, log_path, port, nproc)
 
@@ -242,7 +244,7 @@ def test_sigterm_to_one_rank_checkpoints_the_step_and_resumes_to_the_same_result
         time.sleep(0.02)
     assert run.wait() == 0, run.log()[-4000:]
     text = run.log()
-    stopped_at = [int(s) for s in re.findall(r"1 rank\(s\) got SIGTERM; the group checkpointed step (\d+)", text)]
+    stopped_at = [int(s) for s in re.findall(r"1 rank\(s\) got a stop signal \(SIGTERM, SIGINT\); the group checkpointed step (\d+)", text)]
     assert len(stopped_at) == 2 and len(set(stopped_at)) == 1, text[-4000:]  # each rank says why, at one step
     doc = run.metrics()
     reference = two_process_run.metrics()
@@ -251,6 +253,37 @@ def test_sigterm_to_one_rank_checkpoints_the_step_and_resumes_to_the_same_result
     assert doc["steps"] == reference["steps"]
     for got, want in zip(doc["history"], reference["history"], strict=True):
         assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-6)
+    assert doc["parameter_digests"] == reference["parameter_digests"]
+
+
+def test_ctrl_c_checkpoints_the_step_and_a_rerun_resumes_to_the_same_result(
+        tmp_path: Path, two_process_run: Run) -> None:
+    """Ctrl-C in the terminal of a local `trajflow train --nproc-per-node 2` (SIGINT to the
+    launcher's process group): the agent passes it on to its workers, the group checkpoints
+    one step and the launcher exits 130; running the command again resumes there."""
+    run = start_run(tmp_path, "interrupted", nproc=2, num_workers=2, checkpoints={"every_steps": 0, "keep_last": 3})
+    store = CheckpointStore(run.storage)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not store.list():
+        assert run.process.poll() is None, f"the run ended before it could be interrupted:\n{run.log()[-4000:]}"
+        assert time.monotonic() < deadline, "no checkpoint of epoch 0 appeared"
+        time.sleep(0.02)
+    os.killpg(run.process.pid, signal.SIGINT)
+    assert run.wait() == 128 + signal.SIGINT, run.log()[-4000:]
+    text = run.log()
+    stopped_at = [int(s) for s in re.findall(r"rank\(s\) got a stop signal \(SIGTERM, SIGINT\); the group checkpointed "
+                                             r"step (\d+)", text)]
+    assert len(stopped_at) == 2 and len(set(stopped_at)) == 1, text[-4000:]  # both ranks, at one step
+    newest = store.list()[-1]
+    assert newest.step == stopped_at[0] and newest.val_loss is None  # the stop's own checkpoint, mid-epoch
+
+    rerun = start_run(tmp_path, "interrupted", nproc=2, data=False, num_workers=2,
+                      checkpoints={"every_steps": 0, "keep_last": 3})
+    assert rerun.wait() == 0, rerun.log()[-4000:]
+    doc = rerun.metrics()
+    assert [r["step"] for r in doc["resumed_from"]] == [stopped_at[0]]
+    reference = two_process_run.metrics()
+    assert doc["steps"] == reference["steps"]
     assert doc["parameter_digests"] == reference["parameter_digests"]
 
 

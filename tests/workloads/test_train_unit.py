@@ -659,13 +659,16 @@ def test_resume_with_another_batch_size_restarts_the_epoch(tmp_path: Path, caplo
     assert summary["steps"] - mid.step == per_epoch
 
 
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
 def test_a_terminated_training_checkpoints_its_step_and_pushes_where_it_stopped(  # type: ignore[no-untyped-def]
-        tmp_path: Path, pushgateway) -> None:
-    """A pod deleted or preempted (SIGTERM from the launcher) mid-epoch: the step it is at
-    is checkpointed, so a rerun resumes there, and its one push still happens."""
+        tmp_path: Path, pushgateway, signum: str) -> None:
+    """A pod deleted or preempted (SIGTERM from the launcher), or Ctrl-C, mid-epoch: the step
+    it is at is checkpointed, so a rerun resumes there, and its one push still happens."""
     import signal
     import subprocess
     import sys
+
+    sig = getattr(signal, signum)
 
     from trajflow.train.synthetic import write_config_file
 
@@ -674,19 +677,22 @@ def test_a_terminated_training_checkpoints_its_step_and_pushes_where_it_stopped(
     glob = settings.global_.model_copy(update={"metrics": settings.global_.metrics.model_copy(
         update={"pushgateway_url": pushgateway.url})})
     config_file = write_config_file(tmp_path / "config.yaml", type(settings)(glob, settings.config, 0, 1))
+    # SIGINT as a terminal's Ctrl-C finds it (a shell running these tests in the background ignores it)
     proc = subprocess.Popen([sys.executable, "-m", "trajflow.cli", "train", "--config", str(config_file)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     for line in proc.stderr:  # type: ignore[union-attr]
         if '"step"' in line or time.monotonic() > deadline:
             break
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert proc.returncode == 128 + sig, err
     success = [ln for ln in pushgateway.metrics_text().splitlines()
                if ln.startswith("trajflow_stage_success{") and 'stage="train"' in ln]
     assert success and success[0].endswith(" 0")
-    stopped_at = int(re.search(r"got SIGTERM; the group checkpointed step (\d+) \(epoch 0\)", err).group(1))
+    stopped_at = int(re.search(r"got a stop signal \(SIGTERM, SIGINT\); the group checkpointed step (\d+) \(epoch 0\)",
+                               err).group(1))
     newest = CheckpointStore(storage).list()[-1]
     assert (newest.step, newest.epoch, newest.batch_in_epoch) == (stopped_at, 0, stopped_at)
     assert newest.val_loss is None and stopped_at >= 1
@@ -732,8 +738,9 @@ def test_a_stop_at_an_epochs_last_step_waits_for_the_epochs_end(  # type: ignore
     assert resumed["steps"] == reference["steps"]
 
 
-def test_sigterm_while_the_epochs_run_is_noted_and_a_later_one_raises(  # type: ignore[no-untyped-def]
-        tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_while_the_epochs_run_is_noted_and_a_later_one_raises(  # type: ignore[no-untyped-def]
+        tmp_path: Path, monkeypatch, signum: str) -> None:
     import signal
 
     from trajflow.errors import Terminated
@@ -741,20 +748,47 @@ def test_sigterm_while_the_epochs_run_is_noted_and_a_later_one_raises(  # type: 
     from trajflow.train import loop
     from trajflow.train.dist import DistContext
 
+    sig = getattr(signal, signum)
     settings, storage = small_run(tmp_path)
     trainer = loop.Trainer(settings, DistContext.from_env(), storage, train_metrics())
-    before = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(loop, "REPEATED_SIGTERM_S", 0.2)
-    with pytest.raises(Terminated) as stopped:
-        with trainer._sigterm_stops_at_a_step():
-            os.kill(os.getpid(), signal.SIGTERM)
-            assert trainer._stop_signal == signal.SIGTERM  # noted: the next step's all-reduce acts on it
-            os.kill(os.getpid(), signal.SIGTERM)  # at once: the same request (an agent's death, per thread)
-            time.sleep(0.3)
-            os.kill(os.getpid(), signal.SIGTERM)
-            pytest.fail("a later SIGTERM must stop at once")
-    assert stopped.value.signum == signal.SIGTERM
-    assert signal.getsignal(signal.SIGTERM) is before
+    monkeypatch.setattr(loop, "REPEATED_STOP_S", 0.2)
+    pytests_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)  # as an interactive Python has it
+    try:
+        before = signal.getsignal(sig)
+        with pytest.raises(Terminated) as stopped:
+            with trainer._signals_stop_at_a_step():
+                os.kill(os.getpid(), sig)
+                assert trainer._stop_signal == sig  # noted: the next step's all-reduce acts on it
+                os.kill(os.getpid(), sig)  # at once: the same request (an agent's death, per thread)
+                time.sleep(0.3)
+                os.kill(os.getpid(), sig)
+                pytest.fail("a later stop signal must stop at once")
+        assert stopped.value.signum == sig
+        assert signal.getsignal(sig) is before
+    finally:
+        signal.signal(signal.SIGINT, pytests_sigint)
+
+
+def test_an_ignored_sigint_stays_ignored_while_the_epochs_run(tmp_path: Path) -> None:
+    """A training started in the background (SIGINT ignored) is not stopped by one."""
+    import signal
+
+    from trajflow.metrics import train_metrics
+    from trajflow.train import loop
+    from trajflow.train.dist import DistContext
+
+    settings, storage = small_run(tmp_path)
+    trainer = loop.Trainer(settings, DistContext.from_env(), storage, train_metrics())
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with trainer._signals_stop_at_a_step():
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert trainer._stop_signal is None
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_a_resumed_run_pushes_where_it_stands(tmp_path: Path, pushgateway) -> None:  # type: ignore[no-untyped-def]

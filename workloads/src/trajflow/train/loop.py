@@ -4,7 +4,7 @@ Every start resumes from the newest valid checkpoint, so a group that torchrun b
 after a failure (`--max-restarts`) continues where the last checkpoint left it: same
 epoch, same position in the epoch, same optimiser and RNG states. Decisions that must be
 identical on every rank (divergence, early stopping, the end of an epoch, a stop on
-SIGTERM) are taken on all-reduced values, so no rank ever waits alone in a collective.
+SIGTERM or Ctrl-C) are taken on all-reduced values, so no rank ever waits alone in a collective.
 """
 from __future__ import annotations
 
@@ -57,9 +57,12 @@ from trajflow.train.models import (
 
 log = logging.getLogger(__name__)
 
-# A SIGTERM this long after the first stops a rank at once. Sooner it is the same request:
-# the parent-death signal of an agent killed with several threads comes once per thread.
-REPEATED_SIGTERM_S = 1.0
+# What stops a training at a step, with a checkpoint: SIGTERM (a pod deleted, drained or
+# preempted) and SIGINT (Ctrl-C, which torch's agent also passes on to its workers).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A stop signal this long after the first stops a rank at once. Sooner it is the same
+# request: the parent-death signal of an agent killed with several threads comes once per thread.
+REPEATED_STOP_S = 1.0
 
 
 def config_hash(config: TrainConfig) -> str:
@@ -182,7 +185,7 @@ class Trainer:
         self.state = TrainerState()
         self.last_checkpoint: CheckpointInfo | None = None
         self.status = "running"
-        self._stop_signal: int | None = None  # a SIGTERM noted while the epochs run
+        self._stop_signal: int | None = None  # a stop signal noted while the epochs run
         self.device = dist.device
         self.autocast = self.config.bf16 and self.device.type == "cuda"
         if self.autocast and not has_native_bf16(self.device):
@@ -355,9 +358,9 @@ class Trainer:
 
     def _batches(self, loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         non_blocking = self.device.type == "cuda"
-        # the loader workers start (fork) with SIGTERM blocked, until they leave this
+        # the loader workers start (fork) with the stop signals blocked, until they leave this
         # process group (`_leave_process_group`); here it waits until they have started
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}) if loader.num_workers else None
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if loader.num_workers else None
         try:
             batches = iter(loader)
         finally:
@@ -471,7 +474,7 @@ class Trainer:
         if resumed:
             self._restore_gauges(scheduler)
 
-        with self._sigterm_stops_at_a_step():
+        with self._signals_stop_at_a_step():
             while not self.finished():
                 epoch = st.epoch
                 m.epoch.set(epoch)
@@ -534,13 +537,13 @@ class Trainer:
             return self.finish(model, data)
 
     @contextlib.contextmanager
-    def _sigterm_stops_at_a_step(self) -> Iterator[None]:
-        """While the epochs run, SIGTERM (a pod deleted, drained or preempted) is noted, not
-        raised: the next step's all-reduce tells every rank, and the group checkpoints that
-        step and stops (`stop_with_checkpoint`), so a preemption loses no steps. A later
-        SIGTERM raises at once; a run that finishes first exits as finished. (The agent
-        signals each worker's process group: DataLoader workers leave it, see
-        `_leave_process_group`.)"""
+    def _signals_stop_at_a_step(self) -> Iterator[None]:
+        """While the epochs run, a stop signal (`STOP_SIGNALS`) is noted, not raised: the next
+        step's all-reduce tells every rank, and the group checkpoints that step and stops
+        (`stop_with_checkpoint`), so neither a preemption nor Ctrl-C loses steps. A later
+        signal raises at once; a run that finishes first exits as finished. SIGINT stays
+        ignored where it was (a job started in the background). (The agent signals each
+        worker's process group: DataLoader workers leave it, see `_leave_process_group`.)"""
         if threading.current_thread() is not threading.main_thread():  # only it may set handlers
             yield
             return
@@ -551,21 +554,23 @@ class Trainer:
             nonlocal noted_at
             if self._stop_signal is None:
                 self._stop_signal, noted_at = signum, time.monotonic()
-            elif time.monotonic() - noted_at >= REPEATED_SIGTERM_S:
+            elif time.monotonic() - noted_at >= REPEATED_STOP_S:
                 raise Terminated(signum)
 
-        previous = signal.signal(signal.SIGTERM, note)
+        previous = {sig: signal.signal(sig, note) for sig in STOP_SIGNALS if signal.getsignal(sig) != signal.SIG_IGN}
         try:
             yield
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def stop_with_checkpoint(self, model: TrajectoryModel, optimizer: torch.optim.Optimizer, scheduler: Any,
                              signalled_ranks: int) -> None:
         """Every rank, at the same step: checkpoint it, then stop as a terminated run (a rerun resumes here)."""
         self.checkpoint(model, optimizer, scheduler, val_loss=None)
         st = self.state
-        log.warning("stopping: %d rank(s) got SIGTERM; the group checkpointed step %d (epoch %d) and stops",
+        log.warning("stopping: %d rank(s) got a stop signal (SIGTERM, SIGINT); the group checkpointed step %d "
+                    "(epoch %d) and stops",
                     signalled_ranks, st.step, st.epoch)
         raise Terminated(self._stop_signal or signal.SIGTERM)
 
@@ -742,15 +747,17 @@ class MetricsEndpoint:
 
 
 def _leave_process_group(worker_id: int) -> None:
-    """DataLoader worker start: a session of its own. The elastic agent signals the rank's
-    whole process group, and a loader worker dies of a SIGTERM not sent by its parent: the
-    rank would fail on its next batch instead of checkpointing. A SIGTERM that reached the
-    group before this is pending (the worker starts with it blocked) and is dropped. The
-    parent still stops its workers as usual, and they exit when it dies."""
+    """DataLoader worker start: a session of its own. The elastic agent (or a terminal's
+    Ctrl-C) signals the rank's whole process group, and a loader worker dies of a stop
+    signal not sent by its parent: the rank would fail on its next batch instead of
+    checkpointing. A signal that reached the group before this is pending (the worker starts
+    with the stop signals blocked) and is dropped. The parent still stops its workers as
+    usual, and they exit when it dies."""
     os.setsid()
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # discards a pending one
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)  # discards a pending one
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # SIGINT stays ignored: only its parent stops a worker
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def metrics_shard(dist: DistContext, env: Mapping[str, str] | None = None) -> str:
