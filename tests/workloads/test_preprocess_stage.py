@@ -456,21 +456,26 @@ def test_a_read_ahead_of_one_file_changes_no_byte(tmp_path, mixed, monkeypatch):
     from trajflow.preprocess import stage
 
     files, _ = mixed
-    bounds = []
+    costs = []
     ordered_map = stage.ordered_map
 
-    def recording(fn, items, workers, lookahead, **kw):
-        bounds.append(kw)
-        return ordered_map(fn, items, workers, lookahead, **kw)
+    def one_file_ahead(fn, items, workers, lookahead, cost, budget):
+        assert budget == 1024 << 20  # the config's readAheadMib
+        items = list(items)
+        costs.append({w.key.split("/", 2)[2]: cost(w) for w in items})  # raw/<shard>/<file>
+        return ordered_map(fn, items, workers, lookahead, cost=cost, budget=1)  # every file alone
 
-    monkeypatch.setattr(stage, "ordered_map", recording)
-    shards = []
-    for mib in (1024, 1):
-        cfg = stage_config(read_workers=2, read_ahead_mib=mib, sources={"robomimic": ROBOMIMIC})
-        storage = _processed(tmp_path / f"ahead-{mib}", files, cfg, LocalStorage)
-        shards.append(storage.read_bytes(shard_key(0)))
-    assert [b["budget"] for b in bounds] == [1024 << 20, 1 << 20]
-    assert shards[0] == shards[1]
+    storage = _processed(tmp_path / "ahead", files, stage_config(read_workers=2, sources={"robomimic": ROBOMIMIC}),
+                         LocalStorage)
+    monkeypatch.setattr(stage, "ordered_map", one_file_ahead)
+    alone = _processed(tmp_path / "alone", files, stage_config(read_workers=2, sources={"robomimic": ROBOMIMIC}),
+                       LocalStorage)
+    assert alone.read_bytes(shard_key(0)) == storage.read_bytes(shard_key(0))
+    # files read whole cost their size; HDF5, read by ranges, holds its streams only
+    (cost,) = costs
+    for name, size in cost.items():
+        assert size == (0 if name.endswith(".hdf5") else len(files[name])), name
+    assert any(name.endswith(".hdf5") for name in cost) and any(cost.values())
 
 
 def test_read_workers_follow_the_cpu_budget_and_never_change_the_bytes(tmp_path, mixed, monkeypatch):

@@ -691,8 +691,8 @@ def test_a_terminated_training_checkpoints_its_step_and_pushes_where_it_stopped(
     success = [ln for ln in pushgateway.metrics_text().splitlines()
                if ln.startswith("trajflow_stage_success{") and 'stage="train"' in ln]
     assert success and success[0].endswith(" 0")
-    stopped_at = int(re.search(r"got a stop signal \(SIGTERM, SIGINT\); the group checkpointed step (\d+) \(epoch 0\)",
-                               err).group(1))
+    stopped_at = int(re.search(rf"1 rank\(s\) got a stop signal \(this one {signum}\); the group checkpointed "
+                               r"step (\d+) \(epoch 0\)", err).group(1))
     newest = CheckpointStore(storage).list()[-1]
     assert (newest.step, newest.epoch, newest.batch_in_epoch) == (stopped_at, 0, stopped_at)
     assert newest.val_loss is None and stopped_at >= 1

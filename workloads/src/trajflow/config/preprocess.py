@@ -104,8 +104,8 @@ class PreprocessConfig(Model):
         "for local npz and HDF5 (the page cache reads ahead), half the CPUs over the network."
     )
     read_ahead_mib: int = Field(
-        1024, ge=1, description="Raw files read and decoded ahead of the batching, in MiB of file size (one file at "
-        "least): with readWorkers, bounds the memory the files waiting their turn hold."
+        1024, ge=1, description="MiB of files read whole (npz, parquet to 64 MiB) read ahead of the batching, one "
+        "file at least; files read by ranges (HDF5, larger parquet) count nothing."
     )
     cpu_threads: int = Field(
         1, ge=0, le=256, description="Torch threads resampling on the CPU (0: torch's default). Batches are small: "

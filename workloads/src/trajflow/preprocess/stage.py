@@ -23,7 +23,6 @@ PermanentError (exit 3, the chart fails that index). Storage failures are Transi
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import queue
@@ -555,6 +554,14 @@ class _Work:
     robot_hint: str
 
 
+def _bytes_read_whole(w: _Work) -> int:
+    """The bytes of ``w`` a reader holds at once: the file's when it is read whole (1 MiB
+    when its size is unknown); 0 for a file read by ranges, which holds its streams only."""
+    if not readers.reads_whole(w.format, w.size):
+        return 0
+    return w.size if w.size is not None and w.size >= 0 else 1 << 20
+
+
 class ShardProcessor:
     """Preprocesses one shard; `run` is the whole stage for that shard."""
 
@@ -773,7 +780,7 @@ class ShardProcessor:
                                                interval_s=PROGRESS_INTERVAL_S, logger=log)
             with files_read:
                 for result in ordered_map(read, self._prefetching(work), workers, workers * 2 + cfg.prefetch,
-                                          cost=lambda w: max(w.size or 0, 0), budget=cfg.read_ahead_mib << 20):
+                                          cost=_bytes_read_whole, budget=cfg.read_ahead_mib << 20):
                     files_read.advance()
                     summary.bytes_in += result.size
                     self.metrics.bytes_in.inc(result.size)
@@ -820,8 +827,8 @@ class ShardProcessor:
         in part (HDF5) are left alone: most of their bytes may never be needed."""
 
         def whole_bytes(w: _Work) -> int:  # 0: not prefetched (read in part, or larger than the window)
-            size = w.size if w.size is not None else 1 << 20
-            return size if readers.reads_whole(w.format, w.size) and size <= _PREFETCH_BYTES else 0
+            size = _bytes_read_whole(w)
+            return size if size <= _PREFETCH_BYTES else 0
 
         ahead, window = 0, 0
         for i, w in enumerate(work):

@@ -541,9 +541,10 @@ class Trainer:
         """While the epochs run, a stop signal (`STOP_SIGNALS`) is noted, not raised: the next
         step's all-reduce tells every rank, and the group checkpoints that step and stops
         (`stop_with_checkpoint`), so neither a preemption nor Ctrl-C loses steps. A later
-        signal raises at once; a run that finishes first exits as finished. SIGINT stays
-        ignored where it was (a job started in the background). (The agent signals each
-        worker's process group: DataLoader workers leave it, see `_leave_process_group`.)"""
+        signal raises at once; a run that finishes first exits as finished. A SIGINT this
+        process ignores (started in the background) stays ignored; torch's agent handles
+        SIGINT whatever it inherited and passes it on. (The agent signals each worker's
+        process group: DataLoader workers leave it, see `_leave_process_group`.)"""
         if threading.current_thread() is not threading.main_thread():  # only it may set handlers
             yield
             return
@@ -557,7 +558,9 @@ class Trainer:
             elif time.monotonic() - noted_at >= REPEATED_STOP_S:
                 raise Terminated(signum)
 
-        previous = {sig: signal.signal(sig, note) for sig in STOP_SIGNALS if signal.getsignal(sig) != signal.SIG_IGN}
+        # None: a handler installed outside Python, which cannot be put back
+        previous = {sig: signal.signal(sig, note) for sig in STOP_SIGNALS
+                    if signal.getsignal(sig) not in (signal.SIG_IGN, None)}
         try:
             yield
         finally:
@@ -569,9 +572,9 @@ class Trainer:
         """Every rank, at the same step: checkpoint it, then stop as a terminated run (a rerun resumes here)."""
         self.checkpoint(model, optimizer, scheduler, val_loss=None)
         st = self.state
-        log.warning("stopping: %d rank(s) got a stop signal (SIGTERM, SIGINT); the group checkpointed step %d "
-                    "(epoch %d) and stops",
-                    signalled_ranks, st.step, st.epoch)
+        here = f" (this one {signal.Signals(self._stop_signal).name})" if self._stop_signal else ""
+        log.warning("stopping: %d rank(s) got a stop signal%s; the group checkpointed step %d (epoch %d) and stops",
+                    signalled_ranks, here, st.step, st.epoch)
         raise Terminated(self._stop_signal or signal.SIGTERM)
 
     def _restore_gauges(self, scheduler: Any) -> None:
