@@ -5,6 +5,7 @@ in seconds. Behaviour is steered by environment variables:
 
     FAKE_SECONDS=0.3              time each shard "works"
     FAKE_SECONDS_preprocess_2=3   ... or this one shard
+    FAKE_AFTER_download_2=preprocess:0  this shard works on until that stage:shard has started (60 s at most)
     FAKE_FAIL=preprocess:1:3      stage:shard:exit code (stage may be *)
     FAKE_FAIL_TIMES=1             fail only the first N attempts (counted in FAKE_STATE_DIR)
     FAKE_STATE_DIR=DIR            where attempts and starts are recorded (required)
@@ -59,6 +60,14 @@ def main(argv: list[str]) -> int:
             history.append(row)
             logger.info("epoch done", extra=row)
     time.sleep(float(os.environ.get(f"FAKE_SECONDS_{command}_{shard}", os.environ.get("FAKE_SECONDS", "0.3"))))
+    after = os.environ.get(f"FAKE_AFTER_{command}_{shard}")
+    if after:
+        other_stage, other_shard = after.split(":")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(
+                (s["stage"], s["shard"]) == (other_stage, int(other_shard))
+                for s in map(json.loads, (state / "starts.jsonl").read_text().splitlines())):
+            time.sleep(0.05)
     fail = os.environ.get("FAKE_FAIL", "")
     if fail:
         stage, fail_shard, code = fail.split(":")

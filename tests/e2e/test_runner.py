@@ -78,7 +78,7 @@ def storage_of(tmp_path: Path, run_id: str = "fake"):  # type: ignore[no-untyped
 
 
 def test_runs_every_stage_pipelined_with_the_chart_config(fake: Fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FAKE_SECONDS_download_2", "2.5")  # a slow last download shard
+    monkeypatch.setenv("FAKE_AFTER_download_2", "preprocess:0")  # the last download shard outlasts preprocess 0's start
     runner, result = fake.run(write_values(tmp_path))
     assert result.exit_code == 0, fake.out.getvalue()
     assert all(t.state == DONE for t in result.tasks)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -48,12 +47,10 @@ def test_kill_message_says_why(tmp_path: Path, second_interrupt: bool) -> None:
     runner = Runner(plan_for(tmp_path), tmp_path / "work", PlainView(stream=out), grace_seconds=1.0)
     task = stubborn_task(runner)
     runner._kill_now = second_interrupt
-    started = time.monotonic()
     runner._stop_children(15)
     assert task.proc is None and task.exit_code == -9
     text = out.getvalue()
     if second_interrupt:
-        assert time.monotonic() - started < 5
         assert "download[0]: a second interrupt after 0.0s of the 1s grace period; killing it" in text, text
         assert "still running after 1s" not in text
     else:
