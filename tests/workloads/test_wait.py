@@ -12,7 +12,7 @@ import pytest
 from trajflow import cli
 from trajflow.errors import ConfigError, ExitCode, WaitTimeout
 from trajflow.storage import LocalStorage, manifest_key, write_manifest
-from trajflow.storage.wait import parse_duration, parse_shards, wait_for_shards
+from trajflow.storage.wait import done_manifests, parse_duration, parse_shards, wait_for_shards
 
 
 @pytest.mark.parametrize(
@@ -134,13 +134,12 @@ def test_cli_returns_0_once_upstream_finishes(tmp_path):
 
     writer = threading.Thread(target=upstream)
     writer.start()
-    started = time.monotonic()
     try:
         code = cli.main(["wait", "--stage", "download", "--shards", "0-2", "--timeout", "2m", "--config", _config(tmp_path)])
+        there_on_return = set(done_manifests(root, "download"))
     finally:
         writer.join()
-    assert code == 0
-    assert time.monotonic() - started < 30
+    assert code == 0 and there_on_return == {0, 1, 2}  # it returned once all three were written
 
 
 def test_cli_rejects_an_unknown_stage(terminal_output, tmp_path, capsys):
@@ -463,6 +462,25 @@ def test_a_store_that_never_answers_gives_up_near_the_deadline(tmp_path, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert code == ExitCode.TIMEOUT
     assert "the last poll failed: Read timeout on endpoint URL" in err[-1]
+
+
+@pytest.mark.parametrize("timeout_s,call_timeout_s", [(2, 2), (20, 15), (120, 30), (3600, 60)])
+def test_one_call_to_the_store_never_outlasts_the_wait(timeout_s, call_timeout_s, monkeypatch, tmp_path):
+    """Each poll's calls are bounded (two tries each): a quarter of the wait, 15 s to 60 s,
+    and never more than the whole wait."""
+    from trajflow import storage as storage_module
+    from trajflow.storage import wait as wait_module
+
+    opened = {}
+
+    def open_run_root(glob, **client):
+        opened.update(client)
+        return LocalStorage(tmp_path / "root")
+
+    monkeypatch.setattr(storage_module, "open_run_root", open_run_root)
+    monkeypatch.setattr(wait_module, "wait_for_shards", lambda *args, **kwargs: None)
+    wait_module.wait_in_run_root(object(), "download", {0}, timeout_s, expect_shards=None)
+    assert opened == {"timeout": call_timeout_s, "attempts": 2}
 
 
 def test_a_store_that_answers_slowly_is_still_heard(s3_server, s3_shared_bucket, tmp_path):

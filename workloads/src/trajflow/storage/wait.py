@@ -343,8 +343,9 @@ def wait_in_run_root(glob: Any, stage: str, shards: set[int], timeout_s: float, 
     try:
         # every poll tries again: a store that never answers must not hold one call for the
         # client's usual 8 x 60 s, far past a short --timeout; one that answers slowly (15 s)
-        # must still be heard
-        storage = open_run_root(glob, timeout=min(60.0, max(15.0, timeout_s / 4)), attempts=2)
+        # must still be heard, unless the whole wait is shorter than that
+        call_timeout_s = min(60.0, max(15.0, timeout_s / 4), max(timeout_s, 1.0))
+        storage = open_run_root(glob, timeout=call_timeout_s, attempts=2)
     except Exception as exc:
         fatal = fatal_storage_error(exc, "the run root")
         if fatal is not None:
