@@ -93,6 +93,9 @@ class ShardSummary:
 # ------------------------------------------------------------------------ helpers
 
 
+_END = object()  # an iterator's end, for next()
+
+
 def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], workers: int, lookahead: int,
                 cost: Callable[[_T], int] | None = None, budget: int = 0) -> Iterator[_R]:
     """``map(fn, items)`` on a thread pool, results in input order, at most ``lookahead``
@@ -132,9 +135,6 @@ def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], workers: int, looka
             yield result
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-_END = object()
 
 
 # without a CPU limit a pod sees the whole node: past this many threads reading only queues for the disk
