@@ -102,7 +102,10 @@ def test_environments_following_main_run_the_images_of_their_commit(appset):
         assert element["imageTag"] == ("$ARGOCD_APP_REVISION" if following_main else "")
         sha = "0123456789abcdef0123456789abcdef01234567"
         objs = render([env_file(element["env"])], {k: v.replace("$ARGOCD_APP_REVISION", sha) for k, v in tags.items()})
-        images = {c["image"] for o in objs if o["kind"] == "Job" for c in o["spec"]["template"]["spec"]["containers"]}
+        jobs = [o for o in objs if o["kind"] == "Job"]
+        assert len(jobs) == len(STAGE_CHARTS), [o["metadata"]["name"] for o in jobs]  # one per stage
+        images = {c["image"] for o in jobs for c in o["spec"]["template"]["spec"]["containers"]}
+        assert images  # (all() of nothing is True)
         assert all(i.endswith(f":{sha}") for i in images) if following_main else all(i.endswith(":0.1.0") for i in images)
 
 

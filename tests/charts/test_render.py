@@ -169,7 +169,7 @@ def spec_nodes(workload):
 @pytest.mark.parametrize("env", [e for e in ENVIRONMENTS])
 def test_rendered_config_files_load_in_the_workloads(env, tmp_path):
     """The ConfigMap is exactly what `trajflow <stage> --config` reads: global + config."""
-    loader = pytest.importorskip("trajflow.config.loader")
+    from trajflow.config import loader
     objs = render_env(env)
     for stage in STAGE_CHARTS:
         data = select(objs, "ConfigMap", stage)[0]["data"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from helmrender import KUBEFLOW_APIS, PROMETHEUS_OPERATOR_APIS, env_file, one, pod_spec, render, select
+import yaml
+from helmrender import KUBEFLOW_APIS, PROMETHEUS_OPERATOR_APIS, SUBCHARTS, env_file, one, pod_spec, render, select
 
 STAGES = ("downloader", "preprocessing", "training")
 
@@ -32,17 +33,20 @@ def test_parallelism_keeps_the_job_name(stage):
     assert spec4 == spec8
 
 
-@pytest.mark.parametrize("change", [
-    {"downloader.image.tag": "0.2.0"},
-    {"downloader.image.digest": "sha256:" + "a" * 64},
-    {"global.imageRegistry": "registry.internal:5000"},
+@pytest.mark.parametrize("change,image", [
+    ({"downloader.image.tag": "0.2.0"}, "ghcr.io/trajflow/trajflow-downloader:0.2.0"),
+    ({"downloader.image.digest": "sha256:" + "a" * 64}, "ghcr.io/trajflow/trajflow-downloader@sha256:" + "a" * 64),
+    ({"global.imageRegistry": "registry.internal:5000"}, "registry.internal:5000/trajflow/trajflow-downloader:{app}"),
 ])
-def test_a_new_image_makes_a_new_downloader_job(production, change):
+def test_a_new_image_makes_a_new_downloader_job(production, change, image):
+    app = yaml.safe_load((SUBCHARTS / "downloader" / "Chart.yaml").read_text())["appVersion"]  # the default tag
+    image = image.replace("{app}", app)
+    assert one(production, "Job", "downloader")["spec"]["template"]["spec"]["containers"][0]["image"] == (
+        f"ghcr.io/trajflow/trajflow-downloader:{app}")
     changed = render([env_file("production")], change, api_versions=PROMETHEUS_OPERATOR_APIS)
     before, after = job_names(production), job_names(changed)
     assert after["downloader"] != before["downloader"]
-    image = one(changed, "Job", "downloader")["spec"]["template"]["spec"]["containers"][0]["image"]
-    assert image.startswith("registry.internal:5000/") or "0.2.0" in image or "@sha256:" in image
+    assert one(changed, "Job", "downloader")["spec"]["template"]["spec"]["containers"][0]["image"] == image
 
 
 @pytest.mark.parametrize("stage", STAGES)

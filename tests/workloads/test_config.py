@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import pydantic
 import pytest
 
 from trajflow import cli
@@ -67,8 +69,12 @@ def test_defaults_validate_and_give_a_run_root(tmp_path):
 def test_models_are_camel_case_and_frozen():
     glob = GlobalConfig.model_validate({"runId": "abc", "metrics": {"pushgatewayUrl": "http://pg:9091"}})
     assert glob.metrics.pushgateway_url == "http://pg:9091"
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match=r"(?s)^1 validation error for GlobalConfig\nrun_id\n.*"
+                                                       r"Instance is frozen \[type=frozen_instance"):
         glob.run_id = "other"  # type: ignore[misc]
+    with pytest.raises(pydantic.ValidationError, match=r"(?s)\ntype\n.*\[type=frozen_instance"):  # nested too
+        glob.storage.type = "s3"  # type: ignore[misc]
+    assert glob.run_id == "abc" and glob.storage.type == "filesystem"
 
 
 def test_schema_rejects_unknown_keys_everywhere():
@@ -104,12 +110,15 @@ def test_schema_accepts_what_the_models_accept_and_rejects_the_rest():
     jsonschema.validate(good, schema)
     GlobalConfig.model_validate(good)
     # (bucket names and prefixes every stage would refuse at start, after `helm install` took them)
-    for bad in ({"runID": "r1"}, {"storage": {"type": "nfs"}}, {"storage": {"s3": {"addressingStyle": "dns"}}},
-                {"storage": {"s3": {"bucket": "My_Bucket"}}}, {"storage": {"s3": {"prefix": "a//b"}}},
-                {"storage": {"s3": {"prefix": "team/../other"}}}):
+    # (each bad document, the key the models' one-line error must name)
+    for bad, key in (({"runID": "r1"}, "runID"), ({"storage": {"type": "nfs"}}, "storage.type"),
+                     ({"storage": {"s3": {"addressingStyle": "dns"}}}, "storage.s3.addressingStyle"),
+                     ({"storage": {"s3": {"bucket": "My_Bucket"}}}, "storage.s3.bucket"),
+                     ({"storage": {"s3": {"prefix": "a//b"}}}, "storage.s3.prefix"),
+                     ({"storage": {"s3": {"prefix": "team/../other"}}}, "storage.s3.prefix")):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
-        with pytest.raises(ConfigError):
+        with pytest.raises(ConfigError, match=rf"^values: global\.{re.escape(key)}: "):
             validate_global(bad)
 
 

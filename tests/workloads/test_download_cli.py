@@ -239,12 +239,15 @@ def test_sigterm_pushes_final_metrics_and_exits_for_a_retry(server: FaultyServer
             return sum(len(j.read_text().splitlines()) for j in web.glob(".trajflow-tmp-dlj-*"))
 
         deadline = time.monotonic() + 30
-        while journaled_lines() <= 2 and time.monotonic() < deadline:  # past the header: some bytes are on disk
-            time.sleep(0.05)
+        while (lines_at_signal := journaled_lines()) <= 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # past the header: some bytes are on disk
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
     finally:
         gateway.stop()
+    # the state this test means to cover: the signal came mid-transfer, with bytes journaled
+    # (not before the first part landed, nor after the item was done)
+    assert lines_at_signal > 2, ("the journal never grew past its header before SIGTERM", stderr[-2000:])
     assert proc.returncode == ExitCode.TRANSIENT, stderr[-2000:]
     assert "stopped by signal" in stderr
     assert gateway.pushes and "trajflow_stage_success 0.0" in gateway.pushes[-1][2]

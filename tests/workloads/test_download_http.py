@@ -925,25 +925,34 @@ def test_a_head_throttled_on_every_try_fails_planning_to_be_retried(server: Faul
     assert not (tmp_path / "plan" / "download.json").exists()
 
 
-def test_an_item_another_process_is_fetching_is_waited_for_not_failed(server: FaultyServer, tmp_path: Path) -> None:
+def test_an_item_another_process_is_fetching_is_waited_for_not_failed(server: FaultyServer, tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
     """A duplicate pod of one shard (or a second run on the run root) waits for the item
     the other one holds, then takes its verified copy instead of failing the shard."""
     import threading
 
     data = payload(8 * MiB, seed=11)
     url = server.add("/held.bin", data)
-    server.rate_bytes_per_s = 8 * MiB  # about a second per copy
+    server.rate_bytes_per_s = 3 * MiB  # about 3 s per copy: the second run starts well within it
     config = make_config([{"type": "https", "name": "web", "urls": [url]}])
     first: list[ShardSummary] = []
     holder = threading.Thread(target=lambda: first.append(run(tmp_path, config)))
     holder.start()
     deadline = time.monotonic() + 30
-    while not hidden_files(tmp_path / "raw") and time.monotonic() < deadline:  # its temporary and journal
+    seen: list[str] = []
+    while not (seen := hidden_files(tmp_path / "raw")) and time.monotonic() < deadline:  # its temporary and journal
         time.sleep(0.01)
+    # the state this test is about: the first run is still fetching when the second starts
+    assert seen, "the first run's temporary never appeared"
 
-    second = run(tmp_path, config)
+    with caplog.at_level(logging.INFO, logger="trajflow.download.shard"):
+        second = run(tmp_path, config)
     holder.join(timeout=60)
 
+    # the second run met the holder's lock and waited for it (not a skip of a finished copy)
+    waited = [r.getMessage() for r in caplog.records
+              if r.name == "trajflow.download.shard" and r.getMessage().endswith("; waiting for it to finish")]
+    assert len(waited) == 1 and "another process is downloading this item" in waited[0], caplog.text
     assert first[0].exit_code == 0 and first[0].count("fetched") == 1
     assert second.exit_code == 0, [r.error for r in second.failed]
     assert second.count("skipped") == 1 and second.bytes_received == 0  # the holder's copy, not fetched twice

@@ -568,9 +568,15 @@ def test_open_run_root_reaches_s3_through_the_default_credential_chain(s3_server
 def test_wrong_credentials_fail_loudly(s3_server, monkeypatch):
     bucket = s3_server.make_bucket()
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    from botocore.exceptions import ClientError
+
     store = open_storage(f"s3://{bucket}/x", endpoint=s3_server.endpoint)
-    with pytest.raises(Exception, match="SignatureDoesNotMatch|AccessDenied|Forbidden|403"):
+    with pytest.raises(ClientError, match=r"\(SignatureDoesNotMatch\) when calling the PutObject operation") as info:
         store.write_bytes("k", b"1")
+    assert info.value.response["Error"]["Code"] == "SignatureDoesNotMatch"
+    assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    listed = s3_server.client().list_objects_v2(Bucket=bucket)  # (the server's own keys)
+    assert listed.get("KeyCount", 0) == 0  # refused, not written
 
 
 def test_open_run_root_on_the_filesystem(tmp_path):
