@@ -2,6 +2,7 @@
 checkpoints, artifacts, exit-code mapping, and short in-process training runs."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -744,16 +745,12 @@ def test_a_stop_signal_while_the_epochs_run_is_noted_and_a_later_one_raises(  # 
     import signal
 
     from trajflow.errors import Terminated
-    from trajflow.metrics import train_metrics
     from trajflow.train import loop
-    from trajflow.train.dist import DistContext
 
     sig = getattr(signal, signum)
-    settings, storage = small_run(tmp_path)
-    trainer = loop.Trainer(settings, DistContext.from_env(), storage, train_metrics())
+    trainer = _trainer(tmp_path)
     monkeypatch.setattr(loop, "REPEATED_STOP_S", 0.2)
-    pytests_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)  # as an interactive Python has it
-    try:
+    with _sigint_handled_by(signal.default_int_handler):  # as an interactive Python has it
         before = signal.getsignal(sig)
         with pytest.raises(Terminated) as stopped:
             with trainer._signals_stop_at_a_step():
@@ -765,28 +762,39 @@ def test_a_stop_signal_while_the_epochs_run_is_noted_and_a_later_one_raises(  # 
                 pytest.fail("a later stop signal must stop at once")
         assert stopped.value.signum == sig
         assert signal.getsignal(sig) is before
-    finally:
-        signal.signal(signal.SIGINT, pytests_sigint)
 
 
 def test_an_ignored_sigint_stays_ignored_while_the_epochs_run(tmp_path: Path) -> None:
     """A training started in the background (SIGINT ignored) is not stopped by one."""
     import signal
 
+    trainer = _trainer(tmp_path)
+    with _sigint_handled_by(signal.SIG_IGN), trainer._signals_stop_at_a_step():
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert trainer._stop_signal is None
+
+
+def _trainer(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A trainer of a small run, not started."""
     from trajflow.metrics import train_metrics
     from trajflow.train import loop
     from trajflow.train.dist import DistContext
 
     settings, storage = small_run(tmp_path)
-    trainer = loop.Trainer(settings, DistContext.from_env(), storage, train_metrics())
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return loop.Trainer(settings, DistContext.from_env(), storage, train_metrics())
+
+
+@contextlib.contextmanager
+def _sigint_handled_by(handler):  # type: ignore[no-untyped-def]
+    """SIGINT's handler set to ``handler`` for a while, then pytest's put back."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, handler)
     try:
-        with trainer._signals_stop_at_a_step():
-            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
-            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
-            assert trainer._stop_signal is None
+        yield
     finally:
         signal.signal(signal.SIGINT, before)
 
