@@ -172,6 +172,16 @@ def test_the_summary_counts_quarantined_trajectories_apart() -> None:
     assert stage.throughput() == "148 trajectories (12 more quarantined) → 65,170 frames at 50 Hz"
 
 
+def test_the_summary_shows_the_exported_model_s_validation_loss() -> None:
+    from trajflow.local.report import StageSummary
+
+    stopped_early = {"initial_val_loss": 2.0, "best_val_loss": 0.5, "best_epoch": 3, "final_val_loss": 0.6, "epochs": 6}
+    stage = StageSummary("training", "train", 1, 1, 0, 0, 9.0, stopped_early)
+    assert stage.throughput() == "val loss 2 → 0.5 (25.0% of initial) at epoch 3 (last epoch 0.6), 6 epochs"
+    stage.figures.update(best_val_loss=0.6, best_epoch=5)
+    assert stage.throughput() == "val loss 2 → 0.6 (30.0% of initial), 6 epochs"
+
+
 def test_an_s3_run_root_works_the_same(fake: Fake, tmp_path: Path, s3_server: Any) -> None:
     bucket = s3_server.make_bucket()
     s3 = {"type": "s3", "s3": {"endpoint": s3_server.endpoint, "bucket": bucket, "prefix": "runs", "region": s3_server.region}}

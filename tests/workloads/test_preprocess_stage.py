@@ -961,20 +961,40 @@ def test_streams_are_aligned_across_sources_and_other_widths_quarantined(local_s
 
 
 
-def test_one_odd_episode_read_first_is_the_one_set_aside(local_storage):
+@pytest.mark.parametrize("sort_window_mib", [1, 16])
+def test_one_odd_episode_read_first_is_the_one_set_aside(local_storage, sort_window_mib):
     rng = np.random.default_rng(12)
-    odd = make_episode(rng, "odd", 60.0, 1.0, dims={STATE: 7, ACTION: 3})
-    good = [make_episode(rng, f"e{i}", 60.0, 1.0) for i in range(6)]
+    # 40 s at 1 kHz: 1.6 MiB decoded, more than a 1 MiB sort window holds
+    odd = make_episode(rng, "odd", 1000.0, 40.0, dims={STATE: 7, ACTION: 3})
+    good = [make_episode(rng, f"e{i:02d}", 60.0, 1.0) for i in range(20)]
     files = {f"s/{ep.episode}.npz": npz_bytes(timestamps=ep.times, **ep.streams) for ep in [odd, *good]}
     files["s/0_odd.npz"] = files.pop("s/odd.npz")  # read first
     publish_raw_shard(local_storage, 0, files)
-    # batches of two: the vote is not one batch's
-    summary = process_shard(local_storage, 0, 1, stage_config(max_bad_fraction=0.2, batch_size=2, sort_window_batches=1))
-    assert summary.quarantined == {"shape_mismatch": 1} and summary.episodes == 6
+    # batches of two: the vote is not one batch's, nor one sort window's
+    cfg = stage_config(max_bad_fraction=0.1, batch_size=2, sort_window_batches=1, sort_window_mib=sort_window_mib)
+    summary = process_shard(local_storage, 0, 1, cfg)
+    assert summary.quarantined == {"shape_mismatch": 1} and summary.episodes == 20
     report = json.loads(local_storage.read_bytes(report_key(0)))
     assert [e["episode"] for e in report["entries"]] == ["0_odd"]
     reader = open_shard(local_storage.local_path(shard_key(0)))
-    assert reader.dims == {STATE: 6, ACTION: 3} and [e.episode for e in reader.episodes] == [f"e{i}" for i in range(6)]
+    assert reader.dims == {STATE: 6, ACTION: 3} and [e.episode for e in reader.episodes] == [f"e{i:02d}" for i in range(20)]
+
+
+def test_the_widths_vote_does_not_depend_on_the_sort_window(tmp_path):
+    # the first four episodes read are 7 wide, the eight after them 6 wide: the majority of
+    # the first episodes decides, however many a sort window holds
+    rng = np.random.default_rng(13)
+    eps = [make_episode(rng, f"e{i:02d}", 1000.0, 8.0, dims={STATE: 7 if i < 4 else 6, ACTION: 3}) for i in range(12)]
+    files = {f"s/{ep.episode}.npz": npz_bytes(timestamps=ep.times, **ep.streams) for ep in eps}
+    shards = []
+    for mib in (1, 16):
+        storage = LocalStorage(tmp_path / f"window-{mib}")
+        publish_raw_shard(storage, 0, files)
+        summary = process_shard(storage, 0, 1, stage_config(max_bad_fraction=0.5, sort_window_mib=mib))
+        assert summary.quarantined == {"shape_mismatch": 4} and summary.episodes == 8
+        shards.append(storage.read_bytes(shard_key(0)))
+    assert shards[0] == shards[1]
+
 
 @pytest.mark.parametrize("dataset", ["lr", "data/pusht"])  # the second in a folder that is also called data
 def test_lerobot_info_in_another_shard_names_the_robot(local_storage, tmp_path, dataset):

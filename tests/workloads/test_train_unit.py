@@ -819,6 +819,23 @@ def test_a_resumed_run_pushes_where_it_stands(tmp_path: Path, pushgateway) -> No
     assert pushed("trajflow_train_loss", 'split="val"') == pytest.approx(first["history"][-1]["val_loss"])
 
 
+def test_the_learning_rate_gauge_is_set_before_any_step_logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dashboard reads the gauges from the first push: a rate of 0 until the first logged step would be drawn."""
+    from trajflow.train import loop
+
+    settings, _ = small_run(tmp_path, epochs=1, warmup_steps=0)  # log_every_steps=1000: no step logs
+    seen: list[float | None] = []
+    end_epoch = loop.Trainer.end_epoch
+
+    def spy(self, *args):  # type: ignore[no-untyped-def]
+        seen.append(self.metrics.registry.get_sample_value("trajflow_train_learning_rate"))
+        return end_epoch(self, *args)
+
+    monkeypatch.setattr(loop.Trainer, "end_epoch", spy)
+    train(settings)
+    assert seen == [pytest.approx(3e-3)]
+
+
 def test_nan_loss_stops_with_the_diverged_exit_code(tmp_path: Path) -> None:
     settings, storage = small_run(tmp_path, learning_rate=1e30, grad_clip=0.0)
     with pytest.raises(TrainingDiverged, match=r"became NaN/Inf at epoch 0, step \d+") as err:

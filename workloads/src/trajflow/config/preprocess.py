@@ -50,8 +50,8 @@ class PreprocessConfig(Model):
     streams: list[str] = Field(
         default_factory=lambda: ["observation.state", "action"],
         min_length=1,
-        description="Raw vector streams to resample: parquet columns, HDF5 datasets under the demo group "
-        "(e.g. obs/eef_pos, actions) or npz keys. An episode without one of them is quarantined.",
+        description="Raw streams to resample: parquet columns, HDF5 datasets (e.g. obs/eef_pos) or npz keys. Episodes "
+        "lacking one, or unlike most of a shard's first 15 in width, are quarantined.",
     )
     renames: dict[str, Optional[str]] = Field(
         default_factory=dict, description="Raw stream name -> name in the output shards (null drops an entry another "

@@ -64,11 +64,14 @@ class StageSummary:
             if f.get("trajectories_per_second"):
                 text += f", {f['trajectories_per_second']:.1f} traj/s"
             return text
-        if self.stage == "training" and f.get("final_val_loss") is not None:
-            text = f"val loss {f['final_val_loss']:.4g}"
+        if self.stage == "training" and f.get("best_val_loss") is not None:
+            # the exported model is the best epoch's; after early stopping the last is worse
+            best, final = f["best_val_loss"], f["final_val_loss"]
+            text = f"val loss {best:.4g}"
             if f.get("initial_val_loss"):
-                text = (f"val loss {f['initial_val_loss']:.4g} → {f['final_val_loss']:.4g} "
-                        f"({f['final_val_loss'] / f['initial_val_loss']:.1%} of initial)")
+                text = f"val loss {f['initial_val_loss']:.4g} → {best:.4g} ({best / f['initial_val_loss']:.1%} of initial)"
+            if final != best:
+                text += f" at epoch {f['best_epoch']} (last epoch {final:.4g})"
             text += f", {f.get('epochs', 0)} epochs"
             if f.get("samples_per_second"):
                 text += f", {f['samples_per_second']:,.0f} samples/s"
@@ -154,13 +157,15 @@ def summarize(runner: "Runner") -> tuple[list[StageSummary], list[dict[str, Any]
                 history, doc = training_history(storage, tasks[0].history)
             else:  # metrics.json may be an earlier run's: show only what this run's training said
                 history, doc = training_history(None, tasks[0].history if tasks else [])
-            vals = [v for v in (_number(h.get("val_loss")) for h in history) if v is not None]
+            scored = [(h.get("epoch"), v) for h in history if (v := _number(h.get("val_loss"))) is not None]
+            vals = [v for _, v in scored]
             trains = [v for v in (_number(h.get("train_loss")) for h in history) if v is not None]
             initial = _number(doc.get("initial_val_loss"))
             if initial is None and tasks:  # an interrupted run: its log said it (a resumed one did not)
                 initial = _number(tasks[0].fields.get("initial_val_loss"))
             if vals:
-                f.update(final_val_loss=vals[-1], best_val_loss=min(vals), epochs=len(history))
+                best_epoch, best = min(scored, key=lambda e: e[1])  # the earliest on a tie, as training picks
+                f.update(final_val_loss=vals[-1], best_val_loss=best, best_epoch=best_epoch, epochs=len(history))
             if vals and initial is not None:
                 f["initial_val_loss"] = initial
             if trains:

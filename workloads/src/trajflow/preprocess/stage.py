@@ -354,9 +354,13 @@ class _Pending:
     work_bytes: int = 0
 
 
-_END = object()
 # raw bytes the page cache is asked to hold ahead of the reader (reclaimable memory)
 _PREFETCH_BYTES = 64 << 20
+# The shard's stream widths are those most of its first good episodes have: this many, or
+# fewer once they hold this many bytes. Constants, not settings: which episodes a shard keeps
+# depends on its inputs alone, whatever the batching or memory settings of the pod that makes it.
+_VOTE_EPISODES = 15
+_VOTE_BYTES = 256 << 20
 
 
 class _OrderedWriter:
@@ -738,8 +742,8 @@ class ShardProcessor:
         undecided_bytes = 0
 
         def open_writer() -> None:
-            """Fix the shard's streams: the widths most of the episodes read first (a sort
-            window's bytes) have, so that one odd episode read first is the one set aside."""
+            """Fix the shard's streams: the widths most of the first good episodes have, so
+            that one odd episode read first is the one set aside."""
             nonlocal dims, writer, drain
             best = Counter(map(_widths, undecided)).most_common(1)[0][0]  # equal counts: the first seen
             dims = dict(next(ep.dims for ep in undecided if _widths(ep) == best))
@@ -798,7 +802,7 @@ class ShardProcessor:
                         else:
                             undecided.append(outcome)
                             undecided_bytes += outcome.frames.nbytes
-                            if undecided_bytes >= window_limit:  # a vote of memory's worth, not of one batch
+                            if len(undecided) >= _VOTE_EPISODES or undecided_bytes >= _VOTE_BYTES:
                                 open_writer()
             if dims is None and undecided:
                 open_writer()

@@ -471,8 +471,9 @@ class Trainer:
             self._log("initial validation loss", initial_val_loss=st.initial_val_loss)
         m = self.metrics
         m.restarts.set(dist.restart_count)
+        m.learning_rate.set(scheduler.get_last_lr()[0])  # known before the first step logs it
         if resumed:
-            self._restore_gauges(scheduler)
+            self._restore_gauges()
 
         with self._signals_stop_at_a_step():
             while not self.finished():
@@ -577,12 +578,11 @@ class Trainer:
                     signalled_ranks, here, st.step, st.epoch)
         raise Terminated(self._stop_signal or signal.SIGTERM)
 
-    def _restore_gauges(self, scheduler: Any) -> None:
+    def _restore_gauges(self) -> None:
         """A resumed run's gauges say where the run stands from its first push on, also when
         the checkpoint is the final one and no epoch is left to set them."""
         st, m = self.state, self.metrics
         m.epoch.set(st.history[-1]["epoch"] if self.finished() and st.history else st.epoch)
-        m.learning_rate.set(scheduler.get_last_lr()[0])
         if st.best_val_loss is not None:
             m.best_val_loss.set(st.best_val_loss)
         if st.history:
