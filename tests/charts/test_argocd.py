@@ -65,8 +65,14 @@ def test_applications_point_at_the_chart_and_values_that_exist(appset, project):
             assert path.is_file() and path == env_file(element["env"]).resolve(), values_file
         assert source["helm"]["valuesObject"] == {"global": {"argocd": {"enabled": True}}}
         assert spec["project"] == project["metadata"]["name"]
-        destination = {"server": spec["destination"]["server"], "namespace": spec["destination"]["namespace"]}
+        destination = {"name": spec["destination"]["name"], "namespace": spec["destination"]["namespace"]}
         assert destination in project["spec"]["destinations"], destination
+
+
+def test_each_environment_deploys_to_a_cluster_of_its_own(appset):
+    clusters = [app["spec"]["destination"] for _, app in applications(appset)]
+    assert all(set(d) == {"name", "namespace"} for d in clusters), clusters  # no in-cluster server for all three
+    assert len({d["name"] for d in clusters}) == 3, clusters
 
 
 def test_the_applications_render_as_argocd_would(appset):

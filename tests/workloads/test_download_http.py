@@ -106,6 +106,18 @@ def test_not_found_is_permanent_and_others_still_complete(server: FaultyServer, 
     assert read_manifest(LocalStorage(tmp_path), "download", 0) is None
 
 
+def test_many_failed_items_log_a_bounded_number_of_lines(server: FaultyServer, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    urls = [server.url(f"/gone-{i:02d}.bin") for i in range(30)]
+    with caplog.at_level(logging.INFO, logger="trajflow.download"):
+        summary = run(tmp_path, make_config([{"type": "https", "name": "web", "urls": urls}]))
+    assert summary.exit_code == ExitCode.PERMANENT and len(summary.failed) == 30  # all counted
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len([m for m in warnings if " failed (permanent, not_found)" in m]) == 20
+    assert "20 failed items logged; further ones are logged at DEBUG level (the shard's summary counts them all)" \
+        in warnings
+
+
 def test_forbidden_is_permanent(server: FaultyServer, tmp_path: Path) -> None:
     url = server.add("/secret.bin", payload(10))
     server.script("/secret.bin", *["403"] * 10)

@@ -110,3 +110,21 @@ def test_json_can_be_forced_on_a_terminal():
     shown = _run_on_terminal({"TRAJFLOW_LOG_FORMAT": "json"})
     docs = [json.loads(line) for line in shown.replace("\r\n", "\n").splitlines() if line.strip()]
     assert "fetched a.bin" in {d["msg"] for d in docs}
+
+
+def test_capped_logs_the_first_of_each_kind_then_says_the_rest_go_to_debug(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from trajflow.log import Capped
+
+    capped = Capped(logging.getLogger("trajflow.capped"), limit=2)
+    with caplog.at_level(logging.DEBUG, logger="trajflow.capped"):
+        for i in range(4):
+            capped.log(logging.WARNING, "failed items", "item %d failed", i)
+        capped.log(logging.INFO, "retries", "retry %d", 0)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "item 0 failed"), ("WARNING", "item 1 failed"),
+        ("WARNING", "2 failed items logged; further ones are logged at DEBUG level (the shard's summary counts them all)"),
+        ("DEBUG", "item 2 failed"), ("DEBUG", "item 3 failed"),
+        ("INFO", "retry 0"),  # another kind: its own count
+    ]

@@ -160,7 +160,7 @@ def test_real_pushgateway_keeps_one_group_per_shard(pushgateway):
     assert _sample(text, "trajflow_stage_success", shard="0", **group) == 1
 
 
-def test_shard_0_drops_the_groups_of_a_run_with_more_shards(pushgateway, monkeypatch):
+def test_shard_0_drops_the_groups_of_a_run_with_more_shards_and_of_earlier_runs(pushgateway, monkeypatch):
     def push(stage_metrics, run, shard):  # type: ignore[no-untyped-def]
         pusher = Pusher(pushgateway.url, stage_metrics, run=run, shard=shard)
         assert pusher.push() is True
@@ -174,11 +174,15 @@ def test_shard_0_drops_the_groups_of_a_run_with_more_shards(pushgateway, monkeyp
     push(download_metrics(), "r", 3)
     monkeypatch.setenv("TRAJFLOW_RELEASE", "team-b")  # ... and in another release of that namespace
     push(download_metrics(), "r", 3)
+    push(download_metrics(), "yesterday", 1)  # another release's earlier run
     monkeypatch.delenv("TRAJFLOW_RELEASE")
     push(download_metrics(), "r", 2)  # an earlier version's pod: no release
     monkeypatch.setenv("TRAJFLOW_RELEASE", "team-a")
     push(download_metrics(), "r", 3)
-    # team-a's re-shard drops its own groups and the earlier version's, not team-b's
+    push(download_metrics(), "yesterday", 7)  # this release's earlier runs: superseded
+    push(download_metrics(), "yesterday", 0)
+    push(preprocess_metrics(), "yesterday", 0)  # ... of a stage this one does not clean
+    # team-a's re-shard drops its own groups, the earlier version's and its earlier runs', not team-b's
     push(download_metrics(), "r", 0).drop_shards_from(2)
     monkeypatch.delenv("TRAJFLOW_NAMESPACE")
     monkeypatch.delenv("TRAJFLOW_RELEASE")
@@ -187,7 +191,8 @@ def test_shard_0_drops_the_groups_of_a_run_with_more_shards(pushgateway, monkeyp
                    g["labels"]["stage"], g["labels"]["shard"]) for g in pushgateway.groups())
     assert left == [("", "", "other", "download", "3"), ("", "", "r", "download", "0"), ("", "", "r", "download", "1"),
                     ("", "", "r", "preprocess", "3"),  # prod's group without a release: taken over by team-b's
-                    ("prod", "team-a", "r", "download", "0"), ("prod", "team-b", "r", "download", "3")]
+                    ("prod", "team-a", "r", "download", "0"), ("prod", "team-a", "yesterday", "preprocess", "0"),
+                    ("prod", "team-b", "r", "download", "3"), ("prod", "team-b", "yesterday", "download", "1")]
 
 
 def test_pushadd_keeps_metrics_another_push_left_in_the_group(pushgateway):

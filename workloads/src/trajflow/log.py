@@ -16,7 +16,9 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
+from collections import Counter
 from typing import Any
 
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
@@ -99,6 +101,29 @@ def setup(level: str | None = None) -> None:
     for noisy in _NOISY:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.captureWarnings(True)
+
+
+class Capped:
+    """Logs the first `limit` messages of each kind in full, then says once that the rest go
+    to DEBUG: 5% of two million items failing must not write 100,000 lines. The shard's
+    summary, report and metrics count them all."""
+
+    def __init__(self, logger: logging.Logger, limit: int = 20):
+        self.logger, self.limit = logger, limit
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def log(self, level: int, kind: str, msg: str, *args: Any) -> None:
+        with self._lock:
+            self._counts[kind] += 1
+            n = self._counts[kind]
+        if n <= self.limit:
+            self.logger.log(level, msg, *args)
+            return
+        if n == self.limit + 1:
+            self.logger.log(level, "%d %s logged; further ones are logged at DEBUG level (the shard's summary counts "
+                            "them all)", self.limit, kind)
+        self.logger.debug(msg, *args)
 
 
 class Progress:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from trajflow import log as trajflow_log
 from trajflow.config.download import DownloadConfig
 from trajflow.download.failures import Backoff, FetchError, Kind, StorageFailure, counts_as_failure, is_missing
 from trajflow.download.sources import HttpClients, SourceRuntime, build_sources, list_all
@@ -317,6 +318,7 @@ class ShardDownloader:
         self.root, self.config, self.shard, self.shards = root, config, shard, shards
         self.metrics = metrics
         self.stats = Stats(metrics)
+        self.item_log = trajflow_log.Capped(log)  # failed and missing items: the first few of each in full
         self.settings = TransferSettings(
             concurrency=config.concurrency,
             part_size=config.part_size_mib << 20,
@@ -621,9 +623,11 @@ class ShardDownloader:
                 known = result.item.meta.get("size_known", True)
                 self.completed_bytes += result.item.size if known or result.record is None else result.record.source_size
         if result.outcome == "failed":
-            log.warning("%s failed (%s, %s): %s", result.item.key, result.kind, result.reason, result.error)
+            self.item_log.log(logging.WARNING, "failed items", "%s failed (%s, %s): %s", result.item.key,
+                                    result.kind, result.reason, result.error)
         elif result.outcome == "missing":
-            log.info("%s is missing at the source (optional): %s", result.item.key, result.error)
+            self.item_log.log(logging.INFO, "missing optional items", "%s is missing at the source (optional): %s",
+                                    result.item.key, result.error)
         else:
             log.debug("%s %s", result.item.key, result.outcome)
         if self.metrics is not None:

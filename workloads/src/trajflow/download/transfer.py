@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from trajflow import log as trajflow_log
 from trajflow.storage.local import fsync_dir
 from trajflow.download.failures import Backoff, FetchError, Kind, StorageFailure, counts_as_failure
 from trajflow.download.http import Body, Validator, redact
@@ -148,6 +149,7 @@ class Stats:
         self.inflight = 0
         self.retries = 0
         self.failures: dict[str, int] = {}
+        self.retry_log = trajflow_log.Capped(log)
 
     def received(self, n: int) -> None:
         with self._lock:
@@ -167,7 +169,9 @@ class Stats:
         if self.metrics is not None:
             self.metrics.failures.labels(reason=reason).inc()
 
-    def retry(self) -> None:
+    def retry(self, level: int, msg: str, *args: Any) -> None:
+        """Count a retry and log why (the first few of a shard in full: `trajflow_log.Capped`)."""
+        self.retry_log.log(level, "retries", msg, *args)
         with self._lock:
             self.retries += 1
         if self.metrics is not None:
@@ -876,8 +880,8 @@ class ItemTransfer:
                 if failures >= attempts:
                     raise
                 self._note(part)
-                self.stats.retry()
-                log.info("retrying %s from byte %d after %s (%d/%d)", self.item.key, part.received, exc, failures, attempts)
+                self.stats.retry(logging.INFO, "retrying %s from byte %d after %s (%d/%d)", self.item.key, part.received,
+                                 exc, failures, attempts)
                 time.sleep(backoff.delay(failures, exc.retry_after))
             finally:
                 self.stats.request(-1)
@@ -1120,8 +1124,8 @@ class ItemTransfer:
                 self.sink.discard()  # those bytes are wrong or of another version
             else:
                 self.sink.close()
-            log.warning("fetching %s again (attempt %d/%d): %s", self.item.key, self.attempt, self.settings.attempts, error)
-            self.stats.retry()
+            self.stats.retry(logging.WARNING, "fetching %s again (attempt %d/%d): %s", self.item.key, self.attempt,
+                             self.settings.attempts, error)
             if not fallback:
                 time.sleep(self.settings.backoff.delay(self.attempt - 1))
             try:

@@ -223,19 +223,24 @@ class Pusher:
     def drop_shards_from(self, count: int) -> None:
         """Delete this run's groups of this stage whose shard number is ``count`` or more:
         left by a run with more shards, they would add to the dashboard's totals (shard 0
-        does this, as it drops those shards' manifests). Never raises."""
+        does this, as it drops those shards' manifests); and this stage's groups of the
+        release's earlier runs (`_drop`). Never raises."""
         self._drop(lambda labels: str(labels.get("shard", "")).isdigit() and int(labels["shard"]) >= count,
                    f"shards >= {count}", "a run with more shards")
 
     def drop_groups_but(self, keep: list[Mapping[str, str]]) -> None:
         """Delete this run's groups of this stage other than ``keep`` (the grouping keys of
         every process of the run: training's nodes and local ranks), which a run with more
-        of them left behind. Never raises."""
+        of them left behind; and this stage's groups of the release's earlier runs (`_drop`).
+        Never raises."""
         kept = [dict(k) for k in keep]
         self._drop(lambda labels: labels not in kept, "other processes", "a run with more processes")
 
     def _drop(self, stale: Callable[[dict[str, str]], bool], which: str, why: str) -> None:
-        """Delete this run's groups of this stage for which ``stale(grouping labels)``."""
+        """Delete this run's groups of this stage for which ``stale(grouping labels)``, and,
+        in a release (the pod names it), this stage's groups of the release's other runs: a
+        new run supersedes them (Prometheus keeps their history), and every group left would
+        slow each later push (the Pushgateway checks a push against all it holds)."""
         if not self.url:
             return
         import json
@@ -244,25 +249,34 @@ class Pusher:
         from prometheus_client import delete_from_gateway
 
         base = (self.url if "://" in self.url else f"http://{self.url}").rstrip("/")
-        # this run's groups of this stage; the namespace also when this pusher has none, and
-        # this release's or none (an earlier version pushed none; its pods are gone)
-        same = {"namespace": None, **{k: self.grouping[k] for k in ("run", "stage", "namespace") if k in self.grouping}}
-        releases = (None, self.grouping.get("release"))
+        # this stage's groups; the namespace also when this pusher has none, and this
+        # release's or none (an earlier version pushed none; its pods are gone)
+        same = {"namespace": None, **{k: self.grouping[k] for k in ("stage", "namespace") if k in self.grouping}}
+        run, release = self.grouping["run"], self.grouping.get("release")
+        deleted: dict[str, list[dict[str, str]]] = {}  # why -> grouping keys
         try:
             with urllib.request.urlopen(f"{base}/api/v1/metrics", timeout=self.timeout) as resp:  # noqa: S310
                 groups = json.load(resp).get("data") or []
             for group in groups:
                 labels = group.get("labels") or {}
                 if (labels.get("job") != PUSH_JOB or any(labels.get(k) != v for k, v in same.items())
-                        or labels.get("release") not in releases):
+                        or labels.get("release") not in (None, release)):
                     continue
                 key = {k: str(v) for k, v in labels.items() if k != "job"}
-                if not stale(key):
+                if labels.get("run") == run:
+                    if not stale(key):
+                        continue
+                    reason = why
+                elif release is not None and labels.get("release") == release:
+                    reason = f"an earlier run of release {release}"
+                else:  # a workstation's runs, or a run pushed without its release: whose is unknown
                     continue
                 delete_from_gateway(self.url, job=PUSH_JOB, timeout=self.timeout, grouping_key=key)
-                log.info("deleted the Pushgateway group %s (%s)", key, why)
+                deleted.setdefault(reason, []).append(key)
         except Exception as exc:  # noqa: BLE001  metrics never fail the data work
             log.warning("could not remove the Pushgateway groups of %s at %s: %s", which, self.url, exc)
+        for reason, keys in deleted.items():  # a line per reason: an earlier run may have had 1000s of shards
+            log.info("deleted %d Pushgateway group(s) of %s, such as %s", len(keys), reason, keys[0])
 
     def stop(self, success: bool) -> None:
         """Final push with end time and success flag."""

@@ -314,10 +314,12 @@ class QuarantineReport:
         self.shard = shard
         self.entries: list[Quarantined] = []
         self.ignored: list[str] = []
+        self._log = trajflow_log.Capped(log)
 
     def add(self, q: Quarantined) -> None:
         self.entries.append(q)
-        log.info("quarantined %s%s: %s: %s", q.source, f" episode {q.episode}" if q.episode else "", q.reason, q.detail)
+        self._log.log(logging.INFO, "quarantined trajectories", "quarantined %s%s: %s: %s", q.source,
+                      f" episode {q.episode}" if q.episode else "", q.reason, q.detail)
 
     def counts(self) -> dict[str, int]:
         return dict(sorted(Counter(q.reason for q in self.entries).items()))
