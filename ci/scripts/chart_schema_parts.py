@@ -357,6 +357,8 @@ def pod_vocabulary() -> dict[str, Any]:
         "ttlSecondsAfterFinished": integer(minimum=0, maximum=INT32_MAX, nullable=True),
         "rerun": integer("Raise to run the stage's Job again under a new name", minimum=0, maximum=INT32_MAX),
         "syncWave": integer("ArgoCD sync wave", minimum=-100, maximum=100),
+        "jobLabels": pod_labels(),
+        "jobAnnotations": string_map(),
     }
 
 

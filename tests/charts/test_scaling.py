@@ -99,6 +99,28 @@ def test_mutable_fields_do_not_change_the_name(production):
     assert job_names(changed)["downloader"] == job_names(production)["downloader"]
 
 
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_queue_label_patches_the_running_job_and_never_replaces_the_chart_s_labels(production, stage):
+    """Kueue queues a Job by its kueue.x-k8s.io/queue-name label; metadata is no part of the hash."""
+    queue = {"kueue.x-k8s.io/queue-name": "gpu", "trajflow.io/release": "other"}
+    changed = render([env_file("production")], {f"{stage}.jobLabels": queue, f"{stage}.jobAnnotations": {"team": "ml"}},
+                     api_versions=PROMETHEUS_OPERATOR_APIS)
+    assert job_names(changed) == job_names(production)
+    job, before = one(changed, "Job", stage), one(production, "Job", stage)
+    assert job["spec"] == before["spec"]
+    assert job["metadata"]["labels"] == {**before["metadata"]["labels"], "kueue.x-k8s.io/queue-name": "gpu"}
+    assert job["metadata"]["annotations"] == {**before["metadata"].get("annotations", {}), "team": "ml"}
+    assert job["spec"]["template"]["metadata"]["labels"] == before["spec"]["template"]["metadata"]["labels"]
+
+
+def test_a_queue_label_reaches_the_pytorchjob():
+    changed = render([env_file("production")], {"training.launcher": "pytorchjob",
+                                                "training.jobLabels": {"kueue.x-k8s.io/queue-name": "gpu"}},
+                     api_versions=PROMETHEUS_OPERATOR_APIS + KUBEFLOW_APIS)
+    job = one(changed, "PyTorchJob", "training")
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu"
+
+
 def test_growing_the_volume_keeps_every_job():
     """Expanding a full PVC mid-run must not replace (and so kill) the running Jobs: the pods
     never read the PVC settings, so they stay out of the config file and its checksum."""

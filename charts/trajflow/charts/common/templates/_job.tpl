@@ -93,6 +93,18 @@ Takes (dict "context" $ "spec" <the Job spec with its template>).
 {{- end -}}
 
 {{/*
+Metadata of a stage's Job (or PyTorchJob): the user's jobLabels and jobAnnotations (a
+queue's label, such as Kueue's kueue.x-k8s.io/queue-name), under the chart's own. Metadata
+is not part of the Job's hash: changing them patches the running Job.
+Takes (dict "context" $ "name" "x" "annotations" <dict>).
+*/}}
+{{- define "trajflow.jobMetadata" -}}
+{{- $ctx := .context -}}
+{{- $annotations := mustMergeOverwrite (deepCopy ($ctx.Values.jobAnnotations | default dict)) (include "trajflow.argocdAnnotations" $ctx | fromYaml) (include "trajflow.scanAnnotations" $ctx | fromYaml) (.annotations | default dict) -}}
+{{- include "trajflow.metadata" (dict "context" $ctx "name" .name "annotations" $annotations "labels" $ctx.Values.jobLabels) -}}
+{{- end -}}
+
+{{/*
 An Indexed Job. Takes (dict "context" $ "completions" N "parallelism" P "podTemplate"
 <dict> "annotations" <dict>). The name's hash covers the spec fields Kubernetes does not
 let an update change (template, completions, completionMode, backoffLimitPerIndex,
@@ -121,11 +133,10 @@ an upgrade that changes only those patches the running Job instead of replacing 
 {{- if and (not $global.argocd.enabled) (not (kindIs "invalid" $ctx.Values.ttlSecondsAfterFinished)) -}}
 {{- $_ := set $spec "ttlSecondsAfterFinished" (int $ctx.Values.ttlSecondsAfterFinished) -}}
 {{- end -}}
-{{- $annotations := mustMergeOverwrite (include "trajflow.argocdAnnotations" $ctx | fromYaml) (include "trajflow.scanAnnotations" $ctx | fromYaml) (.annotations | default dict) -}}
 apiVersion: batch/v1
 kind: Job
 metadata:
-  {{- include "trajflow.metadata" (dict "context" $ctx "name" $name "annotations" $annotations) | nindent 2 }}
+  {{- include "trajflow.jobMetadata" (dict "context" $ctx "name" $name "annotations" .annotations) | nindent 2 }}
 spec:
   {{- toYaml $spec | nindent 2 }}
 {{- end -}}

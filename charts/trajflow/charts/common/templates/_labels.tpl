@@ -73,12 +73,14 @@ helm.sh/chart: {{ include "trajflow.chart" $ctx }}
 {{ include "trajflow.releaseLabel" $ctx }}
 {{- end -}}
 
-{{/* Metadata shared by every object: name, namespace, labels. Takes (dict "context" $ "name" "x"). */}}
+{{/* Metadata shared by every object: name, namespace, labels. Takes (dict "context" $ "name" "x"), and
+optionally "component", "annotations" and further "labels" (the chart's own labels win over those). */}}
 {{- define "trajflow.metadata" -}}
 name: {{ .name | quote }}
 namespace: {{ .context.Release.Namespace | quote }}
 labels:
-  {{- include "trajflow.labels" (dict "context" .context "component" (.component | default "")) | nindent 2 }}
+  {{- $own := include "trajflow.labels" (dict "context" .context "component" (.component | default "")) | fromYaml }}
+  {{- toYaml (mustMergeOverwrite (deepCopy (.labels | default dict)) $own) | nindent 2 }}
 {{- with .annotations }}
 annotations:
   {{- toYaml . | nindent 2 }}
