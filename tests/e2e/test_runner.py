@@ -177,7 +177,7 @@ def test_the_summary_shows_the_exported_model_s_validation_loss() -> None:
 
     stopped_early = {"initial_val_loss": 2.0, "best_val_loss": 0.5, "best_epoch": 3, "final_val_loss": 0.6, "epochs": 6}
     stage = StageSummary("training", "train", 1, 1, 0, 0, 9.0, stopped_early)
-    assert stage.throughput() == "val loss 2 → 0.5 (25.0% of initial) at epoch 3 (last epoch 0.6), 6 epochs"
+    assert stage.throughput() == "val loss 2 → 0.5 (25.0% of initial) at epoch 4 (last epoch 0.6), 6 epochs"
     stage.figures.update(best_val_loss=0.6, best_epoch=5)
     assert stage.throughput() == "val loss 2 → 0.6 (30.0% of initial), 6 epochs"
 

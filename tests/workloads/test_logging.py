@@ -128,3 +128,48 @@ def test_capped_logs_the_first_of_each_kind_then_says_the_rest_go_to_debug(caplo
         ("DEBUG", "item 2 failed"), ("DEBUG", "item 3 failed"),
         ("INFO", "retry 0"),  # another kind: its own count
     ]
+
+
+def test_json_lines_carry_the_process_context_after_their_own_fields() -> None:
+    import logging
+
+    from trajflow.log import JsonFormatter, set_context
+
+    def line(**extra: object) -> dict:
+        record = logging.LogRecord("trajflow.x", logging.INFO, __file__, 1, "fetched %s", ("a",), None)
+        record.__dict__.update(extra)
+        return json.loads(JsonFormatter().format(record))
+
+    set_context(run="r1", stage="download", shard=3)
+    try:
+        assert {k: v for k, v in line().items() if k != "ts"} == {
+            "level": "info", "logger": "trajflow.x", "msg": "fetched a", "run": "r1", "stage": "download", "shard": 3}
+        assert line(shard=7)["shard"] == 7  # a line's own field wins
+        set_context(shard=None)
+        assert "shard" not in line() and line()["run"] == "r1"
+    finally:
+        set_context(run=None, stage=None)
+
+
+def test_progress_logs_while_nothing_advances(caplog: pytest.LogCaptureFixture) -> None:
+    """One large file read for minutes must not leave the log silent."""
+    import logging
+    import threading
+
+    from trajflow.log import Progress
+
+    logger = logging.getLogger("trajflow.progress-test")
+    two_beats = threading.Event()
+
+    class Counting(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if sum("0/3 files" in r.getMessage() for r in caplog.records) >= 2:
+                two_beats.set()
+
+    logger.addHandler(Counting())
+    with caplog.at_level(logging.INFO, logger="trajflow.progress-test"):
+        with Progress("shard 00000", total=3, unit="files", interval_s=0.05, logger=logger) as bar:
+            assert two_beats.wait(30)  # nothing advanced, and yet the log goes on
+            bar.advance(3)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[-1].startswith("shard 00000: 3/3 files") and messages[-1].endswith(", done")

@@ -980,6 +980,19 @@ def test_one_odd_episode_read_first_is_the_one_set_aside(local_storage, sort_win
     assert reader.dims == {STATE: 6, ACTION: 3} and [e.episode for e in reader.episodes] == [f"e{i:02d}" for i in range(20)]
 
 
+def test_an_odd_episode_past_the_vote_s_byte_cap_does_not_decide_alone(local_storage, monkeypatch):
+    from trajflow.preprocess import stage
+
+    monkeypatch.setattr(stage, "_VOTE_BYTES", 1)  # the first episode alone passes the cap
+    rng = np.random.default_rng(14)
+    eps = [make_episode(rng, "0_odd", 100.0, 2.0, dims={STATE: 7, ACTION: 3}),
+           *(make_episode(rng, f"e{i}", 60.0, 1.0) for i in range(4))]
+    publish_raw_shard(local_storage, 0, {f"s/{ep.episode}.npz": npz_bytes(timestamps=ep.times, **ep.streams)
+                                         for ep in eps})
+    summary = process_shard(local_storage, 0, 1, stage_config(max_bad_fraction=0.25))
+    assert summary.quarantined == {"shape_mismatch": 1} and summary.episodes == 4
+
+
 def test_the_widths_vote_does_not_depend_on_the_sort_window(tmp_path):
     # the first four episodes read are 7 wide, the eight after them 6 wide: the majority of
     # the first episodes decides, however many a sort window holds

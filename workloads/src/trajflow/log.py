@@ -28,8 +28,23 @@ _NOISY = ("botocore", "boto3", "urllib3", "s3transfer", "filelock", "fsspec")
 console: Any = None
 
 
+# what every JSON line of this process carries (run, stage, shard or rank): the logs of
+# many pods, gathered in one place, are filtered by them
+_context: dict[str, Any] = {}
+
+
+def set_context(**fields: Any) -> None:
+    """Fields every JSON line carries from now on, after any `extra=` ones (None drops one)."""
+    for key, value in fields.items():
+        if value is None:
+            _context.pop(key, None)
+        else:
+            _context[key] = value
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg, then any `extra=` fields."""
+    """One JSON object per line: ts, level, logger, msg, then any `extra=` fields and the
+    process's context (`set_context`)."""
 
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
@@ -41,6 +56,8 @@ class JsonFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key not in _RESERVED and not key.startswith("_") and key not in doc:
                 doc[key] = _jsonable(value)
+        for key, value in _context.items():
+            doc.setdefault(key, value)
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         if record.stack_info:
@@ -128,8 +145,8 @@ class Capped:
 
 class Progress:
     """Progress of one piece of work: a bar on a terminal, a log line every `interval_s`
-    elsewhere (JSON fields `progress_done`, `progress_total`, `progress_rate`), and a
-    final line either way."""
+    elsewhere (JSON fields `progress_done`, `progress_total`, `progress_rate`), also while
+    nothing advances (a large file being read), and a final line either way."""
 
     def __init__(self, description: str, total: float | None = None, unit: str = "items",
                  interval_s: float = 10.0, logger: logging.Logger | None = None):
@@ -139,6 +156,9 @@ class Progress:
         self._started = self._last_log = time.monotonic()
         self._bar: Any = None
         self._task: Any = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
 
     def __enter__(self) -> "Progress":
         if console is not None:
@@ -150,6 +170,9 @@ class Progress:
             )
             self._bar.start()
             self._task = self._bar.add_task(self.description, total=self.total)
+        elif self.interval_s > 0:
+            self._heartbeat = threading.Thread(target=self._beat, name="progress", daemon=True)
+            self._heartbeat.start()
         return self
 
     def advance(self, amount: float = 1) -> None:
@@ -157,10 +180,19 @@ class Progress:
         if self._bar is not None:
             self._bar.update(self._task, advance=amount)
             return
+        self._log_if_due()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._log_if_due()
+
+    def _log_if_due(self) -> None:
         now = time.monotonic()
-        if now - self._last_log >= self.interval_s:
+        with self._lock:
+            if now - self._last_log < self.interval_s:
+                return
             self._last_log = now
-            self._log(now)
+        self._log(now)
 
     def _log(self, now: float, final: bool = False) -> None:
         elapsed = max(now - self._started, 1e-9)
@@ -173,6 +205,9 @@ class Progress:
         )
 
     def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
         if self._bar is not None:
             self._bar.stop()
             self._bar = None

@@ -16,6 +16,8 @@ QUALIFIED_NAME = r"^([a-z0-9.-]+/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"  #
 LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 # the chart's own pod labels, which Services and NetworkPolicies select on: podLabels may not set them
 CHART_POD_LABEL = r"^app\.kubernetes\.io/(name|instance|component|part-of)$"
+# ... and the further labels it gives its Jobs: jobLabels may not set them either
+CHART_JOB_LABEL = r"^(app\.kubernetes\.io/(name|instance|component|part-of|version|managed-by)|helm\.sh/chart|trajflow\.io/release)$"
 CONTAINER_ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 ABSOLUTE_PATH = r"^/"
 IMAGE_TAG = r"^([\w][\w.-]{0,127})?$"

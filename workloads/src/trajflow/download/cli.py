@@ -79,6 +79,7 @@ def _download(args: argparse.Namespace) -> int:
             raise ConfigError(f"--summary-json {args.summary_json}: not a file that can be written (a directory, or "
                               "in a directory that does not exist or is read-only)")
     settings = stage_settings("downloader", args.config, args.values, args.set, env=env)
+    trajflow_log.set_context(run=settings.global_.run_id, stage="download", shard=settings.shard)
     if settings.shards > 1 and "JOB_COMPLETION_INDEX" not in env:  # outside a pod, the values' shard count
         log.warning("fetching shard %d of %d only (downloader.shards); --shard N takes another, --shards 1 everything "
                     "at once, and `trajflow run` runs every shard", settings.shard, settings.shards)

@@ -169,9 +169,9 @@ class Stats:
         if self.metrics is not None:
             self.metrics.failures.labels(reason=reason).inc()
 
-    def retry(self, level: int, msg: str, *args: Any) -> None:
-        """Count a retry and log why (the first few of a shard in full: `trajflow_log.Capped`)."""
-        self.retry_log.log(level, "retries", msg, *args)
+    def retry(self, level: int, kind: str, msg: str, *args: Any) -> None:
+        """Count a retry and log why (the first few of each kind in a shard in full: `trajflow_log.Capped`)."""
+        self.retry_log.log(level, kind, msg, *args)
         with self._lock:
             self.retries += 1
         if self.metrics is not None:
@@ -880,8 +880,8 @@ class ItemTransfer:
                 if failures >= attempts:
                     raise
                 self._note(part)
-                self.stats.retry(logging.INFO, "retrying %s from byte %d after %s (%d/%d)", self.item.key, part.received,
-                                 exc, failures, attempts)
+                self.stats.retry(logging.INFO, "part retries", "retrying %s from byte %d after %s (%d/%d)", self.item.key,
+                                 part.received, exc, failures, attempts)
                 time.sleep(backoff.delay(failures, exc.retry_after))
             finally:
                 self.stats.request(-1)
@@ -1124,8 +1124,8 @@ class ItemTransfer:
                 self.sink.discard()  # those bytes are wrong or of another version
             else:
                 self.sink.close()
-            self.stats.retry(logging.WARNING, "fetching %s again (attempt %d/%d): %s", self.item.key, self.attempt,
-                             self.settings.attempts, error)
+            self.stats.retry(logging.WARNING, "items fetched again", "fetching %s again (attempt %d/%d): %s", self.item.key,
+                             self.attempt, self.settings.attempts, error)
             if not fallback:
                 time.sleep(self.settings.backoff.delay(self.attempt - 1))
             try:

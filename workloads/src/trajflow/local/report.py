@@ -71,7 +71,7 @@ class StageSummary:
             if f.get("initial_val_loss"):
                 text = f"val loss {f['initial_val_loss']:.4g} → {best:.4g} ({best / f['initial_val_loss']:.1%} of initial)"
             if final != best:
-                text += f" at epoch {f['best_epoch']} (last epoch {final:.4g})"
+                text += f" at epoch {f['best_epoch'] + 1} (last epoch {final:.4g})"  # 1-based, as the live view
             text += f", {f.get('epochs', 0)} epochs"
             if f.get("samples_per_second"):
                 text += f", {f['samples_per_second']:,.0f} samples/s"

@@ -253,30 +253,40 @@ class Pusher:
         # release's or none (an earlier version pushed none; its pods are gone)
         same = {"namespace": None, **{k: self.grouping[k] for k in ("stage", "namespace") if k in self.grouping}}
         run, release = self.grouping["run"], self.grouping.get("release")
-        deleted: dict[str, list[dict[str, str]]] = {}  # why -> grouping keys
         try:
-            with urllib.request.urlopen(f"{base}/api/v1/metrics", timeout=self.timeout) as resp:  # noqa: S310
+            # every group of the Pushgateway in one answer: far larger than a push
+            with urllib.request.urlopen(f"{base}/api/v1/metrics", timeout=max(self.timeout, 30)) as resp:  # noqa: S310
                 groups = json.load(resp).get("data") or []
-            for group in groups:
-                labels = group.get("labels") or {}
-                if (labels.get("job") != PUSH_JOB or any(labels.get(k) != v for k, v in same.items())
-                        or labels.get("release") not in (None, release)):
-                    continue
-                key = {k: str(v) for k, v in labels.items() if k != "job"}
-                if labels.get("run") == run:
-                    if not stale(key):
-                        continue
-                    reason = why
-                elif release is not None and labels.get("release") == release:
-                    reason = f"an earlier run of release {release}"
-                else:  # a workstation's runs, or a run pushed without its release: whose is unknown
-                    continue
-                delete_from_gateway(self.url, job=PUSH_JOB, timeout=self.timeout, grouping_key=key)
-                deleted.setdefault(reason, []).append(key)
         except Exception as exc:  # noqa: BLE001  metrics never fail the data work
-            log.warning("could not remove the Pushgateway groups of %s at %s: %s", which, self.url, exc)
+            log.warning("could not list the Pushgateway groups at %s to remove those of %s and of earlier runs: %s",
+                        self.url, which, exc)
+            return
+        deleted: dict[str, list[dict[str, str]]] = {}  # why -> grouping keys
+        failed: list[str] = []
+        for group in groups:
+            labels = group.get("labels") or {}
+            if (labels.get("job") != PUSH_JOB or any(labels.get(k) != v for k, v in same.items())
+                    or labels.get("release") not in (None, release)):
+                continue
+            key = {k: str(v) for k, v in labels.items() if k != "job"}
+            if labels.get("run") == run:
+                if not stale(key):
+                    continue
+                reason = why
+            elif release is not None and labels.get("release") == release:
+                reason = f"an earlier run of release {release}"
+            else:  # a workstation's runs, or a run pushed without its release: whose is unknown
+                continue
+            try:
+                delete_from_gateway(self.url, job=PUSH_JOB, timeout=self.timeout, grouping_key=key)
+            except Exception as exc:  # noqa: BLE001  one group left behind does not stop the others' removal
+                failed.append(f"{key}: {exc}")
+                continue
+            deleted.setdefault(reason, []).append(key)
         for reason, keys in deleted.items():  # a line per reason: an earlier run may have had 1000s of shards
             log.info("deleted %d Pushgateway group(s) of %s, such as %s", len(keys), reason, keys[0])
+        if failed:
+            log.warning("could not delete %d Pushgateway group(s) at %s, such as %s", len(failed), self.url, failed[0])
 
     def stop(self, success: bool) -> None:
         """Final push with end time and success flag."""

@@ -359,9 +359,11 @@ class _Pending:
 # raw bytes the page cache is asked to hold ahead of the reader (reclaimable memory)
 _PREFETCH_BYTES = 64 << 20
 # The shard's stream widths are those most of its first good episodes have: this many, or
-# fewer once they hold this many bytes. Constants, not settings: which episodes a shard keeps
-# depends on its inputs alone, whatever the batching or memory settings of the pod that makes it.
+# fewer (never under _VOTE_MIN_EPISODES, so one long odd episode never decides alone) once
+# they hold _VOTE_BYTES. Constants, not settings: which episodes a shard keeps depends on its
+# inputs alone, whatever the batching or memory settings of the pod that makes it.
 _VOTE_EPISODES = 15
+_VOTE_MIN_EPISODES = 3
 _VOTE_BYTES = 256 << 20
 
 
@@ -804,7 +806,8 @@ class ShardProcessor:
                         else:
                             undecided.append(outcome)
                             undecided_bytes += outcome.frames.nbytes
-                            if len(undecided) >= _VOTE_EPISODES or undecided_bytes >= _VOTE_BYTES:
+                            if len(undecided) >= _VOTE_EPISODES or (
+                                    undecided_bytes >= _VOTE_BYTES and len(undecided) >= _VOTE_MIN_EPISODES):
                                 open_writer()
             if dims is None and undecided:
                 open_writer()
@@ -973,6 +976,7 @@ def run_shard(settings: Any, storage: Storage | None = None, shard: int | None =
 
     storage = storage or open_run_root(settings.global_)
     shard = settings.shard if shard is None else shard
+    trajflow_log.set_context(run=settings.global_.run_id, stage="preprocess", shard=shard)
     metrics = preprocess_metrics()
     metrics.start_time.set(time.time())  # a push that fails early still says when the shard started
     pusher = Pusher(settings.global_.metrics.pushgateway_url, metrics, settings.global_.run_id, shard)

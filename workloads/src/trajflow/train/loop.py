@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from trajflow import log as trajflow_log
 from trajflow.config import StageSettings
 from trajflow.config.train import TrainConfig
 from trajflow.errors import ConfigError, PermanentError, Terminated, TrajflowError
@@ -779,6 +780,7 @@ def train(settings: StageSettings, dist: DistContext | None = None) -> dict[str,
     """Run training for this rank; returns the run summary (the same on every rank)."""
     config: TrainConfig = settings.config
     dist = dist or DistContext.from_env()
+    trajflow_log.set_context(run=settings.global_.run_id, stage="train", rank=dist.rank)
     metrics = train_metrics()
     metrics.start_time.set(time.time())
     endpoint = MetricsEndpoint(metrics, config, dist)

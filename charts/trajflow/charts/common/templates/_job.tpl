@@ -95,7 +95,7 @@ Takes (dict "context" $ "spec" <the Job spec with its template>).
 {{/*
 Metadata of a stage's Job (or PyTorchJob): the user's jobLabels and jobAnnotations (a
 queue's label, such as Kueue's kueue.x-k8s.io/queue-name), under the chart's own. Metadata
-is not part of the Job's hash: changing them patches the running Job.
+is not part of the Job's hash: changing them patches the running Job (where Kueue allows it).
 Takes (dict "context" $ "name" "x" "annotations" <dict>).
 */}}
 {{- define "trajflow.jobMetadata" -}}
