@@ -428,3 +428,35 @@ def test_directory_markers_are_neither_source_items_nor_run_root_objects(s3_serv
     s3_storage.write_bytes("raw/y.bin", b"y")
     s3_storage.client.put_object(Bucket=s3_storage.bucket, Key=f"{s3_storage.prefix}/raw/dir/", Body=b"")
     assert [i.key for i in s3_storage.list("raw/")] == ["raw/y.bin"]
+
+
+def test_the_download_command_gives_an_s3_run_root_a_connection_per_request_it_can_make(
+        s3_server: Any, s3_shared_bucket: str, server: FaultyServer, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each worker's request and each part the items in flight upload at once: past its pool,
+    urllib3 drops connections with a warning each."""
+    import yaml
+
+    from trajflow.cli import main
+    from trajflow.storage import s3
+
+    pools: list[int] = []
+    make_client = s3.make_client
+
+    def recording(**kwargs: Any) -> Any:
+        pools.append(kwargs.get("max_pool", 32))
+        return make_client(**kwargs)
+
+    monkeypatch.setattr(s3, "make_client", recording)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "global": {"runId": "pool", "storage": {"type": "s3", "s3": {
+            "bucket": s3_shared_bucket, "prefix": f"pool-{tmp_path.name}", "endpoint": s3_server.endpoint,
+            "region": s3_server.region, "addressingStyle": "path"}}},
+        "config": {"sources": [{"type": "https", "name": "web", "urls": [server.add("/a.bin", payload(100))]}],
+                   "concurrency": 12},
+    }))
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "0")
+    monkeypatch.setenv("TRAJFLOW_SHARDS", "1")
+    assert main(["download", "--config", str(config)]) == 0
+    assert pools and pools[0] >= 12 * (1 + s3.UPLOAD_CONCURRENCY)

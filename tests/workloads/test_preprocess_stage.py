@@ -993,6 +993,30 @@ def test_an_odd_episode_past_the_vote_s_byte_cap_does_not_decide_alone(local_sto
     assert summary.quarantined == {"shape_mismatch": 1} and summary.episodes == 4
 
 
+@pytest.mark.parametrize("cpu_threads, expected", [(0, 3), (2, 2)])
+def test_torch_threads_follow_the_pod_s_cpus_not_the_node_s(local_storage, monkeypatch, cpu_threads, expected):
+    import torch
+
+    from trajflow.preprocess import stage
+
+    monkeypatch.setattr(stage, "cpu_budget", lambda: 3)  # the pod's CPU limit, not the node's cores
+    seen = []
+    launch = stage._Resampler.launch
+
+    def spy(self, *args):  # type: ignore[no-untyped-def]
+        seen.append(torch.get_num_threads())
+        return launch(self, *args)
+
+    monkeypatch.setattr(stage._Resampler, "launch", spy)
+    before = torch.get_num_threads()
+    rng = np.random.default_rng(15)
+    publish_raw_shard(local_storage, 0, {f"s/e{i}.npz": npz_bytes(timestamps=ep.times, **ep.streams)
+                                         for i, ep in enumerate(make_episode(rng, f"e{i}", 60.0, 1.0) for i in range(3))})
+    process_shard(local_storage, 0, 1, stage_config(cpu_threads=cpu_threads))
+    assert seen and set(seen) == {expected}
+    assert torch.get_num_threads() == before  # the caller's setting comes back
+
+
 def test_the_widths_vote_does_not_depend_on_the_sort_window(tmp_path):
     # the first four episodes read are 7 wide, the eight after them 6 wide: the majority of
     # the first episodes decides, however many a sort window holds

@@ -58,3 +58,23 @@ def test_tmp_size_limit_from_the_chart_env():
     assert resources.tmp_size_limit({"TRAJFLOW_TMP_SIZE_LIMIT": "2Gi"}) == 2 * 2**30
     with pytest.raises(ConfigError, match="TRAJFLOW_TMP_SIZE_LIMIT: '2 gigs' is not a byte quantity"):
         resources.tmp_size_limit({"TRAJFLOW_TMP_SIZE_LIMIT": "2 gigs"})
+
+
+def test_the_cli_raises_its_soft_open_files_limit_to_the_hard_one() -> None:
+    """Each memory-mapped shard keeps a descriptor: systemd's soft 1024 stops a training over 1000 shards."""
+    import resource
+    import subprocess
+    import sys
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(256, hard)
+
+    def lowered() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+
+    script = ("import resource, sys; from trajflow.cli import main\n"
+              "main(['schema']); print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          preexec_fn=lowered)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stderr.strip().splitlines()[-1]) == hard

@@ -836,6 +836,25 @@ def test_the_learning_rate_gauge_is_set_before_any_step_logs(tmp_path: Path, mon
     assert seen == [pytest.approx(3e-3)]
 
 
+def test_a_loader_worker_that_sends_no_batch_fails_the_rank_with_a_reason(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker whose batch does not fit into a full /dev/shm drops it: the rank must not wait for ever."""
+    from trajflow.train import data, loop
+
+    settings, _ = small_run(tmp_path, num_workers=1)
+    getitem = data.WindowDataset.__getitem__
+
+    def stuck_in_workers(self, index):  # type: ignore[no-untyped-def]
+        if torch.utils.data.get_worker_info() is not None:
+            time.sleep(60)
+        return getitem(self, index)
+
+    monkeypatch.setattr(data.WindowDataset, "__getitem__", stuck_in_workers)
+    monkeypatch.setattr(loop, "LOADER_TIMEOUT_S", 1.0)
+    with pytest.raises(PermanentError, match=r"no batch from the DataLoader workers in 1 s: /dev/shm is probably full"):
+        train(settings)
+
+
 def test_nan_loss_stops_with_the_diverged_exit_code(tmp_path: Path) -> None:
     settings, storage = small_run(tmp_path, learning_rate=1e30, grad_clip=0.0)
     with pytest.raises(TrainingDiverged, match=r"became NaN/Inf at epoch 0, step \d+") as err:

@@ -13,6 +13,7 @@ import sys
 
 from trajflow import __version__, log
 from trajflow.errors import ExitCode, Terminated, TrajflowError
+from trajflow.resources import raise_open_files_limit
 
 # Libraries of the `ml` extra: the downloader image does not carry them.
 OPTIONAL_DEPENDENCIES = {
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     log.setup(args.log_level)
+    raise_open_files_limit()
     try:
         return int(args._run(args) or 0)
     except TrajflowError as exc:

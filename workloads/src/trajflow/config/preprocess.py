@@ -108,8 +108,8 @@ class PreprocessConfig(Model):
         "file at least; files read by ranges (HDF5, larger parquet) count nothing."
     )
     cpu_threads: int = Field(
-        1, ge=0, le=256, description="Torch threads resampling on the CPU (0: torch's default). Batches are small: "
-        "more intra-op threads mostly contend with reading and writing for the cores."
+        1, ge=0, le=256, description="Torch threads resampling on the CPU or packing batches for the GPU (0: one per "
+        "CPU the pod may use). More mostly contend with reading and writing for the cores."
     )
     pin_memory: bool = Field(True, description="Stage batches in pinned host memory (cuda only).")
     spool_memory_mib: int = Field(

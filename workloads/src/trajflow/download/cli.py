@@ -67,6 +67,7 @@ def _download(args: argparse.Namespace) -> int:
     from trajflow.files import replace_file
     from trajflow.metrics import Pusher, download_metrics
     from trajflow.storage import open_run_root
+    from trajflow.storage.s3 import UPLOAD_CONCURRENCY
 
     env = dict(os.environ)
     if args.shard is not None:
@@ -84,7 +85,9 @@ def _download(args: argparse.Namespace) -> int:
         log.warning("fetching shard %d of %d only (downloader.shards); --shard N takes another, --shards 1 everything "
                     "at once, and `trajflow run` runs every shard", settings.shard, settings.shards)
     config = settings.config
-    root = open_run_root(settings.global_)
+    # on an S3 run root, a connection for each worker's request and for each part the items in
+    # flight upload at once (urllib3 discards connections past the pool, warning each time)
+    root = open_run_root(settings.global_, max_pool=config.concurrency * (UPLOAD_CONCURRENCY + 1) + 8)
     metrics = download_metrics()
     metrics.start_time.set(time.time())
     # a plan alone fetches nothing: its push would replace the shard's real figures with zeros

@@ -654,8 +654,9 @@ class ShardProcessor:
         self.metrics.start_time.set(time.time())
         self._started()
         threads = torch.get_num_threads()
-        if not resampler.cuda and self.config.cpu_threads:
-            torch.set_num_threads(self.config.cpu_threads)
+        # also on a GPU, whose batches are packed (cast, padded) on the CPU: torch's default is
+        # a thread per core of the node, however few of them the pod may use
+        torch.set_num_threads(self.config.cpu_threads or cpu_budget())
         try:
             shard_file = self._pipeline(work, resampler)
             self._publish(shard_file, self.shards)

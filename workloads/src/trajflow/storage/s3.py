@@ -23,6 +23,7 @@ from trajflow.storage.base import INTERNAL_PREFIX, ObjectInfo, Storage, check_ke
 log = logging.getLogger(__name__)
 
 PART_SIZE = 16 * 1024 * 1024  # also the threshold between a single PUT and multipart
+UPLOAD_CONCURRENCY = 4  # parts of one object uploading at once, on threads of its writer
 # (endpoint, bucket) -> whether `If-None-Match: *` is enforced there
 _conditional_support: dict[tuple[str, str], bool] = {}
 _conditional_lock = threading.Lock()
@@ -256,7 +257,8 @@ class _ObjectReader(io.RawIOBase):
 
 class S3Storage(Storage):
     def __init__(self, uri: str, client: Any = None, part_size: int = PART_SIZE,
-                 elect_settle_s: float = ELECT_SETTLE_S, upload_concurrency: int = 4, **client_kwargs: Any):
+                 elect_settle_s: float = ELECT_SETTLE_S, upload_concurrency: int = UPLOAD_CONCURRENCY,
+                 **client_kwargs: Any):
         self.bucket, self.prefix = parse_s3_uri(uri)
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self.client = client or make_client(**client_kwargs)

@@ -64,6 +64,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # A stop signal this long after the first stops a rank at once. Sooner it is the same
 # request: the parent-death signal of an agent killed with several threads comes once per thread.
 REPEATED_STOP_S = 1.0
+# A loader worker that cannot put a batch into a full /dev/shm drops it and the rank would
+# wait for ever; a batch of local, memory-mapped windows never takes this long otherwise.
+LOADER_TIMEOUT_S = 600.0
 
 
 def config_hash(config: TrainConfig) -> str:
@@ -367,7 +370,18 @@ class Trainer:
         finally:
             if blocked is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        for x, y in batches:
+        while True:
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError as exc:
+                if "DataLoader timed out" not in str(exc):
+                    raise
+                raise PermanentError(
+                    f"no batch from the DataLoader workers in {loader.timeout:g} s: /dev/shm is probably full (a "
+                    "worker's log then says 'unable to allocate shared memory'); raise training.shm.sizeLimit, or "
+                    "lower config.numWorkers or config.batchSize") from None
             yield x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
 
     def _autocast(self) -> Any:
@@ -466,7 +480,7 @@ class Trainer:
         loader_rng = torch.Generator()
         loader = DataLoader(data.train, batch_size=None, sampler=batches, num_workers=cfg.num_workers,
                             pin_memory=self.device.type == "cuda", generator=loader_rng,
-                            worker_init_fn=_leave_process_group)
+                            worker_init_fn=_leave_process_group, timeout=LOADER_TIMEOUT_S if cfg.num_workers else 0)
         if st.initial_val_loss is None:
             st.initial_val_loss = self.evaluate(model, data.val)
             self._log("initial validation loss", initial_val_loss=st.initial_val_loss)
