@@ -140,15 +140,17 @@ def test_json_lines_carry_the_process_context_after_their_own_fields() -> None:
         record.__dict__.update(extra)
         return json.loads(JsonFormatter().format(record))
 
+    set_context(run="r0", stage="preprocess", shard=9)  # an earlier stage of this process
     set_context(run="r1", stage="download", shard=3)
     try:
         assert {k: v for k, v in line().items() if k != "ts"} == {
             "level": "info", "logger": "trajflow.x", "msg": "fetched a", "run": "r1", "stage": "download", "shard": 3}
         assert line(shard=7)["shard"] == 7  # a line's own field wins
-        set_context(shard=None)
-        assert "shard" not in line() and line()["run"] == "r1"
+        set_context(run="r1", stage="train", rank=0)  # replaces, with nothing left of the shard's
+        assert {k: line()[k] for k in ("run", "stage", "rank")} == {"run": "r1", "stage": "train", "rank": 0}
+        assert "shard" not in line()
     finally:
-        set_context(run=None, stage=None)
+        set_context()
 
 
 def test_progress_logs_while_nothing_advances(caplog: pytest.LogCaptureFixture) -> None:

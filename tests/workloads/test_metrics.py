@@ -19,15 +19,21 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
 
     requests: list[tuple[str, str, bytes]] = []
     status = 200
+    listing = b""  # the body of a GET
+    delete_delay_s = 0.0
 
     def _handle(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length)
         type(self).requests.append((self.command, self.path, body))
+        if self.command == "DELETE":
+            time.sleep(type(self).delete_delay_s)
         self.send_response(type(self).status)
         self.end_headers()
+        if self.command == "GET":
+            self.wfile.write(type(self).listing)
 
-    do_POST = do_PUT = do_DELETE = _handle
+    do_GET = do_POST = do_PUT = do_DELETE = _handle
 
     def log_message(self, *args: object) -> None:  # keep test output clean
         pass
@@ -35,7 +41,7 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def recorder() -> Iterator[type[_Recorder]]:
-    handler = type("Recorder", (_Recorder,), {"requests": [], "status": 200})
+    handler = type("Recorder", (_Recorder,), {"requests": [], "status": 200, "listing": b"", "delete_delay_s": 0.0})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -276,3 +282,21 @@ def test_preprocess_quarantine_reasons_start_at_zero(local_storage):
     processor = ShardProcessor(local_storage, 0, 1, PreprocessConfig())
     for reason in readers.REASONS:
         assert _registry_sample(processor.metrics, "trajflow_preprocess_quarantined_total", reason=reason) == 0
+
+
+def test_clean_up_gives_up_on_a_gateway_that_stopped_answering_and_survives_a_bad_listing(
+        recorder, monkeypatch):  # type: ignore[no-untyped-def]
+    import json
+
+    monkeypatch.setenv("TRAJFLOW_NAMESPACE", "prod")
+    monkeypatch.setenv("TRAJFLOW_RELEASE", "a")
+    earlier = [{"labels": {"job": PUSH_JOB, "run": "old", "stage": "download", "shard": str(i), "namespace": "prod",
+                           "release": "a"}} for i in range(5)]
+    recorder.listing = json.dumps({"status": "success", "data": earlier}).encode()
+    recorder.delete_delay_s = 2.0  # each DELETE outlasts the timeout
+    pusher = Pusher(recorder.url, download_metrics(), run="new", shard=0, timeout=0.3)
+    pusher.drop_shards_from(1)
+    assert [r[0] for r in recorder.requests] == ["GET", "DELETE"]  # not a timeout per group
+    for bad in (b'{"data": {"not": "a list"}}', b'{"data": [null, "x", {"labels": 3}]}', b"<html>"):
+        recorder.listing = bad
+        pusher.drop_shards_from(1)  # never raises: metrics never fail the data work

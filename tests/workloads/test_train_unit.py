@@ -851,8 +851,30 @@ def test_a_loader_worker_that_sends_no_batch_fails_the_rank_with_a_reason(tmp_pa
 
     monkeypatch.setattr(data.WindowDataset, "__getitem__", stuck_in_workers)
     monkeypatch.setattr(loop, "LOADER_TIMEOUT_S", 1.0)
-    with pytest.raises(PermanentError, match=r"no batch from the DataLoader workers in 1 s: /dev/shm is probably full"):
+    monkeypatch.setattr(loop, "_shm_nearly_full", lambda: True)
+    with pytest.raises(PermanentError, match=r"no batch from the DataLoader workers in 1 s, and /dev/shm is nearly full"):
         train(settings)
+    monkeypatch.setattr(loop, "_shm_nearly_full", lambda: False)  # something else held the worker: retried
+    with pytest.raises(TransientError, match=r"no batch from the DataLoader workers in 1 s \(a worker stuck"):
+        train(settings)
+
+
+def test_shared_memory_counts_as_nearly_full_below_a_twentieth_or_16_mib_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from trajflow.train import loop
+
+    def usage(total: int, free: int):  # type: ignore[no-untyped-def]
+        return lambda path: shutil._ntuple_diskusage(total, total - free, free)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(shutil, "disk_usage", usage(16 << 30, 100 << 20))
+    assert loop._shm_nearly_full()  # 100 MiB of 16 GiB
+    monkeypatch.setattr(shutil, "disk_usage", usage(16 << 30, 4 << 30))
+    assert not loop._shm_nearly_full()
+    monkeypatch.setattr(shutil, "disk_usage", usage(64 << 20, 10 << 20))
+    assert loop._shm_nearly_full()  # a container's default 64 MiB, with room for no batch
+    monkeypatch.setattr(shutil, "disk_usage", usage(64 << 20, 60 << 20))
+    assert not loop._shm_nearly_full()
 
 
 def test_nan_loss_stops_with_the_diverged_exit_code(tmp_path: Path) -> None:

@@ -34,12 +34,10 @@ _context: dict[str, Any] = {}
 
 
 def set_context(**fields: Any) -> None:
-    """Fields every JSON line carries from now on, after any `extra=` ones (None drops one)."""
-    for key, value in fields.items():
-        if value is None:
-            _context.pop(key, None)
-        else:
-            _context[key] = value
+    """The fields every JSON line carries from now on, after any `extra=` ones, in place of
+    the earlier ones (None leaves one out; no fields: none)."""
+    global _context
+    _context = {key: value for key, value in fields.items() if value is not None}  # one swap: formatters never see a half-made dict
 
 
 class JsonFormatter(logging.Formatter):
@@ -183,7 +181,11 @@ class Progress:
         self._log_if_due()
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while True:
+            with self._lock:
+                due = self._last_log + self.interval_s  # an interval after the last line, whoever logged it
+            if self._stop.wait(max(due - time.monotonic(), 0.0)):
+                return
             self._log_if_due()
 
     def _log_if_due(self) -> None:

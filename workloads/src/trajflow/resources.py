@@ -39,11 +39,16 @@ def raise_open_files_limit() -> int:
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
+    if soft == hard:
+        return soft
+    # an unlimited hard limit (macOS) is no soft limit the kernel takes; its OPEN_MAX (10240) is
+    for target in (hard, 10240):
+        if target != resource.RLIM_INFINITY and target <= soft:
+            continue
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):  # an infinite hard limit the kernel caps lower (nr_open)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return target
+        except (ValueError, OSError):
             pass
     return soft
 

@@ -63,6 +63,7 @@ IN_WORDS = {
                     "after an optional DNS prefix and '/'",
     LABEL_VALUE: "a label value: letters, digits, '-', '_' and '.', starting and ending with a letter or digit",
     CHART_POD_LABEL: "a label the chart sets itself (Services and NetworkPolicies select on it)",
+    CHART_JOB_LABEL: "a label the chart sets on its Jobs itself",
     CONTAINER_ENV_NAME: "an environment variable name: letters, digits, '-', '_' and '.', not starting with a digit",
     ABSOLUTE_PATH: "an absolute path (starting with '/')",
     IMAGE_TAG: "empty or an image tag: up to 128 letters, digits, '_', '.' and '-', not starting with '.' or '-'",

@@ -244,6 +244,7 @@ class Pusher:
         if not self.url:
             return
         import json
+        import urllib.error
         import urllib.request
 
         from prometheus_client import delete_from_gateway
@@ -256,7 +257,9 @@ class Pusher:
         try:
             # every group of the Pushgateway in one answer: far larger than a push
             with urllib.request.urlopen(f"{base}/api/v1/metrics", timeout=max(self.timeout, 30)) as resp:  # noqa: S310
-                groups = json.load(resp).get("data") or []
+                groups = json.load(resp)["data"]
+            if not isinstance(groups, list):
+                raise ValueError(f"not the Pushgateway's group list: {str(groups)[:200]}")
         except Exception as exc:  # noqa: BLE001  metrics never fail the data work
             log.warning("could not list the Pushgateway groups at %s to remove those of %s and of earlier runs: %s",
                         self.url, which, exc)
@@ -264,7 +267,9 @@ class Pusher:
         deleted: dict[str, list[dict[str, str]]] = {}  # why -> grouping keys
         failed: list[str] = []
         for group in groups:
-            labels = group.get("labels") or {}
+            labels = group.get("labels") if isinstance(group, dict) else None
+            if not isinstance(labels, dict):
+                continue
             if (labels.get("job") != PUSH_JOB or any(labels.get(k) != v for k, v in same.items())
                     or labels.get("release") not in (None, release)):
                 continue
@@ -279,9 +284,12 @@ class Pusher:
                 continue
             try:
                 delete_from_gateway(self.url, job=PUSH_JOB, timeout=self.timeout, grouping_key=key)
-            except Exception as exc:  # noqa: BLE001  one group left behind does not stop the others' removal
+            except urllib.error.HTTPError as exc:  # this group refused: the others may still go
                 failed.append(f"{key}: {exc}")
                 continue
+            except Exception as exc:  # noqa: BLE001  a gateway that stopped answering: no timeout per group
+                failed.append(f"{key}: {exc} (the rest left alone)")
+                break
             deleted.setdefault(reason, []).append(key)
         for reason, keys in deleted.items():  # a line per reason: an earlier run may have had 1000s of shards
             log.info("deleted %d Pushgateway group(s) of %s, such as %s", len(keys), reason, keys[0])

@@ -359,8 +359,8 @@ class _Pending:
 # raw bytes the page cache is asked to hold ahead of the reader (reclaimable memory)
 _PREFETCH_BYTES = 64 << 20
 # The shard's stream widths are those most of its first good episodes have: this many, or
-# fewer (never under _VOTE_MIN_EPISODES, so one long odd episode never decides alone) once
-# they hold _VOTE_BYTES. Constants, not settings: which episodes a shard keeps depends on its
+# fewer once they hold _VOTE_BYTES, but never under _VOTE_MIN_EPISODES (two like the rest
+# outvote one long odd episode read first). Constants, not settings: which episodes a shard keeps depends on its
 # inputs alone, whatever the batching or memory settings of the pod that makes it.
 _VOTE_EPISODES = 15
 _VOTE_MIN_EPISODES = 3

@@ -18,6 +18,7 @@ import os
 import sys
 from typing import Callable
 
+from trajflow import log as trajflow_log
 from trajflow.config import add_config_arguments, stage_settings
 from trajflow.config.merge import set_option
 from trajflow.errors import ConfigError, ExitCode, TrajflowError
@@ -139,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
     if _inside_torchrun():
         return _worker(args)
     settings = _settings(args)  # config errors surface here, before any worker starts
+    trajflow_log.set_context(run=settings.global_.run_id, stage="train")  # the launcher's lines; ranks add theirs
     if args.wait or args.input_shards:
         _wait_for_preprocessing(settings, args)
     if args.nproc_per_node:

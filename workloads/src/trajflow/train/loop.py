@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from trajflow import log as trajflow_log
 from trajflow.config import StageSettings
 from trajflow.config.train import TrainConfig
-from trajflow.errors import ConfigError, PermanentError, Terminated, TrajflowError
+from trajflow.errors import ConfigError, PermanentError, Terminated, TrajflowError, TransientError
 from trajflow.metrics import Pusher, StageMetrics, train_metrics
 from trajflow.storage import LocalStorage, Storage, open_run_root
 from trajflow.train import artifacts
@@ -67,6 +67,17 @@ REPEATED_STOP_S = 1.0
 # A loader worker that cannot put a batch into a full /dev/shm drops it and the rank would
 # wait for ever; a batch of local, memory-mapped windows never takes this long otherwise.
 LOADER_TIMEOUT_S = 600.0
+
+
+def _shm_nearly_full(path: str = "/dev/shm") -> bool:
+    """Whether the shared memory loader workers hand batches over in is (about) used up."""
+    import shutil
+
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return False
+    return usage.free < max(usage.total // 20, 16 << 20)
 
 
 def config_hash(config: TrainConfig) -> str:
@@ -378,10 +389,12 @@ class Trainer:
             except RuntimeError as exc:
                 if "DataLoader timed out" not in str(exc):
                     raise
-                raise PermanentError(
-                    f"no batch from the DataLoader workers in {loader.timeout:g} s: /dev/shm is probably full (a "
-                    "worker's log then says 'unable to allocate shared memory'); raise training.shm.sizeLimit, or "
-                    "lower config.numWorkers or config.batchSize") from None
+                waited = f"no batch from the DataLoader workers in {loader.timeout:g} s"
+                if _shm_nearly_full():
+                    raise PermanentError(
+                        f"{waited}, and /dev/shm is nearly full (a worker's log says 'unable to allocate shared "
+                        "memory'): raise training.shm.sizeLimit, or lower config.numWorkers or config.batchSize") from None
+                raise TransientError(f"{waited} (a worker stuck on storage, or deadlocked): the pod is retried") from None
             yield x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
 
     def _autocast(self) -> Any:
