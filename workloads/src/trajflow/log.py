@@ -37,7 +37,8 @@ def set_context(**fields: Any) -> None:
     """The fields every JSON line carries from now on, after any `extra=` ones, in place of
     the earlier ones (None leaves one out; no fields: none)."""
     global _context
-    _context = {key: value for key, value in fields.items() if value is not None}  # one swap: formatters never see a half-made dict
+    # one swap: a formatter in another thread never sees a half-made dict
+    _context = {key: value for key, value in fields.items() if value is not None}
 
 
 class JsonFormatter(logging.Formatter):

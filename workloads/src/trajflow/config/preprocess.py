@@ -50,8 +50,8 @@ class PreprocessConfig(Model):
     streams: list[str] = Field(
         default_factory=lambda: ["observation.state", "action"],
         min_length=1,
-        description="Raw streams to resample: parquet columns, HDF5 datasets under each demo (e.g. obs/eef_pos) or "
-        "npz keys. Episodes missing one, or of other widths than most, are quarantined.",
+        description="Raw streams to resample: parquet columns, HDF5 datasets under each demo or npz keys. Episodes "
+        "lacking one, or unlike most first good ones in widths, are quarantined.",
     )
     renames: dict[str, Optional[str]] = Field(
         default_factory=dict, description="Raw stream name -> name in the output shards (null drops an entry another "

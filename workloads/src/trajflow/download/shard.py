@@ -624,10 +624,10 @@ class ShardDownloader:
                 self.completed_bytes += result.item.size if known or result.record is None else result.record.source_size
         if result.outcome == "failed":
             self.item_log.log(logging.WARNING, "failed items", "%s failed (%s, %s): %s", result.item.key,
-                                    result.kind, result.reason, result.error)
+                              result.kind, result.reason, result.error)
         elif result.outcome == "missing":
             self.item_log.log(logging.INFO, "missing optional items", "%s is missing at the source (optional): %s",
-                                    result.item.key, result.error)
+                              result.item.key, result.error)
         else:
             log.debug("%s %s", result.item.key, result.outcome)
         if self.metrics is not None:

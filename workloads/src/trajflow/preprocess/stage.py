@@ -360,8 +360,8 @@ class _Pending:
 _PREFETCH_BYTES = 64 << 20
 # The shard's stream widths are those most of its first good episodes have: this many, or
 # fewer once they hold _VOTE_BYTES, but never under _VOTE_MIN_EPISODES (two like the rest
-# outvote one long odd episode read first). Constants, not settings: which episodes a shard keeps depends on its
-# inputs alone, whatever the batching or memory settings of the pod that makes it.
+# outvote one long odd episode read first). Constants, not settings: which episodes a shard
+# keeps depends on its inputs alone, whatever the batching or memory settings of its pod.
 _VOTE_EPISODES = 15
 _VOTE_MIN_EPISODES = 3
 _VOTE_BYTES = 256 << 20
