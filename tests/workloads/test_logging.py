@@ -153,12 +153,15 @@ def test_json_lines_carry_the_process_context_after_their_own_fields() -> None:
         set_context()
 
 
-def test_progress_logs_while_nothing_advances(caplog: pytest.LogCaptureFixture) -> None:
+def test_progress_logs_while_nothing_advances(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """One large file read for minutes must not leave the log silent."""
     import logging
     import threading
 
+    from trajflow import log
     from trajflow.log import Progress
+
+    monkeypatch.setattr(log, "console", None)  # off a terminal (an earlier log.setup() in this process may have made one)
 
     logger = logging.getLogger("trajflow.progress-test")
     two_beats = threading.Event()
