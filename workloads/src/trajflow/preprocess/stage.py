@@ -673,9 +673,10 @@ class ShardProcessor:
         if summary.seconds > 0:
             self.metrics.throughput.set(summary.trajectories / summary.seconds)
         self.metrics.last_progress.set(time.time())
-        log.info("shard %s done: %d episodes, %d frames, %d quarantined %s, %.1f MB in, %.1f MB out, %.2fs "
+        log.info("shard %s done: %d episodes, %d frames, %d quarantined%s, %.1f MB in, %.1f MB out, %.2fs "
                  "(%.2fs resampling in %d batches)", shard_name(shard), summary.episodes, summary.frames, summary.bad,
-                 summary.quarantined or "", summary.bytes_in / 1e6, summary.bytes_out / 1e6, summary.seconds,
+                 f" {summary.quarantined}" if summary.quarantined else "", summary.bytes_in / 1e6,
+                 summary.bytes_out / 1e6, summary.seconds,
                  summary.resample_seconds, summary.batches, extra={"summary": summary.to_json()})
         return summary
 
