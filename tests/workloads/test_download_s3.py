@@ -430,15 +430,17 @@ def test_directory_markers_are_neither_source_items_nor_run_root_objects(s3_serv
     assert [i.key for i in s3_storage.list("raw/")] == ["raw/y.bin"]
 
 
-def test_the_download_command_gives_an_s3_run_root_a_connection_per_request_it_can_make(
+def test_the_download_command_shares_upload_threads_among_items_on_an_s3_run_root(
         s3_server: Any, s3_shared_bucket: str, server: FaultyServer, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each worker's request and each part the items in flight upload at once: past its pool,
-    urllib3 drops connections with a warning each."""
+    """Threads (a pod's process count) and connections stay bounded by the concurrency, not
+    by the items in flight times each one's uploads; every multipart object arrives whole."""
+    import threading
+
     import yaml
 
     from trajflow.cli import main
-    from trajflow.storage import s3
+    from trajflow.storage import open_storage, s3
 
     pools: list[int] = []
     make_client = s3.make_client
@@ -447,16 +449,31 @@ def test_the_download_command_gives_an_s3_run_root_a_connection_per_request_it_c
         pools.append(kwargs.get("max_pool", 32))
         return make_client(**kwargs)
 
+    peak = [0]
+    send_part = s3._MultipartWriter._send_part
+
+    def counting(self: Any, body: bytes) -> None:
+        send_part(self, body)
+        peak[0] = max(peak[0], sum(t.name.startswith("s3-part") for t in threading.enumerate()))
+
     monkeypatch.setattr(s3, "make_client", recording)
+    monkeypatch.setattr(s3._MultipartWriter, "_send_part", counting)
+    items = {f"/big{i}.bin": payload(40 * MiB + i, seed=30 + i) for i in range(4)}  # 3 parts each
+    prefix = f"pool-{tmp_path.name}"
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
         "global": {"runId": "pool", "storage": {"type": "s3", "s3": {
-            "bucket": s3_shared_bucket, "prefix": f"pool-{tmp_path.name}", "endpoint": s3_server.endpoint,
+            "bucket": s3_shared_bucket, "prefix": prefix, "endpoint": s3_server.endpoint,
             "region": s3_server.region, "addressingStyle": "path"}}},
-        "config": {"sources": [{"type": "https", "name": "web", "urls": [server.add("/a.bin", payload(100))]}],
-                   "concurrency": 12},
+        "config": {"sources": [{"type": "https", "name": "web", "urls": [server.add(p, d) for p, d in items.items()]}],
+                   "concurrency": 2},
     }))
     monkeypatch.setenv("JOB_COMPLETION_INDEX", "0")
     monkeypatch.setenv("TRAJFLOW_SHARDS", "1")
     assert main(["download", "--config", str(config)]) == 0
-    assert pools and pools[0] >= 12 * (1 + s3.UPLOAD_CONCURRENCY)
+    assert pools and pools[0] >= 2 * 2  # a connection per worker request and per shared upload thread
+    assert 0 < peak[0] <= 2  # not 4 per item in flight
+    root = open_storage(f"s3://{s3_shared_bucket}/{prefix}/pool", endpoint=s3_server.endpoint,
+                        region=s3_server.region, addressing_style="path")
+    for path, data in items.items():
+        assert root.read_bytes(f"raw/00000/web{path}") == data

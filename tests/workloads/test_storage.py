@@ -587,7 +587,8 @@ def test_open_run_root_on_the_filesystem(tmp_path):
     assert isinstance(root, LocalStorage) and root.root == tmp_path / "demo"
 
 
-def test_failed_part_upload_aborts_the_whole_upload(s3_server):
+@pytest.mark.parametrize("upload_threads", [0, 2])  # each writer's own threads, or threads the writers share
+def test_failed_part_upload_aborts_the_whole_upload(s3_server, upload_threads):
     bucket = s3_server.make_bucket()
     real = s3_server.client()
 
@@ -603,13 +604,17 @@ def test_failed_part_upload_aborts_the_whole_upload(s3_server):
         def __getattr__(self, name):
             return getattr(self._inner, name)
 
-    store = S3Storage(f"s3://{bucket}/x", client=FailingThirdPart(real), part_size=5 * MiB, upload_concurrency=2)
+    store = S3Storage(f"s3://{bucket}/x", client=FailingThirdPart(real), part_size=5 * MiB, upload_concurrency=2,
+                      upload_threads=upload_threads)
     with pytest.raises(ConnectionError, match="network dropped"):
         with store.writer("obj") as fh:
             for _ in range(6):
                 fh.write(b"z" * MiB * 3)
     assert not store.exists("obj")
     assert real.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    with store.writer("next") as fh:  # a shared pool outlives the failed writer
+        fh.write(b"y" * MiB * 7)  # two parts, neither the third
+    assert store.read_bytes("next") == b"y" * MiB * 7
 
 
 def test_prefetch_is_a_hint_that_never_fails_or_changes_anything(storage):

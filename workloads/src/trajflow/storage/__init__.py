@@ -55,8 +55,9 @@ def open_storage(uri: str | Path, **s3_options: object) -> Storage:
 
 
 def open_run_root(glob: "GlobalConfig", **client_options: object) -> Storage:
-    """The run root named by `global.storage` and `global.runId`; `client_options` go to
-    the S3 client (`timeout`, `attempts`: see `make_client`)."""
+    """The run root named by `global.storage` and `global.runId`; on S3, `client_options`
+    go to `S3Storage` (`upload_threads`) and its client (`timeout`, `attempts`, `max_pool`:
+    see `make_client`)."""
     s3 = glob.storage.s3
     options: dict[str, object] = {}
     if glob.storage.type == "s3":

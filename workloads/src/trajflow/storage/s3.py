@@ -100,7 +100,8 @@ class _MultipartWriter(io.RawIOBase):
     or as one PUT when it fits in a single part.
 
     Up to `concurrency` parts upload in the background while the caller produces the
-    next one; memory stays within (concurrency + 1) parts.
+    next one; memory stays within (concurrency + 1) parts. They upload on threads of the
+    writer's own, or on a `pool` shared by the writers of a storage (`upload_threads`).
 
     S3 takes at most 10,000 parts, and the size is not known up front: the part size
     doubles every 1,000 parts (up to 5 GiB), so an object may grow to S3's 5 TiB while
@@ -110,12 +111,14 @@ class _MultipartWriter(io.RawIOBase):
     PARTS_PER_SIZE = 1000
     MAX_PART = 5 << 30
 
-    def __init__(self, client: Any, bucket: str, key: str, part_size: int, concurrency: int = 4):
+    def __init__(self, client: Any, bucket: str, key: str, part_size: int, concurrency: int = UPLOAD_CONCURRENCY,
+                 pool: Any = None):
         self._client, self._bucket, self._key, self._part_size = client, bucket, key, part_size
         self._concurrency = max(1, concurrency)
         self._buf = bytearray()
         self._upload_id: str | None = None
         self._next_part = 1
+        self._shared_pool = pool
         self._pool: Any = None
         self._inflight: list[Any] = []  # futures of (part number, ETag), in part order
         self._done: list[dict[str, Any]] = []
@@ -146,7 +149,7 @@ class _MultipartWriter(io.RawIOBase):
             from concurrent.futures import ThreadPoolExecutor
 
             self._upload_id = self._client.create_multipart_upload(Bucket=self._bucket, Key=self._key)["UploadId"]
-            self._pool = ThreadPoolExecutor(max_workers=self._concurrency, thread_name_prefix="s3-part")
+            self._pool = self._shared_pool or ThreadPoolExecutor(max_workers=self._concurrency, thread_name_prefix="s3-part")
         # bounded: wait for the oldest part before queueing more than `concurrency`
         while len(self._inflight) >= self._concurrency:
             self._done.append(self._inflight.pop(0).result())
@@ -164,16 +167,24 @@ class _MultipartWriter(io.RawIOBase):
             while self._inflight:
                 self._done.append(self._inflight.pop(0).result())
         finally:
-            self._pool.shutdown(wait=True)
+            self._release_pool()
         self._client.complete_multipart_upload(
             Bucket=self._bucket, Key=self._key, UploadId=self._upload_id, MultipartUpload={"Parts": self._done}
         )
+
+    def _release_pool(self) -> None:
+        """Wait for this writer's parts in flight; a pool of its own is shut down."""
+        from concurrent.futures import wait
+
+        wait(self._inflight)
+        if self._pool is not self._shared_pool:
+            self._pool.shutdown(wait=True)
 
     def abort(self) -> None:
         if self._pool is not None:
             for future in self._inflight:
                 future.cancel()
-            self._pool.shutdown(wait=True)
+            self._release_pool()  # no part lands after the abort below
         if self._upload_id is not None:
             with contextlib.suppress(Exception):
                 self._client.abort_multipart_upload(Bucket=self._bucket, Key=self._key, UploadId=self._upload_id)
@@ -258,7 +269,9 @@ class _ObjectReader(io.RawIOBase):
 class S3Storage(Storage):
     def __init__(self, uri: str, client: Any = None, part_size: int = PART_SIZE,
                  elect_settle_s: float = ELECT_SETTLE_S, upload_concurrency: int = UPLOAD_CONCURRENCY,
-                 **client_kwargs: Any):
+                 upload_threads: int = 0, **client_kwargs: Any):
+        """``upload_threads``: threads all writers share for their parts (0: each writer
+        uploads on `upload_concurrency` threads of its own, so threads grow with writers)."""
         self.bucket, self.prefix = parse_s3_uri(uri)
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self.client = client or make_client(**client_kwargs)
@@ -267,6 +280,9 @@ class S3Storage(Storage):
         self.part_size = part_size
         self.elect_settle_s = elect_settle_s
         self.upload_concurrency = upload_concurrency
+        self.upload_threads = upload_threads
+        self._upload_pool: Any = None
+        self._upload_pool_lock = threading.Lock()
 
     def _key(self, key: str) -> str:
         check_key(key)
@@ -326,7 +342,15 @@ class S3Storage(Storage):
 
     @contextlib.contextmanager
     def writer(self, key: str) -> Iterator[BinaryIO]:
-        w = _MultipartWriter(self.client, self.bucket, self._key(key), self.part_size, self.upload_concurrency)
+        pool = None
+        if self.upload_threads:
+            with self._upload_pool_lock:
+                if self._upload_pool is None:
+                    from concurrent.futures import ThreadPoolExecutor
+
+                    self._upload_pool = ThreadPoolExecutor(max_workers=self.upload_threads, thread_name_prefix="s3-part")
+                pool = self._upload_pool
+        w = _MultipartWriter(self.client, self.bucket, self._key(key), self.part_size, self.upload_concurrency, pool)
         try:
             yield w  # type: ignore[misc]
             w.commit()
@@ -423,4 +447,5 @@ class S3Storage(Storage):
         return S3Storage(
             f"s3://{self.bucket}/{self._key(prefix)}", client=self.client, part_size=self.part_size,
             elect_settle_s=self.elect_settle_s, upload_concurrency=self.upload_concurrency,
+            upload_threads=self.upload_threads,
         )
