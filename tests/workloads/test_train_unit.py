@@ -877,6 +877,22 @@ def test_shared_memory_counts_as_nearly_full_below_a_twentieth_or_16_mib_free(mo
     assert not loop._shm_nearly_full()
 
 
+def test_a_resume_removes_abandoned_checkpoint_temporaries_but_not_one_being_written(tmp_path: Path) -> None:
+    """An old Job's pod may still write its last checkpoint while the new Job's rank 0 resumes."""
+    from trajflow.storage.local import TMP_PREFIX
+
+    settings, storage = small_run(tmp_path, epochs=1)
+    train(settings)
+    directory = tmp_path / "run" / "train" / "checkpoints"
+    abandoned, writing = directory / f"{TMP_PREFIX}abandoned", directory / f"{TMP_PREFIX}writing"
+    abandoned.write_bytes(b"x")
+    writing.write_bytes(b"y")
+    hour_ago = time.time() - 3600
+    os.utime(abandoned, (hour_ago, hour_ago))
+    train(type(settings)(settings.global_, settings.config.model_copy(update={"epochs": 2}), 0, 1))
+    assert not abandoned.exists() and writing.exists()
+
+
 def test_nan_loss_stops_with_the_diverged_exit_code(tmp_path: Path) -> None:
     settings, storage = small_run(tmp_path, learning_rate=1e30, grad_clip=0.0)
     with pytest.raises(TrainingDiverged, match=r"became NaN/Inf at epoch 0, step \d+") as err:

@@ -67,6 +67,8 @@ REPEATED_STOP_S = 1.0
 # A loader worker that cannot put a batch into a full /dev/shm drops it and the rank would
 # wait for ever; a batch of local, memory-mapped windows never takes this long otherwise.
 LOADER_TIMEOUT_S = 600.0
+# A checkpoint temporary unwritten this long is a killed writer's, not one still being written
+ABANDONED_CHECKPOINT_S = 600.0
 
 
 def _shm_nearly_full(path: str = "/dev/shm") -> bool:
@@ -266,7 +268,8 @@ class Trainer:
         choice: dict[str, Any] | None = None
         if self.dist.is_main:
             if isinstance(self.storage, LocalStorage):
-                self.storage.remove_stale_temporaries(CHECKPOINT_DIR, older_than_s=0)
+                # not the temporary a pod of an earlier Job may still be writing its last checkpoint to
+                self.storage.remove_stale_temporaries(CHECKPOINT_DIR, older_than_s=ABANDONED_CHECKPOINT_S)
             info, _, skipped = self.store.latest_valid()
             if skipped:
                 self.store.discard(skipped)
