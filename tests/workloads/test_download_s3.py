@@ -458,7 +458,7 @@ def test_the_download_command_shares_upload_threads_among_items_on_an_s3_run_roo
 
     monkeypatch.setattr(s3, "make_client", recording)
     monkeypatch.setattr(s3._MultipartWriter, "_send_part", counting)
-    items = {f"/big{i}.bin": payload(40 * MiB + i, seed=30 + i) for i in range(4)}  # 3 parts each
+    items = {f"/big{i}.bin": payload(33 * MiB + i, seed=30 + i) for i in range(6)}  # 3 parts each
     prefix = f"pool-{tmp_path.name}"
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
@@ -466,13 +466,13 @@ def test_the_download_command_shares_upload_threads_among_items_on_an_s3_run_roo
             "bucket": s3_shared_bucket, "prefix": prefix, "endpoint": s3_server.endpoint,
             "region": s3_server.region, "addressingStyle": "path"}}},
         "config": {"sources": [{"type": "https", "name": "web", "urls": [server.add(p, d) for p, d in items.items()]}],
-                   "concurrency": 2},
+                   "concurrency": 4},
     }))
     monkeypatch.setenv("JOB_COMPLETION_INDEX", "0")
     monkeypatch.setenv("TRAJFLOW_SHARDS", "1")
     assert main(["download", "--config", str(config)]) == 0
-    assert pools and pools[0] >= 2 * 2  # a connection per worker request and per shared upload thread
-    assert 0 < peak[0] <= 2  # not 4 per item in flight
+    assert pools and pools[0] >= 4 + 4  # a connection per worker request and per shared upload thread
+    assert 0 < peak[0] <= 4  # not 4 per item in flight
     root = open_storage(f"s3://{s3_shared_bucket}/{prefix}/pool", endpoint=s3_server.endpoint,
                         region=s3_server.region, addressing_style="path")
     for path, data in items.items():

@@ -617,6 +617,90 @@ def test_failed_part_upload_aborts_the_whole_upload(s3_server, upload_threads):
     assert store.read_bytes("next") == b"y" * MiB * 7
 
 
+def test_an_abort_does_not_wait_for_other_writers_parts_in_a_shared_pool() -> None:
+    """Its own parts still queued are cancelled; only those already uploading are waited for."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from trajflow.storage.s3 import _MultipartWriter
+
+    release = threading.Event()
+    uploaded: list[int] = []
+
+    class Client:
+        def create_multipart_upload(self, **kwargs):  # type: ignore[no-untyped-def]
+            return {"UploadId": "u"}
+
+        def upload_part(self, **kwargs):  # type: ignore[no-untyped-def]
+            if kwargs["Key"] == "slow":
+                release.wait(30)
+            uploaded.append(kwargs["PartNumber"])
+            return {"ETag": "e"}
+
+        def abort_multipart_upload(self, **kwargs):  # type: ignore[no-untyped-def]
+            pass
+
+        def complete_multipart_upload(self, **kwargs):  # type: ignore[no-untyped-def]
+            pass
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        slow = _MultipartWriter(Client(), "b", "slow", 5 * MiB, pool=pool)
+        slow.write(b"s" * 5 * MiB)  # holds the pool's one thread
+        dropped = _MultipartWriter(Client(), "b", "dropped", 5 * MiB, pool=pool)
+        dropped.write(b"d" * 15 * MiB)  # three parts queued behind it
+        aborted = threading.Thread(target=dropped.abort)
+        aborted.start()
+        aborted.join(10)
+        assert not aborted.is_alive()  # before the other writer's part finished
+        release.set()
+        slow.commit()
+        assert uploaded == [1]  # none of the aborted writer's parts ever ran
+    finally:
+        release.set()
+        pool.shutdown(wait=True)
+
+
+def test_a_writer_holds_at_most_its_parts_in_flight_and_one_more() -> None:
+    import threading
+
+    from trajflow.storage.s3 import _MultipartWriter
+
+    gate = threading.Event()
+    peak = [0]
+
+    class Client:
+        def create_multipart_upload(self, **kwargs):  # type: ignore[no-untyped-def]
+            return {"UploadId": "u"}
+
+        def upload_part(self, **kwargs):  # type: ignore[no-untyped-def]
+            gate.wait(30)
+            return {"ETag": "e"}
+
+        def complete_multipart_upload(self, **kwargs):  # type: ignore[no-untyped-def]
+            pass
+
+    writer = _MultipartWriter(Client(), "b", "k", 5 * MiB, concurrency=2)
+    send = writer._send_part
+
+    def counting(body: bytes) -> None:
+        # parts held: those not yet uploaded, the copy being sent, and whole parts in the buffer
+        peak[0] = max(peak[0], sum(not f.done() for f in writer._inflight) + 1 + len(writer._buf) // (5 * MiB))
+        send(body)
+
+    def produce() -> None:
+        for _ in range(25):
+            writer.write(b"x" * MiB)  # as a download's stream feeds it
+        writer.commit()
+
+    writer._send_part = counting  # type: ignore[method-assign]
+    done = threading.Thread(target=produce)
+    done.start()
+    threading.Timer(1.0, gate.set).start()
+    done.join(30)
+    assert not done.is_alive() and peak[0] <= 2 + 1
+
+
 def test_prefetch_is_a_hint_that_never_fails_or_changes_anything(storage):
     storage.write_bytes("a/b", b"payload")
     storage.prefetch("a/b")

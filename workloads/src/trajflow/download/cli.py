@@ -67,6 +67,7 @@ def _download(args: argparse.Namespace) -> int:
     from trajflow.files import replace_file
     from trajflow.metrics import Pusher, download_metrics
     from trajflow.storage import open_run_root
+    from trajflow.storage.s3 import UPLOAD_CONCURRENCY
 
     env = dict(os.environ)
     if args.shard is not None:
@@ -84,11 +85,12 @@ def _download(args: argparse.Namespace) -> int:
         log.warning("fetching shard %d of %d only (downloader.shards); --shard N takes another, --shards 1 everything "
                     "at once, and `trajflow run` runs every shard", settings.shard, settings.shards)
     config = settings.config
-    # On an S3 run root, the items in flight upload their parts on `concurrency` threads they
-    # share (else threads, and a pod's process count, grow with them), and the client has a
-    # connection for each of those and each worker's request (urllib3 discards connections
-    # past its pool, with a warning each time).
-    root = open_run_root(settings.global_, upload_threads=config.concurrency, max_pool=2 * config.concurrency + 8)
+    # On an S3 run root, the items in flight upload their parts on threads they share (else
+    # threads, and a pod's process count, grow with them; at least one item's worth), and the
+    # client has a connection for each of those and each worker's request (urllib3 discards
+    # connections past its pool, with a warning each time).
+    upload_threads = max(config.concurrency, UPLOAD_CONCURRENCY)
+    root = open_run_root(settings.global_, upload_threads=upload_threads, max_pool=config.concurrency + upload_threads + 8)
     metrics = download_metrics()
     metrics.start_time.set(time.time())
     # a plan alone fetches nothing: its push would replace the shard's real figures with zeros

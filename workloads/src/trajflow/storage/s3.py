@@ -134,9 +134,17 @@ class _MultipartWriter(io.RawIOBase):
         view = memoryview(data).cast("B")
         self._buf += view
         while len(self._buf) >= (size := self._current_part_size()):
+            self._wait_for_room()  # before the copy: the parts in flight, this one and the buffer stay bounded
             self._send_part(bytes(self._buf[:size]))
             del self._buf[:size]
         return len(view)
+
+    def _wait_for_room(self) -> None:
+        """Wait until fewer than `concurrency` parts are in flight (a future leaves the list
+        only once done: an interrupted wait leaves it to `abort`)."""
+        while len(self._inflight) >= self._concurrency:
+            self._done.append(self._inflight[0].result())
+            self._inflight.pop(0)
 
     def _upload(self, number: int, body: bytes) -> dict[str, Any]:
         resp = self._client.upload_part(
@@ -150,9 +158,6 @@ class _MultipartWriter(io.RawIOBase):
 
             self._upload_id = self._client.create_multipart_upload(Bucket=self._bucket, Key=self._key)["UploadId"]
             self._pool = self._shared_pool or ThreadPoolExecutor(max_workers=self._concurrency, thread_name_prefix="s3-part")
-        # bounded: wait for the oldest part before queueing more than `concurrency`
-        while len(self._inflight) >= self._concurrency:
-            self._done.append(self._inflight.pop(0).result())
         self._inflight.append(self._pool.submit(self._upload, self._next_part, body))
         self._next_part += 1
 
@@ -161,29 +166,30 @@ class _MultipartWriter(io.RawIOBase):
             self._client.put_object(Bucket=self._bucket, Key=self._key, Body=bytes(self._buf))
             return
         if self._buf:
+            self._wait_for_room()
             self._send_part(bytes(self._buf))
             self._buf.clear()
-        try:
-            while self._inflight:
-                self._done.append(self._inflight.pop(0).result())
-        finally:
-            self._release_pool()
+        self._wait_for_room()
+        while self._inflight:  # a failed part raises here: `abort` then drops the rest
+            self._done.append(self._inflight[0].result())
+            self._inflight.pop(0)
+        self._release_pool()
         self._client.complete_multipart_upload(
             Bucket=self._bucket, Key=self._key, UploadId=self._upload_id, MultipartUpload={"Parts": self._done}
         )
 
     def _release_pool(self) -> None:
-        """Wait for this writer's parts in flight; a pool of its own is shut down."""
+        """Cancel this writer's parts still queued and wait for those uploading (not for
+        other writers' parts queued before them in a shared pool); a pool of its own is shut down."""
         from concurrent.futures import wait
 
-        wait(self._inflight)
+        wait([future for future in self._inflight if not future.cancel()])
+        self._inflight.clear()
         if self._pool is not self._shared_pool:
             self._pool.shutdown(wait=True)
 
     def abort(self) -> None:
         if self._pool is not None:
-            for future in self._inflight:
-                future.cancel()
             self._release_pool()  # no part lands after the abort below
         if self._upload_id is not None:
             with contextlib.suppress(Exception):
@@ -281,8 +287,7 @@ class S3Storage(Storage):
         self.elect_settle_s = elect_settle_s
         self.upload_concurrency = upload_concurrency
         self.upload_threads = upload_threads
-        self._upload_pool: Any = None
-        self._upload_pool_lock = threading.Lock()
+        self._uploads: dict[str, Any] = {"lock": threading.Lock(), "pool": None}  # shared with children
 
     def _key(self, key: str) -> str:
         check_key(key)
@@ -344,12 +349,12 @@ class S3Storage(Storage):
     def writer(self, key: str) -> Iterator[BinaryIO]:
         pool = None
         if self.upload_threads:
-            with self._upload_pool_lock:
-                if self._upload_pool is None:
+            with self._uploads["lock"]:
+                if self._uploads["pool"] is None:
                     from concurrent.futures import ThreadPoolExecutor
 
-                    self._upload_pool = ThreadPoolExecutor(max_workers=self.upload_threads, thread_name_prefix="s3-part")
-                pool = self._upload_pool
+                    self._uploads["pool"] = ThreadPoolExecutor(max_workers=self.upload_threads, thread_name_prefix="s3-part")
+                pool = self._uploads["pool"]
         w = _MultipartWriter(self.client, self.bucket, self._key(key), self.part_size, self.upload_concurrency, pool)
         try:
             yield w  # type: ignore[misc]
@@ -444,8 +449,10 @@ class S3Storage(Storage):
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     def child(self, prefix: str) -> "S3Storage":
-        return S3Storage(
+        child = S3Storage(
             f"s3://{self.bucket}/{self._key(prefix)}", client=self.client, part_size=self.part_size,
             elect_settle_s=self.elect_settle_s, upload_concurrency=self.upload_concurrency,
             upload_threads=self.upload_threads,
         )
+        child._uploads = self._uploads  # one set of upload threads, as one client
+        return child
