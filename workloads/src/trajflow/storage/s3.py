@@ -169,7 +169,6 @@ class _MultipartWriter(io.RawIOBase):
             self._wait_for_room()
             self._send_part(bytes(self._buf))
             self._buf.clear()
-        self._wait_for_room()
         while self._inflight:  # a failed part raises here: `abort` then drops the rest
             self._done.append(self._inflight[0].result())
             self._inflight.pop(0)
