@@ -157,16 +157,15 @@ def summarize(runner: "Runner") -> tuple[list[StageSummary], list[dict[str, Any]
                 history, doc = training_history(storage, tasks[0].history)
             else:  # metrics.json may be an earlier run's: show only what this run's training said
                 history, doc = training_history(None, tasks[0].history if tasks else [])
-            scored = [(h.get("epoch"), v) for h in history if (v := _number(h.get("val_loss"))) is not None]
-            vals = [v for _, v in scored]
+            scored = [(h.get("epoch", i), v) for i, h in enumerate(history) if (v := _number(h.get("val_loss"))) is not None]
             trains = [v for v in (_number(h.get("train_loss")) for h in history) if v is not None]
             initial = _number(doc.get("initial_val_loss"))
             if initial is None and tasks:  # an interrupted run: its log said it (a resumed one did not)
                 initial = _number(tasks[0].fields.get("initial_val_loss"))
-            if vals:
+            if scored:
                 best_epoch, best = min(scored, key=lambda e: e[1])  # the earliest on a tie, as training picks
-                f.update(final_val_loss=vals[-1], best_val_loss=best, best_epoch=best_epoch, epochs=len(history))
-            if vals and initial is not None:
+                f.update(final_val_loss=scored[-1][1], best_val_loss=best, best_epoch=best_epoch, epochs=len(history))
+            if scored and initial is not None:
                 f["initial_val_loss"] = initial
             if trains:
                 f["final_train_loss"] = trains[-1]
