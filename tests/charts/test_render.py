@@ -159,6 +159,12 @@ def test_stage_pods_follow_the_workload_contract(env_objects):
                 mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
                 assert mounts["/etc/trajflow"] == "config" and mounts["/tmp"] == "tmp"
                 assert "--config" in c["args"] and "/etc/trajflow/config.yaml" in c["args"]
+                # the stages after the downloader read its config, from the umbrella's ConfigMap
+                reads_download = stage != "downloader"
+                assert (env_vars.get("TRAJFLOW_DATASET_CONFIG") == "/etc/trajflow-dataset/config.yaml") == reads_download
+                assert (mounts.get("/etc/trajflow-dataset") == "dataset") == reads_download
+            if stage != "downloader":
+                assert volumes["dataset"]["configMap"] == {"name": f"{RELEASE}-dataset", "optional": True}
 
 
 def spec_nodes(workload):
@@ -181,6 +187,33 @@ def test_rendered_config_files_load_in_the_workloads(env, tmp_path):
         glob, config = loader.load_config_file(path, stage)
         assert glob.run_id == yaml.safe_load(env_file(env).read_text())["global"]["runId"]
         assert config is not None
+
+
+@pytest.mark.parametrize("env", [e for e in ENVIRONMENTS])
+def test_the_dataset_configmap_names_the_download_the_downloader_makes(env, tmp_path):
+    """The stages after the downloader wait for manifests of the generation the dataset
+    ConfigMap's config gives: it must be the one the download pods compute from their own."""
+    from trajflow.config import loader
+    objs = render_env(env)
+    dataset = one(objs, "ConfigMap", "pipeline")
+    assert dataset["metadata"]["name"] == f"{RELEASE}-dataset"
+    (tmp_path / "dataset.yaml").write_text(dataset["data"]["config.yaml"])
+    (tmp_path / "downloader.yaml").write_text(select(objs, "ConfigMap", "downloader")[0]["data"]["config.yaml"])
+    _, own = loader.load_config_file(tmp_path / "downloader.yaml", "downloader")
+    env_vars = {loader.DATASET_CONFIG_ENV: str(tmp_path / "dataset.yaml")}
+    assert own.sources
+    assert loader.expected_download_generation(env=env_vars) == own.generation_id()
+    # the preprocessing pod's settings carry it (the ConfigMap it mounts and its own config)
+    (tmp_path / "preprocessing.yaml").write_text(select(objs, "ConfigMap", "preprocessing")[0]["data"]["config.yaml"])
+    settings = loader.stage_settings("preprocessing", tmp_path / "preprocessing.yaml", env=env_vars)
+    assert settings.download_generation == own.generation_id()
+
+
+def test_no_dataset_configmap_without_a_downloader():
+    objs = render([env_file("dev")], set_values={"downloader.enabled": False})
+    assert not [c for c in select(objs, "ConfigMap") if c["metadata"]["name"].endswith("-dataset")]
+    volumes = {v["name"]: v for v in pod_spec(select(objs, "Job", "preprocessing")[0])["volumes"]}
+    assert volumes["dataset"]["configMap"]["optional"] is True  # the pods start without it
 
 
 def test_each_job_keeps_the_config_it_was_made_with():

@@ -292,7 +292,8 @@ def test_the_pod_exits_with_its_workers_code(launcher, worker_codes, pod_code, f
     monkeypatch.setattr(torch_run, "run", workers_fail)
     waited = []  # a PyTorchJob's launcher waits for preprocessing (a Job's init container does)
     monkeypatch.setattr("trajflow.storage.wait.wait_in_run_root",
-                        lambda glob, stage, shards, timeout_s, expect_shards: waited.append((stage, shards, timeout_s)))
+                        lambda glob, stage, shards, timeout_s, expect_shards, download_generation:
+                        waited.append((stage, shards, timeout_s)))
     args = build_parser().parse_args(argv)
     assert args._run(args) == pod_code
     assert waited == ([] if launcher == "job" else [("preprocess", set(range(64)), 48 * 3600.0)])

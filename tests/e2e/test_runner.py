@@ -461,6 +461,21 @@ def test_the_processes_of_a_stage_share_the_cpus(tmp_path: Path, monkeypatch: py
     assert runner.env(task)["OMP_NUM_THREADS"] == "3"
 
 
+def test_the_stages_after_the_downloader_are_given_its_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the chart mounts the dataset ConfigMap: they wait for the download it names."""
+    from trajflow.config.loader import DATASET_CONFIG_ENV
+
+    monkeypatch.setenv(DATASET_CONFIG_ENV, "/elsewhere.yaml")
+    runner = Runner(build_plan([write_values(tmp_path)]), tmp_path / "work", PlainView(stream=io.StringIO()),
+                    command=[sys.executable, str(FAKE)])
+    runner.config_paths = {stage: tmp_path / f"{stage}.yaml" for stage in ("downloader", "preprocessing", "training")}
+    given = {t.stage.stage: runner.env(t).get(DATASET_CONFIG_ENV) for t in runner.tasks}
+    assert given == {"downloader": None, "preprocessing": str(tmp_path / "downloader.yaml"),
+                     "training": str(tmp_path / "downloader.yaml")}
+    del runner.config_paths["downloader"]  # a run without the downloader: any download will do
+    assert {runner.env(t).get(DATASET_CONFIG_ENV) for t in runner.tasks if t.stage.stage != "downloader"} == {None}
+
+
 def test_a_tick_checks_each_task_once_however_many_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from trajflow.local.runner import PENDING, RUNNING, WAITING
 

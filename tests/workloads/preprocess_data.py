@@ -185,9 +185,10 @@ def write_npz(path: Path, episodes: Sequence[GenEpisode], multi: bool = False) -
 
 
 def publish_raw_shard(storage: Any, shard: int, files: dict[str, bytes], shards: int = 1,
-                      sizes: dict[str, int] | None = None) -> list[dict[str, Any]]:
+                      sizes: dict[str, int] | None = None, generation: str | None = None) -> list[dict[str, Any]]:
     """Store ``files`` (``<source>/<path>`` -> bytes) under ``raw/<shard>/`` and write the
-    download manifest last. ``sizes`` overrides the size the manifest claims."""
+    download manifest last. ``sizes`` overrides the size the manifest claims; ``generation``
+    is the download's (`DownloadConfig.generation_id`), recorded when given."""
     from trajflow.storage import shard_name, write_manifest
 
     items = []
@@ -196,7 +197,7 @@ def publish_raw_shard(storage: Any, shard: int, files: dict[str, bytes], shards:
         storage.write_bytes(key, data)
         items.append({"key": key, "size": (sizes or {}).get(rel, len(data)),
                       "sha256": hashlib.sha256(data).hexdigest()})
-    write_manifest(storage, "download", shard, shards, items)
+    write_manifest(storage, "download", shard, shards, items, **({"generation": generation} if generation else {}))
     return items
 
 

@@ -295,6 +295,32 @@ def test_values_give_the_shard_count_outside_a_pod(tmp_path, chart):
     assert _one_line(info) == "--set preprocessing.shards=0: preprocessing.shards must be a positive integer, got 0"
 
 
+def test_the_stages_after_the_downloader_know_the_generation_of_its_download(tmp_path, chart, caplog):
+    """From the values (`-f`), or in a pod from the downloader's config the chart mounts."""
+    from trajflow.config.loader import DATASET_CONFIG_ENV, expected_download_generation
+
+    sources = f"downloader:\n  config:\n    sources: [{{name: lab, type: file, path: {tmp_path}}}]\n"
+    base = _values_file(tmp_path, "env.yaml", f"global:\n  storage:\n    filesystem: {{path: {tmp_path}}}\n" + sources)
+    generation = validate_stage("downloader", load_values([base]).stage_config("downloader")).generation_id()
+    assert stage_settings("preprocessing", values_files=[base], env={}).download_generation == generation
+    assert stage_settings("downloader", values_files=[base], env={}).download_generation is None
+    assert expected_download_generation(values_files=[base], sets=["downloader.config.planGeneration=v2"]) not in (
+        None, generation)
+    assert expected_download_generation(values_files=[base], sets=["downloader.enabled=false"]) is None
+    assert expected_download_generation(values_files=[_values_file(tmp_path, "none.yaml", "global: {}\n")]) is None
+    # in a pod
+    dataset = _values_file(tmp_path, "dataset.yaml", sources.replace("downloader:\n  config:", "config:").replace(
+        "\n    sources", "\n  sources"))
+    config = _values_file(tmp_path, "config.yaml", f"global:\n  storage:\n    filesystem: {{path: {tmp_path}}}\n")
+    env = {"TRAJFLOW_CONFIG": str(config), DATASET_CONFIG_ENV: str(dataset)}
+    assert stage_settings("training", env=env).download_generation == generation
+    assert stage_settings("training", env={"TRAJFLOW_CONFIG": str(config)}).download_generation is None
+    with caplog.at_level("WARNING", logger="trajflow.config.loader"):
+        missing = {**env, DATASET_CONFIG_ENV: str(tmp_path / "absent.yaml")}
+        assert stage_settings("training", env=missing).download_generation is None
+    assert f"{DATASET_CONFIG_ENV}={tmp_path / 'absent.yaml'} does not exist" in caplog.text
+
+
 def test_chart_default_is_used_and_null_deletes_it(tmp_path, chart):
     values = load_values([], chart_dir=chart)
     assert values.stage("downloader")["config"] == {"concurrency": 4}

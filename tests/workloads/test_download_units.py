@@ -16,7 +16,7 @@ from trajflow.config.download import CatalogSource, DownloadConfig
 from trajflow.download.failures import Backoff, FetchError, Kind, call_with_retries, classify_status, parse_retry_after
 from trajflow.download.http import Validator, parse_content_range
 from trajflow.download.progress import RateMeter, eta_seconds, human_bytes, human_duration
-from trajflow.download.shard import check_destinations, dest_key, plan_generation
+from trajflow.download.shard import check_destinations, dest_key
 from trajflow.download.sources import PathFilter, catalog_entries
 from trajflow.download.transfer import FileSink, Gunzip, _contiguous, boot_id
 from trajflow.download.verify import Digests, Expected, header_checksums, item_fingerprint, s3_etag_md5
@@ -146,9 +146,9 @@ def test_catalog_collision_within_a_cohort_is_an_error(tmp_path: Path) -> None:
 
 def test_plan_generation_follows_sources_not_tuning() -> None:
     base = cfg(sources=[HTTPS])
-    assert plan_generation(base) == plan_generation(cfg(sources=[HTTPS], concurrency=32, partSizeMib=64))
-    assert plan_generation(base) != plan_generation(cfg(sources=[{**HTTPS, "urls": ["https://example.org/b"]}]))
-    assert plan_generation(base) != plan_generation(cfg(sources=[HTTPS], planGeneration="2"))
+    assert base.generation_id() == cfg(sources=[HTTPS], concurrency=32, partSizeMib=64).generation_id()
+    assert base.generation_id() != cfg(sources=[{**HTTPS, "urls": ["https://example.org/b"]}]).generation_id()
+    assert base.generation_id() != cfg(sources=[HTTPS], planGeneration="2").generation_id()
 
 
 def test_gunzip_must_not_make_two_items_share_a_path() -> None:

@@ -389,6 +389,53 @@ def test_a_shard_whose_download_gained_items_is_made_again(local_storage, mixed,
     assert read_manifest(local_storage, "preprocess", 0)["num_episodes"] == 18
 
 
+def test_a_shard_is_made_only_from_the_download_of_the_expected_generation(local_storage, mixed):
+    """Installed again with another dataset under the same run id, a preprocessing pod may
+    start before the download pods have planned: the earlier dataset's download and done
+    shard must not pass for this one's."""
+    files, _ = mixed
+    config = stage_config(sources={"robomimic": ROBOMIMIC})
+    first = {k: v for k, v in files.items() if not k.startswith("npz/")}
+    publish_raw_shard(local_storage, 0, first, generation="aaa")
+    with pytest.raises(TransientError, match="download shard 00000 records generation 'aaa', not 'bbb' of the "
+                                             "downloader.config in use"):
+        process_shard(local_storage, 0, 1, config, download_generation="bbb")
+    assert read_manifest(local_storage, "preprocess", 0) is None
+    assert process_shard(local_storage, 0, 1, config, download_generation="aaa").episodes == 12
+    made = read_manifest(local_storage, "preprocess", 0)
+    assert made["download_generation"] == "aaa"
+    shard_bytes = local_storage.read_bytes(shard_key(0))
+    # the earlier dataset's done shard is not this one's, while its download is not redone
+    with pytest.raises(TransientError, match="records generation 'aaa', not 'bbb'"):
+        process_shard(local_storage, 0, 1, config, download_generation="bbb")
+    assert read_manifest(local_storage, "preprocess", 0) == made
+    # the new generation planned the same items: the shard is kept, and says whose it is now
+    publish_raw_shard(local_storage, 0, first, generation="bbb")
+    assert process_shard(local_storage, 0, 1, config, download_generation="bbb").skipped
+    assert read_manifest(local_storage, "preprocess", 0) == {**made, "download_generation": "bbb"}
+    assert local_storage.read_bytes(shard_key(0)) == shard_bytes
+    # a done shard whose download is gone (raw data removed) stands for its own generation only
+    local_storage.delete(manifest_key("download", 0))
+    assert process_shard(local_storage, 0, 1, config, download_generation="bbb").skipped
+    with pytest.raises(TransientError, match="shard 00000 was made from download generation 'bbb', and download shard "
+                                             "00000 of this config's generation 'ccc' is not done"):
+        process_shard(local_storage, 0, 1, config, download_generation="ccc")
+
+
+def test_a_shard_made_before_generations_were_recorded_learns_its_download(local_storage, mixed):
+    files, _ = mixed
+    config = stage_config(sources={"robomimic": ROBOMIMIC})
+    first = {k: v for k, v in files.items() if not k.startswith("npz/")}
+    publish_raw_shard(local_storage, 0, first, generation="aaa")
+    process_shard(local_storage, 0, 1, config)  # no generation expected: any download will do
+    made = read_manifest(local_storage, "preprocess", 0)
+    del made["download_generation"]
+    local_storage.write_bytes(manifest_key("preprocess", 0), json.dumps(made).encode())
+    # training waits for shards of its download's generation: the skip records it
+    assert process_shard(local_storage, 0, 1, config, download_generation="aaa").skipped
+    assert read_manifest(local_storage, "preprocess", 0) == {**made, "download_generation": "aaa"}
+
+
 def test_a_torn_manifest_is_replaced_by_making_the_shard_again(local_storage, mixed, caplog):
     files, _ = mixed
     publish_raw_shard(local_storage, 0, files)
@@ -1110,6 +1157,13 @@ def test_run_shards_waits_for_a_download_of_its_own_shard_count(local_storage):
     with pytest.raises(WaitTimeout, match=r"download shard\(s\) \[0\] .*\(0: records shards=4 \(expected 2\)\)"):
         run_shards(settings, [0], wait_timeout_s=0.3, storage=local_storage, poll_s=0.1)
     assert read_manifest(local_storage, "preprocess", 0) is None
+    # and of the generation the downloader's config gives
+    publish_raw_shard(local_storage, 0, {"npz/a.npz": npz_bytes(**_npz_episode(rng))}, shards=2, generation="aaa")
+    expecting = StageSettings(GlobalConfig(), stage_config(), 0, 2, download_generation="bbb")
+    with pytest.raises(WaitTimeout, match=r"\(0: records generation='aaa' \(expected 'bbb'\)\)"):
+        run_shards(expecting, [0], wait_timeout_s=0.3, storage=local_storage, poll_s=0.1)
+    assert read_manifest(local_storage, "preprocess", 0) is None
+    assert run_shards(settings, [0], wait_timeout_s=0.3, storage=local_storage, poll_s=0.1)[0].episodes == 1
 
 
 # ---- malformed files: quarantined with a reason, never a crash of the shard

@@ -8,6 +8,7 @@ import time
 import uuid
 
 import pytest
+import yaml
 
 from trajflow import cli
 from trajflow.errors import ConfigError, ExitCode, WaitTimeout
@@ -500,3 +501,80 @@ def test_a_store_that_answers_slowly_is_still_heard(s3_server, s3_shared_bucket,
         config = _s3_config(tmp_path, proxy.endpoint, s3_shared_bucket, run_id=run_id)
         code = cli.main(["wait", "--stage", "preprocess", "--shards", "0", "--timeout", "20s", "--config", config])
     assert code == ExitCode.OK
+
+
+# ---- another dataset under the same run id ---------------------------------------------
+
+
+def _download_done(storage, shard: int, shards: int, generation: str, fingerprint: str) -> None:
+    write_manifest(storage, "download", shard, shards, [], generation=generation, plan_fingerprint=fingerprint)
+
+
+def test_a_reinstall_with_another_dataset_waits_for_its_own_download(local_storage, caplog):
+    """Installed again with other sources under the same run id, every stage starts at once:
+    until the new download pods have planned, the earlier plan and its manifests are the
+    run root's. The generation the downloader's config gives keeps them from counting."""
+    local_storage.write_bytes("plan/download.json", b'{"shards": 2, "generation": "aaa", "fingerprint": "fa"}')
+    for shard in (0, 1):
+        _download_done(local_storage, shard, 2, "aaa", "fa")
+    fake = FakeClock()
+    wait_for_shards(local_storage, "download", {0, 1}, timeout_s=0, clock=fake.clock, sleep=fake.sleep,
+                    expect_shards=2)  # without it the earlier dataset counts at once
+
+    def new_download() -> None:
+        if len(fake.sleeps) == 2:  # the download pods plan, then finish one shard at a time
+            local_storage.write_bytes("plan/download.json", b'{"shards": 2, "generation": "bbb", "fingerprint": "fb"}')
+            _download_done(local_storage, 0, 2, "bbb", "fb")
+        if len(fake.sleeps) == 4:
+            _download_done(local_storage, 1, 2, "bbb", "fb")
+
+    fake.on_sleep = new_download
+    with caplog.at_level("WARNING", logger="trajflow.storage.wait"):
+        wait_for_shards(local_storage, "download", {0, 1}, timeout_s=3600, clock=fake.clock, sleep=fake.sleep,
+                        expect_shards=2, download_generation="bbb")
+    assert len(fake.sleeps) == 4
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"{local_storage.uri}/raw/_done/00001.json records generation='aaa' (expected 'bbb'): waiting for " \
+           "upstream shard 1 to rewrite it" in warnings
+
+
+def test_a_new_plan_of_this_generation_still_refuses_the_earlier_plans_manifests(local_storage):
+    local_storage.write_bytes("plan/download.json", b'{"shards": 1, "generation": "bbb", "fingerprint": "fb"}')
+    _download_done(local_storage, 0, 1, "aaa", "fa")
+    with pytest.raises(WaitTimeout, match=r"shard 0 records generation='aaa' \(expected 'bbb'\) and "
+                                          r"plan_fingerprint='fa' \(expected 'fb'\)"):
+        wait_for_shards(local_storage, "download", {0}, timeout_s=0, expect_shards=1, download_generation="bbb")
+
+
+def test_training_waits_for_shards_preprocessed_from_the_expected_download(local_storage):
+    write_manifest(local_storage, "preprocess", 0, 2, [], download_generation="bbb")
+    write_manifest(local_storage, "preprocess", 1, 2, [], download_generation="aaa")
+    with pytest.raises(WaitTimeout, match=r"1 of them have a manifest that does not count: shard 1 records "
+                                          r"download_generation='aaa' \(expected 'bbb'\)"):
+        wait_for_shards(local_storage, "preprocess", {0, 1}, timeout_s=0, expect_shards=2, download_generation="bbb")
+    # one made before the field (preprocessing records it when it next passes over the shard)
+    write_manifest(local_storage, "preprocess", 1, 2, [])
+    with pytest.raises(WaitTimeout, match=r"shard 1 records no download_generation \(expected 'bbb'\)"):
+        wait_for_shards(local_storage, "preprocess", {0, 1}, timeout_s=0, expect_shards=2, download_generation="bbb")
+    write_manifest(local_storage, "preprocess", 1, 2, [], download_generation="bbb")
+    wait_for_shards(local_storage, "preprocess", {0, 1}, timeout_s=0, expect_shards=2, download_generation="bbb")
+
+
+def test_cli_expects_the_generation_of_the_downloader_config_it_is_given(terminal_output, tmp_path, capsys,
+                                                                          monkeypatch):
+    from trajflow.config import DownloadConfig
+    from trajflow.config.loader import DATASET_CONFIG_ENV
+
+    sources = [{"name": "lab", "type": "file", "path": str(tmp_path / "lab")}]
+    dataset = tmp_path / "dataset.yaml"
+    dataset.write_text(yaml.safe_dump({"config": {"sources": sources}}))
+    generation = DownloadConfig.model_validate({"sources": sources}).generation_id()
+    root = LocalStorage(tmp_path / "run-a")
+    _download_done(root, 0, 1, "aaa", "fa")
+    monkeypatch.setenv(DATASET_CONFIG_ENV, str(dataset))
+    code = cli.main(["wait", "--stage", "download", "--shards", "0", "--timeout", "1s", "--config", _config(tmp_path)])
+    assert code == ExitCode.TIMEOUT
+    assert f"shard 0 records generation='aaa' (expected '{generation}')" in capsys.readouterr().err
+    _download_done(root, 0, 1, generation, "fb")
+    assert cli.main(["wait", "--stage", "download", "--shards", "0", "--timeout", "1s", "--config",
+                     _config(tmp_path)]) == 0

@@ -8,9 +8,11 @@ bearer token from a named environment variable (`authTokenEnv`).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import string
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
@@ -216,6 +218,15 @@ class DownloadConfig(Model):
         description="Change to list the sources again and make a new plan (when the sources gained or changed files); "
         "verified items are reused, never fetched again.",
     )
+
+    def generation_id(self) -> str:
+        """The download's generation, which its plan and manifests record: changes when the
+        sources, gunzip (where items land) or `planGeneration` change, not with tuning knobs."""
+        doc: dict[str, Any] = {"sources": [s.model_dump(mode="json", by_alias=True) for s in self.sources],
+                               "generation": self.plan_generation}
+        if self.gunzip:  # only when set, so that the plans of runs without it keep their generation
+            doc["gunzip"] = True
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> "DownloadConfig":

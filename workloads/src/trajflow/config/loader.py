@@ -10,6 +10,7 @@ Errors name the file and the key path, one line each.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tarfile
@@ -37,6 +38,8 @@ from trajflow.config.preprocess import PreprocessConfig
 from trajflow.config.train import TrainConfig
 from trajflow.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 # chart stage name -> workload config model
 STAGE_MODELS: dict[str, type[BaseModel]] = {
     "downloader": DownloadConfig,
@@ -45,6 +48,9 @@ STAGE_MODELS: dict[str, type[BaseModel]] = {
 }
 CONFIG_PATH_ENV = "TRAJFLOW_CONFIG"
 DEFAULT_CONFIG_PATH = "/etc/trajflow/config.yaml"
+# the downloader's rendered config, given to the stages downstream of it (the umbrella
+# chart's `<release>-dataset` ConfigMap; `trajflow run`: the downloader's own file)
+DATASET_CONFIG_ENV = "TRAJFLOW_DATASET_CONFIG"
 
 
 class HelmYamlLoader(yaml.SafeLoader):
@@ -409,6 +415,8 @@ class StageSettings:
     config: Any
     shard: int
     shards: int
+    # the generation of the download this stage's input must come from (None: any)
+    download_generation: str | None = None
 
     @property
     def root(self) -> str:
@@ -490,6 +498,7 @@ def stage_settings(
         values = load_values(values_files, sets)
         glob = validate_global(values.merged.get("global") or {}, values=values)
         config = validate_stage(stage, values.stage_config(stage), values=values)
+        generation = _generation_in_values(values) if stage != "downloader" else None
         # outside a pod the values say how many shards the stage has, as they tell the chart
         shards = values.stage(stage).get("shards")
         if shards is not None:
@@ -501,8 +510,48 @@ def stage_settings(
         env_map = os.environ if env is None else env
         path = config_file or env_map.get(CONFIG_PATH_ENV) or DEFAULT_CONFIG_PATH
         glob, config = load_config_file(path, stage)
+        generation = _generation_in_env(env_map) if stage != "downloader" else None
     index, count = shard_from_env(env, default_count)
-    return StageSettings(glob, config, index, count)
+    return StageSettings(glob, config, index, count, generation)
+
+
+def expected_download_generation(
+    config_file: str | Path | None = None,
+    values_files: Iterable[str | Path] = (),
+    sets: Iterable[str] = (),
+    env: dict[str, str] | None = None,
+) -> str | None:
+    """The generation (`DownloadConfig.generation_id`) of the download this release's
+    downloader config names: from the values' `downloader.config` (`-f/--set`), in a pod
+    from the file ${DATASET_CONFIG_ENV} names. The stages downstream wait for download and
+    preprocess manifests of that generation, so that an install with another dataset over
+    a run root that holds an earlier one never takes the earlier files for this run's. None
+    when there is no downloader config to go by: the stage then takes any generation."""
+    values_files, sets = list(values_files), list(sets)
+    _one_source(config_file, values_files, sets)
+    if values_files or sets:
+        return _generation_in_values(load_values(values_files, sets))
+    return _generation_in_env(os.environ if env is None else env)
+
+
+def _generation_in_values(values: Values) -> str | None:
+    raw = values.stage_config("downloader")
+    if not values.stage("downloader").get("enabled", True) or not raw.get("sources"):
+        return None
+    config = validate_stage("downloader", raw, values=values)
+    assert isinstance(config, DownloadConfig)
+    return config.generation_id()
+
+
+def _generation_in_env(env: dict[str, str]) -> str | None:
+    path = env.get(DATASET_CONFIG_ENV)
+    if not path:
+        return None
+    if not Path(path).is_file():  # the chart's ConfigMap is optional: a stage chart installed alone has none
+        log.warning("%s=%s does not exist: the download's generation is not checked", DATASET_CONFIG_ENV, path)
+        return None
+    _, config = load_config_file(path, "downloader")
+    return config.generation_id() if config.sources else None
 
 
 def _one_source(config_file: str | Path | None, values_files: list[Any], sets: list[str]) -> None:

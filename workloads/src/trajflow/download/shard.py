@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import threading
@@ -82,16 +80,6 @@ log = logging.getLogger(__name__)
 STAGE = "download"
 RAW = "raw"
 BUSY_POLL_MAX_S = 15.0  # how often, at most, an item another process holds is looked at again
-
-
-def plan_generation(config: DownloadConfig) -> str:
-    """Changes when the sources, gunzip (where items land) or `planGeneration` change, not
-    with tuning knobs."""
-    doc: dict[str, Any] = {"sources": [s.model_dump(mode="json", by_alias=True) for s in config.sources],
-                           "generation": config.plan_generation}
-    if config.gunzip:  # only when set, so that the plans of runs without it keep their generation
-        doc["gunzip"] = True
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def final_path(item_key: str, gunzip: bool) -> str:
@@ -329,7 +317,7 @@ class ShardDownloader:
         )
         self.clients = HttpClients(config.timeout_seconds, config.concurrency + 4)
         self.sources: dict[str, SourceRuntime] = build_sources(config, self.clients)
-        self.generation = plan_generation(config)
+        self.generation = config.generation_id()
         self._progress_factory = progress
         self._lock = threading.Lock()
         self.results: list[ItemResult] = []

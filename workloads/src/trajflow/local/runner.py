@@ -1,7 +1,9 @@
 """Run the enabled stages on this machine as child processes, the way the chart runs pods.
 
 - Every stage process runs `trajflow <stage> --config FILE` with JOB_COMPLETION_INDEX,
-  TRAJFLOW_SHARDS and TRAJFLOW_CONFIG, where FILE is what the chart's ConfigMap holds.
+  TRAJFLOW_SHARDS and TRAJFLOW_CONFIG, where FILE is what the chart's ConfigMap holds;
+  those after the downloader get its file in TRAJFLOW_DATASET_CONFIG, as the chart's
+  dataset ConfigMap gives it to them.
 - Download shards run `downloader.parallelism` at a time; preprocessing shard i starts as
   soon as download shard i is done (`preprocessing.parallelism` at a time); training starts
   when every preprocessed shard is done, under `trajflow train --nproc-per-node` (torch's
@@ -35,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
+from trajflow.config.loader import DATASET_CONFIG_ENV
 from trajflow.errors import ConfigError, ExitCode
 from trajflow.local import procs
 from trajflow.files import replace_file
@@ -448,6 +451,10 @@ class Runner:
             TRAJFLOW_LOG_FORMAT="json",
             PYTHONUNBUFFERED="1",
         )
+        env.pop(DATASET_CONFIG_ENV, None)  # the run's own downloader decides, not the shell's
+        downloader = self.config_paths.get("downloader")
+        if downloader is not None and task.stage.stage != "downloader":  # as the chart's dataset ConfigMap
+            env[DATASET_CONFIG_ENV] = str(downloader)
         if "OMP_NUM_THREADS" not in os.environ:
             # processes of one stage share the cores instead of each claiming all of them
             busy = task.stage.nproc_per_node if task.stage.stage == "training" else task.stage.parallelism

@@ -50,6 +50,7 @@ from trajflow.storage import (
     read_manifest,
     remove_foreign_manifests,
     shard_name,
+    update_manifest,
     write_manifest,
 )
 from trajflow.storage.wait import storage_failure
@@ -575,8 +576,9 @@ class ShardProcessor:
 
     def __init__(self, storage: Storage, shard: int, shards: int, config: PreprocessConfig,
                  metrics: StageMetrics | None = None, device: Any = None, wait_s: float = 0.0,
-                 started: Callable[[], Any] | None = None):
+                 started: Callable[[], Any] | None = None, download_generation: str | None = None):
         self.storage, self.shard, self.shards, self.config = storage, shard, shards, config
+        self.download_generation = download_generation  # the download the input must come from (None: any)
         self.wait_s = wait_s  # for download shards holding metadata this shard's datasets need
         # called once the metrics hold this run's start: a done shard's figures, or zeros and
         # the start time of work that begins (pushing earlier would report a reset or no start)
@@ -591,6 +593,7 @@ class ShardProcessor:
         # trajectory however many it held, so maxBadFraction also bounds the share of bytes lost
         self.file_bytes = self.lost_file_bytes = 0
         self.raw_digest = ""  # of the download manifest this shard is made from
+        self.raw_generation: str | None = None  # the generation that download manifest records
         self.raw_sources: set[str] = set()  # the downloader sources of its items
 
     def run(self) -> ShardSummary:
@@ -632,7 +635,9 @@ class ShardProcessor:
                 f"download shard {shard_name(shard)} was written for {raw_manifest.get('shards')} shards, this run has "
                 f"{self.shards}: run `trajflow wait --stage download --expect-shards {self.shards}` first"
             )
+        self._check_download_generation(raw_manifest)
         self.raw_digest = raw_items_digest(raw_manifest)
+        self.raw_generation = raw_manifest.get("generation")
         self.raw_sources = {source_of(key) for key, _ in raw_items(raw_manifest, shard)}
         # only now is this run's shard count confirmed (a leftover pod of another count stops above)
         if redo:
@@ -872,6 +877,7 @@ class ShardProcessor:
             num_episodes=len(index["episodes"]), num_frames=index["num_frames"], episodes=index["episodes"],
             trajectories=summary.trajectories, quarantined=summary.bad, reasons=summary.quarantined,
             raw_manifest=manifest_key("download", self.shard), raw_digest=self.raw_digest,
+            download_generation=self.raw_generation,
             bytes_in=summary.bytes_in, settings=self.config.output_settings(self.raw_sources),
         )
 
@@ -914,17 +920,40 @@ class ShardProcessor:
     def _upstream_change(self, manifest: dict[str, Any]) -> str:
         """Why a done shard no longer holds its download shard's data ("" while it does): the
         downloader's items changed since (new sources, a new plan). A download shard not
-        done (being redone) or of another shard count keeps the shard until it is."""
-        recorded = manifest.get("raw_digest")
-        if recorded is None:
-            return ""  # written before the digest was recorded
+        done (being redone) or of another shard count keeps the shard until it is, unless
+        the shard was made from another download than the expected one."""
+        made_from = manifest.get("download_generation")
         try:
             raw = read_manifest(self.storage, "download", self.shard)
         except ValueError:
-            return ""  # torn: the downloader replaces it
-        if raw is None or raw.get("shards") != self.shards or raw_items_digest(raw) == recorded:
+            raw = None  # torn: the downloader replaces it
+        if raw is None or raw.get("shards") != self.shards:
+            if self.download_generation and made_from not in (None, self.download_generation):
+                raise TransientError(
+                    f"shard {shard_name(self.shard)} was made from download generation {made_from!r}, and download "
+                    f"shard {shard_name(self.shard)} of this config's generation {self.download_generation!r} is not "
+                    "done: run `trajflow wait --stage download` first"
+                )
             return ""
-        return f"was made from other raw items than download shard {shard_name(self.shard)} holds now"
+        self._check_download_generation(raw)
+        recorded = manifest.get("raw_digest")  # None: written before the digest was recorded
+        if recorded is not None and raw_items_digest(raw) != recorded:
+            return f"was made from other raw items than download shard {shard_name(self.shard)} holds now"
+        if made_from != raw.get("generation"):
+            # made before the field was recorded, or from the same items planned under another
+            # generation: the training's wait goes by it
+            update_manifest(self.storage, "preprocess", self.shard, manifest, download_generation=raw.get("generation"))
+        return ""
+
+    def _check_download_generation(self, raw: dict[str, Any]) -> None:
+        """A download manifest of another generation than this config's is an earlier
+        dataset's, until the downloader redoes the shard (exit 4: the pod is retried)."""
+        if self.download_generation and raw.get("generation") != self.download_generation:
+            raise TransientError(
+                f"download shard {shard_name(self.shard)} records generation {raw.get('generation')!r}, not "
+                f"{self.download_generation!r} of the downloader.config in use: it holds an earlier dataset until its "
+                "download pod has planned and fetched this one; run `trajflow wait --stage download` first"
+            )
 
     def _warn_if_stale(self, manifest: dict[str, Any]) -> None:
         made = settings_of(manifest)
@@ -964,9 +993,11 @@ def _sha256(data: bytes) -> str:
 
 
 def process_shard(storage: Storage, shard: int, shards: int, config: PreprocessConfig,
-                  metrics: StageMetrics | None = None, device: Any = None, wait_s: float = 0.0) -> ShardSummary:
+                  metrics: StageMetrics | None = None, device: Any = None, wait_s: float = 0.0,
+                  download_generation: str | None = None) -> ShardSummary:
     """Preprocess one shard of ``storage`` (skipped when its manifest exists)."""
-    return ShardProcessor(storage, shard, shards, config, metrics, device, wait_s).run()
+    return ShardProcessor(storage, shard, shards, config, metrics, device, wait_s,
+                          download_generation=download_generation).run()
 
 
 def run_shard(settings: Any, storage: Storage | None = None, shard: int | None = None,
@@ -991,7 +1022,7 @@ def run_shard(settings: Any, storage: Storage | None = None, shard: int | None =
     ok = False
     try:
         summary = ShardProcessor(storage, shard, settings.shards, settings.config, metrics, wait_s=wait_s,
-                                 started=started).run()
+                                 started=started, download_generation=settings.download_generation).run()
         ok = True
         return summary
     finally:
@@ -1014,13 +1045,16 @@ def run_shards(settings: Any, shards: Sequence[int], wait_timeout_s: float = 0.0
             return str(exc)
         if doc is None:
             return "not done"
-        return stale_reason(doc, {"shards": settings.shards})
+        return stale_reason(doc, expected)
 
     outside = sorted(s for s in set(shards) if not 0 <= s < settings.shards)
     if outside:
         raise ConfigError(f"shard {outside[0]} is not one of this run's {settings.shards} shards "
                           f"(0-{settings.shards - 1}): check --shards against preprocessing.shards")
     storage = storage or open_run_root(settings.global_)
+    expected: dict[str, Any] = {"shards": settings.shards}
+    if settings.download_generation:
+        expected["generation"] = settings.download_generation
     pending = sorted(set(shards))
     out = []
     deadline = time.monotonic() + wait_timeout_s

@@ -18,6 +18,7 @@ from trajflow.storage.manifest import (
     read_train_metrics,
     remove_foreign_manifests,
     shard_name,
+    update_manifest,
     write_manifest,
 )
 
@@ -83,5 +84,6 @@ __all__ = [
     "remove_foreign_manifests",
     "sha256_stream",
     "shard_name",
+    "update_manifest",
     "write_manifest",
 ]

@@ -61,8 +61,19 @@ def write_manifest(storage: Storage, stage: str, shard: int, shards: int, items:
         "items": items,
         **extra,
     }
-    storage.write_bytes(manifest_key(stage, shard), json.dumps(doc, indent=1, sort_keys=True).encode())
+    _write(storage, manifest_key(stage, shard), doc)
     return doc
+
+
+def update_manifest(storage: Storage, stage: str, shard: int, doc: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """Record more about a done shard (its manifest `doc`, as read), in one atomic write."""
+    updated = {**doc, **fields}
+    _write(storage, manifest_key(stage, shard), updated)
+    return updated
+
+
+def _write(storage: Storage, key: str, doc: dict[str, Any]) -> None:
+    storage.write_bytes(key, json.dumps(doc, indent=1, sort_keys=True).encode())
 
 
 def read_manifest(storage: Storage, stage: str, shard: int) -> dict[str, Any] | None:

@@ -6,7 +6,11 @@ with another shard count keeps the gate closed until the upstream shard rewrites
 timeout names those stale manifests and why. Download manifests must also record the plan
 in use (`plan/download.json`, written by every download pod when it plans): with the same
 shard count, a new plan moves items between shard directories, so a manifest of the
-earlier plan may list files that are gone.
+earlier plan may list files that are gone. Where the stage is given the downloader's
+config (`DATASET_CONFIG_ENV`), a download manifest must record that config's generation,
+and a preprocess manifest the same as the download it was made from: a release installed
+again with another dataset, under the same run id, starts every stage at once, and until
+its download pods have planned the earlier dataset's manifests would otherwise count.
 """
 from __future__ import annotations
 
@@ -69,8 +73,8 @@ def _one_line(exc: BaseException) -> str:
 
 def stale_reason(doc: dict[str, Any], expected: dict[str, Any]) -> str | None:
     """Why a manifest belongs to another run (None when it matches every expected field)."""
-    wrong = [f"{name}={doc.get(name)!r} (expected {value!r})" for name, value in expected.items()
-             if doc.get(name) != value]
+    wrong = [(f"{name}={doc[name]!r}" if name in doc else f"no {name}") + f" (expected {value!r})"
+             for name, value in expected.items() if doc.get(name) != value]
     return "records " + " and ".join(wrong) if wrong else None
 
 
@@ -209,9 +213,11 @@ def wait_for_shards(
     sleep: Callable[[float], None] = time.sleep,
     *,
     expect_shards: int | None = None,
+    download_generation: str | None = None,
 ) -> None:
     """Poll with capped exponential backoff until every shard's manifest exists and matches
-    `expect_shards` (when given).
+    `expect_shards` and `download_generation` (when given: the download's generation, which a
+    preprocess manifest records as the download it was made from).
 
     Raises WaitTimeout (exit 6) naming the missing and stale shards, or ConfigError (exit 2)
     when the run root cannot be read at all (no credentials, access denied); other storage
@@ -227,6 +233,8 @@ def wait_for_shards(
                 f"shard {beyond[0]} does not exist when there are {expect_shards} shard(s) (0-{expect_shards - 1})"
             )
         expected["shards"] = expect_shards
+    if download_generation is not None:
+        expected["generation" if stage == "download" else "download_generation"] = download_generation
     where = f"{storage.uri}/{STAGE_DIRS[stage]}/_done"
     deadline = clock() + timeout_s
     delay = initial_delay_s
@@ -249,7 +257,7 @@ def wait_for_shards(
             if to_judge and (plan is None or plan != plan_seen):
                 plan_fields = plan_in_use(storage, stage, expect_shards)
                 plan_seen = plan
-            current = {**expected, **plan_fields}
+            current = {**plan_fields, **expected}  # the plan in use may still be an earlier dataset's
             polled: dict[int, str] = {}
             for shard in to_judge:
                 version = (_version(listing[shard]), plan) if _version(listing[shard]) is not None else None
@@ -326,17 +334,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from trajflow.config import global_settings, stage_settings
+    from trajflow.config.loader import expected_download_generation
 
     shards = parse_shards(args.shards)
     timeout_s = parse_duration(args.timeout)
     if args.check_config:
         stage_settings(args.check_config, args.config, args.values, args.set, env={})
+    generation = expected_download_generation(args.config, args.values, args.set)
     wait_in_run_root(global_settings(args.config, args.values, args.set), args.stage, shards, timeout_s,
-                     expect_shards=args.expect_shards)
+                     expect_shards=args.expect_shards, download_generation=generation)
     return 0
 
 
-def wait_in_run_root(glob: Any, stage: str, shards: set[int], timeout_s: float, expect_shards: int | None) -> None:
+def wait_in_run_root(glob: Any, stage: str, shards: set[int], timeout_s: float, expect_shards: int | None,
+                     download_generation: str | None = None) -> None:
     """`wait_for_shards` in the run root of `glob` (a GlobalConfig)."""
     from trajflow.storage import open_run_root
 
@@ -351,4 +362,5 @@ def wait_in_run_root(glob: Any, stage: str, shards: set[int], timeout_s: float, 
         if fatal is not None:
             raise fatal from None
         raise TransientError(f"cannot open the run root: {_one_line(exc)}") from None
-    wait_for_shards(storage, stage, shards, timeout_s, expect_shards=expect_shards)
+    wait_for_shards(storage, stage, shards, timeout_s, expect_shards=expect_shards,
+                    download_generation=download_generation)

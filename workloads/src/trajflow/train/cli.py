@@ -176,7 +176,7 @@ def _wait_for_preprocessing(settings, args: argparse.Namespace) -> None:  # type
         raise ConfigError("--wait and --input-shards go together: how long, and for which shards")
     timeout_s = parse_duration(args.wait)
     wait_in_run_root(settings.global_, "preprocess", set(range(args.input_shards)), timeout_s,
-                     expect_shards=args.input_shards)
+                     expect_shards=args.input_shards, download_generation=settings.download_generation)
 
 
 def _unwind_on_sigterm() -> None:

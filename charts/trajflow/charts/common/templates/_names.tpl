@@ -149,3 +149,12 @@ destination pod's port after the Service's translation.
 {{- define "trajflow.pushgatewayPodPort" -}}
 9091
 {{- end -}}
+
+{{/*
+The umbrella's ConfigMap holding the downloader's config, which the stages after it read
+(trajflow.datasetConfigPath) to know the download their input must come from. Named here
+so that stage charts can mount it without seeing the downloader's values.
+*/}}
+{{- define "trajflow.datasetConfigMapName" -}}
+{{- printf "%s-dataset" (include "trajflow.cut" (dict "text" (include "trajflow.releaseFullname" .) "max" 55)) -}}
+{{- end -}}

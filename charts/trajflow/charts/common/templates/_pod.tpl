@@ -5,6 +5,13 @@ commands; image, environment, mounts, security and scheduling come from here.
 
 {{- define "trajflow.configDir" -}}/etc/trajflow{{- end -}}
 {{- define "trajflow.configPath" -}}{{ include "trajflow.configDir" . }}/config.yaml{{- end -}}
+{{- /* beside, not below, /etc/trajflow: the kubelet cannot make a mount point in a ConfigMap volume */ -}}
+{{- define "trajflow.datasetConfigDir" -}}/etc/trajflow-dataset{{- end -}}
+
+{{/* Whether a stage reads what the downloader fetched, and so mounts its config (trajflow.datasetConfigMapName). */}}
+{{- define "trajflow.readsDownload" -}}
+{{- if has .Chart.Name (list "preprocessing" "training") }}true{{ end -}}
+{{- end -}}
 
 {{/*
 Where the shared volume is mounted: global.storage.filesystem.path. A relative path (as
@@ -63,6 +70,10 @@ Environment of every container of a stage. Takes (dict "context" $ "shards" N "e
   value: {{ include "trajflow.tmpSizeLimit" $ctx | quote }}
 - name: TRAJFLOW_CONFIG
   value: {{ include "trajflow.configPath" $ctx }}
+{{- if include "trajflow.readsDownload" $ctx }}
+- name: TRAJFLOW_DATASET_CONFIG
+  value: {{ include "trajflow.datasetConfigDir" $ctx }}/config.yaml
+{{- end }}
 - name: TRAJFLOW_SHARDS
   value: {{ .shards | toString | quote }}
 - name: TRAJFLOW_NAMESPACE
@@ -97,6 +108,11 @@ Environment of every container of a stage. Takes (dict "context" $ "shards" N "e
   readOnly: true
 - name: tmp
   mountPath: /tmp
+{{- if include "trajflow.readsDownload" . }}
+- name: dataset
+  mountPath: {{ include "trajflow.datasetConfigDir" . }}
+  readOnly: true
+{{- end }}
 {{- if (.Values.shm | default dict).enabled }}
 - name: shm
   mountPath: /dev/shm
@@ -125,6 +141,13 @@ Environment of every container of a stage. Takes (dict "context" $ "shards" N "e
 - name: tmp
   emptyDir:
     sizeLimit: {{ include "trajflow.tmpSizeLimit" . }}
+{{- if include "trajflow.readsDownload" . }}
+- name: dataset
+  configMap:
+    name: {{ include "trajflow.datasetConfigMapName" . }}
+    {{- /* the umbrella has none without an enabled downloader with sources, a stage chart alone none at all */}}
+    optional: true
+{{- end }}
 {{- if (.Values.shm | default dict).enabled }}
 - name: shm
   emptyDir:
