@@ -260,8 +260,8 @@ def env_from() -> dict[str, Any]:
 
 # what the chart's pods hold already: an extra volume or mount of the same name or path would
 # be a duplicate the API server refuses
-CHART_VOLUMES = ["config", "tmp", "shm", "data"]
-CHART_MOUNT_PATHS = ["/etc/trajflow", "/tmp", "/dev/shm"]
+CHART_VOLUMES = ["config", "tmp", "shm", "data", "trajflow-dataset"]
+CHART_MOUNT_PATHS = ["/etc/trajflow", "/etc/trajflow-dataset", "/tmp", "/dev/shm"]
 
 
 def volume() -> dict[str, Any]:

@@ -162,9 +162,9 @@ def test_stage_pods_follow_the_workload_contract(env_objects):
                 # the stages after the downloader read its config, from the umbrella's ConfigMap
                 reads_download = stage != "downloader"
                 assert (env_vars.get("TRAJFLOW_DATASET_CONFIG") == "/etc/trajflow-dataset/config.yaml") == reads_download
-                assert (mounts.get("/etc/trajflow-dataset") == "dataset") == reads_download
+                assert (mounts.get("/etc/trajflow-dataset") == "trajflow-dataset") == reads_download
             if stage != "downloader":
-                assert volumes["dataset"]["configMap"] == {"name": f"{RELEASE}-dataset", "optional": True}
+                assert volumes["trajflow-dataset"]["configMap"] == {"name": f"{RELEASE}-dataset", "optional": True}
 
 
 def spec_nodes(workload):
@@ -209,11 +209,15 @@ def test_the_dataset_configmap_names_the_download_the_downloader_makes(env, tmp_
     assert settings.download_generation == own.generation_id()
 
 
-def test_no_dataset_configmap_without_a_downloader():
-    objs = render([env_file("dev")], set_values={"downloader.enabled": False})
+@pytest.mark.parametrize("disabled", ["downloader", "preprocessing"])
+def test_no_dataset_configmap_without_a_download_being_preprocessed(disabled):
+    """Without the downloader any download will do; without preprocessing nothing would
+    remake the shards, and training takes those there are."""
+    objs = render([env_file("dev")], set_values={f"{disabled}.enabled": False})
     assert not [c for c in select(objs, "ConfigMap") if c["metadata"]["name"].endswith("-dataset")]
-    volumes = {v["name"]: v for v in pod_spec(select(objs, "Job", "preprocessing")[0])["volumes"]}
-    assert volumes["dataset"]["configMap"]["optional"] is True  # the pods start without it
+    downstream = "training" if disabled == "preprocessing" else "preprocessing"
+    volumes = {v["name"]: v for v in pod_spec(select(objs, "Job", downstream)[0])["volumes"]}
+    assert volumes["trajflow-dataset"]["configMap"]["optional"] is True  # the pods start without it
 
 
 def test_each_job_keeps_the_config_it_was_made_with():

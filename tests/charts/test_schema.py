@@ -162,6 +162,9 @@ BAD_VALUES = {
                          ["training", "/podSecurityContext/runAsUser"]),
     "extra volume named like the chart's": ({"training.extraVolumes": [{"name": "tmp", "emptyDir": {}}]},
                                             ["training", "/extraVolumes/0/name"]),
+    "extra volume named like the dataset's": (
+        {"preprocessing.extraVolumes": [{"name": "trajflow-dataset", "emptyDir": {}}]},
+        ["preprocessing", "/extraVolumes/0/name"]),
     "extra mount over the config": ({"downloader.extraVolumeMounts": [{"name": "x", "mountPath": "/etc/trajflow"}]},
                                     ["downloader", "/extraVolumeMounts/0/mountPath"]),
     "Exists toleration with a value": (

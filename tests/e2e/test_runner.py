@@ -474,6 +474,9 @@ def test_the_stages_after_the_downloader_are_given_its_config(tmp_path: Path, mo
                      "training": str(tmp_path / "downloader.yaml")}
     del runner.config_paths["downloader"]  # a run without the downloader: any download will do
     assert {runner.env(t).get(DATASET_CONFIG_ENV) for t in runner.tasks if t.stage.stage != "downloader"} == {None}
+    runner.config_paths["downloader"] = tmp_path / "downloader.yaml"
+    del runner.config_paths["preprocessing"]  # nothing remakes the shards: training takes those there are
+    assert runner.env(next(t for t in runner.tasks if t.stage.stage == "training")).get(DATASET_CONFIG_ENV) is None
 
 
 def test_a_tick_checks_each_task_once_however_many_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

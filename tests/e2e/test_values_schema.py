@@ -46,7 +46,7 @@ def dry_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
          "Kubernetes quantity above zero (such as 100Gi, 1.5Ti) or a number > 0, got 0"),
         ("downloader.resources.limits.Bad/gpu=1", "downloader.resources.limits: key 'Bad/gpu': expected a Kubernetes name"),
         ("training.extraVolumes[0].name=data", "training.extraVolumes[0].name: 'data' is one the chart's pods use "
-         "themselves (config, tmp, shm, data): choose another"),
+         "themselves (config, tmp, shm, data, trajflow-dataset): choose another"),
         ("training.podLabels.app\\.kubernetes\\.io/component=x", "training.podLabels: key "
          "'app.kubernetes.io/component': a label the chart sets itself (Services and NetworkPolicies select on it)"),
         # typos the chart's rules and the stage's config refuse

@@ -307,6 +307,7 @@ def test_the_stages_after_the_downloader_know_the_generation_of_its_download(tmp
     assert expected_download_generation(values_files=[base], sets=["downloader.config.planGeneration=v2"]) not in (
         None, generation)
     assert expected_download_generation(values_files=[base], sets=["downloader.enabled=false"]) is None
+    assert expected_download_generation(values_files=[base], sets=["preprocessing.enabled=false"]) is None
     assert expected_download_generation(values_files=[_values_file(tmp_path, "none.yaml", "global: {}\n")]) is None
     # in a pod
     dataset = _values_file(tmp_path, "dataset.yaml", sources.replace("downloader:\n  config:", "config:").replace(

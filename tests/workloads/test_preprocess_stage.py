@@ -434,6 +434,12 @@ def test_a_shard_made_before_generations_were_recorded_learns_its_download(local
     # training waits for shards of its download's generation: the skip records it
     assert process_shard(local_storage, 0, 1, config, download_generation="aaa").skipped
     assert read_manifest(local_storage, "preprocess", 0) == {**made, "download_generation": "aaa"}
+    # older still, without the digest of its raw items: which download it came from is unknown
+    del made["raw_digest"]
+    local_storage.write_bytes(manifest_key("preprocess", 0), json.dumps(made).encode())
+    summary = process_shard(local_storage, 0, 1, config, download_generation="aaa")
+    assert not summary.skipped and summary.episodes == 12
+    assert read_manifest(local_storage, "preprocess", 0)["download_generation"] == "aaa"
 
 
 def test_a_torn_manifest_is_replaced_by_making_the_shard_again(local_storage, mixed, caplog):
@@ -1119,6 +1125,41 @@ def test_lerobot_info_in_another_shard_names_the_robot(local_storage, tmp_path, 
     local_storage.delete(f"raw/00001/{info_key}")  # shard 1 done without it: nothing to wait for
     process_shard(local_storage, 0, 2, cfg)
     assert json.loads(local_storage.read_bytes(report_key(0)))["reasons"] == {"missing_time": 1}
+
+
+def test_an_earlier_datasets_info_in_another_shard_is_not_taken_for_this_ones(local_storage, tmp_path):
+    """Installed again over a run root holding an earlier revision of the dataset: the info
+    file at the planned path counts once the downloader has verified it for this plan."""
+    from preprocess_data import read_tree, write_lerobot, write_lerobot_info
+
+    from trajflow.download.verify import Record, item_fingerprint, write_record
+    from trajflow.plan import Item, load_or_create_plan
+
+    ep = make_episode(np.random.default_rng(11), "0", 30.0, 1.0)
+    write_lerobot(tmp_path / "src" / "lr" / "data" / "chunk-000" / "episode_000000.parquet", [ep], with_timestamps=False)
+    write_lerobot_info(tmp_path / "src" / "lr", 30.0, "koch")
+    files = read_tree(tmp_path / "src")
+    data_key, info_key = "lr/data/chunk-000/episode_000000.parquet", "lr/meta/info.json"
+    info = Item(info_key, len(files[info_key]), "https://hub.example/lr/meta/info.json")
+    load_or_create_plan(local_storage, 2, "bbb", lambda: [Item(data_key, len(files[data_key])), info])
+    publish_raw_shard(local_storage, 0, {data_key: files[data_key]}, shards=2, generation="bbb")
+    # the earlier revision's info file and its done download shard, of the earlier generation
+    publish_raw_shard(local_storage, 1, {info_key: json.dumps({"fps": 50, "robot_type": "old"}).encode()}, shards=2,
+                      generation="aaa")
+    cfg = stage_config(robot="unknown", max_bad_fraction=1.0)
+    with pytest.raises(TransientError, match=r"meta/info.json is not downloaded yet.*download shard 00001"):
+        process_shard(local_storage, 0, 2, cfg, download_generation="bbb")
+    assert not local_storage.exists(manifest_key("preprocess", 0))
+    # this plan's copy, verified: read though its shard is not done yet
+    location = f"raw/00001/{info_key}"
+    local_storage.write_bytes(location, files[info_key])
+    digest = hashlib.sha256(files[info_key]).hexdigest()
+    write_record(local_storage, Record(item=info_key, fingerprint=item_fingerprint(info, gunzip=False),
+                                       location=location, size=info.size, sha256=digest, source_size=info.size,
+                                       source_sha256=digest))
+    process_shard(local_storage, 0, 2, cfg, download_generation="bbb")
+    (made,) = open_shard(local_storage.local_path(shard_key(0))).episodes
+    assert made.robot == "koch" and made.original_rate_hz == pytest.approx(30.0)
 
 
 def test_run_shards_takes_each_shard_when_its_download_is_done(local_storage):

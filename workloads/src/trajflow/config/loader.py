@@ -526,7 +526,8 @@ def expected_download_generation(
     from the file ${DATASET_CONFIG_ENV} names. The stages downstream wait for download and
     preprocess manifests of that generation, so that an install with another dataset over
     a run root that holds an earlier one never takes the earlier files for this run's. None
-    when there is no downloader config to go by: the stage then takes any generation."""
+    when the downloader or preprocessing is disabled (as the chart then has no dataset
+    ConfigMap): the stage takes any generation."""
     values_files, sets = list(values_files), list(sets)
     _one_source(config_file, values_files, sets)
     if values_files or sets:
@@ -536,7 +537,8 @@ def expected_download_generation(
 
 def _generation_in_values(values: Values) -> str | None:
     raw = values.stage_config("downloader")
-    if not values.stage("downloader").get("enabled", True) or not raw.get("sources"):
+    enabled = all(values.stage(stage).get("enabled", True) for stage in ("downloader", "preprocessing"))
+    if not enabled or not raw.get("sources"):
         return None
     config = validate_stage("downloader", raw, values=values)
     assert isinstance(config, DownloadConfig)

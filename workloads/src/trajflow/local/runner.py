@@ -453,8 +453,8 @@ class Runner:
         )
         env.pop(DATASET_CONFIG_ENV, None)  # the run's own downloader decides, not the shell's
         downloader = self.config_paths.get("downloader")
-        if downloader is not None and task.stage.stage != "downloader":  # as the chart's dataset ConfigMap
-            env[DATASET_CONFIG_ENV] = str(downloader)
+        if downloader is not None and "preprocessing" in self.config_paths and task.stage.stage != "downloader":
+            env[DATASET_CONFIG_ENV] = str(downloader)  # as the chart's dataset ConfigMap
         if "OMP_NUM_THREADS" not in os.environ:
             # processes of one stage share the cores instead of each claiming all of them
             busy = task.stage.nproc_per_node if task.stage.stage == "training" else task.stage.parallelism

@@ -39,7 +39,8 @@ from trajflow import log as trajflow_log
 from trajflow.config.preprocess import PreprocessConfig
 from trajflow.errors import ConfigError, PermanentError, TrajflowError, TransientError
 from trajflow.metrics import Pusher, StageMetrics, preprocess_metrics
-from trajflow.plan import read_plan_in_use, shard_item_docs
+from trajflow.download.verify import item_fingerprint, read_record
+from trajflow.plan import Item, read_plan_in_use, shard_item_docs
 from trajflow.preprocess import readers
 from trajflow.preprocess.readers import FileResult, Quarantined, RawEpisode, SourceSpec
 from trajflow.preprocess.shards import ShardWriter, report_key, settings_differences, settings_of, shard_key
@@ -211,16 +212,26 @@ def _plan_parts(storage: Storage) -> Iterator[tuple[int, list[Any]]]:
             log.warning("cannot read shard %d of the download plan (%s)", j, exc)
 
 
-def _await_info(storage: Storage, key: str, shard: int, shards: int, wait_s: float, deadline: float) -> None:
-    """Wait until ``key``, planned in download shard ``shard``, is there or that shard is
-    done without it; TransientError (retried) at ``deadline`` (monotonic)."""
+def _planned_copy_there(storage: Storage, key: str, item: dict[str, Any]) -> bool:
+    """Whether ``key`` holds the plan entry ``item``: its verification record says so (a
+    file that merely exists may be an earlier dataset's, left in the run root)."""
+    record = read_record(storage, item["key"])
+    return record is not None and record.location == key and \
+        record.fingerprint == item_fingerprint(Item.from_json(item), gunzip=False)  # no .gz: info.json
+
+
+def _await_info(storage: Storage, key: str, item: dict[str, Any], shard: int, shards: int,
+                generation: str | None, wait_s: float, deadline: float) -> None:
+    """Wait until ``key``, planned (as ``item``) in download shard ``shard``, is there or
+    that shard is done (for ``shards`` and ``generation``, when given) without it;
+    TransientError (retried) at ``deadline`` (monotonic)."""
     delay = 1.0
-    while not storage.exists(key):
+    while not _planned_copy_there(storage, key, item):
         try:
             done = read_manifest(storage, "download", shard)
         except ValueError:
             done = None
-        if done is not None and done.get("shards") == shards:
+        if done is not None and done.get("shards") == shards and generation in (None, done.get("generation")):
             return
         left = deadline - time.monotonic()
         if left <= 0:
@@ -233,12 +244,13 @@ def _await_info(storage: Storage, key: str, shard: int, shards: int, wait_s: flo
 
 
 def dataset_hints(storage: Storage, keys: Sequence[str], shard: int, shards: int,
-                  wait_s: float = 0.0) -> dict[str, tuple[str, float | None]]:
+                  wait_s: float = 0.0, generation: str | None = None) -> dict[str, tuple[str, float | None]]:
     """LeRobot datasets of this shard: dataset directory -> (robot_type, fps) from its
     ``meta/info.json``. The plan spreads a dataset's files over shards, so the info file
-    may sit in another shard's directory: the download plan says which (files are written
-    atomically, so one that exists is whole). Its episodes are read once it is there (up to
-    ``wait_s``): without it, their rate and robot label would depend on download timing."""
+    may sit in another shard's directory: the download plan says which, and the downloader's
+    verification record that the file there is this plan's (an earlier dataset's may lie at
+    the same path). Its episodes are read once it is there (up to ``wait_s``): without it,
+    their rate and robot label would depend on download timing."""
     here = {k[: -len("meta/info.json")]: k for k in keys if k.endswith("/meta/info.json")}
     # the nearest `data` directory above a file is its dataset's (the dataset may sit in a folder named data)
     datasets = {k.rsplit("/data/", 1)[0] + "/" for k in keys if k.endswith(".parquet") and "/data/" in k}
@@ -253,7 +265,7 @@ def dataset_hints(storage: Storage, keys: Sequence[str], shard: int, shards: int
                 rel = it.get("key") if isinstance(it, dict) else None
                 if rel in wanted:
                     elsewhere[wanted.pop(rel)] = key = f"{RAW_DIR}/{shard_name(j)}/{rel}"
-                    _await_info(storage, key, j, shards, wait_s, deadline)
+                    _await_info(storage, key, it, j, shards, generation, wait_s, deadline)
             if not wanted:
                 break
     hints = {}
@@ -688,7 +700,8 @@ class ShardProcessor:
     def _plan_work(self, raw_manifest: dict[str, Any]) -> list[_Work]:
         """The trajectory files of the shard, in key order, with their reading settings."""
         items = raw_items(raw_manifest, self.shard)
-        hints = dataset_hints(self.storage, [k for k, _ in items], self.shard, self.shards, self.wait_s)
+        hints = dataset_hints(self.storage, [k for k, _ in items], self.shard, self.shards, self.wait_s,
+                              self.download_generation)
         specs: dict[str, SourceSpec] = {}
         work = []
         other_format: dict[tuple[str, str, str], list[str]] = {}  # (source, configured, found) -> keys
@@ -936,8 +949,11 @@ class ShardProcessor:
                 )
             return ""
         self._check_download_generation(raw)
-        recorded = manifest.get("raw_digest")  # None: written before the digest was recorded
-        if recorded is not None and raw_items_digest(raw) != recorded:
+        recorded = manifest.get("raw_digest")
+        if recorded is None:  # written before the digest was recorded: its download is unknown
+            return "records no digest of its raw items, nor so their download" \
+                if self.download_generation and made_from is None else ""
+        if raw_items_digest(raw) != recorded:
             return f"was made from other raw items than download shard {shard_name(self.shard)} holds now"
         if made_from != raw.get("generation"):
             # made before the field was recorded, or from the same items planned under another

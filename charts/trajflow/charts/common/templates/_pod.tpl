@@ -109,7 +109,7 @@ Environment of every container of a stage. Takes (dict "context" $ "shards" N "e
 - name: tmp
   mountPath: /tmp
 {{- if include "trajflow.readsDownload" . }}
-- name: dataset
+- name: trajflow-dataset
   mountPath: {{ include "trajflow.datasetConfigDir" . }}
   readOnly: true
 {{- end }}
@@ -142,10 +142,10 @@ Environment of every container of a stage. Takes (dict "context" $ "shards" N "e
   emptyDir:
     sizeLimit: {{ include "trajflow.tmpSizeLimit" . }}
 {{- if include "trajflow.readsDownload" . }}
-- name: dataset
+- name: trajflow-dataset
   configMap:
     name: {{ include "trajflow.datasetConfigMapName" . }}
-    {{- /* the umbrella has none without an enabled downloader with sources, a stage chart alone none at all */}}
+    {{- /* the umbrella renders it only with the downloader and preprocessing enabled; a stage chart alone has none */}}
     optional: true
 {{- end }}
 {{- if (.Values.shm | default dict).enabled }}
