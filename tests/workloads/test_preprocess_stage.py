@@ -721,6 +721,9 @@ def test_a_smaller_shard_count_redoes_the_shards_and_drops_the_others(local_stor
     assert not summary.skipped and summary.episodes == len(episodes)
     assert [(e.shard, read_manifest(local_storage, "preprocess", e.shard)["shards"])
             for e in list_shards(local_storage)] == [(0, 1)]
+    # nor take room: its shard and report are gone with its manifest
+    assert sorted(i.key for i in local_storage.list("resampled/")) == sorted(
+        [manifest_key("preprocess", 0), report_key(0), shard_key(0)])
 
 
 def test_a_pod_of_another_shard_count_waits_and_touches_nothing(local_storage, mixed):

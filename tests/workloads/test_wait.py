@@ -542,7 +542,9 @@ def test_a_new_plan_of_this_generation_still_refuses_the_earlier_plans_manifests
     local_storage.write_bytes("plan/download.json", b'{"shards": 1, "generation": "bbb", "fingerprint": "fb"}')
     _download_done(local_storage, 0, 1, "aaa", "fa")
     with pytest.raises(WaitTimeout, match=r"shard 0 records generation='aaa' \(expected 'bbb'\) and "
-                                          r"plan_fingerprint='fa' \(expected 'fb'\)"):
+                                          r"plan_fingerprint='fa' \(expected 'fb'\) \(a download of another generation: "
+                                          r"the downloader has yet to fetch what downloader.config names, or runs "
+                                          r"another trajflow version than this pod\)$"):
         wait_for_shards(local_storage, "download", {0}, timeout_s=0, expect_shards=1, download_generation="bbb")
 
 

@@ -925,10 +925,11 @@ class ShardProcessor:
             )
 
     def _remove_foreign_manifests(self) -> None:
-        """Shard 0 drops the manifests of shard numbers this count does not have: training
-        would read their episodes a second time (their files stay until the run is removed)."""
+        """Shard 0 drops the manifests of shard numbers this count does not have (training
+        would read their episodes a second time), and their files, whose data the shards of
+        this count hold again."""
         if self.shard == 0:
-            remove_foreign_manifests(self.storage, "preprocess", self.shards)
+            remove_foreign_manifests(self.storage, "preprocess", self.shards, with_items=True)
 
     def _upstream_change(self, manifest: dict[str, Any]) -> str:
         """Why a done shard no longer holds its download shard's data ("" while it does): the

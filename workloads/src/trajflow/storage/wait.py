@@ -302,6 +302,9 @@ def wait_for_shards(
                 shown_stale = "; ".join(f"shard {s} {stale[s]}" for s in sorted(stale)[:5])
                 more = "; ..." if len(stale) > 5 else ""
                 message += f"; {len(stale)} of them have a manifest that does not count: {shown_stale}{more}"
+                if stage == "download" and any(" generation=" in r or "no generation" in r for r in stale.values()):
+                    message += (" (a download of another generation: the downloader has yet to fetch what "
+                                "downloader.config names, or runs another trajflow version than this pod)")
             if last_error is not None:
                 message += f"; the last poll failed: {_one_line(last_error)}"
             raise WaitTimeout(message)
