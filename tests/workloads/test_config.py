@@ -316,7 +316,7 @@ def test_the_stages_after_the_downloader_know_the_generation_of_its_download(tmp
     env = {"TRAJFLOW_CONFIG": str(config), DATASET_CONFIG_ENV: str(dataset)}
     assert stage_settings("training", env=env).download_generation == generation
     assert stage_settings("training", env={"TRAJFLOW_CONFIG": str(config)}).download_generation is None
-    with caplog.at_level("WARNING", logger="trajflow.config.loader"):
+    with caplog.at_level("INFO", logger="trajflow.config.loader"):
         missing = {**env, DATASET_CONFIG_ENV: str(tmp_path / "absent.yaml")}
         assert stage_settings("training", env=missing).download_generation is None
     assert f"{DATASET_CONFIG_ENV}={tmp_path / 'absent.yaml'} does not exist" in caplog.text

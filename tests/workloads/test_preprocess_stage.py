@@ -37,7 +37,7 @@ from trajflow.errors import ConfigError, ExitCode, PermanentError, TransientErro
 from trajflow.metrics import preprocess_metrics
 from trajflow.preprocess.shards import list_shards, open_shard, report_key, shard_key
 from trajflow.preprocess.stage import process_shard
-from trajflow.storage import LocalStorage, manifest_key, read_manifest
+from trajflow.storage import LocalStorage, manifest_key, read_manifest, write_manifest
 from trajflow.train.data import open_shards
 
 torch = pytest.importorskip("torch")
@@ -434,6 +434,13 @@ def test_a_shard_made_before_generations_were_recorded_learns_its_download(local
     # training waits for shards of its download's generation: the skip records it
     assert process_shard(local_storage, 0, 1, config, download_generation="aaa").skipped
     assert read_manifest(local_storage, "preprocess", 0) == {**made, "download_generation": "aaa"}
+    # without the generation, and its download gone: not taken for the one expected
+    local_storage.write_bytes(manifest_key("preprocess", 0), json.dumps(made).encode())
+    raw_manifest = local_storage.read_bytes(manifest_key("download", 0))
+    local_storage.delete(manifest_key("download", 0))
+    with pytest.raises(TransientError, match="was made from a download it does not record, and download shard 00000 of this "):
+        process_shard(local_storage, 0, 1, config, download_generation="aaa")
+    local_storage.write_bytes(manifest_key("download", 0), raw_manifest)
     # older still, without the digest of its raw items: which download it came from is unknown
     del made["raw_digest"]
     local_storage.write_bytes(manifest_key("preprocess", 0), json.dumps(made).encode())
@@ -1163,6 +1170,43 @@ def test_an_earlier_datasets_info_in_another_shard_is_not_taken_for_this_ones(lo
     process_shard(local_storage, 0, 2, cfg, download_generation="bbb")
     (made,) = open_shard(local_storage.local_path(shard_key(0))).episodes
     assert made.robot == "koch" and made.original_rate_hz == pytest.approx(30.0)
+    # its shard done without it (a missing item of an optional source): an earlier file there is not read
+    local_storage.delete(manifest_key("preprocess", 0))
+    local_storage.delete(f"raw/.trajflow-verified/{info_key}.json")
+    local_storage.write_bytes(location, json.dumps({"fps": 50, "robot_type": "old"}).encode())
+    write_manifest(local_storage, "download", 1, 2, [], generation="bbb")
+    process_shard(local_storage, 0, 2, cfg, download_generation="bbb")
+    assert json.loads(local_storage.read_bytes(report_key(0)))["reasons"] == {"missing_time": 1}
+
+
+def test_the_downloader_verifies_every_planned_item_as_preprocessing_looks_for_it(local_storage, tmp_path):
+    """Preprocessing takes a LeRobot info file in another shard's directory on the strength of
+    the downloader's verification record: every item the real downloader places has one that
+    matches its plan entry, with and without gunzip, and after a re-shard moves the files."""
+    from trajflow.config import DownloadConfig
+    from trajflow.download.shard import ShardDownloader
+    from trajflow.plan import read_plan_in_use, shard_item_docs
+    from trajflow.preprocess.stage import _verified_for_plan
+    from trajflow.storage import shard_name
+
+    src = tmp_path / "src"
+    (src / "lr" / "meta").mkdir(parents=True)
+    (src / "lr" / "data").mkdir(parents=True)
+    (src / "lr" / "meta" / "info.json").write_text(json.dumps({"fps": 30, "robot_type": "koch"}))
+    for i in range(5):
+        (src / "lr" / "data" / f"e{i}.parquet").write_bytes(b"x" * 1000 * (i + 1))
+    for gunzip in (False, True):
+        storage = local_storage.child(f"gunzip-{gunzip}")
+        config = DownloadConfig.model_validate({"sources": [{"type": "file", "name": "ds", "path": str(src)}],
+                                                "gunzip": gunzip})
+        for shards in (2, 3):
+            for shard in range(shards):
+                assert ShardDownloader(storage, config, shard, shards).run().exit_code == 0
+            plan = read_plan_in_use(storage)
+            planned = [(f"raw/{shard_name(j)}/{item['key']}", item) for j in range(shards)
+                       for item in shard_item_docs(storage, plan, j)]
+            assert len(planned) == 6
+            assert all(_verified_for_plan(storage, key, item) for key, item in planned), (gunzip, shards)
 
 
 def test_run_shards_takes_each_shard_when_its_download_is_done(local_storage):

@@ -808,19 +808,3 @@ def test_an_s3_timeout_or_dropped_connection_surfaces_as_itself(s3_storage, monk
         monkeypatch.setattr(s3_storage.client, "head_object", fail)
         with pytest.raises(type(error)):  # not AttributeError: these carry no response
             s3_storage.stat("a")
-
-
-def test_a_foreign_manifest_takes_only_its_own_stage_files_with_it(storage):
-    """Shard files of a larger shard count go with their manifest; a manifest naming other
-    paths deletes nothing outside its stage's directory."""
-    from trajflow.storage.manifest import remove_foreign_manifests
-
-    for key in ("resampled/00003.safetensors", "raw/00000/keep.npz", "resampled/keep.safetensors"):
-        storage.write_bytes(key, b"x")
-    write_manifest(storage, "preprocess", 1, 2, [{"key": "resampled/00001.safetensors"}])  # this count's: kept
-    write_manifest(storage, "preprocess", 3, 4, [{"key": "resampled/00003.safetensors"}, {"key": "raw/00000/keep.npz"},
-                                                 {"key": "resampled/../resampled/keep.safetensors"}, "not an item"])
-    assert remove_foreign_manifests(storage, "preprocess", 2, with_items=True) == [3]
-    assert not storage.exists("resampled/00003.safetensors") and not storage.exists(manifest_key("preprocess", 3))
-    assert storage.exists("raw/00000/keep.npz") and storage.exists("resampled/keep.safetensors")
-    assert storage.exists(manifest_key("preprocess", 1))

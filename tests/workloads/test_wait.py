@@ -542,9 +542,8 @@ def test_a_new_plan_of_this_generation_still_refuses_the_earlier_plans_manifests
     local_storage.write_bytes("plan/download.json", b'{"shards": 1, "generation": "bbb", "fingerprint": "fb"}')
     _download_done(local_storage, 0, 1, "aaa", "fa")
     with pytest.raises(WaitTimeout, match=r"shard 0 records generation='aaa' \(expected 'bbb'\) and "
-                                          r"plan_fingerprint='fa' \(expected 'fb'\) \(a download of another generation: "
-                                          r"the downloader has yet to fetch what downloader.config names, or runs "
-                                          r"another trajflow version than this pod\)$"):
+                                          r"plan_fingerprint='fa' \(expected 'fb'\) \(made for another "
+                                          r"downloader.config: its download pods have yet to fetch what it names"):
         wait_for_shards(local_storage, "download", {0}, timeout_s=0, expect_shards=1, download_generation="bbb")
 
 
@@ -552,7 +551,8 @@ def test_training_waits_for_shards_preprocessed_from_the_expected_download(local
     write_manifest(local_storage, "preprocess", 0, 2, [], download_generation="bbb")
     write_manifest(local_storage, "preprocess", 1, 2, [], download_generation="aaa")
     with pytest.raises(WaitTimeout, match=r"1 of them have a manifest that does not count: shard 1 records "
-                                          r"download_generation='aaa' \(expected 'bbb'\)"):
+                                          r"download_generation='aaa' \(expected 'bbb'\) \(made from another download: "
+                                          r".* use a new global.runId, or raise preprocessing.rerun\)$"):
         wait_for_shards(local_storage, "preprocess", {0, 1}, timeout_s=0, expect_shards=2, download_generation="bbb")
     # one made before the field (preprocessing records it when it next passes over the shard)
     write_manifest(local_storage, "preprocess", 1, 2, [])

@@ -220,8 +220,9 @@ class DownloadConfig(Model):
     )
 
     def generation_id(self) -> str:
-        """The download's generation, which its plan and manifests record: changes when the
-        sources, gunzip (where items land) or `planGeneration` change, not with tuning knobs."""
+        """The download's generation, which its plan and manifests record: changes with any
+        setting of a source (also how it is reached: endpoint, credentials variables), with
+        gunzip (where items land) and `planGeneration`, not with the tuning knobs here."""
         doc: dict[str, Any] = {"sources": [s.model_dump(mode="json", by_alias=True) for s in self.sources],
                                "generation": self.plan_generation}
         if self.gunzip:  # only when set, so that the plans of runs without it keep their generation

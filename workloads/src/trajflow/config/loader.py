@@ -549,8 +549,8 @@ def _generation_in_env(env: dict[str, str]) -> str | None:
     path = env.get(DATASET_CONFIG_ENV)
     if not path:
         return None
-    if not Path(path).is_file():  # the chart's ConfigMap is optional: a stage chart installed alone has none
-        log.warning("%s=%s does not exist: the download's generation is not checked", DATASET_CONFIG_ENV, path)
+    if not Path(path).is_file():  # the chart renders none without the downloader or preprocessing: no check
+        log.info("%s=%s does not exist: any download generation will do", DATASET_CONFIG_ENV, path)
         return None
     _, config = load_config_file(path, "downloader")
     return config.generation_id() if config.sources else None

@@ -1,8 +1,9 @@
 """One download shard from start to end: plan, skip or reuse, fetch, summarise, manifest.
 
 1. The plan (`plan/download-<shards>-<generation>/`, first writer wins) assigns every
-   listed item to one shard, byte-balanced; the generation is a hash of the sources (and
-   `planGeneration`), so changing the sources makes a new plan and a rerun reuses the old.
+   listed item to one shard, byte-balanced; the generation (`DownloadConfig.generation_id`)
+   is a hash of the sources, gunzip and `planGeneration`, so changing the sources makes a
+   new plan and a rerun reuses the old.
 2. This shard's items are read from its own part of the plan, by JOB_COMPLETION_INDEX. A
    manifest of this shard written for the same plan means the shard is done (its files are
    checked to be there); a manifest written for another plan is removed first, so nothing

@@ -8,8 +8,8 @@ values, or TRAJFLOW_SHARDS) is done.
 
 Exit codes (trajflow.errors.ExitCode, the chart's podFailurePolicy): 0 done or already
 done; 2 bad config (fail the Job); 3 too many bad trajectories, or a shard too large for
-/tmp (fail the index); 4 storage trouble or download not done yet (for this shard count),
-1 anything unexpected, 143 SIGTERM (retry).
+/tmp (fail the index); 4 storage trouble or download not done yet (for this shard count
+and downloader.config), 1 anything unexpected, 143 SIGTERM (retry).
 """
 from __future__ import annotations
 

@@ -212,7 +212,7 @@ def _plan_parts(storage: Storage) -> Iterator[tuple[int, list[Any]]]:
             log.warning("cannot read shard %d of the download plan (%s)", j, exc)
 
 
-def _planned_copy_there(storage: Storage, key: str, item: dict[str, Any]) -> bool:
+def _verified_for_plan(storage: Storage, key: str, item: dict[str, Any]) -> bool:
     """Whether ``key`` holds the plan entry ``item``: its verification record says so (a
     file that merely exists may be an earlier dataset's, left in the run root)."""
     record = read_record(storage, item["key"])
@@ -221,18 +221,18 @@ def _planned_copy_there(storage: Storage, key: str, item: dict[str, Any]) -> boo
 
 
 def _await_info(storage: Storage, key: str, item: dict[str, Any], shard: int, shards: int,
-                generation: str | None, wait_s: float, deadline: float) -> None:
-    """Wait until ``key``, planned (as ``item``) in download shard ``shard``, is there or
-    that shard is done (for ``shards`` and ``generation``, when given) without it;
-    TransientError (retried) at ``deadline`` (monotonic)."""
+                generation: str | None, wait_s: float, deadline: float) -> bool:
+    """Wait until ``key``, planned (as ``item``) in download shard ``shard``, is there, or
+    that shard is done (for ``shards`` and ``generation``, when given): whether ``key`` is
+    this download's then. TransientError (retried) at ``deadline`` (monotonic)."""
     delay = 1.0
-    while not _planned_copy_there(storage, key, item):
+    while not _verified_for_plan(storage, key, item):
         try:
             done = read_manifest(storage, "download", shard)
         except ValueError:
             done = None
         if done is not None and done.get("shards") == shards and generation in (None, done.get("generation")):
-            return
+            return key in {entry.get("key") for entry in done.get("items") or [] if isinstance(entry, dict)}
         left = deadline - time.monotonic()
         if left <= 0:
             raise TransientError(
@@ -241,6 +241,7 @@ def _await_info(storage: Storage, key: str, item: dict[str, Any], shard: int, sh
                 + (f" after waiting {wait_s:.0f}s" if wait_s else " (`trajflow preprocess --wait` waits for it)"))
         time.sleep(min(delay, left))
         delay = min(2 * delay, 30.0)
+    return True
 
 
 def dataset_hints(storage: Storage, keys: Sequence[str], shard: int, shards: int,
@@ -264,8 +265,9 @@ def dataset_hints(storage: Storage, keys: Sequence[str], shard: int, shards: int
             for it in items:
                 rel = it.get("key") if isinstance(it, dict) else None
                 if rel in wanted:
-                    elsewhere[wanted.pop(rel)] = key = f"{RAW_DIR}/{shard_name(j)}/{rel}"
-                    _await_info(storage, key, it, j, shards, generation, wait_s, deadline)
+                    key, directory = f"{RAW_DIR}/{shard_name(j)}/{rel}", wanted.pop(rel)
+                    if _await_info(storage, key, it, j, shards, generation, wait_s, deadline):
+                        elsewhere[directory] = key
             if not wanted:
                 break
     hints = {}
@@ -929,7 +931,9 @@ class ShardProcessor:
         would read their episodes a second time), and their files, whose data the shards of
         this count hold again."""
         if self.shard == 0:
-            remove_foreign_manifests(self.storage, "preprocess", self.shards, with_items=True)
+            for other in remove_foreign_manifests(self.storage, "preprocess", self.shards):
+                self.storage.delete(shard_key(other))
+                self.storage.delete(report_key(other))
 
     def _upstream_change(self, manifest: dict[str, Any]) -> str:
         """Why a done shard no longer holds its download shard's data ("" while it does): the
@@ -942,9 +946,10 @@ class ShardProcessor:
         except ValueError:
             raw = None  # torn: the downloader replaces it
         if raw is None or raw.get("shards") != self.shards:
-            if self.download_generation and made_from not in (None, self.download_generation):
+            if self.download_generation and made_from != self.download_generation:
+                made = "a download it does not record" if made_from is None else f"download generation {made_from!r}"
                 raise TransientError(
-                    f"shard {shard_name(self.shard)} was made from download generation {made_from!r}, and download "
+                    f"shard {shard_name(self.shard)} was made from {made}, and download "
                     f"shard {shard_name(self.shard)} of this config's generation {self.download_generation!r} is not "
                     "done: run `trajflow wait --stage download` first"
                 )
@@ -952,7 +957,7 @@ class ShardProcessor:
         self._check_download_generation(raw)
         recorded = manifest.get("raw_digest")
         if recorded is None:  # written before the digest was recorded: its download is unknown
-            return "records no digest of its raw items, nor so their download" \
+            return "records neither the digest of its raw items nor their download" \
                 if self.download_generation and made_from is None else ""
         if raw_items_digest(raw) != recorded:
             return f"was made from other raw items than download shard {shard_name(self.shard)} holds now"
@@ -1054,6 +1059,10 @@ def run_shards(settings: Any, shards: Sequence[int], wait_timeout_s: float = 0.0
     from trajflow.storage import done_shards, open_run_root
     from trajflow.storage.wait import stale_reason
 
+    expected: dict[str, Any] = {"shards": settings.shards}  # of a download manifest of this run
+    if settings.download_generation:
+        expected["generation"] = settings.download_generation
+
     def not_downloaded(shard: int) -> str | None:
         """Why download shard ``shard`` is not done for this run's shard count (None: it is)."""
         try:
@@ -1069,9 +1078,6 @@ def run_shards(settings: Any, shards: Sequence[int], wait_timeout_s: float = 0.0
         raise ConfigError(f"shard {outside[0]} is not one of this run's {settings.shards} shards "
                           f"(0-{settings.shards - 1}): check --shards against preprocessing.shards")
     storage = storage or open_run_root(settings.global_)
-    expected: dict[str, Any] = {"shards": settings.shards}
-    if settings.download_generation:
-        expected["generation"] = settings.download_generation
     pending = sorted(set(shards))
     out = []
     deadline = time.monotonic() + wait_timeout_s

@@ -108,13 +108,10 @@ def done_shards(storage: Storage, stage: str) -> set[int]:
     return set(done_manifests(storage, stage))
 
 
-def remove_foreign_manifests(storage: Storage, stage: str, shards: int, with_items: bool = False) -> list[int]:
+def remove_foreign_manifests(storage: Storage, stage: str, shards: int) -> list[int]:
     """Remove the manifests of shard numbers that ``shards`` does not have, left by a run
     with more shards: nothing waits for them, and a consumer listing the done shards (the
-    trainer) must not count data that the current shards hold again. ``with_items``: the
-    files they list under the stage's directory go first (a stage whose new shards hold
-    their data again; not the downloader's, whose new shards reuse its files). Returns their
-    numbers."""
+    trainer) must not count data that the current shards hold again. Returns their numbers."""
     removed = []
     for other in sorted(done_shards(storage, stage)):
         if other < shards:
@@ -126,17 +123,6 @@ def remove_foreign_manifests(storage: Storage, stage: str, shards: int, with_ite
         if doc is None or doc.get("shards") != shards:
             log.info("removing %s (from a run with %s shards)", manifest_key(stage, other),
                      doc.get("shards") if doc else "?")
-            if with_items and doc is not None:
-                _remove_items(storage, stage, doc)
             storage.delete(manifest_key(stage, other))
             removed.append(other)
     return removed
-
-
-def _remove_items(storage: Storage, stage: str, doc: dict[str, Any]) -> None:
-    """The files a manifest lists, those under the stage's directory only (a manifest is
-    data: it names nothing else to delete)."""
-    for item in doc.get("items") or []:
-        key = item.get("key") if isinstance(item, dict) else None
-        if isinstance(key, str) and key.startswith(f"{STAGE_DIRS[stage]}/") and ".." not in key.split("/"):
-            storage.delete(key)

@@ -78,6 +78,18 @@ def stale_reason(doc: dict[str, Any], expected: dict[str, Any]) -> str | None:
     return "records " + " and ".join(wrong) if wrong else None
 
 
+# the manifest field that names the download a stage's shard comes from, and what a timeout
+# on it says
+_GENERATION_FIELD = {"download": "generation", "preprocess": "download_generation"}
+_OTHER_GENERATION = {
+    "download": " (made for another downloader.config: its download pods have yet to fetch what it names, or they "
+                "run another trajflow version than this pod)",
+    "preprocess": " (made from another download: preprocessing has yet to make them again from the one "
+                  "downloader.config names; a finished preprocessing Job does not rerun when only downloader.config "
+                  "changes: use a new global.runId, or raise preprocessing.rerun)",
+}
+
+
 # The IAM action each S3 call on the run root needs, and whether the call writes. A stage
 # needs all of RUN_ROOT_ACTIONS on the run root's bucket; `trajflow wait` the first two.
 _S3_ACTIONS = {
@@ -234,12 +246,13 @@ def wait_for_shards(
             )
         expected["shards"] = expect_shards
     if download_generation is not None:
-        expected["generation" if stage == "download" else "download_generation"] = download_generation
+        expected[_GENERATION_FIELD[stage]] = download_generation
     where = f"{storage.uri}/{STAGE_DIRS[stage]}/_done"
     deadline = clock() + timeout_s
     delay = initial_delay_s
     accepted: set[int] = set()
     stale: dict[int, str] = {}
+    other_generation: set[int] = set()  # shards whose manifest records another download generation
     warned: dict[int, str] = {}
     last_error: Exception | None = None
     # Polls can last hours over thousands of shards: a stale manifest is judged again only
@@ -277,6 +290,8 @@ def wait_for_shards(
                 else:
                     polled[shard] = reason
                     judged[shard] = (version, reason)
+                    if download_generation is not None and doc.get(_GENERATION_FIELD[stage]) != download_generation:
+                        other_generation.add(shard)
             stale, last_error = polled, None
         except Exception as exc:
             fatal = fatal_storage_error(exc, where, "read")
@@ -302,9 +317,8 @@ def wait_for_shards(
                 shown_stale = "; ".join(f"shard {s} {stale[s]}" for s in sorted(stale)[:5])
                 more = "; ..." if len(stale) > 5 else ""
                 message += f"; {len(stale)} of them have a manifest that does not count: {shown_stale}{more}"
-                if stage == "download" and any(" generation=" in r or "no generation" in r for r in stale.values()):
-                    message += (" (a download of another generation: the downloader has yet to fetch what "
-                                "downloader.config names, or runs another trajflow version than this pod)")
+                if other_generation & set(stale):
+                    message += _OTHER_GENERATION[stage]
             if last_error is not None:
                 message += f"; the last poll failed: {_one_line(last_error)}"
             raise WaitTimeout(message)
