@@ -397,6 +397,7 @@ def test_journal_trusts_unsynced_extents_only_from_this_boot(tmp_path: Path) -> 
         f"boot {boot_id()}", "30 40", "sync", "40 50", "50 60",  # ours: the page cache still has them
         "70 6",  # nonsense
     ]) + "\n60 7")  # a line cut short by a kill (of "60 70")
+    sink.tmp.write_bytes(bytes(60))
     found, extents = sink.open()
     try:
         assert found is not None and found["size"] == 100
@@ -413,6 +414,51 @@ def test_journal_trusts_unsynced_extents_only_from_this_boot(tmp_path: Path) -> 
         assert info.value.reason == "busy"
     finally:
         first.close()
+
+
+def test_a_journal_vouching_for_bytes_its_temporary_lacks_starts_over(tmp_path: Path) -> None:
+    """A temporary removed or cut short under its journal: its extents would be hashed as
+    zeros or fail every rerun, so the item is fetched from its first byte."""
+    from trajflow.storage import LocalStorage
+
+    sink = FileSink(LocalStorage(tmp_path), "raw/00000/web/x.bin", resumable=True, gunzip=False)
+    sink.final.parent.mkdir(parents=True)
+    header = '{"v": 1, "size": 100, "etag": "", "last_modified": "", "source": "https://x/x.bin"}'
+    sink.journal.write_text("\n".join([header, f"boot {boot_id()}", "0 40", "sync", "40 60"]) + "\n")
+    sink.tmp.write_bytes(bytes(40))  # 40-60 lost with the file that held them
+    found, extents = sink.open()
+    try:
+        assert (found, extents) == (None, [])
+        assert sink.tmp.stat().st_size == 0 and sink.journal.read_text() == ""
+    finally:
+        sink.discard()
+
+
+def test_retiring_a_legacy_journal_spares_a_temporary_made_meanwhile(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`x`'s journal of an older version was `.trajflow-tmp-dl-x.journal`, the temporary of an
+    item `x.journal`. When `x.journal` starts between `x` looking for its journal and opening
+    that name, its temporary must survive."""
+    from trajflow.storage import LocalStorage
+
+    root = LocalStorage(tmp_path)
+    x = FileSink(root, "raw/00000/web/x", resumable=True, gunzip=False)
+    x_journal = FileSink(root, "raw/00000/web/x.journal", resumable=True, gunzip=False)
+    exists = Path.exists
+
+    def x_journal_starts_after_the_look(self: Path, *args: object, **kwargs: object) -> bool:
+        found = exists(self, *args, **kwargs)
+        if self == x_journal.journal and x_journal._jfd is None:
+            x_journal.open()
+        return found
+
+    monkeypatch.setattr(Path, "exists", x_journal_starts_after_the_look)
+    try:
+        x.open()
+        assert x_journal.tmp.exists() and x_journal.journal.exists() and x.tmp.exists() and x.journal.exists()
+    finally:
+        x.discard()
+        x_journal.discard()
 
 
 class _PoolResponse:

@@ -258,6 +258,10 @@ class FileSink:
                 if self._header_written:
                     self._append(f"{self._line_break()}boot {boot_id()}\n")
             self._fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT, 0o644)
+            if extents and os.fstat(self._fd).st_size < max(end for _, end in extents):
+                # the journal vouches for bytes the temporary does not hold (removed, cut short): start over
+                os.ftruncate(self._jfd, 0)
+                header, extents, self._header_written = None, [], False
             if not self.resumable:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # tells sweepers it is alive
             if header is None:
@@ -273,15 +277,20 @@ class FileSink:
         live process of such a version holds (a Job not yet replaced) makes this item busy;
         an abandoned one is removed (its bytes are then fetched again, not resumed)."""
         legacy = self.tmp.with_name(self.tmp.name + ".journal")
-        if self.final.with_name(temp_name(JOURNAL_TAG, f"{self.final.name}.journal")).exists():
+        other_journal = self.final.with_name(temp_name(JOURNAL_TAG, f"{self.final.name}.journal"))
+        if other_journal.exists():
             return  # that name is the temporary of an item `<name>.journal`, whose journal is there
         try:
             fd = os.open(legacy, os.O_RDONLY)
         except FileNotFoundError:
             return
         try:
+            # again: an item `<name>.journal` starting meanwhile made its journal before its
+            # temporary (and removes it only after), so a temporary of its never goes unseen
+            if other_journal.exists():
+                return
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            legacy.unlink()
+            legacy.unlink(missing_ok=True)
         except BlockingIOError:
             raise FetchError(f"{self.tmp}: another process (an older trajflow) is downloading this item", Kind.TRANSIENT,
                              "busy") from None
