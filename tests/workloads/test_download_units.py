@@ -461,6 +461,103 @@ def test_retiring_a_legacy_journal_spares_a_temporary_made_meanwhile(tmp_path: P
         x_journal.discard()
 
 
+# ---- a sweeper beside live writers (pods of another shard count, a Job's old pod) ---------
+
+
+def _run_at_first_open(monkeypatch: pytest.MonkeyPatch, target: Path, action: Any) -> list[int]:
+    """Run `action` once, right after the first os.open of `target` (the other process
+    stepping in at that point); the returned list says whether it ran."""
+    import os
+
+    real_open, fired = os.open, []
+
+    def open_then_act(path: Any, *args: Any, **kwargs: Any) -> int:
+        fd = real_open(path, *args, **kwargs)
+        if not fired and Path(path) == target:
+            fired.append(1)
+            action()
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_act)
+    return fired
+
+
+def _digests(data: bytes) -> Digests:
+    digests = Digests()
+    digests.update(data)
+    return digests
+
+
+def test_a_throwaway_temporary_swept_between_its_creation_and_its_lock_is_made_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trajflow.download.transfer import sweep_abandoned_temporaries
+    from trajflow.storage import LocalStorage
+
+    sink = FileSink(LocalStorage(tmp_path), "raw/00002/web/x.bin", resumable=False, gunzip=False)
+    fired = _run_at_first_open(monkeypatch, sink.tmp, lambda: sweep_abandoned_temporaries(tmp_path / "raw/00002"))
+    sink.open()
+    assert fired
+    sink.write(0, b"payload")
+    try:
+        sink.commit(_digests(b"payload"))  # before: the bytes went to a file no name led to
+    finally:
+        sink.discard()
+    assert sink.final.read_bytes() == b"payload"
+
+
+def test_a_journal_swept_between_its_opening_and_its_lock_is_made_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trajflow.download.transfer import sweep_abandoned_temporaries
+    from trajflow.storage import LocalStorage
+
+    sink = FileSink(LocalStorage(tmp_path), "raw/00002/web/x.bin", resumable=True, gunzip=False)
+    sink.final.parent.mkdir(parents=True)
+    header = '{"v": 1, "size": 100, "etag": "", "last_modified": "", "source": "https://x/x.bin"}'
+    sink.journal.write_text(f"{header}\nboot {boot_id()}\n0 40\nsync\n")  # of a killed run
+    sink.tmp.write_bytes(bytes(40))
+    fired = _run_at_first_open(monkeypatch, sink.journal, lambda: sweep_abandoned_temporaries(tmp_path / "raw/00002"))
+    try:
+        assert sink.open() == (None, [])  # before: a storage error that stopped the shard
+        assert fired and sink.journal.exists() and sink.tmp.exists()
+    finally:
+        sink.discard()
+
+
+def test_the_sweeper_spares_the_files_of_a_writer_that_started_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweeper opened a writer's journal; the writer discards its bytes (another version
+    of the item) and starts again under the same names before the sweeper locks the old
+    journal. Before, the sweeper removed the new temporary and journal; a third writer then
+    truncated the temporary under the second, whose commit recorded bytes the file did not hold."""
+    from trajflow.download.transfer import sweep_abandoned_temporaries
+    from trajflow.storage import LocalStorage
+
+    root = LocalStorage(tmp_path)
+    first = FileSink(root, "raw/00002/web/x.bin", resumable=True, gunzip=False)
+    first.open()
+    again: list[FileSink] = []
+
+    def start_again() -> None:
+        first.discard()
+        again.append(FileSink(root, "raw/00002/web/x.bin", resumable=True, gunzip=False))
+        again[0].open()
+
+    fired = _run_at_first_open(monkeypatch, first.journal, start_again)
+    sweep_abandoned_temporaries(tmp_path / "raw/00002")
+    monkeypatch.undo()
+    (second,) = again
+    third = FileSink(root, "raw/00002/web/x.bin", resumable=True, gunzip=False)
+    try:
+        assert fired and second.tmp.exists() and second.journal.exists()
+        with pytest.raises(FetchError, match="another process is downloading this item"):
+            third.open()
+        second.write(0, b"x" * 1000)
+        assert second.commit(_digests(b"x" * 1000))[0] == 1000
+        assert second.final.read_bytes() == b"x" * 1000
+    finally:
+        second.discard()
+
+
 class _PoolResponse:
     """What a urllib3 pool returns, as far as HttpClient looks: a status and headers."""
 

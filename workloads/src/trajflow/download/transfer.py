@@ -246,24 +246,21 @@ class FileSink:
             header, extents = None, []
             if self.resumable:
                 self._retire_legacy_journal()
-                self._jfd = os.open(self.journal, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
                 try:
-                    fcntl.flock(self._jfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    self._jfd = _open_locked(self.journal, os.O_RDWR | os.O_APPEND)
                 except BlockingIOError:
-                    os.close(self._jfd)
-                    self._jfd = None
                     raise FetchError(f"{self.tmp}: another process is downloading this item", Kind.TRANSIENT, "busy") from None
                 header, extents = self._read_journal()
                 self._header_written = header is not None
                 if self._header_written:
                     self._append(f"{self._line_break()}boot {boot_id()}\n")
-            self._fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT, 0o644)
+                self._fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT, 0o644)  # under the journal's lock
+            else:
+                self._fd = _open_locked(self.tmp, os.O_RDWR)  # the lock tells sweepers it is alive
             if extents and os.fstat(self._fd).st_size < max(end for _, end in extents):
                 # the journal vouches for bytes the temporary does not hold (removed, cut short): start over
                 os.ftruncate(self._jfd, 0)
                 header, extents, self._header_written = None, [], False
-            if not self.resumable:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # tells sweepers it is alive
             if header is None:
                 # bytes no journal ties to a version (a kill before the header, an older
                 # version's journal): a shorter object written over them would keep their tail
@@ -479,9 +476,37 @@ class FileSink:
             self._close()
 
 
+def _still_named(path: Path, fd: int) -> bool:
+    """Whether `path` names the file open at `fd` (not unlinked, or replaced, since)."""
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (now.st_ino, now.st_dev) == (held.st_ino, held.st_dev)
+
+
+def _open_locked(path: Path, flags: int) -> int:
+    """Open (creating) and lock the file `path` names once locked: a sweeper may unlink the
+    name between the open and the lock, and a lock on a file no name leads to tells no one.
+    BlockingIOError when another process holds it."""
+    while True:
+        fd = os.open(path, flags | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _still_named(path, fd):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
 def sweep_abandoned_temporaries(directory: Path) -> int:
     """Remove download temporaries under `directory` that no live process holds (their
-    writers lock them: the journal for resumable ones, the file itself otherwise)."""
+    writers lock them: the journal for resumable ones, the file itself otherwise). Only a
+    lock holder unlinks, and only a name that still leads to the file it locked: a writer
+    that started again meanwhile has made new files under the same names."""
     removed = 0
     if not directory.is_dir():
         return 0
@@ -492,23 +517,26 @@ def sweep_abandoned_temporaries(directory: Path) -> int:
         # a throw-away temporary and a journal are locked themselves, a resumable temporary by its journal
         lock_path = path.with_name(f"{TMP_PREFIX}{JOURNAL_TAG}-" + path.name[len(DOWNLOAD_TMP_PREFIX) + 1:]) if resumable else path
         try:
-            fd = os.open(lock_path, os.O_RDONLY)
-        except FileNotFoundError:
-            fd = None  # a resumable temporary whose journal is gone: nobody can resume it
+            # a resumable temporary whose journal is gone gets one, locked here, so that a
+            # writer starting now is told the item is busy instead of losing its new temporary
+            fd = os.open(lock_path, os.O_RDONLY | (os.O_CREAT if resumable else 0), 0o644)
         except OSError:
-            continue
+            continue  # gone meanwhile (committed, discarded, swept)
         try:
-            if fd is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # in use
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # in use
+            if not _still_named(lock_path, fd):
+                continue  # unlinked since it was opened: the name may be a live writer's by now
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed += 1
+            if resumable:
+                with contextlib.suppress(FileNotFoundError):
+                    lock_path.unlink()  # held here and still named: no use without its temporary
         finally:
-            if fd is not None:
-                os.close(fd)
+            os.close(fd)
     return removed
 
 
