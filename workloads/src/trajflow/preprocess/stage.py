@@ -1057,11 +1057,9 @@ def run_shards(settings: Any, shards: Sequence[int], wait_timeout_s: float = 0.0
     gives up with WaitTimeout after ``wait_timeout_s`` without progress (0: no waiting)."""
     from trajflow.errors import WaitTimeout
     from trajflow.storage import done_shards, open_run_root
-    from trajflow.storage.wait import stale_reason
+    from trajflow.storage.wait import manifest_expectations, stale_reason
 
-    expected: dict[str, Any] = {"shards": settings.shards}  # of a download manifest of this run
-    if settings.download_generation:
-        expected["generation"] = settings.download_generation
+    expected = manifest_expectations("download", settings.shards, settings.download_generation)
 
     def not_downloaded(shard: int) -> str | None:
         """Why download shard ``shard`` is not done for this run's shard count (None: it is)."""

@@ -81,6 +81,17 @@ def stale_reason(doc: dict[str, Any], expected: dict[str, Any]) -> str | None:
 # the manifest field that names the download a stage's shard comes from, and what a timeout
 # on it says
 _GENERATION_FIELD = {"download": "generation", "preprocess": "download_generation"}
+
+
+def manifest_expectations(stage: str, shards: int | None, download_generation: str | None) -> dict[str, Any]:
+    """What a `stage` manifest of this run records (see `stale_reason`): the shard count and
+    the download generation, each when given."""
+    expected: dict[str, Any] = {}
+    if shards is not None:
+        expected["shards"] = shards
+    if download_generation is not None:
+        expected[_GENERATION_FIELD[stage]] = download_generation
+    return expected
 _OTHER_GENERATION = {
     "download": " (made for another downloader.config: its download pods have yet to fetch what it names, or they "
                 "run another trajflow version than this pod)",
@@ -235,7 +246,6 @@ def wait_for_shards(
     when the run root cannot be read at all (no credentials, access denied); other storage
     errors are logged and the poll is retried until the deadline.
     """
-    expected: dict[str, Any] = {}
     if expect_shards is not None:
         if expect_shards < 1:
             raise ConfigError(f"--expect-shards must be at least 1, got {expect_shards}")
@@ -244,9 +254,7 @@ def wait_for_shards(
             raise ConfigError(
                 f"shard {beyond[0]} does not exist when there are {expect_shards} shard(s) (0-{expect_shards - 1})"
             )
-        expected["shards"] = expect_shards
-    if download_generation is not None:
-        expected[_GENERATION_FIELD[stage]] = download_generation
+    expected = manifest_expectations(stage, expect_shards, download_generation)
     where = f"{storage.uri}/{STAGE_DIRS[stage]}/_done"
     deadline = clock() + timeout_s
     delay = initial_delay_s
