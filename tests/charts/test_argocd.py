@@ -1,11 +1,13 @@
 """The ArgoCD manifests parse, and everything they point at exists."""
 from __future__ import annotations
 
-import re
+import json
+from pathlib import Path
 
 import pytest
 import yaml
-from helmrender import KUBEFLOW_APIS, PROMETHEUS_OPERATOR_APIS, ROOT, env_file, render
+from helmrender import (KUBEFLOW_APIS, PROMETHEUS_OPERATOR_APIS, ROOT, STAGE_CHARTS, env_file, merge_values,
+                        render, render_templates)
 
 ARGOCD = ROOT / "argocd"
 REPO = "https://github.com/trajflow/trajflow.git"
@@ -17,13 +19,14 @@ def load(name):
     return docs[0]
 
 
-def go_template(text: str, params: dict) -> str:
-    """ArgoCD's goTemplate for the `{{ .key }}` references these manifests use."""
-    def substitute(match):
-        key = match.group(1)
-        assert key in params, f"missing generator parameter {key}"
-        return str(params[key])
-    return re.sub(r"\{\{\s*\.(\w+)\s*\}\}", substitute, text)
+def go_template(text: str, params: dict, workdir: Path) -> str:
+    """ArgoCD's goTemplate (Go's text/template with sprig, as Helm's engine): `text` rendered
+    with the generator parameters `params` as its dot."""
+    chart = workdir / "go-template"
+    (chart / "templates").mkdir(parents=True, exist_ok=True)
+    (chart / "Chart.yaml").write_text("apiVersion: v2\nname: go-template\nversion: 0.0.0\n")
+    (chart / "templates" / "out.yaml").write_text("{{- with .Values }}" + text + "{{- end }}")
+    return render_templates(values=params, chart=chart)["go-template/templates/out.yaml"]
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +39,20 @@ def appset():
     return load("applicationset.yaml")
 
 
-def applications(appset):
+@pytest.fixture(scope="module")
+def apps(appset, tmp_path_factory):
+    """(generator element, Application) pairs, as the ApplicationSet controller makes them:
+    the template rendered, then the rendered templatePatch merged in (maps key by key,
+    lists replaced: a strategic merge patch on a type whose lists have no merge keys)."""
+    workdir = tmp_path_factory.mktemp("argocd")
     template = yaml.safe_dump(appset["spec"]["template"], sort_keys=False)
+    out = []
     for element in appset["spec"]["generators"][0]["list"]["elements"]:
-        yield element, yaml.safe_load(go_template(template, element))
+        app = yaml.safe_load(go_template(template, element, workdir))
+        patch = yaml.safe_load(go_template(appset["spec"]["templatePatch"], element, workdir)) or {}
+        assert isinstance(patch, dict) and all(v is not None for v in patch.values()), patch  # null deletes
+        out.append((element, merge_values(app, patch)))
+    return out
 
 
 def test_kinds(project, appset):
@@ -53,8 +66,8 @@ def test_one_application_per_environment(appset):
     assert envs == ["dev", "staging", "production"]
 
 
-def test_applications_point_at_the_chart_and_values_that_exist(appset, project):
-    for element, app in applications(appset):
+def test_applications_point_at_the_chart_and_values_that_exist(apps, project):
+    for element, app in apps:
         spec = app["spec"]
         source = spec["source"]
         assert source["repoURL"] == REPO and REPO in project["spec"]["sourceRepos"]
@@ -69,50 +82,68 @@ def test_applications_point_at_the_chart_and_values_that_exist(appset, project):
         assert destination in project["spec"]["destinations"], destination
 
 
-def test_each_environment_deploys_to_a_cluster_of_its_own(appset):
-    clusters = [app["spec"]["destination"] for _, app in applications(appset)]
+def test_each_environment_deploys_to_a_cluster_of_its_own(apps):
+    clusters = [app["spec"]["destination"] for _, app in apps]
     assert all(set(d) == {"name", "namespace"} for d in clusters), clusters  # no in-cluster server for all three
     assert len({d["name"] for d in clusters}) == 3, clusters
 
 
-def test_the_applications_render_as_argocd_would(appset):
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def argocd_render(app, pinned: dict | None = None):
+    """helm template as ArgoCD runs it for `app`: its value files, then `pinned` (what a user
+    adds to the environment's values file), its valuesObject, then its parameters (which
+    override everything, with $ARGOCD_APP_REVISION set to a commit)."""
+    helm_source = app["spec"]["source"]["helm"]
+    values_files = [(ROOT / app["spec"]["source"]["path"] / f).resolve() for f in helm_source["valueFiles"]]
+    values = merge_values(pinned or {}, helm_source["valuesObject"])
+    parameters = {p["name"]: p["value"].replace("$ARGOCD_APP_REVISION", COMMIT)
+                  for p in helm_source.get("parameters", [])}
+    return render(values_files, parameters, values=values, namespace=app["spec"]["destination"]["namespace"])
+
+
+def job_images(objs):
+    jobs = [o for o in objs if o["kind"] == "Job"]
+    assert len(jobs) == len(STAGE_CHARTS), [o["metadata"]["name"] for o in jobs]  # one per stage
+    return {c["image"] for o in jobs for c in o["spec"]["template"]["spec"]["containers"]}
+
+
+def test_the_applications_render_as_argocd_would(apps):
     """helm template with the Application's values: sync waves on, no TTL on Jobs."""
-    for element, app in applications(appset):
-        values_files = [(ROOT / app["spec"]["source"]["path"] / f).resolve()
-                        for f in app["spec"]["source"]["helm"]["valueFiles"]]
-        objs = render(values_files, values=app["spec"]["source"]["helm"]["valuesObject"],
-                      namespace=app["spec"]["destination"]["namespace"])
-        jobs = [o for o in objs if o["kind"] == "Job"]
+    for element, app in apps:
+        jobs = [o for o in argocd_render(app) if o["kind"] == "Job"]
         assert jobs
         for job in jobs:
             assert "argocd.argoproj.io/sync-wave" in job["metadata"]["annotations"]
             assert "ttlSecondsAfterFinished" not in job["spec"]
 
 
-def test_environments_following_main_run_the_images_of_their_commit(appset):
+def test_environments_following_main_run_the_images_of_their_commit(apps):
     """The images workflow publishes each push to main under its commit: dev and staging run
-    those, not the last release's images with a newer chart and config."""
-    import json
-
-    from helmrender import STAGE_CHARTS
-
+    those, not the last release's images with a newer chart and config. Production runs the
+    tags of its values file: an empty parameter would override a tag pinned there."""
     workflow = yaml.safe_load((ROOT / ".github/workflows/images.yaml").read_text())
     assert "main" in workflow[True]["push"]["branches"]  # PyYAML reads the key `on` as True
     assert "${GITHUB_SHA}" in json.dumps(workflow)
-    for element, app in applications(appset):
-        parameters = app["spec"]["source"]["helm"]["parameters"]
-        assert all(p["forceString"] is True for p in parameters)
-        tags = {p["name"]: p["value"] for p in parameters}
-        assert tags == {f"{stage}.image.tag": element["imageTag"] for stage in STAGE_CHARTS}
+    pinned = {stage: {"image": {"tag": "0.1.1"}} for stage in STAGE_CHARTS}
+    for element, app in apps:
+        parameters = app["spec"]["source"]["helm"].get("parameters", [])
         following_main = element["revision"] == "main"
         assert element["imageTag"] == ("$ARGOCD_APP_REVISION" if following_main else "")
-        sha = "0123456789abcdef0123456789abcdef01234567"
-        objs = render([env_file(element["env"])], {k: v.replace("$ARGOCD_APP_REVISION", sha) for k, v in tags.items()})
-        jobs = [o for o in objs if o["kind"] == "Job"]
-        assert len(jobs) == len(STAGE_CHARTS), [o["metadata"]["name"] for o in jobs]  # one per stage
-        images = {c["image"] for o in jobs for c in o["spec"]["template"]["spec"]["containers"]}
-        assert images  # (all() of nothing is True)
-        assert all(i.endswith(f":{sha}") for i in images) if following_main else all(i.endswith(":0.1.0") for i in images)
+        if following_main:
+            assert all(p["forceString"] is True for p in parameters)
+            tags = {p["name"]: p["value"] for p in parameters}
+            assert tags == {f"{stage}.image.tag": "$ARGOCD_APP_REVISION" for stage in STAGE_CHARTS}
+            for objs in (argocd_render(app), argocd_render(app, pinned)):
+                images = job_images(objs)
+                assert images and all(i.endswith(f":{COMMIT}") for i in images), images
+        else:
+            assert parameters == []
+            images = job_images(argocd_render(app))
+            assert images and all(i.endswith(":0.1.0") for i in images), images  # the appVersion
+            images = job_images(argocd_render(app, pinned))
+            assert images and all(i.endswith(":0.1.1") for i in images), images
 
 
 def test_project_allows_every_kind_the_chart_renders(project):
@@ -126,15 +157,20 @@ def test_project_allows_every_kind_the_chart_renders(project):
                 assert (group, obj["kind"]) in allowed, f"{env}: {obj['kind']} ({group}) is not allowed"
 
 
-def test_automated_sync_only_where_asked(appset):
-    patch = appset["spec"]["templatePatch"]
-    assert "automated" in patch and ".autoSync" in patch
-    auto = {e["env"]: e["autoSync"] for e in appset["spec"]["generators"][0]["list"]["elements"]}
+def test_automated_sync_only_where_asked(apps):
+    auto = {e["env"]: e["autoSync"] for e, _ in apps}
     assert auto == {"dev": "true", "staging": "true", "production": "false"}
+    for element, app in apps:
+        automated = app["spec"]["syncPolicy"].get("automated")
+        if element["autoSync"] == "true":
+            assert automated == {"prune": True, "selfHeal": True}
+        else:
+            assert automated is None
+        assert app["spec"]["syncPolicy"]["retry"]["limit"] == 5  # the patch merges, it does not replace
 
 
-def test_a_replaced_job_is_not_pruned_last(appset):
+def test_a_replaced_job_is_not_pruned_last(apps):
     """PruneLast would keep a superseded Job running until its replacement completes: two
     training Jobs writing the same checkpoints."""
-    for _, app in applications(appset):
+    for _, app in apps:
         assert not any(o.startswith("PruneLast=true") for o in app["spec"]["syncPolicy"].get("syncOptions", []))
