@@ -32,7 +32,8 @@ FAKE = Path(__file__).with_name("fake_stage.py")
 def write_values(tmp_path: Path, shards: int = 3, name: str = "values.yaml", **extra: Any) -> Path:
     doc: dict[str, Any] = {
         "global": {"runId": "fake", "storage": {"type": "filesystem", "filesystem": {"path": str(tmp_path / "data")}}},
-        "downloader": {"shards": shards, "parallelism": 2, "backoffLimitPerIndex": 0, "config": {"concurrency": 3}},
+        "downloader": {"shards": shards, "parallelism": 2, "backoffLimitPerIndex": 0, "config": {
+            "concurrency": 3, "sources": [{"type": "file", "name": "raw", "path": str(tmp_path / "raw")}]}},
         "preprocessing": {"shards": shards, "parallelism": 1, "backoffLimitPerIndex": 0, "config": {"targetRateHz": 25}},
         "training": {"inputShards": shards, "nprocPerNode": 1, "maxRestarts": 0, "backoffLimitPerIndex": 0},
     }
@@ -380,6 +381,12 @@ def test_values_errors_name_the_file_and_key(tmp_path: Path) -> None:
         build_plan([values], ["preprocessing.config.targetRateHz=-1"])
     with pytest.raises(ConfigError, match="every stage is disabled"):
         build_plan([values], ["downloader.enabled=false,preprocessing.enabled=false,training.enabled=false"])
+    # caught by a dry run, not by the download pods
+    no_sources = tmp_path / "no-sources.yaml"
+    no_sources.write_text(yaml.safe_dump({"downloader": {"config": {"sources": []}}}))
+    with pytest.raises(ConfigError, match=r"no-sources\.yaml: downloader\.config\.sources is empty"):
+        build_plan([values, no_sources])
+    assert build_plan([values, no_sources], ["downloader.enabled=false"]).stages
 
 
 def test_a_stage_missing_from_the_install_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,7 +21,8 @@ def plan_for(tmp_path: Path):  # type: ignore[no-untyped-def]
     values = tmp_path / "values.yaml"
     values.write_text(yaml.safe_dump({
         "global": {"runId": "fake", "storage": {"type": "filesystem", "filesystem": {"path": str(tmp_path / "data")}}},
-        "downloader": {"shards": 1, "parallelism": 1},
+        "downloader": {"shards": 1, "parallelism": 1,
+                       "config": {"sources": [{"type": "file", "name": "raw", "path": str(tmp_path / "raw")}]}},
         "preprocessing": {"enabled": False},
         "training": {"enabled": False},
     }))

@@ -18,6 +18,7 @@ from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from trajflow.config import formats
 from trajflow.config.base import Model
+from trajflow.errors import ConfigError
 
 _PATH_PART = re.compile(formats.SOURCE_NAME)
 _HEX_DIGEST = re.compile(r"^([0-9a-f]{32}|[0-9a-f]{64})$")
@@ -228,6 +229,14 @@ class DownloadConfig(Model):
         if self.gunzip:  # only when set, so that the plans of runs without it keep their generation
             doc["gunzip"] = True
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
+
+    def require_sources(self) -> None:
+        """A download stage with nothing to fetch is a mistake in the values, not an empty run.
+        (Not a validation rule: the chart's defaults, and the other stages' view of the
+        download, carry an empty list.)"""
+        if not self.sources:
+            raise ConfigError("downloader.config.sources is empty: name at least one source to download "
+                              "(or set downloader.enabled=false)")
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> "DownloadConfig":

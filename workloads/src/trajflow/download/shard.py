@@ -302,8 +302,7 @@ class ShardSummary:
 class ShardDownloader:
     def __init__(self, root: Storage, config: DownloadConfig, shard: int, shards: int, metrics: Any = None,
                  progress: Callable[["ShardDownloader"], Any] | None = None):
-        if not config.sources:
-            raise ConfigError("downloader.config.sources is empty: name at least one source to download")
+        config.require_sources()
         self.root, self.config, self.shard, self.shards = root, config, shard, shards
         self.metrics = metrics
         self.stats = Stats(metrics)

@@ -128,6 +128,11 @@ def build_plan(values_files: Iterable[str | Path], sets: Iterable[str] = ()) -> 
             continue
         raw_config = values.stage_config(stage)
         config = validate_stage(stage, raw_config, values=values)
+        if stage == "downloader":
+            try:
+                config.require_sources()
+            except ConfigError as e:
+                raise ConfigError(f"{values.origin([stage, 'config', 'sources'])}: {e}") from None
         rendered = {"global": _config_file_global(values.merged.get("global") or {}), "config": raw_config}
         knob = lambda key, minimum=1: _int_knob(values, stage, key, minimum, block, not chart_found)  # noqa: E731
         retries = knob("backoffLimitPerIndex", 0)
