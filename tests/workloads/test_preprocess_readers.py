@@ -191,17 +191,20 @@ def test_hdf5_direct_reads_give_what_hdf5_reads(tmp_path, userblock, monkeypatch
         for name, x in arrays.items():
             f.create_dataset(name, data=x)
         f.create_dataset("chunked", data=arrays["f4"], chunks=(8, 3), compression="gzip")
-        f.create_dataset("unwritten", shape=(40, 3), dtype="<f4")  # never written: not allocated, zeros
+        f.create_dataset("unwritten", shape=(40, 3), dtype="<f4")  # never written: not allocated, fill values
     direct_reads = []
     real_preadv = os.preadv
     monkeypatch.setattr(os, "preadv", lambda *a: direct_reads.append(a[2]) or real_preadv(*a))
     fd = os.open(path, os.O_RDONLY)
     try:
         with h5py.File(path, "r") as f:
-            for name in [*arrays, "chunked", "unwritten"]:
+            for name in [*arrays, "chunked"]:
                 direct, through_hdf5 = readers._h5_dataset(f.id, name, fd), readers._h5_dataset(f.id, name)
                 np.testing.assert_array_equal(direct, through_hdf5, err_msg=name)
                 assert direct.dtype == through_hdf5.dtype, name
+            for fd_or_none in (fd, None):  # no data at all (with a user block, HDF5 gives it an offset)
+                with pytest.raises(ValueError, match="'unwritten' declares shape \\(40, 3\\) \\(480 bytes\\)"):
+                    readers._h5_dataset(f.id, "unwritten", fd_or_none)
     finally:
         os.close(fd)
     assert len(direct_reads) >= 4  # the plain contiguous ones did not go through HDF5
@@ -320,6 +323,150 @@ def test_hdf5_member_name_that_is_not_utf8_is_read(tmp_path):
             g.attrs["rate_hz"] = 10.0
     out = _outcomes("robomimic", str(path))
     assert [o.episode for o in out] == ["demo_0", "demo_\\xff1"] and all(isinstance(o, RawEpisode) for o in out)
+
+
+def test_hdf5_datasets_declaring_more_than_the_file_holds_are_quarantined_not_allocated(tmp_path):
+    import h5py
+
+    path = tmp_path / "d.hdf5"
+    with h5py.File(path, "w") as f:
+        def demo(name, **action):
+            g = f.create_group(f"data/{name}")
+            g.create_dataset(STATE, data=np.ones((40, 2)))
+            g.create_dataset(ACTION, **action)
+            g.attrs["rate_hz"] = 10.0
+
+        demo("demo_0", data=np.ones((40, 1)))
+        demo("demo_1", shape=(10**11, 3), chunks=(1024, 3), dtype="f8")  # 2.4 TB declared, nothing stored
+        demo("demo_2", shape=(10**10, 3), dtype="f4")  # contiguous, never written
+        demo("demo_3", shape=(40, 3), chunks=(4, 3), dtype="f8")  # unfiltered chunks, one of ten written
+        f["data/demo_3"][ACTION][:4] = 1.0
+        # constant values compress ~700x with gzip: a real dataset, read as such
+        f.create_dataset(f"data/demo_4/{STATE}", data=np.ones((200_000, 2)), chunks=(50_000, 2),
+                         compression="gzip", compression_opts=9)
+        f.create_dataset(f"data/demo_4/{ACTION}", data=np.zeros(200_000), compression="gzip", shuffle=True)
+        f["data/demo_4"].attrs["rate_hz"] = 10.0
+    for src in (str(path), path.read_bytes()):
+        ok, huge, contiguous, partial, compressed = _outcomes("robomimic", src)
+        assert isinstance(ok, RawEpisode) and isinstance(compressed, RawEpisode) and compressed.length == 200_000
+        for q, shape, size in ((huge, (10**11, 3), 24 * 10**11), (contiguous, (10**10, 3), 12 * 10**10),
+                               (partial, (40, 3), 960)):
+            assert isinstance(q, Quarantined) and q.reason == readers.UNREADABLE
+            assert f"{ACTION!r} declares shape {shape} ({size} bytes)" in q.detail
+
+
+def test_hdf5_frames_beyond_num_samples_quarantine_the_demo(tmp_path):
+    import h5py
+
+    path = tmp_path / "d.hdf5"
+    with h5py.File(path, "w") as f:
+        for name, stored, recorded in (("demo_0", 30, 30), ("demo_1", 50, 30)):  # 30 frames + 20 rows of padding
+            g = f.create_group(f"data/{name}")
+            g.create_dataset(STATE, data=np.ones((stored, 2)))
+            g.create_dataset(ACTION, data=np.ones((stored, 1)))
+            g.attrs.update(num_samples=recorded, rate_hz=10.0)
+    ok, padded = _outcomes("robomimic", str(path))
+    assert isinstance(ok, RawEpisode) and ok.length == 30
+    assert isinstance(padded, Quarantined) and padded.reason == readers.SHAPE_MISMATCH
+    assert padded.detail == f"stream {STATE!r} has 50 samples but num_samples is 30"
+
+
+def test_hdf5_null_dataspace_timestamps_are_an_empty_dataset(tmp_path):
+    import h5py
+
+    path = tmp_path / "d.hdf5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset(f"data/demo_0/{STATE}", data=np.ones((40, 2)))
+        f.create_dataset(f"data/demo_0/{ACTION}", data=np.ones((40, 1)))
+        f.create_dataset("data/demo_0/timestamps", data=h5py.Empty("f8"))
+    (q,) = _outcomes("robomimic", str(path))
+    assert q.reason == readers.SHAPE_MISMATCH and q.detail == "0 timestamps for 40 samples"
+
+
+@pytest.mark.parametrize("robot, env_robots, label", [
+    (np.array([b"panda", b"ur5"]), None, "panda"),
+    (np.bytes_(b"ur5e"), None, "ur5e"),
+    (None, [{"name": "Panda"}], "Panda"),
+    (np.array([1, 2]), ["Sawyer"], "Sawyer"),  # a number names no robot: the env's
+    (np.array([1, 2]), [{"type": "arm"}], "hint"),  # neither names one: the dataset's
+])
+def test_hdf5_robot_names_from_arrays_bytes_and_dicts(tmp_path, robot, env_robots, label):
+    import h5py
+
+    path = tmp_path / "d.hdf5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset(f"data/demo_0/{STATE}", data=np.ones((5, 2)))
+        f.create_dataset(f"data/demo_0/{ACTION}", data=np.ones((5, 1)))
+        f["data/demo_0"].attrs["rate_hz"] = 10.0
+        if robot is not None:
+            f["data"].attrs["robot"] = robot
+        if env_robots is not None:
+            f["data"].attrs["env_args"] = json.dumps({"env_kwargs": {"robots": env_robots}})
+    (ep,) = _outcomes("robomimic", str(path), hint="hint")
+    assert isinstance(ep, RawEpisode) and ep.robot == label
+
+
+def test_npz_robot_stored_as_bytes_is_decoded():
+    x = np.ones((4, 2))
+    (ep,) = _outcomes("npz", io.BytesIO(npz_bytes(fps=np.array(4.0), robot=np.array([b"ur5", b"x"]),
+                                                  **{STATE: x, ACTION: x})))
+    assert ep.robot == "ur5"
+
+
+@pytest.mark.parametrize("fps", [np.array(True), np.array("50"), np.array(b"50"), np.array(50 + 0j)])
+def test_a_rate_that_is_no_number_is_refused(tmp_path, fps):
+    import h5py
+
+    x = np.ones((4, 2))
+    (q,) = _outcomes("npz", io.BytesIO(npz_bytes(fps=fps, **{STATE: x, ACTION: x})))
+    assert isinstance(q, Quarantined) and q.reason == readers.MISSING_TIME and "no recorded rate" in q.detail
+    path = tmp_path / "d.hdf5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset(f"data/demo_0/{STATE}", data=x)
+        f.create_dataset(f"data/demo_0/{ACTION}", data=x)
+        f["data"].attrs["fps"] = fps.item() if fps.dtype.kind == "U" else fps  # h5py stores str, not numpy's
+        f["data"].attrs["env_args"] = json.dumps({"env_kwargs": {"control_freq": True, "fps": "50"}})
+    (q,) = _outcomes("robomimic", str(path))
+    assert isinstance(q, Quarantined) and q.reason == readers.MISSING_TIME and "no recorded rate" in q.detail
+    (ep,) = _outcomes("npz", io.BytesIO(npz_bytes(fps=np.array(4), **{STATE: x, ACTION: x})))  # an integer is one
+    assert ep.original_rate_hz == pytest.approx(4.0)
+
+
+def test_episode_names_with_non_decimal_digits_sort_naturally():
+    assert readers._natural_key("ep1²") == ("ep", 1, "²")
+    x = np.ones((4, 2))
+    blob = npz_bytes(fps=np.array(4.0), **{f"{e}/{s}": x for e in ("ep10", "ep2²", "²") for s in (STATE, ACTION)})
+    assert [o.episode for o in _outcomes("npz", io.BytesIO(blob))] == ["ep2²", "ep10", "²"]
+
+
+def _npz_declaring(shape: tuple, data: bytes, compress_type: int) -> bytes:
+    """An npz of timestamps and a STATE member whose npy header declares ``shape`` over ``data``."""
+    import struct
+    import zipfile
+
+    header = f"{{'descr': '<f8', 'fortran_order': False, 'shape': {shape!r}, }}".encode("latin1")
+    header += b" " * (-(10 + len(header) + 1) % 64) + b"\n"
+    times = io.BytesIO()
+    np.save(times, np.arange(4.0) / 10)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("timestamps.npy", times.getvalue())
+        z.writestr(f"{STATE}.npy", b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + data,
+                   compress_type=compress_type)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("deflated", [False, True])
+def test_npz_member_declaring_more_than_it_holds_is_unreadable_not_allocated(deflated):
+    import zipfile
+
+    kind = zipfile.ZIP_DEFLATED if deflated else zipfile.ZIP_STORED
+    with pytest.raises(readers.UnreadableFile, match=r"'observation.state.npy' declares a float64 array of shape "
+                                                     r"\(1000000000000,\) \(8000000000000 bytes\)"):
+        _outcomes("npz", _npz_declaring((10**12,), bytes(24), kind))
+    # a member that holds what its header declares is read, stored or deflated
+    (q,) = _outcomes("npz", _npz_declaring((4,), bytes(32), kind))
+    assert q.reason == readers.MISSING_STREAM  # the file was read: it has no action stream
 
 
 def test_integer_timestamps_are_refused_not_taken_as_seconds():

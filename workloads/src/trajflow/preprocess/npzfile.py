@@ -15,6 +15,7 @@ import io
 import math
 import re
 import struct
+import zipfile
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -103,10 +104,14 @@ def _members(blob: bytes) -> dict[str, np.ndarray]:
                 or begin + packed_size > dir_offset):
             raise _Unusual
         if method == _DEFLATED:
+            # no more than the size the directory records: a deflate bomb stops there (numpy decides)
+            inflate = zlib.decompressobj(-15)
             try:
-                member = zlib.decompress(member, -15)
+                member = inflate.decompress(member, size + 1)
             except zlib.error:
                 raise _Unusual from None
+            if not inflate.eof:
+                raise _Unusual
         if len(member) != size or zlib.crc32(member) != crc:
             raise _Unusual
         out[name[:-4]] = _array(member)
@@ -127,7 +132,9 @@ def load_npz(blob: bytes) -> dict[str, Any]:
         raise ValueError(f"not an npz archive but a single {type(loaded).__name__} (an .npy file?)")
     out: dict[str, Any] = {}
     with loaded as z:
+        names = {(n[:-4] if n.endswith(".npy") else n): n for n in z.zip.namelist()}  # as NpzFile maps them
         for k in z.files:
+            _check_declared_size(z.zip, names[k], len(blob))
             try:
                 out[k] = z[k]
             except ValueError as exc:
@@ -135,6 +142,37 @@ def load_npz(blob: bytes) -> dict[str, Any]:
                     raise
                 out[k] = PickledMember(k)  # never unpickled: that would run the file's code
     return out
+
+
+# deflate turns one byte into at most 1032: no member holds more than this times its compressed size
+_MAX_INFLATE = 1032
+
+
+def _check_declared_size(zf: zipfile.ZipFile, name: str, archive_size: int) -> None:
+    """Raise ValueError when member ``name``'s npy header declares more array bytes than
+    the member can hold: numpy allocates the declared size before it reads (a header
+    declaring terabytes over a few bytes would be a MemoryError, a few GB an OOM kill)."""
+    info = zf.getinfo(name)
+    with zf.open(info) as fp:
+        try:
+            version = np.lib.format.read_magic(fp)
+            # version 3 differs from 2 only in encoding field names as UTF-8, which latin-1 reads as other names
+            # of the same byte length: the shape and item size are what count here
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(fp)
+        except Exception:  # noqa: BLE001  not an npy member, or a header numpy itself refuses when reading it
+            return
+        if dtype.hasobject:  # never loaded: see PickledMember
+            return
+        declared = math.prod(shape) * dtype.itemsize
+        # the uncompressed size the zip records, and what the compressed bytes can inflate to
+        packed = min(info.compress_size, archive_size)
+        room = min(info.file_size, packed if info.compress_type == zipfile.ZIP_STORED else packed * _MAX_INFLATE)
+        room -= fp.tell()  # the header is not array data
+    if declared > room:
+        raise ValueError(f"member {name!r} declares a {dtype} array of shape {shape} ({declared} bytes) but holds "
+                         f"at most {max(room, 0)} bytes of data")
 
 
 @dataclass(frozen=True)

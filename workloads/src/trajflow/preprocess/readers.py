@@ -474,14 +474,20 @@ def read_lerobot(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Ou
 
 
 def _attr_rate(attrs: Any) -> float | None:
+    """The first recorded rate among ``attrs`` (HDF5 attributes, env kwargs, npz members)
+    that is a positive finite number; None when there is none."""
     for key in RATE_ATTRS:
         if key in attrs:
             try:
-                value = float(np.asarray(attrs[key]).reshape(-1)[0])
-            except (TypeError, ValueError, IndexError):
+                value = np.asarray(attrs[key])
+            except (TypeError, ValueError):
                 continue
-            if np.isfinite(value) and value > 0:
-                return value
+            # only numbers: True would pass as 1 Hz and the string "50" as 50 Hz
+            if value.dtype.kind not in "iuf" or not value.size:
+                continue
+            rate = float(value.reshape(-1)[0])
+            if np.isfinite(rate) and rate > 0:
+                return rate
     return None
 
 
@@ -496,8 +502,23 @@ def _env_args(attrs: Any) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {}
 
 
+def _robot_name(value: Any) -> str:
+    """A robot label from metadata: a string or bytes, the first of an array or list, or a
+    dict's ``name`` (robomimic's ``robots=[{'name': 'Panda'}]``); '' for anything else."""
+    if isinstance(value, np.ndarray):
+        value = value.reshape(-1)[0] if value.size and value.dtype.kind in "USO" else None
+    elif isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    if isinstance(value, dict):
+        value = value.get("name")
+    if isinstance(value, bytes):  # also numpy's bytes_
+        value = value.decode("utf-8", "backslashreplace")
+    return value.strip() if isinstance(value, str) else ""
+
+
 def _natural_key(name: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+    # isdecimal, what \d matches: isdigit also takes "²", which int() refuses
+    return tuple(int(p) if p.isdecimal() else p for p in re.split(r"(\d+)", name))
 
 
 # numpy dtypes met in HDF5 files and the memory types h5py reads them as, see `_h5_dataset`
@@ -577,7 +598,14 @@ def _h5_open(group: Any, name: bytes, budget: list[int] | None = None) -> Any:
     return obj
 
 
-def _h5_dataset(group: Any, path: str, fd: int | None = None) -> np.ndarray | None:
+# What compression may shrink a dataset by: deflate's ceiling is 1032x (constant values in
+# large chunks come close), with room to spare for other filters. A dataset declaring more
+# than its stored bytes times this holds chunks never written: reading would allocate the
+# declared size (terabytes, from a header) and fill it with the fill value.
+_H5_MAX_EXPANSION = 4096
+
+
+def _h5_dataset(group: Any, path: str, fd: int | None = None, file_size: int | None = None) -> np.ndarray | None:
     """The dataset at ``path`` below the low-level ``group`` id, read whole; None when
     there is none (absent, or a group). h5py's high-level objects cost ~0.1 ms per call
     under one global lock, which made them most of the work per demo; link lookups one
@@ -586,7 +614,10 @@ def _h5_dataset(group: Any, path: str, fd: int | None = None) -> np.ndarray | No
     ``fd``: the HDF5 file, open for reading. A contiguous dataset (allocated, not external)
     stored in the very type it is read as holds its values as they lie in memory: its
     bytes are read with one ``preadv``, a fraction of what HDF5 spends on a read. Anything
-    else (chunked, compressed, compact, converted on reading, a short read) is read by HDF5."""
+    else (chunked, compressed, compact, converted on reading, a short read) is read by HDF5.
+
+    Nothing is allocated beyond what the file (of ``file_size`` bytes; asked when None) can
+    hold: a dataset declaring more (never written, or a corrupt header) raises ValueError."""
     import h5py
 
     obj = group
@@ -598,24 +629,53 @@ def _h5_dataset(group: Any, path: str, fd: int | None = None) -> np.ndarray | No
     if not parts or not isinstance(obj, h5py.h5d.DatasetID):
         return None
     shape = obj.shape  # each property call asks HDF5 again
-    if shape is None:  # a null dataspace (h5py.Empty): no values, rejected as a shape mismatch
-        return np.empty((), dtype=obj.dtype)
+    if shape is None:  # a null dataspace (h5py.Empty): no values, an empty dataset
+        return np.empty(0, dtype=obj.dtype)
     plain = _h5_plain_dtype(obj) if fd is not None else None
-    out = np.empty(shape, dtype=obj.dtype if plain is None else plain)
-    if out.size:
-        if plain is not None:
-            offset = obj.get_offset()  # None unless contiguous, allocated and in the file itself
-            # the size test also catches the offset HDF5 gives an unallocated dataset in a
-            # file with a user block (the block's size - 1)
-            if (offset is not None and obj.get_storage_size() == out.nbytes
-                    and os.preadv(fd, [out.reshape(-1).view(np.uint8)], offset) == out.nbytes):
+    dtype = obj.dtype if plain is None else plain
+    count = math.prod(shape)
+    if not count:
+        return np.empty(shape, dtype=dtype)
+    stored = obj.get_storage_size()
+    if file_size is None:
+        file_size = h5py.h5i.get_file_id(obj).get_filesize()
+    if plain is not None:
+        offset = obj.get_offset()  # None unless contiguous, allocated and in the file itself
+        nbytes = count * dtype.itemsize
+        # the size test also catches the offset HDF5 gives an unallocated dataset in a
+        # file with a user block (the block's size - 1)
+        if offset is not None and stored == nbytes and offset + nbytes <= file_size:
+            out = np.empty(shape, dtype=dtype)
+            if os.preadv(fd, [out.reshape(-1).view(np.uint8)], offset) == nbytes:
                 return out
-        dcpl = obj.get_create_plist()
-        if dcpl.get_external_count() or dcpl.get_layout() == h5py.h5d.VIRTUAL:
-            raise ValueError(f"{path!r} keeps its values in other files (external or virtual storage), which "
-                             "are not read: store them in the file itself")
-        obj.read(h5py.h5s.ALL, h5py.h5s.ALL, out)
+    dcpl = obj.get_create_plist()
+    if dcpl.get_external_count() or dcpl.get_layout() == h5py.h5d.VIRTUAL:
+        raise ValueError(f"{path!r} keeps its values in other files (external or virtual storage), which "
+                         "are not read: store them in the file itself")
+    # contiguous, compact or unfiltered chunks hold every byte they declare; compressed ones
+    # at most the expansion cap times theirs; none more than the file
+    declared = count * obj.get_type().get_size()
+    room = min(stored, file_size) * (_H5_MAX_EXPANSION if dcpl.get_nfilters() else 1)
+    if declared > room:
+        raise ValueError(f"{path!r} declares shape {shape} ({declared} bytes) but the file stores {stored} bytes "
+                         "of it: never written (fill values only), or a corrupt header")
+    out = np.empty(shape, dtype=dtype)
+    obj.read(h5py.h5s.ALL, h5py.h5s.ALL, out)
     return out
+
+
+def _h5_num_samples(demo: Any) -> int | None:
+    """A demo group's integer ``num_samples`` attribute (robomimic's frame count), or None."""
+    import h5py
+
+    if not h5py.h5a.exists(demo, b"num_samples"):
+        return None
+    attr = h5py.h5a.open(demo, b"num_samples")  # low level: h5py.Group(...).attrs costs ~0.1 ms
+    if attr.shape not in ((), (1,)) or attr.dtype.kind not in "iu":
+        return None
+    value = np.empty(attr.shape, dtype=attr.dtype)
+    attr.read(value)
+    return int(value.reshape(-1)[0])
 
 
 def read_robomimic(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Outcome]:
@@ -636,15 +696,8 @@ def read_robomimic(src: Any, spec: SourceSpec, source: str, robot: str) -> list[
         env_args = _env_args(data.attrs)
         kwargs = env_args.get("env_kwargs") if isinstance(env_args.get("env_kwargs"), dict) else {}
         file_rate = _attr_rate(data.attrs) or _attr_rate(kwargs)
-        file_robot = robot
-        attr = data.attrs.get("robot")
-        if attr is not None:
-            file_robot = attr.decode() if isinstance(attr, bytes) else str(attr)
-        elif isinstance(kwargs.get("robots"), list) and kwargs["robots"]:
-            file_robot = str(kwargs["robots"][0])
-        elif isinstance(kwargs.get("robots"), str):
-            file_robot = kwargs["robots"]
-        file_robot = spec.robot_for(file_robot)
+        file_robot = spec.robot_for(_robot_name(data.attrs.get("robot")) or _robot_name(kwargs.get("robots")) or robot)
+        file_size = fh.id.get_filesize()
         out: list[Outcome] = []
         # h5py hands a member name that is not valid UTF-8 over as bytes: labelled escaped, opened as is
         members = [(n.decode("utf-8", "backslashreplace"), n) if isinstance(n, bytes) else (n, n.encode())
@@ -654,10 +707,18 @@ def read_robomimic(src: Any, spec: SourceSpec, source: str, robot: str) -> list[
                 demo = _h5_open(data.id, raw_name)
                 if not isinstance(demo, h5py.h5g.GroupID):
                     continue
-                streams = {s: _h5_dataset(demo, s, fd) for s in spec.streams}
+                streams = {s: _h5_dataset(demo, s, fd, file_size) for s in spec.streams}
+                # robomimic records each demo's frame count: rows beyond it are padding, not frames
+                num_samples = _h5_num_samples(demo)
+                padded = next(((s, x.shape[0]) for s, x in streams.items() if num_samples is not None
+                               and x is not None and x.ndim and x.shape[0] != num_samples), None)
+                if padded is not None:
+                    out.append(Quarantined(source, name, SHAPE_MISMATCH, f"stream {padded[0]!r} has {padded[1]} "
+                                                                         f"samples but num_samples is {num_samples}"))
+                    continue
                 times = None
                 for k in [spec.time_key] if spec.time_key else [*TIME_KEYS, *(f"obs/{k}" for k in TIME_KEYS)]:
-                    times = _h5_dataset(demo, k, fd)
+                    times = _h5_dataset(demo, k, fd, file_size)
                     if times is not None:
                         break
                 rate = None
@@ -676,18 +737,6 @@ def read_robomimic(src: Any, spec: SourceSpec, source: str, robot: str) -> list[
 # ---------------------------------------------------------------------------- npz
 
 
-def _scalar_rate(arrays: Mapping[str, Any]) -> float | None:
-    for key in RATE_ATTRS:
-        if key in arrays:
-            try:
-                value = float(np.asarray(arrays[key]).reshape(-1)[0])
-            except (TypeError, ValueError, IndexError):
-                continue
-            if np.isfinite(value) and value > 0:
-                return value
-    return None
-
-
 def read_npz(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Outcome]:
     try:
         arrays = load_npz(_contents(src))
@@ -704,7 +753,7 @@ def read_npz(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Outcom
             if "/" in k:
                 ep, rest = k.split("/", 1)
                 groups.setdefault(ep, {})[rest] = v
-    file_rate = _scalar_rate(arrays)
+    file_rate = _attr_rate(arrays)
     if not groups:
         if not top_level and file_rate is None:
             raise UnreadableFile(f"none of the streams {spec.streams} nor timestamps found; keys: {sorted(arrays)[:10]}")
@@ -721,7 +770,7 @@ def read_npz(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Outcom
             out.append(Quarantined(source, episode, SHAPE_MISMATCH, f"{odd!r} holds {what}"))
             continue
         ep_robot = spec.robot_for(_npz_robot(g) or file_robot)
-        rate = _scalar_rate(g) or file_rate or spec.rate_hz
+        rate = _attr_rate(g) or file_rate or spec.rate_hz
         times = g[time_key] if time_key is not None else None
         out.append(make_episode(spec, source, episode, ep_robot, times, rate, {s: g.get(s) for s in spec.streams}))
     return out
@@ -729,7 +778,7 @@ def read_npz(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Outcom
 
 def _npz_robot(arrays: Mapping[str, Any]) -> str:
     r = arrays.get("robot")
-    return str(r.reshape(-1)[0]) if isinstance(r, np.ndarray) and r.dtype.kind in "US" and r.size else ""
+    return _robot_name(r) if isinstance(r, np.ndarray) else ""
 
 
 # --------------------------------------------------------------------------- dispatch
