@@ -18,6 +18,8 @@ from trajflow.config.formats import (
     DNS_SUBDOMAIN,
     DURATION,
     IMAGE_DIGEST,
+    IMAGE_REGISTRY_OR_EMPTY,
+    IMAGE_REPOSITORY,
     IMAGE_TAG,
     LABEL_VALUE,
     OBJECT_NAME_OR_EMPTY,
@@ -93,8 +95,9 @@ def any_object(description: str = "") -> dict[str, Any]:
 def image() -> dict[str, Any]:
     return closed(
         {
-            "registry": string("Image registry; global.imageRegistry replaces it when set"),
-            "repository": string("Image repository", minLength=1),
+            "registry": string("Image registry; global.imageRegistry replaces it when set",
+                               pattern=IMAGE_REGISTRY_OR_EMPTY),
+            "repository": string("Image repository", pattern=IMAGE_REPOSITORY),
             "tag": string("Image tag; empty: the chart's appVersion", pattern=IMAGE_TAG),
             "digest": string("Image digest", pattern=IMAGE_DIGEST),
             "pullPolicy": {"type": "string", "enum": ["Always", "IfNotPresent", "Never"]},

@@ -196,6 +196,11 @@ BAD_VALUES = {
     "pod as root": ({"training.podSecurityContext.runAsNonRoot": False},
                     ["training", "/podSecurityContext/runAsNonRoot"]),
     "bad image digest": ({"downloader.image.digest": "latest"}, ["downloader", "/image/digest"]),
+    # the kubelet refuses such an image name: the pods would wait forever in InvalidImageName
+    "registry with a scheme": ({"global.imageRegistry": "https://ghcr.io"}, ["/global/imageRegistry"]),
+    "stage registry with a scheme": ({"training.image.registry": "https://ghcr.io"}, ["training", "/image/registry"]),
+    "repository in capitals": ({"preprocessing.image.repository": "Trajflow/GPU"},
+                               ["preprocessing", "/image/repository"]),
     "bad pull policy": ({"downloader.image.pullPolicy": "Sometimes"}, ["downloader", "/image/pullPolicy"]),
     "bad toleration operator": ({"preprocessing.tolerations": [{"key": "gpu", "operator": "Maybe"}]},
                                 ["preprocessing", "/tolerations/0/operator"]),
@@ -277,6 +282,8 @@ def test_bad_values_are_rejected_naming_the_key(case):
 # values the API server accepts, so the schema must too
 GOOD_VALUES = {
     "pull secret with dots": {"global.imagePullSecrets": [{"name": "ghcr.io-creds"}]},
+    "registry mirror with a port and a path": {"global.imageRegistry": "registry.local:5000/mirror/ml",
+                                               "downloader.image.registry": "localhost:5000"},
     "huge pages": {"training.resources.limits.hugepages-2Mi": "1Gi", "training.resources.requests.hugepages-2Mi": "1Gi"},
     "quantities of every form": {"preprocessing.resources.requests.cpu": "500m",
                                  "preprocessing.resources.requests.memory": "1.5Gi",

@@ -84,7 +84,7 @@ class ArgoCD(Model):
 
 class GlobalConfig(Model):
     run_id: str = Field("default", pattern=formats.DNS_LABEL, max_length=40, description="Run directory under the storage root.")
-    image_registry: str = Field("", description="Registry prefixed to every image.")
+    image_registry: str = Field("", pattern=formats.IMAGE_REGISTRY_OR_EMPTY, description="Registry prefixed to every image.")
     image_pull_secrets: list[ImagePullSecret] = Field(default_factory=list)
     argocd: ArgoCD = Field(default_factory=ArgoCD)
     storage: Storage = Field(default_factory=Storage)
