@@ -117,6 +117,9 @@ def test_environment_values_pass_the_schema_and_the_models(env):
 
 
 # (values given with --set-json semantics, fragments the error must contain)
+CATALOG = {"type": "catalog", "name": "xena", "urlTemplate": "https://hub/{cohort}/{file}.gz", "cohorts": ["A"],
+           "categories": {"m": "HiSeqV2"}}
+
 BAD_VALUES = {
     "negative parallelism": ({"downloader.parallelism": -1}, ["downloader", "/parallelism", "minimum"]),
     "zero shards": ({"downloader.shards": 0}, ["downloader", "/shards", "minimum"]),
@@ -227,6 +230,28 @@ BAD_VALUES = {
     "unknown config key": ({"preprocessing.config.targetRate": 50}, ["preprocessing", "'targetRate' not allowed"]),
     "unknown source type": ({"downloader.config.sources": [{"type": "ftp", "name": "x", "url": "ftp://h/x"}]},
                             ["downloader", "/config/sources/0"]),
+    # the stage models' own rules on one value, as far as a JSON schema can tell them: a pod
+    # would refuse these at its start, after the install had succeeded
+    "cohort with a slash": ({"downloader.config.sources": [dict(CATALOG, cohorts=["A/B"])]},
+                            ["downloader", "/config/sources/0"]),
+    "cohort twice": ({"downloader.config.sources": [dict(CATALOG, cohorts=["A", "A"])]},
+                     ["downloader", "/config/sources/0"]),
+    "url template without {cohort}": ({"downloader.config.sources": [dict(CATALOG, urlTemplate="https://h/{file}.gz")]},
+                                      ["downloader", "/config/sources/0"]),
+    "url template with a typo": ({"downloader.config.sources": [dict(CATALOG, urlTemplate="https://h/{cohort}/{fil}")]},
+                                 ["downloader", "/config/sources/0"]),
+    "empty file part": ({"downloader.config.sources": [dict(CATALOG, categories={"m": ""})]},
+                        ["downloader", "/config/sources/0"]),
+    "file part with an unknown field": ({"downloader.config.sources": [dict(CATALOG, categories={"m": "{x}"})]},
+                                        ["downloader", "/config/sources/0"]),
+    "checksum not hex": ({"downloader.config.sources": [dict(CATALOG, checksums={"A/x.gz": "zz"})]},
+                         ["downloader", "/config/sources/0"]),
+    "destination out of the source": (
+        {"downloader.config.sources": [{"type": "https", "name": "w", "urls": [{"url": "https://h/x", "path": "../x"}]}]},
+        ["downloader", "/config/sources/0"]),
+    "stream twice": ({"preprocessing.config.streams": ["a", "a"]}, ["preprocessing", "/config/streams"]),
+    "empty stream name": ({"preprocessing.config.streams": [""]}, ["preprocessing", "/config/streams/0"]),
+    "reserved stream name": ({"preprocessing.config.streams": ["__metadata__"]}, ["preprocessing", "/config/streams/0"]),
     "unknown model type": ({"training.config.model.type": "mamba"}, ["training", "/config/model/type"]),
     "network policy switch of the wrong type": ({"networkPolicy.enabled": "yes"}, ["/networkPolicy/enabled"]),
     "missing required stage key": ({"downloader.image": None}, ["downloader", "missing property 'image'"]),
@@ -258,6 +283,14 @@ BAD_COMBINATIONS = {
     "per-source settings of no source": (
         {"preprocessing.config.sources": {"sims": {"rateHz": 20}}},
         ["preprocessing.config.sources.sims names no source of downloader.config.sources ("]),
+    "two sources of one name": ({"downloader.config.sources": [CATALOG, dict(CATALOG, cohorts=["B"])]},
+                                ['downloader.config.sources: two sources are named "xena"']),
+    "transformer heads that do not divide its width": (
+        {"training.config.model": {"type": "transformer", "hiddenSize": 130, "numHeads": 4}},
+        ["training.config.model.hiddenSize (130) must be a multiple of training.config.model.numHeads (4)"]),
+    "behaviour cloning of a stream onto itself": (
+        {"training.config.observation": "action"},
+        ['training.config.observation and training.config.action are both "action"']),
     "extra mount at the data path": (
         {"global.storage.filesystem.path": "/mnt/data/", "training.extraVolumes": [{"name": "x", "emptyDir": {}}],
          "training.extraVolumeMounts": [{"name": "x", "mountPath": "/mnt//data"}]},
@@ -282,6 +315,11 @@ def test_bad_values_are_rejected_naming_the_key(case):
 # values the API server accepts, so the schema must too
 GOOD_VALUES = {
     "pull secret with dots": {"global.imagePullSecrets": [{"name": "ghcr.io-creds"}]},
+    "catalog with literal braces and every placeholder": {"downloader.config.sources": [dict(
+        CATALOG, urlTemplate="https://hub/{{x}}/{cohort}/{category}-{file}.gz", cohorts=["A", "B.1"],
+        categories={"m": "{cohort}_{category}"}, checksums={"A/m.gz": "0" * 64, "B.1/m.gz": "f" * 32})]},
+    "https item with a nested destination": {"downloader.config.sources": [
+        {"type": "https", "name": "w", "urls": [{"url": "https://h/x", "path": "a/.b/x"}]}]},
     "registry mirror with a port and a path": {"global.imageRegistry": "registry.local:5000/mirror/ml",
                                                "downloader.image.registry": "localhost:5000"},
     "huge pages": {"training.resources.limits.hugepages-2Mi": "1Gi", "training.resources.requests.hugepages-2Mi": "1Gi"},

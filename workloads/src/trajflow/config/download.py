@@ -21,7 +21,7 @@ from trajflow.config.base import Model
 from trajflow.errors import ConfigError
 
 _PATH_PART = re.compile(formats.SOURCE_NAME)
-_HEX_DIGEST = re.compile(r"^([0-9a-f]{32}|[0-9a-f]{64})$")
+_HEX_DIGEST = re.compile(formats.CHECKSUM_HEX)
 
 
 def _check_relative_path(value: str, what: str) -> str:
@@ -72,7 +72,10 @@ class S3Source(_Source):
 
 class UrlItem(Model):
     url: str = Field(pattern=formats.HTTP_URL, description="URL to fetch.")
-    path: str = Field("", description="Destination path under the source; default: the URL's file name.")
+    # json_schema_extra: the rules the validators below apply, as far as the charts' schema (and
+    # so `helm install`) can check them; the validators keep their own, clearer messages
+    path: str = Field("", description="Destination path under the source; default: the URL's file name.",
+                      json_schema_extra={"pattern": formats.RELATIVE_PATH_OR_EMPTY})
     sha256: str = Field("", pattern=formats.SHA256_HEX_OR_EMPTY, description="Expected SHA-256 (lowercase hex).")
     md5: str = Field("", pattern=formats.MD5_HEX_OR_EMPTY, description="Expected MD5 (lowercase hex).")
     size: int | None = Field(None, ge=0, description="Expected size in bytes; saves a HEAD request when planning.")
@@ -112,15 +115,22 @@ class CatalogSource(_Source):
     url_template: str = Field(
         pattern=formats.HTTP_URL,
         description="URL with {cohort} and {file} (or {category}) placeholders.",
+        json_schema_extra={"allOf": [{"pattern": formats.URL_TEMPLATE_FIELDS}, {"pattern": r"\{cohort\}"},
+                                     {"pattern": r"\{(file|category)\}"}]},
     )
-    cohorts: list[str] = Field(min_length=1, description="Cohorts (e.g. BRCA, LUAD); each gets its own directory.")
+    cohorts: list[str] = Field(min_length=1, description="Cohorts (e.g. BRCA, LUAD); each gets its own directory.",
+                               json_schema_extra={"uniqueItems": True,
+                                                  "items": {"type": "string", "pattern": formats.SOURCE_NAME}})
     categories: dict[str, str] = Field(
         min_length=1,
         description="category -> file name part substituted as {file}; it may itself use {cohort} and {category}.",
+        json_schema_extra={"additionalProperties": {"type": "string", "pattern": formats.FILE_PART}},
     )
     checksums: dict[str, str] = Field(
         default_factory=dict,
         description="<cohort>/<file name> -> expected checksum (64 hex: SHA-256, 32 hex: MD5), when the hub lists them.",
+        json_schema_extra={"additionalProperties": {"type": "string", "pattern": formats.CHECKSUM_HEX},
+                           "propertyNames": {"pattern": formats.RELATIVE_PATH_OR_EMPTY, "minLength": 1}},
     )
     ca_bundle: str = Field("", description="PEM file of CAs to trust (mounted into the pod); empty: the system CAs.")
     auth_token_env: str = Field("", pattern=formats.ENV_NAME_OR_EMPTY, description="Environment variable holding a bearer token sent to the hub.")

@@ -43,6 +43,11 @@ S3_BUCKET_OR_EMPTY = r"^([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])?$"
 # '/'-separated names, none empty, '.' or '..' (RE2, as Helm's schema check runs it, has no lookahead)
 _KEY_SEGMENT = r"([^/\\.][^/\\]*|\.[^/\\.][^/\\]*|\.\.[^/\\]+)"
 S3_KEY_PREFIX = rf"^/?({_KEY_SEGMENT}(/{_KEY_SEGMENT})*)?/?$"
+RELATIVE_PATH_OR_EMPTY = rf"^({_KEY_SEGMENT}(/{_KEY_SEGMENT})*)?$"
+CHECKSUM_HEX = r"^([0-9a-f]{32}|[0-9a-f]{64})$"
+# str.format fields of a catalog's URL template and file parts ({{ and }} are literal braces)
+URL_TEMPLATE_FIELDS = r"^([^{}]|\{\{|\}\}|\{(cohort|category|file)\})*$"
+FILE_PART = r"^([^{}]|\{\{|\}\}|\{(cohort|category)\})+$"
 HTTP_URL = r"^https?://[^/?#@\s]+([/?#].*)?$"  # a host, and no user:password@ (urllib3 would not send it)
 HTTP_URL_OR_EMPTY = r"^(https?://[^/\s]+.*)?$"
 PUSHGATEWAY_URL = r"^((https?://[^/\s]+|\{\{).*)?$"
@@ -82,6 +87,11 @@ IN_WORDS = {
     S3_BUCKET_OR_EMPTY: "empty or a bucket name: 3-63 lowercase letters, digits, '.' and '-', starting and ending with "
                         "a letter or digit",
     S3_KEY_PREFIX: "a key prefix: names joined by '/', none of them empty, '.' or '..', and no backslash",
+    RELATIVE_PATH_OR_EMPTY: "empty or a relative path: names joined by '/', none of them empty, '.' or '..', "
+                            "and no backslash",
+    CHECKSUM_HEX: "64 (SHA-256) or 32 (MD5) lowercase hex digits",
+    URL_TEMPLATE_FIELDS: "a template whose only placeholders are {cohort}, {category} and {file}",
+    FILE_PART: "a file name part whose only placeholders are {cohort} and {category}",
     HTTP_URL: "an http:// or https:// URL with a host and no user:password@ (a token goes in authTokenEnv)",
     HTTP_URL_OR_EMPTY: "empty or an http:// or https:// URL with a host",
     PUSHGATEWAY_URL: "empty, an http:// or https:// URL with a host, or a Helm template starting with {{",

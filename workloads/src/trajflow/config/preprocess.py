@@ -10,6 +10,9 @@ from trajflow.config.base import Model
 Format = Literal["auto", "lerobot", "robomimic", "npz"]
 # safetensors keeps this name for the file's metadata (the shard's index lives there)
 RESERVED_STREAM_NAME = "__metadata__"
+# what `_outputs_are_one_set` checks of a streams list alone, for the charts' schema
+_STREAMS_SCHEMA = {"uniqueItems": True,
+                   "items": {"type": "string", "minLength": 1, "not": {"const": RESERVED_STREAM_NAME}}}
 # the settings a shard's contents depend on (the others only change how fast it is made or
 # when it fails); a shard's manifest records them
 OUTPUT_SETTINGS = ("format", "streams", "renames", "time_key", "rate_hz", "robot", "target_rate_hz", "min_length",
@@ -29,7 +32,8 @@ class SourceOverrides(Model):
     anything left unset falls back to the top-level value."""
 
     format: Optional[Format] = Field(None, description="Raw file format of this source.")
-    streams: Optional[list[str]] = Field(None, min_length=1, description="Raw stream names to read from this source.")
+    streams: Optional[list[str]] = Field(None, min_length=1, description="Raw stream names to read from this source.",
+                                         json_schema_extra=_STREAMS_SCHEMA)
     renames: Optional[dict[str, Optional[str]]] = Field(
         None, description="Raw stream name -> output stream name, for this source, in place of the top level's "
         "(null drops an entry another values file set)."
@@ -52,6 +56,7 @@ class PreprocessConfig(Model):
         min_length=1,
         description="Raw streams to resample: parquet columns, HDF5 datasets under each demo or npz keys. Episodes "
         "lacking one, or unlike most first good ones in widths, are quarantined.",
+        json_schema_extra=_STREAMS_SCHEMA,
     )
     renames: dict[str, Optional[str]] = Field(
         default_factory=dict, description="Raw stream name -> name in the output shards (null drops an entry another "
