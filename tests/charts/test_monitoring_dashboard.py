@@ -3,7 +3,8 @@ series (every variable at its default, All): a shard is one (run, stage, shard),
 earlier run does not hide the current run's shard, a retried training pod (the failed pod's
 pushed final values next to the new pod's scraped ranks) is running, not failed, its live
 figures are shown rather than the failed pod's, and panels about running shards leave
-finished ones out."""
+finished ones out, and killed ones too: a pushed shard whose pushes stopped without an end time
+(OOM, SIGKILL) is not running."""
 from __future__ import annotations
 
 from typing import Any
@@ -20,11 +21,17 @@ SCRAPED = 'namespace="trajflow", job="trajflow/trajflow-monitoring-training", po
 
 
 def _shard(labels: str, run: str, stage: str, shard: str, *, end: float, success: float, start: float,
-           progress: float, extra: str = "", **gauges: float) -> list[dict[str, str]]:
+           progress: float, extra: str = "", killed: bool = False, **gauges: float) -> list[dict[str, str]]:
+    """The shard's series; a pushed one's group also has the Pushgateway's push time: pushed
+    every minute while it runs, frozen at its end (or, killed, at its last push)."""
     sel = f'{labels}, run="{run}", stage="{stage}", shard="{shard}"{extra}'
     values = {"trajflow_stage_end_time_seconds": end, "trajflow_stage_success": success,
               "trajflow_stage_start_time_seconds": start, "trajflow_stage_last_progress_time_seconds": progress, **gauges}
-    return [{"series": f"{name}{{{sel}}}", "values": f"{value:g}x10"} for name, value in values.items()]
+    out = [{"series": f"{name}{{{sel}}}", "values": f"{value:g}x10"} for name, value in values.items()]
+    if labels == PUSHED:
+        pushes = "0+60x10" if end == 0 and not killed else f"{end or progress:g}x10"
+        out.append({"series": f"push_time_seconds{{{sel}}}", "values": pushes})
+    return out
 
 
 TRAIN_FIGURES = {
@@ -38,8 +45,13 @@ SERIES: list[dict[str, str]] = [
     # download: an earlier run's shard 0 finished well (still in the Pushgateway); the current
     # run's shard 0 is running and its shard 1 failed
     *_shard(PUSHED, "old", "download", "0", end=1000, success=1, start=5, progress=990),
-    *_shard(PUSHED, "new", "download", "0", end=0, success=0, start=100, progress=270),
+    *_shard(PUSHED, "new", "download", "0", end=0, success=0, start=100, progress=270,
+            trajflow_download_inflight=3, trajflow_download_bytes_completed=50, trajflow_download_bytes_planned=100),
     *_shard(PUSHED, "new", "download", "1", end=200, success=0, start=100, progress=150),
+    # shard 2 was SIGKILLed while planning (nothing planned yet): end time 0 and its last values
+    # stay in the Pushgateway, but its pushes stopped
+    *_shard(PUSHED, "new", "download", "2", end=0, success=0, start=100, progress=120, killed=True,
+            trajflow_download_inflight=4, trajflow_download_bytes_completed=0, trajflow_download_bytes_planned=0),
     # training: the first pod failed and pushed its final values; the retried pod is scraped
     *_shard(PUSHED, "r1", "train", "0", end=100, success=0, start=10, progress=90, extra=', local_rank="0"'),
     *_shard(SCRAPED, "r1", "train", "0", end=0, success=0, start=200, progress=280, extra=', local_rank="0"'),
@@ -58,6 +70,9 @@ SERIES: list[dict[str, str]] = [
             trajflow_preprocess_bandwidth_bytes_per_second=1e9),
     *_shard(PUSHED, "r1", "preprocess", "2", end=0, success=0, start=60, progress=290,
             trajflow_preprocess_bandwidth_bytes_per_second=1e9),
+    # shard 3 was OOM-killed: its last values stay, its pushes stopped
+    *_shard(PUSHED, "r1", "preprocess", "3", end=0, success=0, start=20, progress=40, killed=True,
+            trajflow_preprocess_bandwidth_bytes_per_second=1e9),
 ]
 
 EXPECTED: dict[str, list[tuple[str, float]]] = {
@@ -69,12 +84,16 @@ EXPECTED: dict[str, list[tuple[str, float]]] = {
     "panel 'Shard wall time' B": [
         ('{stage="download", shard="0"}', 200), ('{stage="train", shard="0"}', 100), ('{stage="preprocess", shard="2"}', 240)],
     "panel 'Preprocessing I/O' C": [("{}", 1e9)],
+    "panel 'Downloads in flight' A": [('{shard="0"}', 3)],
+    # by run (and release), and nothing for a shard with nothing planned
+    "panel 'Download progress by shard' A": [('{run="new", shard="0"}', 0.5)],
     # the old run's success does not hide the new run's running and failed download shard 0 and 1
     "panel 'Stage outcome' A": [
         ('{run="old", stage="download", shard="0"}', 1), ('{run="new", stage="download", shard="0"}', 0),
-        ('{run="new", stage="download", shard="1"}', 0), ('{run="r1", stage="train", shard="0"}', 0),
+        ('{run="new", stage="download", shard="1"}', 0), ('{run="new", stage="download", shard="2"}', 0),
+        ('{run="r1", stage="train", shard="0"}', 0),
         ('{run="r1", stage="preprocess", shard="0"}', 1), ('{run="r1", stage="preprocess", shard="1"}', 1),
-        ('{run="r1", stage="preprocess", shard="2"}', 0)],
+        ('{run="r1", stage="preprocess", shard="2"}', 0), ('{run="r1", stage="preprocess", shard="3"}', 0)],
     # the live figures, not the failed attempt's; steps/s of the run, not summed over its ranks
     "panel 'Training loss' A": [('{run="r1", split="train"}', 0.3)],
     "panel 'Training loss' B": [('{run="r1"}', 0.1)],

@@ -283,6 +283,10 @@ BAD_COMBINATIONS = {
     "per-source settings of no source": (
         {"preprocessing.config.sources": {"sims": {"rateHz": 20}}},
         ["preprocessing.config.sources.sims names no source of downloader.config.sources ("]),
+    "pushes too slow for the stall alert": (
+        {"monitoring.enabled": True, "preprocessing.config.pushIntervalSeconds": 150},
+        ["preprocessing.config.pushIntervalSeconds (150) must be under half of "
+         "monitoring.prometheusRule.runningPushMaxAge (5m)"]),
     "two sources of one name": ({"downloader.config.sources": [CATALOG, dict(CATALOG, cohorts=["B"])]},
                                 ['downloader.config.sources: two sources are named "xena"']),
     "transformer heads that do not divide its width": (

@@ -819,6 +819,63 @@ def test_a_resumed_run_pushes_where_it_stands(tmp_path: Path, pushgateway) -> No
     assert pushed("trajflow_train_loss", 'split="val"') == pytest.approx(first["history"][-1]["val_loss"])
 
 
+@pytest.mark.parametrize("recorded", [True, False], ids=["time in the payload", "older payload: file time"])
+def test_a_resumed_run_reports_its_checkpoints_time_not_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             recorded: bool) -> None:
+    """The checkpoint-age alert falls back to the process start on a 0: a crash-looping run
+    that resumes from the same checkpoint again and again would never look overdue."""
+    from trajflow.train import loop
+
+    settings, storage = small_run(tmp_path, epochs=1)
+    train(settings)
+    info = max(CheckpointStore(storage).list(), key=lambda c: c.step)  # the one a rerun resumes from
+    written = CheckpointStore(storage).load(info)["written_at"]
+    assert 0 < written <= time.time()
+    if not recorded:  # a checkpoint of a version that did not record the time
+        load = CheckpointStore.load
+        monkeypatch.setattr(CheckpointStore, "load", lambda self, i, *a, **k: {
+            key: v for key, v in load(self, i, *a, **k).items() if key != "written_at"})
+        written = 1_700_000_000.0
+        os.utime(tmp_path / "run" / info.key, (written, written))
+    seen: list[float | None] = []
+    restore = loop.Trainer._restore_gauges
+
+    def spy(self):  # type: ignore[no-untyped-def]
+        restore(self)
+        seen.append(self.metrics.registry.get_sample_value("trajflow_train_last_checkpoint_time_seconds"))
+
+    monkeypatch.setattr(loop.Trainer, "_restore_gauges", spy)
+    train(settings)
+    assert seen == [pytest.approx(written)]
+
+
+def test_training_reports_progress_once_its_data_is_ready_and_after_each_validation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stall alert counts a rank's time without progress from its last progress: a load
+    or a validation pass, not only a step, is progress."""
+    from trajflow.train import loop
+
+    settings, _ = small_run(tmp_path, epochs=1)
+    seen: list[tuple[str, float]] = []
+    evaluate = loop.Trainer.evaluate
+
+    def spy(self, *args):  # type: ignore[no-untyped-def]
+        seen.append(("before", self.metrics.registry.get_sample_value("trajflow_stage_last_progress_time_seconds")))
+        started = time.time()
+        loss = evaluate(self, *args)
+        progress = self.metrics.registry.get_sample_value("trajflow_stage_last_progress_time_seconds")
+        seen.append(("after", progress - started))
+        return loss
+
+    monkeypatch.setattr(loop.Trainer, "evaluate", spy)
+    before_run = time.time()
+    train(settings)
+    # the initial validation runs before any step, once the data is ready
+    assert seen[0][0] == "before" and seen[0][1] >= before_run
+    assert [when for when, _ in seen] == ["before", "after"] * 2  # initial and end-of-epoch validation
+    assert all(delta >= 0 for when, delta in seen if when == "after")
+
+
 def test_the_learning_rate_gauge_is_set_before_any_step_logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A dashboard reads the gauges from the first push: a rate of 0 until the first logged step would be drawn."""
     from trajflow.train import loop

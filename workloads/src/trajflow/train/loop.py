@@ -201,6 +201,7 @@ class Trainer:
         self.hash = config_hash(self.config)
         self.state = TrainerState()
         self.last_checkpoint: CheckpointInfo | None = None
+        self.checkpoint_written_at = 0.0  # of the checkpoint resumed from (0: unknown)
         self.status = "running"
         self._stop_signal: int | None = None  # a stop signal noted while the epochs run
         self.device = dist.device
@@ -342,6 +343,14 @@ class Trainer:
              "restart": self.dist.restart_count, "world_size": self.dist.world_size}
         )
         self.last_checkpoint = info
+        # the checkpoint's age goes on from its writing, not from this process's start (a
+        # crash-looping run would never look overdue); older payloads: the file's time
+        written_at = payload.get("written_at")
+        if written_at is None:
+            with contextlib.suppress(OSError):
+                stat = self.storage.stat(info.key)
+                written_at = stat.modified_ns / 1e9 if stat is not None else None
+        self.checkpoint_written_at = float(written_at or 0.0)
         self._log("resumed from checkpoint", key=info.key, step=info.step, epoch=info.epoch,
                   batch_in_epoch=info.batch_in_epoch)
         return True
@@ -364,12 +373,13 @@ class Trainer:
                 "spec": model.spec.to_json(),
                 "rate_hz": self.rate_hz,
                 "data_moments": None if self.data_moments is None else self.data_moments.tolist(),
+                "written_at": time.time(),
             }
             self.last_checkpoint = self.store.save(
                 payload, step=self.state.step, epoch=self.state.epoch, batch_in_epoch=self.state.batch_in_epoch,
                 val_loss=val_loss, config_hash=self.hash,
             )
-            self.metrics.checkpoint_time.set(time.time())
+            self.metrics.checkpoint_time.set(payload["written_at"])
             log.debug("checkpoint written", extra={"key": self.last_checkpoint.key})
 
     # ---- steps --------------------------------------------------------------------------
@@ -423,6 +433,7 @@ class Trainer:
             sums[1] += err.shape[0]
         self.dist.all_reduce_sum(sums)
         model.train(was_training)
+        self.metrics.last_progress.set(time.time())  # a validation pass is progress too (no steps meanwhile)
         return float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
 
     def _diverged(self, loss: float, epoch: int, split: str) -> TrainingDiverged:
@@ -463,6 +474,9 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg, per_epoch * cfg.epochs))
 
         (in_mean, in_std), (out_mean, out_std) = self.scan_data(data)
+        # the data is fetched, verified and scanned: progress, for the stall alert that
+        # otherwise counts from the start (a long load is not a hang)
+        self.metrics.last_progress.set(time.time())
         resumed = self.resume(model, optimizer, scheduler)
         st = self.state
         # the configured learning rate and weight decay apply from here on, also when they
@@ -613,6 +627,8 @@ class Trainer:
         """A resumed run's gauges say where the run stands from its first push on, also when
         the checkpoint is the final one and no epoch is left to set them."""
         st, m = self.state, self.metrics
+        if self.checkpoint_written_at > 0:
+            m.checkpoint_time.set(self.checkpoint_written_at)
         m.epoch.set(st.history[-1]["epoch"] if self.finished() and st.history else st.epoch)
         if st.best_val_loss is not None:
             m.best_val_loss.set(st.best_val_loss)

@@ -86,14 +86,22 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
       and on ({{ $byShard }})
         max by ({{ $byShard }}) (trajflow_stage_end_time_seconds{{ $liveTrain }}) == 0
       and on ({{ $byShard }})
-        min by ({{ $byShard }}) (time() - trajflow_stage_start_time_seconds{{ $liveTrain }}) > {{ include "monitoring.seconds" .window }}
+        (
+            (time() - (max by ({{ $byShard }}) (trajflow_stage_last_progress_time_seconds{{ $liveTrain }}) > 0)) > {{ include "monitoring.seconds" .window }}
+          or
+            (
+                min by ({{ $byShard }}) (time() - trajflow_stage_start_time_seconds{{ $liveTrain }}) > {{ include "monitoring.seconds" .startupWindow }}
+              unless on ({{ $byShard }})
+                max by ({{ $byShard }}) (trajflow_stage_last_progress_time_seconds{{ $liveTrain }}) > 0
+            )
+        )
     )
   for: {{ .for }}
   labels:
     {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
   annotations:
     summary: {{ printf "Stage {{ $labels.stage }} shard {{ $labels.shard }} of run {{ $labels.run }} made no progress for %s" .window | quote }}
-    description: {{ printf "The shard is still running (it keeps pushing metrics and has not finished) but added no bytes, finished no items (moving already verified ones after a re-shard counts), added no trajectories and took no training steps in %s. Look for a hung source, a stuck storage mount or a deadlocked process in its pod's log." .window | quote }}
+    description: {{ printf "The shard is still running (it keeps pushing metrics and has not finished) but added no bytes, finished no items (moving already verified ones after a re-shard counts), added no trajectories and took no training steps in %s. A training rank counts from its last progress (its data ready, a step, a validation pass), or from its start when its data is not ready %s after it. Look for a hung source, a stuck storage mount or a deadlocked process in its pod's log." .window .startupWindow | quote }}
 {{- end }}{{ end }}
 {{- with $a.downloadErrorRatio }}{{ if .enabled }}
 - alert: TrajflowDownloadErrorRatioHigh
@@ -151,12 +159,14 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
 - alert: TrajflowMetricsPushRejected
   expr: |
     push_failure_time_seconds{{ $push }} > push_time_seconds{{ $push }}
+    and
+      (time() - push_failure_time_seconds{{ $push }}) < {{ include "monitoring.seconds" .quietAfter }}
   for: {{ .for }}
   labels:
     {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
   annotations:
     summary: {{ `The Pushgateway rejected the latest push of {{ $labels.stage }} shard {{ $labels.shard }} (run {{ $labels.run }})` | quote }}
-    description: {{ `The group keeps its older values, so the progress alerts see a frozen shard. The Pushgateway's log names the cause (usually a metric pushed with another type or help text by a different trajflow version).` | quote }}
+    description: {{ printf "The group keeps its older values, so the progress alerts see a frozen shard. The Pushgateway's log names the cause (usually a metric pushed with another type or help text by a different trajflow version). A rejected push stops alerting %s after it (the stage is over)." .quietAfter | quote }}
 {{- end }}{{ end }}
 {{- end -}}
 
