@@ -396,6 +396,9 @@ def training_vocabulary() -> dict[str, Any]:
         "nodes": integer("Training pods (rendezvous nodes)", minimum=1, maximum=10000),
         "nprocPerNode": integer("Worker processes per pod; null: the GPU limit", minimum=1, maximum=64, nullable=True),
         "maxRestarts": integer("Restarts of the worker group (the launcher's --max-restarts)", minimum=0, maximum=1000),
+        # the launcher's shutdown timeout is this - 15 s, and must be positive
+        "terminationGracePeriodSeconds": integer("Seconds a pod has to stop after SIGTERM", minimum=30,
+                                                 maximum=86400),
         "launcher": {"type": "string", "enum": ["job", "pytorchjob"]},
         "rendezvous": closed(
             {

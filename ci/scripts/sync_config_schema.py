@@ -102,7 +102,8 @@ def stage_schema(workload: dict[str, Any], stage: str) -> dict[str, Any]:
     if stage == "training":
         properties.update(parts.wait_vocabulary("How long the pods wait for every preprocessed shard"))
         properties.update(parts.training_vocabulary())
-        required += ["waitResources", "waitTimeout", "nodes", "maxRestarts", "launcher", "rendezvous",
+        required += ["waitResources", "waitTimeout", "nodes", "maxRestarts", "terminationGracePeriodSeconds", "launcher",
+                     "rendezvous",
                      "clusterDomain", "inputShards"]
     properties["config"] = config_schema(workload, stage)
     return {

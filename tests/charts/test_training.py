@@ -361,3 +361,31 @@ def test_store_read_timeout_follows_the_join_timeout(launcher):
     from torch.distributed.elastic.rendezvous.utils import _parse_rendezvous_config as parse_rendezvous_config
     parsed = parse_rendezvous_config(conf.split("=", 1)[1])
     assert parsed == {"join_timeout": "900", "read_timeout": "900"}
+
+
+@pytest.mark.parametrize("launcher", ["job", "pytorchjob"])
+def test_workers_get_the_grace_period_to_checkpoint(launcher):
+    """A SIGTERM (drain, preemption, an upgrade replacing the Job) gives the workers the pod's
+    grace period to reach their next step and checkpoint; torch's agent otherwise kills them
+    after 30 s, whatever the grace period."""
+    from torch.distributed.run import config_from_args, parse_args
+
+    objs = render([env_file("production")], {"training.launcher": launcher, "training.terminationGracePeriodSeconds": 600},
+                  api_versions=[*PROMETHEUS_OPERATOR_APIS, *KUBEFLOW_APIS])
+    workload = one(objs, "Job" if launcher == "job" else "PyTorchJob", "training")
+    spec = pod_spec(workload)
+    assert spec["terminationGracePeriodSeconds"] == 600
+    train = next(c for c in spec["containers"])
+    timeout = env_of(train)["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]
+    assert 0 < int(timeout) < 600
+    # the variable is the one the launcher's torch reads (its --shutdown-timeout default)
+    import os
+    from unittest import mock
+    with mock.patch.dict(os.environ, {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": timeout}):
+        config, _, _ = config_from_args(parse_args(["--nnodes=1", "--nproc-per-node=1", "x.py"]))
+    assert config.shutdown_timeout == int(timeout)
+
+
+def test_a_grace_period_too_short_for_the_launcher_is_refused():
+    with pytest.raises(helm.HelmValuesError, match="terminationGracePeriodSeconds"):
+        render(set_values={"training.terminationGracePeriodSeconds": 20})

@@ -39,6 +39,15 @@ variable), so reaching the workers' store needs no DNS record of the pod.
 - --local-addr=$(POD_IP)
 {{- end -}}
 
+{{/*
+How long the launcher gives its workers to stop after SIGTERM before it kills them: the
+pod's grace period less 15 s for the launcher's own exit (torch's default is 30 s, however
+long the grace period).
+*/}}
+{{- define "trajflow.training.shutdownEnv" -}}
+{{- toJson (dict "name" "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" "value" (toString (sub (int .Values.terminationGracePeriodSeconds) 15))) -}}
+{{- end -}}
+
 {{/* The pod's IP (`POD_IP`), the address the launcher gives the other nodes. */}}
 {{- define "trajflow.training.podIpEnv" -}}
 {{- toJson (dict "name" "POD_IP" "valueFrom" (dict "fieldRef" (dict "fieldPath" "status.podIP"))) -}}
