@@ -115,8 +115,8 @@ class CatalogSource(_Source):
     url_template: str = Field(
         pattern=formats.HTTP_URL,
         description="URL with {cohort} and {file} (or {category}) placeholders.",
-        json_schema_extra={"allOf": [{"pattern": formats.URL_TEMPLATE_FIELDS}, {"pattern": r"\{cohort\}"},
-                                     {"pattern": r"\{(file|category)\}"}]},
+        json_schema_extra={"allOf": [{"pattern": formats.URL_TEMPLATE_FIELDS}, {"pattern": formats.HAS_COHORT_FIELD},
+                                     {"pattern": formats.HAS_FILE_FIELD}]},
     )
     cohorts: list[str] = Field(min_length=1, description="Cohorts (e.g. BRCA, LUAD); each gets its own directory.",
                                json_schema_extra={"uniqueItems": True,

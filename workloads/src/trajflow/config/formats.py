@@ -48,6 +48,8 @@ CHECKSUM_HEX = r"^([0-9a-f]{32}|[0-9a-f]{64})$"
 # str.format fields of a catalog's URL template and file parts ({{ and }} are literal braces)
 URL_TEMPLATE_FIELDS = r"^([^{}]|\{\{|\}\}|\{(cohort|category|file)\})*$"
 FILE_PART = r"^([^{}]|\{\{|\}\}|\{(cohort|category)\})+$"
+HAS_COHORT_FIELD = r"\{cohort\}"
+HAS_FILE_FIELD = r"\{(file|category)\}"
 HTTP_URL = r"^https?://[^/?#@\s]+([/?#].*)?$"  # a host, and no user:password@ (urllib3 would not send it)
 HTTP_URL_OR_EMPTY = r"^(https?://[^/\s]+.*)?$"
 PUSHGATEWAY_URL = r"^((https?://[^/\s]+|\{\{).*)?$"
@@ -92,6 +94,8 @@ IN_WORDS = {
     CHECKSUM_HEX: "64 (SHA-256) or 32 (MD5) lowercase hex digits",
     URL_TEMPLATE_FIELDS: "a template whose only placeholders are {cohort}, {category} and {file}",
     FILE_PART: "a file name part whose only placeholders are {cohort} and {category}",
+    HAS_COHORT_FIELD: "a template with a {cohort} placeholder",
+    HAS_FILE_FIELD: "a template with a {file} or {category} placeholder",
     HTTP_URL: "an http:// or https:// URL with a host and no user:password@ (a token goes in authTokenEnv)",
     HTTP_URL_OR_EMPTY: "empty or an http:// or https:// URL with a host",
     PUSHGATEWAY_URL: "empty, an http:// or https:// URL with a host, or a Helm template starting with {{",
