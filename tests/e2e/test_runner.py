@@ -381,6 +381,14 @@ def test_values_errors_name_the_file_and_key(tmp_path: Path) -> None:
         build_plan([values], ["preprocessing.config.targetRateHz=-1"])
     with pytest.raises(ConfigError, match="every stage is disabled"):
         build_plan([values], ["downloader.enabled=false,preprocessing.enabled=false,training.enabled=false"])
+    # a list replaces the lower files' list whole: its errors are the file's that gave it
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(yaml.safe_dump({"downloader": {"config": {"sources": [{"type": "file", "name": "a", "pathh": "/x"}]}}}))
+    with pytest.raises(ConfigError) as info:
+        build_plan([values, typo])
+    assert "values.yaml" not in str(info.value)
+    assert "typo.yaml: downloader.config.sources[0].path: required" in str(info.value)
+    assert "typo.yaml: downloader.config.sources[0].pathh: unknown key" in str(info.value)
     # caught by a dry run, not by the download pods
     no_sources = tmp_path / "no-sources.yaml"
     no_sources.write_text(yaml.safe_dump({"downloader": {"config": {"sources": []}}}))

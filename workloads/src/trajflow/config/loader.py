@@ -252,16 +252,16 @@ class Values:
     layers: tuple[tuple[str, dict[str, Any]], ...]  # (origin, values) lowest priority first
 
     def origin(self, path: Iterable[str | int]) -> str:
+        """The file (or --set) that gave the value at ``path``, or would have to give it."""
         keys = list(path)
         for name, layer in reversed(self.layers):
             node: Any = layer
             for key in keys:
-                if isinstance(node, dict) and key in node:
-                    node = node[key]
-                elif isinstance(node, list) and isinstance(key, int) and key < len(node):
-                    node = node[key]
-                else:
+                if not isinstance(node, dict):
+                    return name  # a list or a scalar replaces the lower layers' value whole
+                if key not in node:
                     break
+                node = node[key]
             else:
                 return name
         return self.layers[-1][0] if self.layers else "values"
