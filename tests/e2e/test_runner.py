@@ -389,6 +389,9 @@ def test_values_errors_name_the_file_and_key(tmp_path: Path) -> None:
     assert "values.yaml" not in str(info.value)
     assert "typo.yaml: downloader.config.sources[0].path: required" in str(info.value)
     assert "typo.yaml: downloader.config.sources[0].pathh: unknown key" in str(info.value)
+    typo.write_text(yaml.safe_dump({"downloader": {"config": {"sources": [{"name": "a", "path": "/x"}]}}}))
+    with pytest.raises(ConfigError, match=r"typo\.yaml: downloader\.config\.sources\[0\]\.type: required key is missing$"):
+        build_plan([values, typo])
     # caught by a dry run, not by the download pods
     no_sources = tmp_path / "no-sources.yaml"
     no_sources.write_text(yaml.safe_dump({"downloader": {"config": {"sources": []}}}))

@@ -37,6 +37,8 @@ def dry_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
         # a format is told in words, never as the regular expression behind it
         ("downloader.resources.limits.memory=4gb", "downloader.resources.limits.memory: expected a Kubernetes "
          "quantity (such as 500m, 2, 512Mi, 1.5Gi) or a number >= 0, got '4gb'"),
+        ("downloader.config.sources[0].type=ftp",
+         "downloader.config.sources[0].type: expected one of 's3', 'https', 'catalog', 'file', got 'ftp'"),
         ("global.imageRegistry=https://ghcr.io", "global.imageRegistry: expected empty or a registry host"),
         ("training.image.repository=Trajflow/GPU", "training.image.repository: expected an image repository"),
         ("preprocessing.waitTimeout=1h30", "preprocessing.waitTimeout: expected a duration (such as 90s, 30m, 6h, "

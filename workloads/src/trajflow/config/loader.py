@@ -367,9 +367,15 @@ def _format_errors(exc: ValidationError, raw: Any, origin: str | None, prefix: l
     lines: list[str] = []
     for err in exc.errors():
         loc = [*prefix, *_user_loc(raw, tuple(err["loc"]))]
+        if err["type"] in ("union_tag_not_found", "union_tag_invalid"):
+            loc.append(err["ctx"]["discriminator"].strip("'"))  # the key that says which kind (a source's type)
         where = values.origin(loc) if values is not None else origin
         msg = err["msg"]
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "union_tag_not_found":
+            msg = "required key is missing"
+        elif err["type"] == "union_tag_invalid":
+            msg = f"expected one of {err['ctx']['expected_tags']}, got {err['ctx']['tag']!r}"
+        elif err["type"] == "extra_forbidden":
             msg = "unknown key"
         elif err["type"] == "missing":
             msg = "required key is missing"
