@@ -385,8 +385,9 @@ def batch_stage_vocabulary() -> dict[str, Any]:
 def wait_vocabulary(default_description: str) -> dict[str, Any]:
     return {
         "waitResources": resources(),
-        # a bare number is seconds, as `trajflow wait --timeout` reads it
-        "waitTimeout": {"anyOf": [string(pattern=DURATION, minLength=1), integer(minimum=0)],
+        # a bare number is seconds, as `trajflow wait --timeout` reads it; 0 would give up at
+        # once, before any download could finish (nobody means that)
+        "waitTimeout": {"anyOf": [string(pattern=DURATION, minLength=1), integer(minimum=1)],
                         "description": default_description},
     }
 

@@ -189,6 +189,7 @@ BAD_VALUES = {
     "rendezvous port out of range": ({"training.rendezvous.port": 70000}, ["training", "/rendezvous/port"]),
     "zero processes per node": ({"training.nprocPerNode": 0}, ["training", "/nprocPerNode"]),
     "bad wait timeout": ({"preprocessing.waitTimeout": "soon"}, ["preprocessing", "/waitTimeout"]),
+    "zero wait timeout": ({"training.waitTimeout": 0}, ["training", "/waitTimeout"]),
     "wait timeout with a unitless tail": ({"training.waitTimeout": "1h30"}, ["training", "/waitTimeout"]),
     "root user": ({"downloader.containerSecurityContext.runAsUser": 0},
                   ["downloader", "/containerSecurityContext/runAsUser"]),
