@@ -185,7 +185,8 @@ def test_persistence_creates_a_claim_and_recreates_the_pod():
     pod = deployment["spec"]["template"]["spec"]
     assert pod["volumes"] == [{"name": "data", "persistentVolumeClaim": {"claimName": pvc["metadata"]["name"]}}]
     assert pvc["spec"]["resources"]["requests"]["storage"] == "2Gi" and pvc["spec"]["storageClassName"] == "fast"
-    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    # the null clears the rollingUpdate the server defaulted before, which a server-side apply keeps
+    assert deployment["spec"]["strategy"] == {"type": "Recreate", "rollingUpdate": None}
     args = pod["containers"][0]["args"]
     assert "--persistence.file=/data/pushgateway.db" in args and "--persistence.interval=5m" in args
 
