@@ -606,6 +606,10 @@ def test_npz_layouts_and_rate_scalar():
     assert isinstance(out[0], Quarantined) and out[0].reason == readers.MISSING_STREAM
     with pytest.raises(readers.UnreadableFile, match="none of the streams"):
         _outcomes("npz", io.BytesIO(npz_bytes(other=x)))
+    # both layouts in one file: the groups' episodes would be dropped unseen
+    mixed = npz_bytes(**{STATE: x, ACTION: x, f"ep1/{STATE}": x, f"ep1/{ACTION}": x})
+    with pytest.raises(readers.UnreadableFile, match=r"both at the top level and in episode groups \(ep1\)"):
+        _outcomes("npz", io.BytesIO(mixed))
     # a rate and robot shared by the episodes, at the top level
     shared = npz_bytes(rate_hz=np.array(2.0), robot=np.array("ur5"), **{f"e{i}/{s}": x for i in (0, 1)
                                                                         for s in (STATE, ACTION)})

@@ -748,7 +748,15 @@ def read_npz(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Outcom
     # alone is the default of the ``<episode>/...`` groups beside it
     top_level = any(k in arrays for k in time_keys) or any(s in arrays for s in spec.streams)
     groups: dict[str, dict[str, Any]] = {}
-    if not top_level:
+    if top_level:
+        # the groups' streams would be dropped unseen: neither layout is the file's for sure
+        nested = sorted({k.split("/", 1)[0] for k in arrays
+                         if "/" in k and k.split("/", 1)[1] in (*spec.streams, *time_keys)}, key=_natural_key)
+        if nested:
+            raise UnreadableFile(f"holds streams both at the top level and in episode groups ({', '.join(nested[:5])}"
+                                 f"{', ...' if len(nested) > 5 else ''}): store one episode per file or one "
+                                 "group per episode")
+    else:
         for k, v in arrays.items():
             if "/" in k:
                 ep, rest = k.split("/", 1)
