@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import io
 import json
 import logging
 import os
@@ -443,6 +445,37 @@ def test_a_marker_naming_another_object_is_ignored_and_that_object_kept(tmp_path
     assert storage.exists("train/checkpoints/ckpt-0000000001.pt")
 
 
+def test_an_intact_checkpoint_that_does_not_unpickle_stops_and_is_kept(storage, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Bytes that match the marker but that this process cannot load (another torch, a
+    weights_only allowlist) are not corrupt: a permanent error naming the file, nothing deleted."""
+    store = CheckpointStore(storage, keep_last=5)
+    for step in (1, 2):
+        _save(store, step, 1.0 / step)
+    before = store.list()
+
+    def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("Weights only load failed: Unsupported global: numpy.core.multiarray._reconstruct")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(PermanentError, match=r"ckpt-0000000002\.pt: cannot be loaded .*Unsupported global") as caught:
+        store.latest_valid()
+    assert caught.value.exit_code == ExitCode.PERMANENT
+    monkeypatch.undo()
+    assert store.list() == before
+    # a verified payload that is no trajflow checkpoint: the same
+    info = store.list()[-1]
+    buffer = io.BytesIO()
+    torch.save({"something": "else"}, buffer)
+    data = buffer.getvalue()
+    storage.write_bytes(info.key, data)
+    doc = json.loads(storage.read_bytes(info.marker))
+    doc.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    storage.write_bytes(info.marker, json.dumps(doc).encode())
+    with pytest.raises(PermanentError, match=r"ckpt-0000000002\.pt: not a trajflow checkpoint payload"):
+        store.latest_valid()
+    assert [c.step for c in store.list()] == [1, 2]
+
+
 def test_orphan_payloads_are_pruned(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path)
     store = CheckpointStore(storage, keep_last=1)
@@ -658,6 +691,87 @@ def test_resume_with_another_batch_size_restarts_the_epoch(tmp_path: Path, caplo
     assert summary["epochs_completed"] == 2 and per_epoch > first["history"][0]["step"]
     # epoch 1 ran whole at the new size, none of the batches done before counted
     assert summary["steps"] - mid.step == per_epoch
+
+
+def test_resume_from_an_intact_checkpoint_that_does_not_load_fails_and_keeps_it(  # type: ignore[no-untyped-def]
+        tmp_path: Path, monkeypatch) -> None:
+    settings, storage = small_run(tmp_path, epochs=1)
+    train(settings)
+    before = CheckpointStore(storage).list()
+
+    def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("Weights only load failed")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    longer = local_settings(tmp_path, "run", **{**settings.config.model_dump(), "epochs": 2})
+    with pytest.raises(PermanentError, match=rf"{before[-1].key}: cannot be loaded by this process"):
+        train(longer)
+    monkeypatch.undo()
+    assert CheckpointStore(storage).list() == before  # not discarded, and no training from step 0
+
+
+def test_an_unloadable_best_checkpoint_fails_the_finish_and_is_kept(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    settings, storage = small_run(tmp_path, epochs=2)
+    train(settings)
+    store = CheckpointStore(storage)
+    first, newest = store.list()[-2:]
+    # the newest's marker says it is worse, so the best (exported) is the first epoch's
+    doc = json.loads(storage.read_bytes(newest.marker))
+    storage.write_bytes(newest.marker, json.dumps({**doc, "val_loss": 1e9}).encode())
+    assert store.best() == first
+    unloadable, real_load = storage.read_bytes(first.key), torch.load
+
+    def refuse_first(f, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if f.getvalue() == unloadable:
+            raise RuntimeError("Weights only load failed")
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", refuse_first)
+    with pytest.raises(PermanentError, match=rf"{first.key}: cannot be loaded"):
+        train(settings)  # finished: resumes the newest, exports the best
+    assert [c.step for c in store.list()] == [first.step, newest.step]
+
+
+def test_when_every_checkpoint_is_corrupt_training_starts_over_with_a_warning(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    settings, storage = small_run(tmp_path, epochs=1)
+    train(settings)
+    infos = CheckpointStore(storage).list()
+    for c in infos:
+        storage.write_bytes(c.key, storage.read_bytes(c.key)[:-10])
+    with caplog.at_level(logging.WARNING):
+        summary = train(settings)
+    assert summary["resumed_from"] == [] and summary["epochs_completed"] == 1
+    line = next(r.getMessage() for r in caplog.records if "no checkpoint could be loaded" in r.getMessage())
+    assert all(c.key in line for c in infos) and "step 0" in line
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_resume_past_a_lowered_max_steps_per_epoch_restarts_the_epoch(tmp_path: Path, caplog, legacy: bool) -> None:  # type: ignore[no-untyped-def]
+    """maxStepsPerEpoch lowered below a mid-epoch checkpoint's position: the epoch restarts
+    (the schedule stays inside it), and no checkpoint of the resumed step is rewritten."""
+    settings, storage = small_run(tmp_path, epochs=2, batch_size=16, checkpoints={"every_steps": 3, "keep_last": 50})
+    train(settings)
+    store = CheckpointStore(storage, keep_last=50)
+    infos = store.list()
+    mid = next(c for c in infos if c.epoch == 0 and c.batch_in_epoch >= 3)
+    store.discard([c for c in infos if c.step > mid.step])
+    if legacy:  # written before the payload said how many batches its epochs had
+        payload = store.load(mid)
+        del payload["batches_per_epoch"]
+        store.save(payload, step=mid.step, epoch=mid.epoch, batch_in_epoch=mid.batch_in_epoch, val_loss=None,
+                   config_hash=mid.config_hash)
+        mid = store.list()[-1]
+    before = storage.read_bytes(mid.key)
+    capped = local_settings(tmp_path, "run", **{**settings.config.model_dump(), "max_steps_per_epoch": 2})
+    with caplog.at_level(logging.WARNING):
+        summary = train(capped)
+    assert f"{mid.key} was written at batch {mid.batch_in_epoch} of an epoch" in caplog.text
+    assert "epoch 0 restarts from its beginning" in caplog.text
+    # epoch 0 ran its 2 batches from the resumed step, epoch 1 two more
+    assert [h["step"] for h in summary["history"]] == [mid.step + 2, mid.step + 4]
+    assert all(h["learning_rate"] > 0 for h in summary["history"][:1])
+    assert storage.read_bytes(mid.key) == before
+    assert {mid.step, mid.step + 2, mid.step + 4} <= {c.step for c in store.list()}
 
 
 @pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])

@@ -7,9 +7,11 @@
 The marker is written after the payload, like a shard manifest: a checkpoint exists iff
 its marker does, and it is valid iff the payload's size and sha256 match the marker and
 it loads. Loading walks from the newest marker down and skips (with a warning) any
-checkpoint that fails those checks, so a checkpoint cut short by a killed pod or a
-corrupted object never stops a restart. Pruning keeps the newest `keep_last` and the one
-with the best validation loss.
+checkpoint whose payload is missing or does not match its marker, so a checkpoint cut short
+by a killed pod or a corrupted object never stops a restart. Verified bytes that do not
+load (another torch or trajflow version) are not corrupt: that stops the run
+(`CheckpointUnreadable`) and every checkpoint is kept. Pruning keeps the newest `keep_last`
+and the one with the best validation loss.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from typing import Any
 
 import torch
 
+from trajflow.errors import PermanentError
 from trajflow.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,12 @@ class CheckpointInfo:
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names it and says why."""
+
+
+class CheckpointUnreadable(PermanentError):
+    """A checkpoint whose bytes match its marker but that this process cannot load: it is
+    intact (another torch or trajflow wrote it), so it must be neither skipped nor deleted.
+    Exit code 3 fails the Job: a retry with the same image fails the same way."""
 
 
 def _payload_key(step: int) -> str:
@@ -133,19 +142,26 @@ class CheckpointStore:
         digest = hashlib.sha256(data).hexdigest()
         if digest != info.sha256:
             raise CheckpointError(f"{self._where(info.key)}: sha256 {digest[:12]}... does not match the marker")
+        # the bytes are the ones written: a failure from here on is this process's, not the file's
+        remedy = ("it is intact and kept: run the trajflow/torch version that wrote it, or use a new "
+                  f"global.runId or remove {self._where(CHECKPOINT_DIR)}/")
         try:
             state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-        except Exception as exc:  # noqa: BLE001  any unpickling failure makes this checkpoint unusable
-            raise CheckpointError(f"{self._where(info.key)}: cannot be loaded: {exc}") from None
+        except MemoryError:
+            raise  # not the file's fault either: an ordinary (retried) failure
+        except Exception as exc:  # noqa: BLE001  an unpickler that refuses verified bytes
+            raise CheckpointUnreadable(f"{self._where(info.key)}: cannot be loaded by this process "
+                                       f"({type(exc).__name__}: {exc}); {remedy}") from exc
         if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise CheckpointError(f"{self._where(info.key)}: not a trajflow checkpoint")
+            raise CheckpointUnreadable(f"{self._where(info.key)}: not a trajflow checkpoint payload; {remedy}")
         return state
 
     def latest_valid(
         self, map_location: str | torch.device = "cpu"
     ) -> tuple[CheckpointInfo | None, dict[str, Any] | None, list[CheckpointInfo]]:
         """(info, payload) of the newest checkpoint that verifies and loads, or (None, None);
-        and the newer ones skipped as corrupt (each warned about)."""
+        and the newer ones skipped as corrupt (each warned about). A verified one that does
+        not load raises CheckpointUnreadable: falling back to an older one would lose it."""
         skipped: list[CheckpointInfo] = []
         for info in reversed(self.list()):
             try:
@@ -172,6 +188,11 @@ class CheckpointStore:
         torch.save({"format": FORMAT, "version": VERSION, **state}, buffer)
         data = buffer.getvalue()
         key = _payload_key(step)
+        if self.storage.exists(_marker_key(step)):
+            # never rewritten in place: a marker of the old bytes over the new ones reads as
+            # corrupt (and is discarded) if the writer dies before the new marker
+            log.warning("checkpoint of step %d already exists: replacing it", step)
+            self.storage.delete(_marker_key(step))
         self.storage.write_bytes(key, data)
         info = CheckpointInfo(
             key=key,

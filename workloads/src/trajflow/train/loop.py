@@ -34,7 +34,13 @@ from trajflow.errors import ConfigError, PermanentError, Terminated, TrajflowErr
 from trajflow.metrics import Pusher, StageMetrics, train_metrics
 from trajflow.storage import LocalStorage, Storage, open_run_root
 from trajflow.train import artifacts
-from trajflow.train.checkpoint import CHECKPOINT_DIR, CheckpointError, CheckpointInfo, CheckpointStore
+from trajflow.train.checkpoint import (
+    CHECKPOINT_DIR,
+    CheckpointError,
+    CheckpointInfo,
+    CheckpointStore,
+    CheckpointUnreadable,
+)
 from trajflow.train.data import (
     EpochBatches,
     TrainData,
@@ -211,6 +217,7 @@ class Trainer:
                         "to silence)")
             self.autocast = False
         self.spec: ModelSpec | None = None
+        self.per_epoch = 0  # batches an epoch (each rank's), set once the data is known
         self.rate_hz: float | None = None  # of the shards: a checkpoint holds a model of that rate
         # the training split's moments: a checkpoint holds a model of exactly that data
         self.data_moments: np.ndarray | None = None
@@ -267,15 +274,25 @@ class Trainer:
     def resume(self, model: TrajectoryModel, optimizer: torch.optim.Optimizer, scheduler: Any) -> bool:
         """Load the newest valid checkpoint (chosen on rank 0, loaded by every rank)."""
         choice: dict[str, Any] | None = None
+        unreadable: str | None = None
         if self.dist.is_main:
             if isinstance(self.storage, LocalStorage):
                 # not the temporary a pod of an earlier Job may still be writing its last checkpoint to
                 self.storage.remove_stale_temporaries(CHECKPOINT_DIR, older_than_s=ABANDONED_CHECKPOINT_S)
-            info, _, skipped = self.store.latest_valid()
-            if skipped:
+            try:
+                info, _, skipped = self.store.latest_valid()
+            except CheckpointUnreadable as exc:  # intact: every checkpoint is kept, the run stops
+                info, skipped, unreadable = None, [], str(exc)
+            if skipped:  # missing or not matching their markers: really corrupt
                 self.store.discard(skipped)
+                if info is None:
+                    log.warning("no checkpoint could be loaded (all corrupt, removed: %s): training starts from "
+                                "step 0", ", ".join(c.key for c in skipped))
             choice = None if info is None else asdict(info)
-        choice = self.dist.broadcast_object(choice)
+        # every rank stops with rank 0's error, instead of waiting for it in the broadcast
+        choice, unreadable = self.dist.broadcast_object((choice, unreadable))
+        if unreadable is not None:
+            raise CheckpointUnreadable(unreadable)
         if choice is None:
             return False
         info = CheckpointInfo(**choice)
@@ -329,6 +346,9 @@ class Trainer:
         elif not _set_rng_state(payload["rng"][self.dist.rank]):
             torch.cuda.manual_seed(own_stream)  # not every rank on the seed all GPUs were given
         batch_size = payload.get("batch_size", self.config.batch_size)
+        # another maxStepsPerEpoch gives another number of batches an epoch; a checkpoint from
+        # before the field has none: its position is only checked against the epoch's end
+        per_epoch = payload.get("batches_per_epoch", self.per_epoch)
         if self.state.batch_in_epoch and (not same_world or batch_size != self.config.batch_size):
             log.warning(
                 "checkpoint %s was written by %s processes with batchSize %s, this run has %s with %s: "
@@ -336,8 +356,17 @@ class Trainer:
                 info.key, payload.get("world_size"), batch_size, self.dist.world_size, self.config.batch_size,
                 self.state.epoch,
             )
-            self.state.batch_in_epoch = 0
-            self.state.epoch_loss_sum = self.state.epoch_samples = self.state.epoch_train_seconds = 0.0
+            self._restart_epoch()
+        elif self.state.batch_in_epoch and (per_epoch != self.per_epoch or self.state.batch_in_epoch >= self.per_epoch):
+            # past the new end, the epoch would have no batches left and its end would checkpoint
+            # the step of the checkpoint resumed from
+            log.warning(
+                "checkpoint %s was written at batch %d of an epoch of %s batches, this run has %d batches an epoch "
+                "(maxStepsPerEpoch changed): epoch %d restarts from its beginning",
+                info.key, self.state.batch_in_epoch, payload.get("batches_per_epoch", "unknown"), self.per_epoch,
+                self.state.epoch,
+            )
+            self._restart_epoch()
         self.state.resumed_from.append(
             {"key": info.key, "step": info.step, "epoch": info.epoch, "batch_in_epoch": info.batch_in_epoch,
              "restart": self.dist.restart_count, "world_size": self.dist.world_size}
@@ -355,6 +384,11 @@ class Trainer:
                   batch_in_epoch=info.batch_in_epoch)
         return True
 
+    def _restart_epoch(self) -> None:
+        """The checkpoint's position in its epoch means nothing to this run's batches."""
+        self.state.batch_in_epoch = 0
+        self.state.epoch_loss_sum = self.state.epoch_samples = self.state.epoch_train_seconds = 0.0
+
     def checkpoint(self, model: TrajectoryModel, optimizer: torch.optim.Optimizer, scheduler: Any,
                    val_loss: float | None) -> None:
         rngs = self.dist.gather_objects(_rng_state())  # every rank's, so each resumes its own stream
@@ -369,6 +403,7 @@ class Trainer:
                 "config_hash": self.hash,
                 "split": split_settings(self.config),
                 "batch_size": self.config.batch_size,
+                "batches_per_epoch": self.per_epoch,
                 "config": self.config.model_dump(mode="json", by_alias=True),
                 "spec": model.spec.to_json(),
                 "rate_hz": self.rate_hz,
@@ -470,7 +505,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
         batches = EpochBatches(data.train, cfg.batch_size, dist.rank, dist.world_size, cfg.seed,
                                max_batches=cfg.max_steps_per_epoch)
-        per_epoch = batches.batches_per_epoch()
+        per_epoch = self.per_epoch = batches.batches_per_epoch()
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg, per_epoch * cfg.epochs))
 
         (in_mean, in_std), (out_mean, out_std) = self.scan_data(data)
@@ -489,7 +524,7 @@ class Trainer:
             # last_epoch counts the checkpoint's steps, which differ when the world size (or the
             # batches per epoch) changed. Put the schedule at the same point of the run and apply
             # its learning rate now, not only from the next step.
-            scheduler.last_epoch = st.epoch * per_epoch + st.batch_in_epoch
+            scheduler.last_epoch = st.epoch * per_epoch + min(st.batch_in_epoch, per_epoch)  # never past the epoch
             lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
             for group, group_lr in zip(optimizer.param_groups, lrs):
                 group["lr"] = group_lr
@@ -740,7 +775,7 @@ class Trainer:
                     try:
                         weights, epoch, val_loss = self.store.load(best)["model"], best.epoch - 1, best.val_loss
                         break
-                    except CheckpointError as exc:
+                    except CheckpointError as exc:  # really corrupt (CheckpointUnreadable stops the run)
                         log.warning("best checkpoint unusable, taking the next best: %s", exc)
                         self.store.discard([best])
                         best = self.store.best()
