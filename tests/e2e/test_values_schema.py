@@ -42,7 +42,7 @@ def dry_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
         ("global.imageRegistry=https://ghcr.io", "global.imageRegistry: expected empty or a registry host"),
         ("training.image.repository=Trajflow/GPU", "training.image.repository: expected an image repository"),
         ("preprocessing.waitTimeout=1h30", "preprocessing.waitTimeout: expected a duration (such as 90s, 30m, 6h, "
-         "1h30m; a bare number is seconds) or an integer >= 0, got '1h30'"),
+         "1h30m; a bare number is seconds) or an integer >= 1, got '1h30'"),
         # Kubernetes refuses a volume of size 0
         ("global.storage.pvc.size=0Gi", "global.storage.pvc.size: expected a Kubernetes quantity above zero "
          "(such as 100Gi, 1.5Ti), got '0Gi'"),
