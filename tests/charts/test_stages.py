@@ -8,6 +8,7 @@ import yaml
 from helmrender import (
     KUBEFLOW_APIS,
     PROMETHEUS_OPERATOR_APIS,
+    ROOT,
     SUBCHARTS,
     container,
     env_file,
@@ -442,3 +443,21 @@ def test_a_pytorchjobs_max_failed_indexes_is_not_a_jobs():
     overrides = {"training.maxFailedIndexes": 2, "training.launcher": "pytorchjob"}
     assert select(render([env_file("local")], overrides, api_versions=KUBEFLOW_APIS), "PyTorchJob")
     assert build_plan([env_file("local")], [f"{k}={v}" for k, v in overrides.items()]).stage("training")
+
+
+def test_the_readme_s_cpu_recipe_leaves_no_gpu_in_the_pods():
+    """README's troubleshooting recipe for a stage on CPU, applied to the production values:
+    no GPU limit, device or Triton pin, and no GPU node placement left to wait for."""
+    readme = (ROOT / "README.md").read_text()
+    recipe = readme[readme.index("To run a stage\non CPU"):]
+    block = recipe[recipe.index("```bash"):recipe.index("```", recipe.index("```bash") + 7)]
+    pairs = dict(re.findall(r"--set '?([^=\s']+)=([^\s'\\]*)'?", block))
+    assert len(pairs) == 6, pairs
+    objs = render([env_file("production")], {k: None if v == "null" else v for k, v in pairs.items()})
+    job = one(objs, "Job", "preprocessing")
+    spec = pod_spec(job)
+    assert not any(k in spec for k in ("nodeSelector", "runtimeClassName", "tolerations")), spec
+    resources = spec["containers"][0]["resources"]
+    assert "nvidia.com/gpu" not in {**resources.get("limits", {}), **resources.get("requests", {})}
+    config = yaml.safe_load(one(objs, "ConfigMap", "preprocessing")["data"]["config.yaml"])["config"]
+    assert config["device"] == "cpu" and config["backend"] == "auto"
