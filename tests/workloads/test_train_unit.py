@@ -308,6 +308,9 @@ def test_epoch_batches_deal_the_windows_as_distributed_sampler_does(windows: int
             theirs.set_epoch(epoch)
             assert [i for batch in ours for i in batch] == list(theirs)
             assert ours.batches_per_epoch() == -(-len(theirs) // 4)
+            # the rank keeps its share, not the whole epoch's permutation (8 bytes a window)
+            mine = ours.rank_indices()
+            assert mine.untyped_storage().nbytes() == mine.numel() * mine.element_size()
 
 
 def test_data_errors_name_the_problem(tmp_path: Path) -> None:
