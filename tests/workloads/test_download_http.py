@@ -1062,3 +1062,226 @@ def test_exactly_max_redirects_are_followed_and_one_more_is_refused() -> None:
             client.get(f"{base}/hop/{MAX_REDIRECTS + 1}")
     assert refused.value.kind == Kind.PERMANENT
     assert len(paths) == MAX_REDIRECTS + 1  # the last Location is never requested
+
+
+def _run_bounded(root: Path, config: DownloadConfig, wait_s: float = 15.0) -> ShardSummary:
+    """`run`, failing the test instead of hanging when the download never ends (the thread
+    is left behind; it ends once the test's server is gone)."""
+    done: list[ShardSummary] = []
+    worker = threading.Thread(target=lambda: done.append(run(root, config)), daemon=True)
+    worker.start()
+    worker.join(wait_s)
+    assert done, f"the download did not end within {wait_s} s"
+    return done[0]
+
+
+def test_a_206_fragment_to_a_request_for_the_whole_object_fails_within_the_attempts(tmp_path: Path) -> None:
+    """A cache that stored one 206 fragment serves it to every request: asking again from
+    byte 0 gets the same answer, so each one is a failed try, not a free restart."""
+    body = payload(1000, seed=21)
+    gets: list[str] = []
+
+    class Cache(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _answer(self, send: bool) -> None:
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes 100-199/{len(body)}")
+            self.send_header("Content-Length", "100")
+            self.send_header("ETag", '"c"')
+            self.end_headers()
+            if send:
+                self.wfile.write(body[100:200])
+
+        def do_HEAD(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("ETag", '"c"')
+            self.send_header("Accept-Ranges", "bytes")
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            gets.append(self.headers.get("Range", ""))
+            self._answer(True)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with _hub(Cache) as base:
+        summary = _run_bounded(tmp_path, make_config([{"type": "https", "name": "web", "urls": [f"{base}/frag.bin"]}]))
+    assert summary.exit_code == ExitCode.TRANSIENT
+    failure = summary.failed[0]
+    assert failure.reason == "server_error" and "206 bytes 100-199 to a request for the whole object" in failure.error
+    assert len(gets) <= 4 and gets == [""] * len(gets)  # the attempts, each for the whole object
+    assert raw_files(tmp_path) == {}
+
+
+def test_an_object_of_unknown_size_replaced_between_responses_is_fetched_as_it_is_now(tmp_path: Path) -> None:
+    """HEAD refused (unknown size); the first GET declares the old size and breaks off, the
+    next serves a larger new version chunked: a fresh start takes the new size instead of
+    holding the new body to the old one round after round."""
+    old, new = payload(100_000, seed=22), payload(200_000, seed=23)
+    gets: list[str] = []
+
+    class Growing(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_HEAD(self) -> None:
+            self.send_response(403)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            gets.append(self.headers.get("Range", ""))
+            if len(gets) == 1:  # the old version, cut off half way
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(old)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(old[:50_000])
+                self.close_connection = True
+                return
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(f"{len(new):x}\r\n".encode() + new + b"\r\n0\r\n\r\n")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with _hub(Growing) as base:
+        summary = _run_bounded(tmp_path, make_config([{"type": "https", "name": "web", "urls": [f"{base}/grow.tsv"]}]))
+    assert summary.exit_code == 0, [r.error for r in summary.failed]
+    assert raw_files(tmp_path) == {"web/grow.tsv": new}
+    assert len(gets) <= 4
+    # no size was declared for the bytes stored: the record does not claim a size check
+    assert summary.results[0].record is not None and summary.results[0].record.checks == []
+
+
+def test_a_body_of_unknown_size_ended_by_a_close_records_no_size_check(tmp_path: Path) -> None:
+    """No HEAD size, no Content-Length: the close ends the body, which proves no size."""
+    body = payload(100_000, seed=26)
+
+    class Dynamic(BaseHTTPRequestHandler):  # HTTP/1.0: the body ends with the connection
+        def do_HEAD(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with _hub(Dynamic) as base:
+        summary = _run_bounded(tmp_path, make_config([{"type": "https", "name": "web", "urls": [f"{base}/d.bin"]}]))
+    assert summary.exit_code == 0, [r.error for r in summary.failed]
+    assert raw_files(tmp_path) == {"web/d.bin": body}
+    record = summary.results[0].record
+    assert record is not None and record.checks == []
+
+
+def test_an_html_page_on_head_and_get_is_neither_planned_nor_stored(tmp_path: Path) -> None:
+    """A maintenance page (or captive portal) answering 200 text/html to HEAD and GET is a
+    passing server error: its size is not planned, nothing is stored, and the rerun fetches
+    the file. An item named .html is a page, and is stored."""
+    real = payload(700_000, seed=24)
+    page = b"<html><body>Service temporarily down for maintenance</body></html>\n"
+    down = [True]
+
+    class Hub(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _answer(self, send: bool) -> None:
+            html = down[0] or self.path.endswith(".html")
+            data = page if html else real
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8" if html else "text/tab-separated-values")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if send:
+                self.wfile.write(data)
+
+        def do_HEAD(self) -> None:
+            self._answer(False)
+
+        def do_GET(self) -> None:
+            self._answer(True)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with _hub(Hub) as base:
+        config = make_config([{"type": "https", "name": "web", "urls": [f"{base}/BRCA.tsv", f"{base}/index.html"]}])
+        _, items = ShardDownloader(LocalStorage(tmp_path), config, 0, 1).plan()
+        sizes = {i.key: (i.size, i.meta.get("size_known", True)) for i in items}
+        assert sizes == {"web/BRCA.tsv": (0, False), "web/index.html": (len(page), True)}
+        summary = _run_bounded(tmp_path, config)
+        assert summary.exit_code == ExitCode.TRANSIENT
+        failure = summary.failed[0]
+        assert failure.item.key == "web/BRCA.tsv" and failure.reason == "server_error"
+        assert "HTML page" in failure.error
+        assert raw_files(tmp_path) == {"web/index.html": page}
+        down[0] = False
+        rerun = _run_bounded(tmp_path, config)
+    assert rerun.exit_code == 0 and rerun.count("fetched") == 1
+    assert raw_files(tmp_path) == {"web/BRCA.tsv": real, "web/index.html": page}
+
+
+def test_a_body_trickling_below_the_low_speed_limit_is_dropped_and_resumed(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server sending a byte now and then never trips the read timeout; the low-speed
+    limit (window: LOW_SPEED_FACTOR x timeoutSeconds, here without the 60 s floor) drops
+    it, and the retry continues from the bytes received."""
+    from trajflow.download import http
+
+    monkeypatch.setattr(http, "LOW_SPEED_MIN_S", 0.0, raising=False)  # window 2 x 0.5 s
+    body = payload(100_000, seed=25)
+    ranges: list[str] = []
+
+    class Trickle(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _headers(self, status: int, first: int) -> None:
+            self.send_response(status)
+            if status == 206:
+                self.send_header("Content-Range", f"bytes {first}-{len(body) - 1}/{len(body)}")
+            self.send_header("Content-Length", str(len(body) - first))
+            self.send_header("ETag", '"t"')
+            self.send_header("Accept-Ranges", "bytes")
+            self.end_headers()
+
+        def do_HEAD(self) -> None:
+            self._headers(200, 0)
+
+        def do_GET(self) -> None:
+            ranges.append(self.headers.get("Range", ""))
+            if ranges[-1]:
+                first = int(ranges[-1][len("bytes="):].partition("-")[0])
+                self._headers(206, first)
+                self.wfile.write(body[first:])
+                return
+            self._headers(200, 0)
+            self.wfile.write(body[:100])
+            self.wfile.flush()
+            until = time.monotonic() + 30  # bounded, so the old code's thread ends too
+            with contextlib.suppress(OSError):  # the client hanging up
+                for i in range(100, len(body)):
+                    if time.monotonic() > until:
+                        break
+                    time.sleep(0.2)  # under the 0.5 s read timeout
+                    self.wfile.write(body[i : i + 1])
+                    self.wfile.flush()
+            self.close_connection = True
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with _hub(Trickle) as base:
+        config = make_config([{"type": "https", "name": "web", "urls": [f"{base}/slow.bin"]}], timeoutSeconds=0.5)
+        summary = _run_bounded(tmp_path, config)
+    assert summary.exit_code == 0, [r.error for r in summary.failed]
+    assert raw_files(tmp_path) == {"web/slow.bin": body}
+    assert len(ranges) == 2 and ranges[0] == "" and int(ranges[1][len("bytes="):].partition("-")[0]) >= 100

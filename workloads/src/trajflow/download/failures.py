@@ -1,7 +1,8 @@
 """How a failed request or item is classified, and how long to wait before trying again.
 
 Three kinds decide what happens next:
-- TRANSIENT: timeouts, resets, truncated bodies, 5xx, 408/425/429 (SlowDown): retried with
+- TRANSIENT: timeouts (and bodies slower than the low-speed limit), resets, truncated bodies,
+  5xx, 408/425/429 (SlowDown), an HTML page instead of the item: retried with
   exponential backoff and full jitter; whatever remains at the end makes the pod exit 4.
 - PERMANENT: 401/403/404/410, other 4xx, a checksum that still does not match after every
   attempt, an unusable URL or certificate: never retried within a request; the pod exits 3.

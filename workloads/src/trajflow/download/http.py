@@ -17,6 +17,7 @@ import re
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 from urllib.parse import urljoin, urlsplit
@@ -26,6 +27,15 @@ from trajflow.download.failures import FetchError, Kind, classify_status, parse_
 
 USER_AGENT = f"trajflow-downloader/{__version__}"
 MAX_REDIRECTS = 5
+# Low-speed limit: a body delivering fewer than LOW_SPEED_BYTES over a window is dropped
+# (TRANSIENT timeout; the retry resumes from the bytes received). The read timeout alone
+# never fires on a server trickling a byte a second. The window is LOW_SPEED_FACTOR times
+# the read timeout (`timeoutSeconds`: what the user tolerates without a byte), but never
+# under LOW_SPEED_MIN_S, so a short timeout meant to fail connects fast does not cut a
+# slow but live link: 1 KiB a minute is far below any real one.
+LOW_SPEED_BYTES = 1024
+LOW_SPEED_FACTOR = 2.0
+LOW_SPEED_MIN_S = 60.0
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
 
 
@@ -70,12 +80,17 @@ class Body:
     _resp: Any = None
     _fh: Any = None
     _url: str = ""
+    low_speed_window: float | None = None  # seconds (None: no low-speed limit)
+    _window_start: float = 0.0
+    _window_bytes: int = 0
 
     def read(self, n: int) -> bytes:
         try:
             if self._resp is not None:
                 # read1: what has arrived, so bytes before a broken connection are never lost
-                return self._resp.read1(n, decode_content=False)  # type: ignore[no-any-return]
+                data = self._resp.read1(n, decode_content=False)
+                self._check_speed(len(data))
+                return data  # type: ignore[no-any-return]
             return self._fh.read(n)  # type: ignore[no-any-return]
         except FetchError:
             raise
@@ -85,6 +100,19 @@ class Body:
             raise network_error(exc, self._url) from None
         except Exception as exc:  # urllib3's own exception types
             raise network_error(exc, self._url) from None
+
+    def _check_speed(self, n: int) -> None:
+        if self.low_speed_window is None or not n:
+            return
+        now = time.monotonic()
+        if not self._window_start:
+            self._window_start = now
+        self._window_bytes += n
+        if now - self._window_start >= self.low_speed_window:
+            if self._window_bytes < LOW_SPEED_BYTES:
+                raise FetchError(f"{redact(self._url)}: fewer than {LOW_SPEED_BYTES} bytes in "
+                                 f"{self.low_speed_window:.0f} s: too slow", Kind.TRANSIENT, "timeout")
+            self._window_start, self._window_bytes = now, 0
 
     def close(self, reusable: bool = False) -> None:
         """Return the connection to the pool only after a body was read to its end."""
@@ -185,6 +213,7 @@ class HttpClient:
         import urllib3
         from urllib.request import getproxies
 
+        self.timeout_s = timeout_s
         self._options: dict[str, Any] = {
             "num_pools": 64,
             "maxsize": max_connections,
@@ -279,7 +308,8 @@ class HttpClient:
         """Open bytes [start, end) (end None: to the end) of `url`.
 
         A 200 to a request starting past byte 0, or a 206 for another range than the one
-        asked for, means the server ignores ranges (RESTART);
+        asked for, means the server ignores ranges (RESTART); a 206 for a fragment to a request
+        without a range is a server fault (TRANSIENT: retried, bounded);
         412/416 mean the object changed (RESTART); other error statuses are classified.
         """
         req = dict(headers or {})
@@ -301,6 +331,7 @@ class HttpClient:
                     f"{where}: HTTP {status}{' ' + detail if detail else ''}", kind, reason, retry_after=retry_after, status=status
                 )
             current = Validator(hdrs.get("ETag", ""), hdrs.get("Last-Modified", ""))
+            window = max(LOW_SPEED_FACTOR * self.timeout_s, LOW_SPEED_MIN_S)
             length_header = hdrs.get("Content-Length")
             length = int(length_header) if length_header and length_header.isdigit() else None
             if status == 206:
@@ -308,6 +339,11 @@ class HttpClient:
                 if parsed is None:
                     raise FetchError(f"{where}: 206 without a usable Content-Range", Kind.TRANSIENT, "server_error", status=status)
                 first, last, total = parsed
+                if start == 0 and end is None and first != 0:
+                    # no range was asked for: a cache serving one stored fragment to every
+                    # request, which asking again from byte 0 cannot fix (a failed try, bounded)
+                    raise FetchError(f"{where}: server answers 206 bytes {first}-{last} to a request for the whole "
+                                     "object", Kind.TRANSIENT, "server_error", status=status)
                 if first == start and end is not None and last > end - 1:
                     # the start honoured, the end not: parts would overlap, one stream does not
                     raise FetchError(f"{where}: asked for bytes {start}-{end - 1}, got {first}-{last}: the server "
@@ -319,11 +355,12 @@ class HttpClient:
                         f"{where}: asked for bytes {start}-{'' if end is None else end - 1}, got {first}-{last}: the "
                         "server does not honour byte ranges", Kind.RESTART, "no_ranges", status=status,
                     )
-                return Body(start, last - first + 1, total, True, current, hdrs, _resp=resp, _url=url)
+                return Body(start, last - first + 1, total, True, current, hdrs, _resp=resp, _url=url,
+                            low_speed_window=window)
             if start > 0:
                 raise FetchError(f"{where}: the server ignores byte ranges", Kind.RESTART, "no_ranges", status=status)
             # the whole object, from byte 0
-            return Body(0, length, length, False, current, hdrs, _resp=resp, _url=url)
+            return Body(0, length, length, False, current, hdrs, _resp=resp, _url=url, low_speed_window=window)
         except BaseException:
             resp.close()
             resp.release_conn()

@@ -15,7 +15,9 @@ Every item's key is `<source name>/<relative path>`; it lands at `raw/<shard>/<k
   (permanently when the size is configured); the first GET asks for the version planning
   saw (If-Unmodified-Since, or If-Match without a Last-Modified) and its response must
   name it. A `Content-Encoding` response of another size than planned (compressed on the
-  fly) fails.
+  fly) fails. A 200 `text/html` (or XHTML) answer for an item not named `.htm`/`.html` (a
+  maintenance page, a captive portal) is a transient server error, on HEAD and on GET: it
+  is neither sized in the plan nor stored.
 - `catalog`: a hub such as UCSC Xena: cohorts x categories through a URL template; each
   item lands at `<name>/<cohort>/<file name>` so cohorts never overwrite each other.
   Checksums the hub lists can be given per `<cohort>/<file name>`.
@@ -182,6 +184,20 @@ def _url_file_name(url: str) -> str:
     return posixpath.basename(unquote(urlsplit(url).path))
 
 
+HTML_TYPES = ("text/html", "application/xhtml+xml")
+HTML_NAMES = (".htm", ".html", ".xhtml")
+
+
+def html_instead(name: str, url: str, headers: Any) -> FetchError | None:
+    """An HTML page where the item is no page (a maintenance page, a captive portal, a login
+    form) answering 200: a passing server fault, never stored or sized as the item."""
+    ctype = (headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+    if ctype not in HTML_TYPES or name.lower().endswith(HTML_NAMES):
+        return None
+    return FetchError(f"{redact(url)}: server sent an HTML page ({ctype}) instead of {name}", Kind.TRANSIENT,
+                      "server_error")
+
+
 class HttpSource(SourceRuntime):
     """URLs (explicit, or expanded from a catalog)."""
 
@@ -222,6 +238,9 @@ class HttpSource(SourceRuntime):
             if status >= 500 or status in (408, 425, 429):
                 raise FetchError(f"{redact(entry['url'])}: HTTP {status}", Kind.TRANSIENT, "server_error",
                                  retry_after=parse_retry_after(headers.get("Retry-After")), status=status)
+            page = html_instead(key, entry["url"], headers) if status < 300 else None
+            if page is not None:
+                raise page  # retried; a lasting one plans an unknown size, never the page's
             return status, headers
 
         try:
@@ -261,6 +280,10 @@ class HttpSource(SourceRuntime):
 
     def open(self, item: Item, start: int, end: int | None, validator: Validator | None) -> Body:
         body = self.client.get(item.source, start, end, validator, self._headers)
+        page = html_instead(item.key, item.source, body.headers)
+        if page is not None:
+            body.close()
+            raise page
         # identity was asked for: bytes a proxy compressed on the fly are not the file (nor what
         # its checksums or ranges describe). A file stored compressed (an S3 object with
         # Content-Encoding metadata, a static .gz) has that header whatever is asked, and keeps

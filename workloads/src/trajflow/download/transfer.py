@@ -740,6 +740,7 @@ class ItemTransfer:
         if header is None:
             extents = []  # bytes without a header cannot be tied to a version
         self.total = total
+        self.sized = total is not None  # a size was declared (plan or response): the record's "size" check
         self.expected: Expected | None = None
         self.digests: Digests | None = None
         self.hashed = 0
@@ -858,6 +859,7 @@ class ItemTransfer:
                 self._start_over(part)
             progressed = False
             body: Body | None = None
+            asked_from = part.received
             self.stats.request(+1)
             try:
                 # a single stream asks for "the rest" (no end): from byte 0 that is a plain GET,
@@ -906,8 +908,9 @@ class ItemTransfer:
                     self.planned_refused = True
                 if exc.reason == "no_ranges":
                     self.ranges_ignored = self.single_stream = True
-                    if len(self.parts) == 1:
-                        continue  # the next request starts over from byte 0 (at most once: no Range then)
+                    if len(self.parts) == 1 and asked_from > part.start:
+                        continue  # the next request starts over from byte 0, without a Range: free, once
+                    # else: asking from byte 0 again gets the same answer; an item attempt (bounded)
                 if not exc.transient:
                     raise
                 self.last_error = exc
@@ -949,6 +952,11 @@ class ItemTransfer:
             self.buffered -= sum(map(len, part.buffer))
             part.buffer.clear()
             self.hashed = 0
+            if self.planned_size is None:
+                # no plan to hold it to: the size an earlier response gave goes with its bytes,
+                # or a source that changed meanwhile would overrun it on every try
+                part.end = self.total = None
+                self.sized = False
             # a fresh start may take whichever version is served now (planning's still applies)
             self.validator = None
             self.digests = self.expected = None  # set again by the next response
@@ -985,6 +993,8 @@ class ItemTransfer:
                 self.single_stream = True
                 raise FetchError(f"{where}: sends neither ETag nor Last-Modified to tie its parts to one version",
                                  Kind.RESTART, "no_validator")
+            if body.total is not None:
+                self.sized = True
             if self.total is None and body.total is not None:
                 self.total = body.total
                 if part is not None and part.end is None:
@@ -1006,6 +1016,11 @@ class ItemTransfer:
         if len(self.parts) == 1 and self.planned_size is not None:
             return self._not_planned_size(f"more than {self.planned_size}")
         where = redact(self.item.source)
+        if len(self.parts) == 1:
+            # the only stream, longer than an earlier response of this attempt said: another
+            # version (an item attempt, bounded), not ranges ignored (free, so endless)
+            return FetchError(f"{where}: the body runs past byte {part.end - 1}, the size an earlier response gave",
+                              Kind.RESTART, "changed")
         return FetchError(f"{where}: the body for bytes {part.start}-{part.end - 1} runs past byte {part.end - 1}",
                           Kind.RESTART, "no_ranges")
 
@@ -1210,11 +1225,13 @@ class ItemTransfer:
         where = redact(self.item.source)
         if self.total is not None and (self.hashed != self.total or self.digests.size != self.total):
             raise FetchError(f"{where}: got {self.digests.size} bytes, expected {self.total}", Kind.RESTART, "size")
-        checks = ["size", *self.expected.check(self.digests, where)]
+        sums = self.expected.check(self.digests, where)
+        # "size" only when one was declared: a body of unknown length ended by a close proves none
+        checks = ["size", *sums] if self.sized else sums
         try:
             size, sha256 = self.sink.commit(self.digests)
         except FetchError as exc:
-            if exc.reason == "gzip" and len(checks) > 1:
+            if exc.reason == "gzip" and sums:
                 # the bytes are exactly what the source declares: fetching again cannot help
                 raise FetchError(str(exc), Kind.PERMANENT, "gzip") from None
             raise
