@@ -217,6 +217,28 @@ def test_the_writer_stops_before_the_temporary_directory_limit(local_storage, tm
     assert not local_storage.exists(shard_key(0))
 
 
+def test_the_writer_refuses_an_index_past_the_header_cap_as_it_grows_not_at_close(local_storage, monkeypatch):
+    """A shard of hundreds of thousands of tiny episodes: refused as soon as its index passes
+    the cap, not after every file of the shard is read and resampled."""
+    from trajflow.errors import PermanentError
+    from trajflow.preprocess import shards
+
+    monkeypatch.setattr(shards, "MAX_HEADER_BYTES", 2000)  # a few episodes' index
+    writer = ShardWriter(local_storage, shard_key(0), {"a": 2}, "float32", 50.0)
+    added = 0
+    with pytest.raises(PermanentError, match=r"the index of this shard's \d+ episodes takes .* MB, more than the 0 MB "
+                                             r"a safetensors header may: use more shards"):
+        for e in range(1000):
+            writer.add({"a": np.zeros((3, 2), np.float32)}, source=f"raw/00000/src/ep{e:04d}.npz", episode=str(e))
+            added += 1
+    assert 0 < added < 20 and len(writer.episodes) == added  # the refused episode is not kept
+    writer.abort()
+    assert not local_storage.exists(shard_key(0))
+    # the estimate is a lower bound: what it lets through, close still checks exactly
+    header = shards._header_bytes(writer.index(), writer.streams, writer.dims, writer.code, 4, writer.num_frames)
+    assert writer._index_bytes < len(header) - 8
+
+
 @pytest.mark.parametrize("spool_mib", [64, 2])  # every stream in memory; one spilled to a file, one not
 def test_shard_bytes_and_checksum_whether_spooled_in_memory_or_in_files(local_storage, tmp_path, spool_mib):
     import hashlib

@@ -132,6 +132,22 @@ def test_a_skipped_shard_reports_what_its_manifest_records(local_storage, mixed)
                  "trajflow_preprocess_bytes_out_total"):
         assert _sample(again, name) == _sample(first, name) > 0, name
     assert _sample(again, "trajflow_stage_start_time_seconds") > 0
+    # the gauges too, not zeros on the dashboards
+    bandwidth = "trajflow_preprocess_bandwidth_bytes_per_second"
+    assert _sample(again, bandwidth) == _sample(first, bandwidth) > 0
+    assert _sample(again, "trajflow_preprocess_throughput_trajectories_per_second") > 0
+
+
+def test_throughput_counts_the_episodes_written_as_during_the_run(local_storage, tmp_path):
+    """One definition: episodes written per second since the shard began (as the writer sets
+    it while the shard runs), not, at the end, every trajectory seen, bad ones included."""
+    files, good, _ = bad_corpus(tmp_path / "src", np.random.default_rng(1))
+    publish_raw_shard(local_storage, 0, files)
+    metrics = preprocess_metrics()
+    summary = process_shard(local_storage, 0, 1, stage_config(max_bad_fraction=0.5), metrics)
+    assert summary.trajectories > summary.episodes == len(good)
+    assert _sample(metrics, "trajflow_preprocess_throughput_trajectories_per_second") == \
+        pytest.approx(summary.episodes / summary.seconds)
 
 
 def test_a_shard_reports_progress_while_its_files_are_read(local_storage, mixed, caplog, monkeypatch):
@@ -250,6 +266,40 @@ def test_bf16_shards_stay_within_bf16_tolerance(local_storage, mixed):
     assert reader.array(ACTION).dtype == np.uint16
     # inputs and outputs both round to bf16 (8 significant bits): two half-ulps plus slack
     _check_against_reference(reader, episodes, 50.0, atol=1e-2, rtol=1.6e-2)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_shards_are_rounded_once_on_the_cpu(tmp_path, dtype):
+    """On the CPU no copy to a device is saved by packing in the shard dtype: the raw values
+    are interpolated as they are and the result rounded once, whatever the batching."""
+    from trajflow.preprocess.shards import as_float32
+
+    rng = np.random.default_rng(3)
+    files, eps = {}, []
+    for i in range(12):
+        ep = make_episode(rng, f"e{i:02d}", float(30.0 + 17 * i), 1.0)
+        # large values: a half-precision ulp of the input is far beyond the interpolation's error
+        ep.streams = {k: (v * 1000 + 5000).astype(np.float32).astype(np.float64) for k, v in ep.streams.items()}
+        files[f"s/{ep.episode}.npz"] = npz_bytes(timestamps=ep.times, **{k: v.astype(np.float32)
+                                                                         for k, v in ep.streams.items()})
+        eps.append(ep)
+    shards = []
+    for batch_size in (1, 5, 64):
+        storage = LocalStorage(tmp_path / f"batch-{batch_size}")
+        publish_raw_shard(storage, 0, files)
+        process_shard(storage, 0, 1, stage_config(dtype=dtype, batch_size=batch_size))
+        shards.append(storage.read_bytes(shard_key(0)))
+    assert shards[0] == shards[1] == shards[2]
+    reader = open_shard(storage.local_path(shard_key(0)))
+    for i, ep in enumerate(eps):
+        for stream in (STATE, ACTION):
+            ref = reference_resample(ep.times, ep.streams[stream], 50.0)
+            once = torch.from_numpy(ref).float().to(getattr(torch, dtype)).double().numpy()
+            got = as_float32(reader, stream, slice(reader.episodes[i].offset, reader.episodes[i].offset +
+                                                   reader.episodes[i].length))
+            # a nearest value of the shard dtype (ties up to the float32 interpolation's rounding)
+            worse = np.abs(got - ref) > np.abs(once - ref) + 1e-6 * np.abs(ref)
+            assert np.count_nonzero(worse) == 0, f"{ep.episode} {stream}: {got[worse]} for {ref[worse]}"
 
 
 def test_bad_inputs_are_quarantined_and_the_rest_is_written(local_storage, tmp_path):
@@ -1022,6 +1072,32 @@ def test_streams_are_aligned_across_sources_and_other_widths_quarantined(local_s
             np.testing.assert_allclose(reader.episode(i, stream), reference_resample(ep.times, ep.streams[stream], 50.0),
                                        atol=2e-5)
 
+
+
+def test_a_source_of_other_widths_fails_the_shard_even_under_max_bad_fraction(local_storage):
+    """Two robots in one dataset: each shard's vote would keep its majority's widths and set
+    the other source aside, shards of 14 and of 7 wide states would all be done, and training
+    would refuse them only after every shard is computed."""
+    rng = np.random.default_rng(15)
+
+    def episodes(source, count, width):
+        eps = [make_episode(rng, f"e{i:02d}", 50.0, 1.0, dims={STATE: width, ACTION: 3}) for i in range(count)]
+        return {f"{source}/{ep.episode}.npz": npz_bytes(timestamps=ep.times, **ep.streams) for ep in eps}
+
+    shards = [{**episodes("aloha", 16, 14), **episodes("franka", 1, 7)},
+              {**episodes("aloha", 1, 14), **episodes("franka", 40, 7)}]
+    for shard, files in enumerate(shards):
+        publish_raw_shard(local_storage, shard, files, shards=2)
+    for shard, (source, theirs, kept) in enumerate([("franka", 7, 14), ("aloha", 14, 7)]):
+        with pytest.raises(PermanentError) as info:
+            process_shard(local_storage, shard, 2, stage_config(max_bad_fraction=0.1))
+        message = str(info.value)
+        assert f"source {source!r}" in message and f"{{'{STATE}': {kept}, '{ACTION}': 3}}" in message, message
+        assert f"{{'{STATE}': {theirs}, '{ACTION}': 3}}" in message, message
+        assert "preprocess the sources separately" in message and "renames" in message, message
+        assert read_manifest(local_storage, "preprocess", shard) is None and not local_storage.exists(shard_key(shard))
+        report = json.loads(local_storage.read_bytes(report_key(shard)))  # kept to debug the data
+        assert report["reasons"] == {"shape_mismatch": 1}
 
 
 @pytest.mark.parametrize("sort_window_mib", [1, 16])

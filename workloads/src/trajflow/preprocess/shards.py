@@ -239,6 +239,9 @@ class ShardWriter:
         self.spill_limit_bytes = spill_limit_bytes
         self.episodes: list[EpisodeInfo] = []
         self.num_frames = 0
+        # the index's episode entries as the header holds them (a JSON string in a JSON string):
+        # the shard is refused as soon as they alone pass the cap, not after the whole shard is read
+        self._index_bytes = 0
         self._closed = False
 
     def add(self, data: Mapping[str, np.ndarray], *, source: str, episode: str, robot: str = "",
@@ -263,12 +266,17 @@ class ShardWriter:
                 length = x.shape[0]
             elif x.shape[0] != length:
                 raise ValueError(f"episode {episode!r} of {source}: streams have different lengths")
-        self._check_spill({s: self._spools[s].size + data[s].nbytes for s in self.streams})
-        for s in self.streams:
-            self._spools[s].append(data[s])
         info = EpisodeInfo(offset=self.num_frames, length=int(length or 0), source=source, episode=str(episode),
                            robot=robot, original_rate_hz=float(original_rate_hz), raw_length=int(raw_length),
                            start_time=float(start_time))
+        # escaping goes character by character: the entry's share of the header, plus its comma
+        entry = json.dumps(json.dumps(info.to_json(), sort_keys=True, separators=(",", ":")))
+        if self._index_bytes + len(entry) - 1 > MAX_HEADER_BYTES:
+            raise self._header_too_large(self._index_bytes + len(entry) - 1, len(self.episodes) + 1)
+        self._check_spill({s: self._spools[s].size + data[s].nbytes for s in self.streams})
+        for s in self.streams:
+            self._spools[s].append(data[s])
+        self._index_bytes += len(entry) - 1
         self.episodes.append(info)
         self.num_frames += info.length
         return info
@@ -285,6 +293,14 @@ class ShardWriter:
                 f"more than the {self.spill_limit_bytes / 2**20:.1f} MiB it may use: raise preprocessing.tmp.sizeLimit "
                 "(or config.spoolMemoryMib with the memory limit), or use more shards so that each is smaller"
             )
+
+    def _header_too_large(self, size: int, episodes: int) -> PermanentError:
+        # published, it would be a done shard that no reader opens, training included
+        return PermanentError(
+            f"{self.key}: the index of this shard's {episodes} episodes takes {size / 1e6:.0f} "
+            f"MB, more than the {MAX_HEADER_BYTES / 1e6:.0f} MB a safetensors header may: use more shards "
+            "(downloader.shards, preprocessing.shards and training.inputShards) so that each holds fewer episodes"
+        )
 
     def index(self) -> dict[str, Any]:
         return {
@@ -304,12 +320,7 @@ class ShardWriter:
         index = self.index()
         header = _header_bytes(index, self.streams, self.dims, self.code, self.np_dtype.itemsize, self.num_frames)
         if len(header) - 8 > MAX_HEADER_BYTES:
-            # published, it would be a done shard that no reader opens, training included
-            raise PermanentError(
-                f"{self.key}: the index of this shard's {len(self.episodes)} episodes takes {(len(header) - 8) / 1e6:.0f} "
-                f"MB, more than the {MAX_HEADER_BYTES / 1e6:.0f} MB a safetensors header may: use more shards "
-                "(downloader.shards, preprocessing.shards and training.inputShards) so that each holds fewer episodes"
-            )
+            raise self._header_too_large(len(header) - 8, len(self.episodes))
         digest, size = hashlib.sha256(), 0
 
         def blocks() -> Iterator[bytes | memoryview]:

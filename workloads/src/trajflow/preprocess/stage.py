@@ -388,7 +388,7 @@ class _OrderedWriter:
     is done when it is put, and a second thread would only contend for the GIL)."""
 
     def __init__(self, writer: ShardWriter, metrics: StageMetrics, dims: dict[str, int], dtype: str, depth: int,
-                 threaded: bool):
+                 started: float, threaded: bool):
         self.writer, self.metrics, self.dims, self.dtype = writer, metrics, dims, dtype
         self.queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self.error: BaseException | None = None
@@ -398,7 +398,7 @@ class _OrderedWriter:
         self.resample_seconds = 0.0
         self.work_bytes = 0
         self.batches = 0
-        self.started = time.perf_counter()
+        self.started = started  # the shard's start (perf_counter): the throughput gauge's one definition
         self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True) if threaded else None
         if self.thread is not None:
             self.thread.start()
@@ -475,7 +475,7 @@ class _OrderedWriter:
             self.next_seq += 1
             self.metrics.trajectories.inc()
         self.metrics.last_progress.set(time.time())
-        self.metrics.throughput.set(self.next_seq / max(time.perf_counter() - self.started, 1e-9))
+        _set_throughput(self.metrics, self.next_seq, time.perf_counter() - self.started)
         log.debug("batch %d written (%d episodes, %d frames in the shard)", self.batches, len(p.episodes),
                   self.writer.num_frames)
 
@@ -495,6 +495,9 @@ class _Resampler:
         if self.backend == "triton" and not self.cuda:
             log.warning("backend triton on the CPU runs Triton's interpreter: correct but very slow")
         self.data_dtype = getattr(torch, config.dtype)
+        # a GPU gets the shard dtype (half the bytes to copy); on the CPU nothing is copied, so
+        # the raw values go in as float32 and the result is rounded to the shard dtype once
+        self.pack_dtype = self.data_dtype if self.cuda else torch.float32
         self.time_dtype = getattr(torch, config.time_dtype)
         self.pin = self.cuda and config.pin_memory
 
@@ -518,12 +521,12 @@ class _Resampler:
         from trajflow.preprocess.kernels import UniformGrid, resample
 
         torch = self.torch
-        hb = pack([ep.frames for ep in episodes], [ep.times for ep in episodes], steps, self.data_dtype,
+        hb = pack([ep.frames for ep in episodes], [ep.times for ep in episodes], steps, self.pack_dtype,
                    self.time_dtype, self.pin)
         grid = UniformGrid(start=0.0, rate_hz=self.config.target_rate_hz, num=max(steps))
         if not self.cuda:
             t0 = time.perf_counter()
-            out = resample(hb.data, hb.times, grid, hb.lengths, backend=self.backend, check=False)
+            out = resample(hb.data, hb.times, grid, hb.lengths, backend=self.backend, check=False).to(self.data_dtype)
             seconds = time.perf_counter() - t0
             return _Pending(episodes, seqs, steps, out, None, seconds, hb.input_bytes + out.element_size() * out.numel())
         # all on the current stream: copies from pinned memory are asynchronous and the
@@ -609,9 +612,11 @@ class ShardProcessor:
         self.raw_digest = ""  # of the download manifest this shard is made from
         self.raw_generation: str | None = None  # the generation that download manifest records
         self.raw_sources: set[str] = set()  # the downloader sources of its items
+        self.started = time.perf_counter()  # reset by run
+        self.resample_bytes = 0  # bytes in and out of the resampling kernels
 
     def run(self) -> ShardSummary:
-        started = time.perf_counter()
+        started = self.started = time.perf_counter()
         shard, summary = self.shard, self.summary
         try:
             existing = read_manifest(self.storage, "preprocess", shard)
@@ -689,8 +694,7 @@ class ShardProcessor:
         finally:
             torch.set_num_threads(threads)
         summary.seconds = time.perf_counter() - started
-        if summary.seconds > 0:
-            self.metrics.throughput.set(summary.trajectories / summary.seconds)
+        _set_throughput(self.metrics, summary.episodes, summary.seconds)
         self.metrics.last_progress.set(time.time())
         log.info("shard %s done: %d episodes, %d frames, %d quarantined%s, %.1f MB in, %.1f MB out, %.2fs "
                  "(%.2fs resampling in %d batches)", shard_name(shard), summary.episodes, summary.frames, summary.bad,
@@ -766,6 +770,9 @@ class ShardProcessor:
 
         undecided: list[RawEpisode] = []  # the good episodes read before the shard's stream widths are known
         undecided_bytes = 0
+        # per source: the episodes of the shard's widths, and (count, widths) of those of others
+        fitting: set[str] = set()
+        misfits: dict[str, tuple[int, dict[str, int]]] = {}
 
         def open_writer() -> None:
             """Fix the shard's streams: the widths most of the first good episodes have, so
@@ -775,7 +782,8 @@ class ShardProcessor:
             dims = dict(next(ep.dims for ep in undecided if _widths(ep) == best))
             writer = ShardWriter(self.storage, shard_key(self.shard), dims, cfg.dtype, cfg.target_rate_hz,
                                  spool_bytes=cfg.spool_memory_mib << 20, spill_limit_bytes=spill_limit)
-            drain = _OrderedWriter(writer, self.metrics, dims, cfg.dtype, cfg.prefetch + 1, threaded=resampler.cuda)
+            drain = _OrderedWriter(writer, self.metrics, dims, cfg.dtype, cfg.prefetch + 1, self.started,
+                                   threaded=resampler.cuda)
             for ep in undecided:
                 admit(ep)
             undecided.clear()
@@ -784,11 +792,15 @@ class ShardProcessor:
             nonlocal seq, window_bytes
             assert dims is not None
             ep = _reorder_columns(outcome, dims)
+            source = source_of(outcome.source)
             if ep is None:
+                n, widths = misfits.get(source, (0, outcome.dims))
+                misfits[source] = (n + 1, widths)
                 self._quarantine(Quarantined(outcome.source, outcome.episode, readers.SHAPE_MISMATCH,
                                              f"stream widths {outcome.dims} differ from the shard's {dims}, which "
                                              "most of its first episodes have"))
                 return
+            fitting.add(source)
             too_large = _beyond_dtype(ep, cfg.dtype)
             if too_large is not None:
                 self._quarantine(too_large)
@@ -833,12 +845,14 @@ class ShardProcessor:
                                 open_writer()
             if dims is None and undecided:
                 open_writer()
+            summary.quarantined = self.report.counts()
+            summary.episodes = seq
+            self._check_whole_sources({s: m for s, m in misfits.items() if s not in fitting}, dims or {})
             flush()
             if drain is not None:
                 drain.finish()
                 summary.resample_seconds = drain.resample_seconds
-            summary.quarantined = self.report.counts()
-            summary.episodes = seq
+                self.resample_bytes = drain.work_bytes
             self._check_bad_fraction()
             if writer is None:  # not one good episode: an empty shard keeps the set of shards complete
                 names = [cfg.renames.get(s, s) for s in cfg.streams]
@@ -894,6 +908,9 @@ class ShardProcessor:
             raw_manifest=manifest_key("download", self.shard), raw_digest=self.raw_digest,
             download_generation=self.raw_generation,
             bytes_in=summary.bytes_in, settings=self.config.output_settings(self.raw_sources),
+            # for the gauges of a rerun that skips the shard
+            seconds=time.perf_counter() - self.started, resample_seconds=summary.resample_seconds,
+            resample_bytes=self.resample_bytes,
         )
 
     def _restore_metrics(self, manifest: dict[str, Any]) -> None:
@@ -906,6 +923,28 @@ class ShardProcessor:
             m.quarantined.labels(reason=reason).inc(int(count))
         m.bytes_in.inc(int(manifest.get("bytes_in", 0)))
         m.bytes_out.inc(sum(int(it.get("size", 0)) for it in manifest.get("items", []) if it.get("kind") == "shard"))
+        # the gauges too (a manifest written before they were recorded leaves them at 0)
+        _set_throughput(m, int(manifest.get("num_episodes", 0)), float(manifest.get("seconds") or 0.0))
+        if float(manifest.get("resample_seconds") or 0.0) > 0:
+            m.bandwidth.set(float(manifest.get("resample_bytes") or 0) / float(manifest["resample_seconds"]))
+
+    def _check_whole_sources(self, misfits: dict[str, tuple[int, dict[str, int]]], dims: dict[str, int]) -> None:
+        """Fail the shard when no episode of a source has its stream widths: a whole source
+        of other widths is another robot, not bad trajectories (whatever maxBadFraction says),
+        and another shard may well have picked that source's widths, which training refuses
+        only once every shard is done."""
+        if not misfits:
+            return
+        self.storage.write_bytes(report_key(self.shard), self._report_bytes())  # kept to debug the data
+        source, (count, widths) = sorted(misfits.items())[0]
+        more = f" (and {len(misfits) - 1} more source(s))" if len(misfits) > 1 else ""
+        raise PermanentError(
+            f"shard {shard_name(self.shard)}: none of the {count} episode(s) of source {source or '(root)'!r}{more} "
+            f"has the shard's stream widths {dims}: it has {widths}, another robot's data rather than bad "
+            "trajectories (other shards may pick its widths); preprocess the sources separately (a global.runId "
+            "each) or rename their streams (preprocessing.config.sources.<source>.renames) so that each output "
+            f"stream has one width; see {self.storage.uri}/{report_key(self.shard)}"
+        )
 
     def _check_bad_fraction(self) -> None:
         total, bad, limit = self.summary.trajectories, self.summary.bad, self.config.max_bad_fraction
@@ -1003,6 +1042,13 @@ def _beyond_dtype(ep: RawEpisode, dtype: str) -> Quarantined | None:
     return Quarantined(ep.source, ep.episode, readers.NON_FINITE,
                        f"{name}[{s}, {d}] = {float(ep.frames[s, c]):g} rounds to inf in {dtype} (from +-{limit:g} on); "
                        f"set preprocessing.config.dtype: float32")
+
+
+def _set_throughput(metrics: StageMetrics, episodes: int, seconds: float) -> None:
+    """The throughput gauge, one definition throughout: episodes written per second since the
+    shard began (as `trajectories`, the counter of episodes written, counts them)."""
+    if seconds > 0:
+        metrics.throughput.set(episodes / seconds)
 
 
 def _sha256(data: bytes) -> str:
