@@ -72,3 +72,27 @@ def test_work_dir_that_is_a_file_is_a_config_error(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr
     assert f"--work-dir {afile} exists and is not a directory" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_killed_runner_s_stages_hold_the_run_until_they_exit(tmp_path: Path) -> None:
+    """`kill -9` of the runner leaves its stages stopping on their SIGTERM (training writes a
+    checkpoint): a rerun must not start the same shards beside them."""
+    from trajflow.local import procs
+
+    plan = plan_for(tmp_path)
+    first = Runner(plan, tmp_path / "work", PlainView(stream=io.StringIO()))
+    first._lock = first._lock_work_dir()
+    stage = procs.spawn([sys.executable, "-c", "import time; time.sleep(60)"], {},
+                        keep_fds=(first._lock.fileno(),))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / "work" / "run.lock").write_text(f"{gone.pid}\n")  # the runner's pid, dead
+    first._lock.close()  # the runner is gone; its stage still runs
+    try:
+        second = Runner(plan, tmp_path / "work", PlainView(stream=io.StringIO()))
+        with pytest.raises(ConfigError, match=rf"earlier `trajflow run` \(pid {gone.pid}, gone\) are still stopping"):
+            second._lock_work_dir()
+    finally:
+        stage.kill()
+        stage.wait()
+    second._lock_work_dir().close()  # free once the last stage exited

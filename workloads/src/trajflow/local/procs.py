@@ -42,13 +42,16 @@ def become_subreaper() -> bool:
     return _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
 
 
-def spawn(argv: list[str], env: dict[str, str], cwd: str | Path | None = None) -> subprocess.Popen[bytes]:
-    """Start a stage process in a new session, stdout and stderr merged into one pipe.
+def spawn(argv: list[str], env: dict[str, str], cwd: str | Path | None = None,
+          keep_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
+    """Start a stage process in a new session, stdout and stderr merged into one pipe;
+    `keep_fds` stay open in it (the run's lock).
 
     Must be called from the main thread: PR_SET_PDEATHSIG fires when the forking thread exits.
     """
     return subprocess.Popen(
         argv,
+        pass_fds=keep_fds,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

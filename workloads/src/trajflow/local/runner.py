@@ -194,6 +194,7 @@ class Runner:
         self.command = command or trajflow_command()
         self.storage = storage or open_run_root(plan.global_)
         self.grace_seconds = grace_seconds
+        self._lock: Any = None  # run.lock while run() holds it
         self.clock = clock
         self.t0 = clock()
         self.state = StateFile(self.work_dir / "state.json", plan.root)
@@ -218,11 +219,11 @@ class Runner:
         return [t for t in self.tasks if t.stage.stage == stage]
 
     def run(self) -> RunResult:
-        lock = self._lock_work_dir()
+        self._lock = self._lock_work_dir()
         try:
             return self._run()
         finally:
-            lock.close()
+            self._lock.close()
 
     def _lock_work_dir(self) -> Any:
         """Hold `run.lock` in the work dir for the run: a second `trajflow run` of the same run
@@ -231,13 +232,19 @@ class Runner:
 
         with self._naming_work_dir():
             self.work_dir.mkdir(parents=True, exist_ok=True)
-            fh = open(self.work_dir / "run.lock", "a+")  # not inherited: the children never hold it
+            # the stage processes inherit it (`spawn(keep_fds=...)`): a runner killed with -9
+            # leaves it held until the last of its stages, which stop only on their SIGTERM, exits
+            fh = open(self.work_dir / "run.lock", "a+")
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "?"
             fh.close()
+            if holder.isdigit() and not procs.alive(int(holder)):
+                raise ConfigError(f"the stage processes of an earlier `trajflow run` (pid {holder}, gone) are still "
+                                  f"stopping in {self.work_dir}: wait for them to exit (they write their last "
+                                  "state), then run again") from None
             raise ConfigError(f"another `trajflow run` (pid {holder}) is running in {self.work_dir}: "
                               "wait for it to end or stop it first") from None
         try:
@@ -472,7 +479,7 @@ class Runner:
         stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         header = f"=== {stamp} attempt {task.attempts}: {' '.join(argv)}\n".encode()
         try:
-            task.proc = procs.spawn(argv, self.env(task))
+            task.proc = procs.spawn(argv, self.env(task), keep_fds=() if self._lock is None else (self._lock.fileno(),))
         except OSError as exc:
             self._fail(int(ExitCode.ERROR), f"{task.label}: cannot start {argv[0]}: {exc}")
             return
