@@ -109,3 +109,15 @@ def test_downloader_install_does_not_pull_torch(wheel: Path, tmp_path: Path) -> 
         assert command in top.stdout, f"`trajflow --help` does not list {command}"
         sub = subprocess.run([str(trajflow), command, "--help"], capture_output=True, text=True)
         assert sub.returncode == 0, f"trajflow {command} --help failed without torch:\n{sub.stderr}"
+
+
+def test_the_gpu_image_runs_the_torch_the_tests_run() -> None:
+    """The kernels, the launcher and the checkpoints are tested with the Makefile's torch: the
+    image installs that release (and its build checks it, with the elastic agent's shutdown
+    timeout the training chart relies on)."""
+    text = (REPO / "images/gpu.Dockerfile").read_text()
+    image = re.search(r"^ARG TORCH_VERSION=(\S+)$", text, re.M).group(1)
+    tested = re.search(r"^TORCH := torch==(\S+)$", (REPO / "Makefile").read_text(), re.M).group(1)
+    assert image == tested
+    final = text[text.rindex("\nFROM "):]
+    assert '"torch==${TORCH_VERSION}"' in final and "shutdown_timeout" in final
