@@ -1420,3 +1420,20 @@ def test_a_rank_resumes_its_own_gpus_random_stream_on_a_pod_of_another_shape(mon
     # (the caller then gives the rank a stream of its own)
     assert not loop._set_rng_state({**saved, "cuda": [own, own]})
     assert not loop._set_rng_state({**saved, "cuda": []})  # a CPU run's
+
+
+def test_a_torch_that_ignores_the_shutdown_timeout_is_named(monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    from torch.distributed.launcher.api import LaunchConfig
+
+    from trajflow.train import launch
+
+    monkeypatch.setenv(launch.SHUTDOWN_TIMEOUT_ENV, "285")
+    with caplog.at_level("WARNING", logger=launch.log.name):
+        launch._warn_unless_shutdown_timeout_is_read()
+    assert not caplog.records  # this torch reads it
+    monkeypatch.setattr(LaunchConfig, "__dataclass_fields__",
+                        {k: v for k, v in LaunchConfig.__dataclass_fields__.items() if k != "shutdown_timeout"})
+    with caplog.at_level("WARNING", logger=launch.log.name):
+        launch._warn_unless_shutdown_timeout_is_read()
+    assert "ignores TORCH_ELASTIC_SHUTDOWN_TIMEOUT" in caplog.text and "30 s" in caplog.text

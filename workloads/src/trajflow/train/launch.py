@@ -111,6 +111,21 @@ def worker_command(train_args: Sequence[str], log_level: str | None = None) -> l
     return [*head, "train", *train_args]
 
 
+SHUTDOWN_TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
+
+
+def _warn_unless_shutdown_timeout_is_read() -> None:
+    """The training chart gives the workers the pod's grace period to checkpoint through
+    this variable; an older torch's agent ignores it and kills them 30 s after SIGTERM."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    if os.environ.get(SHUTDOWN_TIMEOUT_ENV) and "shutdown_timeout" not in LaunchConfig.__dataclass_fields__:
+        import torch
+
+        log.warning("torch %s ignores %s: on SIGTERM the workers are killed after 30 s, checkpointed or not "
+                    "(the trajflow-gpu image carries a torch that reads it)", torch.__version__, SHUTDOWN_TIMEOUT_ENV)
+
+
 def launch(options: LaunchOptions, train_args: Sequence[str], log_level: str | None = None) -> int:
     """Run the elastic agent until the workers finish; returns the pod's exit code."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -125,6 +140,7 @@ def launch(options: LaunchOptions, train_args: Sequence[str], log_level: str | N
     # its dead predecessor left (gloo/NCCL addresses) and fails to connect
     # (pytorch/pytorch#135712, #167288); a store per attempt avoids that.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    _warn_unless_shutdown_timeout_is_read()
     command = worker_command(train_args, log_level)
     argv = [*options.torchrun_args(), "--no-python", command[0], *command[1:]]
     log.info("starting training workers", extra={"torchrun": argv})
