@@ -327,6 +327,7 @@ GOOD_VALUES = {
         {"type": "https", "name": "w", "urls": [{"url": "https://h/x", "path": "a/.b/x"}]}]},
     "registry mirror with a port and a path": {"global.imageRegistry": "registry.local:5000/mirror/ml",
                                                "downloader.image.registry": "localhost:5000"},
+    "registry in the repository": {"training.image.registry": "", "training.image.repository": "localhost:5000/t/gpu"},
     "huge pages": {"training.resources.limits.hugepages-2Mi": "1Gi", "training.resources.requests.hugepages-2Mi": "1Gi"},
     "quantities of every form": {"preprocessing.resources.requests.cpu": "500m",
                                  "preprocessing.resources.requests.memory": "1.5Gi",

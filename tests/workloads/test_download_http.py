@@ -1214,20 +1214,23 @@ def test_an_html_page_on_head_and_get_is_neither_planned_nor_stored(tmp_path: Pa
             pass
 
     with _hub(Hub) as base:
-        config = make_config([{"type": "https", "name": "web", "urls": [f"{base}/BRCA.tsv", f"{base}/index.html"]}])
+        # a page asked for by its URL is one, whatever path it is stored under
+        config = make_config([{"type": "https", "name": "web", "urls": [
+            f"{base}/BRCA.tsv", f"{base}/index.html", {"url": f"{base}/about.html", "path": "about"}]}])
         _, items = ShardDownloader(LocalStorage(tmp_path), config, 0, 1).plan()
         sizes = {i.key: (i.size, i.meta.get("size_known", True)) for i in items}
-        assert sizes == {"web/BRCA.tsv": (0, False), "web/index.html": (len(page), True)}
+        assert sizes == {"web/BRCA.tsv": (0, False), "web/index.html": (len(page), True),
+                         "web/about": (len(page), True)}
         summary = _run_bounded(tmp_path, config)
         assert summary.exit_code == ExitCode.TRANSIENT
         failure = summary.failed[0]
         assert failure.item.key == "web/BRCA.tsv" and failure.reason == "server_error"
         assert "HTML page" in failure.error
-        assert raw_files(tmp_path) == {"web/index.html": page}
+        assert raw_files(tmp_path) == {"web/index.html": page, "web/about": page}
         down[0] = False
         rerun = _run_bounded(tmp_path, config)
     assert rerun.exit_code == 0 and rerun.count("fetched") == 1
-    assert raw_files(tmp_path) == {"web/BRCA.tsv": real, "web/index.html": page}
+    assert raw_files(tmp_path) == {"web/BRCA.tsv": real, "web/index.html": page, "web/about": page}
 
 
 def test_a_body_trickling_below_the_low_speed_limit_is_dropped_and_resumed(tmp_path: Path,
@@ -1237,7 +1240,7 @@ def test_a_body_trickling_below_the_low_speed_limit_is_dropped_and_resumed(tmp_p
     it, and the retry continues from the bytes received."""
     from trajflow.download import http
 
-    monkeypatch.setattr(http, "LOW_SPEED_MIN_S", 0.0, raising=False)  # window 2 x 0.5 s
+    monkeypatch.setattr(http, "LOW_SPEED_MIN_S", 0.0)  # window 2 x 0.5 s
     body = payload(100_000, seed=25)
     ranges: list[str] = []
 

@@ -469,6 +469,23 @@ def test_npz_member_declaring_more_than_it_holds_is_unreadable_not_allocated(def
     assert q.reason == readers.MISSING_STREAM  # the file was read: it has no action stream
 
 
+@pytest.mark.parametrize("method", ["ZIP_BZIP2", "ZIP_LZMA"])
+def test_npz_members_compressed_past_deflate_s_ceiling_are_read(method):
+    """bzip2 and LZMA shrink constant values far more than deflate's 1032x: only the size the
+    archive records bounds them."""
+    import zipfile
+
+    zeros = np.zeros((200_000, 8), np.float32)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=getattr(zipfile, method)) as z:
+        for name, array in {"timestamps": np.arange(200_000) / 100.0, STATE: zeros, ACTION: zeros}.items():
+            member = io.BytesIO()
+            np.save(member, array)
+            z.writestr(f"{name}.npy", member.getvalue())
+    (ep,) = _outcomes("npz", io.BytesIO(buf.getvalue()))
+    assert isinstance(ep, RawEpisode) and ep.frames.shape[0] == 200_000
+
+
 def test_integer_timestamps_are_refused_not_taken_as_seconds():
     x = np.ones((20, 2), np.float32)
     ms = np.arange(20, dtype=np.int64) * 20  # 50 Hz in milliseconds: 380 s if read as seconds

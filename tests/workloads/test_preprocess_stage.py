@@ -1084,8 +1084,8 @@ def test_a_source_of_other_widths_fails_the_shard_even_under_max_bad_fraction(lo
         eps = [make_episode(rng, f"e{i:02d}", 50.0, 1.0, dims={STATE: width, ACTION: 3}) for i in range(count)]
         return {f"{source}/{ep.episode}.npz": npz_bytes(timestamps=ep.times, **ep.streams) for ep in eps}
 
-    shards = [{**episodes("aloha", 16, 14), **episodes("franka", 1, 7)},
-              {**episodes("aloha", 1, 14), **episodes("franka", 40, 7)}]
+    shards = [{**episodes("aloha", 16, 14), **episodes("franka", 2, 7)},
+              {**episodes("aloha", 2, 14), **episodes("franka", 40, 7)}]
     for shard, files in enumerate(shards):
         publish_raw_shard(local_storage, shard, files, shards=2)
     for shard, (source, theirs, kept) in enumerate([("franka", 7, 14), ("aloha", 14, 7)]):
@@ -1097,7 +1097,20 @@ def test_a_source_of_other_widths_fails_the_shard_even_under_max_bad_fraction(lo
         assert "preprocess the sources separately" in message and "renames" in message, message
         assert read_manifest(local_storage, "preprocess", shard) is None and not local_storage.exists(shard_key(shard))
         report = json.loads(local_storage.read_bytes(report_key(shard)))  # kept to debug the data
-        assert report["reasons"] == {"shape_mismatch": 1}
+        assert report["reasons"] == {"shape_mismatch": 2}
+
+
+def test_one_odd_episode_of_a_source_is_quarantined_not_the_shard_failed(local_storage):
+    """A source with a single episode in the shard, of other widths: a bad recording as far as
+    anyone can tell, within maxBadFraction."""
+    rng = np.random.default_rng(16)
+    eps = [make_episode(rng, f"e{i:02d}", 50.0, 1.0, dims={STATE: 14, ACTION: 3}) for i in range(20)]
+    files = {f"aloha/{ep.episode}.npz": npz_bytes(timestamps=ep.times, **ep.streams) for ep in eps}
+    odd = make_episode(rng, "odd", 50.0, 1.0, dims={STATE: 15, ACTION: 3})
+    files["extra/odd.npz"] = npz_bytes(timestamps=odd.times, **odd.streams)
+    publish_raw_shard(local_storage, 0, files)
+    summary = process_shard(local_storage, 0, 1, stage_config(max_bad_fraction=0.1))
+    assert summary.quarantined == {"shape_mismatch": 1} and summary.episodes == 20
 
 
 @pytest.mark.parametrize("sort_window_mib", [1, 16])

@@ -23,7 +23,8 @@ ABSOLUTE_PATH = r"^/"
 IMAGE_TAG = r"^([\w][\w.-]{0,127})?$"
 # a registry host[:port] with an optional path (no scheme: the kubelet refuses https://...)
 IMAGE_REGISTRY_OR_EMPTY = r"^([A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)*/?)?$"
-IMAGE_REPOSITORY = r"^[a-z0-9]+([._-]+[a-z0-9]+)*(/[a-z0-9]+([._-]+[a-z0-9]+)*)*$"
+# (a registry host[:port]/ in front is kept, for an empty registry)
+IMAGE_REPOSITORY = r"^([A-Za-z0-9.-]+(:[0-9]+)?/)?[a-z0-9]+([._-]+[a-z0-9]+)*(/[a-z0-9]+([._-]+[a-z0-9]+)*)*$"
 IMAGE_DIGEST = r"^(sha256:[a-f0-9]{64})?$"
 # Environment variable names that carry secrets: their value must come from valueFrom...
 SECRET_ENV = r"(?i)(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|PRIVATE_KEY|API_KEY|CREDENTIAL)"
@@ -80,7 +81,8 @@ IN_WORDS = {
     IMAGE_DIGEST: "empty or an image digest: sha256: and 64 lowercase hex digits",
     IMAGE_REGISTRY_OR_EMPTY: "empty or a registry host, with an optional :port and path (such as ghcr.io, "
                              "registry.local:5000/mirror; no https://)",
-    IMAGE_REPOSITORY: "an image repository: lowercase names joined by '/' (such as trajflow/trajflow-gpu)",
+    IMAGE_REPOSITORY: "an image repository: lowercase names joined by '/' (such as trajflow/trajflow-gpu), "
+                      "after an optional registry host[:port]/",
     DURATION: "a duration (such as 90s, 30m, 6h, 1h30m; a bare number is seconds)",
     SOURCE_NAME: "a name of letters, digits, '.', '_' and '-', starting with a letter or digit",
     ENV_NAME_OR_EMPTY: "empty or an environment variable name: letters, digits and '_', not starting with a digit",

@@ -81,15 +81,16 @@ class Body:
     _fh: Any = None
     _url: str = ""
     low_speed_window: float | None = None  # seconds (None: no low-speed limit)
-    _window_start: float = 0.0
+    _window_waited: float = 0.0  # seconds spent waiting for the server in this window
     _window_bytes: int = 0
 
     def read(self, n: int) -> bytes:
         try:
             if self._resp is not None:
                 # read1: what has arrived, so bytes before a broken connection are never lost
+                asked = time.monotonic()
                 data = self._resp.read1(n, decode_content=False)
-                self._check_speed(len(data))
+                self._check_speed(len(data), time.monotonic() - asked)
                 return data  # type: ignore[no-any-return]
             return self._fh.read(n)  # type: ignore[no-any-return]
         except FetchError:
@@ -101,18 +102,18 @@ class Body:
         except Exception as exc:  # urllib3's own exception types
             raise network_error(exc, self._url) from None
 
-    def _check_speed(self, n: int) -> None:
+    def _check_speed(self, n: int, waited: float) -> None:
+        """Count only the time spent waiting for the server: a consumer busy between reads
+        (hashing, uploading parts) is no slow server."""
         if self.low_speed_window is None or not n:
             return
-        now = time.monotonic()
-        if not self._window_start:
-            self._window_start = now
+        self._window_waited += waited
         self._window_bytes += n
-        if now - self._window_start >= self.low_speed_window:
+        if self._window_waited >= self.low_speed_window:
             if self._window_bytes < LOW_SPEED_BYTES:
                 raise FetchError(f"{redact(self._url)}: fewer than {LOW_SPEED_BYTES} bytes in "
                                  f"{self.low_speed_window:.0f} s: too slow", Kind.TRANSIENT, "timeout")
-            self._window_start, self._window_bytes = now, 0
+            self._window_waited, self._window_bytes = 0.0, 0
 
     def close(self, reusable: bool = False) -> None:
         """Return the connection to the pool only after a body was read to its end."""

@@ -578,7 +578,8 @@ class ShardDownloader:
             checks, source_size, source_sha256 = list(record.checks), record.source_size, record.source_sha256
         else:
             try:
-                checks = ["size", *declared.check(digests, dest)]
+                sums = declared.check(digests, dest)
+                checks = ["size", *sums] if item.meta.get("size_known", True) else sums  # as a transfer records
             except FetchError:
                 return None
             source_size, source_sha256 = digests.size, digests.sha256

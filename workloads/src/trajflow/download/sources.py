@@ -192,8 +192,8 @@ def html_instead(name: str, url: str, headers: Any) -> FetchError | None:
     """An HTML page where the item is no page (a maintenance page, a captive portal, a login
     form) answering 200: a passing server fault, never stored or sized as the item."""
     ctype = (headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
-    if ctype not in HTML_TYPES or name.lower().endswith(HTML_NAMES):
-        return None
+    if ctype not in HTML_TYPES or name.lower().endswith(HTML_NAMES) or _url_file_name(url).lower().endswith(HTML_NAMES):
+        return None  # a page asked for, under its own name or another path
     return FetchError(f"{redact(url)}: server sent an HTML page ({ctype}) instead of {name}", Kind.TRANSIENT,
                       "server_error")
 

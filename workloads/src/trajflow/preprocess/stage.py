@@ -504,8 +504,8 @@ class _Resampler:
     def costs(self, columns: int) -> tuple[int, int]:
         """Bytes moved per input sample (data and time) and per output frame, to weigh input
         padding against output padding."""
-        data = self.torch.empty((), dtype=self.data_dtype).element_size() * columns
-        return data + self.torch.empty((), dtype=self.time_dtype).element_size(), data
+        size = lambda dtype: self.torch.empty((), dtype=dtype).element_size()  # noqa: E731
+        return size(self.pack_dtype) * columns + size(self.time_dtype), size(self.data_dtype) * columns
 
     def steps(self, episodes: Sequence[RawEpisode]) -> list[int]:
         """Output frames per episode, as the kernels define them (`uniform_grid_steps`)."""
@@ -847,7 +847,10 @@ class ShardProcessor:
                 open_writer()
             summary.quarantined = self.report.counts()
             summary.episodes = seq
-            self._check_whole_sources({s: m for s, m in misfits.items() if s not in fitting}, dims or {})
+            # one odd episode is a bad recording, quarantined as any other; two or more and
+            # not one of the shard's widths: another robot
+            self._check_whole_sources({s: m for s, m in misfits.items() if s not in fitting and m[0] >= 2},
+                                      dims or {})
             flush()
             if drain is not None:
                 drain.finish()
@@ -929,7 +932,7 @@ class ShardProcessor:
             m.bandwidth.set(float(manifest.get("resample_bytes") or 0) / float(manifest["resample_seconds"]))
 
     def _check_whole_sources(self, misfits: dict[str, tuple[int, dict[str, int]]], dims: dict[str, int]) -> None:
-        """Fail the shard when no episode of a source has its stream widths: a whole source
+        """Fail the shard when no episode of a source (of two or more) has its stream widths: a whole source
         of other widths is another robot, not bad trajectories (whatever maxBadFraction says),
         and another shard may well have picked that source's widths, which training refuses
         only once every shard is done."""

@@ -524,7 +524,7 @@ class Trainer:
             # last_epoch counts the checkpoint's steps, which differ when the world size (or the
             # batches per epoch) changed. Put the schedule at the same point of the run and apply
             # its learning rate now, not only from the next step.
-            scheduler.last_epoch = st.epoch * per_epoch + min(st.batch_in_epoch, per_epoch)  # never past the epoch
+            scheduler.last_epoch = st.epoch * per_epoch + st.batch_in_epoch  # within the epoch (resume checks it)
             lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
             for group, group_lr in zip(optimizer.param_groups, lrs):
                 group["lr"] = group_lr
