@@ -1,7 +1,6 @@
 """The ArgoCD manifests parse, and everything they point at exists."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -124,8 +123,12 @@ def test_environments_following_main_run_the_images_of_their_commit(apps):
     those, not the last release's images with a newer chart and config. Production runs the
     tags of its values file: an empty parameter would override a tag pinned there."""
     workflow = yaml.safe_load((ROOT / ".github/workflows/images.yaml").read_text())
-    assert "main" in workflow[True]["push"]["branches"]  # PyYAML reads the key `on` as True
-    assert "${GITHUB_SHA}" in json.dumps(workflow)
+    # PyYAML reads the key `on` as True; main's commits are published once their tests passed
+    assert workflow[True]["workflow_run"] == {"workflows": ["test"], "types": ["completed"], "branches": ["main"]}
+    publish = workflow["jobs"]["publish"]
+    assert "conclusion == 'success'" in publish["if"]
+    assert publish["env"]["COMMIT"] == "${{ github.event.workflow_run.head_sha || github.sha }}"
+    assert 'version="${COMMIT}"' in (ROOT / ".github/workflows/images.yaml").read_text()
     pinned = {stage: {"image": {"tag": "0.1.1"}} for stage in STAGE_CHARTS}
     for element, app in apps:
         parameters = app["spec"]["source"]["helm"].get("parameters", [])
