@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from trajflow.config import load_values
-from trajflow.errors import ConfigError, ExitCode
+from trajflow.errors import ConfigError, ExitCode, TransientError
 from trajflow.local import procs
 from trajflow.local.pipeline import build_plan, missing_stage_modules
 from trajflow.local.progress import PlainView
@@ -567,3 +567,36 @@ def test_a_run_lock_the_work_dir_cannot_take_is_named(fake: Fake, tmp_path: Path
     (work / "run.lock").symlink_to("/dev/full")  # no write succeeds there
     with pytest.raises(ConfigError, match=rf"work dir {work}: cannot write {work / 'run.lock'}: "):
         fake.run(write_values(tmp_path, shards=1))
+
+
+def test_a_storage_error_in_the_runner_s_own_checks_is_retried(fake: Fake, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """An S3 503 that outlasts the client's retries, on the runner's look for a finished
+    shard's manifest, must not stop every healthy shard: it is tried again; one that lasts
+    ends the run with a one-line error naming the key."""
+    from trajflow.local import runner as runner_module
+
+    monkeypatch.setattr(runner_module, "STORAGE_RETRY_DELAYS", (0.01, 0.01))
+    values = write_values(tmp_path, shards=2)
+    plan = build_plan([values])
+
+    class Flaky:
+        def __init__(self, failures: int) -> None:
+            self.real, self.failures = runner_module.open_run_root(plan.global_), failures
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.real, name)
+
+        def exists(self, key: str) -> bool:
+            if key == "raw/_done/00000.json" and self.failures:
+                self.failures -= 1
+                raise ConnectionError("SlowDown (503)")
+            return bool(self.real.exists(key))
+
+    runner = Runner(plan, tmp_path / "work", PlainView(stream=fake.out), storage=Flaky(2),  # type: ignore[arg-type]
+                    command=[sys.executable, str(FAKE)])
+    assert runner.run().exit_code == 0
+    runner = Runner(plan, tmp_path / "work2", PlainView(stream=fake.out), storage=Flaky(10**6),  # type: ignore[arg-type]
+                    command=[sys.executable, str(FAKE)], force=True)
+    with pytest.raises(TransientError, match=r"looking for raw/_done/00000\.json: ConnectionError: SlowDown"):
+        runner.run()

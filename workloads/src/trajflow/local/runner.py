@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 from trajflow.config.loader import DATASET_CONFIG_ENV
-from trajflow.errors import ConfigError, ExitCode
+from trajflow.errors import ConfigError, ExitCode, TransientError
 from trajflow.local import procs
 from trajflow.files import replace_file
 from trajflow.local.pipeline import RunPlan, StagePlan
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 FATAL_CODES = {int(ExitCode.CONFIG), int(ExitCode.PERMANENT), int(ExitCode.DIVERGED)}
 GRACE_SECONDS = 20.0
+STORAGE_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0)  # the runner's reads of the run root, then it gives up
 TICK_SECONDS = 0.2
 MAX_RETRY_DELAY_SECONDS = 30.0
 
@@ -400,7 +401,7 @@ class Runner:
             inputs = [manifest_key("preprocess", i) for i in range(task.stage.input_shards)]
         for key in inputs:
             try:
-                digest.update(self.storage.read_bytes(key))
+                digest.update(self._from_storage(f"reading {key}", lambda: self.storage.read_bytes(key)))
             except FileNotFoundError:
                 digest.update(b"missing:" + key.encode())
         return digest.hexdigest()
@@ -408,10 +409,29 @@ class Runner:
     def _output_present(self, task: Task) -> bool:
         stage = task.stage.stage
         if stage == "downloader":
-            return self.storage.exists(manifest_key("download", task.shard))
-        if stage == "preprocessing":
-            return self.storage.exists(manifest_key("preprocess", task.shard))
-        return training_finished(self.storage)
+            key = manifest_key("download", task.shard)
+        elif stage == "preprocessing":
+            key = manifest_key("preprocess", task.shard)
+        else:
+            return self._from_storage("looking for the trained model", lambda: training_finished(self.storage))
+        return self._from_storage(f"looking for {key}", lambda: self.storage.exists(key))
+
+    def _from_storage(self, what: str, call: Callable[[], Any]) -> Any:
+        """The runner's own look at the run root, retried: one S3 503 that outlasts the
+        client's retries, or a dropped connection, must not stop every healthy shard."""
+        delays = iter(STORAGE_RETRY_DELAYS)
+        while True:
+            try:
+                return call()
+            except FileNotFoundError:
+                raise
+            except Exception as exc:  # noqa: BLE001  botocore's and urllib3's errors are no OSError
+                delay = next(delays, None)
+                if delay is None:
+                    raise TransientError(f"{self.storage.uri}: {what}: {type(exc).__name__}: {exc}") from None
+                log.warning("%s: %s failed (%s: %s); again in %g s", self.storage.uri, what, type(exc).__name__,
+                            exc, delay)
+                time.sleep(delay)
 
     def _schedule(self) -> None:
         """One tick: check what became ready (once per task: its inputs are final then), launch
