@@ -288,6 +288,7 @@ BAD_COMBINATIONS = {
         {"monitoring.enabled": True, "preprocessing.config.pushIntervalSeconds": 150},
         ["preprocessing.config.pushIntervalSeconds (150) must be under half of "
          "monitoring.prometheusRule.runningPushMaxAge (5m)"]),
+    "zero wait timeout as a duration": ({"training.waitTimeout": "0h0s"}, ['waitTimeout "0h0s" is zero']),
     "two sources of one name": ({"downloader.config.sources": [CATALOG, dict(CATALOG, cohorts=["B"])]},
                                 ['downloader.config.sources: two sources are named "xena"']),
     "transformer heads that do not divide its width": (

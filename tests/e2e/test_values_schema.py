@@ -37,6 +37,7 @@ def dry_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
         # a format is told in words, never as the regular expression behind it
         ("downloader.resources.limits.memory=4gb", "downloader.resources.limits.memory: expected a Kubernetes "
          "quantity (such as 500m, 2, 512Mi, 1.5Gi) or a number >= 0, got '4gb'"),
+        ("preprocessing.waitTimeout=0s", "preprocessing.waitTimeout '0s' is zero: the wait would give up at once"),
         ("downloader.config.sources[0].type=ftp",
          "downloader.config.sources[0].type: expected one of 's3', 'https', 'catalog', 'file', got 'ftp'"),
         ("global.imageRegistry=https://ghcr.io", "global.imageRegistry: expected empty or a registry host"),

@@ -21,6 +21,7 @@ import yaml
 from trajflow.config import GlobalConfig, Values, load_values, validate_global, validate_stage
 from trajflow.config.loader import find_chart_dir, validate_schema
 from trajflow.errors import ConfigError
+from trajflow.storage.wait import parse_duration
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,19 @@ def _int_knob(values: Values, stage: str, key: str, minimum: int, block: dict[st
     if isinstance(raw, bool) or not isinstance(raw, int) or raw < minimum:
         raise ConfigError(f"{values.origin([stage, key])}: {stage}.{key}: expected an integer >= {minimum}, got {raw!r}")
     return raw
+
+
+def _wait_timeout(values: Values, stage: str, block: dict[str, Any]) -> str:
+    """The stage's waitTimeout as `trajflow wait --timeout` takes it; a zero one is refused as
+    the chart refuses it (the wait would give up at once)."""
+    raw = block.get("waitTimeout")
+    if raw is None:
+        return ""
+    text = str(int(raw)) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else str(raw)
+    if parse_duration(text) == 0:
+        raise ConfigError(f"{values.origin([stage, 'waitTimeout'])}: {stage}.waitTimeout {raw!r} is zero: the wait "
+                          "would give up at once, before any shard is done; give a duration such as 6h")
+    return text
 
 
 def build_plan(values_files: Iterable[str | Path], sets: Iterable[str] = ()) -> RunPlan:
@@ -173,7 +187,7 @@ def build_plan(values_files: Iterable[str | Path], sets: Iterable[str] = ()) -> 
             _check_max_failed_indexes(values, stage, block, shards)
             _check_gpu_counts(values, stage, block, config)
             plans.append(StagePlan(stage, command, module, shards, parallelism, retries, rendered, config,
-                                   wait_timeout=str(block.get("waitTimeout") or "")))
+                                   wait_timeout=_wait_timeout(values, stage, block)))
     if not plans:
         raise ConfigError(
             "values: every stage is disabled (downloader.enabled, preprocessing.enabled, training.enabled); nothing to run"

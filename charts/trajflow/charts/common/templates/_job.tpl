@@ -10,6 +10,10 @@ write 1000000 as 1e+06).
 */}}
 {{- define "trajflow.waitTimeout" -}}
 {{- if kindIs "string" . -}}
+{{- /* the schema takes the form; a zero (0s, 0h0m) would give up at once, before any shard is done */ -}}
+{{- if regexMatch "^(0+(\\.0+)?|(0+(\\.0+)?h)?(0+(\\.0+)?m)?(0+(\\.0+)?s)?)$" . -}}
+{{- fail (printf "waitTimeout %q is zero: the wait would give up at once, before any shard is done; give a duration such as 6h" .) -}}
+{{- end -}}
 {{- . -}}
 {{- else -}}
 {{- printf "%d" (int64 .) -}}
