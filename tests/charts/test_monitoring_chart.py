@@ -423,3 +423,9 @@ def test_dashboard_gpu_panels_select_the_pods_the_gpu_alerts_watch(values):
     assert re.fullmatch(alert[0], "trajflow-training-0a1b2c3d-0-x7k2p")
     # not the pods of a release named after this one's stage (`trajflow-training`)
     assert not re.fullmatch(alert[0], "trajflow-training-downloader-0a1b2c3d-0-x7k2p")
+
+
+@pytest.mark.parametrize("alert", ["pushRejected", "trainingLossNaN"])
+def test_an_alert_that_goes_quiet_before_its_for_is_refused(alert):
+    with pytest.raises(helm.HelmError, match=rf"alerts\.{alert}\.quietAfter \(5m\) must be longer than its for \(10m\)"):
+        render_monitoring({"prometheusRule": {"alerts": {alert: {"quietAfter": "5m", "for": "10m"}}}})

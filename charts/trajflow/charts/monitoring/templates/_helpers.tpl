@@ -122,3 +122,10 @@ matchers are skipped.
 {{- $sa.name | default "default" -}}
 {{- end -}}
 {{- end -}}
+
+{{/* An alert that goes quiet `quietAfter` after its cause must outlast its `for`, or it never fires. */}}
+{{- define "monitoring.quietAfterFor" -}}
+{{- if le (include "monitoring.seconds" .rule.quietAfter | float64) (include "monitoring.seconds" .rule.for | float64) -}}
+{{- fail (printf "monitoring.prometheusRule.alerts.%s.quietAfter (%s) must be longer than its for (%s): the alert would never fire" .alert .rule.quietAfter .rule.for) -}}
+{{- end -}}
+{{- end -}}

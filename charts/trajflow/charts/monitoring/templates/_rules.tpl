@@ -156,6 +156,7 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
     description: {{ `The batch stages' metrics do not reach Prometheus, so the progress alerts are blind. The stages keep working (a failed push only logs a warning). Check the Pushgateway pod and the ServiceMonitor.` | quote }}
 {{- end }}{{ end }}
 {{- with $a.pushRejected }}{{ if .enabled }}
+{{- include "monitoring.quietAfterFor" (dict "alert" "pushRejected" "rule" .) }}
 - alert: TrajflowMetricsPushRejected
   expr: |
     push_failure_time_seconds{{ $push }} > push_time_seconds{{ $push }}
@@ -211,6 +212,7 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
 {{- $live := include "monitoring.sel" (list $ `stage="train"` `job!="trajflow"`) -}}
 {{- $pushed := include "monitoring.sel" (list $ `stage="train"` `job="trajflow"`) -}}
 {{- with $a.trainingLossNaN }}{{ if .enabled }}
+{{- include "monitoring.quietAfterFor" (dict "alert" "trainingLossNaN" "rule" .) }}
 {{- $loss := printf "trajflow_train_loss%s" (include "monitoring.sel" (list $ctx `stage="train"`)) }}
 - alert: TrajflowTrainingLossNotFinite
   expr: |
