@@ -289,6 +289,9 @@ BAD_COMBINATIONS = {
         ["preprocessing.config.pushIntervalSeconds (150) must be under half of "
          "monitoring.prometheusRule.runningPushMaxAge (5m)"]),
     "zero wait timeout as a duration": ({"training.waitTimeout": "0h0s"}, ['waitTimeout "0h0s" is zero']),
+    "a registry in front of a repository with its own": (
+        {"training.image.repository": "localhost:5000/t/gpu"},
+        ['image repository "localhost:5000/t/gpu" names its own registry, and the registry "ghcr.io"']),
     "two sources of one name": ({"downloader.config.sources": [CATALOG, dict(CATALOG, cohorts=["B"])]},
                                 ['downloader.config.sources: two sources are named "xena"']),
     "transformer heads that do not divide its width": (

@@ -111,6 +111,22 @@ def alive(pid: int, start_time: int | None = None) -> bool:
     return start_time is None or stat[1] == start_time
 
 
+def holders(path: Path) -> list[str]:
+    """`pid (command line)` of every process with `path` open, found through /proc (Linux;
+    only the processes this user may inspect)."""
+    target = os.path.realpath(path)
+    found = []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if not any(os.path.realpath(fd) == target for fd in fd_dir.iterdir()):
+                continue
+            cmdline = (fd_dir.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # gone, or not ours
+            continue
+        found.append(f"{fd_dir.parent.name} ({cmdline[:120]})")
+    return sorted(found, key=lambda h: int(h.split(" ", 1)[0]))
+
+
 def signal_group(pid: int, sig: int) -> None:
     """Send `sig` to the process group led by `pid` (the child's own session)."""
     try:

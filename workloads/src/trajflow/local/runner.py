@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -51,6 +52,16 @@ STATE_VERSION = 1
 FATAL_CODES = {int(ExitCode.CONFIG), int(ExitCode.PERMANENT), int(ExitCode.DIVERGED)}
 GRACE_SECONDS = 20.0
 STORAGE_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0)  # the runner's reads of the run root, then it gives up
+
+
+def _storage_errors() -> tuple[type[BaseException], ...]:
+    """What a read of the run root raises when the store or the network fails (not a torn
+    file's ValueError): OSError, and botocore's own errors where S3 is in use."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # pragma: no cover  boto3 is a base dependency
+        return (OSError,)
+    return (OSError, BotoCoreError, ClientError)
 TICK_SECONDS = 0.2
 MAX_RETRY_DELAY_SECONDS = 30.0
 
@@ -225,6 +236,7 @@ class Runner:
             return self._run()
         finally:
             self._lock.close()
+            self._lock = None
 
     def _lock_work_dir(self) -> Any:
         """Hold `run.lock` in the work dir for the run: a second `trajflow run` of the same run
@@ -243,9 +255,11 @@ class Runner:
             holder = fh.read().strip() or "?"
             fh.close()
             if holder.isdigit() and not procs.alive(int(holder)):
+                holding = "; ".join(procs.holders(self.work_dir / "run.lock")) or "none visible to this user"
                 raise ConfigError(f"the stage processes of an earlier `trajflow run` (pid {holder}, gone) are still "
                                   f"stopping in {self.work_dir}: wait for them to exit (they write their last "
-                                  "state), then run again") from None
+                                  f"state), or kill them if they are stuck, then run again; holding the lock: "
+                                  f"{holding}") from None
             raise ConfigError(f"another `trajflow run` (pid {holder}) is running in {self.work_dir}: "
                               "wait for it to end or stop it first") from None
         try:
@@ -317,7 +331,9 @@ class Runner:
         counts = set()
         for i in range(shards):
             with contextlib.suppress(ValueError):  # a torn manifest: preprocessing names it
-                counts.add((read_manifest(self.storage, "download", i) or {}).get("shards", shards))
+                manifest = self._from_storage(f"reading {manifest_key('download', i)}",
+                                              functools.partial(read_manifest, self.storage, "download", i))
+                counts.add((manifest or {}).get("shards", shards))
         return counts
 
     def _check_disabled_upstreams(self) -> None:
@@ -325,7 +341,7 @@ class Runner:
         enabled = {s.stage for s in self.plan.stages}
         pre = self.plan.stage("preprocessing")
         if pre and "downloader" not in enabled:
-            missing = [i for i in range(pre.shards) if not self.storage.exists(manifest_key("download", i))]
+            missing = [i for i in range(pre.shards) if not self._exists(manifest_key("download", i))]
             if missing:
                 self._fail(
                     int(ExitCode.CONFIG),
@@ -342,7 +358,7 @@ class Runner:
                 )
         train = self.plan.stage("training")
         if train and "preprocessing" not in enabled:
-            missing = [i for i in range(train.input_shards) if not self.storage.exists(manifest_key("preprocess", i))]
+            missing = [i for i in range(train.input_shards) if not self._exists(manifest_key("preprocess", i))]
             if missing:
                 self._fail(
                     int(ExitCode.CONFIG),
@@ -414,18 +430,22 @@ class Runner:
             key = manifest_key("preprocess", task.shard)
         else:
             return self._from_storage("looking for the trained model", lambda: training_finished(self.storage))
-        return self._from_storage(f"looking for {key}", lambda: self.storage.exists(key))
+        return self._exists(key)
+
+    def _exists(self, key: str) -> bool:
+        return bool(self._from_storage(f"looking for {key}", lambda: self.storage.exists(key)))
 
     def _from_storage(self, what: str, call: Callable[[], Any]) -> Any:
         """The runner's own look at the run root, retried: one S3 503 that outlasts the
-        client's retries, or a dropped connection, must not stop every healthy shard."""
+        client's retries, or a dropped connection, must not stop every healthy shard. (The
+        waits block the loop, stage output and Ctrl-C included, for 15 s at most.)"""
         delays = iter(STORAGE_RETRY_DELAYS)
         while True:
             try:
                 return call()
             except FileNotFoundError:
                 raise
-            except Exception as exc:  # noqa: BLE001  botocore's and urllib3's errors are no OSError
+            except _storage_errors() as exc:
                 delay = next(delays, None)
                 if delay is None:
                     raise TransientError(f"{self.storage.uri}: {what}: {type(exc).__name__}: {exc}") from None

@@ -932,7 +932,8 @@ class ShardProcessor:
             m.bandwidth.set(float(manifest.get("resample_bytes") or 0) / float(manifest["resample_seconds"]))
 
     def _check_whole_sources(self, misfits: dict[str, tuple[int, dict[str, int]]], dims: dict[str, int]) -> None:
-        """Fail the shard when no episode of a source (of two or more) has its stream widths: a whole source
+        """Fail the shard when no episode of a source (of two or more; a source's one episode is
+        quarantined like any bad one) has the shard's stream widths: a whole source
         of other widths is another robot, not bad trajectories (whatever maxBadFraction says),
         and another shard may well have picked that source's widths, which training refuses
         only once every shard is done."""

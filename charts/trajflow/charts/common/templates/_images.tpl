@@ -9,6 +9,10 @@ clusters); the tag defaults to the chart's appVersion; a digest pins the image.
 {{- $global := include "trajflow.global" .context | fromYaml -}}
 {{- $registry := $global.imageRegistry | default $image.registry | default "" | trimSuffix "/" -}}
 {{- $repository := required "image.repository is required" $image.repository -}}
+{{- /* a repository that names its own registry (host.name/..., host:port/..., localhost/...) takes no other */ -}}
+{{- if and $registry (regexMatch "^([^/]*[.:][^/]*|localhost)/" $repository) -}}
+{{- fail (printf "image repository %q names its own registry, and the registry %q would go in front of it: set image.registry (and global.imageRegistry) to \"\" or move the host into image.registry" $repository $registry) -}}
+{{- end -}}
 {{- $ref := ternary (printf "%s/%s" $registry $repository) $repository (ne $registry "") -}}
 {{- $tag := $image.tag | default .context.Chart.AppVersion | toString -}}
 {{- if $image.digest -}}

@@ -126,6 +126,6 @@ matchers are skipped.
 {{/* An alert that goes quiet `quietAfter` after its cause must outlast its `for`, or it never fires. */}}
 {{- define "monitoring.quietAfterFor" -}}
 {{- if le (include "monitoring.seconds" .rule.quietAfter | float64) (include "monitoring.seconds" .rule.for | float64) -}}
-{{- fail (printf "monitoring.prometheusRule.alerts.%s.quietAfter (%s) must be longer than its for (%s): the alert would never fire" .alert .rule.quietAfter .rule.for) -}}
+{{- fail (printf "monitoring.prometheusRule.alerts.%s.quietAfter (%s) must be longer than its for (%s): the alert would go quiet before it could fire" .alert .rule.quietAfter .rule.for) -}}
 {{- end -}}
 {{- end -}}
