@@ -58,6 +58,7 @@ from trajflow.download.verify import (
     item_fingerprint,
     modified_since,
     read_record,
+    recorded_checks,
     rehash,
     write_record,
 )
@@ -578,8 +579,7 @@ class ShardDownloader:
             checks, source_size, source_sha256 = list(record.checks), record.source_size, record.source_sha256
         else:
             try:
-                sums = declared.check(digests, dest)
-                checks = ["size", *sums] if item.meta.get("size_known", True) else sums  # as a transfer records
+                checks = recorded_checks(item.meta.get("size_known", True), declared.check(digests, dest))
             except FetchError:
                 return None
             source_size, source_sha256 = digests.size, digests.sha256

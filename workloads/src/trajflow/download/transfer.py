@@ -67,6 +67,7 @@ from trajflow.download.verify import (
     declared_checksums,
     gunzips,
     item_fingerprint,
+    recorded_checks,
     write_record,
 )
 from trajflow.plan import Item
@@ -1226,8 +1227,7 @@ class ItemTransfer:
         if self.total is not None and (self.hashed != self.total or self.digests.size != self.total):
             raise FetchError(f"{where}: got {self.digests.size} bytes, expected {self.total}", Kind.RESTART, "size")
         sums = self.expected.check(self.digests, where)
-        # "size" only when one was declared: a body of unknown length ended by a close proves none
-        checks = ["size", *sums] if self.sized else sums
+        checks = recorded_checks(self.sized, sums)
         try:
             size, sha256 = self.sink.commit(self.digests)
         except FetchError as exc:

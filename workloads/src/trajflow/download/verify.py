@@ -135,6 +135,12 @@ def _pairs(value: str) -> list[tuple[str, str]]:
     return out
 
 
+def recorded_checks(sized: bool, sums: list[str]) -> list[str]:
+    """The checks a verification record lists: the checksums compared, after "size" only when a
+    size was known (a body of unknown length ended by a close proves none)."""
+    return ["size", *sums] if sized else sums
+
+
 def header_checksums(headers: Mapping[str, str], whole_body: bool) -> Expected:
     """Checksums of the whole object declared in response headers.
 

@@ -168,10 +168,13 @@ def _check_declared_size(zf: zipfile.ZipFile, name: str, archive_size: int) -> N
         declared = math.prod(shape) * dtype.itemsize
         # the uncompressed size the zip records, and what the compressed bytes can inflate to
         packed = min(info.compress_size, archive_size)
-        # (deflate's ceiling; bzip2 and LZMA, which numpy never writes, go further: only their
+        room = info.file_size
+        if info.compress_type == zipfile.ZIP_STORED:
+            room = min(room, packed)
+        elif info.compress_type == zipfile.ZIP_DEFLATED:
+            room = min(room, packed * _MAX_INFLATE)
+        # (bzip2 and LZMA, which numpy never writes, go past deflate's ceiling: only their
         # recorded size bounds them)
-        room = info.file_size if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) else \
-            min(info.file_size, packed if info.compress_type == zipfile.ZIP_STORED else packed * _MAX_INFLATE)
         room -= fp.tell()  # the header is not array data
     if declared > room:
         raise ValueError(f"member {name!r} declares a {dtype} array of shape {shape} ({declared} bytes) but holds "

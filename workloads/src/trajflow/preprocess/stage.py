@@ -847,10 +847,7 @@ class ShardProcessor:
                 open_writer()
             summary.quarantined = self.report.counts()
             summary.episodes = seq
-            # one odd episode is a bad recording, quarantined as any other; two or more and
-            # not one of the shard's widths: another robot
-            self._check_whole_sources({s: m for s, m in misfits.items() if s not in fitting and m[0] >= 2},
-                                      dims or {})
+            self._check_whole_sources(misfits, fitting, dims or {})
             flush()
             if drain is not None:
                 drain.finish()
@@ -931,12 +928,15 @@ class ShardProcessor:
         if float(manifest.get("resample_seconds") or 0.0) > 0:
             m.bandwidth.set(float(manifest.get("resample_bytes") or 0) / float(manifest["resample_seconds"]))
 
-    def _check_whole_sources(self, misfits: dict[str, tuple[int, dict[str, int]]], dims: dict[str, int]) -> None:
+    def _check_whole_sources(self, misfits: dict[str, tuple[int, dict[str, int]]], fitting: set[str],
+                             dims: dict[str, int]) -> None:
         """Fail the shard when no episode of a source (of two or more; a source's one episode is
         quarantined like any bad one) has the shard's stream widths: a whole source
         of other widths is another robot, not bad trajectories (whatever maxBadFraction says),
         and another shard may well have picked that source's widths, which training refuses
-        only once every shard is done."""
+        only once every shard is done. `misfits`: per source, (count, widths) of its episodes of
+        other widths; `fitting`: the sources with an episode of the shard's."""
+        misfits = {s: m for s, m in misfits.items() if s not in fitting and m[0] >= 2}
         if not misfits:
             return
         self.storage.write_bytes(report_key(self.shard), self._report_bytes())  # kept to debug the data
