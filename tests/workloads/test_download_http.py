@@ -983,10 +983,11 @@ def _hub(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
             httpd.shutdown()
 
 
-@pytest.mark.parametrize("refusal", [405, 501])
+@pytest.mark.parametrize("refusal", [403, 405, 501])
 def test_a_server_refusing_head_is_sized_by_a_ranged_get_which_proves_ranges(tmp_path: Path, refusal: int) -> None:
     """405 (not allowed) and 501 (not implemented) both mean "no HEAD here", not a broken
-    server: planning asks for byte 0 instead. A 206 with a total gives the size and proves
+    server, and so does a 403 to the HEAD of a presigned URL (signed for GET only): planning
+    asks for byte 0 instead. A 206 with a total gives the size and proves
     ranges are served, even from a server that never sends the optional Accept-Ranges."""
     body = payload(11 * MiB, seed=13)
     asked: list[str] = []
@@ -1022,6 +1023,39 @@ def test_a_server_refusing_head_is_sized_by_a_ranged_get_which_proves_ranges(tmp
     assert summary.exit_code == 0, [r.error for r in summary.failed]
     assert raw_files(tmp_path) == {"hub/matrix.bin": body}
     assert sorted(asked) == sorted(["bytes=0-0", "bytes=0-5242879", "bytes=5242880-10485759", "bytes=10485760-11534335"])
+
+
+def test_a_head_saying_content_length_zero_is_not_taken_as_the_size(tmp_path: Path) -> None:
+    """Dynamic endpoints often answer HEAD with `Content-Length: 0` whatever they serve:
+    planned as an empty file, every download would fail its size check. The item is
+    planned with an unknown size and downloaded whole; a truly empty file still arrives."""
+    files = {"/export.tsv": payload(300_000, seed=21), "/empty.txt": b""}
+
+    class Hub(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_HEAD(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            body = files[self.path]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with _hub(Hub) as base:
+        config = make_config([{"type": "https", "name": "hub", "urls": [f"{base}{p}" for p in files]}])
+        _, items = ShardDownloader(LocalStorage(tmp_path), config, 0, 1).plan()
+        assert [i.meta.get("size_known", True) for i in items] == [False, False]
+        summary = run(tmp_path, config)
+    assert summary.exit_code == 0, [r.error for r in summary.failed]
+    assert raw_files(tmp_path) == {f"hub{p}": d for p, d in files.items()}
 
 
 def test_exactly_max_redirects_are_followed_and_one_more_is_refused() -> None:
@@ -1117,8 +1151,8 @@ def test_a_206_fragment_to_a_request_for_the_whole_object_fails_within_the_attem
 
 
 def test_an_object_of_unknown_size_replaced_between_responses_is_fetched_as_it_is_now(tmp_path: Path) -> None:
-    """HEAD refused (unknown size); the first GET declares the old size and breaks off, the
-    next serves a larger new version chunked: a fresh start takes the new size instead of
+    """HEAD gives no size (unknown size); the first GET declares the old size and breaks off,
+    the next serves a larger new version chunked: a fresh start takes the new size instead of
     holding the new body to the old one round after round."""
     old, new = payload(100_000, seed=22), payload(200_000, seed=23)
     gets: list[str] = []
@@ -1127,7 +1161,7 @@ def test_an_object_of_unknown_size_replaced_between_responses_is_fetched_as_it_i
         protocol_version = "HTTP/1.1"
 
         def do_HEAD(self) -> None:
-            self.send_response(403)
+            self.send_response(200)
             self.send_header("Content-Length", "0")
             self.end_headers()
 

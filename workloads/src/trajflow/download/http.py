@@ -277,7 +277,10 @@ class HttpClient:
         raise FetchError(f"{redact(url)}: more than {MAX_REDIRECTS} redirects", Kind.PERMANENT, "client_error")
 
     def head(self, url: str, headers: Mapping[str, str] | None = None) -> tuple[int, Mapping[str, str]]:
-        """(status, headers) of a HEAD request; servers that refuse HEAD get a 1-byte GET."""
+        """(status, headers) of a HEAD request; servers that refuse HEAD get a 1-byte GET.
+
+        A 403 counts as a refusal too: a presigned URL (S3, GCS, Azure SAS) signs the method,
+        so its HEAD is forbidden while the GET it was made for is allowed."""
         from urllib3 import HTTPHeaderDict
 
         resp = self.request("HEAD", url, headers)
@@ -286,7 +289,7 @@ class HttpClient:
             resp.drain_conn()  # the connection is reusable only once the response is closed
         finally:
             resp.release_conn()
-        if status in (405, 501):
+        if status in (403, 405, 501):
             resp = self.request("GET", url, {**(headers or {}), "Range": "bytes=0-0"})
             try:
                 status, hdrs = resp.status, HTTPHeaderDict(resp.headers)

@@ -259,9 +259,12 @@ class HttpSource(SourceRuntime):
             log.warning("HEAD %s answered HTTP %d while planning", redact(entry["url"]), status)
             return Item(key, 0, entry["url"], {**meta, "size_known": False})
         length = headers.get("Content-Length")
-        if length and length.isdigit():
+        if length and length.isdigit() and int(length) > 0:
             size = int(length)
         else:
+            # 0 is what many dynamic endpoints say to a HEAD whatever they serve: trusted, it
+            # would fail every download of a non-empty file with a size mismatch. An empty file
+            # planned with an unknown size still downloads.
             size, meta["size_known"] = 0, False
         if headers.get("ETag"):
             meta["etag"] = headers["ETag"]
