@@ -423,6 +423,7 @@ def network_policy() -> dict[str, Any]:
             "sourceTo": deepcopy(peers),
             "pushgatewayTo": deepcopy(peers),
             "metricsFrom": deepcopy(peers),
+            "pushgatewayFrom": deepcopy(peers),
             "extraEgress": {"type": "array", "items": any_object("NetworkPolicyEgressRule")},
         },
         required=["enabled"],

@@ -145,6 +145,11 @@ BAD_VALUES = {
                                      ["/global/metrics/pushgatewayUrl"]),
     "S3 endpoint without a scheme": ({"global.storage.s3.endpoint": "minio.minio.svc:9000"},
                                      ["/global/storage/s3/endpoint"]),
+    "pushgateway URL with user:password@": ({"global.metrics.pushgatewayUrl": "https://u:pw@pg.example"},
+                                            ["/global/metrics/pushgatewayUrl"]),
+    "S3 endpoint with user:password@": ({"global.storage.s3.endpoint": "http://key:secret@minio:9000"},
+                                        ["/global/storage/s3/endpoint"]),
+    "S3 region with a space": ({"global.storage.s3.region": "us east"}, ["/global/storage/s3/region"]),
     "S3 source endpoint without a scheme": (
         {"downloader.config.sources": [{"type": "s3", "name": "x", "url": "s3://b/p", "endpoint": "minio:9000"}]},
         ["downloader", "/config/sources/0"]),

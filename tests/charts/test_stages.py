@@ -247,6 +247,31 @@ def test_network_policies_follow_storage_and_pushgateway():
     assert not select(render(set_values={"networkPolicy.enabled": False}), "NetworkPolicy")
 
 
+def test_only_the_release_stages_and_prometheus_reach_the_pushgateway():
+    """Anyone reaching the Pushgateway can delete a shard's group (silencing its alerts) or
+    push a fake success: its ingress is this release's stage pods, pushgatewayFrom and the
+    scrapers (metricsFrom)."""
+    extra = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ci"}}}
+    objs = render([env_file("staging")], {"networkPolicy.pushgatewayFrom": [extra]}, api_versions=PROMETHEUS_OPERATOR_APIS)
+    pushgateway_pod = one(objs, "Deployment", component="pushgateway")["spec"]["template"]["metadata"]["labels"]
+    guarding = [p["spec"] for p in select(objs, "NetworkPolicy")
+                if p["spec"]["podSelector"]["matchLabels"].items() <= pushgateway_pod.items()
+                and all(pushgateway_pod.get(e["key"]) in e["values"] for e in p["spec"]["podSelector"].get("matchExpressions", []))]
+    assert len(guarding) == 1 and guarding[0]["policyTypes"] == ["Ingress"]
+    port = [{"port": 9091, "protocol": "TCP"}]
+    deny = next(p for p in select(objs, "NetworkPolicy") if p["metadata"]["name"].endswith("-default-deny"))["spec"]
+    assert guarding[0]["ingress"] == [{"from": [{"podSelector": deny["podSelector"]}], "ports": port},
+                                      {"from": [extra], "ports": port},
+                                      {"from": [{"namespaceSelector": {}}], "ports": port}]
+    # no in-release Pushgateway, nothing to guard
+    off = render([env_file("staging")], {"monitoring.pushgateway.enabled": False}, api_versions=PROMETHEUS_OPERATOR_APIS)
+    assert not [p for p in select(off, "NetworkPolicy") if p["metadata"]["name"].endswith("-pushgateway")]
+    # stages all disabled: the Pushgateway is still guarded, and nothing else is rendered
+    alone = render([env_file("staging")], {f"{s}.enabled": False for s in ("downloader", "preprocessing", "training")},
+                   api_versions=PROMETHEUS_OPERATOR_APIS)
+    assert [p["metadata"]["name"] for p in select(alone, "NetworkPolicy")] == ["trajflow-pushgateway"]
+
+
 @pytest.mark.parametrize("endpoint, port", [("http://[fd00:10:96::a]", 80), ("https://[fd00::1]", 443),
                                              ("http://[fd00::1]:9000", 9000), ("http://minio:9000", 9000)])
 def test_network_policy_ports_of_ipv6_and_ipv4_endpoints(endpoint, port):

@@ -249,6 +249,9 @@ def test_credentials_in_urls_are_refused_and_never_logged(server: FaultyServer, 
                                                    "urls": ["https://alice:p@ss w0rd@hub.example/x.bin", 7]}]})
     assert "ss w0rd" not in str(refused.value) and "got 'https://…@hub.example/x.bin'" in str(refused.value)
     assert "urls[1]: expected a string, got 7" in str(refused.value)
+    with pytest.raises(ConfigError) as refused:  # a signed URL of another scheme
+        validate_stage("downloader", {"sources": [{"type": "https", "name": "web", "urls": ["ftp://host/x.bin?sig=SIGSECRET"]}]})
+    assert "SIGSECRET" not in str(refused.value) and "got 'ftp://host/x.bin?…'" in str(refused.value)
     assert redact("https://alice:s3cret@hub.example/x?X-Amz-Signature=abc") == "https://hub.example/x?…"
     url = server.add("/signed.bin", payload(100)) + "?X-Amz-Signature=TOPSECRET"
     server.script("/signed.bin", "500", "500", "500", "500", "500", "500", "500", "500")
@@ -258,6 +261,46 @@ def test_credentials_in_urls_are_refused_and_never_logged(server: FaultyServer, 
     assert summary.exit_code != 0
     assert "signed.bin" in caplog.text and "TOPSECRET" not in caplog.text
     assert all("TOPSECRET" not in (r.error or "") for r in summary.results)
+
+
+def test_secrets_a_server_echoes_back_are_masked_in_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """Error pages often repeat the request: the signed query and the bearer token they echo
+    must not reach logs or the shard's errors, nor may the URL in a Content-Encoding refusal."""
+
+    class Echo(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_HEAD(self) -> None:
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            if self.path.startswith("/gz/"):
+                body = b"compressed"
+                self.send_response(200)
+                self.send_header("Content-Encoding", "gzip")
+            else:
+                body = f"Not found: {self.path} auth {self.headers.get('Authorization')}".encode()
+                self.send_response(404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    monkeypatch.setenv("HUB_TOKEN", "BEARERSECRET")
+    with _hub(Echo) as base, caplog.at_level(logging.INFO):
+        urls = [f"{base}/a.bin?X-Amz-Signature=SIG404SECRET&X-Amz-Credential=AKIA%2FEXAMPLE",
+                f"{base}/gz/d.bin?sig=SIGGZSECRET"]
+        summary = run(tmp_path, make_config([{"type": "https", "name": "hub", "urls": urls, "authTokenEnv": "HUB_TOKEN"}],
+                                            retries={"attempts": 1, "backoffSeconds": 0.01}))
+    errors = " | ".join(r.error or "" for r in summary.results)
+    assert "HTTP 404 Not found: /a.bin?… auth …" in errors and "Content-Encoding: gzip" in errors
+    for secret in ("SIG404SECRET", "AKIA", "BEARERSECRET", "SIGGZSECRET"):
+        assert secret not in errors and secret not in caplog.text
 
 
 def test_head_refused_sizes_with_a_ranged_get(server: FaultyServer, tmp_path: Path) -> None:

@@ -49,7 +49,7 @@ class S3Source(_Source):
         description="s3://bucket/prefix to list (a prefix naming one object fetches that object).",
     )
     endpoint: str = Field("", pattern=formats.HTTP_URL_OR_EMPTY, description="S3-compatible endpoint URL; empty means AWS.")
-    region: str = Field("us-east-1", description="Region of the bucket.")
+    region: str = Field("us-east-1", pattern=formats.S3_REGION, description="Region of the bucket.")
     addressing_style: Literal["path", "virtual", "auto"] = Field("path", description="S3 addressing style.")
     anonymous: bool = Field(False, description="Unsigned requests (public buckets).")
     credentials_env_prefix: str = Field(

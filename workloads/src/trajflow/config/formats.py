@@ -3,6 +3,8 @@ values schemas, and the same formats in words for the errors that refuse a value
 should have to read a regular expression to learn what a key takes)."""
 from __future__ import annotations
 
+import re
+
 # Kubernetes
 # a non-negative resource.Quantity, as apimachinery's quantity.go parses it
 QUANTITY = r"^[+]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
@@ -52,8 +54,10 @@ FILE_PART = r"^([^{}]|\{\{|\}\}|\{(cohort|category)\})+$"
 HAS_COHORT_FIELD = r"\{cohort\}"
 HAS_FILE_FIELD = r"\{(file|category)\}"
 HTTP_URL = r"^https?://[^/?#@\s]+([/?#].*)?$"  # a host, and no user:password@ (urllib3 would not send it)
-HTTP_URL_OR_EMPTY = r"^(https?://[^/\s]+.*)?$"
-PUSHGATEWAY_URL = r"^((https?://[^/\s]+|\{\{).*)?$"
+HTTP_URL_OR_EMPTY = r"^(https?://[^/?#@\s]+([/?#].*)?)?$"
+PUSHGATEWAY_URL = r"^(https?://[^/?#@\s]+([/?#].*)?|(https?://)?\{\{.*)?$"
+# what botocore accepts as a region name (others fail at the first request, with a traceback)
+S3_REGION = r"^[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$"
 SHA256_HEX_OR_EMPTY = r"^([0-9a-f]{64})?$"
 MD5_HEX_OR_EMPTY = r"^([0-9a-f]{32})?$"
 
@@ -99,8 +103,9 @@ IN_WORDS = {
     HAS_COHORT_FIELD: "a template with a {cohort} placeholder",
     HAS_FILE_FIELD: "a template with a {file} or {category} placeholder",
     HTTP_URL: "an http:// or https:// URL with a host and no user:password@ (a token goes in authTokenEnv)",
-    HTTP_URL_OR_EMPTY: "empty or an http:// or https:// URL with a host",
-    PUSHGATEWAY_URL: "empty, an http:// or https:// URL with a host, or a Helm template starting with {{",
+    HTTP_URL_OR_EMPTY: "empty or an http:// or https:// URL with a host and no user:password@ (nothing would send it)",
+    PUSHGATEWAY_URL: "empty, an http:// or https:// URL with a host and no user:password@, or a Helm template whose host starts with {{",
+    S3_REGION: "a region name: letters, digits and '-' (such as us-east-1)",
     SHA256_HEX_OR_EMPTY: "empty or a SHA-256 of 64 lowercase hex digits",
     MD5_HEX_OR_EMPTY: "empty or an MD5 of 32 lowercase hex digits",
     PROMETHEUS_DURATION: "a Prometheus duration (such as 30s, 5m, 1h, 1h30m)",
@@ -108,6 +113,12 @@ IN_WORDS = {
     GRAFANA_UID: "up to 40 letters, digits, '_' and '-'",
     FLAG: "a command-line flag starting with --",
 }
+
+
+def without_secrets(value: str) -> str:
+    """`value` fit to repeat in an error: a URL's user:password@ and query may be credentials."""
+    shown = re.sub(r"//[^/?#]*@", "//…@", value)
+    return re.sub(r"\?.*", "?…", shown) if "://" in shown else shown
 
 
 def in_words(pattern: str) -> str:

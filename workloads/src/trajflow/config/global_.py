@@ -11,6 +11,7 @@ from trajflow.config.base import Model
 
 # empty or an http(s) URL with a host; in the schema too, so `helm install` refuses what the pods would
 _HTTP_URL_OR_EMPTY = {"pattern": formats.HTTP_URL_OR_EMPTY}
+_HTTP_URL_WORDS = "an http(s) URL with a host and no user:password@"
 
 
 class FilesystemStorage(Model):
@@ -33,7 +34,7 @@ class S3Storage(Model):
                           json_schema_extra=_HTTP_URL_OR_EMPTY)
     bucket: str = Field("", pattern=formats.S3_BUCKET_OR_EMPTY, description="Bucket holding the run roots.")
     prefix: str = Field("", pattern=formats.S3_KEY_PREFIX, description="Key prefix under the bucket.")
-    region: str = Field("us-east-1", description="Region of the bucket.")
+    region: str = Field("us-east-1", pattern=formats.S3_REGION, description="Region of the bucket.")
     addressing_style: Literal["path", "virtual", "auto"] = Field("path", description="S3 addressing style.")
     existing_secret: str = Field(
         "", pattern=formats.OBJECT_NAME_OR_EMPTY, max_length=253,
@@ -43,8 +44,8 @@ class S3Storage(Model):
     @field_validator("endpoint")
     @classmethod
     def _endpoint_is_url(cls, value: str) -> str:
-        if value and not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError(f"endpoint must be an http(s) URL, got {value!r}")
+        if value and not re.match(formats.HTTP_URL, value):
+            raise ValueError(f"endpoint must be {_HTTP_URL_WORDS}, got {formats.without_secrets(value)!r}")
         return value
 
 
@@ -69,8 +70,8 @@ class Metrics(Model):
     @field_validator("pushgateway_url")
     @classmethod
     def _is_url(cls, value: str) -> str:
-        if value and not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError(f"pushgatewayUrl must be an http(s) URL, got {value!r}")
+        if value and not re.match(formats.HTTP_URL, value):
+            raise ValueError(f"pushgatewayUrl must be {_HTTP_URL_WORDS}, got {formats.without_secrets(value)!r}")
         return value
 
 

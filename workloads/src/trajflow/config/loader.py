@@ -382,8 +382,7 @@ def _format_errors(exc: ValidationError, raw: Any, origin: str | None, prefix: l
         elif err["type"] == "string_type" and not isinstance(err["input"], (dict, list)):
             msg = f"expected a string, got {_shown(err['input'])}" + _set_string_hint(where, err["input"])
         elif err["type"] == "string_pattern_mismatch":
-            # a refused URL may carry user:password@: never repeated into logs
-            shown = re.sub(r"//[^/?#]*@", "//…@", err["input"])
+            shown = formats.without_secrets(err["input"])
             msg = f"expected {formats.in_words(str(err['ctx']['pattern']))}, got {shown!r}"
         elif err["type"] == "value_error":
             msg = str(err.get("ctx", {}).get("error", msg))  # our validators name the value

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote_plus, urljoin, urlsplit
 
 from trajflow import __version__
 from trajflow.download.failures import FetchError, Kind, classify_status, parse_retry_after
@@ -189,17 +189,32 @@ def parse_content_range(value: str | None) -> tuple[int, int, int | None] | None
     return int(m.group(1)), int(m.group(2)), total
 
 
-def _error_detail(resp: Any) -> str:
-    """A short hint from an error body (S3 XML <Code>, or the first line of text)."""
+def _request_secrets(url: str, headers: Mapping[str, str]) -> list[str]:
+    """What a request carries that an error body echoing it must not repeat: the query, each
+    of its values (raw and decoded), the password and the Authorization header's value."""
+    parts = urlsplit(url)
+    found = [parts.query, parts.password or ""]
+    for pair in parts.query.split("&"):
+        value = pair.partition("=")[2]
+        found += [value, unquote_plus(value)]
+    for name, value in headers.items():
+        if name.lower() == "authorization":
+            found += [value, value.partition(" ")[2]]
+    return sorted({s for s in found if len(s) >= 4}, key=len, reverse=True)
+
+
+def _error_detail(resp: Any, secrets: list[str]) -> str:
+    """A short hint from an error body (S3 XML <Code>, or the first line of text), with any of
+    `secrets` a server or proxy echoes back masked."""
     try:
         raw = resp.read(4096, decode_content=False)
     except Exception:
         return ""
     text = raw.decode("utf-8", "replace")
     code = re.search(r"<Code>([^<]+)</Code>", text)
-    if code:
-        return code.group(1)
-    first = text.strip().splitlines()[0] if text.strip() else ""
+    first = code.group(1) if code else (text.strip().splitlines()[0] if text.strip() else "")
+    for secret in secrets:
+        first = first.replace(secret, "…")
     return first[:120]
 
 
@@ -329,7 +344,7 @@ class HttpClient:
             problem = classify_status(status)
             if problem is not None:
                 kind, reason = problem
-                detail = _error_detail(resp)
+                detail = _error_detail(resp, _request_secrets(url, req))
                 retry_after = parse_retry_after(hdrs.get("Retry-After"))
                 raise FetchError(
                     f"{where}: HTTP {status}{' ' + detail if detail else ''}", kind, reason, retry_after=retry_after, status=status

@@ -39,6 +39,7 @@ from typing import Any, Callable
 from trajflow import log as trajflow_log
 from trajflow.config.download import DownloadConfig
 from trajflow.download.failures import Backoff, FetchError, Kind, StorageFailure, counts_as_failure, is_missing
+from trajflow.download.http import redact
 from trajflow.download.sources import HttpClients, SourceRuntime, build_sources, list_all
 from trajflow.download.transfer import (
     DOWNLOAD_TMP_PREFIX,
@@ -99,7 +100,7 @@ def check_destinations(items: list[Item], gunzip: bool) -> None:
     for item in items:
         final = final_path(item.key, gunzip)
         if final in seen:
-            raise ConfigError(f"{seen[final]} and {item.source} would both be stored as {final!r} (gunzip strips .gz)")
+            raise ConfigError(f"{redact(seen[final])} and {redact(item.source)} would both be stored as {final!r} (gunzip strips .gz)")
         seen[final] = item.source
 
 

@@ -213,7 +213,7 @@ class HttpSource(SourceRuntime):
             self._headers["Authorization"] = f"Bearer {token}"
         seen: dict[str, str] = {}
         for entry in entries:
-            key = self._key(entry["path"], entry["url"])
+            key = self._key(entry["path"], redact(entry["url"]))
             if key in seen:
                 raise ConfigError(
                     f"source {name!r}: {redact(seen[key])} and {redact(entry['url'])} would both be stored as {key!r}; give one a `path`"
@@ -228,7 +228,7 @@ class HttpSource(SourceRuntime):
             meta["md5"] = entry["md5"]
         if meta:
             meta["checksum_origin"] = entry["origin"]
-        key = self._key(entry["path"], entry["url"])
+        key = self._key(entry["path"], redact(entry["url"]))
         if entry.get("size") is not None:
             # a size the user declared is enforced as such (a mismatch is permanent)
             return Item(key, int(entry["size"]), entry["url"], {**meta, "size_origin": "config"})
@@ -296,7 +296,7 @@ class HttpSource(SourceRuntime):
         if encoding not in ("", "identity") and not sized_as_planned:
             body.close()
             raise FetchError(
-                f"{item.source}: the server answered with Content-Encoding: {encoding} although identity was asked "
+                f"{redact(item.source)}: the server answered with Content-Encoding: {encoding} although identity was asked "
                 f"for (a proxy or CDN compressing on the fly?); link the compressed file itself instead",
                 Kind.PERMANENT, "gzip",
             )
@@ -334,7 +334,7 @@ def catalog_entries(cfg: CatalogSource) -> list[dict[str, Any]]:
             url = cfg.url_template.format(cohort=cohort, category=category, file=file_name)
             name = _url_file_name(url)
             if not name:
-                raise ConfigError(f"source {cfg.name!r}: {url} (cohort {cohort}, category {category}) has no file name")
+                raise ConfigError(f"source {cfg.name!r}: {redact(url)} (cohort {cohort}, category {category}) has no file name")
             rel = f"{cohort}/{name}"
             digest = cfg.checksums.get(rel, "")
             entries.append({
