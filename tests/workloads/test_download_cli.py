@@ -278,7 +278,10 @@ def test_sigterm_while_planning_stops_instead_of_sleeping_out_the_retries(server
     assert proc.returncode == ExitCode.TRANSIENT, stderr[-2000:]
     assert "stopped by signal 15" in stderr
     assert len([r for r in server.log if r.method == "HEAD"]) == 4  # none tried again after the signal
-    assert not (tmp_path / "root" / "clirun" / "plan").exists() or not any((tmp_path / "root" / "clirun" / "plan").iterdir())
+    plan = tmp_path / "root" / "clirun" / "plan"
+    # nothing but the released lease to plan: no header, no parts
+    assert [p.name for p in plan.rglob("*") if p.is_file()] in ([], ["1.json"])
+    assert not list(plan.rglob("plan.json")) and not (plan / "download.json").exists()
 
 
 def test_a_stop_that_ended_an_earlier_run_in_this_process_does_not_end_the_next(tmp_path: Path,

@@ -130,7 +130,8 @@ def test_plan_is_written_once_and_reused(storage, caplog, monkeypatch):
     # a pod reads the header and its own part: the header holds no items
     assert "assignments" not in plan and plan["items"] == 10
     assert sorted(i.key for i in storage.list("plan/download-3-gen1/")) == sorted([
-        "plan/download-3-gen1/plan.json", *(f"{plan['parts']}{s:05d}.json" for s in range(3))])
+        "plan/download-3-gen1/plan.json", "plan/download-3-gen1/planning/1.json",
+        *(f"{plan['parts']}{s:05d}.json" for s in range(3))])
 
     # the source listing changes (a file appears): pods that start later still follow the plan
     def changed_listing():
@@ -214,6 +215,90 @@ def test_concurrent_pods_agree_on_one_plan(storage):
     for t in threads:
         t.join()
     assert len(plans) == 6 and all(p == plans[0] for p in plans)
+
+
+def test_one_pod_lists_the_sources_while_the_others_wait_for_its_plan(storage):
+    """Hundreds of pods each listing a million objects (or sending a HEAD to every URL) get
+    throttled: only the pod holding the planning lease lists."""
+    listings: list[int] = []
+    plans: list[dict] = []
+    start = threading.Barrier(8)
+
+    def listing() -> list[Item]:
+        listings.append(1)
+        time.sleep(0.5)  # long enough for every other pod to look for the plan meanwhile
+        return [Item(f"k{j}", 1 + j) for j in range(30)]
+
+    def pod() -> None:
+        start.wait()
+        plans.append(load_or_create_plan(storage, 4, "g", listing))
+
+    threads = [threading.Thread(target=pod) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(listings) == 1 and len(plans) == 8 and all(p == plans[0] for p in plans)
+
+
+def test_a_planner_that_keeps_renewing_is_waited_for(local_storage, monkeypatch):
+    import trajflow.plan as plan_module
+
+    monkeypatch.setattr(plan_module, "_LEASE_BEAT_S", 0.05)
+    monkeypatch.setattr(plan_module, "_LEASE_STALE_S", 0.4)
+    monkeypatch.setattr(plan_module, "_WAIT_POLL_S", (0.05, 0.1))
+    listings: list[str] = []
+    holding = threading.Event()
+
+    def slow_listing() -> list[Item]:
+        listings.append("slow")
+        holding.set()
+        time.sleep(1.5)  # several times the staleness: only the beats keep the lease
+        return [Item("a", 1)]
+
+    planner = threading.Thread(target=lambda: load_or_create_plan(local_storage, 2, "g", slow_listing))
+    planner.start()
+    assert holding.wait(10)
+    waited = load_or_create_plan(local_storage, 2, "g", lambda: listings.append("waiter") or [Item("b", 2)])
+    planner.join()
+    assert listings == ["slow"] and waited["items"] == 1
+
+
+def test_a_planner_that_stopped_renewing_is_taken_over(storage, caplog):
+    """A pod killed while listing leaves its lease behind: once stale, the next pod plans."""
+    storage.write_bytes("plan/download-2-g/planning/1.json",
+                        json.dumps({"holder": "downloader-0-x (pid 7)", "beat": time.time() - 1000, "released": False}).encode())
+    with caplog.at_level(logging.WARNING, logger="trajflow.plan"):
+        plan = load_or_create_plan(storage, 2, "g", lambda: [Item("a", 1)])
+    assert plan["items"] == 1
+    assert "downloader-0-x (pid 7) stopped renewing its lease to plan plan/download-2-g; planning here" in caplog.text
+    assert storage.exists("plan/download-2-g/planning/2.json")
+
+
+def test_a_failed_listing_lets_the_next_pod_plan_at_once(local_storage):
+    def broken() -> list[Item]:
+        raise RuntimeError("source unreachable")
+
+    with pytest.raises(RuntimeError, match="source unreachable"):
+        load_or_create_plan(local_storage, 2, "g", broken)
+    never = lambda s: pytest.fail(f"waited {s}s for a released lease")  # noqa: E731
+    assert load_or_create_plan(local_storage, 2, "g", lambda: [Item("a", 1)], pause=never)["items"] == 1
+
+
+def test_a_pod_waiting_for_the_planner_stops_when_its_pause_says_so(local_storage):
+    """The downloader's pause ends on SIGTERM: a waiting pod stops within its grace period."""
+    local_storage.write_bytes("plan/download-2-g/planning/1.json",
+                              json.dumps({"holder": "downloader-0-x (pid 7)", "beat": time.time(), "released": False}).encode())
+    pauses: list[float] = []
+
+    def pause(seconds: float) -> None:
+        pauses.append(seconds)
+        if len(pauses) == 3:
+            raise InterruptedError("stopping")
+
+    with pytest.raises(InterruptedError):
+        load_or_create_plan(local_storage, 2, "g", lambda: pytest.fail("listed while another pod plans"), pause=pause)
+    assert pauses == [1.0, 1.5, 2.25]  # backing off between looks
 
 
 def test_shard_items_range_is_checked(local_storage):

@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 from trajflow import log as trajflow_log
 from trajflow.config.download import DownloadConfig
-from trajflow.download.failures import Backoff, FetchError, Kind, StorageFailure, counts_as_failure, is_missing
+from trajflow.download.failures import STOPPING, Backoff, FetchError, Kind, StorageFailure, counts_as_failure, is_missing
 from trajflow.download.http import redact
 from trajflow.download.sources import HttpClients, SourceRuntime, build_sources, list_all
 from trajflow.download.transfer import (
@@ -341,9 +341,13 @@ class ShardDownloader:
         def unstorable(items: list[Item]) -> dict[str, str]:
             return unstorable_on_a_filesystem(items, self.config.gunzip)
 
+        def pause(seconds: float) -> None:  # while another pod plans
+            if STOPPING.wait(seconds):
+                raise TransientError("stopped while waiting for another pod's plan")
+
         try:
             plan = load_or_create_plan(self.root, self.shards, self.generation, list_items,
-                                       unstorable=unstorable if isinstance(self.root, LocalStorage) else None)
+                                       unstorable=unstorable if isinstance(self.root, LocalStorage) else None, pause=pause)
             return plan, shard_items(self.root, plan, self.shard)
         except TrajflowError:
             raise

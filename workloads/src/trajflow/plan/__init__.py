@@ -11,6 +11,9 @@ import hashlib
 import heapq
 import json
 import logging
+import os
+import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -113,7 +116,7 @@ def _encode(doc: dict[str, Any]) -> bytes:
 
 def load_or_create_plan(
     storage: Storage, shards: int, generation: str, list_items: Callable[[], list[Item]], key: str = PLAN_KEY,
-    unstorable: Callable[[list[Item]], dict[str, str]] | None = None,
+    unstorable: Callable[[list[Item]], dict[str, str]] | None = None, pause: Callable[[float], None] = time.sleep,
 ) -> dict[str, Any]:
     """The header of the plan every pod of this shard count and source configuration uses.
 
@@ -126,17 +129,21 @@ def load_or_create_plan(
     (another `generation`) make a new plan; the items already verified are reused by the
     downloader, not by the plan. `plan/download.json` is a copy of the header in use.
     `unstorable` names the items the run root cannot hold, once, over the whole listing.
+    One pod lists at a time (`_lease_planning_or_wait`): the others wait for its plan,
+    `pause`-ing between looks (a pause may raise to stop waiting).
     """
     directory = _plan_directory(shards, generation, key)
     authoritative = f"{directory}/plan.json"
     earlier = storage.exists(authoritative)
     mine: dict[str, Any] = {}
-    if not earlier:
-        items = list_items()
-        mine, parts = plan_document(items, shards, generation, unstorable(items) if unstorable else None)
-        _write_parts(storage, directory, mine, parts)
-        mine["created_at"] = round(time.time(), 3)
-        storage.write_if_absent(authoritative, _encode(mine))
+    lease = None if earlier else _lease_planning_or_wait(storage, directory, authoritative, pause)
+    if lease is not None:
+        with lease:
+            items = list_items()
+            mine, parts = plan_document(items, shards, generation, unstorable(items) if unstorable else None)
+            _write_parts(storage, directory, mine, parts)
+            mine["created_at"] = round(time.time(), 3)
+            storage.write_if_absent(authoritative, _encode(mine))
     raw = storage.read_bytes(authoritative)
     where = f"{storage.uri}/{authoritative}"
     try:
@@ -157,6 +164,86 @@ def load_or_create_plan(
             _warn_if_older_listing(stored, current, where)
         storage.write_bytes(key, raw)
     return stored
+
+
+# One pod lists the sources while the others wait for its plan: hundreds of pods each listing
+# a million objects (or sending a HEAD to each of 10^5 URLs) get throttled by the source and
+# each hold the whole listing. The planner renews its lease; a lease not renewed for
+# _LEASE_STALE_S (its pod died) or released (its listing failed) passes to the next pod.
+_LEASE_BEAT_S = 15.0
+_LEASE_STALE_S = 120.0
+_WAIT_POLL_S = (1.0, 10.0)  # first and longest pause between looks at the plan
+
+
+class _PlanningLease:
+    """A term of the right to plan: `planning/<term>.json`, created once (write-if-absent,
+    which on stores without conditional writes cannot create a key twice), renewed by a thread
+    while held, and marked released when planning ends, however it ends."""
+
+    def __init__(self, storage: Storage, key: str, holder: str):
+        self.storage, self.key, self.holder = storage, key, holder
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._renew, name="plan-lease", daemon=True)
+
+    @staticmethod
+    def document(holder: str, released: bool = False) -> bytes:
+        return _encode({"holder": holder, "beat": round(time.time(), 3), "released": released})
+
+    def _renew(self) -> None:
+        while not self._stop.wait(_LEASE_BEAT_S):
+            try:
+                self.storage.write_bytes(self.key, self.document(self.holder))
+            except Exception as exc:  # noqa: BLE001 - the next beat tries again
+                log.warning("cannot renew the planning lease %s: %s", self.key, exc)
+
+    def __enter__(self) -> "_PlanningLease":
+        self._beat.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._stop.set()
+        self._beat.join()
+        # planned, or failed: a pod that finds no plan (this one failed, or it was deleted)
+        # plans at once instead of waiting for the lease to go stale
+        try:
+            self.storage.write_bytes(self.key, self.document(self.holder, released=True))
+        except Exception as exc:  # noqa: BLE001 - it goes stale instead
+            log.warning("cannot release the planning lease %s: %s", self.key, exc)
+
+
+def _lease_planning_or_wait(storage: Storage, directory: str, authoritative: str,
+                            pause: Callable[[float], None]) -> _PlanningLease | None:
+    """The lease to plan, or None once another pod's plan exists."""
+    prefix = f"{directory}/planning/"
+    holder = f"{socket.gethostname()} (pid {os.getpid()})"
+    delay, waiting_for = _WAIT_POLL_S[0], None
+    while not storage.exists(authoritative):
+        terms = [int(name) for name in (info.key[len(prefix):-5] for info in storage.list(prefix)
+                                        if info.key.endswith(".json")) if name.isdecimal()]
+        term = max(terms, default=0)
+        lease = _read_lease(storage, f"{prefix}{term}.json") if term else None
+        if lease is None or lease["released"] or time.time() - lease["beat"] > _LEASE_STALE_S:
+            if lease is not None and not lease["released"]:
+                log.warning("%s stopped renewing its lease to plan %s; planning here", lease["holder"], directory)
+            key = f"{prefix}{term + 1}.json"
+            if storage.write_if_absent(key, _PlanningLease.document(holder)):
+                return _PlanningLease(storage, key, holder)
+            continue  # another pod took this term: look again
+        if waiting_for != lease["holder"]:
+            waiting_for = lease["holder"]
+            log.info("%s is listing the sources for %s; waiting for its plan", waiting_for, directory)
+        pause(delay)
+        delay = min(delay * 1.5, _WAIT_POLL_S[1])
+    return None
+
+
+def _read_lease(storage: Storage, key: str) -> dict[str, Any] | None:
+    """A lease's holder, last beat and state; None when gone or unreadable (taken over)."""
+    try:
+        doc = json.loads(storage.read_bytes(key))
+        return {"holder": str(doc["holder"]), "beat": float(doc["beat"]), "released": bool(doc["released"])}
+    except (FileNotFoundError, ValueError, TypeError, KeyError):
+        return None
 
 
 def read_plan_in_use(storage: Storage) -> dict[str, Any] | None:
