@@ -365,6 +365,25 @@ def test_config_file_as_rendered_by_the_chart(tmp_path):
         load_config_file(listed, "downloader")
 
 
+def test_time_unit_is_an_output_setting_that_older_manifests_made_in_seconds():
+    """A changed timeUnit changes every timestamp: done shards are not kept as they are. Shards
+    from before the setting existed were made in seconds."""
+    from trajflow.config.preprocess import PreprocessConfig
+    from trajflow.preprocess.shards import settings_differences, settings_of
+
+    now = PreprocessConfig().output_settings(["lab"])
+    assert now["timeUnit"] == "s"
+    older = {"settings": {k: v for k, v in now.items() if k != "timeUnit"}}
+    assert settings_differences(settings_of(older), now) == []
+    assert settings_differences(settings_of(older), PreprocessConfig(time_unit="ns").output_settings(["lab"])) == [
+        "timeUnit 's' -> 'ns'"]
+    per_source = PreprocessConfig(sources={"lab": {"time_unit": "ms"}}).output_settings(["lab"])
+    assert settings_differences(now, per_source) == ["sources.lab {} -> {'timeUnit': 'ms'}"]
+    with pytest.raises(ConfigError) as info:
+        validate_stage("preprocessing", {"timeUnit": "sec"}, origin="dev.yaml")
+    assert _one_line(info).startswith("dev.yaml: preprocessing.config.timeUnit: Input should be 's', 'ms', 'us' or 'ns'")
+
+
 @pytest.mark.parametrize(
     "env,expected",
     [({}, (0, 1)), ({"JOB_COMPLETION_INDEX": "3", "TRAJFLOW_SHARDS": "8"}, (3, 8))],

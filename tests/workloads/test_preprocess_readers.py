@@ -112,7 +112,8 @@ def test_a_configured_time_key_missing_from_a_file_quarantines_instead_of_using_
 def test_parquet_missing_column_and_non_numeric_column():
     table = pa.table({"episode_index": [0, 0], "timestamp": [0.0, 1.0], STATE: [1.0, 2.0]})
     (q,) = _outcomes("lerobot", _parquet(table))
-    assert q.reason == readers.MISSING_STREAM and "'action'" in q.detail
+    assert q.reason == readers.MISSING_STREAM
+    assert q.detail == f"no stream 'action'; this episode has: episode_index, timestamp, {STATE}"
     table = pa.table({"timestamp": [0.0, 1.0], STATE: ["a", "b"], ACTION: [1.0, 2.0]})
     (q,) = _outcomes("lerobot", _parquet(table))
     assert q.reason == readers.SHAPE_MISMATCH and "observation.state" in q.detail
@@ -168,10 +169,34 @@ def test_hdf5_layouts_datasets_groups_and_nested_times(tmp_path):
     assert isinstance(ep0, RawEpisode) and ep0.episode == "demo_0"
     np.testing.assert_array_equal(ep0.frames, np.concatenate([x, x[:, :1]], axis=1))
     np.testing.assert_allclose(ep0.times, t - t[0])
-    assert isinstance(bad, Quarantined) and bad.reason == readers.MISSING_STREAM and STATE in bad.detail
+    assert isinstance(bad, Quarantined) and bad.reason == readers.MISSING_STREAM
+    assert bad.detail == f"no stream {STATE!r}; this episode has: {ACTION}, timestamps"
     assert ep2.original_rate_hz == pytest.approx(25.0)
     assert isinstance(empty, Quarantined) and empty.reason == readers.SHAPE_MISMATCH and STATE in empty.detail
     assert readers._h5_dataset(h5py.File(path).id, "data//demo_0/obs//timestamps") is not None  # empty parts ignored
+
+
+def test_a_missing_stream_names_what_the_episode_has(tmp_path):
+    """robomimic's default streams are named after LeRobot's: the message shows the paths to
+    put in streams instead."""
+    import h5py
+
+    path = tmp_path / "lift.hdf5"
+    with h5py.File(path, "w") as f:
+        d = f.create_group("data/demo_0")
+        d["actions"], d["dones"], d["obs/object"], d["obs/robot0_eef_pos"] = (np.zeros((5, 3)),) * 4
+        f["data"].attrs["env_args"] = json.dumps({"env_kwargs": {"control_freq": 20}})
+        f["data/demo_1/big"] = np.zeros((5, 1))
+        for i in range(12):
+            f[f"data/demo_1/obs/k{i:02}"] = np.zeros((5, 1))
+    first, many = _outcomes("robomimic", str(path), _spec(streams=[STATE, ACTION]))
+    assert (first.reason, first.episode) == (readers.MISSING_STREAM, "demo_0")
+    assert first.detail == f"no stream {STATE!r} (and 1 more); this episode has: actions, dones, obs/object, " \
+                           "obs/robot0_eef_pos"
+    assert many.detail.endswith("this episode has: big, obs/k00, obs/k01, obs/k02, obs/k03, obs/k04, obs/k05, "
+                                "obs/k06, obs/k07, obs/k08, ...")
+    (q,) = _outcomes("npz", io.BytesIO(npz_bytes(timestamp=np.arange(3) / 10, joints=np.zeros((3, 2)))))
+    assert q.detail == f"no stream {STATE!r} (and 1 more); this episode has: timestamp, joints"
 
 
 @pytest.mark.parametrize("userblock", [0, 512])
@@ -491,11 +516,75 @@ def test_integer_timestamps_are_refused_not_taken_as_seconds():
     ms = np.arange(20, dtype=np.int64) * 20  # 50 Hz in milliseconds: 380 s if read as seconds
     (ep,) = _outcomes("npz", io.BytesIO(npz_bytes(timestamps=ms, **{STATE: x, ACTION: x})))
     assert isinstance(ep, Quarantined) and ep.reason == readers.MISSING_TIME
-    assert ep.detail.startswith("timestamps are integers (int64), not seconds")
+    assert ep.detail.startswith("timestamps are integers (int64), not seconds: set preprocessing.config.timeUnit")
     table = pa.table({"episode_index": np.zeros(20, np.int64), "timestamp": ms * 1_000_000,  # nanoseconds
                       STATE: pa.array(x.tolist()), ACTION: pa.array(x.tolist())})
     (ep,) = _outcomes("lerobot", _parquet(table))
     assert isinstance(ep, Quarantined) and ep.reason == readers.MISSING_TIME and "(int64)" in ep.detail
+    assert "timeUnit: ns" in ep.detail
+
+
+def test_integer_nanosecond_epochs_are_read_with_time_unit_ns_at_full_precision(tmp_path):
+    """ROS2 exports and most loggers store int64 ns since the epoch: as float64 seconds those
+    round to ~0.2 us, so they are taken relative to the first before the division."""
+    import h5py
+
+    n = 200
+    step = np.int64(3_333_333) + np.arange(n - 1) % 7  # ~300 Hz, steps differing by single ns
+    ns = 1_760_000_000_123_456_789 + np.concatenate([[0], np.cumsum(step)]).astype(np.int64)
+    expected = (ns - ns[0]).astype(np.float64) / 1e9
+    x = np.ones((n, 2), np.float32)
+    with h5py.File(tmp_path / "d.hdf5", "w") as f:
+        f[f"data/demo_0/{STATE}"], f[f"data/demo_0/{ACTION}"], f["data/demo_0/obs/timestamps"] = x, x, ns
+    files = {
+        "lerobot": _parquet(pa.table({"episode_index": np.zeros(n, np.int64), "timestamp": ns,
+                                      STATE: pa.array(x.tolist()), ACTION: pa.array(x.tolist())})),
+        "robomimic": str(tmp_path / "d.hdf5"),
+        "npz": io.BytesIO(npz_bytes(timestamps=ns, **{STATE: x, ACTION: x})),
+    }
+    for fmt, src in files.items():
+        (ep,) = _outcomes(fmt, src, _spec(time_unit="ns"))
+        assert isinstance(ep, RawEpisode), (fmt, ep)
+        np.testing.assert_array_equal(ep.times, expected, err_msg=fmt)  # not a nanosecond lost
+        assert ep.start_time == pytest.approx(1_760_000_000.123456789, abs=1e-6) and ep.time_rounding == 0.0
+        if not isinstance(src, str):
+            src.seek(0)
+        (q,) = _outcomes(fmt, src, _spec())  # seconds, the default: refused, saying what to set
+        assert isinstance(q, Quarantined) and q.reason == readers.MISSING_TIME and "timeUnit" in q.detail, fmt
+    # a source's own unit wins over the top level's
+    files["npz"].seek(0)
+    (ep,) = _outcomes("npz", files["npz"], _spec(time_unit="ms", sources={"src": {"time_unit": "ns"}}))
+    assert isinstance(ep, RawEpisode) and ep.original_rate_hz == pytest.approx(300.0, rel=1e-3)
+
+
+@pytest.mark.parametrize("unit, scale", [("ms", 1e3), ("us", 1e6), ("ns", 1e9)])
+def test_time_unit_converts_floats_and_integers_and_still_refuses_a_finer_unit(unit: str, scale: float):
+    x = np.ones((100, 2), np.float32)
+    seconds = 1.7e9 + np.arange(100) / 100.0  # 100 Hz epoch seconds
+    for times in (seconds * scale, np.round(seconds * scale).astype(np.int64)):
+        (ep,) = _outcomes("npz", io.BytesIO(npz_bytes(timestamps=times, **{STATE: x, ACTION: x})),
+                          _spec(time_unit=unit))
+        assert isinstance(ep, RawEpisode) and ep.original_rate_hz == pytest.approx(100.0, rel=1e-6), times.dtype
+        assert ep.start_time == pytest.approx(1.7e9, abs=1e-3)
+    # 1000x finer counts than the unit set: refused as before, naming the setting
+    (q,) = _outcomes("npz", io.BytesIO(npz_bytes(timestamps=seconds * scale * 1000, **{STATE: x, ACTION: x})),
+                     _spec(time_unit=unit))
+    assert isinstance(q, Quarantined) and q.reason == readers.MISSING_TIME
+    assert f"a unit finer than {unit}" in q.detail and "timeUnit" in q.detail
+
+
+def test_time_unit_keeps_the_checks_of_the_converted_times():
+    spec = _spec(streams=[STATE], time_unit="ms")
+    values = np.ones((4, 1))
+    out = readers.make_episode(spec, "k", "e", "", np.array([5000, 5010, 5010, 5030]), None, {STATE: values})
+    assert isinstance(out, Quarantined) and out.reason == readers.NON_MONOTONIC
+    assert out.detail == "timestamp[2] = 5.01 is not after timestamp[1] = 5.01"
+    out = readers.make_episode(spec, "k", "e", "", np.array([0.0, 10.0, np.nan, 30.0]), None, {STATE: values})
+    assert isinstance(out, Quarantined) and out.detail == "timestamp[2] is nan"
+    table = pa.table({"episode_index": [0] * 4, "timestamp": pa.array([0, 10, None, 30], pa.int64()),
+                      STATE: [1.0] * 4, ACTION: [1.0] * 4})  # nulls among integers
+    (out,) = _outcomes("lerobot", _parquet(table), _spec(time_unit="ms"))
+    assert isinstance(out, Quarantined) and out.reason == readers.NON_FINITE
 
 
 @pytest.mark.parametrize("scale, unit", [(1e3, "ms"), (1e6, "us"), (1e9, "ns")])
@@ -567,7 +656,8 @@ def test_datetime_timestamps_are_refused_as_no_seconds():
     times = np.datetime64("2026-01-01") + np.arange(10) * np.timedelta64(10, "ms")
     out = readers.make_episode(spec, "k", "e", "", times, None, {STATE: np.ones((10, 1))})
     assert isinstance(out, Quarantined) and out.reason == readers.MISSING_TIME
-    assert out.detail == "timestamps are datetime64[ms], not seconds: convert them to float seconds"
+    assert out.detail == ("timestamps are datetime64[ms], not seconds: convert them to float seconds (or to integers, "
+                          ".astype('int64'), and set preprocessing.config.timeUnit: ms)")
 
 
 def test_a_timestamp_jump_is_refused_and_slow_real_rates_pass():
@@ -598,7 +688,8 @@ def test_parquet_columns_of_booleans_dates_and_empty_lists():
     dates = pa.array(np.datetime64("2026-01-01") + np.arange(n) * np.timedelta64(33, "ms"))
     (bad,) = _outcomes("lerobot", _parquet(pa.table({**base, "timestamp": dates, "grip": bools})), spec)
     assert isinstance(bad, Quarantined) and bad.reason == readers.MISSING_TIME
-    assert bad.detail == "column 'timestamp' has type timestamp[ms], not seconds: convert it to float seconds"
+    assert bad.detail == ("column 'timestamp' has type timestamp[ms], not seconds: convert it to float seconds (or "
+                          "cast it to int64 and set preprocessing.config.timeUnit: ms)")
     empty = pa.array([[]] * (n - 1) + [None], pa.list_(pa.float32()))  # no values, one row null
     (bad,) = _outcomes("lerobot", _parquet(pa.table({**base, "grip": empty})), spec)
     assert isinstance(bad, Quarantined) and bad.reason == readers.NON_FINITE
@@ -627,6 +718,16 @@ def test_npz_layouts_and_rate_scalar():
     mixed = npz_bytes(**{STATE: x, ACTION: x, f"ep1/{STATE}": x, f"ep1/{ACTION}": x})
     with pytest.raises(readers.UnreadableFile, match=r"both at the top level and in episode groups \(ep1\)"):
         _outcomes("npz", io.BytesIO(mixed))
+    # one episode saved with slash-named keys: obs/ starts stream names, it is no episode group
+    spec = _spec(streams=["obs/joint_pos", "action"])
+    slashed = {"obs/joint_pos": x, "obs/timestamp": np.arange(4) / 10.0, "action": x}
+    (ep,) = _outcomes("npz", io.BytesIO(npz_bytes(**slashed)), spec)
+    assert isinstance(ep, RawEpisode) and ep.original_rate_hz == pytest.approx(10.0)  # times found under obs/
+    with pytest.raises(readers.UnreadableFile, match=r"in episode groups \(ep1\)"):
+        _outcomes("npz", io.BytesIO(npz_bytes(**slashed, **{"ep1/obs/joint_pos": x, "ep1/action": x})), spec)
+    out = _outcomes("npz", io.BytesIO(npz_bytes(**{f"ep{i}/{k}": v for i in (0, 1) for k, v in slashed.items()})),
+                    spec)
+    assert [o.episode for o in out] == ["ep0", "ep1"] and all(isinstance(o, RawEpisode) for o in out)
     # a rate and robot shared by the episodes, at the top level
     shared = npz_bytes(rate_hz=np.array(2.0), robot=np.array("ur5"), **{f"e{i}/{s}": x for i in (0, 1)
                                                                         for s in (STATE, ACTION)})

@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 from trajflow.config.base import Model
 
 Format = Literal["auto", "lerobot", "robomimic", "npz"]
+TimeUnit = Literal["s", "ms", "us", "ns"]
 # safetensors keeps this name for the file's metadata (the shard's index lives there)
 RESERVED_STREAM_NAME = "__metadata__"
 # what `_outputs_are_one_set` checks of a streams list alone, for the charts' schema
@@ -15,11 +16,11 @@ _STREAMS_SCHEMA = {"uniqueItems": True,
                    "items": {"type": "string", "minLength": 1, "not": {"const": RESERVED_STREAM_NAME}}}
 # the settings a shard's contents depend on (the others only change how fast it is made or
 # when it fails); a shard's manifest records them
-OUTPUT_SETTINGS = ("format", "streams", "renames", "time_key", "rate_hz", "robot", "target_rate_hz", "min_length",
-                   "max_gap_seconds", "dtype", "time_dtype")
+OUTPUT_SETTINGS = ("format", "streams", "renames", "time_key", "time_unit", "rate_hz", "robot", "target_rate_hz",
+                   "min_length", "max_gap_seconds", "dtype", "time_dtype")
 # output settings added after manifests began to record them, with the value that makes what
 # older versions made: what a manifest lacks, its shard was made with
-SETTINGS_ADDED_LATER = {"maxGapSeconds": None}
+SETTINGS_ADDED_LATER = {"maxGapSeconds": None, "timeUnit": "s"}
 
 
 def _without_nulls(renames: Optional[dict[str, Optional[str]]]) -> Optional[dict[str, Optional[str]]]:
@@ -39,6 +40,7 @@ class SourceOverrides(Model):
         "(null drops an entry another values file set)."
     )
     time_key: Optional[str] = Field(None, description="Timestamp column/dataset of this source.")
+    time_unit: Optional[TimeUnit] = Field(None, description="Unit of this source's timestamps.")
     rate_hz: Optional[float] = Field(None, gt=0, description="Recorded rate when files carry no timestamps.")
     robot: Optional[str] = Field(None, description="Robot label for this source's episodes.")
 
@@ -64,8 +66,12 @@ class PreprocessConfig(Model):
     )
     time_key: str = Field(
         "",
-        description="Timestamp column/dataset in float seconds; none, integer counts or values beyond 1e11 (ms, us, "
-        "ns) quarantine an episode. Empty: timestamp, timestamps, time, t, else a rate.",
+        description="Timestamp column/dataset (in timeUnit); when set, an episode without it is quarantined. Empty: "
+        "timestamp, timestamps, time or t (also under obs/ in HDF5 and npz), else a rate.",
+    )
+    time_unit: TimeUnit = Field(
+        "s", description="Unit of the timestamps. s: float seconds (integers or values beyond 1e11 quarantine an "
+        "episode as ms, us or ns counts); ms, us, ns: integers or floats, converted to seconds."
     )
     rate_hz: Optional[float] = Field(
         None, gt=0, description="Recorded rate for files with neither timestamps nor a rate attribute."

@@ -9,7 +9,7 @@ fetched) propagate, because retrying can fix those.
 Formats:
 
 - ``lerobot``: LeRobot-style parquet, one row per frame with ``episode_index``,
-  ``frame_index``, ``timestamp`` (seconds) and vector columns (fixed-size or variable
+  ``frame_index``, ``timestamp`` and vector columns (fixed-size or variable
   lists of floats, or scalars) such as ``observation.state`` and ``action``. A file may hold
   one episode (LeRobot v2) or many (v3). Without a timestamp column, times are
   ``frame_index / rate``.
@@ -20,6 +20,9 @@ Formats:
   the demo group (``obs/robot0_eef_pos``, ``actions``).
 - ``npz``: one episode per file (top-level keys: the time key and the streams) or several
   (keys ``<episode>/<stream>``); a scalar ``rate_hz``/``fps`` stands in for timestamps.
+
+Timestamps count the configured ``timeUnit``: float seconds by default (integers are refused
+as counts of ms, us or ns); with ms, us or ns, integers or floats converted to seconds.
 """
 from __future__ import annotations
 
@@ -70,6 +73,8 @@ FORMAT_EXTENSIONS = {
     "npz": (".npz",),
 }
 TIME_KEYS = ("timestamp", "timestamps", "time", "t")
+MAX_NAMES_SHOWN = 10  # of what an episode has, in a missing stream's message
+UNIT_PER_SECOND = {"s": 1, "ms": 1e3, "us": 1e6, "ns": 1e9}  # the timeUnit setting
 RATE_ATTRS = ("rate_hz", "fps", "control_freq", "frequency", "hz")
 
 
@@ -87,9 +92,15 @@ class SourceSpec:
     default_robot: str  # when neither the source settings nor the data name one
     min_length: int
     max_gap_s: float | None
+    time_unit: str = "s"  # of the timestamps: s, ms, us or ns
 
     def robot_for(self, named_by_data: str = "") -> str:
         return self.robot or named_by_data or self.default_robot
+
+    @property
+    def time_keys(self) -> list[str]:
+        """Where timestamps are looked for: the configured key, else the usual names (also under obs/)."""
+        return [self.time_key] if self.time_key else [*TIME_KEYS, *(f"obs/{k}" for k in TIME_KEYS)]
 
     @property
     def outputs(self) -> list[str]:
@@ -105,6 +116,7 @@ class SourceSpec:
 
         return SourceSpec(name=source, format=pick("format"), streams=list(pick("streams")),
                           renames=dict(pick("renames")), time_key=pick("time_key"), rate_hz=pick("rate_hz"),
+                          time_unit=pick("time_unit"),
                           robot=(o.robot or "") if o is not None else "", default_robot=config.robot,
                           min_length=config.min_length, max_gap_s=config.max_gap_seconds)
 
@@ -173,16 +185,23 @@ def detect_format(key: str, configured: str) -> str | None:
 
 
 def make_episode(spec: SourceSpec, source: str, episode: str, robot: str, times: np.ndarray | None,
-                 rate_hz: float | None, streams: Mapping[str, np.ndarray | None]) -> Outcome:
+                 rate_hz: float | None, streams: Mapping[str, np.ndarray | None],
+                 available: Callable[[], list[str]] | None = None) -> Outcome:
     """Check one episode's raw arrays and pack them; ``streams`` maps raw name -> [S] or
-    [S, D] array (None: absent). Times come from ``times`` or else ``rate_hz``."""
+    [S, D] array (None: absent). Times come from ``times`` (in ``spec.time_unit``) or else
+    ``rate_hz``. ``available``: the names the episode has, for a missing stream's message."""
 
     def bad(reason: str, detail: str) -> Quarantined:
         return Quarantined(source, episode, reason, detail)
 
     missing = [name for name in spec.streams if streams.get(name) is None]
     if missing:
-        return bad(MISSING_STREAM, f"no stream {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        detail = f"no stream {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        if available is not None:
+            names = available()
+            detail += "; this episode has: " + (", ".join(names[:MAX_NAMES_SHOWN]) or "nothing") + (
+                ", ..." if len(names) > MAX_NAMES_SHOWN else "")
+        return bad(MISSING_STREAM, detail)
     arrays: list[np.ndarray] = []
     length: int | None = None
     for name in spec.streams:
@@ -201,6 +220,7 @@ def make_episode(spec: SourceSpec, source: str, episode: str, robot: str, times:
             return bad(SHAPE_MISMATCH, f"stream {name!r} has {x.shape[0]} samples but {spec.streams[0]!r} has {length}")
         arrays.append(x)
     assert length is not None
+    origin = 0.0  # seconds to add to t for the stored times (t is relative to the first when they are no seconds)
     if times is None:
         if spec.time_key:
             # a configured time column says the file has timestamps: a rate would be a guess
@@ -211,46 +231,66 @@ def make_episode(spec: SourceSpec, source: str, episode: str, robot: str, times:
         t = np.arange(length, dtype=np.float64) / float(rate_hz)
     else:
         t = np.asarray(times)
-        if np.issubdtype(t.dtype, np.integer):
+        integer = np.issubdtype(t.dtype, np.integer)
+        if integer and spec.time_unit == "s":
             return bad(MISSING_TIME, integer_times_detail(t.dtype))
         if t.dtype.kind in "mM":  # datetime64 / timedelta64
-            return bad(MISSING_TIME, f"timestamps are {t.dtype}, not seconds: convert them to float seconds")
-        if not np.issubdtype(t.dtype, np.floating):
+            unit = np.datetime_data(t.dtype)[0]
+            return bad(MISSING_TIME, f"timestamps are {t.dtype}, not seconds: convert them to float seconds" + (
+                f" (or to integers, .astype('int64'), and set preprocessing.config.timeUnit: {unit})"
+                if unit in ("ms", "us", "ns") else ""))
+        if not (integer or np.issubdtype(t.dtype, np.floating)):
             return bad(SHAPE_MISMATCH, f"timestamps have non-numeric dtype {t.dtype}")
-        source_eps = float(np.finfo(t.dtype).eps)
-        t = t.astype(np.float64).reshape(-1)
+        source_eps = 0.0 if integer else float(np.finfo(t.dtype).eps)
+        t = t.reshape(-1)
         if t.shape[0] != length:
             return bad(SHAPE_MISMATCH, f"{t.shape[0]} timestamps for {length} samples")
+        if spec.time_unit == "s":
+            t = t.astype(np.float64)
+        elif length:
+            # relative to the first in the stored type: int64 ns epochs keep their precision
+            per_second = UNIT_PER_SECOND[spec.time_unit]
+            t = t.astype(np.int64 if integer else np.float64)
+            origin = float(t[0]) / per_second
+            t = (t - t[0]).astype(np.float64) / per_second
     if length < spec.min_length:
         return bad(TOO_SHORT, f"{length} samples < minLength {spec.min_length}")
+
+    def at(i: int) -> float:  # timestamp[i] in seconds
+        return origin + float(t[i])
+
     finite = np.isfinite(t)
     if not finite.all():
         i = int(np.flatnonzero(~finite)[0])
-        return bad(NON_FINITE, f"timestamp[{i}] is {float(t[i])}")
+        return bad(NON_FINITE, f"timestamp[{i}] is {at(i)}")
     step = np.diff(t)
     if not (step > 0).all():
         i = int(np.flatnonzero(step <= 0)[0])
-        return bad(NON_MONOTONIC, f"timestamp[{i + 1}] = {float(t[i + 1])!r} is not after timestamp[{i}] = {float(t[i])!r}")
+        return bad(NON_MONOTONIC, f"timestamp[{i + 1}] = {at(i + 1)!r} is not after timestamp[{i}] = {at(i)!r}")
     span = float(t[-1] - t[0])
-    if times is not None and not spec.time_key and length > 2 and bool((t == np.round(t)).all()):
+    # what times too large for their timeUnit count, and the remedy
+    finer = "ms, us or ns" if spec.time_unit == "s" else f"a unit finer than {spec.time_unit}"
+    set_unit = "set preprocessing.config.timeUnit to their unit"
+    if (times is not None and not spec.time_key and spec.time_unit == "s" and length > 2
+            and bool((t == np.round(t)).all())):
         # counts stored as floats (libfranka's milliseconds): 1 kHz would pass for 1 Hz; a
         # configured timeKey says they are seconds
-        return bad(MISSING_TIME, f"timestamps are whole numbers ({float(t[0]):.15g}, {float(t[1]):.15g}, ...), not "
-                                 "seconds: ms, us or ns counts stored as floats? convert them to float seconds (or, "
-                                 "for whole seconds, name their column in timeKey)")
-    reach = max(abs(float(t[0])), abs(float(t[-1])))
+        return bad(MISSING_TIME, f"timestamps are whole numbers ({at(0):.15g}, {at(1):.15g}, ...), not seconds: "
+                                 f"ms, us or ns counts stored as floats? {set_unit} (or, for whole seconds, name "
+                                 "their column in timeKey)")
+    reach = max(abs(at(0)), abs(at(-1)))
     if reach > MAX_SECONDS:
         # epoch milliseconds of a fast or jittery clock pass both checks around this one
         return bad(MISSING_TIME, f"timestamps reach {reach:.15g}, beyond {MAX_SECONDS:g} s (past the year "
-                                 "5000 as epoch seconds): ms, us or ns counts stored as floats? convert them to "
-                                 "float seconds")
+                                 f"5000 as epoch seconds): {finer} counts? {set_unit}")
     widest = int(np.argmax(step)) if length > 1 else 0  # the widest gap between samples follows timestamp[widest]
     if length > 1 and (length - 1) / span < MIN_MEAN_RATE_HZ:
         return bad(MISSING_TIME, f"{length} samples over {span:.6g} s ({(length - 1) / span:.3g} Hz, below "
                                  f"{MIN_MEAN_RATE_HZ:g} Hz; the widest gap is {float(step[widest]):.6g} s after "
-                                 f"timestamp[{widest}]): timestamps in ms, us or ns rather than seconds?")
+                                 f"timestamp[{widest}]): timestamps in {finer} rather than "
+                                 f"{'seconds' if spec.time_unit == 's' else spec.time_unit}? {set_unit}")
     if spec.max_gap_s is not None and length > 1 and step[widest] > spec.max_gap_s:
-        return bad(TIME_GAP, f"{float(step[widest]):.6g} s between timestamp[{widest}] = {float(t[widest])!r} and the "
+        return bad(TIME_GAP, f"{float(step[widest]):.6g} s between timestamp[{widest}] = {at(widest)!r} and the "
                              f"next, more than maxGapSeconds {spec.max_gap_s:g}")
     dims = {out: a.shape[1] for out, a in zip(spec.outputs, arrays)}
     frames = np.empty((length, sum(dims.values())), dtype=np.float32)
@@ -265,16 +305,16 @@ def make_episode(spec: SourceSpec, source: str, episode: str, robot: str, times:
         raw = float(arrays[spec.outputs.index(name)][s, d])
         detail = f"{name}[{s}, {d}] is {raw}" + (" (beyond float32)" if math.isfinite(raw) else "")
         return bad(NON_FINITE, detail)
-    start = float(t[0])
-    rounding = 0.0 if times is None else source_eps * max(abs(start), abs(float(t[-1])))
-    return RawEpisode(source, episode, robot, start, t - start, frames, dims, rounding)
+    start = at(0)
+    rounding = 0.0 if times is None else source_eps * max(abs(start), abs(at(-1)))
+    return RawEpisode(source, episode, robot, start, t - t[0], frames, dims, rounding)
 
 
 def integer_times_detail(dtype: Any) -> str:
     # integer seconds cannot be finer than 1 Hz: integers count ms/us/ns, taken as seconds they
     # would stretch an episode 1000x or more (a multi-GB allocation)
-    return (f"timestamps are integers ({dtype}), not seconds: convert them to float seconds (ms, us or ns "
-            "counts?), or drop them and set rateHz")
+    return (f"timestamps are integers ({dtype}), not seconds: set preprocessing.config.timeUnit to their unit (ms, us "
+            "or ns; e.g. timeUnit: ns), convert them to float seconds, or drop them and set rateHz")
 
 
 def column_owner(dims: Mapping[str, int], col: int) -> tuple[str, int]:
@@ -374,7 +414,8 @@ def read_lerobot(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Ou
         # the bytes are local (a path, mapped, or a buffer): coalescing reads ahead only costs here
         pf = pq.ParquetFile(pa.BufferReader(src) if isinstance(src, bytes) else src, memory_map=isinstance(src, str),
                             pre_buffer=False)
-        names = set(pf.schema_arrow.names)
+        columns_in_order = pf.schema_arrow.names
+        names = set(columns_in_order)
     except (pa.ArrowException, ValueError, OSError) as exc:
         _reraise_io(exc)
         raise UnreadableFile(f"not a readable parquet file: {exc}") from None
@@ -412,20 +453,27 @@ def read_lerobot(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Ou
             return [Quarantined(source, "", SHAPE_MISMATCH, str(exc))]
     times_all = None
     if time_key in names:
-        ttype = table.column(time_key).type
-        if pa.types.is_temporal(getattr(ttype, "value_type", ttype)):
+        tcol = table.column(time_key)
+        ttype = tcol.type
+        value_type = getattr(ttype, "value_type", ttype)
+        if pa.types.is_temporal(value_type):
+            unit = getattr(value_type, "unit", "")
             return [Quarantined(source, "", MISSING_TIME, f"column {time_key!r} has type {ttype}, not seconds: "
-                                                          "convert it to float seconds")]
-        try:
-            tv, _, _ = _list_column(table.column(time_key), time_key)  # nulls are NaN: caught as non-finite
-        except TypeError as exc:
-            return [Quarantined(source, "", SHAPE_MISMATCH, str(exc))]
-        if tv.shape[1] != 1:
-            return [Quarantined(source, "", SHAPE_MISMATCH,
-                                f"time column {time_key!r} holds {tv.shape[1]} values per row, not one")]
-        if pa.types.is_integer(getattr(ttype, "value_type", ttype)):
-            return [Quarantined(source, "", MISSING_TIME, integer_times_detail(ttype))]
-        times_all = tv[:, 0]
+                                "convert it to float seconds" + (f" (or cast it to int64 and set "
+                                f"preprocessing.config.timeUnit: {unit})" if unit in ("ms", "us", "ns") else ""))]
+        if pa.types.is_integer(ttype) and spec.time_unit != "s" and not tcol.null_count:
+            times_all = tcol.to_numpy()  # as integers: float64 would round ns epochs to 256 ns
+        else:
+            try:
+                tv, _, _ = _list_column(tcol, time_key)  # nulls are NaN: caught as non-finite
+            except TypeError as exc:
+                return [Quarantined(source, "", SHAPE_MISMATCH, str(exc))]
+            if tv.shape[1] != 1:
+                return [Quarantined(source, "", SHAPE_MISMATCH,
+                                    f"time column {time_key!r} holds {tv.shape[1]} values per row, not one")]
+            if pa.types.is_integer(value_type) and spec.time_unit == "s":
+                return [Quarantined(source, "", MISSING_TIME, integer_times_detail(ttype))]
+            times_all = tv[:, 0]
     if order is not None:
         ep, frame = ep[order], frame[order]
         times_all = times_all[order] if times_all is not None else None
@@ -466,7 +514,8 @@ def read_lerobot(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Ou
             times = times_all[a:b]
         elif rate and not spec.time_key:  # a configured time column that is missing is quarantined
             times = frame[a:b].astype(np.float64) / rate
-        out.append(make_episode(spec, source, episode, spec.robot_for(robot), times, None, streams))
+        out.append(make_episode(spec, source, episode, spec.robot_for(robot), times, None, streams,
+                                lambda: columns_in_order))
     return out
 
 
@@ -717,7 +766,7 @@ def read_robomimic(src: Any, spec: SourceSpec, source: str, robot: str) -> list[
                                                                          f"samples but num_samples is {num_samples}"))
                     continue
                 times = None
-                for k in [spec.time_key] if spec.time_key else [*TIME_KEYS, *(f"obs/{k}" for k in TIME_KEYS)]:
+                for k in spec.time_keys:
                     times = _h5_dataset(demo, k, fd, file_size)
                     if times is not None:
                         break
@@ -730,8 +779,25 @@ def read_robomimic(src: Any, spec: SourceSpec, source: str, robot: str) -> list[
                 _reraise_io(exc)
                 out.append(Quarantined(source, name, UNREADABLE, f"cannot read {name}: {type(exc).__name__}: {exc}"))
                 continue
-            out.append(make_episode(spec, source, name, file_robot, times, rate, streams))
+            out.append(make_episode(spec, source, name, file_robot, times, rate, streams, lambda: _h5_datasets(demo)))
         return out
+
+
+def _h5_datasets(demo: Any) -> list[str]:
+    """The paths of the datasets below the low-level group ``demo`` (hard links only), the
+    first few: for a missing stream's message."""
+    import h5py
+
+    found: list[str] = []
+
+    def visit(name: str, obj: Any) -> bool | None:
+        if isinstance(obj, h5py.Dataset):
+            found.append(name)
+        return len(found) > MAX_NAMES_SHOWN or None  # anything but None stops the visit
+
+    with contextlib.suppress(Exception):  # only a message: a corrupt group shows what was found before
+        h5py.Group(demo).visititems(visit)
+    return found
 
 
 # ---------------------------------------------------------------------------- npz
@@ -743,15 +809,17 @@ def read_npz(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Outcom
     except (zipfile.BadZipFile, EOFError, ValueError, zlib.error, KeyError, OSError, NotImplementedError) as exc:
         _reraise_io(exc)
         raise UnreadableFile(f"not a readable npz file: {type(exc).__name__}: {exc}") from None
-    time_keys = [spec.time_key] if spec.time_key else list(TIME_KEYS)
+    time_keys = spec.time_keys
     # one episode when the streams or times sit at the top level; a top-level rate or robot
     # alone is the default of the ``<episode>/...`` groups beside it
     top_level = any(k in arrays for k in time_keys) or any(s in arrays for s in spec.streams)
     groups: dict[str, dict[str, Any]] = {}
     if top_level:
-        # the groups' streams would be dropped unseen: neither layout is the file's for sure
-        nested = sorted({k.split("/", 1)[0] for k in arrays
-                         if "/" in k and k.split("/", 1)[1] in (*spec.streams, *time_keys)}, key=_natural_key)
+        # the groups' streams would be dropped unseen: neither layout is the file's for sure. A
+        # prefix of a stream or time key's own name (obs/ of obs/joint_pos) is no episode group
+        wanted = (*spec.streams, *time_keys)
+        nested = sorted({group for group, _, rest in (k.partition("/") for k in arrays)
+                         if rest in wanted and not any(w.startswith(group + "/") for w in wanted)}, key=_natural_key)
         if nested:
             raise UnreadableFile(f"holds streams both at the top level and in episode groups ({', '.join(nested[:5])}"
                                  f"{', ...' if len(nested) > 5 else ''}): store one episode per file or one "
@@ -780,7 +848,8 @@ def read_npz(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Outcom
         ep_robot = spec.robot_for(_npz_robot(g) or file_robot)
         rate = _attr_rate(g) or file_rate or spec.rate_hz
         times = g[time_key] if time_key is not None else None
-        out.append(make_episode(spec, source, episode, ep_robot, times, rate, {s: g.get(s) for s in spec.streams}))
+        out.append(make_episode(spec, source, episode, ep_robot, times, rate, {s: g.get(s) for s in spec.streams},
+                                lambda: list(g)))
     return out
 
 
