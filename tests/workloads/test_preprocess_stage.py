@@ -1226,6 +1226,34 @@ def test_lerobot_info_in_another_shard_names_the_robot(local_storage, tmp_path, 
     assert json.loads(local_storage.read_bytes(report_key(0)))["reasons"] == {"missing_time": 1}
 
 
+def test_the_plan_header_names_the_part_holding_a_datasets_info_file(local_storage, monkeypatch):
+    """A pod reads the one plan part holding its dataset's meta/info.json, not every part of
+    a plan that may be hundreds of MB; a plan made before that index is searched part by part."""
+    import trajflow.preprocess.stage as stage_module
+    from trajflow.plan import Item, load_or_create_plan, shard_items
+    from trajflow.storage import PLAN_KEY, shard_name
+
+    data_key, info_key = "lr/data/chunk-000/episode_000000.parquet", "lr/meta/info.json"
+    info = json.dumps({"fps": 30, "robot_type": "koch"}).encode()
+    fillers = [Item(f"other/f{i:02d}.bin", 1000 + i) for i in range(40)]
+    plan = load_or_create_plan(local_storage, 8, "g", lambda: [Item(data_key, 5000), Item(info_key, len(info)), *fillers])
+    where = {it.key: j for j in range(8) for it in shard_items(local_storage, plan, j)}
+    assert plan["info_files"] == {info_key: where[info_key]} and 0 < where[info_key] != where[data_key]
+    publish_raw_shard(local_storage, where[info_key], {info_key: info}, shards=8)
+    reads: list[int] = []
+    read_part = stage_module.shard_item_docs
+    monkeypatch.setattr(stage_module, "shard_item_docs", lambda st, pl, j: reads.append(j) or read_part(st, pl, j))
+    keys = [f"raw/{shard_name(where[data_key])}/{data_key}"]
+    hints = stage_module.dataset_hints(local_storage, keys, where[data_key], 8)
+    assert list(hints.values()) == [("koch", 30.0)] and reads == [where[info_key]]
+    # a plan in use from before the index: every part up to the one holding it is read
+    old = {k: v for k, v in plan.items() if k != "info_files"}
+    local_storage.write_bytes(PLAN_KEY, json.dumps(old).encode())
+    reads.clear()
+    assert list(stage_module.dataset_hints(local_storage, keys, where[data_key], 8).values()) == [("koch", 30.0)]
+    assert reads == list(range(where[info_key] + 1))
+
+
 def test_an_earlier_datasets_info_in_another_shard_is_not_taken_for_this_ones(local_storage, tmp_path):
     """Installed again over a run root holding an earlier revision of the dataset: the info
     file at the planned path counts once the downloader has verified it for this plan."""

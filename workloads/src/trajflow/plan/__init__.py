@@ -25,6 +25,7 @@ from trajflow.storage.manifest import PLAN_KEY
 log = logging.getLogger(__name__)
 
 PLAN_VERSION = 2
+INFO_FILE_SUFFIX = "/meta/info.json"
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,9 @@ def plan_document(items: list[Item], shards: int, generation: str = "",
         "fingerprint": fingerprint(items),
         "items": len(items),
         "total_bytes": sum(it.size for it in items),
+        # which shard holds each LeRobot dataset's meta/info.json: preprocessing pods find a
+        # dataset's rate and robot here instead of reading every part of a large plan
+        "info_files": {it.key: s for s, part in enumerate(parts) for it in part if it.key.endswith(INFO_FILE_SUFFIX)},
     }
     if unstorable:
         header["unstorable"] = unstorable

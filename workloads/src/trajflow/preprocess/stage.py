@@ -31,7 +31,7 @@ import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Collection, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -40,7 +40,7 @@ from trajflow.config.preprocess import PreprocessConfig
 from trajflow.errors import ConfigError, PermanentError, TrajflowError, TransientError
 from trajflow.metrics import Pusher, StageMetrics, preprocess_metrics
 from trajflow.download.verify import item_fingerprint, read_record
-from trajflow.plan import Item, read_plan_in_use, shard_item_docs
+from trajflow.plan import INFO_FILE_SUFFIX, Item, read_plan_in_use, shard_item_docs
 from trajflow.preprocess import readers
 from trajflow.preprocess.readers import FileResult, Quarantined, RawEpisode, SourceSpec
 from trajflow.preprocess.shards import ShardWriter, report_key, settings_differences, settings_of, shard_key
@@ -197,15 +197,18 @@ def _read_info(storage: Storage, key: str) -> tuple[str, float | None] | None:
     return str(doc.get("robot_type") or ""), float(fps) if isinstance(fps, (int, float)) and fps > 0 else None
 
 
-def _plan_parts(storage: Storage) -> Iterator[tuple[int, list[Any]]]:
-    """Each shard's items in the download plan in use, one part at a time (nothing when
-    there is no readable plan: the datasets then go without their info file)."""
+def _plan_parts(storage: Storage, wanted: Collection[str]) -> Iterator[tuple[int, list[Any]]]:
+    """The download plan's parts that may hold the ``wanted`` item keys, one part at a time:
+    those the plan's header names for them, or every part of a plan without that index
+    (nothing when there is no readable plan: the datasets then go without their info file)."""
     plan = read_plan_in_use(storage)
     try:
         shards = int(plan["shards"]) if plan is not None else 0
-    except (KeyError, TypeError, ValueError):
+        index = plan.get("info_files") if plan is not None else None
+        parts = sorted({int(index[k]) for k in wanted if k in index}) if isinstance(index, dict) else range(shards)
+    except (KeyError, TypeError, ValueError, AttributeError):
         return
-    for j in range(shards):
+    for j in parts:
         try:
             yield j, shard_item_docs(storage, plan, j)
         except (ValueError, KeyError, TypeError) as exc:
@@ -252,16 +255,16 @@ def dataset_hints(storage: Storage, keys: Sequence[str], shard: int, shards: int
     verification record that the file there is this plan's (an earlier dataset's may lie at
     the same path). Its episodes are read once it is there (up to ``wait_s``): without it,
     their rate and robot label would depend on download timing."""
-    here = {k[: -len("meta/info.json")]: k for k in keys if k.endswith("/meta/info.json")}
+    here = {k[: -len(INFO_FILE_SUFFIX) + 1]: k for k in keys if k.endswith(INFO_FILE_SUFFIX)}
     # the nearest `data` directory above a file is its dataset's (the dataset may sit in a folder named data)
     datasets = {k.rsplit("/data/", 1)[0] + "/" for k in keys if k.endswith(".parquet") and "/data/" in k}
     prefix = f"{RAW_DIR}/{shard_name(shard)}/"
     elsewhere: dict[str, str] = {}
     missing = sorted(d for d in datasets if d not in here and d.startswith(prefix))
     if missing:
-        wanted = {d[len(prefix):] + "meta/info.json": d for d in missing}
+        wanted = {d[len(prefix):] + INFO_FILE_SUFFIX[1:]: d for d in missing}
         deadline = time.monotonic() + wait_s  # one wait for all of them
-        for j, items in _plan_parts(storage):
+        for j, items in _plan_parts(storage, wanted):
             for it in items:
                 rel = it.get("key") if isinstance(it, dict) else None
                 if rel in wanted:
