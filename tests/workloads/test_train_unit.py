@@ -257,6 +257,140 @@ def test_an_episode_keeps_its_side_of_the_split_whatever_happens_to_the_others()
         == held_out - {"lake/ep0.parquet#0"}
 
 
+def _split_before(episodes, val_fraction, seed):
+    """split_episodes as it was (a sort over all episodes): the split must not move."""
+    def score(ep):
+        name = re.sub(r"^raw/[0-9]+/", "", ep.name)
+        return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "big") / 2.0**64
+
+    scores = {ep.name: score(ep) for ep in episodes}
+    ranked = sorted(episodes, key=lambda ep: (scores[ep.name], ep.name))
+    n_val = sum(1 for ep in ranked if scores[ep.name] < val_fraction)
+    n_val = min(max(1, n_val), len(ranked) - 1)
+    val = sorted(ranked[:n_val], key=lambda e: (e.shard, e.index))
+    train = sorted(ranked[n_val:], key=lambda e: (e.shard, e.index))
+    return train, val
+
+
+def test_the_split_puts_every_episode_where_it_was_before() -> None:
+    from trajflow.train.data import EpisodeRef
+
+    rng = np.random.default_rng(5)
+    names = [f"raw/{rng.integers(0, 30):05d}/lake/ep{i}.parquet#{i % 3}" for i in range(3000)]
+    names += [f"lake/flat{i}.npz#0" for i in range(300)]  # no raw shard directory
+    names += [f"raw/{s:05d}/same.npz#0" for s in (3, 1, 2)]  # one name in three raw shards: equal scores
+    names += ["raw/x/odd#0", "raw//empty#0", "raw/0a/mixed#0", "raw/00001/raw/00002/nested#0"]
+    episodes = [EpisodeRef(int(rng.integers(0, 8)), int(rng.integers(0, 400)), i, 50, name)
+                for i, name in enumerate(names)]
+    # a few copies of one (shard, index) and of one name: ties keep the order they had
+    episodes += [EpisodeRef(episodes[0].shard, episodes[0].index, 10**6 + i, 50, names[i]) for i in range(3)]
+    rng.shuffle(episodes)  # type: ignore[arg-type]
+    for fraction in (0.1, 0.5, 0.93):
+        for seed in (0, 7):
+            assert split_episodes(episodes, fraction, seed) == _split_before(episodes, fraction, seed)
+    # at least one on each side: the lowest and the highest of the ranking move, as before
+    for small in (episodes[:2], episodes[:5], episodes[:40]):
+        for fraction in (1e-9, 1 - 1e-9):
+            for seed in range(4):
+                got = split_episodes(small, fraction, seed)
+                assert got == _split_before(small, fraction, seed)
+                assert [[(e.offset, e.name) for e in side] for side in got] == \
+                    [[(e.offset, e.name) for e in side] for side in _split_before(small, fraction, seed)]
+    # the scores are computed as uint64 -> float64, exact as Python's int / 2.0**64 is
+    edges = [0, 1, 2**53 - 1, 2**53 + 1, 2**54 + 3, 2**63 - 1, 2**63 + 1024, 2**63 + 1025, 2**64 - 1025, 2**64 - 1]
+    edges += [int(v) for v in rng.integers(0, 2**63, 1000, dtype=np.uint64) * 2 + 1]
+    assert (np.array(edges, np.uint64).astype(np.float64) / 2.0**64).tolist() == [v / 2.0**64 for v in edges]
+
+
+class _FakeReader:
+    """A shard whose every stream holds, in each row, the shard and the row: 100000 * shard + row."""
+
+    dtype = "float32"
+
+    def __init__(self, shard: int, rows: int):
+        self.shard, self.rows = shard, rows
+
+    def array(self, stream: str) -> np.ndarray:
+        return (100000 * self.shard + np.arange(self.rows, dtype=np.float64))[:, None].repeat(2, axis=1)
+
+
+def _fake_shards(lengths: list[int], shards: int, seed: int = 0):  # type: ignore[no-untyped-def]
+    from trajflow.train.data import EpisodeRef, ShardSet
+
+    rng = np.random.default_rng(seed)
+    rows = [0] * shards
+    episodes = []
+    for i, n in enumerate(lengths):
+        s = int(rng.integers(0, shards))
+        episodes.append(EpisodeRef(s, i, rows[s], n, f"raw/00000/e{i}#0"))
+        rows[s] += n
+    return ShardSet([_FakeReader(s, r) for s, r in enumerate(rows)], list(range(shards)), episodes,  # type: ignore[list-item]
+                    10.0, {"o": 2, "a": 2})
+
+
+def _windows_before(episodes, need: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """(shard, start) of every window as WindowDataset numbered them, one array entry a window."""
+    shard_of, start_of = [np.zeros(0, np.int32)], [np.zeros(0, np.int64)]
+    for ep in episodes:
+        if ep.length >= need:
+            starts = np.arange(ep.offset, ep.offset + ep.length - need + 1, stride, dtype=np.int64)
+            start_of.append(starts)
+            shard_of.append(np.full(len(starts), ep.shard, dtype=np.int32))
+    return np.concatenate(shard_of), np.concatenate(start_of)
+
+
+@pytest.mark.parametrize("task", ["behavior_cloning", "forecast"])
+@pytest.mark.parametrize("stride", [1, 3])
+def test_windows_keep_their_numbers_shard_and_start(task: str, stride: int) -> None:
+    """Checkpoints' epoch orders are window numbers: each must still be the same window."""
+    from trajflow.train.data import WindowDataset
+
+    rng = np.random.default_rng(stride)
+    lengths = [int(n) for n in rng.integers(1, 60, 300)] + [5, 6, 7, 8, 9]  # some shorter than a sample
+    shards = _fake_shards(lengths, shards=4, seed=stride)
+    cfg = TrainConfig(task=task, observation="o", action="a", window=6, stride=stride)
+    episodes = [shards.episodes[i] for i in rng.permutation(len(lengths))]  # any order, kept as given
+    ds = WindowDataset(shards, episodes, cfg)
+    need = 7 if task == "forecast" else 6
+    shard_before, start_before = _windows_before(episodes, need, stride)
+    assert len(ds) == len(start_before)
+    assert ds.skipped_episodes == sum(n < need for n in lengths)
+    shard, start = ds.locate(np.arange(len(ds)))
+    np.testing.assert_array_equal(shard, shard_before)
+    np.testing.assert_array_equal(start, start_before)
+    order = rng.permutation(len(ds))[:500]
+    x, y = ds[order.tolist()]
+    first = 100000 * shard_before[order] + start_before[order]
+    np.testing.assert_array_equal(x[:, :, 0].numpy(), first[:, None] + np.arange(6))
+    np.testing.assert_array_equal(y[:, 0].numpy(), first + (6 if task == "forecast" else 5))
+    x1, _ = ds[int(order[0])]
+    assert torch.equal(x1, x[0])
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+def test_the_window_index_takes_memory_by_episode_not_by_window() -> None:
+    """10^9 windows (10^6 episodes of 1000 frames) took 12 GB on every rank, one start and
+    one shard a window; here 10^7 windows would take 120 MB."""
+    import tracemalloc
+
+    from trajflow.train.data import WindowDataset
+
+    shards = _fake_shards([1001] * 10_000, shards=8)
+    tracemalloc.start()
+    try:
+        ds = WindowDataset(shards, shards.episodes, TrainConfig(observation="o", action="a", window=2))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(ds) == 10_000 * 1000
+    assert peak < 5_000_000, peak
+    shard, start = ds.locate(np.array([0, 999, 1000, len(ds) - 1]))
+    eps = shards.episodes
+    assert shard.tolist() == [eps[0].shard, eps[0].shard, eps[1].shard, eps[-1].shard]
+    assert start.tolist() == [eps[0].offset, eps[0].offset + 999, eps[1].offset, eps[-1].offset + 999]
+
+
 def test_normalisation_statistics_come_from_the_training_split_only(tmp_path: Path) -> None:
     settings, storage = small_run(tmp_path, epochs=1, val_fraction=0.3)
     summary = train(settings)

@@ -191,27 +191,40 @@ def frames_needed(config: TrainConfig) -> int:
     return config.window + (1 if config.task == "forecast" else 0)
 
 
+_RAW_SHARD = re.compile(r"^raw/[0-9]+/")
+
+
 def split_episodes(episodes: Sequence[EpisodeRef], val_fraction: float, seed: int) -> tuple[list[EpisodeRef], list[EpisodeRef]]:
     """Hold out about val_fraction of the episodes: each one whose seeded hash of its name
     (without the raw shard it was downloaded into) falls below val_fraction, so an episode
     stays on its side when others are added, quarantined or re-sharded; the same on every
     rank. At least one episode on each side."""
-    if len(episodes) < 2:
+    n = len(episodes)
+    if n < 2:
         raise PermanentError(
-            f"{len(episodes)} episode(s) long enough for a sample; training needs at least 2 "
+            f"{n} episode(s) long enough for a sample; training needs at least 2 "
             "(one for training, one for validation)"
         )
+    prefix = f"{seed}:"
+    digests = b"".join([hashlib.sha256((prefix + _RAW_SHARD.sub("", ep.name)).encode()).digest()[:8]
+                        for ep in episodes])
+    # uint64 -> float64 rounds as int / 2.0**64 does, and dividing by 2**64 is exact: the
+    # scores, and so the split, are those of checkpoints made before
+    scores = (np.frombuffer(digests, ">u8").astype(np.float64) / 2.0**64).tolist()
+    held = [s < val_fraction for s in scores]
+    n_val = sum(held)
 
-    def score(ep: EpisodeRef) -> float:
-        name = re.sub(r"^raw/[0-9]+/", "", ep.name)
-        return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "big") / 2.0**64
+    def rank(i: int) -> tuple[float, str]:
+        return scores[i], episodes[i].name
 
-    scores = {ep.name: score(ep) for ep in episodes}
-    ranked = sorted(episodes, key=lambda ep: (scores[ep.name], ep.name))
-    n_val = sum(1 for ep in ranked if scores[ep.name] < val_fraction)
-    n_val = min(max(1, n_val), len(ranked) - 1)
-    val = sorted(ranked[:n_val], key=lambda e: (e.shard, e.index))
-    train = sorted(ranked[n_val:], key=lambda e: (e.shard, e.index))
+    if n_val == 0:  # the first of the (score, name) ranking is held out
+        held[min(range(n), key=rank)] = True
+    elif n_val == n:  # the last one is kept for training
+        held[max(reversed(range(n)), key=rank)] = False
+    # ordered by (shard, index), ties as the ranking had them
+    order = sorted(range(n), key=lambda i: (episodes[i].shard, episodes[i].index, scores[i], episodes[i].name))
+    val = [episodes[i] for i in order if held[i]]
+    train = [episodes[i] for i in order if not held[i]]
     return train, val
 
 
@@ -297,19 +310,23 @@ class WindowDataset(Dataset):
         self.target_stream = config.observation if config.task == "forecast" else config.action
         # the target's row relative to the window start
         self.target_lag = config.window if config.task == "forecast" else config.window - 1
+        self.stride = config.stride
         need = frames_needed(config)
-        shard_of, start_of = [], []
-        self.skipped_episodes = 0
-        for ep in episodes:
-            if ep.length < need:
-                self.skipped_episodes += 1
-                continue
-            starts = np.arange(ep.offset, ep.offset + ep.length - need + 1, config.stride, dtype=np.int64)
-            start_of.append(starts)
-            shard_of.append(np.full(len(starts), ep.shard, dtype=np.int32))
-        self.starts = np.concatenate(start_of) if start_of else np.zeros(0, np.int64)
-        self.shard_index = np.concatenate(shard_of) if shard_of else np.zeros(0, np.int32)
-        self.num_episodes = len(episodes) - self.skipped_episodes
+        n = len(episodes)
+        shard = np.fromiter((ep.shard for ep in episodes), np.int64, n)
+        offset = np.fromiter((ep.offset for ep in episodes), np.int64, n)
+        length = np.fromiter((ep.length for ep in episodes), np.int64, n)
+        usable = length >= need
+        self.skipped_episodes = int(n - usable.sum())
+        self.num_episodes = n - self.skipped_episodes
+        # Per episode, not per window (10^9 windows of start and shard are 12 GB on every
+        # rank). Windows are numbered episode by episode, stride apart, as they always were:
+        # checkpoints' epoch orders name the same windows.
+        self.episode_shard = shard[usable].astype(np.int32)
+        self.episode_offset = offset[usable]
+        # the number of the episode's first window; the last entry is the total
+        windows = (length[usable] - need) // self.stride + 1
+        self.first_window = np.concatenate([np.zeros(1, np.int64), np.cumsum(windows)])
         self._offsets = np.arange(self.window, dtype=np.int64)
 
     @property
@@ -321,7 +338,12 @@ class WindowDataset(Dataset):
         return self.shards.dims[self.target_stream]
 
     def __len__(self) -> int:
-        return int(self.starts.shape[0])
+        return int(self.first_window[-1])
+
+    def locate(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The shard (position in the reader list) and first row of windows `idx`."""
+        ep = np.searchsorted(self.first_window, idx, side="right") - 1
+        return self.episode_shard[ep], self.episode_offset[ep] + (idx - self.first_window[ep]) * self.stride
 
     def __getitem__(self, index: int | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         single = np.isscalar(index)
@@ -330,11 +352,11 @@ class WindowDataset(Dataset):
             raise IndexError(f"window index out of range 0..{len(self) - 1}")
         x = np.empty((idx.size, self.window, self.input_dim), np.float32)
         y = np.empty((idx.size, self.target_dim), np.float32)
-        shard_of = self.shard_index[idx]
+        shard_of, start_of = self.locate(idx)
         for shard in np.unique(shard_of):
             where = np.nonzero(shard_of == shard)[0]
             reader = self.shards.readers[int(shard)]
-            starts = self.starts[idx[where]]
+            starts = start_of[where]
             x[where] = as_float32(reader, self.input_stream, starts[:, None] + self._offsets)
             y[where] = as_float32(reader, self.target_stream, starts + self.target_lag)
         xt, yt = torch.from_numpy(x), torch.from_numpy(y)
@@ -378,6 +400,8 @@ class EpochBatches(Sampler[list[int]]):
         if self.shuffle:
             generator = torch.Generator()
             generator.manual_seed(self.seed + self.epoch)
+            # 8 bytes a window while it is dealt, then freed; checkpoints resume to this very
+            # order (DistributedSampler's), so it stays a randperm over all the windows
             order = torch.randperm(self.windows, generator=generator)
         else:
             order = torch.arange(self.windows)
