@@ -167,7 +167,14 @@ def test_list_shards_only_lists_done_shards(storage, tmp_path):
         local = fetch_shard(storage, entries[0], tmp_path / "cache")
         assert local == tmp_path / "cache" / entries[0].sha256 / "00001.safetensors"  # by content: roots never meet
         mtime = local.stat().st_mtime_ns
-        assert fetch_shard(storage, entries[0], tmp_path / "cache") == local
+        import trajflow.preprocess.shards as shards_module
+
+        real_hash, hashed = shards_module._file_sha256, []
+        shards_module._file_sha256 = lambda path: hashed.append(path) or real_hash(path)
+        try:  # checked as it arrived, unchanged since: not hashed again
+            assert fetch_shard(storage, entries[0], tmp_path / "cache") == local and hashed == []
+        finally:
+            shards_module._file_sha256 = real_hash
         assert local.stat().st_mtime_ns == mtime
         local.chmod(0o644)
         local.write_bytes(b"x" * entries[0].size)  # corrupted copy: fetched again

@@ -172,6 +172,30 @@ def test_a_shard_file_on_the_filesystem_is_checked_against_its_manifest(tmp_path
     assert len(open_shards(storage, streams).readers) == 2
 
 
+def test_a_restart_does_not_hash_shards_checked_before_and_unchanged_since(tmp_path: Path, monkeypatch) -> None:
+    """Every (re)start checks the shards; a terabyte takes most of an hour to hash. A file
+    whose size and modification time are as when it was checked is not hashed again; one
+    changed since is."""
+    import trajflow.preprocess.shards as shards_module
+
+    _, storage = small_run(tmp_path, shards=3)
+    hashed: list[str] = []
+    real_hash = shards_module._file_sha256
+    monkeypatch.setattr(shards_module, "_file_sha256", lambda path: hashed.append(Path(path).name) or real_hash(path))
+    streams = ["observation.state", "action"]
+    open_shards(storage, streams)
+    assert sorted(hashed) == ["00000.safetensors", "00001.safetensors", "00002.safetensors"]
+    hashed.clear()
+    assert len(open_shards(storage, streams).readers) == 3 and hashed == []
+    key = "resampled/00001.safetensors"
+    flipped = bytearray(storage.read_bytes(key))
+    flipped[-5] ^= 0x40  # same size, a later modification time
+    storage.write_bytes(key, bytes(flipped))
+    with pytest.raises(PermanentError, match=r"shard 1: .*00001\.safetensors: sha256 \w+ does not match"):
+        open_shards(storage, streams)
+    assert hashed == ["00001.safetensors"]
+
+
 def test_a_constant_dimension_is_normalised_by_one() -> None:
     """A gripper that never moves, a zero-padded dimension: dividing by its std of 0 would
     turn every input into Inf."""

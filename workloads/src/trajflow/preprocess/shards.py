@@ -634,28 +634,71 @@ def _file_sha256(path: Path) -> str:
         return sha256_stream(fh, _COPY_CHUNK)[0]
 
 
-def check_shard_file(path: Path, entry: ShardEntry) -> None:
-    """That the file at ``path`` is the one ``entry``'s manifest describes (size, then sha256)."""
+def check_shard_file(path: Path, entry: ShardEntry, stamp: Path | None = None) -> None:
+    """That the file at ``path`` is the one ``entry``'s manifest describes (size, then sha256).
+    A ``stamp`` file records a successful check: while the file keeps the size and
+    modification time it had then, it is not hashed again (a terabyte takes most of an hour,
+    and training checks its shards on every start)."""
     size = path.stat().st_size
     if size != entry.size:
         raise ShardFormatError(f"{path}: {size} bytes, the manifest says {entry.size}")
+    if stamp is not None and _stamp_holds(stamp, path, entry.sha256):
+        return
     digest = _file_sha256(path)
     if digest != entry.sha256:
         raise ShardFormatError(f"{path}: sha256 {digest} does not match the manifest's {entry.sha256}")
+    if stamp is not None:
+        _write_stamp(stamp, path, entry.sha256)
+
+
+def _stamp_of(path: Path, sha256: str) -> dict[str, Any]:
+    st = path.stat()
+    return {"sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _stamp_holds(stamp: Path, path: Path, sha256: str) -> bool:
+    try:
+        return bool(json.loads(stamp.read_text()) == _stamp_of(path, sha256))
+    except (OSError, ValueError):
+        return False
+
+
+def _write_stamp(stamp: Path, path: Path, sha256: str) -> None:
+    tmp = stamp.with_name(f".{stamp.name}.{os.getpid()}-{threading.get_ident()}")
+    try:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(_stamp_of(path, sha256)))
+        os.replace(tmp, stamp)
+    except OSError as exc:  # a volume mounted read-only here: the file is hashed again next time
+        log.info("cannot record that %s was checked (%s); it is hashed again at the next start", path, exc)
+        tmp.unlink(missing_ok=True)
+
+
+def default_cache_dir() -> Path:
+    """Where shards of an object store are copied when no cache directory is given."""
+    return Path(tempfile.gettempdir()) / f"trajflow-shards-{os.getuid()}"
 
 
 def fetch_shard(storage: Storage, entry: ShardEntry, cache_dir: str | Path, verify: bool = True) -> Path:
     """A local path holding ``entry``'s file: the file itself on a filesystem root, else a
-    copy under ``cache_dir`` (reused when its size and sha256 match the manifest). Copies
-    are filed by their sha256: runs of other roots sharing the cache never meet."""
+    copy under ``cache_dir`` (reused when its size and sha256 match the manifest, the sha256
+    as `check_shard_file` checks it). Copies are filed by their sha256: runs of other roots
+    sharing the cache never meet."""
     local = storage.local_path(entry.key)
     if local is not None:
         return local
     # (a shard opened without its manifest has no sha256: filed by where it comes from)
     folder = entry.sha256 or hashlib.sha256(f"{storage.uri}/{entry.key}".encode()).hexdigest()
     dest = Path(cache_dir) / folder / Path(entry.key).name
-    if dest.is_file() and dest.stat().st_size == entry.size and (not verify or _file_sha256(dest) == entry.sha256):
-        return dest
+    stamp = dest.with_name(f".{dest.name}.checked")
+    if dest.is_file() and dest.stat().st_size == entry.size:
+        if not verify:
+            return dest
+        try:
+            check_shard_file(dest, entry, stamp)
+            return dest
+        except ShardFormatError:
+            pass  # a damaged copy: fetched again
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
     digest = hashlib.sha256()
@@ -668,6 +711,8 @@ def fetch_shard(storage: Storage, entry: ShardEntry, cache_dir: str | Path, veri
             raise ShardFormatError(f"{storage.uri}/{entry.key}: sha256 {digest.hexdigest()} does not match the "
                                    f"manifest's {entry.sha256}")
         os.replace(tmp, dest)
+        if verify:
+            _write_stamp(stamp, dest, entry.sha256)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -695,7 +740,6 @@ def open_shard(path: str | Path | None = None, *, storage: Storage | None = None
         entry = _entry(shard, manifest, key)
     else:
         entry = ShardEntry(shard, key, stat.size, "", 0, 0, {})
-    cache = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / f"trajflow-shards-{os.getuid()}"
-    return ShardReader(fetch_shard(storage, entry, cache, verify=verify and bool(entry.sha256)))
+    return ShardReader(fetch_shard(storage, entry, cache_dir or default_cache_dir(), verify=verify and bool(entry.sha256)))
 
 

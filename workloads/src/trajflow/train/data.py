@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -32,6 +34,8 @@ from trajflow.preprocess.shards import (
     ShardReader,
     as_float32,
     check_shard_file,
+    default_cache_dir,
+    fetch_shard,
     list_shards,
     open_shard,
     merge_settings,
@@ -39,7 +43,7 @@ from trajflow.preprocess.shards import (
     settings_of,
 )
 from trajflow.resources import TMP_SIZE_LIMIT_ENV, human_bytes, tmp_size_limit
-from trajflow.storage import Storage, manifest_key
+from trajflow.storage import Storage, manifest_key, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +89,9 @@ def open_shards(storage: Storage, streams: Sequence[str], cache_dir: str | Path 
     rate: float | None = None
     dims: dict[str, int] = {}
     settings: dict[str, Any] = {}  # every output setting the shards so far record
-    for entry in entries:
+    for entry, path in zip(entries, _checked_files(storage, entries, cache_dir, verify)):
         try:
-            local = storage.local_path(entry.key)
-            if verify and local is not None:
-                check_shard_file(local, entry)
-            reader = open_shard(storage=storage, key=entry.key, cache_dir=cache_dir, verify=verify)
-        except FileNotFoundError as exc:
-            raise PermanentError(f"shard {entry.shard} is marked done but its file is missing: {exc}") from None
+            reader = open_shard(path)
         except (ShardFormatError, ValueError) as exc:
             raise PermanentError(f"shard {entry.shard}: {exc}") from None
         if (len(reader.episodes), reader.num_frames) != (entry.num_episodes, entry.num_frames):
@@ -137,6 +136,35 @@ def open_shards(storage: Storage, streams: Sequence[str], cache_dir: str | Path 
         for i, ep in enumerate(reader.episodes):
             episodes.append(EpisodeRef(pos, i, ep.offset, ep.length, f"{ep.source}#{ep.episode}"))
     return ShardSet(readers, shard_ids, episodes, float(rate or 0.0), dims)
+
+
+# where a shard file on a filesystem root is recorded as checked (`check_shard_file`)
+CHECKED_STAMPS = "train/.trajflow-checked"
+
+
+def _checked_files(storage: Storage, entries: list[ShardEntry], cache_dir: str | Path | None,
+                   verify: bool) -> list[Path]:
+    """Each entry's file as a local path (an object store's copied into the cache), checked
+    against its manifest with ``verify``: a file checked before and unchanged since is not
+    hashed again. Several at once: hashing releases the GIL, and network volumes and object
+    stores serve parallel reads faster."""
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+
+    def one(entry: ShardEntry) -> Path:
+        try:
+            local = storage.local_path(entry.key)
+            if local is None:
+                return fetch_shard(storage, entry, cache, verify=verify and bool(entry.sha256))
+            if verify:
+                check_shard_file(local, entry, storage.local_path(f"{CHECKED_STAMPS}/{shard_name(entry.shard)}.json"))
+            return local
+        except FileNotFoundError as exc:
+            raise PermanentError(f"shard {entry.shard} is marked done but its file is missing: {exc}") from None
+        except (ShardFormatError, ValueError) as exc:
+            raise PermanentError(f"shard {entry.shard}: {exc}") from None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1, len(entries)))) as pool:
+        return list(pool.map(one, entries))
 
 
 def _check_cache_room(storage: Storage, entries: list[ShardEntry], cache_dir: str | Path | None) -> None:
