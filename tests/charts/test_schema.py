@@ -299,6 +299,11 @@ BAD_COMBINATIONS = {
         ['image repository "localhost:5000/t/gpu" names its own registry, and the registry "ghcr.io"']),
     "two sources of one name": ({"downloader.config.sources": [CATALOG, dict(CATALOG, cohorts=["B"])]},
                                 ['downloader.config.sources: two sources are named "xena"']),
+    "a source's token as a plain value": (
+        {"downloader.config.sources": [{"type": "https", "name": "hub", "urls": ["https://hub.example/a.bin"],
+                                        "authTokenEnv": "HUB_AUTH"}],
+         "downloader.extraEnv": [{"name": "HUB_AUTH", "value": "plaintext"}]},
+        ["downloader.extraEnv: HUB_AUTH holds a source's secret: give it with valueFrom.secretKeyRef"]),
     "transformer heads that do not divide its width": (
         {"training.config.model": {"type": "transformer", "hiddenSize": 130, "numHeads": 4}},
         ["training.config.model.hiddenSize (130) must be a multiple of training.config.model.numHeads (4)"]),
