@@ -96,6 +96,40 @@ def test_a_lerobot_datasets_own_fps_wins_over_rate_hz(local_storage):
     assert [(e.original_rate_hz, e.length) for e in episodes] == [(30.0, 149), (30.0, 149)]  # 2.97 s at 50 Hz
 
 
+@pytest.mark.parametrize("images", [True, False])
+def test_a_lerobot_dataset_embedding_images_is_read_by_its_wanted_columns(storage, images):
+    """LeRobot's *_image datasets keep PNG bytes in every frame: reading such a file whole
+    moves hundreds of times the bytes of its states and actions. Its info.json says so
+    (a feature of dtype image), and its files are read by the wanted columns only."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(3)
+    n = 60
+    state = rng.normal(size=(n, 6)).astype(np.float32)
+    pictures = [{"bytes": rng.bytes(20_000), "path": f"frame_{i:06d}.png"} for i in range(n)]
+    table = pa.table({"episode_index": np.zeros(n, np.int64), "frame_index": np.arange(n),
+                      "timestamp": (np.arange(n) / 30).astype(np.float32),
+                      STATE: pa.array(state.tolist()), ACTION: pa.array(state[:, :3].tolist()),
+                      "observation.image": pa.array(pictures)})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    features = {STATE: {"dtype": "float32", "shape": [6]}, ACTION: {"dtype": "float32", "shape": [3]},
+                "observation.image": {"dtype": "image" if images else "video", "shape": [96, 96, 3]}}
+    data_key = "lr/data/chunk-000/episode_000000.parquet"
+    publish_raw_shard(storage, 0, {data_key: buf.getvalue(),
+                                   "lr/meta/info.json": json.dumps({"fps": 30, "features": features}).encode()})
+    whole_reads: list[str] = []
+    read_bytes = storage.read_bytes
+    storage.read_bytes = lambda key: whole_reads.append(key) or read_bytes(key)
+    process_shard(storage, 0, 1, stage_config(target_rate_hz=60.0))
+    del storage.read_bytes
+    assert (f"raw/00000/{data_key}" in whole_reads) is not images
+    reader = open_shard(storage=storage, key=shard_key(0))
+    assert [e.length for e in reader.episodes] == [119]
+    np.testing.assert_allclose(reader.episode_tensor(0, STATE).float().numpy()[::2], state, atol=1e-4)
+
+
 def test_float32_timestamps_at_the_datasets_own_fps_keep_every_frame(local_storage):
     """LeRobot writes timestamp = frame_index / fps in float32, which can end just short of
     k periods (99 / 30 -> 3.29999995): the last frame (often the goal state) must stay."""
@@ -1245,12 +1279,12 @@ def test_the_plan_header_names_the_part_holding_a_datasets_info_file(local_stora
     monkeypatch.setattr(stage_module, "shard_item_docs", lambda st, pl, j: reads.append(j) or read_part(st, pl, j))
     keys = [f"raw/{shard_name(where[data_key])}/{data_key}"]
     hints = stage_module.dataset_hints(local_storage, keys, where[data_key], 8)
-    assert list(hints.values()) == [("koch", 30.0)] and reads == [where[info_key]]
+    assert list(hints.values()) == [("koch", 30.0, False)] and reads == [where[info_key]]
     # a plan in use from before the index: every part up to the one holding it is read
     old = {k: v for k, v in plan.items() if k != "info_files"}
     local_storage.write_bytes(PLAN_KEY, json.dumps(old).encode())
     reads.clear()
-    assert list(stage_module.dataset_hints(local_storage, keys, where[data_key], 8).values()) == [("koch", 30.0)]
+    assert list(stage_module.dataset_hints(local_storage, keys, where[data_key], 8).values()) == [("koch", 30.0, False)]
     assert reads == list(range(where[info_key] + 1))
 
 
@@ -1549,5 +1583,5 @@ def test_a_file_takes_the_hint_of_the_deepest_dataset_holding_it():
     hints = {"raw/00000/a/": ("outer", 30.0), "raw/00000/a/b/": ("inner", 50.0)}
     assert _hint_for("raw/00000/a/b/data/chunk-000/e.parquet", hints) == ("inner", 50.0)
     assert _hint_for("raw/00000/a/data/e.parquet", hints) == ("outer", 30.0)
-    assert _hint_for("raw/00000/ab/data/e.parquet", hints) == ("", None)  # a name starting like a dataset's
-    assert _hint_for("raw/00000/c/e.parquet", hints) == ("", None)
+    assert _hint_for("raw/00000/ab/data/e.parquet", hints) == ("", None, False)  # a name starting like a dataset's
+    assert _hint_for("raw/00000/c/e.parquet", hints) == ("", None, False)

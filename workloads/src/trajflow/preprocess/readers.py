@@ -902,13 +902,15 @@ def _contents(src: Any) -> bytes:
 
 
 def read_item(storage: Storage, key: str, expected_size: int | None, fmt: str, spec: SourceSpec,
-              robot_hint: str = "") -> FileResult:
+              robot_hint: str = "", whole_allowed: bool = True) -> FileResult:
     """Read one raw file into episodes and quarantine entries. Raises only on storage
     failures. ``robot_hint``: the robot a dataset's metadata names (LeRobot meta/info.json),
-    used when the file names none."""
+    used when the file names none. ``whole_allowed`` False: the parser reads only what it
+    asks for, from a local path or by ranges, however small the file (its wanted columns
+    are a sliver of it)."""
     local = storage.local_path(key)
     known_size = expected_size is not None and expected_size >= 0
-    whole = known_size and reads_whole(fmt, expected_size)  # then no stat: one call less per file
+    whole = whole_allowed and known_size and reads_whole(fmt, expected_size)  # then no stat: one call less per file
     src: str | bytes | BinaryIO
     ranged: RangedFile | None = None
     try:
@@ -922,9 +924,10 @@ def read_item(storage: Storage, key: str, expected_size: int | None, fmt: str, s
                     if info is None:
                         raise FileNotFoundError(key)
                     size = info.size
-                if size > RANGED_READ_ABOVE:
+                if size > RANGED_READ_ABOVE or not whole_allowed:
                     src = ranged = RangedFile(storage, key, size)
-            whole = (not known_size and reads_whole(fmt, size)) or (local is None and size <= RANGED_READ_ABOVE)
+            whole = whole_allowed and ((not known_size and reads_whole(fmt, size)) or
+                                       (local is None and size <= RANGED_READ_ABOVE))
         if whole:
             src = storage.read_bytes(key)
             size = len(src)

@@ -31,7 +31,7 @@ import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Collection, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Collection, Iterable, Iterator, NamedTuple, Sequence, TypeVar
 
 import numpy as np
 
@@ -183,7 +183,20 @@ def raw_items_digest(manifest: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def _read_info(storage: Storage, key: str) -> tuple[str, float | None] | None:
+class DatasetInfo(NamedTuple):
+    """What a LeRobot dataset's ``meta/info.json`` says about its files."""
+
+    robot: str
+    fps: float | None
+    # frames carry image bytes (a feature of dtype image): its parquet files are read by the
+    # wanted columns, not whole (a few KB of states beside megabytes of pictures)
+    embeds_images: bool = False
+
+
+NO_INFO = DatasetInfo("", None)
+
+
+def _read_info(storage: Storage, key: str) -> DatasetInfo | None:
     try:
         doc = json.loads(storage.read_bytes(key))
     except FileNotFoundError:
@@ -194,7 +207,11 @@ def _read_info(storage: Storage, key: str) -> tuple[str, float | None] | None:
     if not isinstance(doc, dict):
         return None
     fps = doc.get("fps")
-    return str(doc.get("robot_type") or ""), float(fps) if isinstance(fps, (int, float)) and fps > 0 else None
+    features = doc.get("features")
+    images = isinstance(features, dict) and any(isinstance(f, dict) and f.get("dtype") == "image"
+                                                for f in features.values())
+    return DatasetInfo(str(doc.get("robot_type") or ""), float(fps) if isinstance(fps, (int, float)) and fps > 0 else None,
+                       images)
 
 
 def _plan_parts(storage: Storage, wanted: Collection[str]) -> Iterator[tuple[int, list[Any]]]:
@@ -295,7 +312,7 @@ def _is_lerobot_metadata(key: str, fmt: str) -> bool:
     return bool(nearest) and nearest[-1] == "meta"
 
 
-def _hint_for(key: str, hints: dict[str, tuple[str, float | None]]) -> tuple[str, float | None]:
+def _hint_for(key: str, hints: dict[str, DatasetInfo]) -> DatasetInfo:
     """The hint of the deepest dataset directory (keys end in '/') holding `key`: one
     lookup per directory level, not a scan of every dataset for every file."""
     end = len(key)
@@ -303,7 +320,7 @@ def _hint_for(key: str, hints: dict[str, tuple[str, float | None]]) -> tuple[str
         hint = hints.get(key[: end + 1])
         if hint is not None:
             return hint
-    return ("", None)
+    return NO_INFO
 
 
 def select_device(config: PreprocessConfig) -> Any:
@@ -581,12 +598,13 @@ class _Work:
     format: str
     spec: SourceSpec
     robot_hint: str
+    whole_allowed: bool = True  # False: read by the wanted columns only, never whole
 
 
 def _bytes_read_whole(w: _Work) -> int:
     """The bytes of ``w`` a reader holds at once: the file's when it is read whole (1 MiB
     when its size is unknown); 0 for a file read by ranges, which holds its streams only."""
-    if not readers.reads_whole(w.format, w.size):
+    if not (w.whole_allowed and readers.reads_whole(w.format, w.size)):
         return 0
     return w.size if w.size is not None and w.size >= 0 else 1 << 20
 
@@ -724,10 +742,10 @@ class ShardProcessor:
                 if fmt is None and other is not None and not _is_lerobot_metadata(key, other):
                     other_format.setdefault((source, spec.format, other), []).append(key)
                 continue
-            robot, fps = _hint_for(key, hints)
-            if fps:  # the dataset's own rate (info.json), ahead of rateHz as HDF5 and npz rate attributes are
-                spec = SourceSpec(**{**spec.__dict__, "rate_hz": fps})
-            work.append(_Work(key, size, fmt, spec, robot))
+            info = _hint_for(key, hints)
+            if info.fps:  # the dataset's own rate (info.json), ahead of rateHz as HDF5 and npz rate attributes are
+                spec = SourceSpec(**{**spec.__dict__, "rate_hz": info.fps})
+            work.append(_Work(key, size, fmt, spec, info.robot, whole_allowed=not info.embeds_images))
         self.summary.ignored_files = len(self.report.ignored)
         for (source, configured, found), keys in sorted(other_format.items()):
             # not an error: a format setting may leave out part of a dataset on purpose
@@ -815,7 +833,8 @@ class ShardProcessor:
                 flush()
 
         def read(w: _Work) -> FileResult:
-            return readers.read_item(self.storage, w.key, w.size, w.format, w.spec, robot_hint=w.robot_hint)
+            return readers.read_item(self.storage, w.key, w.size, w.format, w.spec, robot_hint=w.robot_hint,
+                                     whole_allowed=w.whole_allowed)
 
         sizes = {w.key: w.size for w in work}
         try:
