@@ -384,6 +384,24 @@ def test_time_unit_is_an_output_setting_that_older_manifests_made_in_seconds():
     assert _one_line(info).startswith("dev.yaml: preprocessing.config.timeUnit: Input should be 's', 'ms', 'us' or 'ns'")
 
 
+def test_filter_key_is_an_output_setting_that_older_manifests_made_of_every_demo():
+    """A changed filterKey changes which demos a shard holds: done shards are re-processed.
+    Shards from before the setting existed hold every demo."""
+    from trajflow.config.preprocess import PreprocessConfig
+    from trajflow.preprocess.shards import settings_differences, settings_of
+
+    now = PreprocessConfig().output_settings(["lab"])
+    assert now["filterKey"] == ""
+    older = {"settings": {k: v for k, v in now.items() if k != "filterKey"}}
+    assert settings_differences(settings_of(older), now) == []
+    assert settings_differences(settings_of(older), PreprocessConfig(filter_key="train").output_settings(["lab"])) == [
+        "filterKey '' -> 'train'"]
+    per_source = PreprocessConfig(sources={"lab": {"filter_key": "valid"}}).output_settings(["lab"])
+    assert settings_differences(now, per_source) == ["sources.lab {} -> {'filterKey': 'valid'}"]
+    values = validate_stage("preprocessing", {"filterKey": "20_percent", "sources": {"lab": {"filterKey": ""}}})
+    assert (values.filter_key, values.sources["lab"].filter_key) == ("20_percent", "")
+
+
 @pytest.mark.parametrize(
     "env,expected",
     [({}, (0, 1)), ({"JOB_COMPLETION_INDEX": "3", "TRAJFLOW_SHARDS": "8"}, (3, 8))],

@@ -396,6 +396,77 @@ def test_hdf5_frames_beyond_num_samples_quarantine_the_demo(tmp_path):
     assert padded.detail == f"stream {STATE!r} has 50 samples but num_samples is 30"
 
 
+def _masked_robomimic(path):
+    """Demos 0, 1, 2 and 10 with robomimic's filter masks: names as fixed- (train) and
+    variable-length (valid) bytes, listed in any order, one no demo of the file."""
+    import h5py
+
+    rng = np.random.default_rng(8)
+    write_robomimic(path, [make_episode(rng, str(i), 20.0, 1.0) for i in (0, 1, 2, 10)], state_key=STATE,
+                    action_key=ACTION)
+    with h5py.File(path, "a") as f:
+        f["mask/train"] = np.array([b"demo_10", b"demo_0", b"demo_99"])
+        f.create_dataset("mask/valid", data=[b"demo_2"], dtype=h5py.string_dtype("ascii"))
+        f["mask/stale"] = np.array([b"demo_99"])
+
+
+def test_hdf5_filter_key_reads_only_the_demos_its_mask_lists_in_file_order(tmp_path):
+    path = tmp_path / "d.hdf5"
+    _masked_robomimic(path)
+    everything = _outcomes("robomimic", str(path))
+    assert [o.episode for o in everything] == ["demo_0", "demo_1", "demo_2", "demo_10"]
+    assert all(isinstance(o, RawEpisode) for o in everything)
+    train = _outcomes("robomimic", str(path), _spec(filter_key="train"))
+    assert [o.episode for o in train] == ["demo_0", "demo_10"]  # the others: skipped, not quarantined
+    np.testing.assert_array_equal(train[1].frames, everything[3].frames)
+    assert [o.episode for o in _outcomes("robomimic", str(path), _spec(filter_key="valid"))] == ["demo_2"]
+
+
+def test_hdf5_filter_key_without_its_mask_quarantines_the_file_once(tmp_path):
+    import h5py
+
+    from trajflow.storage import LocalStorage
+
+    path = tmp_path / "d.hdf5"
+    _masked_robomimic(path)
+    storage = LocalStorage(tmp_path)
+    size = path.stat().st_size
+    (q,) = readers.read_item(storage, "d.hdf5", size, "robomimic", _spec(filter_key="20_percent")).outcomes
+    assert (q.reason, q.episode) == (readers.UNREADABLE, "")
+    assert q.detail == "no mask/20_percent (the filterKey); this file's masks: stale, train, valid"
+    (q,) = readers.read_item(storage, "d.hdf5", size, "robomimic", _spec(filter_key="stale")).outcomes
+    assert (q.reason, q.episode) == (readers.UNREADABLE, "")
+    assert q.detail == "mask/stale (the filterKey) lists none of the demos in 'data' (it lists: demo_99)"
+    bare = tmp_path / "bare.hdf5"
+    write_robomimic(bare, [make_episode(np.random.default_rng(0), "0", 20.0, 1.0)])
+    (q,) = readers.read_item(storage, "bare.hdf5", bare.stat().st_size, "robomimic", _spec(filter_key="train")).outcomes
+    assert q.detail == "no mask/train (the filterKey); this file's masks: nothing"
+    # the mask is read with the streams' guards: never from another file, only names
+    with h5py.File(path, "a") as f:
+        f["mask/elsewhere"] = h5py.ExternalLink("other.h5", "names")
+        f["mask/numbers"] = np.arange(3)
+    size = path.stat().st_size
+    for key, detail in (("elsewhere", "links to another file"), ("numbers", "holds int64 values, not demo names")):
+        (q,) = readers.read_item(storage, "d.hdf5", size, "robomimic", _spec(filter_key=key)).outcomes
+        assert q.reason == readers.UNREADABLE and f"mask/{key} (the filterKey)" in q.detail and detail in q.detail
+
+
+def test_hdf5_filter_key_of_a_source_wins_over_the_top_level(tmp_path):
+    path = tmp_path / "d.hdf5"
+    _masked_robomimic(path)
+    valid = _spec(filter_key="train", sources={"src": {"filter_key": "valid"}})
+    assert [o.episode for o in _outcomes("robomimic", str(path), valid)] == ["demo_2"]
+    every = _spec(filter_key="train", sources={"src": {"filter_key": ""}})  # "" for a source: every demo
+    assert len(_outcomes("robomimic", str(path), every)) == 4
+    other = _spec(filter_key="train", sources={"other": {"filter_key": "valid"}})
+    assert [o.episode for o in _outcomes("robomimic", str(path), other)] == ["demo_0", "demo_10"]
+    # other formats have no masks: the setting changes nothing there
+    (ep,) = _outcomes("npz", io.BytesIO(npz_bytes(timestamp=np.arange(3) / 10, **{STATE: np.zeros((3, 2)),
+                                                                                   ACTION: np.zeros((3, 1))})),
+                      _spec(filter_key="train"))
+    assert isinstance(ep, RawEpisode)
+
+
 def test_hdf5_null_dataspace_timestamps_are_an_empty_dataset(tmp_path):
     import h5py
 

@@ -16,11 +16,11 @@ _STREAMS_SCHEMA = {"uniqueItems": True,
                    "items": {"type": "string", "minLength": 1, "not": {"const": RESERVED_STREAM_NAME}}}
 # the settings a shard's contents depend on (the others only change how fast it is made or
 # when it fails); a shard's manifest records them
-OUTPUT_SETTINGS = ("format", "streams", "renames", "time_key", "time_unit", "rate_hz", "robot", "target_rate_hz",
-                   "min_length", "max_gap_seconds", "dtype", "time_dtype")
+OUTPUT_SETTINGS = ("format", "streams", "renames", "time_key", "time_unit", "filter_key", "rate_hz", "robot",
+                   "target_rate_hz", "min_length", "max_gap_seconds", "dtype", "time_dtype")
 # output settings added after manifests began to record them, with the value that makes what
 # older versions made: what a manifest lacks, its shard was made with
-SETTINGS_ADDED_LATER = {"maxGapSeconds": None, "timeUnit": "s"}
+SETTINGS_ADDED_LATER = {"maxGapSeconds": None, "timeUnit": "s", "filterKey": ""}
 
 
 def _without_nulls(renames: Optional[dict[str, Optional[str]]]) -> Optional[dict[str, Optional[str]]]:
@@ -41,6 +41,7 @@ class SourceOverrides(Model):
     )
     time_key: Optional[str] = Field(None, description="Timestamp column/dataset of this source.")
     time_unit: Optional[TimeUnit] = Field(None, description="Unit of this source's timestamps.")
+    filter_key: Optional[str] = Field(None, description="robomimic mask of this source to read (\"\": every demo).")
     rate_hz: Optional[float] = Field(None, gt=0, description="Recorded rate when files carry no timestamps.")
     robot: Optional[str] = Field(None, description="Robot label for this source's episodes.")
 
@@ -72,6 +73,10 @@ class PreprocessConfig(Model):
     time_unit: TimeUnit = Field(
         "s", description="Unit of the timestamps. s: float seconds (integers or values beyond 1e11 quarantine an "
         "episode as ms, us or ns counts); ms, us, ns: integers or floats, converted to seconds."
+    )
+    filter_key: str = Field(
+        "", description="robomimic only (other formats ignore it): read just the demos in each file's "
+        "mask/<filterKey> (train, valid...); a file without that mask is quarantined. Empty: every demo."
     )
     rate_hz: Optional[float] = Field(
         None, gt=0, description="Recorded rate for files with neither timestamps nor a rate attribute."

@@ -17,7 +17,8 @@ Formats:
   ...; times from a ``timestamps`` dataset (in the demo group or under ``obs/``) or a
   recorded rate (``rate_hz``/``fps``/``control_freq`` attributes of the demo or of
   ``data``, or ``env_args.env_kwargs.control_freq``). Stream names are paths relative to
-  the demo group (``obs/robot0_eef_pos``, ``actions``).
+  the demo group (``obs/robot0_eef_pos``, ``actions``). With a ``filterKey``, only the demos
+  the file's ``mask/<filterKey>`` lists (robomimic's filter keys: ``train``, ``valid``...).
 - ``npz``: one episode per file (top-level keys: the time key and the streams) or several
   (keys ``<episode>/<stream>``); a scalar ``rate_hz``/``fps`` stands in for timestamps.
 
@@ -93,6 +94,7 @@ class SourceSpec:
     min_length: int
     max_gap_s: float | None
     time_unit: str = "s"  # of the timestamps: s, ms, us or ns
+    filter_key: str = ""  # robomimic: read only the demos mask/<filter_key> lists ("": all)
 
     def robot_for(self, named_by_data: str = "") -> str:
         return self.robot or named_by_data or self.default_robot
@@ -116,7 +118,7 @@ class SourceSpec:
 
         return SourceSpec(name=source, format=pick("format"), streams=list(pick("streams")),
                           renames=dict(pick("renames")), time_key=pick("time_key"), rate_hz=pick("rate_hz"),
-                          time_unit=pick("time_unit"),
+                          time_unit=pick("time_unit"), filter_key=pick("filter_key"),
                           robot=(o.robot or "") if o is not None else "", default_robot=config.robot,
                           min_length=config.min_length, max_gap_s=config.max_gap_seconds)
 
@@ -198,9 +200,7 @@ def make_episode(spec: SourceSpec, source: str, episode: str, robot: str, times:
     if missing:
         detail = f"no stream {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         if available is not None:
-            names = available()
-            detail += "; this episode has: " + (", ".join(names[:MAX_NAMES_SHOWN]) or "nothing") + (
-                ", ..." if len(names) > MAX_NAMES_SHOWN else "")
+            detail += "; this episode has: " + _first_names(available())
         return bad(MISSING_STREAM, detail)
     arrays: list[np.ndarray] = []
     length: int | None = None
@@ -751,6 +751,13 @@ def read_robomimic(src: Any, spec: SourceSpec, source: str, robot: str) -> list[
         # h5py hands a member name that is not valid UTF-8 over as bytes: labelled escaped, opened as is
         members = [(n.decode("utf-8", "backslashreplace"), n) if isinstance(n, bytes) else (n, n.encode())
                    for n in data.keys()]
+        if spec.filter_key:
+            wanted = _h5_mask(fh.id, spec.filter_key, fd, file_size)
+            members = [m for m in members if m[1] in wanted]
+            if not members:
+                listed = sorted((n.decode("utf-8", "backslashreplace") for n in wanted), key=_natural_key)
+                raise UnreadableFile(f"mask/{spec.filter_key} (the filterKey) lists none of the demos in 'data' (it "
+                                     f"lists: {_first_names(listed)})")
         for name, raw_name in sorted(members, key=lambda m: _natural_key(m[0])):
             try:
                 demo = _h5_open(data.id, raw_name)
@@ -781,6 +788,34 @@ def read_robomimic(src: Any, spec: SourceSpec, source: str, robot: str) -> list[
                 continue
             out.append(make_episode(spec, source, name, file_robot, times, rate, streams, lambda: _h5_datasets(demo)))
         return out
+
+
+def _first_names(names: list[str]) -> str:
+    return (", ".join(names[:MAX_NAMES_SHOWN]) or "nothing") + (", ..." if len(names) > MAX_NAMES_SHOWN else "")
+
+
+def _h5_mask(file_id: Any, filter_key: str, fd: int | None, file_size: int) -> set[bytes]:
+    """The demo names robomimic's filter mask ``mask/<filter_key>`` lists, as stored (bytes):
+    read as the streams are, within what the file holds and never from another file."""
+    import h5py
+
+    where = f"mask/{filter_key} (the filterKey)"
+    try:
+        names = _h5_dataset(file_id, f"mask/{filter_key}", fd, file_size)
+    except (KeyError, ValueError, RuntimeError, OSError) as exc:
+        _reraise_io(exc)
+        raise UnreadableFile(f"cannot read {where}: {exc}") from None
+    if names is None:
+        masks: list[str] = []
+        with contextlib.suppress(Exception):  # only a message: a corrupt mask group shows no masks
+            group = _h5_open(file_id, b"mask")
+            if isinstance(group, h5py.h5g.GroupID):
+                masks = sorted(h5py.Group(group).keys(), key=_natural_key)
+        raise UnreadableFile(f"no {where}; this file's masks: {_first_names(masks)}")
+    if h5py.check_string_dtype(names.dtype) is None:
+        raise UnreadableFile(f"{where} holds {names.dtype} values, not demo names")
+    # fixed-length strings read as bytes, variable-length ones (low level) too
+    return {n if isinstance(n, bytes) else str(n).encode() for n in names.reshape(-1)}
 
 
 def _h5_datasets(demo: Any) -> list[str]:
