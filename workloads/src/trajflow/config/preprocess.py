@@ -121,7 +121,7 @@ class PreprocessConfig(Model):
     )
     read_ahead_mib: int = Field(
         1024, ge=1, description="MiB of files read whole (npz, parquet to 64 MiB) read ahead of the batching, one "
-        "file at least; files read in part (HDF5, larger parquet, parquet embedding images) count nothing."
+        "file at least; files read in part (HDF5, large parquet, parquet with images) count 0."
     )
     cpu_threads: int = Field(
         1, ge=0, le=256, description="Torch threads resampling on the CPU or packing batches for the GPU (0: one per "
