@@ -149,7 +149,7 @@ def env_file(name: str) -> Path:
 
 def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
     if workload["kind"] == "PyTorchJob":
-        return workload["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+        return workload["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
     return workload["spec"]["template"]["spec"]
 
 

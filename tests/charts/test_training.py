@@ -144,44 +144,74 @@ def test_failure_policy_fails_the_job_on_permanent_codes():
     assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
 
 
+PYTORCHJOB_ARGS = [*("--rdzv-endpoint=$(JOB_NAME)-worker-0:29400" if a.startswith("--rdzv-endpoint=") else a
+                     for a in LAUNCHER_ARGS), "--input-shards=64", "--wait=48h"]
+
+
 def test_pytorchjob_renders_where_the_api_exists():
     objs = render([env_file("production")], {"training.launcher": "pytorchjob"},
                   api_versions=[*PROMETHEUS_OPERATOR_APIS, *KUBEFLOW_APIS])
     assert not select(objs, "Job", "training") and not select(objs, "Service", "training")
     job = one(objs, "PyTorchJob", "training")
     assert job["apiVersion"] == "kubeflow.org/v1"
-    replicas = job["spec"]["pytorchReplicaSpecs"]
-    assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 1
+    # Worker only: with a Master the operator adds each Worker an init container that fails
+    # (and burns backoffLimit) when the Master starts slowly
+    (role,) = job["spec"]["pytorchReplicaSpecs"]
+    replica = job["spec"]["pytorchReplicaSpecs"]["Worker"]
+    assert role == "Worker" and replica["replicas"] == 2 and replica["restartPolicy"] == "OnFailure"
     # the operator's PET_NPROC_PER_NODE (from spec.nprocPerNode) agrees with the launcher's flag
     assert job["spec"]["nprocPerNode"] == "8" and "--nproc-per-node=8" in LAUNCHER_ARGS
-    assert job["spec"]["runPolicy"]["backoffLimit"] == 3
-    for role in ("Master", "Worker"):
-        spec = replicas[role]["template"]["spec"]
-        main = [c for c in spec["containers"] if c["name"] == "pytorch"]
-        assert main, "the training operator requires the container to be named pytorch"
-        assert {"name": "pytorchjob-port", "containerPort": 29400, "protocol": "TCP"} in main[0]["ports"]
-        # the same launcher; MASTER_ADDR/MASTER_PORT are the operator's (the Master pod and
-        # its pytorchjob-port), so the chart must not set them
-        # the launcher waits for preprocessing itself: a failing init container in a pod that
-        # restarts on failure would be restarted forever, never counted against backoffLimit
-        assert main[0]["command"] == ["trajflow"]
-        assert main[0]["args"] == [*LAUNCHER_ARGS, "--input-shards=64", "--wait=48h"]
-        assert not {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"} & env_of(main[0]).keys()
-        assert env_of(main[0])["JOB_NAME"] == {
-            "fieldRef": {"fieldPath": "metadata.labels['training.kubeflow.org/job-name']"}}
-        assert env_of(main[0])["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
-        # pushed metrics get the shard label the PodMonitor gives this pod: <replica type>-<index>
-        env = [e["name"] for e in main[0]["env"]]
-        assert env.index("TRAJFLOW_REPLICA_TYPE") < env.index("TRAJFLOW_METRICS_SHARD")  # defined before use
-        assert env.index("TRAJFLOW_REPLICA_INDEX") < env.index("TRAJFLOW_METRICS_SHARD")
-        assert env_of(main[0])["TRAJFLOW_METRICS_SHARD"] == "$(TRAJFLOW_REPLICA_TYPE)-$(TRAJFLOW_REPLICA_INDEX)"
-        assert env_of(main[0])["TRAJFLOW_REPLICA_INDEX"] == {
-            "fieldRef": {"fieldPath": "metadata.labels['training.kubeflow.org/replica-index']"}}
-        assert "initContainers" not in spec
-        assert spec["restartPolicy"] == replicas[role]["restartPolicy"] == "OnFailure"
-        # the pod template is still a valid Kubernetes pod template
-        kv.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
-                     "template": replicas[role]["template"]}, "1.31.0", strict=True)
+    spec = replica["template"]["spec"]
+    main = [c for c in spec["containers"] if c["name"] == "pytorch"]
+    assert main, "the training operator requires the container to be named pytorch"
+    assert {"name": "pytorchjob-port", "containerPort": 29400, "protocol": "TCP"} in main[0]["ports"]
+    # the same launcher, its store on worker 0 (the operator's per-pod headless Service);
+    # it waits for preprocessing itself: a failing init container in a pod that restarts on
+    # failure would be restarted forever
+    assert main[0]["command"] == ["trajflow"]
+    assert main[0]["args"] == PYTORCHJOB_ARGS
+    assert not {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"} & env_of(main[0]).keys()
+    assert env_of(main[0])["JOB_NAME"] == {
+        "fieldRef": {"fieldPath": "metadata.labels['training.kubeflow.org/job-name']"}}
+    assert env_of(main[0])["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert env_of(main[0])["TRAJFLOW_KEEP_FINAL_FAILURE"] == "1"  # a restart repeats a final failure at once
+    # pushed metrics get the shard label the PodMonitor gives this pod: <replica type>-<index>
+    env = [e["name"] for e in main[0]["env"]]
+    assert env.index("TRAJFLOW_REPLICA_TYPE") < env.index("TRAJFLOW_METRICS_SHARD")  # defined before use
+    assert env.index("TRAJFLOW_REPLICA_INDEX") < env.index("TRAJFLOW_METRICS_SHARD")
+    assert env_of(main[0])["TRAJFLOW_METRICS_SHARD"] == "$(TRAJFLOW_REPLICA_TYPE)-$(TRAJFLOW_REPLICA_INDEX)"
+    assert env_of(main[0])["TRAJFLOW_REPLICA_INDEX"] == {
+        "fieldRef": {"fieldPath": "metadata.labels['training.kubeflow.org/replica-index']"}}
+    assert "initContainers" not in spec
+    # the operator sets it from the replica spec, with a Warning event per pod if the template has one
+    assert "restartPolicy" not in spec
+    # the pod template is still a valid Kubernetes pod template
+    kv.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
+                 "template": replica["template"]}, "1.31.0", strict=True)
+
+
+def pytorchjob(values):
+    objs = render([env_file("production")], {"training.launcher": "pytorchjob", **values},
+                  api_versions=[*PROMETHEUS_OPERATOR_APIS, *KUBEFLOW_APIS])
+    return one(objs, "PyTorchJob", "training")
+
+
+@pytest.mark.parametrize("nodes", [1, 3])
+def test_a_pytorchjob_is_nodes_workers_and_no_master(nodes):
+    replicas = pytorchjob({"training.nodes": nodes})["spec"]["pytorchReplicaSpecs"]
+    assert "Master" not in replicas
+    assert replicas["Worker"]["replicas"] == nodes
+
+
+def test_a_pytorchjob_frees_a_finished_jobs_running_pods():
+    # None can leave a failed job's pods (and GPUs) running (kubeflow/trainer#3419)
+    assert pytorchjob({})["spec"]["runPolicy"]["cleanPodPolicy"] == "Running"
+
+
+def test_a_pytorchjobs_backoff_limit_allows_backoff_limit_per_index_failures_of_every_node():
+    # the job-wide limit counts all pods' restarts: one crash of the store host restarts all 3
+    run_policy = pytorchjob({"training.nodes": 3, "training.backoffLimitPerIndex": 2})["spec"]["runPolicy"]
+    assert run_policy["backoffLimit"] == 3 * 2 + 1
 
 
 def test_pytorchjob_without_the_api_fails_clearly():
@@ -263,12 +293,10 @@ def test_the_pod_exits_with_its_workers_code(launcher, worker_codes, pod_code, f
                 "TRAJFLOW_REPLICA_TYPE": "worker", "TRAJFLOW_REPLICA_INDEX": "0"}
     if launcher == "job":
         added, store = {}, f"{job_name}-0.trajflow-training.trajflow.svc.cluster.local:29400"
-    else:  # what the training operator adds to Worker 0 (rank 1)
+    else:  # what the training operator adds to a Worker of a Worker-only job (no MASTER_*/RANK)
         port = next(p["containerPort"] for p in train["ports"] if p["name"] == "pytorchjob-port")
-        added = {"PYTHONUNBUFFERED": "0", "MASTER_PORT": str(port), "MASTER_ADDR": f"{job_name}-master-0",
-                 "WORLD_SIZE": "16", "RANK": "1", "PET_NPROC_PER_NODE": workload["spec"]["nprocPerNode"],
-                 "PET_NODE_RANK": "1", "PET_NNODES": "2"}
-        store = f"{job_name}-master-0:{port}"
+        added = {"PYTHONUNBUFFERED": "0", "PET_NPROC_PER_NODE": workload["spec"]["nprocPerNode"], "PET_NNODES": "2"}
+        store = f"{job_name}-worker-0:{port}"  # the operator's headless Service of pod worker-0
     env = kubelet_environment(train, downward, added)
     if launcher == "pytorchjob":
         assert env["TRAJFLOW_METRICS_SHARD"] == "worker-0"  # the shard label the PodMonitor gives this pod
@@ -280,6 +308,7 @@ def test_the_pod_exits_with_its_workers_code(launcher, worker_codes, pod_code, f
         monkeypatch.delenv(name, raising=False)
     for name, value in added.items():  # torch's option parser reads PET_* from the environment
         monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TRAJFLOW_KEEP_FINAL_FAILURE", raising=False)  # its marker would land in /tmp
     monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")  # the launcher's setdefault leaves it as is
     launched = []
 
@@ -347,7 +376,7 @@ def test_metrics_ports_may_not_take_the_rendezvous_port():
 @pytest.mark.parametrize("launcher", ["job", "pytorchjob"])
 def test_store_read_timeout_follows_the_join_timeout(launcher):
     # c10d's store client times out after read_timeout (torch default 60 s): a worker pod
-    # whose store host (pod 0 / Master) is still Pending must wait as long as the join does,
+    # whose store host (pod 0 / worker 0) is still Pending must wait as long as the join does,
     # not exit 1 after a minute and burn a retry.
     objs = render([env_file("production")], {"training.launcher": launcher,
                                              "training.rendezvous.joinTimeoutSeconds": 900},

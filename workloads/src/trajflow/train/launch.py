@@ -33,6 +33,9 @@ FINAL = (ExitCode.CONFIG, ExitCode.PERMANENT, ExitCode.DIVERGED)
 # set by the launcher for its workers: where a worker records a final failure, and the agent's pid
 FINAL_FAILURE_ENV = "TRAJFLOW_FINAL_FAILURE_FILE"
 AGENT_PID_ENV = "TRAJFLOW_AGENT_PID"
+# "1" (the PyTorchJob's pods): the final-failure marker outlives the launcher, see `launch`
+KEEP_FINAL_FAILURE_ENV = "TRAJFLOW_KEEP_FINAL_FAILURE"
+KEPT_FINAL_FAILURE_FILE = "trajflow-final-failure.json"
 
 
 def record_final_failure(exc: TrajflowError) -> None:
@@ -143,9 +146,23 @@ def launch(options: LaunchOptions, train_args: Sequence[str], log_level: str | N
     _warn_unless_shutdown_timeout_is_read()
     command = worker_command(train_args, log_level)
     argv = [*options.torchrun_args(), "--no-python", command[0], *command[1:]]
+    markers = None
+    if os.environ.get(KEEP_FINAL_FAILURE_ENV) == "1":
+        # A PyTorchJob restarts the container on any exit code (OnFailure): the marker sits
+        # in $TMPDIR, the pod's /tmp emptyDir, which outlives the container, so a restart
+        # after a final failure exits at once. It is per pod: a new PyTorchJob starts clean.
+        marker = os.path.join(tempfile.gettempdir(), KEPT_FINAL_FAILURE_FILE)
+        os.environ[FINAL_FAILURE_ENV] = marker
+        earlier = earlier_final_failure()
+        if earlier is not None:
+            os.environ.pop(FINAL_FAILURE_ENV)
+            log.error("not retried: this pod failed earlier in a way no restart changes (exit %d, see %s): %s",
+                      earlier[0], marker, earlier[1])
+            return earlier[0]
+    else:  # a Job's failed pod is replaced; its podFailurePolicy fails the Job on a final code
+        markers = tempfile.mkdtemp(prefix="trajflow-train-")
+        os.environ[FINAL_FAILURE_ENV] = os.path.join(markers, "final-failure.json")
     log.info("starting training workers", extra={"torchrun": argv})
-    markers = tempfile.mkdtemp(prefix="trajflow-train-")
-    os.environ[FINAL_FAILURE_ENV] = os.path.join(markers, "final-failure.json")
     os.environ[AGENT_PID_ENV] = str(os.getpid())
     try:
         run(parse_args(argv))
@@ -171,7 +188,8 @@ def launch(options: LaunchOptions, train_args: Sequence[str], log_level: str | N
         log.warning("launcher stopped by signal %s", exc.sigval)
         return 128 + int(exc.sigval)
     finally:
-        shutil.rmtree(markers, ignore_errors=True)
+        if markers is not None:
+            shutil.rmtree(markers, ignore_errors=True)
         for name in (FINAL_FAILURE_ENV, AGENT_PID_ENV):
             os.environ.pop(name, None)
     return int(ExitCode.OK)
