@@ -150,12 +150,13 @@ def test_stage_metrics_reach_the_pushgateway(first_run: Any) -> None:
 def test_a_second_run_does_no_work(workspace: Workspace, first_run: Any) -> None:
     assert first_run[0].returncode == 0
     data = workspace.root / ".trajflow" / "data" / "tiny"
-    before = {p: p.stat().st_mtime_ns for p in data.rglob("*") if p.is_file()}
+    lock = data / ".trajflow-run.lock"  # notes the pid of the run holding it
+    before = {p: p.stat().st_mtime_ns for p in data.rglob("*") if p.is_file() and p != lock}
     proc = workspace.run()
     assert proc.returncode == 0, proc.stdout[-3000:]
     summary = workspace.summary()
     assert {t["state"] for t in summary["tasks"]} == {"skipped"}
-    after = {p: p.stat().st_mtime_ns for p in data.rglob("*") if p.is_file()}
+    after = {p: p.stat().st_mtime_ns for p in data.rglob("*") if p.is_file() and p != lock}
     assert after == before  # nothing written, nothing removed
     # the summary still carries what the first run learned
     assert summary["stages"]["train"]["final_val_loss"] < 0.5 * summary["stages"]["train"]["initial_val_loss"]

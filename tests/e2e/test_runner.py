@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from collections import Counter
 import json
+import logging
 import os
 import re
 import signal
@@ -209,14 +210,42 @@ def test_a_second_run_of_the_same_work_dir_is_refused_while_the_first_runs(
         while not fake.starts() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert fake.starts(), fake.out.getvalue()
-        with pytest.raises(ConfigError, match=rf"another `trajflow run` \(pid {os.getpid()}\) is running in .*work"):
+        with pytest.raises(TransientError, match=rf"another `trajflow run` \(pid {os.getpid()}\) is running in .*work"):
             fake.run(values)
+        # another work dir (another directory, --work-dir) on the same run root: refused too
+        other = Runner(build_plan([values]), tmp_path / "other-work", PlainView(stream=fake.out),
+                       command=[sys.executable, str(FAKE)])
+        with pytest.raises(TransientError, match=rf"another `trajflow run` \(pid {os.getpid()}\) is running on the "
+                                                 rf"run root {tmp_path / 'data' / 'fake'}"):
+            other.run()
     finally:
         thread.join(timeout=60)
     assert first[0].exit_code == 0, fake.out.getvalue()
     assert len(fake.starts("download")) == 1
     _, again = fake.run(values)  # the lock went with the first run
     assert again.exit_code == 0
+
+
+def test_a_run_removes_what_writers_killed_mid_write_left_in_the_run_root(fake: Fake, tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A checkpoint's temporary is as large as the checkpoint: a run removes the temporaries
+    of writers killed in earlier runs, but none a process still has open or wrote just now."""
+    values = write_values(tmp_path, shards=1)
+    root = tmp_path / "data" / "fake"
+    abandoned = root / "train" / "checkpoints" / ".trajflow-tmp-0123abcd-ckpt-0000000075.pt"
+    fresh = root / "resampled" / ".trajflow-tmp-89abcdef-00000.safetensors"
+    held = root / "raw" / "_done" / ".trajflow-tmp-4567cdef-00000.json"
+    for path in (abandoned, fresh, held):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * 100)
+    an_hour_ago = time.time() - 3600
+    os.utime(abandoned, (an_hour_ago, an_hour_ago))
+    os.utime(held, (an_hour_ago, an_hour_ago))
+    with open(held, "rb"), caplog.at_level(logging.INFO, logger="trajflow.local.runner"):  # a writer still at work
+        _, result = fake.run(values)
+    assert result.exit_code == 0
+    assert not abandoned.exists() and fresh.exists() and held.exists()
+    assert f"removed {abandoned}, left by a writer that was killed" in caplog.text
 
 
 def test_changed_stage_config_reruns_that_stage_and_what_follows(fake: Fake, tmp_path: Path) -> None:

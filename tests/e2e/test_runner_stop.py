@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trajflow.errors import ConfigError
+from trajflow.errors import ConfigError, TransientError
 from trajflow.local.pipeline import build_plan
 from trajflow.local.progress import PlainView
 from trajflow.local.runner import RUNNING, Runner
@@ -90,7 +90,7 @@ def test_a_killed_runner_s_stages_hold_the_run_until_they_exit(tmp_path: Path) -
     first._lock.close()  # the runner is gone; its stage still runs
     try:
         second = Runner(plan, tmp_path / "work", PlainView(stream=io.StringIO()))
-        with pytest.raises(ConfigError, match=rf"earlier `trajflow run` \(pid {gone.pid}, gone\) are still stopping") as info:
+        with pytest.raises(TransientError, match=rf"earlier `trajflow run` \(pid {gone.pid}, gone\) are still stopping") as info:
             second._lock_work_dir()
         assert f"holding the lock: {stage.pid} (" in str(info.value)  # which process to wait for, or kill
     finally:

@@ -8,6 +8,7 @@ own) can still be found and stopped if the agent itself is killed.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -109,6 +110,15 @@ def alive(pid: int, start_time: int | None = None) -> bool:
             return True
         return start_time is None
     return start_time is None or stat[1] == start_time
+
+
+def open_files() -> set[str]:
+    """The real paths of every file a process (of those this user may inspect) has open."""
+    found = set()
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):  # gone, or not ours
+            found.update(os.path.realpath(fd) for fd in fd_dir.iterdir())
+    return found
 
 
 def holders(path: Path) -> list[str]:

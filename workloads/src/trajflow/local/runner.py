@@ -45,6 +45,8 @@ from trajflow.files import replace_file
 from trajflow.local.pipeline import RunPlan, StagePlan
 from trajflow.resources import cpu_budget
 from trajflow.storage import Storage, manifest_key, open_run_root, read_manifest, read_train_metrics, shard_name
+from trajflow.storage.base import INTERNAL_PREFIX
+from trajflow.storage.local import TMP_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +187,42 @@ def _check_work_dir(work_dir: Path) -> None:
             raise ConfigError(f"{what} {path} exists and is not a directory; choose a directory for the run's files")
 
 
+RUN_ROOT_LOCK = f"{INTERNAL_PREFIX}run.lock"
+ABANDONED_AFTER_S = 60.0  # a temporary unchanged this long, and open nowhere, has no writer
+
+
+def _hold_run_lock(path: Path, where: str) -> Any:
+    """`path` locked for this process (its stage processes inherit it: `spawn(keep_fds=...)`,
+    so a runner killed with -9 leaves it held until the last of its stages, which stop only
+    on their SIGTERM, exits), with this pid written in it; refused, naming who holds it."""
+    import fcntl
+
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        if holder.isdigit() and not procs.alive(int(holder)):
+            holding = "; ".join(procs.holders(path)) or "none visible to this user"
+            raise TransientError(f"the stage processes of an earlier `trajflow run` (pid {holder}, gone) are still "
+                                 f"stopping {where}: wait for them to exit (they write their last state), or kill "
+                                 f"them if they are stuck, then run again; holding the lock: {holding}") from None
+        raise TransientError(f"another `trajflow run` (pid {holder}) is running {where}: "
+                             "wait for it to end or stop it first") from None
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+    except OSError:
+        with contextlib.suppress(OSError):  # closing flushes the same bytes again
+            fh.close()
+        raise
+    return fh
+
+
 class Runner:
     def __init__(
         self,
@@ -207,6 +245,7 @@ class Runner:
         self.storage = storage or open_run_root(plan.global_)
         self.grace_seconds = grace_seconds
         self._lock: Any = None  # run.lock while run() holds it
+        self._root_lock: Any = None  # the run root's, on a filesystem
         self.clock = clock
         self.t0 = clock()
         self.state = StateFile(self.work_dir / "state.json", plan.root)
@@ -233,46 +272,57 @@ class Runner:
     def run(self) -> RunResult:
         self._lock = self._lock_work_dir()
         try:
-            return self._run()
+            self._root_lock = self._lock_run_root()
+            self._sweep_temporaries()
+            result = self._run()
+            if result.exit_code == 0:
+                self._sweep_temporaries()  # what writers killed in earlier runs left, now old enough
+            return result
         finally:
-            self._lock.close()
-            self._lock = None
+            for lock in (self._lock, self._root_lock):
+                if lock is not None:
+                    lock.close()
+            self._lock = self._root_lock = None
 
     def _lock_work_dir(self) -> Any:
         """Hold `run.lock` in the work dir for the run: a second `trajflow run` of the same run
         would start every shard's process a second time over the same files."""
-        import fcntl
-
         with self._naming_work_dir():
             self.work_dir.mkdir(parents=True, exist_ok=True)
-            # the stage processes inherit it (`spawn(keep_fds=...)`): a runner killed with -9
-            # leaves it held until the last of its stages, which stop only on their SIGTERM, exits
-            fh = open(self.work_dir / "run.lock", "a+")
+        with self._naming_work_dir(self.work_dir / "run.lock"):
+            return _hold_run_lock(self.work_dir / "run.lock", f"in {self.work_dir}")
+
+    def _lock_run_root(self) -> Any:
+        """Hold `.trajflow-run.lock` in a run root on a filesystem: two runs with other work
+        dirs (or from other directories) would otherwise write the same shards and checkpoints.
+        (An S3 root has no such lock.)"""
+        path = self.storage.local_path(RUN_ROOT_LOCK)
+        if path is None:
+            return None
+        root = path.parent
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "?"
-            fh.close()
-            if holder.isdigit() and not procs.alive(int(holder)):
-                holding = "; ".join(procs.holders(self.work_dir / "run.lock")) or "none visible to this user"
-                raise ConfigError(f"the stage processes of an earlier `trajflow run` (pid {holder}, gone) are still "
-                                  f"stopping in {self.work_dir}: wait for them to exit (they write their last "
-                                  f"state), or kill them if they are stuck, then run again; holding the lock: "
-                                  f"{holding}") from None
-            raise ConfigError(f"another `trajflow run` (pid {holder}) is running in {self.work_dir}: "
-                              "wait for it to end or stop it first") from None
-        try:
-            with self._naming_work_dir(self.work_dir / "run.lock"):
-                fh.seek(0)
-                fh.truncate()
-                fh.write(f"{os.getpid()}\n")
-                fh.flush()
-        except ConfigError:
-            with contextlib.suppress(OSError):  # closing flushes the same bytes again
-                fh.close()
-            raise
-        return fh
+            root.mkdir(parents=True, exist_ok=True)
+            return _hold_run_lock(path, f"on the run root {root}")
+        except OSError as exc:
+            raise ConfigError(f"run root {root}: cannot write {exc.filename or path}: {exc.strerror or exc}") from None
+
+    def _sweep_temporaries(self) -> None:
+        """Remove what writers killed mid-write left in a filesystem run root (a checkpoint's
+        temporary is as large as the checkpoint): with the root locked, only this run's stages
+        write there, and a temporary none of them has open that has not changed for a minute
+        is no write in progress."""
+        lock = self.storage.local_path(RUN_ROOT_LOCK)
+        root = lock.parent if lock is not None else None
+        if root is None or not root.is_dir():
+            return
+        cutoff = time.time() - ABANDONED_AFTER_S
+        found = [p for p in root.rglob(f"{TMP_PREFIX}*") if p.is_file() and p.stat().st_mtime < cutoff]
+        open_now = procs.open_files() if found else set()
+        for path in found:
+            if os.path.realpath(path) not in open_now:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    log.info("removed %s, left by a writer that was killed", path)
 
     def _run(self) -> RunResult:
         self.write_configs()
@@ -519,7 +569,8 @@ class Runner:
         stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         header = f"=== {stamp} attempt {task.attempts}: {' '.join(argv)}\n".encode()
         try:
-            task.proc = procs.spawn(argv, self.env(task), keep_fds=() if self._lock is None else (self._lock.fileno(),))
+            locks = tuple(lock.fileno() for lock in (self._lock, self._root_lock) if lock is not None)
+            task.proc = procs.spawn(argv, self.env(task), keep_fds=locks)
         except OSError as exc:
             self._fail(int(ExitCode.ERROR), f"{task.label}: cannot start {argv[0]}: {exc}")
             return
