@@ -268,13 +268,8 @@ def test_secrets_a_server_echoes_back_are_masked_in_errors(tmp_path: Path, monke
     """Error pages often repeat the request: the signed query and the bearer token they echo
     must not reach logs or the shard's errors, nor may the URL in a Content-Encoding refusal."""
 
-    class Echo(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_HEAD(self) -> None:
-            self.send_response(404)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+    class Echo(_Handler):
+        head_status = 404
 
         def do_GET(self) -> None:
             if self.path.startswith("/gz/"):
@@ -287,9 +282,6 @@ def test_secrets_a_server_echoes_back_are_masked_in_errors(tmp_path: Path, monke
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
 
     monkeypatch.setenv("HUB_TOKEN", "BEARERSECRET")
     with _hub(Echo) as base, caplog.at_level(logging.INFO):
@@ -1026,6 +1018,22 @@ def _hub(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
             httpd.shutdown()
 
 
+class _Handler(BaseHTTPRequestHandler):
+    """A test hub's handler: keep-alive, no request log, HEAD answered `head_status` with no
+    size (`Content-Length: 0`)."""
+
+    protocol_version = "HTTP/1.1"
+    head_status = 200
+
+    def do_HEAD(self) -> None:
+        self.send_response(self.head_status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
 @pytest.mark.parametrize("refusal", [403, 405, 501])
 def test_a_server_refusing_head_is_sized_by_a_ranged_get_which_proves_ranges(tmp_path: Path, refusal: int) -> None:
     """405 (not allowed) and 501 (not implemented) both mean "no HEAD here", not a broken
@@ -1035,13 +1043,8 @@ def test_a_server_refusing_head_is_sized_by_a_ranged_get_which_proves_ranges(tmp
     body = payload(11 * MiB, seed=13)
     asked: list[str] = []
 
-    class Hub(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_HEAD(self) -> None:
-            self.send_response(refusal)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+    class Hub(_Handler):
+        head_status = refusal
 
         def do_GET(self) -> None:
             asked.append(self.headers.get("Range", ""))
@@ -1053,9 +1056,6 @@ def test_a_server_refusing_head_is_sized_by_a_ranged_get_which_proves_ranges(tmp
             self.send_header("ETag", '"v1"')
             self.end_headers()
             self.wfile.write(body[first : last + 1])
-
-        def log_message(self, *args: Any) -> None:
-            pass
 
     with _hub(Hub) as base:
         config = make_config([{"type": "https", "name": "hub", "urls": [f"{base}/matrix.bin"]}])
@@ -1074,23 +1074,13 @@ def test_a_head_saying_content_length_zero_is_not_taken_as_the_size(tmp_path: Pa
     planned with an unknown size and downloaded whole; a truly empty file still arrives."""
     files = {"/export.tsv": payload(300_000, seed=21), "/empty.txt": b""}
 
-    class Hub(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_HEAD(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
+    class Hub(_Handler):
         def do_GET(self) -> None:
             body = files[self.path]
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
 
     with _hub(Hub) as base:
         config = make_config([{"type": "https", "name": "hub", "urls": [f"{base}{p}" for p in files]}])
@@ -1200,14 +1190,7 @@ def test_an_object_of_unknown_size_replaced_between_responses_is_fetched_as_it_i
     old, new = payload(100_000, seed=22), payload(200_000, seed=23)
     gets: list[str] = []
 
-    class Growing(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_HEAD(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
+    class Growing(_Handler):
         def do_GET(self) -> None:
             gets.append(self.headers.get("Range", ""))
             if len(gets) == 1:  # the old version, cut off half way
@@ -1222,9 +1205,6 @@ def test_an_object_of_unknown_size_replaced_between_responses_is_fetched_as_it_i
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
             self.wfile.write(f"{len(new):x}\r\n".encode() + new + b"\r\n0\r\n\r\n")
-
-        def log_message(self, *args: Any) -> None:
-            pass
 
     with _hub(Growing) as base:
         summary = _run_bounded(tmp_path, make_config([{"type": "https", "name": "web", "urls": [f"{base}/grow.tsv"]}]))
