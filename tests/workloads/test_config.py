@@ -365,39 +365,31 @@ def test_config_file_as_rendered_by_the_chart(tmp_path):
         load_config_file(listed, "downloader")
 
 
-def test_time_unit_is_an_output_setting_that_older_manifests_made_in_seconds():
-    """A changed timeUnit changes every timestamp: done shards are not kept as they are. Shards
-    from before the setting existed were made in seconds."""
+@pytest.mark.parametrize("key, field, before, after, per_source", [
+    ("timeUnit", "time_unit", "s", "ns", "ms"),  # every timestamp changes; older shards were made in seconds
+    ("filterKey", "filter_key", "", "train", "valid"),  # which demos a shard holds; older shards hold every demo
+])
+def test_a_setting_added_later_is_an_output_setting_older_manifests_made_with_its_default(key, field, before, after,
+                                                                                            per_source):
+    """Done shards made with another value are not kept as they are; shards from before the
+    setting existed were made as its default makes them."""
     from trajflow.config.preprocess import PreprocessConfig
     from trajflow.preprocess.shards import settings_differences, settings_of
 
     now = PreprocessConfig().output_settings(["lab"])
-    assert now["timeUnit"] == "s"
-    older = {"settings": {k: v for k, v in now.items() if k != "timeUnit"}}
+    assert now[key] == before
+    older = {"settings": {k: v for k, v in now.items() if k != key}}
     assert settings_differences(settings_of(older), now) == []
-    assert settings_differences(settings_of(older), PreprocessConfig(time_unit="ns").output_settings(["lab"])) == [
-        "timeUnit 's' -> 'ns'"]
-    per_source = PreprocessConfig(sources={"lab": {"time_unit": "ms"}}).output_settings(["lab"])
-    assert settings_differences(now, per_source) == ["sources.lab {} -> {'timeUnit': 'ms'}"]
+    changed = PreprocessConfig(**{field: after}).output_settings(["lab"])
+    assert settings_differences(settings_of(older), changed) == [f"{key} {before!r} -> {after!r}"]
+    overridden = PreprocessConfig(sources={"lab": {field: per_source}}).output_settings(["lab"])
+    assert settings_differences(now, overridden) == [f"sources.lab {{}} -> {{{key!r}: {per_source!r}}}"]
+
+
+def test_time_unit_and_filter_key_values():
     with pytest.raises(ConfigError) as info:
         validate_stage("preprocessing", {"timeUnit": "sec"}, origin="dev.yaml")
     assert _one_line(info).startswith("dev.yaml: preprocessing.config.timeUnit: Input should be 's', 'ms', 'us' or 'ns'")
-
-
-def test_filter_key_is_an_output_setting_that_older_manifests_made_of_every_demo():
-    """A changed filterKey changes which demos a shard holds: done shards are re-processed.
-    Shards from before the setting existed hold every demo."""
-    from trajflow.config.preprocess import PreprocessConfig
-    from trajflow.preprocess.shards import settings_differences, settings_of
-
-    now = PreprocessConfig().output_settings(["lab"])
-    assert now["filterKey"] == ""
-    older = {"settings": {k: v for k, v in now.items() if k != "filterKey"}}
-    assert settings_differences(settings_of(older), now) == []
-    assert settings_differences(settings_of(older), PreprocessConfig(filter_key="train").output_settings(["lab"])) == [
-        "filterKey '' -> 'train'"]
-    per_source = PreprocessConfig(sources={"lab": {"filter_key": "valid"}}).output_settings(["lab"])
-    assert settings_differences(now, per_source) == ["sources.lab {} -> {'filterKey': 'valid'}"]
     values = validate_stage("preprocessing", {"filterKey": "20_percent", "sources": {"lab": {"filterKey": ""}}})
     assert (values.filter_key, values.sources["lab"].filter_key) == ("20_percent", "")
 
