@@ -424,6 +424,7 @@ def network_policy() -> dict[str, Any]:
             "pushgatewayTo": deepcopy(peers),
             "metricsFrom": deepcopy(peers),
             "pushgatewayFrom": deepcopy(peers),
+            "pushgatewayScrapeFrom": deepcopy(peers),
             "extraEgress": {"type": "array", "items": any_object("NetworkPolicyEgressRule")},
         },
         required=["enabled"],

@@ -249,8 +249,8 @@ def test_network_policies_follow_storage_and_pushgateway():
 
 def test_only_the_release_stages_and_prometheus_reach_the_pushgateway():
     """Anyone reaching the Pushgateway can delete a shard's group (silencing its alerts) or
-    push a fake success: its ingress is this release's stage pods, pushgatewayFrom and the
-    scrapers (metricsFrom)."""
+    push a fake success: its ingress is this release's stage pods, pushgatewayFrom and
+    Prometheus (pushgatewayScrapeFrom; scrapes and pushes share its port)."""
     extra = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ci"}}}
     objs = render([env_file("staging")], {"networkPolicy.pushgatewayFrom": [extra]}, api_versions=PROMETHEUS_OPERATOR_APIS)
     pushgateway_pod = one(objs, "Deployment", component="pushgateway")["spec"]["template"]["metadata"]["labels"]
@@ -260,9 +260,12 @@ def test_only_the_release_stages_and_prometheus_reach_the_pushgateway():
     assert len(guarding) == 1 and guarding[0]["policyTypes"] == ["Ingress"]
     port = [{"port": 9091, "protocol": "TCP"}]
     deny = next(p for p in select(objs, "NetworkPolicy") if p["metadata"]["name"].endswith("-default-deny"))["spec"]
+    prometheus = {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
     assert guarding[0]["ingress"] == [{"from": [{"podSelector": deny["podSelector"]}], "ports": port},
                                       {"from": [extra], "ports": port},
-                                      {"from": [{"namespaceSelector": {}}], "ports": port}]
+                                      {"from": [prometheus], "ports": port}]
+    # no rule lets any pod of the cluster in (as the training pods' metricsFrom does by default)
+    assert all(peer != {"namespaceSelector": {}} for rule in guarding[0]["ingress"] for peer in rule["from"])
     # no in-release Pushgateway, nothing to guard
     off = render([env_file("staging")], {"monitoring.pushgateway.enabled": False}, api_versions=PROMETHEUS_OPERATOR_APIS)
     assert not [p for p in select(off, "NetworkPolicy") if p["metadata"]["name"].endswith("-pushgateway")]

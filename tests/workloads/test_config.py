@@ -140,7 +140,8 @@ def test_schema_accepts_what_the_models_accept_and_rejects_the_rest():
         ({"metrics": {"pushgatewayUrl": "https://u:PGSECRET@pg.example/?token=T0KEN"}},
          "values.yaml: global.metrics.pushgatewayUrl: pushgatewayUrl must be an http(s) URL with a host and no user:password@, got 'https://…@pg.example/?…'"),
         ({"storage": {"s3": {"region": "bad region"}}},
-         "values.yaml: global.storage.s3.region: expected a region name: letters, digits and '-' (such as us-east-1), got 'bad region'"),
+         "values.yaml: global.storage.s3.region: expected empty or a region name: letters, digits and '-' (such as "
+         "us-east-1), got 'bad region'"),
         ({"storage": {"type": "s3"}}, "values.yaml: global.storage: storage.s3.bucket is required when storage.type is s3"),
         ({"storage": 5}, "values.yaml: global.storage: Input should be a valid dictionary"),
         ({"storage": {"s3": {"prefix": "runs/./x"}}}, "values.yaml: global.storage.s3.prefix: expected a key prefix: "
@@ -413,3 +414,18 @@ def test_shard_from_env(env, expected):
 def test_bad_shard_env_is_a_config_error(env, match):
     with pytest.raises(ConfigError, match=match):
         shard_from_env(env)
+
+
+def test_an_empty_s3_region_is_the_default_region():
+    """Values files written for MinIO often say `region: ""`: the clients take it as us-east-1."""
+    assert validate_global({"storage": {"type": "s3", "s3": {"bucket": "data", "region": ""}}}).storage.s3.region == ""
+    source = {"type": "s3", "name": "b", "url": "s3://b/p", "region": ""}
+    assert validate_stage("downloader", {"sources": [source]}).sources[0].region == ""
+
+
+def test_a_refused_catalog_template_does_not_repeat_its_query():
+    template = "https://hub.example/{cohort}/x.tsv?token=SECRETX"  # neither {file} nor {category}
+    with pytest.raises(ConfigError) as info:
+        validate_stage("downloader", {"sources": [{"type": "catalog", "name": "xena", "urlTemplate": template,
+                                                   "cohorts": ["A"], "categories": {"m": "HiSeqV2"}}]})
+    assert "SECRETX" not in str(info.value) and "'https://hub.example/{cohort}/x.tsv?…' needs {cohort}" in str(info.value)

@@ -253,6 +253,7 @@ def test_credentials_in_urls_are_refused_and_never_logged(server: FaultyServer, 
         validate_stage("downloader", {"sources": [{"type": "https", "name": "web", "urls": ["ftp://host/x.bin?sig=SIGSECRET"]}]})
     assert "SIGSECRET" not in str(refused.value) and "got 'ftp://host/x.bin?…'" in str(refused.value)
     assert redact("https://alice:s3cret@hub.example/x?X-Amz-Signature=abc") == "https://hub.example/x?…"
+    assert redact("s3://bucket/runs/a#1?.h5") == "s3://bucket/runs/a#1?.h5"  # an object's name, whole
     url = server.add("/signed.bin", payload(100)) + "?X-Amz-Signature=TOPSECRET"
     server.script("/signed.bin", "500", "500", "500", "500", "500", "500", "500", "500")
     with caplog.at_level(logging.INFO):
@@ -272,6 +273,12 @@ def test_secrets_a_server_echoes_back_are_masked_in_errors(tmp_path: Path, monke
         head_status = 404
 
         def do_GET(self) -> None:
+            if self.path.startswith("/hop"):  # a hub sending the client on to a signed CDN URL
+                self.send_response(302)
+                self.send_header("Location", "/cdn/c.bin?X-Amz-Signature=REDIRSECRET")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if self.path.startswith("/gz/"):
                 body = b"compressed"
                 self.send_response(200)
@@ -286,12 +293,13 @@ def test_secrets_a_server_echoes_back_are_masked_in_errors(tmp_path: Path, monke
     monkeypatch.setenv("HUB_TOKEN", "BEARERSECRET")
     with _hub(Echo) as base, caplog.at_level(logging.INFO):
         urls = [f"{base}/a.bin?X-Amz-Signature=SIG404SECRET&X-Amz-Credential=AKIA%2FEXAMPLE",
-                f"{base}/gz/d.bin?sig=SIGGZSECRET"]
+                f"{base}/gz/d.bin?sig=SIGGZSECRET", f"{base}/hop/c.bin"]
         summary = run(tmp_path, make_config([{"type": "https", "name": "hub", "urls": urls, "authTokenEnv": "HUB_TOKEN"}],
                                             retries={"attempts": 1, "backoffSeconds": 0.01}))
     errors = " | ".join(r.error or "" for r in summary.results)
     assert "HTTP 404 Not found: /a.bin?… auth …" in errors and "Content-Encoding: gzip" in errors
-    for secret in ("SIG404SECRET", "AKIA", "BEARERSECRET", "SIGGZSECRET"):
+    assert "HTTP 404 Not found: /cdn/c.bin?… auth …" in errors
+    for secret in ("SIG404SECRET", "AKIA", "BEARERSECRET", "SIGGZSECRET", "REDIRSECRET"):
         assert secret not in errors and secret not in caplog.text
 
 

@@ -595,6 +595,25 @@ def test_integer_timestamps_are_refused_not_taken_as_seconds():
     assert "timeUnit: ns" in ep.detail
 
 
+@pytest.mark.parametrize("unit", ["s", "ms", "ns"])
+def test_lerobot_times_from_frame_index_and_rate_are_seconds_whatever_the_time_unit(unit):
+    """Without a timestamp column, frame_index / fps are seconds already: a timeUnit meant for
+    other sources' timestamps must not shrink them."""
+    n = 100
+    x = np.ones((n, 2), np.float32)
+    table = pa.table({"episode_index": np.zeros(n, np.int64), "frame_index": np.arange(n),
+                      STATE: pa.array(x.tolist()), ACTION: pa.array(x.tolist())})
+    (ep,) = _outcomes("lerobot", _parquet(table), _spec(time_unit=unit, rate_hz=30.0))
+    assert isinstance(ep, RawEpisode) and ep.times[-1] == pytest.approx(99 / 30)
+
+
+def test_integer_timestamps_too_large_to_subtract_are_refused_not_wrapped():
+    x = np.ones((3, 2), np.float32)
+    for ns in (np.array([np.iinfo(np.int64).min + 1, 0, 10**9], np.int64), np.array([0, 1, 2**63 + 5], np.uint64)):
+        (q,) = _outcomes("npz", io.BytesIO(npz_bytes(timestamps=ns, **{STATE: x, ACTION: x})), _spec(time_unit="ns"))
+        assert isinstance(q, Quarantined) and q.reason == readers.MISSING_TIME and "beyond ±2**62" in q.detail, ns
+
+
 def test_integer_nanosecond_epochs_are_read_with_time_unit_ns_at_full_precision(tmp_path):
     """ROS2 exports and most loggers store int64 ns since the epoch: as float64 seconds those
     round to ~0.2 us, so they are taken relative to the first before the division."""

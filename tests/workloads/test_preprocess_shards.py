@@ -312,3 +312,24 @@ def test_a_manifest_from_before_a_setting_existed_was_made_with_its_default():
     assert settings_differences(settings_of(older), now) == []
     limited = PreprocessConfig(max_gap_seconds=0.5).output_settings([])
     assert settings_differences(settings_of(older), limited) == ["maxGapSeconds None -> 0.5"]
+
+
+def test_a_check_that_cannot_be_recorded_is_no_failure(local_storage, monkeypatch):
+    """On a volume mounted read-only the record cannot be written (nor its temporary removed):
+    the shard was checked all the same, and is hashed again at the next start."""
+    import errno
+    from pathlib import Path
+
+    from trajflow.preprocess.shards import check_shard_file
+
+    _publish(local_storage, 0, _episodes(np.random.default_rng(6)))
+    entry = list_shards(local_storage)[0]
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    stamp = local_storage.local_path("train/.trajflow-checked/00000.json")
+    check_shard_file(local_storage.local_path(entry.key), entry, stamp)
+    assert not stamp.exists()

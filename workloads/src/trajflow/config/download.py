@@ -138,15 +138,16 @@ class CatalogSource(_Source):
     @field_validator("url_template")
     @classmethod
     def _template_fields(cls, value: str) -> str:
+        shown = formats.without_secrets(value)  # a hub's token may sit in the query
         try:
             fields = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
         except ValueError as exc:
-            raise ValueError(f"malformed template {value!r}: {exc}") from None
+            raise ValueError(f"malformed template {shown!r}: {exc}") from None
         unknown = fields - {"cohort", "category", "file"}
         if unknown:
-            raise ValueError(f"unknown placeholder(s) {sorted(unknown)} in {value!r}: use {{cohort}}, {{category}}, {{file}}")
+            raise ValueError(f"unknown placeholder(s) {sorted(unknown)} in {shown!r}: use {{cohort}}, {{category}}, {{file}}")
         if "cohort" not in fields or not fields & {"category", "file"}:
-            raise ValueError(f"template {value!r} needs {{cohort}} and {{file}} or {{category}}")
+            raise ValueError(f"template {shown!r} needs {{cohort}} and {{file}} or {{category}}")
         return value
 
     @field_validator("cohorts")

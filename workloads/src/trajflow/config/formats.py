@@ -57,7 +57,7 @@ HTTP_URL = r"^https?://[^/?#@\s]+([/?#].*)?$"  # a host, and no user:password@ (
 HTTP_URL_OR_EMPTY = r"^(https?://[^/?#@\s]+([/?#].*)?)?$"
 PUSHGATEWAY_URL = r"^(https?://[^/?#@\s]+([/?#].*)?|(https?://)?\{\{.*)?$"
 # what botocore accepts as a region name (others fail at the first request, with a traceback)
-S3_REGION = r"^[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$"
+S3_REGION = r"^([a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)?$"  # empty: us-east-1
 SHA256_HEX_OR_EMPTY = r"^([0-9a-f]{64})?$"
 MD5_HEX_OR_EMPTY = r"^([0-9a-f]{32})?$"
 
@@ -105,7 +105,7 @@ IN_WORDS = {
     HTTP_URL: "an http:// or https:// URL with a host and no user:password@ (a token goes in authTokenEnv)",
     HTTP_URL_OR_EMPTY: "empty or an http:// or https:// URL with a host and no user:password@ (nothing would send it)",
     PUSHGATEWAY_URL: "empty, an http:// or https:// URL with a host and no user:password@, or a Helm template whose host starts with {{",
-    S3_REGION: "a region name: letters, digits and '-' (such as us-east-1)",
+    S3_REGION: "empty or a region name: letters, digits and '-' (such as us-east-1)",
     SHA256_HEX_OR_EMPTY: "empty or a SHA-256 of 64 lowercase hex digits",
     MD5_HEX_OR_EMPTY: "empty or an MD5 of 32 lowercase hex digits",
     PROMETHEUS_DURATION: "a Prometheus duration (such as 30s, 5m, 1h, 1h30m)",

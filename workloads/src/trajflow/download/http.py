@@ -174,6 +174,8 @@ def redact(url: str) -> str:
     """A URL fit for logs and errors: presigned query strings and user:password@ carry
     credentials."""
     parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):  # s3:// and file:// name objects and files: '?' and '#' are theirs
+        return url
     host = parts.netloc.rpartition("@")[2]
     return f"{parts.scheme}://{host}{parts.path}" + ("?…" if parts.query else "")
 
@@ -189,14 +191,17 @@ def parse_content_range(value: str | None) -> tuple[int, int, int | None] | None
     return int(m.group(1)), int(m.group(2)), total
 
 
-def _request_secrets(url: str, headers: Mapping[str, str]) -> list[str]:
-    """What a request carries that an error body echoing it must not repeat: the query, each
-    of its values (raw and decoded), the password and the Authorization header's value."""
-    parts = urlsplit(url)
-    found = [parts.query, parts.password or ""]
-    for pair in parts.query.split("&"):
-        value = pair.partition("=")[2]
-        found += [value, unquote_plus(value)]
+def _request_secrets(urls: list[str], headers: Mapping[str, str]) -> list[str]:
+    """What a request to `urls` (it and its redirects) carries that an error body echoing it
+    must not repeat: each query, its values (raw and decoded), passwords and the
+    Authorization header's value; longest first."""
+    found = []
+    for url in urls:
+        parts = urlsplit(url)
+        found += [parts.query, parts.password or ""]
+        for pair in parts.query.split("&"):
+            value = pair.partition("=")[2]
+            found += [value, unquote_plus(value)]
     for name, value in headers.items():
         if name.lower() == "authorization":
             found += [value, value.partition(" ")[2]]
@@ -266,12 +271,16 @@ class HttpClient:
                 self._proxies[proxy] = urllib3.ProxyManager(proxy, **self._options)
             return self._proxies[proxy]
 
-    def request(self, method: str, url: str, headers: Mapping[str, str] | None = None) -> Any:
+    def request(self, method: str, url: str, headers: Mapping[str, str] | None = None,
+                visited: list[str] | None = None) -> Any:
         """Send one request, following redirects; returns the urllib3 response (body unread).
-        Raises FetchError for network failures; HTTP error statuses are returned."""
+        Raises FetchError for network failures; HTTP error statuses are returned. `visited`
+        gets every URL asked (a redirect's target may carry a signed query of its own)."""
         headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **(headers or {})}
         origin = urlsplit(url)[:2]  # scheme and host:port
         for _ in range(MAX_REDIRECTS + 1):
+            if visited is not None:
+                visited.append(url)
             try:
                 resp = self._manager(url).request(
                     method, url, headers=headers, preload_content=False, decode_content=False,
@@ -336,7 +345,8 @@ class HttpClient:
             req["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
         if validator is not None:
             req.update(validator.headers())
-        resp = self.request("GET", url, req)
+        visited: list[str] = []
+        resp = self.request("GET", url, req, visited)
         hdrs = resp.headers
         where = redact(url)
         try:
@@ -344,7 +354,7 @@ class HttpClient:
             problem = classify_status(status)
             if problem is not None:
                 kind, reason = problem
-                detail = _error_detail(resp, _request_secrets(url, req))
+                detail = _error_detail(resp, _request_secrets(visited, req))
                 retry_after = parse_retry_after(hdrs.get("Retry-After"))
                 raise FetchError(
                     f"{where}: HTTP {status}{' ' + detail if detail else ''}", kind, reason, retry_after=retry_after, status=status

@@ -76,6 +76,7 @@ FORMAT_EXTENSIONS = {
 TIME_KEYS = ("timestamp", "timestamps", "time", "t")
 MAX_NAMES_SHOWN = 10  # of what an episode has, in a missing stream's message
 UNIT_PER_SECOND = {"s": 1, "ms": 1e3, "us": 1e6, "ns": 1e9}  # the timeUnit setting
+INT_TIME_LIMIT = 2**62  # integer timestamps (146 years of ns either side of 0) subtract safely in int64
 RATE_ATTRS = ("rate_hz", "fps", "control_freq", "frequency", "hz")
 
 
@@ -247,6 +248,10 @@ def make_episode(spec: SourceSpec, source: str, episode: str, robot: str, times:
             return bad(SHAPE_MISMATCH, f"{t.shape[0]} timestamps for {length} samples")
         if spec.time_unit == "s":
             t = t.astype(np.float64)
+        elif integer and length and (t.min() < -INT_TIME_LIMIT or t.max() > INT_TIME_LIMIT):
+            # beyond it, the differences to the first would wrap around in int64
+            return bad(MISSING_TIME, f"timestamps reach {int(t.max()) if t.max() > INT_TIME_LIMIT else int(t.min())} "
+                                     f"{spec.time_unit}, beyond ±2**62")
         elif length:
             # relative to the first in the stored type: int64 ns epochs keep their precision
             per_second = UNIT_PER_SECOND[spec.time_unit]
@@ -514,6 +519,8 @@ def read_lerobot(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Ou
             times = times_all[a:b]
         elif rate and not spec.time_key:  # a configured time column that is missing is quarantined
             times = frame[a:b].astype(np.float64) / rate
+            if spec.time_unit != "s":  # make_episode reads times in the timeUnit
+                times = times * UNIT_PER_SECOND[spec.time_unit]
         out.append(make_episode(spec, source, episode, spec.robot_for(robot), times, None, streams,
                                 lambda: columns_in_order))
     return out

@@ -38,6 +38,7 @@ for you when the storage has no local path.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -671,7 +672,8 @@ def _write_stamp(stamp: Path, path: Path, sha256: str) -> None:
         os.replace(tmp, stamp)
     except OSError as exc:  # a volume mounted read-only here: the file is hashed again next time
         log.info("cannot record that %s was checked (%s); it is hashed again at the next start", path, exc)
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only volume refuses the unlink too
+            tmp.unlink(missing_ok=True)
 
 
 def default_cache_dir() -> Path:
