@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -112,29 +112,28 @@ def alive(pid: int, start_time: int | None = None) -> bool:
     return start_time is None or stat[1] == start_time
 
 
-def open_files() -> set[str]:
-    """The real paths of every file a process (of those this user may inspect) has open."""
-    found = set()
+def _open_files() -> Iterator[tuple[Path, str]]:
+    """(/proc/<pid>, real path) of every file a process has open (Linux; only the processes
+    this user may inspect)."""
     for fd_dir in Path("/proc").glob("[0-9]*/fd"):
         with contextlib.suppress(OSError):  # gone, or not ours
-            found.update(os.path.realpath(fd) for fd in fd_dir.iterdir())
-    return found
+            yield from [(fd_dir.parent, os.path.realpath(fd)) for fd in fd_dir.iterdir()]
+
+
+def open_files() -> set[str]:
+    """The real paths of every file a process has open."""
+    return {path for _, path in _open_files()}
 
 
 def holders(path: Path) -> list[str]:
-    """`pid (command line)` of every process with `path` open, found through /proc (Linux;
-    only the processes this user may inspect)."""
+    """`pid (command line)` of every process with `path` open."""
     target = os.path.realpath(path)
     found = []
-    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
-        try:
-            if not any(os.path.realpath(fd) == target for fd in fd_dir.iterdir()):
-                continue
-            cmdline = (fd_dir.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:  # gone, or not ours
-            continue
-        found.append(f"{fd_dir.parent.name} ({cmdline[:120]})")
-    return sorted(found, key=lambda h: int(h.split(" ", 1)[0]))
+    for proc in sorted({proc for proc, open_path in _open_files() if open_path == target}, key=lambda p: int(p.name)):
+        with contextlib.suppress(OSError):  # gone since
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            found.append(f"{proc.name} ({cmdline[:120]})")
+    return found
 
 
 def signal_group(pid: int, sig: int) -> None:

@@ -266,8 +266,9 @@ def _await_info(storage: Storage, key: str, item: dict[str, Any], shard: int, sh
 
 def dataset_hints(storage: Storage, keys: Sequence[str], shard: int, shards: int,
                   wait_s: float = 0.0, generation: str | None = None) -> dict[str, DatasetInfo]:
-    """LeRobot datasets of this shard: dataset directory -> what its ``meta/info.json`` says. The plan spreads a dataset's files over shards, so the info file
-    may sit in another shard's directory: the download plan says which, and the downloader's
+    """LeRobot datasets of this shard: dataset directory -> what its ``meta/info.json`` says.
+    The plan spreads a dataset's files over shards, so the info file may sit in another
+    shard's directory: the download plan says which, and the downloader's
     verification record that the file there is this plan's (an earlier dataset's may lie at
     the same path). Its episodes are read once it is there (up to ``wait_s``): without it,
     their rate and robot label would depend on download timing."""
