@@ -189,6 +189,9 @@ def _check_work_dir(work_dir: Path) -> None:
 
 RUN_ROOT_LOCK = f"{INTERNAL_PREFIX}run.lock"
 ABANDONED_AFTER_S = 60.0  # a temporary unchanged this long, and open nowhere, has no writer
+# where the sweep looks: raw/<shard>/ (the downloaded files, perhaps millions) is the
+# downloader's to sweep, and is not walked at every start
+SWEPT_DIRS = ("plan", "raw/_done", "resampled", "train")
 
 
 def _hold_run_lock(path: Path, where: str) -> Any:
@@ -296,27 +299,32 @@ class Runner:
         """Hold `.trajflow-run.lock` in a run root on a filesystem: two runs with other work
         dirs (or from other directories) would otherwise write the same shards and checkpoints.
         (An S3 root has no such lock.)"""
-        path = self.storage.local_path(RUN_ROOT_LOCK)
-        if path is None:
+        root = self._local_root()
+        if root is None:
             return None
-        root = path.parent
+        path = root / RUN_ROOT_LOCK
         try:
             root.mkdir(parents=True, exist_ok=True)
             return _hold_run_lock(path, f"on the run root {root}")
         except OSError as exc:
             raise ConfigError(f"run root {root}: cannot write {exc.filename or path}: {exc.strerror or exc}") from None
 
+    def _local_root(self) -> Path | None:
+        """The run root's directory, when it is on a filesystem."""
+        lock = self.storage.local_path(RUN_ROOT_LOCK)
+        return lock.parent if lock is not None else None
+
     def _sweep_temporaries(self) -> None:
         """Remove what writers killed mid-write left in a filesystem run root (a checkpoint's
         temporary is as large as the checkpoint): with the root locked, only this run's stages
         write there, and a temporary none of them has open that has not changed for a minute
         is no write in progress."""
-        lock = self.storage.local_path(RUN_ROOT_LOCK)
-        root = lock.parent if lock is not None else None
+        root = self._local_root()
         if root is None or not root.is_dir():
             return
         cutoff = time.time() - ABANDONED_AFTER_S
-        found = [p for p in root.rglob(f"{TMP_PREFIX}*") if p.is_file() and p.stat().st_mtime < cutoff]
+        found = [p for d in SWEPT_DIRS for p in (root / d).rglob(f"{TMP_PREFIX}*")
+                 if p.is_file() and p.stat().st_mtime < cutoff]
         open_now = procs.open_files() if found else set()
         for path in found:
             if os.path.realpath(path) not in open_now:

@@ -223,7 +223,7 @@ def _plan_parts(storage: Storage, wanted: Collection[str]) -> Iterator[tuple[int
         shards = int(plan["shards"]) if plan is not None else 0
         index = plan.get("info_files") if plan is not None else None
         parts = sorted({int(index[k]) for k in wanted if k in index}) if isinstance(index, dict) else range(shards)
-    except (KeyError, TypeError, ValueError, AttributeError):
+    except (KeyError, TypeError, ValueError):
         return
     for j in parts:
         try:
