@@ -1,11 +1,12 @@
 """The ArgoCD manifests parse, and everything they point at exists."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
-from helmrender import (KUBEFLOW_APIS, PROMETHEUS_OPERATOR_APIS, ROOT, STAGE_CHARTS, env_file, merge_values,
+from helmrender import (KUBEFLOW_APIS, PROMETHEUS_OPERATOR_APIS, ROOT, STAGE_CHARTS, env_file, helm, merge_values,
                         render, render_templates)
 
 ARGOCD = ROOT / "argocd"
@@ -119,9 +120,11 @@ def test_the_applications_render_as_argocd_would(apps):
 
 
 def test_environments_following_main_run_the_images_of_their_commit(apps):
-    """The images workflow publishes each push to main under its commit: dev and staging run
-    those, not the last release's images with a newer chart and config. Production runs the
-    tags of its values file: an empty parameter would override a tag pinned there."""
+    """The images workflow publishes each push to main under its commit, then moves
+    deploy/main to it: dev and staging follow that branch and run those images, not the last
+    release's with a newer chart and config. (Following main, a commit whose images never
+    come would hold its sync, and every later commit, in ImagePullBackOff.) Production runs
+    the tags of its values file: an empty parameter would override a tag pinned there."""
     workflow = yaml.safe_load((ROOT / ".github/workflows/images.yaml").read_text())
     # PyYAML reads the key `on` as True; main's commits are published once their tests passed
     assert workflow[True]["workflow_run"] == {"workflows": ["test"], "types": ["completed"], "branches": ["main"]}
@@ -129,10 +132,16 @@ def test_environments_following_main_run_the_images_of_their_commit(apps):
     assert "conclusion == 'success'" in publish["if"]
     assert publish["env"]["COMMIT"] == "${{ github.event.workflow_run.head_sha || github.sha }}"
     assert 'version="${COMMIT}"' in (ROOT / ".github/workflows/images.yaml").read_text()
+    steps = [step["name"] for step in publish["steps"] if "name" in step]
+    move = next(step for step in publish["steps"] if "deploy/main" in step.get("run", ""))
+    assert steps.index(move["name"]) > steps.index("Build and push") and steps[-1] == move["name"]
+    assert move["if"] == "github.event_name == 'workflow_run'" and "force=false" in move["run"]
+    assert workflow["permissions"]["contents"] == "write"
     pinned = {stage: {"image": {"tag": "0.1.1"}} for stage in STAGE_CHARTS}
     for element, app in apps:
         parameters = app["spec"]["source"]["helm"].get("parameters", [])
-        following_main = element["revision"] == "main"
+        following_main = element["revision"] == "deploy/main"
+        assert following_main or element["revision"].startswith("v")
         assert element["imageTag"] == ("$ARGOCD_APP_REVISION" if following_main else "")
         if following_main:
             assert all(p["forceString"] is True for p in parameters)
@@ -169,7 +178,17 @@ def test_automated_sync_only_where_asked(apps):
             assert automated == {"prune": True, "selfHeal": True}
         else:
             assert automated is None
-        assert app["spec"]["syncPolicy"]["retry"]["limit"] == 5  # the patch merges, it does not replace
+        retry = app["spec"]["syncPolicy"]["retry"]
+        assert retry["limit"] == 5  # the patch merges, it does not replace
+        assert retry["refresh"] is True  # a retry takes the fix pushed since the failed sync
+
+
+def test_deleting_the_applicationset_leaves_the_environments_running(appset, project):
+    assert appset["spec"]["syncPolicy"]["preserveResourcesOnDeletion"] is True
+    # staging's credentials Secret is made by hand beside the release, not orphaned by it
+    ignored = project["spec"]["orphanedResources"]["ignore"]
+    staging = yaml.safe_load(env_file("staging").read_text())
+    assert {"kind": "Secret", "name": staging["global"]["storage"]["s3"]["existingSecret"]} in ignored
 
 
 def test_a_replaced_job_is_not_pruned_last(apps):
@@ -177,3 +196,19 @@ def test_a_replaced_job_is_not_pruned_last(apps):
     training Jobs writing the same checkpoints."""
     for _, app in apps:
         assert not any(o.startswith("PruneLast=true") for o in app["spec"]["syncPolicy"].get("syncOptions", []))
+
+
+def test_a_stage_is_not_synced_before_its_input():
+    """A stage in an earlier wave than its input's would hold its nodes while it waits; in the
+    same wave preprocessing runs pipelined behind the download."""
+    argocd = {"global.argocd.enabled": True}
+    with pytest.raises(helm.HelmRenderError, match=re.escape(
+            "preprocessing.syncWave (2) is before downloader.syncWave (5): ArgoCD would create the preprocessing Job "
+            "first")):
+        render([env_file("production")], {**argocd, "downloader.syncWave": 5})
+    objs = render([env_file("production")], {**argocd, "preprocessing.syncWave": 1})
+    waves = {o["metadata"]["labels"]["app.kubernetes.io/component"]: o["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"]
+             for o in objs if o["kind"] == "Job"}
+    assert waves == {"downloader": "1", "preprocessing": "1", "training": "3"}
+    # without ArgoCD the waves mean nothing
+    assert render([env_file("production")], {"downloader.syncWave": 5})

@@ -98,6 +98,53 @@ def test_a_preprocessing_pod_takes_one_gpu():
                api_versions=PROMETHEUS_OPERATOR_APIS)
 
 
+@pytest.mark.parametrize("stage", ["preprocessing", "training"])
+def test_a_cuda_stage_without_a_gpu_is_refused_at_install(stage):
+    # else its pods wait for their input, then fail on the missing device (retried, for preprocessing)
+    overrides = {f"{stage}.resources.limits.nvidia\\.com/gpu": None, f"{stage}.config.device": "cuda"}
+    with pytest.raises(helm.HelmRenderError, match=re.escape(
+            f"{stage}.config.device is cuda, but the pods have no GPU (resources.limits.nvidia.com/gpu)")):
+        render([env_file("staging")], overrides)
+    mig = {f"{stage}.resources.limits.nvidia\\.com/mig-3g\\.40gb": 1}
+    spec = pod_spec(one(render([env_file("staging")], {**overrides, **mig}), "Job", stage))
+    assert spec["containers"][0]["resources"]["limits"]["nvidia.com/mig-3g.40gb"] == 1
+    # a local run's device is the machine's: the same values are no error there
+    from trajflow.local.pipeline import build_plan
+    assert build_plan([env_file("local")], [f"{stage}.config.device=cuda"]).stage(stage)
+
+
+def test_the_gpu_stages_tolerate_the_gpu_nodes_taint_by_default():
+    objs = render()
+    for stage in ("preprocessing", "training"):
+        assert pod_spec(one(objs, "Job", stage))["tolerations"] == [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert "tolerations" not in pod_spec(one(objs, "Job", "downloader"))
+
+
+def test_the_main_containers_request_their_tmp_as_disk():
+    # the scheduler counts only requested disk; a full node's evictions are not counted as failures
+    objs = render([env_file("production")], api_versions=PROMETHEUS_OPERATOR_APIS)
+    for stage, size in (("downloader", "2Gi"), ("preprocessing", "100Gi"), ("training", "200Gi")):
+        spec = pod_spec(one(objs, "Job", stage))
+        assert spec["containers"][0]["resources"]["requests"]["ephemeral-storage"] == size
+        tmp = next(v for v in spec["volumes"] if v["name"] == "tmp")
+        assert tmp["emptyDir"]["sizeLimit"] == size
+        assert all("ephemeral-storage" not in c["resources"].get("requests", {}) for c in spec.get("initContainers", []))
+    # one the user set, as a request or a limit (which Kubernetes copies to the request), is theirs
+    for kind in ("requests", "limits"):
+        job = one(render([env_file("production")], {f"training.resources.{kind}.ephemeral-storage": "50Gi"},
+                         api_versions=PROMETHEUS_OPERATOR_APIS), "Job", "training")
+        resources = pod_spec(job)["containers"][0]["resources"]
+        assert resources[kind]["ephemeral-storage"] == "50Gi"
+        assert kind == "requests" or "ephemeral-storage" not in resources["requests"]
+
+
+@pytest.mark.parametrize("mode", ["ReadWriteOncePod", "ReadOnlyMany"])
+def test_the_shared_claim_refuses_access_modes_no_pipeline_can_use(mode):
+    with pytest.raises(helm.HelmError, match="accessModes"):
+        render(values={"global": {"storage": {"pvc": {"accessModes": [mode]}}}})
+
+
 def test_triton_cache_is_shared_on_a_shared_filesystem():
     def cache_dir(objs):
         return env_of(container(one(objs, "Job", "preprocessing"), "preprocess")).get("TRITON_CACHE_DIR")
@@ -447,6 +494,15 @@ REFUSED_BY_BOTH = [
     ({"training.resources.limits.nvidia\\.com/gpu": 1},
      "training.nprocPerNode is 2, but each training pod has 1 GPU(s) (resources.limits.nvidia.com/gpu): 1 local rank(s) "
      "would have no GPU"),
+    ({"training.resources.requests.nvidia\\.com/gpu": 1, "training.resources.limits.nvidia\\.com/gpu": 2},
+     "training.resources.requests.nvidia.com/gpu is 1, but resources.limits.nvidia.com/gpu is 2: Kubernetes refuses GPU "
+     "requests that differ from the limit"),
+    ({"preprocessing.resources.requests.nvidia\\.com/gpu": 2},
+     "preprocessing.resources.requests.nvidia.com/gpu is 2, but resources.limits.nvidia.com/gpu is 1"),
+    ({"training.resources.requests.nvidia\\.com/mig-1g\\.10gb": 1},
+     "training.resources.requests.nvidia.com/mig-1g.10gb is 1, but resources.limits.nvidia.com/mig-1g.10gb is unset"),
+    ({"training.resources.limits.nvidia\\.com/gpu": "0.5"},
+     "training.resources.limits.nvidia.com/gpu is 0.5: GPUs are whole devices"),
     ({"training.resources.limits.nvidia\\.com/gpu": 4},
      "training.nprocPerNode is 2, but each training pod has 4 GPUs (resources.limits.nvidia.com/gpu): 2 would sit idle"),
 ]

@@ -24,7 +24,8 @@ class PvcStorage(Model):
                                 description="Use this existing PVC instead of creating one.")
     storage_class: str = Field("", description="StorageClass of the created PVC; empty uses the cluster default.")
     size: str = Field("100Gi", pattern=formats.POSITIVE_QUANTITY, description="Requested size of the created PVC.")
-    access_modes: list[Literal["ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod", "ReadOnlyMany"]] = Field(
+    # every stage writes to the claim, several pods at once: ReadWriteOncePod and ReadOnlyMany cannot serve it
+    access_modes: list[Literal["ReadWriteMany", "ReadWriteOnce"]] = Field(
         default_factory=lambda: ["ReadWriteMany"], min_length=1, description="Access modes of the created PVC."
     )
 

@@ -12,6 +12,7 @@ import copy
 import hashlib
 import importlib.util
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -248,13 +249,24 @@ def _check_max_failed_indexes(values: Values, stage: str, block: dict[str, Any],
 
 
 def _check_gpu_counts(values: Values, stage: str, block: dict[str, Any], config: Any) -> None:
-    """As the chart refuses them, though a local run ignores pod resources: GPUs a pod would
-    leave idle, or ranks it would leave without one (a local run is how a values file is tried)."""
-    limits = (block.get("resources") or {}).get("limits") or {}
-    try:
-        gpus = int(str(limits.get("nvidia.com/gpu") or 0))
-    except ValueError:
-        return  # not a whole number: the schema names it
+    """As the chart refuses them, though a local run ignores pod resources: GPU requests the API
+    server would refuse, GPUs a pod would leave idle, or ranks it would leave without one (a
+    local run is how a values file is tried). A local run's device is the machine's, whatever
+    the pods' limits: `device: cuda` without a GPU limit is refused by the chart only."""
+    resources = block.get("resources") or {}
+    limits, requests = resources.get("limits") or {}, resources.get("requests") or {}
+    for name in sorted({*limits, *requests}):
+        if name != "nvidia.com/gpu" and not name.startswith("nvidia.com/mig-"):
+            continue
+        limit = "unset" if limits.get(name) is None else limits[name]
+        if requests.get(name) is not None and str(requests[name]) != str(limit):
+            raise ConfigError(f"{values.origin([stage, 'resources', 'requests', name])}: {stage}.resources.requests."
+                              f"{name} is {requests[name]}, but resources.limits.{name} is {limit}: Kubernetes refuses "
+                              f"GPU requests that differ from the limit. Set {name} in resources.limits only")
+        if limit != "unset" and not re.fullmatch(r"[0-9]+", str(limit)):
+            raise ConfigError(f"{values.origin([stage, 'resources', 'limits', name])}: {stage}.resources.limits.{name} "
+                              f"is {limit}: GPUs are whole devices; set a whole number")
+    gpus = int(limits.get("nvidia.com/gpu") or 0)
     where = values.origin([stage, "resources", "limits", "nvidia.com/gpu"])
     if stage == "preprocessing" and gpus > 1:
         raise ConfigError(f"{where}: preprocessing.resources.limits.nvidia.com/gpu is {gpus}, but a preprocessing pod "

@@ -94,7 +94,7 @@ the release name.
 {{/*
 The ConfigMap holding a stage's /etc/trajflow/config.yaml, named by a hash of its content:
 a Job replaced by an upgrade keeps reading the config it was made with for as long as it
-lives (under ArgoCD, old Jobs are pruned only at the end of a sync, possibly days later),
+lives (under ArgoCD, old Jobs are pruned wave by wave during a sync, possibly days later),
 instead of the new run's.
 */}}
 {{- define "trajflow.configMapName" -}}

@@ -57,6 +57,37 @@ to the workload so that it stops with a clear error before the kubelet evicts th
 {{- end -}}
 
 {{/*
+GPUs of each pod of a stage: the nvidia.com/gpu limit (0 without). Kubernetes takes GPUs
+(and MIG slices) from limits, whole, and the API server refuses a request that differs, but
+only after helm has said yes; so both are refused here, naming the key. A stage whose
+config.device is cuda needs a GPU or a MIG slice, else it fails only once its wait is over.
+*/}}
+{{- define "trajflow.gpus" -}}
+{{- $resources := .Values.resources | default dict -}}
+{{- $limits := $resources.limits | default dict -}}
+{{- $requests := $resources.requests | default dict -}}
+{{- $slices := 0 -}}
+{{- range $name := concat (keys $limits) (keys $requests) | uniq | sortAlpha -}}
+{{- if or (eq $name "nvidia.com/gpu") (hasPrefix "nvidia.com/mig-" $name) -}}
+{{- /* `get` gives "" for a missing key, a null value stays nil */ -}}
+{{- $limit := ternary (get $limits $name) "unset" (and (hasKey $limits $name) (not (kindIs "invalid" (get $limits $name)))) -}}
+{{- $request := get $requests $name -}}
+{{- if and (hasKey $requests $name) (not (kindIs "invalid" $request)) (ne (toString $request) (toString $limit)) -}}
+{{- fail (printf "%s.resources.requests.%s is %v, but resources.limits.%s is %v: Kubernetes refuses GPU requests that differ from the limit. Set %s in resources.limits only" $.Chart.Name $name $request $name $limit $name) -}}
+{{- end -}}
+{{- if and (ne (toString $limit) "unset") (not (regexMatch "^[0-9]+$" (toString $limit))) -}}
+{{- fail (printf "%s.resources.limits.%s is %v: GPUs are whole devices; set a whole number" $.Chart.Name $name $limit) -}}
+{{- end -}}
+{{- $slices = add $slices (int $limit) -}}
+{{- end -}}
+{{- end -}}
+{{- if and (eq (toString (dig "device" "auto" (.Values.config | default dict))) "cuda") (eq $slices 0) -}}
+{{- fail (printf "%s.config.device is cuda, but the pods have no GPU (resources.limits.nvidia.com/gpu): set the limit, or device auto or cpu" .Chart.Name) -}}
+{{- end -}}
+{{- int (dig "limits" "nvidia.com/gpu" 0 $resources) -}}
+{{- end -}}
+
+{{/*
 Environment of every container of a stage. Takes (dict "context" $ "shards" N "env" list).
 */}}
 {{- define "trajflow.env" -}}
@@ -166,7 +197,7 @@ Environment of every container of a stage. Takes (dict "context" $ "shards" N "e
 
 {{/*
 One container. Takes (dict "context" $ "shards" N "container" (dict "name" "args"
-"command" "resources" "ports" "env")); command defaults to `trajflow`.
+"command" "resources" "ports" "env") "main" bool); command defaults to `trajflow`.
 */}}
 {{- define "trajflow.container" -}}
 {{- $ctx := .context -}}
@@ -194,8 +225,16 @@ env:
 envFrom:
   {{- . | nindent 2 }}
 {{- end }}
+{{- /* the main container requests /tmp's sizeLimit as disk, so that the scheduler counts it:
+a kubelet evicting pods from a full node disk marks them disrupted, which podFailurePolicy
+does not count, so they would be retried until the deadline */}}
+{{- $resources := deepCopy ($c.resources | default dict) }}
+{{- $requests := $resources.requests | default dict }}
+{{- if and .main (not (or (hasKey $requests "ephemeral-storage") (hasKey ($resources.limits | default dict) "ephemeral-storage"))) }}
+{{- $_ := set $resources "requests" (merge (dict "ephemeral-storage" (include "trajflow.tmpSizeLimit" $ctx)) $requests) }}
+{{- end }}
 resources:
-  {{- toYaml ($c.resources | default dict) | nindent 2 }}
+  {{- toYaml $resources | nindent 2 }}
 securityContext:
   {{- include "trajflow.containerSecurityContext" $ctx | nindent 2 }}
 volumeMounts:
@@ -273,7 +312,7 @@ spec:
   {{- end }}
   containers:
     {{- range .containers }}
-    - {{- include "trajflow.container" (dict "context" $ctx "shards" $.shards "container" .) | nindent 6 }}
+    - {{- include "trajflow.container" (dict "context" $ctx "shards" $.shards "container" . "main" true) | nindent 6 }}
     {{- end }}
   volumes:
     {{- include "trajflow.volumes" $ctx | nindent 4 }}

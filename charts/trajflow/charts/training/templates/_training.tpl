@@ -3,7 +3,7 @@
 {{- if not (kindIs "invalid" .Values.nprocPerNode) -}}
 {{- int .Values.nprocPerNode -}}
 {{- else -}}
-{{- $gpus := int (dig "limits" "nvidia.com/gpu" 0 (.Values.resources | default dict)) -}}
+{{- $gpus := include "trajflow.gpus" . | int -}}
 {{- ternary $gpus 1 (gt $gpus 0) -}}
 {{- end -}}
 {{- end -}}
@@ -92,7 +92,7 @@ wait), then holds the pod until every preprocessed shard is done. */}}
 {{- fail "training.launcher is pytorchjob, but this cluster does not serve kubeflow.org/v1 PyTorchJob: install the Kubeflow training operator, use training.launcher=job, or (helm template) pass --api-versions kubeflow.org/v1/PyTorchJob" -}}
 {{- end -}}
 {{- /* each local rank drives the GPU of its LOCAL_RANK */ -}}
-{{- $gpus := int (dig "limits" "nvidia.com/gpu" 0 (.Values.resources | default dict)) -}}
+{{- $gpus := include "trajflow.gpus" . | int -}}
 {{- $device := dig "device" "auto" (.Values.config | default dict) -}}
 {{- if and (gt $gpus 0) (not (kindIs "invalid" .Values.nprocPerNode)) (ne $device "cpu") -}}
 {{- $nproc := int .Values.nprocPerNode -}}
