@@ -78,3 +78,27 @@ def test_the_cli_raises_its_soft_open_files_limit_to_the_hard_one() -> None:
                           preexec_fn=lowered)
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stderr.strip().splitlines()[-1]) == hard
+
+
+@pytest.mark.parametrize("use_cuda", [False, True])
+def test_each_training_rank_sizes_its_threads_by_its_share_of_the_pod(monkeypatch, use_cuda):
+    # 8 ranks in a pod limited to 16 CPUs: 2 threads each, on GPU nodes too (torch would
+    # otherwise size each rank's pool by the node's cores)
+    import torch
+
+    from trajflow.train import dist
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(dist, "cpu_budget", lambda: 16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: use_cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    before = torch.get_num_threads()
+    torch.set_num_threads(64)
+    try:
+        context = dist.DistContext(rank=3, world_size=1, local_rank=3, local_world_size=8)  # no process group
+        context.setup("auto")
+        assert torch.get_num_threads() == 2
+        assert context.device == (torch.device("cuda", 3) if use_cuda else torch.device("cpu"))
+    finally:
+        torch.set_num_threads(before)

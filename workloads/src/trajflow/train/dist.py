@@ -65,6 +65,11 @@ class DistContext:
     def setup(self, device: str = "auto", timeout_s: float = 1800.0) -> "DistContext":
         """Pick this rank's device and join the process group (NCCL on GPU, gloo on CPU)."""
         use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        share = max(1, cpu_budget() // max(self.local_world_size, 1))
+        if not os.environ.get("OMP_NUM_THREADS") and torch.get_num_threads() > share:
+            # torch sizes its pool by the host's cores, not the pod's CPU limit, in each of the
+            # pod's ranks: oversubscribed pools are many times slower than right-sized ones
+            torch.set_num_threads(share)
         if use_cuda:
             if not torch.cuda.is_available():
                 raise ConfigError("training.config.device is cuda but torch sees no CUDA device")
@@ -78,11 +83,6 @@ class DistContext:
             torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")
-            share = max(1, cpu_budget() // max(self.local_world_size, 1))
-            if not os.environ.get("OMP_NUM_THREADS") and torch.get_num_threads() > share:
-                # torch sizes its pool by the host's cores, not the pod's CPU limit; an
-                # oversubscribed pool is many times slower than a right-sized one
-                torch.set_num_threads(share)
         if self.distributed and not tdist.is_initialized():
             backend = "nccl" if use_cuda else "gloo"
             kwargs: dict[str, Any] = {"backend": backend, "timeout": dt.timedelta(seconds=timeout_s)}
