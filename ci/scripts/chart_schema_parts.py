@@ -421,6 +421,8 @@ def network_policy() -> dict[str, Any]:
         {
             "enabled": boolean(),
             "dnsTo": peers,
+            "dnsPorts": {"type": "array", "minItems": 1, "uniqueItems": True,
+                         "items": integer(minimum=1, maximum=65535)},
             "storageTo": deepcopy(peers),
             "sourceTo": deepcopy(peers),
             "pushgatewayTo": deepcopy(peers),

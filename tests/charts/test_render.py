@@ -318,3 +318,17 @@ def test_a_data_path_is_taken_whole():
 def test_names_cannot_carry_yaml(key):
     with pytest.raises(helm.HelmValuesError, match=key.split(".")[-1]):
         render([env_file("dev")], set_values={key: "x\n  configMapRef:\n    name: other", "monitoring.enabled": True})
+
+
+def test_the_dns_rule_follows_the_ports_dns_answers_on():
+    # OpenShift's DNS pods answer on 5353 behind the Service's 53, and the policy sees the pod's port
+    def dns_ports(objs):
+        egress = next(p for p in select(objs, "NetworkPolicy") if p["metadata"]["name"].endswith("-downloader"))
+        rule = egress["spec"]["egress"][0]
+        return sorted((p["protocol"], p["port"]) for p in rule["ports"])
+
+    assert dns_ports(render([env_file("dev")])) == [("TCP", 53), ("UDP", 53)]
+    assert dns_ports(render([env_file("dev")], {"networkPolicy.dnsPorts": [5353, 53]})) == [
+        ("TCP", 53), ("TCP", 5353), ("UDP", 53), ("UDP", 5353)]
+    with pytest.raises(helm.HelmError, match="dnsPorts"):
+        render([env_file("dev")], {"networkPolicy.dnsPorts": []})
