@@ -159,6 +159,8 @@ def test_stage_pods_follow_the_workload_contract(env_objects):
                 mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
                 assert mounts["/etc/trajflow"] == "config" and mounts["/tmp"] == "tmp"
                 assert "--config" in c["args"] and "/etc/trajflow/config.yaml" in c["args"]
+                # `kubectl describe` shows a failed container's last line, which says why
+                assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
                 # the stages after the downloader read its config, from the umbrella's ConfigMap
                 reads_download = stage != "downloader"
                 assert (env_vars.get("TRAJFLOW_DATASET_CONFIG") == "/etc/trajflow-dataset/config.yaml") == reads_download

@@ -51,11 +51,14 @@ def test_a_restarted_pytorchjob_launcher_repeats_a_final_failure_without_startin
     assert launch.FINAL_FAILURE_ENV not in os.environ
 
 
-def test_the_job_launcher_keeps_no_final_failure_past_its_exit(pod_tmp, monkeypatch):  # type: ignore[no-untyped-def]
+def test_the_job_launcher_keeps_no_final_failure_past_its_exit(pod_tmp, monkeypatch, caplog):  # type: ignore[no-untyped-def]
     """An Indexed Job's failed pod is replaced (its podFailurePolicy fails the Job on 2, 3, 5):
     nothing is left behind, and a second launch starts the workers."""
     monkeypatch.setattr(torchrun, "run", workers_diverge)
     assert launch.launch(OPTIONS, ["--config", "x"]) == ExitCode.DIVERGED
+    # the last line (the pod's termination message) says why
+    assert caplog.records[-1].getMessage() == (
+        "training workers failed after 0 restart(s): loss became NaN/Inf at epoch 0, step 3")
     assert list(pod_tmp.iterdir()) == []
     started = []
     monkeypatch.setattr(torchrun, "run", started.append)

@@ -169,7 +169,10 @@ def launch(options: LaunchOptions, train_args: Sequence[str], log_level: str | N
     except ChildFailedError as exc:
         codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
         code = pod_exit_code(codes.values())
-        log.error("training workers failed after %d restart(s)", options.max_restarts,
+        # the pod's last line is its termination message: it says why, not only how
+        earlier = earlier_final_failure()
+        why = f": {earlier[1]}" if earlier is not None and earlier[0] == code else ""
+        log.error("training workers failed after %d restart(s)%s", options.max_restarts, why,
                   extra={"worker_exit_codes": codes, "exit_code": code})
         return code
     except RendezvousTimeoutError as exc:

@@ -205,6 +205,8 @@ One container. Takes (dict "context" $ "shards" N "container" (dict "name" "args
 name: {{ $c.name }}
 image: {{ include "trajflow.image" (dict "context" $ctx "image" $ctx.Values.image) | quote }}
 imagePullPolicy: {{ $ctx.Values.image.pullPolicy | default "IfNotPresent" }}
+{{- /* a failed container's last log lines, which say why, become what `kubectl describe` shows */}}
+terminationMessagePolicy: FallbackToLogsOnError
 command:
   {{- toYaml ($c.command | default (list "trajflow")) | nindent 2 }}
 {{- $global := include "trajflow.global" $ctx | fromYaml }}
