@@ -300,3 +300,15 @@ def test_clean_up_gives_up_on_a_gateway_that_stopped_answering_and_survives_a_ba
     for bad in (b'{"data": {"not": "a list"}}', b'{"data": [null, "x", {"labels": 3}]}', b"<html>"):
         recorder.listing = bad
         pusher.drop_shards_from(1)  # never raises: metrics never fail the data work
+
+
+def test_a_process_forgets_what_its_earlier_attempt_pushed_last(pushgateway):
+    # a diverged training's final push (loss +Inf) would alert through the rerun, which pushes only at its end
+    for shard in ("0", "1"):
+        metrics = train_metrics()
+        metrics.loss.labels(split="train").set(float("inf"))
+        Pusher(pushgateway.url, metrics, run="run-x", shard=shard, labels={"local_rank": "0"}).stop(success=False)
+    Pusher(pushgateway.url, train_metrics(), run="run-x", shard="0", labels={"local_rank": "0"}).forget()
+    assert [(g["labels"]["shard"], g["labels"]["local_rank"]) for g in pushgateway.groups()] == [("1", "0")]
+    Pusher("", train_metrics(), run="run-x", shard="1").forget()  # no Pushgateway: nothing to do
+    assert len(pushgateway.groups()) == 1

@@ -220,6 +220,19 @@ class Pusher:
         self._thread.start()
         return self
 
+    def forget(self) -> None:
+        """Delete this process's own group: the last values of an earlier attempt, which a
+        stage pushing only at its end would leave standing through the rerun (a diverged
+        training's infinite loss, alerting). Never raises."""
+        if not self.url:
+            return
+        from prometheus_client import delete_from_gateway
+
+        try:
+            delete_from_gateway(self.url, job=PUSH_JOB, grouping_key=self.grouping, timeout=self.timeout)
+        except Exception as exc:  # noqa: BLE001  metrics never fail the work
+            log.warning("could not delete the Pushgateway group %s at %s: %s", self.grouping, self.url, exc)
+
     def drop_shards_from(self, count: int) -> None:
         """Delete this run's groups of this stage whose shard number is ``count`` or more:
         left by a run with more shards, they would add to the dashboard's totals (shard 0

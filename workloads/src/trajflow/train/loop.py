@@ -872,6 +872,9 @@ def train(settings: StageSettings, dist: DistContext | None = None) -> dict[str,
     try:
         dist.setup(config.device)
         if pusher.url:
+            # training pushes at its end only: what this process's earlier attempt pushed
+            # last would stand (an infinite loss alerting) until this one ends
+            pusher.forget()
             # the groups of a run with more nodes or processes per node would stay on the
             # Pushgateway with their last values (a failed shard, an infinite loss)
             groups = dist.gather_objects(pusher.grouping)

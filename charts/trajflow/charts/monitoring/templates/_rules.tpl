@@ -61,6 +61,24 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
     summary: {{ `Job {{ $labels.namespace }}/{{ $labels.job_name }} failed` | quote }}
     description: {{ `The Job has the Failed condition: a shard ran out of retries, a config error (exit 2) or divergence (exit 5) failed it, or its deadline passed. Look at its pods' exit codes with kubectl describe job {{ $labels.job_name }} -n {{ $labels.namespace }}.` | quote }}
 {{- end }}{{ end }}
+{{- with $a.shardFailed }}{{ if .enabled }}
+- alert: TrajflowShardFailed
+  {{- /*
+  With backoffLimitPerIndex, a Job is marked failed only once every index has ended: a
+  shard out of retries at hour 1 of a long run would otherwise alert at its end. A retry
+  pushes again (training forgets its group at its start), which ends the alert.
+  */}}
+  expr: |
+    max by ({{ $byShard }}) (trajflow_stage_end_time_seconds{{ $push }}) > 0
+      unless on ({{ $byShard }})
+    max by ({{ $byShard }}) (trajflow_stage_success{{ $push }}) == 1
+  for: {{ .for }}
+  labels:
+    {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
+  annotations:
+    summary: {{ `Stage {{ $labels.stage }} shard {{ $labels.shard }} of run {{ $labels.run }} failed` | quote }}
+    description: {{ printf "The shard's last push says it ended without success, and no retry has pushed for %s: it is out of retries, failed in a way no retry changes (exit 2 config, 3 permanent, 5 diverged), or its retry waits for a node. Its Job is marked failed only once every other shard has ended. kubectl describe on the shard's pod shows why it failed (its last log line)." .for | quote }}
+{{- end }}{{ end }}
 {{- with $a.progressStalled }}{{ if .enabled }}
 - alert: TrajflowProgressStalled
   expr: |
