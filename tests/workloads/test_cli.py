@@ -263,3 +263,10 @@ def test_a_broken_pipe_elsewhere_is_an_error_with_its_traceback(fake_command, ca
     fake_command.behaviour = push
     assert cli.main(["fake"]) == ExitCode.ERROR
     assert "BrokenPipeError" in capfd.readouterr().err
+
+
+def test_options_are_never_abbreviated(capsys):
+    # `preprocess --shard 0` (download's syntax) must not be read as preprocess's --shards
+    with pytest.raises(SystemExit) as info:
+        cli.main(["preprocess", "--config", "x.yaml", "--shard", "0"])
+    assert info.value.code == 2 and "unrecognized arguments: --shard 0" in capsys.readouterr().err

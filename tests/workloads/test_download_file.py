@@ -350,3 +350,23 @@ def test_an_unexpected_error_for_one_item_fails_the_shard_instead_of_leaving_the
     summary = run(tmp_path / "root3", _file_source(src))  # an item that silently got no outcome
     assert summary.exit_code == 1 and not summary.manifest_written
     assert [(r.item.key, r.error) for r in summary.failed] == [("ds/b.bin", "ds/b.bin: no outcome")]
+
+
+def test_adopting_many_touched_files_logs_a_few_lines_not_one_each(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    # a volume copied without its modification times: every stored file is re-hashed and
+    # adopted, and 10^6 items must not mean 10^6 log lines (the summary counts them all)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(50):
+        (src / f"e{i:02d}.npy").write_bytes(bytes([i]) * 64)
+    root = tmp_path / "root"
+    assert run(root, _file_source(src)).exit_code == 0
+    for path in (root / "raw").rglob("*.npy"):
+        os.utime(path, ns=(10**18, 10**18))
+    (root / "raw" / "_done" / "00000.json").unlink()
+    with caplog.at_level(logging.INFO, logger="trajflow"):
+        summary = run(root, _file_source(src))
+    assert summary.exit_code == 0 and summary.count("adopted") == 50
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and "adopted" in r.getMessage()]
+    assert len(lines) == 21 and "further ones are logged at DEBUG" in lines[-1], lines[-3:]

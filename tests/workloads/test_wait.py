@@ -580,3 +580,28 @@ def test_cli_expects_the_generation_of_the_downloader_config_it_is_given(termina
     _download_done(root, 0, 1, generation, "fb")
     assert cli.main(["wait", "--stage", "download", "--shards", "0", "--timeout", "1s", "--config",
                      _config(tmp_path)]) == 0
+
+
+def test_a_long_wait_says_what_it_waits_for_when_it_changes_and_every_few_minutes(local_storage, caplog):
+    # an init container waiting 48 h, polled every 30 s, would write 5,760 identical lines
+    import logging
+
+    from trajflow.storage.wait import WAITING_LOG_INTERVAL_S
+
+    fake = FakeClock()
+
+    def upstream_progress() -> None:
+        if fake.now >= 3600 and not list(done_manifests(local_storage, "download")):
+            write_manifest(local_storage, "download", 0, 2, [])
+        if fake.now >= 7200:
+            write_manifest(local_storage, "download", 1, 2, [])
+
+    fake.on_sleep = upstream_progress
+    with caplog.at_level(logging.INFO, logger="trajflow"):
+        wait_for_shards(local_storage, "download", {0, 1}, timeout_s=10_000, max_delay_s=30,
+                        clock=fake.clock, sleep=fake.sleep)
+    waiting = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting for")]
+    assert len(fake.sleeps) > 200
+    # two hours: one line per interval, plus one when shard 0 arrived
+    assert 7200 / WAITING_LOG_INTERVAL_S <= len(waiting) <= 7200 / WAITING_LOG_INTERVAL_S + 3, len(waiting)
+    assert "waiting for 1 download shard(s): [1]" in waiting

@@ -38,7 +38,10 @@ POD_COMMANDS = {"download", "preprocess", "train", "wait"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trajflow", description="Download, resample and train on trajectories, on Kubernetes or one machine.")
+    # no abbreviations: `preprocess --shard 0` would be read as --shards 0 (shard lists and
+    # counts differ by one letter between commands)
+    parser = argparse.ArgumentParser(prog="trajflow", description="Download, resample and train on trajectories, on Kubernetes or one machine.",
+                                     allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"trajflow {__version__}")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -49,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name and module_name.startswith(exc.name):
                 continue  # this install does not carry that stage
             raise
-        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         module.configure(sp)
         sp.set_defaults(_run=module.run)
     return parser

@@ -541,8 +541,9 @@ class ShardDownloader:
             there = self.root.stat(record.location)
             if there is not None and there.size == record.size:
                 if modified_since(record, there) and rehash(self.root, record.location).sha256 != record.sha256:
-                    log.warning("%s changed since it was verified: removed, and %s is fetched again",
-                                record.location, item.key)
+                    self.item_log.log(logging.WARNING, "items changed since verified",
+                                      "%s changed since it was verified: removed, and %s is fetched again",
+                                      record.location, item.key)
                     self.root.delete(record.location)
                     return None
                 try:
@@ -593,7 +594,8 @@ class ShardDownloader:
             source_size=source_size, source_sha256=source_sha256, source_md5=digests.md5, checks=checks,
         )
         write_record(self.root, record)
-        log.info("adopted %s (%s; re-hashed)", dest, why)
+        # one line an item would be 10^6 lines after a copy of the volume that lost the times
+        self.item_log.log(logging.INFO, "adopted items", "adopted %s (%s; re-hashed)", dest, why)
         return ItemResult(item, dest, "adopted", record=record)
 
     def _stored_by_sibling(self, item: Item, dest: str) -> bool:

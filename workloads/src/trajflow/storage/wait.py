@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import random
 import re
 import sys
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 # A bare number is seconds only when it stands alone: in `1h30` the unit of 30 is a guess.
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)|(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?)\s*$")
 # ClientError codes that no amount of waiting fixes, with what to check
+WAITING_LOG_INTERVAL_S = 300.0
 _BAD_IDENTITY = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
 _CREDENTIALS_HINT = "global.storage.s3.existingSecret (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or workload identity"
 
@@ -269,6 +271,7 @@ def wait_for_shards(
     judged: dict[int, tuple[Any, str]] = {}
     plan_seen: Any = None
     plan_fields: dict[str, Any] = {}
+    told: tuple[list[int], float] | None = None  # what was last said, and when
     while True:
         try:
             listing = {s: info for s, info in done_manifests(storage, stage).items() if s in shards}
@@ -330,7 +333,10 @@ def wait_for_shards(
             if last_error is not None:
                 message += f"; the last poll failed: {_one_line(last_error)}"
             raise WaitTimeout(message)
-        log.info("waiting for %d %s shard(s): %s", len(missing), stage, missing[:10])
+        # a wait of 48 h polled every 30 s: a line when what is missing changes, else every few minutes
+        if told is None or told[0] != missing or clock() - told[1] >= WAITING_LOG_INTERVAL_S:
+            log.info("waiting for %d %s shard(s): %s", len(missing), stage, missing[:10])
+            told = (missing, clock())
         sleep(min(delay * random.uniform(0.8, 1.2), remaining))
         delay = min(delay * 2, max_delay_s)
 
@@ -358,6 +364,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from trajflow import log as trajflow_log
     from trajflow.config import global_settings, stage_settings
     from trajflow.config.loader import expected_download_generation
 
@@ -366,7 +373,10 @@ def run(args: argparse.Namespace) -> int:
     if args.check_config:
         stage_settings(args.check_config, args.config, args.values, args.set, env={})
     generation = expected_download_generation(args.config, args.values, args.set)
-    wait_in_run_root(global_settings(args.config, args.values, args.set), args.stage, shards, timeout_s,
+    glob = global_settings(args.config, args.values, args.set)
+    # an init container's lines, filtered with its pod's stage lines by run (and index)
+    trajflow_log.set_context(run=glob.run_id, stage="wait", shard=os.environ.get("JOB_COMPLETION_INDEX"))
+    wait_in_run_root(glob, args.stage, shards, timeout_s,
                      expect_shards=args.expect_shards, download_generation=generation)
     return 0
 
