@@ -348,3 +348,31 @@ def test_a_damaged_part_of_the_plan_is_named_with_the_remedy(local_storage, dama
     with pytest.raises(ValueError, match=rf"{part}: {problem}.*: {REMEDY}"):
         shard_items(local_storage, plan, 1)
     assert [it.key for it in shard_items(local_storage, plan, 0)] == ["b"]  # the other parts still serve
+
+
+def test_a_plan_written_as_its_lease_is_released_is_not_listed_again(local_storage):
+    """A pod that found no plan, then the lease released, looks for the plan once more after
+    taking the next term: the planner writes its plan before it releases."""
+    import trajflow.plan as plan_module
+
+    directory = "plan/download-2-g"
+    local_storage.write_bytes(f"{directory}/planning/1.json", plan_module._PlanningLease.document("other"))
+    items = [Item("s/a", 10), Item("s/b", 20)]
+    header, parts = plan_document(items, 2, "g")
+    plan_module._write_parts(local_storage, directory, header, parts)
+    real_list = local_storage.list
+
+    def list_as_the_other_pod_finishes(prefix: str = ""):  # type: ignore[no-untyped-def]
+        # between this pod's look for the plan and its look at the lease: plan, then release
+        if prefix.endswith("planning/") and not local_storage.exists(f"{directory}/plan.json"):
+            local_storage.write_if_absent(f"{directory}/plan.json", plan_module._encode(header))
+            local_storage.write_bytes(f"{directory}/planning/1.json",
+                                      plan_module._PlanningLease.document("other", released=True))
+        return real_list(prefix)
+
+    local_storage.list = list_as_the_other_pod_finishes
+    plan = load_or_create_plan(local_storage, 2, "g", lambda: pytest.fail("listed the sources again"),
+                               pause=lambda s: None)
+    assert plan["fingerprint"] == header["fingerprint"]
+    lease = json.loads(local_storage.read_bytes(f"{directory}/planning/2.json"))
+    assert lease["released"] is True  # the term it took is handed back at once

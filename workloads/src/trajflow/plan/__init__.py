@@ -205,8 +205,12 @@ class _PlanningLease:
         return self
 
     def __exit__(self, *_: Any) -> None:
+        self.release()
+
+    def release(self) -> None:
         self._stop.set()
-        self._beat.join()
+        if self._beat.ident is not None:
+            self._beat.join()
         # planned, or failed: a pod that finds no plan (this one failed, or it was deleted)
         # plans at once instead of waiting for the lease to go stale
         try:
@@ -231,7 +235,12 @@ def _lease_planning_or_wait(storage: Storage, directory: str, authoritative: str
                 log.warning("%s stopped renewing its lease to plan %s; planning here", lease["holder"], directory)
             key = f"{prefix}{term + 1}.json"
             if storage.write_if_absent(key, _PlanningLease.document(holder)):
-                return _PlanningLease(storage, key, holder)
+                lease = _PlanningLease(storage, key, holder)
+                if not storage.exists(authoritative):
+                    return lease
+                # the planner wrote its plan, then released, since this pod looked for it
+                lease.release()
+                return None
             continue  # another pod took this term: look again
         if waiting_for != lease["holder"]:
             waiting_for = lease["holder"]
