@@ -505,6 +505,11 @@ REFUSED_BY_BOTH = [
      "training.resources.limits.nvidia.com/gpu is 0.5: GPUs are whole devices"),
     ({"training.resources.limits.nvidia\\.com/gpu": 4},
      "training.nprocPerNode is 2, but each training pod has 4 GPUs (resources.limits.nvidia.com/gpu): 2 would sit idle"),
+    ({"training.config.observation": "observation.stat"},
+     "training.config.observation 'observation.stat' is not a stream preprocessing writes (action, observation.state): "
+     "the shards hold preprocessing.config.streams, renamed by preprocessing.config.renames"),
+    ({"preprocessing.config.renames.action": "target", "training.config.action": "action"},
+     "training.config.action 'action' is not a stream preprocessing writes (observation.state, target)"),
 ]
 
 
@@ -545,3 +550,32 @@ def test_the_readme_s_cpu_recipe_leaves_no_gpu_in_the_pods():
     assert "nvidia.com/gpu" not in {**resources.get("limits", {}), **resources.get("requests", {})}
     config = yaml.safe_load(one(objs, "ConfigMap", "preprocessing")["data"]["config.yaml"])["config"]
     assert config["device"] == "cpu" and config["backend"] == "auto"
+
+
+@pytest.mark.parametrize("values", [
+    # a rename makes the name training asks for
+    {"preprocessing": {"config": {"renames": {"observation.state": "obs"}}},
+     "training": {"config": {"observation": "obs"}}},
+    # a rename dropped with null (Helm keeps the null: the chart's defaults have no such key)
+    {"preprocessing": {"config": {"renames": {"observation.state": None}}}},
+    # forecasting reads no action
+    {"training": {"config": {"task": "forecast", "action": "no.such.stream"}}},
+    # without preprocessing, what the shards hold is not in these values
+    {"preprocessing": {"enabled": False}, "training": {"config": {"observation": "obs"}}},
+], ids=["renamed", "rename-dropped", "forecast", "no-preprocessing"])
+def test_a_training_stream_preprocessing_writes_is_accepted_by_both(tmp_path, values):
+    from trajflow.local.pipeline import build_plan
+
+    extra = tmp_path / "streams.yaml"
+    extra.write_text(yaml.safe_dump(values))
+    assert one(render([env_file("local"), extra]), "Job", "training")
+    assert build_plan([env_file("local"), extra]).stage("training")
+
+
+def test_a_file_source_path_is_the_pods_for_the_chart(tmp_path):
+    """On a cluster a file source's path is inside the pod (a mounted volume): the chart
+    renders it whether or not this machine has it."""
+    extra = tmp_path / "source.yaml"
+    extra.write_text(yaml.safe_dump({"downloader": {"config": {"sources": [
+        {"type": "file", "name": "demo", "path": str(tmp_path / "nonexist")}]}}}))
+    assert one(render([env_file("local"), extra]), "Job", "downloader")

@@ -194,3 +194,38 @@ def test_a_rule_between_keys_is_told_in_its_own_words(tmp_path: Path) -> None:
     secret = dry_run(tmp_path, "-f", "values/local.yaml", "-f", str(leaky))
     assert secret.returncode == 2 and "training.extraEnv[0].value: plain-text secret" in secret.stderr
     assert "sk-secret-123" not in secret.stderr  # an error naming the key must not print the secret
+
+
+def test_a_file_source_this_machine_lacks_stops_a_run_before_anything_runs(tmp_path: Path) -> None:
+    """Each download process would fail on it (exit 2) only once the run started, leaving
+    files in the run root. A dry run warns: a cluster's values name the pod's paths."""
+    missing = tmp_path / "nonexist"
+    values = tmp_path / "missing.yaml"
+    values.write_text(yaml.safe_dump({"downloader": {"config": {"sources": [
+        {"type": "file", "name": "demo", "path": str(missing)}]}}}))
+    message = f"{values}: downloader.config.sources[0].path: '{missing}' does not exist on this machine"
+    warned = dry_run(tmp_path, "-f", "values/local.yaml", "-f", str(values))
+    assert warned.returncode == 0, warned.stdout + warned.stderr
+    assert f"{message}; a run here would stop at once" in warned.stderr and "relative path" not in warned.stderr
+    root = tmp_path / "data"
+    run = subprocess.run([*trajflow_cmd(), "run", "-f", "values/local.yaml", "-f", str(values), "--set",
+                          f"global.storage.filesystem.path={root}", "--work-dir", str(tmp_path / "run")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == 2 and f"{message}\n" in run.stderr, run.stdout + run.stderr
+    assert not root.exists() and not (tmp_path / "run").exists()
+
+
+def test_a_relative_file_source_is_resolved_against_the_working_directory(tmp_path: Path) -> None:
+    values = tmp_path / "relative.yaml"
+    values.write_text(yaml.safe_dump({"downloader": {"config": {"sources": [
+        {"type": "file", "name": "demo", "path": "rel/source"}]}}}))
+    argv = [*trajflow_cmd(), "run", "-f", str(ROOT / "values" / "local.yaml"), "-f", str(values), "--dry-run",
+            "--work-dir", str(tmp_path / "w")]
+    warned = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert warned.returncode == 0, warned.stdout + warned.stderr
+    assert (f"{values}: downloader.config.sources[0].path: 'rel/source' does not exist on this machine (a relative "
+            f"path is resolved against the current working directory, {tmp_path}: {tmp_path / 'rel' / 'source'})"
+            ) in warned.stderr
+    (tmp_path / "rel" / "source").mkdir(parents=True)
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0 and "does not exist" not in result.stderr, result.stderr

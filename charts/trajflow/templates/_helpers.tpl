@@ -9,6 +9,19 @@
 {{- toJson $stages -}}
 {{- end -}}
 
+{{/* The streams preprocessing writes into the shards: config.streams through config.renames,
+sorted. Per-source settings must give the same ones (the preprocessing config refuses others).
+A null rename is one a values file dropped (Helm keeps nulls the defaults do not have). */}}
+{{- define "trajflow.umbrella.preprocessedStreams" -}}
+{{- $config := .Values.preprocessing.config | default dict -}}
+{{- $renames := $config.renames | default dict -}}
+{{- $written := list -}}
+{{- range ($config.streams | default list) -}}
+{{- $written = append $written (toString ((index $renames .) | default .)) -}}
+{{- end -}}
+{{- toJson (sortAlpha $written) -}}
+{{- end -}}
+
 {{/* The TCP port of an http(s) URL: explicit, else 443 for https and 80 for http. Only a
 trailing :<digits> is a port: an IPv6 host ([fd00::a]) holds colons of its own. */}}
 {{- define "trajflow.umbrella.urlPort" -}}

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from trajflow.local import procs
-    from trajflow.local.pipeline import build_plan, missing_stage_modules
+    from trajflow.local.pipeline import build_plan, missing_file_sources, missing_stage_modules
     from trajflow.local.progress import make_view
     from trajflow.local.report import print_summary, write_report
     from trajflow.local.runner import Runner
@@ -53,8 +53,14 @@ def run(args: argparse.Namespace) -> int:
     if problems:
         raise ConfigError("\n".join(problems))
     work_dir = Path(args.work_dir) if args.work_dir else Path(".trajflow") / "runs" / plan.global_.run_id
+    absent = missing_file_sources(plan)
     if args.dry_run:
-        return _dry_run(Runner(plan, work_dir, make_view(plain=True)))
+        runner = Runner(plan, work_dir, make_view(plain=True))
+        for problem in absent:  # a cluster's path, or one a later step makes (the demo's data)
+            log.warning("%s; a run here would stop at once", problem)
+        return _dry_run(runner)
+    if absent:
+        raise ConfigError("\n".join(absent))
     procs.become_subreaper()
     view = make_view(plain=True if args.plain else None, verbose=args.verbose)
     runner = Runner(plan, work_dir, view, force=args.force)

@@ -310,6 +310,19 @@ def _check_across_stages(values: Values, plans: list[StagePlan]) -> None:
             f"{values.origin(['training', 'inputShards'])}: training.inputShards ({train.input_shards}) must equal "
             f"{upstream[0]}.shards ({upstream[1].shards}): training waits for every preprocessed shard"
         )
+    if pre and train:
+        # training would find its stream missing only once every shard is preprocessed; the
+        # per-source settings give the same streams as the top level (PreprocessConfig checks it)
+        written = sorted(pre.config.renames.get(s, s) for s in pre.config.streams)
+        keys = ["observation"] + (["action"] if train.config.task == "behavior_cloning" else [])
+        for key in keys:
+            stream = getattr(train.config, key)
+            if stream not in written:
+                raise ConfigError(
+                    f"{values.origin(['training', 'config', key])}: training.config.{key} '{stream}' is not a stream "
+                    f"preprocessing writes ({', '.join(written)}): the shards hold preprocessing.config.streams, "
+                    "renamed by preprocessing.config.renames"
+                )
 
 
 def missing_stage_modules(plan: RunPlan) -> list[str]:
@@ -327,4 +340,37 @@ def missing_stage_modules(plan: RunPlan) -> list[str]:
             )
         if stage.stage == "training" and importlib.util.find_spec("torch") is None:
             problems.append("training is enabled but torch is not installed (pip install 'trajflow[ml]' torch==2.13.0)")
+    return problems
+
+
+def missing_file_sources(plan: RunPlan) -> list[str]:
+    """File sources whose path is not on this machine: each download process would fail on it
+    (exit 2) only after the run started. Not a rule of the values (`build_plan`): on a cluster
+    the path is inside the pod, and a cluster's values are planned (and dry-run) here too."""
+    down = plan.stage("downloader")
+    if down is None:
+        return []
+    try:
+        from trajflow.download.sources import FileSourceRuntime
+    except ImportError:
+        return []  # the missing module is named by missing_stage_modules
+    problems = []
+    for i, source in enumerate(down.config.sources):
+        if source.type != "file":
+            continue
+        key = ["downloader", "config", "sources", i, "path"]
+        where = f"{plan.values.origin(key)}: downloader.config.sources[{i}].path"
+        try:
+            root = FileSourceRuntime(source).root  # resolved as the download processes resolve it
+        except ConfigError as e:
+            problems.append(f"{where}: {e}")
+            continue
+        if root.is_dir() or root.is_file():
+            continue
+        state = "is neither a directory nor a file" if root.exists() else "does not exist on this machine"
+        problem = f"{where}: {source.path!r} {state}"
+        if not source.path.startswith("file://") and not Path(source.path).expanduser().is_absolute():
+            # the download processes start in this process's directory
+            problem += f" (a relative path is resolved against the current working directory, {Path.cwd()}: {root})"
+        problems.append(problem)
     return problems
