@@ -477,3 +477,69 @@ def test_the_download_command_shares_upload_threads_among_items_on_an_s3_run_roo
                         region=s3_server.region, addressing_style="path")
     for path, data in items.items():
         assert root.read_bytes(f"raw/00000/web{path}") == data
+
+
+def _uploads(storage: Any) -> list[str]:
+    listed = storage.client.list_multipart_uploads(Bucket=storage.bucket, Prefix=f"{storage.prefix}/")
+    return sorted(u["Key"][len(storage.prefix) + 1:] for u in listed.get("Uploads", []))
+
+
+def test_a_sigterm_aborts_the_uploads_in_flight(s3_server: Any, s3_storage: Any, server: FaultyServer,
+                                                tmp_path: Path) -> None:
+    """A stopped pod's workers end their items, which aborts their multipart uploads: left,
+    an upload is never listed as an object but is stored (and billed) until a lifecycle rule,
+    which the bucket may not have, aborts it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    server.rate_bytes_per_s = 4 * MiB
+    url = server.add("/slow.bin", payload(48 * MiB, seed=3))
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "global": {"runId": "sigterm", "storage": {"type": "s3", "s3": {
+            "bucket": s3_storage.bucket, "prefix": s3_storage.prefix, "endpoint": s3_server.endpoint,
+            "region": s3_server.region, "addressingStyle": "path"}}},
+        "config": {"sources": [{"type": "https", "name": "web", "urls": [url]}], "timeoutSeconds": 5},
+    }))
+    env = {**os.environ, "JOB_COMPLETION_INDEX": "0", "TRAJFLOW_SHARDS": "1", "TRAJFLOW_LOG_FORMAT": "json"}
+    proc = subprocess.Popen([sys.executable, "-m", "trajflow.cli", "download", "--config", str(config)], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    root = s3_storage.child("sigterm")
+    try:
+        deadline = time.monotonic() + 30
+        while not _uploads(root) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert _uploads(root) == ["raw/00000/web/slow.bin"], "no upload was in flight to stop"
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == ExitCode.TRANSIENT and "stopped by signal" in stderr, stderr[-2000:]
+    assert _uploads(root) == []
+
+
+def test_a_finished_shard_aborts_the_uploads_killed_runs_left(s3_storage: Any, server: FaultyServer,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGKILL leaves its uploads behind: the shard, once done, aborts those older than an
+    hour in its directory (shard 0: also in those of shard numbers the run no longer has)."""
+    from trajflow.download import shard as shard_module
+
+    client = s3_storage.client
+    for key in ("raw/00000/web/killed.bin", "raw/00001/web/other-shard.bin", "raw/00003/web/gone-shard.bin",
+                "resampled/other-stage.safetensors"):
+        client.create_multipart_upload(Bucket=s3_storage.bucket, Key=f"{s3_storage.prefix}/{key}")
+    url = server.add("/a.bin", payload(1000, seed=1))
+    config = make_config([{"type": "https", "name": "web", "urls": [url]}])
+    summary = ShardDownloader(s3_storage, config, 0, 2).run()
+    assert summary.exit_code == 0
+    assert len(_uploads(s3_storage)) == 4  # younger than an hour: maybe a live writer's
+    monkeypatch.setattr(shard_module, "STALE_UPLOAD_S", 0.0)
+    assert read_manifest(s3_storage, "download", 0) is not None
+    s3_storage.delete("raw/_done/00000.json")  # the shard runs again
+    assert ShardDownloader(s3_storage, config, 0, 2).run().exit_code == 0
+    assert _uploads(s3_storage) == ["raw/00001/web/other-shard.bin", "resampled/other-stage.safetensors"]

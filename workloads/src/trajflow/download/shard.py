@@ -75,6 +75,7 @@ from trajflow.storage import (
     write_manifest,
 )
 from trajflow.storage.local import NAME_MAX
+from trajflow.storage.s3 import S3Storage
 from trajflow.storage.manifest import manifest_key
 from trajflow.storage.wait import fatal_storage_error
 
@@ -83,6 +84,8 @@ log = logging.getLogger(__name__)
 STAGE = "download"
 RAW = "raw"
 BUSY_POLL_MAX_S = 15.0  # how often, at most, an item another process holds is looked at again
+STOP_WAIT_S = 10.0  # how long a stopped shard waits for its workers to close their items
+STALE_UPLOAD_S = 3600.0  # an upload begun this long ago is a killed run's, not a live one's
 
 
 def final_path(item_key: str, gunzip: bool) -> str:
@@ -246,8 +249,17 @@ class Scheduler:
         threads = [threading.Thread(target=self._worker, name=f"download-{i}", daemon=True) for i in range(self.workers)]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
+        try:
+            for t in threads:
+                t.join()
+        except BaseException:
+            # stopped (a SIGTERM raises here): the workers end their items, which closes their
+            # files for the next run and aborts their uploads, rather than die with the process
+            self.stop()
+            deadline = time.monotonic() + STOP_WAIT_S
+            for t in threads:
+                t.join(max(0.0, deadline - time.monotonic()))
+            raise
 
 
 @dataclass
@@ -690,8 +702,10 @@ class ShardDownloader:
         nobody holds a lock on, and other writers' temporaries older than an hour. Shard 0
         also sweeps the directories of shard numbers this count does not have: a partial
         download there, from a run with more shards, is resumed by no one."""
+        if isinstance(self.root, S3Storage):
+            self._abort_stale_uploads()
         if not isinstance(self.root, LocalStorage):
-            return  # an object store keeps no temporaries (incomplete uploads expire by lifecycle rule)
+            return
         directories = [f"{RAW}/{shard_name(self.shard)}"]
         if self.shard == 0:
             raw = self.root.local_path(RAW)
@@ -709,6 +723,25 @@ class ShardDownloader:
             return
         if removed:
             log.info("removed %d abandoned temporary file(s)", removed)
+
+
+    def _abort_stale_uploads(self) -> None:
+        """The object-store counterpart: uploads that killed runs began in this shard's
+        directory (shard 0: also in those of shard numbers this count does not have) over an
+        hour ago. Never fails the shard."""
+        mine = f"{RAW}/{shard_name(self.shard)}/"
+
+        def stale(key: str) -> bool:
+            shard = key[len(RAW) + 1:].split("/", 1)[0]
+            return key.startswith(mine) or (self.shard == 0 and shard.isdigit() and int(shard) >= self.shards)
+
+        try:
+            aborted = self.root.abort_uploads(f"{RAW}/" if self.shard == 0 else mine, STALE_UPLOAD_S, stale)
+        except Exception as exc:  # noqa: BLE001  a store without the call, or refusing it: a lifecycle rule's job
+            log.warning("could not abort stale uploads under %s/%s: %s", self.root.uri, mine, exc)
+            return
+        if aborted:
+            log.info("aborted %d upload(s) that killed runs left, such as %s", len(aborted), aborted[0])
 
 
 def raise_for(summary: ShardSummary) -> None:

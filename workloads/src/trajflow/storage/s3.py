@@ -2,8 +2,8 @@
 
 Writes stream through a multipart upload that becomes visible only when completed, or a
 single PUT for small objects, so readers never see a part. A killed writer leaves at most
-an incomplete multipart upload, which the bucket's lifecycle rule
-(AbortIncompleteMultipartUpload) cleans up.
+an incomplete multipart upload: the download shard that wrote it aborts it when it next
+runs (`abort_uploads`), as does a bucket's lifecycle rule (AbortIncompleteMultipartUpload).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import re
 import threading
 import time
 import uuid
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from trajflow.config import formats
 from trajflow.errors import InvalidURI, TransientError
@@ -446,6 +446,24 @@ class S3Storage(Storage):
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def abort_uploads(self, prefix: str, older_than_s: float,
+                      which: Callable[[str], bool] = lambda key: True) -> list[str]:
+        """Abort the multipart uploads under `prefix` begun over `older_than_s` ago (of keys
+        `which` picks), and return their keys: a killed writer's, never visible as an object,
+        but stored and billed until a lifecycle rule (the bucket may have none) aborts them."""
+        import datetime as dt
+
+        root = f"{self.prefix}/" if self.prefix else ""
+        cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=older_than_s)
+        aborted = []
+        for page in self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=root + check_prefix(prefix)):
+            for upload in page.get("Uploads", []):
+                if upload["Initiated"] < cutoff and which(upload["Key"][len(root):]):
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                    aborted.append(upload["Key"][len(root):])
+        return aborted
 
     def child(self, prefix: str) -> "S3Storage":
         child = S3Storage(
