@@ -13,6 +13,10 @@ in seconds. Behaviour is steered by environment variables:
     FAKE_RECEIVED=0               bytes a download shard says it received (default: its item's size)
     FAKE_KILL=download:0          stage:shard that dies of SIGKILL (as an OOM kill)
     FAKE_NO_MANIFEST=download:0   stage:shard that exits 0 without writing its manifest
+    FAKE_ALREADY_FINISHED=1       training logs that it resumed its final checkpoint, as trajflow train does
+
+A preprocess shard records its config's output settings and, as the real stage does, keeps a
+done shard made with other settings, saying how they differ.
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ def main(argv: list[str]) -> int:
     if Path(config_path).resolve() != Path(os.environ["TRAJFLOW_CONFIG"]).resolve():
         logger.error("TRAJFLOW_CONFIG and --config disagree")
         return 2
-    glob, _config = load_config_file(config_path, STAGE_NAMES[command])
+    glob, config = load_config_file(config_path, STAGE_NAMES[command])
     shard = int(os.environ.get("RANK", os.environ["JOB_COMPLETION_INDEX"])) if command == "train" else int(os.environ["JOB_COMPLETION_INDEX"])
     shards = int(os.environ["TRAJFLOW_SHARDS"])
     state = Path(os.environ["FAKE_STATE_DIR"])
@@ -54,6 +58,9 @@ def main(argv: list[str]) -> int:
     logger.info("%s shard %d of %d started", command, shard, shards, extra={"attempt": attempts})
     history = []
     if command == "train" and shard == 0:  # what a training logs while it runs, before it can fail
+        if os.environ.get("FAKE_ALREADY_FINISHED") == "1":
+            msg = "training had already finished at epoch 3 of 3 (checkpoint train/checkpoints/ckpt-0000000009.pt, step 9)"
+            logger.warning(msg, extra={"already_finished": msg, "epoch": 2, "epochs": 3})
         logger.info("initial validation loss", extra={"initial_val_loss": 1.5})
         for epoch in range(3):
             row = {"epoch": epoch, "train_loss": 1.0 / (epoch + 1), "val_loss": 1.2 / (epoch + 1)}
@@ -86,9 +93,21 @@ def main(argv: list[str]) -> int:
             storage.write_bytes("train/artifacts/metrics.json", json.dumps(doc).encode())
         return 0
     stage_key = {"download": "download", "preprocess": "preprocess"}[command]
-    already_done = read_manifest(storage, stage_key, shard) is not None
+    existing = read_manifest(storage, stage_key, shard)
+    already_done = existing is not None
+    recorded = {}
+    if command == "preprocess":
+        recorded["settings"] = config.output_settings(())
+        if existing is not None:
+            from trajflow.preprocess.stage import stale_settings
+
+            stale = stale_settings(existing, config)
+            if stale:
+                logger.info("preprocess shard %d kept", shard, extra={"summary": {"skipped": True, "stale": stale}})
+                return 0
     storage.write_bytes(f"{'raw' if command == 'download' else 'resampled'}/{shard:05d}/item.bin", b"x" * (100 + shard))
-    write_manifest(storage, stage_key, shard, shards, [{"key": f"item-{shard}", "size": 100 + shard}], trajectories=2, num_frames=10)
+    write_manifest(storage, stage_key, shard, shards, [{"key": f"item-{shard}", "size": 100 + shard}], trajectories=2,
+                   num_frames=10, **recorded)
     # the downloader's final line carries its summary: what it received (nothing when every item was in place)
     # (preprocessing's, whether it found the shard done)
     summary = ({"bytes_received": int(os.environ.get("FAKE_RECEIVED", 100 + shard))} if command == "download"

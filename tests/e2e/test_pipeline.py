@@ -129,10 +129,16 @@ def test_the_demo_commands_run_every_stage_and_the_model_learns(workspace: Works
     train = summary["stages"]["train"]
     assert train["status"] == "completed"
     assert train["final_val_loss"] < 0.5 * train["initial_val_loss"], train
-    # the report: path printed last, PNG written, HTML carrying the PNG
+    # the report, then the model and the checkpoints: paths printed last, PNG written, HTML carrying the PNG
     report = Path(summary["report"])
     assert report.is_absolute() and report.is_file()
-    assert f"report: {report}" in proc.stdout.strip().splitlines()[-1]
+    data = workspace.root / ".trajflow" / "data" / "tiny"
+    assert proc.stdout.strip().splitlines()[-3:] == [
+        f"report: {report}",
+        f"model: {data}/train/artifacts/model.safetensors (metrics, loss curve and config beside it)",
+        f"checkpoints: {data}/train/checkpoints/",
+    ]
+    assert (data / "train" / "artifacts" / "model.safetensors").is_file() and any((data / "train" / "checkpoints").iterdir())
     assert report.with_suffix(".png").stat().st_size > 20_000
     assert "data:image/png;base64," in report.read_text()
     assert workspace.leftover_processes() == []
@@ -209,7 +215,8 @@ def test_a_worker_error_keeps_its_exit_code(workspace: Workspace, first_run: Any
     """The training launcher exits with its worker's own code (3: the input can never
     succeed; plain torchrun would say 1); the runner does not retry it and shows the error."""
     assert first_run[0].returncode == 0
-    proc = workspace.run("--set", "training.config.observation=no.such.stream")
+    # with preprocessing in the run, the plan refuses the stream; without, training finds it missing
+    proc = workspace.run("--set", "preprocessing.enabled=false", "--set", "training.config.observation=no.such.stream")
     assert proc.returncode == 3, proc.stdout[-3000:]
     assert "exit code 3 (PERMANENT)" in proc.stdout and "not retried" in proc.stdout
     assert "no stream 'no.such.stream'" in proc.stdout
@@ -219,3 +226,24 @@ def test_a_worker_error_keeps_its_exit_code(workspace: Workspace, first_run: Any
     again = workspace.run()
     assert again.returncode == 0
     assert {t["state"] for t in workspace.summary()["tasks"]} == {"skipped"}
+
+
+def test_a_rerun_with_changed_settings_says_what_it_kept(workspace: Workspace, first_run: Any) -> None:
+    """A finished run rerun with another targetRateHz and learningRate keeps its shards and
+    its model, as documented: the summary counts them kept and says so after the table."""
+    assert first_run[0].returncode == 0
+    data = workspace.root / ".trajflow" / "data"
+    # a copy of the finished run, so the other tests' run keeps its state
+    shutil.copytree(data / "tiny", data / "changed", ignore=shutil.ignore_patterns(".trajflow-run.lock"))
+    (workspace.root / "lr.yaml").write_text("training:\n  config:\n    learningRate: 0.01\n")
+    proc = workspace.run("-f", "lr.yaml", "--set", "global.runId=changed",
+                         "--set", "preprocessing.config.targetRateHz=30")
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    stages = workspace.summary("changed")["stages"]
+    assert (stages["preprocess"]["ran"], stages["preprocess"]["kept"]) == (0, 2)
+    assert stages["preprocess"]["stale_settings"] == ["targetRateHz 50.0 -> 30.0"]
+    assert (stages["train"]["ran"], stages["train"]["kept"]) == (0, 1)
+    out = proc.stdout
+    assert "preprocess: 2 of 2 shards were kept as made with earlier settings" in out
+    assert re.search(r"^training had already finished at epoch 4 of 4 \(checkpoint train/checkpoints/ckpt-\d+\.pt, "
+                     r"step \d+\): settings changed since are not applied", out, re.M)

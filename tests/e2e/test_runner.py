@@ -2,8 +2,8 @@
 stage program (tests/e2e/fake_stage.py) that keeps the stage contract without real work."""
 from __future__ import annotations
 
+import html
 import io
-from collections import Counter
 import json
 import logging
 import os
@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,65 @@ def test_the_summary_shows_the_exported_model_s_validation_loss() -> None:
     assert stage.throughput() == "val loss 2 → 0.5 (25.0% of initial) at epoch 4 (last epoch 0.6), 6 epochs"
     stage.figures.update(best_val_loss=0.6, best_epoch=5)
     assert stage.throughput() == "val loss 2 → 0.6 (30.0% of initial), 6 epochs"
+
+
+def test_a_rerun_that_keeps_earlier_results_says_so_after_the_table(fake: Fake, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shards kept though preprocessing.config changed, and a training that had already
+    finished, count as kept, not ran, and a line after the table says what to do."""
+    from rich.console import Console
+
+    from trajflow.local.report import print_summary
+
+    values = write_values(tmp_path, shards=2)
+    assert fake.run(values)[1].exit_code == 0
+    monkeypatch.setenv("FAKE_ALREADY_FINISHED", "1")
+    runner, result = fake.run(values, ("preprocessing.config.targetRateHz=30", "training.config.learningRate=1"))
+    assert result.exit_code == 0, fake.out.getvalue()
+    doc, stages = write_report(runner, result)
+    pre, train = doc["stages"]["preprocess"], doc["stages"]["train"]
+    assert (pre["ran"], pre["kept"], pre["stale_shards"], pre["stale_settings"]) == (0, 2, 2, ["targetRateHz 25.0 -> 30.0"])
+    assert (train["ran"], train["kept"]) == (0, 1) and train["already_finished"].startswith("training had already")
+    console = Console(file=io.StringIO(), width=1000)
+    print_summary(console, doc, stages)
+    lines = console.file.getvalue().splitlines()
+    assert re.search(r"^preprocess +0 ran, 2 kept of 2 ", lines[3]) and re.search(r"^train +0 ran, 1 kept of 1 ", lines[4])
+    root = tmp_path / "data" / "fake"
+    assert lines[5] == (
+        "preprocess: 2 of 2 shards were kept as made with earlier settings, not remade with this preprocessing.config "
+        "(kept -> configured: targetRateHz 25.0 -> 30.0); to remake them with it, use a new global.runId, or delete "
+        f"{root}/resampled/ and {root}/train/checkpoints/ and run again")
+    assert lines[6] == train["already_finished"]
+    report = Path(doc["report"]).read_text()
+    assert all(f'<p class="warn">{html.escape(line)}</p>' in report for line in lines[5:7])
+    # the next run, with nothing for the runner to start, still shows what the shards hold
+    monkeypatch.delenv("FAKE_ALREADY_FINISHED")
+    runner, result = fake.run(values, ("preprocessing.config.targetRateHz=30", "training.config.learningRate=1"))
+    doc, stages = write_report(runner, result)
+    assert {t["state"] for t in doc["tasks"]} == {SKIPPED}
+    assert doc["stages"]["preprocess"]["stale_settings"] == ["targetRateHz 25.0 -> 30.0"]
+    assert "already_finished" not in doc["stages"]["train"]
+
+
+def test_a_successful_run_prints_where_its_model_and_checkpoints_are() -> None:
+    from rich.console import Console
+
+    from trajflow.local.report import print_summary, results_of
+
+    doc = {"exitCode": 0, "interruptedBy": None, "runId": "r", "seconds": 1.0, "root": "file:///data/my%20run",
+           "report": "/work/report.html", "results": results_of("file:///data/my%20run", 0, ["preprocessing", "training"])}
+    console = Console(file=io.StringIO(), width=200)
+    print_summary(console, doc, [])
+    assert console.file.getvalue().splitlines()[-3:] == [
+        "report: /work/report.html",
+        "model: /data/my run/train/artifacts/model.safetensors (metrics, loss curve and config beside it)",
+        "checkpoints: /data/my run/train/checkpoints/",
+    ]
+    assert results_of("s3://bucket/runs/r", 0, ["training"]) == {
+        "model": "s3://bucket/runs/r/train/artifacts/model.safetensors", "checkpoints": "s3://bucket/runs/r/train/checkpoints/"}
+    # no model to point at: a failed run, or one without training
+    assert results_of("s3://bucket/runs/r", 4, ["training"]) is None
+    assert results_of("s3://bucket/runs/r", 0, ["downloader", "preprocessing"]) is None
 
 
 def test_an_s3_run_root_works_the_same(fake: Fake, tmp_path: Path, s3_server: Any) -> None:
@@ -629,3 +689,23 @@ def test_a_storage_error_in_the_runner_s_own_checks_is_retried(fake: Fake, tmp_p
                     command=[sys.executable, str(FAKE)], force=True)
     with pytest.raises(TransientError, match=r"looking for raw/_done/00000\.json: ConnectionError: SlowDown"):
         runner.run()
+
+
+def test_a_store_that_fails_leaves_the_report_without_its_figures() -> None:
+    """The summary and report are written whatever the run root does: a store that is down
+    gives no manifests (the first failure ends the reading, each would wait out its retries)."""
+    from botocore.exceptions import EndpointConnectionError
+
+    from trajflow.local.report import _manifests, training_history
+
+    class DeadStore:
+        uri, reads = "s3://bucket/runs/r", 0
+
+        def read_bytes(self, key: str) -> bytes:
+            self.reads += 1
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+
+    store = DeadStore()
+    assert _manifests(store, "preprocess", 64) == [] and store.reads == 1  # type: ignore[arg-type]
+    logged = [{"epoch": 0, "val_loss": 1.0}]
+    assert training_history(store, logged) == (logged, {})  # type: ignore[arg-type]

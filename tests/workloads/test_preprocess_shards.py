@@ -191,6 +191,30 @@ def test_fetch_rejects_a_checksum_mismatch(s3_storage, tmp_path):
     assert not any(p.name.startswith(".") for p in (tmp_path / "cache").rglob("*"))
 
 
+def test_a_fetch_removes_the_partial_copies_of_killed_fetchers(s3_storage, tmp_path):
+    """A training killed mid-fetch (OOM, SIGKILL) leaves a shard-sized part on a cache volume
+    that may outlive its pods: the next fetch of that shard removes it, not a live one's."""
+    import subprocess
+    import sys
+
+    _publish(s3_storage, 0, _episodes(np.random.default_rng(6)))
+    entry = list_shards(s3_storage)[0]
+    folder = tmp_path / "cache" / entry.sha256
+    folder.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        killed = folder / f".00000.safetensors.part-{int(dead.stdout)}"
+        fetching = folder / f".00000.safetensors.part-{live.pid}"
+        killed.write_bytes(b"x" * 1000)
+        fetching.write_bytes(b"y" * 10)
+        assert fetch_shard(s3_storage, entry, tmp_path / "cache") == folder / "00000.safetensors"
+        assert not killed.exists() and fetching.exists()
+    finally:
+        live.kill()
+        live.wait()
+
+
 @pytest.mark.parametrize("sha256", ["/tmp/elsewhere", "../../elsewhere", "A" * 64, None])
 def test_a_manifest_whose_sha256_is_no_digest_is_refused_before_any_copy(local_storage, tmp_path, sha256):
     _publish(local_storage, 0, _episodes(np.random.default_rng(5)))

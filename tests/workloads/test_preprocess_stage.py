@@ -268,6 +268,25 @@ def test_every_format_resamples_to_the_target_rate(local_storage, mixed, rate):
     assert _sample(metrics, "trajflow_preprocess_bandwidth_bytes_per_second") > 0
 
 
+def test_a_target_rate_far_above_every_recorded_one_is_warned_about(local_storage, mixed, caplog):
+    # recorded at 30-333 Hz: 600 Hz upsamples the fastest less than twice, 1000 Hz every one three times and more
+    files, _ = mixed
+    publish_raw_shard(local_storage, 0, files)
+
+    def warnings(rate: float) -> list[str]:
+        caplog.clear()
+        if local_storage.exists(manifest_key("preprocess", 0)):
+            local_storage.delete(manifest_key("preprocess", 0))
+        with caplog.at_level(logging.WARNING):
+            process_shard(local_storage, 0, 1, stage_config(target_rate_hz=rate, sources={"robomimic": ROBOMIMIC}))
+        return [r.getMessage() for r in caplog.records if "targetRateHz" in r.getMessage()]
+
+    assert warnings(600.0) == []
+    [warning] = warnings(1000.0)
+    assert re.search(r"shard 00000: targetRateHz 1000 is over 2 times the highest rate its episodes were recorded "
+                     r"at \(33\d(\.\d+)? Hz\)", warning), warning
+
+
 def test_output_round_trips_through_the_training_reader(local_storage, mixed):
     data_mod = pytest.importorskip("trajflow.train.data")
     files, episodes = mixed
@@ -405,7 +424,7 @@ def test_a_done_shard_is_skipped(local_storage, mixed):
     for it in items:  # nothing may be read again
         local_storage.delete(it["key"])
     summary = process_shard(local_storage, 0, 1, stage_config(sources={"robomimic": ROBOMIMIC}))
-    assert summary.skipped and summary.episodes == 18
+    assert summary.skipped and summary.episodes == 18 and summary.stale == []
     assert local_storage.read_bytes(shard_key(0)) == before
 
 
@@ -421,9 +440,11 @@ def test_shards_of_other_settings_are_kept_with_a_warning_and_never_trained_on_t
     # the run stopped after shard 1; the rerun changes a setting the shards' contents depend on
     changed = stage_config(sources={"robomimic": ROBOMIMIC}, **setting)
     with caplog.at_level(logging.WARNING, logger="trajflow"):
-        assert process_shard(local_storage, 0, 3, changed).skipped
-        process_shard(local_storage, 2, 3, changed)
+        kept = process_shard(local_storage, 0, 3, changed)
+        made = process_shard(local_storage, 2, 3, changed)
     assert f"shard 00000 was made with other preprocessing.config ({change}); it is kept" in caplog.text
+    # what the runner's summary reads from the shard's last log line
+    assert kept.skipped and kept.to_json()["stale"] == [change] and made.stale == []
     refusal = r"resampled/_done/00002\.json: made with other preprocessing\.config than the shards before it " \
               rf"\({re.escape(change)}\)"
     with pytest.raises(PermanentError, match=refusal):
@@ -446,8 +467,9 @@ def test_overrides_of_a_source_a_shard_does_not_hold_leave_the_shard_alone(local
     labelled = stage_config(sources={"robomimic": ROBOMIMIC, "npz": {"robot": "arm"}})
     local_storage.delete(manifest_key("preprocess", 1))
     with caplog.at_level(logging.WARNING, logger="trajflow"):
-        assert process_shard(local_storage, 0, 2, labelled).skipped
+        kept = process_shard(local_storage, 0, 2, labelled)
         process_shard(local_storage, 1, 2, labelled)
+    assert kept.skipped and kept.stale == []
     assert "was made with other preprocessing.config" not in caplog.text
     assert len(open_shards(local_storage, ["observation.state"]).readers) == 2
     # the label on the npz items of shard 1 is what the config asks for
@@ -1220,7 +1242,7 @@ def test_the_widths_vote_does_not_depend_on_the_sort_window(tmp_path):
 
 
 @pytest.mark.parametrize("dataset", ["lr", "data/pusht"])  # the second in a folder that is also called data
-def test_lerobot_info_in_another_shard_names_the_robot(local_storage, tmp_path, dataset):
+def test_lerobot_info_in_another_shard_names_the_robot(local_storage, tmp_path, dataset, caplog):
     from preprocess_data import read_tree, write_lerobot, write_lerobot_info
 
     ep = make_episode(np.random.default_rng(11), "0", 30.0, 1.0)
@@ -1248,9 +1270,12 @@ def test_lerobot_info_in_another_shard_names_the_robot(local_storage, tmp_path, 
     later = threading.Timer(0.3, lambda: publish_raw_shard(local_storage, 1, {info_key: files[info_key]}, shards=2))
     later.start()
     try:
-        process_shard(local_storage, 0, 2, cfg, wait_s=60)  # waits for it
+        with caplog.at_level(logging.INFO, logger="trajflow.preprocess"):
+            process_shard(local_storage, 0, 2, cfg, wait_s=60)  # waits for it, and says so
     finally:
         later.join()
+    waiting = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting up to")]
+    assert len(waiting) == 1 and f"for download shard 00001, which holds raw/00001/{info_key}" in waiting[0], waiting
     (info,) = open_shard(local_storage.local_path(shard_key(0))).episodes
     assert info.robot == "koch" and info.original_rate_hz == pytest.approx(30.0)  # fps from info.json
 

@@ -709,6 +709,42 @@ def test_a_finished_run_resumes_to_the_same_result_without_training(tmp_path: Pa
     assert third["epochs_completed"] == 3 and third["history"][:2] == first["history"]
 
 
+def test_a_rerun_of_a_finished_training_says_it_trained_nothing(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A setting changed after the final checkpoint is not applied: the log says so, with a
+    record the runner's summary and live view read, and config.yaml still describes the model."""
+    from trajflow.local.progress import training_detail
+    from trajflow.train.dist import DistContext
+
+    settings, storage = small_run(tmp_path, epochs=2)
+    step = train(settings)["steps"]
+    trained_with = storage.read_bytes(artifacts.CONFIG_KEY)
+
+    def rerun(dist: DistContext | None = None, **change: object) -> logging.LogRecord:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="trajflow.train.loop"):
+            train(local_settings(tmp_path, "run", **{**settings.config.model_dump(), **change}), dist)
+        assert "resumed from checkpoint" not in caplog.text
+        [record] = [r for r in caplog.records if hasattr(r, "already_finished")]
+        assert record.getMessage() == record.already_finished  # type: ignore[attr-defined]
+        return record
+
+    record = rerun(learning_rate=1e-2)
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == (
+        f"training had already finished at epoch 2 of 2 (checkpoint train/checkpoints/ckpt-{step:010d}.pt, step "
+        f"{step}): settings changed since are not applied (raise training.config.epochs to train on, or use a new "
+        "global.runId)")
+    assert training_detail(record.__dict__, 2)[0] == "epoch 2/2"  # the checkpoint's next epoch would show 3/2
+    assert storage.read_bytes(artifacts.CONFIG_KEY) == trained_with
+
+    record = rerun(epochs=1)
+    assert "at epoch 2, past the 1 epochs configured" in record.getMessage()
+    assert training_detail(record.__dict__, 1)[0] == "epoch 2/2"
+    # the launcher restarting the same run (writing the model failed) changed nothing: no warning
+    record = rerun(DistContext(restart_count=1))
+    assert record.levelno == logging.INFO and "not applied" not in record.getMessage()
+
+
 def test_mid_epoch_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     """Resume from a checkpoint taken inside an epoch: same batches, optimiser and RNG state
     (dropout, between the two GRU layers, consumes the RNG)."""
@@ -748,8 +784,13 @@ def test_checkpoint_of_another_model_is_refused(tmp_path: Path) -> None:
     settings, _ = small_run(tmp_path, epochs=1)
     train(settings)
     other = local_settings(tmp_path, "run", **{**settings.config.model_dump(), "window": 12})
-    with pytest.raises(ConfigError, match="was written for a different task/streams/window/model"):
+    with pytest.raises(ConfigError, match=r"was written for a different task/streams/window/model \(training.config "
+                                          r"window 8 -> 12\); restore them"):
         train(other)
+    # the settings that differ are named, a model's by their keys
+    wider = local_settings(tmp_path, "run", **{**settings.config.model_dump(), "model": {**SMALL_MODEL, "hidden_size": 48}})
+    with pytest.raises(ConfigError, match=r"\(training.config model.hiddenSize 32 -> 48\)"):
+        train(wider)
 
 
 # preprocessing redone with more joints, or at another targetRateHz (same widths, but the
@@ -1595,3 +1636,22 @@ def test_a_torch_that_ignores_the_shutdown_timeout_is_named(monkeypatch: pytest.
     with caplog.at_level("WARNING", logger=launch.log.name):
         launch._warn_unless_shutdown_timeout_is_read()
     assert "ignores TORCH_ELASTIC_SHUTDOWN_TIMEOUT" in caplog.text and "30 s" in caplog.text
+
+
+def test_a_rerun_forgets_the_loss_its_diverged_attempt_pushed(tmp_path: Path, pushgateway, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Training pushes at its end only: the infinite loss a diverged attempt pushed would keep
+    the NaN-loss alert firing through the whole rerun."""
+    from trajflow.metrics import Pusher, train_metrics
+    from trajflow.train import loop
+
+    diverged = train_metrics()
+    diverged.loss.labels(split="train").set(float("inf"))
+    Pusher(pushgateway.url, diverged, run="run", shard="0", labels={"local_rank": "0"}).stop(success=False)
+    assert "trajflow_train_loss{" in pushgateway.metrics_text()
+    during: list[str] = []
+    monkeypatch.setattr(loop.Trainer, "run", lambda self: during.append(pushgateway.metrics_text()) or {})
+    settings, _ = small_run(tmp_path)
+    glob = settings.global_.model_copy(update={"metrics": settings.global_.metrics.model_copy(
+        update={"pushgateway_url": pushgateway.url})})
+    train(type(settings)(glob, settings.config, 0, 1))
+    assert during and "trajflow_train_loss{" not in during[0]

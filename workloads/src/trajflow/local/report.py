@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import platform
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,8 @@ from trajflow.files import replace_file, write_via_temporary
 from trajflow.local.progress import STAGE_TITLES
 from trajflow.resources import human_bytes
 from trajflow.storage import Storage, read_manifest, read_train_metrics
+from trajflow.storage.manifest import TRAIN_ARTIFACT_DIR, TRAIN_CHECKPOINT_DIR, TRAIN_MODEL_KEY
+from trajflow.storage.wait import is_storage_error
 
 if TYPE_CHECKING:
     from trajflow.local.runner import Runner, RunResult
@@ -38,9 +41,12 @@ class StageSummary:
     failed: int
     seconds: float | None  # wall time of this invocation's work on the stage
     figures: dict[str, Any] = field(default_factory=dict)
+    # started, but found their earlier output done and kept it though the settings changed
+    kept: int = 0
 
     def shard_text(self) -> str:
-        text = f"{self.ran} ran" + (f", {self.skipped} skipped" if self.skipped else "")
+        text = f"{self.ran} ran" + (f", {self.kept} kept" if self.kept else "")
+        text += f", {self.skipped} skipped" if self.skipped else ""
         return text + (f", {self.failed} failed" if self.failed else "") + f" of {self.shards}"
 
     def time_text(self) -> str:
@@ -80,16 +86,29 @@ class StageSummary:
 
 
 def _manifests(storage: Storage, stage: str, shards: int) -> list[dict[str, Any]]:
+    """The stage's manifests there are; the first the store fails to give ends the reading,
+    and the report then goes without their figures (a store that is down gives none)."""
     out = []
     for shard in range(shards):
         try:
             doc = read_manifest(storage, stage, shard)
-        except (ValueError, OSError) as exc:
+        except Exception as exc:
+            if not (isinstance(exc, ValueError) or is_storage_error(exc)):
+                raise
             log.warning("cannot read %s manifest %d: %s", stage, shard, exc)
-            continue
+            if isinstance(exc, ValueError):
+                continue
+            break
         if doc is not None:
             out.append(doc)
     return out
+
+
+def _location(root: str, key: str) -> str:
+    """``key`` under the run root: a path to paste when the root is on a filesystem."""
+    if root.startswith("file://"):
+        return str(Path(urllib.parse.unquote(urllib.parse.urlparse(root).path)) / key)
+    return f"{root}/{key}"
 
 
 def _number(value: Any) -> float | None:
@@ -103,7 +122,14 @@ def training_history(storage: Storage | None, logged: list[dict[str, Any]]) -> t
     root when it wrote one (and `storage` is given), else what its log lines carried
     during this run."""
 
-    doc = read_train_metrics(storage) if storage is not None else None
+    doc = None
+    if storage is not None:
+        try:
+            doc = read_train_metrics(storage)
+        except Exception as exc:
+            if not is_storage_error(exc):
+                raise
+            log.warning("cannot read the training's metrics in %s (%s): the report takes its log lines", storage.uri, exc)
     if doc is not None and isinstance(doc.get("history"), list):
         rows = [r for r in doc["history"] if isinstance(r, dict)]
         return rows, doc
@@ -140,6 +166,8 @@ def summarize(runner: "Runner") -> tuple[list[StageSummary], list[dict[str, Any]
             if seconds and received:
                 f["bytes_per_second"] = sum(r or 0 for r in received) / seconds
         elif plan.stage == "preprocessing":
+            from trajflow.preprocess.stage import stale_settings
+
             docs = _manifests(storage, "preprocess", plan.shards)
             f["trajectories"] = int(sum(_number(d.get("trajectories")) or _number(d.get("num_episodes")) or 0 for d in docs))
             f["frames"] = int(sum(_number(d.get("num_frames")) or 0 for d in docs))
@@ -152,6 +180,14 @@ def summarize(runner: "Runner") -> tuple[list[StageSummary], list[dict[str, Any]
             if seconds and made:
                 work = sum(_number(d.get("trajectories")) or 0 for d in docs if d.get("shard") in made)
                 f["trajectories_per_second"] = work / seconds
+            summary.kept = sum(1 for t in ran if isinstance(t.fields.get("summary"), dict) and t.fields["summary"].get("stale"))
+            summary.ran -= summary.kept
+            # of every done shard, also those the runner skipped: they hold what they were made
+            # with until remade, whichever run last started their process
+            stale = [c for c in (stale_settings(d, plan.config) for d in docs) if c]
+            if stale:
+                f["stale_shards"] = len(stale)
+                f["stale_settings"] = list(dict.fromkeys(c for changes in stale for c in changes))
         else:
             if tasks and tasks[0].state in r.FINISHED:
                 history, doc = training_history(storage, tasks[0].history)
@@ -176,6 +212,10 @@ def summarize(runner: "Runner") -> tuple[list[StageSummary], list[dict[str, Any]
             for key in ("status", "world_size", "device"):
                 if doc.get(key) is not None:
                     f[key] = doc[key]
+            finished = tasks[0].fields.get("already_finished") if tasks and tasks[0].state == r.DONE else None
+            if isinstance(finished, str):  # resumed from the final checkpoint: trained nothing
+                summary.ran, summary.kept = summary.ran - 1, 1
+                f["already_finished"] = finished
         stages.append(summary)
     return stages, history
 
@@ -190,7 +230,7 @@ def summary_document(runner: "Runner", result: "RunResult", stages: list[StageSu
         "seconds": round(result.seconds, 3),
         "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "stages": {
-            s.title: {"shards": s.shards, "ran": s.ran, "skipped": s.skipped, "failed": s.failed,
+            s.title: {"shards": s.shards, "ran": s.ran, "kept": s.kept, "skipped": s.skipped, "failed": s.failed,
                       "seconds": None if s.seconds is None else round(s.seconds, 3), **s.figures}
             for s in stages
         },
@@ -201,7 +241,31 @@ def summary_document(runner: "Runner", result: "RunResult", stages: list[StageSu
         ],
         "history": history,
         "report": str(report) if report else None,
+        "results": results_of(runner.plan.root, result.exit_code, [p.stage for p in runner.plan.stages]),
     }
+
+
+def results_of(root: str, exit_code: int, stages: list[str]) -> dict[str, str] | None:
+    """Where a successful run's model and checkpoints are."""
+    if exit_code != 0 or "training" not in stages:
+        return None
+    return {"model": _location(root, TRAIN_MODEL_KEY), "checkpoints": _location(root, TRAIN_CHECKPOINT_DIR) + "/"}
+
+
+def notes(doc: dict[str, Any], stages: list[StageSummary]) -> list[str]:
+    """What the table hides and a user must act on: results kept from earlier settings."""
+    out = []
+    for s in stages:
+        f = s.figures
+        if f.get("stale_settings"):
+            out.append(
+                f"{s.title}: {f['stale_shards']} of {s.shards} shards were kept as made with earlier settings, not "
+                f"remade with this preprocessing.config (kept -> configured: {', '.join(f['stale_settings'])}); to "
+                f"remake them with it, use a new global.runId, or delete {_location(doc['root'], 'resampled')}/ and "
+                f"{_location(doc['root'], TRAIN_CHECKPOINT_DIR)}/ and run again")
+        if f.get("already_finished"):
+            out.append(f["already_finished"])  # names the stage itself
+    return out
 
 
 # ---- the picture ----------------------------------------------------------------------
@@ -293,7 +357,8 @@ def render_html(path: Path, png: Path, doc: dict[str, Any], stages: list[StageSu
             for key, label in labels if train.get(key) is not None
         )
         training = (f"<h2>Training</h2><table>{cells}</table><p>Model, metrics and loss curve: "
-                    f"<code>{e(doc['root'])}/train/artifacts/</code></p>")
+                    f"<code>{e(doc['root'])}/{TRAIN_ARTIFACT_DIR}/</code></p>")
+    warnings = "".join(f'<p class="warn">{e(note)}</p>' for note in notes(doc, stages))
     configs = "".join(f"<li>{e(stage)}: <code>{e(str(p))}</code></li>" for stage, p in runner.config_paths.items())
     machine = f"{platform.node()} · {os.cpu_count()} cores · Python {platform.python_version()}"
     page = f"""<!doctype html>
@@ -301,12 +366,13 @@ def render_html(path: Path, png: Path, doc: dict[str, Any], stages: list[StageSu
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }}
 table {{ border-collapse: collapse; margin: 1em 0; }} td, th {{ padding: .3em .8em; border-bottom: 1px solid #ddd; text-align: left; }}
-img {{ max-width: 100%; }} code {{ font-size: .9em; }} .muted {{ color: #666; }}
+img {{ max-width: 100%; }} code {{ font-size: .9em; }} .muted {{ color: #666; }} .warn {{ color: #a15c00; }}
 </style></head><body>
 <h1>trajflow run <code>{e(doc['runId'])}</code></h1>
 <p>{e(status)} in {doc['seconds']:.1f}s · root <code>{e(doc['root'])}</code></p>
 <p class="muted">{e(doc['finished'])} · {e(machine)}</p>
 <table><tr><th>stage</th><th>shards</th><th>time</th><th>throughput / result</th></tr>{rows}</table>
+{warnings}
 <img alt="loss per epoch and stage timeline" src="data:image/png;base64,{image}">
 {training}
 <h2>Tasks</h2>
@@ -352,6 +418,8 @@ def print_summary(console: Any, doc: dict[str, Any], stages: list[StageSummary])
     for s in stages:
         table.add_row(s.title, s.shard_text(), s.time_text(), s.throughput())
     console.print(table)
+    for note in notes(doc, stages):
+        console.print(note, style="yellow", highlight=False, soft_wrap=True)
     if doc["exitCode"] in (ExitCode.CONFIG, ExitCode.PERMANENT, ExitCode.DIVERGED):  # a rerun as it is fails again
         console.print("finished shards are kept: fix what the error above names, then the same command resumes from "
                       "them", style="yellow", highlight=False)
@@ -359,3 +427,7 @@ def print_summary(console: Any, doc: dict[str, Any], stages: list[StageSummary])
         console.print("finished shards are kept: the same command, run again, resumes from them", style="yellow", highlight=False)
     if doc.get("report"):
         console.print(f"report: {doc['report']}", highlight=False, soft_wrap=True)
+    if doc.get("results"):
+        console.print(f"model: {doc['results']['model']} (metrics, loss curve and config beside it)", highlight=False,
+                      soft_wrap=True)
+        console.print(f"checkpoints: {doc['results']['checkpoints']}", highlight=False, soft_wrap=True)

@@ -39,6 +39,7 @@ for you when the storage has no local path.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -702,6 +703,7 @@ def fetch_shard(storage: Storage, entry: ShardEntry, cache_dir: str | Path, veri
         except ShardFormatError:
             pass  # a damaged copy: fetched again
     dest.parent.mkdir(parents=True, exist_ok=True)
+    _remove_parts_of_dead_fetchers(dest)
     tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
     digest = hashlib.sha256()
     try:
@@ -719,6 +721,18 @@ def fetch_shard(storage: Storage, entry: ShardEntry, cache_dir: str | Path, veri
         if tmp.exists():
             tmp.unlink()
     return dest
+
+
+def _remove_parts_of_dead_fetchers(dest: Path) -> None:
+    """Partial copies of ``dest`` whose process is gone (killed mid-fetch, out of memory):
+    shard-sized files no one finishes, on a cache volume that outlives the pods."""
+    from trajflow.local.procs import alive
+
+    for part in dest.parent.glob(f".{glob.escape(dest.name)}.part-*"):
+        pid = part.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)):
+            with contextlib.suppress(OSError):
+                part.unlink()
 
 
 def open_shard(path: str | Path | None = None, *, storage: Storage | None = None, key: str | None = None,

@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 
 # in pods, a line this often while a shard's files are read: a big shard takes minutes
 PROGRESS_INTERVAL_S = 10.0
+UPSAMPLING_WARN_FACTOR = 2.0  # a target rate this many times every episode's recorded rate is warned about
+INFO_WAIT_LOG_INTERVAL_S = 300.0  # how often a wait for another shard's dataset metadata says so
 
 RAW_DIR = "raw"
 _T = TypeVar("_T")
@@ -83,6 +85,8 @@ class ShardSummary:
     batches: int = 0
     device: str = ""
     backend: str = ""
+    # a done shard kept though made with other settings: how they differ ("targetRateHz 50.0 -> 30.0")
+    stale: list[str] = field(default_factory=list)
 
     @property
     def bad(self) -> int:
@@ -245,7 +249,7 @@ def _await_info(storage: Storage, key: str, item: dict[str, Any], shard: int, sh
     """Wait until ``key``, planned (as ``item``) in download shard ``shard``, is there, or
     that shard is done (for ``shards`` and ``generation``, when given): whether ``key`` is
     this download's then. TransientError (retried) at ``deadline`` (monotonic)."""
-    delay = 1.0
+    delay, told = 1.0, None
     while not _verified_for_plan(storage, key, item):
         try:
             done = read_manifest(storage, "download", shard)
@@ -254,6 +258,11 @@ def _await_info(storage: Storage, key: str, item: dict[str, Any], shard: int, sh
         if done is not None and done.get("shards") == shards and generation in (None, done.get("generation")):
             return key in {entry.get("key") for entry in done.get("items") or [] if isinstance(entry, dict)}
         left = deadline - time.monotonic()
+        # a wait of hours holding a GPU: said at its start and every few minutes
+        if left > 0 and (told is None or time.monotonic() - told >= INFO_WAIT_LOG_INTERVAL_S):
+            log.info("waiting up to %.0fs more for download shard %s, which holds %s (its dataset's episodes take "
+                     "their rate and robot from it)", left, shard_name(shard), key)
+            told = time.monotonic()
         if left <= 0:
             raise TransientError(
                 f"{storage.uri}/{key} is not downloaded yet: its dataset's episodes take their rate and robot from "
@@ -652,7 +661,7 @@ class ShardProcessor:
             redo = self._upstream_change(existing)
         if existing is not None and not redo:
             self._remove_foreign_manifests()
-            self._warn_if_stale(existing)
+            summary.stale = self._warn_if_stale(existing)
             summary.skipped = True
             summary.episodes = int(existing.get("num_episodes", 0))
             summary.frames = int(existing.get("num_frames", 0))
@@ -915,6 +924,7 @@ class ShardProcessor:
     def _publish(self, shard_file: Any, shards: int) -> None:
         """The report, then the manifest: the shard is done."""
         summary, index = self.summary, shard_file.index
+        self._warn_if_only_upsampled(index["episodes"])
         report_raw = self._report_bytes()
         self.storage.write_bytes(report_key(self.shard), report_raw)
         summary.frames = index["num_frames"]
@@ -934,6 +944,16 @@ class ShardProcessor:
             seconds=time.perf_counter() - self.started, resample_seconds=summary.resample_seconds,
             resample_bytes=self.resample_bytes,
         )
+
+    def _warn_if_only_upsampled(self, episodes: list[dict[str, Any]]) -> None:
+        """A target rate far above every recorded one makes frames that are all interpolation:
+        as many times the data to train on, and nothing more to learn from it."""
+        recorded = max((float(e.get("original_rate_hz") or 0.0) for e in episodes), default=0.0)
+        target = self.config.target_rate_hz
+        if recorded > 0 and target > UPSAMPLING_WARN_FACTOR * recorded:
+            log.warning("shard %s: targetRateHz %g is over %g times the highest rate its episodes were recorded at "
+                        "(%g Hz): most of its frames are interpolated, which adds training time and no information",
+                        shard_name(self.shard), target, UPSAMPLING_WARN_FACTOR, recorded)
 
     def _restore_metrics(self, manifest: dict[str, Any]) -> None:
         """A skipped shard pushes what its manifest records: its push replaces the shard's
@@ -1042,14 +1062,20 @@ class ShardProcessor:
                 "download pod has planned and fetched this one; run `trajflow wait --stage download` first"
             )
 
-    def _warn_if_stale(self, manifest: dict[str, Any]) -> None:
-        made = settings_of(manifest)
-        changed = settings_differences(made, self.config.output_settings(made.get("sources") or ()))
+    def _warn_if_stale(self, manifest: dict[str, Any]) -> list[str]:
+        changed = stale_settings(manifest, self.config)
         if changed:
             log.warning(
                 "shard %s was made with other preprocessing.config (%s); it is kept (a done shard is redone only for "
                 "another shard count or other raw items: use a new runId or delete resampled/ to recompute)",
                 shard_name(self.shard), ", ".join(changed))
+        return changed
+
+
+def stale_settings(manifest: dict[str, Any], config: PreprocessConfig) -> list[str]:
+    """How the settings a done shard was made with differ from ``config``'s ([]: they match)."""
+    made = settings_of(manifest)
+    return settings_differences(made, config.output_settings(made.get("sources") or ()))
 
 
 # from these magnitudes on, a value rounds to inf in the half-precision shard dtypes (half

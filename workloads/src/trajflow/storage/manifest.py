@@ -28,6 +28,8 @@ PLAN_KEY = "plan/download.json"
 # what training writes on rank 0: checkpoints, and the artifacts (metrics, model, curve)
 TRAIN_ARTIFACT_DIR = "train/artifacts"
 TRAIN_METRICS_KEY = f"{TRAIN_ARTIFACT_DIR}/metrics.json"
+TRAIN_MODEL_KEY = f"{TRAIN_ARTIFACT_DIR}/model.safetensors"
+TRAIN_CHECKPOINT_DIR = "train/checkpoints"
 
 
 def read_train_metrics(storage: Storage) -> dict[str, Any] | None:

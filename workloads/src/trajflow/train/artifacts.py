@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from trajflow.storage import Storage, open_storage
-from trajflow.storage.manifest import TRAIN_ARTIFACT_DIR, TRAIN_METRICS_KEY
+from trajflow.storage.manifest import TRAIN_ARTIFACT_DIR, TRAIN_METRICS_KEY, TRAIN_MODEL_KEY
 from trajflow.train.models import ModelSpec, TrajectoryModel
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ ARTIFACT_DIR = TRAIN_ARTIFACT_DIR
 METRICS_KEY = TRAIN_METRICS_KEY
 CURVE_KEY = f"{ARTIFACT_DIR}/loss_curve.png"
 CONFIG_KEY = f"{ARTIFACT_DIR}/config.yaml"
-MODEL_KEY = f"{ARTIFACT_DIR}/model.safetensors"
+MODEL_KEY = TRAIN_MODEL_KEY
 MODEL_INFO_KEY = f"{ARTIFACT_DIR}/model.json"
 MODEL_METADATA = "trajflow.model"
 MODEL_FORMAT = "trajflow.model"

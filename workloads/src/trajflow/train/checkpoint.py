@@ -28,10 +28,11 @@ import torch
 
 from trajflow.errors import PermanentError
 from trajflow.storage import Storage
+from trajflow.storage.manifest import TRAIN_CHECKPOINT_DIR
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "train/checkpoints"
+CHECKPOINT_DIR = TRAIN_CHECKPOINT_DIR
 FORMAT = "trajflow.checkpoint"
 VERSION = 1
 _NAME = re.compile(r"^ckpt-(\d{10})\.json$")

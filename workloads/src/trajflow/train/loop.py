@@ -88,11 +88,31 @@ def _shm_nearly_full(path: str = "/dev/shm") -> bool:
     return usage.free < max(usage.total // 20, 16 << 20)
 
 
+HASHED = ("task", "observation", "action", "window", "model")  # what a checkpoint's weights depend on
+
+
 def config_hash(config: TrainConfig) -> str:
     """Hash of what a checkpoint's weights depend on (task, streams, window, architecture).
     Optimisation settings (epochs, learning rate...) may change between restarts."""
-    part = config.model_dump(mode="json", include={"task", "observation", "action", "window", "model"})
+    part = config.model_dump(mode="json", include=set(HASHED))
     return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def hashed_differences(saved: Any, config: TrainConfig) -> list[str]:
+    """What differs between a checkpoint's config (as its payload holds it, by alias) and
+    ``config`` in the settings `config_hash` covers, as "model.hiddenSize 128 -> 256"."""
+    if not isinstance(saved, dict):
+        return []  # a checkpoint from before the payload carried its config
+    now = config.model_dump(mode="json", by_alias=True)
+    out = []
+    for key in HASHED:
+        before, after = saved.get(key), now.get(key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            out += [f"{key}.{k} {before.get(k)!r} -> {after.get(k)!r}"
+                    for k in sorted({*before, *after}) if before.get(k) != after.get(k)]
+        elif before != after:
+            out.append(f"{key} {before!r} -> {after!r}")
+    return out
 
 
 def split_settings(config: TrainConfig) -> dict[str, Any]:
@@ -298,9 +318,11 @@ class Trainer:
         info = CheckpointInfo(**choice)
         payload = self.store.load(info)  # on the CPU: load_state_dict copies onto the device
         if payload.get("config_hash") != self.hash:
+            changed = hashed_differences(payload.get("config"), self.config)
+            what = ", ".join(changed) or f"config hash {payload.get('config_hash')} != {self.hash}"
             raise ConfigError(
                 f"{self.storage.uri}/{info.key} was written for a different task/streams/window/model "
-                f"(config hash {payload.get('config_hash')} != {self.hash}); use a new global.runId or remove "
+                f"(training.config {what}); restore them, or use a new global.runId or remove "
                 f"{self.storage.uri}/{CHECKPOINT_DIR}/"
             )
         # the hash covers the config only: the stream widths come from the shards, which may have been redone
@@ -380,9 +402,35 @@ class Trainer:
                 stat = self.storage.stat(info.key)
                 written_at = stat.modified_ns / 1e9 if stat is not None else None
         self.checkpoint_written_at = float(written_at or 0.0)
-        self._log("resumed from checkpoint", key=info.key, step=info.step, epoch=info.epoch,
-                  batch_in_epoch=info.batch_in_epoch)
+        if self.finished():
+            self._warn_already_finished(info)
+        else:
+            self._log("resumed from checkpoint", key=info.key, step=info.step, epoch=info.epoch,
+                      batch_in_epoch=info.batch_in_epoch)
         return True
+
+    def _warn_already_finished(self, info: CheckpointInfo) -> None:
+        """A rerun after the final checkpoint trains nothing: say so, or a changed learning
+        rate (or any setting but the epochs) looks applied while the model is the old one."""
+        if not self.dist.is_main:
+            return
+        done, total = self.state.epoch, self.config.epochs
+        where, more = f"at epoch {done} of {total}", "epochs"
+        if done > total:
+            where = f"at epoch {done}, past the {total} epochs configured"
+        elif done < total:
+            where, more = where + " (early stopping)", "earlyStopping.patience"
+        msg = f"training had already finished {where} (checkpoint {info.key}, step {info.step})"
+        restarted = self.dist.restart_count > 0  # by the launcher, in this same run (writing the model failed)
+        if not restarted:
+            msg += (f": settings changed since are not applied (raise training.config.{more} to train on, or use a "
+                    "new global.runId)")
+        # already_finished for the local runner's summary; epoch and epochs as "epoch done" and the
+        # live view take them: the last epoch trained, and a total never below it (the
+        # checkpoint's own epoch is the next one, past the end)
+        extra = {"already_finished": msg, "key": info.key, "step": info.step, "epoch": done - 1,
+                 "epochs": max(done, total)}
+        log.log(logging.INFO if restarted else logging.WARNING, "%s", msg, extra=extra)
 
     def _restart_epoch(self) -> None:
         """The checkpoint's position in its epoch means nothing to this run's batches."""
@@ -532,7 +580,7 @@ class Trainer:
         if not resumed:
             model.set_normalization(in_mean, in_std, out_mean, out_std)
             torch.manual_seed(cfg.seed + 1000 * dist.rank + 1)  # dropout differs per rank
-        if dist.is_main:
+        if dist.is_main and not (resumed and self.finished()):  # it describes the model, which nothing retrains
             artifacts.write_config(self.storage, self.resolved_config())
         self._log("model ready", type=spec.type, parameters=parameter_count(model), world_size=dist.world_size,
                   device=str(self.device), steps_per_epoch=per_epoch, learning_rate=lr)
