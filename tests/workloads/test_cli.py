@@ -270,3 +270,16 @@ def test_options_are_never_abbreviated(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["preprocess", "--config", "x.yaml", "--shard", "0"])
     assert info.value.code == 2 and "unrecognized arguments: --shard 0" in capsys.readouterr().err
+
+
+def test_a_persons_command_logs_plain_lines_when_piped(fake_command, capfd, monkeypatch):
+    # `trajflow run ... | tee run.log` prints plain lines; a pod's command, JSON records for log pipelines
+    import logging
+
+    monkeypatch.delenv("TRAJFLOW_LOG_FORMAT")
+    fake_command.behaviour = lambda: logging.getLogger("trajflow.fake").warning("could not write the report") or 0
+    assert cli.main(["fake"]) == 0
+    assert capfd.readouterr().err.strip() == "WARNING trajflow.fake: could not write the report"
+    monkeypatch.setattr(cli, "POD_COMMANDS", {"fake"})
+    assert cli.main(["fake"]) == 0
+    assert json.loads(capfd.readouterr().err.strip())["msg"] == "could not write the report"

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    log.setup(args.log_level)
+    log.setup(args.log_level, json_when_piped=args.command in POD_COMMANDS)
     raise_open_files_limit()
     try:
         return int(args._run(args) or 0)

@@ -22,7 +22,7 @@ from collections import Counter
 from typing import Any
 
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
-_NOISY = ("botocore", "boto3", "urllib3", "s3transfer", "filelock", "fsspec")
+_NOISY = ("botocore", "boto3", "urllib3", "s3transfer", "filelock", "fsspec", "torch._subclasses.fake_tensor")
 
 # the console the log handler and progress bars share on a terminal, so bars stay below the log lines
 console: Any = None
@@ -89,8 +89,10 @@ def stdout_to_devnull() -> None:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-def setup(level: str | None = None) -> None:
-    """Configure the root logger (again, replacing earlier handlers)."""
+def setup(level: str | None = None, json_when_piped: bool = True) -> None:
+    """Configure the root logger (again, replacing earlier handlers). Off a terminal, lines
+    are JSON for log pipelines, or plain for a person's command (``json_when_piped`` off:
+    `trajflow run | tee run.log`) unless TRAJFLOW_LOG_FORMAT says otherwise."""
     global console
     level = (level or os.environ.get("TRAJFLOW_LOG_LEVEL") or "INFO").upper()
     root = logging.getLogger()
@@ -107,7 +109,10 @@ def setup(level: str | None = None) -> None:
     else:
         console = None
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(JsonFormatter())
+        if json_when_piped or os.environ.get("TRAJFLOW_LOG_FORMAT", "").lower() == "json":
+            handler.setFormatter(JsonFormatter())
+        else:
+            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     try:
         root.setLevel(level)
