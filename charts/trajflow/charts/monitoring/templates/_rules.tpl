@@ -96,7 +96,16 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
       and on ({{ $byShard }})
         max by ({{ $byShard }}) (changes(push_time_seconds{{ $push }}[{{ $running }}])) > 0
       and on ({{ $byShard }})
-        min by ({{ $byShard }}) (time() - trajflow_stage_start_time_seconds{{ include "monitoring.sel" (list $ctx) }}) > {{ include "monitoring.seconds" .window }}
+        (
+            (
+                min by ({{ $byShard }}) (time() - trajflow_stage_start_time_seconds{{ include "monitoring.sel" (list $ctx) }}) > {{ include "monitoring.seconds" .window }}
+              unless on ({{ $byShard }})
+                max by ({{ $byShard }}) (trajflow_download_items_planned{{ include "monitoring.sel" (list $ctx) }}) == 0
+            )
+          or
+            {{- /* a download shard without its plan yet (the sources being listed, or its wait for the pod listing them) */}}
+            min by ({{ $byShard }}) (time() - trajflow_stage_start_time_seconds{{ include "monitoring.sel" (list $ctx) }}) > {{ include "monitoring.seconds" .startupWindow }}
+        )
     )
     or
     (
@@ -119,7 +128,7 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
     {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
   annotations:
     summary: {{ printf "Stage {{ $labels.stage }} shard {{ $labels.shard }} of run {{ $labels.run }} made no progress for %s" .window | quote }}
-    description: {{ printf "The shard is still running (it keeps pushing metrics and has not finished) but added no bytes, finished no items (moving already verified ones after a re-shard counts), added no trajectories and took no training steps in %s. A training rank counts from its last progress (its data ready, a step, a validation pass), or from its start when its data is not ready %s after it. Look for a hung source, a stuck storage mount or a deadlocked process in its pod's log." .window .startupWindow | quote }}
+    description: {{ printf "The shard is still running (it keeps pushing metrics and has not finished) but added no bytes, finished no items (moving already verified ones after a re-shard counts), added no trajectories and took no training steps in %s. A download shard without its plan (its sources being listed) counts from its start after %s; a training rank counts from its last progress (its data ready, a step, a validation pass), or from its start when its data is not ready %s after it. Look for a hung source, a stuck storage mount or a deadlocked process in its pod's log." .window .startupWindow .startupWindow | quote }}
 {{- end }}{{ end }}
 {{- with $a.downloadErrorRatio }}{{ if .enabled }}
 - alert: TrajflowDownloadErrorRatioHigh
