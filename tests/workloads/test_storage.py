@@ -808,3 +808,26 @@ def test_an_s3_timeout_or_dropped_connection_surfaces_as_itself(s3_storage, monk
         monkeypatch.setattr(s3_storage.client, "head_object", fail)
         with pytest.raises(type(error)):  # not AttributeError: these carry no response
             s3_storage.stat("a")
+
+
+def test_an_s3_endpoint_that_never_answers_is_told_at_each_retry(caplog):
+    """A store that accepts connections and never answers (or a policy dropping packets)
+    would otherwise mean attempts x timeout seconds of silence per call."""
+    import logging
+    import socket
+
+    from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError
+
+    from trajflow.storage.s3 import make_client
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        client = make_client(endpoint, timeout=0.3, attempts=3, anonymous=True)  # nothing to sign with here
+        with caplog.at_level(logging.WARNING, logger="trajflow.storage.s3"):
+            with pytest.raises((ReadTimeoutError, ConnectTimeoutError)):
+                client.head_bucket(Bucket="b")
+    told = [r.getMessage() for r in caplog.records]
+    assert len(told) == 2 and told[0].startswith(f"{endpoint} did not answer (") and told[-1].endswith("(attempt 3 of 3)")
+    assert client.meta.config.connect_timeout == 0.3 and make_client(endpoint, anonymous=True).meta.config.connect_timeout == 10.0

@@ -23,6 +23,7 @@ from trajflow.storage.base import INTERNAL_PREFIX, ObjectInfo, Storage, check_ke
 log = logging.getLogger(__name__)
 
 PART_SIZE = 16 * 1024 * 1024  # also the threshold between a single PUT and multipart
+CONNECT_TIMEOUT_S = 10.0
 UPLOAD_CONCURRENCY = 4  # parts of one object uploading at once, on threads of its writer
 # (endpoint, bucket) -> whether `If-None-Match: *` is enforced there
 _conditional_support: dict[tuple[str, str], bool] = {}
@@ -36,7 +37,8 @@ ELECT_SETTLE_S = 2.5
 def make_client(endpoint: str = "", region: str = "us-east-1", addressing_style: str = "path",
                 anonymous: bool = False, max_pool: int = 32, timeout: float = 60.0, attempts: int = 8) -> Any:
     """A boto3 S3 client; credentials from the standard AWS chain (env, profile, IRSA...).
-    A call that gets no answer gives up after about `attempts` x `timeout` seconds."""
+    A call that gets no answer gives up after about `attempts` x `timeout` seconds, and says
+    so at each retry (else a dead endpoint means minutes of silence)."""
     import boto3
     import botocore
     from botocore.config import Config
@@ -46,14 +48,26 @@ def make_client(endpoint: str = "", region: str = "us-east-1", addressing_style:
         s3={"addressing_style": addressing_style},
         retries={"max_attempts": attempts, "mode": "standard"},
         max_pool_connections=max_pool,
-        connect_timeout=timeout,
+        # a connection not made in seconds is a dead endpoint or dropped packets, not a slow store
+        connect_timeout=min(timeout, CONNECT_TIMEOUT_S),
         read_timeout=timeout,
         signature_version=botocore.UNSIGNED if anonymous else None,
         # keep checksums compatible with S3-compatible servers that lack the newer ones
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
-    return boto3.session.Session().client("s3", endpoint_url=endpoint or None, config=cfg)
+    client = boto3.session.Session().client("s3", endpoint_url=endpoint or None, config=cfg)
+    where = endpoint or f"S3 ({region or 'us-east-1'})"
+
+    def tell_retry(caught_exception: Exception | None = None, **event: Any) -> None:
+        # no answer at all (a refused or dropped connection, a timeout), and attempts left
+        made = int(event.get("attempts") or 0)
+        if caught_exception is not None and made < attempts:
+            log.warning("%s did not answer (%s); trying again (attempt %d of %d)", where, caught_exception,
+                        made + 1, attempts)
+
+    client.meta.events.register("needs-retry.s3", tell_retry)
+    return client
 
 
 _BUCKET = re.compile(formats.S3_BUCKET_OR_EMPTY)
