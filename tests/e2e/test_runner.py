@@ -487,6 +487,12 @@ def test_values_errors_name_the_file_and_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"no-sources\.yaml: downloader\.config\.sources is empty"):
         build_plan([values, no_sources])
     assert build_plan([values, no_sources], ["downloader.enabled=false"]).stages
+    # a value no file of the user's gave is the chart's: named so, not as a file to edit
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("{}\n")
+    with pytest.raises(ConfigError, match=r"downloader/values\.yaml \(the chart's default\): downloader\.config\.sources "
+                                          r"is empty"):
+        build_plan([empty])
 
 
 def test_a_stage_missing_from_the_install_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

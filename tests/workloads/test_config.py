@@ -333,7 +333,7 @@ def test_the_stages_after_the_downloader_know_the_generation_of_its_download(tmp
 def test_chart_default_is_used_and_null_deletes_it(tmp_path, chart):
     values = load_values([], chart_dir=chart)
     assert values.stage("downloader")["config"] == {"concurrency": 4}
-    assert values.origin(["downloader", "config", "concurrency"]).endswith("charts/downloader/values.yaml")
+    assert values.origin(["downloader", "config", "concurrency"]).endswith("charts/downloader/values.yaml (the chart's default)")
     nulled = load_values([], ["downloader.config.concurrency=null"], chart_dir=chart)
     assert nulled.stage("downloader")["config"] == {}
     assert validate_stage("downloader", nulled.stage("downloader")["config"]).concurrency == DownloadConfig().concurrency

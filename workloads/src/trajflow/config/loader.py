@@ -240,7 +240,8 @@ def _default_layers(chart: ChartValues, path: tuple[str, ...] = ()) -> list[tupl
     nested: dict[str, Any] = chart.values
     for key in reversed(path):
         nested = {key: nested}
-    layers.append((chart.source or chart.name, nested))
+    # a value no file of the user's gave: the message must not send them to edit the chart
+    layers.append((f"{chart.source or chart.name} (the chart's default)", nested))
     return layers
 
 
