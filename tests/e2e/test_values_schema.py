@@ -28,8 +28,13 @@ def dry_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     "expression, key",
     [
-        ("downloader.paralelism=3", "downloader.paralelism: unknown key"),
-        ("training.nprocPerNod=4", "training.nprocPerNod: unknown key"),
+        ("downloader.paralelism=3", "downloader.paralelism: unknown key; did you mean 'parallelism'?"),
+        ("training.nprocPerNod=4", "training.nprocPerNod: unknown key; did you mean 'nprocPerNode'?"),
+        # a stage's config key given beside its config, and a near spelling inside it
+        ("preprocessing.format=npz", "preprocessing.format: unknown key; it is a key of preprocessing.config: "
+         "preprocessing.config.format"),
+        ("preprocessing.config.targetRateH=30", "preprocessing.config.targetRateH: unknown key; did you mean "
+         "'targetRateHz'?"),
         ("downloader.enable=false", "downloader.enable: unknown key"),
         ("monitoring.enabld=true", "monitoring.enabld: unknown key"),
         ("downloader.parallelism=four", "downloader.parallelism: expected an integer"),

@@ -9,6 +9,7 @@ Errors name the file and the key path, one line each.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -377,7 +378,7 @@ def _format_errors(exc: ValidationError, raw: Any, origin: str | None, prefix: l
         elif err["type"] == "union_tag_invalid":
             msg = f"expected one of {err['ctx']['expected_tags']}, got {err['ctx']['tag']!r}"
         elif err["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + _unknown_key_hint(str(loc[-1]), _sibling_keys(values, loc), set(), loc[:-1])
         elif err["type"] == "missing":
             msg = "required key is missing"
         elif err["type"] == "string_type" and not isinstance(err["input"], (dict, list)):
@@ -636,6 +637,29 @@ def _set_number_hint(origin: str | None, value: Any) -> str:
     return "; --set passes a fraction as a string, as Helm does: give it in a values file (-f)"
 
 
+def _sibling_keys(values: Values | None, loc: list[str | int]) -> set[str]:
+    """The keys beside ``loc``'s in the merged values: the chart's defaults name every key a
+    config block has (an unknown key among them too, which is left out)."""
+    node: Any = values.merged if values is not None else {}
+    for key in loc[:-1]:
+        if isinstance(node, dict):
+            node = node.get(key)
+        elif isinstance(node, list) and isinstance(key, int) and 0 <= key < len(node):
+            node = node[key]
+        else:
+            return set()
+    return {str(k) for k in node if k != loc[-1]} if isinstance(node, dict) else set()
+
+
+def _unknown_key_hint(key: str, known: set[str], config_keys: set[str], path: list[str | int]) -> str:
+    """Where an unknown key may have been meant: a stage's `config` key put beside it, or a
+    near spelling of a known one."""
+    if key in config_keys:
+        return f"; it is a key of {_dotted([*path, 'config'])}: {_dotted([*path, 'config', key])}"
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def _schema_error_lines(error: Any, prefix: list[str | int], origin: str) -> list[tuple[list[str | int], str]]:
     """(key path, message) for one jsonschema error; an unknown key is named itself."""
     path: list[str | int] = [*prefix, *error.absolute_path]
@@ -645,7 +669,8 @@ def _schema_error_lines(error: Any, prefix: list[str | int], origin: str) -> lis
         patterns = list((schema.get("patternProperties") or {}).keys())
         extra = [k for k in error.instance if k not in known and not any(re.search(p, k) for p in patterns)]
         if extra:
-            return [([*path, key], "unknown key") for key in sorted(extra)]
+            config_keys = set(((schema.get("properties") or {}).get("config") or {}).get("properties") or {})
+            return [([*path, key], "unknown key" + _unknown_key_hint(key, known, config_keys, path)) for key in sorted(extra)]
     if error.validator == "required":
         missing = re.match(r"'([^']*)' is a required property", error.message)
         if missing:
