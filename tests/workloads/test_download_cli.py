@@ -251,6 +251,7 @@ def test_sigterm_pushes_final_metrics_and_exits_for_a_retry(server: FaultyServer
     assert proc.returncode == ExitCode.TRANSIENT, stderr[-2000:]
     assert "stopped by signal" in stderr
     assert gateway.pushes and "trajflow_stage_success 0.0" in gateway.pushes[-1][2]
+    assert "trajflow_stage_interrupted 1.0" in gateway.pushes[-1][2]  # not failed: no failed-shard alert
     # the bytes fetched so far are kept for the next run
     journals = list(web.glob(".trajflow-tmp-dlj-*"))
     assert journals and len(journals[0].read_text().splitlines()) > 2

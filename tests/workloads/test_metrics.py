@@ -145,7 +145,7 @@ def test_background_pushes_and_final_push_with_outcome(recorder):
     pusher.stop(success=False)
     assert len(recorder.requests) >= 3  # periodic pushes, then the final one
     final = recorder.requests[-1][2].decode()
-    assert "trajflow_stage_success 0.0" in final
+    assert "trajflow_stage_success 0.0" in final and "trajflow_stage_interrupted 0.0" in final
     assert "trajflow_stage_end_time_seconds" in final and "trajflow_stage_end_time_seconds 0.0" not in final
 
 

@@ -1047,6 +1047,7 @@ def test_sigterm_stops_the_shard_with_a_final_push(tmp_path, pushgateway):
     pushed = {s.name: s.value for f in text_string_to_metric_families(pushgateway.metrics_text()) for s in f.samples
               if s.labels.get("stage") == "preprocess"}
     assert pushed["trajflow_stage_end_time_seconds"] > 0 and pushed["trajflow_stage_success"] == 0
+    assert pushed["trajflow_stage_interrupted"] == 1  # not failed: the failed-shard alert leaves it alone
 
 
 def test_exit_codes_follow_the_pod_failure_policy(tmp_path):

@@ -1008,6 +1008,9 @@ def test_a_terminated_training_checkpoints_its_step_and_pushes_where_it_stopped(
     success = [ln for ln in pushgateway.metrics_text().splitlines()
                if ln.startswith("trajflow_stage_success{") and 'stage="train"' in ln]
     assert success and success[0].endswith(" 0")
+    interrupted = [ln for ln in pushgateway.metrics_text().splitlines()
+                   if ln.startswith("trajflow_stage_interrupted{") and 'stage="train"' in ln]
+    assert interrupted and interrupted[0].endswith(" 1")  # not failed: no failed-shard alert
     stopped_at = int(re.search(rf"1 rank\(s\) got a stop signal \(this one {signum}\); the group checkpointed "
                                r"step (\d+) \(epoch 0\)", err).group(1))
     newest = CheckpointStore(storage).list()[-1]

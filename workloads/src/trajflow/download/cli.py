@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
 def _download(args: argparse.Namespace) -> int:
     from trajflow import log as trajflow_log
     from trajflow.config import stage_settings
+    from trajflow.download.failures import STOPPING
     from trajflow.download.progress import ProgressReporter, human_bytes, human_duration
     from trajflow.download.shard import ShardDownloader, raise_for
     from trajflow.errors import ConfigError, TrajflowError
@@ -137,5 +138,5 @@ def _download(args: argparse.Namespace) -> int:
         raise_for(summary)
         return 0
     finally:
-        pusher.stop(success)
+        pusher.stop(success, interrupted=STOPPING.is_set())
         sys.stdout.flush()

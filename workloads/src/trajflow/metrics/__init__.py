@@ -38,6 +38,9 @@ def _common(registry: CollectorRegistry) -> dict[str, Any]:
         ),
         "end_time": Gauge("trajflow_stage_end_time_seconds", "Unix time the stage finished (0 while running).", registry=registry),
         "success": Gauge("trajflow_stage_success", "1 when the stage finished successfully, 0 otherwise.", registry=registry),
+        "interrupted": Gauge("trajflow_stage_interrupted",
+                             "1 when a signal (SIGTERM: a pod deleted, drained or preempted) stopped it, which a retry "
+                             "resumes.", registry=registry),
     }
 
 
@@ -309,11 +312,13 @@ class Pusher:
         if failed:
             log.warning("could not delete %d Pushgateway group(s) at %s, such as %s", len(failed), self.url, failed[0])
 
-    def stop(self, success: bool) -> None:
-        """Final push with end time and success flag."""
+    def stop(self, success: bool, interrupted: bool = False) -> None:
+        """Final push with end time and success flag, and whether a signal stopped the shard
+        (a pod deleted, drained or preempted: its retry resumes it, and it failed nothing)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.timeout + 1)
         self.metrics.end_time.set(time.time())
         self.metrics.success.set(1 if success else 0)
+        self.metrics.interrupted.set(1 if interrupted else 0)
         self.push()

@@ -1139,14 +1139,17 @@ def run_shard(settings: Any, storage: Storage | None = None, shard: int | None =
         if shard == 0:
             pusher.drop_shards_from(settings.shards)
 
-    ok = False
+    ok = interrupted = False
     try:
         summary = ShardProcessor(storage, shard, settings.shards, settings.config, metrics, wait_s=wait_s,
                                  started=started, download_generation=settings.download_generation).run()
         ok = True
         return summary
+    except KeyboardInterrupt:  # SIGTERM (Terminated) or Ctrl-C: resumed by a retry, not failed
+        interrupted = True
+        raise
     finally:
-        pusher.stop(ok)
+        pusher.stop(ok, interrupted=interrupted)
 
 
 def run_shards(settings: Any, shards: Sequence[int], wait_timeout_s: float = 0.0, storage: Storage | None = None,

@@ -915,7 +915,7 @@ def train(settings: StageSettings, dist: DistContext | None = None) -> dict[str,
     endpoint = MetricsEndpoint(metrics, config, dist)
     pusher = Pusher(settings.global_.metrics.pushgateway_url, metrics, run=settings.global_.run_id,
                     shard=metrics_shard(dist), labels={"local_rank": str(dist.local_rank)})
-    success = False
+    success = interrupted = False
     trainer: Trainer | None = None
     try:
         dist.setup(config.device)
@@ -941,8 +941,11 @@ def train(settings: StageSettings, dist: DistContext | None = None) -> dict[str,
             with contextlib.suppress(Exception):  # the divergence is the error to report
                 trainer.write_progress(trainer.spec, curve=True)
         raise
+    except KeyboardInterrupt:  # SIGTERM (Terminated, checkpointed) or Ctrl-C: resumed by a retry, not failed
+        interrupted = True
+        raise
     finally:
-        pusher.stop(success)
+        pusher.stop(success, interrupted=interrupted)
         endpoint.close()
         try:
             dist.close()

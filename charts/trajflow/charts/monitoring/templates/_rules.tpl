@@ -72,6 +72,9 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
     max by ({{ $byShard }}) (trajflow_stage_end_time_seconds{{ $push }}) > 0
       unless on ({{ $byShard }})
     max by ({{ $byShard }}) (trajflow_stage_success{{ $push }}) == 1
+      unless on ({{ $byShard }})
+    {{- /* stopped by a signal (a deleted Job, a drained node, a preemption): nothing failed */}}
+    max by ({{ $byShard }}) (trajflow_stage_interrupted{{ $push }}) == 1
   for: {{ .for }}
   labels:
     {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
