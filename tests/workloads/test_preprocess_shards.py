@@ -201,15 +201,23 @@ def test_a_fetch_removes_the_partial_copies_of_killed_fetchers(s3_storage, tmp_p
     entry = list_shards(s3_storage)[0]
     folder = tmp_path / "cache" / entry.sha256
     folder.mkdir(parents=True)
+    import os
+    import socket
+
+    host = socket.gethostname()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        killed = folder / f".00000.safetensors.part-{int(dead.stdout)}"
-        fetching = folder / f".00000.safetensors.part-{live.pid}"
-        killed.write_bytes(b"x" * 1000)
-        fetching.write_bytes(b"y" * 10)
+        killed = folder / f".00000.safetensors.part-{host}-{int(dead.stdout)}"
+        fetching = folder / f".00000.safetensors.part-{host}-{live.pid}"
+        # another pod's: its pids are not this pod's to judge, only its age
+        other_pod = folder / f".00000.safetensors.part-trainer-1-{int(dead.stdout)}"
+        abandoned = folder / ".00000.safetensors.part-trainer-2-7"
+        for part in (killed, fetching, other_pod, abandoned):
+            part.write_bytes(b"x" * 100)
+        os.utime(abandoned, (0, 0))
         assert fetch_shard(s3_storage, entry, tmp_path / "cache") == folder / "00000.safetensors"
-        assert not killed.exists() and fetching.exists()
+        assert sorted(p.name for p in folder.glob(".*.part-*")) == sorted([fetching.name, other_pod.name])
     finally:
         live.kill()
         live.wait()

@@ -829,5 +829,7 @@ def test_an_s3_endpoint_that_never_answers_is_told_at_each_retry(caplog):
             with pytest.raises((ReadTimeoutError, ConnectTimeoutError)):
                 client.head_bucket(Bucket="b")
     told = [r.getMessage() for r in caplog.records]
-    assert len(told) == 2 and told[0].startswith(f"{endpoint} did not answer (") and told[-1].endswith("(attempt 3 of 3)")
+    # botocore's max_attempts counts the retries: four attempts in all, each retry told once
+    assert [t.rsplit("(", 1)[-1] for t in told] == ["attempt 2 of 4)", "attempt 3 of 4)", "attempt 4 of 4)"], told
+    assert told[0].startswith(f"{endpoint} did not answer (")
     assert client.meta.config.connect_timeout == 0.3 and make_client(endpoint, anonymous=True).meta.config.connect_timeout == 10.0

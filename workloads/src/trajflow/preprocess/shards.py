@@ -45,9 +45,11 @@ import json
 import logging
 import os
 import re
+import socket
 import struct
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Iterable, Iterator, Mapping, Sequence
@@ -76,6 +78,7 @@ DTYPES: dict[str, tuple[str, np.dtype]] = {
     "bfloat16": ("BF16", np.dtype("<u2")),  # numpy has no bfloat16: raw bits
 }
 _COPY_CHUNK = 8 << 20
+ABANDONED_PART_S = 3600.0  # a partial copy unchanged this long is no live fetcher's
 
 
 # the largest header the safetensors library opens, and so the largest this module writes:
@@ -704,7 +707,7 @@ def fetch_shard(storage: Storage, entry: ShardEntry, cache_dir: str | Path, veri
             pass  # a damaged copy: fetched again
     dest.parent.mkdir(parents=True, exist_ok=True)
     _remove_parts_of_dead_fetchers(dest)
-    tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
+    tmp = _part_name(dest)
     digest = hashlib.sha256()
     try:
         with naming_write_errors(dest), storage.open_read(entry.key) as src, open(tmp, "wb") as out:
@@ -723,16 +726,28 @@ def fetch_shard(storage: Storage, entry: ShardEntry, cache_dir: str | Path, veri
     return dest
 
 
+def _part_name(dest: Path) -> Path:
+    """The partial copy this process writes: its host (a pod) and pid, as pods on one cache
+    volume may have the same pids."""
+    return dest.with_name(f".{dest.name}.part-{socket.gethostname()}-{os.getpid()}")
+
+
 def _remove_parts_of_dead_fetchers(dest: Path) -> None:
-    """Partial copies of ``dest`` whose process is gone (killed mid-fetch, out of memory):
-    shard-sized files no one finishes, on a cache volume that outlives the pods."""
+    """Partial copies of ``dest`` no one finishes (a fetcher killed mid-copy, out of memory),
+    on a cache volume that may outlive the pods: this host's whose process is gone, and any
+    unchanged for an hour (another pod's, whose pids this one cannot see)."""
     from trajflow.local.procs import alive
 
+    host = socket.gethostname()
     for part in dest.parent.glob(f".{glob.escape(dest.name)}.part-*"):
-        pid = part.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)):
-            with contextlib.suppress(OSError):
+        owner, _, pid = part.name.rpartition(".part-")[2].rpartition("-")
+        try:
+            dead = (owner == host and pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid))) \
+                or time.time() - part.stat().st_mtime > ABANDONED_PART_S
+            if dead:
                 part.unlink()
+        except OSError:
+            continue  # finished or removed meanwhile
 
 
 def open_shard(path: str | Path | None = None, *, storage: Storage | None = None, key: str | None = None,

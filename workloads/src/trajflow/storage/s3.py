@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 PART_SIZE = 16 * 1024 * 1024  # also the threshold between a single PUT and multipart
 CONNECT_TIMEOUT_S = 10.0
+_NO_ANSWER = "trajflow_no_answer"  # a request's context: why its last attempt got no answer
 UPLOAD_CONCURRENCY = 4  # parts of one object uploading at once, on threads of its writer
 # (endpoint, bucket) -> whether `If-None-Match: *` is enforced there
 _conditional_support: dict[tuple[str, str], bool] = {}
@@ -37,8 +38,9 @@ ELECT_SETTLE_S = 2.5
 def make_client(endpoint: str = "", region: str = "us-east-1", addressing_style: str = "path",
                 anonymous: bool = False, max_pool: int = 32, timeout: float = 60.0, attempts: int = 8) -> Any:
     """A boto3 S3 client; credentials from the standard AWS chain (env, profile, IRSA...).
-    A call that gets no answer gives up after about `attempts` x `timeout` seconds, and says
-    so at each retry (else a dead endpoint means minutes of silence)."""
+    A call that gets no answer gives up after about (`attempts` + 1) x `timeout` seconds (the
+    first try and `attempts` retries), and says so at each retry (else a dead endpoint means
+    minutes of silence)."""
     import boto3
     import botocore
     from botocore.config import Config
@@ -59,14 +61,21 @@ def make_client(endpoint: str = "", region: str = "us-east-1", addressing_style:
     client = boto3.session.Session().client("s3", endpoint_url=endpoint or None, config=cfg)
     where = endpoint or f"S3 ({region or 'us-east-1'})"
 
-    def tell_retry(caught_exception: Exception | None = None, **event: Any) -> None:
-        # no answer at all (a refused or dropped connection, a timeout), and attempts left
-        made = int(event.get("attempts") or 0)
-        if caught_exception is not None and made < attempts:
-            log.warning("%s did not answer (%s); trying again (attempt %d of %d)", where, caught_exception,
-                        made + 1, attempts)
+    def note_no_answer(caught_exception: Exception | None = None, request_dict: Any = None, **_: Any) -> None:
+        # no answer at all (a refused or dropped connection, a timeout); botocore decides
+        # after this whether it retries (its retry quota may say no)
+        if caught_exception is not None and request_dict is not None:
+            request_dict["context"][_NO_ANSWER] = caught_exception
 
-    client.meta.events.register("needs-retry.s3", tell_retry)
+    def tell_retry(request: Any, **_: Any) -> None:
+        context = request.context
+        attempt = int(context.get("retries", {}).get("attempt", 1))
+        if attempt > 1 and _NO_ANSWER in context:
+            log.warning("%s did not answer (%s); trying again (attempt %d of %d)", where, context.pop(_NO_ANSWER),
+                        attempt, attempts + 1)  # botocore's max_attempts counts the retries
+
+    client.meta.events.register("needs-retry.s3", note_no_answer)
+    client.meta.events.register("request-created.s3", tell_retry)
     return client
 
 
