@@ -234,3 +234,12 @@ def test_a_relative_file_source_is_resolved_against_the_working_directory(tmp_pa
     (tmp_path / "rel" / "source").mkdir(parents=True)
     result = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0 and "does not exist" not in result.stderr, result.stderr
+
+
+def test_unknown_keys_are_no_hint_for_each_other(tmp_path: Path) -> None:
+    typos = tmp_path / "typos.yaml"
+    typos.write_text(yaml.safe_dump({"training": {"config": {"epochz": 3, "epochx": 4}}}))
+    result = dry_run(tmp_path, "-f", "values/local.yaml", "-f", str(typos))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"{typos}: training.config.epochx: unknown key; did you mean 'epochs'?" in result.stderr
+    assert f"{typos}: training.config.epochz: unknown key; did you mean 'epochs'?" in result.stderr

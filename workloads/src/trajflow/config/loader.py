@@ -367,6 +367,11 @@ def _dotted(loc: list[str | int]) -> str:
 
 def _format_errors(exc: ValidationError, raw: Any, origin: str | None, prefix: list[str | int], values: Values | None) -> str:
     lines: list[str] = []
+    unknown: dict[tuple[str | int, ...], set[str]] = {}  # parent -> its unknown keys, which are no hint for each other
+    for err in exc.errors():
+        if err["type"] == "extra_forbidden":
+            loc = [*prefix, *_user_loc(raw, tuple(err["loc"]))]
+            unknown.setdefault(tuple(loc[:-1]), set()).add(str(loc[-1]))
     for err in exc.errors():
         loc = [*prefix, *_user_loc(raw, tuple(err["loc"]))]
         if err["type"] in ("union_tag_not_found", "union_tag_invalid"):
@@ -378,7 +383,8 @@ def _format_errors(exc: ValidationError, raw: Any, origin: str | None, prefix: l
         elif err["type"] == "union_tag_invalid":
             msg = f"expected one of {err['ctx']['expected_tags']}, got {err['ctx']['tag']!r}"
         elif err["type"] == "extra_forbidden":
-            msg = "unknown key" + _unknown_key_hint(str(loc[-1]), _sibling_keys(values, loc), set(), loc[:-1])
+            known = _sibling_keys(values, loc) - unknown.get(tuple(loc[:-1]), set())
+            msg = "unknown key" + _unknown_key_hint(str(loc[-1]), known, set(), loc[:-1])
         elif err["type"] == "missing":
             msg = "required key is missing"
         elif err["type"] == "string_type" and not isinstance(err["input"], (dict, list)):
