@@ -247,3 +247,20 @@ def test_a_rerun_with_changed_settings_says_what_it_kept(workspace: Workspace, f
     assert "preprocess: 2 of 2 shards were kept as made with earlier settings" in out
     assert re.search(r"^training had already finished at epoch 4 of 4 \(checkpoint train/checkpoints/ckpt-\d+\.pt, "
                      r"step \d+\): settings changed since are not applied", out, re.M)
+
+
+def test_a_rerun_needs_no_source_once_every_download_is_done(workspace: Workspace, first_run: Any) -> None:
+    """The stored plan and manifests stand for the source: a rerun after it was moved away
+    (an unmounted volume, the demo data deleted) skips the downloads and goes on."""
+    assert first_run[0].returncode == 0
+    source = workspace.root / ".trajflow" / "demo-source"
+    away = source.with_name("demo-source-away")
+    source.rename(away)
+    try:
+        proc = workspace.run()
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "'.trajflow/demo-source' does not exist on this machine" in proc.stderr
+        assert "every download shard is done, so the run goes on without it" in proc.stderr
+        assert {t["state"] for t in workspace.summary()["tasks"]} == {"skipped"}
+    finally:
+        away.rename(source)

@@ -16,6 +16,7 @@ from trajflow.config.loader import add_set_arguments
 from trajflow.errors import ConfigError
 
 if TYPE_CHECKING:
+    from trajflow.local.pipeline import RunPlan
     from trajflow.local.runner import Runner
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("\n".join(problems))
     work_dir = Path(args.work_dir) if args.work_dir else Path(".trajflow") / "runs" / plan.global_.run_id
     absent = missing_file_sources(plan)
+    if absent and not args.dry_run and not args.force and _downloads_done(plan):
+        # a rerun reads the stored plan and skips the downloads: the source is not needed
+        for problem in absent:
+            log.warning("%s; every download shard is done, so the run goes on without it", problem)
+        absent = []
     if args.dry_run:
         runner = Runner(plan, work_dir, make_view(plain=True))
         for problem in absent:  # a cluster's path, or one a later step makes (the demo's data)
@@ -77,6 +83,20 @@ def run(args: argparse.Namespace) -> int:
         console = Console(width=160)  # keep log files free of wrapped table rows
     print_summary(console, doc, stages)
     return result.exit_code
+
+
+def _downloads_done(plan: "RunPlan") -> bool:
+    """Whether the run root holds a manifest for every download shard (a rerun's case)."""
+    from trajflow.storage import done_shards, open_run_root
+    from trajflow.storage.wait import is_storage_error
+
+    down = plan.stage("downloader")
+    try:
+        return down is not None and done_shards(open_run_root(plan.global_), "download") >= set(range(down.shards))
+    except Exception as exc:
+        if not is_storage_error(exc):
+            raise
+        return False  # the runner names what is wrong with the run root
 
 
 def _dry_run(runner: "Runner") -> int:
