@@ -105,20 +105,32 @@ def test_a_cuda_stage_without_a_gpu_is_refused_at_install(stage):
     with pytest.raises(helm.HelmRenderError, match=re.escape(
             f"{stage}.config.device is cuda, but the pods have no GPU (resources.limits.nvidia.com/gpu)")):
         render([env_file("staging")], overrides)
-    mig = {f"{stage}.resources.limits.nvidia\\.com/mig-3g\\.40gb": 1}
-    spec = pod_spec(one(render([env_file("staging")], {**overrides, **mig}), "Job", stage))
-    assert spec["containers"][0]["resources"]["limits"]["nvidia.com/mig-3g.40gb"] == 1
+    for shared in ("mig-3g.40gb", "gpu.shared"):  # a MIG slice, a time-sliced GPU
+        limits = {"resources": {"limits": {"nvidia.com/gpu": None, f"nvidia.com/{shared}": 1}}}
+        spec = pod_spec(one(render([env_file("staging")], {f"{stage}.config.device": "cuda"},
+                                   values={stage: limits}), "Job", stage))
+        assert spec["containers"][0]["resources"]["limits"][f"nvidia.com/{shared}"] == 1
     # a local run's device is the machine's: the same values are no error there
     from trajflow.local.pipeline import build_plan
     assert build_plan([env_file("local")], [f"{stage}.config.device=cuda"]).stage(stage)
 
 
-def test_the_gpu_stages_tolerate_the_gpu_nodes_taint_by_default():
+def test_pods_that_ask_for_a_gpu_tolerate_the_gpu_nodes_taint():
+    # as Kubernetes' ExtendedResourceToleration plugin adds it where it is on: EKS, AKS and the
+    # GPU operator taint GPU pools, and a CPU pod has no business there
+    gpu = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     objs = render()
     for stage in ("preprocessing", "training"):
-        assert pod_spec(one(objs, "Job", stage))["tolerations"] == [
-            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        assert pod_spec(one(objs, "Job", stage))["tolerations"] == [gpu]
     assert "tolerations" not in pod_spec(one(objs, "Job", "downloader"))
+    for stage in ("preprocessing", "training"):  # dev's stages run on CPU
+        assert "tolerations" not in pod_spec(one(render([env_file("dev")]), "Job", stage))
+    # the user's own come first and are not repeated; MIG slices and AMD GPUs have theirs
+    own = {"key": "team", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}
+    objs = render(values={"preprocessing": {"tolerations": [own, gpu]},
+                          "training": {"resources": {"limits": {"nvidia.com/gpu": None, "amd.com/gpu": 2}}}})
+    assert pod_spec(one(objs, "Job", "preprocessing"))["tolerations"] == [own, gpu]
+    assert pod_spec(one(objs, "Job", "training"))["tolerations"] == [{**gpu, "key": "amd.com/gpu"}]
 
 
 def test_the_main_containers_request_their_tmp_as_disk():
@@ -503,6 +515,8 @@ REFUSED_BY_BOTH = [
      "training.resources.requests.nvidia.com/mig-1g.10gb is 1, but resources.limits.nvidia.com/mig-1g.10gb is unset"),
     ({"training.resources.limits.nvidia\\.com/gpu": "0.5"},
      "training.resources.limits.nvidia.com/gpu is 0.5: GPUs are whole devices"),
+    ({"training.resources.limits.nvidia\\.com/gpu\\.shared": "0.5"},
+     "training.resources.limits.nvidia.com/gpu.shared is 0.5: GPUs are whole devices"),
     ({"training.resources.limits.nvidia\\.com/gpu": 4},
      "training.nprocPerNode is 2, but each training pod has 4 GPUs (resources.limits.nvidia.com/gpu): 2 would sit idle"),
     ({"training.config.observation": "observation.stat"},

@@ -248,6 +248,17 @@ def _check_max_failed_indexes(values: Values, stage: str, block: dict[str, Any],
                           f"exceed the Job's {completions} completions")
 
 
+def is_gpu_resource(name: str) -> bool:
+    """A GPU or a share of one, as device plugins name them: NVIDIA's (time-sliced
+    `nvidia.com/gpu.shared`, MIG slices) and AMD's; as the chart's `trajflow.gpus` reads them."""
+    return name in ("nvidia.com/gpu", "amd.com/gpu") or name.startswith(("nvidia.com/gpu.", "nvidia.com/mig-"))
+
+
+def _as_helm_prints(value: Any) -> str:
+    """A number as the chart's templates print it: 1.0 as "1" (YAML numbers reach them as floats)."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
 def _check_gpu_counts(values: Values, stage: str, block: dict[str, Any], config: Any) -> None:
     """As the chart refuses them, though a local run ignores pod resources: GPU requests the API
     server would refuse, GPUs a pod would leave idle, or ranks it would leave without one (a
@@ -256,14 +267,15 @@ def _check_gpu_counts(values: Values, stage: str, block: dict[str, Any], config:
     resources = block.get("resources") or {}
     limits, requests = resources.get("limits") or {}, resources.get("requests") or {}
     for name in sorted({*limits, *requests}):
-        if name != "nvidia.com/gpu" and not name.startswith("nvidia.com/mig-"):
+        if not is_gpu_resource(name):
             continue
-        limit = "unset" if limits.get(name) is None else limits[name]
-        if requests.get(name) is not None and str(requests[name]) != str(limit):
+        limit = "unset" if limits.get(name) is None else _as_helm_prints(limits[name])
+        request = None if requests.get(name) is None else _as_helm_prints(requests[name])
+        if request is not None and request != limit:
             raise ConfigError(f"{values.origin([stage, 'resources', 'requests', name])}: {stage}.resources.requests."
-                              f"{name} is {requests[name]}, but resources.limits.{name} is {limit}: Kubernetes refuses "
+                              f"{name} is {request}, but resources.limits.{name} is {limit}: Kubernetes refuses "
                               f"GPU requests that differ from the limit. Set {name} in resources.limits only")
-        if limit != "unset" and not re.fullmatch(r"[0-9]+", str(limit)):
+        if limit != "unset" and not re.fullmatch(r"[0-9]+", limit):
             raise ConfigError(f"{values.origin([stage, 'resources', 'limits', name])}: {stage}.resources.limits.{name} "
                               f"is {limit}: GPUs are whole devices; set a whole number")
     gpus = int(limits.get("nvidia.com/gpu") or 0)

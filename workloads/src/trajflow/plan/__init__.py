@@ -236,7 +236,12 @@ def _lease_planning_or_wait(storage: Storage, directory: str, authoritative: str
             key = f"{prefix}{term + 1}.json"
             if storage.write_if_absent(key, _PlanningLease.document(holder)):
                 lease = _PlanningLease(storage, key, holder)
-                if not storage.exists(authoritative):
+                try:
+                    planned = storage.exists(authoritative)
+                except BaseException:
+                    lease.release()  # else the others wait for it to go stale
+                    raise
+                if not planned:
                     return lease
                 # the planner wrote its plan, then released, since this pod looked for it
                 lease.release()

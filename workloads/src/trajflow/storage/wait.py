@@ -375,7 +375,8 @@ def run(args: argparse.Namespace) -> int:
     generation = expected_download_generation(args.config, args.values, args.set)
     glob = global_settings(args.config, args.values, args.set)
     # an init container's lines, filtered with its pod's stage lines by run (and index)
-    trajflow_log.set_context(run=glob.run_id, stage="wait", shard=os.environ.get("JOB_COMPLETION_INDEX"))
+    index = os.environ.get("JOB_COMPLETION_INDEX", "")
+    trajflow_log.set_context(run=glob.run_id, stage="wait", shard=int(index) if index.isdigit() else None)
     wait_in_run_root(glob, args.stage, shards, timeout_s,
                      expect_shards=args.expect_shards, download_generation=generation)
     return 0

@@ -58,9 +58,10 @@ to the workload so that it stops with a clear error before the kubelet evicts th
 
 {{/*
 GPUs of each pod of a stage: the nvidia.com/gpu limit (0 without). Kubernetes takes GPUs
-(and MIG slices) from limits, whole, and the API server refuses a request that differs, but
-only after helm has said yes; so both are refused here, naming the key. A stage whose
-config.device is cuda needs a GPU or a MIG slice, else it fails only once its wait is over.
+(nvidia.com/gpu, its time-sliced nvidia.com/gpu.shared, MIG slices, amd.com/gpu) from
+limits, whole, and the API server refuses a request that differs, but only after helm has
+said yes; so both are refused here, naming the key. A stage whose config.device is cuda
+needs one of them, else it fails only once its wait is over.
 */}}
 {{- define "trajflow.gpus" -}}
 {{- $resources := .Values.resources | default dict -}}
@@ -68,7 +69,7 @@ config.device is cuda needs a GPU or a MIG slice, else it fails only once its wa
 {{- $requests := $resources.requests | default dict -}}
 {{- $slices := 0 -}}
 {{- range $name := concat (keys $limits) (keys $requests) | uniq | sortAlpha -}}
-{{- if or (eq $name "nvidia.com/gpu") (hasPrefix "nvidia.com/mig-" $name) -}}
+{{- if or (eq $name "nvidia.com/gpu") (eq $name "amd.com/gpu") (hasPrefix "nvidia.com/gpu." $name) (hasPrefix "nvidia.com/mig-" $name) -}}
 {{- /* `get` gives "" for a missing key, a null value stays nil */ -}}
 {{- $limit := ternary (get $limits $name) "unset" (and (hasKey $limits $name) (not (kindIs "invalid" (get $limits $name)))) -}}
 {{- $request := get $requests $name -}}
@@ -196,6 +197,31 @@ Environment of every container of a stage. Takes (dict "context" $ "shards" N "e
 {{- end -}}
 
 {{/*
+The stage's tolerations, and the usual taint of the GPU nodes its pods ask for (nvidia.com/gpu
+or amd.com/gpu, NoSchedule: the GPU operator's, EKS's and AKS's GPU pools), as Kubernetes'
+ExtendedResourceToleration admission plugin adds it where it is on (GKE).
+*/}}
+{{- define "trajflow.tolerations" -}}
+{{- $tolerations := .Values.tolerations | default list -}}
+{{- $keys := list -}}
+{{- range $tolerations }}{{ $keys = append $keys (toString .key) }}{{ end -}}
+{{- range $name, $value := ((.Values.resources | default dict).limits | default dict) -}}
+{{- $taint := "" -}}
+{{- if kindIs "invalid" $value -}}
+{{- else if or (eq $name "nvidia.com/gpu") (hasPrefix "nvidia.com/gpu." $name) (hasPrefix "nvidia.com/mig-" $name) -}}
+{{- $taint = "nvidia.com/gpu" -}}
+{{- else if eq $name "amd.com/gpu" -}}
+{{- $taint = "amd.com/gpu" -}}
+{{- end -}}
+{{- if and $taint (not (has $taint $keys)) -}}
+{{- $tolerations = append $tolerations (dict "key" $taint "operator" "Exists" "effect" "NoSchedule") -}}
+{{- $keys = append $keys $taint -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $tolerations -}}
+{{- end -}}
+
+{{/*
 One container. Takes (dict "context" $ "shards" N "container" (dict "name" "args"
 "command" "resources" "ports" "env") "main" bool); command defaults to `trajflow`.
 */}}
@@ -285,7 +311,7 @@ spec:
   nodeSelector:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- with $v.tolerations }}
+  {{- with (include "trajflow.tolerations" $ctx | fromJsonArray) }}
   tolerations:
     {{- toYaml . | nindent 4 }}
   {{- end }}
