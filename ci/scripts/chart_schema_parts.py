@@ -329,7 +329,7 @@ def shm() -> dict[str, Any]:
 
 
 def tmp() -> dict[str, Any]:
-    return closed({"sizeLimit": quantity()}, required=["sizeLimit"])
+    return closed({"sizeLimit": quantity(), "requestStorage": boolean()}, required=["sizeLimit"])
 
 
 def pod_vocabulary() -> dict[str, Any]:

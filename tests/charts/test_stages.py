@@ -593,3 +593,13 @@ def test_a_file_source_path_is_the_pods_for_the_chart(tmp_path):
     extra.write_text(yaml.safe_dump({"downloader": {"config": {"sources": [
         {"type": "file", "name": "demo", "path": str(tmp_path / "nonexist")}]}}}))
     assert one(render([env_file("local"), extra]), "Job", "downloader")
+
+
+def test_the_tmp_request_can_be_left_to_the_cluster():
+    # Kueue admits no workload that asks for a resource its ClusterQueue does not cover
+    objs = render([env_file("production")], {f"{s}.tmp.requestStorage": False for s in ("downloader", "training")},
+                  api_versions=PROMETHEUS_OPERATOR_APIS)
+    for stage in ("downloader", "training"):
+        assert "ephemeral-storage" not in pod_spec(one(objs, "Job", stage))["containers"][0]["resources"]["requests"]
+    assert pod_spec(one(objs, "Job", "preprocessing"))["containers"][0]["resources"]["requests"][
+        "ephemeral-storage"] == "100Gi"

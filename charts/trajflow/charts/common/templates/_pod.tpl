@@ -258,7 +258,8 @@ a kubelet evicting pods from a full node disk marks them disrupted, which podFai
 does not count, so they would be retried until the deadline */}}
 {{- $resources := deepCopy ($c.resources | default dict) }}
 {{- $requests := $resources.requests | default dict }}
-{{- if and .main (not (or (hasKey $requests "ephemeral-storage") (hasKey ($resources.limits | default dict) "ephemeral-storage"))) }}
+{{- $requestStorage := dig "requestStorage" true ($ctx.Values.tmp | default dict) }}
+{{- if and .main $requestStorage (not (or (hasKey $requests "ephemeral-storage") (hasKey ($resources.limits | default dict) "ephemeral-storage"))) }}
 {{- $_ := set $resources "requests" (merge (dict "ephemeral-storage" (include "trajflow.tmpSizeLimit" $ctx)) $requests) }}
 {{- end }}
 resources:
