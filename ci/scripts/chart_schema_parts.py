@@ -209,9 +209,7 @@ def pod_security_context() -> dict[str, Any]:
     )
 
 
-def container_security_context(*capabilities: str) -> dict[str, Any]:
-    """The restricted Pod Security level's container fields; `capabilities` beyond
-    NET_BIND_SERVICE are for a stage that may need them (and a namespace that allows them)."""
+def container_security_context() -> dict[str, Any]:
     return closed(
         {
             "runAsNonRoot": {"const": True, "description": "Containers never run as root"},
@@ -223,7 +221,7 @@ def container_security_context(*capabilities: str) -> dict[str, Any]:
             "capabilities": closed(
                 {
                     "drop": {"type": "array", "items": string(), "contains": {"const": "ALL"}},
-                    "add": {"type": "array", "items": {"type": "string", "enum": ["NET_BIND_SERVICE", *capabilities]}},
+                    "add": {"type": "array", "items": {"type": "string", "enum": ["NET_BIND_SERVICE"]}},
                 }
             ),
             "seccompProfile": seccomp_profile(),

@@ -102,8 +102,6 @@ def stage_schema(workload: dict[str, Any], stage: str) -> dict[str, Any]:
     if stage == "training":
         properties.update(parts.wait_vocabulary("How long the pods wait for every preprocessed shard"))
         properties.update(parts.training_vocabulary())
-        # NCCL over InfiniBand or RoCE pins memory: IPC_LOCK, in a namespace at the privileged level
-        properties["containerSecurityContext"] = parts.container_security_context("IPC_LOCK")
         required += ["waitResources", "waitTimeout", "nodes", "maxRestarts", "terminationGracePeriodSeconds", "launcher",
                      "rendezvous",
                      "clusterDomain", "inputShards"]

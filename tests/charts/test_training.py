@@ -418,14 +418,3 @@ def test_workers_get_the_grace_period_to_checkpoint(launcher):
 def test_a_grace_period_too_short_for_the_launcher_is_refused():
     with pytest.raises(helm.HelmValuesError, match="terminationGracePeriodSeconds"):
         render(set_values={"training.terminationGracePeriodSeconds": 20})
-
-
-def test_training_alone_may_add_ipc_lock_for_rdma():
-    # NCCL over InfiniBand/RoCE pins memory; no other stage, and no other capability, needs it
-    rdma = {"containerSecurityContext": {"capabilities": {"add": ["IPC_LOCK"]}}}
-    _, job = training(values={"training": rdma})
-    capabilities = container(job, "train")["securityContext"]["capabilities"]
-    assert capabilities == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
-    for values in ({"downloader": rdma}, {"training": {"containerSecurityContext": {"capabilities": {"add": ["SYS_ADMIN"]}}}}):
-        with pytest.raises(helm.HelmError, match="capabilities"):
-            training(values=values)
