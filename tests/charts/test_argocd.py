@@ -207,6 +207,10 @@ def test_a_stage_is_not_synced_before_its_input():
             "preprocessing.syncWave (2) is before downloader.syncWave (5): ArgoCD would create the preprocessing Job "
             "first")):
         render([env_file("production")], {**argocd, "downloader.syncWave": 5})
+    with pytest.raises(helm.HelmRenderError, match=re.escape(
+            "training.syncWave (2) is the same as preprocessing.syncWave (2): ArgoCD would create the training Job with "
+            "it, and its pods would hold their nodes while they wait for preprocessing; give it a later wave")):
+        render([env_file("production")], {**argocd, "training.syncWave": 2})
     objs = render([env_file("production")], {**argocd, "preprocessing.syncWave": 1})
     waves = {o["metadata"]["labels"]["app.kubernetes.io/component"]: o["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"]
              for o in objs if o["kind"] == "Job"}

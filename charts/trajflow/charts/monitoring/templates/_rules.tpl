@@ -107,7 +107,11 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
             )
           or
             {{- /* a download shard without its plan yet (the sources being listed, or its wait for the pod listing them) */}}
-            min by ({{ $byShard }}) (time() - trajflow_stage_start_time_seconds{{ include "monitoring.sel" (list $ctx) }}) > {{ include "monitoring.seconds" .startupWindow }}
+            (
+                min by ({{ $byShard }}) (time() - trajflow_stage_start_time_seconds{{ include "monitoring.sel" (list $ctx) }}) > {{ include "monitoring.seconds" .startupWindow }}
+              and on ({{ $byShard }})
+                max by ({{ $byShard }}) (trajflow_download_items_planned{{ include "monitoring.sel" (list $ctx) }}) == 0
+            )
         )
     )
     or
