@@ -294,7 +294,9 @@ def test_diverged_run_exits_with_the_diverged_code_and_restarts_do_not_retrain(t
     run = start_run(tmp_path, "nan", nproc=1, max_restarts=2, learning_rate=1e30, grad_clip=0.0, metrics_port=0)
     assert run.wait() == int(ExitCode.DIVERGED), run.log()[-4000:]
     text = run.log()
-    assert text.count("training diverged: the loss or gradient norm became NaN/Inf") == 3, text[-4000:]
+    # the worker's error, the two restarted workers' refusals, and the launcher's last line
+    assert text.count("training diverged: the loss or gradient norm became NaN/Inf") == 4, text[-4000:]
+    assert "training workers failed after 2 restart(s): training diverged" in text.strip().splitlines()[-1]
     # the agent restarted the group twice; each restarted worker stopped at once
     assert text.count("not retried: an earlier attempt of this worker group failed") == 2
     assert '"worker_exit_codes"' in text
