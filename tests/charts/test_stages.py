@@ -515,6 +515,11 @@ REFUSED_BY_BOTH = [
      "training.resources.requests.nvidia.com/mig-1g.10gb is 1, but resources.limits.nvidia.com/mig-1g.10gb is unset"),
     ({"training.resources.limits.nvidia\\.com/gpu": "0.5"},
      "training.resources.limits.nvidia.com/gpu is 0.5: GPUs are whole devices"),
+    ({"downloader.resources.requests.cpu": 3},
+     "downloader.resources.requests.cpu (3) is more than resources.limits.cpu (2)"),
+    ({"preprocessing.waitResources.requests.cpu": "2"},
+     "preprocessing.waitResources.requests.cpu (2) is more than waitResources.limits.cpu (500m): Kubernetes refuses "
+     "such pods, and the Job would start none"),
     ({"training.resources.limits.nvidia\\.com/gpu\\.shared": "0.5"},
      "training.resources.limits.nvidia.com/gpu.shared is 0.5: GPUs are whole devices"),
     ({"training.resources.limits.nvidia\\.com/gpu": 4},

@@ -53,15 +53,21 @@ def raise_open_files_limit() -> int:
     return soft
 
 
+def parse_quantity(quantity: str | float) -> float:
+    """A Kubernetes quantity ("2Gi", "500m", "1e9", 2) as a number of its units."""
+    m = _QUANTITY.match(str(quantity))
+    if m is None:
+        raise ValueError(f"{quantity!r} is not a Kubernetes quantity such as 500m, 512Mi or 2Gi")
+    number, exponent, suffix = m.groups()
+    return float(number + exponent) if exponent else float(number) * _SUFFIX[suffix]
+
+
 def parse_bytes(quantity: str) -> int:
     """A Kubernetes quantity of bytes ("2Gi", "500M", "1e9") as a whole number of bytes."""
-    m = _QUANTITY.match(quantity)
-    if m is None:
-        raise ValueError(f"{quantity!r} is not a byte quantity such as 512Mi or 2Gi")
-    number, exponent, suffix = m.groups()
-    if exponent:
-        return int(float(number + exponent))
-    return int(float(number) * _SUFFIX[suffix])
+    try:
+        return int(parse_quantity(quantity))
+    except ValueError:
+        raise ValueError(f"{quantity!r} is not a byte quantity such as 512Mi or 2Gi") from None
 
 
 def human_bytes(n: float) -> str:

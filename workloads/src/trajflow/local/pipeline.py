@@ -166,6 +166,7 @@ def build_plan(values_files: Iterable[str | Path], sets: Iterable[str] = ()) -> 
             if block.get("launcher", "job") == "job":  # a PyTorchJob has no maxFailedIndexes
                 _check_max_failed_indexes(values, stage, block, nodes)
             _check_gpu_counts(values, stage, block, config)
+            _check_requests_within_limits(values, stage, block)
             port = getattr(config, "metrics_port", 0)
             if port and port + nproc - 1 > 65535:
                 raise ConfigError(
@@ -187,6 +188,7 @@ def build_plan(values_files: Iterable[str | Path], sets: Iterable[str] = ()) -> 
             parallelism = min(parallelism, shards)
             _check_max_failed_indexes(values, stage, block, shards)
             _check_gpu_counts(values, stage, block, config)
+            _check_requests_within_limits(values, stage, block)
             plans.append(StagePlan(stage, command, module, shards, parallelism, retries, rendered, config,
                                    wait_timeout=_wait_timeout(values, stage, block)))
     if not plans:
@@ -246,6 +248,29 @@ def _check_max_failed_indexes(values: Values, stage: str, block: dict[str, Any],
     if isinstance(limit, int) and not isinstance(limit, bool) and limit > completions:
         raise ConfigError(f"{values.origin([stage, 'maxFailedIndexes'])}: {stage}.maxFailedIndexes ({limit}) cannot "
                           f"exceed the Job's {completions} completions")
+
+
+def _check_requests_within_limits(values: Values, stage: str, block: dict[str, Any]) -> None:
+    """As the chart refuses them: requests above their limits, which the API server refuses
+    for every pod of the Job."""
+    from trajflow.resources import parse_quantity
+
+    for key in ("resources", "waitResources"):
+        resources = block.get(key) or {}
+        limits = resources.get("limits") or {}
+        for name, request in sorted((resources.get("requests") or {}).items()):
+            limit = limits.get(name)
+            if is_gpu_resource(name):
+                continue  # their own rule: _check_gpu_counts
+            try:
+                above = request is not None and limit is not None and parse_quantity(request) > parse_quantity(limit)
+            except ValueError:
+                continue  # not a quantity: the schema names it
+            if above:
+                raise ConfigError(
+                    f"{values.origin([stage, key, 'requests', name])}: {stage}.{key}.requests.{name} "
+                    f"({_as_helm_prints(request)}) is more than {key}.limits.{name} ({_as_helm_prints(limit)}): "
+                    "Kubernetes refuses such pods, and the Job would start none; raise the limit or lower the request")
 
 
 def is_gpu_resource(name: str) -> bool:

@@ -156,6 +156,38 @@ automountServiceAccountToken: false
 {{- end -}}
 {{- end -}}
 
+{{/* A Kubernetes quantity (500m, 2, 1.5Gi) as a number of its units; "" for a form not read here. */}}
+{{- define "trajflow.quantity" -}}
+{{- $text := toString . -}}
+{{- $form := "^\\+?([0-9]+(\\.[0-9]*)?|\\.[0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E)?$" -}}
+{{- if regexMatch $form $text -}}
+{{- $factors := dict "" 1.0 "m" 0.001 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "E" 1e18 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0 "Ei" 1152921504606846976.0 -}}
+{{- mulf (regexReplaceAll $form $text "${1}" | float64) (get $factors (regexReplaceAll $form $text "${3}")) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Requests above their limits, which the API server refuses for every pod of the Job, after
+helm has said yes (the Job then starts none): refused here, naming the key.
+*/}}
+{{- define "trajflow.validateResources" -}}
+{{- range $key := list "resources" "waitResources" -}}
+{{- $resources := get $.Values $key | default dict -}}
+{{- $limits := $resources.limits | default dict -}}
+{{- range $name, $request := ($resources.requests | default dict) -}}
+{{- $limit := get $limits $name -}}
+{{- /* GPUs have their own rule (trajflow.gpus) */ -}}
+{{- if and (not (kindIs "invalid" $request)) (hasKey $limits $name) (not (kindIs "invalid" $limit)) (not (include "trajflow.isGpuResource" $name)) -}}
+{{- $r := include "trajflow.quantity" $request -}}
+{{- $l := include "trajflow.quantity" $limit -}}
+{{- if and $r $l (gt (float64 $r) (float64 $l)) -}}
+{{- fail (printf "%s.%s.requests.%s (%v) is more than %s.limits.%s (%v): Kubernetes refuses such pods, and the Job would start none; raise the limit or lower the request" $.Chart.Name $key $name $request $key $name $limit) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Storage settings a render cannot go on without; the values schema says the same earlier. */}}
 {{- define "trajflow.validateStorage" -}}
 {{- $storage := (include "trajflow.global" . | fromYaml).storage -}}

@@ -56,6 +56,11 @@ to the workload so that it stops with a clear error before the kubelet evicts th
 {{- (.Values.tmp | default dict).sizeLimit | default "1Gi" | toString -}}
 {{- end -}}
 
+{{/* "true" for a GPU or a share of one, as device plugins name them (trajflow.local.pipeline.is_gpu_resource). */}}
+{{- define "trajflow.isGpuResource" -}}
+{{- if or (eq . "nvidia.com/gpu") (eq . "amd.com/gpu") (hasPrefix "nvidia.com/gpu." .) (hasPrefix "nvidia.com/mig-" .) -}}true{{- end -}}
+{{- end -}}
+
 {{/*
 GPUs of each pod of a stage: the nvidia.com/gpu limit (0 without). Kubernetes takes GPUs
 (nvidia.com/gpu, its time-sliced nvidia.com/gpu.shared, MIG slices, amd.com/gpu) from
@@ -69,7 +74,7 @@ needs one of them, else it fails only once its wait is over.
 {{- $requests := $resources.requests | default dict -}}
 {{- $slices := 0 -}}
 {{- range $name := concat (keys $limits) (keys $requests) | uniq | sortAlpha -}}
-{{- if or (eq $name "nvidia.com/gpu") (eq $name "amd.com/gpu") (hasPrefix "nvidia.com/gpu." $name) (hasPrefix "nvidia.com/mig-" $name) -}}
+{{- if include "trajflow.isGpuResource" $name -}}
 {{- /* `get` gives "" for a missing key, a null value stays nil */ -}}
 {{- $limit := ternary (get $limits $name) "unset" (and (hasKey $limits $name) (not (kindIs "invalid" (get $limits $name)))) -}}
 {{- $request := get $requests $name -}}
@@ -208,10 +213,8 @@ ExtendedResourceToleration admission plugin adds it where it is on (GKE).
 {{- range $name, $value := ((.Values.resources | default dict).limits | default dict) -}}
 {{- $taint := "" -}}
 {{- if kindIs "invalid" $value -}}
-{{- else if or (eq $name "nvidia.com/gpu") (hasPrefix "nvidia.com/gpu." $name) (hasPrefix "nvidia.com/mig-" $name) -}}
-{{- $taint = "nvidia.com/gpu" -}}
-{{- else if eq $name "amd.com/gpu" -}}
-{{- $taint = "amd.com/gpu" -}}
+{{- else if include "trajflow.isGpuResource" $name -}}
+{{- $taint = ternary "amd.com/gpu" "nvidia.com/gpu" (hasPrefix "amd.com/" $name) -}}
 {{- end -}}
 {{- if and $taint (not (has $taint $keys)) -}}
 {{- $tolerations = append $tolerations (dict "key" $taint "operator" "Exists" "effect" "NoSchedule") -}}

@@ -85,6 +85,7 @@ wait), then holds the pod until every preprocessed shard is done. */}}
 
 {{- define "trajflow.training.validate" -}}
 {{- include "trajflow.validateStorage" . -}}
+{{- include "trajflow.validateResources" . -}}
 {{- if not (has .Values.launcher (list "job" "pytorchjob")) -}}
 {{- fail (printf "training.launcher must be job or pytorchjob, got %q" (toString .Values.launcher)) -}}
 {{- end -}}
