@@ -125,12 +125,15 @@ def test_pods_that_ask_for_a_gpu_tolerate_the_gpu_nodes_taint():
     assert "tolerations" not in pod_spec(one(objs, "Job", "downloader"))
     for stage in ("preprocessing", "training"):  # dev's stages run on CPU
         assert "tolerations" not in pod_spec(one(render([env_file("dev")]), "Job", stage))
-    # the user's own come first and are not repeated; MIG slices and AMD GPUs have theirs
+    # the user's own come first and are not repeated; one that does not cover the taint (another
+    # effect, a value) is no reason to leave it out; MIG slices ask for it too
     own = {"key": "team", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}
+    other_effect = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoExecute"}
     objs = render(values={"preprocessing": {"tolerations": [own, gpu]},
-                          "training": {"resources": {"limits": {"nvidia.com/gpu": None, "amd.com/gpu": 2}}}})
+                          "training": {"tolerations": [other_effect],
+                                       "resources": {"limits": {"nvidia.com/gpu": None, "nvidia.com/mig-1g.10gb": 1}}}})
     assert pod_spec(one(objs, "Job", "preprocessing"))["tolerations"] == [own, gpu]
-    assert pod_spec(one(objs, "Job", "training"))["tolerations"] == [{**gpu, "key": "amd.com/gpu"}]
+    assert pod_spec(one(objs, "Job", "training"))["tolerations"] == [other_effect, gpu]
 
 
 def test_the_main_containers_request_their_tmp_as_disk():

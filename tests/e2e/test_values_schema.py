@@ -243,3 +243,20 @@ def test_unknown_keys_are_no_hint_for_each_other(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"{typos}: training.config.epochx: unknown key; did you mean 'epochs'?" in result.stderr
     assert f"{typos}: training.config.epochz: unknown key; did you mean 'epochs'?" in result.stderr
+
+
+def test_an_earlier_runs_download_manifests_do_not_stand_for_a_missing_source(tmp_path: Path) -> None:
+    # manifests of another shard count (or generation) are no download this run would skip
+    from trajflow.storage import LocalStorage, write_manifest
+
+    root = tmp_path / "data"
+    for shard in range(4):  # values/local.yaml's runId and shard count, another generation
+        write_manifest(LocalStorage(root / "demo"), "download", shard, 4, [], generation="earlier")
+    values = tmp_path / "missing.yaml"
+    values.write_text(yaml.safe_dump({"downloader": {"config": {"sources": [
+        {"type": "file", "name": "demo", "path": str(tmp_path / "nonexist")}]}}}))
+    run = subprocess.run([*trajflow_cmd(), "run", "-f", "values/local.yaml", "-f", str(values), "--set",
+                          f"global.storage.filesystem.path={root}", "--work-dir", str(tmp_path / "run")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == 2 and "does not exist on this machine" in run.stderr, run.stdout + run.stderr
+    assert "the run goes on without it" not in run.stderr

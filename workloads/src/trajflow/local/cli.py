@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("\n".join(problems))
     work_dir = Path(args.work_dir) if args.work_dir else Path(".trajflow") / "runs" / plan.global_.run_id
     absent = missing_file_sources(plan)
-    if absent and not args.dry_run and not args.force and _downloads_done(plan):
+    if absent and not args.force and _downloads_done(plan):
         # a rerun reads the stored plan and skips the downloads: the source is not needed
         for problem in absent:
             log.warning("%s; every download shard is done, so the run goes on without it", problem)
@@ -86,17 +86,25 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _downloads_done(plan: "RunPlan") -> bool:
-    """Whether the run root holds a manifest for every download shard (a rerun's case)."""
-    from trajflow.storage import done_shards, open_run_root
+    """Whether the run root holds this download's manifest for every shard (a rerun's case):
+    of this shard count and generation, not an earlier run's."""
+    from trajflow.storage import open_run_root, read_manifest
     from trajflow.storage.wait import is_storage_error
 
     down = plan.stage("downloader")
+    if down is None:
+        return False
     try:
-        return down is not None and done_shards(open_run_root(plan.global_), "download") >= set(range(down.shards))
+        storage = open_run_root(plan.global_)
+        for shard in range(down.shards):
+            doc = read_manifest(storage, "download", shard)
+            if doc is None or doc.get("shards") != down.shards or doc.get("generation") != down.config.generation_id():
+                return False
+        return True
     except Exception as exc:
-        if not is_storage_error(exc):
+        if not (isinstance(exc, ValueError) or is_storage_error(exc)):
             raise
-        return False  # the runner names what is wrong with the run root
+        return False  # a torn manifest, or a run root the runner will name
 
 
 def _dry_run(runner: "Runner") -> int:

@@ -274,9 +274,9 @@ def _check_requests_within_limits(values: Values, stage: str, block: dict[str, A
 
 
 def is_gpu_resource(name: str) -> bool:
-    """A GPU or a share of one, as device plugins name them: NVIDIA's (time-sliced
-    `nvidia.com/gpu.shared`, MIG slices) and AMD's; as the chart's `trajflow.gpus` reads them."""
-    return name in ("nvidia.com/gpu", "amd.com/gpu") or name.startswith(("nvidia.com/gpu.", "nvidia.com/mig-"))
+    """An NVIDIA GPU or a share of one (time-sliced `nvidia.com/gpu.shared`, MIG slices), as the
+    chart's `trajflow.isGpuResource` reads them."""
+    return name == "nvidia.com/gpu" or name.startswith(("nvidia.com/gpu.", "nvidia.com/mig-"))
 
 
 def _as_helm_prints(value: Any) -> str:

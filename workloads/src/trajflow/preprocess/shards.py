@@ -742,8 +742,10 @@ def _remove_parts_of_dead_fetchers(dest: Path) -> None:
     for part in dest.parent.glob(f".{glob.escape(dest.name)}.part-*"):
         owner, _, pid = part.name.rpartition(".part-")[2].rpartition("-")
         try:
-            dead = (owner == host and pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid))) \
-                or time.time() - part.stat().st_mtime > ABANDONED_PART_S
+            if owner == host:  # this pod's: its fetcher's pid says (a live one may stall for long)
+                dead = pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid))
+            else:
+                dead = time.time() - part.stat().st_mtime > ABANDONED_PART_S
             if dead:
                 part.unlink()
         except OSError:

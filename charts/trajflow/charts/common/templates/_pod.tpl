@@ -58,12 +58,12 @@ to the workload so that it stops with a clear error before the kubelet evicts th
 
 {{/* "true" for a GPU or a share of one, as device plugins name them (trajflow.local.pipeline.is_gpu_resource). */}}
 {{- define "trajflow.isGpuResource" -}}
-{{- if or (eq . "nvidia.com/gpu") (eq . "amd.com/gpu") (hasPrefix "nvidia.com/gpu." .) (hasPrefix "nvidia.com/mig-" .) -}}true{{- end -}}
+{{- if or (eq . "nvidia.com/gpu") (hasPrefix "nvidia.com/gpu." .) (hasPrefix "nvidia.com/mig-" .) -}}true{{- end -}}
 {{- end -}}
 
 {{/*
 GPUs of each pod of a stage: the nvidia.com/gpu limit (0 without). Kubernetes takes GPUs
-(nvidia.com/gpu, its time-sliced nvidia.com/gpu.shared, MIG slices, amd.com/gpu) from
+(nvidia.com/gpu, its time-sliced nvidia.com/gpu.shared, MIG slices) from
 limits, whole, and the API server refuses a request that differs, but only after helm has
 said yes; so both are refused here, naming the key. A stage whose config.device is cuda
 needs one of them, else it fails only once its wait is over.
@@ -202,24 +202,24 @@ Environment of every container of a stage. Takes (dict "context" $ "shards" N "e
 {{- end -}}
 
 {{/*
-The stage's tolerations, and the usual taint of the GPU nodes its pods ask for (nvidia.com/gpu
-or amd.com/gpu, NoSchedule: the GPU operator's, EKS's and AKS's GPU pools), as Kubernetes'
-ExtendedResourceToleration admission plugin adds it where it is on (GKE).
+The stage's tolerations, and the usual taint of the GPU nodes its pods ask for (nvidia.com/gpu,
+NoSchedule: the GPU operator's, EKS's and AKS's GPU pools), as Kubernetes'
+ExtendedResourceToleration admission plugin adds it where it is on (GKE), unless one of the
+stage's already tolerates it.
 */}}
 {{- define "trajflow.tolerations" -}}
 {{- $tolerations := .Values.tolerations | default list -}}
-{{- $keys := list -}}
-{{- range $tolerations }}{{ $keys = append $keys (toString .key) }}{{ end -}}
+{{- $gpu := false -}}
 {{- range $name, $value := ((.Values.resources | default dict).limits | default dict) -}}
-{{- $taint := "" -}}
-{{- if kindIs "invalid" $value -}}
-{{- else if include "trajflow.isGpuResource" $name -}}
-{{- $taint = ternary "amd.com/gpu" "nvidia.com/gpu" (hasPrefix "amd.com/" $name) -}}
+{{- if and (not (kindIs "invalid" $value)) (include "trajflow.isGpuResource" $name) }}{{ $gpu = true }}{{ end -}}
 {{- end -}}
-{{- if and $taint (not (has $taint $keys)) -}}
-{{- $tolerations = append $tolerations (dict "key" $taint "operator" "Exists" "effect" "NoSchedule") -}}
-{{- $keys = append $keys $taint -}}
+{{- $covered := false -}}
+{{- range $tolerations -}}
+{{- /* another effect, or a value the taint may not have, leaves it untolerated */ -}}
+{{- if and (has (.key | default "") (list "nvidia.com/gpu" "")) (eq (.operator | default "Equal") "Exists") (has (.effect | default "") (list "NoSchedule" "")) }}{{ $covered = true }}{{ end -}}
 {{- end -}}
+{{- if and $gpu (not $covered) -}}
+{{- $tolerations = append $tolerations (dict "key" "nvidia.com/gpu" "operator" "Exists" "effect" "NoSchedule") -}}
 {{- end -}}
 {{- toJson $tolerations -}}
 {{- end -}}

@@ -68,13 +68,17 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
   shard out of retries at hour 1 of a long run would otherwise alert at its end. A retry
   pushes again (training forgets its group at its start), which ends the alert.
   */}}
+  {{- /* per pushed group (a training pod's ranks push one each: a rank stopped by its failing
+  sibling's SIGTERM must not hide that sibling), then per shard */}}
   expr: |
-    max by ({{ $byShard }}) (trajflow_stage_end_time_seconds{{ $push }}) > 0
-      unless on ({{ $byShard }})
-    max by ({{ $byShard }}) (trajflow_stage_success{{ $push }}) == 1
-      unless on ({{ $byShard }})
-    {{- /* stopped by a signal (a deleted Job, a drained node, a preemption): nothing failed */}}
-    max by ({{ $byShard }}) (trajflow_stage_interrupted{{ $push }}) == 1
+    max by ({{ $byShard }}) (
+        (trajflow_stage_end_time_seconds{{ $push }} > 0)
+      unless on ({{ $byShard }}, local_rank)
+        (trajflow_stage_success{{ $push }} == 1)
+      unless on ({{ $byShard }}, local_rank)
+        {{- /* stopped by a signal (a deleted Job, a drained node, a preemption): nothing failed */}}
+        (trajflow_stage_interrupted{{ $push }} == 1)
+    )
   for: {{ .for }}
   labels:
     {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
