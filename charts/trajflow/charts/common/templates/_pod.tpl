@@ -72,7 +72,7 @@ needs one of them, else it fails only once its wait is over.
 {{- $resources := .Values.resources | default dict -}}
 {{- $limits := $resources.limits | default dict -}}
 {{- $requests := $resources.requests | default dict -}}
-{{- $slices := 0 -}}
+{{- $devices := 0 -}}
 {{- range $name := concat (keys $limits) (keys $requests) | uniq | sortAlpha -}}
 {{- if include "trajflow.isGpuResource" $name -}}
 {{- /* `get` gives "" for a missing key, a null value stays nil */ -}}
@@ -84,10 +84,10 @@ needs one of them, else it fails only once its wait is over.
 {{- if and (ne (toString $limit) "unset") (not (regexMatch "^[0-9]+$" (toString $limit))) -}}
 {{- fail (printf "%s.resources.limits.%s is %v: GPUs are whole devices; set a whole number" $.Chart.Name $name $limit) -}}
 {{- end -}}
-{{- $slices = add $slices (int $limit) -}}
+{{- $devices = add $devices (int $limit) -}}
 {{- end -}}
 {{- end -}}
-{{- if and (eq (toString (dig "device" "auto" (.Values.config | default dict))) "cuda") (eq $slices 0) -}}
+{{- if and (eq (toString (dig "device" "auto" (.Values.config | default dict))) "cuda") (eq $devices 0) -}}
 {{- fail (printf "%s.config.device is cuda, but the pods have no GPU (resources.limits.nvidia.com/gpu): set the limit, or device auto or cpu" .Chart.Name) -}}
 {{- end -}}
 {{- int (dig "limits" "nvidia.com/gpu" 0 $resources) -}}
