@@ -75,8 +75,8 @@ from trajflow.storage import (
     write_manifest,
 )
 from trajflow.storage.local import NAME_MAX
-from trajflow.storage.s3 import S3Storage
 from trajflow.storage.manifest import manifest_key
+from trajflow.storage.s3 import S3Storage
 from trajflow.storage.wait import fatal_storage_error
 
 log = logging.getLogger(__name__)
@@ -723,7 +723,6 @@ class ShardDownloader:
             return
         if removed:
             log.info("removed %d abandoned temporary file(s)", removed)
-
 
     def _abort_stale_uploads(self) -> None:
         """The object-store counterpart: uploads that killed runs began in this shard's

@@ -259,9 +259,9 @@ def _check_requests_within_limits(values: Values, stage: str, block: dict[str, A
         resources = block.get(key) or {}
         limits = resources.get("limits") or {}
         for name, request in sorted((resources.get("requests") or {}).items()):
-            limit = limits.get(name)
             if is_gpu_resource(name):
                 continue  # their own rule: _check_gpu_counts
+            limit = limits.get(name)
             try:
                 above = request is not None and limit is not None and parse_quantity(request) > parse_quantity(limit)
             except ValueError:

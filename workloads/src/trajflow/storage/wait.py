@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 
 # A bare number is seconds only when it stands alone: in `1h30` the unit of 30 is a guess.
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)|(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?)\s*$")
+WAITING_LOG_INTERVAL_S = 300.0  # a long wait says what it waits for this often, and when that changes
 # ClientError codes that no amount of waiting fixes, with what to check
-WAITING_LOG_INTERVAL_S = 300.0
 _BAD_IDENTITY = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
 _CREDENTIALS_HINT = "global.storage.s3.existingSecret (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or workload identity"
 
