@@ -518,6 +518,8 @@ REFUSED_BY_BOTH = [
      "training.resources.requests.nvidia.com/mig-1g.10gb is 1, but resources.limits.nvidia.com/mig-1g.10gb is unset"),
     ({"training.resources.limits.nvidia\\.com/gpu": "0.5"},
      "training.resources.limits.nvidia.com/gpu is 0.5: GPUs are whole devices"),
+    ({"training.resources.limits.nvidia\\.com/mig-1g\\.10gb": 2},
+     "training.resources.limits asks for 2 MIG slices, but a CUDA process sees one: 1 would sit idle"),
     ({"downloader.resources.requests.cpu": 3},
      "downloader.resources.requests.cpu (3) is more than resources.limits.cpu (2)"),
     ({"preprocessing.waitResources.requests.cpu": "2"},

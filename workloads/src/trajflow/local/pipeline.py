@@ -303,6 +303,11 @@ def _check_gpu_counts(values: Values, stage: str, block: dict[str, Any], config:
         if limit != "unset" and not re.fullmatch(r"[0-9]+", limit):
             raise ConfigError(f"{values.origin([stage, 'resources', 'limits', name])}: {stage}.resources.limits.{name} "
                               f"is {limit}: GPUs are whole devices; set a whole number")
+    slices = sum(int(_as_helm_prints(v)) for k, v in limits.items() if k.startswith("nvidia.com/mig-") and v is not None)
+    if slices > 1:
+        raise ConfigError(f"{values.origin([stage, 'resources', 'limits'])}: {stage}.resources.limits asks for {slices} "
+                          f"MIG slices, but a CUDA process sees one: {slices - 1} would sit idle. Give each pod one "
+                          "slice and run more pods")
     gpus = int(limits.get("nvidia.com/gpu") or 0)
     where = values.origin([stage, "resources", "limits", "nvidia.com/gpu"])
     if stage == "preprocessing" and gpus > 1:

@@ -73,6 +73,7 @@ needs one of them, else it fails only once its wait is over.
 {{- $limits := $resources.limits | default dict -}}
 {{- $requests := $resources.requests | default dict -}}
 {{- $devices := 0 -}}
+{{- $migSlices := 0 -}}
 {{- range $name := concat (keys $limits) (keys $requests) | uniq | sortAlpha -}}
 {{- if include "trajflow.isGpuResource" $name -}}
 {{- /* `get` gives "" for a missing key, a null value stays nil */ -}}
@@ -85,7 +86,11 @@ needs one of them, else it fails only once its wait is over.
 {{- fail (printf "%s.resources.limits.%s is %v: GPUs are whole devices; set a whole number" $.Chart.Name $name $limit) -}}
 {{- end -}}
 {{- $devices = add $devices (int $limit) -}}
+{{- if hasPrefix "nvidia.com/mig-" $name }}{{ $migSlices = add $migSlices (int $limit) }}{{ end -}}
 {{- end -}}
+{{- end -}}
+{{- if gt $migSlices 1 -}}
+{{- fail (printf "%s.resources.limits asks for %d MIG slices, but a CUDA process sees one: %d would sit idle. Give each pod one slice and run more pods" .Chart.Name $migSlices (sub $migSlices 1)) -}}
 {{- end -}}
 {{- if and (eq (toString (dig "device" "auto" (.Values.config | default dict))) "cuda") (eq $devices 0) -}}
 {{- fail (printf "%s.config.device is cuda, but the pods have no GPU (resources.limits.nvidia.com/gpu): set the limit, or device auto or cpu" .Chart.Name) -}}
