@@ -497,7 +497,7 @@ def test_a_sigterm_aborts_the_uploads_in_flight(s3_server: Any, s3_storage: Any,
 
     import yaml
 
-    server.rate_bytes_per_s = 4 * MiB
+    server.rate_bytes_per_s = 2 * MiB  # the upload begins after 8 s, the item would take 24 s
     url = server.add("/slow.bin", payload(48 * MiB, seed=3))
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
@@ -520,6 +520,7 @@ def test_a_sigterm_aborts_the_uploads_in_flight(s3_server: Any, s3_storage: Any,
     finally:
         proc.kill()
     assert proc.returncode == ExitCode.TRANSIENT and "stopped by signal" in stderr, stderr[-2000:]
+    assert root.stat("raw/00000/web/slow.bin") is None  # stopped, not finished
     assert _uploads(root) == []
 
 

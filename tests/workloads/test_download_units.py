@@ -766,3 +766,47 @@ def test_a_move_across_mounts_copies_only_bytes_that_still_match_their_record(tm
         with pytest.raises(ValueError, match="raw/00001/ds/a.bin no longer matches its verification record"):
             transfer.relocate(root, "raw/00001/ds/a.bin", "raw/00000/ds/a.bin", record)
         assert not root.exists("raw/00000/ds/a.bin")  # nothing unverified gets the name
+
+
+def test_a_stopped_shard_waits_for_its_workers_to_end_their_items():
+    """A SIGTERM raised in the main thread while it waits for the workers: they are told to
+    stop and waited for (a worker ending its item closes its file, or aborts its upload),
+    before the stop goes on, also where the interrupted join left them looking stopped."""
+    import signal
+    import threading
+    import time
+
+    from trajflow.download.shard import Scheduler
+
+    ended: list[str] = []
+    started = threading.Event()
+    scheduler: Scheduler
+
+    def prepare(item: Item) -> None:  # an item in flight: it ends only once the shard stops
+        started.set()
+        scheduler.pause(30)
+        time.sleep(0.5)  # closing its file, aborting its upload
+        ended.append(item.key)
+
+    class Stop(Exception):
+        pass
+
+    def on_signal(signum, frame):  # type: ignore[no-untyped-def]
+        raise Stop
+
+    scheduler = Scheduler(2, [Item("a", 1)], prepare, memory_bytes=1 << 20)
+    previous = signal.signal(signal.SIGUSR1, on_signal)
+    def interrupt() -> None:
+        started.wait(10)
+        time.sleep(0.2)  # the main thread waiting for the workers
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+
+    timer = threading.Thread(target=interrupt)
+    timer.start()
+    try:
+        with pytest.raises(Stop):
+            scheduler.run()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        timer.join()
+    assert ended == ["a"]

@@ -8,6 +8,7 @@ fact the same, so the parameters match bit for bit, which is asserted as well).
 """
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -123,7 +124,9 @@ def scrape_while_running(run: Run) -> threading.Thread:
                 try:
                     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as resp:
                         match = pattern.search(resp.read().decode())
-                except OSError:
+                # before a rank listens, a connection to its free port can meet itself (a TCP
+                # self-connect echoes the request back as the status line)
+                except (OSError, http.client.HTTPException):
                     continue
                 if match:
                     run.scraped[port] = max(run.scraped.get(port, 0.0), float(match.group(1)))

@@ -173,6 +173,7 @@ class Scheduler:
         self._active: list[ItemTransfer] = []  # with parts left to take
         self._unfinished: dict[str, ItemTransfer] = {}  # item key -> transfer, until its item's outcome
         self._busy = 0
+        self._live = 0  # workers not yet returned
         self._stopped = False
         self._prepare = prepare
 
@@ -230,6 +231,14 @@ class Scheduler:
                 self._cond.wait(timeout=1.0)
 
     def _worker(self) -> None:
+        try:
+            self._work()
+        finally:
+            with self._cond:
+                self._live -= 1
+                self._cond.notify_all()
+
+    def _work(self) -> None:
         while True:
             unit = self._next()
             if unit is None:
@@ -247,18 +256,21 @@ class Scheduler:
 
     def run(self) -> None:
         threads = [threading.Thread(target=self._worker, name=f"download-{i}", daemon=True) for i in range(self.workers)]
-        for t in threads:
-            t.start()
         try:
+            for t in threads:
+                with self._cond:
+                    self._live += 1
+                t.start()
             for t in threads:
                 t.join()
         except BaseException:
             # stopped (a SIGTERM raises here): the workers end their items, which closes their
-            # files for the next run and aborts their uploads, rather than die with the process
+            # files for the next run and aborts their uploads, rather than die with the process.
+            # Counted, not joined: a join interrupted by a signal leaves its thread looking
+            # stopped (CPython 3.11), and joining it again returns at once.
             self.stop()
-            deadline = time.monotonic() + STOP_WAIT_S
-            for t in threads:
-                t.join(max(0.0, deadline - time.monotonic()))
+            with self._cond:
+                self._cond.wait_for(lambda: self._live == 0, STOP_WAIT_S)
             raise
 
 
