@@ -92,12 +92,13 @@ def _manifests(storage: Storage, stage: str, shards: int) -> list[dict[str, Any]
     for shard in range(shards):
         try:
             doc = read_manifest(storage, stage, shard)
+        except ValueError as exc:  # a torn or foreign manifest: the others still count
+            log.warning("cannot read %s manifest %d: %s", stage, shard, exc)
+            continue
         except Exception as exc:
-            if not (isinstance(exc, ValueError) or is_storage_error(exc)):
+            if not is_storage_error(exc):
                 raise
             log.warning("cannot read %s manifest %d: %s", stage, shard, exc)
-            if isinstance(exc, ValueError):
-                continue
             break
         if doc is not None:
             out.append(doc)
