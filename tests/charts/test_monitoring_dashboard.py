@@ -1,8 +1,8 @@
 """The dashboard's shard-state queries evaluated by `promtool test rules` on a crafted set of
 series (every variable at its default, All): a shard is one (run, stage, shard), so a finished
 earlier run does not hide the current run's shard, a retried training pod (the failed pod's
-pushed final values next to the new pod's scraped ranks) is running, not failed, its live
-figures are shown rather than the failed pod's, and panels about running shards leave
+pushed final values next to the new pod's scraped ranks) is running, not failed, a shard
+stopped by a signal has not failed, its live figures are shown rather than the failed pod's, and panels about running shards leave
 finished ones out, and killed ones too: a pushed shard whose pushes stopped without an end time
 (OOM, SIGKILL) is not running."""
 from __future__ import annotations
@@ -52,9 +52,16 @@ SERIES: list[dict[str, str]] = [
     # stay in the Pushgateway, but its pushes stopped
     *_shard(PUSHED, "new", "download", "2", end=0, success=0, start=100, progress=120, killed=True,
             trajflow_download_inflight=4, trajflow_download_bytes_completed=0, trajflow_download_bytes_planned=0),
+    # shard 3 was stopped by a signal (a drained node): it did not fail
+    *_shard(PUSHED, "new", "download", "3", end=180, success=0, start=100, progress=170, trajflow_stage_interrupted=1),
     # training: the first pod failed and pushed its final values; the retried pod is scraped
     *_shard(PUSHED, "r1", "train", "0", end=100, success=0, start=10, progress=90, extra=', local_rank="0"'),
     *_shard(SCRAPED, "r1", "train", "0", end=0, success=0, start=200, progress=280, extra=', local_rank="0"'),
+    # another run's training pod: rank 0 failed, and its SIGTERM stopped rank 1, which must not hide it
+    *_shard(PUSHED, "r2", "train", "0", end=150, success=0, start=10, progress=140, extra=', local_rank="0"',
+            trajflow_stage_interrupted=0),
+    *_shard(PUSHED, "r2", "train", "0", end=150, success=0, start=10, progress=140, extra=', local_rank="1"',
+            trajflow_stage_interrupted=1),
     # the failed training pod's pushed final figures stay in the Pushgateway while the retried
     # pod's two ranks are scraped live, each counting every optimiser step
     *[{"series": f'{name}{{{PUSHED}, run="r1", shard="0", local_rank="0"{extra}}}', "values": f"{value:g}x10"}
@@ -78,7 +85,7 @@ SERIES: list[dict[str, str]] = [
 EXPECTED: dict[str, list[tuple[str, float]]] = {
     "panel 'Shards running' A": [('{stage="download"}', 1), ('{stage="train"}', 1), ('{stage="preprocess"}', 1)],
     "panel 'Shards succeeded' A": [('{stage="download"}', 1), ('{stage="preprocess"}', 2)],
-    "panel 'Shards failed' A": [('{stage="download"}', 1)],
+    "panel 'Shards failed' A": [('{stage="download"}', 1), ('{stage="train"}', 1)],
     "panel 'Time since last progress' A": [
         ('{stage="download", shard="0"}', 30), ('{stage="train", shard="0"}', 20), ('{stage="preprocess", shard="2"}', 10)],
     "panel 'Shard wall time' B": [
@@ -91,7 +98,8 @@ EXPECTED: dict[str, list[tuple[str, float]]] = {
     "panel 'Stage outcome' A": [
         ('{run="old", stage="download", shard="0"}', 1), ('{run="new", stage="download", shard="0"}', 0),
         ('{run="new", stage="download", shard="1"}', 0), ('{run="new", stage="download", shard="2"}', 0),
-        ('{run="r1", stage="train", shard="0"}', 0),
+        ('{run="new", stage="download", shard="3"}', 0),
+        ('{run="r1", stage="train", shard="0"}', 0), ('{run="r2", stage="train", shard="0"}', 0),
         ('{run="r1", stage="preprocess", shard="0"}', 1), ('{run="r1", stage="preprocess", shard="1"}', 1),
         ('{run="r1", stage="preprocess", shard="2"}', 0), ('{run="r1", stage="preprocess", shard="3"}', 0)],
     # the live figures, not the failed attempt's; steps/s of the run, not summed over its ranks
