@@ -37,8 +37,8 @@ def test_checked_in_schemas_match_trajflow_schema():
 def test_schema_config_parts_are_what_trajflow_schema_prints():
     """The drift check compares like with like: the embedded blocks are the CLI's output."""
     import trajflow.config.cli  # noqa: F401  (a moved or broken module must fail here, not skip)
-    trajflow = Path(sys.executable).with_name("trajflow")
-    cmd = [str(trajflow)] if trajflow.exists() else [sys.executable, "-m", "trajflow.cli"]
+    console_script = Path(sys.executable).with_name("trajflow")
+    cmd = [str(console_script)] if console_script.exists() else [sys.executable, "-m", "trajflow.cli"]
     printed = json.loads(subprocess.run([*cmd, "schema"], capture_output=True, text=True, check=True).stdout)
 
     def strip(node):

@@ -498,7 +498,7 @@ def test_values_errors_name_the_file_and_key(tmp_path: Path) -> None:
 def test_a_stage_missing_from_the_install_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from trajflow.local import pipeline
 
-    monkeypatch.setitem(pipeline.STAGES, "preprocessing", ("preprocess", "trajflow.no_such_stage.cli", "resampled"))
+    monkeypatch.setitem(pipeline.STAGES, "preprocessing", ("preprocess", "trajflow.no_such_stage.cli"))
     plan = build_plan([write_values(tmp_path)])
     problems = [p for p in missing_stage_modules(plan) if p.startswith("preprocessing")]
     assert len(problems) == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
+import logging
 import random
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from trajflow.download.shard import check_destinations, dest_key
 from trajflow.download.sources import PathFilter, catalog_entries
 from trajflow.download.transfer import FileSink, Gunzip, _contiguous, boot_id
 from trajflow.download.verify import Digests, Expected, header_checksums, item_fingerprint, s3_etag_md5
-from trajflow.errors import ConfigError
+from trajflow.errors import ConfigError, TransientError
 from trajflow.plan import Item
 
 
@@ -248,7 +249,6 @@ def test_retries_end_once_the_process_is_told_to_stop(monkeypatch: pytest.Monkey
     import threading
 
     from trajflow.download import failures
-    from trajflow.errors import TransientError
 
     stopping = threading.Event()
     monkeypatch.setattr(failures, "STOPPING", stopping)
@@ -676,6 +676,28 @@ def test_s3_sources_retry_throttling_without_client_side_rate_limiting() -> None
     # adaptive mode slows every later request of the pod once a few were throttled; the
     # downloader's own backoff (which honours Retry-After) paces retries instead
     assert runtime.client.meta.config.retries["mode"] == "standard"
+
+
+def test_an_s3_source_that_does_not_answer_is_told_at_each_retry(caplog: pytest.LogCaptureFixture) -> None:
+    """Sources get the run root's client: connections time out in seconds, each retry of a call
+    that got no answer is logged naming the endpoint, and the listing fails as retryable."""
+    import socket
+
+    from trajflow.download.sources import HttpClients, S3SourceRuntime
+
+    with socket.socket() as listener:  # accepts connections, never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        config = cfg(sources=[{"type": "s3", "name": "lake", "url": "s3://src/d", "endpoint": endpoint, "anonymous": True}])
+        assert S3SourceRuntime(config.sources[0], HttpClients(60.0, 1), 1, 60.0).client.meta.config.connect_timeout == 10.0  # type: ignore[arg-type]
+        runtime = S3SourceRuntime(config.sources[0], HttpClients(0.2, 1), 1, 0.2)  # type: ignore[arg-type]
+        with caplog.at_level(logging.WARNING, logger="trajflow.storage.s3"):
+            with pytest.raises(TransientError, match="source 'lake': listing s3://src/d failed"):
+                runtime.list_items(lambda fn: fn(), 1)
+    told = [r.getMessage() for r in caplog.records if "did not answer" in r.getMessage()]
+    assert told and all(t.startswith(f"{endpoint} did not answer (") for t in told), caplog.text
+    assert told[-1].endswith("attempt 6 of 6)")
 
 
 def test_progress_of_items_of_unknown_size_counts_items(caplog: pytest.LogCaptureFixture) -> None:

@@ -657,6 +657,25 @@ def test_metrics_json_has_no_nan_and_curve_is_png(tmp_path: Path) -> None:
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
 
 
+def test_the_loss_curve_leaves_out_non_finite_losses_and_goes_logarithmic_over_decades() -> None:
+    """One drawing for the training's loss_curve.png and the report's picture."""
+    from matplotlib.figure import Figure
+
+    from trajflow.train.curves import plot_losses
+
+    def drawn(history: list[dict], initial: float | None) -> tuple[bool, str, list[list[tuple[float, float]]]]:  # type: ignore[type-arg]
+        ax = Figure().add_subplot(1, 1, 1)
+        plotted = plot_losses(ax, history, initial)
+        return plotted, ax.get_yscale(), [list(map(tuple, line.get_xydata().tolist())) for line in ax.get_lines()]
+
+    history = [{"epoch": 0, "train_loss": 1.0, "val_loss": 0.5}, {"epoch": 1, "train_loss": float("nan"), "val_loss": 0.01}]
+    plotted, scale, lines = drawn(history, 2.0)
+    assert plotted and scale == "log"  # 2.0 down to 0.01
+    assert lines == [[(1.0, 1.0)], [(0.0, 2.0), (1.0, 0.5), (2.0, 0.01)]]  # the NaN left out; epoch 0: untrained
+    assert drawn(history[:1], None)[1] == "linear"
+    assert drawn([{"epoch": 0, "train_loss": None}], None)[0] is False
+
+
 @pytest.mark.parametrize(
     ("codes", "expected"),
     [([5, 1], ExitCode.DIVERGED), ([1, -9], ExitCode.ERROR), ([2, 5], ExitCode.CONFIG), ([4], ExitCode.TRANSIENT),
@@ -695,11 +714,23 @@ def test_validation_loss_halves_and_the_model_artifact_predicts(tmp_path: Path, 
     assert err == pytest.approx(summary["best_val_loss"], rel=1e-3)
 
 
-def test_a_finished_run_resumes_to_the_same_result_without_training(tmp_path: Path) -> None:
+def test_a_finished_run_resumes_to_the_same_result_without_training(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     settings, storage = small_run(tmp_path, epochs=2)
     first = train(settings)
     checkpoints = CheckpointStore(storage).list()
+    payload_reads: list[str] = []
+    read_bytes = LocalStorage.read_bytes
+
+    def counting(self: LocalStorage, key: str) -> bytes:
+        if key.endswith(".pt"):
+            payload_reads.append(key)
+        return read_bytes(self, key)
+
+    monkeypatch.setattr(LocalStorage, "read_bytes", counting)
     again = train(settings)
+    # the checkpoint resumed from (rank 0 verified it: not read again), then the best one for the model
+    assert payload_reads == [checkpoints[-1].key, CheckpointStore(storage).best().key]
     assert again["steps"] == first["steps"] and again["history"] == first["history"]
     assert CheckpointStore(storage).list() == checkpoints  # nothing trained, nothing written
     assert again["resumed_from"][-1]["step"] == first["steps"]

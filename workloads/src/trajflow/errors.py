@@ -19,6 +19,10 @@ class ExitCode(IntEnum):
     TIMEOUT = 6  # waited too long for upstream: retry
 
 
+# exit codes no retry changes: the chart's podFailurePolicy fails the Job or the index on them
+FINAL_EXIT_CODES = frozenset({ExitCode.CONFIG, ExitCode.PERMANENT, ExitCode.DIVERGED})
+
+
 class TrajflowError(Exception):
     """An error with a one-line message meant for the user, and an exit code."""
 

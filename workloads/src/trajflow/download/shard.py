@@ -729,7 +729,7 @@ class ShardDownloader:
             for directory in directories:
                 removed += sweep_abandoned_temporaries(self.root.local_path(directory))
                 # a download temporary of a live process may be older (a stalled stream): by its lock only
-                removed += self.root.remove_stale_temporaries(directory, older_than_s=3600.0, keep=DOWNLOAD_TMP_PREFIX)
+                removed += self.root.remove_stale_temporaries(directory, keep=DOWNLOAD_TMP_PREFIX)
         except OSError as exc:
             log.warning("could not clean temporaries: %s", exc)
             return

@@ -48,6 +48,7 @@ from trajflow.download.verify import Expected, declared_checksums, header_checks
 from trajflow.errors import ConfigError, TransientError
 from trajflow.plan import Item
 from trajflow.storage.base import check_key
+from trajflow.storage.s3 import error_code, http_status, is_not_found, make_client, parse_s3_uri
 
 log = logging.getLogger(__name__)
 
@@ -358,12 +359,12 @@ class S3SourceRuntime(SourceRuntime):
     def __init__(self, cfg: S3Source, clients: HttpClients, max_connections: int, timeout_s: float):
         super().__init__(cfg.name, cfg.required)
         self.cfg = cfg
-        # taken literally: '#' and '?' are characters of S3 keys, not a fragment or a query
-        bucket, _, prefix = cfg.url[len("s3://"):].partition("/")
-        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.bucket, self.prefix = parse_s3_uri(cfg.url)
         self.filter = PathFilter(cfg.include, cfg.exclude)
         self.http = clients.get(cfg.ca_bundle, cfg.name)
-        self.client = self._make_client(max_connections, timeout_s)
+        self.client = make_client(cfg.endpoint, cfg.region, cfg.addressing_style, anonymous=cfg.anonymous,
+                                  max_pool=max_connections, timeout=timeout_s, attempts=5,
+                                  credentials=self._credentials(), verify=cfg.ca_bundle)
 
     def _credentials(self) -> dict[str, str]:
         prefix = self.cfg.credentials_env_prefix
@@ -382,33 +383,10 @@ class S3SourceRuntime(SourceRuntime):
             creds["aws_session_token"] = token
         return creds
 
-    def _make_client(self, max_connections: int, timeout_s: float) -> Any:
-        import boto3
-        import botocore
-        from botocore.config import Config
-
-        config = Config(
-            region_name=self.cfg.region or "us-east-1",
-            s3={"addressing_style": self.cfg.addressing_style},
-            retries={"max_attempts": 5, "mode": "standard"},
-            max_pool_connections=max_connections,
-            connect_timeout=timeout_s,
-            read_timeout=timeout_s,
-            signature_version=botocore.UNSIGNED if self.cfg.anonymous else "s3v4",
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        )
-        session = boto3.session.Session(**self._credentials())
-        return session.client(
-            "s3", endpoint_url=self.cfg.endpoint or None, config=config, verify=self.cfg.ca_bundle or None
-        )
-
     def _list_error(self, exc: Exception) -> Exception:
         from botocore import exceptions as boto_errors
 
-        from trajflow.storage.s3 import _error_code, _status
-
-        code, status = _error_code(exc), _status(exc)  # timeouts and dropped connections carry no response
+        code, status = error_code(exc), http_status(exc)  # timeouts and dropped connections carry no response
         what = f"source {self.name!r}: listing {self.cfg.url} failed"
         if isinstance(exc, (boto_errors.NoCredentialsError, boto_errors.PartialCredentialsError)):
             return ConfigError(f"{what}: no usable credentials ({exc}); give them through credentialsEnvPrefix or "
@@ -466,9 +444,7 @@ class S3SourceRuntime(SourceRuntime):
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self.prefix)
         except Exception as exc:
-            from trajflow.storage.s3 import _is_not_found
-
-            if _is_not_found(exc):
+            if is_not_found(exc):
                 return []
             raise
         rel = self.prefix.rsplit("/", 1)[-1]

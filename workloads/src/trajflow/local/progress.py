@@ -13,7 +13,6 @@ from trajflow.log import stdout_to_devnull
 if TYPE_CHECKING:
     from trajflow.local.runner import Runner, Task
 
-STAGE_TITLES = {"downloader": "download", "preprocessing": "preprocess", "training": "train"}
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}
 
 
@@ -99,7 +98,7 @@ def stage_statuses(runner: "Runner") -> list[StageStatus]:
         out.append(
             StageStatus(
                 stage=stage.stage,
-                title=STAGE_TITLES.get(stage.stage, stage.stage),
+                title=stage.command,
                 total=len(tasks),
                 finished=sum(1 for t in tasks if t.state in r.FINISHED),
                 skipped=sum(1 for t in tasks if t.state == r.SKIPPED),
@@ -119,7 +118,7 @@ def stage_statuses(runner: "Runner") -> list[StageStatus]:
 def describe_plan(runner: "Runner") -> str:
     parts = []
     for stage in runner.plan.stages:
-        title = STAGE_TITLES.get(stage.stage, stage.stage)
+        title = stage.command
         if stage.stage == "training":
             parts.append(f"{title} ({stage.nproc_per_node} DDP process(es))")
         else:

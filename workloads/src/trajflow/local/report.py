@@ -7,7 +7,6 @@ import datetime as dt
 import html
 import json
 import logging
-import math
 import os
 import platform
 import urllib.parse
@@ -15,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trajflow.errors import ExitCode
+from trajflow.errors import FINAL_EXIT_CODES
 from trajflow.files import replace_file, write_via_temporary
-from trajflow.local.progress import STAGE_TITLES
 from trajflow.resources import human_bytes
 from trajflow.storage import Storage, read_manifest, read_train_metrics
 from trajflow.storage.manifest import TRAIN_ARTIFACT_DIR, TRAIN_CHECKPOINT_DIR, TRAIN_MODEL_KEY
 from trajflow.storage.wait import is_storage_error
+from trajflow.train.curves import finite_number, plot_losses
 
 if TYPE_CHECKING:
     from trajflow.local.runner import Runner, RunResult
@@ -112,12 +111,6 @@ def _location(root: str, key: str) -> str:
     return f"{root}/{key}"
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(float(value)) else None
-
-
 def training_history(storage: Storage | None, logged: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Per-epoch metrics and the run's summary: the training's own metrics.json in the run
     root when it wrote one (and `storage` is given), else what its log lines carried
@@ -151,7 +144,7 @@ def summarize(runner: "Runner") -> tuple[list[StageSummary], list[dict[str, Any]
         spans = [(t.started, t.ended) for t in tasks if t.started is not None and t.ended is not None]
         seconds = (max(e for _, e in spans) - min(s for s, _ in spans)) if spans else None
         summary = StageSummary(
-            plan.stage, STAGE_TITLES.get(plan.stage, plan.stage), len(tasks), len(ran),
+            plan.stage, plan.command, len(tasks), len(ran),
             sum(1 for t in tasks if t.state == r.SKIPPED), sum(1 for t in tasks if t.state == r.FAILED), seconds,
         )
         f = summary.figures
@@ -159,10 +152,10 @@ def summarize(runner: "Runner") -> tuple[list[StageSummary], list[dict[str, Any]
             docs = _manifests(storage, "download", plan.shards)
             items = [i for d in docs for i in d.get("items", []) if isinstance(i, dict)]
             f["items"] = len(items)
-            f["bytes"] = int(sum(_number(i.get("size")) or 0 for i in items))
+            f["bytes"] = int(sum(finite_number(i.get("size")) or 0 for i in items))
             # what the shards received in this run, as their final log lines say: a resumed
             # shard's items verified in place were not moved again
-            received = [_number(t.fields["summary"].get("bytes_received")) for t in ran
+            received = [finite_number(t.fields["summary"].get("bytes_received")) for t in ran
                         if isinstance(t.fields.get("summary"), dict)]
             if seconds and received:
                 f["bytes_per_second"] = sum(r or 0 for r in received) / seconds
@@ -170,16 +163,16 @@ def summarize(runner: "Runner") -> tuple[list[StageSummary], list[dict[str, Any]
             from trajflow.preprocess.stage import stale_settings
 
             docs = _manifests(storage, "preprocess", plan.shards)
-            f["trajectories"] = int(sum(_number(d.get("trajectories")) or _number(d.get("num_episodes")) or 0 for d in docs))
-            f["frames"] = int(sum(_number(d.get("num_frames")) or 0 for d in docs))
-            f["quarantined"] = int(sum(_number(d.get("quarantined")) or 0 for d in docs))
-            rates = {d.get("rate_hz") for d in docs if _number(d.get("rate_hz"))}
+            f["trajectories"] = int(sum(finite_number(d.get("trajectories")) or finite_number(d.get("num_episodes")) or 0 for d in docs))
+            f["frames"] = int(sum(finite_number(d.get("num_frames")) or 0 for d in docs))
+            f["quarantined"] = int(sum(finite_number(d.get("quarantined")) or 0 for d in docs))
+            rates = {d.get("rate_hz") for d in docs if finite_number(d.get("rate_hz"))}
             f["rate_hz"] = float(rates.pop()) if len(rates) == 1 else 0.0
             # shards this run made, not those its processes found done (their summary says skipped)
             made = {t.shard for t in ran
                     if not (isinstance(t.fields.get("summary"), dict) and t.fields["summary"].get("skipped"))}
             if seconds and made:
-                work = sum(_number(d.get("trajectories")) or 0 for d in docs if d.get("shard") in made)
+                work = sum(finite_number(d.get("trajectories")) or 0 for d in docs if d.get("shard") in made)
                 f["trajectories_per_second"] = work / seconds
             summary.kept = sum(1 for t in ran if isinstance(t.fields.get("summary"), dict) and t.fields["summary"].get("stale"))
             summary.ran -= summary.kept
@@ -194,11 +187,11 @@ def summarize(runner: "Runner") -> tuple[list[StageSummary], list[dict[str, Any]
                 history, doc = training_history(storage, tasks[0].history)
             else:  # metrics.json may be an earlier run's: show only what this run's training said
                 history, doc = training_history(None, tasks[0].history if tasks else [])
-            scored = [(h.get("epoch", i), v) for i, h in enumerate(history) if (v := _number(h.get("val_loss"))) is not None]
-            trains = [v for v in (_number(h.get("train_loss")) for h in history) if v is not None]
-            initial = _number(doc.get("initial_val_loss"))
+            scored = [(h.get("epoch", i), v) for i, h in enumerate(history) if (v := finite_number(h.get("val_loss"))) is not None]
+            trains = [v for v in (finite_number(h.get("train_loss")) for h in history) if v is not None]
+            initial = finite_number(doc.get("initial_val_loss"))
             if initial is None and tasks:  # an interrupted run: its log said it (a resumed one did not)
-                initial = _number(tasks[0].fields.get("initial_val_loss"))
+                initial = finite_number(tasks[0].fields.get("initial_val_loss"))
             if scored:
                 best_epoch, best = min(scored, key=lambda e: e[1])  # the earliest on a tie, as training picks
                 f.update(final_val_loss=scored[-1][1], best_val_loss=best, best_epoch=best_epoch, epochs=len(history))
@@ -206,8 +199,8 @@ def summarize(runner: "Runner") -> tuple[list[StageSummary], list[dict[str, Any]
                 f["initial_val_loss"] = initial
             if trains:
                 f["final_train_loss"] = trains[-1]
-            speed = _number(doc.get("samples_per_second"))
-            speeds = [v for v in (_number(h.get("samples_per_second")) for h in history) if v]
+            speed = finite_number(doc.get("samples_per_second"))
+            speeds = [v for v in (finite_number(h.get("samples_per_second")) for h in history) if v]
             if speed or speeds:
                 f["samples_per_second"] = speed or sorted(speeds)[len(speeds) // 2]
             for key in ("status", "world_size", "device"):
@@ -277,29 +270,11 @@ def render_png(path: Path, runner: "Runner", result: "RunResult", history: list[
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     fig, (ax_loss, ax_time) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.3]})
-    epochs = [int(h["epoch"]) + 1 if _number(h.get("epoch")) is not None else i + 1 for i, h in enumerate(history)]
-    plotted = False
-    for key, label, style in (("train_loss", "training", "-o"), ("val_loss", "validation", "-s")):
-        points = [(e, _number(h.get(key))) for e, h in zip(epochs, history)]
-        points = [(e, v) for e, v in points if v is not None]
-        if key == "val_loss" and initial is not None:
-            points.insert(0, (0, initial))  # epoch 0: the untrained model
-        if points:
-            ax_loss.plot([e for e, _ in points], [v for _, v in points], style, markersize=3, label=label)
-            plotted = True
-    if plotted:
-        ax_loss.set_yscale("log")
-        ax_loss.legend()
-    else:
+    if not plot_losses(ax_loss, history, initial):
         ax_loss.text(0.5, 0.5, "no training metrics in this run", ha="center", va="center", transform=ax_loss.transAxes)
-    ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_loss.set_title("Loss per epoch")
-    ax_loss.set_xlabel("epoch (0: before training)")
-    ax_loss.set_ylabel("loss (MSE)")
-    ax_loss.grid(True, alpha=0.3)
 
     ran = [t for t in result.tasks if t.started is not None and t.ended is not None]
     labels: list[str] = []
@@ -421,7 +396,7 @@ def print_summary(console: Any, doc: dict[str, Any], stages: list[StageSummary])
     console.print(table)
     for note in notes(doc, stages):
         console.print(note, style="yellow", highlight=False, soft_wrap=True)
-    if doc["exitCode"] in (ExitCode.CONFIG, ExitCode.PERMANENT, ExitCode.DIVERGED):  # a rerun as it is fails again
+    if doc["exitCode"] in FINAL_EXIT_CODES:  # a rerun as it is fails again
         console.print("finished shards are kept: fix what the error above names, then the same command resumes from "
                       "them", style="yellow", highlight=False)
     elif doc["exitCode"] != 0:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 from trajflow.config.loader import DATASET_CONFIG_ENV
-from trajflow.errors import ConfigError, ExitCode, TransientError
+from trajflow.errors import FINAL_EXIT_CODES, ConfigError, ExitCode, TransientError
 from trajflow.local import procs
 from trajflow.files import replace_file
 from trajflow.local.pipeline import RunPlan, StagePlan
@@ -51,7 +51,6 @@ from trajflow.storage.local import TMP_PREFIX
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-FATAL_CODES = {int(ExitCode.CONFIG), int(ExitCode.PERMANENT), int(ExitCode.DIVERGED)}
 GRACE_SECONDS = 20.0
 STORAGE_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0)  # the runner's reads of the run root, then it gives up
 
@@ -481,14 +480,9 @@ class Runner:
         return digest.hexdigest()
 
     def _output_present(self, task: Task) -> bool:
-        stage = task.stage.stage
-        if stage == "downloader":
-            key = manifest_key("download", task.shard)
-        elif stage == "preprocessing":
-            key = manifest_key("preprocess", task.shard)
-        else:
+        if task.stage.stage == "training":
             return self._from_storage("looking for the trained model", lambda: training_finished(self.storage))
-        return self._exists(key)
+        return self._exists(manifest_key(task.stage.command, task.shard))
 
     def _exists(self, key: str) -> bool:
         return bool(self._from_storage(f"looking for {key}", lambda: self.storage.exists(key)))
@@ -668,8 +662,8 @@ class Runner:
         task.proc = None
         if code == 0:
             if task.stage.stage != "training" and not self._output_present(task):
-                kind = "download" if task.stage.stage == "downloader" else "preprocess"
-                self._finish_failed(task, int(ExitCode.ERROR), f"exited 0 but wrote no manifest {manifest_key(kind, task.shard)}")
+                self._finish_failed(task, int(ExitCode.ERROR),
+                                    f"exited 0 but wrote no manifest {manifest_key(task.stage.command, task.shard)}")
                 return
             task.state = DONE
             elapsed = task.ended - (task.started or task.ended)
@@ -680,7 +674,7 @@ class Runner:
                 self._work_dir_failed(exc, self.state.path)
             return
         why = _describe_exit(code)
-        if code in FATAL_CODES:
+        if code in FINAL_EXIT_CODES:
             self._finish_failed(task, code, f"{why}: {_EXIT_MEANING.get(code, '')}; not retried")
         elif task.attempts <= task.stage.retries:
             delay = min(2.0 ** (task.attempts - 1), MAX_RETRY_DELAY_SECONDS)

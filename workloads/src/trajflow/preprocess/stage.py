@@ -46,6 +46,7 @@ from trajflow.preprocess.readers import FileResult, Quarantined, RawEpisode, Sou
 from trajflow.preprocess.shards import ShardWriter, report_key, settings_differences, settings_of, shard_key
 from trajflow.resources import cpu_budget, tmp_size_limit
 from trajflow.storage import (
+    LocalStorage,
     Storage,
     manifest_key,
     read_manifest,
@@ -416,9 +417,9 @@ class _OrderedWriter:
     own when they finish asynchronously on a GPU, else as they are put (on the CPU a batch
     is done when it is put, and a second thread would only contend for the GIL)."""
 
-    def __init__(self, writer: ShardWriter, metrics: StageMetrics, dims: dict[str, int], dtype: str, depth: int,
+    def __init__(self, writer: ShardWriter, metrics: StageMetrics, dims: dict[str, int], depth: int,
                  started: float, threaded: bool):
-        self.writer, self.metrics, self.dims, self.dtype = writer, metrics, dims, dtype
+        self.writer, self.metrics, self.dims = writer, metrics, dims
         self.queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self.error: BaseException | None = None
         self.stopped = threading.Event()
@@ -693,9 +694,8 @@ class ShardProcessor:
             log.warning("shard %s %s: it is preprocessed again", shard_name(shard), redo)
             self.storage.delete(manifest_key("preprocess", shard))  # not done until redone
         self._remove_foreign_manifests()
-        remove = getattr(self.storage, "remove_stale_temporaries", None)
-        if remove is not None:  # left by a killed run of this or another shard
-            remove("resampled", older_than_s=3600.0)
+        if isinstance(self.storage, LocalStorage):  # left by a killed run of this or another shard
+            self.storage.remove_stale_temporaries("resampled")
 
         import torch
 
@@ -812,7 +812,7 @@ class ShardProcessor:
             dims = dict(next(ep.dims for ep in undecided if _widths(ep) == best))
             writer = ShardWriter(self.storage, shard_key(self.shard), dims, cfg.dtype, cfg.target_rate_hz,
                                  spool_bytes=cfg.spool_memory_mib << 20, spill_limit_bytes=spill_limit)
-            drain = _OrderedWriter(writer, self.metrics, dims, cfg.dtype, cfg.prefetch + 1, self.started,
+            drain = _OrderedWriter(writer, self.metrics, dims, cfg.prefetch + 1, self.started,
                                    threaded=resampler.cuda)
             for ep in undecided:
                 admit(ep)
@@ -1104,8 +1104,6 @@ def _set_throughput(metrics: StageMetrics, episodes: int, seconds: float) -> Non
 
 
 def _sha256(data: bytes) -> str:
-    import hashlib
-
     return hashlib.sha256(data).hexdigest()
 
 

@@ -14,6 +14,7 @@ from trajflow.storage.base import INTERNAL_PREFIX, ObjectInfo, Storage, check_ke
 # Temporaries sit next to their final name, hidden behind the internal prefix that
 # listings skip on every backend.
 TMP_PREFIX = f"{INTERNAL_PREFIX}tmp-"
+STALE_TEMPORARY_S = 3600.0  # a temporary unchanged this long is a killed writer's
 
 
 # The longest file name ext4, XFS and NFS accept, in bytes.
@@ -244,7 +245,7 @@ class LocalStorage(Storage):
     def child(self, prefix: str) -> "LocalStorage":
         return LocalStorage(self._path(prefix))
 
-    def remove_stale_temporaries(self, prefix: str = "", older_than_s: float = 3600.0, keep: str = "") -> int:
+    def remove_stale_temporaries(self, prefix: str = "", older_than_s: float = STALE_TEMPORARY_S, keep: str = "") -> int:
         """Delete temporaries left by killed writers, but those whose name starts with
         `keep` (a writer that can tell its own abandoned ones apart); returns how many."""
         import time

@@ -135,9 +135,9 @@ def fatal_storage_error(exc: Exception, where: str, doing: str = "use") -> Trajf
             f"{_CREDENTIALS_HINT}"
         )
     if isinstance(exc, boto_errors.ClientError):
-        from trajflow.storage.s3 import _error_code, _status
+        from trajflow.storage.s3 import error_code, http_status
 
-        code = _error_code(exc)
+        code = error_code(exc)
         refused = _s3_action(exc)
         if refused is not None:
             doing = refused[1]
@@ -145,11 +145,11 @@ def fatal_storage_error(exc: Exception, where: str, doing: str = "use") -> Trajf
             hint = f"the store does not accept these credentials: check {_CREDENTIALS_HINT}"
         elif code == "NoSuchBucket":
             hint = "the bucket does not exist: check global.storage.s3.bucket and endpoint"
-        elif code in ("AccessDenied", "AllAccessDisabled") or _status(exc) == 403:
+        elif code in ("AccessDenied", "AllAccessDisabled") or http_status(exc) == 403:
             needed = f"{refused[0]} (refused here) among " if refused else ""
             hint = (f"the credentials need {needed}{', '.join(RUN_ROOT_ACTIONS)} on the run root's bucket "
                     "(charts/trajflow/README.md, Storage)")
-        elif (not code or code.isdigit()) and 400 <= (_status(exc) or 0) < 500 and _status(exc) not in (408, 429):
+        elif (not code or code.isdigit()) and 400 <= (http_status(exc) or 0) < 500 and http_status(exc) not in (408, 429):
             # an HTTP error without an S3 error document: no S3 store answers there
             hint = "the endpoint does not answer as an S3 store: check global.storage.s3.endpoint"
         else:

@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from trajflow.testing import free_port, tool_path
 
@@ -97,12 +97,3 @@ class Pushgateway:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-@contextlib.contextmanager
-def pushgateway() -> Iterator[Pushgateway]:
-    server = Pushgateway.start()
-    try:
-        yield server
-    finally:
-        server.stop()

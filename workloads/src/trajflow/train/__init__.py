@@ -8,6 +8,9 @@ Modules (torch is imported by the modules, never by this package or `cli`):
     loop        the training loop: resume, steps, evaluation, early stopping, artifacts
     checkpoint  atomic checkpoints with markers, newest-valid resume, retention
     artifacts   metrics.json, loss curve, resolved config, the model for inference
+    curves      the loss curve's drawing (torch-free: `trajflow run`'s report uses it too)
+    synthetic   generated shards of a known dynamical system, for tests and benchmarks
+    errors      TrainingDiverged
     launch      the elastic launcher that maps worker exit codes to the pod's
     cli         `trajflow train`
 

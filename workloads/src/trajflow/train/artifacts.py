@@ -24,6 +24,7 @@ import yaml
 
 from trajflow.storage import Storage, open_storage
 from trajflow.storage.manifest import TRAIN_ARTIFACT_DIR, TRAIN_METRICS_KEY, TRAIN_MODEL_KEY
+from trajflow.train.curves import plot_losses
 from trajflow.train.models import ModelSpec, TrajectoryModel
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def write_config(storage: Storage, resolved: dict[str, Any]) -> None:
 
 
 def render_loss_curve(history: list[dict[str, Any]], initial_val_loss: float | None, title: str) -> bytes:
-    """PNG of training and validation loss per epoch (log scale when the losses span decades)."""
+    """PNG of training and validation loss per epoch."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -66,25 +67,8 @@ def render_loss_curve(history: list[dict[str, Any]], initial_val_loss: float | N
 
     fig = Figure(figsize=(7, 4.2), dpi=110)
     ax = fig.add_subplot(1, 1, 1)
-    epochs = [h["epoch"] + 1 for h in history]
-    train = [h.get("train_loss") for h in history]
-    val_x = ([0] if initial_val_loss is not None else []) + epochs
-    val = ([initial_val_loss] if initial_val_loss is not None else []) + [h.get("val_loss") for h in history]
-    if epochs:
-        ax.plot(epochs, train, marker="o", label="training")
-    if val_x:
-        ax.plot(val_x, val, marker="s", label="validation")
-    values = [v for v in train + val if v is not None and v > 0 and math.isfinite(v)]
-    if values and max(values) / min(values) > 30:
-        ax.set_yscale("log")
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch (0: before training)")
-    ax.set_ylabel("loss (MSE, normalised units)")
+    plot_losses(ax, history, initial_val_loss)
     ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
     fig.subplots_adjust(left=0.13, right=0.97, top=0.9, bottom=0.13)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

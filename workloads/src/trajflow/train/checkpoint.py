@@ -132,8 +132,8 @@ class CheckpointStore:
 
     # ---- reading ------------------------------------------------------------------------
 
-    def load(self, info: CheckpointInfo, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-        """The payload of `info`, verified against its marker (CheckpointError otherwise)."""
+    def load(self, info: CheckpointInfo) -> dict[str, Any]:
+        """The payload of `info` on the CPU, verified against its marker (CheckpointError otherwise)."""
         try:
             data = self.storage.read_bytes(info.key)
         except FileNotFoundError:
@@ -147,7 +147,7 @@ class CheckpointStore:
         remedy = ("it is intact and kept: run the trajflow/torch version that wrote it, or use a new "
                   f"global.runId or remove {self._where(CHECKPOINT_DIR)}/")
         try:
-            state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except MemoryError:
             raise  # not the file's fault either: an ordinary (retried) failure
         except Exception as exc:  # noqa: BLE001  an unpickler that refuses verified bytes
@@ -157,16 +157,14 @@ class CheckpointStore:
             raise CheckpointUnreadable(f"{self._where(info.key)}: not a trajflow checkpoint payload; {remedy}")
         return state
 
-    def latest_valid(
-        self, map_location: str | torch.device = "cpu"
-    ) -> tuple[CheckpointInfo | None, dict[str, Any] | None, list[CheckpointInfo]]:
+    def latest_valid(self) -> tuple[CheckpointInfo | None, dict[str, Any] | None, list[CheckpointInfo]]:
         """(info, payload) of the newest checkpoint that verifies and loads, or (None, None);
         and the newer ones skipped as corrupt (each warned about). A verified one that does
         not load raises CheckpointUnreadable: falling back to an older one would lose it."""
         skipped: list[CheckpointInfo] = []
         for info in reversed(self.list()):
             try:
-                return info, self.load(info, map_location), skipped
+                return info, self.load(info), skipped
             except CheckpointError as exc:
                 log.warning("skipping corrupt checkpoint: %s", exc)
                 skipped.append(info)

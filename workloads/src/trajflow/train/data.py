@@ -333,7 +333,6 @@ class WindowDataset(Dataset):
     def __init__(self, shards: ShardSet, episodes: Sequence[EpisodeRef], config: TrainConfig):
         self.shards = shards
         self.window = config.window
-        self.task = config.task
         self.input_stream = config.observation
         self.target_stream = config.observation if config.task == "forecast" else config.action
         # the target's row relative to the window start

@@ -17,19 +17,17 @@ import shutil
 import socket
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from trajflow.errors import ExitCode, TrajflowError
+from trajflow.errors import FINAL_EXIT_CODES, ExitCode, TrajflowError
 from trajflow.files import replace_file
 
 log = logging.getLogger(__name__)
 
 # the order in which a worker exit code decides the pod's
 _DECISIVE = (ExitCode.CONFIG, ExitCode.DIVERGED, ExitCode.PERMANENT, ExitCode.TRANSIENT, ExitCode.TIMEOUT)
-# worker exit codes no restart of the group changes (the chart fails the Job or the index on them)
-FINAL = (ExitCode.CONFIG, ExitCode.PERMANENT, ExitCode.DIVERGED)
 # set by the launcher for its workers: where a worker records a final failure, and the agent's pid
 FINAL_FAILURE_ENV = "TRAJFLOW_FINAL_FAILURE_FILE"
 AGENT_PID_ENV = "TRAJFLOW_AGENT_PID"
@@ -41,7 +39,7 @@ KEPT_FINAL_FAILURE_FILE = "trajflow-final-failure.json"
 def record_final_failure(exc: TrajflowError) -> None:
     """Note a worker's final failure for the restarted group (see `earlier_final_failure`)."""
     path = os.environ.get(FINAL_FAILURE_ENV)
-    if not path or exc.exit_code not in FINAL:
+    if not path or exc.exit_code not in FINAL_EXIT_CODES:
         return
     with contextlib.suppress(OSError):
         replace_file(Path(path), json.dumps({"exit_code": int(exc.exit_code), "message": str(exc)}))
@@ -84,7 +82,6 @@ class LaunchOptions:
     max_restarts: int = 0
     monitor_interval: float = 0.5
     local_addr: str = ""  # this node's address as the others reach it
-    extra: list[str] = field(default_factory=list)  # more torchrun options, passed as they are
 
     def torchrun_args(self) -> list[str]:
         args = [
@@ -102,7 +99,7 @@ class LaunchOptions:
             args.append(f"--rdzv-conf={self.rdzv_conf}")
         if self.local_addr:
             args.append(f"--local-addr={self.local_addr}")
-        return [*args, *self.extra]
+        return args
 
 
 def worker_command(train_args: Sequence[str], log_level: str | None = None) -> list[str]:

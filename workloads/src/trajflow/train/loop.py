@@ -295,12 +295,13 @@ class Trainer:
         """Load the newest valid checkpoint (chosen on rank 0, loaded by every rank)."""
         choice: dict[str, Any] | None = None
         unreadable: str | None = None
+        payload: dict[str, Any] | None = None
         if self.dist.is_main:
             if isinstance(self.storage, LocalStorage):
                 # not the temporary a pod of an earlier Job may still be writing its last checkpoint to
                 self.storage.remove_stale_temporaries(CHECKPOINT_DIR, older_than_s=ABANDONED_CHECKPOINT_S)
             try:
-                info, _, skipped = self.store.latest_valid()
+                info, payload, skipped = self.store.latest_valid()
             except CheckpointUnreadable as exc:  # intact: every checkpoint is kept, the run stops
                 info, skipped, unreadable = None, [], str(exc)
             if skipped:  # missing or not matching their markers: really corrupt
@@ -316,7 +317,8 @@ class Trainer:
         if choice is None:
             return False
         info = CheckpointInfo(**choice)
-        payload = self.store.load(info)  # on the CPU: load_state_dict copies onto the device
+        if payload is None:  # rank 0 has it already
+            payload = self.store.load(info)  # on the CPU: load_state_dict copies onto the device
         if payload.get("config_hash") != self.hash:
             changed = hashed_differences(payload.get("config"), self.config)
             what = ", ".join(changed) or f"config hash {payload.get('config_hash')} != {self.hash}"

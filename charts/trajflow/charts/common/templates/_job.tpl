@@ -100,17 +100,17 @@ Takes (dict "context" $ "spec" <the Job spec with its template>).
 Metadata of a stage's Job (or PyTorchJob): the user's jobLabels and jobAnnotations (a
 queue's label, such as Kueue's kueue.x-k8s.io/queue-name), under the chart's own. Metadata
 is not part of the Job's hash: changing them patches the running Job (where Kueue allows it).
-Takes (dict "context" $ "name" "x" "annotations" <dict>).
+Takes (dict "context" $ "name" "x").
 */}}
 {{- define "trajflow.jobMetadata" -}}
 {{- $ctx := .context -}}
-{{- $annotations := mustMergeOverwrite (deepCopy ($ctx.Values.jobAnnotations | default dict)) (include "trajflow.argocdAnnotations" $ctx | fromYaml) (include "trajflow.scanAnnotations" $ctx | fromYaml) (.annotations | default dict) -}}
+{{- $annotations := mustMergeOverwrite (deepCopy ($ctx.Values.jobAnnotations | default dict)) (include "trajflow.argocdAnnotations" $ctx | fromYaml) (include "trajflow.scanAnnotations" $ctx | fromYaml) -}}
 {{- include "trajflow.metadata" (dict "context" $ctx "name" .name "annotations" $annotations "labels" $ctx.Values.jobLabels) -}}
 {{- end -}}
 
 {{/*
 An Indexed Job. Takes (dict "context" $ "completions" N "parallelism" P "podTemplate"
-<dict> "annotations" <dict>). The name's hash covers the spec fields Kubernetes does not
+<dict>). The name's hash covers the spec fields Kubernetes does not
 let an update change (template, completions, completionMode, backoffLimitPerIndex,
 podFailurePolicy); the ones it does (parallelism, activeDeadlineSeconds,
 maxFailedIndexes, ttlSecondsAfterFinished: see ValidateJobSpecUpdate) stay out of it, so
@@ -140,7 +140,7 @@ an upgrade that changes only those patches the running Job instead of replacing 
 apiVersion: batch/v1
 kind: Job
 metadata:
-  {{- include "trajflow.jobMetadata" (dict "context" $ctx "name" $name "annotations" .annotations) | nindent 2 }}
+  {{- include "trajflow.jobMetadata" (dict "context" $ctx "name" $name) | nindent 2 }}
 spec:
   {{- toYaml $spec | nindent 2 }}
 {{- end -}}

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal, Mapping, Sequence, TypeVar, Union, overload
+from typing import Literal, Mapping, Sequence, overload
 
 import torch
 
@@ -12,7 +12,6 @@ from .validate import check_values
 
 Backend = Literal["auto", "triton", "torch"]
 BACKENDS = ("auto", "triton", "torch")
-S_ = TypeVar("S_", bound=Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]])
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
