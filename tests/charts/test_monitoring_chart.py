@@ -64,6 +64,14 @@ def test_pushgateway_service_is_where_the_stages_push_by_default():
     assert parsed.port == service["spec"]["ports"][0]["port"] == 9091
 
 
+def test_a_pushgateway_url_template_that_renders_to_no_url_is_refused():
+    """The schema lets a template through unchecked; without a scheme every batch pod would exit 2."""
+    import helm_python as helm
+
+    with pytest.raises(helm.HelmError, match=re.escape('global.metrics.pushgatewayUrl renders to "trajflow-pg:9091"')):
+        render([env_file("local")], {"global.metrics.pushgatewayUrl": "{{ .Release.Name }}-pg:9091"})
+
+
 def test_service_and_service_monitor_select_the_pushgateway():
     objs = render_monitoring()
     deployment, service = one(objs, "Deployment"), one(objs, "Service")

@@ -550,6 +550,44 @@ def test_what_the_chart_refuses_a_local_run_refuses(overrides, message):
         build_plan([env_file("local")], [f"{key}={str(value).lower()}" for key, value in overrides.items()])
 
 
+def test_a_source_token_given_as_a_plain_value_is_refused_by_both(tmp_path):
+    import helm_python as helm
+
+    from trajflow.errors import ConfigError
+    from trajflow.local.pipeline import build_plan
+
+    hub = {"type": "https", "name": "hub", "urls": ["https://hub.example/a.bin"], "authTokenEnv": "HUB_BEARER"}
+    values = {"downloader": {"config": {"sources": [hub]}, "extraEnv": [{"name": "HUB_BEARER", "value": "plain"}]}}
+    message = "downloader.extraEnv: HUB_BEARER holds a source's secret: give it with valueFrom.secretKeyRef"
+    with pytest.raises(helm.HelmError, match=re.escape(message)):
+        render([env_file("local")], values=values)
+    (tmp_path / "token.yaml").write_text(yaml.safe_dump(values))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_plan([env_file("local"), tmp_path / "token.yaml"], [])
+    values["downloader"]["extraEnv"] = [{"name": "HUB_BEARER", "valueFrom": {"secretKeyRef": {"name": "hub", "key": "token"}}}]
+    (tmp_path / "token.yaml").write_text(yaml.safe_dump(values))
+    assert build_plan([env_file("local"), tmp_path / "token.yaml"], []).stage("downloader")
+
+
+@pytest.mark.parametrize("key, value", [
+    ("global.storage.s3.endpoint", "http://minio:abc"),  # no port: Helm's urlParse failed naming no key
+    ("global.storage.s3.endpoint", "http://minio:99999"),  # a NetworkPolicy port the API server refuses
+    ("global.storage.s3.endpoint", "http://mi_nio:9000"),  # a host botocore refuses (a traceback before)
+    ("global.metrics.pushgatewayUrl", "http://pg:9091\n"),  # Go's $ is the end of the text, Python's not
+    ("downloader.priorityClassName", "high\n"),
+])
+def test_malformed_strings_are_refused_by_both_naming_the_key(key, value):
+    import helm_python as helm
+
+    from trajflow.errors import ConfigError
+    from trajflow.local.pipeline import build_plan
+
+    with pytest.raises(helm.HelmError, match=re.escape(f"at '/{key.replace('.', '/')}'".replace("/downloader/", "/"))):
+        render([env_file("local")], {key: value})
+    with pytest.raises(ConfigError, match=re.escape(f"{key}: ")):
+        build_plan([env_file("local")], [f"{key}={value}"])
+
+
 def test_a_pytorchjobs_max_failed_indexes_is_not_a_jobs():
     from trajflow.local.pipeline import build_plan
 

@@ -132,13 +132,13 @@ def test_schema_accepts_what_the_models_accept_and_rejects_the_rest():
         ({"storage": {"type": "nfs"}}, "values.yaml: global.storage.type: Input should be 'filesystem' or 's3' (got 'nfs')"),
         ({"runId": "Bad_Run"}, "values.yaml: global.runId: expected a DNS label: lowercase letters, digits and '-', "
                                "starting and ending with a letter or digit, got 'Bad_Run'"),
-        ({"storage": {"s3": {"endpoint": "ftp://minio:9000"}}}, "values.yaml: global.storage.s3.endpoint: endpoint must be an http(s) URL with a host and no user:password@, got 'ftp://minio:9000'"),
+        ({"storage": {"s3": {"endpoint": "ftp://minio:9000"}}}, "values.yaml: global.storage.s3.endpoint: endpoint must be an http(s) URL with a host, a port of 1-65535 if any, and no user:password@, got 'ftp://minio:9000'"),
         ({"metrics": {"pushgatewayUrl": "pushgateway:9091"}}, "values.yaml: global.metrics.pushgatewayUrl: pushgatewayUrl must be an http(s) URL"),
         # credentials in a URL nothing sends them from are refused, and not repeated
         ({"storage": {"s3": {"endpoint": "http://AKIAX:SECRETEP@minio:9000"}}},
-         "values.yaml: global.storage.s3.endpoint: endpoint must be an http(s) URL with a host and no user:password@, got 'http://…@minio:9000'"),
+         "values.yaml: global.storage.s3.endpoint: endpoint must be an http(s) URL with a host, a port of 1-65535 if any, and no user:password@, got 'http://…@minio:9000'"),
         ({"metrics": {"pushgatewayUrl": "https://u:PGSECRET@pg.example/?token=T0KEN"}},
-         "values.yaml: global.metrics.pushgatewayUrl: pushgatewayUrl must be an http(s) URL with a host and no user:password@, got 'https://…@pg.example/?…'"),
+         "values.yaml: global.metrics.pushgatewayUrl: pushgatewayUrl must be an http(s) URL with a host, a port of 1-65535 if any, and no user:password@, got 'https://…@pg.example/?…'"),
         ({"storage": {"s3": {"region": "bad region"}}},
          "values.yaml: global.storage.s3.region: expected empty or a region name: letters, digits and '-' (such as "
          "us-east-1), got 'bad region'"),

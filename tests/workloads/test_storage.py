@@ -833,3 +833,7 @@ def test_an_s3_endpoint_that_never_answers_is_told_at_each_retry(caplog):
     assert [t.rsplit("(", 1)[-1] for t in told] == ["attempt 2 of 4)", "attempt 3 of 4)", "attempt 4 of 4)"], told
     assert told[0].startswith(f"{endpoint} did not answer (")
     assert client.meta.config.connect_timeout == 0.3 and make_client(endpoint, anonymous=True).meta.config.connect_timeout == 10.0
+    from trajflow.errors import InvalidURI
+
+    with pytest.raises(InvalidURI, match="S3 endpoint 'http://bad host:9000': Invalid endpoint"):  # not a ValueError traceback
+        make_client("http://bad host:9000")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import string
 from typing import Annotated, Any, Literal, Union
 
@@ -20,8 +19,8 @@ from trajflow.config import formats
 from trajflow.config.base import Model
 from trajflow.errors import ConfigError
 
-_PATH_PART = re.compile(formats.SOURCE_NAME)
-_HEX_DIGEST = re.compile(formats.CHECKSUM_HEX)
+_PATH_PART = formats.go_regex(formats.SOURCE_NAME)
+_HEX_DIGEST = formats.go_regex(formats.CHECKSUM_HEX)
 
 
 def _check_relative_path(value: str, what: str) -> str:

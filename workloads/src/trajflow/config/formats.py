@@ -3,6 +3,7 @@ values schemas, and the same formats in words for the errors that refuse a value
 should have to read a regular expression to learn what a key takes)."""
 from __future__ import annotations
 
+import functools
 import re
 
 # Kubernetes
@@ -53,9 +54,13 @@ URL_TEMPLATE_FIELDS = r"^([^{}]|\{\{|\}\}|\{(cohort|category|file)\})*$"
 FILE_PART = r"^([^{}]|\{\{|\}\}|\{(cohort|category)\})+$"
 HAS_COHORT_FIELD = r"\{cohort\}"
 HAS_FILE_FIELD = r"\{(file|category)\}"
-HTTP_URL = r"^https?://[^/?#@\s]+([/?#].*)?$"  # a host, and no user:password@ (urllib3 would not send it)
-HTTP_URL_OR_EMPTY = r"^(https?://[^/?#@\s]+([/?#].*)?)?$"
-PUSHGATEWAY_URL = r"^(https?://[^/?#@\s]+([/?#].*)?|(https?://)?\{\{.*)?$"
+# a host name, an IPv4 or a bracketed IPv6 address (what botocore takes for an endpoint), and
+# a port of 1-65535; no user:password@ (urllib3 would not send it)
+_HOST_PORT = (r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?)"
+              r"(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?")
+HTTP_URL = rf"^https?://{_HOST_PORT}([/?#].*)?$"
+HTTP_URL_OR_EMPTY = rf"^(https?://{_HOST_PORT}([/?#].*)?)?$"
+PUSHGATEWAY_URL = rf"^(https?://{_HOST_PORT}([/?#].*)?|(https?://)?\{{\{{.*)?$"
 # what botocore accepts as a region name (others fail at the first request, with a traceback)
 S3_REGION = r"^([a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)?$"  # empty: us-east-1
 SHA256_HEX_OR_EMPTY = r"^([0-9a-f]{64})?$"
@@ -102,9 +107,12 @@ IN_WORDS = {
     FILE_PART: "a file name part whose only placeholders are {cohort} and {category}",
     HAS_COHORT_FIELD: "a template with a {cohort} placeholder",
     HAS_FILE_FIELD: "a template with a {file} or {category} placeholder",
-    HTTP_URL: "an http:// or https:// URL with a host and no user:password@ (a token goes in authTokenEnv)",
-    HTTP_URL_OR_EMPTY: "empty or an http:// or https:// URL with a host and no user:password@ (nothing would send it)",
-    PUSHGATEWAY_URL: "empty, an http:// or https:// URL with a host and no user:password@, or a Helm template whose host starts with {{",
+    HTTP_URL: "an http:// or https:// URL with a host, a port of 1-65535 if any, and no user:password@ (a token goes in "
+              "authTokenEnv)",
+    HTTP_URL_OR_EMPTY: "empty or an http:// or https:// URL with a host, a port of 1-65535 if any, and no user:password@ "
+                       "(nothing would send it)",
+    PUSHGATEWAY_URL: "empty, an http:// or https:// URL with a host, a port of 1-65535 if any, and no user:password@, or a "
+                     "Helm template whose host starts with {{",
     S3_REGION: "empty or a region name: letters, digits and '-' (such as us-east-1)",
     SHA256_HEX_OR_EMPTY: "empty or a SHA-256 of 64 lowercase hex digits",
     MD5_HEX_OR_EMPTY: "empty or an MD5 of 32 lowercase hex digits",
@@ -119,6 +127,13 @@ def without_secrets(value: str) -> str:
     """`value` fit to repeat in an error: a URL's user:password@ and query may be credentials."""
     shown = re.sub(r"//[^/?#]*@", "//…@", value)
     return re.sub(r"\?.*", "?…", shown) if "://" in shown else shown
+
+
+@functools.lru_cache(maxsize=None)
+def go_regex(pattern: str) -> re.Pattern[str]:
+    """`pattern` compiled to match as Go's regexp does in Helm's schema checks: its `$` is the
+    end of the text, where Python's also matches before a final newline ("high\\n")."""
+    return re.compile(re.sub(r"(?<!\\)\$", r"\\Z", pattern))
 
 
 def in_words(pattern: str) -> str:

@@ -1,7 +1,6 @@
 """`global:` — settings shared by every stage: run id, storage, metrics, image registry."""
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -11,7 +10,7 @@ from trajflow.config.base import Model
 
 # empty or an http(s) URL with a host; in the schema too, so `helm install` refuses what the pods would
 _HTTP_URL_OR_EMPTY = {"pattern": formats.HTTP_URL_OR_EMPTY}
-_HTTP_URL_WORDS = "an http(s) URL with a host and no user:password@"
+_HTTP_URL_WORDS = "an http(s) URL with a host, a port of 1-65535 if any, and no user:password@"
 
 
 class FilesystemStorage(Model):
@@ -45,7 +44,7 @@ class S3Storage(Model):
     @field_validator("endpoint")
     @classmethod
     def _endpoint_is_url(cls, value: str) -> str:
-        if value and not re.match(formats.HTTP_URL, value):
+        if value and not formats.go_regex(formats.HTTP_URL).match(value):
             raise ValueError(f"endpoint must be {_HTTP_URL_WORDS}, got {formats.without_secrets(value)!r}")
         return value
 
@@ -71,7 +70,7 @@ class Metrics(Model):
     @field_validator("pushgateway_url")
     @classmethod
     def _is_url(cls, value: str) -> str:
-        if value and not re.match(formats.HTTP_URL, value):
+        if value and not formats.go_regex(formats.HTTP_URL).match(value):
             raise ValueError(f"pushgatewayUrl must be {_HTTP_URL_WORDS}, got {formats.without_secrets(value)!r}")
         return value
 

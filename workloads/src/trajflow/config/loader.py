@@ -17,7 +17,7 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -273,9 +273,6 @@ class Values:
         if not isinstance(block, dict):
             raise ConfigError(f"{self.origin([stage])}: {stage}: must be a map of settings, got {type(block).__name__}")
         return block
-
-    def enabled(self, stage: str) -> bool:
-        return bool(self.stage(stage).get("enabled", False))
 
     def stage_config(self, stage: str) -> dict[str, Any]:
         """A stage's `config` map; {} where no layer has one. Anything else is refused, as
@@ -718,13 +715,21 @@ def _schema_error_lines(error: Any, prefix: list[str | int], origin: str) -> lis
 def schema_errors(values: Values, chart_dir: Path | None, skip: Iterable[tuple[str, ...]] = ()) -> list[str]:
     """What `helm install` would reject through the charts' values.schema.json files: the
     umbrella's schema over all the values and each subchart's schema over its block (every
-    subchart, enabled or not: a typo in a disabled block is still a typo). One line per
+    subchart, enabled or not: stricter than Helm, which skips a disabled subchart's schema,
+    because a typo in a disabled block is still a typo). One line per
     problem, `<file or --set>: <key path>: <what is wrong>`. Key paths starting with an
     entry of `skip` are left out (the stage models validate those with their own words).
     Empty when the chart is not available."""
     if chart_dir is None:
         return []
-    from jsonschema import Draft7Validator  # here: the stage workloads never need it
+    from jsonschema import Draft7Validator, ValidationError, validators  # here: the stage workloads never need it
+
+    def go_pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterator[ValidationError]:
+        if validator.is_type(instance, "string") and not formats.go_regex(pattern).search(instance):
+            yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+    # patterns as Helm's Go regexp reads them (see formats.go_regex)
+    GoPatternValidator = validators.extend(Draft7Validator, {"pattern": go_pattern})
     checks: list[tuple[Path, Any, list[str | int]]] = [(Path(chart_dir) / "values.schema.json", values.merged, [])]
     sub_root = Path(chart_dir) / "charts"
     if sub_root.is_dir():
@@ -741,7 +746,7 @@ def schema_errors(values: Values, chart_dir: Path | None, skip: Iterable[tuple[s
             schema = json.loads(schema_path.read_text())
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{schema_path}: unreadable values schema: {exc}") from None
-        validator = Draft7Validator(schema)
+        validator = GoPatternValidator(schema)
         for error in sorted(validator.iter_errors(instance), key=lambda e: [str(p) for p in e.absolute_path]):
             for path, message in _schema_error_lines(error, prefix, values.origin([*prefix, *error.absolute_path])):
                 if any(tuple(path[: len(s)]) == s for s in skipped):

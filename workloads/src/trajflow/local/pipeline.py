@@ -26,11 +26,11 @@ from trajflow.storage.wait import parse_duration
 
 log = logging.getLogger(__name__)
 
-# chart stage -> (CLI command, module that implements it, what it produces)
-STAGES: dict[str, tuple[str, str, str]] = {
-    "downloader": ("download", "trajflow.download.cli", "raw"),
-    "preprocessing": ("preprocess", "trajflow.preprocess.cli", "resampled"),
-    "training": ("train", "trajflow.train.cli", "train"),
+# chart stage -> (CLI command, module that implements it)
+STAGES: dict[str, tuple[str, str]] = {
+    "downloader": ("download", "trajflow.download.cli"),
+    "preprocessing": ("preprocess", "trajflow.preprocess.cli"),
+    "training": ("train", "trajflow.train.cli"),
 }
 
 # Used only when the chart's own defaults cannot be found (an installed wheel, no checkout).
@@ -136,7 +136,7 @@ def build_plan(values_files: Iterable[str | Path], sets: Iterable[str] = ()) -> 
                     skip=[(stage, "config") for stage, on in enabled_stages.items() if on])
     plans: list[StagePlan] = []
     disabled: list[str] = []
-    for stage, (command, module, _) in STAGES.items():
+    for stage, (command, module) in STAGES.items():
         block = values.stage(stage)
         if not enabled_stages[stage]:
             disabled.append(stage)
@@ -148,6 +148,7 @@ def build_plan(values_files: Iterable[str | Path], sets: Iterable[str] = ()) -> 
                 config.require_sources()
             except ConfigError as e:
                 raise ConfigError(f"{values.origin([stage, 'config', 'sources'])}: {e}") from None
+            _check_no_plain_tokens(values, block, config)
         rendered = {"global": _config_file_global(values.merged.get("global") or {}), "config": raw_config}
         knob = lambda key, minimum=1: _int_knob(values, stage, key, minimum, block, not chart_found)  # noqa: E731
         retries = knob("backoffLimitPerIndex", 0)
@@ -324,6 +325,19 @@ def _check_gpu_counts(values: Values, stage: str, block: dict[str, Any], config:
     raise ConfigError(f"{where}: training.nprocPerNode is {nproc}, but each training pod has {gpus} GPUs "
                       f"(resources.limits.nvidia.com/gpu): {gpus - nproc} would sit idle. Set nprocPerNode to {gpus} "
                       "or null (which follows the limit), or lower the limit")
+
+
+def _check_no_plain_tokens(values: Values, block: dict[str, Any], config: Any) -> None:
+    """A source's authTokenEnv given as a plain extraEnv value, which every reader of the
+    release sees (the chart refuses it: the schema knows only names that look secret)."""
+    token_vars = {source.auth_token_env for source in config.sources if getattr(source, "auth_token_env", "")}
+    for i, entry in enumerate(block.get("extraEnv") or []):
+        if isinstance(entry, dict) and entry.get("name") in token_vars and "value" in entry:
+            raise ConfigError(
+                f"{values.origin(['downloader', 'extraEnv', i])}: downloader.extraEnv: {entry['name']} holds a source's "
+                "secret: give it with valueFrom.secretKeyRef (or extraEnvFrom), not a plain value that every reader "
+                "of the release sees"
+            )
 
 
 def _check_across_stages(values: Values, plans: list[StagePlan]) -> None:

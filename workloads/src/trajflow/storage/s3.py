@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import re
 import threading
 import time
 import uuid
@@ -36,8 +35,10 @@ ELECT_SETTLE_S = 2.5
 
 
 def make_client(endpoint: str = "", region: str = "us-east-1", addressing_style: str = "path",
-                anonymous: bool = False, max_pool: int = 32, timeout: float = 60.0, attempts: int = 8) -> Any:
-    """A boto3 S3 client; credentials from the standard AWS chain (env, profile, IRSA...).
+                anonymous: bool = False, max_pool: int = 32, timeout: float = 60.0, attempts: int = 8,
+                credentials: dict[str, str] | None = None, verify: str | None = None) -> Any:
+    """A boto3 S3 client; `credentials` (boto3 Session arguments) or else the standard AWS
+    chain (env, profile, IRSA...); `verify` a CA bundle to trust instead of the system's.
     A call that gets no answer gives up after about (`attempts` + 1) x `timeout` seconds (the
     first try and `attempts` retries), and says so at each retry (else a dead endpoint means
     minutes of silence)."""
@@ -58,7 +59,11 @@ def make_client(endpoint: str = "", region: str = "us-east-1", addressing_style:
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
-    client = boto3.session.Session().client("s3", endpoint_url=endpoint or None, config=cfg)
+    try:
+        client = boto3.session.Session(**(credentials or {})).client("s3", endpoint_url=endpoint or None, config=cfg,
+                                                                      verify=verify or None)
+    except ValueError as exc:  # botocore's own check of the endpoint, stricter than a URL's
+        raise InvalidURI(f"S3 endpoint {formats.without_secrets(endpoint)!r}: {exc}") from None
     where = endpoint or f"S3 ({region or 'us-east-1'})"
 
     def note_no_answer(caught_exception: Exception | None = None, request_dict: Any = None, **_: Any) -> None:
@@ -79,7 +84,7 @@ def make_client(endpoint: str = "", region: str = "us-east-1", addressing_style:
     return client
 
 
-_BUCKET = re.compile(formats.S3_BUCKET_OR_EMPTY)
+_BUCKET = formats.go_regex(formats.S3_BUCKET_OR_EMPTY)
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -106,16 +111,16 @@ def _response(exc: Exception) -> dict[str, Any]:
     return getattr(exc, "response", None) or {}
 
 
-def _error_code(exc: Exception) -> str:
+def error_code(exc: Exception) -> str:
     return str(_response(exc).get("Error", {}).get("Code", ""))
 
 
-def _status(exc: Exception) -> int | None:
+def http_status(exc: Exception) -> int | None:
     return _response(exc).get("ResponseMetadata", {}).get("HTTPStatusCode")
 
 
-def _is_not_found(exc: Exception) -> bool:
-    return _error_code(exc) in ("404", "NoSuchKey", "NotFound")
+def is_not_found(exc: Exception) -> bool:
+    return error_code(exc) in ("404", "NoSuchKey", "NotFound")
 
 
 class _MultipartWriter(io.RawIOBase):
@@ -284,7 +289,7 @@ class _ObjectReader(io.RawIOBase):
         try:
             self._body = self._storage.client.get_object(**kwargs)["Body"]
         except Exception as exc:
-            if _status(exc) == 412 or _error_code(exc) == "PreconditionFailed":
+            if http_status(exc) == 412 or error_code(exc) == "PreconditionFailed":
                 raise TransientError(f"{where}: the object was replaced while it was being read") from None
             raise
 
@@ -337,9 +342,9 @@ class S3Storage(Storage):
         try:
             resp = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
         except Exception as exc:  # botocore ClientError
-            if _is_not_found(exc):
+            if is_not_found(exc):
                 return None
-            if _status(exc) == 403:
+            if http_status(exc) == 403:
                 # S3 answers 403 instead of 404 for a missing key when ListBucket is not granted
                 raise PermissionError(
                     f"{self.uri}/{key}: access denied (a refused HEAD gives no reason): check the credentials, "
@@ -360,9 +365,9 @@ class S3Storage(Storage):
         try:
             resp = self.client.get_object(**kwargs)
         except Exception as exc:
-            if _is_not_found(exc):
+            if is_not_found(exc):
                 raise FileNotFoundError(f"{self.uri}/{key}") from None
-            if _error_code(exc) == "InvalidRange" or _status(exc) == 416:
+            if error_code(exc) == "InvalidRange" or http_status(exc) == 416:
                 return io.BytesIO(b"")  # type: ignore[return-value]  # start at or past the end, as a slice
             raise
         return _ObjectReader(self, key, start, resp)  # type: ignore[return-value]
@@ -397,7 +402,7 @@ class S3Storage(Storage):
             try:
                 self.client.put_object(Bucket=self.bucket, Key=probe, Body=b"1", IfNoneMatch="*")
             except Exception as exc:
-                if _status(exc) in (400, 501) or _error_code(exc) in ("NotImplemented", "InvalidArgument"):
+                if http_status(exc) in (400, 501) or error_code(exc) in ("NotImplemented", "InvalidArgument"):
                     supported = False  # the header itself is refused
                 else:
                     raise
@@ -406,7 +411,7 @@ class S3Storage(Storage):
                     self.client.put_object(Bucket=self.bucket, Key=probe, Body=b"2", IfNoneMatch="*")
                     supported = False  # silently overwritten
                 except Exception as exc:
-                    if _status(exc) in (409, 412):
+                    if http_status(exc) in (409, 412):
                         supported = True
                     else:
                         raise
@@ -430,7 +435,7 @@ class S3Storage(Storage):
                 self.client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*")
                 return True
             except Exception as exc:
-                status = _status(exc)
+                status = http_status(exc)
                 if status == 412:
                     return False
                 if status != 409:

@@ -57,7 +57,13 @@ Empty: the stages do not push.
 {{- define "trajflow.pushgatewayUrl" -}}
 {{- $url := (include "trajflow.global" . | fromYaml).metrics.pushgatewayUrl | default "" -}}
 {{- if $url -}}
-{{- tpl $url . -}}
+{{- $rendered := tpl $url . -}}
+{{- /* the schema lets a template through unchecked: what it renders to is checked here (a
+missing scheme would make every batch pod exit 2 at its start) */ -}}
+{{- if not (regexMatch "^https?://[^/?#@\\s]+([/?#]\\S*)?$" $rendered) -}}
+{{- fail (printf "global.metrics.pushgatewayUrl renders to %q, which is not an http(s) URL with a host (the stages push nowhere else)" $rendered) -}}
+{{- end -}}
+{{- $rendered -}}
 {{- end -}}
 {{- end -}}
 
