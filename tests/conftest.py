@@ -25,6 +25,8 @@ import pytest
 from trajflow.testing import free_port, requires_tool, tool_path  # noqa: F401  (re-exported for tests)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# training serves /metrics (on every interface in a pod): here on 127.0.0.1 only
+os.environ.setdefault("TRAJFLOW_METRICS_ADDR", "127.0.0.1")
 
 
 @pytest.fixture(scope="session")

@@ -574,6 +574,17 @@ def test_the_processes_of_a_stage_share_the_cpus(tmp_path: Path, monkeypatch: py
     assert runner.env(task)["OMP_NUM_THREADS"] == "3"
 
 
+def test_a_local_training_serves_its_metrics_on_this_machine_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trajflow.metrics import METRICS_ADDR_ENV
+
+    monkeypatch.setenv(METRICS_ADDR_ENV, "0.0.0.0")
+    runner = Runner(build_plan([write_values(tmp_path)]), tmp_path / "work", PlainView(stream=io.StringIO()),
+                    command=[sys.executable, str(FAKE)])
+    task = next(t for t in runner.tasks if t.stage.stage == "training")
+    runner.config_paths["training"] = tmp_path / "config.yaml"
+    assert runner.env(task)[METRICS_ADDR_ENV] == "127.0.0.1"
+
+
 def test_the_stages_after_the_downloader_are_given_its_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """As the chart mounts the dataset ConfigMap: they wait for the download it names."""
     from trajflow.config.loader import DATASET_CONFIG_ENV

@@ -724,7 +724,9 @@ def test_the_first_progress_line_has_a_rate(caplog: pytest.LogCaptureFixture, mo
 
     from trajflow.download import progress
 
-    clock = iter([100.0, 110.0])
+    import itertools
+
+    clock = itertools.chain([100.0], itertools.repeat(110.0))  # any other caller of monotonic() gets 110 too
     monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
     snapshot = {"items_done": 0, "items_total": 1, "failed": 0, "bytes_done": 0, "bytes_total": 40 << 20,
                 "sizes_known": True, "bytes_received": 0, "inflight": 1, "retries": 0, "elapsed_s": 0.0}

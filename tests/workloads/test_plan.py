@@ -244,8 +244,9 @@ def test_one_pod_lists_the_sources_while_the_others_wait_for_its_plan(storage):
 def test_a_planner_that_keeps_renewing_is_waited_for(local_storage, monkeypatch):
     import trajflow.plan as plan_module
 
+    # a beat is a write with fsync: the staleness leaves room for a slow disk's stalls
     monkeypatch.setattr(plan_module, "_LEASE_BEAT_S", 0.05)
-    monkeypatch.setattr(plan_module, "_LEASE_STALE_S", 0.4)
+    monkeypatch.setattr(plan_module, "_LEASE_STALE_S", 1.5)
     monkeypatch.setattr(plan_module, "_WAIT_POLL_S", (0.05, 0.1))
     listings: list[str] = []
     holding = threading.Event()
@@ -253,7 +254,7 @@ def test_a_planner_that_keeps_renewing_is_waited_for(local_storage, monkeypatch)
     def slow_listing() -> list[Item]:
         listings.append("slow")
         holding.set()
-        time.sleep(1.5)  # several times the staleness: only the beats keep the lease
+        time.sleep(3.5)  # over twice the staleness: only the beats keep the lease
         return [Item("a", 1)]
 
     planner = threading.Thread(target=lambda: load_or_create_plan(local_storage, 2, "g", slow_listing))

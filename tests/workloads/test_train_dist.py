@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 from trajflow.errors import ExitCode
 from trajflow.storage import LocalStorage, read_train_metrics
+from trajflow.testing import free_port
 from trajflow.train import artifacts
 from trajflow.train.checkpoint import CheckpointStore
 from trajflow.train.synthetic import (
@@ -45,23 +45,6 @@ CONFIG = {
     "model": {"type": "gru", "hidden_size": 32, "num_layers": 1},
     "checkpoints": {"every_steps": 7, "keep_last": 3},
 }
-
-
-def free_port_pair() -> int:
-    """A port p with p and p+1 both free on 127.0.0.1 (local ranks 0 and 1 serve /metrics)."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            if port >= 65535:
-                continue
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-                return int(port)
-    raise RuntimeError("no two consecutive free ports")
 
 
 @dataclass
@@ -95,7 +78,7 @@ class Run:
 
 def start_run(tmp_path: Path, run_id: str, nproc: int, max_restarts: int = 0, data: bool = True,
               **overrides: object) -> Run:
-    port = free_port_pair()
+    port = free_port(2)  # local ranks 0 and 1 serve /metrics on port and port + 1
     settings = local_settings(tmp_path, run_id, **{**CONFIG, "metrics_port": port, **overrides})
     root = tmp_path / run_id
     if data:

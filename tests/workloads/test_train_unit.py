@@ -1253,7 +1253,7 @@ def test_a_loader_worker_that_sends_no_batch_fails_the_rank_with_a_reason(tmp_pa
 
     def stuck_in_workers(self, index):  # type: ignore[no-untyped-def]
         if torch.utils.data.get_worker_info() is not None:
-            time.sleep(60)
+            time.sleep(3)  # past the 1 s timeout; short, as each loader shutdown waits for its worker
         return getitem(self, index)
 
     monkeypatch.setattr(data.WindowDataset, "__getitem__", stuck_in_workers)
@@ -1611,6 +1611,23 @@ def test_a_metrics_port_beyond_65535_for_a_local_rank_warns_instead_of_failing(c
         endpoint = MetricsEndpoint(train_metrics(), config, DistContext(rank=1, world_size=2, local_rank=1))
     endpoint.close()
     assert endpoint.port == 0 and "cannot serve /metrics on port 65536" in caplog.text
+
+
+@pytest.mark.parametrize("addr", ["127.0.0.1", ""])
+def test_metrics_listen_where_the_environment_says(addr: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every interface in a pod (Prometheus scrapes the pod's IP); 127.0.0.1 where `trajflow
+    run` (or this test suite) says so."""
+    from trajflow.config import TrainConfig
+    from trajflow.metrics import METRICS_ADDR_ENV, train_metrics
+    from trajflow.train.dist import DistContext
+    from trajflow.train.loop import MetricsEndpoint
+
+    monkeypatch.setenv(METRICS_ADDR_ENV, addr)
+    endpoint = MetricsEndpoint(train_metrics(), TrainConfig.model_validate({"metricsPort": free_port()}), DistContext())
+    try:
+        assert endpoint._server.server_address[0] == (addr or "0.0.0.0")
+    finally:
+        endpoint.close()
 
 
 def test_only_the_rank_that_writes_checkpoints_names_the_last_one(tmp_path: Path) -> None:

@@ -43,6 +43,7 @@ from trajflow.errors import FINAL_EXIT_CODES, ConfigError, ExitCode, TransientEr
 from trajflow.local import procs
 from trajflow.files import replace_file
 from trajflow.local.pipeline import RunPlan, StagePlan
+from trajflow.metrics import METRICS_ADDR_ENV
 from trajflow.resources import cpu_budget
 from trajflow.storage import Storage, manifest_key, open_run_root, read_manifest, read_train_metrics, shard_name
 from trajflow.storage.base import INTERNAL_PREFIX
@@ -550,6 +551,7 @@ class Runner:
             TRAJFLOW_LOG_FORMAT="json",
             PYTHONUNBUFFERED="1",
         )
+        env[METRICS_ADDR_ENV] = "127.0.0.1"
         env.pop(DATASET_CONFIG_ENV, None)  # the run's own downloader decides, not the shell's
         downloader = self.config_paths.get("downloader")
         if downloader is not None and "preprocessing" in self.config_paths and task.stage.stage != "downloader":

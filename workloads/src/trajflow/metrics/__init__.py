@@ -26,6 +26,9 @@ disable_created_metrics()
 PUSH_JOB = "trajflow"
 NAMESPACE_ENV = "TRAJFLOW_NAMESPACE"  # set by the chart: the pod's namespace
 RELEASE_ENV = "TRAJFLOW_RELEASE"  # set by the chart: the pod's Helm release
+# where training's /metrics listens: every interface in a pod (Prometheus scrapes the pod's
+# IP); `trajflow run` sets 127.0.0.1, so a local run serves nothing to the network
+METRICS_ADDR_ENV = "TRAJFLOW_METRICS_ADDR"
 # trajflow_download_items_total{outcome}
 DOWNLOAD_OUTCOMES = ("fetched", "skipped", "reused", "adopted", "missing", "failed")
 

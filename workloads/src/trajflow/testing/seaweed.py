@@ -18,7 +18,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trajflow.testing import free_port
+from trajflow.testing import bindable, free_port
 
 # SeaweedFS derives some gRPC addresses as "<http port> + 10000" even when the gRPC port is
 # given explicitly (the admin worker does), so every HTTP port is picked together with
@@ -42,15 +41,6 @@ class SeaweedUnavailable(RuntimeError):
     """`weed` is not installed or the server did not come up."""
 
 
-def _bindable(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def _free_pair(taken: set[int], rng: random.Random) -> int:
     """A port p with p and p + GRPC_OFFSET both free, below the kernel's ephemeral range
     (so an outgoing connection cannot grab it between the check and the server's bind)."""
@@ -59,7 +49,7 @@ def _free_pair(taken: set[int], rng: random.Random) -> int:
         pair = {port, port + GRPC_OFFSET}
         if pair & taken:
             continue
-        if all(_bindable(p) for p in pair):
+        if all(bindable(p) for p in pair):
             taken.update(pair)
             return port
     raise SeaweedUnavailable("no free pair of ports for SeaweedFS on 127.0.0.1")
@@ -255,8 +245,11 @@ class SeaweedS3:
             "AWS_ENDPOINT_URL_S3": self.endpoint,
         }
 
-    def stop(self, grace_s: float = 10.0) -> None:
-        """Stop the whole process group (SIGTERM, then SIGKILL) and remove the data dir."""
+    def stop(self, grace_s: float | None = None) -> None:
+        """Stop the whole process group (SIGTERM, then SIGKILL) and remove the data dir. Its
+        own data dir, thrown away, needs no clean shutdown: SIGKILL comes after 2 s, not 10."""
+        if grace_s is None:
+            grace_s = 2.0 if self._owns_dir else 10.0
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGTERM)

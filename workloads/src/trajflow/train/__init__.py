@@ -19,6 +19,7 @@ What a worker reads:
     RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT: set by the agent
     TORCHELASTIC_RESTART_COUNT: how often the group was restarted (a metric and metrics.json)
     TRAJFLOW_LOG_LEVEL, TRAJFLOW_LOG_FORMAT: logging
+    TRAJFLOW_METRICS_ADDR: the address /metrics listens on (default every interface)
     AWS_* / the default credential chain: for an S3 run root
 Ports: /metrics on training.config.metricsPort + LOCAL_RANK (default 9400, 9401, ...).
 Exit codes: 0 done; 2 bad config; 3 unusable data; 4 no shards yet; 5 diverged (NaN/Inf).

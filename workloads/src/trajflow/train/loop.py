@@ -31,7 +31,7 @@ from trajflow import log as trajflow_log
 from trajflow.config import StageSettings
 from trajflow.config.train import TrainConfig
 from trajflow.errors import ConfigError, PermanentError, Terminated, TrajflowError, TransientError
-from trajflow.metrics import Pusher, StageMetrics, train_metrics
+from trajflow.metrics import METRICS_ADDR_ENV, Pusher, StageMetrics, train_metrics
 from trajflow.storage import LocalStorage, Storage, open_run_root
 from trajflow.train import artifacts
 from trajflow.train.checkpoint import (
@@ -860,13 +860,14 @@ class Trainer:
 class MetricsEndpoint:
     """`/metrics` of this rank on `metricsPort + LOCAL_RANK`, stopped when training ends."""
 
-    def __init__(self, metrics: StageMetrics, config: TrainConfig, dist: DistContext, addr: str = "0.0.0.0"):
+    def __init__(self, metrics: StageMetrics, config: TrainConfig, dist: DistContext):
         self.port = config.metrics_port + dist.local_rank if config.metrics_port else 0
         self._server: Any = None
         if not self.port:
             return
         from prometheus_client import start_http_server
 
+        addr = os.environ.get(METRICS_ADDR_ENV) or "0.0.0.0"
         try:
             self._server, _ = start_http_server(self.port, addr=addr, registry=metrics.registry)
             log.debug("serving /metrics", extra={"port": self.port, "rank": dist.rank})
