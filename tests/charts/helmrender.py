@@ -22,6 +22,8 @@ helm = pytest.importorskip("helm_python", reason="helm-python-sdk is not install
 from helm_python import _native
 
 helm.disable_logging()
+# libyaml's loader when PyYAML has it: parsing the output costs as much as rendering in Python
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "trajflow"
@@ -72,6 +74,11 @@ def read_values(path: str | os.PathLike[str]) -> dict[str, Any]:
     return helm.values_from_yaml(path.read_text())
 
 
+# The chart refuses a download with no source, its default: a render whose values name none
+# gets this one, as any user's values name one. Tests of the refusal give `sources` themselves.
+EXAMPLE_SOURCES = [{"type": "https", "name": "example", "urls": ["https://data.example.com/a.bin"]}]
+
+
 def user_values(values_files: Iterable[str | os.PathLike[str]] = (),
                 set_values: Mapping[str, Any] | None = None,
                 values: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -83,6 +90,20 @@ def user_values(values_files: Iterable[str | os.PathLike[str]] = (),
     for key, value in (set_values or {}).items():
         merged = merge_values(merged, helm.parse_set_json(f"{key}={json.dumps(value)}"))
     return merged
+
+
+def with_a_source(vals: dict[str, Any], downloader_key: tuple[str, ...]) -> dict[str, Any]:
+    """`vals` with EXAMPLE_SOURCES where they name no download source; `downloader_key` is
+    where the downloader's values sit (("downloader",) in the umbrella, () in its own chart)."""
+    block: Any = vals
+    for key in downloader_key:
+        block = block.get(key, {}) if isinstance(block, Mapping) else None
+    if not isinstance(block, Mapping) or "sources" in (block.get("config") or {}):
+        return vals
+    example: dict[str, Any] = {"config": {"sources": EXAMPLE_SOURCES}}
+    for key in reversed(downloader_key):
+        example = {key: example}
+    return merge_values(example, vals)
 
 
 def render_templates(values_files: Iterable[str | os.PathLike[str]] = (),
@@ -102,6 +123,9 @@ def render_templates(values_files: Iterable[str | os.PathLike[str]] = (),
         "api_versions": list(api_versions),
     }
     vals = user_values(values_files, set_values, values)
+    chart = Path(chart).resolve()
+    if chart in (CHART.resolve(), (SUBCHARTS / "downloader").resolve()):
+        vals = with_a_source(vals, ("downloader",) if chart == CHART.resolve() else ())
     with _load_chart(Path(chart)) as loaded:
         rendered = _native.call_string("helm_render", loaded._raw(), json.dumps(vals), json.dumps(opts))
     return json.loads(rendered)
@@ -114,7 +138,7 @@ def render(values_files: Iterable[str | os.PathLike[str]] = (),
     for name, text in sorted(render_templates(values_files, set_values, **kwargs).items()):
         if name.endswith("NOTES.txt"):
             continue
-        for doc in yaml.safe_load_all(text):
+        for doc in yaml.load_all(text, Loader=_YAML_LOADER):
             if doc:
                 objs.append(doc)
     return objs

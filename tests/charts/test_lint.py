@@ -16,6 +16,7 @@ from helmrender import (
     env_file,
     helm,
     read_values,
+    with_a_source,
 )
 
 LINTCONF = ROOT / "ci" / "lintconf.yaml"
@@ -30,7 +31,8 @@ def problems(report):
 
 @pytest.mark.parametrize("kube", [OLDEST_KUBE, NEWEST_KUBE])
 def test_umbrella_lints_clean_in_strict_mode(kube):
-    report = helm.lint(CHART, strict=True, namespace="trajflow", with_subcharts=True, kube_version=f"v{kube}")
+    report = helm.lint(CHART, with_a_source({}, ("downloader",)), strict=True, namespace="trajflow",
+                       with_subcharts=True, kube_version=f"v{kube}")
     assert report["total_charts_linted"] == 1
     assert not problems(report)
 
@@ -44,8 +46,10 @@ def test_umbrella_lints_clean_with_each_environment(env):
 
 @pytest.mark.parametrize("chart", [*STAGE_CHARTS, "common"])
 def test_each_subchart_lints_on_its_own(chart):
-    """A stage disabled in the umbrella is still linted: directly, with its own defaults."""
-    report = helm.lint(SUBCHARTS / chart, strict=True, namespace="trajflow", kube_version=f"v{OLDEST_KUBE}")
+    """A stage disabled in the umbrella is still linted: directly, with its own defaults (and
+    a source for the downloader, whose default has none)."""
+    values = with_a_source({}, ()) if chart == "downloader" else {}
+    report = helm.lint(SUBCHARTS / chart, values, strict=True, namespace="trajflow", kube_version=f"v{OLDEST_KUBE}")
     assert not problems(report), chart
 
 

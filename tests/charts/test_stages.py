@@ -550,6 +550,23 @@ def test_what_the_chart_refuses_a_local_run_refuses(overrides, message):
         build_plan([env_file("local")], [f"{key}={str(value).lower()}" for key, value in overrides.items()])
 
 
+def test_a_download_with_no_source_is_refused_by_both(tmp_path):
+    """The chart's default names none: every download pod would exit 2 at its start."""
+    import helm_python as helm
+
+    from trajflow.errors import ConfigError
+    from trajflow.local.pipeline import build_plan
+
+    message = "downloader.config.sources is empty: name at least one source to download (or set downloader.enabled=false)"
+    values = {"downloader": {"config": {"sources": []}}}
+    with pytest.raises(helm.HelmError, match=re.escape(message)):
+        render(values=values)
+    (tmp_path / "none.yaml").write_text(yaml.safe_dump(values))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_plan([env_file("local"), tmp_path / "none.yaml"], [])
+    assert not select(render(values={**values, "downloader": {**values["downloader"], "enabled": False}}), "Job", "downloader")
+
+
 def test_a_source_token_given_as_a_plain_value_is_refused_by_both(tmp_path):
     import helm_python as helm
 
