@@ -84,6 +84,10 @@ def test_a_corrupt_member_fails_its_checksum():
 @pytest.mark.parametrize("keep", [0, 1, 10, 100, -30, -1])
 def test_truncated_files_fail_as_numpy_fails(keep):
     blob = _npz(x=np.arange(100, dtype=np.float64), y=np.ones((4, 4)))
+    if 0 <= keep < 4:  # too short to start as a zip archive: numpy would take it for a pickle
+        with pytest.raises(ValueError, match="not an npz \\(zip\\) archive"):
+            load_npz(blob[:keep])
+        return
     expected = _numpy_says(blob[:keep])
     assert isinstance(expected, Exception), expected
     with pytest.raises(type(expected)) as info:
@@ -158,3 +162,22 @@ def test_archives_with_zip64_entry_counts_keep_every_array():
     np.save(member, np.arange(2, dtype=np.int8))
     blob = _zip({f"a{i}.npy": member.getvalue() for i in range(0x10000 + 5)})  # past the 16-bit count
     assert len(load_npz(blob)) == 0x10000 + 5
+
+
+@pytest.mark.parametrize("blob", [b"PAR1 a parquet file", b"\x89HDF\r\n\x1a\n", b"", b"junk" + _PLAIN])
+def test_a_file_that_is_no_zip_archive_is_named_so(blob):
+    """numpy would take it for a pickle and advise allowing those."""
+    with pytest.raises(ValueError, match="not an npz \\(zip\\) archive: it (starts with|is empty)") as info:
+        load_npz(blob)
+    assert "pickle" not in str(info.value)
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_members_numpy_never_writes_are_refused_before_anything_is_allocated(method):
+    """Only the size the file records bounds what bzip2 or LZMA inflate to: numpy would allocate it."""
+    huge = _npy("{'descr': '<f8', 'fortran_order': False, 'shape': (10000000000,), }", b"")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=method) as zf:
+        zf.writestr("x.npy", huge)
+    with pytest.raises(ValueError, match=f"member 'x.npy' is compressed with zip method {method}, not stored or deflated"):
+        load_npz(buf.getvalue())

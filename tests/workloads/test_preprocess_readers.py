@@ -78,6 +78,55 @@ def test_parquet_nulls_and_ragged_rows_quarantine_only_their_episode():
     assert "null at frame 1" in out[1].detail
 
 
+@pytest.mark.parametrize("compressed", [False, True])
+def test_npz_members_no_stream_needs_are_never_decoded(compressed, monkeypatch):
+    """Camera frames beside the streams would inflate to gigabytes: they are named, not read
+    (numpy's own path, for files the fast one leaves to it, skips them too)."""
+    from trajflow.preprocess import npzfile
+
+    x = np.ones((50, 2), np.float32)
+    buf = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(
+        buf, timestamps=np.arange(50) / 50.0, images=np.zeros((50, 64, 64), np.uint8), **{STATE: x, ACTION: x})
+    blob = buf.getvalue()
+    decoded: list[int] = []
+    array = npzfile._array
+    monkeypatch.setattr(npzfile, "_array", lambda member: decoded.append(len(member)) or array(member))
+    (ep,) = _outcomes("npz", io.BytesIO(blob))
+    assert isinstance(ep, RawEpisode) and ep.frames.shape == (50, 4)
+    assert len(decoded) == 3 and max(decoded) < 64 * 64  # the timestamps and the two streams
+    monkeypatch.setattr(npzfile, "_members", lambda *a: (_ for _ in ()).throw(npzfile._Unusual()))
+    loaded = npzfile.load_npz(blob, lambda name: name != "images")
+    assert loaded["images"] == npzfile.UnreadMember("images") and loaded[STATE].shape == (50, 2)
+
+
+def test_a_parquet_data_page_that_fails_its_checksum_is_unreadable():
+    """Pages written with CRCs are checked: a flipped bit in one would change values silently."""
+    values = np.linspace(1.0, 2.0, 400)
+    table = pa.table({"episode_index": np.zeros(400, np.int64), "timestamp": np.arange(400) / 50.0,
+                      STATE: values, ACTION: values})
+    buf = io.BytesIO()
+    pq.write_table(table, buf, write_page_checksum=True, compression="none")
+    blob = bytearray(buf.getvalue())
+    at = bytes(blob).index(np.float64(values[200]).tobytes())  # inside the first stream's data page
+    blob[at] ^= 0x01
+    with pytest.raises(readers.UnreadableFile, match="(?i)crc|checksum"):
+        _outcomes("lerobot", bytes(blob))
+    (ep,) = _outcomes("lerobot", buf.getvalue())
+    assert isinstance(ep, RawEpisode) and ep.frames.shape == (400, 2)
+
+
+@pytest.mark.parametrize("values", [[0, 2**64 - 1], [1e19, 2e19]])
+def test_parquet_index_columns_beyond_64_bits_are_refused_not_wrapped(values):
+    """Wrapped, 2**64 - 1 became episode -1, and 1e19 and 2e19 one merged episode."""
+    import pyarrow as pa
+
+    column = pa.array(values, type=pa.uint64() if isinstance(values[0], int) else pa.float64())
+    with pytest.raises(TypeError, match="column 'episode_index' holds values from .* beyond a 64-bit index"):
+        readers._index_column(column, "episode_index")
+    assert readers._index_column(pa.array([0, 2**63 - 1], type=pa.uint64()), "episode_index").tolist() == [0, 2**63 - 1]
+
+
 def test_parquet_without_timestamps_uses_frame_index_and_the_dataset_rate():
     table = pa.table({"episode_index": [3, 3, 3], "frame_index": [0, 1, 2], STATE: [1.0, 2.0, 3.0],
                       ACTION: [0.0, 0.0, 0.0]})
@@ -233,6 +282,23 @@ def test_hdf5_direct_reads_give_what_hdf5_reads(tmp_path, userblock, monkeypatch
     finally:
         os.close(fd)
     assert len(direct_reads) >= 4  # the plain contiguous ones did not go through HDF5
+
+
+@pytest.mark.parametrize("options", [{"compression": "gzip"}, {}])
+def test_hdf5_chunks_never_written_are_not_read_as_values(tmp_path, options):
+    """A recorder that died after growing its dataset leaves chunks that read as zeros;
+    compression (or padded edge chunks) hides them from the stored-size test."""
+    import h5py
+
+    path = tmp_path / "d.hdf5"
+    with h5py.File(path, "w") as f:
+        part = f.create_dataset("part", shape=(1000, 25), chunks=(100, 7), dtype="<f4", **options)
+        part[:900] = 1.0  # the last rows' chunks are never written
+        f.create_dataset("whole", data=np.ones((1000, 25), "<f4"), chunks=(100, 7), **options)
+    with h5py.File(path, "r") as f:
+        with pytest.raises(ValueError, match="'part' has chunks that were never written"):
+            readers._h5_dataset(f.id, "part")
+        assert readers._h5_dataset(f.id, "whole").sum() == 25000
 
 
 def test_hdf5_without_data_group_is_unreadable(tmp_path):
@@ -566,9 +632,10 @@ def test_npz_member_declaring_more_than_it_holds_is_unreadable_not_allocated(def
 
 
 @pytest.mark.parametrize("method", ["ZIP_BZIP2", "ZIP_LZMA"])
-def test_npz_members_compressed_past_deflate_s_ceiling_are_read(method):
-    """bzip2 and LZMA shrink constant values far more than deflate's 1032x: only the size the
-    archive records bounds them."""
+def test_npz_members_compressed_past_deflate_s_ceiling_are_quarantined(method):
+    """bzip2 and LZMA shrink constant values far more than deflate's 1032x, and only the size
+    the archive itself records bounds them (a 2 KB file claiming terabytes was a MemoryError
+    that failed the shard): numpy never writes them, and the file is unreadable (quarantined)."""
     import zipfile
 
     zeros = np.zeros((200_000, 8), np.float32)
@@ -578,8 +645,8 @@ def test_npz_members_compressed_past_deflate_s_ceiling_are_read(method):
             member = io.BytesIO()
             np.save(member, array)
             z.writestr(f"{name}.npy", member.getvalue())
-    (ep,) = _outcomes("npz", io.BytesIO(buf.getvalue()))
-    assert isinstance(ep, RawEpisode) and ep.frames.shape[0] == 200_000
+    with pytest.raises(readers.UnreadableFile, match=f"compressed with zip method {getattr(zipfile, method)}, not stored"):
+        _outcomes("npz", io.BytesIO(buf.getvalue()))
 
 
 def test_integer_timestamps_are_refused_not_taken_as_seconds():
@@ -690,6 +757,17 @@ def test_float_timestamps_in_ms_us_or_ns_are_refused(scale: float, unit: str):
     assert isinstance(ep, Quarantined) and ep.reason == readers.MISSING_TIME
     if unit == "ms":
         assert "below 1 Hz" in ep.detail and "ms, us or ns rather than seconds" in ep.detail
+
+
+def test_timestamps_in_hours_are_refused_not_shrunk_to_a_frame():
+    """500 samples over 10 s counted in hours read as 180 kHz: resampled, one frame."""
+    x = np.ones((500, 2), np.float32)
+    hours = np.arange(500) * 0.02 / 3600 + 0.25
+    (ep,) = _outcomes("npz", io.BytesIO(npz_bytes(timestamps=hours, **{STATE: x, ACTION: x})))
+    assert isinstance(ep, Quarantined) and ep.reason == readers.MISSING_TIME
+    assert "Hz, above 100000 Hz): timestamps in minutes or hours" in ep.detail
+    (ep,) = _outcomes("npz", io.BytesIO(npz_bytes(timestamps=hours * 3600, **{STATE: x, ACTION: x})))
+    assert isinstance(ep, RawEpisode) and ep.original_rate_hz == pytest.approx(50.0)
 
 
 def test_whole_millisecond_floats_of_a_fast_recording_are_refused_not_taken_as_1_hz():

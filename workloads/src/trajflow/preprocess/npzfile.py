@@ -18,7 +18,7 @@ import struct
 import zipfile
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -72,7 +72,7 @@ def _array(member: bytes | memoryview) -> np.ndarray:
     return flat.reshape(shape)
 
 
-def _members(blob: bytes) -> dict[str, np.ndarray]:
+def _members(blob: bytes, wanted: Callable[[str], bool]) -> dict[str, Any]:
     end = len(blob) - _END.size
     if end < 0:
         raise _Unusual
@@ -103,6 +103,9 @@ def _members(blob: bytes) -> dict[str, np.ndarray]:
         if (head[0] != b"PK\x03\x04" or bytes(view[local + _LOCAL.size:local + _LOCAL.size + head[9]]) != raw_name
                 or begin + packed_size > dir_offset):
             raise _Unusual
+        if not wanted(name[:-4]):
+            out[name[:-4]] = UnreadMember(name[:-4])
+            continue
         if method == _DEFLATED:
             # no more than the size the directory records: a deflate bomb stops there (numpy decides)
             inflate = zlib.decompressobj(-15)
@@ -120,13 +123,18 @@ def _members(blob: bytes) -> dict[str, np.ndarray]:
     return out
 
 
-def load_npz(blob: bytes) -> dict[str, Any]:
+def load_npz(blob: bytes, wanted: Callable[[str], bool] = lambda name: True) -> dict[str, Any]:
     """The arrays of the npz file ``blob`` by name (read-only views into ``blob`` where
-    stored uncompressed). Raises what `numpy.load` raises for a file it cannot read."""
+    stored uncompressed); members not `wanted` are named but never decoded (an UnreadMember:
+    camera frames no stream needs would inflate to gigabytes). Raises what `numpy.load`
+    raises for a file it cannot read."""
     try:
-        return _members(blob)
+        return _members(blob, wanted)
     except (_Unusual, struct.error, ValueError, TypeError):  # odd or broken: numpy decides
         pass
+    if not blob.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY")):
+        # numpy would take it for a pickle, and advise allowing those
+        raise ValueError(f"not an npz (zip) archive: {f'it starts with {bytes(blob[:8])!r}' if blob else 'it is empty'}")
     loaded = np.load(io.BytesIO(blob), allow_pickle=False)
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise ValueError(f"not an npz archive but a single {type(loaded).__name__} (an .npy file?)")
@@ -134,6 +142,9 @@ def load_npz(blob: bytes) -> dict[str, Any]:
     with loaded as z:
         names = {(n[:-4] if n.endswith(".npy") else n): n for n in z.zip.namelist()}  # as NpzFile maps them
         for k in z.files:
+            if not wanted(k):
+                out[k] = UnreadMember(k)
+                continue
             _check_declared_size(z.zip, names[k], len(blob))
             try:
                 out[k] = z[k]
@@ -153,6 +164,11 @@ def _check_declared_size(zf: zipfile.ZipFile, name: str, archive_size: int) -> N
     the member can hold: numpy allocates the declared size before it reads (a header
     declaring terabytes over a few bytes would be a MemoryError, a few GB an OOM kill)."""
     info = zf.getinfo(name)
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        # numpy never writes them, and nothing bounds what they inflate to but the size the
+        # file itself records (numpy would allocate it)
+        raise ValueError(f"member {name!r} is compressed with zip method {info.compress_type}, not stored or "
+                         "deflated as numpy.savez writes it")
     with zf.open(info) as fp:
         try:
             version = np.lib.format.read_magic(fp)
@@ -171,14 +187,19 @@ def _check_declared_size(zf: zipfile.ZipFile, name: str, archive_size: int) -> N
         room = info.file_size
         if info.compress_type == zipfile.ZIP_STORED:
             room = min(room, packed)
-        elif info.compress_type == zipfile.ZIP_DEFLATED:
+        else:
             room = min(room, packed * _MAX_INFLATE)
-        # (bzip2 and LZMA, which numpy never writes, go past deflate's ceiling: only their
-        # recorded size bounds them)
         room -= fp.tell()  # the header is not array data
     if declared > room:
         raise ValueError(f"member {name!r} declares a {dtype} array of shape {shape} ({declared} bytes) but holds "
                          f"at most {max(room, 0)} bytes of data")
+
+
+@dataclass(frozen=True)
+class UnreadMember:
+    """A member the caller did not want: named, never decoded."""
+
+    name: str
 
 
 @dataclass(frozen=True)

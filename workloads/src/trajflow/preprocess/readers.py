@@ -59,6 +59,9 @@ MISSING_TIME = "missing_time"  # neither timestamps nor a recorded rate, or time
 # Below this mean rate, timestamps are taken to count ms, us or ns rather than seconds (or to
 # jump): resampled as seconds, the episode would grow 1000x or more (a multi-GB allocation).
 MIN_MEAN_RATE_HZ = 1.0
+# Above this one, they count minutes or hours (or a recorded rate is corrupt): resampled as
+# seconds, the episode would shrink to a frame or two.
+MAX_MEAN_RATE_HZ = 100_000.0
 MAX_SECONDS = 1e11  # no clock counts this many seconds: a larger timestamp is a count of ms, us or ns
 TOO_SHORT = "too_short"
 NON_MONOTONIC = "non_monotonic_time"
@@ -294,6 +297,10 @@ def make_episode(spec: SourceSpec, source: str, episode: str, robot: str, times:
                                  f"{MIN_MEAN_RATE_HZ:g} Hz; the widest gap is {float(step[widest]):.6g} s after "
                                  f"timestamp[{widest}]): timestamps in {finer} rather than "
                                  f"{'seconds' if spec.time_unit == 's' else spec.time_unit}? {set_unit}")
+    if length > 1 and (length - 1) / span > MAX_MEAN_RATE_HZ:
+        return bad(MISSING_TIME, f"{length} samples over {span:.6g} s ({(length - 1) / span:.3g} Hz, above "
+                                 f"{MAX_MEAN_RATE_HZ:g} Hz): timestamps in minutes or hours, or a corrupt recorded "
+                                 f"rate? they must count {'seconds' if spec.time_unit == 's' else spec.time_unit}")
     if spec.max_gap_s is not None and length > 1 and step[widest] > spec.max_gap_s:
         return bad(TIME_GAP, f"{float(step[widest]):.6g} s between timestamp[{widest}] = {at(widest)!r} and the "
                              f"next, more than maxGapSeconds {spec.max_gap_s:g}")
@@ -408,6 +415,9 @@ def _index_column(col: Any, name: str) -> np.ndarray:
     if col.null_count or not whole:
         raise TypeError(f"column {name!r} must hold whole numbers without nulls; it has type {col.type} and "
                         f"{col.null_count} null(s)")
+    # int64 holds every index; larger ones would wrap (two episodes merged into one, or negative)
+    if len(values) and (values.max() >= 2**63 or values.min() < -2**63):
+        raise TypeError(f"column {name!r} holds values from {values.min()} to {values.max()}, beyond a 64-bit index")
     return values.astype(np.int64, copy=False)  # never written to
 
 
@@ -416,9 +426,10 @@ def read_lerobot(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Ou
     import pyarrow.parquet as pq
 
     try:
-        # the bytes are local (a path, mapped, or a buffer): coalescing reads ahead only costs here
+        # the bytes are local (a path, mapped, or a buffer): coalescing reads ahead only costs here;
+        # pages written with CRCs are checked (a flipped bit in a data page changes values silently)
         pf = pq.ParquetFile(pa.BufferReader(src) if isinstance(src, bytes) else src, memory_map=isinstance(src, str),
-                            pre_buffer=False)
+                            pre_buffer=False, page_checksum_verification=True)
         columns_in_order = pf.schema_arrow.names
         names = set(columns_in_order)
     except (pa.ArrowException, ValueError, OSError) as exc:
@@ -715,6 +726,11 @@ def _h5_dataset(group: Any, path: str, fd: int | None = None, file_size: int | N
     if declared > room:
         raise ValueError(f"{path!r} declares shape {shape} ({declared} bytes) but the file stores {stored} bytes "
                          "of it: never written (fill values only), or a corrupt header")
+    if obj.get_space_status() != h5py.h5d.SPACE_STATUS_ALLOCATED:
+        # chunks never written read as fill values (a recorder that died after growing the
+        # dataset); compression or chunk padding hides them from the size test above
+        raise ValueError(f"{path!r} has chunks that were never written (they would read as fill values): a "
+                         "recording cut short, or a corrupt file")
     out = np.empty(shape, dtype=dtype)
     obj.read(h5py.h5s.ALL, h5py.h5s.ALL, out)
     return out
@@ -846,8 +862,11 @@ def _h5_datasets(demo: Any) -> list[str]:
 
 
 def read_npz(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Outcome]:
+    # the members read: streams, times, rates and the robot, at the top level or in an
+    # episode group (`<episode>/<name>`)
+    names = {*spec.streams, *spec.time_keys, *RATE_ATTRS, "robot"}
     try:
-        arrays = load_npz(_contents(src))
+        arrays = load_npz(_contents(src), lambda key: key in names or key.partition("/")[2] in names)
     except (zipfile.BadZipFile, EOFError, ValueError, zlib.error, KeyError, OSError, NotImplementedError) as exc:
         _reraise_io(exc)
         raise UnreadableFile(f"not a readable npz file: {type(exc).__name__}: {exc}") from None
