@@ -301,6 +301,22 @@ def test_hdf5_chunks_never_written_are_not_read_as_values(tmp_path, options):
         assert readers._h5_dataset(f.id, "whole").sum() == 25000
 
 
+def test_hdf5_chunks_far_larger_than_their_data_are_not_inflated(tmp_path):
+    """50 rows in one gzip chunk of 3M rows: HDF5 would inflate 72 MB to read them (100M rows: 2.4 GB)."""
+    import h5py
+
+    path = tmp_path / "d.hdf5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("huge", data=np.ones((50, 6), "<f4"), maxshape=(None, 6), chunks=(3_000_000, 6),
+                         compression="gzip")
+        f.create_dataset("grown", data=np.ones((50, 6), "<f4"), maxshape=(None, 6), chunks=(1000, 6),
+                         compression="gzip")  # a chunk larger than the data, but small
+    with h5py.File(path, "r") as f:
+        with pytest.raises(ValueError, match="'huge' is stored in chunks of 72000000 bytes for 1200 bytes of data"):
+            readers._h5_dataset(f.id, "huge")
+        assert readers._h5_dataset(f.id, "grown").shape == (50, 6)
+
+
 def test_hdf5_without_data_group_is_unreadable(tmp_path):
     import h5py
 

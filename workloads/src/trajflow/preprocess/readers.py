@@ -670,6 +670,9 @@ def _h5_open(group: Any, name: bytes, budget: list[int] | None = None) -> Any:
 # than its stored bytes times this holds chunks never written: reading would allocate the
 # declared size (terabytes, from a header) and fill it with the fill value.
 _H5_MAX_EXPANSION = 4096
+# HDF5 inflates a whole chunk to read any row of it: a chunk far larger than its dataset (50
+# rows in a chunk of 100M) costs gigabytes of memory for kilobytes of data
+_H5_MAX_CHUNK_BYTES = 64 << 20
 
 
 def _h5_dataset(group: Any, path: str, fd: int | None = None, file_size: int | None = None) -> np.ndarray | None:
@@ -726,6 +729,11 @@ def _h5_dataset(group: Any, path: str, fd: int | None = None, file_size: int | N
     if declared > room:
         raise ValueError(f"{path!r} declares shape {shape} ({declared} bytes) but the file stores {stored} bytes "
                          "of it: never written (fill values only), or a corrupt header")
+    if dcpl.get_layout() == h5py.h5d.CHUNKED:
+        chunk_bytes = math.prod(dcpl.get_chunk()) * obj.get_type().get_size()
+        if chunk_bytes > max(_H5_MAX_CHUNK_BYTES, declared):
+            raise ValueError(f"{path!r} is stored in chunks of {chunk_bytes} bytes for {declared} bytes of data: "
+                             "each read would inflate a whole chunk (rechunk it, e.g. with h5repack)")
     if obj.get_space_status() != h5py.h5d.SPACE_STATUS_ALLOCATED:
         # chunks never written read as fill values (a recorder that died after growing the
         # dataset); compression or chunk padding hides them from the size test above
