@@ -12,6 +12,7 @@ import os
 import re
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -1395,13 +1396,26 @@ def test_divergence_sets_the_loss_gauge_non_finite(tmp_path: Path, loss: float, 
         assert math.isnan(value)
 
 
-def test_metrics_endpoint_and_final_push(tmp_path: Path, pushgateway) -> None:  # type: ignore[no-untyped-def]
+def test_metrics_endpoint_and_final_push(tmp_path: Path, pushgateway,  # type: ignore[no-untyped-def]
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from trajflow.train import loop
+
     port = free_port()
     settings, _ = small_run(tmp_path, epochs=1, metrics_port=port)
     glob = settings.global_.model_copy(update={"metrics": settings.global_.metrics.model_copy(
         update={"pushgateway_url": pushgateway.url})})
     settings = type(settings)(glob, settings.config, 0, 1)
+    scraped: list[str] = []
+    end_epoch = loop.Trainer.end_epoch
+
+    def scrape(self, *args):  # type: ignore[no-untyped-def]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            scraped.append(resp.read().decode())
+        return end_epoch(self, *args)
+
+    monkeypatch.setattr(loop.Trainer, "end_epoch", scrape)
     summary = train(settings)
+    assert len(scraped) == 1 and "trajflow_train_steps_total" in scraped[0]  # served while training
     with urllib.request.urlopen(f"{pushgateway.url}/metrics", timeout=10) as resp:
         text = resp.read().decode()
     steps = [line for line in text.splitlines() if line.startswith("trajflow_train_steps_total{")]
@@ -1411,8 +1425,9 @@ def test_metrics_endpoint_and_final_push(tmp_path: Path, pushgateway) -> None:  
     success = [line for line in text.splitlines() if line.startswith("trajflow_stage_success{") and 'stage="train"' in line]
     assert success and success[0].endswith(" 1")
     # the endpoint is closed once training has returned
-    with pytest.raises(OSError):
+    with pytest.raises(urllib.error.URLError) as closed:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+    assert isinstance(closed.value.reason, ConnectionRefusedError)
 
 
 def test_a_run_with_fewer_processes_drops_the_groups_of_the_others(tmp_path: Path, pushgateway) -> None:  # type: ignore[no-untyped-def]
