@@ -534,6 +534,10 @@ REFUSED_BY_BOTH = [
      "the shards hold preprocessing.config.streams, renamed by preprocessing.config.renames"),
     ({"preprocessing.config.renames.action": "target", "training.config.action": "action"},
      "training.config.action 'action' is not a stream preprocessing writes (observation.state, target)"),
+    ({"preprocessing.config.renames.observation": "obs"},
+     "preprocessing.config: renames: 'observation' is not one of the streams read (action, observation.state)"),
+    ({"preprocessing.config.renames.action": "observation.state", "training.enabled": False},
+     "preprocessing.config: streams/renames map several raw streams onto 'observation.state'"),
 ]
 
 
@@ -565,6 +569,25 @@ def test_a_download_with_no_source_is_refused_by_both(tmp_path):
     with pytest.raises(ConfigError, match=re.escape(message)):
         build_plan([env_file("local"), tmp_path / "none.yaml"], [])
     assert not select(render(values={**values, "downloader": {**values["downloader"], "enabled": False}}), "Job", "downloader")
+
+
+@pytest.mark.parametrize("source, message", [
+    ({"renames": {"zz": "a"}}, "sources.demo.renames: 'zz' is not one of the streams read (action, observation.state)"),
+    ({"streams": ["action", "observation.state"], "renames": {"action": "observation.state"}},
+     "sources.demo.streams/renames map several raw streams onto 'observation.state'"),
+])
+def test_a_sources_own_rename_rules_are_refused_by_both(tmp_path, source, message):
+    import helm_python as helm
+
+    from trajflow.errors import ConfigError
+    from trajflow.local.pipeline import build_plan
+
+    values = {"preprocessing": {"config": {"sources": {"demo": source}}}}
+    with pytest.raises(helm.HelmError, match=re.escape(message)):
+        render([env_file("local")], values=values)
+    (tmp_path / "renames.yaml").write_text(yaml.safe_dump(values))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_plan([env_file("local"), tmp_path / "renames.yaml"], [])
 
 
 def test_a_source_token_given_as_a_plain_value_is_refused_by_both(tmp_path):
