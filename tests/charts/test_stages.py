@@ -6,6 +6,7 @@ import re
 import pytest
 import yaml
 from helmrender import (
+    CHART,
     KUBEFLOW_APIS,
     PROMETHEUS_OPERATOR_APIS,
     ROOT,
@@ -569,6 +570,20 @@ def test_a_download_with_no_source_is_refused_by_both(tmp_path):
     with pytest.raises(ConfigError, match=re.escape(message)):
         build_plan([env_file("local"), tmp_path / "none.yaml"], [])
     assert not select(render(values={**values, "downloader": {**values["downloader"], "enabled": False}}), "Job", "downloader")
+
+
+@pytest.mark.parametrize("key", ["observation", "action", "task"])
+def test_a_training_stream_set_to_null_is_checked_as_its_models_default(key):
+    """Null removes the key from the ConfigMap and the workload takes its model's default; the
+    install-time stream check did the same, instead of refusing '<nil>'."""
+    from trajflow.config import TrainConfig
+    from trajflow.local.pipeline import build_plan
+
+    assert render([env_file("local")], {f"training.config.{key}": None})
+    plan = build_plan([env_file("local")], [f"training.config.{key}=null"])
+    assert getattr(plan.stage("training").config, key) == TrainConfig.model_fields[key].default
+    template = (CHART / "templates" / "validate.yaml").read_text()
+    assert f'"{key}" "{TrainConfig.model_fields[key].default}"' in template  # the template's copy of the default
 
 
 @pytest.mark.parametrize("source, message", [
