@@ -70,6 +70,14 @@ def test_a_pushgateway_url_template_that_renders_to_no_url_is_refused():
 
     with pytest.raises(helm.HelmError, match=re.escape('global.metrics.pushgatewayUrl renders to "trajflow-pg:9091"')):
         render([env_file("local")], {"global.metrics.pushgatewayUrl": "{{ .Release.Name }}-pg:9091"})
+    with pytest.raises(helm.HelmError, match=re.escape('renders to "http://trajflow-pg:99999"')):
+        render([env_file("local")], {"global.metrics.pushgatewayUrl": "http://{{ .Release.Name }}-pg:99999"})
+    # the check is the pods' own pattern
+    from trajflow.config import formats
+
+    template = (CHART / "charts" / "common" / "templates" / "_global.tpl").read_text()
+    [pattern] = re.findall(r'regexMatch ("(?:[^"\\]|\\.)*") \$rendered', template)
+    assert json.loads(pattern) == formats.HTTP_URL
 
 
 def test_service_and_service_monitor_select_the_pushgateway():

@@ -605,6 +605,30 @@ def test_a_sources_own_rename_rules_are_refused_by_both(tmp_path, source, messag
         build_plan([env_file("local"), tmp_path / "renames.yaml"], [])
 
 
+@pytest.mark.parametrize("key, value", [
+    ("global.storage.s3.endpoint", "http://minio.minio.svc.cluster.local.:9000"),  # no DNS search domains
+    ("global.metrics.pushgatewayUrl", "http://pushgateway.{{.Release.Namespace}}.svc:9091"),
+    ("global.storage.s3.endpoint", "http://[fd00::a]:9000"),
+])
+def test_urls_users_write_are_accepted_by_both(key, value):
+    from trajflow.local.pipeline import build_plan
+
+    assert render([env_file("local")], {key: value})
+    assert build_plan([env_file("local")], [f"{key}={value}"]).stages
+
+
+def test_https_hosts_urllib3_takes_are_accepted_by_both(tmp_path):
+    from trajflow.local.pipeline import build_plan
+
+    values = {"downloader": {"config": {"sources": [
+        {"type": "https", "name": "legacy", "urls": ["https://legacy_bucket.s3.amazonaws.com/a.bin"]},
+        {"type": "catalog", "name": "hub", "urlTemplate": "https://{cohort}.hub.example/download/{file}.gz",
+         "cohorts": ["BRCA"], "categories": {"expr": "HiSeqV2"}}]}}}
+    assert render([env_file("local")], values=values)
+    (tmp_path / "hosts.yaml").write_text(yaml.safe_dump(values))
+    assert build_plan([env_file("local"), tmp_path / "hosts.yaml"], []).stage("downloader")
+
+
 def test_a_source_token_given_as_a_plain_value_is_refused_by_both(tmp_path):
     import helm_python as helm
 
@@ -627,7 +651,7 @@ def test_a_source_token_given_as_a_plain_value_is_refused_by_both(tmp_path):
 @pytest.mark.parametrize("key, value", [
     ("global.storage.s3.endpoint", "http://minio:abc"),  # no port: Helm's urlParse failed naming no key
     ("global.storage.s3.endpoint", "http://minio:99999"),  # a NetworkPolicy port the API server refuses
-    ("global.storage.s3.endpoint", "http://mi_nio:9000"),  # a host botocore refuses (a traceback before)
+    ("global.storage.s3.endpoint", "http://minio:0"),
     ("global.metrics.pushgatewayUrl", "http://pg:9091\n"),  # Go's $ is the end of the text, Python's not
     ("downloader.priorityClassName", "high\n"),
 ])

@@ -837,3 +837,7 @@ def test_an_s3_endpoint_that_never_answers_is_told_at_each_retry(caplog):
 
     with pytest.raises(InvalidURI, match="S3 endpoint 'http://bad host:9000': Invalid endpoint"):  # not a ValueError traceback
         make_client("http://bad host:9000")
+    # presigned links (how S3 sources are fetched) are SigV4 in every region: botocore's own
+    # choice is SigV2 in us-east-1, which R2, B2 and newer AWS buckets refuse
+    signed = make_client(endpoint, credentials={"aws_access_key_id": "AKIAX", "aws_secret_access_key": "s"})
+    assert "X-Amz-Algorithm=AWS4-HMAC-SHA256" in signed.generate_presigned_url("get_object", Params={"Bucket": "b", "Key": "k"})

@@ -23,13 +23,14 @@ A null rename is one a values file dropped (Helm keeps nulls the defaults do not
 {{- end -}}
 
 {{/* The TCP port of an http(s) URL: explicit, else 443 for https and 80 for http. Only a
-trailing :<digits> is a port: an IPv6 host ([fd00::a]) holds colons of its own. */}}
+trailing :<digits> is a port: an IPv6 host ([fd00::a]) holds colons of its own. Read with
+regular expressions, not urlParse, which refuses a catalog template's {cohort} in a host. */}}
 {{- define "trajflow.umbrella.urlPort" -}}
-{{- $url := urlParse . -}}
-{{- $port := regexFind ":[0-9]+$" $url.host | trimPrefix ":" -}}
+{{- $authority := regexFind "^[a-z]+://[^/?#]*" . -}}
+{{- $port := regexFind ":[0-9]+$" $authority | trimPrefix ":" -}}
 {{- if $port -}}
 {{- $port -}}
-{{- else if eq $url.scheme "http" -}}
+{{- else if hasPrefix "http://" . -}}
 80
 {{- else -}}
 443

@@ -54,9 +54,9 @@ URL_TEMPLATE_FIELDS = r"^([^{}]|\{\{|\}\}|\{(cohort|category|file)\})*$"
 FILE_PART = r"^([^{}]|\{\{|\}\}|\{(cohort|category)\})+$"
 HAS_COHORT_FIELD = r"\{cohort\}"
 HAS_FILE_FIELD = r"\{(file|category)\}"
-# a host name, an IPv4 or a bracketed IPv6 address (what botocore takes for an endpoint), and
-# a port of 1-65535; no user:password@ (urllib3 would not send it)
-_HOST_PORT = (r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?)"
+# a host (a bracketed IPv6 address, or a name as lenient as urllib3: a trailing dot, '_',
+# a catalog's {cohort}) and a port of 1-65535; no user:password@ (urllib3 would not send it)
+_HOST_PORT = (r"(\[[0-9A-Fa-f:.]+\]|[^\[\]/?#@\s:]+)"
               r"(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?")
 HTTP_URL = rf"^https?://{_HOST_PORT}([/?#].*)?$"
 HTTP_URL_OR_EMPTY = rf"^(https?://{_HOST_PORT}([/?#].*)?)?$"

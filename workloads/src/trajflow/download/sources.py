@@ -48,7 +48,7 @@ from trajflow.download.verify import Expected, declared_checksums, header_checks
 from trajflow.errors import ConfigError, TransientError
 from trajflow.plan import Item
 from trajflow.storage.base import check_key
-from trajflow.storage.s3 import error_code, http_status, is_not_found, make_client, parse_s3_uri
+from trajflow.storage.s3 import error_code, http_status, is_not_found, make_client
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +359,10 @@ class S3SourceRuntime(SourceRuntime):
     def __init__(self, cfg: S3Source, clients: HttpClients, max_connections: int, timeout_s: float):
         super().__init__(cfg.name, cfg.required)
         self.cfg = cfg
-        self.bucket, self.prefix = parse_s3_uri(cfg.url)
+        # taken literally, as S3 takes keys ('#', '?' and '//' are characters of a key); the
+        # schema's pattern has checked the form
+        bucket, _, prefix = cfg.url[len("s3://"):].partition("/")
+        self.bucket, self.prefix = bucket, prefix.strip("/")
         self.filter = PathFilter(cfg.include, cfg.exclude)
         self.http = clients.get(cfg.ca_bundle, cfg.name)
         self.client = make_client(cfg.endpoint, cfg.region, cfg.addressing_style, anonymous=cfg.anonymous,

@@ -54,7 +54,9 @@ def make_client(endpoint: str = "", region: str = "us-east-1", addressing_style:
         # a connection not made in seconds is a dead endpoint or dropped packets, not a slow store
         connect_timeout=min(timeout, CONNECT_TIMEOUT_S),
         read_timeout=timeout,
-        signature_version=botocore.UNSIGNED if anonymous else None,
+        # SigV4 throughout: left to botocore, presigned links in us-east-1 and other older
+        # regions are SigV2, which R2, B2 and newer AWS buckets refuse
+        signature_version=botocore.UNSIGNED if anonymous else "s3v4",
         # keep checksums compatible with S3-compatible servers that lack the newer ones
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",

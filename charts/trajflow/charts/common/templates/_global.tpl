@@ -58,9 +58,9 @@ Empty: the stages do not push.
 {{- $url := (include "trajflow.global" . | fromYaml).metrics.pushgatewayUrl | default "" -}}
 {{- if $url -}}
 {{- $rendered := tpl $url . -}}
-{{- /* the schema lets a template through unchecked: what it renders to is checked here (a
-missing scheme would make every batch pod exit 2 at its start) */ -}}
-{{- if not (regexMatch "^https?://[^/?#@\\s]+([/?#]\\S*)?$" $rendered) -}}
+{{- /* the schema lets a template through unchecked: what it renders to is checked here, with
+formats.HTTP_URL as the pods check it (they would exit 2 at their start) */ -}}
+{{- if not (regexMatch "^https?://(\\[[0-9A-Fa-f:.]+\\]|[^\\[\\]/?#@\\s:]+)(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?([/?#].*)?$" $rendered) -}}
 {{- fail (printf "global.metrics.pushgatewayUrl renders to %q, which is not an http(s) URL with a host (the stages push nowhere else)" $rendered) -}}
 {{- end -}}
 {{- $rendered -}}
