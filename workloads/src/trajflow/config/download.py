@@ -206,7 +206,9 @@ class Retries(Model):
 
 
 class DownloadConfig(Model):
-    sources: list[Source] = Field(default_factory=list, description="Datasets to fetch: at least one (install refuses none), several per run.")
+    sources: list[Source] = Field(
+        default_factory=list, description="Datasets to fetch: at least one (install refuses none), several per run."
+    )
     concurrency: int = Field(8, ge=1, le=256, description="Requests (whole items or ranged parts) in flight per pod.")
     part_size_mib: int = Field(
         16, ge=5, le=5120,

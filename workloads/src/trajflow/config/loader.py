@@ -716,8 +716,8 @@ def schema_errors(values: Values, chart_dir: Path | None, skip: Iterable[tuple[s
     """What `helm install` would reject through the charts' values.schema.json files: the
     umbrella's schema over all the values and each subchart's schema over its block (every
     subchart, enabled or not: stricter than Helm, which skips a disabled subchart's schema,
-    because a typo in a disabled block is still a typo). One line per
-    problem, `<file or --set>: <key path>: <what is wrong>`. Key paths starting with an
+    because a typo in a disabled block is still a typo). One line per problem,
+    `<file or --set>: <key path>: <what is wrong>`. Key paths starting with an
     entry of `skip` are left out (the stage models validate those with their own words).
     Empty when the chart is not available."""
     if chart_dir is None:

@@ -4,8 +4,8 @@ Why urllib3 rather than `http.client` or `requests`: it is already in the downlo
 (botocore depends on it), it pools keep-alive connections safely across threads, and it
 enforces Content-Length; `requests` would add a dependency for nothing we use. Its own
 retries and redirects are off: the callers retry (`transfer` the fetches, with metrics;
-`failures.call_with_retries` the planning requests), and redirects are followed here so an Authorization header never leaks to another host
-(or to plain http).
+`failures.call_with_retries` the planning requests), and redirects are followed here so an
+Authorization header never leaks to another host (or to plain http).
 
 Requests ask for `Accept-Encoding: identity` and bodies are never decoded: the bytes stored
 are the bytes the source's checksums describe, and byte ranges stay meaningful.

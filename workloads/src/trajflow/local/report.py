@@ -163,7 +163,8 @@ def summarize(runner: "Runner") -> tuple[list[StageSummary], list[dict[str, Any]
             from trajflow.preprocess.stage import stale_settings
 
             docs = _manifests(storage, "preprocess", plan.shards)
-            f["trajectories"] = int(sum(finite_number(d.get("trajectories")) or finite_number(d.get("num_episodes")) or 0 for d in docs))
+            f["trajectories"] = int(sum(finite_number(d.get("trajectories")) or finite_number(d.get("num_episodes")) or 0
+                                        for d in docs))
             f["frames"] = int(sum(finite_number(d.get("num_frames")) or 0 for d in docs))
             f["quarantined"] = int(sum(finite_number(d.get("quarantined")) or 0 for d in docs))
             rates = {d.get("rate_hz") for d in docs if finite_number(d.get("rate_hz"))}

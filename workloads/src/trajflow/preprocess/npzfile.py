@@ -134,7 +134,8 @@ def load_npz(blob: bytes, wanted: Callable[[str], bool] = lambda name: True) -> 
         pass
     if not blob.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY")):
         # numpy would take it for a pickle, and advise allowing those
-        raise ValueError(f"not an npz (zip) archive: {f'it starts with {bytes(blob[:8])!r}' if blob else 'it is empty'}")
+        what = f"it starts with {bytes(blob[:8])!r}" if blob else "it is empty"
+        raise ValueError(f"not an npz (zip) archive: {what}")
     loaded = np.load(io.BytesIO(blob), allow_pickle=False)
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise ValueError(f"not an npz archive but a single {type(loaded).__name__} (an .npy file?)")

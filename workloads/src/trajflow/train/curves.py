@@ -1,6 +1,6 @@
 """The loss curve, drawn on a matplotlib Axes: for the training's own `loss_curve.png` and
-for the picture of `trajflow run`'s report. Imports neither torch nor matplotlib itself, so
-that the report reads it without torch."""
+for the picture of `trajflow run`'s report. It imports no torch, so that the report uses it
+where torch is not installed (and matplotlib only when drawing)."""
 from __future__ import annotations
 
 import math
