@@ -629,6 +629,17 @@ def test_https_hosts_urllib3_takes_are_accepted_by_both(tmp_path):
     assert build_plan([env_file("local"), tmp_path / "hosts.yaml"], []).stage("downloader")
 
 
+@pytest.mark.parametrize("config", [{"renames": {"gone": None}}, {"sources": {"demo": {"renames": {"gone": None}}}}])
+def test_a_rename_dropped_with_null_is_accepted_by_both(tmp_path, config):
+    """A null drops a rename another values file made: no stream need have its name."""
+    from trajflow.local.pipeline import build_plan
+
+    values = {"preprocessing": {"config": config}}
+    assert render([env_file("local")], values=values)
+    (tmp_path / "dropped.yaml").write_text(yaml.safe_dump(values))
+    assert build_plan([env_file("local"), tmp_path / "dropped.yaml"], []).stage("preprocessing")
+
+
 def test_a_source_token_given_as_a_plain_value_is_refused_by_both(tmp_path):
     import helm_python as helm
 
