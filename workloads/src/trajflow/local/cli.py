@@ -89,22 +89,23 @@ def _downloads_done(plan: "RunPlan") -> bool:
     """Whether the run root holds this download's manifest for every shard (a rerun's case):
     of this shard count and generation, not an earlier run's."""
     from trajflow.storage import open_run_root, read_manifest
-    from trajflow.storage.wait import is_storage_error
+    from trajflow.storage.wait import is_storage_error, manifest_expectations, stale_reason
 
     down = plan.stage("downloader")
     if down is None:
         return False
+    expected = manifest_expectations("download", down.shards, down.config.generation_id())
     try:
         storage = open_run_root(plan.global_)
-        for shard in range(down.shards):
-            doc = read_manifest(storage, "download", shard)
-            if doc is None or doc.get("shards") != down.shards or doc.get("generation") != down.config.generation_id():
-                return False
-        return True
+        # stops at the first shard not done
+        return all((doc := read_manifest(storage, "download", shard)) is not None and stale_reason(doc, expected) is None
+                   for shard in range(down.shards))
+    except ValueError:  # a torn manifest
+        return False
     except Exception as exc:
-        if not (isinstance(exc, ValueError) or is_storage_error(exc)):
+        if not is_storage_error(exc):
             raise
-        return False  # a torn manifest, or a run root the runner will name
+        return False  # a run root the runner will name
 
 
 def _dry_run(runner: "Runner") -> int:
