@@ -12,6 +12,7 @@ from typing import Any
 from trajflow.config.formats import (
     ABSOLUTE_PATH,
     CHART_JOB_LABEL,
+    CHART_MOUNT_PATH,
     CHART_POD_LABEL,
     CONTAINER_ENV_NAME,
     DNS_LABEL,
@@ -264,7 +265,6 @@ def env_from() -> dict[str, Any]:
 # what the chart's pods hold already: an extra volume or mount of the same name or path would
 # be a duplicate the API server refuses
 CHART_VOLUMES = ["config", "tmp", "shm", "data", "trajflow-dataset"]
-CHART_MOUNT_PATHS = ["/etc/trajflow", "/etc/trajflow-dataset", "/tmp", "/dev/shm"]
 
 
 def volume() -> dict[str, Any]:
@@ -276,7 +276,7 @@ def volume_mount() -> dict[str, Any]:
     return closed(
         {
             "name": string(minLength=1),
-            "mountPath": string(pattern=ABSOLUTE_PATH, **{"not": {"enum": CHART_MOUNT_PATHS}}),
+            "mountPath": string(pattern=ABSOLUTE_PATH, **{"not": {"pattern": CHART_MOUNT_PATH}}),
             "subPath": string(),
             "subPathExpr": string(),
             "readOnly": boolean(),

@@ -175,6 +175,13 @@ BAD_VALUES = {
         ["preprocessing", "/extraVolumes/0/name"]),
     "extra mount over the config": ({"downloader.extraVolumeMounts": [{"name": "x", "mountPath": "/etc/trajflow"}]},
                                     ["downloader", "/extraVolumeMounts/0/mountPath"]),
+    # the kubelet cannot make a mount point inside the read-only ConfigMap volume
+    "extra mount below the config": (
+        {"preprocessing.extraVolumeMounts": [{"name": "x", "mountPath": "/etc/trajflow/extra"}]},
+        ["preprocessing", "/extraVolumeMounts/0/mountPath"]),
+    "extra mount over /tmp with a trailing slash": (
+        {"training.extraVolumeMounts": [{"name": "x", "mountPath": "/tmp/"}]},
+        ["training", "/extraVolumeMounts/0/mountPath"]),
     "Exists toleration with a value": (
         {"preprocessing.tolerations": [{"key": "gpu", "operator": "Exists", "value": "true"}]},
         ["preprocessing", "/tolerations/0/value"]),
@@ -349,6 +356,11 @@ GOOD_VALUES = {
                                  "monitoring.pushgateway.persistence.size": "0.5Gi"},
     "extra mount below the data path": {"training.extraVolumes": [{"name": "x", "emptyDir": {}}],
                                         "training.extraVolumeMounts": [{"name": "x", "mountPath": "/data/x"}]},
+    # writable emptyDirs take a mount point; a sibling of /etc/trajflow is another path
+    "extra mounts below /tmp and beside the config": {
+        "training.extraVolumes": [{"name": "x", "emptyDir": {}}, {"name": "y", "emptyDir": {}}],
+        "training.extraVolumeMounts": [{"name": "x", "mountPath": "/tmp/cache"},
+                                       {"name": "y", "mountPath": "/etc/trajflow-extra"}]},
     "no pod failure policy (the documented null)": {"downloader.podFailurePolicy": None},
     "wait timeout in seconds": {"preprocessing.waitTimeout": 3600, "training.waitTimeout": 86400},
     "settings that only sound secret": {"training.extraEnv": [

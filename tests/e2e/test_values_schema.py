@@ -57,6 +57,9 @@ def dry_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
         ("downloader.resources.limits.Bad/gpu=1", "downloader.resources.limits: key 'Bad/gpu': expected a Kubernetes name"),
         ("training.extraVolumes[0].name=data", "training.extraVolumes[0].name: 'data' is one the chart's pods use "
          "themselves (config, tmp, shm, data, trajflow-dataset): choose another"),
+        ("training.extraVolumeMounts[0].mountPath=/etc/trajflow-dataset/x", "training.extraVolumeMounts[0].mountPath: "
+         "'/etc/trajflow-dataset/x' is a path the chart's pods mount themselves (/tmp, /dev/shm, or /etc/trajflow or "
+         "/etc/trajflow-dataset and below): choose another"),
         ("training.podLabels.app\\.kubernetes\\.io/component=x", "training.podLabels: key "
          "'app.kubernetes.io/component': a label the chart sets itself (Services and NetworkPolicies select on it)"),
         # typos the chart's rules and the stage's config refuse

@@ -23,6 +23,9 @@ CHART_POD_LABEL = r"^app\.kubernetes\.io/(name|instance|component|part-of)$"
 CHART_JOB_LABEL = r"^(app\.kubernetes\.io/(name|instance|component|part-of|version|managed-by)|helm\.sh/chart|trajflow\.io/release)$"
 CONTAINER_ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 ABSOLUTE_PATH = r"^/"
+# where the chart's pods mount volumes themselves: an extra mount there is a duplicate the API
+# server refuses, or one the kubelet cannot make inside a read-only ConfigMap volume
+CHART_MOUNT_PATH = r"^(/etc/trajflow(-dataset)?(/.*)?|/tmp/*|/dev/shm/*)$"
 IMAGE_TAG = r"^([\w][\w.-]{0,127})?$"
 # a registry host[:port] with an optional path (no scheme: the kubelet refuses https://...)
 IMAGE_REGISTRY_OR_EMPTY = r"^([A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)*/?)?$"
@@ -86,6 +89,8 @@ IN_WORDS = {
     CHART_JOB_LABEL: "a label the chart sets on its Jobs itself",
     CONTAINER_ENV_NAME: "an environment variable name: letters, digits, '-', '_' and '.', not starting with a digit",
     ABSOLUTE_PATH: "an absolute path (starting with '/')",
+    CHART_MOUNT_PATH: "a path the chart's pods mount themselves (/tmp, /dev/shm, or /etc/trajflow or "
+                      "/etc/trajflow-dataset and below): choose another",
     IMAGE_TAG: "empty or an image tag: up to 128 letters, digits, '_', '.' and '-', not starting with '.' or '-'",
     IMAGE_DIGEST: "empty or an image digest: sha256: and 64 lowercase hex digits",
     IMAGE_REGISTRY_OR_EMPTY: "empty or a registry host, with an optional :port and path (such as ghcr.io, "

@@ -686,8 +686,11 @@ def _schema_error_lines(error: Any, prefix: list[str | int], origin: str) -> lis
     if error.validator == "not" and "enum" in error.validator_value:
         taken = ", ".join(map(str, error.validator_value["enum"]))
         return [(path, f"{error.instance!r} is one the chart's pods use themselves ({taken}): choose another")]
-    if error.validator == "not" and "propertyNames" in error.schema_path and "pattern" in error.validator_value:
-        return [(path, f"key {error.instance!r}: {formats.in_words(error.validator_value['pattern'])}")]
+    if error.validator == "not" and "pattern" in error.validator_value:
+        refused = formats.in_words(error.validator_value["pattern"])
+        if "propertyNames" in error.schema_path:
+            return [(path, f"key {error.instance!r}: {refused}")]
+        return [(path, f"{error.instance!r} is {refused}")]
     alternatives = error.validator_value if error.validator in ("anyOf", "oneOf") else None
     if alternatives and all(isinstance(a, dict) and "type" in a and not {"properties", "items"} & set(a)
                             for a in alternatives):
