@@ -165,6 +165,10 @@ def test_stage_pods_follow_the_workload_contract(env_objects):
                 reads_download = stage != "downloader"
                 assert (env_vars.get("TRAJFLOW_DATASET_CONFIG") == "/etc/trajflow-dataset/config.yaml") == reads_download
                 assert (mounts.get("/etc/trajflow-dataset") == "trajflow-dataset") == reads_download
+                # a download pod knows its Job, to stop when a newer Job's plan is in use
+                job_uid = next((e["valueFrom"] for e in c["env"] if e["name"] == "TRAJFLOW_JOB_UID"), None)
+                assert (job_uid == {"fieldRef": {"fieldPath": "metadata.labels['batch.kubernetes.io/controller-uid']"}}) \
+                    == (stage == "downloader")
             if stage != "downloader":
                 assert volumes["trajflow-dataset"]["configMap"] == {"name": f"{RELEASE}-dataset", "optional": True}
 

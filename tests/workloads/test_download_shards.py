@@ -27,10 +27,11 @@ def _objects(server: FaultyServer) -> tuple[dict[str, bytes], list[str]]:
     return objects, [server.add(path, data) for path, data in objects.items()]
 
 
-def _run_all(root: Path, config: object, shards: int) -> list[object]:
-    """Every shard at once, as the Job's pods would run them."""
+def _run_all(root: Path, config: object, shards: int, job: str | None = None) -> list[object]:
+    """Every shard at once, as the pods of Job `job` (its uid) would run them."""
     with ThreadPoolExecutor(max_workers=shards) as pool:
-        return list(pool.map(lambda s: ShardDownloader(LocalStorage(root), config, s, shards).run(), range(shards)))  # type: ignore[arg-type]
+        return list(pool.map(lambda s: ShardDownloader(LocalStorage(root), config, s, shards, job=job).run(),  # type: ignore[arg-type]
+                             range(shards)))
 
 
 def test_four_and_seven_shards_cover_the_items_exactly_once(server: FaultyServer, tmp_path: Path) -> None:
@@ -143,3 +144,69 @@ def test_an_old_temporary_a_live_process_holds_is_not_swept(server: FaultyServer
         assert held.exists() and journal.exists()
     finally:
         os.close(fd)
+
+
+def _assert_the_plan_in_use_is_whole(root: Path, shards: int, job: str) -> None:
+    """Plan `shards` is in use, put there by `job`, and each of its manifests lists files that exist."""
+    from trajflow.plan import read_plan_in_use
+
+    storage = LocalStorage(root)
+    in_use = read_plan_in_use(storage)
+    assert in_use is not None and in_use["shards"] == shards and in_use["adopted_by"] == job
+    for shard in range(shards):
+        manifest = read_manifest(storage, "download", shard)
+        assert manifest is not None and manifest["shards"] == shards
+        assert manifest["items"] and all((root / e["key"]).is_file() for e in manifest["items"])
+
+
+def test_a_pod_of_a_replaced_job_stops_before_it_moves_the_new_plans_files(server: FaultyServer,
+                                                                          tmp_path: Path) -> None:
+    """Argo CD prunes the old download Job only after the new preprocessing Job completes: its
+    pods still start meanwhile, and must not pull the new plan's files back into their shards."""
+    from trajflow.plan import Superseded
+
+    _, urls = _objects(server)
+    config = make_config([{"type": "https", "name": "web", "urls": urls}])
+    assert all(s.exit_code == 0 for s in _run_all(tmp_path, config, 2, job="old-uid"))  # type: ignore[attr-defined]
+    assert all(s.exit_code == 0 for s in _run_all(tmp_path, config, 3, job="new-uid"))  # type: ignore[attr-defined]
+    with pytest.raises(Superseded, match="replaced by that of a newer Job .3 shards.*new-uid"):
+        ShardDownloader(LocalStorage(tmp_path), config, 1, 2, job="old-uid").run()
+    _assert_the_plan_in_use_is_whole(tmp_path, 3, "new-uid")
+
+
+def test_a_pod_of_a_replaced_job_writes_no_manifest(server: FaultyServer, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new Job finishes while an old pod is between its last item and its manifest."""
+    import trajflow.download.shard as shard_module
+    from trajflow.plan import Superseded
+
+    _, urls = _objects(server)
+    config = make_config([{"type": "https", "name": "web", "urls": urls}])
+    real_check = shard_module.check_not_superseded
+
+    def new_job_first(*args: object) -> None:
+        monkeypatch.setattr(shard_module, "check_not_superseded", real_check)
+        assert all(s.exit_code == 0 for s in _run_all(tmp_path, config, 3, job="new-uid"))  # type: ignore[attr-defined]
+        real_check(*args)  # type: ignore[arg-type]
+
+    assert ShardDownloader(LocalStorage(tmp_path), config, 1, 2, job="old-uid").plan()  # the old Job started first
+    monkeypatch.setattr(shard_module, "check_not_superseded", new_job_first)
+    with pytest.raises(Superseded):
+        ShardDownloader(LocalStorage(tmp_path), config, 0, 2, job="old-uid").run()
+    _assert_the_plan_in_use_is_whole(tmp_path, 3, "new-uid")
+
+
+def test_a_newer_job_may_go_back_to_an_earlier_plan(server: FaultyServer, tmp_path: Path) -> None:
+    """Back to 2 shards after 3, in a third Job: its plan was superseded once, but this Job is
+    the newest, so it goes on; then the 3-shard Job's pods stop."""
+    from trajflow.plan import Superseded
+
+    _, urls = _objects(server)
+    config = make_config([{"type": "https", "name": "web", "urls": urls}])
+    for shards, job in ((2, "first"), (3, "second"), (2, "third")):
+        assert all(s.exit_code == 0 for s in _run_all(tmp_path, config, shards, job=job))  # type: ignore[attr-defined]
+    _assert_the_plan_in_use_is_whole(tmp_path, 2, "third")
+    with pytest.raises(Superseded):
+        ShardDownloader(LocalStorage(tmp_path), config, 0, 3, job="second").run()
+    # outside a Job (trajflow run, a shell) nothing is compared: the run lock keeps runs apart
+    assert ShardDownloader(LocalStorage(tmp_path), config, 0, 3).run().exit_code == 0

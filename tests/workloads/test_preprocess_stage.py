@@ -528,6 +528,30 @@ def test_a_shard_is_made_only_from_the_download_of_the_expected_generation(local
         process_shard(local_storage, 0, 1, config, download_generation="ccc")
 
 
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_download_redone_while_its_shard_is_made_leaves_nothing_written(local_storage, mixed, monkeypatch, shards):
+    """A pod of a replaced Job still running beside the new Job's: the download shard it read
+    was redone meanwhile (another shard count, or other items). Its shard must not replace
+    the new one, nor its manifest say the shard is done."""
+    from trajflow.preprocess.stage import ShardProcessor
+
+    files, _ = mixed
+    config = stage_config(sources={"robomimic": ROBOMIMIC})
+    first = {k: v for k, v in files.items() if not k.startswith("npz/")}
+    publish_raw_shard(local_storage, 0, first)
+    check = ShardProcessor._check_bad_fraction
+
+    def redone_meanwhile(self):
+        publish_raw_shard(local_storage, 0, files if shards == 1 else first, shards=shards)
+        check(self)
+
+    monkeypatch.setattr(ShardProcessor, "_check_bad_fraction", redone_meanwhile)
+    with pytest.raises(TransientError, match="download shard 00000 changed while it was preprocessed.*nothing was "
+                                             "written"):
+        process_shard(local_storage, 0, 1, config)
+    assert read_manifest(local_storage, "preprocess", 0) is None and not local_storage.exists(shard_key(0))
+
+
 def test_a_shard_made_before_generations_were_recorded_learns_its_download(local_storage, mixed):
     files, _ = mixed
     config = stage_config(sources={"robomimic": ROBOMIMIC})

@@ -3,8 +3,9 @@
 In a pod: `trajflow download --config /etc/trajflow/config.yaml` with JOB_COMPLETION_INDEX
 and TRAJFLOW_SHARDS set by the Indexed Job. Locally: `trajflow download -f values.yaml
 --shard 0 --shards 1`. Never reads stdin. Exit codes: 0 every required item verified;
-2 bad configuration; 3 permanent failures (403/404, checksums that never match);
-4 transient failures remain, or SIGTERM (a rerun resumes them); 1 the run root failed.
+2 bad configuration, or a newer Job's plan is in use ($TRAJFLOW_JOB_UID names the pod's Job);
+3 permanent failures (403/404, checksums that never match); 4 transient failures remain, or
+SIGTERM (a rerun resumes them); 1 the run root failed.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 # --summary-json paths that cannot be written whatever the disk holds: the caller's mistake
 _BAD_PATH_ERRNOS = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS)
+# the uid of the pod's Job, which the chart passes from the Job controller's pod label
+JOB_UID_ENV = "TRAJFLOW_JOB_UID"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -105,6 +108,7 @@ def _download(args: argparse.Namespace) -> int:
         downloader = ShardDownloader(
             root, config, settings.shard, settings.shards, metrics,
             progress=lambda d: ProgressReporter(d, config.progress_interval_seconds, trajflow_log.is_terminal(), metrics),
+            job=env.get(JOB_UID_ENV) or None,
         )
         if args.plan_only:
             _, items = downloader.plan()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import threading
 import time
@@ -65,7 +66,7 @@ from trajflow.download.verify import (
 )
 from trajflow.errors import ConfigError, PermanentError, TrajflowError, TransientError
 from trajflow.metrics import DOWNLOAD_OUTCOMES
-from trajflow.plan import Item, load_or_create_plan, shard_items
+from trajflow.plan import Item, Superseded, check_not_superseded, load_or_create_plan, shard_items
 from trajflow.storage import (
     LocalStorage,
     Storage,
@@ -86,6 +87,7 @@ RAW = "raw"
 BUSY_POLL_MAX_S = 15.0  # how often, at most, an item another process holds is looked at again
 STOP_WAIT_S = 10.0  # how long a stopped shard waits for its workers to close their items
 STALE_UPLOAD_S = 3600.0  # an upload begun this long ago is a killed run's, not a live one's
+PLAN_RECHECK_S = 10.0  # how often, at most, a shard looks whether a newer Job's plan is in use
 
 
 def final_path(item_key: str, gunzip: bool) -> str:
@@ -327,9 +329,13 @@ class ShardSummary:
 
 class ShardDownloader:
     def __init__(self, root: Storage, config: DownloadConfig, shard: int, shards: int, metrics: Any = None,
-                 progress: Callable[["ShardDownloader"], Any] | None = None):
+                 progress: Callable[["ShardDownloader"], Any] | None = None, job: str | None = None):
         config.require_sources()
         self.root, self.config, self.shard, self.shards = root, config, shard, shards
+        self.job = job  # the uid of the pod's Kubernetes Job (None outside one)
+        self.superseded: Superseded | None = None
+        self._superseded_checked = -math.inf
+        self.plan_header: dict[str, Any] = {}
         self.metrics = metrics
         self.stats = Stats(metrics)
         self.item_log = trajflow_log.Capped(log)  # failed and missing items: the first few of each in full
@@ -371,7 +377,8 @@ class ShardDownloader:
 
         try:
             plan = load_or_create_plan(self.root, self.shards, self.generation, list_items,
-                                       unstorable=unstorable if isinstance(self.root, LocalStorage) else None, pause=pause)
+                                       unstorable=unstorable if isinstance(self.root, LocalStorage) else None, pause=pause,
+                                       job=self.job)
             return plan, shard_items(self.root, plan, self.shard)
         except TrajflowError:
             raise
@@ -393,6 +400,7 @@ class ShardDownloader:
     def run(self) -> ShardSummary:
         self.started = time.monotonic()
         plan, self.items = self.plan()
+        self.plan_header = plan
         self.unstorable = plan.get("unstorable") or {}
         if isinstance(self.root, LocalStorage):
             self.unstorable = {**too_deep_for(self.root.root, self.items, self.config.gunzip), **self.unstorable}
@@ -423,6 +431,8 @@ class ShardDownloader:
         finally:
             if reporter is not None:
                 reporter.stop()
+        if self.superseded is not None:
+            raise self.superseded
         if not any(r.outcome == "failed" for r in self.results):
             # the manifest vouches for the whole shard: an item without an outcome is a failure
             concluded = {r.item.key for r in self.results}
@@ -436,6 +446,7 @@ class ShardDownloader:
         summary.elapsed_s = time.monotonic() - self.started
         if summary.exit_code == 0:
             try:
+                check_not_superseded(self.root, plan, self.job)
                 self._write_manifest(plan, summary)
             except TrajflowError:
                 raise
@@ -514,6 +525,9 @@ class ShardDownloader:
 
     def _start_item(self, item: Item, dest: str) -> str | None:
         """Skip, fail or start fetching the item; the reason when another process holds it."""
+        if self._is_superseded():
+            self._done(ItemResult(item, dest, "failed", error=str(self.superseded), kind="transient", reason="stopped"))
+            return None
         if item.key in self.unstorable:
             self.stats.failure("storage")
             self._done(ItemResult(item, dest, "failed", error=self.unstorable[item.key], kind="permanent", reason="storage"))
@@ -564,6 +578,9 @@ class ShardDownloader:
                 return None
             there = self.root.stat(record.location)
             if there is not None and there.size == record.size:
+                if self._is_superseded(recheck=True):  # else this shard may take a file the newer plan placed
+                    return ItemResult(item, dest, "failed", error=str(self.superseded), kind="transient",
+                                      reason="stopped")
                 if modified_since(record, there) and rehash(self.root, record.location).sha256 != record.sha256:
                     self.item_log.log(logging.WARNING, "items changed since verified",
                                       "%s changed since it was verified: removed, and %s is fetched again",
@@ -585,6 +602,24 @@ class ShardDownloader:
         if record is None and dest in self.listing:
             return self._adopt(item, dest, fingerprint)
         return None
+
+    def _is_superseded(self, recheck: bool = False) -> bool:
+        """Whether a newer Job's plan is in use (looked up at most every PLAN_RECHECK_S, unless
+        `recheck`): then the shard stops, writing nothing more."""
+        if not self.job:
+            return False
+        with self._lock:
+            if self.superseded is None and (recheck or time.monotonic() - self._superseded_checked >= PLAN_RECHECK_S):
+                self._superseded_checked = time.monotonic()
+                try:
+                    check_not_superseded(self.root, self.plan_header, self.job)
+                except Superseded as exc:
+                    self.superseded = exc
+            if self.superseded is None:
+                return False
+        assert self.scheduler is not None
+        self.scheduler.stop()
+        return True
 
     def _adopt(self, item: Item, dest: str, fingerprint: str, record: Record | None = None,
                why: str = "in place without a record") -> ItemResult | None:

@@ -889,6 +889,7 @@ class ShardProcessor:
                 names = [cfg.renames.get(s, s) for s in cfg.streams]
                 writer = ShardWriter(self.storage, shard_key(self.shard), {n: 0 for n in names}, cfg.dtype,
                                      cfg.target_rate_hz)
+            self._check_download_unchanged()  # before the shard file replaces another pod's
             return writer.close()
         except BaseException:
             if drain is not None:
@@ -923,6 +924,7 @@ class ShardProcessor:
 
     def _publish(self, shard_file: Any, shards: int) -> None:
         """The report, then the manifest: the shard is done."""
+        self._check_download_unchanged()
         summary, index = self.summary, shard_file.index
         self._warn_if_only_upsampled(index["episodes"])
         report_raw = self._report_bytes()
@@ -1061,6 +1063,18 @@ class ShardProcessor:
                 f"{self.download_generation!r} of the downloader.config in use: it holds an earlier dataset until its "
                 "download pod has planned and fetched this one; run `trajflow wait --stage download` first"
             )
+
+    def _check_download_unchanged(self) -> None:
+        """The download shard is still the one this pod read (exit 4 otherwise: the retry reads
+        the new one). A pod of a replaced Job, still running beside the new Job's, would
+        otherwise publish a shard of the old download over the new Job's."""
+        raw = read_manifest(self.storage, "download", self.shard)
+        if raw is None or raw.get("shards") != self.shards or raw.get("generation") != self.raw_generation \
+                or raw_items_digest(raw) != self.raw_digest:
+            raise TransientError(
+                f"download shard {shard_name(self.shard)} changed while it was preprocessed (now "
+                f"{'gone' if raw is None else 'written for ' + str(raw.get('shards')) + ' shards'}): nothing was "
+                "written; a retry preprocesses the shard as it is now")
 
     def _warn_if_stale(self, manifest: dict[str, Any]) -> list[str]:
         changed = stale_settings(manifest, self.config)
