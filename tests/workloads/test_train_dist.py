@@ -77,7 +77,7 @@ class Run:
 
 
 def start_run(tmp_path: Path, run_id: str, nproc: int, max_restarts: int = 0, data: bool = True,
-              **overrides: object) -> Run:
+              env_extra: dict[str, str] | None = None, **overrides: object) -> Run:
     port = free_port(2)  # local ranks 0 and 1 serve /metrics on port and port + 1
     settings = local_settings(tmp_path, run_id, **{**CONFIG, "metrics_port": port, **overrides})
     root = tmp_path / run_id
@@ -85,7 +85,7 @@ def start_run(tmp_path: Path, run_id: str, nproc: int, max_restarts: int = 0, da
         write_synthetic_shards(LocalStorage(root), shards=2, episodes_per_shard=6, length=120)
     config_file = write_config_file(tmp_path / f"{run_id}.yaml", settings)
     log_path = tmp_path / f"{run_id}.log"
-    env = {**os.environ, "TRAJFLOW_LOG_FORMAT": "json", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "TRAJFLOW_LOG_FORMAT": "json", "OMP_NUM_THREADS": "1", **(env_extra or {})}
     with open(log_path, "wb") as log_fh:
         process = subprocess.Popen(
             [sys.executable, "-m", "trajflow.cli", "train", "--config", str(config_file),
@@ -211,12 +211,111 @@ def test_killed_rank_restarts_the_group_and_resumes_to_the_same_result(tmp_path:
     assert doc["parameter_digests"] == reference["parameter_digests"]
 
 
+# Preprocessing rewrites the shards (3 instead of 2) after rank 0 has opened them and
+# before rank 1 does.
+REWRITTEN_BEFORE_RANK_1 = '''
+import os
+root = os.environ.get("TEST_REWRITE_SHARDS")
+if root and os.environ.get("RANK") == "1":
+    from trajflow.storage import LocalStorage
+    from trajflow.train import loop
+    from trajflow.train.synthetic import write_synthetic_shards
+    open_shards = loop.open_shards
+    def rewritten_first(storage, *args, **kw):
+        write_synthetic_shards(LocalStorage(root), shards=3, episodes_per_shard=4, length=120)
+        return open_shards(storage, *args, **kw)
+    loop.open_shards = rewritten_first
+'''
+
+
+def test_ranks_that_open_different_shards_stop_together(tmp_path: Path) -> None:
+    """Each rank lists resampled/ itself: ranks that saw different shards would wait in
+    collectives the others never reach (for the 30 min timeout), or train on other windows."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(REWRITTEN_BEFORE_RANK_1)
+    env = {"TEST_REWRITE_SHARDS": str(tmp_path / "rewritten"),
+           "PYTHONPATH": os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")])}
+    run = start_run(tmp_path, "rewritten", nproc=2, env_extra=env)
+    assert run.wait() == ExitCode.TRANSIENT, run.log()[-4000:]
+    assert run.log().count("the ranks opened different shards under") == 2  # each rank says why
+
+
+# Collectives give up after 10 s, and rank 0 takes 15 s to check the shards (terabytes from
+# S3 take hours).
+SLOW_SHARDS = '''
+import os, time
+if os.environ.get("TEST_SLOW_SHARDS"):
+    from trajflow.train import dist, loop
+    setup = dist.DistContext.setup
+    dist.DistContext.setup = lambda self, device="auto", timeout_s=0: setup(self, device, 10.0)
+    if os.environ.get("RANK") == "0":
+        open_shards = loop.open_shards
+        def slow(*args, **kw):
+            time.sleep(15)
+            return open_shards(*args, **kw)
+        loop.open_shards = slow
+'''
+
+
+def test_peers_wait_for_a_slow_check_of_the_shards_beyond_the_collective_timeout(tmp_path: Path) -> None:
+    """Each node's first rank fetches or checks the shards while the others wait: past the
+    collective timeout (30 min) they would give up, and every restart would start over."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(SLOW_SHARDS)
+    env = {"TEST_SLOW_SHARDS": "1", "PYTHONPATH": os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")])}
+    run = start_run(tmp_path, "slow-shards", nproc=2, env_extra=env, epochs=1)
+    assert run.wait() == 0, run.log()[-4000:]
+    assert run.metrics()["restarts"] == 0
+
+
+# Rank 0's checkpoint of the stop is slow (a large model to S3), and rank 1 notes whether it
+# was written when rank 1 stopped: a rank that stops first makes its launcher give rank 0
+# 30 s before a SIGKILL.
+SLOW_STOP_SAVE = '''
+import os, pathlib, time
+marks = os.environ.get("TEST_SLOW_STOP_SAVE")
+if marks:
+    marks = pathlib.Path(marks)
+    from trajflow.errors import Terminated
+    from trajflow.train import loop
+    from trajflow.train.checkpoint import CheckpointStore
+    if os.environ.get("RANK") == "0":
+        save = CheckpointStore.save
+        def slow_save(self, payload, **kw):
+            if kw.get("val_loss") is None:  # the stop's (every_steps 0: no other mid-epoch save)
+                time.sleep(2)
+            info = save(self, payload, **kw)
+            (marks / f"saved-{kw['step']}").touch()
+            return info
+        CheckpointStore.save = slow_save
+    else:
+        stop = loop.Trainer.stop_with_checkpoint
+        def noting_stop(self, *args, **kw):
+            try:
+                stop(self, *args, **kw)
+            except Terminated:
+                written = (marks / f"saved-{self.state.step}").exists()
+                (marks / "rank-1-stopped").write_text("after the save" if written else "before the save")
+                raise
+        loop.Trainer.stop_with_checkpoint = noting_stop
+'''
+
+
 def test_sigterm_to_one_rank_checkpoints_the_step_and_resumes_to_the_same_result(
         tmp_path: Path, two_process_run: Run) -> None:
     """A node drained under one worker: the group learns of its SIGTERM in the step's
     all-reduce, checkpoints that step and stops; the restarted group resumes there. With
-    DataLoader workers, which the agent's signal to the worker's process group must spare."""
-    run = start_run(tmp_path, "drained", nproc=2, max_restarts=1, num_workers=2,
+    DataLoader workers, which the agent's signal to the worker's process group must spare.
+    Rank 1 stops only once rank 0 has written the checkpoint."""
+    inject, marks = tmp_path / "inject", tmp_path / "marks"
+    inject.mkdir()
+    marks.mkdir()
+    (inject / "sitecustomize.py").write_text(SLOW_STOP_SAVE)
+    env = {"TEST_SLOW_STOP_SAVE": str(marks),
+           "PYTHONPATH": os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")])}
+    run = start_run(tmp_path, "drained", nproc=2, max_restarts=1, num_workers=2, env_extra=env,
                     checkpoints={"every_steps": 0, "keep_last": 3})
     store = CheckpointStore(run.storage)
     deadline = time.monotonic() + RUN_TIMEOUT_S
@@ -234,6 +333,7 @@ def test_sigterm_to_one_rank_checkpoints_the_step_and_resumes_to_the_same_result
                                              r"checkpointed step (\d+)", text)]
     assert len(stopped_at) == 2 and len(set(stopped_at)) == 1, text[-4000:]  # each rank says why, at one step
     assert text.count("(this one SIGTERM)") == 1  # rank 1's
+    assert (marks / "rank-1-stopped").read_text() == "after the save"
     doc = run.metrics()
     reference = two_process_run.metrics()
     assert doc["restarts"] == 1

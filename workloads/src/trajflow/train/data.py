@@ -13,6 +13,7 @@ per shard over the memory map, so a batch costs a few numpy calls, not one per s
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -66,6 +67,14 @@ class ShardSet:
     episodes: list[EpisodeRef]
     rate_hz: float
     dims: dict[str, int]
+    files: list[str] = field(default_factory=list)  # the sha256 of every done shard's file, by shard
+
+    def identity(self) -> str:
+        """What the shards hold, as one digest: the ranks of a run must open the same."""
+        digest = hashlib.sha256(json.dumps([self.files, self.shard_ids, self.rate_hz, self.dims]).encode())
+        for ep in self.episodes:
+            digest.update(f"{ep.name}\0{ep.length}\n".encode())
+        return digest.hexdigest()
 
 
 def open_shards(storage: Storage, streams: Sequence[str], cache_dir: str | Path | None = None,
@@ -135,7 +144,7 @@ def open_shards(storage: Storage, streams: Sequence[str], cache_dir: str | Path 
         shard_ids.append(entry.shard)
         for i, ep in enumerate(reader.episodes):
             episodes.append(EpisodeRef(pos, i, ep.offset, ep.length, f"{ep.source}#{ep.episode}"))
-    return ShardSet(readers, shard_ids, episodes, float(rate or 0.0), dims)
+    return ShardSet(readers, shard_ids, episodes, float(rate or 0.0), dims, [e.sha256 for e in entries])
 
 
 # where a shard file on a filesystem root is recorded as checked (`check_shard_file`)

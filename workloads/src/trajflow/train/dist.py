@@ -20,6 +20,11 @@ from trajflow.resources import cpu_budget
 
 log = logging.getLogger(__name__)
 
+COLLECTIVE_TIMEOUT_S = 1800.0  # a collective's peers that have not come by then are taken for hung
+# while the first rank of each node fetches (S3) or checks its shards: about an hour a
+# terabyte. A peer that dies meanwhile ends the group through its launcher, not this timeout
+DATA_TIMEOUT_S = 24 * 3600.0
+
 
 def _int_env(env: Mapping[str, str], name: str, default: int) -> int:
     raw = env.get(name)
@@ -40,6 +45,7 @@ class DistContext:
     restart_count: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     initialized: bool = False  # this object created the process group
+    data_group: Any = None  # gloo, with DATA_TIMEOUT_S: the wait for the shards
 
     @property
     def distributed(self) -> bool:
@@ -62,7 +68,7 @@ class DistContext:
             raise ConfigError(f"LOCAL_RANK={local_rank} is outside 0..{local_world - 1} (LOCAL_WORLD_SIZE={local_world})")
         return cls(rank, world, local_rank, local_world, _int_env(env, "TORCHELASTIC_RESTART_COUNT", 0))
 
-    def setup(self, device: str = "auto", timeout_s: float = 1800.0) -> "DistContext":
+    def setup(self, device: str = "auto", timeout_s: float = COLLECTIVE_TIMEOUT_S) -> "DistContext":
         """Pick this rank's device and join the process group (NCCL on GPU, gloo on CPU)."""
         use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
         share = max(1, cpu_budget() // max(self.local_world_size, 1))
@@ -90,14 +96,15 @@ class DistContext:
                 kwargs["device_id"] = self.device  # binds NCCL to this GPU eagerly
             tdist.init_process_group(**kwargs)
             self.initialized = True
+            self.data_group = tdist.new_group(backend="gloo", timeout=dt.timedelta(seconds=DATA_TIMEOUT_S))
             log.debug("joined process group", extra={"rank": self.rank, "world_size": self.world_size, "backend": backend})
         return self
 
     def close(self) -> None:
         if self.initialized and tdist.is_initialized():
             gc.collect()  # DDP's reducer and pending gloo work hold the group: free them while Python runs
-            tdist.destroy_process_group()
-        self.initialized = False
+            tdist.destroy_process_group()  # and the data group
+        self.initialized, self.data_group = False, None
 
     # ---- collectives (no-ops for a single process) --------------------------------------
 
@@ -118,12 +125,13 @@ class DistContext:
         tdist.broadcast_object_list(box, src=src)
         return box[0]
 
-    def gather_objects(self, obj: Any) -> list[Any]:
-        """`obj` of every rank, in rank order, on every rank."""
+    def gather_objects(self, obj: Any, data_wait: bool = False) -> list[Any]:
+        """`obj` of every rank, in rank order, on every rank; `data_wait`: through the group
+        that waits DATA_TIMEOUT_S for its peers (while they fetch their shards)."""
         if not self.distributed:
             return [obj]
         out: list[Any] = [None] * self.world_size
-        tdist.all_gather_object(out, obj)
+        tdist.all_gather_object(out, obj, group=self.data_group if data_wait else None)
         return out
 
     def barrier(self) -> None:

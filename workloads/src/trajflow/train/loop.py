@@ -262,7 +262,7 @@ class Trainer:
                 failure = exc
         # in place of a barrier: every rank stops with the error (and exit code) that stopped a
         # first rank, instead of losing that peer in the barrier
-        failures = [f for f in self.dist.gather_objects(failure and (type(failure), str(failure))) if f]
+        failures = [f for f in self.dist.gather_objects(failure and (type(failure), str(failure)), data_wait=True) if f]
         if failure is not None:
             raise failure
         if failures:
@@ -271,6 +271,13 @@ class Trainer:
         if shards is None:
             shards = open_shards(self.storage, streams, cache, verify=False)
         data = build_data(shards, cfg)
+        # every rank lists the shards itself: one that saw preprocessing rewrite them would
+        # train on other windows, or wait in a collective the others never reach
+        identities = self.dist.gather_objects(shards.identity())
+        if len(set(identities)) > 1:
+            raise TransientError(
+                f"the ranks opened different shards under {self.storage.uri}/resampled/ (preprocessing rewrote them "
+                "while training started?): every rank stops, and the restarted group opens them again")
         if len(data.train) == 0 or len(data.val) == 0:
             raise PermanentError(f"no samples in the {'training' if not len(data.train) else 'validation'} split "
                                  f"(window {cfg.window}, {data.describe()})")
@@ -442,30 +449,50 @@ class Trainer:
     def checkpoint(self, model: TrajectoryModel, optimizer: torch.optim.Optimizer, scheduler: Any,
                    val_loss: float | None) -> None:
         rngs = self.dist.gather_objects(_rng_state())  # every rank's, so each resumes its own stream
+        failure: BaseException | None = None
         if self.dist.is_main:
-            payload = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "trainer": self.state.to_dict(),
-                "rng": rngs,
-                "world_size": self.dist.world_size,
-                "config_hash": self.hash,
-                "split": split_settings(self.config),
-                "batch_size": self.config.batch_size,
-                "batches_per_epoch": self.per_epoch,
-                "config": self.config.model_dump(mode="json", by_alias=True),
-                "spec": model.spec.to_json(),
-                "rate_hz": self.rate_hz,
-                "data_moments": None if self.data_moments is None else self.data_moments.tolist(),
-                "written_at": time.time(),
-            }
-            self.last_checkpoint = self.store.save(
-                payload, step=self.state.step, epoch=self.state.epoch, batch_in_epoch=self.state.batch_in_epoch,
-                val_loss=val_loss, config_hash=self.hash,
-            )
-            self.metrics.checkpoint_time.set(payload["written_at"])
-            log.debug("checkpoint written", extra={"key": self.last_checkpoint.key})
+            try:
+                self._save_checkpoint(model, optimizer, scheduler, val_loss, rngs)
+            except BaseException as exc:  # re-raised below, after the peers know
+                failure = exc
+        self._fail_together(failure, f"writing the checkpoint of step {self.state.step}")
+
+    def _fail_together(self, failure: BaseException | None, what: str) -> None:
+        """Every rank waits here for rank 0's `what`, and fails with it: a peer that went on
+        (or stopped: its launcher then gives rank 0 30 s before a SIGKILL) would leave rank 0
+        alone with a half-written file, or hang its next collective."""
+        failed = self.dist.all_reduce_max(
+            torch.tensor([1.0 if failure is not None else 0.0], device=self.dist.device))
+        if failure is not None:
+            raise failure
+        if failed.item() > 0:
+            raise RuntimeError(f"rank 0 failed {what} (its log has the error); failing with it so the run is retried")
+
+    def _save_checkpoint(self, model: TrajectoryModel, optimizer: torch.optim.Optimizer, scheduler: Any,
+                         val_loss: float | None, rngs: list[Any]) -> None:
+        payload = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "trainer": self.state.to_dict(),
+            "rng": rngs,
+            "world_size": self.dist.world_size,
+            "config_hash": self.hash,
+            "split": split_settings(self.config),
+            "batch_size": self.config.batch_size,
+            "batches_per_epoch": self.per_epoch,
+            "config": self.config.model_dump(mode="json", by_alias=True),
+            "spec": model.spec.to_json(),
+            "rate_hz": self.rate_hz,
+            "data_moments": None if self.data_moments is None else self.data_moments.tolist(),
+            "written_at": time.time(),
+        }
+        self.last_checkpoint = self.store.save(
+            payload, step=self.state.step, epoch=self.state.epoch, batch_in_epoch=self.state.batch_in_epoch,
+            val_loss=val_loss, config_hash=self.hash,
+        )
+        self.metrics.checkpoint_time.set(payload["written_at"])
+        log.debug("checkpoint written", extra={"key": self.last_checkpoint.key})
 
     # ---- steps --------------------------------------------------------------------------
 
@@ -846,13 +873,7 @@ class Trainer:
                           epochs=st.epoch, steps=st.step)
             except BaseException as exc:  # re-raised below, after the peers know
                 failure = exc
-        failed = self.dist.all_reduce_max(
-            torch.tensor([1.0 if failure is not None else 0.0], device=self.dist.device))
-        if failure is not None:
-            raise failure
-        if failed.item() > 0:
-            raise RuntimeError("rank 0 failed writing the model artifacts after training "
-                               "(its log has the error); failing with it so the run is retried")
+        self._fail_together(failure, "writing the model artifacts after training")
         self.metrics.success.set(1)
         return summary
 
