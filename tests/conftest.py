@@ -35,8 +35,19 @@ def repo_root() -> Path:
 
 
 @pytest.fixture
-def terminal_output(monkeypatch: pytest.MonkeyPatch) -> None:
+def terminal_output(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    import logging
+
+    from trajflow import log
+
     monkeypatch.setenv("TRAJFLOW_LOG_FORMAT", "text")
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    # the terminal's console would stay, and later tests' progress would draw bars, not log
+    log.console = None
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 # ---- object storage -------------------------------------------------------------------
