@@ -690,6 +690,39 @@ def test_lerobot_times_from_frame_index_and_rate_are_seconds_whatever_the_time_u
     assert isinstance(ep, RawEpisode) and ep.times[-1] == pytest.approx(99 / 30)
 
 
+@pytest.mark.parametrize("unit, per_second", [("ms", 1e3), ("us", 1e6)])
+def test_whole_milli_and_microseconds_of_a_30_hz_recording_keep_its_last_frame(unit, per_second):
+    """302 frames at 30 Hz in whole milliseconds end at 10033 ms, short of 301 periods
+    (10033.3 ms): the rounding of the stored unit must not cost the last frame."""
+    import torch
+
+    from trajflow.preprocess.kernels import uniform_grid_steps
+
+    n = 302
+    stamps = np.round(np.arange(n) * per_second / 30).astype(np.int64)
+    x = np.ones((n, 2), np.float32)
+    (ep,) = _outcomes("npz", io.BytesIO(npz_bytes(timestamps=stamps, **{STATE: x, ACTION: x})), _spec(time_unit=unit))
+    assert isinstance(ep, RawEpisode) and ep.time_rounding == pytest.approx(1 / per_second)
+    spans = torch.tensor([[0.0, ep.times[-1]]], dtype=torch.float64)
+    assert uniform_grid_steps(spans, 30.0, time_rounding=ep.time_rounding).tolist() == [n]
+
+
+@pytest.mark.parametrize("start, rate", [(1.7e9, 50.0), (1e5, 100.0)])
+def test_float32_timestamps_too_coarse_for_their_rate_are_named(start, rate):
+    """float32 epoch seconds step by 128 s (every sample looks like a duplicate), and a day of
+    uptime by 8 ms (samples 10 ms apart land up to 4 ms off): say that float32 is the cause."""
+    n = 300
+    x = np.ones((n, 2), np.float32)
+    stamps = (start + np.arange(n) / rate).astype(np.float32)
+    (q,) = _outcomes("npz", io.BytesIO(npz_bytes(timestamps=stamps, **{STATE: x, ACTION: x})))
+    assert isinstance(q, Quarantined) and q.reason == readers.MISSING_TIME
+    assert q.detail.startswith("timestamps are float32 and reach ") and "store them as float64" in q.detail
+    # the same times relative to the start, or as float64, are read
+    for fine in ((np.arange(n) / rate).astype(np.float32), start + np.arange(n) / rate):
+        (ep,) = _outcomes("npz", io.BytesIO(npz_bytes(timestamps=fine, **{STATE: x, ACTION: x})))
+        assert isinstance(ep, RawEpisode) and ep.length == n
+
+
 def test_integer_timestamps_too_large_to_subtract_are_refused_not_wrapped():
     x = np.ones((3, 2), np.float32)
     for ns in (np.array([np.iinfo(np.int64).min + 1, 0, 10**9], np.int64), np.array([0, 1, 2**63 + 5], np.uint64)):
@@ -719,7 +752,8 @@ def test_integer_nanosecond_epochs_are_read_with_time_unit_ns_at_full_precision(
         (ep,) = _outcomes(fmt, src, _spec(time_unit="ns"))
         assert isinstance(ep, RawEpisode), (fmt, ep)
         np.testing.assert_array_equal(ep.times, expected, err_msg=fmt)  # not a nanosecond lost
-        assert ep.start_time == pytest.approx(1_760_000_000.123456789, abs=1e-6) and ep.time_rounding == 0.0
+        # exact, as differences of int64; the rounding allowed for is one count of the unit
+        assert ep.start_time == pytest.approx(1_760_000_000.123456789, abs=1e-6) and ep.time_rounding == 1e-9
         if not isinstance(src, str):
             src.seek(0)
         (q,) = _outcomes(fmt, src, _spec())  # seconds, the default: refused, saying what to set

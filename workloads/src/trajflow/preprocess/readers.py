@@ -140,7 +140,8 @@ class RawEpisode:
     frames: np.ndarray  # [S, Dsum] float32, C-contiguous
     dims: dict[str, int]  # output stream -> D, in column order
     # how far the stored times may be off by their dtype's rounding (s): float32 timestamps of
-    # k frames at fps can end just short of k/fps, which must not cost the last frame
+    # k frames at fps, or 30 Hz in whole milliseconds, can end just short of k/fps, which must
+    # not cost the last frame
     time_rounding: float = 0.0
 
     @property
@@ -225,6 +226,7 @@ def make_episode(spec: SourceSpec, source: str, episode: str, robot: str, times:
         arrays.append(x)
     assert length is not None
     origin = 0.0  # seconds to add to t for the stored times (t is relative to the first when they are no seconds)
+    stored_step = 0.0  # seconds of one count of integer times: a recorder rounds (or cuts) to it
     if times is None:
         if spec.time_key:
             # a configured time column says the file has timestamps: a rate would be a guess
@@ -246,6 +248,8 @@ def make_episode(spec: SourceSpec, source: str, episode: str, robot: str, times:
         if not (integer or np.issubdtype(t.dtype, np.floating)):
             return bad(SHAPE_MISMATCH, f"timestamps have non-numeric dtype {t.dtype}")
         source_eps = 0.0 if integer else float(np.finfo(t.dtype).eps)
+        if integer:
+            stored_step = 1.0 / UNIT_PER_SECOND[spec.time_unit]
         t = t.reshape(-1)
         if t.shape[0] != length:
             return bad(SHAPE_MISMATCH, f"{t.shape[0]} timestamps for {length} samples")
@@ -271,6 +275,15 @@ def make_episode(spec: SourceSpec, source: str, episode: str, robot: str, times:
     if not finite.all():
         i = int(np.flatnonzero(~finite)[0])
         return bad(NON_FINITE, f"timestamp[{i}] is {at(i)}")
+    if times is not None and length > 1 and source_eps:
+        # float32 epoch seconds step by 128 s, and a day of uptime by 8 ms: samples would
+        # merge, or land far from where they were recorded
+        resolution = source_eps * max(abs(at(0)), abs(at(-1)))
+        mean_step = float(t[-1] - t[0]) / (length - 1)
+        if resolution > 0.5 * mean_step:
+            return bad(MISSING_TIME, f"timestamps are {np.asarray(times).dtype} and reach {max(abs(at(0)), abs(at(-1))):.10g}, "
+                                     f"where that type resolves only {resolution:.3g} s, against a mean sample step of "
+                                     f"{mean_step:.3g} s: store them as float64, or relative to each episode's start")
     step = np.diff(t)
     if not (step > 0).all():
         i = int(np.flatnonzero(step <= 0)[0])
@@ -318,7 +331,7 @@ def make_episode(spec: SourceSpec, source: str, episode: str, robot: str, times:
         detail = f"{name}[{s}, {d}] is {raw}" + (" (beyond float32)" if math.isfinite(raw) else "")
         return bad(NON_FINITE, detail)
     start = at(0)
-    rounding = 0.0 if times is None else source_eps * max(abs(start), abs(at(-1)))
+    rounding = 0.0 if times is None else stored_step or source_eps * max(abs(start), abs(at(-1)))
     return RawEpisode(source, episode, robot, start, t - t[0], frames, dims, rounding)
 
 
