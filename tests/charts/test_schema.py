@@ -380,6 +380,8 @@ def test_a_null_pod_failure_policy_renders_a_job_without_one():
     jobs = {o["metadata"]["labels"]["app.kubernetes.io/component"]: o["spec"]
             for o in render(set_values={"downloader.podFailurePolicy": None}) if o["kind"] == "Job"}
     assert "podFailurePolicy" not in jobs["downloader"] and "podFailurePolicy" in jobs["preprocessing"]
+    # without one, Kubernetes would replace a terminating pod at once: two pods of one shard
+    assert all(spec["podReplacementPolicy"] == "Failed" for spec in jobs.values())
 
 
 @pytest.mark.parametrize("case", sorted(BAD_COMBINATIONS))

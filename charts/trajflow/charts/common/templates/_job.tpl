@@ -61,7 +61,10 @@ Takes the root context.
 */}}
 {{- define "trajflow.jobPolicy" -}}
 {{- $v := .Values -}}
-{{- $policy := dict -}}
+{{- /* a replacement pod starts once the one it replaces has ended: two pods of one index at
+once would write the same shard, or two training ranks join one rendezvous (a podFailurePolicy
+implies it; without one Kubernetes would replace a pod as soon as it starts terminating) */ -}}
+{{- $policy := dict "podReplacementPolicy" "Failed" -}}
 {{- $_ := set $policy "backoffLimitPerIndex" (int $v.backoffLimitPerIndex) -}}
 {{- if not (kindIs "invalid" $v.maxFailedIndexes) }}{{ $_ := set $policy "maxFailedIndexes" (int $v.maxFailedIndexes) }}{{ end -}}
 {{- with $v.podFailurePolicy }}{{ $_ := set $policy "podFailurePolicy" . }}{{ end -}}
@@ -112,7 +115,7 @@ Takes (dict "context" $ "name" "x").
 An Indexed Job. Takes (dict "context" $ "completions" N "parallelism" P "podTemplate"
 <dict>). The name's hash covers the spec fields Kubernetes does not
 let an update change (template, completions, completionMode, backoffLimitPerIndex,
-podFailurePolicy); the ones it does (parallelism, activeDeadlineSeconds,
+podFailurePolicy, podReplacementPolicy); the ones it does (parallelism, activeDeadlineSeconds,
 maxFailedIndexes, ttlSecondsAfterFinished: see ValidateJobSpecUpdate) stay out of it, so
 an upgrade that changes only those patches the running Job instead of replacing it.
 */}}
