@@ -208,5 +208,11 @@ def test_a_newer_job_may_go_back_to_an_earlier_plan(server: FaultyServer, tmp_pa
     _assert_the_plan_in_use_is_whole(tmp_path, 2, "third")
     with pytest.raises(Superseded):
         ShardDownloader(LocalStorage(tmp_path), config, 0, 3, job="second").run()
+    # a Job that found its plan in use already (a new image, the same plan) counts as started too
+    assert all(s.exit_code == 0 for s in _run_all(tmp_path, config, 2, job="fourth"))  # type: ignore[attr-defined]
+    assert all(s.exit_code == 0 for s in _run_all(tmp_path, config, 3, job="fifth"))  # type: ignore[attr-defined]
+    with pytest.raises(Superseded):
+        ShardDownloader(LocalStorage(tmp_path), config, 1, 2, job="fourth").run()
+    _assert_the_plan_in_use_is_whole(tmp_path, 3, "fifth")
     # outside a Job (trajflow run, a shell) nothing is compared: the run lock keeps runs apart
     assert ShardDownloader(LocalStorage(tmp_path), config, 0, 3).run().exit_code == 0

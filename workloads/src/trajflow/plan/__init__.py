@@ -165,11 +165,11 @@ def load_or_create_plan(
         raise ValueError(f"{where}: corrupt plan (no {shards}-shard header): {_remedy(directory)}")
     if mine and mine["parts"] != stored["parts"]:
         _delete_parts(storage, mine)  # another pod's plan won: ours is never read
+    if job:  # also when its plan is in use already: a later Job may replace it
+        register_job(storage, job, key)
     in_use = read_plan_in_use(storage, key)
     if in_use is None or in_use.get("parts") != stored["parts"]:
-        if job:
-            register_job(storage, job, key)
-            check_not_superseded(storage, stored, job, key)
+        check_not_superseded(storage, stored, job, key)
         if earlier and in_use is not None:
             _warn_if_older_listing(stored, in_use, where)
         storage.write_bytes(key, _encode({**stored, "adopted_by": job} if job else stored))
