@@ -275,15 +275,15 @@ def make_episode(spec: SourceSpec, source: str, episode: str, robot: str, times:
     if not finite.all():
         i = int(np.flatnonzero(~finite)[0])
         return bad(NON_FINITE, f"timestamp[{i}] is {at(i)}")
+    reach = max(abs(at(0)), abs(at(-1)))
     if times is not None and length > 1 and source_eps:
         # float32 epoch seconds step by 128 s, and a day of uptime by 8 ms: samples would
         # merge, or land far from where they were recorded
-        resolution = source_eps * max(abs(at(0)), abs(at(-1)))
-        mean_step = float(t[-1] - t[0]) / (length - 1)
+        resolution, mean_step = source_eps * reach, float(t[-1] - t[0]) / (length - 1)
         if resolution > 0.5 * mean_step:
-            return bad(MISSING_TIME, f"timestamps are {np.asarray(times).dtype} and reach {max(abs(at(0)), abs(at(-1))):.10g}, "
-                                     f"where that type resolves only {resolution:.3g} s, against a mean sample step of "
-                                     f"{mean_step:.3g} s: store them as float64, or relative to each episode's start")
+            return bad(MISSING_TIME, f"timestamps are {np.asarray(times).dtype} and reach {reach:.10g}, where that type "
+                                     f"resolves only {resolution:.3g} s, against a mean sample step of {mean_step:.3g} "
+                                     "s: store them as float64, or relative to each episode's start")
     step = np.diff(t)
     if not (step > 0).all():
         i = int(np.flatnonzero(step <= 0)[0])
@@ -299,7 +299,6 @@ def make_episode(spec: SourceSpec, source: str, episode: str, robot: str, times:
         return bad(MISSING_TIME, f"timestamps are whole numbers ({at(0):.15g}, {at(1):.15g}, ...), not seconds: "
                                  f"ms, us or ns counts stored as floats? {set_unit} (or, for whole seconds, name "
                                  "their column in timeKey)")
-    reach = max(abs(at(0)), abs(at(-1)))
     if reach > MAX_SECONDS:
         # epoch milliseconds of a fast or jittery clock pass both checks around this one
         return bad(MISSING_TIME, f"timestamps reach {reach:.15g}, beyond {MAX_SECONDS:g} s (past the year "
@@ -331,7 +330,7 @@ def make_episode(spec: SourceSpec, source: str, episode: str, robot: str, times:
         detail = f"{name}[{s}, {d}] is {raw}" + (" (beyond float32)" if math.isfinite(raw) else "")
         return bad(NON_FINITE, detail)
     start = at(0)
-    rounding = 0.0 if times is None else stored_step or source_eps * max(abs(start), abs(at(-1)))
+    rounding = 0.0 if times is None else stored_step or source_eps * reach
     return RawEpisode(source, episode, robot, start, t - t[0], frames, dims, rounding)
 
 
