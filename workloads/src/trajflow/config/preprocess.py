@@ -104,8 +104,8 @@ class PreprocessConfig(Model):
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: cuda when a GPU is visible.")
     backend: Literal["auto", "triton", "torch"] = Field("auto", description="Resampling kernel; auto: triton on cuda.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Dtype of the written shards; bf16/fp16 also halve host-device traffic (on a GPU the "
-        "raw values are rounded to it before interpolation too). Values beyond its range are quarantined (non_finite)."
+        "float32", description="Dtype of the written shards; bf16/fp16 halve host-device traffic (a GPU rounds the raw "
+        "values to it before interpolating too). Values beyond its range are quarantined."
     )
     time_dtype: Literal["float64", "float32"] = Field(
         "float64", description="Precision of the timestamps handed to the kernel (relative to each episode's start); "
