@@ -16,8 +16,11 @@ from trajflow.testing import requires_tool
 
 needs_promtool = requires_tool("promtool", why="it comes with the Debian package `prometheus` (ci/scripts/install-test-tools.sh)")
 
-PUSHED = 'namespace="trajflow", job="trajflow"'
-SCRAPED = 'namespace="trajflow", job="trajflow/trajflow-monitoring-training", pod="trajflow-training-0a1b2c3d-0-x2"'
+PUSHED = 'namespace="trajflow", release="trajflow", job="trajflow"'
+SCRAPED = ('namespace="trajflow", release="trajflow", job="trajflow/trajflow-monitoring-training", '
+           'pod="trajflow-training-0a1b2c3d-0-x2"')
+# another release in the namespace, pushing to the same Pushgateway under the same runId
+OTHER_RELEASE = 'namespace="trajflow", release="other", job="trajflow"'
 
 
 def _shard(labels: str, run: str, stage: str, shard: str, *, end: float, success: float, start: float,
@@ -52,6 +55,8 @@ SERIES: list[dict[str, str]] = [
     # stay in the Pushgateway, but its pushes stopped
     *_shard(PUSHED, "new", "download", "2", end=0, success=0, start=100, progress=120, killed=True,
             trajflow_download_inflight=4, trajflow_download_bytes_completed=0, trajflow_download_bytes_planned=0),
+    # the other release's download shard 1 of run "new" succeeded: it must not hide this one's failure
+    *_shard(OTHER_RELEASE, "new", "download", "1", end=200, success=1, start=100, progress=190),
     # shard 3 was stopped by a signal (a drained node): it did not fail
     *_shard(PUSHED, "new", "download", "3", end=180, success=0, start=100, progress=170, trajflow_stage_interrupted=1),
     # training: the first pod failed and pushed its final values; the retried pod is scraped
@@ -83,31 +88,34 @@ SERIES: list[dict[str, str]] = [
 ]
 
 EXPECTED: dict[str, list[tuple[str, float]]] = {
-    "panel 'Shards running' A": [('{stage="download"}', 1), ('{stage="train"}', 1), ('{stage="preprocess"}', 1)],
-    "panel 'Shards succeeded' A": [('{stage="download"}', 1), ('{stage="preprocess"}', 2)],
-    "panel 'Shards failed' A": [('{stage="download"}', 1), ('{stage="train"}', 1)],
+    "panel 'Shards running' A": [('{namespace="trajflow", release="trajflow", stage="download"}', 1), ('{namespace="trajflow", release="trajflow", stage="train"}', 1), ('{namespace="trajflow", release="trajflow", stage="preprocess"}', 1)],
+    "panel 'Shards succeeded' A": [('{namespace="trajflow", release="trajflow", stage="download"}', 1),
+                                   ('{namespace="trajflow", release="trajflow", stage="preprocess"}', 2),
+                                   ('{namespace="trajflow", release="other", stage="download"}', 1)],
+    "panel 'Shards failed' A": [('{namespace="trajflow", release="trajflow", stage="download"}', 1), ('{namespace="trajflow", release="trajflow", stage="train"}', 1)],
     "panel 'Time since last progress' A": [
-        ('{stage="download", shard="0"}', 30), ('{stage="train", shard="0"}', 20), ('{stage="preprocess", shard="2"}', 10)],
+        ('{namespace="trajflow", release="trajflow", stage="download", shard="0"}', 30), ('{namespace="trajflow", release="trajflow", stage="train", shard="0"}', 20), ('{namespace="trajflow", release="trajflow", stage="preprocess", shard="2"}', 10)],
     "panel 'Shard wall time' B": [
-        ('{stage="download", shard="0"}', 200), ('{stage="train", shard="0"}', 100), ('{stage="preprocess", shard="2"}', 240)],
+        ('{namespace="trajflow", release="trajflow", stage="download", shard="0"}', 200), ('{namespace="trajflow", release="trajflow", stage="train", shard="0"}', 100), ('{namespace="trajflow", release="trajflow", stage="preprocess", shard="2"}', 240)],
     "panel 'Preprocessing I/O' C": [("{}", 1e9)],
-    "panel 'Downloads in flight' A": [('{shard="0"}', 3)],
+    "panel 'Downloads in flight' A": [('{namespace="trajflow", release="trajflow", shard="0"}', 3)],
     # by run (and release), and nothing for a shard with nothing planned
-    "panel 'Download progress by shard' A": [('{run="new", shard="0"}', 0.5)],
+    "panel 'Download progress by shard' A": [('{namespace="trajflow", release="trajflow", run="new", shard="0"}', 0.5)],
     # the old run's success does not hide the new run's running and failed download shard 0 and 1
     "panel 'Stage outcome' A": [
-        ('{run="old", stage="download", shard="0"}', 1), ('{run="new", stage="download", shard="0"}', 0),
-        ('{run="new", stage="download", shard="1"}', 0), ('{run="new", stage="download", shard="2"}', 0),
-        ('{run="new", stage="download", shard="3"}', 0),
-        ('{run="r1", stage="train", shard="0"}', 0), ('{run="r2", stage="train", shard="0"}', 0),
-        ('{run="r1", stage="preprocess", shard="0"}', 1), ('{run="r1", stage="preprocess", shard="1"}', 1),
-        ('{run="r1", stage="preprocess", shard="2"}', 0), ('{run="r1", stage="preprocess", shard="3"}', 0)],
+        ('{namespace="trajflow", release="trajflow", run="old", stage="download", shard="0"}', 1), ('{namespace="trajflow", release="trajflow", run="new", stage="download", shard="0"}', 0),
+        ('{namespace="trajflow", release="trajflow", run="new", stage="download", shard="1"}', 0), ('{namespace="trajflow", release="trajflow", run="new", stage="download", shard="2"}', 0),
+        ('{namespace="trajflow", release="trajflow", run="new", stage="download", shard="3"}', 0),
+        ('{namespace="trajflow", release="other", run="new", stage="download", shard="1"}', 1),
+        ('{namespace="trajflow", release="trajflow", run="r1", stage="train", shard="0"}', 0), ('{namespace="trajflow", release="trajflow", run="r2", stage="train", shard="0"}', 0),
+        ('{namespace="trajflow", release="trajflow", run="r1", stage="preprocess", shard="0"}', 1), ('{namespace="trajflow", release="trajflow", run="r1", stage="preprocess", shard="1"}', 1),
+        ('{namespace="trajflow", release="trajflow", run="r1", stage="preprocess", shard="2"}', 0), ('{namespace="trajflow", release="trajflow", run="r1", stage="preprocess", shard="3"}', 0)],
     # the live figures, not the failed attempt's; steps/s of the run, not summed over its ranks
-    "panel 'Training loss' A": [('{run="r1", split="train"}', 0.3)],
-    "panel 'Training loss' B": [('{run="r1"}', 0.1)],
-    "panel 'Training samples/s' A": [('{run="r1"}', 200)],
-    "panel 'Training samples/s' B": [('{run="r1"}', 10)],
-    "panel 'Learning rate' A": [('{run="r1"}', 0.001)],
+    "panel 'Training loss' A": [('{namespace="trajflow", release="trajflow", run="r1", split="train"}', 0.3)],
+    "panel 'Training loss' B": [('{namespace="trajflow", release="trajflow", run="r1"}', 0.1)],
+    "panel 'Training samples/s' A": [('{namespace="trajflow", release="trajflow", run="r1"}', 200)],
+    "panel 'Training samples/s' B": [('{namespace="trajflow", release="trajflow", run="r1"}', 10)],
+    "panel 'Learning rate' A": [('{namespace="trajflow", release="trajflow", run="r1"}', 0.001)],
 }
 
 

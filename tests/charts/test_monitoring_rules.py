@@ -102,7 +102,7 @@ ERROR_RATIO_SERIES = [
 
 @needs_promtool
 def test_a_higher_threshold_silences_what_the_default_reports(tmp_path):
-    fires = [{"exp_labels": {"severity": "warning", "release": "trajflow", "run": "r1"},
+    fires = [{"exp_labels": {"severity": "warning", "release": "trajflow", "namespace": "trajflow", "run": "r1"},
               "exp_annotations": {"summary": "33.33% of the download attempts of run r1 fail (threshold 0.1)"}}]
     run_unit_tests(tmp_path, {}, [{"interval": "1m", "input_series": ERROR_RATIO_SERIES, "alert_rule_test": [
         {"eval_time": "15m", "alertname": "TrajflowDownloadErrorRatioHigh", "exp_alerts": fires}]}])

@@ -42,7 +42,8 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
 {{- $ctx := . -}}
 {{- $rule := .Values.prometheusRule -}}
 {{- $a := $rule.alerts -}}
-{{- $byShard := "run, stage, shard" -}}
+{{- /* namespace kept: Alertmanager routes by it, and releases of two namespaces may share a runId */ -}}
+{{- $byShard := "namespace, run, stage, shard" -}}
 {{- $push := include "monitoring.sel" (list $ `job="trajflow"`) -}}
 {{- $running := $rule.runningPushMaxAge -}}
 {{- /* training ranks are scraped while they run; their pushed series (job="trajflow") are final values */ -}}
@@ -145,15 +146,15 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
 - alert: TrajflowDownloadErrorRatioHigh
   expr: |
     (
-        sum by (run) (rate(trajflow_download_failures_total{{ include "monitoring.sel" (list $ctx) }}[{{ .window }}]))
+        sum by (namespace, run) (rate(trajflow_download_failures_total{{ include "monitoring.sel" (list $ctx) }}[{{ .window }}]))
       /
         (
-            sum by (run) (rate(trajflow_download_failures_total{{ include "monitoring.sel" (list $ctx) }}[{{ .window }}]))
+            sum by (namespace, run) (rate(trajflow_download_failures_total{{ include "monitoring.sel" (list $ctx) }}[{{ .window }}]))
           +
             (
-                sum by (run) (rate(trajflow_download_items_total{{ include "monitoring.sel" (list $ctx `outcome="fetched"`) }}[{{ .window }}]))
+                sum by (namespace, run) (rate(trajflow_download_items_total{{ include "monitoring.sel" (list $ctx `outcome="fetched"`) }}[{{ .window }}]))
               or
-                0 * sum by (run) (rate(trajflow_download_failures_total{{ include "monitoring.sel" (list $ctx) }}[{{ .window }}]))
+                0 * sum by (namespace, run) (rate(trajflow_download_failures_total{{ include "monitoring.sel" (list $ctx) }}[{{ .window }}]))
             )
         )
     ) > {{ .threshold }}
@@ -245,7 +246,7 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
 {{- define "monitoring.rules.training" -}}
 {{- $ctx := . -}}
 {{- $a := .Values.prometheusRule.alerts -}}
-{{- $byShard := "run, stage, shard" -}}
+{{- $byShard := "namespace, run, stage, shard" -}}
 {{- /* series scraped from running ranks; pushed ones (job="trajflow") are final values */ -}}
 {{- $live := include "monitoring.sel" (list $ `stage="train"` `job!="trajflow"`) -}}
 {{- $pushed := include "monitoring.sel" (list $ `stage="train"` `job="trajflow"`) -}}
@@ -275,11 +276,11 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
   only a run still training (a live rank with end time 0) is judged.
   */}}
   expr: |
-    max by (run) (changes((trajflow_train_epoch{{ $live }} > 0)[{{ .window }}:])) >= {{ .minEpochs }}
-    and on (run)
-      max by (run) (changes((trajflow_train_best_val_loss{{ $live }} > 0)[{{ .window }}:])) == 0
-    and on (run)
-      max by (run) (trajflow_stage_end_time_seconds{{ $live }}) == 0
+    max by (namespace, run) (changes((trajflow_train_epoch{{ $live }} > 0)[{{ .window }}:])) >= {{ .minEpochs }}
+    and on (namespace, run)
+      max by (namespace, run) (changes((trajflow_train_best_val_loss{{ $live }} > 0)[{{ .window }}:])) == 0
+    and on (namespace, run)
+      max by (namespace, run) (trajflow_stage_end_time_seconds{{ $live }}) == 0
   for: {{ .for }}
   labels:
     {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
@@ -293,13 +294,13 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
     (
         time()
       - (
-            max by (run) (trajflow_train_last_checkpoint_time_seconds{{ $live }}) > 0
+            max by (namespace, run) (trajflow_train_last_checkpoint_time_seconds{{ $live }}) > 0
           or
-            max by (run) (trajflow_stage_start_time_seconds{{ $live }}) > 0
+            max by (namespace, run) (trajflow_stage_start_time_seconds{{ $live }}) > 0
         )
     ) > {{ include "monitoring.seconds" .maxAge }}
-    and on (run)
-      max by (run) (trajflow_stage_end_time_seconds{{ $live }}) == 0
+    and on (namespace, run)
+      max by (namespace, run) (trajflow_stage_end_time_seconds{{ $live }}) == 0
   for: {{ .for }}
   labels:
     {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
