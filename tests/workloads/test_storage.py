@@ -587,6 +587,44 @@ def test_open_run_root_on_the_filesystem(tmp_path):
     assert isinstance(root, LocalStorage) and root.root == tmp_path / "demo"
 
 
+def test_a_run_root_is_one_releases(storage):
+    """Two releases given the same runId and storage (a values file pins both) would replace
+    each other's plan, manifests and checkpoints: the second is refused, naming the first."""
+    from trajflow.storage import OWNER_KEY, claim_run_root
+
+    claim_run_root(storage, "ml", "exp-a")
+    claim_run_root(storage, "ml", "exp-a")  # its other pods, its upgrades
+    for namespace, release in (("ml", "exp-b"), ("other", "exp-a")):
+        with pytest.raises(ConfigError, match=f"is the run root of release 'exp-a' in namespace 'ml' .*, not of "
+                                              f"'{release}' in '{namespace}'.*its own global.runId"):
+            claim_run_root(storage, namespace, release)
+    assert OWNER_KEY not in _keys(storage)  # the run root's listings never show it
+    storage.delete(OWNER_KEY)  # taken over on purpose
+    claim_run_root(storage, "ml", "exp-b")
+
+
+def test_pods_claim_the_run_root_they_open_and_a_store_that_cannot_say_stops_nothing(tmp_path, monkeypatch, caplog):
+    from trajflow.config import GlobalConfig
+    from trajflow.metrics import NAMESPACE_ENV, RELEASE_ENV
+    from trajflow.storage import claim_run_root
+
+    glob = GlobalConfig.model_validate({"runId": "demo", "storage": {"filesystem": {"path": str(tmp_path)}}})
+    open_run_root(glob)  # outside a pod (trajflow run, a shell): nothing is claimed
+    monkeypatch.setenv(NAMESPACE_ENV, "ml")
+    monkeypatch.setenv(RELEASE_ENV, "exp-a")
+    open_run_root(glob)
+    monkeypatch.setenv(RELEASE_ENV, "exp-b")
+    with pytest.raises(ConfigError, match="release 'exp-a'"):
+        open_run_root(glob)
+
+    class ReadOnly(LocalStorage):
+        def write_if_absent(self, key, data):
+            raise PermissionError("read-only credentials")
+
+    claim_run_root(ReadOnly(tmp_path / "elsewhere"), "ml", "exp-b")
+    assert "cannot tell which release" in caplog.text
+
+
 @pytest.mark.parametrize("upload_threads", [0, 2])  # each writer's own threads, or threads the writers share
 def test_failed_part_upload_aborts_the_whole_upload(s3_server, upload_threads):
     bucket = s3_server.make_bucket()

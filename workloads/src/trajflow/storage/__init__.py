@@ -1,11 +1,14 @@
 """One storage interface over `file://` and `s3://` run roots."""
 from __future__ import annotations
 
+import json
+import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
-from trajflow.errors import InvalidURI
+from trajflow.errors import ConfigError, InvalidURI
 from trajflow.storage.base import CHUNK, ObjectInfo, Storage, sha256_stream
 from trajflow.storage.local import LocalStorage
 from trajflow.storage.manifest import (
@@ -24,6 +27,11 @@ from trajflow.storage.manifest import (
 
 if TYPE_CHECKING:
     from trajflow.config.global_ import GlobalConfig
+
+log = logging.getLogger(__name__)
+
+# which release a run root is: the first pod of a release writes it
+OWNER_KEY = ".trajflow-owner.json"
 
 
 def open_storage(uri: str | Path, **s3_options: object) -> Storage:
@@ -64,17 +72,45 @@ def open_run_root(glob: "GlobalConfig", **client_options: object) -> Storage:
     if glob.storage.type == "s3":
         options = {"endpoint": s3.endpoint, "region": s3.region, "addressing_style": s3.addressing_style,
                    **client_options}
-    return open_storage(glob.run_root(), **options)
+    storage = open_storage(glob.run_root(), **options)
+    from trajflow.metrics import NAMESPACE_ENV, RELEASE_ENV
+
+    namespace, release = os.environ.get(NAMESPACE_ENV), os.environ.get(RELEASE_ENV)
+    if namespace and release:  # in a pod of the chart
+        claim_run_root(storage, namespace, release)
+    return storage
+
+
+def claim_run_root(storage: Storage, namespace: str, release: str) -> None:
+    """Note the run root as release `namespace/release`'s, or refuse it when another
+    release's: two releases given the same runId and storage (a values file that pins both)
+    would replace each other's plan, manifests and checkpoints. A store that cannot say is
+    no reason to stop (a read-only credential, a torn record)."""
+    mine = {"namespace": namespace, "release": release}
+    try:
+        storage.write_if_absent(OWNER_KEY, json.dumps(mine, sort_keys=True).encode())
+        owner = json.loads(storage.read_bytes(OWNER_KEY))
+    except Exception as exc:  # noqa: BLE001 - see above
+        log.warning("cannot tell which release %s belongs to (%s): going on", storage.uri, exc)
+        return
+    if isinstance(owner, dict) and {k: owner.get(k) for k in mine} != mine:
+        raise ConfigError(
+            f"{storage.uri} is the run root of release {owner.get('release')!r} in namespace {owner.get('namespace')!r} "
+            f"({storage.uri}/{OWNER_KEY}), not of {release!r} in {namespace!r}: releases sharing a runId and storage "
+            "overwrite each other's data; give this release its own global.runId (or, to take that run over, delete "
+            "the file)")
 
 
 __all__ = [
     "CHUNK",
+    "OWNER_KEY",
     "PLAN_KEY",
     "STAGE_DIRS",
     "TRAIN_METRICS_KEY",
     "LocalStorage",
     "ObjectInfo",
     "Storage",
+    "claim_run_root",
     "done_shards",
     "manifest_key",
     "open_run_root",
