@@ -161,16 +161,11 @@ def test_stage_pods_follow_the_workload_contract(env_objects):
                 assert "--config" in c["args"] and "/etc/trajflow/config.yaml" in c["args"]
                 # `kubectl describe` shows a failed container's last line, which says why
                 assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
-                # the stages after the downloader read its config, from the umbrella's ConfigMap
-                reads_download = stage != "downloader"
-                assert (env_vars.get("TRAJFLOW_DATASET_CONFIG") == "/etc/trajflow-dataset/config.yaml") == reads_download
-                assert (mounts.get("/etc/trajflow-dataset") == "trajflow-dataset") == reads_download
-                # a download pod knows its Job, to stop when a newer Job's plan is in use
-                job_uid = next((e["valueFrom"] for e in c["env"] if e["name"] == "TRAJFLOW_JOB_UID"), None)
-                assert (job_uid == {"fieldRef": {"fieldPath": "metadata.labels['batch.kubernetes.io/controller-uid']"}}) \
-                    == (stage == "downloader")
-            if stage != "downloader":
-                assert volumes["trajflow-dataset"]["configMap"] == {"name": f"{RELEASE}-dataset", "optional": True}
+                # the release's downloader config, from the umbrella's ConfigMap: the stages after
+                # the downloader read what it names, and a download pod whether its Job is replaced
+                assert env_vars["TRAJFLOW_DATASET_CONFIG"] == "/etc/trajflow-dataset/config.yaml"
+                assert mounts["/etc/trajflow-dataset"] == "trajflow-dataset"
+            assert volumes["trajflow-dataset"]["configMap"] == {"name": f"{RELEASE}-dataset", "optional": True}
 
 
 def spec_nodes(workload):
@@ -213,6 +208,12 @@ def test_the_dataset_configmap_names_the_download_the_downloader_makes(env, tmp_
     (tmp_path / "preprocessing.yaml").write_text(select(objs, "ConfigMap", "preprocessing")[0]["data"]["config.yaml"])
     settings = loader.stage_settings("preprocessing", tmp_path / "preprocessing.yaml", env=env_vars)
     assert settings.download_generation == own.generation_id()
+    # and the download pods of this release's Job find it names their download (a replaced
+    # Job's, still running, would not)
+    job_env = {e["name"]: e.get("value") for e in pod_spec(one(objs, "Job", "downloader"))["containers"][0]["env"]}
+    download = loader.stage_settings("downloader", tmp_path / "downloader.yaml",
+                                     env={"JOB_COMPLETION_INDEX": "0", "TRAJFLOW_SHARDS": job_env["TRAJFLOW_SHARDS"]})
+    assert loader.wanted_download(env_vars) == (download.shards, own.generation_id())
 
 
 @pytest.mark.parametrize("disabled", ["downloader", "preprocessing"])

@@ -203,6 +203,32 @@ def test_metrics_are_pushed_with_the_shard_in_the_grouping_key(server: FaultySer
         assert series in body, series
 
 
+def test_a_pod_of_a_replaced_job_exits_2_and_pushes_nothing(server: FaultyServer, tmp_path: Path) -> None:
+    """Its shard's group is the new Job's too: a push would show the new shard failed."""
+    gateway = PushCapture()
+    try:
+        urls = [server.add(f"/{i}.bin", payload(2000, seed=i)) for i in range(3)]
+        sources = [{"type": "https", "name": "web", "urls": urls}]
+        config = write_config(tmp_path, sources, pushgateway=gateway.url)
+        # the release's downloader config now names 3 shards (the dataset ConfigMap the chart mounts)
+        release = tmp_path / "dataset.yaml"
+        release.write_text(yaml.safe_dump({"config": {"sources": sources}, "shards": 3}))
+        env = {**os.environ, "JOB_COMPLETION_INDEX": "0", "TRAJFLOW_SHARDS": "2", "TRAJFLOW_DATASET_CONFIG": str(release)}
+        out = subprocess.run([*TRAJFLOW, "download", "--config", str(config)], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == ExitCode.CONFIG, out.stderr
+        assert "the release now downloads 3 shards" in out.stderr
+        assert gateway.pushes == [] and not (tmp_path / "root" / "clirun" / "plan").exists()
+        # the release's own shard count goes on
+        env["TRAJFLOW_SHARDS"] = "3"
+        out = subprocess.run([*TRAJFLOW, "download", "--config", str(config)], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert gateway.pushes
+    finally:
+        gateway.stop()
+
+
 def test_progress_lines_carry_rate_and_eta(server: FaultyServer, tmp_path: Path) -> None:
     server.rate_bytes_per_s = 2 << 20
     url = server.add("/slow.bin", payload(3 << 20))

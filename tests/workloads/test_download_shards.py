@@ -27,11 +27,10 @@ def _objects(server: FaultyServer) -> tuple[dict[str, bytes], list[str]]:
     return objects, [server.add(path, data) for path, data in objects.items()]
 
 
-def _run_all(root: Path, config: object, shards: int, job: str | None = None) -> list[object]:
-    """Every shard at once, as the pods of Job `job` (its uid) would run them."""
+def _run_all(root: Path, config: object, shards: int) -> list[object]:
+    """Every shard at once, as the Job's pods would run them."""
     with ThreadPoolExecutor(max_workers=shards) as pool:
-        return list(pool.map(lambda s: ShardDownloader(LocalStorage(root), config, s, shards, job=job).run(),  # type: ignore[arg-type]
-                             range(shards)))
+        return list(pool.map(lambda s: ShardDownloader(LocalStorage(root), config, s, shards).run(), range(shards)))  # type: ignore[arg-type]
 
 
 def test_four_and_seven_shards_cover_the_items_exactly_once(server: FaultyServer, tmp_path: Path) -> None:
@@ -146,73 +145,119 @@ def test_an_old_temporary_a_live_process_holds_is_not_swept(server: FaultyServer
         os.close(fd)
 
 
-def _assert_the_plan_in_use_is_whole(root: Path, shards: int, job: str) -> None:
-    """Plan `shards` is in use, put there by `job`, and each of its manifests lists files that exist."""
+def _assert_the_plan_in_use_is_whole(root: Path, shards: int) -> None:
+    """Plan `shards` is in use, and each of its manifests lists files that exist."""
     from trajflow.plan import read_plan_in_use
 
     storage = LocalStorage(root)
     in_use = read_plan_in_use(storage)
-    assert in_use is not None and in_use["shards"] == shards and in_use["adopted_by"] == job
+    assert in_use is not None and in_use["shards"] == shards
     for shard in range(shards):
         manifest = read_manifest(storage, "download", shard)
         assert manifest is not None and manifest["shards"] == shards
         assert manifest["items"] and all((root / e["key"]).is_file() for e in manifest["items"])
 
 
-def test_a_pod_of_a_replaced_job_stops_before_it_moves_the_new_plans_files(server: FaultyServer,
-                                                                          tmp_path: Path) -> None:
+def _release_changes(old: ShardDownloader, now: tuple[int, str], after: int) -> ShardDownloader:
+    """`old` is the release's download for its first `after` looks (at its start, after it has
+    planned); from then on the release names `now`. The periodic look is left out: only those
+    that must not wait for it are (before a move, before the manifest)."""
+    calls: list[int] = []
+    old.wanted = lambda: (old.shards, old.generation) if not calls.append(1) and len(calls) <= after else now
+    old._superseded_checked = float("inf")
+    return old
+
+
+def test_a_pod_of_a_replaced_job_stops_before_it_starts(server: FaultyServer, tmp_path: Path) -> None:
     """Argo CD prunes the old download Job only after the new preprocessing Job completes: its
-    pods still start meanwhile, and must not pull the new plan's files back into their shards."""
-    from trajflow.plan import Superseded
+    pods still start meanwhile, and must not pull the new download's files into their shards."""
+    from trajflow.download.shard import Superseded
 
     _, urls = _objects(server)
     config = make_config([{"type": "https", "name": "web", "urls": urls}])
-    assert all(s.exit_code == 0 for s in _run_all(tmp_path, config, 2, job="old-uid"))  # type: ignore[attr-defined]
-    assert all(s.exit_code == 0 for s in _run_all(tmp_path, config, 3, job="new-uid"))  # type: ignore[attr-defined]
-    with pytest.raises(Superseded, match="replaced by that of a newer Job .3 shards.*new-uid"):
-        ShardDownloader(LocalStorage(tmp_path), config, 1, 2, job="old-uid").run()
-    _assert_the_plan_in_use_is_whole(tmp_path, 3, "new-uid")
+    assert all(s.exit_code == 0 for s in _run_all(tmp_path, config, 2))  # type: ignore[attr-defined]
+    assert all(s.exit_code == 0 for s in _run_all(tmp_path, config, 3))  # type: ignore[attr-defined]
+    now = (3, config.generation_id())
+    with pytest.raises(Superseded, match="the release now downloads 3 shards of generation .*this pod's Job 2 of"):
+        ShardDownloader(LocalStorage(tmp_path), config, 1, 2, wanted=lambda: now).run()
+    _assert_the_plan_in_use_is_whole(tmp_path, 3)
+    # the release's own download goes on
+    assert ShardDownloader(LocalStorage(tmp_path), config, 1, 3, wanted=lambda: now).run().exit_code == 0
 
 
-def test_a_pod_of_a_replaced_job_writes_no_manifest(server: FaultyServer, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """The new Job finishes while an old pod is between its last item and its manifest."""
+def test_a_pod_of_a_replaced_job_moves_no_file_of_the_new_download(server: FaultyServer, tmp_path: Path) -> None:
+    """An old pod, still fetching when the upgrade came, finds its items verified where the new
+    Job put them: it stops instead of moving them back into its shard."""
+    from trajflow.download.shard import Superseded
+
+    _, urls = _objects(server)
+    config = make_config([{"type": "https", "name": "web", "urls": urls}])
+    assert ShardDownloader(LocalStorage(tmp_path), config, 0, 2).run().exit_code == 0
+    old = _release_changes(ShardDownloader(LocalStorage(tmp_path), config, 1, 2), (3, config.generation_id()), after=2)
+    already_done = old._already_done
+
+    def new_job_meanwhile(*args: object) -> bool:  # the old pod has planned; the new Job runs to its end
+        done = already_done(*args)  # type: ignore[arg-type]
+        assert all(s.exit_code == 0 for s in _run_all(tmp_path, config, 3))  # type: ignore[attr-defined]
+        return done
+
+    old._already_done = new_job_meanwhile  # type: ignore[method-assign]
+    with pytest.raises(Superseded):
+        old.run()
+    _assert_the_plan_in_use_is_whole(tmp_path, 3)  # no file of the new download moved
+
+
+def test_a_pod_of_a_replaced_job_deletes_no_manifest_of_the_new_download(server: FaultyServer,
+                                                                           tmp_path: Path) -> None:
+    """The release changes while an old pod plans: it would delete the new shard's manifest
+    (of another plan) as its own shard's."""
+    from trajflow.download.shard import Superseded
+
+    _, urls = _objects(server)
+    config = make_config([{"type": "https", "name": "web", "urls": urls}])
+    assert all(s.exit_code == 0 for s in _run_all(tmp_path, config, 3))  # type: ignore[attr-defined]
+    new = read_manifest(LocalStorage(tmp_path), "download", 1)
+    old = _release_changes(ShardDownloader(LocalStorage(tmp_path), config, 1, 2), (3, config.generation_id()), after=1)
+    with pytest.raises(Superseded):
+        old.run()
+    assert read_manifest(LocalStorage(tmp_path), "download", 1) == new
+
+
+def test_a_pod_of_a_replaced_job_writes_no_manifest(server: FaultyServer, tmp_path: Path) -> None:
+    """The release changes while an old pod fetches: its last look, before the manifest, stops
+    it, and its shard stays not done."""
+    from trajflow.download.shard import Superseded
+
+    _, urls = _objects(server)
+    config = make_config([{"type": "https", "name": "web", "urls": urls}])
+    old = _release_changes(ShardDownloader(LocalStorage(tmp_path), config, 0, 2), (3, config.generation_id()), after=2)
+    with pytest.raises(Superseded):
+        old.run()
+    assert read_manifest(LocalStorage(tmp_path), "download", 0) is None
+
+
+def test_the_releases_download_puts_its_plan_back_in_use(server: FaultyServer, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pod of the replaced Job that started before its ConfigMap changed put its plan in use;
+    the release's pods put theirs back before their manifests count on it."""
     import trajflow.download.shard as shard_module
-    from trajflow.plan import Superseded
+    from trajflow.plan import PLAN_KEY, read_plan_in_use
 
     _, urls = _objects(server)
     config = make_config([{"type": "https", "name": "web", "urls": urls}])
-    real_check = shard_module.check_not_superseded
+    assert all(s.exit_code == 0 for s in _run_all(tmp_path, config, 2))  # type: ignore[attr-defined]
+    old_plan = LocalStorage(tmp_path).read_bytes(PLAN_KEY)
+    run = shard_module.Scheduler.run
 
-    def new_job_first(*args: object) -> None:
-        monkeypatch.setattr(shard_module, "check_not_superseded", real_check)
-        assert all(s.exit_code == 0 for s in _run_all(tmp_path, config, 3, job="new-uid"))  # type: ignore[attr-defined]
-        real_check(*args)  # type: ignore[arg-type]
+    def old_pod_meanwhile(self: object) -> None:
+        run(self)  # type: ignore[arg-type]
+        LocalStorage(tmp_path).write_bytes(PLAN_KEY, old_plan)
 
-    assert ShardDownloader(LocalStorage(tmp_path), config, 1, 2, job="old-uid").plan()  # the old Job started first
-    monkeypatch.setattr(shard_module, "check_not_superseded", new_job_first)
-    with pytest.raises(Superseded):
-        ShardDownloader(LocalStorage(tmp_path), config, 0, 2, job="old-uid").run()
-    _assert_the_plan_in_use_is_whole(tmp_path, 3, "new-uid")
-
-
-def test_a_newer_job_may_go_back_to_an_earlier_plan(server: FaultyServer, tmp_path: Path) -> None:
-    """Back to 2 shards after 3, in a third Job: its plan was superseded once, but this Job is
-    the newest, so it goes on; then the 3-shard Job's pods stop."""
-    from trajflow.plan import Superseded
-
-    _, urls = _objects(server)
-    config = make_config([{"type": "https", "name": "web", "urls": urls}])
-    for shards, job in ((2, "first"), (3, "second"), (2, "third")):
-        assert all(s.exit_code == 0 for s in _run_all(tmp_path, config, shards, job=job))  # type: ignore[attr-defined]
-    _assert_the_plan_in_use_is_whole(tmp_path, 2, "third")
-    with pytest.raises(Superseded):
-        ShardDownloader(LocalStorage(tmp_path), config, 0, 3, job="second").run()
-    # a Job that found its plan in use already (a new image, the same plan) counts as started too
-    assert all(s.exit_code == 0 for s in _run_all(tmp_path, config, 2, job="fourth"))  # type: ignore[attr-defined]
-    assert all(s.exit_code == 0 for s in _run_all(tmp_path, config, 3, job="fifth"))  # type: ignore[attr-defined]
-    with pytest.raises(Superseded):
-        ShardDownloader(LocalStorage(tmp_path), config, 1, 2, job="fourth").run()
-    _assert_the_plan_in_use_is_whole(tmp_path, 3, "fifth")
-    # outside a Job (trajflow run, a shell) nothing is compared: the run lock keeps runs apart
-    assert ShardDownloader(LocalStorage(tmp_path), config, 0, 3).run().exit_code == 0
+    monkeypatch.setattr(shard_module.Scheduler, "run", old_pod_meanwhile)
+    now = (3, config.generation_id())
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        done = list(pool.map(lambda s: ShardDownloader(LocalStorage(tmp_path), config, s, 3, wanted=lambda: now).run(),
+                             range(3)))
+    assert all(s.exit_code == 0 for s in done)
+    assert read_plan_in_use(LocalStorage(tmp_path))["shards"] == 3
+    _assert_the_plan_in_use_is_whole(tmp_path, 3)

@@ -17,7 +17,7 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -450,14 +450,14 @@ def shard_from_env(env: dict[str, str] | None = None, default_count: int = 1) ->
     return index, count
 
 
-def _read_config_doc(path: str | Path) -> dict[str, Any]:
+def _read_config_doc(path: str | Path, keys: tuple[str, ...] = ("global", "config")) -> dict[str, Any]:
     if str(path) == DEFAULT_CONFIG_PATH and not Path(path).exists():
         raise ConfigError(f"no stage config at {DEFAULT_CONFIG_PATH}, where pods mount the chart's ConfigMap: "
                           f"give --config FILE (or ${CONFIG_PATH_ENV}), or -f VALUES.yaml to read values files")
     doc = read_yaml(path, "stage config")
-    unknown = sorted(set(doc) - {"global", "config"})
+    unknown = sorted(set(doc) - set(keys))
     if unknown:
-        raise ConfigError(f"{path}: unknown top-level key {unknown[0]!r} (expected global and config)")
+        raise ConfigError(f"{path}: unknown top-level key {unknown[0]!r} (expected {' and '.join(keys)})")
     return doc
 
 
@@ -562,8 +562,36 @@ def _generation_in_env(env: dict[str, str]) -> str | None:
     if not Path(path).is_file():  # the chart renders none without the downloader or preprocessing: no check
         log.info("%s=%s does not exist: any download generation will do", DATASET_CONFIG_ENV, path)
         return None
-    _, config = load_config_file(path, "downloader")
+    config, _ = _read_dataset_config(path)
     return config.generation_id() if config.sources else None
+
+
+def _read_dataset_config(path: str | Path) -> tuple[DownloadConfig, Any]:
+    """The dataset ConfigMap's file: the downloader's `config` and `shards`."""
+    doc = _read_config_doc(path, ("config", "shards"))
+    raw = doc.get("config") or {}
+    try:
+        return DownloadConfig.model_validate(raw), doc.get("shards")
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, raw, str(path), ["config"], None)) from None
+
+
+def wanted_download(env: Mapping[str, str] | None = None) -> tuple[int, str] | None:
+    """The shard count and generation of the download the release names now, from the file
+    ${DATASET_CONFIG_ENV} names (the dataset ConfigMap, which the kubelet updates in running
+    pods after an upgrade). None where there is none (outside the chart; the chart renders it
+    only with the downloader and preprocessing enabled) or it cannot be read."""
+    path = (os.environ if env is None else env).get(DATASET_CONFIG_ENV)
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        config, shards = _read_dataset_config(path)
+    except ConfigError as exc:
+        log.warning("the release's download is not known: %s", exc)
+        return None
+    if not isinstance(shards, int) or isinstance(shards, bool) or not config.sources:
+        return None
+    return shards, config.generation_id()
 
 
 def _one_source(config_file: str | Path | None, values_files: list[Any], sets: list[str]) -> None:

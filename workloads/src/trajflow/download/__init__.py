@@ -11,8 +11,7 @@
 Layout under the run root (DESIGN "Data plane contract"):
 
     plan/download-<shards>-<generation>/         who fetches what: plan.json (first writer wins), a part per shard
-    plan/download.json                           a copy of the plan.json in use, with the Job that put it there
-    plan/jobs/<job uid>.json                     when each download Job started: the newest Job's plan wins
+    plan/download.json                           a copy of the plan.json in use
     raw/<shard>/<source>/<path>                  verified items (only ever renamed into place)
     raw/_done/<shard>.json                       shard manifest, written last
     raw/.trajflow-verified/<source>/<path>.json  per-item verification records (hidden)

@@ -3,7 +3,7 @@
 In a pod: `trajflow download --config /etc/trajflow/config.yaml` with JOB_COMPLETION_INDEX
 and TRAJFLOW_SHARDS set by the Indexed Job. Locally: `trajflow download -f values.yaml
 --shard 0 --shards 1`. Never reads stdin. Exit codes: 0 every required item verified;
-2 bad configuration, or a newer Job's plan is in use ($TRAJFLOW_JOB_UID names the pod's Job);
+2 bad configuration, or the release names another download now (an upgrade replaced the Job);
 3 permanent failures (403/404, checksums that never match); 4 transient failures remain, or
 SIGTERM (a rerun resumes them); 1 the run root failed.
 """
@@ -23,8 +23,6 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 # --summary-json paths that cannot be written whatever the disk holds: the caller's mistake
 _BAD_PATH_ERRNOS = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS)
-# the uid of the pod's Job, which the chart passes from the Job controller's pod label
-JOB_UID_ENV = "TRAJFLOW_JOB_UID"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -66,7 +64,8 @@ def _download(args: argparse.Namespace) -> int:
     from trajflow.config import stage_settings
     from trajflow.download.failures import STOPPING
     from trajflow.download.progress import ProgressReporter, human_bytes, human_duration
-    from trajflow.download.shard import ShardDownloader, raise_for
+    from trajflow.config.loader import wanted_download
+    from trajflow.download.shard import ShardDownloader, Superseded, check_release, raise_for
     from trajflow.errors import ConfigError, TrajflowError
     from trajflow.files import replace_file
     from trajflow.metrics import Pusher, download_metrics
@@ -97,18 +96,20 @@ def _download(args: argparse.Namespace) -> int:
     root = open_run_root(settings.global_, upload_threads=upload_threads, max_pool=config.concurrency + upload_threads + 8)
     metrics = download_metrics()
     metrics.start_time.set(time.time())
+    # a pod of a Job an upgrade replaced pushes nothing: its shard's group is the new Job's too
+    check_release(wanted_download(env), settings.shards, config.generation_id())
     # a plan alone fetches nothing: its push would replace the shard's real figures with zeros
     url = "" if args.plan_only else settings.global_.metrics.pushgateway_url
     pusher = Pusher(url, metrics, settings.global_.run_id, settings.shard)
     pusher.start(config.push_interval_seconds)
     if settings.shard == 0:
         pusher.drop_shards_from(settings.shards)
-    success = False
+    success = superseded = False
     try:
         downloader = ShardDownloader(
             root, config, settings.shard, settings.shards, metrics,
             progress=lambda d: ProgressReporter(d, config.progress_interval_seconds, trajflow_log.is_terminal(), metrics),
-            job=env.get(JOB_UID_ENV) or None,
+            wanted=lambda: wanted_download(env),
         )
         if args.plan_only:
             _, items = downloader.plan()
@@ -141,6 +142,9 @@ def _download(args: argparse.Namespace) -> int:
                             "shard itself is done") from None
         raise_for(summary)
         return 0
+    except Superseded:
+        superseded = True
+        raise
     finally:
-        pusher.stop(success, interrupted=STOPPING.is_set())
+        pusher.stop(success, interrupted=STOPPING.is_set(), final=not superseded)
         sys.stdout.flush()

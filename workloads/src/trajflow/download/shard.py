@@ -66,7 +66,7 @@ from trajflow.download.verify import (
 )
 from trajflow.errors import ConfigError, PermanentError, TrajflowError, TransientError
 from trajflow.metrics import DOWNLOAD_OUTCOMES
-from trajflow.plan import Item, Superseded, check_not_superseded, load_or_create_plan, shard_items
+from trajflow.plan import Item, keep_plan_in_use, load_or_create_plan, shard_items
 from trajflow.storage import (
     LocalStorage,
     Storage,
@@ -87,7 +87,7 @@ RAW = "raw"
 BUSY_POLL_MAX_S = 15.0  # how often, at most, an item another process holds is looked at again
 STOP_WAIT_S = 10.0  # how long a stopped shard waits for its workers to close their items
 STALE_UPLOAD_S = 3600.0  # an upload begun this long ago is a killed run's, not a live one's
-PLAN_RECHECK_S = 10.0  # how often, at most, a shard looks whether a newer Job's plan is in use
+RELEASE_RECHECK_S = 10.0  # how often, at most, a shard looks whether the release still names its download
 
 
 def final_path(item_key: str, gunzip: bool) -> str:
@@ -327,15 +327,33 @@ class ShardSummary:
         }
 
 
+class Superseded(ConfigError):
+    """The release names another download than this pod's Job: its pods would move the new
+    download's files back into their own shards (exit 2, which fails the old Job)."""
+
+
+def check_release(wanted: tuple[int, str] | None, shards: int, generation: str) -> bool:
+    """Raise `Superseded` when the release names (`wanted`: its shard count and generation)
+    another download than `shards` of `generation` (an upgrade changed downloader.shards or
+    the sources, and this pod's Job is the old one); whether the release is known to name it."""
+    if wanted is not None and wanted != (shards, generation):
+        raise Superseded(
+            f"the release now downloads {wanted[0]} shards of generation {wanted[1]!r} (downloader.shards or "
+            f"downloader.config changed), and this pod's Job {shards} of {generation!r}: it stops, writing nothing "
+            "more, and the new Job downloads (delete this one, as a sync with pruning does)")
+    return wanted is not None
+
+
 class ShardDownloader:
     def __init__(self, root: Storage, config: DownloadConfig, shard: int, shards: int, metrics: Any = None,
-                 progress: Callable[["ShardDownloader"], Any] | None = None, job: str | None = None):
+                 progress: Callable[["ShardDownloader"], Any] | None = None,
+                 wanted: Callable[[], tuple[int, str] | None] | None = None):
         config.require_sources()
         self.root, self.config, self.shard, self.shards = root, config, shard, shards
-        self.job = job  # the uid of the pod's Kubernetes Job (None outside one)
+        # the shard count and generation the release names now (`wanted_download`); None: unknown
+        self.wanted = wanted or (lambda: None)
         self.superseded: Superseded | None = None
         self._superseded_checked = -math.inf
-        self.plan_header: dict[str, Any] = {}
         self.metrics = metrics
         self.stats = Stats(metrics)
         self.item_log = trajflow_log.Capped(log)  # failed and missing items: the first few of each in full
@@ -377,8 +395,7 @@ class ShardDownloader:
 
         try:
             plan = load_or_create_plan(self.root, self.shards, self.generation, list_items,
-                                       unstorable=unstorable if isinstance(self.root, LocalStorage) else None, pause=pause,
-                                       job=self.job)
+                                       unstorable=unstorable if isinstance(self.root, LocalStorage) else None, pause=pause)
             return plan, shard_items(self.root, plan, self.shard)
         except TrajflowError:
             raise
@@ -399,8 +416,9 @@ class ShardDownloader:
 
     def run(self) -> ShardSummary:
         self.started = time.monotonic()
+        self.check_release()
         plan, self.items = self.plan()
-        self.plan_header = plan
+        self.check_release()  # planning takes a while; what follows may delete another plan's manifests
         self.unstorable = plan.get("unstorable") or {}
         if isinstance(self.root, LocalStorage):
             self.unstorable = {**too_deep_for(self.root.root, self.items, self.config.gunzip), **self.unstorable}
@@ -446,7 +464,8 @@ class ShardDownloader:
         summary.elapsed_s = time.monotonic() - self.started
         if summary.exit_code == 0:
             try:
-                check_not_superseded(self.root, plan, self.job)
+                if self.check_release():
+                    keep_plan_in_use(self.root, plan)  # a stopped pod of a replaced Job may have taken it
                 self._write_manifest(plan, summary)
             except TrajflowError:
                 raise
@@ -578,7 +597,7 @@ class ShardDownloader:
                 return None
             there = self.root.stat(record.location)
             if there is not None and there.size == record.size:
-                if self._is_superseded(recheck=True):  # else this shard may take a file the newer plan placed
+                if self._is_superseded(recheck=True):  # else it may take a file the new download placed
                     return ItemResult(item, dest, "failed", error=str(self.superseded), kind="transient",
                                       reason="stopped")
                 if modified_since(record, there) and rehash(self.root, record.location).sha256 != record.sha256:
@@ -603,20 +622,27 @@ class ShardDownloader:
             return self._adopt(item, dest, fingerprint)
         return None
 
+    def check_release(self) -> bool:
+        """Raise `Superseded` when the release names another download than this pod's;
+        whether the release is known to name this one."""
+        return check_release(self.wanted(), self.shards, self.generation)
+
     def _is_superseded(self, recheck: bool = False) -> bool:
-        """Whether a newer Job's plan is in use (looked up at most every PLAN_RECHECK_S, unless
-        `recheck`): then the shard stops, writing nothing more."""
-        if not self.job:
-            return False
+        """Whether the release names another download now (looked at every RELEASE_RECHECK_S
+        at most, unless `recheck`): then the shard stops, rather than move the new download's
+        files into its own shard."""
         with self._lock:
-            if self.superseded is None and (recheck or time.monotonic() - self._superseded_checked >= PLAN_RECHECK_S):
+            due = self.superseded is None and (recheck or time.monotonic() - self._superseded_checked >= RELEASE_RECHECK_S)
+            if due:
                 self._superseded_checked = time.monotonic()
-                try:
-                    check_not_superseded(self.root, self.plan_header, self.job)
-                except Superseded as exc:
-                    self.superseded = exc
-            if self.superseded is None:
-                return False
+        if due:
+            try:
+                self.check_release()
+            except Superseded as exc:
+                with self._lock:
+                    self.superseded = self.superseded or exc
+        if self.superseded is None:
+            return False
         assert self.scheduler is not None
         self.scheduler.stop()
         return True

@@ -315,12 +315,15 @@ class Pusher:
         if failed:
             log.warning("could not delete %d Pushgateway group(s) at %s, such as %s", len(failed), self.url, failed[0])
 
-    def stop(self, success: bool, interrupted: bool = False) -> None:
+    def stop(self, success: bool, interrupted: bool = False, final: bool = True) -> None:
         """Final push with end time and success flag, and whether a signal stopped the shard
-        (a pod deleted, drained or preempted: its retry resumes it, and it failed nothing)."""
+        (a pod deleted, drained or preempted: its retry resumes it, and it failed nothing);
+        none without `final` (the group is another process's now)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.timeout + 1)
+        if not final:
+            return
         self.metrics.end_time.set(time.time())
         self.metrics.success.set(1 if success else 0)
         self.metrics.interrupted.set(1 if interrupted else 0)

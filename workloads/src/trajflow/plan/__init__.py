@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from trajflow.errors import ConfigError
 from trajflow.storage.base import Storage
 from trajflow.storage.manifest import PLAN_KEY
 
@@ -122,7 +121,6 @@ def _encode(doc: dict[str, Any]) -> bytes:
 def load_or_create_plan(
     storage: Storage, shards: int, generation: str, list_items: Callable[[], list[Item]], key: str = PLAN_KEY,
     unstorable: Callable[[list[Item]], dict[str, str]] | None = None, pause: Callable[[float], None] = time.sleep,
-    job: str | None = None,
 ) -> dict[str, Any]:
     """The header of the plan every pod of this shard count and source configuration uses.
 
@@ -136,8 +134,7 @@ def load_or_create_plan(
     downloader, not by the plan. `plan/download.json` is a copy of the header in use.
     `unstorable` names the items the run root cannot hold, once, over the whole listing.
     One pod lists at a time (`_lease_planning_or_wait`): the others wait for its plan,
-    `pause`-ing between looks (a pause may raise to stop waiting). A pod of Kubernetes Job
-    `job` (its uid) puts its plan in use only if no newer Job's plan is (`Superseded`).
+    `pause`-ing between looks (a pause may raise to stop waiting).
     """
     directory = _plan_directory(shards, generation, key)
     authoritative = f"{directory}/plan.json"
@@ -165,58 +162,12 @@ def load_or_create_plan(
         raise ValueError(f"{where}: corrupt plan (no {shards}-shard header): {_remedy(directory)}")
     if mine and mine["parts"] != stored["parts"]:
         _delete_parts(storage, mine)  # another pod's plan won: ours is never read
-    if job:  # also when its plan is in use already: a later Job may replace it
-        register_job(storage, job, key)
-    in_use = read_plan_in_use(storage, key)
-    if in_use is None or in_use.get("parts") != stored["parts"]:
-        check_not_superseded(storage, stored, job, key)
-        if earlier and in_use is not None:
-            _warn_if_older_listing(stored, in_use, where)
-        storage.write_bytes(key, _encode({**stored, "adopted_by": job} if job else stored))
+    current = storage.read_bytes(key) if storage.exists(key) else b""
+    if current != raw:
+        if earlier and current:
+            _warn_if_older_listing(stored, current, where)
+        storage.write_bytes(key, raw)
     return stored
-
-
-class Superseded(ConfigError):
-    """A newer Job's plan is in use: this Job's pods must write nothing more (exit 2, which
-    fails the Job: its pods would undo the newer Job's work)."""
-
-
-def _job_key(job: str, key: str = PLAN_KEY) -> str:
-    return f"{key.rsplit('/', 1)[0]}/jobs/{job}.json"
-
-
-def register_job(storage: Storage, job: str, key: str = PLAN_KEY) -> None:
-    """Note when Job `job` (its uid) started: its first pod's time, written once. The Job
-    started last is the one a release or a sync made last."""
-    storage.write_if_absent(_job_key(job, key), _encode({"started": round(time.time(), 3)}))
-
-
-def _job_started(storage: Storage, job: str, key: str) -> float | None:
-    try:
-        started = json.loads(storage.read_bytes(_job_key(job, key)))["started"]
-    except (FileNotFoundError, ValueError, TypeError, KeyError):
-        return None
-    return float(started) if isinstance(started, (int, float)) else None
-
-
-def check_not_superseded(storage: Storage, plan: dict[str, Any], job: str | None, key: str = PLAN_KEY) -> None:
-    """Raise `Superseded` when the plan in use is not `plan` and a Job that started after
-    `job` put it in use. An old download Job still running beside its replacement (Argo CD
-    prunes it only after the new preprocessing Job completes) would otherwise move the new
-    plan's files back into its own shards and overwrite the new shards' manifests."""
-    in_use = read_plan_in_use(storage, key)
-    if not job or in_use is None or in_use.get("parts") == plan["parts"]:
-        return
-    newer = in_use.get("adopted_by")
-    if not isinstance(newer, str) or newer == job:
-        return
-    theirs, mine = _job_started(storage, newer, key), _job_started(storage, job, key)
-    if theirs is None or mine is None or theirs <= mine:
-        return
-    raise Superseded(
-        f"the download plan of this Job ({plan.get('shards')} shards, generation {plan.get('generation')!r}) was "
-        f"replaced by that of a newer Job ({in_use.get('shards')} shards, generation {in_use.get('generation')!r}, "
-        f"Job uid {newer}): this Job stops and writes nothing more; delete it (a sync with pruning does)")
 
 
 # One pod lists the sources while the others wait for its plan: hundreds of pods each listing
@@ -313,12 +264,21 @@ def _read_lease(storage: Storage, key: str) -> dict[str, Any] | None:
         return None
 
 
-def read_plan_in_use(storage: Storage, key: str = PLAN_KEY) -> dict[str, Any] | None:
-    """The header of the plan in use (`plan/download.json`), with the uid of the Job that put
-    it in use (`adopted_by`) when a Job did; None when there is none yet, it is being
-    replaced, or it is unreadable."""
+def keep_plan_in_use(storage: Storage, plan: dict[str, Any]) -> None:
+    """Put `plan` back in use where another plan is (a pod of a Job an upgrade replaced may
+    have put its own there before it stopped): its Job is the one the release runs now."""
+    in_use = read_plan_in_use(storage)
+    if in_use is None or in_use.get("parts") != plan["parts"]:
+        log.warning("plan/download.json names another plan (%s shards) than this Job's (%s shards): putting this "
+                    "Job's back", None if in_use is None else in_use.get("shards"), plan.get("shards"))
+        storage.write_bytes(PLAN_KEY, _encode(plan))
+
+
+def read_plan_in_use(storage: Storage) -> dict[str, Any] | None:
+    """The header of the plan in use (`plan/download.json`); None when there is none yet, it
+    is being replaced, or it is unreadable."""
     try:
-        doc = json.loads(storage.read_bytes(key))
+        doc = json.loads(storage.read_bytes(PLAN_KEY))
     except (ValueError, FileNotFoundError):
         return None
     return doc if isinstance(doc, dict) else None
@@ -368,13 +328,17 @@ def _delete_parts(storage: Storage, header: dict[str, Any]) -> None:
 _FRESH_PLAN_S = 300.0
 
 
-def _warn_if_older_listing(stored: dict[str, Any], in_use: dict[str, Any], where: str) -> None:
+def _warn_if_older_listing(stored: dict[str, Any], current: bytes, where: str) -> None:
     """Going back to a shard count planned before reuses that plan's listing, which may miss
     what the sources gained since (a plan of each count and generation is fixed)."""
     created = stored.get("created_at")
     if isinstance(created, (int, float)) and time.time() - created < _FRESH_PLAN_S:
         return
-    if in_use.get("fingerprint") != stored.get("fingerprint"):
+    try:
+        in_use = json.loads(current)
+    except ValueError:
+        return
+    if isinstance(in_use, dict) and in_use.get("fingerprint") != stored.get("fingerprint"):
         log.warning("%s (%s shards) lists other items than the plan in use (%s shards): every pod of this shard "
                     "count follows it as it was made, however old its listing; change "
                     "downloader.config.planGeneration to list the sources again",

@@ -8,9 +8,13 @@ commands; image, environment, mounts, security and scheduling come from here.
 {{- /* beside, not below, /etc/trajflow: the kubelet cannot make a mount point in a ConfigMap volume */ -}}
 {{- define "trajflow.datasetConfigDir" -}}/etc/trajflow-dataset{{- end -}}
 
-{{/* Whether a stage reads what the downloader fetched, and so mounts its config (trajflow.datasetConfigMapName). */}}
-{{- define "trajflow.readsDownload" -}}
-{{- if has .Chart.Name (list "preprocessing" "training") }}true{{ end -}}
+{{/*
+Whether a stage mounts the release's downloader config (trajflow.datasetConfigMapName): the
+stages after the downloader read what it fetched, and the downloader itself learns from it
+that an upgrade replaced its Job.
+*/}}
+{{- define "trajflow.mountsDatasetConfig" -}}
+{{- if has .Chart.Name (list "downloader" "preprocessing" "training") }}true{{ end -}}
 {{- end -}}
 
 {{/*
@@ -112,7 +116,7 @@ Environment of every container of a stage. Takes (dict "context" $ "shards" N "e
   value: {{ include "trajflow.tmpSizeLimit" $ctx | quote }}
 - name: TRAJFLOW_CONFIG
   value: {{ include "trajflow.configPath" $ctx }}
-{{- if include "trajflow.readsDownload" $ctx }}
+{{- if include "trajflow.mountsDatasetConfig" $ctx }}
 - name: TRAJFLOW_DATASET_CONFIG
   value: {{ include "trajflow.datasetConfigDir" $ctx }}/config.yaml
 {{- end }}
@@ -150,7 +154,7 @@ Environment of every container of a stage. Takes (dict "context" $ "shards" N "e
   readOnly: true
 - name: tmp
   mountPath: /tmp
-{{- if include "trajflow.readsDownload" . }}
+{{- if include "trajflow.mountsDatasetConfig" . }}
 - name: trajflow-dataset
   mountPath: {{ include "trajflow.datasetConfigDir" . }}
   readOnly: true
@@ -183,7 +187,7 @@ Environment of every container of a stage. Takes (dict "context" $ "shards" N "e
 - name: tmp
   emptyDir:
     sizeLimit: {{ include "trajflow.tmpSizeLimit" . }}
-{{- if include "trajflow.readsDownload" . }}
+{{- if include "trajflow.mountsDatasetConfig" . }}
 - name: trajflow-dataset
   configMap:
     name: {{ include "trajflow.datasetConfigMapName" . }}
