@@ -599,8 +599,10 @@ def test_a_run_root_is_one_releases(storage):
                                               f"'{release}' in '{namespace}'.*its own global.runId"):
             claim_run_root(storage, namespace, release)
     assert OWNER_KEY not in _keys(storage)  # the run root's listings never show it
-    storage.delete(OWNER_KEY)  # taken over on purpose
+    claim_run_root(storage, "ml", "exp-b", take_over=True)  # an install under another name, on purpose
     claim_run_root(storage, "ml", "exp-b")
+    with pytest.raises(ConfigError, match="release 'exp-b'.*global.storage.takeOver=true"):
+        claim_run_root(storage, "ml", "exp-a")
 
 
 def test_pods_claim_the_run_root_they_open_and_a_store_that_cannot_say_stops_nothing(tmp_path, monkeypatch, caplog):

@@ -54,6 +54,8 @@ class Storage(Model):
     filesystem: FilesystemStorage = Field(default_factory=FilesystemStorage)
     pvc: PvcStorage = Field(default_factory=PvcStorage)
     s3: S3Storage = Field(default_factory=S3Storage)
+    take_over: bool = Field(False, description="Take over a run root another release started (an install under "
+                            "another name); two releases running at once must never share one.")
 
     @model_validator(mode="after")
     def _s3_needs_bucket(self) -> "Storage":

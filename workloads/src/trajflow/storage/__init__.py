@@ -77,18 +77,22 @@ def open_run_root(glob: "GlobalConfig", **client_options: object) -> Storage:
 
     namespace, release = os.environ.get(NAMESPACE_ENV), os.environ.get(RELEASE_ENV)
     if namespace and release:  # in a pod of the chart
-        claim_run_root(storage, namespace, release)
+        claim_run_root(storage, namespace, release, take_over=glob.storage.take_over)
     return storage
 
 
-def claim_run_root(storage: Storage, namespace: str, release: str) -> None:
+def claim_run_root(storage: Storage, namespace: str, release: str, take_over: bool = False) -> None:
     """Note the run root as release `namespace/release`'s, or refuse it when another
-    release's: two releases given the same runId and storage (a values file that pins both)
-    would replace each other's plan, manifests and checkpoints. A store that cannot say is
-    no reason to stop (a read-only credential, a torn record)."""
+    release's (unless `take_over`): two releases given the same runId and storage (a values
+    file that pins both) would replace each other's plan, manifests and checkpoints. A store
+    that cannot say is no reason to stop (a read-only credential, a torn record)."""
     mine = {"namespace": namespace, "release": release}
+    encoded = json.dumps(mine, sort_keys=True).encode()
     try:
-        storage.write_if_absent(OWNER_KEY, json.dumps(mine, sort_keys=True).encode())
+        if take_over:
+            storage.write_bytes(OWNER_KEY, encoded)
+        else:
+            storage.write_if_absent(OWNER_KEY, encoded)
         owner = json.loads(storage.read_bytes(OWNER_KEY))
     except Exception as exc:  # noqa: BLE001 - see above
         log.warning("cannot tell which release %s belongs to (%s): going on", storage.uri, exc)
@@ -97,8 +101,8 @@ def claim_run_root(storage: Storage, namespace: str, release: str) -> None:
         raise ConfigError(
             f"{storage.uri} is the run root of release {owner.get('release')!r} in namespace {owner.get('namespace')!r} "
             f"({storage.uri}/{OWNER_KEY}), not of {release!r} in {namespace!r}: releases sharing a runId and storage "
-            "overwrite each other's data; give this release its own global.runId (or, to take that run over, delete "
-            "the file)")
+            "overwrite each other's data; give this release its own global.runId (or, to take that run over once the "
+            "other release is gone, set global.storage.takeOver=true)")
 
 
 __all__ = [

@@ -28,6 +28,7 @@ storage:
     region: us-east-1
     addressingStyle: path
     existingSecret: ""
+  takeOver: false
 metrics:
   pushgatewayUrl: ""
 {{- end -}}
