@@ -721,6 +721,10 @@ def test_float32_timestamps_too_coarse_for_their_rate_are_named(start, rate):
     for fine in ((np.arange(n) / rate).astype(np.float32), start + np.arange(n) / rate):
         (ep,) = _outcomes("npz", io.BytesIO(npz_bytes(timestamps=fine, **{STATE: x, ACTION: x})))
         assert isinstance(ep, RawEpisode) and ep.length == n
+    # times going back, in either type, are told as such
+    for back in ((10 - np.arange(n) / rate).astype(np.float32), start - np.arange(n) / rate):
+        (q,) = _outcomes("npz", io.BytesIO(npz_bytes(timestamps=back, **{STATE: x, ACTION: x})))
+        assert isinstance(q, Quarantined) and q.reason == readers.NON_MONOTONIC, q
 
 
 def test_integer_timestamps_too_large_to_subtract_are_refused_not_wrapped():

@@ -260,6 +260,10 @@ def test_uniform_grid_steps_allow_for_how_the_times_were_rounded():
     assert uniform_grid_steps(times, 30.0, time_rounding=1e-6).tolist() == [100, 100]
     # a span well short of the next period stays short whatever the rounding
     assert uniform_grid_steps(times[:, :99] + 0.0, 30.0 * 0.999, time_rounding=rounding).tolist() == [98, 98]
+    # a slack as long as a step (whole ms at 1 or 2 kHz) adds no frame
+    spans = torch.tensor([[0.0, 1.0], [0.0, 0.999]], dtype=torch.float64)
+    assert uniform_grid_steps(spans, 1000.0, time_rounding=1e-3).tolist() == [1001, 1000]
+    assert uniform_grid_steps(spans, 2000.0, time_rounding=1e-3).tolist() == [2001, 1999]
 
 
 def test_uniform_grid_steps_rejects_bad_rates():

@@ -79,6 +79,7 @@ FORMAT_EXTENSIONS = {
 TIME_KEYS = ("timestamp", "timestamps", "time", "t")
 MAX_NAMES_SHOWN = 10  # of what an episode has, in a missing stream's message
 UNIT_PER_SECOND = {"s": 1, "ms": 1e3, "us": 1e6, "ns": 1e9}  # the timeUnit setting
+HALF_PRECISION_EPS = 1e-10  # float32 and float16 have more; float64 resolves 0.4 us at epoch seconds
 INT_TIME_LIMIT = 2**62  # integer timestamps (146 years of ns either side of 0) subtract safely in int64
 RATE_ATTRS = ("rate_hz", "fps", "control_freq", "frequency", "hz")
 
@@ -276,11 +277,11 @@ def make_episode(spec: SourceSpec, source: str, episode: str, robot: str, times:
         i = int(np.flatnonzero(~finite)[0])
         return bad(NON_FINITE, f"timestamp[{i}] is {at(i)}")
     reach = max(abs(at(0)), abs(at(-1)))
-    if times is not None and length > 1 and source_eps:
+    if times is not None and length > 1 and source_eps > HALF_PRECISION_EPS:
         # float32 epoch seconds step by 128 s, and a day of uptime by 8 ms: samples would
-        # merge, or land far from where they were recorded
+        # merge, or land far from where they were recorded (times going back are told below)
         resolution, mean_step = source_eps * reach, float(t[-1] - t[0]) / (length - 1)
-        if resolution > 0.5 * mean_step:
+        if 0 <= mean_step < 2 * resolution:
             return bad(MISSING_TIME, f"timestamps are {np.asarray(times).dtype} and reach {reach:.10g}, where that type "
                                      f"resolves only {resolution:.3g} s, against a mean sample step of {mean_step:.3g} "
                                      "s: store them as float64, or relative to each episode's start")

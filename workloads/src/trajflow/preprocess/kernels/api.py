@@ -128,6 +128,8 @@ def resample_streams(streams, times, target, lengths=None, *, backend="auto", ch
 
 # A grid point within this many steps past the last sample still counts (rounding slack).
 _STEP_SLACK = 1e-6
+# whole milliseconds are a whole step at 1 kHz: the slack for them must not add a frame
+_MAX_SLACK = 0.49
 
 
 def uniform_grid_steps(
@@ -138,8 +140,8 @@ def uniform_grid_steps(
     first sample: ``T_b = floor((t_last - t_first) * rate_hz) + 1`` (int64 ``[B]``),
     computed in float64 with a slack of 1e-6 steps, or of ``time_rounding`` seconds (per
     row or for all: how far the times may be off by the rounding of how they were stored)
-    where that is more, so that a span of exactly k periods gives k + 1 points despite
-    rounding. No synchronisation.
+    where that is more, but never half a step, so that a span of exactly k periods gives
+    k + 1 points despite rounding. No synchronisation.
     """
     if not isinstance(times, torch.Tensor) or times.dim() != 2 or not times.dtype.is_floating_point:
         raise ResampleError("times must be a floating [B, S] tensor")
@@ -155,7 +157,7 @@ def uniform_grid_steps(
         lengths = torch.as_tensor(lengths, device=times.device).to(torch.int64).clamp(1, S)
         last = t.gather(1, (lengths - 1)[:, None])[:, 0]
     slack = torch.as_tensor(time_rounding, dtype=torch.float64, device=times.device) * float(rate_hz)
-    steps = torch.floor((last - t[:, 0]) * float(rate_hz) + slack.clamp(min=_STEP_SLACK))
+    steps = torch.floor((last - t[:, 0]) * float(rate_hz) + slack.clamp(min=_STEP_SLACK, max=_MAX_SLACK))
     return steps.clamp(min=0).to(torch.int64) + 1
 
 
