@@ -1069,12 +1069,18 @@ class ShardProcessor:
         the new one). A pod of a replaced Job, still running beside the new Job's, would
         otherwise publish a shard of the old download over the new Job's."""
         raw = read_manifest(self.storage, "download", self.shard)
-        if raw is None or raw.get("shards") != self.shards or raw.get("generation") != self.raw_generation \
-                or raw_items_digest(raw) != self.raw_digest:
-            raise TransientError(
-                f"download shard {shard_name(self.shard)} changed while it was preprocessed (now "
-                f"{'gone' if raw is None else 'written for ' + str(raw.get('shards')) + ' shards'}): nothing was "
-                "written; a retry preprocesses the shard as it is now")
+        if raw is None:
+            change = "its manifest is gone"
+        elif raw.get("shards") != self.shards:
+            change = f"it was written again for {raw.get('shards')} shards"
+        elif raw.get("generation") != self.raw_generation:
+            change = f"it was written again for generation {raw.get('generation')!r}"
+        elif raw_items_digest(raw) != self.raw_digest:
+            change = "it was written again with other items"
+        else:
+            return
+        raise TransientError(f"download shard {shard_name(self.shard)} changed while it was preprocessed ({change}): "
+                             "nothing was written; a retry preprocesses the shard as it is now")
 
     def _warn_if_stale(self, manifest: dict[str, Any]) -> list[str]:
         changed = stale_settings(manifest, self.config)
