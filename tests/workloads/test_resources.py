@@ -19,7 +19,8 @@ def test_cpu_budget(monkeypatch, cpu_max, affinity, expected):
     monkeypatch.setattr(resources.os, "sched_getaffinity", lambda pid: set(range(affinity)))
 
     def fake_open(path, *args, **kwargs):
-        assert path == "/sys/fs/cgroup/cpu.max"
+        if path != "/sys/fs/cgroup/cpu.max":
+            raise FileNotFoundError(path)  # no cgroup v1 files beside v2's
         return io.StringIO(cpu_max)
 
     monkeypatch.setattr(resources, "open", fake_open, raising=False)
@@ -34,6 +35,21 @@ def test_cpu_budget_without_cgroup_v2(monkeypatch):
 
     monkeypatch.setattr(resources, "open", missing, raising=False)
     assert resources.cpu_budget() == 3
+
+
+@pytest.mark.parametrize("quota_us, expected", [("250000", 2), ("-1", 192), ("50000", 1)])
+def test_cpu_budget_under_cgroup_v1(monkeypatch, quota_us, expected):
+    """Nodes on older images (cgroup v1) give the limit as a CFS quota: 2.5 CPUs, none, 0.5."""
+    monkeypatch.setattr(resources.os, "sched_getaffinity", lambda pid: set(range(192)))
+    files = {"/sys/fs/cgroup/cpu/cpu.cfs_quota_us": quota_us + "\n", "/sys/fs/cgroup/cpu/cpu.cfs_period_us": "100000\n"}
+
+    def v1_open(path, *args, **kwargs):
+        if path not in files:
+            raise FileNotFoundError(path)
+        return io.StringIO(files[path])
+
+    monkeypatch.setattr(resources, "open", v1_open, raising=False)
+    assert resources.cpu_budget() == expected
 
 
 @pytest.mark.parametrize("quantity, expected", [

@@ -64,3 +64,20 @@ def test_the_job_launcher_keeps_no_final_failure_past_its_exit(pod_tmp, monkeypa
     monkeypatch.setattr(torchrun, "run", started.append)
     assert launch.launch(OPTIONS, ["--config", "x"]) == ExitCode.OK
     assert len(started) == 1
+
+
+@pytest.mark.parametrize("nproc, given, expected", [("4", None, "2"), ("2", "3", "3"), ("1", None, None),
+                                                     ("gpu", None, None)])
+def test_the_workers_of_a_cpu_pod_share_its_cpus(pod_tmp, monkeypatch, nproc, given, expected):  # type: ignore[no-untyped-def]
+    """torchrun gives each of several workers one thread unless OMP_NUM_THREADS says otherwise:
+    4 ranks of an 8-CPU pod would use 4 of its CPUs."""
+    monkeypatch.setattr(launch, "cpu_budget", lambda: 8)
+    if given is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", given)
+    seen = []
+    monkeypatch.setattr(torchrun, "run", lambda args: seen.append(os.environ.get("OMP_NUM_THREADS")))
+    options = launch.LaunchOptions(nproc_per_node=nproc, nnodes="2", rdzv_endpoint="127.0.0.1:1")
+    assert launch.launch(options, ["--config", "x"]) == ExitCode.OK
+    assert seen == [expected]

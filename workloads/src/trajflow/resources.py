@@ -17,19 +17,34 @@ _SUFFIX = {
 
 
 def cpu_budget() -> int:
-    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU limit."""
+    """CPUs this process may use: its affinity mask, capped by its cgroup's CPU limit (v2's
+    cpu.max, or v1's CFS quota, which nodes on older images still have)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
+    limit = _cgroup_cpu_limit()
+    if limit is not None:
+        cpus = min(cpus, max(1, int(limit)))
+    return max(cpus, 1)
+
+
+def _cgroup_cpu_limit() -> float | None:
+    """The CPU limit of this process's cgroup (quota / period); None without one."""
     try:
         with open("/sys/fs/cgroup/cpu.max") as fh:
             quota, period = fh.read().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+        return None if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError):
         pass
-    return max(cpus, 1)
+    try:
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as fh:
+            quota_us = int(fh.read())
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as fh:
+            period_us = int(fh.read())
+        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us  # -1: no quota
+    except (OSError, ValueError):
+        return None
 
 
 def raise_open_files_limit() -> int:

@@ -23,6 +23,7 @@ from typing import Iterable, Sequence
 
 from trajflow.errors import FINAL_EXIT_CODES, ExitCode, TrajflowError
 from trajflow.files import replace_file
+from trajflow.resources import cpu_budget
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,10 @@ def launch(options: LaunchOptions, train_args: Sequence[str], log_level: str | N
     else:  # a Job's failed pod is replaced; its podFailurePolicy fails the Job on a final code
         markers = tempfile.mkdtemp(prefix="trajflow-train-")
         os.environ[FINAL_FAILURE_ENV] = os.path.join(markers, "final-failure.json")
+    nproc = options.nproc_per_node
+    if "OMP_NUM_THREADS" not in os.environ and nproc.isdigit() and int(nproc) > 1:
+        # torchrun gives each of several workers one thread otherwise: a CPU pod's ranks share its limit
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cpu_budget() // int(nproc)))
     log.info("starting training workers", extra={"torchrun": argv})
     os.environ[AGENT_PID_ENV] = str(os.getpid())
     try:

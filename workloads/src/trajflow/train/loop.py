@@ -262,19 +262,18 @@ class Trainer:
                 failure = exc
         # in place of a barrier: every rank stops with the error (and exit code) that stopped a
         # first rank, instead of losing that peer in the barrier
-        failures = [f for f in self.dist.gather_objects(failure and (type(failure), str(failure)), data_wait=True) if f]
-        if failure is not None:
-            raise failure
-        if failures:
-            kind, message = failures[0]
-            raise kind(message)
-        if shards is None:
-            shards = open_shards(self.storage, streams, cache, verify=False)
-        data = build_data(shards, cfg)
+        self._gather_or_fail(failure, data_wait=True)
+        identity, failure = None, None
+        try:
+            if shards is None:
+                shards = open_shards(self.storage, streams, cache, verify=False)
+            data = build_data(shards, cfg)
+            identity = shards.identity()
+        except TrajflowError as exc:
+            failure = exc
         # every rank lists the shards itself: one that saw preprocessing rewrite them would
         # train on other windows, or wait in a collective the others never reach
-        identities = self.dist.gather_objects(shards.identity())
-        if len(set(identities)) > 1:
+        if len(set(self._gather_or_fail(failure, identity))) > 1:
             raise TransientError(
                 f"the ranks opened different shards under {self.storage.uri}/resampled/ (preprocessing rewrote them "
                 "while training started?): every rank stops, and the restarted group opens them again")
@@ -283,6 +282,18 @@ class Trainer:
                                  f"(window {cfg.window}, {data.describe()})")
         self._log("data ready", **data.describe())
         return data
+
+    def _gather_or_fail(self, failure: TrajflowError | None, value: Any = None, data_wait: bool = False) -> list[Any]:
+        """`value` of every rank, unless a rank failed: then every rank raises that rank's
+        error (its own first), with its exit code."""
+        seen = self.dist.gather_objects((value, failure and (type(failure), str(failure))), data_wait=data_wait)
+        if failure is not None:
+            raise failure
+        for _, failed in seen:
+            if failed:
+                kind, message = failed
+                raise kind(message)
+        return [v for v, _ in seen]
 
     def scan_data(self, data: TrainData) -> list[tuple[np.ndarray, np.ndarray]]:
         """One pass over the data, shared out over the ranks: rejects NaN/Inf frames in
