@@ -339,3 +339,21 @@ def test_the_dns_rule_follows_the_ports_dns_answers_on():
         ("TCP", 53), ("TCP", 5353), ("UDP", 53), ("UDP", 5353)]
     with pytest.raises(helm.HelmError, match="dnsPorts"):
         render([env_file("dev")], {"networkPolicy.dnsPorts": []})
+
+
+def test_preprocessing_has_room_to_spill_a_shard_as_large_as_training_caches(env_objects):
+    """A preprocessing shard whose frames outgrow spoolMemoryMib spills into the pod's /tmp, up
+    to 90% of its sizeLimit (beyond, the shard fails for good); a training pod on S3 caches
+    every shard in its own /tmp. Shards that training has room for must fit preprocessing's."""
+    from trajflow.resources import parse_bytes
+
+    env, objs = env_objects
+    jobs = {stage: select(objs, "Job", stage) for stage in ("preprocessing", "training")}
+    if not all(jobs.values()) or yaml.safe_load(env_file(env).read_text())["global"]["storage"]["type"] != "s3":
+        pytest.skip(f"{env}: training reads the shards in place")
+
+    def tmp_limit(job):
+        return parse_bytes(next(v for v in pod_spec(job)["volumes"] if v["name"] == "tmp")["emptyDir"]["sizeLimit"])
+
+    shards = jobs["preprocessing"][0]["spec"]["completions"]
+    assert tmp_limit(jobs["preprocessing"][0]) >= tmp_limit(jobs["training"][0]) / shards
