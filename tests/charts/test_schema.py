@@ -289,6 +289,14 @@ BAD_COMBINATIONS = {
             "containerName": "nope", "operator": "In", "values": [2]}}]}},
         ['preprocessing.podFailurePolicy.rules[0].onExitCodes.containerName "nope" is none of the pod\'s containers']),
     "PyTorchJob without its API": ({"training.launcher": "pytorchjob"}, ["training.launcher", "kubeflow.org/v1"]),
+    "extra mount over /tmp written another way": (
+        {"training.extraVolumes": [{"name": "x", "emptyDir": {}}],
+         "training.extraVolumeMounts": [{"name": "x", "mountPath": "//tmp/."}]},
+        ['training.extraVolumeMounts[0].mountPath "//tmp/." is /tmp, where the chart\'s pods mount volumes themselves']),
+    "extra mount below the config written another way": (
+        {"downloader.extraVolumes": [{"name": "x", "emptyDir": {}}],
+         "downloader.extraVolumeMounts": [{"name": "x", "mountPath": "/etc//trajflow/x"}]},
+        ['downloader.extraVolumeMounts[0].mountPath "/etc//trajflow/x" is /etc/trajflow/x']),
     "data volume over /tmp": ({"global.storage.filesystem.path": "/tmp"},
                               ['global.storage.filesystem.path "/tmp" would mount the data volume on or over /tmp']),
     "data volume over the config": ({"global.storage.filesystem.path": "/etc"},

@@ -174,6 +174,13 @@ Environment of every container of a stage. Takes (dict "context" $ "shards" N "e
 {{- end }}
 {{- end }}
 {{- end }}
+{{- /* the schema refuses these paths as written; here also as the kubelet reads them (//tmp, /tmp/.) */}}
+{{- range $i, $m := .Values.extraVolumeMounts }}
+{{- $path := clean (toString $m.mountPath) }}
+{{- if or (has $path (list "/tmp" "/dev/shm")) (regexMatch "^/etc/trajflow(-dataset)?(/|$)" $path) }}
+{{- fail (printf "%s.extraVolumeMounts[%d].mountPath %q is %s, where the chart's pods mount volumes themselves; choose another path" $.Chart.Name $i (toString $m.mountPath) $path) }}
+{{- end }}
+{{- end }}
 {{- with .Values.extraVolumeMounts }}
 {{ toYaml . }}
 {{- end }}
