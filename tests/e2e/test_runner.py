@@ -603,6 +603,23 @@ def test_the_stages_after_the_downloader_are_given_its_config(tmp_path: Path, mo
     assert runner.env(next(t for t in runner.tasks if t.stage.stage == "training")).get(DATASET_CONFIG_ENV) is None
 
 
+def test_the_stages_after_the_downloader_read_the_config_they_are_given(tmp_path: Path) -> None:
+    """The downloader's own stage config stands for the chart's dataset ConfigMap: the stages
+    after it take the download generation from it, and nothing stops the local downloader."""
+    from trajflow.config.loader import DATASET_CONFIG_ENV, stage_settings, wanted_download
+
+    runner = Runner(build_plan([write_values(tmp_path)]), tmp_path / "work", PlainView(stream=io.StringIO()),
+                    command=[sys.executable, str(FAKE)])
+    runner.write_configs()
+    generation = stage_settings("downloader", runner.config_paths["downloader"]).config.generation_id()
+    for task in runner.tasks:
+        env = runner.env(task)
+        if task.stage.stage == "preprocessing":
+            settings = stage_settings("preprocessing", runner.config_paths["preprocessing"], env=env)
+            assert settings.download_generation == generation
+        assert wanted_download(env) is None  # no shard count: nothing to stop
+
+
 def test_a_tick_checks_each_task_once_however_many_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from trajflow.local.runner import PENDING, RUNNING, WAITING
 

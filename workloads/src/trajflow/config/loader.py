@@ -567,8 +567,9 @@ def _generation_in_env(env: dict[str, str]) -> str | None:
 
 
 def _read_dataset_config(path: str | Path) -> tuple[DownloadConfig, Any]:
-    """The dataset ConfigMap's file: the downloader's `config` and `shards`."""
-    doc = _read_config_doc(path, ("config", "shards"))
+    """The dataset ConfigMap's file: the downloader's `config` and `shards` (`trajflow run`
+    gives the downloader's own stage config, with `global` and no `shards`)."""
+    doc = _read_config_doc(path, ("global", "config", "shards"))
     raw = doc.get("config") or {}
     try:
         return DownloadConfig.model_validate(raw), doc.get("shards")
@@ -580,10 +581,25 @@ def wanted_download(env: Mapping[str, str] | None = None) -> tuple[int, str] | N
     """The shard count and generation of the download the release names now, from the file
     ${DATASET_CONFIG_ENV} names (the dataset ConfigMap, which the kubelet updates in running
     pods after an upgrade). None where there is none (outside the chart; the chart renders it
-    only with the downloader and preprocessing enabled) or it cannot be read."""
+    only with the downloader and preprocessing enabled) or it cannot be read. Read again only
+    when the file changed (a catalog of 10^5 URLs takes a while to validate)."""
     path = (os.environ if env is None else env).get(DATASET_CONFIG_ENV)
-    if not path or not Path(path).is_file():
+    try:
+        stat = os.stat(path) if path else None
+    except OSError:
+        stat = None
+    if stat is None:
         return None
+    version = (path, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    if _WANTED_CACHE.get("version") != version:
+        _WANTED_CACHE.update(version=version, wanted=_read_wanted_download(path))
+    return _WANTED_CACHE["wanted"]
+
+
+_WANTED_CACHE: dict[str, Any] = {}
+
+
+def _read_wanted_download(path: str) -> tuple[int, str] | None:
     try:
         config, shards = _read_dataset_config(path)
     except ConfigError as exc:
