@@ -261,3 +261,15 @@ def test_argocd_mode_puts_the_pvc_in_the_first_stage_wave():
     objs = render([env_file("dev")], {"global.argocd.enabled": True, "downloader.enabled": False})
     pvc = one(objs, "PersistentVolumeClaim", "storage")
     assert pvc["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"] == "2"
+
+
+@pytest.mark.parametrize("wave", [-1, 1, 3])
+def test_argocd_mode_changes_the_dataset_configmap_before_the_download_job(wave):
+    """A new download pod compares its download with the release's in that ConfigMap: one that
+    read the previous values would stop as if its Job were the replaced one."""
+    objs = render([env_file("dev")], {"global.argocd.enabled": True, "downloader.syncWave": wave,
+                                      "preprocessing.syncWave": max(wave, 0) + 1, "training.syncWave": max(wave, 0) + 2})
+    dataset = one(objs, "ConfigMap", "pipeline")
+    job = one(objs, "Job", "downloader")
+    assert int(dataset["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"]) <= \
+        int(job["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"])
