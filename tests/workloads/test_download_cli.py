@@ -203,8 +203,14 @@ def test_metrics_are_pushed_with_the_shard_in_the_grouping_key(server: FaultySer
         assert series in body, series
 
 
-def test_a_pod_of_a_replaced_job_exits_2_and_pushes_nothing(server: FaultyServer, tmp_path: Path) -> None:
-    """Its shard's group is the new Job's too: a push would show the new shard failed."""
+def test_a_pod_of_a_replaced_job_exits_2_and_pushes_nothing(server: FaultyServer, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its shard's group is the new Job's too: a push would show the new shard failed. It
+    looks again for a while first: a new pod may have mounted the ConfigMap before it changed."""
+    import trajflow.download.shard as shard_module
+    from trajflow import cli
+
+    monkeypatch.setattr(shard_module, "RELEASE_PATIENCE_S", 0.3)
     gateway = PushCapture()
     try:
         urls = [server.add(f"/{i}.bin", payload(2000, seed=i)) for i in range(3)]
@@ -213,20 +219,28 @@ def test_a_pod_of_a_replaced_job_exits_2_and_pushes_nothing(server: FaultyServer
         # the release's downloader config now names 3 shards (the dataset ConfigMap the chart mounts)
         release = tmp_path / "dataset.yaml"
         release.write_text(yaml.safe_dump({"config": {"sources": sources}, "shards": 3}))
-        env = {**os.environ, "JOB_COMPLETION_INDEX": "0", "TRAJFLOW_SHARDS": "2", "TRAJFLOW_DATASET_CONFIG": str(release)}
-        out = subprocess.run([*TRAJFLOW, "download", "--config", str(config)], env=env, capture_output=True, text=True,
-                             timeout=120)
-        assert out.returncode == ExitCode.CONFIG, out.stderr
-        assert "the release now downloads 3 shards" in out.stderr
+        for name, value in {"JOB_COMPLETION_INDEX": "0", "TRAJFLOW_SHARDS": "2", "TRAJFLOW_DATASET_CONFIG": str(release),
+                            "TRAJFLOW_LOG_FORMAT": "json"}.items():
+            monkeypatch.setenv(name, value)
+        assert cli.main(["download", "--config", str(config)]) == ExitCode.CONFIG
         assert gateway.pushes == [] and not (tmp_path / "root" / "clirun" / "plan").exists()
-        # the release's own shard count goes on
-        env["TRAJFLOW_SHARDS"] = "3"
-        out = subprocess.run([*TRAJFLOW, "download", "--config", str(config)], env=env, capture_output=True, text=True,
-                             timeout=120)
-        assert out.returncode == 0, out.stderr
+        monkeypatch.setenv("TRAJFLOW_SHARDS", "3")  # the release's own shard count goes on
+        assert cli.main(["download", "--config", str(config)]) == ExitCode.OK
         assert gateway.pushes
     finally:
         gateway.stop()
+
+
+def test_a_new_pod_that_mounted_the_release_before_it_changed_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    import trajflow.download.shard as shard_module
+
+    monkeypatch.setattr(shard_module, "RELEASE_PATIENCE_S", 60.0)
+    looks = iter([(2, "g"), (2, "g"), (3, "g")])  # the kubelet brings the mount up to date
+    pauses: list[float] = []
+    shard_module.wait_for_release(lambda: next(looks), 3, "g", pause=lambda s: bool(pauses.append(s)))
+    assert len(pauses) == 2
+    with pytest.raises(shard_module.Superseded):  # a SIGTERM ends the wait
+        shard_module.wait_for_release(lambda: (2, "g"), 3, "g", pause=lambda s: True)
 
 
 def test_progress_lines_carry_rate_and_eta(server: FaultyServer, tmp_path: Path) -> None:

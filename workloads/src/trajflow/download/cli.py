@@ -65,7 +65,7 @@ def _download(args: argparse.Namespace) -> int:
     from trajflow.download.failures import STOPPING
     from trajflow.download.progress import ProgressReporter, human_bytes, human_duration
     from trajflow.config.loader import wanted_download
-    from trajflow.download.shard import ShardDownloader, Superseded, check_release, raise_for
+    from trajflow.download.shard import ShardDownloader, Superseded, raise_for, wait_for_release
     from trajflow.errors import ConfigError, TrajflowError
     from trajflow.files import replace_file
     from trajflow.metrics import Pusher, download_metrics
@@ -97,7 +97,7 @@ def _download(args: argparse.Namespace) -> int:
     metrics = download_metrics()
     metrics.start_time.set(time.time())
     # a pod of a Job an upgrade replaced pushes nothing: its shard's group is the new Job's too
-    check_release(wanted_download(env), settings.shards, config.generation_id())
+    wait_for_release(lambda: wanted_download(env), settings.shards, config.generation_id())
     # a plan alone fetches nothing: its push would replace the shard's real figures with zeros
     url = "" if args.plan_only else settings.global_.metrics.pushgateway_url
     pusher = Pusher(url, metrics, settings.global_.run_id, settings.shard)

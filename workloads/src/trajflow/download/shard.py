@@ -88,6 +88,9 @@ BUSY_POLL_MAX_S = 15.0  # how often, at most, an item another process holds is l
 STOP_WAIT_S = 10.0  # how long a stopped shard waits for its workers to close their items
 STALE_UPLOAD_S = 3600.0  # an upload begun this long ago is a killed run's, not a live one's
 RELEASE_RECHECK_S = 10.0  # how often, at most, a shard looks whether the release still names its download
+# how long a pod starting with a download the release does not name waits for the kubelet to
+# bring the mounted ConfigMap up to date (it syncs every minute) before taking itself for replaced
+RELEASE_PATIENCE_S = 120.0
 
 
 def final_path(item_key: str, gunzip: bool) -> str:
@@ -342,6 +345,27 @@ def check_release(wanted: tuple[int, str] | None, shards: int, generation: str) 
             f"downloader.config changed), and this pod's Job {shards} of {generation!r}: it stops, writing nothing "
             "more, and the new Job downloads (delete this one, as a sync with pruning does)")
     return wanted is not None
+
+
+def wait_for_release(wanted: Callable[[], tuple[int, str] | None], shards: int, generation: str,
+                     pause: Callable[[float], bool] = STOPPING.wait) -> None:
+    """At a pod's start: raise `Superseded` when the release still names another download
+    after RELEASE_PATIENCE_S (a new pod may have mounted the ConfigMap before the kubelet saw
+    it change); `pause` returns True to stop waiting (a SIGTERM)."""
+    deadline = time.monotonic() + RELEASE_PATIENCE_S
+    while True:
+        try:
+            check_release(wanted(), shards, generation)
+            return
+        except Superseded:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            if left > RELEASE_PATIENCE_S - 1:  # the first look
+                log.warning("the release's dataset config names another download than this pod's (%d shards of %r): "
+                            "looking again for %.0f s in case it is not up to date yet", shards, generation, left)
+            if pause(min(10.0, left)):
+                raise
 
 
 class ShardDownloader:
