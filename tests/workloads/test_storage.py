@@ -599,9 +599,11 @@ def test_a_run_root_is_one_releases(storage):
                                               f"'{release}' in '{namespace}'.*its own global.runId"):
             claim_run_root(storage, namespace, release)
     assert OWNER_KEY not in _keys(storage)  # the run root's listings never show it
-    claim_run_root(storage, "ml", "exp-b", take_over=True)  # an install under another name, on purpose
-    claim_run_root(storage, "ml", "exp-b")
-    with pytest.raises(ConfigError, match="release 'exp-b'.*global.storage.takeOver=true"):
+    with pytest.raises(ConfigError, match="global.storage.takeOverFrom=ml/exp-a"):  # only from the release named
+        claim_run_root(storage, "ml", "exp-b", take_over_from="other/exp-a")
+    claim_run_root(storage, "ml", "exp-b", take_over_from="ml/exp-a")  # an install under another name, on purpose
+    claim_run_root(storage, "ml", "exp-b", take_over_from="ml/exp-a")  # the setting can stay
+    with pytest.raises(ConfigError, match="release 'exp-b'.*global.storage.takeOverFrom=ml/exp-b"):
         claim_run_root(storage, "ml", "exp-a")
 
 

@@ -45,6 +45,7 @@ DURATION = r"^([0-9]+(\.[0-9]+)?|([0-9]+(\.[0-9]+)?h)?([0-9]+(\.[0-9]+)?m)?([0-9
 SOURCE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 ENV_NAME_OR_EMPTY = r"^([A-Za-z_][A-Za-z0-9_]*)?$"
 PLAN_GENERATION = r"^[A-Za-z0-9._-]*$"
+RELEASE_REF_OR_EMPTY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$"  # namespace/release
 S3_URI = r"^s3://[^/]+(/.*)?$"
 S3_BUCKET_OR_EMPTY = r"^([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])?$"
 # '/'-separated names, none empty, '.' or '..' (RE2, as Helm's schema check runs it, has no lookahead)
@@ -101,6 +102,7 @@ IN_WORDS = {
     SOURCE_NAME: "a name of letters, digits, '.', '_' and '-', starting with a letter or digit",
     ENV_NAME_OR_EMPTY: "empty or an environment variable name: letters, digits and '_', not starting with a digit",
     PLAN_GENERATION: "letters, digits, '.', '_' and '-' only",
+    RELEASE_REF_OR_EMPTY: "empty or <namespace>/<release> (such as ml/exp-a)",
     S3_URI: "an s3://bucket or s3://bucket/prefix URI",
     S3_BUCKET_OR_EMPTY: "empty or a bucket name: 3-63 lowercase letters, digits, '.' and '-', starting and ending with "
                         "a letter or digit",

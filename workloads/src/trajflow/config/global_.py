@@ -54,8 +54,9 @@ class Storage(Model):
     filesystem: FilesystemStorage = Field(default_factory=FilesystemStorage)
     pvc: PvcStorage = Field(default_factory=PvcStorage)
     s3: S3Storage = Field(default_factory=S3Storage)
-    take_over: bool = Field(False, description="Take over a run root another release started (an install under "
-                            "another name); two releases running at once must never share one.")
+    take_over_from: str = Field("", pattern=formats.RELEASE_REF_OR_EMPTY, description="`<namespace>/<release>` "
+                                "whose run root this release takes over (an install under another name, once that "
+                                "release is gone); empty: none.")
 
     @model_validator(mode="after")
     def _s3_needs_bucket(self) -> "Storage":

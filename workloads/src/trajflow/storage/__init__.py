@@ -77,23 +77,25 @@ def open_run_root(glob: "GlobalConfig", **client_options: object) -> Storage:
 
     namespace, release = os.environ.get(NAMESPACE_ENV), os.environ.get(RELEASE_ENV)
     if namespace and release:  # in a pod of the chart
-        claim_run_root(storage, namespace, release, take_over=glob.storage.take_over)
+        claim_run_root(storage, namespace, release, take_over_from=glob.storage.take_over_from)
     return storage
 
 
-def claim_run_root(storage: Storage, namespace: str, release: str, take_over: bool = False) -> None:
+def claim_run_root(storage: Storage, namespace: str, release: str, take_over_from: str = "") -> None:
     """Note the run root as release `namespace/release`'s, or refuse it when another
-    release's (unless `take_over`): two releases given the same runId and storage (a values
-    file that pins both) would replace each other's plan, manifests and checkpoints. A store
-    that cannot say is no reason to stop (a read-only credential, a torn record)."""
+    release's, unless that is `take_over_from` (`<namespace>/<release>`): two releases given
+    the same runId and storage (a values file that pins both) would replace each other's
+    plan, manifests and checkpoints. A store that cannot say is no reason to stop (a
+    read-only credential, a torn record)."""
     mine = {"namespace": namespace, "release": release}
     encoded = json.dumps(mine, sort_keys=True).encode()
     try:
-        if take_over:
-            storage.write_bytes(OWNER_KEY, encoded)
-        else:
-            storage.write_if_absent(OWNER_KEY, encoded)
+        storage.write_if_absent(OWNER_KEY, encoded)
         owner = json.loads(storage.read_bytes(OWNER_KEY))
+        if isinstance(owner, dict) and take_over_from == f"{owner.get('namespace')}/{owner.get('release')}":
+            storage.write_bytes(OWNER_KEY, encoded)
+            log.warning("%s was the run root of release %s: this release takes it over", storage.uri, take_over_from)
+            owner = mine
     except Exception as exc:  # noqa: BLE001 - see above
         log.warning("cannot tell which release %s belongs to (%s): going on", storage.uri, exc)
         return
@@ -102,7 +104,7 @@ def claim_run_root(storage: Storage, namespace: str, release: str, take_over: bo
             f"{storage.uri} is the run root of release {owner.get('release')!r} in namespace {owner.get('namespace')!r} "
             f"({storage.uri}/{OWNER_KEY}), not of {release!r} in {namespace!r}: releases sharing a runId and storage "
             "overwrite each other's data; give this release its own global.runId (or, to take that run over once the "
-            "other release is gone, set global.storage.takeOver=true)")
+            f"other release is gone, set global.storage.takeOverFrom={owner.get('namespace')}/{owner.get('release')})")
 
 
 __all__ = [

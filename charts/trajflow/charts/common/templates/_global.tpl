@@ -28,7 +28,7 @@ storage:
     region: us-east-1
     addressingStyle: path
     existingSecret: ""
-  takeOver: false
+  takeOverFrom: ""
 metrics:
   pushgatewayUrl: ""
 {{- end -}}
