@@ -606,7 +606,7 @@ def test_the_stages_after_the_downloader_are_given_its_config(tmp_path: Path, mo
 def test_the_stages_after_the_downloader_read_the_config_they_are_given(tmp_path: Path) -> None:
     """The downloader's own stage config stands for the chart's dataset ConfigMap: the stages
     after it take the download generation from it, and nothing stops the local downloader."""
-    from trajflow.config.loader import DATASET_CONFIG_ENV, stage_settings, wanted_download
+    from trajflow.config.loader import stage_settings, wanted_download
 
     runner = Runner(build_plan([write_values(tmp_path)]), tmp_path / "work", PlainView(stream=io.StringIO()),
                     command=[sys.executable, str(FAKE)])
