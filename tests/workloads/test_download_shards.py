@@ -162,9 +162,13 @@ def _release_changes(old: ShardDownloader, now: tuple[int, str], after: int) -> 
     """`old` is the release's download for its first `after` looks (at its start, after it has
     planned); from then on the release names `now`. The periodic look is left out: only those
     that must not wait for it are (before a move, before the manifest)."""
-    calls: list[int] = []
-    old.wanted = lambda: (old.shards, old.generation) if not calls.append(1) and len(calls) <= after else now
-    old._superseded_checked = float("inf")
+    looks = itertools.count(1)
+
+    def wanted() -> tuple[int, str]:
+        return (old.shards, old.generation) if next(looks) <= after else now
+
+    old.wanted = wanted
+    old._superseded_checked = float("inf")  # the periodic look seems just done, for ever
     return old
 
 
