@@ -211,6 +211,14 @@ def test_killed_rank_restarts_the_group_and_resumes_to_the_same_result(tmp_path:
     assert doc["parameter_digests"] == reference["parameter_digests"]
 
 
+def injected(tmp_path: Path, sitecustomize: str, **env: str) -> dict[str, str]:
+    """The environment of a run whose processes import `sitecustomize` first."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(sitecustomize)
+    return {**env, "PYTHONPATH": os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")])}
+
+
 # Preprocessing rewrites the shards (3 instead of 2) after rank 0 has opened them and
 # before rank 1 does.
 REWRITTEN_BEFORE_RANK_1 = '''
@@ -231,11 +239,7 @@ if root and os.environ.get("RANK") == "1":
 def test_ranks_that_open_different_shards_stop_together(tmp_path: Path) -> None:
     """Each rank lists resampled/ itself: ranks that saw different shards would wait in
     collectives the others never reach (for the 30 min timeout), or train on other windows."""
-    inject = tmp_path / "inject"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(REWRITTEN_BEFORE_RANK_1)
-    env = {"TEST_REWRITE_SHARDS": str(tmp_path / "rewritten"),
-           "PYTHONPATH": os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")])}
+    env = injected(tmp_path, REWRITTEN_BEFORE_RANK_1, TEST_REWRITE_SHARDS=str(tmp_path / "rewritten"))
     run = start_run(tmp_path, "rewritten", nproc=2, env_extra=env)
     assert run.wait() == ExitCode.TRANSIENT, run.log()[-4000:]
     assert run.log().count("the ranks opened different shards under") == 2  # each rank says why
@@ -261,11 +265,8 @@ if os.environ.get("TEST_SLOW_SHARDS"):
 def test_peers_wait_for_a_slow_check_of_the_shards_beyond_the_collective_timeout(tmp_path: Path) -> None:
     """Each node's first rank fetches or checks the shards while the others wait: past the
     collective timeout (30 min) they would give up, and every restart would start over."""
-    inject = tmp_path / "inject"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(SLOW_SHARDS)
-    env = {"TEST_SLOW_SHARDS": "1", "PYTHONPATH": os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")])}
-    run = start_run(tmp_path, "slow-shards", nproc=2, env_extra=env, epochs=1)
+    run = start_run(tmp_path, "slow-shards", nproc=2, env_extra=injected(tmp_path, SLOW_SHARDS, TEST_SLOW_SHARDS="1"),
+                    epochs=1)
     assert run.wait() == 0, run.log()[-4000:]
     assert run.metrics()["restarts"] == 0
 
@@ -309,13 +310,10 @@ def test_sigterm_to_one_rank_checkpoints_the_step_and_resumes_to_the_same_result
     all-reduce, checkpoints that step and stops; the restarted group resumes there. With
     DataLoader workers, which the agent's signal to the worker's process group must spare.
     Rank 1 stops only once rank 0 has written the checkpoint."""
-    inject, marks = tmp_path / "inject", tmp_path / "marks"
-    inject.mkdir()
+    marks = tmp_path / "marks"
     marks.mkdir()
-    (inject / "sitecustomize.py").write_text(SLOW_STOP_SAVE)
-    env = {"TEST_SLOW_STOP_SAVE": str(marks),
-           "PYTHONPATH": os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")])}
-    run = start_run(tmp_path, "drained", nproc=2, max_restarts=1, num_workers=2, env_extra=env,
+    run = start_run(tmp_path, "drained", nproc=2, max_restarts=1, num_workers=2,
+                    env_extra=injected(tmp_path, SLOW_STOP_SAVE, TEST_SLOW_STOP_SAVE=str(marks)),
                     checkpoints={"every_steps": 0, "keep_last": 3})
     store = CheckpointStore(run.storage)
     deadline = time.monotonic() + RUN_TIMEOUT_S
