@@ -160,15 +160,13 @@ def _assert_the_plan_in_use_is_whole(root: Path, shards: int) -> None:
 
 def _release_changes(old: ShardDownloader, now: tuple[int, str], after: int) -> ShardDownloader:
     """`old` is the release's download for its first `after` looks (at its start, after it has
-    planned); from then on the release names `now`. The periodic look is left out: only those
-    that must not wait for it are (before a move, before the manifest)."""
+    planned, before each item); from then on the release names `now`."""
     looks = itertools.count(1)
 
     def wanted() -> tuple[int, str]:
         return (old.shards, old.generation) if next(looks) <= after else now
 
     old.wanted = wanted
-    old._superseded_checked = float("inf")  # the periodic look seems just done, for ever
     return old
 
 
@@ -228,13 +226,15 @@ def test_a_pod_of_a_replaced_job_deletes_no_manifest_of_the_new_download(server:
 
 
 def test_a_pod_of_a_replaced_job_writes_no_manifest(server: FaultyServer, tmp_path: Path) -> None:
-    """The release changes while an old pod fetches: its last look, before the manifest, stops
-    it, and its shard stays not done."""
+    """The release changes while an old pod fetches its last item: its last look, before the
+    manifest, stops it, and its shard stays not done."""
     from trajflow.download.shard import Superseded
 
     _, urls = _objects(server)
     config = make_config([{"type": "https", "name": "web", "urls": urls}])
-    old = _release_changes(ShardDownloader(LocalStorage(tmp_path), config, 0, 2), (3, config.generation_id()), after=2)
+    old = ShardDownloader(LocalStorage(tmp_path), config, 0, 2)
+    _, items = old.plan()
+    old = _release_changes(old, (3, config.generation_id()), after=2 + len(items))  # start, planned, each item
     with pytest.raises(Superseded):
         old.run()
     assert read_manifest(LocalStorage(tmp_path), "download", 0) is None

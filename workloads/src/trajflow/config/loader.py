@@ -10,6 +10,7 @@ Errors name the file and the key path, one line each.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import logging
 import os
@@ -590,16 +591,12 @@ def wanted_download(env: Mapping[str, str] | None = None) -> tuple[int, str] | N
         stat = None
     if stat is None:
         return None
-    version = (path, stat.st_ino, stat.st_mtime_ns, stat.st_size)
-    if _WANTED_CACHE.get("version") != version:
-        _WANTED_CACHE.update(version=version, wanted=_read_wanted_download(path))
-    return _WANTED_CACHE["wanted"]
+    return _read_wanted_download(path, (stat.st_ino, stat.st_mtime_ns, stat.st_size))
 
 
-_WANTED_CACHE: dict[str, Any] = {}
-
-
-def _read_wanted_download(path: str) -> tuple[int, str] | None:
+@functools.lru_cache(maxsize=1)
+def _read_wanted_download(path: str, version: tuple[int, int, int]) -> tuple[int, str] | None:
+    """`wanted_download` of the file at `path` as it is at `version` (inode, mtime, size)."""
     try:
         config, shards = _read_dataset_config(path)
     except ConfigError as exc:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import os
 import threading
 import time
@@ -87,7 +86,6 @@ RAW = "raw"
 BUSY_POLL_MAX_S = 15.0  # how often, at most, an item another process holds is looked at again
 STOP_WAIT_S = 10.0  # how long a stopped shard waits for its workers to close their items
 STALE_UPLOAD_S = 3600.0  # an upload begun this long ago is a killed run's, not a live one's
-RELEASE_RECHECK_S = 10.0  # how often, at most, a shard looks whether the release still names its download
 # how long a pod starting with a download the release does not name waits for the kubelet to
 # bring the mounted ConfigMap up to date (it syncs every minute) before taking itself for replaced
 RELEASE_PATIENCE_S = 120.0
@@ -377,7 +375,6 @@ class ShardDownloader:
         # the shard count and generation the release names now (`wanted_download`); None: unknown
         self.wanted = wanted or (lambda: None)
         self.superseded: Superseded | None = None
-        self._superseded_checked = -math.inf
         self.metrics = metrics
         self.stats = Stats(metrics)
         self.item_log = trajflow_log.Capped(log)  # failed and missing items: the first few of each in full
@@ -621,9 +618,6 @@ class ShardDownloader:
                 return None
             there = self.root.stat(record.location)
             if there is not None and there.size == record.size:
-                if self._is_superseded(recheck=True):  # else it may take a file the new download placed
-                    return ItemResult(item, dest, "failed", error=str(self.superseded), kind="transient",
-                                      reason="stopped")
                 if modified_since(record, there) and rehash(self.root, record.location).sha256 != record.sha256:
                     self.item_log.log(logging.WARNING, "items changed since verified",
                                       "%s changed since it was verified: removed, and %s is fetched again",
@@ -651,20 +645,15 @@ class ShardDownloader:
         whether the release is known to name this one."""
         return check_release(self.wanted(), self.shards, self.generation)
 
-    def _is_superseded(self, recheck: bool = False) -> bool:
-        """Whether the release names another download now (looked at every RELEASE_RECHECK_S
-        at most, unless `recheck`): then the shard stops, rather than move the new download's
-        files into its own shard."""
-        with self._lock:
-            due = self.superseded is None and (recheck or time.monotonic() - self._superseded_checked >= RELEASE_RECHECK_S)
-            if due:
-                self._superseded_checked = time.monotonic()
-        if due:
+    def _is_superseded(self) -> bool:
+        """Whether the release names another download now, looked at before each item (a
+        stat of the mounted file while it is unchanged): then the shard stops, rather than
+        move the new download's files into its own shard."""
+        if self.superseded is None:
             try:
                 self.check_release()
             except Superseded as exc:
-                with self._lock:
-                    self.superseded = self.superseded or exc
+                self.superseded = exc
         if self.superseded is None:
             return False
         assert self.scheduler is not None
