@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ from trajflow.storage import (
     open_run_root,
     open_storage,
     read_manifest,
+    read_manifest_fields,
     shard_name,
     write_manifest,
 )
@@ -513,6 +515,59 @@ def test_corrupt_manifest_is_named(storage):
     storage.write_bytes(manifest_key("download", 2), json.dumps({"version": 99}).encode())
     with pytest.raises(ValueError, match="unsupported manifest"):
         read_manifest(storage, "download", 2)
+
+
+def test_manifest_fields_are_read_without_the_items(storage, monkeypatch):
+    """`read_manifest_fields` gives the manifest with its lists and objects as None, however
+    the chunks cut its strings (brackets, quotes, escapes and multibyte characters in them)."""
+    from trajflow.storage import manifest
+
+    odd = 'a "quoted" [bracket] {brace} back\\slash \\" é 漢 \\u005b'
+    items = [{"key": f"{odd} {i}", "checks": [odd, {"nested": [odd, []]}], "size": i} for i in range(40)]
+    doc = write_manifest(storage, "download", 0, 2, items, generation=odd, missing=[{"item": odd}], bytes=7, note=None)
+    expected = {**doc, "items": None, "missing": None}
+    for chunk in (1, 2, 3, 7, 64, 1 << 20):
+        monkeypatch.setattr(manifest, "_FIELDS_CHUNK", chunk)
+        assert read_manifest_fields(storage, "download", 0) == expected
+    assert read_manifest_fields(storage, "download", 1) is None
+
+
+@pytest.mark.parametrize("text,problem", [
+    (b"", "no document"),
+    (b'{"version": 1, "items": [{"a": "]"}', "the document ends early"),  # cut after an item
+    (b'{"version": 1, "items": [{"a": "x]', "the document ends early"),  # cut within a string
+    (b'{"version": 1, "items": [{"a": 1]]}', "unexpected ']'"),
+    (b'{"version": 1, "items": []', "the document ends early"),
+    (b'{"version": 1 "shards": 2}', "Expecting ',' delimiter"),
+])
+def test_a_torn_manifest_is_named_when_its_fields_are_read(storage, text, problem):
+    storage.write_bytes(manifest_key("download", 1), text)
+    with pytest.raises(ValueError, match=rf"raw/_done/00001\.json: corrupt manifest: {re.escape(problem)}"):
+        read_manifest_fields(storage, "download", 1)
+    storage.write_bytes(manifest_key("download", 2), json.dumps({"version": 99, "items": [1]}).encode())
+    with pytest.raises(ValueError, match=r"unsupported manifest \(version 99\)"):
+        read_manifest_fields(storage, "download", 2)
+
+
+def test_reading_a_manifests_fields_holds_one_chunk_not_its_items(local_storage, monkeypatch):
+    """A manifest of many items is read in the memory of a chunk: `trajflow wait`, in an init
+    container of 1Gi, reads manifests of hundreds of MB."""
+    import tracemalloc
+
+    from trajflow.storage import manifest
+
+    items = [{"key": f"raw/00000/episode_{i:09d}.parquet", "sha256": f"{i:064x}", "size": i} for i in range(20000)]
+    write_manifest(local_storage, "download", 0, 1, items, generation="g")
+    size = local_storage.stat(manifest_key("download", 0)).size
+    monkeypatch.setattr(manifest, "_FIELDS_CHUNK", 64 * 1024)
+    tracemalloc.start()
+    try:
+        fields = read_manifest_fields(local_storage, "download", 0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert fields["generation"] == "g" and fields["items"] is None
+    assert size > 2_000_000 and peak < 4 * 64 * 1024, (size, peak)
 
 
 # ---- URIs and configuration ----------------------------------------------------------

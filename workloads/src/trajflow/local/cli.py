@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
 def _downloads_done(plan: "RunPlan") -> bool:
     """Whether the run root holds this download's manifest for every shard (a rerun's case):
     of this shard count and generation, not an earlier run's."""
-    from trajflow.storage import open_run_root, read_manifest
+    from trajflow.storage import open_run_root, read_manifest_fields
     from trajflow.storage.wait import is_storage_error, manifest_expectations, stale_reason
 
     down = plan.stage("downloader")
@@ -98,7 +98,7 @@ def _downloads_done(plan: "RunPlan") -> bool:
     try:
         storage = open_run_root(plan.global_)
         # stops at the first shard not done
-        return all((doc := read_manifest(storage, "download", shard)) is not None and stale_reason(doc, expected) is None
+        return all((doc := read_manifest_fields(storage, "download", shard)) is not None and stale_reason(doc, expected) is None
                    for shard in range(down.shards))
     except ValueError:  # a torn manifest
         return False

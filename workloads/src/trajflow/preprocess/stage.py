@@ -50,6 +50,7 @@ from trajflow.storage import (
     Storage,
     manifest_key,
     read_manifest,
+    read_manifest_fields,
     remove_foreign_manifests,
     shard_name,
     update_manifest,
@@ -1183,7 +1184,7 @@ def run_shards(settings: Any, shards: Sequence[int], wait_timeout_s: float = 0.0
     def not_downloaded(shard: int) -> str | None:
         """Why download shard ``shard`` is not done for this run's shard count (None: it is)."""
         try:
-            doc = read_manifest(storage, "download", shard)
+            doc = read_manifest_fields(storage, "download", shard)
         except ValueError as exc:
             return str(exc)
         if doc is None:

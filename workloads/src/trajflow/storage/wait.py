@@ -27,7 +27,7 @@ from typing import Any, Callable
 from trajflow.errors import ConfigError, TrajflowError, TransientError, WaitTimeout
 from trajflow.plan import read_plan_in_use
 from trajflow.storage.base import ObjectInfo, Storage
-from trajflow.storage.manifest import PLAN_KEY, STAGE_DIRS, done_manifests, manifest_key, read_manifest
+from trajflow.storage.manifest import PLAN_KEY, STAGE_DIRS, done_manifests, manifest_key, read_manifest_fields
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ def wait_for_shards(
                     polled[shard] = judged[shard][1]
                     continue
                 try:
-                    doc = read_manifest(storage, stage, shard)
+                    doc = read_manifest_fields(storage, stage, shard)
                 except ValueError as exc:  # corrupt or of another format: the upstream rerun replaces it
                     polled[shard] = "is unreadable: " + _one_line(exc).split(": ", 1)[-1]  # the key is said elsewhere
                     continue
