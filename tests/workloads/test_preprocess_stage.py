@@ -650,11 +650,11 @@ def test_a_read_ahead_of_one_file_changes_no_byte(tmp_path, mixed, monkeypatch):
     costs = []
     ordered_map = stage.ordered_map
 
-    def one_file_ahead(fn, items, workers, lookahead, cost, budget):
+    def one_file_ahead(fn, items, workers, lookahead, cost, budget, held):
         assert budget == 1024 << 20  # the config's readAheadMib
         items = list(items)
         costs.append({w.key.split("/", 2)[2]: cost(w) for w in items})  # raw/<shard>/<file>
-        return ordered_map(fn, items, workers, lookahead, cost=cost, budget=1)  # every file alone
+        return ordered_map(fn, items, workers, lookahead, cost=cost, budget=1, held=held)  # every file alone
 
     storage = _processed(tmp_path / "ahead", files, stage_config(read_workers=2, sources={"robomimic": ROBOMIMIC}),
                          LocalStorage)
@@ -662,11 +662,66 @@ def test_a_read_ahead_of_one_file_changes_no_byte(tmp_path, mixed, monkeypatch):
     alone = _processed(tmp_path / "alone", files, stage_config(read_workers=2, sources={"robomimic": ROBOMIMIC}),
                        LocalStorage)
     assert alone.read_bytes(shard_key(0)) == storage.read_bytes(shard_key(0))
-    # files read whole cost their size; HDF5, read by ranges, holds its streams only
+    # before any file is read, each costs its size, HDF5 (read by ranges) too
     (cost,) = costs
-    for name, size in cost.items():
-        assert size == (0 if name.endswith(".hdf5") else len(files[name])), name
-    assert any(name.endswith(".hdf5") for name in cost) and any(cost.values())
+    assert cost == {name: len(files[name]) for name in cost}
+    assert any(name.endswith(".hdf5") for name in cost)
+
+
+def test_a_finished_read_counts_what_its_result_holds_until_it_is_handed_over():
+    """With `held`, a result waiting for the consumer counts against the budget by what it
+    holds, not by the estimate it started with: no further file is read past the budget."""
+    from trajflow.preprocess.stage import ordered_map
+
+    second_done, started = threading.Event(), []
+    estimate, holds = {0: 40, 1: 40, 2: 40, 3: 40}, {0: 5, 1: 90, 2: 5, 3: 5}
+
+    def read(item):
+        started.append(item)
+        if item == 0:  # handed over only once item 1 has finished and holds 90
+            second_done.wait(5)
+            time.sleep(0.2)
+        if item == 1:
+            second_done.set()
+        return item
+
+    def run(**bounds):
+        started.clear()
+        second_done.clear()
+        handed = ordered_map(read, range(4), workers=4, lookahead=8, cost=estimate.get, budget=100, **bounds)
+        assert next(handed) == 0
+        time.sleep(0.2)  # for any read started as item 0 was handed over
+        ahead = list(started)
+        assert list(handed) == [1, 2, 3]
+        return ahead
+
+    # 90 held by item 1 and the 40 item 2 would cost exceed 100: item 2 waits for item 1's hand-over
+    assert run(held=lambda item, result: holds[item]) == [0, 1]
+    # by the estimates alone, 40 + 40 fit: item 2 starts at once
+    assert run() == [0, 1, 2]
+
+
+def test_files_read_in_part_are_charged_what_the_earlier_ones_held_per_byte():
+    from trajflow.preprocess.readers import FileResult, Quarantined, RawEpisode
+    from trajflow.preprocess.stage import _ReadAhead, _Work
+
+    def work(fmt, size, whole_allowed=True):  # the reading settings play no part
+        return _Work(key=f"raw/00000/s/f.{fmt}", size=size, format=fmt, spec=None, robot_hint="",
+                     whole_allowed=whole_allowed)
+
+    def result(frames):
+        episode = RawEpisode(source="s", episode="e", robot="", start_time=0.0, times=np.arange(frames, dtype=np.float64),
+                             frames=np.zeros((frames, 3), np.float32), dims={"obs": 3})
+        return FileResult(key="k", size=1, outcomes=[episode, Quarantined("s", "bad", "too_short", "")])
+
+    ahead = _ReadAhead()
+    hdf5, npz = work("hdf5", 8000), work("npz", 3000)
+    assert ahead.estimate(hdf5) == 8000 and ahead.estimate(npz) == 3000  # nothing read yet: their sizes
+    assert ahead.held(hdf5, result(100)) == 100 * (8 + 12)  # float64 times, three float32 values a frame
+    assert ahead.held(npz, result(1000)) == 1000 * 20  # a file read whole teaches nothing about the others
+    assert ahead.estimate(work("hdf5", 4000)) == 1000  # 2000 held of 8000 bytes
+    assert ahead.estimate(work("parquet", 4000, whole_allowed=False)) == 1000
+    assert ahead.estimate(npz) == 3000
 
 
 def test_read_workers_follow_the_cpu_budget_and_never_change_the_bytes(tmp_path, mixed, monkeypatch):

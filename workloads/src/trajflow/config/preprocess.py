@@ -121,8 +121,8 @@ class PreprocessConfig(Model):
         "for local npz and HDF5 (the page cache reads ahead), half the CPUs over the network."
     )
     read_ahead_mib: int = Field(
-        1024, ge=1, description="MiB of files read whole (npz, parquet to 64 MiB) read ahead of the batching, one "
-        "file at least; files read in part (HDF5, large parquet, parquet with images) count 0."
+        1024, ge=1, description="MiB the files read ahead of the batching may hold, one at least: one read whole (npz, "
+        "parquet to 64 MiB) its bytes, one read in part (HDF5, large parquet) its episodes."
     )
     cpu_threads: int = Field(
         1, ge=0, le=256, description="Torch threads resampling on the CPU or packing batches for the GPU (0: one per "

@@ -22,6 +22,7 @@ PermanentError (exit 3, the chart fails that index). Storage failures are Transi
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -105,40 +106,48 @@ _END = object()  # an iterator's end, for next()
 
 
 def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], workers: int, lookahead: int,
-                cost: Callable[[_T], int] | None = None, budget: int = 0) -> Iterator[_R]:
+                cost: Callable[[_T], int] | None = None, budget: int = 0,
+                held: Callable[[_T, _R], int] | None = None) -> Iterator[_R]:
     """``map(fn, items)`` on a thread pool, results in input order, at most ``lookahead``
     calls ahead of the consumer and, with ``cost``, calls whose costs add up to at most
-    ``budget`` (one call at least, whatever its cost); with no workers, on the calling thread."""
+    ``budget`` (one call at least, whatever its cost). With ``held``, a finished call costs
+    ``held(item, result)`` from then on: what its result holds until the consumer takes it.
+    With no workers, on the calling thread."""
     if workers < 1:
         yield from map(fn, items)
         return
     it = iter(items)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read")
-    pending: deque = deque()  # (future, cost)
-    ahead = 0  # the costs of the pending calls
-    held: tuple | None = None  # the next item and its cost, while it would cross the budget
+    pending: deque = deque()  # [future, cost]
+    waiting: tuple | None = None  # the next item and its cost, while it would cross the budget
+
+    def settle(entry: list, x: _T, future: Any) -> None:  # on the worker, as its call returns
+        assert held is not None
+        if not future.cancelled() and future.exception() is None:
+            entry[1] = held(x, future.result())
 
     def submit() -> None:
-        nonlocal ahead, held
+        nonlocal waiting
         while len(pending) < max(lookahead, 1):
-            if held is None:
+            if waiting is None:
                 x = next(it, _END)
                 if x is _END:
                     return
-                held = (x, cost(x) if cost else 0)
-            x, c = held
-            if pending and cost and ahead + c > budget:
+                waiting = (x, cost(x) if cost else 0)
+            x, c = waiting
+            if pending and cost and sum(entry[1] for entry in pending) + c > budget:
                 return
-            held = None
-            pending.append((pool.submit(fn, x), c))
-            ahead += c
+            waiting = None
+            entry = [pool.submit(fn, x), c]
+            if held is not None:
+                entry[0].add_done_callback(functools.partial(settle, entry, x))
+            pending.append(entry)
 
     try:
         submit()
         while pending:
-            future, c = pending.popleft()
+            future, _ = pending.popleft()
             result = future.result()
-            ahead -= c
             submit()
             yield result
     finally:
@@ -612,12 +621,46 @@ class _Work:
     whole_allowed: bool = True  # False: read by the wanted columns only, never whole
 
 
+def _read_whole(w: _Work) -> bool:
+    """Whether the reader reads ``w`` whole, or by ranges (its wanted streams only)."""
+    return w.whole_allowed and readers.reads_whole(w.format, w.size)
+
+
 def _bytes_read_whole(w: _Work) -> int:
     """The bytes of ``w`` a reader holds at once: the file's when it is read whole (1 MiB
     when its size is unknown); 0 for a file read by ranges, which holds its streams only."""
-    if not (w.whole_allowed and readers.reads_whole(w.format, w.size)):
+    if not _read_whole(w):
         return 0
     return w.size if w.size is not None and w.size >= 0 else 1 << 20
+
+
+class _ReadAhead:
+    """What a file read ahead of the batching holds, for `ordered_map`'s budget
+    (readAheadMib). A file read whole holds its bytes while it is parsed. A file read in part
+    (HDF5, large parquet) holds the episodes it yields, which only reading it tells: until
+    one has been read its size stands for them, then the bytes the earlier ones held per
+    byte of file. Once read, a file holds its episodes until the batching takes them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._part_sizes = self._part_held = 0
+
+    def estimate(self, w: _Work) -> int:
+        if _read_whole(w):
+            return _bytes_read_whole(w)
+        size = w.size if w.size is not None and w.size >= 0 else 1 << 20
+        with self._lock:
+            per_byte = self._part_held / self._part_sizes if self._part_sizes else 1.0
+        return int(size * per_byte)
+
+    def held(self, w: _Work, result: FileResult) -> int:
+        episodes = sum(o.frames.nbytes + o.times.nbytes for o in result.outcomes if isinstance(o, RawEpisode))
+        size = w.size if w.size is not None and w.size > 0 else result.size
+        if size > 0 and not _read_whole(w):
+            with self._lock:
+                self._part_sizes += size
+                self._part_held += episodes
+        return episodes
 
 
 class ShardProcessor:
@@ -853,8 +896,9 @@ class ShardProcessor:
             files_read = trajflow_log.progress(f"shard {shard_name(self.shard)}", total=len(work), unit="files",
                                                interval_s=PROGRESS_INTERVAL_S, logger=log)
             with files_read:
+                ahead = _ReadAhead()
                 for result in ordered_map(read, self._prefetching(work), workers, workers * 2 + cfg.prefetch,
-                                          cost=_bytes_read_whole, budget=cfg.read_ahead_mib << 20):
+                                          cost=ahead.estimate, budget=cfg.read_ahead_mib << 20, held=ahead.held):
                     files_read.advance()
                     summary.bytes_in += result.size
                     self.metrics.bytes_in.inc(result.size)
