@@ -909,22 +909,67 @@ def test_resume_refuses_other_split_settings(tmp_path: Path, change: dict) -> No
         train(other)
 
 
-def test_resume_with_another_batch_size_restarts_the_epoch(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("change", ["batch_size", "world_size"])
+def test_resume_on_another_scale_goes_on_from_the_same_point_of_the_epoch(tmp_path: Path, caplog, change: str) -> None:  # type: ignore[no-untyped-def]
+    """A mid-epoch checkpoint resumed with half the batchSize, or one written by twice the
+    processes, goes on at twice its batch position: the same windows are done."""
     settings, storage = small_run(tmp_path, epochs=2, checkpoints={"every_steps": 3, "keep_last": 50})
-    first = train(settings)
+    train(settings)
     store = CheckpointStore(storage, keep_last=50)
     infos = store.list()
     mid = next(c for c in infos if c.epoch == 1 and c.batch_in_epoch > 0)
     store.discard([c for c in infos if c.step > mid.step])
-    halved = local_settings(tmp_path, "run", **{**settings.config.model_dump(), "batch_size": 32})
+    size = 64
+    if change == "batch_size":
+        size = 32
+    else:  # as if two processes had written it (a world of one cannot restore their generators)
+        payload = store.load(mid)
+        store.save({**payload, "world_size": 2}, step=mid.step, epoch=mid.epoch, batch_in_epoch=mid.batch_in_epoch,
+                   val_loss=None, config_hash=mid.config_hash)
+    resumed = local_settings(tmp_path, "run", **{**settings.config.model_dump(), "batch_size": size})
     with caplog.at_level(logging.WARNING):
-        summary = train(halved)
-    assert "with batchSize 64, this run has 1 with 32: epoch 1 restarts from its beginning" in caplog.text
-    data = build_data(open_shards(storage, [halved.config.observation, halved.config.action]), halved.config)
-    per_epoch = EpochBatches(data.train, 32, 0, 1, halved.config.seed).batches_per_epoch()
-    assert summary["epochs_completed"] == 2 and per_epoch > first["history"][0]["step"]
-    # epoch 1 ran whole at the new size, none of the batches done before counted
-    assert summary["steps"] - mid.step == per_epoch
+        summary = train(resumed)
+    position = 2 * mid.batch_in_epoch
+    processes, size_before = (1, 64) if change == "batch_size" else (2, 64)
+    done = processes * size_before * mid.batch_in_epoch
+    assert (f"written by {processes} processes with batchSize 64 at batch {mid.batch_in_epoch} of epoch 1, this run "
+            f"has 1 with {size}: the epoch goes on from batch {position}, 0 of its first {done} windows again") \
+        in caplog.text
+    data = build_data(open_shards(storage, [resumed.config.observation, resumed.config.action]), resumed.config)
+    per_epoch = EpochBatches(data.train, size, 0, 1, resumed.config.seed).batches_per_epoch()
+    assert summary["epochs_completed"] == 2 and position < per_epoch
+    # epoch 1 ran the batches that the checkpoint had not covered
+    assert summary["steps"] - mid.step == per_epoch - position
+
+
+@pytest.mark.parametrize("before,after", [((2, 16), (3, 16)), ((3, 16), (2, 16)), ((4, 8), (1, 24)), ((1, 8), (4, 16))])
+def test_batches_done_on_one_world_size_are_not_dealt_again_on_another(before, after) -> None:
+    """The first b batches of every rank are the first world x batchSize x b windows of the
+    epoch's order, on any world size: another world size or batch size goes on from there,
+    with every window of the epoch trained, and fewer than one step's windows trained twice."""
+    class Windows:
+        def __len__(self) -> int:
+            return 1000
+
+    (world, size), (new_world, new_size) = before, after
+
+    def ranks(world: int, size: int, skip: int) -> list[list[int]]:
+        out = []
+        for rank in range(world):
+            batches = EpochBatches(Windows(), size, rank, world, seed=3)  # type: ignore[arg-type]
+            batches.set_epoch(2, skip_batches=skip)
+            out.append([i for batch in batches for i in batch])
+        return out
+
+    whole = ranks(world, size, 0)
+    done_batches = 5
+    done = [i for share in whole for i in share[: done_batches * size]]
+    position = world * size * done_batches // (new_world * new_size)
+    rest = [i for share in ranks(new_world, new_size, position) for i in share]
+    assert set(done) | set(rest) == set(range(1000))  # no window left out
+    again = len(done) + len(rest) - len(set(done) | set(rest))
+    padding = -(-1000 // new_world) * new_world - 1000  # the order's cyclic padding, as on any run
+    assert again - padding < new_world * new_size
 
 
 def test_resume_from_an_intact_checkpoint_that_does_not_load_fails_and_keeps_it(  # type: ignore[no-untyped-def]

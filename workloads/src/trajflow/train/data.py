@@ -407,6 +407,9 @@ class EpochBatches(Sampler[list[int]]):
     seed + epoch, padded cyclically so that every rank takes as many steps, then every
     world_size-th index from the rank's): checkpoints of either resume alike. Where
     the windows do not divide by the world size, the first few of the order come again.
+    After b batches on every rank, the ranks have taken the first world_size x batch_size
+    x b windows of the order, whatever the world size: a run resumed on another world size
+    or batch size goes on from there (`Trainer._place_in_epoch`).
     It is kept as an int64 tensor, not a list of Python ints (46 bytes a window, on every
     rank, for all the windows of the data)."""
 

@@ -387,28 +387,8 @@ class Trainer:
             torch.manual_seed(own_stream)
         elif not _set_rng_state(payload["rng"][self.dist.rank]):
             torch.cuda.manual_seed(own_stream)  # not every rank on the seed all GPUs were given
-        batch_size = payload.get("batch_size", self.config.batch_size)
-        # another maxStepsPerEpoch gives another number of batches an epoch; a checkpoint from
-        # before the field has none: its position is only checked against the epoch's end
-        per_epoch = payload.get("batches_per_epoch", self.per_epoch)
-        if self.state.batch_in_epoch and (not same_world or batch_size != self.config.batch_size):
-            log.warning(
-                "checkpoint %s was written by %s processes with batchSize %s, this run has %s with %s: "
-                "epoch %d restarts from its beginning",
-                info.key, payload.get("world_size"), batch_size, self.dist.world_size, self.config.batch_size,
-                self.state.epoch,
-            )
-            self._restart_epoch()
-        elif self.state.batch_in_epoch and (per_epoch != self.per_epoch or self.state.batch_in_epoch >= self.per_epoch):
-            # past the new end, the epoch would have no batches left and its end would checkpoint
-            # the step of the checkpoint resumed from
-            log.warning(
-                "checkpoint %s was written at batch %d of an epoch of %s batches, this run has %d batches an epoch "
-                "(maxStepsPerEpoch changed): epoch %d restarts from its beginning",
-                info.key, self.state.batch_in_epoch, payload.get("batches_per_epoch", "unknown"), self.per_epoch,
-                self.state.epoch,
-            )
-            self._restart_epoch()
+        if self.state.batch_in_epoch:
+            self._place_in_epoch(info, payload)
         self.state.resumed_from.append(
             {"key": info.key, "step": info.step, "epoch": info.epoch, "batch_in_epoch": info.batch_in_epoch,
              "restart": self.dist.restart_count, "world_size": self.dist.world_size}
@@ -451,6 +431,35 @@ class Trainer:
         extra = {"already_finished": msg, "key": info.key, "step": info.step, "epoch": done - 1,
                  "epochs": max(done, total)}
         log.log(logging.INFO if restarted else logging.WARNING, "%s", msg, extra=extra)
+
+    def _place_in_epoch(self, info: CheckpointInfo, payload: dict[str, Any]) -> None:
+        """Go on from where a mid-epoch checkpoint stopped, in this run's batches. Every world
+        size and batch size deals the epoch's order alike (`EpochBatches`): the batches done
+        covered its first world x batchSize x batches windows, so another world size or
+        batchSize goes on from the batch that starts at or before that point, and at most one
+        step's windows are trained again."""
+        done_windows = (payload.get("world_size") or self.dist.world_size) * \
+            payload.get("batch_size", self.config.batch_size) * self.state.batch_in_epoch
+        position = done_windows // (self.dist.world_size * self.config.batch_size)
+        if position >= self.per_epoch:
+            # past the new end, the epoch would have no batches left and its end would checkpoint
+            # the step of the checkpoint resumed from
+            log.warning(
+                "checkpoint %s was written at batch %d of an epoch of %s batches, %d windows in; this run has %d "
+                "batches an epoch (maxStepsPerEpoch changed): epoch %d restarts from its beginning",
+                info.key, self.state.batch_in_epoch, payload.get("batches_per_epoch", "unknown"), done_windows,
+                self.per_epoch, self.state.epoch,
+            )
+            self._restart_epoch()
+        elif position != self.state.batch_in_epoch:
+            log.warning(
+                "checkpoint %s was written by %s processes with batchSize %s at batch %d of epoch %d, this run has "
+                "%s with %s: the epoch goes on from batch %d, %d of its first %d windows again",
+                info.key, payload.get("world_size"), payload.get("batch_size"), self.state.batch_in_epoch,
+                self.state.epoch, self.dist.world_size, self.config.batch_size, position,
+                done_windows - position * self.dist.world_size * self.config.batch_size, done_windows,
+            )
+            self.state.batch_in_epoch = position
 
     def _restart_epoch(self) -> None:
         """The checkpoint's position in its epoch means nothing to this run's batches."""
