@@ -429,3 +429,22 @@ def test_a_refused_catalog_template_does_not_repeat_its_query():
         validate_stage("downloader", {"sources": [{"type": "catalog", "name": "xena", "urlTemplate": template,
                                                    "cohorts": ["A"], "categories": {"m": "HiSeqV2"}}]})
     assert "SECRETX" not in str(info.value) and "'https://hub.example/{cohort}/x.tsv?…' needs {cohort}" in str(info.value)
+
+
+@pytest.mark.parametrize("env,generation,checkpoint_hash", [
+    ("local", "e458874988fa", "253d5909889e4739"),
+    ("dev", "f3c9f1c7db3b", "ed632ee41708ea6b"),
+    ("kind", "c0e813f7229a", "253d5909889e4739"),
+])
+def test_a_new_version_keeps_the_download_generation_and_checkpoint_hash_of_a_run(repo_root, env, generation,
+                                                                                  checkpoint_hash):
+    """Runs in progress upgrade to new images: a new setting that changed either (both hash
+    every setting they cover, defaults included) would make every download plan again and
+    check every item, and every training refuse its checkpoints. Leave a new setting out
+    of them while it has its default (see how `DownloadConfig.generation_id` treats gunzip)."""
+    from trajflow.train.loop import config_hash
+
+    values = [repo_root / "values" / f"{env}.yaml"]
+    download = stage_settings("downloader", values_files=values, env={})
+    training = stage_settings("training", values_files=values, env={})
+    assert (download.config.generation_id(), config_hash(training.config)) == (generation, checkpoint_hash)

@@ -235,7 +235,9 @@ class DownloadConfig(Model):
     def generation_id(self) -> str:
         """The download's generation, which its plan and manifests record: changes with any
         setting of a source (also how it is reached: endpoint, credentials variables), with
-        gunzip (where items land) and `planGeneration`, not with the tuning knobs here."""
+        gunzip (where items land) and `planGeneration`, not with the tuning knobs here. A new
+        setting must leave it unchanged at its default, as gunzip does: runs in progress
+        would plan again on new images (tests/workloads/test_config.py pins it)."""
         doc: dict[str, Any] = {"sources": [s.model_dump(mode="json", by_alias=True) for s in self.sources],
                                "generation": self.plan_generation}
         if self.gunzip:  # only when set, so that the plans of runs without it keep their generation

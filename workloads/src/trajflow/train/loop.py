@@ -93,7 +93,9 @@ HASHED = ("task", "observation", "action", "window", "model")  # what a checkpoi
 
 def config_hash(config: TrainConfig) -> str:
     """Hash of what a checkpoint's weights depend on (task, streams, window, architecture).
-    Optimisation settings (epochs, learning rate...) may change between restarts."""
+    Optimisation settings (epochs, learning rate...) may change between restarts. A new
+    setting must leave it unchanged at its default: runs in progress resume on new images
+    (tests/workloads/test_config.py pins it)."""
     part = config.model_dump(mode="json", include=set(HASHED))
     return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
 
