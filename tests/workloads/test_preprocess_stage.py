@@ -705,8 +705,8 @@ def test_files_read_in_part_are_charged_what_the_earlier_ones_held_per_byte():
     from trajflow.preprocess.readers import FileResult, Quarantined, RawEpisode
     from trajflow.preprocess.stage import _ReadAhead, _Work
 
-    def work(fmt, size, whole_allowed=True):  # the reading settings play no part
-        return _Work(key=f"raw/00000/s/f.{fmt}", size=size, format=fmt, spec=None, robot_hint="",
+    def work(fmt, size, source="s", whole_allowed=True):  # the reading settings play no part
+        return _Work(key=f"raw/00000/{source}/f.{fmt}", size=size, format=fmt, spec=None, robot_hint="",
                      whole_allowed=whole_allowed)
 
     def result(frames):
@@ -717,11 +717,17 @@ def test_files_read_in_part_are_charged_what_the_earlier_ones_held_per_byte():
     ahead = _ReadAhead()
     hdf5, npz = work("hdf5", 8000), work("npz", 3000)
     assert ahead.estimate(hdf5) == 8000 and ahead.estimate(npz) == 3000  # nothing read yet: their sizes
+    # a file lost whole, or without episodes, teaches nothing: the next is not free
+    lost = FileResult(key="k", size=0, outcomes=[Quarantined("s", "", "truncated", "cut")])
+    assert ahead.held(hdf5, lost) == 0 and ahead.held(hdf5, FileResult(key="k", size=8000)) == 0
+    assert ahead.estimate(work("hdf5", 4000)) == 4000
     assert ahead.held(hdf5, result(100)) == 100 * (8 + 12)  # float64 times, three float32 values a frame
     assert ahead.held(npz, result(1000)) == 1000 * 20  # a file read whole teaches nothing about the others
     assert ahead.estimate(work("hdf5", 4000)) == 1000  # 2000 held of 8000 bytes
-    assert ahead.estimate(work("parquet", 4000, whole_allowed=False)) == 1000
     assert ahead.estimate(npz) == 3000
+    # another format, or another source, yields its own share of its bytes
+    assert ahead.estimate(work("parquet", 4000, whole_allowed=False)) == 4000
+    assert ahead.estimate(work("hdf5", 4000, source="images")) == 4000
 
 
 def test_read_workers_follow_the_cpu_budget_and_never_change_the_bytes(tmp_path, mixed, monkeypatch):

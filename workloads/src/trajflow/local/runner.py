@@ -45,7 +45,7 @@ from trajflow.files import replace_file
 from trajflow.local.pipeline import RunPlan, StagePlan
 from trajflow.metrics import METRICS_ADDR_ENV
 from trajflow.resources import cpu_budget
-from trajflow.storage import Storage, manifest_key, open_run_root, read_manifest, read_train_metrics, shard_name
+from trajflow.storage import Storage, manifest_key, open_run_root, read_manifest_fields, read_train_metrics, shard_name
 from trajflow.storage.base import INTERNAL_PREFIX
 from trajflow.storage.local import TMP_PREFIX
 
@@ -390,7 +390,7 @@ class Runner:
         for i in range(shards):
             with contextlib.suppress(ValueError):  # a torn manifest: preprocessing names it
                 manifest = self._from_storage(f"reading {manifest_key('download', i)}",
-                                              functools.partial(read_manifest, self.storage, "download", i))
+                                              functools.partial(read_manifest_fields, self.storage, "download", i))
                 counts.add((manifest or {}).get("shards", shards))
         return counts
 

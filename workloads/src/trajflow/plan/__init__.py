@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from trajflow.storage.base import Storage
-from trajflow.storage.manifest import PLAN_KEY
+from trajflow.storage.manifest import PLAN_KEY, read_top_level_fields
 
 log = logging.getLogger(__name__)
 
@@ -274,11 +274,12 @@ def keep_plan_in_use(storage: Storage, plan: dict[str, Any]) -> None:
         storage.write_bytes(PLAN_KEY, _encode(plan))
 
 
-def read_plan_in_use(storage: Storage) -> dict[str, Any] | None:
+def read_plan_in_use(storage: Storage, fields_only: bool = False) -> dict[str, Any] | None:
     """The header of the plan in use (`plan/download.json`); None when there is none yet, it
-    is being replaced, or it is unreadable."""
+    is being replaced, or it is unreadable. ``fields_only``: its lists and objects read as
+    None, in the memory of a few chunks (a plan written before its parts held every item)."""
     try:
-        doc = json.loads(storage.read_bytes(PLAN_KEY))
+        doc = read_top_level_fields(storage, PLAN_KEY) if fields_only else json.loads(storage.read_bytes(PLAN_KEY))
     except (ValueError, FileNotFoundError):
         return None
     return doc if isinstance(doc, dict) else None

@@ -22,7 +22,6 @@ PermanentError (exit 3, the chart fails that index). Storage failures are Transi
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -118,36 +117,36 @@ def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], workers: int, looka
         return
     it = iter(items)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read")
-    pending: deque = deque()  # [future, cost]
-    waiting: tuple | None = None  # the next item and its cost, while it would cross the budget
+    pending: deque = deque()  # (future of (result, held), cost until it is done)
+    waiting: Any = _END  # the next item, while its cost would cross the budget
 
-    def settle(entry: list, x: _T, future: Any) -> None:  # on the worker, as its call returns
-        assert held is not None
-        if not future.cancelled() and future.exception() is None:
-            entry[1] = held(x, future.result())
+    def call(x: _T) -> tuple[_R, int | None]:
+        result = fn(x)
+        return result, held(x, result) if held is not None else None
+
+    def charged(future: Any, c: int) -> int:
+        if held is not None and future.done() and not future.cancelled() and future.exception() is None:
+            return future.result()[1]
+        return c
 
     def submit() -> None:
         nonlocal waiting
         while len(pending) < max(lookahead, 1):
-            if waiting is None:
-                x = next(it, _END)
-                if x is _END:
+            if waiting is _END:
+                waiting = next(it, _END)
+                if waiting is _END:
                     return
-                waiting = (x, cost(x) if cost else 0)
-            x, c = waiting
-            if pending and cost and sum(entry[1] for entry in pending) + c > budget:
+            c = cost(waiting) if cost else 0  # again at each look: the estimate may have changed
+            if pending and cost and sum(charged(f, fc) for f, fc in pending) + c > budget:
                 return
-            waiting = None
-            entry = [pool.submit(fn, x), c]
-            if held is not None:
-                entry[0].add_done_callback(functools.partial(settle, entry, x))
-            pending.append(entry)
+            pending.append((pool.submit(call, waiting), c))
+            waiting = _END
 
     try:
         submit()
         while pending:
             future, _ = pending.popleft()
-            result = future.result()
+            result, _ = future.result()
             submit()
             yield result
     finally:
@@ -255,6 +254,22 @@ def _verified_for_plan(storage: Storage, key: str, item: dict[str, Any]) -> bool
         record.fingerprint == item_fingerprint(Item.from_json(item), gunzip=False)  # no .gz: info.json
 
 
+def _done_download(storage: Storage, shard: int, shards: int, generation: str | None) -> dict[str, Any] | None:
+    """Download shard ``shard``'s manifest once it is done for ``shards`` and ``generation``
+    (when given), else None: polled by its fields, its items read only then."""
+
+    def done(doc: dict[str, Any] | None) -> bool:
+        return doc is not None and doc.get("shards") == shards and generation in (None, doc.get("generation"))
+
+    try:
+        if done(read_manifest_fields(storage, "download", shard)):
+            doc = read_manifest(storage, "download", shard)
+            return doc if done(doc) else None
+    except ValueError:  # torn: its download pod writes it again
+        pass
+    return None
+
+
 def _await_info(storage: Storage, key: str, item: dict[str, Any], shard: int, shards: int,
                 generation: str | None, wait_s: float, deadline: float) -> bool:
     """Wait until ``key``, planned (as ``item``) in download shard ``shard``, is there, or
@@ -262,11 +277,8 @@ def _await_info(storage: Storage, key: str, item: dict[str, Any], shard: int, sh
     this download's then. TransientError (retried) at ``deadline`` (monotonic)."""
     delay, told = 1.0, None
     while not _verified_for_plan(storage, key, item):
-        try:
-            done = read_manifest(storage, "download", shard)
-        except ValueError:
-            done = None
-        if done is not None and done.get("shards") == shards and generation in (None, done.get("generation")):
+        done = _done_download(storage, shard, shards, generation)
+        if done is not None:
             return key in {entry.get("key") for entry in done.get("items") or [] if isinstance(entry, dict)}
         left = deadline - time.monotonic()
         # a wait of hours holding a GPU: said at its start and every few minutes
@@ -637,29 +649,31 @@ def _bytes_read_whole(w: _Work) -> int:
 class _ReadAhead:
     """What a file read ahead of the batching holds, for `ordered_map`'s budget
     (readAheadMib). A file read whole holds its bytes while it is parsed. A file read in part
-    (HDF5, large parquet) holds the episodes it yields, which only reading it tells: until
-    one has been read its size stands for them, then the bytes the earlier ones held per
-    byte of file. Once read, a file holds its episodes until the batching takes them."""
+    (HDF5, large parquet) holds the episodes it yields, which only reading it tells: until a
+    file of its format and source has yielded episodes its size stands for them, then the
+    bytes those held per byte of file. Once read, a file holds its episodes until the
+    batching takes them."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._part_sizes = self._part_held = 0
+        self._learned: dict[tuple[str, str], tuple[int, int]] = {}  # (format, source) -> (file bytes, held)
 
     def estimate(self, w: _Work) -> int:
         if _read_whole(w):
             return _bytes_read_whole(w)
         size = w.size if w.size is not None and w.size >= 0 else 1 << 20
         with self._lock:
-            per_byte = self._part_held / self._part_sizes if self._part_sizes else 1.0
-        return int(size * per_byte)
+            sizes, held = self._learned.get((w.format, source_of(w.key)), (0, 0))
+        return int(size * held / sizes) if sizes else size
 
     def held(self, w: _Work, result: FileResult) -> int:
         episodes = sum(o.frames.nbytes + o.times.nbytes for o in result.outcomes if isinstance(o, RawEpisode))
         size = w.size if w.size is not None and w.size > 0 else result.size
-        if size > 0 and not _read_whole(w):
+        # a file lost whole or without episodes says nothing of what the next one yields
+        if episodes and size > 0 and not _read_whole(w):
             with self._lock:
-                self._part_sizes += size
-                self._part_held += episodes
+                sizes, held = self._learned.get((w.format, source_of(w.key)), (0, 0))
+                self._learned[(w.format, source_of(w.key))] = (sizes + size, held + episodes)
         return episodes
 
 

@@ -98,17 +98,24 @@ def read_manifest_fields(storage: Storage, stage: str, shard: int) -> dict[str, 
     None when the shard is not done. It reads in chunks and keeps none of the items: a
     manifest lists every item of its shard (180 MB for 380k), and a pod that only
     asks whether a shard is done (`trajflow wait`, in a small init container) must not need
-    the memory to hold them all."""
+    the memory to hold them all. Of the nested values it checks only that their brackets
+    pair: the pod that reads the items (`read_manifest`) checks the rest."""
     key = manifest_key(stage, shard)
     try:
-        with storage.open_read(key) as stream:
-            fields = _top_level_fields(stream)
-        doc = json.loads(fields)
+        doc = read_top_level_fields(storage, key)
     except FileNotFoundError:
         return None
     except ValueError as exc:
         raise ValueError(f"{storage.uri}/{key}: corrupt manifest: {exc}") from None
     return _checked(storage, key, doc)
+
+
+def read_top_level_fields(storage: Storage, key: str) -> Any:
+    """The JSON document at ``key`` with every value nested in the top-level one read as
+    None, in the memory of a few chunks (see `read_manifest_fields`). FileNotFoundError,
+    or ValueError naming what is wrong."""
+    with storage.open_read(key) as stream:
+        return json.loads(_top_level_fields(stream))
 
 
 def _checked(storage: Storage, key: str, doc: Any) -> dict[str, Any]:
@@ -118,8 +125,9 @@ def _checked(storage: Storage, key: str, doc: Any) -> dict[str, Any]:
 
 
 # a run of anything but brackets and quotes, or a whole string (escapes included), each
-# matched one way only: a string cut by the end of a chunk must fail at once
-_NO_BRACKET = re.compile(rb'(?:[^"\\[\]{}]+|"[^"\\]*(?:\\.[^"\\]*)*")*', re.DOTALL)
+# matched one way only and possessively: a string cut by the end of a chunk fails at once,
+# and no backtracking state piles up over a long run of strings or escapes
+_NO_BRACKET = re.compile(rb'(?:[^"\\[\]{}]++|"[^"\\]*+(?:\\.[^"\\]*+)*+")*+', re.DOTALL)
 _CLOSER = {ord("["): ord("]"), ord("{"): ord("}")}
 _FIELDS_CHUNK = 1 << 20
 

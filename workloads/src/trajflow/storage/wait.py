@@ -221,7 +221,7 @@ def plan_in_use(storage: Storage, stage: str, expect_shards: int | None) -> dict
     stage without a plan, no plan yet, or a plan of another shard count than expected)."""
     if stage != "download":
         return {}
-    doc = read_plan_in_use(storage)
+    doc = read_plan_in_use(storage, fields_only=True)
     if doc is None or (expect_shards is not None and doc.get("shards") != expect_shards):
         return {}  # none yet, being replaced, unreadable, or of another count: the shard count alone decides
     return {"generation": doc.get("generation"), "plan_fingerprint": doc.get("fingerprint")}
