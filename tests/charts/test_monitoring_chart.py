@@ -11,7 +11,14 @@ import pytest
 import yaml
 
 from helmrender import CHART, NAMESPACE, PROMETHEUS_OPERATOR_APIS, SUBCHARTS, env_file, one, render, select
-from monitoring_helpers import MONITORING_CHART, alert_rules, dashboard_of, render_monitoring
+from monitoring_helpers import (
+    MONITORING_CHART,
+    alert_rules,
+    dashboard_of,
+    dashboard_variables,
+    render_monitoring,
+    substitute,
+)
 
 helm = pytest.importorskip("helm_python")
 kv = pytest.importorskip("kubernetes_validate.utils", reason="kubernetes-validate is not installed")
@@ -346,6 +353,42 @@ def test_dashboard_opens_on_its_release_and_every_query_selects_by_it():
     selectors = [sel for e in exprs for sel in re.findall(r"\{[^{}]*\}", e) if 'namespace=~"$namespace"' in sel]
     unscoped = [sel for sel in selectors if 'release=~"$release"' not in sel]
     assert len(selectors) > len(exprs) > 30 and not unscoped
+
+
+def _grouping(node) -> list[str] | None:  # type: ignore[no-untyped-def]
+    """The labels a query's series are told apart by: those of the aggregation that makes
+    them (None when there is none, e.g. a bare selector)."""
+    import promql_parser
+
+    if isinstance(node, promql_parser.AggregateExpr):
+        return list(node.modifier.labels) if node.modifier else []
+    if isinstance(node, promql_parser.ParenExpr):
+        return _grouping(node.expr)
+    if isinstance(node, promql_parser.BinaryExpr):  # `time() - x`, `x > 0`, `x and on (...) y`: a side's
+        left = _grouping(node.lhs)
+        return left if left is not None else _grouping(node.rhs)
+    if isinstance(node, promql_parser.Call):
+        found = [g for g in map(_grouping, node.args) if g is not None]
+        return found[0] if found else None
+    return None
+
+
+def test_a_panel_that_keeps_releases_apart_names_the_release_in_its_legend():
+    """With All releases picked, a panel's series of two releases must not share a name."""
+    import promql_parser
+
+    dashboard = dashboard_of(render_monitoring())
+    variables = dashboard_variables(dashboard)
+    split, unnamed = 0, []
+    for row in dashboard["panels"]:
+        for panel in [row, *row.get("panels", [])]:
+            for target in panel.get("targets", []):
+                labels = _grouping(promql_parser.parse(substitute(target["expr"], variables)))
+                if labels and "release" in labels:
+                    split += 1
+                    if "{{release}}" not in target.get("legendFormat", ""):
+                        unnamed.append((panel["title"], target.get("legendFormat")))
+    assert split > 20 and not unnamed, unnamed
 
 
 def test_dashboard_may_live_in_the_sidecar_namespace():
