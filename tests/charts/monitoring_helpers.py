@@ -32,6 +32,7 @@ RULE_TESTS_DIR = Path(__file__).resolve().parents[1] / "monitoring"
 # Metrics the rules and the dashboard read that trajflow does not export itself.
 EXTERNAL_METRICS: dict[str, str] = {
     "kube_job_failed": "kube-state-metrics: a Job's Failed condition (label condition=true|false|unknown)",
+    "kube_job_created": "kube-state-metrics: a Job's creation time (Unix seconds)",
     "DCGM_FI_DEV_GPU_UTIL": "NVIDIA DCGM exporter: GPU utilisation in percent",
     "DCGM_FI_DEV_FB_USED": "NVIDIA DCGM exporter: framebuffer memory used (MiB)",
     "DCGM_FI_DEV_FB_FREE": "NVIDIA DCGM exporter: framebuffer memory free (MiB)",

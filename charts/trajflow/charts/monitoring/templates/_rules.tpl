@@ -51,16 +51,25 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
 {{- $jobRe := include "monitoring.promqlRegex" (include "monitoring.jobNameRegex" .) -}}
 {{- with $a.jobFailed }}{{ if .enabled }}
 - alert: TrajflowJobFailed
+  {{- /* not a Job that a newer one of its stage replaced: an upgrade that renames Jobs stops
+  the old download pods on purpose (exit 2), and ArgoCD prunes the old Job only late */}}
+  {{- $created := printf `label_replace(kube_job_created{namespace="%s", job_name=~"%s"}, "stage_job", "$1", "job_name", "%s")` $ctx.Release.Namespace $jobRe $jobRe }}
   expr: |
     max by (namespace, job_name) (
       kube_job_failed{namespace="{{ $ctx.Release.Namespace }}", job_name=~"{{ $jobRe }}", condition="true"}
     ) == 1
+    unless on (namespace, job_name)
+      (
+          {{ $created }}
+        < on (namespace, stage_job) group_left
+          max by (namespace, stage_job) ({{ $created }})
+      )
   for: {{ .for }}
   labels:
     {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
   annotations:
     summary: {{ `Job {{ $labels.namespace }}/{{ $labels.job_name }} failed` | quote }}
-    description: {{ `The Job has the Failed condition: a shard ran out of retries, a config error (exit 2) or divergence (exit 5) failed it, or its deadline passed. Look at its pods' exit codes with kubectl describe job {{ $labels.job_name }} -n {{ $labels.namespace }}.` | quote }}
+    description: {{ `The Job has the Failed condition: a shard ran out of retries, a config error (exit 2) or divergence (exit 5) failed it, or its deadline passed. Look at its pods' exit codes with kubectl describe job {{ $labels.job_name }} -n {{ $labels.namespace }}. A Job that a newer Job of its stage replaced does not alert.` | quote }}
 {{- end }}{{ end }}
 {{- with $a.shardFailed }}{{ if .enabled }}
 - alert: TrajflowShardFailed
