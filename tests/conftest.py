@@ -111,6 +111,27 @@ def local_storage(tmp_path: Path):  # type: ignore[no-untyped-def]
     return LocalStorage(tmp_path / "root")
 
 
+@pytest.fixture
+def peak_in_small_chunks(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """``run(call)``: ``call()`` with JSON fields read in 64 KiB chunks (`read_top_level_fields`),
+    and the most bytes Python held at once during it."""
+    import tracemalloc
+
+    from trajflow.storage import manifest
+
+    monkeypatch.setattr(manifest, "_FIELDS_CHUNK", 64 * 1024)
+
+    def run(call):  # type: ignore[no-untyped-def]
+        tracemalloc.start()
+        try:
+            result = call()
+            return result, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    return run
+
+
 @pytest.fixture(params=["file", "s3"])
 def storage(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     """Each backend in turn; contract tests use this to hold both to the same behaviour."""

@@ -549,25 +549,15 @@ def test_a_torn_manifest_is_named_when_its_fields_are_read(storage, text, proble
         read_manifest_fields(storage, "download", 2)
 
 
-def test_reading_a_manifests_fields_holds_one_chunk_not_its_items(local_storage, monkeypatch):
+def test_reading_a_manifests_fields_holds_one_chunk_not_its_items(local_storage, peak_in_small_chunks):
     """A manifest of many items is read in the memory of a few chunks: `trajflow wait`, in an
     init container of 1Gi, reads manifests of hundreds of MB."""
-    import tracemalloc
-
-    from trajflow.storage import manifest
-
     items = [{"key": f"raw/00000/episode_{i:09d}.parquet", "sha256": f"{i:064x}", "size": i} for i in range(20000)]
     # and what costs a regex that backtracks: long runs of strings, and of escapes (é is \u00e9)
     items += [{"checks": ["size"] * 2000, "path": "é" * 8000} for _ in range(40)]
     write_manifest(local_storage, "download", 0, 1, items, generation="g")
     size = local_storage.stat(manifest_key("download", 0)).size
-    monkeypatch.setattr(manifest, "_FIELDS_CHUNK", 64 * 1024)
-    tracemalloc.start()
-    try:
-        fields = read_manifest_fields(local_storage, "download", 0)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    fields, peak = peak_in_small_chunks(lambda: read_manifest_fields(local_storage, "download", 0))
     assert fields["generation"] == "g" and fields["items"] is None
     assert size > 5_000_000 and peak < 8 * 64 * 1024, (size, peak)  # a few chunks
 

@@ -930,13 +930,13 @@ def test_resume_on_another_scale_goes_on_from_the_same_point_of_the_epoch(tmp_pa
     with caplog.at_level(logging.WARNING):
         summary = train(resumed)
     position = 2 * mid.batch_in_epoch
-    processes, size_before = (1, 64) if change == "batch_size" else (2, 64)
-    done = processes * size_before * mid.batch_in_epoch
-    assert (f"written by {processes} processes with batchSize 64 at batch {mid.batch_in_epoch} of epoch 1, this run "
-            f"has 1 with {size}: the epoch goes on from batch {position}, 0 of its first {done} windows again") \
-        in caplog.text
+    processes = 1 if change == "batch_size" else 2
     data = build_data(open_shards(storage, [resumed.config.observation, resumed.config.action]), resumed.config)
     per_epoch = EpochBatches(data.train, size, 0, 1, resumed.config.seed).batches_per_epoch()
+    assert (f"written by {processes} processes with batchSize 64 at batch {mid.batch_in_epoch} of epoch 1, "
+            f"{processes * 64 * mid.batch_in_epoch} windows in; this run has 1 with {size} and {per_epoch} batches an "
+            f"epoch: the epoch goes on from batch {position}, 0 of those windows again") in caplog.text
+    assert summary["resumed_from"][-1]["resumed_at_batch"] == position
     assert summary["epochs_completed"] == 2 and position < per_epoch
     # epoch 1 ran the batches that the checkpoint had not covered
     assert summary["steps"] - mid.step == per_epoch - position
@@ -1025,9 +1025,10 @@ def test_when_every_checkpoint_is_corrupt_training_starts_over_with_a_warning(tm
 
 
 @pytest.mark.parametrize("legacy", [False, True])
-def test_resume_past_a_lowered_max_steps_per_epoch_restarts_the_epoch(tmp_path: Path, caplog, legacy: bool) -> None:  # type: ignore[no-untyped-def]
-    """maxStepsPerEpoch lowered below a mid-epoch checkpoint's position: the epoch restarts
-    (the schedule stays inside it), and no checkpoint of the resumed step is rewritten."""
+def test_resume_past_a_lowered_max_steps_per_epoch_trains_the_last_batch_again(tmp_path: Path, caplog, legacy: bool) -> None:  # type: ignore[no-untyped-def]
+    """maxStepsPerEpoch lowered below a mid-epoch checkpoint's position: every batch of the
+    shorter epoch is done, so its last one is trained again (the schedule stays inside it,
+    and the epoch ends at a step of its own: no checkpoint of the resumed step is rewritten)."""
     settings, storage = small_run(tmp_path, epochs=2, batch_size=16, checkpoints={"every_steps": 3, "keep_last": 50})
     train(settings)
     store = CheckpointStore(storage, keep_last=50)
@@ -1044,13 +1045,15 @@ def test_resume_past_a_lowered_max_steps_per_epoch_restarts_the_epoch(tmp_path: 
     capped = local_settings(tmp_path, "run", **{**settings.config.model_dump(), "max_steps_per_epoch": 2})
     with caplog.at_level(logging.WARNING):
         summary = train(capped)
-    assert f"{mid.key} was written at batch {mid.batch_in_epoch} of an epoch" in caplog.text
-    assert "epoch 0 restarts from its beginning" in caplog.text
-    # epoch 0 ran its 2 batches from the resumed step, epoch 1 two more
-    assert [h["step"] for h in summary["history"]] == [mid.step + 2, mid.step + 4]
+    assert (f"{mid.key} was written by 1 processes with batchSize 16 at batch {mid.batch_in_epoch} of epoch 0, "
+            f"{16 * mid.batch_in_epoch} windows in; this run has 1 with 16 and 2 batches an epoch: the epoch goes on "
+            "from batch 1, 16 of those windows again") in caplog.text
+    # epoch 0 ran its last batch from the resumed step, epoch 1 two more
+    assert [h["step"] for h in summary["history"]] == [mid.step + 1, mid.step + 3]
+    assert summary["resumed_from"][-1]["resumed_at_batch"] == 1
     assert all(h["learning_rate"] > 0 for h in summary["history"][:1])
     assert storage.read_bytes(mid.key) == before
-    assert {mid.step, mid.step + 2, mid.step + 4} <= {c.step for c in store.list()}
+    assert {mid.step, mid.step + 1, mid.step + 3} <= {c.step for c in store.list()}
 
 
 @pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])

@@ -607,25 +607,17 @@ def test_a_long_wait_says_what_it_waits_for_when_it_changes_and_every_few_minute
     assert "waiting for 1 download shard(s): [1]" in waiting
 
 
-def test_the_plan_in_use_is_read_by_its_fields_only(local_storage, monkeypatch):
+def test_the_plan_in_use_is_read_by_its_fields_only(local_storage, peak_in_small_chunks):
     """A plan written before its parts held the items lists them all in plan/download.json
     (240 MB for 1M items): a wait, in a 1Gi init container, reads its header fields only."""
     import json
-    import tracemalloc
 
-    from trajflow.storage import manifest
     from trajflow.storage.wait import plan_in_use
 
     items = [{"key": f"raw/00001/episode_{i:09d}.parquet", "size": i, "url": f"s3://bucket/episode_{i:09d}"}
              for i in range(20000)]
     local_storage.write_bytes("plan/download.json", json.dumps(
         {"shards": 3, "generation": "g", "fingerprint": "f", "assignments": [items, [], []]}).encode())
-    monkeypatch.setattr(manifest, "_FIELDS_CHUNK", 64 * 1024)
-    tracemalloc.start()
-    try:
-        fields = plan_in_use(local_storage, "download", 3)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    fields, peak = peak_in_small_chunks(lambda: plan_in_use(local_storage, "download", 3))
     assert fields == {"generation": "g", "plan_fingerprint": "f"}
     assert local_storage.stat("plan/download.json").size > 1_500_000 and peak < 8 * 64 * 1024, peak

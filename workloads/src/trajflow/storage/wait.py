@@ -352,7 +352,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--stage", required=True, choices=sorted(STAGE_DIRS), help="upstream stage to wait for")
     parser.add_argument("--shards", required=True, help="shards to wait for: 3, 0-7, 0,2,5-6")
-    parser.add_argument("--timeout", default="2h", help="give up after this long (exit 6), e.g. 30m, 2h")
+    parser.add_argument("--timeout", default="2h", help="give up after this long (exit 6), e.g. 30m, 2h (default: 2h)")
     parser.add_argument("--expect-shards", type=int, default=None, metavar="N",
                         help="the upstream stage's shard count: a manifest recording another count is from an "
                              "earlier run and does not count (default: any)")

@@ -393,7 +393,8 @@ class Trainer:
             self._place_in_epoch(info, payload)
         self.state.resumed_from.append(
             {"key": info.key, "step": info.step, "epoch": info.epoch, "batch_in_epoch": info.batch_in_epoch,
-             "restart": self.dist.restart_count, "world_size": self.dist.world_size}
+             "resumed_at_batch": self.state.batch_in_epoch, "restart": self.dist.restart_count,
+             "world_size": self.dist.world_size}
         )
         self.last_checkpoint = info
         # the checkpoint's age goes on from its writing, not from this process's start (a
@@ -439,34 +440,26 @@ class Trainer:
         size and batch size deals the epoch's order alike (`EpochBatches`): the batches done
         covered its first world x batchSize x batches windows, so another world size or
         batchSize goes on from the batch that starts at or before that point, and at most one
-        step's windows are trained again."""
+        step's windows are trained again. Where those windows cover this run's whole epoch
+        (maxStepsPerEpoch), its last batch is trained again: the epoch then ends at a step of
+        its own, whose checkpoint does not overwrite the one resumed from. The epoch's loss
+        sums go on too, counting the windows trained again twice."""
         done_windows = (payload.get("world_size") or self.dist.world_size) * \
             payload.get("batch_size", self.config.batch_size) * self.state.batch_in_epoch
-        position = done_windows // (self.dist.world_size * self.config.batch_size)
-        if position >= self.per_epoch:
-            # past the new end, the epoch would have no batches left and its end would checkpoint
-            # the step of the checkpoint resumed from
+        step_windows = self.dist.world_size * self.config.batch_size
+        position = min(done_windows // step_windows, self.per_epoch - 1)
+        if position == self.state.batch_in_epoch:
+            return
+        if self.dist.is_main:
             log.warning(
-                "checkpoint %s was written at batch %d of an epoch of %s batches, %d windows in; this run has %d "
-                "batches an epoch (maxStepsPerEpoch changed): epoch %d restarts from its beginning",
-                info.key, self.state.batch_in_epoch, payload.get("batches_per_epoch", "unknown"), done_windows,
-                self.per_epoch, self.state.epoch,
-            )
-            self._restart_epoch()
-        elif position != self.state.batch_in_epoch:
-            log.warning(
-                "checkpoint %s was written by %s processes with batchSize %s at batch %d of epoch %d, this run has "
-                "%s with %s: the epoch goes on from batch %d, %d of its first %d windows again",
+                "checkpoint %s was written by %s processes with batchSize %s at batch %d of epoch %d, %d windows in; "
+                "this run has %s with %s and %d batches an epoch: the epoch goes on from batch %d, %d of those "
+                "windows again",
                 info.key, payload.get("world_size"), payload.get("batch_size"), self.state.batch_in_epoch,
-                self.state.epoch, self.dist.world_size, self.config.batch_size, position,
-                done_windows - position * self.dist.world_size * self.config.batch_size, done_windows,
+                self.state.epoch, done_windows, self.dist.world_size, self.config.batch_size, self.per_epoch, position,
+                min(done_windows, (position + 1) * step_windows) - position * step_windows,
             )
-            self.state.batch_in_epoch = position
-
-    def _restart_epoch(self) -> None:
-        """The checkpoint's position in its epoch means nothing to this run's batches."""
-        self.state.batch_in_epoch = 0
-        self.state.epoch_loss_sum = self.state.epoch_samples = self.state.epoch_train_seconds = 0.0
+        self.state.batch_in_epoch = position
 
     def checkpoint(self, model: TrajectoryModel, optimizer: torch.optim.Optimizer, scheduler: Any,
                    val_loss: float | None) -> None:
