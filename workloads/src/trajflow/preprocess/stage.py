@@ -638,12 +638,15 @@ def _read_whole(w: _Work) -> bool:
     return w.whole_allowed and readers.reads_whole(w.format, w.size)
 
 
-def _bytes_read_whole(w: _Work) -> int:
-    """The bytes of ``w`` a reader holds at once: the file's when it is read whole (1 MiB
-    when its size is unknown); 0 for a file read by ranges, which holds its streams only."""
-    if not _read_whole(w):
-        return 0
+def _file_bytes(w: _Work) -> int:
+    """The size of ``w``'s file, 1 MiB when it is unknown."""
     return w.size if w.size is not None and w.size >= 0 else 1 << 20
+
+
+def _bytes_read_whole(w: _Work) -> int:
+    """The bytes of ``w`` a reader holds at once: the file's when it is read whole; 0 for a
+    file read by ranges, which holds its streams only."""
+    return _file_bytes(w) if _read_whole(w) else 0
 
 
 class _ReadAhead:
@@ -659,9 +662,9 @@ class _ReadAhead:
         self._learned: dict[tuple[str, str], tuple[int, int]] = {}  # (format, source) -> (file bytes, held)
 
     def estimate(self, w: _Work) -> int:
+        size = _file_bytes(w)
         if _read_whole(w):
-            return _bytes_read_whole(w)
-        size = w.size if w.size is not None and w.size >= 0 else 1 << 20
+            return size
         with self._lock:
             sizes, held = self._learned.get((w.format, source_of(w.key)), (0, 0))
         return int(size * held / sizes) if sizes else size
@@ -671,9 +674,10 @@ class _ReadAhead:
         size = w.size if w.size is not None and w.size > 0 else result.size
         # a file lost whole or without episodes says nothing of what the next one yields
         if episodes and size > 0 and not _read_whole(w):
+            kind = (w.format, source_of(w.key))
             with self._lock:
-                sizes, held = self._learned.get((w.format, source_of(w.key)), (0, 0))
-                self._learned[(w.format, source_of(w.key))] = (sizes + size, held + episodes)
+                sizes, held = self._learned.get(kind, (0, 0))
+                self._learned[kind] = (sizes + size, held + episodes)
         return episodes
 
 

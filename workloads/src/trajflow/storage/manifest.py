@@ -134,8 +134,8 @@ _FIELDS_CHUNK = 1 << 20
 
 def _top_level_fields(stream: BinaryIO) -> bytes:
     """The JSON document in `stream` with every value nested in the top-level one replaced
-    by null: one pass over brackets (strings are skipped whole by a regex), holding one
-    chunk. Raises ValueError where the brackets do not pair or the document ends early."""
+    by null: one pass over brackets (strings are skipped whole by a regex), holding a chunk
+    or so. Raises ValueError where the brackets do not pair or the document ends early."""
     out, opened, buf, pos = bytearray(), [], b"", 0
     while True:
         end = _NO_BRACKET.match(buf, pos).end()  # type: ignore[union-attr]  # it matches the empty string
