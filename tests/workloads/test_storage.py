@@ -562,6 +562,19 @@ def test_reading_a_manifests_fields_holds_one_chunk_not_its_items(local_storage,
     assert size > 5_000_000 and peak < 8 * 64 * 1024, (size, peak)  # a few chunks
 
 
+def test_a_string_longer_than_many_chunks_is_read_on_not_again(local_storage, peak_in_small_chunks):
+    """A string that many chunks cut (a corrupt or hand-written manifest) is read on from
+    where each chunk ended: read again from its quote, it was held whole and rescanned at
+    every chunk (30 s for a string of 32 MiB)."""
+    long_item = {"path": 'x\\"é' * 500_000}  # 3 MB in JSON, escapes astride the chunks' ends
+    write_manifest(local_storage, "download", 0, 1, [long_item], generation="g", note='n\\"' * 100_000)
+    fields, peak = peak_in_small_chunks(lambda: read_manifest_fields(local_storage, "download", 0))
+    assert fields["note"] == 'n\\"' * 100_000 and fields["items"] is None and fields["generation"] == "g"
+    # the top-level note is the document's to hold (about 1 MB as text and as JSON); the
+    # item's string is not
+    assert peak < 1_600_000 + 8 * 64 * 1024, peak
+
+
 # ---- URIs and configuration ----------------------------------------------------------
 
 

@@ -128,6 +128,9 @@ def _checked(storage: Storage, key: str, doc: Any) -> dict[str, Any]:
 # matched one way only and possessively: a string cut by the end of a chunk fails at once,
 # and no backtracking state piles up over a long run of strings or escapes
 _NO_BRACKET = re.compile(rb'(?:[^"\\[\]{}]++|"[^"\\]*+(?:\\.[^"\\]*+)*+")*+', re.DOTALL)
+# the rest of a string a chunk cut, up to its closing quote or the chunk's end (before a
+# backslash whose escaped byte is in the next chunk)
+_IN_STRING = re.compile(rb'[^"\\]*+(?:\\.[^"\\]*+)*+', re.DOTALL)
 _CLOSER = {ord("["): ord("]"), ord("{"): ord("}")}
 _FIELDS_CHUNK = 1 << 20
 
@@ -135,17 +138,28 @@ _FIELDS_CHUNK = 1 << 20
 def _top_level_fields(stream: BinaryIO) -> bytes:
     """The JSON document in `stream` with every value nested in the top-level one replaced
     by null: one pass over brackets (strings are skipped whole by a regex), holding a chunk
-    or so. Raises ValueError where the brackets do not pair or the document ends early."""
-    out, opened, buf, pos = bytearray(), [], b"", 0
+    or so. A string longer than a chunk is read on from where the chunk ended, never again
+    from its quote. Raises ValueError where the brackets do not pair or the document ends
+    early."""
+    out, opened, buf, pos, in_string = bytearray(), [], b"", 0, False
     while True:
-        end = _NO_BRACKET.match(buf, pos).end()  # type: ignore[union-attr]  # it matches the empty string
-        if len(opened) <= 1:
+        scan = _IN_STRING if in_string else _NO_BRACKET
+        end = scan.match(buf, pos).end()  # type: ignore[union-attr]  # both match the empty string
+        keep = len(opened) <= 1
+        if keep:
             out += buf[pos:end]
         pos = end
-        if pos == len(buf) or buf[pos] == ord('"'):  # the end of the chunk, maybe within a string
+        if pos < len(buf) and buf[pos] == ord('"'):
+            # a cut string's closing quote, or the opening quote of a string this chunk cuts
+            in_string = not in_string
+            if keep:
+                out.append(ord('"'))
+            pos += 1
+            continue
+        if pos == len(buf) or in_string:  # the chunk's end (in a string, maybe before a backslash)
             chunk = stream.read(_FIELDS_CHUNK)
             if not chunk:
-                raise ValueError("the document ends early" if opened or buf[pos:].strip() else "no document")
+                raise ValueError("the document ends early" if opened or in_string else "no document")
             buf, pos = buf[pos:] + chunk, 0
             continue
         bracket = buf[pos]
