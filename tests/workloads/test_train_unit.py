@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -940,6 +941,35 @@ def test_resume_on_another_scale_goes_on_from_the_same_point_of_the_epoch(tmp_pa
     assert summary["epochs_completed"] == 2 and position < per_epoch
     # epoch 1 ran the batches that the checkpoint had not covered
     assert summary["steps"] - mid.step == per_epoch - position
+
+
+@pytest.mark.parametrize("before,after,per_epoch,kept_windows", [
+    ((2, 16), (3, 16), 100, 144),  # 5 batches of 32 = 160 windows; batch 3 of 48 starts at 144
+    ((1, 16), (1, 16), 2, 16),  # maxStepsPerEpoch lowered to 2: the last batch (from 16) again
+    ((1, 32), (1, 16), 100, 160),  # the same point: nothing again
+])
+def test_a_resume_on_another_scale_keeps_the_share_of_the_epochs_sums_not_trained_again(
+        tmp_path: Path, before, after, per_epoch: int, kept_windows: int) -> None:  # type: ignore[no-untyped-def]
+    """The epoch's loss and rate count each window once: the running sums that a mid-epoch
+    checkpoint carries keep the share of the windows before the batch the epoch goes on from."""
+    from trajflow.metrics import train_metrics
+    from trajflow.train.dist import DistContext
+    from trajflow.train.loop import Trainer
+
+    (world, size), (new_world, new_size) = before, after
+    settings, storage = small_run(tmp_path, batch_size=new_size)
+    trainer = Trainer(settings, DistContext(world_size=new_world), storage, train_metrics())
+    trainer.per_epoch = per_epoch
+    done = 160
+    st = trainer.state
+    st.batch_in_epoch, st.epoch_samples = done // (world * size), float(done)
+    st.epoch_loss_sum, st.epoch_train_seconds = 0.5 * done, 0.01 * done  # a loss of 0.5, 10 ms a window
+    info = SimpleNamespace(key="train/checkpoints/x")
+    trainer._place_in_epoch(info, {"world_size": world, "batch_size": size})  # type: ignore[arg-type]
+    assert st.batch_in_epoch * new_world * new_size == kept_windows
+    assert st.epoch_samples == pytest.approx(kept_windows)
+    assert st.epoch_loss_sum / st.epoch_samples == pytest.approx(0.5)
+    assert st.epoch_samples / st.epoch_train_seconds == pytest.approx(100)
 
 
 @pytest.mark.parametrize("before,after", [((2, 16), (3, 16)), ((3, 16), (2, 16)), ((4, 8), (1, 24)), ((1, 8), (4, 16))])

@@ -442,8 +442,9 @@ class Trainer:
         batchSize goes on from the batch that starts at or before that point, and at most one
         step's windows are trained again. Where those windows cover this run's whole epoch
         (maxStepsPerEpoch), its last batch is trained again: the epoch then ends at a step of
-        its own, whose checkpoint does not overwrite the one resumed from. The epoch's loss
-        sums go on too, counting the windows trained again twice."""
+        its own, whose checkpoint does not overwrite the one resumed from. The epoch's running
+        sums (loss, samples, seconds) keep the share of the windows before that batch, so the
+        windows trained again count once in the epoch's loss and rate."""
         done_windows = (payload.get("world_size") or self.dist.world_size) * \
             payload.get("batch_size", self.config.batch_size) * self.state.batch_in_epoch
         step_windows = self.dist.world_size * self.config.batch_size
@@ -459,7 +460,12 @@ class Trainer:
                 self.state.epoch, done_windows, self.dist.world_size, self.config.batch_size, self.per_epoch, position,
                 min(done_windows, (position + 1) * step_windows) - position * step_windows,
             )
-        self.state.batch_in_epoch = position
+        st = self.state
+        kept = position * step_windows / done_windows
+        st.epoch_loss_sum *= kept
+        st.epoch_samples *= kept
+        st.epoch_train_seconds *= kept
+        st.batch_in_epoch = position
 
     def checkpoint(self, model: TrajectoryModel, optimizer: torch.optim.Optimizer, scheduler: Any,
                    val_loss: float | None) -> None:
