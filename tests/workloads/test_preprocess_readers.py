@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -1069,3 +1070,19 @@ def test_stage_settings_name_the_bad_key(tmp_path):
     path.write_text("global: {}\nconfig: {batchSize: 0}\n")
     with pytest.raises(ConfigError, match=r"config.yaml: config.batchSize: .*greater than or equal to 1"):
         stage_settings("preprocessing", path, env={})
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fmt,name", [("npz", "ep.npz"), ("robomimic", "d.hdf5"), ("lerobot", "ep.parquet")])
+def test_a_fifo_among_the_raw_files_is_quarantined_not_waited_on(tmp_path, fmt, name):
+    """A FIFO (or a device) where a raw file should be would block the read for good: it is
+    refused by name, whether the file is read whole or its path goes to the parser."""
+    from trajflow.storage import LocalStorage
+
+    os.mkfifo(tmp_path / name)
+    storage = LocalStorage(tmp_path)
+    storage.prefetch(name)  # returns at once
+    for expected_size in (1000, None):  # read whole (a size from the manifest), or by its path
+        (q,) = readers.read_item(storage, name, expected_size, fmt, _spec()).outcomes
+        assert (q.reason, q.episode) == (readers.UNREADABLE, ""), q
+        assert q.detail == f"cannot read the file: {tmp_path / name}: not a regular file but a FIFO"

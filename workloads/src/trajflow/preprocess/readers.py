@@ -47,6 +47,7 @@ from trajflow.config.preprocess import PreprocessConfig
 from trajflow.preprocess.npzfile import PickledMember, load_npz
 from trajflow.storage import Storage
 from trajflow.storage.base import RangedFile
+from trajflow.storage.local import check_regular
 
 log = logging.getLogger(__name__)
 
@@ -1002,8 +1003,10 @@ def read_item(storage: Storage, key: str, expected_size: int | None, fmt: str, s
     ranged: RangedFile | None = None
     try:
         if not whole:  # read in part, or of a size the manifest does not give
-            if local is not None:
-                src, size = str(local), local.stat().st_size
+            if local is not None:  # the parser opens the path itself: only a regular file
+                info = local.stat()
+                check_regular(str(local), info.st_mode)
+                src, size = str(local), info.st_size
             else:  # an object store: a large file by ranges, what the parser asks for
                 size = expected_size if known_size else -1
                 if not 0 <= size <= RANGED_READ_ABOVE:

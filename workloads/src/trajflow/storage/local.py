@@ -5,6 +5,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import stat
 import uuid
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -93,6 +94,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def check_regular(path: str, mode: int) -> None:
+    """Raise OSError naming ``path`` unless ``mode`` (its st_mode) is a regular file's: only
+    regular files are objects, and a read of a FIFO or a device would wait or never end."""
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else \
+            "a directory" if stat.S_ISDIR(mode) else "a device"
+        raise OSError(f"{path}: not a regular file but {kind}")
+
+
 class LocalStorage(Storage):
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().resolve()
@@ -146,12 +156,22 @@ class LocalStorage(Storage):
         return ObjectInfo(key, st.st_size, modified_ns=st.st_mtime_ns) if not os.path.isdir(self._path(key)) else None
 
     def _open(self, key: str, buffering: int = -1) -> BinaryIO:
+        path = self._os_path(key)
         try:
-            return open(self._os_path(key), "rb", buffering=buffering)
-        except IsADirectoryError:
-            raise FileNotFoundError(f"{self.uri}/{key}: no such object (a directory)") from None
+            # without blocking: opening a FIFO would wait for a writer that never comes
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except NotADirectoryError:
             raise FileNotFoundError(f"{self.uri}/{key}: no such object") from None
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise FileNotFoundError(f"{self.uri}/{key}: no such object (a directory)")
+            check_regular(path, mode)
+            os.set_blocking(fd, True)
+            return open(fd, "rb", buffering=buffering)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def open_read(self, key: str, start: int = 0, end: int | None = None) -> BinaryIO:
         check_range(start, end)
@@ -170,7 +190,7 @@ class LocalStorage(Storage):
     def prefetch(self, key: str) -> None:
         # the kernel reads the file into the page cache while this process works on others
         try:
-            fd = os.open(self._os_path(key), os.O_RDONLY)
+            fd = os.open(self._os_path(key), os.O_RDONLY | os.O_NONBLOCK)  # (a FIFO would block)
         except OSError:
             return  # the read itself reports what is wrong
         try:
