@@ -523,6 +523,11 @@ REFUSED_BY_BOTH = [
      "training.resources.limits asks for 2 MIG slices, but a CUDA process sees one: 1 would sit idle"),
     ({"downloader.resources.requests.cpu": 3},
      "downloader.resources.requests.cpu (3) is more than resources.limits.cpu (2)"),
+    ({"training.shm.sizeLimit": "200000000000"},
+     "training.shm.sizeLimit (200000000000) is more than training.resources.limits.memory (128Gi): /dev/shm is memory that limit "
+     "counts, so the container is OOM-killed before its shm fills"),
+    ({"preprocessing.shm.sizeLimit": "40000000000"},
+     "preprocessing.shm.sizeLimit (40000000000) is more than preprocessing.resources.limits.memory (32Gi)"),
     ({"preprocessing.waitResources.requests.cpu": "2"},
      "preprocessing.waitResources.requests.cpu (2) is more than waitResources.limits.cpu (500m): Kubernetes refuses "
      "such pods, and the Job would start none"),
@@ -553,6 +558,21 @@ def test_what_the_chart_refuses_a_local_run_refuses(overrides, message):
         render([env_file("local")], overrides)
     with pytest.raises(ConfigError, match=re.escape(message)):
         build_plan([env_file("local")], [f"{key}={str(value).lower()}" for key, value in overrides.items()])
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"training": {"shm": {"sizeLimit": 2e11}}},
+     "training.shm.sizeLimit (2e+11) is more than training.resources.limits.memory (128Gi)"),
+    ({"downloader": {"resources": {"requests": {"memory": 5e9}, "limits": {"memory": "4Gi"}}}},
+     "downloader.resources.requests.memory (5e+09) is more than resources.limits.memory (4Gi)"),
+])
+def test_quantities_written_as_large_numbers_are_compared_too(values, message):
+    """A large number in a values file reaches the templates as a float, printed in exponent
+    form (2e+11): a Kubernetes quantity still, which the resource checks read."""
+    import helm_python as helm
+
+    with pytest.raises(helm.HelmError, match=re.escape(message)):
+        render(values=values)
 
 
 def test_a_download_with_no_source_is_refused_by_both(tmp_path):

@@ -253,7 +253,7 @@ def _check_max_failed_indexes(values: Values, stage: str, block: dict[str, Any],
 
 def _check_requests_within_limits(values: Values, stage: str, block: dict[str, Any]) -> None:
     """As the chart refuses them: requests above their limits, which the API server refuses
-    for every pod of the Job."""
+    for every pod of the Job, and a /dev/shm larger than the memory limit."""
     from trajflow.resources import parse_quantity
 
     for key in ("resources", "waitResources"):
@@ -272,6 +272,18 @@ def _check_requests_within_limits(values: Values, stage: str, block: dict[str, A
                     f"{values.origin([stage, key, 'requests', name])}: {stage}.{key}.requests.{name} "
                     f"({_as_helm_prints(request)}) is more than {key}.limits.{name} ({_as_helm_prints(limit)}): "
                     "Kubernetes refuses such pods, and the Job would start none; raise the limit or lower the request")
+    shm = block.get("shm") or {}
+    memory = ((block.get("resources") or {}).get("limits") or {}).get("memory")
+    if shm.get("enabled") and shm.get("sizeLimit") and memory:
+        try:
+            above = parse_quantity(shm["sizeLimit"]) > parse_quantity(memory)
+        except ValueError:
+            return
+        if above:
+            raise ConfigError(
+                f"{values.origin([stage, 'shm', 'sizeLimit'])}: {stage}.shm.sizeLimit ({_as_helm_prints(shm['sizeLimit'])}) "
+                f"is more than {stage}.resources.limits.memory ({_as_helm_prints(memory)}): /dev/shm is memory that limit "
+                "counts, so the container is OOM-killed before its shm fills; lower shm.sizeLimit or raise the limit")
 
 
 def is_gpu_resource(name: str) -> bool:

@@ -159,19 +159,23 @@ automountServiceAccountToken: false
 {{- end -}}
 {{- end -}}
 
-{{/* A Kubernetes quantity (500m, 2, 1.5Gi) as a number of its units; "" for a form not read here. */}}
+{{/* A Kubernetes quantity (500m, 2, 1.5Gi, 2e+11: a large number in a values file reaches
+templates as a float printed so) as a number of its units; "" for a form not read here. */}}
 {{- define "trajflow.quantity" -}}
 {{- $text := toString . -}}
 {{- $form := "^\\+?([0-9]+(\\.[0-9]*)?|\\.[0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E)?$" -}}
 {{- if regexMatch $form $text -}}
 {{- $factors := dict "" 1.0 "m" 0.001 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "E" 1e18 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0 "Ei" 1152921504606846976.0 -}}
 {{- mulf (regexReplaceAll $form $text "${1}" | float64) (get $factors (regexReplaceAll $form $text "${3}")) -}}
+{{- else if regexMatch "^\\+?([0-9]+(\\.[0-9]*)?|\\.[0-9]+)[eE][+-]?[0-9]+$" $text -}}
+{{- float64 $text -}}
 {{- end -}}
 {{- end -}}
 
 {{/*
 Requests above their limits, which the API server refuses for every pod of the Job, after
-helm has said yes (the Job then starts none): refused here, naming the key.
+helm has said yes (the Job then starts none): refused here, naming the key. So is a /dev/shm
+larger than the memory limit, which the pod could never fill.
 */}}
 {{- define "trajflow.validateResources" -}}
 {{- range $key := list "resources" "waitResources" -}}
@@ -187,6 +191,17 @@ helm has said yes (the Job then starts none): refused here, naming the key.
 {{- fail (printf "%s.%s.requests.%s (%v) is more than %s.limits.%s (%v): Kubernetes refuses such pods, and the Job would start none; raise the limit or lower the request" $.Chart.Name $key $name $request $key $name $limit) -}}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+{{- /* /dev/shm is memory its writer's limit counts: the container is OOM-killed before a
+larger shm fills, and the kubelet sizes the tmpfs no larger than the limit anyway */ -}}
+{{- $shm := .Values.shm | default dict -}}
+{{- $memory := ((.Values.resources | default dict).limits | default dict).memory -}}
+{{- if and $shm.enabled $shm.sizeLimit $memory -}}
+{{- $size := include "trajflow.quantity" $shm.sizeLimit -}}
+{{- $l := include "trajflow.quantity" $memory -}}
+{{- if and $size $l (gt (float64 $size) (float64 $l)) -}}
+{{- fail (printf "%s.shm.sizeLimit (%v) is more than %s.resources.limits.memory (%v): /dev/shm is memory that limit counts, so the container is OOM-killed before its shm fills; lower shm.sizeLimit or raise the limit" $.Chart.Name $shm.sizeLimit $.Chart.Name $memory) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
