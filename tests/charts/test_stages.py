@@ -524,8 +524,8 @@ REFUSED_BY_BOTH = [
     ({"downloader.resources.requests.cpu": 3},
      "downloader.resources.requests.cpu (3) is more than resources.limits.cpu (2)"),
     ({"training.shm.sizeLimit": "200000000000"},
-     "training.shm.sizeLimit (200000000000) is more than training.resources.limits.memory (128Gi): /dev/shm is memory that limit "
-     "counts, so the container is OOM-killed before its shm fills"),
+     "training.shm.sizeLimit (200000000000) is more than training.resources.limits.memory (128Gi): /dev/shm counts "
+     "against that limit, so the container is OOM-killed before its shm fills"),
     ({"preprocessing.shm.sizeLimit": "40000000000"},
      "preprocessing.shm.sizeLimit (40000000000) is more than preprocessing.resources.limits.memory (32Gi)"),
     ({"preprocessing.waitResources.requests.cpu": "2"},

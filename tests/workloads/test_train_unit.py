@@ -943,13 +943,16 @@ def test_resume_on_another_scale_goes_on_from_the_same_point_of_the_epoch(tmp_pa
     assert summary["steps"] - mid.step == per_epoch - position
 
 
-@pytest.mark.parametrize("before,after,per_epoch,kept_windows", [
-    ((2, 16), (3, 16), 100, 144),  # 5 batches of 32 = 160 windows; batch 3 of 48 starts at 144
-    ((1, 16), (1, 16), 2, 16),  # maxStepsPerEpoch lowered to 2: the last batch (from 16) again
-    ((1, 32), (1, 16), 100, 160),  # the same point: nothing again
+@pytest.mark.parametrize("before,after,done,per_epoch,kept_windows", [
+    ((2, 16), (3, 16), 160, 100, 144),  # 5 batches of 32; batch 3 of 48 starts at 144
+    ((1, 16), (1, 16), 160, 2, 16),  # maxStepsPerEpoch lowered to 2: the last batch (from 16) again
+    ((1, 32), (1, 16), 160, 100, 160),  # the same point: nothing again
+    # the same batch number, earlier windows: 3 batches of 8 end at 24, the 4th of 7 starts at 21
+    ((1, 8), (1, 7), 24, 100, 21),
+    ((1, 8), (1, 4), 24, 4, 12),  # and where maxStepsPerEpoch caps it at that number
 ])
 def test_a_resume_on_another_scale_keeps_the_share_of_the_epochs_sums_not_trained_again(
-        tmp_path: Path, before, after, per_epoch: int, kept_windows: int) -> None:  # type: ignore[no-untyped-def]
+        tmp_path: Path, before, after, done: int, per_epoch: int, kept_windows: int) -> None:  # type: ignore[no-untyped-def]
     """The epoch's loss and rate count each window once: the running sums that a mid-epoch
     checkpoint carries keep the share of the windows before the batch the epoch goes on from."""
     from trajflow.metrics import train_metrics
@@ -960,7 +963,6 @@ def test_a_resume_on_another_scale_keeps_the_share_of_the_epochs_sums_not_traine
     settings, storage = small_run(tmp_path, batch_size=new_size)
     trainer = Trainer(settings, DistContext(world_size=new_world), storage, train_metrics())
     trainer.per_epoch = per_epoch
-    done = 160
     st = trainer.state
     st.batch_in_epoch, st.epoch_samples = done // (world * size), float(done)
     st.epoch_loss_sum, st.epoch_train_seconds = 0.5 * done, 0.01 * done  # a loss of 0.5, 10 ms a window

@@ -282,8 +282,8 @@ def _check_requests_within_limits(values: Values, stage: str, block: dict[str, A
         if above:
             raise ConfigError(
                 f"{values.origin([stage, 'shm', 'sizeLimit'])}: {stage}.shm.sizeLimit ({_as_helm_prints(shm['sizeLimit'])}) "
-                f"is more than {stage}.resources.limits.memory ({_as_helm_prints(memory)}): /dev/shm is memory that limit "
-                "counts, so the container is OOM-killed before its shm fills; lower shm.sizeLimit or raise the limit")
+                f"is more than {stage}.resources.limits.memory ({_as_helm_prints(memory)}): /dev/shm counts against "
+                "that limit, so the container is OOM-killed before its shm fills; lower shm.sizeLimit or raise the limit")
 
 
 def is_gpu_resource(name: str) -> bool:

@@ -94,6 +94,11 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _open_without_blocking(path: str, flags: int) -> int:
+    # opening a FIFO would wait for a writer that never comes; nor may a terminal become ours
+    return os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY)
+
+
 def check_regular(path: str, mode: int) -> None:
     """Raise OSError naming ``path`` unless ``mode`` (its st_mode) is a regular file's: only
     regular files are objects, and a read of a FIFO or a device would wait or never end."""
@@ -156,22 +161,19 @@ class LocalStorage(Storage):
         return ObjectInfo(key, st.st_size, modified_ns=st.st_mtime_ns) if not os.path.isdir(self._path(key)) else None
 
     def _open(self, key: str, buffering: int = -1) -> BinaryIO:
-        path = self._os_path(key)
         try:
-            # without blocking: opening a FIFO would wait for a writer that never comes
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            fh = open(self._os_path(key), "rb", buffering=buffering, opener=_open_without_blocking)
+        except IsADirectoryError:
+            raise FileNotFoundError(f"{self.uri}/{key}: no such object (a directory)") from None
         except NotADirectoryError:
             raise FileNotFoundError(f"{self.uri}/{key}: no such object") from None
         try:
-            mode = os.fstat(fd).st_mode
-            if stat.S_ISDIR(mode):
-                raise FileNotFoundError(f"{self.uri}/{key}: no such object (a directory)")
-            check_regular(path, mode)
-            os.set_blocking(fd, True)
-            return open(fd, "rb", buffering=buffering)
+            check_regular(fh.name, os.fstat(fh.fileno()).st_mode)
+            os.set_blocking(fh.fileno(), True)
         except BaseException:
-            os.close(fd)
+            fh.close()
             raise
+        return fh  # type: ignore[return-value]
 
     def open_read(self, key: str, start: int = 0, end: int | None = None) -> BinaryIO:
         check_range(start, end)
@@ -190,7 +192,7 @@ class LocalStorage(Storage):
     def prefetch(self, key: str) -> None:
         # the kernel reads the file into the page cache while this process works on others
         try:
-            fd = os.open(self._os_path(key), os.O_RDONLY | os.O_NONBLOCK)  # (a FIFO would block)
+            fd = _open_without_blocking(self._os_path(key), os.O_RDONLY)
         except OSError:
             return  # the read itself reports what is wrong
         try:

@@ -449,8 +449,8 @@ class Trainer:
             payload.get("batch_size", self.config.batch_size) * self.state.batch_in_epoch
         step_windows = self.dist.world_size * self.config.batch_size
         position = min(done_windows // step_windows, self.per_epoch - 1)
-        if position == self.state.batch_in_epoch:
-            return
+        if position == self.state.batch_in_epoch and position * step_windows == done_windows:
+            return  # the same windows, at the same batch
         if self.dist.is_main:
             log.warning(
                 "checkpoint %s was written by %s processes with batchSize %s at batch %d of epoch %d, %d windows in; "

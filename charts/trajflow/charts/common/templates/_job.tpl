@@ -193,15 +193,16 @@ larger than the memory limit, which the pod could never fill.
 {{- end -}}
 {{- end -}}
 {{- end -}}
-{{- /* /dev/shm is memory its writer's limit counts: the container is OOM-killed before a
-larger shm fills, and the kubelet sizes the tmpfs no larger than the limit anyway */ -}}
+{{- /* /dev/shm counts against the memory limit of the container writing it: that container
+is OOM-killed before a larger shm fills (and the kubelet sizes the tmpfs no larger than the
+pod's memory limit anyway) */ -}}
 {{- $shm := .Values.shm | default dict -}}
 {{- $memory := ((.Values.resources | default dict).limits | default dict).memory -}}
 {{- if and $shm.enabled $shm.sizeLimit $memory -}}
 {{- $size := include "trajflow.quantity" $shm.sizeLimit -}}
 {{- $l := include "trajflow.quantity" $memory -}}
 {{- if and $size $l (gt (float64 $size) (float64 $l)) -}}
-{{- fail (printf "%s.shm.sizeLimit (%v) is more than %s.resources.limits.memory (%v): /dev/shm is memory that limit counts, so the container is OOM-killed before its shm fills; lower shm.sizeLimit or raise the limit" $.Chart.Name $shm.sizeLimit $.Chart.Name $memory) -}}
+{{- fail (printf "%s.shm.sizeLimit (%v) is more than %s.resources.limits.memory (%v): /dev/shm counts against that limit, so the container is OOM-killed before its shm fills; lower shm.sizeLimit or raise the limit" $.Chart.Name $shm.sizeLimit $.Chart.Name $memory) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
