@@ -56,6 +56,7 @@ class Fake:
         self.state = tmp_path / "fake-state"
         monkeypatch.setenv("FAKE_STATE_DIR", str(self.state))
         monkeypatch.setenv("FAKE_SECONDS", "0.2")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # where S3 run roots are locked
         self.out = io.StringIO()
 
     def run(self, values: Path, sets: tuple[str, ...] = (), force: bool = False) -> tuple[Runner, RunResult]:
@@ -258,10 +259,19 @@ def test_an_s3_run_root_works_the_same(fake: Fake, tmp_path: Path, s3_server: An
     assert again.exit_code == 0 and len(fake.starts()) == before
 
 
+@pytest.mark.parametrize("where", ["filesystem", "s3"])
 def test_a_second_run_of_the_same_work_dir_is_refused_while_the_first_runs(
-        fake: Fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        fake: Fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str,
+        request: pytest.FixtureRequest) -> None:
     monkeypatch.setenv("FAKE_SECONDS", "3")
+    root = tmp_path / "data" / "fake"
     values = write_values(tmp_path, shards=1)
+    if where == "s3":  # an object store has no file to lock: this machine locks it
+        s3_server = request.getfixturevalue("s3_server")
+        bucket = s3_server.make_bucket()
+        values = write_values(tmp_path, shards=1, global__storage={"type": "s3", "s3": {
+            "endpoint": s3_server.endpoint, "bucket": bucket, "prefix": "runs", "region": s3_server.region}})
+        root = f"s3://{bucket}/runs/fake"
     first: list[RunResult] = []
     thread = threading.Thread(target=lambda: first.append(fake.run(values)[1]))
     thread.start()
@@ -276,7 +286,7 @@ def test_a_second_run_of_the_same_work_dir_is_refused_while_the_first_runs(
         other = Runner(build_plan([values]), tmp_path / "other-work", PlainView(stream=fake.out),
                        command=[sys.executable, str(FAKE)])
         with pytest.raises(TransientError, match=rf"another `trajflow run` \(pid {os.getpid()}\) is running on the "
-                                                 rf"run root {tmp_path / 'data' / 'fake'}"):
+                                                 rf"run root {root}"):
             other.run()
     finally:
         thread.join(timeout=60)

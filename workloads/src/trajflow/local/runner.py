@@ -248,7 +248,7 @@ class Runner:
         self.storage = storage or open_run_root(plan.global_)
         self.grace_seconds = grace_seconds
         self._lock: Any = None  # run.lock while run() holds it
-        self._root_lock: Any = None  # the run root's, on a filesystem
+        self._root_lock: Any = None  # the run root's (on an object store, this machine's for it)
         self.clock = clock
         self.t0 = clock()
         self.state = StateFile(self.work_dir / "state.json", plan.root)
@@ -298,16 +298,31 @@ class Runner:
     def _lock_run_root(self) -> Any:
         """Hold `.trajflow-run.lock` in a run root on a filesystem: two runs with other work
         dirs (or from other directories) would otherwise write the same shards and checkpoints.
-        (An S3 root has no such lock.)"""
+        An object store has no file to lock: this machine holds one for it instead."""
         root = self._local_root()
         if root is None:
-            return None
+            return self._lock_remote_run_root()
         path = root / RUN_ROOT_LOCK
         try:
             root.mkdir(parents=True, exist_ok=True)
             return _hold_run_lock(path, f"on the run root {root}")
         except OSError as exc:
             raise ConfigError(f"run root {root}: cannot write {exc.filename or path}: {exc.strerror or exc}") from None
+
+    def _lock_remote_run_root(self) -> Any:
+        """A lock file of this machine named by the run root's URI and endpoint: it keeps a
+        second run of this machine off an S3 root (runs of other machines are not seen)."""
+        endpoint = getattr(getattr(self.storage, "client", None), "meta", None)
+        identity = f"{self.storage.uri} {getattr(endpoint, 'endpoint_url', '')}"
+        locks = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trajflow" / "run-roots"
+        path = locks / f"{hashlib.sha256(identity.encode()).hexdigest()[:24]}.lock"
+        try:
+            locks.mkdir(parents=True, exist_ok=True)
+            return _hold_run_lock(path, f"on the run root {self.storage.uri}")
+        except OSError as exc:
+            log.warning("cannot hold a lock for the run root %s on this machine (%s): a second `trajflow run` of "
+                        "it here would not be refused", self.storage.uri, exc)
+            return None
 
     def _local_root(self) -> Path | None:
         """The run root's directory, when it is on a filesystem."""
