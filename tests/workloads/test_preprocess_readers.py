@@ -1086,3 +1086,35 @@ def test_a_fifo_among_the_raw_files_is_quarantined_not_waited_on(tmp_path, fmt, 
         (q,) = readers.read_item(storage, name, expected_size, fmt, _spec()).outcomes
         assert (q.reason, q.episode) == (readers.UNREADABLE, ""), q
         assert q.detail == f"cannot read the file: {tmp_path / name}: not a regular file but a FIFO"
+
+
+@pytest.mark.parametrize("raised", [RuntimeError, KeyError, OSError])
+@pytest.mark.parametrize("where", ["data", "demo"])
+def test_a_disk_read_error_under_hdf5_fails_the_read_instead_of_quarantining(tmp_path, monkeypatch, raised, where):
+    """HDF5 tells of a failed read(2) (EIO) in its message only, under whatever type h5py
+    raises: that is the storage failing (retried), not a corrupt file to quarantine for good."""
+    import errno
+
+    from trajflow.storage import LocalStorage
+
+    path = tmp_path / "d.hdf5"
+    write_robomimic(path, [make_episode(np.random.default_rng(0), "0", 20.0, 1.0)])
+    message = ("Unable to synchronously open object (file read failed: time = Mon Dec  7 14:15:34 2026\n, filename = "
+               f"'{path}', file descriptor = 3, errno = 5, error message = 'Input/output error', buf = 0x563d, "
+               "total read size = 512, bytes this sub-read = 512, offset = 680)")
+    real_open = readers._h5_open
+
+    def failing_open(group, name, *args, **kwargs):
+        if (where == "data") == (name == b"data"):
+            raise raised(message)
+        return real_open(group, name, *args, **kwargs)
+
+    monkeypatch.setattr(readers, "_h5_open", failing_open)
+    with pytest.raises(OSError, match="Input/output error under HDF5") as info:
+        readers.read_item(LocalStorage(tmp_path), "d.hdf5", path.stat().st_size, "robomimic", _spec())
+    assert info.value.errno == errno.EIO
+    # a read that ends early in a corrupt file (errno 0) is the file's fault: quarantined
+    monkeypatch.setattr(readers, "_h5_open", lambda *a, **k: (_ for _ in ()).throw(raised(message.replace(
+        "errno = 5", "errno = 0"))))
+    (q,) = readers.read_item(LocalStorage(tmp_path), "d.hdf5", path.stat().st_size, "robomimic", _spec()).outcomes
+    assert q.reason == readers.UNREADABLE

@@ -791,6 +791,7 @@ def read_robomimic(src: Any, spec: SourceSpec, source: str, robot: str) -> list[
         try:
             data = h5py.Group(_h5_open(fh.id, b"data"))
         except (KeyError, ValueError) as exc:  # also a dangling link, or a dataset named data (not a group)
+            _reraise_io(exc)
             raise UnreadableFile(f"cannot open 'data': {exc}") from None
         env_args = _env_args(data.attrs)
         kwargs = env_args.get("env_kwargs") if isinstance(env_args.get("env_kwargs"), dict) else {}
@@ -955,11 +956,21 @@ READERS: dict[str, Callable[[Any, SourceSpec, str, str], list[Outcome]]] = {
 }
 
 
+_STORAGE_ERRNOS = (errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.ECONNRESET, errno.ENOSPC, errno.EACCES)
+# HDF5 tells of a failed read(2) in its message only, whatever type h5py raises (RuntimeError,
+# KeyError, OSError without an errno): "... (file read failed: time = ..., filename = '...',
+# file descriptor = 3, errno = 5, error message = 'Input/output error', ...)"
+_HDF5_READ_ERRNO = re.compile(r"file read failed: .*?\berrno = (\d+)", re.DOTALL)
+
+
 def _reraise_io(exc: BaseException) -> None:
     """A real I/O error (EIO, ESTALE...) is the storage failing, not the file: retryable."""
-    if isinstance(exc, OSError) and exc.errno in (errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.ECONNRESET,
-                                                  errno.ENOSPC, errno.EACCES):
+    if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
         raise exc
+    failed_read = _HDF5_READ_ERRNO.search(str(exc))
+    if failed_read and int(failed_read.group(1)) in _STORAGE_ERRNOS:
+        code = int(failed_read.group(1))
+        raise OSError(code, f"{os.strerror(code)} under HDF5: {exc}") from exc
 
 
 # On an object store, files up to this size are read whole (one request); larger ones by
