@@ -33,7 +33,7 @@ from preprocess_data import (
     stage_config,
     write_values,
 )
-from trajflow.errors import ConfigError, ExitCode, PermanentError, TransientError
+from trajflow.errors import ConfigError, ExitCode, PermanentError, Terminated, TransientError
 from trajflow.metrics import preprocess_metrics
 from trajflow.preprocess.shards import list_shards, open_shard, report_key, shard_key
 from trajflow.preprocess.stage import process_shard
@@ -641,6 +641,38 @@ def test_read_ahead_is_bounded_by_the_files_bytes_one_file_at_least():
     # the count alone lets more bytes ahead: the bound above binds
     results, ahead = run()
     assert results == items and max(sum(size for _, size in others) for others in ahead) > 100
+
+
+@pytest.mark.parametrize("stop", [Terminated(15), OSError(5, "the writer's disk failed")])
+def test_a_stop_or_an_error_does_not_wait_for_reads_in_flight(stop):
+    """A SIGTERM (or an error) while reads are stalled (a GET of minutes) goes on at once: the
+    reads are left to end on their own, on daemon threads that do not hold the process up at
+    its exit, so the stage pushes its last metrics within the pod's grace period."""
+    from trajflow.preprocess.stage import ordered_map
+
+    release = threading.Event()
+    threading.Timer(60, release.set).start()  # unblocks the stalled reads whatever happens
+    reading = []
+
+    def read(item):
+        if item:
+            reading.append(threading.current_thread())
+            release.wait()
+        return item
+
+    try:
+        with pytest.raises(type(stop)):
+            for _ in ordered_map(read, range(4), workers=3, lookahead=4):
+                while len(reading) < 3:
+                    time.sleep(0.01)
+                raise stop
+        assert not release.is_set(), "the stop waited for the stalled reads"
+        assert all(thread.daemon and thread.is_alive() for thread in reading)
+    finally:
+        release.set()
+    for thread in reading:
+        thread.join(timeout=10)
+        assert not thread.is_alive()  # each ends with its read
 
 
 def test_a_read_ahead_of_one_file_changes_no_byte(tmp_path, mixed, monkeypatch):

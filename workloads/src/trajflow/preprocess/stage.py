@@ -29,7 +29,7 @@ import queue
 import threading
 import time
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Collection, Iterable, Iterator, NamedTuple, Sequence, TypeVar
 
@@ -104,6 +104,42 @@ class ShardSummary:
 _END = object()  # an iterator's end, for next()
 
 
+class _ReadPool:
+    """A pool of daemon threads: unlike ThreadPoolExecutor's, they do not hold the process up
+    at its exit. After an error or a stop signal, reads still in flight (a stalled GET can take
+    minutes) are left to end on their own instead of being waited for past the pod's grace
+    period, which would lose the last metrics push to SIGKILL."""
+
+    def __init__(self, workers: int) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._serve, name=f"read_{i}", daemon=True) for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    def _serve(self) -> None:
+        while (work := self._queue.get()) is not None:
+            future, fn, arg = work
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(arg))
+            except BaseException as exc:  # noqa: BLE001  handed to the consumer, as ThreadPoolExecutor does
+                future.set_exception(exc)
+            del work, future  # a result is the consumer's to hold, not this idle thread's
+
+    def submit(self, fn: Callable[[Any], Any], arg: Any) -> Future:
+        future: Future = Future()
+        self._queue.put((future, fn, arg))
+        return future
+
+    def shutdown(self, wait: bool) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+        if wait:
+            for thread in self._threads:
+                thread.join()
+
+
 def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], workers: int, lookahead: int,
                 cost: Callable[[_T], int] | None = None, budget: int = 0,
                 held: Callable[[_T, _R], int] | None = None) -> Iterator[_R]:
@@ -116,7 +152,7 @@ def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], workers: int, looka
         yield from map(fn, items)
         return
     it = iter(items)
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read")
+    pool = _ReadPool(workers)
     pending: deque = deque()  # (future of (result, held), cost until it is done)
     waiting: Any = _END  # the next item, while its cost would cross the budget
 
@@ -142,6 +178,7 @@ def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], workers: int, looka
             pending.append((pool.submit(call, waiting), c))
             waiting = _END
 
+    finished = False
     try:
         submit()
         while pending:
@@ -149,8 +186,11 @@ def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], workers: int, looka
             result, _ = future.result()
             submit()
             yield result
+        finished = True
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        for future, _ in pending:
+            future.cancel()  # those not started yet
+        pool.shutdown(wait=finished)
 
 
 # without a CPU limit a pod sees the whole node: past this many threads reading only queues for the disk
