@@ -325,6 +325,36 @@ def test_sigterm_while_planning_stops_instead_of_sleeping_out_the_retries(server
     assert not list(plan.rglob("plan.json")) and not (plan / "download.json").exists()
 
 
+def test_a_stop_signal_swallowed_by_the_metrics_still_stops_the_download(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The downloader's SIGTERM raises an Exception (exit 4): one arriving in the metrics'
+    own `except Exception` (listing the Pushgateway's groups, which never fails the data work)
+    is noted all the same, and the shard stops before it plans or fetches anything."""
+    import urllib.request
+
+    from trajflow.cli import main
+    from trajflow.download import cli as download_cli
+    from trajflow.download.failures import STOPPING
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.bin").write_bytes(b"a")
+    config = write_config(tmp_path, [{"type": "file", "name": "ds", "path": str(tmp_path / "src")}],
+                          pushgateway="http://127.0.0.1:9")
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "0")
+    monkeypatch.setenv("TRAJFLOW_SHARDS", "1")
+
+    def signalled(*args: Any, **kwargs: Any) -> Any:
+        download_cli._terminated(15, None)  # as the SIGTERM handler does, mid-call
+
+    monkeypatch.setattr(urllib.request, "urlopen", signalled)
+    try:
+        assert main(["download", "--config", str(config)]) == int(ExitCode.TRANSIENT)
+    finally:
+        STOPPING.clear()
+    assert not (tmp_path / "root" / "clirun" / "raw").exists()  # nothing fetched
+    assert not list((tmp_path / "root" / "clirun").rglob("download.json"))  # nor planned
+
+
 def test_a_stop_that_ended_an_earlier_run_in_this_process_does_not_end_the_next(tmp_path: Path,
                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from trajflow.cli import main

@@ -651,7 +651,9 @@ def test_a_stop_or_an_error_does_not_wait_for_reads_in_flight(stop):
     from trajflow.preprocess.stage import ordered_map
 
     release = threading.Event()
-    threading.Timer(60, release.set).start()  # unblocks the stalled reads whatever happens
+    safety = threading.Timer(60, release.set)  # unblocks the stalled reads whatever happens
+    safety.daemon = True
+    safety.start()
     reading = []
 
     def read(item):
@@ -670,6 +672,7 @@ def test_a_stop_or_an_error_does_not_wait_for_reads_in_flight(stop):
         assert all(thread.daemon and thread.is_alive() for thread in reading)
     finally:
         release.set()
+        safety.cancel()
     for thread in reading:
         thread.join(timeout=10)
         assert not thread.is_alive()  # each ends with its read
@@ -682,11 +685,11 @@ def test_a_read_ahead_of_one_file_changes_no_byte(tmp_path, mixed, monkeypatch):
     costs = []
     ordered_map = stage.ordered_map
 
-    def one_file_ahead(fn, items, workers, lookahead, cost, budget, held):
+    def one_file_ahead(fn, items, workers, lookahead, cost, budget, held, name):
         assert budget == 1024 << 20  # the config's readAheadMib
         items = list(items)
         costs.append({w.key.split("/", 2)[2]: cost(w) for w in items})  # raw/<shard>/<file>
-        return ordered_map(fn, items, workers, lookahead, cost=cost, budget=1, held=held)  # every file alone
+        return ordered_map(fn, items, workers, lookahead, cost=cost, budget=1, held=held, name=name)  # every file alone
 
     storage = _processed(tmp_path / "ahead", files, stage_config(read_workers=2, sources={"robomimic": ROBOMIMIC}),
                          LocalStorage)

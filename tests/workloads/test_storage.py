@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from s3_proxy import Reply, S3Proxy
@@ -761,6 +762,62 @@ def test_an_abort_does_not_wait_for_other_writers_parts_in_a_shared_pool() -> No
     finally:
         release.set()
         pool.shutdown(wait=True)
+
+
+@pytest.mark.parametrize("upload_threads", [0, 2])  # a pool of the writer's own, or the storage's
+def test_a_stop_drops_an_upload_without_waiting_on_a_stalled_store(upload_threads: int) -> None:
+    """A SIGTERM (Terminated) while a part's upload is stalled on a dead store (up to 9 x 60 s
+    in botocore) ends the writer at once: no wait for the part, and no abort request to that
+    store; the upload is left to `abort_uploads` or the bucket's lifecycle rule. The threads
+    are daemons, which the process does not wait for at its exit either."""
+    import threading
+
+    from trajflow.errors import Terminated
+    from trajflow.storage.s3 import S3Storage
+
+    release = threading.Event()
+    safety = threading.Timer(60, release.set)  # unblocks the stalled upload whatever happens
+    safety.daemon = True
+    safety.start()
+    calls: list[str] = []
+    uploading: list[threading.Thread] = []
+
+    class Client:
+        def create_multipart_upload(self, **kwargs):  # type: ignore[no-untyped-def]
+            return {"UploadId": "u"}
+
+        def upload_part(self, **kwargs):  # type: ignore[no-untyped-def]
+            uploading.append(threading.current_thread())
+            release.wait()
+            return {"ETag": "e"}
+
+        def abort_multipart_upload(self, **kwargs):  # type: ignore[no-untyped-def]
+            calls.append("abort")
+
+    storage = S3Storage("s3://bucket/p", client=Client(), part_size=5 * MiB, upload_threads=upload_threads)
+    try:
+        with pytest.raises(Terminated):
+            with storage.writer("k") as w:
+                w.write(b"x" * 5 * MiB)
+                while not uploading:
+                    time.sleep(0.01)
+                raise Terminated(15)
+        assert not release.is_set(), "the stop waited for the stalled part"
+        assert calls == [] and uploading[0].daemon
+    finally:
+        release.set()
+        safety.cancel()
+    # an error that is no stop still aborts the upload, once its parts are done
+    with pytest.raises(OSError):
+        with storage.writer("k") as w:
+            w.write(b"x" * 5 * MiB)
+            raise OSError("the source failed")
+    assert calls == ["abort"]
+    if storage._uploads["pool"] is not None:
+        storage._uploads["pool"].shutdown(wait=True)  # its threads are counted by other tests
+    for thread in uploading:
+        thread.join(10)
+        assert not thread.is_alive()  # each ends with its part
 
 
 def test_a_writer_holds_at_most_its_parts_in_flight_and_one_more() -> None:

@@ -6,8 +6,10 @@ a stage's heavy imports (torch) happen inside `run`, so the downloader image nev
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import os
 import signal
 import sys
 
@@ -129,5 +131,22 @@ def _stdout_reader_gone() -> bool:
         return False
 
 
+def entry() -> None:
+    """The `trajflow` command: `main`, then the process's exit. Calls that an error or a stop
+    left running on pool threads (reads stalled in h5py or Arrow) would deadlock or crash
+    the interpreter's shutdown, so with some still running the process ends at once, its
+    last words flushed: everything it had to do (the final metrics push) is done."""
+    from trajflow.threads import calls_running
+
+    code = main()
+    if calls_running():
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

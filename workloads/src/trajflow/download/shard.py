@@ -277,6 +277,13 @@ class Scheduler:
             raise
 
 
+def raise_if_stopping() -> None:
+    """Stop where a stop signal was noted but its exception swallowed on the way (a broad
+    `except Exception`, such as the metrics' own, which never fail the data work)."""
+    if STOPPING.is_set():
+        raise TransientError("stopped by a signal; a rerun resumes where this one stopped")
+
+
 @dataclass
 class ShardSummary:
     shard: int
@@ -438,8 +445,10 @@ class ShardDownloader:
     def run(self) -> ShardSummary:
         self.started = time.monotonic()
         self.check_release()
+        raise_if_stopping()
         plan, self.items = self.plan()
         self.check_release()  # planning takes a while; what follows may delete another plan's manifests
+        raise_if_stopping()
         self.unstorable = plan.get("unstorable") or {}
         if isinstance(self.root, LocalStorage):
             self.unstorable = {**too_deep_for(self.root.root, self.items, self.config.gunzip), **self.unstorable}

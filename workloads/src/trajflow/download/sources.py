@@ -36,7 +36,6 @@ import os
 import posixpath
 import re
 import stat as stat_mod
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable
 from urllib.parse import unquote, urlsplit
@@ -49,6 +48,7 @@ from trajflow.errors import ConfigError, TransientError
 from trajflow.plan import Item
 from trajflow.storage.base import check_key
 from trajflow.storage.s3 import error_code, http_status, is_not_found, make_client
+from trajflow.threads import ordered_map
 
 log = logging.getLogger(__name__)
 
@@ -279,8 +279,9 @@ class HttpSource(SourceRuntime):
         return Item(key, size, entry["url"], meta)
 
     def list_items(self, retry: Callable[[Callable[[], Any]], Any], workers: int) -> list[Item]:
-        with ThreadPoolExecutor(max_workers=max(1, min(workers, 16)), thread_name_prefix=f"head-{self.name}") as pool:
-            return list(pool.map(lambda e: self._probe(e, retry), self.entries))
+        # a stop does not wait for the HEADs in flight (each up to timeoutSeconds)
+        return list(ordered_map(lambda e: self._probe(e, retry), self.entries, max(1, min(workers, 16)),
+                                lookahead=len(self.entries), name=f"head-{self.name}"))
 
     def open(self, item: Item, start: int, end: int | None, validator: Validator | None) -> Body:
         body = self.client.get(item.source, start, end, validator, self._headers)

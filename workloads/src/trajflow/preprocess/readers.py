@@ -960,7 +960,9 @@ _STORAGE_ERRNOS = (errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.ECONNRESET, e
 # HDF5 tells of a failed read(2) in its message only, whatever type h5py raises (RuntimeError,
 # KeyError, OSError without an errno): "... (file read failed: time = ..., filename = '...',
 # file descriptor = 3, errno = 5, error message = 'Input/output error', ...)"
-_HDF5_READ_ERRNO = re.compile(r"file read failed: .*?\berrno = (\d+)", re.DOTALL)
+# (matched whole: names that a file holds appear in messages too)
+_HDF5_READ_ERRNO = re.compile(r"file read failed: time = [^,]*, filename = '.*?', file descriptor = -?\d+, "
+                              r"errno = (\d+), error message = '", re.DOTALL)
 
 
 def _reraise_io(exc: BaseException) -> None:

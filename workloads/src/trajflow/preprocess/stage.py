@@ -28,10 +28,9 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter, deque
-from concurrent.futures import Future
+from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Collection, Iterable, Iterator, NamedTuple, Sequence, TypeVar
+from typing import Any, Callable, Collection, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -57,6 +56,7 @@ from trajflow.storage import (
     write_manifest,
 )
 from trajflow.storage.wait import storage_failure
+from trajflow.threads import ordered_map
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,6 @@ UPSAMPLING_WARN_FACTOR = 2.0  # a target rate this many times every episode's re
 INFO_WAIT_LOG_INTERVAL_S = 300.0  # how often a wait for another shard's dataset metadata says so
 
 RAW_DIR = "raw"
-_T = TypeVar("_T")
-_R = TypeVar("_R")
 
 
 @dataclass
@@ -102,95 +100,6 @@ class ShardSummary:
 
 
 _END = object()  # an iterator's end, for next()
-
-
-class _ReadPool:
-    """A pool of daemon threads: unlike ThreadPoolExecutor's, they do not hold the process up
-    at its exit. After an error or a stop signal, reads still in flight (a stalled GET can take
-    minutes) are left to end on their own instead of being waited for past the pod's grace
-    period, which would lose the last metrics push to SIGKILL."""
-
-    def __init__(self, workers: int) -> None:
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._serve, name=f"read_{i}", daemon=True) for i in range(workers)]
-        for thread in self._threads:
-            thread.start()
-
-    def _serve(self) -> None:
-        while (work := self._queue.get()) is not None:
-            future, fn, arg = work
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(arg))
-            except BaseException as exc:  # noqa: BLE001  handed to the consumer, as ThreadPoolExecutor does
-                future.set_exception(exc)
-            del work, future  # a result is the consumer's to hold, not this idle thread's
-
-    def submit(self, fn: Callable[[Any], Any], arg: Any) -> Future:
-        future: Future = Future()
-        self._queue.put((future, fn, arg))
-        return future
-
-    def shutdown(self, wait: bool) -> None:
-        for _ in self._threads:
-            self._queue.put(None)
-        if wait:
-            for thread in self._threads:
-                thread.join()
-
-
-def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], workers: int, lookahead: int,
-                cost: Callable[[_T], int] | None = None, budget: int = 0,
-                held: Callable[[_T, _R], int] | None = None) -> Iterator[_R]:
-    """``map(fn, items)`` on a thread pool, results in input order, at most ``lookahead``
-    calls ahead of the consumer and, with ``cost``, calls whose costs add up to at most
-    ``budget`` (one call at least, whatever its cost). With ``held``, a finished call costs
-    ``held(item, result)`` from then on: what its result holds until the consumer takes it.
-    With no workers, on the calling thread."""
-    if workers < 1:
-        yield from map(fn, items)
-        return
-    it = iter(items)
-    pool = _ReadPool(workers)
-    pending: deque = deque()  # (future of (result, held), cost until it is done)
-    waiting: Any = _END  # the next item, while its cost would cross the budget
-
-    def call(x: _T) -> tuple[_R, int | None]:
-        result = fn(x)
-        return result, held(x, result) if held is not None else None
-
-    def charged(future: Any, c: int) -> int:
-        if held is not None and future.done() and not future.cancelled() and future.exception() is None:
-            return future.result()[1]
-        return c
-
-    def submit() -> None:
-        nonlocal waiting
-        while len(pending) < max(lookahead, 1):
-            if waiting is _END:
-                waiting = next(it, _END)
-                if waiting is _END:
-                    return
-            c = cost(waiting) if cost else 0  # again at each look: the estimate may have changed
-            if pending and cost and sum(charged(f, fc) for f, fc in pending) + c > budget:
-                return
-            pending.append((pool.submit(call, waiting), c))
-            waiting = _END
-
-    finished = False
-    try:
-        submit()
-        while pending:
-            future, _ = pending.popleft()
-            result, _ = future.result()
-            submit()
-            yield result
-        finished = True
-    finally:
-        for future, _ in pending:
-            future.cancel()  # those not started yet
-        pool.shutdown(wait=finished)
 
 
 # without a CPU limit a pod sees the whole node: past this many threads reading only queues for the disk
@@ -956,7 +865,8 @@ class ShardProcessor:
             with files_read:
                 ahead = _ReadAhead()
                 for result in ordered_map(read, self._prefetching(work), workers, workers * 2 + cfg.prefetch,
-                                          cost=ahead.estimate, budget=cfg.read_ahead_mib << 20, held=ahead.held):
+                                          cost=ahead.estimate, budget=cfg.read_ahead_mib << 20, held=ahead.held,
+                                          name="read"):
                     files_read.advance()
                     summary.bytes_in += result.size
                     self.metrics.bytes_in.inc(result.size)

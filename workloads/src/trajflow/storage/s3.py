@@ -184,10 +184,10 @@ class _MultipartWriter(io.RawIOBase):
 
     def _send_part(self, body: bytes) -> None:
         if self._upload_id is None:
-            from concurrent.futures import ThreadPoolExecutor
+            from trajflow.threads import DaemonPool
 
             self._upload_id = self._client.create_multipart_upload(Bucket=self._bucket, Key=self._key)["UploadId"]
-            self._pool = self._shared_pool or ThreadPoolExecutor(max_workers=self._concurrency, thread_name_prefix="s3-part")
+            self._pool = self._shared_pool or DaemonPool(self._concurrency, "s3-part")
         self._inflight.append(self._pool.submit(self._upload, self._next_part, body))
         self._next_part += 1
 
@@ -207,20 +207,24 @@ class _MultipartWriter(io.RawIOBase):
             Bucket=self._bucket, Key=self._key, UploadId=self._upload_id, MultipartUpload={"Parts": self._done}
         )
 
-    def _release_pool(self) -> None:
-        """Cancel this writer's parts still queued and wait for those uploading (not for
-        other writers' parts queued before them in a shared pool); a pool of its own is shut down."""
-        from concurrent.futures import wait
+    def _release_pool(self, wait: bool = True) -> None:
+        """Cancel this writer's parts still queued and (``wait``) wait for those uploading (not
+        for other writers' parts queued before them in a shared pool); a pool of its own is shut down."""
+        from concurrent.futures import wait as wait_for
 
-        wait([future for future in self._inflight if not future.cancel()])
+        uploading = [future for future in self._inflight if not future.cancel()]
+        if wait:
+            wait_for(uploading)
         self._inflight.clear()
         if self._pool is not self._shared_pool:
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown(wait=wait)
 
-    def abort(self) -> None:
+    def abort(self, stopping: bool = False) -> None:
+        """Drop the upload. ``stopping`` (a stop signal): at once, with no call to a store that
+        may be what stalls; the upload is left to `abort_uploads` or the bucket's lifecycle rule."""
         if self._pool is not None:
-            self._release_pool()  # no part lands after the abort below
-        if self._upload_id is not None:
+            self._release_pool(wait=not stopping)  # no part lands after the abort below
+        if self._upload_id is not None and not stopping:
             with contextlib.suppress(Exception):
                 self._client.abort_multipart_upload(Bucket=self._bucket, Key=self._key, UploadId=self._upload_id)
 
@@ -380,16 +384,16 @@ class S3Storage(Storage):
         if self.upload_threads:
             with self._uploads["lock"]:
                 if self._uploads["pool"] is None:
-                    from concurrent.futures import ThreadPoolExecutor
+                    from trajflow.threads import DaemonPool
 
-                    self._uploads["pool"] = ThreadPoolExecutor(max_workers=self.upload_threads, thread_name_prefix="s3-part")
+                    self._uploads["pool"] = DaemonPool(self.upload_threads, "s3-part")
                 pool = self._uploads["pool"]
         w = _MultipartWriter(self.client, self.bucket, self._key(key), self.part_size, self.upload_concurrency, pool)
         try:
             yield w  # type: ignore[misc]
             w.commit()
-        except BaseException:
-            w.abort()
+        except BaseException as exc:
+            w.abort(stopping=not isinstance(exc, Exception))  # Terminated, Ctrl-C
             raise
 
     def _supports_conditional_put(self) -> bool:

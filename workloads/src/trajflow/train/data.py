@@ -18,7 +18,6 @@ import logging
 import os
 import re
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -45,6 +44,7 @@ from trajflow.preprocess.shards import (
 )
 from trajflow.resources import TMP_SIZE_LIMIT_ENV, human_bytes, tmp_size_limit
 from trajflow.storage import Storage, manifest_key, shard_name
+from trajflow.threads import ordered_map
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +172,9 @@ def _checked_files(storage: Storage, entries: list[ShardEntry], cache_dir: str |
         except (ShardFormatError, ValueError) as exc:
             raise PermanentError(f"shard {entry.shard}: {exc}") from None
 
-    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1, len(entries)))) as pool:
-        return list(pool.map(one, entries))
+    # a stop does not wait for copies stalled on the store
+    return list(ordered_map(one, entries, max(1, min(8, os.cpu_count() or 1, len(entries))), lookahead=len(entries),
+                            name="fetch"))
 
 
 def _check_cache_room(storage: Storage, entries: list[ShardEntry], cache_dir: str | Path | None) -> None:
