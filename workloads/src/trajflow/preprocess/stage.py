@@ -99,7 +99,7 @@ class ShardSummary:
 # ------------------------------------------------------------------------ helpers
 
 
-_END = object()  # an iterator's end, for next()
+_END = object()  # the last item put in the writer's queue
 
 
 # without a CPU limit a pod sees the whole node: past this many threads reading only queues for the disk
