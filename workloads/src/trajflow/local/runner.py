@@ -312,8 +312,7 @@ class Runner:
     def _lock_remote_run_root(self) -> Any:
         """A lock file of this machine named by the run root's URI and endpoint: it keeps a
         second run of this machine off an S3 root (runs of other machines are not seen)."""
-        client_meta = getattr(getattr(self.storage, "client", None), "meta", None)  # boto3's, on S3
-        identity = f"{self.storage.uri} {getattr(client_meta, 'endpoint_url', '')}"
+        identity = f"{self.storage.uri} {self.plan.global_.storage.s3.endpoint}"
         locks = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trajflow" / "run-roots"
         path = locks / f"{hashlib.sha256(identity.encode()).hexdigest()[:24]}.lock"
         try:
