@@ -283,3 +283,31 @@ def test_a_persons_command_logs_plain_lines_when_piped(fake_command, capfd, monk
     monkeypatch.setattr(cli, "POD_COMMANDS", {"fake"})
     assert cli.main(["fake"]) == 0
     assert json.loads(capfd.readouterr().err.strip())["msg"] == "could not write the report"
+
+
+_WEDGING_COMMAND = """
+import ctypes, functools, sys, time, types
+from trajflow import cli
+command = types.ModuleType("wedge")
+command.configure = lambda parser: None
+# a PyDLL call keeps the interpreter's lock, as a native library looping inside a corrupt file
+command.run = {run}
+sys.modules["wedge"] = command
+cli.COMMANDS["wedge"] = ("wedge", "a command for tests")
+cli.watch_for_a_wedged_interpreter = functools.partial(cli.watch_for_a_wedged_interpreter, 1.0)
+sys.argv = ["trajflow", "wedge"]
+cli.entry()
+"""
+
+
+def test_a_process_whose_interpreter_is_held_by_a_native_call_ends_with_its_stacks():
+    script = _WEDGING_COMMAND.format(run="lambda args: ctypes.PyDLL(None).sleep(120)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
+    assert done.returncode == 1  # retried by the pod failure policies
+    assert "Timeout (0:00:01)!" in done.stderr and 'File "<string>"' in done.stderr
+
+
+def test_calls_that_let_the_interpreter_run_are_not_taken_for_a_wedge():
+    script = _WEDGING_COMMAND.format(run="lambda args: time.sleep(4) or ctypes.PyDLL(None).usleep(300_000)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0 and "Timeout" not in done.stderr

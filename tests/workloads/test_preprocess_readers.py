@@ -1118,3 +1118,23 @@ def test_a_disk_read_error_under_hdf5_fails_the_read_instead_of_quarantining(tmp
         "errno = 5", "errno = 0"))))
     (q,) = readers.read_item(LocalStorage(tmp_path), "d.hdf5", path.stat().st_size, "robomimic", _spec()).outcomes
     assert q.reason == readers.UNREADABLE
+
+
+def test_each_raw_file_is_parsed_in_a_frame_named_after_it(tmp_path, monkeypatch):
+    """Stacks printed when a native parser hangs (faulthandler's carry file names only) name the file."""
+    import sys
+
+    from trajflow.storage import LocalStorage
+
+    times = np.arange(20) / 100
+    (tmp_path / "ep.npz").write_bytes(npz_bytes(timestamp=times, **{STATE: np.zeros((20, 2)), ACTION: np.zeros((20, 2))}))
+    callers: list[str] = []
+    parse_npz = readers.READERS["npz"]
+
+    def reader(src, spec, source, hint):
+        callers.append(sys._getframe(1).f_code.co_filename)
+        return parse_npz(src, spec, source, hint)
+
+    monkeypatch.setitem(readers.READERS, "npz", reader)
+    result = readers.read_item(LocalStorage(tmp_path), "ep.npz", (tmp_path / "ep.npz").stat().st_size, "npz", _spec())
+    assert callers == ["<parsing ep.npz>"] and isinstance(result.outcomes[0], RawEpisode), result.outcomes

@@ -131,6 +131,28 @@ def _stdout_reader_gone() -> bool:
         return False
 
 
+# A native call can hold the interpreter's lock for good (HDF5 looping inside a corrupt
+# file): no signal handler, metrics push or log line runs again, and the pod hangs silently
+# through SIGTERM until SIGKILL. faulthandler's watchdog is a C thread: re-armed from Python,
+# it fires only when no Python code could run for this long, prints every thread's stack (a
+# raw file is parsed in a frame named after it) and exits 1, which the pod failure policies retry.
+WEDGED_AFTER_S = 600.0
+
+
+def watch_for_a_wedged_interpreter(after_s: float = WEDGED_AFTER_S) -> None:
+    """End the process, with every thread's stack, once no Python code has run for ``after_s``."""
+    import faulthandler
+    import threading
+    import time
+
+    def rearm() -> None:
+        while True:
+            faulthandler.dump_traceback_later(after_s, exit=True)
+            time.sleep(after_s / 10)
+
+    threading.Thread(target=rearm, name="wedge-watchdog", daemon=True).start()
+
+
 def entry() -> None:
     """The `trajflow` command: `main`, then the process's exit. Calls that an error or a stop
     left running on pool threads (reads stalled in h5py or Arrow) would deadlock or crash
@@ -138,6 +160,7 @@ def entry() -> None:
     last words flushed: everything it had to do (the final metrics push) is done."""
     from trajflow.threads import calls_running
 
+    watch_for_a_wedged_interpreter()
     code = main()
     if calls_running():
         logging.shutdown()

@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import re
+import types
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -1002,6 +1003,17 @@ def _contents(src: Any) -> bytes:
     return src.read()
 
 
+def _parse(reader: Callable[..., list[Outcome]], *args: Any) -> list[Outcome]:
+    return reader(*args)
+
+
+def _parse_naming(key: str) -> Callable[..., list[Outcome]]:
+    """`_parse` in a frame whose file name is ``<parsing KEY>``: the stacks the wedge watchdog
+    prints (`trajflow.cli.watch_for_a_wedged_interpreter`) carry frames' file names only, and
+    this one says which raw file a native library hung on."""
+    return types.FunctionType(_parse.__code__.replace(co_filename=f"<parsing {key}>"), globals())
+
+
 def read_item(storage: Storage, key: str, expected_size: int | None, fmt: str, spec: SourceSpec,
               robot_hint: str = "", whole_allowed: bool = True) -> FileResult:
     """Read one raw file into episodes and quarantine entries. Raises only on storage
@@ -1047,7 +1059,7 @@ def read_item(storage: Storage, key: str, expected_size: int | None, fmt: str, s
                                            f"{size} bytes, the raw manifest says {expected_size} (truncated?)"))
         return result
     try:
-        result.outcomes = READERS[fmt](src, spec, key, robot_hint)
+        result.outcomes = _parse_naming(key)(READERS[fmt], src, spec, key, robot_hint)
     except UnreadableFile as exc:
         result.outcomes = [Quarantined(key, "", UNREADABLE, str(exc))]
     except MemoryError:
