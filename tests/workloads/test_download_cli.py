@@ -136,6 +136,27 @@ def test_exit_codes_follow_the_failure_kind(server: FaultyServer, tmp_path: Path
     assert a_directory.returncode == ExitCode.CONFIG and "not a file that can be written" in a_directory.stderr
 
 
+def test_a_shard_that_fails_for_good_says_so_to_the_stage_waiting_for_it(server: FaultyServer, tmp_path: Path) -> None:
+    """Exit 3 fails the shard's index: a record of it lets the preprocessing pod waiting for
+    the shard stop instead of holding its GPU; the shard's next attempt removes it."""
+    from trajflow.config import stage_settings
+    from trajflow.storage import LocalStorage
+    from trajflow.storage.manifest import read_failure
+
+    urls = [server.add("/ok.bin", payload(10)), server.url("/later.bin")]
+    config = write_config(tmp_path, [{"type": "https", "name": "web", "urls": urls}])
+    storage = LocalStorage(tmp_path / "root" / "clirun")
+    assert trajflow(["download", "--config", str(config)]).returncode == ExitCode.PERMANENT
+    record = read_failure(storage, "download", 0)
+    generation = stage_settings("downloader", str(config), [], []).config.generation_id()
+    assert record is not None and (record["shards"], record["generation"]) == (1, generation)
+    assert "failed permanently" in record["error"] and "later.bin" in record["error"]
+
+    server.add("/later.bin", payload(20))
+    assert trajflow(["download", "--config", str(config)]).returncode == 0
+    assert read_failure(storage, "download", 0) is None and not storage.exists("raw/_failed/00000.json")
+
+
 def test_a_summary_the_disk_cannot_take_is_no_config_error_and_leaves_no_file(
         server: FaultyServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     from trajflow.cli import main

@@ -1191,6 +1191,24 @@ def test_exit_codes_follow_the_pod_failure_policy(tmp_path):
     assert manifest_key("preprocess", 0) == "resampled/_done/00000.json"
 
 
+def test_a_shard_failed_for_good_is_recorded_for_training_until_its_next_attempt(local_storage, tmp_path):
+    from trajflow.config import GlobalConfig, StageSettings
+    from trajflow.preprocess.stage import run_shard
+    from trajflow.storage.manifest import read_failure
+
+    files, _, _ = bad_corpus(tmp_path / "src", np.random.default_rng(2), good=4)
+    publish_raw_shard(local_storage, 0, files)
+    settings = StageSettings(GlobalConfig.model_validate({"runId": "pp"}), stage_config(), 0, 1)
+    with pytest.raises(PermanentError) as info:
+        run_shard(settings, storage=local_storage)
+    record = read_failure(local_storage, "preprocess", 0)
+    assert record is not None and record["error"] == str(info.value) and record["shards"] == 1
+
+    settings = StageSettings(GlobalConfig.model_validate({"runId": "pp"}), stage_config(max_bad_fraction=1.0), 0, 1)
+    run_shard(settings, storage=local_storage)
+    assert read_failure(local_storage, "preprocess", 0) is None and read_manifest(local_storage, "preprocess", 0)
+
+
 def test_metrics_are_pushed_per_shard(local_storage, mixed, pushgateway, monkeypatch):
     from trajflow.config import GlobalConfig, StageSettings
     from trajflow.metrics import Pusher
@@ -1405,6 +1423,27 @@ def test_lerobot_info_in_another_shard_names_the_robot(local_storage, tmp_path, 
     local_storage.delete(f"raw/00001/{info_key}")  # shard 1 done without it: nothing to wait for
     process_shard(local_storage, 0, 2, cfg)
     assert json.loads(local_storage.read_bytes(report_key(0)))["reasons"] == {"missing_time": 1}
+
+
+def test_a_wait_for_a_datasets_info_ends_when_its_download_shard_failed_for_good(local_storage, monkeypatch):
+    import trajflow.storage.wait as wait_module
+    from trajflow.plan import Item, load_or_create_plan
+    from trajflow.storage.manifest import record_failure
+    from trajflow.storage.wait import UpstreamFailed
+
+    data_key, info_key = "lr/data/chunk-000/episode_000000.parquet", "lr/meta/info.json"
+    load_or_create_plan(local_storage, 2, "g", lambda: [Item(data_key, 1), Item(info_key, 1)])
+    publish_raw_shard(local_storage, 0, {data_key: b"not read"}, shards=2, generation="g")
+    record_failure(local_storage, "download", 1, 2, "g", "1 item(s) failed permanently: lr/meta/info.json: 403")
+    cfg = stage_config(robot="unknown", max_bad_fraction=1.0)
+    with pytest.raises(TransientError, match=r"download shard 00001, which holds it, is not done \(.*\); download "
+                                             r"shard 1 failed for good: 1 item\(s\) failed permanently: "
+                                             r"lr/meta/info.json: 403: fix that, then raise downloader.rerun"):
+        process_shard(local_storage, 0, 2, cfg, download_generation="g")
+    monkeypatch.setattr(wait_module, "FAILED_UPSTREAM_GRACE_S", 0.5)
+    with pytest.raises(UpstreamFailed, match=r"download shard 1 failed for good: .*no rerun of it began in 0s"):
+        process_shard(local_storage, 0, 2, cfg, wait_s=600, download_generation="g")
+    assert not local_storage.exists(manifest_key("preprocess", 0))
 
 
 def test_the_plan_header_names_the_part_holding_a_datasets_info_file(local_storage, monkeypatch):

@@ -621,3 +621,68 @@ def test_the_plan_in_use_is_read_by_its_fields_only(local_storage, peak_in_small
     fields, peak = peak_in_small_chunks(lambda: plan_in_use(local_storage, "download", 3))
     assert fields == {"generation": "g", "plan_fingerprint": "f"}
     assert local_storage.stat("plan/download.json").size > 1_500_000 and peak < 8 * 64 * 1024, peak
+
+
+# ---- an upstream shard that failed for good ---------------------------------------------
+
+
+def test_a_shard_that_failed_for_good_ends_the_wait_once_no_rerun_came(local_storage, caplog):
+    """A failed download shard (exit 3: its index is failed) never writes its manifest: the
+    preprocessing pod waiting for it says why at once and gives up after the grace, instead
+    of holding its GPU until its timeout."""
+    from trajflow.storage.manifest import record_failure
+    from trajflow.storage.wait import FAILED_UPSTREAM_GRACE_S, UpstreamFailed
+
+    write_manifest(local_storage, "download", 0, 4, [], generation="g1")
+    record_failure(local_storage, "download", 3, 4, "g1", "1 item(s) failed permanently, 0 transiently: x.h5: 404")
+    fake = FakeClock()
+    with caplog.at_level("WARNING", logger="trajflow.storage.wait"), pytest.raises(UpstreamFailed) as info:
+        wait_for_shards(local_storage, "download", {0, 3}, timeout_s=48 * 3600, clock=fake.clock, sleep=fake.sleep,
+                        expect_shards=4, download_generation="g1")
+    assert FAILED_UPSTREAM_GRACE_S <= fake.now < FAILED_UPSTREAM_GRACE_S + 60
+    assert str(info.value) == (
+        "download shard 3 failed for good: 1 item(s) failed permanently, 0 transiently: x.h5: 404: fix that, then "
+        "raise downloader.rerun (with this stage's rerun, once its Job has failed); no rerun of it began in 600s")
+    assert info.value.exit_code == ExitCode.TIMEOUT  # retried: a rerun may yet begin
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"download shard 3 failed for good: 1 item(s) failed permanently, 0 transiently: x.h5: 404; "
+                        f"waiting 600s for a rerun of it ({local_storage.uri}/raw/_failed/00003.json)"]
+
+
+def test_a_rerun_of_the_failed_shard_lets_the_wait_go_on(local_storage):
+    from trajflow.storage.manifest import clear_failure, record_failure
+
+    record_failure(local_storage, "preprocess", 1, 2, None, "12 of 40 trajectories are bad")
+    fake = FakeClock()
+
+    def rerun() -> None:
+        if fake.now > 300:  # the upstream pod of the rerun starts, then finishes
+            clear_failure(local_storage, "preprocess", 1)
+        if fake.now > 900:
+            write_manifest(local_storage, "preprocess", 1, 2, [])
+
+    fake.on_sleep = rerun
+    wait_for_shards(local_storage, "preprocess", {1}, timeout_s=3600, clock=fake.clock, sleep=fake.sleep,
+                    expect_shards=2)
+    assert fake.now > 900
+
+
+@pytest.mark.parametrize("shards,generation", [(8, "g1"), (4, "g0")])
+def test_the_failure_of_an_earlier_run_is_not_this_ones(local_storage, shards, generation):
+    from trajflow.storage.manifest import record_failure
+
+    record_failure(local_storage, "download", 0, shards, generation, "gone")
+    fake = FakeClock()
+    with pytest.raises(WaitTimeout) as info:
+        wait_for_shards(local_storage, "download", {0}, timeout_s=3 * 3600, clock=fake.clock, sleep=fake.sleep,
+                        expect_shards=4, download_generation="g1")
+    assert "failed for good" not in str(info.value) and fake.now == pytest.approx(3 * 3600)
+
+
+def test_a_timeout_before_the_grace_names_the_failed_shard(local_storage):
+    from trajflow.storage.manifest import record_failure
+
+    record_failure(local_storage, "download", 2, 4, None, "checksum mismatch")
+    with pytest.raises(WaitTimeout, match=r"under .*/raw/_done: 2; download shard 2 failed for good: checksum "
+                                          r"mismatch: fix that, then raise downloader.rerun"):
+        wait_for_shards(local_storage, "download", {2}, timeout_s=0)

@@ -66,10 +66,11 @@ def _download(args: argparse.Namespace) -> int:
     from trajflow.download.progress import ProgressReporter, human_bytes, human_duration
     from trajflow.config.loader import wanted_download
     from trajflow.download.shard import ShardDownloader, Superseded, raise_for, wait_for_release
-    from trajflow.errors import ConfigError, TrajflowError
+    from trajflow.errors import ConfigError, PermanentError, TrajflowError
     from trajflow.files import replace_file
     from trajflow.metrics import Pusher, download_metrics
     from trajflow.storage import open_run_root
+    from trajflow.storage.manifest import clear_failure, record_failure
     from trajflow.storage.s3 import UPLOAD_CONCURRENCY
 
     env = dict(os.environ)
@@ -104,6 +105,8 @@ def _download(args: argparse.Namespace) -> int:
     pusher.start(config.push_interval_seconds)
     if settings.shard == 0:
         pusher.drop_shards_from(settings.shards)
+    if not args.plan_only:
+        clear_failure(root, "download", settings.shard)
     success = superseded = False
     try:
         downloader = ShardDownloader(
@@ -144,6 +147,10 @@ def _download(args: argparse.Namespace) -> int:
         return 0
     except Superseded:
         superseded = True
+        raise
+    except PermanentError as exc:
+        if not args.plan_only:  # the preprocessing shard waiting for this one stops instead of holding its GPU
+            record_failure(root, "download", settings.shard, settings.shards, config.generation_id(), str(exc))
         raise
     finally:
         pusher.stop(success, interrupted=STOPPING.is_set(), final=not superseded)

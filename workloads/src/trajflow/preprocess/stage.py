@@ -55,7 +55,8 @@ from trajflow.storage import (
     update_manifest,
     write_manifest,
 )
-from trajflow.storage.wait import storage_failure
+from trajflow.storage.manifest import clear_failure, record_failure
+from trajflow.storage.wait import UpstreamFailures, storage_failure
 from trajflow.threads import ordered_map
 
 log = logging.getLogger(__name__)
@@ -225,10 +226,12 @@ def _await_info(storage: Storage, key: str, item: dict[str, Any], shard: int, sh
     that shard is done (for ``shards`` and ``generation``, when given): whether ``key`` is
     this download's then. TransientError (retried) at ``deadline`` (monotonic)."""
     delay, told = 1.0, None
+    failures = UpstreamFailures(storage, "download", shards, generation)
     while not _verified_for_plan(storage, key, item):
         done = _done_download(storage, shard, shards, generation)
         if done is not None:
             return key in {entry.get("key") for entry in done.get("items") or [] if isinstance(entry, dict)}
+        failures.poll([shard])
         left = deadline - time.monotonic()
         # a wait of hours holding a GPU: said at its start and every few minutes
         if left > 0 and (told is None or time.monotonic() - told >= INFO_WAIT_LOG_INTERVAL_S):
@@ -239,7 +242,8 @@ def _await_info(storage: Storage, key: str, item: dict[str, Any], shard: int, sh
             raise TransientError(
                 f"{storage.uri}/{key} is not downloaded yet: its dataset's episodes take their rate and robot from "
                 f"it, and download shard {shard_name(shard)}, which holds it, is not done"
-                + (f" after waiting {wait_s:.0f}s" if wait_s else " (`trajflow preprocess --wait` waits for it)"))
+                + (f" after waiting {wait_s:.0f}s" if wait_s else " (`trajflow preprocess --wait` waits for it)")
+                + (f"; {failures.explain([shard])}" if failures.explain([shard]) else ""))
         time.sleep(min(delay, left))
         delay = min(2 * delay, 30.0)
     return True
@@ -1171,11 +1175,15 @@ def run_shard(settings: Any, storage: Storage | None = None, shard: int | None =
             pusher.drop_shards_from(settings.shards)
 
     ok = interrupted = False
+    clear_failure(storage, "preprocess", shard)
     try:
         summary = ShardProcessor(storage, shard, settings.shards, settings.config, metrics, wait_s=wait_s,
                                  started=started, download_generation=settings.download_generation).run()
         ok = True
         return summary
+    except PermanentError as exc:  # training, waiting for every shard, stops instead of holding its GPUs
+        record_failure(storage, "preprocess", shard, settings.shards, settings.download_generation, str(exc))
+        raise
     except KeyboardInterrupt:  # SIGTERM (Terminated) or Ctrl-C: resumed by a retry, not failed
         interrupted = True
         raise

@@ -3,6 +3,7 @@
     <root>/plan/download.json          header of the partition plan in use (the plan: plan/download-<n>-<gen>/)
     <root>/raw/<shard>/...             downloaded items
     <root>/raw/_done/<shard>.json      shard manifest — written last
+    <root>/raw/_failed/<shard>.json    a shard that failed for good (exit 3), until its next attempt
     <root>/resampled/<shard>.*         fixed-rate shards + resampled/_done/<shard>.json
     <root>/train/checkpoints/, train/artifacts/
 
@@ -16,6 +17,7 @@ import datetime as dt
 import json
 import logging
 import re
+import time
 from typing import Any, BinaryIO
 
 from trajflow.storage.base import ObjectInfo, Storage
@@ -77,6 +79,49 @@ def update_manifest(storage: Storage, stage: str, shard: int, doc: dict[str, Any
 
 def _write(storage: Storage, key: str, doc: dict[str, Any]) -> None:
     storage.write_bytes(key, json.dumps(doc, indent=1, sort_keys=True).encode())
+
+
+def failure_key(stage: str, shard: int) -> str:
+    return f"{STAGE_DIRS[stage]}/_failed/{shard_name(shard)}.json"
+
+
+def record_failure(storage: Storage, stage: str, shard: int, shards: int, generation: str | None,
+                   error: str) -> None:
+    """Record that ``shard`` failed in a way no retry changes (exit 3: the chart fails its
+    index), so that the stage after it, waiting for the shard, says why and stops instead of
+    holding its GPUs until its timeout (`trajflow.storage.wait`). ``generation``: the download
+    the shard worked for. The shard's next attempt removes it (`clear_failure`). Never raises:
+    the failure itself is what the shard reports."""
+    doc = {"shard": shard, "shards": shards, "generation": generation, "error": error, "time": round(time.time(), 3)}
+    try:
+        _write(storage, failure_key(stage, shard), doc)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("cannot record the failure in %s/%s: %s", storage.uri, failure_key(stage, shard), exc)
+
+
+def clear_failure(storage: Storage, stage: str, shard: int) -> None:
+    """Remove the record of an earlier attempt's failure: the shard is being tried again."""
+    try:
+        storage.delete(failure_key(stage, shard))
+    except Exception as exc:  # noqa: BLE001 - the wait then stops on it later (a rerun clears it)
+        log.warning("cannot remove %s/%s: %s", storage.uri, failure_key(stage, shard), exc)
+
+
+def read_failure(storage: Storage, stage: str, shard: int) -> dict[str, Any] | None:
+    """The record of ``shard``'s failure (`record_failure`), or None: none, or unreadable."""
+    try:
+        doc = json.loads(storage.read_bytes(failure_key(stage, shard)))
+    except FileNotFoundError:
+        return None
+    except ValueError:  # torn or foreign: its shard's next failure writes it again
+        return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("error"), str) else None
+
+
+def failed_shards(storage: Storage, stage: str) -> set[int]:
+    """Numbers of the shards with a failure record (one listing)."""
+    names = (info.key.rsplit("/", 1)[-1] for info in storage.list(f"{STAGE_DIRS[stage]}/_failed/"))
+    return {int(name[:-5]) for name in names if name.endswith(".json") and name[:-5].isdigit()}
 
 
 def read_manifest(storage: Storage, stage: str, shard: int) -> dict[str, Any] | None:

@@ -27,7 +27,8 @@ from typing import Any, Callable
 from trajflow.errors import ConfigError, TrajflowError, TransientError, WaitTimeout
 from trajflow.plan import read_plan_in_use
 from trajflow.storage.base import ObjectInfo, Storage
-from trajflow.storage.manifest import PLAN_KEY, STAGE_DIRS, done_manifests, manifest_key, read_manifest_fields
+from trajflow.storage.manifest import (PLAN_KEY, STAGE_DIRS, done_manifests, failed_shards, failure_key, manifest_key,
+                                       read_failure, read_manifest_fields)
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +217,64 @@ _UNUSABLE_ROOT = {
 }
 
 
+# how long a wait goes on after the shard it waits for failed for good (exit 3), for a rerun
+# of that shard to begin: a rerun raises both stages' `rerun` at once, and until the
+# upstream pod starts, the record of its earlier failure is still there
+FAILED_UPSTREAM_GRACE_S = 600.0
+_CHART = {"download": "downloader", "preprocess": "preprocessing"}
+
+
+class UpstreamFailed(WaitTimeout):
+    """The shard waited for failed for good and nothing reran it (exit 6: the pod is retried,
+    and gives up too once no rerun came)."""
+
+
+class UpstreamFailures:
+    """The failure records (`trajflow.storage.manifest.record_failure`) of the upstream
+    shards a wait is missing: each is logged once, forgotten when a new attempt of its shard
+    removes it, and ends the wait once it has stood for `FAILED_UPSTREAM_GRACE_S`. Records of another shard
+    count or download generation belong to an earlier run and are ignored."""
+
+    def __init__(self, storage: Storage, stage: str, expect_shards: int | None, download_generation: str | None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.storage, self.stage, self.clock, self.grace_s = storage, stage, clock, FAILED_UPSTREAM_GRACE_S
+        self.expect_shards, self.generation = expect_shards, download_generation
+        self.seen: dict[int, tuple[float, str]] = {}  # shard -> (when first seen, what failed)
+
+    def _why(self, shard: int) -> str | None:
+        doc = read_failure(self.storage, self.stage, shard)
+        if doc is None or (self.expect_shards is not None and doc.get("shards") != self.expect_shards) \
+                or (self.generation is not None and doc.get("generation") != self.generation):
+            return None
+        return " ".join(doc["error"].split())
+
+    def poll(self, missing: list[int]) -> None:
+        """Look at the records of the ``missing`` shards (one listing); raises UpstreamFailed."""
+        listed = failed_shards(self.storage, self.stage) & set(missing) if missing else set()
+        for shard in list(self.seen):
+            if shard not in listed:
+                del self.seen[shard]  # rerun, or done
+        for shard in sorted(listed - set(self.seen)):
+            why = self._why(shard)
+            if why is not None:
+                self.seen[shard] = (self.clock(), why)
+                log.warning("%s shard %d failed for good: %s; waiting %.0fs for a rerun of it (%s/%s)", self.stage, shard,
+                          why, self.grace_s, self.storage.uri, failure_key(self.stage, shard))
+        late = sorted(s for s, (since, _) in self.seen.items() if self.clock() - since >= self.grace_s)
+        if late:
+            raise UpstreamFailed(self.explain(late) + f"; no rerun of it began in {self.grace_s:.0f}s")
+
+    def explain(self, shards: list[int]) -> str:
+        """What the failed ones among ``shards`` say, and what to do ("" when none failed)."""
+        failed = [s for s in shards if s in self.seen]
+        if not failed:
+            return ""
+        said = "; ".join(f"{self.stage} shard {s} failed for good: {self.seen[s][1]}" for s in failed[:3])
+        more = f" (and {len(failed) - 3} more)" if len(failed) > 3 else ""
+        return (f"{said}{more}: fix that, then raise {_CHART[self.stage]}.rerun (with this stage's rerun, once its "
+                "Job has failed)")
+
+
 def plan_in_use(storage: Storage, stage: str, expect_shards: int | None) -> dict[str, Any]:
     """What a download manifest must record to belong to the plan in use (nothing for a
     stage without a plan, no plan yet, or a plan of another shard count than expected)."""
@@ -272,6 +331,7 @@ def wait_for_shards(
     plan_seen: Any = None
     plan_fields: dict[str, Any] = {}
     told: tuple[list[int], float] | None = None  # what was last said, and when
+    failures = UpstreamFailures(storage, stage, expect_shards, download_generation, clock)
     while True:
         try:
             listing = {s: info for s, info in done_manifests(storage, stage).items() if s in shards}
@@ -320,10 +380,22 @@ def wait_for_shards(
         if not missing:
             log.info("all %d %s shard(s) are done", len(shards), stage)
             return
+        if last_error is None:  # the records are read as the manifests were
+            try:
+                failures.poll(missing)
+            except UpstreamFailed:
+                raise
+            except Exception as exc:
+                fatal = fatal_storage_error(exc, where, "read")
+                if fatal is not None:
+                    raise fatal from None
+                last_error = exc
         remaining = deadline - clock()
         if remaining <= 0:
             shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
             message = f"timed out after {timeout_s:.0f}s waiting for {len(missing)} {stage} shard(s) under {where}: {shown}"
+            if failures.explain(missing):
+                message += "; " + failures.explain(missing)
             if stale:
                 shown_stale = "; ".join(f"shard {s} {stale[s]}" for s in sorted(stale)[:5])
                 more = "; ..." if len(stale) > 5 else ""
