@@ -375,11 +375,17 @@ def test_bad_inputs_are_quarantined_and_the_rest_is_written(local_storage, tmp_p
     assert read_manifest(local_storage, "preprocess", 0)["quarantined"] == len(expected)
 
 
-def test_too_many_bad_trajectories_fail_the_shard(local_storage, tmp_path):
+def test_too_many_bad_trajectories_fail_the_shard(local_storage, tmp_path, caplog):
     files, _, _ = bad_corpus(tmp_path / "src", np.random.default_rng(2), good=4)
     publish_raw_shard(local_storage, 0, files)
-    with pytest.raises(PermanentError, match=r"7 of 11 trajectories are bad .*maxBadFraction 5.0%.*report"):
+    with caplog.at_level(logging.WARNING, logger="trajflow.preprocess"), \
+            pytest.raises(PermanentError, match=r"7 of 11 trajectories are bad .*maxBadFraction 5.0%.*report") as info:
         process_shard(local_storage, 0, 1, stage_config())
+    # the first few named in the error itself (the report may lie where the on-call cannot read), each logged
+    quarantined = [r.getMessage() for r in caplog.records if r.getMessage().startswith("quarantined raw/00000/")]
+    assert len(quarantined) == 7
+    named = [q for q in quarantined if q.removeprefix("quarantined ") in str(info.value).split("; first: ", 1)[1]]
+    assert len(named) == 3, (info.value, quarantined)
     assert read_manifest(local_storage, "preprocess", 0) is None
     assert not local_storage.exists(shard_key(0))
     report = json.loads(local_storage.read_bytes(report_key(0)))  # kept to debug the data

@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import queue
+import textwrap
 import threading
 import time
 from collections import Counter
@@ -338,7 +339,8 @@ class QuarantineReport:
 
     def add(self, q: Quarantined) -> None:
         self.entries.append(q)
-        self._log.log(logging.INFO, "quarantined trajectories", "quarantined %s%s: %s: %s", q.source,
+        # a warning: the data has a problem someone may need to fix (README's log search finds it)
+        self._log.log(logging.WARNING, "quarantined trajectories", "quarantined %s%s: %s: %s", q.source,
                       f" episode {q.episode}" if q.episode else "", q.reason, q.detail)
 
     def counts(self) -> dict[str, int]:
@@ -1025,9 +1027,12 @@ class ShardProcessor:
             hint = ""
             if set(self.summary.quarantined) == {readers.MISSING_STREAM} and not self.summary.episodes:
                 hint = " (no trajectory has the configured streams: check preprocessing.config.streams, renames, sources)"
+            # the first few by name: the report may sit in a bucket the on-call cannot read
+            first = "; ".join(f"{q.source}{f' episode {q.episode}' if q.episode else ''}: {q.reason}: "
+                              f"{textwrap.shorten(q.detail, 160, placeholder=' ...')}" for q in self.report.entries[:3])
             raise PermanentError(
                 f"shard {shard_name(self.shard)}: {' and '.join(over)} > maxBadFraction {limit:.1%} ({top}){hint}; "
-                f"see {self.storage.uri}/{report_key(self.shard)}"
+                f"first: {first}; see {self.storage.uri}/{report_key(self.shard)}"
             )
 
     def _remove_foreign_manifests(self) -> None:
