@@ -82,8 +82,10 @@ def test_every_alert_has_unit_tests_that_pass(default_objects, tmp_path):
     assert "SUCCESS" in result.stdout
 
 
-def run_unit_tests(tmp_path: Path, values: dict, tests: list[dict]) -> str:
-    write_rule_file(rule_groups(render_monitoring(values)), tmp_path / "rules.yaml", keep_descriptions=False)
+def run_unit_tests(tmp_path: Path, values: dict, tests: list[dict], keep_descriptions: bool = False,
+                   release: str = "trajflow") -> str:
+    write_rule_file(rule_groups(render_monitoring(values, release=release)), tmp_path / "rules.yaml",
+                    keep_descriptions=keep_descriptions)
     spec = {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": tests}
     (tmp_path / "t.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     result = promtool("test", "rules", "t.yaml", cwd=tmp_path)
@@ -109,6 +111,26 @@ def test_a_higher_threshold_silences_what_the_default_reports(tmp_path):
     run_unit_tests(tmp_path, {"prometheusRule": {"alerts": {"downloadErrorRatio": {"threshold": 0.5}}}},
                    [{"interval": "1m", "input_series": ERROR_RATIO_SERIES, "alert_rule_test": [
                        {"eval_time": "15m", "alertname": "TrajflowDownloadErrorRatioHigh", "exp_alerts": []}]}])
+
+
+@needs_promtool
+@pytest.mark.parametrize("stage,component", [("download", "downloader"), ("preprocess", "preprocessing"),
+                                             ("train", "training")])
+def test_a_failed_shard_alert_gives_the_command_that_shows_why(tmp_path, stage, component):
+    labels = f'namespace="trajflow", release="exp", job="trajflow", run="r1", stage="{stage}", shard="3"'
+    series = [{"series": f"trajflow_stage_end_time_seconds{{{labels}}}", "values": "300x60"},
+              {"series": f"trajflow_stage_success{{{labels}}}", "values": "0x60"}]
+    (rule,) = [r for g in rule_groups(render_monitoring(release="exp")) for r in g["rules"]
+               if r["alert"] == "TrajflowShardFailed"]
+    described = rule["annotations"]["description"].split("kubectl -n {{", 1)[0]  # the text before the command
+    command = (f"kubectl -n trajflow logs -l app.kubernetes.io/instance=exp,app.kubernetes.io/component={component},"
+               "batch.kubernetes.io/job-completion-index=3 --tail=5")
+    run_unit_tests(tmp_path, {}, [{"interval": "1m", "input_series": series, "alert_rule_test": [
+        {"eval_time": "45m", "alertname": "TrajflowShardFailed", "exp_alerts": [
+            {"exp_labels": {"severity": "warning", "release": "exp", "namespace": "trajflow", "run": "r1", "stage": stage,
+                            "shard": "3"},
+             "exp_annotations": {"summary": f"Stage {stage} shard 3 of run r1 failed",
+                                 "description": described + command}}]}]}], keep_descriptions=True, release="exp")
 
 
 @needs_promtool

@@ -69,7 +69,7 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
     {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
   annotations:
     summary: {{ `Job {{ $labels.namespace }}/{{ $labels.job_name }} failed` | quote }}
-    description: {{ `The Job has the Failed condition: a shard ran out of retries, a config error (exit 2) or divergence (exit 5) failed it, or its deadline passed. Look at its pods' exit codes with kubectl describe job {{ $labels.job_name }} -n {{ $labels.namespace }}. A Job that a newer Job of its stage replaced does not alert.` | quote }}
+    description: {{ `The Job has the Failed condition: a shard ran out of retries, a config error (exit 2) or divergence (exit 5) failed it, or its deadline passed. Look at its pods' exit codes with kubectl describe job {{ $labels.job_name }} -n {{ $labels.namespace }}; kubectl get job {{ $labels.job_name }} -n {{ $labels.namespace }} -o jsonpath='{.status.failedIndexes}' lists the failed shards. A Job that a newer Job of its stage replaced does not alert.` | quote }}
 {{- end }}{{ end }}
 {{- with $a.shardFailed }}{{ if .enabled }}
 - alert: TrajflowShardFailed
@@ -94,7 +94,7 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
     {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
   annotations:
     summary: {{ `Stage {{ $labels.stage }} shard {{ $labels.shard }} of run {{ $labels.run }} failed` | quote }}
-    description: {{ printf "The shard's last push says it ended without success, and no retry has pushed for %s: it is out of retries, failed in a way no retry changes (exit 2 config, 3 permanent, 5 diverged), or its retry waits for a node. Its Job is marked failed only once every other shard has ended. kubectl describe on the shard's pod shows why it failed (its last log line)." .for | quote }}
+    description: {{ printf "The shard's last push says it ended without success, and no retry has pushed for %s: it is out of retries, failed in a way no retry changes (exit 2 config, 3 permanent, 5 diverged), or its retry waits for a node. Its Job is marked failed only once every other shard has ended. Why it failed is its log's last line: kubectl -n {{ $labels.namespace }} logs -l app.kubernetes.io/instance=%s,app.kubernetes.io/component={{ if eq $labels.stage \"download\" }}downloader{{ else if eq $labels.stage \"preprocess\" }}preprocessing{{ else }}training{{ end }},batch.kubernetes.io/job-completion-index={{ $labels.shard }} --tail=5" .for $ctx.Release.Name | quote }}
 {{- end }}{{ end }}
 {{- with $a.progressStalled }}{{ if .enabled }}
 - alert: TrajflowProgressStalled
