@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
@@ -252,6 +253,37 @@ def test_a_pod_of_a_replaced_job_exits_2_and_pushes_nothing(server: FaultyServer
         gateway.stop()
 
 
+@pytest.mark.parametrize("taken_over", [False, True])
+def test_a_pod_replaced_while_it_runs_says_it_stopped_unless_the_new_pod_pushed(
+        server: FaultyServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pushgateway, taken_over: bool) -> None:
+    """Its group would otherwise stay "running" with no pushes, which the lost-shard alert
+    reports; once the new Job's pod pushed the group, that pod's figures stand."""
+    import trajflow.download.shard as shard_module
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from trajflow import cli
+    from trajflow.metrics import Pusher, download_metrics
+
+    def replaced(self):  # the release's ConfigMap changed under the running pod
+        if taken_over:
+            newer = download_metrics()
+            newer.start_time.set(time.time() + 5)
+            Pusher(pushgateway.url, newer, run="clirun", shard=0).push()
+        raise shard_module.Superseded("the release now downloads 3 shards")
+
+    monkeypatch.setattr(shard_module.ShardDownloader, "run", replaced)
+    config = write_config(tmp_path, [{"type": "https", "name": "web", "urls": [server.add("/a.bin", payload(10))]}],
+                          pushgateway=pushgateway.url)
+    assert cli.main(["download", "--config", str(config)]) == ExitCode.CONFIG
+    pushed = {s.name: s.value for f in text_string_to_metric_families(pushgateway.metrics_text()) for s in f.samples
+              if s.labels.get("stage") == "download" and s.labels.get("shard") == "0"}
+    if taken_over:
+        assert pushed["trajflow_stage_end_time_seconds"] == 0  # the new pod's, running
+    else:
+        assert pushed["trajflow_stage_end_time_seconds"] > 0 and pushed["trajflow_stage_interrupted"] == 1
+        assert pushed["trajflow_stage_success"] == 0
+
+
 def test_a_new_pod_that_mounted_the_release_before_it_changed_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
     import trajflow.download.shard as shard_module
 
@@ -283,7 +315,6 @@ def test_progress_lines_carry_rate_and_eta(server: FaultyServer, tmp_path: Path)
 
 def test_sigterm_pushes_final_metrics_and_exits_for_a_retry(server: FaultyServer, tmp_path: Path) -> None:
     import signal
-    import time
 
     server.rate_bytes_per_s = 1 << 20
     url = server.add("/slow.bin", payload(20 << 20))
@@ -322,7 +353,6 @@ def test_sigterm_while_planning_stops_instead_of_sleeping_out_the_retries(server
     """A throttled HEAD of each URL, many attempts with long backoffs: the pod's grace period
     is 30 s, planning's retries would take many minutes."""
     import signal
-    import time
 
     urls = [server.add(f"/{i}.bin", payload(1000, seed=i)) for i in range(4)]
     for i in range(4):

@@ -312,3 +312,18 @@ def test_a_process_forgets_what_its_earlier_attempt_pushed_last(pushgateway):
     assert [(g["labels"]["shard"], g["labels"]["local_rank"]) for g in pushgateway.groups()] == [("1", "0")]
     Pusher("", train_metrics(), run="run-x", shard="1").forget()  # no Pushgateway: nothing to do
     assert len(pushgateway.groups()) == 1
+
+
+def test_a_process_tells_whether_its_group_was_taken_over(pushgateway, monkeypatch):
+    """A download pod of a Job an upgrade replaced pushes its last state only while no pod of
+    the new Job has pushed the shard's group: a stop would show the new one's shard ended."""
+    monkeypatch.setenv("TRAJFLOW_NAMESPACE", "ml")
+    old, new = download_metrics(), download_metrics()
+    old.start_time.set(1_765_000_000.125)
+    old_pusher = Pusher(pushgateway.url, old, run="r", shard=3)
+    assert old_pusher.group_is_mine() is False  # nothing pushed yet
+    assert old_pusher.push() and old_pusher.group_is_mine()
+    new.start_time.set(1_765_000_042.5)
+    assert Pusher(pushgateway.url, new, run="r", shard=3).push()
+    assert old_pusher.group_is_mine() is False
+    assert Pusher("http://127.0.0.1:9", old, run="r", shard=3).group_is_mine() is False  # unknown: not mine

@@ -97,7 +97,7 @@ def _download(args: argparse.Namespace) -> int:
     root = open_run_root(settings.global_, upload_threads=upload_threads, max_pool=config.concurrency + upload_threads + 8)
     metrics = download_metrics()
     metrics.start_time.set(time.time())
-    # a pod of a Job an upgrade replaced pushes nothing: its shard's group is the new Job's too
+    # a pod of a Job an upgrade replaced before it started pushes nothing: its shard's group is the new Job's
     wait_for_release(lambda: wanted_download(env), settings.shards, config.generation_id())
     # a plan alone fetches nothing: its push would replace the shard's real figures with zeros
     url = "" if args.plan_only else settings.global_.metrics.pushgateway_url
@@ -153,5 +153,8 @@ def _download(args: argparse.Namespace) -> int:
             record_failure(root, "download", settings.shard, settings.shards, config.generation_id(), str(exc))
         raise
     finally:
-        pusher.stop(success, interrupted=STOPPING.is_set(), final=not superseded)
+        # a pod of a Job an upgrade replaced says it stopped (no failure), unless its shard's
+        # group is the new Job's pod's already; left running, it would look lost
+        pusher.stop(success, interrupted=STOPPING.is_set() or superseded,
+                    final=not superseded or pusher.group_is_mine())
         sys.stdout.flush()

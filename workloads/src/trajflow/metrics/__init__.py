@@ -255,6 +255,37 @@ class Pusher:
         kept = [dict(k) for k in keep]
         self._drop(lambda labels: labels not in kept, "other processes", "a run with more processes")
 
+    def _groups(self) -> list[Any]:
+        """Every group of the Pushgateway, in one answer (far larger than a push)."""
+        import json
+        import urllib.request
+
+        base = (self.url if "://" in self.url else f"http://{self.url}").rstrip("/")
+        with urllib.request.urlopen(f"{base}/api/v1/metrics", timeout=max(self.timeout, 30)) as resp:  # noqa: S310
+            groups = json.load(resp)["data"]
+        if not isinstance(groups, list):
+            raise ValueError(f"not the Pushgateway's group list: {str(groups)[:200]}")
+        return groups
+
+    def group_is_mine(self) -> bool:
+        """Whether this process is still the one pushing its group: no other process (the pod
+        of a newer Job, for the same shard) pushed it since. False when that is unknown."""
+        mine = self.metrics.registry.get_sample_value("trajflow_stage_start_time_seconds")
+        if not self.url or not mine:
+            return False
+        try:
+            groups = self._groups()
+        except Exception as exc:  # noqa: BLE001  metrics never fail the data work
+            log.warning("could not list the Pushgateway groups at %s: %s", self.url, exc)
+            return False
+        key = {"job": PUSH_JOB, **self.grouping}
+        for group in groups:
+            if isinstance(group, dict) and group.get("labels") == key:
+                samples = (group.get("trajflow_stage_start_time_seconds") or {}).get("metrics") or []
+                # a start time is this process's alone (another pod's differs by far more)
+                return any(abs(float(sample.get("value", "nan")) - mine) < 1e-3 for sample in samples)
+        return False
+
     def _drop(self, stale: Callable[[dict[str, str]], bool], which: str, why: str) -> None:
         """Delete this run's groups of this stage for which ``stale(grouping labels)``, and,
         in a release (the pod names it), this stage's groups of the release's other runs: a
@@ -262,23 +293,16 @@ class Pusher:
         slow each later push (the Pushgateway checks a push against all it holds)."""
         if not self.url:
             return
-        import json
         import urllib.error
-        import urllib.request
 
         from prometheus_client import delete_from_gateway
 
-        base = (self.url if "://" in self.url else f"http://{self.url}").rstrip("/")
         # this stage's groups; the namespace also when this pusher has none, and this
         # release's or none (an earlier version pushed none; its pods are gone)
         same = {"namespace": None, **{k: self.grouping[k] for k in ("stage", "namespace") if k in self.grouping}}
         run, release = self.grouping["run"], self.grouping.get("release")
         try:
-            # every group of the Pushgateway in one answer: far larger than a push
-            with urllib.request.urlopen(f"{base}/api/v1/metrics", timeout=max(self.timeout, 30)) as resp:  # noqa: S310
-                groups = json.load(resp)["data"]
-            if not isinstance(groups, list):
-                raise ValueError(f"not the Pushgateway's group list: {str(groups)[:200]}")
+            groups = self._groups()
         except Exception as exc:  # noqa: BLE001  metrics never fail the data work
             log.warning("could not list the Pushgateway groups at %s to remove those of %s and of earlier runs: %s",
                         self.url, which, exc)

@@ -96,6 +96,22 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
     summary: {{ `Stage {{ $labels.stage }} shard {{ $labels.shard }} of run {{ $labels.run }} failed` | quote }}
     description: {{ printf "The shard's last push says it ended without success, and no retry has pushed for %s: it is out of retries, failed in a way no retry changes (exit 2 config, 3 permanent, 5 diverged), or its retry waits for a node. Its Job is marked failed only once every other shard has ended. Why it failed is its log's last line: kubectl -n {{ $labels.namespace }} logs -l app.kubernetes.io/instance=%s,app.kubernetes.io/component={{ if eq $labels.stage \"download\" }}downloader{{ else if eq $labels.stage \"preprocess\" }}preprocessing{{ else }}training{{ end }},batch.kubernetes.io/job-completion-index={{ $labels.shard }} --tail=5" .for $ctx.Release.Name | quote }}
 {{- end }}{{ end }}
+{{- with $a.shardLost }}{{ if .enabled }}
+- alert: TrajflowShardLost
+  {{- /* a batch shard pushes while it runs and once at its end (a SIGTERM included): a
+  group still running that stopped pushing lost its process with no word. Training pushes
+  at its end only; its ranks are scraped */}}
+  expr: |
+    max by ({{ $byShard }}) (trajflow_stage_end_time_seconds{{ $push }} == 0)
+    and on ({{ $byShard }})
+    (time() - max by ({{ $byShard }}) (push_time_seconds{{ $push }})) > {{ include "monitoring.seconds" $running }}
+  for: {{ .for }}
+  labels:
+    {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
+  annotations:
+    summary: {{ `Stage {{ $labels.stage }} shard {{ $labels.shard }} of run {{ $labels.run }} stopped pushing without finishing` | quote }}
+    description: {{ printf "The shard's process ended with no final push %s ago, and no retry has pushed since: it was killed by SIGKILL (OOMKilled: its memory limit; the grace period passed), its node was lost, or a native library hung it (its log then ends in 'Timeout' and thread stacks). A retry waiting for a node or an image also counts until it starts. kubectl -n {{ $labels.namespace }} get pods -l app.kubernetes.io/instance=%s,app.kubernetes.io/component={{ if eq $labels.stage \"download\" }}downloader{{ else }}preprocessing{{ end }},batch.kubernetes.io/job-completion-index={{ $labels.shard }} -o wide, then kubectl describe pod on them: Last State gives the reason and exit code." $running $ctx.Release.Name | quote }}
+{{- end }}{{ end }}
 {{- with $a.progressStalled }}{{ if .enabled }}
 - alert: TrajflowProgressStalled
   expr: |
