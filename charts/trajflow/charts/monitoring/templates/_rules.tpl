@@ -333,6 +333,17 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
     summary: {{ `The newest checkpoint of run {{ $labels.run }} is {{ $value | humanizeDuration }} old` | quote }}
     description: {{ printf "Training is running but has written no checkpoint for more than %s (counted from the start before the first one). A crash now loses that much work: check that rank 0 can write to the run root, or checkpoint more often (training.config.checkpoints.everySteps)." .maxAge | quote }}
 {{- end }}{{ end }}
+{{- with $a.trainingRestarted }}{{ if .enabled }}
+- alert: TrajflowTrainingRestarted
+  expr: |
+    max by (namespace, run, shard) (trajflow_train_restarts{{ $live }}) > 0
+  for: {{ .for }}
+  labels:
+    {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
+  annotations:
+    summary: {{ `The elastic agent of training node {{ $labels.shard }} (run {{ $labels.run }}) restarted its workers {{ $value }} time(s)` | quote }}
+    description: {{ printf "A worker failed, or a node left or joined the rendezvous, and the group started again from the last checkpoint: a crash (its traceback in the pod log), a rank killed for memory, a collective that timed out on a hung or lost peer, or a training pod rescheduled. Each restart redoes the steps since that checkpoint; after training.maxRestarts the pod fails. kubectl -n {{ $labels.namespace }} logs -l app.kubernetes.io/instance=%s,app.kubernetes.io/component=training,batch.kubernetes.io/job-completion-index={{ $labels.shard }} shows the first failure." $ctx.Release.Name | quote }}
+{{- end }}{{ end }}
 {{- end -}}
 
 {{/* The rule groups; a group whose alerts are all disabled is left out. */}}
