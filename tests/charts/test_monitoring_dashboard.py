@@ -103,6 +103,12 @@ EXPECTED: dict[str, list[tuple[str, float]]] = {
     "panel 'Shards succeeded' A": [('{stage="download"}', 1), ('{stage="preprocess"}', 2),
                                    (OTHER_RELEASES + 'stage="download"}', 1)],
     "panel 'Shards failed' A": [('{stage="download"}', 1), ('{stage="train"}', 1)],
+    # by name, with the time since the last push: the failed ones, and the killed ones (lost)
+    "panel 'Shards needing attention' A": [
+        ('{run="new", stage="download", shard="1", state="failed"}', 100),
+        ('{run="r2", stage="train", shard="0", state="failed"}', 150),
+        ('{run="new", stage="download", shard="2", state="lost"}', 180),
+        ('{run="r1", stage="preprocess", shard="3", state="lost"}', 260)],
     "panel 'Time since last progress' A": [
         ('{stage="download", shard="0"}', 30), ('{stage="train", shard="0"}', 20), ('{stage="preprocess", shard="2"}', 10)],
     "panel 'Shard wall time' B": [
