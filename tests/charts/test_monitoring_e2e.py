@@ -207,7 +207,7 @@ def test_every_dashboard_query_runs_and_rules_evaluate_cleanly(prometheus, pushg
             break
         time.sleep(0.5)
     rules = [r for g in groups for r in g["rules"]]
-    assert len(rules) == 12
+    assert len(rules) == 14
     unhealthy = {r["name"]: r.get("lastError") for r in rules if r["health"] != "ok"}
     assert not unhealthy, unhealthy
 

@@ -223,7 +223,8 @@ def test_service_accounts_carry_workload_identity_and_no_token():
 
 def test_s3_credentials_come_from_an_existing_secret():
     objs = render([env_file("staging")], api_versions=PROMETHEUS_OPERATOR_APIS)
-    assert not select(objs, "PersistentVolumeClaim")
+    # no data claim: the only one is the Pushgateway's, which keeps the shards' outcomes
+    assert [o["metadata"]["name"] for o in select(objs, "PersistentVolumeClaim")] == ["trajflow-pushgateway"]
     for stage in ("downloader", "preprocessing", "training"):
         job = one(objs, "Job", stage)
         for c in [*pod_spec(job).get("initContainers", []), *pod_spec(job)["containers"]]:

@@ -147,6 +147,9 @@ def test_cli(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "trajflow.cli", "demo-data", "--out", str(out), "--rates", "10,20"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "10 Hz is outside" in bad.stderr
+    both = subprocess.run([sys.executable, "-m", "trajflow.cli", "demo-data", "--out", str(out), "--rates", "30,60",
+                           "--robots", "3"], capture_output=True, text=True, timeout=120)
+    assert both.returncode == 2 and "--robots 3 and --rates: give one" in both.stderr  # not one silently ignored
     # a directory the OS refuses (root writes through file modes; a name too long is refused to all)
     unwritable = tmp_path / ("x" * 300)
     bad = subprocess.run([sys.executable, "-m", "trajflow.cli", "demo-data", "--out", str(unwritable), "--episodes", "1",

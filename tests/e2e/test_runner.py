@@ -288,6 +288,12 @@ def test_a_second_run_of_the_same_work_dir_is_refused_while_the_first_runs(
         with pytest.raises(TransientError, match=rf"another `trajflow run` \(pid {os.getpid()}\) is running on the "
                                                  rf"run root {root}"):
             other.run()
+        if where == "s3":  # the same store however its endpoint is spelled
+            spelled = s3_server.endpoint.replace("127.0.0.1", "LocalHost") + "/"
+            other = Runner(build_plan([values], [f"global.storage.s3.endpoint={spelled}"]), tmp_path / "third-work",
+                           PlainView(stream=fake.out), command=[sys.executable, str(FAKE)])
+            with pytest.raises(TransientError, match=r"another `trajflow run` .* is running on the run root"):
+                other.run()
     finally:
         thread.join(timeout=60)
     assert first[0].exit_code == 0, fake.out.getvalue()

@@ -392,6 +392,17 @@ def test_too_many_bad_trajectories_fail_the_shard(local_storage, tmp_path, caplo
     assert report["quarantined"] == 7 and report["bad_fraction"] == pytest.approx(7 / 11)
 
 
+def test_a_shard_without_trajectory_files_says_so(local_storage, caplog):
+    """A format matching none of the raw files (CSV here) makes an empty shard, which is no
+    error per shard (a shard may hold only a dataset's metadata): a warning names it."""
+    publish_raw_shard(local_storage, 0, {"logs/ep0.csv": b"t,x\n0,1\n", "logs/ep1.csv": b"t,x\n0,2\n"})
+    with caplog.at_level(logging.WARNING, logger="trajflow.preprocess"):
+        summary = process_shard(local_storage, 0, 1, stage_config())
+    assert summary.episodes == 0 and summary.ignored_files == 2
+    assert any(r.getMessage().startswith("shard 00000: none of its 2 file(s) is a trajectory file preprocessing "
+                                         "reads (e.g. raw/00000/logs/ep0.csv)") for r in caplog.records), caplog.text
+
+
 def test_size_mismatch_and_missing_items_are_quarantined(local_storage):
     rng = np.random.default_rng(3)
     files = {f"npz/ep{i}.npz": npz_bytes(**_npz_episode(rng)) for i in range(3)}

@@ -118,6 +118,17 @@ def test_behaviour_cloning_windows_end_at_the_target_frame(tmp_path: Path, dtype
         assert torch.equal(single_x, x[2]) and torch.equal(single_y, y[2])
 
 
+def test_shards_without_episodes_point_at_preprocessing(tmp_path: Path) -> None:
+    """A format that matched none of the raw files makes empty shards: the error says that,
+    not that training wants two episodes."""
+    storage = LocalStorage(tmp_path)
+    written = write_shard(storage, shard_key(0), [], dtype="float32", rate_hz=10.0, dims={"obs": 2, "act": 1})
+    write_manifest(storage, "preprocess", 0, 1, [written.item()], num_episodes=0, num_frames=0)
+    with pytest.raises(PermanentError, match=r"the preprocessed shards hold no episode: preprocessing read no "
+                                             r"trajectory \(a format that matches none of the raw files"):
+        build_data(open_shards(storage, ["obs", "act"]), TrainConfig(observation="obs", action="act"))
+
+
 def test_forecast_targets_the_frame_after_the_window_and_stride_skips(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path)
     _hand_made_shard(storage)

@@ -286,7 +286,8 @@ def test_cli_without_s3_credentials_is_one_config_error_line(terminal_output, tm
     assert err.strip().splitlines() == [
         "trajflow wait: error: cannot read s3://no-such-run/run-a/raw/_done: no usable S3 credentials (Unable to "
         "locate credentials); give the pod credentials through global.storage.s3.existingSecret (AWS_ACCESS_KEY_ID, "
-        "AWS_SECRET_ACCESS_KEY) or workload identity"
+        "AWS_SECRET_ACCESS_KEY) or workload identity (on your machine: export AWS_ACCESS_KEY_ID and "
+        "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
     ]
 
 
@@ -302,7 +303,8 @@ def test_cli_with_credentials_the_store_refuses_is_one_config_error_line(termina
     assert "Traceback" not in err and len(lines) == 1
     assert lines[0].startswith(f"trajflow wait: error: cannot read s3://{s3_shared_bucket}/run-a/raw/_done: ")
     assert lines[0].endswith("the store does not accept these credentials: check global.storage.s3.existingSecret "
-                             "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or workload identity")
+                             "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or workload identity (on your machine: "
+                             "export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)")
 
 
 def test_read_only_credentials_are_enough_to_wait(s3_server, s3_shared_bucket, tmp_path, monkeypatch):
@@ -543,7 +545,8 @@ def test_a_new_plan_of_this_generation_still_refuses_the_earlier_plans_manifests
     _download_done(local_storage, 0, 1, "aaa", "fa")
     with pytest.raises(WaitTimeout, match=r"shard 0 records generation='aaa' \(expected 'bbb'\) and "
                                           r"plan_fingerprint='fa' \(expected 'fb'\) \(made for another "
-                                          r"downloader.config: its download pods have yet to fetch what it names"):
+                                          r"downloader.config, a source's endpoint included: its download pods have "
+                                          r"yet to fetch what it names"):
         wait_for_shards(local_storage, "download", {0}, timeout_s=0, expect_shards=1, download_generation="bbb")
 
 

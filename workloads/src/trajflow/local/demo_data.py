@@ -422,14 +422,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=".trajflow/demo-source", help="dataset directory (default .trajflow/demo-source)")
     parser.add_argument("--episodes", type=int, default=96, help="episodes over all robots (default 96, at most 10000)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
-    parser.add_argument("--robots", type=int, default=4, help="robots, rates spread over 30..333 Hz (default 4)")
-    parser.add_argument("--rates", type=_rates, default=None, metavar="HZ,HZ,...", help="explicit recording rates, one robot each")
+    parser.add_argument("--robots", type=int, default=None, help="robots, rates spread over 30..333 Hz (default 4)")
+    parser.add_argument("--rates", type=_rates, default=None, metavar="HZ,HZ,...",
+                        help="explicit recording rates, one robot each (instead of --robots)")
     parser.add_argument("--min-seconds", type=float, default=6.0, help="shortest episode (default 6)")
     parser.add_argument("--max-seconds", type=float, default=12.0, help="longest episode (default 12)")
 
 
 def run(args: argparse.Namespace) -> int:
-    rates = args.rates if args.rates else default_rates(args.robots)
+    if args.rates and args.robots is not None:
+        raise ConfigError(f"--robots {args.robots} and --rates: give one (--rates names one robot per rate)")
+    rates = args.rates if args.rates else default_rates(4 if args.robots is None else args.robots)
     spec = DemoSpec(
         episodes=args.episodes,
         seed=args.seed,

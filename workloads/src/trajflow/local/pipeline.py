@@ -361,7 +361,8 @@ def _check_across_stages(values: Values, plans: list[StagePlan]) -> None:
     if down and pre and down.shards != pre.shards:
         raise ConfigError(
             f"{values.origin(['preprocessing', 'shards'])}: preprocessing.shards ({pre.shards}) must equal "
-            f"downloader.shards ({down.shards}): preprocessing shard i consumes download shard i"
+            f"downloader.shards ({down.shards}): preprocessing shard i consumes download shard i; set "
+            "downloader.shards, preprocessing.shards and training.inputShards together"
         )
     if down and pre:
         names = [source.name for source in down.config.sources]

@@ -397,11 +397,14 @@ def print_summary(console: Any, doc: dict[str, Any], stages: list[StageSummary])
     console.print(table)
     for note in notes(doc, stages):
         console.print(note, style="yellow", highlight=False, soft_wrap=True)
+    # shards kept from earlier settings stay so on a rerun: the error may be theirs
+    stale = " (the ones kept from earlier settings too: see above)" if any(s.figures.get("stale_settings") for s in stages) else ""
     if doc["exitCode"] in FINAL_EXIT_CODES:  # a rerun as it is fails again
-        console.print("finished shards are kept: fix what the error above names, then the same command resumes from "
-                      "them", style="yellow", highlight=False)
+        console.print(f"finished shards are kept{stale}: fix what the error above names, then the same command resumes "
+                      "from them", style="yellow", highlight=False)
     elif doc["exitCode"] != 0:
-        console.print("finished shards are kept: the same command, run again, resumes from them", style="yellow", highlight=False)
+        console.print(f"finished shards are kept{stale}: the same command, run again, resumes from them", style="yellow",
+                      highlight=False)
     if doc.get("report"):
         console.print(f"report: {doc['report']}", highlight=False, soft_wrap=True)
     if doc.get("results"):

@@ -194,6 +194,20 @@ ABANDONED_AFTER_S = 60.0  # a temporary unchanged this long, and open nowhere, h
 SWEPT_DIRS = ("plan", "raw/_done", "resampled", "train")
 
 
+def _same_endpoint(endpoint: str) -> str:
+    """An S3 endpoint spelled one way for every spelling of it (case, default port, trailing
+    slash, localhost): two runs on one root must find the same lock. Empty: AWS's own."""
+    from urllib.parse import urlsplit
+
+    if not endpoint:
+        return ""
+    parts = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+    host = (parts.hostname or "").lower()
+    host = "127.0.0.1" if host in ("localhost", "::1") else host
+    port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    return f"{parts.scheme.lower()}://{host}:{port}{parts.path.rstrip('/')}"
+
+
 def _hold_run_lock(path: Path, where: str) -> Any:
     """`path` locked for this process (its stage processes inherit it: `spawn(keep_fds=...)`,
     so a runner killed with -9 leaves it held until the last of its stages, which stop only
@@ -312,7 +326,7 @@ class Runner:
     def _lock_remote_run_root(self) -> Any:
         """A lock file of this machine named by the run root's URI and endpoint: it keeps a
         second run of this machine off an S3 root (runs of other machines are not seen)."""
-        identity = f"{self.storage.uri} {self.plan.global_.storage.s3.endpoint}"
+        identity = f"{self.storage.uri} {_same_endpoint(self.plan.global_.storage.s3.endpoint)}"
         locks = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trajflow" / "run-roots"
         path = locks / f"{hashlib.sha256(identity.encode()).hexdigest()[:24]}.lock"
         try:

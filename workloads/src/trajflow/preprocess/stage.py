@@ -773,6 +773,10 @@ class ShardProcessor:
                 spec = SourceSpec(**{**spec.__dict__, "rate_hz": info.fps})
             work.append(_Work(key, size, fmt, spec, info.robot, whole_allowed=not info.embeds_images))
         self.summary.ignored_files = len(self.report.ignored)
+        if not work and items:
+            log.warning("shard %s: none of its %d file(s) is a trajectory file preprocessing reads (e.g. %s): check "
+                        "preprocessing.config.format (formats: lerobot parquet, robomimic HDF5, npz) and the sources",
+                        shard_name(self.shard), len(items), items[0][0])
         for (source, configured, found), keys in sorted(other_format.items()):
             # not an error: a format setting may leave out part of a dataset on purpose
             log.warning("shard %s: %d %s file(s) of source %r left out, its format being %s (e.g. %s); set "

@@ -37,7 +37,8 @@ _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)|(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(
 WAITING_LOG_INTERVAL_S = 300.0  # a long wait says what it waits for this often, and when that changes
 # ClientError codes that no amount of waiting fixes, with what to check
 _BAD_IDENTITY = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
-_CREDENTIALS_HINT = "global.storage.s3.existingSecret (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or workload identity"
+_CREDENTIALS_HINT = ("global.storage.s3.existingSecret (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or workload identity "
+                     "(on your machine: export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)")
 
 
 def parse_duration(text: str) -> float:
@@ -96,8 +97,8 @@ def manifest_expectations(stage: str, shards: int | None, download_generation: s
         expected[_GENERATION_FIELD[stage]] = download_generation
     return expected
 _OTHER_GENERATION = {
-    "download": " (made for another downloader.config: its download pods have yet to fetch what it names, or they "
-                "run another trajflow version than this pod)",
+    "download": " (made for another downloader.config, a source's endpoint included: its download pods have yet to "
+                "fetch what it names, or they run another trajflow version than this pod)",
     "preprocess": " (made from another download: preprocessing has yet to make them again from the one "
                   "downloader.config names; a finished preprocessing Job does not rerun when only downloader.config "
                   "changes: use a new global.runId, or raise preprocessing.rerun)",

@@ -491,6 +491,12 @@ def build_data(shards: ShardSet, config: TrainConfig) -> TrainData:
     if short:
         log.info("%d of %d episodes are shorter than a sample (%d frames) and are not used",
                  short, len(shards.episodes), need)
+    if not shards.episodes:  # not a training problem: what preprocessing made
+        raise PermanentError(
+            "the preprocessed shards hold no episode: preprocessing read no trajectory (a format that matches none "
+            "of the raw files, streams they lack, every trajectory quarantined); its log and "
+            "resampled/<shard>.report.json say which. Shards kept from earlier settings are remade only under a new "
+            "global.runId, or once resampled/ is deleted")
     train_eps, val_eps = split_episodes(usable, config.val_fraction, config.seed)
     return TrainData(shards, WindowDataset(shards, train_eps, config), WindowDataset(shards, val_eps, config),
                      train_eps, val_eps)
