@@ -110,6 +110,20 @@ def test_cli_exits_6_with_one_line_on_timeout(terminal_output, tmp_path, capsys)
                        f"{(tmp_path / 'run-a').as_uri()}/raw/_done: 0, 1")
 
 
+def test_cli_given_values_takes_the_release_pushgateway_template_as_no_pushing(terminal_output, tmp_path, capsys):
+    """As `trajflow run` does: values files name the in-release Pushgateway with a template
+    only the chart renders, and waiting pushes nothing anyway."""
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"global": {"runId": "run-a", "storage": {"filesystem": {"path": str(tmp_path)}},
+                                                 "metrics": {"pushgatewayUrl": '{{ include "x" . }}'}}}))
+    code = cli.main(["wait", "--stage", "download", "--shards", "0", "--timeout", "1s", "-f", str(values)])
+    assert code == ExitCode.TIMEOUT and "timed out after 1s" in capsys.readouterr().err
+    values.write_text(yaml.safe_dump({"global": {"runId": "{{ .Release.Name }}"}}))  # any other template is refused
+    assert cli.main(["wait", "--stage", "download", "--shards", "0", "--timeout", "1s", "-f", str(values)]) == 2
+    assert "global.runId is a Helm template ({{ .Release.Name }}), which only the chart renders" in \
+        capsys.readouterr().err
+
+
 def test_cli_checks_the_stage_config_before_waiting(terminal_output, tmp_path, capsys):
     """The training init container fails at once on a config the workers would refuse, not
     after every preprocessing shard is done while the GPUs are held."""

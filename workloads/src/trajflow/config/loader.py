@@ -9,6 +9,7 @@ Errors name the file and the key path, one line each.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
 import json
@@ -479,6 +480,40 @@ def load_config_file(path: str | Path, stage: str) -> tuple[GlobalConfig, Any]:
     return glob, config
 
 
+def _templates(node: Any, path: list[str]) -> Iterable[tuple[list[str], str]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _templates(value, [*path, str(key)])
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _templates(value, [*path, str(i)])
+    elif isinstance(node, str) and "{{" in node:
+        yield path, node
+
+
+def untemplated(values: Values) -> Values:
+    """Values given with `-f/--set` outside the chart: what the chart renders with `tpl` has
+    no meaning here. The one such value the charts document, `global.metrics.pushgatewayUrl`
+    naming the release's own Pushgateway, becomes empty (no pushing); any other template is
+    an error naming its key."""
+    merged = copy.deepcopy(values.merged)
+    glob = merged.get("global") or {}
+    for path, text in list(_templates(glob, ["global"])):
+        key = ".".join(path)
+        if path == ["global", "metrics", "pushgatewayUrl"]:
+            log.info(
+                "%s is a Helm template (%s) naming the cluster's Pushgateway; nothing is pushed from here "
+                "(--set global.metrics.pushgatewayUrl=http://127.0.0.1:9091 pushes to a local one)", key, text,
+            )
+            glob["metrics"]["pushgatewayUrl"] = ""
+        else:
+            raise ConfigError(
+                f"{values.origin(path)}: {key} is a Helm template ({text}), which only the chart renders: "
+                f"override it with --set {key}=..."
+            )
+    return Values(merged, values.layers)
+
+
 def global_settings(
     config_file: str | Path | None = None,
     values_files: Iterable[str | Path] = (),
@@ -488,7 +523,7 @@ def global_settings(
     values_files, sets = list(values_files), list(sets)
     _one_source(config_file, values_files, sets)
     if values_files or sets:
-        values = load_values(values_files, sets)
+        values = untemplated(load_values(values_files, sets))
         return validate_global(values.merged.get("global") or {}, values=values)
     path = config_file or os.environ.get(CONFIG_PATH_ENV) or DEFAULT_CONFIG_PATH
     return validate_global(_read_config_doc(path).get("global") or {}, origin=str(path))
@@ -506,7 +541,7 @@ def stage_settings(
     _one_source(config_file, values_files, sets)
     default_count = 1
     if values_files or sets:
-        values = load_values(values_files, sets)
+        values = untemplated(load_values(values_files, sets))
         glob = validate_global(values.merged.get("global") or {}, values=values)
         config = validate_stage(stage, values.stage_config(stage), values=values)
         generation = _generation_in_values(values) if stage != "downloader" else None

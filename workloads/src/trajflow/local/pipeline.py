@@ -20,7 +20,7 @@ from typing import Any, Iterable
 import yaml
 
 from trajflow.config import GlobalConfig, Values, load_values, validate_global, validate_stage
-from trajflow.config.loader import find_chart_dir, validate_schema
+from trajflow.config.loader import find_chart_dir, untemplated, validate_schema
 from trajflow.errors import ConfigError
 from trajflow.storage.wait import parse_duration
 
@@ -116,7 +116,7 @@ def build_plan(values_files: Iterable[str | Path], sets: Iterable[str] = ()) -> 
     """Merge values like `helm install -f ... --set ...` and validate every enabled stage."""
     chart_dir = find_chart_dir()
     chart_found = chart_dir is not None and (chart_dir / "values.yaml").is_file()
-    values = _untemplated(load_values(list(values_files), list(sets), chart_dir=chart_dir))
+    values = untemplated(load_values(list(values_files), list(sets), chart_dir=chart_dir))
     if not chart_found:
         log.warning("chart defaults not found (set TRAJFLOW_CHART to charts/trajflow); using the values files alone")
     glob = validate_global(values.merged.get("global") or {}, values=values)
@@ -208,39 +208,6 @@ def _config_file_global(glob: dict[str, Any]) -> dict[str, Any]:
     if isinstance(out.get("storage"), dict):
         out["storage"].pop("pvc", None)
     return out
-
-
-def _templates(node: Any, path: list[str]) -> Iterable[tuple[list[str], str]]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield from _templates(value, [*path, str(key)])
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            yield from _templates(value, [*path, str(i)])
-    elif isinstance(node, str) and "{{" in node:
-        yield path, node
-
-
-def _untemplated(values: Values) -> Values:
-    """What the chart renders with `tpl` has no local meaning. The one such value the
-    charts document, `global.metrics.pushgatewayUrl` naming the release's own Pushgateway,
-    becomes empty (no pushing); any other template is an error naming its key."""
-    merged = copy.deepcopy(values.merged)
-    glob = merged.get("global") or {}
-    for path, text in list(_templates(glob, ["global"])):
-        key = ".".join(path)
-        if path == ["global", "metrics", "pushgatewayUrl"]:
-            log.info(
-                "%s is a Helm template (%s) naming the cluster's Pushgateway; this local run pushes no metrics "
-                "(--set global.metrics.pushgatewayUrl=http://127.0.0.1:9091 pushes to a local one)", key, text,
-            )
-            glob["metrics"]["pushgatewayUrl"] = ""
-        else:
-            raise ConfigError(
-                f"{values.origin(path)}: {key} is a Helm template ({text}); trajflow run cannot render it: "
-                f"override it with --set {key}=..."
-            )
-    return Values(merged, values.layers)
 
 
 def _check_max_failed_indexes(values: Values, stage: str, block: dict[str, Any], completions: int) -> None:
