@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import types
@@ -300,14 +301,25 @@ cli.entry()
 """
 
 
+_IN_A_POD = {**os.environ, "KUBERNETES_SERVICE_HOST": "10.0.0.1"}
+
+
 def test_a_process_whose_interpreter_is_held_by_a_native_call_ends_with_its_stacks():
     script = _WEDGING_COMMAND.format(run="lambda args: ctypes.PyDLL(None).sleep(120)")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90, env=_IN_A_POD)
     assert done.returncode == 1  # retried by the pod failure policies
     assert "Timeout (0:00:01)!" in done.stderr and 'File "<string>"' in done.stderr
 
 
 def test_calls_that_let_the_interpreter_run_are_not_taken_for_a_wedge():
     script = _WEDGING_COMMAND.format(run="lambda args: time.sleep(4) or ctypes.PyDLL(None).usleep(300_000)")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90, env=_IN_A_POD)
+    assert done.returncode == 0 and "Timeout" not in done.stderr
+
+
+def test_outside_a_pod_a_process_is_not_watched():
+    """A terminal's Ctrl-Z stops the process, clock running: it would end as soon as it resumed."""
+    env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
+    script = _WEDGING_COMMAND.format(run="lambda args: ctypes.PyDLL(None).sleep(3)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90, env=env)
     assert done.returncode == 0 and "Timeout" not in done.stderr

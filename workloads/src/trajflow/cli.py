@@ -160,7 +160,9 @@ def entry() -> None:
     last words flushed: everything it had to do (the final metrics push) is done."""
     from trajflow.threads import calls_running
 
-    watch_for_a_wedged_interpreter()
+    # in a pod only: a process stopped on a terminal (Ctrl-Z) that long would end when it resumes
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        watch_for_a_wedged_interpreter()
     code = main()
     if calls_running():
         logging.shutdown()
