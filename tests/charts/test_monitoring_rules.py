@@ -124,7 +124,7 @@ def test_a_failed_shard_alert_gives_the_command_that_shows_why(tmp_path, stage, 
                if r["alert"] == "TrajflowShardFailed"]
     described = rule["annotations"]["description"].split("kubectl -n {{", 1)[0]  # the text before the command
     command = (f"kubectl -n trajflow logs -l app.kubernetes.io/instance=exp,app.kubernetes.io/component={component},"
-               "batch.kubernetes.io/job-completion-index=3 --tail=5")
+               "batch.kubernetes.io/job-completion-index=3 --prefix --tail=5")
     run_unit_tests(tmp_path, {}, [{"interval": "1m", "input_series": series, "alert_rule_test": [
         {"eval_time": "45m", "alertname": "TrajflowShardFailed", "exp_alerts": [
             {"exp_labels": {"severity": "warning", "release": "exp", "namespace": "trajflow", "run": "r1", "stage": stage,

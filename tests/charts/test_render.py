@@ -208,12 +208,31 @@ def test_the_dataset_configmap_names_the_download_the_downloader_makes(env, tmp_
     (tmp_path / "preprocessing.yaml").write_text(select(objs, "ConfigMap", "preprocessing")[0]["data"]["config.yaml"])
     settings = loader.stage_settings("preprocessing", tmp_path / "preprocessing.yaml", env=env_vars)
     assert settings.download_generation == own.generation_id()
+    # each stage's pods know their own attempt, and the waits the release's (a failed shard
+    # whose stage the release reruns is waited for; one it does not, given up on)
+    reruns = {"downloader": 0, "preprocessing": 0}
+    assert loader.wanted_reruns(env_vars) == reruns
+    for stage, rerun in reruns.items():
+        stage_env = {e["name"]: e.get("value") for e in pod_spec(one(objs, "Job", stage))["containers"][0]["env"]}
+        assert stage_env["TRAJFLOW_RERUN"] == str(rerun)
     # and the download pods of this release's Job find it names their download (a replaced
     # Job's, still running, would not)
     job_env = {e["name"]: e.get("value") for e in pod_spec(one(objs, "Job", "downloader"))["containers"][0]["env"]}
     download = loader.stage_settings("downloader", tmp_path / "downloader.yaml",
                                      env={"JOB_COMPLETION_INDEX": "0", "TRAJFLOW_SHARDS": job_env["TRAJFLOW_SHARDS"]})
     assert loader.wanted_download(env_vars) == (download.shards, own.generation_id())
+
+
+def test_a_raised_rerun_reaches_the_dataset_configmap_and_the_stages_pods(tmp_path):
+    from trajflow.config import loader
+
+    objs = render(set_values={"downloader.rerun": 2, "preprocessing.rerun": 1})
+    (tmp_path / "dataset.yaml").write_text(one(objs, "ConfigMap", "pipeline")["data"]["config.yaml"])
+    assert loader.wanted_reruns({loader.DATASET_CONFIG_ENV: str(tmp_path / "dataset.yaml")}) == \
+        {"downloader": 2, "preprocessing": 1}
+    for stage, rerun in (("downloader", "2"), ("preprocessing", "1"), ("training", "0")):
+        env = {e["name"]: e.get("value") for e in pod_spec(one(objs, "Job", stage))["containers"][0]["env"]}
+        assert env["TRAJFLOW_RERUN"] == rerun
 
 
 @pytest.mark.parametrize("disabled", ["downloader", "preprocessing"])

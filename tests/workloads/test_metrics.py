@@ -149,6 +149,31 @@ def test_background_pushes_and_final_push_with_outcome(recorder):
     assert "trajflow_stage_end_time_seconds" in final and "trajflow_stage_end_time_seconds 0.0" not in final
 
 
+def test_a_final_push_the_pushgateway_missed_is_tried_again(recorder):
+    """A restarting Pushgateway would leave the group saying "running" for good: a shard
+    that finished looks lost."""
+    pusher = Pusher(recorder.url, download_metrics(), run="r", shard=1)
+    assert pusher.push()  # the group holds this process's figures
+    recorder.status = 503
+    flip = threading.Timer(1.5, lambda: setattr(recorder, "status", 200))
+    flip.daemon = True
+    flip.start()
+    try:
+        pusher.stop(success=True)
+    finally:
+        flip.cancel()
+    assert recorder.status == 200 and "trajflow_stage_success 1.0" in recorder.requests[-1][2].decode()
+    assert len(recorder.requests) >= 3  # the first push, the missed final one, and the one that landed
+
+
+def test_a_pushgateway_never_reached_is_not_tried_again_at_the_end(recorder):
+    recorder.status = 503
+    pusher = Pusher(recorder.url, download_metrics(), run="r", shard=1)
+    assert not pusher.push()
+    pusher.stop(success=True)
+    assert len(recorder.requests) == 2  # nothing of this process's stands to be corrected
+
+
 def test_real_pushgateway_keeps_one_group_per_shard(pushgateway):
     for shard in (0, 1):
         metrics = download_metrics()

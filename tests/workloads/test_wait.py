@@ -643,15 +643,28 @@ def test_the_plan_in_use_is_read_by_its_fields_only(local_storage, peak_in_small
 # ---- an upstream shard that failed for good ---------------------------------------------
 
 
-def test_a_shard_that_failed_for_good_ends_the_wait_once_no_rerun_came(local_storage, caplog):
+def _release_reruns(tmp_path, monkeypatch, downloader: int, preprocessing: int = 0) -> None:
+    """The dataset ConfigMap as the chart mounts it: the stages' `rerun` the release names now."""
+    path = tmp_path / "dataset.yaml"
+    path.write_text(yaml.safe_dump({"config": {}, "shards": 4,
+                                    "reruns": {"downloader": downloader, "preprocessing": preprocessing}}))
+    monkeypatch.setenv("TRAJFLOW_DATASET_CONFIG", str(path))
+
+
+def test_a_shard_that_failed_for_good_ends_the_wait_unless_the_release_reruns_it(local_storage, tmp_path,
+                                                                                 monkeypatch, caplog):
     """A failed download shard (exit 3: its index is failed) never writes its manifest: the
-    preprocessing pod waiting for it says why at once and gives up after the grace, instead
-    of holding its GPU until its timeout."""
+    preprocessing pod waiting for it says why at once and, when the release's downloader
+    `rerun` is still the one that failed, gives up after the grace instead of holding its GPU
+    until its timeout."""
     from trajflow.storage.manifest import record_failure
     from trajflow.storage.wait import FAILED_UPSTREAM_GRACE_S, UpstreamFailed
 
     write_manifest(local_storage, "download", 0, 4, [], generation="g1")
+    monkeypatch.setenv("TRAJFLOW_RERUN", "1")  # the download pod's own attempt
     record_failure(local_storage, "download", 3, 4, "g1", "1 item(s) failed permanently, 0 transiently: x.h5: 404")
+    monkeypatch.delenv("TRAJFLOW_RERUN")
+    _release_reruns(tmp_path, monkeypatch, downloader=1)
     fake = FakeClock()
     with caplog.at_level("WARNING", logger="trajflow.storage.wait"), pytest.raises(UpstreamFailed) as info:
         wait_for_shards(local_storage, "download", {0, 3}, timeout_s=48 * 3600, clock=fake.clock, sleep=fake.sleep,
@@ -659,11 +672,35 @@ def test_a_shard_that_failed_for_good_ends_the_wait_once_no_rerun_came(local_sto
     assert FAILED_UPSTREAM_GRACE_S <= fake.now < FAILED_UPSTREAM_GRACE_S + 60
     assert str(info.value) == (
         "download shard 3 failed for good: 1 item(s) failed permanently, 0 transiently: x.h5: 404: fix that, then "
-        "raise downloader.rerun (with this stage's rerun, once its Job has failed); no rerun of it began in 600s")
-    assert info.value.exit_code == ExitCode.TIMEOUT  # retried: a rerun may yet begin
+        "raise downloader.rerun (with this stage's rerun, once its Job has failed); downloader.rerun was not raised "
+        "in 600s")
+    assert info.value.exit_code == ExitCode.TIMEOUT  # retried: a rerun may yet come
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warnings == [f"download shard 3 failed for good: 1 item(s) failed permanently, 0 transiently: x.h5: 404; "
-                        f"waiting 600s for a rerun of it ({local_storage.uri}/raw/_failed/00003.json)"]
+                        f"no rerun of it is on its way: giving up in 600s unless downloader.rerun is raised "
+                        f"({local_storage.uri}/raw/_failed/00003.json)"]
+
+    # raised before the rerun's pod of the shard started: the record is an earlier attempt's
+    _release_reruns(tmp_path, monkeypatch, downloader=2)
+    fake = FakeClock()
+    with pytest.raises(WaitTimeout) as info:
+        wait_for_shards(local_storage, "download", {3}, timeout_s=3 * 3600, clock=fake.clock, sleep=fake.sleep,
+                        expect_shards=4, download_generation="g1")
+    assert not isinstance(info.value, UpstreamFailed) and fake.now == pytest.approx(3 * 3600)
+
+
+def test_a_failure_whose_attempt_is_unknown_is_reported_without_giving_up(local_storage):
+    """`trajflow run`, or an install without the dataset ConfigMap: no telling whether a
+    rerun is on its way, so the wait goes on to its timeout, which names the failure."""
+    from trajflow.storage.manifest import record_failure
+
+    record_failure(local_storage, "preprocess", 1, 2, None, "12 of 40 trajectories are bad")
+    fake = FakeClock()
+    with pytest.raises(WaitTimeout, match=r"preprocess shard 1 failed for good: 12 of 40 trajectories are bad: fix "
+                                          r"that, then raise preprocessing.rerun") as info:
+        wait_for_shards(local_storage, "preprocess", {1}, timeout_s=5 * 3600, clock=fake.clock, sleep=fake.sleep,
+                        expect_shards=2)
+    assert fake.now == pytest.approx(5 * 3600) and type(info.value) is WaitTimeout
 
 
 def test_a_rerun_of_the_failed_shard_lets_the_wait_go_on(local_storage):

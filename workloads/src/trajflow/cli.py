@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+from typing import Callable
 
 from trajflow import __version__, log
 from trajflow.errors import ExitCode, Terminated, TrajflowError
@@ -139,18 +140,29 @@ def _stdout_reader_gone() -> bool:
 WEDGED_AFTER_S = 600.0
 
 
-def watch_for_a_wedged_interpreter(after_s: float = WEDGED_AFTER_S) -> None:
-    """End the process, with every thread's stack, once no Python code has run for ``after_s``."""
+def watch_for_a_wedged_interpreter(after_s: float = WEDGED_AFTER_S) -> Callable[[], None]:
+    """End the process, with every thread's stack, once no Python code has run for ``after_s``;
+    returns what stops the watch (before the interpreter's shutdown, in which it cannot re-arm)."""
     import faulthandler
     import threading
-    import time
+
+    stopped = threading.Event()
 
     def rearm() -> None:
-        while True:
+        while not stopped.is_set():
             faulthandler.dump_traceback_later(after_s, exit=True)
-            time.sleep(after_s / 10)
+            stopped.wait(after_s / 10)
+        faulthandler.cancel_dump_traceback_later()
 
-    threading.Thread(target=rearm, name="wedge-watchdog", daemon=True).start()
+    thread = threading.Thread(target=rearm, name="wedge-watchdog", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        stopped.set()
+        thread.join(timeout=5)
+        faulthandler.cancel_dump_traceback_later()
+
+    return stop
 
 
 def entry() -> None:
@@ -160,10 +172,11 @@ def entry() -> None:
     last words flushed: everything it had to do (the final metrics push) is done."""
     from trajflow.threads import calls_running
 
-    # in a pod only: a process stopped on a terminal (Ctrl-Z) that long would end when it resumes
-    if os.environ.get("KUBERNETES_SERVICE_HOST"):
-        watch_for_a_wedged_interpreter()
+    # in the chart's pods only (TRAJFLOW_RELEASE): a process stopped with Ctrl-Z that long, on a
+    # workstation or in a dev pod, would end as soon as it resumed
+    unwatch = watch_for_a_wedged_interpreter() if os.environ.get("TRAJFLOW_RELEASE") else (lambda: None)
     code = main()
+    unwatch()
     if calls_running():
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):

@@ -54,6 +54,9 @@ DEFAULT_CONFIG_PATH = "/etc/trajflow/config.yaml"
 # the downloader's rendered config, given to the stages downstream of it (the umbrella
 # chart's `<release>-dataset` ConfigMap; `trajflow run`: the downloader's own file)
 DATASET_CONFIG_ENV = "TRAJFLOW_DATASET_CONFIG"
+# the dataset ConfigMap's keys: the downloader's config and shard count, and the `rerun` of
+# the downloader and preprocessing (`trajflow run` gives the downloader's stage config)
+DATASET_CONFIG_KEYS = ("global", "config", "shards", "reruns")
 
 
 class HelmYamlLoader(yaml.SafeLoader):
@@ -605,7 +608,7 @@ def _generation_in_env(env: dict[str, str]) -> str | None:
 def _read_dataset_config(path: str | Path) -> tuple[DownloadConfig, Any]:
     """The dataset ConfigMap's file: the downloader's `config` and `shards` (`trajflow run`
     gives the downloader's own stage config, with `global` and no `shards`)."""
-    doc = _read_config_doc(path, ("global", "config", "shards"))
+    doc = _read_config_doc(path, DATASET_CONFIG_KEYS)
     raw = doc.get("config") or {}
     try:
         return DownloadConfig.model_validate(raw), doc.get("shards")
@@ -640,6 +643,31 @@ def _read_wanted_download(path: str, version: tuple[int, int, int]) -> tuple[int
     if not isinstance(shards, int) or isinstance(shards, bool) or not config.sources:
         return None
     return shards, config.generation_id()
+
+
+def wanted_reruns(env: Mapping[str, str] | None = None) -> dict[str, int] | None:
+    """The `rerun` of the downloader and preprocessing the release names now (its dataset
+    ConfigMap, which the kubelet updates in running pods after an upgrade), by chart name;
+    None where there is none or it cannot be read. Read again only when the file changed."""
+    path = (os.environ if env is None else env).get(DATASET_CONFIG_ENV)
+    try:
+        stat = os.stat(path) if path else None
+    except OSError:
+        stat = None
+    if stat is None:
+        return None
+    return _read_wanted_reruns(path, (stat.st_ino, stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=1)
+def _read_wanted_reruns(path: str, version: tuple[int, int, int]) -> dict[str, int] | None:
+    try:
+        reruns = _read_config_doc(path, DATASET_CONFIG_KEYS).get("reruns")
+    except ConfigError:
+        return None
+    if not isinstance(reruns, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in reruns.values()):
+        return None
+    return dict(reruns)
 
 
 def _one_source(config_file: str | Path | None, values_files: list[Any], sets: list[str]) -> None:

@@ -169,6 +169,10 @@ def exported_names() -> set[str]:
     return out
 
 
+# how long a final push is tried again: after an ending of the stage's own, after a signal
+FINAL_PUSH_RETRY_S = (30.0, 3.0)
+
+
 class Pusher:
     """Push a stage's registry with grouping key {run, stage, shard}, the pod's namespace
     and release where the chart names them, and any further ``labels`` (training:
@@ -188,6 +192,7 @@ class Pusher:
         # shard's last state from before an upgrade (a failure) beside this one's
         self._legacy = {k: v for k, v in self.grouping.items() if k != "release"} if pod["release"] else None
         self._warned = False
+        self._pushed = False  # the group holds something of this process's
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -204,6 +209,7 @@ class Pusher:
                 delete_from_gateway(self.url, job=PUSH_JOB, grouping_key=self._legacy, timeout=self.timeout)
                 self._legacy = None
             self._warned = False
+            self._pushed = True
             return True
         except Exception as exc:  # a metrics outage must never fail the data work
             if not self._warned:
@@ -351,4 +357,11 @@ class Pusher:
         self.metrics.end_time.set(time.time())
         self.metrics.success.set(1 if success else 0)
         self.metrics.interrupted.set(1 if interrupted else 0)
-        self.push()
+        # a lost final push leaves a group this process pushed saying "running" for good (the
+        # lost-shard alert): tried again through a Pushgateway restart, briefly after a
+        # SIGTERM, whose grace period is short
+        deadline = time.monotonic() + (FINAL_PUSH_RETRY_S[1] if interrupted else FINAL_PUSH_RETRY_S[0])
+        delay = 1.0
+        while not self.push() and self._pushed and time.monotonic() + delay <= deadline:
+            time.sleep(delay)
+            delay = min(2 * delay, 8.0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import re
 import time
 from typing import Any, BinaryIO
@@ -81,6 +82,11 @@ def _write(storage: Storage, key: str, doc: dict[str, Any]) -> None:
     storage.write_bytes(key, json.dumps(doc, indent=1, sort_keys=True).encode())
 
 
+# the `rerun` of the stage's chart, which the chart gives its pods: which attempt of the
+# release failed (`record_failure`)
+RERUN_ENV = "TRAJFLOW_RERUN"
+
+
 def failure_key(stage: str, shard: int) -> str:
     return f"{STAGE_DIRS[stage]}/_failed/{shard_name(shard)}.json"
 
@@ -88,11 +94,14 @@ def failure_key(stage: str, shard: int) -> str:
 def record_failure(storage: Storage, stage: str, shard: int, shards: int, generation: str | None,
                    error: str) -> None:
     """Record that ``shard`` failed in a way no retry changes (exit 3: the chart fails its
-    index), so that the stage after it, waiting for the shard, says why and stops instead of
-    holding its GPUs until its timeout (`trajflow.storage.wait`). ``generation``: the download
-    the shard worked for. The shard's next attempt removes it (`clear_failure`). Never raises:
+    index), and in which of the release's attempts (its `rerun`), so that the stage after
+    it, waiting for the shard, says why and stops instead of holding its GPUs until its
+    timeout (`trajflow.storage.wait.UpstreamFailures`). ``generation``: the download the
+    shard worked for. The shard's next attempt removes it (`clear_failure`). Never raises:
     the failure itself is what the shard reports."""
-    doc = {"shard": shard, "shards": shards, "generation": generation, "error": error, "time": round(time.time(), 3)}
+    rerun = os.environ.get(RERUN_ENV, "")
+    doc = {"shard": shard, "shards": shards, "generation": generation, "error": error, "time": round(time.time(), 3),
+           "rerun": int(rerun) if rerun.isdigit() else None}
     try:
         _write(storage, failure_key(stage, shard), doc)
     except Exception as exc:  # noqa: BLE001

@@ -22,7 +22,7 @@ import random
 import re
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from trajflow.errors import ConfigError, TrajflowError, TransientError, WaitTimeout
 from trajflow.plan import read_plan_in_use
@@ -218,56 +218,78 @@ _UNUSABLE_ROOT = {
 }
 
 
-# how long a wait goes on after the shard it waits for failed for good (exit 3), for a rerun
-# of that shard to begin: a rerun raises both stages' `rerun` at once, and until the
-# upstream pod starts, the record of its earlier failure is still there
+# how long a wait goes on after the shard it waits for failed for good (exit 3) in the
+# release's current attempt of its stage (its `rerun`), for an upgrade raising it to reach
+# the mounted dataset ConfigMap
 FAILED_UPSTREAM_GRACE_S = 600.0
 _CHART = {"download": "downloader", "preprocess": "preprocessing"}
 
 
 class UpstreamFailed(WaitTimeout):
-    """The shard waited for failed for good and nothing reran it (exit 6: the pod is retried,
-    and gives up too once no rerun came)."""
+    """The shard waited for failed for good and the release reruns nothing (exit 6: the pod
+    is retried, in case a rerun comes)."""
 
 
 class UpstreamFailures:
     """The failure records (`trajflow.storage.manifest.record_failure`) of the upstream
-    shards a wait is missing: each is logged once, forgotten when a new attempt of its shard
-    removes it, and ends the wait once it has stood for `FAILED_UPSTREAM_GRACE_S`. Records of another shard
-    count or download generation belong to an earlier run and are ignored."""
+    shards a wait is missing, each logged when it appears or changes. A record goes when a
+    new attempt of its shard starts. One made by the attempt the release still names (the
+    `rerun` it records is the upstream stage's `rerun` in the dataset ConfigMap) ends the
+    wait after `FAILED_UPSTREAM_GRACE_S`: nothing will redo that shard. One of an earlier
+    `rerun` waits for the rerun's pod to start; one whose attempt is unknown (no ConfigMap:
+    `trajflow run`, an install without the downloader) is only reported. Records of another
+    shard count or download generation belong to an earlier run and are ignored."""
 
     def __init__(self, storage: Storage, stage: str, expect_shards: int | None, download_generation: str | None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, env: Mapping[str, str] | None = None):
         self.storage, self.stage, self.clock, self.grace_s = storage, stage, clock, FAILED_UPSTREAM_GRACE_S
-        self.expect_shards, self.generation = expect_shards, download_generation
-        self.seen: dict[int, tuple[float, str]] = {}  # shard -> (when first seen, what failed)
+        self.expect_shards, self.generation, self.env = expect_shards, download_generation, env
+        self.seen: dict[int, tuple[float, str, str]] = {}  # shard -> (since when in this state, what failed, state)
 
-    def _why(self, shard: int) -> str | None:
+    def _judge(self, shard: int) -> tuple[str, str] | None:
+        """What failed, and whether the release reruns it: "final" (no), "rerun" (yes) or "unknown"."""
+        from trajflow.config.loader import wanted_reruns
+
         doc = read_failure(self.storage, self.stage, shard)
         if doc is None or (self.expect_shards is not None and doc.get("shards") != self.expect_shards) \
                 or (self.generation is not None and doc.get("generation") != self.generation):
             return None
-        return " ".join(doc["error"].split())
+        now = (wanted_reruns(self.env) or {}).get(_CHART[self.stage])
+        failed_in = doc.get("rerun")
+        if now is None or not isinstance(failed_in, int):
+            state = "unknown"
+        else:
+            state = "final" if failed_in == now else "rerun"
+        return " ".join(doc["error"].split()), state
 
     def poll(self, missing: list[int]) -> None:
         """Look at the records of the ``missing`` shards (one listing); raises UpstreamFailed."""
         listed = failed_shards(self.storage, self.stage) & set(missing) if missing else set()
-        for shard in list(self.seen):
-            if shard not in listed:
-                del self.seen[shard]  # rerun, or done
-        for shard in sorted(listed - set(self.seen)):
-            why = self._why(shard)
-            if why is not None:
-                self.seen[shard] = (self.clock(), why)
-                log.warning("%s shard %d failed for good: %s; waiting %.0fs for a rerun of it (%s/%s)", self.stage, shard,
-                          why, self.grace_s, self.storage.uri, failure_key(self.stage, shard))
-        late = sorted(s for s, (since, _) in self.seen.items() if self.clock() - since >= self.grace_s)
+        for shard in sorted(set(self.seen) | listed):
+            judged = self._judge(shard) if shard in listed else None
+            if judged is None:
+                self.seen.pop(shard, None)  # rerun, or done
+                continue
+            why, state = judged
+            if shard in self.seen and self.seen[shard][2] == state:
+                continue
+            self.seen[shard] = (self.clock(), why, state)
+            where = f"{self.storage.uri}/{failure_key(self.stage, shard)}"
+            log.warning("%s shard %d failed for good: %s; %s (%s)", self.stage, shard, why, {
+                "final": f"no rerun of it is on its way: giving up in {self.grace_s:.0f}s unless "
+                         f"{_CHART[self.stage]}.rerun is raised",
+                "rerun": f"{_CHART[self.stage]}.rerun was raised since: waiting for its pod to redo the shard",
+                "unknown": "waiting for a rerun of it",
+            }[state], where)
+        late = sorted(s for s, (since, _, state) in self.seen.items()
+                      if state == "final" and self.clock() - since >= self.grace_s)
         if late:
-            raise UpstreamFailed(self.explain(late) + f"; no rerun of it began in {self.grace_s:.0f}s")
+            raise UpstreamFailed(self.explain(late) + f"; {_CHART[self.stage]}.rerun was not raised in "
+                                 f"{self.grace_s:.0f}s")
 
     def explain(self, shards: list[int]) -> str:
         """What the failed ones among ``shards`` say, and what to do ("" when none failed)."""
-        failed = [s for s in shards if s in self.seen]
+        failed = [s for s in shards if s in self.seen and self.seen[s][2] != "rerun"]
         if not failed:
             return ""
         said = "; ".join(f"{self.stage} shard {s} failed for good: {self.seen[s][1]}" for s in failed[:3])

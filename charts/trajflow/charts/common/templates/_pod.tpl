@@ -126,6 +126,8 @@ Environment of every container of a stage. Takes (dict "context" $ "shards" N "e
   value: {{ $ctx.Release.Namespace | quote }}
 - name: TRAJFLOW_RELEASE
   value: {{ $ctx.Release.Name | quote }}
+- name: TRAJFLOW_RERUN
+  value: {{ int ($ctx.Values.rerun | default 0) | toString | quote }}
 - name: PYTHONUNBUFFERED
   value: "1"
 {{- with .env }}

@@ -94,7 +94,7 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
     {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
   annotations:
     summary: {{ `Stage {{ $labels.stage }} shard {{ $labels.shard }} of run {{ $labels.run }} failed` | quote }}
-    description: {{ printf "The shard's last push says it ended without success, and no retry has pushed for %s: it is out of retries, failed in a way no retry changes (exit 2 config, 3 permanent, 5 diverged), or its retry waits for a node. Its Job is marked failed only once every other shard has ended. Why it failed is its log's last line: kubectl -n {{ $labels.namespace }} logs -l app.kubernetes.io/instance=%s,app.kubernetes.io/component={{ if eq $labels.stage \"download\" }}downloader{{ else if eq $labels.stage \"preprocess\" }}preprocessing{{ else }}training{{ end }},batch.kubernetes.io/job-completion-index={{ $labels.shard }} --tail=5" .for $ctx.Release.Name | quote }}
+    description: {{ printf "The shard's last push says it ended without success, and no retry has pushed for %s: it is out of retries, failed in a way no retry changes (exit 2 config, 3 permanent, 5 diverged), or its retry waits for a node. Its Job is marked failed only once every other shard has ended. Why it failed is its log's last line: kubectl -n {{ $labels.namespace }} logs -l app.kubernetes.io/instance=%s,app.kubernetes.io/component={{ if eq $labels.stage \"download\" }}downloader{{ else if eq $labels.stage \"preprocess\" }}preprocessing{{ else }}training{{ end }},batch.kubernetes.io/job-completion-index={{ $labels.shard }} --prefix --tail=5" .for $ctx.Release.Name | quote }}
 {{- end }}{{ end }}
 {{- with $a.shardLost }}{{ if .enabled }}
 - alert: TrajflowShardLost
@@ -110,7 +110,7 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
     {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
   annotations:
     summary: {{ `Stage {{ $labels.stage }} shard {{ $labels.shard }} of run {{ $labels.run }} stopped pushing without finishing` | quote }}
-    description: {{ printf "The shard's process ended with no final push %s ago, and no retry has pushed since: it was killed by SIGKILL (OOMKilled: its memory limit; the grace period passed), its node was lost, or a native library hung it (its log then ends in 'Timeout' and thread stacks). A retry waiting for a node or an image also counts until it starts. kubectl -n {{ $labels.namespace }} get pods -l app.kubernetes.io/instance=%s,app.kubernetes.io/component={{ if eq $labels.stage \"download\" }}downloader{{ else }}preprocessing{{ end }},batch.kubernetes.io/job-completion-index={{ $labels.shard }} -o wide, then kubectl describe pod on them: Last State gives the reason and exit code." $running $ctx.Release.Name | quote }}
+    description: {{ printf "The shard's process stopped pushing over %s ago without its final push, and no retry has pushed since: it was killed by SIGKILL (OOMKilled: its memory limit; the grace period passed), its node was lost, or a native library hung it (its log then ends in 'Timeout' and thread stacks). A retry waiting for a node or an image also counts until it starts. kubectl -n {{ $labels.namespace }} get pods -l app.kubernetes.io/instance=%s,app.kubernetes.io/component={{ if eq $labels.stage \"download\" }}downloader{{ else }}preprocessing{{ end }},batch.kubernetes.io/job-completion-index={{ $labels.shard }} -o wide, then kubectl describe pod on them: State (Terminated) gives the reason and exit code." $running $ctx.Release.Name | quote }}
 {{- end }}{{ end }}
 {{- with $a.progressStalled }}{{ if .enabled }}
 - alert: TrajflowProgressStalled
@@ -336,13 +336,13 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
 {{- with $a.trainingRestarted }}{{ if .enabled }}
 - alert: TrajflowTrainingRestarted
   expr: |
-    max by (namespace, run, shard) (trajflow_train_restarts{{ $live }}) > 0
+    max by (namespace, run, shard) (changes(trajflow_train_restarts{{ $live }}[{{ .window }}])) > 0
   for: {{ .for }}
   labels:
     {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
   annotations:
-    summary: {{ `The elastic agent of training node {{ $labels.shard }} (run {{ $labels.run }}) restarted its workers {{ $value }} time(s)` | quote }}
-    description: {{ printf "A worker failed, or a node left or joined the rendezvous, and the group started again from the last checkpoint: a crash (its traceback in the pod log), a rank killed for memory, a collective that timed out on a hung or lost peer, or a training pod rescheduled. Each restart redoes the steps since that checkpoint; after training.maxRestarts the pod fails. kubectl -n {{ $labels.namespace }} logs -l app.kubernetes.io/instance=%s,app.kubernetes.io/component=training,batch.kubernetes.io/job-completion-index={{ $labels.shard }} shows the first failure." $ctx.Release.Name | quote }}
+    summary: {{ printf "The elastic agent of training node {{ $labels.shard }} (run {{ $labels.run }}) restarted its workers in the last %s" .window | quote }}
+    description: {{ printf "A worker failed, or a node left or joined the rendezvous, and the group started again from the last checkpoint: a crash (its traceback in the pod log), a rank killed for memory, a collective that timed out on a hung or lost peer, or a training pod rescheduled. Each restart redoes the steps since that checkpoint; after training.maxRestarts the pod fails. kubectl -n {{ $labels.namespace }} logs -l app.kubernetes.io/instance=%s,app.kubernetes.io/component=training,batch.kubernetes.io/job-completion-index={{ $labels.shard }} --prefix shows the first failure." $ctx.Release.Name | quote }}
 {{- end }}{{ end }}
 {{- end -}}
 
