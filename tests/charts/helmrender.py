@@ -187,3 +187,18 @@ def container(workload: dict[str, Any], name: str) -> dict[str, Any]:
 
 def env_of(c: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
+
+
+def without_rerun(spec):
+    """A workload's spec without its containers' TRAJFLOW_RERUN (the release's attempt)."""
+    spec = yaml.safe_load(yaml.safe_dump(spec))
+    for template in _pod_templates(spec):
+        for c in [*template["spec"].get("initContainers", []), *template["spec"]["containers"]]:
+            c["env"] = [e for e in c.get("env", []) if e["name"] != "TRAJFLOW_RERUN"]
+    return spec
+
+
+def _pod_templates(spec):
+    if "template" in spec:
+        return [spec["template"]]
+    return [replica["template"] for replica in spec.get("pytorchReplicaSpecs", {}).values()]
