@@ -333,3 +333,37 @@ def test_outside_the_charts_pods_a_process_is_not_watched():
     script = _WEDGING_COMMAND.format(run="lambda args: ctypes.PyDLL(None).sleep(3)")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90, env=env)
     assert done.returncode == 0 and "Timeout" not in done.stderr
+
+
+def test_entry_ends_with_mains_code_when_calls_are_left_running(monkeypatch):
+    """A read an error left stalled on a pool thread: the process ends at once, with the code
+    `main` returned (exit 0 would mark a failed shard done)."""
+    import threading
+    import time
+
+    from trajflow.threads import DaemonPool
+
+    release, exits = threading.Event(), []
+
+    def main():
+        DaemonPool(1, "stalled").submit(release.wait, 30)
+        time.sleep(0.1)
+        return 4
+
+    class Exited(BaseException):
+        pass
+
+    def fake_exit(code):
+        exits.append(code)
+        raise Exited
+
+    monkeypatch.delenv("TRAJFLOW_RELEASE", raising=False)
+    monkeypatch.setattr(cli, "main", main)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    try:
+        with pytest.raises(Exited):
+            cli.entry()
+    finally:
+        release.set()
+    assert exits == [4]
+

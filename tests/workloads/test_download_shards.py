@@ -265,3 +265,70 @@ def test_the_releases_download_puts_its_plan_back_in_use(server: FaultyServer, t
     assert all(s.exit_code == 0 for s in done)
     assert read_plan_in_use(LocalStorage(tmp_path))["shards"] == 3
     _assert_the_plan_in_use_is_whole(tmp_path, 3)
+
+
+def test_a_running_download_sees_the_release_change_its_configmap(tmp_path: Path) -> None:
+    """The kubelet swaps the mounted file in: the cached answer must follow it."""
+    import os
+
+    import yaml
+
+    from trajflow.config.loader import wanted_download
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(b"a")
+    path, sources = tmp_path / "dataset.yaml", [{"type": "file", "name": "ds", "path": str(src)}]
+    env = {"TRAJFLOW_DATASET_CONFIG": str(path)}
+    path.write_text(yaml.safe_dump({"config": {"sources": sources}, "shards": 2}))
+    first = wanted_download(env)
+    assert first is not None and first[0] == 2
+    new = tmp_path / "new.yaml"
+    new.write_text(yaml.safe_dump({"config": {"sources": sources}, "shards": 3}))
+    os.replace(new, path)
+    assert wanted_download(env) == (3, first[1])
+
+
+def test_new_sources_alone_supersede_a_running_download() -> None:
+    from trajflow.download.shard import Superseded, check_release
+
+    with pytest.raises(Superseded):
+        check_release((2, "new-generation"), 2, "old-generation")
+
+
+def test_a_stop_ends_the_wait_for_the_release_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import trajflow.download.shard as shard_module
+
+    monkeypatch.setattr(shard_module, "RELEASE_PATIENCE_S", 60.0)
+    pauses: list[float] = []
+    with pytest.raises(shard_module.Superseded):
+        shard_module.wait_for_release(lambda: (2, "g"), 3, "g", pause=lambda s: pauses.append(s) or True)
+    assert len(pauses) == 1  # the SIGTERM's pause ended the wait, not the patience
+
+
+def test_a_stop_swallowed_while_planning_fetches_nothing(tmp_path: Path) -> None:
+    """A SIGTERM whose exception a broad except caught during planning still stops the shard."""
+    from trajflow.config.download import DownloadConfig
+    from trajflow.download.failures import STOPPING
+    from trajflow.errors import TransientError
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(b"a")
+    config = DownloadConfig.model_validate({"sources": [{"type": "file", "name": "ds", "path": str(src)}]})
+    downloader = ShardDownloader(LocalStorage(tmp_path / "root"), config, 0, 1)
+    plan = downloader.plan
+
+    def planned_then_signalled():  # type: ignore[no-untyped-def]
+        out = plan()
+        STOPPING.set()
+        return out
+
+    downloader.plan = planned_then_signalled  # type: ignore[method-assign]
+    try:
+        with pytest.raises(TransientError):
+            downloader.run()
+    finally:
+        STOPPING.clear()
+    assert not (tmp_path / "root" / "raw" / "00000").exists()
+

@@ -1138,3 +1138,9 @@ def test_each_raw_file_is_parsed_in_a_frame_named_after_it(tmp_path, monkeypatch
     monkeypatch.setitem(readers.READERS, "npz", reader)
     result = readers.read_item(LocalStorage(tmp_path), "ep.npz", (tmp_path / "ep.npz").stat().st_size, "npz", _spec())
     assert callers == ["<parsing ep.npz>"] and isinstance(result.outcomes[0], RawEpisode), result.outcomes
+
+
+def test_words_of_hdf5_s_read_failure_in_a_name_are_no_disk_error():
+    """Only HDF5's whole read-failure message is a disk error: a dataset named with its words
+    is a missing object, quarantined rather than retried for good."""
+    readers._reraise_io(KeyError("Unable to open object (object 'errno = 5, error message = 'x' doesn't exist)"))

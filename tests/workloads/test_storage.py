@@ -1000,3 +1000,38 @@ def test_an_s3_endpoint_that_never_answers_is_told_at_each_retry(caplog):
     # choice is SigV2 in us-east-1, which R2, B2 and newer AWS buckets refuse
     signed = make_client(endpoint, credentials={"aws_access_key_id": "AKIAX", "aws_secret_access_key": "s"})
     assert "X-Amz-Algorithm=AWS4-HMAC-SHA256" in signed.generate_presigned_url("get_object", Params={"Bucket": "b", "Key": "k"})
+
+
+def test_a_manifest_opening_with_a_closer_is_named_corrupt(tmp_path):
+    """An IndexError would get past the callers' `except ValueError` as a traceback."""
+    from trajflow.storage import LocalStorage, manifest_key, read_manifest_fields
+
+    storage = LocalStorage(tmp_path)
+    storage.write_bytes(manifest_key("download", 0), b"]")
+    with pytest.raises(ValueError, match="corrupt manifest: unexpected ']'"):
+        read_manifest_fields(storage, "download", 0)
+
+
+@pytest.mark.parametrize("upload_threads", [0, 2])
+def test_an_error_aborts_the_upload_only_once_its_parts_are_done(upload_threads):
+    """A part still uploading after the abort would be stored, and billed, for good."""
+    calls: list[str] = []
+
+    class Client:
+        def create_multipart_upload(self, **kw):
+            return {"UploadId": "u"}
+
+        def upload_part(self, **kw):
+            time.sleep(0.3)
+            calls.append("part")
+            return {"ETag": "e"}
+
+        def abort_multipart_upload(self, **kw):
+            calls.append("abort")
+
+    storage = S3Storage("s3://bucket/p", client=Client(), part_size=5 << 20, upload_threads=upload_threads)
+    with pytest.raises(OSError):
+        with storage.writer("k") as w:
+            w.write(b"x" * (5 << 20))
+            raise OSError("the source failed")
+    assert calls == ["part", "abort"]

@@ -129,6 +129,14 @@ def test_shards_without_episodes_point_at_preprocessing(tmp_path: Path) -> None:
         build_data(open_shards(storage, ["obs", "act"]), TrainConfig(observation="obs", action="act"))
 
 
+def test_shard_identity_tells_rewritten_files_apart() -> None:
+    """Shards rewritten under the same numbers (preprocessing run again) are other data: the
+    ranks of a run must not train on two versions."""
+    from trajflow.train.data import ShardSet
+
+    assert ShardSet([], [0], [], 10.0, {"x": 1}, ["aa"]).identity() != ShardSet([], [0], [], 10.0, {"x": 1}, ["bb"]).identity()
+
+
 def test_forecast_targets_the_frame_after_the_window_and_stride_skips(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path)
     _hand_made_shard(storage)
