@@ -622,14 +622,19 @@ def wanted_download(env: Mapping[str, str] | None = None) -> tuple[int, str] | N
     pods after an upgrade). None where there is none (outside the chart; the chart renders it
     only with the downloader and preprocessing enabled) or it cannot be read. Read again only
     when the file changed (a catalog of 10^5 URLs takes a while to validate)."""
+    found = _dataset_config_version(env)
+    return None if found is None else _read_wanted_download(*found)
+
+
+def _dataset_config_version(env: Mapping[str, str] | None) -> tuple[str, tuple[int, int, int]] | None:
+    """The dataset ConfigMap's path and version (inode, mtime, size: the kubelet swaps the
+    file in), or None where there is none."""
     path = (os.environ if env is None else env).get(DATASET_CONFIG_ENV)
     try:
         stat = os.stat(path) if path else None
     except OSError:
-        stat = None
-    if stat is None:
         return None
-    return _read_wanted_download(path, (stat.st_ino, stat.st_mtime_ns, stat.st_size))
+    return None if stat is None or not path else (path, (stat.st_ino, stat.st_mtime_ns, stat.st_size))
 
 
 @functools.lru_cache(maxsize=1)
@@ -649,14 +654,8 @@ def wanted_reruns(env: Mapping[str, str] | None = None) -> dict[str, int] | None
     """The `rerun` of the downloader and preprocessing the release names now (its dataset
     ConfigMap, which the kubelet updates in running pods after an upgrade), by chart name;
     None where there is none or it cannot be read. Read again only when the file changed."""
-    path = (os.environ if env is None else env).get(DATASET_CONFIG_ENV)
-    try:
-        stat = os.stat(path) if path else None
-    except OSError:
-        stat = None
-    if stat is None:
-        return None
-    return _read_wanted_reruns(path, (stat.st_ino, stat.st_mtime_ns, stat.st_size))
+    found = _dataset_config_version(env)
+    return None if found is None else _read_wanted_reruns(*found)
 
 
 @functools.lru_cache(maxsize=1)
