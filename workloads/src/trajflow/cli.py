@@ -132,7 +132,7 @@ def _stdout_reader_gone() -> bool:
         return False
 
 
-# A native call can hold the interpreter's lock for good (HDF5 looping inside a corrupt
+# A native call can hold the interpreter's lock for good (a library looping inside a corrupt
 # file): no signal handler, metrics push or log line runs again, and the pod hangs silently
 # through SIGTERM until SIGKILL. faulthandler's watchdog is a C thread: re-armed from Python,
 # it fires only when no Python code could run for this long, prints every thread's stack (a
