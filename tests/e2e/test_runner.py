@@ -259,6 +259,20 @@ def test_an_s3_run_root_works_the_same(fake: Fake, tmp_path: Path, s3_server: An
     assert again.exit_code == 0 and len(fake.starts()) == before
 
 
+def test_without_a_cache_to_lock_an_s3_root_in_the_run_goes_on(fake: Fake, tmp_path: Path, s3_server: Any,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """The lock of an S3 root is this machine's convenience, not the run's precondition."""
+    (tmp_path / "not-a-dir").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-dir"))
+    s3 = {"type": "s3", "s3": {"endpoint": s3_server.endpoint, "bucket": s3_server.make_bucket(), "prefix": "runs",
+                               "region": s3_server.region}}
+    with caplog.at_level(logging.WARNING, logger="trajflow.local"):
+        _, result = fake.run(write_values(tmp_path, shards=1, global__storage=s3), ("training.enabled=false",))
+    assert result.exit_code == 0, fake.out.getvalue()
+    assert any("cannot hold a lock for the run root" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("where", ["filesystem", "s3"])
 def test_a_second_run_of_the_same_work_dir_is_refused_while_the_first_runs(
         fake: Fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str,
@@ -294,10 +308,14 @@ def test_a_second_run_of_the_same_work_dir_is_refused_while_the_first_runs(
                            PlainView(stream=fake.out), command=[sys.executable, str(FAKE)])
             with pytest.raises(TransientError, match=r"another `trajflow run` .* is running on the run root"):
                 other.run()
+            # another root of the same store is another run's to take
+            elsewhere = Runner(build_plan([values], ["global.storage.s3.prefix=elsewhere"]), tmp_path / "fourth-work",
+                               PlainView(stream=fake.out), command=[sys.executable, str(FAKE)])
+            assert elsewhere.run().exit_code == 0, fake.out.getvalue()
     finally:
         thread.join(timeout=60)
     assert first[0].exit_code == 0, fake.out.getvalue()
-    assert len(fake.starts("download")) == 1
+    assert len(fake.starts("download")) == (2 if where == "s3" else 1)  # the first run's, and elsewhere's
     _, again = fake.run(values)  # the lock went with the first run
     assert again.exit_code == 0
 
