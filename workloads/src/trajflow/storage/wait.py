@@ -387,6 +387,7 @@ def wait_for_shards(
                     if download_generation is not None and doc.get(_GENERATION_FIELD[stage]) != download_generation:
                         other_generation.add(shard)
             stale, last_error = polled, None
+            failures.poll(sorted(shards - accepted))  # raises UpstreamFailed, which passes as fatal below
         except Exception as exc:
             fatal = fatal_storage_error(exc, where, "read")
             if fatal is not None:
@@ -403,16 +404,6 @@ def wait_for_shards(
         if not missing:
             log.info("all %d %s shard(s) are done", len(shards), stage)
             return
-        if last_error is None:  # the records are read as the manifests were
-            try:
-                failures.poll(missing)
-            except UpstreamFailed:
-                raise
-            except Exception as exc:
-                fatal = fatal_storage_error(exc, where, "read")
-                if fatal is not None:
-                    raise fatal from None
-                last_error = exc
         remaining = deadline - clock()
         if remaining <= 0:
             shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
