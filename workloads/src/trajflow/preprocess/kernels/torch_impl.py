@@ -21,6 +21,11 @@ Vectorised over the whole batch (no Python loop over rows), in three steps:
 Padding beyond ``lengths`` never influences the result: it is masked before the search
 and never gathered. The number of large temporaries is kept small and their sizes are
 ``[B, S]`` or ``[B, T]`` (never ``[B, T, D]``): on CPUs, fresh memory is expensive.
+
+Not compiled: the same math through ``torch.compile`` (Inductor, dynamic sizes) took
+about 0.7x the eager time on the benchmark's batch, still 3-4x the copy floor, while its
+first call compiles for seconds, more than a CPU shard spends resampling (about 0.03 s of
+0.34 s in ``benchmarks/results/preprocess.md``).
 """
 from __future__ import annotations
 
