@@ -339,6 +339,25 @@ def test_a_data_path_is_taken_whole():
     assert mounts["data"] == "/data #1"
 
 
+def test_a_home_relative_data_path_is_refused():
+    # `trajflow run` reads ~ as the user's home; a pod would write into its own /tmp
+    with pytest.raises(helm.HelmError, match=r"global.storage.filesystem.path \"~/trajflow-data\" starts with ~.*/tmp"):
+        render([env_file("dev")], set_values={"global.storage.filesystem.path": "~/trajflow-data"})
+
+
+@pytest.mark.parametrize("key,value", [
+    ("preprocessing.config.robot", "arm\x7f"),
+    ("global.storage.filesystem.path", "/data\u009f"),
+    ("downloader.config.sources", [{"name": "a", "type": "file", "path": "/src\uffff"}]),
+    ("preprocessing.podAnnotations", {"note": "\u0080"}),
+])
+def test_a_value_helm_cannot_write_as_yaml_fails_the_render(key, value):
+    # Helm's toYaml writes "" for these characters: an empty config would run a pod on the
+    # defaults, an empty annotations block would drop them, without a word
+    with pytest.raises(helm.HelmError, match=r"cannot be written as YAML.*U\+007F to U\+009F"):
+        render([env_file("dev")], set_values={key: value})
+
+
 @pytest.mark.parametrize("key", ["global.storage.s3.existingSecret", "global.storage.pvc.existingClaim",
                                  "monitoring.pushgateway.persistence.existingClaim"])
 def test_names_cannot_carry_yaml(key):

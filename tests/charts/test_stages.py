@@ -545,6 +545,8 @@ REFUSED_BY_BOTH = [
      "preprocessing.config: renames: 'observation' is not one of the streams read (action, observation.state)"),
     ({"preprocessing.config.renames.action": "observation.state", "training.enabled": False},
      "preprocessing.config: streams/renames map several raw streams onto 'observation.state'"),
+    ({"preprocessing.config.renames.action": "", "training.enabled": False},
+     "preprocessing.config: streams/renames: '' cannot name a stream"),
 ]
 
 
@@ -611,6 +613,18 @@ def test_a_training_stream_set_to_null_is_checked_as_its_models_default(key):
     ({"renames": {"zz": "a"}}, "sources.demo.renames: 'zz' is not one of the streams read (action, observation.state)"),
     ({"streams": ["action", "observation.state"], "renames": {"action": "observation.state"}},
      "sources.demo.streams/renames map several raw streams onto 'observation.state'"),
+    # every pod would exit 2 at its start
+    ({"streams": ["observation.state"]},
+     "sources.demo.streams/renames give the output streams (observation.state), the top level gives (action, "
+     "observation.state): every source must give the same ones"),
+    ({"renames": {"action": "act"}},
+     "sources.demo.streams/renames give the output streams (act, observation.state), the top level gives (action, "
+     "observation.state)"),
+    ({"streams": ["observation.state", "action", "extra"]},
+     "sources.demo.streams/renames give the output streams (action, extra, observation.state)"),
+    ({"renames": {"action": ""}}, "sources.demo.streams/renames: '' cannot name a stream"),
+    ({"renames": {"action": "__metadata__"}},
+     "sources.demo.streams/renames: '__metadata__' cannot name a stream (the shard format keeps it for its index)"),
 ])
 def test_a_sources_own_rename_rules_are_refused_by_both(tmp_path, source, message):
     import helm_python as helm
@@ -624,6 +638,19 @@ def test_a_sources_own_rename_rules_are_refused_by_both(tmp_path, source, messag
     (tmp_path / "renames.yaml").write_text(yaml.safe_dump(values))
     with pytest.raises(ConfigError, match=re.escape(message)):
         build_plan([env_file("local"), tmp_path / "renames.yaml"], [])
+
+
+def test_a_local_run_hands_its_stages_strings_as_strings(tmp_path):
+    """The stage reads the plan's file as Helm reads YAML: y, n, 08 and 1e5 unquoted would be a
+    boolean and numbers there, and the stage would refuse the setting the plan accepted."""
+    from trajflow.config.loader import load_config_file
+    from trajflow.local.pipeline import build_plan
+
+    (tmp_path / "robot.yaml").write_text("preprocessing:\n  config:\n    robot: 'y'\n    timeKey: '1e5'\n")
+    stage = build_plan([env_file("local"), tmp_path / "robot.yaml"], []).stage("preprocessing")
+    (tmp_path / "config.yaml").write_bytes(stage.rendered_yaml)
+    config = load_config_file(tmp_path / "config.yaml", "preprocessing")[1]
+    assert (config.robot, config.time_key) == ("y", "1e5")
 
 
 @pytest.mark.parametrize("key, value", [

@@ -364,6 +364,15 @@ def test_config_file_as_rendered_by_the_chart(tmp_path):
     listed = _values_file(tmp_path, "listed.yaml", "config: [1]\n")
     with pytest.raises(ConfigError, match="config must be a map of settings, got list"):
         load_config_file(listed, "downloader")
+    # an empty file is what Helm's toYaml writes for values it cannot write: not the defaults
+    blank = _values_file(tmp_path, "blank.yaml", "")
+    with pytest.raises(ConfigError) as info:
+        load_config_file(blank, "downloader")
+    assert _one_line(info).startswith(f"{blank}: the stage config is empty, but the chart always writes global, "
+                                      "config: Helm could not write the release's values")
+    with pytest.raises(ConfigError, match="the stage config is empty, but the chart always writes global, config, shards"):
+        stage_settings("preprocessing", env={"TRAJFLOW_CONFIG": str(empty), "JOB_COMPLETION_INDEX": "0",
+                                             "TRAJFLOW_DATASET_CONFIG": str(blank)})
 
 
 @pytest.mark.parametrize("key, field, before, after, per_source", [

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk (Helm's Go engine) is not installed")
 
-from trajflow.config.loader import load_chart, load_values, parse_yaml  # noqa: E402
+from trajflow.config.loader import dump_yaml, load_chart, load_values, parse_yaml  # noqa: E402
 from trajflow.config.merge import ChartValues, SetString, coalesce, coalesce_chart, merge_maps, parse_set  # noqa: E402
 from trajflow.errors import ConfigError  # noqa: E402
 
@@ -278,6 +278,9 @@ YAML_SCALARS = [
     "1e3", "1.5e-3", "1E+3", "0.5", ".5", "+.5", "1_000", "1_000.5", "010", "0o17", "0x1F", "0x_1F", "0b1_01",
     "-0", "+1", "2024-01-01", "2024-01-01T00:00:00Z", "12:30", "1:30:00", "'quoted'", "\"on\"", "!!str 1",
     "=", "abc", "1.2.3", "[1, y, n]", "{y: n, 1: x}", "3.0", "1.6e1", "-2.0", "1e15", "0.0",
+    # prefixes without digits, upper-case prefixes, numbers beyond float64 or int64, merge outside a key
+    "0x_", "0b_", "0o_", "-0x_", "0X1F", "0O17", "0B11", "1e400", "-1e400", "<<", "[<<, 1]",
+    "9223372036854775807", "18446744073709551615", "18446744073709551616", "-9223372036854775809",
 ]
 
 
@@ -294,6 +297,14 @@ def _same_number_or_value(ours: Any, theirs: Any) -> bool:
 def test_yaml_scalars_read_as_helm_reads_them(scalar):
     doc = f"k: {scalar}\n"
     assert _same_number_or_value(parse_yaml(doc)["k"], helm.values_from_yaml(doc)["k"])
+
+
+@pytest.mark.parametrize("scalar", [s for s in YAML_SCALARS if not s.startswith(("[", "{", "'", '"', "!"))])
+def test_strings_written_for_the_stages_read_back_as_strings(scalar):
+    # `trajflow run` hands each stage its settings in a file the stage reads as Helm would:
+    # a source named "y" or a robot "0o17" must not come back as a boolean or a number
+    doc = {"robot": scalar, "nested": [{"name": scalar}], scalar or "empty": 1}
+    assert parse_yaml(dump_yaml(doc)) == doc
 
 
 def test_yaml_keys_become_strings_as_in_helm():

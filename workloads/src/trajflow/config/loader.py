@@ -10,10 +10,12 @@ Errors name the file and the key path, one line each.
 from __future__ import annotations
 
 import copy
+import decimal
 import difflib
 import functools
 import json
 import logging
+import math
 import os
 import re
 import tarfile
@@ -69,8 +71,10 @@ HelmYamlLoader.yaml_implicit_resolvers = {}
 _RESOLVERS = [
     ("tag:yaml.org,2002:bool",
      r"^(?:y|Y|yes|Yes|YES|n|N|no|No|NO|true|True|TRUE|false|False|FALSE|on|On|ON|off|Off|OFF)$", "yYnNtTfFoO"),
+    # Go reads a prefix in either case, and a prefix without digits as a string
     ("tag:yaml.org,2002:int",
-     r"^(?:[-+]?0b[0-1_]+|[-+]?0o?[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$", "-+0123456789"),
+     r"^(?:[-+]?0[bB]_*[01][01_]*|[-+]?0[oO]_*[0-7][0-7_]*|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)"
+     r"|[-+]?0[xX]_*[0-9a-fA-F][0-9a-fA-F_]*)$", "-+0123456789"),
     ("tag:yaml.org,2002:float",
      r"^(?:[-+]?(?:\.[0-9][0-9_]*|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
      r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$", "-+0123456789."),
@@ -85,27 +89,47 @@ def _construct_bool(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> bool:
     return str(loader.construct_scalar(node)).lower() in ("y", "yes", "true", "on")
 
 
-def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
-    text = str(loader.construct_scalar(node)).replace("_", "")
-    sign = -1 if text.startswith("-") else 1
-    digits = text.lstrip("+-")
-    if digits.startswith(("0b", "0x", "0o")):
-        return sign * int(digits, 0)
-    if len(digits) > 1 and digits.startswith("0"):
-        return sign * int(digits, 8)
-    return sign * int(digits)
+def _as_helm_number(value: float) -> float | int:
+    # Helm holds every number as a float64 and writes a whole one below 1e21 back as an
+    # integer in the float's shortest digits (3.0 reaches the pod as 3, and the schema's
+    # `integer` takes it; 2**63 - 1 reaches it as 9223372036854776000): so does this
+    return int(decimal.Decimal(repr(value))) if value.is_integer() and abs(value) < 1e21 else value
 
 
-def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float | int:
-    # Helm holds every number as a float64 and writes a whole one back as an integer (3.0
-    # reaches the pod as 3, and the schema's `integer` takes it): so does this
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float | int | str:
+    text = str(loader.construct_scalar(node))
+    plain = text.replace("_", "")
+    sign = -1 if plain.startswith("-") else 1
+    digits = plain.lstrip("+-")
+    if digits[:2].lower() in ("0b", "0x", "0o"):
+        value = sign * int(digits, 0)
+    elif len(digits) > 1 and digits.startswith("0"):
+        value = sign * int(digits, 8)
+    else:
+        value = sign * int(digits)
+    try:
+        return _as_helm_number(float(value))
+    except OverflowError:  # beyond float64: Go keeps the text
+        return text
+
+
+def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float | int | str:
     value = loader.construct_yaml_float(node)
-    return int(value) if value.is_integer() and abs(value) < 2**53 else value
+    text = str(loader.construct_scalar(node))
+    if math.isinf(value) and ".inf" not in text.lower():  # 1e400: beyond float64, Go keeps the text
+        return text
+    return _as_helm_number(value)
+
+
+def _construct_merge_value(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> str:
+    # `<<` merges only as a key (flatten_mapping handles those); as a value it is a string
+    return str(loader.construct_scalar(node))
 
 
 HelmYamlLoader.add_constructor("tag:yaml.org,2002:bool", _construct_bool)
 HelmYamlLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 HelmYamlLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+HelmYamlLoader.add_constructor("tag:yaml.org,2002:merge", _construct_merge_value)
 
 
 def _construct_mapping(loader: HelmYamlLoader, node: yaml.MappingNode, deep: bool = False) -> dict[str, Any]:
@@ -128,6 +152,18 @@ def _construct_mapping(loader: HelmYamlLoader, node: yaml.MappingNode, deep: boo
 
 
 HelmYamlLoader.construct_mapping = _construct_mapping  # type: ignore[method-assign,assignment]
+
+
+class HelmYamlDumper(yaml.SafeDumper):
+    """Writes YAML that `HelmYamlLoader` reads back as written: a string it would read as
+    something else (``y``, ``n``, ``0o17``, ``1e5``) is quoted."""
+
+
+HelmYamlDumper.yaml_implicit_resolvers = HelmYamlLoader.yaml_implicit_resolvers
+
+
+def dump_yaml(doc: Any) -> str:
+    return yaml.dump(doc, Dumper=HelmYamlDumper, sort_keys=True)
 
 
 def parse_yaml(text: str, origin: str = "<values>") -> Any:
@@ -460,6 +496,12 @@ def _read_config_doc(path: str | Path, keys: tuple[str, ...] = ("global", "confi
         raise ConfigError(f"no stage config at {DEFAULT_CONFIG_PATH}, where pods mount the chart's ConfigMap: "
                           f"give --config FILE (or ${CONFIG_PATH_ENV}), or -f VALUES.yaml to read values files")
     doc = read_yaml(path, "stage config")
+    if not doc:
+        # the chart always writes `global` and `config`: an empty file is a render that went
+        # wrong, and its defaults are not the settings the release was given
+        raise ConfigError(f"{path}: the stage config is empty, but the chart always writes {', '.join(keys)}: "
+                          "Helm could not write the release's values (a string holding a control character, which "
+                          "this chart refuses at install); fix the values and upgrade")
     unknown = sorted(set(doc) - set(keys))
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key {unknown[0]!r} (expected {' and '.join(keys)})")

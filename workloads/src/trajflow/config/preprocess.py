@@ -179,7 +179,7 @@ class PreprocessConfig(Model):
             if not where:
                 top = outputs
             elif sorted(outputs) != sorted(top):
-                raise ValueError(f"{where}streams/renames give the output streams {sorted(outputs)}, the top level "
-                                 f"gives {sorted(top)}: every source must give the same ones (rename its raw streams "
-                                 "onto them)")
+                raise ValueError(f"{where}streams/renames give the output streams ({', '.join(sorted(outputs))}), "
+                                 f"the top level gives ({', '.join(sorted(top))}): every source must give the same "
+                                 "ones (rename its raw streams onto them)")
         return self

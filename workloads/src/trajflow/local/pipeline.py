@@ -20,7 +20,7 @@ from typing import Any, Iterable
 import yaml
 
 from trajflow.config import GlobalConfig, Values, load_values, validate_global, validate_stage
-from trajflow.config.loader import find_chart_dir, untemplated, validate_schema
+from trajflow.config.loader import dump_yaml, find_chart_dir, untemplated, validate_schema
 from trajflow.errors import ConfigError
 from trajflow.storage.wait import parse_duration
 
@@ -63,7 +63,8 @@ class StagePlan:
 
     @property
     def rendered_yaml(self) -> bytes:
-        return yaml.safe_dump(self.rendered, sort_keys=True).encode()
+        # read back by the stage's own loader, which reads YAML as Helm does
+        return dump_yaml(self.rendered).encode()
 
     @property
     def fingerprint(self) -> str:

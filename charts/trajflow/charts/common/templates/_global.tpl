@@ -40,7 +40,7 @@ metrics:
 {{- $merged := mustMergeOverwrite $defaults $values -}}
 {{- /* lists replace, they do not merge */ -}}
 {{- if hasKey $values "imagePullSecrets" }}{{ $_ := set $merged "imagePullSecrets" $values.imagePullSecrets }}{{ end -}}
-{{- toYaml $merged -}}
+{{- include "trajflow.mustToYaml" $merged -}}
 {{- end -}}
 
 {{/* The in-release Pushgateway's URL (the monitoring chart deploys it). */}}
@@ -81,4 +81,15 @@ formats.HTTP_URL as the pods check it (they would exit 2 at their start) */ -}}
 {{- else -}}
 {{- printf "file://%s/%s" (trimSuffix "/" $g.storage.filesystem.path) $g.runId -}}
 {{- end -}}
+{{- end -}}
+
+{{/* toYaml that fails the render instead of writing nothing: Helm's toYaml returns "" when
+its YAML writer refuses a value, as it does a string holding U+007F to U+009F, U+FFFE or
+U+FFFF; a pod whose config came out empty would run on the defaults. */}}
+{{- define "trajflow.mustToYaml" -}}
+{{- $yaml := toYaml . -}}
+{{- if not $yaml -}}
+{{- fail "a value cannot be written as YAML: a string in it holds a character Helm's YAML writer refuses (U+007F to U+009F, U+FFFE or U+FFFF); remove it from the values (the template named above says which part)" -}}
+{{- end -}}
+{{- $yaml -}}
 {{- end -}}

@@ -69,7 +69,7 @@ implies it; without one Kubernetes would replace a pod as soon as it starts term
 {{- if not (kindIs "invalid" $v.maxFailedIndexes) }}{{ $_ := set $policy "maxFailedIndexes" (int $v.maxFailedIndexes) }}{{ end -}}
 {{- with $v.podFailurePolicy }}{{ $_ := set $policy "podFailurePolicy" . }}{{ end -}}
 {{- with $v.activeDeadlineSeconds }}{{ $_ := set $policy "activeDeadlineSeconds" (int .) }}{{ end -}}
-{{- toYaml $policy -}}
+{{- include "trajflow.mustToYaml" $policy -}}
 {{- end -}}
 
 {{/*
@@ -145,7 +145,7 @@ kind: Job
 metadata:
   {{- include "trajflow.jobMetadata" (dict "context" $ctx "name" $name) | nindent 2 }}
 spec:
-  {{- toYaml $spec | nindent 2 }}
+  {{- include "trajflow.mustToYaml" $spec | nindent 2 }}
 {{- end -}}
 
 {{/* A stage's ServiceAccount: no API token is mounted; annotations carry workload identity. */}}
@@ -217,6 +217,11 @@ pod's memory limit anyway) */ -}}
 {{- else if eq $storage.type "filesystem" -}}
 {{- if and (not $storage.pvc.create) (not $storage.pvc.existingClaim) -}}
 {{- fail "global.storage.pvc.existingClaim is required when global.storage.pvc.create is false (the stages need a shared volume)" -}}
+{{- end -}}
+{{- /* `trajflow run` reads ~ as the user's home; a pod would read its own HOME (/tmp) while
+the volume is mounted at /~/... */ -}}
+{{- if hasPrefix "~" (toString $storage.filesystem.path) -}}
+{{- fail (printf "global.storage.filesystem.path %q starts with ~: in the pods that is not your home directory but their own /tmp, and the data would stay in each pod; give the mount path, such as /data (a values file for trajflow run alone may keep ~)" (toString $storage.filesystem.path)) -}}
 {{- end -}}
 {{- /* the data volume may not land on, or hide, a mount of the pod's own (two volumes at one
 path are refused; a parent such as /etc would hide the config and the image's files) */ -}}

@@ -80,9 +80,9 @@ name: {{ .name | quote }}
 namespace: {{ .context.Release.Namespace | quote }}
 labels:
   {{- $own := include "trajflow.labels" (dict "context" .context "component" (.component | default "")) | fromYaml }}
-  {{- toYaml (mustMergeOverwrite (deepCopy (.labels | default dict)) $own) | nindent 2 }}
+  {{- include "trajflow.mustToYaml" (mustMergeOverwrite (deepCopy (.labels | default dict)) $own) | nindent 2 }}
 {{- with .annotations }}
 annotations:
-  {{- toYaml . | nindent 2 }}
+  {{- include "trajflow.mustToYaml" . | nindent 2 }}
 {{- end }}
 {{- end -}}

@@ -38,7 +38,7 @@ every Job through checksum/config. */}}
 {{- $_ := set $global.metrics "pushgatewayUrl" (include "trajflow.pushgatewayUrl" .) -}}
 {{- $_ := unset $global.storage "pvc" -}}
 {{- $_ := unset $global "argocd" -}}
-{{- toYaml (dict "global" $global "config" (.Values.config | default dict)) -}}
+{{- include "trajflow.mustToYaml" (dict "global" $global "config" (.Values.config | default dict)) -}}
 {{- end -}}
 
 {{/* The stage's ConfigMap. */}}
@@ -131,10 +131,10 @@ Environment of every container of a stage. Takes (dict "context" $ "shards" N "e
 - name: PYTHONUNBUFFERED
   value: "1"
 {{- with .env }}
-{{ toYaml . }}
+{{ include "trajflow.mustToYaml" . }}
 {{- end }}
 {{- with $ctx.Values.extraEnv }}
-{{ toYaml . }}
+{{ include "trajflow.mustToYaml" . }}
 {{- end }}
 {{- end -}}
 
@@ -145,7 +145,7 @@ Environment of every container of a stage. Takes (dict "context" $ "shards" N "e
     name: {{ $global.storage.s3.existingSecret | quote }}
 {{- end }}
 {{- with .Values.extraEnvFrom }}
-{{ toYaml . }}
+{{ include "trajflow.mustToYaml" . }}
 {{- end }}
 {{- end -}}
 
@@ -184,7 +184,7 @@ Environment of every container of a stage. Takes (dict "context" $ "shards" N "e
 {{- end }}
 {{- end }}
 {{- with .Values.extraVolumeMounts }}
-{{ toYaml . }}
+{{ include "trajflow.mustToYaml" . }}
 {{- end }}
 {{- end -}}
 
@@ -215,7 +215,7 @@ Environment of every container of a stage. Takes (dict "context" $ "shards" N "e
     claimName: {{ include "trajflow.claimName" . | quote }}
 {{- end }}
 {{- with .Values.extraVolumes }}
-{{ toYaml . }}
+{{ include "trajflow.mustToYaml" . }}
 {{- end }}
 {{- end -}}
 
@@ -255,18 +255,18 @@ imagePullPolicy: {{ $ctx.Values.image.pullPolicy | default "IfNotPresent" }}
 {{- /* a failed container's last log lines, which say why, become what `kubectl describe` shows */}}
 terminationMessagePolicy: FallbackToLogsOnError
 command:
-  {{- toYaml ($c.command | default (list "trajflow")) | nindent 2 }}
+  {{- include "trajflow.mustToYaml" ($c.command | default (list "trajflow")) | nindent 2 }}
 {{- $global := include "trajflow.global" $ctx | fromYaml }}
 {{- if and (eq $global.storage.type "filesystem") (not (hasPrefix "/" $global.storage.filesystem.path)) }}
 workingDir: /
 {{- end }}
 {{- with $c.args }}
 args:
-  {{- toYaml . | nindent 2 }}
+  {{- include "trajflow.mustToYaml" . | nindent 2 }}
 {{- end }}
 {{- with $c.ports }}
 ports:
-  {{- toYaml . | nindent 2 }}
+  {{- include "trajflow.mustToYaml" . | nindent 2 }}
 {{- end }}
 env:
   {{- include "trajflow.env" (dict "context" $ctx "shards" .shards "env" $c.env) | nindent 2 }}
@@ -284,7 +284,7 @@ does not count, so they would be retried until the deadline */}}
 {{- $_ := set $resources "requests" (merge (dict "ephemeral-storage" (include "trajflow.tmpSizeLimit" $ctx)) $requests) }}
 {{- end }}
 resources:
-  {{- toYaml $resources | nindent 2 }}
+  {{- include "trajflow.mustToYaml" $resources | nindent 2 }}
 securityContext:
   {{- include "trajflow.containerSecurityContext" $ctx | nindent 2 }}
 volumeMounts:
@@ -305,12 +305,12 @@ metadata:
   labels:
     {{- include "trajflow.podLabels" $ctx | nindent 4 }}
     {{- with $v.podLabels }}
-    {{- toYaml . | nindent 4 }}
+    {{- include "trajflow.mustToYaml" . | nindent 4 }}
     {{- end }}
   annotations:
     checksum/config: {{ include "trajflow.configFile" $ctx | sha256sum }}
     {{- with $v.podAnnotations }}
-    {{- toYaml . | nindent 4 }}
+    {{- include "trajflow.mustToYaml" . | nindent 4 }}
     {{- end }}
 spec:
   restartPolicy: Never
@@ -331,15 +331,15 @@ spec:
   {{- end }}
   {{- with $v.nodeSelector }}
   nodeSelector:
-    {{- toYaml . | nindent 4 }}
+    {{- include "trajflow.mustToYaml" . | nindent 4 }}
   {{- end }}
   {{- with (include "trajflow.tolerations" $ctx | fromJsonArray) }}
   tolerations:
-    {{- toYaml . | nindent 4 }}
+    {{- include "trajflow.mustToYaml" . | nindent 4 }}
   {{- end }}
   {{- with $v.affinity }}
   affinity:
-    {{- toYaml . | nindent 4 }}
+    {{- include "trajflow.mustToYaml" . | nindent 4 }}
   {{- end }}
   {{- with $v.topologySpreadConstraints }}
   topologySpreadConstraints:
@@ -348,11 +348,11 @@ spec:
     {{- if not (hasKey $constraint "labelSelector") }}
     {{- $_ := set $constraint "labelSelector" (dict "matchLabels" $selector) }}
     {{- end }}
-    - {{- toYaml $constraint | nindent 6 }}
+    - {{- include "trajflow.mustToYaml" $constraint | nindent 6 }}
     {{- end }}
   {{- end }}
   {{- with .spec }}
-  {{- toYaml . | nindent 2 }}
+  {{- include "trajflow.mustToYaml" . | nindent 2 }}
   {{- end }}
   {{- with .initContainers }}
   initContainers:

@@ -12,7 +12,7 @@ The image runs as UID/GID 65532.
   "fsGroup" 65532
   "fsGroupChangePolicy" "OnRootMismatch"
   "seccompProfile" (dict "type" "RuntimeDefault") -}}
-{{- toYaml (mustMergeOverwrite $defaults (deepCopy (.Values.podSecurityContext | default dict))) -}}
+{{- include "trajflow.mustToYaml" (mustMergeOverwrite $defaults (deepCopy (.Values.podSecurityContext | default dict))) -}}
 {{- end -}}
 
 {{/* The UID and GID come from the pod's context (set there only, so podSecurityContext.runAsUser
@@ -25,5 +25,5 @@ applies to every container, as on OpenShift's assigned UID ranges). */}}
   "readOnlyRootFilesystem" true
   "capabilities" (dict "drop" (list "ALL"))
   "seccompProfile" (dict "type" "RuntimeDefault") -}}
-{{- toYaml (mustMergeOverwrite $defaults (deepCopy (.Values.containerSecurityContext | default dict))) -}}
+{{- include "trajflow.mustToYaml" (mustMergeOverwrite $defaults (deepCopy (.Values.containerSecurityContext | default dict))) -}}
 {{- end -}}

@@ -36,7 +36,7 @@ user's extra labels (selectors of the Prometheus or Grafana sidecar). Takes
 */}}
 {{- define "monitoring.labels" -}}
 {{- $labels := include "trajflow.labels" (dict "context" .context "component" .component) | fromYaml -}}
-{{- toYaml (mustMergeOverwrite $labels (deepCopy (.extra | default dict))) -}}
+{{- include "trajflow.mustToYaml" (mustMergeOverwrite $labels (deepCopy (.extra | default dict))) -}}
 {{- end -}}
 
 {{/*

@@ -12,7 +12,7 @@ Prometheus' `up`, the Pushgateway's `push_time_seconds` / `push_failure_time_sec
 {{/* Labels of one alert: severity, the release, then the user's additional labels. Takes (dict "context" $ "alert" $a). */}}
 {{- define "monitoring.alertLabels" -}}
 {{- $labels := dict "severity" .alert.severity "release" .context.Release.Name -}}
-{{- toYaml (mustMergeOverwrite $labels (deepCopy (.context.Values.prometheusRule.additionalAlertLabels | default dict))) -}}
+{{- include "trajflow.mustToYaml" (mustMergeOverwrite $labels (deepCopy (.context.Values.prometheusRule.additionalAlertLabels | default dict))) -}}
 {{- end -}}
 
 {{/*
