@@ -77,6 +77,22 @@ def test_parquet_nulls_and_ragged_rows_quarantine_only_their_episode():
     assert isinstance(out[0], RawEpisode)
     assert (out[1].reason, out[2].reason) == (readers.NON_FINITE, readers.SHAPE_MISMATCH)
     assert "null at frame 1" in out[1].detail
+    assert out[2].detail == f"{STATE!r} has 1 values at frame 1, 2 at frame 0"
+
+
+def test_parquet_episodes_of_other_widths_in_one_file_are_read_at_their_own():
+    # the width is each episode's, not the file's majority: the odd one out here is the
+    # shard's width, and the stage (not the reader) decides which robot's episodes fit
+    widths = {0: 7, 1: 7, 2: 6}
+    table = pa.table({
+        "episode_index": [e for e in widths for _ in range(3)],
+        "timestamp": [0.0, 0.1, 0.2] * 3,
+        STATE: pa.array([[float(e)] * w for e, w in widths.items() for _ in range(3)], pa.list_(pa.float32())),
+        ACTION: [1.0] * 9,
+    })
+    out = _outcomes("lerobot", _parquet(table))
+    assert [o.dims[STATE] for o in out] == [7, 7, 6] and all(isinstance(o, RawEpisode) for o in out)
+    np.testing.assert_array_equal(out[2].frames[:, :6], np.full((3, 6), 2.0))
 
 
 @pytest.mark.parametrize("compressed", [False, True])
@@ -115,6 +131,31 @@ def test_a_parquet_data_page_that_fails_its_checksum_is_unreadable():
         _outcomes("lerobot", bytes(blob))
     (ep,) = _outcomes("lerobot", buf.getvalue())
     assert isinstance(ep, RawEpisode) and ep.frames.shape == (400, 2)
+
+
+def test_a_parquet_file_declaring_far_more_values_than_it_holds_is_not_decoded(monkeypatch, tmp_path):
+    """Run-length encoding keeps constants in a few bytes: a small file could declare
+    gigabytes of frames, and decoding them took 4.5 GB from 230 kB."""
+    n = 400_000
+    table = pa.table({"episode_index": np.zeros(n, np.int64), "timestamp": np.zeros(n), STATE: np.zeros(n),
+                      ACTION: np.zeros(n)})
+    bomb = _parquet(table).getvalue()
+    assert 12_800_000 > 1024 * len(bomb)  # what it declares, past the expansion any recording has
+    monkeypatch.setattr(readers, "_PARQUET_DECODED_FLOOR", 1 << 20)  # the real floor is 256 MiB
+    decoded = []
+    (tmp_path / "bomb.parquet").write_bytes(bomb)
+    with monkeypatch.context() as patch:
+        patch.setattr(pq.ParquetFile, "read", lambda *a, **k: decoded.append(1))
+        for src in (bomb, io.BytesIO(bomb), str(tmp_path / "bomb.parquet")):
+            with pytest.raises(readers.UnreadableFile, match=rf"its columns declare 12800000 bytes of values in a "
+                                                             rf"file of {len(bomb)} bytes: a corrupt or crafted file"):
+                _outcomes("lerobot", src)
+    assert not decoded
+    # a recording of the same length: its timestamps and values do not compress like that
+    times = np.arange(n) / 50.0
+    table = table.set_column(1, "timestamp", pa.array(times)).set_column(2, STATE, pa.array(np.sin(times)))
+    (ep,) = _outcomes("lerobot", _parquet(table))
+    assert isinstance(ep, RawEpisode) and ep.frames.shape == (n, 2)
 
 
 @pytest.mark.parametrize("values", [[0, 2**64 - 1], [1e19, 2e19]])
@@ -1050,7 +1091,7 @@ def test_config_rejects_renames_of_streams_that_are_not_read():
 def test_config_requires_every_source_to_give_the_same_output_streams():
     # the first good episode would pick the shard's streams, and the other source's episodes be quarantined
     with pytest.raises(ValueError, match=r"sources.alpha.streams/renames give the output streams "
-                                         r"\['actions', 'observation.state'\], the top level gives \['action', "):
+                                         r"\(actions, observation.state\), the top level gives \(action, "):
         PreprocessConfig.model_validate({"sources": {"alpha": {"streams": ["obs/joint_pos", "actions"],
                                                                "renames": {"obs/joint_pos": "observation.state"}}}})
     cfg = PreprocessConfig.model_validate({"sources": {"alpha": {

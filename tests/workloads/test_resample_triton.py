@@ -107,6 +107,19 @@ def test_interpreter_agrees_with_torch_path(poisoned):
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_values_near_the_float_limit_stay_finite(poisoned, backend, dtype):
+    # neighbours of opposite signs beyond 1.7e38: their difference overflows float32
+    times = torch.arange(6, dtype=torch.float32)[None].repeat(2, 1)
+    data = torch.tensor([3e38, -3e38, 3e38, -3e38, 2e38, -2e38])[None, :, None].repeat(2, 1, 1).to(dtype)
+    tgt = torch.tensor([0.0, 0.5, 1.0, 2.25, 4.0, 5.0])[None].repeat(2, 1)
+    out = resample(data, times, tgt, backend=backend)
+    assert torch.isfinite(out).all(), out[0, :, 0]
+    ref = reference(data, times, None, tgt.double())
+    torch.testing.assert_close(out.double().numpy(), ref, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=0)
+
+
 def test_interpreter_ends_hold_exactly_and_padding_is_ignored(poisoned):
     data, times, lengths, _, _ = make_case(24, 4, 20, 1, 3)  # NaN / garbage padding
     L = lengths

@@ -366,9 +366,10 @@ def _float_values(arr: Any) -> np.ndarray:
 
 
 def _list_column(col: Any, name: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """A parquet column as a float matrix [rows, D] (float32 stays float32) and two masks
-    of bad rows, None when there are none: null (or holding nulls) and ragged (another
-    width than the other rows)."""
+    """A parquet column as a float matrix [rows, D] (float32 stays float32), a mask of null
+    rows (or rows holding nulls) and, for lists of mixed widths, each row's width (-1 when
+    null), else None. Rows of mixed widths are padded with NaN to the widest: each episode
+    is held to its own rows' width (another robot's episodes may share the file)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -393,23 +394,19 @@ def _list_column(col: Any, name: str) -> tuple[np.ndarray, np.ndarray | None, np
                 null = inner.reshape(n, d).any(1) | (null if null is not None else False)
             return flat.reshape(n, d), null, None
         widths = pc.list_value_length(arr).fill_null(-1).to_numpy()
-        valid = widths if null is None else widths[~null]
-        d = int(np.bincount(valid).argmax()) if valid.size else 0
-        ragged = (widths != d) if null is None else (~null) & (widths != d)
-        if not ragged.any():
-            ragged = None
-        if null is None and ragged is None and arr.values.null_count == 0:
+        valid = widths[widths >= 0]
+        d = int(valid.max()) if valid.size else 0
+        mixed = bool(valid.size) and int(valid.min()) != d
+        if null is None and not mixed and arr.values.null_count == 0:
             return _float_values(pc.list_flatten(arr)).reshape(n, d), None, None
-        no_rows = np.zeros(n, dtype=bool)  # a boolean mask even when only the inner values are null
-        good = ~((null if null is not None else no_rows) | (ragged if ragged is not None else no_rows))
+        flat = pc.list_flatten(arr)  # null rows hold no values
+        vals = _float_values(flat).astype(np.float64)
+        if flat.null_count:
+            vals[flat.is_null().to_numpy(zero_copy_only=False)] = np.nan
+        lengths = np.maximum(widths, 0)
         out = np.full((n, d), np.nan)
-        if np.any(good):
-            flat = pc.list_flatten(arr.filter(pa.array(np.broadcast_to(good, (n,)))))
-            vals = _float_values(flat).astype(np.float64)
-            if flat.null_count:
-                vals[flat.is_null().to_numpy(zero_copy_only=False)] = np.nan
-            out[good] = vals.reshape(int(np.count_nonzero(good)), d)
-        return out, null, ragged
+        out[np.repeat(np.arange(n), lengths), np.arange(len(vals)) - np.repeat(np.cumsum(lengths) - lengths, lengths)] = vals
+        return out, null, (widths if mixed else None)
     if pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_boolean(t):
         vals = _float_values(arr)
         null = None
@@ -436,6 +433,45 @@ def _index_column(col: Any, name: str) -> np.ndarray:
     return values.astype(np.int64, copy=False)  # never written to
 
 
+# Parquet's run-length and dictionary encodings keep a constant column in a few bytes however
+# long it is, so no ratio bounds what a file decodes to. Past the floor, a file declaring
+# values of more than this many times its size is refused before anything is decoded: a
+# recording's timestamps and sensors do not compress that far, while a few hundred kB of
+# constants declaring 800 MB of frames took 4.5 GB to read.
+_PARQUET_MAX_EXPANSION = 1024
+_PARQUET_DECODED_FLOOR = 256 << 20
+_PARQUET_WIDTHS = {"BOOLEAN": 1, "INT32": 4, "INT64": 8, "INT96": 12, "FLOAT": 4, "DOUBLE": 8}
+
+
+def _source_size(src: Any) -> int:
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return len(src)
+    if isinstance(src, str):
+        return os.path.getsize(src)
+    at = src.tell()
+    size = src.seek(0, io.SEEK_END)
+    src.seek(at)
+    return size
+
+
+def _check_parquet_declared_size(metadata: Any, file_size: int) -> None:
+    """Raise UnreadableFile when the file's column chunks declare far more values than it can
+    plausibly hold (see _PARQUET_MAX_EXPANSION)."""
+    declared = 0
+    for i in range(metadata.num_row_groups):
+        group = metadata.row_group(i)
+        for j in range(group.num_columns):
+            chunk = group.column(j)
+            width = _PARQUET_WIDTHS.get(chunk.physical_type)
+            if chunk.physical_type == "FIXED_LEN_BYTE_ARRAY":
+                width = metadata.schema.column(j).length
+            # byte arrays: their encoded size at least
+            declared += chunk.num_values * width if width else chunk.total_uncompressed_size
+    if declared > max(_PARQUET_DECODED_FLOOR, _PARQUET_MAX_EXPANSION * file_size):
+        raise UnreadableFile(f"its columns declare {declared} bytes of values in a file of {file_size} bytes: "
+                             "a corrupt or crafted file (no recording compresses that far); not decoded")
+
+
 def read_lerobot(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Outcome]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -447,6 +483,7 @@ def read_lerobot(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Ou
                             pre_buffer=False, page_checksum_verification=True)
         columns_in_order = pf.schema_arrow.names
         names = set(columns_in_order)
+        _check_parquet_declared_size(pf.metadata, _source_size(src))
     except (pa.ArrowException, ValueError, OSError) as exc:
         _reraise_io(exc)
         raise UnreadableFile(f"not a readable parquet file: {exc}") from None
@@ -526,17 +563,23 @@ def read_lerobot(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Ou
             if c is None:
                 streams[s] = None
                 continue
-            vals, null, ragged = c
-            if ragged is not None and ragged[a:b].any():
-                i = int(np.flatnonzero(ragged[a:b])[0])
-                problem = Quarantined(source, episode, SHAPE_MISMATCH,
-                                      f"{s!r} at frame {int(frame[a + i])} has a different width than the other rows")
-                break
+            vals, null, widths = c
+            d = vals.shape[1]
+            if widths is not None:
+                rows = widths[a:b]
+                held = np.flatnonzero(rows >= 0)
+                d = int(rows[held[0]]) if held.size else 0
+                ragged = held[rows[held] != d]
+                if ragged.size:
+                    problem = Quarantined(source, episode, SHAPE_MISMATCH,
+                                          f"{s!r} has {int(rows[ragged[0]])} values at frame {int(frame[a + ragged[0]])}, "
+                                          f"{d} at frame {int(frame[a + held[0]])}")
+                    break
             if null is not None and null[a:b].any():
                 i = int(np.flatnonzero(null[a:b])[0])
                 problem = Quarantined(source, episode, NON_FINITE, f"{s!r} is null at frame {int(frame[a + i])}")
                 break
-            streams[s] = vals[a:b]
+            streams[s] = vals[a:b, :d]
         if problem is not None:
             out.append(problem)
             continue

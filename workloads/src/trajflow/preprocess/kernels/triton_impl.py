@@ -282,9 +282,9 @@ def _resample_kernel(
                 d_off = (offs_d_x * ds[2])[None, :]
                 a = tl.load(d_row + a_off + d_off, mask=m, other=0.0).to(tl.float32)
                 b = tl.load(d_row + b_off + d_off, mask=m, other=0.0).to(tl.float32)
-                diff = b - a
-                # torch.lerp's formula: exact at both ends
-                r = tl.where(w2 < 0.5, a + w2 * diff, b - diff * (1.0 - w2))
+                # the torch path's blend, exact at both ends; a + w * (b - a) would overflow
+                # to inf (and NaN at the samples) for values of opposite signs beyond 1.7e38
+                r = a * (1.0 - w2) + b * w2
                 tl.store(o_row + o_off + (offs_d_x * os_[2])[None, :], r.to(out_ptrs[k].dtype.element_ty), mask=m)
                 d0 += BLOCK_DS[k]
 
