@@ -803,8 +803,36 @@ def _h5_dataset(group: Any, path: str, fd: int | None = None, file_size: int | N
             raise ValueError(f"{path!r} has chunks that were never written (they would read as fill values): a "
                              "recording cut short, or a corrupt file")
     out = np.empty(shape, dtype=dtype)
-    obj.read(h5py.h5s.ALL, h5py.h5s.ALL, out)
+    if not shape:  # a scalar
+        obj.read(h5py.h5s.ALL, h5py.h5s.ALL, out)
+        return out
+    rows = _h5_rows_per_read(shape, dcpl.get_chunk()) if dcpl.get_layout() == h5py.h5d.CHUNKED else shape[0]
+    for r0 in range(0, shape[0], rows):
+        _h5_read_rows(obj, out, r0, min(shape[0], r0 + rows))
     return out
+
+
+# chunks one read may span: HDF5 keeps some 4 kB of state per chunk a read touches, and a
+# recorder writing one step at a time leaves a chunk per row (400k rows took 1.6 GB at once)
+_H5_CHUNKS_PER_READ = 4096
+
+
+def _h5_rows_per_read(shape: tuple[int, ...], chunk: tuple[int, ...]) -> int:
+    across = math.prod(-(-n // c) for n, c in zip(shape[1:], chunk[1:]))
+    return chunk[0] * max(1, _H5_CHUNKS_PER_READ // max(1, across))
+
+
+def _h5_read_rows(obj: Any, out: np.ndarray, r0: int, r1: int) -> None:
+    """Rows [r0, r1) of dataset ``obj`` into the same rows of ``out``."""
+    import h5py
+
+    if r0 == 0 and r1 == out.shape[0]:
+        obj.read(h5py.h5s.ALL, h5py.h5s.ALL, out)
+        return
+    block = out[r0:r1]  # rows of a C-ordered array: contiguous
+    space = obj.get_space()
+    space.select_hyperslab((r0,) + (0,) * (out.ndim - 1), block.shape)
+    obj.read(h5py.h5s.create_simple(block.shape), space, block)
 
 
 def _h5_num_samples(demo: Any) -> int | None:
