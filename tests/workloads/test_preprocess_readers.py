@@ -200,6 +200,14 @@ def test_a_configured_time_key_missing_from_a_file_quarantines_instead_of_using_
         assert isinstance(ep, RawEpisode) and ep.original_rate_hz == pytest.approx(20.0, rel=0.3), fmt
 
 
+def test_parquet_boolean_timestamps_are_named_as_npz_and_hdf5_name_them():
+    table = pa.table({"episode_index": [0, 0, 0], "timestamp": [False, True, True], STATE: [1.0, 2.0, 3.0],
+                      ACTION: [1.0, 2.0, 3.0]})
+    (q,) = _outcomes("lerobot", _parquet(table))
+    assert (q.reason, q.detail) == (readers.SHAPE_MISMATCH, "timestamps have non-numeric dtype bool (column "
+                                                            "'timestamp')")
+
+
 def test_parquet_missing_column_and_non_numeric_column():
     table = pa.table({"episode_index": [0, 0], "timestamp": [0.0, 1.0], STATE: [1.0, 2.0]})
     (q,) = _outcomes("lerobot", _parquet(table))
@@ -393,6 +401,41 @@ def test_hdf5_without_data_group_is_unreadable(tmp_path):
         f.create_dataset("x", data=[1, 2])
     with pytest.raises(readers.UnreadableFile, match="no 'data' group"):
         _outcomes("robomimic", str(path))
+    with h5py.File(path, "a") as f:
+        f.create_dataset("data", data=[1, 2])
+    with pytest.raises(readers.UnreadableFile) as info:
+        _outcomes("robomimic", str(path))
+    assert str(info.value) == "'data' is not a group (expected robomimic layout data/demo_N/...)"
+
+
+def test_hdf5_a_demo_linked_under_two_names_is_read_once(tmp_path):
+    import h5py
+
+    rng = np.random.default_rng(3)
+    path = tmp_path / "linked.hdf5"
+    write_robomimic(path, [make_episode(rng, "0", 20.0, 1.0)], state_key=STATE, action_key=ACTION)
+    with h5py.File(path, "a") as f:
+        f["data/demo_1"] = f["data/demo_0"]  # a hard link
+        f["data/demo_2"] = h5py.SoftLink("/data/demo_0")
+    out = _outcomes("robomimic", str(path))
+    assert isinstance(out[0], RawEpisode) and out[0].episode == "demo_0"
+    assert [(q.episode, q.reason, q.detail) for q in out[1:]] == [
+        ("demo_1", readers.DUPLICATE, "demo_1 is demo_0 (a link to it): read once"),
+        ("demo_2", readers.DUPLICATE, "demo_2 is demo_0 (a link to it): read once")]
+
+
+def test_hdf5_unreadable_file_attributes_cost_the_metadata_not_the_demos(tmp_path, monkeypatch, caplog):
+    path = tmp_path / "d.hdf5"
+    write_robomimic(path, [make_episode(np.random.default_rng(4), "0", 20.0, 1.0)], state_key=STATE,
+                    action_key=ACTION)
+
+    def corrupt(attrs):
+        raise RuntimeError("Unable to synchronously read attribute (wrong B-tree signature)")
+
+    monkeypatch.setattr(readers, "_env_args", corrupt)
+    (ep,) = _outcomes("robomimic", str(path), hint="lab")
+    assert isinstance(ep, RawEpisode) and ep.robot == "lab"  # timestamps: no rate needed; the hint names the robot
+    assert "the attributes of 'data' are unreadable (RuntimeError: Unable to synchronously read attribute" in caplog.text
 
 
 def test_hdf5_data_in_other_files_is_never_read(tmp_path):

@@ -70,8 +70,9 @@ NON_MONOTONIC = "non_monotonic_time"
 TIME_GAP = "time_gap"  # samples further apart than maxGapSeconds
 NON_FINITE = "non_finite"  # NaN/Inf (or null) in times or data
 SHAPE_MISMATCH = "shape_mismatch"  # ragged or wrong-width vectors
+DUPLICATE = "duplicate_episode"  # another name of an episode already read (an HDF5 link)
 REASONS = (UNREADABLE, MISSING_FILE, SIZE_MISMATCH, MISSING_STREAM, MISSING_TIME, TOO_SHORT, NON_MONOTONIC,
-           TIME_GAP, NON_FINITE, SHAPE_MISMATCH)
+           TIME_GAP, NON_FINITE, SHAPE_MISMATCH, DUPLICATE)
 
 FORMAT_EXTENSIONS = {
     "lerobot": (".parquet",),
@@ -539,6 +540,9 @@ def read_lerobot(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Ou
             if tv.shape[1] != 1:
                 return [Quarantined(source, "", SHAPE_MISMATCH,
                                     f"time column {time_key!r} holds {tv.shape[1]} values per row, not one")]
+            if pa.types.is_boolean(value_type):  # as npz and HDF5 name them
+                return [Quarantined(source, "", SHAPE_MISMATCH, f"timestamps have non-numeric dtype bool (column "
+                                                                 f"{time_key!r})")]
             if pa.types.is_integer(value_type) and spec.time_unit == "s":
                 return [Quarantined(source, "", MISSING_TIME, integer_times_detail(ttype))]
             times_all = tv[:, 0]
@@ -861,15 +865,28 @@ def read_robomimic(src: Any, spec: SourceSpec, source: str, robot: str) -> list[
         if not fh.id.links.exists(b"data"):
             raise UnreadableFile("no 'data' group (expected robomimic layout data/demo_N/...)")
         try:
-            data = h5py.Group(_h5_open(fh.id, b"data"))
-        except (KeyError, ValueError) as exc:  # also a dangling link, or a dataset named data (not a group)
+            data_id = _h5_open(fh.id, b"data")
+        except (KeyError, ValueError) as exc:  # also a dangling link
             _reraise_io(exc)
             raise UnreadableFile(f"cannot open 'data': {exc}") from None
-        env_args = _env_args(data.attrs)
-        kwargs = env_args.get("env_kwargs") if isinstance(env_args.get("env_kwargs"), dict) else {}
-        file_rate = _attr_rate(data.attrs) or _attr_rate(kwargs)
-        file_robot = spec.robot_for(_robot_name(data.attrs.get("robot")) or _robot_name(kwargs.get("robots")) or robot)
+        if not isinstance(data_id, h5py.h5g.GroupID):
+            raise UnreadableFile("'data' is not a group (expected robomimic layout data/demo_N/...)")
+        data = h5py.Group(data_id)
+        try:
+            env_args = _env_args(data.attrs)
+            kwargs = env_args.get("env_kwargs") if isinstance(env_args.get("env_kwargs"), dict) else {}
+            file_rate = _attr_rate(data.attrs) or _attr_rate(kwargs)
+            file_robot = _robot_name(data.attrs.get("robot")) or _robot_name(kwargs.get("robots"))
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001  optional metadata: a corrupt attribute costs it, not the demos
+            _reraise_io(exc)
+            log.warning("%s: the attributes of 'data' are unreadable (%s: %s); read without its rate and robot",
+                        source, type(exc).__name__, exc)
+            file_rate, file_robot = None, ""
+        file_robot = spec.robot_for(file_robot or robot)
         file_size = fh.id.get_filesize()
+        seen: dict[tuple[int, int], str] = {}  # demos by object: a link to a demo already read
         out: list[Outcome] = []
         # h5py hands a member name that is not valid UTF-8 over as bytes: labelled escaped, opened as is
         members = [(n.decode("utf-8", "backslashreplace"), n) if isinstance(n, bytes) else (n, n.encode())
@@ -885,6 +902,11 @@ def read_robomimic(src: Any, spec: SourceSpec, source: str, robot: str) -> list[
             try:
                 demo = _h5_open(data.id, raw_name)
                 if not isinstance(demo, h5py.h5g.GroupID):
+                    continue
+                info = h5py.h5o.get_info(demo)
+                first = seen.setdefault((info.fileno, info.addr), name)
+                if first != name:
+                    out.append(Quarantined(source, name, DUPLICATE, f"{name} is {first} (a link to it): read once"))
                     continue
                 streams = {s: _h5_dataset(demo, s, fd, file_size) for s in spec.streams}
                 # robomimic records each demo's frame count: rows beyond it are padding, not frames
