@@ -57,6 +57,9 @@ def test_a_wait_timeout_in_seconds_reaches_the_commands_as_whole_seconds():
     assert container(pre, "wait-download")["args"][7:9] == ["--timeout", "1000000"]
     assert container(pre, "preprocess")["args"][-2:] == ["--wait", "1000000"]
     assert "86400" in pod_spec(train)["initContainers"][0]["args"]
+    # beyond 2^63 an integer conversion wrapped to a negative, which the wait refused
+    huge = one(render([env_file("dev")], {"preprocessing.waitTimeout": 2**63 - 1}), "Job", "preprocessing")
+    assert container(huge, "wait-download")["args"][7:9] == ["--timeout", "9223372036854775808"]
 
 
 def test_preprocessing_shard_waits_for_its_download_shard():

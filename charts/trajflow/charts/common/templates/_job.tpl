@@ -6,7 +6,7 @@ it here with its completions and parallelism.
 {{/*
 A stage's waitTimeout as `trajflow wait --timeout` reads it: a duration string as given,
 a number as whole seconds (values files give numbers as floats, and `toString` would
-write 1000000 as 1e+06).
+write 1000000 as 1e+06; `int64` would wrap one beyond 2^63 to a negative).
 */}}
 {{- define "trajflow.waitTimeout" -}}
 {{- if kindIs "string" . -}}
@@ -16,7 +16,7 @@ write 1000000 as 1e+06).
 {{- end -}}
 {{- . -}}
 {{- else -}}
-{{- printf "%d" (int64 .) -}}
+{{- printf "%.0f" (float64 .) -}}
 {{- end -}}
 {{- end -}}
 
