@@ -370,7 +370,8 @@ def test_config_file_as_rendered_by_the_chart(tmp_path):
         load_config_file(blank, "downloader")
     assert _one_line(info).startswith(f"{blank}: the stage config is empty, but the chart always writes global, "
                                       "config: Helm could not write the release's values")
-    with pytest.raises(ConfigError, match="the stage config is empty, but the chart always writes global, config, shards"):
+    with pytest.raises(ConfigError, match="the stage config is empty, but the chart always writes global, config, "
+                                          "shards"):
         stage_settings("preprocessing", env={"TRAJFLOW_CONFIG": str(empty), "JOB_COMPLETION_INDEX": "0",
                                              "TRAJFLOW_DATASET_CONFIG": str(blank)})
 

@@ -435,7 +435,7 @@ def test_hdf5_unreadable_file_attributes_cost_the_metadata_not_the_demos(tmp_pat
     monkeypatch.setattr(readers, "_env_args", corrupt)
     (ep,) = _outcomes("robomimic", str(path), hint="lab")
     assert isinstance(ep, RawEpisode) and ep.robot == "lab"  # timestamps: no rate needed; the hint names the robot
-    assert "the attributes of 'data' are unreadable (RuntimeError: Unable to synchronously read attribute" in caplog.text
+    assert "the attributes of 'data' are unreadable (RuntimeError: Unable to synchronously read" in caplog.text
 
 
 def test_hdf5_data_in_other_files_is_never_read(tmp_path):

@@ -406,7 +406,8 @@ def _list_column(col: Any, name: str) -> tuple[np.ndarray, np.ndarray | None, np
             vals[flat.is_null().to_numpy(zero_copy_only=False)] = np.nan
         lengths = np.maximum(widths, 0)
         out = np.full((n, d), np.nan)
-        out[np.repeat(np.arange(n), lengths), np.arange(len(vals)) - np.repeat(np.cumsum(lengths) - lengths, lengths)] = vals
+        row_of = np.repeat(np.arange(n), lengths)
+        out[row_of, np.arange(len(vals)) - np.repeat(np.cumsum(lengths) - lengths, lengths)] = vals
         return out, null, (widths if mixed else None)
     if pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_boolean(t):
         vals = _float_values(arr)
@@ -575,9 +576,9 @@ def read_lerobot(src: Any, spec: SourceSpec, source: str, robot: str) -> list[Ou
                 d = int(rows[held[0]]) if held.size else 0
                 ragged = held[rows[held] != d]
                 if ragged.size:
-                    problem = Quarantined(source, episode, SHAPE_MISMATCH,
-                                          f"{s!r} has {int(rows[ragged[0]])} values at frame {int(frame[a + ragged[0]])}, "
-                                          f"{d} at frame {int(frame[a + held[0]])}")
+                    i = int(ragged[0])
+                    problem = Quarantined(source, episode, SHAPE_MISMATCH, f"{s!r} has {int(rows[i])} values at frame "
+                                          f"{int(frame[a + i])}, {d} at frame {int(frame[a + held[0]])}")
                     break
             if null is not None and null[a:b].any():
                 i = int(np.flatnonzero(null[a:b])[0])
