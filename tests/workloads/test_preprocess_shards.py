@@ -126,7 +126,15 @@ def test_truncated_and_foreign_files_are_named(local_storage, tmp_path):
 @pytest.mark.parametrize("old, new, message", [
     (b'"dtype"', b'"dtypX"', r"corrupt shard header: KeyError: 'dtype'"),  # a tensor entry
     (b'\\"offset\\"', b'\\"offsex\\"', r"corrupt shard header: KeyError: 'offset'"),  # an episode of the index
-    (b'\\"num_frames\\":16', b'\\"num_frames\\":12', r"episode 3 \(frames 11\+5\) lies outside the shard's 12"),
+    (b'\\"num_frames\\":16', b'\\"num_frames\\":12',
+     r"episode 3 \(frames 11\+5\) does not follow the previous one \(at frame 11\) within the shard's 12 frames"),
+    # damage that checksums would not catch when the manifest was rewritten to match
+    (b'\\"offset\\":3', b'\\"offset\\":0', r"episode 1 \(frames 0\+7\) does not follow the previous one \(at frame 3\)"),
+    (b'\\"length\\":5', b'\\"length\\":4', r"the episodes cover 15 of the shard's 16 frames"),
+    (b'\\"rate_hz\\":50.0', b'\\"rate_hz\\":-0.01', r"rate -0.01 Hz is no rate"),
+    (b'"data_offsets":[320,512]', b'"data_offsets":[128,320]',
+     r"tensors 'observation.state' and 'action' are not laid back to back \(bytes 320 and 128\)"),
+    (b'\\"num_frames\\":16', b'\\"num_frames\\":1e999', r"corrupt shard header: OverflowError"),
 ])
 def test_a_damaged_header_is_named_not_a_crash(local_storage, tmp_path, old, new, message):
     info = write_shard(local_storage, shard_key(0), _episodes(np.random.default_rng(3)), "float32", 50.0)

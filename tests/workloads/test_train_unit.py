@@ -269,6 +269,36 @@ def test_a_manifest_whose_counts_are_not_its_shards_is_refused(tmp_path: Path, e
         open_shards(storage, streams)
 
 
+@pytest.mark.parametrize("edit, message", [
+    # each was a traceback with exit 1 (retried), a transient wait, or another shard's episodes twice
+    ({"items": None}, r"00001\.json: the manifest's items are not a list of objects"),
+    ({"items": [3]}, r"00001\.json: the manifest's items are not a list of objects"),
+    ({"shards": [2]}, r"00001\.json: the manifest of shard 1 records a shard count of \[2\]"),
+    ({"shards": "2"}, r"00001\.json: the manifest of shard 1 records a shard count of '2'"),
+    ({"shards": 1}, r"00001\.json: the manifest of shard 1 records a shard count of 1"),
+    ({"num_frames": float("inf")}, r"00001\.json: .* malformed \(OverflowError"),
+    ("key", r"00001\.json: the manifest of shard 1 names the file 'resampled/00000.safetensors', not "
+            r"'resampled/00001.safetensors'"),
+    ("nested", r"00001\.json: corrupt manifest"),
+])
+def test_a_malformed_preprocess_manifest_is_named_and_final(tmp_path: Path, edit, message) -> None:
+    _, storage = small_run(tmp_path)
+    doc = read_manifest(storage, "preprocess", 1)
+    if edit == "key":
+        item = next(it for it in doc["items"] if it["kind"] == "shard")
+        zero = next(it for it in read_manifest(storage, "preprocess", 0)["items"] if it["kind"] == "shard")
+        item.update(key=zero["key"], size=zero["size"], sha256=zero["sha256"])  # a consistent lie
+        raw = json.dumps(doc)
+    elif edit == "nested":
+        raw = json.dumps(doc)[:-1] + ', "deep": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    else:
+        doc.update(edit)
+        raw = json.dumps(doc)
+    storage.write_bytes(manifest_key("preprocess", 1), raw.encode())
+    with pytest.raises(PermanentError, match=message):
+        open_shards(storage, ["observation.state", "action"])
+
+
 def test_shards_on_s3_that_would_outgrow_the_tmp_limit_are_refused_before_the_copy(s3_storage, tmp_path: Path,
                                                                                   monkeypatch) -> None:
     write_synthetic_shards(s3_storage, shards=2, episodes_per_shard=6, length=120)
@@ -589,6 +619,10 @@ def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(storage, caplog) ->
     data[len(data) // 2] ^= 0xFF
     storage.write_bytes(payload_key, bytes(data))
     storage.write_bytes("train/checkpoints/ckpt-0000000004.json", b"{not json")  # a torn marker
+    # numbers beyond an integer and nesting beyond the parser: unreadable too, not a crash
+    storage.write_bytes("train/checkpoints/ckpt-0000000005.json",
+                        b'{"format": "trajflow.checkpoint", "version": 1, "step": Infinity}')
+    storage.write_bytes("train/checkpoints/ckpt-0000000006.json", b"[" * 100_000 + b"]" * 100_000)
     with caplog.at_level(logging.WARNING, logger="trajflow.train.checkpoint"):
         info, payload, skipped = store.latest_valid()
     assert info.step == 2 and payload["model"]["w"][0].item() == 2.0

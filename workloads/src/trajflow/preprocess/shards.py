@@ -43,6 +43,7 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -416,7 +417,7 @@ def read_header(fh: BinaryIO, name: str = "shard") -> tuple[dict[str, Any], int]
         raise ShardFormatError(f"{name}: truncated header ({len(raw)} of {n} bytes)")
     try:
         header = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ShardFormatError(f"{name}: header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise ShardFormatError(f"{name}: header is not a JSON object")
@@ -429,7 +430,7 @@ def _parse_index(header: Mapping[str, Any], name: str) -> dict[str, Any]:
         raise ShardFormatError(f"{name}: not a trajflow shard (no {INDEX_KEY!r} in the safetensors metadata)")
     try:
         index = json.loads(meta[INDEX_KEY])
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ShardFormatError(f"{name}: corrupt shard index: {exc}") from None
     if index.get("format") != FORMAT or index.get("version") != FORMAT_VERSION:
         raise ShardFormatError(
@@ -463,24 +464,34 @@ class ShardReader:
             self._load_layout(header, name, size)
         except ShardFormatError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a damaged header: name the file
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:  # a damaged header
             raise ShardFormatError(f"{name}: corrupt shard header: {type(exc).__name__}: {exc}") from None
         self.streams = [s for s, _ in sorted(self._layout.items(), key=lambda kv: kv[1][0])]
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
 
     def _load_layout(self, header: dict[str, Any], name: str, size: int) -> None:
         self.rate_hz = float(self.index["rate_hz"])
+        if not math.isfinite(self.rate_hz) or self.rate_hz <= 0:
+            raise ShardFormatError(f"{name}: rate {self.rate_hz} Hz is no rate")
         self.dtype = str(self.index["dtype"])
         code, self.np_dtype = _dtype_info(self.dtype)
         self.dims: dict[str, int] = {s: int(d) for s, d in self.index["streams"].items()}
         self.num_frames = int(self.index["num_frames"])
         self.episodes = [EpisodeInfo.from_json(e) for e in self.index["episodes"]]
+        # the writer lays episodes end to end over every frame: anything else repeats or drops frames
+        end = 0
         for i, e in enumerate(self.episodes):
-            if e.offset < 0 or e.length < 0 or e.offset + e.length > self.num_frames:
-                raise ShardFormatError(f"{name}: episode {i} (frames {e.offset}+{e.length}) lies outside the "
-                                       f"shard's {self.num_frames} frames")
+            if e.offset != end or e.length < 0 or e.offset + e.length > self.num_frames:
+                raise ShardFormatError(f"{name}: episode {i} (frames {e.offset}+{e.length}) does not follow the "
+                                       f"previous one (at frame {end}) within the shard's {self.num_frames} frames")
+            end += e.length
+        if end != self.num_frames:
+            raise ShardFormatError(f"{name}: the episodes cover {end} of the shard's {self.num_frames} frames")
         self._layout: dict[str, tuple[int, int]] = {}
+        spans = []
         for s, d in self.dims.items():
+            if d < 0:
+                raise ShardFormatError(f"{name}: stream {s!r} has width {d}")
             entry = header.get(s)
             if not isinstance(entry, dict):
                 raise ShardFormatError(f"{name}: stream {s!r} is in the index but has no tensor")
@@ -492,6 +503,13 @@ class ShardReader:
             if begin < 0 or end - begin != nbytes or self._data_start + end > size:
                 raise ShardFormatError(f"{name}: tensor {s!r} lies outside the file (truncated?)")
             self._layout[s] = (self._data_start + begin, d)
+            spans.append((begin, end, s))
+        # as safetensors lays them out: back to back from the buffer's start, no bytes shared
+        spans.sort()
+        for (_, end, s), (begin, _, t) in zip(spans, spans[1:]):
+            if begin != end:
+                raise ShardFormatError(f"{name}: tensors {s!r} and {t!r} are not laid back to back "
+                                       f"(bytes {end} and {begin})")
 
     def __len__(self) -> int:
         return len(self.episodes)
@@ -582,10 +600,19 @@ class ShardEntry:
 
 
 def _entry(shard: int, manifest: dict[str, Any], where: str) -> ShardEntry:
-    items = [it for it in manifest.get("items", []) if it.get("kind") == "shard"]
+    listed = manifest.get("items", [])
+    if not isinstance(listed, list) or not all(isinstance(it, dict) for it in listed):
+        raise ShardFormatError(f"{where}: the manifest's items are not a list of objects")
+    count = manifest.get("shards")  # older manifests record none
+    if count is not None and (type(count) is not int or not 0 <= shard < count):
+        raise ShardFormatError(f"{where}: the manifest of shard {shard} records a shard count of {count!r}")
+    items = [it for it in listed if it.get("kind") == "shard"]
     if len(items) != 1:
         raise ShardFormatError(f"{where}: manifest lists {len(items)} shard files, expected 1")
     it = items[0]
+    if it.get("key") != shard_key(shard):  # another shard's file would be read twice, this one never
+        raise ShardFormatError(f"{where}: the manifest of shard {shard} names the file {it.get('key')!r}, not "
+                               f"{shard_key(shard)!r}")
     sha256 = it.get("sha256")
     # a training cache files its copy under this name: nothing else may become a path there
     if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
@@ -594,7 +621,7 @@ def _entry(shard: int, manifest: dict[str, Any], where: str) -> ShardEntry:
         return ShardEntry(shard=shard, key=str(it["key"]), size=int(it["size"]), sha256=sha256,
                           num_episodes=int(manifest["num_episodes"]), num_frames=int(manifest["num_frames"]),
                           manifest=manifest)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise ShardFormatError(f"{where}: the shard file's entry or the episode and frame counts are malformed "
                                f"({type(exc).__name__}: {exc})") from None
 

@@ -142,7 +142,7 @@ def read_manifest(storage: Storage, stage: str, shard: int) -> dict[str, Any] | 
         return None
     try:
         doc = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested beyond the parser's depth
         raise ValueError(f"{storage.uri}/{key}: corrupt manifest: {exc}") from None
     return _checked(storage, key, doc)
 

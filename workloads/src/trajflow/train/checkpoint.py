@@ -109,7 +109,7 @@ class CheckpointStore:
             raise
         except FileNotFoundError:
             raise CheckpointError(f"{self._where(key)}: marker vanished") from None
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
             raise CheckpointError(f"{self._where(key)}: unreadable marker ({exc})") from None
 
     def list(self) -> list[CheckpointInfo]:
