@@ -1139,6 +1139,100 @@ def test_exactly_max_redirects_are_followed_and_one_more_is_refused() -> None:
     assert len(paths) == MAX_REDIRECTS + 1  # the last Location is never requested
 
 
+def _bounded(call: Any, wait_s: float = 15.0) -> Any:
+    """``call()``'s result or exception, failing the test instead of hanging when it never
+    returns (the thread is left behind; it ends once the test's server is gone)."""
+    done: list[tuple[Any, BaseException | None]] = []
+
+    def target() -> None:
+        try:
+            done.append((call(), None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            done.append((None, exc))
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(wait_s)
+    assert done, f"the call did not return within {wait_s} s"
+    result, error = done[0]
+    if error is not None:
+        raise error
+    return result
+
+
+def test_a_redirect_whose_body_never_ends_is_not_read() -> None:
+    """Redirects were drained to their end before being followed: an endless (or trickling)
+    body held the download for ever."""
+    from trajflow.download.http import HttpClient
+
+    class Endless(_Handler):
+        def do_GET(self) -> None:
+            if self.path == "/file":
+                self.send_response(200)
+                self.send_header("Content-Length", "4")
+                self.end_headers()
+                self.wfile.write(b"data")
+                return
+            self.send_response(302)
+            self.send_header("Location", "/file")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            try:
+                while True:
+                    self.wfile.write(b"400\r\n" + b"x" * 1024 + b"\r\n")
+            except OSError:  # the client closed it
+                pass
+
+    client = HttpClient(timeout_s=5.0)
+    with _hub(Endless) as base:
+        body = _bounded(lambda: client.get(f"{base}/start"))
+        try:
+            assert body.read(100) == b"data"
+        finally:
+            body.close()
+
+
+def test_a_redirect_to_an_unusable_location_is_a_permanent_error() -> None:
+    from trajflow.download.failures import FetchError, Kind
+    from trajflow.download.http import HttpClient
+
+    class Broken(_Handler):
+        def do_GET(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", "http://[::1/x")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    with _hub(Broken) as base, pytest.raises(FetchError, match=r"/start: redirected to an unusable location "
+                                                                r"\(Invalid IPv6 URL\)") as refused:
+        HttpClient(timeout_s=5.0).get(f"{base}/start")
+    assert refused.value.kind == Kind.PERMANENT
+
+
+def test_an_error_body_that_trickles_in_is_read_once_for_its_hint() -> None:
+    """The hint from an error page was read to 4096 bytes: a body sent a byte at a time held
+    each try for over half an hour, and a stalled one gave no hint at all."""
+    from trajflow.download.failures import FetchError
+    from trajflow.download.http import HttpClient
+
+    release = threading.Event()
+
+    class Stalling(_Handler):
+        def do_GET(self) -> None:
+            self.send_response(500)
+            self.send_header("Content-Length", "4096")
+            self.end_headers()
+            self.wfile.write(b"Upstream database unavailable\n")
+            self.wfile.flush()
+            release.wait(30)  # the rest never comes while the client waits
+
+    try:
+        with _hub(Stalling) as base, pytest.raises(FetchError, match="Upstream database unavailable"):
+            _bounded(lambda: HttpClient(timeout_s=20.0).get(f"{base}/page"))
+    finally:
+        release.set()
+
+
 def _run_bounded(root: Path, config: DownloadConfig, wait_s: float = 15.0) -> ShardSummary:
     """`run`, failing the test instead of hanging when the download never ends (the thread
     is left behind; it ends once the test's server is gone)."""

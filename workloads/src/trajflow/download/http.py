@@ -212,7 +212,8 @@ def _error_detail(resp: Any, secrets: list[str]) -> str:
     """A short hint from an error body (S3 XML <Code>, or the first line of text), with any of
     `secrets` a server or proxy echoes back masked."""
     try:
-        raw = resp.read(4096, decode_content=False)
+        # one read: a body trickling in byte by byte would hold read(4096) for an hour
+        raw = resp.read1(4096, decode_content=False)
     except Exception:
         return ""
     text = raw.decode("utf-8", "replace")
@@ -289,11 +290,17 @@ class HttpClient:
             except Exception as exc:
                 raise network_error(exc, url) from None
             if resp.status in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
-                location = urljoin(url, resp.headers["Location"])
-                resp.drain_conn()
+                # closed, not drained: a redirect's body could be endless, or trickle in
+                resp.close()
                 resp.release_conn()
+                try:
+                    location = urljoin(url, resp.headers["Location"])
+                    target = urlsplit(location)[:2]
+                except ValueError as exc:
+                    raise FetchError(f"{redact(url)}: redirected to an unusable location ({exc})", Kind.PERMANENT,
+                                     "client_error") from None
                 # another host, or https -> http (the token would travel in cleartext)
-                if urlsplit(location)[:2] != origin:
+                if target != origin:
                     headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
                 url = location
                 continue

@@ -409,6 +409,9 @@ class S3SourceRuntime(SourceRuntime):
         try:
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=listing_prefix):
+                if "Name" not in page:  # every listing names its bucket: this answer (a proxy's HTML page?) is none
+                    raise TransientError(f"source {self.name!r}: listing {self.cfg.url} got an answer that is no "
+                                         "S3 listing (it names no bucket), such as a proxy's or captive portal's page")
                 for obj in page.get("Contents", []):
                     full = obj["Key"]
                     rel = full[len(listing_prefix):]
