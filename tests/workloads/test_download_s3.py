@@ -402,12 +402,11 @@ def test_a_source_store_that_drops_connections_or_refuses_anonymous_callers_is_n
 def test_a_listing_answered_by_a_web_page_is_no_empty_source(tmp_path: Path) -> None:
     """A proxy or captive portal answering the listing with an HTML page (status 200) was
     read as a source with no objects: the run went on without it, and its plan kept it out."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from test_download_http import _Handler, _hub
 
     from trajflow.errors import TransientError
 
-    class Portal(BaseHTTPRequestHandler):
+    class Portal(_Handler):
         def do_GET(self) -> None:
             page = b"<html><body>Please sign in to the guest network</body></html>"
             self.send_response(200)
@@ -416,19 +415,11 @@ def test_a_listing_answered_by_a_web_page_is_no_empty_source(tmp_path: Path) -> 
             self.end_headers()
             self.wfile.write(page)
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    with ThreadingHTTPServer(("127.0.0.1", 0), Portal) as httpd:
-        threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        try:
-            source = {"type": "s3", "name": "remote", "url": "s3://bucket/prefix", "anonymous": True,
-                      "endpoint": f"http://127.0.0.1:{httpd.server_address[1]}"}
-            with pytest.raises(TransientError, match=r"source 'remote': listing s3://bucket/prefix got an answer that "
-                                                     r"is no S3 listing \(it names no bucket\)"):
-                ShardDownloader(LocalStorage(tmp_path), make_config([source]), 0, 1).plan()
-        finally:
-            httpd.shutdown()
+    with _hub(Portal) as endpoint:
+        source = {"type": "s3", "name": "remote", "url": "s3://bucket/prefix", "anonymous": True, "endpoint": endpoint}
+        with pytest.raises(TransientError, match=r"source 'remote': listing s3://bucket/prefix got an answer that is "
+                                                 r"no S3 listing \(it names no bucket\)"):
+            ShardDownloader(LocalStorage(tmp_path), make_config([source]), 0, 1).plan()
 
 
 def test_a_server_side_copy_of_another_size_than_recorded_is_refused(s3_storage: Any) -> None:
