@@ -1447,3 +1447,42 @@ def test_a_body_trickling_below_the_low_speed_limit_is_dropped_and_resumed(tmp_p
     assert summary.exit_code == 0, [r.error for r in summary.failed]
     assert raw_files(tmp_path) == {"web/slow.bin": body}
     assert len(ranges) == 2 and ranges[0] == "" and int(ranges[1][len("bytes="):].partition("-")[0]) >= 100
+
+
+def test_a_body_that_always_trickles_fails_within_the_attempts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each dropped try had received a few new bytes, which counted as progress and started
+    the attempts over: a server trickling for ever was retried for ever."""
+    from trajflow.download import http
+
+    monkeypatch.setattr(http, "LOW_SPEED_MIN_S", 0.0)  # window 2 x 0.5 s
+    body = payload(100_000, seed=26)
+    tries: list[str] = []
+
+    class Trickle(_Handler):
+        def do_GET(self) -> None:
+            tries.append(self.headers.get("Range", ""))
+            first = int(tries[-1][len("bytes="):].partition("-")[0]) if tries[-1] else 0
+            self.send_response(206 if first else 200)
+            if first:
+                self.send_header("Content-Range", f"bytes {first}-{len(body) - 1}/{len(body)}")
+            self.send_header("Content-Length", str(len(body) - first))
+            self.send_header("ETag", '"t"')
+            self.send_header("Accept-Ranges", "bytes")
+            self.end_headers()
+            until = time.monotonic() + 30  # bounded, so the old code's thread ends too
+            with contextlib.suppress(OSError):  # the client hanging up
+                for i in range(first, len(body)):
+                    if time.monotonic() > until:
+                        break
+                    time.sleep(0.2)  # under the 0.5 s read timeout
+                    self.wfile.write(body[i : i + 1])
+                    self.wfile.flush()
+            self.close_connection = True
+
+    with _hub(Trickle) as base:
+        config = make_config([{"type": "https", "name": "web", "urls": [f"{base}/slow.bin"]}],
+                             timeoutSeconds=0.5, retries={"attempts": 2, "backoffSeconds": 0.01,
+                                                          "maxBackoffSeconds": 0.05})
+        summary = _run_bounded(tmp_path, config, wait_s=20.0)
+    assert summary.exit_code == ExitCode.TRANSIENT
+    assert "too slow" in summary.failed[0].error and len(tries) == 2

@@ -650,7 +650,7 @@ def test_s3_keys_that_cannot_be_paths_are_named_not_dropped() -> None:
 
     class Paginator:  # a listing as S3 (which allows all of these keys) returns it
         def paginate(self, **kw: Any) -> list[dict[str, Any]]:
-            return [{"Contents": [{"Key": k, "Size": 1, "ETag": '"e"'} for k in keys]}]
+            return [{"Name": "src", "Contents": [{"Key": k, "Size": 1, "ETag": '"e"'} for k in keys]}]
 
     def source(**extra: Any) -> S3SourceRuntime:
         config = cfg(sources=[{"type": "s3", "name": "lake", "url": "s3://src/d", "endpoint": "http://127.0.0.1:9", **extra}])

@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from trajflow import log as trajflow_log
 from trajflow.storage.local import fsync_dir
 from trajflow.download.failures import Backoff, FetchError, Kind, StorageFailure, counts_as_failure
-from trajflow.download.http import Body, Validator, redact
+from trajflow.download.http import LOW_SPEED_BYTES, Body, Validator, redact
 from trajflow.download.verify import (
     Digests,
     Expected,
@@ -888,7 +888,9 @@ class ItemTransfer:
                             progressed = False
                         raise overrun
                     self._deliver(part, data)
-                    progressed = part.received > furthest
+                    # a try counts as progress with a low-speed window's worth of new bytes: a
+                    # server trickling a few bytes a window would otherwise be retried for ever
+                    progressed = part.received >= furthest + LOW_SPEED_BYTES
                 if expected_end is not None and part.received < expected_end:
                     raise FetchError(
                         f"{redact(self.item.source)}: body ended at byte {part.received} of {expected_end}", Kind.TRANSIENT, "truncated"
