@@ -1234,14 +1234,8 @@ def test_an_error_body_that_trickles_in_is_read_once_for_its_hint() -> None:
 
 
 def _run_bounded(root: Path, config: DownloadConfig, wait_s: float = 15.0) -> ShardSummary:
-    """`run`, failing the test instead of hanging when the download never ends (the thread
-    is left behind; it ends once the test's server is gone)."""
-    done: list[ShardSummary] = []
-    worker = threading.Thread(target=lambda: done.append(run(root, config)), daemon=True)
-    worker.start()
-    worker.join(wait_s)
-    assert done, f"the download did not end within {wait_s} s"
-    return done[0]
+    """`run`, failing the test instead of hanging when the download never ends."""
+    return _bounded(lambda: run(root, config), wait_s)
 
 
 def test_a_206_fragment_to_a_request_for_the_whole_object_fails_within_the_attempts(tmp_path: Path) -> None:
@@ -1392,6 +1386,20 @@ def test_an_html_page_on_head_and_get_is_neither_planned_nor_stored(tmp_path: Pa
     assert raw_files(tmp_path) == {"web/BRCA.tsv": real, "web/index.html": page, "web/about": page}
 
 
+def _trickle(handler: BaseHTTPRequestHandler, data: bytes) -> None:
+    """Send ``data`` a byte every 0.2 s (under a 0.5 s read timeout) for at most 30 s, so the
+    old code's thread ends too; then close the connection."""
+    until = time.monotonic() + 30
+    with contextlib.suppress(OSError):  # the client hanging up
+        for i in range(len(data)):
+            if time.monotonic() > until:
+                break
+            time.sleep(0.2)
+            handler.wfile.write(data[i : i + 1])
+            handler.wfile.flush()
+    handler.close_connection = True
+
+
 def test_a_body_trickling_below_the_low_speed_limit_is_dropped_and_resumed(tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A server sending a byte now and then never trips the read timeout; the low-speed
@@ -1428,15 +1436,7 @@ def test_a_body_trickling_below_the_low_speed_limit_is_dropped_and_resumed(tmp_p
             self._headers(200, 0)
             self.wfile.write(body[:100])
             self.wfile.flush()
-            until = time.monotonic() + 30  # bounded, so the old code's thread ends too
-            with contextlib.suppress(OSError):  # the client hanging up
-                for i in range(100, len(body)):
-                    if time.monotonic() > until:
-                        break
-                    time.sleep(0.2)  # under the 0.5 s read timeout
-                    self.wfile.write(body[i : i + 1])
-                    self.wfile.flush()
-            self.close_connection = True
+            _trickle(self, body[100:])
 
         def log_message(self, *args: Any) -> None:
             pass
@@ -1469,15 +1469,7 @@ def test_a_body_that_always_trickles_fails_within_the_attempts(tmp_path: Path, m
             self.send_header("ETag", '"t"')
             self.send_header("Accept-Ranges", "bytes")
             self.end_headers()
-            until = time.monotonic() + 30  # bounded, so the old code's thread ends too
-            with contextlib.suppress(OSError):  # the client hanging up
-                for i in range(first, len(body)):
-                    if time.monotonic() > until:
-                        break
-                    time.sleep(0.2)  # under the 0.5 s read timeout
-                    self.wfile.write(body[i : i + 1])
-                    self.wfile.flush()
-            self.close_connection = True
+            _trickle(self, body[first:])
 
     with _hub(Trickle) as base:
         config = make_config([{"type": "https", "name": "web", "urls": [f"{base}/slow.bin"]}],
