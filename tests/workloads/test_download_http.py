@@ -1099,6 +1099,39 @@ def test_a_head_saying_content_length_zero_is_not_taken_as_the_size(tmp_path: Pa
     assert raw_files(tmp_path) == {f"hub{p}": d for p, d in files.items()}
 
 
+def test_an_item_declaring_more_bytes_than_the_run_root_holds_fails_alone_before_fetching(tmp_path: Path) -> None:
+    """A HEAD claiming 10^18 bytes: the item is refused, naming its size and the volume's
+    capacity, instead of its parts list exhausting memory or its bytes filling the volume;
+    the other items are stored."""
+    small = payload(1000, seed=3)
+    asked: list[str] = []
+
+    class Hub(_Handler):
+        def do_HEAD(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(10**18) if self.path == "/huge.bin" else str(len(small)))
+            self.send_header("Accept-Ranges", "bytes")
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(small)))
+            self.end_headers()
+            self.wfile.write(small)
+
+    with _hub(Hub) as base:
+        config = make_config([{"type": "https", "name": "hub", "urls": [f"{base}/huge.bin", f"{base}/small.bin"]}])
+        summary = run(tmp_path, config)
+    assert summary.exit_code == ExitCode.PERMANENT
+    assert [(r.item.key, r.kind) for r in summary.failed] == [("hub/huge.bin", "permanent")]
+    capacity = LocalStorage(tmp_path).largest_object()
+    assert f"declares 1,000,000,000,000,000,000 bytes, more than one object of {tmp_path.as_uri()} can hold " \
+           f"({capacity:,} bytes)" in summary.failed[0].error
+    assert asked == ["/small.bin"]
+    assert raw_files(tmp_path) == {"hub/small.bin": small}
+
+
 def test_exactly_max_redirects_are_followed_and_one_more_is_refused() -> None:
     """A hub or CDN chaining a few redirects (login, mirror, signed URL) works up to the
     limit; a loop ends with a permanent error instead of spinning."""

@@ -188,6 +188,17 @@ def test_parts_grow_so_an_object_of_unknown_size_fits_in_s3s_part_limit(s3_serve
     assert store.read_bytes("big.bin") == data
 
 
+def test_the_largest_object_is_what_max_parts_of_growing_sizes_hold(monkeypatch):
+    from trajflow.storage import s3
+
+    # S3's 10,000 parts: 1,000 each of 16 MiB doubling to 4 GiB, then 1,000 of 5 GiB
+    assert S3Storage("s3://bucket/x", client=object()).largest_object() == 13_296_000 * MiB
+    monkeypatch.setattr(s3._MultipartWriter, "PARTS_PER_SIZE", 2)
+    monkeypatch.setattr(s3._MultipartWriter, "MAX_PARTS", 5)
+    store = S3Storage("s3://bucket/x", client=object(), part_size=5 * MiB)
+    assert store.largest_object() == (5 + 5 + 10 + 10 + 20) * MiB  # two parts of each size, then the fifth
+
+
 def test_small_part_size_is_rejected():
     with pytest.raises(ValueError, match="5 MiB"):
         S3Storage("s3://bucket/x", client=object(), part_size=1024)
@@ -302,6 +313,14 @@ def test_child_is_rooted_below_the_parent(storage):
     assert _keys(child) == ["raw/x"]
     assert _keys(storage) == ["runs/r1/raw/x"]
     assert child.uri.endswith("/runs/r1")
+
+
+def test_a_filesystem_root_holds_at_most_its_volume_and_says_nothing_where_statvfs_knows_nothing(tmp_path, monkeypatch):
+    st = os.statvfs(tmp_path)
+    # a root not made yet is on the volume of its nearest existing directory
+    assert LocalStorage(tmp_path / "not" / "yet").largest_object() == st.f_blocks * st.f_frsize
+    monkeypatch.setattr(os, "statvfs", lambda path: os.statvfs_result((4096, 4096, 0, 0, 0, 0, 0, 0, 0, 255)))
+    assert LocalStorage(tmp_path).largest_object() is None  # a FUSE mount of an object store
 
 
 def test_local_path_only_on_the_filesystem(storage):

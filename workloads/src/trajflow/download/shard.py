@@ -155,6 +155,21 @@ def too_deep_for(root_dir: Path, items: list[Item], gunzip: bool) -> dict[str, s
     }
 
 
+def too_large_for(root: Storage, items: list[Item]) -> dict[str, str]:
+    """Items whose declared size exceeds what one object of the run root can hold (the
+    volume's capacity, or one multipart upload), with why: refused before a byte is fetched
+    rather than after filling the volume, and never cut into parts beyond counting."""
+    limit = root.largest_object()
+    if limit is None:
+        return {}
+    return {
+        item.key: (f"{item.key} cannot be stored: its source declares {item.size:,} bytes, more than one object "
+                   f"of {root.uri} can hold ({limit:,} bytes)")
+        for item in items
+        if item.meta.get("size_known", True) and item.size > limit
+    }
+
+
 def _directories(paths: dict[str, str]) -> dict[str, str]:
     """Every directory the paths need -> the item of one path below it."""
     below: dict[str, str] = {}
@@ -449,7 +464,7 @@ class ShardDownloader:
         plan, self.items = self.plan()
         self.check_release()  # planning takes a while; what follows may delete another plan's manifests
         raise_if_stopping()
-        self.unstorable = plan.get("unstorable") or {}
+        self.unstorable = {**too_large_for(self.root, self.items), **(plan.get("unstorable") or {})}
         if isinstance(self.root, LocalStorage):
             self.unstorable = {**too_deep_for(self.root.root, self.items, self.config.gunzip), **self.unstorable}
         summary = ShardSummary(self.shard, self.shards, planned_items=len(self.items),

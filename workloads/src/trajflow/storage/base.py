@@ -136,6 +136,10 @@ class Storage(abc.ABC):
         """A filesystem path for `key` when the backend has one (for memory-mapping)."""
         return None
 
+    def largest_object(self) -> int | None:
+        """The most bytes one object can hold here; None when nothing says."""
+        return None
+
     def child(self, prefix: str) -> "Storage":
         """A storage rooted at `prefix` below this root."""
         raise NotImplementedError

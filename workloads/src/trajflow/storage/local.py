@@ -116,6 +116,19 @@ class LocalStorage(Storage):
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
+    def largest_object(self) -> int | None:
+        """The volume's capacity (of the nearest directory that exists); None where statvfs
+        knows none, as FUSE mounts of object stores report 0 blocks."""
+        for directory in (self.root, *self.root.parents):
+            try:
+                st = os.statvfs(directory)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                return None
+            return st.f_blocks * st.f_frsize or None
+        return None
+
     def _os_path(self, key: str) -> str:
         # for calls made once per raw file: joining strings is several times cheaper than Path
         return f"{self.root}{os.sep}{check_key(key)}"

@@ -140,6 +140,16 @@ class _MultipartWriter(io.RawIOBase):
 
     PARTS_PER_SIZE = 1000
     MAX_PART = 5 << 30
+    MAX_PARTS = 10_000
+
+    @classmethod
+    def largest(cls, part_size: int) -> int:
+        """The bytes of MAX_PARTS parts of the sizes `write` cuts."""
+        return sum(cls._tier_size(part_size, n // cls.PARTS_PER_SIZE) for n in range(cls.MAX_PARTS))
+
+    @classmethod
+    def _tier_size(cls, part_size: int, tier: int) -> int:
+        return min(part_size << tier, max(part_size, cls.MAX_PART))
 
     def __init__(self, client: Any, bucket: str, key: str, part_size: int, concurrency: int = UPLOAD_CONCURRENCY,
                  pool: Any = None):
@@ -157,8 +167,7 @@ class _MultipartWriter(io.RawIOBase):
         return True
 
     def _current_part_size(self) -> int:
-        tier = (self._next_part - 1) // self.PARTS_PER_SIZE
-        return min(self._part_size << tier, max(self._part_size, self.MAX_PART))
+        return self._tier_size(self._part_size, (self._next_part - 1) // self.PARTS_PER_SIZE)
 
     def write(self, data: Any) -> int:  # type: ignore[override]
         view = memoryview(data).cast("B")
@@ -321,6 +330,11 @@ class S3Storage(Storage):
         self.upload_concurrency = upload_concurrency
         self.upload_threads = upload_threads
         self._uploads: dict[str, Any] = {"lock": threading.Lock(), "pool": None}  # shared with children
+
+    def largest_object(self) -> int:
+        """What one multipart upload of this storage's writer holds (the store may allow less:
+        AWS refuses objects over its own maximum when the upload completes)."""
+        return _MultipartWriter.largest(self.part_size)
 
     def _key(self, key: str) -> str:
         check_key(key)
