@@ -1482,6 +1482,24 @@ def test_a_body_trickling_below_the_low_speed_limit_is_dropped_and_resumed(tmp_p
     assert len(ranges) == 2 and ranges[0] == "" and int(ranges[1][len("bytes="):].partition("-")[0]) >= 100
 
 
+def test_response_headers_that_trickle_in_fail_the_try_at_a_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each byte of the headers arrives within the read timeout, so only a deadline over all
+    of them (the read timeout plus one low-speed window) ends the try, as a transient timeout."""
+    from trajflow.download import http
+    from trajflow.download.failures import FetchError, Kind
+
+    monkeypatch.setattr(http, "LOW_SPEED_MIN_S", 0.0)  # window 2 x 0.5 s, deadline 1.5 s
+
+    class Trickle(_Handler):
+        def do_GET(self) -> None:
+            _trickle(self, b"HTTP/1.1 200 OK\r\nX-Padding: " + b"x" * 1000)
+
+    with _hub(Trickle) as base, pytest.raises(FetchError) as failed:
+        _bounded(lambda: http.HttpClient(timeout_s=0.5).get(f"{base}/slow-headers"))
+    assert (failed.value.kind, failed.value.reason) == (Kind.TRANSIENT, "timeout")
+    assert str(failed.value) == f"{base}/slow-headers: timed out: response headers not complete within 1.5 s"
+
+
 def test_a_body_that_always_trickles_fails_within_the_attempts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each dropped try had received a few new bytes, which counted as progress and started
     the attempts over: a server trickling for ever was retried for ever."""

@@ -216,7 +216,7 @@ class DownloadConfig(Model):
                     "up to about 2 x concurrency x partSizeMib, plus 80 MiB per item in flight.",
     )
     multipart_threshold_mib: int = Field(64, ge=5, description="Objects larger than this download in parallel parts.")
-    timeout_seconds: float = Field(60.0, gt=0, description="Connect/read timeout per request; a body slower than 1 KiB in max(2 x this, 60 s) is dropped and resumed.")
+    timeout_seconds: float = Field(60.0, gt=0, description="Connect/read timeout per request; a body slower than 1 KiB in max(2 x this, 60 s) is dropped and resumed, and response headers must be complete within this plus that.")
     retries: Retries = Field(default_factory=Retries)
     gunzip: bool = Field(
         False,

@@ -12,6 +12,8 @@ are the bytes the source's checksums describe, and byte ranges stay meaningful.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import http.client
 import re
 import socket
@@ -130,6 +132,58 @@ class Body:
             self._fh = None
 
 
+@functools.lru_cache(maxsize=None)
+def _pool_classes(header_deadline_s: float) -> dict[str, type]:
+    """urllib3 connection pools whose connections give a response `header_deadline_s` seconds
+    to complete its status line and headers, then shut the socket down. The read timeout is
+    per recv: a server sending its headers a byte at a time held a try for ever."""
+    import urllib3.connection as uc
+    import urllib3.connectionpool as ucp
+    import urllib3.exceptions as ux
+
+    class HeadersTooSlow(ux.TimeoutError):
+        """Not an OSError: urllib3 would report it as a plain read timeout."""
+
+    class Deadline:
+        def getresponse(self) -> Any:  # type: ignore[misc]
+            lock, state = threading.Lock(), {"waiting": True, "cut": False}
+
+            def cut() -> None:
+                with lock:
+                    if state["waiting"]:
+                        state["cut"] = True
+                        with contextlib.suppress(OSError, AttributeError):
+                            self.sock.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
+
+            timer = threading.Timer(header_deadline_s, cut)
+            timer.daemon = True
+            timer.start()
+            try:
+                return super().getresponse()  # type: ignore[misc]
+            except Exception:
+                if state["cut"]:
+                    raise HeadersTooSlow(f"response headers not complete within {header_deadline_s:g} s") from None
+                raise
+            finally:
+                with lock:
+                    state["waiting"] = False
+                timer.cancel()
+
+    class HTTPConnection(Deadline, uc.HTTPConnection):
+        pass
+
+    class HTTPSConnection(Deadline, uc.HTTPSConnection):
+        pass
+
+    class HTTPConnectionPool(ucp.HTTPConnectionPool):
+        ConnectionCls = HTTPConnection
+
+    class HTTPSConnectionPool(ucp.HTTPSConnectionPool):
+        ConnectionCls = HTTPSConnection
+
+    return {"http": HTTPConnectionPool, "https": HTTPSConnectionPool}
+
+
 def _tls_context(ca_bundle: str) -> ssl.SSLContext:
     """The system's trust (or `caBundle`), checked as botocore checks an S3 source's: Python
     3.13's default context also turns on VERIFY_X509_STRICT, which refuses many private CAs
@@ -236,6 +290,9 @@ class HttpClient:
         from urllib.request import getproxies
 
         self.timeout_s = timeout_s
+        self.low_speed_window = max(LOW_SPEED_FACTOR * timeout_s, LOW_SPEED_MIN_S)
+        # headers: the read timeout's wait for their first byte, then one low-speed window
+        self._pool_classes = _pool_classes(timeout_s + self.low_speed_window)
         self._options: dict[str, Any] = {
             "num_pools": 64,
             "maxsize": max_connections,
@@ -244,7 +301,7 @@ class HttpClient:
             "timeout": urllib3.Timeout(connect=timeout_s, read=timeout_s),
             "ssl_context": _tls_context(ca_bundle),
         }
-        self._pool = urllib3.PoolManager(**self._options)
+        self._pool = self._with_deadline(urllib3.PoolManager(**self._options))
         self._proxy_urls = {k: v for k, v in getproxies().items() if k in ("http", "https") and v}
         self._proxies: dict[str, Any] = {}
         self._bypass: dict[str, bool] = {}
@@ -269,8 +326,12 @@ class HttpClient:
             if proxy not in self._proxies:
                 import urllib3
 
-                self._proxies[proxy] = urllib3.ProxyManager(proxy, **self._options)
+                self._proxies[proxy] = self._with_deadline(urllib3.ProxyManager(proxy, **self._options))
             return self._proxies[proxy]
+
+    def _with_deadline(self, manager: Any) -> Any:
+        manager.pool_classes_by_scheme = self._pool_classes
+        return manager
 
     def request(self, method: str, url: str, headers: Mapping[str, str] | None = None,
                 visited: list[str] | None = None) -> Any:
@@ -367,7 +428,6 @@ class HttpClient:
                     f"{where}: HTTP {status}{' ' + detail if detail else ''}", kind, reason, retry_after=retry_after, status=status
                 )
             current = Validator(hdrs.get("ETag", ""), hdrs.get("Last-Modified", ""))
-            window = max(LOW_SPEED_FACTOR * self.timeout_s, LOW_SPEED_MIN_S)
             length_header = hdrs.get("Content-Length")
             length = int(length_header) if length_header and length_header.isdigit() else None
             if status == 206:
@@ -392,11 +452,11 @@ class HttpClient:
                         "server does not honour byte ranges", Kind.RESTART, "no_ranges", status=status,
                     )
                 return Body(start, last - first + 1, total, True, current, hdrs, _resp=resp, _url=url,
-                            low_speed_window=window)
+                            low_speed_window=self.low_speed_window)
             if start > 0:
                 raise FetchError(f"{where}: the server ignores byte ranges", Kind.RESTART, "no_ranges", status=status)
             # the whole object, from byte 0
-            return Body(0, length, length, False, current, hdrs, _resp=resp, _url=url, low_speed_window=window)
+            return Body(0, length, length, False, current, hdrs, _resp=resp, _url=url, low_speed_window=self.low_speed_window)
         except BaseException:
             resp.close()
             resp.release_conn()
