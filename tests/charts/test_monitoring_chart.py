@@ -263,6 +263,16 @@ def test_alert_thresholds_come_from_values():
     assert "TrajflowTrainingLossNotFinite" not in rules
 
 
+def test_every_alert_links_its_runbook_when_runbook_url_is_set():
+    base = "https://wiki.example.com/trajflow/runbooks#"
+    rules = alert_rules(render_monitoring({"prometheusRule": {"runbookUrl": base}}))
+    assert len(rules) > 10 and {name: r["annotations"]["runbook_url"] for name, r in rules.items()} == {
+        name: base + name for name in rules}
+    assert not any("runbook_url" in r["annotations"] for r in alert_rules(render_monitoring()).values())
+    with pytest.raises(helm.HelmError, match="runbookUrl"):
+        render_monitoring({"prometheusRule": {"runbookUrl": "wiki/runbooks"}})
+
+
 def test_a_group_with_every_alert_disabled_is_left_out():
     off = {"enabled": False}
     objs = render_monitoring({"prometheusRule": {"alerts": {"gpuUnderused": off, "gpuMemoryNearFull": off}}})

@@ -25,6 +25,7 @@ VARIANTS = {
     "custom": {
         "gpu": {"podLabel": "exported_pod", "namespaceLabel": "exported_namespace", "podRegex": "train-.*"},
         "prometheusRule": {"selector": "", "runningPushMaxAge": "90s", "additionalAlertLabels": {"team": "ml"},
+                           "runbookUrl": "https://wiki.example.com/trajflow/runbooks#",
                            "alerts": {"checkpointTooOld": {"maxAge": "1h30m"}, "trainingLossNaN": {"quietAfter": "2d"}}},
     },
     "release with a dotted name": {"__release": "exp.v2"},

@@ -15,6 +15,13 @@ Prometheus' `up`, the Pushgateway's `push_time_seconds` / `push_failure_time_sec
 {{- include "trajflow.mustToYaml" (mustMergeOverwrite $labels (deepCopy (.context.Values.prometheusRule.additionalAlertLabels | default dict))) -}}
 {{- end -}}
 
+{{/* An alert's runbook_url annotation, when prometheusRule.runbookUrl is set: that URL with the alert's name appended. Takes (list $ "AlertName"). */}}
+{{- define "monitoring.runbookUrl" -}}
+{{- with (index . 0).Values.prometheusRule.runbookUrl -}}
+runbook_url: {{ printf "%s%s" . (index $ 1) | quote }}
+{{- end -}}
+{{- end -}}
+
 {{/*
 The DCGM series of the watched pods, with the pod and namespace under the labels
 `pod` and `namespace` whatever the exporter calls them. Takes (list $ "METRIC") or
@@ -68,6 +75,7 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
   labels:
     {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
   annotations:
+    {{- include "monitoring.runbookUrl" (list $ctx "TrajflowJobFailed") | nindent 4 }}
     summary: {{ `Job {{ $labels.namespace }}/{{ $labels.job_name }} failed` | quote }}
     description: {{ `The Job has the Failed condition: a shard ran out of retries, a config error (exit 2) or divergence (exit 5) failed it, or its deadline passed. Look at its pods' exit codes with kubectl describe job {{ $labels.job_name }} -n {{ $labels.namespace }}; kubectl get job {{ $labels.job_name }} -n {{ $labels.namespace }} -o jsonpath='{.status.failedIndexes}' lists the failed shards. A Job that a newer Job of its stage replaced does not alert.` | quote }}
 {{- end }}{{ end }}
@@ -93,6 +101,7 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
   labels:
     {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
   annotations:
+    {{- include "monitoring.runbookUrl" (list $ctx "TrajflowShardFailed") | nindent 4 }}
     summary: {{ `Stage {{ $labels.stage }} shard {{ $labels.shard }} of run {{ $labels.run }} failed` | quote }}
     description: {{ printf "The shard's last push says it ended without success, and no retry has pushed for %s: it is out of retries, failed in a way no retry changes (exit 2 config, 3 permanent, 5 diverged), or its retry waits for a node. Its Job is marked failed only once every other shard has ended. Why it failed is its log's last line: kubectl -n {{ $labels.namespace }} logs -l app.kubernetes.io/instance=%s,app.kubernetes.io/component={{ if eq $labels.stage \"download\" }}downloader{{ else if eq $labels.stage \"preprocess\" }}preprocessing{{ else }}training{{ end }},batch.kubernetes.io/job-completion-index={{ $labels.shard }} --prefix --tail=5" .for $ctx.Release.Name | quote }}
 {{- end }}{{ end }}
@@ -109,6 +118,7 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
   labels:
     {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
   annotations:
+    {{- include "monitoring.runbookUrl" (list $ctx "TrajflowShardLost") | nindent 4 }}
     summary: {{ `Stage {{ $labels.stage }} shard {{ $labels.shard }} of run {{ $labels.run }} stopped pushing without finishing` | quote }}
     description: {{ printf "The shard's process stopped pushing over %s ago without its final push, and no retry has pushed since: it was killed by SIGKILL (OOMKilled: its memory limit; the grace period passed), its node was lost, or a native library hung it (its log then ends in 'Timeout' and thread stacks). A retry waiting for a node or an image also counts until it starts. kubectl -n {{ $labels.namespace }} get pods -l app.kubernetes.io/instance=%s,app.kubernetes.io/component={{ if eq $labels.stage \"download\" }}downloader{{ else }}preprocessing{{ end }},batch.kubernetes.io/job-completion-index={{ $labels.shard }} -o wide, then kubectl describe pod on them: State (Terminated) gives the reason and exit code." $running $ctx.Release.Name | quote }}
 {{- end }}{{ end }}
@@ -164,6 +174,7 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
   labels:
     {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
   annotations:
+    {{- include "monitoring.runbookUrl" (list $ctx "TrajflowProgressStalled") | nindent 4 }}
     summary: {{ printf "Stage {{ $labels.stage }} shard {{ $labels.shard }} of run {{ $labels.run }} made no progress for %s" .window | quote }}
     description: {{ printf "The shard is still running (it keeps pushing metrics and has not finished) but added no bytes, finished no items (moving already verified ones after a re-shard counts), added no trajectories and took no training steps in %s. A download shard without its plan (its sources being listed) counts from its start after %s; a training rank counts from its last progress (its data ready, a step, a validation pass), or from its start when its data is not ready %s after it. Look for a hung source, a stuck storage mount or a deadlocked process in its pod's log." .window .startupWindow .startupWindow | quote }}
 {{- end }}{{ end }}
@@ -187,6 +198,7 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
   labels:
     {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
   annotations:
+    {{- include "monitoring.runbookUrl" (list $ctx "TrajflowDownloadErrorRatioHigh") | nindent 4 }}
     summary: {{ printf "{{ $value | humanizePercentage }} of the download attempts of run {{ $labels.run }} fail (threshold %v)" .threshold | quote }}
     description: {{ printf "Failed attempts / (failed attempts + fetched items) over %s. trajflow_download_failures_total by reason tells which source or error; a source that rate-limits or an expired credential is the usual cause." .window | quote }}
 {{- end }}{{ end }}
@@ -204,6 +216,7 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
   labels:
     {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
   annotations:
+    {{- include "monitoring.runbookUrl" (list $ctx "TrajflowPreprocessThroughputDropped") | nindent 4 }}
     summary: {{ `Preprocessing shard {{ $labels.shard }} of run {{ $labels.run }} slowed to {{ $value | humanize }} trajectories/s` | quote }}
     description: {{ printf "The shard's rate over %s fell below %v of its rate in the %s before. A throttled GPU, a slower storage path or much longer trajectories are the usual causes; the dashboard's resample latency panel tells the device from the I/O." .window .ratio .baseline | quote }}
 {{- end }}{{ end }}
@@ -216,6 +229,7 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
   labels:
     {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
   annotations:
+    {{- include "monitoring.runbookUrl" (list $ctx "TrajflowPushgatewayDown") | nindent 4 }}
     summary: {{ `Prometheus cannot scrape the trajflow Pushgateway in {{ $labels.namespace }}` | quote }}
     description: {{ `The batch stages' metrics do not reach Prometheus, so the progress alerts are blind. The stages keep working (a failed push only logs a warning). Check the Pushgateway pod and the ServiceMonitor.` | quote }}
 {{- end }}{{ end }}
@@ -230,6 +244,7 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
   labels:
     {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
   annotations:
+    {{- include "monitoring.runbookUrl" (list $ctx "TrajflowMetricsPushRejected") | nindent 4 }}
     summary: {{ `The Pushgateway rejected the latest push of {{ $labels.stage }} shard {{ $labels.shard }} (run {{ $labels.run }})` | quote }}
     description: {{ printf "The group keeps its older values, so the progress alerts see a frozen shard. The Pushgateway's log names the cause (usually a metric pushed with another type or help text by a different trajflow version). A rejected push stops alerting %s after it (the stage is over)." .quietAfter | quote }}
 {{- end }}{{ end }}
@@ -248,6 +263,7 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
   labels:
     {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
   annotations:
+    {{- include "monitoring.runbookUrl" (list $ctx "TrajflowGpuUnderused") | nindent 4 }}
     summary: {{ `GPUs of pod {{ $labels.namespace }}/{{ $labels.pod }} are {{ $value | humanize }}% busy` | quote }}
     description: {{ printf "Mean GPU utilisation stayed below %v%% (averaged over %s). The pod holds a GPU it barely uses: input starved (more loader workers, bigger batches), waiting for upstream shards, or over-provisioned." .utilisationPercent .window | quote }}
 {{- end }}{{ end }}
@@ -263,6 +279,7 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
   labels:
     {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
   annotations:
+    {{- include "monitoring.runbookUrl" (list $ctx "TrajflowGpuMemoryNearFull") | nindent 4 }}
     summary: {{ `GPU memory of pod {{ $labels.namespace }}/{{ $labels.pod }} is {{ $value | humanizePercentage }} full` | quote }}
     description: {{ printf "Framebuffer use stayed above %v of the total. The next larger batch or sequence risks an out-of-memory crash; lower preprocessing.config.batchSize or training.config.batchSize." .ratio | quote }}
 {{- end }}{{ end }}
@@ -289,6 +306,7 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
   labels:
     {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
   annotations:
+    {{- include "monitoring.runbookUrl" (list $ctx "TrajflowTrainingLossNotFinite") | nindent 4 }}
     summary: {{ `Training loss ({{ $labels.split }}) of run {{ $labels.run }} is {{ $value }} on training pod {{ $labels.shard }}` | quote }}
     description: {{ printf "The model diverged. Lower the learning rate, tighten gradient clipping or check the resampled data for non-finite values, then resume from the last finite checkpoint. A rank's final pushed value stops alerting %s after the push." .quietAfter | quote }}
 {{- end }}{{ end }}
@@ -310,6 +328,7 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
   labels:
     {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
   annotations:
+    {{- include "monitoring.runbookUrl" (list $ctx "TrajflowTrainingLossNotImproving") | nindent 4 }}
     summary: {{ `Validation loss of run {{ $labels.run }} stopped improving` | quote }}
     description: {{ printf "At least %v epochs finished in the last %s without a new best validation loss. Early stopping ends the run once its patience runs out; with it off, the GPUs are spent for nothing." (toString .minEpochs) .window | quote }}
 {{- end }}{{ end }}
@@ -330,6 +349,7 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
   labels:
     {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
   annotations:
+    {{- include "monitoring.runbookUrl" (list $ctx "TrajflowCheckpointTooOld") | nindent 4 }}
     summary: {{ `The newest checkpoint of run {{ $labels.run }} is {{ $value | humanizeDuration }} old` | quote }}
     description: {{ printf "Training is running but has written no checkpoint for more than %s (counted from the start before the first one). A crash now loses that much work: check that rank 0 can write to the run root, or checkpoint more often (training.config.checkpoints.everySteps)." .maxAge | quote }}
 {{- end }}{{ end }}
@@ -341,6 +361,7 @@ The DCGM series of the watched pods, with the pod and namespace under the labels
   labels:
     {{- include "monitoring.alertLabels" (dict "context" $ctx "alert" .) | nindent 4 }}
   annotations:
+    {{- include "monitoring.runbookUrl" (list $ctx "TrajflowTrainingRestarted") | nindent 4 }}
     summary: {{ printf "The elastic agent of training node {{ $labels.shard }} (run {{ $labels.run }}) restarted its workers in the last %s" .window | quote }}
     description: {{ printf "A worker failed, or a node left or joined the rendezvous, and the group started again from the last checkpoint: a crash (its traceback in the pod log), a rank killed for memory, a collective that timed out on a hung or lost peer, or a training pod rescheduled. Each restart redoes the steps since that checkpoint; after training.maxRestarts the pod fails. kubectl -n {{ $labels.namespace }} logs -l app.kubernetes.io/instance=%s,app.kubernetes.io/component=training,batch.kubernetes.io/job-completion-index={{ $labels.shard }} --prefix shows the first failure." $ctx.Release.Name | quote }}
 {{- end }}{{ end }}
