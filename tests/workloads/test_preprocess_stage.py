@@ -310,6 +310,58 @@ def _npz_episode(rng):
             ACTION: ep.streams[ACTION].astype(np.float32)}
 
 
+def _paused_npz(rng, duration_s, pause_s):
+    """An npz episode of `duration_s` at 100 Hz with a pause of `pause_s` in its middle."""
+    ep = make_episode(rng, "paused", 100.0, duration_s)
+    times = ep.times.copy()
+    times[len(times) // 2:] += pause_s
+    return npz_bytes(timestamps=times, **{k: ep.streams[k].astype(np.float32) for k in (STATE, ACTION)})
+
+
+def test_a_pause_filling_most_of_the_shard_is_warned_about_naming_max_gap_seconds(local_storage, caplog):
+    """A recording paused for 10 minutes resamples to 30,000 frames of a straight line at
+    50 Hz, the bulk of the shard: said so, with the setting that quarantines such episodes."""
+    rng = np.random.default_rng(5)
+    files = {f"npz/ep{i}.npz": npz_bytes(**_npz_episode(rng)) for i in range(3)}
+    files["npz/paused.npz"] = _paused_npz(rng, 10.0, 600.0)
+    publish_raw_shard(local_storage, 0, files)
+
+    def warnings(**config: Any) -> list[str]:
+        caplog.clear()
+        if local_storage.exists(manifest_key("preprocess", 0)):
+            local_storage.delete(manifest_key("preprocess", 0))
+        with caplog.at_level(logging.WARNING, logger="trajflow.preprocess"):
+            process_shard(local_storage, 0, 1, stage_config(max_bad_fraction=0.5, **config))
+        return [r.getMessage() for r in caplog.records if "maxGapSeconds" in r.getMessage()]
+
+    [warning] = warnings()
+    assert re.fullmatch(r"shard 00000: 1 episode\(s\) have a pause between two samples that resampling fills with "
+                        r"more frames than they have samples, 9\d\.\d% of the shard's frames \(the widest: 600\.0\d* s "
+                        r"after \d\.\d+ s in raw/00000/npz/paused\.npz episode paused, 30,000 frames\): set "
+                        r"preprocessing\.config\.maxGapSeconds to quarantine such episodes", warning), warning
+    quarantined = warnings(max_gap_seconds=60.0)  # the setting's own quarantine names it, and nothing else does
+    assert len(quarantined) == 1 and "time_gap" in quarantined[0] and "more than maxGapSeconds 60" in quarantined[0]
+
+
+def test_an_episode_too_large_for_the_pods_memory_fails_the_shard_naming_why(local_storage, monkeypatch):
+    """A pause upsampled to 1 kHz makes 2 million frames: in a pod of 64 MiB that is a clear
+    permanent error before any allocation, not an allocator error retried to the same end."""
+    from trajflow.preprocess import stage
+
+    monkeypatch.setattr(stage, "memory_limit", lambda: 64 << 20)
+    rng = np.random.default_rng(6)
+    publish_raw_shard(local_storage, 0, {"npz/ep0.npz": npz_bytes(**_npz_episode(rng)),
+                                         "npz/paused.npz": _paused_npz(rng, 1000.0, 1000.0)})
+    with pytest.raises(PermanentError, match=r"^shard 00000: raw/00000/npz/paused\.npz episode \S+ resamples to "
+                                             r"2,000,\d\d\d frames at targetRateHz 1000 \(\d+\.\d MiB\): its 100,000 "
+                                             r"samples span 2000\.\d+ s, the widest gap 1000\.0\d* s after \d+\.\d+ s\. "
+                                             r"Resampling "
+                                             r"it needs about \d+\.\d MiB, more than the 64\.0 MiB this pod may use: "
+                                             r"lower targetRateHz, set maxGapSeconds"):
+        process_shard(local_storage, 0, 1, stage_config(target_rate_hz=1000.0))
+    assert read_manifest(local_storage, "preprocess", 0) is None and not local_storage.exists(shard_key(0))
+
+
 def test_bf16_shards_stay_within_bf16_tolerance(local_storage, mixed):
     files, episodes = mixed
     publish_raw_shard(local_storage, 0, files)

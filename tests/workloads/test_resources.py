@@ -52,6 +52,26 @@ def test_cpu_budget_under_cgroup_v1(monkeypatch, quota_us, expected):
     assert resources.cpu_budget() == expected
 
 
+@pytest.mark.parametrize("files, expected_gib", [
+    ({"/sys/fs/cgroup/memory.max": "2147483648\n"}, 2),                        # limits.memory: 2Gi
+    ({"/sys/fs/cgroup/memory.max": "max\n"}, 16),                              # no limit: the machine's
+    ({"/sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712\n"}, 16),  # v1 without a limit
+    ({"/sys/fs/cgroup/memory/memory.limit_in_bytes": "4294967296\n"}, 4),      # v1 with one
+    ({"/sys/fs/cgroup/memory.max": "68719476736\n"}, 16),                      # above the machine's
+    ({}, 16),                                                                   # no cgroup files
+])
+def test_memory_limit_is_the_cgroups_capped_by_the_machine(monkeypatch, files, expected_gib):
+    monkeypatch.setattr(resources.os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 4 * 2**20}[name])
+
+    def fake_open(path, *args, **kwargs):
+        if path not in files:
+            raise FileNotFoundError(path)
+        return io.StringIO(files[path])
+
+    monkeypatch.setattr(resources, "open", fake_open, raising=False)
+    assert resources.memory_limit() == expected_gib * 2**30
+
+
 @pytest.mark.parametrize("quantity, expected", [
     ("2Gi", 2 * 2**30), ("512Mi", 512 * 2**20), ("1.5Gi", 3 * 2**29), ("500M", 500 * 10**6), ("4096", 4096),
     ("1k", 1000), (" 3Ti ", 3 * 2**40), ("1e9", 10**9), ("2.147483648e+09", 2**31), ("+1E3", 1000),

@@ -47,6 +47,26 @@ def _cgroup_cpu_limit() -> float | None:
         return None
 
 
+def memory_limit() -> int | None:
+    """Bytes this process may use: its cgroup's memory limit (v2's memory.max, or v1's
+    memory.limit_in_bytes), capped by the machine's memory; None when neither is known."""
+    limits = []
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as fh:
+                raw = fh.read().strip()
+        except OSError:
+            continue
+        if raw.isdigit():  # "max": none (v1 writes a huge number instead, which the cap below takes)
+            limits.append(int(raw))
+        break
+    try:
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError):
+        pass
+    return min(limits) if limits else None
+
+
 def raise_open_files_limit() -> int:
     """Raise this process's soft limit of open files to its hard limit; returns the soft
     limit now. Runtimes that leave systemd's 1024 as the soft limit stop a training over

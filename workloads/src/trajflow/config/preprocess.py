@@ -89,7 +89,8 @@ class PreprocessConfig(Model):
     min_length: int = Field(2, ge=2, description="Trajectories with fewer raw samples are quarantined.")
     max_gap_seconds: Optional[float] = Field(
         None, gt=0, description="Trajectories with two consecutive samples further apart are quarantined (time_gap): "
-                                "interpolation would invent the motion in between. Null: no limit.",
+                                "interpolation would invent the motion in between. Null: no limit (a pause that "
+                                "resamples to more frames than its episode has samples is warned about).",
     )
     batch_size: int = Field(256, ge=1, description="Trajectories per resampling batch (at most).")
     max_padding_fraction: float = Field(

@@ -44,7 +44,7 @@ from trajflow.plan import INFO_FILE_SUFFIX, Item, read_plan_in_use, shard_item_d
 from trajflow.preprocess import readers
 from trajflow.preprocess.readers import FileResult, Quarantined, RawEpisode, SourceSpec
 from trajflow.preprocess.shards import ShardWriter, report_key, settings_differences, settings_of, shard_key
-from trajflow.resources import cpu_budget, tmp_size_limit
+from trajflow.resources import cpu_budget, human_bytes, memory_limit, tmp_size_limit
 from trajflow.storage import (
     LocalStorage,
     Storage,
@@ -65,6 +65,9 @@ log = logging.getLogger(__name__)
 # in pods, a line this often while a shard's files are read: a big shard takes minutes
 PROGRESS_INTERVAL_S = 10.0
 UPSAMPLING_WARN_FACTOR = 2.0  # a target rate this many times every episode's recorded rate is warned about
+# bytes held while one episode is resampled and written, per byte of its output: the torch
+# path's search and blend take 1.85 (measured on one row of 10^7 frames), the writer a copy
+RESAMPLE_FOOTPRINT = 3
 INFO_WAIT_LOG_INTERVAL_S = 300.0  # how often a wait for another shard's dataset metadata says so
 
 RAW_DIR = "raw"
@@ -662,6 +665,10 @@ class ShardProcessor:
         self.raw_sources: set[str] = set()  # the downloader sources of its items
         self.started = time.perf_counter()  # reset by run
         self.resample_bytes = 0  # bytes in and out of the resampling kernels
+        self.memory_limit = memory_limit()
+        # episodes whose widest gap between two samples resamples to more frames than they
+        # have samples: (count, frames in those gaps, the widest: (frames, gap s, after s, episode))
+        self.paused: tuple[int, int, tuple[int, float, float, RawEpisode] | None] = (0, 0, None)
 
     def run(self) -> ShardSummary:
         started = self.started = time.perf_counter()
@@ -811,6 +818,8 @@ class ShardProcessor:
             eps = [ep for _, ep in window]
             steps = resampler.steps(eps)
             in_cost, out_cost = resampler.costs(eps[0].frames.shape[1])
+            for ep, frames in zip(eps, steps):
+                self._check_output_size(ep, frames, out_cost)
             for batch in plan_batches([ep.length for ep in eps], steps, cfg.batch_size, cfg.max_padding_fraction,
                                       in_cost=in_cost, out_cost=out_cost):
                 assert drain is not None
@@ -950,6 +959,7 @@ class ShardProcessor:
         self._check_download_unchanged()
         summary, index = self.summary, shard_file.index
         self._warn_if_only_upsampled(index["episodes"])
+        self._warn_of_pauses(index["num_frames"])
         report_raw = self._report_bytes()
         self.storage.write_bytes(report_key(self.shard), report_raw)
         summary.frames = index["num_frames"]
@@ -969,6 +979,43 @@ class ShardProcessor:
             seconds=time.perf_counter() - self.started, resample_seconds=summary.resample_seconds,
             resample_bytes=self.resample_bytes,
         )
+
+    def _check_output_size(self, ep: RawEpisode, frames: int, frame_bytes: int) -> None:
+        """Note an episode that a pause makes mostly interpolation; fail the shard on one whose
+        output (resampled and written whole) cannot fit in this pod's memory, naming what made
+        it that large, instead of an allocator error retried to the same end."""
+        gap_at = int(np.argmax(np.diff(ep.times))) if ep.length > 1 else 0
+        gap = float(ep.times[gap_at + 1] - ep.times[gap_at]) if ep.length > 1 else 0.0
+        in_gap = int(gap * self.config.target_rate_hz)
+        if in_gap > ep.length:
+            count, total, widest = self.paused
+            if widest is None or in_gap > widest[0]:
+                widest = (in_gap, gap, float(ep.times[gap_at]), ep)
+            self.paused = (count + 1, total + in_gap, widest)
+        need = RESAMPLE_FOOTPRINT * frames * frame_bytes
+        if self.memory_limit is None or need <= self.memory_limit:
+            return
+        raise PermanentError(
+            f"shard {shard_name(self.shard)}: {ep.source} episode {ep.episode} resamples to {frames:,} frames at "
+            f"targetRateHz {self.config.target_rate_hz:g} ({human_bytes(frames * frame_bytes)}): its {ep.length:,} "
+            f"samples span {float(ep.times[-1]):.6g} s, the widest gap {gap:.6g} s after {float(ep.times[gap_at]):.6g} "
+            f"s. Resampling it needs about {human_bytes(need)}, more than the {human_bytes(self.memory_limit)} this "
+            "pod may use: lower targetRateHz, set maxGapSeconds to quarantine episodes with long pauses, or raise "
+            "the memory limit"
+        )
+
+    def _warn_of_pauses(self, num_frames: int) -> None:
+        """A pause between two samples is filled with a straight line: frames with nothing to
+        learn, which can outnumber the shard's recorded ones."""
+        count, total, widest = self.paused
+        if widest is None or self.config.max_gap_seconds is not None:
+            return
+        frames, gap, after, ep = widest
+        log.warning("shard %s: %d episode(s) have a pause between two samples that resampling fills with more "
+                    "frames than they have samples, %.1f%% of the shard's frames (the widest: %.6g s after %.6g s "
+                    "in %s episode %s, %s frames): set preprocessing.config.maxGapSeconds to quarantine such "
+                    "episodes", shard_name(self.shard), count, 100 * total / max(num_frames, 1), gap, after,
+                    ep.source, ep.episode, f"{frames:,}")
 
     def _warn_if_only_upsampled(self, episodes: list[dict[str, Any]]) -> None:
         """A target rate far above every recorded one makes frames that are all interpolation:
