@@ -129,6 +129,36 @@ def test_shards_without_episodes_point_at_preprocessing(tmp_path: Path) -> None:
         build_data(open_shards(storage, ["obs", "act"]), TrainConfig(observation="obs", action="act"))
 
 
+def _shard_of_lengths(storage: LocalStorage, lengths: list[int]) -> None:
+    episodes = [Episode(data={"obs": np.zeros((n, 2), np.float32), "act": np.zeros((n, 1), np.float32)},
+                        source="raw/00000/x.npz", episode=str(e)) for e, n in enumerate(lengths)]
+    written = write_shard(storage, shard_key(0), episodes, dtype="float32", rate_hz=10.0)
+    write_manifest(storage, "preprocess", 0, 1, [written.item()], num_episodes=len(lengths), num_frames=sum(lengths))
+
+
+def test_a_window_leaving_out_most_frames_is_warned_about_and_one_leaving_too_few_episodes_named(
+        tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    storage = LocalStorage(tmp_path)
+    _shard_of_lengths(storage, [30, 30] + [5] * 12)  # half the frames in episodes shorter than a window of 6
+    config = TrainConfig(observation="obs", action="act", window=6, val_fraction=0.5)
+    with caplog.at_level(logging.INFO, logger="trajflow.train.data"):
+        build_data(open_shards(storage, ["obs", "act"]), config)
+    [record] = caplog.records
+    assert (record.levelno, record.getMessage()) == (logging.WARNING, (
+        "12 of 14 episodes (50.0% of the frames) are shorter than a sample of 6 frames (training.config.window 6) at "
+        "10 Hz and are not used: a shorter window, or a higher preprocessing.config.targetRateHz, keeps more of them"))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="trajflow.train.data"):
+        build_data(open_shards(storage, ["obs", "act"]), config, announce=False)  # the other ranks
+        build_data(open_shards(storage, ["obs", "act"]), TrainConfig(observation="obs", action="act", window=5,
+                                                                     val_fraction=0.5))
+    assert caplog.records == []
+    with pytest.raises(PermanentError, match=re.escape(
+            "0 of 14 episode(s) are long enough for a sample of 31 frames (training.config.window 30 and the frame "
+            "after it) at 10 Hz, the longest having 30 frames; training needs at least 2")):
+        build_data(open_shards(storage, ["obs"]), TrainConfig(task="forecast", observation="obs", window=30))
+
+
 def test_shard_identity_tells_rewritten_files_apart() -> None:
     """Shards rewritten under the same numbers (preprocessing run again) are other data: the
     ranks of a run must not train on two versions."""
@@ -793,6 +823,20 @@ def test_a_finished_run_resumes_to_the_same_result_without_training(tmp_path: Pa
     longer = local_settings(tmp_path, "run", **{**settings.config.model_dump(), "epochs": 3})
     third = train(longer)
     assert third["epochs_completed"] == 3 and third["history"][:2] == first["history"]
+
+
+def test_a_warm_up_as_long_as_the_run_is_warned_about(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """The learning rate would never reach learningRate: said, not refused, since more nodes
+    (a helm upgrade) shorten the epochs of a run under way."""
+    settings, _ = small_run(tmp_path, epochs=1, warmup_steps=10**6)
+    with caplog.at_level(logging.WARNING, logger="trajflow.train.loop"):
+        steps = train(settings)["steps"]
+    assert (f"training.config.warmupSteps 1000000 is at least the whole run's {steps} steps (1 epochs of {steps} on 1 "
+            "process(es)): the learning rate never reaches learningRate") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trajflow.train.loop"):
+        train(small_run(tmp_path, "short-warm-up", epochs=1, warmup_steps=steps - 1)[0])
+    assert "warmupSteps" not in caplog.text
 
 
 def test_a_rerun_of_a_finished_training_says_it_trained_nothing(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]

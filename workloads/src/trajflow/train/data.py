@@ -484,19 +484,33 @@ class TrainData:
         }
 
 
-def build_data(shards: ShardSet, config: TrainConfig) -> TrainData:
+def build_data(shards: ShardSet, config: TrainConfig, announce: bool = True) -> TrainData:
+    """The split and its windows; `announce`: log what is left out (one rank does)."""
     need = frames_needed(config)
     usable = [ep for ep in shards.episodes if ep.length >= need]
     short = len(shards.episodes) - len(usable)
-    if short:
-        log.info("%d of %d episodes are shorter than a sample (%d frames) and are not used",
-                 short, len(shards.episodes), need)
+    sample = (f"a sample of {need} frames (training.config.window {config.window}"
+              f"{' and the frame after it' if config.task == 'forecast' else ''}) at {shards.rate_hz:g} Hz")
+    remedy = "a shorter window, or a higher preprocessing.config.targetRateHz, keeps more of them"
+    if short and announce:
+        frames = sum(ep.length for ep in shards.episodes)
+        lost = frames - sum(ep.length for ep in usable)
+        # most of the data out of reach trains a model on what is left, silently
+        most = 2 * lost >= frames
+        log.log(logging.WARNING if most else logging.INFO,
+                "%d of %d episodes (%.1f%% of the frames) are shorter than %s and are not used%s", short,
+                len(shards.episodes), 100 * lost / max(frames, 1), sample, f": {remedy}" if most else "")
     if not shards.episodes:  # not a training problem: what preprocessing made
         raise PermanentError(
             "the preprocessed shards hold no episode: preprocessing read no trajectory (a format that matches none "
             "of the raw files, streams they lack, every trajectory quarantined); its log and "
             "resampled/<shard>.report.json say which. Shards kept from earlier settings are remade only under a new "
             "global.runId, or once resampled/ is deleted")
+    if len(usable) < 2:
+        longest = max(ep.length for ep in shards.episodes)
+        raise PermanentError(f"{len(usable)} of {len(shards.episodes)} episode(s) are long enough for {sample}, the "
+                             f"longest having {longest} frames; training needs at least 2 (one for training, one "
+                             f"for validation): {remedy}")
     train_eps, val_eps = split_episodes(usable, config.val_fraction, config.seed)
     return TrainData(shards, WindowDataset(shards, train_eps, config), WindowDataset(shards, val_eps, config),
                      train_eps, val_eps)

@@ -269,7 +269,7 @@ class Trainer:
         try:
             if shards is None:
                 shards = open_shards(self.storage, streams, cache, verify=False)
-            data = build_data(shards, cfg)
+            data = build_data(shards, cfg, announce=self.dist.is_main)
             identity = shards.identity()
         except TrajflowError as exc:
             failure = exc
@@ -604,6 +604,11 @@ class Trainer:
         batches = EpochBatches(data.train, cfg.batch_size, dist.rank, dist.world_size, cfg.seed,
                                max_batches=cfg.max_steps_per_epoch)
         per_epoch = self.per_epoch = batches.batches_per_epoch()
+        if dist.is_main and cfg.warmup_steps >= per_epoch * cfg.epochs:
+            # not refused: a `helm upgrade` to more nodes shortens the epochs of a run under way
+            log.warning("training.config.warmupSteps %d is at least the whole run's %d steps (%d epochs of %d on %d "
+                        "process(es)): the learning rate never reaches learningRate", cfg.warmup_steps,
+                        per_epoch * cfg.epochs, cfg.epochs, per_epoch, dist.world_size)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg, per_epoch * cfg.epochs))
 
         (in_mean, in_std), (out_mean, out_std) = self.scan_data(data)
