@@ -362,6 +362,35 @@ def test_an_episode_too_large_for_the_pods_memory_fails_the_shard_naming_why(loc
     assert read_manifest(local_storage, "preprocess", 0) is None and not local_storage.exists(shard_key(0))
 
 
+def test_episodes_too_long_for_float32_times_are_resampled_with_float64_ones(local_storage, caplog):
+    """At 11 hours into an episode float32 steps by 3.9 ms, more than a 333 Hz sample step:
+    its samples would merge. Such an episode comes out as with timeDtype float64; a short
+    one is still resampled with float32 times."""
+    rng = np.random.default_rng(8)
+    times = np.concatenate([np.arange(20_100), 40_000 * 333 + np.arange(20_001)]) / 333
+    long_one = {"timestamps": times, STATE: rng.standard_normal((times.size, 3)).cumsum(0).astype(np.float32),
+                ACTION: rng.standard_normal((times.size, 2)).cumsum(0).astype(np.float32)}
+    short_one = {"timestamps": times[:2_000] + 0.5 / 333, STATE: long_one[STATE][:2_000], ACTION: long_one[ACTION][:2_000]}
+    publish_raw_shard(local_storage, 0, {"npz/long.npz": npz_bytes(**long_one), "npz/short.npz": npz_bytes(**short_one)})
+
+    def frames(time_dtype: str) -> dict[str, np.ndarray]:
+        if local_storage.exists(manifest_key("preprocess", 0)):
+            local_storage.delete(manifest_key("preprocess", 0))
+        process_shard(local_storage, 0, 1, stage_config(target_rate_hz=7.0, time_dtype=time_dtype))
+        reader = open_shard(local_storage.local_path(shard_key(0)))
+        return {info.source.rsplit("/", 1)[1]: reader.episode_tensor(i, STATE).numpy() for i, info in
+                enumerate(reader.episodes)}
+
+    exact = frames("float64")
+    with caplog.at_level(logging.INFO, logger="trajflow.preprocess"):
+        fast = frames("float32")
+    assert np.array_equal(fast["long.npz"], exact["long.npz"])
+    assert not np.array_equal(fast["short.npz"], exact["short.npz"])  # float32 times where they suffice
+    np.testing.assert_allclose(fast["short.npz"], exact["short.npz"], atol=1e-3)
+    assert "shard 00000: 1 episode(s) resampled with float64 times: they are too long for timeDtype float32 to keep " \
+           "their samples apart" in caplog.text
+
+
 def test_bf16_shards_stay_within_bf16_tolerance(local_storage, mixed):
     files, episodes = mixed
     publish_raw_shard(local_storage, 0, files)

@@ -110,7 +110,7 @@ class PreprocessConfig(Model):
     )
     time_dtype: Literal["float64", "float32"] = Field(
         "float64", description="Precision of the timestamps handed to the kernel (relative to each episode's start); "
-        "float32 resolves 0.25 ms an hour into an episode."
+        "float32 resolves 0.25 ms an hour into an episode (episodes too long for it get float64 times)."
     )
     max_bad_fraction: float = Field(
         0.05, ge=0, le=1, description="Fail the shard when more than this fraction of trajectories is quarantined, "

@@ -526,13 +526,21 @@ class _Resampler:
         return uniform_grid_steps(self.torch.from_numpy(spans), self.config.target_rate_hz,
                                   time_rounding=rounding).tolist()
 
-    def launch(self, episodes: list[RawEpisode], seqs: list[int], steps: list[int]) -> _Pending:
+    def coarse_in_time_dtype(self, ep: RawEpisode, step: np.ndarray) -> bool:
+        """Whether the time dtype cannot keep two samples of `ep` half a step apart (float32
+        times of a 333 Hz episode, from about 9 hours into it), given its steps between samples."""
+        if self.time_dtype != self.torch.float32 or not step.size:
+            return False
+        return 2 * float(np.spacing(np.float32(ep.times[-1]))) > float(step.min())
+
+    def launch(self, episodes: list[RawEpisode], seqs: list[int], steps: list[int],
+               float64_times: bool = False) -> _Pending:
         from trajflow.preprocess.batching import pack
         from trajflow.preprocess.kernels import UniformGrid, resample
 
         torch = self.torch
         hb = pack([ep.frames for ep in episodes], [ep.times for ep in episodes], steps, self.pack_dtype,
-                   self.time_dtype, self.pin)
+                   torch.float64 if float64_times else self.time_dtype, self.pin)
         grid = UniformGrid(start=0.0, rate_hz=self.config.target_rate_hz, num=max(steps))
         if not self.cuda:
             t0 = time.perf_counter()
@@ -669,6 +677,7 @@ class ShardProcessor:
         # episodes whose widest gap between two samples resamples to more frames than they
         # have samples: (count, frames in those gaps, the widest: (frames, gap s, after s, episode))
         self.paused: tuple[int, int, tuple[int, float, float, RawEpisode] | None] = (0, 0, None)
+        self.float64_episodes = 0  # resampled with float64 times, timeDtype float32 being too coarse for them
 
     def run(self) -> ShardSummary:
         started = self.started = time.perf_counter()
@@ -818,14 +827,23 @@ class ShardProcessor:
             eps = [ep for _, ep in window]
             steps = resampler.steps(eps)
             in_cost, out_cost = resampler.costs(eps[0].frames.shape[1])
-            for ep, frames in zip(eps, steps):
-                self._check_output_size(ep, frames, out_cost)
-            for batch in plan_batches([ep.length for ep in eps], steps, cfg.batch_size, cfg.max_padding_fraction,
-                                      in_cost=in_cost, out_cost=out_cost):
-                assert drain is not None
-                drain.put(resampler.launch([eps[i] for i in batch], [window[i][0] for i in batch],
-                                           [steps[i] for i in batch]))
-                summary.batches += 1
+            coarse = set()
+            for i, (ep, frames) in enumerate(zip(eps, steps)):
+                step = np.diff(ep.times)
+                self._check_output_size(ep, frames, out_cost, step)
+                if resampler.coarse_in_time_dtype(ep, step):
+                    coarse.add(i)
+            self.float64_episodes += len(coarse)
+            # the batches are written in the episodes' order whichever group they are launched in
+            fine = [i for i in range(len(eps)) if i not in coarse]
+            for group, float64_times in ((fine, False), (sorted(coarse), True)):
+                for batch in plan_batches([eps[i].length for i in group], [steps[i] for i in group], cfg.batch_size,
+                                          cfg.max_padding_fraction, in_cost=in_cost, out_cost=out_cost):
+                    assert drain is not None
+                    rows = [group[j] for j in batch]
+                    drain.put(resampler.launch([eps[i] for i in rows], [window[i][0] for i in rows],
+                                               [steps[i] for i in rows], float64_times))
+                    summary.batches += 1
             window.clear()
 
         undecided: list[RawEpisode] = []  # the good episodes read before the shard's stream widths are known
@@ -960,6 +978,9 @@ class ShardProcessor:
         summary, index = self.summary, shard_file.index
         self._warn_if_only_upsampled(index["episodes"])
         self._warn_of_pauses(index["num_frames"])
+        if self.float64_episodes:
+            log.info("shard %s: %d episode(s) resampled with float64 times: they are too long for timeDtype float32 "
+                     "to keep their samples apart", shard_name(self.shard), self.float64_episodes)
         report_raw = self._report_bytes()
         self.storage.write_bytes(report_key(self.shard), report_raw)
         summary.frames = index["num_frames"]
@@ -980,12 +1001,13 @@ class ShardProcessor:
             resample_bytes=self.resample_bytes,
         )
 
-    def _check_output_size(self, ep: RawEpisode, frames: int, frame_bytes: int) -> None:
+    def _check_output_size(self, ep: RawEpisode, frames: int, frame_bytes: int, step: np.ndarray) -> None:
         """Note an episode that a pause makes mostly interpolation; fail the shard on one whose
         output (resampled and written whole) cannot fit in this pod's memory, naming what made
-        it that large, instead of an allocator error retried to the same end."""
-        gap_at = int(np.argmax(np.diff(ep.times))) if ep.length > 1 else 0
-        gap = float(ep.times[gap_at + 1] - ep.times[gap_at]) if ep.length > 1 else 0.0
+        it that large, instead of an allocator error retried to the same end. `step`: the
+        episode's steps between samples."""
+        gap_at = int(np.argmax(step)) if step.size else 0
+        gap = float(step[gap_at]) if step.size else 0.0
         in_gap = int(gap * self.config.target_rate_hz)
         if in_gap > ep.length:
             count, total, widest = self.paused
