@@ -1089,6 +1089,22 @@ def test_s3_root_gives_the_same_bytes_as_a_filesystem_root(s3_storage, local_sto
     _check_against_reference(reader, episodes, 50.0, atol=2e-5)
 
 
+def test_a_killed_runs_upload_of_the_shard_is_aborted_and_no_other(s3_storage, mixed, monkeypatch):
+    """An upload a killed pod began is never visible, but stored and billed until aborted."""
+    from trajflow.preprocess import stage
+
+    files, _ = mixed
+    publish_raw_shard(s3_storage, 0, files)
+    client = s3_storage.client
+    for key in (shard_key(0), shard_key(1)):
+        client.create_multipart_upload(Bucket=s3_storage.bucket, Key=f"{s3_storage.prefix}/{key}")
+    monkeypatch.setattr(stage, "STALE_UPLOAD_S", 0.0)
+    process_shard(s3_storage, 0, 1, stage_config(sources={"robomimic": ROBOMIMIC}))
+    listed = client.list_multipart_uploads(Bucket=s3_storage.bucket, Prefix=f"{s3_storage.prefix}/")
+    assert [u["Key"][len(s3_storage.prefix) + 1:] for u in listed.get("Uploads", [])] == [shard_key(1)]
+    assert read_manifest(s3_storage, "preprocess", 0) is not None
+
+
 def test_hdf5_on_s3_is_read_by_ranges_not_whole(s3_storage, tmp_path, monkeypatch):
     """A robomimic file of images nobody selected costs its selected datasets, not its
     size; a store failing under h5py is a storage error, not a bad file."""

@@ -29,6 +29,7 @@ from trajflow.storage import (
     write_manifest,
 )
 from trajflow.storage.s3 import S3Storage, _conditional_support
+from trajflow.storage.wait import is_storage_error
 
 MiB = 1024 * 1024
 
@@ -937,14 +938,18 @@ def test_a_body_that_keeps_breaking_fails_as_transient(s3_server, s3_shared_buck
         with pytest.raises(TransientError, match=r"cut/flaky\.bin: the connection ended at byte \d+ of 1048576 4 times") as caught:
             _through(proxy, s3_shared_bucket).read_bytes("flaky.bin")
     assert caught.value.exit_code == ExitCode.TRANSIENT
+    # the store's failure, for the callers that tolerate one (the run's report read metrics.json)
+    assert is_storage_error(caught.value)
 
 
 def test_an_object_replaced_before_the_resume_is_not_spliced(s3_server, s3_shared_bucket):
     direct = open_storage(f"s3://{s3_shared_bucket}/cut", endpoint=s3_server.endpoint, addressing_style="path")
     direct.write_bytes("moving.bin", b"a" * MiB)
     with _CuttingProxy(s3_server.endpoint, cuts=1, on_cut=lambda: direct.write_bytes("moving.bin", b"b" * MiB)) as proxy:
-        with pytest.raises(TransientError, match=r"cut/moving\.bin: the object was replaced while it was being read"):
+        with pytest.raises(TransientError, match=r"cut/moving\.bin: the object was replaced while it was being "
+                                                 r"read") as caught:
             _through(proxy, s3_shared_bucket).read_bytes("moving.bin")
+    assert is_storage_error(caught.value)
 
 
 class _Throttling(S3Proxy):
@@ -962,6 +967,36 @@ class _Throttling(S3Proxy):
             self.throttled += 1
             body = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
             reply.status, reply.headers, reply.body = 503, [("Content-Type", "application/xml")], body
+
+
+class _LostReplies(S3Proxy):
+    """Answers 500 to the first conditional PUT of each key after the store applied it, as a
+    reply lost on the way does: the client retries what is already written."""
+
+    def __init__(self, upstream: str):
+        super().__init__(upstream)
+        self.lost: set[str] = set()
+
+    def answer(self, method: str, path: str, request_headers: dict[str, str], reply: Reply) -> None:
+        if method == "PUT" and request_headers.get("If-None-Match") == "*" and path not in self.lost:
+            self.lost.add(path)
+            reply.status, reply.headers, reply.body = 500, [("Content-Type", "application/xml")], \
+                b"<Error><Code>InternalError</Code><Message>We encountered an internal error.</Message></Error>"
+
+
+def test_a_conditional_write_whose_reply_was_lost_is_still_its_writers(s3_server, monkeypatch):
+    """The retry meets the object its first try wrote: that is a win (the planning lease was
+    taken for another pod's, and every pod waited for it to go stale), and the probe of the
+    store's conditional writes is no error; another writer's object is still a loss."""
+    bucket = s3_server.make_bucket()
+    with _LostReplies(s3_server.endpoint) as proxy:
+        store = open_storage(f"s3://{bucket}/root", endpoint=proxy.endpoint, addressing_style="path")
+        monkeypatch.delitem(_conditional_support, (str(store.client.meta.endpoint_url), bucket), raising=False)
+        assert store._supports_conditional_put() is True
+        assert store.write_if_absent("plan/lease.json", b"mine") is True
+        assert store.write_if_absent("plan/lease.json", b"theirs") is False
+        assert store.read_bytes("plan/lease.json") == b"mine"
+        assert len(proxy.lost) == 2  # the probe's first PUT and the lease's
 
 
 def test_throttled_writes_are_retried_without_client_side_rate_limiting(s3_server, s3_shared_bucket):

@@ -1657,17 +1657,21 @@ def test_shard_listing_used_by_training_is_the_preprocessing_one(tmp_path: Path)
     assert json.loads(json.dumps(shards.dims)) == {"observation.state": 6, "action": 3}
 
 
-def test_training_on_an_s3_run_root(s3_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_training_on_an_s3_run_root(s3_server, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Shards fetched into the cache and memory-mapped; checkpoints and artifacts through
-    the same storage interface as on a filesystem."""
+    the same storage interface as on a filesystem; a killed run's unfinished checkpoint
+    upload aborted, as its temporary file would be removed."""
     from trajflow.config import GlobalConfig, StageSettings
     from trajflow.storage import open_run_root
+    from trajflow.train import loop
 
     bucket = s3_server.make_bucket()
     glob = GlobalConfig.model_validate({"runId": "s3run", "storage": {"type": "s3", "s3": {
         "endpoint": s3_server.endpoint, "bucket": bucket, "region": s3_server.region}}})
     storage = open_run_root(glob)
     write_synthetic_shards(storage, shards=2, episodes_per_shard=6, length=120)
+    storage.client.create_multipart_upload(Bucket=bucket, Key=f"{storage.prefix}/train/checkpoints/ckpt-0000000007.pt")
+    monkeypatch.setattr(loop, "ABANDONED_CHECKPOINT_S", 0.0)
     cache = tmp_path / "cache"
     config = TrainConfig.model_validate({"window": 8, "epochs": 2, "learningRate": 3e-3, "metricsPort": 0,
                                          "cacheDir": str(cache), "model": SMALL_MODEL})
@@ -1678,6 +1682,7 @@ def test_training_on_an_s3_run_root(s3_server, tmp_path: Path) -> None:  # type:
     model, description = artifacts.load_model(storage)
     assert description["run_id"] == "s3run" and model.spec.window == 8
     assert read_train_metrics(storage)["status"] == "completed"
+    assert storage.client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
 
 def test_launcher_rejects_bad_config_before_starting_workers(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]

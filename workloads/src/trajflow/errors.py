@@ -46,6 +46,11 @@ class TransientError(TrajflowError):
     exit_code = ExitCode.TRANSIENT
 
 
+class StorageUnavailable(TransientError):
+    """The storage layer's own account of a store that failed it (a read cut short again and
+    again): a storage error, as the store's own exceptions are."""
+
+
 class WaitTimeout(TrajflowError):
     exit_code = ExitCode.TIMEOUT
 

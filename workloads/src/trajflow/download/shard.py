@@ -74,9 +74,9 @@ from trajflow.storage import (
     shard_name,
     write_manifest,
 )
+from trajflow.storage.base import STALE_UPLOAD_S
 from trajflow.storage.local import NAME_MAX
 from trajflow.storage.manifest import manifest_key
-from trajflow.storage.s3 import S3Storage
 from trajflow.storage.wait import fatal_storage_error
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,6 @@ STAGE = "download"
 RAW = "raw"
 BUSY_POLL_MAX_S = 15.0  # how often, at most, an item another process holds is looked at again
 STOP_WAIT_S = 10.0  # how long a stopped shard waits for its workers to close their items
-STALE_UPLOAD_S = 3600.0  # an upload begun this long ago is a killed run's, not a live one's
 # how long a pod starting with a download the release does not name waits for the kubelet to
 # bring the mounted ConfigMap up to date (it syncs every minute) before taking itself for replaced
 RELEASE_PATIENCE_S = 120.0
@@ -812,8 +811,7 @@ class ShardDownloader:
         nobody holds a lock on, and other writers' temporaries older than an hour. Shard 0
         also sweeps the directories of shard numbers this count does not have: a partial
         download there, from a run with more shards, is resumed by no one."""
-        if isinstance(self.root, S3Storage):
-            self._abort_stale_uploads()
+        self._abort_stale_uploads()
         if not isinstance(self.root, LocalStorage):
             return
         directories = [f"{RAW}/{shard_name(self.shard)}"]
@@ -844,13 +842,7 @@ class ShardDownloader:
             shard = key[len(RAW) + 1:].split("/", 1)[0]
             return key.startswith(mine) or (self.shard == 0 and shard.isdigit() and int(shard) >= self.shards)
 
-        try:
-            aborted = self.root.abort_uploads(f"{RAW}/" if self.shard == 0 else mine, STALE_UPLOAD_S, stale)
-        except Exception as exc:  # noqa: BLE001  a store without the call, or refusing it: a lifecycle rule's job
-            log.warning("could not abort stale uploads under %s/%s: %s", self.root.uri, mine, exc)
-            return
-        if aborted:
-            log.info("aborted %d upload(s) that killed runs left, such as %s", len(aborted), aborted[0])
+        self.root.abort_stale_uploads(f"{RAW}/" if self.shard == 0 else mine, STALE_UPLOAD_S, stale)
 
 
 def raise_for(summary: ShardSummary) -> None:

@@ -56,6 +56,7 @@ from trajflow.storage import (
     update_manifest,
     write_manifest,
 )
+from trajflow.storage.base import STALE_UPLOAD_S
 from trajflow.storage.manifest import clear_failure, record_failure
 from trajflow.storage.wait import UpstreamFailures, storage_failure
 from trajflow.threads import ordered_map
@@ -729,6 +730,8 @@ class ShardProcessor:
         self._remove_foreign_manifests()
         if isinstance(self.storage, LocalStorage):  # left by a killed run of this or another shard
             self.storage.remove_stale_temporaries("resampled")
+        else:  # an object store's: a killed run's upload of this shard
+            self.storage.abort_stale_uploads("resampled/", STALE_UPLOAD_S, lambda key: key == shard_key(shard))
 
         import torch
 

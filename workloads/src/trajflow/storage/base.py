@@ -9,9 +9,10 @@ import io
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 CHUNK = 8 * 1024 * 1024
+STALE_UPLOAD_S = 3600.0  # an upload begun this long ago is a killed run's, not a live one's
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,12 @@ class Storage(abc.ABC):
     def local_path(self, key: str) -> Path | None:
         """A filesystem path for `key` when the backend has one (for memory-mapping)."""
         return None
+
+    def abort_stale_uploads(self, prefix: str, older_than_s: float,
+                            which: Callable[[str], bool] = lambda key: True) -> None:
+        """Abort the unfinished uploads of keys under `prefix` (those `which` picks) begun
+        over `older_than_s` ago: a killed writer's, never visible, but stored and billed. An
+        object store's; never raises (a bucket's lifecycle rule is the fallback)."""
 
     def largest_object(self) -> int | None:
         """The most bytes one object can hold here; None when nothing says."""

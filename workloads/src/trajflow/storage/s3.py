@@ -2,8 +2,9 @@
 
 Writes stream through a multipart upload that becomes visible only when completed, or a
 single PUT for small objects, so readers never see a part. A killed writer leaves at most
-an incomplete multipart upload: the download shard that wrote it aborts it when it next
-runs (`abort_uploads`), as does a bucket's lifecycle rule (AbortIncompleteMultipartUpload).
+an incomplete multipart upload: the stage that wrote it (a download shard, a preprocessing
+shard, training's checkpoints) aborts it when it next runs (`abort_stale_uploads`), as does a
+bucket's lifecycle rule (AbortIncompleteMultipartUpload).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import uuid
 from typing import Any, BinaryIO, Callable, Iterator
 
 from trajflow.config import formats
-from trajflow.errors import InvalidURI, TransientError
+from trajflow.errors import InvalidURI, StorageUnavailable
 from trajflow.storage.base import INTERNAL_PREFIX, ObjectInfo, Storage, check_key, check_prefix, check_range, is_internal
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,7 @@ PART_SIZE = 16 * 1024 * 1024  # also the threshold between a single PUT and mult
 CONNECT_TIMEOUT_S = 10.0
 _NO_ANSWER = "trajflow_no_answer"  # a request's context: why its last attempt got no answer
 UPLOAD_CONCURRENCY = 4  # parts of one object uploading at once, on threads of its writer
+_WRITER_META = "trajflow-writer"  # a conditional write's own token, to know it from another's
 # (endpoint, bucket) -> whether `If-None-Match: *` is enforced there
 _conditional_support: dict[tuple[str, str], bool] = {}
 _conditional_lock = threading.Lock()
@@ -292,7 +294,7 @@ class _ObjectReader(io.RawIOBase):
         where = f"{self._storage.uri}/{self._key_name}"
         self._body.close()
         if self._resumes >= self.RESUMES:
-            raise TransientError(f"{where}: the connection ended at byte {self._pos} of {self._end} "
+            raise StorageUnavailable(f"{where}: the connection ended at byte {self._pos} of {self._end} "
                                  f"{self.RESUMES + 1} times ({cause or 'no more data'})")
         self._resumes += 1
         log.warning("%s: the connection ended at byte %d of %d (%s); resuming", where, self._pos, self._end,
@@ -305,7 +307,7 @@ class _ObjectReader(io.RawIOBase):
             self._body = self._storage.client.get_object(**kwargs)["Body"]
         except Exception as exc:
             if http_status(exc) == 412 or error_code(exc) == "PreconditionFailed":
-                raise TransientError(f"{where}: the object was replaced while it was being read") from None
+                raise StorageUnavailable(f"{where}: the object was replaced while it was being read") from None
             raise
 
     def close(self) -> None:
@@ -424,6 +426,8 @@ class S3Storage(Storage):
             except Exception as exc:
                 if http_status(exc) in (400, 501) or error_code(exc) in ("NotImplemented", "InvalidArgument"):
                     supported = False  # the header itself is refused
+                elif http_status(exc) in (409, 412):
+                    supported = True  # a retry met the first try, which landed with its reply lost
                 else:
                     raise
             else:
@@ -450,14 +454,17 @@ class S3Storage(Storage):
         if not self._supports_conditional_put():
             return self._elect(key, data)
         full = self._key(key)
+        token = uuid.uuid4().hex
         for attempt in range(8):
             try:
-                self.client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*")
+                self.client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*",
+                                       Metadata={_WRITER_META: token})
                 return True
             except Exception as exc:
                 status = http_status(exc)
                 if status == 412:
-                    return False
+                    # botocore retries a write whose reply was lost: the object met may be this one
+                    return self._written_by(full, token)
                 if status != 409:
                     raise
                 # 409: another conditional write to this key is in flight; its outcome decides
@@ -465,6 +472,15 @@ class S3Storage(Storage):
         if self.exists(key):
             return False
         raise RuntimeError(f"{self.uri}/{key}: conditional write kept conflicting and nothing was written")
+
+    def _written_by(self, full_key: str, token: str) -> bool:
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=full_key)
+        except Exception as exc:
+            if is_not_found(exc):
+                return False  # written by another, and deleted since
+            raise
+        return head.get("Metadata", {}).get(_WRITER_META) == token
 
     def _elect(self, key: str, data: bytes) -> bool:
         """First-writer-wins without conditional writes.
@@ -512,6 +528,16 @@ class S3Storage(Storage):
                     self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
                     aborted.append(upload["Key"][len(root):])
         return aborted
+
+    def abort_stale_uploads(self, prefix: str, older_than_s: float,
+                            which: Callable[[str], bool] = lambda key: True) -> None:
+        try:
+            aborted = self.abort_uploads(prefix, older_than_s, which)
+        except Exception as exc:  # noqa: BLE001  a store without the call, or refusing it: a lifecycle rule's job
+            log.warning("could not abort stale uploads under %s/%s: %s", self.uri, prefix, exc)
+            return
+        if aborted:
+            log.info("aborted %d upload(s) that killed runs left, such as %s", len(aborted), aborted[0])
 
     def child(self, prefix: str) -> "S3Storage":
         child = S3Storage(

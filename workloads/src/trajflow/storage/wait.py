@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Any, Callable, Mapping
 
-from trajflow.errors import ConfigError, TrajflowError, TransientError, WaitTimeout
+from trajflow.errors import ConfigError, StorageUnavailable, TrajflowError, TransientError, WaitTimeout
 from trajflow.plan import read_plan_in_use
 from trajflow.storage.base import ObjectInfo, Storage
 from trajflow.storage.manifest import (PLAN_KEY, STAGE_DIRS, done_manifests, failed_shards, failure_key, manifest_key,
@@ -184,7 +184,7 @@ def is_storage_error(exc: BaseException) -> bool:
     rather than the content's."""
     if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
         return False
-    if isinstance(exc, (ConnectionError, TimeoutError)):
+    if isinstance(exc, (ConnectionError, TimeoutError, StorageUnavailable)):
         return True
     if type(exc).__module__.split(".")[0] in ("botocore", "boto3", "s3transfer", "urllib3"):
         return True  # before the errno test: botocore's timeouts are errno-less OSErrors

@@ -320,6 +320,8 @@ class Trainer:
             if isinstance(self.storage, LocalStorage):
                 # not the temporary a pod of an earlier Job may still be writing its last checkpoint to
                 self.storage.remove_stale_temporaries(CHECKPOINT_DIR, older_than_s=ABANDONED_CHECKPOINT_S)
+            else:
+                self.storage.abort_stale_uploads(CHECKPOINT_DIR + "/", ABANDONED_CHECKPOINT_S)
             try:
                 info, payload, skipped = self.store.latest_valid()
             except CheckpointUnreadable as exc:  # intact: every checkpoint is kept, the run stops
