@@ -189,6 +189,18 @@ def test_non_finite_numbers_are_refused(stage, key, value):
     assert _one_line(info) == f"dev.yaml: {stage}.config.{key}: Input should be a finite number (got {value})"
 
 
+@pytest.mark.parametrize("stage, key, value, floor", [
+    ("downloader", "pushIntervalSeconds", 0.001, "1"), ("preprocessing", "pushIntervalSeconds", 0.5, "1"),
+    ("downloader", "progressIntervalSeconds", 1e-6, "0.1"),
+])
+def test_intervals_that_would_flood_the_pushgateway_or_the_log_are_refused(stage, key, value, floor):
+    """1e-6 s made a pod log 2,000 lines in 2 s from a busy loop; pushes loop the same way."""
+    with pytest.raises(ConfigError) as info:
+        validate_stage(stage, {key: value}, origin="dev.yaml")
+    assert _one_line(info) == (f"dev.yaml: {stage}.config.{key}: Input should be greater than or equal to {floor} "
+                               f"(got {value})")
+
+
 @pytest.mark.parametrize("key, value, expected", [
     ("targetRateHz", True, "Input should be a valid number"),  # YAML `true` is no rate
     ("maxBadFraction", "yes", "Input should be a valid number"),

@@ -222,8 +222,8 @@ class DownloadConfig(Model):
         False,
         description="Decompress .gz items after verification; they are stored without the .gz suffix.",
     )
-    push_interval_seconds: float = Field(15.0, gt=0, description="How often progress metrics are pushed.")
-    progress_interval_seconds: float = Field(10.0, gt=0, description="How often a progress line is logged (pods).")
+    push_interval_seconds: float = Field(15.0, ge=1, description="How often progress metrics are pushed.")
+    progress_interval_seconds: float = Field(10.0, ge=0.1, description="How often a progress line is logged (pods).")
     plan_generation: str = Field(
         "",
         pattern=formats.PLAN_GENERATION,

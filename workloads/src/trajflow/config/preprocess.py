@@ -133,7 +133,7 @@ class PreprocessConfig(Model):
     spool_memory_mib: int = Field(
         256, ge=1, description="Output held in memory before spilling to $TMPDIR while a shard is assembled."
     )
-    push_interval_seconds: float = Field(15.0, gt=0, description="How often progress metrics are pushed.")
+    push_interval_seconds: float = Field(15.0, ge=1, description="How often progress metrics are pushed.")
 
     def output_settings(self, sources: Iterable[str]) -> dict[str, Any]:
         """The settings the contents of a shard holding items of ``sources`` depend on, as the
