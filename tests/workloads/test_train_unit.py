@@ -1315,6 +1315,47 @@ def _trainer(tmp_path: Path):  # type: ignore[no-untyped-def]
     return loop.Trainer(settings, DistContext.from_env(), storage, train_metrics())
 
 
+@pytest.mark.parametrize("cap", [0, 50])
+def test_validation_covers_every_window_or_the_same_seeded_sample_of_max_val_windows(tmp_path: Path, cap: int) -> None:
+    """A validation split of a large dataset was evaluated whole at the start and after every
+    epoch, however few steps an epoch took."""
+    from trajflow.metrics import train_metrics
+    from trajflow.train import loop
+    from trajflow.train.dist import DistContext
+    from trajflow.train.models import build_model
+
+    settings, storage = small_run(tmp_path, max_val_windows=cap)
+    trainer = loop.Trainer(settings, DistContext.from_env(), storage, train_metrics())
+    data = trainer.load_data()
+    cfg = settings.config
+    model = build_model(ModelSpec.from_config(cfg.model, data.train.input_dim, data.train.target_dim, cfg.window))
+    asked: list[list[int]] = []
+
+    class Recording:
+        def __len__(self) -> int:
+            return len(data.val)
+
+        def __getitem__(self, index):  # type: ignore[no-untyped-def]
+            asked[-1].extend(np.asarray(index).tolist())
+            return data.val[index]
+
+    losses = []
+    for _ in range(2):
+        asked.append([])
+        losses.append(trainer.evaluate(model, Recording()))  # type: ignore[arg-type]
+    assert asked[0] == asked[1] and losses[0] == losses[1]  # the same windows at every pass
+    assert len(data.val) > 50
+    if not cap:
+        assert asked[0] == list(range(len(data.val)))
+        return
+    assert len(set(asked[0])) == len(asked[0]) == cap and max(asked[0]) < len(data.val)
+    assert max(asked[0]) - min(asked[0]) > len(data.val) // 2  # spread over the split, not its first windows
+    with torch.no_grad():
+        x, y = data.val[asked[0]]
+        expected = (model(x) - model.normalize_target(y)).square().mean(dim=1).double().mean().item()
+    assert losses[0] == pytest.approx(expected, rel=1e-5)
+
+
 @contextlib.contextmanager
 def _sigint_handled_by(handler):  # type: ignore[no-untyped-def]
     """SIGINT's handler set to ``handler`` for a while, then pytest's put back."""

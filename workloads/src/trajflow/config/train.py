@@ -57,6 +57,10 @@ class TrainConfig(Model):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="Max gradient norm; 0 disables clipping.")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Share of episodes held out for validation.")
+    max_val_windows: int = Field(
+        0, ge=0, description="Validate on a seeded sample of at most this many windows, the same at every pass, "
+                             "instead of every validation window each epoch (0: all)."
+    )
     seed: int = Field(0, ge=0, le=2**32 - 1,
                       description="Seed of the validation split, the initial weights and the shuffling.")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: the GPU of LOCAL_RANK when CUDA is available.")

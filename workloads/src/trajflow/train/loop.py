@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -227,6 +227,7 @@ class Trainer:
         self.metrics = metrics
         self.store = CheckpointStore(storage, keep_last=self.config.checkpoints.keep_last)
         self.hash = config_hash(self.config)
+        self._val_sample: tuple[int, np.ndarray] | None = None  # (windows, the sample drawn of them)
         self.state = TrainerState()
         self.last_checkpoint: CheckpointInfo | None = None
         self.checkpoint_written_at = 0.0  # of the checkpoint resumed from (0: unknown)
@@ -550,12 +551,25 @@ class Trainer:
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _validation_windows(self, n: int) -> Sequence[int]:
+        """The windows every validation pass covers: all n, or a seeded sample of
+        maxValWindows of them, spread over every validation episode and drawn once."""
+        cap = self.config.max_val_windows
+        if not cap or n <= cap:
+            return range(n)
+        if self._val_sample is None or self._val_sample[0] != n:
+            rng = np.random.default_rng(self.config.seed)
+            self._val_sample = (n, np.sort(rng.choice(n, cap, replace=False)))
+        return self._val_sample[1]
+
     @torch.no_grad()
     def evaluate(self, model: TrajectoryModel, dataset: WindowDataset) -> float:
-        """Mean validation loss over every window exactly once, whatever the world size."""
+        """Mean validation loss over the validation windows (`_validation_windows`), each
+        exactly once whatever the world size."""
         was_training = model.training
         model.eval()
-        indices = rank_share(len(dataset), self.dist.rank, self.dist.world_size)
+        windows = self._validation_windows(len(dataset))
+        indices = windows[self.dist.rank :: self.dist.world_size]  # as rank_share: a range or a view, no list
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         bs = self.config.batch_size
         for start in range(0, len(indices), bs):
