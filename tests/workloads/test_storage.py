@@ -1011,6 +1011,19 @@ def test_throttled_writes_are_retried_without_client_side_rate_limiting(s3_serve
     assert store.client.meta.config.retries["mode"] == "standard"
 
 
+def test_an_s3_error_names_the_object_or_prefix_it_was_about(s3_server, s3_shared_bucket):
+    """botocore's own text names the operation only, so a stage's storage error said that a
+    PutObject failed, not which object."""
+    with _Throttling(s3_server.endpoint, every=1) as proxy:
+        store = open_storage(f"s3://{s3_shared_bucket}/named", endpoint=proxy.endpoint, addressing_style="path",
+                             attempts=0)
+        with pytest.raises(Exception, match=re.escape(
+                "An error occurred (SlowDown) when calling the PutObject operation (reached max retries: 0): Please "
+                f"reduce your request rate. (s3://{s3_shared_bucket}/named/resampled/00003.safetensors)")):
+            store.write_bytes("resampled/00003.safetensors", b"x")
+        assert store.stat("absent") is None  # a 404 is still told by its code
+
+
 def test_an_s3_timeout_or_dropped_connection_surfaces_as_itself(s3_storage, monkeypatch):
     from botocore.exceptions import ConnectionClosedError, ReadTimeoutError
 

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 PART_SIZE = 16 * 1024 * 1024  # also the threshold between a single PUT and multipart
 CONNECT_TIMEOUT_S = 10.0
 _NO_ANSWER = "trajflow_no_answer"  # a request's context: why its last attempt got no answer
+_OBJECT = "trajflow_object"  # a request's context: the object (or prefix) it is about
 UPLOAD_CONCURRENCY = 4  # parts of one object uploading at once, on threads of its writer
 _WRITER_META = "trajflow-writer"  # a conditional write's own token, to know it from another's
 # (endpoint, bucket) -> whether `If-None-Match: *` is enforced there
@@ -83,8 +84,21 @@ def make_client(endpoint: str = "", region: str = "us-east-1", addressing_style:
             log.warning("%s did not answer (%s); trying again (attempt %d of %d)", where, context.pop(_NO_ANSWER),
                         attempt, attempts + 1)  # botocore's max_attempts counts the retries
 
+    def note_object(params: Any, context: Any, **_: Any) -> None:
+        if isinstance(params, dict) and params.get("Bucket"):
+            context[_OBJECT] = f"s3://{params['Bucket']}/{params.get('Key') or params.get('Prefix') or ''}"
+
+    def name_object(http_response: Any, parsed: Any, context: Any, **_: Any) -> None:
+        # botocore's error names the operation only ("SlowDown when calling PutObject"): the
+        # object (or listed prefix) goes into its message, which every stage's error repeats
+        error = parsed.get("Error") if isinstance(parsed, dict) else None
+        if getattr(http_response, "status_code", 0) >= 300 and isinstance(error, dict) and _OBJECT in context:
+            error["Message"] = f"{error.get('Message') or 'no message'} ({context[_OBJECT]})"
+
     client.meta.events.register("needs-retry.s3", note_no_answer)
     client.meta.events.register("request-created.s3", tell_retry)
+    client.meta.events.register("before-parameter-build.s3", note_object)
+    client.meta.events.register("after-call.s3", name_object)
     return client
 
 
