@@ -268,7 +268,7 @@ def test_every_format_resamples_to_the_target_rate(local_storage, mixed, rate):
     assert _sample(metrics, "trajflow_preprocess_bandwidth_bytes_per_second") > 0
 
 
-def test_a_target_rate_far_above_every_recorded_one_is_warned_about(local_storage, mixed, caplog):
+def test_a_target_rate_far_above_every_recorded_one_or_below_every_span_is_warned_about(local_storage, mixed, caplog):
     # recorded at 30-333 Hz: 600 Hz upsamples the fastest less than twice, 1000 Hz every one three times and more
     files, _ = mixed
     publish_raw_shard(local_storage, 0, files)
@@ -285,6 +285,10 @@ def test_a_target_rate_far_above_every_recorded_one_is_warned_about(local_storag
     [warning] = warnings(1000.0)
     assert re.search(r"shard 00000: targetRateHz 1000 is over 2 times the highest rate its episodes were recorded "
                      r"at \(33\d(\.\d+)? Hz\)", warning), warning
+    # far below: episodes shorter than one output step are a single frame each
+    [warning] = warnings(0.001)
+    assert re.fullmatch(r"shard 00000: targetRateHz 0\.001 leaves (\d+) of its \1 episode\(s\) a single frame \(their "
+                        r"span is under one output step of 1000 s\)", warning), warning
 
 
 def test_output_round_trips_through_the_training_reader(local_storage, mixed):

@@ -980,6 +980,7 @@ class ShardProcessor:
         self._check_download_unchanged()
         summary, index = self.summary, shard_file.index
         self._warn_if_only_upsampled(index["episodes"])
+        self._warn_if_single_frames(index["episodes"])
         self._warn_of_pauses(index["num_frames"])
         if self.float64_episodes:
             log.info("shard %s: %d episode(s) resampled with float64 times: they are too long for timeDtype float32 "
@@ -1041,6 +1042,15 @@ class ShardProcessor:
                     "in %s episode %s, %s frames): set preprocessing.config.maxGapSeconds to quarantine such "
                     "episodes", shard_name(self.shard), count, 100 * total / max(num_frames, 1), gap, after,
                     ep.source, ep.episode, f"{frames:,}")
+
+    def _warn_if_single_frames(self, episodes: list[dict[str, Any]]) -> None:
+        """A target rate below an episode's span makes it one frame: nothing any training
+        window spans, which training would only say once every shard is done."""
+        single = sum(1 for e in episodes if int(e.get("length", 0)) < 2)
+        if single:
+            log.warning("shard %s: targetRateHz %g leaves %d of its %d episode(s) a single frame (their span is under "
+                        "one output step of %.6g s)", shard_name(self.shard), self.config.target_rate_hz, single,
+                        len(episodes), 1 / self.config.target_rate_hz)
 
     def _warn_if_only_upsampled(self, episodes: list[dict[str, Any]]) -> None:
         """A target rate far above every recorded one makes frames that are all interpolation:
