@@ -328,9 +328,12 @@ def test_a_pause_filling_most_of_the_shard_is_warned_about_naming_max_gap_second
     rng = np.random.default_rng(5)
     files = {f"npz/ep{i}.npz": npz_bytes(**_npz_episode(rng)) for i in range(3)}
     files["npz/paused.npz"] = _paused_npz(rng, 10.0, 600.0)
+    slow = make_episode(rng, "slow", 2.0, 5.0)  # upsampled 25 times, but evenly: no pause
+    files["npz/slow.npz"] = npz_bytes(timestamps=slow.times,
+                                      **{k: slow.streams[k].astype(np.float32) for k in (STATE, ACTION)})
     publish_raw_shard(local_storage, 0, files)
 
-    def warnings(**config: Any) -> list[str]:
+    def warnings(**config: object) -> list[str]:
         caplog.clear()
         if local_storage.exists(manifest_key("preprocess", 0)):
             local_storage.delete(manifest_key("preprocess", 0))
@@ -374,8 +377,10 @@ def test_episodes_too_long_for_float32_times_are_resampled_with_float64_ones(loc
     times = np.concatenate([np.arange(20_100), 40_000 * 333 + np.arange(20_001)]) / 333
     long_one = {"timestamps": times, STATE: rng.standard_normal((times.size, 3)).cumsum(0).astype(np.float32),
                 ACTION: rng.standard_normal((times.size, 2)).cumsum(0).astype(np.float32)}
-    short_one = {"timestamps": times[:2_000] + 0.5 / 333, STATE: long_one[STATE][:2_000], ACTION: long_one[ACTION][:2_000]}
-    publish_raw_shard(local_storage, 0, {"npz/long.npz": npz_bytes(**long_one), "npz/short.npz": npz_bytes(**short_one)})
+    short_one = {"timestamps": times[:2_000] + 0.5 / 333, STATE: long_one[STATE][:2_000],
+                 ACTION: long_one[ACTION][:2_000]}
+    publish_raw_shard(local_storage, 0, {"npz/long.npz": npz_bytes(**long_one),
+                                         "npz/short.npz": npz_bytes(**short_one)})
 
     def frames(time_dtype: str) -> dict[str, np.ndarray]:
         if local_storage.exists(manifest_key("preprocess", 0)):
@@ -393,6 +398,27 @@ def test_episodes_too_long_for_float32_times_are_resampled_with_float64_ones(loc
     np.testing.assert_allclose(fast["short.npz"], exact["short.npz"], atol=1e-3)
     assert "shard 00000: 1 episode(s) resampled with float64 times: they are too long for timeDtype float32 to keep " \
            "their samples apart" in caplog.text
+
+
+def test_an_output_grid_too_fine_for_float32_times_is_made_with_float64_ones(local_storage, caplog):
+    """2 Hz samples over 2.3 hours are apart in float32, but a 1 kHz grid that far is not:
+    its frames would repeat. That episode is resampled as with timeDtype float64."""
+    rng = np.random.default_rng(9)
+    times = np.arange(16_500) / 2.0
+    arrays = {STATE: rng.standard_normal((times.size, 1)).cumsum(0).astype(np.float32),
+              ACTION: rng.standard_normal((times.size, 1)).cumsum(0).astype(np.float32)}
+    publish_raw_shard(local_storage, 0, {"npz/sparse.npz": npz_bytes(timestamps=times, **arrays)})
+
+    def frames(time_dtype: str) -> np.ndarray:
+        if local_storage.exists(manifest_key("preprocess", 0)):
+            local_storage.delete(manifest_key("preprocess", 0))
+        process_shard(local_storage, 0, 1, stage_config(target_rate_hz=1000.0, time_dtype=time_dtype))
+        return open_shard(local_storage.local_path(shard_key(0))).episode_tensor(0, STATE).numpy()
+
+    exact = frames("float64")
+    with caplog.at_level(logging.INFO, logger="trajflow.preprocess"):
+        assert np.array_equal(frames("float32"), exact)
+    assert "1 episode(s) resampled with float64 times" in caplog.text
 
 
 def test_bf16_shards_stay_within_bf16_tolerance(local_storage, mixed):
@@ -1093,19 +1119,29 @@ def test_s3_root_gives_the_same_bytes_as_a_filesystem_root(s3_storage, local_sto
     _check_against_reference(reader, episodes, 50.0, atol=2e-5)
 
 
-def test_a_killed_runs_upload_of_the_shard_is_aborted_and_no_other(s3_storage, mixed, monkeypatch):
-    """An upload a killed pod began is never visible, but stored and billed until aborted."""
+def test_a_killed_runs_upload_of_the_shard_is_aborted_and_no_other_shards(s3_storage, mixed, monkeypatch):
+    """An upload a killed pod began is never visible, but stored and billed until aborted.
+    Shard 0 also aborts those of shard numbers this count lacks; a young upload may be a
+    live writer's."""
     from trajflow.preprocess import stage
 
     files, _ = mixed
-    publish_raw_shard(s3_storage, 0, files)
+    publish_raw_shard(s3_storage, 0, files, shards=2)
     client = s3_storage.client
-    for key in (shard_key(0), shard_key(1)):
+
+    def uploads() -> list[str]:
+        listed = client.list_multipart_uploads(Bucket=s3_storage.bucket, Prefix=f"{s3_storage.prefix}/")
+        return sorted(u["Key"][len(s3_storage.prefix) + 1:] for u in listed.get("Uploads", []))
+
+    for key in (shard_key(0), shard_key(1), shard_key(2)):
         client.create_multipart_upload(Bucket=s3_storage.bucket, Key=f"{s3_storage.prefix}/{key}")
+    config = stage_config(sources={"robomimic": ROBOMIMIC})
+    process_shard(s3_storage, 0, 2, config)
+    assert uploads() == [shard_key(0), shard_key(1), shard_key(2)]
     monkeypatch.setattr(stage, "STALE_UPLOAD_S", 0.0)
-    process_shard(s3_storage, 0, 1, stage_config(sources={"robomimic": ROBOMIMIC}))
-    listed = client.list_multipart_uploads(Bucket=s3_storage.bucket, Prefix=f"{s3_storage.prefix}/")
-    assert [u["Key"][len(s3_storage.prefix) + 1:] for u in listed.get("Uploads", [])] == [shard_key(1)]
+    s3_storage.delete(manifest_key("preprocess", 0))
+    process_shard(s3_storage, 0, 2, config)
+    assert uploads() == [shard_key(1)]
     assert read_manifest(s3_storage, "preprocess", 0) is not None
 
 

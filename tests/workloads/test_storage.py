@@ -971,25 +971,31 @@ class _Throttling(S3Proxy):
 
 class _LostReplies(S3Proxy):
     """Answers 500 to the first conditional PUT of each key after the store applied it, as a
-    reply lost on the way does: the client retries what is already written."""
+    reply lost on the way does: the client retries what is already written. `keep_metadata`
+    False: a store that keeps no x-amz-meta-* (none comes back)."""
 
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, keep_metadata: bool = True):
         super().__init__(upstream)
         self.lost: set[str] = set()
+        self.keep_metadata = keep_metadata
 
     def answer(self, method: str, path: str, request_headers: dict[str, str], reply: Reply) -> None:
+        if not self.keep_metadata:
+            reply.headers = [(k, v) for k, v in reply.headers if not k.lower().startswith("x-amz-meta-")]
         if method == "PUT" and request_headers.get("If-None-Match") == "*" and path not in self.lost:
             self.lost.add(path)
             reply.status, reply.headers, reply.body = 500, [("Content-Type", "application/xml")], \
                 b"<Error><Code>InternalError</Code><Message>We encountered an internal error.</Message></Error>"
 
 
-def test_a_conditional_write_whose_reply_was_lost_is_still_its_writers(s3_server, monkeypatch):
+@pytest.mark.parametrize("keep_metadata", [True, False])
+def test_a_conditional_write_whose_reply_was_lost_is_still_its_writers(s3_server, monkeypatch, keep_metadata):
     """The retry meets the object its first try wrote: that is a win (the planning lease was
     taken for another pod's, and every pod waited for it to go stale), and the probe of the
-    store's conditional writes is no error; another writer's object is still a loss."""
+    store's conditional writes is no error; another writer's object is still a loss. On a
+    store that keeps no metadata the bytes tell."""
     bucket = s3_server.make_bucket()
-    with _LostReplies(s3_server.endpoint) as proxy:
+    with _LostReplies(s3_server.endpoint, keep_metadata) as proxy:
         store = open_storage(f"s3://{bucket}/root", endpoint=proxy.endpoint, addressing_style="path")
         monkeypatch.delitem(_conditional_support, (str(store.client.meta.endpoint_url), bucket), raising=False)
         assert store._supports_conditional_put() is True

@@ -139,13 +139,13 @@ def _shard_of_lengths(storage: LocalStorage, lengths: list[int]) -> None:
 def test_a_window_leaving_out_most_frames_is_warned_about_and_one_leaving_too_few_episodes_named(
         tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
     storage = LocalStorage(tmp_path)
-    _shard_of_lengths(storage, [30, 30] + [5] * 12)  # half the frames in episodes shorter than a window of 6
+    _shard_of_lengths(storage, [30, 30] + [5] * 13)  # most frames in episodes shorter than a window of 6
     config = TrainConfig(observation="obs", action="act", window=6, val_fraction=0.5)
     with caplog.at_level(logging.INFO, logger="trajflow.train.data"):
         build_data(open_shards(storage, ["obs", "act"]), config)
     [record] = caplog.records
     assert (record.levelno, record.getMessage()) == (logging.WARNING, (
-        "12 of 14 episodes (50.0% of the frames) are shorter than a sample of 6 frames (training.config.window 6) at "
+        "13 of 15 episodes (52.0% of the frames) are shorter than a sample of 6 frames (training.config.window 6) at "
         "10 Hz and are not used: a shorter window, or a higher preprocessing.config.targetRateHz, keeps more of them"))
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="trajflow.train.data"):
@@ -154,7 +154,7 @@ def test_a_window_leaving_out_most_frames_is_warned_about_and_one_leaving_too_fe
                                                                      val_fraction=0.5))
     assert caplog.records == []
     with pytest.raises(PermanentError, match=re.escape(
-            "0 of 14 episode(s) are long enough for a sample of 31 frames (training.config.window 30 and the frame "
+            "0 of 15 episode(s) are long enough for a sample of 31 frames (training.config.window 30 and the frame "
             "after it) at 10 Hz, the longest having 30 frames; training needs at least 2")):
         build_data(open_shards(storage, ["obs"]), TrainConfig(task="forecast", observation="obs", window=30))
 
@@ -876,11 +876,11 @@ def test_a_warm_up_as_long_as_the_run_is_warned_about(tmp_path: Path, caplog) ->
     settings, _ = small_run(tmp_path, epochs=1, warmup_steps=10**6)
     with caplog.at_level(logging.WARNING, logger="trajflow.train.loop"):
         steps = train(settings)["steps"]
-    assert (f"training.config.warmupSteps 1000000 is at least the whole run's {steps} steps (1 epochs of {steps} on 1 "
-            "process(es)): the learning rate never reaches learningRate") in caplog.text
+    assert (f"training.config.warmupSteps 1000000 is more than the whole run's {steps} steps (1 epochs of {steps} on "
+            "1 process(es)): the learning rate never reaches learningRate") in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="trajflow.train.loop"):
-        train(small_run(tmp_path, "short-warm-up", epochs=1, warmup_steps=steps - 1)[0])
+        train(small_run(tmp_path, "warm-up-to-the-end", epochs=1, warmup_steps=steps)[0])  # its last step reaches it
     assert "warmupSteps" not in caplog.text
 
 
@@ -1757,7 +1757,7 @@ def test_training_on_an_s3_run_root(s3_server, tmp_path: Path, monkeypatch) -> N
     storage = open_run_root(glob)
     write_synthetic_shards(storage, shards=2, episodes_per_shard=6, length=120)
     storage.client.create_multipart_upload(Bucket=bucket, Key=f"{storage.prefix}/train/checkpoints/ckpt-0000000007.pt")
-    monkeypatch.setattr(loop, "ABANDONED_CHECKPOINT_S", 0.0)
+    monkeypatch.setattr(loop, "STALE_UPLOAD_S", 0.0)
     cache = tmp_path / "cache"
     config = TrainConfig.model_validate({"window": 8, "epochs": 2, "learningRate": 3e-3, "metricsPort": 0,
                                          "cacheDir": str(cache), "model": SMALL_MODEL})

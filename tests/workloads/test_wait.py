@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from trajflow import cli
-from trajflow.errors import ConfigError, ExitCode, WaitTimeout
+from trajflow.errors import ConfigError, ExitCode, StorageUnavailable, WaitTimeout
 from trajflow.storage import LocalStorage, manifest_key, write_manifest
 from trajflow.storage.wait import done_manifests, parse_duration, parse_shards, wait_for_shards
 
@@ -227,14 +227,18 @@ def test_impossible_expectations_are_config_errors(local_storage, expect, match)
         wait_for_shards(local_storage, "download", {0, 2}, timeout_s=1, expect_shards=expect)
 
 
-def test_a_failed_poll_is_retried_until_the_deadline(local_storage, caplog):
+@pytest.mark.parametrize("failure", [OSError("Stale file handle"),
+                                     StorageUnavailable("the connection ended at byte 7 of 9 4 times")])
+def test_a_failed_poll_is_retried_until_the_deadline(local_storage, caplog, failure):
+    """A store failing a read, even one the storage layer already resumed several times
+    (an object store's body cut short), is tried again: the wait is what tolerates it."""
     class Flaky(LocalStorage):
         calls = 0
 
         def list(self, prefix=""):  # type: ignore[no-untyped-def]
             type(self).calls += 1
             if type(self).calls <= 2:
-                raise OSError("Stale file handle")
+                raise failure
             return super().list(prefix)
 
     root = Flaky(local_storage.root)
@@ -244,7 +248,7 @@ def test_a_failed_poll_is_retried_until_the_deadline(local_storage, caplog):
         wait_for_shards(root, "download", {0}, timeout_s=60, clock=fake.clock, sleep=fake.sleep)
     assert len(fake.sleeps) == 2
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
-        f"cannot read {root.uri}/raw/_done (Stale file handle); trying again"]
+        f"cannot read {root.uri}/raw/_done ({failure}); trying again"]
 
 
 def test_a_poll_failing_until_the_deadline_is_named_in_the_timeout(local_storage):

@@ -136,7 +136,8 @@ class Body:
 def _pool_classes(header_deadline_s: float) -> dict[str, type]:
     """urllib3 connection pools whose connections give a response `header_deadline_s` seconds
     to complete its status line and headers, then shut the socket down. The read timeout is
-    per recv: a server sending its headers a byte at a time held a try for ever."""
+    per recv: a server sending its headers a byte at a time held a try for ever. (A proxy's
+    answer to CONNECT is read while connecting, outside this deadline.)"""
     import urllib3.connection as uc
     import urllib3.connectionpool as ucp
     import urllib3.exceptions as ux

@@ -43,7 +43,8 @@ from trajflow.download.verify import item_fingerprint, read_record
 from trajflow.plan import INFO_FILE_SUFFIX, Item, read_plan_in_use, shard_item_docs
 from trajflow.preprocess import readers
 from trajflow.preprocess.readers import FileResult, Quarantined, RawEpisode, SourceSpec
-from trajflow.preprocess.shards import ShardWriter, report_key, settings_differences, settings_of, shard_key
+from trajflow.preprocess.shards import (RESAMPLED_DIR, SHARD_SUFFIX, ShardWriter, report_key, settings_differences,
+                                       settings_of, shard_key)
 from trajflow.resources import cpu_budget, human_bytes, memory_limit, tmp_size_limit
 from trajflow.storage import (
     LocalStorage,
@@ -66,9 +67,14 @@ log = logging.getLogger(__name__)
 # in pods, a line this often while a shard's files are read: a big shard takes minutes
 PROGRESS_INTERVAL_S = 10.0
 UPSAMPLING_WARN_FACTOR = 2.0  # a target rate this many times every episode's recorded rate is warned about
-# bytes held while one episode is resampled and written, per byte of its output: the torch
-# path's search and blend take 1.85 (measured on one row of 10^7 frames), the writer a copy
-RESAMPLE_FOOTPRINT = 3
+# bytes held while one episode of F frames of B bytes is resampled and written: the torch
+# path's search takes about 57 bytes a frame whatever the width and its blend about one
+# output (measured on rows of 10^7 frames, 1 to 64 columns), the writer a copy
+SEARCH_BYTES_PER_FRAME = 64
+# a pause is a gap this many times an episode's median step
+PAUSE_STEPS = 10
+# pauses are warned about when they fill at least this share of a shard's frames
+PAUSE_WARN_SHARE = 0.1
 INFO_WAIT_LOG_INTERVAL_S = 300.0  # how often a wait for another shard's dataset metadata says so
 
 RAW_DIR = "raw"
@@ -528,11 +534,13 @@ class _Resampler:
                                   time_rounding=rounding).tolist()
 
     def coarse_in_time_dtype(self, ep: RawEpisode, step: np.ndarray) -> bool:
-        """Whether the time dtype cannot keep two samples of `ep` half a step apart (float32
-        times of a 333 Hz episode, from about 9 hours into it), given its steps between samples."""
+        """Whether the time dtype cannot keep two samples of `ep` (given its steps between
+        them), or two frames of its output grid, half a step apart: float32 times of a 333
+        Hz episode from about 4.5 hours into it, or a 1 kHz grid from about 2.3 hours."""
         if self.time_dtype != self.torch.float32 or not step.size:
             return False
-        return 2 * float(np.spacing(np.float32(ep.times[-1]))) > float(step.min())
+        smallest = min(float(step.min()), 1 / self.config.target_rate_hz)
+        return 2 * float(np.spacing(np.float32(ep.times[-1]))) > smallest
 
     def launch(self, episodes: list[RawEpisode], seqs: list[int], steps: list[int],
                float64_times: bool = False) -> _Pending:
@@ -675,9 +683,9 @@ class ShardProcessor:
         self.started = time.perf_counter()  # reset by run
         self.resample_bytes = 0  # bytes in and out of the resampling kernels
         self.memory_limit = memory_limit()
-        # episodes whose widest gap between two samples resamples to more frames than they
-        # have samples: (count, frames in those gaps, the widest: (frames, gap s, after s, episode))
-        self.paused: tuple[int, int, tuple[int, float, float, RawEpisode] | None] = (0, 0, None)
+        # episodes with a pause (`_check_output_size`) that resamples to more frames than they
+        # have samples: (count, frames in those pauses, the widest: (frames, gap s, after s, "<source> episode <e>"))
+        self.paused: tuple[int, int, tuple[int, float, float, str] | None] = (0, 0, None)
         self.float64_episodes = 0  # resampled with float64 times, timeDtype float32 being too coarse for them
 
     def run(self) -> ShardSummary:
@@ -730,8 +738,8 @@ class ShardProcessor:
         self._remove_foreign_manifests()
         if isinstance(self.storage, LocalStorage):  # left by a killed run of this or another shard
             self.storage.remove_stale_temporaries("resampled")
-        else:  # an object store's: a killed run's upload of this shard
-            self.storage.abort_stale_uploads("resampled/", STALE_UPLOAD_S, lambda key: key == shard_key(shard))
+        else:  # an object store's: a killed run's upload of this shard (shard 0: of shard numbers this count lacks)
+            self.storage.abort_stale_uploads(f"{RESAMPLED_DIR}/", STALE_UPLOAD_S, self._own_upload)
 
         import torch
 
@@ -1005,6 +1013,13 @@ class ShardProcessor:
             resample_bytes=self.resample_bytes,
         )
 
+    def _own_upload(self, key: str) -> bool:
+        """Whether an upload to `key` is one this shard's pod cleans up after a killed run."""
+        if key == shard_key(self.shard):
+            return True
+        number = key[len(RESAMPLED_DIR) + 1:].removesuffix(SHARD_SUFFIX)
+        return self.shard == 0 and key.endswith(SHARD_SUFFIX) and number.isdigit() and int(number) >= self.shards
+
     def _check_output_size(self, ep: RawEpisode, frames: int, frame_bytes: int, step: np.ndarray) -> None:
         """Note an episode that a pause makes mostly interpolation; fail the shard on one whose
         output (resampled and written whole) cannot fit in this pod's memory, naming what made
@@ -1013,12 +1028,12 @@ class ShardProcessor:
         gap_at = int(np.argmax(step)) if step.size else 0
         gap = float(step[gap_at]) if step.size else 0.0
         in_gap = int(gap * self.config.target_rate_hz)
-        if in_gap > ep.length:
+        if in_gap > ep.length and gap > PAUSE_STEPS * float(np.median(step)):
             count, total, widest = self.paused
             if widest is None or in_gap > widest[0]:
-                widest = (in_gap, gap, float(ep.times[gap_at]), ep)
+                widest = (in_gap, gap, float(ep.times[gap_at]), f"{ep.source} episode {ep.episode}")
             self.paused = (count + 1, total + in_gap, widest)
-        need = RESAMPLE_FOOTPRINT * frames * frame_bytes
+        need = frames * (2 * frame_bytes + SEARCH_BYTES_PER_FRAME)
         if self.memory_limit is None or need <= self.memory_limit:
             return
         raise PermanentError(
@@ -1034,14 +1049,14 @@ class ShardProcessor:
         """A pause between two samples is filled with a straight line: frames with nothing to
         learn, which can outnumber the shard's recorded ones."""
         count, total, widest = self.paused
-        if widest is None or self.config.max_gap_seconds is not None:
+        if widest is None or self.config.max_gap_seconds is not None or total < PAUSE_WARN_SHARE * num_frames:
             return
-        frames, gap, after, ep = widest
+        frames, gap, after, episode = widest
         log.warning("shard %s: %d episode(s) have a pause between two samples that resampling fills with more "
                     "frames than they have samples, %.1f%% of the shard's frames (the widest: %.6g s after %.6g s "
-                    "in %s episode %s, %s frames): set preprocessing.config.maxGapSeconds to quarantine such "
-                    "episodes", shard_name(self.shard), count, 100 * total / max(num_frames, 1), gap, after,
-                    ep.source, ep.episode, f"{frames:,}")
+                    "in %s, %s frames): set preprocessing.config.maxGapSeconds to quarantine such episodes",
+                    shard_name(self.shard), count, 100 * total / max(num_frames, 1), gap, after, episode,
+                    f"{frames:,}")
 
     def _warn_if_single_frames(self, episodes: list[dict[str, Any]]) -> None:
         """A target rate below an episode's span makes it one frame: nothing any training

@@ -478,7 +478,7 @@ class S3Storage(Storage):
                 status = http_status(exc)
                 if status == 412:
                     # botocore retries a write whose reply was lost: the object met may be this one
-                    return self._written_by(full, token)
+                    return self._written_by(key, token, data)
                 if status != 409:
                     raise
                 # 409: another conditional write to this key is in flight; its outcome decides
@@ -487,14 +487,19 @@ class S3Storage(Storage):
             return False
         raise RuntimeError(f"{self.uri}/{key}: conditional write kept conflicting and nothing was written")
 
-    def _written_by(self, full_key: str, token: str) -> bool:
+    def _written_by(self, key: str, token: str, data: bytes) -> bool:
+        """Whether the object met is this writer's: its token, or on a store that keeps no
+        metadata, its bytes (the documents written this way name their writer)."""
         try:
-            head = self.client.head_object(Bucket=self.bucket, Key=full_key)
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
         except Exception as exc:
             if is_not_found(exc):
                 return False  # written by another, and deleted since
             raise
-        return head.get("Metadata", {}).get(_WRITER_META) == token
+        meta = {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}  # servers differ in case
+        if _WRITER_META in meta:
+            return bool(meta[_WRITER_META] == token)
+        return int(head.get("ContentLength", -1)) == len(data) and self.read_bytes(key) == data
 
     def _elect(self, key: str, data: bytes) -> bool:
         """First-writer-wins without conditional writes.

@@ -126,6 +126,8 @@ def fatal_storage_error(exc: Exception, where: str, doing: str = "use") -> Trajf
     refused credentials, access denied: exit 2); None when it may just be retried
     (network trouble, a 5xx). The downloader classifies its run-root errors with it too.
     `doing` ("read", "use") is said when the failed S3 call does not tell."""
+    if isinstance(exc, StorageUnavailable):
+        return None  # the store failed a read again and again: trying again later may still do
     if isinstance(exc, TrajflowError):
         return exc
     from botocore import exceptions as boto_errors

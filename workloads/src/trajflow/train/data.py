@@ -496,7 +496,7 @@ def build_data(shards: ShardSet, config: TrainConfig, announce: bool = True) -> 
         frames = sum(ep.length for ep in shards.episodes)
         lost = frames - sum(ep.length for ep in usable)
         # most of the data out of reach trains a model on what is left, silently
-        most = 2 * lost >= frames
+        most = 2 * lost > frames
         log.log(logging.WARNING if most else logging.INFO,
                 "%d of %d episodes (%.1f%% of the frames) are shorter than %s and are not used%s", short,
                 len(shards.episodes), 100 * lost / max(frames, 1), sample, f": {remedy}" if most else "")

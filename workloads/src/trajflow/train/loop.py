@@ -33,6 +33,7 @@ from trajflow.config.train import TrainConfig
 from trajflow.errors import ConfigError, PermanentError, Terminated, TrajflowError, TransientError
 from trajflow.metrics import METRICS_ADDR_ENV, Pusher, StageMetrics, train_metrics
 from trajflow.storage import LocalStorage, Storage, open_run_root
+from trajflow.storage.base import STALE_UPLOAD_S
 from trajflow.train import artifacts
 from trajflow.train.checkpoint import (
     CHECKPOINT_DIR,
@@ -321,8 +322,8 @@ class Trainer:
             if isinstance(self.storage, LocalStorage):
                 # not the temporary a pod of an earlier Job may still be writing its last checkpoint to
                 self.storage.remove_stale_temporaries(CHECKPOINT_DIR, older_than_s=ABANDONED_CHECKPOINT_S)
-            else:
-                self.storage.abort_stale_uploads(CHECKPOINT_DIR + "/", ABANDONED_CHECKPOINT_S)
+            else:  # counted from an upload's start, not its last part: as long as the other stages wait
+                self.storage.abort_stale_uploads(CHECKPOINT_DIR + "/", STALE_UPLOAD_S)
             try:
                 info, payload, skipped = self.store.latest_valid()
             except CheckpointUnreadable as exc:  # intact: every checkpoint is kept, the run stops
@@ -620,9 +621,9 @@ class Trainer:
         batches = EpochBatches(data.train, cfg.batch_size, dist.rank, dist.world_size, cfg.seed,
                                max_batches=cfg.max_steps_per_epoch)
         per_epoch = self.per_epoch = batches.batches_per_epoch()
-        if dist.is_main and cfg.warmup_steps >= per_epoch * cfg.epochs:
+        if dist.is_main and cfg.warmup_steps > per_epoch * cfg.epochs:
             # not refused: a `helm upgrade` to more nodes shortens the epochs of a run under way
-            log.warning("training.config.warmupSteps %d is at least the whole run's %d steps (%d epochs of %d on %d "
+            log.warning("training.config.warmupSteps %d is more than the whole run's %d steps (%d epochs of %d on %d "
                         "process(es)): the learning rate never reaches learningRate", cfg.warmup_steps,
                         per_epoch * cfg.epochs, cfg.epochs, per_epoch, dist.world_size)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg, per_epoch * cfg.epochs))
