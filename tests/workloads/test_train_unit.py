@@ -664,51 +664,6 @@ def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(storage, caplog) ->
     assert not storage.exists(payload_key)  # the corrupt payload goes with its marker
 
 
-def _save_with_state(store: CheckpointStore, step: int, epoch: int, batch_in_epoch: int) -> None:
-    """A checkpoint whose payload carries its trainer state, as the trainer's do."""
-    trainer = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
-    store.save({"model": {"w": torch.full((1000,), float(step))}, "trainer": trainer, "config_hash": "h"},
-               step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, val_loss=0.5, config_hash="h")
-
-
-@pytest.mark.parametrize("damage", ["torn marker", "marker digest flipped", "marker never written"])
-def test_an_intact_payload_whose_marker_is_damaged_is_resumed_from_and_its_marker_written_again(
-        storage, caplog, damage: str) -> None:  # type: ignore[no-untyped-def]
-    """The payload's own CRC-32s vouch for it: before, the run went back to the checkpoint
-    before it, and the intact payload was deleted with its marker."""
-    store = CheckpointStore(storage, keep_last=5)
-    _save_with_state(store, 10, 1, 0)
-    _save_with_state(store, 20, 1, 4)
-    marker = "train/checkpoints/ckpt-0000000020.json"
-    if damage == "torn marker":
-        storage.write_bytes(marker, storage.read_bytes(marker)[:40])
-    elif damage == "marker digest flipped":
-        doc = json.loads(storage.read_bytes(marker))
-        storage.write_bytes(marker, json.dumps({**doc, "sha256": "0" + doc["sha256"][1:]}).encode())
-    else:
-        storage.delete(marker)
-    with caplog.at_level(logging.WARNING, logger="trajflow.train.checkpoint"):
-        info, payload, skipped = store.latest_valid()
-    assert (info.step, info.epoch, info.batch_in_epoch, info.val_loss, skipped) == (20, 1, 4, None, [])
-    assert payload["model"]["w"][0].item() == 20.0
-    assert "ckpt-0000000020.pt: its marker was damaged or missing, but its own checksums hold" in caplog.text
-    assert [(c.step, c.size) for c in store.list()] == [(10, info.size), (20, info.size)]  # the marker again
-    assert store.load(store.list()[-1])["model"]["w"][0].item() == 20.0
-
-
-def test_a_damaged_payload_is_not_taken_for_intact_when_its_marker_is_damaged_too(storage) -> None:  # type: ignore[no-untyped-def]
-    store = CheckpointStore(storage, keep_last=5)
-    _save_with_state(store, 10, 1, 0)
-    _save_with_state(store, 20, 1, 4)
-    payload_key = "train/checkpoints/ckpt-0000000020.pt"
-    data = bytearray(storage.read_bytes(payload_key))
-    data[len(data) // 2] ^= 0x01  # one bit of the weights: torch.load alone would not notice
-    storage.write_bytes(payload_key, bytes(data))
-    storage.write_bytes("train/checkpoints/ckpt-0000000020.json", b"{torn")
-    info, payload, skipped = store.latest_valid()
-    assert info.step == 10 and payload["model"]["w"][0].item() == 10.0 and skipped == []
-
-
 def test_the_best_of_equal_losses_is_the_earliest(storage) -> None:  # type: ignore[no-untyped-def]
     """As the trainer's best_epoch: the checkpoint kept as the best is the one exported."""
     store = CheckpointStore(storage, keep_last=1)

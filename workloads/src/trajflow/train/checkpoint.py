@@ -8,12 +8,10 @@ The marker is written after the payload, like a shard manifest: a checkpoint exi
 its marker does, and it is valid iff the payload's size and sha256 match the marker and
 it loads. Loading walks from the newest marker down and skips (with a warning) any
 checkpoint whose payload is missing or does not match its marker, so a checkpoint cut short
-by a killed pod or a corrupted object never stops a restart. A payload whose marker is
-damaged, or missing (its writer killed in between), is used when it vouches for itself:
-every record's CRC-32 holds and it loads as a checkpoint of its step; its marker is then
-written again. Verified bytes that do not load (another torch or trajflow version) are not
-corrupt: that stops the run (`CheckpointUnreadable`) and every checkpoint is kept. Pruning
-keeps the newest `keep_last` and the one with the best validation loss.
+by a killed pod or a corrupted object never stops a restart. Verified bytes that do not
+load (another torch or trajflow version) are not corrupt: that stops the run
+(`CheckpointUnreadable`) and every checkpoint is kept. Pruning keeps the newest `keep_last`
+and the one with the best validation loss.
 """
 from __future__ import annotations
 
@@ -23,7 +21,6 @@ import io
 import json
 import logging
 import re
-import zipfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +36,6 @@ CHECKPOINT_DIR = TRAIN_CHECKPOINT_DIR
 FORMAT = "trajflow.checkpoint"
 VERSION = 1
 _NAME = re.compile(r"^ckpt-(\d{10})\.json$")
-_PAYLOAD_NAME = re.compile(r"^ckpt-(\d{10})\.pt$")
 
 
 @dataclass(frozen=True)
@@ -164,56 +160,15 @@ class CheckpointStore:
     def latest_valid(self) -> tuple[CheckpointInfo | None, dict[str, Any] | None, list[CheckpointInfo]]:
         """(info, payload) of the newest checkpoint that verifies and loads, or (None, None);
         and the newer ones skipped as corrupt (each warned about). A verified one that does
-        not load raises CheckpointUnreadable: falling back to an older one would lose it.
-        A payload whose marker is damaged, or missing (its writer killed in between), counts
-        when it vouches for itself (`recover`)."""
+        not load raises CheckpointUnreadable: falling back to an older one would lose it."""
         skipped: list[CheckpointInfo] = []
-        infos = {c.step: c for c in self.list()}
-        payloads = {int(m.group(1)) for obj in self.storage.list(CHECKPOINT_DIR + "/")
-                    if (m := _PAYLOAD_NAME.match(obj.key.rsplit("/", 1)[-1]))}
-        for step in sorted(set(infos) | payloads, reverse=True):
-            info, problem = infos.get(step), None
-            if info is not None:
-                try:
-                    return info, self.load(info), skipped
-                except CheckpointError as exc:
-                    problem = exc
-            recovered = self.recover(step) if step in payloads else None
-            if recovered is not None:
-                return recovered[0], recovered[1], skipped
-            if info is not None:
-                log.warning("skipping corrupt checkpoint: %s", problem)
+        for info in reversed(self.list()):
+            try:
+                return info, self.load(info), skipped
+            except CheckpointError as exc:
+                log.warning("skipping corrupt checkpoint: %s", exc)
                 skipped.append(info)
         return None, None, skipped
-
-    def recover(self, step: int) -> tuple[CheckpointInfo, dict[str, Any]] | None:
-        """The checkpoint of `step` from its payload alone, when its marker does not vouch for
-        it (damaged, or never written), and the payload does for itself: every record's CRC-32
-        holds and it loads as a trajflow checkpoint of that step. Its marker is written again,
-        without a validation loss (so it is no candidate for the best). None otherwise."""
-        key = _payload_key(step)
-        try:
-            data = self.storage.read_bytes(key)
-            with zipfile.ZipFile(io.BytesIO(data)) as archive:
-                if archive.testzip() is not None:
-                    return None
-            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            return None
-        except MemoryError:
-            raise
-        except Exception:  # noqa: BLE001  torn, damaged, or not loadable here: nothing to recover
-            return None
-        trainer = state.get("trainer") if isinstance(state, dict) and state.get("format") == FORMAT else None
-        if not isinstance(trainer, dict) or trainer.get("step") != step:
-            return None
-        info = CheckpointInfo(key=key, marker=_marker_key(step), step=step, epoch=int(trainer.get("epoch", 0)),
-                              batch_in_epoch=int(trainer.get("batch_in_epoch", 0)), val_loss=None, size=len(data),
-                              sha256=hashlib.sha256(data).hexdigest(), config_hash=str(state.get("config_hash", "")))
-        self._write_marker(info)
-        log.warning("%s: its marker was damaged or missing, but its own checksums hold: resuming from it (marker "
-                    "written again)", self._where(key))
-        return info, state
 
     def discard(self, infos: list[CheckpointInfo]) -> None:
         """Remove checkpoints found corrupt, so they neither shadow newer good ones nor take
@@ -249,25 +204,22 @@ class CheckpointStore:
             sha256=hashlib.sha256(data).hexdigest(),
             config_hash=config_hash,
         )
-        self._write_marker(info)
-        self.prune()
-        return info
-
-    def _write_marker(self, info: CheckpointInfo) -> None:
         marker = {
             "format": FORMAT,
             "version": VERSION,
-            "key": info.key,
-            "step": info.step,
-            "epoch": info.epoch,
-            "batch_in_epoch": info.batch_in_epoch,
-            "val_loss": info.val_loss,
+            "key": key,
+            "step": step,
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "val_loss": val_loss,
             "size": info.size,
             "sha256": info.sha256,
-            "config_hash": info.config_hash,
+            "config_hash": config_hash,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
         self.storage.write_bytes(info.marker, json.dumps(marker, indent=1).encode())
+        self.prune()
+        return info
 
     def prune(self) -> list[str]:
         """Delete all but the newest `keep_last` checkpoints and the best; also payloads whose
@@ -286,7 +238,7 @@ class CheckpointStore:
         newest = infos[-1].step if infos else -1
         marked = {c.key for c in infos}
         for obj in self.storage.list(CHECKPOINT_DIR + "/"):
-            m = _PAYLOAD_NAME.match(obj.key.rsplit("/", 1)[-1])
+            m = re.match(r"^ckpt-(\d{10})\.pt$", obj.key.rsplit("/", 1)[-1])
             if m and obj.key not in marked and int(m.group(1)) < newest:
                 self.storage.delete(obj.key)
                 deleted.append(obj.key)
