@@ -130,6 +130,34 @@ def test_capped_logs_the_first_of_each_kind_then_says_the_rest_go_to_debug(caplo
     ]
 
 
+def test_capped_says_the_rest_go_to_debug_after_every_line_it_counts(caplog: pytest.LogCaptureFixture) -> None:
+    """From many threads at once (a download's workers adopting items): the notice was
+    sometimes logged before the last full lines, by the thread that counted past the limit."""
+    import logging
+    import threading
+
+    from trajflow.log import Capped
+
+    for _ in range(20):
+        caplog.clear()
+        capped = Capped(logging.getLogger("trajflow.capped"), limit=20)
+        start = threading.Barrier(8)
+
+        def work(t: int) -> None:
+            start.wait()
+            for i in range(10):
+                capped.log(logging.INFO, "adopted items", "adopted %d.%d", t, i)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+        with caplog.at_level(logging.INFO, logger="trajflow.capped"):
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 21 and lines[-1].startswith("20 adopted items logged; further ones"), lines[-3:]
+
+
 def test_json_lines_carry_the_process_context_after_their_own_fields() -> None:
     import logging
 

@@ -135,15 +135,15 @@ class Capped:
         self._lock = threading.Lock()
 
     def log(self, level: int, kind: str, msg: str, *args: Any) -> None:
-        with self._lock:
+        with self._lock:  # logged under it too: the notice comes after the lines it counts
             self._counts[kind] += 1
             n = self._counts[kind]
-        if n <= self.limit:
-            self.logger.log(level, msg, *args)
-            return
-        if n == self.limit + 1:
-            self.logger.log(level, "%d %s logged; further ones are logged at DEBUG level (the shard's summary counts "
-                            "them all)", self.limit, kind)
+            if n <= self.limit:
+                self.logger.log(level, msg, *args)
+                return
+            if n == self.limit + 1:
+                self.logger.log(level, "%d %s logged; further ones are logged at DEBUG level (the shard's summary "
+                                "counts them all)", self.limit, kind)
         self.logger.debug(msg, *args)
 
 

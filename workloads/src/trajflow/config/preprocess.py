@@ -89,8 +89,7 @@ class PreprocessConfig(Model):
     min_length: int = Field(2, ge=2, description="Trajectories with fewer raw samples are quarantined.")
     max_gap_seconds: Optional[float] = Field(
         None, gt=0, description="Trajectories with two consecutive samples further apart are quarantined (time_gap): "
-                                "interpolation would invent the motion in between. Null: no limit (a pause that "
-                                "resamples to more frames than its episode has samples is warned about).",
+                                "interpolation invents the motion between. Null: no limit (long pauses warned).",
     )
     batch_size: int = Field(256, ge=1, description="Trajectories per resampling batch (at most).")
     max_padding_fraction: float = Field(
@@ -110,7 +109,7 @@ class PreprocessConfig(Model):
     )
     time_dtype: Literal["float64", "float32"] = Field(
         "float64", description="Precision of the timestamps handed to the kernel (relative to each episode's start); "
-        "float32 resolves 0.25 ms an hour into an episode (episodes too long for it get float64 times)."
+        "float32 resolves 0.25 ms an hour in (episodes too long for it get float64)."
     )
     max_bad_fraction: float = Field(
         0.05, ge=0, le=1, description="Fail the shard when more than this fraction of trajectories is quarantined, "
