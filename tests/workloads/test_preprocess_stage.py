@@ -397,7 +397,7 @@ def test_episodes_too_long_for_float32_times_are_resampled_with_float64_ones(loc
     assert not np.array_equal(fast["short.npz"], exact["short.npz"])  # float32 times where they suffice
     np.testing.assert_allclose(fast["short.npz"], exact["short.npz"], atol=1e-3)
     assert "shard 00000: 1 episode(s) resampled with float64 times: they are too long for timeDtype float32 to keep " \
-           "their samples apart" in caplog.text
+           "their samples, or output frames, apart" in caplog.text
 
 
 def test_an_output_grid_too_fine_for_float32_times_is_made_with_float64_ones(local_storage, caplog):

@@ -992,7 +992,7 @@ class ShardProcessor:
         self._warn_of_pauses(index["num_frames"])
         if self.float64_episodes:
             log.info("shard %s: %d episode(s) resampled with float64 times: they are too long for timeDtype float32 "
-                     "to keep their samples apart", shard_name(self.shard), self.float64_episodes)
+                     "to keep their samples, or output frames, apart", shard_name(self.shard), self.float64_episodes)
         report_raw = self._report_bytes()
         self.storage.write_bytes(report_key(self.shard), report_raw)
         summary.frames = index["num_frames"]

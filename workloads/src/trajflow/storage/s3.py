@@ -309,7 +309,7 @@ class _ObjectReader(io.RawIOBase):
         self._body.close()
         if self._resumes >= self.RESUMES:
             raise StorageUnavailable(f"{where}: the connection ended at byte {self._pos} of {self._end} "
-                                 f"{self.RESUMES + 1} times ({cause or 'no more data'})")
+                                     f"{self.RESUMES + 1} times ({cause or 'no more data'})")
         self._resumes += 1
         log.warning("%s: the connection ended at byte %d of %d (%s); resuming", where, self._pos, self._end,
                     cause or "no more data")
