@@ -220,6 +220,33 @@ def test_s3_run_root_never_shows_an_unverified_object(s3_storage: Any, server: F
     assert uploads == []  # the aborted upload leaves nothing behind
 
 
+def test_settings_that_may_need_more_memory_than_the_pod_has_are_said_at_the_start(
+        s3_storage: Any, server: FaultyServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An OOM kill logs nothing: early parts and uploads waiting in memory on an object-store
+    run root are weighed against the pod's limit first (a filesystem root writes them out)."""
+    import logging
+
+    from trajflow.download import shard as shard_module
+
+    monkeypatch.setattr(shard_module, "memory_limit", lambda: 1 << 30)
+    sources = [{"type": "https", "name": "web", "urls": [server.add("/a.bin", payload(1000, seed=1))]}]
+    config = make_config(sources, concurrency=8, partSizeMib=64)
+    for root in (s3_storage, LocalStorage(tmp_path)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="trajflow.download"):
+            assert ShardDownloader(root, config, 0, 1).run().exit_code == ExitCode.OK
+        said = [r.getMessage() for r in caplog.records if "may hold about" in r.getMessage()]
+        assert said == ([] if isinstance(root, LocalStorage) else [
+            "downloader.config.concurrency 8 and partSizeMib 64 may hold about 1.6 GiB in memory on an object-store "
+            "run root, more than the 1.0 GiB this pod may use: lower them, or raise downloader.resources.limits.memory"])
+    with caplog.at_level(logging.WARNING, logger="trajflow.download"):
+        caplog.clear()
+        s3_storage.delete("raw/_done/00000.json")
+        ShardDownloader(s3_storage, make_config(sources), 0, 1).run()
+    assert not any("may hold about" in r.getMessage() for r in caplog.records)  # the defaults fit 1 GiB
+
+
 def test_s3_run_root_starts_a_broken_stream_over_when_the_source_ignores_ranges(s3_storage: Any,
                                                                                server: FaultyServer) -> None:
     data = payload(3 * MiB, seed=12)

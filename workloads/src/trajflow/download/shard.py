@@ -66,6 +66,7 @@ from trajflow.download.verify import (
 from trajflow.errors import ConfigError, PermanentError, TrajflowError, TransientError
 from trajflow.metrics import DOWNLOAD_OUTCOMES
 from trajflow.plan import Item, keep_plan_in_use, load_or_create_plan, shard_items
+from trajflow.resources import human_bytes, memory_limit
 from trajflow.storage import (
     LocalStorage,
     Storage,
@@ -77,6 +78,7 @@ from trajflow.storage import (
 from trajflow.storage.base import STALE_UPLOAD_S
 from trajflow.storage.local import NAME_MAX
 from trajflow.storage.manifest import manifest_key
+from trajflow.storage.s3 import PART_SIZE, UPLOAD_CONCURRENCY
 from trajflow.storage.wait import fatal_storage_error
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,7 @@ STOP_WAIT_S = 10.0  # how long a stopped shard waits for its workers to close th
 # how long a pod starting with a download the release does not name waits for the kubelet to
 # bring the mounted ConfigMap up to date (it syncs every minute) before taking itself for replaced
 RELEASE_PATIENCE_S = 120.0
+UPLOAD_BYTES_PER_ITEM = (UPLOAD_CONCURRENCY + 1) * PART_SIZE  # an S3 writer's parts, buffered and in flight
 
 
 def final_path(item_key: str, gunzip: bool) -> str:
@@ -446,6 +449,20 @@ class ShardDownloader:
         except Exception as exc:
             raise self._root_error(exc, f"cannot read or write the plan in {self.root.uri}/plan/") from None
 
+    def _warn_if_memory_short(self) -> None:
+        """On an object-store run root early parts and uploads wait in memory (see
+        partSizeMib): settings that may need more than the pod may use are said at the start,
+        not left to an OOM kill that logs nothing."""
+        limit = memory_limit()
+        if isinstance(self.root, LocalStorage) or limit is None:
+            return
+        need = self.settings.concurrency * (2 * self.settings.part_size + UPLOAD_BYTES_PER_ITEM)
+        if need > limit:
+            log.warning("downloader.config.concurrency %d and partSizeMib %d may hold about %s in memory on an "
+                        "object-store run root, more than the %s this pod may use: lower them, or raise "
+                        "downloader.resources.limits.memory", self.settings.concurrency,
+                        self.settings.part_size >> 20, human_bytes(need), human_bytes(limit))
+
     def _root_error(self, exc: Exception, doing: str = "") -> Exception:
         """Credentials the run root refuses (or none) are a configuration error (exit 2:
         the Job fails), as in `trajflow wait`, not an unexpected crash retried in vain."""
@@ -483,6 +500,7 @@ class ShardDownloader:
             raise
         except Exception as exc:
             raise self._root_error(exc, f"cannot read {self.root.uri}/{RAW}/") from None
+        self._warn_if_memory_short()
         # largest first: a big item started last would finish long after everything else
         order = sorted(self.items, key=lambda i: (-i.size, i.key))
         self.scheduler = Scheduler(self.settings.concurrency, order, self._prepare,
