@@ -269,8 +269,9 @@ def test_every_alert_links_its_runbook_when_runbook_url_is_set():
     assert len(rules) > 10 and {name: r["annotations"]["runbook_url"] for name, r in rules.items()} == {
         name: base + name for name in rules}
     assert not any("runbook_url" in r["annotations"] for r in alert_rules(render_monitoring()).values())
-    with pytest.raises(helm.HelmError, match="runbookUrl"):
-        render_monitoring({"prometheusRule": {"runbookUrl": "wiki/runbooks"}})
+    for bad in ("wiki/runbooks", "https://wiki.example.com:99999/runbooks#"):
+        with pytest.raises(helm.HelmError, match="runbookUrl"):
+            render_monitoring({"prometheusRule": {"runbookUrl": bad}})
 
 
 def test_a_group_with_every_alert_disabled_is_left_out():

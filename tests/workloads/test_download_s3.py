@@ -236,15 +236,27 @@ def test_settings_that_may_need_more_memory_than_the_pod_has_are_said_at_the_sta
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="trajflow.download"):
             assert ShardDownloader(root, config, 0, 1).run().exit_code == ExitCode.OK
-        said = [r.getMessage() for r in caplog.records if "may hold about" in r.getMessage()]
+        said = [r.getMessage() for r in caplog.records if "or more in memory" in r.getMessage()]
         assert said == ([] if isinstance(root, LocalStorage) else [
-            "downloader.config.concurrency 8 and partSizeMib 64 may hold about 1.6 GiB in memory on an object-store "
+            "downloader.config.concurrency 8 and partSizeMib 64 may hold 1.6 GiB or more in memory on an object-store "
             "run root, more than the 1.0 GiB this pod may use: lower them, or raise downloader.resources.limits.memory"])
     with caplog.at_level(logging.WARNING, logger="trajflow.download"):
         caplog.clear()
         s3_storage.delete("raw/_done/00000.json")
         ShardDownloader(s3_storage, make_config(sources), 0, 1).run()
-    assert not any("may hold about" in r.getMessage() for r in caplog.records)  # the defaults fit 1 GiB
+    assert not any("or more in memory" in r.getMessage() for r in caplog.records)  # the defaults fit 1 GiB
+
+
+def test_a_run_root_failing_a_read_again_and_again_is_retryable(s3_storage: Any) -> None:
+    """The storage layer's own account of a store cutting a read short four times: exit 4
+    (retried), as the store's own errors, not 1 (an unexpected error)."""
+    from trajflow.errors import StorageUnavailable
+
+    config = make_config([{"type": "https", "name": "web", "urls": ["https://example.invalid/a"]}])
+    downloader = ShardDownloader(s3_storage, config, 0, 1)
+    error = downloader._root_error(StorageUnavailable("plan/download.json: the connection ended at byte 7 of 9 4 times"),
+                                   "cannot read or write the plan")
+    assert error.exit_code == ExitCode.TRANSIENT and "the connection ended" in str(error)
 
 
 def test_s3_run_root_starts_a_broken_stream_over_when_the_source_ignores_ranges(s3_storage: Any,

@@ -350,6 +350,18 @@ def test_a_pause_filling_most_of_the_shard_is_warned_about_naming_max_gap_second
     assert len(quarantined) == 1 and "time_gap" in quarantined[0] and "more than maxGapSeconds 60" in quarantined[0]
 
 
+def test_a_pause_filling_a_small_share_of_the_shard_is_not_warned_about(local_storage, caplog):
+    rng = np.random.default_rng(7)
+    long_one = make_episode(rng, "long", 100.0, 500.0)  # 25,000 frames at 50 Hz
+    files = {"npz/paused.npz": _paused_npz(rng, 10.0, 25.0),  # 1,250 frames in its pause: under a tenth
+             "npz/long.npz": npz_bytes(timestamps=long_one.times,
+                                       **{k: long_one.streams[k].astype(np.float32) for k in (STATE, ACTION)})}
+    publish_raw_shard(local_storage, 0, files)
+    with caplog.at_level(logging.WARNING, logger="trajflow.preprocess"):
+        process_shard(local_storage, 0, 1, stage_config())
+    assert "maxGapSeconds" not in caplog.text
+
+
 def test_an_episode_too_large_for_the_pods_memory_fails_the_shard_naming_why(local_storage, monkeypatch):
     """A pause upsampled to 1 kHz makes 2 million frames: in a pod of 64 MiB that is a clear
     permanent error before any allocation, not an allocator error retried to the same end."""

@@ -148,6 +148,12 @@ def test_a_window_leaving_out_most_frames_is_warned_about_and_one_leaving_too_fe
         "13 of 15 episodes (52.0% of the frames) are shorter than a sample of 6 frames (training.config.window 6) at "
         "10 Hz and are not used: a shorter window, or a higher preprocessing.config.targetRateHz, keeps more of them"))
     caplog.clear()
+    half = LocalStorage(tmp_path / "half")
+    _shard_of_lengths(half, [30, 30] + [5] * 12)  # exactly half: not most
+    with caplog.at_level(logging.INFO, logger="trajflow.train.data"):
+        build_data(open_shards(half, ["obs", "act"]), config)
+    assert [r.levelno for r in caplog.records] == [logging.INFO]
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="trajflow.train.data"):
         build_data(open_shards(storage, ["obs", "act"]), config, announce=False)  # the other ranks
         build_data(open_shards(storage, ["obs", "act"]), TrainConfig(observation="obs", action="act", window=5,

@@ -458,7 +458,7 @@ class ShardDownloader:
             return
         need = self.settings.concurrency * (2 * self.settings.part_size + UPLOAD_BYTES_PER_ITEM)
         if need > limit:
-            log.warning("downloader.config.concurrency %d and partSizeMib %d may hold about %s in memory on an "
+            log.warning("downloader.config.concurrency %d and partSizeMib %d may hold %s or more in memory on an "
                         "object-store run root, more than the %s this pod may use: lower them, or raise "
                         "downloader.resources.limits.memory", self.settings.concurrency,
                         self.settings.part_size >> 20, human_bytes(need), human_bytes(limit))
@@ -469,6 +469,8 @@ class ShardDownloader:
         fatal = fatal_storage_error(exc, self.root.uri)
         if fatal is not None:
             return fatal
+        if isinstance(exc, TransientError):  # the store failing again and again: retryable, as it says
+            return TransientError(f"{doing}: {exc}") if doing else exc
         return TrajflowError(f"{doing}: {exc}") if doing else exc
 
     # -- the run ------------------------------------------------------------------------

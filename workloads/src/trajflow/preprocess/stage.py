@@ -1018,7 +1018,7 @@ class ShardProcessor:
         if key == shard_key(self.shard):
             return True
         number = key[len(RESAMPLED_DIR) + 1:].removesuffix(SHARD_SUFFIX)
-        return self.shard == 0 and key.endswith(SHARD_SUFFIX) and number.isdigit() and int(number) >= self.shards
+        return self.shard == 0 and key.endswith(SHARD_SUFFIX) and number.isdecimal() and int(number) >= self.shards
 
     def _check_output_size(self, ep: RawEpisode, frames: int, frame_bytes: int, step: np.ndarray) -> None:
         """Note an episode that a pause makes mostly interpolation; fail the shard on one whose
@@ -1028,7 +1028,8 @@ class ShardProcessor:
         gap_at = int(np.argmax(step)) if step.size else 0
         gap = float(step[gap_at]) if step.size else 0.0
         in_gap = int(gap * self.config.target_rate_hz)
-        if in_gap > ep.length and gap > PAUSE_STEPS * float(np.median(step)):
+        # (with two gaps or fewer there is no median step to tell a pause from the others by)
+        if in_gap > ep.length and (step.size < 3 or gap > PAUSE_STEPS * float(np.median(step))):
             count, total, widest = self.paused
             if widest is None or in_gap > widest[0]:
                 widest = (in_gap, gap, float(ep.times[gap_at]), f"{ep.source} episode {ep.episode}")

@@ -499,7 +499,10 @@ class S3Storage(Storage):
         meta = {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}  # servers differ in case
         if _WRITER_META in meta:
             return bool(meta[_WRITER_META] == token)
-        return int(head.get("ContentLength", -1)) == len(data) and self.read_bytes(key) == data
+        try:
+            return int(head.get("ContentLength", -1)) == len(data) and self.read_bytes(key) == data
+        except FileNotFoundError:
+            return False  # deleted since
 
     def _elect(self, key: str, data: bytes) -> bool:
         """First-writer-wins without conditional writes.
