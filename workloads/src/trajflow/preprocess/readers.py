@@ -147,10 +147,15 @@ class RawEpisode:
     # k frames at fps, or 30 Hz in whole milliseconds, can end just short of k/fps, which must
     # not cost the last frame
     time_rounding: float = 0.0
+    widest_step: int = 0  # the widest gap between samples follows times[widest_step]
 
     @property
     def length(self) -> int:
         return int(self.times.shape[0])
+
+    @property
+    def widest_gap(self) -> float:
+        return float(self.times[self.widest_step + 1] - self.times[self.widest_step]) if self.length > 1 else 0.0
 
     @property
     def original_rate_hz(self) -> float:
@@ -335,7 +340,7 @@ def make_episode(spec: SourceSpec, source: str, episode: str, robot: str, times:
         return bad(NON_FINITE, detail)
     start = at(0)
     rounding = 0.0 if times is None else stored_step or source_eps * reach
-    return RawEpisode(source, episode, robot, start, t - t[0], frames, dims, rounding)
+    return RawEpisode(source, episode, robot, start, t - t[0], frames, dims, rounding, widest)
 
 
 def integer_times_detail(dtype: Any) -> str:

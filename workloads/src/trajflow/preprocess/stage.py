@@ -533,13 +533,13 @@ class _Resampler:
         return uniform_grid_steps(self.torch.from_numpy(spans), self.config.target_rate_hz,
                                   time_rounding=rounding).tolist()
 
-    def coarse_in_time_dtype(self, ep: RawEpisode, step: np.ndarray) -> bool:
-        """Whether the time dtype cannot keep two samples of `ep` (given its steps between
-        them), or two frames of its output grid, half a step apart: float32 times of a 333
-        Hz episode from about 4.5 hours into it, or a 1 kHz grid from about 2.3 hours."""
-        if self.time_dtype != self.torch.float32 or not step.size:
+    def coarse_in_time_dtype(self, ep: RawEpisode) -> bool:
+        """Whether the time dtype cannot keep two samples of `ep`, or two frames of its
+        output grid, half a step apart: float32 times of a 333 Hz episode from about 4.5
+        hours into it, or a 1 kHz grid from about 2.3 hours."""
+        if self.time_dtype != self.torch.float32 or ep.length < 2:
             return False
-        smallest = min(float(step.min()), 1 / self.config.target_rate_hz)
+        smallest = min(float(np.diff(ep.times).min()), 1 / self.config.target_rate_hz)
         return 2 * float(np.spacing(np.float32(ep.times[-1]))) > smallest
 
     def launch(self, episodes: list[RawEpisode], seqs: list[int], steps: list[int],
@@ -683,7 +683,7 @@ class ShardProcessor:
         self.started = time.perf_counter()  # reset by run
         self.resample_bytes = 0  # bytes in and out of the resampling kernels
         self.memory_limit = memory_limit()
-        # episodes with a pause (`_check_output_size`) that resamples to more frames than they
+        # episodes with a pause (`_note_pause`) that resamples to more frames than they
         # have samples: (count, frames in those pauses, the widest: (frames, gap s, after s, "<source> episode <e>"))
         self.paused: tuple[int, int, tuple[int, float, float, str] | None] = (0, 0, None)
         self.float64_episodes = 0  # resampled with float64 times, timeDtype float32 being too coarse for them
@@ -840,9 +840,9 @@ class ShardProcessor:
             in_cost, out_cost = resampler.costs(eps[0].frames.shape[1])
             coarse = set()
             for i, (ep, frames) in enumerate(zip(eps, steps)):
-                step = np.diff(ep.times)
-                self._check_output_size(ep, frames, out_cost, step)
-                if resampler.coarse_in_time_dtype(ep, step):
+                self._note_pause(ep)
+                self._check_output_size(ep, frames, out_cost)
+                if resampler.coarse_in_time_dtype(ep):
                     coarse.add(i)
             self.float64_episodes += len(coarse)
             # the batches are written in the episodes' order whichever group they are launched in
@@ -1020,30 +1020,32 @@ class ShardProcessor:
         number = key[len(RESAMPLED_DIR) + 1:].removesuffix(SHARD_SUFFIX)
         return self.shard == 0 and key.endswith(SHARD_SUFFIX) and number.isdecimal() and int(number) >= self.shards
 
-    def _check_output_size(self, ep: RawEpisode, frames: int, frame_bytes: int, step: np.ndarray) -> None:
-        """Note an episode that a pause makes mostly interpolation; fail the shard on one whose
-        output (resampled and written whole) cannot fit in this pod's memory, naming what made
-        it that large, instead of an allocator error retried to the same end. `step`: the
-        episode's steps between samples."""
-        gap_at = int(np.argmax(step)) if step.size else 0
-        gap = float(step[gap_at]) if step.size else 0.0
+    def _note_pause(self, ep: RawEpisode) -> None:
+        """Count an episode whose widest gap, a pause, resamples to more frames than it has
+        samples (`_warn_of_pauses`)."""
+        gap = ep.widest_gap
         in_gap = int(gap * self.config.target_rate_hz)
         # (with two gaps or fewer there is no median step to tell a pause from the others by)
-        if in_gap > ep.length and (step.size < 3 or gap > PAUSE_STEPS * float(np.median(step))):
+        if in_gap > ep.length and (ep.length < 4 or gap > PAUSE_STEPS * float(np.median(np.diff(ep.times)))):
             count, total, widest = self.paused
             if widest is None or in_gap > widest[0]:
-                widest = (in_gap, gap, float(ep.times[gap_at]), f"{ep.source} episode {ep.episode}")
+                widest = (in_gap, gap, float(ep.times[ep.widest_step]), f"{ep.source} episode {ep.episode}")
             self.paused = (count + 1, total + in_gap, widest)
+
+    def _check_output_size(self, ep: RawEpisode, frames: int, frame_bytes: int) -> None:
+        """Fail the shard on an episode whose output (resampled and written whole) cannot fit
+        in this pod's memory, naming what made it that large, instead of an allocator error
+        retried to the same end."""
         need = frames * (2 * frame_bytes + SEARCH_BYTES_PER_FRAME)
         if self.memory_limit is None or need <= self.memory_limit:
             return
         raise PermanentError(
             f"shard {shard_name(self.shard)}: {ep.source} episode {ep.episode} resamples to {frames:,} frames at "
             f"targetRateHz {self.config.target_rate_hz:g} ({human_bytes(frames * frame_bytes)}): its {ep.length:,} "
-            f"samples span {float(ep.times[-1]):.6g} s, the widest gap {gap:.6g} s after {float(ep.times[gap_at]):.6g} "
-            f"s. Resampling it needs about {human_bytes(need)}, more than the {human_bytes(self.memory_limit)} this "
-            "pod may use: lower targetRateHz, set maxGapSeconds to quarantine episodes with long pauses, or raise "
-            "the memory limit"
+            f"samples span {float(ep.times[-1]):.6g} s, the widest gap {ep.widest_gap:.6g} s after "
+            f"{float(ep.times[ep.widest_step]):.6g} s. Resampling it needs about {human_bytes(need)}, more than the "
+            f"{human_bytes(self.memory_limit)} this pod may use: lower targetRateHz, set maxGapSeconds to quarantine "
+            "episodes with long pauses, or raise the memory limit"
         )
 
     def _warn_of_pauses(self, num_frames: int) -> None:
